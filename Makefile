@@ -1,0 +1,51 @@
+# Two entry points for a fresh Debian machine (Python 3.11):
+#   make run    install the node and start it on its embedded defaults
+#   make test   install everything the tests need (DCMTK, dicom3tools, Orthanc, PostgreSQL,
+#               Chromium, poppler) and run the whole suite
+# VENV may point at an existing virtual environment; REQUIRE_PEERS=1 turns "peer missing" into a failure.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+APT_RUN := python3-venv python3-pip
+APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils
+PYTEST_ARGS ?=
+ifeq ($(REQUIRE_PEERS),1)
+PYTEST_ARGS += --require-peers
+endif
+
+.PHONY: run test system-run system-test install install-test lint typecheck
+
+run: install
+	$(VENV)/bin/cxr-node serve $(if $(CONFIG),--config $(CONFIG),)
+
+test: system-test install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+system-run:
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_RUN); }
+
+system-test: system-run
+	@missing=""; for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(PY): | system-run
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(PY)
+	$(PIP) install -q -e .
+
+install-test: $(PY)
+	$(PIP) install -q -e '.[test]'
+
+lint: install-test
+	$(VENV)/bin/ruff check dicom_node classifier reporting tests benchmarks
+
+typecheck: install-test
+	$(VENV)/bin/mypy

@@ -1,0 +1,46 @@
+"""Result types shared with the node and the reporting package (the classifier's public contract)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+INDETERMINATE = "indeterminate"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a trained model artifact, as recorded in its model.json."""
+
+    name: str  # architecture name, e.g. "sugandi-cnn"
+    version: str  # artifact version, goes into every SR and PDF
+    classes: tuple[str, ...]  # class labels in output order, e.g. ("covid", "normal", "pneumonia")
+    input_size: tuple[int, int]  # (height, width)
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's classification.
+
+    ``label`` is the top class, or :data:`INDETERMINATE` when the top probability is below the
+    configured threshold; ``top_class`` is always the arg-max class.
+    """
+
+    label: str
+    top_class: str
+    probabilities: Mapping[str, float]  # class -> probability, in model class order, sums to 1
+    model: ModelInfo
+    heatmap: npt.NDArray[np.float32] | None = None  # HxW in [0, 1] over the model input, or None
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def confidence(self) -> float:
+        return float(self.probabilities[self.top_class])
+
+    @property
+    def indeterminate(self) -> bool:
+        return self.label == INDETERMINATE

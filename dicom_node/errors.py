@@ -1,0 +1,86 @@
+"""One exception taxonomy for the node. Each error knows its DIMSE status and whether a retry may help.
+
+Messages must never contain PHI (names, IDs, dates, dataset reprs): they reach logs and the console.
+"""
+
+from __future__ import annotations
+
+from dicom_node.statuses import Status
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+    status: Status = Status.PROCESSING_FAILURE
+    retriable: bool = False
+
+
+class ConfigurationError(NodeError):
+    """Settings are missing or inconsistent; the node refuses to start."""
+
+
+class UndecodableDatasetError(NodeError):
+    """The received bytes are not a dataset we can parse (truncated, corrupt, unknown encoding)."""
+
+    status = Status.CANNOT_UNDERSTAND
+
+
+class InvalidDatasetError(NodeError):
+    """The dataset lacks what its SOP class requires (pixel data, SOP Class/Instance UID, ...)."""
+
+    status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+class OutOfResourcesError(NodeError):
+    """Disk full, database down or similar: the sender may try again later."""
+
+    status = Status.REFUSED_OUT_OF_RESOURCES
+    retriable = True
+
+
+class StorageError(OutOfResourcesError):
+    """The file store could not write durably."""
+
+
+class DatabaseUnavailableError(OutOfResourcesError):
+    """The database refused or lost the connection."""
+
+
+class NotFoundError(NodeError):
+    """A named object (AE, study, delivery, user) does not exist."""
+
+
+class ConflictError(NodeError):
+    """The request conflicts with existing state (duplicate AE title, username, ...)."""
+
+
+class AssociationError(NodeError):
+    """An outbound association was rejected, aborted or timed out."""
+
+    retriable = True
+
+
+class DeliveryError(NodeError):
+    """A peer answered a C-STORE with a failure status."""
+
+    retriable = True
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ClassificationError(NodeError):
+    """The classifier could not produce a finding for an image."""
+
+
+class ReportingError(NodeError):
+    """An SR, PDF or Encapsulated PDF could not be built."""
+
+
+class AuthenticationError(NodeError):
+    """Bad credentials or an expired session (web console)."""
+
+
+class PermissionDeniedError(NodeError):
+    """The user's role does not allow the action (web console)."""

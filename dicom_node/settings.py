@@ -1,0 +1,199 @@
+"""Node settings: YAML file + environment, validated once at the entry point.
+
+Precedence (highest first): explicit arguments, environment variables
+``CXR_NODE__<GROUP>__<KEY>``, the YAML file (``--config`` or ``CXR_NODE_CONFIG``), built-in defaults.
+Only entry points (CLI, web app factory) call :func:`load_settings`; everything else receives
+values as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV = "CXR_NODE_CONFIG"
+ENV_PREFIX = "CXR_NODE__"
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS for the listener and for outbound associations that ask for it."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> TlsSettings:
+        if self.enabled and not (self.certificate and self.private_key):
+            raise ValueError("dicom.tls.enabled needs certificate and private_key")
+        return self
+
+
+class CallerEntry(BaseModel):
+    """A calling AE allowed to associate; seeded into the database at start-up."""
+
+    ae_title: str
+    host: str | None = None
+    reply_to: str | None = None  # destination AE title to send results back to
+
+
+class DestinationEntry(BaseModel):
+    """A C-STORE destination for results; seeded into the database at start-up."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "CXRNODE"
+    port: int = Field(default=11112, ge=0, le=65535)
+    bind_address: str = "0.0.0.0"
+    max_pdu: int = Field(default=131072, ge=0)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    tls: TlsSettings = TlsSettings()
+    callers: list[CallerEntry] = []
+    destinations: list[DestinationEntry] = []
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae(cls, value: str) -> str:
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value
+
+
+class DatabaseSettings(BaseModel):
+    # None: an SQLite file in node.data_dir
+    url: SecretStr | None = None
+    echo: bool = False
+
+
+class StorageSettings(BaseModel):
+    # None: <node.data_dir>/instances
+    directory: Path | None = None
+    fsync: bool = True
+    min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    retention_days: float | None = None  # None: keep received pixel files forever
+
+
+class PipelineSettings(BaseModel):
+    settle_seconds: float = Field(default=10.0, ge=0.0)
+    # None: the model shipped with the package
+    model_path: Path | None = None
+    indeterminate_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    heatmap: bool = True
+    secondary_capture: bool = False
+    send_skipped: bool = False
+    fixed_destinations: list[str] = []
+
+
+class OutboxSettings(BaseModel):
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
+    backoff_max_seconds: float = Field(default=900.0, gt=0.0)
+
+
+class WebSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    session_minutes: int = Field(default=480, ge=1)
+    # None: a random key per process (sessions end when the node restarts)
+    secret_key: SecretStr | None = None
+    secure_cookies: bool = False
+
+
+class LoggingSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class NodeSettings(BaseModel):
+    name: str = "CXR AI node"
+    institution_name: str = ""
+    data_dir: Path = Path("var")
+
+
+class Settings(BaseSettings):
+    """All settings of one node, grouped as in config/default.yaml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    yaml_path: ClassVar[Path | None] = None
+
+    node: NodeSettings = NodeSettings()
+    dicom: DicomSettings = DicomSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    web: WebSettings = WebSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = getattr(settings_cls, "yaml_path", None)
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url is not None:
+            return self.database.url.get_secret_value()
+        return f"sqlite:///{(self.node.data_dir / 'cxr-node.sqlite3').resolve()}"
+
+    @property
+    def storage_dir(self) -> Path:
+        return (self.storage.directory or self.node.data_dir / "instances").resolve()
+
+    @property
+    def results_dir(self) -> Path:
+        return (self.node.data_dir / "results").resolve()
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``config_file`` (or ``$CXR_NODE_CONFIG``) and the environment."""
+    from dicom_node.errors import ConfigurationError
+
+    raw = config_file if config_file is not None else os.environ.get(CONFIG_ENV)
+    path = Path(raw).resolve() if raw else None
+    if path is not None and not path.is_file():
+        raise ConfigurationError(f"configuration file not found: {path}")
+    bound = type("FileSettings", (Settings,), {"yaml_path": path, "__module__": __name__})
+    try:
+        return bound(**overrides)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigurationError(f"invalid settings: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Durable state: SQLAlchemy models, session factory, file store, Alembic migrations."""

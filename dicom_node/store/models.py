@@ -1,0 +1,360 @@
+"""SQLAlchemy 2.0 typed models: the node's durable state.
+
+Every step of the data path is a row with a state, so a crash or restart resumes where it stopped.
+Schema changes go through Alembic (``dicom_node/store/migrations``).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as VARCHAR + CHECK so that adding a value is a plain migration on every backend.
+    return Enum(cls, native_enum=False, length=24, values_callable=lambda e: [m.value for m in e])
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote application entities
+# ---------------------------------------------------------------------------------------------
+
+
+class AeRole(enum.StrEnum):
+    CALLER = "caller"  # may open associations to the node (C-STORE / C-ECHO)
+    DESTINATION = "destination"  # receives results from the node (C-STORE SCU)
+
+
+class RemoteAe(Base):
+    """An allowed caller or a result destination. Callers are default-deny."""
+
+    __tablename__ = "remote_ae"
+    __table_args__ = (UniqueConstraint("ae_title", "role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    role: Mapped[AeRole] = mapped_column(_enum(AeRole))
+    host: Mapped[str | None] = mapped_column(String(255))  # callers: optional bound host/IP
+    port: Mapped[int | None] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    # callers only: the destination that results for studies from this caller go back to
+    reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("remote_ae.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    reply_to: Mapped[RemoteAe | None] = relationship(remote_side=[id])
+
+
+# ---------------------------------------------------------------------------------------------
+# Received objects: patient / study / series / instance
+# ---------------------------------------------------------------------------------------------
+
+
+class StudyState(enum.StrEnum):
+    RECEIVED = "received"  # instances arriving; settle timer armed
+    READY = "ready"  # settled; a study_ready job exists
+    PROCESSING = "processing"
+    ANALYSED = "analysed"  # findings and result objects exist
+    SKIPPED = "skipped"  # nothing eligible; reason kept
+    FAILED = "failed"
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "received"
+    ANALYSED = "analysed"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    name: Mapped[str] = mapped_column(String(324), default="")
+    birth_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA
+    sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # DICOM DA
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVED, index=True)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column()
+    analysed_at: Mapped[datetime | None] = mapped_column()
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    image_laterality: Mapped[str] = mapped_column(String(16), default="")
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    file_path: Mapped[str] = mapped_column(String(1024))  # relative to the storage directory
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | upload
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), default=InstanceState.RECEIVED)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    purged_at: Mapped[datetime | None] = mapped_column()  # pixel file removed by retention
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    findings: Mapped[list[Finding]] = relationship(back_populates="instance")
+
+
+# ---------------------------------------------------------------------------------------------
+# Work: jobs, findings, result objects, deliveries
+# ---------------------------------------------------------------------------------------------
+
+
+class JobKind(enum.StrEnum):
+    STUDY_READY = "study_ready"
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Job(Base):
+    """A unit of pipeline work. ``dedupe_key`` makes creation idempotent (exactly once)."""
+
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("kind", "dedupe_key"), Index("ix_job_state_kind", "state", "kind"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind))
+    dedupe_key: Mapped[str] = mapped_column(String(128))
+    study_pk: Mapped[int | None] = mapped_column(ForeignKey("study.id"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Finding(Base):
+    """The classifier's output for one instance and one model version."""
+
+    __tablename__ = "finding"
+    __table_args__ = (UniqueConstraint("instance_pk", "model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(32), index=True)
+    top_class: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    heatmap_path: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="findings")
+
+
+class ResultKind(enum.StrEnum):
+    SR = "sr"
+    PDF = "pdf"  # the Encapsulated PDF instance (the raw PDF is kept beside it)
+    HEATMAP_SC = "heatmap_sc"
+
+
+class ResultObject(Base):
+    """A DICOM object the node created for a study. One per (study, kind, model version)."""
+
+    __tablename__ = "result_object"
+    __table_args__ = (UniqueConstraint("study_pk", "kind", "model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(String(1024))  # relative to the results directory
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result_object")
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class Delivery(Base):
+    """One result object to one destination; retried with back-off until delivered or dead."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        UniqueConstraint("result_object_pk", "destination_pk"),
+        Index("ix_delivery_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_object_pk: Mapped[int] = mapped_column(ForeignKey("result_object.id"), index=True)
+    destination_pk: Mapped[int] = mapped_column(ForeignKey("remote_ae.id"), index=True)
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+    result_object: Mapped[ResultObject] = relationship(back_populates="deliveries")
+    destination: Mapped[RemoteAe] = relationship()
+    attempt_history: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id"
+    )
+
+
+class DeliveryAttempt(Base):
+    __tablename__ = "delivery_attempt"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_pk: Mapped[int] = mapped_column(ForeignKey("delivery.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status, None if no response
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered | warning | failed | error
+    error: Mapped[str] = mapped_column(Text, default="")
+
+    delivery: Mapped[Delivery] = relationship(back_populates="attempt_history")
+
+
+# ---------------------------------------------------------------------------------------------
+# People and audit
+# ---------------------------------------------------------------------------------------------
+
+
+class UserRole(enum.StrEnum):
+    ADMIN = "admin"
+    RADIOLOGIST = "radiologist"
+
+
+class User(Base):
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebSession(Base):
+    """A console login. The cookie carries a random token; only its hash is stored."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("app_user.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    user: Mapped[User] = relationship()
+
+
+class AuditEvent(Base):
+    """Who changed what, when. ``details`` must not hold PHI (use row ids)."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # "user:<name>", "cli:<os user>", "system"
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. "ae.add", "retention.purge"
+    target: Mapped[str] = mapped_column(String(255), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
