@@ -1,0 +1,158 @@
+"""Remote AE registry: allowed callers and result destinations, edited by CLI and console (audited)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node import audit
+from dicom_node.errors import ConflictError, NodeError, NotFoundError
+from dicom_node.store.models import AeRole, RemoteAe
+
+
+class InvalidAeError(NodeError):
+    """AE title, host or port do not make a usable entry."""
+
+
+@dataclass(frozen=True)
+class AeSpec:
+    """What an admin enters for a remote AE."""
+
+    ae_title: str
+    role: AeRole
+    host: str | None = None
+    port: int | None = None
+    tls: bool = False
+    description: str = ""
+    reply_to: str | None = None  # callers: destination AE title for results
+    enabled: bool = True
+
+    def validated(self) -> AeSpec:
+        title = self.ae_title.strip()
+        if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
+            raise InvalidAeError("AE title must be 1-16 printable characters without backslash")
+        host = (self.host or "").strip() or None
+        if self.role is AeRole.DESTINATION:
+            if host is None or self.port is None:
+                raise InvalidAeError("a destination needs host and port")
+            if not 1 <= self.port <= 65535:
+                raise InvalidAeError("port must be 1-65535")
+            if self.reply_to:
+                raise InvalidAeError("reply_to applies to callers only")
+        return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None, self.enabled)
+
+
+def _describe(ae: RemoteAe) -> dict[str, object]:
+    return {
+        "id": ae.id,
+        "ae_title": ae.ae_title,
+        "role": ae.role.value,
+        "host": ae.host,
+        "port": ae.port,
+        "tls": ae.tls,
+        "enabled": ae.enabled,
+        "reply_to": ae.reply_to.ae_title if ae.reply_to else None,
+    }
+
+
+def list_aes(session: Session, role: AeRole | None = None) -> list[RemoteAe]:
+    query = select(RemoteAe).order_by(RemoteAe.role, RemoteAe.ae_title)
+    if role is not None:
+        query = query.where(RemoteAe.role == role)
+    return list(session.scalars(query))
+
+
+def find(session: Session, ae_title: str, role: AeRole) -> RemoteAe | None:
+    return session.scalar(select(RemoteAe).where(RemoteAe.ae_title == ae_title.strip(), RemoteAe.role == role))
+
+
+def get(session: Session, ae_title: str, role: AeRole) -> RemoteAe:
+    ae = find(session, ae_title, role)
+    if ae is None:
+        raise NotFoundError(f"no {role.value} AE titled {ae_title!r}")
+    return ae
+
+
+def get_by_id(session: Session, ae_id: int) -> RemoteAe:
+    ae = session.get(RemoteAe, ae_id)
+    if ae is None:
+        raise NotFoundError(f"no remote AE with id {ae_id}")
+    return ae
+
+
+def _apply(session: Session, ae: RemoteAe, spec: AeSpec) -> None:
+    ae.ae_title = spec.ae_title
+    ae.role = spec.role
+    ae.host = spec.host
+    ae.port = spec.port
+    ae.tls = spec.tls
+    ae.description = spec.description
+    ae.enabled = spec.enabled
+    ae.reply_to = get(session, spec.reply_to, AeRole.DESTINATION) if spec.reply_to else None
+
+
+def add(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
+    spec = spec.validated()
+    if find(session, spec.ae_title, spec.role) is not None:
+        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already")
+    ae = RemoteAe(ae_title=spec.ae_title, role=spec.role)
+    _apply(session, ae, spec)
+    session.add(ae)
+    session.flush()
+    audit.record(session, actor, "ae.add", f"remote_ae:{ae.id}", _describe(ae))
+    return ae
+
+
+def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
+    spec = spec.validated()
+    ae = get_by_id(session, ae_id)
+    clash = find(session, spec.ae_title, spec.role)
+    if clash is not None and clash.id != ae.id:
+        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already")
+    before = _describe(ae)
+    _apply(session, ae, spec)
+    session.flush()
+    audit.record(session, actor, "ae.update", f"remote_ae:{ae.id}", {"before": before, "after": _describe(ae)})
+    return ae
+
+
+def remove(session: Session, ae_id: int, actor: str) -> None:
+    ae = get_by_id(session, ae_id)
+    details = _describe(ae)
+    session.delete(ae)
+    session.flush()
+    audit.record(session, actor, "ae.remove", f"remote_ae:{ae_id}", details)
+
+
+def upsert(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
+    """Create or update by (title, role) — used to seed entries from the settings file."""
+    spec = spec.validated()
+    existing = find(session, spec.ae_title, spec.role)
+    if existing is None:
+        return add(session, spec, actor)
+    if _describe(existing) | {"id": 0} == _describe_spec(session, spec):
+        return existing
+    return update(session, existing.id, spec, actor)
+
+
+def _describe_spec(session: Session, spec: AeSpec) -> dict[str, object]:
+    return {
+        "id": 0,
+        "ae_title": spec.ae_title,
+        "role": spec.role.value,
+        "host": spec.host,
+        "port": spec.port,
+        "tls": spec.tls,
+        "enabled": spec.enabled,
+        "reply_to": spec.reply_to,
+    }
+
+
+def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:
+    """Default deny: the calling AE must be an enabled caller, bound to ``peer_host`` if a host is set."""
+    ae = find(session, calling_ae, AeRole.CALLER)
+    if ae is None or not ae.enabled:
+        return False
+    return ae.host is None or ae.host == peer_host
