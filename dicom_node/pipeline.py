@@ -716,11 +716,15 @@ class Pipeline:
     def _analysed_images(
         self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle
     ) -> list[AnalysedImage]:
-        """Predictions rebuilt from the committed Finding rows (the same path after a crash)."""
+        """Predictions rebuilt from the committed Finding rows (the same path after a crash).
+
+        Reads rows inside ``session`` but pixels outside any lock-holding work: the files are read
+        after the rows are collected.
+        """
         from classifier.preprocess import display_image
         from reporting.types import AnalysedImage
 
-        images: list[AnalysedImage] = []
+        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
         for instance in self._instances(session, study_pk):
             if instance.state is not InstanceState.ANALYSED:
                 continue
@@ -733,16 +737,21 @@ class Pipeline:
             )
             if finding is None:
                 continue
-            ds = cycle.datasets.get(instance.id)
+            path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
+            rows.append((instance.id, path, _header(instance), finding))
+        session.commit()  # release the database before reading pixel files
+        images: list[AnalysedImage] = []
+        for instance_pk, path, header, finding in rows:
+            ds = cycle.datasets.get(instance_pk)
             if ds is None:
-                path = self.config.storage_dir / instance.file_path
-                ds = _read_dataset(path) if instance.purged_at is None and path.is_file() else _header(instance)
-            preview = cycle.previews.get(instance.id)
-            if instance.id not in cycle.previews:
-                preview = _preview(display_image, ds, instance.id)
-                cycle.previews[instance.id] = preview
+                ds = _read_dataset(path) if path is not None and path.is_file() else header
+                cycle.datasets[instance_pk] = ds
+            if instance_pk not in cycle.previews:
+                cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
             images.append(
-                AnalysedImage(source=ds, prediction=self._prediction(finding, info), preview=preview)
+                AnalysedImage(
+                    source=ds, prediction=self._prediction(finding, info), preview=cycle.previews[instance_pk]
+                )
             )
         return images
 
