@@ -56,13 +56,9 @@ class _DatabaseCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with session_scope(self.session_factory) as session:
-            instances = dict(
-                session.execute(select(Instance.state, func.count()).group_by(Instance.state)).tuples()
-            )
-            studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).tuples())
-            deliveries = dict(
-                session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).tuples()
-            )
+            instances = _counts(session, Instance.state)
+            studies = _counts(session, Study.state)
+            deliveries = _counts(session, Delivery.state)
             failed_attempts = session.scalar(
                 select(func.count()).select_from(DeliveryAttempt).where(DeliveryAttempt.outcome.in_(("failed", "error")))
             )
@@ -88,6 +84,11 @@ class _DatabaseCollector(Collector):
             float(deliveries.get(DeliveryState.PENDING, 0) + deliveries.get(DeliveryState.RETRYING, 0)),
         )
         yield depth
+
+
+def _counts(session: Session, column: Any) -> dict[Any, int]:
+    """Rows per value of ``column`` (an enum state)."""
+    return {value: int(count) for value, count in session.execute(select(column, func.count()).group_by(column))}
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

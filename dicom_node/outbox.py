@@ -248,9 +248,9 @@ class Outbox:
                 return None
             lease_until = now + timedelta(seconds=LEASE_SECONDS)
             study_pks = {d.result_object.study_pk for d in deliveries}
-            received = dict(
-                session.execute(select(Study.id, Study.last_received_at).where(Study.id.in_(study_pks))).tuples()
-            )
+            received = {
+                pk: at for pk, at in session.execute(select(Study.id, Study.last_received_at).where(Study.id.in_(study_pks)))
+            }
             items = []
             for delivery in deliveries:
                 delivery.next_attempt_at = lease_until
