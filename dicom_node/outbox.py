@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
-from dicom_node.errors import NodeError, NotFoundError
+from dicom_node.errors import ConfigurationError, NodeError, NotFoundError
 from dicom_node.statuses import is_stored, is_warning
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
@@ -70,6 +71,13 @@ def run_sweep() -> None:
     outbox = _active
     if outbox is not None:
         outbox.sweep()
+
+
+def _memory_store() -> str:
+    """The scheduler's non-persistent store: the sweep is re-added at every start."""
+    from dicom_node.jobs import MEMORY_STORE
+
+    return MEMORY_STORE
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -154,6 +162,7 @@ class Outbox:
                 "interval",
                 seconds=SWEEP_SECONDS,
                 id=SWEEP_JOB_ID,
+                jobstore=_memory_store(),
                 replace_existing=True,
                 coalesce=True,
                 max_instances=1,
@@ -271,13 +280,14 @@ class Outbox:
         }
         if present:
             try:
+                context = self._tls_context() if destination.tls else None
                 statuses = scu.send(
                     [item.path for item in present],
                     destination.host or "",
                     int(destination.port or 0),
                     destination.ae_title,
                     calling_aet=self.calling_aet,
-                    tls=self.tls if destination.tls else None,
+                    tls=context,
                 )
             except NodeError as exc:
                 error = str(exc)
@@ -291,6 +301,13 @@ class Outbox:
                 status = statuses[index] if index < len(statuses) else None
                 outcomes[item.delivery_pk] = (status, "" if status is not None else error)
         self._record(destination, items, outcomes, report)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        from dicom_node.tls import client_context
+
+        if self.tls is None:
+            raise ConfigurationError("the destination requires DICOM TLS but dicom.tls is not configured")
+        return client_context(self.tls)
 
     def _record(
         self,

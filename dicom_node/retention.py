@@ -49,6 +49,12 @@ def run_scheduled() -> None:
         retention.purge()
 
 
+def _memory_store() -> str:
+    from dicom_node.jobs import MEMORY_STORE
+
+    return MEMORY_STORE
+
+
 @dataclass(frozen=True)
 class PurgeReport:
     purged: int
@@ -72,19 +78,19 @@ class Retention:
         self.interval_seconds = interval_seconds
 
     def start(self) -> None:
+        """Become this process's retention and run hourly (the first run one interval after start)."""
         global _active
         _active = self
         if self.scheduler is None:
             return
         if self.retention_days is None:
-            if self.scheduler.get_job(JOB_ID) is not None:
-                self.scheduler.remove_job(JOB_ID)
             return
         self.scheduler.add_job(
             run_scheduled,
             "interval",
             seconds=self.interval_seconds,
             id=JOB_ID,
+            jobstore=_memory_store(),
             replace_existing=True,
             coalesce=True,
             max_instances=1,
