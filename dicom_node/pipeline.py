@@ -321,6 +321,9 @@ class Pipeline:
     def _run(self) -> None:
         try:
             LOGGER.debug("worker ready with model %s", self.classifier.info.version)  # warm up
+            import reporting.encapsulated  # noqa: F401  (first-study latency: import the builders now)
+            import reporting.pdf  # noqa: F401
+            import reporting.sr  # noqa: F401
         except Exception:
             LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
         while not self._stopping.is_set():
