@@ -80,6 +80,12 @@ def _memory_store() -> str:
     return MEMORY_STORE
 
 
+def _persistent_store() -> str:
+    from dicom_node.jobs import PERSISTENT_STORE
+
+    return PERSISTENT_STORE
+
+
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Delay before retry number ``attempts`` + 1: initial, 2x, 4x, ... capped at ``maximum``."""
     return float(min(maximum, initial * (2 ** max(0, attempts - 1))))
@@ -182,12 +188,15 @@ class Outbox:
             if self.scheduler is None:
                 self.deliver_due(pk)
                 continue
+            # A wake-up for now needs no persistence (the Delivery rows are the durable queue and start()
+            # resumes them); a later retry goes to the persistent store so a restart keeps its back-off.
             self.scheduler.add_job(
                 run_scheduled,
                 "date",
                 run_date=at or utcnow(),
                 args=[pk],
-                id=f"outbox:destination:{pk}",
+                id=f"outbox:destination:{pk}" if at is not None else f"outbox:now:{pk}",
+                jobstore=_persistent_store() if at is not None else _memory_store(),
                 replace_existing=True,
                 misfire_grace_time=None,
                 coalesce=True,
