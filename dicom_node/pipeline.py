@@ -364,8 +364,9 @@ class Pipeline:
         try:
             info = self.classifier.info
         except Exception as exc:
-            for pk in claimed:
-                self._fail(pk, exc)
+            # No model is a configuration problem, not the study's: keep the work for the next start.
+            LOGGER.error("no classifier (%s); %d study(ies) stay queued", type(exc).__name__, len(claimed))
+            self._release(claimed, f"model unavailable ({type(exc).__name__})")
             return
         try:
             self._classify(claimed, info, cycle)
@@ -860,6 +861,18 @@ class Pipeline:
         LOGGER.info("study %d %s with %d result object(s)", study_pk, state.value, len(object_pks))
         if self.outbox is not None and destination_pks:
             self.outbox.kick(destination_pks)
+
+    def _release(self, study_pks: Sequence[int], reason: str) -> None:
+        """Put claimed studies back (jobs PENDING, study READY) so a restart picks them up."""
+        with session_scope(self.session_factory) as session:
+            for study_pk in study_pks:
+                for job in self._open_jobs(session, study_pk):
+                    job.state = JobState.PENDING
+                    job.error = reason
+                study = session.get(Study, study_pk)
+                if study is not None and study.state is StudyState.PROCESSING:
+                    study.state = StudyState.READY
+                    study.state_reason = reason
 
     def _fail(self, study_pk: int, exc: BaseException) -> None:
         """A retriable error puts the job back (and retries later); others mark job and study FAILED."""

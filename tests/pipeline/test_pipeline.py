@@ -244,3 +244,23 @@ def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any
         assert [f.timings_ms["batch_size"] for f in findings] == [3, 3, 3]
         assert {s.state for s in session.scalars(select(Study))} == {StudyState.ANALYSED}
     assert len(peer.received) == 6
+
+
+def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str, Any], peer: StorePeer) -> None:
+    from classifier.errors import ModelArtifactError
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+
+    def missing_model() -> ImageClassifier:
+        raise ModelArtifactError("model.json missing")
+
+    Pipeline(world["db"], world["config"], missing_model, outbox=world["outbox"]).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Job)).one().state is JobState.PENDING
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.READY
+        assert "model unavailable" in study.state_reason
+    resumed = make_pipeline(world)
+    assert resumed.unfinished_studies() == [study_pk]
+    resumed.process([study_pk])
+    assert len(peer.received) == 2
