@@ -22,9 +22,9 @@ from reporting.study import (
     UTF8,
     check_one_study,
     derived_uid,
-    header,
     dicom_date,
     dicom_time,
+    header,
     timezone_offset,
 )
 from reporting.types import AnalysedImage, NodeIdentity
@@ -116,7 +116,8 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=[
-            _measurement_group(image, index, sop_instance_uid, algorithm) for index, image in enumerate(images)
+            _measurement_group(image, index, sop_instance_uid, algorithm)
+            for index, image in enumerate(images)
         ],
     )
     sr = hd.sr.Comprehensive3DSR(
@@ -138,7 +139,9 @@ def build_sr(
     return sr
 
 
-def algorithm_equipment(model: ModelInfo, node: NodeIdentity, analysed_at: datetime) -> hd.ContributingEquipment:
+def algorithm_equipment(
+    model: ModelInfo, node: NodeIdentity, analysed_at: datetime
+) -> hd.ContributingEquipment:
     """Contributing Equipment item naming the algorithm, purpose "Processing Algorithm" (IHE AIR).
 
     highdicom only accepts the baseline codes of CID 7005, so the item is built as Processing Equipment and

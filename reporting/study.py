@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from datetime import datetime
-
-import copy
 
 from pydicom import Dataset
 from pydicom.tag import Tag

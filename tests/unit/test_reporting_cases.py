@@ -86,7 +86,11 @@ def heatmap(size: tuple[int, int], centre: tuple[float, float] = (0.65, 0.3)) ->
 
 
 def prediction(
-    probabilities: Mapping[str, float], model: ModelInfo = THREE_CLASS, *, threshold: float = 0.5, with_heatmap: bool = True
+    probabilities: Mapping[str, float],
+    model: ModelInfo = THREE_CLASS,
+    *,
+    threshold: float = 0.5,
+    with_heatmap: bool = True,
 ) -> Prediction:
     top = max(probabilities, key=lambda label: probabilities[label])
     return Prediction(
@@ -109,7 +113,9 @@ def analysed(
     return AnalysedImage(
         source=source if source is not None else radiograph(),
         prediction=prediction(
-            probabilities or {"covid": 0.874, "normal": 0.031, "pneumonia": 0.095}, model, with_heatmap=with_heatmap
+            probabilities or {"covid": 0.874, "normal": 0.031, "pneumonia": 0.095},
+            model,
+            with_heatmap=with_heatmap,
         ),
         preview=preview() if with_preview else None,
     )
