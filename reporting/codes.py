@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydicom import Dataset
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -82,10 +82,10 @@ def finding_for(label: str) -> FindingConcept:
         raise UnknownLabelError(f"no coded concept for class label {label!r}") from None
 
 
-def local_scheme_identification(responsible_organization: str) -> Dataset:
+def local_scheme_identification(responsible_organization: str) -> CodingSchemeIdentificationItem:
     """Coding Scheme Identification Sequence item declaring :data:`LOCAL_SCHEME` (PS3.3 C.12.1.1.3)."""
-    item = Dataset()
-    item.CodingSchemeDesignator = LOCAL_SCHEME
-    item.CodingSchemeName = "CXR node local codes (reporting/codes.py)"
-    item.CodingSchemeResponsibleOrganization = responsible_organization
-    return item
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME,
+        name="CXR node local codes (reporting/codes.py)",
+        responsible_organization=responsible_organization,
+    )

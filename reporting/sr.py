@@ -133,6 +133,7 @@ def build_sr(
         is_verified=False,
         institution_name=node.institution_name or None,
         contributing_equipment=[algorithm_equipment(model, node, analysed_at)],
+        coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
     )
     _stamp(sr, node, analysed_at)
     LOGGER.debug("built SR with %d measurement groups", len(images))
@@ -176,7 +177,6 @@ def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetim
     sr.SoftwareVersions = node.software_version
     if node.station_name:
         sr.StationName = node.station_name
-    sr.CodingSchemeIdentificationSequence = [codes.local_scheme_identification(node.manufacturer)]
     offset = timezone_offset(analysed_at)
     if offset is not None:
         sr.TimezoneOffsetFromUTC = offset

@@ -63,8 +63,8 @@ def radiograph() -> pydicom.Dataset:
 def _preview() -> npt.NDArray[np.uint8]:
     ds = _radiograph()
     pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / max(high - low, 1.0)
+    low, high = (float(value) for value in np.percentile(pixels, (0.5, 99.5)))
+    scaled = np.clip((pixels - low) / max(high - low, 1.0), 0.0, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         scaled = 1.0 - scaled
     image = Image.fromarray(np.round(scaled * 255).astype(np.uint8))
