@@ -35,7 +35,10 @@ NORMAL = Code("17621005", "SCT", "Normal")
 INDETERMINATE_CODE = Code("82334004", "SCT", "Indeterminate")
 NOT_COVID_19 = Code("CXR-NONCOVID", LOCAL_SCHEME, "No COVID-19 pattern")
 
-FINDING = codes.DCM.Finding  # (121071, DCM, "Finding")
+# Concept name of the qualitative evaluation holding the result. Not (121071, DCM, "Finding"): TID 1501
+# reserves that name for the group's finding type, and highdicom reads such an item as that, not as an
+# evaluation.
+IMAGING_FINDING = Code("365853002", "SCT", "Imaging finding")
 PROBABILITY_UNIT = codes.UCUM.NoUnits  # ("1", UCUM, "no units"): probabilities in [0, 1]
 IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # (363679005, SCT, "Imaging procedure"), CID 100
 LUNG = Code("39607008", "SCT", "Lung")  # finding site of every result (meaning as used in PS3.16 CIDs)

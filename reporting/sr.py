@@ -70,7 +70,7 @@ def _measurement_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.FINDING, value=finding.code)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.IMAGING_FINDING, value=finding.code)],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=str(image.source.SOPClassUID),
@@ -169,6 +169,8 @@ def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetim
         # highdicom stamps its own item with the wall clock; the analysis time keeps rebuilds identical
         item.ContributionDateTime = analysed_at.strftime("%Y%m%d%H%M%S")
     sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.InstanceCreationDate = dicom_date(analysed_at)
+    sr.InstanceCreationTime = dicom_time(analysed_at)
     sr.ContentDate = dicom_date(analysed_at)
     sr.ContentTime = dicom_time(analysed_at)
     sr.SeriesDate = dicom_date(analysed_at)

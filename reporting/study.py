@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
 from pydicom import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import generate_uid
 
 from reporting.errors import InconsistentStudyError
 from reporting.types import AnalysedImage
@@ -61,7 +61,7 @@ def derived_uid(*parts: str) -> str:
     Rebuilding a result (after a crash, for a re-send) must give the same object, so nothing inside it is
     random: its own UIDs are passed in, and the UIDs it mints are derived from them.
     """
-    return str(generate_uid(prefix=None, entropy_srcs=list(parts)))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(parts)).int}"  # name-based UUID (PS3.5 B.2)
 
 
 def dicom_date(moment: datetime) -> str:
