@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from reporting import codes
-from reporting.study import UTF8, dicom_date, dicom_time, header, timezone_offset
+from reporting.study import UTF8, dicom_date, dicom_datetime, dicom_time, header, timezone_offset
 from reporting.types import NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def build_encapsulated_pdf(
     # SC Equipment module: the document was made by software, not digitised
     ds.ConversionType = "SYN"
     # Encapsulated Document module
-    ds.AcquisitionDateTime = moment.strftime("%Y%m%d%H%M%S")
+    ds.AcquisitionDateTime = dicom_datetime(moment)
     ds.BurnedInAnnotation = "YES"  # the pages carry patient identifiers
     ds.DocumentTitle = title
     ds.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(codes.DIAGNOSTIC_IMAGING_REPORT)]

@@ -50,4 +50,5 @@ def overlay(
     grey = np.repeat(preview[..., np.newaxis].astype(np.float32), 3, axis=-1)
     colour = colourise(heat).astype(np.float32)
     alpha = (opacity * np.clip((heat - 0.15) / 0.85, 0.0, 1.0))[..., np.newaxis]
-    return np.round(grey * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    blended: npt.NDArray[np.uint8] = np.round(grey * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    return blended

@@ -71,7 +71,7 @@ def build_heatmap_sc(
         institution_name=node.institution_name or None,
     )
     if orientation is None:
-        sc.PatientOrientation = None  # unknown in the source: left empty (Type 2), not invented
+        sc["PatientOrientation"].value = None  # unknown in the source: left empty (Type 2), not invented
     sc.SpecificCharacterSet = UTF8
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined

@@ -23,6 +23,7 @@ from reporting.study import (
     check_one_study,
     derived_uid,
     dicom_date,
+    dicom_datetime,
     dicom_time,
     header,
     timezone_offset,
@@ -167,7 +168,7 @@ def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetim
     sr.SpecificCharacterSet = UTF8
     for item in sr.ContributingEquipmentSequence:
         # highdicom stamps its own item with the wall clock; the analysis time keeps rebuilds identical
-        item.ContributionDateTime = analysed_at.strftime("%Y%m%d%H%M%S")
+        item.ContributionDateTime = dicom_datetime(analysed_at)
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.InstanceCreationDate = dicom_date(analysed_at)
     sr.InstanceCreationTime = dicom_time(analysed_at)

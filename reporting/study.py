@@ -9,6 +9,7 @@ from datetime import datetime
 
 from pydicom import Dataset
 from pydicom.tag import Tag
+from pydicom.valuerep import DA, DT, TM
 
 from reporting.errors import InconsistentStudyError
 from reporting.types import AnalysedImage
@@ -64,12 +65,17 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(parts)).int}"  # name-based UUID (PS3.5 B.2)
 
 
-def dicom_date(moment: datetime) -> str:
-    return moment.strftime("%Y%m%d")
+def dicom_date(moment: datetime) -> DA:
+    return DA(moment.strftime("%Y%m%d"))
 
 
-def dicom_time(moment: datetime) -> str:
-    return moment.strftime("%H%M%S")
+def dicom_time(moment: datetime) -> TM:
+    return TM(moment.strftime("%H%M%S"))
+
+
+def dicom_datetime(moment: datetime) -> DT:
+    """Seconds precision, no offset (Timezone Offset From UTC carries it)."""
+    return DT(moment.strftime("%Y%m%d%H%M%S"))
 
 
 def timezone_offset(moment: datetime) -> str | None:

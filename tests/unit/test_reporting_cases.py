@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import generate_uid
 
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
@@ -82,7 +82,8 @@ def heatmap(size: tuple[int, int], centre: tuple[float, float] = (0.65, 0.3)) ->
     cy, cx = centre[0] * size[0], centre[1] * size[1]
     sigma = 0.15 * min(size)
     blob = np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * sigma**2))
-    return (blob / blob.max()).astype(np.float32)
+    normalised: npt.NDArray[np.float32] = (blob / blob.max()).astype(np.float32)
+    return normalised
 
 
 def prediction(

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom import config
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from reporting import codes
@@ -55,12 +56,18 @@ def build(images: Sequence[AnalysedImage], sop_uid: str | None = None) -> hd.sr.
 def round_trip(sr: pydicom.Dataset) -> hd.sr.Comprehensive3DSR:
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
-    return hd.sr.srread(io.BytesIO(buffer.getvalue()))
+    document = hd.sr.srread(io.BytesIO(buffer.getvalue()))
+    assert isinstance(document, hd.sr.Comprehensive3DSR)
+    return document
 
 
-def text_values(
-    group: hd.sr.MeasurementsAndQualitativeEvaluations, name: pydicom.sr.coding.Code
-) -> list[str]:
+def report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def text_values(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) -> list[str]:
     return [item.TextValue for item in hd.sr.utils.find_content_items(group[0], name=name, recursive=True)]
 
 
@@ -77,7 +84,7 @@ CASES = {
 def test_finding_and_probabilities_round_trip(case: str, strict: None) -> None:
     images = CASES[case]()
     sr = round_trip(build(images))
-    groups = sr.content.get_image_measurement_groups()
+    groups = report(sr).get_image_measurement_groups()
     assert len(groups) == len(images)
     for image, group in zip(images, groups, strict=True):
         prediction = image.prediction
@@ -118,7 +125,7 @@ def test_same_study_and_patient_new_series_truthful_flags(case: str, strict: Non
         "UNVERIFIED",
         "PRELIMINARY",
     )
-    assert (sr.ContentDate, sr.ContentTime) == ("20261122", "094107")
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20261122", "094107")
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
@@ -130,9 +137,11 @@ def test_same_study_and_patient_new_series_truthful_flags(case: str, strict: Non
 
 def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equipment() -> None:
     sr = round_trip(build([analysed()]))
-    (observer,) = sr.content.get_observer_contexts()
+    (observer,) = report(sr).get_observer_contexts()
     assert observer.observer_type == dcm_codes.DCM.Device
-    assert observer.observer_identifying_attributes.uid == NODE.device_uid
+    device = observer.observer_identifying_attributes
+    assert isinstance(device, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert device.uid == NODE.device_uid
     algorithm = [
         item
         for item in sr.ContributingEquipmentSequence
@@ -147,10 +156,10 @@ def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equi
 
 def test_binary_model_labels_are_coded() -> None:
     negative = analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)
-    group = round_trip(build([negative])).content.get_image_measurement_groups()[0]
+    group = report(round_trip(build([negative]))).get_image_measurement_groups()[0]
     assert group.get_qualitative_evaluations()[0].value == codes.NOT_COVID_19
     positive = analysed(probabilities={"covid": 0.9, "non-covid": 0.1}, model=BINARY)
-    group = round_trip(build([positive])).content.get_image_measurement_groups()[0]
+    group = report(round_trip(build([positive]))).get_image_measurement_groups()[0]
     assert group.get_qualitative_evaluations()[0].value == codes.COVID_19
 
 
