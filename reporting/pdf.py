@@ -440,7 +440,7 @@ def _fitted(pixels: npt.NDArray[np.uint8], box_width: float, box_height: float) 
 def _pictures(image: AnalysedImage, styles: _Styles) -> Flowable:
     """The radiograph and, when the model produced one, its heat map side by side, each captioned."""
     box_width = (CONTENT_WIDTH - 6 * mm) / 2
-    box_height = 100 * mm
+    box_height = 112 * mm
     if image.preview is None:
         return Paragraph("Image preview not available for this instance.", styles.body)
     left = [_fitted(image.preview, box_width, box_height), Paragraph("Radiograph", styles.caption)]
