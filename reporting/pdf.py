@@ -39,10 +39,10 @@ from reportlab.platypus import (
     TableStyle,
 )
 
-from classifier.types import Prediction
+from classifier.types import ModelInfo, Prediction
 from reporting import codes
 from reporting.heatmap import overlay
-from reporting.study import check_one_study
+from reporting.study import check_one_study, distinct_models
 from reporting.typeface import Typeface, typeface
 from reporting.types import AnalysedImage, NodeIdentity
 
@@ -90,6 +90,7 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     check_one_study(images)
     fonts = typeface()
     styles = _Styles.make(fonts)
+    models = distinct_models(images)
     story: list[Flowable] = [
         _intended_use_box(styles),
         Spacer(1, 4 * mm),
@@ -98,13 +99,13 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     ]
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
-        story += [_analysis_line(images[0].prediction, node, analysed_at, styles), PageBreak()]
+        story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
     for index, image in enumerate(images):
         story += _image_section(image, index, len(images), styles, fonts)
         if index < len(images) - 1:
             story.append(PageBreak())
     if len(images) == 1:
-        story += [Spacer(1, 3 * mm), _analysis_line(images[0].prediction, node, analysed_at, styles)]
+        story += [Spacer(1, 3 * mm), _analysis_line(models, node, analysed_at, styles, fonts)]
 
     buffer = io.BytesIO()
     document = SimpleDocTemplate(
@@ -120,7 +121,8 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
         creator=f"{node.model_name} {node.software_version}",
         invariant=True,  # same inputs, same bytes: a rebuilt report equals the one already sent
     )
-    frame_decor = _PageDecor(node, analysed_at, images[0].prediction, _identity_line(images[0].source), fonts)
+    model_text = "Model " + ", ".join(f"{model.name} {model.version}" for model in models)
+    frame_decor = _PageDecor(node, analysed_at, model_text, _identity_line(images[0].source), fonts)
     document.build(story, canvasmaker=frame_decor.canvas_class())
     LOGGER.debug("built PDF with %d image sections", len(images))
     return buffer.getvalue()
@@ -470,15 +472,18 @@ def _pictures(image: AnalysedImage, styles: _Styles) -> Flowable:
 
 
 def _analysis_line(
-    prediction: Prediction, node: NodeIdentity, analysed_at: datetime, styles: _Styles
+    models: Sequence[ModelInfo], node: NodeIdentity, analysed_at: datetime, styles: _Styles, fonts: Typeface
 ) -> Paragraph:
-    model = prediction.model
-    return Paragraph(
-        f"<b>Model</b> {model.name}, version {model.version} "
+    described = "; ".join(
+        f"{model.name}, version {model.version} "
         f"(classes: {', '.join(codes.finding_for(label).display for label in model.classes)}; "
-        f"input {model.input_size[0]}×{model.input_size[1]}). "
-        f"<b>Analysed</b> {analysis_time(analysed_at)} by {node.name} "
-        f"({node.model_name} {node.software_version}).",
+        f"input {model.input_size[0]}×{model.input_size[1]})"
+        for model in models
+    )
+    node_text = f"{node.name} ({node.model_name} {node.software_version})"
+    return Paragraph(
+        f"<b>Model</b> {fonts.markup(described)}. <b>Analysed</b> {analysis_time(analysed_at)} by "
+        f"{fonts.markup(node_text)}.",
         styles.body,
     )
 
@@ -499,14 +504,14 @@ class _PageDecor:
         self,
         node: NodeIdentity,
         analysed_at: datetime,
-        prediction: Prediction,
+        model_text: str,
         identity: str,
         fonts: Typeface,
     ) -> None:
         self.node = node
         self.identity = identity
         self.analysed_at = analysed_at
-        self.prediction = prediction
+        self.model_text = model_text
         self.fonts = fonts
 
     def canvas_class(self) -> type[Canvas]:
@@ -571,11 +576,10 @@ class _PageDecor:
         )
         canvas.setFillColor(MUTED)
         canvas.setFont(fonts.regular, 7.5)
-        model = self.prediction.model
         canvas.drawRightString(
             MARGIN + CONTENT_WIDTH,
             bottom + 6.2 * mm,
-            _fit(f"Model {model.name} {model.version}", fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
+            _fit(self.model_text, fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
         )
         canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, f"Page {number} of {total}")
         canvas.restoreState()

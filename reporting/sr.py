@@ -25,6 +25,7 @@ from reporting.study import (
     dicom_date,
     dicom_datetime,
     dicom_time,
+    distinct_models,
     header,
     timezone_offset,
 )
@@ -49,10 +50,15 @@ def _measurement_group(
     image: AnalysedImage,
     index: int,
     sop_instance_uid: str,
-    algorithm: hd.sr.AlgorithmIdentification,
+    extra_parameters: Mapping[str, str] | None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one image."""
     prediction: Prediction = image.prediction
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model.name,
+        version=prediction.model.version,
+        parameters=algorithm_parameters(prediction.model, extra_parameters),
+    )
     source_uid = str(image.source.SOPInstanceUID)
     finding = codes.finding_for(prediction.label)
     measurements = [
@@ -98,12 +104,6 @@ def build_sr(
     to those recorded from the model artifact. The same inputs always give the same document.
     """
     check_one_study(images)
-    model = images[0].prediction.model
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model.name,
-        version=model.version,
-        parameters=algorithm_parameters(model, algorithm_parameters_extra),
-    )
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -117,7 +117,7 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=[
-            _measurement_group(image, index, sop_instance_uid, algorithm)
+            _measurement_group(image, index, sop_instance_uid, algorithm_parameters_extra)
             for index, image in enumerate(images)
         ],
     )
@@ -133,7 +133,9 @@ def build_sr(
         is_final=False,
         is_verified=False,
         institution_name=node.institution_name or None,
-        contributing_equipment=[algorithm_equipment(model, node, analysed_at)],
+        contributing_equipment=[
+            algorithm_equipment(model, node, analysed_at) for model in distinct_models(images)
+        ],
         coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
     )
     _stamp(sr, node, analysed_at)

@@ -11,6 +11,7 @@ from pydicom import Dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
+from classifier.types import ModelInfo
 from reporting.errors import InconsistentStudyError
 from reporting.types import AnalysedImage
 
@@ -39,6 +40,15 @@ def check_one_study(images: Sequence[AnalysedImage]) -> str:
     if len(uids) != 1 or "" in uids:
         raise InconsistentStudyError(f"analysed images span {len(uids)} studies or lack a Study Instance UID")
     return uids.pop()
+
+
+def distinct_models(images: Sequence[AnalysedImage]) -> list[ModelInfo]:
+    """The models behind the results, each once, in order of first use."""
+    models: dict[tuple[str, str], ModelInfo] = {}
+    for image in images:
+        model = image.prediction.model
+        models.setdefault((model.name, model.version), model)
+    return list(models.values())
 
 
 def header(source: Dataset) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pypdf
@@ -113,3 +114,12 @@ def test_name_and_percent_formats() -> None:
     assert patient_name(source) == "Dr. Doe, John Q Jr."
     assert percent(0.8744) == "87.4 %"
     assert percent(1.0) == "100.0 %"
+
+
+def test_markup_characters_in_names_are_printed_not_interpreted() -> None:
+    node = dataclasses.replace(NODE, name="Radiology <North> & South", institution_name="")
+    source = unicode_source("O'Brien & Sons^<Anna>")
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed(source)], node, analysed_at=ANALYSED_AT)))
+    text = compact(reader.pages[0].extract_text())
+    assert "O'Brien & Sons, <Anna>" in text
+    assert "Radiology <North> & South" in text

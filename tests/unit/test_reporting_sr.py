@@ -194,3 +194,21 @@ def test_refuses_images_of_different_studies() -> None:
 def test_refuses_a_class_it_cannot_code() -> None:
     with pytest.raises(UnknownLabelError):
         build([analysed(probabilities={"tuberculosis": 0.7, "normal": 0.3})])
+
+
+def test_each_image_names_the_model_that_classified_it() -> None:
+    """A study re-analysed after a model upgrade may mix versions; each group says which one it was."""
+    old, new = analysed(), analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)
+    new.source.SOPInstanceUID = str(generate_uid())
+    sr = round_trip(build([old, new]))
+    versions = [
+        text_values(group, dcm_codes.DCM.AlgorithmVersion)
+        for group in report(sr).get_image_measurement_groups()
+    ]
+    assert versions == [[old.prediction.model.version], [BINARY.version]]
+    algorithms = {
+        item.SoftwareVersions
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.PROCESSING_ALGORITHM.value
+    }
+    assert algorithms == {old.prediction.model.version, BINARY.version}
