@@ -52,7 +52,8 @@ def distinct_models(images: Sequence[AnalysedImage]) -> list[ModelInfo]:
 
 
 def header(source: Dataset) -> Dataset:
-    """A copy of ``source`` without bulk data, with missing Type 2 patient/study attributes present but empty.
+    """A copy of ``source`` without bulk data, with missing Type 2 patient/study attributes present but empty,
+    declared UTF-8.
 
     Builders read identifiers from it without touching the caller's dataset or copying its pixels.
     """
@@ -63,6 +64,8 @@ def header(source: Dataset) -> Dataset:
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in result:
             setattr(result, keyword, None)
+    # values are already decoded text; whatever the source's encoding (e.g. ISO 2022 IR 87), ours is UTF-8
+    result.SpecificCharacterSet = UTF8
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -127,6 +128,20 @@ def unicode_source(name: str = "Müller^Zoë") -> pydicom.Dataset:
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = name
     return ds
+
+
+JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+def japanese_source() -> pydicom.Dataset:
+    """A source as a Japanese modality sends it: ISO 2022 IR 87 (JIS X 0208) encoded, then decoded on read."""
+    ds = radiograph()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = JAPANESE_NAME
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert "山田".encode("iso2022_jp") in buffer.getvalue()
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
 def sparse_source() -> pydicom.Dataset:

@@ -19,6 +19,7 @@ from tests.unit.test_reporting_cases import (
     NODE,
     analysed,
     heatmap,
+    japanese_source,
     preview,
     sparse_source,
     unicode_source,
@@ -39,7 +40,9 @@ def reread(ds: pydicom.Dataset) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
-@pytest.mark.parametrize("source_factory", [unicode_source, sparse_source], ids=["unicode", "sparse"])
+@pytest.mark.parametrize(
+    "source_factory", [unicode_source, japanese_source, sparse_source], ids=["unicode", "iso2022", "sparse"]
+)
 def test_encapsulated_pdf_carries_the_pdf_in_the_source_study(source_factory: object) -> None:
     source = source_factory()  # type: ignore[operator]
     pdf = build_pdf([analysed(source)], NODE, analysed_at=ANALYSED_AT)
@@ -66,6 +69,7 @@ def test_encapsulated_pdf_carries_the_pdf_in_the_source_study(source_factory: ob
     assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert ds.VerificationFlag == "UNVERIFIED"
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
 
 
 def test_encapsulated_pdf_refuses_what_is_not_a_pdf() -> None:

@@ -23,6 +23,7 @@ from tests.unit.test_reporting_cases import (
     BINARY,
     NODE,
     analysed,
+    japanese_source,
     radiograph,
     sparse_source,
     three_image_study,
@@ -74,7 +75,7 @@ def text_values(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) 
 CASES = {
     "rg1": lambda: [analysed()],
     "unicode": lambda: [analysed(unicode_source())],
-    "japanese": lambda: [analysed(unicode_source("山田^太郎=やまだ^たろう"))],
+    "japanese": lambda: [analysed(japanese_source())],
     "sparse": lambda: [analysed(sparse_source())],
     "three-images": three_image_study,
 }
