@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +26,7 @@ from reportlab.lib.enums import TA_CENTER, TA_LEFT
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
+from reportlab.lib.utils import TimeStamp
 from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
@@ -519,8 +521,11 @@ class _PageDecor:
 
         class NumberedCanvas(Canvas):  # type: ignore[misc]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("initialFontName", decor.fonts.regular)  # no unembedded Helvetica
                 super().__init__(*args, **kwargs)
                 self._pages: list[dict[str, Any]] = []
+                # invariant output stamps 2000-01-01; the analysis time is the truthful, equally stable date
+                self._doc._timeStamp = _timestamp(decor.analysed_at)
 
             def showPage(self) -> None:  # noqa: N802 (reportlab API)
                 self._pages.append(dict(self.__dict__))
@@ -583,6 +588,14 @@ class _PageDecor:
         )
         canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, f"Page {number} of {total}")
         canvas.restoreState()
+
+
+def _timestamp(moment: datetime) -> TimeStamp:
+    stamp = TimeStamp(invariant=True)
+    stamp.t = moment.timestamp()
+    stamp.lt = time.gmtime(stamp.t)
+    stamp.YMDhms = tuple(stamp.lt)[:6]
+    return stamp
 
 
 def _identity_line(source: pydicom.Dataset) -> str:
