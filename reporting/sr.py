@@ -5,6 +5,10 @@ finding site, the finding as a coded qualitative evaluation, each class probabil
 and the algorithm's identification. The observer is the node as a device (TID 1004); the Contributing
 Equipment Sequence names the algorithm ("Processing Algorithm", IHE AIR). The document is complete but not
 verified by a person, and preliminary: it supports a radiologist's reading, it is not one.
+
+No TID 1600 Image Library: highdicom's entry descriptors for CR/DX demand Imager Pixel Spacing and Patient
+Orientation, which many radiographs (RG1_UNCI.dcm among them) lack; the evidence sequence and each group's
+source image reference identify the images instead.
 """
 
 from __future__ import annotations
