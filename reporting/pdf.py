@@ -289,7 +289,7 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
                 Paragraph(f"{index + 1}", styles.body),
                 Paragraph(fonts.markup(_series_instance(image.source)), styles.body),
                 Paragraph(f'<font color="{colour}"><b>{finding.display}</b></font>', styles.value),
-                Paragraph(percent(image.prediction.confidence), styles.body),
+                Paragraph(_summary_confidence(image.prediction), styles.body),
             ]
         )
     table = Table(
@@ -306,6 +306,14 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
         )
     )
     return table
+
+
+def _summary_confidence(prediction: Prediction) -> str:
+    """The top class's probability; named when the result is indeterminate, so it is not read as certainty."""
+    text = percent(prediction.confidence)
+    if prediction.indeterminate:
+        return f"{text} ({codes.finding_for(prediction.top_class).display})"
+    return text
 
 
 def _series_instance(source: pydicom.Dataset) -> str:

@@ -85,7 +85,7 @@ def test_three_image_study_has_a_summary_and_a_page_per_image() -> None:
     texts = [compact(text) for text in pages(images)]
     assert len(texts) == 4
     summary = texts[0]
-    for expected in ("COVID-19", "87.4 %", "Pneumonia", "83.0 %", "Indeterminate", "41.0 %"):
+    for expected in ("COVID-19", "87.4 %", "Pneumonia", "83.0 %", "Indeterminate", "41.0 % (COVID-19)"):
         assert expected in summary
     for number, (text, image) in enumerate(zip(texts[1:], images, strict=True), start=1):
         assert f"Image {number} of 3" in text
