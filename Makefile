@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_RUN := python3-venv python3-pip
-APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils
+APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils fonts-droid-fallback
 PYTEST_ARGS ?=
 ifeq ($(REQUIRE_PEERS),1)
 PYTEST_ARGS += --require-peers

@@ -1,0 +1,631 @@
+"""The PDF summary a radiologist or referring clinician reads: one document per study.
+
+Seed 000's "save report" and seed 003's "generated report", made for a hospital: who the patient is, which
+study, the result of each analysed image at a glance (finding in large coloured type, every class's confidence
+as a bar), the image with its heat map, the model and its version, the time of analysis, and on every page
+that this is decision support, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image as PILImage
+from reportlab.graphics.shapes import Drawing, Rect, String
+from reportlab.lib import colors
+from reportlab.lib.enums import TA_CENTER, TA_LEFT
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle
+from reportlab.lib.units import mm
+from reportlab.lib.utils import TimeStamp
+from reportlab.pdfbase.pdfmetrics import stringWidth
+from reportlab.pdfgen.canvas import Canvas
+from reportlab.platypus import (
+    Flowable,
+    Image,
+    KeepTogether,
+    PageBreak,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+    Table,
+    TableStyle,
+)
+
+from classifier.types import ModelInfo, Prediction
+from reporting import codes
+from reporting.heatmap import overlay
+from reporting.study import check_one_study, distinct_models
+from reporting.typeface import Typeface, typeface
+from reporting.types import AnalysedImage, NodeIdentity
+
+LOGGER = logging.getLogger(__name__)
+
+TITLE = "Chest X-ray AI analysis"
+INTENDED_USE_HEADLINE = "DECISION SUPPORT — NOT A DIAGNOSIS"
+INTENDED_USE = (
+    "This result was produced automatically by a machine-learning model and has not been reviewed by a "
+    "physician. It must be interpreted by a qualified radiologist together with the images and the clinical "
+    "context. Do not use it as the sole basis for a clinical decision."
+)
+NOT_RECORDED = "—"
+
+PAGE_WIDTH, PAGE_HEIGHT = A4
+MARGIN = 14 * mm
+HEADER_HEIGHT = 16 * mm
+FOOTER_HEIGHT = 13 * mm
+CONTENT_WIDTH = PAGE_WIDTH - 2 * MARGIN
+
+INK = colors.HexColor("#1a1a1a")
+MUTED = colors.HexColor("#5f6368")
+RULE = colors.HexColor("#c9ced6")
+BAND = colors.HexColor("#1f3a5f")
+WARNING_FILL = colors.HexColor("#fff3cd")
+WARNING_EDGE = colors.HexColor("#b26a00")
+BAR_TRACK = colors.HexColor("#e8eaed")
+BAR_OTHER = colors.HexColor("#7a8794")
+FINDING_COLOURS = {
+    "COVID": colors.HexColor("#b3261e"),
+    "PNEUMONIA": colors.HexColor("#c25400"),
+    "NORMAL": colors.HexColor("#1e7d32"),
+    "NONCOVID": colors.HexColor("#1e7d32"),
+    "INDETERMINATE": colors.HexColor("#4a5561"),
+}
+
+
+def percent(probability: float) -> str:
+    """How a probability is printed: one decimal, e.g. ``87.4 %``."""
+    return f"{100.0 * probability:.1f} %"
+
+
+def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_at: datetime) -> bytes:
+    """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several)."""
+    check_one_study(images)
+    fonts = typeface()
+    styles = _Styles.make(fonts)
+    models = distinct_models(images)
+    story: list[Flowable] = [
+        _intended_use_box(styles),
+        Spacer(1, 4 * mm),
+        _identity_table(images[0].source, len(images), styles, fonts),
+        Spacer(1, 3 * mm),
+    ]
+    if len(images) > 1:
+        story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
+        story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
+    for index, image in enumerate(images):
+        story += _image_section(image, index, len(images), styles, fonts)
+        if index < len(images) - 1:
+            story.append(PageBreak())
+    if len(images) == 1:
+        story += [Spacer(1, 3 * mm), _analysis_line(models, node, analysed_at, styles, fonts)]
+
+    buffer = io.BytesIO()
+    document = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=MARGIN,
+        rightMargin=MARGIN,
+        topMargin=MARGIN + HEADER_HEIGHT,
+        bottomMargin=MARGIN + FOOTER_HEIGHT,
+        title=TITLE,
+        author=node.name,
+        subject="Decision support, not a diagnosis",
+        creator=f"{node.model_name} {node.software_version}",
+        invariant=True,  # same inputs, same bytes: a rebuilt report equals the one already sent
+    )
+    model_text = "Model " + ", ".join(f"{model.name} {model.version}" for model in models)
+    frame_decor = _PageDecor(node, analysed_at, model_text, _identity_line(images[0].source), fonts)
+    document.build(story, canvasmaker=frame_decor.canvas_class())
+    LOGGER.debug("built PDF with %d image sections", len(images))
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _Styles:
+    label: ParagraphStyle
+    value: ParagraphStyle
+    body: ParagraphStyle
+    small: ParagraphStyle
+    caption: ParagraphStyle
+    heading: ParagraphStyle
+    finding: ParagraphStyle
+    confidence: ParagraphStyle
+    warning_head: ParagraphStyle
+    warning: ParagraphStyle
+
+    @classmethod
+    def make(cls, fonts: Typeface) -> _Styles:
+        def style(
+            name: str, size: float, *, bold: bool = False, colour: Any = INK, **extra: Any
+        ) -> ParagraphStyle:
+            return ParagraphStyle(
+                name,
+                fontName=fonts.bold if bold else fonts.regular,
+                fontSize=size,
+                leading=size * 1.25,
+                textColor=colour,
+                alignment=TA_LEFT,
+                **extra,
+            )
+
+        return cls(
+            label=style("label", 7.5, colour=MUTED),
+            value=style("value", 10.5, bold=True),
+            body=style("body", 9),
+            small=style("small", 7.5, colour=MUTED),
+            caption=ParagraphStyle(
+                "caption",
+                fontName=fonts.regular,
+                fontSize=8,
+                leading=10,
+                textColor=MUTED,
+                alignment=TA_CENTER,
+            ),
+            heading=style("heading", 11.5, bold=True, spaceAfter=1 * mm),
+            finding=style("finding", 26, bold=True),
+            confidence=style("confidence", 11),
+            warning_head=style("warning_head", 11, bold=True, colour=WARNING_EDGE),
+            warning=style("warning", 8.5),
+        )
+
+
+def _intended_use_box(styles: _Styles) -> Table:
+    table = Table(
+        [
+            [Paragraph(f"⚠ {INTENDED_USE_HEADLINE}", styles.warning_head)],
+            [Paragraph(INTENDED_USE, styles.warning)],
+        ],
+        colWidths=[CONTENT_WIDTH],
+    )
+    table.setStyle(
+        TableStyle(
+            [
+                ("BACKGROUND", (0, 0), (-1, -1), WARNING_FILL),
+                ("BOX", (0, 0), (-1, -1), 1.2, WARNING_EDGE),
+                ("LEFTPADDING", (0, 0), (-1, -1), 3 * mm),
+                ("RIGHTPADDING", (0, 0), (-1, -1), 3 * mm),
+                ("TOPPADDING", (0, 0), (-1, 0), 2 * mm),
+                ("BOTTOMPADDING", (0, -1), (-1, -1), 2 * mm),
+            ]
+        )
+    )
+    return table
+
+
+def patient_name(source: pydicom.Dataset) -> str:
+    """A person name as read on paper: "Family, Given Middle" for the alphabetic form, "Family Given" for
+    the ideographic and phonetic forms, the forms separated by " / "; ``NOT_RECORDED`` when empty."""
+    value = source.get("PatientName")
+    forms = []
+    for position, group in enumerate(str(value or "").split("=")):
+        parts = [part.strip() for part in group.split("^")] + [""] * 5
+        family, given = parts[0], " ".join(part for part in parts[1:3] if part)
+        name = (", " if position == 0 else " ").join(part for part in (family, given) if part)
+        text = " ".join(part for part in (parts[3], name, parts[4]) if part)
+        if text:
+            forms.append(text)
+    return " / ".join(forms) or NOT_RECORDED
+
+
+def dicom_date_text(value: object) -> str:
+    """``YYYYMMDD`` as ``YYYY-MM-DD``; anything else as given; ``NOT_RECORDED`` when empty."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or NOT_RECORDED
+
+
+def _text(value: object) -> str:
+    text = str(value or "").strip()
+    return text or NOT_RECORDED
+
+
+def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts: Typeface) -> Table:
+    fields = [
+        ("Patient name", patient_name(source)),
+        ("Patient ID", _text(source.get("PatientID"))),
+        ("Birth date", dicom_date_text(source.get("PatientBirthDate"))),
+        ("Sex", _text(source.get("PatientSex"))),
+        ("Accession number", _text(source.get("AccessionNumber"))),
+        ("Study date", dicom_date_text(source.get("StudyDate"))),
+        ("Study description", _text(source.get("StudyDescription"))),
+        ("Images analysed", str(count)),
+    ]
+    cells = [
+        [Paragraph(label, styles.label), Paragraph(fonts.markup(value), styles.value)]
+        for label, value in fields
+    ]
+    data = [cells[:4], cells[4:]]  # each cell: a small label above its value
+    widths = [0.34 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH]
+    table = Table(data, colWidths=widths)
+    table.setStyle(
+        TableStyle(
+            [
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LINEBELOW", (0, 0), (-1, 0), 0.5, RULE),
+                ("BOX", (0, 0), (-1, -1), 0.5, RULE),
+                ("LEFTPADDING", (0, 0), (-1, -1), 2.5 * mm),
+                ("TOPPADDING", (0, 0), (-1, -1), 1.5 * mm),
+                ("BOTTOMPADDING", (0, 0), (-1, -1), 2 * mm),
+            ]
+        )
+    )
+    return table
+
+
+def _finding_words(prediction: Prediction) -> tuple[codes.FindingConcept, str]:
+    """The finding and the line under it (confidence, or why it is indeterminate)."""
+    finding = codes.finding_for(prediction.label)
+    top = codes.finding_for(prediction.top_class)
+    if prediction.indeterminate:
+        return finding, (
+            f"Most likely {top.display} at {percent(prediction.confidence)}, "
+            "below the confidence threshold: no class is reported"
+        )
+    return finding, f"Confidence {percent(prediction.confidence)}"
+
+
+def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Typeface) -> Table:
+    """One line per image: the study's results at a glance before the per-image pages."""
+    header = [
+        Paragraph(text, styles.label) for text in ("Image", "Series / instance", "Result", "Confidence")
+    ]
+    rows: list[list[Flowable]] = [header]
+    for index, image in enumerate(images):
+        finding, _ = _finding_words(image.prediction)
+        colour = FINDING_COLOURS[finding.key].hexval()
+        rows.append(
+            [
+                Paragraph(f"{index + 1}", styles.body),
+                Paragraph(fonts.markup(_series_instance(image.source)), styles.body),
+                Paragraph(f'<font color="{colour}"><b>{finding.display}</b></font>', styles.value),
+                Paragraph(_summary_confidence(image.prediction), styles.body),
+            ]
+        )
+    table = Table(
+        rows, colWidths=[0.1 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.2 * CONTENT_WIDTH]
+    )
+    table.setStyle(
+        TableStyle(
+            [
+                ("LINEBELOW", (0, 0), (-1, -1), 0.5, RULE),
+                ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+                ("TOPPADDING", (0, 0), (-1, -1), 1.2 * mm),
+                ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5 * mm),
+            ]
+        )
+    )
+    return table
+
+
+def _summary_confidence(prediction: Prediction) -> str:
+    """The top class's probability; named when the result is indeterminate, so it is not read as certainty."""
+    text = percent(prediction.confidence)
+    if prediction.indeterminate:
+        return f"{text} ({codes.finding_for(prediction.top_class).display})"
+    return text
+
+
+def _series_instance(source: pydicom.Dataset) -> str:
+    parts = [
+        _text(source.get("Modality")),
+        str(source.get("ViewPosition") or "").strip(),
+        f"series {_text(source.get('SeriesNumber'))}",
+        f"instance {_text(source.get('InstanceNumber'))}",
+    ]
+    return ", ".join(part for part in parts if part)
+
+
+def _image_section(
+    image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface
+) -> list[Flowable]:
+    prediction = image.prediction
+    finding, subline = _finding_words(prediction)
+    colour = FINDING_COLOURS[finding.key]
+    heading = f"Image {index + 1} of {count}: {_series_instance(image.source)}"
+    result = Table(
+        [
+            [Paragraph("AI RESULT", styles.label), Paragraph("CONFIDENCE PER CLASS", styles.label)],
+            [
+                [
+                    Paragraph(fonts.markup(finding.display), _coloured(styles.finding, colour)),
+                    Spacer(1, 1.5 * mm),
+                    Paragraph(fonts.markup(subline), styles.confidence),
+                ],
+                ConfidenceBars(prediction, fonts, width=0.52 * CONTENT_WIDTH),
+            ],
+        ],
+        colWidths=[0.45 * CONTENT_WIDTH, 0.55 * CONTENT_WIDTH],
+    )
+    result.setStyle(
+        TableStyle(
+            [
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LINEBEFORE", (0, 0), (0, -1), 4, colour),
+                ("BOX", (0, 0), (-1, -1), 0.5, RULE),
+                ("LEFTPADDING", (0, 0), (-1, -1), 3 * mm),
+                ("TOPPADDING", (0, 0), (-1, 0), 2 * mm),
+                ("BOTTOMPADDING", (0, -1), (-1, -1), 3 * mm),
+            ]
+        )
+    )
+    flow: list[Flowable] = [
+        KeepTogether([Paragraph(fonts.markup(heading), styles.heading), result]),
+        Spacer(1, 3 * mm),
+        _pictures(image, styles),
+        Spacer(1, 1 * mm),
+        Paragraph(
+            fonts.markup(f"SOP Instance UID {_text(image.source.get('SOPInstanceUID'))}"),
+            styles.small,
+        ),
+    ]
+    return flow
+
+
+def _coloured(style: ParagraphStyle, colour: colors.Color) -> ParagraphStyle:
+    return ParagraphStyle(f"{style.name}-{colour.hexval()}", parent=style, textColor=colour)
+
+
+class ConfidenceBars(Flowable):  # type: ignore[misc]  # reportlab ships no type hints
+    """A horizontal bar per class, the predicted one in the finding's colour, the value printed at its end."""
+
+    ROW = 7.5 * mm
+
+    def __init__(self, prediction: Prediction, fonts: Typeface, *, width: float) -> None:
+        super().__init__()
+        self.prediction = prediction
+        self.fonts = fonts
+        self.bar_width = width
+        self.bar_height = self.ROW * len(prediction.probabilities)
+
+    def wrap(self, available_width: float, available_height: float) -> tuple[float, float]:
+        return self.bar_width, self.bar_height
+
+    def draw(self) -> None:
+        drawing = Drawing(self.bar_width, self.bar_height)
+        names = [codes.finding_for(label).display for label in self.prediction.probabilities]
+        longest = max(stringWidth(name, self.fonts.bold, 9) for name in names)
+        label_width = min(max(longest + 3 * mm, 22 * mm), 0.45 * self.bar_width)
+        value_width = 17 * mm
+        track = self.bar_width - label_width - value_width
+        for row, (label, probability) in enumerate(self.prediction.probabilities.items()):
+            concept = codes.finding_for(label)
+            chosen = label == self.prediction.top_class
+            # an indeterminate result must not look like a positive one: its top bar stays neutral
+            shown = codes.finding_for(self.prediction.label)
+            colour = FINDING_COLOURS[shown.key] if chosen else BAR_OTHER
+            y = self.bar_height - (row + 1) * self.ROW + 1.5 * mm
+            font = self.fonts.bold if chosen else self.fonts.regular
+            name = concept.display
+            while stringWidth(name, font, 9) > label_width - 2 * mm and len(name) > 4:
+                name = name[:-2] + "…"
+            drawing.add(String(0, y + 1.2 * mm, name, fontName=font, fontSize=9, fillColor=INK))
+            drawing.add(Rect(label_width, y, track, 4.5 * mm, fillColor=BAR_TRACK, strokeColor=None))
+            drawing.add(
+                Rect(
+                    label_width,
+                    y,
+                    max(track * float(probability), 0.4),
+                    4.5 * mm,
+                    fillColor=colour,
+                    strokeColor=None,
+                )
+            )
+            drawing.add(
+                String(
+                    label_width + track + 2 * mm,
+                    y + 1.2 * mm,
+                    percent(float(probability)),
+                    fontName=font,
+                    fontSize=9,
+                    fillColor=INK,
+                )
+            )
+        drawing.drawOn(self.canv, 0, 0)
+
+
+def _jpeg(pixels: npt.NDArray[np.uint8], max_side: int = 900) -> tuple[io.BytesIO, int, int]:
+    picture = PILImage.fromarray(pixels)
+    picture.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=88)
+    buffer.seek(0)
+    return buffer, picture.width, picture.height
+
+
+def _fitted(pixels: npt.NDArray[np.uint8], box_width: float, box_height: float) -> Image:
+    buffer, width, height = _jpeg(pixels)
+    scale = min(box_width / width, box_height / height)
+    return Image(buffer, width=width * scale, height=height * scale)
+
+
+def _pictures(image: AnalysedImage, styles: _Styles) -> Flowable:
+    """The radiograph and, when the model produced one, its heat map side by side, each captioned."""
+    box_width = (CONTENT_WIDTH - 6 * mm) / 2
+    box_height = 112 * mm
+    if image.preview is None:
+        return Paragraph("Image preview not available for this instance.", styles.body)
+    left = [_fitted(image.preview, box_width, box_height), Paragraph("Radiograph", styles.caption)]
+    heat = image.prediction.heatmap
+    if heat is not None:
+        right: list[Flowable] = [
+            _fitted(overlay(image.preview, heat), box_width, box_height),
+            Paragraph(
+                "Heat map: regions that most influenced the model (red = most). It is not a lesion outline.",
+                styles.caption,
+            ),
+        ]
+    else:
+        right = [Paragraph("No heat map was computed for this image.", styles.caption)]
+    table = Table([[left, right]], colWidths=[box_width + 3 * mm, box_width + 3 * mm])
+    table.setStyle(
+        TableStyle(
+            [
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("ALIGN", (0, 0), (-1, -1), "CENTER"),
+                ("LEFTPADDING", (0, 0), (-1, -1), 0),
+                ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+            ]
+        )
+    )
+    return table
+
+
+def _analysis_line(
+    models: Sequence[ModelInfo], node: NodeIdentity, analysed_at: datetime, styles: _Styles, fonts: Typeface
+) -> Paragraph:
+    described = "; ".join(
+        f"{model.name}, version {model.version} "
+        f"(classes: {', '.join(codes.finding_for(label).display for label in model.classes)}; "
+        f"input {model.input_size[0]}×{model.input_size[1]})"
+        for model in models
+    )
+    node_text = f"{node.name} ({node.model_name} {node.software_version})"
+    return Paragraph(
+        f"<b>Model</b> {fonts.markup(described)}. <b>Analysed</b> {analysis_time(analysed_at)} by "
+        f"{fonts.markup(node_text)}.",
+        styles.body,
+    )
+
+
+def analysis_time(moment: datetime) -> str:
+    """``YYYY-MM-DD HH:MM:SS`` plus the UTC offset when known."""
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    offset = moment.strftime("%z")
+    if not offset:
+        return text
+    return f"{text} UTC" if offset == "+0000" else f"{text} (UTC{offset[:3]}:{offset[3:]})"
+
+
+class _PageDecor:
+    """Header band and footer drawn on every page, with "page N of M" (counted after layout)."""
+
+    def __init__(
+        self,
+        node: NodeIdentity,
+        analysed_at: datetime,
+        model_text: str,
+        identity: str,
+        fonts: Typeface,
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.analysed_at = analysed_at
+        self.model_text = model_text
+        self.fonts = fonts
+
+    def canvas_class(self) -> type[Canvas]:
+        decor = self
+
+        class NumberedCanvas(Canvas):  # type: ignore[misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.setdefault("initialFontName", decor.fonts.regular)  # no unembedded Helvetica
+                super().__init__(*args, **kwargs)
+                self._pages: list[dict[str, Any]] = []
+                # invariant output stamps 2000-01-01; the analysis time is the truthful, equally stable date
+                self._doc._timeStamp = _timestamp(decor.analysed_at)
+
+            def showPage(self) -> None:  # noqa: N802 (reportlab API)
+                self._pages.append(dict(self.__dict__))
+                self._startPage()
+
+            def save(self) -> None:
+                for number, state in enumerate(self._pages, start=1):
+                    self.__dict__.update(state)
+                    decor.draw(self, number, len(self._pages))
+                    super().showPage()
+                super().save()
+
+        return NumberedCanvas
+
+    def draw(self, canvas: Canvas, number: int, total: int) -> None:
+        fonts = self.fonts
+        top = PAGE_HEIGHT - MARGIN
+        canvas.saveState()
+        canvas.setFillColor(BAND)
+        canvas.rect(
+            MARGIN, top - HEADER_HEIGHT + 3 * mm, CONTENT_WIDTH, HEADER_HEIGHT - 3 * mm, stroke=0, fill=1
+        )
+        canvas.setFillColor(colors.white)
+        institution = self.node.institution_name.strip()
+        heading = institution or self.node.name
+        canvas.setFont(fonts.bold, 12)
+        canvas.drawString(
+            MARGIN + 3 * mm, top - 7.5 * mm, _fit(heading, fonts.bold, 12, CONTENT_WIDTH * 0.55)
+        )
+        canvas.setFont(fonts.regular, 8)
+        subheading = self.node.name if institution else f"{self.node.station_name}"
+        canvas.drawString(
+            MARGIN + 3 * mm, top - 11.2 * mm, _fit(subheading, fonts.regular, 8, CONTENT_WIDTH * 0.55)
+        )
+        canvas.setFont(fonts.bold, 12)
+        canvas.drawRightString(MARGIN + CONTENT_WIDTH - 3 * mm, top - 7.5 * mm, TITLE)
+        canvas.setFont(fonts.regular, 8)
+        canvas.drawRightString(
+            MARGIN + CONTENT_WIDTH - 3 * mm, top - 11.2 * mm, f"Analysed {analysis_time(self.analysed_at)}"
+        )
+        # footer: intended use on every page, model identity, page number
+        bottom = MARGIN
+        canvas.setStrokeColor(RULE)
+        canvas.line(
+            MARGIN, bottom + FOOTER_HEIGHT - 3 * mm, MARGIN + CONTENT_WIDTH, bottom + FOOTER_HEIGHT - 3 * mm
+        )
+        canvas.setFillColor(WARNING_EDGE)
+        canvas.setFont(fonts.bold, 8)
+        canvas.drawString(MARGIN, bottom + 6.2 * mm, INTENDED_USE_HEADLINE)
+        canvas.setFillColor(INK)
+        _draw_runs(
+            canvas, fonts, _fit(self.identity, fonts.regular, 8, CONTENT_WIDTH), MARGIN, bottom + 2.6 * mm, 8
+        )
+        canvas.setFillColor(MUTED)
+        canvas.setFont(fonts.regular, 7.5)
+        canvas.drawRightString(
+            MARGIN + CONTENT_WIDTH,
+            bottom + 6.2 * mm,
+            _fit(self.model_text, fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
+        )
+        canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, f"Page {number} of {total}")
+        canvas.restoreState()
+
+
+def _timestamp(moment: datetime) -> TimeStamp:
+    stamp = TimeStamp(invariant=True)
+    stamp.t = moment.timestamp()
+    stamp.lt = time.gmtime(stamp.t)
+    stamp.YMDhms = tuple(stamp.lt)[:6]
+    return stamp
+
+
+def _identity_line(source: pydicom.Dataset) -> str:
+    """Who and which study, repeated on every page in case pages are separated."""
+    return (
+        f"{patient_name(source)} · ID {_text(source.get('PatientID'))} · born "
+        f"{dicom_date_text(source.get('PatientBirthDate'))} · accession {_text(source.get('AccessionNumber'))}"
+    )
+
+
+def _draw_runs(canvas: Canvas, fonts: Typeface, text: str, x: float, y: float, size: float) -> None:
+    """Draw ``text`` on the canvas, switching to the fallback font where the main font has no glyph."""
+    for font, run in fonts.runs(text, fonts.regular):
+        canvas.setFont(font, size)
+        canvas.drawString(x, y, run)
+        x += stringWidth(run, font, size)
+
+
+def _fit(text: str, font: str, size: float, width: float) -> str:
+    """``text`` shortened with an ellipsis to fit ``width`` points."""
+    if stringWidth(text, font, size) <= width:
+        return text
+    while text and stringWidth(text + "…", font, size) > width:
+        text = text[:-1]
+    return text + "…"

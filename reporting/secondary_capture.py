@@ -1,0 +1,121 @@
+"""Secondary Capture of the heat-map overlay: lets a PACS viewer show where the model looked.
+
+It is marked as not for diagnosis three ways: a text band burned into the pixels, Image Comments, and the
+derivation description; it is a DERIVED/SECONDARY image in its own series.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.uid import ExplicitVRLittleEndian
+
+from reporting import codes
+from reporting.errors import ReportingError
+from reporting.heatmap import overlay
+from reporting.study import UTF8, header
+from reporting.typeface import BOLD_FILE
+from reporting.types import AnalysedImage, NodeIdentity
+
+LOGGER = logging.getLogger(__name__)
+
+NOT_FOR_DIAGNOSIS = "AI HEAT MAP - NOT FOR DIAGNOSIS"
+SERIES_DESCRIPTION = "AI heat map overlay (not for diagnosis)"
+BAND_COLOUR = (179, 38, 30)
+
+
+class NoHeatmapError(ReportingError):
+    """The image has no preview or no heat map, so there is no overlay to capture."""
+
+
+def build_heatmap_sc(
+    image: AnalysedImage,
+    node: NodeIdentity,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9003,
+) -> pydicom.Dataset:
+    """A Secondary Capture (RGB) of ``image``'s heat map over its preview, in the source's study."""
+    heat = image.prediction.heatmap
+    if image.preview is None or heat is None:
+        raise NoHeatmapError("a heat-map Secondary Capture needs both a preview and a heat map")
+    finding = codes.finding_for(image.prediction.label)
+    model = image.prediction.model
+    caption = f"{finding.display} {100 * image.prediction.confidence:.1f} % · {model.name} {model.version}"
+    pixels = with_band(overlay(image.preview, heat), NOT_FOR_DIAGNOSIS, caption)
+    source = header(image.source)
+    orientation = _orientation(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=node.manufacturer,
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        institution_name=node.institution_name or None,
+    )
+    if orientation is None:
+        sc["PatientOrientation"].value = None  # unknown in the source: left empty (Type 2), not invented
+    sc.SpecificCharacterSet = UTF8
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    # the band names no patient; identifying text can only come from the source radiograph itself
+    sc.BurnedInAnnotation = str(source.get("BurnedInAnnotation") or "NO")
+    sc.ImageComments = "AI heat map overlay for decision support: not for diagnosis"
+    sc.DerivationDescription = (
+        f"Class-activation heat map of {model.name} {model.version} blended over a windowed, downsized "
+        "copy of the source image; not for diagnosis"
+    )
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    if node.station_name:
+        sc.StationName = node.station_name
+    LOGGER.debug("built heat-map Secondary Capture %dx%d", pixels.shape[1], pixels.shape[0])
+    return sc
+
+
+def _orientation(source: pydicom.Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it is two single-direction values highdicom accepts."""
+    value = source.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    row, column = (str(part) for part in value)
+    valid = {item.value for item in hd.PatientOrientationValuesBiped}
+    return (row, column) if row in valid and column in valid else None
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(BOLD_FILE), size)
+
+
+def with_band(pixels: npt.NDArray[np.uint8], headline: str, caption: str) -> npt.NDArray[np.uint8]:
+    """``pixels`` (HxWx3) with a red band above them stating ``headline`` and ``caption``."""
+    height, width = pixels.shape[:2]
+    size = max(12, width // 40)
+    band = int(size * 3.2)
+    canvas = Image.new("RGB", (width, height + band), BAND_COLOUR)
+    canvas.paste(Image.fromarray(pixels, mode="RGB"), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((size // 2, size // 3), headline, font=_font(size), fill=(255, 255, 255))
+    draw.text((size // 2, int(size * 1.7)), caption, font=_font(int(size * 0.8)), fill=(255, 235, 230))
+    return np.asarray(canvas, dtype=np.uint8)

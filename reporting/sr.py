@@ -1,0 +1,191 @@
+"""DICOM Comprehensive 3D SR with a TID 1500 Measurement Report, as IHE AI Results (AIR) describes it.
+
+One TID 1501 measurement group per analysed image: tracking identifier and UID, the source image, the lung as
+finding site, the finding as a coded qualitative evaluation, each class probability as a numeric measurement,
+and the algorithm's identification. The observer is the node as a device (TID 1004); the Contributing
+Equipment Sequence names the algorithm ("Processing Algorithm", IHE AIR). The document is complete but not
+verified by a person, and preliminary: it supports a radiologist's reading, it is not one.
+
+No TID 1600 Image Library: highdicom's entry descriptors for CR/DX demand Imager Pixel Spacing and Patient
+Orientation, which many radiographs (RG1_UNCI.dcm among them) lack; the evidence sequence and each group's
+source image reference identify the images instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import highdicom as hd
+from pydicom.sr.codedict import codes as dcm_codes
+
+from classifier.types import ModelInfo, Prediction
+from reporting import codes
+from reporting.study import (
+    UTF8,
+    check_one_study,
+    derived_uid,
+    dicom_date,
+    dicom_datetime,
+    dicom_time,
+    distinct_models,
+    header,
+    timezone_offset,
+)
+from reporting.types import AnalysedImage, NodeIdentity
+
+LOGGER = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "AI chest X-ray classification (decision support)"
+
+
+def algorithm_parameters(model: ModelInfo, extra: Mapping[str, str] | None = None) -> list[str]:
+    """``key=value`` strings recorded as Algorithm Parameters (TID 4019)."""
+    height, width = model.input_size
+    params = [f"input_size={height}x{width}", f"classes={','.join(model.classes)}"]
+    if model.sha256:
+        params.append(f"sha256={model.sha256}")
+    params.extend(f"{key}={value}" for key, value in (extra or {}).items())
+    return params
+
+
+def _measurement_group(
+    image: AnalysedImage,
+    index: int,
+    sop_instance_uid: str,
+    extra_parameters: Mapping[str, str] | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one image."""
+    prediction: Prediction = image.prediction
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=prediction.model.name,
+        version=prediction.model.version,
+        parameters=algorithm_parameters(prediction.model, extra_parameters),
+    )
+    source_uid = str(image.source.SOPInstanceUID)
+    finding = codes.finding_for(prediction.label)
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.finding_for(label).probability_code,
+            value=float(probability),
+            unit=codes.PROBABILITY_UNIT,
+        )
+        for label, probability in prediction.probabilities.items()
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(sop_instance_uid, source_uid, "tracking"),
+            identifier=f"Image {index + 1} classification",
+        ),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.IMAGING_FINDING, value=finding.code)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(image.source.SOPClassUID),
+                referenced_sop_instance_uid=source_uid,
+            )
+        ],
+    )
+
+
+def build_sr(
+    images: Sequence[AnalysedImage],
+    node: NodeIdentity,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = 9001,
+    instance_number: int = 1,
+    analysed_at: datetime,
+    algorithm_parameters_extra: Mapping[str, str] | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The structured report of one study's classification.
+
+    ``algorithm_parameters_extra`` adds run-time parameters (e.g. ``{"indeterminate_threshold": "0.5"}``)
+    to those recorded from the model artifact. The same inputs always give the same document.
+    """
+    check_one_study(images)
+    observer = hd.sr.ObserverContext(
+        observer_type=dcm_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=node.device_uid,
+            name=node.station_name or node.name,
+            manufacturer_name=node.manufacturer,
+            model_name=node.model_name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=[
+            _measurement_group(image, index, sop_instance_uid, algorithm_parameters_extra)
+            for index, image in enumerate(images)
+        ],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[header(image.source) for image in images],
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=node.institution_name or None,
+        contributing_equipment=[
+            algorithm_equipment(model, node, analysed_at) for model in distinct_models(images)
+        ],
+        coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
+    )
+    _stamp(sr, node, analysed_at)
+    LOGGER.debug("built SR with %d measurement groups", len(images))
+    return sr
+
+
+def algorithm_equipment(
+    model: ModelInfo, node: NodeIdentity, analysed_at: datetime
+) -> hd.ContributingEquipment:
+    """Contributing Equipment item naming the algorithm, purpose "Processing Algorithm" (IHE AIR).
+
+    highdicom only accepts the baseline codes of CID 7005, so the item is built as Processing Equipment and
+    its purpose replaced by the IHE code.
+    """
+    equipment = hd.ContributingEquipment(
+        manufacturer=node.manufacturer,
+        purpose_of_reference=dcm_codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        institution_name=node.institution_name or None,
+        station_name=node.station_name or None,
+        contribution_datetime=analysed_at,
+        contribution_description="Chest radiograph classification (decision support, not a diagnosis)",
+    )
+    equipment.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)]
+    return equipment
+
+
+def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetime) -> None:
+    """Attributes highdicom leaves to the caller: character set, times, series and equipment details."""
+    sr.SpecificCharacterSet = UTF8
+    for item in sr.ContributingEquipmentSequence:
+        # highdicom stamps its own item with the wall clock; the analysis time keeps rebuilds identical
+        item.ContributionDateTime = dicom_datetime(analysed_at)
+    sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.InstanceCreationDate = dicom_date(analysed_at)
+    sr.InstanceCreationTime = dicom_time(analysed_at)
+    sr.ContentDate = dicom_date(analysed_at)
+    sr.ContentTime = dicom_time(analysed_at)
+    sr.SeriesDate = dicom_date(analysed_at)
+    sr.SeriesTime = dicom_time(analysed_at)
+    sr.ManufacturerModelName = node.model_name
+    sr.SoftwareVersions = node.software_version
+    if node.station_name:
+        sr.StationName = node.station_name
+    offset = timezone_offset(analysed_at)
+    if offset is not None:
+        sr.TimezoneOffsetFromUTC = offset

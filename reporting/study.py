@@ -1,0 +1,101 @@
+"""Facts about the analysed study shared by every result object (one study per result)."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from pydicom import Dataset
+from pydicom.tag import Tag
+from pydicom.valuerep import DA, DT, TM
+
+from classifier.types import ModelInfo
+from reporting.errors import InconsistentStudyError
+from reporting.types import AnalysedImage
+
+UTF8 = "ISO_IR 192"  # Specific Character Set of every object we write: any patient name encodes
+
+# Type 2 attributes of the Patient and General Study modules: present in every result, empty when unknown.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_FIRST_BULK_GROUP = Tag(0x6000, 0x0000)  # overlays, pixel data and padding are never needed here
+
+
+def check_one_study(images: Sequence[AnalysedImage]) -> str:
+    """Study Instance UID shared by ``images``; results never mix studies."""
+    if not images:
+        raise InconsistentStudyError("no analysed images")
+    uids = {str(image.source.get("StudyInstanceUID", "")) for image in images}
+    if len(uids) != 1 or "" in uids:
+        raise InconsistentStudyError(f"analysed images span {len(uids)} studies or lack a Study Instance UID")
+    return uids.pop()
+
+
+def distinct_models(images: Sequence[AnalysedImage]) -> list[ModelInfo]:
+    """The models behind the results, each once, in order of first use."""
+    models: dict[tuple[str, str], ModelInfo] = {}
+    for image in images:
+        model = image.prediction.model
+        models.setdefault((model.name, model.version), model)
+    return list(models.values())
+
+
+def header(source: Dataset) -> Dataset:
+    """A copy of ``source`` without bulk data, with missing Type 2 patient/study attributes present but empty,
+    declared UTF-8.
+
+    Builders read identifiers from it without touching the caller's dataset or copying its pixels.
+    """
+    result = Dataset()
+    for element in source:
+        if element.tag < _FIRST_BULK_GROUP:
+            result.add(copy.deepcopy(element))
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in result:
+            setattr(result, keyword, None)
+    # values are already decoded text; whatever the source's encoding (e.g. ISO 2022 IR 87), ours is UTF-8
+    result.SpecificCharacterSet = UTF8
+    return result
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is a pure function of ``parts``.
+
+    Rebuilding a result (after a crash, for a re-send) must give the same object, so nothing inside it is
+    random: its own UIDs are passed in, and the UIDs it mints are derived from them.
+    """
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(parts)).int}"  # name-based UUID (PS3.5 B.2)
+
+
+def dicom_date(moment: datetime) -> DA:
+    return DA(moment.strftime("%Y%m%d"))
+
+
+def dicom_time(moment: datetime) -> TM:
+    return TM(moment.strftime("%H%M%S"))
+
+
+def dicom_datetime(moment: datetime) -> DT:
+    """Seconds precision, no offset (Timezone Offset From UTC carries it)."""
+    return DT(moment.strftime("%Y%m%d%H%M%S"))
+
+
+def timezone_offset(moment: datetime) -> str | None:
+    """``+HHMM`` for an aware datetime (Timezone Offset From UTC), ``None`` for a naive one."""
+    offset = moment.utcoffset()
+    if offset is None:
+        return None
+    minutes = int(offset.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"

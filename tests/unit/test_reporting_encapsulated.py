@@ -1,0 +1,125 @@
+"""Encapsulated PDF and heat-map Secondary Capture: filed in the source's study, identifiable, readable."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config
+from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
+
+from reporting.encapsulated import build_encapsulated_pdf
+from reporting.heatmap import colourise, overlay
+from reporting.pdf import build_pdf
+from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc
+from tests.unit.test_reporting_cases import (
+    ANALYSED_AT,
+    NODE,
+    analysed,
+    heatmap,
+    japanese_source,
+    preview,
+    sparse_source,
+    unicode_source,
+)
+
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")]
+
+
+def reread(ds: pydicom.Dataset) -> pydicom.Dataset:
+    buffer = io.BytesIO()
+    settings = config.settings
+    saved = settings.writing_validation_mode
+    settings.writing_validation_mode = config.RAISE
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    finally:
+        settings.writing_validation_mode = saved
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize(
+    "source_factory", [unicode_source, japanese_source, sparse_source], ids=["unicode", "iso2022", "sparse"]
+)
+def test_encapsulated_pdf_carries_the_pdf_in_the_source_study(source_factory: object) -> None:
+    source = source_factory()  # type: ignore[operator]
+    pdf = build_pdf([analysed(source)], NODE, analysed_at=ANALYSED_AT)
+    ds = reread(
+        build_encapsulated_pdf(
+            pdf,
+            source,
+            NODE,
+            series_instance_uid="1.2.826.0.1.3680043.8.498.2001",
+            sop_instance_uid="1.2.826.0.1.3680043.8.498.2002",
+            created_at=ANALYSED_AT,
+        )
+    )
+    assert ds.SOPClassUID == EncapsulatedPDFStorage
+    assert ds.file_meta.MediaStorageSOPClassUID == EncapsulatedPDFStorage
+    assert ds.StudyInstanceUID == source.StudyInstanceUID
+    assert ds.SeriesInstanceUID == "1.2.826.0.1.3680043.8.498.2001"
+    assert ds.SeriesNumber == 9002 and ds.Modality == "DOC"
+    assert str(ds.PatientName) == str(source.PatientName) and ds.PatientID == source.PatientID
+    assert ds.AccessionNumber == source.get("AccessionNumber", "")
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
+    assert ds.DocumentTitle.startswith("Chest X-ray AI analysis")
+    assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+    assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ds.VerificationFlag == "UNVERIFIED"
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_encapsulated_pdf_refuses_what_is_not_a_pdf() -> None:
+    with pytest.raises(ValueError):
+        build_encapsulated_pdf(
+            b"<html>", unicode_source(), NODE, series_instance_uid="1.2.3", sop_instance_uid="1.2.4"
+        )
+
+
+def test_heatmap_secondary_capture_is_marked_and_in_the_study() -> None:
+    image = analysed(unicode_source())
+    ds = reread(
+        build_heatmap_sc(
+            image,
+            NODE,
+            series_instance_uid="1.2.826.0.1.3680043.8.498.3001",
+            sop_instance_uid="1.2.826.0.1.3680043.8.498.3002",
+        )
+    )
+    assert ds.SOPClassUID == SecondaryCaptureImageStorage
+    assert ds.StudyInstanceUID == image.source.StudyInstanceUID and ds.SeriesNumber == 9003
+    assert str(ds.PatientName) == "Müller^Zoë"
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert "not for diagnosis" in ds.ImageComments and "not for diagnosis" in ds.DerivationDescription
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == image.source.SOPInstanceUID
+    assert list(ds.PatientOrientation) == ["L", "F"]
+    pixels = ds.pixel_array
+    assert image.preview is not None
+    assert pixels.shape[1] == image.preview.shape[1] and pixels.shape[0] > image.preview.shape[0]
+    band = pixels[: pixels.shape[0] - image.preview.shape[0]]
+    red = (band[..., 0] > 150) & (band[..., 1] < 80)
+    assert red.mean() > 0.6  # a red band ...
+    assert ((band[..., 0] > 240) & (band[..., 1] > 240)).any()  # ... with white text: NOT_FOR_DIAGNOSIS
+    assert NOT_FOR_DIAGNOSIS.startswith("AI HEAT MAP")
+
+
+def test_no_secondary_capture_without_heatmap() -> None:
+    with pytest.raises(NoHeatmapError):
+        build_heatmap_sc(
+            analysed(with_heatmap=False), NODE, series_instance_uid="1.2.3", sop_instance_uid="1.2.4"
+        )
+
+
+def test_overlay_colours_only_where_the_model_looked() -> None:
+    image = preview()
+    heat = heatmap((150, 150), centre=(0.65, 0.3))
+    result = overlay(image, heat).astype(int)
+    height, width = image.shape
+    hot = result[int(0.65 * height), int(0.3 * width)]
+    cold = result[int(0.1 * height), int(0.9 * width)]
+    assert hot[0] - hot[2] > 60  # red dominates at the blob's centre
+    assert abs(cold[0] - cold[2]) <= 2 and cold[0] == image[int(0.1 * height), int(0.9 * width)]
+    assert tuple(colourise(np.array([0.0, 1.0]))[1]) == (128, 0, 0)

@@ -1,0 +1,125 @@
+"""The PDF summary: what a reader finds in its text, page by page, for each kind of study."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pypdf
+import pytest
+
+from reporting.pdf import INTENDED_USE_HEADLINE, build_pdf, patient_name, percent
+from reporting.typeface import fallback_font_file
+from reporting.types import AnalysedImage
+from tests import peers
+from tests.unit.test_reporting_cases import (
+    ANALYSED_AT,
+    BINARY,
+    NODE,
+    analysed,
+    sparse_source,
+    three_image_study,
+    unicode_source,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def pages(images: list[AnalysedImage]) -> list[str]:
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf(images, NODE, analysed_at=ANALYSED_AT)))
+    return [page.extract_text() for page in reader.pages]
+
+
+def compact(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_single_image_page_shows_identity_result_confidences_model_and_intended_use() -> None:
+    (text,) = pages([analysed()])
+    text = compact(text)
+    for expected in (
+        "St. Elsewhere Hospital",
+        "CompressedSamples, RG1",  # patient name
+        "9RG1",  # patient ID
+        "1940-03-05",  # birth date
+        "exam Number",  # accession number
+        "2004-08-26",  # study date
+        "THORAX",  # study description
+        "COVID-19",
+        "Confidence 87.4 %",
+        "Normal",
+        "3.1 %",
+        "Pneumonia",
+        "9.5 %",
+        "sugandi-cnn",
+        "2026.11.21-ab12cd3",
+        "2026-11-22 09:41:07 UTC",
+        INTENDED_USE_HEADLINE,
+        "has not been reviewed by a physician",
+        "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457",  # the analysed instance
+    ):
+        assert expected in text, expected
+
+
+def test_unicode_patient_name_is_in_the_text() -> None:
+    (text,) = pages([analysed(unicode_source("Müller^Zoë"))])
+    assert "Müller, Zoë" in text
+
+
+def test_japanese_patient_name_is_in_the_text() -> None:
+    if fallback_font_file() is None:
+        peers.missing("no CJK TrueType font (Debian fonts-droid-fallback)")
+    (text,) = pages([analysed(unicode_source("Yamada^Tarou=山田^太郎=やまだ^たろう"))])
+    assert "Yamada, Tarou / 山田 太郎 / やまだ たろう" in compact(text)
+
+
+def test_missing_accession_and_birth_date_print_as_not_recorded() -> None:
+    (text,) = pages([analysed(sparse_source(), with_heatmap=False)])
+    assert "None" not in text
+    assert "No heat map was computed" in text
+    assert "accession —" in compact(text)
+
+
+def test_three_image_study_has_a_summary_and_a_page_per_image() -> None:
+    images = three_image_study()
+    texts = [compact(text) for text in pages(images)]
+    assert len(texts) == 4
+    summary = texts[0]
+    for expected in ("COVID-19", "87.4 %", "Pneumonia", "83.0 %", "Indeterminate", "41.0 % (COVID-19)"):
+        assert expected in summary
+    for number, (text, image) in enumerate(zip(texts[1:], images, strict=True), start=1):
+        assert f"Image {number} of 3" in text
+        assert image.source.SOPInstanceUID in text
+        assert f"Page {number + 1} of 4" in text
+        assert INTENDED_USE_HEADLINE in text and "9RG1" in text  # every page: intended use, patient
+    assert "Most likely COVID-19 at 41.0 %, below the confidence threshold" in texts[3]
+
+
+def test_binary_model_result() -> None:
+    (text,) = pages([analysed(probabilities={"covid": 0.12, "non-covid": 0.88}, model=BINARY)])
+    text = compact(text)
+    assert "No COVID-19 pattern" in text and "Confidence 88.0 %" in text and "12.0 %" in text
+    assert "resnet152-transfer" in text
+
+
+def test_rebuilding_gives_the_same_bytes() -> None:
+    images = [analysed()]
+    assert build_pdf(images, NODE, analysed_at=ANALYSED_AT) == build_pdf(
+        images, NODE, analysed_at=ANALYSED_AT
+    )
+
+
+def test_name_and_percent_formats() -> None:
+    source = unicode_source("Doe^John^Q^Dr.^Jr.")
+    assert patient_name(source) == "Dr. Doe, John Q Jr."
+    assert percent(0.8744) == "87.4 %"
+    assert percent(1.0) == "100.0 %"
+
+
+def test_markup_characters_in_names_are_printed_not_interpreted() -> None:
+    node = dataclasses.replace(NODE, name="Radiology <North> & South", institution_name="")
+    source = unicode_source("O'Brien & Sons^<Anna>")
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed(source)], node, analysed_at=ANALYSED_AT)))
+    text = compact(reader.pages[0].extract_text())
+    assert "O'Brien & Sons, <Anna>" in text
+    assert "Radiology <North> & South" in text

@@ -1,0 +1,215 @@
+"""The SR a PACS viewer shows: right study, right patient, the finding and probabilities that survive a
+write/read cycle under strict validation, and the same document when rebuilt."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom import config
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from reporting import codes
+from reporting.errors import InconsistentStudyError, UnknownLabelError
+from reporting.sr import build_sr
+from reporting.types import AnalysedImage
+from tests.unit.test_reporting_cases import (
+    ANALYSED_AT,
+    BINARY,
+    NODE,
+    analysed,
+    japanese_source,
+    radiograph,
+    sparse_source,
+    three_image_study,
+    unicode_source,
+)
+
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")]
+
+
+@pytest.fixture
+def strict() -> Iterator[None]:
+    """Writing and reading raise on invalid values, as highdicom's own tests do."""
+    settings = config.settings
+    saved = (settings.writing_validation_mode, settings.reading_validation_mode)
+    settings.writing_validation_mode = config.RAISE
+    settings.reading_validation_mode = config.RAISE
+    yield
+    settings.writing_validation_mode, settings.reading_validation_mode = saved
+
+
+def build(images: Sequence[AnalysedImage], sop_uid: str | None = None) -> hd.sr.Comprehensive3DSR:
+    return build_sr(
+        images,
+        NODE,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.1001",
+        sop_instance_uid=sop_uid or "1.2.826.0.1.3680043.8.498.1002",
+        analysed_at=ANALYSED_AT,
+    )
+
+
+def round_trip(sr: pydicom.Dataset) -> hd.sr.Comprehensive3DSR:
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    document = hd.sr.srread(io.BytesIO(buffer.getvalue()))
+    assert isinstance(document, hd.sr.Comprehensive3DSR)
+    return document
+
+
+def report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def text_values(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) -> list[str]:
+    return [item.TextValue for item in hd.sr.utils.find_content_items(group[0], name=name, recursive=True)]
+
+
+CASES = {
+    "rg1": lambda: [analysed()],
+    "unicode": lambda: [analysed(unicode_source())],
+    "japanese": lambda: [analysed(japanese_source())],
+    "sparse": lambda: [analysed(sparse_source())],
+    "three-images": three_image_study,
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_finding_and_probabilities_round_trip(case: str, strict: None) -> None:
+    images = CASES[case]()
+    sr = round_trip(build(images))
+    groups = report(sr).get_image_measurement_groups()
+    assert len(groups) == len(images)
+    for image, group in zip(images, groups, strict=True):
+        prediction = image.prediction
+        (evaluation,) = group.get_qualitative_evaluations()
+        assert evaluation.name == codes.IMAGING_FINDING
+        assert evaluation.value == codes.finding_for(prediction.label).code
+        measured = {m.name.meaning: m.value for m in group.get_measurements()}
+        expected = {
+            codes.finding_for(label).probability_code.meaning: probability
+            for label, probability in prediction.probabilities.items()
+        }
+        assert measured.keys() == expected.keys()
+        for meaning, probability in expected.items():
+            assert measured[meaning] == pytest.approx(probability, abs=1e-9)
+        assert all(m.unit == codes.PROBABILITY_UNIT for m in group.get_measurements())
+        assert group.source_images[0].referenced_sop_instance_uid == image.source.SOPInstanceUID
+        assert text_values(group, dcm_codes.DCM.AlgorithmName) == [prediction.model.name]
+        assert text_values(group, dcm_codes.DCM.AlgorithmVersion) == [prediction.model.version]
+        assert "input_size=150x150" in text_values(group, dcm_codes.DCM.AlgorithmParameters)
+    assert len({group.tracking_uid for group in groups}) == len(images)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_study_and_patient_new_series_truthful_flags(case: str, strict: None) -> None:
+    images = CASES[case]()
+    source = images[0].source
+    sr = round_trip(build(images))
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID not in {image.source.SeriesInstanceUID for image in images}
+    assert sr.Modality == "SR"
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == str(source.PatientName)
+    assert sr.PatientID == source.PatientID
+    assert sr.AccessionNumber == source.get("AccessionNumber", "")
+    assert sr.PatientBirthDate == source.get("PatientBirthDate", "")
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "COMPLETE",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20261122", "094107")
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {image.source.SOPInstanceUID for image in images}
+
+
+def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equipment() -> None:
+    sr = round_trip(build([analysed()]))
+    (observer,) = report(sr).get_observer_contexts()
+    assert observer.observer_type == dcm_codes.DCM.Device
+    device = observer.observer_identifying_attributes
+    assert isinstance(device, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert device.uid == NODE.device_uid
+    algorithm = [
+        item
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+    ]
+    assert len(algorithm) == 1
+    assert algorithm[0].PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    assert algorithm[0].ManufacturerModelName == "sugandi-cnn"
+    assert algorithm[0].SoftwareVersions == "2026.11.21-ab12cd3"
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LOCAL_SCHEME
+
+
+def test_binary_model_labels_are_coded() -> None:
+    negative = analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)
+    group = report(round_trip(build([negative]))).get_image_measurement_groups()[0]
+    assert group.get_qualitative_evaluations()[0].value == codes.NOT_COVID_19
+    positive = analysed(probabilities={"covid": 0.9, "non-covid": 0.1}, model=BINARY)
+    group = report(round_trip(build([positive]))).get_image_measurement_groups()[0]
+    assert group.get_qualitative_evaluations()[0].value == codes.COVID_19
+
+
+def test_rebuilding_gives_the_same_document() -> None:
+    """The pipeline may rebuild after a crash: same UIDs in, same bytes out (no random UIDs, no clock)."""
+
+    def encoded() -> bytes:
+        buffer = io.BytesIO()
+        build([analysed()]).save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert encoded() == encoded()
+
+
+def test_source_dataset_is_not_modified() -> None:
+    source = sparse_source()
+    before = pydicom.Dataset(source)
+    build([analysed(source)])
+    assert "AccessionNumber" not in source
+    assert source == before
+
+
+def test_refuses_images_of_different_studies() -> None:
+    other = radiograph()
+    other.StudyInstanceUID = str(generate_uid())
+    with pytest.raises(InconsistentStudyError):
+        build([analysed(), analysed(other)])
+    with pytest.raises(InconsistentStudyError):
+        build([])
+
+
+def test_refuses_a_class_it_cannot_code() -> None:
+    with pytest.raises(UnknownLabelError):
+        build([analysed(probabilities={"tuberculosis": 0.7, "normal": 0.3})])
+
+
+def test_each_image_names_the_model_that_classified_it() -> None:
+    """A study re-analysed after a model upgrade may mix versions; each group says which one it was."""
+    old, new = analysed(), analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)
+    new.source.SOPInstanceUID = str(generate_uid())
+    sr = round_trip(build([old, new]))
+    versions = [
+        text_values(group, dcm_codes.DCM.AlgorithmVersion)
+        for group in report(sr).get_image_measurement_groups()
+    ]
+    assert versions == [[old.prediction.model.version], [BINARY.version]]
+    algorithms = {
+        item.SoftwareVersions
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.PROCESSING_ALGORITHM.value
+    }
+    assert algorithms == {old.prediction.model.version, BINARY.version}
