@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="studies per second pushed (0: as fast as possible)")
     parser.add_argument("--settle", type=float, default=2.0, help="the node's settle time, seconds")
     parser.add_argument("--model", type=Path, help="model artifact (default: the shipped default model)")
-    parser.add_argument("--heatmap", action="store_true", help="compute Grad-CAM heat maps for the PDF")
+    parser.add_argument("--no-heatmap", dest="heatmap", action="store_false",
+                        help="skip Grad-CAM heat maps (the product default computes them for the PDF)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
 
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "lost": lost,
         "duplicated": duplicated,
         "target_p95_s": args.settle + 2.0,
+        "heatmap": args.heatmap,
         "model": str(model),
     }
     print(f"{'figure':<22}{'value':>12}")

@@ -63,10 +63,9 @@ from dicom_node.store.models import (
 )
 
 if TYPE_CHECKING:
-    from reporting.types import AnalysedImage, NodeIdentity
-
     from dicom_node.outbox import Outbox
     from dicom_node.settings import Settings
+    from reporting.types import AnalysedImage, NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
 
@@ -727,6 +726,7 @@ class Pipeline:
         after the rows are collected.
         """
         from classifier.preprocess import display_image
+
         from reporting.types import AnalysedImage
 
         rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
@@ -993,6 +993,9 @@ class NodeLike(Protocol):
     @property
     def scheduler(self) -> Any: ...
 
+    @property
+    def dicom_port(self) -> int: ...
+
 
 @dataclass
 class PipelineService:
@@ -1042,6 +1045,8 @@ def attach(
     retention = Retention(
         node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler
     )
+    metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
+    metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
     metrics.add_check("pipeline", lambda: pipeline.alive)
     server = None
     if settings.metrics.enabled:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_node.cli import main as cli_main
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.cli import main as cli_main
 from dicom_node.outbox import Outbox, backoff_seconds
 from dicom_node.pipeline import dataset_bytes, write_atomically
 from dicom_node.settings import OutboxSettings

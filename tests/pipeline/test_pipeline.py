@@ -14,17 +14,17 @@ from typing import Any
 
 import pydicom
 import pytest
+from dicom_node.ingest import ingest_bytes
+from dicom_node.store.files import FileStore
 from pydicom.uid import generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.ingest import ingest_bytes
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import session_scope
-from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
     Delivery,
