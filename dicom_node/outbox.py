@@ -304,6 +304,10 @@ class Outbox:
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc.strerror or exc}"
                 statuses = []
+            except Exception as exc:  # an unexpected failure is an attempt that failed, not a lost batch
+                error = f"unexpected {type(exc).__name__}"
+                LOGGER.error("destination %d: sending failed (%s)", destination.id, error, exc_info=False)
+                statuses = []
             else:
                 error = "no response"
             for index, item in enumerate(present):

@@ -23,6 +23,7 @@ import queue
 import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -345,8 +346,8 @@ class Pipeline:
                 self._busy += len(batch)
             try:
                 self.process(batch)
-            except Exception:
-                LOGGER.exception("pipeline cycle for studies %s failed", batch)
+            except Exception as exc:
+                LOGGER.error("pipeline cycle for studies %s failed (%s)\n%s", batch, type(exc).__name__, frames(exc))
             finally:
                 with self._idle:
                     self._busy -= len(batch)
@@ -878,7 +879,7 @@ class Pipeline:
         """A retriable error puts the job back (and retries later); others mark job and study FAILED."""
         retriable = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
-        LOGGER.error("study %d: processing failed (%s)", study_pk, summary, exc_info=not isinstance(exc, NodeError))
+        LOGGER.error("study %d: processing failed (%s)\n%s", study_pk, summary, frames(exc))
         try:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
@@ -937,6 +938,11 @@ def not_analysed_pdf(identity: NodeIdentity, *, reason: str, analysed_at: dateti
 # ---------------------------------------------------------------------------------------------
 # Reading stored instances
 # ---------------------------------------------------------------------------------------------
+
+
+def frames(exc: BaseException) -> str:
+    """Where an error happened, without its message: pydicom/highdicom messages may quote PHI."""
+    return "".join(traceback.format_tb(exc.__traceback__)).rstrip()
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
