@@ -375,6 +375,8 @@ class Pipeline:
                 self._fail(pk, exc)
             return
         for pk in claimed:
+            if self._stopping.is_set():
+                break  # shutting down: the rest stay RUNNING and resume at the next start
             try:
                 self._finish_study(pk, info, cycle)
             except Exception as exc:
