@@ -60,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     backup_port = peers.free_port()
     node = NodeProcess(
         root / "node",
-        model_path=model_for_tests(root / "model"),
+        model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"},
                  {"ae_title": MODALITY_AET, "host": "127.0.0.1"}],
         destinations=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},

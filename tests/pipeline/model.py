@@ -27,6 +27,8 @@ def tiny_model(root: Path) -> Path:
     """Train ``sugandi-cnn`` for one step on 12 generated images; returns the artifact folder."""
     from classifier.training import TrainingConfig, train
 
+    if (root / "model" / "model.json").is_file():
+        return root / "model"  # trained earlier in this test session
     data = root / "data"
     rng = np.random.default_rng(7)
     for index, label in enumerate(CLASSES):
@@ -50,5 +52,6 @@ def tiny_model(root: Path) -> Path:
 
 
 def model_for_tests(root: Path) -> Path:
-    """The default model when the project ships one, else a tiny trained one under ``root``."""
+    """The default model when the project ships one, else a tiny one trained once under ``root``
+    (pass the same folder from every fixture, e.g. under ``tmp_path_factory.getbasetemp()``)."""
     return default_model() or tiny_model(root)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
 from dicom_node.settings import OutboxSettings, Settings
-from dicom_node.store.db import session_scope
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import (
     AeRole,
     Delivery,
@@ -54,11 +54,21 @@ class Crash(BaseException):
     """Stands for kill -9: no handler in the pipeline catches it."""
 
 
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """SQLite only here: these tests are about the pipeline; the queries are also run on PostgreSQL in
+    the outbox, retention and metrics tests."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> ImageClassifier:
     from classifier.inference import Classifier
 
-    return Classifier.load(model_for_tests(tmp_path_factory.mktemp("model")))
+    return Classifier.load(model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"))
 
 
 @pytest.fixture
