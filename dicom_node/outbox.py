@@ -66,6 +66,18 @@ def run_scheduled(destination_pk: int) -> None:
     outbox.deliver_due(destination_pk)
 
 
+def wake(destination_pks: Iterable[int]) -> bool:
+    """Ask this process's running outbox to try these destinations now (e.g. after a console resend).
+
+    Returns False when no outbox runs in this process; the node's sweep then finds the work.
+    """
+    outbox = _active
+    if outbox is None:
+        return False
+    outbox.kick(destination_pks)
+    return True
+
+
 def run_sweep() -> None:
     """APScheduler entry point: deliver whatever is due for every destination."""
     outbox = _active
