@@ -477,7 +477,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("delivery_ids", nargs="*", type=int, metavar="DELIVERY_ID")
     parser.add_argument("--all-dead", action="store_true", help="every dead delivery")
     if not any(action.dest == "config" for action in parser._actions):
-        parser.add_argument("--config", default=None, help="settings file (default: $CXR_NODE_CONFIG)")
+        # SUPPRESS: a --config given before the subcommand is not overwritten by this default.
+        parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="YAML settings file (default: $CXR_NODE_CONFIG)")
     parser.set_defaults(func=_resend_command)
 
 
