@@ -484,16 +484,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _resend_command(args: argparse.Namespace) -> int:
+    from dicom_node.logconfig import configure_logging
     from dicom_node.settings import load_settings
-    from dicom_node.store.db import make_engine, make_session_factory
+    from dicom_node.store.db import make_engine, make_session_factory, upgrade
 
     try:
         settings = load_settings(getattr(args, "config", None))
     except NodeError as exc:
         _say(f"error: {exc}")
         return 2
+    configure_logging(settings.logging)
     engine = make_engine(settings.database_url)
     try:
+        upgrade(engine)
         factory = make_session_factory(engine)
         if not args.all_dead and not args.delivery_ids:
             with session_scope(factory) as session:
