@@ -101,6 +101,11 @@ class HealthReport:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
+# The metrics of the node running in this process (set by activate()), so that the web console's router
+# serves the live histogram and checks without the console having to be handed the object.
+_active: NodeMetrics | None = None
+
+
 class NodeMetrics:
     """The node's metrics registry and health checks (one per node, built by a factory)."""
 
@@ -117,6 +122,16 @@ class NodeMetrics:
             registry=self.registry,
         )
         self._checks: dict[str, Callable[[], bool]] = {"database": self._database_ok}
+
+    def activate(self) -> None:
+        """Become the metrics that :func:`metrics_router` serves in this process."""
+        global _active
+        _active = self
+
+    def deactivate(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
 
     def observe_delivery(self, kind: str, seconds: float) -> None:
         self.delivery_latency.labels(kind=kind).observe(max(0.0, seconds))
@@ -164,21 +179,36 @@ def metrics_wsgi_app(metrics: NodeMetrics) -> WsgiApp:
     return app
 
 
-def metrics_router(metrics: NodeMetrics) -> APIRouter:
-    """The same endpoints for the FastAPI console (mount without authentication, like a load balancer)."""
+def metrics_router(session_factory: sessionmaker[Session], metrics: NodeMetrics | None = None) -> APIRouter:
+    """``/healthz`` and ``/metrics`` for the FastAPI console (no login, like a load balancer's probe).
+
+    Serves ``metrics``, else the node running in this process (its live histogram and checks), else —
+    console without a node — the database counts alone.
+    """
     from fastapi import APIRouter, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    fallback: list[NodeMetrics] = []
+
+    def current() -> NodeMetrics:
+        if metrics is not None:
+            return metrics
+        if _active is not None:
+            return _active
+        if not fallback:
+            fallback.append(NodeMetrics(session_factory))
+        return fallback[0]
 
     router = APIRouter()
 
     @router.get("/healthz", include_in_schema=False)
     def healthz() -> Response:
-        report = metrics.health()
+        report = current().health()
         return Response(_health_body(report), status_code=200 if report.ok else 503, media_type="application/json")
 
     @router.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(current().registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

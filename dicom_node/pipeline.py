@@ -1016,6 +1016,7 @@ class PipelineService:
     metrics_server: Any = None  # dicom_node.metrics.MetricsServer | None
 
     def start(self) -> None:
+        self.metrics.activate()
         self.outbox.start()
         self.retention.start()
         self.pipeline.start()
@@ -1025,6 +1026,7 @@ class PipelineService:
     def stop(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.metrics.deactivate()
         self.pipeline.stop()
         self.retention.stop()
         self.outbox.stop()

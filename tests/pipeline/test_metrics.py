@@ -70,3 +70,26 @@ def test_healthz_reports_each_check_and_fails_when_one_fails(served: tuple[NodeM
     assert down.status_code == 503
     assert down.json()["checks"] == {"database": True, "pipeline": False}
     assert httpx.get(f"{url}/nothing").status_code == 404
+
+
+def test_the_console_router_serves_the_running_nodes_metrics(db: sessionmaker[Session]) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dicom_node.metrics import metrics_router
+
+    app = FastAPI()
+    app.include_router(metrics_router(db))
+    client = TestClient(app)
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {"database": True}}
+
+    node = NodeMetrics(db)
+    node.add_check("pipeline", lambda: False)
+    node.observe_delivery("pdf", 1.5)
+    node.activate()
+    try:
+        assert client.get("/healthz").status_code == 503
+        assert 'cxr_node_receipt_to_delivery_seconds_count{kind="pdf"} 1.0' in client.get("/metrics").text
+    finally:
+        node.deactivate()
+    assert client.get("/healthz").status_code == 200
