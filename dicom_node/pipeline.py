@@ -114,7 +114,7 @@ def node_identity(settings: Settings) -> NodeIdentity:
         manufacturer="cxr-node",
         model_name="CXR AI node",
         software_version=__version__,
-        device_uid=generate_uid(entropy_srcs=["cxr-node device", settings.dicom.ae_title, settings.node.name]),
+        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
         station_name=settings.dicom.ae_title,
     )
 
