@@ -18,6 +18,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,7 +64,7 @@ def run_scheduled(destination_pk: int) -> None:
     if outbox is None:
         LOGGER.warning("delivery wake-up for destination %d with no outbox running", destination_pk)
         return
-    outbox.deliver_due(destination_pk)
+    outbox.kick([destination_pk])
 
 
 def wake(destination_pks: Iterable[int]) -> bool:
@@ -134,6 +135,7 @@ class Outbox:
         tls: TlsSettings | None = None,
         scheduler: BaseScheduler | None = None,
         metrics: NodeMetrics | None = None,
+        workers: int = 2,
     ) -> None:
         self.session_factory = session_factory
         self.results_dir = results_dir
@@ -142,6 +144,8 @@ class Outbox:
         self.tls = tls
         self.scheduler = scheduler
         self.metrics = metrics
+        self.workers = workers
+        self._executor: ThreadPoolExecutor | None = None
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -188,36 +192,61 @@ class Outbox:
         self.kick(self._destinations_with_work())
 
     def stop(self) -> None:
+        """Stop taking work; batches being sent finish (their rows are leased, so nothing is lost)."""
         global _active
         if _active is self:
             _active = None
+        with self._locks_guard:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     # Scheduling -----------------------------------------------------------------------------
 
     def kick(self, destination_pks: Iterable[int], at: datetime | None = None) -> None:
-        """Wake the delivery of these destinations now (or at ``at``); synchronous without a scheduler."""
+        """Deliver to these destinations now (or wake up at ``at``).
+
+        Sending happens on the outbox's own threads, so a slow peer never holds the scheduler's workers
+        (which also fire the settle timers). Without a scheduler (CLI, tests) it is synchronous.
+        """
         for pk in dict.fromkeys(destination_pks):
             if self.scheduler is None:
                 self.deliver_due(pk)
-                continue
-            # A wake-up for now needs no persistence (the Delivery rows are the durable queue and start()
-            # resumes them); a later retry goes to the persistent store so a restart keeps its back-off.
-            self.scheduler.add_job(
-                run_scheduled,
-                "date",
-                run_date=at or utcnow(),
-                args=[pk],
-                id=f"outbox:destination:{pk}" if at is not None else f"outbox:now:{pk}",
-                jobstore=_persistent_store() if at is not None else _memory_store(),
-                replace_existing=True,
-                misfire_grace_time=None,
-                coalesce=True,
-                max_instances=1,
-            )
+            elif at is None:
+                self._submit(pk)
+            else:
+                # A later retry is a wake-up in the persistent store, so a restart keeps the back-off.
+                self.scheduler.add_job(
+                    run_scheduled,
+                    "date",
+                    run_date=at,
+                    args=[pk],
+                    id=f"outbox:destination:{pk}",
+                    jobstore=_persistent_store(),
+                    replace_existing=True,
+                    misfire_grace_time=None,
+                    coalesce=True,
+                    max_instances=1,
+                )
+
+    def _submit(self, destination_pk: int) -> None:
+        with self._locks_guard:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cxr-outbox")
+            executor = self._executor
+        try:
+            executor.submit(self._deliver_logged, destination_pk)
+        except RuntimeError:
+            LOGGER.info("outbox stopping: destination %d waits for the next start", destination_pk)
+
+    def _deliver_logged(self, destination_pk: int) -> None:
+        try:
+            self.deliver_due(destination_pk)
+        except Exception as exc:  # the rows stay due; the sweep retries
+            LOGGER.error("delivery to destination %d failed (%s)", destination_pk, type(exc).__name__)
 
     def sweep(self) -> None:
-        for pk in self._destinations_with_work(due_only=True):
-            self.deliver_due(pk)
+        self.kick(self._destinations_with_work(due_only=True))
 
     def _destinations_with_work(self, *, due_only: bool = False) -> list[int]:
         with session_scope(self.session_factory) as session:
