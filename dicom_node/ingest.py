@@ -21,6 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -102,15 +103,20 @@ class _Parsed:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword, "")
-    return ("" if value is None else str(value)).strip()[:limit]
+    """A display value, or "" when absent or undecodable (display fields never fail an ingest)."""
+    try:
+        value = ds.get(keyword, "")
+        return ("" if value is None else str(value)).strip()[:limit]
+    except (ValueError, TypeError, LookupError, UnicodeError):
+        LOGGER.warning("element %s could not be decoded; stored empty", keyword)
+        return ""
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
     try:
+        value = ds.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, LookupError):
         return None
 
 
@@ -156,35 +162,58 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         raise UndecodableDatasetError("pixel data shorter than the image it describes (truncated)")
 
 
+_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, zlib.error)
+
+
 def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
                    expect_sop_instance: str | None = None) -> Dataset:
     """Parse a Part 10 byte stream; map every parse failure to a named error (no PHI in messages)."""
     try:
         ds = dcmread(BytesIO(file_bytes), force=True)
-        _check_complete(ds, file_bytes)
-        # Convert every element now so that a corrupt value fails here, not later in the pipeline.
-        for _element in ds.iterall():
-            pass
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, zlib.error) as exc:
+        meta = getattr(ds, "file_meta", None)
+        deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        _check_complete(ds, len(file_bytes), file_bytes[-8:], check_end=not deflated)
+    except _PARSE_ERRORS as exc:
         raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
     except NotImplementedError as exc:
         raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
-    if len(ds) == 0:
-        raise UndecodableDatasetError("no data elements could be read")
+    _check_identity(ds, expect_sop_class, expect_sop_instance)
+    return ds
+
+
+def parse_network_dataset(dataset_bytes: bytes, *, transfer_syntax: str, sop_class_uid: str,
+                          sop_instance_uid: str) -> Dataset:
+    """Parse a C-STORE data set in its negotiated transfer syntax, without building a file first."""
+    syntax = UID(transfer_syntax)
+    if syntax == DeflatedExplicitVRLittleEndian or not syntax.is_transfer_syntax:
+        prefix = part10_prefix(sop_class_uid, sop_instance_uid, syntax)
+        return parse_instance(prefix + dataset_bytes, expect_sop_class=sop_class_uid,
+                              expect_sop_instance=sop_instance_uid)
+    try:
+        ds = read_dataset(BytesIO(dataset_bytes), syntax.is_implicit_VR, syntax.is_little_endian)
+        _check_complete(ds, len(dataset_bytes), dataset_bytes[-8:], check_end=True)
+    except _PARSE_ERRORS as exc:
+        raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+    except NotImplementedError as exc:
+        raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
+    _check_identity(ds, sop_class_uid, sop_instance_uid)
+    return ds
+
+
+def _check_identity(ds: Dataset, expect_sop_class: str | None, expect_sop_instance: str | None) -> None:
     sop_class = _require_uid(ds, "SOPClassUID")
     sop_instance = _require_uid(ds, "SOPInstanceUID")
     if expect_sop_class is not None and sop_class != expect_sop_class:
         raise InvalidDatasetError("SOP Class UID differs from the C-STORE request's")
     if expect_sop_instance is not None and sop_instance != expect_sop_instance:
         raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request's")
-    return ds
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DELIMITER = {True: b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", False: b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
 
 
-def _check_complete(ds: Dataset, file_bytes: bytes) -> None:
+def _check_complete(ds: Dataset, total_length: int, tail: bytes, *, check_end: bool) -> None:
     """Detect truncation, which pydicom tolerates silently (short values, a missing delimiter).
 
     Every top-level value must have its declared length, and the stream must end exactly where the
@@ -201,13 +230,12 @@ def _check_complete(ds: Dataset, file_bytes: bytes) -> None:
         last = element
     if last is None:
         raise UndecodableDatasetError("no data elements could be read")
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return  # offsets refer to the inflated stream; zlib reports truncation itself
+    if not check_end:
+        return  # deflated: offsets refer to the inflated stream; zlib reports truncation itself
     if last.length == _UNDEFINED_LENGTH:
-        if not file_bytes.endswith(_DELIMITER[last.is_little_endian]):
+        if tail != _DELIMITER[last.is_little_endian]:
             raise UndecodableDatasetError("dataset truncated before its final sequence delimiter")
-    elif last.value_tell + last.length != len(file_bytes):
+    elif last.value_tell + last.length != total_length:
         raise UndecodableDatasetError("dataset truncated between data elements")
 
 
@@ -265,9 +293,8 @@ class Ingestor:
             prefix = part10_prefix(sop_class_uid, sop_instance_uid, transfer_syntax)
         except ValueError as exc:
             raise InvalidDatasetError("C-STORE request carries invalid UIDs") from exc
-        ds = parse_instance(
-            prefix + dataset_bytes, expect_sop_class=sop_class_uid, expect_sop_instance=sop_instance_uid
-        )
+        ds = parse_network_dataset(dataset_bytes, transfer_syntax=transfer_syntax,
+                                   sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
         return self._ingest(ds, [prefix, dataset_bytes], UID(transfer_syntax), calling_ae, "dimse")
 
     def ingest_bytes(self, data: bytes, *, calling_ae: str, source: str) -> IngestResult:

@@ -14,9 +14,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_node.errors import StorageError
 
@@ -77,9 +79,12 @@ class FileStore:
         """Write ``chunks`` atomically to ``relative_path`` (replacing an existing file) and hash them."""
         target = self.path(relative_path)
         chunk_list = list(chunks)
-        self.check_free_space(sum(len(c) for c in chunk_list))
+        size = sum(len(c) for c in chunk_list)
+        self.check_free_space(size)
+        # Hash on another thread while this one writes: both release the GIL on large buffers.
         digest = hashlib.sha256()
-        size = 0
+        hasher = threading.Thread(target=_hash_into, args=(digest, chunk_list), name="sha256")
+        hasher.start()
         temp_name: str | None = None
         try:
             created = self._make_dirs(target.parent)
@@ -87,8 +92,6 @@ class FileStore:
             with os.fdopen(fd, "wb") as handle:
                 for chunk in chunk_list:
                     handle.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
@@ -101,6 +104,7 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
         finally:
+            hasher.join()
             if temp_name is not None:
                 _unlink_quietly(Path(temp_name))
         return StoredFile(relative_path, digest.hexdigest(), size)
@@ -135,6 +139,11 @@ class FileStore:
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
         return missing
+
+
+def _hash_into(digest: Any, chunks: list[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
 
 
 def _fsync_dir(directory: Path) -> None:
