@@ -50,7 +50,7 @@ def _associate(
     ae.connection_timeout = timeout
     ae.maximum_pdu_size = max_pdu
     ae.requested_contexts = contexts
-    tls_args = (tls, "") if tls is not None else None
+    tls_args = (tls, host) if tls is not None else None
     assoc = ae.associate(
         host, port, ae_title=called_aet, tls_args=tls_args,
         evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
@@ -111,27 +111,23 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 def contexts_for(datasets: Sequence[Dataset]) -> list[PresentationContext]:
-    """One context per SOP class, offering each object's own transfer syntax (plus the uncompressed pair)."""
-    needed: dict[str, list[str]] = {}
+    """Contexts the objects need: each (SOP class, own transfer syntax) exactly, so nothing is re-encoded,
+    plus one uncompressed fallback per SOP class with uncompressed objects (a peer may refuse e.g.
+    deflated). Compressed objects get no fallback: converting them would mean decoding.
+    """
+    exact: dict[tuple[str, str], None] = {}
+    fallback: dict[str, None] = {}
     for ds in datasets:
         sop_class = str(ds.get("SOPClassUID", ""))
         if not sop_class:
             raise InvalidDatasetError("an object to send has no SOP Class UID")
-        syntaxes = needed.setdefault(sop_class, [])
         own = _transfer_syntax(ds)
-        wanted = [own] if own.is_compressed else [own, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        for uid in wanted:
-            if uid not in syntaxes:
-                syntaxes.append(uid)
-    contexts: list[PresentationContext] = []
-    for sop_class, syntaxes in needed.items():
-        compressed = [ts for ts in syntaxes if UID(ts).is_compressed]
-        uncompressed = [ts for ts in syntaxes if not UID(ts).is_compressed]
-        # A compressed syntax gets its own context so a peer refusing it still accepts the others.
-        for ts in compressed:
-            contexts.append(build_context(sop_class, [ts]))
-        if uncompressed:
-            contexts.append(build_context(sop_class, uncompressed))
+        exact[(sop_class, own)] = None
+        if not own.is_compressed:
+            fallback[sop_class] = None
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in exact]
+    contexts += [build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+                 for sop_class in fallback]
     if len(contexts) > MAX_CONTEXTS:
         raise InvalidDatasetError(f"objects need {len(contexts)} presentation contexts; at most 128 fit")
     return contexts

@@ -25,7 +25,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout and enforced foreign keys."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    # hide_parameters: bound values (patient names, IDs) never reach logs or exception texts.
+    kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
