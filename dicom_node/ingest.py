@@ -171,8 +171,11 @@ def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
     try:
         ds = dcmread(BytesIO(file_bytes), force=True)
         meta = getattr(ds, "file_meta", None)
-        deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+        deflated = syntax == DeflatedExplicitVRLittleEndian
         _check_complete(ds, len(file_bytes), file_bytes[-8:], check_end=not deflated)
+        if syntax.is_transfer_syntax:
+            _check_encoding(ds, syntax)
     except _PARSE_ERRORS as exc:
         raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
     except NotImplementedError as exc:
@@ -192,6 +195,7 @@ def parse_network_dataset(dataset_bytes: bytes, *, transfer_syntax: str, sop_cla
     try:
         ds = read_dataset(BytesIO(dataset_bytes), syntax.is_implicit_VR, syntax.is_little_endian)
         _check_complete(ds, len(dataset_bytes), dataset_bytes[-8:], check_end=True)
+        _check_encoding(ds, syntax)
     except _PARSE_ERRORS as exc:
         raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
     except NotImplementedError as exc:
@@ -237,6 +241,17 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes, *, check_end: b
             raise UndecodableDatasetError("dataset truncated before its final sequence delimiter")
     elif last.value_tell + last.length != total_length:
         raise UndecodableDatasetError("dataset truncated between data elements")
+
+
+def _check_encoding(ds: Dataset, syntax: UID) -> None:
+    """The bytes must be in the transfer syntax they claim; pydicom silently switches VR mode otherwise,
+    and the file would then be stored under a transfer syntax other tools cannot read it with."""
+    for tag in ds.keys():
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            if element.is_implicit_VR != syntax.is_implicit_VR:
+                raise UndecodableDatasetError("data set encoding does not match its transfer syntax")
+            return
 
 
 def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:

@@ -58,9 +58,8 @@ def _associate(
     if not assoc.is_established:
         if assoc.is_rejected:
             raise AssociationError(f"association rejected by {called_aet} at {host}:{port}")
-        if assoc.is_aborted:
-            raise AssociationError(f"association aborted by {called_aet} at {host}:{port}")
-        raise AssociationError(f"no association with {called_aet} at {host}:{port} (unreachable or timed out)")
+        raise AssociationError(
+            f"no association with {called_aet} at {host}:{port} (unreachable, aborted or timed out)")
     return assoc
 
 
