@@ -36,7 +36,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,7 +48,7 @@ from dicom_node.errors import (
     UnsupportedSopClassError,
 )
 from dicom_node.store.files import FileStore, StoredFile, instance_path
-from dicom_node.store.models import Instance, Patient, Series, Study, StudyState, utcnow
+from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
 
 LOGGER = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (
 IMPLEMENTATION_VERSION_NAME = f"CXRNODE_{__version__}"[:16]
 _RETRIES_ON_CONFLICT = 3
 _LOCK_STRIPES = 64
+_PARENT_CACHE_SIZE = 256
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -289,6 +290,9 @@ class Ingestor:
         self.on_stored = on_stored
         self.accepted_sop_classes = frozenset(accepted_sop_classes)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # series uid -> (study pk, series pk) of recently stored series
+        self._parents: dict[str, tuple[int, int]] = {}
+        self._parents_lock = threading.Lock()
 
     # Entry points ------------------------------------------------------------------------------
 
@@ -371,10 +375,10 @@ class Ingestor:
     def _find_existing(self, sop_instance: str) -> IngestResult | None:
         try:
             with self.session_factory() as session:
-                row = session.execute(
-                    select(Instance.id, Instance.size_bytes, Series.study_pk)
-                    .join(Series, Instance.series_pk == Series.id)
-                    .where(Instance.sop_instance_uid == sop_instance)
+                row = session.connection().execute(
+                    select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk)
+                    .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
+                    .where(_INSTANCE.c.sop_instance_uid == sop_instance)
                 ).first()
         except DBAPIError as exc:
             raise DatabaseUnavailableError("database unavailable") from exc
@@ -383,40 +387,81 @@ class Ingestor:
         return IngestResult(instance_pk=row[0], study_pk=row[2], duplicate=True, size_bytes=row[1])
 
     def _record(self, parsed: _Parsed, stored: StoredFile, calling_ae: str, source: str) -> IngestResult:
-        """Upsert patient/study/series and insert the instance in one transaction; retry on races."""
+        """Upsert patient/study/series and insert the instance in one transaction; retry on races.
+
+        Core statements, not ORM flushes: this runs once per received image and the ORM's unit of work
+        cost more CPU than the file write. The series -> (study, series) ids of recent series are
+        cached, so an instance of a known series costs one UPDATE and one INSERT.
+        """
         for attempt in range(1, _RETRIES_ON_CONFLICT + 1):
+            cached = self._parents.get(parsed.series_uid) if attempt == 1 else None
             try:
                 with self.session_factory() as session, session.begin():
-                    return _insert_rows(session, parsed, stored, calling_ae, source)
+                    conn = session.connection()
+                    parents = _touch_parents(conn, parsed, cached)
+                    if parents is None:  # a cached row disappeared: do the full upsert
+                        parents = _upsert_parents(conn, parsed, calling_ae)
+                    instance_pk = _insert_instance(conn, parsed, stored, parents[1], calling_ae, source)
+                self._remember(parsed.series_uid, parents)
+                return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
+                                    size_bytes=stored.size_bytes)
             except IntegrityError as exc:
                 # Another association created the same study/series (or instance) meanwhile.
+                with self._parents_lock:
+                    self._parents.pop(parsed.series_uid, None)
                 existing = self._find_existing(parsed.sop_instance_uid)
                 if existing is not None:
                     return existing
                 if attempt == _RETRIES_ON_CONFLICT:
                     raise DatabaseUnavailableError("database kept refusing the instance rows") from exc
             except DBAPIError as exc:
+                with self._parents_lock:
+                    self._parents.pop(parsed.series_uid, None)
                 raise DatabaseUnavailableError(f"database unavailable ({type(exc.orig).__name__})") from exc
             except SQLAlchemyError as exc:
                 raise DatabaseUnavailableError(f"database error ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")
+
+    def _remember(self, series_uid: str, parents: tuple[int, int]) -> None:
+        with self._parents_lock:
+            self._parents[series_uid] = parents
+            while len(self._parents) > _PARENT_CACHE_SIZE:
+                self._parents.pop(next(iter(self._parents)), None)
 
 
 def _has_preamble(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _insert_rows(
-    session: Session, parsed: _Parsed, stored: StoredFile, calling_ae: str, source: str
-) -> IngestResult:
+_PATIENT = Patient.__table__
+_STUDY = Study.__table__
+_SERIES = Series.__table__
+_INSTANCE = Instance.__table__
+
+
+def _touch_parents(conn: Connection, parsed: _Parsed,
+                   cached: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Known series: bump the study's last_received_at; None if the cached study row is gone."""
+    if cached is None:
+        return None
+    updated = conn.execute(
+        update(_STUDY).where(_STUDY.c.id == cached[0], _STUDY.c.study_instance_uid == parsed.study_uid)
+        .values(last_received_at=utcnow())
+    )
+    return cached if updated.rowcount == 1 else None
+
+
+def _upsert_parents(conn: Connection, parsed: _Parsed, calling_ae: str) -> tuple[int, int]:
     ds = parsed.ds
     now = utcnow()
-    patient = _upsert_patient(session, ds)
-    study = session.scalar(select(Study).where(Study.study_instance_uid == parsed.study_uid))
-    if study is None:
-        study = Study(
+    study_pk = conn.execute(
+        select(_STUDY.c.id).where(_STUDY.c.study_instance_uid == parsed.study_uid)
+    ).scalar()
+    if study_pk is None:
+        patient_pk = _upsert_patient(conn, ds)
+        study_pk = conn.execute(insert(_STUDY).values(
             study_instance_uid=parsed.study_uid,
-            patient_pk=patient.id,
+            patient_pk=patient_pk,
             accession_number=_text(ds, "AccessionNumber", 16),
             study_date=_text(ds, "StudyDate", 8),
             study_time=_text(ds, "StudyTime", 16),
@@ -426,28 +471,32 @@ def _insert_rows(
             state=StudyState.RECEIVED,
             first_received_at=now,
             last_received_at=now,
-        )
-        session.add(study)
-        session.flush()
+        )).inserted_primary_key[0]
     else:
-        study.last_received_at = now
-    series = session.scalar(select(Series).where(Series.series_instance_uid == parsed.series_uid))
-    if series is None:
-        series = Series(
+        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(last_received_at=now))
+    series_pk = conn.execute(
+        select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == parsed.series_uid)
+    ).scalar()
+    if series_pk is None:
+        series_pk = conn.execute(insert(_SERIES).values(
             series_instance_uid=parsed.series_uid,
-            study_pk=study.id,
+            study_pk=study_pk,
             modality=_text(ds, "Modality", 16),
             series_number=_integer(ds, "SeriesNumber"),
             body_part_examined=_text(ds, "BodyPartExamined", 16),
             series_description=_text(ds, "SeriesDescription", 64),
-        )
-        session.add(series)
-        session.flush()
+        )).inserted_primary_key[0]
+    return int(study_pk), int(series_pk)
+
+
+def _insert_instance(conn: Connection, parsed: _Parsed, stored: StoredFile, series_pk: int,
+                     calling_ae: str, source: str) -> int:
+    ds = parsed.ds
     laterality = _text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16)
-    instance = Instance(
+    return int(conn.execute(insert(_INSTANCE).values(
         sop_instance_uid=parsed.sop_instance_uid,
         sop_class_uid=parsed.sop_class_uid,
-        series_pk=series.id,
+        series_pk=series_pk,
         instance_number=_integer(ds, "InstanceNumber"),
         transfer_syntax_uid=str(parsed.transfer_syntax),
         view_position=_text(ds, "ViewPosition", 16),
@@ -459,35 +508,32 @@ def _insert_rows(
         size_bytes=stored.size_bytes,
         calling_ae=calling_ae[:16],
         source=source[:16],
-        received_at=now,
-    )
-    session.add(instance)
-    session.flush()
-    return IngestResult(instance_pk=instance.id, study_pk=study.id, duplicate=False,
-                        size_bytes=stored.size_bytes)
+        received_at=utcnow(),
+        state=InstanceState.RECEIVED,
+    )).inserted_primary_key[0])
 
 
-def _upsert_patient(session: Session, ds: Dataset) -> Patient:
+def _upsert_patient(conn: Connection, ds: Dataset) -> int:
     patient_id = _text(ds, "PatientID", 64)
     issuer = _text(ds, "IssuerOfPatientID", 64)
-    patient = session.scalar(
-        select(Patient).where(Patient.patient_id == patient_id, Patient.issuer_of_patient_id == issuer)
-    )
     fields: dict[str, Any] = {
         "name": _text(ds, "PatientName", 324),
         "birth_date": _text(ds, "PatientBirthDate", 8),
         "sex": _text(ds, "PatientSex", 16),
     }
-    if patient is None:
-        patient = Patient(patient_id=patient_id, issuer_of_patient_id=issuer, **fields)
-        session.add(patient)
-        session.flush()
-    else:
-        # Keep what we knew; fill what was missing (a later image may carry more demographics).
-        for key, value in fields.items():
-            if value and not getattr(patient, key):
-                setattr(patient, key, value)
-    return patient
+    row = conn.execute(
+        select(_PATIENT.c.id, _PATIENT.c.name, _PATIENT.c.birth_date, _PATIENT.c.sex)
+        .where(_PATIENT.c.patient_id == patient_id, _PATIENT.c.issuer_of_patient_id == issuer)
+    ).first()
+    if row is None:
+        return int(conn.execute(insert(_PATIENT).values(
+            patient_id=patient_id, issuer_of_patient_id=issuer, **fields)).inserted_primary_key[0])
+    # Keep what we knew; fill what was missing (a later image may carry more demographics).
+    known = {"name": row.name, "birth_date": row.birth_date, "sex": row.sex}
+    missing = {key: value for key, value in fields.items() if value and not known[key]}
+    if missing:
+        conn.execute(update(_PATIENT).where(_PATIENT.c.id == row.id).values(**missing))
+    return int(row.id)
 
 
 def ingest_bytes(

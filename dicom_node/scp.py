@@ -14,13 +14,14 @@ import socket
 import ssl
 import threading
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
@@ -51,6 +52,37 @@ def set_nodelay(sock: socket.socket | ssl.SSLSocket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
         LOGGER.debug("TCP_NODELAY not set: %s", exc.strerror)
+
+
+def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """Read ``nr_bytes`` into one buffer.
+
+    Replaces pynetdicom's ``AssociationSocket.recv``, which reads in 4 KiB slices and extends a
+    bytearray each time: ~1800 Python-level calls per 7 MB radiograph instead of ~60 here.
+    Same contract: returns fewer bytes only when the peer closed the connection.
+    """
+    sock = self.socket
+    assert sock is not None
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    received = 0
+    try:
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                return buffer[:received]
+            received += count
+    finally:
+        view.release()
+    return buffer
+
+
+def tune_socket(assoc_socket: AssociationSocket | None) -> None:
+    """Per-connection tuning: TCP_NODELAY and whole-PDU reads."""
+    if assoc_socket is None:
+        return
+    set_nodelay(assoc_socket.socket)
+    assoc_socket.recv = types.MethodType(_recv_exact, assoc_socket)  # type: ignore[method-assign]
 
 
 def configure_pynetdicom() -> None:
@@ -137,7 +169,7 @@ class StorageScp:
     # Event handlers ---------------------------------------------------------------------------
 
     def _on_connection_open(self, event: Event) -> None:
-        set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+        tune_socket(event.assoc.dul.socket)
 
     def _on_association_requested(self, event: Event) -> None:
         """Default deny: reject unless the calling AE is an enabled caller from an allowed host."""

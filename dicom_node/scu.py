@@ -17,7 +17,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.errors import AssociationError, InvalidDatasetError
-from dicom_node.scp import configure_pynetdicom, set_nodelay
+from dicom_node.scp import configure_pynetdicom, tune_socket
 from dicom_node.statuses import Status
 
 LOGGER = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ DEFAULT_MAX_PDU = 131072
 
 
 def _on_connection_open(event: Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+    tune_socket(event.assoc.dul.socket)
 
 
 def _associate(
