@@ -151,8 +151,8 @@ def seed_aes(session_factory: sessionmaker[Session], settings: Settings) -> None
 def _start_web(settings: Settings, session_factory: sessionmaker[Session]) -> _WebServer | None:
     """Start the console if its package is installed (the node runs without it)."""
     try:
-        from dicom_node.web import create_app  # type: ignore[attr-defined]
-        from dicom_node.web.server import WebServer  # type: ignore[import-not-found]
+        from dicom_node.web import create_app
+        from dicom_node.web.server import WebServer
     except ImportError as exc:
         LOGGER.warning("web console not available (%s); running without it", exc.name or "import failed")
         return None

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
@@ -23,7 +23,7 @@ from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -36,7 +36,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, CursorResult, Table, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -433,10 +433,17 @@ def _has_preamble(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-_PATIENT = Patient.__table__
-_STUDY = Study.__table__
-_SERIES = Series.__table__
-_INSTANCE = Instance.__table__
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise DatabaseUnavailableError("database returned no primary key")
+    return int(key[0])
 
 
 def _touch_parents(conn: Connection, parsed: _Parsed,
@@ -459,7 +466,7 @@ def _upsert_parents(conn: Connection, parsed: _Parsed, calling_ae: str) -> tuple
     ).scalar()
     if study_pk is None:
         patient_pk = _upsert_patient(conn, ds)
-        study_pk = conn.execute(insert(_STUDY).values(
+        study_pk = _new_id(conn.execute(insert(_STUDY).values(
             study_instance_uid=parsed.study_uid,
             patient_pk=patient_pk,
             accession_number=_text(ds, "AccessionNumber", 16),
@@ -471,21 +478,21 @@ def _upsert_parents(conn: Connection, parsed: _Parsed, calling_ae: str) -> tuple
             state=StudyState.RECEIVED,
             first_received_at=now,
             last_received_at=now,
-        )).inserted_primary_key[0]
+        )))
     else:
         conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(last_received_at=now))
     series_pk = conn.execute(
         select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == parsed.series_uid)
     ).scalar()
     if series_pk is None:
-        series_pk = conn.execute(insert(_SERIES).values(
+        series_pk = _new_id(conn.execute(insert(_SERIES).values(
             series_instance_uid=parsed.series_uid,
             study_pk=study_pk,
             modality=_text(ds, "Modality", 16),
             series_number=_integer(ds, "SeriesNumber"),
             body_part_examined=_text(ds, "BodyPartExamined", 16),
             series_description=_text(ds, "SeriesDescription", 64),
-        )).inserted_primary_key[0]
+        )))
     return int(study_pk), int(series_pk)
 
 
@@ -493,7 +500,7 @@ def _insert_instance(conn: Connection, parsed: _Parsed, stored: StoredFile, seri
                      calling_ae: str, source: str) -> int:
     ds = parsed.ds
     laterality = _text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16)
-    return int(conn.execute(insert(_INSTANCE).values(
+    return _new_id(conn.execute(insert(_INSTANCE).values(
         sop_instance_uid=parsed.sop_instance_uid,
         sop_class_uid=parsed.sop_class_uid,
         series_pk=series_pk,
@@ -510,7 +517,7 @@ def _insert_instance(conn: Connection, parsed: _Parsed, stored: StoredFile, seri
         source=source[:16],
         received_at=utcnow(),
         state=InstanceState.RECEIVED,
-    )).inserted_primary_key[0])
+    )))
 
 
 def _upsert_patient(conn: Connection, ds: Dataset) -> int:
@@ -526,8 +533,8 @@ def _upsert_patient(conn: Connection, ds: Dataset) -> int:
         .where(_PATIENT.c.patient_id == patient_id, _PATIENT.c.issuer_of_patient_id == issuer)
     ).first()
     if row is None:
-        return int(conn.execute(insert(_PATIENT).values(
-            patient_id=patient_id, issuer_of_patient_id=issuer, **fields)).inserted_primary_key[0])
+        return _new_id(conn.execute(insert(_PATIENT).values(
+            patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
     # Keep what we knew; fill what was missing (a later image may carry more demographics).
     known = {"name": row.name, "birth_date": row.birth_date, "sex": row.sex}
     missing = {key: value for key, value in fields.items() if value and not known[key]}

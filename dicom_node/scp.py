@@ -16,9 +16,10 @@ import threading
 import traceback
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
@@ -200,7 +201,7 @@ class StorageScp:
     def _on_store(self, event: Event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            request = event.request
+            request = cast(C_STORE, event.request)
             stream = request.DataSet
             data = stream.getvalue() if stream is not None else b""
             result = self.ingestor.ingest_network(

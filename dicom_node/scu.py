@@ -11,7 +11,8 @@ from typing import Any
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association, evt
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
