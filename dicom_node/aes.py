@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -10,6 +12,8 @@ from sqlalchemy.orm import Session
 from dicom_node import audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.store.models import AeRole, RemoteAe
+
+LOGGER = logging.getLogger(__name__)
 
 
 class InvalidAeError(NodeError):
@@ -151,8 +155,23 @@ def _describe_spec(session: Session, spec: AeSpec) -> dict[str, object]:
 
 
 def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:
-    """Default deny: the calling AE must be an enabled caller, bound to ``peer_host`` if a host is set."""
+    """Default deny: the calling AE must be an enabled caller, bound to ``peer_host`` if a host is set.
+
+    A configured host may be a name: it matches when one of its addresses is the peer's address.
+    """
     ae = find(session, calling_ae, AeRole.CALLER)
     if ae is None or not ae.enabled:
         return False
-    return ae.host is None or ae.host == peer_host
+    return ae.host is None or host_matches(ae.host, peer_host)
+
+
+def host_matches(configured: str, peer_address: str) -> bool:
+    """Whether ``peer_address`` (an IP) is ``configured`` (an IP or a resolvable host name)."""
+    if configured == peer_address:
+        return True
+    try:
+        infos = socket.getaddrinfo(configured, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        LOGGER.warning("caller host %r does not resolve; association refused", configured)
+        return False
+    return any(info[4][0] == peer_address for info in infos)

@@ -31,6 +31,12 @@ class InvalidDatasetError(NodeError):
     status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
 
+class UnsupportedSopClassError(InvalidDatasetError):
+    """The node does not store this SOP class (the SCP refuses its presentation context already)."""
+
+    status = Status.SOP_CLASS_NOT_SUPPORTED
+
+
 class OutOfResourcesError(NodeError):
     """Disk full, database down or similar: the sender may try again later."""
 

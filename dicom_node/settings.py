@@ -203,6 +203,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise ConfigurationError(f"configuration file not found: {path}")
     bound = type("FileSettings", (Settings,), {"yaml_path": path, "__module__": __name__})
     try:
-        return bound(**overrides)
+        settings: Settings = bound(**overrides)
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise ConfigurationError(f"invalid settings: {exc}") from exc
+    return settings

@@ -25,7 +25,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout and enforced foreign keys."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    # hide_parameters: bound values (patient names, IDs) never reach logs or exception texts.
+    kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -35,16 +36,30 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is turned off so that "begin" below is the only BEGIN.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL: a commit is on disk before the node answers success (NORMAL may lose it on power loss).
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    """Take SQLite's write lock at BEGIN.
+
+    A deferred transaction that reads and then writes fails at once with "database is locked"
+    (SQLITE_BUSY_SNAPSHOT, the busy timeout does not apply) when another connection committed in
+    between — exactly what concurrent associations do. BEGIN IMMEDIATE waits for the lock instead.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

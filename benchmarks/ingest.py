@@ -1,0 +1,286 @@
+"""Ingest throughput: the node vs DCMTK storescp vs Orthanc, same corpus, same run.
+
+A corpus of N copies of the real CR chest radiograph RG1 (pydicom-data) with fresh UIDs, uncompressed
+(7.2 MB) and JPEG 2000 lossless (4.3 MB), is sent by DCMTK ``storescu`` with 1 and with 4 parallel senders
+to each receiver, each starting empty:
+
+- the node (``cxr-node serve`` as the README runs it; fsync and database commit on, SQLite default);
+- DCMTK ``storescp --fork`` (writes files, no database, no fsync);
+- Orthanc (Debian package, SQLite index, own temporary configuration on free ports).
+
+DCMTK and Orthanc run with ``TCP_NODELAY=1`` (DCMTK 3.6.7 otherwise keeps Nagle's algorithm and loses
+~90 ms per instance). Prints a table and, as the last line, a JSON object with the figures.
+
+    python benchmarks/ingest.py [--count 40] [--senders 1 4] [--kinds uncompressed j2k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from tests.node_process import NODE_AET, start_node  # noqa: E402
+
+SOURCES = {"uncompressed": "RG1_UNCI.dcm", "j2k": "RG1_J2KR.dcm"}
+CALLING_AET = "STORESCU"
+PER_STUDY = 10  # instances per study in the corpus
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def peer_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def make_corpus(kind: str, count: int, directory: Path) -> list[Path]:
+    """``count`` copies of RG1 with fresh study/series/instance UIDs (``PER_STUDY`` per study)."""
+    source = get_testdata_file(SOURCES[kind], download=False)
+    if source is None:
+        sys.exit("pydicom-data is not installed (pip install pydicom-data)")
+    ds = dcmread(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        if index % PER_STUDY == 0:
+            ds.StudyInstanceUID = generate_uid()
+            ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index % PER_STUDY + 1
+        path = directory / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(paths: list[Path], port: int, called_aet: str, kind: str, senders: int) -> tuple[float, int]:
+    """Run ``senders`` storescu processes over disjoint parts of the corpus; wall time and failures."""
+    storescu = shutil.which("storescu") or sys.exit("storescu not installed (Debian package dcmtk)")
+    syntax = ["-xv"] if kind == "j2k" else []
+    parts = [paths[i::senders] for i in range(senders)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [storescu, "-aet", CALLING_AET, "-aec", called_aet, *syntax, "127.0.0.1", str(port),
+             *map(str, part)],
+            env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for part in parts if part
+    ]
+    failures = 0
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        failures += err.count("Store Failed") + (1 if proc.returncode else 0)
+    return time.perf_counter() - start, failures
+
+
+# Receivers --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def node_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    node = start_node(
+        workdir / "node", port, settle_seconds=30.0,
+        extra_env={"CXR_NODE__DICOM__CALLERS": json.dumps([{"ae_title": CALLING_AET}]),
+                   "CXR_NODE__LOGGING__LEVEL": "WARNING"},
+    )
+
+    def count() -> int:
+        with sqlite3.connect(workdir / "node" / "cxr-node.sqlite3") as db:
+            return int(db.execute("select count(*) from instance").fetchone()[0])
+
+    try:
+        yield port, NODE_AET, count
+    finally:
+        node.stop()
+
+
+@contextmanager
+def storescp_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    storescp = shutil.which("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
+    out = workdir / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([storescp, "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, proc)
+    try:
+        yield port, "STORESCP", lambda: sum(1 for p in out.iterdir() if p.is_file())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@contextmanager
+def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    orthanc = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin") or sys.exit(
+        "Orthanc not installed (Debian package orthanc)")
+    root = workdir / "orthanc"
+    root.mkdir()
+    port, http_port = free_port(), free_port()
+    config = {
+        "Name": "bench", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "StorageCompression": False,
+        "Plugins": [], "DicomServerEnabled": True, "HttpServerEnabled": True, "SyncStorageArea": True,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([orthanc, str(root / "orthanc.json")], env=peer_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_port(port, proc)
+
+    def count() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as response:
+            return int(json.load(response)["CountInstances"])
+
+    try:
+        yield port, "ORTHANC", count
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"receiver exited with {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit(f"receiver did not listen on {port}")
+
+
+RECEIVERS = {"node": node_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver}
+
+
+@dataclass
+class Measurement:
+    kind: str
+    senders: int
+    receiver: str
+    count: int
+    seconds: float
+    stored: int
+    failures: int
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=40, help="instances per corpus (default 40)")
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--kinds", nargs="+", default=list(SOURCES), choices=list(SOURCES))
+    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=list(RECEIVERS))
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="cxr-ingest-bench-", dir=args.workdir))
+    results: list[Measurement] = []
+    try:
+        for kind in args.kinds:
+            corpus = make_corpus(kind, args.count, scratch / f"corpus-{kind}")
+            for senders in args.senders:
+                for receiver in args.receivers:
+                    workdir = scratch / f"{kind}-{senders}-{receiver}"
+                    workdir.mkdir()
+                    with RECEIVERS[receiver](workdir) as (port, aet, count):
+                        seconds, failures = send(corpus, port, aet, kind, senders)
+                        stored = count()
+                    results.append(Measurement(kind, senders, receiver, len(corpus), seconds, stored, failures))
+                    print(f"  {kind:<13}{senders} sender(s) -> {receiver:<9}{len(corpus) / seconds:7.1f}/s "
+                          f"({stored} stored, {failures} failed)", file=sys.stderr, flush=True)
+                    shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(scratch / f"corpus-{kind}", ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(table(results))
+    print(json.dumps(figures(results)))
+    return 0
+
+
+def _rate(results: list[Measurement], kind: str, senders: int, receiver: str) -> float | None:
+    for m in results:
+        if (m.kind, m.senders, m.receiver) == (kind, senders, receiver):
+            return m.per_second
+    return None
+
+
+def table(results: list[Measurement]) -> str:
+    rows = [f"{'corpus':<13}{'senders':>8}{'node/s':>9}{'storescp/s':>12}{'orthanc/s':>11}"
+            f"{'node/storescp':>15}{'node/orthanc':>14}{'stored':>8}{'failed':>8}"]
+    combos = sorted({(m.kind, m.senders) for m in results}, key=lambda c: (list(SOURCES).index(c[0]), c[1]))
+    for kind, senders in combos:
+        node, scp, orthanc = (_rate(results, kind, senders, r) for r in RECEIVERS)
+        stored = sum(m.stored for m in results if (m.kind, m.senders) == (kind, senders))
+        failed = sum(m.failures for m in results if (m.kind, m.senders) == (kind, senders))
+        rows.append(
+            f"{kind:<13}{senders:>8}{_fmt(node):>9}{_fmt(scp):>12}{_fmt(orthanc):>11}"
+            f"{_ratio(node, scp):>15}{_ratio(node, orthanc):>14}{stored:>8}{failed:>8}"
+        )
+    return "\n".join(rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def figures(results: list[Measurement]) -> dict[str, object]:
+    out: dict[str, object] = {"count": results[0].count if results else 0, "runs": []}
+    runs: list[dict[str, object]] = []
+    for m in results:
+        runs.append({"corpus": m.kind, "senders": m.senders, "receiver": m.receiver,
+                     "instances_per_s": round(m.per_second, 2), "seconds": round(m.seconds, 3),
+                     "stored": m.stored, "failures": m.failures})
+    out["runs"] = runs
+    ratios: dict[str, float] = {}
+    for kind, senders in {(m.kind, m.senders) for m in results}:
+        node = _rate(results, kind, senders, "node")
+        for peer in ("storescp", "orthanc"):
+            other = _rate(results, kind, senders, peer)
+            if node and other:
+                ratios[f"{kind}_{senders}_node_vs_{peer}"] = round(node / other, 3)
+    out["ratios"] = dict(sorted(ratios.items()))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

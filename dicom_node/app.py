@@ -1,0 +1,163 @@
+"""Composition root: builds the node's parts from settings and runs them until SIGTERM/SIGINT.
+
+Only this module (and the CLI) wires packages together; every part receives its collaborators.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import aes, audit
+from dicom_node.ingest import Ingestor
+from dicom_node.jobs import StudySettler, build_scheduler
+from dicom_node.scp import StorageScp, build_scp
+from dicom_node.settings import Settings
+from dicom_node.store import db
+from dicom_node.store.files import FileStore
+from dicom_node.store.models import AeRole
+from dicom_node.tls import server_context
+
+LOGGER = logging.getLogger(__name__)
+
+
+class _WebServer(Protocol):
+    port: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Node:
+    """A running (or ready to run) node. Build it with :func:`build_node`."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    file_store: FileStore
+    scheduler: BackgroundScheduler
+    settler: StudySettler
+    ingestor: Ingestor
+    scp: StorageScp
+    on_study_ready: list[Callable[[int], None]] = field(default_factory=list)
+    web: _WebServer | None = None
+    _started: bool = False
+
+    @property
+    def dicom_port(self) -> int:
+        """The port the listener is bound to (differs from settings when configured as 0)."""
+        return self.scp.port
+
+    def start(self) -> None:
+        """Migrate the schema, seed AEs from settings, start timers, the listener and the console."""
+        if self._started:
+            return
+        db.upgrade(self.engine)
+        seed_aes(self.session_factory, self.settings)
+        self.file_store.remove_stale_temporaries()
+        self.scheduler.start()
+        self.settler.start()
+        self.scp.start()
+        if self.settings.web.enabled:
+            self.web = _start_web(self.settings, self.session_factory)
+        self._started = True
+        LOGGER.info("node %r started: AE title %s, DICOM port %d", self.settings.node.name,
+                    self.settings.dicom.ae_title, self.dicom_port)
+
+    def stop(self) -> None:
+        """Stop accepting, finish running timers, release the database."""
+        if not self._started:
+            return
+        self._started = False
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+        self.scp.stop()
+        self.settler.stop()
+        self.scheduler.shutdown(wait=True)
+        self.engine.dispose()
+        LOGGER.info("node stopped")
+
+    def serve_forever(self, *, on_started: Callable[[Node], None] | None = None) -> None:
+        """Start, then block until SIGTERM or SIGINT, then stop gracefully."""
+        stop = threading.Event()
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("signal %s received: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if on_started is not None:
+                on_started(self)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def build_node(settings: Settings) -> Node:
+    """Factory for the whole node; nothing listens or runs until :meth:`Node.start`."""
+    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
+    session_factory = db.make_session_factory(engine)
+    file_store = FileStore(
+        settings.storage_dir, fsync=settings.storage.fsync, min_free_bytes=settings.storage.min_free_bytes
+    )
+    scheduler = build_scheduler(engine)
+    callbacks: list[Callable[[int], None]] = []
+    settler = StudySettler(
+        scheduler, session_factory, settle_seconds=settings.pipeline.settle_seconds, callbacks=callbacks
+    )
+    ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored)
+    ssl_context = server_context(settings.dicom.tls) if settings.dicom.tls.enabled else None
+    scp = build_scp(settings.dicom, ingestor, session_factory, ssl_context=ssl_context)
+    return Node(
+        settings=settings,
+        engine=engine,
+        session_factory=session_factory,
+        file_store=file_store,
+        scheduler=scheduler,
+        settler=settler,
+        ingestor=ingestor,
+        scp=scp,
+        on_study_ready=callbacks,
+    )
+
+
+def seed_aes(session_factory: sessionmaker[Session], settings: Settings) -> None:
+    """Create/update the callers and destinations listed in settings (audited as the system)."""
+    with session_factory() as session, session.begin():
+        for dest in settings.dicom.destinations:
+            aes.upsert(session, aes.AeSpec(dest.ae_title, AeRole.DESTINATION, dest.host, dest.port, dest.tls),
+                       audit.SYSTEM)
+        for caller in settings.dicom.callers:
+            aes.upsert(session, aes.AeSpec(caller.ae_title, AeRole.CALLER, caller.host,
+                                           reply_to=caller.reply_to), audit.SYSTEM)
+
+
+def _start_web(settings: Settings, session_factory: sessionmaker[Session]) -> _WebServer | None:
+    """Start the console if its package is installed (the node runs without it)."""
+    try:
+        from dicom_node.web import create_app
+        from dicom_node.web.server import WebServer
+    except ImportError as exc:
+        LOGGER.warning("web console not available (%s); running without it", exc.name or "import failed")
+        return None
+    app: Any = create_app(settings, session_factory)
+    server: _WebServer = WebServer(app, settings.web.host, settings.web.port)
+    server.start()
+    LOGGER.info("web console on http://%s:%d", settings.web.host, server.port)
+    return server

@@ -1,0 +1,259 @@
+"""``cxr-node`` command line: serve, database, AE administration (audited), echo and send.
+
+Other packages add subcommands through ``register(subparsers)`` functions; a missing optional package
+does not break the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node import __version__, aes, audit
+from dicom_node.errors import ConflictError, NodeError, NotFoundError
+from dicom_node.logconfig import configure_logging
+from dicom_node.settings import Settings, load_settings
+from dicom_node.statuses import Status, is_stored
+from dicom_node.store import db
+from dicom_node.store.models import AeRole
+
+LOGGER = logging.getLogger(__name__)
+
+# (module, function) pairs that add subcommands when their package is present.
+PLUGINS: tuple[tuple[str, str], ...] = (
+    ("classifier.cli", "register"),
+    ("dicom_node.users", "register_cli"),
+)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    configure_logging(settings.logging)
+    return settings
+
+
+def _session_factory(settings: Settings) -> Any:
+    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
+    db.upgrade(engine)
+    return db.make_session_factory(engine)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """CLI output (the one place the node writes to the terminal instead of the log)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
+# serve / db ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.app import build_node
+
+    settings = _settings(args)
+    node = build_node(settings)
+
+    def announce(started: Any) -> None:
+        web = f", console http://{settings.web.host}:{started.web.port}" if started.web is not None else ""
+        say(f"cxr-node {__version__} listening: AE title {settings.dicom.ae_title}, "
+              f"port {started.dicom_port} on {settings.dicom.bind_address}{web}")
+
+    node.serve_forever(on_started=announce)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = db.make_engine(settings.database_url)
+    db.upgrade(engine)
+    engine.dispose()
+    say("database schema is up to date")
+    return 0
+
+
+# ae ------------------------------------------------------------------------------------------
+
+
+def cmd_ae_add(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    role = AeRole(args.role)
+    spec = aes.AeSpec(args.aet, role, args.host, args.port, args.tls, args.description or "", args.reply_to)
+    with _session_factory(settings)() as session, session.begin():
+        ae = aes.add(session, spec, audit.cli_actor())
+        say(f"added {role.value} {ae.ae_title} (id {ae.id})")
+    return 0
+
+
+def cmd_ae_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    role = AeRole(args.role) if args.role else None
+    with _session_factory(settings)() as session:
+        rows = aes.list_aes(session, role)
+        say(f"{'ROLE':<12}{'AE TITLE':<18}{'HOST':<24}{'PORT':<7}{'TLS':<5}{'ENABLED':<9}REPLY TO")
+        for ae in rows:
+            say(f"{ae.role.value:<12}{ae.ae_title:<18}{ae.host or '-':<24}{ae.port or '-'!s:<7}"
+                  f"{'yes' if ae.tls else 'no':<5}{'yes' if ae.enabled else 'no':<9}"
+                  f"{ae.reply_to.ae_title if ae.reply_to else '-'}")
+    return 0
+
+
+def _one_ae(session: Any, name: str, role: str | None) -> Any:
+    roles = [AeRole(role)] if role else list(AeRole)
+    found = [ae for r in roles if (ae := aes.find(session, name, r)) is not None]
+    if not found:
+        raise NotFoundError(f"no AE titled {name!r}")
+    if len(found) > 1:
+        raise ConflictError(f"{name!r} is both a caller and a destination: add --role")
+    return found[0]
+
+
+def cmd_ae_remove(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _session_factory(settings)() as session, session.begin():
+        ae = _one_ae(session, args.name, args.role)
+        aes.remove(session, ae.id, audit.cli_actor())
+        say(f"removed {ae.role.value} {args.name}")
+    return 0
+
+
+def cmd_ae_echo(args: argparse.Namespace) -> int:
+    from dicom_node import scu
+    from dicom_node.tls import client_context
+
+    settings = _settings(args)
+    with _session_factory(settings)() as session, session.begin():
+        ae = aes.get(session, args.name, AeRole.DESTINATION)
+        host, port, tls, title = ae.host or "", int(ae.port or 0), ae.tls, ae.ae_title
+        audit.record(session, audit.cli_actor(), "ae.echo", f"remote_ae:{ae.id}", {})
+    context = client_context(settings.dicom.tls) if tls else None
+    status = scu.echo(host, port, title, calling_aet=settings.dicom.ae_title, tls=context)
+    say(f"C-ECHO {title} at {host}:{port}: status 0x{status:04X}")
+    return 0 if status == Status.SUCCESS else 1
+
+
+# echo / send ---------------------------------------------------------------------------------
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node import scu
+
+    settings = _settings(args)
+    calling = args.calling_aet or settings.dicom.ae_title
+    status = scu.echo(args.host, args.port, args.aet, calling_aet=calling)
+    say(f"C-ECHO {args.aet} at {args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == Status.SUCCESS else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node import scu
+    from dicom_node.tls import client_context
+
+    settings = _settings(args)
+    with _session_factory(settings)() as session, session.begin():
+        ae = aes.get(session, args.to, AeRole.DESTINATION)
+        host, port, tls, title = ae.host or "", int(ae.port or 0), ae.tls, ae.ae_title
+        audit.record(session, audit.cli_actor(), "send", f"remote_ae:{ae.id}",
+                     {"paths": len(args.paths)})
+    context = client_context(settings.dicom.tls) if tls else None
+    statuses = scu.send([Path(p) for p in args.paths], host, port, title,
+                        calling_aet=settings.dicom.ae_title, tls=context)
+    stored = sum(1 for s in statuses if is_stored(s))
+    for index, status in enumerate(statuses):
+        if not is_stored(status):
+            say(f"object {index + 1}: status 0x{status:04X}")
+    say(f"sent {stored} of {len(statuses)} objects to {title} at {host}:{port}")
+    return 0 if statuses and stored == len(statuses) else 1
+
+
+# parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML settings file (default: $CXR_NODE_CONFIG, else built-in defaults)")
+    parser = argparse.ArgumentParser(prog="cxr-node", parents=[common],
+                                     description="DICOM node classifying chest radiographs")
+    parser.add_argument("--version", action="version", version=f"cxr-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the node (DICOM listener, timers, console)")
+    serve.set_defaults(func=cmd_serve)
+
+    dbp = sub.add_parser("db", parents=[common], help="database administration")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbsub.add_parser("upgrade", parents=[common], help="apply schema migrations").set_defaults(
+        func=cmd_db_upgrade)
+
+    aep = sub.add_parser("ae", parents=[common], help="allowed callers and result destinations (audited)")
+    aesub = aep.add_subparsers(dest="ae_command", required=True, metavar="ACTION")
+    add = aesub.add_parser("add", parents=[common], help="add a caller or a destination")
+    add.add_argument("--role", required=True, choices=[r.value for r in AeRole])
+    add.add_argument("--aet", required=True, help="AE title")
+    add.add_argument("--host", help="callers: only accept from this host/IP; destinations: address")
+    add.add_argument("--port", type=int, help="destinations: port")
+    add.add_argument("--tls", action="store_true", help="destinations: use DICOM TLS")
+    add.add_argument("--reply-to", help="callers: destination AE title that gets this caller's results")
+    add.add_argument("--description", help="free text shown in listings")
+    add.set_defaults(func=cmd_ae_add)
+    lst = aesub.add_parser("list", parents=[common], help="list AEs")
+    lst.add_argument("--role", choices=[r.value for r in AeRole])
+    lst.set_defaults(func=cmd_ae_list)
+    rem = aesub.add_parser("remove", parents=[common], help="remove an AE")
+    rem.add_argument("name")
+    rem.add_argument("--role", choices=[r.value for r in AeRole])
+    rem.set_defaults(func=cmd_ae_remove)
+    aecho = aesub.add_parser("echo", parents=[common], help="C-ECHO a configured destination")
+    aecho.add_argument("name")
+    aecho.set_defaults(func=cmd_ae_echo)
+
+    echo = sub.add_parser("echo", parents=[common], help="C-ECHO any DICOM peer")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("aet", help="the peer's (called) AE title")
+    echo.add_argument("--calling-aet", help="our AE title (default: dicom.ae_title)")
+    echo.set_defaults(func=cmd_echo)
+
+    send = sub.add_parser("send", parents=[common], help="C-STORE files or folders to a destination")
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--to", required=True, metavar="NAME", help="destination AE title")
+    send.set_defaults(func=cmd_send)
+
+    for module_name, function_name in PLUGINS:
+        _register_plugin(sub, module_name, function_name)
+    return parser
+
+
+def _register_plugin(sub: Any, module_name: str, function_name: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return  # package not installed/written yet
+        raise
+    register: Callable[[Any], None] | None = getattr(module, function_name, None)
+    if register is not None:
+        register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        result = args.func(args)
+        return int(result or 0)
+    except NodeError as exc:
+        say(f"error: {exc}", err=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Scheduling: APScheduler 3 with a persistent job store in the node's own database.
+
+Study settle: the first instance of a study arms a timer ``settle_seconds`` ahead. When it fires it looks
+at the study's ``last_received_at``; if an instance arrived since, the timer is re-armed for the new
+deadline, otherwise one ``Job(kind=STUDY_READY)`` row is created (unique dedupe key, so exactly once even
+if the timer fires twice), the study becomes READY and the ``on_study_ready`` callbacks run. Timers live in
+the database, and at start-up every study still RECEIVED is re-armed, so a restart — even ``kill -9`` —
+loses nothing. Arming once per study (not per instance) keeps the C-STORE path free of scheduler writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.ingest import IngestResult
+from dicom_node.store.models import Job, JobKind, JobState, Study, StudyState, utcnow
+
+LOGGER = logging.getLogger(__name__)
+
+PERSISTENT_STORE = "default"
+MEMORY_STORE = "memory"
+JOB_TABLE = "apscheduler_jobs"
+SWEEP_SECONDS = 30.0
+
+# Persistent jobs are stored as a textual reference to a module-level function plus its arguments; the
+# function finds the live settler through this registry, filled by StudySettler.start().
+_SETTLERS: dict[str, StudySettler] = {}
+
+
+def build_scheduler(engine: Engine, *, max_workers: int = 4) -> BackgroundScheduler:
+    """A background scheduler whose default job store is a table in the node's database."""
+    return BackgroundScheduler(
+        jobstores={
+            PERSISTENT_STORE: SQLAlchemyJobStore(engine=engine, tablename=JOB_TABLE),
+            MEMORY_STORE: MemoryJobStore(),
+        },
+        executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
+        job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+        timezone="UTC",
+    )
+
+
+def settle_job_id(study_pk: int) -> str:
+    return f"settle-study-{study_pk}"
+
+
+def study_ready_dedupe_key(study_pk: int) -> str:
+    return f"study:{study_pk}"
+
+
+def fire_settle_timer(settler_name: str, study_pk: int) -> None:
+    """Entry point of a persisted settle timer (referenced by name in the job store)."""
+    settler = _SETTLERS.get(settler_name)
+    if settler is None:
+        LOGGER.error("settle timer for study %d fired but settler %r is not running", study_pk, settler_name)
+        return
+    settler.settle(study_pk)
+
+
+def _sweep(settler_name: str) -> None:
+    settler = _SETTLERS.get(settler_name)
+    if settler is not None:
+        settler.rearm_received()
+
+
+class StudySettler:
+    """Per-study settle timers on a scheduler; turns settled studies into STUDY_READY jobs."""
+
+    def __init__(
+        self,
+        scheduler: BackgroundScheduler,
+        session_factory: sessionmaker[Session],
+        *,
+        settle_seconds: float,
+        callbacks: Sequence[Callable[[int], None]] = (),
+        name: str = "node",
+    ) -> None:
+        self.scheduler = scheduler
+        self.session_factory = session_factory
+        self.settle_seconds = settle_seconds
+        # The node's own list: subscribers added after construction are seen too.
+        self.callbacks = callbacks
+        self.name = name
+        self._armed: set[int] = set()
+        self._lock = threading.Lock()
+
+    # Life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register, re-arm studies left RECEIVED by a previous run, and sweep periodically.
+
+        The sweep also catches studies stored by paths that do not call :meth:`on_stored`
+        (e.g. an upload through another process).
+        """
+        _SETTLERS[self.name] = self
+        self.rearm_received()
+        self.scheduler.add_job(
+            _sweep, "interval", args=[self.name], seconds=SWEEP_SECONDS, id=f"settle-sweep-{self.name}",
+            jobstore=MEMORY_STORE, replace_existing=True,
+        )
+
+    def stop(self) -> None:
+        if _SETTLERS.get(self.name) is self:
+            del _SETTLERS[self.name]
+
+    # Arming ----------------------------------------------------------------------------------
+
+    def on_stored(self, result: IngestResult) -> None:
+        """Ingest hook: make sure the study has a timer (re-arming is done by the timer itself)."""
+        if not result.duplicate:
+            self.arm(result.study_pk)
+
+    def arm(self, study_pk: int, *, at: datetime | None = None) -> None:
+        with self._lock:
+            if study_pk in self._armed:
+                return
+            self._armed.add(study_pk)
+        run_date = at or utcnow() + timedelta(seconds=self.settle_seconds)
+        try:
+            self.scheduler.add_job(
+                fire_settle_timer, "date", run_date=run_date, args=[self.name, study_pk],
+                id=settle_job_id(study_pk), jobstore=PERSISTENT_STORE, replace_existing=True,
+            )
+        except Exception:
+            with self._lock:
+                self._armed.discard(study_pk)
+            raise
+
+    def rearm_received(self) -> int:
+        """Arm every RECEIVED study without a timer; returns how many were armed."""
+        try:
+            with self.session_factory() as session:
+                studies = session.execute(
+                    select(Study.id, Study.last_received_at).where(Study.state == StudyState.RECEIVED)
+                ).all()
+        except Exception as exc:
+            LOGGER.error("settle sweep could not read studies: %s", type(exc).__name__)
+            return 0
+        armed = 0
+        for study_pk, last_received_at in studies:
+            if self.scheduler.get_job(settle_job_id(study_pk), jobstore=PERSISTENT_STORE) is not None:
+                with self._lock:
+                    self._armed.add(study_pk)
+                continue
+            deadline = _aware(last_received_at) + timedelta(seconds=self.settle_seconds)
+            self.arm(study_pk, at=max(deadline, utcnow()))
+            armed += 1
+        if armed:
+            LOGGER.info("re-armed settle timers for %d received studies", armed)
+        return armed
+
+    # Firing ----------------------------------------------------------------------------------
+
+    def settle(self, study_pk: int) -> None:
+        """Timer callback: ready the study, or re-arm if an instance arrived since the timer was set."""
+        with self._lock:
+            self._armed.discard(study_pk)
+        try:
+            outcome = self._settle_in_db(study_pk)
+        except Exception as exc:
+            LOGGER.error("settling study %d failed (%s); retrying later", study_pk, type(exc).__name__)
+            self.arm(study_pk, at=utcnow() + timedelta(seconds=max(self.settle_seconds, 5.0)))
+            return
+        if isinstance(outcome, datetime):
+            self.arm(study_pk, at=outcome)
+            return
+        if outcome:
+            LOGGER.info("study %d ready", study_pk)
+            for callback in list(self.callbacks):
+                try:
+                    callback(study_pk)
+                except Exception as exc:
+                    LOGGER.error("study-ready callback %s failed for study %d: %s",
+                                 getattr(callback, "__qualname__", "?"), study_pk, type(exc).__name__)
+
+    def _settle_in_db(self, study_pk: int) -> datetime | bool:
+        """Returns a new deadline, True if the study became ready now, False if nothing to do."""
+        try:
+            with self.session_factory() as session, session.begin():
+                study = session.get(Study, study_pk)
+                if study is None or study.state is not StudyState.RECEIVED:
+                    return False
+                deadline = _aware(study.last_received_at) + timedelta(seconds=self.settle_seconds)
+                now = utcnow()
+                if deadline > now + timedelta(milliseconds=50):
+                    return deadline
+                created = _create_study_ready_job(session, study_pk)
+                study.state = StudyState.READY
+                study.ready_at = now
+                return created
+        except IntegrityError:
+            # The job row exists already (a concurrent firing won): exactly once, nothing more to do.
+            return False
+
+
+def _create_study_ready_job(session: Session, study_pk: int) -> bool:
+    key = study_ready_dedupe_key(study_pk)
+    exists = session.scalar(select(Job.id).where(Job.kind == JobKind.STUDY_READY, Job.dedupe_key == key))
+    if exists is not None:
+        return False
+    session.add(Job(kind=JobKind.STUDY_READY, dedupe_key=key, study_pk=study_pk, state=JobState.PENDING))
+    session.flush()
+    return True
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; they are stored in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

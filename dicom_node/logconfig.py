@@ -1,0 +1,68 @@
+"""Logging, configured once by each entry point.
+
+Service code logs row ids and UIDs-free summaries only; this module makes sure third-party loggers that
+could print datasets (pynetdicom at DEBUG dumps DIMSE messages) stay quiet unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+from dicom_node.settings import LoggingSettings
+
+# Libraries whose INFO/DEBUG output is noisy or may carry identifiers; kept at WARNING unless DEBUG.
+QUIET_LOGGERS = ("pynetdicom", "apscheduler", "sqlalchemy.engine", "alembic", "PIL", "uvicorn.access")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            payload["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False)
+
+
+class WarningRedactor(logging.Filter):
+    """Drop the text of captured Python warnings: pydicom quotes element values (names, IDs) in them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            text = record.getMessage()
+            # "path:line: Category: message\n  source" -> keep "path:line: Category"
+            head = ": ".join(text.split(": ", 2)[:2])
+            record.msg = f"{head} (warning text withheld: it may quote dataset values)"
+            record.args = None
+        return True
+
+
+def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None) -> None:
+    """Install one handler on the root logger (idempotent: replaces handlers set earlier)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if settings.json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s")
+        )
+    handler.addFilter(WarningRedactor())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level)
+    quiet_level = logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(quiet_level, root.level))
+    logging.captureWarnings(True)

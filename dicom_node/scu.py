@@ -1,0 +1,174 @@
+"""Outbound DICOM: C-ECHO and C-STORE SCU (one association, proposing the contexts the objects need)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.errors import AssociationError, InvalidDatasetError
+from dicom_node.scp import configure_pynetdicom, tune_socket
+from dicom_node.statuses import Status
+
+LOGGER = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_PDU = 131072
+
+
+def _on_connection_open(event: Event) -> None:
+    tune_socket(event.assoc.dul.socket)
+
+
+def _associate(
+    contexts: list[PresentationContext],
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    calling_aet: str,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+    max_pdu: int = DEFAULT_MAX_PDU,
+) -> Association:
+    configure_pynetdicom()
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.maximum_pdu_size = max_pdu
+    ae.requested_contexts = contexts
+    tls_args = (tls, host) if tls is not None else None
+    assoc = ae.associate(
+        host, port, ae_title=called_aet, tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
+    )
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise AssociationError(f"association rejected by {called_aet} at {host}:{port}")
+        raise AssociationError(
+            f"no association with {called_aet} at {host}:{port} (unreachable, aborted or timed out)")
+    return assoc
+
+
+def echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    calling_aet: str,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+) -> int:
+    """C-ECHO; returns the peer's status (0x0000 on success). Raises AssociationError if no association."""
+    assoc = _associate([build_context(Verification)], host, port, called_aet, calling_aet=calling_aet,
+                       tls=tls, timeout=timeout)
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in response:
+        raise AssociationError(f"no C-ECHO response from {called_aet} at {host}:{port}")
+    return int(response.Status)
+
+
+def load_datasets(items: Iterable[Path | Dataset]) -> list[Dataset]:
+    """Datasets to send: paths are read (directories recursively, non-DICOM files skipped with a log)."""
+    datasets: list[Dataset] = []
+    for item in items:
+        if isinstance(item, Dataset):
+            datasets.append(item)
+            continue
+        paths = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
+        for path in paths:
+            try:
+                datasets.append(dcmread(path))
+            except (InvalidDicomError, OSError) as exc:
+                if item.is_dir():
+                    LOGGER.warning("skipping %s: not a DICOM file (%s)", path.name, type(exc).__name__)
+                    continue
+                raise InvalidDatasetError(f"{path.name} is not a readable DICOM file") from exc
+    return datasets
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else ExplicitVRLittleEndian
+
+
+def contexts_for(datasets: Sequence[Dataset]) -> list[PresentationContext]:
+    """Contexts the objects need: each (SOP class, own transfer syntax) exactly, so nothing is re-encoded,
+    plus one uncompressed fallback per SOP class with uncompressed objects (a peer may refuse e.g.
+    deflated). Compressed objects get no fallback: converting them would mean decoding.
+    """
+    exact: dict[tuple[str, str], None] = {}
+    fallback: dict[str, None] = {}
+    for ds in datasets:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if not sop_class:
+            raise InvalidDatasetError("an object to send has no SOP Class UID")
+        own = _transfer_syntax(ds)
+        exact[(sop_class, own)] = None
+        if not own.is_compressed:
+            fallback[sop_class] = None
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in exact]
+    contexts += [build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+                 for sop_class in fallback]
+    if len(contexts) > MAX_CONTEXTS:
+        raise InvalidDatasetError(f"objects need {len(contexts)} presentation contexts; at most 128 fit")
+    return contexts
+
+
+def send(
+    paths_or_datasets: Iterable[Path | Dataset],
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    calling_aet: str,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[int]:
+    """C-STORE every object over one association; returns one status per object, in order.
+
+    An object whose context the peer refused gets ``SOP_CLASS_NOT_SUPPORTED`` without a request.
+    """
+    datasets = load_datasets(paths_or_datasets)
+    if not datasets:
+        return []
+    assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
+                       timeout=timeout)
+    statuses: list[int] = []
+    try:
+        for ds in datasets:
+            statuses.append(_store_one(assoc, ds))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def _store_one(assoc: Association, ds: Dataset) -> int:
+    try:
+        response: Any = assoc.send_c_store(ds)
+    except ValueError:
+        LOGGER.warning("peer accepted no presentation context for an object of SOP class %s",
+                       ds.get("SOPClassUID", "?"))
+        return int(Status.SOP_CLASS_NOT_SUPPORTED)
+    if response is None or "Status" not in response:
+        raise AssociationError("no C-STORE response (association aborted or timed out)")
+    return int(response.Status)

@@ -1,0 +1,163 @@
+"""Durable file store for received instances.
+
+A file is either absent or complete: it is written to a temporary file in its final directory, flushed
+and fsync'ed, renamed into place and the directory fsync'ed, so a crash or power loss never leaves a
+partial instance under its final name. Paths are relative to the store root
+(``<study uid>/<series uid>/<sop uid>.dcm``) so the root can move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import StorageError
+
+LOGGER = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TEMP_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What the store wrote: path relative to the root, content hash and size."""
+
+    relative_path: str
+    sha256: str
+    size_bytes: int
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """Relative path of an instance; UIDs are validated so they cannot escape the root."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not _UID.match(uid) or len(uid) > 64:
+            raise ValueError("not a valid DICOM UID")
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+class FileStore:
+    """Atomic, fsync'ed writes below ``root``, refused when free space drops under ``min_free_bytes``."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relative_path: str) -> Path:
+        """Absolute path of a stored file (rejects paths that would leave the root)."""
+        candidate = (self.root / relative_path).resolve()
+        if not candidate.is_relative_to(self.root):
+            raise ValueError("path escapes the file store")
+        return candidate
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_free_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`StorageError` if writing ``incoming_bytes`` would go below the reserve."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            raise StorageError("cannot determine free space of the file store") from exc
+        if free - incoming_bytes < self.min_free_bytes:
+            raise StorageError(
+                f"file store below its free-space reserve ({free} bytes free, {self.min_free_bytes} reserved)"
+            )
+
+    def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> StoredFile:
+        """Write ``chunks`` atomically to ``relative_path`` (replacing an existing file) and hash them."""
+        target = self.path(relative_path)
+        chunk_list = list(chunks)
+        size = sum(len(c) for c in chunk_list)
+        self.check_free_space(size)
+        # Hash on another thread while this one writes: both release the GIL on large buffers.
+        digest = hashlib.sha256()
+        hasher = threading.Thread(target=_hash_into, args=(digest, chunk_list), name="sha256")
+        hasher.start()
+        temp_name: str | None = None
+        try:
+            created = self._make_dirs(target.parent)
+            fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=target.parent)
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunk_list:
+                    handle.write(chunk)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+            os.replace(temp_name, target)
+            temp_name = None
+            if self.fsync:
+                _fsync_dir(target.parent)
+                for directory in created:
+                    _fsync_dir(directory.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
+        finally:
+            hasher.join()
+            if temp_name is not None:
+                _unlink_quietly(Path(temp_name))
+        return StoredFile(relative_path, digest.hexdigest(), size)
+
+    def delete(self, relative_path: str) -> None:
+        """Remove a stored file (used to undo a write whose database commit failed)."""
+        target = self.path(relative_path)
+        _unlink_quietly(target)
+        if self.fsync:
+            try:
+                _fsync_dir(target.parent)
+            except OSError as exc:
+                LOGGER.warning("could not fsync directory after delete: %s", exc.strerror)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a crash mid-write (called at start-up)."""
+        removed = 0
+        for stale in self.root.rglob(f"{_TEMP_PREFIX}*.tmp"):
+            _unlink_quietly(stale)
+            removed += 1
+        if removed:
+            LOGGER.info("removed %d incomplete temporary files from the file store", removed)
+        return removed
+
+    def _make_dirs(self, directory: Path) -> list[Path]:
+        """Create missing directories; return those created (their parents need an fsync too)."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists() and current != self.root:
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+        return missing
+
+
+def _hash_into(digest: Any, chunks: list[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        LOGGER.debug("nothing to remove at a file-store path")
+    except OSError as exc:
+        LOGGER.warning("could not remove a file-store file: %s", exc.strerror)

@@ -1,0 +1,216 @@
+"""Database behaviour of the node on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import aes
+from dicom_node.errors import ConflictError, DatabaseUnavailableError
+from dicom_node.ingest import Ingestor
+from dicom_node.jobs import StudySettler, build_scheduler
+from dicom_node.store import db
+from dicom_node.store.files import FileStore
+from dicom_node.store.models import (
+    AeRole,
+    AuditEvent,
+    Base,
+    Instance,
+    Job,
+    JobKind,
+    Patient,
+    Series,
+    Study,
+    StudyState,
+)
+from tests.node_datasets import make_cr, to_bytes
+from tests.postgres_server import PostgresServer, postgres_server
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database()
+    eng = db.make_engine(url)
+    db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return db.make_session_factory(engine)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "instances", fsync=True)
+
+
+def test_migrations_match_models_and_rerun_cleanly(engine: Engine) -> None:
+    db.upgrade(engine)  # second run is a no-op
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        version = conn.execute(text("select version_num from alembic_version")).scalar_one()
+    assert diffs == []
+    assert version == "0001_initial"
+    assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+
+
+def test_ae_registry_is_default_deny_and_audited(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session, session.begin():
+        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104), "cli:test")
+        aes.add(session, aes.AeSpec("MODALITY", AeRole.CALLER, "127.0.0.1", reply_to="PACS"), "cli:test")
+        aes.add(session, aes.AeSpec("BYNAME", AeRole.CALLER, "localhost"), "cli:test")
+        aes.add(session, aes.AeSpec("ANYHOST", AeRole.CALLER), "cli:test")
+        aes.add(session, aes.AeSpec("OFF", AeRole.CALLER, enabled=False), "cli:test")
+    with sessions() as session:
+        assert aes.caller_allowed(session, "MODALITY", "127.0.0.1")
+        assert not aes.caller_allowed(session, "MODALITY", "10.1.1.1")
+        assert aes.caller_allowed(session, "BYNAME", "127.0.0.1")  # host name resolved
+        assert aes.caller_allowed(session, "ANYHOST", "10.1.1.1")
+        assert not aes.caller_allowed(session, "OFF", "127.0.0.1")
+        assert not aes.caller_allowed(session, "STRANGER", "127.0.0.1")
+        assert not aes.caller_allowed(session, "PACS", "10.0.0.5")  # a destination is not a caller
+        caller = aes.get(session, "MODALITY", AeRole.CALLER)
+        assert caller.reply_to is not None and caller.reply_to.ae_title == "PACS"
+    with sessions() as session, session.begin(), pytest.raises(ConflictError):
+        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.6", 104), "cli:test")
+    with sessions() as session, session.begin():
+        aes.remove(session, aes.get(session, "ANYHOST", AeRole.CALLER).id, "cli:test")
+    with sessions() as session:
+        assert not aes.caller_allowed(session, "ANYHOST", "10.1.1.1")
+        actions = session.scalars(select(AuditEvent.action)).all()
+    assert actions.count("ae.add") == 5 and actions.count("ae.remove") == 1
+
+
+def test_ingest_records_display_rows_and_is_idempotent(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    ds = make_cr(patient_name="Roe^Richard", patient_id="P77")
+    data = to_bytes(ds)
+    first = Ingestor(sessions, store).ingest_bytes(data, calling_ae="MODALITY", source="upload")
+    again = Ingestor(sessions, store).ingest_bytes(data, calling_ae="MODALITY", source="upload")
+    assert not first.duplicate and again.duplicate and again.instance_pk == first.instance_pk
+    with sessions() as session:
+        instance = session.execute(select(Instance)).scalar_one()
+        series = session.get(Series, instance.series_pk)
+        assert series is not None
+        study = session.get(Study, series.study_pk)
+        assert study is not None
+        patient = session.get(Patient, study.patient_pk)
+        assert patient is not None
+        assert (patient.name, patient.patient_id, patient.sex) == ("Roe^Richard", "P77", "F")
+        assert (study.accession_number, study.study_date, study.study_description) == (
+            "ACC123", "20240102", "CHEST PA")
+        assert study.state is StudyState.RECEIVED and study.calling_ae == "MODALITY"
+        assert (series.modality, instance.view_position, instance.rows) == ("CR", "PA", 64)
+        assert instance.sop_instance_uid == ds.SOPInstanceUID
+    stored = store.path(instance.file_path)
+    assert stored.read_bytes() == data  # the bytes as sent, not a re-encoding
+    import hashlib
+
+    assert instance.sha256 == hashlib.sha256(data).hexdigest() and instance.size_bytes == len(data)
+
+
+def test_concurrent_instances_of_one_study_make_one_study_row(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    payloads = [to_bytes(make_cr(study_uid=study_uid, series_uid=series_uid, seed=i)) for i in range(24)]
+    ingestor = Ingestor(sessions, store)
+    errors: list[BaseException] = []
+
+    def worker(chunk: list[bytes]) -> None:
+        try:
+            for data in chunk:
+                ingestor.ingest_bytes(data, calling_ae="MODALITY", source="dimse")
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(payloads[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 24
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+        assert session.scalar(select(func.count()).select_from(Series)) == 1
+        assert session.scalar(select(func.count()).select_from(Patient)) == 1
+
+
+def test_failed_commit_leaves_no_file_and_maps_to_out_of_resources(
+    engine: Engine, sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE instance RENAME TO instance_gone"))
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        Ingestor(sessions, store).ingest_bytes(to_bytes(make_cr()), calling_ae="X", source="upload")
+    assert int(caught.value.status) == 0xA700
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []
+
+
+def test_settled_study_becomes_ready_exactly_once(
+    engine: Engine, sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    scheduler = build_scheduler(engine)
+    ready: list[int] = []
+    settler = StudySettler(scheduler, sessions, settle_seconds=0.5, callbacks=[ready.append],
+                           name=f"test-{generate_uid()}")
+    scheduler.start()
+    settler.start()
+    try:
+        ingestor = Ingestor(sessions, store, on_stored=settler.on_stored)
+        study_uid = generate_uid()
+        results = [ingestor.ingest_bytes(to_bytes(make_cr(study_uid=study_uid, seed=i)), calling_ae="M",
+                                         source="dimse") for i in range(3)]
+        study_pk = results[0].study_pk
+        deadline = time.monotonic() + 20
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready == [study_pk]
+        settler.settle(study_pk)  # a second firing (e.g. after a restart) changes nothing
+        with sessions() as session:
+            jobs = session.scalars(select(Job).where(Job.study_pk == study_pk)).all()
+            study = session.get(Study, study_pk)
+            assert study is not None and study.state is StudyState.READY and study.ready_at is not None
+        assert [(j.kind, j.dedupe_key) for j in jobs] == [(JobKind.STUDY_READY, f"study:{study_pk}")]
+        assert ready == [study_pk]
+    finally:
+        settler.stop()
+        scheduler.shutdown(wait=True)
+
+
+def test_timer_rearms_while_instances_keep_arriving(
+    engine: Engine, sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    scheduler = build_scheduler(engine)  # not started: only the decision is under test
+    settler = StudySettler(scheduler, sessions, settle_seconds=60, name=f"test-{generate_uid()}")
+    result = Ingestor(sessions, store).ingest_bytes(to_bytes(make_cr()), calling_ae="M", source="dimse")
+    settler.settle(result.study_pk)
+    with sessions() as session:
+        study = session.get(Study, result.study_pk)
+        assert study is not None and study.state is StudyState.RECEIVED
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert scheduler.get_job(f"settle-study-{result.study_pk}") is not None

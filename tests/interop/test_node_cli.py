@@ -1,0 +1,90 @@
+"""The administration CLI against DCMTK storescp as the destination (what an admin types)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.store.db import make_engine
+from dicom_node.store.models import AuditEvent
+from tests import peers
+from tests.node_datasets import make_cr, write
+from tests.node_process import node_env, run_cli
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    out = tmp_path / "received"
+    out.mkdir()
+    port = peers.free_port()
+    proc = subprocess.Popen([peers.executable("storescp"), "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    import socket
+
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    yield port, out
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(20)
+
+
+def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: Path) -> None:
+    port, received = storescp
+    env = node_env(tmp_path / "node", peers.free_port())
+    run_cli(["ae", "add", "--role", "destination", "--aet", "STORESCP", "--host", "127.0.0.1", "--port", str(port)],
+            env)
+    run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY", "--reply-to", "STORESCP"], env)
+    listing = run_cli(["ae", "list"], env).stdout
+    assert "STORESCP" in listing and "MODALITY" in listing
+    assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout
+    assert run_cli(["echo", "127.0.0.1", str(port), "STORESCP"], env).returncode == 0
+
+    folder = tmp_path / "outgoing"
+    folder.mkdir()
+    small = [write(make_cr(seed=i), folder / f"{i}.dcm") for i in range(2)]
+    jpeg2000 = peers.pydicom_data_file("RG1_J2KR.dcm")
+    sent = run_cli(["send", str(folder), str(jpeg2000), "--to", "STORESCP"], env, timeout=120)
+    assert "sent 3 of 3" in sent.stdout
+    names = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received.iterdir()}
+    assert set(names) == {dcmread(p).SOPInstanceUID for p in [*small, jpeg2000]}
+    j2k_copy = dcmread(names[dcmread(jpeg2000).SOPInstanceUID], stop_before_pixels=True)
+    assert j2k_copy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # sent as is, not re-encoded
+
+    run_cli(["ae", "remove", "STORESCP"], env)
+    assert "STORESCP" not in run_cli(["ae", "list", "--role", "destination"], env).stdout
+    failed = run_cli(["send", str(small[0]), "--to", "STORESCP"], env, check=False)
+    assert failed.returncode != 0 and "no destination AE" in failed.stderr
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'node' / 'cxr-node.sqlite3'}")
+    with Session(engine) as session:
+        actions = session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
+    engine.dispose()
+    assert actions == ["ae.add", "ae.add", "ae.echo", "send", "ae.remove"]
+
+
+def test_echo_to_nothing_fails_cleanly(tmp_path: Path) -> None:
+    env = node_env(tmp_path / "node", peers.free_port())
+    result = run_cli(["echo", "127.0.0.1", str(peers.free_port()), "NOBODY"], env, check=False)
+    assert result.returncode == 2 and "error: no association" in result.stderr
+
+
+def test_python_dash_m_is_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "cxr-node" in result.stdout

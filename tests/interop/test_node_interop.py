@@ -1,0 +1,369 @@
+"""Acceptance of the node foundation against the real tools a hospital uses (DCMTK, PostgreSQL).
+
+The node runs as a subprocess exactly as the README starts it (``cxr-node serve`` with ``CXR_NODE__*``
+overrides for port and data directory). Senders: DCMTK ``echoscu``/``storescu``; malformed objects are
+sent with pynetdicom in raw-file mode (DCMTK refuses to send a file it cannot parse).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ComputedRadiographyImageStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.store.db import make_engine
+from dicom_node.store.models import Instance, Job, JobKind, Series, Study, StudyState
+from tests import peers
+from tests.node_datasets import make_cr, to_bytes, write
+from tests.node_process import NODE_AET, NodeProcess, start_node
+from tests.postgres_server import PostgresServer, postgres_server
+
+pytestmark = pytest.mark.interop
+
+SENDER = "STORESCU"
+PYSENDER = "PYSCU"
+SENTINEL = "ZZSENTINEL^QUIXOTE"
+SETTLE = 2.0
+
+
+def dcmtk(name: str) -> str:
+    return peers.executable(name)
+
+
+def dcmtk_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(port: int, *paths: Path, aet: str = SENDER, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (an event we cannot subscribe to)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def instance_row(engine: Engine, sop_uid: str) -> Instance | None:
+    with Session(engine) as session:
+        return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+
+
+def files_named(node: NodeProcess, sop_uid: str) -> list[Path]:
+    return [p for p in node.storage_dir.rglob("*") if p.is_file() and sop_uid in p.name]
+
+
+def temporaries(node: NodeProcess) -> list[Path]:
+    return [p for p in node.storage_dir.rglob("*.tmp")] if node.storage_dir.exists() else []
+
+
+def raw_store(port: int, path: Path, *, aet: str = PYSENDER) -> int:
+    """Send a file's bytes as they are (pynetdicom chunked mode: no parsing on the sender's side)."""
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+        assert assoc.is_established, "association refused"
+        try:
+            response = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(response.Status)
+
+
+# Fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    dcmtk("storescu")
+    proc = start_node(tmp_path_factory.mktemp("node"), peers.free_port(), settle_seconds=SETTLE,
+                      callers=(SENDER, PYSENDER), extra_env={"CXR_NODE__LOGGING__LEVEL": "DEBUG"})
+    yield proc
+    assert proc.stop() == 0, "graceful stop failed"
+
+
+@pytest.fixture(scope="module")
+def node_db(node: NodeProcess) -> Iterator[Engine]:
+    engine = make_engine(node.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+# Association and verification -----------------------------------------------------------------
+
+
+def test_echoscu_succeeds(node: NodeProcess) -> None:
+    result = subprocess.run([dcmtk("echoscu"), "-aet", SENDER, "-aec", NODE_AET, "127.0.0.1", str(node.port)],
+                            capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(node: NodeProcess, node_db: Engine,
+                                                             tmp_path: Path) -> None:
+    stranger = subprocess.run([dcmtk("echoscu"), "-aet", "STRANGER", "-aec", NODE_AET, "127.0.0.1",
+                               str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert stranger.returncode != 0
+    assert "Calling AE Title Not Recognized" in stranger.stderr + stranger.stdout
+    wrong_called = subprocess.run([dcmtk("echoscu"), "-aet", SENDER, "-aec", "NOTTHENODE", "127.0.0.1",
+                                   str(node.port)], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert wrong_called.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong_called.stderr + wrong_called.stdout
+    ds = make_cr()
+    refused = storescu(node.port, write(ds, tmp_path / "x.dcm"), aet="STRANGER")
+    assert refused.returncode != 0
+    assert instance_row(node_db, ds.SOPInstanceUID) is None
+
+
+# Storage of the real radiographs ----------------------------------------------------------------
+
+
+def test_real_radiographs_are_stored_unchanged_and_the_study_settles(node: NodeProcess, node_db: Engine) -> None:
+    uncompressed = peers.pydicom_data_file("RG1_UNCI.dcm")
+    jpeg2000 = peers.pydicom_data_file("RG1_J2KR.dcm")
+    first = storescu(node.port, uncompressed)
+    assert first.returncode == 0, first.stderr
+    second = storescu(node.port, jpeg2000, extra=("-xv",))  # propose JPEG 2000 lossless
+    assert second.returncode == 0, second.stderr
+    for original_path in (uncompressed, jpeg2000):
+        original = dcmread(original_path)
+        row = instance_row(node_db, original.SOPInstanceUID)
+        assert row is not None, "no row for a stored instance"
+        assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
+        stored = dcmread(node.storage_dir / row.file_path)
+        assert stored.SOPInstanceUID == original.SOPInstanceUID
+        assert np.array_equal(stored.pixel_array, original.pixel_array)
+    with Session(node_db) as session:
+        study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == original.StudyInstanceUID))
+    assert study_pk is not None
+
+    def ready_job() -> Job | None:
+        with Session(node_db) as session:
+            return session.scalar(select(Job).where(Job.study_pk == study_pk, Job.kind == JobKind.STUDY_READY))
+
+    job = wait_for(ready_job, timeout=SETTLE + 30)
+    assert job.dedupe_key == f"study:{study_pk}"
+    with Session(node_db) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.READY
+
+
+def test_repeated_instance_is_success_without_second_row(node: NodeProcess, node_db: Engine,
+                                                         tmp_path: Path) -> None:
+    path = write(make_cr(), tmp_path / "twice.dcm")
+    assert storescu(node.port, path).returncode == 0
+    assert storescu(node.port, path).returncode == 0
+    with Session(node_db) as session:
+        count = session.scalar(select(func.count()).select_from(Instance).where(
+            Instance.sop_instance_uid == dcmread(path).SOPInstanceUID))
+    assert count == 1
+
+
+@pytest.mark.slow
+def test_200_instances_over_4_concurrent_associations(node: NodeProcess, node_db: Engine, tmp_path: Path) -> None:
+    sop_uids = []
+    folders = [tmp_path / f"sender{i}" for i in range(4)]
+    for index in range(200):
+        folder = folders[index % 4]
+        folder.mkdir(exist_ok=True)
+        ds = make_cr(rows=32, columns=32, seed=index, study_uid=f"1.2.826.0.1.3680043.8.498.77.{index % 5}")
+        sop_uids.append(ds.SOPInstanceUID)
+        write(ds, folder / f"{index:04d}.dcm")
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", SENDER, "-aec", NODE_AET, "+sd", "127.0.0.1",
+                               str(node.port), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dcmtk_env()) for folder in folders]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [err for _, err in outputs]
+    assert not any("Store Failed" in err for _, err in outputs)
+    with Session(node_db) as session:
+        rows = session.scalars(select(Instance.file_path).where(Instance.sop_instance_uid.in_(sop_uids))).all()
+    assert len(rows) == 200
+    assert sum(1 for rel in rows if (node.storage_dir / rel).is_file()) == 200
+
+
+# Refusals ------------------------------------------------------------------------------------
+
+
+def test_sop_class_not_accepted_is_refused_at_the_presentation_context(node: NodeProcess,
+                                                                       node_db: Engine) -> None:
+    ae = AE(ae_title=PYSENDER)
+    ae.requested_contexts = [build_context(CTImageStorage, ExplicitVRLittleEndian),
+                             build_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    try:
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert CTImageStorage in rejected and CTImageStorage not in accepted
+    assert ComputedRadiographyImageStorage in accepted
+    ct = Path(str(get_testdata_file("CT_small.dcm")))
+    result = storescu(node.port, ct, extra=("-R",))
+    assert result.returncode != 0 or "Store Failed" in result.stderr or "No presentation context" in result.stderr
+    assert instance_row(node_db, dcmread(ct).SOPInstanceUID) is None
+
+
+def _truncated(ds: Any) -> bytes:
+    return to_bytes(ds)[:-700]
+
+
+def _undecodable(ds: Any) -> bytes:
+    data = to_bytes(ds)
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    return data[:meta_end] + bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8))
+
+
+def _without(keyword: str) -> Callable[[Any], bytes]:
+    def build(ds: Any) -> bytes:
+        delattr(ds, keyword)
+        return to_bytes(ds)
+
+    return build
+
+
+BAD_INPUT = {
+    "truncated": (_truncated, 0xC210),
+    "undecodable": (_undecodable, 0xC210),
+    "no-pixel-data": (_without("PixelData"), 0xA900),
+    "no-sop-class": (_without("SOPClassUID"), 0xA900),
+    "no-sop-instance": (_without("SOPInstanceUID"), 0xA900),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_its_status_and_leaves_nothing(case: str, node: NodeProcess, node_db: Engine,
+                                                      tmp_path: Path) -> None:
+    build, expected = BAD_INPUT[case]
+    ds = make_cr(patient_name=SENTINEL)
+    sop_uid = ds.SOPInstanceUID
+    path = tmp_path / f"{case}.dcm"
+    path.write_bytes(build(ds))
+    assert raw_store(node.port, path) == expected
+    assert instance_row(node_db, sop_uid) is None
+    assert files_named(node, sop_uid) == [] and temporaries(node) == []
+    # the listener keeps serving
+    assert storescu(node.port, write(make_cr(), tmp_path / "ok.dcm")).returncode == 0
+
+
+def test_disk_below_reserve_is_out_of_resources(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "full", peers.free_port(), callers=(PYSENDER,),
+                      extra_env={"CXR_NODE__STORAGE__MIN_FREE_BYTES": str(10**18)})
+    try:
+        ds = make_cr()
+        assert raw_store(node.port, write(ds, tmp_path / "a.dcm")) == 0xA700
+        engine = make_engine(node.database_url)
+        assert instance_row(engine, ds.SOPInstanceUID) is None
+        engine.dispose()
+        assert files_named(node, ds.SOPInstanceUID) == [] and temporaries(node) == []
+    finally:
+        node.stop()
+
+
+def test_database_unavailable_is_out_of_resources(tmp_path: Path) -> None:
+    with postgres_server() as pg:
+        node = start_node(tmp_path / "pgnode", peers.free_port(), callers=(PYSENDER,),
+                          extra_env={"CXR_NODE__DATABASE__URL": pg.create_database()})
+        try:
+            ok, lost = make_cr(), make_cr()
+            ae = AE(ae_title=PYSENDER)
+            ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+            assert assoc.is_established
+            try:
+                assert int(assoc.send_c_store(ok).Status) == 0x0000
+                pg.stop()  # the database goes away mid-association
+                assert int(assoc.send_c_store(lost).Status) == 0xA700
+            finally:
+                assoc.release()
+            assert files_named(node, ok.SOPInstanceUID) != []
+            assert files_named(node, lost.SOPInstanceUID) == [] and temporaries(node) == []
+            assert node.proc is not None and node.proc.poll() is None, "the node died with its database"
+        finally:
+            node.stop()
+
+
+# Crash safety --------------------------------------------------------------------------------
+
+
+def test_kill_9_before_settle_then_restart_readies_the_study_once(tmp_path: Path) -> None:
+    port = peers.free_port()
+    node = start_node(tmp_path / "crash", port, settle_seconds=4.0, callers=(SENDER,))
+    study_uid = generate_uid()
+    paths = [write(make_cr(study_uid=study_uid, seed=i), tmp_path / f"{i}.dcm") for i in range(3)]
+    result = storescu(port, *paths)
+    node.kill()  # SIGKILL right after storage, before the 4 s settle time
+    assert result.returncode == 0, result.stderr
+    engine = make_engine(node.database_url)
+    try:
+        with Session(engine) as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+            assert study is not None and study.state is StudyState.RECEIVED
+            assert session.scalar(select(func.count()).select_from(Job)) == 0
+            study_pk = study.id
+        node.start()
+
+        def ready() -> bool:
+            with Session(engine) as session:
+                row = session.get(Study, study_pk)
+                return row is not None and row.state is StudyState.READY
+
+        wait_for(ready, timeout=60)
+        node.stop()
+        node.start()  # a second restart must not ready it again
+        with Session(engine) as session:
+            jobs = session.scalars(select(Job).where(Job.study_pk == study_pk)).all()
+            instances = session.scalar(select(func.count()).select_from(Instance).join(Series).where(
+                Series.study_pk == study_pk))
+        assert len(jobs) == 1 and instances == 3
+        assert node.log_text().count(f"study {study_pk} ready") == 1
+    finally:
+        node.stop()
+        engine.dispose()
+
+
+# Runs last in this module: everything above went through the same node and its log.
+
+
+def test_sentinel_patient_name_never_reaches_the_log(node: NodeProcess, node_db: Engine, tmp_path: Path) -> None:
+    ds = make_cr(patient_name=SENTINEL, patient_id=SENTINEL[:10])
+    assert storescu(node.port, write(ds, tmp_path / "sentinel.dcm")).returncode == 0
+    row = instance_row(node_db, ds.SOPInstanceUID)
+    assert row is not None
+    with Session(node_db) as session:
+        study_pk = session.scalar(select(Series.study_pk).where(Series.id == row.series_pk))
+    wait_for(lambda: f"study {study_pk} ready" in node.log_text(), timeout=SETTLE + 30)
+    log = node.log_text()
+    assert "stored instance" in log  # the log is captured at DEBUG level
+    assert SENTINEL not in log and "QUIXOTE" not in log

@@ -1,0 +1,175 @@
+"""The node's SCP and SCU over real loopback associations (in-process pynetdicom peers)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import aes, scu
+from dicom_node.errors import AssociationError
+from dicom_node.ingest import Ingestor, IngestResult
+from dicom_node.scp import StorageScp, build_scp
+from dicom_node.settings import DicomSettings, TlsSettings
+from dicom_node.store import db
+from dicom_node.store.files import FileStore
+from dicom_node.store.models import AeRole, Instance
+from dicom_node.tls import client_context, server_context
+from tests import peers
+from tests.node_datasets import make_cr
+
+pytestmark = pytest.mark.network
+
+CALLER = "TESTSCU"
+SENTINEL = "ZZNETSENTINEL"
+
+
+@dataclass
+class Listener:
+    scp: StorageScp
+    sessions: sessionmaker[Session]
+    store: FileStore
+
+
+def _listener(tmp_path: Path, *, ingestor_class: type[Ingestor] = Ingestor,
+              ssl_context: ssl.SSLContext | None = None) -> Listener:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    db.upgrade(engine)
+    sessions = db.make_session_factory(engine)
+    with sessions() as session, session.begin():
+        aes.add(session, aes.AeSpec(CALLER, AeRole.CALLER, "127.0.0.1"), "test")
+    store = FileStore(tmp_path / "instances")
+    scp = build_scp(DicomSettings(port=0, bind_address="127.0.0.1"), ingestor_class(sessions, store), sessions,
+                    ssl_context=ssl_context)
+    scp.start()
+    return Listener(scp, sessions, store)
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    node = _listener(tmp_path)
+    yield node
+    node.scp.stop()
+
+
+def _jpeg_baseline(ds: Dataset) -> Dataset:
+    pixels = (ds.pixel_array >> 4).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def _variants() -> dict[str, Dataset]:
+    out: dict[str, Dataset] = {}
+    for name, syntax in (("explicit", ExplicitVRLittleEndian), ("implicit", ImplicitVRLittleEndian),
+                         ("deflated", DeflatedExplicitVRLittleEndian)):
+        ds = make_cr(seed=len(out))
+        ds.file_meta.TransferSyntaxUID = syntax
+        out[name] = ds
+    for name, syntax in (("rle", RLELossless), ("jpeg-ls", JPEGLSLossless), ("jpeg2000", JPEG2000Lossless)):
+        ds = make_cr(seed=len(out))
+        ds.compress(syntax)
+        out[name] = ds
+    out["jpeg-baseline"] = _jpeg_baseline(make_cr(seed=len(out)))
+    sc = make_cr(seed=len(out))
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    out["secondary-capture"] = sc
+    return out
+
+
+def _roundtrip(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def test_every_transfer_syntax_is_stored_as_sent_and_decodes(listener: Listener) -> None:
+    variants = _variants()
+    sent = {name: _roundtrip(ds) for name, ds in variants.items()}
+    statuses = scu.send(list(sent.values()), "127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER)
+    assert statuses == [0] * len(sent)
+    with listener.sessions() as session:
+        rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
+    for name, ds in sent.items():
+        row = rows[ds.SOPInstanceUID]
+        assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
+        stored = dcmread(listener.store.path(row.file_path))
+        assert np.array_equal(stored.pixel_array, ds.pixel_array), name
+
+
+def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: Listener) -> None:
+    assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0
+    with pytest.raises(AssociationError, match="rejected"):
+        scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="NOBODY")
+
+
+class _ExplodingOnce(Ingestor):
+    exploded = False
+
+    def ingest_network(self, dataset_bytes: bytes, **kwargs: str) -> IngestResult:  # type: ignore[override]
+        if not _ExplodingOnce.exploded:
+            _ExplodingOnce.exploded = True
+            raise RuntimeError(f"boom with {SENTINEL} inside")
+        return super().ingest_network(dataset_bytes, **kwargs)
+
+
+def test_unexpected_error_is_a_failure_status_the_listener_survives_and_the_text_is_not_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = _listener(tmp_path, ingestor_class=_ExplodingOnce)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            statuses = scu.send([make_cr(), make_cr()], "127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER)
+        assert statuses == [0x0110, 0x0000]
+        assert "RuntimeError" in caplog.text and SENTINEL not in caplog.text
+    finally:
+        node.scp.stop()
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = peers.executable("openssl")
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=cxr-node-test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        require_client_certificate=False))
+    node = _listener(tmp_path, ssl_context=server)
+    try:
+        client = client_context(TlsSettings(ca_certificates=cert))
+        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, tls=client) == 0
+        with pytest.raises(AssociationError):
+            scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5)
+    finally:
+        node.scp.stop()

@@ -1,0 +1,75 @@
+"""Small synthetic CR instances for node tests (made here, no external data)."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+
+def make_cr(
+    *,
+    rows: int = 64,
+    columns: int = 64,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_name: str = "Doe^Jane",
+    patient_id: str = "PID-1",
+    seed: int = 0,
+) -> Dataset:
+    """A valid little CR image (MONOCHROME1, 12 bits stored) with fresh UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.AccessionNumber = "ACC123"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101010"
+    ds.StudyDescription = "CHEST PA"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.Modality = "CR"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    pixels = np.random.default_rng(seed).integers(0, 4096, size=(rows, columns), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """Part 10 encoding of ``ds`` (preamble, file meta, dataset)."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(to_bytes(ds))
+    return path

@@ -1,0 +1,99 @@
+"""Parsing and validation of received objects: each defect maps to its named DIMSE status."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
+from dicom_node.ingest import (
+    ACCEPTED_SOP_CLASSES,
+    _check_pixel_data,
+    decodable_transfer_syntaxes,
+    parse_instance,
+    parse_network_dataset,
+    part10_prefix,
+)
+from dicom_node.statuses import Status
+from tests.node_datasets import make_cr, to_bytes
+
+pytestmark = pytest.mark.unit
+
+
+def _dataset_part(data: bytes) -> bytes:
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    return data[meta_end:]
+
+
+def test_a_valid_instance_parses_from_file_and_from_network_bytes() -> None:
+    ds = make_cr()
+    data = to_bytes(ds)
+    assert parse_instance(data).SOPInstanceUID == ds.SOPInstanceUID
+    parsed = parse_network_dataset(_dataset_part(data), transfer_syntax=ExplicitVRLittleEndian,
+                                   sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
+    assert parsed.PatientID == "PID-1"
+    _check_pixel_data(parsed, ExplicitVRLittleEndian)
+
+
+def test_the_stored_prefix_plus_received_bytes_is_a_valid_part10_file() -> None:
+    ds = make_cr()
+    body = _dataset_part(to_bytes(ds))
+    rebuilt = parse_instance(part10_prefix(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + body)
+    assert rebuilt.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert rebuilt.PixelData == ds.PixelData
+
+
+@pytest.mark.parametrize("cut", [1, 9, 700, 8000])
+def test_truncation_anywhere_is_cannot_understand(cut: int) -> None:
+    ds = make_cr()
+    with pytest.raises(UndecodableDatasetError) as caught:
+        body = _dataset_part(to_bytes(ds))[:-cut]
+        ds_net = parse_network_dataset(body, transfer_syntax=ExplicitVRLittleEndian,
+                                       sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
+        _check_pixel_data(ds_net, ExplicitVRLittleEndian)
+    assert caught.value.status is Status.CANNOT_UNDERSTAND
+
+
+def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
+    ds = make_cr()
+    body = _dataset_part(to_bytes(ds))  # explicit VR bytes announced as implicit
+    with pytest.raises(NodeError) as caught:
+        parsed = parse_network_dataset(body, transfer_syntax=ImplicitVRLittleEndian,
+                                       sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
+        _check_pixel_data(parsed, ImplicitVRLittleEndian)
+    assert caught.value.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+
+
+@pytest.mark.parametrize("keyword", ["SOPClassUID", "SOPInstanceUID"])
+def test_missing_identity_is_dataset_does_not_match(keyword: str) -> None:
+    ds = make_cr()
+    delattr(ds, keyword)
+    with pytest.raises(InvalidDatasetError) as caught:
+        parse_instance(to_bytes(ds))
+    assert caught.value.status is Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_missing_or_short_pixel_data() -> None:
+    ds = make_cr()
+    del ds.PixelData
+    with pytest.raises(InvalidDatasetError):
+        _check_pixel_data(parse_instance(to_bytes(ds)), ExplicitVRLittleEndian)
+    short = make_cr()
+    short.Rows = 128  # says more pixels than it carries
+    with pytest.raises(UndecodableDatasetError):
+        _check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
+
+
+def test_sop_identity_must_match_the_request() -> None:
+    ds = make_cr()
+    with pytest.raises(InvalidDatasetError):
+        parse_instance(to_bytes(ds), expect_sop_instance="1.2.3.4")
+
+
+def test_offered_syntaxes_cover_the_issue_list() -> None:
+    offered = set(decodable_transfer_syntaxes())
+    for uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50",
+                "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+                "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"):
+        assert uid in offered
+    assert len(ACCEPTED_SOP_CLASSES) == 4
