@@ -1060,5 +1060,10 @@ def attach(
     metrics.add_check("pipeline", lambda: pipeline.alive)
     server = None
     if settings.metrics.enabled:
-        server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port)
+        try:
+            server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port)
+        except OSError as exc:
+            # Monitoring must not keep the node from receiving studies: run on, say so loudly.
+            LOGGER.error("health/metrics listener not started on %s:%d (%s)", settings.metrics.host,
+                         settings.metrics.port, exc.strerror or type(exc).__name__)
     return PipelineService(pipeline, outbox, retention, metrics, server)
