@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,17 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
 end
 """
 
+# Stable-study routing: the whole study once it has been quiet for StableAge seconds. (The node's results
+# make the study change again; the second forward of the same image is an idempotent no-op at the node.)
 _FORWARD_STABLE_STUDY_LUA = """
 function OnStableStudy(studyId, tags, metadata)
-  local instances = ParseJson(RestApiGet('/studies/' .. studyId .. '/instances'))
-  for i, instance in pairs(instances) do
-    local modality = instance['MainDicomTags']['Modality']
-    if modality == nil then
-      modality = ParseJson(RestApiGet('/instances/' .. instance['ID'] .. '/simplified-tags'))['Modality']
-    end
+  local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
+  for i, s in pairs(series) do
+    local modality = s['MainDicomTags']['Modality']
     if modality ~= 'SR' and modality ~= 'DOC' and modality ~= 'OT' then
-      SendToModality(instance['ID'], 'node')
+      for j, instanceId in pairs(s['Instances']) do
+        SendToModality(instanceId, 'node')
+      end
     end
   end
 end
@@ -74,11 +74,12 @@ class OrthancServer:
         forward: str | None = "instance",  # "instance", "stable-study" or None
         stable_age: int = 1,
         ae_title: str = ORTHANC_AET,
+        dicom_port: int | None = None,
     ) -> None:
         self.executable = peers.executable("Orthanc", "/usr/sbin/Orthanc")
         self.workdir = workdir
         self.ae_title = ae_title
-        self.dicom_port = peers.free_port()
+        self.dicom_port = dicom_port or peers.free_port()
         self.http_port = peers.free_port()
         self.node = node
         self.forward = forward if node is not None else None
@@ -193,21 +194,11 @@ class OrthancServer:
         response.raise_for_status()
         return response.json()
 
-    def upload(self, path: Path) -> str:
-        """Store a file through the REST API (no forwarding origin); returns the Orthanc instance id."""
-        return str(self.post("/instances", path.read_bytes())["ID"])
-
     def instances(self) -> list[str]:
         return [str(i) for i in self.get("/instances")]
 
     def tags(self, instance_id: str) -> dict[str, Any]:
         return dict(self.get(f"/instances/{instance_id}/simplified-tags"))
-
-    def study_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
-        """Every instance Orthanc holds in the study, with simplified tags of interest."""
-        found = self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
-                                          "Expand": True, "RequestedTags": ["Modality", "SOPClassUID"]})
-        return list(found)
 
     def by_modality(self, study_instance_uid: str, modality: str) -> list[str]:
         """Instance ids in the study whose series has ``modality`` (e.g. SR, DOC)."""
@@ -221,22 +212,3 @@ class OrthancServer:
     def remote_aet(self, instance_id: str) -> str:
         response = httpx.get(f"{self.url}/instances/{instance_id}/metadata/RemoteAET", timeout=10.0)
         return response.text if response.status_code == 200 else ""
-
-    def wait_for(self, predicate: Any, timeout: float, interval: float = 0.2) -> Any:
-        """Poll ``predicate()`` until it returns something truthy or the deadline passes."""
-        deadline = time.monotonic() + timeout
-        value = predicate()
-        while not value and time.monotonic() < deadline:
-            time.sleep(interval)
-            value = predicate()
-        return value
-
-
-def orthanc_server(workdir: Path, **kwargs: Any) -> Iterator[OrthancServer]:
-    """Generator for a pytest fixture: a started Orthanc, stopped afterwards."""
-    server = OrthancServer(workdir, **kwargs)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

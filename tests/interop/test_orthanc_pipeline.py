@@ -224,9 +224,7 @@ def test_a_dead_destination_is_delivered_by_resend_once_fixed(stack: Stack) -> N
     assert listing.returncode == 1
     assert all(f"{pk}\t" in listing.stdout for pk in dead)
 
-    backup = OrthancServer(stack.root / "backup", ae_title="BACKUP")
-    backup.dicom_port = stack.backup_port
-    backup._write_config()
+    backup = OrthancServer(stack.root / "backup", ae_title="BACKUP", dicom_port=stack.backup_port)
     backup.start()
     try:
         result = stack.node.cli("resend", *map(str, dead))
