@@ -570,6 +570,9 @@ class Pipeline:
         if analysed:
             objects = self._ensure_result_rows(study_pk, info, [i.id for i in analysed])
             self._build_missing(study_pk, info, objects, cycle)
+            for instance in analysed:  # pixels of a finished study need not wait for the whole batch
+                cycle.datasets.pop(instance.id, None)
+                cycle.previews.pop(instance.id, None)
             state, reason = StudyState.ANALYSED, ""
         elif failed:
             self._finalise(study_pk, StudyState.FAILED, "no image could be analysed", [], job_failed=True)
