@@ -14,17 +14,17 @@ from typing import Any
 
 import pydicom
 import pytest
-from dicom_node.ingest import ingest_bytes
-from dicom_node.store.files import FileStore
 from pydicom.uid import generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.ingest import ingest_bytes
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
+from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
     Delivery,
@@ -274,3 +274,17 @@ def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str,
     assert resumed.unfinished_studies() == [study_pk]
     resumed.process([study_pk])
     assert len(peer.received) == 2
+
+
+def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, Any], peer: StorePeer) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF, ResultKind.HEATMAP_SC}
+    sc = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.HEATMAP_SC][1])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.SOPInstanceUID == rows[ResultKind.HEATMAP_SC][0]
+    with session_scope(world["db"]) as session:
+        finding = session.scalars(select(Finding)).one()
+        assert finding.heatmap_path and (world["config"].results_dir / finding.heatmap_path).is_file()
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
