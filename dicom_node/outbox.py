@@ -62,7 +62,8 @@ def run_scheduled(destination_pk: int) -> None:
     """APScheduler entry point: deliver what is due for one destination."""
     outbox = _active
     if outbox is None:
-        LOGGER.warning("delivery wake-up for destination %d with no outbox running", destination_pk)
+        # A persisted wake-up firing during start-up, before the outbox runs: start() resumes everything due.
+        LOGGER.info("delivery wake-up for destination %d before the outbox started", destination_pk)
         return
     outbox.kick([destination_pk])
 
