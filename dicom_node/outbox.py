@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
 from dicom_node.errors import ConfigurationError, NodeError, NotFoundError
+from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import is_stored, is_warning
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
@@ -85,19 +86,6 @@ def run_sweep() -> None:
     outbox = _active
     if outbox is not None:
         outbox.sweep()
-
-
-def _memory_store() -> str:
-    """The scheduler's non-persistent store: the sweep is re-added at every start."""
-    from dicom_node.jobs import MEMORY_STORE
-
-    return MEMORY_STORE
-
-
-def _persistent_store() -> str:
-    from dicom_node.jobs import PERSISTENT_STORE
-
-    return PERSISTENT_STORE
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -185,7 +173,7 @@ class Outbox:
                 "interval",
                 seconds=SWEEP_SECONDS,
                 id=SWEEP_JOB_ID,
-                jobstore=_memory_store(),
+                jobstore=MEMORY_STORE,
                 replace_existing=True,
                 coalesce=True,
                 max_instances=1,
@@ -223,7 +211,7 @@ class Outbox:
                     run_date=at,
                     args=[pk],
                     id=f"outbox:destination:{pk}",
-                    jobstore=_persistent_store(),
+                    jobstore=PERSISTENT_STORE,
                     replace_existing=True,
                     misfire_grace_time=None,
                     coalesce=True,

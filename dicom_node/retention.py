@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.jobs import MEMORY_STORE
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     Delivery,
@@ -47,12 +48,6 @@ def run_scheduled() -> None:
     retention = _active
     if retention is not None:
         retention.purge()
-
-
-def _memory_store() -> str:
-    from dicom_node.jobs import MEMORY_STORE
-
-    return MEMORY_STORE
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ class Retention:
             "interval",
             seconds=self.interval_seconds,
             id=JOB_ID,
-            jobstore=_memory_store(),
+            jobstore=MEMORY_STORE,
             replace_existing=True,
             coalesce=True,
             max_instances=1,
