@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
@@ -165,8 +165,9 @@ class Outbox:
         _active = self
         with session_scope(self.session_factory) as session:
             # PENDING deliveries were never answered: due now, even if a dead process leased them.
-            for delivery in session.scalars(select(Delivery).where(Delivery.state == DeliveryState.PENDING)):
-                delivery.next_attempt_at = utcnow()
+            session.execute(
+                update(Delivery).where(Delivery.state == DeliveryState.PENDING).values(next_attempt_at=utcnow())
+            )
         if self.scheduler is not None:
             self.scheduler.add_job(
                 run_sweep,
@@ -178,6 +179,7 @@ class Outbox:
                 coalesce=True,
                 max_instances=1,
             )
+        # Every destination with work: due batches go now, the others get their back-off wake-up re-armed.
         self.kick(self._destinations_with_work())
 
     def stop(self) -> None:
