@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,10 @@ def corpus(folder: Path, count: int) -> list[tuple[Path, str]]:
     return items
 
 
-def push(orthanc: OrthancServer, items: list[tuple[Path, str]], rate: float) -> dict[str, float]:
-    """C-STORE each file into Orthanc over one association; returns study UID -> acknowledged time."""
+def push(
+    orthanc: OrthancServer, items: list[tuple[Path, str]], rate: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """C-STORE each file into Orthanc over one association; study UID -> acknowledged (monotonic, wall)."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ComputedRadiographyImageStorage)
     ae.maximum_pdu_size = 131072
@@ -93,6 +96,7 @@ def push(orthanc: OrthancServer, items: list[tuple[Path, str]], rate: float) -> 
     if not assoc.is_established:
         raise RuntimeError("Orthanc refused the association")
     received: dict[str, float] = {}
+    wall: dict[str, float] = {}
     started = time.monotonic()
     try:
         for index, (path, study_uid) in enumerate(items):
@@ -104,9 +108,38 @@ def push(orthanc: OrthancServer, items: list[tuple[Path, str]], rate: float) -> 
             if status is None or int(status.Status) != 0:
                 raise RuntimeError(f"Orthanc answered {status!r} for study {index}")
             received[study_uid] = time.monotonic()
+            wall[study_uid] = time.time()
     finally:
         assoc.release()
-    return received
+    return received, wall
+
+
+def stages(node: NodeProcess, wall: dict[str, float]) -> dict[str, list[float]]:
+    """Where the time went, from the node's own rows: Orthanc → node, settle, ready → SR delivered."""
+    from sqlalchemy import select
+
+    from dicom_node.store.models import Delivery, ResultKind, ResultObject, Study
+
+    out: dict[str, list[float]] = {"forward": [], "settle": [], "process": []}
+    with node.session() as session:
+        rows = session.execute(
+            select(Study.study_instance_uid, Study.first_received_at, Study.last_received_at, Study.ready_at,
+                   Delivery.delivered_at)
+            .join(ResultObject, ResultObject.study_pk == Study.id)
+            .join(Delivery, Delivery.result_object_pk == ResultObject.id)
+            .where(ResultObject.kind == ResultKind.SR, Delivery.delivered_at.is_not(None))
+        ).all()
+    for uid, first, last, ready, delivered in rows:
+        if uid in wall:
+            out["forward"].append(_utc(first).timestamp() - wall[uid])
+        if ready is not None:
+            out["settle"].append((_utc(ready) - _utc(last)).total_seconds())
+            out["process"].append((_utc(delivered) - _utc(ready)).total_seconds())
+    return out
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -122,6 +155,10 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+def _p(values: list[float], q: float) -> float | None:
+    return round(percentile(values, q), 2) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         watcher.start()
         assert node.process is not None
         pid = node.process.pid
-        received = push(orthanc, items, args.rate)
+        received, wall = push(orthanc, items, args.rate)
         pushed_at = time.monotonic()
         wait_until(lambda: len(watcher.seen) >= len(items), args.settle + 120 + args.studies * 0.5, interval=0.5)
         time.sleep(1.0)  # a late duplicate would show here
         watcher.stop.set()
         watcher.join(10)
         rss = peak_rss_mb(pid)
+        breakdown = stages(node, wall)
     finally:
         node.stop()
         orthanc.stop()
@@ -190,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         "lost": lost,
         "duplicated": duplicated,
         "target_p95_s": args.settle + 2.0,
+        "orthanc_to_node_p50_s": _p(breakdown["forward"], 50),
+        "settle_p50_s": _p(breakdown["settle"], 50),
+        "ready_to_sr_delivered_p50_s": _p(breakdown["process"], 50),
+        "ready_to_sr_delivered_p95_s": _p(breakdown["process"], 95),
         "heatmap": args.heatmap,
         "model": str(model),
     }
