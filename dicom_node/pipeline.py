@@ -281,6 +281,11 @@ class Pipeline:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def model_loaded(self) -> bool:
+        """False while the model loads at start-up, and when it cannot be loaded (no studies analysed)."""
+        return self._classifier is not None
+
     def unfinished_studies(self) -> list[int]:
         with session_scope(self.session_factory) as session:
             rows = session.scalars(
@@ -1061,6 +1066,7 @@ def attach(
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
     metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
     metrics.add_check("pipeline", lambda: pipeline.alive)
+    metrics.add_check("model", lambda: pipeline.model_loaded)
     server = None
     if settings.metrics.enabled:
         try:
