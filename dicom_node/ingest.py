@@ -2,8 +2,9 @@
 
 Shared by the C-STORE handler (:mod:`dicom_node.scp`) and web uploads. The bytes the sender encoded are
 written as received (preamble + file meta + dataset) rather than re-encoded, so the stored file is exactly
-what the modality produced. A repeated SOP Instance UID is a success without a second row or file write.
-On any failure nothing is left behind: the file is removed when its rows cannot be committed.
+what the modality produced. A repeated SOP Instance UID is a success without a second row; the first
+file is kept. On any failure nothing is left behind: the file only takes its final name inside the
+transaction that records it, and is removed again if that transaction cannot commit.
 """
 
 from __future__ import annotations
