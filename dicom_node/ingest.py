@@ -375,32 +375,45 @@ class Ingestor:
         return result
 
     def _record(self, parsed: _Parsed, staged: StagedFile, calling_ae: str, source: str) -> IngestResult:
-        """One transaction: duplicate check, rows, rename of the staged file into place, commit.
+        """One transaction: duplicate check, rows and the rename of the staged file, then COMMIT;
+        the directory fsync that makes the rename durable follows the commit, before success.
 
-        The rename (and its directory fsync) happens inside the transaction, before COMMIT: a row
-        never points at a missing file, and if the commit fails the published file is removed again.
+        A row never points at a name that was not renamed into place; if the commit fails the renamed
+        file is removed again. Should power fail between the commit and the directory fsync, the
+        sender got no success and sends again: the duplicate path then restores a missing file from
+        the new copy. Keeping the fsync out of the transaction keeps it out of SQLite's write lock,
+        which concurrent associations share.
+
         Core statements, not ORM flushes: this runs once per received image and the ORM's unit of work
         cost more CPU than the file write. The series -> (study, series) ids of recent series are
         cached, so an instance of a known series costs one SELECT, one UPDATE and one INSERT.
         """
         stored = staged.stored
         cached = self._parents.get(parsed.series_uid)
-        published = False
+        renamed = False
+        inserted: tuple[int, tuple[int, int]] | None = None
         try:
             with self._engine.begin() as conn:
                 existing = _find_existing(conn, parsed.sop_instance_uid)
-                if existing is not None:
-                    return existing
-                parents = _touch_parents(conn, parsed, cached)
-                if parents is None:  # not cached, or the cached row disappeared: full upsert
-                    parents = _upsert_parents(conn, parsed, calling_ae)
-                instance_pk = _insert_instance(conn, parsed, stored, parents[1], calling_ae, source)
-                staged.publish()
-                published = True
+                if existing is None:
+                    inserted = _insert_rows(conn, parsed, stored, calling_ae, source, cached)
+                    staged.rename()
+                    renamed = True
         except BaseException:
-            if published:  # renamed into place but the commit failed: take it back
+            if renamed:  # renamed into place but the commit failed: take it back
                 self.file_store.delete(stored.relative_path)
             raise
+        if existing is not None:
+            result, file_path = existing
+            if not self.file_store.path(file_path).exists():
+                LOGGER.warning("instance %d had lost its file; restored from the copy sent again",
+                               result.instance_pk)
+                staged.rename(file_path)
+                staged.sync_directory()
+            return result
+        assert inserted is not None
+        instance_pk, parents = inserted
+        staged.sync_directory()
         self._remember(parsed.series_uid, parents)
         return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
                             size_bytes=stored.size_bytes)
@@ -448,15 +461,26 @@ def _new_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
-def _find_existing(conn: Connection, sop_instance: str) -> IngestResult | None:
+def _find_existing(conn: Connection, sop_instance: str) -> tuple[IngestResult, str] | None:
+    """The stored instance with this SOP Instance UID (as a duplicate result) and its file path."""
     row = conn.execute(
-        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk)
+        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
         .where(_INSTANCE.c.sop_instance_uid == sop_instance)
     ).first()
     if row is None:
         return None
-    return IngestResult(instance_pk=row[0], study_pk=row[2], duplicate=True, size_bytes=row[1])
+    result = IngestResult(instance_pk=row[0], study_pk=row[2], duplicate=True, size_bytes=row[1])
+    return result, str(row[3])
+
+
+def _insert_rows(conn: Connection, parsed: _Parsed, stored: StoredFile, calling_ae: str, source: str,
+                 cached: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
+    """Instance row plus its parents; returns (instance pk, (study pk, series pk))."""
+    parents = _touch_parents(conn, parsed, cached)
+    if parents is None:  # not cached, or the cached row disappeared: full upsert
+        parents = _upsert_parents(conn, parsed, calling_ae)
+    return _insert_instance(conn, parsed, stored, parents[1], calling_ae, source), parents
 
 
 def _touch_parents(conn: Connection, parsed: _Parsed,

@@ -56,19 +56,37 @@ class StagedFile:
         self.stored = stored
 
     def publish(self) -> None:
-        """Rename into place and make the rename durable (fsync of the directory)."""
+        """Rename into place and make the rename durable."""
+        self.rename()
+        self.sync_directory()
+
+    def rename(self, relative_path: str | None = None) -> None:
+        """Give the file its final name (or ``relative_path``); durable only after :meth:`sync_directory`.
+
+        Split from the fsync so the rename can happen inside a database transaction while the slower
+        directory fsync runs after the commit, outside the database's write lock.
+        """
         if self._temp is None:
             raise RuntimeError("staged file already published or discarded")
+        if relative_path is not None:
+            self._target = self._store.path(relative_path)
         try:
             os.replace(self._temp, self._target)
             self._temp = None
-            if self._store.fsync:
-                _fsync_dir(self._target.parent)
-                for directory in self._created:
-                    _fsync_dir(directory.parent)
         except OSError as exc:
             self.discard()
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
+
+    def sync_directory(self) -> None:
+        """fsync the directory holding the new name (and any directories created for it)."""
+        if not self._store.fsync:
+            return
+        try:
+            _fsync_dir(self._target.parent)
+            for directory in self._created:
+                _fsync_dir(directory.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot sync the file store ({exc.strerror or type(exc).__name__})") from exc
 
     def discard(self) -> None:
         if self._temp is not None:
