@@ -85,6 +85,7 @@ class Node:
         self.scp.stop()
         self.settler.stop()
         self.scheduler.shutdown(wait=True)
+        self.file_store.close()
         self.engine.dispose()
         LOGGER.info("node stopped")
 
