@@ -188,7 +188,6 @@ def build_cxr_compact(
         x = conv(x, filters, f"block{index}b")
         if index < 3:
             x = layers.MaxPooling2D(name=f"block{index}_pool")(x)
-    x = layers.MaxPooling2D(name="block3_pool")(x)
     x = layers.Conv2D(192, 3, padding="same", use_bias=False, name="head_conv")(x)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Activation("relu", name=GRADCAM_LAYER)(x)

@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     evaluate.add_argument("data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label)")
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
     evaluate.add_argument("--degrade", default="none", help="re-encode/degrade images first (see classifier.evaluation)")
+    evaluate.add_argument(
+        "--split",
+        choices=("all", "validation", "train"),
+        default="all",
+        help="score only one side of the group split recorded in the model's model.json",
+    )
     evaluate.set_defaults(func=_evaluate)
 
     classify = subparsers.add_parser("classify", help="classify DICOM or PNG/JPEG files with a model artifact")
@@ -80,9 +86,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from classifier.artifact import read_metadata
+    from classifier.dataset import load_collection, split_by_group
     from classifier.evaluation import evaluate
 
-    report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade)
+    items = None
+    if args.split != "all":
+        split = read_metadata(args.model).data.get("split", {})
+        train_items, val_items = split_by_group(
+            load_collection(args.data), float(split.get("validation_fraction", 0.2)), int(split.get("seed", 42))
+        )
+        items = val_items if args.split == "validation" else train_items
+    report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items)
     print(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
     return 0
 

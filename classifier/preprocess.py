@@ -217,7 +217,7 @@ def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     sequence = ds.get("VOILUTSequence")
     if sequence:
         item = sequence[0]
-        lut = apply_voi(values.astype(np.float64), ds, index=0)
+        lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
         top = float(np.max(np.asarray(item.LUTData, dtype=np.float64))) or 1.0
         return np.clip(np.asarray(lut, dtype=np.float32) / top, 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
