@@ -70,14 +70,20 @@ class Architecture:
 
     def build(self, num_classes: int, *, weights: str | Path | None = None, seed: int = 0) -> Any:
         """A compiled-ready (uncompiled) ``keras.Model`` for ``num_classes`` outputs."""
-        return self.builder(num_classes=num_classes, input_size=self.preprocess.input_size, weights=weights, seed=seed)
+        return self.builder(
+            num_classes=num_classes, input_size=self.preprocess.input_size, weights=weights, seed=seed
+        )
 
 
 # ------------------------------------------------------------------------------------------ builders
 
 
 def build_sugandi_cnn(
-    *, num_classes: int = 3, input_size: tuple[int, int] = (150, 150), weights: str | Path | None = None, seed: int = 0
+    *,
+    num_classes: int = 3,
+    input_size: tuple[int, int] = (150, 150),
+    weights: str | Path | None = None,
+    seed: int = 0,
 ) -> Any:
     """Seed 000, Table III (layer names as printed there). The dropout rate is not published: 0.5."""
     import keras
@@ -130,7 +136,11 @@ def resnet152_weights_path(weights: str | Path) -> Path:
 
 
 def build_resnet152_transfer(
-    *, num_classes: int = 2, input_size: tuple[int, int] = (224, 224), weights: str | Path | None = "imagenet", seed: int = 0
+    *,
+    num_classes: int = 2,
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = "imagenet",
+    seed: int = 0,
 ) -> Any:
     """Seed 003, Fig. 8: ResNet-152 base → GAP → Dense512 ReLU → BN → Dropout 0.5 → Dense softmax (L2 1e-3).
 
@@ -160,7 +170,11 @@ def build_resnet152_transfer(
 
 
 def build_cxr_compact(
-    *, num_classes: int = 3, input_size: tuple[int, int] = (224, 224), weights: str | Path | None = None, seed: int = 0
+    *,
+    num_classes: int = 3,
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = None,
+    seed: int = 0,
 ) -> Any:
     """A ~0.5 M-parameter VGG-style CNN with batch norm: 5×5/2 stem, pool, three double-conv stages,
     a 14×14 feature map for Grad-CAM, global average pooling, dropout, softmax.
@@ -223,8 +237,20 @@ _ARCHITECTURES: dict[str, Architecture] = {
         recipe=Recipe(
             batch_size=32,
             stages=(
-                Stage(epochs=25, learning_rate=1e-5, early_stopping_patience=5, reduce_lr_patience=3, unfreeze_last=0),
-                Stage(epochs=25, learning_rate=1e-5, early_stopping_patience=7, reduce_lr_patience=3, unfreeze_last=10),
+                Stage(
+                    epochs=25,
+                    learning_rate=1e-5,
+                    early_stopping_patience=5,
+                    reduce_lr_patience=3,
+                    unfreeze_last=0,
+                ),
+                Stage(
+                    epochs=25,
+                    learning_rate=1e-5,
+                    early_stopping_patience=7,
+                    reduce_lr_patience=3,
+                    unfreeze_last=10,
+                ),
             ),
             augmentation="none",
             keep_best=True,
@@ -235,10 +261,20 @@ _ARCHITECTURES: dict[str, Architecture] = {
     ),
     "cxr-compact": Architecture(
         name="cxr-compact",
-        preprocess=PreprocessSpec(input_size=(224, 224), normalisation="unit", equalisation="histeq", crop_borders=True),
+        preprocess=PreprocessSpec(
+            input_size=(224, 224), normalisation="unit", equalisation="histeq", crop_borders=True
+        ),
         recipe=Recipe(
             batch_size=16,
-            stages=(Stage(epochs=60, learning_rate=1e-3, early_stopping_patience=15, reduce_lr_patience=5, reduce_lr_factor=0.3),),
+            stages=(
+                Stage(
+                    epochs=60,
+                    learning_rate=1e-3,
+                    early_stopping_patience=15,
+                    reduce_lr_patience=5,
+                    reduce_lr_factor=0.3,
+                ),
+            ),
             augmentation="robust",
             keep_best=True,
             class_weights=True,
@@ -260,7 +296,9 @@ def get_architecture(name: str) -> Architecture:
     try:
         return _ARCHITECTURES[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(_ARCHITECTURES)}") from None
+        raise ValueError(
+            f"unknown architecture {name!r}; choose one of {', '.join(_ARCHITECTURES)}"
+        ) from None
 
 
 def set_trainable(model: Any, unfreeze_last: int | None) -> None:

@@ -53,12 +53,18 @@ class Augmentation:
 AUGMENTATIONS: dict[str, Augmentation] = {
     "none": Augmentation(geometry=None, photometry=None),
     "sugandi-table2": Augmentation(
-        geometry=Geometry(rotation_deg=30.0, shift=0.2, shear_deg=0.3, zoom=(0.9, 1.1), flip=True, fill_mode="NEAREST"),
+        geometry=Geometry(
+            rotation_deg=30.0, shift=0.2, shear_deg=0.3, zoom=(0.9, 1.1), flip=True, fill_mode="NEAREST"
+        ),
         photometry=None,
     ),
     "robust": Augmentation(
-        geometry=Geometry(rotation_deg=10.0, shift=0.08, shear_deg=5.0, zoom=(0.85, 1.2), flip=True, fill_mode="REFLECT"),
-        photometry=Photometry(gamma_log=0.4, contrast=0.3, blur_min_scale=0.3, noise_sigma=0.025, label_probability=0.5),
+        geometry=Geometry(
+            rotation_deg=10.0, shift=0.08, shear_deg=5.0, zoom=(0.85, 1.2), flip=True, fill_mode="REFLECT"
+        ),
+        photometry=Photometry(
+            gamma_log=0.4, contrast=0.3, blur_min_scale=0.3, noise_sigma=0.025, label_probability=0.5
+        ),
     ),
 }
 
@@ -148,9 +154,13 @@ def equalise_batch(images: Any) -> Any:
     levels = tf.cast(tf.clip_by_value(tf.round(flat * (levels_count - 1)), 0, levels_count - 1), tf.int32)
     hist = tf.math.bincount(levels, minlength=levels_count, maxlength=levels_count, axis=-1, dtype=tf.float32)
     cdf = tf.cumsum(hist, axis=-1)
-    first = tf.reduce_min(tf.where(hist > 0, cdf, tf.fill(tf.shape(cdf), float("inf"))), axis=-1, keepdims=True)
+    first = tf.reduce_min(
+        tf.where(hist > 0, cdf, tf.fill(tf.shape(cdf), float("inf"))), axis=-1, keepdims=True
+    )
     denominator = cdf[:, -1:] - first
-    table = tf.where(denominator > 0, tf.clip_by_value((cdf - first) / tf.maximum(denominator, 1.0), 0.0, 1.0), 0.0)
+    table = tf.where(
+        denominator > 0, tf.clip_by_value((cdf - first) / tf.maximum(denominator, 1.0), 0.0, 1.0), 0.0
+    )
     return tf.reshape(tf.gather(table, levels, batch_dims=1), shape)
 
 

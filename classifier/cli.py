@@ -21,27 +21,43 @@ LOGGER = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the classifier's subcommands to an argparse CLI."""
-    train = subparsers.add_parser("train", help="train a model on labelled images and write an artifact folder")
-    train.add_argument("data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label[,group])")
+    train = subparsers.add_parser(
+        "train", help="train a model on labelled images and write an artifact folder"
+    )
+    train.add_argument(
+        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label[,group])"
+    )
     train.add_argument("output", type=Path, help="artifact folder to write (replaced if it exists)")
     train.add_argument("--architecture", "-a", choices=architecture_names(), default=DEFAULT_ARCHITECTURE)
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--epochs", type=int, help="override the recipe's epochs (every stage)")
     train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    train.add_argument("--learning-rate", type=float, help="override the recipe's learning rate (every stage)")
-    train.add_argument("--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust)")
-    train.add_argument("--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)")
+    train.add_argument(
+        "--learning-rate", type=float, help="override the recipe's learning rate (every stage)"
+    )
+    train.add_argument(
+        "--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust)"
+    )
+    train.add_argument(
+        "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"
+    )
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    evaluate = subparsers.add_parser("evaluate", help="score a model artifact on labelled images (JSON + PNG)")
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a model artifact on labelled images (JSON + PNG)"
+    )
     evaluate.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
-    evaluate.add_argument("data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label)")
+    evaluate.add_argument(
+        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label)"
+    )
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
-    evaluate.add_argument("--degrade", default="none", help="re-encode/degrade images first (see classifier.evaluation)")
+    evaluate.add_argument(
+        "--degrade", default="none", help="re-encode/degrade images first (see classifier.evaluation)"
+    )
     evaluate.add_argument(
         "--split",
         choices=("all", "validation", "train"),
@@ -50,12 +66,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     evaluate.set_defaults(func=_evaluate)
 
-    classify = subparsers.add_parser("classify", help="classify DICOM or PNG/JPEG files with a model artifact")
+    classify = subparsers.add_parser(
+        "classify", help="classify DICOM or PNG/JPEG files with a model artifact"
+    )
     classify.add_argument("files", type=Path, nargs="+")
     classify.add_argument("--model", type=Path, help="artifact folder (default: the shipped model)")
-    classify.add_argument("--threshold", type=float, default=0.5, help="indeterminate below this top probability")
+    classify.add_argument(
+        "--threshold", type=float, default=0.5, help="indeterminate below this top probability"
+    )
     classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     classify.set_defaults(func=_classify)
+
+
+def _say(text: str) -> None:
+    """Command output (not logging): the user asked for it."""
+    sys.stdout.write(text + "\n")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -78,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     result = train(config, argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
     validation = result.metadata.validation
-    print(
+    _say(
         f"wrote {result.folder}: validation accuracy {validation['accuracy']:.3f}, "
         f"macro-F1 {validation['macro_f1']:.3f}, {result.seconds_per_epoch:.1f} s/epoch"
     )
@@ -94,11 +119,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.split != "all":
         split = read_metadata(args.model).data.get("split", {})
         train_items, val_items = split_by_group(
-            load_collection(args.data), float(split.get("validation_fraction", 0.2)), int(split.get("seed", 42))
+            load_collection(args.data),
+            float(split.get("validation_fraction", 0.2)),
+            int(split.get("seed", 42)),
         )
         items = val_items if args.split == "validation" else train_items
     report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items)
-    print(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
+    _say(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
     return 0
 
 
@@ -117,15 +144,24 @@ def _classify(args: argparse.Namespace) -> int:
         try:
             image = load_input(path, classifier.spec)
         except (ClassifierError, OSError) as exc:
-            print(f"{path.name}\terror\t{exc}", file=sys.stderr)
+            sys.stderr.write(f"{path.name}\terror\t{exc}\n")
             status = 1
             continue
         prediction = classifier.predict([image], heatmap=False)[0]
         if args.json:
-            print(json.dumps({"file": str(path), "label": prediction.label, "top_class": prediction.top_class,
-                              "probabilities": dict(prediction.probabilities), "model": prediction.model.version}))
+            _say(
+                json.dumps(
+                    {
+                        "file": str(path),
+                        "label": prediction.label,
+                        "top_class": prediction.top_class,
+                        "probabilities": dict(prediction.probabilities),
+                        "model": prediction.model.version,
+                    }
+                )
+            )
         else:
-            print(_format_prediction(path, prediction))
+            _say(_format_prediction(path, prediction))
     return status
 
 

@@ -76,7 +76,11 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
             path = (root / row["file"]).resolve()
             if not path.is_file():
                 raise DatasetError(f"{manifest}: missing file {row['file']}")
-            items.append(LabelledImage(path=path, label=row["label"].strip(), group=(row.get("group") or row["file"]).strip()))
+            items.append(
+                LabelledImage(
+                    path=path, label=row["label"].strip(), group=(row.get("group") or row["file"]).strip()
+                )
+            )
     if not items:
         raise DatasetError(f"{manifest} lists no images")
     return sorted(items, key=lambda item: str(item.path))
@@ -96,7 +100,9 @@ def split_by_group(
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
         by_group[item.group].append(item)
-    group_class = {group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()}
+    group_class = {
+        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
+    }
     rng = random.Random(seed)
     validation_groups: set[str] = set()
     for label in sorted(set(group_class.values())):

@@ -38,7 +38,9 @@ def _jpeg(image: Image.Image, quality: float) -> Image.Image:
 
 
 def _downscale(image: Image.Image, factor: float) -> Image.Image:
-    small = image.resize((max(8, round(image.width * factor)), max(8, round(image.height * factor))), Image.Resampling.BILINEAR)
+    small = image.resize(
+        (max(8, round(image.width * factor)), max(8, round(image.height * factor))), Image.Resampling.BILINEAR
+    )
     return small.resize(image.size, Image.Resampling.BILINEAR)
 
 
@@ -83,7 +85,9 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
     for part in text.split("+"):
         kind, _, value = part.partition(":")
         if kind not in DEGRADATIONS or not value:
-            raise ValueError(f"unknown degradation {part!r}; use kind:value with kind in {', '.join(DEGRADATIONS)}")
+            raise ValueError(
+                f"unknown degradation {part!r}; use kind:value with kind in {', '.join(DEGRADATIONS)}"
+            )
         steps.append((DEGRADATIONS[kind], float(value)))
 
     def apply(image: Image.Image) -> Image.Image:
@@ -95,7 +99,9 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
 
 
 def predict_items(
-    classifier: Classifier, items: Sequence[LabelledImage], degrade: Callable[[Image.Image], Image.Image] | None = None
+    classifier: Classifier,
+    items: Sequence[LabelledImage],
+    degrade: Callable[[Image.Image], Image.Image] | None = None,
 ) -> np.ndarray:
     """N×C probabilities for labelled files (DICOM or PIL-readable)."""
     rows: list[np.ndarray] = []
@@ -108,7 +114,9 @@ def predict_items(
                     inputs.append(image_to_model_input(degrade(image), classifier.spec))
             else:
                 inputs.append(load_input(item.path, classifier.spec))
-        rows.extend(np.array([list(p.probabilities.values()) for p in classifier.predict(inputs, heatmap=False)]))
+        rows.extend(
+            np.array([list(p.probabilities.values()) for p in classifier.predict(inputs, heatmap=False)])
+        )
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -131,11 +139,17 @@ def evaluate(
     truth = np.array([classes.index(item.label) for item in collection], dtype=np.int64)
     probabilities = predict_items(classifier, collection, parse_degradation(degrade))
     report = classification_report(truth, probabilities, classes)
-    report["model"] = {"name": classifier.info.name, "version": classifier.info.version, "sha256": classifier.info.sha256}
+    report["model"] = {
+        "name": classifier.info.name,
+        "version": classifier.info.version,
+        "sha256": classifier.info.sha256,
+    }
     report["degradation"] = degrade
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        plots.confusion_matrix(report["confusion_matrix"], classes, output / "confusion_matrix.png", title=degrade)
+        plots.confusion_matrix(
+            report["confusion_matrix"], classes, output / "confusion_matrix.png", title=degrade
+        )
         plots.roc_and_reliability(truth, probabilities, classes, output / "roc_reliability.png")
     return report

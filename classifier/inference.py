@@ -61,7 +61,9 @@ def load_input(path: Path, spec: PreprocessSpec) -> FloatImage:
 class Classifier:
     """A loaded model artifact. Build with :meth:`load`."""
 
-    def __init__(self, model: Any, metadata: ArtifactMetadata, *, indeterminate_threshold: float = 0.5) -> None:
+    def __init__(
+        self, model: Any, metadata: ArtifactMetadata, *, indeterminate_threshold: float = 0.5
+    ) -> None:
         if not 0.0 <= indeterminate_threshold <= 1.0:
             raise ValueError("the indeterminate threshold is a probability in [0, 1]")
         self._model = model
@@ -82,7 +84,9 @@ class Classifier:
             raise ModelArtifactError(f"{folder / MODEL_FILE} cannot be loaded: {type(exc).__name__}") from exc
         expected = (None, *metadata.preprocess.input_size, 3)
         if tuple(model.input_shape) != expected or model.output_shape[-1] != len(metadata.classes):
-            raise ModelArtifactError(f"model shapes {model.input_shape}→{model.output_shape} contradict model.json")
+            raise ModelArtifactError(
+                f"model shapes {model.input_shape}→{model.output_shape} contradict model.json"
+            )
         LOGGER.info("loaded model %s version %s", metadata.name, metadata.version)
         return cls(model, metadata, indeterminate_threshold=indeterminate_threshold)
 
@@ -116,9 +120,13 @@ class Classifier:
         else:
             probabilities, maps = self._probabilities(batch), [None] * len(batch)
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
-        return [self._prediction(row, heat, elapsed_ms) for row, heat in zip(probabilities, maps, strict=True)]
+        return [
+            self._prediction(row, heat, elapsed_ms) for row, heat in zip(probabilities, maps, strict=True)
+        ]
 
-    def predict_datasets(self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True) -> list[Prediction]:
+    def predict_datasets(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
+    ) -> list[Prediction]:
         return self._timed(lambda ds: dataset_to_model_input(ds, self.spec), datasets, heatmap)
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
@@ -146,7 +154,9 @@ class Classifier:
     def _probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.asarray(self._model(batch, training=False), dtype=np.float32)
 
-    def _gradcam(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], list[FloatImage | None]]:
+    def _gradcam(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], list[FloatImage | None]]:
         """Grad-CAM (Selvaraju et al. 2017) of the predicted class on the recorded feature layer."""
         import keras
         import tensorflow as tf
@@ -171,7 +181,9 @@ class Classifier:
             maps.append(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
         return np.asarray(probabilities, dtype=np.float32), maps
 
-    def _prediction(self, row: npt.NDArray[np.float32], heat: FloatImage | None, elapsed_ms: float) -> Prediction:
+    def _prediction(
+        self, row: npt.NDArray[np.float32], heat: FloatImage | None, elapsed_ms: float
+    ) -> Prediction:
         classes = self._metadata.classes
         top_index = int(np.argmax(row))
         top_class = classes[top_index]

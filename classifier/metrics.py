@@ -11,7 +11,9 @@ import numpy.typing as npt
 ECE_BINS = 15
 
 
-def confusion_matrix(y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+def confusion_matrix(
+    y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.int64]:
     """Rows: true class; columns: predicted class."""
     matrix = np.zeros((n, n), dtype=np.int64)
     np.add.at(matrix, (y_true, y_pred), 1)
@@ -43,7 +45,9 @@ def roc_auc(positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]) -> 
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def roc_curve(positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]) -> tuple[list[float], list[float]]:
+def roc_curve(
+    positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]
+) -> tuple[list[float], list[float]]:
     """(false positive rates, true positive rates) over all thresholds, for plotting."""
     order = np.argsort(-score, kind="mergesort")
     hits = positive[order]
@@ -52,7 +56,9 @@ def roc_curve(positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]) -
     return (fps / max(fps[-1], 1)).tolist(), (tps / max(tps[-1], 1)).tolist()
 
 
-def expected_calibration_error(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]) -> float:
+def expected_calibration_error(
+    probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]
+) -> float:
     """Top-label ECE with equal-width confidence bins: |accuracy − confidence| weighted by bin size."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true
@@ -71,7 +77,9 @@ def _safe_div(numerator: float, denominator: float) -> float:
 
 
 def classification_report(
-    y_true: Sequence[int] | npt.NDArray[np.int64], probabilities: npt.NDArray[np.float64], classes: Sequence[str]
+    y_true: Sequence[int] | npt.NDArray[np.int64],
+    probabilities: npt.NDArray[np.float64],
+    classes: Sequence[str],
 ) -> dict[str, Any]:
     """Confusion matrix, accuracy, per-class and macro precision/recall/F1, sensitivity/specificity,
     one-vs-rest ROC AUC and ECE — a JSON-ready dict."""

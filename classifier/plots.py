@@ -38,7 +38,9 @@ def training_curves(history: Mapping[str, Sequence[float]], path: Path) -> Path:
     return path
 
 
-def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> Path:
+def confusion_matrix(
+    matrix: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = ""
+) -> Path:
     plt = _pyplot()
     data = np.asarray(matrix)
     figure, axis = plt.subplots(figsize=(4.5, 4))
@@ -49,7 +51,9 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], pa
     axis.set_ylabel("true")
     threshold = data.max() / 2.0 if data.size else 0
     for (row, col), value in np.ndenumerate(data):
-        axis.text(col, row, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+        axis.text(
+            col, row, str(value), ha="center", va="center", color="white" if value > threshold else "black"
+        )
     axis.set_title(title or "confusion matrix")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

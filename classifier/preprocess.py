@@ -67,7 +67,9 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
-            raise ValueError(f"unknown normalisation {self.normalisation!r}; expected one of {NORMALISATIONS}")
+            raise ValueError(
+                f"unknown normalisation {self.normalisation!r}; expected one of {NORMALISATIONS}"
+            )
         if self.equalisation not in EQUALISATIONS:
             raise ValueError(f"unknown equalisation {self.equalisation!r}; expected one of {EQUALISATIONS}")
         height, width = self.input_size
@@ -163,7 +165,9 @@ def _first_frame(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
         try:
             reduced = _decode_j2k_reduced(ds, min_side)
         except (OSError, ValueError, StopIteration) as exc:
-            LOGGER.warning("reduced JPEG 2000 decode failed (%s); decoding at full resolution", type(exc).__name__)
+            LOGGER.warning(
+                "reduced JPEG 2000 decode failed (%s); decoding at full resolution", type(exc).__name__
+            )
             reduced = None
         if reduced is not None:
             return reduced
@@ -300,7 +304,9 @@ def crop_uniform_borders(gray: FloatImage) -> FloatImage:
 
 def equalise(gray: FloatImage) -> FloatImage:
     """Histogram equalisation to [0, 1]: every source's grey distribution becomes uniform."""
-    levels = np.clip((gray * (_EQUALISATION_LEVELS - 1)).round(), 0, _EQUALISATION_LEVELS - 1).astype(np.int64)
+    levels = np.clip((gray * (_EQUALISATION_LEVELS - 1)).round(), 0, _EQUALISATION_LEVELS - 1).astype(
+        np.int64
+    )
     hist = np.bincount(levels.ravel(), minlength=_EQUALISATION_LEVELS)
     cdf = np.cumsum(hist).astype(np.float64)
     first = cdf[hist > 0][0] if np.any(hist > 0) else 0.0

@@ -24,7 +24,14 @@ from classifier import plots
 from classifier.architectures import Architecture, Recipe, get_architecture, set_trainable
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
 from classifier.augmentation import augment_batch, finish_batch, get_augmentation
-from classifier.dataset import LabelledImage, class_names, load_collection, load_grays, split_by_group, summary
+from classifier.dataset import (
+    LabelledImage,
+    class_names,
+    load_collection,
+    load_grays,
+    split_by_group,
+    summary,
+)
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray
 
@@ -132,7 +139,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     if len(classes) < 2:
         raise ValueError("training needs at least two classes")
     train_items, val_items = split_by_group(items, config.validation_fraction, config.seed)
-    LOGGER.info("training %s on %d images, validating on %d (%d classes)", architecture.name, len(train_items), len(val_items), len(classes))
+    LOGGER.info(
+        "training %s on %d images, validating on %d (%d classes)",
+        architecture.name,
+        len(train_items),
+        len(val_items),
+        len(classes),
+    )
 
     keras.utils.set_random_seed(config.seed)
     train_gray = load_grays(train_items, spec)[..., None]
@@ -176,10 +189,14 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         )
         callbacks: list[Any] = [best, timer]
         if stage.early_stopping_patience is not None:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=stage.early_stopping_patience))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=stage.early_stopping_patience)
+            )
         if stage.reduce_lr_patience is not None:
             callbacks.append(
-                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=stage.reduce_lr_factor, patience=stage.reduce_lr_patience)
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=stage.reduce_lr_factor, patience=stage.reduce_lr_patience
+                )
             )
         if config.progress:
             from tqdm.keras import TqdmCallback
@@ -236,8 +253,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
                 "class_weights": weights_by_class,
                 "label_smoothing": recipe.label_smoothing,
                 "stages": [
-                    {"epochs": s.epochs, "learning_rate": s.learning_rate, "early_stopping": s.early_stopping_patience,
-                     "reduce_lr": s.reduce_lr_patience, "unfreeze_last": s.unfreeze_last}
+                    {
+                        "epochs": s.epochs,
+                        "learning_rate": s.learning_rate,
+                        "early_stopping": s.early_stopping_patience,
+                        "reduce_lr": s.reduce_lr_patience,
+                        "unfreeze_last": s.unfreeze_last,
+                    }
                     for s in recipe.stages
                 ],
             },
@@ -251,5 +273,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     )
     write_metadata(folder, metadata)
     plots.training_curves(history, folder / "training_curves.png")
-    plots.confusion_matrix(report["confusion_matrix"], classes, folder / "confusion_matrix.png", title="validation")
+    plots.confusion_matrix(
+        report["confusion_matrix"], classes, folder / "confusion_matrix.png", title="validation"
+    )
     return TrainingResult(folder=folder, metadata=metadata, seconds_per_epoch=seconds_per_epoch)

@@ -51,7 +51,9 @@ def test_sugandi_cnn_is_table_iii_exactly() -> None:
     model = arch.build(3)
     assert model.count_params() == 3_824_987
     assert model.input_shape == (None, 150, 150, 3)
-    assert [(layer.name, tuple(layer.output.shape[1:]), layer.count_params()) for layer in model.layers[1:]] == TABLE_III
+    assert [
+        (layer.name, tuple(layer.output.shape[1:]), layer.count_params()) for layer in model.layers[1:]
+    ] == TABLE_III
     assert model.layers[-1].activation.__name__ == "softmax"
     recipe = arch.recipe
     assert (recipe.batch_size, recipe.epochs, recipe.stages[0].learning_rate) == (10, 25, 1e-3)
@@ -73,7 +75,9 @@ def test_default_architecture_is_small_and_trains() -> None:
     assert np.isfinite(_one_step(model, arch.preprocess.input_size, 3, 1e-3))
 
 
-def test_resnet152_without_weights_file_is_an_error_not_random_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet152_without_weights_file_is_an_error_not_random_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
     with pytest.raises(WeightsUnavailableError, match="not on this machine"):
@@ -88,7 +92,12 @@ def test_resnet152_transfer_head_stages_and_one_step() -> None:
     assert arch.preprocess.normalisation == "resnet" and arch.preprocess.input_size == (224, 224)
     first, second = arch.recipe.stages
     assert (first.learning_rate, first.early_stopping_patience, first.unfreeze_last) == (1e-5, 5, 0)
-    assert (second.early_stopping_patience, second.reduce_lr_patience, second.reduce_lr_factor, second.unfreeze_last) == (7, 3, 0.2, 10)
+    assert (
+        second.early_stopping_patience,
+        second.reduce_lr_patience,
+        second.reduce_lr_factor,
+        second.unfreeze_last,
+    ) == (7, 3, 0.2, 10)
     assert arch.recipe.keep_best and arch.recipe.class_weights
     model = build_resnet152_transfer(num_classes=2, input_size=(64, 64), weights=None)
     base = model.get_layer("resnet152")

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.unit
 
 def test_report_on_a_known_confusion() -> None:
     truth = np.array([0, 0, 0, 1, 1, 2])
-    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.1, 0.1, 0.8]])
+    probs = np.array(
+        [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.1, 0.1, 0.8]]
+    )
     report = classification_report(truth, probs, ["a", "b", "c"])
     assert report["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert report["accuracy"] == pytest.approx(4 / 6)

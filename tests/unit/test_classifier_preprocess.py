@@ -11,9 +11,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
-    ExplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
@@ -35,8 +35,14 @@ pytestmark = pytest.mark.unit
 SPEC = PreprocessSpec(input_size=(32, 32))
 
 
-def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 signed: bool = False, frames: int = 1) -> Dataset:
+def make_dataset(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    signed: bool = False,
+    frames: int = 1,
+) -> Dataset:
     """A minimal Secondary Capture-like dataset around a NumPy array (uncompressed)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -221,7 +227,11 @@ def test_png_and_dicom_of_the_same_pixels_give_the_same_input() -> None:
     spec = PreprocessSpec(input_size=(32, 32), equalisation="histeq", crop_borders=True)
     from_dicom = dataset_to_model_input(ds, spec)
     for mode in ("L", "RGB", "I;16"):
-        image = Image.fromarray(pixels).convert(mode) if mode != "I;16" else Image.fromarray(pixels.astype(np.uint16) * 257)
+        image = (
+            Image.fromarray(pixels).convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(pixels.astype(np.uint16) * 257)
+        )
         np.testing.assert_allclose(image_to_model_input(image, spec), from_dicom, atol=0.02)
 
 
@@ -243,7 +253,9 @@ def test_equalisation_is_invariant_to_gamma() -> None:
 
 
 def test_spec_round_trips_through_json_dict() -> None:
-    spec = PreprocessSpec(input_size=(224, 200), normalisation="resnet", equalisation="histeq", crop_borders=True)
+    spec = PreprocessSpec(
+        input_size=(224, 200), normalisation="resnet", equalisation="histeq", crop_borders=True
+    )
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError):
         PreprocessSpec(input_size=(224, 224), normalisation="imagenet-ish")

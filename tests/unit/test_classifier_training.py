@@ -54,8 +54,14 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def artifact(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("model") / "tiny"
     config = TrainingConfig(
-        architecture="cxr-compact", data=collection, output=output, epochs=2, steps_per_epoch=2,
-        batch_size=4, version="tiny-1", progress=False,
+        architecture="cxr-compact",
+        data=collection,
+        output=output,
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=4,
+        version="tiny-1",
+        progress=False,
     )
     train(config, argv=["cxr-node", "train", str(collection), str(output)])
     return output
@@ -85,9 +91,21 @@ def test_class_weights_balance_the_classes() -> None:
 
 
 def test_artifact_has_model_metadata_and_plots(artifact: Path) -> None:
-    assert {"model.keras", "model.json", "training_curves.png", "confusion_matrix.png"} <= {p.name for p in artifact.iterdir()}
+    assert {"model.keras", "model.json", "training_curves.png", "confusion_matrix.png"} <= {
+        p.name for p in artifact.iterdir()
+    }
     metadata = json.loads((artifact / "model.json").read_text())
-    for key in ("name", "version", "classes", "input_size", "preprocessing", "data", "validation", "created", "sha256"):
+    for key in (
+        "name",
+        "version",
+        "classes",
+        "input_size",
+        "preprocessing",
+        "data",
+        "validation",
+        "created",
+        "sha256",
+    ):
         assert key in metadata
     assert metadata["classes"] == ["bright", "dark"] and metadata["version"] == "tiny-1"
     assert metadata["data"]["split"]["by"] == "group"
@@ -97,7 +115,9 @@ def test_artifact_has_model_metadata_and_plots(artifact: Path) -> None:
     assert (artifact / "model.keras").stat().st_size < 10_000_000
 
 
-def test_classifier_predicts_probabilities_heatmaps_and_indeterminate(artifact: Path, collection: Path) -> None:
+def test_classifier_predicts_probabilities_heatmaps_and_indeterminate(
+    artifact: Path, collection: Path
+) -> None:
     classifier = Classifier.load(artifact)
     assert classifier.info.classes == ("bright", "dark") and classifier.info.version == "tiny-1"
     images = [Image.open(collection / "dark" / "0.png"), Image.open(collection / "bright" / "0.png")]
@@ -142,19 +162,31 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
     report = evaluate(artifact, collection / "manifest.csv", output=tmp_path, degrade="jpeg:40+downscale:0.5")
     assert report["images"] == 24 and report["degradation"] == "jpeg:40+downscale:0.5"
     assert sum(map(sum, report["confusion_matrix"])) == 24
-    assert set(report["per_class"]["dark"]) >= {"precision", "recall", "f1", "sensitivity", "specificity", "roc_auc"}
+    assert set(report["per_class"]["dark"]) >= {
+        "precision",
+        "recall",
+        "f1",
+        "sensitivity",
+        "specificity",
+        "roc_auc",
+    }
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"] == report["accuracy"]
-    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0 and (tmp_path / "roc_reliability.png").stat().st_size > 0
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0 and (
+        tmp_path / "roc_reliability.png"
+    ).stat().st_size > 0
     with pytest.raises(ValueError):
         parse_degradation("sepia:1")
 
 
-def test_cli_classify_prints_one_line_per_file(artifact: Path, collection: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_classify_prints_one_line_per_file(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    status = cli.main(["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad)])
+    status = cli.main(
+        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad)]
+    )
     out = capsys.readouterr()
     assert status == 1  # one file failed
     line = json.loads(out.out.strip().splitlines()[0])
@@ -162,18 +194,36 @@ def test_cli_classify_prints_one_line_per_file(artifact: Path, collection: Path,
     assert "notes.txt" in out.err
 
 
-def test_cli_train_and_evaluate_on_a_folder(collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_and_evaluate_on_a_folder(
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "seed"
-    assert cli.main(["train", str(collection), str(output), "--architecture", "sugandi-cnn", "--epochs", "1",
-                     "--steps-per-epoch", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(collection),
+                str(output),
+                "--architecture",
+                "sugandi-cnn",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "validation accuracy" in capsys.readouterr().out
     assert json.loads((output / "model.json").read_text())["name"] == "sugandi-cnn"
     assert cli.main(["evaluate", str(output), str(collection), "--split", "validation"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
 
 
-def test_dicom_files_can_be_classified_from_disk(artifact: Path, collection: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_dicom_files_can_be_classified_from_disk(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.unit.test_classifier_preprocess import make_dataset
 
     ds = make_dataset(np.asarray(Image.open(collection / "bright" / "2.png")), bits_stored=8)
