@@ -40,6 +40,13 @@ class Stage:
     reduce_lr_patience: int | None = None
     reduce_lr_factor: float = 0.2
     unfreeze_last: int | None = None  # None: everything trainable; 0: base frozen; n: last n base layers
+    schedule: str = "constant"  # or "cosine": warm-up over 3 epochs, then cosine decay to 1 % by the end
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}")
+        if self.schedule == "cosine" and self.reduce_lr_patience is not None:
+            raise ValueError("a cosine schedule and ReduceLROnPlateau exclude each other")
 
 
 @dataclass(frozen=True)

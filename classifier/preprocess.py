@@ -154,7 +154,8 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] 
     return decoded
 
 
-def _first_frame(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
+def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
+    """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``."""
     if "PixelData" not in ds:
         raise UnsupportedImageError("the object has no Pixel Data")
     frames = _number_of_frames(ds)
@@ -236,7 +237,7 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
     """Displayable grey image in [0, 1] (white bone), at least ``min_side`` px on its shorter side when the
     source is that large."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    raw = _first_frame(ds, min_side)
+    raw = frame_pixels(ds, min_side)
     if raw.ndim == 3 and raw.shape[-1] not in (3, 4) and photometric.startswith("MONOCHROME"):
         raw = raw[0]  # a multi-frame array that slipped through
     if photometric == "PALETTE COLOR":

@@ -8,6 +8,7 @@ override epochs, batch size and learning rate. The validation split is by group 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier import plots
-from classifier.architectures import Architecture, Recipe, get_architecture, set_trainable
+from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
 from classifier.augmentation import augment_batch, finish_batch, get_augmentation
 from classifier.dataset import (
@@ -119,6 +120,21 @@ def _callbacks(keras: Any) -> tuple[type, type]:
     return BestWeights, EpochTimer
 
 
+def _learning_rate(keras: Any, stage: Stage, steps_per_epoch: int) -> Any:
+    if stage.schedule == "constant":
+        return stage.learning_rate
+    if stage.schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {stage.schedule!r}")
+    warmup = min(3, max(stage.epochs - 1, 0)) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=stage.learning_rate / 10.0,
+        decay_steps=max(stage.epochs * steps_per_epoch - warmup, 1),
+        alpha=0.01,
+        warmup_target=stage.learning_rate,
+        warmup_steps=warmup,
+    )
+
+
 def _labels(items: Sequence[LabelledImage], classes: Sequence[str]) -> npt.NDArray[np.int64]:
     index = {name: i for i, name in enumerate(classes)}
     return np.array([index[item.label] for item in items], dtype=np.int64)
@@ -167,6 +183,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         train_data = train_data.take(config.steps_per_epoch)
     train_data = train_data.prefetch(2)
 
+    steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
     weights = config.weights
     if weights is None and architecture.name == "resnet152-transfer":
         weights = "imagenet"
@@ -177,10 +194,11 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     history: dict[str, list[float]] = {}
     for number, stage in enumerate(recipe.stages, start=1):
         set_trainable(model, stage.unfreeze_last)
+        learning_rate = _learning_rate(keras, stage, steps_per_epoch)
         optimizer = (
-            keras.optimizers.AdamW(learning_rate=stage.learning_rate, weight_decay=recipe.weight_decay)
+            keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay)
             if recipe.weight_decay
-            else keras.optimizers.Adam(learning_rate=stage.learning_rate)
+            else keras.optimizers.Adam(learning_rate=learning_rate)
         )
         model.compile(
             optimizer=optimizer,
@@ -259,6 +277,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
                         "early_stopping": s.early_stopping_patience,
                         "reduce_lr": s.reduce_lr_patience,
                         "unfreeze_last": s.unfreeze_last,
+                        "schedule": s.schedule,
                     }
                     for s in recipe.stages
                 ],
