@@ -273,19 +273,12 @@ _ARCHITECTURES: dict[str, Architecture] = {
         ),
         recipe=Recipe(
             batch_size=16,
-            stages=(
-                Stage(
-                    epochs=60,
-                    learning_rate=1e-3,
-                    early_stopping_patience=15,
-                    reduce_lr_patience=5,
-                    reduce_lr_factor=0.3,
-                ),
-            ),
+            stages=(Stage(epochs=80, learning_rate=2e-3, schedule="cosine"),),
             augmentation="robust",
             keep_best=True,
             class_weights=True,
             label_smoothing=0.05,
+            weight_decay=1e-4,
         ),
         builder=build_cxr_compact,
         description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",
