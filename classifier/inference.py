@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
@@ -54,7 +54,7 @@ def load_input(path: Path, spec: PreprocessSpec) -> FloatImage:
         with Image.open(path) as image:
             image.load()
             return image_to_model_input(image, spec)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
 
 

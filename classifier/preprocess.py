@@ -30,7 +30,8 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.encaps import generate_frames
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from classifier.errors import UnsupportedImageError
@@ -92,6 +93,10 @@ class PreprocessSpec:
         )
 
 
+def _f32(values: Any) -> FloatImage:
+    return np.asarray(values, dtype=np.float32)
+
+
 # --------------------------------------------------------------------------------------------- reading
 
 
@@ -145,7 +150,7 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] 
             math.ceil(columns / power) * power - adjust,
             math.ceil(rows / power) * power - adjust,
         )
-        image.reduce = level
+        image.reduce = level  # type: ignore[assignment,method-assign]  # the J2K plugin's resolution level
         image.load()
         decoded = np.asarray(image)
     bits_stored = int(ds.get("BitsStored", 16))
@@ -190,18 +195,18 @@ def _box_reduce(arr: FloatImage, min_side: int) -> FloatImage:
     width = arr.shape[1] // factor * factor
     cropped = arr[:height, :width]
     shape = (height // factor, factor, width // factor, factor) + arr.shape[2:]
-    return cropped.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
+    return _f32(cropped.reshape(shape).mean(axis=(1, 3), dtype=np.float32))
 
 
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
     """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))).astype(np.float32)
+        return _f32(1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6))))
     if function == "LINEAR_EXACT":
         low, span = center - width / 2.0, max(width, 1e-6)
     else:  # LINEAR (the default)
         low, span = center - 0.5 - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
-    return np.clip((values - low) / span, 0.0, 1.0).astype(np.float32)
+    return _f32(np.clip((values - low) / span, 0.0, 1.0))
 
 
 def _first_value(value: Any) -> float:
@@ -214,7 +219,7 @@ def _percentile_window(values: FloatImage) -> FloatImage:
     low, high = np.percentile(values, PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return _f32(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
 def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
@@ -224,7 +229,7 @@ def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
         item = sequence[0]
         lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
         top = float(np.max(np.asarray(item.LUTData, dtype=np.float64))) or 1.0
-        return np.clip(np.asarray(lut, dtype=np.float32) / top, 0.0, 1.0)
+        return _f32(np.clip(np.asarray(lut, dtype=np.float32) / top, 0.0, 1.0))
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center = _first_value(ds.WindowCenter)
         width = _first_value(ds.WindowWidth)
@@ -244,13 +249,13 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
         rgb = apply_color_lut(raw, ds)
         top = 255.0 if rgb.dtype == np.uint8 else float(max(int(rgb.max()), 1) if rgb.max() > 255 else 255)
         gray = (_box_reduce(rgb.astype(np.float32), min_side) @ _LUMA) / top
-        return np.clip(gray, 0.0, 1.0).astype(np.float32)
+        return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"):
         if raw.ndim != 3:
             raise UnsupportedImageError(f"colour image with unexpected shape {raw.shape}")
         bits = int(ds.get("BitsStored", 8))
         gray = (_box_reduce(raw.astype(np.float32), min_side) @ _LUMA) / float((1 << bits) - 1)
-        return np.clip(gray, 0.0, 1.0).astype(np.float32)
+        return _f32(np.clip(gray, 0.0, 1.0))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
     if raw.ndim != 2:
@@ -269,7 +274,7 @@ def pil_to_gray(image: Image.Image) -> FloatImage:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+        return _f32(np.clip(arr / top, 0.0, 1.0))
     if image.mode == "F":
         arr = np.asarray(image, dtype=np.float32)
         low, high = float(arr.min()), float(arr.max())
@@ -315,7 +320,7 @@ def equalise(gray: FloatImage) -> FloatImage:
     if denominator <= 0:
         return np.zeros_like(gray, dtype=np.float32)
     table = np.clip((cdf - first) / denominator, 0.0, 1.0).astype(np.float32)
-    return table[levels]
+    return _f32(table[levels])
 
 
 def resize_gray(gray: FloatImage, size: tuple[int, int]) -> FloatImage:
@@ -371,4 +376,4 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
     scale = min(1.0, max_size / max(height, width))
     if scale < 1.0:
         gray = resize_gray(gray, (max(1, round(height * scale)), max(1, round(width * scale))))
-    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
