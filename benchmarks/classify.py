@@ -49,10 +49,16 @@ def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
             {
                 "image": name,
                 "read_ms": _median_ms(lambda p=path: read_dataset(p), repeats),
-                "decode_ms": _median_ms(lambda p=path: frame_pixels(read_dataset(p), max(spec.input_size)), repeats),
-                "preprocess_ms": _median_ms(lambda p=path: dataset_to_model_input(read_dataset(p), spec), repeats),
+                "decode_ms": _median_ms(
+                    lambda p=path: frame_pixels(read_dataset(p), max(spec.input_size)), repeats
+                ),
+                "preprocess_ms": _median_ms(
+                    lambda p=path: dataset_to_model_input(read_dataset(p), spec), repeats
+                ),
                 "predict_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=False), repeats),
-                "predict_b16_ms": _median_ms(lambda: classifier.predict(batch16, heatmap=False), repeats, per=16),
+                "predict_b16_ms": _median_ms(
+                    lambda b=batch16: classifier.predict(b, heatmap=False), repeats, per=16
+                ),
                 "gradcam_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=True), repeats),
                 "end_to_end_ms": _median_ms(
                     lambda p=path: classifier.predict_datasets([read_dataset(p)], heatmap=False), repeats
@@ -81,14 +87,20 @@ def _epoch_seconds(architecture: str, images: int) -> float:
                 pixels = (rng.random((320, 320)) * 255).astype(np.uint8)
                 Image.fromarray(pixels).save(root / "data" / label / f"{index}.png")
         config = TrainingConfig(
-            architecture=architecture, data=root / "data", output=root / "model", epochs=2, progress=False,
+            architecture=architecture,
+            data=root / "data",
+            output=root / "model",
+            epochs=2,
+            progress=False,
             validation_fraction=0.2,
         )
         return train(config).seconds_per_epoch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-training", action="store_true", help="skip the training-epoch measurement")
