@@ -60,7 +60,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     ),
     "robust": Augmentation(
         geometry=Geometry(
-            rotation_deg=10.0, shift=0.08, shear_deg=5.0, zoom=(0.85, 1.2), flip=True, fill_mode="REFLECT"
+            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.5), flip=True, fill_mode="REFLECT"
         ),
         photometry=Photometry(
             gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
