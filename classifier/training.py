@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -239,9 +238,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     report = classification_report(y_val, probabilities, classes)
 
     folder = Path(config.output)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept
     # Saved without the optimizer state (a third of the size of a compiled save): inference only.
     shipped = keras.models.clone_model(model)
     shipped.set_weights(model.get_weights())
