@@ -60,7 +60,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     ),
     "robust": Augmentation(
         geometry=Geometry(
-            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.5), flip=True, fill_mode="REFLECT"
+            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.4), flip=True, fill_mode="REFLECT"
         ),
         photometry=Photometry(
             gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
@@ -110,6 +110,10 @@ def _geometric(images: Any, geometry: Geometry) -> Any:
     return transformed
 
 
+def _coin(shape: Any) -> Any:
+    return tf.random.uniform(shape) < 0.5
+
+
 def _photometric(images: Any, photometry: Photometry) -> Any:
     shape = tf.shape(images)
     batch, height, width = shape[0], images.shape[1], images.shape[2]
@@ -122,8 +126,10 @@ def _photometric(images: Any, photometry: Photometry) -> Any:
     if photometry.blur_min_scale < 1.0:
         scale = tf.random.uniform([], photometry.blur_min_scale, 1.0)
         small = tf.cast(tf.round(scale * tf.constant([height, width], tf.float32)), tf.int32)
-        images = tf.image.resize(tf.image.resize(images, small, antialias=True), [height, width])
-    sigma = tf.random.uniform(per_image, 0.0, photometry.noise_sigma)
+        blurred = tf.image.resize(tf.image.resize(images, small, antialias=True), [height, width])
+        images = tf.where(_coin(per_image), blurred, images)
+    # Noise and blur on half of the images only: clean, sharp images must stay in-distribution too.
+    sigma = tf.random.uniform(per_image, 0.0, photometry.noise_sigma) * tf.cast(_coin(per_image), tf.float32)
     images = images + tf.random.normal(tf.shape(images)) * sigma
     if photometry.label_probability > 0.0:
         images = _synthetic_labels(images, photometry.label_probability)
