@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument(
         "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label[,group])"
     )
-    train.add_argument("output", type=Path, help="artifact folder to write (its model files are replaced, other files kept)")
+    train.add_argument(
+        "output", type=Path, help="artifact folder to write (its model files are replaced, other files kept)"
+    )
     train.add_argument("--architecture", "-a", choices=architecture_names(), default=DEFAULT_ARCHITECTURE)
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=42)
