@@ -8,9 +8,11 @@ the model learns on what equalisation makes of a degraded image — which is wha
 - ``sugandi-table2``: seed 000 Table II, i.e. Keras ``ImageDataGenerator(rotation_range=30,
   width_shift_range=0.2, height_shift_range=0.2, shear_range=0.3, zoom_range=0.1, horizontal_flip=True,
   fill_mode="nearest")`` (``shear_range`` is in degrees there; ``zoom_range`` draws x and y zoom separately).
-- ``robust``: milder geometry with aspect changes and reflection fill, plus gamma, contrast, blur through
-  down/up-sampling (low-resolution figures from papers), Gaussian noise and synthetic burnt-in labels, so
-  that sharpness, grey levels, frames and text stop telling the sources apart.
+- ``robust``: rotation ±10°, shift 10 %, shear 5°, zoom 0.8–1.4 drawn per axis (the COVID figures are
+  tight crops, the NIH images show shoulders and neck: the field of view must not tell the class) with
+  reflection fill; gamma, contrast, blur through down/up-sampling (low-resolution figures from papers) and
+  Gaussian noise (each of the last two on half the images, so clean images stay in-distribution) and
+  synthetic burnt-in labels, so that sharpness, grey levels, framing and text stop telling the sources apart.
 - ``none``: no augmentation (seed 003 trains without).
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from classifier.preprocess import _EQUALISATION_LEVELS, _IMAGENET_BGR_MEAN, PreprocessSpec
+from classifier.preprocess import EQUALISATION_LEVELS, IMAGENET_BGR_MEAN, PreprocessSpec
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def _synthetic_labels(images: Any, probability: float) -> Any:
 
 def equalise_batch(images: Any) -> Any:
     """TensorFlow twin of :func:`classifier.preprocess.equalise`, per image of a B×H×W×1 batch."""
-    levels_count = _EQUALISATION_LEVELS
+    levels_count = EQUALISATION_LEVELS
     shape = tf.shape(images)
     flat = tf.reshape(images, [shape[0], -1])
     levels = tf.cast(tf.clip_by_value(tf.round(flat * (levels_count - 1)), 0, levels_count - 1), tf.int32)
@@ -176,7 +178,7 @@ def finish_batch(images: Any, spec: PreprocessSpec) -> Any:
         images = equalise_batch(images)
     rgb = tf.repeat(tf.clip_by_value(images, 0.0, 1.0), 3, axis=-1)
     if spec.normalisation == "resnet":
-        return rgb[..., ::-1] * 255.0 - tf.constant(_IMAGENET_BGR_MEAN)
+        return rgb[..., ::-1] * 255.0 - tf.constant(IMAGENET_BGR_MEAN)
     return rgb
 
 

@@ -43,11 +43,11 @@ FloatImage = npt.NDArray[np.float32]
 NORMALISATIONS = ("unit", "resnet")
 EQUALISATIONS = ("none", "histeq")
 PERCENTILE_WINDOW = (0.5, 99.5)
-_EQUALISATION_LEVELS = 1024
+EQUALISATION_LEVELS = 1024
 _BORDER_STD = 0.02  # a row/column whose grey values vary less than this is treated as padding
 _BORDER_MAX_FRACTION = 0.25  # never crop more than this much from one side
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's "L" conversion
-_IMAGENET_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # keras resnet "caffe" mode
+IMAGENET_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)  # keras resnet "caffe" mode
 
 
 @dataclass(frozen=True)
@@ -312,10 +312,8 @@ def crop_uniform_borders(gray: FloatImage) -> FloatImage:
 
 def equalise(gray: FloatImage) -> FloatImage:
     """Histogram equalisation to [0, 1]: every source's grey distribution becomes uniform."""
-    levels = np.clip((gray * (_EQUALISATION_LEVELS - 1)).round(), 0, _EQUALISATION_LEVELS - 1).astype(
-        np.int64
-    )
-    hist = np.bincount(levels.ravel(), minlength=_EQUALISATION_LEVELS)
+    levels = np.clip((gray * (EQUALISATION_LEVELS - 1)).round(), 0, EQUALISATION_LEVELS - 1).astype(np.int64)
+    hist = np.bincount(levels.ravel(), minlength=EQUALISATION_LEVELS)
     cdf = np.cumsum(hist).astype(np.float64)
     first = cdf[hist > 0][0] if np.any(hist > 0) else 0.0
     denominator = cdf[-1] - first
@@ -352,7 +350,7 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
         gray = equalise(gray)
     rgb = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32)
     if spec.normalisation == "resnet":
-        return (rgb[:, :, ::-1] * 255.0 - _IMAGENET_BGR_MEAN).astype(np.float32)
+        return (rgb[:, :, ::-1] * 255.0 - IMAGENET_BGR_MEAN).astype(np.float32)
     return rgb
 
 
