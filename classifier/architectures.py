@@ -60,6 +60,7 @@ class Recipe:
     class_weights: bool
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
+    precise_batch_norm: bool = False  # recompute BatchNorm statistics on clean images before validating
 
     @property
     def epochs(self) -> int:
@@ -279,6 +280,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
             class_weights=True,
             label_smoothing=0.05,
             weight_decay=1e-4,
+            precise_batch_norm=True,
         ),
         builder=build_cxr_compact,
         description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",

@@ -37,6 +37,8 @@ from classifier.preprocess import finish_gray
 
 LOGGER = logging.getLogger(__name__)
 
+PRECISE_BN_IMAGES = 256  # clean training images averaged for the BatchNorm statistics
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -117,6 +119,45 @@ def _callbacks(keras: Any) -> tuple[type, type]:
             self.durations.append(time.perf_counter() - self._start)
 
     return BestWeights, EpochTimer
+
+
+def _batch_norm_layers(keras: Any, model: Any) -> list[Any]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(_batch_norm_layers(keras, layer))
+    return found
+
+
+def _precise_batch_norm(keras: Any, clean_batches: Any, val_inputs: Any, val_onehot: Any, loss: Any) -> Any:
+    """Callback: at each epoch end, set every BatchNorm's moving statistics to the exact average over the
+    *un-augmented* training images, then validate (and report val_loss/val_accuracy itself).
+
+    Moving averages collected on augmented batches do not describe clean images; with them the network
+    flipped to one class on the (clean) validation images at random epochs. Training itself uses batch
+    statistics, so this changes only what inference sees.
+    """
+
+    class PreciseBatchNorm(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            layers = _batch_norm_layers(keras, self.model)
+            momenta = [layer.momentum for layer in layers]
+            try:
+                for count, batch in enumerate(clean_batches, start=1):
+                    for layer in layers:
+                        layer.momentum = (count - 1) / count  # running mean of the batch statistics
+                    self.model(batch, training=True)
+            finally:
+                for layer, momentum in zip(layers, momenta, strict=True):
+                    layer.momentum = momentum
+            probabilities = self.model.predict(val_inputs, batch_size=32, verbose=0)
+            if logs is not None:
+                logs["val_loss"] = float(loss(val_onehot, probabilities))
+                logs["val_accuracy"] = float(np.mean(probabilities.argmax(1) == val_onehot.argmax(1)))
+
+    return PreciseBatchNorm()
 
 
 def _learning_rate(keras: Any, stage: Stage, steps_per_epoch: int) -> Any:
@@ -204,7 +245,18 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
             metrics=["accuracy"],
         )
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
         callbacks: list[Any] = [best, timer]
+        validation: tuple[Any, Any] | None = (val_inputs, onehot_val)
+        if recipe.precise_batch_norm:
+            sample = np.random.default_rng(config.seed).permutation(len(train_gray))[:PRECISE_BN_IMAGES]
+            clean = (
+                tf.data.Dataset.from_tensor_slices(train_gray[np.sort(sample)])
+                .batch(32)
+                .map(lambda x: finish_batch(x, spec))
+            )
+            callbacks.insert(0, _precise_batch_norm(keras, clean, val_inputs, onehot_val, loss))
+            validation = None  # the callback validates after recalibrating
         if stage.early_stopping_patience is not None:
             callbacks.append(
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=stage.early_stopping_patience)
@@ -222,7 +274,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         fitted = model.fit(
             train_data,
             epochs=stage.epochs,
-            validation_data=(val_inputs, onehot_val),
+            validation_data=validation,
             validation_batch_size=32,
             class_weight=weights_by_class,
             callbacks=callbacks,
@@ -267,6 +319,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
                 "keep_best": recipe.keep_best,
                 "class_weights": weights_by_class,
                 "label_smoothing": recipe.label_smoothing,
+                "weight_decay": recipe.weight_decay,
+                "precise_batch_norm": recipe.precise_batch_norm,
                 "stages": [
                     {
                         "epochs": s.epochs,
