@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pydicom
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
@@ -45,6 +47,8 @@ from dicom_node.web.services import picture_preview, read_upload
 from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload
 
 LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 public_router = APIRouter(include_in_schema=False)
 router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
@@ -352,13 +356,24 @@ def result_query(
     per_page: Annotated[int, Query(ge=1, le=100)] = 25,
 ) -> results.ResultQuery:
     """The search form's fields; empty fields (as browsers send them) mean "any"."""
+
+    def parsed(name: str, raw: str, parse: Callable[[str], T]) -> T | None:
+        if not raw:
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ("query", name), "msg": f"invalid {name}", "type": "value_error", "input": raw}]
+            ) from exc
+
     return results.ResultQuery(
         patient=patient,
         accession=accession,
-        date_from=date.fromisoformat(date_from) if date_from else None,
-        date_to=date.fromisoformat(date_to) if date_to else None,
+        date_from=parsed("date_from", date_from, date.fromisoformat),
+        date_to=parsed("date_to", date_to, date.fromisoformat),
         finding=finding,
-        state=StudyState(state) if state else None,
+        state=parsed("state", state, StudyState),
         page=page,
         per_page=per_page,
     )

@@ -1,0 +1,94 @@
+"""Fixtures for the console tests: the real app on a temporary SQLite database, real users."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import users
+from dicom_node.settings import Settings
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
+from dicom_node.store.models import UserRole
+from dicom_node.web import create_app
+
+ADMIN = ("alice", "admin-password-1")
+RADIOLOGIST = ("rob", "radiologist-pw-1")
+
+
+def requires_module(module: str, owner: str) -> pytest.MarkDecorator:
+    """Marks a test that exercises a module another helper builds; it runs once the lead merges."""
+    available = importlib.util.find_spec(module.split(".")[0]) is not None and _importable(module)
+    return pytest.mark.skipif(not available, reason=f"needs {module} ({owner}); runs after the merge")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(node={"data_dir": tmp_path / "var", "name": "Test CXR node"}, web={"port": 0})
+
+
+@pytest.fixture
+def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def app(settings: Settings, factory: sessionmaker[Session]) -> FastAPI:
+    return create_app(settings, factory)
+
+
+@pytest.fixture
+def accounts(factory: sessionmaker[Session]) -> dict[str, int]:
+    with session_scope(factory) as session:
+        admin = users.create_user(session, ADMIN[0], ADMIN[1], UserRole.ADMIN, "test")
+        rad = users.create_user(session, RADIOLOGIST[0], RADIOLOGIST[1], UserRole.RADIOLOGIST, "test")
+        return {"admin": admin.id, "radiologist": rad.id}
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, follow_redirects=False) as c:
+        yield c
+
+
+def form_csrf(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "page has no CSRF field"
+    return match.group(1)
+
+
+def login(client: TestClient, username: str, password: str) -> str:
+    """Log in through the login form like a browser; returns the session's CSRF token."""
+    page = client.get("/login")
+    response = client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": form_csrf(page.text), "next": "/"},
+    )
+    assert response.status_code == 303, response.text
+    return str(client.get("/api/session").json()["csrf_token"])
+
+
+@pytest.fixture
+def admin_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClient, str]:
+    return client, login(client, *ADMIN)
+
+
+@pytest.fixture
+def rad_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClient, str]:
+    return client, login(client, *RADIOLOGIST)
