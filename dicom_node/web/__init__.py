@@ -81,7 +81,9 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
-async def _security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
     """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names)."""
     response = await call_next(request)
     headers = response.headers

@@ -50,7 +50,9 @@ class WebServer:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
             sock.close()
-            raise ConfigurationError(f"web console cannot bind {self.host}:{self.requested_port}: {exc}") from exc
+            raise ConfigurationError(
+                f"web console cannot bind {self.host}:{self.requested_port}: {exc}"
+            ) from exc
         sock.listen(128)
         sock.set_inheritable(True)
         self._socket = sock

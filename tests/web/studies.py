@@ -73,7 +73,9 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
     with session_scope(factory) as session:
         patient = session.query(Patient).filter_by(patient_id=spec.patient_id).one_or_none()
         if patient is None:
-            patient = Patient(patient_id=spec.patient_id, name=spec.patient_name, birth_date="19600101", sex="F")
+            patient = Patient(
+                patient_id=spec.patient_id, name=spec.patient_name, birth_date="19600101", sex="F"
+            )
             session.add(patient)
             session.flush()
         study = Study(
@@ -88,11 +90,15 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
             state_reason=spec.state_reason,
             first_received_at=spec.received_at,
             last_received_at=spec.received_at,
-            analysed_at=spec.received_at + timedelta(seconds=20) if spec.state is StudyState.ANALYSED else None,
+            analysed_at=spec.received_at + timedelta(seconds=20)
+            if spec.state is StudyState.ANALYSED
+            else None,
         )
         session.add(study)
         session.flush()
-        series = Series(series_instance_uid=generate_uid(), study_pk=study.id, modality="CR", body_part_examined="CHEST")
+        series = Series(
+            series_instance_uid=generate_uid(), study_pk=study.id, modality="CR", body_part_examined="CHEST"
+        )
         session.add(series)
         session.flush()
         instance = Instance(

@@ -62,7 +62,9 @@ def test_login_sets_a_strict_httponly_cookie_and_opens_the_dashboard(
     assert "user.login" in _actions(factory)
 
 
-def test_secure_cookies_when_configured(tmp_path: Path, factory: sessionmaker[Session], accounts: dict[str, int]) -> None:
+def test_secure_cookies_when_configured(
+    tmp_path: Path, factory: sessionmaker[Session], accounts: dict[str, int]
+) -> None:
     settings = Settings(node={"data_dir": tmp_path / "var"}, web={"secure_cookies": True})
     app = create_app(settings, factory)
     with TestClient(app, base_url="https://testserver", follow_redirects=False) as client:
@@ -79,7 +81,8 @@ def test_wrong_password_is_refused_and_audited(
 ) -> None:
     page = client.get("/login")
     response = client.post(
-        "/login", data={"username": ADMIN[0], "password": "wrong-password", "csrf_token": form_csrf(page.text)}
+        "/login",
+        data={"username": ADMIN[0], "password": "wrong-password", "csrf_token": form_csrf(page.text)},
     )
     assert response.status_code == 401
     assert "Unknown user or wrong password" in response.text
@@ -90,7 +93,9 @@ def test_wrong_password_is_refused_and_audited(
 
 def test_login_form_without_its_csrf_token_is_refused(client: TestClient, accounts: dict[str, int]) -> None:
     client.get("/login")
-    response = client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": "forged"})
+    response = client.post(
+        "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": "forged"}
+    )
     assert response.status_code == 403
     assert "cxr_session" not in client.cookies
 
@@ -98,10 +103,18 @@ def test_login_form_without_its_csrf_token_is_refused(client: TestClient, accoun
 def test_repeated_failures_block_the_username(client: TestClient, accounts: dict[str, int]) -> None:
     for _ in range(8):
         page = client.get("/login")
-        client.post("/login", data={"username": RADIOLOGIST[0], "password": "nope-nope-nope", "csrf_token": form_csrf(page.text)})
+        client.post(
+            "/login",
+            data={
+                "username": RADIOLOGIST[0],
+                "password": "nope-nope-nope",
+                "csrf_token": form_csrf(page.text),
+            },
+        )
     page = client.get("/login")
     response = client.post(
-        "/login", data={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1], "csrf_token": form_csrf(page.text)}
+        "/login",
+        data={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1], "csrf_token": form_csrf(page.text)},
     )
     assert response.status_code == 429
     assert "cxr_session" not in client.cookies
@@ -111,18 +124,30 @@ def test_login_does_not_redirect_off_site(client: TestClient, accounts: dict[str
     page = client.get("/login?next=//evil.example/x")
     response = client.post(
         "/login",
-        data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": form_csrf(page.text), "next": "//evil.example/x"},
+        data={
+            "username": ADMIN[0],
+            "password": ADMIN[1],
+            "csrf_token": form_csrf(page.text),
+            "next": "//evil.example/x",
+        },
     )
     assert response.headers["location"] == "/"
 
 
-def test_unauthenticated_page_redirects_to_login_and_back(client: TestClient, accounts: dict[str, int]) -> None:
+def test_unauthenticated_page_redirects_to_login_and_back(
+    client: TestClient, accounts: dict[str, int]
+) -> None:
     response = client.get("/results")
     assert response.status_code == 303 and response.headers["location"] == "/login?next=/results"
     page = client.get("/login?next=/results")
     response = client.post(
         "/login",
-        data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": form_csrf(page.text), "next": "/results"},
+        data={
+            "username": ADMIN[0],
+            "password": ADMIN[1],
+            "csrf_token": form_csrf(page.text),
+            "next": "/results",
+        },
     )
     assert response.headers["location"] == "/results"
 
@@ -139,7 +164,9 @@ def test_expired_session_is_refused_and_removed(
     assert _sessions(factory) == 0
 
 
-def test_use_extends_an_idle_session(client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]) -> None:
+def test_use_extends_an_idle_session(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
     login(client, *ADMIN)
     soon = datetime.now(UTC) + timedelta(minutes=5)
     with session_scope(factory) as s:
@@ -150,7 +177,9 @@ def test_use_extends_an_idle_session(client: TestClient, accounts: dict[str, int
     assert expires > soon + timedelta(minutes=400)  # session_minutes defaults to 480
 
 
-def test_logout_deletes_the_session(client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]) -> None:
+def test_logout_deletes_the_session(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
     csrf = login(client, *RADIOLOGIST)
     old_cookie = client.cookies["cxr_session"]
     response = client.post("/logout", data={"csrf_token": csrf})
@@ -161,7 +190,9 @@ def test_logout_deletes_the_session(client: TestClient, accounts: dict[str, int]
     assert "user.logout" in _actions(factory)
 
 
-def test_forms_without_the_csrf_token_are_refused(admin_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
+def test_forms_without_the_csrf_token_are_refused(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
     client, csrf = admin_client
     data = {"role": "destination", "ae_title": "PACS", "host": "127.0.0.1", "port": "104"}
     assert client.post("/admin/aes", data=data).status_code == 403
@@ -196,8 +227,13 @@ def test_radiologist_gets_403_on_admin_pages_and_api(rad_client: tuple[TestClien
     assert "/admin/aes" not in client.get("/").text  # admin links are not offered
 
 
-def test_api_login_and_logout(client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]) -> None:
-    assert client.post("/api/session", json={"username": ADMIN[0], "password": "bad-password"}).status_code == 401
+def test_api_login_and_logout(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    assert (
+        client.post("/api/session", json={"username": ADMIN[0], "password": "bad-password"}).status_code
+        == 401
+    )
     response = client.post("/api/session", json={"username": ADMIN[0], "password": ADMIN[1]})
     assert response.status_code == 200
     info = response.json()

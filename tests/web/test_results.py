@@ -39,27 +39,52 @@ def corpus(factory: sessionmaker[Session]) -> dict[str, int]:
     ids = {
         "old_normal": add_study(
             factory,
-            StudySpec("MILLER^ANNA", "P-100", "A100", "20251201", label="normal",
-                      probabilities={"covid": 0.02, "normal": 0.95, "pneumonia": 0.03},
-                      received_at=NOW - timedelta(days=40)),
+            StudySpec(
+                "MILLER^ANNA",
+                "P-100",
+                "A100",
+                "20251201",
+                label="normal",
+                probabilities={"covid": 0.02, "normal": 0.95, "pneumonia": 0.03},
+                received_at=NOW - timedelta(days=40),
+            ),
         ).study,
         "skipped": add_study(
             factory,
-            StudySpec("SMITH^JOHN", "P-200", "A200", "20260105", state=StudyState.SKIPPED,
-                      state_reason="not a chest image (BodyPartExamined SKULL)", label=None,
-                      received_at=NOW - timedelta(days=3)),
+            StudySpec(
+                "SMITH^JOHN",
+                "P-200",
+                "A200",
+                "20260105",
+                state=StudyState.SKIPPED,
+                state_reason="not a chest image (BodyPartExamined SKULL)",
+                label=None,
+                received_at=NOW - timedelta(days=3),
+            ),
         ).study,
         "pneumonia": add_study(
             factory,
-            StudySpec("SMITH^JOHN", "P-200", "A201", "20260110",
-                      deliveries={"PACS_A": DeliveryState.DELIVERED, "PACS_B": DeliveryState.DEAD},
-                      received_at=NOW - timedelta(hours=1)),
+            StudySpec(
+                "SMITH^JOHN",
+                "P-200",
+                "A201",
+                "20260110",
+                deliveries={"PACS_A": DeliveryState.DELIVERED, "PACS_B": DeliveryState.DEAD},
+                received_at=NOW - timedelta(hours=1),
+            ),
         ).study,
         "covid": add_study(
             factory,
-            StudySpec("O'BRIEN^MARY", "P-300", "A300", "20260111", label="covid",
-                      probabilities={"covid": 0.71, "normal": 0.09, "pneumonia": 0.20},
-                      deliveries={"PACS_A": DeliveryState.RETRYING}, received_at=NOW - timedelta(minutes=5)),
+            StudySpec(
+                "O'BRIEN^MARY",
+                "P-300",
+                "A300",
+                "20260111",
+                label="covid",
+                probabilities={"covid": 0.71, "normal": 0.09, "pneumonia": 0.20},
+                deliveries={"PACS_A": DeliveryState.RETRYING},
+                received_at=NOW - timedelta(minutes=5),
+            ),
         ).study,
     }
     return ids
@@ -99,7 +124,7 @@ def test_results_page_shows_finding_state_and_delivery_per_destination(
     html = page.text
     assert "2 studies match the search" in html
     assert "SMITH, JOHN" in html and "MILLER" not in html
-    assert "Pneumonia</span> <span class=\"nowrap\">84.0 %" in html
+    assert 'Pneumonia</span> <span class="nowrap">84.0 %' in html
     assert "PACS_A: delivered" in html and "PACS_B: dead" in html
     assert "Skipped" in html
     row = client.get("/api/results", params={"patient": "P-300"}).json()["rows"][0]
@@ -110,7 +135,10 @@ def test_results_page_shows_finding_state_and_delivery_per_destination(
 def test_results_are_paginated(rad_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
     client, _ = rad_client
     for i in range(30):
-        add_study(factory, StudySpec(f"PATIENT^{i:02d}", f"P{i:02d}", f"A{i:02d}", received_at=NOW - timedelta(minutes=i)))
+        add_study(
+            factory,
+            StudySpec(f"PATIENT^{i:02d}", f"P{i:02d}", f"A{i:02d}", received_at=NOW - timedelta(minutes=i)),
+        )
     first = client.get("/api/results").json()
     assert first["total"] == 30 and first["pages"] == 2 and len(first["rows"]) == 25
     assert first["rows"][0]["patient_id"] == "P00"
@@ -135,7 +163,7 @@ def test_details_show_probabilities_model_and_delivery_history(
     assert 'id="finding-label">pneumonia<' in html
     for cls, pct in (("pneumonia", "84.0 %"), ("normal", "11.0 %"), ("covid", "5.0 %")):
         assert f'<td class="cls">{cls}</td>' in html and pct in html
-    assert "sugandi-cnn <span class=\"mono\">v1.2.0</span>" in html
+    assert 'sugandi-cnn <span class="mono">v1.2.0</span>' in html
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
     assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
     detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
@@ -189,7 +217,12 @@ def test_resend_requeues_a_dead_delivery_now_and_is_audited(
     followed = client.get(response.headers["location"])
     assert "queued again" in followed.text
     # A delivery of another study cannot be resent through this study's URL.
-    assert client.post(f"/results/{corpus['covid']}/deliveries/{delivery_id}/resend", data={"csrf_token": csrf}).status_code == 404
+    assert (
+        client.post(
+            f"/results/{corpus['covid']}/deliveries/{delivery_id}/resend", data={"csrf_token": csrf}
+        ).status_code
+        == 404
+    )
     api = client.post(f"/api/deliveries/{delivery_id}/resend", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 200 and api.json()["state"] == "pending"
 
@@ -239,7 +272,9 @@ def test_sr_and_pdf_downloads(
     (results_dir / "s1" / "report.pdf").write_bytes(pdf + b"\n")
     assert client.get(pdf_url).content == pdf + b"\n"
     # An SR is not a PDF; a missing file is a 404, not a crash.
-    assert client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/report.pdf").status_code == 404
+    assert (
+        client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/report.pdf").status_code == 404
+    )
     (results_dir / "s1" / "sr.dcm").unlink()
     assert client.get(sr_url).status_code == 404
 
@@ -251,7 +286,9 @@ def test_files_outside_the_results_directory_are_not_served(
     secret = tmp_path / "secret.dcm"
     secret.write_bytes(b"x" * 200)
     ids = add_study(factory, StudySpec(result_files={ResultKind.SR: "../../secret.dcm"}))
-    assert client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm").status_code == 404
+    assert (
+        client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm").status_code == 404
+    )
 
 
 def test_unknown_study_is_404(rad_client: tuple[TestClient, str]) -> None:
@@ -266,8 +303,22 @@ def test_dashboard_counts_today(
     client, _ = rad_client
     midnight = local_midnight()
     yesterday = midnight - timedelta(hours=2)
-    add_study(factory, StudySpec("A^B", "P-900", "A900", state=StudyState.FAILED, state_reason="model error", label=None, received_at=midnight + timedelta(minutes=1)))
-    add_study(factory, StudySpec("A^C", "P-901", "A901", state=StudyState.SKIPPED, label=None, received_at=yesterday))
+    add_study(
+        factory,
+        StudySpec(
+            "A^B",
+            "P-900",
+            "A900",
+            state=StudyState.FAILED,
+            state_reason="model error",
+            label=None,
+            received_at=midnight + timedelta(minutes=1),
+        ),
+    )
+    add_study(
+        factory,
+        StudySpec("A^C", "P-901", "A901", state=StudyState.SKIPPED, label=None, received_at=yesterday),
+    )
     with session_scope(factory) as s:
         s.add(Job(kind=JobKind.STUDY_READY, dedupe_key="x", study_pk=corpus["covid"], state=JobState.PENDING))
         s.add(Job(kind=JobKind.STUDY_READY, dedupe_key="y", study_pk=corpus["covid"], state=JobState.DONE))
