@@ -25,7 +25,7 @@ from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import admin, api, pages
-from dicom_node.web.auth import LoginThrottle, SessionTokens
+from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
 from dicom_node.web.services import ConsoleServices, NodeConsoleServices, software_version
@@ -107,10 +107,16 @@ def _is_api(request: Request) -> bool:
 
 
 def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
-    def error_page(request: Request, status: int, title: str, message: str) -> Response:
-        return templates.TemplateResponse(
-            request, "error.html", {"title": title, "message": message, "principal": None}, status_code=status
-        )
+    def error_page(
+        request: Request, status: int, title: str, message: str, principal: Principal | None = None
+    ) -> Response:
+        context = {
+            "title": title,
+            "message": message,
+            "principal": principal,
+            "csrf": principal.csrf_token if principal else "",
+        }
+        return templates.TemplateResponse(request, "error.html", context, status_code=status)
 
     @app.exception_handler(NotAuthenticated)
     async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
@@ -123,7 +129,7 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
     async def forbidden(request: Request, exc: Forbidden) -> Response:
         if _is_api(request):
             return JSONResponse({"detail": exc.reason}, status_code=403)
-        return error_page(request, 403, "Not permitted", exc.reason)
+        return error_page(request, 403, "Not permitted", exc.reason, exc.principal)
 
     @app.exception_handler(NodeError)
     async def node_error(request: Request, exc: NodeError) -> Response:

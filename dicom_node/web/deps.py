@@ -44,9 +44,10 @@ class NotAuthenticated(Exception):
 class Forbidden(Exception):
     """The user's role does not allow this (403), or the CSRF token is wrong."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, principal: Principal | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.principal = principal
 
 
 def console(request: Request) -> Console:
@@ -85,7 +86,7 @@ UserDep = Annotated[Principal, Depends(current_user)]
 
 def admin_user(principal: UserDep) -> Principal:
     if not principal.is_admin:
-        raise Forbidden("this page is for administrators")
+        raise Forbidden("This page is for administrators.", principal)
     return principal
 
 
@@ -101,7 +102,9 @@ async def _csrf_for(request: Request, principal: Principal) -> Principal:
         value = form.get(CSRF_FIELD)
         given = value if isinstance(value, str) else None
     if not tokens_match(principal.csrf_token, given):
-        raise Forbidden("the form has expired or did not come from this console; reload the page and retry")
+        raise Forbidden(
+            "The form has expired or did not come from this console; reload the page and retry.", principal
+        )
     return principal
 
 

@@ -301,7 +301,7 @@ def upload_classify(request: Request, con: ConsoleDep, principal: CsrfUserDep, t
         return render(
             request, "upload.html", principal, status=503, active="upload", held=held, error=str(exc)
         )
-    return RedirectResponse(f"/upload/{held.token}#result", status_code=303)
+    return RedirectResponse(f"/upload/{held.token}", status_code=303)
 
 
 def upload_report_response(con: Console, held: HeldUpload) -> Response:
