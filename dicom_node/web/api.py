@@ -31,13 +31,13 @@ from dicom_node.web.deps import (
 )
 from dicom_node.web.pages import (
     ResultQueryDep,
-    _set_cookie,
     classify_held,
     held_upload,
     read_limited,
+    set_cookie,
     upload_report_response,
 )
-from dicom_node.web.services import read_upload
+from dicom_node.web.uploads import read_upload
 
 public_router = APIRouter(prefix="/api", tags=["session"])
 router = APIRouter(prefix="/api", dependencies=[Depends(current_user)])
@@ -85,7 +85,7 @@ def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
             mode="json"
         )
     )
-    _set_cookie(response, con, SESSION_COOKIE, token)
+    set_cookie(response, con, SESSION_COOKIE, token)
     return response
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +30,7 @@ def _colormap(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     return (np.stack([r, g, b], axis=-1) * 255.0).astype(np.uint8)
 
 
-def overlay_png(gray: npt.NDArray[np.uint8], heat: npt.NDArray[np.floating[object]]) -> bytes:
+def overlay_png(gray: npt.NDArray[np.uint8], heat: npt.NDArray[np.floating[Any]]) -> bytes:
     """The display image with the heat map (resized to it) blended on top, as a PNG."""
     heat_f = np.asarray(heat, dtype=np.float32)
     if heat_f.ndim != 2 or heat_f.size == 0:

@@ -43,8 +43,8 @@ from dicom_node.web.deps import (
     optional_user,
 )
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
-from dicom_node.web.services import picture_preview, read_upload
-from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload
+from dicom_node.web.services import picture_preview
+from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)]
 
 NOTICES = {
     "resent": "The delivery is queued again and will be sent within a few seconds.",
-    "stored": "The DICOM file is stored in the node; the study is analysed and sent like any received study.",
+    "stored": "The DICOM file is stored in the node; it is analysed and its results routed like any received study.",
     "duplicate": "This DICOM instance was already stored in the node; nothing new was stored.",
     "ae-added": "The AE was added.",
     "ae-updated": "The AE was saved.",
@@ -92,7 +92,7 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _set_cookie(response: Response, con: Console, name: str, value: str) -> None:
+def set_cookie(response: Response, con: Console, name: str, value: str) -> None:
     response.set_cookie(
         name, value, httponly=True, samesite="strict", secure=con.settings.web.secure_cookies, path="/"
     )
@@ -118,7 +118,7 @@ def _login_page(
         no_admin=not admin_exists(db),
         admin_hint=CREATE_ADMIN_HINT,
     )
-    _set_cookie(response, con, LOGIN_CSRF_COOKIE, login_csrf)
+    set_cookie(response, con, LOGIN_CSRF_COOKIE, login_csrf)
     return response
 
 
@@ -168,7 +168,7 @@ def login(
     audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
     db.commit()
     response = RedirectResponse(_safe_next(next), status_code=303)
-    _set_cookie(response, con, SESSION_COOKIE, token)
+    set_cookie(response, con, SESSION_COOKIE, token)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 
@@ -219,10 +219,6 @@ async def read_limited(file: UploadFile) -> bytes:
     if len(data) > MAX_UPLOAD_BYTES:
         raise UploadTooLargeError(f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
     return data
-
-
-class UploadTooLargeError(NodeError):
-    """An upload over the console's size limit."""
 
 
 @router.get("/upload")

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time
 
 from pydantic import BaseModel, Field, computed_field
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
 from dicom_node.errors import NotFoundError
 from dicom_node.store.models import (
@@ -149,7 +149,7 @@ def _like_escape(term: str) -> str:
     return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _contains(column: ColumnElement[str], term: str) -> ColumnElement[bool]:
+def _contains(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
     return func.lower(column).like(f"%{_like_escape(term.lower())}%", escape="\\")
 
 

@@ -8,11 +8,10 @@ works on a node where a package is missing, and says so on the page instead of f
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -156,11 +155,14 @@ class NodeConsoleServices:
     def classify(self, upload: Upload) -> Prediction:
         model = self._model()
         heatmap = self._settings.pipeline.heatmap
+        predictions: list[Prediction]
         if upload.dataset is not None:
-            return model.predict_datasets([upload.dataset], heatmap=heatmap)[0]
-        if upload.image is None:
+            predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
+        elif upload.image is not None:
+            predictions = model.predict_images([upload.image], heatmap=heatmap)
+        else:
             raise NodeError("the upload holds no image")
-        return model.predict_images([upload.image], heatmap=heatmap)[0]
+        return predictions[0]
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
         try:
@@ -282,29 +284,3 @@ def picture_preview(upload: Upload, max_size: int = 1024) -> npt.NDArray[np.uint
     image = upload.image.convert("L")
     image.thumbnail((max_size, max_size))
     return np.asarray(image, dtype=np.uint8)
-
-
-def read_upload(filename: str, data: bytes) -> Upload:
-    """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture."""
-    from dicom_node.errors import UndecodableDatasetError
-
-    if len(data) > 132 and data[128:132] == b"DICM":
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
-        except Exception as exc:  # pydicom raises many types for broken files; the text may hold PHI
-            raise UndecodableDatasetError("the DICOM file could not be read") from exc
-        if "PixelData" not in dataset:
-            raise UndecodableDatasetError("the DICOM file holds no image")
-        return Upload(filename=filename, data=data, dataset=dataset)
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # PIL raises several types for non-images
-        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
-    if image.format not in ("PNG", "JPEG"):
-        raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
-    return Upload(filename=filename, data=data, image=image)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

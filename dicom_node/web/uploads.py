@@ -7,6 +7,7 @@ store live on in the node's file store like any C-STORE).
 
 from __future__ import annotations
 
+import io
 import secrets
 import threading
 import time
@@ -15,13 +16,40 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from dicom_node.errors import NotFoundError
+import pydicom
+from PIL import Image
+
+from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
 from dicom_node.web.services import IngestOutcome, Upload
 
 if TYPE_CHECKING:
     from classifier.types import Prediction
 
 MAX_UPLOAD_BYTES = 128 * 1024 * 1024
+
+
+class UploadTooLargeError(NodeError):
+    """An upload over the console's size limit."""
+
+
+def read_upload(filename: str, data: bytes) -> Upload:
+    """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture."""
+    if len(data) > 132 and data[128:132] == b"DICM":
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # pydicom raises many types for broken files; the text may hold PHI
+            raise UndecodableDatasetError("the DICOM file could not be read") from exc
+        if "PixelData" not in dataset:
+            raise UndecodableDatasetError("the DICOM file holds no image")
+        return Upload(filename=filename, data=data, dataset=dataset)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises several types for non-images
+        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
+    if image.format not in ("PNG", "JPEG"):
+        raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
+    return Upload(filename=filename, data=data, image=image)
 
 
 @dataclass
