@@ -64,6 +64,7 @@ def create_app(
     )
     app.state.console = state
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
+    _include_health(app, session_factory)
     app.include_router(pages.public_router)
     app.include_router(pages.router)
     app.include_router(admin.router)
@@ -94,6 +95,16 @@ async def _security_headers(
     if not request.url.path.startswith("/static/"):
         headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
+    """``/healthz`` (and ``/metrics``) from the node's metrics module; a bare liveness probe without it."""
+    try:
+        from dicom_node.metrics import metrics_router
+    except ImportError:
+        app.include_router(pages.health_router)
+        return
+    app.include_router(metrics_router(session_factory))
 
 
 def _warn_without_admin(session_factory: sessionmaker[Session]) -> None:

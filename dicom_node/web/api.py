@@ -148,6 +148,7 @@ class DeliveryOut(BaseModel):
 def api_resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, delivery_id: int) -> DeliveryOut:
     delivery: Delivery = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
     db.commit()
+    con.services.after_resend(delivery)
     return DeliveryOut(id=delivery.id, state=delivery.state, next_attempt_at=delivery.next_attempt_at)
 
 

@@ -51,6 +51,7 @@ LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 public_router = APIRouter(include_in_schema=False)
+health_router = APIRouter(include_in_schema=False)  # replaced by dicom_node.metrics when installed
 router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
 
 NOTICES = {
@@ -183,7 +184,7 @@ def logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
     return response
 
 
-@public_router.get("/healthz")
+@health_router.get("/healthz")
 def healthz() -> dict[str, str]:
     """Liveness for service managers; says nothing about the node's data."""
     return {"status": "ok"}
@@ -484,6 +485,7 @@ def resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, study_id: int, d
     delivery = db.get(Delivery, delivery_id)
     if delivery is None or delivery.result_object.study_pk != study_id:
         raise NotFoundError("no such delivery in this study")
-    con.services.resend(db, delivery_id, audit.user_actor(principal.username))
+    requeued = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
     db.commit()
+    con.services.after_resend(requeued)
     return RedirectResponse(f"/results/{study_id}?notice=resent#deliveries", status_code=303)

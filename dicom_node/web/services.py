@@ -85,7 +85,10 @@ class ConsoleServices(Protocol):
         """C-ECHO a remote AE; returns the DIMSE status (raises when there is no association)."""
 
     def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
-        """Queue a delivery again now (audited)."""
+        """Queue a delivery again now (audited); the caller commits."""
+
+    def after_resend(self, delivery: Delivery) -> None:
+        """Called after the commit: nudge the outbox so the resend happens at once."""
 
 
 def software_version() -> str:
@@ -211,7 +214,11 @@ class NodeConsoleServices:
             raise NodeError("this AE has no host and port to call")
         tls = None
         if ae.tls:
-            tls = self._settings.dicom.tls
+            try:
+                from dicom_node.tls import client_context
+            except ImportError as exc:
+                raise FeatureUnavailableError("DICOM TLS needs the node's tls module") from exc
+            tls = client_context(self._settings.dicom.tls)
         return int(
             echo(
                 ae.host,
@@ -224,27 +231,48 @@ class NodeConsoleServices:
         )
 
     def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
+        """Requeue; the caller commits, then calls :meth:`after_resend` so the outbox sees the row."""
         return requeue_delivery(session, delivery_id, actor)
+
+    def after_resend(self, delivery: Delivery) -> None:
+        wake_outbox(delivery.destination_pk)
 
 
 def requeue_delivery(session: Session, delivery_id: int, actor: str) -> Delivery:
-    """Put a delivery back in the outbox, due now; the attempt history is kept."""
+    """Put a delivery back in the outbox, due now, with a fresh attempt budget; the history is kept.
+
+    Works for any state: a dead delivery after the PACS is fixed, or a delivered one the PACS lost.
+    """
     delivery = session.get(Delivery, delivery_id)
     if delivery is None:
         raise NotFoundError(f"no delivery with id {delivery_id}")
-    before = delivery.state.value
-    delivery.state = DeliveryState.PENDING
-    delivery.next_attempt_at = utcnow()
-    delivery.delivered_at = None
-    session.flush()
     audit.record(
         session,
         actor,
         "delivery.resend",
         f"delivery:{delivery.id}",
-        {"result_object": delivery.result_object_pk, "destination": delivery.destination_pk, "was": before},
+        {
+            "destination_pk": delivery.destination_pk,
+            "previous_attempts": delivery.attempts,
+            "previous_state": delivery.state.value,
+        },
     )
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.delivered_at = None
+    session.flush()
     return delivery
+
+
+def wake_outbox(destination_pk: int) -> None:
+    """Ask the outbox running in this process (if any) to try the destination now, not at its next sweep."""
+    try:
+        from dicom_node.outbox import wake
+    except ImportError:
+        LOGGER.info("no outbox module; the requeued delivery waits for the node's next sweep")
+        return
+    wake([destination_pk])
 
 
 def node_identity(settings: Settings) -> NodeIdentity:

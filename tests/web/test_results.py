@@ -211,6 +211,7 @@ def test_resend_requeues_a_dead_delivery_now_and_is_audited(
         assert delivery.next_attempt_at is not None
         due = delivery.next_attempt_at.replace(tzinfo=UTC)
         assert before - timedelta(seconds=1) <= due <= datetime.now(UTC)
+        assert delivery.attempts == 0  # a fresh attempt budget
         assert len(delivery.attempt_history) == 1  # history is kept
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "delivery.resend")).one()
         assert event.actor == "user:alice" and event.target == f"delivery:{delivery_id}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -16,8 +17,10 @@ PUBLIC = {
     ("GET", "/login"),  # the login form
     ("POST", "/login"),  # submitting it (protected by its own double-submit CSRF cookie)
     ("POST", "/api/session"),  # the API's login
-    ("GET", "/healthz"),  # liveness for systemd/k8s; returns {"status": "ok"} and nothing else
+    ("GET", "/healthz"),  # liveness for systemd/k8s: up/down and nothing else
 }
+if importlib.util.find_spec("dicom_node.metrics") is not None:
+    PUBLIC.add(("GET", "/metrics"))  # Prometheus counts (no patient data), for the node's scraper
 
 
 def _routes(app: FastAPI) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ def test_serves_on_a_free_port_and_releases_it(app: FastAPI) -> None:
     port = server.port
     try:
         assert port > 0
-        assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
         login = httpx.get(f"{server.url}/login")
         assert login.status_code == 200 and "Log in" in login.text
         assert httpx.get(f"{server.url}/api/dashboard").status_code == 401
