@@ -6,6 +6,7 @@ from dicom_node.aes import InvalidAeError
 from dicom_node.errors import (
     AssociationError,
     AuthenticationError,
+    ClassificationError,
     ConflictError,
     InvalidDatasetError,
     NodeError,
@@ -26,6 +27,7 @@ _STATUS: tuple[tuple[type[NodeError], int], ...] = (
     (InvalidUserError, 422),
     (UndecodableDatasetError, 422),
     (InvalidDatasetError, 422),
+    (ClassificationError, 422),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
     (FeatureUnavailableError, 503),

@@ -23,7 +23,13 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.errors import NodeError, NotFoundError
+from dicom_node.errors import (
+    ClassificationError,
+    NodeError,
+    NotFoundError,
+    ReportingError,
+    UndecodableDatasetError,
+)
 from dicom_node.settings import Settings
 from dicom_node.store.models import Delivery, DeliveryState, RemoteAe, utcnow
 
@@ -122,7 +128,12 @@ class NodeConsoleServices:
             from classifier.preprocess import display_image
         except ImportError as exc:
             raise FeatureUnavailableError("image display needs the classifier package") from exc
-        return np.asarray(display_image(dataset), dtype=np.uint8)
+        from classifier.errors import ClassifierError
+
+        try:
+            return np.asarray(display_image(dataset), dtype=np.uint8)
+        except ClassifierError as exc:
+            raise UndecodableDatasetError(f"the image cannot be displayed: {exc}") from exc
 
     def stored_preview(self, relative_path: str) -> npt.NDArray[np.uint8]:
         root = self._settings.storage_dir
@@ -146,10 +157,15 @@ class NodeConsoleServices:
                     from classifier.inference import Classifier, default_model_path
                 except ImportError as exc:
                     raise FeatureUnavailableError("classification needs the classifier package") from exc
+                from classifier.errors import ClassifierError
+
                 path = self._settings.pipeline.model_path or default_model_path()
-                self._classifier = Classifier.load(
-                    Path(path), indeterminate_threshold=self._settings.pipeline.indeterminate_threshold
-                )
+                try:
+                    self._classifier = Classifier.load(
+                        Path(path), indeterminate_threshold=self._settings.pipeline.indeterminate_threshold
+                    )
+                except ClassifierError as exc:
+                    raise FeatureUnavailableError(f"no usable model: {exc}") from exc
                 LOGGER.info(
                     "console loaded model %s %s", self._classifier.info.name, self._classifier.info.version
                 )
@@ -158,17 +174,23 @@ class NodeConsoleServices:
     def classify(self, upload: Upload) -> Prediction:
         model = self._model()
         heatmap = self._settings.pipeline.heatmap
+        from classifier.errors import ClassifierError
+
         predictions: list[Prediction]
-        if upload.dataset is not None:
-            predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
-        elif upload.image is not None:
-            predictions = model.predict_images([upload.image], heatmap=heatmap)
-        else:
-            raise NodeError("the upload holds no image")
+        try:
+            if upload.dataset is not None:
+                predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
+            elif upload.image is not None:
+                predictions = model.predict_images([upload.image], heatmap=heatmap)
+            else:
+                raise ClassificationError("the upload holds no image")
+        except ClassifierError as exc:
+            raise ClassificationError(f"the image cannot be classified: {exc}") from exc
         return predictions[0]
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
         try:
+            from reporting.errors import ReportingError as ReportBuildError
             from reporting.pdf import build_pdf
             from reporting.types import AnalysedImage
         except ImportError as exc:
@@ -180,7 +202,10 @@ class NodeConsoleServices:
             source = picture_dataset(upload.filename, analysed_at)
             preview = picture_preview(upload)
         analysed = AnalysedImage(source=source, prediction=prediction, preview=preview)
-        return bytes(build_pdf([analysed], node_identity(self._settings), analysed_at=analysed_at))
+        try:
+            return bytes(build_pdf([analysed], node_identity(self._settings), analysed_at=analysed_at))
+        except ReportBuildError as exc:
+            raise ReportingError(f"the PDF report could not be built: {exc}") from exc
 
     # -- ingest and DICOM network -----------------------------------------------------------
 

@@ -20,7 +20,7 @@ from dicom_node.web import create_app
 from dicom_node.web.results import local_midnight
 from dicom_node.web.server import WebServer
 from tests import peers
-from tests.web.conftest import fast_password_hashing  # noqa: F401  (autouse fixture)
+from tests.web.conftest import fast_password_hashing, model_path  # noqa: F401  (fixtures)
 from tests.web.studies import StudySpec, add_study
 
 CHROMIUM = "/usr/bin/chromium"
@@ -116,11 +116,12 @@ def _seed(settings: Settings) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningConsole]:
+def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path | None) -> Iterator[RunningConsole]:  # noqa: F811
     data_dir = tmp_path_factory.mktemp("e2e") / "var"
     settings = Settings(
         node={"data_dir": data_dir, "name": "CXR AI node", "institution_name": "St. Example Hospital"},
         web={"host": "127.0.0.1", "port": 0},
+        pipeline={"model_path": model_path},
     )
     ids = _seed(settings)
     engine = make_engine(settings.database_url)

@@ -50,6 +50,27 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(node={"data_dir": tmp_path / "var", "name": "Test CXR node"}, web={"port": 0})
 
 
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """A model for classification tests: the shipped default, else the tiny one the pipeline tests
+    train (shared per session); None leaves the node's default in place."""
+    try:
+        from tests.pipeline.model import model_for_tests
+    except ImportError:
+        return None
+    return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
+
+
+@pytest.fixture
+def classifying_app(settings: Settings, factory: sessionmaker[Session], model_path: Path | None) -> FastAPI:
+    """The console with a loadable model."""
+    if model_path is not None:
+        settings = settings.model_copy(
+            update={"pipeline": settings.pipeline.model_copy(update={"model_path": model_path})}
+        )
+    return create_app(settings, factory)
+
+
 @pytest.fixture
 def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings.database_url)

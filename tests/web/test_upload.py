@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -146,8 +147,9 @@ def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str])
 @requires_module("classifier.inference", "classifier helper")
 @requires_module("reporting.pdf", "reporting helper")
 @pytest.mark.slow
-def test_classify_png_and_save_the_report(rad_client: tuple[TestClient, str]) -> None:
-    client, csrf = rad_client
+def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: dict[str, int]) -> None:
+    client = TestClient(classifying_app, follow_redirects=False)
+    csrf = login(client, *RADIOLOGIST)
     token = _upload(client, csrf, "chest.png", chest_like_png(), "image/png")
     assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
     page = client.get(f"/upload/{token}").text
