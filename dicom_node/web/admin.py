@@ -20,7 +20,7 @@ from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web.auth import Principal
-from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, admin_user
+from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, admin_user, release
 from dicom_node.web.pages import render
 
 LOGGER = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
 @router.post("/aes/{ae_id}/echo")
 def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
     ae = aes.get_by_id(db, ae_id)
+    release(db)  # the echo may take seconds
     outcome = echo_test(con, ae)
     if request.query_params.get("from") == "edit":
         return _ae_edit_page(request, db, principal, ae, echo=outcome)

@@ -28,6 +28,7 @@ from dicom_node.web.deps import (
     UserDep,
     admin_user,
     current_user,
+    release,
 )
 from dicom_node.web.pages import (
     ResultQueryDep,
@@ -361,7 +362,9 @@ def api_ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
 
 @admin_router.post("/aes/{ae_id}/echo", response_model=EchoOut)
 def api_ae_echo(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> EchoOut:
-    outcome = echo_test(con, aes.get_by_id(db, ae_id))
+    ae = aes.get_by_id(db, ae_id)
+    release(db)  # the echo may take seconds
+    outcome = echo_test(con, ae)
     return EchoOut(ok=outcome.ok, message=outcome.message)
 
 

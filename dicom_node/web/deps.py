@@ -71,8 +71,19 @@ def db_session(request: Request) -> Iterator[Session]:
 DbDep = Annotated[Session, Depends(db_session)]
 
 
+def release(db: Session) -> None:
+    """End the request's transaction before slow work (image decoding, DICOM network, inference).
+
+    On SQLite every transaction takes the database's write lock (BEGIN IMMEDIATE), so a console
+    request must not hold one while the node is receiving images.
+    """
+    db.commit()
+
+
 def optional_user(request: Request, db: DbDep) -> Principal | None:
-    return console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE))
+    principal = console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE))
+    release(db)
+    return principal
 
 
 def current_user(principal: Annotated[Principal | None, Depends(optional_user)]) -> Principal:

@@ -41,6 +41,7 @@ from dicom_node.web.deps import (
     console,
     current_user,
     optional_user,
+    release,
 )
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
 from dicom_node.web.services import picture_preview
@@ -416,6 +417,7 @@ def _instance(db: DbDep, study_id: int, instance_id: int) -> Instance:
 @router.get("/results/{study_id}/instances/{instance_id}/image.png")
 def instance_image(con: ConsoleDep, db: DbDep, study_id: int, instance_id: int) -> Response:
     instance = _instance(db, study_id, instance_id)
+    release(db)
     gray = con.services.stored_preview(instance.file_path)
     return Response(png_bytes(gray), media_type="image/png", headers=PRIVATE_CACHE)
 
@@ -433,6 +435,7 @@ def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: int, finding_id: int) 
     if finding is None or not finding.heatmap_path:
         raise NotFoundError("no heat map for this finding")
     instance = _instance(db, study_id, finding.instance_pk)
+    release(db)
     heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path))
     gray = con.services.stored_preview(instance.file_path)
     return Response(overlay_png(gray, heat), media_type="image/png", headers=PRIVATE_CACHE)
@@ -449,6 +452,7 @@ def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:
 def result_object_file(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
     """The DICOM object the node made (SR, Encapsulated PDF, heat-map SC), as sent to the PACS."""
     obj = _result_object(db, study_id, object_id)
+    release(db)
     path = _under(con.settings.results_dir, obj.file_path)
     return FileResponse(
         path, media_type="application/dicom", filename=f"{obj.kind.value}-{obj.sop_instance_uid}.dcm"
@@ -473,6 +477,7 @@ def report_pdf_bytes(con: Console, obj: ResultObject) -> bytes:
 @router.get("/results/{study_id}/objects/{object_id}/report.pdf")
 def result_report_pdf(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
     obj = _result_object(db, study_id, object_id)
+    release(db)
     return Response(
         report_pdf_bytes(con, obj),
         media_type="application/pdf",

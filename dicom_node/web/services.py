@@ -317,7 +317,12 @@ def node_identity(settings: Settings) -> NodeIdentity:
 
 
 def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
-    """A minimal dataset standing in for a PNG/JPEG upload, so the PDF says what it was."""
+    """A minimal dataset standing in for a PNG/JPEG upload, so the PDF says what it was.
+
+    A picture has no patient: the identifiers are empty, the UIDs are new (a report covers one study).
+    """
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
     ds = pydicom.Dataset()
     ds.PatientName = ""
     ds.PatientID = ""
@@ -327,6 +332,10 @@ def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
     ds.StudyDate = local.strftime("%Y%m%d")
     ds.StudyTime = local.strftime("%H%M%S")
     ds.Modality = "OT"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
     return ds
 
 
