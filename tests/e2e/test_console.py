@@ -13,7 +13,6 @@ import pytest
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
 from tests.web.conftest import requires_module
-from tests.web.test_echo import storescp  # noqa: F401  (fixture)
 from tests.web.test_upload import chest_like_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -162,7 +161,7 @@ def test_admin_pages_and_destination_crud(page: Any, console: RunningConsole) ->
 def test_admin_adds_a_destination_and_the_echo_test_succeeds(
     page: Any,
     console: RunningConsole,
-    storescp: tuple[str, int],  # noqa: F811
+    storescp: tuple[str, int],
 ) -> None:
     title, port = storescp
     log_in(page, console, *ADMIN)
