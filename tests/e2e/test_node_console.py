@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests import peers
@@ -62,7 +63,7 @@ def node(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, storescp: tuple[str, int]
 ) -> Iterator[Any]:
     from tests.pipeline.model import model_for_tests
-    from tests.pipeline.nodeproc import NodeProcess
+    from tests.pipeline.nodeproc import NodeProcess, wait_until
 
     title, _ = storescp
     web_port = peers.free_port()
@@ -80,10 +81,19 @@ def node(
     _add_user(process, RADIOLOGIST[0], "radiologist", RADIOLOGIST[1])
     process.start()
     process.web_url = f"http://127.0.0.1:{web_port}"
+    # The node reports healthy on its metrics port before the console has bound its own port.
+    assert wait_until(lambda: _answers(f"{process.web_url}/login"), timeout=120), "console did not start"
     try:
         yield process
     finally:
         process.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _log_in(page: Any, url: str, username: str, password: str) -> None:

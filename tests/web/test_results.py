@@ -163,7 +163,7 @@ def test_details_show_probabilities_model_and_delivery_history(
     assert 'id="finding-label">pneumonia<' in html
     for cls, pct in (("pneumonia", "84.0 %"), ("normal", "11.0 %"), ("covid", "5.0 %")):
         assert f'<td class="cls">{cls}</td>' in html and pct in html
-    assert 'sugandi-cnn <span class="mono">v1.2.0</span>' in html
+    assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
     assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
     detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
