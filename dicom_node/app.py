@@ -51,6 +51,7 @@ class Node:
     scp: StorageScp
     on_study_ready: list[Callable[[int], None]] = field(default_factory=list)
     web: _WebServer | None = None
+    pipeline: Any = None  # dicom_node.pipeline.PipelineService once started
     _started: bool = False
 
     @property
@@ -65,9 +66,12 @@ class Node:
         db.upgrade(self.engine)
         seed_aes(self.session_factory, self.settings)
         self.file_store.remove_stale_temporaries()
+        self.pipeline = _attach_pipeline(self)
         self.scheduler.start()
         self.settler.start()
         self.scp.start()
+        if self.pipeline is not None:
+            self.pipeline.start()
         if self.settings.web.enabled:
             self.web = _start_web(self.settings, self.session_factory)
         self._started = True
@@ -83,6 +87,9 @@ class Node:
             self.web.stop()
             self.web = None
         self.scp.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+            self.pipeline = None
         self.settler.stop()
         self.scheduler.shutdown(wait=True)
         self.file_store.close()
@@ -147,6 +154,13 @@ def seed_aes(session_factory: sessionmaker[Session], settings: Settings) -> None
         for caller in settings.dicom.callers:
             aes.upsert(session, aes.AeSpec(caller.ae_title, AeRole.CALLER, caller.host,
                                            reply_to=caller.reply_to), audit.SYSTEM)
+
+
+def _attach_pipeline(node: Node) -> Any:
+    """Subscribe the pipeline (classify, report, deliver) to "study ready" events, before timers run."""
+    from dicom_node.pipeline import attach
+
+    return attach(node, node.settings)
 
 
 def _start_web(settings: Settings, session_factory: sessionmaker[Session]) -> _WebServer | None:

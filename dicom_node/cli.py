@@ -28,6 +28,7 @@ LOGGER = logging.getLogger(__name__)
 PLUGINS: tuple[tuple[str, str], ...] = (
     ("classifier.cli", "register"),
     ("dicom_node.users", "register_cli"),
+    ("dicom_node.outbox", "register"),
 )
 
 

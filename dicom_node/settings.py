@@ -111,6 +111,14 @@ class OutboxSettings(BaseModel):
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 
 
+class MetricsSettings(BaseModel):
+    """``/healthz`` and Prometheus ``/metrics`` on their own small HTTP listener."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9111, ge=0, le=65535)
+
+
 class WebSettings(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -150,6 +158,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     outbox: OutboxSettings = OutboxSettings()
     web: WebSettings = WebSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

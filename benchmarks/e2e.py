@@ -1,0 +1,252 @@
+"""End to end: modality → Orthanc → (Lua routing) → node → SR + PDF back in Orthanc.
+
+N single-image studies (fresh UIDs, copies of pydicom-data's RG1_UNCI chest CR) are pushed into a real
+Orthanc (Debian package) at a steady rate over one association; Orthanc forwards each to the node
+(``python -m dicom_node serve``), which answers with an SR and an Encapsulated PDF. Measured:
+
+- seconds from Orthanc acknowledging the image to the node's SR being stored in Orthanc (p50, p95, max),
+  observed through Orthanc's /changes feed (polled every 50 ms);
+- studies per minute (first receipt to last SR);
+- the node's peak RSS (VmHWM of the node process);
+- lost studies (no SR within the deadline) and duplicated ones (more than one SR).
+
+Usage: PYTHONPATH=. python benchmarks/e2e.py [--studies 100] [--rate 1.0] [--settle 2] [--model PATH]
+Prints a table, then the figures as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests import peers  # noqa: E402
+from tests.orthanc import NodeAddress, OrthancServer  # noqa: E402
+from tests.pipeline.model import default_model, tiny_model  # noqa: E402
+from tests.pipeline.nodeproc import NODE_AET, NodeProcess, wait_until  # noqa: E402
+
+
+class SrWatcher(threading.Thread):
+    """Follows Orthanc's change feed and notes when an SR of each study appears."""
+
+    def __init__(self, orthanc: OrthancServer) -> None:
+        super().__init__(daemon=True)
+        self.orthanc = orthanc
+        self.seen: dict[str, list[float]] = {}
+        self.stop = threading.Event()
+        self.client = httpx.Client(base_url=orthanc.url, timeout=30.0)
+        self.since = int(self.client.get("/changes", params={"last": ""}).json()["Last"])
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            body = self.client.get("/changes", params={"since": self.since, "limit": 1000}).json()
+            for change in body["Changes"]:
+                if change["ChangeType"] != "NewInstance":
+                    continue
+                tags = self.client.get(f"/instances/{change['ID']}/simplified-tags").json()
+                if tags.get("Modality") == "SR":
+                    self.seen.setdefault(str(tags["StudyInstanceUID"]), []).append(time.monotonic())
+            self.since = int(body["Last"])
+            if not body["Done"]:
+                continue
+            self.stop.wait(0.05)
+
+
+def corpus(folder: Path, count: int) -> list[tuple[Path, str]]:
+    source = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for index in range(count):
+        source.StudyInstanceUID = generate_uid()
+        source.SeriesInstanceUID = generate_uid()
+        source.SOPInstanceUID = generate_uid()
+        source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        source.AccessionNumber = f"BENCH{index:05d}"
+        path = folder / f"{index:04d}.dcm"
+        source.save_as(path)
+        items.append((path, str(source.StudyInstanceUID)))
+    return items
+
+
+def push(
+    orthanc: OrthancServer, items: list[tuple[Path, str]], rate: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """C-STORE each file into Orthanc over one association; study UID -> acknowledged (monotonic, wall)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    ae.maximum_pdu_size = 131072
+    assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.ae_title)
+    if not assoc.is_established:
+        raise RuntimeError("Orthanc refused the association")
+    received: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    started = time.monotonic()
+    try:
+        for index, (path, study_uid) in enumerate(items):
+            if rate > 0:
+                delay = started + index / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            status = assoc.send_c_store(pydicom.dcmread(path))
+            if status is None or int(status.Status) != 0:
+                raise RuntimeError(f"Orthanc answered {status!r} for study {index}")
+            received[study_uid] = time.monotonic()
+            wall[study_uid] = time.time()
+    finally:
+        assoc.release()
+    return received, wall
+
+
+def stages(node: NodeProcess, wall: dict[str, float]) -> dict[str, list[float]]:
+    """Where the time went, from the node's own rows: Orthanc → node, settle, ready → SR delivered."""
+    from sqlalchemy import select
+
+    from dicom_node.store.models import Delivery, ResultKind, ResultObject, Study
+
+    out: dict[str, list[float]] = {"forward": [], "settle": [], "process": []}
+    with node.session() as session:
+        rows = session.execute(
+            select(Study.study_instance_uid, Study.first_received_at, Study.last_received_at, Study.ready_at,
+                   Delivery.delivered_at)
+            .join(ResultObject, ResultObject.study_pk == Study.id)
+            .join(Delivery, Delivery.result_object_pk == ResultObject.id)
+            .where(ResultObject.kind == ResultKind.SR, Delivery.delivered_at.is_not(None))
+        ).all()
+    for uid, first, last, ready, delivered in rows:
+        if uid in wall:
+            out["forward"].append(_utc(first).timestamp() - wall[uid])
+        if ready is not None:
+            out["settle"].append((_utc(ready) - _utc(last)).total_seconds())
+            out["process"].append((_utc(delivered) - _utc(ready)).total_seconds())
+    return out
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def _p(values: list[float], q: float) -> float | None:
+    return round(percentile(values, q), 2) if values else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=1.0, help="studies per second pushed (0: as fast as possible)")
+    parser.add_argument("--settle", type=float, default=2.0, help="the node's settle time, seconds")
+    parser.add_argument("--model", type=Path, help="model artifact (default: the shipped default model)")
+    parser.add_argument("--no-heatmap", dest="heatmap", action="store_false",
+                        help="skip Grad-CAM heat maps (the product default computes them for the PDF)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="cxr-e2e-"))
+    model = args.model or default_model()
+    if model is None:
+        print("no default model shipped: training a tiny stand-in model (latency only, meaningless findings)")
+        model = tiny_model(work / "model")
+    orthanc = OrthancServer(work / "orthanc")
+    node = NodeProcess(
+        work / "node",
+        model_path=model,
+        callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"}],
+        destinations=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        settle_seconds=args.settle,
+        extra={"pipeline": {"heatmap": args.heatmap}},
+    )
+    orthanc.set_node(NodeAddress(NODE_AET, node.dicom_port))
+    items = corpus(work / "corpus", args.studies)
+    orthanc.start()
+    node.start()
+    try:
+        # Measure the steady state, not start-up: wait until the model is loaded.
+        if not wait_until(lambda: "loaded in" in node.log_path.read_text(), 300, interval=0.5):
+            raise RuntimeError(f"the node never loaded its model; see {node.log_path}")
+        watcher = SrWatcher(orthanc)
+        watcher.start()
+        assert node.process is not None
+        pid = node.process.pid
+        received, wall = push(orthanc, items, args.rate)
+        pushed_at = time.monotonic()
+        wait_until(lambda: len(watcher.seen) >= len(items), args.settle + 120 + args.studies * 0.5, interval=0.5)
+        time.sleep(1.0)  # a late duplicate would show here
+        watcher.stop.set()
+        watcher.join(10)
+        rss = peak_rss_mb(pid)
+        breakdown = stages(node, wall)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+    latencies = [watcher.seen[uid][0] - at for uid, at in received.items() if uid in watcher.seen]
+    lost = sum(1 for uid in received if uid not in watcher.seen)
+    duplicated = sum(1 for uid in received if len(watcher.seen.get(uid, [])) > 1)
+    first = min(received.values())
+    last_sr = max((times[0] for uid, times in watcher.seen.items() if uid in received), default=pushed_at)
+    per_minute = 60.0 * len(latencies) / (last_sr - first) if last_sr > first else float("nan")
+    figures: dict[str, Any] = {
+        "studies": len(items),
+        "rate_per_s": args.rate,
+        "settle_s": args.settle,
+        "p50_s": round(statistics.median(latencies), 2) if latencies else None,
+        "p95_s": round(percentile(latencies, 95), 2) if latencies else None,
+        "max_s": round(max(latencies), 2) if latencies else None,
+        "studies_per_min": round(per_minute, 1),
+        "node_peak_rss_mb": round(rss, 0),
+        "lost": lost,
+        "duplicated": duplicated,
+        "target_p95_s": args.settle + 2.0,
+        "orthanc_to_node_p50_s": _p(breakdown["forward"], 50),
+        "settle_p50_s": _p(breakdown["settle"], 50),
+        "ready_to_sr_delivered_p50_s": _p(breakdown["process"], 50),
+        "ready_to_sr_delivered_p95_s": _p(breakdown["process"], 95),
+        "heatmap": args.heatmap,
+        "model": str(model),
+    }
+    print(f"{'figure':<22}{'value':>12}")
+    for key, value in figures.items():
+        if key != "model":
+            print(f"{key:<22}{value!s:>12}")
+    print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(figures))
+    return 0 if lost == 0 and duplicated == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Which received images the classifier may look at.
+
+The models were trained on frontal chest radiographs (CR/DX, PA or AP). Anything else is stored and
+acknowledged, but SKIPPED with a reason a user can read in the console — never silently classified.
+Absent attributes are accepted: many modalities leave Body Part Examined or View Position empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicom_node.store.models import Instance
+
+ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
+CHEST_BODY_PARTS = frozenset({"CHEST"})
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """The verdict for one image; ``reason`` says why it is not analysed (empty when eligible)."""
+
+    eligible: bool
+    reason: str = ""
+
+
+def assess(*, modality: str, body_part: str, view_position: str) -> Eligibility:
+    """Decide from the three header values (already read from the dataset or the database)."""
+    modality = (modality or "").strip().upper()
+    body_part = (body_part or "").strip().upper()
+    view = (view_position or "").strip().upper()
+    if modality not in ELIGIBLE_MODALITIES:
+        return Eligibility(False, f"modality {modality or '(none)'} is not CR or DX")
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        return Eligibility(False, f"body part {body_part} is not CHEST")
+    if view and view not in FRONTAL_VIEWS:
+        return Eligibility(False, f"view position {view} is not frontal (PA/AP)")
+    return Eligibility(True)
+
+
+def assess_instance(instance: Instance) -> Eligibility:
+    """Decide for a stored instance from its own and its series' rows."""
+    series = instance.series
+    return assess(
+        modality=series.modality,
+        body_part=series.body_part_examined,
+        view_position=instance.view_position,
+    )

@@ -1,0 +1,248 @@
+"""Health and Prometheus metrics: ``/healthz`` and ``/metrics``.
+
+Counts come from the database at scrape time (received, analysed, skipped, delivered, failed, queue depth),
+so they survive restarts and agree with the console. The receipt-to-delivery histogram is observed in
+process by the outbox. Served by a small threaded WSGI server on ``metrics.port``; the web console can
+mount :func:`metrics_router` too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+)
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+LOGGER = logging.getLogger(__name__)
+
+NAMESPACE = "cxr_node"
+LATENCY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class _DatabaseCollector(Collector):
+    """Counters and gauges read from the node's tables on each scrape."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+
+    def collect(self) -> Iterator[Metric]:
+        with session_scope(self.session_factory) as session:
+            instances = _counts(session, Instance.state)
+            studies = _counts(session, Study.state)
+            deliveries = _counts(session, Delivery.state)
+            failed_attempts = session.scalar(
+                select(func.count()).select_from(DeliveryAttempt).where(DeliveryAttempt.outcome.in_(("failed", "error")))
+            )
+            open_jobs = session.scalar(
+                select(func.count()).select_from(Job).where(Job.state.in_((JobState.PENDING, JobState.RUNNING)))
+            )
+        yield _counter("instances_received", "Instances received and stored", sum(instances.values()))
+        yield _counter("instances_analysed", "Instances classified", instances.get(InstanceState.ANALYSED, 0))
+        yield _counter(
+            "instances_skipped", "Instances not eligible (not CR/DX frontal chest)", instances.get(InstanceState.SKIPPED, 0)
+        )
+        yield _counter("instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0))
+        yield _counter("studies_failed", "Studies whose processing failed", studies.get(StudyState.FAILED, 0))
+        yield _counter(
+            "deliveries_delivered", "Result objects delivered to a destination", deliveries.get(DeliveryState.DELIVERED, 0)
+        )
+        yield _counter("deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0))
+        yield _counter("delivery_attempts_failed", "Delivery attempts that failed", failed_attempts or 0)
+        depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Work waiting", labels=["queue"])
+        depth.add_metric(["studies"], float(open_jobs or 0))
+        depth.add_metric(
+            ["deliveries"],
+            float(deliveries.get(DeliveryState.PENDING, 0) + deliveries.get(DeliveryState.RETRYING, 0)),
+        )
+        yield depth
+
+
+def _counts(session: Session, column: Any) -> dict[Any, int]:
+    """Rows per value of ``column`` (an enum state)."""
+    return {value: int(count) for value, count in session.execute(select(column, func.count()).group_by(column))}
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{NAMESPACE}_{name}", documentation, value=float(value))
+
+
+@dataclass
+class HealthReport:
+    ok: bool
+    checks: dict[str, bool] = field(default_factory=dict)
+
+
+# The metrics of the node running in this process (set by activate()), so that the web console's router
+# serves the live histogram and checks without the console having to be handed the object.
+_active: NodeMetrics | None = None
+
+
+class NodeMetrics:
+    """The node's metrics registry and health checks (one per node, built by a factory)."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_DatabaseCollector(session_factory))
+        self.delivery_latency = Histogram(
+            "receipt_to_delivery_seconds",
+            "Seconds from a study's last received instance to a result object delivered",
+            labelnames=["kind"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._checks: dict[str, Callable[[], bool]] = {"database": self._database_ok}
+
+    def activate(self) -> None:
+        """Become the metrics that :func:`metrics_router` serves in this process."""
+        global _active
+        _active = self
+
+    def deactivate(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+
+    def observe_delivery(self, kind: str, seconds: float) -> None:
+        self.delivery_latency.labels(kind=kind).observe(max(0.0, seconds))
+
+    def add_check(self, name: str, check: Callable[[], bool]) -> None:
+        """Register a liveness check (DICOM listener, pipeline worker, scheduler...)."""
+        self._checks[name] = check
+
+    def health(self) -> HealthReport:
+        checks: dict[str, bool] = {}
+        for name, check in self._checks.items():
+            try:
+                checks[name] = bool(check())
+            except Exception as exc:
+                LOGGER.warning("health check %s failed (%s)", name, type(exc).__name__)
+                checks[name] = False
+        return HealthReport(all(checks.values()), checks)
+
+    def _database_ok(self) -> bool:
+        with session_scope(self.session_factory) as session:
+            session.execute(text("SELECT 1"))
+        return True
+
+
+def _health_body(report: HealthReport) -> bytes:
+    return json.dumps({"status": "ok" if report.ok else "unhealthy", "checks": report.checks}).encode()
+
+
+def metrics_wsgi_app(metrics: NodeMetrics) -> WsgiApp:
+    """``/healthz`` (200 or 503, JSON) and ``/metrics`` (Prometheus text format) as one WSGI app."""
+    prometheus = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            report = metrics.health()
+            status = "200 OK" if report.ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [_health_body(report)]
+        if path == "/metrics":
+            return prometheus(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
+
+
+def metrics_router(session_factory: sessionmaker[Session], metrics: NodeMetrics | None = None) -> APIRouter:
+    """``/healthz`` and ``/metrics`` for the FastAPI console (no login, like a load balancer's probe).
+
+    Serves ``metrics``, else the node running in this process (its live histogram and checks), else —
+    console without a node — the database counts alone.
+    """
+    from fastapi import APIRouter, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    fallback: list[NodeMetrics] = []
+
+    def current() -> NodeMetrics:
+        if metrics is not None:
+            return metrics
+        if _active is not None:
+            return _active
+        if not fallback:
+            fallback.append(NodeMetrics(session_factory))
+        return fallback[0]
+
+    router = APIRouter()
+
+    @router.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        report = current().health()
+        return Response(_health_body(report), status_code=200 if report.ok else 503, media_type="application/json")
+
+    @router.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(current().registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+class _ThreadingWsgiServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        LOGGER.debug("metrics http: " + format, *args)
+
+
+class MetricsServer:
+    """A tiny HTTP server for ``/healthz`` and ``/metrics`` on its own port (0 = any free port)."""
+
+    def __init__(self, metrics: NodeMetrics, host: str, port: int) -> None:
+        self._server = make_server(
+            host, port, metrics_wsgi_app(metrics), server_class=_ThreadingWsgiServer, handler_class=_QuietHandler
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="cxr-metrics", daemon=True)
+        self._thread.start()
+        LOGGER.info("health and metrics on http://%s:%d/", self._server.server_address[0], self.port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None

@@ -1,0 +1,560 @@
+"""Outbox: deliver result objects to their destinations by C-STORE, once, with retries.
+
+Each ``Delivery`` row is one object for one destination. Due deliveries of a destination go in one
+association (a batch). A failure is recorded in ``delivery_attempt`` and retried with exponential back-off;
+the wake-up is an APScheduler job in the node's persistent job store, and a periodic sweep catches anything
+due that lost its wake-up. After ``outbox.max_attempts`` the delivery is DEAD until an operator runs
+``cxr-node resend``. A warning status (0xB000...) means the peer kept the object: delivered, recorded.
+
+Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed) so a concurrent sweep
+or ``cxr-node resend`` does not send the same object at the same time. A crash between the peer's answer
+and our commit re-sends the same SOP Instance UID once; a PACS keeps one instance for one UID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from dicom_node import audit
+from dicom_node.errors import ConfigurationError, NodeError, NotFoundError
+from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
+from dicom_node.statuses import is_stored, is_warning
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryState,
+    RemoteAe,
+    Study,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
+
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.settings import OutboxSettings, Settings, TlsSettings
+
+LOGGER = logging.getLogger(__name__)
+
+LEASE_SECONDS = 120.0
+SWEEP_SECONDS = 30.0
+BATCH_LIMIT = 64
+SWEEP_JOB_ID = "outbox:sweep"
+
+# The scheduler's persistent job store keeps a textual reference to a module-level function; that
+# function finds the outbox of this process here (set by Outbox.start, cleared by Outbox.stop).
+_active: Outbox | None = None
+
+
+def run_scheduled(destination_pk: int) -> None:
+    """APScheduler entry point: deliver what is due for one destination."""
+    outbox = _active
+    if outbox is None:
+        # A persisted wake-up firing during start-up, before the outbox runs: start() resumes everything due.
+        LOGGER.info("delivery wake-up for destination %d before the outbox started", destination_pk)
+        return
+    outbox.kick([destination_pk])
+
+
+def wake(destination_pks: Iterable[int]) -> bool:
+    """Ask this process's running outbox to try these destinations now (e.g. after a console resend).
+
+    Returns False when no outbox runs in this process; the node's sweep then finds the work.
+    """
+    outbox = _active
+    if outbox is None:
+        return False
+    outbox.kick(destination_pks)
+    return True
+
+
+def run_sweep() -> None:
+    """APScheduler entry point: deliver whatever is due for every destination."""
+    outbox = _active
+    if outbox is not None:
+        outbox.sweep()
+
+
+def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
+    """Delay before retry number ``attempts`` + 1: initial, 2x, 4x, ... capped at ``maximum``."""
+    return float(min(maximum, initial * (2 ** max(0, attempts - 1))))
+
+
+@dataclass
+class BatchReport:
+    """What one association to one destination achieved."""
+
+    destination_pk: int
+    delivered: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    delivery_pk: int
+    path: Path
+    kind: str
+    received_at: datetime
+
+
+class Outbox:
+    """Sends due deliveries; one instance per node process."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        results_dir: Path,
+        *,
+        calling_aet: str,
+        settings: OutboxSettings,
+        tls: TlsSettings | None = None,
+        scheduler: BaseScheduler | None = None,
+        metrics: NodeMetrics | None = None,
+        workers: int = 2,
+    ) -> None:
+        self.session_factory = session_factory
+        self.results_dir = results_dir
+        self.calling_aet = calling_aet
+        self.settings = settings
+        self.tls = tls
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        *,
+        scheduler: BaseScheduler | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> Outbox:
+        return cls(
+            session_factory,
+            settings.results_dir,
+            calling_aet=settings.dicom.ae_title,
+            settings=settings.outbox,
+            tls=settings.dicom.tls if settings.dicom.tls.enabled else None,
+            scheduler=scheduler,
+            metrics=metrics,
+        )
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Become this process's outbox, schedule the sweep and resume everything that is due."""
+        global _active
+        _active = self
+        with session_scope(self.session_factory) as session:
+            # PENDING deliveries were never answered: due now, even if a dead process leased them.
+            session.execute(
+                update(Delivery).where(Delivery.state == DeliveryState.PENDING).values(next_attempt_at=utcnow())
+            )
+        if self.scheduler is not None:
+            self.scheduler.add_job(
+                run_sweep,
+                "interval",
+                seconds=SWEEP_SECONDS,
+                id=SWEEP_JOB_ID,
+                jobstore=MEMORY_STORE,
+                replace_existing=True,
+                coalesce=True,
+                max_instances=1,
+            )
+        # Every destination with work: due batches go now, the others get their back-off wake-up re-armed.
+        self.kick(self._destinations_with_work())
+
+    def stop(self) -> None:
+        """Stop taking work; batches being sent finish (their rows are leased, so nothing is lost)."""
+        global _active
+        if _active is self:
+            _active = None
+        with self._locks_guard:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    # Scheduling -----------------------------------------------------------------------------
+
+    def kick(self, destination_pks: Iterable[int], at: datetime | None = None) -> None:
+        """Deliver to these destinations now (or wake up at ``at``).
+
+        Sending happens on the outbox's own threads, so a slow peer never holds the scheduler's workers
+        (which also fire the settle timers). Without a scheduler (CLI, tests) it is synchronous.
+        """
+        for pk in dict.fromkeys(destination_pks):
+            if self.scheduler is None:
+                self.deliver_due(pk)
+            elif at is None:
+                self._submit(pk)
+            else:
+                # A later retry is a wake-up in the persistent store, so a restart keeps the back-off.
+                self.scheduler.add_job(
+                    run_scheduled,
+                    "date",
+                    run_date=at,
+                    args=[pk],
+                    id=f"outbox:destination:{pk}",
+                    jobstore=PERSISTENT_STORE,
+                    replace_existing=True,
+                    misfire_grace_time=None,
+                    coalesce=True,
+                    max_instances=1,
+                )
+
+    def _submit(self, destination_pk: int) -> None:
+        with self._locks_guard:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cxr-outbox")
+            executor = self._executor
+        try:
+            executor.submit(self._deliver_logged, destination_pk)
+        except RuntimeError:
+            LOGGER.info("outbox stopping: destination %d waits for the next start", destination_pk)
+
+    def _deliver_logged(self, destination_pk: int) -> None:
+        try:
+            self.deliver_due(destination_pk)
+        except Exception as exc:  # the rows stay due; the sweep retries
+            LOGGER.error("delivery to destination %d failed (%s)", destination_pk, type(exc).__name__)
+
+    def sweep(self) -> None:
+        self.kick(self._destinations_with_work(due_only=True))
+
+    def _destinations_with_work(self, *, due_only: bool = False) -> list[int]:
+        with session_scope(self.session_factory) as session:
+            query = select(Delivery.destination_pk).where(
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING))
+            )
+            if due_only:
+                query = query.where(Delivery.next_attempt_at <= utcnow())
+            return sorted(set(session.scalars(query.distinct())))
+
+    def _lock(self, destination_pk: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(destination_pk, threading.Lock())
+
+    # Delivery ---------------------------------------------------------------------------------
+
+    def deliver_due(self, destination_pk: int) -> BatchReport:
+        """Send every due delivery of one destination, a batch per association, until none is due."""
+        report = BatchReport(destination_pk)
+        lock = self._lock(destination_pk)
+        if not lock.acquire(blocking=False):
+            return report  # the running batch re-checks for due work before it returns
+        try:
+            while True:
+                batch = self._lease(destination_pk)
+                if batch is None:
+                    break
+                destination, items = batch
+                self._send(destination, items, report)
+                if report.failed and not report.delivered:
+                    break  # the peer is down: wait for the back-off instead of hammering it
+        finally:
+            lock.release()
+        self._schedule_next(destination_pk)
+        return report
+
+    def _lease(self, destination_pk: int) -> tuple[RemoteAe, list[_Item]] | None:
+        now = utcnow()
+        with session_scope(self.session_factory) as session:
+            destination = session.get(RemoteAe, destination_pk)
+            if destination is None or not destination.enabled:
+                return None
+            deliveries = list(
+                session.scalars(
+                    select(Delivery)
+                    .where(
+                        Delivery.destination_pk == destination_pk,
+                        Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
+                        Delivery.next_attempt_at <= now,
+                    )
+                    .options(selectinload(Delivery.result_object))
+                    .order_by(Delivery.id)
+                    .limit(BATCH_LIMIT)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not deliveries:
+                return None
+            lease_until = now + timedelta(seconds=LEASE_SECONDS)
+            study_pks = {d.result_object.study_pk for d in deliveries}
+            received = {
+                pk: at for pk, at in session.execute(select(Study.id, Study.last_received_at).where(Study.id.in_(study_pks)))
+            }
+            items = []
+            for delivery in deliveries:
+                delivery.next_attempt_at = lease_until
+                obj = delivery.result_object
+                items.append(
+                    _Item(delivery.id, self.results_dir / obj.file_path, obj.kind.value, _aware(received[obj.study_pk]))
+                )
+            session.expunge(destination)
+        return destination, items
+
+    def _send(self, destination: RemoteAe, items: list[_Item], report: BatchReport) -> None:
+        from dicom_node import scu
+
+        missing = [item for item in items if not item.path.is_file()]
+        present = [item for item in items if item.path.is_file()]
+        outcomes: dict[int, tuple[int | None, str]] = {
+            item.delivery_pk: (None, "result file missing") for item in missing
+        }
+        if present:
+            try:
+                context = self._tls_context() if destination.tls else None
+                statuses = scu.send(
+                    [item.path for item in present],
+                    destination.host or "",
+                    int(destination.port or 0),
+                    destination.ae_title,
+                    calling_aet=self.calling_aet,
+                    tls=context,
+                )
+            except NodeError as exc:
+                error = str(exc)
+                statuses = []
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc.strerror or exc}"
+                statuses = []
+            except Exception as exc:  # an unexpected failure is an attempt that failed, not a lost batch
+                error = f"unexpected {type(exc).__name__}"
+                LOGGER.error("destination %d: sending failed (%s)", destination.id, error, exc_info=False)
+                statuses = []
+            else:
+                error = "no response"
+            for index, item in enumerate(present):
+                status = statuses[index] if index < len(statuses) else None
+                outcomes[item.delivery_pk] = (status, "" if status is not None else error)
+        self._record(destination, items, outcomes, report)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        from dicom_node.tls import client_context
+
+        if self.tls is None:
+            raise ConfigurationError("the destination requires DICOM TLS but dicom.tls is not configured")
+        return client_context(self.tls)
+
+    def _record(
+        self,
+        destination: RemoteAe,
+        items: list[_Item],
+        outcomes: dict[int, tuple[int | None, str]],
+        report: BatchReport,
+    ) -> None:
+        now = utcnow()
+        latencies: list[tuple[str, float]] = []
+        with session_scope(self.session_factory) as session:
+            for item in items:
+                delivery = session.get(Delivery, item.delivery_pk)
+                if delivery is None:
+                    continue
+                status, error = outcomes[item.delivery_pk]
+                delivery.attempts += 1
+                delivery.last_status = status
+                if status is not None and is_stored(status):
+                    outcome = "warning" if is_warning(status) else "delivered"
+                    delivery.state = DeliveryState.DELIVERED
+                    delivery.delivered_at = now
+                    delivery.next_attempt_at = None
+                    delivery.last_error = f"warning status 0x{status:04X}" if outcome == "warning" else ""
+                    report.delivered.append(delivery.id)
+                    latencies.append((item.kind, (now - item.received_at).total_seconds()))
+                else:
+                    outcome = "failed" if status is not None else "error"
+                    delivery.last_error = error or f"failure status 0x{status or 0:04X}"
+                    if delivery.attempts >= self.settings.max_attempts:
+                        delivery.state = DeliveryState.DEAD
+                        delivery.next_attempt_at = None
+                        report.dead.append(delivery.id)
+                    else:
+                        delivery.state = DeliveryState.RETRYING
+                        delay = backoff_seconds(
+                            delivery.attempts,
+                            self.settings.backoff_initial_seconds,
+                            self.settings.backoff_max_seconds,
+                        )
+                        delivery.next_attempt_at = now + timedelta(seconds=delay)
+                    report.failed.append(delivery.id)
+                session.add(
+                    DeliveryAttempt(
+                        delivery_pk=delivery.id,
+                        at=now,
+                        status=status,
+                        outcome=outcome,
+                        error=delivery.last_error if outcome != "delivered" else "",
+                    )
+                )
+        if report.delivered or report.failed:
+            LOGGER.info(
+                "destination %d (%s): %d delivered, %d failed, %d dead",
+                destination.id,
+                destination.ae_title,
+                len(report.delivered),
+                len(report.failed),
+                len(report.dead),
+            )
+        for delivery_pk in report.dead:
+            LOGGER.warning("delivery %d is DEAD after %d attempts", delivery_pk, self.settings.max_attempts)
+        if self.metrics is not None:
+            for kind, seconds in latencies:
+                self.metrics.observe_delivery(kind, seconds)
+
+    def _schedule_next(self, destination_pk: int) -> None:
+        """Arm the wake-up for the earliest retry of this destination."""
+        if self.scheduler is None:
+            return
+        with session_scope(self.session_factory) as session:
+            earliest = session.scalar(
+                select(Delivery.next_attempt_at)
+                .where(
+                    Delivery.destination_pk == destination_pk,
+                    Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
+                    Delivery.next_attempt_at.is_not(None),
+                )
+                .order_by(Delivery.next_attempt_at)
+                .limit(1)
+            )
+        if earliest is not None:
+            self.kick([destination_pk], at=max(_aware(earliest), utcnow()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters: resend (CLI and web console)
+# ---------------------------------------------------------------------------------------------
+
+
+def dead_deliveries(session: Session) -> list[Delivery]:
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.DEAD)
+            .options(selectinload(Delivery.destination), selectinload(Delivery.result_object))
+            .order_by(Delivery.id)
+        )
+    )
+
+
+def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) -> list[Delivery]:
+    """Put DEAD deliveries (all of them when ``delivery_pks`` is None) back in the queue, audited.
+
+    The attempt counter starts again; the history in ``delivery_attempt`` is kept.
+    """
+    if delivery_pks is None:
+        chosen = dead_deliveries(session)
+    else:
+        chosen = []
+        for pk in delivery_pks:
+            delivery = session.get(Delivery, pk)
+            if delivery is None:
+                raise NotFoundError(f"no delivery with id {pk}")
+            if delivery.state is not DeliveryState.DEAD:
+                raise NodeError(f"delivery {pk} is {delivery.state.value}, not dead")
+            chosen.append(delivery)
+    now = utcnow()
+    for delivery in chosen:
+        audit.record(
+            session,
+            actor,
+            "delivery.resend",
+            f"delivery:{delivery.id}",
+            {"destination_pk": delivery.destination_pk, "previous_attempts": delivery.attempts},
+        )
+        delivery.state = DeliveryState.PENDING
+        delivery.attempts = 0
+        delivery.next_attempt_at = now
+    session.flush()
+    return chosen
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``cxr-node resend`` to the CLI."""
+    parser = subparsers.add_parser(
+        "resend",
+        help="send dead result deliveries again",
+        description="Put DEAD deliveries back in the outbox and try them now (audited). "
+        "Without arguments, lists the dead deliveries.",
+    )
+    parser.add_argument("delivery_ids", nargs="*", type=int, metavar="DELIVERY_ID")
+    parser.add_argument("--all-dead", action="store_true", help="every dead delivery")
+    if not any(action.dest == "config" for action in parser._actions):
+        # SUPPRESS: a --config given before the subcommand is not overwritten by this default.
+        parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="YAML settings file (default: $CXR_NODE_CONFIG)")
+    parser.set_defaults(func=_resend_command)
+
+
+def _resend_command(args: argparse.Namespace) -> int:
+    from dicom_node.logconfig import configure_logging
+    from dicom_node.settings import load_settings
+    from dicom_node.store.db import make_engine, make_session_factory, upgrade
+
+    try:
+        settings = load_settings(getattr(args, "config", None))
+    except NodeError as exc:
+        _say(f"error: {exc}")
+        return 2
+    configure_logging(settings.logging)
+    engine = make_engine(settings.database_url)
+    try:
+        upgrade(engine)
+        factory = make_session_factory(engine)
+        if not args.all_dead and not args.delivery_ids:
+            with session_scope(factory) as session:
+                dead = dead_deliveries(session)
+                for delivery in dead:
+                    _say(
+                        f"{delivery.id}\t{delivery.result_object.kind.value}\t"
+                        f"{delivery.destination.ae_title}\t{delivery.attempts} attempts\t{delivery.last_error}"
+                    )
+            _say(f"{len(dead)} dead deliveries; give DELIVERY_ID... or --all-dead to resend")
+            return 0 if not dead else 1
+        try:
+            with session_scope(factory) as session:
+                chosen = requeue(session, None if args.all_dead else args.delivery_ids, audit.cli_actor())
+                ids = [d.id for d in chosen]
+                destinations = sorted({d.destination_pk for d in chosen})
+        except NodeError as exc:
+            _say(f"error: {exc}")
+            return 2
+        outbox = Outbox.from_settings(settings, factory)
+        for destination_pk in destinations:
+            outbox.deliver_due(destination_pk)
+        with session_scope(factory) as session:
+            states = {d.id: d for d in session.scalars(select(Delivery).where(Delivery.id.in_(ids)))}
+            for pk in ids:
+                delivery = states[pk]
+                note = f" ({delivery.last_error})" if delivery.state is not DeliveryState.DELIVERED else ""
+                _say(f"{pk}\t{delivery.state.value}{note}")
+            undelivered = sum(1 for d in states.values() if d.state is not DeliveryState.DELIVERED)
+        return 0 if undelivered == 0 else 1
+    finally:
+        engine.dispose()
+
+
+def _say(text: str) -> None:
+    """CLI output (the only place this module writes to stdout)."""
+    print(text)  # noqa: T201
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,1072 @@
+"""Study ready → eligibility → classify → findings → SR + PDF (+ heat-map SC) → outbox deliveries.
+
+Every step leaves a committed row before the next one starts, so ``kill -9`` at any moment and a restart
+resume where the work stopped and never repeat a visible effect:
+
+1. eligibility: instances not CR/DX frontal chest are SKIPPED with their reason;
+2. findings: one ``Finding`` per (instance, model name, model version) — a unique constraint — and its
+   heat map saved before the row is committed;
+3. result objects: their rows (with freshly generated SOP/Series Instance UIDs) are committed *before* any
+   object is built; a rebuild after a crash reuses those UIDs, and a file already written (atomically) is
+   never rebuilt — so one study and model version never yields two different SRs;
+4. deliveries: one per (object, destination), created only once the files exist, then handed to the outbox.
+
+Classification runs in one worker thread, off the DICOM and scheduler threads, batching the images of all
+studies that are ready at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from classifier.types import ModelInfo, Prediction
+from dicom_node import __version__, aes
+from dicom_node.eligibility import assess_instance
+from dicom_node.errors import NodeError, ReportingError
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    AeRole,
+    Delivery,
+    DeliveryState,
+    Finding,
+    Instance,
+    InstanceState,
+    Job,
+    JobKind,
+    JobState,
+    RemoteAe,
+    ResultKind,
+    ResultObject,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from dicom_node.outbox import Outbox
+    from dicom_node.settings import Settings
+    from reporting.types import AnalysedImage, NodeIdentity
+
+LOGGER = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9001
+PDF_SERIES_NUMBER = 9002
+SC_SERIES_NUMBER = 9003
+NOT_ANALYSED_TITLE = "Chest X-ray AI analysis: study not analysed"
+RETRY_DELAY_SECONDS = 30.0
+MAX_JOB_ATTEMPTS = 5
+
+
+class ImageClassifier(Protocol):
+    """What the pipeline needs from :class:`classifier.inference.Classifier`."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def predict_datasets(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
+    ) -> list[Prediction]: ...
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The settings the pipeline acts on (taken from :class:`Settings` by :func:`config_from_settings`)."""
+
+    storage_dir: Path
+    results_dir: Path
+    identity: NodeIdentity
+    batch_size: int = 16
+    heatmap: bool = True
+    secondary_capture: bool = False
+    send_skipped: bool = False
+    fixed_destinations: tuple[str, ...] = ()
+    fsync: bool = True
+
+
+def node_identity(settings: Settings) -> NodeIdentity:
+    """The node as the device that authored the results; its UID is stable across restarts."""
+    from reporting.types import NodeIdentity
+
+    return NodeIdentity(
+        name=settings.node.name,
+        institution_name=settings.node.institution_name,
+        manufacturer="cxr-node",
+        model_name="CXR AI node",
+        software_version=__version__,
+        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
+        station_name=settings.dicom.ae_title,
+    )
+
+
+def config_from_settings(settings: Settings) -> PipelineConfig:
+    group = settings.pipeline
+    return PipelineConfig(
+        storage_dir=settings.storage_dir,
+        results_dir=settings.results_dir,
+        identity=node_identity(settings),
+        batch_size=group.batch_size,
+        heatmap=group.heatmap or group.secondary_capture,
+        secondary_capture=group.secondary_capture,
+        send_skipped=group.send_skipped,
+        fixed_destinations=tuple(group.fixed_destinations),
+        fsync=settings.storage.fsync,
+    )
+
+
+def load_classifier(settings: Settings) -> ImageClassifier:
+    """Load the configured model (the shipped default when none is set). Imports TensorFlow."""
+    from classifier.inference import Classifier, default_model_path
+
+    path = settings.pipeline.model_path or default_model_path()
+    return Classifier.load(path, indeterminate_threshold=settings.pipeline.indeterminate_threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Temp file, fsync, rename, fsync the directory: a reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def dataset_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:48] or "_"
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------
+
+
+def destinations_for(session: Session, calling_aes: Iterable[str], fixed: Iterable[str]) -> list[RemoteAe]:
+    """Where a study's results go: each caller's ``reply_to`` plus the fixed destinations (enabled ones)."""
+    found: dict[int, RemoteAe] = {}
+    for title in calling_aes:
+        if not title:
+            continue
+        caller = aes.find(session, title, AeRole.CALLER)
+        if caller is not None and caller.reply_to is not None and caller.reply_to.enabled:
+            found[caller.reply_to.id] = caller.reply_to
+    for title in fixed:
+        destination = aes.find(session, title, AeRole.DESTINATION)
+        if destination is None:
+            LOGGER.warning("fixed destination %s is not a registered destination AE", title)
+        elif destination.enabled:
+            found[destination.id] = destination
+    return list(found.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    """An eligible instance read for classification (kept in memory for the report's preview)."""
+
+    instance_pk: int
+    study_pk: int
+    dataset: pydicom.Dataset
+    read_ms: float
+
+
+@dataclass
+class _Cycle:
+    """Per-cycle memory: datasets and previews already read, so reports do not read pixels twice."""
+
+    datasets: dict[int, pydicom.Dataset] = field(default_factory=dict)
+    previews: dict[int, npt.NDArray[np.uint8] | None] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Processes ready studies in one worker thread; :meth:`process` is also callable synchronously."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        config: PipelineConfig,
+        classifier_loader: Callable[[], ImageClassifier],
+        *,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.session_factory = session_factory
+        self.config = config
+        self._loader = classifier_loader
+        self._classifier: ImageClassifier | None = None
+        self._classifier_lock = threading.Lock()
+        self.outbox = outbox
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._pending: set[int] = set()
+        self._busy = 0
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def classifier(self) -> ImageClassifier:
+        with self._classifier_lock:
+            if self._classifier is None:
+                started = time.perf_counter()
+                self._classifier = self._loader()
+                info = self._classifier.info
+                LOGGER.info(
+                    "model %s %s loaded in %.1f s", info.name, info.version, time.perf_counter() - started
+                )
+            return self._classifier
+
+    def start(self) -> None:
+        """Start the worker and resume every study whose job is still PENDING or RUNNING."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="cxr-pipeline", daemon=True)
+        self._thread.start()
+        for study_pk in self.unfinished_studies():
+            self.submit(study_pk)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def unfinished_studies(self) -> list[int]:
+        with session_scope(self.session_factory) as session:
+            rows = session.scalars(
+                select(Job.study_pk)
+                .where(
+                    Job.kind == JobKind.STUDY_READY,
+                    Job.state.in_((JobState.PENDING, JobState.RUNNING)),
+                    Job.study_pk.is_not(None),
+                )
+                .order_by(Job.id)
+            )
+            return list(dict.fromkeys(int(pk) for pk in rows if pk is not None))
+
+    def submit(self, study_pk: int) -> None:
+        """The ``Node.on_study_ready`` callback: queue the study and return at once."""
+        with self._idle:
+            if study_pk in self._pending:
+                return
+            self._pending.add(study_pk)
+        self._queue.put(study_pk)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._idle:
+            return len(self._pending) + self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is queued or running (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+            return True
+
+    def _run(self) -> None:
+        try:
+            LOGGER.debug("worker ready with model %s", self.classifier.info.version)  # warm up
+            import reporting.encapsulated  # noqa: F401  (first-study latency: import the builders now)
+            import reporting.pdf  # noqa: F401
+            import reporting.sr  # noqa: F401
+        except Exception:
+            LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
+        while not self._stopping.is_set():
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.config.batch_size:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._stopping.set()
+                    break
+                batch.append(more)
+            with self._idle:
+                for pk in batch:
+                    self._pending.discard(pk)
+                self._busy += len(batch)
+            try:
+                self.process(batch)
+            except Exception as exc:
+                LOGGER.error("pipeline cycle for studies %s failed (%s)\n%s", batch, type(exc).__name__, frames(exc))
+            finally:
+                with self._idle:
+                    self._busy -= len(batch)
+                    self._idle.notify_all()
+
+    # One cycle --------------------------------------------------------------------------------
+
+    def process(self, study_pks: Sequence[int]) -> None:
+        """Run the whole pipeline for these studies; safe to repeat (idempotent)."""
+        cycle = _Cycle()
+        claimed = [pk for pk in study_pks if self._claim(pk)]
+        if not claimed:
+            return
+        try:
+            info = self.classifier.info
+        except Exception as exc:
+            # No model is a configuration problem, not the study's: keep the work for the next start.
+            LOGGER.error("no classifier (%s); %d study(ies) stay queued", type(exc).__name__, len(claimed))
+            self._release(claimed, f"model unavailable ({type(exc).__name__})")
+            return
+        try:
+            self._classify(claimed, info, cycle)
+        except Exception as exc:
+            for pk in claimed:
+                self._fail(pk, exc)
+            return
+        for pk in claimed:
+            if self._stopping.is_set():
+                break  # shutting down: the rest stay RUNNING and resume at the next start
+            try:
+                self._finish_study(pk, info, cycle)
+            except Exception as exc:
+                self._fail(pk, exc)
+
+    def _claim(self, study_pk: int) -> bool:
+        """Mark the study's open jobs RUNNING and sort out ineligible instances (SKIPPED + reason)."""
+        with session_scope(self.session_factory) as session:
+            study = session.get(Study, study_pk)
+            if study is None:
+                LOGGER.warning("study %d vanished before processing", study_pk)
+                return False
+            now = utcnow()
+            for job in self._open_jobs(session, study_pk):
+                job.state = JobState.RUNNING
+                job.attempts += 1
+                job.started_at = job.started_at or now
+            if study.state in (StudyState.RECEIVED, StudyState.READY, StudyState.FAILED):
+                study.state = StudyState.PROCESSING
+            for instance in self._instances(session, study_pk):
+                if instance.state is not InstanceState.RECEIVED:
+                    continue
+                verdict = assess_instance(instance)
+                if not verdict.eligible:
+                    instance.state = InstanceState.SKIPPED
+                    instance.state_reason = verdict.reason
+                    LOGGER.info("instance %d skipped: %s", instance.id, verdict.reason)
+        return True
+
+    @staticmethod
+    def _open_jobs(session: Session, study_pk: int) -> list[Job]:
+        return list(
+            session.scalars(
+                select(Job).where(
+                    Job.study_pk == study_pk,
+                    Job.kind == JobKind.STUDY_READY,
+                    Job.state.in_((JobState.PENDING, JobState.RUNNING)),
+                )
+            )
+        )
+
+    @staticmethod
+    def _instances(session: Session, study_pk: int) -> list[Instance]:
+        return list(
+            session.scalars(
+                select(Instance)
+                .join(Series)
+                .where(Series.study_pk == study_pk)
+                .options(selectinload(Instance.series))
+                .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+            )
+        )
+
+    # Classification ---------------------------------------------------------------------------
+
+    def _classify(self, study_pks: Sequence[int], info: ModelInfo, cycle: _Cycle) -> None:
+        """Classify eligible instances without a finding for this model, ``batch_size`` at a time."""
+        with session_scope(self.session_factory) as session:
+            candidates = session.scalars(
+                select(Instance)
+                .join(Series)
+                .where(
+                    Series.study_pk.in_(study_pks),
+                    Instance.state == InstanceState.RECEIVED,
+                    ~Instance.findings.any(
+                        (Finding.model_name == info.name) & (Finding.model_version == info.version)
+                    ),
+                )
+                .options(selectinload(Instance.series))
+                .order_by(Instance.id)
+            )
+            # An instance that arrived after the claim is assessed in the next cycle, never here.
+            todo = [
+                (i.id, i.file_path, i.series.study_pk) for i in candidates if assess_instance(i).eligible
+            ]
+            # Eligible instances that already have a finding (a crash after the commit) are done.
+            for instance in session.scalars(
+                select(Instance)
+                .join(Series)
+                .where(
+                    Series.study_pk.in_(study_pks),
+                    Instance.state == InstanceState.RECEIVED,
+                    Instance.findings.any(
+                        (Finding.model_name == info.name) & (Finding.model_version == info.version)
+                    ),
+                )
+            ):
+                instance.state = InstanceState.ANALYSED
+        size = max(1, self.config.batch_size)
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            loaded = [item for item in (self._read(pk, path, study) for pk, path, study in chunk) if item]
+            if loaded:
+                self._predict_and_store(loaded, info, cycle)
+
+    def _read(self, instance_pk: int, file_path: str, study_pk: int) -> _Loaded | None:
+        started = time.perf_counter()
+        try:
+            ds = _read_dataset(self.config.storage_dir / file_path)
+        except Exception as exc:
+            self._mark_instance(instance_pk, InstanceState.FAILED, f"stored file unreadable ({type(exc).__name__})")
+            LOGGER.warning("instance %d: stored file unreadable (%s)", instance_pk, type(exc).__name__)
+            return None
+        return _Loaded(instance_pk, study_pk, ds, (time.perf_counter() - started) * 1000.0)
+
+    def _predict_and_store(self, loaded: list[_Loaded], info: ModelInfo, cycle: _Cycle) -> None:
+        from classifier.errors import UnsupportedImageError
+
+        classifier = self.classifier
+        started = time.perf_counter()
+        try:
+            predictions = classifier.predict_datasets([item.dataset for item in loaded], heatmap=self.config.heatmap)
+            results: list[tuple[_Loaded, Prediction | BaseException]] = list(zip(loaded, predictions, strict=True))
+        except Exception:
+            # One bad image must not sink the batch: retry one by one to find it.
+            LOGGER.warning("batch of %d failed; classifying one by one", len(loaded))
+            results = []
+            for item in loaded:
+                try:
+                    results.append(
+                        (item, classifier.predict_datasets([item.dataset], heatmap=self.config.heatmap)[0])
+                    )
+                except Exception as exc:
+                    results.append((item, exc))
+        batch_ms = (time.perf_counter() - started) * 1000.0
+        stored: list[tuple[int, Finding]] = []
+        for item, outcome in results:
+            if isinstance(outcome, UnsupportedImageError):
+                self._mark_instance(item.instance_pk, InstanceState.SKIPPED, f"image not supported: {outcome}")
+                continue
+            if isinstance(outcome, BaseException):
+                self._mark_instance(
+                    item.instance_pk, InstanceState.FAILED, f"classification failed ({type(outcome).__name__})"
+                )
+                LOGGER.error("instance %d: classification failed (%s)", item.instance_pk, type(outcome).__name__)
+                continue
+            heatmap_path = self._save_heatmap(item.instance_pk, info, outcome.heatmap)
+            timings = {str(k): float(v) for k, v in outcome.timings_ms.items()}
+            timings.update(read=round(item.read_ms, 2), batch=round(batch_ms, 2), batch_size=len(loaded))
+            finding = Finding(
+                instance_pk=item.instance_pk,
+                model_name=info.name,
+                model_version=info.version,
+                label=outcome.label,
+                top_class=outcome.top_class,
+                confidence=outcome.confidence,
+                probabilities={str(k): float(v) for k, v in outcome.probabilities.items()},
+                timings_ms=timings,
+                heatmap_path=heatmap_path,
+            )
+            stored.append((item.instance_pk, finding))
+            cycle.datasets[item.instance_pk] = item.dataset
+        with session_scope(self.session_factory) as session:
+            for instance_pk, finding in stored:
+                session.add(finding)
+                instance = session.get(Instance, instance_pk)
+                if instance is not None:
+                    instance.state = InstanceState.ANALYSED
+                    instance.state_reason = ""
+        LOGGER.info("classified %d image(s) in %.0f ms", len(stored), batch_ms)
+
+    def _save_heatmap(self, instance_pk: int, info: ModelInfo, heatmap: Any) -> str | None:
+        if heatmap is None:
+            return None
+        relative = f"heatmaps/{instance_pk}-{_safe(info.name)}-{_safe(info.version)}.npy"
+        buffer = BytesIO()
+        np.save(buffer, np.asarray(heatmap, dtype=np.float32))
+        write_atomically(self.config.results_dir / relative, buffer.getvalue(), fsync=self.config.fsync)
+        return relative
+
+    def _mark_instance(self, instance_pk: int, state: InstanceState, reason: str) -> None:
+        with session_scope(self.session_factory) as session:
+            instance = session.get(Instance, instance_pk)
+            if instance is not None:
+                instance.state = state
+                instance.state_reason = reason
+
+    # Results ------------------------------------------------------------------------------------
+
+    def _finish_study(self, study_pk: int, info: ModelInfo, cycle: _Cycle) -> None:
+        with session_scope(self.session_factory) as session:
+            instances = self._instances(session, study_pk)
+            analysed = [i for i in instances if i.state is InstanceState.ANALYSED]
+            skipped = [i for i in instances if i.state is InstanceState.SKIPPED]
+            failed = [i for i in instances if i.state is InstanceState.FAILED]
+            waiting = [i for i in instances if i.state is InstanceState.RECEIVED]
+        if waiting:
+            # Instances that arrived while this cycle ran: go round again.
+            self.submit(study_pk)
+            return
+        if analysed:
+            objects = self._ensure_result_rows(study_pk, info, [i.id for i in analysed])
+            self._build_missing(study_pk, info, objects, cycle)
+            for instance in analysed:  # pixels of a finished study need not wait for the whole batch
+                cycle.datasets.pop(instance.id, None)
+                cycle.previews.pop(instance.id, None)
+            state, reason = StudyState.ANALYSED, ""
+        elif failed:
+            self._finalise(study_pk, StudyState.FAILED, "no image could be analysed", [], job_failed=True)
+            return
+        else:
+            reasons = sorted({i.state_reason for i in skipped if i.state_reason}) or ["no image in the study"]
+            reason = "; ".join(reasons)
+            state = StudyState.SKIPPED
+            objects = []
+            if self.config.send_skipped:
+                objects = self._ensure_skipped_rows(study_pk, info)
+                self._build_skipped(study_pk, objects, reason)
+        self._finalise(study_pk, state, reason, objects)
+
+    def _ensure_result_rows(self, study_pk: int, info: ModelInfo, analysed_pks: list[int]) -> list[int]:
+        kinds = [ResultKind.SR, ResultKind.PDF]
+        if self.config.secondary_capture and self._has_heatmap(analysed_pks, info):
+            kinds.append(ResultKind.HEATMAP_SC)
+        return self._ensure_rows(study_pk, info, kinds)
+
+    def _ensure_skipped_rows(self, study_pk: int, info: ModelInfo) -> list[int]:
+        return self._ensure_rows(study_pk, info, [ResultKind.PDF])
+
+    def _has_heatmap(self, analysed_pks: list[int], info: ModelInfo) -> bool:
+        with session_scope(self.session_factory) as session:
+            return (
+                session.scalar(
+                    select(Finding.id).where(
+                        Finding.instance_pk.in_(analysed_pks),
+                        Finding.model_name == info.name,
+                        Finding.model_version == info.version,
+                        Finding.heatmap_path.is_not(None),
+                    )
+                )
+                is not None
+            )
+
+    def _ensure_rows(self, study_pk: int, info: ModelInfo, kinds: list[ResultKind]) -> list[int]:
+        """Get or create one ResultObject per kind, with its UIDs, committed before anything is built."""
+        sop_classes = {
+            ResultKind.SR: "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+            ResultKind.PDF: "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+            ResultKind.HEATMAP_SC: "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        }
+        for _ in range(2):
+            try:
+                with session_scope(self.session_factory) as session:
+                    study = session.get(Study, study_pk)
+                    if study is None:
+                        raise ReportingError(f"study {study_pk} vanished")
+                    if study.analysed_at is None:
+                        study.analysed_at = utcnow()
+                    ids: list[int] = []
+                    for kind in kinds:
+                        row = session.scalar(
+                            select(ResultObject).where(
+                                ResultObject.study_pk == study_pk,
+                                ResultObject.kind == kind,
+                                ResultObject.model_name == info.name,
+                                ResultObject.model_version == info.version,
+                            )
+                        )
+                        if row is None:
+                            sop_uid = generate_uid()
+                            row = ResultObject(
+                                study_pk=study_pk,
+                                kind=kind,
+                                model_name=info.name,
+                                model_version=info.version,
+                                sop_class_uid=sop_classes[kind],
+                                sop_instance_uid=sop_uid,
+                                series_instance_uid=generate_uid(),
+                                file_path=f"{study_pk}/{kind.value}-{sop_uid}.dcm",
+                            )
+                            session.add(row)
+                            session.flush()
+                        ids.append(row.id)
+                    return ids
+            except IntegrityError:
+                LOGGER.info("result rows for study %d created concurrently; reloading", study_pk)
+        raise ReportingError(f"could not create result rows for study {study_pk}")
+
+    def _build_missing(self, study_pk: int, info: ModelInfo, object_pks: list[int], cycle: _Cycle) -> None:
+        """Build and write every result object whose file does not exist yet."""
+        from reporting.encapsulated import build_encapsulated_pdf
+        from reporting.pdf import build_pdf
+        from reporting.secondary_capture import build_heatmap_sc
+        from reporting.sr import build_sr
+
+        with session_scope(self.session_factory) as session:
+            rows = [session.get(ResultObject, pk) for pk in object_pks]
+            study = session.get(Study, study_pk)
+            assert study is not None and study.analysed_at is not None
+            analysed_at = _aware(study.analysed_at)
+            missing = [r for r in rows if r is not None and not (self.config.results_dir / r.file_path).is_file()]
+            if not missing:
+                return
+            images = self._analysed_images(session, study_pk, info, cycle)
+        if not images:
+            raise ReportingError(f"study {study_pk}: analysed images could not be reloaded")
+        identity = self.config.identity
+        started = time.perf_counter()
+        try:
+            for row in missing:
+                path = self.config.results_dir / row.file_path
+                if row.kind is ResultKind.SR:
+                    sr = build_sr(
+                        images,
+                        identity,
+                        series_instance_uid=row.series_instance_uid,
+                        sop_instance_uid=row.sop_instance_uid,
+                        series_number=SR_SERIES_NUMBER,
+                        analysed_at=analysed_at,
+                    )
+                    write_atomically(path, dataset_bytes(sr), fsync=self.config.fsync)
+                elif row.kind is ResultKind.PDF:
+                    pdf = build_pdf(images, identity, analysed_at=analysed_at)
+                    write_atomically(path.with_suffix(".pdf"), pdf, fsync=self.config.fsync)
+                    encapsulated = build_encapsulated_pdf(
+                        pdf,
+                        images[0].source,
+                        identity,
+                        series_instance_uid=row.series_instance_uid,
+                        sop_instance_uid=row.sop_instance_uid,
+                        series_number=PDF_SERIES_NUMBER,
+                        created_at=analysed_at,
+                        referenced=[image.source for image in images],
+                    )
+                    write_atomically(path, dataset_bytes(encapsulated), fsync=self.config.fsync)
+                elif row.kind is ResultKind.HEATMAP_SC:
+                    with_map = next((image for image in images if image.prediction.heatmap is not None), images[0])
+                    sc = build_heatmap_sc(
+                        with_map,
+                        identity,
+                        series_instance_uid=row.series_instance_uid,
+                        sop_instance_uid=row.sop_instance_uid,
+                        series_number=SC_SERIES_NUMBER,
+                    )
+                    write_atomically(path, dataset_bytes(sc), fsync=self.config.fsync)
+        except NodeError:
+            raise
+        except Exception as exc:
+            raise ReportingError(f"building results for study {study_pk} failed ({type(exc).__name__})") from exc
+        LOGGER.info(
+            "study %d: %d result object(s) built in %.0f ms",
+            study_pk,
+            len(missing),
+            (time.perf_counter() - started) * 1000.0,
+        )
+
+    def _analysed_images(
+        self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle
+    ) -> list[AnalysedImage]:
+        """Predictions rebuilt from the committed Finding rows (the same path after a crash).
+
+        Reads rows inside ``session`` but pixels outside any lock-holding work: the files are read
+        after the rows are collected.
+        """
+        from classifier.preprocess import display_image
+
+        from reporting.types import AnalysedImage
+
+        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
+        for instance in self._instances(session, study_pk):
+            if instance.state is not InstanceState.ANALYSED:
+                continue
+            finding = session.scalar(
+                select(Finding).where(
+                    Finding.instance_pk == instance.id,
+                    Finding.model_name == info.name,
+                    Finding.model_version == info.version,
+                )
+            )
+            if finding is None:
+                continue
+            path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
+            rows.append((instance.id, path, _header(instance), finding))
+        session.commit()  # release the database before reading pixel files
+        images: list[AnalysedImage] = []
+        for instance_pk, path, header, finding in rows:
+            ds = cycle.datasets.get(instance_pk)
+            if ds is None:
+                ds = _read_dataset(path) if path is not None and path.is_file() else header
+                cycle.datasets[instance_pk] = ds
+            if instance_pk not in cycle.previews:
+                cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
+            images.append(
+                AnalysedImage(
+                    source=ds, prediction=self._prediction(finding, info), preview=cycle.previews[instance_pk]
+                )
+            )
+        return images
+
+    def _prediction(self, finding: Finding, info: ModelInfo) -> Prediction:
+        heatmap = None
+        if finding.heatmap_path:
+            path = self.config.results_dir / finding.heatmap_path
+            if path.is_file():
+                heatmap = np.load(path).astype(np.float32)
+        return Prediction(
+            label=finding.label,
+            top_class=finding.top_class,
+            probabilities={str(k): float(v) for k, v in finding.probabilities.items()},
+            model=info,
+            heatmap=heatmap,
+            timings_ms={str(k): float(v) for k, v in (finding.timings_ms or {}).items()},
+        )
+
+    def _build_skipped(self, study_pk: int, object_pks: list[int], reason: str) -> None:
+        """For ``send_skipped``: an Encapsulated PDF telling the reader the study was not analysed."""
+        from reporting.encapsulated import build_encapsulated_pdf
+
+        with session_scope(self.session_factory) as session:
+            rows = [session.get(ResultObject, pk) for pk in object_pks]
+            missing = [r for r in rows if r is not None and not (self.config.results_dir / r.file_path).is_file()]
+            if not missing:
+                return
+            study = session.get(Study, study_pk)
+            assert study is not None
+            if study.analysed_at is None:
+                study.analysed_at = utcnow()
+            analysed_at = _aware(study.analysed_at)
+            instance = next(iter(self._instances(session, study_pk)), None)
+            if instance is None:
+                return
+            path = self.config.storage_dir / instance.file_path
+            source = _read_header(path) if instance.purged_at is None and path.is_file() else _header(instance)
+        for row in missing:
+            pdf = not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
+            target = self.config.results_dir / row.file_path
+            write_atomically(target.with_suffix(".pdf"), pdf, fsync=self.config.fsync)
+            encapsulated = build_encapsulated_pdf(
+                pdf,
+                source,
+                self.config.identity,
+                series_instance_uid=row.series_instance_uid,
+                sop_instance_uid=row.sop_instance_uid,
+                series_number=PDF_SERIES_NUMBER,
+                title=NOT_ANALYSED_TITLE,
+                created_at=analysed_at,
+            )
+            write_atomically(target, dataset_bytes(encapsulated), fsync=self.config.fsync)
+
+    def _finalise(
+        self,
+        study_pk: int,
+        state: StudyState,
+        reason: str,
+        object_pks: list[int],
+        *,
+        job_failed: bool = False,
+    ) -> None:
+        """One delivery per (object, destination), study and jobs final — one transaction."""
+        destination_pks: list[int] = []
+        with session_scope(self.session_factory) as session:
+            study = session.get(Study, study_pk)
+            if study is None:
+                return
+            if object_pks:
+                callers = {study.calling_ae} | set(
+                    session.scalars(
+                        select(Instance.calling_ae).join(Series).where(Series.study_pk == study_pk).distinct()
+                    )
+                )
+                destinations = destinations_for(session, sorted(callers), self.config.fixed_destinations)
+                if not destinations:
+                    LOGGER.warning("study %d: no destination configured for its results", study_pk)
+                now = utcnow()
+                for object_pk in object_pks:
+                    existing = set(
+                        session.scalars(select(Delivery.destination_pk).where(Delivery.result_object_pk == object_pk))
+                    )
+                    for destination in destinations:
+                        if destination.id not in existing:
+                            session.add(
+                                Delivery(
+                                    result_object_pk=object_pk,
+                                    destination_pk=destination.id,
+                                    state=DeliveryState.PENDING,
+                                    next_attempt_at=now,
+                                )
+                            )
+                destination_pks = [d.id for d in destinations]
+            study.state = state
+            study.state_reason = reason
+            if state is StudyState.ANALYSED and study.analysed_at is None:
+                study.analysed_at = utcnow()
+            for job in self._open_jobs(session, study_pk):
+                job.state = JobState.FAILED if job_failed else JobState.DONE
+                job.error = reason if job_failed else ""
+                job.finished_at = utcnow()
+        LOGGER.info("study %d %s with %d result object(s)", study_pk, state.value, len(object_pks))
+        if self.outbox is not None and destination_pks:
+            self.outbox.kick(destination_pks)
+
+    def _release(self, study_pks: Sequence[int], reason: str) -> None:
+        """Put claimed studies back (jobs PENDING, study READY) so a restart picks them up."""
+        with session_scope(self.session_factory) as session:
+            for study_pk in study_pks:
+                for job in self._open_jobs(session, study_pk):
+                    job.state = JobState.PENDING
+                    job.error = reason
+                study = session.get(Study, study_pk)
+                if study is not None and study.state is StudyState.PROCESSING:
+                    study.state = StudyState.READY
+                    study.state_reason = reason
+
+    def _fail(self, study_pk: int, exc: BaseException) -> None:
+        """A retriable error puts the job back (and retries later); others mark job and study FAILED."""
+        retriable = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
+        summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
+        LOGGER.error("study %d: processing failed (%s)\n%s", study_pk, summary, frames(exc))
+        try:
+            with session_scope(self.session_factory) as session:
+                jobs = self._open_jobs(session, study_pk)
+                retry = retriable and all(job.attempts < MAX_JOB_ATTEMPTS for job in jobs)
+                for job in jobs:
+                    job.state = JobState.PENDING if retry else JobState.FAILED
+                    job.error = summary
+                    if not retry:
+                        job.finished_at = utcnow()
+                study = session.get(Study, study_pk)
+                if study is not None and not retry:
+                    study.state = StudyState.FAILED
+                    study.state_reason = summary
+        except NodeError:
+            LOGGER.error("study %d: could not record the failure; it resumes at the next start", study_pk)
+            return
+        if retry:
+            timer = threading.Timer(RETRY_DELAY_SECONDS, self.submit, args=(study_pk,))
+            timer.daemon = True
+            timer.start()
+
+
+def not_analysed_pdf(identity: NodeIdentity, *, reason: str, analysed_at: datetime) -> bytes:
+    """A one-page notice for ``pipeline.send_skipped``: the reader sees the node looked and why it stopped.
+
+    Patient identification travels in the Encapsulated PDF's DICOM header, so the page holds none.
+    """
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import mm
+    from reportlab.pdfgen.canvas import Canvas
+
+    buffer = BytesIO()
+    canvas = Canvas(buffer, pagesize=A4, invariant=True)
+    canvas.setTitle(NOT_ANALYSED_TITLE)
+    canvas.setAuthor(identity.name)
+    width, height = A4
+    y = height - 30 * mm
+    lines = [
+        ("Helvetica-Bold", 16, NOT_ANALYSED_TITLE),
+        ("Helvetica", 11, f"{identity.name} {identity.institution_name}".strip()),
+        ("Helvetica", 11, f"Checked at {analysed_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"),
+        ("Helvetica-Bold", 12, "No image of this study was analysed:"),
+        ("Helvetica", 11, reason),
+        ("Helvetica", 9, "The AI analyses frontal (PA/AP) chest radiographs (CR/DX) only."),
+        ("Helvetica", 9, "Decision support, not a diagnosis."),
+    ]
+    for font, size, text in lines:
+        canvas.setFont(font, size)
+        canvas.drawString(20 * mm, y, text[:110])
+        y -= size * 1.8
+    canvas.showPage()
+    canvas.save()
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading stored instances
+# ---------------------------------------------------------------------------------------------
+
+
+def frames(exc: BaseException) -> str:
+    """Where an error happened, without its message: pydicom/highdicom messages may quote PHI."""
+    return "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+
+
+def _read_dataset(path: Path) -> pydicom.Dataset:
+    """Read with the classifier's reader when it has one (reduced-resolution JPEG 2000)."""
+    try:
+        from classifier.preprocess import read_dataset
+    except ImportError:
+        return pydicom.dcmread(path)
+    return read_dataset(path)
+
+
+def _read_header(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _header(instance: Instance) -> pydicom.Dataset:
+    """A minimal source dataset when the pixel file is gone (retention): UIDs only, no PHI available."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = instance.sop_class_uid
+    ds.SOPInstanceUID = instance.sop_instance_uid
+    ds.SeriesInstanceUID = instance.series.series_instance_uid
+    ds.StudyInstanceUID = instance.series.study.study_instance_uid
+    ds.Modality = instance.series.modality
+    return ds
+
+
+def _preview(
+    display_image: Callable[[pydicom.Dataset], npt.NDArray[np.uint8]], ds: pydicom.Dataset, instance_pk: int
+) -> npt.NDArray[np.uint8] | None:
+    if "PixelData" not in ds:
+        return None
+    try:
+        return display_image(ds)
+    except Exception as exc:
+        LOGGER.warning("instance %d: no preview for the report (%s)", instance_pk, type(exc).__name__)
+        return None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition: pipeline + outbox + retention + metrics on a node
+# ---------------------------------------------------------------------------------------------
+
+
+class NodeLike(Protocol):
+    """What :func:`attach` needs from :class:`dicom_node.app.Node`."""
+
+    session_factory: sessionmaker[Session]
+    on_study_ready: list[Callable[[int], None]]
+
+    @property
+    def scheduler(self) -> Any: ...
+
+    @property
+    def dicom_port(self) -> int: ...
+
+
+@dataclass
+class PipelineService:
+    """Everything after "study ready", started after the node (its scheduler must be running)."""
+
+    pipeline: Pipeline
+    outbox: Outbox
+    retention: Any  # dicom_node.retention.Retention
+    metrics: Any  # dicom_node.metrics.NodeMetrics
+    metrics_server: Any = None  # dicom_node.metrics.MetricsServer | None
+
+    def start(self) -> None:
+        self.metrics.activate()
+        self.outbox.start()
+        self.retention.start()
+        self.pipeline.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+
+    def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.metrics.deactivate()
+        self.pipeline.stop()
+        self.retention.stop()
+        self.outbox.stop()
+
+
+def attach(
+    node: NodeLike,
+    settings: Settings,
+    *,
+    classifier_loader: Callable[[], ImageClassifier] | None = None,
+) -> PipelineService:
+    """Subscribe the pipeline to the node's "study ready" events and build its companions."""
+    from dicom_node.metrics import MetricsServer, NodeMetrics
+    from dicom_node.outbox import Outbox
+    from dicom_node.retention import Retention
+
+    metrics = NodeMetrics(node.session_factory)
+    outbox = Outbox.from_settings(settings, node.session_factory, scheduler=node.scheduler, metrics=metrics)
+    pipeline = Pipeline(
+        node.session_factory,
+        config_from_settings(settings),
+        classifier_loader or (lambda: load_classifier(settings)),
+        outbox=outbox,
+    )
+    node.on_study_ready.append(pipeline.submit)
+    retention = Retention(
+        node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler
+    )
+    metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
+    metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
+    metrics.add_check("pipeline", lambda: pipeline.alive)
+    server = None
+    if settings.metrics.enabled:
+        try:
+            server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port)
+        except OSError as exc:
+            # Monitoring must not keep the node from receiving studies: run on, say so loudly.
+            LOGGER.error("health/metrics listener not started on %s:%d (%s)", settings.metrics.host,
+                         settings.metrics.port, exc.strerror or type(exc).__name__)
+    return PipelineService(pipeline, outbox, retention, metrics, server)

@@ -1,0 +1,154 @@
+"""Retention: remove received pixel files once they are old enough and their results are delivered.
+
+Rows are kept (the console still lists the study and its finding); ``instance.purged_at`` records when
+the file went. A study qualifies when it is finished — ANALYSED or SKIPPED — and every delivery of its
+result objects is DELIVERED. FAILED studies and studies with undelivered or dead results keep their files,
+so an operator can still act on them. Each run that removes files writes one audit event (row ids only).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.jobs import MEMORY_STORE
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    ResultObject,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
+
+LOGGER = logging.getLogger(__name__)
+
+JOB_ID = "retention:purge"
+INTERVAL_SECONDS = 3600.0
+BATCH = 500
+
+_active: Retention | None = None
+
+
+def run_scheduled() -> None:
+    """APScheduler entry point (a textual reference kept in the persistent job store)."""
+    retention = _active
+    if retention is not None:
+        retention.purge()
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    purged: int
+    missing: int  # files already gone (rows marked anyway)
+
+
+class Retention:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        storage_dir: Path,
+        retention_days: float | None,
+        *,
+        scheduler: BaseScheduler | None = None,
+        interval_seconds: float = INTERVAL_SECONDS,
+    ) -> None:
+        self.session_factory = session_factory
+        self.storage_dir = storage_dir
+        self.retention_days = retention_days
+        self.scheduler = scheduler
+        self.interval_seconds = interval_seconds
+
+    def start(self) -> None:
+        """Become this process's retention and run hourly (the first run one interval after start)."""
+        global _active
+        _active = self
+        if self.scheduler is None:
+            return
+        if self.retention_days is None:
+            return
+        self.scheduler.add_job(
+            run_scheduled,
+            "interval",
+            seconds=self.interval_seconds,
+            id=JOB_ID,
+            jobstore=MEMORY_STORE,
+            replace_existing=True,
+            coalesce=True,
+            max_instances=1,
+        )
+
+    def stop(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+
+    def purge(self, now: datetime | None = None, actor: str = audit.SYSTEM) -> PurgeReport:
+        """Remove every qualifying file; returns how many went."""
+        if self.retention_days is None:
+            return PurgeReport(0, 0)
+        cutoff = (now or utcnow()) - timedelta(days=self.retention_days)
+        purged = missing = 0
+        while True:
+            with session_scope(self.session_factory) as session:
+                candidates = self._candidates(session, cutoff)
+                if not candidates:
+                    break
+                ids: list[int] = []
+                for instance in candidates:
+                    path = self.storage_dir / instance.file_path
+                    try:
+                        path.unlink()
+                        purged += 1
+                    except FileNotFoundError:
+                        missing += 1
+                    instance.purged_at = utcnow()
+                    ids.append(instance.id)
+                audit.record(
+                    session,
+                    actor,
+                    "retention.purge",
+                    "instance",
+                    {"instance_ids": ids, "retention_days": self.retention_days},
+                )
+            if len(candidates) < BATCH:
+                break
+        if purged or missing:
+            LOGGER.info("retention removed %d pixel file(s) (%d already gone)", purged, missing)
+        return PurgeReport(purged, missing)
+
+    @staticmethod
+    def _candidates(session: Session, cutoff: datetime) -> list[Instance]:
+        undelivered = (
+            select(ResultObject.study_pk)
+            .join(Delivery, Delivery.result_object_pk == ResultObject.id)
+            .where(Delivery.state != DeliveryState.DELIVERED)
+        )
+        return list(
+            session.scalars(
+                select(Instance)
+                .join(Series)
+                .join(Study)
+                .where(
+                    Instance.purged_at.is_(None),
+                    Instance.received_at < cutoff,
+                    Study.state.in_((StudyState.ANALYSED, StudyState.SKIPPED)),
+                    Study.id.not_in(undelivered),
+                )
+                .order_by(Instance.id)
+                .limit(BATCH)
+            )
+        )

@@ -1,0 +1,88 @@
+"""Fixtures for the pipeline tests: a migrated SQLite database and rows made directly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.store.db import make_engine, make_session_factory, upgrade
+from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    from tests.postgres_server import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated database, on SQLite (the default) and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database()
+    engine = make_engine(url)
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def add_study(
+    session: Session,
+    storage_dir: Path,
+    *,
+    modality: str = "CR",
+    body_part: str = "CHEST",
+    view: str = "PA",
+    images: int = 1,
+    calling_ae: str = "ORTHANC",
+    state: StudyState = StudyState.READY,
+    instance_state: InstanceState = InstanceState.RECEIVED,
+    received_at: datetime | None = None,
+    content: bytes = b"pixels",
+) -> Study:
+    """A study with ``images`` instances whose files exist under ``storage_dir``."""
+    received_at = received_at or utcnow()
+    patient = Patient(patient_id=generate_uid()[-12:], name="TEST^PATIENT")
+    study = Study(
+        study_instance_uid=generate_uid(),
+        patient=patient,
+        calling_ae=calling_ae,
+        state=state,
+        first_received_at=received_at,
+        last_received_at=received_at,
+    )
+    series = Series(series_instance_uid=generate_uid(), study=study, modality=modality, body_part_examined=body_part)
+    session.add_all([patient, study, series])
+    for number in range(images):
+        uid = generate_uid()
+        relative = f"{study.study_instance_uid}/{uid}.dcm"
+        (storage_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (storage_dir / relative).write_bytes(content)
+        session.add(
+            Instance(
+                sop_instance_uid=uid,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                series=series,
+                instance_number=number + 1,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                view_position=view,
+                file_path=relative,
+                sha256="0" * 64,
+                size_bytes=len(content),
+                calling_ae=calling_ae,
+                received_at=received_at,
+                state=instance_state,
+            )
+        )
+    session.flush()
+    return study

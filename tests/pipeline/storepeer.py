@@ -1,0 +1,49 @@
+"""An in-process pynetdicom Storage SCP standing in for a destination in outbox tests.
+
+It records every SOP Instance UID it receives and each association, and answers with a chosen status.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+
+from tests import peers
+
+
+class StorePeer:
+    def __init__(self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000) -> None:
+        self.ae_title = ae_title
+        self.port = port or peers.free_port()
+        self.status = status
+        self.received: list[str] = []
+        self.associations = 0
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _on_store(self, event: Event) -> int:
+        with self._lock:
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return self.status
+
+    def _on_accepted(self, _event: Event) -> None:
+        with self._lock:
+            self.associations += 1
+
+    def start(self) -> StorePeer:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

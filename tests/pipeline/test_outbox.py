@@ -1,0 +1,188 @@
+"""Outbox: one association per destination and batch, back-off, dead letters and `cxr-node resend`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicom_node.cli import main as cli_main
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.outbox import Outbox, backoff_seconds
+from dicom_node.pipeline import dataset_bytes, write_atomically
+from dicom_node.settings import OutboxSettings
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    AeRole,
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    RemoteAe,
+    ResultKind,
+    ResultObject,
+    StudyState,
+    utcnow,
+)
+from tests.pipeline.conftest import add_study
+from tests.pipeline.storepeer import StorePeer
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def peer() -> Iterator[StorePeer]:
+    server = StorePeer().start()
+    yield server
+    server.stop()
+
+
+def _result_file(results: Path, relative: str, sop_uid: str, study_uid: str) -> None:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = 2
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = b"\x00\x01\x02\x03"
+    write_atomically(results / relative, dataset_bytes(ds), fsync=False)
+
+
+def _deliveries(db: sessionmaker[Session], results: Path, port: int, count: int) -> tuple[int, list[int]]:
+    """A destination at ``port`` and ``count`` result objects of one study, each with a delivery."""
+    with session_scope(db) as session:
+        destination = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=port)
+        session.add(destination)
+        study = add_study(session, results.parent / "instances", state=StudyState.ANALYSED)
+        session.flush()
+        ids = []
+        for index, kind in enumerate([ResultKind.SR, ResultKind.PDF, ResultKind.HEATMAP_SC][:count]):
+            uid = generate_uid()
+            relative = f"{study.id}/{index}.dcm"
+            _result_file(results, relative, uid, study.study_instance_uid)
+            obj = ResultObject(study_pk=study.id, kind=kind, model_name="m", model_version="1",
+                               sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=uid,
+                               series_instance_uid=generate_uid(), file_path=relative)
+            session.add(obj)
+            session.flush()
+            delivery = Delivery(result_object_pk=obj.id, destination_pk=destination.id, next_attempt_at=utcnow())
+            session.add(delivery)
+            session.flush()
+            ids.append(delivery.id)
+        return destination.id, ids
+
+
+def _outbox(db: sessionmaker[Session], results: Path, max_attempts: int = 3) -> Outbox:
+    return Outbox(db, results, calling_aet="CXRNODE",
+                  settings=OutboxSettings(max_attempts=max_attempts, backoff_initial_seconds=5, backoff_max_seconds=60))
+
+
+def _make_due(db: sessionmaker[Session]) -> None:
+    with session_scope(db) as session:
+        for delivery in session.scalars(select(Delivery)):
+            if delivery.next_attempt_at is not None:
+                delivery.next_attempt_at = utcnow() - timedelta(seconds=1)
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_seconds(n, 5, 60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_due_objects_go_in_one_association_and_are_never_sent_twice(
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer
+) -> None:
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, peer.port, 3)
+    outbox = _outbox(db, results)
+
+    report = outbox.deliver_due(destination_pk)
+    assert sorted(report.delivered) == sorted(ids)
+    assert peer.associations == 1
+    assert len(peer.received) == 3
+
+    assert outbox.deliver_due(destination_pk).delivered == []  # nothing due any more
+    assert len(peer.received) == 3
+    with session_scope(db) as session:
+        for delivery in session.scalars(select(Delivery)):
+            assert delivery.state is DeliveryState.DELIVERED
+            assert [a.outcome for a in delivery.attempt_history] == ["delivered"]
+
+
+def test_a_warning_status_counts_as_delivered_and_is_recorded(
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer
+) -> None:
+    peer.status = 0xB000
+    results = tmp_path / "results"
+    destination_pk, _ = _deliveries(db, results, peer.port, 1)
+    _outbox(db, results).deliver_due(destination_pk)
+    with session_scope(db) as session:
+        delivery = session.scalars(select(Delivery)).one()
+        assert delivery.state is DeliveryState.DELIVERED
+        assert delivery.last_status == 0xB000
+        assert [(a.outcome, a.status) for a in delivery.attempt_history] == [("warning", 0xB000)]
+
+
+def test_failures_back_off_then_die_and_resend_delivers(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    down = StorePeer(status=0xA700)  # refuses: out of resources
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, down.port, 2)
+    outbox = _outbox(db, results, max_attempts=2)
+
+    down.start()
+    try:
+        first = outbox.deliver_due(destination_pk)
+    finally:
+        down.stop()
+    assert sorted(first.failed) == sorted(ids)
+    with session_scope(db) as session:
+        for delivery in session.scalars(select(Delivery)):
+            assert delivery.state is DeliveryState.RETRYING
+            assert delivery.last_status == 0xA700
+            wait = (delivery.next_attempt_at.replace(tzinfo=None) - utcnow().replace(tzinfo=None)).total_seconds()
+            assert 3 < wait <= 5
+    assert outbox.deliver_due(destination_pk).failed == []  # not due yet: no attempt
+
+    _make_due(db)
+    second = outbox.deliver_due(destination_pk)  # nobody listening now: connection refused
+    assert sorted(second.dead) == sorted(ids)
+    with session_scope(db) as session:
+        for delivery in session.scalars(select(Delivery)):
+            assert delivery.state is DeliveryState.DEAD
+            assert [a.outcome for a in delivery.attempt_history] == ["failed", "error"]
+            assert delivery.next_attempt_at is None
+
+    # The operator fixes the destination, then resends from the CLI.
+    fixed = StorePeer(port=down.port).start()
+    try:
+        config = tmp_path / "node.yaml"
+        config.write_text(f"node:\n  data_dir: {tmp_path}\ndicom:\n  ae_title: CXRNODE\n")
+        monkeypatch.setenv("CXR_NODE__DATABASE__URL", str(db.kw["bind"].url))
+        assert cli_main(["resend", "--config", str(config), str(ids[0])]) == 0
+        assert len(fixed.received) == 1
+        assert cli_main(["resend", "--config", str(config), "--all-dead"]) == 0
+        assert len(fixed.received) == 2
+        assert fixed.associations == 2
+        assert cli_main(["resend", "--config", str(config)]) == 0  # lists: none dead any more
+    finally:
+        fixed.stop()
+    with session_scope(db) as session:
+        assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
+        audited = [e.target for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "delivery.resend"))]
+        assert sorted(audited) == sorted(f"delivery:{pk}" for pk in ids)

@@ -1,0 +1,290 @@
+"""The pipeline in process with its real parts: ingest, the classifier (a real model), reporting, the outbox
+sending to a Storage SCP. Crashes are simulated by an exception that nothing in the pipeline catches
+(like ``kill -9``, it leaves whatever was committed), then a fresh pipeline resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pypdf import PdfReader
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.ingest import ingest_bytes
+from dicom_node.outbox import Outbox
+from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
+from dicom_node.settings import OutboxSettings, Settings
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
+from dicom_node.store.files import FileStore
+from dicom_node.store.models import (
+    AeRole,
+    Delivery,
+    DeliveryState,
+    Finding,
+    Instance,
+    InstanceState,
+    Job,
+    JobKind,
+    JobState,
+    RemoteAe,
+    ResultKind,
+    ResultObject,
+    Study,
+    StudyState,
+)
+from tests import peers
+from tests.pipeline.model import model_for_tests
+from tests.pipeline.storepeer import StorePeer
+
+pytestmark = pytest.mark.slow
+
+SENTINEL = "SENTINEL^PHI"
+
+
+class Crash(BaseException):
+    """Stands for kill -9: no handler in the pipeline catches it."""
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """SQLite only here: these tests are about the pipeline; the queries are also run on PostgreSQL in
+    the outbox, retention and metrics tests."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> ImageClassifier:
+    from classifier.inference import Classifier
+
+    return Classifier.load(model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"))
+
+
+@pytest.fixture
+def peer() -> Iterator[StorePeer]:
+    server = StorePeer(ae_title="PACS").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def world(db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, classifier: ImageClassifier) -> dict[str, Any]:
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=peer.port)
+        session.add(pacs)
+        session.flush()
+        session.add(RemoteAe(ae_title="ORTHANC", role=AeRole.CALLER, host="127.0.0.1", reply_to_id=pacs.id))
+    settings = Settings(node={"data_dir": tmp_path, "name": "Test node"})
+    config = PipelineConfig(
+        storage_dir=tmp_path / "instances",
+        results_dir=tmp_path / "results",
+        identity=node_identity(settings),
+        heatmap=False,
+        fsync=False,
+    )
+    outbox = Outbox(db, config.results_dir, calling_aet="CXRNODE", settings=OutboxSettings())
+    return {"db": db, "config": config, "outbox": outbox, "classifier": classifier,
+            "store": FileStore(config.storage_dir, fsync=False)}
+
+
+def make_pipeline(world: dict[str, Any], **changes: Any) -> Pipeline:
+    config = replace(world["config"], **changes)
+    return Pipeline(world["db"], config, lambda: world["classifier"], outbox=world["outbox"])
+
+
+def receive(world: dict[str, Any], name: str, *, study_uid: str | None = None) -> int:
+    """Ingest a fresh copy of a pydicom-data file as if ORTHANC sent it; make its study ready."""
+    ds = pydicom.dcmread(peers.pydicom_data_file(name))
+    ds.PatientName = SENTINEL
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    result = ingest_bytes(world["db"], world["store"], buffer.getvalue(), calling_ae="ORTHANC", source="dimse")
+    with session_scope(world["db"]) as session:
+        session.add(Job(kind=JobKind.STUDY_READY, dedupe_key=f"study:{result.study_pk}", study_pk=result.study_pk))
+        study = session.get(Study, result.study_pk)
+        assert study is not None
+        study.state = StudyState.READY
+    return result.study_pk
+
+
+def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[str, str]]:
+    with session_scope(world["db"]) as session:
+        rows = session.scalars(select(ResultObject).where(ResultObject.study_pk == study_pk))
+        return {r.kind: (r.sop_instance_uid, r.file_path) for r in rows}
+
+
+def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
+    world: dict[str, Any], peer: StorePeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+
+    with session_scope(world["db"]) as session:
+        finding = session.scalars(select(Finding)).one()
+        info = world["classifier"].info
+        assert (finding.model_name, finding.model_version) == (info.name, info.version)
+        assert set(finding.probabilities) == set(info.classes)
+        assert abs(sum(finding.probabilities.values()) - 1) < 1e-3
+        assert finding.label in (*info.classes, "indeterminate")
+        assert finding.timings_ms["read"] > 0
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED
+        assert session.scalars(select(Instance)).one().state is InstanceState.ANALYSED
+        assert session.scalars(select(Job)).one().state is JobState.DONE
+        assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
+
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF}
+    sr = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.SR][1])
+    assert sr.SOPInstanceUID == rows[ResultKind.SR][0]
+    with session_scope(world["db"]) as session:
+        study_uid = session.get(Study, study_pk).study_instance_uid  # type: ignore[union-attr]
+    assert sr.StudyInstanceUID == study_uid
+    pdf = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
+    assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
+    assert peer.associations == 1
+    assert SENTINEL not in caplog.text and "SENTINEL" not in caplog.text
+
+
+def test_results_keep_their_uids_through_a_crash_before_building(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    first = make_pipeline(world)
+
+    def crash(*_args: Any, **_kwargs: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(first, "_build_missing", crash)
+    with pytest.raises(Crash):
+        first.process([study_pk])
+    before = result_rows(world, study_pk)
+    assert set(before) == {ResultKind.SR, ResultKind.PDF}
+    assert not any((world["config"].results_dir / path).exists() for _, path in before.values())
+
+    resumed = make_pipeline(world)
+    assert resumed.unfinished_studies() == [study_pk]
+    resumed.start()
+    assert resumed.wait_idle(60)
+    resumed.stop()
+
+    assert result_rows(world, study_pk) == before
+    sr = pydicom.dcmread(world["config"].results_dir / before[ResultKind.SR][1])
+    assert sr.SOPInstanceUID == before[ResultKind.SR][0]
+    assert sorted(peer.received) == sorted(uid for uid, _ in before.values())
+    with session_scope(world["db"]) as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
+def test_a_crash_after_writing_never_rebuilds_or_duplicates(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    first = make_pipeline(world)
+
+    def crash(*_args: Any, **_kwargs: Any) -> None:
+        raise Crash
+
+    monkeypatch.setattr(first, "_finalise", crash)
+    with pytest.raises(Crash):
+        first.process([study_pk])
+    rows = result_rows(world, study_pk)
+    written = {kind: (world["config"].results_dir / path).read_bytes() for kind, (_, path) in rows.items()}
+
+    second = make_pipeline(world)
+    second.process([study_pk])
+    second.process([study_pk])  # a duplicate "study ready" changes nothing
+
+    assert result_rows(world, study_pk) == rows
+    for kind, (_, path) in rows.items():
+        assert (world["config"].results_dir / path).read_bytes() == written[kind]
+    assert len(peer.received) == 2 and len(set(peer.received)) == 2
+    with session_scope(world["db"]) as session:
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 2
+
+
+def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str, Any], peer: StorePeer) -> None:
+    quiet = receive(world, "RG3_UNCI.dcm")
+    make_pipeline(world).process([quiet])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, quiet)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason == "body part EXTREMITY is not CHEST"
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0
+    assert peer.received == []
+
+    told = receive(world, "RG3_UNCI.dcm")
+    make_pipeline(world, send_skipped=True).process([told])
+    rows = result_rows(world, told)
+    assert set(rows) == {ResultKind.PDF}
+    notice = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
+    text = PdfReader(BytesIO(bytes(notice.EncapsulatedDocument))).pages[0].extract_text()
+    assert "body part EXTREMITY is not CHEST" in text
+    assert peer.received == [rows[ResultKind.PDF][0]]
+
+
+def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:
+    studies = [receive(world, "RG1_UNCI.dcm") for _ in range(3)]
+    pipeline = make_pipeline(world)
+    for pk in studies:
+        pipeline.submit(pk)  # all three ready before the worker looks
+    pipeline.start()
+    assert pipeline.wait_idle(120)
+    pipeline.stop()
+    with session_scope(world["db"]) as session:
+        findings = list(session.scalars(select(Finding)))
+        assert len(findings) == 3
+        assert [f.timings_ms["batch_size"] for f in findings] == [3, 3, 3]
+        assert {s.state for s in session.scalars(select(Study))} == {StudyState.ANALYSED}
+    assert len(peer.received) == 6
+
+
+def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str, Any], peer: StorePeer) -> None:
+    from classifier.errors import ModelArtifactError
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+
+    def missing_model() -> ImageClassifier:
+        raise ModelArtifactError("model.json missing")
+
+    Pipeline(world["db"], world["config"], missing_model, outbox=world["outbox"]).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Job)).one().state is JobState.PENDING
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.READY
+        assert "model unavailable" in study.state_reason
+    resumed = make_pipeline(world)
+    assert resumed.unfinished_studies() == [study_pk]
+    resumed.process([study_pk])
+    assert len(peer.received) == 2
+
+
+def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, Any], peer: StorePeer) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF, ResultKind.HEATMAP_SC}
+    sc = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.HEATMAP_SC][1])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.SOPInstanceUID == rows[ResultKind.HEATMAP_SC][0]
+    with session_scope(world["db"]) as session:
+        finding = session.scalars(select(Finding)).one()
+        assert finding.heatmap_path and (world["config"].results_dir / finding.heatmap_path).is_file()
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())

@@ -1,0 +1,98 @@
+"""Retention removes old pixel files only once their results were delivered; rows stay, audited."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.retention import Retention
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    AeRole,
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    RemoteAe,
+    ResultKind,
+    ResultObject,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from tests.pipeline.conftest import add_study
+
+pytestmark = pytest.mark.db
+
+
+def _with_delivery(session: Session, study: Study, destination: RemoteAe, state: DeliveryState) -> None:
+    obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", sop_instance_uid=f"1.2.3.{study.id}",
+                       series_instance_uid=f"1.2.4.{study.id}", file_path=f"{study.id}/sr.dcm")
+    session.add(obj)
+    session.flush()
+    session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id, state=state))
+
+
+def _files(session: Session, study_pk: int, storage: Path) -> list[tuple[bool, bool]]:
+    rows = session.scalars(select(Instance).join(Series).where(Series.study_pk == study_pk))
+    return [((storage / i.file_path).exists(), i.purged_at is not None) for i in rows]
+
+
+def test_purges_only_old_files_whose_results_were_delivered(db: sessionmaker[Session], tmp_path: Path) -> None:
+    storage = tmp_path / "instances"
+    old = utcnow() - timedelta(days=40)
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104)
+        session.add(pacs)
+        session.flush()
+        delivered = add_study(session, storage, received_at=old, images=2, state=StudyState.ANALYSED,
+                              instance_state=InstanceState.ANALYSED)
+        _with_delivery(session, delivered, pacs, DeliveryState.DELIVERED)
+        pending = add_study(session, storage, received_at=old, state=StudyState.ANALYSED,
+                            instance_state=InstanceState.ANALYSED)
+        _with_delivery(session, pending, pacs, DeliveryState.RETRYING)
+        dead = add_study(session, storage, received_at=old, state=StudyState.ANALYSED,
+                         instance_state=InstanceState.ANALYSED)
+        _with_delivery(session, dead, pacs, DeliveryState.DEAD)
+        skipped = add_study(session, storage, received_at=old, body_part="HAND", state=StudyState.SKIPPED,
+                            instance_state=InstanceState.SKIPPED)
+        failed = add_study(session, storage, received_at=old, state=StudyState.FAILED,
+                           instance_state=InstanceState.FAILED)
+        recent = add_study(session, storage, received_at=utcnow() - timedelta(days=2), state=StudyState.ANALYSED,
+                           instance_state=InstanceState.ANALYSED)
+        _with_delivery(session, recent, pacs, DeliveryState.DELIVERED)
+        ids = {name: s.id for name, s in [("delivered", delivered), ("pending", pending), ("dead", dead),
+                                         ("skipped", skipped), ("failed", failed), ("recent", recent)]}
+
+    report = Retention(db, storage, retention_days=30).purge()
+
+    assert report.purged == 3
+    with session_scope(db) as session:
+        assert _files(session, ids["delivered"], storage) == [(False, True), (False, True)]
+        assert _files(session, ids["skipped"], storage) == [(False, True)]
+        for kept in ("pending", "dead", "failed", "recent"):
+            assert _files(session, ids[kept], storage) == [(True, False)], kept
+        assert session.scalar(select(Study).where(Study.id == ids["delivered"])) is not None  # rows kept
+        events = list(session.scalars(select(AuditEvent).where(AuditEvent.action == "retention.purge")))
+        assert len(events) == 1
+        assert len(events[0].details["instance_ids"]) == 3
+
+    assert Retention(db, storage, retention_days=30).purge().purged == 0  # nothing twice
+
+
+def test_no_retention_configured_keeps_everything(db: sessionmaker[Session], tmp_path: Path) -> None:
+    storage = tmp_path / "instances"
+    with session_scope(db) as session:
+        study = add_study(session, storage, received_at=utcnow() - timedelta(days=4000), state=StudyState.SKIPPED,
+                          instance_state=InstanceState.SKIPPED)
+        study_pk = study.id
+    assert Retention(db, storage, retention_days=None).purge().purged == 0
+    with session_scope(db) as session:
+        assert _files(session, study_pk, storage) == [(True, False)]
