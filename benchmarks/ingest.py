@@ -11,7 +11,9 @@ to each receiver, each starting empty:
 DCMTK and Orthanc run with ``TCP_NODELAY=1`` (DCMTK 3.6.7 otherwise keeps Nagle's algorithm and loses
 ~90 ms per instance). Prints a table and, as the last line, a JSON object with the figures.
 
-    python benchmarks/ingest.py [--count 40] [--senders 1 4] [--kinds uncompressed j2k]
+    python benchmarks/ingest.py [--count 40] [--rounds 3] [--senders 1 4] [--kinds uncompressed j2k]
+
+Each figure is the median of ``--rounds`` runs with the receivers in rotating order.
 """
 
 from __future__ import annotations
@@ -205,6 +207,9 @@ def main() -> int:
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--kinds", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=list(RECEIVERS))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat each measurement, receivers in rotating order; the median is reported "
+                             "(the machine is shared: interleaving keeps load drift from favouring one receiver)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
 
@@ -214,16 +219,22 @@ def main() -> int:
         for kind in args.kinds:
             corpus = make_corpus(kind, args.count, scratch / f"corpus-{kind}")
             for senders in args.senders:
-                for receiver in args.receivers:
-                    workdir = scratch / f"{kind}-{senders}-{receiver}"
-                    workdir.mkdir()
-                    with RECEIVERS[receiver](workdir) as (port, aet, count):
-                        seconds, failures = send(corpus, port, aet, kind, senders)
-                        stored = count()
-                    results.append(Measurement(kind, senders, receiver, len(corpus), seconds, stored, failures))
-                    print(f"  {kind:<13}{senders} sender(s) -> {receiver:<9}{len(corpus) / seconds:7.1f}/s "
-                          f"({stored} stored, {failures} failed)", file=sys.stderr, flush=True)
-                    shutil.rmtree(workdir, ignore_errors=True)
+                rounds: dict[str, list[Measurement]] = {r: [] for r in args.receivers}
+                for round_index in range(args.rounds):
+                    shift = round_index % len(args.receivers)
+                    for receiver in args.receivers[shift:] + args.receivers[:shift]:
+                        workdir = scratch / f"{kind}-{senders}-{receiver}-{round_index}"
+                        workdir.mkdir()
+                        with RECEIVERS[receiver](workdir) as (port, aet, count):
+                            seconds, failures = send(corpus, port, aet, kind, senders)
+                            stored = count()
+                        m = Measurement(kind, senders, receiver, len(corpus), seconds, stored, failures)
+                        rounds[receiver].append(m)
+                        print(f"  {kind:<13}{senders} sender(s) -> {receiver:<9}{m.per_second:7.1f}/s "
+                              f"({stored} stored, {failures} failed)", file=sys.stderr, flush=True)
+                        shutil.rmtree(workdir, ignore_errors=True)
+                for measurements in rounds.values():
+                    results.append(_median(measurements))
             shutil.rmtree(scratch / f"corpus-{kind}", ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -231,6 +242,14 @@ def main() -> int:
     print(table(results))
     print(json.dumps(figures(results)))
     return 0
+
+
+def _median(measurements: list[Measurement]) -> Measurement:
+    """The run with the median rate; stored/failed summed over all rounds so no failure hides."""
+    ordered = sorted(measurements, key=lambda m: m.per_second)
+    middle = ordered[len(ordered) // 2]
+    return Measurement(middle.kind, middle.senders, middle.receiver, middle.count, middle.seconds,
+                       sum(m.stored for m in measurements), sum(m.failures for m in measurements))
 
 
 def _rate(results: list[Measurement], kind: str, senders: int, receiver: str) -> float | None:
@@ -264,7 +283,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def figures(results: list[Measurement]) -> dict[str, object]:
-    out: dict[str, object] = {"count": results[0].count if results else 0, "runs": []}
+    out: dict[str, object] = {"count": results[0].count if results else 0, "statistic": "median", "runs": []}
     runs: list[dict[str, object]] = []
     for m in results:
         runs.append({"corpus": m.kind, "senders": m.senders, "receiver": m.receiver,

@@ -92,6 +92,7 @@ class Node:
             self.pipeline = None
         self.settler.stop()
         self.scheduler.shutdown(wait=True)
+        self.file_store.close()
         self.engine.dispose()
         LOGGER.info("node stopped")
 

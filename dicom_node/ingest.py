@@ -2,8 +2,9 @@
 
 Shared by the C-STORE handler (:mod:`dicom_node.scp`) and web uploads. The bytes the sender encoded are
 written as received (preamble + file meta + dataset) rather than re-encoded, so the stored file is exactly
-what the modality produced. A repeated SOP Instance UID is a success without a second row or file write.
-On any failure nothing is left behind: the file is removed when its rows cannot be committed.
+what the modality produced. A repeated SOP Instance UID is a success without a second row; the first
+file is kept. On any failure nothing is left behind: the file only takes its final name inside the
+transaction that records it, and is removed again if that transaction cannot commit.
 """
 
 from __future__ import annotations
@@ -36,18 +37,19 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from sqlalchemy import Connection, CursorResult, Table, insert, select, update
+from sqlalchemy import Connection, CursorResult, Engine, Table, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.errors import (
+    ConfigurationError,
     DatabaseUnavailableError,
     InvalidDatasetError,
     UndecodableDatasetError,
     UnsupportedSopClassError,
 )
-from dicom_node.store.files import FileStore, StoredFile, instance_path
+from dicom_node.store.files import FileStore, StagedFile, StoredFile, instance_path
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
 
 LOGGER = logging.getLogger(__name__)
@@ -286,6 +288,10 @@ class Ingestor:
         accepted_sop_classes: tuple[str, ...] = ACCEPTED_SOP_CLASSES,
     ) -> None:
         self.session_factory = session_factory
+        engine = session_factory.kw.get("bind")
+        if not isinstance(engine, Engine):
+            raise ConfigurationError("the session factory must be bound to an engine")
+        self._engine = engine
         self.file_store = file_store
         self.on_stored = on_stored
         self.accepted_sop_classes = frozenset(accepted_sop_classes)
@@ -349,19 +355,15 @@ class Ingestor:
         _check_pixel_data(ds, transfer_syntax)
         parsed = _Parsed(ds, sop_class, sop_instance, study_uid, series_uid, transfer_syntax)
         with self._locks[hash(sop_instance) % _LOCK_STRIPES]:
-            existing = self._find_existing(sop_instance)
-            if existing is not None:
-                LOGGER.info("instance %d received again from %s: kept the first copy", existing.instance_pk,
-                            calling_ae)
-                return existing
-            relative = instance_path(study_uid, series_uid, sop_instance)
-            stored = self.file_store.write(relative, chunks)
+            staged = self.file_store.stage(instance_path(study_uid, series_uid, sop_instance), chunks)
             try:
-                result = self._record(parsed, stored, calling_ae, source)
-            except BaseException:
-                self.file_store.delete(relative)
-                raise
-        if not result.duplicate:
+                result = self._record_with_retries(parsed, staged, calling_ae, source)
+            finally:
+                staged.discard()  # a duplicate's copy, or a failed attempt's; no-op once published
+        if result.duplicate:
+            LOGGER.info("instance %d received again from %s: kept the first copy", result.instance_pk,
+                        calling_ae)
+        else:
             LOGGER.info("stored instance %d (study %d, %d bytes) from %s", result.instance_pk,
                         result.study_pk, result.size_bytes, calling_ae)
             if self.on_stored is not None:
@@ -372,46 +374,59 @@ class Ingestor:
                                  type(exc).__name__)
         return result
 
-    def _find_existing(self, sop_instance: str) -> IngestResult | None:
-        try:
-            with self.session_factory() as session:
-                row = session.connection().execute(
-                    select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk)
-                    .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
-                    .where(_INSTANCE.c.sop_instance_uid == sop_instance)
-                ).first()
-        except DBAPIError as exc:
-            raise DatabaseUnavailableError("database unavailable") from exc
-        if row is None:
-            return None
-        return IngestResult(instance_pk=row[0], study_pk=row[2], duplicate=True, size_bytes=row[1])
+    def _record(self, parsed: _Parsed, staged: StagedFile, calling_ae: str, source: str) -> IngestResult:
+        """One transaction: duplicate check, rows and the rename of the staged file, then COMMIT;
+        the directory fsync that makes the rename durable follows the commit, before success.
 
-    def _record(self, parsed: _Parsed, stored: StoredFile, calling_ae: str, source: str) -> IngestResult:
-        """Upsert patient/study/series and insert the instance in one transaction; retry on races.
+        A row never points at a name that was not renamed into place; if the commit fails the renamed
+        file is removed again. Should power fail between the commit and the directory fsync, the
+        sender got no success and sends again: the duplicate path then restores a missing file from
+        the new copy. Keeping the fsync out of the transaction keeps it out of SQLite's write lock,
+        which concurrent associations share.
 
         Core statements, not ORM flushes: this runs once per received image and the ORM's unit of work
         cost more CPU than the file write. The series -> (study, series) ids of recent series are
-        cached, so an instance of a known series costs one UPDATE and one INSERT.
+        cached, so an instance of a known series costs one SELECT, one UPDATE and one INSERT.
         """
+        stored = staged.stored
+        cached = self._parents.get(parsed.series_uid)
+        renamed = False
+        inserted: tuple[int, tuple[int, int]] | None = None
+        try:
+            with self._engine.begin() as conn:
+                existing = _find_existing(conn, parsed.sop_instance_uid)
+                if existing is None:
+                    inserted = _insert_rows(conn, parsed, stored, calling_ae, source, cached)
+                    staged.rename()
+                    renamed = True
+        except BaseException:
+            if renamed:  # renamed into place but the commit failed: take it back
+                self.file_store.delete(stored.relative_path)
+            raise
+        if existing is not None:
+            result, file_path = existing
+            if not self.file_store.path(file_path).exists():
+                LOGGER.warning("instance %d had lost its file; restored from the copy sent again",
+                               result.instance_pk)
+                staged.rename(file_path)
+                staged.sync_directory()
+            return result
+        assert inserted is not None
+        instance_pk, parents = inserted
+        staged.sync_directory()
+        self._remember(parsed.series_uid, parents)
+        return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
+                            size_bytes=stored.size_bytes)
+
+    def _record_with_retries(self, parsed: _Parsed, staged: StagedFile, calling_ae: str,
+                             source: str) -> IngestResult:
         for attempt in range(1, _RETRIES_ON_CONFLICT + 1):
-            cached = self._parents.get(parsed.series_uid) if attempt == 1 else None
             try:
-                with self.session_factory() as session, session.begin():
-                    conn = session.connection()
-                    parents = _touch_parents(conn, parsed, cached)
-                    if parents is None:  # a cached row disappeared: do the full upsert
-                        parents = _upsert_parents(conn, parsed, calling_ae)
-                    instance_pk = _insert_instance(conn, parsed, stored, parents[1], calling_ae, source)
-                self._remember(parsed.series_uid, parents)
-                return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
-                                    size_bytes=stored.size_bytes)
+                return self._record(parsed, staged, calling_ae, source)
             except IntegrityError as exc:
-                # Another association created the same study/series (or instance) meanwhile.
+                # Another association created the same study/series meanwhile: retry sees its rows.
                 with self._parents_lock:
                     self._parents.pop(parsed.series_uid, None)
-                existing = self._find_existing(parsed.sop_instance_uid)
-                if existing is not None:
-                    return existing
                 if attempt == _RETRIES_ON_CONFLICT:
                     raise DatabaseUnavailableError("database kept refusing the instance rows") from exc
             except DBAPIError as exc:
@@ -444,6 +459,28 @@ def _new_id(result: CursorResult[Any]) -> int:
     if key is None:
         raise DatabaseUnavailableError("database returned no primary key")
     return int(key[0])
+
+
+def _find_existing(conn: Connection, sop_instance: str) -> tuple[IngestResult, str] | None:
+    """The stored instance with this SOP Instance UID (as a duplicate result) and its file path."""
+    row = conn.execute(
+        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path)
+        .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
+        .where(_INSTANCE.c.sop_instance_uid == sop_instance)
+    ).first()
+    if row is None:
+        return None
+    result = IngestResult(instance_pk=row[0], study_pk=row[2], duplicate=True, size_bytes=row[1])
+    return result, str(row[3])
+
+
+def _insert_rows(conn: Connection, parsed: _Parsed, stored: StoredFile, calling_ae: str, source: str,
+                 cached: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
+    """Instance row plus its parents; returns (instance pk, (study pk, series pk))."""
+    parents = _touch_parents(conn, parsed, cached)
+    if parents is None:  # not cached, or the cached row disappeared: full upsert
+        parents = _upsert_parents(conn, parsed, calling_ae)
+    return _insert_instance(conn, parsed, stored, parents[1], calling_ae, source), parents
 
 
 def _touch_parents(conn: Connection, parsed: _Parsed,

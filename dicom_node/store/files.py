@@ -14,11 +14,10 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dicom_node.errors import StorageError
 
@@ -45,6 +44,56 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
 
+class StagedFile:
+    """A complete, fsync'ed temporary file waiting to be renamed to its final name."""
+
+    def __init__(self, store: FileStore, temp: Path, target: Path, created: list[Path],
+                 stored: StoredFile) -> None:
+        self._store = store
+        self._temp: Path | None = temp
+        self._target = target
+        self._created = created
+        self.stored = stored
+
+    def publish(self) -> None:
+        """Rename into place and make the rename durable."""
+        self.rename()
+        self.sync_directory()
+
+    def rename(self, relative_path: str | None = None) -> None:
+        """Give the file its final name (or ``relative_path``); durable only after :meth:`sync_directory`.
+
+        Split from the fsync so the rename can happen inside a database transaction while the slower
+        directory fsync runs after the commit, outside the database's write lock.
+        """
+        if self._temp is None:
+            raise RuntimeError("staged file already published or discarded")
+        if relative_path is not None:
+            self._target = self._store.path(relative_path)
+        try:
+            os.replace(self._temp, self._target)
+            self._temp = None
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
+
+    def sync_directory(self) -> None:
+        """fsync the directory holding the new name (and any directories created for it)."""
+        if not self._store.fsync:
+            return
+        try:
+            _fsync_dir(self._target.parent)
+            for directory in self._created:
+                _fsync_dir(directory.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot sync the file store ({exc.strerror or type(exc).__name__})") from exc
+
+    def discard(self) -> None:
+        if self._temp is not None:
+            _unlink_quietly(self._temp)
+            self._temp = None
+
+
 class FileStore:
     """Atomic, fsync'ed writes below ``root``, refused when free space drops under ``min_free_bytes``."""
 
@@ -53,6 +102,7 @@ class FileStore:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
     def path(self, relative_path: str) -> Path:
         """Absolute path of a stored file (rejects paths that would leave the root)."""
@@ -77,37 +127,43 @@ class FileStore:
 
     def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> StoredFile:
         """Write ``chunks`` atomically to ``relative_path`` (replacing an existing file) and hash them."""
+        staged = self.stage(relative_path, chunks)
+        staged.publish()
+        return staged.stored
+
+    def stage(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> StagedFile:
+        """Write and fsync ``chunks`` to a temporary file beside ``relative_path``; publish it later.
+
+        Lets the caller do its database work between the durable write and the rename, and drop the
+        temporary (``discard``) if that work finds the file is not wanted after all.
+        """
         target = self.path(relative_path)
         chunk_list = list(chunks)
         size = sum(len(c) for c in chunk_list)
         self.check_free_space(size)
-        # Hash on another thread while this one writes: both release the GIL on large buffers.
-        digest = hashlib.sha256()
-        hasher = threading.Thread(target=_hash_into, args=(digest, chunk_list), name="sha256")
-        hasher.start()
-        temp_name: str | None = None
+        # Hash on a pooled thread while this one writes: both release the GIL on large buffers.
+        digest = self._hashers.submit(_sha256, chunk_list)
+        temp: Path | None = None
         try:
             created = self._make_dirs(target.parent)
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=target.parent)
+            temp = Path(temp_name)
             with os.fdopen(fd, "wb") as handle:
                 for chunk in chunk_list:
                     handle.write(chunk)
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
-            os.replace(temp_name, target)
-            temp_name = None
-            if self.fsync:
-                _fsync_dir(target.parent)
-                for directory in created:
-                    _fsync_dir(directory.parent)
+            sha256 = digest.result()
         except OSError as exc:
+            digest.result()
+            if temp is not None:
+                _unlink_quietly(temp)
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
-        finally:
-            hasher.join()
-            if temp_name is not None:
-                _unlink_quietly(Path(temp_name))
-        return StoredFile(relative_path, digest.hexdigest(), size)
+        return StagedFile(self, temp, target, created, StoredFile(relative_path, sha256, size))
+
+    def close(self) -> None:
+        self._hashers.shutdown(wait=True)
 
     def delete(self, relative_path: str) -> None:
         """Remove a stored file (used to undo a write whose database commit failed)."""
@@ -141,9 +197,11 @@ class FileStore:
         return missing
 
 
-def _hash_into(digest: Any, chunks: list[bytes | memoryview]) -> None:
+def _sha256(chunks: list[bytes | memoryview]) -> str:
+    digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -214,3 +214,18 @@ def test_timer_rearms_while_instances_keep_arriving(
         assert study is not None and study.state is StudyState.RECEIVED
         assert session.scalar(select(func.count()).select_from(Job)) == 0
     assert scheduler.get_job(f"settle-study-{result.study_pk}") is not None
+
+
+def test_a_resent_instance_restores_a_file_lost_after_commit(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """Power loss between COMMIT and the directory fsync can lose the name; the sender's retry heals it."""
+    data = to_bytes(make_cr())
+    first = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="dimse")
+    with sessions() as session:
+        path = store.path(session.get_one(Instance, first.instance_pk).file_path)
+    path.unlink()
+    again = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="dimse")
+    assert again.duplicate and again.instance_pk == first.instance_pk
+    assert path.read_bytes() == data
+    assert list(store.root.rglob("*.tmp")) == []

@@ -1,0 +1,126 @@
+"""Classifier latency on the real CR images and training speed.
+
+Median milliseconds per image for reading, pixel decoding, the whole preprocessing (decode included),
+prediction at batch 1 and 16 (without and with Grad-CAM), and end to end (file → Prediction, batch 1);
+seconds per training epoch of the seed CNN and the default architecture on 696 synthetic images (the
+size of the cxr3 training split). Prints a table and, as the last line, a JSON object.
+
+    PYTHONPATH=. python benchmarks/classify.py [--model classifier/models/default] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classifier.inference import Classifier, default_model_path
+from classifier.preprocess import dataset_to_model_input, frame_pixels, read_dataset
+
+
+def _median_ms(function: Callable[[], Any], repeats: int, per: int = 1) -> float:
+    function()  # warm-up (graph tracing, caches)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append((time.perf_counter() - start) * 1000.0 / per)
+    return statistics.median(samples)
+
+
+def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
+    from pydicom.data import get_testdata_file
+
+    rows = []
+    spec = classifier.spec
+    for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm"):
+        path = Path(str(get_testdata_file(name, download=False)))
+        image = dataset_to_model_input(read_dataset(path), spec)
+        batch16 = [image] * 16
+        rows.append(
+            {
+                "image": name,
+                "read_ms": _median_ms(lambda p=path: read_dataset(p), repeats),
+                "decode_ms": _median_ms(
+                    lambda p=path: frame_pixels(read_dataset(p), max(spec.input_size)), repeats
+                ),
+                "preprocess_ms": _median_ms(
+                    lambda p=path: dataset_to_model_input(read_dataset(p), spec), repeats
+                ),
+                "predict_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=False), repeats),
+                "predict_b16_ms": _median_ms(
+                    lambda b=batch16: classifier.predict(b, heatmap=False), repeats, per=16
+                ),
+                "gradcam_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=True), repeats),
+                "end_to_end_ms": _median_ms(
+                    lambda p=path: classifier.predict_datasets([read_dataset(p)], heatmap=False), repeats
+                ),
+                "end_to_end_gradcam_ms": _median_ms(
+                    lambda p=path: classifier.predict_datasets([read_dataset(p)], heatmap=True), repeats
+                ),
+            }
+        )
+    return rows
+
+
+def _epoch_seconds(architecture: str, images: int) -> float:
+    """One epoch of the architecture's own recipe on synthetic noise images (data does not change speed)."""
+    from PIL import Image
+
+    from classifier.training import TrainingConfig, train
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        per_class = images // 3
+        for label in ("a", "b", "c"):
+            (root / "data" / label).mkdir(parents=True)
+            for index in range(per_class):
+                pixels = (rng.random((320, 320)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / "data" / label / f"{index}.png")
+        config = TrainingConfig(
+            architecture=architecture,
+            data=root / "data",
+            output=root / "model",
+            epochs=2,
+            progress=False,
+            validation_fraction=0.2,
+        )
+        return train(config).seconds_per_epoch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-training", action="store_true", help="skip the training-epoch measurement")
+    args = parser.parse_args(argv)
+
+    classifier = Classifier.load(args.model)
+    rows = _image_rows(classifier, args.repeats)
+    columns = list(rows[0])[1:]
+    print(f"model {classifier.info.name} {classifier.info.version}, input {classifier.spec.input_size}")
+    print(f"{'image':<14}" + "".join(f"{c:>22}" for c in columns))
+    for row in rows:
+        print(f"{row['image']:<14}" + "".join(f"{row[c]:>22.1f}" for c in columns))
+    epochs: dict[str, float] = {}
+    if not args.no_training:
+        for architecture in ("sugandi-cnn", classifier.info.name):
+            epochs[architecture] = _epoch_seconds(architecture, 870)
+            print(f"training epoch {architecture:<20} {epochs[architecture]:8.1f} s (696 images)")
+    print(json.dumps({"model": classifier.info.version, "images": rows, "seconds_per_epoch": epochs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Robustness of a model artifact: its validation split (the group split recorded in model.json), clean
+and after re-encoding/degradations another hospital's pipeline could apply, plus its answers on the real
+CRs of pydicom-data. A model that reads the source instead of the lung loses accuracy under these.
+
+    PYTHONPATH=. python benchmarks/evaluate.py MODEL_DIR /work/shared/data/cxr3
+
+Prints a table and, as the last line, a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from classifier.artifact import read_metadata
+from classifier.dataset import load_collection, split_by_group
+from classifier.evaluation import evaluate
+from classifier.inference import Classifier
+from classifier.preprocess import read_dataset
+
+DEGRADATIONS = (
+    "none",
+    "jpeg:30",
+    "downscale:0.35",
+    "gamma:0.6",
+    "gamma:1.6",
+    "crop:0.85",
+    "pad:0.08",
+    "noise:0.03",
+    "jpeg:40+downscale:0.5+gamma:1.3",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--degradations", nargs="*", default=list(DEGRADATIONS))
+    args = parser.parse_args(argv)
+
+    split = read_metadata(args.model).data.get("split", {})
+    _, validation = split_by_group(
+        load_collection(args.data), float(split.get("validation_fraction", 0.2)), int(split.get("seed", 42))
+    )
+    rows = []
+    for degradation in args.degradations:
+        report = evaluate(args.model, args.data, degrade=degradation, items=validation)
+        per_class = report["per_class"]
+        rows.append(
+            {
+                "degradation": degradation,
+                "accuracy": report["accuracy"],
+                "macro_f1": report["macro_f1"],
+                "ece": report["expected_calibration_error"],
+                **{f"auc_{name}": values["roc_auc"] for name, values in per_class.items()},
+                **{f"recall_{name}": values["recall"] for name, values in per_class.items()},
+            }
+        )
+    columns = list(rows[0])[1:]
+    print(f"validation split: {len(validation)} images, model {args.model}")
+    print(f"{'degradation':<34}" + "".join(f"{c:>18}" for c in columns))
+    for row in rows:
+        print(f"{row['degradation']:<34}" + "".join(f"{row[c]:>18.3f}" for c in columns))
+
+    from pydicom.data import get_testdata_file
+
+    classifier = Classifier.load(args.model)
+    real: dict[str, dict[str, float]] = {}
+    for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm"):
+        prediction = classifier.predict_datasets(
+            [read_dataset(Path(str(get_testdata_file(name, download=False))))]
+        )[0]
+        real[name] = dict(prediction.probabilities)
+        probabilities = " ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
+        print(f"{name:<14} {prediction.label:<14} {probabilities}")
+    print(json.dumps({"model": classifier.info.version, "validation": rows, "real_cr": real}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

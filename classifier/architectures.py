@@ -1,0 +1,319 @@
+"""Model architectures, each with the training recipe it was published (or designed) with.
+
+Selectable by name through :func:`get_architecture`:
+
+- ``sugandi-cnn`` — seed 000 (Sugandi et al.), Table III exactly: 150×150×3, Conv16-Pool-Conv32-Pool-Conv64-
+  Pool-Flatten-Dense200-Dropout-Dense500-Dense3, 3,824,987 parameters; Table II augmentation; Adam 1e-3;
+  categorical cross-entropy; batch 10; 25 epochs; the weights after the last epoch are kept.
+- ``resnet152-transfer`` — seed 003 (Nie et al.): ImageNet ResNet-152 base at 224×224×3, GAP-Dense512-BN-
+  Dropout0.5-Dense(softmax, L2 1e-3); stage 1 with a frozen base, stage 2 with its last ten layers trainable;
+  Adam 1e-5; EarlyStopping 5 then 7; ReduceLROnPlateau 0.2/3; best checkpoint; class weights;
+  ``keras.applications.resnet.preprocess_input`` (done by the preprocessing, normalisation ``"resnet"``).
+- ``cxr-compact`` — the shipped default: a small batch-normalised CNN at 224 px on histogram-equalised,
+  border-cropped grey images with strong geometric/photometric augmentation, so it learns the lung and not
+  the archive an image came from (see classifier/models/default/MODEL_CARD.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from classifier.errors import WeightsUnavailableError
+from classifier.preprocess import PreprocessSpec
+
+RESNET152_WEIGHTS_FILE = "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
+RESNET152_WEIGHTS_ENV = "CXR_RESNET152_WEIGHTS"
+GRADCAM_LAYER = "gradcam_features"  # the last spatial feature map of the architectures designed here
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``fit`` call: which layers train, for how long, with which callbacks."""
+
+    epochs: int
+    learning_rate: float
+    early_stopping_patience: int | None = None  # None: run all epochs
+    reduce_lr_patience: int | None = None
+    reduce_lr_factor: float = 0.2
+    unfreeze_last: int | None = None  # None: everything trainable; 0: base frozen; n: last n base layers
+    schedule: str = "constant"  # or "cosine": warm-up over 3 epochs, then cosine decay to 1 % by the end
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}")
+        if self.schedule == "cosine" and self.reduce_lr_patience is not None:
+            raise ValueError("a cosine schedule and ReduceLROnPlateau exclude each other")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The published training recipe of an architecture; the CLI's defaults."""
+
+    batch_size: int
+    stages: tuple[Stage, ...]
+    augmentation: str  # key of classifier.augmentation.AUGMENTATIONS
+    keep_best: bool  # restore the best-validation-loss weights (checkpointing) instead of the last
+    class_weights: bool
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
+    precise_batch_norm: bool = False  # recompute BatchNorm statistics on clean images before validating
+
+    @property
+    def epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    preprocess: PreprocessSpec
+    recipe: Recipe
+    builder: Callable[..., Any] = field(repr=False)
+    gradcam_layer: str = GRADCAM_LAYER  # last spatial feature map, recorded in model.json for Grad-CAM
+    description: str = ""
+
+    def build(self, num_classes: int, *, weights: str | Path | None = None, seed: int = 0) -> Any:
+        """A compiled-ready (uncompiled) ``keras.Model`` for ``num_classes`` outputs."""
+        return self.builder(
+            num_classes=num_classes, input_size=self.preprocess.input_size, weights=weights, seed=seed
+        )
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def build_sugandi_cnn(
+    *,
+    num_classes: int = 3,
+    input_size: tuple[int, int] = (150, 150),
+    weights: str | Path | None = None,
+    seed: int = 0,
+) -> Any:
+    """Seed 000, Table III (layer names as printed there). The dropout rate is not published: 0.5."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(*input_size, 3), name="image")
+    x = layers.Conv2D(16, 3, activation="relu", name="conv2d")(inputs)
+    x = layers.MaxPooling2D(name="max_pooling2d")(x)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv2d_1")(x)
+    x = layers.MaxPooling2D(name="max_pooling2d_1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2d_2")(x)
+    x = layers.MaxPooling2D(name="max_pooling2d_2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(200, activation="relu", name="dense")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    x = layers.Dense(500, activation="relu", name="dense_1")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="dense_2")(x)
+    model = keras.Model(inputs, outputs, name="sugandi_cnn")
+    if weights is not None:
+        model.load_weights(_weights_path(weights))
+    return model
+
+
+def _weights_path(weights: str | Path) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file not found: {path}")
+    return path
+
+
+def resnet152_weights_path(weights: str | Path) -> Path:
+    """Where the ImageNet ResNet-152 (no top) weights are: an explicit file, $CXR_RESNET152_WEIGHTS, or
+    Keras' cache (~/.keras/models). Nothing is downloaded; absent weights raise."""
+    if str(weights) != "imagenet":
+        return _weights_path(weights)
+    candidates = []
+    if os.environ.get(RESNET152_WEIGHTS_ENV):
+        candidates.append(Path(os.environ[RESNET152_WEIGHTS_ENV]).expanduser())
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    candidates.append(keras_home / "models" / RESNET152_WEIGHTS_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise WeightsUnavailableError(
+        "ImageNet ResNet-152 weights are not on this machine; put "
+        f"{RESNET152_WEIGHTS_FILE} in {keras_home / 'models'} or point ${RESNET152_WEIGHTS_ENV} at it "
+        "(pass weights=None only for an untrained network)"
+    )
+
+
+def build_resnet152_transfer(
+    *,
+    num_classes: int = 2,
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = "imagenet",
+    seed: int = 0,
+) -> Any:
+    """Seed 003, Fig. 8: ResNet-152 base → GAP → Dense512 ReLU → BN → Dropout 0.5 → Dense softmax (L2 1e-3).
+
+    The seed's ``Rescaling(1/255)`` is replaced by the backbone's own ``preprocess_input`` in the
+    preprocessing (normalisation ``"resnet"``), which is what the ImageNet weights expect.
+    """
+    import keras
+    from keras import layers, regularizers
+
+    keras.utils.set_random_seed(seed)
+    weights_file = resnet152_weights_path(weights) if weights is not None else None
+    base = keras.applications.ResNet152(weights=None, include_top=False, input_shape=(*input_size, 3))
+    if weights_file is not None:
+        base.load_weights(str(weights_file))
+    base.trainable = False
+    inputs = keras.Input(shape=(*input_size, 3), name="image")
+    features = base(inputs, training=False)
+    features = layers.Activation("linear", name=GRADCAM_LAYER)(features)
+    x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(features)
+    x = layers.Dense(512, activation="relu", name="dense")(x)
+    x = layers.BatchNormalization(name="batch_normalization")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=regularizers.l2(1e-3), name="predictions"
+    )(x)
+    return keras.Model(inputs, outputs, name="resnet152_transfer")
+
+
+def build_cxr_compact(
+    *,
+    num_classes: int = 3,
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = None,
+    seed: int = 0,
+) -> Any:
+    """A ~0.5 M-parameter VGG-style CNN with batch norm: 5×5/2 stem, pool, three double-conv stages,
+    a 14×14 feature map for Grad-CAM, global average pooling, dropout, softmax.
+
+    Small on purpose: 2 CPU cores train it in ~15 s an epoch and predict in a few ms; with ~700 images a
+    bigger network would only memorise the sources.
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+
+    def conv(x: Any, filters: int, name: str) -> Any:
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.Activation("relu", name=f"{name}_relu")(x)
+
+    inputs = keras.Input(shape=(*input_size, 3), name="image")
+    x = layers.Conv2D(16, 5, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    x = layers.MaxPooling2D(name="stem_pool")(x)
+    for index, filters in enumerate((32, 64, 128), start=1):
+        x = conv(x, filters, f"block{index}a")
+        x = conv(x, filters, f"block{index}b")
+        if index < 3:
+            x = layers.MaxPooling2D(name=f"block{index}_pool")(x)
+    x = layers.Conv2D(192, 3, padding="same", use_bias=False, name="head_conv")(x)
+    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.Activation("relu", name=GRADCAM_LAYER)(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="cxr_compact")
+    if weights is not None:
+        model.load_weights(_weights_path(weights))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+_ARCHITECTURES: dict[str, Architecture] = {
+    "sugandi-cnn": Architecture(
+        name="sugandi-cnn",
+        preprocess=PreprocessSpec(input_size=(150, 150), normalisation="unit"),
+        recipe=Recipe(
+            batch_size=10,
+            stages=(Stage(epochs=25, learning_rate=1e-3),),
+            augmentation="sugandi-table2",
+            keep_best=False,
+            class_weights=False,
+        ),
+        builder=build_sugandi_cnn,
+        gradcam_layer="conv2d_2",
+        description="Sugandi et al. (seed 000) Table III CNN, 150x150x3, 3,824,987 parameters",
+    ),
+    "resnet152-transfer": Architecture(
+        name="resnet152-transfer",
+        preprocess=PreprocessSpec(input_size=(224, 224), normalisation="resnet"),
+        recipe=Recipe(
+            batch_size=32,
+            stages=(
+                Stage(
+                    epochs=25,
+                    learning_rate=1e-5,
+                    early_stopping_patience=5,
+                    reduce_lr_patience=3,
+                    unfreeze_last=0,
+                ),
+                Stage(
+                    epochs=25,
+                    learning_rate=1e-5,
+                    early_stopping_patience=7,
+                    reduce_lr_patience=3,
+                    unfreeze_last=10,
+                ),
+            ),
+            augmentation="none",
+            keep_best=True,
+            class_weights=True,
+        ),
+        builder=build_resnet152_transfer,
+        description="Nie et al. (seed 003) ImageNet ResNet-152 transfer model, two-stage fine-tuning",
+    ),
+    "cxr-compact": Architecture(
+        name="cxr-compact",
+        preprocess=PreprocessSpec(
+            input_size=(224, 224), normalisation="unit", equalisation="histeq", crop_borders=True
+        ),
+        recipe=Recipe(
+            batch_size=16,
+            stages=(Stage(epochs=70, learning_rate=1e-3, schedule="cosine"),),
+            augmentation="robust",
+            keep_best=True,
+            class_weights=True,
+            label_smoothing=0.05,
+            weight_decay=1e-4,
+            precise_batch_norm=True,
+        ),
+        builder=build_cxr_compact,
+        description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",
+    ),
+}
+
+DEFAULT_ARCHITECTURE = "cxr-compact"
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(_ARCHITECTURES)
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return _ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; choose one of {', '.join(_ARCHITECTURES)}"
+        ) from None
+
+
+def set_trainable(model: Any, unfreeze_last: int | None) -> None:
+    """Stage-wise freezing for transfer models (the backbone is the nested ``keras.Model``)."""
+    import keras
+
+    backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not backbones or unfreeze_last is None:
+        for layer in model.layers:
+            layer.trainable = True
+        return
+    base = backbones[0]
+    base.trainable = unfreeze_last > 0
+    if unfreeze_last > 0:
+        for layer in base.layers[:-unfreeze_last]:
+            layer.trainable = False

@@ -1,0 +1,112 @@
+"""A model artifact folder: ``model.keras`` + ``model.json`` (+ plots). The JSON is the model's identity
+and its preprocessing contract; its ``sha256`` pins the weights file so a swapped file is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from classifier.errors import ModelArtifactError
+from classifier.preprocess import PreprocessSpec
+from classifier.types import ModelInfo
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArtifactMetadata:
+    """The content of model.json."""
+
+    name: str  # architecture name
+    version: str
+    classes: tuple[str, ...]
+    preprocess: PreprocessSpec
+    gradcam_layer: str
+    sha256: str
+    created: str  # ISO 8601 UTC
+    data: Mapping[str, Any] = field(default_factory=dict)  # data summary, split, command line
+    training: Mapping[str, Any] = field(default_factory=dict)  # recipe and history
+    validation: Mapping[str, Any] = field(default_factory=dict)  # metrics on the validation split
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            classes=self.classes,
+            input_size=self.preprocess.input_size,
+            sha256=self.sha256,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "classes": list(self.classes),
+            "input_size": list(self.preprocess.input_size),
+            "preprocessing": self.preprocess.to_dict(),
+            "gradcam_layer": self.gradcam_layer,
+            "sha256": self.sha256,
+            "created": self.created,
+            "data": dict(self.data),
+            "training": dict(self.training),
+            "validation": dict(self.validation),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArtifactMetadata:
+        try:
+            return cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                classes=tuple(str(c) for c in data["classes"]),
+                preprocess=PreprocessSpec.from_dict(data["preprocessing"]),
+                gradcam_layer=str(data["gradcam_layer"]),
+                sha256=str(data["sha256"]),
+                created=str(data.get("created", "")),
+                data=dict(data.get("data", {})),
+                training=dict(data.get("training", {})),
+                validation=dict(data.get("validation", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc
+
+
+def write_metadata(folder: Path, metadata: ArtifactMetadata) -> Path:
+    path = folder / METADATA_FILE
+    path.write_text(json.dumps(metadata.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
+    """model.json of an artifact folder; with ``verify`` the weights file must match its recorded hash."""
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise ModelArtifactError(f"no {METADATA_FILE} in {folder}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    metadata = ArtifactMetadata.from_dict(raw)
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file():
+        raise ModelArtifactError(f"no {MODEL_FILE} in {folder}")
+    if verify and sha256_file(model_path) != metadata.sha256:
+        raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {METADATA_FILE}")
+    return metadata

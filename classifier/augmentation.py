@@ -1,0 +1,198 @@
+"""Training-time augmentation of grey batches, in TensorFlow, ending in the model's own normalisation.
+
+Batches enter as grey images already cropped and resized by :func:`classifier.preprocess.fit_gray`
+(B×H×W×1, [0, 1]); they leave as model input (B×H×W×3) through :func:`finish_batch`, the TensorFlow twin
+of :func:`classifier.preprocess.finish_gray`. Photometric changes are applied *before* equalisation, so
+the model learns on what equalisation makes of a degraded image — which is what it meets at inference.
+
+- ``sugandi-table2``: seed 000 Table II, i.e. Keras ``ImageDataGenerator(rotation_range=30,
+  width_shift_range=0.2, height_shift_range=0.2, shear_range=0.3, zoom_range=0.1, horizontal_flip=True,
+  fill_mode="nearest")`` (``shear_range`` is in degrees there; ``zoom_range`` draws x and y zoom separately).
+- ``robust``: rotation ±10°, shift 10 %, shear 5°, zoom 0.8–1.4 drawn per axis (the COVID figures are
+  tight crops, the NIH images show shoulders and neck: the field of view must not tell the class) with
+  reflection fill; gamma, contrast, blur through down/up-sampling (low-resolution figures from papers) and
+  Gaussian noise (each of the last two on half the images, so clean images stay in-distribution) and
+  synthetic burnt-in labels, so that sharpness, grey levels, framing and text stop telling the sources apart.
+- ``none``: no augmentation (seed 003 trains without).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+from classifier.preprocess import EQUALISATION_LEVELS, IMAGENET_BGR_MEAN, PreprocessSpec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    rotation_deg: float
+    shift: float  # fraction of width/height
+    shear_deg: float
+    zoom: tuple[float, float]  # scale range, drawn separately for x and y
+    flip: bool
+    fill_mode: str  # ImageProjectiveTransformV3 fill mode: NEAREST, REFLECT, CONSTANT, WRAP
+
+
+@dataclass(frozen=True)
+class Photometry:
+    gamma_log: float  # gamma = exp(U(-g, g))
+    contrast: float  # scale about the mean by U(1-c, 1+c)
+    blur_min_scale: float  # down-sample to U(s, 1) of the size and back (1: off)
+    noise_sigma: float  # Gaussian noise sigma drawn in U(0, sigma)
+    label_probability: float  # chance of a synthetic burnt-in label (bright or dark rectangle)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    geometry: Geometry | None
+    photometry: Photometry | None
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "none": Augmentation(geometry=None, photometry=None),
+    "sugandi-table2": Augmentation(
+        geometry=Geometry(
+            rotation_deg=30.0, shift=0.2, shear_deg=0.3, zoom=(0.9, 1.1), flip=True, fill_mode="NEAREST"
+        ),
+        photometry=None,
+    ),
+    "robust": Augmentation(
+        geometry=Geometry(
+            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.4), flip=True, fill_mode="REFLECT"
+        ),
+        photometry=Photometry(
+            gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
+        ),
+    ),
+}
+
+
+def _affine_matrices(batch: int, height: int, width: int, geometry: Geometry) -> Any:
+    """Output→input projective transforms (8 parameters each) about the image centre, as Keras' layers."""
+
+    def uniform(low: float, high: float) -> Any:
+        return tf.random.uniform([batch], low, high)
+
+    angle = uniform(-1.0, 1.0) * geometry.rotation_deg * math.pi / 180.0
+    shear = uniform(-1.0, 1.0) * geometry.shear_deg * math.pi / 180.0
+    zoom_x = uniform(*geometry.zoom)
+    zoom_y = uniform(*geometry.zoom)
+    shift_x = uniform(-1.0, 1.0) * geometry.shift * width
+    shift_y = uniform(-1.0, 1.0) * geometry.shift * height
+    flip = tf.where(tf.random.uniform([batch]) < 0.5, -1.0, 1.0) if geometry.flip else tf.ones([batch])
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    # Inverse map: input = A · output + b, A = R(θ)·Shear·diag(flip/zx, 1/zy)
+    a00 = cos * flip / zoom_x
+    a01 = (-sin + cos * tf.tan(shear)) / zoom_y
+    a10 = sin * flip / zoom_x
+    a11 = (cos + sin * tf.tan(shear)) / zoom_y
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    b0 = cx - a00 * cx - a01 * cy + shift_x
+    b1 = cy - a10 * cx - a11 * cy + shift_y
+    zeros = tf.zeros([batch])
+    return tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
+
+
+def _geometric(images: Any, geometry: Geometry) -> Any:
+    shape = tf.shape(images)
+    transforms = _affine_matrices(shape[0], images.shape[1], images.shape[2], geometry)
+    transformed = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode=geometry.fill_mode,
+    )
+    transformed.set_shape(images.shape)  # the op forgets static height/width
+    return transformed
+
+
+def _coin(shape: Any) -> Any:
+    return tf.random.uniform(shape) < 0.5
+
+
+def _photometric(images: Any, photometry: Photometry) -> Any:
+    shape = tf.shape(images)
+    batch, height, width = shape[0], images.shape[1], images.shape[2]
+    per_image = [batch, 1, 1, 1]
+    gamma = tf.exp(tf.random.uniform(per_image, -photometry.gamma_log, photometry.gamma_log))
+    images = tf.pow(tf.clip_by_value(images, 1e-6, 1.0), gamma)
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    contrast = tf.random.uniform(per_image, 1.0 - photometry.contrast, 1.0 + photometry.contrast)
+    images = tf.clip_by_value((images - mean) * contrast + mean, 0.0, 1.0)
+    if photometry.blur_min_scale < 1.0:
+        scale = tf.random.uniform([], photometry.blur_min_scale, 1.0)
+        small = tf.cast(tf.round(scale * tf.constant([height, width], tf.float32)), tf.int32)
+        blurred = tf.image.resize(tf.image.resize(images, small, antialias=True), [height, width])
+        images = tf.where(_coin(per_image), blurred, images)
+    # Noise and blur on half of the images only: clean, sharp images must stay in-distribution too.
+    sigma = tf.random.uniform(per_image, 0.0, photometry.noise_sigma) * tf.cast(_coin(per_image), tf.float32)
+    images = images + tf.random.normal(tf.shape(images)) * sigma
+    if photometry.label_probability > 0.0:
+        images = _synthetic_labels(images, photometry.label_probability)
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def _synthetic_labels(images: Any, probability: float) -> Any:
+    """A rectangle of saturated grey near a random edge — the burnt-in letters of web figures."""
+    shape = tf.shape(images)
+    batch, height, width = shape[0], images.shape[1], images.shape[2]
+    rows = tf.reshape(tf.range(height, dtype=tf.float32), [1, height, 1, 1])
+    cols = tf.reshape(tf.range(width, dtype=tf.float32), [1, 1, width, 1])
+    box_h = tf.random.uniform([batch, 1, 1, 1], 0.03, 0.09) * height
+    box_w = tf.random.uniform([batch, 1, 1, 1], 0.05, 0.2) * width
+    top = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, 0.02 * height, 0.85 * height)
+    left = tf.random.uniform([batch, 1, 1, 1], 0.02, 0.75) * width
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+    apply = tf.random.uniform([batch, 1, 1, 1]) < probability
+    value = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.8, 1.0, 0.0)
+    return tf.where(inside & apply, value, images)
+
+
+def equalise_batch(images: Any) -> Any:
+    """TensorFlow twin of :func:`classifier.preprocess.equalise`, per image of a B×H×W×1 batch."""
+    levels_count = EQUALISATION_LEVELS
+    shape = tf.shape(images)
+    flat = tf.reshape(images, [shape[0], -1])
+    levels = tf.cast(tf.clip_by_value(tf.round(flat * (levels_count - 1)), 0, levels_count - 1), tf.int32)
+    hist = tf.math.bincount(levels, minlength=levels_count, maxlength=levels_count, axis=-1, dtype=tf.float32)
+    cdf = tf.cumsum(hist, axis=-1)
+    first = tf.reduce_min(
+        tf.where(hist > 0, cdf, tf.fill(tf.shape(cdf), float("inf"))), axis=-1, keepdims=True
+    )
+    denominator = cdf[:, -1:] - first
+    table = tf.where(
+        denominator > 0, tf.clip_by_value((cdf - first) / tf.maximum(denominator, 1.0), 0.0, 1.0), 0.0
+    )
+    return tf.reshape(tf.gather(table, levels, batch_dims=1), shape)
+
+
+def finish_batch(images: Any, spec: PreprocessSpec) -> Any:
+    """B×H×W×1 grey → model input, as :func:`classifier.preprocess.finish_gray` does for one image."""
+    if spec.equalisation == "histeq":
+        images = equalise_batch(images)
+    rgb = tf.repeat(tf.clip_by_value(images, 0.0, 1.0), 3, axis=-1)
+    if spec.normalisation == "resnet":
+        return rgb[..., ::-1] * 255.0 - tf.constant(IMAGENET_BGR_MEAN)
+    return rgb
+
+
+def augment_batch(images: Any, augmentation: Augmentation) -> Any:
+    """Randomly transform a B×H×W×1 grey batch in [0, 1]."""
+    if augmentation.geometry is not None:
+        images = _geometric(images, augmentation.geometry)
+    if augmentation.photometry is not None:
+        images = _photometric(images, augmentation.photometry)
+    return images
+
+
+def get_augmentation(name: str) -> Augmentation:
+    try:
+        return AUGMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}") from None

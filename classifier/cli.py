@@ -1,0 +1,180 @@
+"""``cxr-node train | evaluate | classify`` — added to the node's CLI by :func:`register`.
+
+Also runnable on its own (``python -m classifier.cli ...``) so the classifier works without the node.
+Never imports ``dicom_node``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from classifier.architectures import DEFAULT_ARCHITECTURE, architecture_names
+
+LOGGER = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the classifier's subcommands to an argparse CLI."""
+    train = subparsers.add_parser(
+        "train", help="train a model on labelled images and write an artifact folder"
+    )
+    train.add_argument(
+        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label[,group])"
+    )
+    train.add_argument(
+        "output", type=Path, help="artifact folder to write (its model files are replaced, other files kept)"
+    )
+    train.add_argument("--architecture", "-a", choices=architecture_names(), default=DEFAULT_ARCHITECTURE)
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--epochs", type=int, help="override the recipe's epochs (every stage)")
+    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument(
+        "--learning-rate", type=float, help="override the recipe's learning rate (every stage)"
+    )
+    train.add_argument(
+        "--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust)"
+    )
+    train.add_argument(
+        "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"
+    )
+    train.add_argument("--version", help="artifact version string (default: architecture and date)")
+    train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a model artifact on labelled images (JSON + PNG)"
+    )
+    evaluate.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
+    evaluate.add_argument(
+        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label)"
+    )
+    evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
+    evaluate.add_argument(
+        "--degrade", default="none", help="re-encode/degrade images first (see classifier.evaluation)"
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=("all", "validation", "train"),
+        default="all",
+        help="score only one side of the group split recorded in the model's model.json",
+    )
+    evaluate.set_defaults(func=_evaluate)
+
+    classify = subparsers.add_parser(
+        "classify", help="classify DICOM or PNG/JPEG files with a model artifact"
+    )
+    classify.add_argument("files", type=Path, nargs="+")
+    classify.add_argument("--model", type=Path, help="artifact folder (default: the shipped model)")
+    classify.add_argument(
+        "--threshold", type=float, default=0.5, help="indeterminate below this top probability"
+    )
+    classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    classify.set_defaults(func=_classify)
+
+
+def _say(text: str) -> None:
+    """Command output (not logging): the user asked for it."""
+    sys.stdout.write(text + "\n")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from classifier.training import TrainingConfig, train
+
+    config = TrainingConfig(
+        architecture=args.architecture,
+        data=args.data,
+        output=args.output,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        augmentation=args.augmentation,
+        weights=args.weights,
+        version=args.version,
+        steps_per_epoch=args.steps_per_epoch,
+        progress=not args.no_progress,
+    )
+    result = train(config, argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
+    validation = result.metadata.validation
+    _say(
+        f"wrote {result.folder}: validation accuracy {validation['accuracy']:.3f}, "
+        f"macro-F1 {validation['macro_f1']:.3f}, {result.seconds_per_epoch:.1f} s/epoch"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from classifier.artifact import read_metadata
+    from classifier.dataset import load_collection, split_by_group
+    from classifier.evaluation import evaluate
+
+    items = None
+    if args.split != "all":
+        split = read_metadata(args.model).data.get("split", {})
+        train_items, val_items = split_by_group(
+            load_collection(args.data),
+            float(split.get("validation_fraction", 0.2)),
+            int(split.get("seed", 42)),
+        )
+        items = val_items if args.split == "validation" else train_items
+    report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items)
+    _say(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
+    return 0
+
+
+def _format_prediction(path: Path, prediction: Any) -> str:
+    probabilities = " ".join(f"{name}={value:.3f}" for name, value in prediction.probabilities.items())
+    return f"{path.name}\t{prediction.label}\t{probabilities}"
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from classifier.errors import ClassifierError
+    from classifier.inference import Classifier, default_model_path, load_input
+
+    classifier = Classifier.load(args.model or default_model_path(), indeterminate_threshold=args.threshold)
+    status = 0
+    for path in args.files:
+        try:
+            image = load_input(path, classifier.spec)
+        except (ClassifierError, OSError) as exc:
+            sys.stderr.write(f"{path.name}\terror\t{exc}\n")
+            status = 1
+            continue
+        prediction = classifier.predict([image], heatmap=False)[0]
+        if args.json:
+            _say(
+                json.dumps(
+                    {
+                        "file": str(path),
+                        "label": prediction.label,
+                        "top_class": prediction.top_class,
+                        "probabilities": dict(prediction.probabilities),
+                        "model": prediction.model.version,
+                    }
+                )
+            )
+        else:
+            _say(_format_prediction(path, prediction))
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr-classifier", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

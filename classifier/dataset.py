@@ -1,0 +1,148 @@
+"""Labelled image collections (a folder of class sub-folders or a manifest CSV) and the group-aware split.
+
+The split is by *group* (patient, or source publication), never by image: two views of one patient on
+both sides of the split make the validation score a memory test.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image
+
+from classifier.errors import ClassifierError
+from classifier.preprocess import PreprocessSpec, dataset_to_gray, fit_gray, pil_to_gray
+
+LOGGER = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class DatasetError(ClassifierError):
+    """The labelled collection is empty, malformed or unusable for the requested split."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    label: str
+    group: str  # patient/source key; the path itself when the collection has none
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+
+
+def load_collection(source: Path) -> list[LabelledImage]:
+    """A folder ``source/<class>/<image>`` or a CSV manifest with columns ``file,label[,group]`` (files
+    relative to the manifest's folder). Sorted, so the order never depends on the file system."""
+    source = Path(source)
+    if source.is_file():
+        return _load_manifest(source)
+    if not source.is_dir():
+        raise DatasetError(f"no such folder or manifest: {source}")
+    manifest = source / "manifest.csv"
+    if manifest.is_file():
+        return _load_manifest(manifest)
+    items = [
+        LabelledImage(path=path, label=class_dir.name, group=str(path.relative_to(source)))
+        for class_dir in sorted(p for p in source.iterdir() if p.is_dir())
+        for path in sorted(class_dir.rglob("*"))
+        if _is_image(path)
+    ]
+    if not items:
+        raise DatasetError(f"no images in class sub-folders of {source}")
+    return items
+
+
+def _load_manifest(manifest: Path) -> list[LabelledImage]:
+    root = manifest.parent
+    items: list[LabelledImage] = []
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"file", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{manifest} needs the columns file,label[,group]")
+        for row in reader:
+            path = (root / row["file"]).resolve()
+            if not path.is_file():
+                raise DatasetError(f"{manifest}: missing file {row['file']}")
+            items.append(
+                LabelledImage(
+                    path=path, label=row["label"].strip(), group=(row.get("group") or row["file"]).strip()
+                )
+            )
+    if not items:
+        raise DatasetError(f"{manifest} lists no images")
+    return sorted(items, key=lambda item: str(item.path))
+
+
+def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
+    return tuple(sorted({item.label for item in items}))
+
+
+def split_by_group(
+    items: Sequence[LabelledImage], validation_fraction: float, seed: int
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Stratified group split: per class (a group's majority label), whole groups go to validation until
+    about ``validation_fraction`` of that class's images are there. Deterministic for a seed."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise DatasetError("the validation fraction must be between 0 and 1")
+    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
+    for item in items:
+        by_group[item.group].append(item)
+    group_class = {
+        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
+    }
+    rng = random.Random(seed)
+    validation_groups: set[str] = set()
+    for label in sorted(set(group_class.values())):
+        groups = sorted(g for g, c in group_class.items() if c == label)
+        rng.shuffle(groups)
+        target = validation_fraction * sum(len(by_group[g]) for g in groups)
+        taken = 0
+        for group in groups[:-1]:  # keep at least one group of every class for training
+            if taken >= target:
+                break
+            validation_groups.add(group)
+            taken += len(by_group[group])
+    train = [item for item in items if item.group not in validation_groups]
+    validation = [item for item in items if item.group in validation_groups]
+    if not train or not validation:
+        raise DatasetError("too few groups for a train/validation split")
+    return train, validation
+
+
+def load_gray(path: Path) -> npt.NDArray[np.float32]:
+    """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return dataset_to_gray(pydicom.dcmread(path))
+    with Image.open(path) as image:
+        image.load()
+        return pil_to_gray(image)
+
+
+def load_grays(items: Sequence[LabelledImage], spec: PreprocessSpec) -> npt.NDArray[np.float32]:
+    """N×H×W grey images cropped and resized by the spec (not yet equalised): the training cache."""
+    out = np.empty((len(items), *spec.input_size), dtype=np.float32)
+    for index, item in enumerate(items):
+        out[index] = fit_gray(load_gray(item.path), spec)
+    return out
+
+
+def summary(items: Sequence[LabelledImage]) -> dict[str, object]:
+    """Counts recorded in model.json (no file names: they may carry identifiers)."""
+    return {
+        "images": len(items),
+        "groups": len({item.group for item in items}),
+        "per_class": dict(sorted(Counter(item.label for item in items).items())),
+    }

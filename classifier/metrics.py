@@ -1,0 +1,123 @@
+"""Classification metrics in plain NumPy (no scikit-learn on the node): what the model card reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ECE_BINS = 15
+
+
+def confusion_matrix(
+    y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n: int
+) -> npt.NDArray[np.int64]:
+    """Rows: true class; columns: predicted class."""
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def _rankdata(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Average ranks (1-based), ties sharing their mean rank."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0 + 1.0
+        start = end + 1
+    return ranks
+
+
+def roc_auc(positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]) -> float | None:
+    """Area under the ROC curve (Mann–Whitney U); None when one side is empty."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _rankdata(score.astype(np.float64))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(
+    positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]
+) -> tuple[list[float], list[float]]:
+    """(false positive rates, true positive rates) over all thresholds, for plotting."""
+    order = np.argsort(-score, kind="mergesort")
+    hits = positive[order]
+    tps = np.concatenate([[0], np.cumsum(hits)])
+    fps = np.concatenate([[0], np.cumsum(~hits)])
+    return (fps / max(fps[-1], 1)).tolist(), (tps / max(tps[-1], 1)).tolist()
+
+
+def expected_calibration_error(
+    probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]
+) -> float:
+    """Top-label ECE with equal-width confidence bins: |accuracy − confidence| weighted by bin size."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, ECE_BINS - 1)
+    total = 0.0
+    for index in range(ECE_BINS):
+        mask = bins == index
+        if mask.any():
+            total += mask.mean() * abs(float(correct[mask].mean()) - float(confidence[mask].mean()))
+    return float(total)
+
+
+def _safe_div(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def classification_report(
+    y_true: Sequence[int] | npt.NDArray[np.int64],
+    probabilities: npt.NDArray[np.float64],
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """Confusion matrix, accuracy, per-class and macro precision/recall/F1, sensitivity/specificity,
+    one-vs-rest ROC AUC and ECE — a JSON-ready dict."""
+    truth = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    n = len(classes)
+    if probs.shape != (len(truth), n):
+        raise ValueError(f"probabilities have shape {probs.shape}, expected {(len(truth), n)}")
+    predicted = probs.argmax(axis=1)
+    matrix = confusion_matrix(truth, predicted, n)
+    total = int(matrix.sum())
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    for index, name in enumerate(classes):
+        tp = int(matrix[index, index])
+        fn = int(matrix[index].sum()) - tp
+        fp = int(matrix[:, index].sum()) - tp
+        tn = total - tp - fn - fp
+        precision = _safe_div(tp, tp + fp)
+        recall = _safe_div(tp, tp + fn)
+        per_class[name] = {
+            "support": tp + fn,
+            "precision": precision,
+            "recall": recall,
+            "f1": _safe_div(2 * precision * recall, precision + recall),
+            "sensitivity": recall,
+            "specificity": _safe_div(tn, tn + fp),
+            "roc_auc": roc_auc(truth == index, probs[:, index]),
+        }
+    aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]
+    return {
+        "classes": list(classes),
+        "images": total,
+        "confusion_matrix": matrix.tolist(),
+        "accuracy": _safe_div(float(np.trace(matrix)), total),
+        "macro_precision": float(np.mean([v["precision"] for v in per_class.values()])),
+        "macro_recall": float(np.mean([v["recall"] for v in per_class.values()])),
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])),
+        "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+        "expected_calibration_error": expected_calibration_error(probs, truth),
+        "per_class": per_class,
+    }

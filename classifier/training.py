@@ -1,0 +1,349 @@
+"""Train an architecture on a labelled collection and write a model artifact folder.
+
+Defaults are the architecture's published recipe (classifier.architectures); the command line may
+override epochs, batch size and learning rate. The validation split is by group and is run through the
+*inference* preprocessing (NumPy), so the recorded validation metrics are what the node will see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from classifier import plots
+from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
+from classifier.augmentation import augment_batch, finish_batch, get_augmentation
+from classifier.dataset import (
+    LabelledImage,
+    class_names,
+    load_collection,
+    load_grays,
+    split_by_group,
+    summary,
+)
+from classifier.metrics import classification_report
+from classifier.preprocess import finish_gray
+
+LOGGER = logging.getLogger(__name__)
+
+PRECISE_BN_IMAGES = 256  # clean training images averaged for the BatchNorm statistics
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    architecture: str
+    data: Path
+    output: Path
+    validation_fraction: float = 0.2
+    seed: int = 42
+    epochs: int | None = None  # overrides every stage's epochs
+    batch_size: int | None = None
+    learning_rate: float | None = None  # overrides every stage's learning rate
+    augmentation: str | None = None
+    weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
+    version: str | None = None
+    steps_per_epoch: int | None = None  # cap, for smoke tests
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    folder: Path
+    metadata: ArtifactMetadata
+    seconds_per_epoch: float
+
+
+def _recipe(architecture: Architecture, config: TrainingConfig) -> Recipe:
+    recipe = architecture.recipe
+    stages = tuple(
+        replace(
+            stage,
+            epochs=config.epochs if config.epochs is not None else stage.epochs,
+            learning_rate=config.learning_rate if config.learning_rate is not None else stage.learning_rate,
+        )
+        for stage in recipe.stages
+    )
+    return replace(
+        recipe,
+        stages=stages,
+        batch_size=config.batch_size or recipe.batch_size,
+        augmentation=config.augmentation or recipe.augmentation,
+    )
+
+
+def class_weights(labels: npt.NDArray[np.int64], n: int) -> dict[int, float]:
+    """Inverse-frequency weights, mean 1 over the images ("balanced")."""
+    counts = np.bincount(labels, minlength=n).astype(np.float64)
+    return {index: float(len(labels) / (n * count)) if count else 0.0 for index, count in enumerate(counts)}
+
+
+def _callbacks(keras: Any) -> tuple[type, type]:
+    class BestWeights(keras.callbacks.Callback):  # type: ignore[misc]
+        """Best-validation-loss weights across all stages (the seed's ModelCheckpoint, kept in memory)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = float("inf")
+            self.weights: list[Any] | None = None
+            self.epoch = 0
+            self.best_epoch = 0
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.epoch += 1
+            loss = (logs or {}).get("val_loss")
+            if loss is not None and loss < self.best:
+                self.best, self.best_epoch = float(loss), self.epoch
+                self.weights = self.model.get_weights()
+
+    class EpochTimer(keras.callbacks.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.durations: list[float] = []
+            self._start = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.durations.append(time.perf_counter() - self._start)
+
+    return BestWeights, EpochTimer
+
+
+def _batch_norm_layers(keras: Any, model: Any) -> list[Any]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(_batch_norm_layers(keras, layer))
+    return found
+
+
+def _precise_batch_norm(keras: Any, clean_batches: Any, val_inputs: Any, val_onehot: Any, loss: Any) -> Any:
+    """Callback: at each epoch end, set every BatchNorm's moving statistics to the exact average over the
+    *un-augmented* training images, then validate (and report val_loss/val_accuracy itself).
+
+    Moving averages collected on augmented batches do not describe clean images; with them the network
+    flipped to one class on the (clean) validation images at random epochs. Training itself uses batch
+    statistics, so this changes only what inference sees.
+    """
+
+    class PreciseBatchNorm(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            layers = _batch_norm_layers(keras, self.model)
+            momenta = [layer.momentum for layer in layers]
+            try:
+                for count, batch in enumerate(clean_batches, start=1):
+                    for layer in layers:
+                        layer.momentum = (count - 1) / count  # running mean of the batch statistics
+                    self.model(batch, training=True)
+            finally:
+                for layer, momentum in zip(layers, momenta, strict=True):
+                    layer.momentum = momentum
+            probabilities = self.model.predict(val_inputs, batch_size=32, verbose=0)
+            if logs is not None:
+                logs["val_loss"] = float(loss(val_onehot, probabilities))
+                logs["val_accuracy"] = float(np.mean(probabilities.argmax(1) == val_onehot.argmax(1)))
+
+    return PreciseBatchNorm()
+
+
+def _learning_rate(keras: Any, stage: Stage, steps_per_epoch: int) -> Any:
+    if stage.schedule == "constant":
+        return stage.learning_rate
+    if stage.schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {stage.schedule!r}")
+    warmup = min(3, max(stage.epochs - 1, 0)) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=stage.learning_rate / 10.0,
+        decay_steps=max(stage.epochs * steps_per_epoch - warmup, 1),
+        alpha=0.01,
+        warmup_target=stage.learning_rate,
+        warmup_steps=warmup,
+    )
+
+
+def _labels(items: Sequence[LabelledImage], classes: Sequence[str]) -> npt.NDArray[np.int64]:
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[item.label] for item in items], dtype=np.int64)
+
+
+def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> TrainingResult:
+    """Run the recipe and write ``config.output`` (model.keras, model.json, PNG plots)."""
+    import keras
+    import tensorflow as tf
+
+    architecture = get_architecture(config.architecture)
+    recipe = _recipe(architecture, config)
+    spec = architecture.preprocess
+    augmentation = get_augmentation(recipe.augmentation)
+
+    items = load_collection(config.data)
+    classes = class_names(items)
+    if len(classes) < 2:
+        raise ValueError("training needs at least two classes")
+    train_items, val_items = split_by_group(items, config.validation_fraction, config.seed)
+    LOGGER.info(
+        "training %s on %d images, validating on %d (%d classes)",
+        architecture.name,
+        len(train_items),
+        len(val_items),
+        len(classes),
+    )
+
+    keras.utils.set_random_seed(config.seed)
+    train_gray = load_grays(train_items, spec)[..., None]
+    val_inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec)])
+    y_train, y_val = _labels(train_items, classes), _labels(val_items, classes)
+    onehot_train = np.eye(len(classes), dtype=np.float32)[y_train]
+    onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
+
+    def prepare(images: Any, labels: Any) -> tuple[Any, Any]:
+        return finish_batch(augment_batch(images, augmentation), spec), labels
+
+    train_data = (
+        tf.data.Dataset.from_tensor_slices((train_gray, onehot_train))
+        .shuffle(len(train_gray), seed=config.seed, reshuffle_each_iteration=True)
+        .batch(recipe.batch_size)
+        .map(prepare, num_parallel_calls=1)
+    )
+    if config.steps_per_epoch:
+        train_data = train_data.take(config.steps_per_epoch)
+    train_data = train_data.prefetch(2)
+
+    steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
+    weights = config.weights
+    if weights is None and architecture.name == "resnet152-transfer":
+        weights = "imagenet"
+    model = architecture.build(len(classes), weights=weights, seed=config.seed)
+    best_weights_cls, timer_cls = _callbacks(keras)
+    best, timer = best_weights_cls(), timer_cls()
+    weights_by_class = class_weights(y_train, len(classes)) if recipe.class_weights else None
+    history: dict[str, list[float]] = {}
+    for number, stage in enumerate(recipe.stages, start=1):
+        set_trainable(model, stage.unfreeze_last)
+        learning_rate = _learning_rate(keras, stage, steps_per_epoch)
+        optimizer = (
+            keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay)
+            if recipe.weight_decay
+            else keras.optimizers.Adam(learning_rate=learning_rate)
+        )
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+            metrics=["accuracy"],
+        )
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+        callbacks: list[Any] = [best, timer]
+        validation: tuple[Any, Any] | None = (val_inputs, onehot_val)
+        if recipe.precise_batch_norm:
+            sample = np.random.default_rng(config.seed).permutation(len(train_gray))[:PRECISE_BN_IMAGES]
+            clean = (
+                tf.data.Dataset.from_tensor_slices(train_gray[np.sort(sample)])
+                .batch(32)
+                .map(lambda x: finish_batch(x, spec))
+            )
+            callbacks.insert(0, _precise_batch_norm(keras, clean, val_inputs, onehot_val, loss))
+            validation = None  # the callback validates after recalibrating
+        if stage.early_stopping_patience is not None:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=stage.early_stopping_patience)
+            )
+        if stage.reduce_lr_patience is not None:
+            callbacks.append(
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=stage.reduce_lr_factor, patience=stage.reduce_lr_patience
+                )
+            )
+        if config.progress:
+            from tqdm.keras import TqdmCallback
+
+            callbacks.append(TqdmCallback(verbose=0, file=sys.stderr, desc=f"stage {number}"))
+        fitted = model.fit(
+            train_data,
+            epochs=stage.epochs,
+            validation_data=validation,
+            validation_batch_size=32,
+            class_weight=weights_by_class,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    if recipe.keep_best and best.weights is not None:
+        model.set_weights(best.weights)
+        LOGGER.info("restored the best validation-loss weights (epoch %d)", best.best_epoch)
+
+    probabilities = model.predict(val_inputs, batch_size=32, verbose=0)
+    report = classification_report(y_val, probabilities, classes)
+
+    folder = Path(config.output)
+    folder.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept
+    # Saved without the optimizer state (a third of the size of a compiled save): inference only.
+    shipped = keras.models.clone_model(model)
+    shipped.set_weights(model.get_weights())
+    shipped.save(folder / MODEL_FILE)
+    created = datetime.now(UTC).replace(microsecond=0)
+    seconds_per_epoch = float(np.median(timer.durations)) if timer.durations else 0.0
+    metadata = ArtifactMetadata(
+        name=architecture.name,
+        version=config.version or f"{architecture.name}-{created:%Y%m%d%H%M}",
+        classes=classes,
+        preprocess=spec,
+        gradcam_layer=architecture.gradcam_layer,
+        sha256=sha256_file(folder / MODEL_FILE),
+        created=created.isoformat(),
+        data={
+            "source": Path(config.data).name,
+            "split": {"by": "group", "validation_fraction": config.validation_fraction, "seed": config.seed},
+            "train": summary(train_items),
+            "validation": summary(val_items),
+            "command": " ".join(argv) if argv else None,
+        },
+        training={
+            "recipe": {
+                "batch_size": recipe.batch_size,
+                "augmentation": recipe.augmentation,
+                "keep_best": recipe.keep_best,
+                "class_weights": weights_by_class,
+                "label_smoothing": recipe.label_smoothing,
+                "weight_decay": recipe.weight_decay,
+                "precise_batch_norm": recipe.precise_batch_norm,
+                "stages": [
+                    {
+                        "epochs": s.epochs,
+                        "learning_rate": s.learning_rate,
+                        "early_stopping": s.early_stopping_patience,
+                        "reduce_lr": s.reduce_lr_patience,
+                        "unfreeze_last": s.unfreeze_last,
+                        "schedule": s.schedule,
+                    }
+                    for s in recipe.stages
+                ],
+            },
+            "epochs_run": len(timer.durations),
+            "best_epoch": best.best_epoch if recipe.keep_best else len(timer.durations),
+            "seconds_per_epoch": round(seconds_per_epoch, 2),
+            "parameters": int(model.count_params()),
+            "history": {key: [round(v, 5) for v in values] for key, values in history.items()},
+        },
+        validation=report,
+    )
+    write_metadata(folder, metadata)
+    plots.training_curves(history, folder / "training_curves.png")
+    plots.confusion_matrix(
+        report["confusion_matrix"], classes, folder / "confusion_matrix.png", title="validation"
+    )
+    return TrainingResult(folder=folder, metadata=metadata, seconds_per_epoch=seconds_per_epoch)

@@ -1,0 +1,270 @@
+"""Console users: argon2 password hashes, roles, and the `cxr-node user ...` commands.
+
+There is no default account and no default password: the operator creates the first admin with
+``cxr-node user add --username NAME --role admin`` and types the password at a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.errors import AuthenticationError, ConflictError, NodeError, NotFoundError
+from dicom_node.store.models import User, UserRole, WebSession
+
+LOGGER = logging.getLogger(__name__)
+
+MIN_PASSWORD_LENGTH = 10
+MAX_PASSWORD_LENGTH = 1024
+USERNAME_MAX = 64
+CREATE_ADMIN_HINT = "cxr-node user add --username <name> --role admin"
+
+_HASHER = PasswordHasher()  # argon2id with the library's current recommended parameters
+# Verifying against this keeps a failed login for an unknown user as slow as for a known one.
+_DUMMY_HASH = _HASHER.hash("not-a-password-of-anyone")
+
+
+class InvalidUserError(NodeError):
+    """A username or password that the console will not accept."""
+
+
+def hash_password(password: str) -> str:
+    check_password(password)
+    return _HASHER.hash(password)
+
+
+def check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidUserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise InvalidUserError(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
+
+
+def _check_username(username: str) -> str:
+    name = username.strip()
+    if not 1 <= len(name) <= USERNAME_MAX or not name.isprintable() or any(c.isspace() for c in name):
+        raise InvalidUserError(f"username must be 1-{USERNAME_MAX} printable characters without spaces")
+    return name
+
+
+def list_users(session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.username)))
+
+
+def find(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(User.username == username.strip()))
+
+
+def get_by_id(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFoundError(f"no user with id {user_id}")
+    return user
+
+
+def admin_exists(session: Session) -> bool:
+    """Whether an active admin exists (otherwise nobody can administer the node)."""
+    count = session.scalar(
+        select(func.count()).select_from(User).where(User.role == UserRole.ADMIN, User.active.is_(True))
+    )
+    return bool(count)
+
+
+def create_user(session: Session, username: str, password: str, role: UserRole, actor: str) -> User:
+    name = _check_username(username)
+    if find(session, name) is not None:
+        raise ConflictError(f"a user named {name!r} exists already")
+    user = User(username=name, password_hash=hash_password(password), role=role, active=True)
+    session.add(user)
+    session.flush()
+    audit.record(session, actor, "user.add", f"app_user:{user.id}", {"username": name, "role": role.value})
+    return user
+
+
+def set_password(session: Session, user_id: int, password: str, actor: str) -> User:
+    """Replace a password and end the user's sessions (a reset must lock out whoever knew the old one)."""
+    user = get_by_id(session, user_id)
+    user.password_hash = hash_password(password)
+    session.execute(delete(WebSession).where(WebSession.user_pk == user.id))
+    session.flush()
+    audit.record(session, actor, "user.set_password", f"app_user:{user.id}", {"username": user.username})
+    return user
+
+
+def set_active(session: Session, user_id: int, active: bool, actor: str) -> User:
+    """Enable or disable a user. Disabling ends the user's sessions; the last active admin stays."""
+    user = get_by_id(session, user_id)
+    if user.active == active:
+        return user
+    if not active and user.role is UserRole.ADMIN:
+        others = session.scalar(
+            select(func.count())
+            .select_from(User)
+            .where(User.role == UserRole.ADMIN, User.active.is_(True), User.id != user.id)
+        )
+        if not others:
+            raise ConflictError("the last active admin cannot be disabled")
+    user.active = active
+    if not active:
+        session.execute(delete(WebSession).where(WebSession.user_pk == user.id))
+    session.flush()
+    action = "user.enable" if active else "user.disable"
+    audit.record(session, actor, action, f"app_user:{user.id}", {"username": user.username})
+    return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User:
+    """Return the active user with these credentials or raise :class:`AuthenticationError`.
+
+    The message never says whether the name or the password was wrong.
+    """
+    user = find(session, username) if username.strip() else None
+    candidate_hash = user.password_hash if user is not None else _DUMMY_HASH
+    try:
+        _HASHER.verify(candidate_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError) as exc:
+        raise AuthenticationError("invalid username or password") from exc
+    if user is None or not user.active:
+        raise AuthenticationError("invalid username or password")
+    if _HASHER.check_needs_rehash(user.password_hash):
+        user.password_hash = _HASHER.hash(password)
+    user.last_login_at = datetime.now(UTC)
+    return user
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI: cxr-node user add | list | disable | enable | passwd
+# -------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``user`` with its subcommands to the ``cxr-node`` CLI."""
+    parser = subparsers.add_parser("user", help="console users (admins and radiologists)")
+    commands = parser.add_subparsers(dest="user_command", required=True)
+
+    add = commands.add_parser("add", help="create a user; the password is read from a prompt or stdin")
+    add.add_argument("--username", required=True)
+    add.add_argument("--role", required=True, choices=[r.value for r in UserRole])
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.set_defaults(func=_cli_add)
+
+    lst = commands.add_parser("list", help="list users")
+    lst.set_defaults(func=_cli_list)
+
+    for name, active in (("disable", False), ("enable", True)):
+        sub = commands.add_parser(name, help=f"{name} a user")
+        sub.add_argument("--username", required=True)
+        sub.set_defaults(func=_cli_set_active(active))
+
+    passwd = commands.add_parser("passwd", help="set a user's password (ends the user's sessions)")
+    passwd.add_argument("--username", required=True)
+    passwd.add_argument("--password-stdin", action="store_true")
+    passwd.set_defaults(func=_cli_passwd)
+
+
+def _session_factory(args: argparse.Namespace) -> sessionmaker[Session]:
+    from dicom_node.settings import load_settings
+    from dicom_node.store.db import make_engine, make_session_factory, upgrade
+
+    settings = load_settings(getattr(args, "config", None))
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    return make_session_factory(engine)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise InvalidUserError("the passwords do not match")
+    return first
+
+
+def _say(text: str, *, error: bool = False) -> None:
+    """CLI output (the only place this module writes to the terminal)."""
+    print(text, file=sys.stderr if error else sys.stdout)  # noqa: T201
+
+
+def _run(body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except NodeError as exc:
+        _say(f"error: {exc}", error=True)
+        return 1
+
+
+def _cli_add(args: argparse.Namespace) -> int:
+    def body() -> int:
+        password = _read_password(args)
+        check_password(password)
+        from dicom_node.store.db import session_scope
+
+        with session_scope(_session_factory(args)) as session:
+            user = create_user(session, args.username, password, UserRole(args.role), audit.cli_actor())
+            _say(f"created {user.role.value} {user.username!r}")
+        return 0
+
+    return _run(body)
+
+
+def _cli_list(args: argparse.Namespace) -> int:
+    def body() -> int:
+        from dicom_node.store.db import session_scope
+
+        with session_scope(_session_factory(args)) as session:
+            users = list_users(session)
+            if not users:
+                _say(f"no users; create the first admin with: {CREATE_ADMIN_HINT}")
+            for user in users:
+                last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
+                state = "active" if user.active else "disabled"
+                _say(f"{user.username:<24} {user.role.value:<12} {state:<9} last login {last}")
+        return 0
+
+    return _run(body)
+
+
+def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        def body() -> int:
+            from dicom_node.store.db import session_scope
+
+            with session_scope(_session_factory(args)) as session:
+                user = find(session, args.username)
+                if user is None:
+                    raise NotFoundError(f"no user named {args.username!r}")
+                set_active(session, user.id, active, audit.cli_actor())
+                _say(f"{'enabled' if active else 'disabled'} {user.username!r}")
+            return 0
+
+        return _run(body)
+
+    return command
+
+
+def _cli_passwd(args: argparse.Namespace) -> int:
+    def body() -> int:
+        password = _read_password(args)
+        check_password(password)
+        from dicom_node.store.db import session_scope
+
+        with session_scope(_session_factory(args)) as session:
+            user = find(session, args.username)
+            if user is None:
+                raise NotFoundError(f"no user named {args.username!r}")
+            set_password(session, user.id, password, audit.cli_actor())
+            _say(f"password set for {user.username!r}")
+        return 0
+
+    return _run(body)

@@ -1,0 +1,160 @@
+"""The web console and JSON API of the node (FastAPI, server-rendered Jinja2 pages, no JS build).
+
+:func:`create_app` is the only way to get an application: everything it needs is passed in, nothing
+is built at import time. ``dicom_node.web.server.WebServer`` serves it from the node's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.errors import NodeError, NotFoundError
+from dicom_node.settings import Settings
+from dicom_node.store.db import session_scope
+from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
+from dicom_node.web import admin, api, pages
+from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
+from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
+from dicom_node.web.errors import http_status
+from dicom_node.web.services import ConsoleServices, NodeConsoleServices, software_version
+from dicom_node.web.templating import configure_templates
+from dicom_node.web.uploads import UploadStore
+
+LOGGER = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+
+
+def create_app(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    services: ConsoleServices | None = None,
+) -> FastAPI:
+    """Build the console for one node. ``services`` defaults to the node's real ones."""
+    key_secret = settings.web.secret_key
+    key = key_secret.get_secret_value().encode() if key_secret is not None else secrets.token_bytes(32)
+    templates = configure_templates(Jinja2Templates(directory=PACKAGE_DIR / "templates"), settings)
+    state = Console(
+        settings=settings,
+        session_factory=session_factory,
+        services=services or NodeConsoleServices(settings, session_factory),
+        tokens=SessionTokens(key, timedelta(minutes=settings.web.session_minutes)),
+        throttle=LoginThrottle(),
+        uploads=UploadStore(),
+        templates=templates,
+    )
+    app = FastAPI(
+        title=f"{settings.node.name} console API",
+        version=software_version(),
+        openapi_url=None,  # served by api.router behind the login, like every other route
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.console = state
+    app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
+    _include_health(app, session_factory)
+    app.include_router(pages.public_router)
+    app.include_router(pages.router)
+    app.include_router(admin.router)
+    app.include_router(api.public_router)
+    app.include_router(api.router)
+    _install_error_handlers(app, templates)
+    app.middleware("http")(_security_headers)
+    _warn_without_admin(session_factory)
+    return app
+
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+async def _security_headers(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names)."""
+    response = await call_next(request)
+    headers = response.headers
+    headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    if not request.url.path.startswith("/static/"):
+        headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
+    """``/healthz`` (and ``/metrics``) from the node's metrics module; a bare liveness probe without it."""
+    try:
+        from dicom_node.metrics import metrics_router
+    except ImportError:
+        app.include_router(pages.health_router)
+        return
+    app.include_router(metrics_router(session_factory))
+
+
+def _warn_without_admin(session_factory: sessionmaker[Session]) -> None:
+    with session_scope(session_factory) as session:
+        if not admin_exists(session):
+            LOGGER.warning("no console administrator exists yet; create one with: %s", CREATE_ADMIN_HINT)
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
+    def error_page(
+        request: Request, status: int, title: str, message: str, principal: Principal | None = None
+    ) -> Response:
+        context = {
+            "title": title,
+            "message": message,
+            "principal": principal,
+            "csrf": principal.csrf_token if principal else "",
+        }
+        return templates.TemplateResponse(request, "error.html", context, status_code=status)
+
+    @app.exception_handler(NotAuthenticated)
+    async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
+        if _is_api(request):
+            return JSONResponse({"detail": "not logged in"}, status_code=401)
+        target = request.url.path if request.method == "GET" else "/"
+        return RedirectResponse(f"/login?next={target}", status_code=303)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> Response:
+        if _is_api(request):
+            return JSONResponse({"detail": exc.reason}, status_code=403)
+        return error_page(request, 403, "Not permitted", exc.reason, exc.principal)
+
+    @app.exception_handler(NodeError)
+    async def node_error(request: Request, exc: NodeError) -> Response:
+        status = http_status(exc)
+        if status >= 500:
+            LOGGER.warning("console request failed: %s", type(exc).__name__)
+        if _is_api(request):
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+        title = "Not found" if isinstance(exc, NotFoundError) else "Could not complete the request"
+        return error_page(request, status, title, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if _is_api(request):
+            return await request_validation_exception_handler(request, exc)
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors())
+        return error_page(request, 422, "Invalid input", f"Please check: {fields or 'the form'}.")

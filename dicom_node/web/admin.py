@@ -1,0 +1,428 @@
+"""Administration pages: node settings (read-only), callers and destinations, users, audit log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node import aes, audit, users
+from dicom_node.errors import NodeError
+from dicom_node.settings import Settings
+from dicom_node.statuses import Status
+from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
+from dicom_node.web.auth import Principal
+from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, admin_user, release
+from dicom_node.web.pages import render
+
+LOGGER = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/admin", include_in_schema=False, dependencies=[Depends(admin_user)])
+
+AUDIT_PAGE = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings (read-only)
+# ---------------------------------------------------------------------------------------------
+
+
+def settings_view(settings: Settings) -> dict[str, dict[str, str]]:
+    """Settings as group -> key -> text, secrets masked by pydantic's SecretStr."""
+    dumped = settings.model_dump(mode="json")
+    view: dict[str, dict[str, str]] = {}
+    for group, values in dumped.items():
+        flat: dict[str, str] = {}
+        _flatten(values, "", flat)
+        view[group] = flat
+    return view
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(inner, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list):
+        out[prefix] = json.dumps(value) if value else "[]"
+    else:
+        out[prefix] = "—" if value is None else str(value)
+
+
+@router.get("/settings")
+def settings_page(request: Request, con: ConsoleDep, principal: AdminDep) -> Response:
+    derived = {
+        "database": _mask_url(con.settings.database_url),
+        "storage directory": str(con.settings.storage_dir),
+        "results directory": str(con.settings.results_dir),
+    }
+    return render(
+        request,
+        "admin_settings.html",
+        principal,
+        active="settings",
+        groups=settings_view(con.settings),
+        derived=derived,
+    )
+
+
+def _mask_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote AEs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AeForm:
+    """The AE form as typed, so a rejected entry is shown again with its error."""
+
+    role: str = "destination"
+    ae_title: str = ""
+    host: str = ""
+    port: str = ""
+    tls: bool = False
+    description: str = ""
+    reply_to: str = ""
+    enabled: bool = True
+
+    @classmethod
+    def of(cls, ae: RemoteAe) -> AeForm:
+        return cls(
+            role=ae.role.value,
+            ae_title=ae.ae_title,
+            host=ae.host or "",
+            port=str(ae.port or ""),
+            tls=ae.tls,
+            description=ae.description,
+            reply_to=ae.reply_to.ae_title if ae.reply_to else "",
+            enabled=ae.enabled,
+        )
+
+    def spec(self) -> aes.AeSpec:
+        try:
+            role = AeRole(self.role)
+        except ValueError as exc:
+            raise aes.InvalidAeError("choose caller or destination") from exc
+        port: int | None = None
+        if self.port.strip():
+            if not self.port.strip().isdigit():
+                raise aes.InvalidAeError("port must be a number 1-65535")
+            port = int(self.port)
+        return aes.AeSpec(
+            ae_title=self.ae_title,
+            role=role,
+            host=self.host or None,
+            port=port,
+            tls=self.tls,
+            description=self.description,
+            reply_to=self.reply_to or None,
+            enabled=self.enabled,
+        )
+
+
+def ae_form(
+    role: Annotated[str, Form(max_length=16)] = "destination",
+    ae_title: Annotated[str, Form(max_length=64)] = "",
+    host: Annotated[str, Form(max_length=255)] = "",
+    port: Annotated[str, Form(max_length=8)] = "",
+    tls: Annotated[str, Form(max_length=8)] = "",
+    description: Annotated[str, Form(max_length=255)] = "",
+    reply_to: Annotated[str, Form(max_length=16)] = "",
+    enabled: Annotated[str, Form(max_length=8)] = "",
+) -> AeForm:
+    return AeForm(role, ae_title, host, port, bool(tls), description, reply_to, bool(enabled))
+
+
+AeFormDep = Annotated[AeForm, Depends(ae_form)]
+
+
+@dataclass(frozen=True)
+class EchoOutcome:
+    ae_title: str
+    ok: bool
+    message: str
+
+
+def echo_test(con: Console, ae: RemoteAe) -> EchoOutcome:
+    """C-ECHO an AE and describe the outcome in words an admin can act on."""
+    started = time.monotonic()
+    address = f"{ae.host}:{ae.port}"
+    try:
+        status = con.services.echo(ae)
+    except NodeError as exc:
+        LOGGER.info("echo test to remote_ae %d failed: %s", ae.id, type(exc).__name__)
+        return EchoOutcome(ae.ae_title, False, f"C-ECHO to {ae.ae_title} at {address} failed: {exc}")
+    elapsed = 1000.0 * (time.monotonic() - started)
+    if status == Status.SUCCESS:
+        return EchoOutcome(
+            ae.ae_title,
+            True,
+            f"C-ECHO to {ae.ae_title} at {address} succeeded (status 0x0000, {elapsed:.0f} ms).",
+        )
+    return EchoOutcome(
+        ae.ae_title, False, f"C-ECHO to {ae.ae_title} at {address} answered status 0x{status:04X}."
+    )
+
+
+def _aes_page(
+    request: Request,
+    db: Session,
+    principal: Principal,
+    *,
+    form: AeForm | None = None,
+    error: str = "",
+    echo: EchoOutcome | None = None,
+    status: int = 200,
+) -> Response:
+    all_aes = aes.list_aes(db)
+    return render(
+        request,
+        "admin_aes.html",
+        principal,
+        status=status,
+        active="aes",
+        callers=[a for a in all_aes if a.role is AeRole.CALLER],
+        destinations=[a for a in all_aes if a.role is AeRole.DESTINATION],
+        form=form or AeForm(),
+        error=error,
+        echo=echo,
+    )
+
+
+@router.get("/aes")
+def aes_page(request: Request, db: DbDep, principal: AdminDep) -> Response:
+    return _aes_page(request, db, principal)
+
+
+@router.post("/aes")
+def ae_add(request: Request, db: DbDep, principal: CsrfAdminDep, form: AeFormDep) -> Response:
+    try:
+        aes.add(db, form.spec(), audit.user_actor(principal.username))
+        db.commit()
+    except NodeError as exc:
+        db.rollback()
+        return _aes_page(request, db, principal, form=form, error=str(exc), status=422)
+    return RedirectResponse("/admin/aes?notice=ae-added", status_code=303)
+
+
+def _ae_edit_page(
+    request: Request,
+    db: Session,
+    principal: Principal,
+    ae: RemoteAe,
+    *,
+    form: AeForm | None = None,
+    error: str = "",
+    echo: EchoOutcome | None = None,
+    status: int = 200,
+) -> Response:
+    return render(
+        request,
+        "admin_ae_edit.html",
+        principal,
+        status=status,
+        active="aes",
+        ae=ae,
+        form=form or AeForm.of(ae),
+        destinations=aes.list_aes(db, AeRole.DESTINATION),
+        error=error,
+        echo=echo,
+    )
+
+
+@router.get("/aes/{ae_id}")
+def ae_edit(request: Request, db: DbDep, principal: AdminDep, ae_id: int) -> Response:
+    return _ae_edit_page(request, db, principal, aes.get_by_id(db, ae_id))
+
+
+@router.post("/aes/{ae_id}")
+def ae_update(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int, form: AeFormDep) -> Response:
+    ae = aes.get_by_id(db, ae_id)
+    try:
+        aes.update(db, ae_id, form.spec(), audit.user_actor(principal.username))
+        db.commit()
+    except NodeError as exc:
+        db.rollback()
+        return _ae_edit_page(
+            request, db, principal, aes.get_by_id(db, ae.id), form=form, error=str(exc), status=422
+        )
+    return RedirectResponse("/admin/aes?notice=ae-updated", status_code=303)
+
+
+@router.post("/aes/{ae_id}/delete")
+def ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+    aes.remove(db, ae_id, audit.user_actor(principal.username))
+    db.commit()
+    return RedirectResponse("/admin/aes?notice=ae-removed", status_code=303)
+
+
+@router.post("/aes/{ae_id}/echo")
+def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+    ae = aes.get_by_id(db, ae_id)
+    release(db)  # the echo may take seconds
+    outcome = echo_test(con, ae)
+    if request.query_params.get("from") == "edit":
+        return _ae_edit_page(request, db, principal, ae, echo=outcome)
+    return _aes_page(request, db, principal, echo=outcome)
+
+
+# ---------------------------------------------------------------------------------------------
+# Users
+# ---------------------------------------------------------------------------------------------
+
+
+def _users_page(
+    request: Request, db: Session, principal: Principal, *, error: str = "", status: int = 200, **form: str
+) -> Response:
+    return render(
+        request,
+        "admin_users.html",
+        principal,
+        status=status,
+        active="users",
+        users=users.list_users(db),
+        roles=[r.value for r in UserRole],
+        error=error,
+        form=form,
+    )
+
+
+@router.get("/users")
+def users_page(request: Request, db: DbDep, principal: AdminDep) -> Response:
+    return _users_page(request, db, principal)
+
+
+@router.post("/users")
+def user_add(
+    request: Request,
+    db: DbDep,
+    principal: CsrfAdminDep,
+    username: Annotated[str, Form(max_length=64)],
+    role: Annotated[str, Form(max_length=16)],
+    password: Annotated[str, Form(max_length=1024)],
+    password_repeat: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    try:
+        if password != password_repeat:
+            raise users.InvalidUserError("the two passwords differ")
+        try:
+            user_role = UserRole(role)
+        except ValueError as exc:
+            raise users.InvalidUserError("choose a role") from exc
+        users.create_user(db, username, password, user_role, audit.user_actor(principal.username))
+        db.commit()
+    except NodeError as exc:
+        db.rollback()
+        return _users_page(request, db, principal, error=str(exc), status=422, username=username, role=role)
+    return RedirectResponse("/admin/users?notice=user-added", status_code=303)
+
+
+@router.post("/users/{user_id}/active")
+def user_set_active(
+    request: Request,
+    db: DbDep,
+    principal: CsrfAdminDep,
+    user_id: int,
+    active: Annotated[str, Form(max_length=8)],
+) -> Response:
+    enable = active == "1"
+    try:
+        users.set_active(db, user_id, enable, audit.user_actor(principal.username))
+        db.commit()
+    except NodeError as exc:
+        db.rollback()
+        return _users_page(request, db, principal, error=str(exc), status=409)
+    return RedirectResponse(
+        f"/admin/users?notice={'user-enabled' if enable else 'user-disabled'}", status_code=303
+    )
+
+
+@router.post("/users/{user_id}/password")
+def user_set_password(
+    request: Request,
+    db: DbDep,
+    principal: CsrfAdminDep,
+    user_id: int,
+    password: Annotated[str, Form(max_length=1024)],
+    password_repeat: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    try:
+        if password != password_repeat:
+            raise users.InvalidUserError("the two passwords differ")
+        users.set_password(db, user_id, password, audit.user_actor(principal.username))
+        db.commit()
+    except NodeError as exc:
+        db.rollback()
+        return _users_page(request, db, principal, error=str(exc), status=422)
+    if user_id == principal.user_id:
+        return RedirectResponse("/login", status_code=303)
+    return RedirectResponse("/admin/users?notice=password-set", status_code=303)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit log
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    events: list[AuditEvent]
+    page: int
+    pages: int
+    total: int
+    action: str
+    actor: str
+
+
+def audit_page_data(
+    db: Session, *, page: int, action: str, actor: str, per_page: int = AUDIT_PAGE
+) -> AuditPage:
+    criteria = []
+    if action:
+        criteria.append(AuditEvent.action.startswith(action, autoescape=True))
+    if actor:
+        criteria.append(AuditEvent.actor.contains(actor, autoescape=True))
+    total = int(db.scalar(select(func.count()).select_from(AuditEvent).where(*criteria)) or 0)
+    pages = max(1, math.ceil(total / per_page))
+    events = list(
+        db.scalars(
+            select(AuditEvent)
+            .where(*criteria)
+            .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+            .offset((page - 1) * per_page)
+            .limit(per_page)
+        )
+    )
+    return AuditPage(events, page, pages, total, action, actor)
+
+
+@router.get("/audit")
+def audit_log(
+    request: Request,
+    db: DbDep,
+    principal: AdminDep,
+    page: Annotated[int, Query(ge=1, le=100000)] = 1,
+    action: Annotated[str, Query(max_length=64)] = "",
+    actor: Annotated[str, Query(max_length=128)] = "",
+) -> Response:
+    data = audit_page_data(db, page=page, action=action, actor=actor)
+    return render(
+        request,
+        "admin_audit.html",
+        principal,
+        active="audit",
+        data=data,
+        params={"action": action, "actor": actor},
+    )

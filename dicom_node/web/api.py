@@ -1,0 +1,417 @@
+"""The JSON API: the console's pages as data, with the same session cookie, roles and CSRF rule.
+
+Log in with ``POST /api/session``; send the returned ``csrf_token`` as the ``X-CSRF-Token`` header
+on every POST, PUT, PATCH and DELETE. The OpenAPI description is at ``/api/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from dicom_node import aes, audit, users
+from dicom_node.errors import AuthenticationError, NotFoundError
+from dicom_node.store.models import AeRole, Delivery, DeliveryState, RemoteAe, User, UserRole
+from dicom_node.web import results
+from dicom_node.web.admin import audit_page_data, echo_test, settings_view
+from dicom_node.web.auth import SESSION_COOKIE
+from dicom_node.web.deps import (
+    ConsoleDep,
+    CsrfAdminDep,
+    CsrfUserDep,
+    DbDep,
+    UserDep,
+    admin_user,
+    current_user,
+    release,
+)
+from dicom_node.web.pages import (
+    ResultQueryDep,
+    classify_held,
+    held_upload,
+    read_limited,
+    set_cookie,
+    upload_report_response,
+)
+from dicom_node.web.uploads import read_upload
+
+public_router = APIRouter(prefix="/api", tags=["session"])
+router = APIRouter(prefix="/api", dependencies=[Depends(current_user)])
+admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_user)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Session
+# ---------------------------------------------------------------------------------------------
+
+
+class LoginRequest(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+class SessionInfo(BaseModel):
+    username: str
+    role: UserRole
+    csrf_token: str = Field(description="send as X-CSRF-Token on unsafe requests")
+
+
+@public_router.post("/session", response_model=SessionInfo)
+def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
+    """Log in; sets the session cookie. JSON only, so a cross-site form cannot submit it."""
+    if con.throttle.blocked(body.username):
+        return JSONResponse({"detail": "too many failed attempts; wait and retry"}, status_code=429)
+    try:
+        user = users.authenticate(db, body.username, body.password)
+    except AuthenticationError:
+        con.throttle.failed(body.username)
+        audit.record(db, audit.user_actor(body.username[:64]), "user.login_failed")
+        db.commit()
+        return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
+    con.throttle.succeeded(body.username)
+    con.tokens.purge_expired(db)
+    token = con.tokens.create(db, user)
+    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
+    db.commit()
+    principal = con.tokens.resolve(db, token)
+    if principal is None:
+        raise AuthenticationError("the new session could not be read back")
+    response = JSONResponse(
+        SessionInfo(username=user.username, role=user.role, csrf_token=principal.csrf_token).model_dump(
+            mode="json"
+        )
+    )
+    set_cookie(response, con, SESSION_COOKIE, token)
+    return response
+
+
+@router.get("/session", response_model=SessionInfo, tags=["session"])
+def api_session(principal: UserDep) -> SessionInfo:
+    return SessionInfo(username=principal.username, role=principal.role, csrf_token=principal.csrf_token)
+
+
+@router.delete("/session", status_code=204, tags=["session"])
+def api_logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
+    con.tokens.end(db, principal.session_id)
+    audit.record(db, audit.user_actor(principal.username), "user.logout", f"app_user:{principal.user_id}")
+    db.commit()
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/openapi.json", include_in_schema=False)
+def api_openapi(request: Request) -> dict[str, Any]:
+    app = request.app
+    if app.openapi_schema is None:
+        app.openapi_schema = get_openapi(
+            title=app.title, version=app.version, description=__doc__, routes=app.routes
+        )
+    schema: dict[str, Any] = app.openapi_schema
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard, results, details, resend
+# ---------------------------------------------------------------------------------------------
+
+
+@router.get("/dashboard", response_model=results.Dashboard, tags=["results"])
+def api_dashboard(db: DbDep) -> results.Dashboard:
+    return results.dashboard(db)
+
+
+@router.get("/results", response_model=results.ResultPage, tags=["results"])
+def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
+    """Studies newest first. Images and files of a study are at
+    ``/results/{study}/instances/{instance}/image.png``, ``/results/{study}/findings/{finding}/heatmap.png``,
+    ``/results/{study}/objects/{object}/object.dcm`` and ``/results/{study}/objects/{object}/report.pdf``."""
+    return results.search(db, query)
+
+
+@router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])
+def api_study(db: DbDep, study_id: int) -> results.StudyDetail:
+    return results.study_detail(db, study_id)
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    state: DeliveryState
+    next_attempt_at: datetime | None
+
+
+@router.post("/deliveries/{delivery_id}/resend", response_model=DeliveryOut, tags=["results"])
+def api_resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, delivery_id: int) -> DeliveryOut:
+    delivery: Delivery = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
+    db.commit()
+    con.services.after_resend(delivery)
+    return DeliveryOut(id=delivery.id, state=delivery.state, next_attempt_at=delivery.next_attempt_at)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload & classify
+# ---------------------------------------------------------------------------------------------
+
+
+class UploadOut(BaseModel):
+    token: str
+    filename: str
+    is_dicom: bool
+    image_url: str
+
+
+class PredictionOut(BaseModel):
+    label: str
+    top_class: str
+    confidence: float
+    probabilities: dict[str, float]
+    model_name: str
+    model_version: str
+    analysed_at: datetime
+    heatmap_url: str | None
+    report_url: str
+
+
+class IngestOut(BaseModel):
+    study_id: int
+    instance_id: int
+    duplicate: bool
+
+
+@router.post("/uploads", response_model=UploadOut, status_code=201, tags=["upload"])
+async def api_upload(con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> UploadOut:
+    data = await read_limited(file)
+    held = con.uploads.add(principal.user_id, read_upload(file.filename or "upload", data))
+    return UploadOut(
+        token=held.token,
+        filename=held.upload.filename,
+        is_dicom=held.upload.is_dicom,
+        image_url=f"/upload/{held.token}/image.png",
+    )
+
+
+@router.post("/uploads/{token}/classify", response_model=PredictionOut, tags=["upload"])
+def api_classify(con: ConsoleDep, principal: CsrfUserDep, token: str) -> PredictionOut:
+    held = held_upload(con, principal, token)
+    classify_held(con, held)
+    prediction = held.prediction
+    if prediction is None or held.analysed_at is None:
+        raise NotFoundError("no prediction")
+    return PredictionOut(
+        label=prediction.label,
+        top_class=prediction.top_class,
+        confidence=prediction.confidence,
+        probabilities={str(k): float(v) for k, v in prediction.probabilities.items()},
+        model_name=prediction.model.name,
+        model_version=prediction.model.version,
+        analysed_at=held.analysed_at,
+        heatmap_url=f"/upload/{token}/heatmap.png" if prediction.heatmap is not None else None,
+        report_url=f"/api/uploads/{token}/report.pdf",
+    )
+
+
+@router.get("/uploads/{token}/report.pdf", tags=["upload"], response_class=Response)
+def api_upload_report(con: ConsoleDep, principal: UserDep, token: str) -> Response:
+    return upload_report_response(con, held_upload(con, principal, token))
+
+
+@router.post("/uploads/{token}/store", response_model=IngestOut, tags=["upload"])
+def api_upload_store(con: ConsoleDep, principal: CsrfUserDep, token: str) -> IngestOut:
+    held = held_upload(con, principal, token)
+    if not held.upload.is_dicom:
+        raise NotFoundError("only DICOM uploads can be stored in the node")
+    outcome = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
+    held.ingest = outcome
+    return IngestOut(study_id=outcome.study_pk, instance_id=outcome.instance_pk, duplicate=outcome.duplicate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Administration
+# ---------------------------------------------------------------------------------------------
+
+
+class AeIn(BaseModel):
+    role: AeRole
+    ae_title: str = Field(max_length=16)
+    host: str | None = Field(default=None, max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: bool = False
+    description: str = Field(default="", max_length=255)
+    reply_to: str | None = Field(default=None, max_length=16)
+    enabled: bool = True
+
+    def spec(self) -> aes.AeSpec:
+        return aes.AeSpec(
+            ae_title=self.ae_title,
+            role=self.role,
+            host=self.host,
+            port=self.port,
+            tls=self.tls,
+            description=self.description,
+            reply_to=self.reply_to,
+            enabled=self.enabled,
+        )
+
+
+class AeOut(AeIn):
+    id: int
+
+    @classmethod
+    def of(cls, ae: RemoteAe) -> AeOut:
+        return cls(
+            id=ae.id,
+            role=ae.role,
+            ae_title=ae.ae_title,
+            host=ae.host,
+            port=ae.port,
+            tls=ae.tls,
+            description=ae.description,
+            reply_to=ae.reply_to.ae_title if ae.reply_to else None,
+            enabled=ae.enabled,
+        )
+
+
+class EchoOut(BaseModel):
+    ok: bool
+    message: str
+
+
+class UserIn(BaseModel):
+    username: str = Field(max_length=64)
+    role: UserRole
+    password: str = Field(max_length=1024)
+
+
+class UserPatch(BaseModel):
+    active: bool | None = None
+    password: str | None = Field(default=None, max_length=1024)
+
+
+class UserOut(BaseModel):
+    id: int
+    username: str
+    role: UserRole
+    active: bool
+    created_at: datetime
+    last_login_at: datetime | None
+
+    @classmethod
+    def of(cls, user: User) -> UserOut:
+        return cls(
+            id=user.id,
+            username=user.username,
+            role=user.role,
+            active=user.active,
+            created_at=user.created_at,
+            last_login_at=user.last_login_at,
+        )
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
+class AuditOut(BaseModel):
+    total: int
+    page: int
+    pages: int
+    events: list[AuditEventOut]
+
+
+@admin_router.get("/settings")
+def api_settings(con: ConsoleDep) -> dict[str, dict[str, str]]:
+    """The node's settings, read-only, secrets masked."""
+    return settings_view(con.settings)
+
+
+@admin_router.get("/aes", response_model=list[AeOut])
+def api_aes(db: DbDep, role: AeRole | None = None) -> list[AeOut]:
+    return [AeOut.of(ae) for ae in aes.list_aes(db, role)]
+
+
+@admin_router.post("/aes", response_model=AeOut, status_code=201)
+def api_ae_add(db: DbDep, principal: CsrfAdminDep, body: AeIn) -> AeOut:
+    ae = aes.add(db, body.spec(), audit.user_actor(principal.username))
+    db.commit()
+    return AeOut.of(ae)
+
+
+@admin_router.put("/aes/{ae_id}", response_model=AeOut)
+def api_ae_update(db: DbDep, principal: CsrfAdminDep, ae_id: int, body: AeIn) -> AeOut:
+    ae = aes.update(db, ae_id, body.spec(), audit.user_actor(principal.username))
+    db.commit()
+    return AeOut.of(ae)
+
+
+@admin_router.delete("/aes/{ae_id}", status_code=204)
+def api_ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+    aes.remove(db, ae_id, audit.user_actor(principal.username))
+    db.commit()
+    return Response(status_code=204)
+
+
+@admin_router.post("/aes/{ae_id}/echo", response_model=EchoOut)
+def api_ae_echo(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> EchoOut:
+    ae = aes.get_by_id(db, ae_id)
+    release(db)  # the echo may take seconds
+    outcome = echo_test(con, ae)
+    return EchoOut(ok=outcome.ok, message=outcome.message)
+
+
+@admin_router.get("/users", response_model=list[UserOut])
+def api_users(db: DbDep) -> list[UserOut]:
+    return [UserOut.of(u) for u in users.list_users(db)]
+
+
+@admin_router.post("/users", response_model=UserOut, status_code=201)
+def api_user_add(db: DbDep, principal: CsrfAdminDep, body: UserIn) -> UserOut:
+    user = users.create_user(
+        db, body.username, body.password, body.role, audit.user_actor(principal.username)
+    )
+    db.commit()
+    return UserOut.of(user)
+
+
+@admin_router.patch("/users/{user_id}", response_model=UserOut)
+def api_user_patch(db: DbDep, principal: CsrfAdminDep, user_id: int, body: UserPatch) -> UserOut:
+    actor = audit.user_actor(principal.username)
+    if body.password is not None:
+        users.set_password(db, user_id, body.password, actor)
+    if body.active is not None:
+        users.set_active(db, user_id, body.active, actor)
+    db.commit()
+    return UserOut.of(users.get_by_id(db, user_id))
+
+
+@admin_router.get("/audit", response_model=AuditOut)
+def api_audit(
+    db: DbDep,
+    page: Annotated[int, Query(ge=1, le=100000)] = 1,
+    action: Annotated[str, Query(max_length=64)] = "",
+    actor: Annotated[str, Query(max_length=128)] = "",
+) -> AuditOut:
+    data = audit_page_data(db, page=page, action=action, actor=actor)
+    return AuditOut(
+        total=data.total,
+        page=data.page,
+        pages=data.pages,
+        events=[
+            AuditEventOut(
+                id=e.id, at=e.at, actor=e.actor, action=e.action, target=e.target, details=e.details
+            )
+            for e in data.events
+        ],
+    )
+
+
+router.include_router(admin_router)

@@ -1,0 +1,134 @@
+"""Console sessions: random cookie tokens (only an HMAC of them is stored), CSRF tokens, login throttling.
+
+A session expires after ``web.session_minutes`` without use; every use moves the expiry forward.
+The HMAC key is ``web.secret_key`` or a random key per process, in which case a restart ends all
+sessions (nothing else depends on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from dicom_node.store.models import User, UserRole, WebSession
+
+SESSION_COOKIE = "cxr_session"
+LOGIN_CSRF_COOKIE = "cxr_login_csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+# Do not rewrite a session row on every click; refresh the expiry at most this often.
+_REFRESH_AFTER = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The logged-in user of one request."""
+
+    user_id: int
+    username: str
+    role: UserRole
+    session_id: int
+    csrf_token: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is UserRole.ADMIN
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything the node stores is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class SessionTokens:
+    """Creates, resolves and ends console sessions."""
+
+    def __init__(self, key: bytes, lifetime: timedelta) -> None:
+        self._key = key
+        self.lifetime = lifetime
+
+    def digest(self, token: str) -> str:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest()
+
+    def create(self, session: Session, user: User) -> str:
+        """Start a session for ``user``; returns the cookie token (never stored)."""
+        token = secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        session.add(
+            WebSession(
+                token_hash=self.digest(token),
+                user_pk=user.id,
+                csrf_token=secrets.token_urlsafe(32),
+                created_at=now,
+                expires_at=now + self.lifetime,
+            )
+        )
+        session.flush()
+        return token
+
+    def resolve(self, session: Session, token: str | None) -> Principal | None:
+        """The principal for a cookie token, or None when unknown, expired or the user is disabled."""
+        if not token or len(token) > 128:
+            return None
+        row = session.scalar(select(WebSession).where(WebSession.token_hash == self.digest(token)))
+        if row is None:
+            return None
+        now = datetime.now(UTC)
+        if aware(row.expires_at) <= now or not row.user.active:
+            session.delete(row)
+            session.commit()
+            return None
+        if aware(row.expires_at) - now < self.lifetime - _REFRESH_AFTER:
+            row.expires_at = now + self.lifetime
+            session.commit()
+        return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token)
+
+    def end(self, session: Session, session_id: int) -> None:
+        session.execute(delete(WebSession).where(WebSession.id == session_id))
+
+    def purge_expired(self, session: Session) -> None:
+        """Delete expired rows (called at login so the table does not grow without bound)."""
+        session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))
+
+
+def tokens_match(expected: str, given: str | None) -> bool:
+    return bool(given) and hmac.compare_digest(expected.encode(), (given or "").encode())
+
+
+class LoginThrottle:
+    """Slows password guessing: after ``limit`` failures for one username within ``window`` seconds,
+    further attempts for that name are refused until the window has passed."""
+
+    def __init__(self, limit: int = 8, window: float = 900.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        entries = self._failures.setdefault(key, deque())
+        while entries and now - entries[0] > self.window:
+            entries.popleft()
+        return entries
+
+    def blocked(self, username: str) -> bool:
+        with self._lock:
+            return len(self._recent(username.strip().lower(), time.monotonic())) >= self.limit
+
+    def failed(self, username: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._recent(username.strip().lower(), now).append(now)
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(username.strip().lower(), None)

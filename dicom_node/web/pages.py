@@ -1,0 +1,496 @@
+"""The radiologist's pages: login, dashboard, upload & classify, results, study details and downloads."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import pydicom
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from dicom_node import audit
+from dicom_node.errors import AuthenticationError, NodeError, NotFoundError
+from dicom_node.store.models import (
+    Delivery,
+    Finding,
+    Instance,
+    ResultKind,
+    ResultObject,
+    Series,
+    StudyState,
+    utcnow,
+)
+from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
+from dicom_node.web import results
+from dicom_node.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, tokens_match
+from dicom_node.web.deps import (
+    Console,
+    ConsoleDep,
+    CsrfAdminDep,
+    CsrfUserDep,
+    DbDep,
+    UserDep,
+    console,
+    current_user,
+    optional_user,
+    release,
+)
+from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
+from dicom_node.web.services import picture_preview
+from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
+
+LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+public_router = APIRouter(include_in_schema=False)
+health_router = APIRouter(include_in_schema=False)  # replaced by dicom_node.metrics when installed
+router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
+
+NOTICES = {
+    "resent": "The delivery is queued again and will be sent within a few seconds.",
+    "stored": "The DICOM file is stored in the node; it is analysed and its results routed like any received study.",
+    "duplicate": "This DICOM instance was already stored in the node; nothing new was stored.",
+    "ae-added": "The AE was added.",
+    "ae-updated": "The AE was saved.",
+    "ae-removed": "The AE was removed.",
+    "user-added": "The user was created.",
+    "user-enabled": "The user can log in again.",
+    "user-disabled": "The user is disabled and logged out.",
+    "password-set": "The password was changed; the user's sessions were ended.",
+}
+PRIVATE_CACHE = {"Cache-Control": "private, max-age=300"}
+
+
+def render(
+    request: Request, name: str, principal: Principal | None, status: int = 200, **context: Any
+) -> Response:
+    """Render a page; every page gets the user, the CSRF token and a possible notice."""
+    notice = NOTICES.get(request.query_params.get("notice", ""))
+    return console(request).templates.TemplateResponse(
+        request,
+        name,
+        {
+            "principal": principal,
+            "csrf": principal.csrf_token if principal else "",
+            "notice": notice,
+            **context,
+        },
+        status_code=status,
+    )
+
+
+def _safe_next(target: str | None) -> str:
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def set_cookie(response: Response, con: Console, name: str, value: str) -> None:
+    response.set_cookie(
+        name, value, httponly=True, samesite="strict", secure=con.settings.web.secure_cookies, path="/"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Login / logout
+# ---------------------------------------------------------------------------------------------
+
+
+def _login_page(
+    request: Request, con: Console, db: DbDep, *, error: str = "", next_url: str = "/", status: int = 200
+) -> Response:
+    login_csrf = secrets.token_urlsafe(32)
+    response = render(
+        request,
+        "login.html",
+        None,
+        status=status,
+        login_csrf=login_csrf,
+        error=error,
+        next_url=_safe_next(next_url),
+        no_admin=not admin_exists(db),
+        admin_hint=CREATE_ADMIN_HINT,
+    )
+    set_cookie(response, con, LOGIN_CSRF_COOKIE, login_csrf)
+    return response
+
+
+@public_router.get("/login")
+def login_form(
+    request: Request,
+    con: ConsoleDep,
+    db: DbDep,
+    principal: Annotated[Principal | None, Depends(optional_user)],
+    next: str = "/",
+) -> Response:
+    if principal is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _login_page(request, con, db, next_url=next)
+
+
+@public_router.post("/login")
+def login(
+    request: Request,
+    con: ConsoleDep,
+    db: DbDep,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    csrf_token: Annotated[str, Form(max_length=128)] = "",
+    next: Annotated[str, Form(max_length=512)] = "/",
+) -> Response:
+    if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
+        return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
+    if con.throttle.blocked(username):
+        audit.record(db, audit.user_actor(username), "user.login_blocked")
+        db.commit()
+        return _login_page(
+            request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
+        )
+    try:
+        user = authenticate(db, username, password)
+    except AuthenticationError:
+        con.throttle.failed(username)
+        audit.record(db, audit.user_actor(username[:64]), "user.login_failed")
+        db.commit()
+        return _login_page(
+            request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
+        )
+    con.throttle.succeeded(username)
+    con.tokens.purge_expired(db)
+    token = con.tokens.create(db, user)
+    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
+    db.commit()
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    set_cookie(response, con, SESSION_COOKIE, token)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
+
+
+@router.post("/logout")
+def logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
+    con.tokens.end(db, principal.session_id)
+    audit.record(db, audit.user_actor(principal.username), "user.logout", f"app_user:{principal.user_id}")
+    db.commit()
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@health_router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness for service managers; says nothing about the node's data."""
+    return {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard
+# ---------------------------------------------------------------------------------------------
+
+
+@router.get("/")
+def dashboard_page(request: Request, db: DbDep, principal: UserDep) -> Response:
+    recent = results.search(db, results.ResultQuery(per_page=10))
+    return render(
+        request,
+        "dashboard.html",
+        principal,
+        active="dashboard",
+        stats=results.dashboard(db),
+        recent=recent,
+        no_admin=not admin_exists(db),
+        admin_hint=CREATE_ADMIN_HINT,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload & classify
+# ---------------------------------------------------------------------------------------------
+
+
+async def read_limited(file: UploadFile) -> bytes:
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadTooLargeError(f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    return data
+
+
+@router.get("/upload")
+def upload_form(request: Request, principal: UserDep) -> Response:
+    return render(request, "upload.html", principal, active="upload", held=None, error="")
+
+
+@router.post("/upload")
+async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> Response:
+    try:
+        data = await read_limited(file)
+        held = con.uploads.add(principal.user_id, read_upload(file.filename or "upload", data))
+    except NodeError as exc:
+        return render(
+            request, "upload.html", principal, status=422, active="upload", held=None, error=str(exc)
+        )
+    LOGGER.info(
+        "upload %s by user %d (%s)",
+        held.token[:6],
+        principal.user_id,
+        "dicom" if held.upload.is_dicom else "picture",
+    )
+    return RedirectResponse(f"/upload/{held.token}", status_code=303)
+
+
+def held_upload(con: Console, principal: Principal, token: str) -> HeldUpload:
+    return con.uploads.get(principal.user_id, token)
+
+
+@router.get("/upload/{token}")
+def upload_view(request: Request, con: ConsoleDep, principal: UserDep, token: str) -> Response:
+    held = held_upload(con, principal, token)
+    return render(request, "upload.html", principal, active="upload", held=held, error="")
+
+
+def upload_preview_png(con: Console, held: HeldUpload) -> bytes:
+    if held.preview_png is None:
+        if held.upload.dataset is not None:
+            gray = con.services.dicom_preview(held.upload.dataset)
+        else:
+            gray = picture_preview(held.upload)
+        held.preview_png = png_bytes(gray)
+    return held.preview_png
+
+
+@router.get("/upload/{token}/image.png")
+def upload_image(con: ConsoleDep, principal: UserDep, token: str) -> Response:
+    held = held_upload(con, principal, token)
+    return Response(upload_preview_png(con, held), media_type="image/png", headers=PRIVATE_CACHE)
+
+
+@router.get("/upload/{token}/heatmap.png")
+def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
+    held = held_upload(con, principal, token)
+    if held.prediction is None or held.prediction.heatmap is None:
+        raise NotFoundError("no heat map for this upload")
+    gray = (
+        con.services.dicom_preview(held.upload.dataset)
+        if held.upload.dataset is not None
+        else picture_preview(held.upload)
+    )
+    return Response(overlay_png(gray, held.prediction.heatmap), media_type="image/png", headers=PRIVATE_CACHE)
+
+
+def classify_held(con: Console, held: HeldUpload) -> None:
+    held.prediction = con.services.classify(held.upload)
+    held.analysed_at = utcnow()
+
+
+@router.post("/upload/{token}/classify")
+def upload_classify(request: Request, con: ConsoleDep, principal: CsrfUserDep, token: str) -> Response:
+    held = held_upload(con, principal, token)
+    try:
+        classify_held(con, held)
+    except NodeError as exc:
+        return render(
+            request, "upload.html", principal, status=503, active="upload", held=held, error=str(exc)
+        )
+    return RedirectResponse(f"/upload/{held.token}", status_code=303)
+
+
+def upload_report_response(con: Console, held: HeldUpload) -> Response:
+    if held.prediction is None or held.analysed_at is None:
+        raise NotFoundError("classify the image before saving the report")
+    pdf = con.services.report_pdf(held.upload, held.prediction, analysed_at=held.analysed_at)
+    stamp = held.analysed_at.astimezone().strftime("%Y%m%d-%H%M%S")
+    return Response(
+        pdf,
+        media_type="application/pdf",
+        headers={
+            "Content-Disposition": f'attachment; filename="cxr-report-{stamp}.pdf"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@router.get("/upload/{token}/report.pdf")
+def upload_report(con: ConsoleDep, principal: UserDep, token: str) -> Response:
+    return upload_report_response(con, held_upload(con, principal, token))
+
+
+@router.post("/upload/{token}/store")
+def upload_store(request: Request, con: ConsoleDep, principal: CsrfUserDep, token: str) -> Response:
+    """Store an uploaded DICOM file in the node, so it is analysed and sent on like a C-STORE."""
+    held = held_upload(con, principal, token)
+    if not held.upload.is_dicom:
+        raise NotFoundError("only DICOM uploads can be stored in the node")
+    try:
+        held.ingest = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
+    except NodeError as exc:
+        return render(
+            request, "upload.html", principal, status=422, active="upload", held=held, error=str(exc)
+        )
+    notice = "duplicate" if held.ingest.duplicate else "stored"
+    return RedirectResponse(f"/results/{held.ingest.study_pk}?notice={notice}", status_code=303)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and details
+# ---------------------------------------------------------------------------------------------
+
+
+def result_query(
+    patient: Annotated[str, Query(max_length=128)] = "",
+    accession: Annotated[str, Query(max_length=16)] = "",
+    date_from: Annotated[str, Query(max_length=10)] = "",
+    date_to: Annotated[str, Query(max_length=10)] = "",
+    finding: Annotated[str, Query(max_length=32)] = "",
+    state: Annotated[str, Query(max_length=16)] = "",
+    page: Annotated[int, Query(ge=1, le=100000)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=100)] = 25,
+) -> results.ResultQuery:
+    """The search form's fields; empty fields (as browsers send them) mean "any"."""
+
+    def parsed(name: str, raw: str, parse: Callable[[str], T]) -> T | None:
+        if not raw:
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ("query", name), "msg": f"invalid {name}", "type": "value_error", "input": raw}]
+            ) from exc
+
+    return results.ResultQuery(
+        patient=patient,
+        accession=accession,
+        date_from=parsed("date_from", date_from, date.fromisoformat),
+        date_to=parsed("date_to", date_to, date.fromisoformat),
+        finding=finding,
+        state=parsed("state", state, StudyState),
+        page=page,
+        per_page=per_page,
+    )
+
+
+ResultQueryDep = Annotated[results.ResultQuery, Depends(result_query)]
+
+
+@router.get("/results")
+def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQueryDep) -> Response:
+    page = results.search(db, query)
+    params = query.model_dump(mode="json", exclude={"page"}, exclude_defaults=True)
+    return render(
+        request,
+        "results.html",
+        principal,
+        active="results",
+        page=page,
+        params=params,
+        states=[s.value for s in StudyState],
+    )
+
+
+@router.get("/results/{study_id}")
+def study_page(request: Request, db: DbDep, principal: UserDep, study_id: int) -> Response:
+    detail = results.study_detail(db, study_id)
+    return render(request, "study.html", principal, active="results", study=detail)
+
+
+def _instance(db: DbDep, study_id: int, instance_id: int) -> Instance:
+    instance = db.scalar(
+        select(Instance)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Instance.id == instance_id, Series.study_pk == study_id)
+    )
+    if instance is None:
+        raise NotFoundError("no such image in this study")
+    if instance.purged_at is not None:
+        raise NotFoundError("the image was removed by the retention policy; the findings remain")
+    return instance
+
+
+@router.get("/results/{study_id}/instances/{instance_id}/image.png")
+def instance_image(con: ConsoleDep, db: DbDep, study_id: int, instance_id: int) -> Response:
+    instance = _instance(db, study_id, instance_id)
+    release(db)
+    gray = con.services.stored_preview(instance.file_path)
+    return Response(png_bytes(gray), media_type="image/png", headers=PRIVATE_CACHE)
+
+
+def _under(root: Path, relative: str) -> Path:
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise NotFoundError("the file is no longer on the node")
+    return path
+
+
+@router.get("/results/{study_id}/findings/{finding_id}/heatmap.png")
+def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: int, finding_id: int) -> Response:
+    finding = db.get(Finding, finding_id)
+    if finding is None or not finding.heatmap_path:
+        raise NotFoundError("no heat map for this finding")
+    instance = _instance(db, study_id, finding.instance_pk)
+    release(db)
+    heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path))
+    gray = con.services.stored_preview(instance.file_path)
+    return Response(overlay_png(gray, heat), media_type="image/png", headers=PRIVATE_CACHE)
+
+
+def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:
+    obj = db.get(ResultObject, object_id)
+    if obj is None or obj.study_pk != study_id:
+        raise NotFoundError("no such result object in this study")
+    return obj
+
+
+@router.get("/results/{study_id}/objects/{object_id}/object.dcm")
+def result_object_file(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
+    """The DICOM object the node made (SR, Encapsulated PDF, heat-map SC), as sent to the PACS."""
+    obj = _result_object(db, study_id, object_id)
+    release(db)
+    path = _under(con.settings.results_dir, obj.file_path)
+    return FileResponse(
+        path, media_type="application/dicom", filename=f"{obj.kind.value}-{obj.sop_instance_uid}.dcm"
+    )
+
+
+def report_pdf_bytes(con: Console, obj: ResultObject) -> bytes:
+    """The raw PDF kept beside the Encapsulated PDF instance, or the document inside that instance."""
+    if obj.kind is not ResultKind.PDF:
+        raise NotFoundError("this result object is not a PDF report")
+    encapsulated = _under(con.settings.results_dir, obj.file_path)
+    beside = encapsulated.with_suffix(".pdf")
+    if beside.is_file():
+        return beside.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(encapsulated.read_bytes()))
+    document = bytes(ds.EncapsulatedDocument)
+    # The attribute is padded to even length with a NUL; the PDF itself ends at %%EOF.
+    end = document.rfind(b"%%EOF")
+    return document[: end + 5] if end >= 0 else document
+
+
+@router.get("/results/{study_id}/objects/{object_id}/report.pdf")
+def result_report_pdf(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
+    obj = _result_object(db, study_id, object_id)
+    release(db)
+    return Response(
+        report_pdf_bytes(con, obj),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="cxr-report-{study_id}.pdf"'},
+    )
+
+
+@router.post("/results/{study_id}/deliveries/{delivery_id}/resend")
+def resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, study_id: int, delivery_id: int) -> Response:
+    delivery = db.get(Delivery, delivery_id)
+    if delivery is None or delivery.result_object.study_pk != study_id:
+        raise NotFoundError("no such delivery in this study")
+    requeued = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
+    db.commit()
+    con.services.after_resend(requeued)
+    return RedirectResponse(f"/results/{study_id}?notice=resent#deliveries", status_code=303)

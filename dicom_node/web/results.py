@@ -1,0 +1,464 @@
+"""Read models of the console: today's figures, the searchable results list and a study's details.
+
+The same pydantic models serve the HTML pages and the JSON API, so both always show the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time
+
+from pydantic import BaseModel, Field, computed_field
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
+
+from dicom_node.errors import NotFoundError
+from dicom_node.store.models import (
+    Delivery,
+    DeliveryState,
+    Finding,
+    Instance,
+    Job,
+    JobState,
+    Patient,
+    ResultObject,
+    Series,
+    Study,
+    StudyState,
+)
+from dicom_node.web.auth import aware
+
+PAGE_SIZES = (25, 50, 100)
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard
+# ---------------------------------------------------------------------------------------------
+
+
+class Dashboard(BaseModel):
+    """Today's work (since local midnight) and what is waiting."""
+
+    since: datetime
+    instances_received: int
+    studies_received: int
+    studies_analysed: int
+    studies_skipped: int
+    studies_failed: int
+    deliveries_failed: int = Field(description="deliveries given up (dead), all time")
+    deliveries_retrying: int
+    deliveries_pending: int
+    jobs_waiting: int = Field(description="pipeline jobs pending or running")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def queue_depth(self) -> int:
+        return self.jobs_waiting + self.deliveries_pending + self.deliveries_retrying
+
+
+def local_midnight(now: datetime | None = None) -> datetime:
+    current = (now or datetime.now(UTC)).astimezone()
+    return datetime.combine(current.date(), time.min, tzinfo=current.tzinfo).astimezone(UTC)
+
+
+def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
+    since = local_midnight(now)
+
+    def count(*criteria: ColumnElement[bool], entity: type[object] = Study) -> int:
+        return int(session.scalar(select(func.count()).select_from(entity).where(*criteria)) or 0)
+
+    return Dashboard(
+        since=since,
+        instances_received=count(Instance.received_at >= since, entity=Instance),
+        studies_received=count(Study.first_received_at >= since),
+        studies_analysed=count(Study.state == StudyState.ANALYSED, Study.analysed_at >= since),
+        studies_skipped=count(Study.state == StudyState.SKIPPED, Study.last_received_at >= since),
+        studies_failed=count(Study.state == StudyState.FAILED, Study.last_received_at >= since),
+        deliveries_failed=count(Delivery.state == DeliveryState.DEAD, entity=Delivery),
+        deliveries_retrying=count(Delivery.state == DeliveryState.RETRYING, entity=Delivery),
+        deliveries_pending=count(Delivery.state == DeliveryState.PENDING, entity=Delivery),
+        jobs_waiting=count(Job.state.in_([JobState.PENDING, JobState.RUNNING]), entity=Job),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Results list and search
+# ---------------------------------------------------------------------------------------------
+
+
+class ResultQuery(BaseModel):
+    """The search form. Dates are the study date (DICOM), inclusive."""
+
+    patient: str = Field(default="", max_length=128, description="patient name words or patient ID")
+    accession: str = Field(default="", max_length=16)
+    date_from: date | None = None
+    date_to: date | None = None
+    finding: str = Field(default="", max_length=32)
+    state: StudyState | None = None
+    page: int = Field(default=1, ge=1)
+    per_page: int = Field(default=25, ge=1, le=100)
+
+    def is_filtered(self) -> bool:
+        return bool(
+            self.patient or self.accession or self.date_from or self.date_to or self.finding or self.state
+        )
+
+
+class FindingSummary(BaseModel):
+    label: str
+    confidence: float
+
+
+class DestinationState(BaseModel):
+    """The state of everything a study sends to one destination (the worst of its deliveries)."""
+
+    destination: str
+    state: DeliveryState
+    delivered: int
+    total: int
+
+
+class ResultRow(BaseModel):
+    study_id: int
+    received_at: datetime
+    patient_name: str
+    patient_id: str
+    accession_number: str
+    study_date: str
+    study_description: str
+    state: StudyState
+    state_reason: str
+    findings: list[FindingSummary]
+    destinations: list[DestinationState]
+
+
+class ResultPage(BaseModel):
+    query: ResultQuery
+    total: int
+    pages: int
+    rows: list[ResultRow]
+    finding_labels: list[str]
+
+
+_WORST_FIRST = (DeliveryState.DEAD, DeliveryState.RETRYING, DeliveryState.PENDING, DeliveryState.DELIVERED)
+
+
+def _like_escape(term: str) -> str:
+    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _contains(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
+    return func.lower(column).like(f"%{_like_escape(term.lower())}%", escape="\\")
+
+
+def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
+    criteria: list[ColumnElement[bool]] = []
+    patient = query.patient.strip()
+    if patient:
+        words = [w for w in re.split(r"[\s,^]+", patient) if w]
+        by_name = and_(*[_contains(Patient.name, w) for w in words])
+        criteria.append(or_(func.lower(Patient.patient_id) == patient.lower(), by_name))
+    if query.accession.strip():
+        criteria.append(func.lower(Study.accession_number) == query.accession.strip().lower())
+    if query.date_from:
+        criteria.append(Study.study_date >= query.date_from.strftime("%Y%m%d"))
+    if query.date_to:
+        criteria.append(and_(Study.study_date != "", Study.study_date <= query.date_to.strftime("%Y%m%d")))
+    if query.finding.strip():
+        criteria.append(
+            exists(
+                select(Finding.id)
+                .join(Instance, Finding.instance_pk == Instance.id)
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.study_pk == Study.id, Finding.label == query.finding.strip())
+            )
+        )
+    if query.state is not None:
+        criteria.append(Study.state == query.state)
+    return criteria
+
+
+def search(session: Session, query: ResultQuery) -> ResultPage:
+    """Studies matching ``query``, newest first, one page of them."""
+    criteria = _criteria(query)
+    base = select(Study).join(Patient, Study.patient_pk == Patient.id).where(*criteria)
+    total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
+    pages = max(1, math.ceil(total / query.per_page))
+    studies = list(
+        session.scalars(
+            base.options(joinedload(Study.patient))
+            .order_by(Study.first_received_at.desc(), Study.id.desc())
+            .offset((query.page - 1) * query.per_page)
+            .limit(query.per_page)
+        )
+    )
+    ids = [s.id for s in studies]
+    findings = _findings_by_study(session, ids)
+    destinations = _destinations_by_study(session, ids)
+    rows = [
+        ResultRow(
+            study_id=s.id,
+            received_at=aware(s.first_received_at),
+            patient_name=s.patient.name,
+            patient_id=s.patient.patient_id,
+            accession_number=s.accession_number,
+            study_date=s.study_date,
+            study_description=s.study_description,
+            state=s.state,
+            state_reason=s.state_reason,
+            findings=findings.get(s.id, []),
+            destinations=destinations.get(s.id, []),
+        )
+        for s in studies
+    ]
+    return ResultPage(
+        query=query, total=total, pages=pages, rows=rows, finding_labels=finding_labels(session)
+    )
+
+
+def finding_labels(session: Session) -> list[str]:
+    return sorted(session.scalars(select(Finding.label).distinct()))
+
+
+def _findings_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, list[FindingSummary]]:
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Series.study_pk, Finding.label, func.max(Finding.confidence))
+        .join(Instance, Finding.instance_pk == Instance.id)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Series.study_pk.in_(study_ids))
+        .group_by(Series.study_pk, Finding.label)
+    )
+    result: dict[int, list[FindingSummary]] = defaultdict(list)
+    for study_pk, label, confidence in rows:
+        result[study_pk].append(FindingSummary(label=label, confidence=float(confidence)))
+    for summaries in result.values():
+        summaries.sort(key=lambda f: -f.confidence)
+    return result
+
+
+def _destinations_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, list[DestinationState]]:
+    if not study_ids:
+        return {}
+    deliveries = session.scalars(
+        select(Delivery)
+        .join(ResultObject, Delivery.result_object_pk == ResultObject.id)
+        .where(ResultObject.study_pk.in_(study_ids))
+        .options(joinedload(Delivery.destination), joinedload(Delivery.result_object))
+    )
+    grouped: dict[int, dict[str, list[DeliveryState]]] = defaultdict(lambda: defaultdict(list))
+    for delivery in deliveries:
+        grouped[delivery.result_object.study_pk][delivery.destination.ae_title].append(delivery.state)
+    result: dict[int, list[DestinationState]] = {}
+    for study_pk, by_destination in grouped.items():
+        result[study_pk] = [
+            DestinationState(
+                destination=title,
+                state=next(s for s in _WORST_FIRST if s in states),
+                delivered=sum(1 for s in states if s is DeliveryState.DELIVERED),
+                total=len(states),
+            )
+            for title, states in sorted(by_destination.items())
+        ]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Study details
+# ---------------------------------------------------------------------------------------------
+
+
+class FindingDetail(BaseModel):
+    id: int
+    label: str
+    top_class: str
+    confidence: float
+    probabilities: list[tuple[str, float]]
+    model_name: str
+    model_version: str
+    created_at: datetime
+    has_heatmap: bool
+
+
+class InstanceDetail(BaseModel):
+    id: int
+    sop_instance_uid: str
+    modality: str
+    series_description: str
+    body_part_examined: str
+    view_position: str
+    image_laterality: str
+    rows: int | None
+    columns: int | None
+    source: str
+    received_at: datetime
+    state: str
+    state_reason: str
+    pixels_available: bool
+    findings: list[FindingDetail]
+
+
+class AttemptDetail(BaseModel):
+    at: datetime
+    status: int | None
+    outcome: str
+    error: str
+
+
+class DeliveryDetail(BaseModel):
+    id: int
+    destination: str
+    destination_address: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status: int | None
+    last_error: str
+    delivered_at: datetime | None
+    history: list[AttemptDetail]
+
+
+class ResultObjectDetail(BaseModel):
+    id: int
+    kind: str
+    model_name: str
+    model_version: str
+    sop_instance_uid: str
+    created_at: datetime
+    deliveries: list[DeliveryDetail]
+
+
+class StudyDetail(BaseModel):
+    id: int
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    study_instance_uid: str
+    accession_number: str
+    study_date: str
+    study_time: str
+    study_description: str
+    referring_physician_name: str
+    calling_ae: str
+    state: StudyState
+    state_reason: str
+    received_at: datetime
+    analysed_at: datetime | None
+    instances: list[InstanceDetail]
+    results: list[ResultObjectDetail]
+
+
+def _opt(value: datetime | None) -> datetime | None:
+    return aware(value) if value is not None else None
+
+
+def study_detail(session: Session, study_id: int) -> StudyDetail:
+    study = session.scalar(
+        select(Study)
+        .where(Study.id == study_id)
+        .options(
+            joinedload(Study.patient),
+            selectinload(Study.series).selectinload(Series.instances).selectinload(Instance.findings),
+        )
+    )
+    if study is None:
+        raise NotFoundError(f"no study with id {study_id}")
+    results = list(
+        session.scalars(
+            select(ResultObject)
+            .where(ResultObject.study_pk == study.id)
+            .order_by(ResultObject.created_at, ResultObject.id)
+            .options(
+                selectinload(ResultObject.deliveries).joinedload(Delivery.destination),
+                selectinload(ResultObject.deliveries).selectinload(Delivery.attempt_history),
+            )
+        )
+    )
+    instances = [
+        InstanceDetail(
+            id=inst.id,
+            sop_instance_uid=inst.sop_instance_uid,
+            modality=series.modality,
+            series_description=series.series_description,
+            body_part_examined=series.body_part_examined,
+            view_position=inst.view_position,
+            image_laterality=inst.image_laterality,
+            rows=inst.rows,
+            columns=inst.columns,
+            source=inst.source,
+            received_at=aware(inst.received_at),
+            state=inst.state.value,
+            state_reason=inst.state_reason,
+            pixels_available=inst.purged_at is None,
+            findings=[
+                FindingDetail(
+                    id=f.id,
+                    label=f.label,
+                    top_class=f.top_class,
+                    confidence=f.confidence,
+                    probabilities=sorted(
+                        ((str(k), float(v)) for k, v in f.probabilities.items()), key=lambda kv: -kv[1]
+                    ),
+                    model_name=f.model_name,
+                    model_version=f.model_version,
+                    created_at=aware(f.created_at),
+                    has_heatmap=bool(f.heatmap_path),
+                )
+                for f in sorted(inst.findings, key=lambda f: f.created_at, reverse=True)
+            ],
+        )
+        for series in sorted(study.series, key=lambda s: (s.series_number or 0, s.id))
+        for inst in sorted(series.instances, key=lambda i: (i.instance_number or 0, i.id))
+    ]
+    return StudyDetail(
+        id=study.id,
+        patient_name=study.patient.name,
+        patient_id=study.patient.patient_id,
+        birth_date=study.patient.birth_date,
+        sex=study.patient.sex,
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_time=study.study_time,
+        study_description=study.study_description,
+        referring_physician_name=study.referring_physician_name,
+        calling_ae=study.calling_ae,
+        state=study.state,
+        state_reason=study.state_reason,
+        received_at=aware(study.first_received_at),
+        analysed_at=_opt(study.analysed_at),
+        instances=instances,
+        results=[
+            ResultObjectDetail(
+                id=r.id,
+                kind=r.kind.value,
+                model_name=r.model_name,
+                model_version=r.model_version,
+                sop_instance_uid=r.sop_instance_uid,
+                created_at=aware(r.created_at),
+                deliveries=[
+                    DeliveryDetail(
+                        id=d.id,
+                        destination=d.destination.ae_title,
+                        destination_address=f"{d.destination.host or '?'}:{d.destination.port or '?'}",
+                        state=d.state,
+                        attempts=d.attempts,
+                        next_attempt_at=_opt(d.next_attempt_at),
+                        last_status=d.last_status,
+                        last_error=d.last_error,
+                        delivered_at=_opt(d.delivered_at),
+                        history=[
+                            AttemptDetail(at=aware(a.at), status=a.status, outcome=a.outcome, error=a.error)
+                            for a in d.attempt_history
+                        ],
+                    )
+                    for d in sorted(r.deliveries, key=lambda d: d.id)
+                ],
+            )
+            for r in results
+        ],
+    )

@@ -1,0 +1,348 @@
+"""What the console needs from the rest of the node, as one protocol.
+
+The console's pages only talk to the classifier, the reporting package, the ingest path and the
+DICOM SCU through :class:`ConsoleServices`. :class:`NodeConsoleServices` is the real implementation;
+it imports those packages lazily so that the console (and its tests of auth, search, admin ...)
+works on a node where a package is missing, and says so on the page instead of failing to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.errors import (
+    ClassificationError,
+    NodeError,
+    NotFoundError,
+    ReportingError,
+    UndecodableDatasetError,
+)
+from dicom_node.settings import Settings
+from dicom_node.store.models import Delivery, DeliveryState, RemoteAe, utcnow
+
+if TYPE_CHECKING:
+    from classifier.inference import Classifier
+    from reporting.types import NodeIdentity
+
+    from classifier.types import Prediction
+
+LOGGER = logging.getLogger(__name__)
+
+
+class FeatureUnavailableError(NodeError):
+    """A console feature whose package is not installed on this node (classifier, reporting, ...)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image a user uploaded: a DICOM dataset or a PNG/JPEG picture (exactly one is set)."""
+
+    filename: str
+    data: bytes
+    dataset: pydicom.Dataset | None = None
+    image: Image.Image | None = None
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.dataset is not None
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """Where an uploaded DICOM file ended up in the node's database."""
+
+    study_pk: int
+    instance_pk: int
+    duplicate: bool
+
+
+class ConsoleServices(Protocol):
+    """The node's capabilities the console calls; each method may raise a :class:`NodeError`."""
+
+    def dicom_preview(self, dataset: pydicom.Dataset) -> npt.NDArray[np.uint8]:
+        """The windowed display image (uint8 HxW, white bone) of a dataset."""
+
+    def stored_preview(self, relative_path: str) -> npt.NDArray[np.uint8]:
+        """The display image of an instance in the node's file store."""
+
+    def classify(self, upload: Upload) -> Prediction:
+        """Classify an uploaded image with the node's model (with heat map)."""
+
+    def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
+        """The PDF summary of an upload's classification."""
+
+    def ingest(self, upload: Upload, *, calling_ae: str) -> IngestOutcome:
+        """Store an uploaded DICOM instance exactly as a C-STORE would (then the pipeline runs)."""
+
+    def echo(self, ae: RemoteAe) -> int:
+        """C-ECHO a remote AE; returns the DIMSE status (raises when there is no association)."""
+
+    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
+        """Queue a delivery again now (audited); the caller commits."""
+
+    def after_resend(self, delivery: Delivery) -> None:
+        """Called after the commit: nudge the outbox so the resend happens at once."""
+
+
+def software_version() -> str:
+    try:
+        return version("cxr-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class NodeConsoleServices:
+    """The real services, wired from the node's settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        *,
+        file_store: object | None = None,
+        classifier: Classifier | None = None,
+    ) -> None:
+        self._settings = settings
+        self._session_factory = session_factory
+        self._file_store = file_store
+        self._classifier = classifier
+        self._lock = threading.Lock()
+
+    # -- images -----------------------------------------------------------------------------
+
+    def dicom_preview(self, dataset: pydicom.Dataset) -> npt.NDArray[np.uint8]:
+        try:
+            from classifier.preprocess import display_image
+        except ImportError as exc:
+            raise FeatureUnavailableError("image display needs the classifier package") from exc
+        from classifier.errors import ClassifierError
+
+        try:
+            return np.asarray(display_image(dataset), dtype=np.uint8)
+        except ClassifierError as exc:
+            raise UndecodableDatasetError(f"the image cannot be displayed: {exc}") from exc
+
+    def stored_preview(self, relative_path: str) -> npt.NDArray[np.uint8]:
+        root = self._settings.storage_dir
+        path = (root / relative_path).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise NotFoundError("the image file is no longer in the file store")
+        try:
+            from classifier.preprocess import read_dataset
+        except ImportError:
+            dataset = pydicom.dcmread(path)
+        else:
+            dataset = read_dataset(path)
+        return self.dicom_preview(dataset)
+
+    # -- classification and report ----------------------------------------------------------
+
+    def _model(self) -> Classifier:
+        with self._lock:
+            if self._classifier is None:
+                try:
+                    from classifier.inference import Classifier, default_model_path
+                except ImportError as exc:
+                    raise FeatureUnavailableError("classification needs the classifier package") from exc
+                from classifier.errors import ClassifierError
+
+                path = self._settings.pipeline.model_path or default_model_path()
+                try:
+                    self._classifier = Classifier.load(
+                        Path(path), indeterminate_threshold=self._settings.pipeline.indeterminate_threshold
+                    )
+                except ClassifierError as exc:
+                    raise FeatureUnavailableError(f"no usable model: {exc}") from exc
+                LOGGER.info(
+                    "console loaded model %s %s", self._classifier.info.name, self._classifier.info.version
+                )
+            return self._classifier
+
+    def classify(self, upload: Upload) -> Prediction:
+        model = self._model()
+        heatmap = self._settings.pipeline.heatmap
+        from classifier.errors import ClassifierError
+
+        predictions: list[Prediction]
+        try:
+            if upload.dataset is not None:
+                predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
+            elif upload.image is not None:
+                predictions = model.predict_images([upload.image], heatmap=heatmap)
+            else:
+                raise ClassificationError("the upload holds no image")
+        except ClassifierError as exc:
+            raise ClassificationError(f"the image cannot be classified: {exc}") from exc
+        return predictions[0]
+
+    def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
+        try:
+            from reporting.errors import ReportingError as ReportBuildError
+            from reporting.pdf import build_pdf
+            from reporting.types import AnalysedImage
+        except ImportError as exc:
+            raise FeatureUnavailableError("PDF reports need the reporting package") from exc
+        if upload.dataset is not None:
+            source = upload.dataset
+            preview = self.dicom_preview(upload.dataset)
+        else:
+            source = picture_dataset(upload.filename, analysed_at)
+            preview = picture_preview(upload)
+        analysed = AnalysedImage(source=source, prediction=prediction, preview=preview)
+        try:
+            return bytes(build_pdf([analysed], node_identity(self._settings), analysed_at=analysed_at))
+        except ReportBuildError as exc:
+            raise ReportingError(f"the PDF report could not be built: {exc}") from exc
+
+    # -- ingest and DICOM network -----------------------------------------------------------
+
+    def ingest(self, upload: Upload, *, calling_ae: str) -> IngestOutcome:
+        try:
+            from dicom_node.ingest import ingest_bytes
+            from dicom_node.store.files import FileStore
+        except ImportError as exc:
+            raise FeatureUnavailableError("storing uploads needs the node's ingest module") from exc
+        with self._lock:
+            if self._file_store is None:
+                storage = self._settings.storage
+                self._file_store = FileStore(
+                    self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes
+                )
+        result = ingest_bytes(
+            self._session_factory, self._file_store, upload.data, calling_ae=calling_ae, source="upload"
+        )
+        return IngestOutcome(
+            study_pk=int(result.study_pk),
+            instance_pk=int(result.instance_pk),
+            duplicate=bool(getattr(result, "duplicate", False)),
+        )
+
+    def echo(self, ae: RemoteAe) -> int:
+        try:
+            from dicom_node.scu import echo
+        except ImportError as exc:
+            raise FeatureUnavailableError("the echo test needs the node's DICOM SCU module") from exc
+        if ae.host is None or ae.port is None:
+            raise NodeError("this AE has no host and port to call")
+        tls = None
+        if ae.tls:
+            try:
+                from dicom_node.tls import client_context
+            except ImportError as exc:
+                raise FeatureUnavailableError("DICOM TLS needs the node's tls module") from exc
+            tls = client_context(self._settings.dicom.tls)
+        return int(
+            echo(
+                ae.host,
+                ae.port,
+                ae.ae_title,
+                calling_aet=self._settings.dicom.ae_title,
+                tls=tls,
+                timeout=10.0,
+            )
+        )
+
+    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
+        """Requeue; the caller commits, then calls :meth:`after_resend` so the outbox sees the row."""
+        return requeue_delivery(session, delivery_id, actor)
+
+    def after_resend(self, delivery: Delivery) -> None:
+        wake_outbox(delivery.destination_pk)
+
+
+def requeue_delivery(session: Session, delivery_id: int, actor: str) -> Delivery:
+    """Put a delivery back in the outbox, due now, with a fresh attempt budget; the history is kept.
+
+    Works for any state: a dead delivery after the PACS is fixed, or a delivered one the PACS lost.
+    """
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None:
+        raise NotFoundError(f"no delivery with id {delivery_id}")
+    audit.record(
+        session,
+        actor,
+        "delivery.resend",
+        f"delivery:{delivery.id}",
+        {
+            "destination_pk": delivery.destination_pk,
+            "previous_attempts": delivery.attempts,
+            "previous_state": delivery.state.value,
+        },
+    )
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.delivered_at = None
+    session.flush()
+    return delivery
+
+
+def wake_outbox(destination_pk: int) -> None:
+    """Ask the outbox running in this process (if any) to try the destination now, not at its next sweep."""
+    try:
+        from dicom_node.outbox import wake
+    except ImportError:
+        LOGGER.info("no outbox module; the requeued delivery waits for the node's next sweep")
+        return
+    wake([destination_pk])
+
+
+def node_identity(settings: Settings) -> NodeIdentity:
+    """The node as named in reports (reporting.types.NodeIdentity)."""
+    from pydicom.uid import generate_uid
+    from reporting.types import NodeIdentity
+
+    return NodeIdentity(
+        name=settings.node.name,
+        institution_name=settings.node.institution_name,
+        manufacturer="cxr-node",
+        model_name="CXR AI node",
+        software_version=software_version(),
+        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
+        station_name=settings.dicom.ae_title,
+    )
+
+
+def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
+    """A minimal dataset standing in for a PNG/JPEG upload, so the PDF says what it was.
+
+    A picture has no patient: the identifiers are empty, the UIDs are new (a report covers one study).
+    """
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.PatientName = ""
+    ds.PatientID = ""
+    ds.AccessionNumber = ""
+    ds.StudyDescription = f"Uploaded picture {Path(filename).name}"[:64]
+    local = when.astimezone()
+    ds.StudyDate = local.strftime("%Y%m%d")
+    ds.StudyTime = local.strftime("%H%M%S")
+    ds.Modality = "OT"
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def picture_preview(upload: Upload, max_size: int = 1024) -> npt.NDArray[np.uint8]:
+    """A grayscale display image of a PNG/JPEG upload (pictures are already windowed)."""
+    if upload.image is None:
+        raise NodeError("the upload holds no picture")
+    image = upload.image.convert("L")
+    image.thumbnail((max_size, max_size))
+    return np.asarray(image, dtype=np.uint8)

@@ -1,0 +1,92 @@
+"""Jinja2 set-up: how DICOM names, dates and probabilities read on the pages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi.templating import Jinja2Templates
+
+from dicom_node.settings import Settings
+from dicom_node.web.auth import aware
+from dicom_node.web.services import software_version
+
+# Labels shown as "no finding" (green); any other class except indeterminate is flagged.
+NORMAL_LABELS = frozenset({"normal", "non-covid", "noncovid", "no finding", "no_finding", "negative"})
+
+
+def person_name(value: str | None) -> str:
+    """DICOM PN ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` as ``FAMILY, GIVEN MIDDLE``."""
+    if not value:
+        return ""
+    parts = [p.strip() for p in value.split("=")[0].split("^")]
+    family, given = parts[0], " ".join(p for p in parts[1:3] if p)
+    return f"{family}, {given}" if family and given else family or given
+
+
+def dicom_date(value: str | None) -> str:
+    if not value or len(value) != 8 or not value.isdigit():
+        return value or ""
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+
+
+def dicom_time(value: str | None) -> str:
+    if not value or len(value) < 4:
+        return value or ""
+    return f"{value[:2]}:{value[2:4]}"
+
+
+def local_time(value: datetime | None, seconds: bool = False) -> str:
+    if value is None:
+        return ""
+    return aware(value).astimezone().strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def percent(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{100.0 * value:.1f} %"
+
+
+def finding_class(label: str) -> str:
+    """CSS class of a finding chip: normal, indeterminate or flagged."""
+    low = label.lower()
+    if low in NORMAL_LABELS:
+        return "finding-normal"
+    if low == "indeterminate":
+        return "finding-indeterminate"
+    return "finding-flagged"
+
+
+def dimse_status(value: int | None) -> str:
+    return "—" if value is None else f"0x{value:04X}"
+
+
+def query_string(params: dict[str, Any], **changes: Any) -> str:
+    merged = {k: v for k, v in {**params, **changes}.items() if v not in (None, "")}
+    return "?" + urlencode(merged) if merged else ""
+
+
+def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja2Templates:
+    env = templates.env
+    env.autoescape = True
+    env.trim_blocks = True
+    env.lstrip_blocks = True
+    env.filters.update(
+        pn=person_name,
+        da=dicom_date,
+        tm=dicom_time,
+        dt=local_time,
+        pct=percent,
+        finding_class=finding_class,
+        dimse=dimse_status,
+    )
+    env.globals.update(
+        node_name=settings.node.name,
+        institution=settings.node.institution_name,
+        ae_title=settings.dicom.ae_title,
+        version=software_version(),
+        query_string=query_string,
+    )
+    return templates

@@ -1,0 +1,99 @@
+"""Images uploaded for interactive classification, held in memory for a short while.
+
+An upload belongs to the user who made it. Only the latest few per user are kept, and none for
+longer than ``ttl`` seconds, so pictures do not pile up on the node (DICOM uploads the user chose to
+store live on in the node's file store like any C-STORE).
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import pydicom
+from PIL import Image
+
+from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
+from dicom_node.web.services import IngestOutcome, Upload
+
+if TYPE_CHECKING:
+    from classifier.types import Prediction
+
+MAX_UPLOAD_BYTES = 128 * 1024 * 1024
+
+
+class UploadTooLargeError(NodeError):
+    """An upload over the console's size limit."""
+
+
+def read_upload(filename: str, data: bytes) -> Upload:
+    """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture."""
+    if len(data) > 132 and data[128:132] == b"DICM":
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # pydicom raises many types for broken files; the text may hold PHI
+            raise UndecodableDatasetError("the DICOM file could not be read") from exc
+        if "PixelData" not in dataset:
+            raise UndecodableDatasetError("the DICOM file holds no image")
+        return Upload(filename=filename, data=data, dataset=dataset)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises several types for non-images
+        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
+    if image.format not in ("PNG", "JPEG"):
+        raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
+    return Upload(filename=filename, data=data, image=image)
+
+
+@dataclass
+class HeldUpload:
+    """One upload and what the console did with it so far."""
+
+    token: str
+    owner_id: int
+    upload: Upload
+    created: float
+    preview_png: bytes | None = None
+    prediction: Prediction | None = None
+    analysed_at: datetime | None = None
+    ingest: IngestOutcome | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class UploadStore:
+    def __init__(self, per_user: int = 4, ttl: float = 2 * 3600.0) -> None:
+        self.per_user = per_user
+        self.ttl = ttl
+        self._items: OrderedDict[str, HeldUpload] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        for token in [t for t, item in self._items.items() if now - item.created > self.ttl]:
+            del self._items[token]
+
+    def add(self, owner_id: int, upload: Upload) -> HeldUpload:
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            mine = [t for t, item in self._items.items() if item.owner_id == owner_id]
+            for token in mine[: max(0, len(mine) - self.per_user + 1)]:
+                del self._items[token]
+            held = HeldUpload(token=secrets.token_urlsafe(16), owner_id=owner_id, upload=upload, created=now)
+            self._items[held.token] = held
+            return held
+
+    def get(self, owner_id: int, token: str) -> HeldUpload:
+        """The upload, if it exists, is still held and belongs to ``owner_id``."""
+        with self._lock:
+            self._expire(time.monotonic())
+            held = self._items.get(token)
+            if held is None or held.owner_id != owner_id:
+                raise NotFoundError("this upload is no longer held; upload the image again")
+            return held

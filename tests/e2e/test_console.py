@@ -1,0 +1,177 @@
+"""The console in headless Chromium: log in, dashboard, search, details, upload, admin, logout.
+
+Every page is saved as a 1366x768 screenshot in tests/out/screenshots/ and must not scroll sideways.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests import peers
+from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
+from tests.web.conftest import requires_module
+from tests.web.test_upload import chest_like_png
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def shoot(page: Any, name: str) -> None:
+    """Save the viewport as the radiologist sees it and check nothing is cut off sideways."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    widths = page.evaluate(
+        "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert widths[0] <= widths[1], f"{name} scrolls horizontally: {widths}"
+
+
+def log_in(page: Any, console: RunningConsole, username: str, password: str) -> None:
+    page.goto(f"{console.url}/")
+    assert page.url.startswith(f"{console.url}/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{console.url}/")
+
+
+def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, console: RunningConsole) -> None:
+    page.goto(f"{console.url}/login")
+    shoot(page, "01-login")
+    log_in(page, console, *RADIOLOGIST)
+    assert page.inner_text("#stat-analysed") == str(console.study_ids["analysed_today"])
+    assert "DICOM nodes" not in page.inner_text("nav")  # no admin menu for radiologists
+    shoot(page, "02-dashboard")
+
+    page.click("nav >> text=Results")
+    page.wait_for_url(f"{console.url}/results")
+    assert page.locator("tbody tr").count() == 6
+    shoot(page, "03-results")
+    page.fill("#patient", "P-200")
+    page.click("form[role=search] button[type=submit]")
+    page.wait_for_url("**/results?patient=P-200*")
+    rows = page.locator("tbody tr")
+    assert rows.count() == 2
+    assert "SMITH, JOHN" in rows.first.inner_text() and "ARCHIVE: dead" in rows.first.inner_text()
+    shoot(page, "04-results-search")
+
+    rows.first.locator("a.rowlink").click()
+    page.wait_for_url(f"{console.url}/results/{console.study_ids['pneumonia']}")
+    assert page.inner_text("#finding-label").lower() == "pneumonia"
+    assert "84.0 %" in page.inner_text(".verdict")
+    assert page.locator("button:has-text('Resend')").count() == 0
+    shoot(page, "05-study")
+
+    page.goto(f"{console.url}/results/{console.study_ids['skipped']}")
+    assert "not a chest image" in page.inner_text(".msg.warn")
+    shoot(page, "06-study-skipped")
+
+    page.click("header button:has-text('Log out')")
+    page.wait_for_url(f"{console.url}/login")
+    page.goto(f"{console.url}/results")
+    assert page.url.startswith(f"{console.url}/login")  # the session is gone
+
+
+def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
+    log_in(page, console, *RADIOLOGIST)
+    page.goto(f"{console.url}/upload")
+    shoot(page, "07-upload")
+    page.set_input_files(
+        "#file", files=[{"name": "chest.png", "mimeType": "image/png", "buffer": chest_like_png()}]
+    )
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url("**/upload/*")
+    assert page.evaluate("document.querySelector('#upload-image').naturalWidth") == 640
+    shoot(page, "08-upload-png")
+    rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    page.set_input_files(
+        "#file", files=[{"name": "RG1_UNCI.dcm", "mimeType": "application/dicom", "buffer": rg1}]
+    )
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url("**/upload/*")
+    assert "9RG1" in page.inner_text("#result")
+    shoot(page, "09-upload-dicom")
+
+
+@requires_module("classifier.inference", "classifier helper")
+@requires_module("reporting.pdf", "reporting helper")
+def test_classify_and_save_the_report(page: Any, console: RunningConsole) -> None:
+    log_in(page, console, *RADIOLOGIST)
+    for name, data, mime in (
+        ("chest.png", chest_like_png(), "image/png"),
+        ("RG1_UNCI.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(), "application/dicom"),
+    ):
+        page.goto(f"{console.url}/upload")
+        page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
+        page.click("form[action='/upload'] button[type=submit]")
+        page.wait_for_url("**/upload/*")
+        page.click("#classify")
+        page.wait_for_selector("#finding-label", timeout=120_000)
+        label = page.inner_text("#finding-label")
+        shoot(page, f"10-classified-{name.split('.')[0].lower()}")
+        with page.expect_download() as info:
+            page.click("#save-report")
+        pdf = open(info.value.path(), "rb").read()
+        assert pdf.startswith(b"%PDF")
+        text = subprocess.run(
+            [peers.executable("pdftotext"), "-", "-"], input=pdf, capture_output=True, check=True
+        ).stdout
+        assert label.lower().encode() in text.lower()
+
+
+def test_radiologist_gets_403_on_admin_pages(page: Any, console: RunningConsole) -> None:
+    log_in(page, console, *RADIOLOGIST)
+    for path in ("/admin/aes", "/admin/users", "/admin/audit", "/admin/settings"):
+        response = page.goto(f"{console.url}{path}")
+        assert response.status == 403, path
+        assert "Not permitted" in page.inner_text("main")
+    shoot(page, "11-forbidden")
+
+
+def test_admin_pages_and_destination_crud(page: Any, console: RunningConsole) -> None:
+    log_in(page, console, *ADMIN)
+    page.goto(f"{console.url}/admin/aes")
+    page.select_option("#role", "destination")
+    page.fill("#ae_title", "NEWPACS")
+    page.fill("#host", "127.0.0.1")
+    page.fill("#port", "11112")
+    page.fill("#description", "Reading-room PACS")
+    page.click("#add button[type=submit]")
+    page.wait_for_url("**/admin/aes?notice=ae-added")
+    assert "NEWPACS" in page.inner_text("main")
+    shoot(page, "12-admin-aes")
+    page.click("a.rowlink:has-text('NEWPACS')")
+    page.wait_for_url("**/admin/aes/*")
+    shoot(page, "13-admin-ae-edit")
+    page.goto(f"{console.url}/admin/users")
+    shoot(page, "14-admin-users")
+    page.goto(f"{console.url}/admin/audit")
+    assert "ae.add" in page.inner_text("main")
+    shoot(page, "15-admin-audit")
+    page.goto(f"{console.url}/admin/settings")
+    shoot(page, "16-admin-settings")
+    page.goto(f"{console.url}/results/{console.study_ids['pneumonia']}")
+    assert page.locator("button:has-text('Resend')").count() == 4
+    shoot(page, "17-study-admin")
+
+
+@requires_module("dicom_node.scu", "node helper")
+def test_admin_adds_a_destination_and_the_echo_test_succeeds(
+    page: Any,
+    console: RunningConsole,
+    storescp: tuple[str, int],
+) -> None:
+    title, port = storescp
+    log_in(page, console, *ADMIN)
+    page.goto(f"{console.url}/admin/aes")
+    page.fill("#ae_title", title)
+    page.fill("#host", "127.0.0.1")
+    page.fill("#port", str(port))
+    page.click("#add button[type=submit]")
+    page.wait_for_url("**/admin/aes?notice=ae-added")
+    page.click(f"button[data-echo='{title}']")
+    page.wait_for_selector("#echo-result")
+    assert "succeeded" in page.inner_text("#echo-result")
+    shoot(page, "18-admin-echo")

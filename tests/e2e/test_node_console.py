@@ -1,0 +1,190 @@
+"""Acceptance: the console of a node started as the README starts it (``python -m dicom_node serve``,
+i.e. ``cxr-node serve``), driven by headless Chromium, with results delivered to a DCMTK storescp.
+
+Needs the node, classifier, reporting and pipeline packages; it runs once the lead has merged them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import peers
+from tests.e2e.test_console import shoot
+from tests.web.conftest import requires_module
+from tests.web.test_upload import chest_like_png
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.interop,
+    pytest.mark.slow,
+    requires_module("tests.pipeline.nodeproc", "pipeline helper"),
+    requires_module("dicom_node.app", "node helper"),
+]
+
+ADMIN = ("admin", "node-admin-password")
+RADIOLOGIST = ("dr.jones", "node-radiologist-pw")
+
+
+def _add_user(node: Any, username: str, role: str, password: str) -> None:
+    """``cxr-node user add`` as the README tells the operator, the password on stdin."""
+    env = dict(os.environ, CXR_NODE_CONFIG=str(node.config_path))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "user",
+            "add",
+            "--username",
+            username,
+            "--role",
+            role,
+            "--password-stdin",
+        ],
+        input=password + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def node(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, storescp: tuple[str, int]
+) -> Iterator[Any]:
+    from tests.pipeline.model import model_for_tests
+    from tests.pipeline.nodeproc import NodeProcess, wait_until
+
+    title, _ = storescp
+    web_port = peers.free_port()
+    process = NodeProcess(
+        tmp_path / "node",
+        model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
+        callers=[],
+        destinations=[],
+        extra={
+            "web": {"enabled": True, "host": "127.0.0.1", "port": web_port},
+            "pipeline": {"heatmap": True, "fixed_destinations": [title]},
+        },
+    )
+    _add_user(process, ADMIN[0], "admin", ADMIN[1])
+    _add_user(process, RADIOLOGIST[0], "radiologist", RADIOLOGIST[1])
+    process.start()
+    process.web_url = f"http://127.0.0.1:{web_port}"
+    # The node reports healthy on its metrics port before the console has bound its own port.
+    assert wait_until(lambda: _answers(f"{process.web_url}/login"), timeout=120), "console did not start"
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _log_in(page: Any, url: str, username: str, password: str) -> None:
+    page.goto(f"{url}/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{url}/")
+
+
+def _upload(page: Any, url: str, name: str, data: bytes, mime: str) -> str:
+    page.goto(f"{url}/upload")
+    page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url("**/upload/*")
+    page.click("#classify")
+    page.wait_for_selector("#finding-label", timeout=120_000)
+    label: str = page.inner_text("#finding-label")
+    with page.expect_download() as info:
+        page.click("#save-report")
+    pdf = Path(info.value.path()).read_bytes()
+    assert pdf.startswith(b"%PDF")
+    text = subprocess.run(
+        [peers.executable("pdftotext"), "-", "-"], input=pdf, capture_output=True, check=True
+    ).stdout
+    assert label.lower().encode() in text.lower()
+    return label
+
+
+def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str, int]) -> None:
+    from tests.pipeline.nodeproc import wait_until
+
+    url = node.web_url
+    title, port = storescp
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, accept_downloads=True)
+    page = context.new_page()
+    try:
+        # An admin adds the PACS as a destination and tests it.
+        _log_in(page, url, *ADMIN)
+        page.goto(f"{url}/admin/aes")
+        page.fill("#ae_title", title)
+        page.fill("#host", "127.0.0.1")
+        page.fill("#port", str(port))
+        page.click("#add button[type=submit]")
+        page.wait_for_url("**/admin/aes?notice=ae-added")
+        page.click(f"button[data-echo='{title}']")
+        assert "succeeded" in page.inner_text("#echo-result")
+        shoot(page, "node-01-admin-echo")
+        page.click("header button:has-text('Log out')")
+        page.wait_for_url(f"{url}/login")
+
+        # A radiologist classifies a PNG and RG1, saves both reports, and stores RG1 in the node.
+        _log_in(page, url, *RADIOLOGIST)
+        assert page.goto(f"{url}/admin/users").status == 403
+        _upload(page, url, "chest.png", chest_like_png(), "image/png")
+        rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+        label = _upload(page, url, "RG1_UNCI.dcm", rg1, "application/dicom")
+        shoot(page, "node-02-upload-classified")
+        page.click("#store")
+        page.wait_for_url("**/results/*")
+        study_url = page.url.split("?")[0]
+
+        def analysed() -> bool:
+            page.goto(study_url)
+            return page.locator(".badge.state-analysed").count() > 0
+
+        assert wait_until(analysed, timeout=120, interval=1.0), "the stored upload was not analysed"
+        assert page.inner_text("#finding-label").lower() == label.lower()
+
+        def delivered() -> bool:
+            page.goto(study_url)
+            states = page.locator("#deliveries .badge").all_inner_texts()
+            return bool(states) and all(s == "Delivered" for s in states)
+
+        assert wait_until(delivered, timeout=120, interval=1.0), "results did not reach the PACS"
+        shoot(page, "node-03-study")
+        with page.expect_download() as info:
+            page.click("text=Download PDF report")
+        assert Path(info.value.path()).read_bytes().startswith(b"%PDF")
+
+        # Search by patient ID finds it.
+        page.goto(f"{url}/results")
+        page.fill("#patient", "9RG1")
+        page.click("form[role=search] button[type=submit]")
+        page.wait_for_url("**/results?patient=9RG1*")
+        assert page.locator("tbody tr a.rowlink").count() == 1
+        shoot(page, "node-04-search")
+
+        page.click("header button:has-text('Log out')")
+        page.wait_for_url(f"{url}/login")
+        page.goto(f"{url}/results")
+        assert page.url.startswith(f"{url}/login")
+    finally:
+        context.close()

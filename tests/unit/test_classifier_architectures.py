@@ -1,0 +1,116 @@
+"""Architectures: the seed models as published, selectable by name, trainable on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classifier.architectures import (
+    architecture_names,
+    build_resnet152_transfer,
+    get_architecture,
+    set_trainable,
+)
+from classifier.errors import WeightsUnavailableError
+
+pytestmark = pytest.mark.unit
+
+TABLE_III = [  # seed 000, Table III: layer, output shape, parameters
+    ("conv2d", (148, 148, 16), 448),
+    ("max_pooling2d", (74, 74, 16), 0),
+    ("conv2d_1", (72, 72, 32), 4640),
+    ("max_pooling2d_1", (36, 36, 32), 0),
+    ("conv2d_2", (34, 34, 64), 18496),
+    ("max_pooling2d_2", (17, 17, 64), 0),
+    ("flatten", (18496,), 0),
+    ("dense", (200,), 3699400),
+    ("dropout", (200,), 0),
+    ("dense_1", (500,), 100500),
+    ("dense_2", (3,), 1503),
+]
+
+
+def _one_step(model: object, size: tuple[int, int], classes: int, lr: float) -> float:
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.random((4, *size, 3)).astype(np.float32)
+    y = np.eye(classes, dtype=np.float32)[[0, 1, 0, 1]]
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy")  # type: ignore[attr-defined]
+    before = [w.copy() for w in model.get_weights()]  # type: ignore[attr-defined]
+    loss = model.train_on_batch(x, y)  # type: ignore[attr-defined]
+    after = model.get_weights()  # type: ignore[attr-defined]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    return float(np.asarray(loss).ravel()[0])
+
+
+def test_sugandi_cnn_is_table_iii_exactly() -> None:
+    arch = get_architecture("sugandi-cnn")
+    model = arch.build(3)
+    assert model.count_params() == 3_824_987
+    assert model.input_shape == (None, 150, 150, 3)
+    assert [
+        (layer.name, tuple(layer.output.shape[1:]), layer.count_params()) for layer in model.layers[1:]
+    ] == TABLE_III
+    assert model.layers[-1].activation.__name__ == "softmax"
+    recipe = arch.recipe
+    assert (recipe.batch_size, recipe.epochs, recipe.stages[0].learning_rate) == (10, 25, 1e-3)
+    assert recipe.augmentation == "sugandi-table2" and not recipe.keep_best
+    assert np.isfinite(_one_step(model, (150, 150), 3, 1e-3))
+
+
+def test_registry_names_and_unknown_name() -> None:
+    assert {"sugandi-cnn", "resnet152-transfer", "cxr-compact"} <= set(architecture_names())
+    with pytest.raises(ValueError, match="unknown architecture"):
+        get_architecture("vgg-from-a-blog")
+
+
+def test_default_architecture_is_small_and_trains() -> None:
+    arch = get_architecture("cxr-compact")
+    model = arch.build(3)
+    assert model.count_params() < 1_000_000  # a few MB on disk
+    assert model.get_layer(arch.gradcam_layer).output.shape[1:3] == (14, 14)
+    assert np.isfinite(_one_step(model, arch.preprocess.input_size, 3, 1e-3))
+
+
+def test_resnet152_without_weights_file_is_an_error_not_random_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
+    with pytest.raises(WeightsUnavailableError, match="not on this machine"):
+        build_resnet152_transfer(num_classes=2, weights="imagenet")
+    with pytest.raises(WeightsUnavailableError):
+        build_resnet152_transfer(num_classes=2, weights=tmp_path / "missing.h5")
+
+
+@pytest.mark.slow
+def test_resnet152_transfer_head_stages_and_one_step() -> None:
+    arch = get_architecture("resnet152-transfer")
+    assert arch.preprocess.normalisation == "resnet" and arch.preprocess.input_size == (224, 224)
+    first, second = arch.recipe.stages
+    assert (first.learning_rate, first.early_stopping_patience, first.unfreeze_last) == (1e-5, 5, 0)
+    assert (
+        second.early_stopping_patience,
+        second.reduce_lr_patience,
+        second.reduce_lr_factor,
+        second.unfreeze_last,
+    ) == (7, 3, 0.2, 10)
+    assert arch.recipe.keep_best and arch.recipe.class_weights
+    model = build_resnet152_transfer(num_classes=2, input_size=(64, 64), weights=None)
+    base = model.get_layer("resnet152")
+    assert len(base.layers) > 500  # ResNet-152, not a look-alike
+    head = [layer.name for layer in model.layers[-5:]]
+    assert head == ["global_average_pooling2d", "dense", "batch_normalization", "dropout", "predictions"]
+    assert model.get_layer("dense").units == 512 and model.get_layer("dropout").rate == 0.5
+    assert model.get_layer("predictions").kernel_regularizer.get_config()["l2"] == pytest.approx(1e-3)
+
+    set_trainable(model, 0)
+    head_only = len(model.trainable_weights)
+    assert all("resnet152" not in w.path for w in model.trainable_weights)
+    set_trainable(model, 10)
+    assert sum(layer.trainable for layer in base.layers) == 10
+    assert len(model.trainable_weights) > head_only
+    assert np.isfinite(_one_step(model, (64, 64), 2, 1e-5))

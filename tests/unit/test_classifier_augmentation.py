@@ -1,0 +1,37 @@
+"""Augmentation: the TensorFlow training path ends exactly where the NumPy inference path does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classifier.augmentation import AUGMENTATIONS, augment_batch, finish_batch
+from classifier.preprocess import PreprocessSpec, finish_gray
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("normalisation", ["unit", "resnet"])
+def test_training_finish_matches_inference_finish(normalisation: str) -> None:
+    import tensorflow as tf
+
+    spec = PreprocessSpec(input_size=(48, 40), normalisation=normalisation, equalisation="histeq")
+    rng = np.random.default_rng(0)
+    grays = (rng.random((3, 48, 40)) ** 2).astype(np.float32)
+    grays[1] = 0.5  # a flat image must not divide by zero
+    batch = finish_batch(tf.constant(grays[..., None]), spec).numpy()
+    for index, gray in enumerate(grays):
+        np.testing.assert_allclose(batch[index], finish_gray(gray, spec), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentations_keep_shape_and_range_and_change_pixels(name: str) -> None:
+    import tensorflow as tf
+
+    tf.random.set_seed(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    grays = np.stack([(np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) / 2] * 4).astype(np.float32)[..., None]
+    out = augment_batch(tf.constant(grays), AUGMENTATIONS[name]).numpy()
+    assert out.shape == grays.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert np.array_equal(out, grays) == (name == "none")

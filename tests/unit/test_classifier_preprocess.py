@@ -1,0 +1,276 @@
+"""Preprocessing: every pixel format a PACS sends ends as the same, correctly oriented model input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
+
+from classifier.errors import UnsupportedImageError
+from classifier.preprocess import (
+    PreprocessSpec,
+    dataset_to_gray,
+    dataset_to_model_input,
+    display_image,
+    equalise,
+    image_to_model_input,
+    read_dataset,
+)
+from tests import peers
+
+pytestmark = pytest.mark.unit
+
+SPEC = PreprocessSpec(input_size=(32, 32))
+
+
+def make_dataset(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    signed: bool = False,
+    frames: int = 1,
+) -> Dataset:
+    """A minimal Secondary Capture-like dataset around a NumPy array (uncompressed)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    samples = 3 if photometric == "RGB" else 1
+    shape = pixels.shape[-3:-1] if samples == 3 else pixels.shape[-2:]
+    ds.Rows, ds.Columns = int(shape[0]), int(shape[1])
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def ramp(bits: int = 12, size: int = 64) -> np.ndarray:
+    """Horizontal ramp over the full stored range: left dark, right bright in MONOCHROME2."""
+    row = np.linspace(0, (1 << bits) - 1, size)
+    return np.tile(row, (size, 1)).astype(np.uint16 if bits > 8 else np.uint8)
+
+
+def test_window_maps_below_to_black_and_above_to_white() -> None:
+    ds = make_dataset(ramp(12), bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 1024
+    gray = dataset_to_gray(ds)
+    assert gray[:, :10].max() == 0.0  # < 1536
+    assert gray[:, -10:].min() == 1.0  # > 2560
+    assert 0.3 < gray[0, 32] < 0.7
+
+
+def test_first_of_several_windows_is_used() -> None:
+    ds = make_dataset(ramp(12), bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = [500, 3000], [200, 400]
+    gray = dataset_to_gray(ds)
+    assert gray[0, 32] == 1.0  # value ~2080 is above the first window (400–600)
+
+
+def test_monochrome1_is_inverted_so_bone_is_white() -> None:
+    mono2 = make_dataset(ramp(12), bits_stored=12)
+    mono1 = make_dataset(ramp(12), bits_stored=12, photometric="MONOCHROME1")
+    np.testing.assert_allclose(dataset_to_gray(mono1), 1.0 - dataset_to_gray(mono2), atol=1e-6)
+    assert dataset_to_gray(mono1)[0, 0] > dataset_to_gray(mono1)[0, -1]
+
+
+def test_signed_pixels_with_rescale_and_window_in_output_units() -> None:
+    values = np.tile(np.linspace(-1000, 1000, 64), (64, 1)).astype(np.int16)
+    ds = make_dataset((values // 2).astype(np.int16), signed=True)
+    ds.RescaleSlope, ds.RescaleIntercept = 2, 0  # stored −500..500 → −1000..1000
+    ds.WindowCenter, ds.WindowWidth = 0, 1000
+    gray = dataset_to_gray(ds)
+    assert gray[0, 0] == 0.0 and gray[0, -1] == 1.0
+    assert abs(gray[0, 32] - 0.5) < 0.05
+
+
+def test_first_voi_lut_is_used_over_windows() -> None:
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    ds.WindowCenter, ds.WindowWidth = 128, 256  # would give a ramp
+    first, second = Dataset(), Dataset()
+    first.LUTDescriptor = [256, 0, 8]
+    first.LUTData = [255 - i for i in range(256)]  # inverting LUT
+    second.LUTDescriptor = [256, 0, 8]
+    second.LUTData = list(range(256))
+    ds.VOILUTSequence = [first, second]
+    gray = dataset_to_gray(ds)
+    assert gray[0, 0] > 0.99 and gray[0, -1] < 0.01
+
+
+def test_no_voi_falls_back_to_percentile_window() -> None:
+    pixels = ramp(16, 100)
+    pixels[0, 0] = 65535  # a burnt-in label pixel must not set the window
+    gray = dataset_to_gray(make_dataset(pixels, bits_stored=16))
+    assert gray.min() == 0.0 and gray.max() == 1.0
+    assert (gray == 1.0).mean() < 0.02
+    assert 0.4 < gray[50, 50] < 0.6
+
+
+def test_rgb_becomes_luminance() -> None:
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    rgb[:, :8] = (255, 0, 0)
+    rgb[:, 8:] = (0, 0, 255)
+    gray = dataset_to_gray(make_dataset(rgb, photometric="RGB", bits_stored=8))
+    assert gray[0, 0] == pytest.approx(0.299, abs=0.01)
+    assert gray[0, -1] == pytest.approx(0.114, abs=0.01)
+
+
+def test_palette_colour_goes_through_its_lut() -> None:
+    indices = np.tile(np.arange(16, dtype=np.uint8), (16, 1))
+    ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8)
+    ds.RedPaletteColorLookupTableDescriptor = [256, 0, 16]
+    ds.GreenPaletteColorLookupTableDescriptor = [256, 0, 16]
+    ds.BluePaletteColorLookupTableDescriptor = [256, 0, 16]
+    levels = (np.arange(256) * 257).astype("<u2")
+    ds.RedPaletteColorLookupTableData = levels[::-1].tobytes()  # index 0 → white
+    ds.GreenPaletteColorLookupTableData = levels[::-1].tobytes()
+    ds.BluePaletteColorLookupTableData = levels[::-1].tobytes()
+    gray = dataset_to_gray(ds)
+    assert gray[0, 0] == pytest.approx(1.0, abs=0.01)
+    assert gray[0, 15] < gray[0, 0]
+
+
+def test_multi_frame_uses_the_first_frame() -> None:
+    frames = np.stack([ramp(8, 32), ramp(8, 32)[:, ::-1]])
+    ds = make_dataset(frames, bits_stored=8, frames=2)
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    gray = dataset_to_gray(ds)
+    assert gray.shape == (32, 32)
+    assert gray[0, 0] < gray[0, -1]  # the first frame's orientation
+
+
+def test_missing_pixels_and_unknown_photometry_are_refused() -> None:
+    ds = make_dataset(ramp(8, 16), bits_stored=8)
+    del ds.PixelData
+    with pytest.raises(UnsupportedImageError):
+        dataset_to_model_input(ds, SPEC)
+    odd = make_dataset(ramp(8, 16), bits_stored=8)
+    odd.PhotometricInterpretation = "HSV"
+    with pytest.raises(UnsupportedImageError):
+        dataset_to_model_input(odd, SPEC)
+
+
+def _compressed(ds: Dataset, syntax: str, **kwargs: object) -> Dataset:
+    copy = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+    copy.compress(syntax, **kwargs)
+    return pydicom.dcmread(io.BytesIO(_to_bytes(copy)))
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_lossless_compressed_syntaxes_decode_like_uncompressed(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    pixels = (rng.random((300, 280)) * ((1 << bits) - 1)).astype(np.uint16 if bits > 8 else np.uint8)
+    plain = make_dataset(pixels, bits_stored=bits)
+    expected = dataset_to_gray(plain, min_side=280)  # full resolution: no reduced decode, no box average
+    for syntax in (RLELossless, JPEG2000Lossless):
+        np.testing.assert_array_equal(dataset_to_gray(_compressed(plain, syntax), min_side=280), expected)
+
+
+def test_reduced_jpeg2000_decode_matches_full_resolution() -> None:
+    yy, xx = np.mgrid[0:1001, 0:901]
+    pixels = ((np.sin(xx / 90.0) + np.cos(yy / 70.0) + 2) / 4 * 4095).astype(np.uint16)
+    plain = make_dataset(pixels, bits_stored=12)
+    plain.WindowCenter, plain.WindowWidth = 2048, 4096
+    reduced = dataset_to_gray(_compressed(plain, JPEG2000Lossless), min_side=100)
+    assert min(reduced.shape) < 500  # a reduced level was decoded (1001 px → 1/2^k)
+    full = dataset_to_gray(plain, min_side=100)
+    small = np.asarray(Image.fromarray(full, mode="F").resize(reduced.shape[::-1], Image.Resampling.BILINEAR))
+    assert np.abs(small - reduced).mean() < 0.01  # same grey levels: Pillow's 16-bit scaling undone
+
+
+def test_jpeg_baseline_is_decoded() -> None:
+    pixels = ramp(8, 64)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    ds = make_dataset(pixels, bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    gray = dataset_to_gray(pydicom.dcmread(io.BytesIO(_to_bytes(ds))))
+    assert gray[:, :5].mean() < 0.1 and gray[:, -5:].mean() > 0.9
+
+
+def test_png_and_dicom_of_the_same_pixels_give_the_same_input() -> None:
+    pixels = ramp(8, 64)
+    ds = make_dataset(pixels, bits_stored=8)
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    spec = PreprocessSpec(input_size=(32, 32), equalisation="histeq", crop_borders=True)
+    from_dicom = dataset_to_model_input(ds, spec)
+    for mode in ("L", "RGB", "I;16"):
+        image = (
+            Image.fromarray(pixels).convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(pixels.astype(np.uint16) * 257)
+        )
+        np.testing.assert_allclose(image_to_model_input(image, spec), from_dicom, atol=0.02)
+
+
+def test_model_input_shape_and_normalisations() -> None:
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    unit = dataset_to_model_input(ds, PreprocessSpec(input_size=(40, 30)))
+    assert unit.shape == (40, 30, 3) and unit.dtype == np.float32
+    assert unit.min() >= 0.0 and unit.max() <= 1.0
+    assert np.array_equal(unit[..., 0], unit[..., 2])
+    resnet = dataset_to_model_input(ds, PreprocessSpec(input_size=(40, 30), normalisation="resnet"))
+    np.testing.assert_allclose(resnet[..., 0], unit[..., 0] * 255 - 103.939, atol=1e-3)  # BGR, ImageNet mean
+
+
+def test_equalisation_is_invariant_to_gamma() -> None:
+    gray = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    # exact up to the 1024-level quantisation, which merges levels where the gamma curve is flat
+    assert np.abs(equalise(gray) - equalise(gray**1.8)).mean() < 0.01
+    assert np.abs(equalise(gray) - gray).mean() < 0.02  # a uniform image stays (nearly) itself
+
+
+def test_spec_round_trips_through_json_dict() -> None:
+    spec = PreprocessSpec(
+        input_size=(224, 200), normalisation="resnet", equalisation="histeq", crop_borders=True
+    )
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError):
+        PreprocessSpec(input_size=(224, 224), normalisation="imagenet-ish")
+
+
+def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
+    spec = PreprocessSpec(input_size=(224, 224))
+    unci = read_dataset(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    j2kr = read_dataset(peers.pydicom_data_file("RG1_J2KR.dcm"))
+    a, b = dataset_to_model_input(unci, spec), dataset_to_model_input(j2kr, spec)
+    assert a.shape == b.shape == (224, 224, 3)
+    assert np.abs(a - b).mean() < 0.01
+    preview = display_image(j2kr, max_size=512)
+    assert preview.dtype == np.uint8 and max(preview.shape) <= 512
+    height, width = preview.shape
+    air = preview[height // 30 : height // 10, : width // 20].mean()  # above the shoulder, outside the body
+    spine = preview[height // 3 : height // 2, width // 2 - 5 : width // 2 + 5].mean()
+    assert spine > air + 50  # MONOCHROME1 inverted: dense mediastinum white, air dark

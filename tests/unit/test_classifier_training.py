@@ -1,0 +1,234 @@
+"""Training → artifact → inference → evaluation on tiny synthetic radiograph-like images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from classifier import cli
+from classifier.artifact import read_metadata
+from classifier.dataset import load_collection, split_by_group
+from classifier.errors import ModelArtifactError
+from classifier.evaluation import evaluate, parse_degradation
+from classifier.inference import Classifier
+from classifier.training import TrainingConfig, class_weights, train
+from classifier.types import INDETERMINATE
+
+pytestmark = pytest.mark.unit
+
+
+def _image(kind: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """'dark' chests have a dark disc in the middle, 'bright' ones a bright one, on a noisy background."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    base = rng.normal(0.5, 0.08, (size, size))
+    base[disc] = 0.15 if kind == "dark" else 0.85
+    return Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    rows = []
+    for label in ("bright", "dark"):
+        (root / label).mkdir()
+        for index in range(12):
+            name = f"{label}/{index}.png"
+            _image(label, rng).save(root / name)
+            rows.append({"file": name, "label": label, "group": f"{label}-patient{index // 2}"})
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "group"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def artifact(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("model") / "tiny"
+    config = TrainingConfig(
+        architecture="cxr-compact",
+        data=collection,
+        output=output,
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=4,
+        version="tiny-1",
+        progress=False,
+    )
+    train(config, argv=["cxr-node", "train", str(collection), str(output)])
+    return output
+
+
+def test_split_keeps_every_group_on_one_side(collection: Path) -> None:
+    items = load_collection(collection)
+    assert len(items) == 24 and {i.group for i in items} >= {"dark-patient0"}
+    train_items, val_items = split_by_group(items, 0.25, seed=1)
+    assert not {i.group for i in train_items} & {i.group for i in val_items}
+    assert {i.label for i in val_items} == {"bright", "dark"}
+    assert split_by_group(items, 0.25, seed=1) == (train_items, val_items)  # reproducible
+
+
+def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_path: Path) -> None:
+    for label in ("bright", "dark"):
+        (tmp_path / label).mkdir()
+        for source in (collection / label).glob("*.png"):
+            (tmp_path / label / source.name).write_bytes(source.read_bytes())
+    items = load_collection(tmp_path)
+    assert {i.label for i in items} == {"bright", "dark"} and len(items) == 24
+
+
+def test_class_weights_balance_the_classes() -> None:
+    weights = class_weights(np.array([0, 0, 0, 1]), 2)
+    assert weights[1] == pytest.approx(3 * weights[0])
+
+
+def test_artifact_has_model_metadata_and_plots(artifact: Path) -> None:
+    assert {"model.keras", "model.json", "training_curves.png", "confusion_matrix.png"} <= {
+        p.name for p in artifact.iterdir()
+    }
+    metadata = json.loads((artifact / "model.json").read_text())
+    for key in (
+        "name",
+        "version",
+        "classes",
+        "input_size",
+        "preprocessing",
+        "data",
+        "validation",
+        "created",
+        "sha256",
+    ):
+        assert key in metadata
+    assert metadata["classes"] == ["bright", "dark"] and metadata["version"] == "tiny-1"
+    assert metadata["data"]["split"]["by"] == "group"
+    assert metadata["data"]["train"]["images"] + metadata["data"]["validation"]["images"] == 24
+    assert 0.0 <= metadata["validation"]["accuracy"] <= 1.0
+    assert len(metadata["training"]["history"]["loss"]) == 2
+    assert (artifact / "model.keras").stat().st_size < 10_000_000
+
+
+def test_classifier_predicts_probabilities_heatmaps_and_indeterminate(
+    artifact: Path, collection: Path
+) -> None:
+    classifier = Classifier.load(artifact)
+    assert classifier.info.classes == ("bright", "dark") and classifier.info.version == "tiny-1"
+    images = [Image.open(collection / "dark" / "0.png"), Image.open(collection / "bright" / "0.png")]
+    predictions = classifier.predict_images(images)
+    for prediction in predictions:
+        assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction.label == prediction.top_class  # threshold 0.5 with two classes
+        assert prediction.heatmap is not None and prediction.heatmap.shape == classifier.spec.input_size
+        assert 0.0 <= prediction.heatmap.min() and prediction.heatmap.max() <= 1.0
+        assert {"preprocess", "predict"} <= set(prediction.timings_ms)
+    unsure = Classifier.load(artifact, indeterminate_threshold=1.0).predict_images(images, heatmap=False)
+    assert all(p.label == INDETERMINATE and p.heatmap is None for p in unsure)
+
+
+def test_dicom_input_gives_the_same_answer_as_png(artifact: Path, collection: Path) -> None:
+    from tests.unit.test_classifier_preprocess import make_dataset
+
+    pixels = np.asarray(Image.open(collection / "dark" / "3.png"))
+    ds = make_dataset(pixels, bits_stored=8)
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    classifier = Classifier.load(artifact)
+    from_dicom = classifier.predict_datasets([ds], heatmap=False)[0]
+    from_png = classifier.predict_images([Image.open(collection / "dark" / "3.png")], heatmap=False)[0]
+    for name in classifier.info.classes:
+        assert from_dicom.probabilities[name] == pytest.approx(from_png.probabilities[name], abs=0.02)
+
+
+def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("model.json", "model.keras"):
+        (copy / name).write_bytes((artifact / name).read_bytes())
+    with (copy / "model.keras").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        read_metadata(copy)
+    with pytest.raises(ModelArtifactError):
+        Classifier.load(tmp_path / "nothing-here")
+
+
+def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, tmp_path: Path) -> None:
+    report = evaluate(artifact, collection / "manifest.csv", output=tmp_path, degrade="jpeg:40+downscale:0.5")
+    assert report["images"] == 24 and report["degradation"] == "jpeg:40+downscale:0.5"
+    assert sum(map(sum, report["confusion_matrix"])) == 24
+    assert set(report["per_class"]["dark"]) >= {
+        "precision",
+        "recall",
+        "f1",
+        "sensitivity",
+        "specificity",
+        "roc_auc",
+    }
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["accuracy"] == report["accuracy"]
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0 and (
+        tmp_path / "roc_reliability.png"
+    ).stat().st_size > 0
+    with pytest.raises(ValueError):
+        parse_degradation("sepia:1")
+
+
+def test_cli_classify_prints_one_line_per_file(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    status = cli.main(
+        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad)]
+    )
+    out = capsys.readouterr()
+    assert status == 1  # one file failed
+    line = json.loads(out.out.strip().splitlines()[0])
+    assert line["top_class"] in ("bright", "dark") and line["model"] == "tiny-1"
+    assert "notes.txt" in out.err
+
+
+def test_cli_train_and_evaluate_on_a_folder(
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "seed"
+    assert (
+        cli.main(
+            [
+                "train",
+                str(collection),
+                str(output),
+                "--architecture",
+                "sugandi-cnn",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "validation accuracy" in capsys.readouterr().out
+    assert json.loads((output / "model.json").read_text())["name"] == "sugandi-cnn"
+    assert cli.main(["evaluate", str(output), str(collection), "--split", "validation"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_dicom_files_can_be_classified_from_disk(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.unit.test_classifier_preprocess import make_dataset
+
+    ds = make_dataset(np.asarray(Image.open(collection / "bright" / "2.png")), bits_stored=8)
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).Rows == 96
+    assert cli.main(["classify", "--model", str(artifact), str(path)]) == 0
+    assert capsys.readouterr().out.startswith("image.dcm\t")

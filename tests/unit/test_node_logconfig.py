@@ -1,0 +1,45 @@
+"""Logging set-up: captured warnings lose their text (pydicom quotes values), JSON lines parse."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+
+import pytest
+
+from dicom_node.logconfig import configure_logging
+from dicom_node.settings import LoggingSettings
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> object:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield None
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_warning_text_is_withheld_and_lines_are_json() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=True), stream=stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Invalid value for VR PN: 'ZZSECRET^NAME'", UserWarning, stacklevel=1)
+    logging.getLogger("dicom_node.test").info("stored instance %d", 7)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any(line["message"] == "stored instance 7" for line in lines)
+    assert "ZZSECRET" not in stream.getvalue()
+    assert any("UserWarning" in line["message"] for line in lines)
+
+
+def test_third_party_loggers_stay_at_warning_unless_debug() -> None:
+    configure_logging(LoggingSettings(level="INFO"), stream=io.StringIO())
+    assert logging.getLogger("pynetdicom").getEffectiveLevel() == logging.WARNING
+    configure_logging(LoggingSettings(level="DEBUG"), stream=io.StringIO())
+    assert logging.getLogger("pynetdicom").getEffectiveLevel() == logging.DEBUG

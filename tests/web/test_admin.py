@@ -1,0 +1,341 @@
+"""Administration: callers and destinations (through dicom_node.aes), users, settings, audit log."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, User, WebSession
+from dicom_node.web import create_app
+from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
+
+pytestmark = [pytest.mark.db]
+
+
+def _aes(factory: sessionmaker[Session]) -> list[tuple[str, str, str | None, int | None, str | None]]:
+    with session_scope(factory) as s:
+        return [
+            (a.ae_title, a.role.value, a.host, a.port, a.reply_to.ae_title if a.reply_to else None)
+            for a in s.scalars(select(RemoteAe).order_by(RemoteAe.id))
+        ]
+
+
+def _audit(factory: sessionmaker[Session]) -> list[tuple[str, str, str]]:
+    with session_scope(factory) as s:
+        return [(e.actor, e.action, e.target) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+
+
+def test_destination_and_caller_create_edit_delete(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, csrf = admin_client
+    add = client.post(
+        "/admin/aes",
+        data={
+            "csrf_token": csrf,
+            "role": "destination",
+            "ae_title": "ORTHANC",
+            "host": "10.0.0.5",
+            "port": "4242",
+            "description": "Main PACS",
+            "enabled": "1",
+        },
+    )
+    assert add.status_code == 303 and add.headers["location"] == "/admin/aes?notice=ae-added"
+    client.post(
+        "/admin/aes",
+        data={
+            "csrf_token": csrf,
+            "role": "caller",
+            "ae_title": "MODALITY1",
+            "reply_to": "ORTHANC",
+            "enabled": "1",
+        },
+    )
+    assert _aes(factory) == [
+        ("ORTHANC", "destination", "10.0.0.5", 4242, None),
+        ("MODALITY1", "caller", None, None, "ORTHANC"),
+    ]
+    page = client.get("/admin/aes?notice=ae-added").text
+    assert "The AE was added." in page and "Main PACS" in page and "Test (C-ECHO)" in page
+    with session_scope(factory) as s:
+        dest_id = s.scalars(select(RemoteAe.id).where(RemoteAe.ae_title == "ORTHANC")).one()
+    edit = client.get(f"/admin/aes/{dest_id}").text
+    assert 'value="4242"' in edit
+    saved = client.post(
+        f"/admin/aes/{dest_id}",
+        data={
+            "csrf_token": csrf,
+            "role": "destination",
+            "ae_title": "ORTHANC",
+            "host": "10.0.0.6",
+            "port": "11112",
+            "enabled": "1",
+        },
+    )
+    assert saved.status_code == 303
+    assert _aes(factory)[0] == ("ORTHANC", "destination", "10.0.0.6", 11112, None)
+    assert client.post(f"/admin/aes/{dest_id}/delete", data={"csrf_token": csrf}).status_code == 303
+    assert [a[0] for a in _aes(factory)] == ["MODALITY1"]
+    actions = [(actor, action) for actor, action, _ in _audit(factory) if action.startswith("ae.")]
+    assert actions == [
+        ("user:alice", "ae.add"),
+        ("user:alice", "ae.add"),
+        ("user:alice", "ae.update"),
+        ("user:alice", "ae.remove"),
+    ]
+
+
+def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, csrf = admin_client
+    response = client.post(
+        "/admin/aes", data={"csrf_token": csrf, "role": "destination", "ae_title": "NOPORT", "host": "pacs"}
+    )
+    assert response.status_code == 422
+    assert "a destination needs host and port" in response.text
+    assert 'value="NOPORT"' in response.text  # the form keeps what was typed
+    response = client.post(
+        "/admin/aes",
+        data={"csrf_token": csrf, "role": "destination", "ae_title": "X" * 17, "host": "h", "port": "1"},
+    )
+    assert "AE title must be 1-16" in response.text
+    client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "DUP"})
+    dup = client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "DUP"})
+    assert dup.status_code == 422 and "exists already" in dup.text
+    assert [a[0] for a in _aes(factory)] == ["DUP"]
+
+
+def test_api_ae_crud(admin_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
+    client, csrf = admin_client
+    h = {"X-CSRF-Token": csrf}
+    created = client.post(
+        "/api/admin/aes",
+        json={"role": "destination", "ae_title": "PACS", "host": "h", "port": 104},
+        headers=h,
+    )
+    assert created.status_code == 201
+    ae_id = created.json()["id"]
+    updated = client.put(
+        f"/api/admin/aes/{ae_id}",
+        json={"role": "destination", "ae_title": "PACS", "host": "h2", "port": 105, "tls": True},
+        headers=h,
+    )
+    assert updated.json()["host"] == "h2" and updated.json()["tls"] is True
+    assert (
+        client.post(
+            "/api/admin/aes",
+            json={"role": "destination", "ae_title": "PACS", "host": "h", "port": 104},
+            headers=h,
+        ).status_code
+        == 409
+    )
+    assert (
+        client.post(
+            "/api/admin/aes", json={"role": "destination", "ae_title": "NOHOST", "port": 104}, headers=h
+        ).status_code
+        == 422
+    )
+    assert [a["ae_title"] for a in client.get("/api/admin/aes", params={"role": "destination"}).json()] == [
+        "PACS"
+    ]
+    assert client.delete(f"/api/admin/aes/{ae_id}", headers=h).status_code == 204
+    assert client.delete(f"/api/admin/aes/{ae_id}", headers=h).status_code == 404
+    assert _aes(factory) == []
+
+
+def test_echo_to_an_unreachable_destination_reports_failure(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Without dicom_node.scu (another helper's module) the page says why instead of crashing."""
+    client, csrf = admin_client
+    client.post(
+        "/admin/aes",
+        data={
+            "csrf_token": csrf,
+            "role": "destination",
+            "ae_title": "GONE",
+            "host": "127.0.0.1",
+            "port": "1",
+            "enabled": "1",
+        },
+    )
+    with session_scope(factory) as s:
+        ae_id = s.scalars(select(RemoteAe.id)).one()
+    page = client.post(f"/admin/aes/{ae_id}/echo", data={"csrf_token": csrf})
+    assert page.status_code == 200
+    assert 'class="msg bad"' in page.text and "C-ECHO to GONE at 127.0.0.1:1 failed" in page.text
+
+
+def test_users_add_disable_enable_and_reset_password(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], app: object
+) -> None:
+    client, csrf = admin_client
+    added = client.post(
+        "/admin/users",
+        data={
+            "csrf_token": csrf,
+            "username": "carol",
+            "role": "radiologist",
+            "password": "carol-password",
+            "password_repeat": "carol-password",
+        },
+    )
+    assert added.status_code == 303
+    assert "carol" in client.get("/admin/users").text
+    short = client.post(
+        "/admin/users",
+        data={
+            "csrf_token": csrf,
+            "username": "dave",
+            "role": "radiologist",
+            "password": "short",
+            "password_repeat": "short",
+        },
+    )
+    assert short.status_code == 422 and "at least 10 characters" in short.text
+    with session_scope(factory) as s:
+        carol = s.scalars(select(User).where(User.username == "carol")).one()
+        assert carol.password_hash.startswith("$argon2id$")
+        carol_id = carol.id
+    # carol logs in elsewhere; disabling her ends that session at once
+    with TestClient(app, follow_redirects=False) as other:  # type: ignore[arg-type]
+        login(other, "carol", "carol-password")
+        assert other.get("/results").status_code == 200
+        assert (
+            client.post(
+                f"/admin/users/{carol_id}/active", data={"csrf_token": csrf, "active": "0"}
+            ).status_code
+            == 303
+        )
+        assert other.get("/results").status_code == 303
+        page = other.get("/login")
+        refused = other.post(
+            "/login",
+            data={"username": "carol", "password": "carol-password", "csrf_token": form_csrf(page.text)},
+        )
+        assert refused.status_code == 401
+        client.post(f"/admin/users/{carol_id}/active", data={"csrf_token": csrf, "active": "1"})
+        reset = client.post(
+            f"/admin/users/{carol_id}/password",
+            data={
+                "csrf_token": csrf,
+                "password": "new-carol-password",
+                "password_repeat": "new-carol-password",
+            },
+        )
+        assert reset.status_code == 303
+        login(other, "carol", "new-carol-password")
+    actions = [a for _, a, t in _audit(factory) if t == f"app_user:{carol_id}"]
+    assert actions[:4] == ["user.add", "user.login", "user.disable", "user.enable"]
+    assert "user.set_password" in actions
+
+
+def test_the_last_admin_cannot_be_disabled(
+    admin_client: tuple[TestClient, str], accounts: dict[str, int]
+) -> None:
+    client, csrf = admin_client
+    response = client.post(
+        f"/admin/users/{accounts['admin']}/active", data={"csrf_token": csrf, "active": "0"}
+    )
+    assert response.status_code == 409 and "last active admin" in response.text
+    assert client.get("/admin/users").status_code == 200
+
+
+def test_api_users(admin_client: tuple[TestClient, str]) -> None:
+    client, csrf = admin_client
+    h = {"X-CSRF-Token": csrf}
+    created = client.post(
+        "/api/admin/users",
+        json={"username": "erin", "role": "radiologist", "password": "erin-password"},
+        headers=h,
+    )
+    assert created.status_code == 201 and "password" not in created.text
+    patched = client.patch(f"/api/admin/users/{created.json()['id']}", json={"active": False}, headers=h)
+    assert patched.json()["active"] is False
+    assert (
+        client.post(
+            "/api/admin/users",
+            json={"username": "erin", "role": "admin", "password": "erin-password"},
+            headers=h,
+        ).status_code
+        == 409
+    )
+    names = [u["username"] for u in client.get("/api/admin/users").json()]
+    assert names == [ADMIN[0], "erin", RADIOLOGIST[0]]
+
+
+def test_settings_page_is_read_only_and_masks_secrets(
+    tmp_path: Path, factory: sessionmaker[Session], accounts: dict[str, int]
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'var' / 'cxr-node.sqlite3'}"
+    settings = Settings(
+        node={"data_dir": tmp_path / "var", "name": "Ward CXR node"},
+        database={"url": db_url},
+        web={"secret_key": "very-secret-session-key"},
+        dicom={"ae_title": "WARDNODE", "port": 11112},
+    )
+    with TestClient(create_app(settings, factory), follow_redirects=False) as client:
+        login(client, *ADMIN)
+        html = client.get("/admin/settings").text
+        api = client.get("/api/admin/settings").json()
+    assert "WARDNODE" in html and "11112" in html and "Ward CXR node" in html
+    assert "very-secret-session-key" not in html and "very-secret-session-key" not in str(api)
+    assert api["web"]["secret_key"] == "**********"
+    assert "<form" not in html.split("<main>")[1].split("</main>")[0]  # nothing to submit
+    pg = Settings(
+        node={"data_dir": tmp_path / "var"}, database={"url": "postgresql+psycopg://cxr:pg-password@db/cxr"}
+    )
+    with TestClient(create_app(pg, factory), follow_redirects=False) as client:
+        login(client, *ADMIN)
+        html = client.get("/admin/settings").text
+    assert "pg-password" not in html and "postgresql+psycopg://cxr:***@db/cxr" in html
+
+
+def test_audit_log_lists_and_filters_events(admin_client: tuple[TestClient, str]) -> None:
+    client, csrf = admin_client
+    client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "CT01"})
+    html = client.get("/admin/audit").text
+    assert "ae.add" in html and "user.login" in html and "user:alice" in html
+    filtered = client.get("/admin/audit", params={"action": "ae."}).text
+    assert "ae.add" in filtered and ">user.login<" not in filtered
+    api = client.get("/api/admin/audit", params={"action": "ae."}).json()
+    assert api["total"] == 1 and api["events"][0]["details"]["ae_title"] == "CT01"
+
+
+def test_sessions_table_does_not_keep_expired_rows(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    from datetime import datetime, timedelta
+
+    login(client, *RADIOLOGIST)
+    with session_scope(factory) as s:
+        s.scalars(select(WebSession)).one().expires_at = datetime.now(UTC) - timedelta(days=1)
+    login(client, *ADMIN)
+    with session_scope(factory) as s:
+        assert len(s.scalars(select(WebSession)).all()) == 1
+
+
+def test_remote_ae_rows_are_the_shared_registry(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """The console writes the same rows the C-STORE listener consults (dicom_node.aes)."""
+    from dicom_node import aes
+
+    client, csrf = admin_client
+    client.post(
+        "/admin/aes",
+        data={"csrf_token": csrf, "role": "caller", "ae_title": "XR01", "host": "10.1.1.1", "enabled": "1"},
+    )
+    with session_scope(factory) as s:
+        assert aes.caller_allowed(s, "XR01", "10.1.1.1")
+        assert not aes.caller_allowed(s, "XR01", "10.1.1.2")
+        assert aes.find(s, "XR01", AeRole.CALLER) is not None

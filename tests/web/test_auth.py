@@ -1,0 +1,254 @@
+"""Login, sessions, CSRF and roles of the console."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import AuditEvent, WebSession
+from dicom_node.web import create_app
+from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
+
+pytestmark = [pytest.mark.unit]
+
+
+def _sessions(factory: sessionmaker[Session]) -> int:
+    with session_scope(factory) as s:
+        return int(s.scalar(select(func.count()).select_from(WebSession)) or 0)
+
+
+def _actions(factory: sessionmaker[Session]) -> list[str]:
+    with session_scope(factory) as s:
+        return list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
+
+
+def test_without_an_admin_the_login_page_and_log_say_how_to_create_one(
+    settings: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        app = create_app(settings, factory)
+    assert "cxr-node user add --username <name> --role admin" in caplog.text
+    with TestClient(app) as client:
+        page = client.get("/login")
+    assert "No administrator exists yet" in page.text
+    assert "cxr-node user add --username &lt;name&gt; --role admin" in page.text
+
+
+def test_login_sets_a_strict_httponly_cookie_and_opens_the_dashboard(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    page = client.get("/login")
+    assert "No administrator exists yet" not in page.text
+    response = client.post(
+        "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": form_csrf(page.text)}
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith("cxr_session="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Secure" not in cookie
+    dashboard = client.get("/")
+    assert dashboard.status_code == 200 and "Today" in dashboard.text and ADMIN[0] in dashboard.text
+    assert _sessions(factory) == 1
+    with session_scope(factory) as s:
+        stored = s.scalar(select(WebSession.token_hash))
+    assert stored is not None and stored not in cookie  # only a keyed hash of the token is kept
+    assert "user.login" in _actions(factory)
+
+
+def test_secure_cookies_when_configured(
+    tmp_path: Path, factory: sessionmaker[Session], accounts: dict[str, int]
+) -> None:
+    settings = Settings(node={"data_dir": tmp_path / "var"}, web={"secure_cookies": True})
+    app = create_app(settings, factory)
+    with TestClient(app, base_url="https://testserver", follow_redirects=False) as client:
+        page = client.get("/login")
+        response = client.post(
+            "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": form_csrf(page.text)}
+        )
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith("cxr_session="))
+    assert "Secure" in cookie
+
+
+def test_wrong_password_is_refused_and_audited(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    page = client.get("/login")
+    response = client.post(
+        "/login",
+        data={"username": ADMIN[0], "password": "wrong-password", "csrf_token": form_csrf(page.text)},
+    )
+    assert response.status_code == 401
+    assert "Unknown user or wrong password" in response.text
+    assert "cxr_session" not in client.cookies
+    assert _actions(factory)[-1] == "user.login_failed"
+    assert client.get("/").status_code == 303
+
+
+def test_login_form_without_its_csrf_token_is_refused(client: TestClient, accounts: dict[str, int]) -> None:
+    client.get("/login")
+    response = client.post(
+        "/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": "forged"}
+    )
+    assert response.status_code == 403
+    assert "cxr_session" not in client.cookies
+
+
+def test_repeated_failures_block_the_username(client: TestClient, accounts: dict[str, int]) -> None:
+    for _ in range(8):
+        page = client.get("/login")
+        client.post(
+            "/login",
+            data={
+                "username": RADIOLOGIST[0],
+                "password": "nope-nope-nope",
+                "csrf_token": form_csrf(page.text),
+            },
+        )
+    page = client.get("/login")
+    response = client.post(
+        "/login",
+        data={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1], "csrf_token": form_csrf(page.text)},
+    )
+    assert response.status_code == 429
+    assert "cxr_session" not in client.cookies
+
+
+def test_login_does_not_redirect_off_site(client: TestClient, accounts: dict[str, int]) -> None:
+    page = client.get("/login?next=//evil.example/x")
+    response = client.post(
+        "/login",
+        data={
+            "username": ADMIN[0],
+            "password": ADMIN[1],
+            "csrf_token": form_csrf(page.text),
+            "next": "//evil.example/x",
+        },
+    )
+    assert response.headers["location"] == "/"
+
+
+def test_unauthenticated_page_redirects_to_login_and_back(
+    client: TestClient, accounts: dict[str, int]
+) -> None:
+    response = client.get("/results")
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/results"
+    page = client.get("/login?next=/results")
+    response = client.post(
+        "/login",
+        data={
+            "username": ADMIN[0],
+            "password": ADMIN[1],
+            "csrf_token": form_csrf(page.text),
+            "next": "/results",
+        },
+    )
+    assert response.headers["location"] == "/results"
+
+
+def test_expired_session_is_refused_and_removed(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    login(client, *ADMIN)
+    with session_scope(factory) as s:
+        row = s.scalars(select(WebSession)).one()
+        row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+    assert client.get("/").status_code == 303
+    assert client.get("/api/dashboard").status_code == 401
+    assert _sessions(factory) == 0
+
+
+def test_use_extends_an_idle_session(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    login(client, *ADMIN)
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    with session_scope(factory) as s:
+        s.scalars(select(WebSession)).one().expires_at = soon
+    assert client.get("/").status_code == 200
+    with session_scope(factory) as s:
+        expires = s.scalars(select(WebSession)).one().expires_at.replace(tzinfo=UTC)
+    assert expires > soon + timedelta(minutes=400)  # session_minutes defaults to 480
+
+
+def test_logout_deletes_the_session(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    csrf = login(client, *RADIOLOGIST)
+    old_cookie = client.cookies["cxr_session"]
+    response = client.post("/logout", data={"csrf_token": csrf})
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert _sessions(factory) == 0
+    client.cookies.set("cxr_session", old_cookie)  # a stolen copy of the cookie is worthless now
+    assert client.get("/").status_code == 303
+    assert "user.logout" in _actions(factory)
+
+
+def test_forms_without_the_csrf_token_are_refused(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, csrf = admin_client
+    data = {"role": "destination", "ae_title": "PACS", "host": "127.0.0.1", "port": "104"}
+    assert client.post("/admin/aes", data=data).status_code == 403
+    assert client.post("/admin/aes", data=data | {"csrf_token": "x" * 43}).status_code == 403
+    assert client.post("/logout", data={}).status_code == 403
+    assert client.post("/admin/aes", data=data | {"csrf_token": csrf}).status_code == 303
+    assert _actions(factory).count("ae.add") == 1
+
+
+def test_api_unsafe_methods_need_the_csrf_header(admin_client: tuple[TestClient, str]) -> None:
+    client, csrf = admin_client
+    body = {"role": "destination", "ae_title": "PACS2", "host": "127.0.0.1", "port": 104}
+    assert client.post("/api/admin/aes", json=body).status_code == 403
+    created = client.post("/api/admin/aes", json=body, headers={"X-CSRF-Token": csrf})
+    assert created.status_code == 201
+    assert client.delete(f"/api/admin/aes/{created.json()['id']}").status_code == 403
+
+
+def test_radiologist_gets_403_on_admin_pages_and_api(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    for path in ("/admin/aes", "/admin/users", "/admin/audit", "/admin/settings"):
+        response = client.get(path)
+        assert response.status_code == 403, path
+        assert "Not permitted" in response.text
+    assert client.get("/api/admin/users").status_code == 403
+    denied = client.post(
+        "/api/admin/aes", json={"role": "caller", "ae_title": "X"}, headers={"X-CSRF-Token": csrf}
+    )
+    assert denied.status_code == 403
+    for path in ("/", "/results", "/upload", "/api/results", "/api/dashboard"):
+        assert client.get(path).status_code == 200, path
+    assert "/admin/aes" not in client.get("/").text  # admin links are not offered
+
+
+def test_api_login_and_logout(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    assert (
+        client.post("/api/session", json={"username": ADMIN[0], "password": "bad-password"}).status_code
+        == 401
+    )
+    response = client.post("/api/session", json={"username": ADMIN[0], "password": ADMIN[1]})
+    assert response.status_code == 200
+    info = response.json()
+    assert info["role"] == "admin" and len(info["csrf_token"]) >= 32
+    assert client.get("/api/session").json()["username"] == ADMIN[0]
+    assert client.delete("/api/session").status_code == 403
+    assert client.delete("/api/session", headers={"X-CSRF-Token": info["csrf_token"]}).status_code == 204
+    assert client.get("/api/session").status_code == 401
+    assert _sessions(factory) == 0
+
+
+def test_pages_are_not_cached_or_framed(admin_client: tuple[TestClient, str]) -> None:
+    client, _ = admin_client
+    headers = client.get("/results").headers
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["referrer-policy"] == "no-referrer"

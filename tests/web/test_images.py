@@ -1,0 +1,58 @@
+"""Images on the details page: the stored radiograph and its heat-map overlay."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from dicom_node.web.imaging import overlay_png
+from tests import peers
+from tests.web.conftest import requires_module
+from tests.web.studies import StudySpec, add_study
+from tests.web.test_upload import _mediastinum_brighter_than_lungs
+
+pytestmark = [pytest.mark.unit]
+
+
+def test_overlay_colours_only_where_the_model_looked() -> None:
+    gray = np.full((200, 300), 100, dtype=np.uint8)
+    heat = np.zeros((10, 15), dtype=np.float32)
+    heat[:, :5] = 1.0  # the left third is hot
+    rgb = np.asarray(Image.open(io.BytesIO(overlay_png(gray, heat))).convert("RGB")).astype(int)
+    assert rgb.shape == (200, 300, 3)
+    cold = rgb[:, 250:]
+    assert np.all(cold == 100)  # unchanged anatomy where the heat map is zero
+    hot = rgb[:, :60]
+    assert np.ptp(hot[..., 0] - hot[..., 2]) < 5 and (hot[..., 0] != hot[..., 2]).all()  # tinted
+    with pytest.raises(ValueError):
+        overlay_png(gray, np.zeros((3,), dtype=np.float32))
+
+
+@requires_module("classifier.preprocess", "classifier helper")
+def test_details_image_and_heatmap_of_a_stored_instance(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
+) -> None:
+    client, _ = admin_client
+    target = settings.storage_dir / "rg1" / "rg1.dcm"
+    target.parent.mkdir(parents=True)
+    shutil.copy(peers.pydicom_data_file("RG1_UNCI.dcm"), target)
+    heat = np.zeros((150, 150), dtype=np.float32)
+    heat[40:110, 20:70] = 1.0
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    np.save(settings.results_dir / "heat.npy", heat)
+    ids = add_study(factory, StudySpec(file_path="rg1/rg1.dcm", heatmap_path="heat.npy"))
+    html = client.get(f"/results/{ids.study}").text
+    assert "Heat map</label>" in html
+    image = client.get(f"/results/{ids.study}/instances/{ids.instance}/image.png")
+    assert image.status_code == 200 and _mediastinum_brighter_than_lungs(image.content)
+    overlay = client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png")
+    assert overlay.status_code == 200
+    shown = Image.open(io.BytesIO(image.content))
+    assert Image.open(io.BytesIO(overlay.content)).size == shown.size

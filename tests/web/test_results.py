@@ -1,0 +1,339 @@
+"""Results list, search, study details, downloads, resend and the dashboard, over rows in SQLite."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobKind,
+    JobState,
+    ResultKind,
+    StudyState,
+)
+from dicom_node.web.results import local_midnight
+from tests.web.studies import StudySpec, add_study
+
+pytestmark = [pytest.mark.db]
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def corpus(factory: sessionmaker[Session]) -> dict[str, int]:
+    """Four studies of three patients, oldest first."""
+    ids = {
+        "old_normal": add_study(
+            factory,
+            StudySpec(
+                "MILLER^ANNA",
+                "P-100",
+                "A100",
+                "20251201",
+                label="normal",
+                probabilities={"covid": 0.02, "normal": 0.95, "pneumonia": 0.03},
+                received_at=NOW - timedelta(days=40),
+            ),
+        ).study,
+        "skipped": add_study(
+            factory,
+            StudySpec(
+                "SMITH^JOHN",
+                "P-200",
+                "A200",
+                "20260105",
+                state=StudyState.SKIPPED,
+                state_reason="not a chest image (BodyPartExamined SKULL)",
+                label=None,
+                received_at=NOW - timedelta(days=3),
+            ),
+        ).study,
+        "pneumonia": add_study(
+            factory,
+            StudySpec(
+                "SMITH^JOHN",
+                "P-200",
+                "A201",
+                "20260110",
+                deliveries={"PACS_A": DeliveryState.DELIVERED, "PACS_B": DeliveryState.DEAD},
+                received_at=NOW - timedelta(hours=1),
+            ),
+        ).study,
+        "covid": add_study(
+            factory,
+            StudySpec(
+                "O'BRIEN^MARY",
+                "P-300",
+                "A300",
+                "20260111",
+                label="covid",
+                probabilities={"covid": 0.71, "normal": 0.09, "pneumonia": 0.20},
+                deliveries={"PACS_A": DeliveryState.RETRYING},
+                received_at=NOW - timedelta(minutes=5),
+            ),
+        ).study,
+    }
+    return ids
+
+
+def _ids(client: TestClient, **params: str) -> list[int]:
+    response = client.get("/api/results", params=params)
+    assert response.status_code == 200, response.text
+    return [row["study_id"] for row in response.json()["rows"]]
+
+
+def test_results_are_newest_first_and_searchable(
+    admin_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    client, _ = admin_client
+    c = corpus
+    assert _ids(client) == [c["covid"], c["pneumonia"], c["skipped"], c["old_normal"]]
+    assert _ids(client, patient="P-200") == [c["pneumonia"], c["skipped"]]
+    assert _ids(client, patient="john smith") == [c["pneumonia"], c["skipped"]]  # word order, case
+    assert _ids(client, patient="o'brien") == [c["covid"]]
+    assert _ids(client, patient="P-2") == []  # IDs match exactly, not by prefix
+    assert _ids(client, accession="a201") == [c["pneumonia"]]
+    assert _ids(client, date_from="2026-01-06", date_to="2026-01-10") == [c["pneumonia"]]
+    assert _ids(client, date_to="2025-12-31") == [c["old_normal"]]
+    assert _ids(client, finding="covid") == [c["covid"]]
+    assert _ids(client, state="skipped") == [c["skipped"]]
+    assert _ids(client, patient="smith", state="analysed") == [c["pneumonia"]]
+    assert _ids(client, patient="100%") == []  # LIKE wildcards are literal
+
+
+def test_results_page_shows_finding_state_and_delivery_per_destination(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    client, _ = rad_client
+    page = client.get("/results", params={"patient": "smith"})
+    assert page.status_code == 200
+    html = page.text
+    assert "2 studies match the search" in html
+    assert "SMITH, JOHN" in html and "MILLER" not in html
+    assert 'Pneumonia</span> <span class="nowrap">84.0 %' in html
+    assert "PACS_A: delivered" in html and "PACS_B: dead" in html
+    assert "Skipped" in html
+    row = client.get("/api/results", params={"patient": "P-300"}).json()["rows"][0]
+    assert row["destinations"] == [{"destination": "PACS_A", "state": "retrying", "delivered": 0, "total": 2}]
+    assert row["findings"] == [{"label": "covid", "confidence": 0.71}]
+
+
+def test_results_are_paginated(rad_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
+    client, _ = rad_client
+    for i in range(30):
+        add_study(
+            factory,
+            StudySpec(f"PATIENT^{i:02d}", f"P{i:02d}", f"A{i:02d}", received_at=NOW - timedelta(minutes=i)),
+        )
+    first = client.get("/api/results").json()
+    assert first["total"] == 30 and first["pages"] == 2 and len(first["rows"]) == 25
+    assert first["rows"][0]["patient_id"] == "P00"
+    second = client.get("/api/results", params={"page": "2"}).json()
+    assert [r["patient_id"] for r in second["rows"]] == [f"P{i:02d}" for i in range(25, 30)]
+    html = client.get("/results", params={"page": "2"}).text
+    assert "Page 2 of 2" in html and 'href="/results?page=1"' in html
+
+
+def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient, str]) -> None:
+    client, _ = rad_client
+    assert client.get("/api/results", params={"state": "bogus"}).status_code == 422
+    assert client.get("/results", params={"date_from": "yesterday"}).status_code == 422
+
+
+def test_details_show_probabilities_model_and_delivery_history(
+    admin_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    client, _ = admin_client
+    html = client.get(f"/results/{corpus['pneumonia']}").text
+    assert "SMITH, JOHN" in html and "P-200" in html and "A201" in html
+    assert 'id="finding-label">pneumonia<' in html
+    for cls, pct in (("pneumonia", "84.0 %"), ("normal", "11.0 %"), ("covid", "5.0 %")):
+        assert f'<td class="cls">{cls}</td>' in html and pct in html
+    assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
+    assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
+    assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
+    detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
+    assert detail["instances"][0]["findings"][0]["model_version"] == "1.2.0"
+    assert {d["state"] for r in detail["results"] for d in r["deliveries"]} == {"delivered", "dead"}
+
+
+def test_skipped_study_shows_its_reason(rad_client: tuple[TestClient, str], corpus: dict[str, int]) -> None:
+    client, _ = rad_client
+    html = client.get(f"/results/{corpus['skipped']}").text
+    assert "Not analysed (skipped):" in html
+    assert "not a chest image (BodyPartExamined SKULL)" in html
+
+
+def test_radiologist_sees_no_resend_and_cannot_resend(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    client, csrf = rad_client
+    html = client.get(f"/results/{corpus['pneumonia']}").text
+    assert "Resend" not in html
+    with session_scope(factory) as s:
+        delivery_id = s.scalars(select(Delivery.id).where(Delivery.state == DeliveryState.DEAD)).first()
+    response = client.post(
+        f"/results/{corpus['pneumonia']}/deliveries/{delivery_id}/resend", data={"csrf_token": csrf}
+    )
+    assert response.status_code == 403
+
+
+def test_resend_requeues_a_dead_delivery_now_and_is_audited(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    client, csrf = admin_client
+    with session_scope(factory) as s:
+        delivery_id = s.scalars(select(Delivery.id).where(Delivery.state == DeliveryState.DEAD)).first()
+    before = datetime.now(UTC)
+    response = client.post(
+        f"/results/{corpus['pneumonia']}/deliveries/{delivery_id}/resend", data={"csrf_token": csrf}
+    )
+    assert response.status_code == 303
+    assert "notice=resent" in response.headers["location"]
+    with session_scope(factory) as s:
+        delivery = s.get(Delivery, delivery_id)
+        assert delivery is not None
+        assert delivery.state is DeliveryState.PENDING
+        assert delivery.next_attempt_at is not None
+        due = delivery.next_attempt_at.replace(tzinfo=UTC)
+        assert before - timedelta(seconds=1) <= due <= datetime.now(UTC)
+        assert delivery.attempts == 0  # a fresh attempt budget
+        assert len(delivery.attempt_history) == 1  # history is kept
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "delivery.resend")).one()
+        assert event.actor == "user:alice" and event.target == f"delivery:{delivery_id}"
+    followed = client.get(response.headers["location"])
+    assert "queued again" in followed.text
+    # A delivery of another study cannot be resent through this study's URL.
+    assert (
+        client.post(
+            f"/results/{corpus['covid']}/deliveries/{delivery_id}/resend", data={"csrf_token": csrf}
+        ).status_code
+        == 404
+    )
+    api = client.post(f"/api/deliveries/{delivery_id}/resend", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 200 and api.json()["state"] == "pending"
+
+
+def _encapsulated_pdf(pdf: bytes) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def test_sr_and_pdf_downloads(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
+) -> None:
+    client, _ = admin_client
+    results_dir = settings.results_dir
+    (results_dir / "s1").mkdir(parents=True)
+    sr = pydicom.Dataset()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    sr.SOPInstanceUID = generate_uid()
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.save_as(results_dir / "s1" / "sr.dcm", enforce_file_format=True)
+    pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF"  # odd length: padded inside the DICOM
+    _encapsulated_pdf(pdf).save_as(results_dir / "s1" / "report.dcm", enforce_file_format=True)
+    ids = add_study(
+        factory,
+        StudySpec(result_files={ResultKind.SR: "s1/sr.dcm", ResultKind.PDF: "s1/report.dcm"}),
+    )
+    html = client.get(f"/results/{ids.study}").text
+    pdf_url = f"/results/{ids.study}/objects/{ids.results[ResultKind.PDF]}/report.pdf"
+    sr_url = f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm"
+    assert pdf_url in html and sr_url in html
+    got_pdf = client.get(pdf_url)
+    assert got_pdf.headers["content-type"] == "application/pdf" and got_pdf.content == pdf
+    assert "attachment" in got_pdf.headers["content-disposition"]
+    got_sr = client.get(sr_url)
+    assert got_sr.headers["content-type"] == "application/dicom"
+    assert pydicom.dcmread(io.BytesIO(got_sr.content)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    # The raw PDF kept beside the Encapsulated PDF wins (no DICOM parsing needed).
+    (results_dir / "s1" / "report.pdf").write_bytes(pdf + b"\n")
+    assert client.get(pdf_url).content == pdf + b"\n"
+    # An SR is not a PDF; a missing file is a 404, not a crash.
+    assert (
+        client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/report.pdf").status_code == 404
+    )
+    (results_dir / "s1" / "sr.dcm").unlink()
+    assert client.get(sr_url).status_code == 404
+
+
+def test_files_outside_the_results_directory_are_not_served(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings, tmp_path: Path
+) -> None:
+    client, _ = admin_client
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(b"x" * 200)
+    ids = add_study(factory, StudySpec(result_files={ResultKind.SR: "../../secret.dcm"}))
+    assert (
+        client.get(f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm").status_code == 404
+    )
+
+
+def test_unknown_study_is_404(rad_client: tuple[TestClient, str]) -> None:
+    client, _ = rad_client
+    assert client.get("/results/999").status_code == 404
+    assert client.get("/api/results/999").status_code == 404
+
+
+def test_dashboard_counts_today(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    client, _ = rad_client
+    midnight = local_midnight()
+    yesterday = midnight - timedelta(hours=2)
+    add_study(
+        factory,
+        StudySpec(
+            "A^B",
+            "P-900",
+            "A900",
+            state=StudyState.FAILED,
+            state_reason="model error",
+            label=None,
+            received_at=midnight + timedelta(minutes=1),
+        ),
+    )
+    add_study(
+        factory,
+        StudySpec("A^C", "P-901", "A901", state=StudyState.SKIPPED, label=None, received_at=yesterday),
+    )
+    with session_scope(factory) as s:
+        s.add(Job(kind=JobKind.STUDY_READY, dedupe_key="x", study_pk=corpus["covid"], state=JobState.PENDING))
+        s.add(Job(kind=JobKind.STUDY_READY, dedupe_key="y", study_pk=corpus["covid"], state=JobState.DONE))
+    stats = client.get("/api/dashboard").json()
+    # Today: covid + pneumonia (analysed, received within the hour) + failed; old ones are not counted.
+    received_today = 2 + 1 + (1 if NOW - timedelta(days=3) >= midnight else 0)
+    assert stats["studies_received"] == received_today
+    assert stats["studies_analysed"] == 2
+    assert stats["studies_skipped"] == 0
+    assert stats["studies_failed"] == 1
+    assert stats["deliveries_failed"] == 2  # SR + PDF to PACS_B
+    assert stats["deliveries_retrying"] == 2
+    assert stats["jobs_waiting"] == 1
+    assert stats["queue_depth"] == 1 + 2 + 0
+    html = client.get("/").text
+    assert 'id="stat-analysed">2<' in html and 'id="stat-dead">2<' in html and 'id="stat-queue">3<' in html
+    assert "O&#39;BRIEN, MARY" in html  # latest studies listed

@@ -1,0 +1,76 @@
+"""Every page and API route refuses a request without a session (the console holds patient data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+from fastapi import FastAPI, routing
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+pytestmark = [pytest.mark.unit]
+
+# The only routes that answer without a login, and why.
+PUBLIC = {
+    ("GET", "/login"),  # the login form
+    ("POST", "/login"),  # submitting it (protected by its own double-submit CSRF cookie)
+    ("POST", "/api/session"),  # the API's login
+    ("GET", "/healthz"),  # liveness for systemd/k8s: up/down and nothing else
+}
+if importlib.util.find_spec("dicom_node.metrics") is not None:
+    PUBLIC.add(("GET", "/metrics"))  # Prometheus counts (no patient data), for the node's scraper
+
+
+def _routes(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path) of every endpoint, including those of included routers."""
+    iter_contexts = getattr(routing, "iter_route_contexts", None)  # FastAPI >= 0.13x nests routers
+    routes = list(iter_contexts(app.routes)) if iter_contexts else app.routes
+    found = []
+    for route in routes:
+        original = getattr(route, "original_route", route)
+        if isinstance(original, APIRoute):
+            for method in sorted(route.methods or ()):
+                found.append((method, str(route.path)))
+    return found
+
+
+def _fill(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "1", path)
+
+
+def test_every_route_but_the_login_refuses_anonymous_requests(app: FastAPI) -> None:
+    routes = _routes(app)
+    assert len(routes) > 40  # pages + API; guards against enumerating nothing
+    assert {r for r in routes if r in PUBLIC} == PUBLIC
+    checked = 0
+    with TestClient(app, follow_redirects=False) as client:
+        for method, path in routes:
+            if (method, path) in PUBLIC:
+                continue
+            response = client.request(method, _fill(path))
+            if path.startswith("/api/"):
+                assert response.status_code == 401, (method, path, response.status_code)
+                assert response.json() == {"detail": "not logged in"}
+            else:
+                assert response.status_code == 303, (method, path, response.status_code)
+                assert response.headers["location"].startswith("/login"), (method, path)
+            checked += 1
+    assert checked == len(routes) - len(PUBLIC)
+
+
+def test_a_forged_session_cookie_is_refused_everywhere(app: FastAPI) -> None:
+    with TestClient(app, follow_redirects=False) as client:
+        client.cookies.set("cxr_session", "forged-token-value")
+        for method, path in _routes(app):
+            if (method, path) in PUBLIC:
+                continue
+            response = client.request(method, _fill(path))
+            assert response.status_code in (303, 401), (method, path, response.status_code)
+
+
+def test_static_files_hold_no_data(app: FastAPI) -> None:
+    with TestClient(app) as client:
+        assert client.get("/static/console.css").status_code == 200
+        assert client.get("/static/../templates/base.html").status_code == 404

@@ -1,0 +1,183 @@
+"""Upload & classify. Tests marked `requires_module` exercise other helpers' modules (classifier,
+reporting, ingest) and run once the lead has merged them; the rest run now."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import Instance
+from tests import peers
+from tests.web.conftest import RADIOLOGIST, login, requires_module
+
+pytestmark = [pytest.mark.unit]
+
+
+def chest_like_png(size: tuple[int, int] = (640, 560)) -> bytes:
+    """A synthetic frontal-chest-like picture: bright mediastinum between two dark lung fields."""
+    w, h = size
+    x = np.linspace(-1.0, 1.0, w)[None, :]
+    y = np.linspace(-1.0, 1.0, h)[:, None]
+    lungs = np.exp(-(((np.abs(x) - 0.45) / 0.22) ** 2) - ((y + 0.05) / 0.55) ** 2)
+    image = 0.85 - 0.6 * lungs + 0.03 * np.sin(40 * y)
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _upload(client: TestClient, csrf: str, name: str, data: bytes, mime: str) -> str:
+    response = client.post("/upload", data={"csrf_token": csrf}, files={"file": (name, data, mime)})
+    assert response.status_code == 303, response.text
+    location: str = response.headers["location"]
+    return location.rsplit("/", 1)[1]
+
+
+def test_png_upload_is_shown_before_classification(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    png = chest_like_png()
+    token = _upload(client, csrf, "chest.png", png, "image/png")
+    page = client.get(f"/upload/{token}").text
+    assert f'src="/upload/{token}/image.png"' in page
+    assert 'id="classify"' in page and "Save report" not in page  # report only after classifying
+    assert "chest.png" in page
+    shown = Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content))
+    assert shown.size == (640, 560) and shown.mode == "L"
+    assert np.array_equal(np.asarray(shown), np.asarray(Image.open(io.BytesIO(png)).convert("L")))
+    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # not classified yet
+
+
+def test_large_pictures_are_shown_downscaled(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    buffer = io.BytesIO()
+    Image.new("L", (2500, 2000), 128).save(buffer, format="JPEG")
+    token = _upload(client, csrf, "big.jpg", buffer.getvalue(), "image/jpeg")
+    shown = Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content))
+    assert max(shown.size) == 1024
+
+
+def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    for name, data in (("notes.txt", b"hello"), ("fake.dcm", b"\0" * 128 + b"DICM" + b"\x02\x00garbage")):
+        response = client.post(
+            "/upload", data={"csrf_token": csrf}, files={"file": (name, data, "application/octet-stream")}
+        )
+        assert response.status_code == 422
+        assert 'class="msg bad"' in response.text
+    gif = io.BytesIO()
+    Image.new("L", (8, 8)).save(gif, format="GIF")
+    response = client.post(
+        "/upload", data={"csrf_token": csrf}, files={"file": ("x.gif", gif.getvalue(), "image/gif")}
+    )
+    assert "only DICOM, PNG and JPEG" in response.text
+
+
+def test_an_upload_is_private_to_its_user(
+    rad_client: tuple[TestClient, str], app: object, accounts: dict[str, int]
+) -> None:
+    client, csrf = rad_client
+    token = _upload(client, csrf, "chest.png", chest_like_png(), "image/png")
+    from tests.web.conftest import ADMIN
+
+    with TestClient(app, follow_redirects=False) as other:  # type: ignore[arg-type]
+        login(other, *ADMIN)
+        assert other.get(f"/upload/{token}").status_code == 404
+        assert other.get(f"/upload/{token}/image.png").status_code == 404
+
+
+def test_dicom_upload_shows_its_patient(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    data = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    token = _upload(client, csrf, "RG1_UNCI.dcm", data, "application/dicom")
+    page = client.get(f"/upload/{token}").text
+    assert "CompressedSamples, RG1" in page and "9RG1" in page and "2004-08-26" in page
+    assert 'id="store"' in page  # DICOM can be stored in the node and sent on
+
+
+def test_api_upload_returns_a_token(rad_client: tuple[TestClient, str]) -> None:
+    client, csrf = rad_client
+    response = client.post(
+        "/api/uploads",
+        files={"file": ("c.png", chest_like_png(), "image/png")},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["is_dicom"] is False and client.get(body["image_url"]).status_code == 200
+
+
+# ---- after the merge: classifier, reporting and ingest --------------------------------------
+
+
+def _mediastinum_brighter_than_lungs(png: bytes) -> bool:
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    h, w = a.shape
+    rows = slice(int(0.3 * h), int(0.7 * h))
+    mid = a[rows, int(0.45 * w) : int(0.55 * w)].mean()
+    lungs = np.concatenate(
+        [a[rows, int(0.2 * w) : int(0.35 * w)].ravel(), a[rows, int(0.65 * w) : int(0.8 * w)].ravel()]
+    ).mean()
+    return bool(mid > lungs + 20)
+
+
+@requires_module("classifier.preprocess", "classifier helper")
+def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str]) -> None:
+    """RG1 is MONOCHROME1: shown uninverted, the lungs would be white."""
+    client, csrf = rad_client
+    token = _upload(
+        client,
+        csrf,
+        "RG1_UNCI.dcm",
+        peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+        "application/dicom",
+    )
+    png = client.get(f"/upload/{token}/image.png")
+    assert png.status_code == 200
+    assert _mediastinum_brighter_than_lungs(png.content)
+
+
+@requires_module("classifier.inference", "classifier helper")
+@requires_module("reporting.pdf", "reporting helper")
+@pytest.mark.slow
+def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: dict[str, int]) -> None:
+    client = TestClient(classifying_app, follow_redirects=False)
+    csrf = login(client, *RADIOLOGIST)
+    token = _upload(client, csrf, "chest.png", chest_like_png(), "image/png")
+    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    page = client.get(f"/upload/{token}").text
+    label = page.split('id="finding-label">', 1)[1].split("<", 1)[0]
+    assert label and 'class="probs"' in page and 'id="save-report"' in page
+    pdf = client.get(f"/upload/{token}/report.pdf")
+    assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
+    text = subprocess.run(
+        [peers.executable("pdftotext"), "-", "-"], input=pdf.content, capture_output=True, check=True
+    ).stdout.decode()
+    assert label.lower() in text.lower()
+
+
+@requires_module("dicom_node.ingest", "node helper")
+def test_storing_a_dicom_upload_makes_it_a_study(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, csrf = rad_client
+    token = _upload(
+        client,
+        csrf,
+        "RG1_UNCI.dcm",
+        peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+        "application/dicom",
+    )
+    stored = client.post(f"/upload/{token}/store", data={"csrf_token": csrf})
+    assert stored.status_code == 303 and stored.headers["location"].startswith("/results/")
+    assert "9RG1" in client.get(stored.headers["location"]).text
+    with session_scope(factory) as s:
+        instance = s.scalars(select(Instance)).one()
+        assert instance.source == "upload" and instance.calling_ae == f"WEB:{RADIOLOGIST[0]}"

@@ -1,0 +1,129 @@
+"""The user service and `cxr-node user ...` commands."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node import users
+from dicom_node.errors import AuthenticationError, ConflictError
+from dicom_node.settings import load_settings
+from dicom_node.store.db import make_engine, make_session_factory, session_scope
+from dicom_node.store.models import AuditEvent, User, UserRole
+
+pytestmark = [pytest.mark.db]
+
+
+def _cli(config: Path, argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the subcommands as the node's CLI would (it adds --config and calls register_cli)."""
+    parser = argparse.ArgumentParser(prog="cxr-node")
+    parser.add_argument("--config")
+    users.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["--config", str(config), *argv])
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    result: int = args.func(args)
+    return result
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(f"node:\n  data_dir: {tmp_path / 'var'}\n")
+    return path
+
+
+def test_user_add_and_list_from_the_cli(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli(config, ["user", "list"], "", monkeypatch) == 0
+    assert "create the first admin with: cxr-node user add" in capsys.readouterr().out
+    code = _cli(
+        config,
+        ["user", "add", "--username", "root", "--role", "admin", "--password-stdin"],
+        "s3cret-admin-pw\n",
+        monkeypatch,
+    )
+    assert code == 0
+    assert "created admin 'root'" in capsys.readouterr().out
+    assert _cli(config, ["user", "list"], "", monkeypatch) == 0
+    listing = capsys.readouterr().out
+    assert "root" in listing and "admin" in listing and "never" in listing
+    assert "s3cret" not in listing
+    settings = load_settings(config)
+    factory = make_session_factory(make_engine(settings.database_url))
+    with session_scope(factory) as s:
+        user = s.scalars(select(User)).one()
+        assert user.password_hash.startswith("$argon2id$") and "s3cret" not in user.password_hash
+        users.authenticate(s, "root", "s3cret-admin-pw")
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "user.add")).one()
+        assert event.actor.startswith("cli:") and "s3cret" not in str(event.details)
+
+
+def test_cli_refuses_short_passwords_and_duplicates(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add = ["user", "add", "--username", "rad", "--role", "radiologist", "--password-stdin"]
+    assert _cli(config, add, "short\n", monkeypatch) == 1
+    assert "at least 10 characters" in capsys.readouterr().err
+    assert _cli(config, add, "long-enough-pw\n", monkeypatch) == 0
+    assert _cli(config, add, "long-enough-pw\n", monkeypatch) == 1
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_cli_disable_and_passwd(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _cli(
+        config,
+        ["user", "add", "--username", "a1", "--role", "admin", "--password-stdin"],
+        "first-password\n",
+        monkeypatch,
+    )
+    _cli(
+        config,
+        ["user", "add", "--username", "r1", "--role", "radiologist", "--password-stdin"],
+        "first-password\n",
+        monkeypatch,
+    )
+    assert _cli(config, ["user", "disable", "--username", "r1"], "", monkeypatch) == 0
+    assert _cli(config, ["user", "disable", "--username", "a1"], "", monkeypatch) == 1  # last admin
+    assert (
+        _cli(
+            config,
+            ["user", "passwd", "--username", "a1", "--password-stdin"],
+            "second-password\n",
+            monkeypatch,
+        )
+        == 0
+    )
+    assert _cli(config, ["user", "disable", "--username", "nobody"], "", monkeypatch) == 1
+    factory = make_session_factory(make_engine(load_settings(config).database_url))
+    with session_scope(factory) as s:
+        users.authenticate(s, "a1", "second-password")
+        with pytest.raises(AuthenticationError):
+            users.authenticate(s, "a1", "first-password")
+        with pytest.raises(AuthenticationError):
+            users.authenticate(s, "r1", "first-password")  # disabled
+
+
+def test_authentication_does_not_reveal_which_part_was_wrong(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cli(
+        config,
+        ["user", "add", "--username", "u1", "--role", "radiologist", "--password-stdin"],
+        "the-password\n",
+        monkeypatch,
+    )
+    factory = make_session_factory(make_engine(load_settings(config).database_url))
+    with session_scope(factory) as s:
+        messages = set()
+        for name, password in (("u1", "wrong-password"), ("nobody", "the-password"), ("", "")):
+            with pytest.raises(AuthenticationError) as info:
+                users.authenticate(s, name, password)
+            messages.add(str(info.value))
+        assert messages == {"invalid username or password"}
+        with pytest.raises(ConflictError):
+            users.create_user(s, " u1 ", "another-password", UserRole.ADMIN, "test")
