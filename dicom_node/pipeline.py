@@ -737,7 +737,6 @@ class Pipeline:
         after the rows are collected.
         """
         from classifier.preprocess import display_image
-
         from reporting.types import AnalysedImage
 
         rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
@@ -1066,7 +1065,7 @@ def attach(
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
     metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
     metrics.add_check("pipeline", lambda: pipeline.alive)
-    metrics.add_check("model", lambda: pipeline.model_loaded)
+    metrics.add_check("model", lambda: pipeline.model_loaded, critical=False)
     server = None
     if settings.metrics.enabled:
         try:
