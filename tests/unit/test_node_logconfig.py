@@ -55,5 +55,8 @@ def test_pydicom_log_records_lose_their_text() -> None:
 
 
 def test_warning_capture_survives_an_earlier_configuration() -> None:
+    # An entry point configured logging before, then a catch_warnings() block (as pytest and some
+    # libraries use) swapped showwarning: configuring again must route warnings to the log again.
     configure_logging(LoggingSettings(level="INFO"), stream=io.StringIO())
-    test_warning_text_is_withheld_and_lines_are_json()
+    with warnings.catch_warnings(record=True):
+        test_warning_text_is_withheld_and_lines_are_json()
