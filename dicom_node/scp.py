@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import traceback
 import types
 from collections.abc import Callable
@@ -153,13 +154,24 @@ class StorageScp:
             " (TLS)" if self.ssl_context else "",
         )
 
-    def stop(self) -> None:
-        """Stop accepting, let running associations end (pynetdicom aborts them on shutdown)."""
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting; give running associations ``grace_seconds`` to finish, then abort them.
+
+        An instance whose success was not yet sent is simply not acknowledged: the sender retries.
+        """
         with self._lock:
             server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            LOGGER.info("DICOM listener stopped")
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            LOGGER.warning("aborting an association still open at shutdown (calling AE %s)",
+                           assoc.requestor.ae_title)
+            assoc.abort()
+        LOGGER.info("DICOM listener stopped")
 
     @property
     def port(self) -> int:
