@@ -216,7 +216,7 @@ class StorageScp:
             request = cast(C_STORE, event.request)
             stream = request.DataSet
             data = stream.getvalue() if stream is not None else b""
-            result = self.ingestor.ingest_network(
+            self.ingestor.ingest_network(
                 data,
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
@@ -230,9 +230,7 @@ class StorageScp:
         except Exception as exc:
             LOGGER.error("C-STORE from %s failed unexpectedly: %s", calling, describe_exception(exc))
             return int(Status.PROCESSING_FAILURE)
-        if result.duplicate:
-            LOGGER.info("C-STORE from %s: instance %d already stored", calling, result.instance_pk)
-        return int(Status.SUCCESS)
+        return int(Status.SUCCESS)  # also for a duplicate: the instance is safely stored
 
 
 def build_scp(
