@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
 from dicom_node.errors import NodeError
-from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor, decodable_transfer_syntaxes
+from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.settings import DicomSettings
 from dicom_node.statuses import Status
 
