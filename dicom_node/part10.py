@@ -8,6 +8,7 @@ tools would then fail on the stored file. Pixel data is checked structurally, no
 
 from __future__ import annotations
 
+import struct
 import zlib
 from io import BytesIO
 
@@ -184,7 +185,43 @@ def _check_encoding(ds: Dataset, syntax: UID) -> None:
 
 
 def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, prefix and file meta for a dataset received over the network, to write before its bytes."""
+    """Preamble, prefix and file meta for a dataset received over the network, to write before its bytes.
+
+    Encoded directly (explicit VR little endian, PS3.10 7.1): building a FileMetaDataset and writing it
+    with pydicom cost about a millisecond per instance. ``file_meta_pydicom`` is the reference encoder.
+    """
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _uid_bytes(sop_class_uid)),
+        _meta_element(0x0003, b"UI", _uid_bytes(sop_instance_uid)),
+        _meta_element(0x0010, b"UI", _uid_bytes(transfer_syntax)),
+        _meta_element(0x0012, b"UI", _uid_bytes(PYDICOM_IMPLEMENTATION_UID)),
+        _meta_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")),
+    ]
+    body = b"".join(elements)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _uid_bytes(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if not value or len(value) > 64 or not all(part.isdigit() for part in uid.split(".")):
+        raise InvalidDatasetError("not a valid UID for the file meta information")
+    return _even(value, b"\x00")
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":  # 2-byte reserved field and a 4-byte length
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_meta_pydicom(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The same prefix written by pydicom (kept as the reference the fast encoder is tested against)."""
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)

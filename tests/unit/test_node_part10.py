@@ -10,6 +10,7 @@ from dicom_node.ingest import ACCEPTED_SOP_CLASSES
 from dicom_node.part10 import (
     check_pixel_data,
     decodable_transfer_syntaxes,
+    file_meta_pydicom,
     parse_instance,
     parse_network_dataset,
     part10_prefix,
@@ -97,3 +98,15 @@ def test_offered_syntaxes_cover_the_issue_list() -> None:
                 "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"):
         assert uid in offered
     assert len(ACCEPTED_SOP_CLASSES) == 4
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
+def test_fast_file_meta_matches_pydicom_byte_for_byte(sop_instance: str) -> None:
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.90"):
+        fast = part10_prefix("1.2.840.10008.5.1.4.1.1.1", sop_instance, syntax)
+        assert fast == file_meta_pydicom("1.2.840.10008.5.1.4.1.1.1", sop_instance, syntax)
+
+
+def test_file_meta_refuses_a_non_uid() -> None:
+    with pytest.raises(InvalidDatasetError):
+        part10_prefix("1.2.840.10008.5.1.4.1.1.1", "1.2.x", ExplicitVRLittleEndian)
