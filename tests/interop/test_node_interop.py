@@ -163,6 +163,9 @@ def test_real_radiographs_are_stored_unchanged_and_the_study_settles(node: NodeP
         assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
         stored = dcmread(node.storage_dir / row.file_path)
         assert stored.SOPInstanceUID == original.SOPInstanceUID
+        dump = subprocess.run([dcmtk("dcmdump"), str(node.storage_dir / row.file_path)],
+                              capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr  # DCMTK reads it strictly
         assert np.array_equal(stored.pixel_array, original.pixel_array)
     with Session(node_db) as session:
         study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == original.StudyInstanceUID))
