@@ -34,8 +34,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+# Loggers whose messages may quote element values: pydicom's warn_and_log() both logs and warns
+# texts such as "Invalid value for VR PN: '<patient name>'".
+DATASET_LOGGERS = ("pydicom", "highdicom")
+
+
 class WarningRedactor(logging.Filter):
-    """Drop the text of captured Python warnings: pydicom quotes element values (names, IDs) in them."""
+    """Drop the text of captured Python warnings and of pydicom/highdicom log records (they quote values)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings":
@@ -43,6 +48,9 @@ class WarningRedactor(logging.Filter):
             # "path:line: Category: message\n  source" -> keep "path:line: Category"
             head = ": ".join(text.split(": ", 2)[:2])
             record.msg = f"{head} (warning text withheld: it may quote dataset values)"
+            record.args = None
+        elif record.name.split(".")[0] in DATASET_LOGGERS:
+            record.msg = f"{record.levelname.lower()} from {record.name} (text withheld: it may quote dataset values)"
             record.args = None
         return True
 
@@ -65,4 +73,7 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
     quiet_level = logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(quiet_level, root.level))
+    # Re-arm capture: captureWarnings(True) is a no-op when an earlier call is still in effect, and
+    # warnings.catch_warnings() blocks (pytest, libraries) may have restored another showwarning.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)

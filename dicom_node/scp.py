@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import traceback
 import types
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
 from dicom_node.errors import NodeError
-from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor, decodable_transfer_syntaxes
+from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.settings import DicomSettings
 from dicom_node.statuses import Status
 
@@ -153,13 +155,24 @@ class StorageScp:
             " (TLS)" if self.ssl_context else "",
         )
 
-    def stop(self) -> None:
-        """Stop accepting, let running associations end (pynetdicom aborts them on shutdown)."""
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting; give running associations ``grace_seconds`` to finish, then abort them.
+
+        An instance whose success was not yet sent is simply not acknowledged: the sender retries.
+        """
         with self._lock:
             server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            LOGGER.info("DICOM listener stopped")
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            LOGGER.warning("aborting an association still open at shutdown (calling AE %s)",
+                           assoc.requestor.ae_title)
+            assoc.abort()
+        LOGGER.info("DICOM listener stopped")
 
     @property
     def port(self) -> int:
@@ -204,7 +217,7 @@ class StorageScp:
             request = cast(C_STORE, event.request)
             stream = request.DataSet
             data = stream.getvalue() if stream is not None else b""
-            result = self.ingestor.ingest_network(
+            self.ingestor.ingest_network(
                 data,
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID),
@@ -218,9 +231,7 @@ class StorageScp:
         except Exception as exc:
             LOGGER.error("C-STORE from %s failed unexpectedly: %s", calling, describe_exception(exc))
             return int(Status.PROCESSING_FAILURE)
-        if result.duplicate:
-            LOGGER.info("C-STORE from %s: instance %d already stored", calling, result.instance_pk)
-        return int(Status.SUCCESS)
+        return int(Status.SUCCESS)  # also for a duplicate: the instance is safely stored
 
 
 def build_scp(

@@ -43,3 +43,20 @@ def test_third_party_loggers_stay_at_warning_unless_debug() -> None:
     assert logging.getLogger("pynetdicom").getEffectiveLevel() == logging.WARNING
     configure_logging(LoggingSettings(level="DEBUG"), stream=io.StringIO())
     assert logging.getLogger("pynetdicom").getEffectiveLevel() == logging.DEBUG
+
+
+def test_pydicom_log_records_lose_their_text() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO"), stream=stream)
+    logging.getLogger("pydicom").warning("Invalid value for VR PN: 'ZZSECRET^NAME'")
+    text = stream.getvalue()
+    assert "ZZSECRET" not in text
+    assert "warning from pydicom" in text
+
+
+def test_warning_capture_survives_an_earlier_configuration() -> None:
+    # An entry point configured logging before, then a catch_warnings() block (as pytest and some
+    # libraries use) swapped showwarning: configuring again must route warnings to the log again.
+    configure_logging(LoggingSettings(level="INFO"), stream=io.StringIO())
+    with warnings.catch_warnings(record=True):
+        test_warning_text_is_withheld_and_lines_are_json()

@@ -6,10 +6,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
-from dicom_node.ingest import (
-    ACCEPTED_SOP_CLASSES,
-    _check_pixel_data,
+from dicom_node.ingest import ACCEPTED_SOP_CLASSES
+from dicom_node.part10 import (
+    check_pixel_data,
     decodable_transfer_syntaxes,
+    file_meta_pydicom,
     parse_instance,
     parse_network_dataset,
     part10_prefix,
@@ -32,7 +33,7 @@ def test_a_valid_instance_parses_from_file_and_from_network_bytes() -> None:
     parsed = parse_network_dataset(_dataset_part(data), transfer_syntax=ExplicitVRLittleEndian,
                                    sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
     assert parsed.PatientID == "PID-1"
-    _check_pixel_data(parsed, ExplicitVRLittleEndian)
+    check_pixel_data(parsed, ExplicitVRLittleEndian)
 
 
 def test_the_stored_prefix_plus_received_bytes_is_a_valid_part10_file() -> None:
@@ -50,7 +51,7 @@ def test_truncation_anywhere_is_cannot_understand(cut: int) -> None:
         body = _dataset_part(to_bytes(ds))[:-cut]
         ds_net = parse_network_dataset(body, transfer_syntax=ExplicitVRLittleEndian,
                                        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
-        _check_pixel_data(ds_net, ExplicitVRLittleEndian)
+        check_pixel_data(ds_net, ExplicitVRLittleEndian)
     assert caught.value.status is Status.CANNOT_UNDERSTAND
 
 
@@ -60,7 +61,7 @@ def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
     with pytest.raises(NodeError) as caught:
         parsed = parse_network_dataset(body, transfer_syntax=ImplicitVRLittleEndian,
                                        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
-        _check_pixel_data(parsed, ImplicitVRLittleEndian)
+        check_pixel_data(parsed, ImplicitVRLittleEndian)
     assert caught.value.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
 
 
@@ -77,11 +78,11 @@ def test_missing_or_short_pixel_data() -> None:
     ds = make_cr()
     del ds.PixelData
     with pytest.raises(InvalidDatasetError):
-        _check_pixel_data(parse_instance(to_bytes(ds)), ExplicitVRLittleEndian)
+        check_pixel_data(parse_instance(to_bytes(ds)), ExplicitVRLittleEndian)
     short = make_cr()
     short.Rows = 128  # says more pixels than it carries
     with pytest.raises(UndecodableDatasetError):
-        _check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
+        check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
 
 
 def test_sop_identity_must_match_the_request() -> None:
@@ -97,3 +98,15 @@ def test_offered_syntaxes_cover_the_issue_list() -> None:
                 "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"):
         assert uid in offered
     assert len(ACCEPTED_SOP_CLASSES) == 4
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
+def test_fast_file_meta_matches_pydicom_byte_for_byte(sop_instance: str) -> None:
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.90"):
+        fast = part10_prefix("1.2.840.10008.5.1.4.1.1.1", sop_instance, syntax)
+        assert fast == file_meta_pydicom("1.2.840.10008.5.1.4.1.1.1", sop_instance, syntax)
+
+
+def test_file_meta_refuses_a_non_uid() -> None:
+    with pytest.raises(InvalidDatasetError):
+        part10_prefix("1.2.840.10008.5.1.4.1.1.1", "1.2.x", ExplicitVRLittleEndian)

@@ -1,0 +1,193 @@
+"""Rows for received objects: patient, study, series, instance (Core statements, one transaction).
+
+Core rather than ORM flushes: this runs once per received image, and the ORM's unit of work cost more
+CPU than writing the 7 MB file. Display values are read tolerantly: an undecodable name never fails an
+ingest, it is stored empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from sqlalchemy import Connection, CursorResult, Table, insert, select, update
+
+from dicom_node.errors import DatabaseUnavailableError
+from dicom_node.store.files import StoredFile
+from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExistingInstance:
+    """An instance already on record (found by SOP Instance UID)."""
+
+    instance_pk: int
+    study_pk: int
+    size_bytes: int
+    file_path: str
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """Validated facts about an instance; rows are built from this, never from a half-read dataset."""
+
+    ds: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: UID
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    """A display value, or "" when absent or undecodable (display fields never fail an ingest)."""
+    try:
+        value = ds.get(keyword, "")
+        return ("" if value is None else str(value)).strip()[:limit]
+    except (ValueError, TypeError, LookupError, UnicodeError):
+        LOGGER.warning("element %s could not be decoded; stored empty", keyword)
+        return ""
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError, LookupError):
+        return None
+
+
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise DatabaseUnavailableError("database returned no primary key")
+    return int(key[0])
+
+
+def find_existing(conn: Connection, sop_instance: str) -> ExistingInstance | None:
+    """The stored instance with this SOP Instance UID, if any."""
+    row = conn.execute(
+        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path)
+        .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
+        .where(_INSTANCE.c.sop_instance_uid == sop_instance)
+    ).first()
+    if row is None:
+        return None
+    return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]))
+
+
+def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,
+                 cached: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
+    """Instance row plus its parents; returns (instance pk, (study pk, series pk))."""
+    parents = _touch_parents(conn, parsed, cached)
+    if parents is None:  # not cached, or the cached row disappeared: full upsert
+        parents = _upsert_parents(conn, parsed, calling_ae)
+    return _insert_instance(conn, parsed, stored, parents[1], calling_ae, source), parents
+
+
+def _touch_parents(conn: Connection, parsed: ParsedInstance,
+                   cached: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Known series: bump the study's last_received_at; None if the cached study row is gone."""
+    if cached is None:
+        return None
+    updated = conn.execute(
+        update(_STUDY).where(_STUDY.c.id == cached[0], _STUDY.c.study_instance_uid == parsed.study_uid)
+        .values(last_received_at=utcnow())
+    )
+    return cached if updated.rowcount == 1 else None
+
+
+def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -> tuple[int, int]:
+    ds = parsed.ds
+    now = utcnow()
+    study_pk = conn.execute(
+        select(_STUDY.c.id).where(_STUDY.c.study_instance_uid == parsed.study_uid)
+    ).scalar()
+    if study_pk is None:
+        patient_pk = _upsert_patient(conn, ds)
+        study_pk = _new_id(conn.execute(insert(_STUDY).values(
+            study_instance_uid=parsed.study_uid,
+            patient_pk=patient_pk,
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+            calling_ae=calling_ae[:16],
+            state=StudyState.RECEIVED,
+            first_received_at=now,
+            last_received_at=now,
+        )))
+    else:
+        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(last_received_at=now))
+    series_pk = conn.execute(
+        select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == parsed.series_uid)
+    ).scalar()
+    if series_pk is None:
+        series_pk = _new_id(conn.execute(insert(_SERIES).values(
+            series_instance_uid=parsed.series_uid,
+            study_pk=study_pk,
+            modality=_text(ds, "Modality", 16),
+            series_number=_integer(ds, "SeriesNumber"),
+            body_part_examined=_text(ds, "BodyPartExamined", 16),
+            series_description=_text(ds, "SeriesDescription", 64),
+        )))
+    return int(study_pk), int(series_pk)
+
+
+def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFile, series_pk: int,
+                     calling_ae: str, source: str) -> int:
+    ds = parsed.ds
+    laterality = _text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16)
+    return _new_id(conn.execute(insert(_INSTANCE).values(
+        sop_instance_uid=parsed.sop_instance_uid,
+        sop_class_uid=parsed.sop_class_uid,
+        series_pk=series_pk,
+        instance_number=_integer(ds, "InstanceNumber"),
+        transfer_syntax_uid=str(parsed.transfer_syntax),
+        view_position=_text(ds, "ViewPosition", 16),
+        image_laterality=laterality,
+        rows=_integer(ds, "Rows"),
+        columns=_integer(ds, "Columns"),
+        file_path=stored.relative_path,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        calling_ae=calling_ae[:16],
+        source=source[:16],
+        received_at=utcnow(),
+        state=InstanceState.RECEIVED,
+    )))
+
+
+def _upsert_patient(conn: Connection, ds: Dataset) -> int:
+    patient_id = _text(ds, "PatientID", 64)
+    issuer = _text(ds, "IssuerOfPatientID", 64)
+    fields: dict[str, Any] = {
+        "name": _text(ds, "PatientName", 324),
+        "birth_date": _text(ds, "PatientBirthDate", 8),
+        "sex": _text(ds, "PatientSex", 16),
+    }
+    row = conn.execute(
+        select(_PATIENT.c.id, _PATIENT.c.name, _PATIENT.c.birth_date, _PATIENT.c.sex)
+        .where(_PATIENT.c.patient_id == patient_id, _PATIENT.c.issuer_of_patient_id == issuer)
+    ).first()
+    if row is None:
+        return _new_id(conn.execute(insert(_PATIENT).values(
+            patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
+    # Keep what we knew; fill what was missing (a later image may carry more demographics).
+    known = {"name": row.name, "birth_date": row.birth_date, "sex": row.sex}
+    missing = {key: value for key, value in fields.items() if value and not known[key]}
+    if missing:
+        conn.execute(update(_PATIENT).where(_PATIENT.c.id == row.id).values(**missing))
+    return int(row.id)
