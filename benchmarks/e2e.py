@@ -191,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     orthanc.start()
     node.start()
     try:
-        # Measure the steady state, not start-up: wait until the model is loaded.
-        if not wait_until(lambda: "loaded in" in node.log_path.read_text(), 300, interval=0.5):
-            raise RuntimeError(f"the node never loaded its model; see {node.log_path}")
+        node.wait_model_ready(300)  # measure the steady state, not start-up
         watcher = SrWatcher(orthanc)
         watcher.start()
         assert node.process is not None

@@ -246,6 +246,7 @@ class Pipeline:
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._warm = threading.Event()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -284,9 +285,9 @@ class Pipeline:
         return self._thread is not None and self._thread.is_alive()
 
     @property
-    def model_loaded(self) -> bool:
-        """False while the model loads at start-up, and when it cannot be loaded (no studies analysed)."""
-        return self._classifier is not None
+    def model_ready(self) -> bool:
+        """False while the model loads and warms up at start-up, and when it cannot be loaded."""
+        return self._warm.is_set()
 
     def unfinished_studies(self) -> list[int]:
         with session_scope(self.session_factory) as session:
@@ -332,6 +333,7 @@ class Pipeline:
             LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
         else:
             self._warm_up(classifier)
+            self._warm.set()
         while not self._stopping.is_set():
             first = self._queue.get()
             if first is None:
@@ -1099,7 +1101,7 @@ def attach(
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
     metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
     metrics.add_check("pipeline", lambda: pipeline.alive)
-    metrics.add_check("model", lambda: pipeline.model_loaded, critical=False)
+    metrics.add_check("model", lambda: pipeline.model_ready, critical=False)
     server = None
     if settings.metrics.enabled:
         try:

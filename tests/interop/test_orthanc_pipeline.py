@@ -74,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     orthanc.start()
     node.start()
     try:
-        assert wait_until(lambda: "loaded in" in node.log_path.read_text(), 120), "model never loaded"
+        node.wait_model_ready()
         yield Stack(orthanc, node, backup_port, root)
     finally:
         node.stop()

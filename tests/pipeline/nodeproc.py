@@ -89,6 +89,14 @@ class NodeProcess:
         self.kill()
         raise RuntimeError(f"node not healthy within {timeout} s; see {self.log_path}")
 
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=5.0).json())
+
+    def wait_model_ready(self, timeout: float = 180.0) -> None:
+        """Until the model is loaded and warmed up (measure steady state, not start-up)."""
+        if not wait_until(lambda: self.health()["checks"].get("model"), timeout, interval=0.2):
+            raise RuntimeError(f"the node's model is not ready after {timeout} s; see {self.log_path}")
+
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, as after a power cut or the OOM killer."""
         if self.process is not None and self.process.poll() is None:
