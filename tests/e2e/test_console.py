@@ -6,13 +6,14 @@ Every page is saved as a 1366x768 screenshot in tests/out/screenshots/ and must 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
-from tests.web.conftest import requires_module
+from tests.web.conftest import require_model, requires_module
 from tests.web.test_upload import chest_like_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -97,7 +98,8 @@ def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
 
 @requires_module("classifier.inference", "classifier helper")
 @requires_module("reporting.pdf", "reporting helper")
-def test_classify_and_save_the_report(page: Any, console: RunningConsole) -> None:
+def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_path: Path | None) -> None:
+    require_model(model_path)
     log_in(page, console, *RADIOLOGIST)
     for name, data, mime in (
         ("chest.png", chest_like_png(), "image/png"),

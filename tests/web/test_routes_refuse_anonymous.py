@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 from fastapi import FastAPI, routing
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+
+from tests.web.conftest import _importable
 
 pytestmark = [pytest.mark.unit]
 
@@ -19,7 +20,7 @@ PUBLIC = {
     ("POST", "/api/session"),  # the API's login
     ("GET", "/healthz"),  # liveness for systemd/k8s: up/down and nothing else
 }
-if importlib.util.find_spec("dicom_node.metrics") is not None:
+if _importable("dicom_node.metrics"):
     PUBLIC.add(("GET", "/metrics"))  # Prometheus counts (no patient data), for the node's scraper
 
 
