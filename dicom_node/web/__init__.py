@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -155,6 +155,8 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         if _is_api(request):
-            return await request_validation_exception_handler(request, exc)
+            # Without "input": a rejected body may hold a password, and it need not travel back.
+            errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+            return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
         fields = ", ".join(".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors())
         return error_page(request, 422, "Invalid input", f"Please check: {fields or 'the form'}.")

@@ -252,3 +252,12 @@ def test_pages_are_not_cached_or_framed(admin_client: tuple[TestClient, str]) ->
     assert headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
     assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_api_login_accepts_json_only(client: TestClient, accounts: dict[str, int]) -> None:
+    """A cross-site form can post text/plain but not application/json: no login CSRF through the API."""
+    body = b'{"username": "alice", "password": "admin-password-1"}'
+    response = client.post("/api/session", content=body, headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    assert "admin-password-1" not in response.text  # a rejected body is not echoed back
+    assert "cxr_session" not in client.cookies
