@@ -35,6 +35,7 @@ from dicom_node.web.pages import (
     classify_held,
     held_upload,
     read_limited,
+    record_failed_login,
     set_cookie,
     upload_report_response,
 )
@@ -70,7 +71,7 @@ def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
         user = users.authenticate(db, body.username, body.password)
     except AuthenticationError:
         con.throttle.failed(body.username)
-        audit.record(db, audit.user_actor(body.username[:64]), "user.login_failed")
+        record_failed_login(db, body.username, "user.login_failed")
         db.commit()
         return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
     con.throttle.succeeded(body.username)

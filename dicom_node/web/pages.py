@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.errors import AuthenticationError, NodeError, NotFoundError
@@ -29,6 +30,7 @@ from dicom_node.store.models import (
     utcnow,
 )
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
+from dicom_node.users import find as find_user
 from dicom_node.web import results
 from dicom_node.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, tokens_match
 from dicom_node.web.deps import (
@@ -124,6 +126,16 @@ def _login_page(
     return response
 
 
+def record_failed_login(db: Session, username: str, action: str) -> None:
+    """Audit a refused login under the account's name only if the account exists: people type
+    passwords into the username field, and those must not end up in the audit log."""
+    user = find_user(db, username) if username.strip() else None
+    if user is not None:
+        audit.record(db, audit.user_actor(user.username), action, f"app_user:{user.id}")
+    else:
+        audit.record(db, "anonymous", action, "", {"known_user": False})
+
+
 @public_router.get("/login")
 def login_form(
     request: Request,
@@ -150,7 +162,7 @@ def login(
     if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
         return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
     if con.throttle.blocked(username):
-        audit.record(db, audit.user_actor(username), "user.login_blocked")
+        record_failed_login(db, username, "user.login_blocked")
         db.commit()
         return _login_page(
             request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
@@ -159,7 +171,7 @@ def login(
         user = authenticate(db, username, password)
     except AuthenticationError:
         con.throttle.failed(username)
-        audit.record(db, audit.user_actor(username[:64]), "user.login_failed")
+        record_failed_login(db, username, "user.login_failed")
         db.commit()
         return _login_page(
             request, con, db, error="Unknown user or wrong password.", next_url=next, status=401

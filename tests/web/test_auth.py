@@ -89,6 +89,16 @@ def test_wrong_password_is_refused_and_audited(
     assert "cxr_session" not in client.cookies
     assert _actions(factory)[-1] == "user.login_failed"
     assert client.get("/").status_code == 303
+    page = client.get("/login")
+    client.post(
+        "/login", data={"username": "my-secret-password", "password": "x", "csrf_token": form_csrf(page.text)}
+    )
+    with session_scope(factory) as s:
+        failures = [
+            (e.actor, e.target)
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "user.login_failed"))
+        ]
+    assert failures == [("user:alice", f"app_user:{accounts['admin']}"), ("anonymous", "")]
 
 
 def test_login_form_without_its_csrf_token_is_refused(client: TestClient, accounts: dict[str, int]) -> None:
