@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
@@ -85,8 +86,21 @@ CONTENT_SECURITY_POLICY = (
 async def _security_headers(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names)."""
-    response = await call_next(request)
+    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names).
+
+    Also the last line of defence for unexpected errors: logged by type and code location only, since
+    exception texts (pydicom, SQL) can embed patient data; the user gets a plain 500 page.
+    """
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # anything a route did not map to a NodeError
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+        route = getattr(request.scope.get("route"), "path", "?")
+        LOGGER.error(
+            "console request %s %s failed: %s at %s", request.method, route, type(exc).__name__, where
+        )
+        response = PlainTextResponse("Internal error; the node's log names its location.", status_code=500)
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     headers.setdefault("X-Content-Type-Options", "nosniff")
