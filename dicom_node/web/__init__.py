@@ -25,7 +25,7 @@ from dicom_node.errors import NodeError, NotFoundError
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
-from dicom_node.web import admin, api, pages
+from dicom_node.web import admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
@@ -66,7 +66,8 @@ def create_app(
     app.state.console = state
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
     _include_health(app, session_factory)
-    app.include_router(pages.public_router)
+    app.include_router(login.public_router)
+    app.include_router(login.router)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.public_router)
@@ -116,7 +117,7 @@ def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> Non
     try:
         from dicom_node.metrics import metrics_router
     except ImportError:
-        app.include_router(pages.health_router)
+        app.include_router(login.health_router)
         return
     app.include_router(metrics_router(session_factory))
 

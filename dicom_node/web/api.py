@@ -30,13 +30,12 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
+from dicom_node.web.login import record_failed_login, set_cookie
 from dicom_node.web.pages import (
     ResultQueryDep,
     classify_held,
     held_upload,
     read_limited,
-    record_failed_login,
-    set_cookie,
     upload_report_response,
 )
 from dicom_node.web.uploads import read_upload
