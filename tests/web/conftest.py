@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import re
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from dicom_node.settings import Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import UserRole
 from dicom_node.web import create_app
+from tests import peers
 
 ADMIN = ("alice", "admin-password-1")
 RADIOLOGIST = ("rob", "radiologist-pw-1")
@@ -137,3 +141,36 @@ def admin_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClie
 @pytest.fixture
 def rad_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClient, str]:
     return client, login(client, *RADIOLOGIST)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("storescp exited early")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("storescp did not listen in time")
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """DCMTK storescp as a PACS stand-in on a free loopback port; stopped by PID."""
+    exe = peers.executable("storescp")
+    port = peers.free_port()
+    out = tmp_path / "storescp"
+    out.mkdir()
+    process = subprocess.Popen(
+        [exe, "--aetitle", "TESTPACS", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        yield "TESTPACS", port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
