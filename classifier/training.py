@@ -292,7 +292,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     folder = Path(config.output)
     folder.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept
     # An uncompiled functional twin (same layers) saves without the optimizer state: a third of the size.
-    keras.Model(model.inputs, model.outputs, name=model.name).save(folder / MODEL_FILE)
+    keras.Model(model.input, model.output, name=model.name).save(folder / MODEL_FILE)
     created = datetime.now(UTC).replace(microsecond=0)
     seconds_per_epoch = float(np.median(timer.durations)) if timer.durations else 0.0
     metadata = ArtifactMetadata(
