@@ -277,6 +277,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             validation_data=validation,
             validation_batch_size=32,
             class_weight=weights_by_class,
+            shuffle=False,  # the tf.data pipeline shuffles (reproducibly, by seed)
             callbacks=callbacks,
             verbose=0,
         )
