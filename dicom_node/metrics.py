@@ -97,8 +97,15 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 
 @dataclass
 class HealthReport:
+    """``ok`` is False when a critical check fails (HTTP 503); ``degraded`` when only others do (200)."""
+
     ok: bool
     checks: dict[str, bool] = field(default_factory=dict)
+    degraded: bool = False
+
+    @property
+    def status(self) -> str:
+        return "unhealthy" if not self.ok else "degraded" if self.degraded else "ok"
 
 
 # The metrics of the node running in this process (set by activate()), so that the web console's router
@@ -122,6 +129,7 @@ class NodeMetrics:
             registry=self.registry,
         )
         self._checks: dict[str, Callable[[], bool]] = {"database": self._database_ok}
+        self._informational: set[str] = set()
 
     def activate(self) -> None:
         """Become the metrics that :func:`metrics_router` serves in this process."""
@@ -136,9 +144,12 @@ class NodeMetrics:
     def observe_delivery(self, kind: str, seconds: float) -> None:
         self.delivery_latency.labels(kind=kind).observe(max(0.0, seconds))
 
-    def add_check(self, name: str, check: Callable[[], bool]) -> None:
-        """Register a liveness check (DICOM listener, pipeline worker, scheduler...)."""
+    def add_check(self, name: str, check: Callable[[], bool], *, critical: bool = True) -> None:
+        """Register a check. A failing critical one makes /healthz 503 (restart me); a non-critical one
+        (e.g. the model still loading, or missing) only marks the node degraded: it still receives."""
         self._checks[name] = check
+        if not critical:
+            self._informational.add(name)
 
     def health(self) -> HealthReport:
         checks: dict[str, bool] = {}
@@ -148,7 +159,8 @@ class NodeMetrics:
             except Exception as exc:
                 LOGGER.warning("health check %s failed (%s)", name, type(exc).__name__)
                 checks[name] = False
-        return HealthReport(all(checks.values()), checks)
+        failed = {name for name, good in checks.items() if not good}
+        return HealthReport(not (failed - self._informational), checks, degraded=bool(failed))
 
     def _database_ok(self) -> bool:
         with session_scope(self.session_factory) as session:
@@ -157,7 +169,7 @@ class NodeMetrics:
 
 
 def _health_body(report: HealthReport) -> bytes:
-    return json.dumps({"status": "ok" if report.ok else "unhealthy", "checks": report.checks}).encode()
+    return json.dumps({"status": report.status, "checks": report.checks}).encode()
 
 
 def metrics_wsgi_app(metrics: NodeMetrics) -> WsgiApp:

@@ -84,6 +84,8 @@ class ImageClassifier(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
+    def predict(self, images: Sequence[npt.NDArray[np.float32]], *, heatmap: bool = True) -> list[Prediction]: ...
+
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]: ...
@@ -281,6 +283,11 @@ class Pipeline:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def model_loaded(self) -> bool:
+        """False while the model loads at start-up, and when it cannot be loaded (no studies analysed)."""
+        return self._classifier is not None
+
     def unfinished_studies(self) -> list[int]:
         with session_scope(self.session_factory) as session:
             rows = session.scalars(
@@ -320,12 +327,11 @@ class Pipeline:
 
     def _run(self) -> None:
         try:
-            LOGGER.debug("worker ready with model %s", self.classifier.info.version)  # warm up
-            import reporting.encapsulated  # noqa: F401  (first-study latency: import the builders now)
-            import reporting.pdf  # noqa: F401
-            import reporting.sr  # noqa: F401
+            classifier = self.classifier
         except Exception:
             LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
+        else:
+            self._warm_up(classifier)
         while not self._stopping.is_set():
             first = self._queue.get()
             if first is None:
@@ -352,6 +358,39 @@ class Pipeline:
                 with self._idle:
                     self._busy -= len(batch)
                     self._idle.notify_all()
+
+    def _warm_up(self, classifier: ImageClassifier) -> None:
+        """One throw-away prediction and report before the first study: the first real one would otherwise
+        pay ~1-2 s of TensorFlow tracing and highdicom/reportlab first-use costs. Synthetic data, no PHI."""
+        from reporting.encapsulated import build_encapsulated_pdf
+        from reporting.pdf import build_pdf
+        from reporting.sr import build_sr
+        from reporting.types import AnalysedImage
+
+        started = time.perf_counter()
+        try:
+            height, width = classifier.info.input_size
+            prediction = classifier.predict(
+                [np.zeros((height, width, 3), dtype=np.float32)], heatmap=self.config.heatmap
+            )[0]
+            source = pydicom.Dataset()
+            source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+            source.SOPInstanceUID, source.SeriesInstanceUID, source.StudyInstanceUID = (
+                generate_uid(), generate_uid(), generate_uid())
+            source.Modality = "CR"
+            source.PatientName, source.PatientID = "WARM^UP", "WARMUP"
+            image = AnalysedImage(source=source, prediction=prediction, preview=np.zeros((64, 64), np.uint8))
+            now = utcnow()
+            identity = self.config.identity
+            dataset_bytes(build_sr([image], identity, series_instance_uid=generate_uid(),
+                                   sop_instance_uid=generate_uid(), analysed_at=now))
+            pdf = build_pdf([image], identity, analysed_at=now)
+            dataset_bytes(build_encapsulated_pdf(pdf, source, identity, series_instance_uid=generate_uid(),
+                                                 sop_instance_uid=generate_uid(), created_at=now))
+        except Exception as exc:  # a failed warm-up only costs the first study some latency
+            LOGGER.warning("warm-up failed (%s); the first study will be slower", type(exc).__name__)
+            return
+        LOGGER.info("pipeline warmed up in %.1f s", time.perf_counter() - started)
 
     # One cycle --------------------------------------------------------------------------------
 
@@ -732,7 +771,6 @@ class Pipeline:
         after the rows are collected.
         """
         from classifier.preprocess import display_image
-
         from reporting.types import AnalysedImage
 
         rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
@@ -1061,6 +1099,7 @@ def attach(
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
     metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
     metrics.add_check("pipeline", lambda: pipeline.alive)
+    metrics.add_check("model", lambda: pipeline.model_loaded, critical=False)
     server = None
     if settings.metrics.enabled:
         try:

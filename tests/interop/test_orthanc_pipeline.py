@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
@@ -166,8 +167,13 @@ def test_orthanc_routes_a_chest_cr_and_gets_sr_and_pdf_back_in_the_same_study(st
     doc_tags = stack.orthanc.tags(docs[0])
     assert doc_tags["MIMETypeOfEncapsulatedDocument"] == "application/pdf"
 
-    metrics = stack.node.metrics()
-    assert "cxr_node_receipt_to_delivery_seconds_count" in metrics
+    observed = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(stack.node.metrics())
+        for sample in family.samples
+    }
+    assert observed[("cxr_node_receipt_to_delivery_seconds_count", (("kind", "sr"),))] >= 1
+    assert observed[("cxr_node_instances_analysed_total", ())] >= 1
 
 
 def test_non_chest_cr_is_stored_skipped_with_its_reason_and_nothing_is_sent(stack: Stack) -> None:

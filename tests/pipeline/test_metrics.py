@@ -65,10 +65,15 @@ def test_healthz_reports_each_check_and_fails_when_one_fails(served: tuple[NodeM
     assert ok.status_code == 200
     assert ok.json() == {"status": "ok", "checks": {"database": True}}
 
+    metrics.add_check("model", lambda: False, critical=False)
+    degraded = httpx.get(f"{url}/healthz")
+    assert degraded.status_code == 200
+    assert degraded.json() == {"status": "degraded", "checks": {"database": True, "model": False}}
+
     metrics.add_check("pipeline", lambda: False)
     down = httpx.get(f"{url}/healthz")
     assert down.status_code == 503
-    assert down.json()["checks"] == {"database": True, "pipeline": False}
+    assert down.json() == {"status": "unhealthy", "checks": {"database": True, "model": False, "pipeline": False}}
     assert httpx.get(f"{url}/nothing").status_code == 404
 
 

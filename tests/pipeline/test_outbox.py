@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_node.cli import main as cli_main
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.cli import main as cli_main
 from dicom_node.outbox import Outbox, backoff_seconds
 from dicom_node.pipeline import dataset_bytes, write_atomically
 from dicom_node.settings import OutboxSettings
@@ -33,6 +34,17 @@ from tests.pipeline.conftest import add_study
 from tests.pipeline.storepeer import StorePeer
 
 pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures logging for its process; run in-process, undo that for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -137,6 +149,7 @@ def test_a_warning_status_counts_as_delivered_and_is_recorded(
         assert [(a.outcome, a.status) for a in delivery.attempt_history] == [("warning", 0xB000)]
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_failures_back_off_then_die_and_resend_delivers(
     db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
