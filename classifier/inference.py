@@ -172,7 +172,7 @@ class Classifier:
 
         if self._explain is None:
             layer = self._model.get_layer(self._metadata.gradcam_layer)
-            self._gradcam_model = keras.Model(self._model.inputs, [layer.output, self._model.output])
+            self._gradcam_model = keras.Model(self._model.inputs, [layer.output, self._model.outputs[0]])
             height, width = self.spec.input_size
             signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
             self._explain = tf.function(self._class_activation, input_signature=signature)

@@ -157,19 +157,33 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add.add_argument("--role", required=True, choices=[r.value for r in UserRole])
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.set_defaults(func=_cli_add)
+    _config_option(add)
 
     lst = commands.add_parser("list", help="list users")
     lst.set_defaults(func=_cli_list)
+    _config_option(lst)
 
     for name, active in (("disable", False), ("enable", True)):
         sub = commands.add_parser(name, help=f"{name} a user")
         sub.add_argument("--username", required=True)
         sub.set_defaults(func=_cli_set_active(active))
+        _config_option(sub)
 
     passwd = commands.add_parser("passwd", help="set a user's password (ends the user's sessions)")
     passwd.add_argument("--username", required=True)
     passwd.add_argument("--password-stdin", action="store_true")
     passwd.set_defaults(func=_cli_passwd)
+    _config_option(passwd)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config`` after the subcommand too; SUPPRESS keeps one given before it."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="YAML settings file (default: $CXR_NODE_CONFIG)",
+    )
 
 
 def _session_factory(args: argparse.Namespace) -> sessionmaker[Session]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import secrets
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +25,7 @@ from dicom_node.errors import NodeError, NotFoundError
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
-from dicom_node.web import admin, api, pages
+from dicom_node.web import admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
@@ -65,7 +66,8 @@ def create_app(
     app.state.console = state
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
     _include_health(app, session_factory)
-    app.include_router(pages.public_router)
+    app.include_router(login.public_router)
+    app.include_router(login.router)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.public_router)
@@ -85,8 +87,21 @@ CONTENT_SECURITY_POLICY = (
 async def _security_headers(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names)."""
-    response = await call_next(request)
+    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names).
+
+    Also the last line of defence for unexpected errors: logged by type and code location only, since
+    exception texts (pydicom, SQL) can embed patient data; the user gets a plain 500 page.
+    """
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # anything a route did not map to a NodeError
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+        route = getattr(request.scope.get("route"), "path", "?")
+        LOGGER.error(
+            "console request %s %s failed: %s at %s", request.method, route, type(exc).__name__, where
+        )
+        response = PlainTextResponse("Internal error; the node's log names its location.", status_code=500)
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -102,7 +117,7 @@ def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> Non
     try:
         from dicom_node.metrics import metrics_router
     except ImportError:
-        app.include_router(pages.health_router)
+        app.include_router(login.health_router)
         return
     app.include_router(metrics_router(session_factory))
 
@@ -155,6 +170,8 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         if _is_api(request):
-            return await request_validation_exception_handler(request, exc)
+            # Without "input": a rejected body may hold a password, and it need not travel back.
+            errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+            return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
         fields = ", ".join(".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors())
         return error_page(request, 422, "Invalid input", f"Please check: {fields or 'the form'}.")

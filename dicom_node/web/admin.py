@@ -21,7 +21,7 @@ from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, admin_user, release
-from dicom_node.web.pages import render
+from dicom_node.web.templating import render
 
 LOGGER = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
+from dicom_node.web.login import record_failed_login, set_cookie
 from dicom_node.web.pages import (
     ResultQueryDep,
     classify_held,
     held_upload,
     read_limited,
-    set_cookie,
     upload_report_response,
 )
 from dicom_node.web.uploads import read_upload
@@ -70,7 +70,7 @@ def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
         user = users.authenticate(db, body.username, body.password)
     except AuthenticationError:
         con.throttle.failed(body.username)
-        audit.record(db, audit.user_actor(body.username[:64]), "user.login_failed")
+        record_failed_login(db, body.username, "user.login_failed")
         db.commit()
         return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
     con.throttle.succeeded(body.username)

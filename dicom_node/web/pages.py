@@ -1,23 +1,22 @@
-"""The radiologist's pages: login, dashboard, upload & classify, results, study details and downloads."""
+"""The radiologist's pages: dashboard, upload & classify, results, study details and downloads."""
 
 from __future__ import annotations
 
 import io
 import logging
-import secrets
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import pydicom
-from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dicom_node import audit
-from dicom_node.errors import AuthenticationError, NodeError, NotFoundError
+from dicom_node.errors import NodeError, NotFoundError
 from dicom_node.store.models import (
     Delivery,
     Finding,
@@ -28,9 +27,9 @@ from dicom_node.store.models import (
     StudyState,
     utcnow,
 )
-from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
+from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import results
-from dicom_node.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, tokens_match
+from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
     Console,
     ConsoleDep,
@@ -38,158 +37,21 @@ from dicom_node.web.deps import (
     CsrfUserDep,
     DbDep,
     UserDep,
-    console,
     current_user,
-    optional_user,
     release,
 )
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
 from dicom_node.web.services import picture_preview
+from dicom_node.web.templating import render
 from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
 
 LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-public_router = APIRouter(include_in_schema=False)
-health_router = APIRouter(include_in_schema=False)  # replaced by dicom_node.metrics when installed
-router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
-
-NOTICES = {
-    "resent": "The delivery is queued again and will be sent within a few seconds.",
-    "stored": "The DICOM file is stored in the node; it is analysed and its results routed like any received study.",
-    "duplicate": "This DICOM instance was already stored in the node; nothing new was stored.",
-    "ae-added": "The AE was added.",
-    "ae-updated": "The AE was saved.",
-    "ae-removed": "The AE was removed.",
-    "user-added": "The user was created.",
-    "user-enabled": "The user can log in again.",
-    "user-disabled": "The user is disabled and logged out.",
-    "password-set": "The password was changed; the user's sessions were ended.",
-}
 PRIVATE_CACHE = {"Cache-Control": "private, max-age=300"}
 
-
-def render(
-    request: Request, name: str, principal: Principal | None, status: int = 200, **context: Any
-) -> Response:
-    """Render a page; every page gets the user, the CSRF token and a possible notice."""
-    notice = NOTICES.get(request.query_params.get("notice", ""))
-    return console(request).templates.TemplateResponse(
-        request,
-        name,
-        {
-            "principal": principal,
-            "csrf": principal.csrf_token if principal else "",
-            "notice": notice,
-            **context,
-        },
-        status_code=status,
-    )
-
-
-def _safe_next(target: str | None) -> str:
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    return target
-
-
-def set_cookie(response: Response, con: Console, name: str, value: str) -> None:
-    response.set_cookie(
-        name, value, httponly=True, samesite="strict", secure=con.settings.web.secure_cookies, path="/"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Login / logout
-# ---------------------------------------------------------------------------------------------
-
-
-def _login_page(
-    request: Request, con: Console, db: DbDep, *, error: str = "", next_url: str = "/", status: int = 200
-) -> Response:
-    login_csrf = secrets.token_urlsafe(32)
-    response = render(
-        request,
-        "login.html",
-        None,
-        status=status,
-        login_csrf=login_csrf,
-        error=error,
-        next_url=_safe_next(next_url),
-        no_admin=not admin_exists(db),
-        admin_hint=CREATE_ADMIN_HINT,
-    )
-    set_cookie(response, con, LOGIN_CSRF_COOKIE, login_csrf)
-    return response
-
-
-@public_router.get("/login")
-def login_form(
-    request: Request,
-    con: ConsoleDep,
-    db: DbDep,
-    principal: Annotated[Principal | None, Depends(optional_user)],
-    next: str = "/",
-) -> Response:
-    if principal is not None:
-        return RedirectResponse(_safe_next(next), status_code=303)
-    return _login_page(request, con, db, next_url=next)
-
-
-@public_router.post("/login")
-def login(
-    request: Request,
-    con: ConsoleDep,
-    db: DbDep,
-    username: Annotated[str, Form(max_length=64)],
-    password: Annotated[str, Form(max_length=1024)],
-    csrf_token: Annotated[str, Form(max_length=128)] = "",
-    next: Annotated[str, Form(max_length=512)] = "/",
-) -> Response:
-    if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
-        return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
-    if con.throttle.blocked(username):
-        audit.record(db, audit.user_actor(username), "user.login_blocked")
-        db.commit()
-        return _login_page(
-            request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
-        )
-    try:
-        user = authenticate(db, username, password)
-    except AuthenticationError:
-        con.throttle.failed(username)
-        audit.record(db, audit.user_actor(username[:64]), "user.login_failed")
-        db.commit()
-        return _login_page(
-            request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
-        )
-    con.throttle.succeeded(username)
-    con.tokens.purge_expired(db)
-    token = con.tokens.create(db, user)
-    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
-    db.commit()
-    response = RedirectResponse(_safe_next(next), status_code=303)
-    set_cookie(response, con, SESSION_COOKIE, token)
-    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
-    return response
-
-
-@router.post("/logout")
-def logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
-    con.tokens.end(db, principal.session_id)
-    audit.record(db, audit.user_actor(principal.username), "user.logout", f"app_user:{principal.user_id}")
-    db.commit()
-    response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
-    return response
-
-
-@health_router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """Liveness for service managers; says nothing about the node's data."""
-    return {"status": "ok"}
-
+router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
 
 # ---------------------------------------------------------------------------------------------
 # Dashboard

@@ -120,6 +120,9 @@ class NodeConsoleServices:
         self._file_store = file_store
         self._classifier = classifier
         self._lock = threading.Lock()
+        # One console classification at a time: a Keras model is not meant for concurrent calls,
+        # and on a small node the pipeline's inference must not be starved.
+        self._predict_lock = threading.Lock()
 
     # -- images -----------------------------------------------------------------------------
 
@@ -173,17 +176,18 @@ class NodeConsoleServices:
 
     def classify(self, upload: Upload) -> Prediction:
         model = self._model()
-        heatmap = self._settings.pipeline.heatmap
+        heatmap = True  # the console always shows where the model looked (one image: cheap)
         from classifier.errors import ClassifierError
 
         predictions: list[Prediction]
         try:
-            if upload.dataset is not None:
-                predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
-            elif upload.image is not None:
-                predictions = model.predict_images([upload.image], heatmap=heatmap)
-            else:
-                raise ClassificationError("the upload holds no image")
+            with self._predict_lock:
+                if upload.dataset is not None:
+                    predictions = model.predict_datasets([upload.dataset], heatmap=heatmap)
+                elif upload.image is not None:
+                    predictions = model.predict_images([upload.image], heatmap=heatmap)
+                else:
+                    raise ClassificationError("the upload holds no image")
         except ClassifierError as exc:
             raise ClassificationError(f"the image cannot be classified: {exc}") from exc
         return predictions[0]

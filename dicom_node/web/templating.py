@@ -6,11 +6,29 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+from fastapi import Request
+from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
 from dicom_node.settings import Settings
-from dicom_node.web.auth import aware
+from dicom_node.web.auth import Principal, aware
+from dicom_node.web.deps import console
 from dicom_node.web.services import software_version
+
+# Messages a redirect can ask a page to show (``?notice=<key>``): fixed texts, so a link cannot
+# make the console display words of someone else's choosing.
+NOTICES = {
+    "resent": "The delivery is queued again and will be sent within a few seconds.",
+    "stored": "The DICOM file is stored in the node; it is analysed and its results routed like any received study.",
+    "duplicate": "This DICOM instance was already stored in the node; nothing new was stored.",
+    "ae-added": "The AE was added.",
+    "ae-updated": "The AE was saved.",
+    "ae-removed": "The AE was removed.",
+    "user-added": "The user was created.",
+    "user-enabled": "The user can log in again.",
+    "user-disabled": "The user is disabled and logged out.",
+    "password-set": "The password was changed; the user's sessions were ended.",
+}
 
 # Labels shown as "no finding" (green); any other class except indeterminate is flagged.
 NORMAL_LABELS = frozenset({"normal", "non-covid", "noncovid", "no finding", "no_finding", "negative"})
@@ -90,3 +108,21 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         query_string=query_string,
     )
     return templates
+
+
+def render(
+    request: Request, name: str, principal: Principal | None, status: int = 200, **context: Any
+) -> Response:
+    """Render a page; every page gets the user, the CSRF token and a possible notice."""
+    notice = NOTICES.get(request.query_params.get("notice", ""))
+    return console(request).templates.TemplateResponse(
+        request,
+        name,
+        {
+            "principal": principal,
+            "csrf": principal.csrf_token if principal else "",
+            "notice": notice,
+            **context,
+        },
+        status_code=status,
+    )

@@ -20,9 +20,8 @@ from dicom_node.web import create_app
 from dicom_node.web.results import local_midnight
 from dicom_node.web.server import WebServer
 from tests import peers
-from tests.web.conftest import fast_password_hashing, model_path  # noqa: F401  (fixtures)
+from tests.web.conftest import fast_password_hashing, model_path, storescp  # noqa: F401  (fixtures)
 from tests.web.studies import StudySpec, add_study
-from tests.web.test_echo import storescp  # noqa: F401  (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -6,13 +6,14 @@ Every page is saved as a 1366x768 screenshot in tests/out/screenshots/ and must 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
-from tests.web.conftest import requires_module
+from tests.web.conftest import require_model, requires_module
 from tests.web.test_upload import chest_like_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -66,6 +67,8 @@ def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, cons
 
     page.goto(f"{console.url}/results/{console.study_ids['skipped']}")
     assert "not a chest image" in page.inner_text(".msg.warn")
+    # Its pixel file is gone from the store: the viewer says so instead of a broken image icon.
+    assert "cannot be shown" in page.inner_text(".viewer .placeholder")
     shoot(page, "06-study-skipped")
 
     page.click("header button:has-text('Log out')")
@@ -97,7 +100,8 @@ def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
 
 @requires_module("classifier.inference", "classifier helper")
 @requires_module("reporting.pdf", "reporting helper")
-def test_classify_and_save_the_report(page: Any, console: RunningConsole) -> None:
+def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_path: Path | None) -> None:
+    require_model(model_path)
     log_in(page, console, *RADIOLOGIST)
     for name, data, mime in (
         ("chest.png", chest_like_png(), "image/png"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from dicom_node.settings import Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import UserRole
 from dicom_node.web import create_app
+from tests import peers
 
 ADMIN = ("alice", "admin-password-1")
 RADIOLOGIST = ("rob", "radiologist-pw-1")
@@ -25,15 +29,18 @@ RADIOLOGIST = ("rob", "radiologist-pw-1")
 
 def requires_module(module: str, owner: str) -> pytest.MarkDecorator:
     """Marks a test that exercises a module another helper builds; it runs once the lead merges."""
-    available = importlib.util.find_spec(module.split(".")[0]) is not None and _importable(module)
-    return pytest.mark.skipif(not available, reason=f"needs {module} ({owner}); runs after the merge")
+    return pytest.mark.skipif(
+        not _importable(module), reason=f"needs {module} ({owner}); runs after the merge"
+    )
 
 
 def _importable(module: str) -> bool:
+    # An import, not find_spec: an editable install's finder may point find_spec at another checkout.
     try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
+        importlib.import_module(module)
+    except ImportError:
         return False
+    return True
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -61,9 +68,20 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
 
 
+def require_model(model_path: Path | None) -> None:
+    """Skip when there is neither a test model nor a shipped default (a partial checkout)."""
+    if model_path is not None:
+        return
+    from classifier.inference import default_model_path
+
+    if not (default_model_path() / "model.json").is_file():
+        pytest.skip("no model: needs the pipeline helper's tests.pipeline.model or a shipped default model")
+
+
 @pytest.fixture
 def classifying_app(settings: Settings, factory: sessionmaker[Session], model_path: Path | None) -> FastAPI:
     """The console with a loadable model."""
+    require_model(model_path)
     if model_path is not None:
         settings = settings.model_copy(
             update={"pipeline": settings.pipeline.model_copy(update={"model_path": model_path})}
@@ -123,3 +141,36 @@ def admin_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClie
 @pytest.fixture
 def rad_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClient, str]:
     return client, login(client, *RADIOLOGIST)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("storescp exited early")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("storescp did not listen in time")
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """DCMTK storescp as a PACS stand-in on a free loopback port; stopped by PID."""
+    exe = peers.executable("storescp")
+    port = peers.free_port()
+    out = tmp_path / "storescp"
+    out.mkdir()
+    process = subprocess.Popen(
+        [exe, "--aetitle", "TESTPACS", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        yield "TESTPACS", port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

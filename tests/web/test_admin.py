@@ -235,7 +235,7 @@ def test_users_add_disable_enable_and_reset_password(
         assert reset.status_code == 303
         login(other, "carol", "new-carol-password")
     actions = [a for _, a, t in _audit(factory) if t == f"app_user:{carol_id}"]
-    assert actions[:4] == ["user.add", "user.login", "user.disable", "user.enable"]
+    assert actions[:5] == ["user.add", "user.login", "user.disable", "user.login_failed", "user.enable"]
     assert "user.set_password" in actions
 
 

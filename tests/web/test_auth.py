@@ -89,6 +89,16 @@ def test_wrong_password_is_refused_and_audited(
     assert "cxr_session" not in client.cookies
     assert _actions(factory)[-1] == "user.login_failed"
     assert client.get("/").status_code == 303
+    page = client.get("/login")
+    client.post(
+        "/login", data={"username": "my-secret-password", "password": "x", "csrf_token": form_csrf(page.text)}
+    )
+    with session_scope(factory) as s:
+        failures = [
+            (e.actor, e.target)
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "user.login_failed"))
+        ]
+    assert failures == [("user:alice", f"app_user:{accounts['admin']}"), ("anonymous", "")]
 
 
 def test_login_form_without_its_csrf_token_is_refused(client: TestClient, accounts: dict[str, int]) -> None:
@@ -252,3 +262,12 @@ def test_pages_are_not_cached_or_framed(admin_client: tuple[TestClient, str]) ->
     assert headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
     assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_api_login_accepts_json_only(client: TestClient, accounts: dict[str, int]) -> None:
+    """A cross-site form can post text/plain but not application/json: no login CSRF through the API."""
+    body = b'{"username": "alice", "password": "admin-password-1"}'
+    response = client.post("/api/session", content=body, headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    assert "admin-password-1" not in response.text  # a rejected body is not echoed back
+    assert "cxr_session" not in client.cookies

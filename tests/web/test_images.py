@@ -21,6 +21,7 @@ from tests.web.test_upload import _mediastinum_brighter_than_lungs
 pytestmark = [pytest.mark.unit]
 
 
+@requires_module("reporting.heatmap", "reporting helper")
 def test_overlay_colours_only_where_the_model_looked() -> None:
     gray = np.full((200, 300), 100, dtype=np.uint8)
     heat = np.zeros((10, 15), dtype=np.float32)

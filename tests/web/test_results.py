@@ -337,3 +337,14 @@ def test_dashboard_counts_today(
     html = client.get("/").text
     assert 'id="stat-analysed">2<' in html and 'id="stat-dead">2<' in html and 'id="stat-queue">3<' in html
     assert "O&#39;BRIEN, MARY" in html  # latest studies listed
+
+
+def test_a_study_in_progress_reloads_itself_until_analysed(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    client, _ = rad_client
+    busy = add_study(
+        factory, StudySpec("BUSY^B", "P-500", "A500", state=StudyState.PROCESSING, label=None)
+    ).study
+    assert '<meta http-equiv="refresh" content="10">' in client.get(f"/results/{busy}").text
+    assert 'http-equiv="refresh"' not in client.get(f"/results/{corpus['covid']}").text

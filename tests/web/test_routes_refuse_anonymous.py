@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 from fastapi import FastAPI, routing
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+
+from tests.web.conftest import _importable
 
 pytestmark = [pytest.mark.unit]
 
@@ -19,7 +20,7 @@ PUBLIC = {
     ("POST", "/api/session"),  # the API's login
     ("GET", "/healthz"),  # liveness for systemd/k8s: up/down and nothing else
 }
-if importlib.util.find_spec("dicom_node.metrics") is not None:
+if _importable("dicom_node.metrics"):
     PUBLIC.add(("GET", "/metrics"))  # Prometheus counts (no patient data), for the node's scraper
 
 
@@ -74,3 +75,20 @@ def test_static_files_hold_no_data(app: FastAPI) -> None:
     with TestClient(app) as client:
         assert client.get("/static/console.css").status_code == 200
         assert client.get("/static/../templates/base.html").status_code == 404
+
+
+def test_unexpected_errors_are_logged_without_their_text(
+    admin_client: tuple[TestClient, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception text may embed patient data (pydicom, SQL); the log gets its type and location."""
+    client, _ = admin_client
+    app = client.app
+
+    @app.get("/boom-test")  # type: ignore[attr-defined,misc]
+    def boom() -> None:
+        raise RuntimeError("DOE^JANE 19600101")
+
+    with caplog.at_level("ERROR"):
+        response = TestClient(app, raise_server_exceptions=False, cookies=client.cookies).get("/boom-test")
+    assert response.status_code == 500 and "DOE" not in response.text
+    assert "RuntimeError" in caplog.text and "DOE" not in caplog.text

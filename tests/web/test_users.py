@@ -18,12 +18,14 @@ from dicom_node.store.models import AuditEvent, User, UserRole
 pytestmark = [pytest.mark.db]
 
 
-def _cli(config: Path, argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run the subcommands as the node's CLI would (it adds --config and calls register_cli)."""
+def _cli(
+    config: Path, argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch, *, after: bool = False
+) -> int:
+    """Run the subcommands as the node's CLI would (it has --config and calls register_cli)."""
     parser = argparse.ArgumentParser(prog="cxr-node")
-    parser.add_argument("--config")
+    parser.add_argument("--config", default=argparse.SUPPRESS)
     users.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["--config", str(config), *argv])
+    args = parser.parse_args([*argv, "--config", str(config)] if after else ["--config", str(config), *argv])
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     result: int = args.func(args)
     return result
@@ -49,7 +51,7 @@ def test_user_add_and_list_from_the_cli(
     )
     assert code == 0
     assert "created admin 'root'" in capsys.readouterr().out
-    assert _cli(config, ["user", "list"], "", monkeypatch) == 0
+    assert _cli(config, ["user", "list"], "", monkeypatch, after=True) == 0  # --config after the command
     listing = capsys.readouterr().out
     assert "root" in listing and "admin" in listing and "never" in listing
     assert "s3cret" not in listing

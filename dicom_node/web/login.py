@@ -1,0 +1,130 @@
+"""Logging in and out of the console, and the liveness probe."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from dicom_node import audit
+from dicom_node.errors import AuthenticationError
+from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
+from dicom_node.users import find as find_user
+from dicom_node.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, tokens_match
+from dicom_node.web.deps import Console, ConsoleDep, CsrfUserDep, DbDep, current_user, optional_user
+from dicom_node.web.templating import render
+
+public_router = APIRouter(include_in_schema=False)
+health_router = APIRouter(include_in_schema=False)  # replaced by dicom_node.metrics when installed
+router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
+
+
+def _safe_next(target: str | None) -> str:
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def set_cookie(response: Response, con: Console, name: str, value: str) -> None:
+    response.set_cookie(
+        name, value, httponly=True, samesite="strict", secure=con.settings.web.secure_cookies, path="/"
+    )
+
+
+def _login_page(
+    request: Request, con: Console, db: DbDep, *, error: str = "", next_url: str = "/", status: int = 200
+) -> Response:
+    login_csrf = secrets.token_urlsafe(32)
+    response = render(
+        request,
+        "login.html",
+        None,
+        status=status,
+        login_csrf=login_csrf,
+        error=error,
+        next_url=_safe_next(next_url),
+        no_admin=not admin_exists(db),
+        admin_hint=CREATE_ADMIN_HINT,
+    )
+    set_cookie(response, con, LOGIN_CSRF_COOKIE, login_csrf)
+    return response
+
+
+def record_failed_login(db: Session, username: str, action: str) -> None:
+    """Audit a refused login under the account's name only if the account exists: people type
+    passwords into the username field, and those must not end up in the audit log."""
+    user = find_user(db, username) if username.strip() else None
+    if user is not None:
+        audit.record(db, audit.user_actor(user.username), action, f"app_user:{user.id}")
+    else:
+        audit.record(db, "anonymous", action, "", {"known_user": False})
+
+
+@public_router.get("/login")
+def login_form(
+    request: Request,
+    con: ConsoleDep,
+    db: DbDep,
+    principal: Annotated[Principal | None, Depends(optional_user)],
+    next: str = "/",
+) -> Response:
+    if principal is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _login_page(request, con, db, next_url=next)
+
+
+@public_router.post("/login")
+def login(
+    request: Request,
+    con: ConsoleDep,
+    db: DbDep,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    csrf_token: Annotated[str, Form(max_length=128)] = "",
+    next: Annotated[str, Form(max_length=512)] = "/",
+) -> Response:
+    if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
+        return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
+    if con.throttle.blocked(username):
+        record_failed_login(db, username, "user.login_blocked")
+        db.commit()
+        return _login_page(
+            request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
+        )
+    try:
+        user = authenticate(db, username, password)
+    except AuthenticationError:
+        con.throttle.failed(username)
+        record_failed_login(db, username, "user.login_failed")
+        db.commit()
+        return _login_page(
+            request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
+        )
+    con.throttle.succeeded(username)
+    con.tokens.purge_expired(db)
+    token = con.tokens.create(db, user)
+    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
+    db.commit()
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    set_cookie(response, con, SESSION_COOKIE, token)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
+
+
+@router.post("/logout")
+def logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
+    con.tokens.end(db, principal.session_id)
+    audit.record(db, audit.user_actor(principal.username), "user.logout", f"app_user:{principal.user_id}")
+    db.commit()
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@health_router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness for service managers; says nothing about the node's data."""
+    return {"status": "ok"}
