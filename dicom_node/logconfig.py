@@ -15,7 +15,9 @@ from typing import TextIO
 from dicom_node.settings import LoggingSettings
 
 # Libraries whose INFO/DEBUG output is noisy or may carry identifiers; kept at WARNING unless DEBUG.
-QUIET_LOGGERS = ("pynetdicom", "apscheduler", "sqlalchemy.engine", "alembic", "PIL", "uvicorn.access")
+QUIET_LOGGERS = (
+    "pynetdicom", "apscheduler", "sqlalchemy.engine", "alembic", "PIL", "uvicorn.access", "pydicom", "highdicom",
+)
 
 
 class JsonFormatter(logging.Formatter):
