@@ -274,7 +274,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
         ),
         recipe=Recipe(
             batch_size=16,
-            stages=(Stage(epochs=70, learning_rate=1e-3, schedule="cosine"),),
+            stages=(Stage(epochs=110, learning_rate=1e-3, schedule="cosine"),),
             augmentation="robust",
             keep_best=True,
             class_weights=True,

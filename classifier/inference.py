@@ -1,12 +1,13 @@
 """The node's classifier: load an artifact once, predict batches, explain with Grad-CAM.
 
-``Classifier`` is not thread-safe for concurrent ``predict`` calls on one instance in the sense that
-TensorFlow serialises them anyway; the node should hold one instance and call it from its worker.
+Hold one :class:`Classifier` per process and share it: loading costs seconds, a prediction milliseconds.
+Calls from several threads are serialised by a lock (the traced graphs are built on first use).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -19,6 +20,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
+from classifier.dataset import DICOM_SUFFIXES
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.preprocess import (
     FloatImage,
@@ -30,8 +32,6 @@ from classifier.preprocess import (
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
 
 LOGGER = logging.getLogger(__name__)
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 def default_model_path() -> Path:
@@ -72,6 +72,7 @@ class Classifier:
         self._gradcam_model: Any | None = None
         self._forward: Any | None = None
         self._explain: Any | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: Path, *, indeterminate_threshold: float = 0.5) -> Classifier:
@@ -117,10 +118,11 @@ class Classifier:
         if batch.shape[1:] != expected:
             raise UnsupportedImageError(f"model input must be {expected}, got {batch.shape[1:]}")
         start = time.perf_counter()
-        if heatmap:
-            probabilities, maps = self._gradcam(batch)
-        else:
-            probabilities, maps = self._probabilities(batch), [None] * len(batch)
+        with self._lock:
+            if heatmap:
+                probabilities, maps = self._gradcam(batch)
+            else:
+                probabilities, maps = self._probabilities(batch), [None] * len(batch)
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
         return [
             self._prediction(row, heat, elapsed_ms) for row, heat in zip(probabilities, maps, strict=True)

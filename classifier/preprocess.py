@@ -249,7 +249,7 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
         raw = raw[0]  # a multi-frame array that slipped through
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(raw, ds)
-        top = 255.0 if rgb.dtype == np.uint8 else float(max(int(rgb.max()), 1) if rgb.max() > 255 else 255)
+        top = 65535.0 if rgb.max() > 255 else 255.0  # 16- or 8-bit palette entries
         gray = (_box_reduce(rgb.astype(np.float32), min_side) @ _LUMA) / top
         return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"):
