@@ -10,6 +10,7 @@ loses nothing. Arming once per study (not per instance) keeps the C-STORE path f
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -94,6 +95,7 @@ class StudySettler:
         self.name = name
         self._armed: set[int] = set()
         self._lock = threading.Lock()
+        self._arming = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"settle-arm-{name}")
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -111,15 +113,32 @@ class StudySettler:
         )
 
     def stop(self) -> None:
+        self._arming.shutdown(wait=True)
         if _SETTLERS.get(self.name) is self:
             del _SETTLERS[self.name]
 
     # Arming ----------------------------------------------------------------------------------
 
     def on_stored(self, result: IngestResult) -> None:
-        """Ingest hook: make sure the study has a timer (re-arming is done by the timer itself)."""
-        if not result.duplicate:
-            self.arm(result.study_pk)
+        """Ingest hook: make sure the study has a timer (re-arming is done by the timer itself).
+
+        Arming writes the persistent job store (a second commit); it runs on the arming thread so the
+        C-STORE response does not wait for it. Nothing is lost if the process dies first: the study row
+        is already committed as RECEIVED, and start-up (and the periodic sweep) re-arm such studies.
+        """
+        if result.duplicate:
+            return
+        with self._lock:
+            if result.study_pk in self._armed:
+                return
+        self._arming.submit(self._arm_logged, result.study_pk)
+
+    def _arm_logged(self, study_pk: int) -> None:
+        try:
+            self.arm(study_pk)
+        except Exception as exc:  # the sweep re-arms it; say so instead of losing the error
+            LOGGER.error("settle timer for study %d not armed now (%s); the sweep will retry",
+                         study_pk, type(exc).__name__)
 
     def arm(self, study_pk: int, *, at: datetime | None = None) -> None:
         with self._lock:
