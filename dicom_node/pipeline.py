@@ -22,7 +22,6 @@ import queue
 import re
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import assess_instance
-from dicom_node.errors import NodeError, ReportingError
+from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -344,7 +343,9 @@ class Pipeline:
             try:
                 self.process(batch)
             except Exception as exc:
-                LOGGER.error("pipeline cycle for studies %s failed (%s)\n%s", batch, type(exc).__name__, frames(exc))
+                LOGGER.error(
+                    "pipeline cycle for studies %s failed: %s", batch, describe_exception(exc, stack=True)
+                )
             finally:
                 with self._idle:
                     self._busy -= len(batch)
@@ -912,7 +913,9 @@ class Pipeline:
         """A retriable error puts the job back (and retries later); others mark job and study FAILED."""
         retriable = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
-        LOGGER.error("study %d: processing failed (%s)\n%s", study_pk, summary, frames(exc))
+        LOGGER.error(
+            "study %d: processing failed (%s): %s", study_pk, summary, describe_exception(exc, stack=True)
+        )
         try:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
@@ -971,11 +974,6 @@ def not_analysed_pdf(identity: NodeIdentity, *, reason: str, analysed_at: dateti
 # ---------------------------------------------------------------------------------------------
 # Reading stored instances
 # ---------------------------------------------------------------------------------------------
-
-
-def frames(exc: BaseException) -> str:
-    """Where an error happened, without its message: pydicom/highdicom messages may quote PHI."""
-    return "".join(traceback.format_tb(exc.__traceback__)).rstrip()
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
