@@ -22,7 +22,6 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import audit
 from dicom_node.errors import (
     ClassificationError,
     NodeError,
@@ -31,12 +30,10 @@ from dicom_node.errors import (
     UndecodableDatasetError,
 )
 from dicom_node.settings import Settings
-from dicom_node.store.models import Delivery, DeliveryState, RemoteAe, utcnow
+from dicom_node.store.models import RemoteAe
 
 if TYPE_CHECKING:
     from classifier.inference import Classifier
-    from reporting.types import NodeIdentity
-
     from classifier.types import Prediction
 
 LOGGER = logging.getLogger(__name__)
@@ -89,12 +86,6 @@ class ConsoleServices(Protocol):
 
     def echo(self, ae: RemoteAe) -> int:
         """C-ECHO a remote AE; returns the DIMSE status (raises when there is no association)."""
-
-    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
-        """Queue a delivery again now (audited); the caller commits."""
-
-    def after_resend(self, delivery: Delivery) -> None:
-        """Called after the commit: nudge the outbox so the resend happens at once."""
 
 
 def software_version() -> str:
@@ -194,6 +185,7 @@ class NodeConsoleServices:
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
         try:
+            from dicom_node.pipeline import node_identity
             from reporting.errors import ReportingError as ReportBuildError
             from reporting.pdf import build_pdf
             from reporting.types import AnalysedImage
@@ -258,66 +250,6 @@ class NodeConsoleServices:
                 timeout=10.0,
             )
         )
-
-    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
-        """Requeue; the caller commits, then calls :meth:`after_resend` so the outbox sees the row."""
-        return requeue_delivery(session, delivery_id, actor)
-
-    def after_resend(self, delivery: Delivery) -> None:
-        wake_outbox(delivery.destination_pk)
-
-
-def requeue_delivery(session: Session, delivery_id: int, actor: str) -> Delivery:
-    """Put a delivery back in the outbox, due now, with a fresh attempt budget; the history is kept.
-
-    Works for any state: a dead delivery after the PACS is fixed, or a delivered one the PACS lost.
-    """
-    delivery = session.get(Delivery, delivery_id)
-    if delivery is None:
-        raise NotFoundError(f"no delivery with id {delivery_id}")
-    audit.record(
-        session,
-        actor,
-        "delivery.resend",
-        f"delivery:{delivery.id}",
-        {
-            "destination_pk": delivery.destination_pk,
-            "previous_attempts": delivery.attempts,
-            "previous_state": delivery.state.value,
-        },
-    )
-    delivery.state = DeliveryState.PENDING
-    delivery.attempts = 0
-    delivery.next_attempt_at = utcnow()
-    delivery.delivered_at = None
-    session.flush()
-    return delivery
-
-
-def wake_outbox(destination_pk: int) -> None:
-    """Ask the outbox running in this process (if any) to try the destination now, not at its next sweep."""
-    try:
-        from dicom_node.outbox import wake
-    except ImportError:
-        LOGGER.info("no outbox module; the requeued delivery waits for the node's next sweep")
-        return
-    wake([destination_pk])
-
-
-def node_identity(settings: Settings) -> NodeIdentity:
-    """The node as named in reports (reporting.types.NodeIdentity)."""
-    from pydicom.uid import generate_uid
-    from reporting.types import NodeIdentity
-
-    return NodeIdentity(
-        name=settings.node.name,
-        institution_name=settings.node.institution_name,
-        manufacturer="cxr-node",
-        model_name="CXR AI node",
-        software_version=software_version(),
-        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
-        station_name=settings.dicom.ae_title,
-    )
 
 
 def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
