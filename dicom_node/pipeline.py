@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -88,6 +89,8 @@ class ImageClassifier(Protocol):
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]: ...
+
+    def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]: ...
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -33,8 +34,9 @@ from dicom_node.settings import Settings
 from dicom_node.store.models import RemoteAe
 
 if TYPE_CHECKING:
-    from classifier.inference import Classifier
     from classifier.types import Prediction
+    from dicom_node.ingest import Ingestor
+    from dicom_node.pipeline import ImageClassifier
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,13 +105,17 @@ class NodeConsoleServices:
         settings: Settings,
         session_factory: sessionmaker[Session],
         *,
-        file_store: object | None = None,
-        classifier: Classifier | None = None,
+        ingestor: Ingestor | None = None,
+        classifier_loader: Callable[[], ImageClassifier] | None = None,
     ) -> None:
+        """``ingestor`` and ``classifier_loader`` come from the running node (app.py): uploads then use
+        its file store and arm the settle timer at once, and the console shares the pipeline's model.
+        Without them (a console alone, its tests) the console builds its own on first use."""
         self._settings = settings
         self._session_factory = session_factory
-        self._file_store = file_store
-        self._classifier = classifier
+        self._ingestor = ingestor
+        self._classifier_loader = classifier_loader
+        self._classifier: ImageClassifier | None = None
         self._lock = threading.Lock()
         # One console classification at a time: a Keras model is not meant for concurrent calls,
         # and on a small node the pipeline's inference must not be starved.
@@ -134,6 +140,7 @@ class NodeConsoleServices:
         path = (root / relative_path).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise NotFoundError("the image file is no longer in the file store")
+        dataset: pydicom.Dataset
         try:
             from classifier.preprocess import read_dataset
         except ImportError:
@@ -144,25 +151,21 @@ class NodeConsoleServices:
 
     # -- classification and report ----------------------------------------------------------
 
-    def _model(self) -> Classifier:
+    def _model(self) -> ImageClassifier:
         with self._lock:
             if self._classifier is None:
                 try:
-                    from classifier.inference import Classifier, default_model_path
+                    from classifier.errors import ClassifierError
+                    from dicom_node.pipeline import load_classifier
                 except ImportError as exc:
                     raise FeatureUnavailableError("classification needs the classifier package") from exc
-                from classifier.errors import ClassifierError
-
-                path = self._settings.pipeline.model_path or default_model_path()
                 try:
-                    self._classifier = Classifier.load(
-                        Path(path), indeterminate_threshold=self._settings.pipeline.indeterminate_threshold
-                    )
+                    if self._classifier_loader is not None:
+                        self._classifier = self._classifier_loader()
+                    else:
+                        self._classifier = load_classifier(self._settings)
                 except ClassifierError as exc:
                     raise FeatureUnavailableError(f"no usable model: {exc}") from exc
-                LOGGER.info(
-                    "console loaded model %s %s", self._classifier.info.name, self._classifier.info.version
-                )
             return self._classifier
 
     def classify(self, upload: Upload) -> Prediction:
@@ -207,23 +210,21 @@ class NodeConsoleServices:
 
     def ingest(self, upload: Upload, *, calling_ae: str) -> IngestOutcome:
         try:
-            from dicom_node.ingest import ingest_bytes
+            from dicom_node.ingest import Ingestor
             from dicom_node.store.files import FileStore
         except ImportError as exc:
             raise FeatureUnavailableError("storing uploads needs the node's ingest module") from exc
         with self._lock:
-            if self._file_store is None:
+            if self._ingestor is None:
                 storage = self._settings.storage
-                self._file_store = FileStore(
+                store = FileStore(
                     self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes
                 )
-        result = ingest_bytes(
-            self._session_factory, self._file_store, upload.data, calling_ae=calling_ae, source="upload"
-        )
+                self._ingestor = Ingestor(self._session_factory, store)
+            ingestor = self._ingestor
+        result = ingestor.ingest_bytes(upload.data, calling_ae=calling_ae, source="upload")
         return IngestOutcome(
-            study_pk=int(result.study_pk),
-            instance_pk=int(result.instance_pk),
-            duplicate=bool(getattr(result, "duplicate", False)),
+            study_pk=int(result.study_pk), instance_pk=int(result.instance_pk), duplicate=result.duplicate
         )
 
     def echo(self, ae: RemoteAe) -> int:
