@@ -6,9 +6,7 @@ Needs the node, classifier, reporting and pipeline packages; it runs once the le
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 
 from tests import peers
 from tests.e2e.test_console import shoot
+from tests.node_process import NodeProcess, configured_node, wait_until
 from tests.web.conftest import requires_module
 from tests.web.test_upload import chest_like_png
 
@@ -25,7 +24,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.interop,
     pytest.mark.slow,
-    requires_module("tests.pipeline.nodeproc", "pipeline helper"),
+    requires_module("dicom_node.pipeline", "pipeline"),
     requires_module("dicom_node.app", "node helper"),
 ]
 
@@ -33,27 +32,10 @@ ADMIN = ("admin", "node-admin-password")
 RADIOLOGIST = ("dr.jones", "node-radiologist-pw")
 
 
-def _add_user(node: Any, username: str, role: str, password: str) -> None:
+def _add_user(node: NodeProcess, username: str, role: str, password: str) -> None:
     """``cxr-node user add`` as the README tells the operator, the password on stdin."""
-    env = dict(os.environ, CXR_NODE_CONFIG=str(node.config_path))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "user",
-            "add",
-            "--username",
-            username,
-            "--role",
-            role,
-            "--password-stdin",
-        ],
-        input=password + "\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = node.cli(
+        "user", "add", "--username", username, "--role", role, "--password-stdin", input=password + "\n"
     )
     assert done.returncode == 0, done.stderr
 
@@ -61,13 +43,12 @@ def _add_user(node: Any, username: str, role: str, password: str) -> None:
 @pytest.fixture
 def node(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, storescp: tuple[str, int]
-) -> Iterator[Any]:
+) -> Iterator[NodeProcess]:
     from tests.pipeline.model import model_for_tests
-    from tests.pipeline.nodeproc import NodeProcess, wait_until
 
     title, _ = storescp
     web_port = peers.free_port()
-    process = NodeProcess(
+    process = configured_node(
         tmp_path / "node",
         model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
         callers=[],
@@ -80,7 +61,6 @@ def node(
     _add_user(process, ADMIN[0], "admin", ADMIN[1])
     _add_user(process, RADIOLOGIST[0], "radiologist", RADIOLOGIST[1])
     process.start()
-    process.web_url = f"http://127.0.0.1:{web_port}"
     # The node reports healthy on its metrics port before the console has bound its own port.
     assert wait_until(lambda: _answers(f"{process.web_url}/login"), timeout=120), "console did not start"
     try:
@@ -124,7 +104,6 @@ def _upload(page: Any, url: str, name: str, data: bytes, mime: str) -> str:
 
 
 def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str, int]) -> None:
-    from tests.pipeline.nodeproc import wait_until
 
     url = node.web_url
     title, port = storescp
