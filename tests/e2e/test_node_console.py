@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests import peers
-from tests.e2e.test_console import shoot
+from tests.e2e.test_console import add_destination_and_echo, log_in, shoot
 from tests.node_process import NodeProcess, configured_node, wait_until
 from tests.web.conftest import requires_module
 from tests.web.test_upload import chest_like_png
@@ -76,14 +76,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _log_in(page: Any, url: str, username: str, password: str) -> None:
-    page.goto(f"{url}/login")
-    page.fill("#username", username)
-    page.fill("#password", password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{url}/")
-
-
 def _upload(page: Any, url: str, name: str, data: bytes, mime: str) -> str:
     page.goto(f"{url}/upload")
     page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
@@ -111,21 +103,14 @@ def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str,
     page = context.new_page()
     try:
         # An admin adds the PACS as a destination and tests it.
-        _log_in(page, url, *ADMIN)
-        page.goto(f"{url}/admin/aes")
-        page.fill("#ae_title", title)
-        page.fill("#host", "127.0.0.1")
-        page.fill("#port", str(port))
-        page.click("#add button[type=submit]")
-        page.wait_for_url("**/admin/aes?notice=ae-added")
-        page.click(f"button[data-echo='{title}']")
-        assert "succeeded" in page.inner_text("#echo-result")
+        log_in(page, url, *ADMIN)
+        add_destination_and_echo(page, url, title, port)
         shoot(page, "node-01-admin-echo")
         page.click("header button:has-text('Log out')")
         page.wait_for_url(f"{url}/login")
 
         # A radiologist classifies a PNG and RG1, saves both reports, and stores RG1 in the node.
-        _log_in(page, url, *RADIOLOGIST)
+        log_in(page, url, *RADIOLOGIST)
         assert page.goto(f"{url}/admin/users").status == 403
         _upload(page, url, "chest.png", chest_like_png(), "image/png")
         rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
