@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import __version__
 from dicom_node.errors import NodeError, NotFoundError, describe_exception
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
@@ -28,7 +29,7 @@ from dicom_node.web import admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
-from dicom_node.web.services import ConsoleServices, NodeConsoleServices, software_version
+from dicom_node.web.services import ConsoleServices, NodeConsoleServices
 from dicom_node.web.templating import configure_templates
 from dicom_node.web.uploads import UploadStore
 
@@ -57,7 +58,7 @@ def create_app(
     )
     app = FastAPI(
         title=f"{settings.node.name} console API",
-        version=software_version(),
+        version=__version__,
         openapi_url=None,  # served by api.router behind the login, like every other route
         docs_url=None,
         redoc_url=None,

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -88,13 +87,6 @@ class ConsoleServices(Protocol):
 
     def echo(self, ae: RemoteAe) -> int:
         """C-ECHO a remote AE; returns the DIMSE status (raises when there is no association)."""
-
-
-def software_version() -> str:
-    try:
-        return version("cxr-node")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class NodeConsoleServices:
