@@ -38,9 +38,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests import peers  # noqa: E402
+from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until  # noqa: E402
 from tests.orthanc import NodeAddress, OrthancServer  # noqa: E402
 from tests.pipeline.model import default_model, tiny_model  # noqa: E402
-from tests.pipeline.nodeproc import NODE_AET, NodeProcess, wait_until  # noqa: E402
 
 
 class SrWatcher(threading.Thread):
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no default model shipped: training a tiny stand-in model (latency only, meaningless findings)")
         model = tiny_model(work / "model")
     orthanc = OrthancServer(work / "orthanc")
-    node = NodeProcess(
+    node = configured_node(
         work / "node",
         model_path=model,
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"}],
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         node.wait_model_ready(300)  # measure the steady state, not start-up
         watcher = SrWatcher(orthanc)
         watcher.start()
-        assert node.process is not None
-        pid = node.process.pid
+        assert node.proc is not None
+        pid = node.proc.pid
         received, wall = push(orthanc, items, args.rate)
         pushed_at = time.monotonic()
         wait_until(lambda: len(watcher.seen) >= len(items), args.settle + 120 + args.studies * 0.5, interval=0.5)

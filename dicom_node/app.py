@@ -31,7 +31,8 @@ LOGGER = logging.getLogger(__name__)
 
 
 class _WebServer(Protocol):
-    port: int
+    @property
+    def port(self) -> int: ...
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -73,7 +74,7 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.start()
         if self.settings.web.enabled:
-            self.web = _start_web(self.settings, self.session_factory)
+            self.web = _start_web(self)
         self._started = True
         LOGGER.info("node %r started: AE title %s, DICOM port %d", self.settings.node.name,
                     self.settings.dicom.ae_title, self.dicom_port)
@@ -163,16 +164,29 @@ def _attach_pipeline(node: Node) -> Any:
     return attach(node, node.settings)
 
 
-def _start_web(settings: Settings, session_factory: sessionmaker[Session]) -> _WebServer | None:
-    """Start the console if its package is installed (the node runs without it)."""
+def _start_web(node: Node) -> _WebServer | None:
+    """Start the console if its package is installed (the node runs without it).
+
+    The console stores uploads through the node's ingestor (its file store; the settle timer is armed at
+    once) and classifies with the pipeline's model rather than loading a second copy.
+    """
     try:
         from dicom_node.web import create_app
         from dicom_node.web.server import WebServer
+        from dicom_node.web.services import NodeConsoleServices
     except ImportError as exc:
         LOGGER.warning("web console not available (%s); running without it", exc.name or "import failed")
         return None
-    app: Any = create_app(settings, session_factory)
-    server: _WebServer = WebServer(app, settings.web.host, settings.web.port)
+    settings = node.settings
+    pipeline = node.pipeline.pipeline if node.pipeline is not None else None
+    services = NodeConsoleServices(
+        settings,
+        node.session_factory,
+        ingestor=node.ingestor,
+        classifier_loader=(lambda: pipeline.classifier) if pipeline is not None else None,
+    )
+    app = create_app(settings, node.session_factory, services)
+    server = WebServer(app, settings.web.host, settings.web.port)
     server.start()
     LOGGER.info("web console on http://%s:%d", settings.web.host, server.port)
     return server

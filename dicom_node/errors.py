@@ -5,6 +5,8 @@ Messages must never contain PHI (names, IDs, dates, dataset reprs): they reach l
 
 from __future__ import annotations
 
+import traceback
+
 from dicom_node.statuses import Status
 
 
@@ -90,3 +92,16 @@ class AuthenticationError(NodeError):
 
 class PermissionDeniedError(NodeError):
     """The user's role does not allow the action (web console)."""
+
+
+def describe_exception(exc: BaseException, *, stack: bool = False) -> str:
+    """Type and innermost code location of an exception, never its message (pydicom/SQL texts may quote PHI).
+
+    With ``stack`` the whole traceback's frames follow, one per line (still without the message).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    text = f"{type(exc).__name__}{where}"
+    if stack and frames:
+        text += "\n" + "".join(traceback.format_list(frames)).rstrip()
+    return text

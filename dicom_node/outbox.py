@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
-from dicom_node.errors import ConfigurationError, NodeError, NotFoundError
+from dicom_node.errors import ConfigurationError, ConflictError, NodeError, NotFoundError
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import is_stored, is_warning
 from dicom_node.store.db import session_scope
@@ -454,10 +454,15 @@ def dead_deliveries(session: Session) -> list[Delivery]:
     )
 
 
-def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) -> list[Delivery]:
-    """Put DEAD deliveries (all of them when ``delivery_pks`` is None) back in the queue, audited.
+RESENDABLE_STATES = frozenset({DeliveryState.DEAD, DeliveryState.DELIVERED})
 
-    The attempt counter starts again; the history in ``delivery_attempt`` is kept.
+
+def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) -> list[Delivery]:
+    """Send deliveries again now, audited as "delivery.resend" (all DEAD ones when ``delivery_pks`` is None).
+
+    The one rule for the CLI and the console: a DEAD delivery (after the PACS is fixed) or a DELIVERED one
+    (the PACS lost it) may be resent; a PENDING/RETRYING one is already being tried and is refused with
+    :class:`ConflictError`. The attempt budget starts again; the history in ``delivery_attempt`` is kept.
     """
     if delivery_pks is None:
         chosen = dead_deliveries(session)
@@ -467,8 +472,8 @@ def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) ->
             delivery = session.get(Delivery, pk)
             if delivery is None:
                 raise NotFoundError(f"no delivery with id {pk}")
-            if delivery.state is not DeliveryState.DEAD:
-                raise NodeError(f"delivery {pk} is {delivery.state.value}, not dead")
+            if delivery.state not in RESENDABLE_STATES:
+                raise ConflictError(f"delivery {pk} is {delivery.state.value}: it is already being tried")
             chosen.append(delivery)
     now = utcnow()
     for delivery in chosen:
@@ -477,11 +482,16 @@ def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) ->
             actor,
             "delivery.resend",
             f"delivery:{delivery.id}",
-            {"destination_pk": delivery.destination_pk, "previous_attempts": delivery.attempts},
+            {
+                "destination_pk": delivery.destination_pk,
+                "previous_attempts": delivery.attempts,
+                "previous_state": delivery.state.value,
+            },
         )
         delivery.state = DeliveryState.PENDING
         delivery.attempts = 0
         delivery.next_attempt_at = now
+        delivery.delivered_at = None
     session.flush()
     return chosen
 
@@ -490,8 +500,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``cxr-node resend`` to the CLI."""
     parser = subparsers.add_parser(
         "resend",
-        help="send dead result deliveries again",
-        description="Put DEAD deliveries back in the outbox and try them now (audited). "
+        help="send dead (or delivered) result deliveries again",
+        description="Put DEAD (or DELIVERED) deliveries back in the outbox and try them now (audited). "
         "Without arguments, lists the dead deliveries.",
     )
     parser.add_argument("delivery_ids", nargs="*", type=int, metavar="DELIVERY_ID")

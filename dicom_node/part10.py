@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
@@ -95,10 +97,21 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
 _PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, zlib.error)
 
 
+@contextmanager
+def _parse_errors_as_undecodable() -> Iterator[None]:
+    """Every way pydicom fails on bad bytes becomes one named error (its text may quote PHI: not kept)."""
+    try:
+        yield
+    except _PARSE_ERRORS as exc:
+        raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+    except NotImplementedError as exc:
+        raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
+
+
 def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
                    expect_sop_instance: str | None = None) -> Dataset:
     """Parse a Part 10 byte stream; map every parse failure to a named error (no PHI in messages)."""
-    try:
+    with _parse_errors_as_undecodable():
         ds = dcmread(BytesIO(file_bytes), force=True)
         meta = getattr(ds, "file_meta", None)
         syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
@@ -106,10 +119,6 @@ def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
         _check_complete(ds, len(file_bytes), file_bytes[-8:], check_end=not deflated)
         if syntax.is_transfer_syntax:
             _check_encoding(ds, syntax)
-    except _PARSE_ERRORS as exc:
-        raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
-    except NotImplementedError as exc:
-        raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
     _check_identity(ds, expect_sop_class, expect_sop_instance)
     return ds
 
@@ -122,14 +131,10 @@ def parse_network_dataset(dataset_bytes: bytes, *, transfer_syntax: str, sop_cla
         prefix = part10_prefix(sop_class_uid, sop_instance_uid, syntax)
         return parse_instance(prefix + dataset_bytes, expect_sop_class=sop_class_uid,
                               expect_sop_instance=sop_instance_uid)
-    try:
+    with _parse_errors_as_undecodable():
         ds = read_dataset(BytesIO(dataset_bytes), syntax.is_implicit_VR, syntax.is_little_endian)
         _check_complete(ds, len(dataset_bytes), dataset_bytes[-8:], check_end=True)
         _check_encoding(ds, syntax)
-    except _PARSE_ERRORS as exc:
-        raise UndecodableDatasetError(f"dataset cannot be parsed ({type(exc).__name__})") from exc
-    except NotImplementedError as exc:
-        raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
     _check_identity(ds, sop_class_uid, sop_instance_uid)
     return ds
 

@@ -18,12 +18,10 @@ studies that are ready at the same time.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -42,8 +41,9 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import assess_instance
-from dicom_node.errors import NodeError, ReportingError
+from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store.db import session_scope
+from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
     Delivery,
@@ -89,6 +89,8 @@ class ImageClassifier(Protocol):
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]: ...
+
+    def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]: ...
 
 
 @dataclass(frozen=True)
@@ -149,28 +151,15 @@ def load_classifier(settings: Settings) -> ImageClassifier:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Temp file, fsync, rename, fsync the directory: a reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        if fsync:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def dataset_bytes(ds: pydicom.Dataset) -> bytes:
     buffer = BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def pdf_path(relative_path: str) -> str:
+    """Where the plain PDF of an Encapsulated PDF result object is kept (beside it, ``.pdf``)."""
+    return str(Path(relative_path).with_suffix(".pdf"))
 
 
 def _safe(text: str) -> str:
@@ -240,6 +229,8 @@ class Pipeline:
         self._classifier: ImageClassifier | None = None
         self._classifier_lock = threading.Lock()
         self.outbox = outbox
+        # Result files get the same atomic, fsync'ed writes as received instances.
+        self.results = FileStore(config.results_dir, fsync=config.fsync)
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()
         self._busy = 0
@@ -355,7 +346,9 @@ class Pipeline:
             try:
                 self.process(batch)
             except Exception as exc:
-                LOGGER.error("pipeline cycle for studies %s failed (%s)\n%s", batch, type(exc).__name__, frames(exc))
+                LOGGER.error(
+                    "pipeline cycle for studies %s failed: %s", batch, describe_exception(exc, stack=True)
+                )
             finally:
                 with self._idle:
                     self._busy -= len(batch)
@@ -585,7 +578,7 @@ class Pipeline:
         relative = f"heatmaps/{instance_pk}-{_safe(info.name)}-{_safe(info.version)}.npy"
         buffer = BytesIO()
         np.save(buffer, np.asarray(heatmap, dtype=np.float32))
-        write_atomically(self.config.results_dir / relative, buffer.getvalue(), fsync=self.config.fsync)
+        self.results.write(relative, [buffer.getvalue()])
         return relative
 
     def _mark_instance(self, instance_pk: int, state: InstanceState, reason: str) -> None:
@@ -718,7 +711,7 @@ class Pipeline:
         started = time.perf_counter()
         try:
             for row in missing:
-                path = self.config.results_dir / row.file_path
+                path = row.file_path
                 if row.kind is ResultKind.SR:
                     sr = build_sr(
                         images,
@@ -728,10 +721,10 @@ class Pipeline:
                         series_number=SR_SERIES_NUMBER,
                         analysed_at=analysed_at,
                     )
-                    write_atomically(path, dataset_bytes(sr), fsync=self.config.fsync)
+                    self.results.write(path, [dataset_bytes(sr)])
                 elif row.kind is ResultKind.PDF:
                     pdf = build_pdf(images, identity, analysed_at=analysed_at)
-                    write_atomically(path.with_suffix(".pdf"), pdf, fsync=self.config.fsync)
+                    self.results.write(pdf_path(path), [pdf])
                     encapsulated = build_encapsulated_pdf(
                         pdf,
                         images[0].source,
@@ -742,7 +735,7 @@ class Pipeline:
                         created_at=analysed_at,
                         referenced=[image.source for image in images],
                     )
-                    write_atomically(path, dataset_bytes(encapsulated), fsync=self.config.fsync)
+                    self.results.write(path, [dataset_bytes(encapsulated)])
                 elif row.kind is ResultKind.HEATMAP_SC:
                     with_map = next((image for image in images if image.prediction.heatmap is not None), images[0])
                     sc = build_heatmap_sc(
@@ -752,7 +745,7 @@ class Pipeline:
                         sop_instance_uid=row.sop_instance_uid,
                         series_number=SC_SERIES_NUMBER,
                     )
-                    write_atomically(path, dataset_bytes(sc), fsync=self.config.fsync)
+                    self.results.write(path, [dataset_bytes(sc)])
         except NodeError:
             raise
         except Exception as exc:
@@ -842,8 +835,7 @@ class Pipeline:
             source = _read_header(path) if instance.purged_at is None and path.is_file() else _header(instance)
         for row in missing:
             pdf = not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
-            target = self.config.results_dir / row.file_path
-            write_atomically(target.with_suffix(".pdf"), pdf, fsync=self.config.fsync)
+            self.results.write(pdf_path(row.file_path), [pdf])
             encapsulated = build_encapsulated_pdf(
                 pdf,
                 source,
@@ -854,7 +846,7 @@ class Pipeline:
                 title=NOT_ANALYSED_TITLE,
                 created_at=analysed_at,
             )
-            write_atomically(target, dataset_bytes(encapsulated), fsync=self.config.fsync)
+            self.results.write(row.file_path, [dataset_bytes(encapsulated)])
 
     def _finalise(
         self,
@@ -924,7 +916,9 @@ class Pipeline:
         """A retriable error puts the job back (and retries later); others mark job and study FAILED."""
         retriable = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
-        LOGGER.error("study %d: processing failed (%s)\n%s", study_pk, summary, frames(exc))
+        LOGGER.error(
+            "study %d: processing failed (%s): %s", study_pk, summary, describe_exception(exc, stack=True)
+        )
         try:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
@@ -983,11 +977,6 @@ def not_analysed_pdf(identity: NodeIdentity, *, reason: str, analysed_at: dateti
 # ---------------------------------------------------------------------------------------------
 # Reading stored instances
 # ---------------------------------------------------------------------------------------------
-
-
-def frames(exc: BaseException) -> str:
-    """Where an error happened, without its message: pydicom/highdicom messages may quote PHI."""
-    return "".join(traceback.format_tb(exc.__traceback__)).rstrip()
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:

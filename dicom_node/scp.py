@@ -14,7 +14,6 @@ import socket
 import ssl
 import threading
 import time
-import traceback
 import types
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,7 +26,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
-from dicom_node.errors import NodeError
+from dicom_node.errors import NodeError, describe_exception
 from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.settings import DicomSettings
@@ -38,13 +37,6 @@ LOGGER = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (result, source, reason) — PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
-
-
-def describe_exception(exc: BaseException) -> str:
-    """Type and innermost frame of an exception, without its message (which may quote PHI)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
-    return f"{type(exc).__name__}{where}"
 
 
 def set_nodelay(sock: socket.socket | ssl.SSLSocket | None) -> None:

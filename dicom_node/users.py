@@ -65,6 +65,13 @@ def find(session: Session, username: str) -> User | None:
     return session.scalar(select(User).where(User.username == username.strip()))
 
 
+def get_by_name(session: Session, username: str) -> User:
+    user = find(session, username)
+    if user is None:
+        raise NotFoundError(f"no user named {username!r}")
+    return user
+
+
 def get_by_id(session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None:
@@ -255,9 +262,7 @@ def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
             from dicom_node.store.db import session_scope
 
             with session_scope(_session_factory(args)) as session:
-                user = find(session, args.username)
-                if user is None:
-                    raise NotFoundError(f"no user named {args.username!r}")
+                user = get_by_name(session, args.username)
                 set_active(session, user.id, active, audit.cli_actor())
                 _say(f"{'enabled' if active else 'disabled'} {user.username!r}")
             return 0
@@ -274,9 +279,7 @@ def _cli_passwd(args: argparse.Namespace) -> int:
         from dicom_node.store.db import session_scope
 
         with session_scope(_session_factory(args)) as session:
-            user = find(session, args.username)
-            if user is None:
-                raise NotFoundError(f"no user named {args.username!r}")
+            user = get_by_name(session, args.username)
             set_password(session, user.id, password, audit.cli_actor())
             _say(f"password set for {user.username!r}")
         return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import traceback
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import NodeError, NotFoundError
+from dicom_node import __version__
+from dicom_node.errors import NodeError, NotFoundError, describe_exception
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
@@ -29,7 +29,7 @@ from dicom_node.web import admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
-from dicom_node.web.services import ConsoleServices, NodeConsoleServices, software_version
+from dicom_node.web.services import ConsoleServices, NodeConsoleServices
 from dicom_node.web.templating import configure_templates
 from dicom_node.web.uploads import UploadStore
 
@@ -58,7 +58,7 @@ def create_app(
     )
     app = FastAPI(
         title=f"{settings.node.name} console API",
-        version=software_version(),
+        version=__version__,
         openapi_url=None,  # served by api.router behind the login, like every other route
         docs_url=None,
         redoc_url=None,
@@ -95,12 +95,8 @@ async def _security_headers(
     try:
         response = await call_next(request)
     except Exception as exc:  # anything a route did not map to a NodeError
-        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
         route = getattr(request.scope.get("route"), "path", "?")
-        LOGGER.error(
-            "console request %s %s failed: %s at %s", request.method, route, type(exc).__name__, where
-        )
+        LOGGER.error("console request %s %s failed: %s", request.method, route, describe_exception(exc))
         response = PlainTextResponse("Internal error; the node's log names its location.", status_code=500)
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)

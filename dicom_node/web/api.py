@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 
 from dicom_node import aes, audit, users
 from dicom_node.errors import AuthenticationError, NotFoundError
-from dicom_node.store.models import AeRole, Delivery, DeliveryState, RemoteAe, User, UserRole
+from dicom_node.outbox import requeue, wake
+from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
 from dicom_node.web import results
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
 from dicom_node.web.auth import SESSION_COOKIE
@@ -146,10 +147,10 @@ class DeliveryOut(BaseModel):
 
 
 @router.post("/deliveries/{delivery_id}/resend", response_model=DeliveryOut, tags=["results"])
-def api_resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, delivery_id: int) -> DeliveryOut:
-    delivery: Delivery = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
+def api_resend(db: DbDep, principal: CsrfAdminDep, delivery_id: int) -> DeliveryOut:
+    (delivery,) = requeue(db, [delivery_id], audit.user_actor(principal.username))
     db.commit()
-    con.services.after_resend(delivery)
+    wake([delivery.destination_pk])  # try now, not at the outbox's next sweep
     return DeliveryOut(id=delivery.id, state=delivery.state, next_attempt_at=delivery.next_attempt_at)
 
 

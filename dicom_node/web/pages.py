@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from dicom_node import audit
 from dicom_node.errors import NodeError, NotFoundError
+from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import (
     Delivery,
     Finding,
@@ -348,11 +349,11 @@ def result_report_pdf(con: ConsoleDep, db: DbDep, study_id: int, object_id: int)
 
 
 @router.post("/results/{study_id}/deliveries/{delivery_id}/resend")
-def resend(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, study_id: int, delivery_id: int) -> Response:
+def resend(db: DbDep, principal: CsrfAdminDep, study_id: int, delivery_id: int) -> Response:
     delivery = db.get(Delivery, delivery_id)
     if delivery is None or delivery.result_object.study_pk != study_id:
         raise NotFoundError("no such delivery in this study")
-    requeued = con.services.resend(db, delivery_id, audit.user_actor(principal.username))
+    requeue(db, [delivery_id], audit.user_actor(principal.username))
     db.commit()
-    con.services.after_resend(requeued)
+    wake([delivery.destination_pk])  # try now, not at the outbox's next sweep
     return RedirectResponse(f"/results/{study_id}?notice=resent#deliveries", status_code=303)

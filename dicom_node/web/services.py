@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,7 +22,6 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import audit
 from dicom_node.errors import (
     ClassificationError,
     NodeError,
@@ -31,13 +30,12 @@ from dicom_node.errors import (
     UndecodableDatasetError,
 )
 from dicom_node.settings import Settings
-from dicom_node.store.models import Delivery, DeliveryState, RemoteAe, utcnow
+from dicom_node.store.models import RemoteAe
 
 if TYPE_CHECKING:
-    from classifier.inference import Classifier
-    from reporting.types import NodeIdentity
-
     from classifier.types import Prediction
+    from dicom_node.ingest import Ingestor
+    from dicom_node.pipeline import ImageClassifier
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,19 +88,6 @@ class ConsoleServices(Protocol):
     def echo(self, ae: RemoteAe) -> int:
         """C-ECHO a remote AE; returns the DIMSE status (raises when there is no association)."""
 
-    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
-        """Queue a delivery again now (audited); the caller commits."""
-
-    def after_resend(self, delivery: Delivery) -> None:
-        """Called after the commit: nudge the outbox so the resend happens at once."""
-
-
-def software_version() -> str:
-    try:
-        return version("cxr-node")
-    except PackageNotFoundError:
-        return "0+unknown"
-
 
 class NodeConsoleServices:
     """The real services, wired from the node's settings."""
@@ -112,13 +97,17 @@ class NodeConsoleServices:
         settings: Settings,
         session_factory: sessionmaker[Session],
         *,
-        file_store: object | None = None,
-        classifier: Classifier | None = None,
+        ingestor: Ingestor | None = None,
+        classifier_loader: Callable[[], ImageClassifier] | None = None,
     ) -> None:
+        """``ingestor`` and ``classifier_loader`` come from the running node (app.py): uploads then use
+        its file store and arm the settle timer at once, and the console shares the pipeline's model.
+        Without them (a console alone, its tests) the console builds its own on first use."""
         self._settings = settings
         self._session_factory = session_factory
-        self._file_store = file_store
-        self._classifier = classifier
+        self._ingestor = ingestor
+        self._classifier_loader = classifier_loader
+        self._classifier: ImageClassifier | None = None
         self._lock = threading.Lock()
         # One console classification at a time: a Keras model is not meant for concurrent calls,
         # and on a small node the pipeline's inference must not be starved.
@@ -143,6 +132,7 @@ class NodeConsoleServices:
         path = (root / relative_path).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise NotFoundError("the image file is no longer in the file store")
+        dataset: pydicom.Dataset
         try:
             from classifier.preprocess import read_dataset
         except ImportError:
@@ -153,25 +143,21 @@ class NodeConsoleServices:
 
     # -- classification and report ----------------------------------------------------------
 
-    def _model(self) -> Classifier:
+    def _model(self) -> ImageClassifier:
         with self._lock:
             if self._classifier is None:
                 try:
-                    from classifier.inference import Classifier, default_model_path
+                    from classifier.errors import ClassifierError
+                    from dicom_node.pipeline import load_classifier
                 except ImportError as exc:
                     raise FeatureUnavailableError("classification needs the classifier package") from exc
-                from classifier.errors import ClassifierError
-
-                path = self._settings.pipeline.model_path or default_model_path()
                 try:
-                    self._classifier = Classifier.load(
-                        Path(path), indeterminate_threshold=self._settings.pipeline.indeterminate_threshold
-                    )
+                    if self._classifier_loader is not None:
+                        self._classifier = self._classifier_loader()
+                    else:
+                        self._classifier = load_classifier(self._settings)
                 except ClassifierError as exc:
                     raise FeatureUnavailableError(f"no usable model: {exc}") from exc
-                LOGGER.info(
-                    "console loaded model %s %s", self._classifier.info.name, self._classifier.info.version
-                )
             return self._classifier
 
     def classify(self, upload: Upload) -> Prediction:
@@ -194,6 +180,7 @@ class NodeConsoleServices:
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
         try:
+            from dicom_node.pipeline import node_identity
             from reporting.errors import ReportingError as ReportBuildError
             from reporting.pdf import build_pdf
             from reporting.types import AnalysedImage
@@ -215,23 +202,21 @@ class NodeConsoleServices:
 
     def ingest(self, upload: Upload, *, calling_ae: str) -> IngestOutcome:
         try:
-            from dicom_node.ingest import ingest_bytes
+            from dicom_node.ingest import Ingestor
             from dicom_node.store.files import FileStore
         except ImportError as exc:
             raise FeatureUnavailableError("storing uploads needs the node's ingest module") from exc
         with self._lock:
-            if self._file_store is None:
+            if self._ingestor is None:
                 storage = self._settings.storage
-                self._file_store = FileStore(
+                store = FileStore(
                     self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes
                 )
-        result = ingest_bytes(
-            self._session_factory, self._file_store, upload.data, calling_ae=calling_ae, source="upload"
-        )
+                self._ingestor = Ingestor(self._session_factory, store)
+            ingestor = self._ingestor
+        result = ingestor.ingest_bytes(upload.data, calling_ae=calling_ae, source="upload")
         return IngestOutcome(
-            study_pk=int(result.study_pk),
-            instance_pk=int(result.instance_pk),
-            duplicate=bool(getattr(result, "duplicate", False)),
+            study_pk=int(result.study_pk), instance_pk=int(result.instance_pk), duplicate=result.duplicate
         )
 
     def echo(self, ae: RemoteAe) -> int:
@@ -258,66 +243,6 @@ class NodeConsoleServices:
                 timeout=10.0,
             )
         )
-
-    def resend(self, session: Session, delivery_id: int, actor: str) -> Delivery:
-        """Requeue; the caller commits, then calls :meth:`after_resend` so the outbox sees the row."""
-        return requeue_delivery(session, delivery_id, actor)
-
-    def after_resend(self, delivery: Delivery) -> None:
-        wake_outbox(delivery.destination_pk)
-
-
-def requeue_delivery(session: Session, delivery_id: int, actor: str) -> Delivery:
-    """Put a delivery back in the outbox, due now, with a fresh attempt budget; the history is kept.
-
-    Works for any state: a dead delivery after the PACS is fixed, or a delivered one the PACS lost.
-    """
-    delivery = session.get(Delivery, delivery_id)
-    if delivery is None:
-        raise NotFoundError(f"no delivery with id {delivery_id}")
-    audit.record(
-        session,
-        actor,
-        "delivery.resend",
-        f"delivery:{delivery.id}",
-        {
-            "destination_pk": delivery.destination_pk,
-            "previous_attempts": delivery.attempts,
-            "previous_state": delivery.state.value,
-        },
-    )
-    delivery.state = DeliveryState.PENDING
-    delivery.attempts = 0
-    delivery.next_attempt_at = utcnow()
-    delivery.delivered_at = None
-    session.flush()
-    return delivery
-
-
-def wake_outbox(destination_pk: int) -> None:
-    """Ask the outbox running in this process (if any) to try the destination now, not at its next sweep."""
-    try:
-        from dicom_node.outbox import wake
-    except ImportError:
-        LOGGER.info("no outbox module; the requeued delivery waits for the node's next sweep")
-        return
-    wake([destination_pk])
-
-
-def node_identity(settings: Settings) -> NodeIdentity:
-    """The node as named in reports (reporting.types.NodeIdentity)."""
-    from pydicom.uid import generate_uid
-    from reporting.types import NodeIdentity
-
-    return NodeIdentity(
-        name=settings.node.name,
-        institution_name=settings.node.institution_name,
-        manufacturer="cxr-node",
-        model_name="CXR AI node",
-        software_version=software_version(),
-        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
-        station_name=settings.dicom.ae_title,
-    )
 
 
 def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:

@@ -10,10 +10,10 @@ from fastapi import Request
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
+from dicom_node import __version__
 from dicom_node.settings import Settings
 from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
-from dicom_node.web.services import software_version
 
 # Messages a redirect can ask a page to show (``?notice=<key>``): fixed texts, so a link cannot
 # make the console display words of someone else's choosing.
@@ -104,7 +104,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         node_name=settings.node.name,
         institution=settings.node.institution_name,
         ae_title=settings.dicom.ae_title,
-        version=software_version(),
+        version=__version__,
         query_string=query_string,
     )
     return templates

@@ -29,19 +29,33 @@ def shoot(page: Any, name: str) -> None:
     assert widths[0] <= widths[1], f"{name} scrolls horizontally: {widths}"
 
 
-def log_in(page: Any, console: RunningConsole, username: str, password: str) -> None:
-    page.goto(f"{console.url}/")
-    assert page.url.startswith(f"{console.url}/login")
+def log_in(page: Any, url: str, username: str, password: str) -> None:
+    """An anonymous visit is sent to the login page; after logging in the user lands on the dashboard."""
+    page.goto(f"{url}/")
+    assert page.url.startswith(f"{url}/login")
     page.fill("#username", username)
     page.fill("#password", password)
     page.click("button[type=submit]")
-    page.wait_for_url(f"{console.url}/")
+    page.wait_for_url(f"{url}/")
+
+
+def add_destination_and_echo(page: Any, url: str, title: str, port: int) -> None:
+    """An admin registers a PACS on the AE page and its echo test succeeds."""
+    page.goto(f"{url}/admin/aes")
+    page.fill("#ae_title", title)
+    page.fill("#host", "127.0.0.1")
+    page.fill("#port", str(port))
+    page.click("#add button[type=submit]")
+    page.wait_for_url("**/admin/aes?notice=ae-added")
+    page.click(f"button[data-echo='{title}']")
+    page.wait_for_selector("#echo-result")
+    assert "succeeded" in page.inner_text("#echo-result")
 
 
 def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, console: RunningConsole) -> None:
     page.goto(f"{console.url}/login")
     shoot(page, "01-login")
-    log_in(page, console, *RADIOLOGIST)
+    log_in(page, console.url, *RADIOLOGIST)
     assert page.inner_text("#stat-analysed") == str(console.study_ids["analysed_today"])
     assert "DICOM nodes" not in page.inner_text("nav")  # no admin menu for radiologists
     shoot(page, "02-dashboard")
@@ -78,7 +92,7 @@ def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, cons
 
 
 def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
-    log_in(page, console, *RADIOLOGIST)
+    log_in(page, console.url, *RADIOLOGIST)
     page.goto(f"{console.url}/upload")
     shoot(page, "07-upload")
     page.set_input_files(
@@ -102,7 +116,7 @@ def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
 @requires_module("reporting.pdf", "reporting helper")
 def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_path: Path | None) -> None:
     require_model(model_path)
-    log_in(page, console, *RADIOLOGIST)
+    log_in(page, console.url, *RADIOLOGIST)
     for name, data, mime in (
         ("chest.png", chest_like_png(), "image/png"),
         ("RG1_UNCI.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(), "application/dicom"),
@@ -126,7 +140,7 @@ def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_
 
 
 def test_radiologist_gets_403_on_admin_pages(page: Any, console: RunningConsole) -> None:
-    log_in(page, console, *RADIOLOGIST)
+    log_in(page, console.url, *RADIOLOGIST)
     for path in ("/admin/aes", "/admin/users", "/admin/audit", "/admin/settings"):
         response = page.goto(f"{console.url}{path}")
         assert response.status == 403, path
@@ -135,7 +149,7 @@ def test_radiologist_gets_403_on_admin_pages(page: Any, console: RunningConsole)
 
 
 def test_admin_pages_and_destination_crud(page: Any, console: RunningConsole) -> None:
-    log_in(page, console, *ADMIN)
+    log_in(page, console.url, *ADMIN)
     page.goto(f"{console.url}/admin/aes")
     page.select_option("#role", "destination")
     page.fill("#ae_title", "NEWPACS")
@@ -168,14 +182,6 @@ def test_admin_adds_a_destination_and_the_echo_test_succeeds(
     storescp: tuple[str, int],
 ) -> None:
     title, port = storescp
-    log_in(page, console, *ADMIN)
-    page.goto(f"{console.url}/admin/aes")
-    page.fill("#ae_title", title)
-    page.fill("#host", "127.0.0.1")
-    page.fill("#port", str(port))
-    page.click("#add button[type=submit]")
-    page.wait_for_url("**/admin/aes?notice=ae-added")
-    page.click(f"button[data-echo='{title}']")
-    page.wait_for_selector("#echo-result")
-    assert "succeeded" in page.inner_text("#echo-result")
+    log_in(page, console.url, *ADMIN)
+    add_destination_and_echo(page, console.url, title, port)
     shoot(page, "18-admin-echo")

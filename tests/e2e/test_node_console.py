@@ -6,9 +6,7 @@ Needs the node, classifier, reporting and pipeline packages; it runs once the le
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,8 @@ import httpx
 import pytest
 
 from tests import peers
-from tests.e2e.test_console import shoot
+from tests.e2e.test_console import add_destination_and_echo, log_in, shoot
+from tests.node_process import NodeProcess, configured_node, wait_until
 from tests.web.conftest import requires_module
 from tests.web.test_upload import chest_like_png
 
@@ -25,7 +24,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.interop,
     pytest.mark.slow,
-    requires_module("tests.pipeline.nodeproc", "pipeline helper"),
+    requires_module("dicom_node.pipeline", "pipeline"),
     requires_module("dicom_node.app", "node helper"),
 ]
 
@@ -33,27 +32,10 @@ ADMIN = ("admin", "node-admin-password")
 RADIOLOGIST = ("dr.jones", "node-radiologist-pw")
 
 
-def _add_user(node: Any, username: str, role: str, password: str) -> None:
+def _add_user(node: NodeProcess, username: str, role: str, password: str) -> None:
     """``cxr-node user add`` as the README tells the operator, the password on stdin."""
-    env = dict(os.environ, CXR_NODE_CONFIG=str(node.config_path))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "user",
-            "add",
-            "--username",
-            username,
-            "--role",
-            role,
-            "--password-stdin",
-        ],
-        input=password + "\n",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = node.cli(
+        "user", "add", "--username", username, "--role", role, "--password-stdin", input=password + "\n"
     )
     assert done.returncode == 0, done.stderr
 
@@ -61,13 +43,12 @@ def _add_user(node: Any, username: str, role: str, password: str) -> None:
 @pytest.fixture
 def node(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, storescp: tuple[str, int]
-) -> Iterator[Any]:
+) -> Iterator[NodeProcess]:
     from tests.pipeline.model import model_for_tests
-    from tests.pipeline.nodeproc import NodeProcess, wait_until
 
     title, _ = storescp
     web_port = peers.free_port()
-    process = NodeProcess(
+    process = configured_node(
         tmp_path / "node",
         model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
         callers=[],
@@ -80,7 +61,6 @@ def node(
     _add_user(process, ADMIN[0], "admin", ADMIN[1])
     _add_user(process, RADIOLOGIST[0], "radiologist", RADIOLOGIST[1])
     process.start()
-    process.web_url = f"http://127.0.0.1:{web_port}"
     # The node reports healthy on its metrics port before the console has bound its own port.
     assert wait_until(lambda: _answers(f"{process.web_url}/login"), timeout=120), "console did not start"
     try:
@@ -94,14 +74,6 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _log_in(page: Any, url: str, username: str, password: str) -> None:
-    page.goto(f"{url}/login")
-    page.fill("#username", username)
-    page.fill("#password", password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{url}/")
 
 
 def _upload(page: Any, url: str, name: str, data: bytes, mime: str) -> str:
@@ -124,7 +96,6 @@ def _upload(page: Any, url: str, name: str, data: bytes, mime: str) -> str:
 
 
 def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str, int]) -> None:
-    from tests.pipeline.nodeproc import wait_until
 
     url = node.web_url
     title, port = storescp
@@ -132,21 +103,14 @@ def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str,
     page = context.new_page()
     try:
         # An admin adds the PACS as a destination and tests it.
-        _log_in(page, url, *ADMIN)
-        page.goto(f"{url}/admin/aes")
-        page.fill("#ae_title", title)
-        page.fill("#host", "127.0.0.1")
-        page.fill("#port", str(port))
-        page.click("#add button[type=submit]")
-        page.wait_for_url("**/admin/aes?notice=ae-added")
-        page.click(f"button[data-echo='{title}']")
-        assert "succeeded" in page.inner_text("#echo-result")
+        log_in(page, url, *ADMIN)
+        add_destination_and_echo(page, url, title, port)
         shoot(page, "node-01-admin-echo")
         page.click("header button:has-text('Log out')")
         page.wait_for_url(f"{url}/login")
 
         # A radiologist classifies a PNG and RG1, saves both reports, and stores RG1 in the node.
-        _log_in(page, url, *RADIOLOGIST)
+        log_in(page, url, *RADIOLOGIST)
         assert page.goto(f"{url}/admin/users").status == 403
         _upload(page, url, "chest.png", chest_like_png(), "image/png")
         rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()

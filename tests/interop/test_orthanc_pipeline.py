@@ -35,9 +35,9 @@ from dicom_node.store.models import (
     StudyState,
 )
 from tests import peers
+from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until
 from tests.orthanc import NodeAddress, OrthancServer
 from tests.pipeline.model import model_for_tests
-from tests.pipeline.nodeproc import NODE_AET, NodeProcess, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -59,7 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("orthanc-stack")
     orthanc = OrthancServer(root / "orthanc")
     backup_port = peers.free_port()
-    node = NodeProcess(
+    node = configured_node(
         root / "node",
         model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"},
@@ -191,7 +191,7 @@ def test_non_chest_cr_is_stored_skipped_with_its_reason_and_nothing_is_sent(stac
     with stack.node.session() as session:
         instance = session.scalars(select(Instance).join(Series).where(Series.study_pk == study.id)).one()
         assert instance.state_reason == "body part EXTREMITY is not CHEST"
-        assert (Path(stack.node.workdir / "data" / "instances") / instance.file_path).is_file()
+        assert (stack.node.storage_dir / instance.file_path).is_file()
         assert session.scalar(select(func.count()).select_from(ResultObject).where(
             ResultObject.study_pk == study.id)) == 0
     assert results_in(stack.orthanc, study_uid) == ([], [])

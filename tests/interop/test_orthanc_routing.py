@@ -12,8 +12,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests import peers
+from tests.node_process import wait_until
 from tests.orthanc import NodeAddress, OrthancServer
-from tests.pipeline.nodeproc import wait_until
 from tests.pipeline.storepeer import StorePeer
 
 pytestmark = pytest.mark.interop

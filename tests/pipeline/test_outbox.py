@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.cli import main as cli_main
 from dicom_node.outbox import Outbox, backoff_seconds
-from dicom_node.pipeline import dataset_bytes, write_atomically
+from dicom_node.pipeline import dataset_bytes
 from dicom_node.settings import OutboxSettings
 from dicom_node.store.db import session_scope
+from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
     AuditEvent,
@@ -72,7 +73,9 @@ def _result_file(results: Path, relative: str, sop_uid: str, study_uid: str) -> 
     ds.HighBit = 7
     ds.PixelRepresentation = 0
     ds.PixelData = b"\x00\x01\x02\x03"
-    write_atomically(results / relative, dataset_bytes(ds), fsync=False)
+    store = FileStore(results, fsync=False)
+    store.write(relative, [dataset_bytes(ds)])
+    store.close()
 
 
 def _deliveries(db: sessionmaker[Session], results: Path, port: int, count: int) -> tuple[int, list[int]]:

@@ -54,6 +54,11 @@ class Crash(BaseException):
     """Stands for kill -9: no handler in the pipeline catches it."""
 
 
+def crash(*_args: Any, **_kwargs: Any) -> None:
+    """Patched over a pipeline step to stop the process right there."""
+    raise Crash
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """SQLite only here: these tests are about the pipeline; the queries are also run on PostgreSQL in
@@ -169,9 +174,6 @@ def test_results_keep_their_uids_through_a_crash_before_building(
     study_pk = receive(world, "RG1_UNCI.dcm")
     first = make_pipeline(world)
 
-    def crash(*_args: Any, **_kwargs: Any) -> None:
-        raise Crash
-
     monkeypatch.setattr(first, "_build_missing", crash)
     with pytest.raises(Crash):
         first.process([study_pk])
@@ -198,9 +200,6 @@ def test_a_crash_after_writing_never_rebuilds_or_duplicates(
 ) -> None:
     study_pk = receive(world, "RG1_UNCI.dcm")
     first = make_pipeline(world)
-
-    def crash(*_args: Any, **_kwargs: Any) -> None:
-        raise Crash
 
     monkeypatch.setattr(first, "_finalise", crash)
     with pytest.raises(Crash):

@@ -23,6 +23,7 @@ from dicom_node.store.models import (
     JobKind,
     JobState,
     ResultKind,
+    ResultObject,
     StudyState,
 )
 from dicom_node.web.results import local_midnight
@@ -224,9 +225,37 @@ def test_resend_requeues_a_dead_delivery_now_and_is_audited(
         ).status_code
         == 404
     )
+    # Now pending: the outbox is already trying it, so a second resend is refused.
     api = client.post(f"/api/deliveries/{delivery_id}/resend", headers={"X-CSRF-Token": csrf})
-    assert api.status_code == 200 and api.json()["state"] == "pending"
+    assert api.status_code == 409
 
+
+
+def test_resend_refuses_a_delivery_already_being_tried_and_allows_a_delivered_one(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    client, csrf = admin_client
+    with session_scope(factory) as s:
+        retrying = s.scalars(
+            select(Delivery.id)
+            .join(Delivery.result_object)
+            .where(Delivery.state == DeliveryState.RETRYING, ResultObject.study_pk == corpus["covid"])
+        ).first()
+        delivered = s.scalars(select(Delivery.id).where(Delivery.state == DeliveryState.DELIVERED)).first()
+    page = client.post(f"/results/{corpus['covid']}/deliveries/{retrying}/resend", data={"csrf_token": csrf})
+    assert page.status_code == 409
+    api = client.post(f"/api/deliveries/{retrying}/resend", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 409 and "already being tried" in api.json()["detail"]
+    # The PACS lost a delivered object: an admin may send it again.
+    again = client.post(f"/api/deliveries/{delivered}/resend", headers={"X-CSRF-Token": csrf})
+    assert again.status_code == 200 and again.json()["state"] == "pending"
+    with session_scope(factory) as s:
+        retried = s.get(Delivery, retrying)
+        assert retried is not None and retried.state is DeliveryState.RETRYING and retried.attempts == 1
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "delivery.resend")).all()
+        assert [e.target for e in events] == [f"delivery:{delivered}"]
+        resent = s.get(Delivery, delivered)
+        assert resent is not None and resent.delivered_at is None and resent.attempts == 0
 
 def _encapsulated_pdf(pdf: bytes) -> pydicom.Dataset:
     ds = pydicom.Dataset()
