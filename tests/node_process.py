@@ -206,10 +206,15 @@ def start_node(
 ) -> NodeProcess:
     """Add ``callers`` with the CLI, then start ``cxr-node serve`` and wait for its start-up line."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = node_env(data_dir, port, settle_seconds=settle_seconds, web=web, extra=extra_env)
+    # Health and metrics on a port of its own, so several nodes can run side by side.
+    metrics_port = peers.free_port()
+    metrics_env = {"CXR_NODE__METRICS__ENABLED": "true", "CXR_NODE__METRICS__HOST": "127.0.0.1",
+                   "CXR_NODE__METRICS__PORT": str(metrics_port)}
+    env = node_env(data_dir, port, settle_seconds=settle_seconds, web=web, extra={**metrics_env, **(extra_env or {})})
     for aet in callers:
         run_cli(["ae", "add", "--role", "caller", "--aet", aet], env)
-    node = NodeProcess(data_dir=data_dir, port=port, env=env, log_path=data_dir / "node.log")
+    node = NodeProcess(data_dir=data_dir, port=port, env=env, log_path=data_dir / "node.log",
+                       metrics_port=metrics_port)
     return node.start(timeout=timeout)
 
 
