@@ -22,6 +22,7 @@ from dicom_node.settings import Settings, load_settings
 from dicom_node.statuses import Status, is_stored
 from dicom_node.store import db
 from dicom_node.store.models import AeRole
+from dicom_node.terminal import say
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,13 +44,6 @@ def _session_factory(settings: Settings) -> Any:
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
     db.upgrade(engine)
     return db.make_session_factory(engine)
-
-
-def say(text: str, *, err: bool = False) -> None:
-    """CLI output (the one place the node writes to the terminal instead of the log)."""
-    stream = sys.stderr if err else sys.stdout
-    stream.write(text + "\n")
-    stream.flush()
 
 
 # serve / db ----------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from dicom_node.store.models import (
     Study,
     utcnow,
 )
+from dicom_node.terminal import say
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
@@ -521,7 +522,7 @@ def _resend_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(getattr(args, "config", None))
     except NodeError as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}", err=True)
         return 2
     configure_logging(settings.logging)
     engine = make_engine(settings.database_url)
@@ -532,11 +533,11 @@ def _resend_command(args: argparse.Namespace) -> int:
             with session_scope(factory) as session:
                 dead = dead_deliveries(session)
                 for delivery in dead:
-                    _say(
+                    say(
                         f"{delivery.id}\t{delivery.result_object.kind.value}\t"
                         f"{delivery.destination.ae_title}\t{delivery.attempts} attempts\t{delivery.last_error}"
                     )
-            _say(f"{len(dead)} dead deliveries; give DELIVERY_ID... or --all-dead to resend")
+            say(f"{len(dead)} dead deliveries; give DELIVERY_ID... or --all-dead to resend")
             return 0 if not dead else 1
         try:
             with session_scope(factory) as session:
@@ -544,7 +545,7 @@ def _resend_command(args: argparse.Namespace) -> int:
                 ids = [d.id for d in chosen]
                 destinations = sorted({d.destination_pk for d in chosen})
         except NodeError as exc:
-            _say(f"error: {exc}")
+            say(f"error: {exc}", err=True)
             return 2
         outbox = Outbox.from_settings(settings, factory)
         for destination_pk in destinations:
@@ -554,16 +555,11 @@ def _resend_command(args: argparse.Namespace) -> int:
             for pk in ids:
                 delivery = states[pk]
                 note = f" ({delivery.last_error})" if delivery.state is not DeliveryState.DELIVERED else ""
-                _say(f"{pk}\t{delivery.state.value}{note}")
+                say(f"{pk}\t{delivery.state.value}{note}")
             undelivered = sum(1 for d in states.values() if d.state is not DeliveryState.DELIVERED)
         return 0 if undelivered == 0 else 1
     finally:
         engine.dispose()
-
-
-def _say(text: str) -> None:
-    """CLI output (the only place this module writes to stdout)."""
-    print(text)  # noqa: T201
 
 
 def _aware(value: datetime) -> datetime:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.errors import AuthenticationError, ConflictError, NodeError, NotFoundError
 from dicom_node.store.models import User, UserRole, WebSession
+from dicom_node.terminal import say
 
 LOGGER = logging.getLogger(__name__)
 
@@ -212,16 +213,11 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
-def _say(text: str, *, error: bool = False) -> None:
-    """CLI output (the only place this module writes to the terminal)."""
-    print(text, file=sys.stderr if error else sys.stdout)  # noqa: T201
-
-
 def _run(body: Callable[[], int]) -> int:
     try:
         return body()
     except NodeError as exc:
-        _say(f"error: {exc}", error=True)
+        say(f"error: {exc}", err=True)
         return 1
 
 
@@ -233,7 +229,7 @@ def _cli_add(args: argparse.Namespace) -> int:
 
         with session_scope(_session_factory(args)) as session:
             user = create_user(session, args.username, password, UserRole(args.role), audit.cli_actor())
-            _say(f"created {user.role.value} {user.username!r}")
+            say(f"created {user.role.value} {user.username!r}")
         return 0
 
     return _run(body)
@@ -246,11 +242,11 @@ def _cli_list(args: argparse.Namespace) -> int:
         with session_scope(_session_factory(args)) as session:
             users = list_users(session)
             if not users:
-                _say(f"no users; create the first admin with: {CREATE_ADMIN_HINT}")
+                say(f"no users; create the first admin with: {CREATE_ADMIN_HINT}")
             for user in users:
                 last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
                 state = "active" if user.active else "disabled"
-                _say(f"{user.username:<24} {user.role.value:<12} {state:<9} last login {last}")
+                say(f"{user.username:<24} {user.role.value:<12} {state:<9} last login {last}")
         return 0
 
     return _run(body)
@@ -264,7 +260,7 @@ def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
             with session_scope(_session_factory(args)) as session:
                 user = get_by_name(session, args.username)
                 set_active(session, user.id, active, audit.cli_actor())
-                _say(f"{'enabled' if active else 'disabled'} {user.username!r}")
+                say(f"{'enabled' if active else 'disabled'} {user.username!r}")
             return 0
 
         return _run(body)
@@ -281,7 +277,7 @@ def _cli_passwd(args: argparse.Namespace) -> int:
         with session_scope(_session_factory(args)) as session:
             user = get_by_name(session, args.username)
             set_password(session, user.id, password, audit.cli_actor())
-            _say(f"password set for {user.username!r}")
+            say(f"password set for {user.username!r}")
         return 0
 
     return _run(body)
