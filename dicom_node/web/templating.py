@@ -14,6 +14,8 @@ from dicom_node import __version__
 from dicom_node.settings import Settings
 from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
+from reporting.codes import finding_for
+from reporting.errors import UnknownLabelError
 
 # Messages a redirect can ask a page to show (``?notice=<key>``): fixed texts, so a link cannot
 # make the console display words of someone else's choosing.
@@ -67,6 +69,14 @@ def percent(value: float | None) -> str:
     return f"{100.0 * value:.1f} %"
 
 
+def finding_name(label: str) -> str:
+    """The words the PDF and SR use for a class label ("covid" -> "COVID-19"), so all three agree."""
+    try:
+        return finding_for(label).display
+    except UnknownLabelError:
+        return label.capitalize()
+
+
 def finding_class(label: str) -> str:
     """CSS class of a finding chip: normal, indeterminate or flagged."""
     low = label.lower()
@@ -98,6 +108,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         dt=local_time,
         pct=percent,
         finding_class=finding_class,
+        finding_name=finding_name,
         dimse=dimse_status,
     )
     env.globals.update(

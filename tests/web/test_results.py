@@ -161,8 +161,9 @@ def test_details_show_probabilities_model_and_delivery_history(
     client, _ = admin_client
     html = client.get(f"/results/{corpus['pneumonia']}").text
     assert "SMITH, JOHN" in html and "P-200" in html and "A201" in html
-    assert 'id="finding-label">pneumonia<' in html
-    for cls, pct in (("pneumonia", "84.0 %"), ("normal", "11.0 %"), ("covid", "5.0 %")):
+    # the console names classes as the PDF and SR do
+    assert 'id="finding-label">Pneumonia<' in html
+    for cls, pct in (("Pneumonia", "84.0 %"), ("Normal", "11.0 %"), ("COVID-19", "5.0 %")):
         assert f'<td class="cls">{cls}</td>' in html and pct in html
     assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
