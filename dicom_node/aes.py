@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -136,22 +136,15 @@ def upsert(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
     existing = find(session, spec.ae_title, spec.role)
     if existing is None:
         return add(session, spec, actor)
-    if _describe(existing) | {"id": 0} == _describe_spec(session, spec):
+    # The settings file carries no description: an admin's description does not count as a change.
+    if _spec_of(existing) == replace(spec, description=existing.description):
         return existing
     return update(session, existing.id, spec, actor)
 
 
-def _describe_spec(session: Session, spec: AeSpec) -> dict[str, object]:
-    return {
-        "id": 0,
-        "ae_title": spec.ae_title,
-        "role": spec.role.value,
-        "host": spec.host,
-        "port": spec.port,
-        "tls": spec.tls,
-        "enabled": spec.enabled,
-        "reply_to": spec.reply_to,
-    }
+def _spec_of(ae: RemoteAe) -> AeSpec:
+    reply_to = ae.reply_to.ae_title if ae.reply_to else None
+    return AeSpec(ae.ae_title, ae.role, ae.host, ae.port, ae.tls, ae.description, reply_to, ae.enabled)
 
 
 def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:

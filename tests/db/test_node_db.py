@@ -229,3 +229,27 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert again.duplicate and again.instance_pk == first.instance_pk
     assert path.read_bytes() == data
     assert list(store.root.rglob("*.tmp")) == []
+
+
+def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description(
+    sessions: sessionmaker[Session],
+) -> None:
+    dest = aes.AeSpec("PACS", AeRole.DESTINATION, host="10.0.0.5", port=104)
+    caller = aes.AeSpec("PACS", AeRole.CALLER, reply_to="PACS")
+    with sessions.begin() as session:
+        aes.upsert(session, dest, "system")
+        aes.upsert(session, caller, "system")
+    with sessions.begin() as session:
+        row = aes.get(session, "PACS", AeRole.CALLER)
+        row.description = "main PACS, set by an admin"
+    for _ in range(2):  # every start-up seeds again
+        with sessions.begin() as session:
+            aes.upsert(session, dest, "system")
+            aes.upsert(session, caller, "system")
+    with sessions.begin() as session:
+        actions = session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
+        assert actions == ["ae.add", "ae.add"]
+        assert aes.get(session, "PACS", AeRole.CALLER).description == "main PACS, set by an admin"
+    with sessions.begin() as session:  # a real change in the file is applied and audited
+        aes.upsert(session, aes.AeSpec("PACS", AeRole.DESTINATION, host="10.0.0.6", port=104), "system")
+        assert session.scalars(select(AuditEvent.action).order_by(AuditEvent.id.desc())).first() == "ae.update"
