@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import aes, audit
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
+from dicom_node.listeners import ListenerWorkers, build_listener_workers
 from dicom_node.scp import StorageScp, build_scp
 from dicom_node.settings import Settings
 from dicom_node.store import db
@@ -51,6 +52,7 @@ class Node:
     ingestor: Ingestor
     scp: StorageScp
     on_study_ready: list[Callable[[int], None]] = field(default_factory=list)
+    listeners: ListenerWorkers | None = None  # extra listener processes on the same port
     web: _WebServer | None = None
     pipeline: Any = None  # dicom_node.pipeline.PipelineService once started
     _started: bool = False
@@ -71,6 +73,8 @@ class Node:
         self.scheduler.start()
         self.settler.start()
         self.scp.start()
+        if self.listeners is not None:
+            self.listeners.start(self.scp.socket)
         if self.pipeline is not None:
             self.pipeline.start()
         if self.settings.web.enabled:
@@ -87,6 +91,8 @@ class Node:
         if self.web is not None:
             self.web.stop()
             self.web = None
+        if self.listeners is not None:
+            self.listeners.stop()
         self.scp.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
@@ -132,6 +138,7 @@ def build_node(settings: Settings) -> Node:
     )
     ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored)
     ssl_context = server_context(settings.dicom.tls) if settings.dicom.tls.enabled else None
+    listeners = build_listener_workers(settings, settler.study_stored)
     scp = build_scp(settings.dicom, ingestor, session_factory, ssl_context=ssl_context)
     return Node(
         settings=settings,
@@ -142,6 +149,7 @@ def build_node(settings: Settings) -> Node:
         settler=settler,
         ingestor=ingestor,
         scp=scp,
+        listeners=listeners,
         on_study_ready=callbacks,
     )
 

@@ -126,12 +126,15 @@ class StudySettler:
         C-STORE response does not wait for it. Nothing is lost if the process dies first: the study row
         is already committed as RECEIVED, and start-up (and the periodic sweep) re-arm such studies.
         """
-        if result.duplicate:
-            return
+        if not result.duplicate:
+            self.study_stored(result.study_pk)
+
+    def study_stored(self, study_pk: int) -> None:
+        """A new instance of ``study_pk`` was committed (here or by a listener process): arm its timer."""
         with self._lock:
-            if result.study_pk in self._armed:
+            if study_pk in self._armed:
                 return
-        self._arming.submit(self._arm_logged, result.study_pk)
+        self._arming.submit(self._arm_logged, study_pk)
 
     def _arm_logged(self, study_pk: int) -> None:
         try:

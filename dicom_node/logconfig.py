@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import sys
 from datetime import UTC, datetime
 from typing import TextIO
@@ -28,6 +29,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
+            "process": record.processName,
             "thread": record.threadName,
             "message": record.getMessage(),
         }
@@ -63,9 +65,9 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
     if settings.json_format:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s")
-        )
+        # The node's listener processes (dicom_node.listeners) name themselves; the node process does not.
+        where = "%(threadName)s" if multiprocessing.parent_process() is None else "%(processName)s/%(threadName)s"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s %(name)s [{where}] %(message)s"))
     handler.addFilter(WarningRedactor())
     root = logging.getLogger()
     for old in list(root.handlers):

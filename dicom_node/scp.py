@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -87,6 +88,40 @@ def configure_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+class _ListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, run by the node itself instead of ``AE.start_server``.
+
+    The listening socket is non-blocking because the node's listener processes (:mod:`dicom_node.listeners`)
+    all accept on it: one that loses the race for a connection goes back to its loop instead of blocking
+    in ``accept()``. ``adopted`` is the node's socket, inherited by a listener process.
+    """
+
+    adopted: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        if self.adopted is None:
+            super().server_bind()
+            return
+        cast(socket.socket, self.socket).close()  # the one TCPServer made; never bound
+        self.socket = self.adopted
+        self.server_address = self.adopted.getsockname()
+
+    def server_activate(self) -> None:
+        if self.adopted is None:
+            super().server_activate()
+        cast(socket.socket, self.socket).setblocking(False)
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)  # pynetdicom's also unregisters from AE.start_server
+        self.server_close()
+
+    def server_close(self) -> None:
+        if self.adopted is None:
+            super().server_close()
+        else:  # close this process's handle only: shutdown() would stop the node's listening too
+            self.adopted.close()
+
+
 class StorageScp:
     """The node's DICOM listener. Built by :func:`build_scp`; ``start()`` returns once it is bound."""
 
@@ -98,8 +133,10 @@ class StorageScp:
         *,
         ssl_context: ssl.SSLContext | None = None,
         caller_policy: Callable[[Session, str, str], bool] = aes.caller_allowed,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.settings = settings
+        self.listen_socket = listen_socket  # the node's, when this is one of its listener processes
         self.ingestor = ingestor
         self.session_factory = session_factory
         self.ssl_context = ssl_context
@@ -134,13 +171,13 @@ class StorageScp:
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
             ]
-            server = self.ae.start_server(
+            server = self.ae.make_server(
                 (self.settings.bind_address, self.settings.port),
-                block=False,
                 ssl_context=self.ssl_context,
                 evt_handlers=handlers,
+                server_class=type("_Listener", (_ListenerServer,), {"adopted": self.listen_socket}),
             )
-            assert server is not None  # block=False always returns the server
+            threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
             self._server = server
         LOGGER.info(
             "DICOM listener %s on %s:%d%s", self.settings.ae_title, self.settings.bind_address, self.port,
@@ -165,6 +202,13 @@ class StorageScp:
                            assoc.requestor.ae_title)
             assoc.abort()
         LOGGER.info("DICOM listener stopped")
+
+    @property
+    def socket(self) -> socket.socket:
+        """The listening socket (handed to the node's listener processes)."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return cast(socket.socket, self._server.socket)
 
     @property
     def port(self) -> int:
@@ -232,7 +276,9 @@ def build_scp(
     session_factory: sessionmaker[Session],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    listen_socket: socket.socket | None = None,
 ) -> StorageScp:
     """Factory: configure pynetdicom, then the listener (not yet started)."""
     configure_pynetdicom()
-    return StorageScp(settings, ingestor, session_factory, ssl_context=ssl_context)
+    return StorageScp(settings, ingestor, session_factory, ssl_context=ssl_context,
+                      listen_socket=listen_socket)

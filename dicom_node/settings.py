@@ -62,13 +62,21 @@ class DicomSettings(BaseModel):
     port: int = Field(default=11112, ge=0, le=65535)
     bind_address: str = "0.0.0.0"
     max_pdu: int = Field(default=131072, ge=0)
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1)  # per listener process
+    # Processes accepting associations on the node's port; 0: one per CPU, at most 4.
+    listener_processes: int = Field(default=0, ge=0, le=32)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     tls: TlsSettings = TlsSettings()
     callers: list[CallerEntry] = []
     destinations: list[DestinationEntry] = []
+
+    def listener_count(self) -> int:
+        """How many processes listen: the setting, or one per CPU (at most 4) when it is 0."""
+        if self.listener_processes:
+            return self.listener_processes
+        return max(1, min(len(os.sched_getaffinity(0)), 4))
 
     @field_validator("ae_title")
     @classmethod

@@ -358,6 +358,69 @@ def test_kill_9_before_settle_then_restart_readies_the_study_once(tmp_path: Path
         engine.dispose()
 
 
+def listener_process_pids(node_pid: int) -> list[int]:
+    """The node's spawned listener processes (not multiprocessing's resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == node_pid and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_listener_processes_share_associations_settle_their_studies_and_die_with_the_node(
+    tmp_path: Path,
+) -> None:
+    port = peers.free_port()
+    node = start_node(tmp_path / "multi", port, settle_seconds=SETTLE, callers=(SENDER,),
+                      extra_env={"CXR_NODE__DICOM__LISTENER_PROCESSES": "3"})
+    engine = make_engine(node.database_url)
+    try:
+        wait_for(lambda: node.log_text().count("serving port") == 2, timeout=30)
+        assert node.proc is not None
+        workers = listener_process_pids(node.proc.pid)
+        assert len(workers) == 2
+        study_uids = [generate_uid() for _ in range(12)]
+        folders = []
+        for number, study_uid in enumerate(study_uids):
+            folder = tmp_path / f"study{number}"
+            folder.mkdir()
+            for index in range(3):
+                write(make_cr(study_uid=study_uid, seed=number * 10 + index), folder / f"{index}.dcm")
+            folders.append(folder)
+        procs = [subprocess.Popen([dcmtk("storescu"), "-aet", SENDER, "-aec", NODE_AET, "+sd", "127.0.0.1",
+                                   str(port), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dcmtk_env()) for folder in folders]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+        stored = [line for line in node.log_text().splitlines() if "stored instance" in line]
+        assert len(stored) == 36
+        processes = {line.split("[cxr-node-listener-")[1].split("/")[0] if "[cxr-node-listener-" in line
+                     else "node" for line in stored}
+        assert len(processes) >= 2, "the associations were not spread over the processes"
+
+        def all_ready() -> bool:
+            with Session(engine) as session:
+                states = session.scalars(select(Study.state).where(Study.study_instance_uid.in_(study_uids)))
+                return sorted(state is not StudyState.RECEIVED for state in states) == [True] * 12
+
+        # Well inside the settler's 30 s sweep: the listener processes' studies were armed when stored.
+        wait_for(all_ready, timeout=SETTLE + 10)
+
+        node.kill()
+        wait_for(lambda: not listener_process_pids(node.proc.pid if node.proc else 0)
+                 and not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=5)
+        node.start()  # the port is free again at once
+        assert node.log_text().count("serving port") >= 2
+    finally:
+        node.stop()
+        engine.dispose()
+
+
 # Runs last in this module: everything above went through the same node and its log.
 
 
