@@ -26,6 +26,7 @@ LOGGER = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TEMP_PREFIX = ".incoming-"
+_INCOMING_DIR = ".incoming"
 _WRITE_SLICE = 64 * 1024
 
 
@@ -104,6 +105,10 @@ class FileStore:
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        # Temporaries live in one folder on the same file system (rename stays atomic), so start-up
+        # clean-up lists one directory instead of walking every study.
+        self.incoming = self.root / _INCOMING_DIR
+        self.incoming.mkdir(exist_ok=True)
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
     def path(self, relative_path: str) -> Path:
@@ -148,7 +153,7 @@ class FileStore:
         temp: Path | None = None
         try:
             created = self._make_dirs(target.parent)
-            fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=target.parent)
+            fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.incoming)
             temp = Path(temp_name)
             with os.fdopen(fd, "wb", buffering=0) as handle:
                 for chunk in chunk_list:
@@ -179,7 +184,7 @@ class FileStore:
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a crash mid-write (called at start-up)."""
         removed = 0
-        for stale in self.root.rglob(f"{_TEMP_PREFIX}*.tmp"):
+        for stale in self.incoming.glob(f"{_TEMP_PREFIX}*.tmp"):
             _unlink_quietly(stale)
             removed += 1
         if removed:

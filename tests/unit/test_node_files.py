@@ -50,8 +50,9 @@ def test_below_the_reserve_nothing_is_written(tmp_path: Path) -> None:
 
 def test_stale_temporaries_from_a_crash_are_removed(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / ".incoming-abc.tmp").write_bytes(b"partial")
     store.write("s/kept.dcm", [b"ok"])
+    staged = store.stage("s/never-published.dcm", [b"partial"])  # a crash before the rename
+    assert staged.stored.size_bytes == 7 and len(list(store.incoming.iterdir())) == 1
     assert store.remove_stale_temporaries() == 1
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["kept.dcm"]
+    assert list(store.incoming.iterdir()) == []
