@@ -13,6 +13,8 @@ the model learns on what equalisation makes of a degraded image — which is wha
   reflection fill; gamma, contrast, blur through down/up-sampling (low-resolution figures from papers) and
   Gaussian noise (each of the last two on half the images, so clean images stay in-distribution) and
   synthetic burnt-in labels, so that sharpness, grey levels, framing and text stop telling the sources apart.
+- ``robust-fov``: ``robust`` with one log-uniform zoom 0.85–1.6 for both axes (±10 % aspect): tight
+  crops of whole-chest images are as common in training as they are among the COVID figures.
 - ``none``: no augmentation (seed 003 trains without).
 """
 
@@ -35,6 +37,9 @@ class Geometry:
     zoom: tuple[float, float]  # scale range, drawn separately for x and y
     flip: bool
     fill_mode: str  # ImageProjectiveTransformV3 fill mode: NEAREST, REFLECT, CONSTANT, WRAP
+    # None: x and y zoom drawn independently and uniformly in ``zoom``. A number a: one zoom drawn
+    # log-uniformly in ``zoom`` and y = x · U(1-a, 1+a) — a field of view that shrinks as a whole.
+    aspect_jitter: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,20 @@ AUGMENTATIONS: dict[str, Augmentation] = {
             gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
         ),
     ),
+    "robust-fov": Augmentation(
+        geometry=Geometry(
+            rotation_deg=10.0,
+            shift=0.1,
+            shear_deg=5.0,
+            zoom=(0.85, 1.6),
+            flip=True,
+            fill_mode="REFLECT",
+            aspect_jitter=0.1,
+        ),
+        photometry=Photometry(
+            gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
+        ),
+    ),
 }
 
 
@@ -79,8 +98,12 @@ def _affine_matrices(batch: int, height: int, width: int, geometry: Geometry) ->
 
     angle = uniform(-1.0, 1.0) * geometry.rotation_deg * math.pi / 180.0
     shear = uniform(-1.0, 1.0) * geometry.shear_deg * math.pi / 180.0
-    zoom_x = uniform(*geometry.zoom)
-    zoom_y = uniform(*geometry.zoom)
+    if geometry.aspect_jitter is None:
+        zoom_x = uniform(*geometry.zoom)
+        zoom_y = uniform(*geometry.zoom)
+    else:
+        zoom_x = tf.exp(uniform(math.log(geometry.zoom[0]), math.log(geometry.zoom[1])))
+        zoom_y = zoom_x * uniform(1.0 - geometry.aspect_jitter, 1.0 + geometry.aspect_jitter)
     shift_x = uniform(-1.0, 1.0) * geometry.shift * width
     shift_y = uniform(-1.0, 1.0) * geometry.shift * height
     flip = tf.where(tf.random.uniform([batch]) < 0.5, -1.0, 1.0) if geometry.flip else tf.ones([batch])

@@ -11,10 +11,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from classifier.architectures import DEFAULT_ARCHITECTURE, architecture_names
+from classifier.architectures import DEFAULT_ARCHITECTURE, architecture_names, get_architecture
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,22 +33,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     train.add_argument("--architecture", "-a", choices=architecture_names(), default=DEFAULT_ARCHITECTURE)
     train.add_argument("--validation-fraction", type=float, default=0.2)
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
+    train.add_argument(
+        "--split-seed", type=int, help="seed of the group-aware train/validation split (default: --seed)"
+    )
     train.add_argument("--epochs", type=int, help="override the recipe's epochs (every stage)")
     train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     train.add_argument(
         "--learning-rate", type=float, help="override the recipe's learning rate (every stage)"
     )
     train.add_argument(
-        "--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust)"
+        "--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust, robust-fov)"
     )
     train.add_argument(
         "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"
+    )
+    train.add_argument(
+        "--members", type=int,
+        help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
+    )
+    train.add_argument(
+        "--seeds", type=lambda text: [int(part) for part in text.split(",")],
+        help="comma-separated member seeds (instead of --members); the split is --split-seed or the first",
     )
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    ensemble = subparsers.add_parser(
+        "ensemble", help="merge trained artifacts of one architecture and split into one model"
+    )
+    ensemble.add_argument("output", type=Path, help="artifact folder to write")
+    ensemble.add_argument("members", type=Path, nargs="+", help="member artifact folders")
+    ensemble.add_argument("--data", type=Path, required=True, help="the members' training data (validation)")
+    ensemble.add_argument("--version", help="artifact version string")
+    ensemble.set_defaults(func=_ensemble)
 
     evaluate = subparsers.add_parser(
         "evaluate", help="score a model artifact on labelled images (JSON + PNG)"
@@ -94,6 +115,7 @@ def _train(args: argparse.Namespace) -> int:
         output=args.output,
         validation_fraction=args.validation_fraction,
         seed=args.seed,
+        split_seed=args.split_seed,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -103,11 +125,38 @@ def _train(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch,
         progress=not args.no_progress,
     )
-    result = train(config, argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
+    argv = ["cxr-node", *sys.argv[1:]] if sys.argv else None
+    members = args.members or get_architecture(args.architecture).recipe.members
+    seeds = args.seeds or [args.seed + offset for offset in range(members)]
+    if len(seeds) > 1:
+        from classifier.ensemble import train_ensemble
+
+        if args.seeds:
+            split = args.split_seed if args.split_seed is not None else seeds[0]
+            config = replace(config, seed=seeds[0], split_seed=split)
+        metadata = train_ensemble(config, seeds, argv=argv)
+        _say(
+            f"wrote {args.output}: {len(seeds)} members merged, validation accuracy "
+            f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
+        )
+        return 0
+    result = train(config, argv=argv)
     validation = result.metadata.validation
     _say(
         f"wrote {result.folder}: validation accuracy {validation['accuracy']:.3f}, "
         f"macro-F1 {validation['macro_f1']:.3f}, {result.seconds_per_epoch:.1f} s/epoch"
+    )
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from classifier.ensemble import build_ensemble
+
+    metadata = build_ensemble(args.members, args.output, args.data, version=args.version,
+                              argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
+    _say(
+        f"wrote {args.output}: {len(args.members)} members merged, validation accuracy "
+        f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
     )
     return 0
 

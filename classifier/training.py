@@ -46,7 +46,8 @@ class TrainingConfig:
     data: Path
     output: Path
     validation_fraction: float = 0.2
-    seed: int = 42
+    seed: int = 42  # weights, shuffling and augmentation
+    split_seed: int | None = None  # the train/validation split (default: ``seed``)
     epochs: int | None = None  # overrides every stage's epochs
     batch_size: int | None = None
     learning_rate: float | None = None  # overrides every stage's learning rate
@@ -194,7 +195,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     classes = class_names(items)
     if len(classes) < 2:
         raise ValueError("training needs at least two classes")
-    train_items, val_items = split_by_group(items, config.validation_fraction, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    train_items, val_items = split_by_group(items, config.validation_fraction, split_seed)
     LOGGER.info(
         "training %s on %d images, validating on %d (%d classes)",
         architecture.name,
@@ -306,7 +308,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         created=created.isoformat(),
         data={
             "source": Path(config.data).name,
-            "split": {"by": "group", "validation_fraction": config.validation_fraction, "seed": config.seed},
+            "split": {"by": "group", "validation_fraction": config.validation_fraction, "seed": split_seed},
             "train": summary(train_items),
             "validation": summary(val_items),
             "command": " ".join(argv) if argv else None,
@@ -332,6 +334,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
                     for s in recipe.stages
                 ],
             },
+            "seed": config.seed,
             "epochs_run": len(timer.durations),
             "best_epoch": best.best_epoch if recipe.keep_best else len(timer.durations),
             "seconds_per_epoch": round(seconds_per_epoch, 2),
