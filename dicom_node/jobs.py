@@ -25,13 +25,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.ingest import IngestResult
-from dicom_node.store.models import Job, JobKind, JobState, Study, StudyState, utcnow
+from dicom_node.store.models import SCHEDULER_JOBS, Job, JobKind, JobState, Study, StudyState, utcnow
 
 LOGGER = logging.getLogger(__name__)
 
 PERSISTENT_STORE = "default"
 MEMORY_STORE = "memory"
-JOB_TABLE = "apscheduler_jobs"
+JOB_TABLE = SCHEDULER_JOBS.name  # created by the migrations, not by APScheduler
 SWEEP_SECONDS = 30.0
 
 # Persistent jobs are stored as a textual reference to a module-level function plus its arguments; the

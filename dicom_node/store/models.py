@@ -14,15 +14,19 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
+    Unicode,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -358,3 +362,15 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. "ae.add", "retention.purge"
     target: Mapped[str] = mapped_column(String(255), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+#: APScheduler's persistent job store (settle timers), declared here so that Alembic creates and
+#: migrates it like every other table; the columns are those SQLAlchemyJobStore 3.x defines, and it
+#: finds the table already there.
+SCHEDULER_JOBS = Table(
+    "apscheduler_jobs",
+    Base.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)
