@@ -106,6 +106,7 @@ class PipelineConfig:
     send_skipped: bool = False
     fixed_destinations: tuple[str, ...] = ()
     fsync: bool = True
+    indeterminate_threshold: float = 0.5  # recorded in the SR's algorithm parameters
 
 
 def node_identity(settings: Settings) -> NodeIdentity:
@@ -135,6 +136,7 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
         send_skipped=group.send_skipped,
         fixed_destinations=tuple(group.fixed_destinations),
         fsync=settings.storage.fsync,
+        indeterminate_threshold=group.indeterminate_threshold,
     )
 
 
@@ -720,6 +722,9 @@ class Pipeline:
                         sop_instance_uid=row.sop_instance_uid,
                         series_number=SR_SERIES_NUMBER,
                         analysed_at=analysed_at,
+                        algorithm_parameters_extra={
+                            "indeterminate_threshold": f"{self.config.indeterminate_threshold:g}"
+                        },
                     )
                     self.results.write(path, [dataset_bytes(sr)])
                 elif row.kind is ResultKind.PDF:

@@ -12,8 +12,10 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
@@ -161,6 +163,9 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
     with session_scope(world["db"]) as session:
         study_uid = session.get(Study, study_pk).study_instance_uid  # type: ignore[union-attr]
     assert sr.StudyInstanceUID == study_uid
+    parameters = [item.TextValue for item in hd.sr.utils.find_content_items(
+        sr, name=dcm_codes.DCM.AlgorithmParameters, recursive=True)]
+    assert "indeterminate_threshold=0.5" in parameters  # the threshold the label was decided with
     pdf = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
     assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf"
     assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
