@@ -12,7 +12,6 @@ from classifier import cli
 from classifier.architectures import GRADCAM_LAYER, build_cxr_compact, build_sugandi_cnn
 from classifier.ensemble import merge_members
 from classifier.inference import Classifier
-from tests.unit.test_classifier_training import collection  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +43,7 @@ def test_a_flattening_head_cannot_be_merged() -> None:
 
 
 def test_cli_trains_members_merges_them_and_the_result_classifies(
-    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "ensemble"
     argv = ["train", str(collection), str(output), "--seeds", "5,6", "--epochs", "1", "--steps-per-epoch", "1",
