@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"
     )
     train.add_argument(
+        "--centre-crop", type=float, help="keep this central fraction of every image (train and inference)"
+    )
+    train.add_argument(
         "--members", type=int,
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
@@ -120,6 +123,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         augmentation=args.augmentation,
+        centre_crop=args.centre_crop,
         weights=args.weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,

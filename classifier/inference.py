@@ -186,7 +186,8 @@ class Classifier:
             peak = float(cam.max())
             scaled = (cam / peak if peak > 0 else np.zeros_like(cam)).astype(np.float32)
             resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-            maps.append(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
+            heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+            maps.append(heatmap_in_whole_frame(heat, self.spec.centre_crop))
         return np.asarray(probabilities, dtype=np.float32), maps
 
     def _class_activation(self, inputs: Any) -> tuple[Any, Any]:
@@ -216,3 +217,17 @@ class Classifier:
             heatmap=heat,
             timings_ms={"predict": elapsed_ms},
         )
+
+
+def heatmap_in_whole_frame(heatmap: FloatImage, centre_crop: float) -> FloatImage:
+    """A heat map over the centre-cropped model input, placed back into the whole image frame (zero
+    outside the crop) and brought back to the input size, so overlays line up with the radiograph."""
+    if centre_crop >= 1.0:
+        return heatmap
+    height, width = heatmap.shape
+    full_h, full_w = round(height / centre_crop), round(width / centre_crop)
+    canvas = np.zeros((full_h, full_w), dtype=np.float32)
+    top, left = (full_h - height) // 2, (full_w - width) // 2
+    canvas[top : top + height, left : left + width] = heatmap
+    resized = Image.fromarray(canvas, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)

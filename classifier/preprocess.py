@@ -59,12 +59,15 @@ class PreprocessSpec:
     ``equalisation``: ``"histeq"`` maps grey values through their own cumulative histogram, which removes
     any monotonic intensity difference between sources (gamma, window, detector response).
     ``crop_borders`` strips uniform padding bars (black/white frames of scanned or web images).
+    ``centre_crop`` keeps that central fraction of each side (after the bars are gone): a coarse
+    lung-field focus that takes neck, shoulders and edge markers out of every image alike.
     """
 
     input_size: tuple[int, int]  # (height, width)
     normalisation: str = "unit"
     equalisation: str = "none"
     crop_borders: bool = False
+    centre_crop: float = 1.0
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
@@ -76,6 +79,8 @@ class PreprocessSpec:
         height, width = self.input_size
         if height < 8 or width < 8:
             raise ValueError(f"input size {self.input_size} is too small")
+        if not 0.3 <= self.centre_crop <= 1.0:
+            raise ValueError(f"centre crop {self.centre_crop} is outside [0.3, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,6 +95,7 @@ class PreprocessSpec:
             normalisation=str(data.get("normalisation", "unit")),
             equalisation=str(data.get("equalisation", "none")),
             crop_borders=bool(data.get("crop_borders", False)),
+            centre_crop=float(data.get("centre_crop", 1.0)),
         )
 
 
@@ -338,6 +344,10 @@ def fit_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
         raise UnsupportedImageError(f"expected a non-empty grey image, got shape {gray.shape}")
     if spec.crop_borders:
         gray = crop_uniform_borders(gray)
+    if spec.centre_crop < 1.0:
+        height, width = gray.shape
+        dy, dx = round(height * (1 - spec.centre_crop) / 2), round(width * (1 - spec.centre_crop) / 2)
+        gray = gray[dy : height - dy, dx : width - dx]
     return resize_gray(gray, spec.input_size)
 
 

@@ -52,6 +52,7 @@ class TrainingConfig:
     batch_size: int | None = None
     learning_rate: float | None = None  # overrides every stage's learning rate
     augmentation: str | None = None
+    centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
@@ -189,6 +190,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     architecture = get_architecture(config.architecture)
     recipe = _recipe(architecture, config)
     spec = architecture.preprocess
+    if config.centre_crop is not None:
+        spec = replace(spec, centre_crop=config.centre_crop)
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)

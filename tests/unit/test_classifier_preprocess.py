@@ -19,6 +19,7 @@ from pydicom.uid import (
 )
 
 from classifier.errors import UnsupportedImageError
+from classifier.inference import heatmap_in_whole_frame
 from classifier.preprocess import (
     PreprocessSpec,
     dataset_to_gray,
@@ -254,11 +255,27 @@ def test_equalisation_is_invariant_to_gamma() -> None:
 
 def test_spec_round_trips_through_json_dict() -> None:
     spec = PreprocessSpec(
-        input_size=(224, 200), normalisation="resnet", equalisation="histeq", crop_borders=True
+        input_size=(224, 200), normalisation="resnet", equalisation="histeq", crop_borders=True,
+        centre_crop=0.8,
     )
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    older = {key: value for key, value in spec.to_dict().items() if key != "centre_crop"}
+    assert PreprocessSpec.from_dict(older).centre_crop == 1.0  # model.json written before the field
     with pytest.raises(ValueError):
         PreprocessSpec(input_size=(224, 224), normalisation="imagenet-ish")
+    with pytest.raises(ValueError):
+        PreprocessSpec(input_size=(224, 224), centre_crop=0.1)
+
+
+def test_centre_crop_keeps_the_middle_and_the_heat_map_returns_to_theheatmap_in_whole_frame() -> None:
+    gray = np.zeros((100, 80), dtype=np.float32)
+    gray[25:75, 20:60] = 1.0  # the central half of each side
+    spec = PreprocessSpec(input_size=(32, 32), centre_crop=0.5)
+    assert np.allclose(image_to_model_input(Image.fromarray((gray * 255).astype(np.uint8)), spec), 1.0)
+    heat = heatmap_in_whole_frame(np.ones((32, 32), dtype=np.float32), 0.5)
+    assert heat.shape == (32, 32)
+    assert heat[16, 16] == pytest.approx(1.0) and heat[1, 1] == pytest.approx(0.0)
+    assert 0.2 < float(heat.mean()) < 0.3  # a quarter of the frame
 
 
 def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
