@@ -103,10 +103,6 @@ class ListenerWorkers:
         self._events.close()
         self._workers = [None] * self.count
 
-    @property
-    def pids(self) -> list[int]:
-        return [worker.pid for worker in self._workers if worker is not None and worker.pid is not None]
-
     # ----------------------------------------------------------------------------------- internals
 
     def _spawn(self, index: int) -> None:
