@@ -26,7 +26,7 @@ from dicom_node.settings import Settings
 from dicom_node.store import db
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import AeRole
-from dicom_node.tls import server_context
+from dicom_node.store.parts import open_store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,20 +126,16 @@ class Node:
 
 def build_node(settings: Settings) -> Node:
     """Factory for the whole node; nothing listens or runs until :meth:`Node.start`."""
-    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
-    session_factory = db.make_session_factory(engine)
-    file_store = FileStore(
-        settings.storage_dir, fsync=settings.storage.fsync, min_free_bytes=settings.storage.min_free_bytes
-    )
+    store = open_store(settings)
+    engine, session_factory, file_store = store.engine, store.session_factory, store.file_store
     scheduler = build_scheduler(engine)
     callbacks: list[Callable[[int], None]] = []
     settler = StudySettler(
         scheduler, session_factory, settle_seconds=settings.pipeline.settle_seconds, callbacks=callbacks
     )
     ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored)
-    ssl_context = server_context(settings.dicom.tls) if settings.dicom.tls.enabled else None
     listeners = build_listener_workers(settings, settler.study_stored)
-    scp = build_scp(settings.dicom, ingestor, session_factory, ssl_context=ssl_context)
+    scp = build_scp(settings.dicom, ingestor, session_factory)
     return Node(
         settings=settings,
         engine=engine,

@@ -176,9 +176,7 @@ def run_worker(
     from dicom_node.ingest import Ingestor, IngestResult
     from dicom_node.logconfig import configure_logging
     from dicom_node.scp import build_scp
-    from dicom_node.store import db
-    from dicom_node.store.files import FileStore
-    from dicom_node.tls import server_context
+    from dicom_node.store.parts import open_store
 
     parent = multiprocessing.parent_process()
     _die_with_parent()
@@ -197,15 +195,9 @@ def run_worker(
     def study_stored(result: IngestResult) -> None:
         events.put(result.study_pk)
 
-    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
-    file_store = FileStore(
-        settings.storage_dir, fsync=settings.storage.fsync, min_free_bytes=settings.storage.min_free_bytes
-    )
-    session_factory = db.make_session_factory(engine)
-    ingestor = Ingestor(session_factory, file_store, on_stored=study_stored)
-    ssl_context = server_context(settings.dicom.tls) if settings.dicom.tls.enabled else None
-    scp = build_scp(settings.dicom, ingestor, session_factory, ssl_context=ssl_context,
-                    listen_socket=listen_socket)
+    store = open_store(settings)
+    ingestor = Ingestor(store.session_factory, store.file_store, on_stored=study_stored)
+    scp = build_scp(settings.dicom, ingestor, store.session_factory, listen_socket=listen_socket)
     scp.start()
     LOGGER.info("listener process %d serving port %d", index + 1, scp.port)
     try:
@@ -215,8 +207,7 @@ def run_worker(
                 break
     finally:
         scp.stop()
-        file_store.close()
-        engine.dispose()
+        store.close()
         events.close()
         if parent is not None and not parent.is_alive():
             events.cancel_join_thread()  # nobody reads any more; the sweep re-arms those studies

@@ -32,6 +32,7 @@ from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.settings import DicomSettings
 from dicom_node.statuses import Status
+from dicom_node.tls import server_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -278,7 +279,10 @@ def build_scp(
     ssl_context: ssl.SSLContext | None = None,
     listen_socket: socket.socket | None = None,
 ) -> StorageScp:
-    """Factory: configure pynetdicom, then the listener (not yet started)."""
+    """Factory: configure pynetdicom, then the listener (not yet started). Without ``ssl_context`` the
+    listener speaks TLS when ``settings.tls`` is enabled."""
     configure_pynetdicom()
+    if ssl_context is None and settings.tls.enabled:
+        ssl_context = server_context(settings.tls)
     return StorageScp(settings, ingestor, session_factory, ssl_context=ssl_context,
                       listen_socket=listen_socket)
