@@ -137,8 +137,7 @@ def build_ensemble(
     plots.confusion_matrix(
         report["confusion_matrix"], first.classes, output / "confusion_matrix.png", title="validation"
     )
-    for stale in ("training_curves.png",):  # a single model's curves would describe another model
-        (output / stale).unlink(missing_ok=True)
+    (output / "training_curves.png").unlink(missing_ok=True)  # a single model's curves: not this one's
     return metadata
 
 
