@@ -53,7 +53,7 @@ class ListenerWorkers:
         self.count = count
         self.on_study_stored = on_study_stored
         self._context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
-        self._events: Queue[int] = self._context.Queue()
+        self._events: Queue[int]  # made by start(): stop() closes it
         self._workers: list[SpawnProcess | None] = [None] * count
         self._failures = [0] * count
         self._socket: socket.socket | None = None
@@ -65,6 +65,7 @@ class ListenerWorkers:
     def start(self, listen_socket: socket.socket) -> None:
         """Spawn the workers on the node's listening socket."""
         self._socket = listen_socket
+        self._events = self._context.Queue()
         self._stop.clear()
         self._stopping.clear()
         for index in range(self.count):
