@@ -30,6 +30,7 @@ from dicom_node import aes
 from dicom_node.errors import NodeError, describe_exception
 from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
+from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings
 from dicom_node.statuses import Status
 from dicom_node.tls import server_context
@@ -177,6 +178,7 @@ class StorageScp:
                 ssl_context=self.ssl_context,
                 evt_handlers=handlers,
                 server_class=type("_Listener", (_ListenerServer,), {"adopted": self.listen_socket}),
+                request_handler=EventDrivenRequestHandler,
             )
             threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
             self._server = server

@@ -1,0 +1,307 @@
+"""Event-driven acceptor associations: pynetdicom's two reactor loops without their 1 ms polling.
+
+pynetdicom runs two threads per association and both poll: the DUL thread sleeps 1 ms whenever it
+found nothing to do and then asks ``select()`` whether the socket is readable; the association thread
+sleeps 1 ms on every turn before looking for a decoded DIMSE message. That is about 2,000 wake-ups a
+second per association, each one taking the interpreter lock. With four senders a listener process
+spent a fifth of its samples there (py-spy) — time taken from receiving and writing instances.
+
+Here both threads block until something happens instead:
+
+* the DUL thread waits in ``select()`` on its socket *and* on an ``eventfd`` that the other threads
+  signal when they queue a primitive for it (a C-STORE response, a release or abort) or stop it;
+* the association thread waits on a :class:`threading.Event` set when a DIMSE message is complete,
+  when a release/abort arrives for the service user, when the DUL thread ends, or when it is killed.
+
+Both still wake every :data:`IDLE_WAIT` seconds, so pynetdicom's timers (ARTIM, network idle time-out)
+fire as before, at worst that much later. The loops below are pynetdicom 3.0's
+``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` (MIT licence) with only the sleeps
+replaced; ``tests/network/test_reactor.py`` pins the pynetdicom version they were copied from.
+Requestor associations (the node's own sends) are pynetdicom's, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import ssl
+import threading
+from copy import deepcopy
+from datetime import datetime
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+LOGGER = logging.getLogger(__name__)
+
+IDLE_WAIT = 0.05
+"""Longest a reactor sleeps without an event (seconds): bounds how late a time-out is noticed."""
+
+PYNETDICOM_SERIES = "3.0."
+"""The pynetdicom release series whose reactor loops this module mirrors."""
+
+
+class _Wakeup:
+    """A Linux ``eventfd`` that ``select()`` can wait on beside a socket; set from any thread.
+
+    ``set`` and ``close`` share a lock: a late ``set`` must never write to a descriptor number that
+    the process has meanwhile reused for something else (a file being stored, say).
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except OSError:  # BlockingIOError: nothing was signalled
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class _SignallingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that calls ``notify`` after every ``put``."""
+
+    def __init__(self, notify: Any) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._notify()
+
+
+class _SignallingEvent(threading.Event):
+    """``Association._reactor_checkpoint``: clearing it (a pause request) must wake the reactor."""
+
+    def __init__(self, notify: Any) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def clear(self) -> None:
+        super().clear()
+        self._notify()
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """The DICOM upper layer of one acceptor association, sleeping in ``select()`` when idle."""
+
+    def __init__(self, assoc: Association, activity: threading.Event) -> None:
+        self._wakeup = _Wakeup()
+        self._stopping = False
+        super().__init__(assoc)
+        self._activity = activity
+        self.to_provider_queue = _SignallingQueue(self._wakeup.set)
+        self.to_user_queue = _SignallingQueue(activity.set)
+
+    # pynetdicom sets this flag from other threads (stop_dul, kill_dul) to end the loop: wake it.
+    @property
+    def _kill_thread(self) -> bool:
+        return self._stopping
+
+    @_kill_thread.setter
+    def _kill_thread(self, value: bool) -> None:
+        self._stopping = value
+        if value:
+            self._wakeup.set()
+
+    def _wait_for_activity(self) -> None:
+        assoc_socket = self.socket
+        watched: list[Any] = [self._wakeup]
+        if assoc_socket is not None and assoc_socket.socket is not None and assoc_socket._is_connected:
+            sock = assoc_socket.socket
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes already buffered: select() would not report them
+            watched.append(sock)
+        try:
+            select.select(watched, [], [], IDLE_WAIT)
+        except (OSError, ValueError):  # the socket was closed under us: the next turn finds out
+            pass
+        self._wakeup.clear()
+
+    def run_reactor(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._activity.set()  # the association thread checks dul.is_alive()
+            self._wakeup.close()
+
+    def _run(self) -> None:
+        # pynetdicom 3.0 DULServiceProvider.run_reactor; time.sleep(_run_loop_delay) -> _wait_for_activity()
+        self._idle_timer.start()
+        self.socket = cast(AssociationSocket, self.socket)
+        sleep = False
+
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+
+            if sleep:
+                self._wait_for_activity()
+
+            if self._kill_thread:
+                break
+
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # pynetdicom's own policy: log, abort, end both threads
+                LOGGER.error("Exception in DUL.run(), aborting association")
+                LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+
+            self.state_machine.do_action(event)
+            sleep = False
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor association whose reactor waits for events instead of polling every millisecond."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self._activity = threading.Event()
+        self.dul = EventDrivenDUL(self, self._activity)
+        # Association.__init__ put the AE's time-outs on the DUL it made: give them to this one.
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
+        self.dimse.msg_queue = _SignallingQueue(self._activity.set)
+        self._reactor_checkpoint = _SignallingEvent(self._activity.set)
+        self._reactor_checkpoint.set()
+
+    def kill(self) -> None:
+        self._activity.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        # pynetdicom 3.0 Association._run_reactor; time.sleep(0.001) -> wait for an event
+        self._is_paused = False
+        served = False
+        while not self._kill:
+            if not served:
+                self._activity.wait(IDLE_WAIT)
+            self._activity.clear()
+
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            served = msg is not None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+
+                self.kill()
+                return
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, creating :class:`EventDrivenAssociation` acceptors."""
+
+    def _create_association(self) -> Association:
+        # pynetdicom 3.0 RequestHandler._create_association with the association class swapped
+        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"AcceptorThread@{timestamp}"
+
+        sock = AssociationSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+
+        assoc.requestor.address_info = self.remote
+
+        for event in self.server._handlers:
+            if event.is_intervention and self.server._handlers[event]:
+                assoc.bind(event, *self.server._handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in self.server._handlers[event]:
+                    handler = cast(evt._HandlerBase, handler)
+                    assoc.bind(event, handler[0], handler[1])
+
+        return assoc
+
+
+__all__ = ["IDLE_WAIT", "EventDrivenAssociation", "EventDrivenDUL", "EventDrivenRequestHandler"]
