@@ -77,10 +77,23 @@ class Architecture:
     gradcam_layer: str = GRADCAM_LAYER  # last spatial feature map, recorded in model.json for Grad-CAM
     description: str = ""
 
-    def build(self, num_classes: int, *, weights: str | Path | None = None, seed: int = 0) -> Any:
-        """A compiled-ready (uncompiled) ``keras.Model`` for ``num_classes`` outputs."""
+    def build(
+        self,
+        num_classes: int,
+        *,
+        weights: str | Path | None = None,
+        seed: int = 0,
+        input_size: tuple[int, int] | None = None,
+    ) -> Any:
+        """A compiled-ready (uncompiled) ``keras.Model`` for ``num_classes`` outputs.
+
+        ``input_size`` overrides the architecture's (models that end in global pooling take any size).
+        """
         return self.builder(
-            num_classes=num_classes, input_size=self.preprocess.input_size, weights=weights, seed=seed
+            num_classes=num_classes,
+            input_size=input_size or self.preprocess.input_size,
+            weights=weights,
+            seed=seed,
         )
 
 

@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--centre-crop", type=float, help="keep this central fraction of every image (train and inference)"
     )
     train.add_argument(
+        "--input-size", type=int, help="square input side in pixels (default: the architecture's)"
+    )
+    train.add_argument(
         "--members", type=int,
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
@@ -124,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         augmentation=args.augmentation,
         centre_crop=args.centre_crop,
+        input_size=args.input_size,
         weights=args.weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,

@@ -53,6 +53,7 @@ class TrainingConfig:
     learning_rate: float | None = None  # overrides every stage's learning rate
     augmentation: str | None = None
     centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
+    input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
@@ -192,6 +193,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     spec = architecture.preprocess
     if config.centre_crop is not None:
         spec = replace(spec, centre_crop=config.centre_crop)
+    if config.input_size is not None:
+        spec = replace(spec, input_size=(config.input_size, config.input_size))
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)
@@ -232,7 +235,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     weights = config.weights
     if weights is None and architecture.name == "resnet152-transfer":
         weights = "imagenet"
-    model = architecture.build(len(classes), weights=weights, seed=config.seed)
+    model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
     best_weights_cls, timer_cls = _callbacks(keras)
     best, timer = best_weights_cls(), timer_cls()
     weights_by_class = class_weights(y_train, len(classes)) if recipe.class_weights else None

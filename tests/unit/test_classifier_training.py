@@ -32,6 +32,7 @@ def artifact(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         epochs=2,
         steps_per_epoch=2,
         batch_size=4,
+        input_size=96,  # not the architecture's 224: the artifact must carry its own input size
         version="tiny-1",
         progress=False,
     )
@@ -80,6 +81,7 @@ def test_artifact_has_model_metadata_and_plots(artifact: Path) -> None:
     ):
         assert key in metadata
     assert metadata["classes"] == ["bright", "dark"] and metadata["version"] == "tiny-1"
+    assert metadata["input_size"] == [96, 96]
     assert metadata["data"]["split"]["by"] == "group"
     assert metadata["data"]["train"]["images"] + metadata["data"]["validation"]["images"] == 24
     assert 0.0 <= metadata["validation"]["accuracy"] <= 1.0
