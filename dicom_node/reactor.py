@@ -27,6 +27,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 from copy import deepcopy
 from datetime import datetime
@@ -36,7 +37,8 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 LOGGER = logging.getLogger(__name__)
@@ -140,6 +142,55 @@ class EventDrivenDUL(DULServiceProvider):
             pass
         self._wakeup.clear()
 
+    def _read_pdu_data(self) -> None:
+        # pynetdicom 3.0 DULServiceProvider._read_pdu_data, except that a P-DATA-TF PDU is decoded in
+        # place: its PDV items are views into the one buffer the PDU was received into. pynetdicom
+        # copies a received radiograph three more times on this path (header + body, bytes() for
+        # EVT_DATA_RECV, a slice per PDV item) before the DIMSE layer copies it into the data set.
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            LOGGER.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        try:
+            if pdu_type == 0x04 and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                pdu: Any = decode_p_data_tf(body)
+                evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+                event = "Evt10"
+            else:
+                pdu, event = self._decode_pdu(bytearray(header) + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            LOGGER.error("Unable to decode the received PDU data")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
     def run_reactor(self) -> None:
         try:
             self._run()
@@ -193,6 +244,28 @@ class EventDrivenDUL(DULServiceProvider):
 
             self.state_machine.do_action(event)
             sleep = False
+
+
+def decode_p_data_tf(body: bytes | bytearray) -> P_DATA_TF:
+    """A P-DATA-TF PDU from its body (after the 6-byte header), its PDV values as views into ``body``.
+
+    Raises ``ValueError`` for an item that is too short or overruns the PDU (pynetdicom asserts).
+    """
+    pdu = P_DATA_TF()
+    view = memoryview(body)
+    offset, end = 0, len(view)
+    while offset < end:
+        if end - offset < 6:
+            raise ValueError("truncated presentation data value item")
+        item_length = int.from_bytes(view[offset : offset + 4], "big")
+        if item_length < 2 or offset + 4 + item_length > end:
+            raise ValueError("presentation data value item length does not fit the PDU")
+        item = PresentationDataValueItem()
+        item.presentation_context_id = view[offset + 4]
+        item.presentation_data_value = view[offset + 5 : offset + 4 + item_length]  # type: ignore[assignment]
+        pdu.presentation_data_value_items.append(item)
+        offset += 4 + item_length
+    return pdu
 
 
 class EventDrivenAssociation(Association):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import pynetdicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import aes, reactor
@@ -74,7 +76,9 @@ def test_the_reactor_mirrors_the_installed_pynetdicom_series() -> None:
     assert pynetdicom.__version__.startswith(reactor.PYNETDICOM_SERIES)
 
 
-def test_an_idle_association_sleeps_instead_of_polling(scp: StorageScp, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_idle_association_sleeps_instead_of_polling(
+    scp: StorageScp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     selects = 0
     real_select = reactor.select.select
 
@@ -135,3 +139,49 @@ def test_stopping_the_listener_ends_open_associations(tmp_path: Path) -> None:
     acceptor.join(timeout=3)
     assert not acceptor.is_alive()
     assert _wait_until(lambda: not requestor.is_established, 3)
+
+
+def _p_data_body(*items: tuple[int, bytes]) -> bytes:
+    return b"".join(struct.pack(">LB", len(value) + 1, context) + value for context, value in items)
+
+
+def test_p_data_is_decoded_like_pynetdicom_without_copies() -> None:
+    body = _p_data_body((1, b"\x03" + b"command"), (3, b"\x02" + bytes(range(256)) * 10))
+    ours = reactor.decode_p_data_tf(bytearray(body))
+    theirs = P_DATA_TF()
+    theirs.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
+    assert [
+        (item.presentation_context_id, bytes(item.presentation_data_value))
+        for item in ours.presentation_data_value_items
+    ] == [
+        (item.presentation_context_id, item.presentation_data_value)
+        for item in theirs.presentation_data_value_items
+    ]
+    assert all(
+        isinstance(item.presentation_data_value, memoryview) for item in ours.presentation_data_value_items
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x00\x00",  # shorter than an item header
+        struct.pack(">LB", 1, 1),  # an item without its message control header
+        struct.pack(">LB", 100, 1) + b"\x02short",  # an item longer than the PDU
+    ],
+)
+def test_a_malformed_p_data_item_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        reactor.decode_p_data_tf(body)
+
+
+def test_a_malformed_p_data_pdu_aborts_the_association_and_the_listener_goes_on(scp: StorageScp) -> None:
+    requestor, acceptor = _associate(scp)
+    body = struct.pack(">LB", 100, 1) + b"\x02short"
+    requestor.dul.socket.send(struct.pack(">BBL", 4, 0, len(body)) + body)  # type: ignore[union-attr]
+    acceptor.join(timeout=3)
+    assert not acceptor.is_alive()
+    assert _wait_until(lambda: not requestor.is_established, 3)
+    again, _ = _associate(scp)
+    assert again.send_c_echo().Status == 0x0000
+    again.release()
