@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from classifier.artifact import read_metadata
-from classifier.dataset import load_collection, split_by_group
+from classifier.dataset import load_collection, split_from_record
 from classifier.evaluation import evaluate
 from classifier.inference import Classifier
 from classifier.preprocess import read_dataset
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     split = read_metadata(args.model).data.get("split", {})
-    _, validation = split_by_group(
-        load_collection(args.data), float(split.get("validation_fraction", 0.2)), int(split.get("seed", 42))
-    )
+    _, validation = split_from_record(load_collection(args.data), split)
     rows = []
     for degradation in args.degradations:
         report = evaluate(args.model, args.data, degrade=degradation, items=validation)

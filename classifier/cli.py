@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument(
         "--split-seed", type=int, help="seed of the group-aware train/validation split (default: --seed)"
     )
+    train.add_argument(
+        "--fold", type=_fold, metavar="I/K",
+        help="validate on fold I (0-based) of a group K-fold split instead of --validation-fraction",
+    )
     train.add_argument("--epochs", type=int, help="override the recipe's epochs (every stage)")
     train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     train.add_argument(
@@ -107,6 +111,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     classify.set_defaults(func=_classify)
 
 
+def _fold(text: str) -> tuple[int, int]:
+    """``I/K`` → (I, K): fold I (0-based) of K."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected I/K, e.g. 0/5") from None
+    if count < 2 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError("I must be 0..K-1 and K at least 2")
+    return index, count
+
+
 def _say(text: str) -> None:
     """Command output (not logging): the user asked for it."""
     sys.stdout.write(text + "\n")
@@ -122,6 +137,8 @@ def _train(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         seed=args.seed,
         split_seed=args.split_seed,
+        fold=args.fold[0] if args.fold else None,
+        folds=args.fold[1] if args.fold else 5,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -171,17 +188,13 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from classifier.artifact import read_metadata
-    from classifier.dataset import load_collection, split_by_group
+    from classifier.dataset import load_collection, split_from_record
     from classifier.evaluation import evaluate
 
     items = None
     if args.split != "all":
         split = read_metadata(args.model).data.get("split", {})
-        train_items, val_items = split_by_group(
-            load_collection(args.data),
-            float(split.get("validation_fraction", 0.2)),
-            int(split.get("seed", 42)),
-        )
+        train_items, val_items = split_from_record(load_collection(args.data), split)
         items = val_items if args.split == "validation" else train_items
     report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items)
     _say(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))

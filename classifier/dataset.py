@@ -10,9 +10,10 @@ import csv
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +121,51 @@ def split_by_group(
     if not train or not validation:
         raise DatasetError("too few groups for a train/validation split")
     return train, validation
+
+
+def split_by_fold(
+    items: Sequence[LabelledImage], fold: int, folds: int, seed: int
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Group k-fold cross-validation: the ``fold``-th of ``folds`` validation sets and the rest.
+
+    Per class (a group's majority label), the shuffled groups go one by one to the fold holding the
+    fewest images of that class so far, so every fold gets about 1/k of each class and no group is in
+    two folds. Deterministic for a seed; the k validation sets partition the collection.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise DatasetError("the fold must be one of at least two folds")
+    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
+    for item in items:
+        by_group[item.group].append(item)
+    group_class = {
+        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
+    }
+    rng = random.Random(seed)
+    fold_groups: list[set[str]] = [set() for _ in range(folds)]
+    for label in sorted(set(group_class.values())):
+        groups = sorted(g for g, c in group_class.items() if c == label)
+        rng.shuffle(groups)
+        sizes = [0] * folds
+        for group in groups:
+            target = min(range(folds), key=lambda index: (sizes[index], index))
+            fold_groups[target].add(group)
+            sizes[target] += len(by_group[group])
+    validation_groups = fold_groups[fold]
+    train = [item for item in items if item.group not in validation_groups]
+    validation = [item for item in items if item.group in validation_groups]
+    if not train or not validation:
+        raise DatasetError("too few groups for this many folds")
+    return train, validation
+
+
+def split_from_record(
+    items: Sequence[LabelledImage], record: Mapping[str, Any]
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """The train/validation split a model was trained with, from the ``split`` entry of its model.json."""
+    seed = int(record.get("seed", 42))
+    if record.get("fold") is not None:
+        return split_by_fold(items, int(record["fold"]), int(record.get("folds", 5)), seed)
+    return split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
 
 
 def load_gray(path: Path) -> npt.NDArray[np.float32]:

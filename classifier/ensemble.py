@@ -25,7 +25,7 @@ import numpy as np
 from classifier import plots
 from classifier.architectures import GRADCAM_LAYER
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata, sha256_file, write_metadata
-from classifier.dataset import load_collection, load_grays, split_by_group
+from classifier.dataset import load_collection, load_grays, split_from_record
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray
 from classifier.training import TrainingConfig, train
@@ -94,9 +94,7 @@ def build_ensemble(
     model = merge_members(members)
 
     split = first.data.get("split", {})
-    _, val_items = split_by_group(
-        load_collection(data), float(split.get("validation_fraction", 0.2)), int(split.get("seed", 42))
-    )
+    _, val_items = split_from_record(load_collection(data), split)
     spec = first.preprocess
     inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec)])
     truth = np.array([first.classes.index(item.label) for item in val_items], dtype=np.int64)

@@ -29,6 +29,7 @@ from classifier.dataset import (
     class_names,
     load_collection,
     load_grays,
+    split_by_fold,
     split_by_group,
     summary,
 )
@@ -48,6 +49,8 @@ class TrainingConfig:
     validation_fraction: float = 0.2
     seed: int = 42  # weights, shuffling and augmentation
     split_seed: int | None = None  # the train/validation split (default: ``seed``)
+    fold: int | None = None  # validate on this fold of a group k-fold split instead of a fraction
+    folds: int = 5
     epochs: int | None = None  # overrides every stage's epochs
     batch_size: int | None = None
     learning_rate: float | None = None  # overrides every stage's learning rate
@@ -202,7 +205,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     if len(classes) < 2:
         raise ValueError("training needs at least two classes")
     split_seed = config.seed if config.split_seed is None else config.split_seed
-    train_items, val_items = split_by_group(items, config.validation_fraction, split_seed)
+    if config.fold is None:
+        train_items, val_items = split_by_group(items, config.validation_fraction, split_seed)
+        split: dict[str, Any] = {"by": "group", "validation_fraction": config.validation_fraction}
+    else:
+        train_items, val_items = split_by_fold(items, config.fold, config.folds, split_seed)
+        split = {"by": "group", "fold": config.fold, "folds": config.folds}
+    split["seed"] = split_seed
     LOGGER.info(
         "training %s on %d images, validating on %d (%d classes)",
         architecture.name,
@@ -314,7 +323,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         created=created.isoformat(),
         data={
             "source": Path(config.data).name,
-            "split": {"by": "group", "validation_fraction": config.validation_fraction, "seed": split_seed},
+            "split": split,
             "train": summary(train_items),
             "validation": summary(val_items),
             "command": " ".join(argv) if argv else None,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from classifier import cli
 from classifier.artifact import read_metadata
-from classifier.dataset import load_collection, split_by_group
+from classifier.dataset import DatasetError, load_collection, split_by_fold, split_by_group
 from classifier.errors import ModelArtifactError
 from classifier.evaluation import evaluate, parse_degradation
 from classifier.inference import Classifier
@@ -47,6 +47,20 @@ def test_split_keeps_every_group_on_one_side(collection: Path) -> None:
     assert not {i.group for i in train_items} & {i.group for i in val_items}
     assert {i.label for i in val_items} == {"bright", "dark"}
     assert split_by_group(items, 0.25, seed=1) == (train_items, val_items)  # reproducible
+
+
+def test_group_folds_partition_the_collection(collection: Path) -> None:
+    items = load_collection(collection)
+    folds = [split_by_fold(items, fold, 3, seed=7) for fold in range(3)]
+    validations = [{i.path for i in val_items} for _, val_items in folds]
+    assert set().union(*validations) == {i.path for i in items}
+    assert sum(len(v) for v in validations) == len(items)  # every image validated exactly once
+    for train_items, val_items in folds:
+        assert not {i.group for i in train_items} & {i.group for i in val_items}
+        assert {i.label for i in val_items} == {"bright", "dark"}
+    assert split_by_fold(items, 1, 3, seed=7) == folds[1]  # reproducible
+    with pytest.raises(DatasetError):
+        split_by_fold(items, 3, 3, seed=7)
 
 
 def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""Group k-fold cross-validation of a training recipe: how much one validation split's figure can be trusted.
+
+Trains the recipe K times with ``cxr-node train --fold I/K`` (every image validated exactly once, no
+patient/source group on both sides of any fold) and prints each fold's validation figures, their mean and
+standard deviation, and the pooled accuracy over all images. ``--jobs 2`` runs two folds at once, each
+pinned to one CPU with one TensorFlow thread (faster in total than one fold on all CPUs).
+
+    PYTHONPATH=. python benchmarks/crossval.py /work/shared/data/cxr3 /tmp/cv --folds 5 --jobs 2 [-- TRAIN ARGS]
+
+Prints a table and, as the last line, a JSON object. Fold artifacts are kept in OUTPUT for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "classifier.cli", "train", str(data), str(output),
+        "--fold", f"{fold}/{folds}", "--split-seed", str(seed), "--no-progress",
+        "--version", f"crossval-{fold}-of-{folds}", *extra,
+    ]  # fmt: skip
+
+
+def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
+    cpus = sorted(os.sched_getaffinity(0))
+    pending = list(range(args.folds))
+    running: dict[int, tuple[subprocess.Popen[bytes], float, int]] = {}
+    seconds: dict[int, float] = {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            fold = pending.pop(0)
+            folder = args.output / f"fold{fold}"
+            busy = {cpu for _, _, cpu in running.values()}
+            cpu = next(c for c in cpus if c not in busy) if args.jobs > 1 else -1
+            env = dict(os.environ)
+            if cpu >= 0:
+                env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+            log = (args.output / f"fold{fold}.log").open("wb")
+            command = _fold_command(args.data, folder, fold, args.folds, args.seed, extra)
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if cpu >= 0:
+                os.sched_setaffinity(process.pid, {cpu})
+            running[fold] = (process, time.monotonic(), cpu)
+            print(f"fold {fold}/{args.folds} started" + (f" on CPU {cpu}" if cpu >= 0 else ""), file=sys.stderr)
+        time.sleep(2)
+        for fold, (process, started, _) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[fold]
+            if process.returncode != 0:
+                sys.exit(f"fold {fold} failed (exit {process.returncode}); see {args.output / f'fold{fold}.log'}")
+            seconds[fold] = time.monotonic() - started
+            print(f"fold {fold}/{args.folds} done in {seconds[fold] / 60:.1f} min", file=sys.stderr)
+    return seconds
+
+
+def _row(fold: int, folder: Path) -> dict[str, Any]:
+    validation = json.loads((folder / "model.json").read_text())["validation"]
+    covid = validation["per_class"].get("covid", {})
+    matrix = validation["confusion_matrix"]
+    return {
+        "fold": fold,
+        "images": int(validation["images"]),
+        "correct": int(sum(matrix[i][i] for i in range(len(matrix)))),
+        "accuracy": float(validation["accuracy"]),
+        "macro_f1": float(validation["macro_f1"]),
+        "covid_auc": float(covid["roc_auc"]) if "roc_auc" in covid else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, help="folder of class sub-folders or manifest CSV (with groups)")
+    parser.add_argument("output", type=Path, help="folder for the fold artifacts and logs")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
+    parser.add_argument("--jobs", type=int, default=1, help="folds trained at once (each on one CPU)")
+    parser.add_argument("--report-only", action="store_true", help="tabulate folds already trained in OUTPUT")
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    seconds = {} if args.report_only else _run_folds(args, extra)
+    rows = [_row(fold, args.output / f"fold{fold}") for fold in range(args.folds)]
+
+    print(f"{'fold':>4} {'images':>6} {'accuracy':>9} {'macro-F1':>9} {'COVID AUC':>10} {'minutes':>8}")
+    for row in rows:
+        auc = f"{row['covid_auc']:.3f}" if row["covid_auc"] is not None else "—"
+        minutes = f"{seconds[row['fold']] / 60:.1f}" if row["fold"] in seconds else "—"
+        print(f"{row['fold']:>4} {row['images']:>6} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {auc:>10} {minutes:>8}")
+    summary: dict[str, Any] = {"folds": args.folds, "seed": args.seed, "train_args": extra, "per_fold": rows}
+    for key in ("accuracy", "macro_f1", "covid_auc"):
+        values = [row[key] for row in rows if row[key] is not None]
+        summary[key] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
+    summary["pooled_accuracy"] = round(sum(r["correct"] for r in rows) / sum(r["images"] for r in rows), 4)
+    print(
+        f"mean ± sd: accuracy {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['sd']:.3f}, "
+        f"macro-F1 {summary['macro_f1']['mean']:.3f} ± {summary['macro_f1']['sd']:.3f}, "
+        f"COVID AUC {summary['covid_auc']['mean']:.3f} ± {summary['covid_auc']['sd']:.3f}; "
+        f"pooled accuracy {summary['pooled_accuracy']:.3f} over {sum(r['images'] for r in rows)} images"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
