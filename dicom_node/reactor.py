@@ -15,8 +15,10 @@ Here both threads block until something happens instead:
 
 Both still wake every :data:`IDLE_WAIT` seconds, so pynetdicom's timers (ARTIM, network idle time-out)
 fire as before, at worst that much later. The loops below are pynetdicom 3.0's
-``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` (MIT licence) with only the sleeps
-replaced; ``tests/network/test_reactor.py`` pins the pynetdicom version they were copied from.
+``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` (MIT licence) with the sleeps
+replaced; ``_read_pdu_data`` also decodes P-DATA in place (see there), and the log lines follow the node's
+rule of naming an exception's type and place, never its text. ``tests/network/test_reactor.py`` pins the
+pynetdicom series they were copied from.
 Requestor associations (the node's own sends) are pynetdicom's, unchanged.
 """
 
@@ -40,6 +42,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from dicom_node.errors import describe_exception
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,8 +155,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
             self.event_queue.put("Evt17")
             return
         if len(header) != 6:
@@ -160,19 +163,18 @@ class EventDrivenDUL(DULServiceProvider):
             return
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            LOGGER.error("unknown PDU type 0x%02X received", pdu_type)
             self.event_queue.put("Evt19")
             return
         try:
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
+            LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
             LOGGER.error(
-                f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
+                "received PDU shorter than announced (%d of %d bytes)", 6 + len(body), 6 + pdu_length
             )
             self.event_queue.put("Evt17")
             return
@@ -184,9 +186,8 @@ class EventDrivenDUL(DULServiceProvider):
             else:
                 pdu, event = self._decode_pdu(bytearray(header) + body)
             self.event_queue.put(event)
-        except Exception as exc:
-            LOGGER.error("Unable to decode the received PDU data")
-            LOGGER.exception(exc)
+        except Exception as exc:  # Evt19: the state machine aborts the association
+            LOGGER.error("undecodable PDU received: %s", describe_exception(exc))
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
@@ -224,8 +225,9 @@ class EventDrivenDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:  # pynetdicom's own policy: log, abort, end both threads
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                LOGGER.error(
+                    "upper layer failed, aborting the association: %s", describe_exception(exc, stack=True)
+                )
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -377,4 +379,11 @@ class EventDrivenRequestHandler(RequestHandler):
         return assoc
 
 
-__all__ = ["IDLE_WAIT", "EventDrivenAssociation", "EventDrivenDUL", "EventDrivenRequestHandler"]
+__all__ = [
+    "IDLE_WAIT",
+    "PYNETDICOM_SERIES",
+    "EventDrivenAssociation",
+    "EventDrivenDUL",
+    "EventDrivenRequestHandler",
+    "decode_p_data_tf",
+]
