@@ -91,6 +91,17 @@ def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
     return tuple(sorted({item.label for item in items}))
 
 
+def _groups(items: Sequence[LabelledImage]) -> tuple[dict[str, list[LabelledImage]], dict[str, str]]:
+    """The images of each group, and each group's class (the majority label of its images)."""
+    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
+    for item in items:
+        by_group[item.group].append(item)
+    group_class = {
+        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
+    }
+    return by_group, group_class
+
+
 def split_by_group(
     items: Sequence[LabelledImage], validation_fraction: float, seed: int
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
@@ -98,12 +109,7 @@ def split_by_group(
     about ``validation_fraction`` of that class's images are there. Deterministic for a seed."""
     if not 0.0 < validation_fraction < 1.0:
         raise DatasetError("the validation fraction must be between 0 and 1")
-    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
-    for item in items:
-        by_group[item.group].append(item)
-    group_class = {
-        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
-    }
+    by_group, group_class = _groups(items)
     rng = random.Random(seed)
     validation_groups: set[str] = set()
     for label in sorted(set(group_class.values())):
@@ -134,12 +140,7 @@ def split_by_fold(
     """
     if folds < 2 or not 0 <= fold < folds:
         raise DatasetError("the fold must be one of at least two folds")
-    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
-    for item in items:
-        by_group[item.group].append(item)
-    group_class = {
-        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
-    }
+    by_group, group_class = _groups(items)
     rng = random.Random(seed)
     fold_groups: list[set[str]] = [set() for _ in range(folds)]
     for label in sorted(set(group_class.values())):
