@@ -27,6 +27,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
+from dicom_node.allocator import tune_for_large_buffers
 from dicom_node.errors import NodeError, describe_exception
 from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
@@ -167,6 +168,7 @@ class StorageScp:
         with self._lock:
             if self._server is not None:
                 return
+            tune_for_large_buffers()  # process-wide: every received instance is a multi-megabyte buffer
             handlers: list[Any] = [
                 (evt.EVT_CONN_OPEN, self._on_connection_open),
                 (evt.EVT_REQUESTED, self._on_association_requested),
