@@ -102,6 +102,17 @@ def _groups(items: Sequence[LabelledImage]) -> tuple[dict[str, list[LabelledImag
     return by_group, group_class
 
 
+def _partition(
+    items: Sequence[LabelledImage], validation_groups: set[str], too_few: str
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """(train, validation) with the images of ``validation_groups`` on the validation side."""
+    train = [item for item in items if item.group not in validation_groups]
+    validation = [item for item in items if item.group in validation_groups]
+    if not train or not validation:
+        raise DatasetError(too_few)
+    return train, validation
+
+
 def split_by_group(
     items: Sequence[LabelledImage], validation_fraction: float, seed: int
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
@@ -122,11 +133,7 @@ def split_by_group(
                 break
             validation_groups.add(group)
             taken += len(by_group[group])
-    train = [item for item in items if item.group not in validation_groups]
-    validation = [item for item in items if item.group in validation_groups]
-    if not train or not validation:
-        raise DatasetError("too few groups for a train/validation split")
-    return train, validation
+    return _partition(items, validation_groups, "too few groups for a train/validation split")
 
 
 def split_by_fold(
@@ -151,12 +158,7 @@ def split_by_fold(
             target = min(range(folds), key=lambda index: (sizes[index], index))
             fold_groups[target].add(group)
             sizes[target] += len(by_group[group])
-    validation_groups = fold_groups[fold]
-    train = [item for item in items if item.group not in validation_groups]
-    validation = [item for item in items if item.group in validation_groups]
-    if not train or not validation:
-        raise DatasetError("too few groups for this many folds")
-    return train, validation
+    return _partition(items, fold_groups[fold], "too few groups for this many folds")
 
 
 def split_from_record(
