@@ -97,6 +97,7 @@ class StorageSettings(BaseModel):
     # None: <node.data_dir>/instances
     directory: Path | None = None
     fsync: bool = True
+    direct_io: bool = True
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     retention_days: float | None = None  # None: keep received pixel files forever
 

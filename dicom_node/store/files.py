@@ -8,12 +8,16 @@ partial instance under its final name. Paths are relative to the store root
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TEMP_PREFIX = ".incoming-"
 _INCOMING_DIR = ".incoming"
 _WRITE_SLICE = 64 * 1024
+_DIRECT_ALIGNMENT = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (covers 512 B sectors)
+_DIRECT_SLICE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,10 +106,13 @@ class StagedFile:
 class FileStore:
     """Atomic, fsync'ed writes below ``root``, refused when free space drops under ``min_free_bytes``."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0,
+                 direct_io: bool = False) -> None:
         self.root = root.resolve()
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        self._direct_buffers = threading.local()
         self.root.mkdir(parents=True, exist_ok=True)
         # Temporaries live in one folder on the same file system (rename stays atomic), so start-up
         # clean-up lists one directory instead of walking every study.
@@ -155,11 +164,15 @@ class FileStore:
             created = self._make_dirs(target.parent)
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.incoming)
             temp = Path(temp_name)
-            with os.fdopen(fd, "wb", buffering=0) as handle:
-                for chunk in chunk_list:
-                    _write_in_slices(handle, chunk)
+            if not (self.direct_io and self._write_direct(fd, chunk_list, size)):
+                with os.fdopen(os.dup(fd), "wb", buffering=0) as handle:
+                    for chunk in chunk_list:
+                        _write_in_slices(handle, chunk)
+            try:
                 if self.fsync:
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             sha256 = digest.result()
         except OSError as exc:
             digest.result()
@@ -167,6 +180,65 @@ class FileStore:
                 _unlink_quietly(temp)
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
         return StagedFile(self, temp, target, created, StoredFile(relative_path, sha256, size))
+
+    def _write_direct(self, fd: int, chunks: list[bytes | memoryview], size: int) -> bool:
+        """Write ``chunks`` past the page cache (``O_DIRECT``); ``False`` if the file system refuses it.
+
+        A buffered write copies each received file into newly allocated page-cache pages; on the virtual
+        machines hospitals run this on, first-touch faults made that copy the largest single CPU cost of a
+        received instance (perf: a sixth of all CPU with four JPEG 2000 senders). Here the bytes go from
+        one reused, page-aligned buffer per thread to the disk. The last block is padded and the file
+        truncated back to ``size``. Later readers (the pipeline) read from the disk instead of the cache.
+        """
+        try:
+            _set_flags(fd, _get_flags(fd) | os.O_DIRECT)
+        except OSError as exc:
+            return self._direct_refused(exc)
+        buffer = self._direct_buffer()
+        view = memoryview(buffer)
+        try:
+            filled = 0
+            for chunk in chunks:
+                source = memoryview(chunk).cast("B")
+                taken = 0
+                while taken < len(source):
+                    step = min(len(source) - taken, _DIRECT_SLICE - filled)
+                    view[filled : filled + step] = source[taken : taken + step]
+                    filled += step
+                    taken += step
+                    if filled == _DIRECT_SLICE:
+                        _write_all(fd, view[:filled])
+                        filled = 0
+                source.release()
+            if filled:
+                padded = -(-filled // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+                view[filled:padded] = bytes(padded - filled)
+                _write_all(fd, view[:padded])
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            os.ftruncate(fd, 0)  # nothing direct was kept; the buffered path starts again
+            _set_flags(fd, _get_flags(fd) & ~os.O_DIRECT)
+            os.lseek(fd, 0, os.SEEK_SET)
+            return self._direct_refused(exc)
+        finally:
+            view.release()
+        _set_flags(fd, _get_flags(fd) & ~os.O_DIRECT)
+        return True
+
+    def _direct_buffer(self) -> mmap.mmap:
+        buffer: mmap.mmap | None = getattr(self._direct_buffers, "buffer", None)
+        if buffer is None:
+            buffer = mmap.mmap(-1, _DIRECT_SLICE)  # anonymous mappings are page-aligned
+            self._direct_buffers.buffer = buffer
+        return buffer
+
+    def _direct_refused(self, exc: OSError) -> bool:
+        LOGGER.info("file store does not take direct I/O (%s): writing through the page cache",
+                    exc.strerror or type(exc).__name__)
+        self.direct_io = False
+        return False
 
     def close(self) -> None:
         self._hashers.shutdown(wait=True)
@@ -216,6 +288,20 @@ def _write_in_slices(handle: BinaryIO, chunk: bytes | memoryview) -> None:
             offset += handle.write(view[offset : offset + _WRITE_SLICE])
     finally:
         view.release()
+
+
+def _get_flags(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def _set_flags(fd: int, flags: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    offset = 0
+    while offset < len(view):
+        offset += os.write(fd, view[offset:])
 
 
 def _sha256(chunks: list[bytes | memoryview]) -> str:

@@ -27,7 +27,9 @@ class StoreParts:
 def open_store(settings: Settings) -> StoreParts:
     """Engine, session factory and file store as the settings describe them (no migration is run)."""
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
+    storage = settings.storage
     file_store = FileStore(
-        settings.storage_dir, fsync=settings.storage.fsync, min_free_bytes=settings.storage.min_free_bytes
+        settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes,
+        direct_io=storage.direct_io,
     )
     return StoreParts(engine, db.make_session_factory(engine), file_store)

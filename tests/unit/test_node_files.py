@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
+import logging
+import mmap
+import os
 from pathlib import Path
 
 import pytest
 
 from dicom_node.errors import StorageError
+from dicom_node.store import files
 from dicom_node.store.files import FileStore, instance_path
 
 pytestmark = pytest.mark.unit
@@ -56,3 +63,56 @@ def test_stale_temporaries_from_a_crash_are_removed(tmp_path: Path) -> None:
     assert store.remove_stale_temporaries() == 1
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["kept.dcm"]
     assert list(store.incoming.iterdir()) == []
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore), to tell a direct write from a buffered one."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    # A private writable mapping only so ctypes can take its address; no page is touched.
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE,
+                                              prot=mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
+        buffer = (ctypes.c_char * 1).from_buffer(mapped)
+        vector = (ctypes.c_ubyte * (-(-size // page)))()
+        result = libc.mincore(ctypes.c_void_p(ctypes.addressof(buffer)), ctypes.c_size_t(size), vector)
+        del buffer
+    assert result == 0, os.strerror(ctypes.get_errno())
+    return sum(flag & 1 for flag in vector)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 1024 * 1024 - 132, 1024 * 1024 + 1, 4_300_123])
+def test_direct_io_writes_exactly_the_bytes_at_every_size(tmp_path: Path, size: int) -> None:
+    store = FileStore(tmp_path, direct_io=True)
+    chunks: list[bytes | memoryview] = [os.urandom(132), memoryview(bytearray(os.urandom(size)))]
+    stored = store.write("a/b.dcm", chunks)
+    expected = b"".join(bytes(chunk) for chunk in chunks)
+    assert store.path("a/b.dcm").read_bytes() == expected
+    assert stored.size_bytes == len(expected)
+    assert stored.sha256 == hashlib.sha256(expected).hexdigest()
+    assert store.direct_io  # this file system took O_DIRECT
+
+
+def test_direct_io_bypasses_the_page_cache(tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    direct = FileStore(tmp_path / "direct", direct_io=True)
+    buffered = FileStore(tmp_path / "buffered", direct_io=False)
+    direct.write("a.dcm", [data])
+    buffered.write("a.dcm", [data])
+    assert _resident_pages(buffered.path("a.dcm")) > 256  # the buffered copy sits in the cache
+    assert _resident_pages(direct.path("a.dcm")) == 0
+
+
+def test_a_file_system_refusing_direct_io_gets_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(_fd: int, _flags: int) -> None:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    store = FileStore(tmp_path, direct_io=True)
+    monkeypatch.setattr(files, "_set_flags", refuse)
+    with caplog.at_level(logging.INFO, logger="dicom_node.store.files"):
+        stored = store.write("a/b.dcm", [b"x" * 5000])
+    assert store.path("a/b.dcm").read_bytes() == b"x" * 5000 and stored.size_bytes == 5000
+    assert not store.direct_io
+    assert "does not take direct I/O" in caplog.text
