@@ -210,7 +210,8 @@ class NodeConsoleServices:
             if self._ingestor is None:
                 storage = self._settings.storage
                 store = FileStore(
-                    self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes
+                    self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes,
+                    direct_io=storage.direct_io,
                 )
                 self._ingestor = Ingestor(self._session_factory, store)
             ingestor = self._ingestor
