@@ -61,6 +61,7 @@ class Recipe:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     precise_batch_norm: bool = False  # recompute BatchNorm statistics on clean images before validating
+    mixup: float = 0.0  # Beta(α, α) of mixup on the network's input batches; 0 = off
     members: int = 1  # >1: that many seeds on one split, merged into one model (classifier.ensemble)
 
     @property

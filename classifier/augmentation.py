@@ -214,6 +214,24 @@ def augment_batch(images: Any, augmentation: Augmentation) -> Any:
     return images
 
 
+def mixup_batch(images: Any, labels: Any, alpha: float) -> tuple[Any, Any]:
+    """Mixup (Zhang et al., 2018): each image and its label blended with another of the batch.
+
+    The weight λ ~ Beta(α, α) is drawn per image and folded to ≥ 0.5, so every mixed image keeps its
+    own label as the larger part. Mixing softens what a network can gain from memorising a wrongly
+    labelled image, which is why it is tried against the noisy ChestX-ray8 labels.
+    """
+    batch = tf.shape(images)[0]
+    first = tf.random.gamma([batch], alpha)
+    second = tf.random.gamma([batch], alpha)
+    lam = first / (first + second)
+    lam = tf.maximum(lam, 1.0 - lam)
+    partner = tf.random.shuffle(tf.range(batch))
+    mixed_images = lam[:, None, None, None] * images + (1.0 - lam[:, None, None, None]) * tf.gather(images, partner)
+    mixed_labels = lam[:, None] * labels + (1.0 - lam[:, None]) * tf.gather(labels, partner)
+    return mixed_images, mixed_labels
+
+
 def get_augmentation(name: str) -> Augmentation:
     try:
         return AUGMENTATIONS[name]

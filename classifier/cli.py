@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--input-size", type=int, help="square input side in pixels (default: the architecture's)"
     )
     train.add_argument(
+        "--mixup", type=float, metavar="ALPHA",
+        help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
+    )
+    train.add_argument(
         "--members", type=int,
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
@@ -145,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         augmentation=args.augmentation,
         centre_crop=args.centre_crop,
         input_size=args.input_size,
+        mixup=args.mixup,
         weights=args.weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,

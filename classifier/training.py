@@ -23,7 +23,7 @@ import numpy.typing as npt
 from classifier import plots
 from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
-from classifier.augmentation import augment_batch, finish_batch, get_augmentation
+from classifier.augmentation import augment_batch, finish_batch, get_augmentation, mixup_batch
 from classifier.dataset import (
     LabelledImage,
     class_names,
@@ -57,6 +57,7 @@ class TrainingConfig:
     augmentation: str | None = None
     centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
     input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
+    mixup: float | None = None  # overrides the recipe's mixup α (0 = off)
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
@@ -85,6 +86,7 @@ def _recipe(architecture: Architecture, config: TrainingConfig) -> Recipe:
         stages=stages,
         batch_size=config.batch_size or recipe.batch_size,
         augmentation=config.augmentation or recipe.augmentation,
+        mixup=config.mixup if config.mixup is not None else recipe.mixup,
     )
 
 
@@ -228,7 +230,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
 
     def prepare(images: Any, labels: Any) -> tuple[Any, Any]:
-        return finish_batch(augment_batch(images, augmentation), spec), labels
+        inputs = finish_batch(augment_batch(images, augmentation), spec)
+        if recipe.mixup > 0:
+            return mixup_batch(inputs, labels, recipe.mixup)
+        return inputs, labels
 
     train_data = (
         tf.data.Dataset.from_tensor_slices((train_gray, onehot_train))
@@ -335,6 +340,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
                 "keep_best": recipe.keep_best,
                 "class_weights": weights_by_class,
                 "label_smoothing": recipe.label_smoothing,
+                "mixup": recipe.mixup,
                 "weight_decay": recipe.weight_decay,
                 "precise_batch_norm": recipe.precise_batch_norm,
                 "stages": [
