@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifier.augmentation import AUGMENTATIONS, augment_batch, finish_batch
+from classifier.augmentation import AUGMENTATIONS, augment_batch, finish_batch, mixup_batch
 from classifier.preprocess import PreprocessSpec, finish_gray
 
 pytestmark = pytest.mark.unit
@@ -35,3 +35,28 @@ def test_augmentations_keep_shape_and_range_and_change_pixels(name: str) -> None
     assert out.shape == grays.shape
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert np.array_equal(out, grays) == (name == "none")
+
+
+def test_mixup_blends_images_and_labels_with_the_same_weight_and_keeps_the_own_label_larger() -> None:
+    import tensorflow as tf
+
+    tf.random.set_seed(1)
+    count = 32
+    # Image i is constant i and has a class of its own, so weight and partner can be read back.
+    images = tf.constant(np.arange(count, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 4, 3), np.float32))
+    labels = tf.constant(np.eye(count, dtype=np.float32))
+    mixed_images, mixed_labels = mixup_batch(images, labels, alpha=0.4)
+    mixed_images, mixed_labels = mixed_images.numpy(), mixed_labels.numpy()
+    assert mixed_images.shape == (count, 4, 4, 3) and mixed_labels.shape == (count, count)
+    np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, atol=1e-6)
+    mixed = 0
+    for index in range(count):
+        own = mixed_labels[index, index]
+        assert own >= 0.5 - 1e-6  # the image keeps its own label as the larger part
+        others = mixed_labels[index].copy()
+        others[index] = 0.0
+        partner = int(others.argmax())
+        expected = own * index + (1.0 - own) * (partner if others.max() > 0 else index)
+        np.testing.assert_allclose(mixed_images[index], expected, atol=1e-4)  # same weight for both
+        mixed += int(others.max() > 1e-3)
+    assert mixed > count // 2
