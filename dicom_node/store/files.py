@@ -164,11 +164,11 @@ class FileStore:
             created = self._make_dirs(target.parent)
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.incoming)
             temp = Path(temp_name)
-            if not (self.direct_io and self._write_direct(fd, chunk_list, size)):
-                with os.fdopen(os.dup(fd), "wb", buffering=0) as handle:
-                    for chunk in chunk_list:
-                        _write_in_slices(handle, chunk)
             try:
+                if not (self.direct_io and self._write_direct(fd, chunk_list, size)):
+                    with os.fdopen(os.dup(fd), "wb", buffering=0) as handle:
+                        for chunk in chunk_list:
+                            _write_in_slices(handle, chunk)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -184,11 +184,12 @@ class FileStore:
     def _write_direct(self, fd: int, chunks: list[bytes | memoryview], size: int) -> bool:
         """Write ``chunks`` past the page cache (``O_DIRECT``); ``False`` if the file system refuses it.
 
-        A buffered write copies each received file into newly allocated page-cache pages; on the virtual
-        machines hospitals run this on, first-touch faults made that copy the largest single CPU cost of a
-        received instance (perf: a sixth of all CPU with four JPEG 2000 senders). Here the bytes go from
-        one reused, page-aligned buffer per thread to the disk. The last block is padded and the file
-        truncated back to ``size``. Later readers (the pipeline) read from the disk instead of the cache.
+        A buffered write copies each received file into newly allocated page-cache pages. On the virtual
+        machine this was measured on, that copy was the largest single CPU cost of a received instance
+        (perf: a sixth of all CPU with four JPEG 2000 senders; fresh guest pages fault in the hypervisor on
+        first touch). Here the bytes go from one reused, page-aligned buffer per thread to the disk. The
+        last block is padded and the file truncated back to ``size``. Later readers (the pipeline) read
+        from the disk instead of the cache.
         """
         try:
             _set_flags(fd, _get_flags(fd) | os.O_DIRECT)

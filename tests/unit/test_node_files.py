@@ -116,3 +116,20 @@ def test_a_file_system_refusing_direct_io_gets_buffered_writes(
     assert store.path("a/b.dcm").read_bytes() == b"x" * 5000 and stored.size_bytes == 5000
     assert not store.direct_io
     assert "does not take direct I/O" in caplog.text
+
+
+def test_a_failed_direct_write_leaves_no_temporary_and_no_open_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(_fd: int, _view: memoryview) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    store = FileStore(tmp_path, direct_io=True)
+    store.write("warm.dcm", [b"x"])  # the thread's buffer and the hash pool exist before counting
+    descriptors = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(files, "_write_all", disk_full)
+    with pytest.raises(StorageError):
+        store.write("a/b.dcm", [os.urandom(3 * 1024 * 1024)])
+    assert list(store.incoming.iterdir()) == []
+    assert not store.path("a/b.dcm").exists()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
