@@ -7,6 +7,9 @@ pinned to one CPU with one TensorFlow thread (faster in total than one fold on a
 
     PYTHONPATH=. python benchmarks/crossval.py /work/shared/data/cxr3 /tmp/cv --folds 5 --jobs 2 [-- TRAIN ARGS]
 
+``{fold}`` in a train argument becomes the fold's number, for inputs made per fold, such as a lung
+model trained without the fold's images (``-- --lung-model /tmp/lungs{fold}``).
+
 Prints a table and, as the last line, a JSON object. Fold artifacts are kept in OUTPUT for inspection.
 """
 
@@ -27,7 +30,7 @@ def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, ex
     return [
         sys.executable, "-m", "classifier.cli", "train", str(data), str(output),
         "--fold", f"{fold}/{folds}", "--split-seed", str(seed), "--no-progress",
-        "--version", f"crossval-{fold}-of-{folds}", *extra,
+        "--version", f"crossval-{fold}-of-{folds}", *(arg.replace("{fold}", str(fold)) for arg in extra),
     ]  # fmt: skip
 
 

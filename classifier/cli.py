@@ -63,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
     )
     train.add_argument(
+        "--lung-model", type=Path, metavar="FOLDER",
+        help="a lung U-Net from 'train-lungs': crop every image to its lung fields (shipped inside the model)",
+    )
+    train.add_argument(
         "--members", type=int,
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
@@ -74,6 +78,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    lungs = subparsers.add_parser(
+        "train-lungs", help="train the lung-field U-Net that --lung-model crops with",
+        description="Train the lung U-Net on the images of DATA (a collection with manifest.csv) that have a "
+        "mask in MASKS (matched by the stem of the manifest's source column), e.g. the V7 Labs lung masks in "
+        "torchxrayvision/data/semantic_masks_v7labs_lungs.zip.",
+    )
+    lungs.add_argument("data", type=Path, help="collection folder with manifest.csv")
+    lungs.add_argument("masks", type=Path, help="folder of lung mask images (white lungs)")
+    lungs.add_argument("output", type=Path, help="folder to write lungs.keras + lungs.json")
+    lungs.add_argument(
+        "--fold", type=_fold, metavar="I/K",
+        help="train only on the images outside fold I of the classifier's K-fold split; report Dice on fold I",
+    )
+    lungs.add_argument("--split-seed", type=int, default=42, help="the classifier split's seed (with --fold)")
+    lungs.add_argument("--validation-fraction", type=float, default=0.2, help="held out for the Dice figure")
+    lungs.add_argument("--epochs", type=int, default=120)
+    lungs.add_argument("--batch-size", type=int, default=8)
+    lungs.add_argument("--seed", type=int, default=42)
+    lungs.add_argument("--version", help="version string (default: lungs-unet-DATE)")
+    lungs.set_defaults(func=_train_lungs)
 
     ensemble = subparsers.add_parser(
         "ensemble", help="merge trained artifacts of one architecture and split into one model"
@@ -150,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         centre_crop=args.centre_crop,
         input_size=args.input_size,
         mixup=args.mixup,
+        lung_model=args.lung_model,
         weights=args.weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,
@@ -175,6 +201,35 @@ def _train(args: argparse.Namespace) -> int:
     _say(
         f"wrote {result.folder}: validation accuracy {validation['accuracy']:.3f}, "
         f"macro-F1 {validation['macro_f1']:.3f}, {result.seconds_per_epoch:.1f} s/epoch"
+    )
+    return 0
+
+
+def _train_lungs(args: argparse.Namespace) -> int:
+    from classifier.dataset import load_collection, split_by_fold, split_by_group
+    from classifier.lungs import find_masks, train_lung_model
+
+    items = load_collection(args.data)
+    if args.fold:
+        train_items, held_out = split_by_fold(items, args.fold[0], args.fold[1], args.split_seed)
+    else:
+        train_items, held_out = split_by_group(items, args.validation_fraction, args.split_seed)
+    train_pairs = find_masks(args.data, args.masks, train_items)
+    held_pairs = find_masks(args.data, args.masks, held_out)
+    metadata = train_lung_model(
+        train_pairs,
+        held_pairs,
+        args.output,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        version=args.version,
+    )
+    validation = metadata["validation"] or {}
+    _say(
+        f"wrote {args.output}: trained on {len(train_pairs)} masked images; held-out Dice "
+        f"{validation.get('dice_mean', float('nan')):.3f} on {len(held_pairs)}, "
+        f"{validation.get('whole_image_fallbacks', 0)} whole-image fallbacks"
     )
     return 0
 
@@ -219,7 +274,7 @@ def _classify(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
-            image = load_input(path, classifier.spec)
+            image = load_input(path, classifier.spec, classifier.lungs)
         except (ClassifierError, OSError) as exc:
             sys.stderr.write(f"{path.name}\terror\t{exc}\n")
             status = 1

@@ -21,7 +21,7 @@ import pydicom
 from PIL import Image
 
 from classifier.errors import ClassifierError
-from classifier.preprocess import PreprocessSpec, dataset_to_gray, fit_gray, pil_to_gray
+from classifier.preprocess import LungFinder, PreprocessSpec, dataset_to_gray, fit_gray, pil_to_gray
 
 LOGGER = logging.getLogger(__name__)
 
@@ -180,11 +180,13 @@ def load_gray(path: Path) -> npt.NDArray[np.float32]:
         return pil_to_gray(image)
 
 
-def load_grays(items: Sequence[LabelledImage], spec: PreprocessSpec) -> npt.NDArray[np.float32]:
+def load_grays(
+    items: Sequence[LabelledImage], spec: PreprocessSpec, lungs: LungFinder | None = None
+) -> npt.NDArray[np.float32]:
     """N×H×W grey images cropped and resized by the spec (not yet equalised): the training cache."""
     out = np.empty((len(items), *spec.input_size), dtype=np.float32)
     for index, item in enumerate(items):
-        out[index] = fit_gray(load_gray(item.path), spec)
+        out[index] = fit_gray(load_gray(item.path), spec, lungs)
     return out
 
 

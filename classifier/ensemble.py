@@ -96,7 +96,13 @@ def build_ensemble(
     split = first.data.get("split", {})
     _, val_items = split_from_record(load_collection(data), split)
     spec = first.preprocess
-    inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec)])
+    lungs = None
+    if spec.lung_crop:  # members of one split share the lung model: the first one's ships with the merge
+        from classifier.lungs import LungCropper, copy_lung_model
+
+        lungs = LungCropper.load(member_folders[0] / "lungs")
+        copy_lung_model(member_folders[0] / "lungs", output)
+    inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
     truth = np.array([first.classes.index(item.label) for item in val_items], dtype=np.int64)
     report = classification_report(truth, model.predict(inputs, batch_size=32, verbose=0), first.classes)
 

@@ -111,9 +111,9 @@ def predict_items(
             if degrade is not None and item.path.suffix.lower() not in DICOM_SUFFIXES:
                 with Image.open(item.path) as image:
                     image.load()
-                    inputs.append(image_to_model_input(degrade(image), classifier.spec))
+                    inputs.append(image_to_model_input(degrade(image), classifier.spec, classifier.lungs))
             else:
-                inputs.append(load_input(item.path, classifier.spec))
+                inputs.append(load_input(item.path, classifier.spec, classifier.lungs))
         rows.extend(
             np.array([list(p.probabilities.values()) for p in classifier.predict(inputs, heatmap=False)])
         )

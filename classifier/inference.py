@@ -23,11 +23,18 @@ from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.dataset import DICOM_SUFFIXES
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.preprocess import (
+    Box,
     FloatImage,
+    LungFinder,
     PreprocessSpec,
+    dataset_to_gray,
     dataset_to_model_input,
+    finish_gray,
+    frame_box,
     image_to_model_input,
+    pil_to_gray,
     read_dataset,
+    resize_gray,
 )
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
 
@@ -39,7 +46,7 @@ def default_model_path() -> Path:
     return Path(str(resources.files("classifier") / "models" / "default"))
 
 
-def load_input(path: Path, spec: PreprocessSpec) -> FloatImage:
+def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
     """A DICOM file (by suffix or the DICM preamble) or a PNG/JPEG file → model input."""
     path = Path(path)
     with path.open("rb") as handle:
@@ -49,11 +56,11 @@ def load_input(path: Path, spec: PreprocessSpec) -> FloatImage:
             ds = read_dataset(path)
         except pydicom.errors.InvalidDicomError as exc:
             raise UnsupportedImageError(f"{path.name} is not a readable DICOM file") from exc
-        return dataset_to_model_input(ds, spec)
+        return dataset_to_model_input(ds, spec, lungs)
     try:
         with Image.open(path) as image:
             image.load()
-            return image_to_model_input(image, spec)
+            return image_to_model_input(image, spec, lungs)
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
 
@@ -62,13 +69,19 @@ class Classifier:
     """A loaded model artifact. Build with :meth:`load`."""
 
     def __init__(
-        self, model: Any, metadata: ArtifactMetadata, *, indeterminate_threshold: float = 0.5
+        self,
+        model: Any,
+        metadata: ArtifactMetadata,
+        *,
+        indeterminate_threshold: float = 0.5,
+        lungs: LungFinder | None = None,
     ) -> None:
         if not 0.0 <= indeterminate_threshold <= 1.0:
             raise ValueError("the indeterminate threshold is a probability in [0, 1]")
         self._model = model
         self._metadata = metadata
         self._threshold = indeterminate_threshold
+        self._lungs = lungs
         self._gradcam_model: Any | None = None
         self._forward: Any | None = None
         self._explain: Any | None = None
@@ -90,8 +103,13 @@ class Classifier:
             raise ModelArtifactError(
                 f"model shapes {model.input_shape}→{model.output_shape} contradict model.json"
             )
+        lungs = None
+        if metadata.preprocess.lung_crop:
+            from classifier.lungs import LungCropper
+
+            lungs = LungCropper.load(folder / "lungs")
         LOGGER.info("loaded model %s version %s", metadata.name, metadata.version)
-        return cls(model, metadata, indeterminate_threshold=indeterminate_threshold)
+        return cls(model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs)
 
     @property
     def info(self) -> ModelInfo:
@@ -102,6 +120,11 @@ class Classifier:
         return self._metadata.preprocess
 
     @property
+    def lungs(self) -> LungFinder | None:
+        """The lung model the preprocessing crops with (``None`` when the spec does not crop to lungs)."""
+        return self._lungs
+
+    @property
     def metadata(self) -> ArtifactMetadata:
         return self._metadata
 
@@ -109,8 +132,14 @@ class Classifier:
     def indeterminate_threshold(self) -> float:
         return self._threshold
 
-    def predict(self, images: Sequence[FloatImage], *, heatmap: bool = True) -> list[Prediction]:
-        """Predictions for already-preprocessed inputs (H×W×3 float32 from classifier.preprocess)."""
+    def predict(
+        self, images: Sequence[FloatImage], *, heatmap: bool = True, frames: Sequence[Box] | None = None
+    ) -> list[Prediction]:
+        """Predictions for already-preprocessed inputs (H×W×3 float32 from classifier.preprocess).
+
+        ``frames``: the part of each whole image the input shows (:func:`classifier.preprocess.frame_box`);
+        heat maps are placed there, so they line up with the whole radiograph. Default: the whole image.
+        """
         if not images:
             return []
         batch = np.stack([np.asarray(image, dtype=np.float32) for image in images])
@@ -120,7 +149,7 @@ class Classifier:
         start = time.perf_counter()
         with self._lock:
             if heatmap:
-                probabilities, maps = self._gradcam(batch)
+                probabilities, maps = self._gradcam(batch, frames or [Box()] * len(batch))
             else:
                 probabilities, maps = self._probabilities(batch), [None] * len(batch)
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
@@ -131,18 +160,24 @@ class Classifier:
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]:
-        return self._timed(lambda ds: dataset_to_model_input(ds, self.spec), datasets, heatmap)
+        min_side = max(self.spec.input_size)
+        return self._timed(lambda ds: dataset_to_gray(ds, min_side=min_side), datasets, heatmap)
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
-        return self._timed(lambda image: image_to_model_input(image, self.spec), images, heatmap)
+        return self._timed(pil_to_gray, images, heatmap)
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _timed(self, prepare: Any, sources: Sequence[Any], heatmap: bool) -> list[Prediction]:
+    def _timed(self, to_gray: Any, sources: Sequence[Any], heatmap: bool) -> list[Prediction]:
         start = time.perf_counter()
-        inputs = [prepare(source) for source in sources]
+        inputs, frames = [], []
+        for source in sources:
+            gray = to_gray(source)
+            frame = frame_box(gray, self.spec, self._lungs)
+            inputs.append(finish_gray(resize_gray(frame.apply(gray), self.spec.input_size), self.spec))
+            frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
-        predictions = self.predict(inputs, heatmap=heatmap)
+        predictions = self.predict(inputs, heatmap=heatmap, frames=frames)
         return [
             Prediction(
                 label=p.label,
@@ -166,7 +201,7 @@ class Classifier:
         return np.asarray(self._forward(batch), dtype=np.float32)
 
     def _gradcam(
-        self, batch: npt.NDArray[np.float32]
+        self, batch: npt.NDArray[np.float32], frames: Sequence[Box]
     ) -> tuple[npt.NDArray[np.float32], list[FloatImage | None]]:
         """Grad-CAM (Selvaraju et al. 2017) of the predicted class on the recorded feature layer."""
         import keras
@@ -182,12 +217,12 @@ class Classifier:
         cams = cams_tensor.numpy()
         height, width = self.spec.input_size
         maps: list[FloatImage | None] = []
-        for cam in cams:
+        for cam, frame in zip(cams, frames, strict=True):
             peak = float(cam.max())
             scaled = (cam / peak if peak > 0 else np.zeros_like(cam)).astype(np.float32)
             resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
             heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-            maps.append(heatmap_in_whole_frame(heat, self.spec.centre_crop))
+            maps.append(heatmap_in_whole_frame(heat, frame))
         return np.asarray(probabilities, dtype=np.float32), maps
 
     def _class_activation(self, inputs: Any) -> tuple[Any, Any]:
@@ -219,15 +254,15 @@ class Classifier:
         )
 
 
-def heatmap_in_whole_frame(heatmap: FloatImage, centre_crop: float) -> FloatImage:
-    """A heat map over the centre-cropped model input, placed back into the whole image frame (zero
-    outside the crop) and brought back to the input size, so overlays line up with the radiograph."""
-    if centre_crop >= 1.0:
+def heatmap_in_whole_frame(heatmap: FloatImage, frame: Box) -> FloatImage:
+    """A heat map over the model input, which shows ``frame`` of the whole image, placed back into the
+    whole image (zero outside the frame) at the input's size, so overlays line up with the radiograph."""
+    if frame == Box():
         return heatmap
     height, width = heatmap.shape
-    full_h, full_w = round(height / centre_crop), round(width / centre_crop)
-    canvas = np.zeros((full_h, full_w), dtype=np.float32)
-    top, left = (full_h - height) // 2, (full_w - width) // 2
-    canvas[top : top + height, left : left + width] = heatmap
-    resized = Image.fromarray(canvas, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    top, bottom = round(frame.top * height), max(round(frame.top * height) + 1, round(frame.bottom * height))
+    left, right = round(frame.left * width), max(round(frame.left * width) + 1, round(frame.right * width))
+    inner = Image.fromarray(heatmap, mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    canvas[top:bottom, left:right] = np.clip(np.asarray(inner, dtype=np.float32), 0.0, 1.0)
+    return canvas

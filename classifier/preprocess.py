@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
-from classifier.errors import UnsupportedImageError
+from classifier.errors import ModelArtifactError, UnsupportedImageError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class PreprocessSpec:
     ``crop_borders`` strips uniform padding bars (black/white frames of scanned or web images).
     ``centre_crop`` keeps that central fraction of each side (after the bars are gone): a coarse
     lung-field focus that takes neck, shoulders and edge markers out of every image alike.
+    ``lung_crop`` crops every image to the box around its lung fields, found by the lung model that
+    ships inside the artifact (:mod:`classifier.lungs`); where no plausible lungs are found, the image
+    goes on through ``crop_borders``/``centre_crop`` as if the flag were off.
     """
 
     input_size: tuple[int, int]  # (height, width)
@@ -68,6 +71,7 @@ class PreprocessSpec:
     equalisation: str = "none"
     crop_borders: bool = False
     centre_crop: float = 1.0
+    lung_crop: bool = False
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
@@ -96,7 +100,41 @@ class PreprocessSpec:
             equalisation=str(data.get("equalisation", "none")),
             crop_borders=bool(data.get("crop_borders", False)),
             centre_crop=float(data.get("centre_crop", 1.0)),
+            lung_crop=bool(data.get("lung_crop", False)),
         )
+
+
+@dataclass(frozen=True)
+class Box:
+    """A crop as fractions of the image's height and width (``Box()`` is the whole image)."""
+
+    top: float = 0.0
+    bottom: float = 1.0
+    left: float = 0.0
+    right: float = 1.0
+
+    def apply(self, gray: FloatImage) -> FloatImage:
+        height, width = gray.shape
+        top, left = round(self.top * height), round(self.left * width)
+        bottom = max(top + 1, round(self.bottom * height))
+        right = max(left + 1, round(self.right * width))
+        return gray[top:bottom, left:right]
+
+    def within(self, outer: Box) -> Box:
+        """This box, given in fractions of ``outer``, in fractions of the whole image."""
+        height, width = outer.bottom - outer.top, outer.right - outer.left
+        return Box(
+            outer.top + self.top * height,
+            outer.top + self.bottom * height,
+            outer.left + self.left * width,
+            outer.left + self.right * width,
+        )
+
+
+class LungFinder(Protocol):
+    """What the preprocessing needs of a lung model (:class:`classifier.lungs.LungCropper`)."""
+
+    def box(self, gray: FloatImage) -> Box | None: ...
 
 
 def _f32(values: Any) -> FloatImage:
@@ -295,8 +333,9 @@ def pil_to_gray(image: Image.Image) -> FloatImage:
 # ------------------------------------------------------------------------------------- model input
 
 
-def crop_uniform_borders(gray: FloatImage) -> FloatImage:
-    """Remove near-constant bars at the edges (padding, scanner frames), at most a quarter per side."""
+def uniform_border_box(gray: FloatImage) -> Box:
+    """The image without near-constant bars at its edges (padding, scanner frames), at most a quarter
+    per side."""
     height, width = gray.shape
     row_std = gray.std(axis=1)
     col_std = gray.std(axis=0)
@@ -313,7 +352,12 @@ def crop_uniform_borders(gray: FloatImage) -> FloatImage:
 
     top, bottom = span(row_std, height)
     left, right = span(col_std, width)
-    return gray[top:bottom, left:right]
+    return Box(top / height, bottom / height, left / width, right / width)
+
+
+def crop_uniform_borders(gray: FloatImage) -> FloatImage:
+    """Remove near-constant bars at the edges (see :func:`uniform_border_box`)."""
+    return uniform_border_box(gray).apply(gray)
 
 
 def equalise(gray: FloatImage) -> FloatImage:
@@ -338,17 +382,27 @@ def resize_gray(gray: FloatImage, size: tuple[int, int]) -> FloatImage:
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def fit_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
-    """Geometric half of the preprocessing: crop padding (if the spec says so) and resize to the input."""
+def frame_box(gray: FloatImage, spec: PreprocessSpec, lungs: LungFinder | None = None) -> Box:
+    """The part of ``gray`` the model sees, in fractions of ``gray``: the lung box when the spec crops
+    to the lungs and they are found, otherwise padding bars and the centre crop as the spec says."""
     if gray.ndim != 2 or gray.size == 0:
         raise UnsupportedImageError(f"expected a non-empty grey image, got shape {gray.shape}")
-    if spec.crop_borders:
-        gray = crop_uniform_borders(gray)
+    if spec.lung_crop:
+        if lungs is None:
+            raise ModelArtifactError("this model crops to the lung fields, but no lung model was given")
+        found = lungs.box(gray)
+        if found is not None:
+            return found
+    box = uniform_border_box(gray) if spec.crop_borders else Box()
     if spec.centre_crop < 1.0:
-        height, width = gray.shape
-        dy, dx = round(height * (1 - spec.centre_crop) / 2), round(width * (1 - spec.centre_crop) / 2)
-        gray = gray[dy : height - dy, dx : width - dx]
-    return resize_gray(gray, spec.input_size)
+        margin = (1 - spec.centre_crop) / 2
+        box = Box(margin, 1 - margin, margin, 1 - margin).within(box)
+    return box
+
+
+def fit_gray(gray: FloatImage, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
+    """Geometric half of the preprocessing: crop to :func:`frame_box` and resize to the input."""
+    return resize_gray(frame_box(gray, spec, lungs).apply(gray), spec.input_size)
 
 
 def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
@@ -364,19 +418,21 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
     return rgb
 
 
-def gray_to_model_input(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
+def gray_to_model_input(gray: FloatImage, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
     """Grey [0, 1] → float32 H×W×3 exactly as the model was trained."""
-    return finish_gray(fit_gray(gray, spec), spec)
+    return finish_gray(fit_gray(gray, spec, lungs), spec)
 
 
-def dataset_to_model_input(ds: pydicom.Dataset, spec: PreprocessSpec) -> FloatImage:
+def dataset_to_model_input(
+    ds: pydicom.Dataset, spec: PreprocessSpec, lungs: LungFinder | None = None
+) -> FloatImage:
     """A DICOM image → float32 H×W×3 model input (see the module docstring for the steps)."""
-    return gray_to_model_input(dataset_to_gray(ds, min_side=max(spec.input_size)), spec)
+    return gray_to_model_input(dataset_to_gray(ds, min_side=max(spec.input_size)), spec, lungs)
 
 
-def image_to_model_input(image: Image.Image, spec: PreprocessSpec) -> FloatImage:
+def image_to_model_input(image: Image.Image, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
     """A PNG/JPEG (PIL) image → float32 H×W×3 model input, through the same steps as DICOM."""
-    return gray_to_model_input(pil_to_gray(image), spec)
+    return gray_to_model_input(pil_to_gray(image), spec, lungs)
 
 
 def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.uint8]:

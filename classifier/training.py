@@ -58,6 +58,7 @@ class TrainingConfig:
     centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
     input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
     mixup: float | None = None  # overrides the recipe's mixup α (0 = off)
+    lung_model: Path | None = None  # a lung U-Net folder (classifier.lungs): crop every image to its lungs
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
@@ -200,6 +201,12 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         spec = replace(spec, centre_crop=config.centre_crop)
     if config.input_size is not None:
         spec = replace(spec, input_size=(config.input_size, config.input_size))
+    lungs = None
+    if config.lung_model is not None:
+        from classifier.lungs import LungCropper
+
+        lungs = LungCropper.load(Path(config.lung_model))
+        spec = replace(spec, lung_crop=True)
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)
@@ -223,8 +230,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     )
 
     keras.utils.set_random_seed(config.seed)
-    train_gray = load_grays(train_items, spec)[..., None]
-    val_inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec)])
+    train_gray = load_grays(train_items, spec, lungs)[..., None]
+    val_inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
     y_train, y_val = _labels(train_items, classes), _labels(val_items, classes)
     onehot_train = np.eye(len(classes), dtype=np.float32)[y_train]
     onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
@@ -364,6 +371,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         },
         validation=report,
     )
+    if lungs is not None:
+        from classifier.lungs import copy_lung_model
+
+        copy_lung_model(Path(config.lung_model or ""), folder)
     write_metadata(folder, metadata)
     plots.training_curves(history, folder / "training_curves.png")
     plots.confusion_matrix(

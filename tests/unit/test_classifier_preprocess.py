@@ -26,6 +26,7 @@ from classifier.preprocess import (
     dataset_to_model_input,
     display_image,
     equalise,
+    frame_box,
     image_to_model_input,
     read_dataset,
 )
@@ -272,7 +273,7 @@ def test_centre_crop_keeps_the_middle_and_the_heat_map_returns_to_theheatmap_in_
     gray[25:75, 20:60] = 1.0  # the central half of each side
     spec = PreprocessSpec(input_size=(32, 32), centre_crop=0.5)
     assert np.allclose(image_to_model_input(Image.fromarray((gray * 255).astype(np.uint8)), spec), 1.0)
-    heat = heatmap_in_whole_frame(np.ones((32, 32), dtype=np.float32), 0.5)
+    heat = heatmap_in_whole_frame(np.ones((32, 32), dtype=np.float32), frame_box(gray, spec))
     assert heat.shape == (32, 32)
     assert heat[16, 16] == pytest.approx(1.0) and heat[1, 1] == pytest.approx(0.0)
     assert 0.2 < float(heat.mean()) < 0.3  # a quarter of the frame

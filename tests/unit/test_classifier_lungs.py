@@ -1,0 +1,195 @@
+"""Lung-field crop: the U-Net artifact, the box it gives, and a classifier that ships and uses it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classifier import cli
+from classifier.errors import ModelArtifactError
+from classifier.inference import Classifier, heatmap_in_whole_frame
+from classifier.lungs import LUNG_META_FILE, LungCropper, components, dice, find_masks, lung_mask, mask_box
+from classifier.preprocess import Box, FloatImage, PreprocessSpec, fit_gray, frame_box
+from classifier.training import TrainingConfig, train
+
+pytestmark = pytest.mark.unit
+
+
+def _chest(rng: np.random.Generator, size: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """A radiograph-like image (black air, grey body, two dark lungs at a random place) and its lung mask."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cy, cx, scale = rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.55), rng.uniform(0.8, 1.1)
+    body = ((xx - cx) / (0.42 * scale)) ** 2 + ((yy - cy) / (0.5 * scale)) ** 2 < 1
+    lungs = np.zeros_like(body)
+    for side in (-1, 1):
+        lungs |= ((xx - cx - side * 0.17 * scale) / (0.12 * scale)) ** 2 + (
+            (yy - cy) / (0.28 * scale)
+        ) ** 2 < 1
+    image = np.where(body, 0.75, 0.02) - 0.4 * lungs + rng.normal(0, 0.03, body.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), (lungs * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def masked_collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A two-class collection whose images all have lung masks, named by the manifest's source column."""
+    root = tmp_path_factory.mktemp("lungs")
+    masks = root / "masks"
+    masks.mkdir()
+    rng = np.random.default_rng(3)
+    rows = []
+    for label in ("left", "right"):
+        (root / label).mkdir()
+        for index in range(12):
+            image, mask = _chest(rng)
+            if label == "right":
+                image[100:120, 100:120] = 255  # something for the classifier to find inside the lungs
+            name = f"{label}/{index}.png"
+            Image.fromarray(image).save(root / name)
+            Image.fromarray(mask).resize((200, 180)).save(masks / f"Orig-{label}-{index}.PNG")  # other size
+            rows.append({"file": name, "label": label, "group": f"{label}{index // 2}",
+                         "source": f"archive/Orig-{label}-{index}.jpeg"})  # fmt: skip
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "group", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, masks
+
+
+@pytest.fixture(scope="module")
+def lung_model(masked_collection: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, masks = masked_collection
+    output = tmp_path_factory.mktemp("unet") / "lungs"
+    command = [
+        "train-lungs",
+        str(data),
+        str(masks),
+        str(output),
+        "--fold",
+        "0/3",
+        "--epochs",
+        "60",
+        "--batch-size",
+        "2",
+    ]
+    assert cli.main(command) == 0
+    return output
+
+
+def test_masks_are_matched_by_the_source_stem_whatever_the_suffix(
+    masked_collection: tuple[Path, Path],
+) -> None:
+    data, masks = masked_collection
+    pairs = find_masks(data, masks)
+    assert len(pairs) == 24
+    assert all(
+        pair.mask.stem.lower().endswith(f"{pair.image.parent.name}-{pair.image.stem}") for pair in pairs
+    )
+
+
+def test_components_keep_the_two_lungs_and_drop_specks() -> None:
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[5:30, 4:15] = True  # right lung
+    mask[5:30, 22:34] = True  # left lung
+    mask[36:38, 36:38] = True  # a speck in a corner
+    labels, sizes = components(mask)
+    assert sorted(sizes[1:]) == [4, 275, 300]
+    assert len(np.unique(labels)) == 4
+    kept = lung_mask(mask.astype(np.float32))
+    assert not kept[36:38, 36:38].any() and kept[5:30, 4:15].all()
+    box = mask_box(mask.astype(np.float32))
+    assert box is not None
+    assert box.top < 5 / 40 and box.bottom > 30 / 40 and box.left < 4 / 40 and box.right > 34 / 40
+    assert box.bottom < 37 / 40  # the speck does not stretch the box
+
+
+def test_implausible_masks_give_no_box() -> None:
+    assert mask_box(np.zeros((64, 64), dtype=np.float32)) is None  # no lungs
+    assert mask_box(np.ones((64, 64), dtype=np.float32)) is None  # everything is lung
+    thin = np.zeros((64, 64), dtype=np.float32)
+    thin[10:50, 30:34] = 1.0
+    assert mask_box(thin) is None  # a stripe is not two lungs
+
+
+def test_box_apply_within_and_frame_fallbacks() -> None:
+    gray = np.arange(100 * 80, dtype=np.float32).reshape(100, 80) / 8000
+    box = Box(0.1, 0.6, 0.25, 0.75)
+    assert box.apply(gray).shape == (50, 40)
+    assert Box(0.5, 1.0, 0.0, 0.5).within(box) == Box(0.35, 0.6, 0.25, 0.5)
+    spec = PreprocessSpec(input_size=(16, 16), lung_crop=True)
+    with pytest.raises(ModelArtifactError):
+        fit_gray(gray, spec)  # a lung-crop model without its lung model
+
+    class Nothing:
+        def box(self, gray: FloatImage) -> Box | None:
+            return None
+
+    assert frame_box(gray, spec, Nothing()) == Box()  # no lungs found: the whole image
+    centre = PreprocessSpec(input_size=(16, 16), lung_crop=True, centre_crop=0.5)
+    assert frame_box(gray, centre, Nothing()) == Box(0.25, 0.75, 0.25, 0.75)
+    assert PreprocessSpec.from_dict({"input_size": [8, 8]}).lung_crop is False  # older model.json
+
+
+def test_heat_map_goes_back_into_its_frame() -> None:
+    heat = heatmap_in_whole_frame(np.ones((32, 32), dtype=np.float32), Box(0.25, 0.75, 0.5, 1.0))
+    assert heat.shape == (32, 32)
+    assert heat[16, 24] == pytest.approx(1.0) and heat[16, 8] == 0.0 and heat[2, 24] == 0.0
+    assert float(heat.mean()) == pytest.approx(0.25)
+
+
+def test_trained_lung_model_finds_the_lungs_of_held_out_images(
+    lung_model: Path, masked_collection: tuple[Path, Path]
+) -> None:
+    meta = json.loads((lung_model / LUNG_META_FILE).read_text())
+    assert meta["training"]["images"] == 16 and meta["validation"]["images"] == 8  # fold 0 of 3 held out
+    assert meta["validation"]["dice_mean"] > 0.7
+    cropper = LungCropper.load(lung_model)
+    image, mask = _chest(np.random.default_rng(99))
+    gray = image.astype(np.float32) / 255
+    probability = cropper.probabilities([gray])[0]
+    truth = np.asarray(Image.fromarray(mask).resize((128, 128))) > 127
+    assert dice(probability > 0.5, truth) > 0.7
+    box = cropper.box(gray)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    assert box is not None
+    assert abs(box.top - rows[0] / 160) < 0.08 and abs(box.bottom - (rows[-1] + 1) / 160) < 0.08
+    assert abs(box.left - cols[0] / 160) < 0.08 and abs(box.right - (cols[-1] + 1) / 160) < 0.08
+
+
+def test_lung_model_with_a_wrong_hash_is_refused(lung_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "lungs"
+    shutil.copytree(lung_model, copy)
+    meta = json.loads((copy / LUNG_META_FILE).read_text())
+    meta["sha256"] = "0" * 64
+    (copy / LUNG_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelArtifactError):
+        LungCropper.load(copy)
+
+
+def test_classifier_ships_its_lung_model_and_crops_at_inference(
+    lung_model: Path, masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = masked_collection
+    output = tmp_path / "model"
+    config = TrainingConfig(
+        architecture="cxr-compact", data=data, output=output, epochs=1, steps_per_epoch=2, batch_size=4,
+        input_size=64, version="lungs-1", progress=False, lung_model=lung_model,
+    )  # fmt: skip
+    metadata = train(config).metadata
+    assert metadata.preprocess.lung_crop is True
+    assert (output / "lungs" / LUNG_META_FILE).is_file()
+    classifier = Classifier.load(output)
+    assert classifier.lungs is not None
+    with Image.open(data / "right" / "0.png") as image:
+        image.load()
+        prediction = classifier.predict_images([image])[0]
+    assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
+    assert float(prediction.heatmap[:3].max()) == 0.0  # above the lungs: outside the frame the model saw
+    shutil.rmtree(output / "lungs")
+    with pytest.raises(ModelArtifactError):
+        Classifier.load(output)
