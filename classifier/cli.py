@@ -62,10 +62,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--mixup", type=float, metavar="ALPHA",
         help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
     )
-    train.add_argument(
+    lung_source = train.add_mutually_exclusive_group()
+    lung_source.add_argument(
         "--lung-model", type=Path, metavar="FOLDER",
         help="a lung U-Net from 'train-lungs': crop every image to its lung fields (shipped inside the model)",
     )
+    lung_source.add_argument(
+        "--lung-masks", type=Path, metavar="FOLDER",
+        help="train that lung U-Net first (as 'train-lungs' on the training split), then crop with it",
+    )
+    train.add_argument("--lung-epochs", type=int, default=120, help="epochs of the lung U-Net (--lung-masks)")
     train.add_argument(
         "--members", type=int,
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
@@ -176,6 +182,8 @@ def _train(args: argparse.Namespace) -> int:
         input_size=args.input_size,
         mixup=args.mixup,
         lung_model=args.lung_model,
+        lung_masks=args.lung_masks,
+        lung_epochs=args.lung_epochs,
         weights=args.weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,

@@ -33,6 +33,7 @@ from classifier.dataset import (
     split_by_group,
     summary,
 )
+from classifier.lungs import LungCropper, LungMaskError, find_masks, train_lung_model
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray
 
@@ -59,6 +60,8 @@ class TrainingConfig:
     input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
     mixup: float | None = None  # overrides the recipe's mixup α (0 = off)
     lung_model: Path | None = None  # a lung U-Net folder (classifier.lungs): crop every image to its lungs
+    lung_masks: Path | None = None  # or train that U-Net first, on the training split's images with masks here
+    lung_epochs: int = 120
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
@@ -189,6 +192,28 @@ def _labels(items: Sequence[LabelledImage], classes: Sequence[str]) -> npt.NDArr
     return np.array([index[item.label] for item in items], dtype=np.int64)
 
 
+def _lung_model(
+    config: TrainingConfig, train_items: Sequence[LabelledImage], val_items: Sequence[LabelledImage]
+) -> tuple[Any, Path | None]:
+    """The lung U-Net to crop with, and its folder: given (``lung_model``), trained here on the training
+    split's masked images into OUTPUT/lungs (``lung_masks``; Dice on the validation split's), or none."""
+    if config.lung_model is None and config.lung_masks is None:
+        return None, None
+    if config.lung_model is not None and config.lung_masks is not None:
+        raise ValueError("give a lung model or lung masks to train one, not both")
+    folder = Path(config.lung_model) if config.lung_model is not None else Path(config.output) / "lungs"
+    if config.lung_masks is not None:
+        masks = Path(config.lung_masks)
+        train_pairs = find_masks(config.data, masks, train_items)
+        try:
+            held_out = find_masks(config.data, masks, val_items)
+        except LungMaskError:
+            held_out = []
+        metadata = train_lung_model(train_pairs, held_out, folder, epochs=config.lung_epochs, seed=config.seed)
+        LOGGER.info("lung model: %d masked training images, validation %s", len(train_pairs), metadata["validation"])
+    return LungCropper.load(folder), folder
+
+
 def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> TrainingResult:
     """Run the recipe and write ``config.output`` (model.keras, model.json, PNG plots)."""
     import keras
@@ -201,12 +226,6 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         spec = replace(spec, centre_crop=config.centre_crop)
     if config.input_size is not None:
         spec = replace(spec, input_size=(config.input_size, config.input_size))
-    lungs = None
-    if config.lung_model is not None:
-        from classifier.lungs import LungCropper
-
-        lungs = LungCropper.load(Path(config.lung_model))
-        spec = replace(spec, lung_crop=True)
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)
@@ -221,6 +240,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         train_items, val_items = split_by_fold(items, config.fold, config.folds, split_seed)
         split = {"by": "group", "fold": config.fold, "folds": config.folds}
     split["seed"] = split_seed
+    lungs, lung_folder = _lung_model(config, train_items, val_items)
+    if lungs is not None:
+        spec = replace(spec, lung_crop=True)
     LOGGER.info(
         "training %s on %d images, validating on %d (%d classes)",
         architecture.name,
@@ -371,10 +393,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         },
         validation=report,
     )
-    if lungs is not None:
+    if lung_folder is not None and lung_folder != folder / "lungs":
         from classifier.lungs import copy_lung_model
 
-        copy_lung_model(Path(config.lung_model or ""), folder)
+        copy_lung_model(lung_folder, folder)
     write_metadata(folder, metadata)
     plots.training_curves(history, folder / "training_curves.png")
     plots.confusion_matrix(

@@ -193,3 +193,32 @@ def test_classifier_ships_its_lung_model_and_crops_at_inference(
     shutil.rmtree(output / "lungs")
     with pytest.raises(ModelArtifactError):
         Classifier.load(output)
+
+
+def test_one_training_command_trains_the_lung_model_on_the_training_split_first(
+    masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, masks = masked_collection
+    output = tmp_path / "model"
+    command = ["train", str(data), str(output), "--input-size", "64", "--epochs", "1", "--batch-size", "4",
+               "--steps-per-epoch", "1", "--fold", "1/3", "--no-progress",
+               "--lung-masks", str(masks), "--lung-epochs", "2"]  # fmt: skip
+    assert cli.main(command) == 0
+    lungs = json.loads((output / "lungs" / LUNG_META_FILE).read_text())
+    model = json.loads((output / "model.json").read_text())
+    assert model["preprocessing"]["lung_crop"] is True
+    assert lungs["training"]["images"] == model["data"]["train"]["images"] == 16  # never the validation fold
+    assert lungs["validation"]["images"] == model["data"]["validation"]["images"] == 8
+    assert Classifier.load(output).lungs is not None
+    with pytest.raises(SystemExit):  # a given lung model and masks to train another: which one?
+        cli.main(
+            [
+                "train",
+                str(data),
+                str(output),
+                "--lung-masks",
+                str(masks),
+                "--lung-model",
+                str(output / "lungs"),
+            ]
+        )
