@@ -43,7 +43,7 @@ def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
     spec = classifier.spec
     for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm"):
         path = Path(str(get_testdata_file(name, download=False)))
-        image = dataset_to_model_input(read_dataset(path), spec)
+        image = dataset_to_model_input(read_dataset(path), spec, classifier.lungs)
         batch16 = [image] * 16
         rows.append(
             {
@@ -53,7 +53,7 @@ def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
                     lambda p=path: frame_pixels(read_dataset(p), max(spec.input_size)), repeats
                 ),
                 "preprocess_ms": _median_ms(
-                    lambda p=path: dataset_to_model_input(read_dataset(p), spec), repeats
+                    lambda p=path: dataset_to_model_input(read_dataset(p), spec, classifier.lungs), repeats
                 ),
                 "predict_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=False), repeats),
                 "predict_b16_ms": _median_ms(
