@@ -198,8 +198,8 @@ def mask_box(probability: FloatImage) -> Box | None:
     cols = np.flatnonzero(mask.sum(axis=0) >= PROFILE_MIN * height)
     if rows.size == 0 or cols.size == 0:
         return None
-    top, bottom = rows[0] / height, (rows[-1] + 1) / height
-    left, right = cols[0] / width, (cols[-1] + 1) / width
+    top, bottom = float(rows[0]) / height, float(rows[-1] + 1) / height
+    left, right = float(cols[0]) / width, float(cols[-1] + 1) / width
     if bottom - top < MIN_SIDE or right - left < MIN_SIDE:
         return None
     dy, dx = MARGIN * (bottom - top), MARGIN * (right - left)
