@@ -222,3 +222,16 @@ def test_one_training_command_trains_the_lung_model_on_the_training_split_first(
                 str(output / "lungs"),
             ]
         )
+
+
+def test_a_merged_ensemble_ships_the_members_lung_model(
+    lung_model: Path, masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, _ = masked_collection
+    output = tmp_path / "ensemble"
+    command = ["train", str(data), str(output), "--input-size", "64", "--epochs", "1", "--batch-size", "4",
+               "--steps-per-epoch", "1", "--seeds", "1,2", "--no-progress", "--lung-model", str(lung_model)]  # fmt: skip
+    assert cli.main(command) == 0
+    assert (output / "lungs" / LUNG_META_FILE).read_bytes() == (lung_model / LUNG_META_FILE).read_bytes()
+    classifier = Classifier.load(output)
+    assert classifier.spec.lung_crop and classifier.lungs is not None
