@@ -215,28 +215,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_lungs(args: argparse.Namespace) -> int:
     from classifier.dataset import load_collection, split_by_fold, split_by_group
-    from classifier.lungs import find_masks, train_lung_model
+    from classifier.lungs import train_lung_model_on_split
 
     items = load_collection(args.data)
     if args.fold:
         train_items, held_out = split_by_fold(items, args.fold[0], args.fold[1], args.split_seed)
     else:
         train_items, held_out = split_by_group(items, args.validation_fraction, args.split_seed)
-    train_pairs = find_masks(args.data, args.masks, train_items)
-    held_pairs = find_masks(args.data, args.masks, held_out)
-    metadata = train_lung_model(
-        train_pairs,
-        held_pairs,
-        args.output,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        version=args.version,
-    )
+    metadata, trained, held = train_lung_model_on_split(
+        args.data, args.masks, train_items, held_out, args.output,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, version=args.version,
+    )  # fmt: skip
     validation = metadata["validation"] or {}
     _say(
-        f"wrote {args.output}: trained on {len(train_pairs)} masked images; held-out Dice "
-        f"{validation.get('dice_mean', float('nan')):.3f} on {len(held_pairs)}, "
+        f"wrote {args.output}: trained on {trained} masked images; held-out Dice "
+        f"{validation.get('dice_mean', float('nan')):.3f} on {held}, "
         f"{validation.get('whole_image_fallbacks', 0)} whole-image fallbacks"
     )
     return 0

@@ -5,7 +5,7 @@ crops, the NIH images show neck and shoulders). Cropping every image to its lung
 the same frame. A fixed central crop did not do that, and a hand-made threshold crop failed on 12–20 % of
 the images (model card), so the lungs are segmented by a network:
 
-- ``build_lung_unet``: a 4-level U-Net on 128×128 equalised grey, 0.47 M parameters.
+- ``build_lung_unet``: a 4-level U-Net on 128×128 equalised grey, 0.49 M parameters.
 - ``train_lung_model``: trains it on images whose lung masks are known. The masks used for the shipped
   model are the V7 Labs lung annotations of the Cohen et al. COVID-19 collection, which the PyPI package
   ``torchxrayvision`` carries (``torchxrayvision/data/semantic_masks_v7labs_lungs.zip``); a mask is matched
@@ -90,13 +90,16 @@ def segmenter_input(gray: FloatImage) -> FloatImage:
     return equalise(resize_gray(gray, (LUNG_INPUT, LUNG_INPUT)))
 
 
-def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
-    """(input, mask) at the U-Net's size; the mask is stretched onto the image."""
-    gray = load_gray(pair.image)
+def load_mask(pair: MaskedImage) -> FloatImage:
+    """The binary mask at the U-Net's size, stretched as the image is (whatever size it was drawn at)."""
     with Image.open(pair.mask) as mask_image:
         mask = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
-    mask = resize_gray(mask, (LUNG_INPUT, LUNG_INPUT))
-    return segmenter_input(gray), (mask > 0.5).astype(np.float32)
+    return (resize_gray(mask, (LUNG_INPUT, LUNG_INPUT)) > 0.5).astype(np.float32)
+
+
+def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
+    """(input, mask) at the U-Net's size."""
+    return segmenter_input(load_gray(pair.image)), load_mask(pair)
 
 
 def build_lung_unet(size: int = LUNG_INPUT, widths: Sequence[int] = (16, 32, 64, 128)) -> Any:
@@ -346,13 +349,33 @@ def train_lung_model(
     return metadata
 
 
+def train_lung_model_on_split(
+    data: Path,
+    masks: Path,
+    train_items: Sequence[LabelledImage],
+    held_out_items: Sequence[LabelledImage],
+    output: Path,
+    **options: Any,
+) -> tuple[dict[str, Any], int, int]:
+    """Train on the masked images among ``train_items`` and report Dice on those among ``held_out_items``
+    (none there: no Dice). Returns the metadata and both counts; ``options`` go to :func:`train_lung_model`."""
+    train_pairs = find_masks(data, masks, train_items)
+    try:
+        held_pairs = find_masks(data, masks, held_out_items)
+    except LungMaskError:
+        held_pairs = []
+    metadata = train_lung_model(train_pairs, held_pairs, output, **options)
+    return metadata, len(train_pairs), len(held_pairs)
+
+
 def evaluate_lung_model(cropper: LungCropper, pairs: Sequence[MaskedImage]) -> dict[str, float]:
-    """Mean Dice of the predicted masks, and how often the crop box falls back to the whole image."""
+    """Mean Dice of the network's thresholded masks (before the two-component clean-up), and how often
+    the crop box falls back to the whole image."""
     scores, fallbacks = [], 0
     for pair in pairs:
         gray = load_gray(pair.image)
         probability = cropper.probabilities([gray])[0]
-        scores.append(dice(probability > THRESHOLD, load_pair(pair)[1]))
+        scores.append(dice(probability > THRESHOLD, load_mask(pair)))
         fallbacks += mask_box(probability) is None
     return {
         "images": len(pairs),

@@ -33,7 +33,7 @@ from classifier.dataset import (
     split_by_group,
     summary,
 )
-from classifier.lungs import LungCropper, LungMaskError, find_masks, train_lung_model
+from classifier.lungs import LungCropper, train_lung_model_on_split
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray
 
@@ -194,7 +194,7 @@ def _labels(items: Sequence[LabelledImage], classes: Sequence[str]) -> npt.NDArr
 
 def _lung_model(
     config: TrainingConfig, train_items: Sequence[LabelledImage], val_items: Sequence[LabelledImage]
-) -> tuple[Any, Path | None]:
+) -> tuple[LungCropper | None, Path | None]:
     """The lung U-Net to crop with, and its folder: given (``lung_model``), trained here on the training
     split's masked images into OUTPUT/lungs (``lung_masks``; Dice on the validation split's), or none."""
     if config.lung_model is None and config.lung_masks is None:
@@ -203,14 +203,11 @@ def _lung_model(
         raise ValueError("give a lung model or lung masks to train one, not both")
     folder = Path(config.lung_model) if config.lung_model is not None else Path(config.output) / "lungs"
     if config.lung_masks is not None:
-        masks = Path(config.lung_masks)
-        train_pairs = find_masks(config.data, masks, train_items)
-        try:
-            held_out = find_masks(config.data, masks, val_items)
-        except LungMaskError:
-            held_out = []
-        metadata = train_lung_model(train_pairs, held_out, folder, epochs=config.lung_epochs, seed=config.seed)
-        LOGGER.info("lung model: %d masked training images, validation %s", len(train_pairs), metadata["validation"])
+        metadata, trained, _ = train_lung_model_on_split(
+            config.data, Path(config.lung_masks), train_items, val_items, folder,
+            epochs=config.lung_epochs, seed=config.seed,
+        )  # fmt: skip
+        LOGGER.info("lung model: %d masked training images, validation %s", trained, metadata["validation"])
     return LungCropper.load(folder), folder
 
 
