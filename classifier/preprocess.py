@@ -355,11 +355,6 @@ def uniform_border_box(gray: FloatImage) -> Box:
     return Box(top / height, bottom / height, left / width, right / width)
 
 
-def crop_uniform_borders(gray: FloatImage) -> FloatImage:
-    """Remove near-constant bars at the edges (see :func:`uniform_border_box`)."""
-    return uniform_border_box(gray).apply(gray)
-
-
 def equalise(gray: FloatImage) -> FloatImage:
     """Histogram equalisation to [0, 1]: every source's grey distribution becomes uniform."""
     levels = np.clip((gray * (EQUALISATION_LEVELS - 1)).round(), 0, EQUALISATION_LEVELS - 1).astype(np.int64)
