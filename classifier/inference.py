@@ -29,12 +29,10 @@ from classifier.preprocess import (
     PreprocessSpec,
     dataset_to_gray,
     dataset_to_model_input,
-    finish_gray,
-    frame_box,
+    framed_model_input,
     image_to_model_input,
     pil_to_gray,
     read_dataset,
-    resize_gray,
 )
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
 
@@ -172,9 +170,8 @@ class Classifier:
         start = time.perf_counter()
         inputs, frames = [], []
         for source in sources:
-            gray = to_gray(source)
-            frame = frame_box(gray, self.spec, self._lungs)
-            inputs.append(finish_gray(resize_gray(frame.apply(gray), self.spec.input_size), self.spec))
+            model_input, frame = framed_model_input(to_gray(source), self.spec, self._lungs)
+            inputs.append(model_input)
             frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
         predictions = self.predict(inputs, heatmap=heatmap, frames=frames)
@@ -260,8 +257,7 @@ def heatmap_in_whole_frame(heatmap: FloatImage, frame: Box) -> FloatImage:
     if frame == Box():
         return heatmap
     height, width = heatmap.shape
-    top, bottom = round(frame.top * height), max(round(frame.top * height) + 1, round(frame.bottom * height))
-    left, right = round(frame.left * width), max(round(frame.left * width) + 1, round(frame.right * width))
+    top, bottom, left, right = frame.pixels(height, width)
     inner = Image.fromarray(heatmap, mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
     canvas = np.zeros((height, width), dtype=np.float32)
     canvas[top:bottom, left:right] = np.clip(np.asarray(inner, dtype=np.float32), 0.0, 1.0)

@@ -113,11 +113,13 @@ class Box:
     left: float = 0.0
     right: float = 1.0
 
-    def apply(self, gray: FloatImage) -> FloatImage:
-        height, width = gray.shape
+    def pixels(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) rows and columns of the box in an image of that size, never empty."""
         top, left = round(self.top * height), round(self.left * width)
-        bottom = max(top + 1, round(self.bottom * height))
-        right = max(left + 1, round(self.right * width))
+        return top, max(top + 1, round(self.bottom * height)), left, max(left + 1, round(self.right * width))
+
+    def apply(self, gray: FloatImage) -> FloatImage:
+        top, bottom, left, right = self.pixels(*gray.shape)
         return gray[top:bottom, left:right]
 
     def within(self, outer: Box) -> Box:
@@ -413,9 +415,17 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
     return rgb
 
 
+def framed_model_input(
+    gray: FloatImage, spec: PreprocessSpec, lungs: LungFinder | None = None
+) -> tuple[FloatImage, Box]:
+    """Grey [0, 1] → float32 H×W×3 exactly as the model was trained, and the :func:`frame_box` it shows."""
+    frame = frame_box(gray, spec, lungs)
+    return finish_gray(resize_gray(frame.apply(gray), spec.input_size), spec), frame
+
+
 def gray_to_model_input(gray: FloatImage, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
     """Grey [0, 1] → float32 H×W×3 exactly as the model was trained."""
-    return finish_gray(fit_gray(gray, spec, lungs), spec)
+    return framed_model_input(gray, spec, lungs)[0]
 
 
 def dataset_to_model_input(
