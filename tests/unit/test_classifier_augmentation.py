@@ -11,7 +11,7 @@ from classifier.preprocess import PreprocessSpec, finish_gray
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("normalisation", ["unit", "resnet"])
+@pytest.mark.parametrize("normalisation", ["unit", "resnet", "signed"])
 def test_training_finish_matches_inference_finish(normalisation: str) -> None:
     import tensorflow as tf
 

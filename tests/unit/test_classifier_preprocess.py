@@ -245,6 +245,9 @@ def test_model_input_shape_and_normalisations() -> None:
     assert np.array_equal(unit[..., 0], unit[..., 2])
     resnet = dataset_to_model_input(ds, PreprocessSpec(input_size=(40, 30), normalisation="resnet"))
     np.testing.assert_allclose(resnet[..., 0], unit[..., 0] * 255 - 103.939, atol=1e-3)  # BGR, ImageNet mean
+    signed = dataset_to_model_input(ds, PreprocessSpec(input_size=(40, 30), normalisation="signed"))
+    np.testing.assert_allclose(signed, (unit * 255 - 127) / 128, atol=1e-5)  # EfficientNet-Lite's input
+    assert signed.min() >= -1.0 and signed.max() <= 1.0
 
 
 def test_equalisation_is_invariant_to_gamma() -> None:

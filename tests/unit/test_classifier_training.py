@@ -220,3 +220,39 @@ def test_dicom_files_can_be_classified_from_disk(
     assert pydicom.dcmread(path).Rows == 96
     assert cli.main(["classify", "--model", str(artifact), str(path)]) == 0
     assert capsys.readouterr().out.startswith("image.dcm\t")
+
+
+def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from classifier.architectures import build_efficientnet_lite0_transfer
+    from classifier.errors import WeightsUnavailableError
+
+    config = TrainingConfig(
+        architecture="efficientnet-lite0-transfer",
+        data=collection,
+        output=tmp_path / "lite0",
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=4,
+        input_size=64,
+        version="lite0-tiny",
+        progress=False,
+    )
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("CXR_LITE0_WEIGHTS", raising=False)
+    monkeypatch.setattr("classifier.architectures.LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
+    with pytest.raises(WeightsUnavailableError):  # a pretrained architecture never starts from random
+        train(config, argv=[])
+
+    backbone = tmp_path / "backbone.weights.h5"  # stands in for the ImageNet file: same layers, 2 classes
+    build_efficientnet_lite0_transfer(num_classes=2, input_size=(64, 64), weights=None, seed=5).save_weights(
+        backbone
+    )
+    monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
+    train(config, argv=[])
+    classifier = Classifier.load(tmp_path / "lite0")
+    assert classifier.spec.normalisation == "signed" and classifier.info.version == "lite0-tiny"
+    prediction = classifier.predict_images([Image.open(collection / "dark" / "0.png")])[0]
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)

@@ -1,0 +1,153 @@
+"""Read a PyTorch ``state_dict`` file into NumPy arrays, without PyTorch.
+
+Pre-trained backbones are published as PyTorch checkpoints; the node runs TensorFlow and must not pull
+in a second deep-learning framework to read one file. Both of ``torch.save``'s formats are read:
+
+- the zip format (PyTorch ≥ 1.6): ``*/data.pkl`` plus one ``*/data/<key>`` member per storage;
+- the legacy format: four pickles (magic number, protocol version, system info, the object), the
+  sorted storage keys, then each storage as a little-endian int64 element count and its raw bytes.
+
+Only what a ``state_dict`` holds is rebuilt: an ordered mapping of names to dense tensors (strided
+views included). Anything else in the pickle is refused rather than executed: the unpickler resolves
+only the handful of names a state dict needs, so reading a checkpoint never runs its code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from classifier.errors import WeightsUnavailableError
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: type[Any]
+
+
+@dataclass
+class _Storage:
+    key: str
+    dtype: type[Any]
+    data: npt.NDArray[Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def array(self) -> npt.NDArray[Any]:
+        data = self.storage.data
+        if data is None:
+            raise WeightsUnavailableError(f"storage {self.storage.key} missing from the checkpoint")
+        if not self.size:
+            return np.array(data[self.offset])
+        itemsize = data.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            data[self.offset :], shape=self.size, strides=tuple(s * itemsize for s in self.stride)
+        )
+        return np.array(view)  # a copy: detached from the storage buffer
+
+
+def _rebuild_tensor(storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> _Tensor:
+    return _Tensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, storages: dict[str, _Storage]) -> None:
+        super().__init__(file)
+        self._storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise WeightsUnavailableError(f"not a plain state dict: the checkpoint refers to {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise WeightsUnavailableError(f"unexpected persistent object in the checkpoint: {pid!r}")
+        storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise WeightsUnavailableError(f"unknown storage type in the checkpoint: {storage_type!r}")
+        return self._storages.setdefault(key, _Storage(key, storage_type.dtype))
+
+
+def _to_arrays(state: Any) -> OrderedDict[str, npt.NDArray[Any]]:
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError("the checkpoint does not hold a state dict")
+    return OrderedDict(
+        (str(name), tensor.array()) for name, tensor in state.items() if isinstance(tensor, _Tensor)
+    )
+
+
+def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
+    stream = io.BytesIO(raw)
+    magic = pickle.load(stream)
+    if magic != _LEGACY_MAGIC:
+        raise WeightsUnavailableError("not a PyTorch checkpoint (bad magic number)")
+    pickle.load(stream)  # protocol version
+    pickle.load(stream)  # system info (byte order, type sizes)
+    storages: dict[str, _Storage] = {}
+    state = _StateDictUnpickler(stream, storages).load()
+    keys = pickle.load(stream)
+    for key in keys:
+        storage = storages[str(key)]
+        count = int(np.frombuffer(stream.read(8), dtype="<i8")[0])
+        itemsize = np.dtype(storage.dtype).itemsize
+        storage.data = np.frombuffer(stream.read(count * itemsize), dtype=storage.dtype, count=count)
+    return _to_arrays(state)
+
+
+def _read_zip(path: Path) -> OrderedDict[str, npt.NDArray[Any]]:
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise WeightsUnavailableError(f"{path.name}: expected one data.pkl in the checkpoint")
+        root = pickles[0][: -len("data.pkl")]
+        storages: dict[str, _Storage] = {}
+        with archive.open(pickles[0]) as handle:
+            state = _StateDictUnpickler(io.BytesIO(handle.read()), storages).load()
+        for key, storage in storages.items():
+            storage.data = np.frombuffer(archive.read(f"{root}data/{key}"), dtype=storage.dtype)
+    return _to_arrays(state)
+
+
+def load_state_dict(path: str | Path) -> OrderedDict[str, npt.NDArray[Any]]:
+    """The tensors of a ``torch.save``'d state dict, by name, as NumPy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file not found: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_zip(path)
+        return _read_legacy(path.read_bytes())
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, IndexError) as error:
+        raise WeightsUnavailableError(f"{path.name}: unreadable PyTorch checkpoint ({error})") from error
