@@ -464,7 +464,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
         recipe=Recipe(
             batch_size=16,
             stages=(Stage(epochs=30, learning_rate=3e-4, schedule="cosine"),),
-            augmentation="robust",
+            augmentation="robust-strong",
             keep_best=True,
             class_weights=True,
             label_smoothing=0.05,

@@ -60,3 +60,20 @@ def test_mixup_blends_images_and_labels_with_the_same_weight_and_keeps_the_own_l
         np.testing.assert_allclose(mixed_images[index], expected, atol=1e-4)  # same weight for both
         mixed += int(others.max() > 1e-3)
     assert mixed > count // 2
+
+
+def test_jpeg_reencoding_degrades_each_image_like_a_lossy_pipeline() -> None:
+    import tensorflow as tf
+
+    from classifier.augmentation import _jpeg
+
+    tf.random.set_seed(1)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:64, 0:64]
+    smooth = (np.sin(xx / 6.0) * np.cos(yy / 9.0) + 1) / 2
+    grays = np.stack([smooth + rng.normal(0, 0.05, smooth.shape) for _ in range(3)])[..., None]
+    grays = np.clip(grays, 0, 1).astype(np.float32)
+    out = tf.function(lambda x: _jpeg(x, 25))(tf.constant(grays)).numpy()  # graph mode, as in tf.data
+    assert out.shape == grays.shape and out.dtype == np.float32
+    assert 0.0 < np.abs(out - grays).mean() < 0.1  # changed, but still the same picture
+    assert np.abs(np.diff(out, axis=2)).mean() < np.abs(np.diff(grays, axis=2)).mean()  # fine noise lost
