@@ -31,7 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument(
         "output", type=Path, help="artifact folder to write (its model files are replaced, other files kept)"
     )
-    train.add_argument("--architecture", "-a", choices=architecture_names(), default=DEFAULT_ARCHITECTURE)
+    train.add_argument(
+        "--architecture",
+        "-a",
+        type=_architectures,
+        default=[DEFAULT_ARCHITECTURE],
+        help=f"one of {', '.join(architecture_names())}; several, comma-separated, train one member each "
+        "on the same split and merge them into one model",
+    )
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
     train.add_argument(
@@ -157,6 +164,19 @@ def _fold(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _architectures(text: str) -> list[str]:
+    """``a[,b...]`` → architecture names, each known and none twice."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in architecture_names():
+            raise argparse.ArgumentTypeError(
+                f"unknown architecture {name!r}; choose from {', '.join(architecture_names())}"
+            )
+    if not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("name each architecture once")
+    return names
+
+
 def _say(text: str) -> None:
     """Command output (not logging): the user asked for it."""
     sys.stdout.write(text + "\n")
@@ -165,8 +185,9 @@ def _say(text: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     from classifier.training import TrainingConfig, train
 
+    architectures = args.architecture
     config = TrainingConfig(
-        architecture=args.architecture,
+        architecture=architectures[0],
         data=args.data,
         output=args.output,
         validation_fraction=args.validation_fraction,
@@ -190,17 +211,24 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     argv = ["cxr-node", *sys.argv[1:]] if sys.argv else None
-    members = args.members or get_architecture(args.architecture).recipe.members
+    if len(architectures) > 1 and (args.members or args.seeds or args.weights):
+        raise SystemExit(
+            "cxr-node train: several architectures train one member each, from their own weights; "
+            "drop --members/--seeds/--weights"
+        )
+    members = args.members or get_architecture(architectures[0]).recipe.members
     seeds = args.seeds or [args.seed + offset for offset in range(members)]
-    if len(seeds) > 1:
+    if len(seeds) > 1 or len(architectures) > 1:
         from classifier.ensemble import train_ensemble
 
         if args.seeds:
             split = args.split_seed if args.split_seed is not None else seeds[0]
             config = replace(config, seed=seeds[0], split_seed=split)
-        metadata = train_ensemble(config, seeds, argv=argv)
+        metadata = train_ensemble(
+            config, seeds, argv=argv, architectures=architectures if len(architectures) > 1 else None
+        )
         _say(
-            f"wrote {args.output}: {len(seeds)} members merged, validation accuracy "
+            f"wrote {args.output}: {max(len(seeds), len(architectures))} members merged, validation accuracy "
             f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
         )
         return 0

@@ -1,12 +1,17 @@
-"""Ensembles: several trained members of one architecture merged into one ordinary Keras model.
+"""Ensembles: several trained members merged into one ordinary Keras model.
 
-Members differ only in their seed (weights, shuffling, augmentation); they share the architecture, the
-preprocessing and the train/validation split. The merged model runs every member's convolutional trunk on
-the same input, concatenates their last feature maps into one layer named like the members' Grad-CAM layer,
-and averages the members' logits with a single dense layer (block weights / N, mean bias) — so the node
-loads, predicts and explains it exactly like a single model, and Grad-CAM shows the evidence of all
-members. It needs heads of the form feature map → global average pooling → (dropout) → dense softmax
-``predictions``, which is what the architectures designed here have.
+Members differ in their seed (weights, shuffling, augmentation) or in their architecture; they share the
+classes, the train/validation split and the preprocessing up to the final normalisation. The merged model
+runs every member's trunk on the same input, concatenates their last feature maps into one layer named
+like the members' Grad-CAM layer, and averages the members' logits with a single dense layer (block
+weights / N, mean bias) — so the node loads, predicts and explains it exactly like a single model, and
+Grad-CAM shows the evidence of all members. It needs heads of the form feature map → global average
+pooling → (dropout) → dense softmax ``predictions``, which is what the architectures here have.
+
+Members of different architectures are joined where their differences are exact to bridge: a member
+whose input normalisation is an affine map of the first member's (``unit`` ↔ ``signed``) gets that map
+as a ``Rescaling`` layer, and a coarser feature map is repeated (nearest-neighbour up-sampling by an
+integer factor) to the finest one's size, which leaves its global average — and so the logits — unchanged.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from classifier.architectures import GRADCAM_LAYER
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata, sha256_file, write_metadata
 from classifier.dataset import load_collection, load_grays, split_from_record
 from classifier.metrics import classification_report
-from classifier.preprocess import finish_gray
+from classifier.preprocess import finish_gray, normalisation_change
 from classifier.training import TrainingConfig, train
 
 LOGGER = logging.getLogger(__name__)
 
 
-def merge_members(members: Sequence[Any]) -> Any:
-    """One Keras model averaging the logits of ``members`` (see the module text for the form needed)."""
+def merge_members(members: Sequence[Any], normalisations: Sequence[str] | None = None) -> Any:
+    """One Keras model averaging the logits of ``members`` (see the module text for the form needed).
+
+    ``normalisations``: each member's input normalisation; the merged model takes the first one's.
+    """
     import keras
     from keras import layers
 
@@ -42,12 +50,30 @@ def merge_members(members: Sequence[Any]) -> Any:
         raise ValueError("an ensemble needs at least two members")
     for member in members:
         _check_head(member)
+    normalisations = list(normalisations or ["unit"] * len(members))
+    if len(normalisations) != len(members):
+        raise ValueError("one normalisation per member")
     first = members[0]
     inputs = keras.Input(shape=tuple(first.input_shape[1:]), name="image")
-    features = [
-        keras.Model(member.inputs, member.get_layer(GRADCAM_LAYER).output, name=f"member{index}")(inputs)
-        for index, member in enumerate(members, start=1)
-    ]
+    maps = [member.get_layer(GRADCAM_LAYER).output.shape[1:3] for member in members]
+    height, width = max(int(h) for h, _ in maps), max(int(w) for _, w in maps)
+    features = []
+    for index, (member, normalisation) in enumerate(zip(members, normalisations, strict=True), start=1):
+        x = inputs
+        if normalisation != normalisations[0]:
+            scale, offset = normalisation_change(normalisations[0], normalisation)
+            x = layers.Rescaling(scale, offset, name=f"member{index}_{normalisation}")(x)
+        x = keras.Model(member.inputs, member.get_layer(GRADCAM_LAYER).output, name=f"member{index}")(x)
+        map_height, map_width = (int(v) for v in x.shape[1:3])
+        if (map_height, map_width) != (height, width):
+            if height % map_height or width % map_width:
+                raise ValueError(
+                    f"feature maps {map_height}x{map_width} and {height}x{width} do not tile; cannot merge"
+                )
+            x = layers.UpSampling2D(
+                (height // map_height, width // map_width), interpolation="nearest", name=f"member{index}_tile"
+            )(x)
+        features.append(x)
     merged = layers.Concatenate(name=GRADCAM_LAYER)(features)
     pooled = layers.GlobalAveragePooling2D(name="gap")(merged)
     dense = layers.Dense(int(first.output_shape[-1]), activation="softmax", name="predictions")
@@ -87,11 +113,17 @@ def build_ensemble(
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
     for meta in metas[1:]:
-        same = (meta.name, meta.classes, meta.preprocess, meta.data.get("split"))
-        if same != (first.name, first.classes, first.preprocess, first.data.get("split")):
-            raise ValueError("ensemble members must share architecture, classes, preprocessing and split")
+        spec = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
+        if (meta.classes, spec, meta.data.get("split")) != (
+            first.classes,
+            first.preprocess,
+            first.data.get("split"),
+        ):
+            raise ValueError("ensemble members must share classes, preprocessing and split")
+        normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)  # or raise
     members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
-    model = merge_members(members)
+    model = merge_members(members, [meta.preprocess.normalisation for meta in metas])
+    name = "+".join(dict.fromkeys(meta.name for meta in metas))
 
     split = first.data.get("split", {})
     _, val_items = split_from_record(load_collection(data), split)
@@ -110,8 +142,8 @@ def build_ensemble(
     model.save(output / MODEL_FILE)
     created = datetime.now(UTC).replace(microsecond=0)
     metadata = ArtifactMetadata(
-        name=first.name,
-        version=version or f"{first.name}-ensemble{len(members)}-{created:%Y%m%d%H%M}",
+        name=name,
+        version=version or f"{name}-ensemble{len(members)}-{created:%Y%m%d%H%M}",
         classes=first.classes,
         preprocess=spec,
         gradcam_layer=GRADCAM_LAYER,
@@ -124,6 +156,7 @@ def build_ensemble(
                 "parameters": int(model.count_params()),
                 "members": [
                     {
+                        "architecture": meta.name,
                         "version": meta.version,
                         "seed": meta.training.get("seed"),
                         "best_epoch": meta.training.get("best_epoch"),
@@ -146,22 +179,30 @@ def build_ensemble(
 
 
 def train_ensemble(
-    config: TrainingConfig, seeds: Sequence[int], argv: Sequence[str] | None = None
+    config: TrainingConfig,
+    seeds: Sequence[int],
+    argv: Sequence[str] | None = None,
+    architectures: Sequence[str] | None = None,
 ) -> ArtifactMetadata:
-    """Train one member per seed on one split (that of ``config.split_seed``, default ``config.seed``)
-    and merge them into ``config.output``; the members' own folders are not kept."""
-    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
-        raise ValueError("an ensemble needs at least two different seeds")
+    """Train one member per seed — or, with ``architectures``, one member per architecture, each with its
+    own recipe and ``config.seed`` — on one split (that of ``config.split_seed``, default
+    ``config.seed``) and merge them into ``config.output``; the members' own folders are not kept."""
+    if architectures:
+        members = [(architecture, config.seed) for architecture in architectures]
+    else:
+        members = [(config.architecture, seed) for seed in seeds]
+    if len(set(members)) != len(members) or len(members) < 2:
+        raise ValueError("an ensemble needs at least two different seeds or architectures")
     split_seed = config.seed if config.split_seed is None else config.split_seed
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))
     try:
         folders = []
-        for number, seed in enumerate(seeds, start=1):
-            LOGGER.info("ensemble member %d of %d (seed %d)", number, len(seeds), seed)
+        for number, (architecture, seed) in enumerate(members, start=1):
+            LOGGER.info("ensemble member %d of %d (%s, seed %d)", number, len(members), architecture, seed)
             member = replace(
-                config, output=scratch / f"seed-{seed}", seed=seed, split_seed=split_seed,
-                version=f"{config.version or 'member'}-seed{seed}",
-            )
+                config, architecture=architecture, output=scratch / f"{number}-{architecture}-seed{seed}",
+                seed=seed, split_seed=split_seed, version=f"{config.version or 'member'}-{architecture}-seed{seed}",
+            )  # fmt: skip
             folders.append(train(member, argv=argv).folder)
         return build_ensemble(folders, Path(config.output), Path(config.data), version=config.version, argv=argv)
     finally:

@@ -105,6 +105,20 @@ class PreprocessSpec:
         )
 
 
+_NORMALISATION_FROM_UNIT = {"unit": (1.0, 0.0), "signed": (255.0 / 128.0, -127.0 / 128.0)}
+
+
+def normalisation_change(source: str, target: str) -> tuple[float, float]:
+    """(scale, offset) that turn a model input normalised as ``source`` into ``target`` (x · scale +
+    offset), for the normalisations that are affine maps of each other; ``"resnet"`` (BGR) is not."""
+    if source not in _NORMALISATION_FROM_UNIT or target not in _NORMALISATION_FROM_UNIT:
+        raise ValueError(f"no affine map from normalisation {source!r} to {target!r}")
+    source_scale, source_offset = _NORMALISATION_FROM_UNIT[source]
+    target_scale, target_offset = _NORMALISATION_FROM_UNIT[target]
+    scale = target_scale / source_scale
+    return scale, target_offset - source_offset * scale
+
+
 @dataclass(frozen=True)
 class Box:
     """A crop as fractions of the image's height and width (``Box()`` is the whole image)."""

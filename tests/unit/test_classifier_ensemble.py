@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from classifier import cli
 from classifier.architectures import GRADCAM_LAYER, build_cxr_compact, build_sugandi_cnn
@@ -58,3 +59,55 @@ def test_cli_trains_members_merges_them_and_the_result_classifies(
     (prediction,) = classifier.predict([image], heatmap=True)
     assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-4
     assert prediction.heatmap is not None and prediction.heatmap.shape == classifier.spec.input_size
+
+
+def test_members_of_different_architectures_merge_exactly() -> None:
+    """A 'unit' CNN with a 4×4 map and a 'signed' EfficientNet-Lite0 with a 2×2 map: the Lite0 member gets
+    its own normalisation inside the merged model and its map is tiled, and the logits still average."""
+    from classifier.architectures import build_efficientnet_lite0_transfer
+    from classifier.preprocess import normalisation_change
+
+    compact = build_cxr_compact(num_classes=3, input_size=(64, 64), seed=1)
+    lite = build_efficientnet_lite0_transfer(num_classes=3, input_size=(64, 64), weights=None, seed=2)
+    for number, member in enumerate((compact, lite)):
+        kernel, bias = member.get_layer("predictions").get_weights()
+        member.get_layer("predictions").set_weights([kernel * (5 + number), bias + number])
+    unit = np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 3)).astype(np.float32)
+    signed = (unit * 255 - 127) / 128
+    merged = merge_members([compact, lite], ["unit", "signed"])
+    mean_logits = (_logits(compact, unit) + _logits(lite, signed)) / 2
+    expected = np.exp(mean_logits) / np.exp(mean_logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(merged.predict(unit, verbose=0), expected, rtol=1e-4, atol=1e-5)
+    assert merged.get_layer(GRADCAM_LAYER).output.shape[1:] == (4, 4, 192 + 1280)
+
+    assert normalisation_change("signed", "unit") == pytest.approx((128 / 255, 127 / 255))
+    with pytest.raises(ValueError, match="no affine map"):
+        merge_members([compact, lite], ["unit", "resnet"])
+
+
+def test_cli_trains_one_member_per_architecture_on_one_split(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from classifier.architectures import build_efficientnet_lite0_transfer
+
+    backbone = tmp_path / "backbone.weights.h5"  # stands in for the ImageNet weights file
+    build_efficientnet_lite0_transfer(num_classes=2, input_size=(64, 64), weights=None).save_weights(backbone)
+    monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
+    output = tmp_path / "duo"
+    argv = ["train", str(collection), str(output), "-a", "cxr-compact,efficientnet-lite0-transfer",
+            "--input-size", "64", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
+            "--no-progress", "--version", "tiny-duo"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "2 members merged" in capsys.readouterr().out
+    metadata = json.loads((output / "model.json").read_text())
+    assert metadata["name"] == "cxr-compact+efficientnet-lite0-transfer"
+    members = metadata["training"]["ensemble"]["members"]
+    assert [member["architecture"] for member in members] == ["cxr-compact", "efficientnet-lite0-transfer"]
+    assert metadata["preprocessing"]["normalisation"] == "unit"
+    classifier = Classifier.load(output)
+    (prediction,) = classifier.predict_images([Image.open(collection / "dark" / "0.png")])
+    assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--seeds", "1,2"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(collection), str(output), "-a", "cxr-compact,cxr-compact"])
