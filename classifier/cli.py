@@ -114,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     lungs.set_defaults(func=_train_lungs)
 
     ensemble = subparsers.add_parser(
-        "ensemble", help="merge trained artifacts of one architecture and split into one model"
+        "ensemble", help="merge trained artifacts of one split (one or several architectures) into one model"
     )
     ensemble.add_argument("output", type=Path, help="artifact folder to write")
     ensemble.add_argument("members", type=Path, nargs="+", help="member artifact folders")

@@ -161,12 +161,12 @@ def build_ensemble(
                         "seed": meta.training.get("seed"),
                         "best_epoch": meta.training.get("best_epoch"),
                         "validation": {k: meta.validation.get(k) for k in ("accuracy", "macro_f1")},
+                        "recipe": meta.training.get("recipe", {}),
+                        "seconds_per_epoch": meta.training.get("seconds_per_epoch"),
                     }
                     for meta in metas
                 ],
             },
-            "recipe": first.training.get("recipe", {}),
-            "seconds_per_epoch": first.training.get("seconds_per_epoch"),
         },
         validation=report,
     )

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 def test_default_model_is_shipped_small_and_documented() -> None:
     folder = default_model_path()
-    assert (folder / "model.keras").stat().st_size < 10_000_000
+    assert (folder / "model.keras").stat().st_size < 20_000_000  # two members; ImageNet-sized nets are 100+ MB
     assert (folder / "MODEL_CARD.md").is_file()
     metadata = json.loads((folder / "model.json").read_text())
     assert metadata["classes"] == ["covid", "normal", "pneumonia"]
