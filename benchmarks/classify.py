@@ -2,7 +2,7 @@
 
 Median milliseconds per image for reading, pixel decoding, the whole preprocessing (decode included),
 prediction at batch 1 and 16 (without and with Grad-CAM), and end to end (file → Prediction, batch 1);
-seconds per training epoch of the seed CNN and the default architecture on 696 synthetic images (the
+seconds per training epoch of the seed CNN and of the model's architecture(s) on 696 synthetic images (the
 size of the cxr3 training split). Prints a table and, as the last line, a JSON object.
 
     PYTHONPATH=. python benchmarks/classify.py [--model classifier/models/default] [--repeats 15]
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['image']:<14}" + "".join(f"{row[c]:>22.1f}" for c in columns))
     epochs: dict[str, float] = {}
     if not args.no_training:
-        for architecture in ("sugandi-cnn", classifier.info.name):
+        # an ensemble's name joins its members' architectures with "+"
+        for architecture in ("sugandi-cnn", *classifier.info.name.split("+")):
             epochs[architecture] = _epoch_seconds(architecture, 870)
             print(f"training epoch {architecture:<20} {epochs[architecture]:8.1f} s (696 images)")
     print(json.dumps({"model": classifier.info.version, "images": rows, "seconds_per_epoch": epochs}))
