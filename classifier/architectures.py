@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +398,20 @@ def build_cxr_compact(
 
 # ------------------------------------------------------------------------------------------ registry
 
+_COMPACT_PREPROCESS = PreprocessSpec(
+    input_size=(224, 224), normalisation="unit", equalisation="histeq", crop_borders=True
+)
+_COMPACT_RECIPE = Recipe(
+    batch_size=16,
+    stages=(Stage(epochs=110, learning_rate=1e-3, schedule="cosine"),),
+    augmentation="robust",
+    keep_best=True,
+    class_weights=True,
+    label_smoothing=0.05,
+    weight_decay=1e-4,
+    precise_batch_norm=True,
+)
+
 _ARCHITECTURES: dict[str, Architecture] = {
     "sugandi-cnn": Architecture(
         name="sugandi-cnn",
@@ -444,36 +458,18 @@ _ARCHITECTURES: dict[str, Architecture] = {
     ),
     "cxr-compact": Architecture(
         name="cxr-compact",
-        preprocess=PreprocessSpec(
-            input_size=(224, 224), normalisation="unit", equalisation="histeq", crop_borders=True
-        ),
-        recipe=Recipe(
-            batch_size=16,
-            stages=(Stage(epochs=110, learning_rate=1e-3, schedule="cosine"),),
-            augmentation="robust",
-            keep_best=True,
-            class_weights=True,
-            label_smoothing=0.05,
-            weight_decay=1e-4,
-            precise_batch_norm=True,
-        ),
+        preprocess=_COMPACT_PREPROCESS,
+        recipe=_COMPACT_RECIPE,
         builder=build_cxr_compact,
         description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",
     ),
     "efficientnet-lite0-transfer": Architecture(
         name="efficientnet-lite0-transfer",
-        preprocess=PreprocessSpec(
-            input_size=(224, 224), normalisation="signed", equalisation="histeq", crop_borders=True
-        ),
-        recipe=Recipe(
-            batch_size=16,
+        preprocess=replace(_COMPACT_PREPROCESS, normalisation="signed"),
+        recipe=replace(
+            _COMPACT_RECIPE,
             stages=(Stage(epochs=30, learning_rate=3e-4, schedule="cosine"),),
             augmentation="robust-strong",
-            keep_best=True,
-            class_weights=True,
-            label_smoothing=0.05,
-            weight_decay=1e-4,
-            precise_batch_norm=True,
         ),
         builder=build_efficientnet_lite0_transfer,
         pretrained=True,
