@@ -29,7 +29,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from classifier.preprocess import EQUALISATION_LEVELS, IMAGENET_BGR_MEAN, PreprocessSpec
+from classifier.preprocess import (
+    EQUALISATION_LEVELS,
+    IMAGENET_BGR_MEAN,
+    PreprocessSpec,
+    normalisation_change,
+)
 
 
 @dataclass(frozen=True)
@@ -235,8 +240,9 @@ def finish_batch(images: Any, spec: PreprocessSpec) -> Any:
     rgb = tf.repeat(tf.clip_by_value(images, 0.0, 1.0), 3, axis=-1)
     if spec.normalisation == "resnet":
         return rgb[..., ::-1] * 255.0 - tf.constant(IMAGENET_BGR_MEAN)
-    if spec.normalisation == "signed":
-        return (rgb * 255.0 - 127.0) / 128.0
+    if spec.normalisation != "unit":
+        scale, offset = normalisation_change("unit", spec.normalisation)
+        return rgb * scale + offset
     return rgb
 
 

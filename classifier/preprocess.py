@@ -427,8 +427,9 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
     rgb = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32)
     if spec.normalisation == "resnet":
         return (rgb[:, :, ::-1] * 255.0 - IMAGENET_BGR_MEAN).astype(np.float32)
-    if spec.normalisation == "signed":
-        return ((rgb * 255.0 - 127.0) / 128.0).astype(np.float32)
+    if spec.normalisation != "unit":
+        scale, offset = normalisation_change("unit", spec.normalisation)
+        return (rgb * scale + offset).astype(np.float32)
     return rgb
 
 
