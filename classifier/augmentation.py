@@ -24,7 +24,7 @@ the model learns on what equalisation makes of a degraded image — which is wha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tensorflow as tf
@@ -66,6 +66,13 @@ class Augmentation:
     photometry: Photometry | None
 
 
+_ROBUST_GEOMETRY = Geometry(
+    rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.4), flip=True, fill_mode="REFLECT"
+)
+_ROBUST_PHOTOMETRY = Photometry(
+    gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
+)
+
 AUGMENTATIONS: dict[str, Augmentation] = {
     "none": Augmentation(geometry=None, photometry=None),
     "sugandi-table2": Augmentation(
@@ -74,40 +81,13 @@ AUGMENTATIONS: dict[str, Augmentation] = {
         ),
         photometry=None,
     ),
-    "robust": Augmentation(
-        geometry=Geometry(
-            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.4), flip=True, fill_mode="REFLECT"
-        ),
-        photometry=Photometry(
-            gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
-        ),
-    ),
+    "robust": Augmentation(_ROBUST_GEOMETRY, _ROBUST_PHOTOMETRY),
     "robust-fov": Augmentation(
-        geometry=Geometry(
-            rotation_deg=10.0,
-            shift=0.1,
-            shear_deg=5.0,
-            zoom=(0.85, 1.6),
-            flip=True,
-            fill_mode="REFLECT",
-            aspect_jitter=0.1,
-        ),
-        photometry=Photometry(
-            gamma_log=0.3, contrast=0.2, blur_min_scale=0.5, noise_sigma=0.015, label_probability=0.3
-        ),
+        replace(_ROBUST_GEOMETRY, zoom=(0.85, 1.6), aspect_jitter=0.1), _ROBUST_PHOTOMETRY
     ),
     "robust-strong": Augmentation(
-        geometry=Geometry(
-            rotation_deg=10.0, shift=0.1, shear_deg=5.0, zoom=(0.8, 1.4), flip=True, fill_mode="REFLECT"
-        ),
-        photometry=Photometry(
-            gamma_log=0.3,
-            contrast=0.2,
-            blur_min_scale=0.3,
-            noise_sigma=0.03,
-            label_probability=0.3,
-            jpeg_quality_min=25,
-        ),
+        _ROBUST_GEOMETRY,
+        replace(_ROBUST_PHOTOMETRY, blur_min_scale=0.3, noise_sigma=0.03, jpeg_quality_min=25),
     ),
 }
 
