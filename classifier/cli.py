@@ -228,8 +228,9 @@ def _train(args: argparse.Namespace) -> int:
             config, seeds, argv=argv, architectures=architectures if len(architectures) > 1 else None
         )
         _say(
-            f"wrote {args.output}: {max(len(seeds), len(architectures))} members merged, validation accuracy "
-            f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
+            f"wrote {args.output}: {len(metadata.training['ensemble']['members'])} members merged, "
+            f"validation accuracy {metadata.validation['accuracy']:.3f}, "
+            f"macro-F1 {metadata.validation['macro_f1']:.3f}"
         )
         return 0
     result = train(config, argv=argv)
