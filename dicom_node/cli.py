@@ -18,7 +18,7 @@ from typing import Any
 from dicom_node import __version__, aes, audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.logconfig import configure_logging
-from dicom_node.settings import Settings, load_settings
+from dicom_node.settings import LoggingSettings, Settings, load_settings
 from dicom_node.statuses import Status, is_stored
 from dicom_node.store import db
 from dicom_node.store.models import AeRole
@@ -245,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "config"):
         args.config = None
+    # Commands without node settings (train, evaluate, ensemble …) log with the defaults; commands that
+    # read settings reconfigure from them.
+    configure_logging(LoggingSettings())
     try:
         result = args.func(args)
         return int(result or 0)

@@ -256,3 +256,17 @@ def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
     prediction = classifier.predict_images([Image.open(collection / "dark" / "0.png")])[0]
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
+
+
+def test_node_cli_train_logs_one_line_an_epoch(
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr-node train` (the documented command, not only `python -m classifier.cli`) reports its epochs:
+    a training run of an hour must not be silent in an unattended log."""
+    from dicom_node import cli as node_cli
+
+    argv = ["train", str(collection), str(tmp_path / "model"), "--epochs", "2", "--steps-per-epoch", "1",
+            "--batch-size", "4", "--input-size", "32", "--no-progress", "--version", "logged"]  # fmt: skip
+    assert node_cli.main(argv) == 0
+    epochs = [line for line in capsys.readouterr().err.splitlines() if "classifier.training" in line and " epoch " in line]
+    assert [line.split(" epoch ")[1].split(":")[0] for line in epochs] == ["1", "2"]
