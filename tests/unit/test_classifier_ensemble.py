@@ -64,11 +64,11 @@ def test_cli_trains_members_merges_them_and_the_result_classifies(
 def test_members_of_different_architectures_merge_exactly() -> None:
     """A 'unit' CNN with a 4×4 map and a 'signed' EfficientNet-Lite0 with a 2×2 map: the Lite0 member gets
     its own normalisation inside the merged model and its map is tiled, and the logits still average."""
-    from classifier.architectures import build_efficientnet_lite0_transfer
+    from classifier.architectures import build_efficientnet_lite_transfer
     from classifier.preprocess import normalisation_change
 
     compact = build_cxr_compact(num_classes=3, input_size=(64, 64), seed=1)
-    lite = build_efficientnet_lite0_transfer(num_classes=3, input_size=(64, 64), weights=None, seed=2)
+    lite = build_efficientnet_lite_transfer(0, num_classes=3, input_size=(64, 64), weights=None, seed=2)
     for number, member in enumerate((compact, lite)):
         kernel, bias = member.get_layer("predictions").get_weights()
         member.get_layer("predictions").set_weights([kernel * (5 + number), bias + number])
@@ -88,10 +88,10 @@ def test_members_of_different_architectures_merge_exactly() -> None:
 def test_cli_trains_one_member_per_architecture_on_one_split(
     collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from classifier.architectures import build_efficientnet_lite0_transfer
+    from classifier.architectures import build_efficientnet_lite_transfer
 
     backbone = tmp_path / "backbone.weights.h5"  # stands in for the ImageNet weights file
-    build_efficientnet_lite0_transfer(num_classes=2, input_size=(64, 64), weights=None).save_weights(backbone)
+    build_efficientnet_lite_transfer(0, num_classes=2, input_size=(64, 64), weights=None).save_weights(backbone)
     monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
     output = tmp_path / "duo"
     argv = ["train", str(collection), str(output), "-a", "cxr-compact,efficientnet-lite0-transfer",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -225,7 +226,7 @@ def test_dicom_files_can_be_classified_from_disk(
 def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
     collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from classifier.architectures import build_efficientnet_lite0_transfer
+    from classifier.architectures import LITE_VARIANTS, build_efficientnet_lite_transfer
     from classifier.errors import WeightsUnavailableError
 
     config = TrainingConfig(
@@ -241,12 +242,12 @@ def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
     )
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.delenv("CXR_LITE0_WEIGHTS", raising=False)
-    monkeypatch.setattr("classifier.architectures.LITE0_WEIGHTS_PACKAGE", "no_such_weights_package")
+    monkeypatch.setitem(LITE_VARIANTS, 0, replace(LITE_VARIANTS[0], weights_package="no_such_weights_package"))
     with pytest.raises(WeightsUnavailableError):  # a pretrained architecture never starts from random
         train(config, argv=[])
 
     backbone = tmp_path / "backbone.weights.h5"  # stands in for the ImageNet file: same layers, 2 classes
-    build_efficientnet_lite0_transfer(num_classes=2, input_size=(64, 64), weights=None, seed=5).save_weights(
+    build_efficientnet_lite_transfer(0, num_classes=2, input_size=(64, 64), weights=None, seed=5).save_weights(
         backbone
     )
     monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
