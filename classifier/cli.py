@@ -270,7 +270,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     metadata = build_ensemble(args.members, args.output, args.data, version=args.version,
                               argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
     _say(
-        f"wrote {args.output}: {len(args.members)} members merged, validation accuracy "
+        f"wrote {args.output}: {len(metadata.training['ensemble']['members'])} members merged, validation accuracy "
         f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
     )
     return 0

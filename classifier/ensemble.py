@@ -12,6 +12,10 @@ Members of different architectures are joined where their differences are exact 
 whose input normalisation is an affine map of the first member's (``unit`` ↔ ``signed``) gets that map
 as a ``Rescaling`` layer, and a coarser feature map is repeated (nearest-neighbour up-sampling by an
 integer factor) to the finest one's size, which leaves its global average — and so the logits — unchanged.
+
+A member may itself be a merged ensemble: it counts as many networks as it holds, so adding a network to a
+shipped ensemble gives exactly the merge of all of them (`cxr-node ensemble OUT ENSEMBLE NEW`), without
+the first members' own folders.
 """
 
 from __future__ import annotations
@@ -38,10 +42,16 @@ from classifier.training import TrainingConfig, train
 LOGGER = logging.getLogger(__name__)
 
 
-def merge_members(members: Sequence[Any], normalisations: Sequence[str] | None = None) -> Any:
+def merge_members(
+    members: Sequence[Any],
+    normalisations: Sequence[str] | None = None,
+    weights: Sequence[int] | None = None,
+) -> Any:
     """One Keras model averaging the logits of ``members`` (see the module text for the form needed).
 
     ``normalisations``: each member's input normalisation; the merged model takes the first one's.
+    ``weights``: how many networks each member stands for (an ensemble of n counts n), so that merging an
+    ensemble with another model gives the plain mean over all their networks; default 1 each.
     """
     import keras
     from keras import layers
@@ -51,8 +61,11 @@ def merge_members(members: Sequence[Any], normalisations: Sequence[str] | None =
     for member in members:
         _check_head(member)
     normalisations = list(normalisations or ["unit"] * len(members))
-    if len(normalisations) != len(members):
-        raise ValueError("one normalisation per member")
+    counts = list(weights or [1] * len(members))
+    if len(normalisations) != len(members) or len(counts) != len(members):
+        raise ValueError("one normalisation and one weight per member")
+    if min(counts) < 1:
+        raise ValueError("member weights count networks: 1 or more")
     first = members[0]
     inputs = keras.Input(shape=tuple(first.input_shape[1:]), name="image")
     maps = [member.get_layer(GRADCAM_LAYER).output.shape[1:3] for member in members]
@@ -79,8 +92,30 @@ def merge_members(members: Sequence[Any], normalisations: Sequence[str] | None =
     dense = layers.Dense(int(first.output_shape[-1]), activation="softmax", name="predictions")
     outputs = dense(pooled)
     kernels, biases = zip(*(member.get_layer("predictions").get_weights() for member in members), strict=True)
-    dense.set_weights([np.concatenate(kernels, axis=0) / len(members), np.mean(biases, axis=0)])
+    shares = np.asarray(counts, dtype=np.float64) / sum(counts)
+    dense.set_weights([
+        np.concatenate([kernel * share for kernel, share in zip(kernels, shares, strict=True)], axis=0),
+        np.sum([bias * share for bias, share in zip(biases, shares, strict=True)], axis=0),
+    ])  # fmt: skip
     return keras.Model(inputs, outputs, name=f"{first.name}_ensemble{len(members)}")
+
+
+def _member_records(meta: ArtifactMetadata) -> list[dict[str, Any]]:
+    """What ``model.json`` records of the networks in an artifact: one, or an ensemble's members."""
+    nested = meta.training.get("ensemble", {}).get("members")
+    if nested:
+        return [dict(member) for member in nested]
+    return [
+        {
+            "architecture": meta.name,
+            "version": meta.version,
+            "seed": meta.training.get("seed"),
+            "best_epoch": meta.training.get("best_epoch"),
+            "validation": {k: meta.validation.get(k) for k in ("accuracy", "macro_f1")},
+            "recipe": meta.training.get("recipe", {}),
+            "seconds_per_epoch": meta.training.get("seconds_per_epoch"),
+        }
+    ]
 
 
 def _check_head(model: Any) -> None:
@@ -122,8 +157,11 @@ def build_ensemble(
             raise ValueError("ensemble members must share classes, preprocessing and split")
         normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)  # or raise
     members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
-    model = merge_members(members, [meta.preprocess.normalisation for meta in metas])
-    name = "+".join(dict.fromkeys(meta.name for meta in metas))
+    records = [_member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
+    model = merge_members(
+        members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
+    )
+    name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
 
     split = first.data.get("split", {})
     _, val_items = split_from_record(load_collection(data), split)
@@ -154,18 +192,7 @@ def build_ensemble(
             "ensemble": {
                 "combination": "mean of the members' logits (one softmax)",
                 "parameters": int(model.count_params()),
-                "members": [
-                    {
-                        "architecture": meta.name,
-                        "version": meta.version,
-                        "seed": meta.training.get("seed"),
-                        "best_epoch": meta.training.get("best_epoch"),
-                        "validation": {k: meta.validation.get(k) for k in ("accuracy", "macro_f1")},
-                        "recipe": meta.training.get("recipe", {}),
-                        "seconds_per_epoch": meta.training.get("seconds_per_epoch"),
-                    }
-                    for meta in metas
-                ],
+                "members": [member for record in records for member in record],
             },
         },
         validation=report,

@@ -38,6 +38,28 @@ def test_merged_model_is_the_softmax_of_the_members_mean_logits() -> None:
     assert merged.get_layer(GRADCAM_LAYER).output.shape[-1] == 3 * 192
 
 
+def test_an_ensemble_merged_with_one_more_network_is_the_mean_of_all_three(tmp_path: Path) -> None:
+    """Weighting the merged pair by the two networks it holds: [[a, b], c] is exactly [a, b, c] — and it
+    still saves and loads as one model."""
+    import keras
+
+    members = [build_cxr_compact(num_classes=3, input_size=(64, 64), seed=seed) for seed in (1, 2, 3)]
+    for number, member in enumerate(members):
+        kernel, bias = member.get_layer("predictions").get_weights()
+        member.get_layer("predictions").set_weights([kernel * (5 + 3 * number), bias + 2 * number])
+    images = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 3)).astype(np.float32)
+    flat = merge_members(members).predict(images, verbose=0)
+    nested = merge_members([merge_members(members[:2]), members[2]], weights=[2, 1])
+    np.testing.assert_allclose(nested.predict(images, verbose=0), flat, rtol=1e-4, atol=1e-5)
+    unweighted = merge_members([merge_members(members[:2]), members[2]]).predict(images, verbose=0)
+    assert np.abs(unweighted - flat).max() > 1e-3  # the weights matter: 1:1 would over-count the third
+    nested.save(tmp_path / "nested.keras")
+    loaded = keras.saving.load_model(tmp_path / "nested.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), flat, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one normalisation and one weight"):
+        merge_members(members, weights=[1, 1])
+
+
 def test_a_flattening_head_cannot_be_merged() -> None:
     with pytest.raises(ValueError, match="cannot be merged|no 'gradcam"):
         merge_members([build_sugandi_cnn(), build_sugandi_cnn()])
@@ -59,6 +81,18 @@ def test_cli_trains_members_merges_them_and_the_result_classifies(
     (prediction,) = classifier.predict([image], heatmap=True)
     assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-4
     assert prediction.heatmap is not None and prediction.heatmap.shape == classifier.spec.input_size
+
+    # a third network of the same split added to the merged pair: one ensemble of three, recorded as such
+    third = tmp_path / "third"
+    assert cli.main(["train", str(collection), str(third), "--seed", "7", "--split-seed", "5", "--epochs", "1",
+                     "--steps-per-epoch", "1", "--batch-size", "4", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    trio = tmp_path / "trio"
+    assert cli.main(["ensemble", str(trio), str(output), str(third), "--data", str(collection)]) == 0
+    assert "3 members merged" in capsys.readouterr().out
+    members = json.loads((trio / "model.json").read_text())["training"]["ensemble"]["members"]
+    assert [member["seed"] for member in members] == [5, 6, 7]
+    assert json.loads((trio / "model.json").read_text())["name"] == "cxr-compact"
 
 
 def test_members_of_different_architectures_merge_exactly() -> None:
