@@ -23,7 +23,13 @@ import numpy.typing as npt
 from classifier import plots
 from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
-from classifier.augmentation import augment_batch, finish_batch, get_augmentation, mixup_batch
+from classifier.augmentation import (
+    augment_batch,
+    finish_batch,
+    get_augmentation,
+    mixup_batch,
+    reframe_mask,
+)
 from classifier.dataset import (
     LabelledImage,
     class_names,
@@ -264,8 +270,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     onehot_train = np.eye(len(classes), dtype=np.float32)[y_train]
     onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
 
+    reframed = reframe_mask(classes, augmentation.reframe) if augmentation.reframe is not None else None
+
     def prepare(images: Any, labels: Any) -> tuple[Any, Any]:
-        inputs = finish_batch(augment_batch(images, augmentation), spec)
+        inputs = finish_batch(augment_batch(images, augmentation, labels, reframed), spec)
         if recipe.mixup > 0:
             return mixup_batch(inputs, labels, recipe.mixup)
         return inputs, labels

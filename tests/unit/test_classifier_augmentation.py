@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifier.augmentation import AUGMENTATIONS, augment_batch, finish_batch, mixup_batch
+from classifier.augmentation import (
+    AUGMENTATIONS,
+    augment_batch,
+    finish_batch,
+    mixup_batch,
+    reframe_mask,
+)
 from classifier.preprocess import PreprocessSpec, finish_gray
 
 pytestmark = pytest.mark.unit
@@ -31,7 +37,13 @@ def test_augmentations_keep_shape_and_range_and_change_pixels(name: str) -> None
     tf.random.set_seed(0)
     yy, xx = np.mgrid[0:64, 0:64]
     grays = np.stack([(np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) / 2] * 4).astype(np.float32)[..., None]
-    out = augment_batch(tf.constant(grays), AUGMENTATIONS[name]).numpy()
+    augmentation = AUGMENTATIONS[name]
+    if augmentation.reframe is None:
+        out = augment_batch(tf.constant(grays), augmentation).numpy()
+    else:
+        labels = tf.constant(np.eye(3, dtype=np.float32)[[0, 1, 2, 1]])
+        mask = reframe_mask(("covid", "normal", "pneumonia"), augmentation.reframe)
+        out = augment_batch(tf.constant(grays), augmentation, labels, mask).numpy()
     assert out.shape == grays.shape
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert np.array_equal(out, grays) == (name == "none")
@@ -77,3 +89,39 @@ def test_jpeg_reencoding_degrades_each_image_like_a_lossy_pipeline() -> None:
     assert out.shape == grays.shape and out.dtype == np.float32
     assert 0.0 < np.abs(out - grays).mean() < 0.1  # changed, but still the same picture
     assert np.abs(np.diff(out, axis=2)).mean() < np.abs(np.diff(grays, axis=2)).mean()  # fine noise lost
+
+
+def test_reframing_crops_only_the_named_classes_to_a_tighter_field() -> None:
+    """Whole-chest images are cut to a lung-level box; the other class's images are left bit for bit.
+    The test image has a bright 4-pixel frame (the film edge) and a dark centre square: reframed images
+    lose the frame and show the centre larger."""
+    import tensorflow as tf
+
+    from classifier.augmentation import Reframe
+
+    tf.random.set_seed(3)
+    size, count = 64, 200
+    gray = np.full((size, size), 0.5, np.float32)
+    gray[:4, :] = gray[-4:, :] = gray[:, :4] = gray[:, -4:] = 1.0
+    gray[24:40, 24:40] = 0.0
+    images = tf.constant(np.repeat(gray[None, :, :, None], count, axis=0))
+    classes = ("covid", "normal", "pneumonia")
+    label_index = np.arange(count) % 3
+    labels = tf.constant(np.eye(3, dtype=np.float32)[label_index])
+    reframe = Reframe(classes=("normal", "pneumonia"), probability=0.5, area=(0.25, 0.7), aspect=(0.8, 1.25),
+                      vertical_centre=(0.45, 0.55))  # fmt: skip
+    only_reframing = AUGMENTATIONS["none"].__class__(geometry=None, photometry=None, reframe=reframe)
+    out = augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe)).numpy()[..., 0]
+
+    changed = np.array([not np.array_equal(out[i], gray) for i in range(count)])
+    assert not changed[label_index == 0].any()  # covid: never touched
+    share = changed[label_index > 0].mean()
+    assert 0.35 < share < 0.65  # half of the whole-chest images
+    for image in out[changed]:
+        assert (image > 0.9).mean() < 0.75 * (gray > 0.9).mean()  # less of the film edge in view
+        assert (image < 0.25).mean() > 1.4 * (gray < 0.25).mean()  # the centre square is magnified
+
+    with pytest.raises(ValueError, match="none of which is in the data"):
+        reframe_mask(("bright", "dark"), reframe)
+    with pytest.raises(ValueError, match="pass the labels"):
+        augment_batch(images, only_reframing)
