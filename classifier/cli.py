@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--learning-rate", type=float, help="override the recipe's learning rate (every stage)"
     )
     train.add_argument(
-        "--augmentation", help="override the recipe's augmentation (none, sugandi-table2, robust, robust-fov)"
+        "--augmentation",
+        help="override the recipe's augmentation (none, sugandi-table2, robust, robust-fov, robust-strong, "
+        "robust-reframe, robust-strong-reframe)",
     )
     train.add_argument(
         "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"

@@ -125,3 +125,19 @@ def test_reframing_crops_only_the_named_classes_to_a_tighter_field() -> None:
         reframe_mask(("bright", "dark"), reframe)
     with pytest.raises(ValueError, match="pass the labels"):
         augment_batch(images, only_reframing)
+
+
+def test_the_train_help_names_every_augmentation() -> None:
+    """The CLI does not import TensorFlow to list them, so its help text is checked against the table."""
+    import argparse
+
+    from classifier import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    train = next(
+        action.choices["train"] for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    (option,) = [action for action in train._actions if "--augmentation" in action.option_strings]
+    named = option.help.split("(")[1].rstrip(")").split(", ")
+    assert sorted(named) == sorted(AUGMENTATIONS)
