@@ -261,8 +261,7 @@ def reframe_mask(classes: Sequence[str], reframe: Reframe) -> list[float]:
 
     Raises when none of the reframed classes is among ``classes``: a recipe that silently does nothing
     would be measured as if it had done something."""
-    missing = [name for name in reframe.classes if name not in classes]
-    if len(missing) == len(reframe.classes):
+    if not any(name in classes for name in reframe.classes):
         raise ValueError(f"reframing names classes {', '.join(reframe.classes)}, none of which is in the data")
     return [1.0 if name in reframe.classes else 0.0 for name in classes]
 
