@@ -24,6 +24,7 @@ from classifier import plots
 from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
 from classifier.augmentation import (
+    REFRAME_SOURCE_SCALE,
     augment_batch,
     finish_batch,
     get_augmentation,
@@ -270,16 +271,24 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     onehot_train = np.eye(len(classes), dtype=np.float32)[y_train]
     onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
 
-    reframed = reframe_mask(classes, augmentation.reframe) if augmentation.reframe is not None else None
+    reframed: list[float] | None = None
+    grays: tuple[npt.NDArray[np.float32], ...] = (train_gray,)
+    if augmentation.reframe is not None:  # reframed boxes are cut from sharper copies (classifier.augmentation)
+        reframed = reframe_mask(classes, augmentation.reframe)
+        height, width = spec.input_size
+        source_spec = replace(spec, input_size=(REFRAME_SOURCE_SCALE * height, REFRAME_SOURCE_SCALE * width))
+        grays = (train_gray, load_grays(train_items, source_spec, lungs)[..., None])
+    tensors = (grays, onehot_train)
 
     def prepare(images: Any, labels: Any) -> tuple[Any, Any]:
-        inputs = finish_batch(augment_batch(images, augmentation, labels, reframed), spec)
+        grays, sources = images if len(images) == 2 else (images[0], None)
+        inputs = finish_batch(augment_batch(grays, augmentation, labels, reframed, sources), spec)
         if recipe.mixup > 0:
             return mixup_batch(inputs, labels, recipe.mixup)
         return inputs, labels
 
     train_data = (
-        tf.data.Dataset.from_tensor_slices((train_gray, onehot_train))
+        tf.data.Dataset.from_tensor_slices(tensors)
         .shuffle(len(train_gray), seed=config.seed, reshuffle_each_iteration=True)
         .batch(recipe.batch_size)
         .map(prepare, num_parallel_calls=1)

@@ -43,7 +43,8 @@ def test_augmentations_keep_shape_and_range_and_change_pixels(name: str) -> None
     else:
         labels = tf.constant(np.eye(3, dtype=np.float32)[[0, 1, 2, 1]])
         mask = reframe_mask(("covid", "normal", "pneumonia"), augmentation.reframe)
-        out = augment_batch(tf.constant(grays), augmentation, labels, mask).numpy()
+        sources = tf.image.resize(tf.constant(grays), [128, 128])
+        out = augment_batch(tf.constant(grays), augmentation, labels, mask, sources).numpy()
     assert out.shape == grays.shape
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert np.array_equal(out, grays) == (name == "none")
@@ -111,7 +112,8 @@ def test_reframing_crops_only_the_named_classes_to_a_tighter_field() -> None:
     reframe = Reframe(classes=("normal", "pneumonia"), probability=0.5, area=(0.25, 0.7), aspect=(0.8, 1.25),
                       vertical_centre=(0.45, 0.55))  # fmt: skip
     only_reframing = AUGMENTATIONS["none"].__class__(geometry=None, photometry=None, reframe=reframe)
-    out = augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe)).numpy()[..., 0]
+    sources = tf.image.resize(images, [2 * size, 2 * size], method="nearest")
+    out = augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe), sources).numpy()[..., 0]
 
     changed = np.array([not np.array_equal(out[i], gray) for i in range(count)])
     assert not changed[label_index == 0].any()  # covid: never touched
@@ -124,7 +126,42 @@ def test_reframing_crops_only_the_named_classes_to_a_tighter_field() -> None:
     with pytest.raises(ValueError, match="none of which is in the data"):
         reframe_mask(("bright", "dark"), reframe)
     with pytest.raises(ValueError, match="pass the labels"):
-        augment_batch(images, only_reframing)
+        augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe))
+    with pytest.raises(ValueError, match="needs sources of 128x128"):
+        augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe), images)
+
+
+def test_reframed_crops_keep_the_detail_of_the_source() -> None:
+    """A box cut from the 2x copy and antialiased down keeps detail that the input-size image has lost:
+    fine lines (2 px period at 2x) are visible in the reframed crop as in a real crop of the film, where
+    cropping the small image and enlarging it would show a flat grey."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from classifier.augmentation import Reframe
+
+    size = 64
+    rng = np.random.default_rng(5)
+    source = rng.uniform(0.2, 0.8, (2 * size, 2 * size)).astype(np.float32)  # fine, film-grain-like detail
+    small = np.asarray(Image.fromarray(source).resize((size, size), Image.BILINEAR), np.float32)  # antialiased
+    centre = Reframe(classes=("normal",), probability=1.0, area=(0.64, 0.64), aspect=(1.0, 1.0),
+                     centre_jitter=0.0, vertical_centre=(0.5, 0.5))  # fmt: skip  # the central 80 %
+    only = AUGMENTATIONS["none"].__class__(geometry=None, photometry=None, reframe=centre)
+    out = augment_batch(
+        tf.constant(small[None, :, :, None]), only, tf.constant([[0.0, 1.0]]), reframe_mask(("covid", "normal"), centre),
+        tf.constant(source[None, :, :, None]),
+    ).numpy()[0, :, :, 0]  # fmt: skip
+
+    lo, hi = round(0.1 * 2 * size), round(0.9 * 2 * size)
+    real_crop = np.asarray(Image.fromarray(source[lo:hi, lo:hi]).resize((size, size), Image.BILINEAR), np.float32)
+    lo, hi = round(0.1 * size), round(0.9 * size)
+    enlarged = np.asarray(Image.fromarray(small[lo:hi, lo:hi]).resize((size, size), Image.BILINEAR), np.float32)
+
+    def detail(image: np.ndarray) -> float:  # mean absolute difference of neighbouring pixels
+        return float(np.abs(np.diff(image, axis=1)).mean())
+
+    assert detail(out) > 1.3 * detail(enlarged)
+    assert abs(detail(out) - detail(real_crop)) < 0.25 * detail(real_crop)
 
 
 def test_the_train_help_names_every_augmentation() -> None:

@@ -271,3 +271,29 @@ def test_node_cli_train_logs_one_line_an_epoch(
     assert node_cli.main(argv) == 0
     epochs = [line for line in capsys.readouterr().err.splitlines() if "classifier.training" in line and " epoch " in line]
     assert [line.split(" epoch ")[1].split(":")[0] for line in epochs] == ["1", "2"]
+
+
+def test_training_with_reframing_runs_on_whole_chest_classes_and_refuses_data_without_them(
+    collection: Path, tmp_path: Path
+) -> None:
+    """robust-reframe end to end (its 2x source copies through tf.data in graph mode), on a tiny collection
+    with the class names it reframes; on data without them it stops before training."""
+    rng = np.random.default_rng(2)
+    rows = ["file,label,group"]
+    for label, value in (("covid", 0.2), ("normal", 0.5), ("pneumonia", 0.8)):
+        (tmp_path / "cxr" / label).mkdir(parents=True)
+        for index in range(6):
+            pixels = np.clip(rng.normal(value, 0.1, (80, 72)), 0, 1)
+            Image.fromarray((pixels * 255).astype(np.uint8)).save(tmp_path / "cxr" / label / f"{index}.png")
+            rows.append(f"{label}/{index}.png,{label},{label}-{index // 2}")
+    (tmp_path / "cxr" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    config = TrainingConfig(
+        architecture="cxr-compact", data=tmp_path / "cxr", output=tmp_path / "model", epochs=1,
+        steps_per_epoch=2, batch_size=8, input_size=48, augmentation="robust-reframe",
+        version="reframed", progress=False,
+    )  # fmt: skip
+    train(config, argv=[])
+    assert read_metadata(tmp_path / "model").training["recipe"]["augmentation"] == "robust-reframe"
+
+    with pytest.raises(ValueError, match="none of which is in the data"):
+        train(replace(config, data=collection, output=tmp_path / "other"), argv=[])
