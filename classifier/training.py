@@ -281,8 +281,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     tensors = (grays, onehot_train)
 
     def prepare(images: Any, labels: Any) -> tuple[Any, Any]:
-        grays, sources = images if len(images) == 2 else (images[0], None)
-        inputs = finish_batch(augment_batch(grays, augmentation, labels, reframed, sources), spec)
+        batch, sources = images if len(images) == 2 else (images[0], None)
+        inputs = finish_batch(augment_batch(batch, augmentation, labels, reframed, sources), spec)
         if recipe.mixup > 0:
             return mixup_batch(inputs, labels, recipe.mixup)
         return inputs, labels
