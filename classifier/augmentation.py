@@ -297,14 +297,18 @@ def _reframe(images: Any, sources: Any, selected: Any, reframe: Reframe) -> Any:
     rows = tf.cast(tf.round(tf.stack([top, top + box_h], axis=1) * source_size[0]), tf.int32)
     cols = tf.cast(tf.round(tf.stack([left, left + box_w], axis=1) * source_size[1]), tf.int32)
 
-    def crop(args: tuple[Any, Any, Any]) -> Any:
-        source, row, col = args
-        box = source[row[0] : row[1], col[0] : col[1], :]
-        return tf.image.resize(box, [height, width], method="bilinear", antialias=True)
+    def crop(args: tuple[Any, Any, Any, Any, Any]) -> Any:
+        image, source, row, col, chosen = args
 
-    cropped = tf.map_fn(crop, (sources, rows, cols), fn_output_signature=tf.float32)
+        def cut() -> Any:
+            box = source[row[0] : row[1], col[0] : col[1], :]
+            return tf.image.resize(box, [height, width], method="bilinear", antialias=True)
+
+        return tf.cond(chosen, cut, lambda: image)  # the others bit for bit, and not resized for nothing
+
+    cropped = tf.map_fn(crop, (images, sources, rows, cols, selected), fn_output_signature=tf.float32)
     cropped.set_shape(images.shape)
-    return tf.where(selected[:, None, None, None], cropped, images)  # the others bit for bit
+    return cropped
 
 
 def augment_batch(
