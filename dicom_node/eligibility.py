@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pydicom
+
 from dicom_node.store.models import Instance
 
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
@@ -45,4 +47,13 @@ def assess_instance(instance: Instance) -> Eligibility:
         modality=series.modality,
         body_part=series.body_part_examined,
         view_position=instance.view_position,
+    )
+
+
+def assess_dataset(dataset: pydicom.Dataset) -> Eligibility:
+    """Decide from a dataset's own header (an upload in the console, before anything is stored)."""
+    return assess(
+        modality=str(dataset.get("Modality", "") or ""),
+        body_part=str(dataset.get("BodyPartExamined", "") or ""),
+        view_position=str(dataset.get("ViewPosition", "") or ""),
     )

@@ -82,6 +82,10 @@ class ClassificationError(NodeError):
     """The classifier could not produce a finding for an image."""
 
 
+class IneligibleImageError(ClassificationError):
+    """The image's header says it is not a frontal chest radiograph, which is all the model reads."""
+
+
 class ReportingError(NodeError):
     """An SR, PDF or Encapsulated PDF could not be built."""
 

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dicom_node import audit
-from dicom_node.errors import NodeError, NotFoundError
+from dicom_node.errors import IneligibleImageError, NodeError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import (
     Delivery,
@@ -41,6 +41,7 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
+from dicom_node.web.errors import http_status
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
 from dicom_node.web.services import picture_preview
 from dicom_node.web.templating import render
@@ -149,6 +150,12 @@ def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
 
 
 def classify_held(con: Console, held: HeldUpload) -> None:
+    """Classify an upload, unless its DICOM header says the model is not made for it (as the node would)."""
+    verdict = held.upload.eligibility
+    if verdict is not None and not verdict.eligible:
+        raise IneligibleImageError(
+            f"Not classified: {verdict.reason}. The model reads frontal chest radiographs (CR/DX, PA/AP) only."
+        )
     held.prediction = con.services.classify(held.upload)
     held.analysed_at = utcnow()
 
@@ -159,9 +166,8 @@ def upload_classify(request: Request, con: ConsoleDep, principal: CsrfUserDep, t
     try:
         classify_held(con, held)
     except NodeError as exc:
-        return render(
-            request, "upload.html", principal, status=503, active="upload", held=held, error=str(exc)
-        )
+        status = http_status(exc)
+        return render(request, "upload.html", principal, status=status, active="upload", held=held, error=str(exc))
     return RedirectResponse(f"/upload/{held.token}", status_code=303)
 
 

@@ -22,6 +22,7 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.eligibility import Eligibility, assess_dataset
 from dicom_node.errors import (
     ClassificationError,
     NodeError,
@@ -56,6 +57,11 @@ class Upload:
     @property
     def is_dicom(self) -> bool:
         return self.dataset is not None
+
+    @property
+    def eligibility(self) -> Eligibility | None:
+        """What the node would decide from the DICOM header; None for a picture, which has none."""
+        return assess_dataset(self.dataset) if self.dataset is not None else None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -64,7 +64,6 @@ class HeldUpload:
     prediction: Prediction | None = None
     analysed_at: datetime | None = None
     ingest: IngestOutcome | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class UploadStore:

@@ -48,6 +48,7 @@ def test_png_upload_is_shown_before_classification(rad_client: tuple[TestClient,
     page = client.get(f"/upload/{token}").text
     assert f'src="/upload/{token}/image.png"' in page
     assert 'id="classify"' in page and "Save report" not in page  # report only after classifying
+    assert 'id="picture-hint"' in page  # no header to check: the user is asked to
     assert "chest.png" in page
     shown = Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content))
     assert shown.size == (640, 560) and shown.mode == "L"
@@ -100,6 +101,24 @@ def test_dicom_upload_shows_its_patient(rad_client: tuple[TestClient, str]) -> N
     page = client.get(f"/upload/{token}").text
     assert "CompressedSamples, RG1" in page and "9RG1" in page and "2004-08-26" in page
     assert 'id="store"' in page  # DICOM can be stored in the node and sent on
+    assert 'id="classify"' in page and 'id="ineligible"' not in page  # CR CHEST PA: the model's input
+
+
+def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
+    rad_client: tuple[TestClient, str],
+) -> None:
+    """RG3 is a CR of a lower leg: the node would store it and not analyse it, and so does the console."""
+    client, csrf = rad_client
+    leg = peers.pydicom_data_file("RG3_UNCI.dcm").read_bytes()
+    token = _upload(client, csrf, "RG3_UNCI.dcm", leg, "application/dicom")
+    page = client.get(f"/upload/{token}").text
+    assert 'id="ineligible"' in page and "body part EXTREMITY is not CHEST" in page
+    assert 'id="classify"' not in page and 'id="store"' in page  # it may still be stored, like a C-STORE
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert refused.status_code == 422 and "body part EXTREMITY is not CHEST" in refused.text
+    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 422 and "body part EXTREMITY is not CHEST" in api.text
+    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
 
 
 def test_api_upload_returns_a_token(rad_client: tuple[TestClient, str]) -> None:
