@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from dicom_node.eligibility import assess
+from dicom_node.eligibility import assess, assess_dataset
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -38,9 +38,7 @@ def test_other_images_are_skipped_with_a_readable_reason(modality: str, body_par
 
 def test_real_radiographs_from_pydicom_data() -> None:
     def verdict(name: str) -> tuple[bool, str]:
-        ds = pydicom.dcmread(peers.pydicom_data_file(name), stop_before_pixels=True)
-        result = assess(modality=ds.Modality, body_part=ds.get("BodyPartExamined", ""),
-                        view_position=ds.get("ViewPosition", ""))
+        result = assess_dataset(pydicom.dcmread(peers.pydicom_data_file(name), stop_before_pixels=True))
         return result.eligible, result.reason
 
     assert verdict("RG1_UNCI.dcm") == (True, "")
