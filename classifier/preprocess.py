@@ -285,6 +285,14 @@ def _percentile_window(values: FloatImage) -> FloatImage:
     return _f32(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
+def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
+    """Stored values → modality values: the Modality LUT Sequence when present, else Rescale Slope and
+    Intercept (PS3.3 C.11.1). A LUT is indexed by stored values, so box-averaged values are rounded first."""
+    if ds.get("ModalityLUTSequence"):
+        return _f32(apply_modality_lut(np.round(stored).astype(np.int64), ds))
+    return _f32(apply_modality_lut(stored, ds))
+
+
 def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     """The first VOI LUT, else the first window, else the percentile window."""
     sequence = ds.get("VOILUTSequence")
@@ -324,8 +332,7 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
     if raw.ndim != 2:
         raise UnsupportedImageError(f"grey image with unexpected shape {raw.shape}")
     stored = _box_reduce(raw.astype(np.float32), min_side)
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    gray = _voi(values, ds)
+    gray = _voi(_modality(stored, ds), ds)
     if photometric == "MONOCHROME1":
         gray = 1.0 - gray
     return gray

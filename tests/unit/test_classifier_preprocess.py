@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -108,6 +109,30 @@ def test_signed_pixels_with_rescale_and_window_in_output_units() -> None:
     gray = dataset_to_gray(ds)
     assert gray[0, 0] == 0.0 and gray[0, -1] == 1.0
     assert abs(gray[0, 32] - 0.5) < 0.05
+
+
+def test_modality_lut_sequence_is_applied_before_the_window() -> None:
+    """A Modality LUT indexes stored values; the large image is box-averaged first, so indices are rounded."""
+    for size, min_side in ((64, 256), (256, 8)):  # without and with the box reduction
+        ds = make_dataset(ramp(12, size), bits_stored=12)
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.ModalityLUTType = "US"
+        item.LUTData = [4095 - i for i in range(4096)]  # an inverting LUT: stored 0 → 4095
+        ds.ModalityLUTSequence = [item]
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        gray = dataset_to_gray(ds, min_side=min_side)
+        assert gray[0, 0] > 0.95 and gray[0, -1] < 0.05
+
+
+def test_real_modality_lut_object_matches_pydicom() -> None:
+    """pydicom's ``mlut_18.dcm`` (16-bit signed stored values through a 4096-entry Modality LUT)."""
+    ds = pydicom.dcmread(peers.pydicom_data_file("mlut_18.dcm"))
+    reference = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    low, high = np.percentile(reference, (0.5, 99.5))  # the object has no VOI: the documented fallback
+    expected = np.clip((reference - low) / (high - low), 0.0, 1.0)
+    np.testing.assert_allclose(dataset_to_gray(ds, min_side=ds.Rows), expected, atol=1e-5)
+    assert dataset_to_model_input(ds, SPEC).shape == (32, 32, 3)
 
 
 def test_first_voi_lut_is_used_over_windows() -> None:
