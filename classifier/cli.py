@@ -129,7 +129,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     evaluate.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
     evaluate.add_argument(
-        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label)"
+        "data",
+        type=Path,
+        help=(
+            "folder of class sub-folders (PNG/JPEG/TIFF, or DICOM with or without .dcm, e.g. a PACS export), "
+            "or a manifest CSV (file,label)"
+        ),
     )
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
     evaluate.add_argument(

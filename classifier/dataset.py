@@ -17,16 +17,22 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from PIL import Image
 
 from classifier.errors import ClassifierError
-from classifier.preprocess import LungFinder, PreprocessSpec, dataset_to_gray, fit_gray, pil_to_gray
+from classifier.preprocess import (
+    LungFinder,
+    PreprocessSpec,
+    dataset_to_gray,
+    fit_gray,
+    is_dicom_file,
+    pil_to_gray,
+    read_dataset,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 class DatasetError(ClassifierError):
@@ -41,7 +47,10 @@ class LabelledImage:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+    """A picture by its suffix, or a DICOM file by suffix or preamble (not the DICOMDIR index of a medium)."""
+    if not path.is_file() or path.name.upper() == "DICOMDIR":
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 def load_collection(source: Path) -> list[LabelledImage]:
@@ -173,8 +182,8 @@ def split_from_record(
 
 def load_gray(path: Path) -> npt.NDArray[np.float32]:
     """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return dataset_to_gray(pydicom.dcmread(path))
+    if is_dicom_file(path):
+        return dataset_to_gray(read_dataset(path))
     with Image.open(path) as image:
         image.load()
         return pil_to_gray(image)

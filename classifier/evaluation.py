@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.dataset import DICOM_SUFFIXES, LabelledImage, load_collection
+from classifier.dataset import LabelledImage, load_collection
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
-from classifier.preprocess import image_to_model_input
+from classifier.preprocess import image_to_model_input, is_dicom_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def predict_items(
     for start in range(0, len(items), BATCH):
         inputs = []
         for item in items[start : start + BATCH]:
-            if degrade is not None and item.path.suffix.lower() not in DICOM_SUFFIXES:
+            if degrade is not None and not is_dicom_file(item.path):
                 with Image.open(item.path) as image:
                     image.load()
                     inputs.append(image_to_model_input(degrade(image), classifier.spec, classifier.lungs))

@@ -20,7 +20,6 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
-from classifier.dataset import DICOM_SUFFIXES
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.preprocess import (
     Box,
@@ -31,6 +30,7 @@ from classifier.preprocess import (
     dataset_to_model_input,
     framed_model_input,
     image_to_model_input,
+    is_dicom_file,
     pil_to_gray,
     read_dataset,
 )
@@ -47,9 +47,7 @@ def default_model_path() -> Path:
 def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
     """A DICOM file (by suffix or the DICM preamble) or a PNG/JPEG file → model input."""
     path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(132)
-    if path.suffix.lower() in DICOM_SUFFIXES or head[128:132] == b"DICM":
+    if is_dicom_file(path):
         try:
             ds = read_dataset(path)
         except pydicom.errors.InvalidDicomError as exc:

@@ -161,6 +161,22 @@ def _f32(values: Any) -> FloatImage:
 # --------------------------------------------------------------------------------------------- reading
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its suffix or, as PACS exports and dcmtk's storescp name them without one, by the
+    ``DICM`` prefix of the Part 10 preamble."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def read_dataset(path: Path) -> pydicom.Dataset:
     """Read a DICOM file; pixel data stays encoded so JPEG 2000 can be decoded at a reduced level later."""
     return pydicom.dcmread(path)

@@ -73,6 +73,33 @@ def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_pat
     assert {i.label for i in items} == {"bright", "dark"} and len(items) == 24
 
 
+def test_a_pacs_export_without_file_suffixes_is_evaluated_like_its_pictures(
+    artifact: Path, collection: Path, tmp_path: Path
+) -> None:
+    """storescp and PACS media name DICOM files without ``.dcm``; the DICOMDIR index and notes are no images."""
+    from tests.unit.test_classifier_preprocess import make_dataset
+
+    pictures, export = tmp_path / "pictures", tmp_path / "export"
+    for label in ("bright", "dark"):
+        (pictures / label).mkdir(parents=True)
+        (export / label).mkdir(parents=True)
+        for source in sorted((collection / label).glob("*.png"))[:3]:
+            (pictures / label / source.name).write_bytes(source.read_bytes())
+            ds = make_dataset(np.asarray(Image.open(source)), bits_stored=8)
+            ds.WindowCenter, ds.WindowWidth = 128, 256
+            ds.save_as(export / label / f"CR.{ds.SOPInstanceUID}", enforce_file_format=True)
+        (export / label / "notes.txt").write_text("exported from the PACS\n")
+    index = make_dataset(np.zeros((2, 2), dtype=np.uint8))
+    del index.PixelData
+    index.save_as(export / "dark" / "DICOMDIR", enforce_file_format=True)
+
+    items = load_collection(export)
+    assert len(items) == 6 and all(item.path.name.startswith("CR.") for item in items)
+    from_dicom, from_pictures = evaluate(artifact, export), evaluate(artifact, pictures)
+    assert from_dicom["images"] == 6
+    assert from_dicom["confusion_matrix"] == from_pictures["confusion_matrix"]
+
+
 def test_class_weights_balance_the_classes() -> None:
     weights = class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights[1] == pytest.approx(3 * weights[0])
