@@ -3,6 +3,8 @@
 The models were trained on frontal chest radiographs (CR/DX, PA or AP). Anything else is stored and
 acknowledged, but SKIPPED with a reason a user can read in the console — never silently classified.
 Absent attributes are accepted: many modalities leave Body Part Examined or View Position empty.
+A DX image *for processing* (raw detector values, before the vendor's image processing) is stored for the
+record but not classified: the models only ever saw images processed for display.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.uid import DigitalXRayImageStorageForProcessing
 
 from dicom_node.store.models import Instance
 
@@ -26,13 +29,15 @@ class Eligibility:
     reason: str = ""
 
 
-def assess(*, modality: str, body_part: str, view_position: str) -> Eligibility:
-    """Decide from the three header values (already read from the dataset or the database)."""
+def assess(*, modality: str, body_part: str, view_position: str, sop_class_uid: str) -> Eligibility:
+    """Decide from four header values (already read from the dataset or the database)."""
     modality = (modality or "").strip().upper()
     body_part = (body_part or "").strip().upper()
     view = (view_position or "").strip().upper()
     if modality not in ELIGIBLE_MODALITIES:
         return Eligibility(False, f"modality {modality or '(none)'} is not CR or DX")
+    if (sop_class_uid or "").strip() == DigitalXRayImageStorageForProcessing:
+        return Eligibility(False, "a DX image for processing (raw detector data), not for presentation")
     if body_part and body_part not in CHEST_BODY_PARTS:
         return Eligibility(False, f"body part {body_part} is not CHEST")
     if view and view not in FRONTAL_VIEWS:
@@ -47,6 +52,7 @@ def assess_instance(instance: Instance) -> Eligibility:
         modality=series.modality,
         body_part=series.body_part_examined,
         view_position=instance.view_position,
+        sop_class_uid=instance.sop_class_uid,
     )
 
 
@@ -56,4 +62,5 @@ def assess_dataset(dataset: pydicom.Dataset) -> Eligibility:
         modality=str(dataset.get("Modality", "") or ""),
         body_part=str(dataset.get("BodyPartExamined", "") or ""),
         view_position=str(dataset.get("ViewPosition", "") or ""),
+        sop_class_uid=str(dataset.get("SOPClassUID", "") or ""),
     )

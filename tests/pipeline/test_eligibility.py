@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pydicom
 import pytest
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
 
 from dicom_node.eligibility import assess, assess_dataset
 from tests import peers
@@ -16,7 +21,8 @@ pytestmark = pytest.mark.unit
     [("CR", "CHEST", "PA"), ("DX", "CHEST", "AP"), ("CR", "", ""), ("dx", "chest", "pa"), ("DX", "", "AP")],
 )
 def test_frontal_chest_radiographs_are_eligible(modality: str, body_part: str, view: str) -> None:
-    assert assess(modality=modality, body_part=body_part, view_position=view).eligible
+    sop_class = DigitalXRayImageStorageForPresentation if modality.upper() == "DX" else ComputedRadiographyImageStorage
+    assert assess(modality=modality, body_part=body_part, view_position=view, sop_class_uid=sop_class).eligible
 
 
 @pytest.mark.parametrize(
@@ -31,9 +37,19 @@ def test_frontal_chest_radiographs_are_eligible(modality: str, body_part: str, v
     ],
 )
 def test_other_images_are_skipped_with_a_readable_reason(modality: str, body_part: str, view: str, reason: str) -> None:
-    verdict = assess(modality=modality, body_part=body_part, view_position=view)
+    verdict = assess(
+        modality=modality, body_part=body_part, view_position=view, sop_class_uid=ComputedRadiographyImageStorage
+    )
     assert not verdict.eligible
     assert verdict.reason == reason
+
+
+def test_a_dx_image_for_processing_is_not_classified() -> None:
+    verdict = assess(
+        modality="DX", body_part="CHEST", view_position="PA", sop_class_uid=DigitalXRayImageStorageForProcessing
+    )
+    assert not verdict.eligible
+    assert verdict.reason == "a DX image for processing (raw detector data), not for presentation"
 
 
 def test_real_radiographs_from_pydicom_data() -> None:

@@ -6,7 +6,7 @@ sending to a Storage SCP. Crashes are simulated by an exception that nothing in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -16,7 +16,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.uid import generate_uid
+from pydicom.uid import DigitalXRayImageStorageForProcessing, generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -110,9 +110,17 @@ def make_pipeline(world: dict[str, Any], **changes: Any) -> Pipeline:
     return Pipeline(world["db"], config, lambda: world["classifier"], outbox=world["outbox"])
 
 
-def receive(world: dict[str, Any], name: str, *, study_uid: str | None = None) -> int:
+def receive(
+    world: dict[str, Any],
+    name: str,
+    *,
+    study_uid: str | None = None,
+    edit: Callable[[pydicom.Dataset], None] | None = None,
+) -> int:
     """Ingest a fresh copy of a pydicom-data file as if ORTHANC sent it; make its study ready."""
     ds = pydicom.dcmread(peers.pydicom_data_file(name))
+    if edit is not None:
+        edit(ds)
     ds.PatientName = SENTINEL
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
@@ -242,6 +250,21 @@ def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str,
     text = PdfReader(BytesIO(bytes(notice.EncapsulatedDocument))).pages[0].extract_text()
     assert "body part EXTREMITY is not CHEST" in text
     assert peer.received == [rows[ResultKind.PDF][0]]
+
+
+def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
+    def as_raw_dx(ds: pydicom.Dataset) -> None:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForProcessing
+        ds.Modality, ds.PresentationIntentType = "DX", "FOR PROCESSING"
+
+    study_pk = receive(world, "RG1_UNCI.dcm", edit=as_raw_dx)
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason == "a DX image for processing (raw detector data), not for presentation"
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0
+    assert peer.received == []
 
 
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:
