@@ -204,7 +204,8 @@ class Classifier:
 
         if self._explain is None:
             layer = self._model.get_layer(self._metadata.gradcam_layer)
-            self._gradcam_model = keras.Model(self._model.inputs, [layer.output, self._model.outputs[0]])
+            head = self._softmax_head()
+            self._gradcam_model = keras.Model(self._model.inputs, [layer.output, head.input])
             height, width = self.spec.input_size
             signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
             self._explain = tf.function(self._class_activation, input_signature=signature)
@@ -220,14 +221,26 @@ class Classifier:
             maps.append(heatmap_in_whole_frame(heat, frame))
         return np.asarray(probabilities, dtype=np.float32), maps
 
+    def _softmax_head(self) -> Any:
+        """The model's last layer, a dense softmax classifier (every architecture and merge here ends so)."""
+        head = self._model.layers[-1]
+        if not hasattr(head, "kernel") or head.get_config().get("activation") != "softmax":
+            raise ModelArtifactError(f"the last layer {head.name!r} is not a dense softmax; no Grad-CAM")
+        return head
+
     def _class_activation(self, inputs: Any) -> tuple[Any, Any]:
-        """Probabilities and the ReLU of the gradient-weighted feature maps of the top class."""
+        """Probabilities and the ReLU of the feature maps weighted by the gradient of the top class's score
+        *before* the softmax, as Grad-CAM defines it: the gradient of a probability vanishes as it nears 1
+        and mixes in the other classes (the map becomes "this class against the others")."""
         import tensorflow as tf
 
+        head = self._softmax_head()
         with tf.GradientTape() as tape:
-            features, probabilities = self._gradcam_model(inputs, training=False)  # type: ignore[misc]
-            top = tf.argmax(probabilities, axis=1)
-            score = tf.gather(probabilities, top, axis=1, batch_dims=1)
+            features, pooled = self._gradcam_model(inputs, training=False)  # type: ignore[misc]
+            logits = tf.matmul(pooled, head.kernel) + head.bias
+            top = tf.argmax(logits, axis=1)
+            score = tf.gather(logits, top, axis=1, batch_dims=1)
+        probabilities = tf.nn.softmax(logits, axis=1)
         gradients = tape.gradient(score, features)
         weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
         return probabilities, tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))

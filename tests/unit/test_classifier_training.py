@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from classifier import cli
-from classifier.artifact import read_metadata
+from classifier.artifact import ArtifactMetadata, read_metadata
 from classifier.dataset import DatasetError, load_collection, split_by_fold, split_by_group
 from classifier.errors import ModelArtifactError
 from classifier.evaluation import evaluate, parse_degradation
 from classifier.inference import Classifier
+from classifier.preprocess import PreprocessSpec
 from classifier.training import TrainingConfig, class_weights, train
 from classifier.types import INDETERMINATE
 
@@ -146,6 +147,37 @@ def test_classifier_predicts_probabilities_heatmaps_and_indeterminate(
         assert {"preprocess", "predict"} <= set(prediction.timings_ms)
     unsure = Classifier.load(artifact, indeterminate_threshold=1.0).predict_images(images, heatmap=False)
     assert all(p.label == INDETERMINATE and p.heatmap is None for p in unsure)
+
+
+def test_grad_cam_follows_the_class_score_even_when_the_softmax_is_saturated() -> None:
+    """A model whose *covid* logit is 200 × the mean of channel 0: a bright patch makes p(covid) exactly 1.0
+    in float32, where the gradient of the probability is zero. Grad-CAM weighs the feature maps by the
+    gradient of the score before the softmax, so the map still shows the patch and nothing else."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(2, 1, use_bias=False, name="features")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    head = keras.layers.Dense(3, activation="softmax", name="predictions")
+    model = keras.Model(inputs, head(pooled))
+    model.get_layer("features").set_weights([np.array([[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]]])])
+    head.set_weights([np.array([[200.0, 0.0, -200.0], [0.0, 1.0, 0.0]]), np.zeros(3)])
+    metadata = ArtifactMetadata(
+        name="toy",
+        version="1",
+        classes=("covid", "normal", "pneumonia"),
+        preprocess=PreprocessSpec(input_size=(8, 8)),
+        gradcam_layer="features",
+        sha256="",
+        created="2026-12-02T00:00:00Z",
+    )
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    image[:4, :4, 0] = 1.0  # the patch: channel 0 of the top-left quarter
+    image[:, :, 1] = 0.5  # channel 1 feeds the *normal* logit everywhere
+    (prediction,) = Classifier(model, metadata).predict([image], heatmap=True)
+    assert prediction.label == "covid" and prediction.probabilities["covid"] == 1.0
+    assert prediction.heatmap is not None
+    assert prediction.heatmap[:3, :3].min() > 0.9 and prediction.heatmap[5:, 5:].max() < 0.1
 
 
 def test_dicom_input_gives_the_same_answer_as_png(artifact: Path, collection: Path) -> None:
