@@ -288,10 +288,17 @@ def _window(values: FloatImage, center: float, width: float, function: str) -> F
     return _f32(np.clip((values - low) / span, 0.0, 1.0))
 
 
-def _first_value(value: Any) -> float:
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        return float(value[0])
-    return float(value)
+def _first_number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """The first value of a numeric attribute; ``None`` when it is absent, empty, not a number or not finite
+    (real objects carry empty Window Center elements and unparsable decimal strings)."""
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+            value = value[0] if len(value) else None
+        number = None if value is None or value == "" else float(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _percentile_window(values: FloatImage) -> FloatImage:
@@ -303,10 +310,28 @@ def _percentile_window(values: FloatImage) -> FloatImage:
 
 def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     """Stored values → modality values: the Modality LUT Sequence when present, else Rescale Slope and
-    Intercept (PS3.3 C.11.1). A LUT is indexed by stored values, so box-averaged values are rounded first."""
+    Intercept (PS3.3 C.11.1). A LUT is indexed by stored values, so box-averaged values are rounded first.
+    Absent or empty rescale values mean identity; unusable ones (text, NaN, a zero slope) are logged and
+    treated as identity too: histogram equalisation later makes the model input independent of any
+    monotonic rescale, so only the window placement can suffer, and that falls back to percentiles."""
     if ds.get("ModalityLUTSequence"):
         return _f32(apply_modality_lut(np.round(stored).astype(np.int64), ds))
-    return _f32(apply_modality_lut(stored, ds))
+    slope, intercept = _first_number(ds, "RescaleSlope"), _first_number(ds, "RescaleIntercept")
+    unusable = (slope is None and _has_value(ds, "RescaleSlope")) or (
+        intercept is None and _has_value(ds, "RescaleIntercept")
+    )
+    if unusable or slope == 0.0:
+        LOGGER.warning("unusable Rescale Slope/Intercept; using the stored values as they are")
+        return stored
+    return _f32(stored * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept))
+
+
+def _has_value(ds: pydicom.Dataset, keyword: str) -> bool:
+    """The attribute is there and not empty (whether or not its value can be read)."""
+    try:
+        return keyword in ds and not ds[keyword].is_empty
+    except (ValueError, TypeError):
+        return True
 
 
 def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
@@ -317,11 +342,11 @@ def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
         lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
         top = float(np.max(np.asarray(item.LUTData, dtype=np.float64))) or 1.0
         return _f32(np.clip(np.asarray(lut, dtype=np.float32) / top, 0.0, 1.0))
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center = _first_value(ds.WindowCenter)
-        width = _first_value(ds.WindowWidth)
-        if width > 0:
-            return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
+    if center is not None and width is not None and width > 0:
+        return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    if "WindowCenter" in ds or "WindowWidth" in ds:
+        LOGGER.info("window center/width empty or unusable; using the percentile window")
     return _percentile_window(values)
 
 

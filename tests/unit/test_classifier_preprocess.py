@@ -157,6 +157,42 @@ def test_no_voi_falls_back_to_percentile_window() -> None:
     assert 0.4 < gray[50, 50] < 0.6
 
 
+def _with_raw_values(ds: Dataset, replacements: dict[bytes, bytes]) -> Dataset:
+    """``ds`` written and read back with some encoded values swapped for what broken senders write."""
+    encoded = _to_bytes(ds)
+    for old, new in replacements.items():
+        assert len(old) == len(new) and encoded.count(old) == 1
+        encoded = encoded.replace(old, new)
+    return pydicom.dcmread(io.BytesIO(encoded))
+
+
+@pytest.mark.parametrize("center", [b"", b"abc.de", b"nan   "])
+def test_an_empty_or_unreadable_window_falls_back_to_the_percentile_window(center: bytes) -> None:
+    pixels = ramp(12, 100)
+    reference = dataset_to_gray(make_dataset(pixels, bits_stored=12))  # no window at all
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = 1111.5, 999.5
+    if center:
+        broken = _with_raw_values(ds, {b"1111.5": center})
+    else:
+        ds.WindowCenter = ""
+        broken = _with_raw_values(ds, {})
+    np.testing.assert_array_equal(dataset_to_gray(broken), reference)
+
+
+@pytest.mark.parametrize("slope", [b"    ", b"ab.c", b"inf ", b"0   "])
+def test_an_unusable_rescale_is_treated_as_identity(slope: bytes) -> None:
+    pixels = ramp(12, 64)
+    reference = make_dataset(pixels, bits_stored=12)
+    reference.WindowCenter, reference.WindowWidth = 2048, 4096
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.RescaleSlope, ds.RescaleIntercept = 2.25, 0
+    np.testing.assert_array_equal(
+        dataset_to_gray(_with_raw_values(ds, {b"2.25": slope})), dataset_to_gray(reference)
+    )
+
+
 def test_rgb_becomes_luminance() -> None:
     rgb = np.zeros((16, 16, 3), dtype=np.uint8)
     rgb[:, :8] = (255, 0, 0)
