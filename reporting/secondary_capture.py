@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from reporting import codes
 from reporting.errors import ReportingError
 from reporting.heatmap import overlay
-from reporting.study import UTF8, header
+from reporting.study import UTF8, header_for_highdicom, put_back
 from reporting.typeface import BOLD_FILE
 from reporting.types import AnalysedImage, NodeIdentity
 
@@ -50,7 +50,7 @@ def build_heatmap_sc(
     model = image.prediction.model
     caption = f"{finding.display} {100 * image.prediction.confidence:.1f} % · {model.name} {model.version}"
     pixels = with_band(overlay(image.preview, heat), NOT_FOR_DIAGNOSIS, caption)
-    source = header(image.source)
+    source, refused = header_for_highdicom(image.source)
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -70,6 +70,7 @@ def build_heatmap_sc(
         software_versions=node.software_version,
         institution_name=node.institution_name or None,
     )
+    put_back(sc, refused)
     if orientation is None:
         sc["PatientOrientation"].value = None  # unknown in the source: left empty (Type 2), not invented
     sc.SpecificCharacterSet = UTF8

@@ -30,7 +30,8 @@ from reporting.study import (
     dicom_datetime,
     dicom_time,
     distinct_models,
-    header,
+    header_for_highdicom,
+    put_back,
     timezone_offset,
 )
 from reporting.types import AnalysedImage, NodeIdentity
@@ -125,8 +126,9 @@ def build_sr(
             for index, image in enumerate(images)
         ],
     )
+    evidence, refused = zip(*(header_for_highdicom(image.source) for image in images), strict=True)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[header(image.source) for image in images],
+        evidence=list(evidence),
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -142,6 +144,7 @@ def build_sr(
         ],
         coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
     )
+    put_back(sr, refused[0])  # highdicom copies the patient and study of the first evidence item
     _stamp(sr, node, analysed_at)
     LOGGER.debug("built SR with %d measurement groups", len(images))
     return sr

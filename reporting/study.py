@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from highdicom import PatientSexValues
 from pydicom import Dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
@@ -30,6 +32,17 @@ PATIENT_STUDY_TYPE2 = (
     "AccessionNumber",
 )
 _FIRST_BULK_GROUP = Tag(0x6000, 0x0000)  # overlays, pixel data and padding are never needed here
+
+# What highdicom parses when it builds an object from a source header. Real headers carry values it
+# refuses (Patient's Sex "U", a birth "date" of 1970, an hour of 25), and one of them would stop the result.
+_PARSED_BY_HIGHDICOM: dict[str, Callable[[str], object]] = {
+    "PatientSex": PatientSexValues,
+    "PatientBirthDate": DA,
+    "StudyDate": DA,
+    "StudyTime": TM,
+}
+
+LOGGER = logging.getLogger(__name__)
 
 
 def check_one_study(images: Sequence[AnalysedImage]) -> str:
@@ -67,6 +80,34 @@ def header(source: Dataset) -> Dataset:
     # values are already decoded text; whatever the source's encoding (e.g. ISO 2022 IR 87), ours is UTF-8
     result.SpecificCharacterSet = UTF8
     return result
+
+
+def header_for_highdicom(source: Dataset) -> tuple[Dataset, dict[str, str]]:
+    """:func:`header` with the values highdicom cannot parse emptied, and those values by keyword.
+
+    Give the values back with :func:`put_back` once highdicom has built the object: a result carries the
+    study's patient and study attributes exactly as the PACS holds them, or the PACS may see a conflict.
+    """
+    result = header(source)
+    refused: dict[str, str] = {}
+    for keyword, parse in _PARSED_BY_HIGHDICOM.items():
+        value = str(result.get(keyword) or "")
+        if not value:
+            continue
+        try:
+            parse(value)
+        except (ValueError, TypeError, OverflowError):
+            refused[keyword] = value
+            setattr(result, keyword, None)
+    if refused:
+        LOGGER.info("source header values highdicom refuses, copied as they are: %s", ", ".join(sorted(refused)))
+    return result, refused
+
+
+def put_back(ds: Dataset, refused: Mapping[str, str]) -> None:
+    """Restore the source's own values that :func:`header_for_highdicom` took out."""
+    for keyword, value in refused.items():
+        setattr(ds, keyword, value)
 
 
 def derived_uid(*parts: str) -> str:

@@ -152,6 +152,19 @@ def sparse_source() -> pydicom.Dataset:
     return ds
 
 
+# What real headers carry and highdicom refuses to parse: "U" for unknown sex (the standard has M, F, O),
+# a birth year alone, a 13th month, a 25th hour. A result must still be made, carrying them as they are.
+MESSY_VALUES = {"PatientSex": "U", "PatientBirthDate": "1970", "StudyDate": "20241350", "StudyTime": "256199"}
+
+
+def messy_source() -> pydicom.Dataset:
+    ds = radiograph()
+    with pydicom.config.disable_value_validation():
+        for keyword, value in MESSY_VALUES.items():
+            setattr(ds, keyword, value)
+    return ds
+
+
 def three_image_study() -> list[AnalysedImage]:
     """Three instances of one study (two series), each with its own result; one without a heat map."""
     base = radiograph()

@@ -16,10 +16,12 @@ from reporting.pdf import build_pdf
 from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
+    MESSY_VALUES,
     NODE,
     analysed,
     heatmap,
     japanese_source,
+    messy_source,
     preview,
     sparse_source,
     unicode_source,
@@ -104,6 +106,22 @@ def test_heatmap_secondary_capture_is_marked_and_in_the_study() -> None:
     assert red.mean() > 0.6  # a red band ...
     assert ((band[..., 0] > 240) & (band[..., 1] > 240)).any()  # ... with white text: NOT_FOR_DIAGNOSIS
     assert NOT_FOR_DIAGNOSIS.startswith("AI HEAT MAP")
+
+
+def test_pdf_and_secondary_capture_carry_header_values_highdicom_refuses() -> None:
+    image = analysed(messy_source())
+    pdf = build_encapsulated_pdf(
+        build_pdf([image], NODE, analysed_at=ANALYSED_AT),
+        image.source,
+        NODE,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.3101",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.3102",
+    )
+    sc = build_heatmap_sc(
+        image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3201", sop_instance_uid="1.2.826.0.1.3680043.8.498.3202"
+    )
+    for ds in (pdf, sc):
+        assert {keyword: str(ds.get(keyword)) for keyword in MESSY_VALUES} == MESSY_VALUES
 
 
 def test_no_secondary_capture_without_heatmap() -> None:

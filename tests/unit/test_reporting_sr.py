@@ -21,9 +21,11 @@ from reporting.types import AnalysedImage
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
     BINARY,
+    MESSY_VALUES,
     NODE,
     analysed,
     japanese_source,
+    messy_source,
     radiograph,
     sparse_source,
     three_image_study,
@@ -134,6 +136,14 @@ def test_same_study_and_patient_new_series_truthful_flags(case: str, strict: Non
         for item in series.ReferencedSOPSequence
     }
     assert evidence == {image.source.SOPInstanceUID for image in images}
+
+
+def test_header_values_highdicom_refuses_are_carried_as_they_are() -> None:
+    source = messy_source()
+    sr = round_trip(build([analysed(source)]))
+    assert {keyword: str(sr.get(keyword)) for keyword in MESSY_VALUES} == MESSY_VALUES
+    assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
+    assert report(sr).get_image_measurement_groups()  # the finding is there
 
 
 def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equipment() -> None:
