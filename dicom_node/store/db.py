@@ -152,6 +152,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    # SQLite's built-in lower() folds only A-Z, so a search for "müller" never found "MÜLLER"; PostgreSQL's
+    # folds every letter of its UTF-8 locale. Python's is the same for both, and replaces the built-in.
+    dbapi_connection.create_function("lower", 1, _unicode_lower, deterministic=True)
+
+
+def _unicode_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
 
 
 def _sqlite_begin_immediate(connection: Any) -> None:

@@ -253,3 +253,15 @@ def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description(
     with sessions.begin() as session:  # a real change in the file is applied and audited
         aes.upsert(session, aes.AeSpec("PACS", AeRole.DESTINATION, host="10.0.0.6", port=104), "system")
         assert session.scalars(select(AuditEvent.action).order_by(AuditEvent.id.desc())).first() == "ae.update"
+
+
+def test_patient_search_folds_case_beyond_ascii(sessions: sessionmaker[Session]) -> None:
+    """DICOM names are often upper case; both databases must fold Ö, Ü and Ş as they fold A-Z."""
+    from dicom_node.web.results import ResultQuery, search
+    from tests.web.studies import StudySpec, add_study
+
+    turkish = add_study(sessions, StudySpec("ÖZTÜRK^AYŞE", "P-TR", "A-TR"))
+    add_study(sessions, StudySpec("SMITH^JOHN", "P-EN", "A-EN"))
+    with sessions() as session:
+        for words in ("öztürk", "ÖZTÜRK ayşe", "Öztürk"):
+            assert [row.study_id for row in search(session, ResultQuery(patient=words)).rows] == [turkish.study]

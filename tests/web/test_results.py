@@ -116,6 +116,19 @@ def test_results_are_newest_first_and_searchable(
     assert _ids(client, patient="100%") == []  # LIKE wildcards are literal
 
 
+def test_names_with_letters_beyond_ascii_are_found_in_any_case(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """DICOM names are often upper case; SQLite's own lower() only folds A-Z."""
+    client, _ = rad_client
+    turkish = add_study(factory, StudySpec("ÖZTÜRK^AYŞE", "P-TR", "A-TR", received_at=NOW))
+    german = add_study(factory, StudySpec("Müller^Zoë", "P-DE", "A-DE", received_at=NOW - timedelta(minutes=1)))
+    assert _ids(client, patient="öztürk") == [turkish.study]
+    assert _ids(client, patient="ÖZTÜRK ayşe") == [turkish.study]
+    assert _ids(client, patient="MÜLLER") == [german.study]
+    assert _ids(client, patient="zoë") == [german.study]
+
+
 def test_results_page_shows_finding_state_and_delivery_per_destination(
     rad_client: tuple[TestClient, str], corpus: dict[str, int]
 ) -> None:
