@@ -584,8 +584,10 @@ class _PageDecor:
         canvas.setFont(fonts.bold, 8)
         canvas.drawString(MARGIN, bottom + 6.2 * mm, INTENDED_USE_HEADLINE)
         canvas.setFillColor(INK)
+        page = f"Page {number} of {total}"
+        identity_width = CONTENT_WIDTH - stringWidth(page, fonts.regular, 7.5) - 4 * mm  # never under the number
         _draw_runs(
-            canvas, fonts, _fit(self.identity, fonts.regular, 8, CONTENT_WIDTH), MARGIN, bottom + 2.6 * mm, 8
+            canvas, fonts, _fit(self.identity, fonts.regular, 8, identity_width), MARGIN, bottom + 2.6 * mm, 8
         )
         canvas.setFillColor(MUTED)
         canvas.setFont(fonts.regular, 7.5)
@@ -594,7 +596,7 @@ class _PageDecor:
             bottom + 6.2 * mm,
             _fit(self.model_text, fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
         )
-        canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, f"Page {number} of {total}")
+        canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, page)
         canvas.restoreState()
 
 

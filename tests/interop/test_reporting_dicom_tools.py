@@ -181,3 +181,20 @@ def test_heatmap_secondary_capture_is_valid(tmp_path: Path) -> None:
         sop_instance_uid="1.2.826.0.1.3680043.8.498.3002",
     ).save_as(path, enforce_file_format=True)
     assert_valid(path, "SCImage")
+
+
+def test_a_long_patient_name_is_cut_before_the_page_number_of_the_footer(tmp_path: Path) -> None:
+    source = unicode_source("VERYLONGFAMILYNAME" * 3 + "^" + "GIVENNAME" * 6 + "^MIDDLE^DR^PHD")
+    pdf_file = tmp_path / "report.pdf"
+    pdf_file.write_bytes(build_pdf([analysed(source)], NODE, analysed_at=ANALYSED_AT))
+    html = run(peers.executable("pdftotext"), "-bbox", "-enc", "UTF-8", str(pdf_file), "-")
+    words = [
+        (float(x0), float(y0), float(x1), text)
+        for x0, y0, x1, text in re.findall(
+            r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="[\d.]+">([^<]*)</word>', html
+        )
+    ]
+    page_x, page_y = next((x0, y0) for x0, y0, _, text in words if text == "Page")
+    footer = [(x0, x1, text) for x0, y0, x1, text in words if abs(y0 - page_y) < 2 and x0 < page_x]
+    assert footer and footer[-1][2].endswith("…")  # the identity line was shortened ...
+    assert max(x1 for _, x1, _ in footer) < page_x - 5  # ... and ends clear of "Page 1 of 1"
