@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass, replace
 
@@ -14,6 +16,9 @@ from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.store.models import AeRole, RemoteAe
 
 LOGGER = logging.getLogger(__name__)
+
+# RFC 1123 labels, plus "_", which resolvers accept and container service names use
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
 class InvalidAeError(NodeError):
@@ -35,9 +40,11 @@ class AeSpec:
 
     def validated(self) -> AeSpec:
         title = self.ae_title.strip()
-        if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
-            raise InvalidAeError("AE title must be 1-16 printable characters without backslash")
+        if not 1 <= len(title) <= 16 or "\\" in title or not (title.isascii() and title.isprintable()):
+            raise InvalidAeError("AE title must be 1-16 printable ASCII characters without backslash")
         host = (self.host or "").strip() or None
+        if host is not None and not valid_host(host):
+            raise InvalidAeError("host must be an IP address or a host name (letters, digits, '-', '_', dots)")
         if self.role is AeRole.DESTINATION:
             if host is None or self.port is None:
                 raise InvalidAeError("a destination needs host and port")
@@ -46,6 +53,17 @@ class AeSpec:
             if self.reply_to:
                 raise InvalidAeError("reply_to applies to callers only")
         return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None, self.enabled)
+
+
+def valid_host(host: str) -> bool:
+    """An IPv4/IPv6 address or a host name a resolver can look up (no spaces, no URL, no port)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
 def _describe(ae: RemoteAe) -> dict[str, object]:

@@ -103,6 +103,27 @@ def test_ae_registry_is_default_deny_and_audited(sessions: sessionmaker[Session]
     assert actions.count("ae.add") == 5 and actions.count("ae.remove") == 1
 
 
+@pytest.mark.parametrize(
+    ("title", "host", "error"),
+    [
+        ("PACS", "bad host name", "host must be"),
+        ("PACS", "pacs.example.org:104", "host must be"),
+        ("PACS", "http://pacs", "host must be"),
+        ("PACS", "-pacs", "host must be"),
+        ("PÄCS", "10.0.0.5", "AE title must be"),
+        ("A" * 17, "10.0.0.5", "AE title must be"),
+    ],
+)
+def test_an_ae_entry_the_network_cannot_use_is_refused(title: str, host: str, error: str) -> None:
+    with pytest.raises(aes.InvalidAeError, match=error):
+        aes.AeSpec(title, AeRole.DESTINATION, host, 104).validated()
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "fe80::1", "pacs", "pacs-1.radiology.example.org", "orthanc_1", "pacs."])
+def test_addresses_and_host_names_are_accepted(host: str) -> None:
+    assert aes.AeSpec("PACS", AeRole.DESTINATION, host, 104).validated().host == host
+
+
 def test_ingest_records_display_rows_and_is_idempotent(
     sessions: sessionmaker[Session], store: FileStore
 ) -> None:
