@@ -232,15 +232,19 @@ def test_a_crash_after_writing_never_rebuilds_or_duplicates(
         assert session.scalar(select(func.count()).select_from(Delivery)) == 2
 
 
-def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str, Any], peer: StorePeer) -> None:
-    quiet = receive(world, "RG3_UNCI.dcm")
-    make_pipeline(world).process([quiet])
+def assert_skipped_without_results(world: dict[str, Any], peer: StorePeer, study_pk: int, reason: str) -> None:
+    """Processed by the default pipeline: SKIPPED with ``reason``, no finding, nothing sent."""
+    make_pipeline(world).process([study_pk])
     with session_scope(world["db"]) as session:
-        study = session.get(Study, quiet)
+        study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.SKIPPED
-        assert study.state_reason == "body part EXTREMITY is not CHEST"
+        assert study.state_reason == reason
         assert session.scalar(select(func.count()).select_from(Finding)) == 0
     assert peer.received == []
+
+
+def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str, Any], peer: StorePeer) -> None:
+    assert_skipped_without_results(world, peer, receive(world, "RG3_UNCI.dcm"), "body part EXTREMITY is not CHEST")
 
     told = receive(world, "RG3_UNCI.dcm")
     make_pipeline(world, send_skipped=True).process([told])
@@ -257,14 +261,12 @@ def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str,
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForProcessing
         ds.Modality, ds.PresentationIntentType = "DX", "FOR PROCESSING"
 
-    study_pk = receive(world, "RG1_UNCI.dcm", edit=as_raw_dx)
-    make_pipeline(world).process([study_pk])
-    with session_scope(world["db"]) as session:
-        study = session.get(Study, study_pk)
-        assert study is not None and study.state is StudyState.SKIPPED
-        assert study.state_reason == "a DX image for processing (raw detector data), not for presentation"
-        assert session.scalar(select(func.count()).select_from(Finding)) == 0
-    assert peer.received == []
+    assert_skipped_without_results(
+        world,
+        peer,
+        receive(world, "RG1_UNCI.dcm", edit=as_raw_dx),
+        "a DX image for processing (raw detector data), not for presentation",
+    )
 
 
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:
