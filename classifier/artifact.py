@@ -41,6 +41,7 @@ class ArtifactMetadata:
     data: Mapping[str, Any] = field(default_factory=dict)  # data summary, split, command line
     training: Mapping[str, Any] = field(default_factory=dict)  # recipe and history
     validation: Mapping[str, Any] = field(default_factory=dict)  # metrics on the validation split
+    novelty: Mapping[str, Any] = field(default_factory=dict)  # the feature-density check, if fitted
 
     @property
     def info(self) -> ModelInfo:
@@ -66,6 +67,7 @@ class ArtifactMetadata:
             "data": dict(self.data),
             "training": dict(self.training),
             "validation": dict(self.validation),
+            **({"novelty": dict(self.novelty)} if self.novelty else {}),
         }
 
     @classmethod
@@ -82,6 +84,7 @@ class ArtifactMetadata:
                 data=dict(data.get("data", {})),
                 training=dict(data.get("training", {})),
                 validation=dict(data.get("validation", {})),
+                novelty=dict(data.get("novelty", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc

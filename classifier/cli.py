@@ -92,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _novelty_switch(train)
     train.set_defaults(func=_train)
 
     lungs = subparsers.add_parser(
@@ -122,7 +123,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ensemble.add_argument("members", type=Path, nargs="+", help="member artifact folders")
     ensemble.add_argument("--data", type=Path, required=True, help="the members' training data (validation)")
     ensemble.add_argument("--version", help="artifact version string")
+    _novelty_switch(ensemble)
     ensemble.set_defaults(func=_ensemble)
+
+    novelty = subparsers.add_parser(
+        "novelty",
+        help="fit an artifact's check of images unlike its training images (train and ensemble run it)",
+        description="Fit the feature density of classifier.novelty on the training split recorded in MODEL's "
+        "model.json, set its threshold on the validation split, and write novelty.npz + model.json.",
+    )
+    novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
+    novelty.add_argument("data", type=Path, help="the data the model was trained on")
+    novelty.add_argument("--rank", type=int, default=64, help="eigenvectors of the covariance kept")
+    novelty.add_argument("--shrinkage", type=float, default=0.5, help="weight of the identity in the covariance")
+    novelty.add_argument(
+        "--quantile", type=float, default=0.99,
+        help="threshold: this quantile of the validation images' scores (1 - q of them are called unfamiliar)",
+    )
+    novelty.set_defaults(func=_novelty)
 
     evaluate = subparsers.add_parser(
         "evaluate", help="score a model artifact on labelled images (JSON + PNG)"
@@ -158,6 +176,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     classify.set_defaults(func=_classify)
+
+
+def _novelty_switch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-novelty", action="store_true",
+        help="do not fit the check of unfamiliar images afterwards (run 'cxr-node novelty' later)",
+    )
+
+
+def _fit_novelty(folder: Path, data: Path, **options: Any) -> None:
+    from classifier.novelty import fit_novelty
+
+    record = fit_novelty(folder, data, **options)
+    check = record["validation"]
+    _say(
+        f"novelty check: threshold {record['threshold']:.4g} ({record['quantile']:g} quantile of "
+        f"{check['images']} validation images; {check['unfamiliar']} of them above it)"
+    )
+
+
+def _novelty(args: argparse.Namespace) -> int:
+    _fit_novelty(args.model, args.data, rank=args.rank, shrinkage=args.shrinkage, quantile=args.quantile)
+    return 0
 
 
 def _fold(text: str) -> tuple[int, int]:
@@ -239,6 +280,8 @@ def _train(args: argparse.Namespace) -> int:
             f"validation accuracy {metadata.validation['accuracy']:.3f}, "
             f"macro-F1 {metadata.validation['macro_f1']:.3f}"
         )
+        if not args.no_novelty:
+            _fit_novelty(args.output, args.data)
         return 0
     result = train(config, argv=argv)
     validation = result.metadata.validation
@@ -246,6 +289,8 @@ def _train(args: argparse.Namespace) -> int:
         f"wrote {result.folder}: validation accuracy {validation['accuracy']:.3f}, "
         f"macro-F1 {validation['macro_f1']:.3f}, {result.seconds_per_epoch:.1f} s/epoch"
     )
+    if not args.no_novelty:
+        _fit_novelty(result.folder, args.data)
     return 0
 
 
@@ -280,6 +325,8 @@ def _ensemble(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {len(metadata.training['ensemble']['members'])} members merged, validation accuracy "
         f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
     )
+    if not args.no_novelty:
+        _fit_novelty(args.output, args.data)
     return 0
 
 
@@ -300,7 +347,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _format_prediction(path: Path, prediction: Any) -> str:
     probabilities = " ".join(f"{name}={value:.3f}" for name, value in prediction.probabilities.items())
-    return f"{path.name}\t{prediction.label}\t{probabilities}"
+    line = f"{path.name}\t{prediction.label}\t{probabilities}"
+    if prediction.novelty is not None:
+        line += f"\tnovelty={prediction.novelty:.2f}" + ("\tunfamiliar" if prediction.unfamiliar else "")
+    return line
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -326,6 +376,8 @@ def _classify(args: argparse.Namespace) -> int:
                         "top_class": prediction.top_class,
                         "probabilities": dict(prediction.probabilities),
                         "model": prediction.model.version,
+                        "novelty": prediction.novelty,
+                        "unfamiliar": prediction.unfamiliar,
                     }
                 )
             )

@@ -102,9 +102,11 @@ def predict_items(
     classifier: Classifier,
     items: Sequence[LabelledImage],
     degrade: Callable[[Image.Image], Image.Image] | None = None,
-) -> np.ndarray:
-    """N×C probabilities for labelled files (DICOM or PIL-readable)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """N×C probabilities for labelled files (DICOM or PIL-readable), and N novelty ratios (NaN when the
+    model has no novelty check)."""
     rows: list[np.ndarray] = []
+    novelty: list[float] = []
     for start in range(0, len(items), BATCH):
         inputs = []
         for item in items[start : start + BATCH]:
@@ -114,10 +116,10 @@ def predict_items(
                     inputs.append(image_to_model_input(degrade(image), classifier.spec, classifier.lungs))
             else:
                 inputs.append(load_input(item.path, classifier.spec, classifier.lungs))
-        rows.extend(
-            np.array([list(p.probabilities.values()) for p in classifier.predict(inputs, heatmap=False)])
-        )
-    return np.asarray(rows, dtype=np.float64)
+        for prediction in classifier.predict(inputs, heatmap=False):
+            rows.append(np.array(list(prediction.probabilities.values())))
+            novelty.append(np.nan if prediction.novelty is None else prediction.novelty)
+    return np.asarray(rows, dtype=np.float64), np.asarray(novelty, dtype=np.float64)
 
 
 def evaluate(
@@ -137,8 +139,15 @@ def evaluate(
     if unknown:
         raise ValueError(f"labels {unknown} are not classes of the model {list(classes)}")
     truth = np.array([classes.index(item.label) for item in collection], dtype=np.int64)
-    probabilities = predict_items(classifier, collection, parse_degradation(degrade))
+    probabilities, novelty = predict_items(classifier, collection, parse_degradation(degrade))
     report = classification_report(truth, probabilities, classes)
+    if classifier.novelty is not None:
+        # The node skips these (pipeline.skip_unfamiliar); the metrics above still count them.
+        report["unfamiliar"] = {
+            "images": int(np.sum(novelty > 1.0)),
+            "fraction": float(np.mean(novelty > 1.0)) if len(novelty) else 0.0,
+            "novelty_median": float(np.median(novelty)) if len(novelty) else None,
+        }
     report["model"] = {
         "name": classifier.info.name,
         "version": classifier.info.version,

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
+from classifier.novelty import NoveltyCheck
 from classifier.preprocess import (
     Box,
     FloatImage,
@@ -71,6 +73,7 @@ class Classifier:
         *,
         indeterminate_threshold: float = 0.5,
         lungs: LungFinder | None = None,
+        novelty: NoveltyCheck | None = None,
     ) -> None:
         if not 0.0 <= indeterminate_threshold <= 1.0:
             raise ValueError("the indeterminate threshold is a probability in [0, 1]")
@@ -78,6 +81,8 @@ class Classifier:
         self._metadata = metadata
         self._threshold = indeterminate_threshold
         self._lungs = lungs
+        self._novelty = novelty
+        self._embedding_model: Any | None = None
         self._gradcam_model: Any | None = None
         self._forward: Any | None = None
         self._explain: Any | None = None
@@ -104,8 +109,16 @@ class Classifier:
             from classifier.lungs import LungCropper
 
             lungs = LungCropper.load(folder / "lungs")
-        LOGGER.info("loaded model %s version %s", metadata.name, metadata.version)
-        return cls(model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs)
+        novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
+        LOGGER.info(
+            "loaded model %s version %s (novelty check %s)",
+            metadata.name,
+            metadata.version,
+            "on" if novelty else "absent",
+        )
+        return cls(
+            model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs, novelty=novelty
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -128,6 +141,11 @@ class Classifier:
     def indeterminate_threshold(self) -> float:
         return self._threshold
 
+    @property
+    def novelty(self) -> NoveltyCheck | None:
+        """The artifact's check of how unlike the training images an input is (``None``: not fitted)."""
+        return self._novelty
+
     def predict(
         self, images: Sequence[FloatImage], *, heatmap: bool = True, frames: Sequence[Box] | None = None
     ) -> list[Prediction]:
@@ -145,13 +163,26 @@ class Classifier:
         start = time.perf_counter()
         with self._lock:
             if heatmap:
-                probabilities, maps = self._gradcam(batch, frames or [Box()] * len(batch))
+                features, probabilities, maps = self._gradcam(batch, frames or [Box()] * len(batch))
             else:
-                probabilities, maps = self._probabilities(batch), [None] * len(batch)
+                features, probabilities = self._forward_pass(batch)
+                maps = [None] * len(batch)
+        novelty: list[float | None] = [None] * len(batch)
+        if self._novelty is not None:
+            novelty = [float(ratio) for ratio in self._novelty.ratios(features)]
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
         return [
-            self._prediction(row, heat, elapsed_ms) for row, heat in zip(probabilities, maps, strict=True)
+            self._prediction(row, heat, ratio, elapsed_ms)
+            for row, heat, ratio in zip(probabilities, maps, novelty, strict=True)
         ]
+
+    def embed(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
+        """N×d features the softmax layer reads (what :mod:`classifier.novelty` models)."""
+        if not images:
+            return np.zeros((0, int(self._softmax_head().kernel.shape[0])), dtype=np.float32)
+        with self._lock:
+            features, _ = self._forward_pass(np.stack([np.asarray(i, dtype=np.float32) for i in images]))
+        return features
 
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
@@ -173,31 +204,32 @@ class Classifier:
             frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
         predictions = self.predict(inputs, heatmap=heatmap, frames=frames)
-        return [
-            Prediction(
-                label=p.label,
-                top_class=p.top_class,
-                probabilities=p.probabilities,
-                model=p.model,
-                heatmap=p.heatmap,
-                timings_ms={"preprocess": preprocess_ms, **p.timings_ms},
-            )
-            for p in predictions
-        ]
+        return [replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions]
 
-    def _probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def _forward_pass(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The softmax layer's input features and the probabilities."""
         if self._forward is None:
+            import keras
             import tensorflow as tf
 
+            self._embedding_model = keras.Model(
+                self._model.inputs, [self._softmax_head().input, self._model.output]
+            )
             height, width = self.spec.input_size
             signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
             # One traced graph for every batch size: eager Keras costs ~15 ms of Python per call.
-            self._forward = tf.function(lambda x: self._model(x, training=False), input_signature=signature)
-        return np.asarray(self._forward(batch), dtype=np.float32)
+            self._forward = tf.function(
+                lambda x: self._embedding_model(x, training=False),
+                input_signature=signature,
+            )
+        features, probabilities = self._forward(batch)
+        return np.asarray(features, dtype=np.float32), np.asarray(probabilities, dtype=np.float32)
 
     def _gradcam(
         self, batch: npt.NDArray[np.float32], frames: Sequence[Box]
-    ) -> tuple[npt.NDArray[np.float32], list[FloatImage | None]]:
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[FloatImage | None]]:
         """Grad-CAM (Selvaraju et al. 2017) of the predicted class on the recorded feature layer."""
         import keras
         import tensorflow as tf
@@ -209,7 +241,7 @@ class Classifier:
             height, width = self.spec.input_size
             signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
             self._explain = tf.function(self._class_activation, input_signature=signature)
-        probabilities, cams_tensor = self._explain(tf.convert_to_tensor(batch))
+        features, probabilities, cams_tensor = self._explain(tf.convert_to_tensor(batch))
         cams = cams_tensor.numpy()
         height, width = self.spec.input_size
         maps: list[FloatImage | None] = []
@@ -219,7 +251,7 @@ class Classifier:
             resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
             heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
             maps.append(heatmap_in_whole_frame(heat, frame))
-        return np.asarray(probabilities, dtype=np.float32), maps
+        return np.asarray(features, dtype=np.float32), np.asarray(probabilities, dtype=np.float32), maps
 
     def _softmax_head(self) -> Any:
         """The model's last layer, a dense softmax classifier (every architecture and merge here ends so)."""
@@ -228,8 +260,8 @@ class Classifier:
             raise ModelArtifactError(f"the last layer {head.name!r} is not a dense softmax; no Grad-CAM")
         return head
 
-    def _class_activation(self, inputs: Any) -> tuple[Any, Any]:
-        """Probabilities and the ReLU of the feature maps weighted by the gradient of the top class's score
+    def _class_activation(self, inputs: Any) -> tuple[Any, Any, Any]:
+        """The softmax layer's input, the probabilities and the ReLU of the feature maps weighted by the gradient of the top class's score
         *before* the softmax, as Grad-CAM defines it: the gradient of a probability vanishes as it nears 1
         and mixes in the other classes (the map becomes "this class against the others")."""
         import tensorflow as tf
@@ -243,10 +275,10 @@ class Classifier:
         probabilities = tf.nn.softmax(logits, axis=1)
         gradients = tape.gradient(score, features)
         weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-        return probabilities, tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+        return pooled, probabilities, tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
 
     def _prediction(
-        self, row: npt.NDArray[np.float32], heat: FloatImage | None, elapsed_ms: float
+        self, row: npt.NDArray[np.float32], heat: FloatImage | None, novelty: float | None, elapsed_ms: float
     ) -> Prediction:
         classes = self._metadata.classes
         top_index = int(np.argmax(row))
@@ -259,6 +291,7 @@ class Classifier:
             model=self.info,
             heatmap=heat,
             timings_ms={"predict": elapsed_ms},
+            novelty=novelty,
         )
 
 

@@ -27,7 +27,10 @@ class Prediction:
     """One image's classification.
 
     ``label`` is the top class, or :data:`INDETERMINATE` when the top probability is below the
-    configured threshold; ``top_class`` is always the arg-max class.
+    configured threshold; ``top_class`` is always the arg-max class. ``novelty`` is how unlike the
+    training images the image is, as a multiple of the artifact's limit (``None`` when the artifact has
+    no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
+    probabilities say little.
     """
 
     label: str
@@ -36,6 +39,7 @@ class Prediction:
     model: ModelInfo
     heatmap: npt.NDArray[np.float32] | None = None  # HxW in [0, 1] over the model input, or None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    novelty: float | None = None
 
     @property
     def confidence(self) -> float:
@@ -44,3 +48,8 @@ class Prediction:
     @property
     def indeterminate(self) -> bool:
         return self.label == INDETERMINATE
+
+    @property
+    def unfamiliar(self) -> bool:
+        """The image is unlike every image the model was trained on (a non-chest image, a photograph)."""
+        return self.novelty is not None and self.novelty > 1.0

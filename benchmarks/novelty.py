@@ -1,0 +1,120 @@
+"""How well a model's novelty check tells chest radiographs from anything else.
+
+    PYTHONPATH=. python benchmarks/novelty.py MODEL_DIR /work/shared/data/cxr3
+
+Rows: the validation split of the model (clean, and after the degradations of benchmarks/evaluate.py
+and a 70 % crop, which the density was not fitted with), the real CRs of pydicom-data (a chest, RG1,
+and a lower leg, RG3), and every other image object in pydicom's and pydicom-data's test files (CT, MR,
+NM, US, photographs of faces, colour test patterns; none is a chest radiograph). Columns: how many images, how many the
+check calls unfamiliar, and the median and range of the novelty ratio (1.0 is the threshold).
+Prints a table and, as the last line, a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.evaluate import DEGRADATIONS as ROBUSTNESS_DEGRADATIONS
+from classifier.artifact import read_metadata
+from classifier.dataset import load_collection, split_from_record
+from classifier.errors import ClassifierError
+from classifier.evaluation import parse_degradation
+from classifier.inference import Classifier, load_input
+from classifier.preprocess import image_to_model_input
+
+# The robustness benchmark's degradations, and a tighter crop.
+DEGRADATIONS = (*ROBUSTNESS_DEGRADATIONS, "crop:0.7")
+
+
+def _ratios(classifier: Classifier, inputs: Sequence[np.ndarray]) -> list[float]:
+    ratios: list[float] = []
+    for start in range(0, len(inputs), 32):
+        for prediction in classifier.predict(list(inputs[start : start + 32]), heatmap=False):
+            assert prediction.novelty is not None
+            ratios.append(prediction.novelty)
+    return ratios
+
+
+def _row(name: str, ratios: Sequence[float]) -> dict[str, object]:
+    values = np.asarray(ratios, dtype=np.float64)
+    return {
+        "set": name,
+        "images": len(values),
+        "unfamiliar": int(np.sum(values > 1.0)),
+        "median": float(np.median(values)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def _test_objects() -> list[Path]:
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    from pydicom.data import get_testdata_file
+
+    rg1 = get_testdata_file("RG1_UNCI.dcm", download=False)
+    if rg1 is not None:
+        roots.append(Path(str(rg1)).parent)
+    return sorted({path for root in roots for path in root.rglob("*.dcm")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    args = parser.parse_args(argv)
+
+    classifier = Classifier.load(args.model)
+    if classifier.novelty is None:
+        raise SystemExit(f"{args.model} has no novelty check: run 'cxr-node novelty {args.model} DATA'")
+    spec, lungs = classifier.spec, classifier.lungs
+    _, validation = split_from_record(load_collection(args.data), read_metadata(args.model).data["split"])
+    rows = []
+    for degradation in DEGRADATIONS:
+        degrade = parse_degradation(degradation)
+        inputs = []
+        for item in validation:
+            if degrade is None:
+                inputs.append(load_input(item.path, spec, lungs))
+                continue
+            with Image.open(item.path) as image:
+                image.load()
+                inputs.append(image_to_model_input(degrade(image), spec, lungs))
+        rows.append(_row(f"validation, {degradation}", _ratios(classifier, inputs)))
+
+    chest, leg, others = [], [], []
+    for path in _test_objects():
+        try:
+            model_input = load_input(path, spec, lungs)
+        except (ClassifierError, OSError, ValueError):
+            continue  # not decodable here (no pixels, unsupported photometry...)
+        (chest if path.name.startswith("RG1_") else leg if path.name.startswith("RG3_") else others).append(
+            model_input
+        )
+    rows.append(_row("RG1 (chest CR, 4 encodings)", _ratios(classifier, chest)))
+    rows.append(_row("RG3 (lower-leg CR, 4 encodings)", _ratios(classifier, leg)))
+    rows.append(_row("other test objects (CT, MR, NM, US, photos, patterns)", _ratios(classifier, others)))
+
+    print(f"model {classifier.info.version}, threshold {classifier.novelty.threshold:.4g}")
+    print(f"{'set':<52}{'images':>8}{'unfamiliar':>12}{'median':>9}{'min':>9}{'max':>9}")
+    for row in rows:
+        print(
+            f"{row['set']:<52}{row['images']:>8}{row['unfamiliar']:>12}"
+            f"{row['median']:>9.2f}{row['min']:>9.2f}{row['max']:>9.2f}"
+        )
+    print(json.dumps({"model": classifier.info.version, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
