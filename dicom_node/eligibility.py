@@ -5,6 +5,10 @@ acknowledged, but SKIPPED with a reason a user can read in the console — never
 Absent attributes are accepted: many modalities leave Body Part Examined or View Position empty.
 A DX image *for processing* (raw detector values, before the vendor's image processing) is stored for the
 record but not classified: the models only ever saw images processed for display.
+
+The header can be wrong or empty, so the pixels are checked too: an image the model's novelty check
+(:mod:`classifier.novelty`) finds unlike every training image is skipped the same way
+(:func:`unfamiliar_reason`), unless ``pipeline.skip_unfamiliar`` is off.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ class Eligibility:
 
     eligible: bool
     reason: str = ""
+
+
+def unfamiliar_reason(novelty: float | None) -> str:
+    """Why an image the model's novelty check refused is not classified (console, log, PDF)."""
+    return (
+        "the image does not look like the chest radiographs the model was trained on "
+        f"(novelty {novelty or 0.0:.2f}, limit 1.00)"
+    )
 
 
 def assess(*, modality: str, body_part: str, view_position: str, sop_class_uid: str) -> Eligibility:

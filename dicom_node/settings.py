@@ -107,6 +107,8 @@ class PipelineSettings(BaseModel):
     # None: the model shipped with the package
     model_path: Path | None = None
     indeterminate_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Skip images the model's novelty check finds unlike its training images (classifier.novelty)
+    skip_unfamiliar: bool = True
     batch_size: int = Field(default=16, ge=1)
     heatmap: bool = True
     secondary_capture: bool = False

@@ -176,6 +176,7 @@ class PredictionOut(BaseModel):
     analysed_at: datetime
     heatmap_url: str | None
     report_url: str
+    novelty: float | None = None  # how unlike the training images, 1.0 = the model's limit
 
 
 class IngestOut(BaseModel):
@@ -213,6 +214,7 @@ def api_classify(con: ConsoleDep, principal: CsrfUserDep, token: str) -> Predict
         analysed_at=held.analysed_at,
         heatmap_url=f"/upload/{token}/heatmap.png" if prediction.heatmap is not None else None,
         report_url=f"/api/uploads/{token}/report.pdf",
+        novelty=prediction.novelty,
     )
 
 

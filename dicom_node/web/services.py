@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.eligibility import Eligibility, assess_dataset
 from dicom_node.errors import (
     ClassificationError,
+    IneligibleImageError,
     NodeError,
     NotFoundError,
     ReportingError,
@@ -182,7 +183,15 @@ class NodeConsoleServices:
                     raise ClassificationError("the upload holds no image")
         except ClassifierError as exc:
             raise ClassificationError(f"the image cannot be classified: {exc}") from exc
-        return predictions[0]
+        prediction = predictions[0]
+        if prediction.unfamiliar and self._settings.pipeline.skip_unfamiliar:
+            from dicom_node.eligibility import unfamiliar_reason
+
+            raise IneligibleImageError(
+                f"Not classified: {unfamiliar_reason(prediction.novelty)}. The model reads frontal chest "
+                "radiographs only."
+            )
+        return prediction
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
         try:

@@ -14,7 +14,7 @@ import pytest
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
 from tests.web.conftest import require_model, requires_module
-from tests.web.test_upload import chest_like_png
+from tests.web.test_upload import chest_like_png, radiograph_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -118,7 +118,7 @@ def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_
     require_model(model_path)
     log_in(page, console.url, *RADIOLOGIST)
     for name, data, mime in (
-        ("chest.png", chest_like_png(), "image/png"),
+        ("chest.png", radiograph_png(), "image/png"),
         ("RG1_UNCI.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(), "application/dicom"),
     ):
         page.goto(f"{console.url}/upload")

@@ -18,7 +18,7 @@ from tests import peers
 from tests.e2e.test_console import add_destination_and_echo, log_in, shoot
 from tests.node_process import NodeProcess, configured_node, wait_until
 from tests.web.conftest import requires_module
-from tests.web.test_upload import chest_like_png
+from tests.web.test_upload import radiograph_png
 
 pytestmark = [
     pytest.mark.e2e,
@@ -112,7 +112,7 @@ def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str,
         # A radiologist classifies a PNG and RG1, saves both reports, and stores RG1 in the node.
         log_in(page, url, *RADIOLOGIST)
         assert page.goto(f"{url}/admin/users").status == 403
-        _upload(page, url, "chest.png", chest_like_png(), "image/png")
+        _upload(page, url, "chest.png", radiograph_png(), "image/png")
         rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
         label = _upload(page, url, "RG1_UNCI.dcm", rg1, "application/dicom")
         shoot(page, "node-02-upload-classified")

@@ -269,6 +269,31 @@ def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str,
     )
 
 
+def test_a_leg_labelled_chest_is_stored_but_not_classified_by_its_pixels(world: dict[str, Any], peer: StorePeer) -> None:
+    """The header check passes a lower leg whose header says CHEST PA; the model's novelty check does not."""
+
+    def mislabelled(ds: pydicom.Dataset) -> None:
+        ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+
+    assert getattr(world["classifier"], "novelty", None) is not None, "the shipped model has a novelty check"
+    leg = receive(world, "RG3_UNCI.dcm", edit=mislabelled)
+    make_pipeline(world).process([leg])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, leg)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason.startswith("the image does not look like the chest radiographs")
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0
+    assert peer.received == []
+
+    # An operator who turns the check off gets the model's answer, as before.
+    again = receive(world, "RG3_UNCI.dcm", edit=mislabelled)
+    make_pipeline(world, skip_unfamiliar=False).process([again])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, again)
+        assert study is not None and study.state is StudyState.ANALYSED
+        assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:
     studies = [receive(world, "RG1_UNCI.dcm") for _ in range(3)]
     pipeline = make_pipeline(world)

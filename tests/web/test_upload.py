@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,19 @@ def chest_like_png(size: tuple[int, int] = (640, 560)) -> bytes:
     image = 0.85 - 0.6 * lungs + 0.03 * np.sin(40 * y)
     buffer = io.BytesIO()
     Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def radiograph_png(max_size: int = 640) -> bytes:
+    """A real chest radiograph as a picture: the hospital CR RG1 of pydicom-data, as the console shows it.
+    (The synthetic ``chest_like_png`` is too unlike a radiograph for the model: it refuses to classify it.)"""
+    import pydicom
+
+    from classifier.preprocess import display_image
+
+    pixels = display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm")), max_size=max_size)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -169,17 +183,38 @@ def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str])
 def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: dict[str, int]) -> None:
     client = TestClient(classifying_app, follow_redirects=False)
     csrf = login(client, *RADIOLOGIST)
-    token = _upload(client, csrf, "chest.png", chest_like_png(), "image/png")
+    token = _upload(client, csrf, "chest.png", radiograph_png(), "image/png")
     assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
     page = client.get(f"/upload/{token}").text
     label = page.split('id="finding-label">', 1)[1].split("<", 1)[0]
     assert label and 'class="probs"' in page and 'id="save-report"' in page
+    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 200 and 0.0 < api.json()["novelty"] <= 1.0  # a real radiograph: familiar
     pdf = client.get(f"/upload/{token}/report.pdf")
     assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
     text = subprocess.run(
         [peers.executable("pdftotext"), "-", "-"], input=pdf.content, capture_output=True, check=True
     ).stdout.decode()
     assert label.lower() in text.lower()
+
+
+@requires_module("classifier.inference", "classifier helper")
+@pytest.mark.slow
+def test_a_picture_that_is_not_a_radiograph_is_not_classified(
+    classifying_app: FastAPI, accounts: dict[str, int]
+) -> None:
+    """A picture has no header to check; the model's novelty check reads the pixels instead."""
+    client = TestClient(classifying_app, follow_redirects=False)
+    csrf = login(client, *RADIOLOGIST)
+    photo = (Path(__file__).parents[1] / "unit" / "fixtures" / "imagenet_coffee.jpg").read_bytes()
+    token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert refused.status_code == 422
+    assert "does not look like the chest radiographs the model was trained on" in refused.text
+    assert 'id="finding-label"' not in refused.text
+    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
+    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
 
 
 @requires_module("dicom_node.ingest", "node helper")
