@@ -20,6 +20,7 @@ import pydicom
 from PIL import Image
 
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
+from dicom_node.part10 import has_preamble
 from dicom_node.web.services import IngestOutcome, Upload
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class UploadTooLargeError(NodeError):
 
 def read_upload(filename: str, data: bytes) -> Upload:
     """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture."""
-    if len(data) > 132 and data[128:132] == b"DICM":
+    if has_preamble(data):
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:  # pydicom raises many types for broken files; the text may hold PHI

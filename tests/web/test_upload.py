@@ -81,12 +81,17 @@ def test_large_pictures_are_shown_downscaled(rad_client: tuple[TestClient, str])
 
 def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
     client, csrf = rad_client
-    for name, data in (("notes.txt", b"hello"), ("fake.dcm", b"\0" * 128 + b"DICM" + b"\x02\x00garbage")):
+    preamble = b"\0" * 128 + b"DICM"
+    for name, data, message in (
+        ("notes.txt", b"hello", "not a DICOM, PNG or JPEG file"),
+        ("fake.dcm", preamble + b"\x02\x00garbage", "the DICOM file holds no image"),
+        ("empty.dcm", preamble, "the DICOM file holds no image"),  # a preamble and nothing after it
+    ):
         response = client.post(
             "/upload", data={"csrf_token": csrf}, files={"file": (name, data, "application/octet-stream")}
         )
         assert response.status_code == 422
-        assert 'class="msg bad"' in response.text
+        assert 'class="msg bad"' in response.text and message in response.text, name
     gif = io.BytesIO()
     Image.new("L", (8, 8)).save(gif, format="GIF")
     response = client.post(
