@@ -7,7 +7,8 @@ through :func:`image_to_model_input`, the node reads DICOM through :func:`datase
 end in :func:`gray_to_model_input`, so the model sees the same thing in both cases.
 
 DICOM grey pipeline (PS3.3 C.11 order): stored values → Modality LUT / Rescale → the *first* VOI LUT or
-window (PS3.3 C.11.2.1.2, LINEAR, LINEAR_EXACT and SIGMOID) → MONOCHROME1 inversion. When the object
+window (PS3.3 C.11.2.1.2, LINEAR, LINEAR_EXACT and SIGMOID) → one inversion when the image is
+MONOCHROME1 or its Presentation LUT Shape is INVERSE (:func:`_inverted`). When the object
 carries no VOI transform, the fallback is a percentile window (0.5 %–99.5 % of the modality values),
 which is what a viewer's "auto window" does and ignores collimator edges and burnt-in labels.
 Large images are box-averaged down to about twice the model input *before* the LUTs, which keeps a
@@ -374,9 +375,25 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
         raise UnsupportedImageError(f"grey image with unexpected shape {raw.shape}")
     stored = _box_reduce(raw.astype(np.float32), min_side)
     gray = _voi(_modality(stored, ds), ds)
-    if photometric == "MONOCHROME1":
+    if _inverted(ds, photometric):
         gray = 1.0 - gray
     return gray
+
+
+def _inverted(ds: pydicom.Dataset, photometric: str) -> bool:
+    """Whether the minimum value is displayed white: MONOCHROME1, or a Presentation LUT Shape of INVERSE.
+
+    The DX Image module (PS3.3 C.8.11) pairs MONOCHROME1 with INVERSE: both name the same single
+    inversion, never two. INVERSE on a MONOCHROME2 image is outside that rule but says how the image is
+    meant to be seen; DCMTK's dcm2pnm shows it inverted, and so does this. IDENTITY on a MONOCHROME1 image
+    contradicts the photometric interpretation. DCMTK follows the shape there and shows a negative; here the
+    photometric interpretation wins, because objects with wrong shape values are known (dcm4chee-arc can
+    ignore the shape for that reason) and a negative chest is the worse error for the model."""
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if photometric == "MONOCHROME2" and shape == "INVERSE":
+        LOGGER.info("MONOCHROME2 with Presentation LUT Shape INVERSE: displayed inverted")
+        return True
+    return photometric == "MONOCHROME1"
 
 
 def pil_to_gray(image: Image.Image) -> FloatImage:

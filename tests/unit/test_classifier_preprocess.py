@@ -101,6 +101,25 @@ def test_monochrome1_is_inverted_so_bone_is_white() -> None:
     assert dataset_to_gray(mono1)[0, 0] > dataset_to_gray(mono1)[0, -1]
 
 
+@pytest.mark.parametrize(
+    ("photometric", "shape", "inverted"),
+    [
+        ("MONOCHROME1", "INVERSE", True),  # the DX rule: one inversion named twice, applied once
+        ("MONOCHROME2", "INVERSE", True),  # meant to be seen inverted, as viewers show it
+        ("MONOCHROME2", "IDENTITY", False),
+        ("MONOCHROME1", "IDENTITY", True),  # contradicts the photometric interpretation, which wins
+        ("MONOCHROME2", "", False),
+    ],
+)
+def test_presentation_lut_shape_inverts_once_at_most(photometric: str, shape: str, inverted: bool) -> None:
+    plain = dataset_to_gray(make_dataset(ramp(12), bits_stored=12))
+    ds = make_dataset(ramp(12), bits_stored=12, photometric=photometric)
+    ds.PresentationLUTShape = shape
+    expected = 1.0 - plain if inverted else plain
+    np.testing.assert_allclose(dataset_to_gray(ds), expected, atol=1e-6)
+    np.testing.assert_allclose(display_image(ds).astype(np.float32) / 255.0, expected, atol=1 / 255)
+
+
 def test_signed_pixels_with_rescale_and_window_in_output_units() -> None:
     values = np.tile(np.linspace(-1000, 1000, 64), (64, 1)).astype(np.int16)
     ds = make_dataset((values // 2).astype(np.int16), signed=True)
