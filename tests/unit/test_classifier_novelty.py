@@ -102,6 +102,12 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
         assert plain.novelty is not None and plain.novelty > 0
         assert mapped.novelty == pytest.approx(plain.novelty, rel=1e-4)  # both paths read the same features
 
+    from classifier.evaluation import evaluate
+
+    report = evaluate(output, collection)  # a hospital's check on its own export says how many it would refuse
+    assert report["images"] == 24 and 0 <= report["unfamiliar"]["images"] <= 24
+    assert report["unfamiliar"]["fraction"] == pytest.approx(report["unfamiliar"]["images"] / 24)
+
 
 @pytest.fixture(scope="module")
 def shipped() -> Classifier:
