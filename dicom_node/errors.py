@@ -83,7 +83,8 @@ class ClassificationError(NodeError):
 
 
 class IneligibleImageError(ClassificationError):
-    """The image's header says it is not a frontal chest radiograph, which is all the model reads."""
+    """The image is not a frontal chest radiograph, which is all the model reads: its header says so, or its
+    pixels are unlike every image the model was trained on."""
 
 
 class ReportingError(NodeError):

@@ -15,8 +15,10 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import Instance
+from dicom_node.web import create_app
 from tests import peers
 from tests.web.conftest import RADIOLOGIST, login, requires_module
 
@@ -206,7 +208,7 @@ def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: di
 @requires_module("classifier.inference", "classifier helper")
 @pytest.mark.slow
 def test_a_picture_that_is_not_a_radiograph_is_not_classified(
-    classifying_app: FastAPI, accounts: dict[str, int]
+    classifying_app: FastAPI, accounts: dict[str, int], settings: Settings, factory: sessionmaker[Session]
 ) -> None:
     """A picture has no header to check; the model's novelty check reads the pixels instead."""
     client = TestClient(classifying_app, follow_redirects=False)
@@ -220,6 +222,16 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
+
+    # With pipeline.skip_unfamiliar off the finding is shown, under a warning.
+    pipeline = classifying_app.state.console.settings.pipeline.model_copy(update={"skip_unfamiliar": False})
+    lenient = create_app(settings.model_copy(update={"pipeline": pipeline}), factory)
+    client = TestClient(lenient, follow_redirects=False)
+    csrf = login(client, *RADIOLOGIST)
+    token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
+    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    page = client.get(f"/upload/{token}").text
+    assert 'id="finding-label"' in page and 'id="unfamiliar"' in page and "Read this finding" in page
 
 
 @requires_module("dicom_node.ingest", "node helper")
