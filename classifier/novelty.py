@@ -19,6 +19,10 @@ The density is fitted on the training split, clean and after the degradations an
 pipeline applies (so a re-encoded or down-sampled radiograph stays familiar), and its threshold is a
 quantile of the scores of the validation split, which it never saw. :attr:`Prediction.novelty` is the
 score divided by that threshold: above 1 the image is *unfamiliar*.
+
+The check is only as good as the network's features: on one of four EfficientNet-Lite2 fold models it
+let a lower-leg radiograph through. Measure it for every model with ``benchmarks/novelty.py`` (the
+model card has the figures), and keep the node's header check in front of it.
 """
 
 from __future__ import annotations
