@@ -568,6 +568,7 @@ class Pipeline:
                 probabilities={str(k): float(v) for k, v in outcome.probabilities.items()},
                 timings_ms=timings,
                 heatmap_path=heatmap_path,
+                novelty=outcome.novelty,
             )
             stored.append((item.instance_pk, finding))
             cycle.datasets[item.instance_pk] = item.dataset
@@ -823,6 +824,7 @@ class Pipeline:
             model=info,
             heatmap=heatmap,
             timings_ms={str(k): float(v) for k, v in (finding.timings_ms or {}).items()},
+            novelty=finding.novelty,
         )
 
     def _build_skipped(self, study_pk: int, object_pks: list[int], reason: str) -> None:

@@ -236,6 +236,8 @@ class Finding(Base):
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     heatmap_path: Mapped[str | None] = mapped_column(String(1024))
+    # How unlike the training images (classifier.novelty; 1.0 = the model's limit); None: no check
+    novelty: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="findings")

@@ -281,6 +281,7 @@ class FindingDetail(BaseModel):
     model_version: str
     created_at: datetime
     has_heatmap: bool
+    novelty: float | None = None  # how unlike the training images; 1.0 = the model's limit
 
 
 class InstanceDetail(BaseModel):
@@ -407,6 +408,7 @@ def study_detail(session: Session, study_id: int) -> StudyDetail:
                     model_version=f.model_version,
                     created_at=aware(f.created_at),
                     has_heatmap=bool(f.heatmap_path),
+                    novelty=f.novelty,
                 )
                 for f in sorted(inst.findings, key=lambda f: f.created_at, reverse=True)
             ],

@@ -158,6 +158,7 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
         assert abs(sum(finding.probabilities.values()) - 1) < 1e-3
         assert finding.label in (*info.classes, "indeterminate")
         assert finding.timings_ms["read"] > 0
+        assert finding.novelty is not None and 0.0 < finding.novelty < 1.0  # a chest CR: familiar
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED
         assert session.scalars(select(Instance)).one().state is InstanceState.ANALYSED

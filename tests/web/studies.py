@@ -47,6 +47,7 @@ class StudySpec:
     deliveries: dict[str, DeliveryState] = field(default_factory=dict)  # destination title -> state
     file_path: str = "missing/instance.dcm"
     heatmap_path: str | None = None
+    novelty: float | None = None
     result_files: dict[ResultKind, str] = field(default_factory=dict)
 
 
@@ -131,6 +132,7 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
                 confidence=spec.probabilities[top],
                 probabilities=spec.probabilities,
                 heatmap_path=spec.heatmap_path,
+                novelty=spec.novelty,
             )
             session.add(finding)
             session.flush()

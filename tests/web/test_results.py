@@ -72,6 +72,7 @@ def corpus(factory: sessionmaker[Session]) -> dict[str, int]:
                 "20260110",
                 deliveries={"PACS_A": DeliveryState.DELIVERED, "PACS_B": DeliveryState.DEAD},
                 received_at=NOW - timedelta(hours=1),
+                novelty=0.42,
             ),
         ).study,
         "covid": add_study(
@@ -179,10 +180,12 @@ def test_details_show_probabilities_model_and_delivery_history(
     for cls, pct in (("Pneumonia", "84.0 %"), ("Normal", "11.0 %"), ("COVID-19", "5.0 %")):
         assert f'<td class="cls">{cls}</td>' in html and pct in html
     assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
+    assert '<td id="novelty">0.42 ' in html  # how close to the model's limit of familiar images
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
     assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
     detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
     assert detail["instances"][0]["findings"][0]["model_version"] == "1.2.0"
+    assert detail["instances"][0]["findings"][0]["novelty"] == 0.42
     assert {d["state"] for r in detail["results"] for d in r["deliveries"]} == {"delivered", "dead"}
 
 
