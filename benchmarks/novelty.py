@@ -19,15 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from benchmarks.evaluate import DEGRADATIONS as ROBUSTNESS_DEGRADATIONS
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
 from classifier.errors import ClassifierError
-from classifier.evaluation import parse_degradation
+from classifier.evaluation import parse_degradation, predict_items
 from classifier.inference import Classifier, load_input
-from classifier.preprocess import image_to_model_input
 
 # The robustness benchmark's degradations, and a tighter crop.
 DEGRADATIONS = (*ROBUSTNESS_DEGRADATIONS, "crop:0.7")
@@ -81,16 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     _, validation = split_from_record(load_collection(args.data), read_metadata(args.model).data["split"])
     rows = []
     for degradation in DEGRADATIONS:
-        degrade = parse_degradation(degradation)
-        inputs = []
-        for item in validation:
-            if degrade is None:
-                inputs.append(load_input(item.path, spec, lungs))
-                continue
-            with Image.open(item.path) as image:
-                image.load()
-                inputs.append(image_to_model_input(degrade(image), spec, lungs))
-        rows.append(_row(f"validation, {degradation}", _ratios(classifier, inputs)))
+        _, novelty = predict_items(classifier, validation, parse_degradation(degradation))
+        rows.append(_row(f"validation, {degradation}", novelty))
 
     chest, leg, others = [], [], []
     for path in _test_objects():
