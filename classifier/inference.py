@@ -261,9 +261,10 @@ class Classifier:
         return head
 
     def _class_activation(self, inputs: Any) -> tuple[Any, Any, Any]:
-        """The softmax layer's input, the probabilities and the ReLU of the feature maps weighted by the gradient of the top class's score
-        *before* the softmax, as Grad-CAM defines it: the gradient of a probability vanishes as it nears 1
-        and mixes in the other classes (the map becomes "this class against the others")."""
+        """The softmax layer's input, the probabilities, and the ReLU of the feature maps weighted by the
+        gradient of the top class's score *before* the softmax, as Grad-CAM defines it: the gradient of a
+        probability vanishes as it nears 1 and mixes in the other classes (the map becomes "this class
+        against the others")."""
         import tensorflow as tf
 
         head = self._softmax_head()
