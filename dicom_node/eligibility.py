@@ -33,6 +33,14 @@ class Eligibility:
     reason: str = ""
 
 
+MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) only."
+
+
+def not_classified(reason: str) -> str:
+    """The sentence the console shows for an image it will not classify, whichever check refused it."""
+    return f"Not classified: {reason}. {MODEL_SCOPE}"
+
+
 def unfamiliar_reason(novelty: float | None) -> str:
     """Why an image the model's novelty check refused is not classified (console, log, PDF)."""
     return (

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dicom_node import audit
+from dicom_node.eligibility import not_classified
 from dicom_node.errors import IneligibleImageError, NodeError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import (
@@ -153,9 +154,7 @@ def classify_held(con: Console, held: HeldUpload) -> None:
     """Classify an upload, unless its DICOM header says the model is not made for it (as the node would)."""
     verdict = held.upload.eligibility
     if verdict is not None and not verdict.eligible:
-        raise IneligibleImageError(
-            f"Not classified: {verdict.reason}. The model reads frontal chest radiographs (CR/DX, PA/AP) only."
-        )
+        raise IneligibleImageError(not_classified(verdict.reason))
     held.prediction = con.services.classify(held.upload)
     held.analysed_at = utcnow()
 

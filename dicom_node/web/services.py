@@ -22,7 +22,7 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.eligibility import Eligibility, assess_dataset, unfamiliar_reason
+from dicom_node.eligibility import Eligibility, assess_dataset, not_classified, unfamiliar_reason
 from dicom_node.errors import (
     ClassificationError,
     IneligibleImageError,
@@ -185,10 +185,7 @@ class NodeConsoleServices:
             raise ClassificationError(f"the image cannot be classified: {exc}") from exc
         prediction = predictions[0]
         if prediction.unfamiliar and self._settings.pipeline.skip_unfamiliar:
-            raise IneligibleImageError(
-                f"Not classified: {unfamiliar_reason(prediction.novelty)}. The model reads frontal chest "
-                "radiographs only."
-            )
+            raise IneligibleImageError(not_classified(unfamiliar_reason(prediction.novelty)))
         return prediction
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:

@@ -15,6 +15,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.eligibility import MODEL_SCOPE
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import Instance
@@ -137,6 +138,7 @@ def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     assert 'id="classify"' not in page and 'id="store"' in page  # it may still be stored, like a C-STORE
     refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
     assert refused.status_code == 422 and "body part EXTREMITY is not CHEST" in refused.text
+    assert MODEL_SCOPE in page and MODEL_SCOPE in refused.text  # one wording, whichever check refuses
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "body part EXTREMITY is not CHEST" in api.text
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
@@ -218,6 +220,7 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
     assert refused.status_code == 422
     assert "does not look like the chest radiographs the model was trained on" in refused.text
+    assert MODEL_SCOPE in refused.text  # the same scope sentence as a header refusal
     assert 'id="finding-label"' not in refused.text
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
