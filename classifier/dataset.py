@@ -24,6 +24,7 @@ from classifier.preprocess import (
     LungFinder,
     PreprocessSpec,
     dataset_to_gray,
+    dataset_to_upright_gray,
     fit_gray,
     is_dicom_file,
     pil_to_gray,
@@ -180,10 +181,12 @@ def split_from_record(
     return split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
 
 
-def load_gray(path: Path) -> npt.NDArray[np.float32]:
-    """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing."""
+def load_gray(path: Path, *, upright: bool = True) -> npt.NDArray[np.float32]:
+    """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing: a DICOM
+    image head up by its Patient Orientation, unless ``upright`` is off (to match a mask drawn on it)."""
     if is_dicom_file(path):
-        return dataset_to_gray(read_dataset(path))
+        ds = read_dataset(path)
+        return dataset_to_upright_gray(ds) if upright else dataset_to_gray(ds)
     with Image.open(path) as image:
         image.load()
         return pil_to_gray(image)

@@ -28,13 +28,15 @@ from classifier.preprocess import (
     FloatImage,
     LungFinder,
     PreprocessSpec,
-    dataset_to_gray,
     dataset_to_model_input,
+    dataset_to_upright_gray,
     framed_model_input,
     image_to_model_input,
     is_dicom_file,
     pil_to_gray,
     read_dataset,
+    upright,
+    upright_turns,
 )
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
 
@@ -187,8 +189,15 @@ class Classifier:
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]:
+        """Predictions for DICOM images, read head up (:func:`classifier.preprocess.upright_turns`); each heat
+        map is turned back onto the stored pixels, where the radiologist's viewer shows it."""
         min_side = max(self.spec.input_size)
-        return self._timed(lambda ds: dataset_to_gray(ds, min_side=min_side), datasets, heatmap)
+        predictions = self._timed(lambda ds: dataset_to_upright_gray(ds, min_side=min_side), datasets, heatmap)
+        turns = [upright_turns(ds) for ds in datasets]
+        return [
+            p if p.heatmap is None or k == 0 else replace(p, heatmap=upright(p.heatmap, -k))
+            for p, k in zip(predictions, turns, strict=True)
+        ]
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
         return self._timed(pil_to_gray, images, heatmap)

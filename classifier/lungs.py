@@ -99,7 +99,7 @@ def load_mask(pair: MaskedImage) -> FloatImage:
 
 def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
     """(input, mask) at the U-Net's size."""
-    return segmenter_input(load_gray(pair.image)), load_mask(pair)
+    return segmenter_input(load_gray(pair.image, upright=False)), load_mask(pair)
 
 
 def build_lung_unet(size: int = LUNG_INPUT, widths: Sequence[int] = (16, 32, 64, 128)) -> Any:
@@ -373,7 +373,7 @@ def evaluate_lung_model(cropper: LungCropper, pairs: Sequence[MaskedImage]) -> d
     the crop box falls back to the whole image."""
     scores, fallbacks = [], 0
     for pair in pairs:
-        gray = load_gray(pair.image)
+        gray = load_gray(pair.image, upright=False)  # the mask is drawn on the stored pixels
         probability = cropper.probabilities([gray])[0]
         scores.append(dice(probability > THRESHOLD, load_mask(pair)))
         fallbacks += mask_box(probability) is None

@@ -11,6 +11,9 @@ window (PS3.3 C.11.2.1.2, LINEAR, LINEAR_EXACT and SIGMOID) → one inversion wh
 MONOCHROME1 or its Presentation LUT Shape is INVERSE (:func:`_inverted`). When the object
 carries no VOI transform, the fallback is a percentile window (0.5 %–99.5 % of the modality values),
 which is what a viewer's "auto window" does and ignores collimator edges and burnt-in labels.
+What a model reads is then turned head up by Patient Orientation (:func:`dataset_to_upright_gray`);
+what reports and the console show (:func:`display_image`) keeps the stored orientation, as the
+radiologist's viewer does, and heat maps are turned back onto it.
 Large images are box-averaged down to about twice the model input *before* the LUTs, which keeps a
 2000×2000 CR under a few tens of milliseconds; JPEG 2000 pixel data is decoded at a reduced resolution
 level for the same reason (the codestream is multi-resolution, the model needs 150–256 px).
@@ -380,6 +383,40 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
     return gray
 
 
+# Where the patient's feet point on screen, by the first (dominant) letter of a Patient Orientation
+# value, → counter-clockwise quarter turns (numpy.rot90) that bring them to the bottom.
+_FEET_DOWN_TURNS = {("column", "F"): 0, ("column", "H"): 2, ("row", "F"): 3, ("row", "H"): 1}
+
+
+def upright_turns(ds: pydicom.Dataset) -> int:
+    """Counter-clockwise quarter turns that show the patient head up, read from Patient Orientation.
+
+    Its first value is the patient direction of the rows (screen right), its second that of the columns
+    (screen down), PS3.3 C.7.6.1.1.1; an upright frontal chest is ``L\\F`` or ``R\\F``. A rotated image
+    (``F\\L``, ``H\\R``…) or one stored upside down (``L\\H``) is turned so the feet point down; left and
+    right are left as they are (the models are trained with mirrored images). No value, a malformed one,
+    or one without head or foot direction (an axial image) means no turn.
+    """
+    value = ds.get("PatientOrientation")
+    if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
+        return 0
+    row_letter, column_letter = (str(part).strip().upper()[:1] for part in value)
+    for axis, letter in (("column", column_letter), ("row", row_letter)):
+        if letter in ("F", "H"):
+            return _FEET_DOWN_TURNS[(axis, letter)]
+    return 0
+
+
+def upright(gray: FloatImage, turns: int) -> FloatImage:
+    """``gray`` turned by :func:`upright_turns` (``-turns`` turns a heat map back onto the stored pixels)."""
+    return gray if turns % 4 == 0 else np.ascontiguousarray(np.rot90(gray, turns))
+
+
+def dataset_to_upright_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
+    """:func:`dataset_to_gray`, head up (:func:`upright_turns`): what the models are trained on and read."""
+    return upright(dataset_to_gray(ds, min_side), upright_turns(ds))
+
+
 def _inverted(ds: pydicom.Dataset, photometric: str) -> bool:
     """Whether the minimum value is displayed white: MONOCHROME1, or a Presentation LUT Shape of INVERSE.
 
@@ -515,7 +552,7 @@ def dataset_to_model_input(
     ds: pydicom.Dataset, spec: PreprocessSpec, lungs: LungFinder | None = None
 ) -> FloatImage:
     """A DICOM image → float32 H×W×3 model input (see the module docstring for the steps)."""
-    return gray_to_model_input(dataset_to_gray(ds, min_side=max(spec.input_size)), spec, lungs)
+    return gray_to_model_input(dataset_to_upright_gray(ds, min_side=max(spec.input_size)), spec, lungs)
 
 
 def image_to_model_input(image: Image.Image, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from io import BytesIO
 from pathlib import Path
 
@@ -73,3 +74,22 @@ def to_bytes(ds: Dataset) -> bytes:
 def write(ds: Dataset, path: Path) -> Path:
     path.write_bytes(to_bytes(ds))
     return path
+
+
+_OPPOSITE = {"L": "R", "R": "L", "H": "F", "F": "H", "A": "P", "P": "A"}
+
+
+def stored_turned(ds: Dataset, turns: int) -> Dataset:
+    """A copy of ``ds`` whose pixels are stored ``turns`` quarter turns counter-clockwise (numpy.rot90),
+    uncompressed, with its Patient Orientation following: after one turn the screen's right shows what was
+    at the bottom, and the bottom what was on the left."""
+    pixels = np.ascontiguousarray(np.rot90(ds.pixel_array, turns))
+    out = copy.deepcopy(ds)
+    out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out.PixelData = pixels.tobytes()
+    out.Rows, out.Columns = pixels.shape
+    row, column = list(ds.PatientOrientation)
+    for _ in range(turns % 4):
+        row, column = column, _OPPOSITE[row]
+    out.PatientOrientation = [row, column]
+    return out

@@ -25,13 +25,17 @@ from classifier.preprocess import (
     PreprocessSpec,
     dataset_to_gray,
     dataset_to_model_input,
+    dataset_to_upright_gray,
     display_image,
     equalise,
     frame_box,
     image_to_model_input,
     read_dataset,
+    upright,
+    upright_turns,
 )
 from tests import peers
+from tests.node_datasets import stored_turned
 
 pytestmark = pytest.mark.unit
 
@@ -118,6 +122,47 @@ def test_presentation_lut_shape_inverts_once_at_most(photometric: str, shape: st
     expected = 1.0 - plain if inverted else plain
     np.testing.assert_allclose(dataset_to_gray(ds), expected, atol=1e-6)
     np.testing.assert_allclose(display_image(ds).astype(np.float32) / 255.0, expected, atol=1 / 255)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "turns"),
+    [
+        (["L", "F"], 0),  # PA chest as displayed
+        (["R", "F"], 0),  # mirrored: left as it is (the models are trained with flips)
+        (["P", "F"], 0),  # lateral view
+        (["R", "H"], 2),  # upside down
+        (["L", "H"], 2),  # upside down and mirrored: turned, not flipped
+        (["F", "R"], 3),  # feet on the right: one turn clockwise
+        (["H", "L"], 1),  # feet on the left
+        (["FL", "RF"], 3),  # oblique: the first letter is the dominant direction
+        (["L", "P"], 0),  # axial: no head-foot direction, nothing to turn
+        (None, 0),
+        ("L", 0),  # one value: malformed
+        (["", ""], 0),
+    ],
+)
+def test_patient_orientation_says_how_to_turn_the_image_head_up(orientation: object, turns: int) -> None:
+    ds = make_dataset(ramp(12), bits_stored=12)
+    if orientation is not None:
+        ds.PatientOrientation = orientation
+    assert upright_turns(ds) == turns
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_an_image_stored_turned_reaches_the_model_as_the_upright_one(turns: int) -> None:
+    rng = np.random.default_rng(turns)
+    pixels = rng.integers(0, 4096, size=(48, 40)).astype(np.uint16)  # not square: turns swap the sides
+    pixels[:8] = 4095  # a bright top edge: "head"
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.PatientOrientation = ["L", "F"]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    stored = stored_turned(ds, turns)
+    np.testing.assert_allclose(dataset_to_upright_gray(stored), dataset_to_gray(ds), atol=1e-6)
+    np.testing.assert_allclose(dataset_to_model_input(stored, SPEC), dataset_to_model_input(ds, SPEC), atol=1e-6)
+    # What is displayed keeps the stored orientation; -turns brings a map over the model input back onto it.
+    np.testing.assert_array_equal(display_image(stored), np.rot90(display_image(ds), turns))
+    back = upright(dataset_to_upright_gray(stored), -upright_turns(stored))
+    np.testing.assert_allclose(back, dataset_to_gray(stored), atol=1e-6)
 
 
 def test_signed_pixels_with_rescale_and_window_in_output_units() -> None:
