@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
-from classifier.novelty import NoveltyCheck
+from classifier.novelty import NoveltyCheck, better_turn
 from classifier.preprocess import (
     Box,
     FloatImage,
@@ -33,10 +33,10 @@ from classifier.preprocess import (
     framed_model_input,
     image_to_model_input,
     is_dicom_file,
+    orientation_turns,
     pil_to_gray,
     read_dataset,
     upright,
-    upright_turns,
 )
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
 
@@ -190,30 +190,64 @@ class Classifier:
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]:
         """Predictions for DICOM images, read head up (:func:`classifier.preprocess.upright_turns`); each heat
-        map is turned back onto the stored pixels, where the radiologist's viewer shows it."""
+        map is turned back onto the stored pixels, where the radiologist's viewer shows it. An image whose
+        Patient Orientation does not say which way is up gets the turn check
+        (:attr:`Prediction.better_turn`)."""
         min_side = max(self.spec.input_size)
-        predictions = self._timed(lambda ds: dataset_to_upright_gray(ds, min_side=min_side), datasets, heatmap)
-        turns = [upright_turns(ds) for ds in datasets]
+        known = [orientation_turns(ds) for ds in datasets]
+        predictions = self._timed(
+            lambda ds: dataset_to_upright_gray(ds, min_side=min_side),
+            datasets,
+            heatmap,
+            check_turns=[turns is None for turns in known],
+        )
         return [
-            p if p.heatmap is None or k == 0 else replace(p, heatmap=upright(p.heatmap, -k))
-            for p, k in zip(predictions, turns, strict=True)
+            p if p.heatmap is None or not k else replace(p, heatmap=upright(p.heatmap, -k))
+            for p, k in zip(predictions, known, strict=True)
         ]
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
-        return self._timed(pil_to_gray, images, heatmap)
+        """Predictions for pictures, which have no header to say which way is up: all get the turn check."""
+        return self._timed(pil_to_gray, images, heatmap, check_turns=[True] * len(images))
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _timed(self, to_gray: Any, sources: Sequence[Any], heatmap: bool) -> list[Prediction]:
+    def _timed(
+        self, to_gray: Any, sources: Sequence[Any], heatmap: bool, *, check_turns: Sequence[bool]
+    ) -> list[Prediction]:
         start = time.perf_counter()
-        inputs, frames = [], []
+        grays, inputs, frames = [], [], []
         for source in sources:
-            model_input, frame = framed_model_input(to_gray(source), self.spec, self._lungs)
+            gray = to_gray(source)
+            model_input, frame = framed_model_input(gray, self.spec, self._lungs)
+            grays.append(gray)
             inputs.append(model_input)
             frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
         predictions = self.predict(inputs, heatmap=heatmap, frames=frames)
-        return [replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions]
+        predictions = [
+            replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions
+        ]
+        checked = [i for i, check in enumerate(check_turns) if check and predictions[i].novelty is not None]
+        if checked:
+            start = time.perf_counter()
+            novelty = [predictions[i].novelty or 0.0 for i in checked]
+            turns = self._better_turns([grays[i] for i in checked], novelty)
+            turn_ms = (time.perf_counter() - start) * 1000.0 / len(checked)
+            for i, turn in zip(checked, turns, strict=True):
+                timings = {**predictions[i].timings_ms, "turn_check": turn_ms}
+                predictions[i] = replace(predictions[i], better_turn=turn, timings_ms=timings)
+        return predictions
+
+    def _better_turns(self, grays: Sequence[FloatImage], as_given: Sequence[float]) -> list[int]:
+        """:func:`classifier.novelty.better_turn` of each grey image, scored at its other three quarter
+        turns."""
+        if self._novelty is None:
+            return [0] * len(grays)
+        spec, lungs = self.spec, self._lungs
+        inputs = [framed_model_input(upright(gray, k), spec, lungs)[0] for gray in grays for k in (1, 2, 3)]
+        turned = self._novelty.ratios(self.embed(inputs)).reshape(len(grays), 3)
+        return [better_turn(given, list(row)) for given, row in zip(as_given, turned, strict=True)]
 
     def _forward_pass(
         self, batch: npt.NDArray[np.float32]

@@ -389,22 +389,28 @@ _FEET_DOWN_TURNS = {("column", "F"): 0, ("column", "H"): 2, ("row", "F"): 3, ("r
 
 
 def upright_turns(ds: pydicom.Dataset) -> int:
+    """Counter-clockwise quarter turns that show the patient head up (see :func:`orientation_turns`)."""
+    turns = orientation_turns(ds)
+    return 0 if turns is None else turns
+
+
+def orientation_turns(ds: pydicom.Dataset) -> int | None:
     """Counter-clockwise quarter turns that show the patient head up, read from Patient Orientation.
 
     Its first value is the patient direction of the rows (screen right), its second that of the columns
     (screen down), PS3.3 C.7.6.1.1.1; an upright frontal chest is ``L\\F`` or ``R\\F``. A rotated image
     (``F\\L``, ``H\\R``…) or one stored upside down (``L\\H``) is turned so the feet point down; left and
-    right are left as they are (the models are trained with mirrored images). No value, a malformed one,
-    or one without head or foot direction (an axial image) means no turn.
+    right are left as they are (the models are trained with mirrored images). ``None`` when the header
+    does not say: no value, a malformed one, or one without head or foot direction (an axial image).
     """
     value = ds.get("PatientOrientation")
     if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
-        return 0
+        return None
     row_letter, column_letter = (str(part).strip().upper()[:1] for part in value)
     for axis, letter in (("column", column_letter), ("row", row_letter)):
         if letter in ("F", "H"):
             return _FEET_DOWN_TURNS[(axis, letter)]
-    return 0
+    return None
 
 
 def upright(gray: FloatImage, turns: int) -> FloatImage:

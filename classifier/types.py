@@ -30,7 +30,9 @@ class Prediction:
     configured threshold; ``top_class`` is always the arg-max class. ``novelty`` is how unlike the
     training images the image is, as a multiple of the artifact's limit (``None`` when the artifact has
     no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
-    probabilities say little.
+    probabilities say little. ``better_turn`` is set when the header did not say which way is up and the
+    image is clearly more familiar turned by that many counter-clockwise quarter turns: it looks the wrong
+    way up (0: it does not, or it was not checked).
     """
 
     label: str
@@ -40,6 +42,7 @@ class Prediction:
     heatmap: npt.NDArray[np.float32] | None = None  # HxW in [0, 1] over the model input, or None
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     novelty: float | None = None
+    better_turn: int = 0
 
     @property
     def confidence(self) -> float:
@@ -53,3 +56,8 @@ class Prediction:
     def unfamiliar(self) -> bool:
         """The image is unlike every image the model was trained on (a non-chest image, a photograph)."""
         return self.novelty is not None and self.novelty > 1.0
+
+    @property
+    def looks_turned(self) -> bool:
+        """The image looks on its side or upside down (see :attr:`better_turn`)."""
+        return self.better_turn != 0

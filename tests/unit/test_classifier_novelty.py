@@ -13,7 +13,16 @@ from PIL import Image
 
 from classifier.errors import ModelArtifactError
 from classifier.inference import Classifier, default_model_path
-from classifier.novelty import NOVELTY_FILE, FeatureDensity, NoveltyCheck, fit_density, fit_novelty
+from classifier.novelty import (
+    NOVELTY_FILE,
+    TURN_MARGIN,
+    FeatureDensity,
+    NoveltyCheck,
+    better_turn,
+    fit_density,
+    fit_novelty,
+)
+from classifier.preprocess import display_image
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -109,6 +118,22 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     assert report["unfamiliar"]["fraction"] == pytest.approx(report["unfamiliar"]["images"] / 24)
 
 
+@pytest.mark.parametrize(
+    ("as_given", "turned", "expected"),
+    [
+        (0.6, [1.2, 0.8, 1.1], 0),  # upright: the most familiar as it is
+        (0.6, [0.55, 0.9, 1.0], 0),  # a turn scores a little lower: not enough to call the image turned
+        (0.77, [1.1, 0.58, 1.2], 2),  # upside down: half a turn brings it back
+        (1.2, [1.1, 1.3, 0.6], 3),  # on its side: three quarter turns
+        (1.0, [1.0, TURN_MARGIN, 1.0], 0),  # exactly at the margin: not turned
+    ],
+)
+def test_an_image_is_called_turned_only_when_a_turn_is_clearly_more_familiar(
+    as_given: float, turned: list[float], expected: int
+) -> None:
+    assert better_turn(as_given, turned) == expected
+
+
 @pytest.fixture(scope="module")
 def shipped() -> Classifier:
     return Classifier.load(default_model_path())
@@ -127,3 +152,31 @@ def test_the_shipped_model_knows_a_chest_radiograph_from_a_leg_and_a_photograph(
         heatmap=False,
     )
     assert all(p.unfamiliar for p in photos)
+
+
+@pytest.mark.parametrize(
+    ("transpose", "turn"),
+    [(None, 0), (Image.Transpose.ROTATE_90, 3), (Image.Transpose.ROTATE_180, 2), (Image.Transpose.ROTATE_270, 1)],
+)
+def test_a_picture_the_wrong_way_up_is_told_apart(
+    shipped: Classifier, transpose: Image.Transpose | None, turn: int
+) -> None:
+    """A picture has no Patient Orientation: the hospital CR as a picture is checked at its four turns.
+    Upside down it passes the novelty check (0.77) and was called indeterminate; now it is flagged."""
+    picture = Image.fromarray(display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))))
+    prediction = shipped.predict_images([picture if transpose is None else picture.transpose(transpose)])[0]
+    assert prediction.better_turn == turn and prediction.looks_turned == (turn != 0)
+    assert "turn_check" in prediction.timings_ms
+
+
+def test_dicom_is_turn_checked_only_when_its_header_does_not_say_which_way_is_up(shipped: Classifier) -> None:
+    with_header = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))  # L\F
+    without = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    del without.PatientOrientation
+    upside_down = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    upside_down.PixelData = np.ascontiguousarray(np.rot90(upside_down.pixel_array, 2)).tobytes()
+    del upside_down.PatientOrientation
+    checked, plain, flagged = shipped.predict_datasets([without, with_header, upside_down], heatmap=False)
+    assert "turn_check" not in plain.timings_ms and not plain.looks_turned  # the header says: no extra cost
+    assert "turn_check" in checked.timings_ms and not checked.looks_turned
+    assert flagged.better_turn == 2
