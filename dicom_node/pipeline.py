@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
-from dicom_node.eligibility import assess_instance, unfamiliar_reason
+from dicom_node.eligibility import assess_instance, model_refusal
 from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
@@ -107,7 +107,7 @@ class PipelineConfig:
     fixed_destinations: tuple[str, ...] = ()
     fsync: bool = True
     indeterminate_threshold: float = 0.5  # recorded in the SR's algorithm parameters
-    skip_unfamiliar: bool = True  # images the model finds unlike its training images are skipped
+    skip_unfamiliar: bool = True  # skip images unlike the training images, or the wrong way up
 
 
 def node_identity(settings: Settings) -> NodeIdentity:
@@ -551,9 +551,10 @@ class Pipeline:
                 )
                 LOGGER.error("instance %d: classification failed (%s)", item.instance_pk, type(outcome).__name__)
                 continue
-            if outcome.unfamiliar and self.config.skip_unfamiliar:
-                self._mark_instance(item.instance_pk, InstanceState.SKIPPED, unfamiliar_reason(outcome.novelty))
-                LOGGER.info("instance %d: skipped, unlike the training images", item.instance_pk)
+            refusal = model_refusal(outcome)
+            if refusal is not None and self.config.skip_unfamiliar:
+                self._mark_instance(item.instance_pk, InstanceState.SKIPPED, refusal)
+                LOGGER.info("instance %d: skipped by the model's own checks", item.instance_pk)
                 continue
             heatmap_path = self._save_heatmap(item.instance_pk, info, outcome.heatmap)
             timings = {str(k): float(v) for k, v in outcome.timings_ms.items()}

@@ -22,7 +22,7 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.eligibility import Eligibility, assess_dataset, not_classified, unfamiliar_reason
+from dicom_node.eligibility import Eligibility, assess_dataset, model_refusal, not_classified
 from dicom_node.errors import (
     ClassificationError,
     IneligibleImageError,
@@ -184,8 +184,9 @@ class NodeConsoleServices:
         except ClassifierError as exc:
             raise ClassificationError(f"the image cannot be classified: {exc}") from exc
         prediction = predictions[0]
-        if prediction.unfamiliar and self._settings.pipeline.skip_unfamiliar:
-            raise IneligibleImageError(not_classified(unfamiliar_reason(prediction.novelty)))
+        refusal = model_refusal(prediction)
+        if refusal is not None and self._settings.pipeline.skip_unfamiliar:
+            raise IneligibleImageError(not_classified(refusal))
         return prediction
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:

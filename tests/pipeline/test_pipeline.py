@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes as dcm_codes
@@ -293,6 +294,25 @@ def test_a_leg_labelled_chest_is_stored_but_not_classified_by_its_pixels(world: 
         study = session.get(Study, again)
         assert study is not None and study.state is StudyState.ANALYSED
         assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
+def test_an_image_upside_down_without_patient_orientation_is_stored_but_not_classified(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Nothing in the header says which way is up, and the pixels are upside down: the model's turn check
+    skips the image rather than reading a misplaced chest (it used to come out indeterminate)."""
+
+    def upside_down(ds: pydicom.Dataset) -> None:
+        ds.PixelData = np.ascontiguousarray(np.rot90(ds.pixel_array, 2)).tobytes()
+        del ds.PatientOrientation
+
+    assert_skipped_without_results(
+        world,
+        peer,
+        receive(world, "RG1_UNCI.dcm", edit=upside_down),
+        "the image looks the wrong way up: the model knows it better turned upside down; send it head up, "
+        "or with its Patient Orientation",
+    )
 
 
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:

@@ -38,16 +38,18 @@ def chest_like_png(size: tuple[int, int] = (640, 560)) -> bytes:
     return buffer.getvalue()
 
 
-def radiograph_png(max_size: int = 640) -> bytes:
-    """A real chest radiograph as a picture: the hospital CR RG1 of pydicom-data, as the console shows it.
-    (The synthetic ``chest_like_png`` is too unlike a radiograph for the model: it refuses to classify it.)"""
+def radiograph_png(max_size: int = 640, transpose: Image.Transpose | None = None) -> bytes:
+    """A real chest radiograph as a picture: the hospital CR RG1 of pydicom-data, as the console shows it
+    (``transpose``: turned). The synthetic ``chest_like_png`` is too unlike a radiograph for the model: it
+    refuses to classify it."""
     import pydicom
 
     from classifier.preprocess import display_image
 
     pixels = display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm")), max_size=max_size)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    picture = Image.fromarray(pixels)
+    (picture if transpose is None else picture.transpose(transpose)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -225,6 +227,11 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
+
+    # A chest radiograph uploaded upside down passes the novelty check but looks the wrong way up.
+    token = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert refused.status_code == 422 and "looks the wrong way up" in refused.text and MODEL_SCOPE in refused.text
 
     # With pipeline.skip_unfamiliar off the finding is shown, under a warning.
     pipeline = classifying_app.state.console.settings.pipeline.model_copy(update={"skip_unfamiliar": False})
