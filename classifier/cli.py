@@ -350,23 +350,24 @@ def _format_prediction(path: Path, prediction: Any) -> str:
     line = f"{path.name}\t{prediction.label}\t{probabilities}"
     if prediction.novelty is not None:
         line += f"\tnovelty={prediction.novelty:.2f}" + ("\tunfamiliar" if prediction.unfamiliar else "")
+    if prediction.looks_turned:
+        line += f"\twrong-way-up(better turned {prediction.better_turn} quarter turn(s) anticlockwise)"
     return line
 
 
 def _classify(args: argparse.Namespace) -> int:
     from classifier.errors import ClassifierError
-    from classifier.inference import Classifier, default_model_path, load_input
+    from classifier.inference import Classifier, default_model_path
 
     classifier = Classifier.load(args.model or default_model_path(), indeterminate_threshold=args.threshold)
     status = 0
     for path in args.files:
         try:
-            image = load_input(path, classifier.spec, classifier.lungs)
+            prediction = classifier.predict_file(path)
         except (ClassifierError, OSError) as exc:
             sys.stderr.write(f"{path.name}\terror\t{exc}\n")
             status = 1
             continue
-        prediction = classifier.predict([image], heatmap=False)[0]
         if args.json:
             _say(
                 json.dumps(
@@ -378,6 +379,7 @@ def _classify(args: argparse.Namespace) -> int:
                         "model": prediction.model.version,
                         "novelty": prediction.novelty,
                         "unfamiliar": prediction.unfamiliar,
+                        "better_turn": prediction.better_turn,
                     }
                 )
             )

@@ -48,21 +48,28 @@ def default_model_path() -> Path:
     return Path(str(resources.files("classifier") / "models" / "default"))
 
 
-def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
-    """A DICOM file (by suffix or the DICM preamble) or a PNG/JPEG file → model input."""
+def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
+    """A DICOM file (by suffix or the DICM preamble) as a dataset, or a PNG/JPEG file as a loaded picture."""
     path = Path(path)
     if is_dicom_file(path):
         try:
-            ds = read_dataset(path)
+            return read_dataset(path)
         except pydicom.errors.InvalidDicomError as exc:
             raise UnsupportedImageError(f"{path.name} is not a readable DICOM file") from exc
-        return dataset_to_model_input(ds, spec, lungs)
     try:
         with Image.open(path) as image:
             image.load()
-            return image_to_model_input(image, spec, lungs)
+            return image
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
+
+
+def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
+    """A DICOM file (by suffix or the DICM preamble) or a PNG/JPEG file → model input."""
+    source = read_image_file(path)
+    if isinstance(source, pydicom.Dataset):
+        return dataset_to_model_input(source, spec, lungs)
+    return image_to_model_input(source, spec, lungs)
 
 
 class Classifier:
@@ -209,6 +216,13 @@ class Classifier:
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
         """Predictions for pictures, which have no header to say which way is up: all get the turn check."""
         return self._timed(pil_to_gray, images, heatmap, check_turns=[True] * len(images))
+
+    def predict_file(self, path: Path, *, heatmap: bool = False) -> Prediction:
+        """One DICOM or PNG/JPEG file, the way the node and the console read it (orientation, turn check)."""
+        source = read_image_file(path)
+        if isinstance(source, pydicom.Dataset):
+            return self.predict_datasets([source], heatmap=heatmap)[0]
+        return self.predict_images([source], heatmap=heatmap)[0]
 
     # ------------------------------------------------------------------------------------ internals
 

@@ -180,3 +180,16 @@ def test_dicom_is_turn_checked_only_when_its_header_does_not_say_which_way_is_up
     assert "turn_check" not in plain.timings_ms and not plain.looks_turned  # the header says: no extra cost
     assert "turn_check" in checked.timings_ms and not checked.looks_turned
     assert flagged.better_turn == 2
+
+
+def test_cli_classify_reads_a_file_as_the_console_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cxr-node classify`` goes through the same path as the console: an upside-down picture is flagged."""
+    from classifier import cli
+
+    picture = Image.fromarray(display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))))
+    path = tmp_path / "chest.png"
+    picture.transpose(Image.Transpose.ROTATE_180).save(path)
+    assert cli.main(["classify", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["better_turn"] == 2
+    assert cli.main(["classify", str(path)]) == 0
+    assert "wrong-way-up" in capsys.readouterr().out
