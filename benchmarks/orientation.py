@@ -1,0 +1,94 @@
+"""Pictures the wrong way up: what the novelty check alone lets through, and what the turn check adds.
+
+    PYTHONPATH=. python benchmarks/orientation.py MODEL_DIR /work/shared/data/cxr3
+
+The model's validation pictures, as they are and turned by a quarter turn either way and upside down, go
+through ``Classifier.predict_images`` (the console's path: a picture has no Patient Orientation, so every
+one gets the turn check). Columns: refused by the novelty check alone (what read such images before the
+turn check), refused by either check now, and the accuracy of what each lets through.
+Prints a table and, as the last line, a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from classifier.artifact import read_metadata
+from classifier.dataset import load_collection, split_from_record
+from classifier.inference import Classifier
+from classifier.types import Prediction
+
+TURNS: tuple[tuple[str, Image.Transpose | None], ...] = (
+    ("not turned", None),
+    ("quarter turn anticlockwise", Image.Transpose.ROTATE_90),
+    ("upside down", Image.Transpose.ROTATE_180),
+    ("quarter turn clockwise", Image.Transpose.ROTATE_270),
+)
+BATCH = 16
+
+
+def _accuracy(pairs: list[tuple[Prediction, str]]) -> float | None:
+    return sum(p.top_class == label for p, label in pairs) / len(pairs) if pairs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    args = parser.parse_args(argv)
+
+    classifier = Classifier.load(args.model)
+    if classifier.novelty is None:
+        raise SystemExit(f"{args.model} has no novelty check: run 'cxr-node novelty {args.model} DATA'")
+    _, validation = split_from_record(load_collection(args.data), read_metadata(args.model).data["split"])
+    rows = []
+    for name, transpose in TURNS:
+        predictions: list[Prediction] = []
+        for start in range(0, len(validation), BATCH):
+            pictures = []
+            for item in validation[start : start + BATCH]:
+                with Image.open(item.path) as picture:
+                    picture.load()
+                    pictures.append(picture if transpose is None else picture.transpose(transpose))
+            predictions += classifier.predict_images(pictures, heatmap=False)
+        pairs = [(p, item.label) for p, item in zip(predictions, validation, strict=True)]
+        novelty_passes = [(p, label) for p, label in pairs if not p.unfamiliar]
+        both_pass = [(p, label) for p, label in novelty_passes if not p.looks_turned]
+        rows.append(
+            {
+                "pictures": name,
+                "images": len(pairs),
+                "refused_novelty_alone": len(pairs) - len(novelty_passes),
+                "refused_either": len(pairs) - len(both_pass),
+                "accuracy_passed_novelty_alone": _accuracy(novelty_passes),
+                "accuracy_passed_either": _accuracy(both_pass),
+                "turn_check_ms_median": statistics.median(p.timings_ms["turn_check"] for p in predictions),
+            }
+        )
+
+    def fmt(value: object) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    print(f"model {classifier.info.version}; turn margin from classifier.novelty.TURN_MARGIN")
+    print(f"{'pictures':<30}{'images':>7}{'refused: novelty':>18}{'+ turn check':>14}"
+          f"{'acc. passed: novelty':>22}{'+ turn check':>14}{'turn ms':>9}")
+    for row in rows:
+        print(
+            f"{row['pictures']:<30}{row['images']:>7}{row['refused_novelty_alone']:>18}{row['refused_either']:>14}"
+            f"{fmt(row['accuracy_passed_novelty_alone']):>22}{fmt(row['accuracy_passed_either']):>14}"
+            f"{row['turn_check_ms_median']:>9.1f}"
+        )
+    print(json.dumps({"model": classifier.info.version, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
