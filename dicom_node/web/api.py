@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from dicom_node import aes, audit, users
+from dicom_node.eligibility import model_refusal
 from dicom_node.errors import AuthenticationError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
@@ -177,6 +178,9 @@ class PredictionOut(BaseModel):
     heatmap_url: str | None
     report_url: str
     novelty: float | None = None  # how unlike the training images, 1.0 = the model's limit
+    # Why the model's own checks would refuse the image (unfamiliar, wrong way up) when the node is set to
+    # classify it anyway (pipeline.skip_unfamiliar off); None when they would not
+    warning: str | None = None
 
 
 class IngestOut(BaseModel):
@@ -215,6 +219,7 @@ def api_classify(con: ConsoleDep, principal: CsrfUserDep, token: str) -> Predict
         heatmap_url=f"/upload/{token}/heatmap.png" if prediction.heatmap is not None else None,
         report_url=f"/api/uploads/{token}/report.pdf",
         novelty=prediction.novelty,
+        warning=model_refusal(prediction),
     )
 
 

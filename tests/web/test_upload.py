@@ -242,6 +242,9 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
     page = client.get(f"/upload/{token}").text
     assert 'id="finding-label"' in page and 'id="unfamiliar"' in page and "Read this finding" in page
+    upside_down = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
+    api = client.post(f"/api/uploads/{upside_down}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 200 and "looks the wrong way up" in (api.json()["warning"] or "")
 
 
 @requires_module("dicom_node.ingest", "node helper")
