@@ -22,10 +22,11 @@ import numpy as np
 
 from benchmarks.evaluate import DEGRADATIONS as ROBUSTNESS_DEGRADATIONS
 from classifier.artifact import read_metadata
-from classifier.dataset import load_collection, split_from_record
+from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.errors import ClassifierError
 from classifier.evaluation import parse_degradation, predict_items
 from classifier.inference import Classifier, load_input
+from classifier.novelty import NoveltyCheck
 
 # The robustness benchmark's degradations, and a tighter crop.
 DEGRADATIONS = (*ROBUSTNESS_DEGRADATIONS, "crop:0.7")
@@ -40,7 +41,7 @@ def _ratios(classifier: Classifier, inputs: Sequence[np.ndarray]) -> list[float]
     return ratios
 
 
-def _row(name: str, ratios: Sequence[float]) -> dict[str, object]:
+def _row(name: str, ratios: Sequence[float] | np.ndarray) -> dict[str, object]:
     values = np.asarray(ratios, dtype=np.float64)
     return {
         "set": name,
@@ -64,25 +65,37 @@ def _test_objects() -> list[Path]:
     return sorted({path for root in roots for path in root.rglob("*.dcm")})
 
 
-def main(argv: list[str] | None = None) -> int:
+def model_with_check(
+    description: str, argv: list[str] | None
+) -> tuple[Classifier, NoveltyCheck, list[LabelledImage]]:
+    """``MODEL_DIR DATA`` from the command line: the model, its novelty check (which it must have) and its
+    validation split of DATA."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", type=Path)
     parser.add_argument("data", type=Path)
     args = parser.parse_args(argv)
 
     classifier = Classifier.load(args.model)
-    if classifier.novelty is None:
+    check = classifier.novelty
+    if check is None:
         raise SystemExit(f"{args.model} has no novelty check: run 'cxr-node novelty {args.model} DATA'")
-    spec, lungs = classifier.spec, classifier.lungs
     _, validation = split_from_record(load_collection(args.data), read_metadata(args.model).data["split"])
+    return classifier, check, validation
+
+
+def main(argv: list[str] | None = None) -> int:
+    classifier, check, validation = model_with_check(__doc__ or "", argv)
+    spec, lungs = classifier.spec, classifier.lungs
     rows = []
     for degradation in DEGRADATIONS:
         _, novelty = predict_items(classifier, validation, parse_degradation(degradation))
         rows.append(_row(f"validation, {degradation}", novelty))
 
-    chest, leg, others = [], [], []
+    chest: list[np.ndarray] = []
+    leg: list[np.ndarray] = []
+    others: list[np.ndarray] = []
     for path in _test_objects():
         try:
             model_input = load_input(path, spec, lungs)
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(_row("RG3 (lower-leg CR, 4 encodings)", _ratios(classifier, leg)))
     rows.append(_row("other test objects (CT, MR, NM, US, photos, patterns)", _ratios(classifier, others)))
 
-    print(f"model {classifier.info.version}, threshold {classifier.novelty.threshold:.4g}")
+    print(f"model {classifier.info.version}, threshold {check.threshold:.4g}")
     print(f"{'set':<52}{'images':>8}{'unfamiliar':>12}{'median':>9}{'min':>9}{'max':>9}")
     for row in rows:
         print(

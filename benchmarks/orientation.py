@@ -11,17 +11,13 @@ Prints a table and, as the last line, a JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from PIL import Image
 
-from classifier.artifact import read_metadata
-from classifier.dataset import load_collection, split_from_record
-from classifier.inference import Classifier
+from benchmarks.novelty import model_with_check
 from classifier.types import Prediction
 
 TURNS: tuple[tuple[str, Image.Transpose | None], ...] = (
@@ -38,17 +34,7 @@ def _accuracy(pairs: list[tuple[Prediction, str]]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path)
-    parser.add_argument("data", type=Path)
-    args = parser.parse_args(argv)
-
-    classifier = Classifier.load(args.model)
-    if classifier.novelty is None:
-        raise SystemExit(f"{args.model} has no novelty check: run 'cxr-node novelty {args.model} DATA'")
-    _, validation = split_from_record(load_collection(args.data), read_metadata(args.model).data["split"])
+    classifier, _, validation = model_with_check(__doc__ or "", argv)
     rows = []
     for name, transpose in TURNS:
         predictions: list[Prediction] = []
