@@ -242,25 +242,26 @@ class Classifier:
         predictions = [
             replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions
         ]
-        checked = [i for i, check in enumerate(check_turns) if check and predictions[i].novelty is not None]
-        if checked:
+        novelty_check = self._novelty
+        checked = [i for i, check in enumerate(check_turns) if check]
+        if novelty_check is not None and checked:
             start = time.perf_counter()
             novelty = [predictions[i].novelty or 0.0 for i in checked]
-            turns = self._better_turns([grays[i] for i in checked], novelty)
+            turns = self._better_turns(novelty_check, [grays[i] for i in checked], novelty)
             turn_ms = (time.perf_counter() - start) * 1000.0 / len(checked)
             for i, turn in zip(checked, turns, strict=True):
                 timings = {**predictions[i].timings_ms, "turn_check": turn_ms}
                 predictions[i] = replace(predictions[i], better_turn=turn, timings_ms=timings)
         return predictions
 
-    def _better_turns(self, grays: Sequence[FloatImage], as_given: Sequence[float]) -> list[int]:
-        """:func:`classifier.novelty.better_turn` of each grey image, scored at its other three quarter
-        turns."""
-        if self._novelty is None:
-            return [0] * len(grays)
+    def _better_turns(
+        self, check: NoveltyCheck, grays: Sequence[FloatImage], as_given: Sequence[float]
+    ) -> list[int]:
+        """:func:`classifier.novelty.better_turn` of each grey image, scored by ``check`` at its other three
+        quarter turns."""
         spec, lungs = self.spec, self._lungs
         inputs = [framed_model_input(upright(gray, k), spec, lungs)[0] for gray in grays for k in (1, 2, 3)]
-        turned = self._novelty.ratios(self.embed(inputs)).reshape(len(grays), 3)
+        turned = check.ratios(self.embed(inputs)).reshape(len(grays), 3)
         return [better_turn(given, list(row)) for given, row in zip(as_given, turned, strict=True)]
 
     def _forward_pass(
