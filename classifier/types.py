@@ -9,6 +9,29 @@ import numpy as np
 import numpy.typing as npt
 
 INDETERMINATE = "indeterminate"
+NOVELTY_LIMIT = 1.0  # novelty above this: the image is unlike every training image (classifier.novelty)
+
+_TURN_WORDS = {1: "a quarter turn anticlockwise", 2: "upside down", 3: "a quarter turn clockwise"}
+
+
+def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
+    """Why the model's own checks doubt an image it has classified (``None``: they do not).
+
+    The words the node uses wherever such an image is refused or, when it is classified anyway, reported:
+    unlike the training images, or the wrong way up when nothing in its header said which way is up. Takes
+    the two stored values so that a finding read back from the database says the same as the prediction.
+    """
+    if novelty is not None and novelty > NOVELTY_LIMIT:
+        return (
+            "the image does not look like the chest radiographs the model was trained on "
+            f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"
+        )
+    if better_turn:
+        return (
+            "the image looks the wrong way up: the model knows it better turned "
+            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with its Patient Orientation"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,9 +78,15 @@ class Prediction:
     @property
     def unfamiliar(self) -> bool:
         """The image is unlike every image the model was trained on (a non-chest image, a photograph)."""
-        return self.novelty is not None and self.novelty > 1.0
+        return self.novelty is not None and self.novelty > NOVELTY_LIMIT
 
     @property
     def looks_turned(self) -> bool:
         """The image looks on its side or upside down (see :attr:`better_turn`)."""
         return self.better_turn != 0
+
+    @property
+    def doubt(self) -> str | None:
+        """Why the model's own checks doubt this image (unfamiliar, or the wrong way up); ``None``: they
+        do not."""
+        return doubt_reason(self.novelty, self.better_turn)

@@ -7,9 +7,9 @@ A DX image *for processing* (raw detector values, before the vendor's image proc
 record but not classified: the models only ever saw images processed for display.
 
 The header can be wrong or empty, so the pixels are checked too: an image the model's novelty check
-(:mod:`classifier.novelty`) finds unlike every training image is skipped the same way
-(:func:`unfamiliar_reason`), and so is one that looks the wrong way up when its header does not say which
-way is up (:func:`model_refusal`), unless ``pipeline.skip_unfamiliar`` is off.
+(:mod:`classifier.novelty`) finds unlike every training image is skipped the same way, and so is one that
+looks the wrong way up when its header does not say which way is up (``Prediction.doubt`` says why), unless
+``pipeline.skip_unfamiliar`` is off: the finding then carries that caution to the console, PDF and SR.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.uid import DigitalXRayImageStorageForProcessing
 
-from classifier.types import Prediction
 from dicom_node.store.models import Instance
 
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
@@ -41,31 +40,6 @@ MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) only."
 def not_classified(reason: str) -> str:
     """The sentence the console shows for an image it will not classify, whichever check refused it."""
     return f"Not classified: {reason}. {MODEL_SCOPE}"
-
-
-_TURN_WORDS = {1: "a quarter turn anticlockwise", 2: "upside down", 3: "a quarter turn clockwise"}
-
-
-def model_refusal(prediction: Prediction) -> str | None:
-    """Why the model's own checks refuse an image it has classified (``None``: they do not): unlike the
-    training images, or the wrong way up when nothing in its header says which way is up."""
-    if prediction.unfamiliar:
-        return unfamiliar_reason(prediction.novelty)
-    if prediction.looks_turned:
-        return (
-            "the image looks the wrong way up: the model knows it better turned "
-            f"{_TURN_WORDS.get(prediction.better_turn, 'round')}; send it head up, or with its Patient "
-            "Orientation"
-        )
-    return None
-
-
-def unfamiliar_reason(novelty: float | None) -> str:
-    """Why an image the model's novelty check refused is not classified (console, log, PDF)."""
-    return (
-        "the image does not look like the chest radiographs the model was trained on "
-        f"(novelty {novelty or 0.0:.2f}, limit 1.00)"
-    )
 
 
 def assess(*, modality: str, body_part: str, view_position: str, sop_class_uid: str) -> Eligibility:

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
-from dicom_node.eligibility import assess_instance, model_refusal
+from dicom_node.eligibility import assess_instance
 from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
@@ -551,7 +551,7 @@ class Pipeline:
                 )
                 LOGGER.error("instance %d: classification failed (%s)", item.instance_pk, type(outcome).__name__)
                 continue
-            refusal = model_refusal(outcome)
+            refusal = outcome.doubt
             if refusal is not None and self.config.skip_unfamiliar:
                 self._mark_instance(item.instance_pk, InstanceState.SKIPPED, refusal)
                 LOGGER.info("instance %d: skipped by the model's own checks", item.instance_pk)
@@ -570,6 +570,7 @@ class Pipeline:
                 timings_ms=timings,
                 heatmap_path=heatmap_path,
                 novelty=outcome.novelty,
+                better_turn=outcome.better_turn,
             )
             stored.append((item.instance_pk, finding))
             cycle.datasets[item.instance_pk] = item.dataset
@@ -826,6 +827,7 @@ class Pipeline:
             heatmap=heatmap,
             timings_ms={str(k): float(v) for k, v in (finding.timings_ms or {}).items()},
             novelty=finding.novelty,
+            better_turn=finding.better_turn or 0,
         )
 
     def _build_skipped(self, study_pk: int, object_pks: list[int], reason: str) -> None:

@@ -238,6 +238,9 @@ class Finding(Base):
     heatmap_path: Mapped[str | None] = mapped_column(String(1024))
     # How unlike the training images (classifier.novelty; 1.0 = the model's limit); None: no check
     novelty: Mapped[float | None] = mapped_column(Float)
+    # Counter-clockwise quarter turns that made the image more familiar when its header did not say which way
+    # is up (classifier.novelty.better_turn); 0: it looked upright, or was not checked
+    better_turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="findings")

@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from dicom_node import aes, audit, users
-from dicom_node.eligibility import model_refusal
 from dicom_node.errors import AuthenticationError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
@@ -219,7 +218,7 @@ def api_classify(con: ConsoleDep, principal: CsrfUserDep, token: str) -> Predict
         heatmap_url=f"/upload/{token}/heatmap.png" if prediction.heatmap is not None else None,
         report_url=f"/api/uploads/{token}/report.pdf",
         novelty=prediction.novelty,
-        warning=model_refusal(prediction),
+        warning=prediction.doubt,
     )
 
 

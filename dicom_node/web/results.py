@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, computed_field
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
+from classifier.types import doubt_reason
 from dicom_node.errors import NotFoundError
 from dicom_node.store.models import (
     Delivery,
@@ -282,6 +283,7 @@ class FindingDetail(BaseModel):
     created_at: datetime
     has_heatmap: bool
     novelty: float | None = None  # how unlike the training images; 1.0 = the model's limit
+    doubt: str | None = None  # why the model's own checks doubted the image it classified anyway
 
 
 class InstanceDetail(BaseModel):
@@ -409,6 +411,7 @@ def study_detail(session: Session, study_id: int) -> StudyDetail:
                     created_at=aware(f.created_at),
                     has_heatmap=bool(f.heatmap_path),
                     novelty=f.novelty,
+                    doubt=doubt_reason(f.novelty, f.better_turn or 0),
                 )
                 for f in sorted(inst.findings, key=lambda f: f.created_at, reverse=True)
             ],

@@ -22,7 +22,7 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.eligibility import Eligibility, assess_dataset, model_refusal, not_classified
+from dicom_node.eligibility import Eligibility, assess_dataset, not_classified
 from dicom_node.errors import (
     ClassificationError,
     IneligibleImageError,
@@ -184,7 +184,7 @@ class NodeConsoleServices:
         except ClassifierError as exc:
             raise ClassificationError(f"the image cannot be classified: {exc}") from exc
         prediction = predictions[0]
-        refusal = model_refusal(prediction)
+        refusal = prediction.doubt
         if refusal is not None and self._settings.pipeline.skip_unfamiliar:
             raise IneligibleImageError(not_classified(refusal))
         return prediction

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
 from dicom_node import __version__
-from dicom_node.eligibility import model_refusal, not_classified
+from dicom_node.eligibility import not_classified
 from dicom_node.settings import Settings
 from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
@@ -119,7 +119,6 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         version=__version__,
         query_string=query_string,
         not_classified=not_classified,
-        model_refusal=model_refusal,
     )
     return templates
 

@@ -48,6 +48,7 @@ class StudySpec:
     file_path: str = "missing/instance.dcm"
     heatmap_path: str | None = None
     novelty: float | None = None
+    better_turn: int = 0  # the model's turn check: how it would have read the image better
     result_files: dict[ResultKind, str] = field(default_factory=dict)
 
 
@@ -133,6 +134,7 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
                 probabilities=spec.probabilities,
                 heatmap_path=spec.heatmap_path,
                 novelty=spec.novelty,
+                better_turn=spec.better_turn,
             )
             session.add(finding)
             session.flush()

@@ -86,6 +86,8 @@ def corpus(factory: sessionmaker[Session]) -> dict[str, int]:
                 probabilities={"covid": 0.71, "normal": 0.09, "pneumonia": 0.20},
                 deliveries={"PACS_A": DeliveryState.RETRYING},
                 received_at=NOW - timedelta(minutes=5),
+                novelty=0.77,
+                better_turn=2,  # classified with pipeline.skip_unfamiliar off, though it looked upside down
             ),
         ).study,
     }
@@ -187,6 +189,23 @@ def test_details_show_probabilities_model_and_delivery_history(
     assert detail["instances"][0]["findings"][0]["model_version"] == "1.2.0"
     assert detail["instances"][0]["findings"][0]["novelty"] == 0.42
     assert {d["state"] for r in detail["results"] for d in r["deliveries"]} == {"delivered", "dead"}
+    assert "The node is set to classify such images anyway" not in html  # the model's checks had no doubt
+    assert detail["instances"][0]["findings"][0]["doubt"] is None
+
+
+def test_details_warn_of_a_finding_the_models_own_checks_doubted(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """With pipeline.skip_unfamiliar off the node classifies an image that looked upside down; the study page
+    says so above the probabilities, in the words of the upload page."""
+    client, _ = rad_client
+    html = client.get(f"/results/{corpus['covid']}").text
+    warning = html[html.index('class="msg warn" role="status" id="doubt-'):]
+    assert warning.index("The image looks the wrong way up: the model knows it better turned upside") < 200
+    assert "The node is set to classify such images anyway" in warning
+    assert warning.index("Read this finding with particular care") < warning.index('class="probs"')
+    finding = client.get(f"/api/results/{corpus['covid']}").json()["instances"][0]["findings"][0]
+    assert finding["doubt"].startswith("the image looks the wrong way up")
 
 
 def test_skipped_study_shows_its_reason(rad_client: tuple[TestClient, str], corpus: dict[str, int]) -> None:
