@@ -14,6 +14,10 @@ use the local coding scheme :data:`LOCAL_SCHEME` (a private "99" designator, PS3
 
 - ``CXR-NONCOVID`` "No COVID-19 pattern": the binary model's negative class.
 - ``CXR-P-<CLASS>`` "Probability of <finding>": the model's softmax output for that class, unit UCUM "1".
+- ``CXR-UNFAMILIAR`` "Unlike the model's training images": the model's novelty check doubted the image
+  (``classifier.novelty``), recorded as a (111052, DCM, "Quality Finding") when the node classified it anyway.
+  An image that looked the wrong way up is recorded with the standard (130461, DCM, "Inappropriate Patient
+  Orientation") instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from classifier.types import INDETERMINATE
+from classifier.types import INDETERMINATE, Prediction
 from reporting.errors import UnknownLabelError
 
 LOCAL_SCHEME = "99CXRNODE"
@@ -39,6 +43,9 @@ NOT_COVID_19 = Code("CXR-NONCOVID", LOCAL_SCHEME, "No COVID-19 pattern")
 # reserves that name for the group's finding type, and highdicom reads such an item as that, not as an
 # evaluation.
 IMAGING_FINDING = Code("365853002", "SCT", "Imaging finding")
+QUALITY_FINDING: Code = codes.DCM.QualityFinding  # (111052, DCM): why the model's checks doubted the image
+UNFAMILIAR = Code("CXR-UNFAMILIAR", LOCAL_SCHEME, "Unlike the model's training images")
+WRONG_WAY_UP: Code = codes.DCM.InappropriatePatientOrientation  # (130461, DCM)
 PROBABILITY_UNIT = codes.UCUM.NoUnits  # ("1", UCUM, "no units"): probabilities in [0, 1]
 IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # (363679005, SCT, "Imaging procedure"), CID 100
 LUNG = Code("39607008", "SCT", "Lung")  # finding site of every result (meaning as used in PS3.16 CIDs)
@@ -92,3 +99,13 @@ def local_scheme_identification(responsible_organization: str) -> CodingSchemeId
         name="CXR node local codes (reporting/codes.py)",
         responsible_organization=responsible_organization,
     )
+
+
+def doubt_code(prediction: Prediction) -> Code | None:
+    """The coded reason the model's own checks doubted an image it classified (``None``: they did not);
+    the same verdict as ``Prediction.doubt``, which says it in words."""
+    if prediction.unfamiliar:
+        return UNFAMILIAR
+    if prediction.looks_turned:
+        return WRONG_WAY_UP
+    return None

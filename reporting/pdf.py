@@ -57,6 +57,12 @@ INTENDED_USE = (
     "physician. It must be interpreted by a qualified radiologist together with the images and the clinical "
     "context. Do not use it as the sole basis for a clinical decision."
 )
+DOUBT_HEADLINE = "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE"
+DOUBT_TEXT = (
+    "The node is set to classify such images anyway; the probabilities above may say little about this "
+    "image. Read it with particular care."
+)
+DOUBT_SUMMARY = "the model's checks doubt this image"
 NOT_RECORDED = "—"
 
 PAGE_WIDTH, PAGE_HEIGHT = A4
@@ -180,10 +186,23 @@ class _Styles:
 
 
 def _intended_use_box(styles: _Styles) -> Table:
+    return _warning_box(f"⚠ {INTENDED_USE_HEADLINE}", INTENDED_USE, styles)
+
+
+def _doubt_box(doubt: str, styles: _Styles, fonts: Typeface) -> Table:
+    """The caution on an image the model's own checks doubted and the node classified anyway."""
+    return _warning_box(
+        f"⚠ {DOUBT_HEADLINE}",
+        fonts.markup(f"{doubt[0].upper()}{doubt[1:]}. {DOUBT_TEXT}"),
+        styles,
+    )
+
+
+def _warning_box(headline: str, text: str, styles: _Styles) -> Table:
     table = Table(
         [
-            [Paragraph(f"⚠ {INTENDED_USE_HEADLINE}", styles.warning_head)],
-            [Paragraph(INTENDED_USE, styles.warning)],
+            [Paragraph(headline, styles.warning_head)],
+            [Paragraph(text, styles.warning)],
         ],
         colWidths=[CONTENT_WIDTH],
     )
@@ -288,7 +307,12 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
             [
                 Paragraph(f"{index + 1}", styles.body),
                 Paragraph(fonts.markup(_series_instance(image.source)), styles.body),
-                Paragraph(f'<font color="{colour}"><b>{finding.display}</b></font>', styles.value),
+                Paragraph(
+                    f'<font color="{colour}"><b>{finding.display}</b></font>'
+                    + (f'<br/><font size="7" color="{WARNING_EDGE.hexval()}">⚠ {DOUBT_SUMMARY}</font>'
+                       if image.prediction.doubt else ""),
+                    styles.value,
+                ),
                 Paragraph(_summary_confidence(image.prediction), styles.body),
             ]
         )
@@ -359,8 +383,11 @@ def _image_section(
             ]
         )
     )
+    head: list[Flowable] = [Paragraph(fonts.markup(heading), styles.heading), result]
+    if prediction.doubt:
+        head += [Spacer(1, 2 * mm), _doubt_box(prediction.doubt, styles, fonts)]
     flow: list[Flowable] = [
-        KeepTogether([Paragraph(fonts.markup(heading), styles.heading), result]),
+        KeepTogether(head),
         Spacer(1, 3 * mm),
         _pictures(image, styles),
         Spacer(1, 1 * mm),

@@ -2,7 +2,9 @@
 
 One TID 1501 measurement group per analysed image: tracking identifier and UID, the source image, the lung as
 finding site, the finding as a coded qualitative evaluation, each class probability as a numeric measurement,
-and the algorithm's identification. The observer is the node as a device (TID 1004); the Contributing
+and the algorithm's identification. An image the model's own checks doubted (unfamiliar, or the wrong way up)
+and the node classified anyway gets a second evaluation, a "Quality Finding" that says which
+(:func:`reporting.codes.doubt_code`). The observer is the node as a device (TID 1004); the Contributing
 Equipment Sequence names the algorithm ("Processing Algorithm", IHE AIR). The document is complete but not
 verified by a person, and preliminary: it supports a radiologist's reading, it is not one.
 
@@ -74,6 +76,10 @@ def _measurement_group(
         )
         for label, probability in prediction.probabilities.items()
     ]
+    evaluations = [hd.sr.QualitativeEvaluation(name=codes.IMAGING_FINDING, value=finding.code)]
+    doubt = codes.doubt_code(prediction)
+    if doubt is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.QUALITY_FINDING, value=doubt))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(sop_instance_uid, source_uid, "tracking"),
@@ -82,7 +88,7 @@ def _measurement_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.IMAGING_FINDING, value=finding.code)],
+        qualitative_evaluations=evaluations,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=str(image.source.SOPClassUID),

@@ -26,6 +26,7 @@ from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
     NODE,
     analysed,
+    doubted_study,
     japanese_source,
     sparse_source,
     three_image_study,
@@ -52,6 +53,7 @@ CASES: dict[str, Callable[[], list[AnalysedImage]]] = {
     "japanese": lambda: [analysed(japanese_source())],
     "sparse": lambda: [analysed(sparse_source())],
     "three-images": three_image_study,
+    "doubted": doubted_study,
 }
 
 
@@ -126,6 +128,10 @@ def test_dsrdump_renders_finding_probabilities_model_and_patient(
             assert re.search(rf'NUM:\(,,"{re.escape(name)}"\)="{probability:g}"', text), (name, text)
     assert f'"Algorithm Version")="{images[0].prediction.model.version}"' in text
     assert text.count('"Measurement Group")') == len(images)
+    doubts = [codes.doubt_code(image.prediction) for image in images]
+    assert text.count('CODE:(,,"Quality Finding")') == sum(code is not None for code in doubts)
+    for code in {code for code in doubts if code is not None}:
+        assert f'CODE:(,,"Quality Finding")=({code.value},{code.scheme_designator},"{code.meaning}")' in text
 
 
 def test_pdf_inside_the_dicom_object_reads_and_renders(
@@ -149,6 +155,11 @@ def test_pdf_inside_the_dicom_object_reads_and_renders(
         assert codes.finding_for(image.prediction.label).display in text
         for probability in image.prediction.probabilities.values():
             assert percent(probability) in text
+    doubted = [image.prediction.doubt for image in images if image.prediction.doubt]
+    assert text.count("THE MODEL'S OWN CHECKS DOUBT THIS IMAGE") == len(doubted)
+    assert text.count("the model's checks doubt this image") == (len(doubted) if len(images) > 1 else 0)
+    for doubt in doubted:
+        assert f"{doubt[0].upper()}{doubt[1:]}." in text
 
     # drawn, the first image's result colour is large enough to be seen at a glance
     page = "2" if len(images) > 1 else "1"  # several images: a summary page comes first

@@ -44,6 +44,7 @@ from dicom_node.store.models import (
     Study,
     StudyState,
 )
+from reporting import codes
 from tests import peers
 from tests.pipeline.model import model_for_tests
 from tests.pipeline.storepeer import StorePeer
@@ -144,6 +145,17 @@ def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[
         return {r.kind: (r.sop_instance_uid, r.file_path) for r in rows}
 
 
+def doubt_in_results(world: dict[str, Any], study_pk: int) -> tuple[list[str], str]:
+    """The SR's Quality Finding code values and the PDF's first page text of an analysed study."""
+    rows = result_rows(world, study_pk)
+    sr = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.SR][1])
+    quality = [item.ConceptCodeSequence[0].CodeValue for item in hd.sr.utils.find_content_items(
+        sr, name=codes.QUALITY_FINDING, recursive=True)]
+    pdf = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
+    reader = PdfReader(BytesIO(bytes(pdf.EncapsulatedDocument)))
+    return quality, " ".join(" ".join(page.extract_text().split()) for page in reader.pages)
+
+
 def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
     world: dict[str, Any], peer: StorePeer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -181,6 +193,7 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
     assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
     assert peer.associations == 1
     assert SENTINEL not in caplog.text and "SENTINEL" not in caplog.text
+    assert doubt_in_results(world, study_pk)[0] == []  # the model's checks had no doubt
 
 
 def test_results_keep_their_uids_through_a_crash_before_building(
@@ -287,13 +300,17 @@ def test_a_leg_labelled_chest_is_stored_but_not_classified_by_its_pixels(world: 
         assert session.scalar(select(func.count()).select_from(Finding)) == 0
     assert peer.received == []
 
-    # An operator who turns the check off gets the model's answer, as before.
+    # An operator who turns the check off gets the model's answer, with the doubt in the SR and the PDF.
     again = receive(world, "RG3_UNCI.dcm", edit=mislabelled)
     make_pipeline(world, skip_unfamiliar=False).process([again])
     with session_scope(world["db"]) as session:
         study = session.get(Study, again)
         assert study is not None and study.state is StudyState.ANALYSED
         assert session.scalar(select(func.count()).select_from(Finding)) == 1
+    quality, text = doubt_in_results(world, again)
+    assert quality == [codes.UNFAMILIAR.value]
+    assert "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE" in text
+    assert "does not look like the chest radiographs the model was trained on" in text
 
 
 def test_an_image_upside_down_without_patient_orientation_is_stored_but_not_classified(
@@ -313,6 +330,17 @@ def test_an_image_upside_down_without_patient_orientation_is_stored_but_not_clas
         "the image looks the wrong way up: the model knows it better turned upside down; send it head up, "
         "or with its Patient Orientation",
     )
+
+    # Classified anyway when the operator turns the checks off: the finding keeps the turn, and the SR and
+    # the PDF say the model doubted the image.
+    again = receive(world, "RG1_UNCI.dcm", edit=upside_down)
+    make_pipeline(world, skip_unfamiliar=False).process([again])
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Finding)).one().better_turn == 2
+    quality, text = doubt_in_results(world, again)
+    assert quality == [codes.WRONG_WAY_UP.value]
+    assert "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE" in text
+    assert "the model knows it better turned upside down" in text
 
 
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:

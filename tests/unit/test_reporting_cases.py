@@ -93,6 +93,8 @@ def prediction(
     *,
     threshold: float = 0.5,
     with_heatmap: bool = True,
+    novelty: float | None = None,
+    better_turn: int = 0,
 ) -> Prediction:
     top = max(probabilities, key=lambda label: probabilities[label])
     return Prediction(
@@ -101,6 +103,8 @@ def prediction(
         probabilities=dict(probabilities),
         model=model,
         heatmap=heatmap(model.input_size) if with_heatmap else None,
+        novelty=novelty,
+        better_turn=better_turn,
     )
 
 
@@ -111,6 +115,8 @@ def analysed(
     model: ModelInfo = THREE_CLASS,
     with_preview: bool = True,
     with_heatmap: bool = True,
+    novelty: float | None = None,
+    better_turn: int = 0,
 ) -> AnalysedImage:
     return AnalysedImage(
         source=source if source is not None else radiograph(),
@@ -118,6 +124,8 @@ def analysed(
             probabilities or {"covid": 0.874, "normal": 0.031, "pneumonia": 0.095},
             model,
             with_heatmap=with_heatmap,
+            novelty=novelty,
+            better_turn=better_turn,
         ),
         preview=preview() if with_preview else None,
     )
@@ -181,6 +189,18 @@ def three_image_study() -> list[AnalysedImage]:
         ds.SOPInstanceUID = str(generate_uid())
         ds.InstanceNumber = number
         images.append(analysed(ds, probabilities, with_heatmap=with_heatmap))
+    return images
+
+
+def doubted_study() -> list[AnalysedImage]:
+    """Classified with ``pipeline.skip_unfamiliar`` off: one image the model's checks passed, one that looked
+    upside down, one unlike its training images."""
+    images = []
+    for number, (novelty, better_turn) in enumerate([(0.4, 0), (0.77, 2), (1.31, 0)], start=1):
+        ds = radiograph()
+        ds.SOPInstanceUID = str(generate_uid())
+        ds.InstanceNumber = number
+        images.append(analysed(ds, novelty=novelty, better_turn=better_turn))
     return images
 
 

@@ -24,6 +24,7 @@ from tests.unit.test_reporting_cases import (
     MESSY_VALUES,
     NODE,
     analysed,
+    doubted_study,
     japanese_source,
     messy_source,
     radiograph,
@@ -108,6 +109,19 @@ def test_finding_and_probabilities_round_trip(case: str, strict: None) -> None:
         assert text_values(group, dcm_codes.DCM.AlgorithmVersion) == [prediction.model.version]
         assert "input_size=150x150" in text_values(group, dcm_codes.DCM.AlgorithmParameters)
     assert len({group.tracking_uid for group in groups}) == len(images)
+
+
+def test_a_doubted_image_carries_a_quality_finding(strict: None) -> None:
+    """An image classified although the model's own checks doubted it says which check, after its finding."""
+    images = doubted_study()
+    groups = report(round_trip(build(images))).get_image_measurement_groups()
+    expected = [[], [codes.WRONG_WAY_UP], [codes.UNFAMILIAR]]
+    for image, group, doubts in zip(images, groups, expected, strict=True):
+        evaluations = group.get_qualitative_evaluations()
+        assert evaluations[0].name == codes.IMAGING_FINDING
+        assert evaluations[0].value == codes.finding_for(image.prediction.label).code
+        assert [e.value for e in evaluations[1:]] == doubts
+        assert all(e.name == codes.QUALITY_FINDING for e in evaluations[1:])
 
 
 @pytest.mark.parametrize("case", CASES)
