@@ -28,8 +28,8 @@ from classifier.preprocess import (
     FloatImage,
     LungFinder,
     PreprocessSpec,
+    dataset_to_gray,
     dataset_to_model_input,
-    dataset_to_upright_gray,
     framed_model_input,
     image_to_model_input,
     is_dicom_file,
@@ -202,15 +202,16 @@ class Classifier:
         (:attr:`Prediction.better_turn`)."""
         min_side = max(self.spec.input_size)
         known = [orientation_turns(ds) for ds in datasets]
+        turns = [k or 0 for k in known]  # Patient Orientation read once: the same turn there and back
         predictions = self._timed(
-            lambda ds: dataset_to_upright_gray(ds, min_side=min_side),
-            datasets,
+            lambda pair: upright(dataset_to_gray(pair[0], min_side), pair[1]),
+            list(zip(datasets, turns, strict=True)),
             heatmap,
-            check_turns=[turns is None for turns in known],
+            check_turns=[k is None for k in known],
         )
         return [
             p if p.heatmap is None or not k else replace(p, heatmap=upright(p.heatmap, -k))
-            for p, k in zip(predictions, known, strict=True)
+            for p, k in zip(predictions, turns, strict=True)
         ]
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
