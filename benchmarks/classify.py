@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import table
 from classifier.inference import Classifier, default_model_path
 from classifier.preprocess import dataset_to_model_input, frame_pixels, read_dataset
 
@@ -110,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = _image_rows(classifier, args.repeats)
     columns = list(rows[0])[1:]
     print(f"model {classifier.info.name} {classifier.info.version}, input {classifier.spec.input_size}")
-    print(f"{'image':<14}" + "".join(f"{c:>22}" for c in columns))
-    for row in rows:
-        print(f"{row['image']:<14}" + "".join(f"{row[c]:>22.1f}" for c in columns))
+    print(table.render(
+        [("image", ""), *((c, ".1f") for c in columns)],
+        [[row["image"], *(row[c] for c in columns)] for row in rows],
+    ))
     epochs: dict[str, float] = {}
     if not args.no_training:
         # an ensemble's name joins its members' architectures with "+"

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import table
+
 
 def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, extra: list[str]) -> list[str]:
     return [
@@ -100,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {} if args.report_only else _run_folds(args, extra)
     rows = [_row(fold, args.output / f"fold{fold}") for fold in range(args.folds)]
 
-    print(f"{'fold':>4} {'images':>6} {'accuracy':>9} {'macro-F1':>9} {'COVID AUC':>10} {'minutes':>8}")
-    for row in rows:
-        auc = f"{row['covid_auc']:.3f}" if row["covid_auc"] is not None else "—"
-        minutes = f"{seconds[row['fold']] / 60:.1f}" if row["fold"] in seconds else "—"
-        print(f"{row['fold']:>4} {row['images']:>6} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {auc:>10} {minutes:>8}")
+    columns = [("fold", ""), ("images", ""), ("accuracy", ".3f"), ("macro-F1", ".3f"), ("COVID AUC", ".3f"),
+               ("minutes", ".1f")]
+    print(table.render(columns, [
+        [row["fold"], row["images"], row["accuracy"], row["macro_f1"], row["covid_auc"],
+         seconds[row["fold"]] / 60 if row["fold"] in seconds else None]
+        for row in rows
+    ]))
     summary: dict[str, Any] = {"folds": args.folds, "seed": args.seed, "train_args": extra, "per_fold": rows}
     for key in ("accuracy", "macro_f1", "covid_auc"):
         values = [row[key] for row in rows if row[key] is not None]

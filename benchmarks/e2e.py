@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import table  # noqa: E402
 from tests import peers  # noqa: E402
 from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until  # noqa: E402
 from tests.orthanc import NodeAddress, OrthancServer  # noqa: E402
@@ -233,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "heatmap": args.heatmap,
         "model": str(model),
     }
-    print(f"{'figure':<22}{'value':>12}")
-    for key, value in figures.items():
-        if key != "model":
-            print(f"{key:<22}{value!s:>12}")
+    print(table.render([("figure", ""), ("value", "")], [[k, v] for k, v in figures.items() if k != "model"]))
     print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
     if not args.keep:
         import shutil

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import table
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
 from classifier.evaluation import evaluate
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     columns = list(rows[0])[1:]
     print(f"validation split: {len(validation)} images, model {args.model}")
-    print(f"{'degradation':<34}" + "".join(f"{c:>18}" for c in columns))
-    for row in rows:
-        print(f"{row['degradation']:<34}" + "".join(f"{row[c]:>18.3f}" for c in columns))
+    print(table.render(
+        [("degradation", ""), *((c, ".3f") for c in columns)],
+        [[row["degradation"], *(row[c] for c in columns)] for row in rows],
+    ))
 
     from pydicom.data import get_testdata_file
 

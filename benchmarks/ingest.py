@@ -41,6 +41,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
+from benchmarks import table  # noqa: E402
 from tests.node_process import NODE_AET, start_node  # noqa: E402
 
 SOURCES = {"uncompressed": "RG1_UNCI.dcm", "j2k": "RG1_J2KR.dcm"}
@@ -240,7 +241,7 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(table(results))
+    print(results_table(results))
     print(json.dumps(figures(results)))
     return 0
 
@@ -260,27 +261,24 @@ def _rate(results: list[Measurement], kind: str, senders: int, receiver: str) ->
     return None
 
 
-def table(results: list[Measurement]) -> str:
-    rows = [f"{'corpus':<13}{'senders':>8}{'node/s':>9}{'storescp/s':>12}{'orthanc/s':>11}"
-            f"{'node/storescp':>15}{'node/orthanc':>14}{'stored':>8}{'failed':>8}"]
+def results_table(results: list[Measurement]) -> str:
+    columns = [
+        ("corpus", ""), ("senders", ""), ("node/s", ".1f"), ("storescp/s", ".1f"), ("orthanc/s", ".1f"),
+        ("node/storescp", ""), ("node/orthanc", ""), ("stored", ""), ("failed", ""),
+    ]
+    rows: list[list[object]] = []
     combos = sorted({(m.kind, m.senders) for m in results}, key=lambda c: (list(SOURCES).index(c[0]), c[1]))
     for kind, senders in combos:
         node, scp, orthanc = (_rate(results, kind, senders, r) for r in RECEIVERS)
         stored = sum(m.stored for m in results if (m.kind, m.senders) == (kind, senders))
         failed = sum(m.failures for m in results if (m.kind, m.senders) == (kind, senders))
-        rows.append(
-            f"{kind:<13}{senders:>8}{_fmt(node):>9}{_fmt(scp):>12}{_fmt(orthanc):>11}"
-            f"{_ratio(node, scp):>15}{_ratio(node, orthanc):>14}{stored:>8}{failed:>8}"
-        )
-    return "\n".join(rows)
+        ratios = [_ratio(node, scp), _ratio(node, orthanc)]
+        rows.append([kind, senders, node, scp, orthanc, *ratios, stored, failed])
+    return table.render(columns, rows)
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}x"
+def _ratio(a: float | None, b: float | None) -> str | None:
+    return None if a is None or not b else f"{a / b:.2f}x"
 
 
 def figures(results: list[Measurement]) -> dict[str, object]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import table
 from benchmarks.evaluate import DEGRADATIONS as ROBUSTNESS_DEGRADATIONS
 from classifier.artifact import read_metadata
 from classifier.dataset import LabelledImage, load_collection, split_from_record
@@ -109,12 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(_row("other test objects (CT, MR, NM, US, photos, patterns)", _ratios(classifier, others)))
 
     print(f"model {classifier.info.version}, threshold {check.threshold:.4g}")
-    print(f"{'set':<52}{'images':>8}{'unfamiliar':>12}{'median':>9}{'min':>9}{'max':>9}")
-    for row in rows:
-        print(
-            f"{row['set']:<52}{row['images']:>8}{row['unfamiliar']:>12}"
-            f"{row['median']:>9.2f}{row['min']:>9.2f}{row['max']:>9.2f}"
-        )
+    columns = [("set", ""), ("images", ""), ("unfamiliar", ""),
+               ("median", ".2f"), ("min", ".2f"), ("max", ".2f")]
+    keys = [key for key, _ in columns]
+    print(table.render(columns, [[row[key] for key in keys] for row in rows]))
     print(json.dumps({"model": classifier.info.version, "rows": rows}))
     return 0
 

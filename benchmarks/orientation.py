@@ -17,6 +17,7 @@ import sys
 
 from PIL import Image
 
+from benchmarks import table
 from benchmarks.novelty import model_with_check
 from classifier.types import Prediction
 
@@ -60,18 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    def fmt(value: object) -> str:
-        return "—" if value is None else f"{value:.3f}"
-
     print(f"model {classifier.info.version}; turn margin from classifier.novelty.TURN_MARGIN")
-    print(f"{'pictures':<30}{'images':>7}{'refused: novelty':>18}{'+ turn check':>14}"
-          f"{'acc. passed: novelty':>22}{'+ turn check':>14}{'turn ms':>9}")
-    for row in rows:
-        print(
-            f"{row['pictures']:<30}{row['images']:>7}{row['refused_novelty_alone']:>18}{row['refused_either']:>14}"
-            f"{fmt(row['accuracy_passed_novelty_alone']):>22}{fmt(row['accuracy_passed_either']):>14}"
-            f"{row['turn_check_ms_median']:>9.1f}"
-        )
+    columns = [("pictures", ""), ("images", ""), ("refused: novelty", ""), ("+ turn check", ""),
+               ("acc. passed: novelty", ".3f"), ("+ turn check", ".3f"), ("turn ms", ".1f")]
+    keys = ["pictures", "images", "refused_novelty_alone", "refused_either", "accuracy_passed_novelty_alone",
+            "accuracy_passed_either", "turn_check_ms_median"]
+    print(table.render(columns, [[row[key] for key in keys] for row in rows]))
     print(json.dumps({"model": classifier.info.version, "rows": rows}))
     return 0
 
