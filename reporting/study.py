@@ -99,13 +99,14 @@ def header_for_highdicom(source: Dataset) -> tuple[Dataset, dict[str, str]]:
         except (ValueError, TypeError, OverflowError):
             refused[keyword] = value
             setattr(result, keyword, None)
-    if refused:
-        LOGGER.info("source header values highdicom refuses, copied as they are: %s", ", ".join(sorted(refused)))
     return result, refused
 
 
 def put_back(ds: Dataset, refused: Mapping[str, str]) -> None:
-    """Restore the source's own values that :func:`header_for_highdicom` took out."""
+    """Restore the source's own values that :func:`header_for_highdicom` took out (logged once per object
+    built, by keyword: the values themselves are patient data)."""
+    if refused:
+        LOGGER.info("source header values highdicom refuses, copied as they are: %s", ", ".join(sorted(refused)))
     for keyword, value in refused.items():
         setattr(ds, keyword, value)
 
