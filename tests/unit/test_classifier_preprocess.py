@@ -23,6 +23,7 @@ from classifier.errors import UnsupportedImageError
 from classifier.inference import heatmap_in_whole_frame
 from classifier.preprocess import (
     PreprocessSpec,
+    _box_reduce,
     dataset_to_gray,
     dataset_to_model_input,
     dataset_to_upright_gray,
@@ -420,3 +421,30 @@ def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
     air = preview[height // 30 : height // 10, : width // 20].mean()  # above the shoulder, outside the body
     spine = preview[height // 3 : height // 2, width // 2 - 5 : width // 2 + 5].mean()
     assert spine > air + 50  # MONOCHROME1 inverted: dense mediastinum white, air dark
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "min_side"),
+    [
+        ((1955, 1841), np.uint16, 224),  # RG1's size: a remainder row and column
+        ((1001, 1503), np.int16, 100),  # signed, factor 5 with remainders
+        ((999, 1203, 3), np.uint8, 100),  # colour planes
+        ((300, 300), np.uint16, 224),  # small: no reduction
+    ],
+)
+def test_large_frames_are_box_averaged_as_pillow_reduces_them(
+    shape: tuple[int, ...], dtype: type, min_side: int
+) -> None:
+    """The reduction adds stored integers box by box; edge boxes the factor does not fill are the mean of the
+    pixels they have. Pillow's float ``reduce`` is the reference, to the bit."""
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(3).integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    factor = max(1, min(shape[:2]) // (2 * min_side))
+    planes = [values] if values.ndim == 2 else [values[..., c] for c in range(values.shape[2])]
+    expected = np.stack(
+        [np.asarray(Image.fromarray(p.astype(np.float32), mode="F").reduce(factor)) for p in planes], axis=-1
+    )
+    reduced = _box_reduce(values, min_side)
+    assert reduced.dtype == np.float32
+    np.testing.assert_array_equal(reduced, expected if values.ndim == 3 else expected[..., 0])
+    assert reduced.shape[:2] == (-(-shape[0] // factor), -(-shape[1] // factor))
