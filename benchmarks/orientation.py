@@ -19,6 +19,7 @@ from PIL import Image
 
 from benchmarks import table
 from benchmarks.novelty import model_with_check
+from classifier.inference import read_image_file
 from classifier.types import Prediction
 
 TURNS: tuple[tuple[str, Image.Transpose | None], ...] = (
@@ -42,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(validation), BATCH):
             pictures = []
             for item in validation[start : start + BATCH]:
-                with Image.open(item.path) as picture:
-                    picture.load()
-                    pictures.append(picture if transpose is None else picture.transpose(transpose))
+                picture = read_image_file(item.path)  # as the console and `cxr-node classify` read it
+                if not isinstance(picture, Image.Image):
+                    raise SystemExit(f"{item.path.name}: the validation images are pictures, not DICOM")
+                pictures.append(picture if transpose is None else picture.transpose(transpose))
             predictions += classifier.predict_images(pictures, heatmap=False)
         pairs = [(p, item.label) for p, item in zip(predictions, validation, strict=True)]
         novelty_passes = [(p, label) for p, label in pairs if not p.unfamiliar]
