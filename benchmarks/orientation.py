@@ -5,7 +5,8 @@
 The model's validation pictures, as they are and turned by a quarter turn either way and upside down, go
 through ``Classifier.predict_images`` (the console's path: a picture has no Patient Orientation, so every
 one gets the turn check). Columns: refused by the novelty check alone (what read such images before the
-turn check), refused by either check now, and the accuracy of what each lets through.
+turn check), flagged as the wrong way up by the turn check, refused by either check now, and the accuracy
+of what each lets through.
 Prints a table and, as the last line, a JSON object.
 """
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pictures": name,
                 "images": len(pairs),
                 "refused_novelty_alone": len(pairs) - len(novelty_passes),
+                "flagged_turned": sum(p.looks_turned for p, _ in pairs),
                 "refused_either": len(pairs) - len(both_pass),
                 "accuracy_passed_novelty_alone": _accuracy(novelty_passes),
                 "accuracy_passed_either": _accuracy(both_pass),
@@ -64,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(f"model {classifier.info.version}; turn margin from classifier.novelty.TURN_MARGIN")
-    columns = [("pictures", ""), ("images", ""), ("refused: novelty", ""), ("+ turn check", ""),
-               ("acc. passed: novelty", ".3f"), ("+ turn check", ".3f"), ("turn ms", ".1f")]
-    keys = ["pictures", "images", "refused_novelty_alone", "refused_either", "accuracy_passed_novelty_alone",
-            "accuracy_passed_either", "turn_check_ms_median"]
+    columns = [("pictures", ""), ("images", ""), ("refused: novelty", ""), ("flagged turned", ""),
+               ("either", ""), ("acc. passed: novelty", ".3f"), ("+ turn check", ".3f"), ("turn ms", ".1f")]
+    keys = ["pictures", "images", "refused_novelty_alone", "flagged_turned", "refused_either",
+            "accuracy_passed_novelty_alone", "accuracy_passed_either", "turn_check_ms_median"]
     print(table.render(columns, [[row[key] for key in keys] for row in rows]))
     print(json.dumps({"model": classifier.info.version, "rows": rows}))
     return 0

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier.errors import ModelArtifactError
+from classifier.types import NOVELTY_LIMIT
 
 LOGGER = logging.getLogger(__name__)
 
@@ -272,9 +273,11 @@ def fit_novelty(
 
 
 def better_turn(as_given: float, turned: Sequence[float], margin: float = TURN_MARGIN) -> int:
-    """Counter-clockwise quarter turns (1–3) under which an image is clearly more familiar than as given,
-    from its novelty as given and turned by 1, 2 and 3 quarter turns; 0 when none is."""
+    """Counter-clockwise quarter turns (1–3) under which an image is clearly more familiar than as given
+    and familiar (novelty within the limit), from its novelty as given and turned by 1, 2 and 3 quarter
+    turns; 0 when none is. A chest radiograph on its side is unfamiliar as given and familiar turned: it is
+    the wrong way up. A photograph is unfamiliar whichever way it is turned: it is not."""
     if len(turned) != 3:
         raise ValueError("expected the novelty of three turns")
     best = int(np.argmin(turned))
-    return best + 1 if turned[best] < margin * as_given else 0
+    return best + 1 if turned[best] < margin * as_given and turned[best] <= NOVELTY_LIMIT else 0

@@ -18,18 +18,19 @@ def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
     """Why the model's own checks doubt an image it has classified (``None``: they do not).
 
     The words the node uses wherever such an image is refused or, when it is classified anyway, reported:
-    unlike the training images, or the wrong way up when nothing in its header said which way is up. Takes
+    the wrong way up when nothing in its header said which way is up (a chest radiograph on its side is also
+    unfamiliar as given; the turn is what to fix), else unlike the training images. Takes
     the two stored values so that a finding read back from the database says the same as the prediction.
     """
+    if better_turn:  # familiar once turned, whatever its novelty as given: the turn is the cause
+        return (
+            "the image looks the wrong way up: the model knows it better turned "
+            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with its Patient Orientation"
+        )
     if novelty is not None and novelty > NOVELTY_LIMIT:
         return (
             "the image does not look like the chest radiographs the model was trained on "
             f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"
-        )
-    if better_turn:
-        return (
-            "the image looks the wrong way up: the model knows it better turned "
-            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with its Patient Orientation"
         )
     return None
 
@@ -54,8 +55,8 @@ class Prediction:
     training images the image is, as a multiple of the artifact's limit (``None`` when the artifact has
     no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
     probabilities say little. ``better_turn`` is set when the header did not say which way is up and the
-    image is clearly more familiar turned by that many counter-clockwise quarter turns: it looks the wrong
-    way up (0: it does not, or it was not checked).
+    image is clearly more familiar, and familiar, turned by that many counter-clockwise quarter turns: it
+    looks the wrong way up (0: it does not, or it was not checked).
     """
 
     label: str

@@ -104,8 +104,8 @@ def local_scheme_identification(responsible_organization: str) -> CodingSchemeId
 def doubt_code(prediction: Prediction) -> Code | None:
     """The coded reason the model's own checks doubted an image it classified (``None``: they did not);
     the same verdict as ``Prediction.doubt``, which says it in words."""
-    if prediction.unfamiliar:
-        return UNFAMILIAR
     if prediction.looks_turned:
         return WRONG_WAY_UP
+    if prediction.unfamiliar:
+        return UNFAMILIAR
     return None

@@ -125,6 +125,7 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
         (0.6, [0.55, 0.9, 1.0], 0),  # a turn scores a little lower: not enough to call the image turned
         (0.77, [1.1, 0.58, 1.2], 2),  # upside down: half a turn brings it back
         (1.2, [1.1, 1.3, 0.6], 3),  # on its side: three quarter turns
+        (1.89, [1.18, 1.55, 1.39], 0),  # a photograph: clearly better turned, but still unlike a chest
         (1.0, [1.0, TURN_MARGIN, 1.0], 0),  # exactly at the margin: not turned
     ],
 )
@@ -167,6 +168,17 @@ def test_a_picture_the_wrong_way_up_is_told_apart(
     prediction = shipped.predict_images([picture if transpose is None else picture.transpose(transpose)])[0]
     assert prediction.better_turn == turn and prediction.looks_turned == (turn != 0)
     assert "turn_check" in prediction.timings_ms
+    # On its side the chest is unfamiliar as given too; the reason names the turn, which is what to fix.
+    assert (prediction.doubt or "").startswith("the image looks the wrong way up") == (turn != 0)
+
+
+def test_a_photograph_is_unlike_a_chest_whichever_way_it_is_turned(shipped: Classifier) -> None:
+    """The cat scores 1.89 as given and 1.18 on its side: clearly better turned, but still unfamiliar, so it is
+    not called the wrong way up and the reason stays the novelty check's."""
+    with Image.open(FIXTURES / "imagenet_chelsea.jpg") as photo:
+        prediction = shipped.predict_images([photo], heatmap=False)[0]
+    assert prediction.unfamiliar and not prediction.looks_turned
+    assert (prediction.doubt or "").startswith("the image does not look like the chest radiographs")
 
 
 def test_dicom_is_turn_checked_only_when_its_header_does_not_say_which_way_is_up(shipped: Classifier) -> None:
