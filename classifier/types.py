@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,20 +15,36 @@ NOVELTY_LIMIT = 1.0  # novelty above this: the image is unlike every training im
 _TURN_WORDS = {1: "a quarter turn anticlockwise", 2: "upside down", 3: "a quarter turn clockwise"}
 
 
-def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
-    """Why the model's own checks doubt an image it has classified (``None``: they do not).
+class Doubt(enum.Enum):
+    """Which of the model's own checks doubts an image it has classified."""
 
-    The words the node uses wherever such an image is refused or, when it is classified anyway, reported:
-    the wrong way up when nothing in its header said which way is up (a chest radiograph on its side is also
-    unfamiliar as given; the turn is what to fix), else unlike the training images. Takes
-    the two stored values so that a finding read back from the database says the same as the prediction.
-    """
+    WRONG_WAY_UP = "wrong-way-up"
+    UNFAMILIAR = "unfamiliar"
+
+
+def doubt_of(novelty: float | None, better_turn: int) -> Doubt | None:
+    """The one doubt reported for an image (``None``: no check doubts it): the wrong way up when nothing in
+    its header said which way is up (a chest radiograph on its side is also unfamiliar as given; the turn is
+    what to fix), else unlike the training images. Takes the two stored values so that a finding read back
+    from the database gets the same verdict as the prediction; the words (:func:`doubt_reason`) and the SR
+    code (``reporting.codes.doubt_code``) both follow it."""
     if better_turn:  # familiar once turned, whatever its novelty as given: the turn is the cause
+        return Doubt.WRONG_WAY_UP
+    if novelty is not None and novelty > NOVELTY_LIMIT:
+        return Doubt.UNFAMILIAR
+    return None
+
+
+def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
+    """The words of :func:`doubt_of`, used wherever such an image is refused or, when it is classified
+    anyway, reported (``None``: no check doubts it)."""
+    doubt = doubt_of(novelty, better_turn)
+    if doubt is Doubt.WRONG_WAY_UP:
         return (
             "the image looks the wrong way up: the model knows it better turned "
             f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with its Patient Orientation"
         )
-    if novelty is not None and novelty > NOVELTY_LIMIT:
+    if doubt is Doubt.UNFAMILIAR:
         return (
             "the image does not look like the chest radiographs the model was trained on "
             f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"

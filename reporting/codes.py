@@ -28,7 +28,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from classifier.types import INDETERMINATE, Prediction
+from classifier.types import INDETERMINATE, Doubt, Prediction, doubt_of
 from reporting.errors import UnknownLabelError
 
 LOCAL_SCHEME = "99CXRNODE"
@@ -101,11 +101,11 @@ def local_scheme_identification(responsible_organization: str) -> CodingSchemeId
     )
 
 
+_DOUBT_CODES = {Doubt.WRONG_WAY_UP: WRONG_WAY_UP, Doubt.UNFAMILIAR: UNFAMILIAR}
+
+
 def doubt_code(prediction: Prediction) -> Code | None:
-    """The coded reason the model's own checks doubted an image it classified (``None``: they did not);
-    the same verdict as ``Prediction.doubt``, which says it in words."""
-    if prediction.looks_turned:
-        return WRONG_WAY_UP
-    if prediction.unfamiliar:
-        return UNFAMILIAR
-    return None
+    """The coded reason the model's own checks doubted an image it classified (``None``: they did not):
+    :func:`classifier.types.doubt_of`, the verdict ``Prediction.doubt`` says in words."""
+    doubt = doubt_of(prediction.novelty, prediction.better_turn)
+    return None if doubt is None else _DOUBT_CODES[doubt]
