@@ -41,7 +41,7 @@ class ArtifactMetadata:
     data: Mapping[str, Any] = field(default_factory=dict)  # data summary, split, command line
     training: Mapping[str, Any] = field(default_factory=dict)  # recipe and history
     validation: Mapping[str, Any] = field(default_factory=dict)  # metrics on the validation split
-    novelty: Mapping[str, Any] = field(default_factory=dict)  # the feature-density check, if fitted
+    novelty: Mapping[str, Any] = field(default_factory=dict)  # density check + turn probe, if fitted
 
     @property
     def info(self) -> ModelInfo:

@@ -130,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "novelty",
         help="fit an artifact's check of images unlike its training images (train and ensemble run it)",
         description="Fit the feature density of classifier.novelty on the training split recorded in MODEL's "
-        "model.json, set its threshold on the validation split, and write novelty.npz + model.json.",
+        "model.json, set its threshold on the validation split, fit the turn probe (which way is up) on "
+        "the same images at their four turns, and write novelty.npz, turn_probe.npz and model.json.",
     )
     novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
     novelty.add_argument("data", type=Path, help="the data the model was trained on")
@@ -193,6 +194,11 @@ def _fit_novelty(folder: Path, data: Path, **options: Any) -> None:
     _say(
         f"novelty check: threshold {record['threshold']:.4g} ({record['quantile']:g} quantile of "
         f"{check['images']} validation images; {check['unfamiliar']} of them above it)"
+    )
+    turns = record["turn_probe"]["validation"]
+    _say(
+        f"turn check: the turn named right for {turns['turns_named_right']:.1%} of the validation images at "
+        f"their four turns; {turns['upright_called_turned']} upright ones called turned"
     )
 
 

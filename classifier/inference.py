@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
-from classifier.novelty import NoveltyCheck, better_turn
+from classifier.novelty import NoveltyCheck, TurnProbe, better_turn
 from classifier.preprocess import (
     Box,
     FloatImage,
@@ -120,10 +120,11 @@ class Classifier:
             lungs = LungCropper.load(folder / "lungs")
         novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
         LOGGER.info(
-            "loaded model %s version %s (novelty check %s)",
+            "loaded model %s version %s (novelty check %s, turn check %s)",
             metadata.name,
             metadata.version,
             "on" if novelty else "absent",
+            "on" if novelty and novelty.probe else "absent: run 'cxr-node novelty' to fit it",
         )
         return cls(
             model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs, novelty=novelty
@@ -163,8 +164,56 @@ class Classifier:
         ``frames``: the part of each whole image the input shows (:func:`classifier.preprocess.frame_box`);
         heat maps are placed there, so they line up with the whole radiograph. Default: the whole image.
         """
+        return self._predict(images, heatmap=heatmap, frames=frames)[0]
+
+    def embed(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
+        """N×d features the softmax layer reads (what :mod:`classifier.novelty` models)."""
         if not images:
-            return []
+            return np.zeros((0, int(self._softmax_head().kernel.shape[0])), dtype=np.float32)
+        with self._lock:
+            features, _ = self._forward_pass(np.stack([np.asarray(i, dtype=np.float32) for i in images]))
+        return features
+
+    def predict_datasets(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
+    ) -> list[Prediction]:
+        """Predictions for DICOM images, read head up (:func:`classifier.preprocess.upright_turns`); each heat
+        map is turned back onto the stored pixels, where the radiologist's viewer shows it. Every image gets
+        the turn check (:attr:`Prediction.better_turn`): one without a Patient Orientation that says which way
+        is up may be stored turned, and one whose Patient Orientation is wrong is read turned."""
+        min_side = max(self.spec.input_size)
+        known = [orientation_turns(ds) for ds in datasets]
+        turns = [k or 0 for k in known]  # Patient Orientation read once: the same turn there and back
+        predictions = self._timed(
+            lambda pair: upright(dataset_to_gray(pair[0], min_side), pair[1]),
+            list(zip(datasets, turns, strict=True)),
+            heatmap,
+        )
+        return [
+            p if p.heatmap is None or not k else replace(p, heatmap=upright(p.heatmap, -k))
+            for p, k in zip(predictions, turns, strict=True)
+        ]
+
+    def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
+        """Predictions for pictures, which have no header to say which way is up (the turn check says whether
+        they look head up)."""
+        return self._timed(pil_to_gray, images, heatmap)
+
+    def predict_file(self, path: Path, *, heatmap: bool = False) -> Prediction:
+        """One DICOM or PNG/JPEG file, the way the node and the console read it (orientation, turn check)."""
+        source = read_image_file(path)
+        if isinstance(source, pydicom.Dataset):
+            return self.predict_datasets([source], heatmap=heatmap)[0]
+        return self.predict_images([source], heatmap=heatmap)[0]
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _predict(
+        self, images: Sequence[FloatImage], *, heatmap: bool, frames: Sequence[Box] | None
+    ) -> tuple[list[Prediction], npt.NDArray[np.float32]]:
+        """:meth:`predict`, and the features the softmax layer read (N×d)."""
+        if not images:
+            return [], np.zeros((0, 0), dtype=np.float32)
         batch = np.stack([np.asarray(image, dtype=np.float32) for image in images])
         expected = (*self.spec.input_size, 3)
         if batch.shape[1:] != expected:
@@ -180,56 +229,13 @@ class Classifier:
         if self._novelty is not None:
             novelty = [float(ratio) for ratio in self._novelty.ratios(features)]
         elapsed_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
-        return [
+        predictions = [
             self._prediction(row, heat, ratio, elapsed_ms)
             for row, heat, ratio in zip(probabilities, maps, novelty, strict=True)
         ]
+        return predictions, features
 
-    def embed(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
-        """N×d features the softmax layer reads (what :mod:`classifier.novelty` models)."""
-        if not images:
-            return np.zeros((0, int(self._softmax_head().kernel.shape[0])), dtype=np.float32)
-        with self._lock:
-            features, _ = self._forward_pass(np.stack([np.asarray(i, dtype=np.float32) for i in images]))
-        return features
-
-    def predict_datasets(
-        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
-    ) -> list[Prediction]:
-        """Predictions for DICOM images, read head up (:func:`classifier.preprocess.upright_turns`); each heat
-        map is turned back onto the stored pixels, where the radiologist's viewer shows it. An image whose
-        Patient Orientation does not say which way is up gets the turn check
-        (:attr:`Prediction.better_turn`)."""
-        min_side = max(self.spec.input_size)
-        known = [orientation_turns(ds) for ds in datasets]
-        turns = [k or 0 for k in known]  # Patient Orientation read once: the same turn there and back
-        predictions = self._timed(
-            lambda pair: upright(dataset_to_gray(pair[0], min_side), pair[1]),
-            list(zip(datasets, turns, strict=True)),
-            heatmap,
-            check_turns=[k is None for k in known],
-        )
-        return [
-            p if p.heatmap is None or not k else replace(p, heatmap=upright(p.heatmap, -k))
-            for p, k in zip(predictions, turns, strict=True)
-        ]
-
-    def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
-        """Predictions for pictures, which have no header to say which way is up: all get the turn check."""
-        return self._timed(pil_to_gray, images, heatmap, check_turns=[True] * len(images))
-
-    def predict_file(self, path: Path, *, heatmap: bool = False) -> Prediction:
-        """One DICOM or PNG/JPEG file, the way the node and the console read it (orientation, turn check)."""
-        source = read_image_file(path)
-        if isinstance(source, pydicom.Dataset):
-            return self.predict_datasets([source], heatmap=heatmap)[0]
-        return self.predict_images([source], heatmap=heatmap)[0]
-
-    # ------------------------------------------------------------------------------------ internals
-
-    def _timed(
-        self, to_gray: Any, sources: Sequence[Any], heatmap: bool, *, check_turns: Sequence[bool]
-    ) -> list[Prediction]:
+    def _timed(self, to_gray: Any, sources: Sequence[Any], heatmap: bool) -> list[Prediction]:
         start = time.perf_counter()
         grays, inputs, frames = [], [], []
         for source in sources:
@@ -239,31 +245,35 @@ class Classifier:
             inputs.append(model_input)
             frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
-        predictions = self.predict(inputs, heatmap=heatmap, frames=frames)
+        predictions, features = self._predict(inputs, heatmap=heatmap, frames=frames)
         predictions = [
             replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions
         ]
-        novelty_check = self._novelty
-        checked = [i for i, check in enumerate(check_turns) if check]
-        if novelty_check is not None and checked:
+        check = self._novelty
+        if check is not None and check.probe is not None and predictions:
             start = time.perf_counter()
-            novelty = [predictions[i].novelty or 0.0 for i in checked]
-            turns = self._better_turns(novelty_check, [grays[i] for i in checked], novelty)
-            turn_ms = (time.perf_counter() - start) * 1000.0 / len(checked)
-            for i, turn in zip(checked, turns, strict=True):
-                timings = {**predictions[i].timings_ms, "turn_check": turn_ms}
-                predictions[i] = replace(predictions[i], better_turn=turn, timings_ms=timings)
+            turns = self._better_turns(check, check.probe, grays, features)
+            turn_ms = (time.perf_counter() - start) * 1000.0 / len(predictions)
+            predictions = [
+                replace(p, better_turn=turn, timings_ms={**p.timings_ms, "turn_check": turn_ms})
+                for p, turn in zip(predictions, turns, strict=True)
+            ]
         return predictions
 
     def _better_turns(
-        self, check: NoveltyCheck, grays: Sequence[FloatImage], as_given: Sequence[float]
+        self, check: NoveltyCheck, probe: TurnProbe, grays: Sequence[FloatImage], features: npt.ArrayLike
     ) -> list[int]:
-        """:func:`classifier.novelty.better_turn` of each grey image, scored by ``check`` at its other three
-        quarter turns."""
-        spec, lungs = self.spec, self._lungs
-        inputs = [framed_model_input(upright(gray, k), spec, lungs)[0] for gray in grays for k in (1, 2, 3)]
-        turned = check.ratios(self.embed(inputs)).reshape(len(grays), 3)
-        return [better_turn(given, list(row)) for given, row in zip(as_given, turned, strict=True)]
+        """:func:`classifier.novelty.better_turn` of each grey image: the probe reads the features the
+        prediction already computed; an image it calls turned is scored once more, turned back."""
+        back = probe.turns_back(features)
+        turned = [j for j, turn in enumerate(back) if turn]
+        result = [0] * len(grays)
+        if turned:
+            spec, lungs = self.spec, self._lungs
+            inputs = [framed_model_input(upright(grays[j], back[j]), spec, lungs)[0] for j in turned]
+            for j, ratio in zip(turned, check.ratios(self.embed(inputs)), strict=True):
+                result[j] = better_turn(back[j], float(ratio))
+        return result
 
     def _forward_pass(
         self, batch: npt.NDArray[np.float32]

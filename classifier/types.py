@@ -23,9 +23,9 @@ class Doubt(enum.Enum):
 
 
 def doubt_of(novelty: float | None, better_turn: int) -> Doubt | None:
-    """The one doubt reported for an image (``None``: no check doubts it): the wrong way up when nothing in
-    its header said which way is up (a chest radiograph on its side is also unfamiliar as given; the turn is
-    what to fix), else unlike the training images. Takes the two stored values so that a finding read back
+    """The one doubt reported for an image (``None``: no check doubts it): the wrong way up when it looks
+    turned (a chest radiograph on its side is also unfamiliar as given; the turn is what to fix), else unlike
+    the training images. Takes the two stored values so that a finding read back
     from the database gets the same verdict as the prediction; the words (:func:`doubt_reason`) and the SR
     code (``reporting.codes.doubt_code``) both follow it."""
     if better_turn:  # familiar once turned, whatever its novelty as given: the turn is the cause
@@ -42,7 +42,7 @@ def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
     if doubt is Doubt.WRONG_WAY_UP:
         return (
             "the image looks the wrong way up: the model knows it better turned "
-            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with its Patient Orientation"
+            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with a correct Patient Orientation"
         )
     if doubt is Doubt.UNFAMILIAR:
         return (
@@ -71,9 +71,9 @@ class Prediction:
     configured threshold; ``top_class`` is always the arg-max class. ``novelty`` is how unlike the
     training images the image is, as a multiple of the artifact's limit (``None`` when the artifact has
     no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
-    probabilities say little. ``better_turn`` is set when the header did not say which way is up and the
-    image is clearly more familiar, and familiar, turned by that many counter-clockwise quarter turns: it
-    looks the wrong way up (0: it does not, or it was not checked).
+    probabilities say little. ``better_turn`` is set when the image the model read (a DICOM image turned by
+    its Patient Orientation, a picture as it is) looks turned and is familiar turned back by that many
+    counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was not checked).
     """
 
     label: str

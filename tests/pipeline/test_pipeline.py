@@ -328,7 +328,7 @@ def test_an_image_upside_down_without_patient_orientation_is_stored_but_not_clas
         peer,
         receive(world, "RG1_UNCI.dcm", edit=upside_down),
         "the image looks the wrong way up: the model knows it better turned upside down; send it head up, "
-        "or with its Patient Orientation",
+        "or with a correct Patient Orientation",
     )
 
     # Classified anyway when the operator turns the checks off: the finding keeps the turn, and the SR and

@@ -4,6 +4,7 @@ the shipped model tells a chest radiograph from a lower leg and a photograph."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,16 @@ from classifier.errors import ModelArtifactError
 from classifier.inference import Classifier, default_model_path
 from classifier.novelty import (
     NOVELTY_FILE,
-    TURN_MARGIN,
+    TURN_PROBE_FILE,
     FeatureDensity,
     NoveltyCheck,
+    TurnProbe,
     better_turn,
     fit_density,
     fit_novelty,
+    fit_turn_probe,
 )
-from classifier.preprocess import display_image
+from classifier.preprocess import display_image, framed_model_input, pil_to_gray
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -102,14 +105,30 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     assert saved == json.loads(json.dumps(record)) and (output / NOVELTY_FILE).is_file()
     assert saved["fitted_on"] == {"train_images": saved["fitted_on"]["train_images"], "degradations": ["jpeg:30"]}
     assert saved["threshold"] > 0 and saved["rank"] == 8
+    probe_record = saved["turn_probe"]
+    assert (output / TURN_PROBE_FILE).is_file() and probe_record["file"] == TURN_PROBE_FILE
+    assert 0.0 <= probe_record["validation"]["turns_named_right"] <= 1.0
+    assert probe_record["validation"]["images"] == saved["validation"]["images"]
     classifier = Classifier.load(output)
-    assert classifier.novelty is not None
+    assert classifier.novelty is not None and classifier.novelty.probe is not None
     pictures = sorted(collection.rglob("*.png"))[:4]
     predictions = classifier.predict_images([Image.open(p) for p in pictures], heatmap=False)
     with_maps = classifier.predict_images([Image.open(p) for p in pictures], heatmap=True)
     for plain, mapped in zip(predictions, with_maps, strict=True):
         assert plain.novelty is not None and plain.novelty > 0
         assert mapped.novelty == pytest.approx(plain.novelty, rel=1e-4)  # both paths read the same features
+        assert "turn_check" in plain.timings_ms and 0 <= plain.better_turn <= 3
+
+    from classifier.artifact import read_metadata, write_metadata
+
+    metadata = read_metadata(output)  # an artifact fitted before the turn probe: no turn check, no error
+    write_metadata(output, replace(metadata, novelty={k: v for k, v in saved.items() if k != "turn_probe"}))
+    older = Classifier.load(output)
+    assert older.novelty is not None and older.novelty.probe is None
+    unchecked = older.predict_images([Image.open(pictures[0])], heatmap=False)[0]
+    assert "turn_check" not in unchecked.timings_ms and unchecked.better_turn == 0
+    assert unchecked.novelty == pytest.approx(predictions[0].novelty, rel=1e-4)
+    write_metadata(output, metadata)
 
     from classifier.evaluation import evaluate
 
@@ -118,21 +137,68 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     assert report["unfamiliar"]["fraction"] == pytest.approx(report["unfamiliar"]["images"] / 24)
 
 
+def _turned_features(images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """12-dimensional features of ``images`` images at their four turns: each turn shifts them its own way,
+    and the images vary half as much as a shift along one feature: all of them together tell the turn."""
+    rng = np.random.default_rng(seed)
+    shifts = np.random.default_rng(99).normal(size=(4, 12))
+    images_at = rng.normal(size=(images, 1, 12)) * 0.5
+    turns = np.tile(np.arange(4), images)
+    features = (images_at + shifts[None] + rng.normal(size=(images, 4, 12)) * 0.3).reshape(-1, 12)
+    return features, turns
+
+
+def test_the_turn_probe_names_the_turn_of_images_it_never_saw_and_round_trips(tmp_path: Path) -> None:
+    features, turns = _turned_features(100, seed=0)
+    probe = fit_turn_probe(features, turns, steps=300)
+    held_out, held_turns = _turned_features(50, seed=1)
+    named = probe.turns_back(held_out)
+    assert np.mean(np.array(named) == (4 - held_turns) % 4) > 0.97  # turned k: k back the other way
+    probabilities = probe.probabilities(held_out)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
+
+    probe.save(tmp_path / TURN_PROBE_FILE)
+    loaded = TurnProbe.load(tmp_path / TURN_PROBE_FILE)
+    np.testing.assert_allclose(loaded.probabilities(held_out), probabilities, atol=1e-4)
+    assert loaded.turns_back(held_out) == named
+    with pytest.raises(ValueError, match="dimensions"):
+        loaded.probabilities(held_out[:, :5])
+    with pytest.raises(ValueError, match="four turns"):
+        fit_turn_probe(features[turns < 3], turns[turns < 3])
+
+    from classifier.artifact import sha256_file
+
+    density = fit_density(*_features(), rank=6)
+    density.save(tmp_path / NOVELTY_FILE)
+    record = {
+        "file": NOVELTY_FILE, "sha256": sha256_file(tmp_path / NOVELTY_FILE), "threshold": 2.0,
+        "turn_probe": {"file": TURN_PROBE_FILE, "sha256": sha256_file(tmp_path / TURN_PROBE_FILE)},
+    }  # fmt: skip
+    check = NoveltyCheck.load(tmp_path, record)
+    assert check.probe is not None and check.probe.turns_back(held_out) == named
+    assert NoveltyCheck.load(tmp_path, {**record, "turn_probe": {}}).probe is None  # fitted before the probe
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        NoveltyCheck.load(tmp_path, {**record, "turn_probe": {"file": TURN_PROBE_FILE, "sha256": "0" * 64}})
+    other = fit_turn_probe(np.hstack([features, features]), turns, steps=5)
+    other.save(tmp_path / TURN_PROBE_FILE)
+    record["turn_probe"] = {"file": TURN_PROBE_FILE}
+    with pytest.raises(ModelArtifactError, match="different features"):
+        NoveltyCheck.load(tmp_path, record)
+
+
 @pytest.mark.parametrize(
-    ("as_given", "turned", "expected"),
+    ("turn_back", "novelty_turned_back", "expected"),
     [
-        (0.6, [1.2, 0.8, 1.1], 0),  # upright: the most familiar as it is
-        (0.6, [0.55, 0.9, 1.0], 0),  # a turn scores a little lower: not enough to call the image turned
-        (0.77, [1.1, 0.58, 1.2], 2),  # upside down: half a turn brings it back
-        (1.2, [1.1, 1.3, 0.6], 3),  # on its side: three quarter turns
-        (1.89, [1.18, 1.55, 1.39], 0),  # a photograph: clearly better turned, but still unlike a chest
-        (1.0, [1.0, TURN_MARGIN, 1.0], 0),  # exactly at the margin: not turned
+        (0, 0.5, 0),  # the probe reads it as upright
+        (2, 0.58, 2),  # upside down, and a familiar chest once turned back
+        (3, 1.0, 3),  # on its side; turned back exactly at the limit: still familiar
+        (1, 1.18, 0),  # a photograph the probe calls turned, but unlike a chest either way
     ],
 )
-def test_an_image_is_called_turned_only_when_a_turn_is_clearly_more_familiar(
-    as_given: float, turned: list[float], expected: int
+def test_an_image_is_called_turned_only_when_it_is_familiar_turned_back(
+    turn_back: int, novelty_turned_back: float, expected: int
 ) -> None:
-    assert better_turn(as_given, turned) == expected
+    assert better_turn(turn_back, novelty_turned_back) == expected
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +228,9 @@ def test_the_shipped_model_knows_a_chest_radiograph_from_a_leg_and_a_photograph(
 def test_a_picture_the_wrong_way_up_is_told_apart(
     shipped: Classifier, transpose: Image.Transpose | None, turn: int
 ) -> None:
-    """A picture has no Patient Orientation: the hospital CR as a picture is checked at its four turns.
-    Upside down it passes the novelty check (0.77) and was called indeterminate; now it is flagged."""
+    """A picture has no Patient Orientation: the turn probe names the turn of the hospital CR as a picture,
+    an image from outside the training archive. Upside down it passes the novelty check (0.77) and was
+    called indeterminate before the turn check; now it is flagged."""
     picture = Image.fromarray(display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))))
     prediction = shipped.predict_images([picture if transpose is None else picture.transpose(transpose)])[0]
     assert prediction.better_turn == turn and prediction.looks_turned == (turn != 0)
@@ -173,25 +240,43 @@ def test_a_picture_the_wrong_way_up_is_told_apart(
 
 
 def test_a_photograph_is_unlike_a_chest_whichever_way_it_is_turned(shipped: Classifier) -> None:
-    """The cat scores 1.89 as given and 1.18 on its side: clearly better turned, but still unfamiliar, so it is
-    not called the wrong way up and the reason stays the novelty check's."""
-    with Image.open(FIXTURES / "imagenet_chelsea.jpg") as photo:
-        prediction = shipped.predict_images([photo], heatmap=False)[0]
-    assert prediction.unfamiliar and not prediction.looks_turned
-    assert (prediction.doubt or "").startswith("the image does not look like the chest radiographs")
+    """The turn probe answers for anything: it reads the espresso cup as upside down. Turned back the cup is
+    still unfamiliar, so it is not called the wrong way up and the reason stays the novelty check's; the same
+    for the cat (1.89 as given, which the probe reads as upright)."""
+    assert shipped.novelty is not None and shipped.novelty.probe is not None
+    for name in ("imagenet_coffee.jpg", "imagenet_chelsea.jpg"):
+        with Image.open(FIXTURES / name) as photo:
+            prediction = shipped.predict_images([photo], heatmap=False)[0]
+            features = shipped.embed([framed_model_input(pil_to_gray(photo), shipped.spec, shipped.lungs)[0]])
+        assert prediction.unfamiliar and not prediction.looks_turned, name
+        assert (prediction.doubt or "").startswith("the image does not look like the chest radiographs")
+        assert shipped.novelty.probe.turns_back(features) == [2 if name == "imagenet_coffee.jpg" else 0]
 
 
-def test_dicom_is_turn_checked_only_when_its_header_does_not_say_which_way_is_up(shipped: Classifier) -> None:
-    with_header = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))  # L\F
-    without = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
-    del without.PatientOrientation
-    upside_down = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
-    upside_down.PixelData = np.ascontiguousarray(np.rot90(upside_down.pixel_array, 2)).tobytes()
-    del upside_down.PatientOrientation
-    checked, plain, flagged = shipped.predict_datasets([without, with_header, upside_down], heatmap=False)
-    assert "turn_check" not in plain.timings_ms and not plain.looks_turned  # the header says: no extra cost
-    assert "turn_check" in checked.timings_ms and not checked.looks_turned
-    assert flagged.better_turn == 2
+def test_a_dicom_image_is_turn_checked_as_its_patient_orientation_turns_it(shipped: Classifier) -> None:
+    """The probe reads the image the model read: head up by its Patient Orientation when there is one. An
+    upside-down image is flagged without a Patient Orientation, and also with one that says it is upright."""
+
+    def rg1(*, upside_down: bool, orientation: bool) -> pydicom.Dataset:
+        ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))  # L\F: head up as stored
+        if upside_down:
+            ds.PixelData = np.ascontiguousarray(np.rot90(ds.pixel_array, 2)).tobytes()
+        if not orientation:
+            del ds.PatientOrientation
+        return ds
+
+    as_stored, without, flagged, contradicted = shipped.predict_datasets(
+        [
+            rg1(upside_down=False, orientation=True),
+            rg1(upside_down=False, orientation=False),
+            rg1(upside_down=True, orientation=False),
+            rg1(upside_down=True, orientation=True),  # a modality that turned the pixels, not the header
+        ],
+        heatmap=False,
+    )
+    assert not as_stored.looks_turned and not without.looks_turned
+    assert all("turn_check" in p.timings_ms for p in (as_stored, without, flagged, contradicted))
+    assert flagged.better_turn == 2 and contradicted.better_turn == 2
 
 
 def test_cli_classify_reads_a_file_as_the_console_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
