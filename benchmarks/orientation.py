@@ -1,15 +1,17 @@
-"""Pictures the wrong way up: what the novelty check alone lets through, and what the turn check adds.
+"""Pictures the wrong way up or inverted: what the novelty check alone lets through, and what the turn and
+negative checks add.
 
     PYTHONPATH=. python benchmarks/orientation.py MODEL_DIR /work/shared/data/cxr3
 
-The model's validation pictures, as they are and turned by a quarter turn either way and upside down, go
-through ``Classifier.predict_images`` (the console's path: a picture has no Patient Orientation, so every
-one gets the turn check). Columns: refused by the novelty check alone (what read such images before the
-turn check), flagged as the wrong way up by the turn check, refused by either check now, the accuracy
-of what each lets through, and the turn check's median cost per image (its probe reads the features the
-prediction computed; only an image it calls turned is read again, turned back). The same again after
-degradations another pipeline applies (those of the robustness table, which the check was not fitted
-with): a degraded upright picture flagged as turned would be a good image refused.
+The model's validation pictures, as they are, turned by a quarter turn either way and upside down, and
+inverted (a negative), go through ``Classifier.predict_images`` (the console's path: a picture has no header
+to say which way is up or which polarity it has). Columns: refused by the novelty check alone (what read such
+images before the turn and negative checks), flagged as the wrong way up, flagged as a negative, refused by
+any check now, the accuracy of what the novelty check alone and all checks let through, and the checks'
+median cost per image (their probes read the features the prediction computed; only an image one of them
+doubts is read again, turned or inverted back). The same again after degradations another pipeline applies
+(those of the robustness table, which the checks were not fitted with): a degraded upright picture flagged
+would be a good image refused.
 Prints a table and, as the last line, a JSON object.
 """
 
@@ -20,7 +22,7 @@ import statistics
 import sys
 from collections.abc import Callable
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from benchmarks import table
 from benchmarks.novelty import model_with_check
@@ -29,41 +31,42 @@ from classifier.evaluation import parse_degradation
 from classifier.inference import read_image_file
 from classifier.types import Prediction
 
-TURNS: tuple[tuple[str, Image.Transpose | None], ...] = (
-    ("not turned", None),
-    ("quarter turn anticlockwise", Image.Transpose.ROTATE_90),
-    ("upside down", Image.Transpose.ROTATE_180),
-    ("quarter turn clockwise", Image.Transpose.ROTATE_270),
+Edit = Callable[[Image.Image], Image.Image]
+VARIANTS: tuple[tuple[str, Edit | None], ...] = (
+    ("as they are", None),
+    ("quarter turn anticlockwise", lambda p: p.transpose(Image.Transpose.ROTATE_90)),
+    ("upside down", lambda p: p.transpose(Image.Transpose.ROTATE_180)),
+    ("quarter turn clockwise", lambda p: p.transpose(Image.Transpose.ROTATE_270)),
+    ("inverted (a negative)", lambda p: ImageOps.invert(p.convert("L"))),
 )
 BATCH = 16
 DEGRADATIONS = (
     "none", "jpeg:30", "downscale:0.35", "noise:0.03", "crop:0.85", "jpeg:40+downscale:0.5+gamma:1.3"
-)
+)  # fmt: skip
 
 
 def _accuracy(pairs: list[tuple[Prediction, str]]) -> float | None:
     return sum(p.top_class == label for p, label in pairs) / len(pairs) if pairs else None
 
 
-def _row(degradation: str, turn: str, pairs: list[tuple[Prediction, str]]) -> dict[str, object]:
+def _row(degradation: str, variant: str, pairs: list[tuple[Prediction, str]]) -> dict[str, object]:
     novelty_passes = [(p, label) for p, label in pairs if not p.unfamiliar]
-    both_pass = [(p, label) for p, label in novelty_passes if not p.looks_turned]
+    all_pass = [(p, label) for p, label in pairs if p.doubt is None]
     return {
         "degradation": degradation,
-        "pictures": turn,
+        "pictures": variant,
         "images": len(pairs),
         "refused_novelty_alone": len(pairs) - len(novelty_passes),
         "flagged_turned": sum(p.looks_turned for p, _ in pairs),
-        "refused_either": len(pairs) - len(both_pass),
+        "flagged_negative": sum(p.negative for p, _ in pairs),
+        "refused_any": len(pairs) - len(all_pass),
         "accuracy_passed_novelty_alone": _accuracy(novelty_passes),
-        "accuracy_passed_either": _accuracy(both_pass),
-        "turn_check_ms_median": statistics.median(p.timings_ms["turn_check"] for p, _ in pairs),
+        "accuracy_passed_all": _accuracy(all_pass),
+        "checks_ms_median": statistics.median(p.timings_ms["input_checks"] for p, _ in pairs),
     }
 
 
-def _pictures(
-    items: list[LabelledImage], degrade: Callable[[Image.Image], Image.Image] | None, turn: Image.Transpose | None
-) -> list[Image.Image]:
+def _pictures(items: list[LabelledImage], degrade: Edit | None, edit: Edit | None) -> list[Image.Image]:
     pictures = []
     for item in items:
         picture = read_image_file(item.path)  # as the console and `cxr-node classify` read it
@@ -71,7 +74,7 @@ def _pictures(
             raise SystemExit(f"{item.path.name}: the validation images are pictures, not DICOM")
         if degrade is not None:
             picture = degrade(picture.convert("L"))
-        pictures.append(picture if turn is None else picture.transpose(turn))
+        pictures.append(picture if edit is None else edit(picture))
     return pictures
 
 
@@ -80,19 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for degradation in DEGRADATIONS:
         degrade = parse_degradation(degradation)
-        for name, turn in TURNS:
+        for name, edit in VARIANTS:
             predictions: list[Prediction] = []
             for start in range(0, len(validation), BATCH):
-                pictures = _pictures(validation[start : start + BATCH], degrade, turn)
+                pictures = _pictures(validation[start : start + BATCH], degrade, edit)
                 predictions += classifier.predict_images(pictures, heatmap=False)
             pairs = [(p, item.label) for p, item in zip(predictions, validation, strict=True)]
             rows.append(_row(degradation, name, pairs))
 
-    print(f"model {classifier.info.version}; turn check: classifier.novelty.TurnProbe, novelty turned back")
+    print(f"model {classifier.info.version}; checks: classifier.novelty (density, turn and negative probes)")
     columns = [("degradation", ""), ("pictures", ""), ("images", ""), ("refused: novelty", ""),
-               ("flagged turned", ""), ("either", ""), ("acc. passed: novelty", ".3f"), ("+ turn check", ".3f"), ("turn ms", ".1f")]
-    keys = ["degradation", "pictures", "images", "refused_novelty_alone", "flagged_turned", "refused_either",
-            "accuracy_passed_novelty_alone", "accuracy_passed_either", "turn_check_ms_median"]
+               ("turned", ""), ("negative", ""), ("any", ""), ("acc. passed: novelty", ".3f"),
+               ("all checks", ".3f"), ("checks ms", ".1f")]
+    keys = ["degradation", "pictures", "images", "refused_novelty_alone", "flagged_turned",
+            "flagged_negative", "refused_any", "accuracy_passed_novelty_alone", "accuracy_passed_all", "checks_ms_median"]
     print(table.render(columns, [[row[key] for key in keys] for row in rows]))
     print(json.dumps({"model": classifier.info.version, "rows": rows}))
     return 0

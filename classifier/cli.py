@@ -130,8 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "novelty",
         help="fit an artifact's check of images unlike its training images (train and ensemble run it)",
         description="Fit the feature density of classifier.novelty on the training split recorded in MODEL's "
-        "model.json, set its threshold on the validation split, fit the turn probe (which way is up) on "
-        "the same images at their four turns, and write novelty.npz, turn_probe.npz and model.json.",
+        "model.json, set its threshold on the validation split, fit the probe of how an image is presented "
+        "(turned, inverted) on the same images turned and inverted, and write novelty.npz, "
+        "presentation_probe.npz and model.json.",
     )
     novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
     novelty.add_argument("data", type=Path, help="the data the model was trained on")
@@ -195,10 +196,11 @@ def _fit_novelty(folder: Path, data: Path, **options: Any) -> None:
         f"novelty check: threshold {record['threshold']:.4g} ({record['quantile']:g} quantile of "
         f"{check['images']} validation images; {check['unfamiliar']} of them above it)"
     )
-    turns = record["turn_probe"]["validation"]
+    probe = record["presentation_probe"]["validation"]
     _say(
-        f"turn check: the turn named right for {turns['turns_named_right']:.1%} of the validation images at "
-        f"their four turns; {turns['upright_called_turned']} upright ones called turned"
+        f"turn and negative checks: the presentation named right for {probe['named_right']:.1%} of the "
+        f"validation images at their four turns, as they are and inverted; "
+        f"{probe['as_trained_called_otherwise']} upright positives called turned or inverted"
     )
 
 
@@ -358,6 +360,8 @@ def _format_prediction(path: Path, prediction: Any) -> str:
         line += f"\tnovelty={prediction.novelty:.2f}" + ("\tunfamiliar" if prediction.unfamiliar else "")
     if prediction.looks_turned:
         line += f"\twrong-way-up(better turned {prediction.better_turn} quarter turn(s) anticlockwise)"
+    if prediction.negative:
+        line += "\tnegative(looks inverted: check Photometric Interpretation)"
     return line
 
 
@@ -386,6 +390,8 @@ def _classify(args: argparse.Namespace) -> int:
                         "novelty": prediction.novelty,
                         "unfamiliar": prediction.unfamiliar,
                         "better_turn": prediction.better_turn,
+                        "negative": prediction.negative,
+                        "doubt": prediction.doubt,
                     }
                 )
             )

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
-from classifier.novelty import NoveltyCheck, TurnProbe, better_turn
+from classifier.novelty import LinearProbe, NoveltyCheck, Presentation, confirmed, presentations
 from classifier.preprocess import (
     Box,
     FloatImage,
@@ -120,11 +120,11 @@ class Classifier:
             lungs = LungCropper.load(folder / "lungs")
         novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
         LOGGER.info(
-            "loaded model %s version %s (novelty check %s, turn check %s)",
+            "loaded model %s version %s (novelty check %s; turn and negative checks %s)",
             metadata.name,
             metadata.version,
             "on" if novelty else "absent",
-            "on" if novelty and novelty.probe else "absent: run 'cxr-node novelty' to fit it",
+            "on" if novelty and novelty.probe else "off (run 'cxr-node novelty')",
         )
         return cls(
             model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs, novelty=novelty
@@ -252,27 +252,34 @@ class Classifier:
         check = self._novelty
         if check is not None and check.probe is not None and predictions:
             start = time.perf_counter()
-            turns = self._better_turns(check, check.probe, grays, features)
-            turn_ms = (time.perf_counter() - start) * 1000.0 / len(predictions)
+            found = self._presentations(check, check.probe, grays, features)
+            checks_ms = (time.perf_counter() - start) * 1000.0 / len(predictions)
             predictions = [
-                replace(p, better_turn=turn, timings_ms={**p.timings_ms, "turn_check": turn_ms})
-                for p, turn in zip(predictions, turns, strict=True)
+                replace(
+                    p,
+                    better_turn=f.turn_back,
+                    negative=f.negative,
+                    timings_ms={**p.timings_ms, "input_checks": checks_ms},
+                )
+                for p, f in zip(predictions, found, strict=True)
             ]
         return predictions
 
-    def _better_turns(
-        self, check: NoveltyCheck, probe: TurnProbe, grays: Sequence[FloatImage], features: npt.ArrayLike
-    ) -> list[int]:
-        """:func:`classifier.novelty.better_turn` of each grey image: the probe reads the features the
-        prediction already computed; an image it calls turned is scored once more, turned back."""
-        back = probe.turns_back(features)
-        turned = [j for j, turn in enumerate(back) if turn]
-        result = [0] * len(grays)
-        if turned:
-            spec, lungs = self.spec, self._lungs
-            inputs = [framed_model_input(upright(grays[j], back[j]), spec, lungs)[0] for j in turned]
-            for j, ratio in zip(turned, check.ratios(self.embed(inputs)), strict=True):
-                result[j] = better_turn(back[j], float(ratio))
+    def _presentations(
+        self, check: NoveltyCheck, probe: LinearProbe, grays: Sequence[FloatImage], features: npt.ArrayLike
+    ) -> list[Presentation]:
+        """How each grey image is presented (turned, inverted), by the check's probe on the features the
+        prediction already computed. An image it calls other than as trained is scored once more, undone,
+        and the verdict stands only when that is familiar (:func:`classifier.novelty.confirmed`)."""
+        named = presentations(probe, features)
+        doubted = [j for j, presentation in enumerate(named) if not presentation.as_trained]
+        if not doubted:
+            return named
+        spec, lungs = self.spec, self._lungs
+        undone = [framed_model_input(named[j].undo(grays[j]), spec, lungs)[0] for j in doubted]
+        result = list(named)
+        for j, ratio in zip(doubted, check.ratios(self.embed(undone)), strict=True):
+            result[j] = confirmed(named[j], float(ratio))
         return result
 
     def _forward_pass(

@@ -20,17 +20,19 @@ pipeline applies (so a re-encoded or down-sampled radiograph stays familiar), an
 quantile of the scores of the validation split, which it never saw. :attr:`Prediction.novelty` is the
 score divided by that threshold: above 1 the image is *unfamiliar*.
 
-Every image also gets the turn check, on the image as the model reads it: a picture has no header to
-say which way is up, and a DICOM image may have no Patient Orientation or a wrong one. The same features
-say which way is up. A :class:`TurnProbe`, a multinomial logistic regression fitted on the training images
-at their four quarter turns (clean and degraded, like the density), names the turn an image was given. On
-the shipped model it names the turn of all 704 validation images at their four turns; after JPEG,
-down-sampling, noise or a crop the check still refuses 173–176 of 176 turned pictures and no upright one
-(``benchmarks/orientation.py``; the model card has the figures). An
-image it calls turned is scored once more, turned back; only when that is familiar does
-:attr:`Prediction.better_turn` say the image is the wrong way up (:func:`better_turn`). A photograph is
-unfamiliar whichever way it is turned: it is not. The probe reads the features already computed for the
-prediction, so an upright image costs nothing more, and a turned one one forward pass.
+Every image also gets the turn and negative checks, on the image as the model reads it: a picture has no
+header to say which way is up or which polarity it has, and a DICOM image may have no Patient Orientation,
+a wrong one, or a lost MONOCHROME1 label. The same features say how the image is presented. A
+:class:`LinearProbe` over the eight :data:`PRESENTATIONS` (four quarter turns, each as it is or inverted),
+fitted on the training images in all eight (clean and degraded, like the density), names the presentation
+of an image. One probe for both, so that an upside-down image is not taken for a negative nor a negative
+for an upside-down image, which two separate probes did. On the shipped model it names the presentation of
+every validation image at its four turns, and of 97.7–100 % of them inverted (``benchmarks/orientation.py``
+and the model card have the figures). An image it calls other than as trained is scored once more, undone
+(:class:`Presentation`); only when that is familiar (:func:`confirmed`) do :attr:`Prediction.better_turn`
+and :attr:`Prediction.negative` say so. A photograph is unfamiliar whichever way it is turned or inverted:
+it is not. The probe reads the features already computed for the prediction, so an image as trained costs
+nothing more, and any other one forward pass.
 
 The check is only as good as the network's features: on one of four EfficientNet-Lite2 fold models it
 let a lower-leg radiograph through. Measure it for every model with ``benchmarks/novelty.py`` (the
@@ -57,12 +59,14 @@ NOVELTY_FILE = "novelty.npz"
 DEFAULT_RANK = 64
 DEFAULT_SHRINKAGE = 0.5
 DEFAULT_QUANTILE = 0.99
-TURN_PROBE_FILE = "turn_probe.npz"
-# Softmax regression on standardised features: weight decay and full-batch gradient steps. On the shipped
-# model 300 steps already name the turn of every validation image; 1,000 take about a minute there.
-TURN_L2 = 0.01
-TURN_STEPS = 1000
-TURN_RATE = 0.1
+PRESENTATION_PROBE_FILE = "presentation_probe.npz"
+# How an image can be presented to the model: turned 0–3 quarter turns anticlockwise, as it is or inverted.
+# Class ``turn + 4 · inverted`` of the presentation probe.
+PRESENTATIONS = 8
+# The probe is a softmax regression on standardised features: weight decay and full-batch gradient steps.
+PROBE_L2 = 0.01
+PROBE_STEPS = 1000
+PROBE_RATE = 0.1
 # What other pipelines do to a radiograph (classifier.evaluation degradations), applied to the training
 # images the density is fitted on. Other parameters than the robustness benchmark's, so that benchmark
 # measures images the density has not seen.
@@ -157,27 +161,23 @@ def fit_density(
 
 
 @dataclass(frozen=True)
-class TurnProbe:
-    """Which way is up, from the model's features: a softmax regression over the four quarter turns.
-
-    Column ``k`` of :meth:`probabilities` is for an image that is an upright one turned ``k`` quarter turns
-    anticlockwise (``numpy.rot90`` with ``k``); :meth:`turns_back` is what turns it head up again.
-    """
+class LinearProbe:
+    """A softmax regression over ``k`` classes on standardised features: what the model's features say about
+    how an image was given (its quarter turn; whether it is a negative)."""
 
     mean: Floats  # d, the features' mean over the fitting images
     scale: Floats  # d, their standard deviation
-    weights: Floats  # d × 4
-    bias: Floats  # 4
+    weights: Floats  # d × k
+    bias: Floats  # k
 
     def probabilities(self, features: npt.ArrayLike) -> Floats:
         x = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if x.shape[1] != len(self.mean):
-            raise ValueError(f"features have {x.shape[1]} dimensions, the turn probe {len(self.mean)}")
+            raise ValueError(f"features have {x.shape[1]} dimensions, the probe {len(self.mean)}")
         return _softmax(((x - self.mean) / self.scale) @ self.weights + self.bias)
 
-    def turns_back(self, features: npt.ArrayLike) -> list[int]:
-        """Anticlockwise quarter turns (0–3) that bring each image head up, by the most probable turn."""
-        return [int((4 - k) % 4) for k in np.argmax(self.probabilities(features), axis=1)]
+    def most_probable(self, features: npt.ArrayLike) -> list[int]:
+        return [int(k) for k in np.argmax(self.probabilities(features), axis=1)]
 
     def save(self, path: Path) -> None:
         np.savez_compressed(
@@ -189,16 +189,16 @@ class TurnProbe:
         )
 
     @classmethod
-    def load(cls, path: Path) -> TurnProbe:
+    def load(cls, path: Path, classes: int) -> LinearProbe:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key].astype(np.float64) for key in ("mean", "scale", "weights", "bias")}
             probe = cls(**arrays)
         except (OSError, KeyError, ValueError) as exc:
-            raise ModelArtifactError(f"{path.name} is not a turn probe: {type(exc).__name__}") from exc
+            raise ModelArtifactError(f"{path.name} is not a feature probe: {type(exc).__name__}") from exc
         d = len(probe.mean)
-        if probe.scale.shape != (d,) or probe.weights.shape != (d, 4) or probe.bias.shape != (4,):
-            raise ModelArtifactError(f"{path.name} has inconsistent shapes")
+        if probe.scale.shape != (d,) or probe.weights.shape != (d, classes) or probe.bias.shape != (classes,):
+            raise ModelArtifactError(f"{path.name} has inconsistent shapes (expected {classes} classes)")
         if not np.all(probe.scale > 0):
             raise ModelArtifactError(f"{path.name} has a non-positive feature scale")
         return probe
@@ -209,43 +209,70 @@ def _softmax(logits: Floats) -> Floats:
     return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
-def fit_turn_probe(
+def fit_probe(
     features: npt.ArrayLike,
-    turns: Sequence[int] | npt.NDArray[np.int64],
+    labels: Sequence[int] | npt.NDArray[np.int64],
+    classes: int,
     *,
-    l2: float = TURN_L2,
-    steps: int = TURN_STEPS,
-    rate: float = TURN_RATE,
-) -> TurnProbe:
-    """Softmax regression of ``turns`` (0–3, anticlockwise quarter turns given to an upright image) on the
-    standardised ``features``, by full-batch gradient descent from zero (deterministic)."""
+    l2: float = PROBE_L2,
+    steps: int = PROBE_STEPS,
+    rate: float = PROBE_RATE,
+) -> LinearProbe:
+    """Softmax regression of ``labels`` (0 … ``classes`` − 1, every one present) on the standardised
+    ``features``, by full-batch gradient descent from zero (deterministic)."""
     x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(turns, dtype=np.int64)
-    if x.ndim != 2 or len(x) != len(y) or not np.isin(y, range(4)).all():
-        raise ValueError("fit_turn_probe needs an N×d feature matrix and N turns in 0–3")
-    if len(np.unique(y)) != 4:
-        raise ValueError("fit_turn_probe needs images at all four turns")
+    y = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 2 or len(x) != len(y) or not np.isin(y, range(classes)).all():
+        raise ValueError(f"fit_probe needs an N×d feature matrix and N labels in 0–{classes - 1}")
+    if len(np.unique(y)) != classes:
+        raise ValueError(f"fit_probe needs examples of all {classes} classes")
     mean = x.mean(axis=0)
     scale = x.std(axis=0) + 1e-6
     standard = (x - mean) / scale
-    targets = np.eye(4)[y]
-    weights = np.zeros((x.shape[1], 4))
-    bias = np.zeros(4)
+    targets = np.eye(classes)[y]
+    weights = np.zeros((x.shape[1], classes))
+    bias = np.zeros(classes)
     for _ in range(steps):
         gradient = (_softmax(standard @ weights + bias) - targets) / len(x)
         weights -= rate * (standard.T @ gradient + l2 * weights)
         bias -= rate * gradient.sum(axis=0)
-    return TurnProbe(mean=mean, scale=scale, weights=weights, bias=bias)
+    return LinearProbe(mean=mean, scale=scale, weights=weights, bias=bias)
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """What brings an image back to how the model was trained: anticlockwise quarter turns, then whether
+    to invert it (it is a negative)."""
+
+    turn_back: int = 0
+    negative: bool = False
+
+    @property
+    def as_trained(self) -> bool:
+        return self.turn_back == 0 and not self.negative
+
+    def undo(self, gray: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``gray`` presented as the model was trained: inverted back if a negative, then turned back."""
+        from classifier.preprocess import upright
+
+        return upright(1.0 - gray if self.negative else gray, self.turn_back)
+
+
+def presentations(probe: LinearProbe, features: npt.ArrayLike) -> list[Presentation]:
+    """By the presentation probe (class ``k + 4·i``: an image as trained turned ``k`` quarter turns
+    anticlockwise, as ``numpy.rot90``, and inverted when ``i``), what undoes each image's presentation."""
+    return [Presentation(turn_back=(4 - c % 4) % 4, negative=c >= 4) for c in probe.most_probable(features)]
 
 
 @dataclass(frozen=True)
 class NoveltyCheck:
-    """A fitted density, the score above which an image is unfamiliar, and the probe of which way is up
-    (``None`` in an artifact fitted before it: no turn check until ``cxr-node novelty`` is run again)."""
+    """A fitted density, the score above which an image is unfamiliar, and the probe of how an image is
+    presented, turned or inverted (``None`` in an artifact fitted before it: the turn and negative checks
+    are off until ``cxr-node novelty`` is run again)."""
 
     density: FeatureDensity
     threshold: float
-    probe: TurnProbe | None = None
+    probe: LinearProbe | None = None
 
     def ratios(self, features: npt.ArrayLike) -> Floats:
         """Score ÷ threshold per row: above 1.0 the image is unlike the training images."""
@@ -258,12 +285,12 @@ class NoveltyCheck:
         if not threshold > 0:
             raise ModelArtifactError("the novelty threshold in model.json must be positive")
         density = FeatureDensity.load(_recorded_file(folder, record, NOVELTY_FILE))
-        probe_record = record.get("turn_probe")
+        entry = record.get("presentation_probe")
         probe = None
-        if probe_record:
-            probe = TurnProbe.load(_recorded_file(folder, probe_record, TURN_PROBE_FILE))
-        if probe is not None and len(probe.mean) != density.means.shape[1]:
-            raise ModelArtifactError("the turn probe and the novelty density read different features")
+        if entry:
+            probe = LinearProbe.load(_recorded_file(folder, entry, PRESENTATION_PROBE_FILE), PRESENTATIONS)
+            if len(probe.mean) != density.means.shape[1]:
+                raise ModelArtifactError("the presentation probe and the density read different features")
         return cls(density, threshold, probe)
 
 
@@ -279,25 +306,23 @@ def _recorded_file(folder: Path, record: Mapping[str, Any], default: str) -> Pat
     return path
 
 
-def _degraded_inputs(
-    paths: Sequence[Path], degradation: str, spec: Any, lungs: Any
-) -> list[npt.NDArray[np.float32]]:
-    """Model inputs of files after a degradation of :mod:`classifier.evaluation` ("none": as they are)."""
+def _degraded_grays(paths: Sequence[Path], degradation: str) -> list[npt.NDArray[np.float32]]:
+    """Grey images of files as inference reads them, after a degradation of :mod:`classifier.evaluation`
+    ("none": as they are)."""
     from PIL import Image
 
     from classifier.dataset import load_gray
     from classifier.evaluation import parse_degradation
-    from classifier.inference import load_input
-    from classifier.preprocess import image_to_model_input
+    from classifier.preprocess import pil_to_gray
 
     degrade = parse_degradation(degradation)
+    grays = [load_gray(path) for path in paths]
     if degrade is None:
-        return [load_input(path, spec, lungs) for path in paths]
-    inputs = []
-    for path in paths:
-        grey = Image.fromarray((np.clip(load_gray(path), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
-        inputs.append(image_to_model_input(degrade(grey), spec, lungs))
-    return inputs
+        return grays
+    return [
+        pil_to_gray(degrade(Image.fromarray((np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))))
+        for gray in grays
+    ]
 
 
 def fit_novelty(
@@ -311,19 +336,21 @@ def fit_novelty(
     batch: int = 32,
 ) -> dict[str, Any]:
     """Fit the novelty check of an artifact on the split recorded in its model.json; write
-    ``novelty.npz``, ``turn_probe.npz`` and the ``novelty`` entry of model.json, and return that entry.
+    ``novelty.npz``, ``presentation_probe.npz`` and the ``novelty`` entry of model.json, and return that
+    entry.
 
     The density sees the training split, clean and after each of ``degradations``; the threshold is
     the ``quantile`` of the validation split's scores, so about ``1 − quantile`` of images like the
-    validation images are called unfamiliar by design. The turn probe sees the same images at their four
-    quarter turns (the model input turned, which is what the turned image's input is) and is scored on the
-    validation split's, which it never saw.
+    validation images are called unfamiliar by design. The presentation probe sees the same images at their
+    four quarter turns (the model input turned, which is what the turned image's input is), each as it is and
+    inverted, and is scored on the validation split, which it never saw.
     """
     from dataclasses import replace
 
     from classifier.artifact import read_metadata, sha256_file, write_metadata
     from classifier.dataset import load_collection, split_from_record
     from classifier.inference import Classifier
+    from classifier.preprocess import gray_to_model_input
 
     if not 0.5 <= quantile < 1.0:
         raise ValueError("the quantile must be in [0.5, 1)")
@@ -332,15 +359,18 @@ def fit_novelty(
     classifier = Classifier.load(folder)
     train, validation = split_from_record(load_collection(data), metadata.data.get("split", {}))
     classes = metadata.classes
+    spec, lungs = classifier.spec, classifier.lungs
 
-    def embed_turns(paths: Sequence[Path], degradation: str) -> npt.NDArray[np.float32]:
-        """N × 4 × d: the features of each image turned 0–3 quarter turns anticlockwise."""
-        rows, step = [], max(batch // 4, 1)
+    def embed_presentations(paths: Sequence[Path], degradation: str) -> npt.NDArray[np.float32]:
+        """N × 8 × d: the features of each image in its :data:`PRESENTATIONS` (class ``k + 4·inverted``)."""
+        rows, step = [], max(batch // PRESENTATIONS, 1)
         for start in range(0, len(paths), step):
-            chunk = paths[start : start + step]
-            inputs = _degraded_inputs(chunk, degradation, classifier.spec, classifier.lungs)
-            turned = [np.ascontiguousarray(np.rot90(image, k)) for image in inputs for k in range(4)]
-            rows.append(classifier.embed(turned).reshape(len(inputs), 4, -1))
+            inputs = []
+            for gray in _degraded_grays(paths[start : start + step], degradation):
+                for shown in (gray, 1.0 - gray):
+                    model_input = gray_to_model_input(shown, spec, lungs)
+                    inputs += [np.ascontiguousarray(np.rot90(model_input, k)) for k in range(4)]
+            rows.append(classifier.embed(inputs).reshape(len(inputs) // PRESENTATIONS, PRESENTATIONS, -1))
         return np.concatenate(rows)
 
     train_paths = [item.path for item in train]
@@ -348,17 +378,18 @@ def fit_novelty(
     versions = ["none", *degradations]
     features = []
     for degradation in versions:
-        LOGGER.info("novelty: features of %d training images at 4 turns (%s)", len(train_paths), degradation)
-        features.append(embed_turns(train_paths, degradation))
-    every = np.concatenate(features)  # (versions · N) × 4 × d
+        LOGGER.info("novelty: features of %d training images, turned, inverted (%s)", len(train), degradation)
+        features.append(embed_presentations(train_paths, degradation))
+    every = np.concatenate(features)  # (versions · N) × 8 × d
+    images, d = every.shape[0], every.shape[2]
     density = fit_density(every[:, 0], np.tile(train_labels, len(versions)), rank=rank, shrinkage=shrinkage)
-    LOGGER.info("novelty: turn probe on %d turned images", every.shape[0] * 4)
-    probe = fit_turn_probe(every.reshape(-1, every.shape[2]), np.tile(np.arange(4), every.shape[0]))
-    held_out = embed_turns([item.path for item in validation], "none")
+    LOGGER.info("novelty: presentation probe on %d images", images * PRESENTATIONS)
+    probe = fit_probe(every.reshape(-1, d), np.tile(np.arange(PRESENTATIONS), images), PRESENTATIONS)
+    held_out = embed_presentations([item.path for item in validation], "none")
     validation_scores = density.score(held_out[:, 0])
     threshold = float(np.quantile(validation_scores, quantile))
-    named = np.array([probe.turns_back(row) for row in held_out])  # N × 4, the turn back at each turn
-    path, probe_path = folder / NOVELTY_FILE, folder / TURN_PROBE_FILE
+    right = np.array([probe.most_probable(row) for row in held_out]) == np.arange(PRESENTATIONS)  # N × 8
+    path, probe_path = folder / NOVELTY_FILE, folder / PRESENTATION_PROBE_FILE
     density.save(path)
     probe.save(probe_path)
     record: dict[str, Any] = {
@@ -378,17 +409,19 @@ def fit_novelty(
             "max_ratio": float(np.max(validation_scores) / threshold),
             "unfamiliar": int(np.sum(validation_scores > threshold)),
         },
-        "turn_probe": {
-            "method": "softmax regression of the quarter turn on the standardised features, fitted on the "
-            "training images above at their four turns",
-            "file": TURN_PROBE_FILE,
+        "presentation_probe": {
+            "method": "softmax regression of the presentation (quarter turns 0-3, + 4 if inverted) on the "
+            "standardised features of the training images above, each at its four turns, as it is and "
+            "inverted",
+            "file": PRESENTATION_PROBE_FILE,
             "sha256": sha256_file(probe_path),
-            "l2": TURN_L2,
-            "steps": TURN_STEPS,
+            "l2": PROBE_L2,
+            "steps": PROBE_STEPS,
             "validation": {
                 "images": len(validation),
-                "turns_named_right": float(np.mean(named == (4 - np.arange(4)) % 4)),
-                "upright_called_turned": int(np.sum(named[:, 0] != 0)),
+                "named_right": float(np.mean(right)),
+                "named_right_by_presentation": [float(x) for x in np.mean(right, axis=0)],
+                "as_trained_called_otherwise": int(np.sum(~right[:, 0])),
             },
         },
     }
@@ -396,11 +429,8 @@ def fit_novelty(
     return record
 
 
-def better_turn(turn_back: int, novelty_turned_back: float) -> int:
-    """The anticlockwise quarter turns (1–3) that bring an image head up, when the turn probe names one
-    (``turn_back``) and the image is familiar once turned that way (``novelty_turned_back`` within the
-    limit); 0 otherwise. A chest radiograph on its side is unfamiliar as given and familiar turned back: it
-    is the wrong way up. A photograph is unfamiliar whichever way it is turned: it is not."""
-    if not 0 <= turn_back <= 3:
-        raise ValueError("a turn back is 0–3 quarter turns")
-    return turn_back if turn_back and novelty_turned_back <= NOVELTY_LIMIT else 0
+def confirmed(presentation: Presentation, novelty_undone: float) -> Presentation:
+    """The presentation the probe named, when the image is familiar once it is undone (novelty within the
+    limit); else as trained, no doubt. A chest radiograph on its side is unfamiliar as given and familiar
+    turned back: it is the wrong way up. A photograph is unfamiliar whichever way it is turned: it is not."""
+    return presentation if novelty_undone <= NOVELTY_LIMIT else Presentation()

@@ -18,27 +18,35 @@ _TURN_WORDS = {1: "a quarter turn anticlockwise", 2: "upside down", 3: "a quarte
 class Doubt(enum.Enum):
     """Which of the model's own checks doubts an image it has classified."""
 
+    NEGATIVE = "negative"
     WRONG_WAY_UP = "wrong-way-up"
     UNFAMILIAR = "unfamiliar"
 
 
-def doubt_of(novelty: float | None, better_turn: int) -> Doubt | None:
-    """The one doubt reported for an image (``None``: no check doubts it): the wrong way up when it looks
-    turned (a chest radiograph on its side is also unfamiliar as given; the turn is what to fix), else unlike
-    the training images. Takes the two stored values so that a finding read back
-    from the database gets the same verdict as the prediction; the words (:func:`doubt_reason`) and the SR
-    code (``reporting.codes.doubt_code``) both follow it."""
-    if better_turn:  # familiar once turned, whatever its novelty as given: the turn is the cause
+def doubt_of(novelty: float | None, better_turn: int, negative: bool) -> Doubt | None:
+    """The one doubt reported for an image (``None``: no check doubts it), the first of: a negative (a
+    header's polarity, the first thing to fix); the wrong way up (a chest radiograph on its side is also
+    unfamiliar as given; the turn is what to fix); unlike the training images. Takes the
+    stored values so that a finding read back from the database gets the same verdict as the prediction;
+    the words (:func:`doubt_reason`) and the SR code (``reporting.codes.doubt_code``) both follow it."""
+    if negative:  # familiar once inverted back
+        return Doubt.NEGATIVE
+    if better_turn:  # familiar once turned, whatever its novelty as given
         return Doubt.WRONG_WAY_UP
     if novelty is not None and novelty > NOVELTY_LIMIT:
         return Doubt.UNFAMILIAR
     return None
 
 
-def doubt_reason(novelty: float | None, better_turn: int) -> str | None:
+def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str | None:
     """The words of :func:`doubt_of`, used wherever such an image is refused or, when it is classified
     anyway, reported (``None``: no check doubts it)."""
-    doubt = doubt_of(novelty, better_turn)
+    doubt = doubt_of(novelty, better_turn, negative)
+    if doubt is Doubt.NEGATIVE:
+        return (
+            "the image looks like a negative (bone dark, lungs light): the model knows it better inverted; "
+            "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
+        )
     if doubt is Doubt.WRONG_WAY_UP:
         return (
             "the image looks the wrong way up: the model knows it better turned "
@@ -74,6 +82,8 @@ class Prediction:
     probabilities say little. ``better_turn`` is set when the image the model read (a DICOM image turned by
     its Patient Orientation, a picture as it is) looks turned and is familiar turned back by that many
     counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was not checked).
+    ``negative`` is set when it looks inverted (bone dark) and is familiar inverted back: its display
+    polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost.
     """
 
     label: str
@@ -84,6 +94,7 @@ class Prediction:
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     novelty: float | None = None
     better_turn: int = 0
+    negative: bool = False
 
     @property
     def confidence(self) -> float:
@@ -105,6 +116,6 @@ class Prediction:
 
     @property
     def doubt(self) -> str | None:
-        """Why the model's own checks doubt this image (unfamiliar, or the wrong way up); ``None``: they
-        do not."""
-        return doubt_reason(self.novelty, self.better_turn)
+        """Why the model's own checks doubt this image (a negative, the wrong way up, or unfamiliar);
+        ``None``: they do not."""
+        return doubt_reason(self.novelty, self.better_turn, self.negative)

@@ -571,6 +571,7 @@ class Pipeline:
                 heatmap_path=heatmap_path,
                 novelty=outcome.novelty,
                 better_turn=outcome.better_turn,
+                negative=outcome.negative,
             )
             stored.append((item.instance_pk, finding))
             cycle.datasets[item.instance_pk] = item.dataset
@@ -828,6 +829,7 @@ class Pipeline:
             timings_ms={str(k): float(v) for k, v in (finding.timings_ms or {}).items()},
             novelty=finding.novelty,
             better_turn=finding.better_turn or 0,
+            negative=bool(finding.negative),
         )
 
     def _build_skipped(self, study_pk: int, object_pks: list[int], reason: str) -> None:

@@ -18,6 +18,9 @@ use the local coding scheme :data:`LOCAL_SCHEME` (a private "99" designator, PS3
   (``classifier.novelty``), recorded as a (111052, DCM, "Quality Finding") when the node classified it anyway.
   An image that looked the wrong way up is recorded with the standard (130461, DCM, "Inappropriate Patient
   Orientation") instead.
+- ``CXR-NEGATIVE`` "Image looks inverted (a negative)": the model's negative check found bone dark and lungs
+  light, so the display polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost;
+  recorded the same way. No DICOM concept names an inverted display.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ NOT_COVID_19 = Code("CXR-NONCOVID", LOCAL_SCHEME, "No COVID-19 pattern")
 IMAGING_FINDING = Code("365853002", "SCT", "Imaging finding")
 QUALITY_FINDING: Code = codes.DCM.QualityFinding  # (111052, DCM): why the model's checks doubted the image
 UNFAMILIAR = Code("CXR-UNFAMILIAR", LOCAL_SCHEME, "Unlike the model's training images")
+NEGATIVE = Code("CXR-NEGATIVE", LOCAL_SCHEME, "Image looks inverted (a negative)")
 WRONG_WAY_UP: Code = codes.DCM.InappropriatePatientOrientation  # (130461, DCM)
 PROBABILITY_UNIT = codes.UCUM.NoUnits  # ("1", UCUM, "no units"): probabilities in [0, 1]
 IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # (363679005, SCT, "Imaging procedure"), CID 100
@@ -101,11 +105,11 @@ def local_scheme_identification(responsible_organization: str) -> CodingSchemeId
     )
 
 
-_DOUBT_CODES = {Doubt.WRONG_WAY_UP: WRONG_WAY_UP, Doubt.UNFAMILIAR: UNFAMILIAR}
+_DOUBT_CODES = {Doubt.NEGATIVE: NEGATIVE, Doubt.WRONG_WAY_UP: WRONG_WAY_UP, Doubt.UNFAMILIAR: UNFAMILIAR}
 
 
 def doubt_code(prediction: Prediction) -> Code | None:
     """The coded reason the model's own checks doubted an image it classified (``None``: they did not):
     :func:`classifier.types.doubt_of`, the verdict ``Prediction.doubt`` says in words."""
-    doubt = doubt_of(prediction.novelty, prediction.better_turn)
+    doubt = doubt_of(prediction.novelty, prediction.better_turn, prediction.negative)
     return None if doubt is None else _DOUBT_CODES[doubt]

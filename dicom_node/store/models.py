@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     Unicode,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -238,9 +239,11 @@ class Finding(Base):
     heatmap_path: Mapped[str | None] = mapped_column(String(1024))
     # How unlike the training images (classifier.novelty; 1.0 = the model's limit); None: no check
     novelty: Mapped[float | None] = mapped_column(Float)
-    # Counter-clockwise quarter turns that made the image more familiar when its header did not say which way
-    # is up (classifier.novelty.better_turn); 0: it looked upright, or was not checked
+    # Counter-clockwise quarter turns that bring the image the model read head up, when it looked turned
+    # (classifier.novelty.better_turn); 0: it looked upright, or was not checked
     better_turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The image looked inverted (bone dark) and familiar inverted back (Prediction.negative)
+    negative: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="findings")

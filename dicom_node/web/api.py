@@ -177,8 +177,8 @@ class PredictionOut(BaseModel):
     heatmap_url: str | None
     report_url: str
     novelty: float | None = None  # how unlike the training images, 1.0 = the model's limit
-    # Why the model's own checks would refuse the image (unfamiliar, wrong way up) when the node is set to
-    # classify it anyway (pipeline.skip_unfamiliar off); None when they would not
+    # Why the model's own checks would refuse the image (a negative, the wrong way up, unfamiliar) when the
+    # node is set to classify it anyway (pipeline.skip_unfamiliar off); None when they would not
     warning: str | None = None
 
 

@@ -411,7 +411,7 @@ def study_detail(session: Session, study_id: int) -> StudyDetail:
                     created_at=aware(f.created_at),
                     has_heatmap=bool(f.heatmap_path),
                     novelty=f.novelty,
-                    doubt=doubt_reason(f.novelty, f.better_turn or 0),
+                    doubt=doubt_reason(f.novelty, f.better_turn or 0, bool(f.negative)),
                 )
                 for f in sorted(inst.findings, key=lambda f: f.created_at, reverse=True)
             ],

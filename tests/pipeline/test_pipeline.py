@@ -343,6 +343,32 @@ def test_an_image_upside_down_without_patient_orientation_is_stored_but_not_clas
     assert "the model knows it better turned upside down" in text
 
 
+def test_a_negative_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
+    """RG1 is MONOCHROME1. Relabelled MONOCHROME2 on the way, it reaches the model as a negative; it passes
+    the novelty check (0.95) and used to be called covid. The negative check skips it with a reason that
+    names the header to fix; classified anyway, the SR and the PDF say so."""
+
+    def relabelled(ds: pydicom.Dataset) -> None:
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        if "PresentationLUTShape" in ds:
+            del ds.PresentationLUTShape
+
+    reason = (
+        "the image looks like a negative (bone dark, lungs light): the model knows it better inverted; "
+        "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
+    )
+    assert_skipped_without_results(world, peer, receive(world, "RG1_UNCI.dcm", edit=relabelled), reason)
+
+    again = receive(world, "RG1_UNCI.dcm", edit=relabelled)
+    make_pipeline(world, skip_unfamiliar=False).process([again])
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Finding)).one().negative
+    quality, text = doubt_in_results(world, again)
+    assert quality == [codes.NEGATIVE.value]
+    assert "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE" in text
+    assert "the model knows it better inverted" in text
+
+
 def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any], peer: StorePeer) -> None:
     studies = [receive(world, "RG1_UNCI.dcm") for _ in range(3)]
     pipeline = make_pipeline(world)

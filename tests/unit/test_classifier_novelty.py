@@ -10,20 +10,23 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from classifier.errors import ModelArtifactError
 from classifier.inference import Classifier, default_model_path
 from classifier.novelty import (
     NOVELTY_FILE,
-    TURN_PROBE_FILE,
+    PRESENTATION_PROBE_FILE,
+    PRESENTATIONS,
     FeatureDensity,
+    LinearProbe,
     NoveltyCheck,
-    TurnProbe,
-    better_turn,
+    Presentation,
+    confirmed,
     fit_density,
     fit_novelty,
-    fit_turn_probe,
+    fit_probe,
+    presentations,
 )
 from classifier.preprocess import display_image, framed_model_input, pil_to_gray
 from tests import peers
@@ -105,9 +108,10 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     assert saved == json.loads(json.dumps(record)) and (output / NOVELTY_FILE).is_file()
     assert saved["fitted_on"] == {"train_images": saved["fitted_on"]["train_images"], "degradations": ["jpeg:30"]}
     assert saved["threshold"] > 0 and saved["rank"] == 8
-    probe_record = saved["turn_probe"]
-    assert (output / TURN_PROBE_FILE).is_file() and probe_record["file"] == TURN_PROBE_FILE
-    assert 0.0 <= probe_record["validation"]["turns_named_right"] <= 1.0
+    probe_record = saved["presentation_probe"]
+    assert (output / PRESENTATION_PROBE_FILE).is_file() and probe_record["file"] == PRESENTATION_PROBE_FILE
+    assert 0.0 <= probe_record["validation"]["named_right"] <= 1.0
+    assert len(probe_record["validation"]["named_right_by_presentation"]) == PRESENTATIONS
     assert probe_record["validation"]["images"] == saved["validation"]["images"]
     classifier = Classifier.load(output)
     assert classifier.novelty is not None and classifier.novelty.probe is not None
@@ -117,16 +121,17 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     for plain, mapped in zip(predictions, with_maps, strict=True):
         assert plain.novelty is not None and plain.novelty > 0
         assert mapped.novelty == pytest.approx(plain.novelty, rel=1e-4)  # both paths read the same features
-        assert "turn_check" in plain.timings_ms and 0 <= plain.better_turn <= 3
+        assert "input_checks" in plain.timings_ms and 0 <= plain.better_turn <= 3
 
     from classifier.artifact import read_metadata, write_metadata
 
-    metadata = read_metadata(output)  # an artifact fitted before the turn probe: no turn check, no error
-    write_metadata(output, replace(metadata, novelty={k: v for k, v in saved.items() if k != "turn_probe"}))
+    metadata = read_metadata(output)  # fitted before the probe: no turn or negative check, and no error
+    older_record = {k: v for k, v in saved.items() if k != "presentation_probe"}
+    write_metadata(output, replace(metadata, novelty=older_record))
     older = Classifier.load(output)
     assert older.novelty is not None and older.novelty.probe is None
     unchecked = older.predict_images([Image.open(pictures[0])], heatmap=False)[0]
-    assert "turn_check" not in unchecked.timings_ms and unchecked.better_turn == 0
+    assert unchecked.better_turn == 0 and not unchecked.negative
     assert unchecked.novelty == pytest.approx(predictions[0].novelty, rel=1e-4)
     write_metadata(output, metadata)
 
@@ -137,68 +142,84 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     assert report["unfamiliar"]["fraction"] == pytest.approx(report["unfamiliar"]["images"] / 24)
 
 
-def _turned_features(images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """12-dimensional features of ``images`` images at their four turns: each turn shifts them its own way,
-    and the images vary half as much as a shift along one feature: all of them together tell the turn."""
+def _presented_features(images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """12-dimensional features of ``images`` images in their eight presentations: each presentation shifts
+    them its own way, and the images vary half as much as a shift along one feature: all of them together
+    tell the presentation."""
     rng = np.random.default_rng(seed)
-    shifts = np.random.default_rng(99).normal(size=(4, 12))
+    shifts = np.random.default_rng(99).normal(size=(PRESENTATIONS, 12))
     images_at = rng.normal(size=(images, 1, 12)) * 0.5
-    turns = np.tile(np.arange(4), images)
-    features = (images_at + shifts[None] + rng.normal(size=(images, 4, 12)) * 0.3).reshape(-1, 12)
-    return features, turns
+    classes = np.tile(np.arange(PRESENTATIONS), images)
+    noise = rng.normal(size=(images, PRESENTATIONS, 12)) * 0.2
+    return (images_at + shifts[None] + noise).reshape(-1, 12), classes
 
 
-def test_the_turn_probe_names_the_turn_of_images_it_never_saw_and_round_trips(tmp_path: Path) -> None:
-    features, turns = _turned_features(100, seed=0)
-    probe = fit_turn_probe(features, turns, steps=300)
-    held_out, held_turns = _turned_features(50, seed=1)
-    named = probe.turns_back(held_out)
-    assert np.mean(np.array(named) == (4 - held_turns) % 4) > 0.97  # turned k: k back the other way
+def test_the_presentation_probe_names_turn_and_polarity_of_images_it_never_saw(tmp_path: Path) -> None:
+    features, classes = _presented_features(100, seed=0)
+    probe = fit_probe(features, classes, PRESENTATIONS, steps=300)
+    held_out, held_classes = _presented_features(50, seed=1)
+    named = presentations(probe, held_out)
+    # class k + 4·i: turned k anticlockwise (so k back the other way), inverted when i
+    expected = [Presentation(turn_back=(4 - c % 4) % 4, negative=bool(c >= 4)) for c in held_classes]
+    assert np.mean([n == e for n, e in zip(named, expected, strict=True)]) > 0.97
+    assert Presentation() == named[0] and named[0].as_trained
     probabilities = probe.probabilities(held_out)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
 
-    probe.save(tmp_path / TURN_PROBE_FILE)
-    loaded = TurnProbe.load(tmp_path / TURN_PROBE_FILE)
+    probe.save(tmp_path / PRESENTATION_PROBE_FILE)
+    loaded = LinearProbe.load(tmp_path / PRESENTATION_PROBE_FILE, PRESENTATIONS)
     np.testing.assert_allclose(loaded.probabilities(held_out), probabilities, atol=1e-4)
-    assert loaded.turns_back(held_out) == named
+    assert presentations(loaded, held_out) == named
+    with pytest.raises(ModelArtifactError, match="4 classes"):
+        LinearProbe.load(tmp_path / PRESENTATION_PROBE_FILE, 4)
     with pytest.raises(ValueError, match="dimensions"):
         loaded.probabilities(held_out[:, :5])
-    with pytest.raises(ValueError, match="four turns"):
-        fit_turn_probe(features[turns < 3], turns[turns < 3])
+    with pytest.raises(ValueError, match="all 8 classes"):
+        fit_probe(features[classes < 7], classes[classes < 7], PRESENTATIONS)
 
     from classifier.artifact import sha256_file
 
     density = fit_density(*_features(), rank=6)
     density.save(tmp_path / NOVELTY_FILE)
+    entry = {"file": PRESENTATION_PROBE_FILE, "sha256": sha256_file(tmp_path / PRESENTATION_PROBE_FILE)}
     record = {
         "file": NOVELTY_FILE, "sha256": sha256_file(tmp_path / NOVELTY_FILE), "threshold": 2.0,
-        "turn_probe": {"file": TURN_PROBE_FILE, "sha256": sha256_file(tmp_path / TURN_PROBE_FILE)},
+        "presentation_probe": entry,
     }  # fmt: skip
     check = NoveltyCheck.load(tmp_path, record)
-    assert check.probe is not None and check.probe.turns_back(held_out) == named
-    assert NoveltyCheck.load(tmp_path, {**record, "turn_probe": {}}).probe is None  # fitted before the probe
+    assert check.probe is not None and presentations(check.probe, held_out) == named
+    assert NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {}}).probe is None  # fitted before it
     with pytest.raises(ModelArtifactError, match="sha256"):
-        NoveltyCheck.load(tmp_path, {**record, "turn_probe": {"file": TURN_PROBE_FILE, "sha256": "0" * 64}})
-    other = fit_turn_probe(np.hstack([features, features]), turns, steps=5)
-    other.save(tmp_path / TURN_PROBE_FILE)
-    record["turn_probe"] = {"file": TURN_PROBE_FILE}
+        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {**entry, "sha256": "0" * 64}})
+    other = fit_probe(np.hstack([features, features]), classes, PRESENTATIONS, steps=5)
+    other.save(tmp_path / PRESENTATION_PROBE_FILE)
     with pytest.raises(ModelArtifactError, match="different features"):
-        NoveltyCheck.load(tmp_path, record)
+        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {"file": PRESENTATION_PROBE_FILE}})
+
+
+def test_a_presentation_is_undone_by_inverting_then_turning_back() -> None:
+    gray = np.random.default_rng(5).random((6, 9)).astype(np.float32)
+    for k in range(4):
+        for inverted in (False, True):
+            shown = np.rot90(1.0 - gray if inverted else gray, k)
+            presentation = Presentation(turn_back=(4 - k) % 4, negative=inverted)
+            np.testing.assert_allclose(presentation.undo(shown), gray, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    ("turn_back", "novelty_turned_back", "expected"),
+    ("named", "novelty_undone", "expected"),
     [
-        (0, 0.5, 0),  # the probe reads it as upright
-        (2, 0.58, 2),  # upside down, and a familiar chest once turned back
-        (3, 1.0, 3),  # on its side; turned back exactly at the limit: still familiar
-        (1, 1.18, 0),  # a photograph the probe calls turned, but unlike a chest either way
+        (Presentation(), 0.5, Presentation()),  # the probe reads it as trained
+        (Presentation(turn_back=2), 0.58, Presentation(turn_back=2)),  # upside down, familiar turned back
+        (Presentation(turn_back=3), 1.0, Presentation(turn_back=3)),  # exactly at the limit: familiar
+        (Presentation(negative=True), 0.6, Presentation(negative=True)),  # a negative, familiar inverted back
+        (Presentation(turn_back=1), 1.18, Presentation()),  # a photograph the probe calls turned
     ],
 )
-def test_an_image_is_called_turned_only_when_it_is_familiar_turned_back(
-    turn_back: int, novelty_turned_back: float, expected: int
+def test_the_probe_is_believed_only_when_the_image_is_familiar_undone(
+    named: Presentation, novelty_undone: float, expected: Presentation
 ) -> None:
-    assert better_turn(turn_back, novelty_turned_back) == expected
+    assert confirmed(named, novelty_undone) == expected
 
 
 @pytest.fixture(scope="module")
@@ -234,23 +255,25 @@ def test_a_picture_the_wrong_way_up_is_told_apart(
     picture = Image.fromarray(display_image(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))))
     prediction = shipped.predict_images([picture if transpose is None else picture.transpose(transpose)])[0]
     assert prediction.better_turn == turn and prediction.looks_turned == (turn != 0)
-    assert "turn_check" in prediction.timings_ms
+    assert "input_checks" in prediction.timings_ms and not prediction.negative
     # On its side the chest is unfamiliar as given too; the reason names the turn, which is what to fix.
     assert (prediction.doubt or "").startswith("the image looks the wrong way up") == (turn != 0)
 
 
 def test_a_photograph_is_unlike_a_chest_whichever_way_it_is_turned(shipped: Classifier) -> None:
-    """The turn probe answers for anything: it reads the espresso cup as upside down. Turned back the cup is
-    still unfamiliar, so it is not called the wrong way up and the reason stays the novelty check's; the same
-    for the cat (1.89 as given, which the probe reads as upright)."""
+    """The presentation probe answers for anything: it reads the espresso cup as an upside-down negative.
+    Undone, the cup is still unfamiliar, so it is not called the wrong way up or a negative, and the reason
+    stays the novelty check's; the same for the cat (1.89 as given)."""
     assert shipped.novelty is not None and shipped.novelty.probe is not None
+    named = {}
     for name in ("imagenet_coffee.jpg", "imagenet_chelsea.jpg"):
         with Image.open(FIXTURES / name) as photo:
             prediction = shipped.predict_images([photo], heatmap=False)[0]
             features = shipped.embed([framed_model_input(pil_to_gray(photo), shipped.spec, shipped.lungs)[0]])
-        assert prediction.unfamiliar and not prediction.looks_turned, name
+        assert prediction.unfamiliar and not prediction.looks_turned and not prediction.negative, name
         assert (prediction.doubt or "").startswith("the image does not look like the chest radiographs")
-        assert shipped.novelty.probe.turns_back(features) == [2 if name == "imagenet_coffee.jpg" else 0]
+        named[name] = presentations(shipped.novelty.probe, features)[0]
+    assert not named["imagenet_coffee.jpg"].as_trained  # the probe doubted it; undone, it is still unfamiliar
 
 
 def test_a_dicom_image_is_turn_checked_as_its_patient_orientation_turns_it(shipped: Classifier) -> None:
@@ -275,8 +298,27 @@ def test_a_dicom_image_is_turn_checked_as_its_patient_orientation_turns_it(shipp
         heatmap=False,
     )
     assert not as_stored.looks_turned and not without.looks_turned
-    assert all("turn_check" in p.timings_ms for p in (as_stored, without, flagged, contradicted))
+    assert all("input_checks" in p.timings_ms for p in (as_stored, without, flagged, contradicted))
     assert flagged.better_turn == 2 and contradicted.better_turn == 2
+
+
+def test_a_negative_is_told_apart_from_the_header_and_from_the_pixels(shipped: Classifier) -> None:
+    """RG1 is MONOCHROME1. With that label lost on the way it reaches the model as a negative, passes the
+    novelty check (0.95) and used to be called covid; the negative check flags it. A picture inverted is
+    flagged the same way; the image as stored, and the picture as shown, are not."""
+    stored = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    assert stored.PhotometricInterpretation == "MONOCHROME1"
+    relabelled = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    relabelled.PhotometricInterpretation = "MONOCHROME2"
+    if "PresentationLUTShape" in relabelled:
+        del relabelled.PresentationLUTShape
+    as_stored, lost = shipped.predict_datasets([stored, relabelled], heatmap=False)
+    assert not as_stored.negative and as_stored.doubt is None
+    assert lost.negative and not lost.unfamiliar
+    assert (lost.doubt or "").startswith("the image looks like a negative")
+    picture = Image.fromarray(display_image(stored))
+    shown, inverted = shipped.predict_images([picture, ImageOps.invert(picture)], heatmap=False)
+    assert not shown.negative and inverted.negative
 
 
 def test_cli_classify_reads_a_file_as_the_console_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -95,6 +95,7 @@ def prediction(
     with_heatmap: bool = True,
     novelty: float | None = None,
     better_turn: int = 0,
+    negative: bool = False,
 ) -> Prediction:
     top = max(probabilities, key=lambda label: probabilities[label])
     return Prediction(
@@ -105,6 +106,7 @@ def prediction(
         heatmap=heatmap(model.input_size) if with_heatmap else None,
         novelty=novelty,
         better_turn=better_turn,
+        negative=negative,
     )
 
 
@@ -117,6 +119,7 @@ def analysed(
     with_heatmap: bool = True,
     novelty: float | None = None,
     better_turn: int = 0,
+    negative: bool = False,
 ) -> AnalysedImage:
     return AnalysedImage(
         source=source if source is not None else radiograph(),
@@ -126,6 +129,7 @@ def analysed(
             with_heatmap=with_heatmap,
             novelty=novelty,
             better_turn=better_turn,
+            negative=negative,
         ),
         preview=preview() if with_preview else None,
     )
@@ -194,13 +198,14 @@ def three_image_study() -> list[AnalysedImage]:
 
 def doubted_study() -> list[AnalysedImage]:
     """Classified with ``pipeline.skip_unfamiliar`` off: one image the model's checks passed, one that looked
-    upside down, one unlike its training images."""
+    upside down, one unlike its training images, one that looked like a negative."""
     images = []
-    for number, (novelty, better_turn) in enumerate([(0.4, 0), (0.77, 2), (1.31, 0)], start=1):
+    doubts = [(0.4, 0, False), (0.77, 2, False), (1.31, 0, False), (0.99, 0, True)]
+    for number, (novelty, better_turn, negative) in enumerate(doubts, start=1):
         ds = radiograph()
         ds.SOPInstanceUID = str(generate_uid())
         ds.InstanceNumber = number
-        images.append(analysed(ds, novelty=novelty, better_turn=better_turn))
+        images.append(analysed(ds, novelty=novelty, better_turn=better_turn, negative=negative))
     return images
 
 

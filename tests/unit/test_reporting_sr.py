@@ -115,7 +115,7 @@ def test_a_doubted_image_carries_a_quality_finding(strict: None) -> None:
     """An image classified although the model's own checks doubted it says which check, after its finding."""
     images = doubted_study()
     groups = report(round_trip(build(images))).get_image_measurement_groups()
-    expected = [[], [codes.WRONG_WAY_UP], [codes.UNFAMILIAR]]
+    expected = [[], [codes.WRONG_WAY_UP], [codes.UNFAMILIAR], [codes.NEGATIVE]]
     for image, group, doubts in zip(images, groups, expected, strict=True):
         evaluations = group.get_qualitative_evaluations()
         assert evaluations[0].name == codes.IMAGING_FINDING

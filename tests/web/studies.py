@@ -49,6 +49,7 @@ class StudySpec:
     heatmap_path: str | None = None
     novelty: float | None = None
     better_turn: int = 0  # the model's turn check: how it would have read the image better
+    negative: bool = False  # the model's negative check: the image looked inverted
     result_files: dict[ResultKind, str] = field(default_factory=dict)
 
 
@@ -135,6 +136,7 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
                 heatmap_path=spec.heatmap_path,
                 novelty=spec.novelty,
                 better_turn=spec.better_turn,
+                negative=spec.negative,
             )
             session.add(finding)
             session.flush()

@@ -208,6 +208,22 @@ def test_details_warn_of_a_finding_the_models_own_checks_doubted(
     assert finding["doubt"].startswith("the image looks the wrong way up")
 
 
+def test_details_warn_of_a_finding_that_looked_like_a_negative(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A MONOCHROME1 image whose label was lost reaches the model inverted; classified anyway, its study page
+    tells the radiologist to check the polarity, read back from the finding."""
+    client, _ = rad_client
+    spec = StudySpec("NEG^ATIVE", "P-400", "A400", "20260112", novelty=0.95, negative=True)
+    study = add_study(factory, spec)
+    html = client.get(f"/results/{study.study}").text
+    warning = html[html.index('class="msg warn" role="status" id="doubt-'):]
+    assert warning.index("The image looks like a negative (bone dark, lungs light)") < 200
+    assert "Photometric Interpretation" in warning
+    finding = client.get(f"/api/results/{study.study}").json()["instances"][0]["findings"][0]
+    assert finding["doubt"].startswith("the image looks like a negative")
+
+
 def test_skipped_study_shows_its_reason(rad_client: tuple[TestClient, str], corpus: dict[str, int]) -> None:
     client, _ = rad_client
     html = client.get(f"/results/{corpus['skipped']}").text
