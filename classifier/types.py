@@ -26,9 +26,9 @@ class Doubt(enum.Enum):
 def doubt_of(novelty: float | None, better_turn: int, negative: bool) -> Doubt | None:
     """The one doubt reported for an image (``None``: no check doubts it), the first of: a negative (a
     header's polarity, the first thing to fix); the wrong way up (a chest radiograph on its side is also
-    unfamiliar as given; the turn is what to fix); unlike the training images. Takes the
-    stored values so that a finding read back from the database gets the same verdict as the prediction;
-    the words (:func:`doubt_reason`) and the SR code (``reporting.codes.doubt_code``) both follow it."""
+    unfamiliar as given; the turn is what to fix); unlike the training images. Takes the stored values so
+    that a finding read back from the database gets the same verdict as the prediction; the words
+    (:func:`doubt_reason`) and the SR code (``reporting.codes.doubt_code``) both follow it."""
     if negative:  # familiar once inverted back
         return Doubt.NEGATIVE
     if better_turn:  # familiar once turned, whatever its novelty as given
@@ -50,7 +50,8 @@ def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str
     if doubt is Doubt.WRONG_WAY_UP:
         return (
             "the image looks the wrong way up: the model knows it better turned "
-            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; send it head up, or with a correct Patient Orientation"
+            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; "
+            "send it head up, or with a correct Patient Orientation"
         )
     if doubt is Doubt.UNFAMILIAR:
         return (

@@ -20,7 +20,7 @@ use the local coding scheme :data:`LOCAL_SCHEME` (a private "99" designator, PS3
   Orientation") instead.
 - ``CXR-NEGATIVE`` "Image looks inverted (a negative)": the model's negative check found bone dark and lungs
   light, so the display polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost;
-  recorded the same way. No DICOM concept names an inverted display.
+  recorded the same way, with this local code.
 """
 
 from __future__ import annotations
