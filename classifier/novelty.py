@@ -388,7 +388,8 @@ def fit_novelty(
     held_out = embed_presentations([item.path for item in validation], "none")
     validation_scores = density.score(held_out[:, 0])
     threshold = float(np.quantile(validation_scores, quantile))
-    right = np.array([probe.most_probable(row) for row in held_out]) == np.arange(PRESENTATIONS)  # N × 8
+    named = np.array(probe.most_probable(held_out.reshape(-1, d))).reshape(-1, PRESENTATIONS)
+    right = named == np.arange(PRESENTATIONS)  # N × 8: each presentation of each validation image
     path, probe_path = folder / NOVELTY_FILE, folder / PRESENTATION_PROBE_FILE
     density.save(path)
     probe.save(probe_path)
