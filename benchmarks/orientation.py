@@ -3,15 +3,16 @@ negative checks add.
 
     PYTHONPATH=. python benchmarks/orientation.py MODEL_DIR /work/shared/data/cxr3
 
-The model's validation pictures, as they are, turned by a quarter turn either way and upside down, and
-inverted (a negative), go through ``Classifier.predict_images`` (the console's path: a picture has no header
-to say which way is up or which polarity it has). Columns: refused by the novelty check alone (what read such
-images before the turn and negative checks), flagged as the wrong way up, flagged as a negative, refused by
-any check now, the accuracy of what the novelty check alone and all checks let through, and the checks'
-median cost per image (their probes read the features the prediction computed; only an image one of them
-doubts is read again, turned or inverted back). The same again after degradations another pipeline applies
-(those of the robustness table, which the checks were not fitted with): a degraded upright picture flagged
-would be a good image refused.
+The model's validation pictures, as they are, turned by a quarter turn either way and upside down, inverted (a
+negative), and mirrored left to right go through ``Classifier.predict_images`` (the console's path: a picture
+has no header to say which way is up or which polarity it has). A mirrored picture is not a turn: the model
+was trained with horizontal flips, so it should read it as it reads the picture as it is, and no check should
+flag it. Columns: refused by the novelty check alone (what read such images before the turn and negative
+checks), flagged as the wrong way up, flagged as a negative, refused by any check now, the accuracy of what
+the novelty check alone and all checks let through, and the checks' median cost per image (their probes read
+the features the prediction computed; only an image one of them doubts is read again, turned or inverted
+back). The same again after degradations another pipeline applies (those of the robustness table, which the
+checks were not fitted with): a degraded upright picture flagged would be a good image refused.
 Prints a table and, as the last line, a JSON object.
 """
 
@@ -38,6 +39,7 @@ VARIANTS: tuple[tuple[str, Edit | None], ...] = (
     ("upside down", lambda p: p.transpose(Image.Transpose.ROTATE_180)),
     ("quarter turn clockwise", lambda p: p.transpose(Image.Transpose.ROTATE_270)),
     ("inverted (a negative)", lambda p: ImageOps.invert(p.convert("L"))),
+    ("mirrored (left-right)", ImageOps.mirror),
 )
 BATCH = 16
 DEGRADATIONS = (

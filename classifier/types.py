@@ -40,18 +40,35 @@ def doubt_of(novelty: float | None, better_turn: int, negative: bool) -> Doubt |
 
 def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str | None:
     """The words of :func:`doubt_of`, used wherever such an image is refused or, when it is classified
-    anyway, reported (``None``: no check doubts it)."""
+    anyway, reported (``None``: no check doubts it).
+
+    A negative or turned image is flagged when it is familiar undone. As it is it may be unfamiliar too: a
+    chest radiograph on its side often is, and so is a non-chest image that happens to look familiar undone
+    (the lower-leg CR upright looks like an upside-down chest). The words then say both, and leave it to the
+    reader which it is, instead of calling every such image a chest radiograph."""
     doubt = doubt_of(novelty, better_turn, negative)
+    unfamiliar = novelty is not None and novelty > NOVELTY_LIMIT
+    as_it_is = (
+        "as it is, it does not look like the chest radiographs the model was trained on "
+        f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f}); "
+        if unfamiliar
+        else ""
+    )
+    turn = _TURN_WORDS.get(better_turn % 4, "round")
     if doubt is Doubt.NEGATIVE:
+        inverted = f"inverted and turned {turn}" if better_turn else "inverted"
+        undone = f"{inverted}, it does; if it is a chest radiograph, "
         return (
-            "the image looks like a negative (bone dark, lungs light): the model knows it better inverted; "
-            "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
+            "the image looks like a negative (bone dark, lungs light): "
+            + (as_it_is + undone if unfamiliar else "the model knows it better inverted; ")
+            + "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
         )
     if doubt is Doubt.WRONG_WAY_UP:
+        undone = f"turned {turn}, it does; if it is a chest radiograph, "
         return (
-            "the image looks the wrong way up: the model knows it better turned "
-            f"{_TURN_WORDS.get(better_turn % 4, 'round')}; "
-            "send it head up, or with a correct Patient Orientation"
+            "the image looks the wrong way up: "
+            + (as_it_is + undone if unfamiliar else f"the model knows it better turned {turn}; ")
+            + "send it head up, or with a correct Patient Orientation"
         )
     if doubt is Doubt.UNFAMILIAR:
         return (

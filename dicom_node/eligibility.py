@@ -8,8 +8,9 @@ record but not classified: the models only ever saw images processed for display
 
 The header can be wrong or empty, so the pixels are checked too: an image the model's novelty check
 (:mod:`classifier.novelty`) finds unlike every training image is skipped the same way, and so is one that
-looks the wrong way up when its header does not say which way is up (``Prediction.doubt`` says why), unless
-``pipeline.skip_unfamiliar`` is off: the finding then carries that caution to the console, PDF and SR.
+looks the wrong way up once turned head up by its Patient Orientation, or like a negative
+(``Prediction.doubt`` says why), unless ``pipeline.skip_unfamiliar`` is off: the finding then carries that
+caution to the console, PDF and SR.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class PipelineConfig:
     fixed_destinations: tuple[str, ...] = ()
     fsync: bool = True
     indeterminate_threshold: float = 0.5  # recorded in the SR's algorithm parameters
-    skip_unfamiliar: bool = True  # skip images unlike the training images, or the wrong way up
+    skip_unfamiliar: bool = True  # skip images unlike the training images, the wrong way up, or a negative
 
 
 def node_identity(settings: Settings) -> NodeIdentity:

@@ -107,8 +107,8 @@ class PipelineSettings(BaseModel):
     # None: the model shipped with the package
     model_path: Path | None = None
     indeterminate_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    # Skip images the model's novelty check finds unlike its training images, or the wrong way up when
-    # nothing in the header says which way is up (classifier.novelty)
+    # Skip images the model's novelty check finds unlike its training images, or the wrong way up (as
+    # turned head up by their Patient Orientation), or a negative (classifier.novelty)
     skip_unfamiliar: bool = True
     batch_size: int = Field(default=16, ge=1)
     heatmap: bool = True

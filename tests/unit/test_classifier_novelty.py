@@ -29,6 +29,7 @@ from classifier.novelty import (
     presentations,
 )
 from classifier.preprocess import display_image, framed_model_input, pil_to_gray
+from classifier.types import doubt_reason
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -256,8 +257,37 @@ def test_a_picture_the_wrong_way_up_is_told_apart(
     prediction = shipped.predict_images([picture if transpose is None else picture.transpose(transpose)])[0]
     assert prediction.better_turn == turn and prediction.looks_turned == (turn != 0)
     assert "input_checks" in prediction.timings_ms and not prediction.negative
-    # On its side the chest is unfamiliar as given too; the reason names the turn, which is what to fix.
+    # On its side the chest is unfamiliar as given too (1.14, 1.24); the reason names the turn, which is what
+    # to fix, and says that as it is the image is unfamiliar.
     assert (prediction.doubt or "").startswith("the image looks the wrong way up") == (turn != 0)
+    assert ("as it is, it does not look like" in (prediction.doubt or "")) == prediction.unfamiliar
+    assert prediction.unfamiliar == (turn in (1, 3))
+
+
+def test_a_leg_that_looks_familiar_turned_or_inverted_is_not_called_a_chest() -> None:
+    """The lower-leg CR as a picture, upright, is unfamiliar (1.22) but looks like an upside-down chest to the
+    probe, and familiar that way (0.985); on its side it looks like a negative. The turn or the negative is
+    still what a chest radiograph would need fixed, so the reason names it, but it does not say the image is
+    a chest radiograph: it gives the novelty as it is and leaves that to the reader. A familiar image keeps
+    the short words."""
+    turned = doubt_reason(1.22, 2, False) or ""
+    assert turned.startswith("the image looks the wrong way up: as it is, it does not look like the chest ")
+    assert "(novelty 1.22, limit 1.00); turned upside down, it does; if it is a chest radiograph, " in turned
+    negative = doubt_reason(2.21, 1, True) or ""
+    assert negative.startswith("the image looks like a negative (bone dark, lungs light): as it is, it does")
+    assert "; inverted and turned a quarter turn anticlockwise, it does; if it is a chest " in negative
+    assert doubt_reason(0.77, 2, False) == (
+        "the image looks the wrong way up: the model knows it better turned upside down; "
+        "send it head up, or with a correct Patient Orientation"
+    )
+    assert (doubt_reason(0.95, 0, True) or "").startswith(
+        "the image looks like a negative (bone dark, lungs light): the model knows it better inverted; check"
+    )
+    assert doubt_reason(1.22, 0, False) == (
+        "the image does not look like the chest radiographs the model was trained on "
+        "(novelty 1.22, limit 1.00)"
+    )
+    assert doubt_reason(0.5, 0, False) is None and doubt_reason(None, 0, False) is None
 
 
 def test_a_photograph_is_unlike_a_chest_whichever_way_it_is_turned(shipped: Classifier) -> None:
