@@ -68,28 +68,28 @@ def _row(degradation: str, variant: str, pairs: list[tuple[Prediction, str]]) ->
     }
 
 
-def _pictures(items: list[LabelledImage], degrade: Edit | None, edit: Edit | None) -> list[Image.Image]:
+def _read(items: list[LabelledImage]) -> list[Image.Image]:
     pictures = []
     for item in items:
         picture = read_image_file(item.path)  # as the console and `cxr-node classify` read it
         if not isinstance(picture, Image.Image):
             raise SystemExit(f"{item.path.name}: the validation images are pictures, not DICOM")
-        if degrade is not None:
-            picture = degrade(picture.convert("L"))
-        pictures.append(picture if edit is None else edit(picture))
+        pictures.append(picture)
     return pictures
 
 
 def main(argv: list[str] | None = None) -> int:
     classifier, _, validation = model_with_check(__doc__ or "", argv)
+    originals = _read(validation)  # read once; every degradation is deterministic
     rows = []
     for degradation in DEGRADATIONS:
         degrade = parse_degradation(degradation)
+        degraded = originals if degrade is None else [degrade(p.convert("L")) for p in originals]
         for name, edit in VARIANTS:
+            pictures = degraded if edit is None else [edit(p) for p in degraded]
             predictions: list[Prediction] = []
-            for start in range(0, len(validation), BATCH):
-                pictures = _pictures(validation[start : start + BATCH], degrade, edit)
-                predictions += classifier.predict_images(pictures, heatmap=False)
+            for start in range(0, len(pictures), BATCH):
+                predictions += classifier.predict_images(pictures[start : start + BATCH], heatmap=False)
             pairs = [(p, item.label) for p, item in zip(predictions, validation, strict=True)]
             rows.append(_row(degradation, name, pairs))
 
