@@ -252,34 +252,43 @@ class Classifier:
         check = self._novelty
         if check is not None and check.probe is not None and predictions:
             start = time.perf_counter()
-            found = self._presentations(check, check.probe, grays, features)
+            novelty = [p.novelty for p in predictions]
+            found = self._presentations(check, check.probe, grays, features, novelty)
             checks_ms = (time.perf_counter() - start) * 1000.0 / len(predictions)
             predictions = [
                 replace(
                     p,
+                    novelty=ratio,
                     better_turn=f.turn_back,
                     negative=f.negative,
                     timings_ms={**p.timings_ms, "input_checks": checks_ms},
                 )
-                for p, f in zip(predictions, found, strict=True)
+                for p, (f, ratio) in zip(predictions, found, strict=True)
             ]
         return predictions
 
     def _presentations(
-        self, check: NoveltyCheck, probe: LinearProbe, grays: Sequence[FloatImage], features: npt.ArrayLike
-    ) -> list[Presentation]:
+        self,
+        check: NoveltyCheck,
+        probe: LinearProbe,
+        grays: Sequence[FloatImage],
+        features: npt.ArrayLike,
+        novelty: Sequence[float | None],
+    ) -> list[tuple[Presentation, float | None]]:
         """How each grey image is presented (turned, inverted), by the check's probe on the features the
-        prediction already computed. An image it calls other than as trained is scored once more, undone,
-        and the verdict stands only when that is familiar (:func:`classifier.novelty.confirmed`)."""
+        prediction already computed, and the novelty to report. An image it calls other than as trained is
+        scored once more, undone, and :func:`classifier.novelty.confirmed` gives the verdict."""
         named = presentations(probe, features)
+        result = list(zip(named, novelty, strict=True))
         doubted = [j for j, presentation in enumerate(named) if not presentation.as_trained]
         if not doubted:
-            return named
+            return result
         spec, lungs = self.spec, self._lungs
         undone = [framed_model_input(named[j].undo(grays[j]), spec, lungs)[0] for j in doubted]
-        result = list(named)
         for j, ratio in zip(doubted, check.ratios(self.embed(undone)), strict=True):
-            result[j] = confirmed(named[j], float(ratio))
+            given = novelty[j]
+            if given is not None:
+                result[j] = confirmed(named[j], given, float(ratio))
         return result
 
     def _forward_pass(

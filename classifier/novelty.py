@@ -21,18 +21,20 @@ quantile of the scores of the validation split, which it never saw. :attr:`Predi
 score divided by that threshold: above 1 the image is *unfamiliar*.
 
 Every image also gets the turn and negative checks, on the image as the model reads it: a picture has no
-header to say which way is up or which polarity it has, and a DICOM image may have no Patient Orientation,
-a wrong one, or a lost MONOCHROME1 label. The same features say how the image is presented. A
+header to say which way is up or which polarity it has, and a DICOM image may have no Patient Orientation, a
+wrong one, or a lost MONOCHROME1 label. The same features say how the image is presented. A
 :class:`LinearProbe` over the eight :data:`PRESENTATIONS` (four quarter turns, each as it is or inverted),
-fitted on the training images in all eight (clean and degraded, like the density), names the presentation
-of an image. One probe for both, so that an upside-down image is not taken for a negative nor a negative
-for an upside-down image, which two separate probes did. On the shipped model it names the presentation of
-every validation image at its four turns, and of 97.7–100 % of them inverted (``benchmarks/orientation.py``
-and the model card have the figures). An image it calls other than as trained is scored once more, undone
-(:class:`Presentation`); only when that is familiar (:func:`confirmed`) do :attr:`Prediction.better_turn`
-and :attr:`Prediction.negative` say so. A photograph is unfamiliar whichever way it is turned or inverted:
-it is not. The probe reads the features already computed for the prediction, so an image as trained costs
-nothing more, and any other one forward pass.
+fitted on the training images in all eight (clean and degraded, like the density), names the presentation of
+an image. One probe for both, so that an upside-down image is not taken for a negative nor a negative for an
+upside-down image, which two separate probes did. On the shipped model it names the presentation of every
+validation image at its four turns, and of 97.7–100 % of them inverted (``benchmarks/orientation.py`` and the
+model card have the figures). An image it calls other than as trained is scored once more, undone
+(:class:`Presentation`); only when that is familiar (:func:`confirmed`) do :attr:`Prediction.better_turn` and
+:attr:`Prediction.negative` say so. When it is unfamiliar undone, the image is unlike the training images both
+ways, and its novelty is the larger of the two scores: a photograph, whichever way it is turned, and an image
+the density alone would have let through although the probe sees it is not presented as trained. The probe
+reads the features already computed for the prediction, so an image as trained costs nothing more, and any
+other one forward pass.
 
 The check is only as good as the network's features: on one of four EfficientNet-Lite2 fold models it
 let a lower-leg radiograph through. Measure it for every model with ``benchmarks/novelty.py`` (the
@@ -430,8 +432,21 @@ def fit_novelty(
     return record
 
 
-def confirmed(presentation: Presentation, novelty_undone: float) -> Presentation:
-    """The presentation the probe named, when the image is familiar once it is undone (novelty within the
-    limit); else as trained, no doubt. A chest radiograph on its side is unfamiliar as given and familiar
-    turned back: it is the wrong way up. A photograph is unfamiliar whichever way it is turned: it is not."""
-    return presentation if novelty_undone <= NOVELTY_LIMIT else Presentation()
+def confirmed(
+    presentation: Presentation, novelty: float, novelty_undone: float
+) -> tuple[Presentation, float]:
+    """The verdict on an image the probe named other than as trained, from its novelty as given and once
+    undone: the presentation to report and the novelty to report.
+
+    - Familiar undone (novelty within the limit): the presentation the probe named, and the novelty as
+      given. A chest radiograph on its side is unfamiliar as given and familiar turned back: it is the wrong
+      way up.
+    - Unfamiliar undone: no presentation doubt, and the larger of the two novelties. The probe says the
+      image is not presented as the training images were, and undoing what it names does not make it
+      familiar either, so it is unlike them both ways. A photograph is so, and so is the lower-leg CR
+      upside down, which scores just under the limit as given (0.985) and well above it undone. No
+      validation chest radiograph, clean or degraded, was named other than as trained and then found
+      unfamiliar undone (model card): on those, this refused nothing."""
+    if novelty_undone <= NOVELTY_LIMIT:
+        return presentation, novelty
+    return Presentation(), max(novelty, novelty_undone)

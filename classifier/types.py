@@ -97,7 +97,9 @@ class Prediction:
     configured threshold; ``top_class`` is always the arg-max class. ``novelty`` is how unlike the
     training images the image is, as a multiple of the artifact's limit (``None`` when the artifact has
     no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
-    probabilities say little. ``better_turn`` is set when the image the model read (a DICOM image turned by
+    probabilities say little. It is scored on the image the model read; when the presentation probe reads
+    that as turned or inverted and undoing it does not make it familiar, it is the larger of the two
+    scores (:func:`classifier.novelty.confirmed`). ``better_turn`` is set when the image the model read (a DICOM image turned by
     its Patient Orientation, a picture as it is) looks turned and is familiar turned back by that many
     counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was not checked).
     ``negative`` is set when it looks inverted (bone dark) and is familiar inverted back: its display

@@ -208,19 +208,21 @@ def test_a_presentation_is_undone_by_inverting_then_turning_back() -> None:
 
 
 @pytest.mark.parametrize(
-    ("named", "novelty_undone", "expected"),
+    ("named", "novelty", "novelty_undone", "expected"),
     [
-        (Presentation(), 0.5, Presentation()),  # the probe reads it as trained
-        (Presentation(turn_back=2), 0.58, Presentation(turn_back=2)),  # upside down, familiar turned back
-        (Presentation(turn_back=3), 1.0, Presentation(turn_back=3)),  # exactly at the limit: familiar
-        (Presentation(negative=True), 0.6, Presentation(negative=True)),  # a negative, familiar inverted back
-        (Presentation(turn_back=1), 1.18, Presentation()),  # a photograph the probe calls turned
+        (Presentation(turn_back=2), 0.77, 0.58, (Presentation(turn_back=2), 0.77)),  # upside down, familiar
+        (Presentation(turn_back=3), 1.22, 1.0, (Presentation(turn_back=3), 1.22)),  # on its side; limit
+        (Presentation(negative=True), 0.95, 0.6, (Presentation(negative=True), 0.95)),  # a negative
+        (Presentation(turn_back=1), 1.48, 1.18, (Presentation(), 1.48)),  # a photograph called turned
+        # Familiar as given, but not presented as trained and unfamiliar undone: unlike the training images
+        # both ways (the lower-leg CR upside down), so unfamiliar, with the larger novelty.
+        (Presentation(turn_back=3, negative=True), 0.985, 1.4, (Presentation(), 1.4)),
     ],
 )
 def test_the_probe_is_believed_only_when_the_image_is_familiar_undone(
-    named: Presentation, novelty_undone: float, expected: Presentation
+    named: Presentation, novelty: float, novelty_undone: float, expected: tuple[Presentation, float]
 ) -> None:
-    assert confirmed(named, novelty_undone) == expected
+    assert confirmed(named, novelty, novelty_undone) == expected
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +264,21 @@ def test_a_picture_the_wrong_way_up_is_told_apart(
     assert (prediction.doubt or "").startswith("the image looks the wrong way up") == (turn != 0)
     assert ("as it is, it does not look like" in (prediction.doubt or "")) == prediction.unfamiliar
     assert prediction.unfamiliar == (turn in (1, 3))
+
+
+def test_a_leg_upside_down_is_unlike_a_chest_both_ways(shipped: Classifier) -> None:
+    """The lower-leg CR as a picture, upside down, scores just under the limit as given (0.985), so the
+    density alone lets it through. The probe reads it as not presented as trained, and undone it is
+    unfamiliar: it is unlike the training images both ways, so it is refused as unfamiliar, with the
+    larger novelty, and not called turned or a negative."""
+    leg = Image.fromarray(display_image(pydicom.dcmread(peers.pydicom_data_file("RG3_UNCI.dcm"))))
+    upside_down = leg.transpose(Image.Transpose.ROTATE_180)
+    as_given = shipped.predict([framed_model_input(pil_to_gray(upside_down), shipped.spec, shipped.lungs)[0]])
+    assert as_given[0].novelty is not None and 0.9 < as_given[0].novelty <= 1.0  # the density alone: passes
+    prediction = shipped.predict_images([upside_down], heatmap=False)[0]
+    assert prediction.unfamiliar and not prediction.looks_turned and not prediction.negative
+    assert prediction.novelty is not None and prediction.novelty > 1.5
+    assert (prediction.doubt or "").startswith("the image does not look like the chest radiographs")
 
 
 def test_a_leg_that_looks_familiar_turned_or_inverted_is_not_called_a_chest() -> None:
