@@ -94,6 +94,7 @@ def _read(items: list[LabelledImage]) -> list[Image.Image]:
 def main(argv: list[str] | None = None) -> int:
     classifier, _, validation = model_with_check(__doc__ or "", argv)
     originals = _read(validation)  # read once; every degradation is deterministic
+    spec, lungs = classifier.spec, classifier.lungs
     rows = []
     for degradation in DEGRADATIONS:
         degrade = parse_degradation(degradation)
@@ -105,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             for start in range(0, len(pictures), BATCH):
                 batch = pictures[start : start + BATCH]
                 predictions += classifier.predict_images(batch, heatmap=False)
-                spec, lungs = classifier.spec, classifier.lungs
                 inputs = [framed_model_input(pil_to_gray(p), spec, lungs)[0] for p in batch]
                 density += [p.novelty for p in classifier.predict(inputs, heatmap=False)]  # no probe
             pairs = [(p, item.label) for p, item in zip(predictions, validation, strict=True)]

@@ -47,34 +47,30 @@ def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str
     (the lower-leg CR upright looks like an upside-down chest). The words then say both, and leave it to the
     reader which it is, instead of calling every such image a chest radiograph."""
     doubt = doubt_of(novelty, better_turn, negative)
-    unfamiliar = novelty is not None and novelty > NOVELTY_LIMIT
-    as_it_is = (
-        "as it is, it does not look like the chest radiographs the model was trained on "
-        f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f}); "
-        if unfamiliar
+    unlike = (  # the novelty check's words, on their own or beside a turn or a negative
+        "does not look like the chest radiographs the model was trained on "
+        f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"
+        if novelty is not None and novelty > NOVELTY_LIMIT
         else ""
     )
     turn = _TURN_WORDS.get(better_turn % 4, "round")
     if doubt is Doubt.NEGATIVE:
-        inverted = f"inverted and turned {turn}" if better_turn else "inverted"
-        undone = f"{inverted}, it does; if it is a chest radiograph, "
+        undone = f"inverted and turned {turn}" if better_turn else "inverted"
         return (
             "the image looks like a negative (bone dark, lungs light): "
-            + (as_it_is + undone if unfamiliar else "the model knows it better inverted; ")
+            + (f"as it is, it {unlike}; {undone}, it does; if it is a chest radiograph, " if unlike
+               else "the model knows it better inverted; ")
             + "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
         )
     if doubt is Doubt.WRONG_WAY_UP:
-        undone = f"turned {turn}, it does; if it is a chest radiograph, "
         return (
             "the image looks the wrong way up: "
-            + (as_it_is + undone if unfamiliar else f"the model knows it better turned {turn}; ")
+            + (f"as it is, it {unlike}; turned {turn}, it does; if it is a chest radiograph, " if unlike
+               else f"the model knows it better turned {turn}; ")
             + "send it head up, or with a correct Patient Orientation"
         )
     if doubt is Doubt.UNFAMILIAR:
-        return (
-            "the image does not look like the chest radiographs the model was trained on "
-            f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"
-        )
+        return f"the image {unlike}"
     return None
 
 
@@ -99,9 +95,10 @@ class Prediction:
     no novelty check; see :mod:`classifier.novelty`): above 1.0 the image is *unfamiliar* and its
     probabilities say little. It is scored on the image the model read; when the presentation probe reads
     that as turned or inverted and undoing it does not make it familiar, it is the larger of the two
-    scores (:func:`classifier.novelty.confirmed`). ``better_turn`` is set when the image the model read (a DICOM image turned by
-    its Patient Orientation, a picture as it is) looks turned and is familiar turned back by that many
-    counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was not checked).
+    scores (:func:`classifier.novelty.confirmed`). ``better_turn`` is set when the image the model read (a
+    DICOM image turned by its Patient Orientation, a picture as it is) looks turned and is familiar turned
+    back by that many counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was
+    not checked).
     ``negative`` is set when it looks inverted (bone dark) and is familiar inverted back: its display
     polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost.
     """

@@ -237,10 +237,10 @@ class Finding(Base):
     probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     heatmap_path: Mapped[str | None] = mapped_column(String(1024))
-    # How unlike the training images (classifier.novelty; 1.0 = the model's limit); None: no check
+    # How unlike the training images (Prediction.novelty; 1.0 = the model's limit); None: no check
     novelty: Mapped[float | None] = mapped_column(Float)
     # Counter-clockwise quarter turns that bring the image the model read head up, when it looked turned
-    # (classifier.novelty.better_turn); 0: it looked upright, or was not checked
+    # (Prediction.better_turn); 0: it looked upright, or was not checked
     better_turn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The image looked inverted (bone dark) and familiar inverted back (Prediction.negative)
     negative: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
