@@ -1,8 +1,13 @@
 """Which received images the classifier may look at.
 
-The models were trained on frontal chest radiographs (CR/DX, PA or AP). Anything else is stored and
-acknowledged, but SKIPPED with a reason a user can read in the console — never silently classified.
-Absent attributes are accepted: many modalities leave Body Part Examined or View Position empty.
+The models were trained on frontal chest radiographs (CR/DX, PA or AP) of adults. Anything else is stored
+and acknowledged, but SKIPPED with a reason a user can read in the console — never silently classified.
+Absent attributes are accepted: many modalities leave Body Part Examined or View Position empty, and many
+sites remove the birth date.
+A child is recognised by Patient Age (0010,1010) or, without it, by Patient's Birth Date and Study Date:
+the default model calls most radiographs of young children COVID-19 (model card, "Images from other
+sources"), so a patient younger than ``pipeline.minimum_patient_age_years`` (18 by default) is not
+classified. The reason names the limit, never the patient's age.
 A DX image *for processing* (raw detector values, before the vendor's image processing) is stored for the
 record but not classified: the models only ever saw images processed for display.
 
@@ -15,16 +20,22 @@ caution to the console, PDF and SR.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import date, datetime
 
 import pydicom
 from pydicom.uid import DigitalXRayImageStorageForProcessing
 
+from dicom_node.settings import ADULT_AGE_YEARS
 from dicom_node.store.models import Instance
 
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
+# Age String (AS): three digits and a unit; lenient about padding and case, as senders are.
+_AGE_STRING = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
+_YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class Eligibility:
     reason: str = ""
 
 
-MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) only."
+MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) of adults only."
 
 
 def not_classified(reason: str) -> str:
@@ -43,8 +54,46 @@ def not_classified(reason: str) -> str:
     return f"Not classified: {reason}. {MODEL_SCOPE}"
 
 
-def assess(*, modality: str, body_part: str, view_position: str, sop_class_uid: str) -> Eligibility:
-    """Decide from four header values (already read from the dataset or the database)."""
+def _date(value: str) -> date | None:
+    try:
+        return datetime.strptime((value or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _birthday(born: date, year: int) -> date:
+    try:
+        return born.replace(year=year)
+    except ValueError:  # born on 29 February, a common year
+        return date(year, 3, 1)
+
+
+def age_in_years(*, patient_age: str = "", birth_date: str = "", study_date: str = "") -> float | None:
+    """The patient's age at the examination: Patient Age (AS, e.g. "004Y", "018M") or, without a readable
+    one, the years from Patient's Birth Date to Study Date. None when neither says (or they contradict
+    themselves: a birth after the study)."""
+    match = _AGE_STRING.match(patient_age or "")
+    if match:
+        return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2).upper()]
+    born, examined = _date(birth_date), _date(study_date)
+    if born is None or examined is None or examined < born:
+        return None
+    years = examined.year - born.year - ((examined.month, examined.day) < (born.month, born.day))
+    last, following = _birthday(born, born.year + years), _birthday(born, born.year + years + 1)
+    return years + (examined - last).days / (following - last).days
+
+
+def assess(
+    *,
+    modality: str,
+    body_part: str,
+    view_position: str,
+    sop_class_uid: str,
+    age_years: float | None = None,
+    minimum_age_years: float = ADULT_AGE_YEARS,
+) -> Eligibility:
+    """Decide from the header values (already read from the dataset or the database); ``age_years`` is
+    :func:`age_in_years` (None: unknown, accepted); a ``minimum_age_years`` of 0 classifies every age."""
     modality = (modality or "").strip().upper()
     body_part = (body_part or "").strip().upper()
     view = (view_position or "").strip().upper()
@@ -56,25 +105,43 @@ def assess(*, modality: str, body_part: str, view_position: str, sop_class_uid: 
         return Eligibility(False, f"body part {body_part} is not CHEST")
     if view and view not in FRONTAL_VIEWS:
         return Eligibility(False, f"view position {view} is not frontal (PA/AP)")
+    if age_years is not None and age_years < minimum_age_years:
+        limit = f"{minimum_age_years:g} years"
+        return Eligibility(False, f"the patient is younger than {limit} by Patient Age or Birth Date")
     return Eligibility(True)
 
 
-def assess_instance(instance: Instance) -> Eligibility:
-    """Decide for a stored instance from its own and its series' rows."""
+def assess_instance(instance: Instance, *, minimum_age_years: float = ADULT_AGE_YEARS) -> Eligibility:
+    """Decide for a stored instance from its own, its series', study's and patient's rows."""
     series = instance.series
+    study = series.study
     return assess(
         modality=series.modality,
         body_part=series.body_part_examined,
         view_position=instance.view_position,
         sop_class_uid=instance.sop_class_uid,
+        age_years=age_in_years(
+            patient_age=study.patient_age, birth_date=study.patient.birth_date, study_date=study.study_date
+        ),
+        minimum_age_years=minimum_age_years,
     )
 
 
-def assess_dataset(dataset: pydicom.Dataset) -> Eligibility:
+def _header(dataset: pydicom.Dataset, keyword: str) -> str:
+    return str(dataset.get(keyword, "") or "")
+
+
+def assess_dataset(dataset: pydicom.Dataset, *, minimum_age_years: float = ADULT_AGE_YEARS) -> Eligibility:
     """Decide from a dataset's own header (an upload in the console, before anything is stored)."""
     return assess(
-        modality=str(dataset.get("Modality", "") or ""),
-        body_part=str(dataset.get("BodyPartExamined", "") or ""),
-        view_position=str(dataset.get("ViewPosition", "") or ""),
-        sop_class_uid=str(dataset.get("SOPClassUID", "") or ""),
+        modality=_header(dataset, "Modality"),
+        body_part=_header(dataset, "BodyPartExamined"),
+        view_position=_header(dataset, "ViewPosition"),
+        sop_class_uid=_header(dataset, "SOPClassUID"),
+        age_years=age_in_years(
+            patient_age=_header(dataset, "PatientAge"),
+            birth_date=_header(dataset, "PatientBirthDate"),
+            study_date=_header(dataset, "StudyDate"),
+        ),
+        minimum_age_years=minimum_age_years,
     )

@@ -42,6 +42,7 @@ from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import assess_instance
 from dicom_node.errors import NodeError, ReportingError, describe_exception
+from dicom_node.settings import ADULT_AGE_YEARS
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -108,6 +109,7 @@ class PipelineConfig:
     fsync: bool = True
     indeterminate_threshold: float = 0.5  # recorded in the SR's algorithm parameters
     skip_unfamiliar: bool = True  # skip images unlike the training images, the wrong way up, or a negative
+    minimum_patient_age_years: float = ADULT_AGE_YEARS  # skip younger patients (by the header)
 
 
 def node_identity(settings: Settings) -> NodeIdentity:
@@ -139,6 +141,7 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
         fsync=settings.storage.fsync,
         indeterminate_threshold=group.indeterminate_threshold,
         skip_unfamiliar=group.skip_unfamiliar,
+        minimum_patient_age_years=group.minimum_patient_age_years,
     )
 
 
@@ -437,7 +440,7 @@ class Pipeline:
             for instance in self._instances(session, study_pk):
                 if instance.state is not InstanceState.RECEIVED:
                     continue
-                verdict = assess_instance(instance)
+                verdict = assess_instance(instance, minimum_age_years=self.config.minimum_patient_age_years)
                 if not verdict.eligible:
                     instance.state = InstanceState.SKIPPED
                     instance.state_reason = verdict.reason
@@ -463,7 +466,7 @@ class Pipeline:
                 select(Instance)
                 .join(Series)
                 .where(Series.study_pk == study_pk)
-                .options(selectinload(Instance.series))
+                .options(selectinload(Instance.series).selectinload(Series.study).selectinload(Study.patient))
                 .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
             )
         )
@@ -483,12 +486,15 @@ class Pipeline:
                         (Finding.model_name == info.name) & (Finding.model_version == info.version)
                     ),
                 )
-                .options(selectinload(Instance.series))
+                .options(selectinload(Instance.series).selectinload(Series.study).selectinload(Study.patient))
                 .order_by(Instance.id)
             )
             # An instance that arrived after the claim is assessed in the next cycle, never here.
+            minimum_age = self.config.minimum_patient_age_years
             todo = [
-                (i.id, i.file_path, i.series.study_pk) for i in candidates if assess_instance(i).eligible
+                (i.id, i.file_path, i.series.study_pk)
+                for i in candidates
+                if assess_instance(i, minimum_age_years=minimum_age).eligible
             ]
             # Eligible instances that already have a finding (a crash after the commit) are done.
             for instance in session.scalars(

@@ -21,6 +21,8 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "CXR_NODE_CONFIG"
+# The model card's intended use: adults. Younger patients are not classified (dicom_node.eligibility).
+ADULT_AGE_YEARS = 18.0
 ENV_PREFIX = "CXR_NODE__"
 
 
@@ -110,6 +112,8 @@ class PipelineSettings(BaseModel):
     # Skip images the model's novelty check finds unlike its training images, or the wrong way up (as
     # turned head up by their Patient Orientation), or a negative (classifier.novelty)
     skip_unfamiliar: bool = True
+    # Skip patients younger than this by Patient Age or Birth Date (the model was trained on adults); 0: none
+    minimum_patient_age_years: float = Field(default=ADULT_AGE_YEARS, ge=0.0, le=150.0)
     batch_size: int = Field(default=16, ge=1)
     heatmap: bool = True
     secondary_capture: bool = False

@@ -130,6 +130,7 @@ class Study(Base):
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # DICOM DA
+    patient_age: Mapped[str] = mapped_column(String(16), default="")  # DICOM AS, at this study
     study_time: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")

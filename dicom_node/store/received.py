@@ -121,6 +121,7 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
             patient_pk=patient_pk,
             accession_number=_text(ds, "AccessionNumber", 16),
             study_date=_text(ds, "StudyDate", 8),
+            patient_age=_text(ds, "PatientAge", 16),
             study_time=_text(ds, "StudyTime", 16),
             study_description=_text(ds, "StudyDescription", 64),
             referring_physician_name=_text(ds, "ReferringPhysicianName", 324),

@@ -191,7 +191,10 @@ class IngestOut(BaseModel):
 @router.post("/uploads", response_model=UploadOut, status_code=201, tags=["upload"])
 async def api_upload(con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> UploadOut:
     data = await read_limited(file)
-    held = con.uploads.add(principal.user_id, read_upload(file.filename or "upload", data))
+    upload = read_upload(
+        file.filename or "upload", data, minimum_age_years=con.settings.pipeline.minimum_patient_age_years
+    )
+    held = con.uploads.add(principal.user_id, upload)
     return UploadOut(
         token=held.token,
         filename=held.upload.filename,

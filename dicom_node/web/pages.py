@@ -97,7 +97,10 @@ def upload_form(request: Request, principal: UserDep) -> Response:
 async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> Response:
     try:
         data = await read_limited(file)
-        held = con.uploads.add(principal.user_id, read_upload(file.filename or "upload", data))
+        upload = read_upload(
+            file.filename or "upload", data, minimum_age_years=con.settings.pipeline.minimum_patient_age_years
+        )
+        held = con.uploads.add(principal.user_id, upload)
     except NodeError as exc:
         return render(
             request, "upload.html", principal, status=422, active="upload", held=None, error=str(exc)

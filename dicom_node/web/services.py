@@ -31,7 +31,7 @@ from dicom_node.errors import (
     ReportingError,
     UndecodableDatasetError,
 )
-from dicom_node.settings import Settings
+from dicom_node.settings import ADULT_AGE_YEARS, Settings
 from dicom_node.store.models import RemoteAe
 
 if TYPE_CHECKING:
@@ -48,12 +48,15 @@ class FeatureUnavailableError(NodeError):
 
 @dataclass(frozen=True)
 class Upload:
-    """An image a user uploaded: a DICOM dataset or a PNG/JPEG picture (exactly one is set)."""
+    """An image a user uploaded: a DICOM dataset or a PNG/JPEG picture (exactly one is set).
+    ``minimum_age_years`` is the node's ``pipeline.minimum_patient_age_years``: a DICOM upload is judged
+    by the same header rules as a received instance."""
 
     filename: str
     data: bytes
     dataset: pydicom.Dataset | None = None
     image: Image.Image | None = None
+    minimum_age_years: float = ADULT_AGE_YEARS
 
     @property
     def is_dicom(self) -> bool:
@@ -62,7 +65,9 @@ class Upload:
     @property
     def eligibility(self) -> Eligibility | None:
         """What the node would decide from the DICOM header; None for a picture, which has none."""
-        return assess_dataset(self.dataset) if self.dataset is not None else None
+        if self.dataset is None:
+            return None
+        return assess_dataset(self.dataset, minimum_age_years=self.minimum_age_years)
 
 
 @dataclass(frozen=True)

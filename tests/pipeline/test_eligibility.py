@@ -1,4 +1,4 @@
-"""Which images the classifier sees: frontal chest CR/DX only, everything else SKIPPED with a reason."""
+"""Which images the classifier sees: frontal chest CR/DX of adults, everything else SKIPPED with a reason."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from dicom_node.eligibility import assess, assess_dataset
+from dicom_node.eligibility import age_in_years, assess, assess_dataset
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -59,3 +59,79 @@ def test_real_radiographs_from_pydicom_data() -> None:
 
     assert verdict("RG1_UNCI.dcm") == (True, "")
     assert verdict("RG3_UNCI.dcm") == (False, "body part EXTREMITY is not CHEST")
+
+
+@pytest.mark.parametrize(
+    ("patient_age", "years"),
+    [("004Y", 4.0), ("018M", 1.5), ("026W", 0.498), ("073D", 0.2), ("45y", 45.0), (" 090Y ", 90.0)],
+)
+def test_patient_age_is_read_in_every_unit(patient_age: str, years: float) -> None:
+    assert age_in_years(patient_age=patient_age) == pytest.approx(years, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "study_date", "years"),
+    [
+        ("20000101", "20180101", 18.0),
+        ("20010101", "20181231", 17.997),  # a day before the 18th birthday: still 17
+        ("20040229", "20220228", 17.997),  # born on 29 February: of age on 1 March of a common year
+        ("20040229", "20220301", 18.0),
+        ("19400305", "20040826", 64.477),  # RG1: 174 days after the 64th birthday
+    ],
+)
+def test_without_patient_age_the_age_is_counted_in_calendar_years(
+    birth_date: str, study_date: str, years: float
+) -> None:
+    assert age_in_years(birth_date=birth_date, study_date=study_date) == pytest.approx(years, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("patient_age", "birth_date", "study_date"),
+    [
+        ("", "", ""),
+        ("", "20000101", ""),  # no study date
+        ("", "20200101", "20100101"),  # born after the study
+        ("", "2000", "20180101"),  # not a DA
+        ("old", "", ""),
+    ],
+)
+def test_an_age_the_header_does_not_give_is_unknown(
+    patient_age: str, birth_date: str, study_date: str
+) -> None:
+    assert age_in_years(patient_age=patient_age, birth_date=birth_date, study_date=study_date) is None
+
+
+def test_patient_age_takes_precedence_over_the_birth_date() -> None:
+    assert age_in_years(patient_age="030Y", birth_date="20100101", study_date="20200101") == 30.0
+    unreadable = age_in_years(patient_age="years", birth_date="20100101", study_date="20200101")
+    assert unreadable == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    ("age", "minimum", "eligible"),
+    [(4.0, 18.0, False), (17.99, 18.0, False), (18.0, 18.0, True), (64.0, 18.0, True), (None, 18.0, True),
+     (4.0, 0.0, True), (15.0, 12.0, True)],
+)  # fmt: skip
+def test_patients_younger_than_the_minimum_are_skipped(
+    age: float | None, minimum: float, eligible: bool
+) -> None:
+    verdict = assess(
+        modality="CR", body_part="CHEST", view_position="PA", sop_class_uid=ComputedRadiographyImageStorage,
+        age_years=age, minimum_age_years=minimum,
+    )  # fmt: skip
+    assert verdict.eligible is eligible
+    if not eligible:
+        assert verdict.reason == f"the patient is younger than {minimum:g} years by Patient Age or Birth Date"
+
+
+def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    assert assess_dataset(ds).eligible  # born 1940, examined 2004
+    ds.PatientAge = "007Y"
+    verdict = assess_dataset(ds)
+    assert not verdict.eligible
+    assert "7" not in verdict.reason
+    assert assess_dataset(ds, minimum_age_years=0).eligible
+    del ds.PatientAge
+    ds.PatientBirthDate = "19990101"
+    assert not assess_dataset(ds).eligible

@@ -284,6 +284,31 @@ def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str,
     )
 
 
+def test_a_child_is_stored_but_not_classified_unless_configured(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """By Patient Age when there is one, else by birth date and study date; the reason names no age."""
+
+    def aged_four(ds: pydicom.Dataset) -> None:
+        ds.PatientAge = "004Y"
+
+    def born_three_years_before(ds: pydicom.Dataset) -> None:  # another patient: RG1's is born in 1940
+        ds.PatientID, ds.PatientBirthDate, ds.StudyDate = "CHILD1", "20010826", "20040826"
+
+    reason = "the patient is younger than 18 years by Patient Age or Birth Date"
+    assert_skipped_without_results(world, peer, receive(world, "RG1_UNCI.dcm", edit=aged_four), reason)
+    born_2001 = receive(world, "RG1_UNCI.dcm", edit=born_three_years_before)
+    assert_skipped_without_results(world, peer, born_2001, reason)
+
+    allowed = receive(world, "RG1_UNCI.dcm", edit=aged_four)
+    make_pipeline(world, minimum_patient_age_years=0.0).process([allowed])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, allowed)
+        assert study is not None and study.patient_age == "004Y"
+        assert study.state is not StudyState.SKIPPED
+        assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
 def test_a_leg_labelled_chest_is_stored_but_not_classified_by_its_pixels(world: dict[str, Any], peer: StorePeer) -> None:
     """The header check passes a lower leg whose header says CHEST PA; the model's novelty check does not."""
 

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -144,6 +145,21 @@ def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "body part EXTREMITY is not CHEST" in api.text
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
+
+
+def test_a_dicom_upload_of_a_child_is_not_classified(rad_client: tuple[TestClient, str]) -> None:
+    """The console judges an upload by the node's age limit too (the header's Patient Age here)."""
+    client, csrf = rad_client
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.PatientAge = "006Y"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    token = _upload(client, csrf, "child.dcm", buffer.getvalue(), "application/dicom")
+    page = client.get(f"/upload/{token}").text
+    reason = "the patient is younger than 18 years by Patient Age or Birth Date"
+    assert 'id="ineligible"' in page and reason in page and 'id="classify"' not in page
+    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 422 and reason in api.text
 
 
 def test_api_upload_returns_a_token(rad_client: tuple[TestClient, str]) -> None:
