@@ -41,10 +41,14 @@ class JsonFormatter(logging.Formatter):
 # Loggers whose messages may quote element values: pydicom's warn_and_log() both logs and warns
 # texts such as "Invalid value for VR PN: '<patient name>'".
 DATASET_LOGGERS = ("pydicom", "highdicom")
+# SQLAlchemy logs every result row ("Row %r") at DEBUG.
+ROW_LOGGER = "sqlalchemy.engine"
 
 
-class WarningRedactor(logging.Filter):
-    """Drop the text of captured Python warnings and of pydicom/highdicom log records (they quote values)."""
+class ValueRedactor(logging.Filter):
+    """Drop the text of captured Python warnings and of pydicom/highdicom log records (they quote values),
+    and the values of the result rows SQLAlchemy logs at DEBUG (a patient row holds the name and birth
+    date; its SQL parameters are hidden already, by ``hide_parameters`` in dicom_node.store.db)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings":
@@ -55,6 +59,9 @@ class WarningRedactor(logging.Filter):
             record.args = None
         elif record.name.split(".")[0] in DATASET_LOGGERS:
             record.msg = f"{record.levelname.lower()} from {record.name} (text withheld: it may quote dataset values)"
+            record.args = None
+        elif record.name.startswith(ROW_LOGGER) and str(record.msg).startswith("Row"):
+            record.msg = "Row (values withheld: they may be patient data)"
             record.args = None
         return True
 
@@ -68,7 +75,7 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
         # The node's listener processes (dicom_node.listeners) name themselves; the node process does not.
         where = "%(threadName)s" if multiprocessing.parent_process() is None else "%(processName)s/%(threadName)s"
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s %(name)s [{where}] %(message)s"))
-    handler.addFilter(WarningRedactor())
+    handler.addFilter(ValueRedactor())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

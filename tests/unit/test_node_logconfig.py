@@ -1,4 +1,4 @@
-"""Logging set-up: captured warnings lose their text (pydicom quotes values), JSON lines parse."""
+"""Logging set-up: captured warnings and logged rows lose their values (they may be PHI), JSON lines parse."""
 
 from __future__ import annotations
 
@@ -60,3 +60,15 @@ def test_warning_capture_survives_an_earlier_configuration() -> None:
     configure_logging(LoggingSettings(level="INFO"), stream=io.StringIO())
     with warnings.catch_warnings(record=True):
         test_warning_text_is_withheld_and_lines_are_json()
+
+
+def test_sqlalchemy_result_rows_lose_their_values_at_debug() -> None:
+    """At DEBUG SQLAlchemy logs every row it reads; a patient row holds the name and birth date."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="DEBUG"), stream=stream)
+    engine_log = logging.getLogger("sqlalchemy.engine.Engine")
+    engine_log.debug("Row %r", (3, "ZZSECRET", "ZZSECRET^NAME", "19700101", "F"))
+    engine_log.debug("Col %r", ("patient_id", "name"))
+    text = stream.getvalue()
+    assert "ZZSECRET" not in text and "19700101" not in text
+    assert "Row (values withheld" in text and "Col ('patient_id', 'name')" in text
