@@ -68,7 +68,7 @@ def test_png_upload_is_shown_before_classification(rad_client: tuple[TestClient,
     page = client.get(f"/upload/{token}").text
     assert f'src="/upload/{token}/image.png"' in page
     assert 'id="classify"' in page and "Save report" not in page  # report only after classifying
-    assert 'id="picture-hint"' in page  # no header to check: the user is asked to
+    assert 'id="picture-hint"' in page and "of an adult" in page  # no header to check: the user is asked to
     assert "chest.png" in page
     shown = Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content))
     assert shown.size == (640, 560) and shown.mode == "L"
