@@ -43,7 +43,11 @@ from benchmarks import table
 from classifier.inference import Classifier, default_model_path
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
-AGE_BANDS = ((0, 5), (5, 10), (10, 18), (18, 200))
+AGE_BANDS = ((0, 5), (5, 10), (10, 18), (18, 200))  # [low, high) years; 200: no upper bound
+
+
+def band_name(low: int, high: int) -> str:
+    return f"{low}+" if high >= 200 else f"{low}-{high - 1}"
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def age_table(data: Path, entries: Path) -> dict[str, dict[str, int]]:
             age = ages.get(Path(row["source"]).name)
             if age is None:
                 continue
-            band = next(f"{low}-{high - 1}" if high < 200 else f"{low}+" for low, high in AGE_BANDS if age < high)
+            band = next(band_name(low, high) for low, high in AGE_BANDS if age < high)
             counts.setdefault(row["label"], Counter())[band] += 1
     return {label: dict(bands) for label, bands in counts.items()}
 
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.ages is not None:
         ages = age_table(*args.ages)
-        bands = [f"{low}-{high - 1}" if high < 200 else f"{low}+" for low, high in AGE_BANDS]
+        bands = [band_name(low, high) for low, high in AGE_BANDS]
         print("cxr3 NIH images by the patient's age (years)")
         print(table.render([("class", ""), *((band, "d") for band in bands)],
                            [[label, *(counts.get(band, 0) for band in bands)] for label, counts in ages.items()]))
