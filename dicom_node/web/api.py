@@ -36,10 +36,10 @@ from dicom_node.web.pages import (
     ResultQueryDep,
     classify_held,
     held_upload,
+    hold_upload,
     read_limited,
     upload_report_response,
 )
-from dicom_node.web.uploads import read_upload
 
 public_router = APIRouter(prefix="/api", tags=["session"])
 router = APIRouter(prefix="/api", dependencies=[Depends(current_user)])
@@ -191,10 +191,7 @@ class IngestOut(BaseModel):
 @router.post("/uploads", response_model=UploadOut, status_code=201, tags=["upload"])
 async def api_upload(con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> UploadOut:
     data = await read_limited(file)
-    upload = read_upload(
-        file.filename or "upload", data, minimum_age_years=con.settings.pipeline.minimum_patient_age_years
-    )
-    held = con.uploads.add(principal.user_id, upload)
+    held = hold_upload(con, principal, file.filename or "upload", data)
     return UploadOut(
         token=held.token,
         filename=held.upload.filename,

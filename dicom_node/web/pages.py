@@ -97,10 +97,7 @@ def upload_form(request: Request, principal: UserDep) -> Response:
 async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> Response:
     try:
         data = await read_limited(file)
-        upload = read_upload(
-            file.filename or "upload", data, minimum_age_years=con.settings.pipeline.minimum_patient_age_years
-        )
-        held = con.uploads.add(principal.user_id, upload)
+        held = hold_upload(con, principal, file.filename or "upload", data)
     except NodeError as exc:
         return render(
             request, "upload.html", principal, status=422, active="upload", held=None, error=str(exc)
@@ -116,6 +113,12 @@ async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file
 
 def held_upload(con: Console, principal: Principal, token: str) -> HeldUpload:
     return con.uploads.get(principal.user_id, token)
+
+
+def hold_upload(con: Console, principal: Principal, filename: str, data: bytes) -> HeldUpload:
+    """Read an uploaded file and hold it for its user, judged by the node's own age limit."""
+    minimum_age = con.settings.pipeline.minimum_patient_age_years
+    return con.uploads.add(principal.user_id, read_upload(filename, data, minimum_age_years=minimum_age))
 
 
 @router.get("/upload/{token}")
