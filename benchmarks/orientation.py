@@ -81,7 +81,7 @@ def _row(
     }
 
 
-def _read(items: list[LabelledImage]) -> list[Image.Image]:
+def read_pictures(items: list[LabelledImage]) -> list[Image.Image]:
     pictures = []
     for item in items:
         picture = read_image_file(item.path)  # as the console and `cxr-node classify` read it
@@ -93,7 +93,7 @@ def _read(items: list[LabelledImage]) -> list[Image.Image]:
 
 def main(argv: list[str] | None = None) -> int:
     classifier, _, validation = model_with_check(__doc__ or "", argv)
-    originals = _read(validation)  # read once; every degradation is deterministic
+    originals = read_pictures(validation)  # read once; every degradation is deterministic
     spec, lungs = classifier.spec, classifier.lungs
     rows = []
     for degradation in DEGRADATIONS:

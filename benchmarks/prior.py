@@ -26,15 +26,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from benchmarks import table
-from benchmarks.orientation import _read
+from benchmarks.orientation import read_pictures
 from benchmarks.other_sources import read_wheel
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
 from classifier.inference import Classifier
 from classifier.metrics import classification_report
 from classifier.preprocess import read_dataset
+from classifier.types import INDETERMINATE
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 Probabilities = npt.NDArray[np.float64]
@@ -60,10 +62,10 @@ def reweigh(probabilities: Probabilities, weights: npt.NDArray[np.float64], stre
 
 def called(probabilities: Probabilities, classes: Sequence[str], threshold: float) -> list[str]:
     """The label of each row as the node gives it: the top class, or indeterminate below ``threshold``."""
-    return [classes[int(row.argmax())] if row.max() >= threshold else "indeterminate" for row in probabilities]
+    return [classes[int(row.argmax())] if row.max() >= threshold else INDETERMINATE for row in probabilities]
 
 
-def _probabilities(classifier: Classifier, pictures: Sequence[Any]) -> tuple[Probabilities, list[bool]]:
+def _probabilities(classifier: Classifier, pictures: Sequence[Image.Image]) -> tuple[Probabilities, list[bool]]:
     classes = classifier.info.classes
     rows: list[list[float]] = []
     doubted: list[bool] = []
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = training_weights(metadata.training, classes)
     _, validation = split_from_record(load_collection(args.data), metadata.data["split"])
     truth = np.asarray([classes.index(item.label) for item in validation], dtype=np.int64)
-    clean, _ = _probabilities(classifier, _read(validation))
+    clean, _ = _probabilities(classifier, read_pictures(validation))
     others = {
         name: (items, *_probabilities(classifier, [image for _, _, image in items]))
         for wheel in args.wheels
