@@ -33,9 +33,11 @@ from dicom_node.store.models import Instance
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
-# Age String (AS): three digits and a unit; lenient about padding and case, as senders are.
-_AGE_STRING = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
-_YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+# Age String (AS): three digits and a unit; lenient about padding and case, as senders are, and about a
+# missing unit, read as years: every one of the 26,684 CR headers of the RSNA Pneumonia Detection Challenge
+# (torchxrayvision's kaggle_stage_2_train_images_dicom_headers.csv.gz) gives a bare number ("58", "7").
+_AGE_STRING = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ def _birthday(born: date, year: int) -> date:
 
 
 def age_in_years(*, patient_age: str = "", birth_date: str = "", study_date: str = "") -> float | None:
-    """The patient's age at the examination: Patient Age (AS, e.g. "004Y", "018M") or, without a readable
-    one, the years from Patient's Birth Date to Study Date. None when neither says (or they contradict
-    themselves: a birth after the study)."""
+    """The patient's age at the examination: Patient Age (AS, e.g. "004Y", "018M"; a bare "58" is years)
+    or, without a readable one, the years from Patient's Birth Date to Study Date. None when neither says
+    (or they contradict themselves: a birth after the study)."""
     match = _AGE_STRING.match(patient_age or "")
     if match:
         return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2).upper()]

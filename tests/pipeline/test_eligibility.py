@@ -63,8 +63,11 @@ def test_real_radiographs_from_pydicom_data() -> None:
 
 @pytest.mark.parametrize(
     ("patient_age", "years"),
-    [("004Y", 4.0), ("018M", 1.5), ("026W", 0.498), ("073D", 0.2), ("45y", 45.0), (" 090Y ", 90.0)],
-)
+    [
+        ("004Y", 4.0), ("018M", 1.5), ("026W", 0.498), ("073D", 0.2), ("45y", 45.0), (" 090Y ", 90.0),
+        ("58", 58.0), ("7", 7.0),  # no unit, as in the RSNA Pneumonia Detection Challenge's CR headers: years
+    ],
+)  # fmt: skip
 def test_patient_age_is_read_in_every_unit(patient_age: str, years: float) -> None:
     assert age_in_years(patient_age=patient_age) == pytest.approx(years, abs=1e-3)
 
@@ -132,6 +135,9 @@ def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
     assert not verdict.eligible
     assert "7" not in verdict.reason
     assert assess_dataset(ds, minimum_age_years=0).eligible
+    with pytest.warns(UserWarning, match="Invalid value for VR AS"):  # no unit: not a valid AS, yet seen
+        ds["PatientAge"].value = "7"  # (RSNA Pneumonia Detection Challenge): read as years
+    assert not assess_dataset(ds).eligible
     del ds.PatientAge
     ds.PatientBirthDate = "19990101"
     assert not assess_dataset(ds).eligible

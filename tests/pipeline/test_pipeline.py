@@ -16,8 +16,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.uid import DigitalXRayImageStorageForProcessing, generate_uid
+from pydicom.uid import DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -307,6 +309,31 @@ def test_a_child_is_stored_but_not_classified_unless_configured(
         assert study is not None and study.patient_age == "004Y"
         assert study.state is not StudyState.SKIPPED
         assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
+def test_a_secondary_capture_with_a_bare_patient_age_is_judged_by_it(world: dict[str, Any], peer: StorePeer) -> None:
+    """As the RSNA Pneumonia Detection Challenge's chest radiographs were converted: Secondary Capture
+    Image Storage, Modality CR, and a Patient Age without its unit ("58", not "058Y"), read as years."""
+
+    def converted(age: str) -> Callable[[pydicom.Dataset], None]:
+        def edit(ds: pydicom.Dataset) -> None:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+            ds.ConversionType = "WSD"
+            ds.add(DataElement(0x00101010, "AS", age, validation_mode=config.IGNORE))  # not a valid AS
+
+        return edit
+
+    reason = "the patient is younger than 18 years by Patient Age or Birth Date"
+    assert_skipped_without_results(world, peer, receive(world, "RG1_UNCI.dcm", edit=converted("7")), reason)
+
+    adult = receive(world, "RG1_UNCI.dcm", edit=converted("58"))
+    make_pipeline(world).process([adult])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, adult)
+        assert study is not None and study.state is StudyState.ANALYSED and study.patient_age == "58"
+    rows = result_rows(world, adult)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF}
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
 
 
 def test_a_leg_labelled_chest_is_stored_but_not_classified_by_its_pixels(world: dict[str, Any], peer: StorePeer) -> None:
