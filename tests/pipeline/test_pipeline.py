@@ -311,7 +311,9 @@ def test_a_child_is_stored_but_not_classified_unless_configured(
         assert session.scalar(select(func.count()).select_from(Finding)) == 1
 
 
-def test_a_secondary_capture_with_a_bare_patient_age_is_judged_by_it(world: dict[str, Any], peer: StorePeer) -> None:
+def test_a_secondary_capture_with_a_bare_patient_age_is_judged_by_it(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
     """As the RSNA Pneumonia Detection Challenge's chest radiographs were converted: Secondary Capture
     Image Storage, Modality CR, and a Patient Age without its unit ("58", not "058Y"), read as years."""
 
