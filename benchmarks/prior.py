@@ -65,7 +65,9 @@ def called(probabilities: Probabilities, classes: Sequence[str], threshold: floa
     return [classes[int(row.argmax())] if row.max() >= threshold else INDETERMINATE for row in probabilities]
 
 
-def _probabilities(classifier: Classifier, pictures: Sequence[Image.Image]) -> tuple[Probabilities, list[bool]]:
+def _probabilities(
+    classifier: Classifier, pictures: Sequence[Image.Image]
+) -> tuple[Probabilities, list[bool]]:
     classes = classifier.info.classes
     rows: list[list[float]] = []
     doubted: list[bool] = []
@@ -77,7 +79,9 @@ def _probabilities(classifier: Classifier, pictures: Sequence[Image.Image]) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path)
     parser.add_argument("data", type=Path)
     parser.add_argument("--wheels", type=Path, nargs="*", default=[], help="pneumonia_model_package wheels")
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     from pydicom.data import get_testdata_file
 
-    rg1 = classifier.predict_datasets([read_dataset(Path(str(get_testdata_file("RG1_UNCI.dcm", download=False))))])
+    rg1_path = Path(str(get_testdata_file("RG1_UNCI.dcm", download=False)))
+    rg1 = classifier.predict_datasets([read_dataset(rg1_path)])
     rg1_row = np.asarray([[rg1[0].probabilities[name] for name in classes]], dtype=np.float64)
 
     rows: list[dict[str, Any]] = []
@@ -116,14 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, (items, probabilities, doubted) in others.items():
             labels = called(reweigh(probabilities, weights, strength), classes, threshold)
-            kept = [(label, item[1]) for label, item, doubt in zip(labels, items, doubted, strict=True) if not doubt]
+            kept = [
+                (label, item[1])
+                for label, item, doubt in zip(labels, items, doubted, strict=True)
+                if not doubt
+            ]
             short = name.split(",")[0]  # "Kermany 2018", "adult web images"
             row[f"{short}: called covid"] = sum(label == "covid" for label, _ in kept)
             row[f"{short}: agree"] = sum(label == truth_label for label, truth_label in kept)
         rows.append(row)
 
-    print(f"model {classifier.info.version}; class weights {np.round(weights, 3).tolist()} ({', '.join(classes)});"
-          f" validation split {len(validation)} images")  # fmt: skip
+    print(f"model {classifier.info.version}; class weights {np.round(weights, 3).tolist()}"
+          f" ({', '.join(classes)}); validation split {len(validation)} images")  # fmt: skip
     keys = [key for key in rows[0] if key != "confusion_matrix"]
     headers = {"macro_f1": "macro-F1", "ece": "ECE", "rg1_p_covid": "RG1 p(covid)"}
     columns = [
