@@ -33,6 +33,7 @@ from benchmarks.orientation import read_pictures
 from benchmarks.other_sources import read_wheel
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
+from classifier.ensemble import member_records
 from classifier.inference import Classifier
 from classifier.metrics import classification_report
 from classifier.preprocess import read_dataset
@@ -42,14 +43,13 @@ STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 Probabilities = npt.NDArray[np.float64]
 
 
-def training_weights(training: Mapping[str, Any], classes: Sequence[str]) -> npt.NDArray[np.float64]:
-    """The class weights the model was trained with, in class order: the recipe's, or the mean of the
-    members' for a merged model (all ones when it was trained without)."""
-    recipes = [member["recipe"] for member in training.get("ensemble", {}).get("members", [])]
-    recipes = recipes or [training.get("recipe", {})]
-    weights = np.ones((len(recipes), len(classes)))
-    for row, recipe in enumerate(recipes):
-        for index, value in (recipe.get("class_weights") or {}).items():
+def training_weights(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> npt.NDArray[np.float64]:
+    """The class weights the model's networks were trained with, in class order: ``records`` are
+    :func:`classifier.ensemble.member_records` (one, or a merged model's members, averaged); all ones for a
+    network trained without."""
+    weights = np.ones((len(records), len(classes)))
+    for row, record in enumerate(records):
+        for index, value in (record.get("recipe", {}).get("class_weights") or {}).items():
             weights[row, int(index)] = float(value)
     return np.asarray(weights.mean(axis=0), dtype=np.float64)
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     classifier = Classifier.load(args.model)
     classes = classifier.info.classes
     threshold = classifier.indeterminate_threshold
-    weights = training_weights(metadata.training, classes)
+    weights = training_weights(member_records(metadata), classes)
     _, validation = split_from_record(load_collection(args.data), metadata.data["split"])
     truth = np.asarray([classes.index(item.label) for item in validation], dtype=np.int64)
     clean, _ = _probabilities(classifier, read_pictures(validation))

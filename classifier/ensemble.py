@@ -100,7 +100,7 @@ def merge_members(
     return keras.Model(inputs, outputs, name=f"{first.name}_ensemble{len(members)}")
 
 
-def _member_records(meta: ArtifactMetadata) -> list[dict[str, Any]]:
+def member_records(meta: ArtifactMetadata) -> list[dict[str, Any]]:
     """What ``model.json`` records of the networks in an artifact: one, or an ensemble's members."""
     nested = meta.training.get("ensemble", {}).get("members")
     if nested:
@@ -157,7 +157,7 @@ def build_ensemble(
             raise ValueError("ensemble members must share classes, preprocessing and split")
         normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)  # or raise
     members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
-    records = [_member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
+    records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
     )

@@ -13,18 +13,14 @@ CLASSES = ("covid", "normal", "pneumonia")
 
 
 def test_weights_of_a_single_recipe_and_of_merged_members() -> None:
-    single = {"recipe": {"class_weights": {"0": 3.0, "1": 0.75, "2": 0.5}}}
-    merged = {
-        "ensemble": {
-            "members": [
-                {"recipe": {"class_weights": {"0": 3.0, "1": 1.0, "2": 1.0}}},
-                {"recipe": {"class_weights": None}},  # a member trained without weights counts as ones
-            ]
-        }
-    }
+    single = [{"recipe": {"class_weights": {"0": 3.0, "1": 0.75, "2": 0.5}}}]
+    merged = [
+        {"recipe": {"class_weights": {"0": 3.0, "1": 1.0, "2": 1.0}}},
+        {"recipe": {"class_weights": None}},  # a member trained without weights counts as ones
+    ]
     assert training_weights(single, CLASSES).tolist() == [3.0, 0.75, 0.5]
     assert training_weights(merged, CLASSES).tolist() == [2.0, 1.0, 1.0]
-    assert training_weights({}, CLASSES).tolist() == [1.0, 1.0, 1.0]
+    assert training_weights([{"recipe": {}}], CLASSES).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_strength_zero_changes_nothing_and_one_removes_the_prior() -> None:
