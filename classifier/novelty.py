@@ -65,10 +65,10 @@ PRESENTATION_PROBE_FILE = "presentation_probe.npz"
 # How an image can be presented to the model: turned 0–3 quarter turns anticlockwise, as it is or inverted.
 # Class ``turn + 4 · inverted`` of the presentation probe.
 PRESENTATIONS = 8
-# The probe is a softmax regression on standardised features: weight decay and full-batch gradient steps.
+# The probe is a softmax regression on standardised features with weight decay, solved to a small gradient.
 PROBE_L2 = 0.01
-PROBE_STEPS = 1000
-PROBE_RATE = 0.1
+PROBE_STEPS = 5000  # at most; it stops once the gradient is below the tolerance
+PROBE_TOLERANCE = 1e-5
 # What other pipelines do to a radiograph (classifier.evaluation degradations), applied to the training
 # images the density is fitted on. Other parameters than the robustness benchmark's, so that benchmark
 # measures images the density has not seen.
@@ -218,27 +218,67 @@ def fit_probe(
     *,
     l2: float = PROBE_L2,
     steps: int = PROBE_STEPS,
-    rate: float = PROBE_RATE,
+    tolerance: float = PROBE_TOLERANCE,
 ) -> LinearProbe:
     """Softmax regression of ``labels`` (0 … ``classes`` − 1, every one present) on the standardised
-    ``features``, by full-batch gradient descent from zero (deterministic)."""
+    ``features``: the minimum of the mean cross-entropy plus ``l2``/2 · ‖weights‖² (the bias is not
+    penalised), from zero, deterministic.
+
+    The objective is convex and its gradient Lipschitz with L = ½ · λmax(ZᵀZ/N) + ``l2`` (Z the standardised
+    features with a column of ones; the softmax Jacobian is at most ½). Plain gradient descent with a fixed
+    step does not converge once that step exceeds 2/L, and standardised features of a network are strongly
+    correlated (λmax was 175 for 1,472 of them), so the step is 1/L, with Nesterov's momentum restarted
+    whenever it points uphill (O'Donoghue & Candès 2015), until the gradient's largest entry is below
+    ``tolerance`` or after ``steps`` steps."""
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if x.ndim != 2 or len(x) != len(y) or not np.isin(y, range(classes)).all():
         raise ValueError(f"fit_probe needs an N×d feature matrix and N labels in 0–{classes - 1}")
     if len(np.unique(y)) != classes:
         raise ValueError(f"fit_probe needs examples of all {classes} classes")
+    if steps < 1:
+        raise ValueError("fit_probe needs at least one step")
     mean = x.mean(axis=0)
     scale = x.std(axis=0) + 1e-6
-    standard = (x - mean) / scale
+    design = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])  # the last row of ``w`` is the bias
     targets = np.eye(classes)[y]
-    weights = np.zeros((x.shape[1], classes))
-    bias = np.zeros(classes)
-    for _ in range(steps):
-        gradient = (_softmax(standard @ weights + bias) - targets) / len(x)
-        weights -= rate * (standard.T @ gradient + l2 * weights)
-        bias -= rate * gradient.sum(axis=0)
-    return LinearProbe(mean=mean, scale=scale, weights=weights, bias=bias)
+    decay = np.full((design.shape[1], 1), l2)
+    decay[-1] = 0.0
+
+    def gradient(w: Floats) -> Floats:
+        residual = (_softmax(design @ w) - targets) / len(x)
+        return np.asarray(design.T @ residual + decay * w, dtype=np.float64)
+
+    step = 1.0 / (0.5 * _largest_eigenvalue(design) + l2)
+    w = ahead = np.zeros((design.shape[1], classes))
+    momentum, done = 1.0, 0
+    slope = gradient(ahead)
+    while np.abs(slope).max() >= tolerance and done < steps:
+        following = ahead - step * slope
+        if float(np.sum(slope * (following - w))) > 0:  # the momentum carried it uphill: start it again
+            momentum = 1.0
+        next_momentum = (1.0 + np.sqrt(1.0 + 4.0 * momentum**2)) / 2.0
+        ahead = following + ((momentum - 1.0) / next_momentum) * (following - w)
+        w, momentum, done = following, next_momentum, done + 1
+        slope = gradient(ahead)
+    if np.abs(slope).max() >= tolerance:
+        LOGGER.warning(
+            "probe: gradient %.1e after %d steps (tolerance %.0e)", np.abs(slope).max(), done, tolerance
+        )
+    LOGGER.info("probe: %d steps, %d images, %d features", done, len(x), x.shape[1])
+    return LinearProbe(mean=mean, scale=scale, weights=ahead[:-1], bias=ahead[-1])
+
+
+def _largest_eigenvalue(design: Floats, iterations: int = 100) -> float:
+    """λmax of designᵀ·design / N by power iteration, plus 1 % (the iteration approaches it from below; a step
+    from a slightly low estimate is still well under 2/L, where gradient descent converges)."""
+    vector = np.ones(design.shape[1]) / np.sqrt(design.shape[1])
+    value = 0.0
+    for _ in range(iterations):
+        image = design.T @ (design @ vector) / len(design)
+        value = float(np.linalg.norm(image))
+        vector = image / value
+    return 1.01 * value
 
 
 @dataclass(frozen=True)
@@ -419,7 +459,7 @@ def fit_novelty(
             "file": PRESENTATION_PROBE_FILE,
             "sha256": sha256_file(probe_path),
             "l2": PROBE_L2,
-            "steps": PROBE_STEPS,
+            "tolerance": PROBE_TOLERANCE,
             "validation": {
                 "images": len(validation),
                 "named_right": float(np.mean(right)),

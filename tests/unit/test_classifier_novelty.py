@@ -198,6 +198,29 @@ def test_the_presentation_probe_names_turn_and_polarity_of_images_it_never_saw(t
         NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {"file": PRESENTATION_PROBE_FILE}})
 
 
+@pytest.mark.parametrize("l2", [0.01, 1.0, 30.0])
+def test_the_probe_is_the_minimum_of_its_objective_even_on_strongly_correlated_features(l2: float) -> None:
+    """A network's features are strongly correlated: on the shipped model's, λmax of the standardised Gram
+    matrix was 175. A fixed step of 0.1 then overshoots (it oscillated there without converging), so the fit
+    must find its own step. Here 200 features share two factors (λmax ≈ 100): at the fitted probe the
+    gradient of the mean cross-entropy + l2/2·‖W‖² is zero, for the weights and the bias, and the fit is
+    deterministic."""
+    rng = np.random.default_rng(3)
+    factors = rng.normal(size=(300, 2))
+    features = factors @ rng.normal(size=(2, 200)) + 0.3 * rng.normal(size=(300, 200))
+    labels = (factors[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(np.int64) + (factors[:, 1] > 1.0)
+    probe = fit_probe(features, labels, 3, l2=l2)
+    standard = (features - probe.mean) / probe.scale
+    assert np.linalg.eigvalsh(standard.T @ standard / len(standard))[-1] > 50  # the hard case
+    residual = (probe.probabilities(features) - np.eye(3)[labels]) / len(labels)
+    np.testing.assert_allclose(standard.T @ residual + l2 * probe.weights, 0.0, atol=1e-4)
+    np.testing.assert_allclose(residual.sum(axis=0), 0.0, atol=1e-4)  # the bias is not penalised
+    again = fit_probe(features, labels, 3, l2=l2)
+    np.testing.assert_array_equal(again.weights, probe.weights)
+    with pytest.raises(ValueError, match="at least one step"):
+        fit_probe(features, labels, 3, steps=0)
+
+
 def test_a_presentation_is_undone_by_inverting_then_turning_back() -> None:
     gray = np.random.default_rng(5).random((6, 9)).astype(np.float32)
     for k in range(4):
