@@ -117,18 +117,25 @@ def score(classifier: Classifier, name: str, items: Sequence[tuple[str, str, Ima
     }
 
 
-def age_table(data: Path, entries: Path) -> dict[str, dict[str, int]]:
-    """cxr3's NIH images by class and age band of the patient at the examination."""
+def manifest_ages(data: Path, entries: Path) -> dict[str, tuple[str, int]]:
+    """cxr3 manifest file -> (label, patient age at the examination) for every NIH image the entries list."""
     with gzip.open(entries, "rt", newline="") as handle:
         ages = {row["Image Index"]: int(row["Patient Age"]) for row in csv.DictReader(handle)}
-    counts: dict[str, dict[str, int]] = {}
+    found: dict[str, tuple[str, int]] = {}
     with (data / "manifest.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
             age = ages.get(Path(row["source"]).name)
-            if age is None:
-                continue
-            band = next(band_name(low, high) for low, high in AGE_BANDS if age < high)
-            counts.setdefault(row["label"], Counter())[band] += 1
+            if age is not None:
+                found[row["file"]] = (row["label"], age)
+    return found
+
+
+def age_table(data: Path, entries: Path) -> dict[str, dict[str, int]]:
+    """cxr3's NIH images by class and age band of the patient at the examination."""
+    counts: dict[str, dict[str, int]] = {}
+    for label, age in manifest_ages(data, entries).values():
+        band = next(band_name(low, high) for low, high in AGE_BANDS if age < high)
+        counts.setdefault(label, Counter())[band] += 1
     return {label: dict(bands) for label, bands in counts.items()}
 
 

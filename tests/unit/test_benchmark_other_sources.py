@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks.other_sources import SOURCES, Source, age_table, label_of, read_wheel
+from benchmarks.other_sources import SOURCES, Source, age_table, label_of, manifest_ages, read_wheel
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +72,6 @@ def test_nih_images_are_counted_by_age_band(tmp_path: Path) -> None:
         writer.writerows([["00000001_000.png", "No Finding", "4"], ["00000002_000.png", "No Finding", "18"],
                           ["00000003_000.png", "Pneumonia", "12"]])  # fmt: skip
     assert age_table(tmp_path, entries) == {"normal": {"0-4": 1, "18+": 1}, "pneumonia": {"10-17": 1}}
+    assert manifest_ages(tmp_path, entries) == {  # the COVID-19 figure has no NIH entry
+        "normal/a.jpg": ("normal", 4), "normal/b.jpg": ("normal", 18), "pneumonia/c.jpg": ("pneumonia", 12),
+    }  # fmt: skip
