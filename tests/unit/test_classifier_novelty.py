@@ -201,10 +201,10 @@ def test_the_presentation_probe_names_turn_and_polarity_of_images_it_never_saw(t
 @pytest.mark.parametrize("l2", [0.01, 1.0, 30.0])
 def test_the_probe_is_the_minimum_of_its_objective_even_on_strongly_correlated_features(l2: float) -> None:
     """A network's features are strongly correlated: on the shipped model's, λmax of the standardised Gram
-    matrix was 175. A fixed step of 0.1 then overshoots (it oscillated there without converging), so the fit
-    must find its own step. Here 200 features share two factors (λmax ≈ 100): at the fitted probe the
-    gradient of the mean cross-entropy + l2/2·‖W‖² is zero, for the weights and the bias, and the fit is
-    deterministic."""
+    matrix is 112–175. A fixed step of 0.1 then overshoots (benchmarks/age_probe.py's probe oscillated
+    without converging), so the fit must find its own step. Here 200 features share two factors (λmax ≈ 95):
+    at the fitted probe the gradient of the mean cross-entropy + l2/2·‖W‖² is zero, for the weights and the
+    bias, and the fit is deterministic."""
     rng = np.random.default_rng(3)
     factors = rng.normal(size=(300, 2))
     features = factors @ rng.normal(size=(2, 200)) + 0.3 * rng.normal(size=(300, 200))
