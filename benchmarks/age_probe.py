@@ -85,8 +85,8 @@ def _nih(
     classifier: Classifier, items: Sequence[LabelledImage], data: Path, ages: dict[str, tuple[str, int]]
 ) -> tuple[Features, npt.NDArray[np.int64]]:
     """Features and ages of the items that are NIH images with a known age."""
-    known = [(item, ages[item.path.relative_to(data).as_posix()][1]) for item in items
-             if item.path.relative_to(data).as_posix() in ages]  # fmt: skip
+    entries = [(item, ages.get(item.path.relative_to(data).as_posix())) for item in items]
+    known = [(item, entry[1]) for item, entry in entries if entry is not None]
     return _embed_files(classifier, [item for item, _ in known]), np.asarray([a for _, a in known], np.int64)
 
 
@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     rg1_x = classifier.embed([dataset_to_model_input(rg1, classifier.spec)])
 
     child = (train_age < ADULT_AGE).astype(np.int64)
+    keep = balanced(child)  # the same rows for every strength
     rows: list[dict[str, Any]] = []
     for l2 in args.l2:
-        keep = balanced(child)
         probe = fit_probe(train_x[keep], child[keep], 2, l2=l2)
         p_val = probe.probabilities(val_x)[:, 1]
         adults, minors = p_val[val_age >= ADULT_AGE], p_val[val_age < ADULT_AGE]
