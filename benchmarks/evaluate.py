@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import table
+from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
 from classifier.evaluation import evaluate
@@ -66,14 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         [[row["degradation"], *(row[c] for c in columns)] for row in rows],
     ))
 
-    from pydicom.data import get_testdata_file
-
     classifier = Classifier.load(args.model)
     real: dict[str, dict[str, float]] = {}
     for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm"):
-        prediction = classifier.predict_datasets(
-            [read_dataset(Path(str(get_testdata_file(name, download=False))))]
-        )[0]
+        prediction = classifier.predict_datasets([read_dataset(pydicom_data_file(name))])[0]
         real[name] = dict(prediction.probabilities)
         probabilities = " ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
         print(f"{name:<14} {prediction.label:<14} {probabilities}")

@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pydicom import dcmread  # noqa: E402
-from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from benchmarks import table  # noqa: E402
+from benchmarks.testdata import pydicom_data_file  # noqa: E402
 from tests.node_process import NODE_AET, start_node  # noqa: E402
 
 SOURCES = {"uncompressed": "RG1_UNCI.dcm", "j2k": "RG1_J2KR.dcm"}
@@ -63,10 +63,7 @@ def peer_env() -> dict[str, str]:
 
 def make_corpus(kind: str, count: int, directory: Path) -> list[Path]:
     """``count`` copies of RG1 with fresh study/series/instance UIDs (``PER_STUDY`` per study)."""
-    source = get_testdata_file(SOURCES[kind], download=False)
-    if source is None:
-        sys.exit("pydicom-data is not installed (pip install pydicom-data)")
-    ds = dcmread(source)
+    ds = dcmread(pydicom_data_file(SOURCES[kind]))
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):

@@ -31,6 +31,7 @@ from PIL import Image
 from benchmarks import table
 from benchmarks.orientation import read_pictures
 from benchmarks.other_sources import read_wheel
+from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
 from classifier.dataset import load_collection, split_from_record
 from classifier.ensemble import member_records
@@ -101,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for wheel in args.wheels
         for name, items in read_wheel(wheel).items()
     }
-    from pydicom.data import get_testdata_file
-
-    rg1_path = Path(str(get_testdata_file("RG1_UNCI.dcm", download=False)))
-    rg1 = classifier.predict_datasets([read_dataset(rg1_path)])
+    rg1 = classifier.predict_datasets([read_dataset(pydicom_data_file("RG1_UNCI.dcm"))])
     rg1_row = np.asarray([[rg1[0].probabilities[name] for name in classes]], dtype=np.float64)
 
     rows: list[dict[str, Any]] = []
