@@ -55,7 +55,8 @@ INTENDED_USE_HEADLINE = "DECISION SUPPORT — NOT A DIAGNOSIS"
 INTENDED_USE = (
     "This result was produced automatically by a machine-learning model and has not been reviewed by a "
     "physician. It must be interpreted by a qualified radiologist together with the images and the clinical "
-    "context. Do not use it as the sole basis for a clinical decision."
+    "context. Do not use it as the sole basis for a clinical decision. The model is meant for frontal (PA/AP) "
+    "chest radiographs of adults; for children, lateral views or other images its probabilities mean little."
 )
 DOUBT_HEADLINE = "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE"
 DOUBT_TEXT = (
