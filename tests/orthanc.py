@@ -202,7 +202,7 @@ class OrthancServer:
 
     def by_modality(self, study_instance_uid: str, modality: str) -> list[str]:
         """Instance ids in the study whose series has ``modality`` (e.g. SR, DOC)."""
-        result = []
+        result: list[str] = []
         for series in self.post("/tools/find", {"Level": "Series", "Expand": True,
                                                 "Query": {"StudyInstanceUID": study_instance_uid,
                                                           "Modality": modality}}):
