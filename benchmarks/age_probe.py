@@ -71,15 +71,17 @@ def auc(positives: npt.ArrayLike, negatives: npt.ArrayLike) -> float:
 
 
 def _embed_files(classifier: Classifier, items: Sequence[LabelledImage]) -> Features:
+    spec, lungs = classifier.spec, classifier.lungs  # the model's own input, lung crop included
     rows = [
-        classifier.embed([load_input(item.path, classifier.spec) for item in items[start : start + 32]])
+        classifier.embed([load_input(item.path, spec, lungs) for item in items[start : start + 32]])
         for start in range(0, len(items), 32)
     ]
     return np.concatenate(rows) if rows else classifier.embed([])
 
 
 def _embed_pictures(classifier: Classifier, pictures: Sequence[Image.Image]) -> Features:
-    return classifier.embed([image_to_model_input(picture, classifier.spec) for picture in pictures])
+    spec, lungs = classifier.spec, classifier.lungs
+    return classifier.embed([image_to_model_input(picture, spec, lungs) for picture in pictures])
 
 
 def _nih(
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(others) != {CHILDREN, ADULTS_ELSEWHERE}:
         parser.error("give both pneumonia_model_package wheels (0.3.0: children, 0.1.0: adult web images)")
     rg1 = read_dataset(pydicom_data_file("RG1_UNCI.dcm"))
-    rg1_x = classifier.embed([dataset_to_model_input(rg1, classifier.spec)])
+    rg1_x = classifier.embed([dataset_to_model_input(rg1, classifier.spec, classifier.lungs)])
 
     child = (train_age < ADULT_AGE).astype(np.int64)
     keep = balanced(child)  # the same rows for every strength
