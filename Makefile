@@ -24,8 +24,9 @@ run: install
 test: system-test install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Debian's python3 has the venv module without ensurepip (that is python3-venv), and venv needs both.
 system-run:
-	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_RUN); }
+	@$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_RUN); }
 
 system-test: system-run
 	@missing=""; for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
