@@ -116,7 +116,7 @@ def _seed(settings: Settings) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path | None) -> Iterator[RunningConsole]:  # noqa: F811
+def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[RunningConsole]:  # noqa: F811
     data_dir = tmp_path_factory.mktemp("e2e") / "var"
     settings = Settings(
         node={"data_dir": data_dir, "name": "CXR AI node", "institution_name": "St. Example Hospital"},

@@ -6,14 +6,12 @@ Every page is saved as a 1366x768 screenshot in tests/out/screenshots/ and must 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
-from tests.web.conftest import require_model, requires_module
 from tests.web.test_upload import chest_like_png, radiograph_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -112,10 +110,7 @@ def test_upload_png_and_dicom(page: Any, console: RunningConsole) -> None:
     shoot(page, "09-upload-dicom")
 
 
-@requires_module("classifier.inference", "classifier helper")
-@requires_module("reporting.pdf", "reporting helper")
-def test_classify_and_save_the_report(page: Any, console: RunningConsole, model_path: Path | None) -> None:
-    require_model(model_path)
+def test_classify_and_save_the_report(page: Any, console: RunningConsole) -> None:
     log_in(page, console.url, *RADIOLOGIST)
     for name, data, mime in (
         ("chest.png", radiograph_png(), "image/png"),
@@ -175,7 +170,6 @@ def test_admin_pages_and_destination_crud(page: Any, console: RunningConsole) ->
     shoot(page, "17-study-admin")
 
 
-@requires_module("dicom_node.scu", "node helper")
 def test_admin_adds_a_destination_and_the_echo_test_succeeds(
     page: Any,
     console: RunningConsole,

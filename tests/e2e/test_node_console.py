@@ -17,15 +17,12 @@ import pytest
 from tests import peers
 from tests.e2e.test_console import add_destination_and_echo, log_in, shoot
 from tests.node_process import NodeProcess, configured_node, wait_until
-from tests.web.conftest import requires_module
 from tests.web.test_upload import radiograph_png
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.interop,
     pytest.mark.slow,
-    requires_module("dicom_node.pipeline", "pipeline"),
-    requires_module("dicom_node.app", "node helper"),
 ]
 
 ADMIN = ("admin", "node-admin-password")

@@ -11,14 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from classifier.inference import default_model_path
+
 CLASSES = ("covid", "normal", "pneumonia")
 
 
 def default_model() -> Path | None:
-    try:
-        from classifier.inference import default_model_path
-    except ImportError:
-        return None
     path = default_model_path()
     return path if (path / "model.json").is_file() else None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import socket
 import subprocess
@@ -22,25 +21,10 @@ from dicom_node.store.db import make_engine, make_session_factory, session_scope
 from dicom_node.store.models import UserRole
 from dicom_node.web import create_app
 from tests import peers
+from tests.pipeline.model import model_for_tests
 
 ADMIN = ("alice", "admin-password-1")
 RADIOLOGIST = ("rob", "radiologist-pw-1")
-
-
-def requires_module(module: str, owner: str) -> pytest.MarkDecorator:
-    """Marks a test that exercises a module another helper builds; it runs once the lead merges."""
-    return pytest.mark.skipif(
-        not _importable(module), reason=f"needs {module} ({owner}); runs after the merge"
-    )
-
-
-def _importable(module: str) -> bool:
-    # An import, not find_spec: an editable install's finder may point find_spec at another checkout.
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,34 +42,18 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model for classification tests: the shipped default, else the tiny one the pipeline tests
-    train (shared per session); None leaves the node's default in place."""
-    try:
-        from tests.pipeline.model import model_for_tests
-    except ImportError:
-        return None
+    train (shared per session)."""
     return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
 
 
-def require_model(model_path: Path | None) -> None:
-    """Skip when there is neither a test model nor a shipped default (a partial checkout)."""
-    if model_path is not None:
-        return
-    from classifier.inference import default_model_path
-
-    if not (default_model_path() / "model.json").is_file():
-        pytest.skip("no model: needs the pipeline helper's tests.pipeline.model or a shipped default model")
-
-
 @pytest.fixture
-def classifying_app(settings: Settings, factory: sessionmaker[Session], model_path: Path | None) -> FastAPI:
+def classifying_app(settings: Settings, factory: sessionmaker[Session], model_path: Path) -> FastAPI:
     """The console with a loadable model."""
-    require_model(model_path)
-    if model_path is not None:
-        settings = settings.model_copy(
-            update={"pipeline": settings.pipeline.model_copy(update={"model_path": model_path})}
-        )
+    settings = settings.model_copy(
+        update={"pipeline": settings.pipeline.model_copy(update={"model_path": model_path})}
+    )
     return create_app(settings, factory)
 
 

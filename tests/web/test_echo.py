@@ -9,12 +9,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import RemoteAe
-from tests.web.conftest import requires_module
 
 pytestmark = [pytest.mark.interop]
 
 
-@requires_module("dicom_node.scu", "node helper")
 def test_echo_button_reaches_storescp(
     admin_client: tuple[TestClient, str], factory: sessionmaker[Session], storescp: tuple[str, int]
 ) -> None:

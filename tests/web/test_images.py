@@ -14,14 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.settings import Settings
 from dicom_node.web.imaging import overlay_png
 from tests import peers
-from tests.web.conftest import requires_module
 from tests.web.studies import StudySpec, add_study
 from tests.web.test_upload import _mediastinum_brighter_than_lungs
 
 pytestmark = [pytest.mark.unit]
 
 
-@requires_module("reporting.heatmap", "reporting helper")
 def test_overlay_colours_only_where_the_model_looked() -> None:
     gray = np.full((200, 300), 100, dtype=np.uint8)
     heat = np.zeros((10, 15), dtype=np.float32)
@@ -36,7 +34,6 @@ def test_overlay_colours_only_where_the_model_looked() -> None:
         overlay_png(gray, np.zeros((3,), dtype=np.float32))
 
 
-@requires_module("classifier.preprocess", "classifier helper")
 def test_details_image_and_heatmap_of_a_stored_instance(
     admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
 ) -> None:

@@ -9,8 +9,6 @@ from fastapi import FastAPI, routing
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from tests.web.conftest import _importable
-
 pytestmark = [pytest.mark.unit]
 
 # The only routes that answer without a login, and why.
@@ -19,9 +17,8 @@ PUBLIC = {
     ("POST", "/login"),  # submitting it (protected by its own double-submit CSRF cookie)
     ("POST", "/api/session"),  # the API's login
     ("GET", "/healthz"),  # liveness for systemd/k8s: up/down and nothing else
+    ("GET", "/metrics"),  # Prometheus counts (no patient data), for the node's scraper
 }
-if _importable("dicom_node.metrics"):
-    PUBLIC.add(("GET", "/metrics"))  # Prometheus counts (no patient data), for the node's scraper
 
 
 def _routes(app: FastAPI) -> list[tuple[str, str]]:

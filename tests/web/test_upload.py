@@ -1,5 +1,4 @@
-"""Upload & classify. Tests marked `requires_module` exercise other helpers' modules (classifier,
-reporting, ingest) and run once the lead has merged them; the rest run now."""
+"""Upload & classify: the console's upload page, through the real classifier, PDF and ingest."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from dicom_node.store.db import session_scope
 from dicom_node.store.models import Instance
 from dicom_node.web import create_app
 from tests import peers
-from tests.web.conftest import RADIOLOGIST, login, requires_module
+from tests.web.conftest import RADIOLOGIST, login
 
 pytestmark = [pytest.mark.unit]
 
@@ -188,7 +187,6 @@ def _mediastinum_brighter_than_lungs(png: bytes) -> bool:
     return bool(mid > lungs + 20)
 
 
-@requires_module("classifier.preprocess", "classifier helper")
 def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str]) -> None:
     """RG1 is MONOCHROME1: shown uninverted, the lungs would be white."""
     client, csrf = rad_client
@@ -204,8 +202,6 @@ def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str])
     assert _mediastinum_brighter_than_lungs(png.content)
 
 
-@requires_module("classifier.inference", "classifier helper")
-@requires_module("reporting.pdf", "reporting helper")
 @pytest.mark.slow
 def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: dict[str, int]) -> None:
     client = TestClient(classifying_app, follow_redirects=False)
@@ -225,7 +221,6 @@ def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: di
     assert label.lower() in text.lower()
 
 
-@requires_module("classifier.inference", "classifier helper")
 @pytest.mark.slow
 def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     classifying_app: FastAPI, accounts: dict[str, int], settings: Settings, factory: sessionmaker[Session]
@@ -263,7 +258,6 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert api.status_code == 200 and "looks the wrong way up" in (api.json()["warning"] or "")
 
 
-@requires_module("dicom_node.ingest", "node helper")
 def test_storing_a_dicom_upload_makes_it_a_study(
     rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
 ) -> None:
