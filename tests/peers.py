@@ -1,6 +1,6 @@
 """Finding the real peers (DCMTK, dicom3tools, Orthanc, PostgreSQL, Chromium) for the tests.
 
-Locally a missing peer skips the test that needs it; with ``--require-peers`` (CI) it fails.
+Locally a missing peer skips the test that needs it; in CI (``CI=true`` or ``--require-peers``) it fails.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REQUIRE_PEERS = False  # set by conftest from --require-peers / CXR_REQUIRE_PEERS=1
+REQUIRE_PEERS = False  # set by conftest: --require-peers, CXR_REQUIRE_PEERS=1 or CI=true
 
 
 def missing(reason: str) -> None:
