@@ -24,7 +24,8 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -334,7 +335,8 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     treated as identity too: histogram equalisation later makes the model input independent of any
     monotonic rescale, so only the window placement can suffer, and that falls back to percentiles."""
     if ds.get("ModalityLUTSequence"):
-        return _f32(apply_modality_lut(np.round(stored).astype(np.int64), ds))
+        with _lookup_table("Modality LUT"):
+            return _f32(apply_modality_lut(np.round(stored).astype(np.int64), ds))
     slope, intercept = _first_number(ds, "RescaleSlope"), _first_number(ds, "RescaleIntercept")
     unusable = (slope is None and _has_value(ds, "RescaleSlope")) or (
         intercept is None and _has_value(ds, "RescaleIntercept")
@@ -357,16 +359,35 @@ def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     """The first VOI LUT, else the first window, else the percentile window."""
     sequence = ds.get("VOILUTSequence")
     if sequence:
-        item = sequence[0]
-        lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
-        top = float(np.max(np.asarray(item.LUTData, dtype=np.float64))) or 1.0
-        return _f32(np.clip(np.asarray(lut, dtype=np.float32) / top, 0.0, 1.0))
+        with _lookup_table("VOI LUT"):
+            lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
+            return _f32(np.clip(np.asarray(lut, dtype=np.float32) / _voi_lut_top(ds), 0.0, 1.0))
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
     if "WindowCenter" in ds or "WindowWidth" in ds:
         LOGGER.info("window center/width empty or unusable; using the percentile window")
     return _percentile_window(values)
+
+
+@contextmanager
+def _lookup_table(name: str) -> Iterator[None]:
+    """A malformed lookup table (pydicom raises ValueError, KeyError, NotImplementedError, ... from its LUT
+    functions) is an image the node cannot read: one refusal with a reason, not an unexpected failure."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+        raise UnsupportedImageError(f"unusable {name}: {type(exc).__name__}") from exc
+
+
+def _voi_lut_top(ds: pydicom.Dataset) -> float:
+    """The largest output of the first VOI LUT, which maps to white.
+
+    Read through pydicom (the whole table looked up once), not from LUT Data itself: LUT Data encoded
+    as OW (always so in implicit VR files) comes back as raw bytes, which pydicom's lookup unpacks."""
+    entries, first = (int(value) for value in ds.VOILUTSequence[0].LUTDescriptor[:2])
+    table = apply_voi(np.arange(first, first + (entries or 65536), dtype=np.int64), ds, index=0)
+    return float(np.max(table)) or 1.0
 
 
 def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
@@ -377,7 +398,8 @@ def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
     if raw.ndim == 3 and raw.shape[-1] not in (3, 4) and photometric.startswith("MONOCHROME"):
         raw = raw[0]  # a multi-frame array that slipped through
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(raw, ds)
+        with _lookup_table("Palette Color LUT"):
+            rgb = apply_color_lut(raw, ds)
         top = 65535.0 if rgb.max() > 255 else 255.0  # 16- or 8-bit palette entries
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / top
         return _f32(np.clip(gray, 0.0, 1.0))

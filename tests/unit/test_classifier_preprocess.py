@@ -13,6 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
@@ -211,6 +212,32 @@ def test_first_voi_lut_is_used_over_windows() -> None:
     ds.VOILUTSequence = [first, second]
     gray = dataset_to_gray(ds)
     assert gray[0, 0] > 0.99 and gray[0, -1] < 0.01
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_voi_lut_data_read_back_as_ow_bytes(syntax: str) -> None:
+    """LUT Data encoded as OW (always so in implicit VR) reads back as raw bytes, not a list of numbers."""
+    ds = make_dataset(ramp(12, 64), bits_stored=12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "OW", np.arange(4096, dtype="<u2")[::-1].tobytes())  # inverting, 12-bit range
+    ds.VOILUTSequence = [item]
+    ds.file_meta.TransferSyntaxUID = syntax
+    read_back = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+    assert isinstance(read_back.VOILUTSequence[0].LUTData, bytes)
+    gray = dataset_to_gray(read_back)
+    assert gray[0, 0] == 1.0 and gray[0, -1] == 0.0  # the table's own top (4095) is white
+    assert 0.45 < gray[0, 32] < 0.55
+
+
+def test_a_malformed_lookup_table_is_an_unsupported_image() -> None:
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 9]  # 9-bit entries: PS3.3 allows 8 or 16 only
+    item.LUTData = list(range(256))
+    ds.VOILUTSequence = [item]
+    with pytest.raises(UnsupportedImageError, match="unusable VOI LUT"):
+        dataset_to_gray(ds)
 
 
 def test_no_voi_falls_back_to_percentile_window() -> None:
