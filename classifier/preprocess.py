@@ -390,11 +390,15 @@ def _voi_lut_top(ds: pydicom.Dataset) -> float:
     return float(np.max(table)) or 1.0
 
 
-def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256) -> FloatImage:
+def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256, *, j2k_min_side: int | None = None) -> FloatImage:
     """Displayable grey image in [0, 1] (white bone), at least ``min_side`` px on its shorter side when the
-    source is that large."""
+    source is that large.
+
+    Large images are box-averaged down to between 2 and 4 × ``min_side``, and JPEG 2000 is decoded at
+    the resolution level that keeps ``j2k_min_side`` (default: the same 2 × ``min_side``), so a study
+    gives the same model input whether it was sent compressed or not."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    raw = frame_pixels(ds, min_side)
+    raw = frame_pixels(ds, 2 * min_side if j2k_min_side is None else j2k_min_side)
     if raw.ndim == 3 and raw.shape[-1] not in (3, 4) and photometric.startswith("MONOCHROME"):
         raw = raw[0]  # a multi-frame array that slipped through
     if photometric == "PALETTE COLOR":
@@ -605,7 +609,9 @@ def image_to_model_input(image: Image.Image, spec: PreprocessSpec, lungs: LungFi
 
 def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.uint8]:
     """uint8 H×W, windowed, white bone, longer side ≤ ``max_size`` — what reports and the console show."""
-    gray = dataset_to_gray(ds, min_side=max_size // 2)
+    # A preview needs at most max_size px: the JPEG 2000 level at max_size / 2 is enough and saves a
+    # full-resolution decode (about a second for a CR).
+    gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=max_size // 2)
     height, width = gray.shape
     scale = min(1.0, max_size / max(height, width))
     if scale < 1.0:

@@ -439,6 +439,8 @@ def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
     spec = PreprocessSpec(input_size=(224, 224))
     unci = read_dataset(peers.pydicom_data_file("RG1_UNCI.dcm"))
     j2kr = read_dataset(peers.pydicom_data_file("RG1_J2KR.dcm"))
+    # The reduced JPEG 2000 level matches the box-averaged uncompressed image (both ≥ 2 × 224 px).
+    assert dataset_to_gray(j2kr, min_side=224).shape == dataset_to_gray(unci, min_side=224).shape == (489, 461)
     a, b = dataset_to_model_input(unci, spec), dataset_to_model_input(j2kr, spec)
     assert a.shape == b.shape == (224, 224, 3)
     assert np.abs(a - b).mean() < 0.01
