@@ -29,6 +29,7 @@ from sqlalchemy import (
     Unicode,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -110,7 +111,18 @@ class InstanceState(enum.StrEnum):
 
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    # One row per Patient ID in its issuer's domain. An empty Patient ID (Type 2: allowed) identifies no
+    # one, so those studies each get their own row rather than sharing one name and birth date.
+    __table_args__ = (
+        Index(
+            "uq_patient_patient_id",
+            "patient_id",
+            "issuer_of_patient_id",
+            unique=True,
+            sqlite_where=text("patient_id != ''"),
+            postgresql_where=text("patient_id != ''"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")

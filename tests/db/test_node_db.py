@@ -72,7 +72,7 @@ def test_migrations_match_models_and_rerun_cleanly(engine: Engine) -> None:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         version = conn.execute(text("select version_num from alembic_version")).scalar_one()
     assert diffs == []
-    assert version == "0006_study_patient_age"
+    assert version == "0007_patient_empty_id"
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
 
 
@@ -151,6 +151,30 @@ def test_ingest_records_display_rows_and_is_idempotent(
     import hashlib
 
     assert instance.sha256 == hashlib.sha256(data).hexdigest() and instance.size_bytes == len(data)
+
+
+def test_studies_without_a_patient_id_do_not_share_a_patient(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """Patient ID is Type 2: empty IDs identify no one, so each study keeps its own name and birth date."""
+    child = make_cr(patient_name="Child^Anna", patient_id="")
+    child.PatientBirthDate = "20200101"
+    adult = make_cr(patient_name="Adult^Bert", patient_id="")
+    same_id = [make_cr(patient_name="Roe^Richard", patient_id="P77") for _ in range(2)]
+    ingestor = Ingestor(sessions, store)
+    for ds in (child, adult, *same_id):
+        ingestor.ingest_bytes(to_bytes(ds), calling_ae="MODALITY", source="upload")
+    with sessions() as session:
+        rows = session.execute(
+            select(Study.study_instance_uid, Patient.name, Patient.birth_date, Patient.patient_id).join(
+                Patient, Study.patient_pk == Patient.id
+            )
+        ).all()
+        assert session.scalar(select(func.count()).select_from(Patient)) == 3
+    by_study = {row.study_instance_uid: (row.name, row.birth_date, row.patient_id) for row in rows}
+    assert by_study[child.StudyInstanceUID] == ("Child^Anna", "20200101", "")
+    assert by_study[adult.StudyInstanceUID] == ("Adult^Bert", "19700101", "")
+    assert by_study[same_id[0].StudyInstanceUID] == by_study[same_id[1].StudyInstanceUID]  # one patient
 
 
 def test_concurrent_instances_of_one_study_make_one_study_row(
