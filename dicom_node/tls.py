@@ -30,14 +30,21 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def client_context(tls: TlsSettings) -> ssl.SSLContext:
-    """Context for outbound associations: verify the peer with the CA bundle, present our certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    """Context for outbound associations: verify the peer, present our certificate when we have one.
+
+    With a CA bundle, only that bundle is trusted and the host name is not checked: DICOM peers are
+    addressed by IP as often as by name, and the hospital's CA vouches for its DICOM nodes. Without one,
+    the system's public CAs are trusted, and then only for the host name they certify (a public CA
+    vouches for names, not for "a PACS": without the check any public certificate would do).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, host name checked
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # DICOM peers are addressed by IP as often as by name; trust comes from the CA bundle.
-    context.check_hostname = False
     try:
         if tls.ca_certificates:
+            context.check_hostname = False
             context.load_verify_locations(cafile=str(tls.ca_certificates))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if tls.certificate and tls.private_key:
             context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
     except (OSError, ssl.SSLError) as exc:

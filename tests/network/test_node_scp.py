@@ -153,12 +153,31 @@ def test_unexpected_error_is_a_failure_status_the_listener_survives_and_the_text
         node.scp.stop()
 
 
-def _certificate(tmp_path: Path) -> tuple[Path, Path]:
+def _certificate(tmp_path: Path, name: str = "node") -> tuple[Path, Path]:
     openssl = peers.executable("openssl")
-    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=cxr-node-test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+def test_tls_client_trusts_only_the_configured_ca_bundle(tmp_path: Path) -> None:
+    """A PACS certificate the hospital's bundle did not issue is refused, even one a public CA would
+    vouch for: with a bundle, the system's CA store is not loaded at all."""
+    trusted, _ = _certificate(tmp_path, "trusted")
+    cert, key = _certificate(tmp_path)
+    with_bundle = client_context(TlsSettings(ca_certificates=trusted))
+    assert len(with_bundle.get_ca_certs()) == 1
+    assert with_bundle.verify_mode == ssl.CERT_REQUIRED
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        require_client_certificate=False))
+    node = _listener(tmp_path, ssl_context=server)
+    try:
+        with pytest.raises(AssociationError):
+            scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, tls=with_bundle, timeout=5)
+    finally:
+        node.scp.stop()
+    assert client_context(TlsSettings()).check_hostname  # public CAs: only for the name they certify
 
 
 def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
