@@ -149,13 +149,17 @@ def remove(session: Session, ae_id: int, actor: str) -> None:
 
 
 def upsert(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
-    """Create or update by (title, role) — used to seed entries from the settings file."""
+    """Create or update by (title, role) — used to seed entries from the settings file.
+
+    The file sets the address fields; it carries no description and no enabled flag, so an admin's
+    description stays, and an entry an admin disabled (a compromised PACS, say) stays disabled when the
+    node restarts."""
     spec = spec.validated()
     existing = find(session, spec.ae_title, spec.role)
     if existing is None:
         return add(session, spec, actor)
-    # The settings file carries no description: an admin's description does not count as a change.
-    if _spec_of(existing) == replace(spec, description=existing.description):
+    spec = replace(spec, description=existing.description, enabled=existing.enabled)
+    if _spec_of(existing) == spec:
         return existing
     return update(session, existing.id, spec, actor)
 

@@ -276,7 +276,7 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert list(store.root.rglob("*.tmp")) == []
 
 
-def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description(
+def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description_and_disable(
     sessions: sessionmaker[Session],
 ) -> None:
     dest = aes.AeSpec("PACS", AeRole.DESTINATION, host="10.0.0.5", port=104)
@@ -287,6 +287,7 @@ def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description(
     with sessions.begin() as session:
         row = aes.get(session, "PACS", AeRole.CALLER)
         row.description = "main PACS, set by an admin"
+        row.enabled = False  # e.g. the PACS was compromised: a restart must not let it back in
     for _ in range(2):  # every start-up seeds again
         with sessions.begin() as session:
             aes.upsert(session, dest, "system")
@@ -295,6 +296,7 @@ def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description(
         actions = session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
         assert actions == ["ae.add", "ae.add"]
         assert aes.get(session, "PACS", AeRole.CALLER).description == "main PACS, set by an admin"
+        assert not aes.caller_allowed(session, "PACS", "10.0.0.5")
     with sessions.begin() as session:  # a real change in the file is applied and audited
         aes.upsert(session, aes.AeSpec("PACS", AeRole.DESTINATION, host="10.0.0.6", port=104), "system")
         assert session.scalars(select(AuditEvent.action).order_by(AuditEvent.id.desc())).first() == "ae.update"
