@@ -35,10 +35,13 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     deadline = time.monotonic() + 20
     import socket
 
-    while time.monotonic() < deadline:
+    while True:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"storescp did not listen on port {port} (exit code {proc.poll()})")
         time.sleep(0.05)
     yield port, out
     proc.send_signal(signal.SIGTERM)

@@ -8,7 +8,6 @@ to a fixed destination BACKUP where, until a test starts a second Orthanc there,
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -290,4 +289,4 @@ def test_kill_9_with_20_studies_in_flight_loses_and_repeats_nothing(stack: Stack
     # Each delivery is recorded delivered exactly once. (A kill between Orthanc's answer and the node's
     # commit re-sends that object with the same SOP Instance UID, which Orthanc stores once: counted above.)
     assert [d.id for d in to_orthanc if delivered_attempts(stack, d.id) != 1] == []
-    assert json.dumps(stack.orthanc.get("/statistics"))  # Orthanc still healthy
+    assert stack.orthanc.get("/statistics")["CountInstances"] >= 40  # Orthanc still answers, results kept
