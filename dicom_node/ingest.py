@@ -204,7 +204,9 @@ class Ingestor:
                 self.file_store.delete(stored.relative_path)
             raise
         if existing is not None:
-            if not self.file_store.path(existing.file_path).exists():
+            # A file retention removed stays removed (the copy sent again is discarded): putting it back
+            # would leave patient data on disk that retention no longer looks at.
+            if not existing.purged and not self.file_store.path(existing.file_path).exists():
                 LOGGER.warning("instance %d had lost its file; restored from the copy sent again",
                                existing.instance_pk)
                 staged.rename(existing.file_path)

@@ -30,6 +30,7 @@ class ExistingInstance:
     study_pk: int
     size_bytes: int
     file_path: str
+    purged: bool  # its pixel file was removed by the retention policy
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,15 @@ def _new_id(result: CursorResult[Any]) -> int:
 def find_existing(conn: Connection, sop_instance: str) -> ExistingInstance | None:
     """The stored instance with this SOP Instance UID, if any."""
     row = conn.execute(
-        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path)
+        select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path,
+               _INSTANCE.c.purged_at)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
         .where(_INSTANCE.c.sop_instance_uid == sop_instance)
     ).first()
     if row is None:
         return None
-    return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]))
+    return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]),
+                            purged=row[4] is not None)
 
 
 def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,

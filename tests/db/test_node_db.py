@@ -31,6 +31,7 @@ from dicom_node.store.models import (
     Series,
     Study,
     StudyState,
+    utcnow,
 )
 from tests.node_datasets import make_cr, to_bytes
 from tests.postgres_server import PostgresServer, postgres_server
@@ -274,6 +275,22 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert again.duplicate and again.instance_pk == first.instance_pk
     assert path.read_bytes() == data
     assert list(store.root.rglob("*.tmp")) == []
+
+
+def test_a_resent_instance_does_not_bring_back_a_file_retention_removed(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    data = to_bytes(make_cr())
+    first = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="dimse")
+    with sessions.begin() as session:  # what dicom_node.retention does
+        instance = session.get_one(Instance, first.instance_pk)
+        path = store.path(instance.file_path)
+        instance.purged_at = utcnow()
+    path.unlink()
+    again = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="dimse")
+    assert again.duplicate and again.instance_pk == first.instance_pk
+    assert not path.exists()
+    assert list(store.root.rglob("*.dcm")) == [] and list(store.root.rglob("*.tmp")) == []
 
 
 def test_seeding_from_settings_is_idempotent_and_keeps_an_admins_description_and_disable(
