@@ -8,12 +8,12 @@ import re
 import socket
 from dataclasses import dataclass, replace
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
-from dicom_node.store.models import AeRole, RemoteAe
+from dicom_node.store.models import AeRole, Delivery, RemoteAe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -141,7 +141,14 @@ def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
 
 
 def remove(session: Session, ae_id: int, actor: str) -> None:
+    """Delete an entry. A destination that results were sent (or queued) to is kept: its deliveries are
+    the record of where each report went, so it can only be disabled."""
     ae = get_by_id(session, ae_id)
+    deliveries = session.scalar(select(func.count()).select_from(Delivery).where(Delivery.destination_pk == ae.id))
+    if deliveries:
+        raise ConflictError(
+            f"{ae.ae_title} has {deliveries} result deliveries on record; disable it instead of removing it"
+        )
     details = _describe(ae)
     session.delete(ae)
     session.flush()

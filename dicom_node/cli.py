@@ -113,8 +113,9 @@ def cmd_ae_remove(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _session_factory(settings)() as session, session.begin():
         ae = _one_ae(session, args.name, args.role)
+        role = ae.role
         aes.remove(session, ae.id, audit.cli_actor())
-        say(f"removed {ae.role.value} {args.name}")
+    say(f"removed {role.value} {args.name}")  # once committed
     return 0
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node import aes, audit, users
-from dicom_node.errors import NodeError
+from dicom_node.errors import ConflictError, NodeError
 from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
@@ -262,9 +262,13 @@ def ae_update(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int, 
 
 
 @router.post("/aes/{ae_id}/delete")
-def ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
-    aes.remove(db, ae_id, audit.user_actor(principal.username))
-    db.commit()
+def ae_delete(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+    try:
+        aes.remove(db, ae_id, audit.user_actor(principal.username))
+        db.commit()
+    except ConflictError as exc:  # a destination with deliveries: the page says to disable it
+        db.rollback()
+        return _aes_page(request, db, principal, error=str(exc), status=409)
     return RedirectResponse("/admin/aes?notice=ae-removed", status_code=303)
 
 

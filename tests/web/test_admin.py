@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
-from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, User, WebSession
+from dicom_node.store.models import AeRole, AuditEvent, DeliveryState, RemoteAe, User, WebSession
 from dicom_node.web import create_app
 from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
+from tests.web.studies import StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
 
@@ -91,6 +92,21 @@ def test_destination_and_caller_create_edit_delete(
         ("user:alice", "ae.update"),
         ("user:alice", "ae.remove"),
     ]
+
+
+def test_a_destination_that_received_results_cannot_be_removed_only_disabled(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Its deliveries record where each report went; the page says why and nothing changes."""
+    client, csrf = admin_client
+    add_study(factory, StudySpec(deliveries={"PACS": DeliveryState.DELIVERED}))
+    with session_scope(factory) as s:
+        dest_id = s.scalars(select(RemoteAe.id).where(RemoteAe.ae_title == "PACS")).one()
+    response = client.post(f"/admin/aes/{dest_id}/delete", data={"csrf_token": csrf})
+    assert response.status_code == 409
+    assert "PACS has 2 result deliveries on record; disable it instead" in response.text
+    assert [a[0] for a in _aes(factory)] == ["PACS"]
+    assert [action for _, action, _ in _audit(factory) if action.startswith("ae.")] == []
 
 
 def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
