@@ -16,6 +16,7 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
+from classifier.types import Prediction
 from reporting import codes
 from reporting.errors import ReportingError
 from reporting.heatmap import overlay
@@ -46,9 +47,8 @@ def build_heatmap_sc(
     heat = image.prediction.heatmap
     if image.preview is None or heat is None:
         raise NoHeatmapError("a heat-map Secondary Capture needs both a preview and a heat map")
-    finding = codes.finding_for(image.prediction.label)
     model = image.prediction.model
-    caption = f"{finding.display} {100 * image.prediction.confidence:.1f} % · {model.name} {model.version}"
+    caption = f"{heatmap_caption(image.prediction)} · {model.name} {model.version}"
     pixels = with_band(overlay(image.preview, heat), NOT_FOR_DIAGNOSIS, caption)
     source, refused = header_for_highdicom(image.source)
     orientation = _orientation(source)
@@ -77,8 +77,9 @@ def build_heatmap_sc(
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    # the band names no patient; identifying text can only come from the source radiograph itself
-    sc.BurnedInAnnotation = str(source.get("BurnedInAnnotation") or "NO")
+    # The band names no patient, but the preview shows whatever the radiograph shows: a source that does
+    # not say it has no burnt-in text (CR plates often carry a name) may have some, and so may this copy.
+    sc.BurnedInAnnotation = str(source.get("BurnedInAnnotation") or "YES")
     sc.ImageComments = "AI heat map overlay for decision support: not for diagnosis"
     sc.DerivationDescription = (
         f"Class-activation heat map of {model.name} {model.version} blended over a windowed, downsized "
@@ -92,6 +93,16 @@ def build_heatmap_sc(
         sc.StationName = node.station_name
     LOGGER.debug("built heat-map Secondary Capture %dx%d", pixels.shape[1], pixels.shape[0])
     return sc
+
+
+def heatmap_caption(prediction: Prediction) -> str:
+    """The finding and the probability of the class the heat map shows; an indeterminate result names that
+    class, so its probability is not read as the certainty of "indeterminate"."""
+    finding = codes.finding_for(prediction.label)
+    shown = f"{100 * prediction.confidence:.1f} %"
+    if prediction.indeterminate:
+        return f"{finding.display}: most likely {codes.finding_for(prediction.top_class).display} {shown}"
+    return f"{finding.display} {shown}"
 
 
 def _orientation(source: pydicom.Dataset) -> tuple[str, str] | None:

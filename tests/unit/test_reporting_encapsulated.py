@@ -13,7 +13,7 @@ from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 from reporting.encapsulated import build_encapsulated_pdf
 from reporting.heatmap import colourise, overlay
 from reporting.pdf import build_pdf
-from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc
+from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc, heatmap_caption
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
     MESSY_VALUES,
@@ -95,6 +95,7 @@ def test_heatmap_secondary_capture_is_marked_and_in_the_study() -> None:
     assert ds.StudyInstanceUID == image.source.StudyInstanceUID and ds.SeriesNumber == 9003
     assert str(ds.PatientName) == "Müller^Zoë"
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert ds.BurnedInAnnotation == "YES"  # the source does not say; its preview may show a name
     assert "not for diagnosis" in ds.ImageComments and "not for diagnosis" in ds.DerivationDescription
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == image.source.SOPInstanceUID
     assert list(ds.PatientOrientation) == ["L", "F"]
@@ -106,6 +107,23 @@ def test_heatmap_secondary_capture_is_marked_and_in_the_study() -> None:
     assert red.mean() > 0.6  # a red band ...
     assert ((band[..., 0] > 240) & (band[..., 1] > 240)).any()  # ... with white text: NOT_FOR_DIAGNOSIS
     assert NOT_FOR_DIAGNOSIS.startswith("AI HEAT MAP")
+
+
+def test_heatmap_caption_names_the_class_an_indeterminate_result_leans_to() -> None:
+    sure = analysed(probabilities={"covid": 0.874, "normal": 0.031, "pneumonia": 0.095}).prediction
+    unsure = analysed(probabilities={"covid": 0.20, "normal": 0.32, "pneumonia": 0.48}).prediction
+    assert heatmap_caption(sure) == "COVID-19 87.4 %"
+    assert heatmap_caption(unsure) == "Indeterminate: most likely Pneumonia 48.0 %"
+
+
+def test_secondary_capture_keeps_the_sources_burned_in_annotation() -> None:
+    source = unicode_source()
+    source.BurnedInAnnotation = "NO"
+    ds = build_heatmap_sc(
+        analysed(source), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3011",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.3012",
+    )
+    assert ds.BurnedInAnnotation == "NO"
 
 
 def test_pdf_and_secondary_capture_carry_header_values_highdicom_refuses() -> None:
