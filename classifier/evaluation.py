@@ -23,7 +23,7 @@ from classifier import plots
 from classifier.dataset import LabelledImage, load_collection
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
-from classifier.preprocess import image_to_model_input, is_dicom_file
+from classifier.preprocess import dataset_to_upright_gray, image_to_model_input, is_dicom_file, read_dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -98,6 +98,17 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
     return apply
 
 
+def _as_picture(path: Path, min_side: int) -> Image.Image:
+    """A file as the picture a degradation works on: a DICOM image as its displayed grey levels (VOI,
+    polarity and orientation applied, 8 bits), so it is degraded like any PNG/JPEG, not skipped."""
+    if is_dicom_file(path):
+        gray = dataset_to_upright_gray(read_dataset(path), min_side)
+        return Image.fromarray(np.asarray(np.round(gray * 255.0), dtype=np.uint8), mode="L")
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
 def predict_items(
     classifier: Classifier,
     items: Sequence[LabelledImage],
@@ -110,12 +121,11 @@ def predict_items(
     for start in range(0, len(items), BATCH):
         inputs = []
         for item in items[start : start + BATCH]:
-            if degrade is not None and not is_dicom_file(item.path):
-                with Image.open(item.path) as image:
-                    image.load()
-                    inputs.append(image_to_model_input(degrade(image), classifier.spec, classifier.lungs))
-            else:
+            if degrade is None:
                 inputs.append(load_input(item.path, classifier.spec, classifier.lungs))
+            else:
+                picture = _as_picture(item.path, max(classifier.spec.input_size))
+                inputs.append(image_to_model_input(degrade(picture), classifier.spec, classifier.lungs))
         for prediction in classifier.predict(inputs, heatmap=False):
             rows.append(np.array(list(prediction.probabilities.values())))
             novelty.append(np.nan if prediction.novelty is None else prediction.novelty)

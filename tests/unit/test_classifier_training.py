@@ -15,7 +15,7 @@ from classifier import cli
 from classifier.artifact import ArtifactMetadata, read_metadata
 from classifier.dataset import DatasetError, load_collection, split_by_fold, split_by_group
 from classifier.errors import ModelArtifactError
-from classifier.evaluation import evaluate, parse_degradation
+from classifier.evaluation import evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec
 from classifier.training import TrainingConfig, class_weights, train
@@ -99,6 +99,14 @@ def test_a_pacs_export_without_file_suffixes_is_evaluated_like_its_pictures(
     from_dicom, from_pictures = evaluate(artifact, export), evaluate(artifact, pictures)
     assert from_dicom["images"] == 6
     assert from_dicom["confusion_matrix"] == from_pictures["confusion_matrix"]
+    degraded: list[tuple[str, tuple[int, int]]] = []  # a degradation is applied to DICOM images too
+
+    def record(image: Image.Image) -> Image.Image:
+        degraded.append((image.mode, image.size))
+        return image
+
+    predict_items(Classifier.load(artifact), items, record)
+    assert degraded == [("L", (96, 96))] * 6  # the collection's 96 px pictures
 
 
 def test_class_weights_balance_the_classes() -> None:
