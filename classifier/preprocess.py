@@ -235,10 +235,20 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] 
         image.reduce = level  # type: ignore[assignment,method-assign]  # the J2K plugin's resolution level
         image.load()
         decoded = np.asarray(image)
-    bits_stored = int(ds.get("BitsStored", 16))
-    if image.mode == "I;16" and bits_stored < 16:
-        decoded = decoded >> (16 - bits_stored)  # Pillow scales 9–15 bit samples up to 16 bits
+    # Pillow scales 9–15 bit samples up to 16 bits by the codestream's precision, which need not be Bits
+    # Stored (pydicom warns about such files and trusts the codestream on its full-resolution path).
+    precision = _j2k_precision(frame) or int(ds.get("BitsStored", 16))
+    if image.mode == "I;16" and precision < 16:
+        decoded = decoded >> (16 - precision)
     return decoded
+
+
+def _j2k_precision(codestream: bytes) -> int | None:
+    """Bit depth of the first component from the SIZ marker (None when it cannot be found)."""
+    index = codestream.find(b"\xff\x51")
+    if index < 0 or index + 41 > len(codestream):
+        return None
+    return (codestream[index + 40] & 0x7F) + 1  # FF51 Lsiz Rsiz, 8 × 4-byte sizes, Csiz, then Ssiz
 
 
 def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:

@@ -363,6 +363,20 @@ def test_reduced_jpeg2000_decode_matches_full_resolution() -> None:
     assert np.abs(small - reduced).mean() < 0.01  # same grey levels: Pillow's 16-bit scaling undone
 
 
+def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_stored() -> None:
+    """A 12-bit codestream in an object that says 16 bits stored (pydicom warns, then trusts the codestream)."""
+    yy, xx = np.mgrid[0:1001, 0:901]
+    pixels = ((np.sin(xx / 90.0) + np.cos(yy / 70.0) + 2) / 4 * 4095).astype(np.uint16)
+    plain = make_dataset(pixels, bits_stored=12)
+    plain.WindowCenter, plain.WindowWidth = 2048, 4096
+    mislabelled = _compressed(plain, JPEG2000Lossless)
+    mislabelled.BitsStored, mislabelled.HighBit = 16, 15
+    reduced = dataset_to_gray(mislabelled, min_side=100)
+    full = dataset_to_gray(plain, min_side=100)
+    small = np.asarray(Image.fromarray(full, mode="F").resize(reduced.shape[::-1], Image.Resampling.BILINEAR))
+    assert np.abs(small - reduced).mean() < 0.01
+
+
 def test_jpeg_baseline_is_decoded() -> None:
     pixels = ramp(8, 64)
     buffer = io.BytesIO()
