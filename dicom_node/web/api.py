@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -191,7 +192,7 @@ class IngestOut(BaseModel):
 @router.post("/uploads", response_model=UploadOut, status_code=201, tags=["upload"])
 async def api_upload(con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> UploadOut:
     data = await read_limited(file)
-    held = hold_upload(con, principal, file.filename or "upload", data)
+    held = await run_in_threadpool(hold_upload, con, principal, file.filename or "upload", data)
     return UploadOut(
         token=held.token,
         filename=held.upload.filename,

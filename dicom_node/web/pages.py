@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 
 import pydicom
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
@@ -97,7 +98,7 @@ def upload_form(request: Request, principal: UserDep) -> Response:
 async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) -> Response:
     try:
         data = await read_limited(file)
-        held = hold_upload(con, principal, file.filename or "upload", data)
+        held = await run_in_threadpool(hold_upload, con, principal, file.filename or "upload", data)
     except NodeError as exc:
         return render(
             request, "upload.html", principal, status=422, active="upload", held=None, error=str(exc)
@@ -116,7 +117,10 @@ def held_upload(con: Console, principal: Principal, token: str) -> HeldUpload:
 
 
 def hold_upload(con: Console, principal: Principal, filename: str, data: bytes) -> HeldUpload:
-    """Read an uploaded file and hold it for its user, judged by the node's own age limit."""
+    """Read an uploaded file and hold it for its user, judged by the node's own age limit.
+
+    Decodes up to MAX_UPLOAD_BYTES: async routes call it in the thread pool, never on the event loop,
+    which serves every other console request (and the health check) meanwhile."""
     minimum_age = con.settings.pipeline.minimum_patient_age_years
     return con.uploads.add(principal.user_id, read_upload(filename, data, minimum_age_years=minimum_age))
 
