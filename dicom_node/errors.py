@@ -68,16 +68,6 @@ class AssociationError(NodeError):
     retriable = True
 
 
-class DeliveryError(NodeError):
-    """A peer answered a C-STORE with a failure status."""
-
-    retriable = True
-
-    def __init__(self, message: str, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
 class ClassificationError(NodeError):
     """The classifier could not produce a finding for an image."""
 

@@ -8,6 +8,7 @@ tools would then fail on the stored file. Pixel data is checked structurally, no
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -52,6 +53,10 @@ def decodable_transfer_syntaxes() -> list[UID]:
     return preferred + [uid for uid in found if uid not in preferred]
 
 
+# PS3.5 9.1: components of ASCII digits ("²" or "٣" pass str.isdigit and would reach file paths).
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
 def require_uid(ds: Dataset, keyword: str) -> str:
     try:
         value = str(ds.get(keyword, "") or "").strip()
@@ -59,7 +64,7 @@ def require_uid(ds: Dataset, keyword: str) -> str:
         raise UndecodableDatasetError(f"{keyword} cannot be read") from exc
     if not value:
         raise InvalidDatasetError(f"dataset has no {keyword}")
-    if len(value) > 64 or not all(part.isdigit() for part in value.split(".")):
+    if len(value) > 64 or not _UID.fullmatch(value):
         raise InvalidDatasetError(f"{keyword} is not a valid UID")
     return value
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.errors import NodeError, NotFoundError, describe_exception
+from dicom_node.metrics import metrics_router
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
@@ -109,12 +110,7 @@ async def _security_headers(
 
 
 def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> None:
-    """``/healthz`` (and ``/metrics``) from the node's metrics module; a bare liveness probe without it."""
-    try:
-        from dicom_node.metrics import metrics_router
-    except ImportError:
-        app.include_router(login.health_router)
-        return
+    """``/healthz`` and ``/metrics`` from the node's metrics module."""
     app.include_router(metrics_router(session_factory))
 
 

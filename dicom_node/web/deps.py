@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import AuthenticationError, PermissionDeniedError
 from dicom_node.settings import Settings
 from dicom_node.web.auth import (
     CSRF_FIELD,
@@ -37,11 +38,11 @@ class Console:
     templates: Jinja2Templates
 
 
-class NotAuthenticated(Exception):
+class NotAuthenticated(AuthenticationError):
     """No valid session: pages redirect to the login page, the API answers 401."""
 
 
-class Forbidden(Exception):
+class Forbidden(PermissionDeniedError):
     """The user's role does not allow this (403), or the CSRF token is wrong."""
 
     def __init__(self, reason: str, principal: Principal | None = None) -> None:

@@ -11,7 +11,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from dicom_node.errors import NotFoundError
-from dicom_node.web.services import FeatureUnavailableError
+from reporting.heatmap import overlay
 
 
 def png_bytes(gray: npt.NDArray[np.uint8]) -> bytes:
@@ -22,13 +22,9 @@ def png_bytes(gray: npt.NDArray[np.uint8]) -> bytes:
 
 def overlay_png(gray: npt.NDArray[np.uint8], heat: npt.NDArray[np.floating[Any]]) -> bytes:
     """The display image with the heat map blended on top, as a PNG — drawn exactly as in the PDF."""
-    try:
-        from reporting.heatmap import overlay
-    except ImportError as exc:
-        raise FeatureUnavailableError("heat maps need the reporting package") from exc
     heat_f = np.asarray(heat, dtype=np.float32)
     if heat_f.ndim != 2 or heat_f.size == 0:
-        raise ValueError("a heat map is a non-empty 2-D array")
+        raise NotFoundError("the stored heat map is empty or not a 2-D array")
     blended = overlay(np.asarray(gray, dtype=np.uint8), heat_f)
     buffer = io.BytesIO()
     Image.fromarray(blended, mode="RGB").save(buffer, format="PNG")

@@ -18,7 +18,6 @@ from dicom_node.web.deps import Console, ConsoleDep, CsrfUserDep, DbDep, current
 from dicom_node.web.templating import render
 
 public_router = APIRouter(include_in_schema=False)
-health_router = APIRouter(include_in_schema=False)  # replaced by dicom_node.metrics when installed
 router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
 
 
@@ -123,8 +122,3 @@ def logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
-
-@health_router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """Liveness for service managers; says nothing about the node's data."""
-    return {"status": "ok"}

@@ -2,8 +2,7 @@
 
 The console's pages only talk to the classifier, the reporting package, the ingest path and the
 DICOM SCU through :class:`ConsoleServices`. :class:`NodeConsoleServices` is the real implementation;
-it imports those packages lazily so that the console (and its tests of auth, search, admin ...)
-works on a node where a package is missing, and says so on the page instead of failing to start.
+it loads the model on first use (TensorFlow is imported then, not when the console starts).
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ import pydicom
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
+from classifier.errors import ClassifierError
+from classifier.preprocess import display_image, read_dataset
 from dicom_node.eligibility import Eligibility, assess_dataset, not_classified
 from dicom_node.errors import (
     ClassificationError,
@@ -31,19 +32,26 @@ from dicom_node.errors import (
     ReportingError,
     UndecodableDatasetError,
 )
+from dicom_node.ingest import Ingestor
+from dicom_node.pipeline import load_classifier, node_identity
+from dicom_node.scu import echo
 from dicom_node.settings import ADULT_AGE_YEARS, Settings
+from dicom_node.store.files import FileStore
 from dicom_node.store.models import RemoteAe
+from dicom_node.tls import client_context
+from reporting.errors import ReportingError as ReportBuildError
+from reporting.pdf import build_pdf
+from reporting.types import AnalysedImage
 
 if TYPE_CHECKING:
     from classifier.types import Prediction
-    from dicom_node.ingest import Ingestor
     from dicom_node.pipeline import ImageClassifier
 
 LOGGER = logging.getLogger(__name__)
 
 
 class FeatureUnavailableError(NodeError):
-    """A console feature whose package is not installed on this node (classifier, reporting, ...)."""
+    """A console feature this node cannot offer now (no usable model)."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +137,6 @@ class NodeConsoleServices:
 
     def dicom_preview(self, dataset: pydicom.Dataset) -> npt.NDArray[np.uint8]:
         try:
-            from classifier.preprocess import display_image
-        except ImportError as exc:
-            raise FeatureUnavailableError("image display needs the classifier package") from exc
-        from classifier.errors import ClassifierError
-
-        try:
             return np.asarray(display_image(dataset), dtype=np.uint8)
         except ClassifierError as exc:
             raise UndecodableDatasetError(f"the image cannot be displayed: {exc}") from exc
@@ -144,25 +146,13 @@ class NodeConsoleServices:
         path = (root / relative_path).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise NotFoundError("the image file is no longer in the file store")
-        dataset: pydicom.Dataset
-        try:
-            from classifier.preprocess import read_dataset
-        except ImportError:
-            dataset = pydicom.dcmread(path)
-        else:
-            dataset = read_dataset(path)
-        return self.dicom_preview(dataset)
+        return self.dicom_preview(read_dataset(path))
 
     # -- classification and report ----------------------------------------------------------
 
     def _model(self) -> ImageClassifier:
         with self._lock:
             if self._classifier is None:
-                try:
-                    from classifier.errors import ClassifierError
-                    from dicom_node.pipeline import load_classifier
-                except ImportError as exc:
-                    raise FeatureUnavailableError("classification needs the classifier package") from exc
                 try:
                     if self._classifier_loader is not None:
                         self._classifier = self._classifier_loader()
@@ -175,8 +165,6 @@ class NodeConsoleServices:
     def classify(self, upload: Upload) -> Prediction:
         model = self._model()
         heatmap = True  # the console always shows where the model looked (one image: cheap)
-        from classifier.errors import ClassifierError
-
         predictions: list[Prediction]
         try:
             with self._predict_lock:
@@ -195,13 +183,6 @@ class NodeConsoleServices:
         return prediction
 
     def report_pdf(self, upload: Upload, prediction: Prediction, *, analysed_at: datetime) -> bytes:
-        try:
-            from dicom_node.pipeline import node_identity
-            from reporting.errors import ReportingError as ReportBuildError
-            from reporting.pdf import build_pdf
-            from reporting.types import AnalysedImage
-        except ImportError as exc:
-            raise FeatureUnavailableError("PDF reports need the reporting package") from exc
         if upload.dataset is not None:
             source = upload.dataset
             preview = self.dicom_preview(upload.dataset)
@@ -217,11 +198,6 @@ class NodeConsoleServices:
     # -- ingest and DICOM network -----------------------------------------------------------
 
     def ingest(self, upload: Upload, *, calling_ae: str) -> IngestOutcome:
-        try:
-            from dicom_node.ingest import Ingestor
-            from dicom_node.store.files import FileStore
-        except ImportError as exc:
-            raise FeatureUnavailableError("storing uploads needs the node's ingest module") from exc
         with self._lock:
             if self._ingestor is None:
                 storage = self._settings.storage
@@ -237,18 +213,10 @@ class NodeConsoleServices:
         )
 
     def echo(self, ae: RemoteAe) -> int:
-        try:
-            from dicom_node.scu import echo
-        except ImportError as exc:
-            raise FeatureUnavailableError("the echo test needs the node's DICOM SCU module") from exc
         if ae.host is None or ae.port is None:
             raise NodeError("this AE has no host and port to call")
         tls = None
         if ae.tls:
-            try:
-                from dicom_node.tls import client_context
-            except ImportError as exc:
-                raise FeatureUnavailableError("DICOM TLS needs the node's tls module") from exc
             tls = client_context(self._settings.dicom.tls)
         return int(
             echo(

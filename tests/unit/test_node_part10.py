@@ -14,6 +14,7 @@ from dicom_node.part10 import (
     parse_instance,
     parse_network_dataset,
     part10_prefix,
+    require_uid,
 )
 from dicom_node.statuses import Status
 from tests.node_datasets import make_cr, to_bytes
@@ -110,3 +111,11 @@ def test_fast_file_meta_matches_pydicom_byte_for_byte(sop_instance: str) -> None
 def test_file_meta_refuses_a_non_uid() -> None:
     with pytest.raises(InvalidDatasetError):
         part10_prefix("1.2.840.10008.5.1.4.1.1.1", "1.2.x", ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("uid", ["1.2.3²", "1.2.٣", "1..2", "1.2.", "1.2.3a", "1.2.3 4"])
+def test_a_uid_that_is_not_ascii_digits_and_dots_is_an_invalid_dataset(uid: str) -> None:
+    ds = make_cr()
+    ds.SOPInstanceUID = uid
+    with pytest.raises(InvalidDatasetError, match="not a valid UID"):
+        require_uid(ds, "SOPInstanceUID")

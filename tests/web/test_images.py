@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import NotFoundError
 from dicom_node.settings import Settings
 from dicom_node.web.imaging import overlay_png
 from tests import peers
@@ -30,7 +31,7 @@ def test_overlay_colours_only_where_the_model_looked() -> None:
     assert np.all(cold == 100)  # unchanged anatomy where the heat map is zero
     hot = rgb[:, :60]
     assert np.ptp(hot[..., 0] - hot[..., 2]) < 5 and (hot[..., 0] != hot[..., 2]).all()  # tinted
-    with pytest.raises(ValueError):
+    with pytest.raises(NotFoundError, match="heat map"):  # a 404 with a reason in the console, not a 500
         overlay_png(gray, np.zeros((3,), dtype=np.float32))
 
 
