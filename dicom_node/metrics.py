@@ -65,18 +65,21 @@ class _DatabaseCollector(Collector):
             open_jobs = session.scalar(
                 select(func.count()).select_from(Job).where(Job.state.in_((JobState.PENDING, JobState.RUNNING)))
             )
+        # Counters only for what never goes down (rows are kept); the rest are states that change (a failed
+        # study reprocessed, a dead delivery re-sent), so they are gauges: a counter that drops reads as a
+        # reset to rate() and increase().
         yield _counter("instances_received", "Instances received and stored", sum(instances.values()))
-        yield _counter("instances_analysed", "Instances classified", instances.get(InstanceState.ANALYSED, 0))
-        yield _counter(
+        yield _counter("delivery_attempts_failed", "Delivery attempts that failed", failed_attempts or 0)
+        yield _gauge("instances_analysed", "Instances classified", instances.get(InstanceState.ANALYSED, 0))
+        yield _gauge(
             "instances_skipped", "Instances not eligible (not CR/DX frontal chest)", instances.get(InstanceState.SKIPPED, 0)
         )
-        yield _counter("instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0))
-        yield _counter("studies_failed", "Studies whose processing failed", studies.get(StudyState.FAILED, 0))
-        yield _counter(
+        yield _gauge("instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0))
+        yield _gauge("studies_failed", "Studies whose processing failed", studies.get(StudyState.FAILED, 0))
+        yield _gauge(
             "deliveries_delivered", "Result objects delivered to a destination", deliveries.get(DeliveryState.DELIVERED, 0)
         )
-        yield _counter("deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0))
-        yield _counter("delivery_attempts_failed", "Delivery attempts that failed", failed_attempts or 0)
+        yield _gauge("deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0))
         depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Work waiting", labels=["queue"])
         depth.add_metric(["studies"], float(open_jobs or 0))
         depth.add_metric(
@@ -93,6 +96,10 @@ def _counts(session: Session, column: Any) -> dict[Any, int]:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{NAMESPACE}_{name}", documentation, value=float(value))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, value=float(value))
 
 
 @dataclass

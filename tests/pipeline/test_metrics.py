@@ -50,9 +50,9 @@ def test_metrics_count_what_the_database_holds(
     assert response.status_code == 200
     samples = _samples(response.text)
     assert samples[("cxr_node_instances_received_total", ())] == 4
-    assert samples[("cxr_node_instances_analysed_total", ())] == 2
-    assert samples[("cxr_node_instances_skipped_total", ())] == 1
-    assert samples[("cxr_node_deliveries_delivered_total", ())] == 0
+    assert samples[("cxr_node_instances_analysed", ())] == 2
+    assert samples[("cxr_node_instances_skipped", ())] == 1
+    assert samples[("cxr_node_deliveries_delivered", ())] == 0
     assert samples[("cxr_node_queue_depth", (("queue", "studies"),))] == 1
     assert samples[("cxr_node_receipt_to_delivery_seconds_count", (("kind", "sr"),))] == 1
     assert samples[("cxr_node_receipt_to_delivery_seconds_bucket", (("kind", "sr"), ("le", "5.0")))] == 1
