@@ -57,8 +57,9 @@ PYNETDICOM_SERIES = "3.0."
 class _Wakeup:
     """A Linux ``eventfd`` that ``select()`` can wait on beside a socket; set from any thread.
 
-    ``set`` and ``close`` share a lock: a late ``set`` must never write to a descriptor number that
-    the process has meanwhile reused for something else (a file being stored, say).
+    ``set``, ``clear`` and ``close`` share a lock: a late ``set`` or ``clear`` must never write to or
+    read from a descriptor number that the process has meanwhile reused for something else (a file
+    being stored, say).
     """
 
     def __init__(self) -> None:
@@ -74,10 +75,13 @@ class _Wakeup:
                 os.eventfd_write(self._fd, 1)
 
     def clear(self) -> None:
-        try:
-            os.eventfd_read(self._fd)
-        except OSError:  # BlockingIOError: nothing was signalled
-            pass
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                os.eventfd_read(self._fd)
+            except BlockingIOError:  # nothing was signalled
+                pass
 
     def close(self) -> None:
         with self._lock:

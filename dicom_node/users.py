@@ -7,6 +7,7 @@ There is no default account and no default password: the operator creates the fi
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import logging
 import sys
@@ -31,8 +32,13 @@ USERNAME_MAX = 64
 CREATE_ADMIN_HINT = "cxr-node user add --username <name> --role admin"
 
 _HASHER = PasswordHasher()  # argon2id with the library's current recommended parameters
-# Verifying against this keeps a failed login for an unknown user as slow as for a known one.
-_DUMMY_HASH = _HASHER.hash("not-a-password-of-anyone")
+
+
+@functools.cache
+def _dummy_hash(hasher: PasswordHasher) -> str:
+    """Verifying against this keeps a failed login for an unknown user as slow as for a known one (made on
+    first use, not at import: a hash costs what a login costs)."""
+    return hasher.hash("not-a-password-of-anyone")
 
 
 class InvalidUserError(NodeError):
@@ -137,7 +143,7 @@ def authenticate(session: Session, username: str, password: str) -> User:
     The message never says whether the name or the password was wrong.
     """
     user = find(session, username) if username.strip() else None
-    candidate_hash = user.password_hash if user is not None else _DUMMY_HASH
+    candidate_hash = user.password_hash if user is not None else _dummy_hash(_HASHER)
     try:
         _HASHER.verify(candidate_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError) as exc:

@@ -106,28 +106,45 @@ def tokens_match(expected: str, given: str | None) -> bool:
 
 class LoginThrottle:
     """Slows password guessing: after ``limit`` failures for one username within ``window`` seconds,
-    further attempts for that name are refused until the window has passed."""
+    further attempts for that name are refused until the window has passed.
 
-    def __init__(self, limit: int = 8, window: float = 900.0) -> None:
+    Anyone can try any username, so the memory is bounded: names whose failures have expired are
+    dropped, and beyond ``max_names`` the names with the oldest first failure go first."""
+
+    def __init__(self, limit: int = 8, window: float = 900.0, max_names: int = 10_000) -> None:
         self.limit = limit
         self.window = window
+        self.max_names = max_names
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        entries = self._failures.setdefault(key, deque())
+    def _recent(self, key: str, now: float) -> int:
+        """Failures of ``key`` within the window (expired ones and empty names are dropped)."""
+        entries = self._failures.get(key)
+        if entries is None:
+            return 0
         while entries and now - entries[0] > self.window:
             entries.popleft()
-        return entries
+        if not entries:
+            del self._failures[key]
+        return len(entries)
 
     def blocked(self, username: str) -> bool:
         with self._lock:
-            return len(self._recent(username.strip().lower(), time.monotonic())) >= self.limit
+            return self._recent(username.strip().lower(), time.monotonic()) >= self.limit
 
     def failed(self, username: str) -> None:
+        key = username.strip().lower()
         with self._lock:
             now = time.monotonic()
-            self._recent(username.strip().lower(), now).append(now)
+            self._recent(key, now)
+            if key not in self._failures and len(self._failures) >= self.max_names:
+                for name in list(self._failures):
+                    self._recent(name, now)
+                while len(self._failures) >= self.max_names:
+                    oldest = min(self._failures, key=lambda name: self._failures[name][0])
+                    del self._failures[oldest]
+            self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:
         with self._lock:
