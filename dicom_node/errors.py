@@ -6,6 +6,7 @@ Messages must never contain PHI (names, IDs, dates, dataset reprs): they reach l
 from __future__ import annotations
 
 import traceback
+from collections.abc import Sequence
 
 from dicom_node.statuses import Status
 
@@ -63,9 +64,16 @@ class ConflictError(NodeError):
 
 
 class AssociationError(NodeError):
-    """An outbound association was rejected, aborted or timed out."""
+    """An outbound association was rejected, aborted or timed out.
+
+    ``statuses`` holds the C-STORE statuses the peer did answer before it failed (one per object, in
+    order), so the objects it already stored are not sent again."""
 
     retriable = True
+
+    def __init__(self, message: str, statuses: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.statuses = list(statuses)
 
 
 class ClassificationError(NodeError):

@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
-from dicom_node.errors import ConfigurationError, ConflictError, NodeError, NotFoundError
+from dicom_node.errors import AssociationError, ConfigurationError, ConflictError, NodeError, NotFoundError
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import is_stored, is_warning
 from dicom_node.store.db import session_scope
@@ -333,7 +333,8 @@ class Outbox:
                 )
             except NodeError as exc:
                 error = str(exc)
-                statuses = []
+                # An association lost mid-batch: the objects answered before it keep their status.
+                statuses = exc.statuses if isinstance(exc, AssociationError) else []
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc.strerror or exc}"
                 statuses = []

@@ -156,6 +156,8 @@ def send(
     try:
         for ds in datasets:
             statuses.append(_store_one(assoc, ds))
+    except AssociationError as exc:
+        raise AssociationError(str(exc), statuses) from exc  # what the peer answered before it failed
     finally:
         if assoc.is_established:
             assoc.release()

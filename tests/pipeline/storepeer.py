@@ -15,10 +15,13 @@ from tests import peers
 
 
 class StorePeer:
-    def __init__(self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000) -> None:
+    def __init__(
+        self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000, abort_after: int | None = None
+    ) -> None:
         self.ae_title = ae_title
         self.port = port or peers.free_port()
         self.status = status
+        self.abort_after = abort_after  # abort the association instead of answering the next object
         self.received: list[str] = []
         self.associations = 0
         self._lock = threading.Lock()
@@ -26,6 +29,9 @@ class StorePeer:
 
     def _on_store(self, event: Event) -> int:
         with self._lock:
+            if self.abort_after is not None and len(self.received) >= self.abort_after:
+                event.assoc.abort()  # a PACS that goes away mid-batch: no response to this object
+                return 0x0000
             self.received.append(str(event.request.AffectedSOPInstanceUID))
         return self.status
 

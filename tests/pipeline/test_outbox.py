@@ -114,6 +114,24 @@ def _make_due(db: sessionmaker[Session]) -> None:
                 delivery.next_attempt_at = utcnow() - timedelta(seconds=1)
 
 
+def test_an_association_lost_mid_batch_keeps_what_the_peer_stored(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The objects answered before the abort are delivered; only the rest are retried."""
+    results = tmp_path / "results"
+    aborting = StorePeer(abort_after=1).start()
+    try:
+        destination_pk, ids = _deliveries(db, results, aborting.port, 3)
+        report = _outbox(db, results).deliver_due(destination_pk)
+    finally:
+        aborting.stop()
+    assert report.delivered == ids[:1] and sorted(report.failed) == sorted(ids[1:])
+    with session_scope(db) as session:
+        states = {d.id: d.state for d in session.scalars(select(Delivery))}
+    assert states == {ids[0]: DeliveryState.DELIVERED, ids[1]: DeliveryState.RETRYING,
+                      ids[2]: DeliveryState.RETRYING}
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff_seconds(n, 5, 60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
 
