@@ -324,11 +324,13 @@ def test_database_unavailable_is_out_of_resources(tmp_path: Path) -> None:
 
 def test_kill_9_before_settle_then_restart_readies_the_study_once(tmp_path: Path) -> None:
     port = peers.free_port()
-    node = start_node(tmp_path / "crash", port, settle_seconds=4.0, callers=(SENDER,))
+    # 20 s: the kill lands well before the timer on a loaded CI machine (3 small files take < 1 s), and
+    # the timer, persisted in the job store, fires after the restart within the wait below.
+    node = start_node(tmp_path / "crash", port, settle_seconds=20.0, callers=(SENDER,))
     study_uid = generate_uid()
     paths = [write(make_cr(study_uid=study_uid, seed=i), tmp_path / f"{i}.dcm") for i in range(3)]
     result = storescu(port, *paths)
-    node.kill()  # SIGKILL right after storage, before the 4 s settle time
+    node.kill()  # SIGKILL right after storage, before the settle time
     assert result.returncode == 0, result.stderr
     engine = make_engine(node.database_url)
     try:
