@@ -35,6 +35,7 @@ from dicom_node.web.deps import (
 from dicom_node.web.login import record_failed_login, set_cookie
 from dicom_node.web.pages import (
     ResultQueryDep,
+    audit_read,
     classify_held,
     held_upload,
     hold_upload,
@@ -137,8 +138,10 @@ def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
 
 
 @router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])
-def api_study(db: DbDep, study_id: int) -> results.StudyDetail:
-    return results.study_detail(db, study_id)
+def api_study(db: DbDep, principal: UserDep, study_id: int) -> results.StudyDetail:
+    detail = results.study_detail(db, study_id)
+    audit_read(db, principal, "study.view", f"study:{study_id}")
+    return detail
 
 
 class DeliveryOut(BaseModel):

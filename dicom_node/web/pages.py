@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.eligibility import not_classified
@@ -273,9 +274,16 @@ def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQ
     )
 
 
+def audit_read(db: Session, principal: Principal, action: str, target: str) -> None:
+    """Record who opened which patient's data (an access log, as hospitals keep), and commit it."""
+    audit.record(db, audit.user_actor(principal.username), action, target)
+    db.commit()
+
+
 @router.get("/results/{study_id}")
 def study_page(request: Request, db: DbDep, principal: UserDep, study_id: int) -> Response:
     detail = results.study_detail(db, study_id)
+    audit_read(db, principal, "study.view", f"study:{study_id}")
     return render(request, "study.html", principal, active="results", study=detail)
 
 
@@ -327,10 +335,12 @@ def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:
 
 
 @router.get("/results/{study_id}/objects/{object_id}/object.dcm")
-def result_object_file(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
+def result_object_file(
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: int, object_id: int
+) -> Response:
     """The DICOM object the node made (SR, Encapsulated PDF, heat-map SC), as sent to the PACS."""
     obj = _result_object(db, study_id, object_id)
-    release(db)
+    audit_read(db, principal, "result.download", f"result_object:{object_id}")
     path = _under(con.settings.results_dir, obj.file_path)
     return FileResponse(
         path, media_type="application/dicom", filename=f"{obj.kind.value}-{obj.sop_instance_uid}.dcm"
@@ -353,9 +363,11 @@ def report_pdf_bytes(con: Console, obj: ResultObject) -> bytes:
 
 
 @router.get("/results/{study_id}/objects/{object_id}/report.pdf")
-def result_report_pdf(con: ConsoleDep, db: DbDep, study_id: int, object_id: int) -> Response:
+def result_report_pdf(
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: int, object_id: int
+) -> Response:
     obj = _result_object(db, study_id, object_id)
-    release(db)
+    audit_read(db, principal, "report.download", f"result_object:{object_id}")
     return Response(
         report_pdf_bytes(con, obj),
         media_type="application/pdf",

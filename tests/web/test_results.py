@@ -359,6 +359,22 @@ def test_sr_and_pdf_downloads(
     )
     (results_dir / "s1" / "sr.dcm").unlink()
     assert client.get(sr_url).status_code == 404
+    # Every opening of the patient's data is in the audit log: who, what, which row.
+    with session_scope(factory) as session:
+        reads = session.execute(
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.target)
+            .where(AuditEvent.action.in_(("study.view", "report.download", "result.download")))
+            .order_by(AuditEvent.id)
+        ).all()
+    pdf_target, sr_target = (f"result_object:{ids.results[kind]}" for kind in (ResultKind.PDF, ResultKind.SR))
+    assert [tuple(row) for row in reads] == [
+        ("user:alice", "study.view", f"study:{ids.study}"),
+        ("user:alice", "report.download", pdf_target),
+        ("user:alice", "result.download", sr_target),
+        ("user:alice", "report.download", pdf_target),
+        ("user:alice", "report.download", sr_target),  # the 404s above: asked for, though not served
+        ("user:alice", "result.download", sr_target),
+    ]
 
 
 def test_files_outside_the_results_directory_are_not_served(
