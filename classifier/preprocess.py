@@ -400,7 +400,9 @@ def _voi_lut_top(ds: pydicom.Dataset) -> float:
     return float(np.max(table)) or 1.0
 
 
-def dataset_to_gray(ds: pydicom.Dataset, min_side: int = 256, *, j2k_min_side: int | None = None) -> FloatImage:
+def dataset_to_gray(
+    ds: pydicom.Dataset, min_side: int = 256, *, j2k_min_side: int | None = None
+) -> FloatImage:
     """Displayable grey image in [0, 1] (white bone), at least ``min_side`` px on its shorter side when the
     source is that large.
 

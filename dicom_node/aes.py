@@ -144,7 +144,9 @@ def remove(session: Session, ae_id: int, actor: str) -> None:
     """Delete an entry. A destination that results were sent (or queued) to is kept: its deliveries are
     the record of where each report went, so it can only be disabled."""
     ae = get_by_id(session, ae_id)
-    deliveries = session.scalar(select(func.count()).select_from(Delivery).where(Delivery.destination_pk == ae.id))
+    deliveries = session.scalar(
+        select(func.count()).select_from(Delivery).where(Delivery.destination_pk == ae.id)
+    )
     if deliveries:
         raise ConflictError(
             f"{ae.ae_title} has {deliveries} result deliveries on record; disable it instead of removing it"

@@ -74,12 +74,16 @@ class _DatabaseCollector(Collector):
         yield _gauge(
             "instances_skipped", "Instances not eligible (not CR/DX frontal chest)", instances.get(InstanceState.SKIPPED, 0)
         )
-        yield _gauge("instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0))
+        yield _gauge(
+            "instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0)
+        )
         yield _gauge("studies_failed", "Studies whose processing failed", studies.get(StudyState.FAILED, 0))
         yield _gauge(
             "deliveries_delivered", "Result objects delivered to a destination", deliveries.get(DeliveryState.DELIVERED, 0)
         )
-        yield _gauge("deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0))
+        yield _gauge(
+            "deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0)
+        )
         depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Work waiting", labels=["queue"])
         depth.add_metric(["studies"], float(open_jobs or 0))
         depth.add_metric(

@@ -16,7 +16,11 @@ from tests import peers
 
 class StorePeer:
     def __init__(
-        self, ae_title: str = "PACS", port: int | None = None, status: int = 0x0000, abort_after: int | None = None
+        self,
+        ae_title: str = "PACS",
+        port: int | None = None,
+        status: int = 0x0000,
+        abort_after: int | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.port = port or peers.free_port()

@@ -364,7 +364,8 @@ def test_reduced_jpeg2000_decode_matches_full_resolution() -> None:
 
 
 def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_stored() -> None:
-    """A 12-bit codestream in an object that says 16 bits stored (pydicom warns, then trusts the codestream)."""
+    """A 12-bit codestream in an object that says 16 bits stored (pydicom warns, then trusts the
+    codestream)."""
     yy, xx = np.mgrid[0:1001, 0:901]
     pixels = ((np.sin(xx / 90.0) + np.cos(yy / 70.0) + 2) / 4 * 4095).astype(np.uint16)
     plain = make_dataset(pixels, bits_stored=12)
@@ -454,7 +455,8 @@ def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
     unci = read_dataset(peers.pydicom_data_file("RG1_UNCI.dcm"))
     j2kr = read_dataset(peers.pydicom_data_file("RG1_J2KR.dcm"))
     # The reduced JPEG 2000 level matches the box-averaged uncompressed image (both ≥ 2 × 224 px).
-    assert dataset_to_gray(j2kr, min_side=224).shape == dataset_to_gray(unci, min_side=224).shape == (489, 461)
+    shapes = {dataset_to_gray(ds, min_side=224).shape for ds in (unci, j2kr)}
+    assert shapes == {(489, 461)}
     a, b = dataset_to_model_input(unci, spec), dataset_to_model_input(j2kr, spec)
     assert a.shape == b.shape == (224, 224, 3)
     assert np.abs(a - b).mean() < 0.01
