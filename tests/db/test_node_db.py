@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,7 +221,13 @@ def test_settled_study_becomes_ready_exactly_once(
 ) -> None:
     scheduler = build_scheduler(engine)
     ready: list[int] = []
-    settler = StudySettler(scheduler, sessions, settle_seconds=0.5, callbacks=[ready.append],
+    fired = threading.Event()
+
+    def on_ready(study_pk: int) -> None:
+        ready.append(study_pk)
+        fired.set()
+
+    settler = StudySettler(scheduler, sessions, settle_seconds=0.5, callbacks=[on_ready],
                            name=f"test-{generate_uid()}")
     scheduler.start()
     settler.start()
@@ -232,9 +237,7 @@ def test_settled_study_becomes_ready_exactly_once(
         results = [ingestor.ingest_bytes(to_bytes(make_cr(study_uid=study_uid, seed=i)), calling_ae="M",
                                          source="dimse") for i in range(3)]
         study_pk = results[0].study_pk
-        deadline = time.monotonic() + 20
-        while not ready and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert fired.wait(timeout=20), "the settle timer did not fire"
         assert ready == [study_pk]
         settler.settle(study_pk)  # a second firing (e.g. after a restart) changes nothing
         with sessions() as session:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,10 @@ def _associate(scp: StorageScp) -> tuple[Association, Association]:
     return requestor, acceptors[0]
 
 
-def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
+def _ended(requestor: Association, seconds: float) -> bool:
+    """The requestor's association thread has ended (the node released or aborted it)."""
+    requestor.join(timeout=seconds)
+    return not requestor.is_alive() and not requestor.is_established
 
 
 def test_the_reactor_mirrors_the_installed_pynetdicom_series() -> None:
@@ -125,7 +122,7 @@ def test_the_network_timeout_still_fires_on_an_idle_association(tmp_path: Path) 
     node = _scp(tmp_path, network_timeout=0.5)
     try:
         requestor, acceptor = _associate(node)
-        assert _wait_until(lambda: not requestor.is_established, 5)
+        assert _ended(requestor, 5)
         acceptor.join(timeout=2)
         assert not acceptor.is_alive()
     finally:
@@ -138,7 +135,7 @@ def test_stopping_the_listener_ends_open_associations(tmp_path: Path) -> None:
     node.stop(grace_seconds=0.2)
     acceptor.join(timeout=3)
     assert not acceptor.is_alive()
-    assert _wait_until(lambda: not requestor.is_established, 3)
+    assert _ended(requestor, 3)
 
 
 def _p_data_body(*items: tuple[int, bytes]) -> bytes:
@@ -181,7 +178,7 @@ def test_a_malformed_p_data_pdu_aborts_the_association_and_the_listener_goes_on(
     requestor.dul.socket.send(struct.pack(">BBL", 4, 0, len(body)) + body)  # type: ignore[union-attr]
     acceptor.join(timeout=3)
     assert not acceptor.is_alive()
-    assert _wait_until(lambda: not requestor.is_established, 3)
+    assert _ended(requestor, 3)
     again, _ = _associate(scp)
     assert again.send_c_echo().Status == 0x0000
     again.release()
