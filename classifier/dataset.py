@@ -181,12 +181,14 @@ def split_from_record(
     return split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
 
 
-def load_gray(path: Path, *, upright: bool = True) -> npt.NDArray[np.float32]:
+def load_gray(path: Path, *, upright: bool = True, min_side: int = 256) -> npt.NDArray[np.float32]:
     """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing: a DICOM
-    image head up by its Patient Orientation, unless ``upright`` is off (to match a mask drawn on it)."""
+    image head up by its Patient Orientation, unless ``upright`` is off (to match a mask drawn on it),
+    reduced as :func:`~classifier.preprocess.dataset_to_gray` does for ``min_side`` (inference passes the
+    model's input size)."""
     if is_dicom_file(path):
         ds = read_dataset(path)
-        return dataset_to_upright_gray(ds) if upright else dataset_to_gray(ds)
+        return dataset_to_upright_gray(ds, min_side) if upright else dataset_to_gray(ds, min_side)
     with Image.open(path) as image:
         image.load()
         return pil_to_gray(image)
@@ -198,7 +200,7 @@ def load_grays(
     """N×H×W grey images cropped and resized by the spec (not yet equalised): the training cache."""
     out = np.empty((len(items), *spec.input_size), dtype=np.float32)
     for index, item in enumerate(items):
-        out[index] = fit_gray(load_gray(item.path), spec, lungs)
+        out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
     return out
 
 
