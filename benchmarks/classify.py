@@ -2,6 +2,8 @@
 
 Median milliseconds per image for reading, pixel decoding, the whole preprocessing (decode included),
 prediction at batch 1 and 16 (without and with Grad-CAM), and end to end (file → Prediction, batch 1);
+the peer, measured in the same run, is pydicom's own full-resolution decode (``Dataset.pixel_array``),
+which the node's decode is quoted against as a ratio;
 seconds per training epoch of the seed CNN and of the model's architecture(s) on 696 synthetic images (the
 size of the cxr3 training split). Prints a table and, as the last line, a JSON object.
 
@@ -49,6 +51,8 @@ def _image_row(classifier: Classifier, name: str, repeats: int) -> dict[str, Any
         "read_ms": _median_ms(lambda: read_dataset(path), repeats),
         # The resolution the model path decodes (dataset_to_gray: JPEG 2000 level ≥ 2 × the input size).
         "decode_ms": _median_ms(lambda: frame_pixels(read_dataset(path), 2 * max(spec.input_size)), repeats),
+        # The peer: pydicom decoding the whole frame (about a second for JPEG 2000, so fewer repeats).
+        "pydicom_decode_ms": _median_ms(lambda: read_dataset(path).pixel_array, max(3, repeats // 3)),
         "preprocess_ms": _median_ms(
             lambda: dataset_to_model_input(read_dataset(path), spec, classifier.lungs), repeats
         ),
@@ -65,7 +69,10 @@ def _image_row(classifier: Classifier, name: str, repeats: int) -> dict[str, Any
 
 
 def _image_rows(classifier: Classifier, repeats: int) -> list[dict[str, Any]]:
-    return [_image_row(classifier, name, repeats) for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm")]
+    rows = [_image_row(classifier, name, repeats) for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm")]
+    for row in rows:
+        row["pydicom_over_decode"] = row["pydicom_decode_ms"] / row["decode_ms"]
+    return rows
 
 
 def _epoch_seconds(architecture: str, images: int) -> float:
