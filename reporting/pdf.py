@@ -587,14 +587,16 @@ class _PageDecor:
         canvas.setFillColor(colors.white)
         institution = self.node.institution_name.strip()
         heading = institution or self.node.name
-        canvas.setFont(fonts.bold, 12)
-        canvas.drawString(
-            MARGIN + 3 * mm, top - 7.5 * mm, _fit(heading, fonts.bold, 12, CONTENT_WIDTH * 0.55)
+        # Institution and station names are free text (a Japanese hospital's name, say): drawn in runs,
+        # with the fallback font where the main one has no glyph, like the patient's name.
+        _draw_runs(
+            canvas, fonts, _fit(heading, fonts, fonts.bold, 12, CONTENT_WIDTH * 0.55),
+            MARGIN + 3 * mm, top - 7.5 * mm, 12, fonts.bold,
         )
-        canvas.setFont(fonts.regular, 8)
         subheading = self.node.name if institution else f"{self.node.station_name}"
-        canvas.drawString(
-            MARGIN + 3 * mm, top - 11.2 * mm, _fit(subheading, fonts.regular, 8, CONTENT_WIDTH * 0.55)
+        _draw_runs(
+            canvas, fonts, _fit(subheading, fonts, fonts.regular, 8, CONTENT_WIDTH * 0.55),
+            MARGIN + 3 * mm, top - 11.2 * mm, 8,
         )
         canvas.setFont(fonts.bold, 12)
         canvas.drawRightString(MARGIN + CONTENT_WIDTH - 3 * mm, top - 7.5 * mm, TITLE)
@@ -615,14 +617,15 @@ class _PageDecor:
         page = f"Page {number} of {total}"
         identity_width = CONTENT_WIDTH - stringWidth(page, fonts.regular, 7.5) - 4 * mm  # never under the number
         _draw_runs(
-            canvas, fonts, _fit(self.identity, fonts.regular, 8, identity_width), MARGIN, bottom + 2.6 * mm, 8
+            canvas, fonts, _fit(self.identity, fonts, fonts.regular, 8, identity_width),
+            MARGIN, bottom + 2.6 * mm, 8,
         )
         canvas.setFillColor(MUTED)
         canvas.setFont(fonts.regular, 7.5)
         canvas.drawRightString(
             MARGIN + CONTENT_WIDTH,
             bottom + 6.2 * mm,
-            _fit(self.model_text, fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
+            _fit(self.model_text, fonts, fonts.regular, 7.5, CONTENT_WIDTH * 0.45),
         )
         canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, page)
         canvas.restoreState()
@@ -644,18 +647,25 @@ def _identity_line(source: pydicom.Dataset) -> str:
     )
 
 
-def _draw_runs(canvas: Canvas, fonts: Typeface, text: str, x: float, y: float, size: float) -> None:
-    """Draw ``text`` on the canvas, switching to the fallback font where the main font has no glyph."""
-    for font, run in fonts.runs(text, fonts.regular):
-        canvas.setFont(font, size)
+def _draw_runs(
+    canvas: Canvas, fonts: Typeface, text: str, x: float, y: float, size: float, font: str | None = None
+) -> None:
+    """Draw ``text`` in ``font`` (default: regular), switching to the fallback font where it has no glyph."""
+    for run_font, run in fonts.runs(text, font or fonts.regular):
+        canvas.setFont(run_font, size)
         canvas.drawString(x, y, run)
-        x += stringWidth(run, font, size)
+        x += stringWidth(run, run_font, size)
 
 
-def _fit(text: str, font: str, size: float, width: float) -> str:
+def _width(text: str, fonts: Typeface, font: str, size: float) -> float:
+    """Width of ``text`` as :func:`_draw_runs` draws it (fallback glyphs are wider than the main font's)."""
+    return sum(stringWidth(run, run_font, size) for run_font, run in fonts.runs(text, font))
+
+
+def _fit(text: str, fonts: Typeface, font: str, size: float, width: float) -> str:
     """``text`` shortened with an ellipsis to fit ``width`` points."""
-    if stringWidth(text, font, size) <= width:
+    if _width(text, fonts, font, size) <= width:
         return text
-    while text and stringWidth(text + "…", font, size) > width:
+    while text and _width(text + "…", fonts, font, size) > width:
         text = text[:-1]
     return text + "…"

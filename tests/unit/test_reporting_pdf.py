@@ -74,6 +74,15 @@ def test_japanese_patient_name_is_in_the_text() -> None:
     assert "Yamada, Tarou / 山田 太郎 / やまだ たろう" in compact(text)
 
 
+def test_japanese_institution_name_in_the_page_header_is_in_the_text() -> None:
+    """The header is drawn on the canvas, not in a Paragraph: it needs the fallback font as well."""
+    if fallback_font_file() is None:
+        peers.missing("no CJK TrueType font (Debian fonts-droid-fallback)")
+    node = dataclasses.replace(NODE, institution_name="東京中央病院")
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed()], node, analysed_at=ANALYSED_AT)))
+    assert "東京中央病院" in reader.pages[0].extract_text()
+
+
 def test_missing_accession_and_birth_date_print_as_not_recorded() -> None:
     (text,) = pages([analysed(sparse_source(), with_heatmap=False)])
     assert "None" not in text
