@@ -659,7 +659,7 @@ def _draw_runs(
 
 def _width(text: str, fonts: Typeface, font: str, size: float) -> float:
     """Width of ``text`` as :func:`_draw_runs` draws it (fallback glyphs are wider than the main font's)."""
-    return sum(stringWidth(run, run_font, size) for run_font, run in fonts.runs(text, font))
+    return float(sum(stringWidth(run, run_font, size) for run_font, run in fonts.runs(text, font)))
 
 
 def _fit(text: str, fonts: Typeface, font: str, size: float, width: float) -> str:
