@@ -29,6 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks import table
+
 NIH_CLASSES = ("normal", "pneumonia")
 
 
@@ -59,19 +61,20 @@ def main(argv: list[str] | None = None) -> int:
         manifest = [row for row in csv.DictReader(handle) if row["label"] in NIH_CLASSES]
     matched = [(row, adjudicated[Path(row["source"]).name]) for row in manifest if Path(row["source"]).name in adjudicated]
 
-    table: Counter[tuple[str, str]] = Counter((row["label"], adjudicated_label(adj)) for row, adj in matched)
+    counts: Counter[tuple[str, str]] = Counter((row["label"], adjudicated_label(adj)) for row, adj in matched)
     print(f"{len(manifest)} NIH images in cxr3, {len(matched)} adjudicated by radiologists (Majkowska et al. 2019)")
-    print(f"{'mined label':<14}{'radiologists: normal':>22}{'radiologists: pneumonia':>25}")
-    for mined in NIH_CLASSES:
-        print(f"{mined:<14}{table[(mined, 'normal')]:>22}{table[(mined, 'pneumonia')]:>25}")
-    disagree = sum(count for (mined, adj), count in table.items() if mined != adj)
+    print(table.render(
+        [("mined label", ""), ("radiologists: normal", "d"), ("radiologists: pneumonia", "d")],
+        [[mined, counts[(mined, "normal")], counts[(mined, "pneumonia")]] for mined in NIH_CLASSES],
+    ))
+    disagree = sum(count for (mined, adj), count in counts.items() if mined != adj)
     low, high = wilson_interval(disagree, len(matched))
     print(f"mined label != radiologists: {disagree} of {len(matched)} ({disagree / max(len(matched), 1):.0%}, "
           f"95 % CI {low:.0%}-{high:.0%})")  # fmt: skip
     result: dict[str, Any] = {
         "nih_images": len(manifest),
         "adjudicated": len(matched),
-        "table": {f"{mined}->{adj}": table[(mined, adj)] for mined in NIH_CLASSES for adj in NIH_CLASSES},
+        "table": {f"{mined}->{adj}": counts[(mined, adj)] for mined in NIH_CLASSES for adj in NIH_CLASSES},
         "disagreement": disagree / max(len(matched), 1),
         "disagreement_ci95": [low, high],
     }
