@@ -28,9 +28,11 @@ def colourise(values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
 
 
 def resize_heatmap(heatmap: npt.NDArray[np.floating], shape: tuple[int, int]) -> npt.NDArray[np.float32]:
-    """Stretch a heat map computed over the model input to an image of ``shape`` (rows, columns).
+    """Stretch a heat map to an image of ``shape`` (rows, columns).
 
-    The model input is the whole radiograph resized without cropping, so stretching maps it back.
+    The classifier's heat maps already cover the whole radiograph (it places the map of a cropped model
+    input back into the frame: :func:`classifier.inference.heatmap_in_whole_frame`), so stretching lines
+    them up with the image.
     """
     image = Image.fromarray(np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0), mode="F")
     resized = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)

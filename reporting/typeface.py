@@ -67,12 +67,6 @@ class Typeface:
             for name, run in self.runs(text, self.regular)
         )
 
-    def renders(self, text: str) -> bool:
-        """Whether every character of ``text`` has a glyph in the main or the fallback font."""
-        return all(
-            char.isspace() or ord(char) in self.covered or ord(char) in self.fallback_covered for char in text
-        )
-
 
 def _codepoints(font: TTFont) -> frozenset[int]:
     return frozenset(font.face.charToGlyph)
