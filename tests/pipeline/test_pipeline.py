@@ -172,7 +172,7 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
         assert set(finding.probabilities) == set(info.classes)
         assert abs(sum(finding.probabilities.values()) - 1) < 1e-3
         assert finding.label in (*info.classes, "indeterminate")
-        assert finding.timings_ms["read"] > 0
+        assert {"read", "predict"} <= set(finding.timings_ms)  # recorded, not judged: timing is a benchmark
         assert finding.novelty is not None and 0.0 < finding.novelty < 1.0  # a chest CR: familiar
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED
