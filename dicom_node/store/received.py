@@ -182,13 +182,11 @@ def _upsert_patient(conn: Connection, ds: Dataset) -> int:
         "birth_date": _text(ds, "PatientBirthDate", 8),
         "sex": _text(ds, "PatientSex", 16),
     }
-    if not patient_id:  # identifies no one: this study's own row, never another patient's
-        return _new_id(conn.execute(insert(_PATIENT).values(
-            patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
+    # An empty Patient ID identifies no one: never looked up, so the study gets its own row.
     row = conn.execute(
         select(_PATIENT.c.id, _PATIENT.c.name, _PATIENT.c.birth_date, _PATIENT.c.sex)
         .where(_PATIENT.c.patient_id == patient_id, _PATIENT.c.issuer_of_patient_id == issuer)
-    ).first()
+    ).first() if patient_id else None
     if row is None:
         return _new_id(conn.execute(insert(_PATIENT).values(
             patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
