@@ -39,6 +39,7 @@ from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
 from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.inference import Classifier, default_model_path, load_input
+from classifier.metrics import roc_auc
 from classifier.novelty import fit_probe
 from classifier.preprocess import dataset_to_model_input, image_to_model_input, read_dataset
 
@@ -64,10 +65,12 @@ def threshold_refusing(scores: npt.ArrayLike, fraction: float) -> float:
 
 
 def auc(positives: npt.ArrayLike, negatives: npt.ArrayLike) -> float:
-    """Probability that a positive scores above a negative (ties count half): the ROC AUC."""
-    pos = np.asarray(positives, dtype=np.float64)[:, None]
-    neg = np.asarray(negatives, dtype=np.float64)[None, :]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+    """Probability that a positive scores above a negative (ties count half): the ROC AUC, as the model
+    card's metrics compute it (:func:`classifier.metrics.roc_auc`)."""
+    pos = np.asarray(positives, dtype=np.float64).ravel()
+    neg = np.asarray(negatives, dtype=np.float64).ravel()
+    value = roc_auc(np.arange(len(pos) + len(neg)) < len(pos), np.concatenate([pos, neg]))
+    return float("nan") if value is None else value  # no positives or no negatives: undefined
 
 
 def _embed_files(classifier: Classifier, items: Sequence[LabelledImage]) -> Features:
