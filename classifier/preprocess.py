@@ -400,6 +400,16 @@ def _voi_lut_top(ds: pydicom.Dataset) -> float:
     return float(np.max(table)) or 1.0
 
 
+def _palette_top(ds: pydicom.Dataset, rgb: npt.NDArray[Any]) -> float:
+    """White for palette entries: the descriptor's bits per entry (8 or 16), not the image's content.
+
+    Entries stored one byte each come back as uint8. Some writers store 8-bit entries in 16-bit words;
+    the descriptor still says 8 then, and white is 255 either way."""
+    if rgb.dtype == np.uint8 or int(ds.RedPaletteColorLookupTableDescriptor[2]) == 8:
+        return 255.0
+    return 65535.0
+
+
 def dataset_to_gray(
     ds: pydicom.Dataset, min_side: int = 256, *, j2k_min_side: int | None = None
 ) -> FloatImage:
@@ -416,8 +426,7 @@ def dataset_to_gray(
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
             rgb = apply_color_lut(raw, ds)
-        top = 65535.0 if rgb.max() > 255 else 255.0  # 16- or 8-bit palette entries
-        gray = (_box_reduce(rgb, min_side) @ _LUMA) / top
+        gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"):
         if raw.ndim != 3:

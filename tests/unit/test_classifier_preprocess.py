@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import pytest
 from PIL import Image
@@ -307,6 +309,25 @@ def test_palette_colour_goes_through_its_lut() -> None:
     gray = dataset_to_gray(ds)
     assert gray[0, 0] == pytest.approx(1.0, abs=0.01)
     assert gray[0, 15] < gray[0, 0]
+
+
+def _palette(indices: npt.NDArray[Any], levels: npt.NDArray[Any], bits: int) -> pydicom.Dataset:
+    ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(levels), 0, bits])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", levels.tobytes())
+    return ds
+
+
+def test_palette_white_comes_from_the_descriptor_not_the_content() -> None:
+    """A dark image through a 16-bit palette stays dark: its entries all below 256 do not make it 8-bit."""
+    indices = np.tile(np.arange(16, dtype=np.uint8), (16, 1))
+    dark = _palette(indices, np.arange(256, dtype="<u2"), 16)  # entries 0..255 of 65535
+    assert float(dataset_to_gray(dark).max()) < 0.01
+    eight_in_words = _palette(indices, np.arange(256, dtype="<u2"), 8)  # 8-bit entries in 16-bit words
+    assert float(dataset_to_gray(eight_in_words)[0, 15]) == pytest.approx(15 / 255, abs=0.01)
+    eight = _palette(indices, np.arange(256, dtype=np.uint8), 8)
+    assert float(dataset_to_gray(eight)[0, 15]) == pytest.approx(15 / 255, abs=0.01)
 
 
 def test_multi_frame_uses_the_first_frame() -> None:
