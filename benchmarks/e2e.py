@@ -10,6 +10,11 @@ Orthanc (Debian package) at a steady rate over one association; Orthanc forwards
 - the node's peak RSS (VmHWM of the node process);
 - lost studies (no SR within the deadline) and duplicated ones (more than one SR).
 
+The peer, in the same run: the same Orthanc forwards as many fresh studies, at the same rate, to DCMTK
+``storescp`` (which stores files and classifies nothing) in the node's place. Its seconds from Orthanc's
+acknowledgement to the file written are the floor for the node's Orthanc → node leg; the ratio of the two
+medians is printed. ``--no-peer`` skips it.
+
 Usage: PYTHONPATH=. python benchmarks/e2e.py [--studies 100] [--rate 1.0] [--settle 2] [--model PATH]
 Prints a table, then the figures as one JSON object on the last line.
 """
@@ -18,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import table  # noqa: E402
+from benchmarks.testdata import pydicom_data_file  # noqa: E402
 from tests import peers  # noqa: E402
 from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until  # noqa: E402
 from tests.orthanc import NodeAddress, OrthancServer  # noqa: E402
@@ -71,7 +81,7 @@ class SrWatcher(threading.Thread):
 
 
 def corpus(folder: Path, count: int) -> list[tuple[Path, str]]:
-    source = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    source = pydicom.dcmread(pydicom_data_file("RG1_UNCI.dcm"))
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for index in range(count):
@@ -113,6 +123,34 @@ def push(
     finally:
         assoc.release()
     return received, wall
+
+
+def storescp_leg(work: Path, orthanc: OrthancServer, count: int, rate: float) -> list[float]:
+    """The peer: Orthanc (stopped) forwards ``count`` fresh studies to DCMTK ``storescp`` in the node's place.
+    Seconds from Orthanc's acknowledgement to the file's last write at storescp, one per study received."""
+    storescp = shutil.which("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
+    out = work / "storescp"
+    out.mkdir()
+    port = peers.free_port()
+    proc = subprocess.Popen([storescp, "-aet", NODE_AET, "-uf", "-od", str(out), str(port)],
+                            env=dict(os.environ, TCP_NODELAY="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    orthanc.set_node(NodeAddress(NODE_AET, port))
+    orthanc.start()
+    try:
+        _, wall = push(orthanc, corpus(work / "corpus-peer", count), rate)
+        wait_until(lambda: sum(1 for _ in out.iterdir()) >= count, 60 + count * 0.5, interval=0.2)
+        time.sleep(1.0)  # the last file's write
+    finally:
+        orthanc.stop()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    seconds = []
+    for path in out.iterdir():
+        study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        if study in wall:
+            seconds.append(path.stat().st_mtime - wall[study])
+    return seconds
 
 
 def stages(node: NodeProcess, wall: dict[str, float]) -> dict[str, list[float]]:
@@ -162,6 +200,13 @@ def _p(values: list[float], q: float) -> float | None:
     return round(percentile(values, q), 2) if values else None
 
 
+def _ratio(values: list[float], peer: list[float]) -> float | None:
+    """Median over the peer's median, or None when either leg is empty or the peer's is not positive."""
+    if not values or not peer or statistics.median(peer) <= 0:
+        return None
+    return round(statistics.median(values) / statistics.median(peer), 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=100)
@@ -170,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="model artifact (default: the shipped default model)")
     parser.add_argument("--no-heatmap", dest="heatmap", action="store_false",
                         help="skip Grad-CAM heat maps (the product default computes them for the PDF)")
+    parser.add_argument("--no-peer", dest="peer", action="store_false",
+                        help="skip the storescp peer leg (Orthanc → DCMTK storescp, same rate and count)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
 
@@ -208,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.stop()
         orthanc.stop()
+    peer = storescp_leg(work, orthanc, args.studies, args.rate) if args.peer else []
 
     latencies = [watcher.seen[uid][0] - at for uid, at in received.items() if uid in watcher.seen]
     lost = sum(1 for uid in received if uid not in watcher.seen)
@@ -229,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         "target_p95_s": args.settle + 2.0,
         "orthanc_to_node_p50_s": _p(breakdown["forward"], 50),
         "settle_p50_s": _p(breakdown["settle"], 50),
+        "orthanc_to_storescp_p50_s": _p(peer, 50),
+        "orthanc_to_storescp_p95_s": _p(peer, 95),
+        "orthanc_to_node_vs_storescp_p50": _ratio(breakdown["forward"], peer),
+        "storescp_received": len(peer) if args.peer else None,
         "ready_to_sr_delivered_p50_s": _p(breakdown["process"], 50),
         "ready_to_sr_delivered_p95_s": _p(breakdown["process"], 95),
         "heatmap": args.heatmap,
@@ -237,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table.render([("figure", ""), ("value", "")], [[k, v] for k, v in figures.items() if k != "model"]))
     print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
     if not args.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures))
     return 0 if lost == 0 and duplicated == 0 else 1
