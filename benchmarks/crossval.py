@@ -57,15 +57,16 @@ def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
                 os.sched_setaffinity(process.pid, {cpu})
             running[fold] = (process, time.monotonic(), cpu)
             print(f"fold {fold}/{args.folds} started" + (f" on CPU {cpu}" if cpu >= 0 else ""), file=sys.stderr)
-        time.sleep(2)
-        for fold, (process, started, _) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[fold]
-            if process.returncode != 0:
-                sys.exit(f"fold {fold} failed (exit {process.returncode}); see {args.output / f'fold{fold}.log'}")
-            seconds[fold] = time.monotonic() - started
-            print(f"fold {fold}/{args.folds} done in {seconds[fold] / 60:.1f} min", file=sys.stderr)
+        pid, status = os.wait()  # the folds are this process's only children: block until one ends
+        ended = next((f for f, (process, _, _) in running.items() if process.pid == pid), None)
+        if ended is None:
+            continue
+        process, started, _ = running.pop(ended)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen cannot see it
+        if process.returncode != 0:
+            sys.exit(f"fold {ended} failed (exit {process.returncode}); see {args.output / f'fold{ended}.log'}")
+        seconds[ended] = time.monotonic() - started
+        print(f"fold {ended}/{args.folds} done in {seconds[ended] / 60:.1f} min", file=sys.stderr)
     return seconds
 
 
