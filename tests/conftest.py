@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from tests import peers
+from tests.pipeline.model import model_for_tests
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -23,3 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
     peers.REQUIRE_PEERS = bool(config.getoption("--require-peers")) or any(
         os.environ.get(name, "").lower() in ("1", "true") for name in ("CXR_REQUIRE_PEERS", "CI")
     )
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model for classification tests: the shipped default, else a tiny one trained once per session."""
+    return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")

@@ -20,7 +20,7 @@ from dicom_node.web import create_app
 from dicom_node.web.results import local_midnight
 from dicom_node.web.server import WebServer
 from tests import peers
-from tests.web.conftest import fast_password_hashing, model_path, storescp  # noqa: F401  (fixtures)
+from tests.web.conftest import fast_password_hashing, storescp  # noqa: F401  (fixtures)
 from tests.web.studies import StudySpec, add_study
 
 CHROMIUM = "/usr/bin/chromium"
@@ -116,7 +116,7 @@ def _seed(settings: Settings) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[RunningConsole]:  # noqa: F811
+def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[RunningConsole]:
     data_dir = tmp_path_factory.mktemp("e2e") / "var"
     settings = Settings(
         node={"data_dir": data_dir, "name": "CXR AI node", "institution_name": "St. Example Hospital"},

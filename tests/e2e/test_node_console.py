@@ -39,15 +39,13 @@ def _add_user(node: NodeProcess, username: str, role: str, password: str) -> Non
 
 @pytest.fixture
 def node(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, storescp: tuple[str, int]
+    tmp_path: Path, model_path: Path, storescp: tuple[str, int]
 ) -> Iterator[NodeProcess]:
-    from tests.pipeline.model import model_for_tests
-
     title, _ = storescp
     web_port = peers.free_port()
     process = configured_node(
         tmp_path / "node",
-        model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
+        model_path=model_path,
         callers=[],
         destinations=[],
         extra={

@@ -36,7 +36,6 @@ from dicom_node.store.models import (
 from tests import peers
 from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until
 from tests.orthanc import NodeAddress, OrthancServer
-from tests.pipeline.model import model_for_tests
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -53,14 +52,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
     peers.executable("storescu")
     root = tmp_path_factory.mktemp("orthanc-stack")
     orthanc = OrthancServer(root / "orthanc")
     backup_port = peers.free_port()
     node = configured_node(
         root / "node",
-        model_path=model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"),
+        model_path=model_path,
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"},
                  {"ae_title": MODALITY_AET, "host": "127.0.0.1"}],
         destinations=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},

@@ -48,7 +48,6 @@ from dicom_node.store.models import (
 )
 from reporting import codes
 from tests import peers
-from tests.pipeline.model import model_for_tests
 from tests.pipeline.storepeer import StorePeer
 
 pytestmark = pytest.mark.slow
@@ -76,10 +75,10 @@ def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> ImageClassifier:
+def classifier(model_path: Path) -> ImageClassifier:
     from classifier.inference import Classifier
 
-    return Classifier.load(model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model"))
+    return Classifier.load(model_path)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from dicom_node.store.db import make_engine, make_session_factory, session_scope
 from dicom_node.store.models import UserRole
 from dicom_node.web import create_app
 from tests import peers
-from tests.pipeline.model import model_for_tests
 
 ADMIN = ("alice", "admin-password-1")
 RADIOLOGIST = ("rob", "radiologist-pw-1")
@@ -39,13 +38,6 @@ def fast_password_hashing() -> Iterator[None]:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(node={"data_dir": tmp_path / "var", "name": "Test CXR node"}, web={"port": 0})
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model for classification tests: the shipped default, else the tiny one the pipeline tests
-    train (shared per session)."""
-    return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
 
 
 @pytest.fixture
