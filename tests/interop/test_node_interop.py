@@ -410,8 +410,10 @@ def test_listener_processes_share_associations_settle_their_studies_and_die_with
                 states = session.scalars(select(Study.state).where(Study.study_instance_uid.in_(study_uids)))
                 return sorted(state is not StudyState.RECEIVED for state in states) == [True] * 12
 
-        # Well inside the settler's 30 s sweep: the listener processes' studies were armed when stored.
         wait_for(all_ready, timeout=SETTLE + 10)
+        # Armed when stored, through the listener processes' events: the periodic sweep (which logs when
+        # it arms a study) would also ready them, and must not be what did it.
+        assert "re-armed settle timers" not in node.log_text()
 
         node.kill()
         wait_for(lambda: not listener_process_pids(node.proc.pid if node.proc else 0)
