@@ -21,9 +21,11 @@ level for the same reason (the codestream is multi-resolution, the model needs 1
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -218,6 +220,8 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] 
     """
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
         return None
+    if not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper().startswith("MONOCHROME"):
+        return None  # palette indices are labels: a wavelet low-pass would average them
     rows, columns = int(ds.Rows), int(ds.Columns)
     frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
@@ -254,6 +258,8 @@ def _j2k_precision(codestream: bytes) -> int | None:
 def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
     """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``."""
     if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise UnsupportedImageError("float pixel data (a parametric map, not a radiograph)")
         raise UnsupportedImageError("the object has no Pixel Data")
     frames = _number_of_frames(ds)
     if frames > 1:
@@ -262,6 +268,8 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
     if transfer_syntax in (JPEG2000, JPEG2000Lossless):
         try:
             reduced = _decode_j2k_reduced(ds, min_side)
+        except Image.DecompressionBombError as exc:  # the codestream claims > 179 Mpx (Pillow's limit)
+            raise UnsupportedImageError(f"JPEG 2000 image too large: {exc}") from exc
         except (OSError, ValueError, StopIteration) as exc:
             LOGGER.warning(
                 "reduced JPEG 2000 decode failed (%s); decoding at full resolution", type(exc).__name__
@@ -331,8 +339,8 @@ def _first_number(ds: pydicom.Dataset, keyword: str) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-def _percentile_window(values: FloatImage) -> FloatImage:
-    low, high = np.percentile(values, PERCENTILE_WINDOW)
+def _percentile_window(values: FloatImage, padded: npt.NDArray[np.bool_] | None = None) -> FloatImage:
+    low, high = np.percentile(values if padded is None else values[~padded], PERCENTILE_WINDOW)
     if high <= low:
         return np.zeros_like(values, dtype=np.float32)
     return _f32(np.clip((values - low) / (high - low), 0.0, 1.0))
@@ -365,19 +373,23 @@ def _has_value(ds: pydicom.Dataset, keyword: str) -> bool:
         return True
 
 
-def _voi(values: FloatImage, ds: pydicom.Dataset) -> FloatImage:
-    """The first VOI LUT, else the first window, else the percentile window."""
+def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] | None = None) -> FloatImage:
+    """The first VOI LUT, else the first window, else the percentile window (of the pixels not
+    ``padded``)."""
     sequence = ds.get("VOILUTSequence")
     if sequence:
         with _lookup_table("VOI LUT"):
-            lut = apply_voi(np.round(values).astype(np.int64), ds, index=0)  # LUT indices are integers
-            return _f32(np.clip(np.asarray(lut, dtype=np.float32) / _voi_lut_top(ds), 0.0, 1.0))
+            table, first = _first_voi_lut(ds)
+        # Indices are integers; inputs below the first mapped value take the first entry, above the
+        # last the last (PS3.3 C.11.2.1.1). The largest output is white.
+        index = np.clip(np.round(values).astype(np.int64) - first, 0, len(table) - 1)
+        return _f32(np.clip(table[index] / (float(table.max()) or 1.0), 0.0, 1.0))
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
     if "WindowCenter" in ds or "WindowWidth" in ds:
         LOGGER.info("window center/width empty or unusable; using the percentile window")
-    return _percentile_window(values)
+    return _percentile_window(values, padded)
 
 
 @contextmanager
@@ -386,18 +398,37 @@ def _lookup_table(name: str) -> Iterator[None]:
     functions) is an image the node cannot read: one refusal with a reason, not an unexpected failure."""
     try:
         yield
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error) as exc:
         raise UnsupportedImageError(f"unusable {name}: {type(exc).__name__}") from exc
 
 
-def _voi_lut_top(ds: pydicom.Dataset) -> float:
-    """The largest output of the first VOI LUT, which maps to white.
+def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
+    """The first VOI LUT as its whole table and the first stored value it maps.
 
-    Read through pydicom (the whole table looked up once), not from LUT Data itself: LUT Data encoded
-    as OW (always so in implicit VR files) comes back as raw bytes, which pydicom's lookup unpacks."""
-    entries, first = (int(value) for value in ds.VOILUTSequence[0].LUTDescriptor[:2])
-    table = apply_voi(np.arange(first, first + (entries or 65536), dtype=np.int64), ds, index=0)
-    return float(np.max(table)) or 1.0
+    The table is read through pydicom (one lookup of every input value), not from LUT Data itself: LUT
+    Data encoded as OW (always so in implicit VR files) comes back as raw bytes, which pydicom unpacks.
+    pydicom indexes a table of 8-bit entries with uint8, so inputs past 255 would wrap round; it reads
+    the entries alike for 8 and 16 bits, so a copy that declares 16 bits gives the same table unwrapped."""
+    item = ds.VOILUTSequence[0]
+    descriptor = [int(value) for value in item.LUTDescriptor[:3]]
+    entries, first = descriptor[0] or 65536, descriptor[1]
+    if descriptor[2] == 8:
+        wide = copy.copy(item)
+        wide.LUTDescriptor = [descriptor[0], first, 16]
+        ds = copy.copy(ds)
+        ds.VOILUTSequence = [wide]
+    table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
+    return np.asarray(table, dtype=np.float64), first
+
+
+def _check_palette(ds: pydicom.Dataset) -> None:
+    """Refuse a palette pydicom would misread: it indexes a table of 8-bit entries with uint8, so a
+    palette of more than 256 such entries would map index 256 to entry 0."""
+    entries, _, bits = (int(value) for value in ds.RedPaletteColorLookupTableDescriptor[:3])
+    data = ds.get("RedPaletteColorLookupTableData")
+    one_byte = isinstance(data, bytes) and len(data) == (entries or 65536)
+    if (entries or 65536) > 256 and (one_byte or (data is None and bits == 8)):
+        raise UnsupportedImageError("unusable Palette Color LUT: more than 256 entries of 8 bits")
 
 
 def _palette_top(ds: pydicom.Dataset, rgb: npt.NDArray[Any]) -> float:
@@ -421,15 +452,14 @@ def dataset_to_gray(
     gives the same model input whether it was sent compressed or not."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     raw = frame_pixels(ds, 2 * min_side if j2k_min_side is None else j2k_min_side)
-    if raw.ndim == 3 and raw.shape[-1] not in (3, 4) and photometric.startswith("MONOCHROME"):
-        raw = raw[0]  # a multi-frame array that slipped through
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
+            _check_palette(ds)
             rgb = apply_color_lut(raw, ds)
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"):
-        if raw.ndim != 3:
+        if raw.ndim != 3 or raw.shape[-1] != 3:
             raise UnsupportedImageError(f"colour image with unexpected shape {raw.shape}")
         bits = int(ds.get("BitsStored", 8))
         gray = (_box_reduce(raw, min_side) @ _LUMA) / float((1 << bits) - 1)
@@ -438,11 +468,37 @@ def dataset_to_gray(
         raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
     if raw.ndim != 2:
         raise UnsupportedImageError(f"grey image with unexpected shape {raw.shape}")
-    stored = _box_reduce(raw, min_side)
-    gray = _voi(_modality(stored, ds), ds)
+    padding = _padding_mask(raw, ds)
+    if padding is None:
+        stored, padded = _box_reduce(raw, min_side), None
+    else:  # each box is the mean of its image pixels; a box of mostly padding is padding
+        kept = _box_reduce(~padding, min_side)
+        padded = kept < 0.5
+        if padded.all():
+            raise UnsupportedImageError("every pixel is padding (Pixel Padding Value)")
+        stored = _f32(_box_reduce(np.where(padding, 0, raw), min_side) / np.maximum(kept, 1e-6))
+        stored[padded] = np.median(stored[~padded])  # a value any LUT can look up; blacked out below
+    gray = _voi(_modality(stored, ds), ds, padded)
     if _inverted(ds, photometric):
         gray = 1.0 - gray
+    if padded is not None:
+        gray[padded] = 0.0
     return gray
+
+
+def _padding_mask(raw: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[np.bool_] | None:
+    """Padding pixels (PS3.3 C.7.5.1.1.2), which are not part of the image: stored values equal to Pixel
+    Padding Value or, with Pixel Padding Range Limit, between the two. ``None`` when there are none.
+
+    They stay out of the percentile window and are shown black, as viewers leave them out of their
+    automatic window and do not show them as anatomy."""
+    value = _first_number(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _first_number(ds, "PixelPaddingRangeLimit")
+    low, high = (value, value) if limit is None else sorted((value, limit))
+    mask = (raw >= low) & (raw <= high)
+    return mask if bool(mask.any()) else None
 
 
 # Where the patient's feet point on screen, by the first (dominant) letter of a Patient Orientation

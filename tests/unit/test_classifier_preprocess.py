@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,18 @@ def test_voi_lut_data_read_back_as_ow_bytes(syntax: str) -> None:
     assert 0.45 < gray[0, 32] < 0.55
 
 
+def test_a_voi_lut_of_8_bit_entries_longer_than_256_does_not_wrap_round() -> None:
+    """pydicom indexes 8-bit tables with uint8: stored 256 would read entry 0 and 2048 entry 0 too."""
+    ds = make_dataset(np.tile(np.arange(4096, dtype=np.uint16), (8, 1)), bits_stored=12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = [value // 16 for value in range(4096)]
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = [item]
+    gray = dataset_to_gray(ds, min_side=4096)
+    np.testing.assert_allclose(gray[0, [100, 256, 2048, 4095]], np.array([6, 16, 128, 255]) / 255, atol=1e-6)
+
+
 def test_a_malformed_lookup_table_is_an_unsupported_image() -> None:
     ds = make_dataset(ramp(8, 64), bits_stored=8)
     item = Dataset()
@@ -240,6 +253,52 @@ def test_a_malformed_lookup_table_is_an_unsupported_image() -> None:
     ds.VOILUTSequence = [item]
     with pytest.raises(UnsupportedImageError, match="unusable VOI LUT"):
         dataset_to_gray(ds)
+
+
+@pytest.mark.parametrize("keyword", ["ModalityLUTSequence", "VOILUTSequence"])
+def test_lut_data_shorter_or_longer_than_its_descriptor_is_an_unsupported_image(keyword: str) -> None:
+    ds = make_dataset(ramp(12, 64), bits_stored=12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "OW", np.arange(4000, dtype="<u2").tobytes())  # pydicom: struct.error
+    setattr(ds, keyword, [item])
+    with pytest.raises(UnsupportedImageError, match="unusable"):
+        dataset_to_gray(ds)
+
+
+def test_padding_stays_out_of_the_window_and_is_shown_black() -> None:
+    """Pixel Padding Value (and Range Limit) mark pixels that are not the image (PS3.3 C.7.5.1.1.2)."""
+    rng = np.random.default_rng(0)
+    anatomy = rng.integers(1000, 3001, (200, 120)).astype(np.uint16)
+    alone = dataset_to_gray(make_dataset(anatomy, bits_stored=12))
+    padded = np.zeros((200, 200), dtype=np.uint16)
+    padded[:, 80:] = anatomy
+    mono2 = make_dataset(padded, bits_stored=12)
+    mono2.PixelPaddingValue = 0
+    gray = dataset_to_gray(mono2)
+    np.testing.assert_allclose(gray[:, 80:], alone, atol=1e-6)  # the percentile window ignores the padding
+    assert gray[:, :80].max() == 0.0
+    ranged = make_dataset(np.where(padded == 0, 4095 - np.arange(200) % 10, padded).astype(np.uint16),
+                          bits_stored=12, photometric="MONOCHROME1")
+    ranged.PixelPaddingValue, ranged.PixelPaddingRangeLimit = 4095, 4086  # either order is allowed
+    gray = dataset_to_gray(ranged)
+    np.testing.assert_allclose(gray[:, 80:], 1.0 - alone, atol=1e-6)
+    assert gray[:, :80].max() == 0.0  # black after the MONOCHROME1 inversion too
+    everything = make_dataset(np.zeros((8, 8), dtype=np.uint16), bits_stored=12)
+    everything.PixelPaddingValue = 0
+    with pytest.raises(UnsupportedImageError, match="padding"):
+        dataset_to_gray(everything)
+
+
+def test_padding_is_left_out_of_each_reduced_box() -> None:
+    anatomy = np.full((512, 512), 2000, dtype=np.uint16)
+    anatomy[::2, ::2] = 0  # a quarter of every 2×2 box is padding
+    ds = make_dataset(anatomy, bits_stored=12)
+    ds.PixelPaddingValue = 0
+    ds.WindowCenter, ds.WindowWidth = 2000, 4000
+    gray = dataset_to_gray(ds, min_side=128)  # 512 → 256: 2×2 boxes
+    assert gray.shape == (256, 256)
+    assert np.ptp(gray) == 0.0 and gray[0, 0] == pytest.approx(0.5, abs=0.001)
 
 
 def test_no_voi_falls_back_to_percentile_window() -> None:
@@ -330,6 +389,26 @@ def test_palette_white_comes_from_the_descriptor_not_the_content() -> None:
     assert float(dataset_to_gray(eight)[0, 15]) == pytest.approx(15 / 255, abs=0.01)
 
 
+def test_a_palette_of_more_than_256_8_bit_entries_is_refused() -> None:
+    indices = np.tile(np.arange(4096, dtype=np.uint16), (4, 1))
+    ds = _palette(indices, (np.arange(4096) // 16).astype(np.uint8), 8)  # one byte per entry
+    ds.BitsStored, ds.BitsAllocated, ds.HighBit = 12, 16, 11
+    with pytest.raises(UnsupportedImageError, match="more than 256 entries"):
+        dataset_to_gray(ds)
+
+
+def test_a_jpeg2000_palette_image_is_decoded_whole_not_at_a_reduced_level() -> None:
+    """Palette indices are labels: a reduced level (a wavelet low-pass) would average them."""
+    indices = np.zeros((1024, 1024), dtype=np.uint8)
+    indices[:, 1::2] = 200
+    levels = np.zeros(256, dtype=np.uint8)
+    levels[60:140] = 255  # index 100, the average of 0 and 200, is white; 0 and 200 are black
+    plain = _palette(indices, levels, 8)
+    compressed = _compressed(plain, JPEG2000Lossless)
+    np.testing.assert_array_equal(dataset_to_gray(compressed, min_side=64), dataset_to_gray(plain, min_side=64))
+    assert dataset_to_gray(compressed, min_side=64).max() == 0.0
+
+
 def test_multi_frame_uses_the_first_frame() -> None:
     frames = np.stack([ramp(8, 32), ramp(8, 32)[:, ::-1]])
     ds = make_dataset(frames, bits_stored=8, frames=2)
@@ -348,6 +427,15 @@ def test_missing_pixels_and_unknown_photometry_are_refused() -> None:
     odd.PhotometricInterpretation = "HSV"
     with pytest.raises(UnsupportedImageError):
         dataset_to_model_input(odd, SPEC)
+
+
+def test_float_pixel_data_is_refused_with_its_reason() -> None:
+    ds = make_dataset(ramp(8, 16), bits_stored=8)
+    del ds.PixelData
+    ds.FloatPixelData = np.zeros(16 * 16, dtype="<f4").tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    with pytest.raises(UnsupportedImageError, match="float pixel data"):
+        dataset_to_gray(ds)
 
 
 def _compressed(ds: Dataset, syntax: str, **kwargs: object) -> Dataset:
@@ -397,6 +485,20 @@ def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_store
     full = dataset_to_gray(plain, min_side=100)
     small = np.asarray(Image.fromarray(full, mode="F").resize(reduced.shape[::-1], Image.Resampling.BILINEAR))
     assert np.abs(small - reduced).mean() < 0.01
+
+
+def test_a_jpeg2000_codestream_claiming_a_huge_image_is_refused() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(buffer, "JPEG2000", irreversible=False, no_jp2=True)
+    codestream = bytearray(buffer.getvalue())
+    siz = codestream.find(b"\xff\x51")
+    codestream[siz + 6 : siz + 14] = struct.pack(">II", 15000, 15000)  # SIZ: 15000 × 15000 (225 Mpx)
+    ds = make_dataset(np.zeros((64, 64), dtype=np.uint8), bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.Rows = ds.Columns = 15000
+    ds.PixelData = encapsulate([bytes(codestream)])
+    with pytest.raises(UnsupportedImageError, match="too large"):
+        dataset_to_gray(ds)
 
 
 def test_jpeg_baseline_is_decoded() -> None:
