@@ -274,12 +274,12 @@ def _train(args: argparse.Namespace) -> int:
         )
     members = args.members or get_architecture(architectures[0]).recipe.members
     seeds = args.seeds or [args.seed + offset for offset in range(members)]
+    if args.seeds:  # the first listed seed is the run's seed, and its split's unless --split-seed says
+        split = args.split_seed if args.split_seed is not None else seeds[0]
+        config = replace(config, seed=seeds[0], split_seed=split)
     if len(seeds) > 1 or len(architectures) > 1:
         from classifier.ensemble import train_ensemble
 
-        if args.seeds:
-            split = args.split_seed if args.split_seed is not None else seeds[0]
-            config = replace(config, seed=seeds[0], split_seed=split)
         metadata = train_ensemble(
             config, seeds, argv=argv, architectures=architectures if len(architectures) > 1 else None
         )

@@ -267,12 +267,16 @@ def test_cli_train_and_evaluate_on_a_folder(
                 "--steps-per-epoch",
                 "1",
                 "--no-progress",
+                "--seeds",
+                "7",  # one seed: that run's weights and split seed, not --seed's default
             ]
         )
         == 0
     )
     assert "validation accuracy" in capsys.readouterr().out
-    assert json.loads((output / "model.json").read_text())["name"] == "sugandi-cnn"
+    metadata = json.loads((output / "model.json").read_text())
+    assert metadata["name"] == "sugandi-cnn"
+    assert metadata["training"]["seed"] == 7 and metadata["data"]["split"]["seed"] == 7
     assert cli.main(["evaluate", str(output), str(collection), "--split", "validation"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
 
