@@ -56,7 +56,11 @@ def _is_image(path: Path) -> bool:
 
 def load_collection(source: Path) -> list[LabelledImage]:
     """A folder ``source/<class>/<image>`` or a CSV manifest with columns ``file,label[,group]`` (files
-    relative to the manifest's folder). Sorted, so the order never depends on the file system."""
+    relative to the manifest's folder). Sorted, so the order never depends on the file system.
+
+    In a folder, an image directly in its class folder is its own group; images under a sub-folder
+    (``<class>/<patient>/...``, as a PACS export is laid out) share the group of that sub-folder's name,
+    whatever class it is under, so one patient's images stay on one side of every split."""
     source = Path(source)
     if source.is_file():
         return _load_manifest(source)
@@ -66,7 +70,7 @@ def load_collection(source: Path) -> list[LabelledImage]:
     if manifest.is_file():
         return _load_manifest(manifest)
     items = [
-        LabelledImage(path=path, label=class_dir.name, group=str(path.relative_to(source)))
+        LabelledImage(path=path, label=class_dir.name, group=_folder_group(path.relative_to(source)))
         for class_dir in sorted(p for p in source.iterdir() if p.is_dir())
         for path in sorted(class_dir.rglob("*"))
         if _is_image(path)
@@ -74,6 +78,12 @@ def load_collection(source: Path) -> list[LabelledImage]:
     if not items:
         raise DatasetError(f"no images in class sub-folders of {source}")
     return items
+
+
+def _folder_group(relative: Path) -> str:
+    """The group of the image at ``relative`` (``<class>/...``) to the collection: ``<class>/<image>``
+    for one directly in its class folder, else its sub-folder's name (see :func:`load_collection`)."""
+    return relative.as_posix() if len(relative.parts) == 2 else f"folder:{relative.parts[1]}"
 
 
 def _load_manifest(manifest: Path) -> list[LabelledImage]:

@@ -74,6 +74,24 @@ def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_pat
     assert {i.label for i in items} == {"bright", "dark"} and len(items) == 24
 
 
+def test_a_patient_sub_folder_is_one_group(collection: Path, tmp_path: Path) -> None:
+    """``<class>/<patient>/<image>``: a patient's images never straddle a split, even across classes."""
+    sources = sorted((collection / "dark").glob("*.png"))
+    for label in ("bright", "dark"):
+        for patient in range(5):
+            for view in range(3):
+                target = tmp_path / label / f"patient{patient}" / f"view{view}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(sources[view].read_bytes())
+    (tmp_path / "dark" / "loose.png").write_bytes(sources[0].read_bytes())
+    items = load_collection(tmp_path)
+    assert len(items) == 31
+    assert {i.group for i in items} == {f"folder:patient{p}" for p in range(5)} | {"dark/loose.png"}
+    for fold in range(3):
+        train_items, val_items = split_by_fold(items, fold, 3, seed=3)
+        assert not {i.group for i in train_items} & {i.group for i in val_items}
+
+
 def test_a_pacs_export_without_file_suffixes_is_evaluated_like_its_pictures(
     artifact: Path, collection: Path, tmp_path: Path
 ) -> None:
