@@ -23,7 +23,13 @@ from classifier import plots
 from classifier.dataset import LabelledImage, load_collection
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
-from classifier.preprocess import dataset_to_upright_gray, image_to_model_input, is_dicom_file, read_dataset
+from classifier.preprocess import (
+    dataset_to_upright_gray,
+    image_to_model_input,
+    is_dicom_file,
+    pil_to_gray,
+    read_dataset,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -99,14 +105,15 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
 
 
 def _as_picture(path: Path, min_side: int) -> Image.Image:
-    """A file as the picture a degradation works on: a DICOM image as its displayed grey levels (VOI,
-    polarity and orientation applied, 8 bits), so it is degraded like any PNG/JPEG, not skipped."""
+    """A file as the 8-bit grey picture a degradation works on: a DICOM image as its displayed grey levels
+    (VOI, polarity and orientation applied), a picture as the model reads it (a 16-bit PNG scaled by its
+    bit depth: Pillow's ``convert("L")`` would clip it to white), so each is degraded, none skipped."""
     if is_dicom_file(path):
         gray = dataset_to_upright_gray(read_dataset(path), min_side)
-        return Image.fromarray(np.asarray(np.round(gray * 255.0), dtype=np.uint8), mode="L")
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+    else:
+        with Image.open(path) as image:
+            gray = pil_to_gray(image)
+    return Image.fromarray(np.asarray(np.round(gray * 255.0), dtype=np.uint8), mode="L")
 
 
 def predict_items(

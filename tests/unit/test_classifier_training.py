@@ -74,6 +74,26 @@ def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_pat
     assert {i.label for i in items} == {"bright", "dark"} and len(items) == 24
 
 
+def test_a_16_bit_picture_is_degraded_at_its_own_grey_levels(artifact: Path, tmp_path: Path) -> None:
+    """Pillow's convert("L") clips 16-bit values to white; the degradation must see the model's grey."""
+    (tmp_path / "dark").mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 128), (128, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "dark" / "ramp.png")  # mode I;16
+    seen: list[float] = []
+
+    def record(image: Image.Image) -> Image.Image:
+        seen.append(float(np.asarray(image.convert("L"), dtype=np.float32).mean()) / 255.0)
+        return image
+
+    degrade = parse_degradation("gamma:1.0+noise:0.0001+pad:0.01")
+    assert degrade is not None
+    classifier, items = Classifier.load(artifact), load_collection(tmp_path)
+    predict_items(classifier, items, record)
+    predict_items(classifier, items, lambda image: record(degrade(image)))
+    assert seen[0] == pytest.approx(0.5, abs=0.01)
+    assert seen[1] == pytest.approx(0.5 * (128 / 130) ** 2, abs=0.01)  # the 1-px black frame only
+
+
 def test_a_patient_sub_folder_is_one_group(collection: Path, tmp_path: Path) -> None:
     """``<class>/<patient>/<image>``: a patient's images never straddle a split, even across classes."""
     sources = sorted((collection / "dark").glob("*.png"))
