@@ -19,7 +19,14 @@ fire as before, at worst that much later. The loops below are pynetdicom 3.0's
 replaced; ``_read_pdu_data`` also decodes P-DATA in place (see there), and the log lines follow the node's
 rule of naming an exception's type and place, never its text. ``tests/network/test_reactor.py`` pins the
 pynetdicom series they were copied from.
-Requestor associations (the node's own sends) are pynetdicom's, unchanged.
+
+Requestor associations (the node's own C-ECHO and C-STORE, :func:`associate`) keep pynetdicom's polling
+loop but not its pause race. ``send_c_store`` clears ``_reactor_checkpoint`` and goes on as soon as the
+reactor says ``_is_paused``; pynetdicom's reactor clears that flag only *after* its ``wait()`` returned,
+so a reactor thread descheduled in between still looks paused, then wakes and takes the C-STORE response
+off the queue itself ("Received unexpected C-STORE service message"): the send waits the whole DIMSE
+time-out and aborts. Here the reactor says it runs *before* it looks at the checkpoint
+(:func:`reactor_may_run`), so it never looks paused while it can still read the queue.
 """
 
 from __future__ import annotations
@@ -28,20 +35,23 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import threading
+import time
 from copy import deepcopy
 from datetime import datetime
 from typing import Any, cast
 
-from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
 from dicom_node.errors import describe_exception
 
@@ -300,53 +310,129 @@ class EventDrivenAssociation(Association):
             if not served:
                 self._activity.wait(IDLE_WAIT)
             self._activity.clear()
-
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
+            if not reactor_may_run(self):
+                served = True  # after a pause: look again at once
+                continue
 
             context_id, msg = self.dimse.get_msg(block=False)
             served = msg is not None
             if msg:
                 self._serve_request(msg, cast(int, context_id))
 
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
+            if _after_message(self):
                 return
 
-            if self.acse.is_aborted():
-                log_msg = "Association Aborted"
-                if self.acse.is_aborted("a-p-abort"):
-                    log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
+
+def reactor_may_run(assoc: Association) -> bool:
+    """The reactor's pause point: True when it may read the DIMSE queue now; False after a pause (look
+    again). It says it runs *before* it looks at the checkpoint, so a sender that cleared the checkpoint
+    and then sees ``_is_paused`` knows the reactor will not touch the queue until the checkpoint is set."""
+    assoc._is_paused = False
+    if assoc._reactor_checkpoint.is_set():
+        return True
+    assoc._is_paused = True
+    assoc._reactor_checkpoint.wait()
+    return False
+
+
+def _after_message(assoc: Association) -> bool:
+    """The rest of pynetdicom 3.0's reactor turn: release, abort, DUL gone, network time-out; True when
+    the association has ended."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        LOGGER.info("Association Released")
+        assoc.is_released = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+        assoc.kill()
+        return True
+
+    if assoc.acse.is_aborted():
+        log_msg = "Association Aborted"
+        if assoc.acse.is_aborted("a-p-abort"):
+            log_msg += " (A-P-ABORT)"
+        LOGGER.info(log_msg)
+        assoc.dul.receive_pdu(wait=False)
+        assoc.is_aborted = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
+        return True
+
+    if not assoc.dul.is_alive():
+        assoc.kill()
+        return True
+
+    if assoc.dul.idle_timer_expired():
+        LOGGER.error("Network timeout reached")
+        if assoc.network_timeout_response == "A-RELEASE":
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc.release()
+            assoc._is_paused = False
+        else:
+            assoc.abort()
+
+        assoc.kill()
+        return True
+    return False
+
+
+class RequestorAssociation(Association):
+    """A requestor association whose reactor pauses without pynetdicom's race (see the module docstring)."""
+
+    def _run_reactor(self) -> None:
+        # pynetdicom 3.0 Association._run_reactor with the pause point of reactor_may_run
+        self._is_paused = False
+        while not self._kill:
+            time.sleep(0.001)
+            if not reactor_may_run(self):
+                continue
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if _after_message(self):
                 return
 
-            if not self.dul.is_alive():
-                self.kill()
-                return
 
-            if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
+def associate(
+    ae: AE,
+    host: str,
+    port: int,
+    called_aet: str,
+    contexts: list[PresentationContext],
+    *,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+    evt_handlers: list[Any] | None = None,
+) -> Association:
+    """``ae.associate(host, port, contexts, called_aet, ...)`` with a :class:`RequestorAssociation`.
 
-                self.kill()
-                return
+    pynetdicom 3.0 ``AE.associate`` without the argument checks (the node's own calls) and without a
+    bind address or extended negotiation, which the node does not use. Like it, returns the association
+    whether or not it was established; its thread runs only if it was."""
+    remote = AddressInformation.from_addr_port(host, port)
+    local = AddressInformation.from_tuple(("::0", 0) if remote.address_family == socket.AF_INET6 else ("", 0))
+    assoc = RequestorAssociation(ae, MODE_REQUESTOR)
+    assoc.name = f"RequestorThread@{datetime.strftime(datetime.now(), '%Y%m%d%H%M%S')}"
+    assoc.set_socket(ae._create_socket(assoc, local, tls_args))
+    assoc.acceptor.ae_title = called_aet
+    assoc.acceptor.address_info = remote
+    assoc.requestor.address_info = local
+    assoc.requestor.ae_title = ae.ae_title
+    assoc.requestor.maximum_length = ae.maximum_pdu_size
+    assoc.requestor.implementation_class_uid = ae.implementation_class_uid
+    assoc.requestor.implementation_version_name = ae.implementation_version_name
+    ae._validate_requested_contexts(contexts)
+    requested = deepcopy(contexts)
+    for index, context in enumerate(requested):
+        context.context_id = 2 * index + 1
+    assoc.requestor.requested_contexts = requested
+    for handler in evt_handlers or []:
+        assoc.bind(*handler)
+    assoc.request()
+    if assoc.is_established:
+        assoc.start()
+    return assoc
 
 
 class EventDrivenRequestHandler(RequestHandler):
@@ -389,5 +475,8 @@ __all__ = [
     "EventDrivenAssociation",
     "EventDrivenDUL",
     "EventDrivenRequestHandler",
+    "RequestorAssociation",
+    "associate",
+    "reactor_may_run",
     "decode_p_data_tf",
 ]

@@ -17,6 +17,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node import reactor
 from dicom_node.errors import AssociationError, InvalidDatasetError
 from dicom_node.scp import configure_pynetdicom, tune_socket
 from dicom_node.statuses import Status
@@ -50,10 +51,9 @@ def _associate(
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.maximum_pdu_size = max_pdu
-    ae.requested_contexts = contexts
     tls_args = (tls, host) if tls is not None else None
-    assoc = ae.associate(
-        host, port, ae_title=called_aet, tls_args=tls_args,
+    assoc = reactor.associate(
+        ae, host, port, called_aet, contexts, tls_args=tls_args,
         evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
     )
     if not assoc.is_established:
