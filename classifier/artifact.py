@@ -72,8 +72,13 @@ class ArtifactMetadata:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ArtifactMetadata:
+        """Refuses another format version (its fields may mean something else) and a top-level input size
+        that is not the preprocessing's (the one the model is fed)."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
+            found = data.get("format") if isinstance(data, Mapping) else None
+            raise ModelArtifactError(f"model.json format {found!r}: this version reads format {FORMAT_VERSION}")
         try:
-            return cls(
+            metadata = cls(
                 name=str(data["name"]),
                 version=str(data["version"]),
                 classes=tuple(str(c) for c in data["classes"]),
@@ -88,6 +93,12 @@ class ArtifactMetadata:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc
+        if "input_size" in data and list(data["input_size"]) != list(metadata.preprocess.input_size):
+            raise ModelArtifactError(
+                f"model.json input_size {data['input_size']} is not the preprocessing's "
+                f"{list(metadata.preprocess.input_size)}"
+            )
+        return metadata
 
 
 def write_metadata(folder: Path, metadata: ArtifactMetadata) -> Path:
@@ -104,7 +115,7 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
         raise ModelArtifactError(f"no {METADATA_FILE} in {folder}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
     metadata = ArtifactMetadata.from_dict(raw)
     model_path = folder / MODEL_FILE

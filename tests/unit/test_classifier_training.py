@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -250,6 +251,27 @@ def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> Non
         read_metadata(copy)
     with pytest.raises(ModelArtifactError):
         Classifier.load(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"format": 99}, "format 99"),
+        ({"input_size": [150, 150]}, "input_size"),
+        ({"__bytes__": b"\xff\xfe not utf-8"}, "not valid JSON"),
+    ],
+)
+def test_a_model_json_of_another_format_or_inconsistent_is_refused(
+    artifact: Path, tmp_path: Path, change: dict[str, Any], reason: str
+) -> None:
+    (tmp_path / "model.keras").write_bytes((artifact / "model.keras").read_bytes())
+    metadata = json.loads((artifact / "model.json").read_text())
+    if "__bytes__" in change:
+        (tmp_path / "model.json").write_bytes(change["__bytes__"])
+    else:
+        (tmp_path / "model.json").write_text(json.dumps({**metadata, **change}))
+    with pytest.raises(ModelArtifactError, match=reason):
+        read_metadata(tmp_path)
 
 
 def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, tmp_path: Path) -> None:
