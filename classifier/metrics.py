@@ -48,11 +48,18 @@ def roc_auc(positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]) -> 
 def roc_curve(
     positive: npt.NDArray[np.bool_], score: npt.NDArray[np.float64]
 ) -> tuple[list[float], list[float]]:
-    """(false positive rates, true positive rates) over all thresholds, for plotting."""
+    """(false positive rates, true positive rates) over all thresholds, for plotting.
+
+    One point per distinct score: tied images cross the threshold together, so a tie is one diagonal
+    segment, whatever their order, and the curve's area is :func:`roc_auc`."""
+    if score.size == 0:
+        return [0.0], [0.0]
     order = np.argsort(-score, kind="mergesort")
     hits = positive[order]
-    tps = np.concatenate([[0], np.cumsum(hits)])
-    fps = np.concatenate([[0], np.cumsum(~hits)])
+    sorted_score = score[order]
+    last_of_each_score = np.r_[np.nonzero(np.diff(sorted_score))[0], len(sorted_score) - 1]
+    tps = np.concatenate([[0], np.cumsum(hits)[last_of_each_score]])
+    fps = np.concatenate([[0], np.cumsum(~hits)[last_of_each_score]])
     return (fps / max(fps[-1], 1)).tolist(), (tps / max(tps[-1], 1)).tolist()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifier.metrics import classification_report, expected_calibration_error, roc_auc
+from classifier.metrics import classification_report, expected_calibration_error, roc_auc, roc_curve
 
 pytestmark = pytest.mark.unit
 
@@ -36,3 +36,12 @@ def test_ece_is_zero_when_confidence_matches_accuracy() -> None:
     probs = np.array([[0.75, 0.25]] * 4)
     assert expected_calibration_error(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
     assert expected_calibration_error(probs, np.array([1, 1, 1, 1])) == pytest.approx(0.75)
+
+
+def test_the_roc_curve_crosses_a_tie_in_one_diagonal_step_whatever_the_order() -> None:
+    positive = np.array([True, False, True, False])
+    score = np.array([1.0, 1.0, 0.0, 0.0])
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        fpr, tpr = roc_curve(positive[order], score[order])
+        assert (fpr, tpr) == ([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])
+        assert float(np.trapezoid(tpr, fpr)) == roc_auc(positive, score) == 0.5
