@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier.architectures import DEFAULT_ARCHITECTURE, architecture_names, get_architecture
+from classifier.errors import ClassifierError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
     evaluate.add_argument(
-        "--degrade", default="none", help="re-encode/degrade images first (see classifier.evaluation)"
+        "--degrade", type=_degradation, default="none",
+        help="re-encode/degrade images first (see classifier.evaluation)"
     )
     evaluate.add_argument(
         "--split",
@@ -174,7 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     classify.add_argument("files", type=Path, nargs="+")
     classify.add_argument("--model", type=Path, help="artifact folder (default: the shipped model)")
     classify.add_argument(
-        "--threshold", type=float, default=0.5, help="indeterminate below this top probability"
+        "--threshold", type=_probability, default=0.5, help="indeterminate below this top probability"
     )
     classify.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     classify.set_defaults(func=_classify)
@@ -231,6 +233,28 @@ def _architectures(text: str) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError("name each architecture once")
     return names
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
+    return value
+
+
+def _degradation(text: str) -> str:
+    """argparse type: a degradation spelling that :func:`classifier.evaluation.parse_degradation` reads."""
+    from classifier.evaluation import parse_degradation
+
+    try:
+        parse_degradation(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 def _say(text: str) -> None:
@@ -406,7 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     register(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ClassifierError as exc:  # a model, data set or image the command cannot use: say which
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
 
 
 if __name__ == "__main__":

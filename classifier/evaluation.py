@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.dataset import LabelledImage, load_collection
+from classifier.dataset import DatasetError, LabelledImage, load_collection
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import (
@@ -90,11 +90,12 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
     steps: list[tuple[Callable[[Image.Image, float], Image.Image], float]] = []
     for part in text.split("+"):
         kind, _, value = part.partition(":")
-        if kind not in DEGRADATIONS or not value:
+        try:
+            steps.append((DEGRADATIONS[kind], float(value)))
+        except (KeyError, ValueError):
             raise ValueError(
                 f"unknown degradation {part!r}; use kind:value with kind in {', '.join(DEGRADATIONS)}"
-            )
-        steps.append((DEGRADATIONS[kind], float(value)))
+            ) from None
 
     def apply(image: Image.Image) -> Image.Image:
         for function, value in steps:
@@ -154,7 +155,7 @@ def evaluate(
     collection = list(items) if items is not None else load_collection(data)
     unknown = sorted({item.label for item in collection} - set(classes))
     if unknown:
-        raise ValueError(f"labels {unknown} are not classes of the model {list(classes)}")
+        raise DatasetError(f"labels {unknown} are not classes of the model {list(classes)}")
     truth = np.array([classes.index(item.label) for item in collection], dtype=np.int64)
     probabilities, novelty = predict_items(classifier, collection, parse_degradation(degrade))
     report = classification_report(truth, probabilities, classes)

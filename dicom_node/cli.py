@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from classifier.errors import ClassifierError
 from dicom_node import __version__, aes, audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.logconfig import configure_logging
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
         return int(result or 0)
-    except NodeError as exc:
+    except (NodeError, ClassifierError) as exc:  # train/evaluate/classify raise the classifier's own
         say(f"error: {exc}", err=True)
         return 2
 

@@ -341,6 +341,28 @@ def test_cli_train_and_evaluate_on_a_folder(
     assert '"accuracy"' in capsys.readouterr().out
 
 
+def test_cli_errors_are_one_line_and_exit_2(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model, data set or option the command cannot use: 'error: ...' and 2, not a traceback and 1
+    (1 stays 'some images could not be classified')."""
+    from dicom_node import cli as node_cli
+
+    image = str(collection / "dark" / "1.png")
+    for main in (cli.main, node_cli.main):
+        assert main(["classify", "--model", str(tmp_path / "nothing-here"), image]) == 2
+        assert "error: no model.json" in capsys.readouterr().err
+        assert main(["evaluate", str(artifact), str(tmp_path / "missing")]) == 2
+        assert "error: no such folder or manifest" in capsys.readouterr().err
+        for argv, named in (
+            (["classify", "--threshold", "1.5", image], "'1.5' is not a probability"),
+            (["evaluate", str(artifact), image, "--degrade", "sepia:1"], "unknown degradation 'sepia:1'"),
+        ):
+            with pytest.raises(SystemExit) as exited:  # argparse: usage and the reason, exit 2
+                main(argv)
+            assert exited.value.code == 2 and named in capsys.readouterr().err
+
+
 def test_dicom_files_can_be_classified_from_disk(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
