@@ -170,8 +170,9 @@ class Classifier:
         """N×d features the softmax layer reads (what :mod:`classifier.novelty` models)."""
         if not images:
             return np.zeros((0, int(self._softmax_head().kernel.shape[0])), dtype=np.float32)
+        batch = self._batch(images)
         with self._lock:
-            features, _ = self._forward_pass(np.stack([np.asarray(i, dtype=np.float32) for i in images]))
+            features, _ = self._forward_pass(batch)
         return features
 
     def predict_datasets(
@@ -208,16 +209,22 @@ class Classifier:
 
     # ------------------------------------------------------------------------------------ internals
 
+    def _batch(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
+        """The inputs as one N×H×W×3 float32 batch; each must have the model's input shape."""
+        expected = (*self.spec.input_size, 3)
+        arrays = [np.asarray(image, dtype=np.float32) for image in images]
+        for array in arrays:
+            if array.shape != expected:
+                raise UnsupportedImageError(f"model input must be {expected}, got {array.shape}")
+        return np.stack(arrays)
+
     def _predict(
         self, images: Sequence[FloatImage], *, heatmap: bool, frames: Sequence[Box] | None
     ) -> tuple[list[Prediction], npt.NDArray[np.float32]]:
         """:meth:`predict`, and the features the softmax layer read (N×d)."""
         if not images:
             return [], np.zeros((0, 0), dtype=np.float32)
-        batch = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-        expected = (*self.spec.input_size, 3)
-        if batch.shape[1:] != expected:
-            raise UnsupportedImageError(f"model input must be {expected}, got {batch.shape[1:]}")
+        batch = self._batch(images)
         start = time.perf_counter()
         with self._lock:
             if heatmap:

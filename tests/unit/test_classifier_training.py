@@ -15,7 +15,7 @@ from PIL import Image
 from classifier import cli
 from classifier.artifact import ArtifactMetadata, read_metadata
 from classifier.dataset import DatasetError, load_collection, split_by_fold, split_by_group
-from classifier.errors import ModelArtifactError
+from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.evaluation import evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec
@@ -238,6 +238,17 @@ def test_dicom_input_gives_the_same_answer_as_png(artifact: Path, collection: Pa
     from_png = classifier.predict_images([Image.open(collection / "dark" / "3.png")], heatmap=False)[0]
     for name in classifier.info.classes:
         assert from_dicom.probabilities[name] == pytest.approx(from_png.probabilities[name], abs=0.02)
+
+
+def test_inputs_of_another_shape_are_an_unsupported_image_not_a_numpy_error(artifact: Path) -> None:
+    classifier = Classifier.load(artifact)
+    size = classifier.spec.input_size
+    right = np.zeros((*size, 3), dtype=np.float32)
+    for images in ([right, np.zeros((size[0] + 1, size[1], 3), dtype=np.float32)], [np.zeros((*size, 1))]):
+        with pytest.raises(UnsupportedImageError, match="model input must be"):
+            classifier.predict(images, heatmap=False)
+        with pytest.raises(UnsupportedImageError, match="model input must be"):
+            classifier.embed(images)
 
 
 def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> None:
