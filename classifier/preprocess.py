@@ -10,7 +10,9 @@ DICOM grey pipeline (PS3.3 C.11 order): stored values → Modality LUT / Rescale
 window (PS3.3 C.11.2.1.2, LINEAR, LINEAR_EXACT and SIGMOID) → one inversion when the image is
 MONOCHROME1 or its Presentation LUT Shape is INVERSE (:func:`_inverted`). When the object
 carries no VOI transform, the fallback is a percentile window (0.5 %–99.5 % of the modality values),
-which is what a viewer's "auto window" does and ignores collimator edges and burnt-in labels.
+which is what a viewer's "auto window" does and ignores collimator edges and burnt-in labels. Pixels
+marked as padding (Pixel Padding Value / Range Limit, PS3.3 C.7.5.1.1.2) stay out of that window and
+are shown black.
 What a model reads is then turned head up by Patient Orientation (:func:`dataset_to_upright_gray`);
 what reports and the console show (:func:`display_image`) keeps the stored orientation, as the
 radiologist's viewer does, and heat maps are turned back onto it.
