@@ -64,7 +64,8 @@ def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
         process, started, _ = running.pop(ended)
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen cannot see it
         if process.returncode != 0:
-            sys.exit(f"fold {ended} failed (exit {process.returncode}); see {args.output / f'fold{ended}.log'}")
+            log = args.output / f"fold{ended}.log"
+            sys.exit(f"fold {ended} failed (exit {process.returncode}); see {log}")
         seconds[ended] = time.monotonic() - started
         print(f"fold {ended}/{args.folds} done in {seconds[ended] / 60:.1f} min", file=sys.stderr)
     return seconds

@@ -76,7 +76,7 @@ class ArtifactMetadata:
         that is not the preprocessing's (the one the model is fed)."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
             found = data.get("format") if isinstance(data, Mapping) else None
-            raise ModelArtifactError(f"model.json format {found!r}: this version reads format {FORMAT_VERSION}")
+            raise ModelArtifactError(f"model.json format {found!r}: this node reads format {FORMAT_VERSION}")
         try:
             metadata = cls(
                 name=str(data["name"]),

@@ -400,7 +400,9 @@ def _lookup_table(name: str) -> Iterator[None]:
     functions) is an image the node cannot read: one refusal with a reason, not an unexpected failure."""
     try:
         yield
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error) as exc:
+    except (
+        ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error
+    ) as exc:
         raise UnsupportedImageError(f"unusable {name}: {type(exc).__name__}") from exc
 
 
