@@ -5,6 +5,7 @@ Locally a missing peer skips the test that needs it; in CI (``CI=true`` or ``--r
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -33,10 +34,37 @@ def executable(name: str, *candidates: str) -> str:
     raise AssertionError("unreachable")
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (32768 unless configured otherwise)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port free now, for a peer that binds it later, never the same one twice in a run.
+
+    Taken below the kernel's ephemeral range: an ephemeral port could become the source port of one of
+    the suite's many outgoing connections before its server binds it (an Orthanc started minutes later).
+    """
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 12000)
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def pydicom_data_file(name: str) -> Path:

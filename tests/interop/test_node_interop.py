@@ -382,7 +382,7 @@ def test_listener_processes_share_associations_settle_their_studies_and_die_with
                       extra_env={"CXR_NODE__DICOM__LISTENER_PROCESSES": "3"})
     engine = make_engine(node.database_url)
     try:
-        wait_for(lambda: node.log_text().count("serving port") == 2, timeout=30)
+        wait_for(lambda: node.log_text().count("serving port") == 2, timeout=60)
         assert node.proc is not None
         workers = listener_process_pids(node.proc.pid)
         assert len(workers) == 2
@@ -410,7 +410,7 @@ def test_listener_processes_share_associations_settle_their_studies_and_die_with
                 states = session.scalars(select(Study.state).where(Study.study_instance_uid.in_(study_uids)))
                 return sorted(state is not StudyState.RECEIVED for state in states) == [True] * 12
 
-        wait_for(all_ready, timeout=SETTLE + 10)
+        wait_for(all_ready, timeout=SETTLE + 60)
         # Armed when stored, through the listener processes' events: the periodic sweep (which logs when
         # it arms a study) would also ready them, and must not be what did it.
         assert "re-armed settle timers" not in node.log_text()

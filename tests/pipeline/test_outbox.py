@@ -103,8 +103,9 @@ def _deliveries(db: sessionmaker[Session], results: Path, port: int, count: int)
 
 
 def _outbox(db: sessionmaker[Session], results: Path, max_attempts: int = 3) -> Outbox:
-    return Outbox(db, results, calling_aet="CXRNODE",
-                  settings=OutboxSettings(max_attempts=max_attempts, backoff_initial_seconds=5, backoff_max_seconds=60))
+    # A minute's back-off: "not due yet" must hold however slowly the test runs between two attempts.
+    settings = OutboxSettings(max_attempts=max_attempts, backoff_initial_seconds=60, backoff_max_seconds=600)
+    return Outbox(db, results, calling_aet="CXRNODE", settings=settings)
 
 
 def _make_due(db: sessionmaker[Session]) -> None:
@@ -191,7 +192,7 @@ def test_failures_back_off_then_die_and_resend_delivers(
             assert delivery.last_status == 0xA700
             attempt = delivery.attempt_history[-1]
             assert delivery.next_attempt_at is not None
-            assert (delivery.next_attempt_at - attempt.at).total_seconds() == 5  # backoff_initial_seconds
+            assert (delivery.next_attempt_at - attempt.at).total_seconds() == 60  # backoff_initial_seconds
     assert outbox.deliver_due(destination_pk).failed == []  # not due yet: no attempt
 
     _make_due(db)
