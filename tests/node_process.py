@@ -151,8 +151,17 @@ class NodeProcess:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10.0).text
 
     def wait_model_ready(self, timeout: float = 180.0) -> None:
-        """Until the model is loaded and warmed up (measure steady state, not start-up)."""
-        if not wait_until(lambda: self.health()["checks"].get("model"), timeout, interval=0.2):
+        """Until the model is loaded and warmed up (measure steady state, not start-up). A /healthz that
+        does not answer in time counts as not ready yet: loading TensorFlow can hold the node's
+        interpreter for seconds (one benchmark run here timed out a 5 s read and stopped)."""
+
+        def ready() -> bool:
+            try:
+                return bool(self.health()["checks"].get("model"))
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(ready, timeout, interval=0.2):
             raise RuntimeError(f"the node's model is not ready after {timeout} s; see {self.log_path}")
 
     def stop(self, timeout: float = 60.0) -> int:
