@@ -135,6 +135,7 @@ def storescp_leg(work: Path, orthanc: OrthancServer, count: int, rate: float) ->
     proc = subprocess.Popen([storescp, "-aet", NODE_AET, "-uf", "-od", str(out), str(port)],
                             env=dict(os.environ, TCP_NODELAY="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peers.wait_for_port(port, proc)
     orthanc.set_node(NodeAddress(NODE_AET, port))
     orthanc.start()
     try:

@@ -42,19 +42,12 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from benchmarks import table  # noqa: E402
 from benchmarks.testdata import pydicom_data_file  # noqa: E402
+from tests import peers  # noqa: E402
 from tests.node_process import NODE_AET, start_node  # noqa: E402
 
 SOURCES = {"uncompressed": "RG1_UNCI.dcm", "j2k": "RG1_J2KR.dcm"}
 CALLING_AET = "STORESCU"
 PER_STUDY = 10  # instances per study in the corpus
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def peer_env() -> dict[str, str]:
@@ -105,7 +98,7 @@ def send(paths: list[Path], port: int, called_aet: str, kind: str, senders: int)
 
 @contextmanager
 def node_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
-    port = free_port()
+    port = peers.free_port()
     node = start_node(
         workdir / "node", port, settle_seconds=30.0,
         extra_env={"CXR_NODE__DICOM__CALLERS": json.dumps([{"ae_title": CALLING_AET}]),
@@ -128,7 +121,7 @@ def storescp_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], in
     storescp = shutil.which("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
     out = workdir / "storescp"
     out.mkdir()
-    port = free_port()
+    port = peers.free_port()
     proc = subprocess.Popen([storescp, "--fork", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
                             env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_port(port, proc)
@@ -145,7 +138,7 @@ def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int
         "Orthanc not installed (Debian package orthanc)")
     root = workdir / "orthanc"
     root.mkdir()
-    port, http_port = free_port(), free_port()
+    port, http_port = peers.free_port(), peers.free_port()
     config = {
         "Name": "bench", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
         "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http_port, "RemoteAccessAllowed": False,
@@ -169,17 +162,11 @@ def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"receiver exited with {proc.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    sys.exit(f"receiver did not listen on {port}")
+    """The receiver listens, or the benchmark exits saying why."""
+    try:
+        peers.wait_for_port(port, proc, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        sys.exit(f"receiver: {exc}")
 
 
 RECEIVERS = {"node": node_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver}

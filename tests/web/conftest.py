@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,19 +101,6 @@ def rad_client(client: TestClient, accounts: dict[str, int]) -> tuple[TestClient
     return client, login(client, *RADIOLOGIST)
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], deadline_s: float = 10.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("storescp exited early")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("storescp did not listen in time")
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """DCMTK storescp as a PACS stand-in on a free loopback port; stopped by PID."""
@@ -129,7 +114,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[str, int]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, process)
+        peers.wait_for_port(port, process)
         yield "TESTPACS", port
     finally:
         process.terminate()
