@@ -355,27 +355,21 @@ def test_rgb_becomes_luminance() -> None:
     assert gray[0, -1] == pytest.approx(0.114, abs=0.01)
 
 
-def test_palette_colour_goes_through_its_lut() -> None:
-    indices = np.tile(np.arange(16, dtype=np.uint8), (16, 1))
-    ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8)
-    ds.RedPaletteColorLookupTableDescriptor = [256, 0, 16]
-    ds.GreenPaletteColorLookupTableDescriptor = [256, 0, 16]
-    ds.BluePaletteColorLookupTableDescriptor = [256, 0, 16]
-    levels = (np.arange(256) * 257).astype("<u2")
-    ds.RedPaletteColorLookupTableData = levels[::-1].tobytes()  # index 0 → white
-    ds.GreenPaletteColorLookupTableData = levels[::-1].tobytes()
-    ds.BluePaletteColorLookupTableData = levels[::-1].tobytes()
-    gray = dataset_to_gray(ds)
-    assert gray[0, 0] == pytest.approx(1.0, abs=0.01)
-    assert gray[0, 15] < gray[0, 0]
-
-
 def _palette(indices: npt.NDArray[Any], levels: npt.NDArray[Any], bits: int) -> pydicom.Dataset:
+    """A palette-colour image of ``indices`` whose grey palette (the same for R, G, B) is ``levels``."""
     ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8)
     for colour in ("Red", "Green", "Blue"):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(levels), 0, bits])
         setattr(ds, f"{colour}PaletteColorLookupTableData", levels.tobytes())
     return ds
+
+
+def test_palette_colour_goes_through_its_lut() -> None:
+    indices = np.tile(np.arange(16, dtype=np.uint8), (16, 1))
+    levels = (np.arange(256) * 257).astype("<u2")
+    gray = dataset_to_gray(_palette(indices, levels[::-1], 16))  # index 0 → white
+    assert gray[0, 0] == pytest.approx(1.0, abs=0.01)
+    assert gray[0, 15] < gray[0, 0]
 
 
 def test_palette_white_comes_from_the_descriptor_not_the_content() -> None:
