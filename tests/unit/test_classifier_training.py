@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -265,22 +266,18 @@ def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("change", "reason"),
+    ("written", "reason"),
     [
-        ({"format": 99}, "format 99"),
-        ({"input_size": [150, 150]}, "input_size"),
-        ({"__bytes__": b"\xff\xfe not utf-8"}, "not valid JSON"),
+        (lambda metadata: json.dumps({**metadata, "format": 99}).encode(), "format 99"),
+        (lambda metadata: json.dumps({**metadata, "input_size": [150, 150]}).encode(), "input_size"),
+        (lambda metadata: b"\xff\xfe not utf-8", "not valid JSON"),
     ],
 )
 def test_a_model_json_of_another_format_or_inconsistent_is_refused(
-    artifact: Path, tmp_path: Path, change: dict[str, Any], reason: str
+    artifact: Path, tmp_path: Path, written: Callable[[dict[str, Any]], bytes], reason: str
 ) -> None:
     (tmp_path / "model.keras").write_bytes((artifact / "model.keras").read_bytes())
-    metadata = json.loads((artifact / "model.json").read_text())
-    if "__bytes__" in change:
-        (tmp_path / "model.json").write_bytes(change["__bytes__"])
-    else:
-        (tmp_path / "model.json").write_text(json.dumps({**metadata, **change}))
+    (tmp_path / "model.json").write_bytes(written(json.loads((artifact / "model.json").read_text())))
     with pytest.raises(ModelArtifactError, match=reason):
         read_metadata(tmp_path)
 
