@@ -90,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--seeds", type=lambda text: [int(part) for part in text.split(",")],
         help="comma-separated member seeds (instead of --members); the split is --split-seed or the first",
     )
+    _relabel_option(train, "train on")
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
     train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -168,6 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default="all",
         help="score only one side of the group split recorded in the model's model.json",
     )
+    _relabel_option(evaluate, "score against")
     evaluate.set_defaults(func=_evaluate)
 
     classify = subparsers.add_parser(
@@ -186,6 +188,14 @@ def _novelty_switch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-novelty", action="store_true",
         help="do not fit the check of unfamiliar images afterwards (run 'cxr-node novelty' later)",
+    )
+
+
+def _relabel_option(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--relabel", action="append", default=[], metavar="NEW=OLD[,OLD...]",
+        help=f"{verb} merged classes, e.g. non-covid=normal,pneumonia for a COVID-19 / non-COVID model "
+        "(Nie et al.); repeatable. Training splits by the original labels first.",
     )
 
 
@@ -263,6 +273,7 @@ def _say(text: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from classifier.dataset import parse_relabel
     from classifier.training import TrainingConfig, train
 
     architectures = args.architecture
@@ -286,6 +297,7 @@ def _train(args: argparse.Namespace) -> int:
         lung_masks=args.lung_masks,
         lung_epochs=args.lung_epochs,
         weights=args.weights,
+        relabel=parse_relabel(args.relabel),
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,
         progress=not args.no_progress,
@@ -364,7 +376,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from classifier.artifact import read_metadata
-    from classifier.dataset import load_collection, split_from_record
+    from classifier.dataset import load_collection, parse_relabel, split_from_record
     from classifier.evaluation import evaluate
 
     items = None
@@ -372,7 +384,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         split = read_metadata(args.model).data.get("split", {})
         train_items, val_items = split_from_record(load_collection(args.data), split)
         items = val_items if args.split == "validation" else train_items
-    report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items)
+    report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items,
+                      relabel=parse_relabel(args.relabel))
     _say(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
     return 0
 

@@ -11,7 +11,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +184,47 @@ def split_by_fold(
 def split_from_record(
     items: Sequence[LabelledImage], record: Mapping[str, Any]
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
-    """The train/validation split a model was trained with, from the ``split`` entry of its model.json."""
+    """The train/validation split a model was trained with, from the ``split`` entry of its model.json,
+    with the labels it was trained on (its ``relabel``, if it merged classes after the split)."""
+    mapping: Mapping[str, str] = record.get("relabel") or {}
+    relabel(items, mapping)  # the check: every label it replaces is in the collection
     seed = int(record.get("seed", 42))
     if record.get("fold") is not None:
-        return split_by_fold(items, int(record["fold"]), int(record.get("folds", 5)), seed)
-    return split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
+        train, validation = split_by_fold(items, int(record["fold"]), int(record.get("folds", 5)), seed)
+    else:
+        train, validation = split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
+    return relabel(train, mapping, strict=False), relabel(validation, mapping, strict=False)
+
+
+def parse_relabel(specs: Sequence[str]) -> dict[str, str]:
+    """``NEW=OLD[,OLD...]`` specs (e.g. ``non-covid=normal,pneumonia``) → ``{old: new}``.
+
+    How a three-class collection trains or scores a two-class model (Nie et al.'s COVID-19 / non-COVID)."""
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        new, sep, olds = spec.partition("=")
+        sources = [old.strip() for old in olds.split(",") if old.strip()]
+        if not sep or not new.strip() or not sources:
+            raise DatasetError(f"relabel {spec!r}: expected NEW=OLD[,OLD...], e.g. non-covid=normal,pneumonia")
+        for old in sources:
+            if mapping.get(old, new.strip()) != new.strip():
+                raise DatasetError(f"relabel: {old!r} is given two new labels")
+            mapping[old] = new.strip()
+    return mapping
+
+
+def relabel(
+    items: Sequence[LabelledImage], mapping: Mapping[str, str], *, strict: bool = True
+) -> list[LabelledImage]:
+    """The images with each label that ``mapping`` names replaced (groups and paths unchanged).
+
+    ``strict``: a label to replace that no image has is an error, because a typo would otherwise train on
+    the classes unmerged."""
+    if strict:
+        missing = sorted(set(mapping) - {item.label for item in items})
+        if missing:
+            raise DatasetError(f"relabel: no image is labelled {missing}")
+    return [replace(item, label=mapping.get(item.label, item.label)) for item in items]
 
 
 def load_gray(path: Path, *, upright: bool = True, min_side: int = 256) -> npt.NDArray[np.float32]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,33 @@ def predict_items(
     return np.asarray(rows, dtype=np.float64), np.asarray(novelty, dtype=np.float64)
 
 
+LABEL_ALIASES = {"covid-19": "covid", "covid19": "covid", "non-covid-19": "non-covid", "no-finding": "normal"}
+
+
+def _label_key(label: str) -> str:
+    key = re.sub(r"[\s_]+", "-", label.strip().casefold())
+    return LABEL_ALIASES.get(key, key)
+
+
+def class_indices(labels: Iterable[str], classes: Sequence[str]) -> dict[str, int]:
+    """Each data label's index among a model's ``classes``: the same name, or the same once case,
+    spaces and underscores are set aside and a few spellings of one class are read as one (``COVID-19``
+    is ``covid``, ``No Finding`` is ``normal``), as a hospital's export folders may name them."""
+    keys = [_label_key(name) for name in classes]
+    distinct = set(labels)
+    found: dict[str, int] = {}
+    for label in distinct:
+        if label in classes:
+            found[label] = classes.index(label)
+        elif _label_key(label) in keys:
+            found[label] = keys.index(_label_key(label))
+    unknown = sorted(distinct - set(found))
+    if unknown:
+        hint = "; merge classes with relabel, e.g. non-covid=normal,pneumonia" if len(classes) == 2 else ""
+        raise DatasetError(f"labels {unknown} are not classes of the model {list(classes)}{hint}")
+    return found
+
+
 def evaluate(
     model: Path,
     data: Path,
@@ -147,16 +175,20 @@ def evaluate(
     output: Path | None = None,
     degrade: str = "none",
     items: Sequence[LabelledImage] | None = None,
+    relabel: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (folder of class sub-folders or manifest CSV); writes
-    ``metrics.json``, ``confusion_matrix.png`` and ``roc_reliability.png`` into ``output`` if given."""
+    ``metrics.json``, ``confusion_matrix.png`` and ``roc_reliability.png`` into ``output`` if given.
+
+    ``relabel`` ({old: new}, :func:`classifier.dataset.parse_relabel`) merges the data's classes first,
+    e.g. normal and pneumonia into a two-class model's non-covid. Labels then match the model's classes
+    as :func:`class_indices` reads them."""
     classifier = Classifier.load(model)
     classes = classifier.info.classes
     collection = list(items) if items is not None else load_collection(data)
-    unknown = sorted({item.label for item in collection} - set(classes))
-    if unknown:
-        raise DatasetError(f"labels {unknown} are not classes of the model {list(classes)}")
-    truth = np.array([classes.index(item.label) for item in collection], dtype=np.int64)
+    labels = [(relabel or {}).get(item.label, item.label) for item in collection]
+    index = class_indices(labels, classes)
+    truth = np.array([index[label] for label in labels], dtype=np.int64)
     probabilities, novelty = predict_items(classifier, collection, parse_degradation(degrade))
     report = classification_report(truth, probabilities, classes)
     if classifier.novelty is not None:

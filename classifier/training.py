@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +36,8 @@ from classifier.dataset import (
     class_names,
     load_collection,
     load_grays,
-    split_by_fold,
-    split_by_group,
+    relabel,
+    split_from_record,
     summary,
 )
 from classifier.lungs import LungCropper, train_lung_model_on_split
@@ -70,6 +70,7 @@ class TrainingConfig:
     lung_masks: Path | None = None  # or train that U-Net first, on the training split's images with masks here
     lung_epochs: int = 120
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
+    relabel: Mapping[str, str] | None = None  # {old: new} labels, applied after the split (dataset.relabel)
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
     progress: bool = True
@@ -242,17 +243,21 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)
-    classes = class_names(items)
+    mapping = dict(config.relabel or {})
+    # The split is drawn on the collection's own labels, so a merged-class model (COVID-19 / non-COVID)
+    # holds out the same patients as a model of all the classes.
+    classes = class_names(relabel(items, mapping))
     if len(classes) < 2:
         raise ValueError("training needs at least two classes")
     split_seed = config.seed if config.split_seed is None else config.split_seed
+    split: dict[str, Any] = {"by": "group", "seed": split_seed}
     if config.fold is None:
-        train_items, val_items = split_by_group(items, config.validation_fraction, split_seed)
-        split: dict[str, Any] = {"by": "group", "validation_fraction": config.validation_fraction}
+        split["validation_fraction"] = config.validation_fraction
     else:
-        train_items, val_items = split_by_fold(items, config.fold, config.folds, split_seed)
-        split = {"by": "group", "fold": config.fold, "folds": config.folds}
-    split["seed"] = split_seed
+        split.update(fold=config.fold, folds=config.folds)
+    if mapping:
+        split["relabel"] = mapping
+    train_items, val_items = split_from_record(items, split)
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:
         spec = replace(spec, lung_crop=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,9 +16,18 @@ from PIL import Image
 
 from classifier import cli
 from classifier.artifact import ArtifactMetadata, read_metadata
-from classifier.dataset import DatasetError, load_collection, split_by_fold, split_by_group
+from classifier.dataset import (
+    DatasetError,
+    LabelledImage,
+    load_collection,
+    parse_relabel,
+    relabel,
+    split_by_fold,
+    split_by_group,
+    split_from_record,
+)
 from classifier.errors import ModelArtifactError, UnsupportedImageError
-from classifier.evaluation import evaluate, parse_degradation, predict_items
+from classifier.evaluation import class_indices, evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec
 from classifier.training import TrainingConfig, class_weights, train
@@ -458,3 +468,81 @@ def test_training_with_reframing_runs_on_whole_chest_classes_and_refuses_data_wi
 
     with pytest.raises(ValueError, match="none of which is in the data"):
         train(replace(config, data=collection, output=tmp_path / "other"), argv=[])
+
+
+def _three_classes(collection: Path) -> Path:
+    """The tiny collection's manifest with its dark images split into two classes by patient: dark, dim."""
+    rows = list(csv.DictReader((collection / "manifest.csv").open(newline="")))
+    for row in rows:
+        if row["label"] == "dark" and int(row["group"].removeprefix("dark-patient")) >= 3:
+            row["label"] = "dim"
+    manifest = collection / "three.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "group"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def test_relabel_specs_are_read_and_mistakes_refused() -> None:
+    assert parse_relabel(["non-covid=normal,pneumonia"]) == {"normal": "non-covid", "pneumonia": "non-covid"}
+    assert parse_relabel(["a=x", "b=y, z"]) == {"x": "a", "y": "b", "z": "b"}
+    for specs in (["normal"], ["=normal"], ["non-covid="], ["a=x", "b=x"]):
+        with pytest.raises(DatasetError):
+            parse_relabel(specs)
+    items = [LabelledImage(Path("1.png"), "normal", "g1"), LabelledImage(Path("2.png"), "covid", "g2")]
+    assert [i.label for i in relabel(items, {"normal": "non-covid"})] == ["non-covid", "covid"]
+    with pytest.raises(DatasetError, match="no image is labelled \\['pneumonai'\\]"):  # a typo never trains
+        relabel(items, {"pneumonai": "non-covid"})
+
+
+def test_data_labels_match_a_model_s_classes_as_a_hospital_export_names_them() -> None:
+    classes = ("covid", "normal", "pneumonia")
+    assert class_indices(["COVID-19", "No Finding", "Pneumonia", "normal"], classes) == {
+        "COVID-19": 0, "No Finding": 1, "Pneumonia": 2, "normal": 1,
+    }  # fmt: skip
+    assert class_indices(["non_covid", "Covid19"], ("covid", "non-covid")) == {"non_covid": 1, "Covid19": 0}
+    with pytest.raises(DatasetError, match="relabel, e.g. non-covid=normal,pneumonia"):
+        class_indices(["normal", "covid"], ("covid", "non-covid"))
+    with pytest.raises(DatasetError, match="\\['effusion'\\] are not classes"):
+        class_indices(["effusion", "covid"], classes)
+
+
+def test_a_merged_class_model_trains_on_the_split_of_the_original_labels(
+    collection: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nie et al.'s COVID-19 / non-COVID model from a three-class collection: the classes are merged after
+    the split, so it holds out the very patients a three-class model of the same seed does."""
+    manifest = _three_classes(collection)
+    output = collection.parent / "merged"
+    argv = ["train", str(manifest), str(output), "--architecture", "sugandi-cnn", "--epochs", "1",
+            "--steps-per-epoch", "1", "--no-progress", "--seed", "3", "--validation-fraction", "0.25",
+            "--relabel", "shadow=dark,dim"]  # fmt: skip
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    metadata = read_metadata(output)
+    assert metadata.classes == ("bright", "shadow")
+    assert metadata.data["split"]["relabel"] == {"dark": "shadow", "dim": "shadow"}
+    items = load_collection(manifest)
+    _, unmerged_validation = split_by_group(items, 0.25, seed=3)
+    assert {i.label for i in unmerged_validation} == {"bright", "dark", "dim"}  # stratified on all three
+    _, merged_first = split_by_group(relabel(items, {"dark": "shadow", "dim": "shadow"}), 0.25, seed=3)
+    assert {i.path for i in merged_first} != {i.path for i in unmerged_validation}  # the seed tells them apart
+    _, recorded = split_from_record(items, metadata.data["split"])
+    assert [(i.path, i.label) for i in recorded] == [
+        (i.path, "bright" if i.label == "bright" else "shadow") for i in unmerged_validation
+    ]
+    assert metadata.data["validation"]["groups"] == len({i.group for i in unmerged_validation})
+    assert metadata.data["validation"]["per_class"] == {
+        "bright": sum(i.label == "bright" for i in unmerged_validation),
+        "shadow": sum(i.label != "bright" for i in unmerged_validation),
+    }
+    # Scoring it: the recorded split merges by itself; the whole collection needs the same merge.
+    assert cli.main(["evaluate", str(output), str(manifest), "--split", "validation"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == len(unmerged_validation)
+    assert cli.main(["evaluate", str(output), str(manifest), "--relabel", "shadow=dark,dim"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 24
+    assert cli.main(["evaluate", str(output), str(manifest)]) == 2
+    assert "labels ['dark', 'dim'] are not classes of the model" in capsys.readouterr().err
+    assert cli.main(["train", str(manifest), str(output), "--relabel", "shadow"]) == 2
+    assert "expected NEW=OLD" in capsys.readouterr().err
