@@ -21,7 +21,7 @@ from dicom_node.web.results import local_midnight
 from dicom_node.web.server import WebServer
 from tests import peers
 from tests.web.conftest import fast_password_hashing, storescp  # noqa: F401  (fixtures)
-from tests.web.studies import StudySpec, add_study
+from tests.web.studies import ANALYSED_AFTER, StudySpec, add_study
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -43,9 +43,15 @@ class RunningConsole:
     url: str
     settings: Settings
     study_ids: dict[str, int]
+    analysed_times: tuple[datetime, ...]  # when the seeded ANALYSED studies were analysed
+
+    def analysed_today(self) -> int:
+        """What the dashboard's "analysed today" must say, by the local midnight of the moment asked."""
+        midnight = local_midnight()
+        return sum(1 for when in self.analysed_times if when >= midnight)
 
 
-def _seed(settings: Settings) -> dict[str, int]:
+def _seed(settings: Settings) -> tuple[dict[str, int], tuple[datetime, ...]]:
     engine = make_engine(settings.database_url)
     upgrade(engine)
     factory = make_session_factory(engine)
@@ -108,11 +114,8 @@ def _seed(settings: Settings) -> dict[str, int]:
         ),
     ).study
     engine.dispose()
-    midnight = local_midnight()
-    ids["analysed_today"] = sum(1 for i in range(4) if now - timedelta(minutes=50 + 7 * i) >= midnight) + (
-        1 if now - timedelta(minutes=30) >= midnight else 0
-    )
-    return ids
+    received = [now - timedelta(minutes=50 + 7 * i) for i in range(4)] + [now - timedelta(minutes=30)]
+    return ids, tuple(when + ANALYSED_AFTER for when in received)
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +126,12 @@ def console(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Itera
         web={"host": "127.0.0.1", "port": 0},
         pipeline={"model_path": model_path},
     )
-    ids = _seed(settings)
+    ids, analysed_times = _seed(settings)
     engine = make_engine(settings.database_url)
     server = WebServer(create_app(settings, make_session_factory(engine)), "127.0.0.1", 0)
     server.start()
     try:
-        yield RunningConsole(server.url, settings, ids)
+        yield RunningConsole(server.url, settings, ids, analysed_times)
     finally:
         server.stop()
         engine.dispose()

@@ -53,8 +53,10 @@ def add_destination_and_echo(page: Any, url: str, title: str, port: int) -> None
 def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, console: RunningConsole) -> None:
     page.goto(f"{console.url}/login")
     shoot(page, "01-login")
+    before = console.analysed_today()
     log_in(page, console.url, *RADIOLOGIST)
-    assert page.inner_text("#stat-analysed") == str(console.study_ids["analysed_today"])
+    shown = page.inner_text("#stat-analysed")
+    assert shown in {str(before), str(console.analysed_today())}  # a run may cross midnight here
     assert "DICOM nodes" not in page.inner_text("nav")  # no admin menu for radiologists
     shoot(page, "02-dashboard")
 

@@ -29,6 +29,8 @@ from dicom_node.store.models import (
 
 _counter = itertools.count(1)
 
+ANALYSED_AFTER = timedelta(seconds=20)  # a seeded ANALYSED study was analysed this long after receipt
+
 
 @dataclass
 class StudySpec:
@@ -93,7 +95,7 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
             state_reason=spec.state_reason,
             first_received_at=spec.received_at,
             last_received_at=spec.received_at,
-            analysed_at=spec.received_at + timedelta(seconds=20)
+            analysed_at=spec.received_at + ANALYSED_AFTER
             if spec.state is StudyState.ANALYSED
             else None,
         )
