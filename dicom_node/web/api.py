@@ -205,9 +205,17 @@ async def api_upload(con: ConsoleDep, principal: CsrfUserDep, file: UploadFile) 
 
 
 @router.post("/uploads/{token}/classify", response_model=PredictionOut, tags=["upload"])
-def api_classify(con: ConsoleDep, principal: CsrfUserDep, token: str) -> PredictionOut:
+def api_classify(
+    con: ConsoleDep,
+    principal: CsrfUserDep,
+    token: str,
+    adult_chest: Annotated[
+        bool, Query(description="a picture (PNG/JPEG) only: the caller confirms it is a frontal chest "
+                    "radiograph of an adult, which a DICOM header would have shown")
+    ] = False,
+) -> PredictionOut:
     held = held_upload(con, principal, token)
-    classify_held(con, held)
+    classify_held(con, held, adult_chest=adult_chest)
     prediction = held.prediction
     if prediction is None or held.analysed_at is None:
         raise NotFoundError("no prediction")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import pydicom
-from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
@@ -161,20 +161,37 @@ def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
     return Response(overlay_png(gray, held.prediction.heatmap), media_type="image/png", headers=PRIVATE_CACHE)
 
 
-def classify_held(con: Console, held: HeldUpload) -> None:
-    """Classify an upload, unless its DICOM header says the model is not made for it (as the node would)."""
+PICTURE_UNCONFIRMED = (
+    "a picture has no header that gives the patient's age or the view: confirm that it is a frontal chest "
+    "radiograph of an adult"
+)
+
+
+def classify_held(con: Console, held: HeldUpload, *, adult_chest: bool = False) -> None:
+    """Classify an upload, unless its DICOM header says the model is not made for it (as the node would).
+
+    A picture has no header, so its user must confirm (``adult_chest``) what a header would have shown:
+    a frontal chest radiograph of an adult. The model calls most young children's radiographs COVID-19."""
     verdict = held.upload.eligibility
     if verdict is not None and not verdict.eligible:
         raise IneligibleImageError(not_classified(verdict.reason))
+    if not held.upload.is_dicom and not adult_chest:
+        raise IneligibleImageError(not_classified(PICTURE_UNCONFIRMED))
     held.prediction = con.services.classify(held.upload)
     held.analysed_at = utcnow()
 
 
 @router.post("/upload/{token}/classify")
-def upload_classify(request: Request, con: ConsoleDep, principal: CsrfUserDep, token: str) -> Response:
+def upload_classify(
+    request: Request,
+    con: ConsoleDep,
+    principal: CsrfUserDep,
+    token: str,
+    adult_chest: Annotated[str, Form(max_length=8)] = "",
+) -> Response:
     held = held_upload(con, principal, token)
     try:
-        classify_held(con, held)
+        classify_held(con, held, adult_chest=adult_chest == "yes")
     except NodeError as exc:
         status = http_status(exc)
         return render(request, "upload.html", principal, status=status, active="upload", held=held, error=str(exc))

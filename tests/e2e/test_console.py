@@ -122,6 +122,9 @@ def test_classify_and_save_the_report(page: Any, console: RunningConsole) -> Non
         page.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
         page.click("form[action='/upload'] button[type=submit]")
         page.wait_for_url("**/upload/*")
+        if page.locator("#adult-chest").count():  # a picture: its user confirms an adult's chest
+            shoot(page, "10-upload-picture")
+            page.check("#adult-chest")
         page.click("#classify")
         page.wait_for_selector("#finding-label", timeout=120_000)
         label = page.inner_text("#finding-label")

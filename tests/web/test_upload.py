@@ -207,11 +207,19 @@ def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: di
     client = TestClient(classifying_app, follow_redirects=False)
     csrf = login(client, *RADIOLOGIST)
     token = _upload(client, csrf, "chest.png", radiograph_png(), "image/png")
-    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    assert 'id="adult-chest"' in client.get(f"/upload/{token}").text
+    # A picture has no Patient Age: its user confirms an adult's frontal chest radiograph, or it is refused.
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert refused.status_code == 422 and "confirm that it is a frontal chest radiograph of an adult" in refused.text
+    assert MODEL_SCOPE in refused.text and 'id="finding-label"' not in refused.text
+    unconfirmed = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert unconfirmed.status_code == 422 and "of an adult" in unconfirmed.text
+    confirmed = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
+    assert confirmed.status_code == 303
     page = client.get(f"/upload/{token}").text
     label = page.split('id="finding-label">', 1)[1].split("<", 1)[0]
     assert label and 'class="probs"' in page and 'id="save-report"' in page
-    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    api = client.post(f"/api/uploads/{token}/classify?adult_chest=true", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 200 and 0.0 < api.json()["novelty"] <= 1.0  # a real radiograph: familiar
     pdf = client.get(f"/upload/{token}/report.pdf")
     assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
@@ -230,18 +238,18 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     csrf = login(client, *RADIOLOGIST)
     photo = (Path(__file__).parents[1] / "unit" / "fixtures" / "imagenet_coffee.jpg").read_bytes()
     token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
-    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
     assert refused.status_code == 422
     assert "does not look like the chest radiographs the model was trained on" in refused.text
     assert MODEL_SCOPE in refused.text  # the same scope sentence as a header refusal
     assert 'id="finding-label"' not in refused.text
-    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    api = client.post(f"/api/uploads/{token}/classify?adult_chest=true", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
 
     # A chest radiograph uploaded upside down passes the novelty check but looks the wrong way up.
     token = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
-    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
     assert refused.status_code == 422 and "looks the wrong way up" in refused.text and MODEL_SCOPE in refused.text
 
     # With pipeline.skip_unfamiliar off the finding is shown, under a warning.
@@ -250,11 +258,12 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     client = TestClient(lenient, follow_redirects=False)
     csrf = login(client, *RADIOLOGIST)
     token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
-    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    confirmed = {"csrf_token": csrf, "adult_chest": "yes"}
+    assert client.post(f"/upload/{token}/classify", data=confirmed).status_code == 303
     page = client.get(f"/upload/{token}").text
     assert 'id="finding-label"' in page and 'id="unfamiliar"' in page and "Read this finding" in page
     upside_down = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
-    api = client.post(f"/api/uploads/{upside_down}/classify", headers={"X-CSRF-Token": csrf})
+    api = client.post(f"/api/uploads/{upside_down}/classify?adult_chest=true", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 200 and "looks the wrong way up" in (api.json()["warning"] or "")
 
 
