@@ -141,7 +141,13 @@ def predict_items(
     return np.asarray(rows, dtype=np.float64), np.asarray(novelty, dtype=np.float64)
 
 
-LABEL_ALIASES = {"covid-19": "covid", "covid19": "covid", "non-covid-19": "non-covid", "no-finding": "normal"}
+LABEL_ALIASES = {
+    "covid-19": "covid",
+    "covid19": "covid",
+    "non-covid-19": "non-covid",
+    "noncovid": "non-covid",
+    "no-finding": "normal",
+}
 
 
 def _label_key(label: str) -> str:

@@ -501,7 +501,9 @@ def test_data_labels_match_a_model_s_classes_as_a_hospital_export_names_them() -
     assert class_indices(["COVID-19", "No Finding", "Pneumonia", "normal"], classes) == {
         "COVID-19": 0, "No Finding": 1, "Pneumonia": 2, "normal": 1,
     }  # fmt: skip
-    assert class_indices(["non_covid", "Covid19"], ("covid", "non-covid")) == {"non_covid": 1, "Covid19": 0}
+    assert class_indices(["non_covid", "Covid19", "NonCOVID"], ("covid", "non-covid")) == {
+        "non_covid": 1, "Covid19": 0, "NonCOVID": 1,
+    }  # fmt: skip
     with pytest.raises(DatasetError, match="relabel, e.g. non-covid=normal,pneumonia"):
         class_indices(["normal", "covid"], ("covid", "non-covid"))
     with pytest.raises(DatasetError, match="\\['effusion'\\] are not classes"):
