@@ -21,12 +21,14 @@ def default_model() -> Path | None:
     return path if (path / "model.json").is_file() else None
 
 
-def tiny_model(root: Path) -> Path:
-    """Train ``sugandi-cnn`` for one step on 12 generated images; returns the artifact folder."""
+def tiny_model(root: Path, *, relabel: dict[str, str] | None = None) -> Path:
+    """Train ``sugandi-cnn`` for one step on 12 generated images of :data:`CLASSES` (merged by ``relabel``,
+    as ``cxr-node train --relabel`` does); returns the artifact folder."""
     from classifier.training import TrainingConfig, train
 
-    if (root / "model" / "model.json").is_file():
-        return root / "model"  # trained earlier in this test session
+    output = root / ("model" if relabel is None else "model-" + "-".join(sorted(set(relabel.values()))))
+    if (output / "model.json").is_file():
+        return output  # trained earlier in this test session
     data = root / "data"
     rng = np.random.default_rng(7)
     for index, label in enumerate(CLASSES):
@@ -38,12 +40,13 @@ def tiny_model(root: Path) -> Path:
         TrainingConfig(
             architecture="sugandi-cnn",
             data=data,
-            output=root / "model",
+            output=output,
             epochs=1,
             batch_size=4,
             steps_per_epoch=1,
             version="test-1",
             progress=False,
+            relabel=relabel,
         )
     )
     return result.folder

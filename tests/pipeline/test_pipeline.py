@@ -48,6 +48,7 @@ from dicom_node.store.models import (
 )
 from reporting import codes
 from tests import peers
+from tests.pipeline.model import tiny_model
 from tests.pipeline.storepeer import StorePeer
 
 pytestmark = pytest.mark.slow
@@ -195,6 +196,34 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
     assert peer.associations == 1
     assert SENTINEL not in caplog.text and "SENTINEL" not in caplog.text
     assert doubt_in_results(world, study_pk)[0] == []  # the model's checks had no doubt
+
+
+def test_a_covid_non_covid_model_reports_its_own_two_classes(
+    world: dict[str, Any], peer: StorePeer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Nie et al.'s task: a two-class artifact trained with --relabel runs in the node like the default, and
+    its classes, not the default's three, reach the database, the SR and the PDF."""
+    from classifier.inference import Classifier
+
+    folder = tiny_model(tmp_path_factory.getbasetemp(), relabel={"normal": "non-covid", "pneumonia": "non-covid"})
+    binary = Classifier.load(folder)
+    assert binary.info.classes == ("covid", "non-covid")
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    Pipeline(world["db"], world["config"], lambda: binary, outbox=world["outbox"]).process([study_pk])
+
+    with session_scope(world["db"]) as session:
+        finding = session.scalars(select(Finding)).one()
+        assert set(finding.probabilities) == {"covid", "non-covid"}
+        assert finding.label in ("covid", "non-covid", "indeterminate")
+        assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
+    rows = result_rows(world, study_pk)
+    sr = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.SR][1])
+    measured = {item.ConceptNameCodeSequence[0].CodeValue for item in hd.sr.utils.find_content_items(
+        sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)}
+    assert {"CXR-P-COVID", "CXR-P-NONCOVID"} <= measured and "CXR-P-NORMAL" not in measured
+    _, pdf_text = doubt_in_results(world, study_pk)
+    assert "No COVID-19 pattern" in pdf_text and "Pneumonia" not in pdf_text
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
 
 
 def test_results_keep_their_uids_through_a_crash_before_building(
