@@ -205,7 +205,9 @@ def parse_relabel(specs: Sequence[str]) -> dict[str, str]:
         new, sep, olds = spec.partition("=")
         sources = [old.strip() for old in olds.split(",") if old.strip()]
         if not sep or not new.strip() or not sources:
-            raise DatasetError(f"relabel {spec!r}: expected NEW=OLD[,OLD...], e.g. non-covid=normal,pneumonia")
+            raise DatasetError(
+                f"relabel {spec!r}: expected NEW=OLD[,OLD...], e.g. non-covid=normal,pneumonia"
+            )
         for old in sources:
             if mapping.get(old, new.strip()) != new.strip():
                 raise DatasetError(f"relabel: {old!r} is given two new labels")

@@ -205,7 +205,8 @@ def test_a_covid_non_covid_model_reports_its_own_two_classes(
     its classes, not the default's three, reach the database, the SR and the PDF."""
     from classifier.inference import Classifier
 
-    folder = tiny_model(tmp_path_factory.getbasetemp(), relabel={"normal": "non-covid", "pneumonia": "non-covid"})
+    merge = {"normal": "non-covid", "pneumonia": "non-covid"}
+    folder = tiny_model(tmp_path_factory.getbasetemp(), relabel=merge)
     binary = Classifier.load(folder)
     assert binary.info.classes == ("covid", "non-covid")
     study_pk = receive(world, "RG1_UNCI.dcm")

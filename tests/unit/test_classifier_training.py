@@ -529,7 +529,8 @@ def test_a_merged_class_model_trains_on_the_split_of_the_original_labels(
     _, unmerged_validation = split_by_group(items, 0.25, seed=3)
     assert {i.label for i in unmerged_validation} == {"bright", "dark", "dim"}  # stratified on all three
     _, merged_first = split_by_group(relabel(items, {"dark": "shadow", "dim": "shadow"}), 0.25, seed=3)
-    assert {i.path for i in merged_first} != {i.path for i in unmerged_validation}  # the seed tells them apart
+    # This seed tells the two apart: merged first, other patients would be held out.
+    assert {i.path for i in merged_first} != {i.path for i in unmerged_validation}
     _, recorded = split_from_record(items, metadata.data["split"])
     assert [(i.path, i.label) for i in recorded] == [
         (i.path, "bright" if i.label == "bright" else "shadow") for i in unmerged_validation

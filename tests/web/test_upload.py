@@ -210,7 +210,8 @@ def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: di
     assert 'id="adult-chest"' in client.get(f"/upload/{token}").text
     # A picture has no Patient Age: its user confirms an adult's frontal chest radiograph, or it is refused.
     refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
-    assert refused.status_code == 422 and "confirm that it is a frontal chest radiograph of an adult" in refused.text
+    assert refused.status_code == 422
+    assert "confirm that it is a frontal chest radiograph of an adult" in refused.text
     assert MODEL_SCOPE in refused.text and 'id="finding-label"' not in refused.text
     unconfirmed = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert unconfirmed.status_code == 422 and "of an adult" in unconfirmed.text
