@@ -470,13 +470,15 @@ def test_training_with_reframing_runs_on_whole_chest_classes_and_refuses_data_wi
         train(replace(config, data=collection, output=tmp_path / "other"), argv=[])
 
 
-def _three_classes(collection: Path) -> Path:
-    """The tiny collection's manifest with its dark images split into two classes by patient: dark, dim."""
+def _three_classes(collection: Path, folder: Path) -> Path:
+    """A manifest in ``folder`` of the tiny collection's images (absolute paths), its dark images split into
+    two classes by patient: dark, dim."""
     rows = list(csv.DictReader((collection / "manifest.csv").open(newline="")))
     for row in rows:
+        row["file"] = str(collection / row["file"])
         if row["label"] == "dark" and int(row["group"].removeprefix("dark-patient")) >= 3:
             row["label"] = "dim"
-    manifest = collection / "three.csv"
+    manifest = folder / "three.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["file", "label", "group"])
         writer.writeheader()
@@ -511,12 +513,12 @@ def test_data_labels_match_a_model_s_classes_as_a_hospital_export_names_them() -
 
 
 def test_a_merged_class_model_trains_on_the_split_of_the_original_labels(
-    collection: Path, capsys: pytest.CaptureFixture[str]
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Nie et al.'s COVID-19 / non-COVID model from a three-class collection: the classes are merged after
     the split, so it holds out the very patients a three-class model of the same seed does."""
-    manifest = _three_classes(collection)
-    output = collection.parent / "merged"
+    manifest = _three_classes(collection, tmp_path)
+    output = tmp_path / "merged"
     argv = ["train", str(manifest), str(output), "--architecture", "sugandi-cnn", "--epochs", "1",
             "--steps-per-epoch", "1", "--no-progress", "--seed", "3", "--validation-fraction", "0.25",
             "--relabel", "shadow=dark,dim"]  # fmt: skip
