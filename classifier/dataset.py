@@ -187,7 +187,7 @@ def split_from_record(
     """The train/validation split a model was trained with, from the ``split`` entry of its model.json,
     with the labels it was trained on (its ``relabel``, if it merged classes after the split)."""
     mapping: Mapping[str, str] = record.get("relabel") or {}
-    relabel(items, mapping)  # the check: every label it replaces is in the collection
+    _require_labels(items, mapping)
     seed = int(record.get("seed", 42))
     if record.get("fold") is not None:
         train, validation = split_by_fold(items, int(record["fold"]), int(record.get("folds", 5)), seed)
@@ -223,10 +223,14 @@ def relabel(
     ``strict``: a label to replace that no image has is an error, because a typo would otherwise train on
     the classes unmerged."""
     if strict:
-        missing = sorted(set(mapping) - {item.label for item in items})
-        if missing:
-            raise DatasetError(f"relabel: no image is labelled {missing}")
+        _require_labels(items, mapping)
     return [replace(item, label=mapping.get(item.label, item.label)) for item in items]
+
+
+def _require_labels(items: Sequence[LabelledImage], mapping: Mapping[str, str]) -> None:
+    missing = sorted(set(mapping) - {item.label for item in items})
+    if missing:
+        raise DatasetError(f"relabel: no image is labelled {missing}")
 
 
 def load_gray(path: Path, *, upright: bool = True, min_side: int = 256) -> npt.NDArray[np.float32]:
