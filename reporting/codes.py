@@ -21,6 +21,9 @@ use the local coding scheme :data:`LOCAL_SCHEME` (a private "99" designator, PS3
 - ``CXR-NEGATIVE`` "Image looks inverted (a negative)": the model's negative check found bone dark and lungs
   light, so the display polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost;
   recorded the same way, with this local code.
+- ``CXR-AGE-UNKNOWN`` "Patient age not in the header": the node classified an image whose header gives
+  neither Patient Age nor Patient's Birth Date, so it could not check the patient is an adult (the models
+  were trained on adults); recorded the same way, so that a reader confirms the patient's age.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ QUALITY_FINDING: Code = codes.DCM.QualityFinding  # (111052, DCM): why the model
 UNFAMILIAR = Code("CXR-UNFAMILIAR", LOCAL_SCHEME, "Unlike the model's training images")
 NEGATIVE = Code("CXR-NEGATIVE", LOCAL_SCHEME, "Image looks inverted (a negative)")
 WRONG_WAY_UP: Code = codes.DCM.InappropriatePatientOrientation  # (130461, DCM)
+AGE_UNKNOWN = Code("CXR-AGE-UNKNOWN", LOCAL_SCHEME, "Patient age not in the header")
 PROBABILITY_UNIT = codes.UCUM.NoUnits  # ("1", UCUM, "no units"): probabilities in [0, 1]
 IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # (363679005, SCT, "Imaging procedure"), CID 100
 LUNG = Code("39607008", "SCT", "Lung")  # finding site of every result (meaning as used in PS3.16 CIDs)

@@ -64,6 +64,12 @@ DOUBT_TEXT = (
     "image. Read it with particular care."
 )
 DOUBT_SUMMARY = "the model's checks doubt this image"
+AGE_UNKNOWN_HEADLINE = "PATIENT AGE UNKNOWN"
+AGE_UNKNOWN_TEXT = (
+    "The image header gives no Patient Age, and no Patient's Birth Date with a Study Date, so the node could "
+    "not check that the patient is an adult. The model was trained on adults and calls most radiographs of "
+    "young children COVID-19. Confirm the patient's age before reading this result."
+)
 NOT_RECORDED = "—"
 
 PAGE_WIDTH, PAGE_HEIGHT = A4
@@ -71,6 +77,8 @@ MARGIN = 14 * mm
 HEADER_HEIGHT = 16 * mm
 FOOTER_HEIGHT = 13 * mm
 CONTENT_WIDTH = PAGE_WIDTH - 2 * MARGIN
+PICTURE_HEIGHT = 112 * mm  # the radiograph and its heat map, when nothing else asks for room
+MIN_PICTURE_HEIGHT = 60 * mm
 
 INK = colors.HexColor("#1a1a1a")
 MUTED = colors.HexColor("#5f6368")
@@ -106,11 +114,17 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
         _identity_table(images[0].source, len(images), styles, fonts),
         Spacer(1, 3 * mm),
     ]
+    cautions: list[Flowable] = []
+    if any(image.age_unknown for image in images):
+        cautions = [_warning_box(f"⚠ {AGE_UNKNOWN_HEADLINE}", AGE_UNKNOWN_TEXT, styles), Spacer(1, 3 * mm)]
+    story += cautions
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
         story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
     for index, image in enumerate(images):
-        story += _image_section(image, index, len(images), styles, fonts)
+        # one image shares its page with the identity and any study caution: they take picture height
+        taken = _height(cautions) if len(images) == 1 else 0.0
+        story += _image_section(image, index, len(images), styles, fonts, taken=taken)
         if index < len(images) - 1:
             story.append(PageBreak())
     if len(images) == 1:
@@ -351,9 +365,17 @@ def _series_instance(source: pydicom.Dataset) -> str:
     return ", ".join(part for part in parts if part)
 
 
+def _height(flowables: Sequence[Flowable]) -> float:
+    """The height the flowables take on the page, one under the other."""
+    return float(sum(flowable.wrap(CONTENT_WIDTH, PAGE_HEIGHT)[1] for flowable in flowables))
+
+
 def _image_section(
-    image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface
+    image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface, *, taken: float = 0.0
 ) -> list[Flowable]:
+    """The image's result, cautions and pictures. ``taken`` is the height of boxes above it on its page
+    beyond the usual: the pictures shrink by it, and by its own doubt box, so that one image with its
+    cautions still fits on a single page."""
     prediction = image.prediction
     finding, subline = _finding_words(prediction)
     colour = FINDING_COLOURS[finding.key]
@@ -386,11 +408,13 @@ def _image_section(
     )
     head: list[Flowable] = [Paragraph(fonts.markup(heading), styles.heading), result]
     if prediction.doubt:
-        head += [Spacer(1, 2 * mm), _doubt_box(prediction.doubt, styles, fonts)]
+        doubt = [Spacer(1, 2 * mm), _doubt_box(prediction.doubt, styles, fonts)]
+        head += doubt
+        taken += _height(doubt) if count == 1 else 0.0
     flow: list[Flowable] = [
         KeepTogether(head),
         Spacer(1, 3 * mm),
-        _pictures(image, styles),
+        _pictures(image, styles, max(PICTURE_HEIGHT - taken, MIN_PICTURE_HEIGHT)),
         Spacer(1, 1 * mm),
         Paragraph(
             fonts.markup(f"SOP Instance UID {_text(image.source.get('SOPInstanceUID'))}"),
@@ -477,10 +501,9 @@ def _fitted(pixels: npt.NDArray[np.uint8], box_width: float, box_height: float) 
     return Image(buffer, width=width * scale, height=height * scale)
 
 
-def _pictures(image: AnalysedImage, styles: _Styles) -> Flowable:
+def _pictures(image: AnalysedImage, styles: _Styles, box_height: float) -> Flowable:
     """The radiograph and, when the model produced one, its heat map side by side, each captioned."""
     box_width = (CONTENT_WIDTH - 6 * mm) / 2
-    box_height = 112 * mm
     if image.preview is None:
         return Paragraph("Image preview not available for this instance.", styles.body)
     left = [_fitted(image.preview, box_width, box_height), Paragraph("Radiograph", styles.caption)]

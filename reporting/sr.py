@@ -4,9 +4,11 @@ One TID 1501 measurement group per analysed image: tracking identifier and UID, 
 finding site, the finding as a coded qualitative evaluation, each class probability as a numeric measurement,
 and the algorithm's identification. An image the model's own checks doubted (unfamiliar, or the wrong way up)
 and the node classified anyway gets a second evaluation, a "Quality Finding" that says which
-(:func:`reporting.codes.doubt_code`). The observer is the node as a device (TID 1004); the Contributing
-Equipment Sequence names the algorithm ("Processing Algorithm", IHE AIR). The document is complete but not
-verified by a person, and preliminary: it supports a radiologist's reading, it is not one.
+(:func:`reporting.codes.doubt_code`); so does one whose header gives no patient age
+(``AnalysedImage.age_unknown``, :data:`reporting.codes.AGE_UNKNOWN`). The observer is the node as a device
+(TID 1004); the Contributing Equipment Sequence names the algorithm ("Processing Algorithm", IHE AIR). The
+document is complete but not verified by a person, and preliminary: it supports a radiologist's reading, it is
+not one.
 
 No TID 1600 Image Library: highdicom's entry descriptors for CR/DX demand Imager Pixel Spacing and Patient
 Orientation, which many radiographs (RG1_UNCI.dcm among them) lack; the evidence sequence and each group's
@@ -80,6 +82,8 @@ def _measurement_group(
     doubt = codes.doubt_code(prediction)
     if doubt is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(name=codes.QUALITY_FINDING, value=doubt))
+    if image.age_unknown:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.QUALITY_FINDING, value=codes.AGE_UNKNOWN))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(sop_instance_uid, source_uid, "tracking"),

@@ -30,8 +30,11 @@ class AnalysedImage:
 
     ``source`` supplies the identifiers (patient, study, SOP instance); its pixel data may be absent.
     ``preview`` is what the PDF shows: uint8 HxW, windowed, white bone (``classifier.preprocess.display_image``).
+    ``age_unknown``: the node classified it although its header gives no patient age; the PDF and the SR
+    then ask the reader to confirm an adult (the node's age policy decides, ``dicom_node.eligibility``).
     """
 
     source: pydicom.Dataset
     prediction: Prediction
     preview: npt.NDArray[np.uint8] | None = None
+    age_unknown: bool = False

@@ -8,7 +8,13 @@ import io
 import pypdf
 import pytest
 
-from reporting.pdf import INTENDED_USE_HEADLINE, build_pdf, patient_name, percent
+from reporting.pdf import (
+    AGE_UNKNOWN_HEADLINE,
+    INTENDED_USE_HEADLINE,
+    build_pdf,
+    patient_name,
+    percent,
+)
 from reporting.typeface import fallback_font_file
 from reporting.types import AnalysedImage
 from tests import peers
@@ -60,6 +66,18 @@ def test_single_image_page_shows_identity_result_confidences_model_and_intended_
         "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457",  # the analysed instance
     ):
         assert expected in text, expected
+
+
+def test_a_study_without_a_patient_age_asks_the_reader_to_confirm_an_adult_once() -> None:
+    images = three_image_study()
+    assert AGE_UNKNOWN_HEADLINE not in compact(" ".join(pages(images)))
+    images[1] = dataclasses.replace(images[1], age_unknown=True)
+    text = pages(images)
+    assert [AGE_UNKNOWN_HEADLINE in compact(page) for page in text] == [True, False, False, False]
+    assert "calls most radiographs of young children COVID-19" in compact(text[0])
+    (single,) = pages([dataclasses.replace(analysed(sparse_source()), age_unknown=True)])
+    assert AGE_UNKNOWN_HEADLINE in compact(single)
+    assert "Confirm the patient's age before reading this result" in compact(single)
 
 
 def test_unicode_patient_name_is_in_the_text() -> None:

@@ -3,6 +3,7 @@ write/read cycle under strict validation, and the same document when rebuilt."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator, Sequence
 
@@ -122,6 +123,17 @@ def test_a_doubted_image_carries_a_quality_finding(strict: None) -> None:
         assert evaluations[0].value == codes.finding_for(image.prediction.label).code
         assert [e.value for e in evaluations[1:]] == doubts
         assert all(e.name == codes.QUALITY_FINDING for e in evaluations[1:])
+
+
+def test_an_image_without_a_patient_age_carries_a_quality_finding(strict: None) -> None:
+    """Classified although its header gives no age: the reader is to confirm an adult, after any doubt."""
+    aged, unaged = doubted_study()[:2]
+    unaged = dataclasses.replace(unaged, age_unknown=True)
+    groups = report(round_trip(build([aged, unaged]))).get_image_measurement_groups()
+    assert [e.value for e in groups[0].get_qualitative_evaluations()[1:]] == []
+    evaluations = groups[1].get_qualitative_evaluations()
+    assert [e.value for e in evaluations[1:]] == [codes.WRONG_WAY_UP, codes.AGE_UNKNOWN]
+    assert all(e.name == codes.QUALITY_FINDING for e in evaluations[1:])
 
 
 @pytest.mark.parametrize("case", CASES)
