@@ -7,7 +7,9 @@ sites remove the birth date.
 A child is recognised by Patient Age (0010,1010) or, without it, by Patient's Birth Date and Study Date:
 the default model calls most radiographs of young children COVID-19 (model card, "Images from other
 sources"), so a patient younger than ``pipeline.minimum_patient_age_years`` (18 by default) is not
-classified. The reason names the limit, never the patient's age.
+classified. The reason names the limit, never the patient's age. A header that gives no age at all (no
+Patient Age, no birth date: many anonymised archives) is classified with a caution the PDF, the SR and
+the console show (:meth:`AgePolicy.cautions`), or skipped when ``pipeline.skip_unknown_age`` is set.
 A DX image *for processing* (raw detector values, before the vendor's image processing) is stored for the
 record but not classified: the models only ever saw images processed for display.
 
@@ -27,8 +29,8 @@ from datetime import date, datetime
 import pydicom
 from pydicom.uid import DigitalXRayImageStorageForProcessing
 
-from dicom_node.settings import ADULT_AGE_YEARS
-from dicom_node.store.models import Instance
+from dicom_node.settings import ADULT_AGE_YEARS, PipelineSettings
+from dicom_node.store.models import Instance, Study
 
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
 CHEST_BODY_PARTS = frozenset({"CHEST"})
@@ -49,6 +51,38 @@ class Eligibility:
 
 
 MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) of adults only."
+UNKNOWN_AGE = "the header gives no patient age (no Patient Age, no Patient's Birth Date with a Study Date)"
+
+
+@dataclass(frozen=True)
+class AgePolicy:
+    """Whom the node classifies by age: ``pipeline.minimum_patient_age_years`` (0: every age) and
+    ``pipeline.skip_unknown_age`` (a header without an age: skipped, or classified with a caution)."""
+
+    minimum_years: float = ADULT_AGE_YEARS
+    skip_unknown: bool = False
+
+    @classmethod
+    def of(cls, pipeline: PipelineSettings) -> AgePolicy:
+        return cls(minimum_years=pipeline.minimum_patient_age_years, skip_unknown=pipeline.skip_unknown_age)
+
+    def refusal(self, age_years: float | None) -> str | None:
+        """Why a patient of this age (None: unknown) is not classified; None: they are."""
+        if self.minimum_years <= 0:
+            return None
+        if age_years is None:
+            return UNKNOWN_AGE if self.skip_unknown else None
+        if age_years < self.minimum_years:
+            return f"the patient is younger than {self.minimum_years:g} years by Patient Age or Birth Date"
+        return None
+
+    def cautions(self, age_years: float | None) -> bool:
+        """Whether a classified image carries the unknown-age caution: the header gives no age and the
+        node was asked to check it (a site that classifies every age has chosen so)."""
+        return age_years is None and self.minimum_years > 0 and not self.skip_unknown
+
+
+DEFAULT_AGE_POLICY = AgePolicy()  # adults by the header; a header without an age classified with a caution
 
 
 def not_classified(reason: str) -> str:
@@ -92,10 +126,10 @@ def assess(
     view_position: str,
     sop_class_uid: str,
     age_years: float | None = None,
-    minimum_age_years: float = ADULT_AGE_YEARS,
+    ages: AgePolicy = DEFAULT_AGE_POLICY,
 ) -> Eligibility:
     """Decide from the header values (already read from the dataset or the database); ``age_years`` is
-    :func:`age_in_years` (None: unknown, accepted); a ``minimum_age_years`` of 0 classifies every age."""
+    :func:`age_in_years` (None: unknown), judged by ``ages``."""
     modality = (modality or "").strip().upper()
     body_part = (body_part or "").strip().upper()
     view = (view_position or "").strip().upper()
@@ -107,25 +141,29 @@ def assess(
         return Eligibility(False, f"body part {body_part} is not CHEST")
     if view and view not in FRONTAL_VIEWS:
         return Eligibility(False, f"view position {view} is not frontal (PA/AP)")
-    if age_years is not None and age_years < minimum_age_years:
-        limit = f"{minimum_age_years:g} years"
-        return Eligibility(False, f"the patient is younger than {limit} by Patient Age or Birth Date")
+    refusal = ages.refusal(age_years)
+    if refusal is not None:
+        return Eligibility(False, refusal)
     return Eligibility(True)
 
 
-def assess_instance(instance: Instance, *, minimum_age_years: float = ADULT_AGE_YEARS) -> Eligibility:
+def study_age(study: Study) -> float | None:
+    """The patient's age at a stored study, from its own and its patient's rows (None: unknown)."""
+    return age_in_years(
+        patient_age=study.patient_age, birth_date=study.patient.birth_date, study_date=study.study_date
+    )
+
+
+def assess_instance(instance: Instance, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> Eligibility:
     """Decide for a stored instance from its own, its series', study's and patient's rows."""
     series = instance.series
-    study = series.study
     return assess(
         modality=series.modality,
         body_part=series.body_part_examined,
         view_position=instance.view_position,
         sop_class_uid=instance.sop_class_uid,
-        age_years=age_in_years(
-            patient_age=study.patient_age, birth_date=study.patient.birth_date, study_date=study.study_date
-        ),
-        minimum_age_years=minimum_age_years,
+        age_years=study_age(series.study),
+        ages=ages,
     )
 
 
@@ -133,17 +171,22 @@ def _header(dataset: pydicom.Dataset, keyword: str) -> str:
     return str(dataset.get(keyword, "") or "")
 
 
-def assess_dataset(dataset: pydicom.Dataset, *, minimum_age_years: float = ADULT_AGE_YEARS) -> Eligibility:
+def dataset_age(dataset: pydicom.Dataset) -> float | None:
+    """The patient's age at the examination by a dataset's own header (None: unknown)."""
+    return age_in_years(
+        patient_age=_header(dataset, "PatientAge"),
+        birth_date=_header(dataset, "PatientBirthDate"),
+        study_date=_header(dataset, "StudyDate"),
+    )
+
+
+def assess_dataset(dataset: pydicom.Dataset, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> Eligibility:
     """Decide from a dataset's own header (an upload in the console, before anything is stored)."""
     return assess(
         modality=_header(dataset, "Modality"),
         body_part=_header(dataset, "BodyPartExamined"),
         view_position=_header(dataset, "ViewPosition"),
         sop_class_uid=_header(dataset, "SOPClassUID"),
-        age_years=age_in_years(
-            patient_age=_header(dataset, "PatientAge"),
-            birth_date=_header(dataset, "PatientBirthDate"),
-            study_date=_header(dataset, "StudyDate"),
-        ),
-        minimum_age_years=minimum_age_years,
+        age_years=dataset_age(dataset),
+        ages=ages,
     )

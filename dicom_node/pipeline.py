@@ -40,9 +40,8 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
-from dicom_node.eligibility import assess_instance
+from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
-from dicom_node.settings import ADULT_AGE_YEARS
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -109,7 +108,7 @@ class PipelineConfig:
     fsync: bool = True
     indeterminate_threshold: float = 0.5  # recorded in the SR's algorithm parameters
     skip_unfamiliar: bool = True  # skip images unlike the training images, the wrong way up, or a negative
-    minimum_patient_age_years: float = ADULT_AGE_YEARS  # skip younger patients (by the header)
+    ages: AgePolicy = DEFAULT_AGE_POLICY  # whom to classify by the age in the header
 
 
 def node_identity(settings: Settings) -> NodeIdentity:
@@ -141,7 +140,7 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
         fsync=settings.storage.fsync,
         indeterminate_threshold=group.indeterminate_threshold,
         skip_unfamiliar=group.skip_unfamiliar,
-        minimum_patient_age_years=group.minimum_patient_age_years,
+        ages=AgePolicy.of(group),
     )
 
 
@@ -440,7 +439,7 @@ class Pipeline:
             for instance in self._instances(session, study_pk):
                 if instance.state is not InstanceState.RECEIVED:
                     continue
-                verdict = assess_instance(instance, minimum_age_years=self.config.minimum_patient_age_years)
+                verdict = assess_instance(instance, ages=self.config.ages)
                 if not verdict.eligible:
                     instance.state = InstanceState.SKIPPED
                     instance.state_reason = verdict.reason
@@ -490,11 +489,10 @@ class Pipeline:
                 .order_by(Instance.id)
             )
             # An instance that arrived after the claim is assessed in the next cycle, never here.
-            minimum_age = self.config.minimum_patient_age_years
             todo = [
                 (i.id, i.file_path, i.series.study_pk)
                 for i in candidates
-                if assess_instance(i, minimum_age_years=minimum_age).eligible
+                if assess_instance(i, ages=self.config.ages).eligible
             ]
             # Eligible instances that already have a finding (a crash after the commit) are done.
             for instance in session.scalars(
@@ -789,7 +787,7 @@ class Pipeline:
         from classifier.preprocess import display_image
         from reporting.types import AnalysedImage
 
-        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
+        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding, bool]] = []
         for instance in self._instances(session, study_pk):
             if instance.state is not InstanceState.ANALYSED:
                 continue
@@ -803,10 +801,11 @@ class Pipeline:
             if finding is None:
                 continue
             path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
-            rows.append((instance.id, path, _header(instance), finding))
+            age_unknown = self.config.ages.cautions(study_age(instance.series.study))
+            rows.append((instance.id, path, _header(instance), finding, age_unknown))
         session.commit()  # release the database before reading pixel files
         images: list[AnalysedImage] = []
-        for instance_pk, path, header, finding in rows:
+        for instance_pk, path, header, finding, age_unknown in rows:
             ds = cycle.datasets.get(instance_pk)
             if ds is None:
                 ds = _read_dataset(path) if path is not None and path.is_file() else header
@@ -815,7 +814,10 @@ class Pipeline:
                 cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
             images.append(
                 AnalysedImage(
-                    source=ds, prediction=self._prediction(finding, info), preview=cycle.previews[instance_pk]
+                    source=ds,
+                    prediction=self._prediction(finding, info),
+                    preview=cycle.previews[instance_pk],
+                    age_unknown=age_unknown,
                 )
             )
         return images

@@ -114,6 +114,8 @@ class PipelineSettings(BaseModel):
     skip_unfamiliar: bool = True
     # Skip patients younger than this by Patient Age or Birth Date (the model was trained on adults); 0: none
     minimum_patient_age_years: float = Field(default=ADULT_AGE_YEARS, ge=0.0, le=150.0)
+    # A header without Patient Age or Birth Date: skip it (True), or classify it with a caution (False)
+    skip_unknown_age: bool = False
     batch_size: int = Field(default=16, ge=1)
     heatmap: bool = True
     secondary_capture: bool = False

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from dicom_node import aes, audit, users
+from dicom_node.eligibility import AgePolicy
 from dicom_node.errors import AuthenticationError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
@@ -138,8 +139,8 @@ def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
 
 
 @router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])
-def api_study(db: DbDep, principal: UserDep, study_id: int) -> results.StudyDetail:
-    detail = results.study_detail(db, study_id)
+def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: int) -> results.StudyDetail:
+    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return detail
 
@@ -184,6 +185,8 @@ class PredictionOut(BaseModel):
     # Why the model's own checks would refuse the image (a negative, the wrong way up, unfamiliar) when the
     # node is set to classify it anyway (pipeline.skip_unfamiliar off); None when they would not
     warning: str | None = None
+    # A DICOM header with no patient age, classified: confirm the patient is an adult (AGE_UNKNOWN_TEXT)
+    age_unknown: bool = False
 
 
 class IngestOut(BaseModel):
@@ -231,6 +234,7 @@ def api_classify(
         report_url=f"/api/uploads/{token}/report.pdf",
         novelty=prediction.novelty,
         warning=prediction.doubt,
+        age_unknown=held.upload.age_unknown,
     )
 
 

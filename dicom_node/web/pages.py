@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node import audit
-from dicom_node.eligibility import not_classified
+from dicom_node.eligibility import AgePolicy, not_classified
 from dicom_node.errors import IneligibleImageError, NodeError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import (
@@ -122,8 +122,8 @@ def hold_upload(con: Console, principal: Principal, filename: str, data: bytes) 
 
     Decodes up to MAX_UPLOAD_BYTES: async routes call it in the thread pool, never on the event loop,
     which serves every other console request (and the health check) meanwhile."""
-    minimum_age = con.settings.pipeline.minimum_patient_age_years
-    return con.uploads.add(principal.user_id, read_upload(filename, data, minimum_age_years=minimum_age))
+    ages = AgePolicy.of(con.settings.pipeline)
+    return con.uploads.add(principal.user_id, read_upload(filename, data, ages=ages))
 
 
 @router.get("/upload/{token}")
@@ -298,8 +298,8 @@ def audit_read(db: Session, principal: Principal, action: str, target: str) -> N
 
 
 @router.get("/results/{study_id}")
-def study_page(request: Request, db: DbDep, principal: UserDep, study_id: int) -> Response:
-    detail = results.study_detail(db, study_id)
+def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: int) -> Response:
+    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return render(request, "study.html", principal, active="results", study=detail)
 

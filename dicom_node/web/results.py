@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
 from classifier.types import doubt_reason
+from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, study_age
 from dicom_node.errors import NotFoundError
 from dicom_node.store.models import (
     Delivery,
@@ -351,6 +352,8 @@ class StudyDetail(BaseModel):
     state_reason: str
     received_at: datetime
     analysed_at: datetime | None
+    # Findings were made although the header gives no patient age: the reader confirms an adult
+    age_unknown: bool
     instances: list[InstanceDetail]
     results: list[ResultObjectDetail]
 
@@ -359,7 +362,7 @@ def _opt(value: datetime | None) -> datetime | None:
     return aware(value) if value is not None else None
 
 
-def study_detail(session: Session, study_id: int) -> StudyDetail:
+def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> StudyDetail:
     study = session.scalar(
         select(Study)
         .where(Study.id == study_id)
@@ -436,6 +439,7 @@ def study_detail(session: Session, study_id: int) -> StudyDetail:
         state_reason=study.state_reason,
         received_at=aware(study.first_received_at),
         analysed_at=_opt(study.analysed_at),
+        age_unknown=ages.cautions(study_age(study)) and any(inst.findings for inst in instances),
         instances=instances,
         results=[
             ResultObjectDetail(

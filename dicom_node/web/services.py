@@ -23,7 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from classifier.errors import ClassifierError
 from classifier.preprocess import display_image, read_dataset
-from dicom_node.eligibility import Eligibility, assess_dataset, not_classified
+from dicom_node.eligibility import (
+    DEFAULT_AGE_POLICY,
+    AgePolicy,
+    Eligibility,
+    assess_dataset,
+    dataset_age,
+    not_classified,
+)
 from dicom_node.errors import (
     ClassificationError,
     IneligibleImageError,
@@ -35,7 +42,7 @@ from dicom_node.errors import (
 from dicom_node.ingest import Ingestor
 from dicom_node.pipeline import load_classifier, node_identity
 from dicom_node.scu import echo
-from dicom_node.settings import ADULT_AGE_YEARS, Settings
+from dicom_node.settings import Settings
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import RemoteAe
 from dicom_node.tls import client_context
@@ -57,14 +64,14 @@ class FeatureUnavailableError(NodeError):
 @dataclass(frozen=True)
 class Upload:
     """An image a user uploaded: a DICOM dataset or a PNG/JPEG picture (exactly one is set).
-    ``minimum_age_years`` is the node's ``pipeline.minimum_patient_age_years``: a DICOM upload is judged
-    by the same header rules as a received instance."""
+    ``ages`` is the node's age policy: a DICOM upload is judged by the same header rules as a received
+    instance."""
 
     filename: str
     data: bytes
     dataset: pydicom.Dataset | None = None
     image: Image.Image | None = None
-    minimum_age_years: float = ADULT_AGE_YEARS
+    ages: AgePolicy = DEFAULT_AGE_POLICY
 
     @property
     def is_dicom(self) -> bool:
@@ -75,7 +82,13 @@ class Upload:
         """What the node would decide from the DICOM header; None for a picture, which has none."""
         if self.dataset is None:
             return None
-        return assess_dataset(self.dataset, minimum_age_years=self.minimum_age_years)
+        return assess_dataset(self.dataset, ages=self.ages)
+
+    @property
+    def age_unknown(self) -> bool:
+        """A DICOM upload whose header gives no age, classified with the caution to confirm an adult (a
+        picture has no header: its user confirms an adult before it is classified)."""
+        return self.dataset is not None and self.ages.cautions(dataset_age(self.dataset))
 
 
 @dataclass(frozen=True)
@@ -189,7 +202,9 @@ class NodeConsoleServices:
         else:
             source = picture_dataset(upload.filename, analysed_at)
             preview = picture_preview(upload)
-        analysed = AnalysedImage(source=source, prediction=prediction, preview=preview)
+        analysed = AnalysedImage(
+            source=source, prediction=prediction, preview=preview, age_unknown=upload.age_unknown
+        )
         try:
             return bytes(build_pdf([analysed], node_identity(self._settings), analysed_at=analysed_at))
         except ReportBuildError as exc:

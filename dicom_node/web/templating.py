@@ -17,6 +17,7 @@ from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
 from reporting.codes import finding_for
 from reporting.errors import UnknownLabelError
+from reporting.pdf import AGE_UNKNOWN_TEXT
 
 # Messages a redirect can ask a page to show (``?notice=<key>``): fixed texts, so a link cannot
 # make the console display words of someone else's choosing.
@@ -119,6 +120,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         version=__version__,
         query_string=query_string,
         not_classified=not_classified,
+        age_unknown_text=AGE_UNKNOWN_TEXT,
     )
     return templates
 

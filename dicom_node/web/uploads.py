@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import pydicom
 from PIL import Image
 
+from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
 from dicom_node.part10 import has_preamble
-from dicom_node.settings import ADULT_AGE_YEARS
 from dicom_node.web.services import IngestOutcome, Upload
 
 if TYPE_CHECKING:
@@ -34,9 +34,9 @@ class UploadTooLargeError(NodeError):
     """An upload over the console's size limit."""
 
 
-def read_upload(filename: str, data: bytes, *, minimum_age_years: float = ADULT_AGE_YEARS) -> Upload:
-    """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture; ``minimum_age_years`` is the
-    node's ``pipeline.minimum_patient_age_years``."""
+def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> Upload:
+    """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture; ``ages`` is the node's age
+    policy (``pipeline.minimum_patient_age_years``, ``pipeline.skip_unknown_age``)."""
     if has_preamble(data):
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
@@ -44,7 +44,7 @@ def read_upload(filename: str, data: bytes, *, minimum_age_years: float = ADULT_
             raise UndecodableDatasetError("the DICOM file could not be read") from exc
         if "PixelData" not in dataset:
             raise UndecodableDatasetError("the DICOM file holds no image")
-        return Upload(filename=filename, data=data, dataset=dataset, minimum_age_years=minimum_age_years)
+        return Upload(filename=filename, data=data, dataset=dataset, ages=ages)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

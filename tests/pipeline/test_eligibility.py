@@ -10,7 +10,7 @@ from pydicom.uid import (
     DigitalXRayImageStorageForProcessing,
 )
 
-from dicom_node.eligibility import age_in_years, assess, assess_dataset
+from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy, age_in_years, assess, assess_dataset
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -120,11 +120,31 @@ def test_patients_younger_than_the_minimum_are_skipped(
 ) -> None:
     verdict = assess(
         modality="CR", body_part="CHEST", view_position="PA", sop_class_uid=ComputedRadiographyImageStorage,
-        age_years=age, minimum_age_years=minimum,
+        age_years=age, ages=AgePolicy(minimum_years=minimum),
     )  # fmt: skip
     assert verdict.eligible is eligible
     if not eligible:
         assert verdict.reason == f"the patient is younger than {minimum:g} years by Patient Age or Birth Date"
+
+
+@pytest.mark.parametrize(
+    ("policy", "refused", "cautioned"),
+    [(AgePolicy(), False, True), (AgePolicy(skip_unknown=True), True, False),
+     (AgePolicy(minimum_years=0), False, False),
+     (AgePolicy(minimum_years=0, skip_unknown=True), False, False)],
+)  # fmt: skip
+def test_an_unknown_age_is_classified_with_a_caution_or_skipped(
+    policy: AgePolicy, refused: bool, cautioned: bool
+) -> None:
+    """A site that classifies every age (minimum 0) has chosen so: no caution, nothing skipped."""
+    verdict = assess(
+        modality="CR", body_part="CHEST", view_position="PA", sop_class_uid=ComputedRadiographyImageStorage,
+        age_years=None, ages=policy,
+    )  # fmt: skip
+    assert verdict.eligible is not refused
+    assert verdict.reason == (UNKNOWN_AGE if refused else "")
+    assert policy.cautions(None) is cautioned
+    assert not policy.cautions(64.0) and not policy.cautions(4.0)
 
 
 def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
@@ -134,7 +154,7 @@ def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
     verdict = assess_dataset(ds)
     assert not verdict.eligible
     assert "7" not in verdict.reason
-    assert assess_dataset(ds, minimum_age_years=0).eligible
+    assert assess_dataset(ds, ages=AgePolicy(minimum_years=0)).eligible
     with pytest.warns(UserWarning, match="Invalid value for VR AS"):  # no unit: not a valid AS, yet seen
         ds["PatientAge"].value = "7"  # (RSNA Pneumonia Detection Challenge): read as years
     assert not assess_dataset(ds).eligible

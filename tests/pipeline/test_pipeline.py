@@ -24,6 +24,7 @@ from pypdf import PdfReader
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.ingest import ingest_bytes
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
@@ -47,6 +48,7 @@ from dicom_node.store.models import (
     StudyState,
 )
 from reporting import codes
+from reporting.pdf import AGE_UNKNOWN_HEADLINE
 from tests import peers
 from tests.pipeline.model import tiny_model
 from tests.pipeline.storepeer import StorePeer
@@ -332,12 +334,44 @@ def test_a_child_is_stored_but_not_classified_unless_configured(
     assert_skipped_without_results(world, peer, born_2001, reason)
 
     allowed = receive(world, "RG1_UNCI.dcm", edit=aged_four)
-    make_pipeline(world, minimum_patient_age_years=0.0).process([allowed])
+    make_pipeline(world, ages=AgePolicy(minimum_years=0.0)).process([allowed])
     with session_scope(world["db"]) as session:
         study = session.get(Study, allowed)
         assert study is not None and study.patient_age == "004Y"
         assert study.state is not StudyState.SKIPPED
         assert session.scalar(select(func.count()).select_from(Finding)) == 1
+
+
+def test_a_header_without_an_age_is_classified_with_a_caution_or_skipped_when_configured(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """As many anonymised archives send them: no Patient Age, no birth date. The SR and the PDF ask the
+    reader to confirm an adult; with ``pipeline.skip_unknown_age`` the image is stored, not classified."""
+
+    def anonymised(ds: pydicom.Dataset) -> None:  # another patient: RG1's is born in 1940
+        ds.PatientID, ds.PatientBirthDate = "NOAGE1", ""
+        if "PatientAge" in ds:
+            del ds.PatientAge
+
+    unaged = receive(world, "RG1_UNCI.dcm", edit=anonymised)
+    make_pipeline(world).process([unaged])
+    quality, text = doubt_in_results(world, unaged)
+    assert quality.count(codes.AGE_UNKNOWN.value) == 1
+    assert AGE_UNKNOWN_HEADLINE in text and "Confirm the patient's age" in text
+
+    aged = receive(world, "RG1_UNCI.dcm")  # born 1940, examined 2004
+    make_pipeline(world).process([aged])
+    quality, text = doubt_in_results(world, aged)
+    assert codes.AGE_UNKNOWN.value not in quality and AGE_UNKNOWN_HEADLINE not in text
+
+    skipped = receive(world, "RG1_UNCI.dcm", edit=anonymised)
+    make_pipeline(world, ages=AgePolicy(skip_unknown=True)).process([skipped])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, skipped)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason == UNKNOWN_AGE
+        assert session.scalar(select(func.count()).select_from(Finding)) == 2  # the two above
+    assert len(peer.received) == 4  # an SR and a PDF for each classified study, none for the skipped one
 
 
 def test_a_secondary_capture_with_a_bare_patient_age_is_judged_by_it(

@@ -38,6 +38,7 @@ class StudySpec:
     patient_id: str = "PID-0001"
     accession: str = "ACC0001"
     study_date: str = "20260110"
+    birth_date: str = "19600101"  # "": with no Patient Age either, the header gives no age
     state: StudyState = StudyState.ANALYSED
     state_reason: str = ""
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -79,7 +80,7 @@ def add_study(factory: sessionmaker[Session], spec: StudySpec) -> StudyIds:
         patient = session.query(Patient).filter_by(patient_id=spec.patient_id).one_or_none()
         if patient is None:
             patient = Patient(
-                patient_id=spec.patient_id, name=spec.patient_name, birth_date="19600101", sex="F"
+                patient_id=spec.patient_id, name=spec.patient_name, birth_date=spec.birth_date, sex="F"
             )
             session.add(patient)
             session.flush()

@@ -224,6 +224,27 @@ def test_details_warn_of_a_finding_that_looked_like_a_negative(
     assert finding["doubt"].startswith("the image looks like a negative")
 
 
+def test_details_ask_to_confirm_an_adult_when_the_header_gives_no_age(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
+) -> None:
+    """Classified without a Patient Age or a birth date (pipeline.skip_unknown_age off): the study page says
+    what the PDF and the SR say; a study with a birth date, or one with no finding, does not."""
+    client, _ = rad_client
+    unaged = add_study(factory, StudySpec("ANON^YMOUS", "P-500", "A500", "20260113", birth_date=""))
+    html = client.get(f"/results/{unaged.study}").text
+    caution = html[html.index('id="age-unknown"'):]
+    assert caution.index("Patient age unknown.") < 100
+    assert "calls most radiographs of young children COVID-19" in caution
+    assert client.get(f"/api/results/{unaged.study}").json()["age_unknown"] is True
+    assert 'id="age-unknown"' not in client.get(f"/results/{corpus['covid']}").text
+    assert client.get(f"/api/results/{corpus['covid']}").json()["age_unknown"] is False
+    skipped = add_study(factory, StudySpec(
+        "ANON^SKIPPED", "P-501", "A501", "20260113", birth_date="", state=StudyState.SKIPPED,
+        state_reason="body part HAND is not CHEST", label=None,
+    ))  # fmt: skip
+    assert 'id="age-unknown"' not in client.get(f"/results/{skipped.study}").text
+
+
 def test_skipped_study_shows_its_reason(rad_client: tuple[TestClient, str], corpus: dict[str, int]) -> None:
     client, _ = rad_client
     html = client.get(f"/results/{corpus['skipped']}").text

@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.eligibility import MODEL_SCOPE
+from dicom_node.eligibility import MODEL_SCOPE, UNKNOWN_AGE
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import Instance
@@ -230,9 +230,62 @@ def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: di
     assert label.lower() in text.lower()
 
 
+def _console_with(app: FastAPI, factory: sessionmaker[Session], **pipeline: object) -> tuple[TestClient, str]:
+    """A radiologist's client of a second console, ``app``'s with these ``pipeline`` settings changed."""
+    settings: Settings = app.state.console.settings
+    changed = settings.pipeline.model_copy(update=pipeline)
+    client = TestClient(create_app(settings.model_copy(update={"pipeline": changed}), factory),
+                        follow_redirects=False)
+    return client, login(client, *RADIOLOGIST)
+
+
+def _anonymised_rg1() -> bytes:
+    """The real CR without Patient Age or birth date, as many anonymised archives send it."""
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.PatientBirthDate = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_a_dicom_upload_without_an_age_is_classified_with_a_caution_or_refused_when_configured(
+    classifying_app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    client = TestClient(classifying_app, follow_redirects=False)
+    csrf = login(client, *RADIOLOGIST)
+    token = _upload(client, csrf, "anonymous.dcm", _anonymised_rg1(), "application/dicom")
+    assert 'id="adult-chest"' not in client.get(f"/upload/{token}").text  # a header: nothing to confirm
+    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    page = client.get(f"/upload/{token}").text
+    assert 'id="finding-label"' in page and 'id="age-unknown"' in page and "Patient age unknown." in page
+    api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 200 and api.json()["age_unknown"] is True
+    text = subprocess.run(
+        [peers.executable("pdftotext"), "-", "-"],
+        input=client.get(f"/upload/{token}/report.pdf").content, capture_output=True, check=True,
+    ).stdout.decode()
+    assert "PATIENT AGE UNKNOWN" in text and "Page 1 of 1" in text
+
+    aged = _upload(client, csrf, "RG1_UNCI.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+                   "application/dicom")  # born 1940, examined 2004
+    api = client.post(f"/api/uploads/{aged}/classify", headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 200 and api.json()["age_unknown"] is False
+    assert 'id="age-unknown"' not in client.get(f"/upload/{aged}").text
+
+    # With pipeline.skip_unknown_age on, the console refuses it as the node would.
+    strict, csrf = _console_with(classifying_app, factory, skip_unknown_age=True)
+    token = _upload(strict, csrf, "anonymous.dcm", _anonymised_rg1(), "application/dicom")
+    page = strict.get(f"/upload/{token}").text
+    assert 'id="ineligible"' in page and 'id="classify"' not in page
+    assert UNKNOWN_AGE.replace("'", "&#39;") in page
+    refused = strict.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 422 and UNKNOWN_AGE in refused.json()["detail"]
+
+
 @pytest.mark.slow
 def test_a_picture_that_is_not_a_radiograph_is_not_classified(
-    classifying_app: FastAPI, accounts: dict[str, int], settings: Settings, factory: sessionmaker[Session]
+    classifying_app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:
     """A picture has no header to check; the model's novelty check reads the pixels instead."""
     client = TestClient(classifying_app, follow_redirects=False)
@@ -254,10 +307,7 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert refused.status_code == 422 and "looks the wrong way up" in refused.text and MODEL_SCOPE in refused.text
 
     # With pipeline.skip_unfamiliar off the finding is shown, under a warning.
-    pipeline = classifying_app.state.console.settings.pipeline.model_copy(update={"skip_unfamiliar": False})
-    lenient = create_app(settings.model_copy(update={"pipeline": pipeline}), factory)
-    client = TestClient(lenient, follow_redirects=False)
-    csrf = login(client, *RADIOLOGIST)
+    client, csrf = _console_with(classifying_app, factory, skip_unfamiliar=False)
     token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
     confirmed = {"csrf_token": csrf, "adult_chest": "yes"}
     assert client.post(f"/upload/{token}/classify", data=confirmed).status_code == 303
