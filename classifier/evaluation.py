@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from classifier.preprocess import (
     pil_to_gray,
     read_dataset,
 )
+from classifier.types import label_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ LABEL_ALIASES = {
 
 
 def _label_key(label: str) -> str:
-    key = re.sub(r"[\s_]+", "-", label.strip().casefold())
+    key = label_key(label)
     return LABEL_ALIASES.get(key, key)
 
 

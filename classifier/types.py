@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -13,6 +14,12 @@ INDETERMINATE = "indeterminate"
 NOVELTY_LIMIT = 1.0  # novelty above this: the image is unlike every training image (classifier.novelty)
 
 _TURN_WORDS = {1: "a quarter turn anticlockwise", 2: "upside down", 3: "a quarter turn clockwise"}
+
+
+def label_key(label: str) -> str:
+    """A class label as compared: case set aside, runs of spaces and underscores read as one "-"
+    (``"Non COVID"``, ``"non_covid"`` and ``"non-covid"`` are one label)."""
+    return re.sub(r"[\s_]+", "-", label.strip().casefold())
 
 
 class Doubt(enum.Enum):

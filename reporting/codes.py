@@ -34,7 +34,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from classifier.types import INDETERMINATE, Doubt, Prediction, doubt_of
+from classifier.types import INDETERMINATE, Doubt, Prediction, doubt_of, label_key
 from reporting.errors import UnknownLabelError
 
 LOCAL_SCHEME = "99CXRNODE"
@@ -89,13 +89,13 @@ _BY_LABEL: dict[str, FindingConcept] = {
 
 
 def finding_for(label: str) -> FindingConcept:
-    """The coded concept of a classifier label (case-insensitive, "_" and " " read as "-").
+    """The coded concept of a classifier label, compared as :func:`classifier.types.label_key` does
+    (case-insensitive, "_" and " " read as "-").
 
     Call it for each of a model's classes when the model is loaded to reject an unknown class early.
     """
-    key = label.strip().lower().replace("_", "-").replace(" ", "-")
     try:
-        return _BY_LABEL[key]
+        return _BY_LABEL[label_key(label)]
     except KeyError:
         raise UnknownLabelError(f"no coded concept for class label {label!r}") from None
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.unit
         (INDETERMINATE, "82334004", "SCT"),
         ("non-covid", "CXR-NONCOVID", codes.LOCAL_SCHEME),
         ("non_covid", "CXR-NONCOVID", codes.LOCAL_SCHEME),
+        (" Non  COVID ", "CXR-NONCOVID", codes.LOCAL_SCHEME),  # compared as the evaluation compares labels
     ],
 )
 def test_labels_map_to_codes(label: str, value: str, scheme: str) -> None:
@@ -39,3 +40,5 @@ def test_probability_codes_are_distinct_per_class() -> None:
 def test_unknown_label_is_refused() -> None:
     with pytest.raises(UnknownLabelError):
         codes.finding_for("tuberculosis")
+    with pytest.raises(UnknownLabelError):  # a data label the evaluation reads as normal, not a model class
+        codes.finding_for("No Finding")
