@@ -787,8 +787,11 @@ class Pipeline:
         from classifier.preprocess import display_image
         from reporting.types import AnalysedImage
 
-        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding, bool]] = []
-        for instance in self._instances(session, study_pk):
+        instances = self._instances(session, study_pk)
+        study = session.get(Study, study_pk)  # already loaded with its instances
+        age_unknown = study is not None and self.config.ages.cautions(study_age(study))
+        rows: list[tuple[int, Path | None, pydicom.Dataset, Finding]] = []
+        for instance in instances:
             if instance.state is not InstanceState.ANALYSED:
                 continue
             finding = session.scalar(
@@ -801,11 +804,10 @@ class Pipeline:
             if finding is None:
                 continue
             path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
-            age_unknown = self.config.ages.cautions(study_age(instance.series.study))
-            rows.append((instance.id, path, _header(instance), finding, age_unknown))
+            rows.append((instance.id, path, _header(instance), finding))
         session.commit()  # release the database before reading pixel files
         images: list[AnalysedImage] = []
-        for instance_pk, path, header, finding, age_unknown in rows:
+        for instance_pk, path, header, finding in rows:
             ds = cycle.datasets.get(instance_pk)
             if ds is None:
                 ds = _read_dataset(path) if path is not None and path.is_file() else header

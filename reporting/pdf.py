@@ -121,9 +121,9 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
         story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
+    # one image shares its page with the identity and any study caution: they take picture height
+    taken = _height(cautions) if len(images) == 1 else 0.0
     for index, image in enumerate(images):
-        # one image shares its page with the identity and any study caution: they take picture height
-        taken = _height(cautions) if len(images) == 1 else 0.0
         story += _image_section(image, index, len(images), styles, fonts, taken=taken)
         if index < len(images) - 1:
             story.append(PageBreak())

@@ -202,10 +202,15 @@ def test_dicom_upload_is_windowed_white_bone(rad_client: tuple[TestClient, str])
     assert _mediastinum_brighter_than_lungs(png.content)
 
 
+def _radiologist(app: FastAPI) -> tuple[TestClient, str]:
+    """A client of ``app`` logged in as the radiologist, and its CSRF token."""
+    client = TestClient(app, follow_redirects=False)
+    return client, login(client, *RADIOLOGIST)
+
+
 @pytest.mark.slow
 def test_classify_png_and_save_the_report(classifying_app: FastAPI, accounts: dict[str, int]) -> None:
-    client = TestClient(classifying_app, follow_redirects=False)
-    csrf = login(client, *RADIOLOGIST)
+    client, csrf = _radiologist(classifying_app)
     token = _upload(client, csrf, "chest.png", radiograph_png(), "image/png")
     assert 'id="adult-chest"' in client.get(f"/upload/{token}").text
     # A picture has no Patient Age: its user confirms an adult's frontal chest radiograph, or it is refused.
@@ -234,9 +239,7 @@ def _console_with(app: FastAPI, factory: sessionmaker[Session], **pipeline: obje
     """A radiologist's client of a second console, ``app``'s with these ``pipeline`` settings changed."""
     settings: Settings = app.state.console.settings
     changed = settings.pipeline.model_copy(update=pipeline)
-    client = TestClient(create_app(settings.model_copy(update={"pipeline": changed}), factory),
-                        follow_redirects=False)
-    return client, login(client, *RADIOLOGIST)
+    return _radiologist(create_app(settings.model_copy(update={"pipeline": changed}), factory))
 
 
 def _anonymised_rg1() -> bytes:
@@ -252,8 +255,7 @@ def _anonymised_rg1() -> bytes:
 def test_a_dicom_upload_without_an_age_is_classified_with_a_caution_or_refused_when_configured(
     classifying_app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:
-    client = TestClient(classifying_app, follow_redirects=False)
-    csrf = login(client, *RADIOLOGIST)
+    client, csrf = _radiologist(classifying_app)
     token = _upload(client, csrf, "anonymous.dcm", _anonymised_rg1(), "application/dicom")
     assert 'id="adult-chest"' not in client.get(f"/upload/{token}").text  # a header: nothing to confirm
     assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
@@ -288,8 +290,7 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     classifying_app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:
     """A picture has no header to check; the model's novelty check reads the pixels instead."""
-    client = TestClient(classifying_app, follow_redirects=False)
-    csrf = login(client, *RADIOLOGIST)
+    client, csrf = _radiologist(classifying_app)
     photo = (Path(__file__).parents[1] / "unit" / "fixtures" / "imagenet_coffee.jpg").read_bytes()
     token = _upload(client, csrf, "cup.jpg", photo, "image/jpeg")
     refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
