@@ -386,7 +386,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         items = val_items if args.split == "validation" else train_items
     report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items,
                       relabel=parse_relabel(args.relabel))
-    _say(json.dumps({k: v for k, v in report.items() if k != "per_class"}, indent=2))
+    _say(json.dumps({k: v for k, v in report.items() if k not in ("per_class", "reliability")}, indent=2))
     return 0
 
 

@@ -63,20 +63,55 @@ def roc_curve(
     return (fps / max(fps[-1], 1)).tolist(), (tps / max(tps[-1], 1)).tolist()
 
 
+def reliability_bins(
+    probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64], bins: int = ECE_BINS
+) -> list[dict[str, float | int]]:
+    """The reliability diagram as numbers: for each equal-width bin of top-class probability (low, high]
+    that holds images, how many, their mean top probability and how often the top class was right."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows: list[dict[str, float | int]] = []
+    for number in range(bins):
+        mask = index == number
+        if mask.any():
+            rows.append(
+                {
+                    "low": round(float(edges[number]), 6),
+                    "high": round(float(edges[number + 1]), 6),
+                    "images": int(mask.sum()),
+                    "confidence": float(confidence[mask].mean()),
+                    "accuracy": float(correct[mask].mean()),
+                }
+            )
+    return rows
+
+
 def expected_calibration_error(
     probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]
 ) -> float:
     """Top-label ECE with equal-width confidence bins: |accuracy − confidence| weighted by bin size."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, ECE_BINS - 1)
-    total = 0.0
-    for index in range(ECE_BINS):
-        mask = bins == index
-        if mask.any():
-            total += mask.mean() * abs(float(correct[mask].mean()) - float(confidence[mask].mean()))
-    return float(total)
+    bins = reliability_bins(probabilities, y_true)
+    gaps = sum(row["images"] * abs(row["accuracy"] - row["confidence"]) for row in bins)
+    return _safe_div(gaps, len(y_true))
+
+
+def log_loss(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]) -> float:
+    """Mean negative log probability of the true class (natural log; a probability of 0 counts as 1e-12)."""
+    if len(y_true) == 0:
+        return 0.0
+    chosen = probabilities[np.arange(len(y_true)), y_true]
+    return float(-np.mean(np.log(np.clip(chosen, 1e-12, 1.0))))
+
+
+def brier_score(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]) -> float:
+    """Mean over images of the squared distance between the probabilities and the one-hot truth
+    (0 is perfect, 2 the worst)."""
+    if len(y_true) == 0:
+        return 0.0
+    one_hot = np.eye(probabilities.shape[1])[y_true]
+    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
 
 
 def _safe_div(numerator: float, denominator: float) -> float:
@@ -89,7 +124,8 @@ def classification_report(
     classes: Sequence[str],
 ) -> dict[str, Any]:
     """Confusion matrix, accuracy, per-class and macro precision/recall/F1, sensitivity/specificity,
-    one-vs-rest ROC AUC and ECE — a JSON-ready dict."""
+    one-vs-rest ROC AUC, and how honest the probabilities are (ECE, log loss, Brier score, reliability
+    bins) — a JSON-ready dict."""
     truth = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probabilities, dtype=np.float64)
     n = len(classes)
@@ -126,5 +162,8 @@ def classification_report(
         "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])),
         "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
         "expected_calibration_error": expected_calibration_error(probs, truth),
+        "log_loss": log_loss(probs, truth),
+        "brier_score": brier_score(probs, truth),
+        "reliability": reliability_bins(probs, truth),
         "per_class": per_class,
     }

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from classifier.metrics import ECE_BINS, roc_curve
+from classifier.metrics import reliability_bins, roc_curve
 
 
 def _pyplot() -> Any:
@@ -76,15 +76,9 @@ def roc_and_reliability(
     roc_axis.set_ylabel("sensitivity")
     roc_axis.set_title("one-vs-rest ROC")
     roc_axis.legend()
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
-    centres, accuracies = [], []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        mask = (confidence > low) & (confidence <= high)
-        if mask.any():
-            centres.append(float(confidence[mask].mean()))
-            accuracies.append(float(correct[mask].mean()))
+    bins = reliability_bins(probabilities, y_true)
+    centres = [row["confidence"] for row in bins]
+    accuracies = [row["accuracy"] for row in bins]
     cal_axis.plot([0, 1], [0, 1], ":", color="grey")
     cal_axis.plot(centres, accuracies, "o-")
     cal_axis.set_xlabel("confidence")

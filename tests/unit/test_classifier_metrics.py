@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classifier.metrics import classification_report, expected_calibration_error, roc_auc, roc_curve
+from classifier.metrics import (
+    brier_score,
+    classification_report,
+    expected_calibration_error,
+    log_loss,
+    reliability_bins,
+    roc_auc,
+    roc_curve,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -45,3 +53,26 @@ def test_the_roc_curve_crosses_a_tie_in_one_diagonal_step_whatever_the_order() -
         fpr, tpr = roc_curve(positive[order], score[order])
         assert (fpr, tpr) == ([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])
         assert float(np.trapezoid(tpr, fpr)) == roc_auc(positive, score) == 0.5
+
+
+def test_reliability_bins_log_loss_and_brier_score_by_hand() -> None:
+    truth = np.array([0, 0, 1, 1])
+    probs = np.array([[0.88, 0.12], [0.95, 0.05], [0.6, 0.4], [0.35, 0.65]])
+    bins = reliability_bins(probs, truth, bins=10)
+    # top probabilities 0.88, 0.95, 0.6, 0.65: (0.8, 0.9], (0.9, 1.0], (0.5, 0.6], (0.6, 0.7]
+    assert [(row["low"], row["images"]) for row in bins] == [
+        (pytest.approx(0.5), 1), (pytest.approx(0.6), 1), (pytest.approx(0.8), 1), (pytest.approx(0.9), 1)
+    ]
+    assert [row["accuracy"] for row in bins] == [0.0, 1.0, 1.0, 1.0]  # the 0.6 image is wrong
+    assert bins[0]["confidence"] == pytest.approx(0.6)
+    assert log_loss(probs, truth) == pytest.approx(-np.mean(np.log([0.88, 0.95, 0.4, 0.65])))
+    assert brier_score(probs, truth) == pytest.approx(np.mean([0.0288, 0.005, 0.72, 0.245]))
+    perfect = np.eye(2)[truth]
+    assert (log_loss(perfect, truth), brier_score(perfect, truth)) == (pytest.approx(0.0), 0.0)
+    assert brier_score(1.0 - perfect, truth) == 2.0  # all certainty on the wrong class
+    report = classification_report(truth, probs, ["a", "b"])
+    assert report["reliability"] == reliability_bins(probs, truth)
+    assert report["log_loss"] == log_loss(probs, truth)
+    assert report["expected_calibration_error"] == pytest.approx(
+        sum(row["images"] / 4 * abs(row["accuracy"] - row["confidence"]) for row in report["reliability"])
+    )

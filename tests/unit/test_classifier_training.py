@@ -306,6 +306,11 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
     }
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"] == report["accuracy"]
+    # how far to trust a probability on these images: the reliability bins cover every image once
+    assert sum(band["images"] for band in saved["reliability"]) == 24
+    assert all(0.0 <= band["accuracy"] <= 1.0 and band["low"] < band["confidence"] <= band["high"]
+               for band in saved["reliability"])  # fmt: skip
+    assert saved["log_loss"] >= 0.0 and 0.0 <= saved["brier_score"] <= 2.0
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0 and (
         tmp_path / "roc_reliability.png"
     ).stat().st_size > 0
