@@ -17,31 +17,20 @@ object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from benchmarks import table
-from benchmarks.orientation import read_pictures
-from benchmarks.other_sources import read_wheel
-from benchmarks.testdata import pydicom_data_file
-from classifier.artifact import read_metadata
-from classifier.dataset import load_collection, split_from_record
+from benchmarks.posthoc import Probabilities, called, parser, score
 from classifier.ensemble import member_records
-from classifier.inference import Classifier
 from classifier.metrics import classification_report
-from classifier.preprocess import read_dataset
-from classifier.types import INDETERMINATE
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-Probabilities = npt.NDArray[np.float64]
 
 
 def training_weights(records: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> npt.NDArray[np.float64]:
@@ -61,49 +50,16 @@ def reweigh(probabilities: Probabilities, weights: npt.NDArray[np.float64], stre
     return np.asarray(adjusted / adjusted.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
-def called(probabilities: Probabilities, classes: Sequence[str], threshold: float) -> list[str]:
-    """The label of each row as the node gives it: the top class, or indeterminate below ``threshold``."""
-    return [classes[int(row.argmax())] if row.max() >= threshold else INDETERMINATE for row in probabilities]
-
-
-def _probabilities(
-    classifier: Classifier, pictures: Sequence[Image.Image]
-) -> tuple[Probabilities, list[bool]]:
-    classes = classifier.info.classes
-    rows: list[list[float]] = []
-    doubted: list[bool] = []
-    for start in range(0, len(pictures), 16):
-        for prediction in classifier.predict_images(pictures[start : start + 16], heatmap=False):
-            rows.append([prediction.probabilities[name] for name in classes])
-            doubted.append(prediction.doubt is not None)  # the node refuses these
-    return np.asarray(rows, dtype=np.float64), doubted
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path)
-    parser.add_argument("data", type=Path)
-    parser.add_argument("--wheels", type=Path, nargs="*", default=[], help="pneumonia_model_package wheels")
-    parser.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
-    args = parser.parse_args(argv)
+    arguments = parser(__doc__ or "")
+    arguments.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
+    args = arguments.parse_args(argv)
 
-    metadata = read_metadata(args.model)
-    classifier = Classifier.load(args.model)
-    classes = classifier.info.classes
+    scored = score(args.model, args.data, args.wheels)
+    classifier, classes, truth, clean = scored.classifier, scored.classes, scored.truth, scored.probabilities
     threshold = classifier.indeterminate_threshold
-    weights = training_weights(member_records(metadata), classes)
-    _, validation = split_from_record(load_collection(args.data), metadata.data["split"])
-    truth = np.asarray([classes.index(item.label) for item in validation], dtype=np.int64)
-    clean, _ = _probabilities(classifier, read_pictures(validation))
-    others = {
-        name: (items, *_probabilities(classifier, [image for _, _, image in items]))
-        for wheel in args.wheels
-        for name, items in read_wheel(wheel).items()
-    }
-    rg1 = classifier.predict_datasets([read_dataset(pydicom_data_file("RG1_UNCI.dcm"))])
-    rg1_row = np.asarray([[rg1[0].probabilities[name] for name in classes]], dtype=np.float64)
+    weights = training_weights(member_records(scored.metadata), classes)
+    rg1_row, others, validation = scored.rg1, scored.others, scored.validation
 
     rows: list[dict[str, Any]] = []
     for strength in args.strengths:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.prior import called, reweigh, training_weights
+from benchmarks.posthoc import called
+from benchmarks.prior import reweigh, training_weights
 
 pytestmark = pytest.mark.unit
 
