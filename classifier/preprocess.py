@@ -19,6 +19,11 @@ radiologist's viewer does, and heat maps are turned back onto it.
 Large images are box-averaged down to about twice the model input *before* the LUTs, which keeps a
 2000×2000 CR under a few tens of milliseconds; JPEG 2000 pixel data is decoded at a reduced resolution
 level for the same reason (the codestream is multi-resolution, the model needs 150–256 px).
+
+Every function here is pure: the dataset it is given is read, never changed, because the node may store
+or send on the same object. What it cannot read it refuses with :class:`UnsupportedImageError` and a
+reason (an unknown Photometric Interpretation by its value, Pixel Data the decoder rejects by what the
+decoder found), never with another exception.
 """
 
 from __future__ import annotations
@@ -214,7 +219,7 @@ def _j2k_decomposition_levels(codestream: bytes) -> int:
     return int(codestream[index + 9])  # Lcod(2) Scod(1) progression(1) layers(2) MCT(1) → levels
 
 
-def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] | None:
+def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) -> npt.NDArray[Any] | None:
     """First frame of a grey unsigned JPEG 2000 image at a reduced resolution, or None to decode normally.
 
     Pillow rounds the reduced size half-up while OpenJPEG rounds up, which breaks levels ≥ 2 on odd
@@ -222,7 +227,7 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any] 
     """
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
         return None
-    if not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper().startswith("MONOCHROME"):
+    if not photometric.startswith("MONOCHROME"):
         return None  # palette indices are labels: a wavelet low-pass would average them
     rows, columns = int(ds.Rows), int(ds.Columns)
     frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
@@ -257,8 +262,12 @@ def _j2k_precision(codestream: bytes) -> int | None:
     return (codestream[index + 40] & 0x7F) + 1  # FF51 Lsiz Rsiz, 8 × 4-byte sizes, Csiz, then Ssiz
 
 
-def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
-    """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``."""
+def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = None) -> npt.NDArray[Any]:
+    """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``.
+
+    ``photometric`` is :func:`photometric_interpretation` of ``ds`` (read here when not given)."""
+    if photometric is None:
+        photometric = photometric_interpretation(ds)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImageError("float pixel data (a parametric map, not a radiograph)")
@@ -269,7 +278,7 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if transfer_syntax in (JPEG2000, JPEG2000Lossless):
         try:
-            reduced = _decode_j2k_reduced(ds, min_side)
+            reduced = _decode_j2k_reduced(ds, min_side, photometric)
         except Image.DecompressionBombError as exc:  # the codestream claims > 179 Mpx (Pillow's limit)
             raise UnsupportedImageError(f"JPEG 2000 image too large: {exc}") from exc
         except (OSError, ValueError, StopIteration) as exc:
@@ -280,9 +289,19 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int) -> npt.NDArray[Any]:
         if reduced is not None:
             return reduced
     try:
-        return pixel_array(ds, index=0 if frames > 1 else None)
+        return pixel_array(ds, index=0 if frames > 1 else None, photometric_interpretation=photometric)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
-        raise UnsupportedImageError(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
+        raise UnsupportedImageError(f"pixel data cannot be decoded ({_decoder_says(exc)})") from exc
+
+
+def _decoder_says(exc: Exception) -> str:
+    """The exception's type and the first clause of its message: what the decoder found wrong (a short
+    Pixel Data, a bit depth its colour conversion does not take), for the reason a sender is given. The
+    decoders' messages name pixel module values and sizes, never patient data."""
+    message = str(exc).split(" - ")[0].strip()
+    if len(message) > 160:
+        message = message[:157].rstrip() + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------ grey conversion
@@ -417,12 +436,24 @@ def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
     descriptor = [int(value) for value in item.LUTDescriptor[:3]]
     entries, first = descriptor[0] or 65536, descriptor[1]
     if descriptor[2] == 8:
-        wide = copy.copy(item)
-        wide.LUTDescriptor = [descriptor[0], first, 16]
-        ds = copy.copy(ds)
-        ds.VOILUTSequence = [wide]
+        ds = _voi_lut_view(ds, item, [descriptor[0], first, 16])
     table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
     return np.asarray(table, dtype=np.float64), first
+
+
+def _voi_lut_view(ds: pydicom.Dataset, item: pydicom.Dataset, descriptor: list[int]) -> pydicom.Dataset:
+    """A new dataset holding only what :func:`apply_voi` reads: one VOI LUT item with ``descriptor`` and
+    ``item``'s LUT Data, and ``ds``'s byte order for OW data. ``ds`` and ``item`` stay as they are
+    (``copy.copy`` of a pydicom dataset shares its elements, so a copy cannot be changed safely)."""
+    wide = pydicom.Dataset()
+    wide.LUTDescriptor = descriptor
+    wide.add(copy.deepcopy(item["LUTData"]))
+    view = pydicom.Dataset()
+    view.VOILUTSequence = [wide]
+    if hasattr(ds, "file_meta"):
+        view.file_meta = copy.deepcopy(ds.file_meta)
+    view.set_original_encoding(*ds.original_encoding)
+    return view
 
 
 def _check_palette(ds: pydicom.Dataset) -> None:
@@ -445,6 +476,25 @@ def _palette_top(ds: pydicom.Dataset, rgb: npt.NDArray[Any]) -> float:
     return 65535.0
 
 
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")
+_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", *_COLOUR)
+
+
+def photometric_interpretation(ds: pydicom.Dataset) -> str:
+    """The Photometric Interpretation as the preprocessing reads it, checked before any decoding.
+
+    Absent means MONOCHROME2 (a grey image, the common case); padding and case are set aside, since some
+    software writes ``monochrome2`` although a code string is upper case. Anything else is refused with
+    its value. The dataset is not changed: the decoder is handed the value read here."""
+    given = ds.get("PhotometricInterpretation")
+    value = "MONOCHROME2" if given is None else str(given).strip().upper()
+    if value not in _PHOTOMETRIC:
+        raise UnsupportedImageError(f"unsupported photometric interpretation {value!r}")
+    if given is None or str(given) != value:
+        LOGGER.warning("Photometric Interpretation %r read as %s", None if given is None else str(given), value)
+    return value
+
+
 def dataset_to_gray(
     ds: pydicom.Dataset, min_side: int = 256, *, j2k_min_side: int | None = None
 ) -> FloatImage:
@@ -454,22 +504,20 @@ def dataset_to_gray(
     Large images are box-averaged down to between 2 and 4 × ``min_side``, and JPEG 2000 is decoded at
     the resolution level that keeps ``j2k_min_side`` (default: the same 2 × ``min_side``), so a study
     gives the same model input whether it was sent compressed or not."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    raw = frame_pixels(ds, 2 * min_side if j2k_min_side is None else j2k_min_side)
+    photometric = photometric_interpretation(ds)
+    raw = frame_pixels(ds, 2 * min_side if j2k_min_side is None else j2k_min_side, photometric)
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
             _check_palette(ds)
             rgb = apply_color_lut(raw, ds)
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"):
+    if photometric in _COLOUR:
         if raw.ndim != 3 or raw.shape[-1] != 3:
             raise UnsupportedImageError(f"colour image with unexpected shape {raw.shape}")
         bits = int(ds.get("BitsStored", 8))
         gray = (_box_reduce(raw, min_side) @ _LUMA) / float((1 << bits) - 1)
         return _f32(np.clip(gray, 0.0, 1.0))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedImageError(f"unsupported photometric interpretation {photometric!r}")
     if raw.ndim != 2:
         raise UnsupportedImageError(f"grey image with unexpected shape {raw.shape}")
     padding = _padding_mask(raw, ds)

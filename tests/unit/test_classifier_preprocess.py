@@ -217,6 +217,20 @@ def test_first_voi_lut_is_used_over_windows() -> None:
     assert gray[0, 0] > 0.99 and gray[0, -1] < 0.01
 
 
+def test_reading_an_8_bit_voi_lut_leaves_the_dataset_as_it_was() -> None:
+    """The table is looked up as if its entries were 16 bits wide (see _first_voi_lut); that must not
+    be written into the object the node stored and may send on."""
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = [255 - i for i in range(256)]
+    ds.VOILUTSequence = [item]
+    sequence = ds.VOILUTSequence
+    gray = dataset_to_gray(ds)
+    assert gray[0, 0] > 0.99 and gray[0, -1] < 0.01
+    assert ds.VOILUTSequence is sequence and list(ds.VOILUTSequence[0].LUTDescriptor) == [256, 0, 8]
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_voi_lut_data_read_back_as_ow_bytes(syntax: str) -> None:
     """LUT Data encoded as OW (always so in implicit VR) reads back as raw bytes, not a list of numbers."""
@@ -331,6 +345,41 @@ def test_an_empty_or_unreadable_window_falls_back_to_the_percentile_window(cente
         ds.WindowCenter = ""
         broken = _with_raw_values(ds, {})
     np.testing.assert_array_equal(dataset_to_gray(broken), reference)
+
+
+@pytest.mark.parametrize("written", [b"monochrome1 ", b" MONOCHROME1"])
+def test_a_lower_case_or_padded_photometric_interpretation_is_read_as_meant(written: bytes) -> None:
+    pixels = ramp(12, 64)
+    reference = make_dataset(pixels, photometric="MONOCHROME1", bits_stored=12)
+    broken = _with_raw_values(reference, {b"MONOCHROME1 ": written})
+    np.testing.assert_array_equal(dataset_to_gray(broken), dataset_to_gray(reference))  # inverted once
+    assert broken.PhotometricInterpretation == written.decode().rstrip()  # the object is left as it came
+
+
+def test_an_absent_photometric_interpretation_is_monochrome2() -> None:
+    pixels = ramp(12, 64)
+    reference = make_dataset(pixels, bits_stored=12)
+    ds = make_dataset(pixels, bits_stored=12)
+    del ds.PhotometricInterpretation
+    np.testing.assert_array_equal(dataset_to_gray(ds), dataset_to_gray(reference))
+
+
+@pytest.mark.parametrize("written", [b"            ", b"HSV         "])
+def test_an_unknown_photometric_interpretation_is_refused_by_its_value_before_decoding(written: bytes) -> None:
+    ds = _with_raw_values(make_dataset(ramp(12, 64), bits_stored=12), {b"MONOCHROME2 ": written})
+    ds.PixelData = ds.PixelData[:-2]  # cut short too: the photometric value is the reason given
+    with pytest.raises(UnsupportedImageError, match=f"photometric interpretation '{written.strip().decode()}'"):
+        dataset_to_gray(ds)
+
+
+def test_pixel_data_cut_short_is_refused_with_what_the_decoder_found() -> None:
+    ds = make_dataset(ramp(12, 64), bits_stored=12)
+    ds.PixelData = ds.PixelData[:-2]
+    with pytest.raises(UnsupportedImageError) as refused:
+        dataset_to_gray(ds)
+    reason = str(refused.value)
+    assert reason.startswith("pixel data cannot be decoded (ValueError: ") and "8190 vs 8192 bytes" in reason
+    assert len(reason) < 200
 
 
 @pytest.mark.parametrize("slope", [b"    ", b"ab.c", b"inf ", b"0   "])
