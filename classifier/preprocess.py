@@ -292,13 +292,25 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
         return pixel_array(ds, index=0 if frames > 1 else None, photometric_interpretation=photometric)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
         raise UnsupportedImageError(f"pixel data cannot be decoded ({_decoder_says(exc)})") from exc
+    except BaseException as exc:
+        if not is_decoder_panic(exc):
+            raise
+        raise UnsupportedImageError(f"pixel data cannot be decoded (the decoder failed: {_decoder_says(exc)})") from exc
 
 
-def _decoder_says(exc: Exception) -> str:
+def is_decoder_panic(exc: BaseException) -> bool:
+    """A panic of a decoder written in Rust (pylibjpeg-rle on corrupt RLE data, for one) reaches Python as
+    pyo3's ``PanicException``, which derives from BaseException, not Exception: an ``except Exception``
+    in a worker would let one corrupt image end the worker. pyo3 does not export the class, so it is known
+    by its name."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _decoder_says(exc: BaseException) -> str:
     """The exception's type and the first clause of its message: what the decoder found wrong (a short
     Pixel Data, a bit depth its colour conversion does not take), for the reason a sender is given. The
     decoders' messages name pixel module values and sizes, never patient data."""
-    message = str(exc).split(" - ")[0].strip()
+    message = " ".join(str(exc).split(" - ")[0].split())  # one line: plugin reports span several
     if len(message) > 160:
         message = message[:157].rstrip() + "..."
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

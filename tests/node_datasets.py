@@ -7,13 +7,18 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     ExplicitVRLittleEndian,
+    RLELossless,
     generate_uid,
 )
+
+from tests import peers
 
 
 def make_cr(
@@ -93,3 +98,20 @@ def stored_turned(ds: Dataset, turns: int) -> Dataset:
         row, column = column, _OPPOSITE[row]
     out.PatientOrientation = [row, column]
     return out
+
+
+def with_corrupt_rle_pixels(ds: Dataset) -> Dataset:
+    """``ds`` (changed in place and returned) with the pixels of pydicom's RLE test image, 200 bytes of
+    its second segment zeroed: the Rust RLE decoder (pylibjpeg-rle) then writes past its output and
+    panics (pyo3's PanicException, a BaseException) instead of raising an error."""
+    source = pydicom.dcmread(peers.pydicom_data_file("MR_small_RLE.dcm"))
+    frame = bytearray(next(generate_frames(source.PixelData, number_of_frames=1)))
+    frame[3000:3200] = bytes(200)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):  # fmt: skip
+        setattr(ds, keyword, source[keyword].value)
+    ds.pop("NumberOfFrames", None)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds["PixelData"].VR = "OB"
+    return ds

@@ -40,7 +40,7 @@ from classifier.preprocess import (
     upright_turns,
 )
 from tests import peers
-from tests.node_datasets import stored_turned
+from tests.node_datasets import stored_turned, with_corrupt_rle_pixels
 
 pytestmark = pytest.mark.unit
 
@@ -380,6 +380,11 @@ def test_pixel_data_cut_short_is_refused_with_what_the_decoder_found() -> None:
     reason = str(refused.value)
     assert reason.startswith("pixel data cannot be decoded (ValueError: ") and "8190 vs 8192 bytes" in reason
     assert len(reason) < 200
+
+
+def test_a_decoder_panic_on_corrupt_rle_is_a_refusal_not_a_base_exception() -> None:
+    with pytest.raises(UnsupportedImageError, match=r"^pixel data cannot be decoded \(the decoder failed: "):
+        dataset_to_gray(with_corrupt_rle_pixels(make_dataset(ramp(12, 64), bits_stored=12)))
 
 
 @pytest.mark.parametrize("slope", [b"    ", b"ab.c", b"inf ", b"0   "])

@@ -11,17 +11,20 @@ headers; a failure prints the smallest header it found.
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from classifier.errors import UnsupportedImageError
 from classifier.preprocess import PreprocessSpec, dataset_to_model_input, display_image
+from tests import peers
 
 pytestmark = pytest.mark.unit
 
@@ -154,3 +157,48 @@ def test_any_header_gives_a_model_input_or_a_refusal_with_a_reason(ds: Dataset) 
     assert model_input.min() >= 0.0 and model_input.max() <= 1.0
     preview = display_image(ds, max_size=64)  # what the PDF and the console show of the same image
     assert preview.dtype == np.uint8 and 1 <= max(preview.shape) <= 64
+
+
+#: One small image per compressed transfer syntax the node accepts (pydicom's and pydicom-data's files).
+ENCODED = (
+    "693_J2KR.dcm",  # JPEG 2000 lossless, 512×512, 16 bits: the reduced-resolution path
+    "JPEG-lossy.dcm",  # JPEG extended, 12 bits
+    "JPEG-LL.dcm",  # JPEG lossless
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+    "JPEGLSNearLossless_08.dcm",  # JPEG-LS near-lossless, 8 bits
+    "MR_small_RLE.dcm",  # RLE: pylibjpeg-rle panics on some corruptions
+)
+
+
+@st.composite
+def corrupted(draw: st.DrawFn) -> Dataset:
+    """A real compressed image whose first frame had bytes overwritten, zeroed or cut off."""
+    ds = pydicom.dcmread(peers.pydicom_data_file(draw(st.sampled_from(ENCODED))))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=frames)))
+    start = draw(st.integers(0, len(frame) - 1))
+    kind = draw(st.sampled_from(["overwrite", "zero", "cut"]))
+    if kind == "overwrite":
+        patch = draw(st.binary(min_size=1, max_size=16))
+        frame[start : start + len(patch)] = patch
+    elif kind == "zero":
+        length = draw(st.integers(1, 400))
+        frame[start : start + length] = bytes(min(length, len(frame) - start))
+    else:
+        del frame[max(start, 1) :]
+    ds.PixelData = encapsulate([bytes(frame)])
+    return ds
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(corrupted())
+def test_corrupt_compressed_pixel_data_gives_a_model_input_or_a_refusal(ds: Dataset) -> None:
+    """A decoder that fails must fail as a refusal: not as another exception, and not as a panic of a
+    native decoder, which is no Exception at all and would end the node's worker."""
+    try:
+        model_input = dataset_to_model_input(ds, SPEC)
+    except UnsupportedImageError as exc:
+        event("refused: the decoder failed" if "decoder failed" in str(exc) else "refused")
+        return
+    event("decoded")
+    assert model_input.shape == (*SPEC.input_size, 3) and np.isfinite(model_input).all()
