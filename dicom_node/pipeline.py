@@ -351,7 +351,11 @@ class Pipeline:
                 self._busy += len(batch)
             try:
                 self.process(batch)
-            except Exception as exc:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # not only Exception: a Rust panic (pyo3) is not one
+                # One cycle's failure must not end the worker: every later study would wait for a restart
+                # that met the same study first. The message stays out of the log (it may quote PHI).
                 LOGGER.error(
                     "pipeline cycle for studies %s failed: %s", batch, describe_exception(exc, stack=True)
                 )

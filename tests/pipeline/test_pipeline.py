@@ -50,6 +50,7 @@ from dicom_node.store.models import (
 from reporting import codes
 from reporting.pdf import AGE_UNKNOWN_HEADLINE
 from tests import peers
+from tests.node_datasets import with_corrupt_rle_pixels
 from tests.pipeline.model import tiny_model
 from tests.pipeline.storepeer import StorePeer
 
@@ -500,6 +501,70 @@ def test_studies_ready_together_are_classified_in_one_batch(world: dict[str, Any
         assert [f.timings_ms["batch_size"] for f in findings] == [3, 3, 3]
         assert {s.state for s in session.scalars(select(Study))} == {StudyState.ANALYSED}
     assert len(peer.received) == 6
+
+
+def test_a_corrupt_image_whose_decoder_panics_is_skipped_and_the_worker_goes_on(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """pylibjpeg-rle panics on some corrupt RLE data, and a panic is not an Exception: before it was
+    turned into a refusal it ended the worker thread, and every later study waited for a restart that
+    would have met the same image first."""
+    corrupt = receive(world, "RG1_UNCI.dcm", edit=with_corrupt_rle_pixels)
+    pipeline = make_pipeline(world)
+    pipeline.submit(corrupt)
+    pipeline.submit(receive(world, "RG1_UNCI.dcm"))  # one batch: the corrupt image must not sink its neighbour either
+    pipeline.start()
+    try:
+        assert pipeline.wait_idle(60)
+        pipeline.submit(receive(world, "RG1_UNCI.dcm"))  # the same worker takes the next study
+        assert pipeline.wait_idle(60)
+    finally:
+        pipeline.stop()
+    with session_scope(world["db"]) as session:
+        skipped = session.get(Study, corrupt)
+        assert skipped is not None and skipped.state is StudyState.SKIPPED
+        assert skipped.state_reason.startswith(
+            "image not supported: pixel data cannot be decoded (the decoder failed: PanicException"
+        )
+        states = [study.state for study in session.scalars(select(Study).where(Study.id != corrupt))]
+        assert states == [StudyState.ANALYSED, StudyState.ANALYSED]
+        assert session.scalar(select(func.count()).select_from(Finding)) == 2
+
+
+def test_the_worker_outlives_a_cycle_ended_by_something_that_is_not_an_exception(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second line behind the decoder boundary: whatever else escapes a cycle as a BaseException
+    (another native library's panic) is logged, without its message, and the worker goes on."""
+
+    class Panic(BaseException):
+        pass
+
+    pipeline = make_pipeline(world)
+    process = pipeline.process
+    calls: list[list[int]] = []
+    message = f"{SENTINEL} quoted in a message"
+
+    def first_cycle_panics(study_pks: list[int]) -> None:
+        calls.append(list(study_pks))
+        if len(calls) == 1:
+            raise Panic(message)
+        process(study_pks)
+
+    monkeypatch.setattr(pipeline, "process", first_cycle_panics)
+    pipeline.start()
+    try:
+        pipeline.submit(receive(world, "RG1_UNCI.dcm"))
+        assert pipeline.wait_idle(60)
+        pipeline.submit(second := receive(world, "RG1_UNCI.dcm"))
+        assert pipeline.wait_idle(60)
+        assert pipeline.alive
+    finally:
+        pipeline.stop()
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, second)
+        assert study is not None and study.state is StudyState.ANALYSED
+    assert "Panic" in caplog.text and "SENTINEL" not in caplog.text
 
 
 def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str, Any], peer: StorePeer) -> None:
