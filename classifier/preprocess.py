@@ -628,10 +628,14 @@ def pil_to_gray(image: Image.Image) -> FloatImage:
         arr = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return _f32(np.clip(arr / top, 0.0, 1.0))
-    if image.mode == "F":
-        arr = np.asarray(image, dtype=np.float32)
-        low, high = float(arr.min()), float(arr.max())
-        return ((arr - low) / (high - low) if high > low else np.zeros_like(arr)).astype(np.float32)
+    if image.mode == "F":  # a floating-point picture (TIFF): scaled between its finite extremes
+        arr = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(arr)
+        if not finite.any():
+            raise UnsupportedImageError("a floating-point picture without one finite value")
+        low, high = float(arr[finite].min()), float(arr[finite].max())
+        arr = np.nan_to_num(arr, nan=low, posinf=high, neginf=low)  # NaN shown black, ±inf at the ends
+        return _f32((arr - low) / (high - low) if high > low else np.zeros_like(arr))
     if image.mode != "L":
         image = image.convert("RGB").convert("L")
     return (np.asarray(image, dtype=np.float32) / 255.0).astype(np.float32)

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -23,7 +24,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from classifier.errors import UnsupportedImageError
-from classifier.preprocess import PreprocessSpec, dataset_to_model_input, display_image
+from classifier.preprocess import PreprocessSpec, dataset_to_model_input, display_image, image_to_model_input
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -202,3 +203,38 @@ def test_corrupt_compressed_pixel_data_gives_a_model_input_or_a_refusal(ds: Data
         return
     event("decoded")
     assert model_input.shape == (*SPEC.input_size, 3) and np.isfinite(model_input).all()
+
+
+PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F")
+
+
+@st.composite
+def pictures(draw: st.DrawFn) -> Image.Image:
+    """A picture of any mode Pillow opens, random content; float ones now and then hold NaN or ±inf."""
+    mode = draw(st.sampled_from(PICTURE_MODES))
+    size = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if mode == "F":
+        values = rng.normal(0.0, draw(st.sampled_from([1.0, 1e30])), size[::-1]).astype(np.float32)
+        if draw(st.booleans()):
+            values.flat[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        return Image.fromarray(values, mode="F")
+    if mode == "I":
+        return Image.fromarray(rng.integers(-(2**31), 2**31 - 1, size[::-1], dtype=np.int64).astype(np.int32))
+    picture = Image.new(mode, size)
+    picture.frombytes(rng.integers(0, 256, len(picture.tobytes()), dtype=np.uint8).tobytes())
+    return picture
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(pictures())
+def test_any_picture_gives_a_model_input_in_range_or_a_refusal(picture: Image.Image) -> None:
+    """The console's uploads and ``cxr-node classify`` go through the same function (a float TIFF with a
+    NaN once became a NaN model input, and so NaN probabilities)."""
+    try:
+        model_input = image_to_model_input(picture, SPEC)
+    except UnsupportedImageError as exc:
+        assert str(exc)
+        return
+    assert model_input.shape == (*SPEC.input_size, 3) and np.isfinite(model_input).all()
+    assert model_input.min() >= 0.0 and model_input.max() <= 1.0
