@@ -91,9 +91,10 @@ class ArtifactMetadata:
                 validation=dict(data.get("validation", {})),
                 novelty=dict(data.get("novelty", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc
-        if "input_size" in data and list(data["input_size"]) != list(metadata.preprocess.input_size):
+        recorded = data.get("input_size", metadata.preprocess.input_size)
+        if not isinstance(recorded, list | tuple) or list(recorded) != list(metadata.preprocess.input_size):
             raise ModelArtifactError(
                 f"model.json input_size {data['input_size']} is not the preprocessing's "
                 f"{list(metadata.preprocess.input_size)}"

@@ -44,6 +44,7 @@ model card has the figures), and keep the node's header check in front of it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,11 +324,16 @@ class NoveltyCheck:
     @classmethod
     def load(cls, folder: Path, record: Mapping[str, Any]) -> NoveltyCheck:
         """The check an artifact records in the ``novelty`` entry of its model.json."""
-        threshold = float(record.get("threshold", 0.0))
-        if not threshold > 0:
-            raise ModelArtifactError("the novelty threshold in model.json must be positive")
+        try:
+            threshold = float(record.get("threshold", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise ModelArtifactError("the novelty threshold in model.json is not a number") from exc
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ModelArtifactError("the novelty threshold in model.json must be positive and finite")
         density = FeatureDensity.load(_recorded_file(folder, record, NOVELTY_FILE))
         entry = record.get("presentation_probe")
+        if entry and not isinstance(entry, Mapping):
+            raise ModelArtifactError("the presentation_probe entry in model.json is not an object")
         probe = None
         if entry:
             probe = LinearProbe.load(_recorded_file(folder, entry, PRESENTATION_PROBE_FILE), PRESENTATIONS)

@@ -84,8 +84,11 @@ def test_the_density_round_trips_and_a_changed_file_is_refused(tmp_path: Path) -
     np.testing.assert_allclose(check.ratios(features[:3]), loaded.score(features[:3]) / 2.0)
     with pytest.raises(ModelArtifactError, match="sha256"):
         NoveltyCheck.load(tmp_path, {**record, "sha256": "0" * 64})
-    with pytest.raises(ModelArtifactError, match="threshold"):
-        NoveltyCheck.load(tmp_path, {**record, "threshold": 0})
+    for threshold in (0, "high", [2.0], float("inf"), float("nan")):  # a hand-edited model.json
+        with pytest.raises(ModelArtifactError, match="threshold"):
+            NoveltyCheck.load(tmp_path, {**record, "threshold": threshold})
+    with pytest.raises(ModelArtifactError, match="presentation_probe"):
+        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": "probe.npz"})
     with pytest.raises(ModelArtifactError, match="not in"):
         NoveltyCheck.load(tmp_path, {**record, "file": "elsewhere.npz"})
 

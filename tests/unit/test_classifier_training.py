@@ -280,6 +280,9 @@ def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> Non
     [
         (lambda metadata: json.dumps({**metadata, "format": 99}).encode(), "format 99"),
         (lambda metadata: json.dumps({**metadata, "input_size": [150, 150]}).encode(), "input_size"),
+        (lambda metadata: json.dumps({**metadata, "input_size": 32}).encode(), "input_size"),
+        (lambda metadata: json.dumps({**metadata, "preprocessing": {"input_size": [1e309, 32]}}).encode(),
+         "incomplete or invalid"),  # fmt: skip
         (lambda metadata: b"\xff\xfe not utf-8", "not valid JSON"),
     ],
 )
