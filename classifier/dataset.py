@@ -87,24 +87,33 @@ def _folder_group(relative: Path) -> str:
 
 
 def _load_manifest(manifest: Path) -> list[LabelledImage]:
-    root = manifest.parent
     items: list[LabelledImage] = []
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"file", "label"} <= set(reader.fieldnames):
-            raise DatasetError(f"{manifest} needs the columns file,label[,group]")
-        for row in reader:
-            path = (root / row["file"]).resolve()
-            if not path.is_file():
-                raise DatasetError(f"{manifest}: missing file {row['file']}")
-            items.append(
-                LabelledImage(
-                    path=path, label=row["label"].strip(), group=(row.get("group") or row["file"]).strip()
-                )
-            )
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"file", "label"} <= set(reader.fieldnames):
+                raise DatasetError(f"{manifest} needs the columns file,label[,group]")
+            for row in reader:
+                items.append(_manifest_row(manifest, reader.line_num, row))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{manifest} is not a UTF-8 CSV file: {type(exc).__name__}") from exc
     if not items:
         raise DatasetError(f"{manifest} lists no images")
     return sorted(items, key=lambda item: str(item.path))
+
+
+def _manifest_row(
+    manifest: Path, line: int, row: Mapping[str | None, str | list[str] | None]
+) -> LabelledImage:
+    """One manifest row as an image, or a DatasetError naming its line (a short row has no label)."""
+    file, label, group = row.get("file"), row.get("label"), row.get("group")
+    if not isinstance(file, str) or not file.strip() or not isinstance(label, str) or not label.strip():
+        raise DatasetError(f"{manifest}, line {line}: every row needs a file and a label")
+    path = (manifest.parent / file.strip()).resolve()
+    if not path.is_file():
+        raise DatasetError(f"{manifest}: missing file {file}")
+    named = group if isinstance(group, str) and group.strip() else file
+    return LabelledImage(path=path, label=label.strip(), group=named.strip())
 
 
 def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:

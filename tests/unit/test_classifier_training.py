@@ -77,6 +77,37 @@ def test_group_folds_partition_the_collection(collection: Path) -> None:
         split_by_fold(items, 3, 3, seed=7)
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"file,label\ndark/1.png\n", "line 2: every row needs a file and a label"),  # a short row
+        (b"file,label\ndark/1.png,  \n", "line 2: every row needs a file and a label"),
+        (b"file,label\n,dark\n", "line 2: every row needs a file and a label"),
+        (b"file,label\ndark/1.png,dark\n\xff\xfe,dark\n", "not a UTF-8 CSV file"),
+        (b"name,class\ndark/1.png,dark\n", "needs the columns file,label"),
+        (b"file,label\n", "lists no images"),
+    ],
+)
+def test_a_broken_manifest_is_a_dataset_error_that_says_where(
+    collection: Path, tmp_path: Path, text: bytes, reason: str
+) -> None:
+    (tmp_path / "dark").mkdir()
+    (tmp_path / "dark" / "1.png").write_bytes((collection / "dark" / "1.png").read_bytes())
+    (tmp_path / "manifest.csv").write_bytes(text)
+    with pytest.raises(DatasetError, match=reason):
+        load_collection(tmp_path)
+
+
+def test_a_manifest_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(
+    collection: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "dark").mkdir()
+    (tmp_path / "dark" / "1.png").write_bytes((collection / "dark" / "1.png").read_bytes())
+    (tmp_path / "manifest.csv").write_bytes("\ufefffile,label,group\ndark/1.png,dark,p1\n".encode())
+    [item] = load_collection(tmp_path)
+    assert (item.label, item.group) == ("dark", "p1")
+
+
 def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_path: Path) -> None:
     for label in ("bright", "dark"):
         (tmp_path / label).mkdir()
