@@ -109,7 +109,8 @@ def cross_fit(
     for name in before[0]:
         result[f"{name}_before"] = float(np.mean([row[name] for row in before]))
         result[f"{name}_after"] = float(np.mean([row[name] for row in after]))
-        result[f"{name}_better"] = float(np.mean([a[name] < b[name] for a, b in zip(after, before, strict=True)]))
+        pairs = zip(after, before, strict=True)
+        result[f"{name}_better"] = float(np.mean([fitted[name] < trained[name] for fitted, trained in pairs]))
     return result
 
 
@@ -123,7 +124,9 @@ def _reliability_table(probabilities: Probabilities, truth: npt.NDArray[np.int64
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parser(__doc__ or "")
-    arguments.add_argument("--repeats", type=int, default=200, help="random group halves (each fitted both ways)")
+    arguments.add_argument(
+        "--repeats", type=int, default=200, help="random group halves (each fitted both ways)"
+    )
     arguments.add_argument("--seed", type=int, default=0)
     args = arguments.parse_args(argv)
 

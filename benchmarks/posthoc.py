@@ -36,7 +36,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     arguments.add_argument("model", type=Path)
     arguments.add_argument("data", type=Path)
-    arguments.add_argument("--wheels", type=Path, nargs="*", default=[], help="pneumonia_model_package wheels")
+    arguments.add_argument(
+        "--wheels", type=Path, nargs="*", default=[], help="pneumonia_model_package wheels"
+    )
     return arguments
 
 

@@ -295,7 +295,9 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
     except BaseException as exc:
         if not is_decoder_panic(exc):
             raise
-        raise UnsupportedImageError(f"pixel data cannot be decoded (the decoder failed: {_decoder_says(exc)})") from exc
+        raise UnsupportedImageError(
+            f"pixel data cannot be decoded (the decoder failed: {_decoder_says(exc)})"
+        ) from exc
 
 
 def is_decoder_panic(exc: BaseException) -> bool:
@@ -503,7 +505,9 @@ def photometric_interpretation(ds: pydicom.Dataset) -> str:
     if value not in _PHOTOMETRIC:
         raise UnsupportedImageError(f"unsupported photometric interpretation {value!r}")
     if given is None or str(given) != value:
-        LOGGER.warning("Photometric Interpretation %r read as %s", None if given is None else str(given), value)
+        LOGGER.warning(
+            "Photometric Interpretation %r read as %s", None if given is None else str(given), value
+        )
     return value
 
 

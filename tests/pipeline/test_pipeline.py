@@ -512,7 +512,8 @@ def test_a_corrupt_image_whose_decoder_panics_is_skipped_and_the_worker_goes_on(
     corrupt = receive(world, "RG1_UNCI.dcm", edit=with_corrupt_rle_pixels)
     pipeline = make_pipeline(world)
     pipeline.submit(corrupt)
-    pipeline.submit(receive(world, "RG1_UNCI.dcm"))  # one batch: the corrupt image must not sink its neighbour either
+    # one batch: the corrupt image must not sink its neighbour either
+    pipeline.submit(receive(world, "RG1_UNCI.dcm"))
     pipeline.start()
     try:
         assert pipeline.wait_idle(60)

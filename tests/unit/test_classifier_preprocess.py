@@ -365,10 +365,11 @@ def test_an_absent_photometric_interpretation_is_monochrome2() -> None:
 
 
 @pytest.mark.parametrize("written", [b"            ", b"HSV         "])
-def test_an_unknown_photometric_interpretation_is_refused_by_its_value_before_decoding(written: bytes) -> None:
+def test_an_unknown_photometric_interpretation_is_refused_by_its_value_first(written: bytes) -> None:
     ds = _with_raw_values(make_dataset(ramp(12, 64), bits_stored=12), {b"MONOCHROME2 ": written})
     ds.PixelData = ds.PixelData[:-2]  # cut short too: the photometric value is the reason given
-    with pytest.raises(UnsupportedImageError, match=f"photometric interpretation '{written.strip().decode()}'"):
+    value = written.strip().decode()
+    with pytest.raises(UnsupportedImageError, match=f"photometric interpretation '{value}'"):
         dataset_to_gray(ds)
 
 

@@ -114,7 +114,8 @@ def headers(draw: st.DrawFn) -> Dataset:
         if draw(st.booleans()):
             ds.PixelPaddingRangeLimit = draw(st.integers(0, 65535))
     if draw(st.booleans()):
-        _raw(ds, "PresentationLUTShape", draw(st.sampled_from(["IDENTITY", "INVERSE", "", "SHIFT", "inverse"])))
+        shape = draw(st.sampled_from(["IDENTITY", "INVERSE", "", "SHIFT", "inverse"]))
+        _raw(ds, "PresentationLUTShape", shape)
     if draw(st.booleans()):
         orientation = draw(st.sampled_from(["L\\F", "F\\L", "R\\H", "A\\P", "L", "", "LF\\FH", "l\\f"]))
         _raw(ds, "PatientOrientation", orientation)
@@ -205,7 +206,9 @@ def test_corrupt_compressed_pixel_data_gives_a_model_input_or_a_refusal(ds: Data
     assert model_input.shape == (*SPEC.input_size, 3) and np.isfinite(model_input).all()
 
 
-PICTURE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F")
+PICTURE_MODES = (
+    "1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F"
+)
 
 
 @st.composite
@@ -217,7 +220,8 @@ def pictures(draw: st.DrawFn) -> Image.Image:
     if mode == "F":
         values = rng.normal(0.0, draw(st.sampled_from([1.0, 1e30])), size[::-1]).astype(np.float32)
         if draw(st.booleans()):
-            values.flat[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            spot = draw(st.integers(0, values.size - 1))
+            values.flat[spot] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
         return Image.fromarray(values, mode="F")
     if mode == "I":
         return Image.fromarray(rng.integers(-(2**31), 2**31 - 1, size[::-1], dtype=np.int64).astype(np.int32))
