@@ -336,3 +336,20 @@ def test_storing_a_dicom_upload_makes_it_a_study(
     with session_scope(factory) as s:
         instance = s.scalars(select(Instance)).one()
         assert instance.source == "upload" and instance.calling_ae == f"WEB:{RADIOLOGIST[0]}"
+
+
+def test_a_dicom_upload_whose_pixels_cannot_be_decoded_is_refused_with_the_reason(
+    rad_client: tuple[TestClient, str],
+) -> None:
+    """Corrupt RLE that makes the Rust decoder panic: the console says why instead of failing the request."""
+    from tests.node_datasets import to_bytes, with_corrupt_rle_pixels
+
+    client, csrf = rad_client
+    data = to_bytes(with_corrupt_rle_pixels(pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))))
+    token = _upload(client, csrf, "corrupt.dcm", data, "application/dicom")  # the header is readable
+    assert client.get(f"/upload/{token}").status_code == 200
+    reason = "pixel data cannot be decoded (the decoder failed"
+    image = client.get(f"/upload/{token}/image.png")
+    assert image.status_code == 422 and reason in image.text
+    classify = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert classify.status_code == 422 and reason in classify.text
