@@ -31,6 +31,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import VR
 
 from dicom_node import __version__
 from dicom_node.errors import InvalidDatasetError, UndecodableDatasetError
@@ -154,6 +155,7 @@ def _check_identity(ds: Dataset, expect_sop_class: str | None, expect_sop_instan
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_KNOWN_VRS = frozenset(str(vr.value) for vr in VR)
 _DELIMITER = {True: b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", False: b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
 
 
@@ -168,6 +170,10 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes, *, check_end: b
         element = ds.get_item(tag)
         if not isinstance(element, RawDataElement):
             continue
+        if element.VR is not None and element.VR not in _KNOWN_VRS:
+            # pydicom reads it and fails only when the value is used (NotImplementedError): a corrupt
+            # stream, to be answered "cannot understand" now rather than as a processing failure later
+            raise UndecodableDatasetError("data element with an unknown value representation")
         if element.length != _UNDEFINED_LENGTH and element.value is not None:
             if len(element.value) != element.length:
                 raise UndecodableDatasetError("dataset truncated inside a data element")

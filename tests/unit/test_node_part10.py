@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
-from dicom_node.ingest import ACCEPTED_SOP_CLASSES
+from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import (
     check_pixel_data,
     decodable_transfer_syntaxes,
@@ -17,6 +21,8 @@ from dicom_node.part10 import (
     require_uid,
 )
 from dicom_node.statuses import Status
+from dicom_node.store.db import make_engine, make_session_factory, upgrade
+from dicom_node.store.files import FileStore
 from tests.node_datasets import make_cr, to_bytes
 
 pytestmark = pytest.mark.unit
@@ -64,6 +70,69 @@ def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
                                        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
         check_pixel_data(parsed, ImplicitVRLittleEndian)
     assert caught.value.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+
+
+def test_an_unknown_value_representation_is_cannot_understand_at_once() -> None:
+    """pydicom reads an element whose VR bytes were garbled and fails only when its value is used; the
+    listener must answer "cannot understand" for it, not a processing failure from a later read."""
+    ds = make_cr()
+    body = bytearray(_dataset_part(to_bytes(ds)))
+    at = body.index(b"\x10\x00\x10\x00PN")  # Patient's Name (0010,0010), explicit VR
+    body[at + 4 : at + 6] = b"PZ"
+    with pytest.raises(UndecodableDatasetError, match="unknown value representation") as caught:
+        parse_network_dataset(bytes(body), transfer_syntax=ExplicitVRLittleEndian,
+                              sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
+    assert caught.value.status is Status.CANNOT_UNDERSTAND
+
+
+@st.composite
+def corrupted_network_datasets(draw: st.DrawFn) -> tuple[bytes, str, str, str]:
+    """A CR's data set as a C-STORE carries it, with bytes of its header overwritten, inserted or zeroed."""
+    syntax = draw(st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    ds = make_cr()
+    data = to_bytes(ds)
+    if syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+        data = to_bytes(ds)
+    body = bytearray(_dataset_part(data))
+    at = draw(st.integers(0, min(len(body), 700) - 1))  # the header, before Pixel Data
+    patch = draw(st.binary(min_size=1, max_size=8))
+    kind = draw(st.sampled_from(["overwrite", "insert", "zero"]))
+    if kind == "overwrite":
+        body[at : at + len(patch)] = patch
+    elif kind == "insert":
+        body[at:at] = patch
+    else:
+        body[at : at + len(patch)] = bytes(len(patch))
+    return bytes(body), syntax, ds.SOPClassUID, ds.SOPInstanceUID
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # one node store for all examples
+)
+@given(case=corrupted_network_datasets())
+def test_a_corrupted_data_set_is_stored_or_refused_with_its_dimse_status(
+    tmp_path: Path, case: tuple[bytes, str, str, str]
+) -> None:
+    """What the listener does with the bytes of one C-STORE: parse, check, write the file and the rows
+    (SQLite). Every outcome is a stored instance or a NodeError whose status the sender understands;
+    another exception would be answered 0x0110 "processing failure" without saying what was wrong."""
+    body, syntax, sop_class, sop_instance = case
+    if not (tmp_path / "node.sqlite3").exists():
+        upgrade(make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}"))
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    try:
+        ingestor = Ingestor(make_session_factory(engine), FileStore(tmp_path / "files", fsync=False))
+        ingestor.ingest_network(body, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                transfer_syntax=syntax, calling_ae="MODALITY")  # fmt: skip
+    except NodeError as exc:
+        assert exc.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("keyword", ["SOPClassUID", "SOPInstanceUID"])
