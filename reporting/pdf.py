@@ -12,7 +12,7 @@ import io
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -44,7 +44,7 @@ from reportlab.platypus import (
 from classifier.types import ModelInfo, Prediction
 from reporting import codes
 from reporting.heatmap import overlay
-from reporting.study import check_one_study, distinct_models
+from reporting.study import check_one_study, distinct_models, header
 from reporting.typeface import Typeface, typeface
 from reporting.types import AnalysedImage, NodeIdentity
 
@@ -105,6 +105,8 @@ def percent(probability: float) -> str:
 def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_at: datetime) -> bytes:
     """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several)."""
     check_one_study(images)
+    # identifiers are read from readable copies: one value no reader takes must not cost the whole report
+    images = [replace(image, source=header(image.source)) for image in images]
     fonts = typeface()
     styles = _Styles.make(fonts)
     models = distinct_models(images)

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from highdicom import PatientSexValues
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
@@ -35,12 +36,19 @@ _FIRST_BULK_GROUP = Tag(0x6000, 0x0000)  # overlays, pixel data and padding are 
 
 # What highdicom parses when it builds an object from a source header. Real headers carry values it
 # refuses (Patient's Sex "U", a birth "date" of 1970, an hour of 25), and one of them would stop the result.
-_PARSED_BY_HIGHDICOM: dict[str, Callable[[str], object]] = {
-    "PatientSex": PatientSexValues,
-    "PatientBirthDate": DA,
-    "StudyDate": DA,
-    "StudyTime": TM,
+_PARSED_BY_HIGHDICOM: dict[str, Callable[[object], object]] = {
+    "PatientSex": lambda value: PatientSexValues(str(value)),
+    "PatientBirthDate": lambda value: DA(str(value)),
+    "StudyDate": lambda value: DA(str(value)),
+    "StudyTime": lambda value: TM(str(value)),
+    "PatientName": lambda value: _single(value),  # a name with a backslash reads as several values
 }
+
+
+def _single(value: object) -> object:
+    if isinstance(value, MultiValue):
+        raise ValueError("more than one value")
+    return value
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,9 +79,16 @@ def header(source: Dataset) -> Dataset:
     Builders read identifiers from it without touching the caller's dataset or copying its pixels.
     """
     result = Dataset()
-    for element in source:
-        if element.tag < _FIRST_BULK_GROUP:
-            result.add(copy.deepcopy(element))
+    for tag in source.keys():
+        if tag >= _FIRST_BULK_GROUP:
+            continue
+        try:
+            element = source[tag]  # decoded in the source's character set
+        except (ValueError, TypeError, OverflowError, LookupError, NotImplementedError, UnicodeError) as exc:
+            # a value no reader can take (an Instance Number of 1e999, a garbled VR): left out, not fatal
+            LOGGER.warning("source element %s unreadable (%s); left out of the result", tag, type(exc).__name__)
+            continue
+        result.add(copy.deepcopy(element))
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in result:
             setattr(result, keyword, None)
@@ -82,17 +97,17 @@ def header(source: Dataset) -> Dataset:
     return result
 
 
-def header_for_highdicom(source: Dataset) -> tuple[Dataset, dict[str, str]]:
+def header_for_highdicom(source: Dataset) -> tuple[Dataset, dict[str, object]]:
     """:func:`header` with the values highdicom cannot parse emptied, and those values by keyword.
 
     Give the values back with :func:`put_back` once highdicom has built the object: a result carries the
     study's patient and study attributes exactly as the PACS holds them, or the PACS may see a conflict.
     """
     result = header(source)
-    refused: dict[str, str] = {}
+    refused: dict[str, object] = {}
     for keyword, parse in _PARSED_BY_HIGHDICOM.items():
-        value = str(result.get(keyword) or "")
-        if not value:
+        value = result.get(keyword)
+        if value is None or value == "":
             continue
         try:
             parse(value)
@@ -102,7 +117,7 @@ def header_for_highdicom(source: Dataset) -> tuple[Dataset, dict[str, str]]:
     return result, refused
 
 
-def put_back(ds: Dataset, refused: Mapping[str, str]) -> None:
+def put_back(ds: Dataset, refused: Mapping[str, object]) -> None:
     """Restore the source's own values that :func:`header_for_highdicom` took out (logged once per object
     built, by keyword: the values themselves are patient data)."""
     if refused:
