@@ -40,6 +40,8 @@ FRONTAL_VIEWS = frozenset({"PA", "AP"})
 # (torchxrayvision's kaggle_stage_2_train_images_dicom_headers.csv.gz) gives a bare number ("58", "7").
 _AGE_STRING = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+#: Older than this, an age is a placeholder (a Study Date of 99991231, an age of "999Y"), not a patient's.
+OLDEST_PLAUSIBLE_AGE_YEARS = 130
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ def _date(value: str) -> date | None:
 
 
 def _birthday(born: date, year: int) -> date:
+    """``born``'s birthday in ``year``: 1 March in a common year for 29 February, the last day a date
+    can hold for a year past 9999."""
+    if year > date.max.year:
+        return date.max
     try:
         return born.replace(year=year)
     except ValueError:  # born on 29 February, a common year
@@ -106,17 +112,22 @@ def _birthday(born: date, year: int) -> date:
 
 def age_in_years(*, patient_age: str = "", birth_date: str = "", study_date: str = "") -> float | None:
     """The patient's age at the examination: Patient Age (AS, e.g. "004Y", "018M"; a bare "58" is years)
-    or, without a readable one, the years from Patient's Birth Date to Study Date. None when neither says
-    (or they contradict themselves: a birth after the study)."""
+    or, without a readable one, the years from Patient's Birth Date to Study Date. None when neither says,
+    when they contradict themselves (a birth after the study) or when the age is past
+    :data:`OLDEST_PLAUSIBLE_AGE_YEARS` (a placeholder date)."""
     match = _AGE_STRING.match(patient_age or "")
     if match:
-        return int(match.group(1)) * _YEARS_PER_UNIT[match.group(2).upper()]
+        stated = int(match.group(1)) * _YEARS_PER_UNIT[match.group(2).upper()]
+        return stated if stated <= OLDEST_PLAUSIBLE_AGE_YEARS else None
     born, examined = _date(birth_date), _date(study_date)
     if born is None or examined is None or examined < born:
         return None
     years = examined.year - born.year - ((examined.month, examined.day) < (born.month, born.day))
+    if years > OLDEST_PLAUSIBLE_AGE_YEARS:
+        return None
     last, following = _birthday(born, born.year + years), _birthday(born, born.year + years + 1)
-    return years + (examined - last).days / (following - last).days
+    span = (following - last).days
+    return years + (examined - last).days / span if span > 0 else float(years)
 
 
 def assess(

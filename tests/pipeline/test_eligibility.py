@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 )
 
-from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy, age_in_years, assess, assess_dataset
+from dicom_node.eligibility import (
+    OLDEST_PLAUSIBLE_AGE_YEARS,
+    UNKNOWN_AGE,
+    AgePolicy,
+    age_in_years,
+    assess,
+    assess_dataset,
+)
 from tests import peers
 
 pytestmark = pytest.mark.unit
@@ -96,12 +105,19 @@ def test_without_patient_age_the_age_is_counted_in_calendar_years(
         ("", "20200101", "20100101"),  # born after the study
         ("", "2000", "20180101"),  # not a DA
         ("old", "", ""),
+        ("", "20000229", "99991231"),  # a placeholder study date: once a ValueError (year 10000)
+        ("999Y", "", ""),  # the largest age string, a placeholder
+        ("", "18500101", "20240101"),  # 174 years
     ],
 )
 def test_an_age_the_header_does_not_give_is_unknown(
     patient_age: str, birth_date: str, study_date: str
 ) -> None:
     assert age_in_years(patient_age=patient_age, birth_date=birth_date, study_date=study_date) is None
+
+
+def test_a_birth_on_the_last_day_a_date_can_hold_is_counted_without_error() -> None:
+    assert age_in_years(birth_date="99991231", study_date="99991231") == 0.0  # once year 10000's ValueError
 
 
 def test_patient_age_takes_precedence_over_the_birth_date() -> None:
@@ -161,3 +177,15 @@ def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
     del ds.PatientAge
     ds.PatientBirthDate = "19990101"
     assert not assess_dataset(ds).eligible
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(
+    patient_age=st.one_of(st.text(max_size=6), st.from_regex(r"\A\d{1,3}[DWMY]?\Z")),
+    birth_date=st.one_of(st.text(max_size=10), st.from_regex(r"\A\d{8}\Z")),
+    study_date=st.one_of(st.text(max_size=10), st.from_regex(r"\A\d{8}\Z")),
+)
+def test_any_age_header_gives_a_plausible_age_or_none(patient_age: str, birth_date: str, study_date: str) -> None:
+    """Whatever a header holds, the age policy gets an age a patient can have, or "unknown"."""
+    years = age_in_years(patient_age=patient_age, birth_date=birth_date, study_date=study_date)
+    assert years is None or 0.0 <= years <= OLDEST_PLAUSIBLE_AGE_YEARS
