@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from reporting.encapsulated import build_encapsulated_pdf
 from reporting.errors import ReportingError
 from reporting.pdf import build_pdf
+from reporting.secondary_capture import build_heatmap_sc
 from reporting.sr import build_sr
 from tests.unit.test_reporting_cases import ANALYSED_AT, NODE, analysed, radiograph
 
@@ -85,6 +86,24 @@ def test_any_header_gives_an_sr_and_a_pdf_or_a_reporting_error(source: pydicom.D
         assert str(exc)
         return
     assert _written(sr) and _written(document) and pdf.startswith(b"%PDF-")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(sources())
+def test_any_header_gives_a_heat_map_secondary_capture_or_a_reporting_error(source: pydicom.Dataset) -> None:
+    try:
+        capture = build_heatmap_sc(analysed(source), NODE, series_instance_uid=generate_uid(),
+                                   sop_instance_uid=generate_uid())  # fmt: skip
+    except ReportingError as exc:
+        assert str(exc)
+        return
+    assert _written(capture)
 
 
 def test_a_name_that_reads_as_several_values_and_a_number_too_large_still_give_results() -> None:
