@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import yaml
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -224,4 +225,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         settings: Settings = bound(**overrides)
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise ConfigurationError(f"invalid settings: {exc}") from exc
+    except yaml.YAMLError as exc:  # a typo in the file: the message gives its line and column
+        raise ConfigurationError(f"{path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigurationError(f"{path} cannot be read: {exc.strerror or type(exc).__name__}") from exc
     return settings

@@ -91,3 +91,22 @@ def test_echo_to_nothing_fails_cleanly(tmp_path: Path) -> None:
 def test_python_dash_m_is_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "cxr-node" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"dicom: {port: [\n", "is not valid YAML"),  # an unclosed bracket, as an admin's typo leaves it
+        (b"pipeline:\n  batch_size: twelve\n", "invalid settings"),
+        (b"\xff\xfe not text", "invalid settings"),
+    ],
+)
+def test_a_broken_configuration_file_is_one_line_that_says_what(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_bytes(content)
+    env = node_env(tmp_path / "node", peers.free_port())
+    result = run_cli(["serve", "--config", str(config)], env, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert message in result.stderr and "Traceback" not in result.stderr
