@@ -145,11 +145,29 @@ def config_from_settings(settings: Settings) -> PipelineConfig:
 
 
 def load_classifier(settings: Settings) -> ImageClassifier:
-    """Load the configured model (the shipped default when none is set). Imports TensorFlow."""
+    """Load the configured model (the shipped default when none is set). Imports TensorFlow.
+
+    A model with a class the reports have no code for is refused here, at start-up, with the class
+    named: loaded, it would classify every study and then fail to build every SR and PDF."""
+    from classifier.errors import ModelArtifactError
     from classifier.inference import Classifier, default_model_path
+    from reporting.codes import finding_for
+    from reporting.errors import UnknownLabelError
 
     path = settings.pipeline.model_path or default_model_path()
-    return Classifier.load(path, indeterminate_threshold=settings.pipeline.indeterminate_threshold)
+    model = Classifier.load(path, indeterminate_threshold=settings.pipeline.indeterminate_threshold)
+    unknown = []
+    for label in model.info.classes:
+        try:
+            finding_for(label)
+        except UnknownLabelError:
+            unknown.append(label)
+    if unknown:
+        raise ModelArtifactError(
+            f"the model's classes {unknown} have no coded concept for the SR (reporting/codes.py knows "
+            "covid, normal, pneumonia and non-covid): its results could not be reported"
+        )
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.ingest import ingest_bytes
 from dicom_node.outbox import Outbox
-from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, node_identity
+from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, load_classifier, node_identity
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.files import FileStore
@@ -566,6 +566,17 @@ def test_the_worker_outlives_a_cycle_ended_by_something_that_is_not_an_exception
         study = session.get(Study, second)
         assert study is not None and study.state is StudyState.ANALYSED
     assert "Panic" in caplog.text and "SENTINEL" not in caplog.text
+
+
+def test_a_model_with_a_class_the_reports_cannot_code_is_refused_when_it_is_loaded(tmp_path: Path) -> None:
+    """A site may train its own classes; the node must say at start-up that it cannot report them, not
+    classify every study and then fail to build each SR and PDF."""
+    from classifier.errors import ModelArtifactError
+
+    lesion = tiny_model(tmp_path, relabel={"covid": "lesion", "normal": "clear", "pneumonia": "lesion"})
+    settings = Settings(node={"data_dir": tmp_path}, pipeline={"model_path": lesion})
+    with pytest.raises(ModelArtifactError, match=r"classes \['clear', 'lesion'\] have no coded concept"):
+        load_classifier(settings)
 
 
 def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str, Any], peer: StorePeer) -> None:
