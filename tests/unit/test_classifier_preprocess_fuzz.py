@@ -135,6 +135,7 @@ def _snapshot(ds: Dataset) -> list[tuple[object, str, str]]:
     return [(element.tag, str(element.VR), repr(element.value)) for element in elements]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(
     max_examples=500,
     deadline=None,
@@ -192,6 +193,7 @@ def corrupted(draw: st.DrawFn) -> Dataset:
     return ds
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(corrupted())
 def test_corrupt_compressed_pixel_data_gives_a_model_input_or_a_refusal(ds: Dataset) -> None:
@@ -230,6 +232,7 @@ def pictures(draw: st.DrawFn) -> Image.Image:
     return picture
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(pictures())
 def test_any_picture_gives_a_model_input_in_range_or_a_refusal(picture: Image.Image) -> None:

@@ -107,6 +107,7 @@ def corrupted_network_datasets(draw: st.DrawFn) -> tuple[bytes, str, str, str]:
     return bytes(body), syntax, ds.SOPClassUID, ds.SOPInstanceUID
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(
     max_examples=400,
     deadline=None,

@@ -66,6 +66,7 @@ def _written(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(
     max_examples=120,
     deadline=None,
@@ -88,6 +89,7 @@ def test_any_header_gives_an_sr_and_a_pdf_or_a_reporting_error(source: pydicom.D
     assert _written(sr) and _written(document) and pdf.startswith(b"%PDF-")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
 @settings(
     max_examples=40,
     deadline=None,
