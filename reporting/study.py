@@ -34,21 +34,24 @@ PATIENT_STUDY_TYPE2 = (
 )
 _FIRST_BULK_GROUP = Tag(0x6000, 0x0000)  # overlays, pixel data and padding are never needed here
 
+
+def _single(value: object) -> object:
+    """``value`` if it is one value; a name written with a backslash reads as several."""
+    if isinstance(value, MultiValue):
+        raise ValueError("more than one value")
+    return value
+
+
 # What highdicom parses when it builds an object from a source header. Real headers carry values it
-# refuses (Patient's Sex "U", a birth "date" of 1970, an hour of 25), and one of them would stop the result.
+# refuses (Patient's Sex "U", a birth "date" of 1970, an hour of 25, a name that reads as two), and one of
+# them would stop the result.
 _PARSED_BY_HIGHDICOM: dict[str, Callable[[object], object]] = {
     "PatientSex": lambda value: PatientSexValues(str(value)),
     "PatientBirthDate": lambda value: DA(str(value)),
     "StudyDate": lambda value: DA(str(value)),
     "StudyTime": lambda value: TM(str(value)),
-    "PatientName": lambda value: _single(value),  # a name with a backslash reads as several values
+    "PatientName": _single,
 }
-
-
-def _single(value: object) -> object:
-    if isinstance(value, MultiValue):
-        raise ValueError("more than one value")
-    return value
 
 LOGGER = logging.getLogger(__name__)
 
