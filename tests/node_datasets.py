@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
@@ -115,3 +117,12 @@ def with_corrupt_rle_pixels(ds: Dataset) -> Dataset:
     ds.PixelData = encapsulate([bytes(frame)])
     ds["PixelData"].VR = "OB"
     return ds
+
+
+def set_raw(ds: Dataset, keyword: str, value: bytes) -> None:
+    """Set ``keyword`` to ``value`` as a file carries it, unchecked and decoded only when read: pydicom
+    refuses to *write* an invalid value, but it reads one (with a warning), and so does the node."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    value += b" " * (len(value) % 2)
+    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)

@@ -16,8 +16,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence as DicomSequence
@@ -26,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from classifier.errors import UnsupportedImageError
 from classifier.preprocess import PreprocessSpec, dataset_to_model_input, display_image, image_to_model_input
 from tests import peers
+from tests.node_datasets import set_raw
 
 pytestmark = pytest.mark.unit
 
@@ -47,22 +46,16 @@ def _rarely(draw: st.DrawFn) -> bool:
 
 
 def _raw(ds: Dataset, keyword: str, text: str) -> None:
-    """Set ``keyword`` to ``text`` as a file would carry it, unchecked: pydicom refuses to *write* an
-    invalid value, but it reads one (with a warning) and so does the node."""
-    tag = tag_for_keyword(keyword)
-    assert tag is not None
-    value = text.encode("ascii")
-    value += b" " * (len(value) % 2)
-    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+    set_raw(ds, keyword, text.encode("ascii"))
 
 
-def _lut_item(data: st.DrawFn) -> Dataset:
-    entries = data(st.integers(1, 300))
-    first = data(st.integers(-5, 5000))
-    bits = data(st.sampled_from([8, 16]))
+def _lut_item(draw: st.DrawFn) -> Dataset:
+    entries = draw(st.integers(1, 300))
+    first = draw(st.integers(-5, 5000))
+    bits = draw(st.sampled_from([8, 16]))
     item = Dataset()
-    item.LUTDescriptor = [data(st.sampled_from([entries, 0, entries + 3])), first, bits]
-    values = data(st.lists(st.integers(0, (1 << bits) - 1), min_size=0, max_size=entries + 2))
+    item.LUTDescriptor = [draw(st.sampled_from([entries, 0, entries + 3])), first, bits]
+    values = draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=0, max_size=entries + 2))
     item.LUTData = values if values else [0]
     return item
 

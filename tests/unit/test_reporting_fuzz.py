@@ -14,8 +14,6 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.uid import generate_uid
 
 from reporting.encapsulated import build_encapsulated_pdf
@@ -23,6 +21,7 @@ from reporting.errors import ReportingError
 from reporting.pdf import build_pdf
 from reporting.secondary_capture import build_heatmap_sc
 from reporting.sr import build_sr
+from tests.node_datasets import set_raw
 from tests.unit.test_reporting_cases import ANALYSED_AT, NODE, analysed, radiograph
 
 pytestmark = pytest.mark.unit
@@ -42,21 +41,14 @@ VALUES = st.one_of(
 CHARACTER_SETS = (None, "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 87", "GB18030", "ISO_IR 6", "BOGUS")
 
 
-def _raw(ds: pydicom.Dataset, keyword: str, value: bytes) -> None:
-    tag = tag_for_keyword(keyword)
-    assert tag is not None
-    value += b" " * (len(value) % 2)
-    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
-
-
 @st.composite
 def sources(draw: st.DrawFn) -> pydicom.Dataset:
     ds = radiograph()
     character_set = draw(st.sampled_from(CHARACTER_SETS))
     if character_set is not None:
-        _raw(ds, "SpecificCharacterSet", character_set.encode())
+        set_raw(ds, "SpecificCharacterSet", character_set.encode())
     for keyword in draw(st.lists(st.sampled_from(KEYWORDS), max_size=6, unique=True)):
-        _raw(ds, keyword, draw(VALUES).encode("utf-8", "replace"))
+        set_raw(ds, keyword, draw(VALUES).encode("utf-8", "replace"))
     return ds
 
 
@@ -110,8 +102,8 @@ def test_any_header_gives_a_heat_map_secondary_capture_or_a_reporting_error(sour
 
 def test_a_name_that_reads_as_several_values_and_a_number_too_large_still_give_results() -> None:
     source = radiograph()
-    _raw(source, "PatientName", b"Doe^John\\Roe^Richard")  # a backslash in a name splits it
-    _raw(source, "InstanceNumber", b"1e999")  # no reader can take it; it is left out
+    set_raw(source, "PatientName", b"Doe^John\\Roe^Richard")  # a backslash in a name splits it
+    set_raw(source, "InstanceNumber", b"1e999")  # no reader can take it; it is left out
     image = analysed(source, with_preview=False, with_heatmap=False)
     sr = build_sr([image], NODE, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
                   analysed_at=ANALYSED_AT)  # fmt: skip
