@@ -20,7 +20,7 @@ from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web.auth import Principal
-from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, admin_user, release
+from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, RowId, admin_user, release
 from dicom_node.web.templating import render
 
 LOGGER = logging.getLogger(__name__)
@@ -243,12 +243,14 @@ def _ae_edit_page(
 
 
 @router.get("/aes/{ae_id}")
-def ae_edit(request: Request, db: DbDep, principal: AdminDep, ae_id: int) -> Response:
+def ae_edit(request: Request, db: DbDep, principal: AdminDep, ae_id: RowId) -> Response:
     return _ae_edit_page(request, db, principal, aes.get_by_id(db, ae_id))
 
 
 @router.post("/aes/{ae_id}")
-def ae_update(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int, form: AeFormDep) -> Response:
+def ae_update(
+    request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: RowId, form: AeFormDep
+) -> Response:
     ae = aes.get_by_id(db, ae_id)
     try:
         aes.update(db, ae_id, form.spec(), audit.user_actor(principal.username))
@@ -262,7 +264,7 @@ def ae_update(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int, 
 
 
 @router.post("/aes/{ae_id}/delete")
-def ae_delete(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+def ae_delete(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> Response:
     try:
         aes.remove(db, ae_id, audit.user_actor(principal.username))
         db.commit()
@@ -273,7 +275,7 @@ def ae_delete(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: int) 
 
 
 @router.post("/aes/{ae_id}/echo")
-def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> Response:
     ae = aes.get_by_id(db, ae_id)
     release(db)  # the echo may take seconds
     outcome = echo_test(con, ae)
@@ -338,7 +340,7 @@ def user_set_active(
     request: Request,
     db: DbDep,
     principal: CsrfAdminDep,
-    user_id: int,
+    user_id: RowId,
     active: Annotated[str, Form(max_length=8)],
 ) -> Response:
     enable = active == "1"
@@ -358,7 +360,7 @@ def user_set_password(
     request: Request,
     db: DbDep,
     principal: CsrfAdminDep,
-    user_id: int,
+    user_id: RowId,
     password: Annotated[str, Form(max_length=1024)],
     password_repeat: Annotated[str, Form(max_length=1024)],
 ) -> Response:

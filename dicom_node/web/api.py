@@ -28,6 +28,7 @@ from dicom_node.web.deps import (
     CsrfAdminDep,
     CsrfUserDep,
     DbDep,
+    RowId,
     UserDep,
     admin_user,
     current_user,
@@ -139,7 +140,7 @@ def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
 
 
 @router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])
-def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: int) -> results.StudyDetail:
+def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> results.StudyDetail:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return detail
@@ -152,7 +153,7 @@ class DeliveryOut(BaseModel):
 
 
 @router.post("/deliveries/{delivery_id}/resend", response_model=DeliveryOut, tags=["results"])
-def api_resend(db: DbDep, principal: CsrfAdminDep, delivery_id: int) -> DeliveryOut:
+def api_resend(db: DbDep, principal: CsrfAdminDep, delivery_id: RowId) -> DeliveryOut:
     (delivery,) = requeue(db, [delivery_id], audit.user_actor(principal.username))
     db.commit()
     wake([delivery.destination_pk])  # try now, not at the outbox's next sweep
@@ -370,21 +371,21 @@ def api_ae_add(db: DbDep, principal: CsrfAdminDep, body: AeIn) -> AeOut:
 
 
 @admin_router.put("/aes/{ae_id}", response_model=AeOut)
-def api_ae_update(db: DbDep, principal: CsrfAdminDep, ae_id: int, body: AeIn) -> AeOut:
+def api_ae_update(db: DbDep, principal: CsrfAdminDep, ae_id: RowId, body: AeIn) -> AeOut:
     ae = aes.update(db, ae_id, body.spec(), audit.user_actor(principal.username))
     db.commit()
     return AeOut.of(ae)
 
 
 @admin_router.delete("/aes/{ae_id}", status_code=204)
-def api_ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: int) -> Response:
+def api_ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> Response:
     aes.remove(db, ae_id, audit.user_actor(principal.username))
     db.commit()
     return Response(status_code=204)
 
 
 @admin_router.post("/aes/{ae_id}/echo", response_model=EchoOut)
-def api_ae_echo(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: int) -> EchoOut:
+def api_ae_echo(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> EchoOut:
     ae = aes.get_by_id(db, ae_id)
     release(db)  # the echo may take seconds
     outcome = echo_test(con, ae)
@@ -406,7 +407,7 @@ def api_user_add(db: DbDep, principal: CsrfAdminDep, body: UserIn) -> UserOut:
 
 
 @admin_router.patch("/users/{user_id}", response_model=UserOut)
-def api_user_patch(db: DbDep, principal: CsrfAdminDep, user_id: int, body: UserPatch) -> UserOut:
+def api_user_patch(db: DbDep, principal: CsrfAdminDep, user_id: RowId, body: UserPatch) -> UserOut:
     actor = audit.user_actor(principal.username)
     if body.password is not None:
         users.set_password(db, user_id, body.password, actor)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -70,6 +70,11 @@ def db_session(request: Request) -> Iterator[Session]:
 
 
 DbDep = Annotated[Session, Depends(db_session)]
+
+#: A row id in a URL: the database's integers are 64-bit, and a larger number in a path (a typed or
+#: crafted URL) must be refused as invalid input (422), not overflow the database driver (500).
+ROW_ID_MAX = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX)]
 
 
 def release(db: Session) -> None:

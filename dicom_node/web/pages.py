@@ -40,6 +40,7 @@ from dicom_node.web.deps import (
     CsrfAdminDep,
     CsrfUserDep,
     DbDep,
+    RowId,
     UserDep,
     current_user,
     release,
@@ -298,7 +299,7 @@ def audit_read(db: Session, principal: Principal, action: str, target: str) -> N
 
 
 @router.get("/results/{study_id}")
-def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: int) -> Response:
+def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> Response:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return render(request, "study.html", principal, active="results", study=detail)
@@ -318,7 +319,7 @@ def _instance(db: DbDep, study_id: int, instance_id: int) -> Instance:
 
 
 @router.get("/results/{study_id}/instances/{instance_id}/image.png")
-def instance_image(con: ConsoleDep, db: DbDep, study_id: int, instance_id: int) -> Response:
+def instance_image(con: ConsoleDep, db: DbDep, study_id: RowId, instance_id: RowId) -> Response:
     instance = _instance(db, study_id, instance_id)
     release(db)
     gray = con.services.stored_preview(instance.file_path)
@@ -333,7 +334,7 @@ def _under(root: Path, relative: str) -> Path:
 
 
 @router.get("/results/{study_id}/findings/{finding_id}/heatmap.png")
-def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: int, finding_id: int) -> Response:
+def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: RowId, finding_id: RowId) -> Response:
     finding = db.get(Finding, finding_id)
     if finding is None or not finding.heatmap_path:
         raise NotFoundError("no heat map for this finding")
@@ -353,7 +354,7 @@ def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:
 
 @router.get("/results/{study_id}/objects/{object_id}/object.dcm")
 def result_object_file(
-    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: int, object_id: int
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: RowId, object_id: RowId
 ) -> Response:
     """The DICOM object the node made (SR, Encapsulated PDF, heat-map SC), as sent to the PACS."""
     obj = _result_object(db, study_id, object_id)
@@ -381,7 +382,7 @@ def report_pdf_bytes(con: Console, obj: ResultObject) -> bytes:
 
 @router.get("/results/{study_id}/objects/{object_id}/report.pdf")
 def result_report_pdf(
-    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: int, object_id: int
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: RowId, object_id: RowId
 ) -> Response:
     obj = _result_object(db, study_id, object_id)
     audit_read(db, principal, "report.download", f"result_object:{object_id}")
@@ -393,7 +394,7 @@ def result_report_pdf(
 
 
 @router.post("/results/{study_id}/deliveries/{delivery_id}/resend")
-def resend(db: DbDep, principal: CsrfAdminDep, study_id: int, delivery_id: int) -> Response:
+def resend(db: DbDep, principal: CsrfAdminDep, study_id: RowId, delivery_id: RowId) -> Response:
     delivery = db.get(Delivery, delivery_id)
     if delivery is None or delivery.result_object.study_pk != study_id:
         raise NotFoundError("no such delivery in this study")
