@@ -20,7 +20,7 @@ from PIL import Image
 from benchmarks.orientation import read_pictures
 from benchmarks.other_sources import read_wheel
 from benchmarks.testdata import pydicom_data_file
-from classifier.artifact import ArtifactMetadata, read_metadata
+from classifier.artifact import ArtifactMetadata
 from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.inference import Classifier
 from classifier.preprocess import read_dataset
@@ -82,8 +82,8 @@ class Scored:
 
 def score(model: Path, data: Path, wheels: Sequence[Path]) -> Scored:
     """Load ``model`` and predict every image the benchmark adjusts."""
-    metadata = read_metadata(model)
-    classifier = Classifier.load(model)
+    classifier = Classifier.load(model)  # reads and verifies model.json once
+    metadata = classifier.metadata
     classes = classifier.info.classes
     _, validation = split_from_record(load_collection(data), metadata.data["split"])
     truth = np.asarray([classes.index(item.label) for item in validation], dtype=np.int64)
