@@ -6,9 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests import peers
 from tests.pipeline.model import model_for_tests
+
+# One policy for every property test: the same cases on every run, so a CI failure reproduces; no example
+# database written into the checkout; no deadline, since a shared CI machine is slow at random moments.
+# Each test sets only its number of cases (and a health check it must suppress, if any).
+settings.register_profile("node", deadline=None, derandomize=True, database=None)
+settings.load_profile("node")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -179,7 +179,7 @@ def test_a_real_cr_of_a_child_is_skipped_and_the_reason_names_no_age() -> None:
     assert not assess_dataset(ds).eligible
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@settings(max_examples=400)
 @given(
     patient_age=st.one_of(st.text(max_size=6), st.from_regex(r"\A\d{1,3}[DWMY]?\Z")),
     birth_date=st.one_of(st.text(max_size=10), st.from_regex(r"\A\d{8}\Z")),

@@ -129,13 +129,7 @@ def _snapshot(ds: Dataset) -> list[tuple[object, str, str]]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(
-    max_examples=500,
-    deadline=None,
-    derandomize=True,  # the same headers on every run: CI failures reproduce
-    database=None,  # nothing written into the checkout
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(headers())
 def test_any_header_gives_a_model_input_or_a_refusal_with_a_reason(ds: Dataset) -> None:
     received = _snapshot(ds)
@@ -187,7 +181,7 @@ def corrupted(draw: st.DrawFn) -> Dataset:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@settings(max_examples=150)
 @given(corrupted())
 def test_corrupt_compressed_pixel_data_gives_a_model_input_or_a_refusal(ds: Dataset) -> None:
     """A decoder that fails must fail as a refusal: not as another exception, and not as a panic of a
@@ -226,7 +220,7 @@ def pictures(draw: st.DrawFn) -> Image.Image:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300)
 @given(pictures())
 def test_any_picture_gives_a_model_input_in_range_or_a_refusal(picture: Image.Image) -> None:
     """The console's uploads and ``cxr-node classify`` go through the same function (a float TIFF with a

@@ -108,13 +108,8 @@ def corrupted_network_datasets(draw: st.DrawFn) -> tuple[bytes, str, str, str]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],  # one node store for all examples
-)
+# one node store for all examples: the function-scoped tmp_path is shared on purpose
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=corrupted_network_datasets())
 def test_a_corrupted_data_set_is_stored_or_refused_with_its_dimse_status(
     tmp_path: Path, case: tuple[bytes, str, str, str]

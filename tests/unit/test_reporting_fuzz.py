@@ -59,13 +59,7 @@ def _written(ds: pydicom.Dataset) -> bytes:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
 @given(sources())
 def test_any_header_gives_an_sr_and_a_pdf_or_a_reporting_error(source: pydicom.Dataset) -> None:
     image = analysed(source, with_preview=False, with_heatmap=False)
@@ -82,13 +76,7 @@ def test_any_header_gives_an_sr_and_a_pdf_or_a_reporting_error(source: pydicom.D
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every invalid value: by design
-@settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 @given(sources())
 def test_any_header_gives_a_heat_map_secondary_capture_or_a_reporting_error(source: pydicom.Dataset) -> None:
     try:
