@@ -757,12 +757,27 @@ def image_to_model_input(image: Image.Image, spec: PreprocessSpec, lungs: LungFi
 
 
 def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.uint8]:
-    """uint8 H×W, windowed, white bone, longer side ≤ ``max_size`` — what reports and the console show."""
-    # A preview needs at most max_size px: the JPEG 2000 level at max_size / 2 is enough and saves a
-    # full-resolution decode (about a second for a CR).
-    gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=max_size // 2)
+    """uint8 H×W, windowed, white bone, longer side ``max_size`` (or the image's own when smaller) — what
+    reports, the heat-map Secondary Capture and the console show, the same size whichever transfer syntax
+    the image came in."""
+    gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=_preview_j2k_side(ds, max_size))
     height, width = gray.shape
     scale = min(1.0, max_size / max(height, width))
     if scale < 1.0:
         gray = resize_gray(gray, (max(1, round(height * scale)), max(1, round(width * scale))))
     return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+
+
+def _preview_j2k_side(ds: pydicom.Dataset, max_size: int) -> int:
+    """The shorter side of the coarsest JPEG 2000 resolution level whose longer side still reaches
+    ``max_size``: a preview needs no finer level (an uncompressed image is box-averaged to about as
+    much), and no coarser one, which would leave the report's image and the heat-map Secondary Capture
+    smaller for a compressed study than for the same study uncompressed (512 instead of 1024 px for a
+    2048² detector image)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return max_size  # the decoder will say what is wrong with the image
+    if rows <= 0 or columns <= 0:
+        return max_size
+    return math.ceil(max_size * min(rows, columns) / max(rows, columns))

@@ -635,11 +635,30 @@ def test_real_cr_uncompressed_and_jpeg2000_agree_and_show_white_bone() -> None:
     assert a.shape == b.shape == (224, 224, 3)
     assert np.abs(a - b).mean() < 0.01
     preview = display_image(j2kr, max_size=512)
-    assert preview.dtype == np.uint8 and max(preview.shape) <= 512
+    assert preview.dtype == np.uint8 and preview.shape == (512, 482)
     height, width = preview.shape
     air = preview[height // 30 : height // 10, : width // 20].mean()  # above the shoulder, outside the body
     spine = preview[height // 3 : height // 2, width // 2 - 5 : width // 2 + 5].mean()
     assert spine > air + 50  # MONOCHROME1 inverted: dense mediastinum white, air dark
+
+
+@pytest.mark.parametrize(
+    ("compressed", "uncompressed", "max_size"),
+    [
+        ("MR2_J2KR.dcm", "MR2_UNCR.dcm", 1024),  # 1024²: the level at half the size was chosen before
+        ("RG1_J2KI.dcm", "RG1_UNCI.dcm", 1024),  # 1955×1841: only the full resolution reaches 1024
+        ("RG3_J2KR.dcm", "RG3_UNCR.dcm", 512),
+    ],
+)
+def test_jpeg2000_preview_is_as_large_as_the_uncompressed_one(
+    compressed: str, uncompressed: str, max_size: int
+) -> None:
+    """The report's image and the heat-map Secondary Capture are made from this preview: a study sent as
+    JPEG 2000 gets them at the size it would get uncompressed, not at a coarser resolution level."""
+    j2k = display_image(read_dataset(peers.pydicom_data_file(compressed)), max_size=max_size)
+    raw = display_image(read_dataset(peers.pydicom_data_file(uncompressed)), max_size=max_size)
+    assert j2k.shape == raw.shape and max(raw.shape) == max_size
+    assert np.abs(j2k.astype(np.float64) - raw).mean() < 2.0
 
 
 @pytest.mark.parametrize(
