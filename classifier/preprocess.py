@@ -46,7 +46,7 @@ from PIL import Image, ImageOps
 from pydicom.encaps import generate_frames
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 
@@ -480,6 +480,40 @@ def _check_palette(ds: pydicom.Dataset) -> None:
         raise UnsupportedImageError("unusable Palette Color LUT: more than 256 entries of 8 bits")
 
 
+_PALETTE_ELEMENTS = (  # what apply_color_lut reads of a dataset with a (non-segmented) palette
+    "PixelPresentation",
+    *(f"{colour}PaletteColorLookupTableDescriptor" for colour in ("Red", "Green", "Blue")),
+    *(f"{colour}PaletteColorLookupTableData" for colour in ("Red", "Green", "Blue", "Alpha")),
+)
+
+
+def _palette_view(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds``, or for a big-endian object a new dataset holding what :func:`apply_color_lut` reads, with
+    16-bit palette entries put in little-endian order. pydicom (3.0) reads Palette Color LUT Data in the
+    machine's byte order whatever the transfer syntax, which garbles every colour of a big-endian palette
+    image (DCMTK reads it as its little-endian copy). Segmented palettes pydicom reads right."""
+    if _little_endian(ds) or "RedPaletteColorLookupTableData" not in ds:
+        return ds
+    entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
+    view = pydicom.Dataset()
+    for keyword in _PALETTE_ELEMENTS:
+        if keyword not in ds:
+            continue
+        element = copy.deepcopy(ds[keyword])
+        if isinstance(element.value, bytes) and len(element.value) == 2 * entries:
+            element.value = np.frombuffer(element.value, dtype=">u2").astype("<u2").tobytes()
+        view.add(element)
+    return view
+
+
+def _little_endian(ds: pydicom.Dataset) -> bool:
+    """The byte order the object's values were stored in: its transfer syntax, else how it was read."""
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if transfer_syntax is not None and UID(transfer_syntax).is_transfer_syntax:
+        return bool(UID(transfer_syntax).is_little_endian)
+    return ds.original_encoding[1] is not False
+
+
 def _palette_top(ds: pydicom.Dataset, rgb: npt.NDArray[Any]) -> float:
     """White for palette entries: the descriptor's bits per entry (8 or 16), not the image's content.
 
@@ -525,7 +559,7 @@ def dataset_to_gray(
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
             _check_palette(ds)
-            rgb = apply_color_lut(raw, ds)
+            rgb = apply_color_lut(raw, _palette_view(ds))
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in _COLOUR:

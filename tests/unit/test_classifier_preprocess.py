@@ -438,6 +438,17 @@ def test_palette_white_comes_from_the_descriptor_not_the_content() -> None:
     assert float(dataset_to_gray(eight)[0, 15]) == pytest.approx(15 / 255, abs=0.01)
 
 
+def test_a_big_endian_palette_image_reads_as_its_little_endian_copy() -> None:
+    """pydicom reads Palette Color LUT Data in the machine's byte order, so every colour of a big-endian
+    palette image came out byte-swapped (pydicom's OBXXXX1A in the two byte orders: 12 grey levels of 255
+    apart on average). The dataset itself is left as it came."""
+    little = read_dataset(peers.pydicom_data_file("OBXXXX1A.dcm"))
+    big = read_dataset(peers.pydicom_data_file("OBXXXX1A_expb.dcm"))
+    table = big.RedPaletteColorLookupTableData
+    np.testing.assert_array_equal(dataset_to_gray(big), dataset_to_gray(little))
+    assert big.RedPaletteColorLookupTableData == table
+
+
 def test_a_palette_of_more_than_256_8_bit_entries_is_refused() -> None:
     indices = np.tile(np.arange(4096, dtype=np.uint16), (4, 1))
     ds = _palette(indices, (np.arange(4096) // 16).astype(np.uint8), 8)  # one byte per entry
