@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,16 @@ def test_offered_syntaxes_cover_the_issue_list() -> None:
                 "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"):
         assert uid in offered
     assert len(ACCEPTED_SOP_CLASSES) == 4
+
+
+def test_the_conformance_statement_lists_exactly_the_syntaxes_offered() -> None:
+    """§2.3 is what a hospital's integration engineer configures senders by: it must not miss a syntax the
+    listener accepts (it missed Explicit VR Big Endian and the three HTJ2K ones) nor list one it refuses."""
+    text = (Path(__file__).parents[2] / "docs" / "conformance-statement.md").read_text(encoding="utf-8")
+    section = text.split("### 2.3", 1)[1].split("\n### ", 1)[0]
+    listed = re.findall(r"^\|[^|]+\| (1\.2\.840\.10008\.1\.2[0-9.]*) \|$", section, flags=re.MULTILINE)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {str(uid) for uid in decodable_transfer_syntaxes()}
 
 
 @pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
