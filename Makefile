@@ -1,7 +1,7 @@
 # Two entry points for a fresh Debian machine (Python 3.11):
 #   make run    install the node and start it on its embedded defaults
 #   make test   install everything the tests need (DCMTK, dicom3tools, Orthanc, PostgreSQL,
-#               Chromium, poppler) and run the whole suite
+#               Chromium, poppler, OpenJPH) and run the whole suite
 # VENV may point at an existing virtual environment; REQUIRE_PEERS=1 turns "peer missing" into a failure.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_RUN := python3-venv python3-pip
-APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils fonts-droid-fallback
+APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils fonts-droid-fallback openjph-tools
 PYTEST_ARGS ?=
 ifeq ($(REQUIRE_PEERS),1)
 PYTEST_ARGS += --require-peers
