@@ -4,13 +4,15 @@ The hospital CR of pydicom-data (``RG1_UNCR``: 1955×1841 px, 15 bits stored, MO
 the tools a modality, PACS or router uses: DCMTK (``dcmconv``, ``dcmcjpeg``, ``dcmcjpls``, ``dcmcrle``),
 OpenJPEG through pydicom (JPEG 2000) and OpenJPH (``ojph_compress``, High-Throughput JPEG 2000). A lossless
 copy must give the very model input and preview of the original; every copy the same finding from the
-shipped model.
+shipped model, in process and through the running node (sent over the network, stored as sent, classified
+by the node's own pipeline).
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +37,23 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    generate_uid,
 )
+from sqlalchemy import select
 
 from classifier.inference import Classifier, default_model_path
 from classifier.preprocess import dataset_to_model_input, display_image
 from classifier.types import Prediction
+from dicom_node import scu
 from dicom_node.part10 import decodable_transfer_syntaxes
+from dicom_node.store.models import Finding, Instance
 from tests import peers
+from tests.node_process import NODE_AET, NodeProcess, start_node
 
 pytestmark = pytest.mark.interop
 
 SOURCE = "RG1_UNCR.dcm"
+SENDER = "TSSCU"
 
 Encoder = Callable[[Path, Path], None]
 
@@ -174,3 +182,59 @@ def test_a_copy_in_each_transfer_syntax_reaches_the_model_as_the_original(
     for name, probability in expected.probabilities.items():
         assert prediction.probabilities[name] == pytest.approx(probability, abs=0.01), name
     assert prediction.novelty == pytest.approx(expected.novelty, abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    folder, port = tmp_path_factory.mktemp("node"), peers.free_port()
+    process = start_node(folder, port, settle_seconds=1.0, callers=(SENDER,))
+    yield process
+    assert process.stop() == 0, "graceful stop failed"
+
+
+def _copies(folder: Path) -> dict[UID, pydicom.Dataset]:
+    """One copy of the source per syntax, each a new instance of one new study (a lossy encoder may give
+    its copy yet another instance UID, as DCMTK does)."""
+    study, series = generate_uid(), generate_uid()
+    copies: dict[UID, pydicom.Dataset] = {}
+    for number, (syntax, (encode, _)) in enumerate(ENCODERS.items(), start=1):
+        ds = pydicom.dcmread(peers.pydicom_data_file(SOURCE))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, number
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        source, target = folder / f"{number}-source.dcm", folder / f"{number}.dcm"
+        ds.save_as(source, enforce_file_format=True)
+        encode(source, target)
+        copies[syntax] = pydicom.dcmread(target)
+    return copies
+
+
+def test_the_running_node_stores_every_copy_as_sent_and_finds_the_same(
+    node: NodeProcess, original: tuple[np.ndarray, np.ndarray, Prediction], tmp_path: Path
+) -> None:
+    """Over the network into ``cxr-node serve``: each copy is stored in its own transfer syntax, pixel for
+    pixel, and the node's own pipeline gives each the finding of the original."""
+    copies = _copies(tmp_path)
+    statuses = scu.send(list(copies.values()), "127.0.0.1", node.port, NODE_AET, calling_aet=SENDER)
+    assert statuses == [0] * len(copies)
+    uids = {str(ds.SOPInstanceUID): syntax for syntax, ds in copies.items()}
+    deadline = time.monotonic() + 180
+    while True:
+        with node.session() as session:
+            rows = session.execute(
+                select(Instance, Finding).join(Finding).where(Instance.sop_instance_uid.in_(list(uids)))
+            ).all()
+            found = {instance.sop_instance_uid: (instance, finding) for instance, finding in rows}
+        if len(found) == len(uids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(found) == set(uids), "not every copy was classified within 180 s"
+    expected = original[2]
+    for uid, (instance, finding) in found.items():
+        syntax = uids[uid]
+        assert instance.transfer_syntax_uid == syntax
+        stored = pydicom.dcmread(node.storage_dir / instance.file_path)
+        assert stored.file_meta.TransferSyntaxUID == syntax
+        np.testing.assert_array_equal(stored.pixel_array, copies[syntax].pixel_array)
+        assert finding.label == expected.label, syntax.name
+        for name, probability in expected.probabilities.items():
+            assert finding.probabilities[name] == pytest.approx(probability, abs=0.01), (syntax.name, name)
