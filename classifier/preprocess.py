@@ -488,19 +488,19 @@ _PALETTE_ELEMENTS = (  # what apply_color_lut reads of a dataset with a (non-seg
 
 
 def _palette_view(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """``ds``, or for a big-endian object a new dataset holding what :func:`apply_color_lut` reads, with
-    16-bit palette entries put in little-endian order. pydicom (3.0) reads Palette Color LUT Data in the
-    machine's byte order whatever the transfer syntax, which garbles every colour of a big-endian palette
-    image (DCMTK reads it as its little-endian copy). Segmented palettes pydicom reads right."""
+    """``ds``, or for a big-endian object a new dataset holding what :func:`apply_color_lut` reads, with its
+    palette data in little-endian order. Palette Color LUT Data is OW, which a big-endian object stores as
+    byte-swapped 16-bit words (two 8-bit entries or one 16-bit entry each); pydicom (3.0) reads it in the
+    machine's order whatever the transfer syntax, which garbles every colour of a big-endian palette image
+    (DCMTK reads it as its little-endian copy). Segmented palettes pydicom reads right."""
     if _little_endian(ds) or "RedPaletteColorLookupTableData" not in ds:
         return ds
-    entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
     view = pydicom.Dataset()
     for keyword in _PALETTE_ELEMENTS:
         if keyword not in ds:
             continue
         element = copy.deepcopy(ds[keyword])
-        if isinstance(element.value, bytes) and len(element.value) == 2 * entries:
+        if isinstance(element.value, bytes) and len(element.value) % 2 == 0:
             element.value = np.frombuffer(element.value, dtype=">u2").astype("<u2").tobytes()
         view.add(element)
     return view

@@ -170,26 +170,42 @@ def test_test_data_renders_as_dcmtk_renders_it(name: str, twin: str | None, tmp_
         assert difference < 2.0, (correlation, difference)
 
 
+def _eight_bit_palette(folder: Path) -> Path:
+    """pydicom's palette image with 8-bit entries, two to a 16-bit word of the OW data."""
+    ds = pydicom.dcmread(peers.pydicom_data_file("OBXXXX1A.dcm"))
+    for colour in ("Red", "Green", "Blue"):
+        entries, first, _ = ds[f"{colour}PaletteColorLookupTableDescriptor"].value
+        ds[f"{colour}PaletteColorLookupTableDescriptor"].value = [entries, first, 8]
+        words = np.frombuffer(ds[f"{colour}PaletteColorLookupTableData"].value, dtype="<u2")
+        ds[f"{colour}PaletteColorLookupTableData"].value = (words >> 8).astype(np.uint8).tobytes()
+    path = folder / "palette-8-bit.dcm"
+    ds.save_as(path)
+    return path
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "RG1_UNCR.dcm", "693_UNCR.dcm", "CT_small.dcm", "mlut_18.dcm", "vlut_04.dcm", "MR_small_padded.dcm",
-        "SC_rgb_16bit.dcm", "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_palette.dcm",
+        "SC_rgb_16bit.dcm", "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_palette.dcm", "palette-8-bit",
     ],  # fmt: skip
 )
 def test_big_endian_copy_reads_as_the_original(name: str, tmp_path: Path) -> None:
     """Explicit VR Big Endian is retired but still accepted: DCMTK's ``dcmconv`` writes the copy (pixels,
     LUT and palette data swapped as the standard says) and the node must read it as the original."""
-    copy = tmp_path / name
+    source = _eight_bit_palette(tmp_path) if name == "palette-8-bit" else peers.pydicom_data_file(name)
+    copy = tmp_path / "big-endian.dcm"
     subprocess.run(
-        [peers.executable("dcmconv"), "--write-xfer-big", str(peers.pydicom_data_file(name)), str(copy)],
+        [peers.executable("dcmconv"), "--write-xfer-big", str(source), str(copy)],
         check=True,
         capture_output=True,
     )
     big = pydicom.dcmread(copy)
     assert big.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
-    original = display_image(pydicom.dcmread(peers.pydicom_data_file(name)), max_size=PREVIEW)
+    original = display_image(pydicom.dcmread(source), max_size=PREVIEW)
     np.testing.assert_array_equal(display_image(big, max_size=PREVIEW), original)
+    if name == "palette-8-bit":  # and as DCMTK shows it
+        assert _mean_difference(original, _dcmtk_file(source, tmp_path)) < 0.5
 
 
 def _preview_shape(shape: tuple[int, ...]) -> tuple[int, int]:
