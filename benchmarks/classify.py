@@ -1,7 +1,8 @@
 """Classifier latency on the real CR images and training speed.
 
 Median milliseconds per image for reading, pixel decoding, the whole preprocessing (decode included),
-prediction at batch 1 and 16 (without and with Grad-CAM), and end to end (file → Prediction, batch 1);
+prediction at batch 1 and 16 (without and with Grad-CAM), end to end (file → Prediction, batch 1), and
+the report's 1024-px preview (the PDF's image and the heat-map Secondary Capture, made once per report);
 the peer, measured in the same run, is pydicom's own full-resolution decode (``Dataset.pixel_array``),
 which the node's decode is quoted against as a ratio;
 seconds per training epoch of the seed CNN and of the model's architecture(s) on 696 synthetic images (the
@@ -27,7 +28,7 @@ import numpy as np
 from benchmarks import table
 from benchmarks.testdata import pydicom_data_file
 from classifier.inference import Classifier, default_model_path
-from classifier.preprocess import dataset_to_model_input, frame_pixels, read_dataset
+from classifier.preprocess import dataset_to_model_input, display_image, frame_pixels, read_dataset
 
 
 def _median_ms(function: Callable[[], Any], repeats: int, per: int = 1) -> float:
@@ -65,6 +66,8 @@ def _image_row(classifier: Classifier, name: str, repeats: int) -> dict[str, Any
         "end_to_end_gradcam_ms": _median_ms(
             lambda: classifier.predict_datasets([read_dataset(path)], heatmap=True), repeats
         ),
+        # JPEG 2000 at the level whose longer side reaches 1024 px: RG1's full resolution.
+        "preview_ms": _median_ms(lambda: display_image(read_dataset(path)), max(3, repeats // 3)),
     }
 
 
