@@ -1,8 +1,8 @@
 """The grey image the model and the console see, against DCMTK's rendering of the same object: same
 polarity and the same grey levels, for the photometric and Presentation LUT Shape combinations a PACS
-sends, and for every grey object of pydicom's test data that both can read (byte orders, bit depths,
-signed pixels, LUTs, windows, RLE, JPEG, JPEG-LS; JPEG 2000 against its uncompressed twin, as the
-Debian DCMTK has no JPEG 2000 codec)."""
+sends, for grey and colour objects of pydicom's test data that both can read (byte orders, bit depths,
+signed pixels, LUTs, windows, palettes, RLE, JPEG, JPEG-LS; JPEG 2000 against its uncompressed twin, as
+the Debian DCMTK has no JPEG 2000 codec), and for big-endian copies that DCMTK writes."""
 
 from __future__ import annotations
 
