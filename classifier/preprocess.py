@@ -795,11 +795,23 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
     reports, the heat-map Secondary Capture and the console show, the same size whichever transfer syntax
     the image came in."""
     gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=_preview_j2k_side(ds, max_size))
-    height, width = gray.shape
+    height, width = _stored_size(ds) or gray.shape
     scale = min(1.0, max_size / max(height, width))
-    if scale < 1.0:
-        gray = resize_gray(gray, (max(1, round(height * scale)), max(1, round(width * scale))))
+    # From the stored frame's size, not the decoded one: a JPEG 2000 level and a box average round their
+    # sizes differently, and would otherwise give previews a pixel apart.
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if gray.shape != shape:
+        gray = resize_gray(gray, shape)
     return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+
+
+def _stored_size(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """Rows × Columns of the stored frame, None when the header does not say (the decoder then refuses)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (rows, columns) if rows > 0 and columns > 0 else None
 
 
 def _preview_j2k_side(ds: pydicom.Dataset, max_size: int) -> int:
@@ -808,10 +820,7 @@ def _preview_j2k_side(ds: pydicom.Dataset, max_size: int) -> int:
     much), and no coarser one, which would leave the report's image and the heat-map Secondary Capture
     smaller for a compressed study than for the same study uncompressed (512 instead of 1024 px for a
     2048² detector image)."""
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
-        return max_size  # the decoder will say what is wrong with the image
-    if rows <= 0 or columns <= 0:
+    size = _stored_size(ds)
+    if size is None:
         return max_size
-    return math.ceil(max_size * min(rows, columns) / max(rows, columns))
+    return math.ceil(max_size * min(size) / max(size))

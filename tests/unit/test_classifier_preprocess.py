@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -670,6 +672,20 @@ def test_jpeg2000_preview_is_as_large_as_the_uncompressed_one(
     raw = display_image(read_dataset(peers.pydicom_data_file(uncompressed)), max_size=max_size)
     assert j2k.shape == raw.shape and max(raw.shape) == max_size
     assert np.abs(j2k.astype(np.float64) - raw).mean() < 2.0
+
+
+@settings(max_examples=60)
+@given(st.integers(40, 600), st.integers(40, 600), st.sampled_from([32, 64, 100, 128]))
+def test_any_jpeg2000_preview_has_the_uncompressed_preview_size(
+    rows: int, columns: int, max_size: int
+) -> None:
+    """A resolution level and a box average round a frame's size differently; the preview takes its size
+    from the stored frame, so the two agree to the pixel (before, one size in seven was a pixel apart)."""
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    pixels = ((np.sin(xx / 9.0) + np.cos(yy / 7.0) + 2) / 4 * 4095).astype(np.uint16)
+    plain = make_dataset(pixels, bits_stored=12)
+    compressed = _compressed(plain, JPEG2000Lossless)
+    assert display_image(compressed, max_size).shape == display_image(plain, max_size).shape
 
 
 @pytest.mark.parametrize(
