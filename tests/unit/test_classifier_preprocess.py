@@ -37,6 +37,7 @@ from classifier.preprocess import (
     equalise,
     frame_box,
     image_to_model_input,
+    pil_to_gray,
     read_dataset,
     upright,
     upright_turns,
@@ -590,6 +591,24 @@ def test_png_and_dicom_of_the_same_pixels_give_the_same_input() -> None:
             else Image.fromarray(pixels.astype(np.uint16) * 257)
         )
         np.testing.assert_allclose(image_to_model_input(image, spec), from_dicom, atol=0.02)
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14, 16])
+def test_a_16_bit_png_reads_as_the_same_picture_whatever_bits_its_values_use(bits: int) -> None:
+    """Collections publish 10- to 14-bit radiographs as 16-bit PNGs. Read as 16-bit values, a 12-bit one
+    was nearly black, the border crop cut a quarter from every side, and the model read a tight crop."""
+    spec = PreprocessSpec(input_size=(224, 224), equalisation="histeq", crop_borders=True)  # as shipped
+    picture = Image.fromarray(display_image(read_dataset(peers.pydicom_data_file("RG1_UNCI.dcm")), 512))
+    levels = np.asarray(picture, dtype=np.float64) / 255.0 * ((1 << bits) - 1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(levels).astype(np.uint16)).save(buffer, format="PNG")
+    buffer.seek(0)
+    with Image.open(buffer) as png:
+        assert png.mode.startswith("I")  # Pillow reads it as 16-bit (or 32-bit) integers
+        gray = pil_to_gray(png)
+        model_input = image_to_model_input(png, spec)
+    assert frame_box(gray, spec) == frame_box(pil_to_gray(picture), spec)
+    assert np.abs(model_input - image_to_model_input(picture, spec)).mean() < 0.005
 
 
 def test_model_input_shape_and_normalisations() -> None:
