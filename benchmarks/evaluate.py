@@ -32,6 +32,7 @@ DEGRADATIONS = (
     "pad:0.08",
     "noise:0.03",
     "jpeg:40+downscale:0.5+gamma:1.3",
+    "bits:12",
 )
 
 

@@ -74,6 +74,16 @@ def _noise(image: Image.Image, sigma: float) -> Image.Image:
     return Image.fromarray((noisy * 255.0 + 0.5).astype(np.uint8))
 
 
+def _bits(image: Image.Image, bits: float) -> Image.Image:
+    """The picture as a 16-bit PNG of a ``bits``-bit radiograph would hold it (last in a chain: the
+    8-bit steps above would clip its values)."""
+    levels = np.asarray(image.convert("L"), dtype=np.float64) / 255.0 * ((1 << int(bits)) - 1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(levels).astype(np.uint16)).save(buffer, format="PNG")
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
 DEGRADATIONS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
     "jpeg": _jpeg,
     "downscale": _downscale,
@@ -81,6 +91,7 @@ DEGRADATIONS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
     "crop": _crop,
     "pad": _pad,
     "noise": _noise,
+    "bits": _bits,
 }
 
 

@@ -29,7 +29,7 @@ from classifier.dataset import (
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.evaluation import class_indices, evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
-from classifier.preprocess import PreprocessSpec
+from classifier.preprocess import PreprocessSpec, pil_to_gray
 from classifier.training import TrainingConfig, class_weights, train
 from classifier.types import INDETERMINATE
 
@@ -135,6 +135,16 @@ def test_a_16_bit_picture_is_degraded_at_its_own_grey_levels(artifact: Path, tmp
     predict_items(classifier, items, lambda image: record(degrade(image)))
     assert seen[0] == pytest.approx(0.5, abs=0.01)
     assert seen[1] == pytest.approx(0.5 * (128 / 130) ** 2, abs=0.01)  # the 1-px black frame only
+
+
+def test_the_bits_degradation_is_a_16_bit_png_holding_fewer_bits() -> None:
+    picture = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (8, 1)))
+    degrade = parse_degradation("bits:12")
+    assert degrade is not None
+    png = degrade(picture)
+    assert png.format == "PNG" and png.mode.startswith("I")
+    assert int(np.asarray(png).max()) == 4095
+    np.testing.assert_allclose(pil_to_gray(png), pil_to_gray(picture), atol=1 / 4095)
 
 
 def test_a_patient_sub_folder_is_one_group(collection: Path, tmp_path: Path) -> None:
