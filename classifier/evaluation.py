@@ -75,9 +75,10 @@ def _noise(image: Image.Image, sigma: float) -> Image.Image:
 
 
 def _bits(image: Image.Image, bits: float) -> Image.Image:
-    """The picture as a 16-bit PNG of a ``bits``-bit radiograph would hold it (last in a chain: the
-    8-bit steps above would clip its values)."""
-    levels = np.asarray(image.convert("L"), dtype=np.float64) / 255.0 * ((1 << int(bits)) - 1)
+    """The picture as a 16-bit PNG of a ``bits``-bit radiograph would hold it (1 to 16 bits; last in a
+    chain: the 8-bit steps above would clip its values)."""
+    top = (1 << int(min(16.0, max(1.0, bits)))) - 1
+    levels = np.asarray(image.convert("L"), dtype=np.float64) / 255.0 * top
     buffer = io.BytesIO()
     Image.fromarray(np.round(levels).astype(np.uint16)).save(buffer, format="PNG")
     buffer.seek(0)
