@@ -84,6 +84,27 @@ def test_large_pictures_are_shown_downscaled(rad_client: tuple[TestClient, str])
     assert max(shown.size) == 1024
 
 
+def test_a_picture_is_shown_as_the_model_reads_it(rad_client: tuple[TestClient, str]) -> None:
+    """Turned by its EXIF orientation, as the model turns it (a phone photograph of a film), so the heat map
+    lies where the model looked; and a 16-bit PNG of a 12-bit radiograph scaled by its bits, not white."""
+    client, csrf = rad_client
+    radiograph = Image.open(io.BytesIO(radiograph_png(max_size=320)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn anticlockwise: a viewer turns it clockwise
+    buffer = io.BytesIO()
+    radiograph.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=95, exif=exif)
+    token = _upload(client, csrf, "phone.jpg", buffer.getvalue(), "image/jpeg")
+    shown = np.asarray(Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content)), dtype=float)
+    assert shown.shape == np.asarray(radiograph).shape  # upright again, not on its side
+    assert np.abs(shown - np.asarray(radiograph)).mean() < 3.0
+    twelve_bit = np.round(np.asarray(radiograph, dtype=np.float64) / 255.0 * 4095).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(twelve_bit).save(buffer, format="PNG")
+    token = _upload(client, csrf, "twelve-bit.png", buffer.getvalue(), "image/png")
+    shown = np.asarray(Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content)), dtype=float)
+    assert np.abs(shown - np.asarray(radiograph)).mean() < 1.0
+
+
 def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
     client, csrf = rad_client
     preamble = b"\0" * 128 + b"DICM"
