@@ -593,15 +593,19 @@ def test_png_and_dicom_of_the_same_pixels_give_the_same_input() -> None:
         np.testing.assert_allclose(image_to_model_input(image, spec), from_dicom, atol=0.02)
 
 
-@pytest.mark.parametrize("bits", [10, 12, 14, 16])
-def test_a_16_bit_png_reads_as_the_same_picture_whatever_bits_its_values_use(bits: int) -> None:
+@pytest.mark.parametrize(("bits", "label"), [(10, False), (12, False), (14, False), (16, False), (12, True)])
+def test_a_16_bit_png_reads_as_the_same_picture_whatever_bits_its_values_use(bits: int, label: bool) -> None:
     """Collections publish 10- to 14-bit radiographs as 16-bit PNGs. Read as 16-bit values, a 12-bit one
-    was nearly black, the border crop cut a quarter from every side, and the model read a tight crop."""
+    was nearly black, the border crop cut a quarter from every side, and the model read a tight crop. A
+    label burnt in at full scale (65535) must not make a 12-bit picture read as 16 bits again."""
     spec = PreprocessSpec(input_size=(224, 224), equalisation="histeq", crop_borders=True)  # as shipped
     picture = Image.fromarray(display_image(read_dataset(peers.pydicom_data_file("RG1_UNCI.dcm")), 512))
-    levels = np.asarray(picture, dtype=np.float64) / 255.0 * ((1 << bits) - 1)
+    levels = np.round(np.asarray(picture, dtype=np.float64) / 255.0 * ((1 << bits) - 1)).astype(np.uint16)
+    if label:
+        levels[40:52, 40:120] = 65535  # 0.4 % of the picture
+        picture = Image.fromarray(np.where(levels == 65535, 255, np.asarray(picture)).astype(np.uint8))
     buffer = io.BytesIO()
-    Image.fromarray(np.round(levels).astype(np.uint16)).save(buffer, format="PNG")
+    Image.fromarray(levels).save(buffer, format="PNG")
     buffer.seek(0)
     with Image.open(buffer) as png:
         assert png.mode.startswith("I")  # Pillow reads it as 16-bit (or 32-bit) integers
