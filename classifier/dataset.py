@@ -261,7 +261,11 @@ def load_grays(
     """N×H×W grey images cropped and resized by the spec (not yet equalised): the training cache."""
     out = np.empty((len(items), *spec.input_size), dtype=np.float32)
     for index, item in enumerate(items):
-        out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
+        try:
+            out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
+        except (ClassifierError, OSError) as exc:  # a truncated or undecodable file: say which
+            reason = str(exc).replace(str(item.path), item.path.name)  # folders may name a patient
+            raise DatasetError(f"{item.path.name} cannot be read: {reason}") from exc
     return out
 
 

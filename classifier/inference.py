@@ -54,14 +54,23 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
     if is_dicom_file(path):
         try:
             return read_dataset(path)
-        except pydicom.errors.InvalidDicomError as exc:
-            raise UnsupportedImageError(f"{path.name} is not a readable DICOM file") from exc
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError) as exc:
+            reason = _reason(exc, path)
+            raise UnsupportedImageError(f"{path.name} is not a readable DICOM file ({reason})") from exc
     try:
         with Image.open(path) as image:
             image.load()
             return image
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
         raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:  # a truncated or corrupt picture
+        raise UnsupportedImageError(f"{path.name} is not a readable image ({_reason(exc, path)})") from exc
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """What the reader found wrong, with the file's folders left out (they may name a patient)."""
+    message = str(exc).replace(str(path), path.name)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from classifier.dataset import (
     DatasetError,
     LabelledImage,
     load_collection,
+    load_grays,
     parse_relabel,
     relabel,
     split_by_fold,
@@ -406,6 +408,35 @@ def test_cli_train_and_evaluate_on_a_folder(
     assert metadata["training"]["seed"] == 7 and metadata["data"]["split"]["seed"] == 7
     assert cli.main(["evaluate", str(output), str(collection), "--split", "validation"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_a_truncated_picture_is_named_in_one_error_line(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hospital's export with one truncated JPEG: ``evaluate`` stops with the file's name and what is
+    wrong, ``classify`` reports that file and goes on; no traceback (Pillow's OSError escaped before)."""
+    export = tmp_path / "export"
+    for label in ("bright", "dark"):
+        (export / label).mkdir(parents=True)
+        for source in sorted((collection / label).glob("*.png"))[:3]:
+            (export / label / source.name).write_bytes(source.read_bytes())
+    buffer = io.BytesIO()
+    Image.open(collection / "dark" / "1.png").convert("L").save(buffer, format="JPEG")
+    truncated = export / "dark" / "cut.jpg"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert cli.main(["evaluate", str(artifact), str(export)]) == 2
+    error = capsys.readouterr().err
+    assert "error: cut.jpg cannot be evaluated: cut.jpg is not a readable image" in error
+    assert "truncated" in error and str(tmp_path) not in error and "Traceback" not in error
+    good = export / "dark" / "1.png"
+    assert cli.main(["classify", "--model", str(artifact), str(truncated), str(good)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("cut.jpg\terror\tcut.jpg is not a readable image")
+    assert captured.out.startswith("1.png\t")
+    # Training (and the novelty fit) read their images through load_grays: the same, named.
+    with pytest.raises(DatasetError, match=r"^cut\.jpg cannot be read: .*truncated"):
+        items = [LabelledImage(good, "dark", "a"), LabelledImage(truncated, "dark", "b")]
+        load_grays(items, PreprocessSpec(input_size=(32, 32)))
 
 
 def test_cli_errors_are_one_line_and_exit_2(
