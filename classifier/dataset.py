@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from classifier.errors import ClassifierError
+from classifier.errors import ClassifierError, reason_for
 from classifier.preprocess import (
     LungFinder,
     PreprocessSpec,
@@ -264,8 +264,7 @@ def load_grays(
         try:
             out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
         except (ClassifierError, OSError) as exc:  # a truncated or undecodable file: say which
-            reason = str(exc).replace(str(item.path), item.path.name)  # folders may name a patient
-            raise DatasetError(f"{item.path.name} cannot be read: {reason}") from exc
+            raise DatasetError(f"{item.path.name} cannot be read: {reason_for(exc, item.path)}") from exc
     return out
 
 

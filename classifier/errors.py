@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ClassifierError(Exception):
     """Base class of classifier errors."""
@@ -17,3 +19,13 @@ class ModelArtifactError(ClassifierError):
 
 class WeightsUnavailableError(ClassifierError):
     """Pre-trained backbone weights were asked for but are not on this machine."""
+
+
+def reason_for(exc: BaseException, path: Path) -> str:
+    """What a reader found wrong with ``path``, for the one line a command prints about that file, with the
+    file's folders left out (they may name a patient): a classifier error's own message, another
+    exception's type and message."""
+    message = str(exc).replace(str(path), path.name)
+    if isinstance(exc, ClassifierError) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

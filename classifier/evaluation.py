@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from classifier import plots
 from classifier.dataset import DatasetError, LabelledImage, load_collection
-from classifier.errors import ClassifierError
+from classifier.errors import ClassifierError, reason_for
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import (
@@ -150,7 +150,7 @@ def predict_items(
                     picture = _as_picture(item.path, max(classifier.spec.input_size))
                     inputs.append(image_to_model_input(degrade(picture), classifier.spec, classifier.lungs))
             except (ClassifierError, OSError) as exc:  # one unreadable file: say which, not only why
-                reason = str(exc).replace(str(item.path), item.path.name)  # folders may name a patient
+                reason = reason_for(exc, item.path)
                 raise DatasetError(f"{item.path.name} cannot be evaluated: {reason}") from exc
         for prediction in classifier.predict(inputs, heatmap=False):
             rows.append(np.array(list(prediction.probabilities.values())))

@@ -21,7 +21,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
-from classifier.errors import ModelArtifactError, UnsupportedImageError
+from classifier.errors import ModelArtifactError, UnsupportedImageError, reason_for
 from classifier.novelty import LinearProbe, NoveltyCheck, Presentation, confirmed, presentations
 from classifier.preprocess import (
     Box,
@@ -55,7 +55,7 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
         try:
             return read_dataset(path)
         except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError) as exc:
-            reason = _reason(exc, path)
+            reason = reason_for(exc, path)
             raise UnsupportedImageError(f"{path.name} is not a readable DICOM file ({reason})") from exc
     try:
         with Image.open(path) as image:
@@ -64,13 +64,7 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
     except UnidentifiedImageError as exc:
         raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
     except (Image.DecompressionBombError, OSError, ValueError) as exc:  # a truncated or corrupt picture
-        raise UnsupportedImageError(f"{path.name} is not a readable image ({_reason(exc, path)})") from exc
-
-
-def _reason(exc: BaseException, path: Path) -> str:
-    """What the reader found wrong, with the file's folders left out (they may name a patient)."""
-    message = str(exc).replace(str(path), path.name)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        raise UnsupportedImageError(f"{path.name} is not a readable image ({reason_for(exc, path)})") from exc
 
 
 def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:
