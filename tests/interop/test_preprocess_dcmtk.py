@@ -7,8 +7,8 @@ the Debian DCMTK has no JPEG 2000 codec), and for big-endian copies that DCMTK w
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -47,10 +47,11 @@ def _voi_options(ds: pydicom.Dataset) -> list[str]:
 def _dcmtk_file(source: Path, folder: Path) -> np.ndarray:
     """DCMTK's 8-bit rendering of ``source`` (overlays off), by the tool that decodes its transfer syntax."""
     ds = pydicom.dcmread(source, stop_before_pixels=True)
-    tool = {JPEGLSLossless: "dcml2pnm", JPEGLSNearLossless: "dcml2pnm", RLELossless: "dcm2pnm"}.get(
-        str(ds.file_meta.TransferSyntaxUID),
-        "dcmj2pnm",  # uncompressed and every JPEG process
-    )
+    tools: dict[str, str] = {
+        JPEGLSLossless: "dcml2pnm", JPEGLSNearLossless: "dcml2pnm", RLELossless: "dcm2pnm"
+    }  # fmt: skip
+    # dcmj2pnm: uncompressed and every JPEG process
+    tool = tools.get(str(ds.file_meta.TransferSyntaxUID), "dcmj2pnm")
     target = folder / f"{source.stem}.pgm"
     options = ["--write-8-bit-pnm", "--no-overlays", *_voi_options(ds)]
     subprocess.run(
@@ -293,7 +294,7 @@ def _modality_lut(window: bool) -> pydicom.Dataset:
         "VOI-LUT-8-MONO1", "modality-LUT-window", "modality-LUT-auto",
     ],  # fmt: skip
 )
-def test_grey_transforms_match_dcmtk(make: Any, tmp_path: Path) -> None:
+def test_grey_transforms_match_dcmtk(make: Callable[[], pydicom.Dataset], tmp_path: Path) -> None:
     ds = make()
     ours = display_image(ds, max_size=PREVIEW)
     theirs = _dcmtk_render(ds, tmp_path, "variant")
