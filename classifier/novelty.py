@@ -361,16 +361,13 @@ def _degraded_grays(paths: Sequence[Path], degradation: str) -> list[npt.NDArray
 
     from classifier.dataset import load_gray
     from classifier.evaluation import parse_degradation
-    from classifier.preprocess import pil_to_gray
+    from classifier.preprocess import gray_to_uint8, pil_to_gray
 
     degrade = parse_degradation(degradation)
     grays = [load_gray(path) for path in paths]
     if degrade is None:
         return grays
-    return [
-        pil_to_gray(degrade(Image.fromarray((np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))))
-        for gray in grays
-    ]
+    return [pil_to_gray(degrade(Image.fromarray(gray_to_uint8(gray)))) for gray in grays]
 
 
 def fit_novelty(

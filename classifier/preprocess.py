@@ -817,6 +817,11 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
     shape = (max(1, round(height * scale)), max(1, round(width * scale)))
     if gray.shape != shape:
         gray = resize_gray(gray, shape)
+    return gray_to_uint8(gray)
+
+
+def gray_to_uint8(gray: FloatImage) -> npt.NDArray[np.uint8]:
+    """A grey image in [0, 1] as the 8-bit picture shown or handed on (rounded, out-of-range clipped)."""
     return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from classifier.errors import ClassifierError
-from classifier.preprocess import display_image, pil_to_gray, read_dataset
+from classifier.preprocess import display_image, gray_to_uint8, pil_to_gray, read_dataset
 from dicom_node.eligibility import (
     DEFAULT_AGE_POLICY,
     AgePolicy,
@@ -279,6 +279,6 @@ def picture_preview(upload: Upload, max_size: int = 1024) -> npt.NDArray[np.uint
         gray = pil_to_gray(upload.image)
     except ClassifierError as exc:
         raise UndecodableDatasetError(f"the image cannot be displayed: {exc}") from exc
-    image = Image.fromarray(np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8))
+    image = Image.fromarray(gray_to_uint8(gray))
     image.thumbnail((max_size, max_size))
     return np.asarray(image, dtype=np.uint8)
