@@ -809,8 +809,9 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
     """uint8 H×W, windowed, white bone, longer side ``max_size`` (or the image's own when smaller) — what
     reports, the heat-map Secondary Capture and the console show, the same size whichever transfer syntax
     the image came in."""
-    gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=_preview_j2k_side(ds, max_size))
-    height, width = _stored_size(ds) or gray.shape
+    stored = _stored_size(ds)
+    gray = dataset_to_gray(ds, min_side=max_size // 2, j2k_min_side=_preview_j2k_side(stored, max_size))
+    height, width = stored or gray.shape
     scale = min(1.0, max_size / max(height, width))
     # From the stored frame's size, not the decoded one: a JPEG 2000 level and a box average round their
     # sizes differently, and would otherwise give previews a pixel apart.
@@ -834,13 +835,12 @@ def _stored_size(ds: pydicom.Dataset) -> tuple[int, int] | None:
     return (rows, columns) if rows > 0 and columns > 0 else None
 
 
-def _preview_j2k_side(ds: pydicom.Dataset, max_size: int) -> int:
+def _preview_j2k_side(stored: tuple[int, int] | None, max_size: int) -> int:
     """The shorter side of the coarsest JPEG 2000 resolution level whose longer side still reaches
     ``max_size``: a preview needs no finer level (an uncompressed image is box-averaged to about as
     much), and no coarser one, which would leave the report's image and the heat-map Secondary Capture
     smaller for a compressed study than for the same study uncompressed (512 instead of 1024 px for a
-    2048² detector image)."""
-    size = _stored_size(ds)
-    if size is None:
-        return max_size
-    return math.ceil(max_size * min(size) / max(size))
+    2048² detector image). ``stored`` is :func:`_stored_size`."""
+    if stored is None:
+        return max_size  # the decoder will say what is wrong with the image
+    return math.ceil(max_size * min(stored) / max(stored))
