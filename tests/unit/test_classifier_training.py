@@ -233,6 +233,42 @@ def test_artifact_has_model_metadata_and_plots(artifact: Path) -> None:
     assert (artifact / "model.keras").stat().st_size < 10_000_000
 
 
+def _weights(folder: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.saving.load_model(folder / "model.keras", compile=False).get_weights()]
+
+
+def test_a_seed_reproduces_its_model_bit_for_bit_in_a_new_process(
+    artifact: Path, collection: Path, tmp_path: Path
+) -> None:
+    """The seed fixes the weights' start, the shuffling and every augmentation draw: the same command in
+    another process gives the same weights and history (on one machine with one thread count); another
+    seed on the same split gives other weights."""
+    import subprocess
+    import sys
+
+    again = tmp_path / "again"
+    command = [sys.executable, "-m", "classifier.cli", "train", str(collection), str(again), "--epochs", "2",
+               "--steps-per-epoch", "2", "--batch-size", "4", "--input-size", "96", "--version", "tiny-1",
+               "--no-progress"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parents[2], timeout=300)
+    first, second = read_metadata(artifact), read_metadata(again)
+    assert second.training["history"] == first.training["history"]
+    assert second.validation == first.validation
+    for ours, theirs in zip(_weights(artifact), _weights(again), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+    other = tmp_path / "other"
+    config = TrainingConfig(
+        architecture="cxr-compact", data=collection, output=other, epochs=2, steps_per_epoch=2, batch_size=4,
+        input_size=96, seed=7, split_seed=42, progress=False,
+    )  # fmt: skip
+    train(config)
+    assert read_metadata(other).data["split"] == first.data["split"]
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(artifact), _weights(other), strict=True))
+
+
 def test_classifier_predicts_probabilities_heatmaps_and_indeterminate(
     artifact: Path, collection: Path
 ) -> None:
