@@ -62,19 +62,31 @@ def _assert_same_maps(ours: list[Prediction], reference: list[npt.NDArray[np.flo
 
 
 def test_the_shipped_model_explains_itself_as_the_reference_does() -> None:
-    """Both members' evidence on the merged feature layer, for the real CR and for variants of it that the
-    model calls otherwise (the reference scores the class the node predicted)."""
+    """Both members' evidence on the merged feature layer, for maps of two classes: the real chest CR and
+    variants of it (called covid) and the lower-leg CR of pydicom-data and variants (called normal)."""
     import keras
 
     folder = default_model_path()
     classifier = Classifier.load(folder)
-    upright = load_input(peers.pydicom_data_file("RG1_UNCI.dcm"), classifier.spec)
-    compressed = load_input(peers.pydicom_data_file("RG1_J2KR.dcm"), classifier.spec)
-    images = [upright, compressed, upright[:, ::-1], upright[::-1], np.ascontiguousarray(upright**2)]
+    chest = load_input(peers.pydicom_data_file("RG1_UNCI.dcm"), classifier.spec)
+    leg = load_input(peers.pydicom_data_file("RG3_UNCI.dcm"), classifier.spec)
+    images = [
+        np.ascontiguousarray(image, dtype=np.float32)
+        for image in (
+            chest,
+            load_input(peers.pydicom_data_file("RG1_J2KR.dcm"), classifier.spec),
+            chest[:, ::-1],
+            chest**2,
+            leg,
+            leg[:, ::-1],
+            0.3 * chest + 0.7 * leg,
+        )
+    ]
     predictions = classifier.predict(images, heatmap=True)
+    assert {p.top_class for p in predictions} == {"covid", "normal"}
     copy = keras.saving.load_model(folder / "model.keras", compile=False)
-    batch = np.stack(images).astype(np.float32)
-    _assert_same_maps(predictions, _reference_maps(copy, classifier.metadata.gradcam_layer, batch, predictions))
+    maps = _reference_maps(copy, classifier.metadata.gradcam_layer, np.stack(images), predictions)
+    _assert_same_maps(predictions, maps)
 
 
 @pytest.mark.parametrize("name", architecture_names())
