@@ -1,11 +1,14 @@
-"""The model card's figures against scikit-learn, the reference implementation other groups report with:
-the node computes its metrics in plain NumPy (no scikit-learn on the node), and for any labels and
-probabilities — ties, absent classes, a single image — they are scikit-learn's."""
+"""The model card's figures against reference implementations: scikit-learn, which other groups report
+with, and for the calibration error the library of Kumar, Liang & Ma (NeurIPS 2019, ``uncertainty-
+calibration``; Guo et al.'s top-label ECE with equal-width bins). The node computes its metrics in plain
+NumPy (no scikit-learn on the node), and for any labels and probabilities — ties, absent classes, a single
+image, confidences on a bin edge — they are the references'."""
 
 from __future__ import annotations
 
 import warnings
 
+import calibration
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -13,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as reference
 
-from classifier.metrics import brier_score, classification_report, log_loss, roc_curve
+from classifier.metrics import (
+    ECE_BINS,
+    brier_score,
+    classification_report,
+    log_loss,
+    reliability_bins,
+    roc_curve,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -23,7 +33,8 @@ CLASSES = ("covid", "normal", "pneumonia", "other")
 @st.composite
 def _scored_images(draw: st.DrawFn) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """True classes and probability rows; weights on a coarse grid, so that tied scores (within a class and
-    between a row's classes) are common, and some classes may be absent from the truth."""
+    between a row's classes) and top probabilities on a bin edge (1/3, 0.4, 0.6, ...) are common, and some
+    classes may be absent from the truth."""
     classes = draw(st.integers(2, len(CLASSES)))
     images = draw(st.integers(1, 40))
     truth = draw(st.lists(st.integers(0, classes - 1), min_size=images, max_size=images))
@@ -73,3 +84,18 @@ def test_the_report_is_scikit_learns(case: tuple[npt.NDArray[np.int64], npt.NDAr
         expected_brier = reference.brier_score_loss(truth, probabilities, labels=labels, scale_by_half=False)
     assert log_loss(probabilities, truth) == report["log_loss"] == pytest.approx(expected_log_loss)
     assert brier_score(probabilities, truth) == report["brier_score"] == pytest.approx(expected_brier)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_scored_images(), st.sampled_from([10, ECE_BINS, 20]))
+def test_the_calibration_error_is_the_reference_s(
+    case: tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]], bins: int
+) -> None:
+    truth, probabilities = case
+    rows = reliability_bins(probabilities, truth, bins=bins)
+    assert sum(int(row["images"]) for row in rows) == len(truth)
+    ours = sum(row["images"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / len(truth)
+    assert ours == pytest.approx(calibration.get_ece(probabilities, truth, num_bins=bins), abs=1e-12)
+    if bins == ECE_BINS:
+        report = classification_report(truth, probabilities, CLASSES[: probabilities.shape[1]])
+        assert report["expected_calibration_error"] == pytest.approx(ours, abs=1e-12)
