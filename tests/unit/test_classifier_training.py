@@ -242,9 +242,9 @@ def _weights(folder: Path) -> list[np.ndarray]:
 def test_a_seed_reproduces_its_model_bit_for_bit_in_a_new_process(
     artifact: Path, collection: Path, tmp_path: Path
 ) -> None:
-    """The seed fixes the weights' start, the shuffling and every augmentation draw: the same command in
-    another process gives the same weights and history (on one machine with one thread count); another
-    seed on the same split gives other weights."""
+    """The seed fixes the weights' start, the shuffling and every augmentation draw: the fixture's training
+    run again as a command in another process gives the same weights and history (on one machine, with the
+    same number of threads); another seed on the same split gives other weights."""
     import subprocess
     import sys
 
