@@ -31,8 +31,7 @@ from benchmarks import table
 from benchmarks.novelty import model_with_check
 from classifier.dataset import LabelledImage
 from classifier.evaluation import parse_degradation
-from classifier.inference import read_image_file
-from classifier.preprocess import framed_model_input, pil_to_gray
+from classifier.preprocess import framed_model_input, pil_to_gray, read_image_file
 from classifier.types import NOVELTY_LIMIT, Prediction
 
 Edit = Callable[[Image.Image], Image.Image]

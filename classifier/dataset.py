@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+import pydicom
 
 from classifier.errors import ClassifierError, reason_for
 from classifier.preprocess import (
@@ -28,7 +28,7 @@ from classifier.preprocess import (
     fit_gray,
     is_dicom_file,
     pil_to_gray,
-    read_dataset,
+    read_image_file,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -247,12 +247,10 @@ def load_gray(path: Path, *, upright: bool = True, min_side: int = 256) -> npt.N
     image head up by its Patient Orientation, unless ``upright`` is off (to match a mask drawn on it),
     reduced as :func:`~classifier.preprocess.dataset_to_gray` does for ``min_side`` (inference passes the
     model's input size)."""
-    if is_dicom_file(path):
-        ds = read_dataset(path)
-        return dataset_to_upright_gray(ds, min_side) if upright else dataset_to_gray(ds, min_side)
-    with Image.open(path) as image:
-        image.load()
-        return pil_to_gray(image)
+    source = read_image_file(path)
+    if isinstance(source, pydicom.Dataset):
+        return dataset_to_upright_gray(source, min_side) if upright else dataset_to_gray(source, min_side)
+    return pil_to_gray(source)
 
 
 def load_grays(

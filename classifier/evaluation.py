@@ -20,17 +20,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.dataset import DatasetError, LabelledImage, load_collection
+from classifier.dataset import DatasetError, LabelledImage, load_collection, load_gray
 from classifier.errors import ClassifierError, reason_for
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
-from classifier.preprocess import (
-    dataset_to_upright_gray,
-    image_to_model_input,
-    is_dicom_file,
-    pil_to_gray,
-    read_dataset,
-)
+from classifier.preprocess import gray_to_uint8, image_to_model_input
 from classifier.types import label_key
 
 LOGGER = logging.getLogger(__name__)
@@ -123,12 +117,7 @@ def _as_picture(path: Path, min_side: int) -> Image.Image:
     """A file as the 8-bit grey picture a degradation works on: a DICOM image as its displayed grey levels
     (VOI, polarity and orientation applied), a picture as the model reads it (a 16-bit PNG scaled by its
     bit depth: Pillow's ``convert("L")`` would clip it to white), so each is degraded, none skipped."""
-    if is_dicom_file(path):
-        gray = dataset_to_upright_gray(read_dataset(path), min_side)
-    else:
-        with Image.open(path) as image:
-            gray = pil_to_gray(image)
-    return Image.fromarray(np.asarray(np.round(gray * 255.0), dtype=np.uint8), mode="L")
+    return Image.fromarray(gray_to_uint8(load_gray(path, min_side=min_side)), mode="L")
 
 
 def predict_items(

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
-from classifier.errors import ModelArtifactError, UnsupportedImageError, reason_for
+from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.novelty import LinearProbe, NoveltyCheck, Presentation, confirmed, presentations
 from classifier.preprocess import (
     Box,
@@ -32,10 +32,9 @@ from classifier.preprocess import (
     dataset_to_model_input,
     framed_model_input,
     image_to_model_input,
-    is_dicom_file,
     orientation_turns,
     pil_to_gray,
-    read_dataset,
+    read_image_file,
     upright,
 )
 from classifier.types import INDETERMINATE, ModelInfo, Prediction
@@ -46,25 +45,6 @@ LOGGER = logging.getLogger(__name__)
 def default_model_path() -> Path:
     """The model shipped in classifier/models/default/."""
     return Path(str(resources.files("classifier") / "models" / "default"))
-
-
-def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
-    """A DICOM file (by suffix or the DICM preamble) as a dataset, or a PNG/JPEG file as a loaded picture."""
-    path = Path(path)
-    if is_dicom_file(path):
-        try:
-            return read_dataset(path)
-        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError) as exc:
-            reason = reason_for(exc, path)
-            raise UnsupportedImageError(f"{path.name} is not a readable DICOM file ({reason})") from exc
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except UnidentifiedImageError as exc:
-        raise UnsupportedImageError(f"{path.name} is not a readable image") from exc
-    except (Image.DecompressionBombError, OSError, ValueError) as exc:  # a truncated or corrupt picture
-        raise UnsupportedImageError(f"{path.name} is not a readable image ({reason_for(exc, path)})") from exc
 
 
 def load_input(path: Path, spec: PreprocessSpec, lungs: LungFinder | None = None) -> FloatImage:

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from classifier.artifact import sha256_file
-from classifier.dataset import LabelledImage, load_gray
+from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
 
@@ -47,7 +47,6 @@ MIN_AREA, MAX_AREA = 0.04, 0.85  # plausible lung fraction of the image
 MIN_SIDE = 0.3  # a box narrower or lower than this fraction of the image is not two lungs
 MIN_COMPONENT = 0.15  # a second component smaller than this fraction of the largest is not a lung
 PROFILE_MIN = 0.02  # a row/column counts when this fraction of its pixels is lung (ignores specks)
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class LungMaskError(ClassifierError):
@@ -71,7 +70,7 @@ def find_masks(data: Path, masks: Path, items: Sequence[LabelledImage] | None = 
         raise LungMaskError(
             f"{manifest} not found: lung masks are matched through the manifest's source column"
         )
-    by_stem = {p.stem.lower(): p for p in masks.iterdir() if p.suffix.lower() in MASK_SUFFIXES}
+    by_stem = {p.stem.lower(): p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     allowed = None if items is None else {item.path.resolve() for item in items}
     pairs: list[MaskedImage] = []
     with manifest.open(newline="") as handle:

@@ -42,13 +42,13 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.encaps import generate_frames
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 
-from classifier.errors import ModelArtifactError, UnsupportedImageError
+from classifier.errors import ModelArtifactError, UnsupportedImageError, reason_for
 
 LOGGER = logging.getLogger(__name__)
 
@@ -194,6 +194,27 @@ def is_dicom_file(path: Path) -> bool:
 def read_dataset(path: Path) -> pydicom.Dataset:
     """Read a DICOM file; pixel data stays encoded so JPEG 2000 can be decoded at a reduced level later."""
     return pydicom.dcmread(path)
+
+
+def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
+    """A DICOM file (by suffix or the DICM preamble) as a dataset, or a PNG/JPEG file as a loaded picture.
+
+    What is wrong with an unreadable file is said without the file's name: the caller knows which file it
+    was and names it once, in its own words."""
+    path = Path(path)
+    if is_dicom_file(path):
+        try:
+            return read_dataset(path)
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError) as exc:
+            raise UnsupportedImageError(f"not a readable DICOM file ({reason_for(exc, path)})") from exc
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImageError("not a readable image") from exc
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:  # a truncated or corrupt picture
+        raise UnsupportedImageError(f"not a readable image ({reason_for(exc, path)})") from exc
 
 
 def _number_of_frames(ds: pydicom.Dataset) -> int:
