@@ -10,7 +10,8 @@ import csv
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,18 @@ def _require_labels(items: Sequence[LabelledImage], mapping: Mapping[str, str]) 
         raise DatasetError(f"relabel: no image is labelled {missing}")
 
 
+@contextmanager
+def named_failure(path: Path, what: str = "cannot be read") -> Iterator[None]:
+    """A failure to read or decode ``path`` inside the block becomes one :class:`DatasetError` that names the
+    file once ("cut.jpg cannot be read: not a readable image (…)"), its folders left out (they may name a
+    patient). The readers below say what is wrong without naming the file; the caller that knows which file
+    it was uses this."""
+    try:
+        yield
+    except (ClassifierError, OSError) as exc:  # a truncated or undecodable file: say which
+        raise DatasetError(f"{path.name} {what}: {reason_for(exc, path)}") from exc
+
+
 def load_gray(path: Path, *, upright: bool = True, min_side: int = 256) -> npt.NDArray[np.float32]:
     """Grey [0, 1] image of a PNG/JPEG/... or DICOM file, through the inference preprocessing: a DICOM
     image head up by its Patient Orientation, unless ``upright`` is off (to match a mask drawn on it),
@@ -259,10 +272,8 @@ def load_grays(
     """N×H×W grey images cropped and resized by the spec (not yet equalised): the training cache."""
     out = np.empty((len(items), *spec.input_size), dtype=np.float32)
     for index, item in enumerate(items):
-        try:
+        with named_failure(item.path):
             out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
-        except (ClassifierError, OSError) as exc:  # a truncated or undecodable file: say which
-            raise DatasetError(f"{item.path.name} cannot be read: {reason_for(exc, item.path)}") from exc
     return out
 
 

@@ -20,8 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.dataset import DatasetError, LabelledImage, load_collection, load_gray
-from classifier.errors import ClassifierError, reason_for
+from classifier.dataset import DatasetError, LabelledImage, load_collection, load_gray, named_failure
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import gray_to_uint8, image_to_model_input
@@ -132,15 +131,12 @@ def predict_items(
     for start in range(0, len(items), BATCH):
         inputs = []
         for item in items[start : start + BATCH]:
-            try:
+            with named_failure(item.path, "cannot be evaluated"):  # one unreadable file: say which
                 if degrade is None:
                     inputs.append(load_input(item.path, classifier.spec, classifier.lungs))
                 else:
                     picture = _as_picture(item.path, max(classifier.spec.input_size))
                     inputs.append(image_to_model_input(degrade(picture), classifier.spec, classifier.lungs))
-            except (ClassifierError, OSError) as exc:  # one unreadable file: say which, not only why
-                reason = reason_for(exc, item.path)
-                raise DatasetError(f"{item.path.name} cannot be evaluated: {reason}") from exc
         for prediction in classifier.predict(inputs, heatmap=False):
             rows.append(np.array(list(prediction.probabilities.values())))
             novelty.append(np.nan if prediction.novelty is None else prediction.novelty)

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from classifier.artifact import sha256_file
-from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray
+from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray, named_failure
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
 
@@ -98,7 +98,10 @@ def load_mask(pair: MaskedImage) -> FloatImage:
 
 def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
     """(input, mask) at the U-Net's size."""
-    return segmenter_input(load_gray(pair.image, upright=False)), load_mask(pair)
+    with named_failure(pair.image):
+        image = segmenter_input(load_gray(pair.image, upright=False))
+    with named_failure(pair.mask):
+        return image, load_mask(pair)
 
 
 def build_lung_unet(size: int = LUNG_INPUT, widths: Sequence[int] = (16, 32, 64, 128)) -> Any:

@@ -359,12 +359,15 @@ def _degraded_grays(paths: Sequence[Path], degradation: str) -> list[npt.NDArray
     ("none": as they are)."""
     from PIL import Image
 
-    from classifier.dataset import load_gray
+    from classifier.dataset import load_gray, named_failure
     from classifier.evaluation import parse_degradation
     from classifier.preprocess import gray_to_uint8, pil_to_gray
 
     degrade = parse_degradation(degradation)
-    grays = [load_gray(path) for path in paths]
+    grays = []
+    for path in paths:
+        with named_failure(path):
+            grays.append(load_gray(path))
     if degrade is None:
         return grays
     return [pil_to_gray(degrade(Image.fromarray(gray_to_uint8(gray)))) for gray in grays]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -473,10 +474,19 @@ def test_a_truncated_picture_is_named_in_one_error_line(
     captured = capsys.readouterr()
     assert captured.err.startswith("cut.jpg\terror\tnot a readable image (")
     assert captured.out.startswith("1.png\t")
-    # Training (and the novelty fit) read their images through load_grays: the same, named.
+    # Training reads its images through load_grays: the same, named.
     with pytest.raises(DatasetError, match=r"^cut\.jpg cannot be read: not a readable image \(.*truncated"):
         items = [LabelledImage(good, "dark", "a"), LabelledImage(truncated, "dark", "b")]
         load_grays(items, PreprocessSpec(input_size=(32, 32)))
+    # So does the novelty fit, on a copy of the training data with one picture cut short.
+    copied, model = tmp_path / "copied", tmp_path / "model"
+    shutil.copytree(collection, copied)
+    shutil.copytree(artifact, model)
+    whole = (copied / "bright" / "3.png").read_bytes()
+    (copied / "bright" / "3.png").write_bytes(whole[: len(whole) // 2])
+    assert cli.main(["novelty", str(model), str(copied), "--rank", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "error: 3.png cannot be read: not a readable image (" in error and error.count("3.png") == 1
 
 
 def test_cli_errors_are_one_line_and_exit_2(
