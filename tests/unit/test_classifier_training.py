@@ -560,6 +560,34 @@ def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
     assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
 
 
+def test_the_seed_003_stages_stop_early_on_a_flat_validation_loss(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nie et al.'s two stages (early stopping after 5, then 7 epochs without a better validation loss;
+    ReduceLROnPlateau; best epoch kept) act in ``train``, on the small seed-000 network so that the test
+    needs no 230-MB ResNet-152: at learning rate 0 the validation loss never improves after epoch 1, so
+    stage 1 stops after 1 + 5 epochs of 12 and stage 2, whose stopping starts afresh, after 1 + 7. It trains with mixup and the
+    progress bar the CLI shows by default, which the other tests leave off."""
+    from classifier import architectures
+
+    seed_003 = architectures.get_architecture("resnet152-transfer").recipe
+    stages = tuple(replace(stage, unfreeze_last=None) for stage in seed_003.stages)  # no backbone to freeze
+    sugandi = architectures.get_architecture("sugandi-cnn")
+    two_stage = replace(sugandi, name="sugandi-two-stage", recipe=replace(seed_003, stages=stages))
+    monkeypatch.setitem(architectures._ARCHITECTURES, two_stage.name, two_stage)
+    config = TrainingConfig(
+        architecture=two_stage.name, data=collection, output=tmp_path / "two-stage", epochs=12,
+        steps_per_epoch=1, batch_size=4, input_size=32, learning_rate=0.0, mixup=0.2, version="two-stage",
+    )  # fmt: skip
+    result = train(config, argv=[])
+    training = result.metadata.training
+    assert [stage["early_stopping"] for stage in training["recipe"]["stages"]] == [5, 7]
+    assert training["epochs_run"] == (1 + 5) + (1 + 7) and training["best_epoch"] == 1
+    assert len(set(training["history"]["val_loss"])) == 1 and training["recipe"]["mixup"] == 0.2
+    progress = capsys.readouterr().err
+    assert "stage 1" in progress and "stage 2" in progress
+
+
 def test_node_cli_train_logs_one_line_an_epoch(
     collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
