@@ -404,16 +404,19 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
 def test_cli_classify_prints_one_line_per_file(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bad = tmp_path / "notes.txt"
+    bad, fake = tmp_path / "notes.txt", tmp_path / "scan.dcm"
     bad.write_text("not an image")
+    fake.write_text("not DICOM either")  # a DICOM name is no DICOM file
     status = cli.main(
-        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad)]
+        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad), str(fake)]
     )
     out = capsys.readouterr()
-    assert status == 1  # one file failed
-    line = json.loads(out.out.strip().splitlines()[0])
+    assert status == 1  # a file failed
+    [line] = [json.loads(text) for text in out.out.strip().splitlines()]
     assert line["top_class"] in ("bright", "dark") and line["model"] == "tiny-1"
-    assert "notes.txt" in out.err
+    text, dicom = out.err.splitlines()
+    assert text == "notes.txt\terror\tnot a readable image"
+    assert dicom.startswith("scan.dcm\terror\tnot a readable DICOM file (InvalidDicomError: ")
 
 
 def test_cli_train_and_evaluate_on_a_folder(
