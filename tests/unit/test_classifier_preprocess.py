@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -709,6 +709,22 @@ def test_any_jpeg2000_preview_has_the_uncompressed_preview_size(
     plain = make_dataset(pixels, bits_stored=12)
     compressed = _compressed(plain, JPEG2000Lossless)
     assert display_image(compressed, max_size).shape == display_image(plain, max_size).shape
+
+
+def test_a_truncated_jpeg2000_frame_is_refused_after_both_decodes_fail(caplog: pytest.LogCaptureFixture) -> None:
+    """A JPEG 2000 frame cut short in transfer: the reduced-level decode fails, the full decode is tried (it
+    may read what the reduced one could not) and fails too, and the image is refused with a reason; no
+    decoder error escapes, and the log says which step failed without the image's content."""
+    yy, xx = np.mgrid[0:600, 0:500]
+    pixels = ((np.sin(xx / 40.0) + np.cos(yy / 30.0) + 2) / 4 * 4095).astype(np.uint16)
+    compressed = _compressed(make_dataset(pixels, bits_stored=12), JPEG2000Lossless)
+    assert dataset_to_gray(compressed, min_side=100).shape == (300, 250)  # whole: a reduced level
+    [frame] = generate_frames(compressed.PixelData, number_of_frames=1)
+    compressed.PixelData = encapsulate([frame[: len(frame) // 2]])
+    with caplog.at_level("WARNING", logger="classifier.preprocess"):
+        with pytest.raises(UnsupportedImageError, match=r"^pixel data cannot be decoded \("):
+            dataset_to_gray(compressed, min_side=100)
+    assert "reduced JPEG 2000 decode failed (OSError); decoding at full resolution" in caplog.text
 
 
 @pytest.mark.parametrize(
