@@ -711,7 +711,9 @@ def test_any_jpeg2000_preview_has_the_uncompressed_preview_size(
     assert display_image(compressed, max_size).shape == display_image(plain, max_size).shape
 
 
-def test_a_truncated_jpeg2000_frame_is_refused_after_both_decodes_fail(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_truncated_jpeg2000_frame_is_refused_after_both_decodes_fail(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A JPEG 2000 frame cut short in transfer: the reduced-level decode fails, the full decode is tried (it
     may read what the reduced one could not) and fails too, and the image is refused with a reason; no
     decoder error escapes, and the log says which step failed without the image's content."""

@@ -355,6 +355,35 @@ def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> Non
         Classifier.load(tmp_path / "nothing-here")
 
 
+def test_a_model_keras_cannot_load_or_that_contradicts_model_json_is_refused(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """What the hash cannot catch: a model.keras hashed as it is but cut short (a copy that failed before it
+    was hashed), and a model.json whose input size or classes are not the network's."""
+    from classifier.artifact import sha256_file
+
+    metadata = json.loads((artifact / "model.json").read_text())
+    whole = (artifact / "model.keras").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "model.keras").write_bytes(whole[: len(whole) // 2])
+    (cut / "model.json").write_text(json.dumps({**metadata, "sha256": sha256_file(cut / "model.keras")}))
+    with pytest.raises(ModelArtifactError, match=r"model\.keras cannot be loaded: "):
+        Classifier.load(cut)
+    size = metadata["input_size"][0] // 2
+    for name, changed in (
+        ("smaller", {"input_size": [size, size], "preprocessing": {**metadata["preprocessing"],
+                                                                   "input_size": [size, size]}}),
+        ("more-classes", {"classes": [*metadata["classes"], "other"]}),
+    ):  # fmt: skip
+        other = tmp_path / name
+        other.mkdir()
+        (other / "model.keras").write_bytes(whole)
+        (other / "model.json").write_text(json.dumps({**metadata, **changed}))
+        with pytest.raises(ModelArtifactError, match="contradict model.json"):
+            Classifier.load(other)
+
+
 @pytest.mark.parametrize(
     ("written", "reason"),
     [
@@ -408,7 +437,8 @@ def test_cli_classify_prints_one_line_per_file(
     bad.write_text("not an image")
     fake.write_text("not DICOM either")  # a DICOM name is no DICOM file
     status = cli.main(
-        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad), str(fake)]
+        ["classify", "--model", str(artifact), "--json", str(collection / "dark" / "1.png"), str(bad),
+         str(fake)]  # fmt: skip
     )
     out = capsys.readouterr()
     assert status == 1  # a file failed
@@ -569,8 +599,8 @@ def test_the_seed_003_stages_stop_early_on_a_flat_validation_loss(
     """Nie et al.'s two stages (early stopping after 5, then 7 epochs without a better validation loss;
     ReduceLROnPlateau; best epoch kept) act in ``train``, on the small seed-000 network so that the test
     needs no 230-MB ResNet-152: at learning rate 0 the validation loss never improves after epoch 1, so
-    stage 1 stops after 1 + 5 epochs of 12 and stage 2, whose stopping starts afresh, after 1 + 7. It trains with mixup and the
-    progress bar the CLI shows by default, which the other tests leave off."""
+    stage 1 stops after 1 + 5 epochs of 12 and stage 2, whose stopping starts afresh, after 1 + 7. It
+    trains with mixup and the progress bar the CLI shows by default, which the other tests leave off."""
     from classifier import architectures
 
     seed_003 = architectures.get_architecture("resnet152-transfer").recipe
