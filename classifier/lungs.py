@@ -101,7 +101,8 @@ def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
     with named_failure(pair.image):
         image = segmenter_input(load_gray(pair.image, upright=False))
     with named_failure(pair.mask):
-        return image, load_mask(pair)
+        mask = load_mask(pair)
+    return image, mask
 
 
 def build_lung_unet(size: int = LUNG_INPUT, widths: Sequence[int] = (16, 32, 64, 128)) -> Any:

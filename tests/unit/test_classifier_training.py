@@ -511,6 +511,10 @@ def test_a_truncated_picture_is_named_in_one_error_line(
     with pytest.raises(DatasetError, match=r"^cut\.jpg cannot be read: not a readable image \(.*truncated"):
         items = [LabelledImage(good, "dark", "a"), LabelledImage(truncated, "dark", "b")]
         load_grays(items, PreprocessSpec(input_size=(32, 32)))
+    fake = export / "dark" / "scan.dcm"  # pydicom's InvalidDicomError escaped training as a traceback before
+    fake.write_text("not DICOM")
+    with pytest.raises(DatasetError, match=r"^scan\.dcm cannot be read: not a readable DICOM file \("):
+        load_grays([LabelledImage(fake, "dark", "c")], PreprocessSpec(input_size=(32, 32)))
     # So does the novelty fit, on a copy of the training data with one picture cut short.
     copied, model = tmp_path / "copied", tmp_path / "model"
     shutil.copytree(collection, copied)
