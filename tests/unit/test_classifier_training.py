@@ -600,11 +600,12 @@ def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
 def test_the_seed_003_stages_stop_early_on_a_flat_validation_loss(
     collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Nie et al.'s two stages (early stopping after 5, then 7 epochs without a better validation loss;
-    ReduceLROnPlateau; best epoch kept) act in ``train``, on the small seed-000 network so that the test
-    needs no 230-MB ResNet-152: at learning rate 0 the validation loss never improves after epoch 1, so
-    stage 1 stops after 1 + 5 epochs of 12 and stage 2, whose stopping starts afresh, after 1 + 7. It
-    trains with mixup and the progress bar the CLI shows by default, which the other tests leave off."""
+    """Nie et al.'s two stages stop early in ``train`` (after 5, then 7 epochs without a better validation
+    loss; the best epoch kept), on the small seed-000 network so that the test needs no 230-MB ResNet-152:
+    at learning rate 0 the validation loss never improves after epoch 1, so stage 1 stops after 1 + 5
+    epochs of 12 and stage 2, whose stopping starts afresh, after 1 + 7. (ReduceLROnPlateau runs beside
+    it; a rate of 0 cannot show its cut.) It trains with mixup and the progress bar the CLI shows by
+    default, which the other tests leave off."""
     from classifier import architectures
 
     seed_003 = architectures.get_architecture("resnet152-transfer").recipe
