@@ -89,11 +89,11 @@ def reliability_bins(
 
 
 def expected_calibration_error(
-    probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]
+    probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64], bins: int = ECE_BINS
 ) -> float:
     """Top-label ECE with equal-width confidence bins: |accuracy − confidence| weighted by bin size."""
-    bins = reliability_bins(probabilities, y_true)
-    gaps = sum(row["images"] * abs(row["accuracy"] - row["confidence"]) for row in bins)
+    rows = reliability_bins(probabilities, y_true, bins=bins)
+    gaps = sum(row["images"] * abs(row["accuracy"] - row["confidence"]) for row in rows)
     return _safe_div(gaps, len(y_true))
 
 

@@ -20,6 +20,7 @@ from classifier.metrics import (
     ECE_BINS,
     brier_score,
     classification_report,
+    expected_calibration_error,
     log_loss,
     reliability_bins,
     roc_curve,
@@ -92,9 +93,8 @@ def test_the_calibration_error_is_the_reference_s(
     case: tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]], bins: int
 ) -> None:
     truth, probabilities = case
-    rows = reliability_bins(probabilities, truth, bins=bins)
-    assert sum(int(row["images"]) for row in rows) == len(truth)
-    ours = sum(row["images"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / len(truth)
+    assert sum(int(row["images"]) for row in reliability_bins(probabilities, truth, bins=bins)) == len(truth)
+    ours = expected_calibration_error(probabilities, truth, bins=bins)
     assert ours == pytest.approx(calibration.get_ece(probabilities, truth, num_bins=bins), abs=1e-12)
     if bins == ECE_BINS:
         report = classification_report(truth, probabilities, CLASSES[: probabilities.shape[1]])
