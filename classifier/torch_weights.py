@@ -64,6 +64,7 @@ class _Tensor:
         data = self.storage.data
         if data is None:
             raise WeightsUnavailableError(f"storage {self.storage.key} missing from the checkpoint")
+        self._check_bounds(len(data))
         if not self.size:
             return np.array(data[self.offset])
         itemsize = data.itemsize
@@ -72,9 +73,37 @@ class _Tensor:
         )
         return np.array(view)  # a copy: detached from the storage buffer
 
+    def _check_bounds(self, length: int) -> None:
+        """Refuse a view that reaches outside its storage (``as_strided`` would read any memory)."""
+        if self.offset < 0 or any(n < 0 for n in self.size) or any(s < 0 for s in self.stride):
+            raise WeightsUnavailableError(f"tensor on storage {self.storage.key} has a negative extent")
+        if len(self.stride) != len(self.size):
+            raise WeightsUnavailableError(f"tensor on storage {self.storage.key}: size and stride disagree")
+        if 0 in self.size:
+            return
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        if last >= length:
+            raise WeightsUnavailableError(
+                f"tensor on storage {self.storage.key} reaches element {last} of {length}"
+            )
+
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> _Tensor:
     return _Tensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads pickles of plain values only (numbers, strings, tuples, lists, dicts): no name resolves."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise WeightsUnavailableError(f"not a PyTorch checkpoint: a header refers to {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise WeightsUnavailableError("not a PyTorch checkpoint: a header refers to a stored object")
+
+
+def _plain_load(stream: BinaryIO) -> Any:
+    return _PlainUnpickler(stream).load()
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -110,14 +139,14 @@ def _to_arrays(state: Any) -> OrderedDict[str, npt.NDArray[Any]]:
 
 def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
     stream = io.BytesIO(raw)
-    magic = pickle.load(stream)
+    magic = _plain_load(stream)
     if magic != _LEGACY_MAGIC:
         raise WeightsUnavailableError("not a PyTorch checkpoint (bad magic number)")
-    pickle.load(stream)  # protocol version
-    pickle.load(stream)  # system info (byte order, type sizes)
+    _plain_load(stream)  # protocol version
+    _plain_load(stream)  # system info (byte order, type sizes)
     storages: dict[str, _Storage] = {}
     state = _StateDictUnpickler(stream, storages).load()
-    keys = pickle.load(stream)
+    keys = _plain_load(stream)
     for key in keys:
         storage = storages[str(key)]
         count = int(np.frombuffer(stream.read(8), dtype="<i8")[0])

@@ -8,7 +8,10 @@ The fixtures were written by ``torch.save`` of PyTorch 2.13.0 (CPU), once in eac
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,3 +53,35 @@ def test_missing_and_foreign_files_are_clear_errors(tmp_path: Path) -> None:
     truncated.write_bytes((FIXTURES / "state_dict_legacy.pt").read_bytes()[:200])
     with pytest.raises(WeightsUnavailableError, match="unreadable"):
         load_state_dict(truncated)
+
+
+def test_a_legacy_header_that_calls_code_is_refused_not_executed(tmp_path: Path) -> None:
+    """The legacy format's magic-number, protocol, system-info and key pickles are read without resolving
+    any name: a pickle whose first object is ``open(marker, "w")`` must neither create the marker nor load."""
+    marker = tmp_path / "created-by-the-pickle"
+    checkpoint = tmp_path / "hostile.pth"
+    checkpoint.write_bytes(pickle.dumps(_OpensAFile(str(marker))))
+    with pytest.raises(WeightsUnavailableError, match="not a PyTorch checkpoint: a header refers to .*open"):
+        load_state_dict(checkpoint)
+    assert not marker.exists()
+
+
+def test_a_tensor_larger_than_its_storage_is_refused(tmp_path: Path) -> None:
+    """``conv.weight`` (24 floats) whose storage member was cut to 4 floats: a strided view over it would
+    read memory outside the buffer (garbage or a segmentation fault), so the file is refused."""
+    source = zipfile.ZipFile(FIXTURES / "state_dict_zip.pt")
+    cut = tmp_path / "cut_storage.pt"
+    with source, zipfile.ZipFile(cut, "w") as target:
+        for member in source.infolist():
+            data = source.read(member)
+            target.writestr(member, data[:16] if member.filename.endswith("/data/0") else data)
+    with pytest.raises(WeightsUnavailableError, match="reaches element 23 of 4"):
+        load_state_dict(cut)
+
+
+class _OpensAFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
