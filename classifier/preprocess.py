@@ -246,11 +246,14 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
     Pillow rounds the reduced size half-up while OpenJPEG rounds up, which breaks levels ≥ 2 on odd
     sizes (e.g. 1841 px); presetting the size so both roundings agree works around that.
     """
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
+    stored = _stored_size(ds)
+    if stored is None or _header_int(ds, "SamplesPerPixel") != 1:
+        return None  # the full decode says what is wrong with the header, or decodes the colour image
+    if _header_int(ds, "PixelRepresentation") != 0:
         return None
     if not photometric.startswith("MONOCHROME"):
         return None  # palette indices are labels: a wavelet low-pass would average them
-    rows, columns = int(ds.Rows), int(ds.Columns)
+    rows, columns = stored
     frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
     if level == 0:
@@ -269,7 +272,7 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
         decoded = np.asarray(image)
     # Pillow scales 9–15 bit samples up to 16 bits by the codestream's precision, which need not be Bits
     # Stored (pydicom warns about such files and trusts the codestream on its full-resolution path).
-    precision = _j2k_precision(frame) or int(ds.get("BitsStored", 16))
+    precision = _j2k_precision(frame) or _header_int(ds, "BitsStored") or 16
     if image.mode == "I;16" and precision < 16:
         decoded = decoded >> (16 - precision)
     return decoded
@@ -501,6 +504,14 @@ def _check_palette(ds: pydicom.Dataset) -> None:
         raise UnsupportedImageError("unusable Palette Color LUT: more than 256 entries of 8 bits")
 
 
+def _within_palette(raw: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[np.int64]:
+    """Stored values clipped to the palette's range: below the first mapped value is the first entry, past
+    the last entry is the last entry (PS3.3 C.7.6.3.1.5). pydicom clips too, but only after subtracting the
+    first mapped value in the table's own type, which for 8-bit entries is uint8: 256 became entry 0."""
+    entries, first = (int(value) for value in ds.RedPaletteColorLookupTableDescriptor[:2])
+    return np.clip(raw.astype(np.int64), first, first + (entries or 65536) - 1)
+
+
 _PALETTE_ELEMENTS = (  # what apply_color_lut reads of a dataset with a (non-segmented) palette
     "PixelPresentation",
     *(f"{colour}PaletteColorLookupTableDescriptor" for colour in ("Red", "Green", "Blue")),
@@ -580,13 +591,13 @@ def dataset_to_gray(
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
             _check_palette(ds)
-            rgb = apply_color_lut(raw, _palette_view(ds))
+            rgb = apply_color_lut(_within_palette(raw, ds), _palette_view(ds))[..., :3]  # alpha is not grey
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))
     if photometric in _COLOUR:
         if raw.ndim != 3 or raw.shape[-1] != 3:
             raise UnsupportedImageError(f"colour image with unexpected shape {raw.shape}")
-        bits = int(ds.get("BitsStored", 8))
+        bits = _header_int(ds, "BitsStored") or 8
         gray = (_box_reduce(raw, min_side) @ _LUMA) / float((1 << bits) - 1)
         return _f32(np.clip(gray, 0.0, 1.0))
     if raw.ndim != 2:
@@ -845,6 +856,17 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
 def gray_to_uint8(gray: FloatImage) -> npt.NDArray[np.uint8]:
     """A grey image in [0, 1] as the 8-bit picture shown or handed on (rounded, out-of-range clipped)."""
     return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+
+
+def _header_int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """An integer attribute of the image pixel module, None when absent, empty or not a number (headers
+    that hospitals' systems do get wrong; the full decode refuses them with the attribute's name)."""
+    if keyword not in ds:
+        return None
+    try:
+        return int(ds[keyword].value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _stored_size(ds: pydicom.Dataset) -> tuple[int, int] | None:

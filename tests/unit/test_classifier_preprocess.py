@@ -460,6 +460,30 @@ def test_a_palette_of_more_than_256_8_bit_entries_is_refused() -> None:
         dataset_to_gray(ds)
 
 
+@pytest.mark.parametrize("first", [0, 1000])
+def test_stored_values_past_an_8_bit_palette_take_its_last_entry(first: int) -> None:
+    """PS3.3 C.7.6.3.1.5: values below the first mapped value take the first entry, values past the table
+    its last. pydicom subtracted the first mapped value in uint8 for 8-bit entries, so 256 past the start
+    wrapped round to entry 0 (black) and 300 to entry 44."""
+    values = first + np.array([-1, 0, 128, 255, 256, 300, 511, 1000])
+    indices = np.tile(np.clip(values, 0, None).astype(np.uint16), (4, 1))
+    ds = _palette(indices, np.arange(256, dtype=np.uint8), 8)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, first, 8])
+    ds.BitsStored, ds.BitsAllocated, ds.HighBit = 16, 16, 15
+    gray = dataset_to_gray(ds, min_side=4)[0]
+    expected = [0.0, 0.0, 128 / 255, 1.0, 1.0, 1.0, 1.0, 1.0]
+    np.testing.assert_allclose(gray, expected, atol=1e-6)
+
+
+def test_the_alpha_table_of_a_palette_does_not_enter_the_grey_image() -> None:
+    """The Palette Color LUT module may carry an Alpha table; pydicom then returns four channels."""
+    indices = np.tile(np.arange(16, dtype=np.uint8), (4, 1))
+    ds = _palette(indices, np.arange(256, dtype=np.uint8), 8)
+    ds.AlphaPaletteColorLookupTableData = np.full(256, 255, np.uint8).tobytes()
+    np.testing.assert_allclose(dataset_to_gray(ds, min_side=4)[0], np.arange(16) / 255, atol=1e-6)
+
+
 def test_a_jpeg2000_palette_image_is_decoded_whole_not_at_a_reduced_level() -> None:
     """Palette indices are labels: a reduced level (a wavelet low-pass) would average them."""
     indices = np.zeros((1024, 1024), dtype=np.uint8)
@@ -727,6 +751,39 @@ def test_a_truncated_jpeg2000_frame_is_refused_after_both_decodes_fail(
         with pytest.raises(UnsupportedImageError, match=r"^pixel data cannot be decoded \("):
             dataset_to_gray(compressed, min_side=100)
     assert "reduced JPEG 2000 decode failed (OSError); decoding at full resolution" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("Rows", None), ("Rows", 0), ("SamplesPerPixel", None), ("PixelRepresentation", None)],
+)
+def test_a_jpeg2000_image_with_an_empty_pixel_header_value_is_refused_with_a_reason(
+    keyword: str, value: int | None
+) -> None:
+    """The reduced-level decoder reads the header first; an empty or absent size, sample count or sign
+    must leave the refusal to the full decode ("pixel data cannot be decoded (…Rows…)") as it does for
+    the same header uncompressed, not end in a TypeError or AttributeError."""
+    yy, xx = np.mgrid[0:600, 0:500]
+    pixels = ((np.sin(xx / 40.0) + np.cos(yy / 30.0) + 2) / 4 * 4095).astype(np.uint16)
+    compressed = _compressed(make_dataset(pixels, bits_stored=12), JPEG2000Lossless)
+    setattr(compressed, keyword, value)
+    with pytest.raises(UnsupportedImageError, match=r"^pixel data cannot be decoded \("):
+        dataset_to_gray(compressed, min_side=100)
+    delattr(compressed, keyword)
+    with pytest.raises(UnsupportedImageError, match=r"^pixel data cannot be decoded \("):
+        dataset_to_gray(compressed, min_side=100)
+
+
+def test_an_empty_bits_stored_does_not_stop_a_reduced_jpeg2000_decode() -> None:
+    """Bits Stored only backs up the codestream's own precision on the reduced path."""
+    yy, xx = np.mgrid[0:600, 0:500]
+    pixels = ((np.sin(xx / 40.0) + np.cos(yy / 30.0) + 2) / 4 * 4095).astype(np.uint16)
+    plain = make_dataset(pixels, bits_stored=12)
+    compressed = _compressed(plain, JPEG2000Lossless)
+    compressed.BitsStored = None
+    reduced = dataset_to_gray(compressed, min_side=100)
+    assert reduced.shape == (300, 250)
+    np.testing.assert_allclose(reduced, dataset_to_gray(_compressed(plain, JPEG2000Lossless), min_side=100))
 
 
 @pytest.mark.parametrize(
