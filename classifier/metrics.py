@@ -114,6 +114,10 @@ def brier_score(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.i
     return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
 
 
+def _mean(values: Sequence[float | int | None]) -> float:
+    return float(np.mean([float(value or 0.0) for value in values])) if values else 0.0
+
+
 def _safe_div(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
@@ -152,14 +156,20 @@ def classification_report(
             "roc_auc": roc_auc(truth == index, probs[:, index]),
         }
     aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]
+    # Macro averages over the classes the images or the answers have (scikit-learn's default labels): a
+    # class with neither, e.g. pneumonia when a three-class model is scored on covid/normal data, would
+    # add a precision, recall and F1 of 0 that say nothing about the model.
+    seen = [
+        per_class[name] for index, name in enumerate(classes) if matrix[index].any() or matrix[:, index].any()
+    ]
     return {
         "classes": list(classes),
         "images": total,
         "confusion_matrix": matrix.tolist(),
         "accuracy": _safe_div(float(np.trace(matrix)), total),
-        "macro_precision": float(np.mean([v["precision"] for v in per_class.values()])),
-        "macro_recall": float(np.mean([v["recall"] for v in per_class.values()])),
-        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])),
+        "macro_precision": _mean([v["precision"] for v in seen]),
+        "macro_recall": _mean([v["recall"] for v in seen]),
+        "macro_f1": _mean([v["f1"] for v in seen]),
         "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
         "expected_calibration_error": expected_calibration_error(probs, truth),
         "log_loss": log_loss(probs, truth),

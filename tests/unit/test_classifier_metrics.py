@@ -32,6 +32,21 @@ def test_report_on_a_known_confusion() -> None:
     assert report["macro_f1"] == pytest.approx(np.mean([0.8, 0.5, 2 / 3]))
 
 
+def test_macro_averages_leave_out_a_class_neither_in_the_images_nor_in_the_answers() -> None:
+    """A three-class model scored on covid/normal images, answering right every time: its macro figures
+    are 1, not 2/3 for a pneumonia class nothing was said about. A class the model answers but the images
+    do not have stays in (its precision of 0 is the model's error)."""
+    truth = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    report = classification_report(truth, probs, ["covid", "normal", "pneumonia"])
+    assert (report["macro_precision"], report["macro_recall"], report["macro_f1"]) == (1.0, 1.0, 1.0)
+    assert report["per_class"]["pneumonia"]["support"] == 0
+    probs[3] = [0.1, 0.2, 0.7]  # one normal image called pneumonia
+    report = classification_report(truth, probs, ["covid", "normal", "pneumonia"])
+    assert report["macro_recall"] == pytest.approx(np.mean([1.0, 0.5, 0.0]))
+    assert report["macro_precision"] == pytest.approx(np.mean([1.0, 1.0, 0.0]))
+
+
 def test_auc_perfect_inverted_and_ties() -> None:
     positive = np.array([True, True, False, False])
     assert roc_auc(positive, np.array([0.9, 0.8, 0.2, 0.1])) == 1.0
