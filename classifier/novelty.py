@@ -354,9 +354,11 @@ def _recorded_file(folder: Path, record: Mapping[str, Any], default: str) -> Pat
     return path
 
 
-def _degraded_grays(paths: Sequence[Path], degradation: str) -> list[npt.NDArray[np.float32]]:
-    """Grey images of files as inference reads them, after a degradation of :mod:`classifier.evaluation`
-    ("none": as they are)."""
+def _degraded_grays(
+    paths: Sequence[Path], degradation: str, min_side: int
+) -> list[npt.NDArray[np.float32]]:
+    """Grey images of files as inference reads them (a DICOM image reduced for ``min_side``, the model's
+    input size), after a degradation of :mod:`classifier.evaluation` ("none": as they are)."""
     from PIL import Image
 
     from classifier.dataset import load_gray, named_failure
@@ -367,7 +369,7 @@ def _degraded_grays(paths: Sequence[Path], degradation: str) -> list[npt.NDArray
     grays = []
     for path in paths:
         with named_failure(path):
-            grays.append(load_gray(path))
+            grays.append(load_gray(path, min_side=min_side))
     if degrade is None:
         return grays
     return [pil_to_gray(degrade(Image.fromarray(gray_to_uint8(gray)))) for gray in grays]
@@ -414,7 +416,7 @@ def fit_novelty(
         rows, step = [], max(batch // PRESENTATIONS, 1)
         for start in range(0, len(paths), step):
             inputs = []
-            for gray in _degraded_grays(paths[start : start + step], degradation):
+            for gray in _degraded_grays(paths[start : start + step], degradation, max(spec.input_size)):
                 for shown in (gray, 1.0 - gray):
                     model_input = gray_to_model_input(shown, spec, lungs)
                     inputs += [np.ascontiguousarray(np.rot90(model_input, k)) for k in range(4)]

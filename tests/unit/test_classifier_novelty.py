@@ -405,3 +405,18 @@ def test_cli_classify_reads_a_file_as_the_console_does(tmp_path: Path, capsys: p
     assert json.loads(capsys.readouterr().out.strip())["better_turn"] == 2
     assert cli.main(["classify", str(path)]) == 0
     assert "wrong-way-up" in capsys.readouterr().out
+
+
+def test_the_fit_reads_a_dicom_image_as_inference_does(shipped: Classifier) -> None:
+    """The density is fitted on the features of images read as the node reads them: a DICOM image reduced
+    for the model's input size (224 px here), not for the 256 px default of ``load_gray``, which gives the
+    hospital CR another box average (614 instead of 460 px) and another novelty score (0.5769 for 0.5762)."""
+    from classifier.novelty import _degraded_grays
+    from classifier.preprocess import gray_to_model_input, read_dataset
+
+    path = peers.pydicom_data_file("RG1_UNCI.dcm")
+    [gray] = _degraded_grays([path], "none", max(shipped.spec.input_size))
+    assert shipped.novelty is not None
+    fitted = shipped.novelty.ratios(shipped.embed([gray_to_model_input(gray, shipped.spec)]))[0]
+    [read] = shipped.predict_datasets([read_dataset(path)], heatmap=False)
+    assert read.novelty == pytest.approx(float(fitted), rel=1e-5)
