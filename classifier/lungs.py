@@ -229,10 +229,21 @@ class LungCropper:
             raise ModelArtifactError(
                 f"{folder} is not a lung model (needs {LUNG_MODEL_FILE} and {LUNG_META_FILE})"
             )
-        metadata = json.loads(meta_path.read_text())
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelArtifactError(f"{meta_path} is not valid JSON: {exc}") from exc
+        if not isinstance(metadata, dict):
+            raise ModelArtifactError(f"{meta_path} does not hold a JSON object")
         if metadata.get("sha256") and sha256_file(model_path) != metadata["sha256"]:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
-        return cls(keras.models.load_model(model_path, compile=False), metadata)
+        try:
+            model = keras.models.load_model(model_path, compile=False)
+        except (OSError, ValueError) as exc:
+            raise ModelArtifactError(f"{model_path} cannot be loaded: {type(exc).__name__}") from exc
+        if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
+            raise ModelArtifactError(f"{model_path} is not a lung U-Net (input {model.input_shape})")
+        return cls(model, metadata)
 
     def probabilities(self, grays: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
         """N×128×128 lung probabilities of whole grey images."""

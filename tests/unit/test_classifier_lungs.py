@@ -14,7 +14,17 @@ from PIL import Image
 from classifier import cli
 from classifier.errors import ModelArtifactError
 from classifier.inference import Classifier, heatmap_in_whole_frame
-from classifier.lungs import LUNG_META_FILE, LungCropper, components, dice, find_masks, lung_mask, mask_box
+from classifier.lungs import (
+    LUNG_META_FILE,
+    LUNG_MODEL_FILE,
+    LungCropper,
+    build_lung_unet,
+    components,
+    dice,
+    find_masks,
+    lung_mask,
+    mask_box,
+)
 from classifier.preprocess import Box, FloatImage, PreprocessSpec, fit_gray, frame_box
 from classifier.training import TrainingConfig, train
 
@@ -167,7 +177,26 @@ def test_lung_model_with_a_wrong_hash_is_refused(lung_model: Path, tmp_path: Pat
     meta = json.loads((copy / LUNG_META_FILE).read_text())
     meta["sha256"] = "0" * 64
     (copy / LUNG_META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ModelArtifactError):
+    with pytest.raises(ModelArtifactError, match="does not match the sha256"):
+        LungCropper.load(copy)
+
+
+def test_a_broken_lung_model_is_an_artifact_error_not_a_traceback(lung_model: Path, tmp_path: Path) -> None:
+    """A classifier with a lung crop loads its U-Net at start-up: whatever is wrong with it must be the
+    model error the node reports, as for the classifier's own files."""
+    copy = tmp_path / "lungs"
+    shutil.copytree(lung_model, copy)
+    meta = json.loads((copy / LUNG_META_FILE).read_text())
+    (copy / LUNG_META_FILE).write_text("{not json")
+    with pytest.raises(ModelArtifactError, match="is not valid JSON"):
+        LungCropper.load(copy)
+    (copy / LUNG_META_FILE).write_text(json.dumps({**meta, "sha256": None}))
+    weights = (copy / LUNG_MODEL_FILE).read_bytes()
+    (copy / LUNG_MODEL_FILE).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ModelArtifactError, match="cannot be loaded"):
+        LungCropper.load(copy)
+    build_lung_unet(size=64).save(copy / LUNG_MODEL_FILE)
+    with pytest.raises(ModelArtifactError, match="is not a lung U-Net"):
         LungCropper.load(copy)
 
 
