@@ -377,7 +377,8 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
     """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
     if function == "SIGMOID":
-        return _f32(1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6))))
+        exponent = np.clip(-4.0 * (values - center) / max(width, 1e-6), -80.0, 80.0)  # no float overflow
+        return _f32(1.0 / (1.0 + np.exp(exponent)))
     if function == "LINEAR_EXACT":
         low, span = center - width / 2.0, max(width, 1e-6)
     else:  # LINEAR (the default)
