@@ -473,9 +473,14 @@ def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
     the entries alike for 8 and 16 bits, so a copy that declares 16 bits gives the same table unwrapped."""
     item = ds.VOILUTSequence[0]
     descriptor = [int(value) for value in item.LUTDescriptor[:3]]
-    entries, first = descriptor[0] or 65536, descriptor[1]
-    if descriptor[2] == 8:
-        ds = _voi_lut_view(ds, item, [descriptor[0], first, 16])
+    # The entry count is unsigned whatever the descriptor's VR (PS3.3 C.11.2.1.1): read as SS, a count
+    # past 32767 comes out negative. So is the first mapped value when the pixels are unsigned.
+    count, first = descriptor[0] & 0xFFFF, descriptor[1]
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        first &= 0xFFFF
+    entries = count or 65536
+    if descriptor[2] == 8 or [count, first] != descriptor[:2]:
+        ds = _voi_lut_view(ds, item, [count, first, 16])
     table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
     return np.asarray(table, dtype=np.float64), first
 

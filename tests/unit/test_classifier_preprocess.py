@@ -252,6 +252,24 @@ def test_reading_an_8_bit_voi_lut_leaves_the_dataset_as_it_was() -> None:
     assert ds.VOILUTSequence is sequence and list(ds.VOILUTSequence[0].LUTDescriptor) == [256, 0, 8]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value:UserWarning")  # pydicom on the SS count, as it should
+def test_a_voi_lut_descriptor_read_as_signed_still_counts_its_entries() -> None:
+    """LUT Descriptor is US or SS; an explicit-VR file may say SS, and then a table of 40000 entries comes
+    back as -25536 (PS3.3 C.11.2.1.1: the count is unsigned either way; so is the first mapped value of
+    unsigned pixels). It must read as the same table written as US, not be refused as unusable."""
+    pixels = (np.arange(64 * 64).reshape(64, 64) * 9).astype(np.uint16)  # up to 36855: past 32767
+    grays = []
+    for descriptor, vr in (([40000, 0, 16], "US"), ([-25536, 0, 16], "SS")):
+        ds = make_dataset(pixels, bits_stored=16)
+        item = Dataset()
+        item.add_new(0x00283002, vr, descriptor)  # LUT Descriptor
+        item.add_new(0x00283006, "OW", (65535 - np.arange(40000) // 2).astype("<u2").tobytes())  # LUT Data
+        ds.VOILUTSequence = [item]
+        grays.append(dataset_to_gray(ds, min_side=64))
+    np.testing.assert_array_equal(grays[1], grays[0])
+    assert grays[0][0, 0] > grays[0][-1, -1]  # the table inverts: the LUT was applied, not a window
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_voi_lut_data_read_back_as_ow_bytes(syntax: str) -> None:
     """LUT Data encoded as OW (always so in implicit VR) reads back as raw bytes, not a list of numbers."""
