@@ -100,7 +100,12 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         raise UndecodableDatasetError("pixel data shorter than the image it describes (truncated)")
 
 
-_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, zlib.error)
+# pydicom reads sequences as it meets them: a stream cut inside a sequence item ends in OSError ("no tag
+# to read") or struct.error from its item reader, not in one of its own errors.
+_PARSE_ERRORS = (
+    InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, OSError, struct.error,
+    zlib.error,
+)
 
 
 @contextmanager

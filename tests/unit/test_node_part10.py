@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
@@ -61,6 +62,40 @@ def test_truncation_anywhere_is_cannot_understand(cut: int) -> None:
                                        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
         check_pixel_data(ds_net, ExplicitVRLittleEndian)
     assert caught.value.status is Status.CANNOT_UNDERSTAND
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the values it cannot finish
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_cut_inside_a_sequence_is_cannot_understand(syntax: str, tmp_path: Path) -> None:
+    """pydicom reads sequences as it meets them and fails inside an item with OSError or struct.error:
+    those were answered 0x0110 "processing failure". Every cut of a header with nested sequences, as the
+    listener ingests it, is now a refusal the sender understands (a cut between elements leaves no Pixel
+    Data, which is refused too)."""
+    ds = make_cr()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
+    ds.AnatomicRegionSequence = [code]
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+    source.PurposeOfReferenceCodeSequence = [code]
+    ds.SourceImageSequence = [source]
+    ds["AnatomicRegionSequence"].value.is_undefined_length = False  # one of each length encoding
+    if syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    body = _dataset_part(to_bytes(ds))
+    header = body.index(b"\xe0\x7f\x10\x00")  # up to Pixel Data
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    upgrade(engine)
+    ingestor = Ingestor(make_session_factory(engine), FileStore(tmp_path / "files", fsync=False))
+    try:
+        for cut in range(1, header):
+            with pytest.raises(NodeError) as caught:
+                ingestor.ingest_network(body[:cut], sop_class_uid=ds.SOPClassUID,
+                                        sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=syntax,
+                                        calling_ae="MODALITY")  # fmt: skip
+            assert caught.value.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    finally:
+        engine.dispose()
 
 
 def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
