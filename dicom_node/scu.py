@@ -154,8 +154,8 @@ def send(
                        timeout=timeout)
     statuses: list[int] = []
     try:
-        for ds in datasets:
-            statuses.append(_store_one(assoc, ds))
+        for message_id, ds in enumerate(datasets, start=1):
+            statuses.append(_store_one(assoc, ds, message_id))
     except AssociationError as exc:
         raise AssociationError(str(exc), statuses) from exc  # what the peer answered before it failed
     finally:
@@ -164,9 +164,11 @@ def send(
     return statuses
 
 
-def _store_one(assoc: Association, ds: Dataset) -> int:
+def _store_one(assoc: Association, ds: Dataset, message_id: int) -> int:
+    """One C-STORE; each request of an association has its own Message ID (PS3.7 9.3.1.1: it tells the
+    requests apart; pynetdicom would send 1 every time)."""
     try:
-        response: Any = assoc.send_c_store(ds)
+        response: Any = assoc.send_c_store(ds, msg_id=message_id % 65536)
     except ValueError:
         LOGGER.warning("peer accepted no presentation context for an object of SOP class %s",
                        ds.get("SOPClassUID", "?"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     out = tmp_path / "received"
     out.mkdir()
     port = peers.free_port()
-    proc = subprocess.Popen([peers.executable("storescp"), "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = (tmp_path / "storescp.log").open("wb")  # -v: one line per request, with its Message ID
+    proc = subprocess.Popen([peers.executable("storescp"), "-v", "+xa", "-aet", "STORESCP", "-od", str(out),
+                             str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     import socket
 
@@ -46,6 +48,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     yield port, out
     proc.send_signal(signal.SIGTERM)
     proc.wait(20)
+    log.close()
 
 
 def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: Path) -> None:
@@ -65,6 +68,8 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     jpeg2000 = peers.pydicom_data_file("RG1_J2KR.dcm")
     sent = run_cli(["send", str(folder), str(jpeg2000), "--to", "STORESCP"], env, timeout=120)
     assert "sent 3 of 3" in sent.stdout
+    requests = re.findall(r"Received Store Request \(MsgID (\d+)", (tmp_path / "storescp.log").read_text())
+    assert requests == ["1", "2", "3"]  # one association, a Message ID per request (PS3.7 9.3.1.1)
     names = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received.iterdir()}
     assert set(names) == {dcmread(p).SOPInstanceUID for p in [*small, jpeg2000]}
     j2k_copy = dcmread(names[dcmread(jpeg2000).SOPInstanceUID], stop_before_pixels=True)
