@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydicom
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
@@ -292,10 +293,24 @@ def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQ
     )
 
 
-def audit_read(db: Session, principal: Principal, action: str, target: str) -> None:
+def audit_read(
+    db: Session, principal: Principal, action: str, target: str, details: dict[str, Any] | None = None
+) -> None:
     """Record who opened which patient's data (an access log, as hospitals keep), and commit it."""
-    audit.record(db, audit.user_actor(principal.username), action, target)
+    audit.record(db, audit.user_actor(principal.username), action, target, details)
     db.commit()
+
+
+@contextmanager
+def audited_download(db: Session, principal: Principal, action: str, target: str) -> Iterator[None]:
+    """Record a download of patient data once the body is ready to be handed out, and a request the node
+    cannot serve (a 404) as such: asked for, with the reason, and not counted as a read."""
+    try:
+        yield
+    except NotFoundError as exc:
+        audit_read(db, principal, action, target, {"served": False, "reason": str(exc)})
+        raise
+    audit_read(db, principal, action, target)
 
 
 @router.get("/results/{study_id}")
@@ -358,8 +373,8 @@ def result_object_file(
 ) -> Response:
     """The DICOM object the node made (SR, Encapsulated PDF, heat-map SC), as sent to the PACS."""
     obj = _result_object(db, study_id, object_id)
-    audit_read(db, principal, "result.download", f"result_object:{object_id}")
-    path = _under(con.settings.results_dir, obj.file_path)
+    with audited_download(db, principal, "result.download", f"result_object:{object_id}"):
+        path = _under(con.settings.results_dir, obj.file_path)
     return FileResponse(
         path, media_type="application/dicom", filename=f"{obj.kind.value}-{obj.sop_instance_uid}.dcm"
     )
@@ -385,9 +400,10 @@ def result_report_pdf(
     con: ConsoleDep, db: DbDep, principal: UserDep, study_id: RowId, object_id: RowId
 ) -> Response:
     obj = _result_object(db, study_id, object_id)
-    audit_read(db, principal, "report.download", f"result_object:{object_id}")
+    with audited_download(db, principal, "report.download", f"result_object:{object_id}"):
+        document = report_pdf_bytes(con, obj)
     return Response(
-        report_pdf_bytes(con, obj),
+        document,
         media_type="application/pdf",
         headers={"Content-Disposition": f'attachment; filename="cxr-report-{study_id}.pdf"'},
     )

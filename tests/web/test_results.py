@@ -383,19 +383,22 @@ def test_sr_and_pdf_downloads(
     # Every opening of the patient's data is in the audit log: who, what, which row.
     with session_scope(factory) as session:
         reads = session.execute(
-            select(AuditEvent.actor, AuditEvent.action, AuditEvent.target)
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.target, AuditEvent.details)
             .where(AuditEvent.action.in_(("study.view", "report.download", "result.download")))
             .order_by(AuditEvent.id)
         ).all()
     pdf_target, sr_target = (f"result_object:{ids.results[kind]}" for kind in (ResultKind.PDF, ResultKind.SR))
     assert [tuple(row) for row in reads] == [
-        ("user:alice", "study.view", f"study:{ids.study}"),
-        ("user:alice", "report.download", pdf_target),
-        ("user:alice", "result.download", sr_target),
-        ("user:alice", "report.download", pdf_target),
-        ("user:alice", "report.download", sr_target),  # the 404s above: asked for, though not served
-        ("user:alice", "result.download", sr_target),
-    ]
+        ("user:alice", "study.view", f"study:{ids.study}", {}),
+        ("user:alice", "report.download", pdf_target, {}),
+        ("user:alice", "result.download", sr_target, {}),
+        ("user:alice", "report.download", pdf_target, {}),
+        # the 404s above: asked for, recorded as not served, with the reason
+        ("user:alice", "report.download", sr_target,
+         {"served": False, "reason": "this result object is not a PDF report"}),
+        ("user:alice", "result.download", sr_target,
+         {"served": False, "reason": "the file is no longer on the node"}),
+    ]  # fmt: skip
 
 
 def test_files_outside_the_results_directory_are_not_served(
