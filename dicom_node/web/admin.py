@@ -20,7 +20,17 @@ from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web.auth import Principal
-from dicom_node.web.deps import AdminDep, Console, ConsoleDep, CsrfAdminDep, DbDep, RowId, admin_user, release
+from dicom_node.web.deps import (
+    AdminDep,
+    Console,
+    ConsoleDep,
+    CsrfAdminDep,
+    DbDep,
+    RowId,
+    admin_user,
+    console,
+    release,
+)
 from dicom_node.web.templating import render
 
 LOGGER = logging.getLogger(__name__)
@@ -193,6 +203,7 @@ def _aes_page(
         principal,
         status=status,
         active="aes",
+        fixed_destinations=console(request).settings.pipeline.fixed_destinations,
         callers=[a for a in all_aes if a.role is AeRole.CALLER],
         destinations=[a for a in all_aes if a.role is AeRole.DESTINATION],
         form=form or AeForm(),

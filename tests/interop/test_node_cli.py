@@ -56,7 +56,10 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     env = node_env(tmp_path / "node", peers.free_port())
     run_cli(["ae", "add", "--role", "destination", "--aet", "STORESCP", "--host", "127.0.0.1", "--port", str(port)],
             env)
-    run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY", "--reply-to", "STORESCP"], env)
+    routed = run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY", "--reply-to", "STORESCP"], env)
+    assert "go nowhere" not in routed.stderr
+    unrouted = run_cli(["ae", "add", "--role", "caller", "--aet", "VIEWER"], env)  # no reply-to, no fixed one
+    assert "warning: results of studies from VIEWER go nowhere" in unrouted.stderr
     listing = run_cli(["ae", "list"], env).stdout
     assert "STORESCP" in listing and "MODALITY" in listing
     assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout
@@ -84,7 +87,7 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     with Session(engine) as session:
         actions = session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
     engine.dispose()
-    assert actions == ["ae.add", "ae.add", "ae.echo", "send", "ae.remove"]
+    assert actions == ["ae.add", "ae.add", "ae.add", "ae.echo", "send", "ae.remove"]
 
 
 def test_echo_to_nothing_fails_cleanly(tmp_path: Path) -> None:

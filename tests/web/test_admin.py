@@ -66,6 +66,7 @@ def test_destination_and_caller_create_edit_delete(
     ]
     page = client.get("/admin/aes?notice=ae-added").text
     assert "The AE was added." in page and "Main PACS" in page and "Test (C-ECHO)" in page
+    assert ">nowhere</span>" not in page
     with session_scope(factory) as s:
         dest_id = s.scalars(select(RemoteAe.id).where(RemoteAe.ae_title == "ORTHANC")).one()
     edit = client.get(f"/admin/aes/{dest_id}").text
@@ -85,6 +86,8 @@ def test_destination_and_caller_create_edit_delete(
     assert _aes(factory)[0] == ("ORTHANC", "destination", "10.0.0.6", 11112, None)
     assert client.post(f"/admin/aes/{dest_id}/delete", data={"csrf_token": csrf}).status_code == 303
     assert [a[0] for a in _aes(factory)] == ["MODALITY1"]
+    # its reply-to is gone and no fixed destination is set: the list says its results go nowhere
+    assert _aes(factory)[0][4] is None and ">nowhere</span>" in client.get("/admin/aes").text
     actions = [(actor, action) for actor, action, _ in _audit(factory) if action.startswith("ae.")]
     assert actions == [
         ("user:alice", "ae.add"),
