@@ -365,6 +365,7 @@ class Outbox:
     ) -> None:
         now = utcnow()
         latencies: list[tuple[str, float]] = []
+        reasons: set[str] = set()  # why deliveries failed (peer, address, status: no patient data)
         with session_scope(self.session_factory) as session:
             for item in items:
                 delivery = session.get(Delivery, item.delivery_pk)
@@ -384,6 +385,7 @@ class Outbox:
                 else:
                     outcome = "failed" if status is not None else "error"
                     delivery.last_error = error or f"failure status 0x{status or 0:04X}"
+                    reasons.add(delivery.last_error)
                     if delivery.attempts >= self.settings.max_attempts:
                         delivery.state = DeliveryState.DEAD
                         delivery.next_attempt_at = None
@@ -406,15 +408,19 @@ class Outbox:
                         error=delivery.last_error if outcome != "delivered" else "",
                     )
                 )
-        if report.delivered or report.failed:
-            LOGGER.info(
-                "destination %d (%s): %d delivered, %d failed, %d dead",
+        if report.failed:  # one line that names the destination and says why (the console shows it too)
+            LOGGER.warning(
+                "destination %d (%s): %d delivered, %d failed (%s), %d dead",
                 destination.id,
                 destination.ae_title,
                 len(report.delivered),
                 len(report.failed),
+                "; ".join(sorted(reasons)),
                 len(report.dead),
             )
+        elif report.delivered:
+            LOGGER.info("destination %d (%s): %d delivered", destination.id, destination.ae_title,
+                        len(report.delivered))
         for delivery_pk in report.dead:
             LOGGER.warning("delivery %d is DEAD after %d attempts", delivery_pk, self.settings.max_attempts)
         if self.metrics is not None:

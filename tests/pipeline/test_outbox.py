@@ -173,7 +173,7 @@ def test_a_warning_status_counts_as_delivered_and_is_recorded(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_failures_back_off_then_die_and_resend_delivers(
-    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     down = StorePeer(status=0xA700)  # refuses: out of resources
     results = tmp_path / "results"
@@ -182,10 +182,15 @@ def test_failures_back_off_then_die_and_resend_delivers(
 
     down.start()
     try:
-        first = outbox.deliver_due(destination_pk)
+        with caplog.at_level("INFO", logger="dicom_node.outbox"):
+            first = outbox.deliver_due(destination_pk)
     finally:
         down.stop()
     assert sorted(first.failed) == sorted(ids)
+    # one warning line names the destination and says why, without the operator reading pynetdicom's log
+    [summary] = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert summary.levelname == "WARNING"
+    assert summary.getMessage().endswith("0 delivered, 2 failed (failure status 0xA700), 0 dead")
     with session_scope(db) as session:
         for delivery in session.scalars(select(Delivery)):
             assert delivery.state is DeliveryState.RETRYING
