@@ -18,7 +18,7 @@ from typing import Any
 from classifier.errors import ClassifierError
 from dicom_node import __version__, aes, audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
-from dicom_node.logconfig import configure_logging
+from dicom_node.logconfig import configure_logging, for_command
 from dicom_node.settings import LoggingSettings, Settings, load_settings
 from dicom_node.statuses import Status, is_stored
 from dicom_node.store import db
@@ -35,9 +35,9 @@ PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, *, service: bool = False) -> Settings:
     settings = load_settings(args.config)
-    configure_logging(settings.logging)
+    configure_logging(settings.logging if service else for_command(settings.logging))
     return settings
 
 
@@ -53,7 +53,7 @@ def _session_factory(settings: Settings) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.app import build_node
 
-    settings = _settings(args)
+    settings = _settings(args, service=True)
     node = build_node(settings)
 
     def announce(started: Any) -> None:

@@ -66,6 +66,15 @@ class ValueRedactor(logging.Filter):
         return True
 
 
+def for_command(settings: LoggingSettings) -> LoggingSettings:
+    """The logging of an administration command (``ae``, ``user``, ``send``, ``resend``, ``db``): warnings
+    and errors only, unless DEBUG is asked for. What the command did it prints itself; the service's
+    INFO lines (schema check, audit records) would only bury that on the terminal."""
+    if settings.level in ("DEBUG", "ERROR"):
+        return settings
+    return settings.model_copy(update={"level": "WARNING"})
+
+
 def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None) -> None:
     """Install one handler on the root logger (idempotent: replaces handlers set earlier)."""
     handler = logging.StreamHandler(stream or sys.stderr)

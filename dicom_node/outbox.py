@@ -522,7 +522,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _resend_command(args: argparse.Namespace) -> int:
-    from dicom_node.logconfig import configure_logging
+    from dicom_node.logconfig import configure_logging, for_command
     from dicom_node.settings import load_settings
     from dicom_node.store.db import make_engine, make_session_factory, upgrade
 
@@ -531,7 +531,7 @@ def _resend_command(args: argparse.Namespace) -> int:
     except NodeError as exc:
         say(f"error: {exc}", err=True)
         return 2
-    configure_logging(settings.logging)
+    configure_logging(for_command(settings.logging))
     engine = make_engine(settings.database_url)
     try:
         upgrade(engine)

@@ -60,8 +60,9 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     assert "go nowhere" not in routed.stderr
     unrouted = run_cli(["ae", "add", "--role", "caller", "--aet", "VIEWER"], env)  # no reply-to, no fixed one
     assert "warning: results of studies from VIEWER go nowhere" in unrouted.stderr
-    listing = run_cli(["ae", "list"], env).stdout
-    assert "STORESCP" in listing and "MODALITY" in listing
+    listed = run_cli(["ae", "list"], env)
+    assert "STORESCP" in listed.stdout and "MODALITY" in listed.stdout
+    assert listed.stderr == ""  # an admin command prints its answer; the service's INFO log stays out
     assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout
     assert run_cli(["echo", "127.0.0.1", str(port), "STORESCP"], env).returncode == 0
 
