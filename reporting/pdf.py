@@ -54,9 +54,10 @@ TITLE = "Chest X-ray AI analysis"
 INTENDED_USE_HEADLINE = "DECISION SUPPORT — NOT A DIAGNOSIS"
 INTENDED_USE = (
     "This result was produced automatically by a machine-learning model and has not been reviewed by a "
-    "physician. It must be interpreted by a qualified radiologist together with the images and the clinical "
-    "context. Do not use it as the sole basis for a clinical decision. The model is meant for frontal (PA/AP) "
-    "chest radiographs of adults; for children, lateral views or other images its probabilities mean little."
+    "physician: a qualified radiologist must interpret it with the images and the clinical context, and it must "
+    "not be the sole basis for a clinical decision. The model is meant for frontal (PA/AP) chest radiographs of "
+    "adults (for children, lateral views or other images its probabilities mean little) and knows three answers "
+    "only: any other finding, such as a mass or an effusion, is forced into one of them."
 )
 DOUBT_HEADLINE = "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE"
 DOUBT_TEXT = (
@@ -77,7 +78,7 @@ MARGIN = 14 * mm
 HEADER_HEIGHT = 16 * mm
 FOOTER_HEIGHT = 13 * mm
 CONTENT_WIDTH = PAGE_WIDTH - 2 * MARGIN
-PICTURE_HEIGHT = 112 * mm  # the radiograph and its heat map, when nothing else asks for room
+PICTURE_HEIGHT = 107 * mm  # the radiograph and its heat map, when nothing else asks for room
 MIN_PICTURE_HEIGHT = 60 * mm
 
 INK = colors.HexColor("#1a1a1a")

@@ -63,6 +63,7 @@ def test_single_image_page_shows_identity_result_confidences_model_and_intended_
         INTENDED_USE_HEADLINE,
         "has not been reviewed by a physician",
         "chest radiographs of adults",  # the scope of the model card's intended use
+        "knows three answers only",  # and that any other finding is forced into one of them
         "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457",  # the analysed instance
     ):
         assert expected in text, expected
