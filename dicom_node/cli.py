@@ -86,7 +86,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
         say(f"added {role.value} {ae.ae_title} (id {ae.id})")
     if role is AeRole.CALLER and not args.reply_to and not settings.pipeline.fixed_destinations:
         say(f"warning: results of studies from {ae.ae_title} go nowhere: it has no --reply-to and "
-            "pipeline.fixed_destinations is empty (they are still analysed and shown in the console)", err=True)
+            "pipeline.fixed_destinations is empty (they are still analysed and shown in the console)",
+            err=True)
     return 0
 
 

@@ -54,10 +54,10 @@ TITLE = "Chest X-ray AI analysis"
 INTENDED_USE_HEADLINE = "DECISION SUPPORT — NOT A DIAGNOSIS"
 INTENDED_USE = (
     "This result was produced automatically by a machine-learning model and has not been reviewed by a "
-    "physician: a qualified radiologist must interpret it with the images and the clinical context, and it must "
-    "not be the sole basis for a clinical decision. The model is meant for frontal (PA/AP) chest radiographs of "
-    "adults (for children, lateral views or other images its probabilities mean little) and knows three answers "
-    "only: any other finding, such as a mass or an effusion, is forced into one of them."
+    "physician: a qualified radiologist must interpret it with the images and the clinical context, and it "
+    "must not be the sole basis for a clinical decision. The model is meant for frontal (PA/AP) chest "
+    "radiographs of adults (for children, lateral views or other images its probabilities mean little) and "
+    "knows three answers only: any other finding, such as a mass or an effusion, is forced into one of them."
 )
 DOUBT_HEADLINE = "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE"
 DOUBT_TEXT = (

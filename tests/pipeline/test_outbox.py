@@ -173,7 +173,10 @@ def test_a_warning_status_counts_as_delivered_and_is_recorded(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_failures_back_off_then_die_and_resend_delivers(
-    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    db: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     down = StorePeer(status=0xA700)  # refuses: out of resources
     results = tmp_path / "results"
