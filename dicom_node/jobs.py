@@ -217,7 +217,7 @@ class StudySettler:
                 now = utcnow()
                 if deadline > now + timedelta(milliseconds=50):
                     return deadline
-                created = _create_study_ready_job(session, study_pk)
+                created = open_study_ready_job(session, study_pk)
                 study.state = StudyState.READY
                 study.ready_at = now
                 return created
@@ -226,12 +226,18 @@ class StudySettler:
             return False
 
 
-def _create_study_ready_job(session: Session, study_pk: int) -> bool:
+def open_study_ready_job(session: Session, study_pk: int) -> bool:
+    """The study's STUDY_READY job, created or — when a finished study was reopened by a late image —
+    opened again; False when it is already open (queued or running: exactly once)."""
     key = study_ready_dedupe_key(study_pk)
-    exists = session.scalar(select(Job.id).where(Job.kind == JobKind.STUDY_READY, Job.dedupe_key == key))
-    if exists is not None:
+    job = session.scalar(select(Job).where(Job.kind == JobKind.STUDY_READY, Job.dedupe_key == key))
+    if job is None:
+        session.add(Job(kind=JobKind.STUDY_READY, dedupe_key=key, study_pk=study_pk, state=JobState.PENDING))
+        session.flush()
+        return True
+    if job.state in (JobState.PENDING, JobState.RUNNING):
         return False
-    session.add(Job(kind=JobKind.STUDY_READY, dedupe_key=key, study_pk=study_pk, state=JobState.PENDING))
+    job.state, job.error, job.started_at, job.finished_at = JobState.PENDING, "", None, None
     session.flush()
     return True
 

@@ -96,7 +96,24 @@ def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, ca
     parents = _touch_parents(conn, parsed, cached)
     if parents is None:  # not cached, or the cached row disappeared: full upsert
         parents = _upsert_parents(conn, parsed, calling_ae)
+    _reopen_finished_study(conn, parents[0])
     return _insert_instance(conn, parsed, stored, parents[1], calling_ae, source), parents
+
+
+_FINISHED = (StudyState.ANALYSED, StudyState.SKIPPED, StudyState.FAILED)
+
+
+def _reopen_finished_study(conn: Connection, study_pk: int) -> None:
+    """A new image of a study that was already finished (a re-take, a second association minutes later)
+    makes it RECEIVED again: its settle timer then readies it, the pipeline classifies the new image and
+    sends results that include it. A study READY or PROCESSING picks the image up in its current round."""
+    reopened = conn.execute(
+        update(_STUDY)
+        .where(_STUDY.c.id == study_pk, _STUDY.c.state.in_(_FINISHED))
+        .values(state=StudyState.RECEIVED, state_reason="")
+    )
+    if reopened.rowcount:
+        LOGGER.info("study %d reopened: a new image arrived after it was finished", study_pk)
 
 
 def _touch_parents(conn: Connection, parsed: ParsedInstance,

@@ -26,6 +26,7 @@ from dicom_node.store.models import (
     Instance,
     Job,
     JobKind,
+    JobState,
     Patient,
     Series,
     Study,
@@ -249,6 +250,50 @@ def test_settled_study_becomes_ready_exactly_once(
     finally:
         settler.stop()
         scheduler.shutdown(wait=True)
+
+
+def test_a_late_image_reopens_a_finished_study_and_its_job(
+    engine: Engine, sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """A re-take sent after the study was analysed: the study is RECEIVED again, the settle timer readies
+    it and opens its one STUDY_READY job again, and the pipeline is called. Before, the study stayed
+    ANALYSED, the timer did nothing, and the image stayed "received" for good. A resent duplicate of an
+    image already there reopens nothing."""
+    scheduler = build_scheduler(engine)  # not started: the timer is fired by hand
+    ready: list[int] = []
+    settler = StudySettler(scheduler, sessions, settle_seconds=0, callbacks=[ready.append],
+                           name=f"test-{generate_uid()}")
+    ingestor = Ingestor(sessions, store)
+    study_uid = generate_uid()
+    study_pk = ingestor.ingest_bytes(to_bytes(make_cr(study_uid=study_uid, seed=0)), calling_ae="M",
+                                     source="dimse").study_pk
+    settler.settle(study_pk)
+    assert ready == [study_pk]
+
+    def finish() -> None:  # what the pipeline does at the end of a round
+        with sessions() as session, session.begin():
+            session.scalars(select(Job)).one().state = JobState.DONE
+            study = session.get(Study, study_pk)
+            assert study is not None
+            study.state, study.state_reason = StudyState.ANALYSED, ""
+
+    def state() -> tuple[StudyState, list[JobState]]:
+        with sessions() as session:
+            study = session.get(Study, study_pk)
+            assert study is not None
+            return study.state, [job.state for job in session.scalars(select(Job))]
+
+    finish()
+    late = to_bytes(make_cr(study_uid=study_uid, seed=1))
+    assert ingestor.ingest_bytes(late, calling_ae="M", source="dimse").study_pk == study_pk
+    assert state() == (StudyState.RECEIVED, [JobState.DONE])
+    settler.settle(study_pk)
+    assert ready == [study_pk, study_pk]
+    assert state() == (StudyState.READY, [JobState.PENDING])  # the same job row, open again
+
+    finish()
+    assert ingestor.ingest_bytes(late, calling_ae="M", source="dimse").duplicate
+    assert state() == (StudyState.ANALYSED, [JobState.DONE])
 
 
 def test_timer_rearms_while_instances_keep_arriving(
