@@ -655,7 +655,7 @@ class Pipeline:
             state = StudyState.SKIPPED
             objects = []
             if self.config.send_skipped:
-                objects = self._ensure_skipped_rows(study_pk, info)
+                objects = self._ensure_skipped_rows(study_pk, info, [i.id for i in skipped])
                 self._build_skipped(study_pk, objects, reason)
         self._finalise(study_pk, state, reason, objects)
 
@@ -663,10 +663,10 @@ class Pipeline:
         kinds = [ResultKind.SR, ResultKind.PDF]
         if self.config.secondary_capture and self._has_heatmap(analysed_pks, info):
             kinds.append(ResultKind.HEATMAP_SC)
-        return self._ensure_rows(study_pk, info, kinds)
+        return self._ensure_rows(study_pk, info, kinds, analysed_pks)
 
-    def _ensure_skipped_rows(self, study_pk: int, info: ModelInfo) -> list[int]:
-        return self._ensure_rows(study_pk, info, [ResultKind.PDF])
+    def _ensure_skipped_rows(self, study_pk: int, info: ModelInfo, skipped_pks: list[int]) -> list[int]:
+        return self._ensure_rows(study_pk, info, [ResultKind.PDF], skipped_pks)
 
     def _has_heatmap(self, analysed_pks: list[int], info: ModelInfo) -> bool:
         with session_scope(self.session_factory) as session:
@@ -682,8 +682,17 @@ class Pipeline:
                 is not None
             )
 
-    def _ensure_rows(self, study_pk: int, info: ModelInfo, kinds: list[ResultKind]) -> list[int]:
-        """Get or create one ResultObject per kind, with its UIDs, committed before anything is built."""
+    def _ensure_rows(
+        self, study_pk: int, info: ModelInfo, kinds: list[ResultKind], covers: list[int]
+    ) -> list[int]:
+        """Get or create one ResultObject per kind that reports on the instances ``covers``, with its UIDs,
+        committed before anything is built.
+
+        The latest revision of a kind is reused while it covers the same instances (a rebuild after a
+        crash repeats its UIDs). An image that arrived after it was made changes the set: the next revision
+        is a new object, so the PACS gets results that include the late image; the study's analysis time
+        becomes that of the new revision."""
+        covered = sorted(covers)
         sop_classes = {
             ResultKind.SR: "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
             ResultKind.PDF: "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
@@ -699,28 +708,39 @@ class Pipeline:
                         study.analysed_at = utcnow()
                     ids: list[int] = []
                     for kind in kinds:
-                        row = session.scalar(
-                            select(ResultObject).where(
+                        latest = session.scalar(
+                            select(ResultObject)
+                            .where(
                                 ResultObject.study_pk == study_pk,
                                 ResultObject.kind == kind,
                                 ResultObject.model_name == info.name,
                                 ResultObject.model_version == info.version,
                             )
+                            .order_by(ResultObject.revision.desc())
+                            .limit(1)
                         )
-                        if row is None:
-                            sop_uid = generate_uid()
-                            row = ResultObject(
-                                study_pk=study_pk,
-                                kind=kind,
-                                model_name=info.name,
-                                model_version=info.version,
-                                sop_class_uid=sop_classes[kind],
-                                sop_instance_uid=sop_uid,
-                                series_instance_uid=generate_uid(),
-                                file_path=f"{study_pk}/{kind.value}-{sop_uid}.dcm",
-                            )
-                            session.add(row)
-                            session.flush()
+                        if latest is not None and (latest.covers is None or sorted(latest.covers) == covered):
+                            ids.append(latest.id)
+                            continue
+                        if latest is not None:
+                            LOGGER.info("study %d: %s revision %d for a changed set of images",
+                                        study_pk, kind.value, latest.revision + 1)
+                            study.analysed_at = utcnow()
+                        sop_uid = generate_uid()
+                        row = ResultObject(
+                            study_pk=study_pk,
+                            kind=kind,
+                            model_name=info.name,
+                            model_version=info.version,
+                            sop_class_uid=sop_classes[kind],
+                            sop_instance_uid=sop_uid,
+                            series_instance_uid=generate_uid(),
+                            file_path=f"{study_pk}/{kind.value}-{sop_uid}.dcm",
+                            revision=1 if latest is None else latest.revision + 1,
+                            covers=covered,
+                        )
+                        session.add(row)
+                        session.flush()
                         ids.append(row.id)
                     return ids
             except IntegrityError:

@@ -269,10 +269,15 @@ class ResultKind(enum.StrEnum):
 
 
 class ResultObject(Base):
-    """A DICOM object the node created for a study. One per (study, kind, model version)."""
+    """A DICOM object the node created for a study: one per (study, kind, model version, revision).
+
+    ``covers`` lists the instances the object reports on (the analysed ones; for a "not analysed" PDF the
+    skipped ones). When an image of the study arrives after its results were made, the set changes and
+    the next revision is a new object (new UIDs) that is built and sent; earlier revisions stay as sent.
+    None on rows made before revisions existed: they are taken to cover what the study had then."""
 
     __tablename__ = "result_object"
-    __table_args__ = (UniqueConstraint("study_pk", "kind", "model_name", "model_version"),)
+    __table_args__ = (UniqueConstraint("study_pk", "kind", "model_name", "model_version", "revision"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
@@ -284,6 +289,8 @@ class ResultObject(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     file_path: Mapped[str] = mapped_column(String(1024))  # relative to the results directory
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    covers: Mapped[list[int] | None] = mapped_column(JSON, default=None)
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result_object")
 

@@ -330,6 +330,8 @@ class ResultObjectDetail(BaseModel):
     kind: str
     model_name: str
     model_version: str
+    # 2, 3, …: made again because images of the study arrived after the earlier revision
+    revision: int
     sop_instance_uid: str
     created_at: datetime
     deliveries: list[DeliveryDetail]
@@ -447,6 +449,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                 kind=r.kind.value,
                 model_name=r.model_name,
                 model_version=r.model_version,
+                revision=r.revision,
                 sop_instance_uid=r.sop_instance_uid,
                 created_at=aware(r.created_at),
                 deliveries=[

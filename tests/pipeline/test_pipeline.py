@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.ingest import ingest_bytes
+from dicom_node.jobs import open_study_ready_job
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, load_classifier, node_identity
 from dicom_node.settings import OutboxSettings, Settings
@@ -39,11 +40,11 @@ from dicom_node.store.models import (
     Instance,
     InstanceState,
     Job,
-    JobKind,
     JobState,
     RemoteAe,
     ResultKind,
     ResultObject,
+    Series,
     Study,
     StudyState,
 )
@@ -136,18 +137,47 @@ def receive(
     buffer = pydicom.filebase.DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     result = ingest_bytes(world["db"], world["store"], buffer.getvalue(), calling_ae="ORTHANC", source="dimse")
-    with session_scope(world["db"]) as session:
-        session.add(Job(kind=JobKind.STUDY_READY, dedupe_key=f"study:{result.study_pk}", study_pk=result.study_pk))
+    with session_scope(world["db"]) as session:  # what the settle timer does once the study is quiet
         study = session.get(Study, result.study_pk)
-        assert study is not None
+        assert study is not None and study.state is StudyState.RECEIVED  # a finished study is reopened
+        assert open_study_ready_job(session, result.study_pk)
         study.state = StudyState.READY
     return result.study_pk
 
 
 def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[str, str]]:
+    """(SOP Instance UID, file) of the latest revision of each kind of result of the study."""
     with session_scope(world["db"]) as session:
-        rows = session.scalars(select(ResultObject).where(ResultObject.study_pk == study_pk))
+        rows = session.scalars(
+            select(ResultObject).where(ResultObject.study_pk == study_pk).order_by(ResultObject.revision)
+        )
         return {r.kind: (r.sop_instance_uid, r.file_path) for r in rows}
+
+
+def evidence(world: dict[str, Any], path: str) -> set[str]:
+    """SOP Instance UIDs an SR (its evidence) or an Encapsulated PDF (its source instances) reports on."""
+    ds = pydicom.dcmread(world["config"].results_dir / path)
+    if "SourceInstanceSequence" in ds:
+        return {item.ReferencedSOPInstanceUID for item in ds.SourceInstanceSequence}
+    return {
+        item.ReferencedSOPInstanceUID
+        for study in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def instance_uids(world: dict[str, Any], study_pk: int) -> set[str]:
+    with session_scope(world["db"]) as session:
+        query = select(Instance.sop_instance_uid).join(Series).where(Series.study_pk == study_pk)
+        return set(session.scalars(query))
+
+
+def study_uid_of(world: dict[str, Any], study_pk: int) -> str:
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None
+        return study.study_instance_uid
 
 
 def doubt_in_results(world: dict[str, Any], study_pk: int) -> tuple[list[str], str]:
@@ -199,6 +229,60 @@ def test_a_chest_study_gets_a_finding_an_sr_and_a_pdf_delivered_to_the_caller(
     assert peer.associations == 1
     assert SENTINEL not in caplog.text and "SENTINEL" not in caplog.text
     assert doubt_in_results(world, study_pk)[0] == []  # the model's checks had no doubt
+
+
+def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_it(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A second image of a study that arrives after its SR and PDF were sent is classified, and the PACS
+    gets a new SR and PDF (new UIDs, revision 2) that report on both images. The first ones stay as sent.
+    The old code classified the late image but left the results as they were: its finding never left."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    assert len(peer.received) == 2
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    both = instance_uids(world, study_pk)
+    assert len(both) == 2
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        assert second[kind][0] != first[kind][0]
+        assert evidence(world, second[kind][1]) == both
+        assert len(evidence(world, first[kind][1])) == 1  # the first revision stays as it was sent
+    assert sorted(peer.received) == sorted(uid for rows in (first, second) for uid, _ in rows.values())
+    with session_scope(world["db"]) as session:
+        revisions = session.execute(
+            select(ResultObject.kind, ResultObject.revision).order_by(ResultObject.kind, ResultObject.revision)
+        ).all()
+        assert sorted(tuple(r) for r in revisions) == sorted(
+            (kind, n) for kind in (ResultKind.SR, ResultKind.PDF) for n in (1, 2)
+        )
+        assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
+
+
+def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The "not analysed" PDF of a study whose first image was a leg is followed, once its chest image
+    arrives, by an SR and a PDF with the finding; the old code kept the notice as the only PDF."""
+    study_pk = receive(world, "RG3_UNCI.dcm")
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    notice = result_rows(world, study_pk)
+    assert set(notice) == {ResultKind.PDF}
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF} and rows[ResultKind.PDF] != notice[ResultKind.PDF]
+    pdf = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
+    text = PdfReader(BytesIO(bytes(pdf.EncapsulatedDocument))).pages[0].extract_text()
+    assert "not analysed" not in text and "Image 1 of 1" in text
+    assert sorted(peer.received) == sorted([notice[ResultKind.PDF][0], *(uid for uid, _ in rows.values())])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED
 
 
 def test_a_covid_non_covid_model_reports_its_own_two_classes(

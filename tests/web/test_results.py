@@ -472,3 +472,31 @@ def test_a_study_in_progress_reloads_itself_until_analysed(
     ).study
     assert '<meta http-equiv="refresh" content="10">' in client.get(f"/results/{busy}").text
     assert 'http-equiv="refresh"' not in client.get(f"/results/{corpus['covid']}").text
+
+
+def test_a_later_revision_of_the_results_is_what_the_study_page_offers(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Results made again for images that arrived late: the table lists both revisions (each as sent),
+    and the page's download buttons give the latest, which reports on every image."""
+    client, _ = admin_client
+    ids = add_study(factory, StudySpec(deliveries={"PACS": DeliveryState.DELIVERED}))
+    with session_scope(factory) as session:
+        first = session.get(ResultObject, ids.results[ResultKind.PDF])
+        assert first is not None and first.revision == 1
+        second = ResultObject(
+            study_pk=ids.study, kind=ResultKind.PDF, model_name=first.model_name,
+            model_version=first.model_version, sop_class_uid="1.2.840.10008.5.1.4.1.1.104.1",
+            sop_instance_uid=generate_uid(), series_instance_uid=generate_uid(),
+            file_path=f"{ids.study}/pdf-2.dcm", revision=2, covers=[ids.instance],
+        )  # fmt: skip
+        session.add(second)
+        session.flush()
+        second_id = second.id
+    page = client.get(f"/results/{ids.study}").text
+    assert "revision 2" in page
+    assert page.count("Download PDF report") == 1
+    assert f"/objects/{second_id}/report.pdf" in page
+    assert f"/objects/{ids.results[ResultKind.PDF]}/report.pdf" not in page
+    detail = client.get(f"/api/results/{ids.study}").json()
+    assert sorted(r["revision"] for r in detail["results"] if r["kind"] == "pdf") == [1, 2]
