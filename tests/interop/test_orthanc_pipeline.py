@@ -174,6 +174,32 @@ def test_orthanc_routes_a_chest_cr_and_gets_sr_and_pdf_back_in_the_same_study(st
     assert observed[("cxr_node_instances_analysed", ())] >= 1
 
 
+def test_a_re_take_after_the_results_gets_a_new_sr_and_pdf_that_report_on_both_images(stack: Stack) -> None:
+    """A second image of the study (a re-take in a new series) reaches the node after the first results
+    were filed in Orthanc: the node classifies it and sends a second SR and PDF that report on both images.
+    The old node stored the re-take and never classified it; the PACS kept the first report only."""
+    first, study_uid = fresh_copy("RG1_UNCI.dcm", stack.root / "retake")
+    storescu([first], stack.orthanc.dicom_port, "ORTHANC")
+    assert wait_until(lambda: all(results_in(stack.orthanc, study_uid)), SETTLE + 90), "no first results"
+
+    retake = pydicom.dcmread(first)
+    retake.SeriesInstanceUID = generate_uid()
+    retake.SOPInstanceUID = retake.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second = stack.root / "retake" / "second.dcm"
+    retake.save_as(second)
+    storescu([second], stack.orthanc.dicom_port, "ORTHANC")
+    assert wait_until(lambda: [len(found) for found in results_in(stack.orthanc, study_uid)] == [2, 2],
+                      SETTLE + 90), "no second SR and PDF"
+
+    images = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in (first, second)}
+    srs, _ = results_in(stack.orthanc, study_uid)
+    referenced = sorted(len(images & set(_strings(stack.orthanc.get(f"/instances/{sr}/tags?simplify"))))
+                        for sr in srs)
+    assert referenced == [1, 2]  # the first SR as it was sent, the second one on both images
+    study = node_study(stack, study_uid)
+    assert study is not None and study.state is StudyState.ANALYSED
+
+
 def test_non_chest_cr_is_stored_skipped_with_its_reason_and_nothing_is_sent(stack: Stack) -> None:
     path, study_uid = fresh_copy("RG3_UNCI.dcm", stack.root / "t2")
     storescu([path], stack.orthanc.dicom_port, "ORTHANC")
