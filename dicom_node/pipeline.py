@@ -805,6 +805,7 @@ class Pipeline:
                         series_instance_uid=row.series_instance_uid,
                         sop_instance_uid=row.sop_instance_uid,
                         series_number=SC_SERIES_NUMBER,
+                        created_at=analysed_at,
                     )
                     self.results.write(path, [dataset_bytes(sc)])
         except NodeError:

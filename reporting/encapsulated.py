@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from reporting import codes
-from reporting.study import UTF8, dicom_date, dicom_datetime, dicom_time, header, timezone_offset
+from reporting.study import UTF8, dicom_date, dicom_datetime, dicom_time, header, in_study_time
 from reporting.types import NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def build_encapsulated_pdf(
     if not pdf.startswith(b"%PDF-"):
         raise ValueError("not a PDF document")
     study = header(source)
-    moment = created_at or datetime.now().astimezone()
+    moment, offset = in_study_time(created_at or datetime.now().astimezone(), source)
     ds = hd.SOPClass(
         study_instance_uid=str(study.StudyInstanceUID),
         series_instance_uid=series_instance_uid,
@@ -68,7 +68,6 @@ def build_encapsulated_pdf(
     ds.SpecificCharacterSet = UTF8
     ds.InstanceCreationDate = dicom_date(moment)
     ds.InstanceCreationTime = dicom_time(moment)
-    offset = timezone_offset(moment)
     if offset is not None:
         ds.TimezoneOffsetFromUTC = offset
     if node.station_name:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from datetime import datetime
 
 import highdicom as hd
 import numpy as np
@@ -20,7 +21,15 @@ from classifier.types import Prediction
 from reporting import codes
 from reporting.errors import ReportingError
 from reporting.heatmap import overlay
-from reporting.study import UTF8, header_for_highdicom, put_back
+from reporting.study import (
+    UTF8,
+    dicom_date,
+    dicom_datetime,
+    dicom_time,
+    header_for_highdicom,
+    in_study_time,
+    put_back,
+)
 from reporting.typeface import BOLD_FILE
 from reporting.types import AnalysedImage, NodeIdentity
 
@@ -42,8 +51,12 @@ def build_heatmap_sc(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 9003,
+    created_at: datetime | None = None,
 ) -> pydicom.Dataset:
-    """A Secondary Capture (RGB) of ``image``'s heat map over its preview, in the source's study."""
+    """A Secondary Capture (RGB) of ``image``'s heat map over its preview, in the source's study.
+
+    ``created_at`` (default: now) dates it, in the study's time as the SR and PDF are; pass the analysis
+    time to make rebuilds byte-identical."""
     heat = image.prediction.heatmap
     if image.preview is None or heat is None:
         raise NoHeatmapError("a heat-map Secondary Capture needs both a preview and a heat map")
@@ -51,6 +64,7 @@ def build_heatmap_sc(
     caption = f"{heatmap_caption(image.prediction)} · {model.name} {model.version}"
     pixels = with_band(overlay(image.preview, heat), NOT_FOR_DIAGNOSIS, caption)
     source, refused = header_for_highdicom(image.source)
+    moment, offset = in_study_time(created_at or datetime.now().astimezone(), image.source)
     orientation = _orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -71,6 +85,7 @@ def build_heatmap_sc(
         institution_name=node.institution_name or None,
     )
     put_back(sc, refused)
+    _date(sc, moment, offset)
     if orientation is None:
         sc["PatientOrientation"].value = None  # unknown in the source: left empty (Type 2), not invented
     sc.SpecificCharacterSet = UTF8
@@ -93,6 +108,22 @@ def build_heatmap_sc(
         sc.StationName = node.station_name
     LOGGER.debug("built heat-map Secondary Capture %dx%d", pixels.shape[1], pixels.shape[0])
     return sc
+
+
+def _date(sc: pydicom.Dataset, moment: datetime, offset: str | None) -> None:
+    """Every date and time highdicom took from the wall clock, in the study's time (as the SR and PDF)."""
+    for prefix in ("InstanceCreation", "Series", "Content"):
+        setattr(sc, f"{prefix}Date", dicom_date(moment))
+        setattr(sc, f"{prefix}Time", dicom_time(moment))
+    sc.DateOfSecondaryCapture = dicom_date(moment)
+    sc.TimeOfSecondaryCapture = dicom_time(moment)
+    sc.ConversionType = "WSD"  # made by a workstation from another image (PS3.3 C.8.6.1), not digitised
+    for item in sc.get("ContributingEquipmentSequence") or []:
+        item.ContributionDateTime = dicom_datetime(moment)
+    if offset is not None:
+        sc.TimezoneOffsetFromUTC = offset
+    elif "TimezoneOffsetFromUTC" in sc:
+        del sc.TimezoneOffsetFromUTC
 
 
 def heatmap_caption(prediction: Prediction) -> str:

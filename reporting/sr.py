@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import highdicom as hd
+import pydicom
 from pydicom.sr.codedict import codes as dcm_codes
 
 from classifier.types import ModelInfo, Prediction
@@ -35,14 +36,15 @@ from reporting.study import (
     dicom_time,
     distinct_models,
     header_for_highdicom,
+    in_study_time,
     put_back,
-    timezone_offset,
 )
 from reporting.types import AnalysedImage, NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI chest X-ray classification (decision support)"
+ACQUISITION_EQUIPMENT = "109101"  # DCM "Acquisition Equipment" (CID 7005)
 
 
 def algorithm_parameters(model: ModelInfo, extra: Mapping[str, str] | None = None) -> list[str]:
@@ -119,6 +121,7 @@ def build_sr(
     to those recorded from the model artifact. The same inputs always give the same document.
     """
     check_one_study(images)
+    moment, offset = in_study_time(analysed_at, images[0].source)
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -150,12 +153,12 @@ def build_sr(
         is_verified=False,
         institution_name=node.institution_name or None,
         contributing_equipment=[
-            algorithm_equipment(model, node, analysed_at) for model in distinct_models(images)
+            algorithm_equipment(model, node, moment) for model in distinct_models(images)
         ],
         coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
     )
     put_back(sr, refused[0])  # highdicom copies the patient and study of the first evidence item
-    _stamp(sr, node, analysed_at)
+    _stamp(sr, node, moment, offset)
     LOGGER.debug("built SR with %d measurement groups", len(images))
     return sr
 
@@ -182,10 +185,16 @@ def algorithm_equipment(
     return equipment
 
 
-def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetime) -> None:
-    """Attributes highdicom leaves to the caller: character set, times, series and equipment details."""
+def _stamp(
+    sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetime, offset: str | None
+) -> None:
+    """Attributes highdicom leaves to the caller: character set, times, series and equipment details.
+    ``analysed_at`` is in the study's time (:func:`~reporting.study.in_study_time`), ``offset`` its
+    Timezone Offset From UTC (None: the study states none, so neither does the report)."""
     sr.SpecificCharacterSet = UTF8
     for item in sr.ContributingEquipmentSequence:
+        if _purpose(item) == ACQUISITION_EQUIPMENT:
+            continue  # the modality's own item keeps the source's acquisition time (or none)
         # highdicom stamps its own item with the wall clock; the analysis time keeps rebuilds identical
         item.ContributionDateTime = dicom_datetime(analysed_at)
     sr.SeriesDescription = SERIES_DESCRIPTION
@@ -199,6 +208,12 @@ def _stamp(sr: hd.sr.Comprehensive3DSR, node: NodeIdentity, analysed_at: datetim
     sr.SoftwareVersions = node.software_version
     if node.station_name:
         sr.StationName = node.station_name
-    offset = timezone_offset(analysed_at)
     if offset is not None:
         sr.TimezoneOffsetFromUTC = offset
+    elif "TimezoneOffsetFromUTC" in sr:
+        del sr.TimezoneOffsetFromUTC
+
+
+def _purpose(item: pydicom.Dataset) -> str:
+    sequence = item.get("PurposeOfReferenceCodeSequence") or []
+    return str(sequence[0].get("CodeValue", "")) if sequence else ""

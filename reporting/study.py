@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from highdicom import PatientSexValues
 from pydicom import Dataset
@@ -149,6 +150,24 @@ def dicom_time(moment: datetime) -> TM:
 def dicom_datetime(moment: datetime) -> DT:
     """Seconds precision, no offset (Timezone Offset From UTC carries it)."""
     return DT(moment.strftime("%Y%m%d%H%M%S"))
+
+
+_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def in_study_time(moment: datetime, source: Dataset) -> tuple[datetime, str | None]:
+    """``moment`` as the result's own dates and times state it, and the Timezone Offset From UTC to write.
+
+    One offset applies to every date and time of an instance (PS3.3 C.12.1.1.8), the copied Study Date
+    and Time included. A source that states its offset keeps it, and the analysis time is given in it. A
+    source that does not has local times; the result then gives the analysis time in the node's local
+    zone and states no offset either, rather than label the study's local time "+0000"."""
+    match = _OFFSET.match(str(source.get("TimezoneOffsetFromUTC") or "").strip())
+    if match is not None and int(match[2]) <= 14 and int(match[3]) < 60:
+        minutes = int(match[2]) * 60 + int(match[3])
+        zone = timezone(timedelta(minutes=minutes if match[1] == "+" else -minutes))
+        return moment.astimezone(zone), match[0]
+    return moment.astimezone(), None
 
 
 def timezone_offset(moment: datetime) -> str | None:

@@ -23,6 +23,7 @@ from tests.unit.test_reporting_cases import (
     japanese_source,
     messy_source,
     preview,
+    radiograph,
     sparse_source,
     unicode_source,
 )
@@ -107,6 +108,28 @@ def test_heatmap_secondary_capture_is_marked_and_in_the_study() -> None:
     assert red.mean() > 0.6  # a red band ...
     assert ((band[..., 0] > 240) & (band[..., 1] > 240)).any()  # ... with white text: NOT_FOR_DIAGNOSIS
     assert NOT_FOR_DIAGNOSIS.startswith("AI HEAT MAP")
+
+
+def test_secondary_capture_is_dated_like_the_sr_and_rebuilds_identically() -> None:
+    """Dated by the analysis time in the study's offset (it took the wall clock, with no offset, so no two
+    builds were the same and its times disagreed with the SR's and PDF's); Conversion Type WSD: made by
+    a workstation, not a digital interface."""
+    image = analysed(radiograph())  # Timezone Offset From UTC -0400
+
+    def build() -> bytes:
+        ds = build_heatmap_sc(image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3021",
+                              sop_instance_uid="1.2.826.0.1.3680043.8.498.3022", created_at=ANALYSED_AT)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    first = build()
+    ds = pydicom.dcmread(io.BytesIO(first))
+    assert (ds.ContentDate, ds.ContentTime, ds.TimezoneOffsetFromUTC) == ("20261122", "054107", "-0400")
+    assert (ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture) == ("20261122", "054107")
+    assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == ("20261122", "054107")
+    assert ds.ConversionType == "WSD"
+    assert build() == first
 
 
 def test_heatmap_caption_names_the_class_an_indeterminate_result_leans_to() -> None:

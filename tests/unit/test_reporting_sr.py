@@ -154,7 +154,9 @@ def test_same_study_and_patient_new_series_truthful_flags(case: str, strict: Non
         "UNVERIFIED",
         "PRELIMINARY",
     )
-    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20261122", "094107")
+    # 09:41:07 UTC, stated in the source's own offset, which the copied study time is in (RG1: -0400)
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == ("20261122", "054107")
+    assert sr.TimezoneOffsetFromUTC == "-0400"
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
@@ -249,3 +251,31 @@ def test_each_image_names_the_model_that_classified_it() -> None:
         if item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.PROCESSING_ALGORITHM.value
     }
     assert algorithms == {old.prediction.model.version, BINARY.version}
+
+
+def test_a_study_without_an_offset_gets_a_report_in_local_time_without_one() -> None:
+    """PS3.3 C.12.1.1.8: one Timezone Offset From UTC covers every date and time of the instance, the copied
+    Study Date and Time included. A source without one has local times, so the SR states none either and
+    gives the analysis time in the node's local zone; it used to say "+0000" and so relabel the study time
+    as UTC."""
+    source = radiograph()
+    del source.TimezoneOffsetFromUTC
+    sr = build([analysed(source)])
+    local = ANALYSED_AT.astimezone()
+    assert "TimezoneOffsetFromUTC" not in sr
+    assert (sr.StudyDate, sr.StudyTime) == (source.StudyDate, source.StudyTime)
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == (local.strftime("%Y%m%d"), local.strftime("%H%M%S"))
+
+
+def test_the_modalitys_contributing_equipment_keeps_its_own_time() -> None:
+    """highdicom lists the acquisition equipment of the source with the source's acquisition time; only the
+    items the node adds (the algorithm, highdicom itself) carry the analysis time."""
+    source = radiograph()
+    source.AcquisitionDateTime = "20040826185059"
+    sr = build([analysed(source)])
+    stamps = {
+        item.PurposeOfReferenceCodeSequence[0].CodeMeaning: str(item.get("ContributionDateTime", ""))
+        for item in sr.ContributingEquipmentSequence
+    }
+    assert stamps["Acquisition Equipment"] == "20040826185059"
+    assert stamps["Processing Algorithm"] == "20261122054107"
