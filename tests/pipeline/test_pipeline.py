@@ -253,9 +253,7 @@ def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_i
         assert len(evidence(world, first[kind][1])) == 1  # the first revision stays as it was sent
     assert sorted(peer.received) == sorted(uid for rows in (first, second) for uid, _ in rows.values())
     with session_scope(world["db"]) as session:
-        revisions = session.execute(
-            select(ResultObject.kind, ResultObject.revision).order_by(ResultObject.kind, ResultObject.revision)
-        ).all()
+        revisions = session.execute(select(ResultObject.kind, ResultObject.revision)).all()
         assert sorted(tuple(r) for r in revisions) == sorted(
             (kind, n) for kind in (ResultKind.SR, ResultKind.PDF) for n in (1, 2)
         )
