@@ -24,11 +24,11 @@ from reporting.heatmap import overlay
 from reporting.study import (
     UTF8,
     dicom_date,
-    dicom_datetime,
     dicom_time,
     header_for_highdicom,
     in_study_time,
     put_back,
+    restamp_contributions,
 )
 from reporting.typeface import BOLD_FILE
 from reporting.types import AnalysedImage, NodeIdentity
@@ -118,8 +118,7 @@ def _date(sc: pydicom.Dataset, moment: datetime, offset: str | None) -> None:
     sc.DateOfSecondaryCapture = dicom_date(moment)
     sc.TimeOfSecondaryCapture = dicom_time(moment)
     sc.ConversionType = "WSD"  # made by a workstation from another image (PS3.3 C.8.6.1), not digitised
-    for item in sc.get("ContributingEquipmentSequence") or []:
-        item.ContributionDateTime = dicom_datetime(moment)
+    restamp_contributions(sc, moment)
     if offset is not None:
         sc.TimezoneOffsetFromUTC = offset
     elif "TimezoneOffsetFromUTC" in sc:

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import highdicom as hd
-import pydicom
 from pydicom.sr.codedict import codes as dcm_codes
 
 from classifier.types import ModelInfo, Prediction
@@ -32,19 +31,18 @@ from reporting.study import (
     check_one_study,
     derived_uid,
     dicom_date,
-    dicom_datetime,
     dicom_time,
     distinct_models,
     header_for_highdicom,
     in_study_time,
     put_back,
+    restamp_contributions,
 )
 from reporting.types import AnalysedImage, NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI chest X-ray classification (decision support)"
-ACQUISITION_EQUIPMENT = "109101"  # DCM "Acquisition Equipment" (CID 7005)
 
 
 def algorithm_parameters(model: ModelInfo, extra: Mapping[str, str] | None = None) -> list[str]:
@@ -192,11 +190,7 @@ def _stamp(
     ``analysed_at`` is in the study's time (:func:`~reporting.study.in_study_time`), ``offset`` its
     Timezone Offset From UTC (None: the study states none, so neither does the report)."""
     sr.SpecificCharacterSet = UTF8
-    for item in sr.ContributingEquipmentSequence:
-        if _purpose(item) == ACQUISITION_EQUIPMENT:
-            continue  # the modality's own item keeps the source's acquisition time (or none)
-        # highdicom stamps its own item with the wall clock; the analysis time keeps rebuilds identical
-        item.ContributionDateTime = dicom_datetime(analysed_at)
+    restamp_contributions(sr, analysed_at)
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.InstanceCreationDate = dicom_date(analysed_at)
     sr.InstanceCreationTime = dicom_time(analysed_at)
@@ -212,8 +206,3 @@ def _stamp(
         sr.TimezoneOffsetFromUTC = offset
     elif "TimezoneOffsetFromUTC" in sr:
         del sr.TimezoneOffsetFromUTC
-
-
-def _purpose(item: pydicom.Dataset) -> str:
-    sequence = item.get("PurposeOfReferenceCodeSequence") or []
-    return str(sequence[0].get("CodeValue", "")) if sequence else ""

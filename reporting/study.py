@@ -152,6 +152,20 @@ def dicom_datetime(moment: datetime) -> DT:
     return DT(moment.strftime("%Y%m%d%H%M%S"))
 
 
+ACQUISITION_EQUIPMENT = "109101"  # DCM "Acquisition Equipment" (CID 7005)
+
+
+def restamp_contributions(ds: Dataset, moment: datetime) -> None:
+    """Contribution DateTime of the Contributing Equipment items the node adds (the algorithm, highdicom)
+    set to ``moment``: highdicom stamps its own with the wall clock, and the analysis time keeps rebuilds
+    identical. The modality's Acquisition Equipment item keeps the source's acquisition time, or none."""
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        purpose = item.get("PurposeOfReferenceCodeSequence") or []
+        if purpose and str(purpose[0].get("CodeValue", "")) == ACQUISITION_EQUIPMENT:
+            continue
+        item.ContributionDateTime = dicom_datetime(moment)
+
+
 _OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
 
 

@@ -114,7 +114,9 @@ def test_secondary_capture_is_dated_like_the_sr_and_rebuilds_identically() -> No
     """Dated by the analysis time in the study's offset (it took the wall clock, with no offset, so no two
     builds were the same and its times disagreed with the SR's and PDF's); Conversion Type WSD: made by
     a workstation, not a digital interface."""
-    image = analysed(radiograph())  # Timezone Offset From UTC -0400
+    source = radiograph()  # Timezone Offset From UTC -0400
+    source.AcquisitionDateTime = "20040826185059"
+    image = analysed(source)
 
     def build() -> bytes:
         ds = build_heatmap_sc(image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3021",
@@ -129,6 +131,11 @@ def test_secondary_capture_is_dated_like_the_sr_and_rebuilds_identically() -> No
     assert (ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture) == ("20261122", "054107")
     assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == ("20261122", "054107")
     assert ds.ConversionType == "WSD"
+    stamps = {
+        item.PurposeOfReferenceCodeSequence[0].CodeMeaning: str(item.ContributionDateTime)
+        for item in ds.ContributingEquipmentSequence
+    }
+    assert stamps == {"Acquisition Equipment": "20040826185059", "Processing Equipment": "20261122054107"}
     assert build() == first
 
 
