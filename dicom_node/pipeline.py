@@ -641,7 +641,7 @@ class Pipeline:
             return
         if analysed:
             objects = self._ensure_result_rows(study_pk, info, [i.id for i in analysed])
-            self._build_missing(study_pk, info, objects, cycle)
+            objects = self._build_missing(study_pk, info, objects, cycle)
             for instance in analysed:  # pixels of a finished study need not wait for the whole batch
                 cycle.datasets.pop(instance.id, None)
                 cycle.previews.pop(instance.id, None)
@@ -747,8 +747,14 @@ class Pipeline:
                 LOGGER.info("result rows for study %d created concurrently; reloading", study_pk)
         raise ReportingError(f"could not create result rows for study {study_pk}")
 
-    def _build_missing(self, study_pk: int, info: ModelInfo, object_pks: list[int], cycle: _Cycle) -> None:
-        """Build and write every result object whose file does not exist yet."""
+    def _build_missing(
+        self, study_pk: int, info: ModelInfo, object_pks: list[int], cycle: _Cycle
+    ) -> list[int]:
+        """Build and write every result object whose file does not exist yet; returns the objects to send.
+
+        The heat-map Secondary Capture is optional: when no image has both a heat map and a preview (its
+        pixels purged, its heat map file lost), it is left out and its row removed, and the SR and PDF go
+        out as usual rather than the whole study failing."""
         from reporting.encapsulated import build_encapsulated_pdf
         from reporting.pdf import build_pdf
         from reporting.secondary_capture import build_heatmap_sc
@@ -761,12 +767,13 @@ class Pipeline:
             analysed_at = _aware(study.analysed_at)
             missing = [r for r in rows if r is not None and not (self.config.results_dir / r.file_path).is_file()]
             if not missing:
-                return
+                return object_pks
             images = self._analysed_images(session, study_pk, info, cycle)
         if not images:
             raise ReportingError(f"study {study_pk}: analysed images could not be reloaded")
         identity = self.config.identity
         started = time.perf_counter()
+        left_out: list[int] = []
         try:
             for row in missing:
                 path = row.file_path
@@ -798,7 +805,14 @@ class Pipeline:
                     )
                     self.results.write(path, [dataset_bytes(encapsulated)])
                 elif row.kind is ResultKind.HEATMAP_SC:
-                    with_map = next((image for image in images if image.prediction.heatmap is not None), images[0])
+                    with_map = next(
+                        (i for i in images if i.prediction.heatmap is not None and i.preview is not None), None
+                    )
+                    if with_map is None:
+                        LOGGER.warning("study %d: no image has both a heat map and a preview; no heat-map "
+                                       "Secondary Capture", study_pk)
+                        left_out.append(row.id)
+                        continue
                     sc = build_heatmap_sc(
                         with_map,
                         identity,
@@ -815,9 +829,17 @@ class Pipeline:
         LOGGER.info(
             "study %d: %d result object(s) built in %.0f ms",
             study_pk,
-            len(missing),
+            len(missing) - len(left_out),
             (time.perf_counter() - started) * 1000.0,
         )
+        if left_out:
+            with session_scope(self.session_factory) as session:
+                for pk in left_out:
+                    unsent = session.scalar(select(Delivery.id).where(Delivery.result_object_pk == pk)) is None
+                    unbuilt = session.get(ResultObject, pk)
+                    if unbuilt is not None and unsent:
+                        session.delete(unbuilt)
+        return [pk for pk in object_pks if pk not in left_out]
 
     def _analysed_images(
         self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle

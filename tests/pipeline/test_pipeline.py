@@ -693,3 +693,24 @@ def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, 
         finding = session.scalars(select(Finding)).one()
         assert finding.heatmap_path and (world["config"].results_dir / finding.heatmap_path).is_file()
     assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
+
+
+def test_a_heat_map_without_a_preview_leaves_the_sc_out_and_sends_the_sr_and_pdf(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optional heat-map SC needs a preview of the image; when there is none (here the display
+    conversion fails), the SR and PDF still go out and the study is ANALYSED. The SC used to raise
+    NoHeatmapError, which failed the whole study with its SR and PDF already written and never sent."""
+
+    def no_picture(*_args: Any, **_kwargs: Any) -> None:
+        raise ValueError("no picture")
+
+    monkeypatch.setattr("classifier.preprocess.display_image", no_picture)
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF}
+    assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED
