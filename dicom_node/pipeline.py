@@ -805,9 +805,8 @@ class Pipeline:
                     )
                     self.results.write(path, [dataset_bytes(encapsulated)])
                 elif row.kind is ResultKind.HEATMAP_SC:
-                    with_map = next(
-                        (i for i in images if i.prediction.heatmap is not None and i.preview is not None), None
-                    )
+                    shown = [i for i in images if i.prediction.heatmap is not None and i.preview is not None]
+                    with_map = shown[0] if shown else None
                     if with_map is None:
                         LOGGER.warning("study %d: no image has both a heat map and a preview; no heat-map "
                                        "Secondary Capture", study_pk)
@@ -835,7 +834,8 @@ class Pipeline:
         if left_out:
             with session_scope(self.session_factory) as session:
                 for pk in left_out:
-                    unsent = session.scalar(select(Delivery.id).where(Delivery.result_object_pk == pk)) is None
+                    sent = session.scalar(select(Delivery.id).where(Delivery.result_object_pk == pk))
+                    unsent = sent is None
                     unbuilt = session.get(ResultObject, pk)
                     if unbuilt is not None and unsent:
                         session.delete(unbuilt)
