@@ -877,9 +877,8 @@ def _header_int(ds: pydicom.Dataset, keyword: str) -> int | None:
 
 def _stored_size(ds: pydicom.Dataset) -> tuple[int, int] | None:
     """Rows × Columns of the stored frame, None when the header does not say (the decoder then refuses)."""
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
+    rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    if rows is None or columns is None:
         return None
     return (rows, columns) if rows > 0 and columns > 0 else None
 
