@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from reporting import codes
-from reporting.study import UTF8, dicom_date, dicom_datetime, dicom_time, header, in_study_time
+from reporting.study import UTF8, date_result, dicom_date, dicom_datetime, dicom_time, header, in_study_time
 from reporting.types import NodeIdentity
 
 LOGGER = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def build_encapsulated_pdf(
     )
     ds.copy_patient_and_study_information(study)
     ds.SpecificCharacterSet = UTF8
-    ds.InstanceCreationDate = dicom_date(moment)
-    ds.InstanceCreationTime = dicom_time(moment)
-    if offset is not None:
-        ds.TimezoneOffsetFromUTC = offset
+    date_result(ds, moment, offset)
     if node.station_name:
         ds.StationName = node.station_name
     # SC Equipment module: the document was made by software, not digitised

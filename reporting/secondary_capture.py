@@ -23,12 +23,12 @@ from reporting.errors import ReportingError
 from reporting.heatmap import overlay
 from reporting.study import (
     UTF8,
+    date_result,
     dicom_date,
     dicom_time,
     header_for_highdicom,
     in_study_time,
     put_back,
-    restamp_contributions,
 )
 from reporting.typeface import BOLD_FILE
 from reporting.types import AnalysedImage, NodeIdentity
@@ -112,17 +112,10 @@ def build_heatmap_sc(
 
 def _date(sc: pydicom.Dataset, moment: datetime, offset: str | None) -> None:
     """Every date and time highdicom took from the wall clock, in the study's time (as the SR and PDF)."""
-    for prefix in ("InstanceCreation", "Series", "Content"):
-        setattr(sc, f"{prefix}Date", dicom_date(moment))
-        setattr(sc, f"{prefix}Time", dicom_time(moment))
+    date_result(sc, moment, offset)
     sc.DateOfSecondaryCapture = dicom_date(moment)
     sc.TimeOfSecondaryCapture = dicom_time(moment)
     sc.ConversionType = "WSD"  # made by a workstation from another image (PS3.3 C.8.6.1), not digitised
-    restamp_contributions(sc, moment)
-    if offset is not None:
-        sc.TimezoneOffsetFromUTC = offset
-    elif "TimezoneOffsetFromUTC" in sc:
-        del sc.TimezoneOffsetFromUTC
 
 
 def heatmap_caption(prediction: Prediction) -> str:

@@ -29,14 +29,12 @@ from reporting import codes
 from reporting.study import (
     UTF8,
     check_one_study,
+    date_result,
     derived_uid,
-    dicom_date,
-    dicom_time,
     distinct_models,
     header_for_highdicom,
     in_study_time,
     put_back,
-    restamp_contributions,
 )
 from reporting.types import AnalysedImage, NodeIdentity
 
@@ -190,19 +188,9 @@ def _stamp(
     ``analysed_at`` is in the study's time (:func:`~reporting.study.in_study_time`), ``offset`` its
     Timezone Offset From UTC (None: the study states none, so neither does the report)."""
     sr.SpecificCharacterSet = UTF8
-    restamp_contributions(sr, analysed_at)
+    date_result(sr, analysed_at, offset)
     sr.SeriesDescription = SERIES_DESCRIPTION
-    sr.InstanceCreationDate = dicom_date(analysed_at)
-    sr.InstanceCreationTime = dicom_time(analysed_at)
-    sr.ContentDate = dicom_date(analysed_at)
-    sr.ContentTime = dicom_time(analysed_at)
-    sr.SeriesDate = dicom_date(analysed_at)
-    sr.SeriesTime = dicom_time(analysed_at)
     sr.ManufacturerModelName = node.model_name
     sr.SoftwareVersions = node.software_version
     if node.station_name:
         sr.StationName = node.station_name
-    if offset is not None:
-        sr.TimezoneOffsetFromUTC = offset
-    elif "TimezoneOffsetFromUTC" in sr:
-        del sr.TimezoneOffsetFromUTC

@@ -155,7 +155,22 @@ def dicom_datetime(moment: datetime) -> DT:
 ACQUISITION_EQUIPMENT = "109101"  # DCM "Acquisition Equipment" (CID 7005)
 
 
-def restamp_contributions(ds: Dataset, moment: datetime) -> None:
+def date_result(ds: Dataset, moment: datetime, offset: str | None) -> None:
+    """A result object's own dates and times: instance creation, series and content at ``moment``, the
+    node's Contributing Equipment items restamped, and the Timezone Offset From UTC stated or left out.
+    ``moment`` and ``offset`` come from :func:`in_study_time`, so every result of a study (SR, PDF, SC)
+    dates itself alike and a rebuild gives the same bytes."""
+    for prefix in ("InstanceCreation", "Series", "Content"):
+        setattr(ds, f"{prefix}Date", dicom_date(moment))
+        setattr(ds, f"{prefix}Time", dicom_time(moment))
+    _restamp_contributions(ds, moment)
+    if offset is not None:
+        ds.TimezoneOffsetFromUTC = offset
+    elif "TimezoneOffsetFromUTC" in ds:
+        del ds.TimezoneOffsetFromUTC
+
+
+def _restamp_contributions(ds: Dataset, moment: datetime) -> None:
     """Contribution DateTime of the Contributing Equipment items the node adds (the algorithm, highdicom)
     set to ``moment``: highdicom stamps its own with the wall clock, and the analysis time keeps rebuilds
     identical. The modality's Acquisition Equipment item keeps the source's acquisition time, or none."""
