@@ -704,8 +704,9 @@ class Pipeline:
                     study = session.get(Study, study_pk)
                     if study is None:
                         raise ReportingError(f"study {study_pk} vanished")
+                    now = utcnow()  # the analysis time of every object this call makes
                     if study.analysed_at is None:
-                        study.analysed_at = utcnow()
+                        study.analysed_at = now
                     ids: list[int] = []
                     for kind in kinds:
                         latest = session.scalar(
@@ -725,7 +726,7 @@ class Pipeline:
                         if latest is not None:
                             LOGGER.info("study %d: %s revision %d for a changed set of images",
                                         study_pk, kind.value, latest.revision + 1)
-                            study.analysed_at = utcnow()
+                            study.analysed_at = now
                         sop_uid = generate_uid()
                         row = ResultObject(
                             study_pk=study_pk,
