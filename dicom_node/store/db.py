@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import DatabaseUnavailableError
+from dicom_node.store.files import private_directory
 
 LOGGER = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ def _locking_connection_class(writer_lock: SqliteWriterLock) -> type[sqlite3.Con
     return LockingConnection
 
 
+def _private_database_file(database: Path) -> None:
+    """Create the SQLite file (and its directory) readable by the node's user only: it holds patient
+    names and IDs, and SQLite gives its -wal and -shm files the database file's mode. An existing file
+    that others can read is left as it is, with a warning (an administrator chose its mode)."""
+    private_directory(database.parent)
+    try:
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        if database.stat().st_mode & 0o007:
+            LOGGER.warning("the database file %s can be read by other users (mode %o); it holds patient "
+                           "data: chmod 600 it", database, database.stat().st_mode & 0o777)
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout, enforced foreign keys and, for a database
     file, a :class:`SqliteWriterLock` in front of its write transactions."""
@@ -127,7 +141,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         connect_args: dict[str, Any] = {"timeout": SQLITE_LOCK_TIMEOUT, "check_same_thread": False}
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
             database = Path(parsed.database).resolve()
-            database.parent.mkdir(parents=True, exist_ok=True)
+            _private_database_file(database)
             writer_lock = SqliteWriterLock(database)
             connect_args["factory"] = _locking_connection_class(writer_lock)
         kwargs["connect_args"] = connect_args

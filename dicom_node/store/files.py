@@ -4,6 +4,9 @@ A file is either absent or complete: it is written to a temporary file in its fi
 and fsync'ed, renamed into place and the directory fsync'ed, so a crash or power loss never leaves a
 partial instance under its final name. Paths are relative to the store root
 (``<study uid>/<series uid>/<sop uid>.dcm``) so the root can move.
+
+Everything here is patient data, so it is the node's own whatever the umask: files are created 0600
+(``mkstemp``) and the directories the store creates 0700 (:func:`private_directory`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ _INCOMING_DIR = ".incoming"
 _WRITE_SLICE = 64 * 1024
 _DIRECT_ALIGNMENT = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (covers 512 B sectors)
 _DIRECT_SLICE = 1024 * 1024
+PRIVATE_DIRECTORY_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,11 @@ class FileStore:
         self.min_free_bytes = min_free_bytes
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._direct_buffers = threading.local()
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_directory(self.root)
         # Temporaries live in one folder on the same file system (rename stays atomic), so start-up
         # clean-up lists one directory instead of walking every study.
         self.incoming = self.root / _INCOMING_DIR
-        self.incoming.mkdir(exist_ok=True)
+        private_directory(self.incoming)
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
     def path(self, relative_path: str) -> Path:
@@ -160,7 +164,7 @@ class FileStore:
         digest = self._hashers.submit(_sha256, chunk_list)
         temp: Path | None = None
         try:
-            created = self._make_dirs(target.parent)
+            created = private_directory(target.parent)
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.incoming)
             temp = Path(temp_name)
             try:
@@ -260,16 +264,20 @@ class FileStore:
             LOGGER.info("removed %d incomplete temporary files from the file store", removed)
         return removed
 
-    def _make_dirs(self, directory: Path) -> list[Path]:
-        """Create missing directories; return those created (their parents need an fsync too)."""
-        missing: list[Path] = []
-        current = directory
-        while not current.exists() and current != self.root:
-            missing.append(current)
-            current = current.parent
-        for path in reversed(missing):
-            path.mkdir(exist_ok=True)
-        return missing
+
+def private_directory(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents readable by the node's user only (0700 under any
+    umask; Path.mkdir gives ``mode`` to the last one only) and return those created (their parents need
+    an fsync too). Existing directories are left as they are: an administrator may have opened one to a
+    group on purpose."""
+    missing: list[Path] = []
+    current = directory.absolute()
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, exist_ok=True)
+    return missing
 
 
 def _write_in_slices(fd: int, chunk: bytes | memoryview) -> None:

@@ -126,3 +126,32 @@ def test_in_memory_sqlite_works_without_a_lock_file(tmp_path: Path) -> None:
         assert conn.execute(text("select 1")).scalar_one() == 1
     engine.dispose()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_database_and_its_journal_files_only_the_node_can_read(tmp_path: Path) -> None:
+    """The SQLite file holds patient names and IDs; a login umask (022) would make it world-readable."""
+    previous = os.umask(0o022)
+    try:
+        engine = _make(tmp_path / "var" / "node.sqlite3")
+        with engine.begin() as conn:
+            conn.execute(text("insert into t values ('w', 1)"))
+        names = sorted(path.name for path in (tmp_path / "var").iterdir())
+        modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "var").iterdir()}
+        engine.dispose()
+    finally:
+        os.umask(previous)
+    assert names == ["node.sqlite3", "node.sqlite3-shm", "node.sqlite3-wal", "node.sqlite3.writer-lock"]
+    assert modes == dict.fromkeys(names, "0o600")
+    assert oct((tmp_path / "var").stat().st_mode & 0o777) == "0o700"
+
+
+def test_an_existing_database_others_can_read_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "node.sqlite3"
+    _make(path).dispose()
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="dicom_node.store.db"):
+        _make(path).dispose()
+    assert oct(path.stat().st_mode & 0o777) == "0o644"  # the administrator's choice is kept
+    assert "can be read by other users (mode 644)" in caplog.text

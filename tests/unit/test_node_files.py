@@ -133,3 +133,28 @@ def test_a_failed_direct_write_leaves_no_temporary_and_no_open_descriptor(
     assert list(store.incoming.iterdir()) == []
     assert not store.path("a/b.dcm").exists()
     assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_what_the_store_creates_only_the_node_can_read_under_any_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # the usual login umask: new directories 755, new files 644
+    try:
+        store = FileStore(tmp_path / "data" / "instances")
+        rel = instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+        store.write(rel, [b"patient data"])
+    finally:
+        os.umask(previous)
+    created = [tmp_path / "data", tmp_path / "data" / "instances", store.incoming,
+               store.path("1.2.3"), store.path("1.2.3/1.2.3.4")]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in created} == {
+        path.name: "0o700" for path in created
+    }
+    assert oct(store.path(rel).stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_existing_directory_keeps_the_mode_its_administrator_gave_it(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o750)
+    FileStore(root).write("a/b.dcm", [b"x"])
+    assert oct(root.stat().st_mode & 0o777) == "0o750"
+    assert oct((root / "a").stat().st_mode & 0o777) == "0o700"
