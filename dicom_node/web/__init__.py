@@ -30,6 +30,7 @@ from dicom_node.web import admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
+from dicom_node.web.limits import RequestBodyGuard
 from dicom_node.web.services import ConsoleServices, NodeConsoleServices
 from dicom_node.web.templating import configure_templates
 from dicom_node.web.uploads import UploadStore
@@ -74,6 +75,7 @@ def create_app(
     app.include_router(api.public_router)
     app.include_router(api.router)
     _install_error_handlers(app, templates)
+    app.add_middleware(RequestBodyGuard, logged_in=_session_checker(state))  # inside the headers below
     app.middleware("http")(_security_headers)
     _warn_without_admin(session_factory)
     return app
@@ -107,6 +109,14 @@ async def _security_headers(
     if not request.url.path.startswith("/static/"):
         headers.setdefault("Cache-Control", "no-store")
     return response
+
+
+def _session_checker(state: Console) -> Callable[[str | None], bool]:
+    def logged_in(token: str | None) -> bool:
+        with session_scope(state.session_factory) as session:
+            return state.tokens.resolve(session, token) is not None
+
+    return logged_in
 
 
 def _include_health(app: FastAPI, session_factory: sessionmaker[Session]) -> None:

@@ -39,3 +39,61 @@ def test_a_busy_port_is_a_configuration_error(app: FastAPI) -> None:
         busy = sock.getsockname()[1]
         with pytest.raises(ConfigurationError, match="cannot bind"):
             WebServer(app, "127.0.0.1", busy).start()
+
+
+def _exchange(url: str, head: str, body_parts: tuple[bytes, ...] = (), timeout: float = 5.0) -> str:
+    """Send a request head (and any body parts) on a raw socket; the status line and headers of the
+    answer, which the server must give without waiting for the rest of the body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        for part in body_parts:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed: the rest is not wanted
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("latin-1")
+
+
+def test_an_anonymous_upload_is_refused_before_its_body_is_read(app: FastAPI) -> None:
+    """FastAPI parses a whole form (spooling files to disk) before the login check: anyone could fill
+    the node's disk. The head alone gets the answer; the 50 MB it announces are never sent."""
+    server = WebServer(app, "127.0.0.1", 0)
+    server.start()
+    try:
+        head = ("POST {path} HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\n"
+                "Content-Length: 52428800\nCookie: cxr_session=not-a-session\n")
+        page = _exchange(server.url, head.format(path="/upload"))
+        api = _exchange(server.url, head.format(path="/api/uploads"))
+    finally:
+        server.stop()
+    assert page.startswith("HTTP/1.1 303") and "location: /login?next=/" in page.lower()
+    assert api.startswith("HTTP/1.1 401")
+
+
+def test_bodies_over_their_ceiling_are_refused_with_413(
+    app: FastAPI, accounts: dict[str, int]
+) -> None:
+    server = WebServer(app, "127.0.0.1", 0)
+    server.start()
+    try:
+        declared = _exchange(server.url, "POST /upload HTTP/1.1\nHost: x\nContent-Length: 2147483648\n")
+        login_form = _exchange(
+            server.url,
+            "POST /login HTTP/1.1\nHost: x\nContent-Type: application/x-www-form-urlencoded\n"
+            "Transfer-Encoding: chunked\n",
+            tuple(b"8000\r\n" + b"a" * 0x8000 + b"\r\n" for _ in range(64)),  # 2 MB, no length given
+        )
+        still_serving = httpx.get(f"{server.url}/healthz").status_code
+    finally:
+        server.stop()
+    assert declared.startswith("HTTP/1.1 413")
+    assert login_form.startswith("HTTP/1.1 413")
+    assert "no-store" in login_form  # the console's headers are on the refusal too
+    assert still_serving == 200
