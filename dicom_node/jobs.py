@@ -20,12 +20,24 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.ingest import IngestResult
-from dicom_node.store.models import SCHEDULER_JOBS, Job, JobKind, JobState, Study, StudyState, utcnow
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import (
+    SCHEDULER_JOBS,
+    Instance,
+    InstanceState,
+    Job,
+    JobKind,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -106,6 +118,7 @@ class StudySettler:
         (e.g. an upload through another process).
         """
         _SETTLERS[self.name] = self
+        self.reopen_stranded()
         self.rearm_received()
         self.scheduler.add_job(
             _sweep, "interval", args=[self.name], seconds=SWEEP_SECONDS, id=f"settle-sweep-{self.name}",
@@ -158,6 +171,29 @@ class StudySettler:
             with self._lock:
                 self._armed.discard(study_pk)
             raise
+
+    def reopen_stranded(self) -> int:
+        """Make RECEIVED again the finished studies that hold an image never looked at (earlier versions
+        left an image stored while its study's results were built so for good); returns how many."""
+        stranded = (
+            select(Series.study_pk).join(Instance).where(Instance.state == InstanceState.RECEIVED).distinct()
+        )
+        finished = (StudyState.ANALYSED, StudyState.SKIPPED)
+        try:
+            with session_scope(self.session_factory) as session:
+                reopened = list(
+                    session.scalars(select(Study.id).where(Study.state.in_(finished), Study.id.in_(stranded)))
+                )
+                if reopened:
+                    session.execute(
+                        update(Study).where(Study.id.in_(reopened)).values(state=StudyState.RECEIVED, state_reason="")
+                    )
+        except Exception as exc:
+            LOGGER.error("could not look for stranded images: %s", type(exc).__name__)
+            return 0
+        if reopened:
+            LOGGER.warning("studies %s held images never analysed; reopened", reopened)
+        return len(reopened)
 
     def rearm_received(self) -> int:
         """Arm every RECEIVED study without a timer; returns how many were armed."""

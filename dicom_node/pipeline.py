@@ -951,48 +951,73 @@ class Pipeline:
         *,
         job_failed: bool = False,
     ) -> None:
-        """One delivery per (object, destination), study and jobs final — one transaction."""
+        """One delivery per (object, destination), study and jobs final — one transaction.
+
+        Unless an image of the study arrived while its results were built: a PROCESSING study is not
+        reopened by ingest and its settle timer readies nothing, so the study goes round again instead
+        (these objects are then superseded before they are sent). The study row is locked first, and
+        ingest updates that row before it inserts an instance, so either the image is seen here or its
+        ingest finds the study finished and reopens it."""
         destination_pks: list[int] = []
         with session_scope(self.session_factory) as session:
-            study = session.get(Study, study_pk)
+            study = session.get(Study, study_pk, with_for_update=True)
             if study is None:
                 return
-            if object_pks:
-                callers = {study.calling_ae} | set(
-                    session.scalars(
-                        select(Instance.calling_ae).join(Series).where(Series.study_pk == study_pk).distinct()
-                    )
-                )
-                destinations = destinations_for(session, sorted(callers), self.config.fixed_destinations)
-                if not destinations:
-                    LOGGER.warning("study %d: no destination configured for its results", study_pk)
-                now = utcnow()
-                for object_pk in object_pks:
-                    existing = set(
-                        session.scalars(select(Delivery.destination_pk).where(Delivery.result_object_pk == object_pk))
-                    )
-                    for destination in destinations:
-                        if destination.id not in existing:
-                            session.add(
-                                Delivery(
-                                    result_object_pk=object_pk,
-                                    destination_pk=destination.id,
-                                    state=DeliveryState.PENDING,
-                                    next_attempt_at=now,
-                                )
-                            )
-                destination_pks = [d.id for d in destinations]
-            study.state = state
-            study.state_reason = reason
-            if state is StudyState.ANALYSED and study.analysed_at is None:
-                study.analysed_at = utcnow()
-            for job in self._open_jobs(session, study_pk):
-                job.state = JobState.FAILED if job_failed else JobState.DONE
-                job.error = reason if job_failed else ""
-                job.finished_at = utcnow()
+            late = session.scalar(
+                select(Instance.id).join(Series)
+                .where(Series.study_pk == study_pk, Instance.state == InstanceState.RECEIVED).limit(1)
+            )
+            if late is None:
+                destination_pks = self._record_final(session, study, state, reason, object_pks, job_failed)
+        if late is not None:
+            LOGGER.info("study %d: an image arrived while its results were built; going round again", study_pk)
+            self.submit(study_pk)
+            return
         LOGGER.info("study %d %s with %d result object(s)", study_pk, state.value, len(object_pks))
         if self.outbox is not None and destination_pks:
             self.outbox.kick(destination_pks)
+
+    def _record_final(
+        self, session: Session, study: Study, state: StudyState, reason: str, object_pks: list[int],
+        job_failed: bool,
+    ) -> list[int]:
+        """Deliveries, study state and jobs of a finished study; returns the destinations to kick."""
+        destination_pks: list[int] = []
+        study_pk = study.id
+        if object_pks:
+            callers = {study.calling_ae} | set(
+                session.scalars(
+                    select(Instance.calling_ae).join(Series).where(Series.study_pk == study_pk).distinct()
+                )
+            )
+            destinations = destinations_for(session, sorted(callers), self.config.fixed_destinations)
+            if not destinations:
+                LOGGER.warning("study %d: no destination configured for its results", study_pk)
+            now = utcnow()
+            for object_pk in object_pks:
+                existing = set(
+                    session.scalars(select(Delivery.destination_pk).where(Delivery.result_object_pk == object_pk))
+                )
+                for destination in destinations:
+                    if destination.id not in existing:
+                        session.add(
+                            Delivery(
+                                result_object_pk=object_pk,
+                                destination_pk=destination.id,
+                                state=DeliveryState.PENDING,
+                                next_attempt_at=now,
+                            )
+                        )
+            destination_pks = [d.id for d in destinations]
+        study.state = state
+        study.state_reason = reason
+        if state is StudyState.ANALYSED and study.analysed_at is None:
+            study.analysed_at = utcnow()
+        for job in self._open_jobs(session, study_pk):
+            job.state = JobState.FAILED if job_failed else JobState.DONE
+            job.error = reason if job_failed else ""
+            job.finished_at = utcnow()
+        return destination_pks
 
     def _release(self, study_pks: Sequence[int], reason: str) -> None:
         """Put claimed studies back (jobs PENDING, study READY) so a restart picks them up."""

@@ -24,6 +24,7 @@ from dicom_node.store.models import (
     AuditEvent,
     Base,
     Instance,
+    InstanceState,
     Job,
     JobKind,
     JobState,
@@ -294,6 +295,35 @@ def test_a_late_image_reopens_a_finished_study_and_its_job(
     finish()
     assert ingestor.ingest_bytes(late, calling_ae="M", source="dimse").duplicate
     assert state() == (StudyState.ANALYSED, [JobState.DONE])
+
+
+def test_a_finished_study_left_with_an_image_never_analysed_is_reopened_at_start(
+    engine: Engine, sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """An earlier version finished a study ANALYSED while an image stored during its last round stayed
+    RECEIVED, and nothing ever looked at it again. The settler's start reopens such studies (not FAILED
+    ones: those wait for an operator) and arms their timers."""
+    scheduler = build_scheduler(engine)  # not started: only the decisions are under test
+    settler = StudySettler(scheduler, sessions, settle_seconds=60, name=f"test-{generate_uid()}")
+    ingestor = Ingestor(sessions, store)
+    studies = [ingestor.ingest_bytes(to_bytes(make_cr(seed=i)), calling_ae="M", source="dimse").study_pk
+               for i in range(3)]
+    with sessions() as session, session.begin():
+        for study_pk, state in zip(studies, (StudyState.ANALYSED, StudyState.FAILED, StudyState.ANALYSED),
+                                   strict=True):
+            study = session.get(Study, study_pk)
+            assert study is not None
+            study.state = state
+        analysed = session.scalars(select(Instance).join(Series).where(Series.study_pk == studies[2])).one()
+        analysed.state = InstanceState.ANALYSED
+    try:
+        settler.start()
+        with sessions() as session:
+            states = [session.get(Study, pk).state for pk in studies]  # type: ignore[union-attr]
+    finally:
+        settler.stop()
+    assert states == [StudyState.RECEIVED, StudyState.FAILED, StudyState.ANALYSED]
+    assert scheduler.get_job(f"settle-study-{studies[0]}") is not None
 
 
 def test_timer_rearms_while_instances_keep_arriving(

@@ -124,8 +124,10 @@ def receive(
     *,
     study_uid: str | None = None,
     edit: Callable[[pydicom.Dataset], None] | None = None,
+    settle: bool = True,
 ) -> int:
-    """Ingest a fresh copy of a pydicom-data file as if ORTHANC sent it; make its study ready."""
+    """Ingest a fresh copy of a pydicom-data file as if ORTHANC sent it; make its study ready (unless
+    not ``settle``: the study is left in whatever state the ingest left it)."""
     ds = pydicom.dcmread(peers.pydicom_data_file(name))
     if edit is not None:
         edit(ds)
@@ -137,6 +139,8 @@ def receive(
     buffer = pydicom.filebase.DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     result = ingest_bytes(world["db"], world["store"], buffer.getvalue(), calling_ae="ORTHANC", source="dimse")
+    if not settle:
+        return result.study_pk
     with session_scope(world["db"]) as session:  # what the settle timer does once the study is quiet
         study = session.get(Study, result.study_pk)
         assert study is not None and study.state is StudyState.RECEIVED  # a finished study is reopened
@@ -310,6 +314,41 @@ def test_a_covid_non_covid_model_reports_its_own_two_classes(
     _, pdf_text = doubt_in_results(world, study_pk)
     assert "No COVID-19 pattern" in pdf_text and "Pneumonia" not in pdf_text
     assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
+
+
+def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study is PROCESSING while its SR and PDF are built, so an image stored then does not reopen
+    it, and its settle timer finds nothing to ready. The old code finished the study ANALYSED with that
+    image left RECEIVED for good (and a restart did not pick it up): never classified, missing from the
+    results. Now the study goes round again, and only results that cover both images are sent."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    pipeline = make_pipeline(world)
+    build = pipeline._build_missing
+    late: list[int] = []
+
+    def build_while_an_image_arrives(*args: Any, **kwargs: Any) -> list[int]:
+        if not late:
+            late.append(receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), settle=False))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_build_missing", build_while_an_image_arrives)
+    pipeline.start()
+    assert pipeline.wait_idle(120)
+    pipeline.stop()
+
+    assert late == [study_pk]
+    both = instance_uids(world, study_pk)
+    assert len(both) == 2
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Study.state)).all() == [StudyState.ANALYSED]
+        assert set(session.scalars(select(Instance.state))) == {InstanceState.ANALYSED}
+        sent = set(session.scalars(select(ResultObject.sop_instance_uid).join(Delivery)))
+    latest = result_rows(world, study_pk)
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        assert evidence(world, latest[kind][1]) == both
+    assert sorted(peer.received) == sorted(sent) == sorted(uid for uid, _ in latest.values())
 
 
 def test_results_keep_their_uids_through_a_crash_before_building(
