@@ -1,9 +1,12 @@
-"""Retention: remove received pixel files once they are old enough and their results are delivered.
+"""Retention: remove received pixel files ``storage.retention_days`` after their study was done with.
 
 Rows are kept (the console still lists the study and its finding); ``instance.purged_at`` records when
 the file went. A study qualifies when it is finished — ANALYSED or SKIPPED — and every delivery of its
-result objects is DELIVERED. FAILED studies and studies with undelivered or dead results keep their files,
-so an operator can still act on them. Each run that removes files writes one audit event (row ids only).
+result objects is DELIVERED; the days count from the last of its image receipts, its analysis and its
+deliveries, so results that reached the PACS only after a long outage keep their images for the full
+period. Only images that were analysed or skipped go: FAILED studies and images, and studies with
+undelivered or dead results, keep their files, so an operator can still act on them. Each run that removes
+files writes one audit event (row ids only).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -24,6 +27,7 @@ from dicom_node.store.models import (
     Delivery,
     DeliveryState,
     Instance,
+    InstanceState,
     ResultObject,
     Series,
     Study,
@@ -132,10 +136,10 @@ class Retention:
 
     @staticmethod
     def _candidates(session: Session, cutoff: datetime) -> list[Instance]:
-        undelivered = (
+        not_yet = (  # a result still to deliver, or delivered within the period
             select(ResultObject.study_pk)
             .join(Delivery, Delivery.result_object_pk == ResultObject.id)
-            .where(Delivery.state != DeliveryState.DELIVERED)
+            .where(or_(Delivery.state != DeliveryState.DELIVERED, Delivery.delivered_at >= cutoff))
         )
         return list(
             session.scalars(
@@ -144,9 +148,11 @@ class Retention:
                 .join(Study)
                 .where(
                     Instance.purged_at.is_(None),
-                    Instance.received_at < cutoff,
+                    Instance.state.in_((InstanceState.ANALYSED, InstanceState.SKIPPED)),
                     Study.state.in_((StudyState.ANALYSED, StudyState.SKIPPED)),
-                    Study.id.not_in(undelivered),
+                    Study.last_received_at < cutoff,
+                    or_(Study.analysed_at.is_(None), Study.analysed_at < cutoff),
+                    Study.id.not_in(not_yet),
                 )
                 .order_by(Instance.id)
                 .limit(BATCH)

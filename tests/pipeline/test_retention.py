@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -31,13 +31,15 @@ from tests.pipeline.conftest import add_study
 pytestmark = pytest.mark.db
 
 
-def _with_delivery(session: Session, study: Study, destination: RemoteAe, state: DeliveryState) -> None:
+def _with_delivery(session: Session, study: Study, destination: RemoteAe, state: DeliveryState,
+                   delivered_at: datetime | None = None) -> None:
     obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", sop_instance_uid=f"1.2.3.{study.id}",
                        series_instance_uid=f"1.2.4.{study.id}", file_path=f"{study.id}/sr.dcm")
     session.add(obj)
     session.flush()
-    session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id, state=state))
+    session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id, state=state,
+                         delivered_at=delivered_at))
 
 
 def _files(session: Session, study_pk: int, storage: Path) -> list[tuple[bool, bool]]:
@@ -96,3 +98,40 @@ def test_no_retention_configured_keeps_everything(db: sessionmaker[Session], tmp
     assert Retention(db, storage, retention_days=None).purge().purged == 0
     with session_scope(db) as session:
         assert _files(session, study_pk, storage) == [(True, False)]
+
+
+def test_the_period_counts_from_when_the_study_was_done_with_and_spares_images_never_analysed(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The old code counted from receipt alone: after a 10-day PACS outage a 30-day period ended the
+    moment the results finally went out, and an image the pipeline never looked at (or could not read)
+    went with the rest."""
+    storage = tmp_path / "instances"
+    old, lately = utcnow() - timedelta(days=40), utcnow() - timedelta(days=2)
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104)
+        session.add(pacs)
+        session.flush()
+        after_outage = add_study(session, storage, received_at=old, state=StudyState.ANALYSED,
+                                 instance_state=InstanceState.ANALYSED)
+        after_outage.analysed_at = old
+        _with_delivery(session, after_outage, pacs, DeliveryState.DELIVERED, delivered_at=lately)
+        analysed_lately = add_study(session, storage, received_at=old, state=StudyState.ANALYSED,
+                                    instance_state=InstanceState.ANALYSED)
+        analysed_lately.analysed_at = lately
+        _with_delivery(session, analysed_lately, pacs, DeliveryState.DELIVERED, delivered_at=lately)
+        mixed = add_study(session, storage, received_at=old, images=3, state=StudyState.ANALYSED,
+                          instance_state=InstanceState.ANALYSED)
+        mixed.analysed_at = old
+        _with_delivery(session, mixed, pacs, DeliveryState.DELIVERED, delivered_at=old)
+        session.flush()
+        second, third = sorted(mixed.series[0].instances, key=lambda i: i.instance_number)[1:]
+        second.state, third.state = InstanceState.RECEIVED, InstanceState.FAILED
+        ids = {"after_outage": after_outage.id, "analysed_lately": analysed_lately.id, "mixed": mixed.id}
+
+    assert Retention(db, storage, retention_days=30).purge().purged == 1
+
+    with session_scope(db) as session:
+        assert _files(session, ids["after_outage"], storage) == [(True, False)]
+        assert _files(session, ids["analysed_lately"], storage) == [(True, False)]
+        assert sorted(_files(session, ids["mixed"], storage)) == [(False, True), (True, False), (True, False)]
