@@ -38,6 +38,8 @@ from dicom_node.tls import server_context
 
 LOGGER = logging.getLogger(__name__)
 
+_HANDSHAKE_TIMEOUT = 30.0  # seconds, when no ACSE timeout is configured
+
 # A-ASSOCIATE-RJ (result, source, reason) — PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
@@ -106,6 +108,35 @@ class _ListenerServer(ThreadedAssociationServer):
     """
 
     adopted: socket.socket | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept, and leave the TLS handshake to the connection's own thread (:meth:`finish_request`).
+        pynetdicom shakes hands here, on the one accepting thread and without a timeout, so a peer that
+        connects and says nothing (a TCP health check, a half-open connection, a port scanner) held up
+        every other association until it went away."""
+        client_socket, address = cast(socket.socket, self.socket).accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake, within the ACSE timeout, then the association."""
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.ae.acse_timeout or _HANDSHAKE_TIMEOUT)
+                request.do_handshake()
+                request.settimeout(previous)
+            except ssl.SSLError as exc:
+                LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+                return  # the server closes the socket
+            except OSError as exc:  # closed or silent before a handshake: health checks, scanners
+                LOGGER.info("connection from %s ended before a TLS handshake (%s)", client_address[0],
+                            type(exc).__name__)
+                return
+        super().finish_request(request, client_address)
 
     def server_bind(self) -> None:
         if self.adopted is None:

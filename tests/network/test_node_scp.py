@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -192,3 +194,51 @@ def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
             scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5)
     finally:
         node.scp.stop()
+
+
+def test_a_silent_connection_does_not_hold_up_other_tls_associations(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom shook hands on the one accepting thread without a time-out: a TCP health check or a
+    half-open connection that sent nothing stopped every TLS association until it went away."""
+    cert, key = _certificate(tmp_path)
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        require_client_certificate=False))
+    node = _listener(tmp_path, ssl_context=server)
+    client = client_context(TlsSettings(ca_certificates=cert))
+    try:
+        with socket.create_connection(("127.0.0.1", node.scp.port)) as silent, caplog.at_level("INFO"):
+            assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, tls=client,
+                            timeout=5) == 0
+            with socket.create_connection(("127.0.0.1", node.scp.port)) as plain:
+                plain.sendall(b"\x01\x00" + bytes(70))  # an A-ASSOCIATE-RQ without TLS: not a handshake
+                plain.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    assert plain.recv(100)[:1] in (b"", b"\x15")  # closed, or a TLS alert
+            silent.close()
+            assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, tls=client) == 0
+    finally:
+        node.scp.stop()
+    assert "TLS handshake with 127.0.0.1 failed" in caplog.text
+
+
+def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(tmp_path: Path) -> None:
+    """The hospital's tool against the listener with client certificates required (BCP 195 profile)."""
+    echoscu = peers.executable("echoscu")
+    cert, key = _certificate(tmp_path)
+    client_cert, client_key = _certificate(tmp_path, "modality")
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        ca_certificates=client_cert, require_client_certificate=True))
+    node = _listener(tmp_path, ssl_context=server)
+    command = [echoscu, "-to", "10", "-aet", CALLER, "-aec", "CXRNODE", "+tls", str(client_key),
+               str(client_cert), "+cf", str(cert), "127.0.0.1", str(node.scp.port)]
+    try:
+        with socket.create_connection(("127.0.0.1", node.scp.port)):
+            echo = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        stranger_cert, stranger_key = _certificate(tmp_path, "stranger")
+        stranger = subprocess.run([*command[:7], str(stranger_key), str(stranger_cert), *command[9:]],
+                                  capture_output=True, text=True, timeout=30)
+    finally:
+        node.scp.stop()
+    assert echo.returncode == 0, echo.stderr
+    assert stranger.returncode != 0  # a certificate the node's CA bundle did not issue
