@@ -28,7 +28,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit
-from dicom_node.errors import AssociationError, ConfigurationError, ConflictError, NodeError, NotFoundError
+from dicom_node.errors import (
+    AssociationError,
+    ConfigurationError,
+    ConflictError,
+    InvalidDatasetError,
+    NodeError,
+    NotFoundError,
+)
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import is_stored, is_warning
 from dicom_node.store.db import session_scope
@@ -44,6 +51,7 @@ from dicom_node.terminal import say
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
+    from pydicom import Dataset
 
     from dicom_node.metrics import NodeMetrics
     from dicom_node.settings import OutboxSettings, Settings, TlsSettings
@@ -315,16 +323,30 @@ class Outbox:
     def _send(self, destination: RemoteAe, items: list[_Item], report: BatchReport) -> None:
         from dicom_node import scu
 
-        missing = [item for item in items if not item.path.is_file()]
-        present = [item for item in items if item.path.is_file()]
-        outcomes: dict[int, tuple[int | None, str]] = {
-            item.delivery_pk: (None, "result file missing") for item in missing
-        }
+        # Each file is read on its own: one missing or unreadable object is that delivery's failure, not
+        # the whole batch's (its batch-mates, other studies' results among them, go out regardless).
+        outcomes: dict[int, tuple[int | None, str]] = {}
+        present: list[_Item] = []
+        datasets: list[Dataset] = []
+        for item in items:
+            if not item.path.is_file():
+                outcomes[item.delivery_pk] = (None, "result file missing")
+                continue
+            try:
+                (dataset,) = scu.load_datasets([item.path])
+            except InvalidDatasetError as exc:
+                outcomes[item.delivery_pk] = (None, str(exc))
+                continue
+            if not dataset.get("SOPClassUID"):
+                outcomes[item.delivery_pk] = (None, f"{item.path.name} has no SOP Class UID")
+                continue
+            present.append(item)
+            datasets.append(dataset)
         if present:
             try:
                 context = self._tls_context() if destination.tls else None
                 statuses = scu.send(
-                    [item.path for item in present],
+                    datasets,
                     destination.host or "",
                     int(destination.port or 0),
                     destination.ae_title,

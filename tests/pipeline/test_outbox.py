@@ -157,6 +157,26 @@ def test_due_objects_go_in_one_association_and_are_never_sent_twice(
             assert [a.outcome for a in delivery.attempt_history] == ["delivered"]
 
 
+def test_an_unreadable_result_file_fails_its_own_delivery_only(
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer
+) -> None:
+    """The old code read every file of a batch before associating: one damaged object failed all 64,
+    batch after batch, until its batch-mates (other studies' results among them) went DEAD with it."""
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, peer.port, 3)
+    with session_scope(db) as session:
+        damaged = session.get(Delivery, ids[1])
+        assert damaged is not None
+        (results / damaged.result_object.file_path).write_bytes(b"not DICOM at all")
+    report = _outbox(db, results).deliver_due(destination_pk)
+    assert sorted(report.delivered) == [ids[0], ids[2]] and report.failed == [ids[1]]
+    assert len(peer.received) == 2
+    with session_scope(db) as session:
+        damaged = session.get(Delivery, ids[1])
+        assert damaged is not None and damaged.state is DeliveryState.RETRYING
+        assert "is not a readable DICOM file" in damaged.last_error
+
+
 def test_a_warning_status_counts_as_delivered_and_is_recorded(
     db: sessionmaker[Session], tmp_path: Path, peer: StorePeer
 ) -> None:
