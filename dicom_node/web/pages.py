@@ -56,8 +56,6 @@ LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PRIVATE_CACHE = {"Cache-Control": "private, max-age=300"}
-
 router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +145,7 @@ def upload_preview_png(con: Console, held: HeldUpload) -> bytes:
 @router.get("/upload/{token}/image.png")
 def upload_image(con: ConsoleDep, principal: UserDep, token: str) -> Response:
     held = held_upload(con, principal, token)
-    return Response(upload_preview_png(con, held), media_type="image/png", headers=PRIVATE_CACHE)
+    return Response(upload_preview_png(con, held), media_type="image/png")
 
 
 @router.get("/upload/{token}/heatmap.png")
@@ -160,7 +158,7 @@ def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
         if held.upload.dataset is not None
         else picture_preview(held.upload)
     )
-    return Response(overlay_png(gray, held.prediction.heatmap), media_type="image/png", headers=PRIVATE_CACHE)
+    return Response(overlay_png(gray, held.prediction.heatmap), media_type="image/png")
 
 
 PICTURE_UNCONFIRMED = (
@@ -338,7 +336,7 @@ def instance_image(con: ConsoleDep, db: DbDep, study_id: RowId, instance_id: Row
     instance = _instance(db, study_id, instance_id)
     release(db)
     gray = con.services.stored_preview(instance.file_path)
-    return Response(png_bytes(gray), media_type="image/png", headers=PRIVATE_CACHE)
+    return Response(png_bytes(gray), media_type="image/png")
 
 
 def _under(root: Path, relative: str) -> Path:
@@ -357,7 +355,7 @@ def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: RowId, finding_id: Row
     release(db)
     heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path))
     gray = con.services.stored_preview(instance.file_path)
-    return Response(overlay_png(gray, heat), media_type="image/png", headers=PRIVATE_CACHE)
+    return Response(overlay_png(gray, heat), media_type="image/png")
 
 
 def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:

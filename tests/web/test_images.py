@@ -53,5 +53,8 @@ def test_details_image_and_heatmap_of_a_stored_instance(
     assert image.status_code == 200 and _mediastinum_brighter_than_lungs(image.content)
     overlay = client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png")
     assert overlay.status_code == 200
+    # A radiograph must not outlive the session in the browser's cache (it was "private, max-age=300":
+    # after logging out, the image still showed from the cache).
+    assert image.headers["cache-control"] == overlay.headers["cache-control"] == "no-store"
     shown = Image.open(io.BytesIO(image.content))
     assert Image.open(io.BytesIO(overlay.content)).size == shown.size

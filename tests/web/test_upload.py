@@ -69,7 +69,9 @@ def test_png_upload_is_shown_before_classification(rad_client: tuple[TestClient,
     assert 'id="classify"' in page and "Save report" not in page  # report only after classifying
     assert 'id="picture-hint"' in page and "of an adult" in page  # no header to check: the user is asked to
     assert "chest.png" in page
-    shown = Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content))
+    preview = client.get(f"/upload/{token}/image.png")
+    assert preview.headers["cache-control"] == "no-store"  # not kept in the browser after logout
+    shown = Image.open(io.BytesIO(preview.content))
     assert shown.size == (640, 560) and shown.mode == "L"
     assert np.array_equal(np.asarray(shown), np.asarray(Image.open(io.BytesIO(png)).convert("L")))
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # not classified yet
