@@ -6,7 +6,6 @@ on every POST, PUT, PATCH and DELETE. The OpenAPI description is at ``/api/opena
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
@@ -22,7 +21,7 @@ from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
 from dicom_node.web import results
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
-from dicom_node.web.auth import SESSION_COOKIE
+from dicom_node.web.auth import SESSION_COOKIE, UtcDatetime
 from dicom_node.web.deps import (
     ConsoleDep,
     CsrfAdminDep,
@@ -149,7 +148,7 @@ def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -
 class DeliveryOut(BaseModel):
     id: int
     state: DeliveryState
-    next_attempt_at: datetime | None
+    next_attempt_at: UtcDatetime | None
 
 
 @router.post("/deliveries/{delivery_id}/resend", response_model=DeliveryOut, tags=["results"])
@@ -179,7 +178,7 @@ class PredictionOut(BaseModel):
     probabilities: dict[str, float]
     model_name: str
     model_version: str
-    analysed_at: datetime
+    analysed_at: UtcDatetime
     heatmap_url: str | None
     report_url: str
     novelty: float | None = None  # how unlike the training images, 1.0 = the model's limit
@@ -321,8 +320,8 @@ class UserOut(BaseModel):
     username: str
     role: UserRole
     active: bool
-    created_at: datetime
-    last_login_at: datetime | None
+    created_at: UtcDatetime
+    last_login_at: UtcDatetime | None
 
     @classmethod
     def of(cls, user: User) -> UserOut:
@@ -338,7 +337,7 @@ class UserOut(BaseModel):
 
 class AuditEventOut(BaseModel):
     id: int
-    at: datetime
+    at: UtcDatetime
     actor: str
     action: str
     target: str

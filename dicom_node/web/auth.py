@@ -15,7 +15,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
+from pydantic import AfterValidator
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -47,6 +49,11 @@ class Principal:
 def aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything the node stores is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+#: A time in the JSON API: always with its zone (``...Z``), whatever the database handed back. A naive
+#: value reads as the browser's local time in JavaScript's ``new Date()``.
+UtcDatetime = Annotated[datetime, AfterValidator(aware)]
 
 
 class SessionTokens:

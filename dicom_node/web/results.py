@@ -31,7 +31,7 @@ from dicom_node.store.models import (
     Study,
     StudyState,
 )
-from dicom_node.web.auth import aware
+from dicom_node.web.auth import UtcDatetime, aware
 
 PAGE_SIZES = (25, 50, 100)
 
@@ -43,7 +43,7 @@ PAGE_SIZES = (25, 50, 100)
 class Dashboard(BaseModel):
     """Today's work (since local midnight) and what is waiting."""
 
-    since: datetime
+    since: UtcDatetime
     instances_received: int
     studies_received: int
     studies_analysed: int
@@ -124,7 +124,7 @@ class DestinationState(BaseModel):
 
 class ResultRow(BaseModel):
     study_id: int
-    received_at: datetime
+    received_at: UtcDatetime
     patient_name: str
     patient_id: str
     accession_number: str
@@ -281,7 +281,7 @@ class FindingDetail(BaseModel):
     probabilities: list[tuple[str, float]]
     model_name: str
     model_version: str
-    created_at: datetime
+    created_at: UtcDatetime
     has_heatmap: bool
     novelty: float | None = None  # how unlike the training images; 1.0 = the model's limit
     doubt: str | None = None  # why the model's own checks doubted the image it classified anyway
@@ -298,7 +298,7 @@ class InstanceDetail(BaseModel):
     rows: int | None
     columns: int | None
     source: str
-    received_at: datetime
+    received_at: UtcDatetime
     state: str
     state_reason: str
     pixels_available: bool
@@ -306,7 +306,7 @@ class InstanceDetail(BaseModel):
 
 
 class AttemptDetail(BaseModel):
-    at: datetime
+    at: UtcDatetime
     status: int | None
     outcome: str
     error: str
@@ -318,10 +318,10 @@ class DeliveryDetail(BaseModel):
     destination_address: str
     state: DeliveryState
     attempts: int
-    next_attempt_at: datetime | None
+    next_attempt_at: UtcDatetime | None
     last_status: int | None
     last_error: str
-    delivered_at: datetime | None
+    delivered_at: UtcDatetime | None
     history: list[AttemptDetail]
 
 
@@ -333,7 +333,7 @@ class ResultObjectDetail(BaseModel):
     # 2, 3, …: made again because images of the study arrived after the earlier revision
     revision: int
     sop_instance_uid: str
-    created_at: datetime
+    created_at: UtcDatetime
     deliveries: list[DeliveryDetail]
 
 
@@ -352,8 +352,8 @@ class StudyDetail(BaseModel):
     calling_ae: str
     state: StudyState
     state_reason: str
-    received_at: datetime
-    analysed_at: datetime | None
+    received_at: UtcDatetime
+    analysed_at: UtcDatetime | None
     # Findings were made although the header gives no patient age: the reader confirms an adult
     age_unknown: bool
     instances: list[InstanceDetail]

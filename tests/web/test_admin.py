@@ -288,8 +288,10 @@ def test_api_users(admin_client: tuple[TestClient, str]) -> None:
         ).status_code
         == 409
     )
-    names = [u["username"] for u in client.get("/api/admin/users").json()]
-    assert names == [ADMIN[0], "erin", RADIOLOGIST[0]]
+    listed = client.get("/api/admin/users").json()
+    assert [u["username"] for u in listed] == [ADMIN[0], "erin", RADIOLOGIST[0]]
+    # With its zone: SQLite hands back naive UTC, which JavaScript's Date would read as local time.
+    assert all(u["created_at"].endswith("Z") for u in listed) and listed[0]["last_login_at"].endswith("Z")
 
 
 def test_settings_page_is_read_only_and_masks_secrets(
@@ -328,6 +330,7 @@ def test_audit_log_lists_and_filters_events(admin_client: tuple[TestClient, str]
     assert "ae.add" in filtered and ">user.login<" not in filtered
     api = client.get("/api/admin/audit", params={"action": "ae."}).json()
     assert api["total"] == 1 and api["events"][0]["details"]["ae_title"] == "CT01"
+    assert api["events"][0]["at"].endswith("Z")
 
 
 def test_sessions_table_does_not_keep_expired_rows(
