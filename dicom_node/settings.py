@@ -143,6 +143,7 @@ class WebSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     session_minutes: int = Field(default=480, ge=1)
+    session_max_hours: float = Field(default=12, gt=0)
     # None: a random key per process (sessions end when the node restarts)
     secret_key: SecretStr | None = None
     secure_cookies: bool = False

@@ -1,6 +1,8 @@
 """Console sessions: random cookie tokens (only an HMAC of them is stored), CSRF tokens, login throttling.
 
-A session expires after ``web.session_minutes`` without use; every use moves the expiry forward.
+A session expires after ``web.session_minutes`` without use (a page's own automatic reload, marked
+``?auto=1``, is not use) and ``web.session_max_hours`` after its login whatever the use, so an
+unattended workstation does not keep patient data on screen for ever.
 The HMAC key is ``web.secret_key`` or a random key per process, in which case a restart ends all
 sessions (nothing else depends on it).
 """
@@ -59,9 +61,10 @@ UtcDatetime = Annotated[datetime, AfterValidator(aware)]
 class SessionTokens:
     """Creates, resolves and ends console sessions."""
 
-    def __init__(self, key: bytes, lifetime: timedelta) -> None:
+    def __init__(self, key: bytes, lifetime: timedelta, max_age: timedelta = timedelta(hours=12)) -> None:
         self._key = key
         self.lifetime = lifetime
+        self.max_age = max_age
 
     def digest(self, token: str) -> str:
         return hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest()
@@ -76,26 +79,28 @@ class SessionTokens:
                 user_pk=user.id,
                 csrf_token=secrets.token_urlsafe(32),
                 created_at=now,
-                expires_at=now + self.lifetime,
+                expires_at=now + min(self.lifetime, self.max_age),
             )
         )
         session.flush()
         return token
 
-    def resolve(self, session: Session, token: str | None) -> Principal | None:
-        """The principal for a cookie token, or None when unknown, expired or the user is disabled."""
+    def resolve(self, session: Session, token: str | None, *, used: bool = True) -> Principal | None:
+        """The principal for a cookie token, or None when unknown, expired or the user is disabled.
+        ``used``: the request is the user's doing, so the idle expiry moves forward."""
         if not token or len(token) > 128:
             return None
         row = session.scalar(select(WebSession).where(WebSession.token_hash == self.digest(token)))
         if row is None:
             return None
         now = datetime.now(UTC)
-        if aware(row.expires_at) <= now or not row.user.active:
+        ends = aware(row.created_at) + self.max_age
+        if min(aware(row.expires_at), ends) <= now or not row.user.active:
             session.delete(row)
             session.commit()
             return None
-        if aware(row.expires_at) - now < self.lifetime - _REFRESH_AFTER:
-            row.expires_at = now + self.lifetime
+        if used and aware(row.expires_at) - now < self.lifetime - _REFRESH_AFTER:
+            row.expires_at = min(now + self.lifetime, ends)
             session.commit()
         return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token)
 

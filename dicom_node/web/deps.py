@@ -86,8 +86,13 @@ def release(db: Session) -> None:
     db.commit()
 
 
+#: Query marker of a page's own automatic reload (dashboard, a study being processed): not a user's action.
+AUTO_RELOAD = "auto"
+
+
 def optional_user(request: Request, db: DbDep) -> Principal | None:
-    principal = console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE))
+    used = request.query_params.get(AUTO_RELOAD) != "1"
+    principal = console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE), used=used)
     release(db)
     return principal
 

@@ -187,6 +187,36 @@ def test_use_extends_an_idle_session(
     assert expires > soon + timedelta(minutes=400)  # session_minutes defaults to 480
 
 
+def test_a_page_reloading_itself_does_not_keep_the_session_alive(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """The dashboard reloads every minute (a study being processed every 10 s); the old code counted
+    each reload as use, so an unattended workstation never logged off."""
+    login(client, *ADMIN)
+    dashboard = client.get("/").text
+    assert 'content="60; url=/?auto=1"' in dashboard
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    with session_scope(factory) as s:
+        s.scalars(select(WebSession)).one().expires_at = soon
+    assert client.get("/?auto=1").status_code == 200
+    with session_scope(factory) as s:
+        assert s.scalars(select(WebSession)).one().expires_at.replace(tzinfo=UTC) == soon
+
+
+def test_every_session_ends_after_its_maximum_age_however_it_is_used(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    login(client, *ADMIN)
+    with session_scope(factory) as s:
+        row = s.scalars(select(WebSession)).one()
+        row.created_at = datetime.now(UTC) - timedelta(hours=11, minutes=59)
+    assert client.get("/").status_code == 200
+    with session_scope(factory) as s:
+        s.scalars(select(WebSession)).one().created_at = datetime.now(UTC) - timedelta(hours=12, seconds=1)
+    assert client.get("/").status_code == 303
+    assert _sessions(factory) == 0
+
+
 def test_logout_deletes_the_session(
     client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:

@@ -470,7 +470,8 @@ def test_a_study_in_progress_reloads_itself_until_analysed(
     busy = add_study(
         factory, StudySpec("BUSY^B", "P-500", "A500", state=StudyState.PROCESSING, label=None)
     ).study
-    assert '<meta http-equiv="refresh" content="10">' in client.get(f"/results/{busy}").text
+    reload = f'<meta http-equiv="refresh" content="10; url=/results/{busy}?auto=1">'  # not a user's action
+    assert reload in client.get(f"/results/{busy}").text
     assert 'http-equiv="refresh"' not in client.get(f"/results/{corpus['covid']}").text
 
 
