@@ -21,7 +21,7 @@ from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
 from dicom_node.web import results
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
-from dicom_node.web.auth import SESSION_COOKIE, UtcDatetime
+from dicom_node.web.auth import DEVICE_COOKIE, SESSION_COOKIE, UtcDatetime
 from dicom_node.web.deps import (
     ConsoleDep,
     CsrfAdminDep,
@@ -33,7 +33,7 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
-from dicom_node.web.login import record_failed_login, set_cookie
+from dicom_node.web.login import record_failed_login, refused_as_blocked, set_cookie, set_device_cookie
 from dicom_node.web.pages import (
     ResultQueryDep,
     audit_read,
@@ -66,18 +66,19 @@ class SessionInfo(BaseModel):
 
 
 @public_router.post("/session", response_model=SessionInfo)
-def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
+def api_login(request: Request, body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
     """Log in; sets the session cookie. JSON only, so a cross-site form cannot submit it."""
-    if con.throttle.blocked(body.username):
+    key = con.tokens.throttle_key(body.username, request.cookies.get(DEVICE_COOKIE))
+    if refused_as_blocked(con, db, body.username, key):
         return JSONResponse({"detail": "too many failed attempts; wait and retry"}, status_code=429)
     try:
         user = users.authenticate(db, body.username, body.password)
     except AuthenticationError:
-        con.throttle.failed(body.username)
+        con.throttle.failed(key)
         record_failed_login(db, body.username, "user.login_failed")
         db.commit()
         return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
-    con.throttle.succeeded(body.username)
+    con.throttle.succeeded(key)
     con.tokens.purge_expired(db)
     token = con.tokens.create(db, user)
     audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
@@ -91,6 +92,7 @@ def api_login(body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
         )
     )
     set_cookie(response, con, SESSION_COOKIE, token)
+    set_device_cookie(response, con, user.username)
     return response
 
 

@@ -1,5 +1,9 @@
 """Console sessions: random cookie tokens (only an HMAC of them is stored), CSRF tokens, login throttling.
 
+Guessing is throttled per account, but a browser that has logged in to an account before carries a signed
+device cookie for it and has a throttle of its own (OWASP's "device cookies"): someone trying passwords
+for ``admin`` locks out only the browsers that never logged in as ``admin``, not the administrator.
+
 A session expires after ``web.session_minutes`` without use (a page's own automatic reload, marked
 ``?auto=1``, is not use) and ``web.session_max_hours`` after its login whatever the use, so an
 unattended workstation does not keep patient data on screen for ever.
@@ -26,6 +30,8 @@ from sqlalchemy.orm import Session
 from dicom_node.store.models import User, UserRole, WebSession
 
 SESSION_COOKIE = "cxr_session"
+DEVICE_COOKIE = "cxr_device"
+DEVICE_COOKIE_DAYS = 365
 LOGIN_CSRF_COOKIE = "cxr_login_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -104,6 +110,26 @@ class SessionTokens:
             session.commit()
         return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token)
 
+    def device_cookie(self, username: str) -> str:
+        """A cookie saying this browser logged in as ``username`` (set at each successful login)."""
+        nonce = secrets.token_urlsafe(16)
+        return f"{nonce}.{self._device_mac(username, nonce)}"
+
+    def throttle_key(self, username: str, device_cookie: str | None) -> str:
+        """What failed logins are counted against: the browser when its device cookie is for this
+        account, else every browser without one for it."""
+        name = username.strip().lower()
+        cookie = device_cookie or ""
+        nonce, _, mac = cookie.partition(".")
+        expected = self._device_mac(name, nonce).encode()
+        if nonce and len(cookie) <= 128 and hmac.compare_digest(mac.encode(), expected):
+            return f"device:{nonce}"
+        return f"user:{name}"
+
+    def _device_mac(self, username: str, nonce: str) -> str:
+        message = f"device|{username.strip().lower()}|{nonce}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
+
     def end(self, session: Session, session_id: int) -> None:
         session.execute(delete(WebSession).where(WebSession.id == session_id))
 
@@ -117,17 +143,18 @@ def tokens_match(expected: str, given: str | None) -> bool:
 
 
 class LoginThrottle:
-    """Slows password guessing: after ``limit`` failures for one username within ``window`` seconds,
-    further attempts for that name are refused until the window has passed.
+    """Slows password guessing: after ``limit`` failures for one key (:meth:`SessionTokens.throttle_key`)
+    within ``window`` seconds, further attempts with that key are refused until the window has passed.
 
-    Anyone can try any username, so the memory is bounded: names whose failures have expired are
-    dropped, and beyond ``max_names`` the names with the oldest first failure go first."""
+    Anyone can try any username, so the memory is bounded: keys whose failures have expired are
+    dropped, and beyond ``max_names`` the keys with the oldest first failure go first."""
 
     def __init__(self, limit: int = 8, window: float = 900.0, max_names: int = 10_000) -> None:
         self.limit = limit
         self.window = window
         self.max_names = max_names
         self._failures: dict[str, deque[float]] = {}
+        self._reported: set[str] = set()  # keys whose block was audited in their current window
         self._lock = threading.Lock()
 
     def _recent(self, key: str, now: float) -> int:
@@ -139,11 +166,21 @@ class LoginThrottle:
             entries.popleft()
         if not entries:
             del self._failures[key]
+            self._reported.discard(key)
         return len(entries)
 
     def blocked(self, username: str) -> bool:
         with self._lock:
             return self._recent(username.strip().lower(), time.monotonic()) >= self.limit
+
+    def first_block(self, username: str) -> bool:
+        """True once per blocked window: one audit event per lockout, not one per refused attempt."""
+        key = username.strip().lower()
+        with self._lock:
+            if key in self._reported:
+                return False
+            self._reported.add(key)
+            return True
 
     def failed(self, username: str) -> None:
         key = username.strip().lower()
@@ -156,8 +193,10 @@ class LoginThrottle:
                 while len(self._failures) >= self.max_names:
                     oldest = min(self._failures, key=lambda name: self._failures[name][0])
                     del self._failures[oldest]
+                    self._reported.discard(oldest)
             self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:
         with self._lock:
             self._failures.pop(username.strip().lower(), None)
+            self._reported.discard(username.strip().lower())

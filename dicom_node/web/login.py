@@ -13,7 +13,14 @@ from dicom_node import audit
 from dicom_node.errors import AuthenticationError
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
 from dicom_node.users import find as find_user
-from dicom_node.web.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Principal, tokens_match
+from dicom_node.web.auth import (
+    DEVICE_COOKIE,
+    DEVICE_COOKIE_DAYS,
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Principal,
+    tokens_match,
+)
 from dicom_node.web.deps import Console, ConsoleDep, CsrfUserDep, DbDep, current_user, optional_user
 from dicom_node.web.templating import render
 
@@ -31,6 +38,25 @@ def set_cookie(response: Response, con: Console, name: str, value: str) -> None:
     response.set_cookie(
         name, value, httponly=True, samesite="strict", secure=con.settings.web.secure_cookies, path="/"
     )
+
+
+def set_device_cookie(response: Response, con: Console, username: str) -> None:
+    """Remember that this browser logged in as ``username``: its failed logins are then counted apart
+    from everyone else's, so others' guessing does not lock it out."""
+    response.set_cookie(
+        DEVICE_COOKIE, con.tokens.device_cookie(username), max_age=DEVICE_COOKIE_DAYS * 86400, httponly=True,
+        samesite="strict", secure=con.settings.web.secure_cookies, path="/",
+    )
+
+
+def refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
+    """The throttle refuses this attempt; its first refusal in a lockout window is audited."""
+    if not con.throttle.blocked(key):
+        return False
+    if con.throttle.first_block(key):
+        record_failed_login(db, username, "user.login_blocked")
+        db.commit()
+    return True
 
 
 def _login_page(
@@ -87,28 +113,28 @@ def login(
 ) -> Response:
     if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
         return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
-    if con.throttle.blocked(username):
-        record_failed_login(db, username, "user.login_blocked")
-        db.commit()
+    key = con.tokens.throttle_key(username, request.cookies.get(DEVICE_COOKIE))
+    if refused_as_blocked(con, db, username, key):
         return _login_page(
             request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
         )
     try:
         user = authenticate(db, username, password)
     except AuthenticationError:
-        con.throttle.failed(username)
+        con.throttle.failed(key)
         record_failed_login(db, username, "user.login_failed")
         db.commit()
         return _login_page(
             request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
         )
-    con.throttle.succeeded(username)
+    con.throttle.succeeded(key)
     con.tokens.purge_expired(db)
     token = con.tokens.create(db, user)
     audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
     db.commit()
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_cookie(response, con, SESSION_COOKIE, token)
+    set_device_cookie(response, con, user.username)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -128,6 +129,40 @@ def test_repeated_failures_block_the_username(client: TestClient, accounts: dict
     )
     assert response.status_code == 429
     assert "cxr_session" not in client.cookies
+
+
+def _try_login(client: TestClient, username: str, password: str) -> int:
+    page = client.get("/login")
+    response = client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": form_csrf(page.text)}
+    )
+    return response.status_code
+
+
+def test_guessing_does_not_lock_out_a_browser_that_logged_in_before(
+    app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """The old throttle counted per username only, refused the right password too and audited every
+    refusal: anyone could lock every admin out (and fill the audit log) with a few hundred requests."""
+    with TestClient(app, follow_redirects=False) as own, TestClient(app, follow_redirects=False) as other:
+        assert _try_login(own, *ADMIN) == 303  # the administrator's browser, earlier
+        assert own.cookies.get("cxr_device")
+        own.post("/logout", data={"csrf_token": form_csrf(own.get("/").text)})
+        for _ in range(8):
+            assert _try_login(other, ADMIN[0], "guess-guess-guess") == 401
+        refused = [_try_login(other, *ADMIN) for _ in range(5)]
+        # a device cookie for another account is no way round the block
+        other.cookies.set("cxr_device", app.state.console.tokens.device_cookie(RADIOLOGIST[0]))
+        assert _try_login(other, ADMIN[0], "guess-guess-guess") == 429
+        assert _try_login(own, *ADMIN) == 303
+    assert refused == [429] * 5
+    assert _actions(factory).count("user.login_blocked") == 1  # one event per lockout
+    with TestClient(app, follow_redirects=False) as forged:  # a made-up device cookie counts as none
+        forged.cookies.set("cxr_device", "abc.0123456789abcdef0123456789abcdef")
+        assert _try_login(forged, *ADMIN) == 429
+    tokens = app.state.console.tokens
+    assert tokens.throttle_key(" Alice", tokens.device_cookie("alice")).startswith("device:")
+    assert tokens.throttle_key("alice", "abc.d\u00e9f") == "user:alice"  # not ASCII: no TypeError
 
 
 def test_login_does_not_redirect_off_site(client: TestClient, accounts: dict[str, int]) -> None:
