@@ -41,6 +41,7 @@ from dicom_node.web.pages import (
     held_upload,
     hold_upload,
     read_limited,
+    store_held,
     upload_report_response,
 )
 
@@ -246,12 +247,8 @@ def api_upload_report(con: ConsoleDep, principal: UserDep, token: str) -> Respon
 
 
 @router.post("/uploads/{token}/store", response_model=IngestOut, tags=["upload"])
-def api_upload_store(con: ConsoleDep, principal: CsrfUserDep, token: str) -> IngestOut:
-    held = held_upload(con, principal, token)
-    if not held.upload.is_dicom:
-        raise NotFoundError("only DICOM uploads can be stored in the node")
-    outcome = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
-    held.ingest = outcome
+def api_upload_store(con: ConsoleDep, db: DbDep, principal: CsrfUserDep, token: str) -> IngestOut:
+    outcome = store_held(con, db, principal, held_upload(con, principal, token))
     return IngestOut(study_id=outcome.study_pk, instance_id=outcome.instance_pk, duplicate=outcome.duplicate)
 
 

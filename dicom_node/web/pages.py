@@ -48,7 +48,7 @@ from dicom_node.web.deps import (
 )
 from dicom_node.web.errors import http_status
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
-from dicom_node.web.services import picture_preview
+from dicom_node.web.services import IngestOutcome, picture_preview
 from dicom_node.web.templating import render
 from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
 
@@ -218,20 +218,33 @@ def upload_report(con: ConsoleDep, principal: UserDep, token: str) -> Response:
     return upload_report_response(con, held_upload(con, principal, token))
 
 
-@router.post("/upload/{token}/store")
-def upload_store(request: Request, con: ConsoleDep, principal: CsrfUserDep, token: str) -> Response:
-    """Store an uploaded DICOM file in the node, so it is analysed and sent on like a C-STORE."""
-    held = held_upload(con, principal, token)
+def store_held(con: Console, db: Session, principal: Principal, held: HeldUpload) -> IngestOutcome:
+    """Store an uploaded DICOM file in the node, so it is analysed and sent on like a C-STORE, and audit
+    who did (the sender column holds ``WEB:`` and at most 12 characters of the name: an AE title)."""
     if not held.upload.is_dicom:
         raise NotFoundError("only DICOM uploads can be stored in the node")
+    release(db)  # no transaction held while the ingest writes
+    outcome = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
+    held.ingest = outcome
+    audit_read(db, principal, "upload.store", f"study:{outcome.study_pk}",
+               {"instance_id": outcome.instance_pk, "duplicate": outcome.duplicate})
+    return outcome
+
+
+@router.post("/upload/{token}/store")
+def upload_store(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfUserDep, token: str) -> Response:
+    """Store an uploaded DICOM file in the node, so it is analysed and sent on like a C-STORE."""
+    held = held_upload(con, principal, token)
     try:
-        held.ingest = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
+        outcome = store_held(con, db, principal, held)
+    except NotFoundError:
+        raise
     except NodeError as exc:
         return render(
             request, "upload.html", principal, status=422, active="upload", held=held, error=str(exc)
         )
-    notice = "duplicate" if held.ingest.duplicate else "stored"
-    return RedirectResponse(f"/results/{held.ingest.study_pk}?notice={notice}", status_code=303)
+    notice = "duplicate" if outcome.duplicate else "stored"
+    return RedirectResponse(f"/results/{outcome.study_pk}?notice={notice}", status_code=303)
 
 
 # ---------------------------------------------------------------------------------------------

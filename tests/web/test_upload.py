@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.eligibility import MODEL_SCOPE, UNKNOWN_AGE
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
-from dicom_node.store.models import Instance
+from dicom_node.store.models import AuditEvent, Instance
 from dicom_node.web import create_app
 from tests import peers
 from tests.web.conftest import RADIOLOGIST, login
@@ -359,6 +359,13 @@ def test_storing_a_dicom_upload_makes_it_a_study(
     with session_scope(factory) as s:
         instance = s.scalars(select(Instance)).one()
         assert instance.source == "upload" and instance.calling_ae == f"WEB:{RADIOLOGIST[0]}"
+        # who stored it, by full name (the sender column is an AE title: 16 characters)
+        stores = s.execute(select(AuditEvent.actor, AuditEvent.target, AuditEvent.details)
+                           .where(AuditEvent.action == "upload.store")).all()
+        assert [tuple(row) for row in stores] == [
+            (f"user:{RADIOLOGIST[0]}", f"study:{instance.series.study_pk}",
+             {"instance_id": instance.id, "duplicate": False})
+        ]
 
 
 def test_a_dicom_upload_whose_pixels_cannot_be_decoded_is_refused_with_the_reason(
