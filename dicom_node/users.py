@@ -45,16 +45,43 @@ class InvalidUserError(NodeError):
     """A username or password that the console will not accept."""
 
 
-def hash_password(password: str) -> str:
-    check_password(password)
+#: Passwords of at least 10 characters that lists of breached passwords put near the top, and words a
+#: guesser tries first here (NIST SP 800-63B 5.1.1.2: check against commonly used and context words).
+_COMMON_PASSWORDS = frozenset({
+    "1234567890", "0987654321", "1q2w3e4r5t", "1qaz2wsx3edc", "qwertyuiop", "asdfghjkl;", "zxcvbnm,./",
+    "qwerty1234", "1234qwer", "abcd123456", "a1b2c3d4e5", "123456789a", "iloveyou12", "princess12",
+})
+#: Words that, with digits or symbols around them, make a password guessed early.
+_GUESSED_WORDS = frozenset({
+    "password", "passwort", "passw0rd", "qwerty", "letmein", "welcome", "changeme", "admin", "administrator",
+    "radiology", "radiologist", "hospital", "cxrnode", "cxr-node", "iloveyou", "secret", "default",
+})
+#: Fewer different characters than this is a pattern ("aaaaaaaaaa", "abababab12"), not a password.
+_MIN_DISTINCT_CHARACTERS = 5
+
+
+def hash_password(password: str, username: str = "") -> str:
+    check_password(password, username)
     return _HASHER.hash(password)
 
 
-def check_password(password: str) -> None:
-    if len(password) < MIN_PASSWORD_LENGTH:
+def check_password(password: str, username: str = "") -> None:
+    """Length, then what a guesser tries first: a common password, a common word with digits or symbols
+    around it, the account's own name, a run of few different characters. No composition rules (NIST
+    SP 800-63B): a long phrase is the better password."""
+    if len(password.strip()) < MIN_PASSWORD_LENGTH:
         raise InvalidUserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidUserError(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
+    lowered = password.lower()
+    core = lowered.strip("0123456789 !@#$%^&*()-_=+.,;:?'\"/\\|[]{}<>~`")
+    if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or not core:
+        raise InvalidUserError("password is one of the first that guessers try; choose a longer phrase")
+    name = username.strip().lower()
+    if len(name) >= 3 and name in lowered:
+        raise InvalidUserError("password must not contain the username")
+    if len(set(lowered)) < _MIN_DISTINCT_CHARACTERS:
+        raise InvalidUserError("password has too few different characters; choose a longer phrase")
 
 
 def _check_username(username: str) -> str:
@@ -98,7 +125,7 @@ def create_user(session: Session, username: str, password: str, role: UserRole, 
     name = _check_username(username)
     if find(session, name) is not None:
         raise ConflictError(f"a user named {name!r} exists already")
-    user = User(username=name, password_hash=hash_password(password), role=role, active=True)
+    user = User(username=name, password_hash=hash_password(password, name), role=role, active=True)
     session.add(user)
     session.flush()
     audit.record(session, actor, "user.add", f"app_user:{user.id}", {"username": name, "role": role.value})
@@ -108,7 +135,7 @@ def create_user(session: Session, username: str, password: str, role: UserRole, 
 def set_password(session: Session, user_id: int, password: str, actor: str) -> User:
     """Replace a password and end the user's sessions (a reset must lock out whoever knew the old one)."""
     user = get_by_id(session, user_id)
-    user.password_hash = hash_password(password)
+    user.password_hash = hash_password(password, user.username)
     session.execute(delete(WebSession).where(WebSession.user_pk == user.id))
     session.flush()
     audit.record(session, actor, "user.set_password", f"app_user:{user.id}", {"username": user.username})
@@ -232,7 +259,7 @@ def _run(body: Callable[[], int]) -> int:
 def _cli_add(args: argparse.Namespace) -> int:
     def body() -> int:
         password = _read_password(args)
-        check_password(password)
+        check_password(password, args.username)
         from dicom_node.store.db import session_scope
 
         with session_scope(_session_factory(args)) as session:
@@ -279,7 +306,7 @@ def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
 def _cli_passwd(args: argparse.Namespace) -> int:
     def body() -> int:
         password = _read_password(args)
-        check_password(password)
+        check_password(password, args.username)
         from dicom_node.store.db import session_scope
 
         with session_scope(_session_factory(args)) as session:

@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "out" / "screenshots"
 VIEWPORT = {"width": 1366, "height": 768}
-ADMIN = ("admin", "admin-password-e2e")
+ADMIN = ("admin", "steel-orchid-e2e")
 RADIOLOGIST = ("dr.jones", "radiologist-e2e-pw")
 
 

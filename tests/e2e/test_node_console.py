@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.slow,
 ]
 
-ADMIN = ("admin", "node-admin-password")
+ADMIN = ("admin", "node-steel-orchid")
 RADIOLOGIST = ("dr.jones", "node-radiologist-pw")
 
 

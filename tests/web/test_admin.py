@@ -204,8 +204,8 @@ def test_users_add_disable_enable_and_reset_password(
             "csrf_token": csrf,
             "username": "carol",
             "role": "radiologist",
-            "password": "carol-password",
-            "password_repeat": "carol-password",
+            "password": "tulip-river-lamp",
+            "password_repeat": "tulip-river-lamp",
         },
     )
     assert added.status_code == 303
@@ -227,7 +227,7 @@ def test_users_add_disable_enable_and_reset_password(
         carol_id = carol.id
     # carol logs in elsewhere; disabling her ends that session at once
     with TestClient(app, follow_redirects=False) as other:  # type: ignore[arg-type]
-        login(other, "carol", "carol-password")
+        login(other, "carol", "tulip-river-lamp")
         assert other.get("/results").status_code == 200
         assert (
             client.post(
@@ -239,7 +239,7 @@ def test_users_add_disable_enable_and_reset_password(
         page = other.get("/login")
         refused = other.post(
             "/login",
-            data={"username": "carol", "password": "carol-password", "csrf_token": form_csrf(page.text)},
+            data={"username": "carol", "password": "tulip-river-lamp", "csrf_token": form_csrf(page.text)},
         )
         assert refused.status_code == 401
         client.post(f"/admin/users/{carol_id}/active", data={"csrf_token": csrf, "active": "1"})
@@ -247,12 +247,12 @@ def test_users_add_disable_enable_and_reset_password(
             f"/admin/users/{carol_id}/password",
             data={
                 "csrf_token": csrf,
-                "password": "new-carol-password",
-                "password_repeat": "new-carol-password",
+                "password": "oak-harbour-violin",
+                "password_repeat": "oak-harbour-violin",
             },
         )
         assert reset.status_code == 303
-        login(other, "carol", "new-carol-password")
+        login(other, "carol", "oak-harbour-violin")
     actions = [a for _, a, t in _audit(factory) if t == f"app_user:{carol_id}"]
     assert actions[:5] == ["user.add", "user.login", "user.disable", "user.login_failed", "user.enable"]
     assert "user.set_password" in actions
@@ -274,7 +274,7 @@ def test_api_users(admin_client: tuple[TestClient, str]) -> None:
     h = {"X-CSRF-Token": csrf}
     created = client.post(
         "/api/admin/users",
-        json={"username": "erin", "role": "radiologist", "password": "erin-password"},
+        json={"username": "erin", "role": "radiologist", "password": "maple-stone-cloud"},
         headers=h,
     )
     assert created.status_code == 201 and "password" not in created.text
@@ -283,7 +283,7 @@ def test_api_users(admin_client: tuple[TestClient, str]) -> None:
     assert (
         client.post(
             "/api/admin/users",
-            json={"username": "erin", "role": "admin", "password": "erin-password"},
+            json={"username": "erin", "role": "admin", "password": "maple-stone-cloud"},
             headers=h,
         ).status_code
         == 409

@@ -76,6 +76,26 @@ def test_cli_refuses_short_passwords_and_duplicates(
     assert "exists already" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("password", "reason"),
+    [
+        (" " * 12, "at least 10 characters"),
+        ("1234567890", "first that guessers try"),
+        ("Password2024!", "first that guessers try"),
+        ("qwertyuiop", "first that guessers try"),
+        ("radiologist-1", "first that guessers try"),
+        ("dr.house-1234", "must not contain the username"),
+        ("abababababab", "too few different characters"),
+    ],
+)
+def test_passwords_guessers_try_first_are_refused(password: str, reason: str) -> None:
+    """Only the length was checked: ten spaces, "1234567890" and the username itself were accepted
+    (NIST SP 800-63B 5.1.1.2 asks for a check against common and context-specific words)."""
+    with pytest.raises(users.InvalidUserError, match=reason):
+        users.check_password(password, "Dr.House")
+    users.check_password("correct horse battery staple", "Dr.House")  # a phrase is fine
+
+
 def test_cli_disable_and_passwd(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _cli(
         config,
