@@ -181,7 +181,7 @@ class Classifier:
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
         """Predictions for pictures, which have no header to say which way is up (the turn check says whether
         they look head up)."""
-        return self._timed(pil_to_gray, images, heatmap)
+        return [replace(p, picture=True) for p in self._timed(pil_to_gray, images, heatmap)]
 
     def predict_file(self, path: Path, *, heatmap: bool = False) -> Prediction:
         """One DICOM or PNG/JPEG file, the way the node and the console read it (orientation, turn check)."""

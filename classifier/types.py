@@ -45,14 +45,18 @@ def doubt_of(novelty: float | None, better_turn: int, negative: bool) -> Doubt |
     return None
 
 
-def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str | None:
+def doubt_reason(
+    novelty: float | None, better_turn: int, negative: bool, *, picture: bool = False
+) -> str | None:
     """The words of :func:`doubt_of`, used wherever such an image is refused or, when it is classified
     anyway, reported (``None``: no check doubts it).
 
     A negative or turned image is flagged when it is familiar undone. As it is it may be unfamiliar too: a
     chest radiograph on its side often is, and so is a non-chest image that happens to look familiar undone
     (the lower-leg CR upright looks like an upside-down chest). The words then say both, and leave it to the
-    reader which it is, instead of calling every such image a chest radiograph."""
+    reader which it is, instead of calling every such image a chest radiograph. ``picture``: the image is
+    a PNG/JPEG, which has no Photometric Interpretation or Patient Orientation to check, so the remedy is
+    how to export it."""
     doubt = doubt_of(novelty, better_turn, negative)
     unlike = (  # the novelty check's words, on their own or beside a turn or a negative
         "does not look like the chest radiographs the model was trained on "
@@ -67,14 +71,15 @@ def doubt_reason(novelty: float | None, better_turn: int, negative: bool) -> str
             "the image looks like a negative (bone dark, lungs light): "
             + (f"as it is, it {unlike}; {undone}, it does; if it is a chest radiograph, " if unlike
                else "the model knows it better inverted; ")
-            + "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape"
+            + ("export it again with bone white (not inverted)" if picture else
+               "check its Photometric Interpretation (MONOCHROME1 or MONOCHROME2) and Presentation LUT Shape")
         )
     if doubt is Doubt.WRONG_WAY_UP:
         return (
             "the image looks the wrong way up: "
             + (f"as it is, it {unlike}; turned {turn}, it does; if it is a chest radiograph, " if unlike
                else f"the model knows it better turned {turn}; ")
-            + "send it head up, or with a correct Patient Orientation"
+            + ("upload it head up" if picture else "send it head up, or with a correct Patient Orientation")
         )
     if doubt is Doubt.UNFAMILIAR:
         return f"the image {unlike}"
@@ -107,7 +112,8 @@ class Prediction:
     back by that many counter-clockwise quarter turns: it looks the wrong way up (0: it does not, or it was
     not checked).
     ``negative`` is set when it looks inverted (bone dark) and is familiar inverted back: its display
-    polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost.
+    polarity (Photometric Interpretation, Presentation LUT Shape) is wrong or was lost. ``picture``: read
+    from a PNG/JPEG, not from DICOM (what :attr:`doubt` advises differs).
     """
 
     label: str
@@ -119,6 +125,7 @@ class Prediction:
     novelty: float | None = None
     better_turn: int = 0
     negative: bool = False
+    picture: bool = False
 
     @property
     def confidence(self) -> float:
@@ -142,4 +149,4 @@ class Prediction:
     def doubt(self) -> str | None:
         """Why the model's own checks doubt this image (a negative, the wrong way up, or unfamiliar);
         ``None``: they do not."""
-        return doubt_reason(self.novelty, self.better_turn, self.negative)
+        return doubt_reason(self.novelty, self.better_turn, self.negative, picture=self.picture)

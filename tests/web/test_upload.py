@@ -329,6 +329,14 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     token = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
     refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
     assert refused.status_code == 422 and "looks the wrong way up" in refused.text and MODEL_SCOPE in refused.text
+    # A picture has no header: the advice is how to export it, not which DICOM attribute to check.
+    assert "upload it head up" in refused.text and "Patient Orientation" not in refused.text
+    negative = io.BytesIO()
+    Image.eval(Image.open(io.BytesIO(radiograph_png())), lambda v: 255 - v).save(negative, format="PNG")
+    token = _upload(client, csrf, "negative.png", negative.getvalue(), "image/png")
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf, "adult_chest": "yes"})
+    assert refused.status_code == 422 and "looks like a negative" in refused.text
+    assert "export it again with bone white" in refused.text and "Photometric" not in refused.text
 
     # With pipeline.skip_unfamiliar off the finding is shown, under a warning.
     client, csrf = _console_with(classifying_app, factory, skip_unfamiliar=False)
