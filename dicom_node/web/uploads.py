@@ -45,14 +45,35 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
         if "PixelData" not in dataset:
             raise UndecodableDatasetError("the DICOM file holds no image")
         return Upload(filename=filename, data=data, dataset=dataset, ages=ages)
+    if _is_bare_dataset(data):
+        raise UndecodableDatasetError(
+            "a DICOM data set without the DICOM file header (no 128-byte preamble and 'DICM'); "
+            "export it from the viewer or PACS as a DICOM file (Part 10)"
+        )
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as exc:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000
+        reason = f"the picture is too large to decode (more than {limit} megapixels)"
+        raise UndecodableDatasetError(reason) from exc
     except Exception as exc:  # PIL raises several types for non-images
         raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
     if image.format not in ("PNG", "JPEG"):
         raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
     return Upload(filename=filename, data=data, image=image)
+
+
+def _is_bare_dataset(data: bytes) -> bool:
+    """A DICOM data set as a C-STORE carries it, saved without the file's preamble and meta header: its
+    first element is of group 0002 or 0008 (little endian), and pydicom reads image attributes from it."""
+    if data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        return "SOPClassUID" in dataset or "Rows" in dataset
+    except Exception:  # not DICOM after all
+        return False
 
 
 @dataclass

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,15 @@ def test_a_picture_is_shown_as_the_model_reads_it(rad_client: tuple[TestClient, 
     assert np.abs(shown - np.asarray(radiograph)).mean() < 1.0
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """The signature and IHDR of a greyscale PNG of this size, and its end: Pillow reads the size first."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
     client, csrf = rad_client
     preamble = b"\0" * 128 + b"DICM"
@@ -114,6 +125,12 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
         ("notes.txt", b"hello", "not a DICOM, PNG or JPEG file"),
         ("fake.dcm", preamble + b"\x02\x00garbage", "the DICOM file holds no image"),
         ("empty.dcm", preamble, "the DICOM file holds no image"),  # a preamble and nothing after it
+        # A data set saved without its file preamble, and a PNG whose header claims 400 megapixels: both
+        # were "not a DICOM, PNG or JPEG file", which neither is the reason for.
+        ("bare.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()[132:],
+         "without the DICOM file header (no 128-byte preamble and &#39;DICM&#39;)"),
+        ("huge.png", _png_header_only(20_000, 20_000),
+         "the picture is too large to decode (more than 178 megapixels)"),
     ):
         response = client.post(
             "/upload", data={"csrf_token": csrf}, files={"file": (name, data, "application/octet-stream")}
