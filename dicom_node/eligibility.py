@@ -193,7 +193,7 @@ def dataset_age(dataset: pydicom.Dataset) -> float | None:
 
 def assess_dataset(dataset: pydicom.Dataset, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> Eligibility:
     """Decide from a dataset's own header (an upload in the console, before anything is stored)."""
-    return assess(
+    verdict = assess(
         modality=_header(dataset, "Modality"),
         body_part=_header(dataset, "BodyPartExamined"),
         view_position=_header(dataset, "ViewPosition"),
@@ -201,3 +201,18 @@ def assess_dataset(dataset: pydicom.Dataset, *, ages: AgePolicy = DEFAULT_AGE_PO
         age_years=dataset_age(dataset),
         ages=ages,
     )
+    refusal = frames_refusal(dataset) if verdict.eligible else None
+    return verdict if refusal is None else Eligibility(False, refusal)
+
+
+def frames_refusal(dataset: pydicom.Dataset) -> str | None:
+    """Why a multi-frame image is not classified (None: it has one frame). The model reads one radiograph;
+    classifying only the first frame of several, without a word of it in the results, would let a reader
+    take the finding for all of them. CR and DX images have one frame; several mean something else."""
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return None  # an unreadable count: the decoder decides
+    if frames <= 1:
+        return None
+    return f"a multi-frame image ({frames} frames); the model reads single radiographs"

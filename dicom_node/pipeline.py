@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
-from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, study_age
+from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
@@ -543,6 +543,11 @@ class Pipeline:
         except Exception as exc:
             self._mark_instance(instance_pk, InstanceState.FAILED, f"stored file unreadable ({type(exc).__name__})")
             LOGGER.warning("instance %d: stored file unreadable (%s)", instance_pk, type(exc).__name__)
+            return None
+        refusal = frames_refusal(ds)  # the header the database rows do not keep
+        if refusal is not None:
+            self._mark_instance(instance_pk, InstanceState.SKIPPED, refusal)
+            LOGGER.info("instance %d skipped: %s", instance_pk, refusal)
             return None
         return _Loaded(instance_pk, study_pk, ds, (time.perf_counter() - started) * 1000.0)
 

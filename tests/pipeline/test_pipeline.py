@@ -426,6 +426,18 @@ def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str,
     assert peer.received == [rows[ResultKind.PDF][0]]
 
 
+def test_a_multi_frame_image_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
+    """The header rows do not keep the frame count: the pipeline reads it before classifying. The old
+    code classified the first frame and reported it as the finding of the image."""
+    def two_frames(ds: pydicom.Dataset) -> None:
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+
+    study_pk = receive(world, "RG1_UNCI.dcm", edit=two_frames)
+    reason = "a multi-frame image (2 frames); the model reads single radiographs"
+    assert_skipped_without_results(world, peer, study_pk, reason)
+
+
 def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
     def as_raw_dx(ds: pydicom.Dataset) -> None:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForProcessing

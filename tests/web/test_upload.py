@@ -186,6 +186,22 @@ def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
 
 
+def test_a_multi_frame_dicom_upload_is_not_classified(rad_client: tuple[TestClient, str]) -> None:
+    """Only the first frame was classified, and neither the page nor the result said so: a reader
+    would take the finding for every frame."""
+    client, csrf = rad_client
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    token = _upload(client, csrf, "two-frames.dcm", buffer.getvalue(), "application/dicom")
+    page = client.get(f"/upload/{token}").text
+    assert 'id="ineligible"' in page and "a multi-frame image (2 frames)" in page
+    refused = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert refused.status_code == 422 and "a multi-frame image (2 frames)" in refused.text
+
+
 def test_a_dicom_upload_of_a_child_is_not_classified(rad_client: tuple[TestClient, str]) -> None:
     """The console judges an upload by the node's age limit too (the header's Patient Age here)."""
     client, csrf = rad_client
