@@ -503,7 +503,9 @@ def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) ->
             if delivery is None:
                 raise NotFoundError(f"no delivery with id {pk}")
             if delivery.state not in RESENDABLE_STATES:
-                raise ConflictError(f"delivery {pk} is {delivery.state.value}: it is already being tried")
+                reason = ("a later revision replaced it" if delivery.state is DeliveryState.SUPERSEDED
+                          else "it is already being tried")
+                raise ConflictError(f"delivery {pk} is {delivery.state.value}: {reason}")
             chosen.append(delivery)
     now = utcnow()
     for delivery in chosen:

@@ -34,7 +34,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -1014,6 +1014,7 @@ class Pipeline:
                             )
                         )
             destination_pks = [d.id for d in destinations]
+            _supersede_earlier_revisions(session, object_pks)
         study.state = state
         study.state_reason = reason
         if state is StudyState.ANALYSED and study.analysed_at is None:
@@ -1159,6 +1160,36 @@ class NodeLike(Protocol):
 
     @property
     def dicom_port(self) -> int: ...
+
+
+def _supersede_earlier_revisions(session: Session, object_pks: list[int]) -> None:
+    """Earlier revisions of these objects that have not reached a destination are not sent any more: a
+    PACS that was down while a late image came would otherwise get the old SR and PDF as well as the new
+    ones, which report on fewer images. Those already delivered stay as they were sent."""
+    for obj in session.scalars(select(ResultObject).where(ResultObject.id.in_(object_pks))):
+        if obj.revision <= 1:
+            continue
+        earlier = select(ResultObject.id).where(
+            ResultObject.study_pk == obj.study_pk,
+            ResultObject.kind == obj.kind,
+            ResultObject.model_name == obj.model_name,
+            ResultObject.model_version == obj.model_version,
+            ResultObject.revision < obj.revision,
+        )
+        superseded = list(session.scalars(
+            select(Delivery.id).where(
+                Delivery.result_object_pk.in_(earlier),
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.DEAD)),
+            )
+        ))
+        if superseded:
+            session.execute(
+                update(Delivery).where(Delivery.id.in_(superseded))
+                .values(state=DeliveryState.SUPERSEDED, next_attempt_at=None,
+                        last_error=f"superseded by revision {obj.revision}")
+            )
+            LOGGER.info("study %d: %d undelivered %s deliveries superseded by revision %d",
+                        obj.study_pk, len(superseded), obj.kind.value, obj.revision)
 
 
 @dataclass

@@ -139,7 +139,10 @@ class Retention:
         not_yet = (  # a result still to deliver, or delivered within the period
             select(ResultObject.study_pk)
             .join(Delivery, Delivery.result_object_pk == ResultObject.id)
-            .where(or_(Delivery.state != DeliveryState.DELIVERED, Delivery.delivered_at >= cutoff))
+            .where(or_(
+                Delivery.state.not_in((DeliveryState.DELIVERED, DeliveryState.SUPERSEDED)),
+                Delivery.delivered_at >= cutoff,
+            ))
         )
         return list(
             session.scalars(

@@ -300,6 +300,8 @@ class DeliveryState(enum.StrEnum):
     RETRYING = "retrying"
     DELIVERED = "delivered"
     DEAD = "dead"
+    # Not sent, and never to be: a later revision of the object (a late image) replaced it first.
+    SUPERSEDED = "superseded"
 
 
 class Delivery(Base):

@@ -253,6 +253,8 @@ def _destinations_by_study(session: Session, study_ids: Sequence[int]) -> dict[i
     )
     grouped: dict[int, dict[str, list[DeliveryState]]] = defaultdict(lambda: defaultdict(list))
     for delivery in deliveries:
+        if delivery.state is DeliveryState.SUPERSEDED:
+            continue  # replaced by a later revision before it was sent: owed to no one
         grouped[delivery.result_object.study_pk][delivery.destination.ae_title].append(delivery.state)
     result: dict[int, list[DestinationState]] = {}
     for study_pk, by_destination in grouped.items():

@@ -47,6 +47,7 @@ from dicom_node.store.models import (
     Series,
     Study,
     StudyState,
+    utcnow,
 )
 from reporting import codes
 from reporting.pdf import AGE_UNKNOWN_HEADLINE
@@ -314,6 +315,34 @@ def test_a_covid_non_covid_model_reports_its_own_two_classes(
     _, pdf_text = doubt_in_results(world, study_pk)
     assert "No COVID-19 pattern" in pdf_text and "Pneumonia" not in pdf_text
     assert sorted(peer.received) == sorted(uid for uid, _ in rows.values())
+
+
+def test_a_late_image_while_the_pacs_is_down_sends_only_the_latest_results(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Results waiting for a PACS that is down are replaced by the revision a late image brings: the old
+    code sent both once the PACS was back, so the viewer listed an SR that leaves the late image out."""
+    with session_scope(world["db"]) as session:
+        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    with session_scope(world["db"]) as session:
+        states = {
+            d.result_object.sop_instance_uid: (d.state, d.last_error) for d in session.scalars(select(Delivery))
+        }
+        session.get(RemoteAe, pacs_pk).port = peer.port  # type: ignore[union-attr]  # the PACS is back
+        for delivery in session.scalars(select(Delivery)):
+            delivery.next_attempt_at = utcnow()
+    superseded = (DeliveryState.SUPERSEDED, "superseded by revision 2")
+    assert {states[uid] for uid, _ in first.values()} == {superseded}
+    assert {states[uid][0] for uid, _ in second.values()} == {DeliveryState.RETRYING}
+    world["outbox"].deliver_due(pacs_pk)
+    assert sorted(peer.received) == sorted(uid for uid, _ in second.values())
 
 
 def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
