@@ -129,7 +129,7 @@ def hold_upload(con: Console, principal: Principal, filename: str, data: bytes) 
 @router.get("/upload/{token}")
 def upload_view(request: Request, con: ConsoleDep, principal: UserDep, token: str) -> Response:
     held = held_upload(con, principal, token)
-    return render(request, "upload.html", principal, active="upload", held=held, error="")
+    return render(request, "upload.html", principal, active="upload", held=held, error=held.refusal)
 
 
 def upload_preview_png(con: Console, held: HeldUpload) -> bytes:
@@ -172,12 +172,17 @@ def classify_held(con: Console, held: HeldUpload, *, adult_chest: bool = False) 
 
     A picture has no header, so its user must confirm (``adult_chest``) what a header would have shown:
     a frontal chest radiograph of an adult. The model calls most young children's radiographs COVID-19."""
-    verdict = held.upload.eligibility
-    if verdict is not None and not verdict.eligible:
-        raise IneligibleImageError(not_classified(verdict.reason))
-    if not held.upload.is_dicom and not adult_chest:
-        raise IneligibleImageError(not_classified(PICTURE_UNCONFIRMED))
-    held.prediction = con.services.classify(held.upload)
+    try:
+        verdict = held.upload.eligibility
+        if verdict is not None and not verdict.eligible:
+            raise IneligibleImageError(not_classified(verdict.reason))
+        if not held.upload.is_dicom and not adult_chest:
+            raise IneligibleImageError(not_classified(PICTURE_UNCONFIRMED))
+        held.prediction = con.services.classify(held.upload)
+    except NodeError as exc:
+        held.refusal = str(exc)  # the upload's page keeps saying why, after a reload too
+        raise
+    held.refusal = ""
     held.analysed_at = utcnow()
 
 

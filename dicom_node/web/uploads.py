@@ -88,6 +88,7 @@ class HeldUpload:
     prediction: Prediction | None = None
     analysed_at: datetime | None = None
     ingest: IngestOutcome | None = None
+    refusal: str = ""  # why the last classification was refused
 
 
 class UploadStore:

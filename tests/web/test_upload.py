@@ -364,6 +364,7 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert refused.status_code == 422 and "looks the wrong way up" in refused.text and MODEL_SCOPE in refused.text
     # A picture has no header: the advice is how to export it, not which DICOM attribute to check.
     assert "upload it head up" in refused.text and "Patient Orientation" not in refused.text
+    assert "upload it head up" in client.get(f"/upload/{token}").text  # a reload keeps the reason
     negative = io.BytesIO()
     Image.eval(Image.open(io.BytesIO(radiograph_png())), lambda v: 255 - v).save(negative, format="PNG")
     token = _upload(client, csrf, "negative.png", negative.getvalue(), "image/png")
