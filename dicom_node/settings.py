@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,7 +27,14 @@ ADULT_AGE_YEARS = 18.0
 ENV_PREFIX = "CXR_NODE__"
 
 
-class TlsSettings(BaseModel):
+class _Group(BaseModel):
+    """A group of settings: an unknown key is an error, never ignored. A typo such as ``retention_day``
+    or ``secure_cookie`` would otherwise leave the default in force without a sign."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Group):
     """DICOM TLS for the listener and for outbound associations that ask for it."""
 
     enabled: bool = False
@@ -43,7 +50,7 @@ class TlsSettings(BaseModel):
         return self
 
 
-class CallerEntry(BaseModel):
+class CallerEntry(_Group):
     """A calling AE allowed to associate; seeded into the database at start-up."""
 
     ae_title: str
@@ -51,7 +58,7 @@ class CallerEntry(BaseModel):
     reply_to: str | None = None  # destination AE title to send results back to
 
 
-class DestinationEntry(BaseModel):
+class DestinationEntry(_Group):
     """A C-STORE destination for results; seeded into the database at start-up."""
 
     ae_title: str
@@ -60,7 +67,7 @@ class DestinationEntry(BaseModel):
     tls: bool = False
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(_Group):
     ae_title: str = "CXRNODE"
     port: int = Field(default=11112, ge=0, le=65535)
     bind_address: str = "0.0.0.0"
@@ -90,13 +97,13 @@ class DicomSettings(BaseModel):
         return value
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(_Group):
     # None: an SQLite file in node.data_dir
     url: SecretStr | None = None
     echo: bool = False
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Group):
     # None: <node.data_dir>/instances
     directory: Path | None = None
     fsync: bool = True
@@ -105,7 +112,7 @@ class StorageSettings(BaseModel):
     retention_days: float | None = None  # None: keep received pixel files forever
 
 
-class PipelineSettings(BaseModel):
+class PipelineSettings(_Group):
     settle_seconds: float = Field(default=10.0, ge=0.0)
     # None: the model shipped with the package
     model_path: Path | None = None
@@ -124,13 +131,13 @@ class PipelineSettings(BaseModel):
     fixed_destinations: list[str] = []
 
 
-class OutboxSettings(BaseModel):
+class OutboxSettings(_Group):
     max_attempts: int = Field(default=8, ge=1)
     backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(_Group):
     """``/healthz`` and Prometheus ``/metrics`` on their own small HTTP listener."""
 
     enabled: bool = True
@@ -138,7 +145,7 @@ class MetricsSettings(BaseModel):
     port: int = Field(default=9111, ge=0, le=65535)
 
 
-class WebSettings(BaseModel):
+class WebSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -149,12 +156,12 @@ class WebSettings(BaseModel):
     secure_cookies: bool = False
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(_Group):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
 
 
-class NodeSettings(BaseModel):
+class NodeSettings(_Group):
     name: str = "CXR AI node"
     institution_name: str = ""
     data_dir: Path = Path("var")
@@ -221,6 +228,13 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     path = Path(raw).resolve() if raw else None
     if path is not None and not path.is_file():
         raise ConfigurationError(f"configuration file not found: {path}")
+    unknown = sorted(
+        name for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name[len(ENV_PREFIX):].split("__")[0].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigurationError(f"unknown settings group in the environment: {', '.join(unknown)}")
     bound = type("FileSettings", (Settings,), {"yaml_path": path, "__module__": __name__})
     try:
         settings: Settings = bound(**overrides)

@@ -18,10 +18,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import DatabaseUnavailableError
+from dicom_node.errors import ConfigurationError, DatabaseUnavailableError
 from dicom_node.store.files import private_directory
 
 LOGGER = logging.getLogger(__name__)
@@ -147,7 +147,13 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         kwargs["connect_args"] = connect_args
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
-    engine = create_engine(parsed, **kwargs)
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ModuleNotFoundError) as exc:  # an unknown dialect, or its driver is missing
+        raise ConfigurationError(
+            f"database.url names a database the node cannot use ({parsed.drivername}): use "
+            "postgresql+psycopg://user@host/name or sqlite:///path"
+        ) from exc
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
@@ -221,7 +227,16 @@ def alembic_config(url: str) -> Config:
 def upgrade(engine: Engine, revision: str = "heads") -> None:
     """Apply migrations up to ``revision`` on ``engine`` (idempotent)."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+    try:
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
+        raise DatabaseUnavailableError(f"the database cannot be reached: {_first_line(exc.orig)}") from exc
     LOGGER.info("database schema at %s", revision)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """The driver's own reason (host, port, user; never the password, which drivers do not repeat)."""
+    text = str(exc or "").strip().splitlines()
+    return text[0] if text else "no reason given"

@@ -108,6 +108,9 @@ def test_python_dash_m_is_the_cli() -> None:
         (b"dicom: {port: [\n", "is not valid YAML"),  # an unclosed bracket, as an admin's typo leaves it
         (b"pipeline:\n  batch_size: twelve\n", "invalid settings"),
         (b"\xff\xfe not text", "invalid settings"),
+        # a misspelt key inside a group left the default in force without a word
+        (b"storage:\n  retention_day: 30\n", "storage.retention_day"),
+        (b"dicom:\n  tls: {enable: true}\n", "dicom.tls.enable"),
     ],
 )
 def test_a_broken_configuration_file_is_one_line_that_says_what(
@@ -119,3 +122,27 @@ def test_a_broken_configuration_file_is_one_line_that_says_what(
     result = run_cli(["serve", "--config", str(config)], env, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("CXR_NODE__DICOM__PROT", "104", "dicom.prot"),  # a typo in the environment is an error too
+        ("CXR_NODE__DICOMM__PORT", "104",
+         "unknown settings group in the environment: CXR_NODE__DICOMM__PORT"),
+        ("CXR_NODE__DATABASE__URL", "postgresql+psycopg://cxr:s3cr3t@127.0.0.1:{port}/cxr",
+         "the database cannot be reached: connection failed"),
+        ("CXR_NODE__DATABASE__URL", "postgres://cxr:s3cr3t@127.0.0.1/cxr", "use postgresql+psycopg://"),
+        ("CXR_NODE__DATABASE__URL", "postgresql://cxr:s3cr3t@127.0.0.1/cxr", "use postgresql+psycopg://"),
+    ],
+)
+def test_a_wrong_setting_or_unreachable_database_is_one_line_that_says_what(
+    tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    """Each was a Python traceback of a hundred lines (every 5 s under systemd's restart), or silence."""
+    extra = {setting: value.format(port=peers.free_port())}
+    env = node_env(tmp_path / "node", peers.free_port(), extra=extra)
+    result = run_cli(["db", "upgrade"], env, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
