@@ -334,11 +334,13 @@ class Outbox:
                 continue
             try:
                 (dataset,) = scu.load_datasets([item.path])
+                unusable = "" if dataset.get("SOPClassUID") else f"{item.path.name} has no SOP Class UID"
             except InvalidDatasetError as exc:
-                outcomes[item.delivery_pk] = (None, str(exc))
-                continue
-            if not dataset.get("SOPClassUID"):
-                outcomes[item.delivery_pk] = (None, f"{item.path.name} has no SOP Class UID")
+                unusable = str(exc)
+            except Exception as exc:  # a truncated or damaged file: pydicom raises many types
+                unusable = f"{item.path.name} is not a readable DICOM file ({type(exc).__name__})"
+            if unusable:
+                outcomes[item.delivery_pk] = (None, unusable)
                 continue
             present.append(item)
             datasets.append(dataset)
