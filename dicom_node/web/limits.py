@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
 
 from dicom_node.web.auth import SESSION_COOKIE
 from dicom_node.web.uploads import MAX_UPLOAD_BYTES
@@ -106,14 +106,10 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _session_cookie(scope: Scope) -> str | None:
+    """The session cookie as the routes read it (Starlette's parser: ``http.cookies.SimpleCookie`` drops the
+    whole header for one cookie with a space or a non-ASCII character, set by another site on the host)."""
     header = _header(scope, b"cookie")
-    if not header:
-        return None
-    try:
-        morsel = SimpleCookie(header).get(SESSION_COOKIE)
-    except CookieError:
-        return None
-    return morsel.value if morsel is not None else None
+    return cookie_parser(header).get(SESSION_COOKIE) if header else None
 
 
 async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

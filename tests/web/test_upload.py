@@ -145,6 +145,16 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
     assert "only DICOM, PNG and JPEG" in response.text
 
 
+def test_an_upload_is_read_beside_another_sites_cookie(rad_client: tuple[TestClient, str]) -> None:
+    """The body guard read the session cookie with http.cookies, which drops the whole Cookie header
+    for one value with a space: a logged-in user was sent to the login page on every upload."""
+    client, csrf = rad_client
+    cookie = f"pref=dark mode; cxr_session={client.cookies['cxr_session']}"
+    response = client.post("/upload", data={"csrf_token": csrf}, headers={"Cookie": cookie},
+                           files={"file": ("chest.png", chest_like_png(), "image/png")})
+    assert response.status_code == 303 and response.headers["location"].startswith("/upload/"), response.headers
+
+
 def test_an_upload_is_private_to_its_user(
     rad_client: tuple[TestClient, str], app: object, accounts: dict[str, int]
 ) -> None:
