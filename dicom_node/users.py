@@ -56,6 +56,14 @@ _GUESSED_WORDS = frozenset({
     "password", "passwort", "passw0rd", "qwerty", "letmein", "welcome", "changeme", "admin", "administrator",
     "radiology", "radiologist", "hospital", "cxrnode", "cxr-node", "iloveyou", "secret", "default",
 })
+_AROUND = "0123456789 !@#$%^&*()-_=+.,;:?'\"/\\|[]{}<>~`"
+
+
+def _is_digit_run(password: str) -> bool:
+    """Counting up or down ("1234567890123", "9876543210")."""
+    return password.isdigit() and (password in "0123456789" * 4 or password in "9876543210" * 4)
+
+
 #: Fewer different characters than this is a pattern ("aaaaaaaaaa", "abababab12"), not a password.
 _MIN_DISTINCT_CHARACTERS = 5
 
@@ -74,12 +82,14 @@ def check_password(password: str, username: str = "") -> None:
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidUserError(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
     lowered = password.lower()
-    core = lowered.strip("0123456789 !@#$%^&*()-_=+.,;:?'\"/\\|[]{}<>~`")
-    if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or not core:
+    core = lowered.strip(_AROUND)
+    if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or _is_digit_run(lowered):
         raise InvalidUserError("password is one of the first that guessers try; choose a longer phrase")
     name = username.strip().lower()
-    if len(name) >= 3 and name in lowered:
-        raise InvalidUserError("password must not contain the username")
+    # The name with a few characters added is guessed early; a phrase that happens to hold a short
+    # name ("tomorrow never comes" for tom) is not.
+    if name and (core == name or (name in lowered and len(lowered.replace(name, "")) < MIN_PASSWORD_LENGTH)):
+        raise InvalidUserError("password must not be the username with a few characters added")
     if len(set(lowered)) < _MIN_DISTINCT_CHARACTERS:
         raise InvalidUserError("password has too few different characters; choose a longer phrase")
 
