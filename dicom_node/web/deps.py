@@ -88,10 +88,14 @@ def release(db: Session) -> None:
 
 #: Query marker of a page's own automatic reload (dashboard, a study being processed): not a user's action.
 AUTO_RELOAD = "auto"
+#: What a browser fetches for a page it shows (Sec-Fetch-Dest): the images of a page that reloads itself
+#: come again with it, and are no more the user's doing than the reload.
+_SUBRESOURCES = frozenset({"image", "style", "script", "font"})
 
 
 def optional_user(request: Request, db: DbDep) -> Principal | None:
-    used = request.query_params.get(AUTO_RELOAD) != "1"
+    used = (request.query_params.get(AUTO_RELOAD) != "1"
+            and request.headers.get("sec-fetch-dest", "") not in _SUBRESOURCES)
     principal = console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE), used=used)
     release(db)
     return principal

@@ -234,6 +234,8 @@ def test_a_page_reloading_itself_does_not_keep_the_session_alive(
     with session_scope(factory) as s:
         s.scalars(select(WebSession)).one().expires_at = soon
     assert client.get("/?auto=1").status_code == 200
+    # nor the images it fetches again (the browser says what a request is for: Sec-Fetch-Dest)
+    assert client.get("/", headers={"Sec-Fetch-Dest": "image"}).status_code == 200
     with session_scope(factory) as s:
         assert s.scalars(select(WebSession)).one().expires_at.replace(tzinfo=UTC) == soon
 
