@@ -129,13 +129,14 @@ class _ListenerServer(ThreadedAssociationServer):
                 request.settimeout(self.ae.acse_timeout or _HANDSHAKE_TIMEOUT)
                 request.do_handshake()
                 request.settimeout(previous)
-            except ssl.SSLError as exc:
-                LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+            except OSError as exc:  # ssl.SSLError is one
+                silent = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+                if isinstance(exc, ssl.SSLError) and not silent:  # speaks, but not our TLS (certificates)
+                    LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+                else:  # closed or silent before a handshake: a load balancer's TCP check, a scanner
+                    LOGGER.info("connection from %s ended before a TLS handshake (%s)", client_address[0],
+                                type(exc).__name__)
                 return  # the server closes the socket
-            except OSError as exc:  # closed or silent before a handshake: health checks, scanners
-                LOGGER.info("connection from %s ended before a TLS handshake (%s)", client_address[0],
-                            type(exc).__name__)
-                return
         super().finish_request(request, client_address)
 
     def server_bind(self) -> None:
