@@ -56,6 +56,10 @@ class Node:
     web: _WebServer | None = None
     pipeline: Any = None  # dicom_node.pipeline.PipelineService once started
     _started: bool = False
+    _lock: db.NodeLock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._lock = db.NodeLock(self.engine)
 
     @property
     def dicom_port(self) -> int:
@@ -66,6 +70,14 @@ class Node:
         """Migrate the schema, seed AEs from settings, start timers, the listener and the console."""
         if self._started:
             return
+        self._lock.acquire()  # before anything runs: a second node on this database stops here
+        try:
+            self._start()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self) -> None:
         db.upgrade(self.engine)
         seed_aes(self.session_factory, self.settings)
         self.file_store.remove_stale_temporaries()
@@ -100,6 +112,7 @@ class Node:
         self.settler.stop()
         self.scheduler.shutdown(wait=True)
         self.file_store.close()
+        self._lock.release()
         self.engine.dispose()
         LOGGER.info("node stopped")
 

@@ -130,6 +130,62 @@ def _private_database_file(database: Path) -> None:
                            "data: chmod 600 it", database, database.stat().st_mode & 0o777)
 
 
+#: pg_try_advisory_lock key of a running node ("CXRNODE" in ASCII): one node per database.
+_NODE_LOCK_KEY = 0x4358524E4F4445
+
+
+class NodeLock:
+    """Held by a running node for as long as it runs: a second node on the same database refuses to start.
+
+    Two nodes sharing a database share its scheduler tables too: each fired the other's settle timers on
+    studies whose files it did not have ("stored file unreadable", the study FAILED), and one's scheduler
+    thread died on a timer the other had taken. PostgreSQL: a session advisory lock on a connection kept
+    open; SQLite: an exclusive ``flock`` on ``<database>.node-lock`` (the node's listener processes do not
+    take it). Either goes with the process, however it ends."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: Any = None
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        url = self._engine.url
+        if url.get_backend_name() == "postgresql":
+            connection = self._engine.connect()
+            if not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({_NODE_LOCK_KEY})").scalar():
+                connection.close()
+                raise ConfigurationError(_ANOTHER_NODE)
+            connection.commit()
+            self._connection = connection
+        elif url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+            path = Path(url.database).resolve()
+            lock_file = path.with_name(path.name + ".node-lock")
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigurationError(_ANOTHER_NODE) from None
+            self._fd = fd
+
+    def release(self) -> None:
+        if self._connection is not None:
+            # Closed for good, not handed back to the pool (which would keep the lock with it): the server
+            # ends the session's advisory lock with the session.
+            self._connection.invalidate()
+            self._connection.close()
+            self._connection = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_ANOTHER_NODE = (
+    "another cxr-node is running on this database; give each node its own database (database.url) "
+    "and data directory (node.data_dir)"
+)
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout, enforced foreign keys and, for a database
     file, a :class:`SqliteWriterLock` in front of its write transactions."""

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
-from dicom_node.errors import ConflictError, DatabaseUnavailableError
+from dicom_node.errors import ConfigurationError, ConflictError, DatabaseUnavailableError
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
 from dicom_node.store import db
@@ -324,6 +324,22 @@ def test_a_finished_study_left_with_an_image_never_analysed_is_reopened_at_start
         settler.stop()
     assert states == [StudyState.RECEIVED, StudyState.FAILED, StudyState.ANALYSED]
     assert scheduler.get_job(f"settle-study-{studies[0]}") is not None
+
+
+def test_only_one_node_runs_on_a_database(engine: Engine) -> None:
+    """Two nodes on one database fired each other's settle timers on files they did not have."""
+    other_engine = db.make_engine(engine.url.render_as_string(hide_password=False))
+    first, second = db.NodeLock(engine), db.NodeLock(other_engine)
+    try:
+        first.acquire()
+        with pytest.raises(ConfigurationError, match="another cxr-node is running on this database"):
+            second.acquire()
+        first.release()
+        second.acquire()  # the lock goes with the node that held it
+    finally:
+        first.release()
+        second.release()
+        other_engine.dispose()
 
 
 def test_timer_rearms_while_instances_keep_arriving(

@@ -27,7 +27,7 @@ from dicom_node.store.db import make_engine
 from dicom_node.store.models import Instance, Job, JobKind, Series, Study, StudyState
 from tests import peers
 from tests.node_datasets import make_cr, to_bytes, write
-from tests.node_process import NODE_AET, NodeProcess, start_node
+from tests.node_process import NODE_AET, NodeProcess, node_env, run_cli, start_node
 from tests.postgres_server import PostgresServer, postgres_server
 
 pytestmark = pytest.mark.interop
@@ -317,6 +317,26 @@ def test_database_unavailable_is_out_of_resources(tmp_path: Path) -> None:
             assert node.proc is not None and node.proc.poll() is None, "the node died with its database"
         finally:
             node.stop()
+
+
+def test_a_second_node_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
+    """Two nodes on one database fired each other's settle timers on files they did not have, and one's
+    scheduler thread died; the second now stops at start with one line saying why."""
+    with postgres_server() as pg:
+        url = pg.create_database()
+        for database in ("sqlite", url):
+            shared = {} if database == "sqlite" else {"CXR_NODE__DATABASE__URL": database}
+            first = start_node(tmp_path / f"first-{len(shared)}", peers.free_port(), extra_env=shared)
+            try:
+                # SQLite: the same data directory; PostgreSQL: the same database from another directory
+                second_dir = tmp_path / ("first-0" if database == "sqlite" else "second")
+                extra = {**shared, "CXR_NODE__METRICS__PORT": "0"}
+                env = node_env(second_dir, peers.free_port(), extra=extra)
+                second = run_cli(["serve"], env, check=False, timeout=120)
+            finally:
+                first.stop()
+            assert second.returncode == 2, second.stderr
+            assert "error: another cxr-node is running on this database" in second.stderr
 
 
 # Crash safety --------------------------------------------------------------------------------
