@@ -72,6 +72,13 @@ def study_ready_dedupe_key(study_pk: int) -> str:
     return f"study:{study_pk}"
 
 
+def scheduler_alive(scheduler: BackgroundScheduler) -> bool:
+    """The scheduler runs and its thread is alive. ``running`` alone is a flag: it stayed true after an
+    exception ended the thread, and /healthz said "ok" while no timer, delivery or purge ran any more."""
+    thread = getattr(scheduler, "_thread", None)  # APScheduler 3's BackgroundScheduler
+    return bool(scheduler.running) and (thread is None or thread.is_alive())
+
+
 def fire_settle_timer(settler_name: str, study_pk: int) -> None:
     """Entry point of a persisted settle timer (referenced by name in the job store)."""
     settler = _SETTLERS.get(settler_name)

@@ -1226,6 +1226,7 @@ def attach(
     classifier_loader: Callable[[], ImageClassifier] | None = None,
 ) -> PipelineService:
     """Subscribe the pipeline to the node's "study ready" events and build its companions."""
+    from dicom_node.jobs import scheduler_alive
     from dicom_node.metrics import MetricsServer, NodeMetrics
     from dicom_node.outbox import Outbox
     from dicom_node.retention import Retention
@@ -1243,7 +1244,7 @@ def attach(
         node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler
     )
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
-    metrics.add_check("scheduler", lambda: bool(node.scheduler.running))
+    metrics.add_check("scheduler", lambda: scheduler_alive(node.scheduler))
     metrics.add_check("pipeline", lambda: pipeline.alive)
     metrics.add_check("model", lambda: pipeline.model_ready, critical=False)
     server = None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.jobs import scheduler_alive
 from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import InstanceState, Job, JobKind, JobState, StudyState
@@ -98,3 +101,22 @@ def test_the_console_router_serves_the_running_nodes_metrics(db: sessionmaker[Se
     finally:
         node.deactivate()
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_scheduler_whose_thread_died_is_not_alive() -> None:
+    """APScheduler's ``running`` stayed true after an exception ended its thread (seen when two nodes
+    shared a database): /healthz said "ok" while no timer, delivery or purge ran any more."""
+    scheduler = BackgroundScheduler()
+    scheduler.start()
+    real = scheduler._thread
+    try:
+        assert scheduler_alive(scheduler)
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        scheduler._thread = dead  # what an exception in its loop leaves behind
+        assert scheduler.running and not scheduler_alive(scheduler)
+    finally:
+        scheduler._thread = real
+        scheduler.shutdown(wait=True)
+    assert not scheduler_alive(scheduler)
