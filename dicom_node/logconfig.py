@@ -10,7 +10,9 @@ import json
 import logging
 import multiprocessing
 import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import TextIO
 
 from dicom_node.settings import LoggingSettings
@@ -45,12 +47,21 @@ DATASET_LOGGERS = ("pydicom", "highdicom")
 ROW_LOGGER = "sqlalchemy.engine"
 
 
+#: pynetdicom's ERROR lines for a peer that cannot be reached. For the node that is a delivery to retry,
+#: which the outbox reports itself (one WARNING with the destination and the reason); at ERROR they
+#: would set off an operator's alerts on every routine retry while a PACS is down.
+_UNREACHABLE_PEER = ("Association request failed: unable to connect", "TCP Initialisation Error")
+
+
 class ValueRedactor(logging.Filter):
     """Drop the text of captured Python warnings and of pydicom/highdicom log records (they quote values),
     and the values of the result rows SQLAlchemy logs at DEBUG (a patient row holds the name and birth
     date; its SQL parameters are hidden already, by ``hide_parameters`` in dicom_node.store.db)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom.transport" and str(record.msg).startswith(_UNREACHABLE_PEER):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # shown at DEBUG only
         if record.name == "py.warnings":
             text = record.getMessage()
             # "path:line: Category: message\n  source" -> keep "path:line: Category"
@@ -97,3 +108,27 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
     # warnings.catch_warnings() blocks (pytest, libraries) may have restored another showwarning.
     logging.captureWarnings(False)
     logging.captureWarnings(True)
+    # An exception nothing caught (a thread's, or the main one's) is a log record too: Python would print
+    # its traceback to stderr, a plain multi-line text in a JSON log, and its message may quote a dataset.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    from dicom_node.errors import describe_exception
+
+    logging.getLogger("dicom_node").critical("uncaught %s", describe_exception(exc, stack=True))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+        return
+    from dicom_node.errors import describe_exception
+
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("dicom_node").critical(
+        "thread %s ended by an uncaught %s", name, describe_exception(args.exc_value, stack=True)
+    )

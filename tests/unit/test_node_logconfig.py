@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
 import warnings
 
 import pytest
@@ -19,10 +21,37 @@ pytestmark = pytest.mark.unit
 def _restore_logging() -> object:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    hooks = sys.excepthook, threading.excepthook
     yield None
     logging.captureWarnings(False)
     root.handlers[:] = handlers
     root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks
+
+
+def test_an_uncaught_exception_is_one_json_record_without_its_text() -> None:
+    """A thread ended by an exception printed a plain multi-line traceback into the JSON log, with the
+    exception's text (which may quote a dataset)."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=True), stream=stream)
+
+    secret = "ZZ" + "SECRET"  # the source lines of the stack are logged: keep the value out of them
+
+    def fail() -> None:
+        raise ValueError(f"Invalid value for PN: '{secret}^NAME'")
+
+    worker = threading.Thread(target=fail, name="settle-arm")
+    worker.start()
+    worker.join()
+    try:
+        raise KeyError(secret)
+    except KeyError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["level"] for r in records] == ["CRITICAL", "CRITICAL"]
+    assert records[0]["message"].startswith("thread settle-arm ended by an uncaught ValueError at ")
+    assert records[1]["message"].startswith("uncaught KeyError at ")
+    assert "ZZSECRET" not in stream.getvalue()
 
 
 def test_warning_text_is_withheld_and_lines_are_json() -> None:
@@ -72,3 +101,20 @@ def test_sqlalchemy_result_rows_lose_their_values_at_debug() -> None:
     text = stream.getvalue()
     assert "ZZSECRET" not in text and "19700101" not in text
     assert "Row (values withheld" in text and "Col ('patient_id', 'name')" in text
+
+
+def test_an_unreachable_peer_is_the_outboxs_warning_not_two_pynetdicom_errors() -> None:
+    """Each retry to a PACS that was down logged two pynetdicom ERROR lines beside the node's WARNING."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=True), stream=stream)
+    transport = logging.getLogger("pynetdicom.transport")
+    transport.error("Association request failed: unable to connect to remote")
+    transport.error("TCP Initialisation Error: [Errno 111] Connection refused")
+    transport.error("some other transport failure")  # still an ERROR
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+        "some other transport failure"
+    ]
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="DEBUG", json_format=True), stream=stream)
+    transport.error("TCP Initialisation Error: [Errno 111] Connection refused")
+    assert [json.loads(line)["level"] for line in stream.getvalue().splitlines()] == ["INFO"]
