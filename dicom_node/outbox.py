@@ -392,7 +392,9 @@ class Outbox:
         reasons: set[str] = set()  # why deliveries failed (peer, address, status: no patient data)
         with session_scope(self.session_factory) as session:
             for item in items:
-                delivery = session.get(Delivery, item.delivery_pk)
+                # Locked: a new revision superseding this delivery meanwhile waits for this record, or
+                # has committed and is seen here.
+                delivery = session.get(Delivery, item.delivery_pk, with_for_update=True)
                 if delivery is None:
                     continue
                 status, error = outcomes[item.delivery_pk]
@@ -404,11 +406,16 @@ class Outbox:
                     delivery.delivered_at = now
                     delivery.next_attempt_at = None
                     delivery.last_error = f"warning status 0x{status:04X}" if outcome == "warning" else ""
+                    note = delivery.last_error
                     report.delivered.append(delivery.id)
                     latencies.append((item.kind, (now - item.received_at).total_seconds()))
+                elif delivery.state is DeliveryState.SUPERSEDED:
+                    # A later revision replaced it while this attempt ran: it is not tried again.
+                    outcome = "failed" if status is not None else "error"
+                    note = error or f"failure status 0x{status or 0:04X}"
                 else:
                     outcome = "failed" if status is not None else "error"
-                    delivery.last_error = error or f"failure status 0x{status or 0:04X}"
+                    delivery.last_error = note = error or f"failure status 0x{status or 0:04X}"
                     reasons.add(delivery.last_error)
                     if delivery.attempts >= self.settings.max_attempts:
                         delivery.state = DeliveryState.DEAD
@@ -429,7 +436,7 @@ class Outbox:
                         at=now,
                         status=status,
                         outcome=outcome,
-                        error=delivery.last_error if outcome != "delivered" else "",
+                        error=note if outcome != "delivered" else "",
                     )
                 )
         if report.failed:  # one line that names the destination and says why (the console shows it too)

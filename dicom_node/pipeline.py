@@ -1162,6 +1162,9 @@ class NodeLike(Protocol):
     def dicom_port(self) -> int: ...
 
 
+_UNDELIVERED = (DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.DEAD)
+
+
 def _supersede_earlier_revisions(session: Session, object_pks: list[int]) -> None:
     """Earlier revisions of these objects that have not reached a destination are not sent any more: a
     PACS that was down while a late image came would otherwise get the old SR and PDF as well as the new
@@ -1179,12 +1182,13 @@ def _supersede_earlier_revisions(session: Session, object_pks: list[int]) -> Non
         superseded = list(session.scalars(
             select(Delivery.id).where(
                 Delivery.result_object_pk.in_(earlier),
-                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.DEAD)),
+                Delivery.state.in_(_UNDELIVERED),
             )
         ))
         if superseded:
             session.execute(
-                update(Delivery).where(Delivery.id.in_(superseded))
+                update(Delivery)
+                .where(Delivery.id.in_(superseded), Delivery.state.in_(_UNDELIVERED))  # not one sent meanwhile
                 .values(state=DeliveryState.SUPERSEDED, next_attempt_at=None,
                         last_error=f"superseded by revision {obj.revision}")
             )

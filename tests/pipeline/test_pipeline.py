@@ -345,6 +345,38 @@ def test_a_late_image_while_the_pacs_is_down_sends_only_the_latest_results(
     assert sorted(peer.received) == sorted(uid for uid, _ in second.values())
 
 
+def test_a_delivery_superseded_while_it_was_being_tried_stays_superseded(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox was waiting on the PACS that is down when the late image's revision superseded what it
+    was sending; the failed attempt then set the old deliveries RETRYING again (found by review)."""
+    from dicom_node import scu
+
+    with session_scope(world["db"]) as session:
+        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        pacs_pk, pacs.port = pacs.id, peers.free_port()  # down
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    send = scu.send
+    late: list[int] = []
+
+    def send_while_a_late_image_comes(*args: Any, **kwargs: Any) -> list[int]:
+        if not late:
+            late.append(receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk)))
+            make_pipeline(world).process([study_pk])  # its revision supersedes what is being sent
+        return send(*args, **kwargs)
+
+    with session_scope(world["db"]) as session:
+        for delivery in session.scalars(select(Delivery)):
+            delivery.next_attempt_at = utcnow()
+    monkeypatch.setattr(scu, "send", send_while_a_late_image_comes)
+    world["outbox"].deliver_due(pacs_pk)
+    with session_scope(world["db"]) as session:
+        states = {d.result_object.sop_instance_uid: d.state for d in session.scalars(select(Delivery))}
+    assert late and {states[uid] for uid, _ in first.values()} == {DeliveryState.SUPERSEDED}
+
+
 def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
     world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
