@@ -66,6 +66,10 @@ class Node:
         """The port the listener is bound to (differs from settings when configured as 0)."""
         return self.scp.port
 
+    def holds_lock(self) -> bool:
+        """This node is still the one node on its database (see :class:`dicom_node.store.db.NodeLock`)."""
+        return self._lock.held()
+
     def start(self) -> None:
         """Migrate the schema, seed AEs from settings, start timers, the listener and the console."""
         if self._started:

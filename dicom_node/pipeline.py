@@ -1161,6 +1161,8 @@ class NodeLike(Protocol):
     @property
     def dicom_port(self) -> int: ...
 
+    def holds_lock(self) -> bool: ...
+
 
 _UNDELIVERED = (DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.DEAD)
 
@@ -1249,6 +1251,7 @@ def attach(
     )
     metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
     metrics.add_check("scheduler", lambda: scheduler_alive(node.scheduler))
+    metrics.add_check("node_lock", node.holds_lock)  # still the only node on its database
     metrics.add_check("pipeline", lambda: pipeline.alive)
     metrics.add_check("model", lambda: pipeline.model_ready, critical=False)
     server = None

@@ -147,16 +147,14 @@ class NodeLock:
         self._engine = engine
         self._connection: Any = None
         self._fd: int | None = None
+        self._guard = threading.Lock()  # the health check and stop() share the lock's connection
+        self._wanted = False  # between acquire() and release()
 
     def acquire(self) -> None:
         url = self._engine.url
         if url.get_backend_name() == "postgresql":
-            connection = self._engine.connect()
-            if not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({_NODE_LOCK_KEY})").scalar():
-                connection.close()
+            if not self._take_advisory_lock():
                 raise ConfigurationError(_ANOTHER_NODE)
-            connection.commit()
-            self._connection = connection
         elif url.database and url.database != ":memory:" and not url.database.startswith("file:"):
             path = Path(url.database).resolve()
             lock_file = path.with_name(path.name + ".node-lock")
@@ -167,8 +165,62 @@ class NodeLock:
                 os.close(fd)
                 raise ConfigurationError(_ANOTHER_NODE) from None
             self._fd = fd
+        self._wanted = True
+
+    def _take_advisory_lock(self) -> bool:
+        try:
+            connection = self._engine.connect()
+        except OperationalError as exc:
+            raise _unreachable(exc) from exc
+        try:
+            query = f"SELECT pg_try_advisory_lock({_NODE_LOCK_KEY})"
+            taken = bool(connection.exec_driver_sql(query).scalar())
+            connection.commit()
+        except OperationalError as exc:
+            connection.invalidate()
+            connection.close()
+            raise _unreachable(exc) from exc
+        if not taken:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    def held(self) -> bool:
+        """Whether this node still holds the lock (a /healthz check). The PostgreSQL lock goes with the
+        session that holds it: a database restart, a failover or an idle-connection cut end it without a
+        word, and a second node could then start. A lost session is taken again when no other node has
+        taken the lock meanwhile; else the check fails (503) and the log says why."""
+        with self._guard:
+            if not self._wanted:
+                return False
+            if self._engine.url.get_backend_name() != "postgresql":
+                return True  # an flock stays with its open file
+            if self._connection is not None:
+                try:
+                    self._connection.exec_driver_sql("SELECT 1").scalar()
+                    self._connection.commit()
+                    return True
+                except OperationalError:
+                    self._connection.invalidate()
+                    self._connection.close()
+                    self._connection = None
+            try:
+                taken = self._take_advisory_lock()
+            except DatabaseUnavailableError:
+                return False
+            if taken:
+                LOGGER.warning("the database session holding the node lock was lost; the lock is taken again")
+            else:
+                LOGGER.error("the node lock was lost, and another cxr-node has taken it: stop one of them")
+            return taken
 
     def release(self) -> None:
+        with self._guard:
+            self._wanted = False
+            self._release()
+
+    def _release(self) -> None:
         if self._connection is not None:
             # Closed for good, not handed back to the pool (which would keep the lock with it): the server
             # ends the session's advisory lock with the session.
@@ -189,7 +241,12 @@ _ANOTHER_NODE = (
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout, enforced foreign keys and, for a database
     file, a :class:`SqliteWriterLock` in front of its write transactions."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:  # not a URL at all, or a port that is not a number
+        raise ConfigurationError(
+            "database.url is not a database URL: use postgresql+psycopg://user@host/name or sqlite:///path"
+        ) from exc
     # hide_parameters: bound values (patient names, IDs) never reach logs or exception texts.
     kwargs: dict[str, Any] = {"echo": echo, "future": True, "hide_parameters": True}
     sqlite = parsed.get_backend_name() == "sqlite"
@@ -288,8 +345,12 @@ def upgrade(engine: Engine, revision: str = "heads") -> None:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, revision)
     except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
-        raise DatabaseUnavailableError(f"the database cannot be reached: {_first_line(exc.orig)}") from exc
+        raise _unreachable(exc) from exc
     LOGGER.info("database schema at %s", revision)
+
+
+def _unreachable(exc: OperationalError) -> DatabaseUnavailableError:
+    return DatabaseUnavailableError(f"the database cannot be reached: {_first_line(exc.orig)}")
 
 
 def _first_line(exc: BaseException | None) -> str:

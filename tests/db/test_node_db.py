@@ -334,12 +334,45 @@ def test_only_one_node_runs_on_a_database(engine: Engine) -> None:
         first.acquire()
         with pytest.raises(ConfigurationError, match="another cxr-node is running on this database"):
             second.acquire()
+        assert first.held()
         first.release()
         second.acquire()  # the lock goes with the node that held it
+        assert second.held() and not first.held()
     finally:
         first.release()
         second.release()
         other_engine.dispose()
+
+
+def test_a_node_lock_whose_session_was_cut_is_taken_again_or_reported_lost(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PostgreSQL restart, a failover or an idle cut ends the session holding the advisory lock without
+    a word, and a second node could start beside the first (found by review); /healthz checks it."""
+    url = pg_server.create_database()
+    engines = [db.make_engine(url) for _ in range(3)]
+    first, second = db.NodeLock(engines[0]), db.NodeLock(engines[1])
+
+    def cut_sessions() -> None:
+        with engines[2].connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+
+    try:
+        first.acquire()
+        cut_sessions()
+        with caplog.at_level("WARNING", logger="dicom_node.store.db"):
+            assert first.held()  # nobody else took it: taken again
+        assert "the lock is taken again" in caplog.text
+        cut_sessions()
+        second.acquire()  # meanwhile another node started
+        assert not first.held()
+        assert "another cxr-node has taken it" in caplog.text
+    finally:
+        first.release()
+        second.release()
+        for engine in engines:
+            engine.dispose()
 
 
 def test_timer_rearms_while_instances_keep_arriving(
