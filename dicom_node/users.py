@@ -56,7 +56,10 @@ _GUESSED_WORDS = frozenset({
     "password", "passwort", "passw0rd", "qwerty", "letmein", "welcome", "changeme", "admin", "administrator",
     "radiology", "radiologist", "hospital", "cxrnode", "cxr-node", "iloveyou", "secret", "default",
 })
-_AROUND = "0123456789 !@#$%^&*()-_=+.,;:?'\"/\\|[]{}<>~`"
+_SYMBOLS = " !@#$%^&*()-_=+.,;:?'\"/\\|[]{}<>~`"
+_AROUND = "0123456789" + _SYMBOLS
+#: Letters a password must have besides the username for the name not to be its substance.
+_MIN_OTHER_LETTERS = 4
 
 
 def _is_digit_run(password: str) -> bool:
@@ -83,12 +86,13 @@ def check_password(password: str, username: str = "") -> None:
         raise InvalidUserError(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
     lowered = password.lower()
     core = lowered.strip(_AROUND)
-    if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or _is_digit_run(lowered):
+    if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or _is_digit_run(lowered.strip(_SYMBOLS)):
         raise InvalidUserError("password is one of the first that guessers try; choose a longer phrase")
     name = username.strip().lower()
-    # The name with a few characters added is guessed early; a phrase that happens to hold a short
-    # name ("tomorrow never comes" for tom) is not.
-    if name and (core == name or (name in lowered and len(lowered.replace(name, "")) < MIN_PASSWORD_LENGTH)):
+    # The name with digits or symbols added is guessed early; a phrase or a random string that happens to
+    # hold a short name ("tomorrow never comes" for tom, "xq7!zr9#ted" for ed) is not.
+    others = sum(1 for c in lowered.replace(name, "") if c.isalpha()) if name else 0
+    if name and (core == name or (name in lowered and others < _MIN_OTHER_LETTERS)):
         raise InvalidUserError("password must not be the username with a few characters added")
     if len(set(lowered)) < _MIN_DISTINCT_CHARACTERS:
         raise InvalidUserError("password has too few different characters; choose a longer phrase")

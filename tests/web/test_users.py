@@ -86,6 +86,9 @@ def test_cli_refuses_short_passwords_and_duplicates(
         ("radiologist-1", "first that guessers try"),
         ("dr.house-1234", "must not be the username"),
         ("12345678901234", "first that guessers try"),
+        ("1234567890!", "first that guessers try"),  # a counting run with a symbol added
+        ("0987654321.", "first that guessers try"),
+        ("dr.house2024!!", "must not be the username"),
         ("abababababab", "too few different characters"),
     ],
 )
@@ -105,6 +108,8 @@ def test_passwords_guessers_try_first_are_refused(password: str, reason: str) ->
         ("Alice in Wonderland 1865", "alice"),
         ("830511427719", "rob"),  # random digits: long enough, no composition rules (NIST)
         ("4#9!7@2&8*1^", "rob"),
+        ("xq7!zr9#ted", "ed"),  # a random string that happens to hold a short name
+        ("k3v!nmark9q", "mark"),
     ],
 )
 def test_passphrases_and_random_strings_are_accepted(password: str, username: str) -> None:
