@@ -174,10 +174,7 @@ def run_worker(
     settings_data: dict[str, Any], listen_socket: socket.socket, events: Queue[int], index: int
 ) -> None:
     """Entry point of a listener process (spawned: imports only what a storage SCP needs)."""
-    from dicom_node.ingest import Ingestor, IngestResult
     from dicom_node.logconfig import configure_logging
-    from dicom_node.scp import build_scp
-    from dicom_node.store.parts import open_store
 
     parent = multiprocessing.parent_process()
     _die_with_parent()
@@ -185,6 +182,23 @@ def run_worker(
         return
     settings = Settings.model_validate(settings_data)
     configure_logging(settings.logging)
+    try:
+        _serve(settings, listen_socket, events, index, parent)
+    except Exception as exc:  # multiprocessing would print a plain traceback, with the exception's text
+        from dicom_node.logconfig import describe_uncaught
+
+        LOGGER.critical("listener process %d ended by an uncaught %s", index + 1, describe_uncaught(exc))
+        sys.exit(1)
+
+
+def _serve(
+    settings: Settings, listen_socket: socket.socket, events: Queue[int], index: int,
+    parent: multiprocessing.process.BaseProcess | None,
+) -> None:
+    from dicom_node.ingest import Ingestor, IngestResult
+    from dicom_node.scp import build_scp
+    from dicom_node.store.parts import open_store
+
     stop = threading.Event()
 
     def request_stop(_signum: int, _frame: FrameType | None) -> None:

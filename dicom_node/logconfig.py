@@ -118,17 +118,29 @@ def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackTy
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, exc, tb)
         return
-    from dicom_node.errors import describe_exception
-
-    logging.getLogger("dicom_node").critical("uncaught %s", describe_exception(exc, stack=True))
+    logging.getLogger("dicom_node").critical("uncaught %s", describe_uncaught(exc))
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     if args.exc_value is None or issubclass(args.exc_type, SystemExit):
         return
-    from dicom_node.errors import describe_exception
-
     name = args.thread.name if args.thread is not None else "?"
     logging.getLogger("dicom_node").critical(
-        "thread %s ended by an uncaught %s", name, describe_exception(args.exc_value, stack=True)
+        "thread %s ended by an uncaught %s", name, describe_uncaught(args.exc_value)
     )
+
+
+def describe_uncaught(exc: BaseException) -> str:
+    """Type, stack and — for what cannot quote a dataset — the reason: the operating system's words for an
+    OSError ("Name or service not known"), the driver's first line for a database error."""
+    from sqlalchemy.exc import DBAPIError
+
+    from dicom_node.errors import describe_exception
+
+    reason = ""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    elif isinstance(exc, DBAPIError) and exc.orig is not None:
+        reason = (str(exc.orig).strip().splitlines() or [""])[0]
+    text = describe_exception(exc, stack=True)
+    return f"{text.splitlines()[0]}: {reason}\n" + "\n".join(text.splitlines()[1:]) if reason else text

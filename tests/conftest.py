@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model for classification tests: the shipped default, else a tiny one trained once per session."""
     return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
+
+
+@pytest.fixture(autouse=True)
+def _keep_exception_hooks() -> Iterator[None]:
+    """The node's logging set-up (``configure_logging``, which CLI commands run in-process) installs its own
+    exception hooks; pytest's, which report an exception in a thread, must come back after each test."""
+    hooks = sys.excepthook, threading.excepthook
+    yield
+    sys.excepthook, threading.excepthook = hooks

@@ -118,3 +118,17 @@ def test_an_unreachable_peer_is_the_outboxs_warning_not_two_pynetdicom_errors() 
     configure_logging(LoggingSettings(level="DEBUG", json_format=True), stream=stream)
     transport.error("TCP Initialisation Error: [Errno 111] Connection refused")
     assert [json.loads(line)["level"] for line in stream.getvalue().splitlines()] == ["INFO"]
+
+
+def test_an_uncaught_os_error_keeps_the_operating_systems_reason() -> None:
+    """Only the type and place were logged: "uncaught gaierror at socket.py:962", without "Name or service
+    not known" (found by review). The system's words cannot quote a dataset."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=True), stream=stream)
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except ConnectionRefusedError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    (record,) = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert record["message"].splitlines()[0].startswith("uncaught ConnectionRefusedError at ")
+    assert record["message"].splitlines()[0].endswith(": Connection refused")
