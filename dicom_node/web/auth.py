@@ -105,8 +105,9 @@ class SessionTokens:
             session.delete(row)
             session.commit()
             return None
-        if used and aware(row.expires_at) - now < self.lifetime - _REFRESH_AFTER:
-            row.expires_at = min(now + self.lifetime, ends)
+        extended = min(now + self.lifetime, ends)
+        if used and extended - aware(row.expires_at) > _REFRESH_AFTER:  # not a write on every click
+            row.expires_at = extended
             session.commit()
         return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token)
 
@@ -173,9 +174,9 @@ class LoginThrottle:
         with self._lock:
             return self._recent(username.strip().lower(), time.monotonic()) >= self.limit
 
-    def first_block(self, username: str) -> bool:
+    def first_block(self, key: str) -> bool:
         """True once per blocked window: one audit event per lockout, not one per refused attempt."""
-        key = username.strip().lower()
+        key = key.strip().lower()
         with self._lock:
             if key in self._reported:
                 return False
