@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +34,16 @@ def _on_connection_open(event: Event) -> None:
     tune_socket(event.assoc.dul.socket)
 
 
+def _connect_error(host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to the peer fails ("Connection refused", "No route to host", "Name or service
+    not known", "timed out"), for the delivery's reason and the console."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
+            return "it accepts connections again"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+
+
 def _associate(
     contexts: list[PresentationContext],
     host: str,
@@ -52,15 +63,22 @@ def _associate(
     ae.connection_timeout = timeout
     ae.maximum_pdu_size = max_pdu
     tls_args = (tls, host) if tls is not None else None
+    opened: list[bool] = []
+
+    def on_open(event: Event) -> None:
+        opened.append(True)
+        _on_connection_open(event)
+
     assoc = reactor.associate(
-        ae, host, port, called_aet, contexts, tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
+        ae, host, port, called_aet, contexts, tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
     )
     if not assoc.is_established:
         if assoc.is_rejected:
             raise AssociationError(f"association rejected by {called_aet} at {host}:{port}")
-        raise AssociationError(
-            f"no association with {called_aet} at {host}:{port} (unreachable, aborted or timed out)")
+        if not opened:  # pynetdicom logs why only at its own level: ask the network once more
+            raise AssociationError(
+                f"cannot connect to {called_aet} at {host}:{port} ({_connect_error(host, port, timeout)})")
+        raise AssociationError(f"no association with {called_aet} at {host}:{port} (aborted or timed out)")
     return assoc
 
 

@@ -234,6 +234,8 @@ def test_failures_back_off_then_die_and_resend_delivers(
             assert delivery.state is DeliveryState.DEAD
             assert [a.outcome for a in delivery.attempt_history] == ["failed", "error"]
             assert delivery.next_attempt_at is None
+            # the network's own words: pynetdicom logs them only at its level, now INFO (shown at DEBUG)
+            assert delivery.last_error.endswith("(Connection refused)"), delivery.last_error
 
     # The operator fixes the destination, then resends from the CLI.
     fixed = StorePeer(port=down.port).start()
