@@ -260,6 +260,11 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         kwargs["connect_args"] = connect_args
     else:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+        if parsed.get_backend_name() == "postgresql":
+            # TCP keepalives (libpq): a connection cut by a firewall or a failover is found within about
+            # 1.5 minutes, not hours later; the node lock's idle session among them.
+            kwargs["connect_args"] = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10,
+                                      "keepalives_count": 3}
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ModuleNotFoundError) as exc:  # an unknown dialect, or its driver is missing

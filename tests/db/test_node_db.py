@@ -344,6 +344,17 @@ def test_only_one_node_runs_on_a_database(engine: Engine) -> None:
         other_engine.dispose()
 
 
+def test_postgresql_connections_send_tcp_keepalives(pg_server: PostgresServer) -> None:
+    """A connection a firewall or failover cut is found within minutes, the node lock's idle one too."""
+    engine = db.make_engine(pg_server.create_database())
+    try:
+        with engine.connect() as connection:
+            parameters = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+    assert (parameters["keepalives"], parameters["keepalives_idle"]) == ("1", "60")
+
+
 def test_a_node_lock_whose_session_was_cut_is_taken_again_or_reported_lost(
     pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
