@@ -21,7 +21,7 @@ from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
 from dicom_node.web import results
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
-from dicom_node.web.auth import DEVICE_COOKIE, SESSION_COOKIE, UtcDatetime
+from dicom_node.web.auth import SESSION_COOKIE, UtcDatetime
 from dicom_node.web.deps import (
     ConsoleDep,
     CsrfAdminDep,
@@ -33,7 +33,7 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
-from dicom_node.web.login import record_failed_login, refused_as_blocked, set_cookie, set_device_cookie
+from dicom_node.web.login import THROTTLED, log_in, set_session_cookies
 from dicom_node.web.pages import (
     ResultQueryDep,
     audit_read,
@@ -69,21 +69,12 @@ class SessionInfo(BaseModel):
 @public_router.post("/session", response_model=SessionInfo)
 def api_login(request: Request, body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
     """Log in; sets the session cookie. JSON only, so a cross-site form cannot submit it."""
-    key = con.tokens.throttle_key(body.username, request.cookies.get(DEVICE_COOKIE))
-    if refused_as_blocked(con, db, body.username, key):
+    outcome = log_in(request, con, db, body.username, body.password)
+    if outcome == THROTTLED:
         return JSONResponse({"detail": "too many failed attempts; wait and retry"}, status_code=429)
-    try:
-        user = users.authenticate(db, body.username, body.password)
-    except AuthenticationError:
-        con.throttle.failed(key)
-        record_failed_login(db, body.username, "user.login_failed")
-        db.commit()
+    if not isinstance(outcome, tuple):
         return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
-    con.throttle.succeeded(key)
-    con.tokens.purge_expired(db)
-    token = con.tokens.create(db, user)
-    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
-    db.commit()
+    user, token = outcome
     principal = con.tokens.resolve(db, token)
     if principal is None:
         raise AuthenticationError("the new session could not be read back")
@@ -92,8 +83,7 @@ def api_login(request: Request, body: LoginRequest, con: ConsoleDep, db: DbDep) 
             mode="json"
         )
     )
-    set_cookie(response, con, SESSION_COOKIE, token)
-    set_device_cookie(response, con, user.username)
+    set_session_cookies(response, con, token, user.username)
     return response
 
 

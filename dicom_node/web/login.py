@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.errors import AuthenticationError
+from dicom_node.store.models import User
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
 from dicom_node.users import find as find_user
 from dicom_node.web.auth import (
@@ -49,7 +50,7 @@ def set_device_cookie(response: Response, con: Console, username: str) -> None:
     )
 
 
-def refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
+def _refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
     """The throttle refuses this attempt; its first refusal in a lockout window is audited."""
     if not con.throttle.blocked(key):
         return False
@@ -57,6 +58,40 @@ def refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bo
         record_failed_login(db, username, "user.login_blocked")
         db.commit()
     return True
+
+
+#: Why :func:`log_in` refused: the HTTP status both login routes answer with.
+THROTTLED, WRONG_CREDENTIALS = 429, 401
+
+
+def log_in(
+    request: Request, con: Console, db: Session, username: str, password: str
+) -> tuple[User, str] | int:
+    """The login both the form and the JSON API do: throttle (per device cookie, else per account),
+    password check, audit, a new session. Returns the user and the session's cookie token, or
+    :data:`THROTTLED` / :data:`WRONG_CREDENTIALS`."""
+    key = con.tokens.throttle_key(username, request.cookies.get(DEVICE_COOKIE))
+    if _refused_as_blocked(con, db, username, key):
+        return THROTTLED
+    try:
+        user = authenticate(db, username, password)
+    except AuthenticationError:
+        con.throttle.failed(key)
+        record_failed_login(db, username, "user.login_failed")
+        db.commit()
+        return WRONG_CREDENTIALS
+    con.throttle.succeeded(key)
+    con.tokens.purge_expired(db)
+    token = con.tokens.create(db, user)
+    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
+    db.commit()
+    return user, token
+
+
+def set_session_cookies(response: Response, con: Console, token: str, username: str) -> None:
+    """The session cookie, and the device cookie that gives this browser its own login throttle."""
+    set_cookie(response, con, SESSION_COOKIE, token)
+    set_device_cookie(response, con, username)
 
 
 def _login_page(
@@ -113,28 +148,18 @@ def login(
 ) -> Response:
     if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
         return _login_page(request, con, db, error="The login form expired; please try again.", status=403)
-    key = con.tokens.throttle_key(username, request.cookies.get(DEVICE_COOKIE))
-    if refused_as_blocked(con, db, username, key):
+    outcome = log_in(request, con, db, username, password)
+    if outcome == THROTTLED:
         return _login_page(
             request, con, db, error="Too many failed attempts; wait a few minutes and try again.", status=429
         )
-    try:
-        user = authenticate(db, username, password)
-    except AuthenticationError:
-        con.throttle.failed(key)
-        record_failed_login(db, username, "user.login_failed")
-        db.commit()
+    if not isinstance(outcome, tuple):
         return _login_page(
             request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
         )
-    con.throttle.succeeded(key)
-    con.tokens.purge_expired(db)
-    token = con.tokens.create(db, user)
-    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
-    db.commit()
+    user, token = outcome
     response = RedirectResponse(_safe_next(next), status_code=303)
-    set_cookie(response, con, SESSION_COOKIE, token)
-    set_device_cookie(response, con, user.username)
+    set_session_cookies(response, con, token, user.username)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 
