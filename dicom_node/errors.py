@@ -97,6 +97,13 @@ class PermissionDeniedError(NodeError):
     """The user's role does not allow the action (web console)."""
 
 
+def driver_reason(exc: BaseException | None) -> str:
+    """The first line of a database driver's own error: host, port, user — never the password, which
+    drivers do not repeat, nor bound values, which the node's engines hide. Empty when it says nothing."""
+    text = str(exc or "").strip().splitlines()
+    return text[0] if text else ""
+
+
 def describe_exception(exc: BaseException, *, stack: bool = False) -> str:
     """Type and innermost code location of an exception, never its message (pydicom/SQL texts may quote PHI).
 

@@ -135,12 +135,15 @@ def describe_uncaught(exc: BaseException) -> str:
     OSError ("Name or service not known"), the driver's first line for a database error."""
     from sqlalchemy.exc import DBAPIError
 
-    from dicom_node.errors import describe_exception
+    from dicom_node.errors import describe_exception, driver_reason
 
     reason = ""
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
-    elif isinstance(exc, DBAPIError) and exc.orig is not None:
-        reason = (str(exc.orig).strip().splitlines() or [""])[0]
+    elif isinstance(exc, DBAPIError):
+        reason = driver_reason(exc.orig)
     text = describe_exception(exc, stack=True)
-    return f"{text.splitlines()[0]}: {reason}\n" + "\n".join(text.splitlines()[1:]) if reason else text
+    if not reason:
+        return text
+    head, _, stack = text.partition("\n")
+    return f"{head}: {reason}\n{stack}"

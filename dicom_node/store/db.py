@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import ConfigurationError, DatabaseUnavailableError
+from dicom_node.errors import ConfigurationError, DatabaseUnavailableError, driver_reason
 from dicom_node.store.files import private_directory
 
 LOGGER = logging.getLogger(__name__)
@@ -177,8 +177,7 @@ class NodeLock:
             taken = bool(connection.exec_driver_sql(query).scalar())
             connection.commit()
         except OperationalError as exc:
-            connection.invalidate()
-            connection.close()
+            _close_for_good(connection)
             raise _unreachable(exc) from exc
         if not taken:
             connection.close()
@@ -202,8 +201,7 @@ class NodeLock:
                     self._connection.commit()
                     return True
                 except OperationalError:
-                    self._connection.invalidate()
-                    self._connection.close()
+                    _close_for_good(self._connection)
                     self._connection = None
             try:
                 taken = self._take_advisory_lock()
@@ -222,14 +220,18 @@ class NodeLock:
 
     def _release(self) -> None:
         if self._connection is not None:
-            # Closed for good, not handed back to the pool (which would keep the lock with it): the server
-            # ends the session's advisory lock with the session.
-            self._connection.invalidate()
-            self._connection.close()
+            _close_for_good(self._connection)  # the server ends the session's advisory lock with it
             self._connection = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _close_for_good(connection: Any) -> None:
+    """Close a connection and its session, not hand it back to the pool (which would keep a session
+    lock with it, or a broken connection)."""
+    connection.invalidate()
+    connection.close()
 
 
 _ANOTHER_NODE = (
@@ -355,10 +357,5 @@ def upgrade(engine: Engine, revision: str = "heads") -> None:
 
 
 def _unreachable(exc: OperationalError) -> DatabaseUnavailableError:
-    return DatabaseUnavailableError(f"the database cannot be reached: {_first_line(exc.orig)}")
-
-
-def _first_line(exc: BaseException | None) -> str:
-    """The driver's own reason (host, port, user; never the password, which drivers do not repeat)."""
-    text = str(exc or "").strip().splitlines()
-    return text[0] if text else "no reason given"
+    reason = driver_reason(exc.orig) or "no reason given"
+    return DatabaseUnavailableError(f"the database cannot be reached: {reason}")
