@@ -217,7 +217,8 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
         raise UnsupportedImageError(f"not a readable image ({reason_for(exc, path)})") from exc
 
 
-def _number_of_frames(ds: pydicom.Dataset) -> int:
+def number_of_frames(ds: pydicom.Dataset) -> int:
+    """Number of Frames; 1 when absent, empty or unreadable (the decoder then reads what is there)."""
     try:
         return int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -254,7 +255,7 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
     if not photometric.startswith("MONOCHROME"):
         return None  # palette indices are labels: a wavelet low-pass would average them
     rows, columns = stored
-    frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=number_of_frames(ds)))
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
     if level == 0:
         return None
@@ -296,7 +297,7 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImageError("float pixel data (a parametric map, not a radiograph)")
         raise UnsupportedImageError("the object has no Pixel Data")
-    frames = _number_of_frames(ds)
+    frames = number_of_frames(ds)
     if frames > 1:
         LOGGER.info("multi-frame object (%d frames): classifying the first frame", frames)
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None

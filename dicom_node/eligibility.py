@@ -29,6 +29,7 @@ from datetime import date, datetime
 import pydicom
 from pydicom.uid import DigitalXRayImageStorageForProcessing
 
+from classifier.preprocess import number_of_frames
 from dicom_node.settings import ADULT_AGE_YEARS, PipelineSettings
 from dicom_node.store.models import Instance, Study
 
@@ -209,10 +210,7 @@ def frames_refusal(dataset: pydicom.Dataset) -> str | None:
     """Why a multi-frame image is not classified (None: it has one frame). The model reads one radiograph;
     classifying only the first frame of several, without a word of it in the results, would let a reader
     take the finding for all of them. CR and DX images have one frame; several mean something else."""
-    try:
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return None  # an unreadable count: the decoder decides
+    frames = number_of_frames(dataset)  # an unreadable count is 1: the decoder decides
     if frames <= 1:
         return None
     return f"a multi-frame image ({frames} frames); the model reads single radiographs"
