@@ -373,6 +373,20 @@ class Outbox:
                 outcomes[item.delivery_pk] = (status, "" if status is not None else error)
         self._record(destination, items, outcomes, report)
 
+    def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport) -> None:
+        """DEAD after ``max_attempts``, else RETRYING with exponential back-off."""
+        if delivery.attempts >= self.settings.max_attempts:
+            delivery.state = DeliveryState.DEAD
+            delivery.next_attempt_at = None
+            report.dead.append(delivery.id)
+        else:
+            delivery.state = DeliveryState.RETRYING
+            delay = backoff_seconds(
+                delivery.attempts, self.settings.backoff_initial_seconds, self.settings.backoff_max_seconds
+            )
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
+        report.failed.append(delivery.id)
+
     def _tls_context(self) -> ssl.SSLContext:
         from dicom_node.tls import client_context
 
@@ -409,27 +423,14 @@ class Outbox:
                     note = delivery.last_error
                     report.delivered.append(delivery.id)
                     latencies.append((item.kind, (now - item.received_at).total_seconds()))
-                elif delivery.state is DeliveryState.SUPERSEDED:
-                    # A later revision replaced it while this attempt ran: it is not tried again.
-                    outcome = "failed" if status is not None else "error"
-                    note = error or f"failure status 0x{status or 0:04X}"
                 else:
                     outcome = "failed" if status is not None else "error"
-                    delivery.last_error = note = error or f"failure status 0x{status or 0:04X}"
-                    reasons.add(delivery.last_error)
-                    if delivery.attempts >= self.settings.max_attempts:
-                        delivery.state = DeliveryState.DEAD
-                        delivery.next_attempt_at = None
-                        report.dead.append(delivery.id)
-                    else:
-                        delivery.state = DeliveryState.RETRYING
-                        delay = backoff_seconds(
-                            delivery.attempts,
-                            self.settings.backoff_initial_seconds,
-                            self.settings.backoff_max_seconds,
-                        )
-                        delivery.next_attempt_at = now + timedelta(seconds=delay)
-                    report.failed.append(delivery.id)
+                    note = error or f"failure status 0x{status or 0:04X}"
+                    # One a later revision superseded while this attempt ran is not tried again.
+                    if delivery.state is not DeliveryState.SUPERSEDED:
+                        delivery.last_error = note
+                        reasons.add(note)
+                        self._after_failure(delivery, now, report)
                 session.add(
                     DeliveryAttempt(
                         delivery_pk=delivery.id,
