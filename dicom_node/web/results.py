@@ -31,7 +31,7 @@ from dicom_node.store.models import (
     Study,
     StudyState,
 )
-from dicom_node.web.auth import UtcDatetime, aware
+from dicom_node.web.auth import UtcDatetime
 
 PAGE_SIZES = (25, 50, 100)
 
@@ -202,7 +202,7 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
     rows = [
         ResultRow(
             study_id=s.id,
-            received_at=aware(s.first_received_at),
+            received_at=s.first_received_at,
             patient_name=s.patient.name,
             patient_id=s.patient.patient_id,
             accession_number=s.accession_number,
@@ -362,10 +362,6 @@ class StudyDetail(BaseModel):
     results: list[ResultObjectDetail]
 
 
-def _opt(value: datetime | None) -> datetime | None:
-    return aware(value) if value is not None else None
-
-
 def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> StudyDetail:
     study = session.scalar(
         select(Study)
@@ -400,7 +396,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
             rows=inst.rows,
             columns=inst.columns,
             source=inst.source,
-            received_at=aware(inst.received_at),
+            received_at=inst.received_at,
             state=inst.state.value,
             state_reason=inst.state_reason,
             pixels_available=inst.purged_at is None,
@@ -415,7 +411,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                     ),
                     model_name=f.model_name,
                     model_version=f.model_version,
-                    created_at=aware(f.created_at),
+                    created_at=f.created_at,
                     has_heatmap=bool(f.heatmap_path),
                     novelty=f.novelty,
                     doubt=doubt_reason(f.novelty, f.better_turn or 0, bool(f.negative)),
@@ -441,8 +437,8 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
         calling_ae=study.calling_ae,
         state=study.state,
         state_reason=study.state_reason,
-        received_at=aware(study.first_received_at),
-        analysed_at=_opt(study.analysed_at),
+        received_at=study.first_received_at,
+        analysed_at=study.analysed_at,
         age_unknown=ages.cautions(study_age(study)) and any(inst.findings for inst in instances),
         instances=instances,
         results=[
@@ -453,7 +449,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                 model_version=r.model_version,
                 revision=r.revision,
                 sop_instance_uid=r.sop_instance_uid,
-                created_at=aware(r.created_at),
+                created_at=r.created_at,
                 deliveries=[
                     DeliveryDetail(
                         id=d.id,
@@ -461,12 +457,12 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                         destination_address=f"{d.destination.host or '?'}:{d.destination.port or '?'}",
                         state=d.state,
                         attempts=d.attempts,
-                        next_attempt_at=_opt(d.next_attempt_at),
+                        next_attempt_at=d.next_attempt_at,
                         last_status=d.last_status,
                         last_error=d.last_error,
-                        delivered_at=_opt(d.delivered_at),
+                        delivered_at=d.delivered_at,
                         history=[
-                            AttemptDetail(at=aware(a.at), status=a.status, outcome=a.outcome, error=a.error)
+                            AttemptDetail(at=a.at, status=a.status, outcome=a.outcome, error=a.error)
                             for a in d.attempt_history
                         ],
                     )
