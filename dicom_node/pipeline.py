@@ -1118,13 +1118,43 @@ def _read_header(path: Path) -> pydicom.Dataset:
 
 
 def _header(instance: Instance) -> pydicom.Dataset:
-    """A minimal source dataset when the pixel file is gone (retention): UIDs only, no PHI available."""
+    """The source's header as the database holds it, for when its pixel file is gone (retention).
+
+    A study's results take their patient and study modules from its first image, so a revision built
+    after that image was removed must still name the patient and the study the PACS files it under.
+    """
+    series = instance.series
+    study = series.study
+    patient = study.patient
     ds = pydicom.Dataset()
-    ds.SOPClassUID = instance.sop_class_uid
-    ds.SOPInstanceUID = instance.sop_instance_uid
-    ds.SeriesInstanceUID = instance.series.series_instance_uid
-    ds.StudyInstanceUID = instance.series.study.study_instance_uid
-    ds.Modality = instance.series.modality
+    ds.SpecificCharacterSet = "ISO_IR 192"  # the database holds decoded text
+    values: dict[str, object] = {
+        "SOPClassUID": instance.sop_class_uid,
+        "SOPInstanceUID": instance.sop_instance_uid,
+        "SeriesInstanceUID": series.series_instance_uid,
+        "StudyInstanceUID": study.study_instance_uid,
+        "Modality": series.modality,
+        "PatientName": patient.name,
+        "PatientID": patient.patient_id,
+        "IssuerOfPatientID": patient.issuer_of_patient_id,
+        "PatientBirthDate": patient.birth_date,
+        "PatientSex": patient.sex,
+        "PatientAge": study.patient_age,
+        "StudyDate": study.study_date,
+        "StudyTime": study.study_time,
+        "AccessionNumber": study.accession_number,
+        "ReferringPhysicianName": study.referring_physician_name,
+        "StudyDescription": study.study_description,
+        "SeriesNumber": series.series_number,
+        "SeriesDescription": series.series_description,
+        "BodyPartExamined": series.body_part_examined,
+        "InstanceNumber": instance.instance_number,
+        "ViewPosition": instance.view_position,
+        "ImageLaterality": instance.image_laterality,
+    }
+    for keyword, value in values.items():
+        if value is not None and value != "":
+            setattr(ds, keyword, value)
     return ds
 
 

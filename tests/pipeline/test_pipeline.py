@@ -265,6 +265,32 @@ def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_i
         assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
 
 
+def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_study_it_belongs_to(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A late image after retention removed the study's first image: the new SR and PDF take their patient
+    and study modules from that first image, now rebuilt from the database. The old code rebuilt it from
+    UIDs alone, so the revision the PACS got named no patient (an empty Patient's Name and ID)."""
+    def accession(ds: pydicom.Dataset) -> None:
+        ds.AccessionNumber, ds.PatientID, ds.PatientSex = "ACC-7", "PID-7", "F"
+
+    study_pk = receive(world, "RG1_UNCI.dcm", edit=accession)
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:  # what dicom_node.retention does
+        first = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / first.file_path).unlink()
+        first.purged_at = utcnow()
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=accession)
+    make_pipeline(world).process([study_pk])
+    rows = result_rows(world, study_pk)
+    assert evidence(world, rows[ResultKind.SR][1]) == instance_uids(world, study_pk)
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        ds = pydicom.dcmread(world["config"].results_dir / rows[kind][1])
+        assert (str(ds.PatientName), ds.PatientID, ds.PatientSex) == (SENTINEL, "PID-7", "F"), kind
+        assert (ds.AccessionNumber, ds.StudyDate, ds.PatientBirthDate) == ("ACC-7", "20040826", "19400305"), kind
+
+
 def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
