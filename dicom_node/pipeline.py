@@ -1142,6 +1142,8 @@ def _header(instance: Instance) -> pydicom.Dataset:
         "PatientAge": study.patient_age,
         "StudyDate": study.study_date,
         "StudyTime": study.study_time,
+        "StudyID": study.study_id,
+        "TimezoneOffsetFromUTC": study.timezone_offset,
         "AccessionNumber": study.accession_number,
         "ReferringPhysicianName": study.referring_physician_name,
         "StudyDescription": study.study_description,

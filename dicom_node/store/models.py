@@ -144,6 +144,8 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # DICOM DA
     patient_age: Mapped[str] = mapped_column(String(16), default="")  # DICOM AS, at this study
     study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")  # DICOM SH Study ID
+    timezone_offset: Mapped[str] = mapped_column(String(16), default="")  # as sent, e.g. "+0100"
     study_description: Mapped[str] = mapped_column(String(64), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")

@@ -143,6 +143,8 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
             study_date=_text(ds, "StudyDate", 8),
             patient_age=_text(ds, "PatientAge", 16),
             study_time=_text(ds, "StudyTime", 16),
+            study_id=_text(ds, "StudyID", 16),
+            timezone_offset=_text(ds, "TimezoneOffsetFromUTC", 16),
             study_description=_text(ds, "StudyDescription", 64),
             referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
             calling_ae=calling_ae[:16],

@@ -270,9 +270,11 @@ def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_s
 ) -> None:
     """A late image after retention removed the study's first image: the new SR and PDF take their patient
     and study modules from that first image, now rebuilt from the database. The old code rebuilt it from
-    UIDs alone, so the revision the PACS got named no patient (an empty Patient's Name and ID)."""
+    UIDs alone, so the revision the PACS got named no patient (an empty Patient's Name and ID), and the
+    same Study Instance UID came to stand under two patients in Orthanc."""
     def accession(ds: pydicom.Dataset) -> None:
         ds.AccessionNumber, ds.PatientID, ds.PatientSex = "ACC-7", "PID-7", "F"
+        ds.TimezoneOffsetFromUTC = "+0930"
 
     study_pk = receive(world, "RG1_UNCI.dcm", edit=accession)
     make_pipeline(world).process([study_pk])
@@ -289,6 +291,7 @@ def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_s
         ds = pydicom.dcmread(world["config"].results_dir / rows[kind][1])
         assert (str(ds.PatientName), ds.PatientID, ds.PatientSex) == (SENTINEL, "PID-7", "F"), kind
         assert (ds.AccessionNumber, ds.StudyDate, ds.PatientBirthDate) == ("ACC-7", "20040826", "19400305"), kind
+        assert (ds.StudyID, ds.ReferringPhysicianName, ds.TimezoneOffsetFromUTC) == ("9RG1", "ward", "+0930"), kind
 
 
 def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
