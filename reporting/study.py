@@ -11,7 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 from highdicom import PatientSexValues
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
@@ -82,22 +84,37 @@ def header(source: Dataset) -> Dataset:
 
     Builders read identifiers from it without touching the caller's dataset or copying its pixels.
     """
-    result = Dataset()
-    for tag in source.keys():
-        if tag >= _FIRST_BULK_GROUP:
-            continue
-        try:
-            element = source[tag]  # decoded in the source's character set
-        except (ValueError, TypeError, OverflowError, LookupError, NotImplementedError, UnicodeError) as exc:
-            # a value no reader can take (an Instance Number of 1e999, a garbled VR): left out, not fatal
-            LOGGER.warning("source element %s unreadable (%s); left out of the result", tag, type(exc).__name__)
-            continue
-        result.add(copy.deepcopy(element))
+    result = _decoded(source, top=True)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in result:
             setattr(result, keyword, None)
     # values are already decoded text; whatever the source's encoding (e.g. ISO 2022 IR 87), ours is UTF-8
     result.SpecificCharacterSet = UTF8
+    return result
+
+
+def _decoded(source: Dataset, *, top: bool = False) -> Dataset:
+    """A copy of ``source`` whose every text value, in sequence items too, is decoded in the source's
+    character set, so that the copy can be declared UTF-8. A deep copy alone keeps the items' elements
+    as they were read: still in their bytes (Latin-1, ISO 2022 escapes), under a UTF-8 label."""
+    result = Dataset()
+    for tag in source.keys():
+        if top and tag >= _FIRST_BULK_GROUP:
+            continue
+        try:
+            element = source[tag]  # decoded in the source's (or the enclosing item's) character set
+            if element.VR == "SQ":
+                items = [_decoded(item) for item in element.value or []]
+        except (ValueError, TypeError, OverflowError, LookupError, NotImplementedError, UnicodeError) as exc:
+            # a value no reader can take (an Instance Number of 1e999, a garbled VR): left out, not fatal
+            LOGGER.warning("source element %s unreadable (%s); left out of the result", tag, type(exc).__name__)
+            continue
+        if element.VR == "SQ":
+            result.add(DataElement(element.tag, "SQ", DicomSequence(items)))
+        else:
+            result.add(copy.deepcopy(element))
+    if not top and "SpecificCharacterSet" in result:  # an item's own character set (PS3.5 6.1.2.5.1)
+        result.SpecificCharacterSet = UTF8
     return result
 
 

@@ -156,6 +156,25 @@ def japanese_source() -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
+NESTED_TEXT = "Röntgen Thorax ÜBERSICHT"
+
+
+def nested_text_source(charset: str | list[str], text: str = NESTED_TEXT) -> pydicom.Dataset:
+    """A source whose text inside sequence items (a procedure code's meaning, an issuer) is in ``charset``,
+    written and read back as a PACS stores it: the items' elements stay raw until read."""
+    ds = radiograph()
+    ds.SpecificCharacterSet = charset
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID16", "RADLEX", text
+    ds.ProcedureCodeSequence = [code]
+    other = pydicom.Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", text, "TEXT"
+    ds.OtherPatientIDsSequence = [other]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
 def sparse_source() -> pydicom.Dataset:
     """No accession number, no birth date, no study description (all optional in practice)."""
     ds = radiograph()

@@ -23,11 +23,13 @@ from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
     BINARY,
     MESSY_VALUES,
+    NESTED_TEXT,
     NODE,
     analysed,
     doubted_study,
     japanese_source,
     messy_source,
+    nested_text_source,
     radiograph,
     sparse_source,
     three_image_study,
@@ -110,6 +112,24 @@ def test_finding_and_probabilities_round_trip(case: str, strict: None) -> None:
         assert text_values(group, dcm_codes.DCM.AlgorithmVersion) == [prediction.model.version]
         assert "input_size=150x150" in text_values(group, dcm_codes.DCM.AlgorithmParameters)
     assert len({group.tracking_uid for group in groups}) == len(images)
+
+
+@pytest.mark.parametrize(
+    ("charset", "text"),
+    [("ISO_IR 100", NESTED_TEXT), (["", "ISO 2022 IR 87"], "胸部単純撮影"), ("ISO_IR 126", "Ακτινογραφία")],
+    ids=["latin-1", "iso2022", "greek"],
+)
+def test_text_inside_sequences_is_transcoded_to_the_results_utf_8(charset: str | list[str], text: str) -> None:
+    """The SR says UTF-8, so every text in it must be UTF-8. The old code deep-copied the source's
+    sequences with their items still undecoded: Latin-1 bytes and JIS escape sequences under a UTF-8
+    label, which Orthanc showed as "Rntgen Thorax ERSICHT"."""
+    sr = round_trip(build([analysed(nested_text_source(charset, text))]))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert sr.ProcedureCodeSequence[0].CodeMeaning == text
+    assert sr.OtherPatientIDsSequence[0].IssuerOfPatientID == text
+    raw = io.BytesIO()
+    sr.save_as(raw, enforce_file_format=True)
+    assert text.encode("utf-8") in raw.getvalue() and b"\x1b" not in raw.getvalue()
 
 
 def test_a_doubted_image_carries_a_quality_finding(strict: None) -> None:
