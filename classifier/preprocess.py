@@ -436,7 +436,7 @@ def _has_value(ds: pydicom.Dataset, keyword: str) -> bool:
 
 def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] | None = None) -> FloatImage:
     """The first VOI LUT, else the first window, else the percentile window (of the pixels not
-    ``padded``)."""
+    ``padded``). A LUT's output range is 0 to 2^n - 1 (PS3.3 C.11.2.1.1), n read off its entries."""
     sequence = ds.get("VOILUTSequence")
     if sequence:
         with _lookup_table("VOI LUT"):
@@ -444,7 +444,7 @@ def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] 
         # Indices are integers; inputs below the first mapped value take the first entry, above the
         # last the last (PS3.3 C.11.2.1.1). The largest output is white.
         index = np.clip(np.round(values).astype(np.int64) - first, 0, len(table) - 1)
-        return _f32(np.clip(table[index] / (float(table.max()) or 1.0), 0.0, 1.0))
+        return _f32(np.clip(table[index] / _lut_output_top(table), 0.0, 1.0))
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
@@ -475,15 +475,38 @@ def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
     item = ds.VOILUTSequence[0]
     descriptor = [int(value) for value in item.LUTDescriptor[:3]]
     # The entry count is unsigned whatever the descriptor's VR (PS3.3 C.11.2.1.1): read as SS, a count
-    # past 32767 comes out negative. So is the first mapped value when the pixels are unsigned.
-    count, first = descriptor[0] & 0xFFFF, descriptor[1]
-    if int(ds.get("PixelRepresentation", 0)) == 0:
-        first &= 0xFFFF
+    # past 32767 comes out negative. The first mapped value is SS when the LUT's input, the modality
+    # output, can be negative, else US; writers get the VR wrong both ways.
+    count, first = descriptor[0] & 0xFFFF, descriptor[1] & 0xFFFF
+    if first >= 0x8000 and _modality_output_signed(ds):
+        first -= 0x10000
     entries = count or 65536
     if descriptor[2] == 8 or [count, first] != descriptor[:2]:
         ds = _voi_lut_view(ds, item, [count, first, 16])
     table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
     return np.asarray(table, dtype=np.float64), first
+
+
+def _modality_output_signed(ds: pydicom.Dataset) -> bool:
+    """Whether the modality output, a VOI LUT's input, can be negative (PS3.3 C.11.2.1.1): never after a
+    Modality LUT; after a rescale when it maps the stored range below zero; else when the pixels are
+    signed."""
+    if ds.get("ModalityLUTSequence"):
+        return False
+    bits = _header_int(ds, "BitsStored") or _header_int(ds, "BitsAllocated") or 16
+    signed = _header_int(ds, "PixelRepresentation") == 1
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    slope, intercept = _first_number(ds, "RescaleSlope"), _first_number(ds, "RescaleIntercept")
+    slope = 1.0 if not slope else slope  # absent, or unusable zero: identity, as _modality reads it
+    intercept = intercept or 0.0
+    return min(low * slope, high * slope) + intercept < 0
+
+
+def _lut_output_top(table: npt.NDArray[np.float64]) -> float:
+    """2^n - 1 for the smallest n ≥ 8 that holds the table's largest entry: the white of its output range.
+    LUTs of 12-bit entries are commonly declared 16 bits wide, so n is read off the entries, as DCMTK
+    does, not taken from the descriptor."""
+    return float((1 << max(8, int(table.max()).bit_length())) - 1)
 
 
 def _voi_lut_view(ds: pydicom.Dataset, item: pydicom.Dataset, descriptor: list[int]) -> pydicom.Dataset:

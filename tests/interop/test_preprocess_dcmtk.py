@@ -260,6 +260,21 @@ def _voi_lut(bits: int, top: int, photometric: str = "MONOCHROME2") -> pydicom.D
     return ds
 
 
+def _voi_lut_after_rescale() -> pydicom.Dataset:
+    """Unsigned pixels and a VOI LUT on their rescaled values, below zero: its first mapped value is
+    negative (SS)."""
+    ds = _voi_lut(16, 4095)
+    values = pixel_array(ds)
+    assert values.min() >= 0
+    ds.PixelRepresentation = 0
+    ds.PixelData = values.astype("<u2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    item = ds.VOILUTSequence[0]
+    item.LUTDescriptor = [item.LUTDescriptor[0], item.LUTDescriptor[1] - 1024, 16]
+    item["LUTDescriptor"].VR = "SS"
+    return ds
+
+
 def _modality_lut(window: bool) -> pydicom.Dataset:
     """A curved Modality LUT Sequence, with or without a window on its output."""
     ds = _mr_small()
@@ -286,12 +301,15 @@ def _modality_lut(window: bool) -> pydicom.Dataset:
         lambda: _voi_lut(16, 4095),  # 12-bit values in 16-bit entries, as many CRs write them
         lambda: _voi_lut(8, 255),
         lambda: _voi_lut(8, 255, "MONOCHROME1"),
+        lambda: _voi_lut(8, 200),  # entries short of the table's white
+        _voi_lut_after_rescale,
         lambda: _modality_lut(window=True),
         lambda: _modality_lut(window=False),
     ],
     ids=[
         "LINEAR_EXACT", "SIGMOID", "MONOCHROME1", "rescaled", "VOI-LUT-12-in-16", "VOI-LUT-8",
-        "VOI-LUT-8-MONO1", "modality-LUT-window", "modality-LUT-auto",
+        "VOI-LUT-8-MONO1", "VOI-LUT-8-short", "VOI-LUT-after-rescale", "modality-LUT-window",
+        "modality-LUT-auto",
     ],  # fmt: skip
 )
 def test_grey_transforms_match_dcmtk(make: Callable[[], pydicom.Dataset], tmp_path: Path) -> None:

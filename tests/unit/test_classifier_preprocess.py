@@ -298,6 +298,50 @@ def test_a_voi_lut_of_8_bit_entries_longer_than_256_does_not_wrap_round() -> Non
     np.testing.assert_allclose(gray[0, [100, 256, 2048, 4095]], np.array([6, 16, 128, 255]) / 255, atol=1e-6)
 
 
+def _identity_voi_lut(first: int, count: int, vr: str) -> Dataset:
+    """A 12-bit VOI LUT mapping ``count`` inputs from ``first`` linearly onto 0..4095, its first mapped
+    value written as ``vr`` (a negative one as two's complement when the VR is US)."""
+    item = Dataset()
+    item.add_new(0x00283002, vr, [count, first if vr == "SS" else first & 0xFFFF, 12])  # LUT Descriptor
+    item.add_new(0x00283006, "OW", np.round(np.linspace(0, 4095, count)).astype("<u2").tobytes())
+    return item
+
+
+@pytest.mark.parametrize("vr", ["SS", "US"])
+def test_a_voi_lut_after_a_rescale_maps_the_rescaled_values_from_a_negative_first_one(vr: str) -> None:
+    """A VOI LUT's input is the modality output (PS3.3 C.11.2.1.1): unsigned pixels with a Rescale Intercept
+    of -1024 give negative inputs, and the first value the LUT maps (-1024 here) is then SS. The old code
+    read its sign from Pixel Representation alone: -1024 became 64512, every input fell below it, and the
+    image came out all black (a MONOCHROME1 radiograph all white), which the model read as COVID-19."""
+    ds = make_dataset(ramp(12), bits_stored=12)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.VOILUTSequence = [_identity_voi_lut(-1024, 4096, vr)]
+    gray = dataset_to_gray(ds, min_side=64)
+    np.testing.assert_allclose(gray[0], ramp(12)[0] / 4095, atol=1 / 4095)
+
+
+def test_a_voi_lut_of_signed_pixels_written_as_us_reads_its_first_value_as_signed() -> None:
+    """Signed pixels, no rescale: the first mapped value is SS; a writer that puts -2048 as US 63488 (as
+    DCMTK tolerates) must not leave every pixel below the table."""
+    pixels = ramp(12).astype(np.int16) - 2048
+    ds = make_dataset(pixels, bits_stored=12, signed=True)
+    ds.VOILUTSequence = [_identity_voi_lut(-2048, 4096, "US")]
+    gray = dataset_to_gray(ds, min_side=64)
+    np.testing.assert_allclose(gray[0], ramp(12)[0] / 4095, atol=1 / 4095)
+
+
+def test_a_voi_lut_output_is_scaled_by_its_entries_range_not_its_largest_entry() -> None:
+    """An 8-bit table whose entries stop at 200 shows 200 as 200/255 (PS3.3 C.11.2.1.1: the output range
+    is 0 to 2^n - 1), as DCMTK does; the old code stretched 200 to white."""
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = [min(value, 200) for value in range(256)]
+    ds.VOILUTSequence = [item]
+    gray = dataset_to_gray(ds, min_side=64)
+    assert gray.max() == pytest.approx(200 / 255, abs=1e-6)
+
+
 def test_a_malformed_lookup_table_is_an_unsupported_image() -> None:
     ds = make_dataset(ramp(8, 64), bits_stored=8)
     item = Dataset()
