@@ -306,7 +306,7 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
             reduced = _decode_j2k_reduced(ds, min_side, photometric)
         except Image.DecompressionBombError as exc:  # the codestream claims > 179 Mpx (Pillow's limit)
             raise UnsupportedImageError(f"JPEG 2000 image too large: {exc}") from exc
-        except (OSError, ValueError, StopIteration) as exc:
+        except (OSError, ValueError, StopIteration, struct.error) as exc:
             LOGGER.warning(
                 "reduced JPEG 2000 decode failed (%s); decoding at full resolution", type(exc).__name__
             )
@@ -315,7 +315,8 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
             return reduced
     try:
         return pixel_array(ds, index=0 if frames > 1 else None, photometric_interpretation=photometric)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError, struct.error) as exc:
+        # struct.error: encapsulated Pixel Data cut off inside an item's tag or length
         raise UnsupportedImageError(f"pixel data cannot be decoded ({_decoder_says(exc)})") from exc
     except BaseException as exc:
         if not is_decoder_panic(exc):
@@ -423,7 +424,12 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     if unusable or slope == 0.0:
         LOGGER.warning("unusable Rescale Slope/Intercept; using the stored values as they are")
         return stored
-    return _f32(stored * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept))
+    with np.errstate(over="ignore"):
+        rescaled = _f32(stored * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept))
+    if not np.isfinite(rescaled).all():  # past float32's range (a slope of 1e36): as unusable
+        LOGGER.warning("Rescale Slope/Intercept out of range; using the stored values as they are")
+        return stored
+    return rescaled
 
 
 def _has_value(ds: pydicom.Dataset, keyword: str) -> bool:

@@ -618,6 +618,31 @@ def _to_bytes(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+@pytest.mark.parametrize("cut", [6, 12])
+def test_encapsulated_pixel_data_cut_off_inside_an_item_header_is_an_unsupported_image(syntax: str, cut: int) -> None:
+    """A transfer cut short inside the first item's tag or length: pydicom's frame parser raises
+    struct.error, which used to escape the classifier (an HTTP 500 for a console upload)."""
+    ds = _compressed(make_dataset(ramp(12), bits_stored=12), syntax)
+    ds.PixelData = ds.PixelData[:cut]
+    ds = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+    with pytest.raises(UnsupportedImageError, match="cannot be decoded"):
+        dataset_to_gray(ds)
+    with pytest.raises(UnsupportedImageError, match="cannot be decoded"):
+        display_image(ds)
+
+
+def test_a_rescale_past_float_range_is_read_as_no_rescale() -> None:
+    """A Rescale Slope of 1e36 overflows float32 to infinity; histogram equalisation then met NaN and
+    np.bincount raised ValueError out of the classifier."""
+    plain = make_dataset(ramp(12), bits_stored=12)
+    ds = make_dataset(ramp(12), bits_stored=12)
+    ds.RescaleSlope = "1e36"
+    np.testing.assert_array_equal(dataset_to_gray(ds, min_side=64), dataset_to_gray(plain, min_side=64))
+    histeq = PreprocessSpec(input_size=(32, 32), equalisation="histeq")
+    assert np.isfinite(dataset_to_model_input(ds, histeq)).all()
+
+
 @pytest.mark.parametrize("bits", [8, 12, 16])
 def test_lossless_compressed_syntaxes_decode_like_uncompressed(bits: int) -> None:
     rng = np.random.default_rng(bits)
