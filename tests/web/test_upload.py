@@ -118,6 +118,13 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def _animated_png() -> bytes:
+    first = Image.open(io.BytesIO(chest_like_png()))
+    buffer = io.BytesIO()
+    first.save(buffer, format="PNG", save_all=True, append_images=[first.transpose(Image.Transpose.ROTATE_180)])
+    return buffer.getvalue()
+
+
 def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
     client, csrf = rad_client
     preamble = b"\0" * 128 + b"DICM"
@@ -131,6 +138,8 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
          "without the DICOM file header (no 128-byte preamble and &#39;DICM&#39;)"),
         ("huge.png", _png_header_only(20_000, 20_000),
          "the picture is too large to decode (more than 178 megapixels)"),
+        # An animated PNG was classified by its first frame without a word; a multi-frame DICOM is refused.
+        ("two.png", _animated_png(), "an animated picture (2 frames); the model reads single radiographs"),
     ):
         response = client.post(
             "/upload", data={"csrf_token": csrf}, files={"file": (name, data, "application/octet-stream")}
