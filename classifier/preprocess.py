@@ -425,7 +425,8 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
         LOGGER.warning("unusable Rescale Slope/Intercept; using the stored values as they are")
         return stored
     with np.errstate(over="ignore"):
-        rescaled = _f32(stored * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept))
+        rescaled = _f32(stored * (1.0 if slope is None else slope)
+                        + (0.0 if intercept is None else intercept))
     if not np.isfinite(rescaled).all():  # past float32's range (a slope of 1e36): as unusable
         LOGGER.warning("Rescale Slope/Intercept out of range; using the stored values as they are")
         return stored

@@ -63,7 +63,9 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
         raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
     frames = int(getattr(image, "n_frames", 1))
     if frames > 1:  # an animated PNG (APNG): as a multi-frame DICOM, not classified by its first frame
-        raise UndecodableDatasetError(f"an animated picture ({frames} frames); the model reads single radiographs")
+        raise UndecodableDatasetError(
+            f"an animated picture ({frames} frames); the model reads single radiographs"
+        )
     return Upload(filename=filename, data=data, image=image)
 
 

@@ -620,7 +620,9 @@ def _to_bytes(ds: Dataset) -> bytes:
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
 @pytest.mark.parametrize("cut", [6, 12])
-def test_encapsulated_pixel_data_cut_off_inside_an_item_header_is_an_unsupported_image(syntax: str, cut: int) -> None:
+def test_encapsulated_pixel_data_cut_off_inside_an_item_header_is_an_unsupported_image(
+    syntax: str, cut: int
+) -> None:
     """A transfer cut short inside the first item's tag or length: pydicom's frame parser raises
     struct.error, which used to escape the classifier (an HTTP 500 for a console upload)."""
     ds = _compressed(make_dataset(ramp(12), bits_stored=12), syntax)

@@ -121,7 +121,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 def _animated_png() -> bytes:
     first = Image.open(io.BytesIO(chest_like_png()))
     buffer = io.BytesIO()
-    first.save(buffer, format="PNG", save_all=True, append_images=[first.transpose(Image.Transpose.ROTATE_180)])
+    turned = first.transpose(Image.Transpose.ROTATE_180)
+    first.save(buffer, format="PNG", save_all=True, append_images=[turned])
     return buffer.getvalue()
 
 
