@@ -119,7 +119,9 @@ def test_finding_and_probabilities_round_trip(case: str, strict: None) -> None:
     [("ISO_IR 100", NESTED_TEXT), (["", "ISO 2022 IR 87"], "胸部単純撮影"), ("ISO_IR 126", "Ακτινογραφία")],
     ids=["latin-1", "iso2022", "greek"],
 )
-def test_text_inside_sequences_is_transcoded_to_the_results_utf_8(charset: str | list[str], text: str) -> None:
+def test_text_inside_sequences_is_transcoded_to_the_results_utf_8(
+    charset: str | list[str], text: str
+) -> None:
     """The SR says UTF-8, so every text in it must be UTF-8. The old code deep-copied the source's
     sequences with their items still undecoded: Latin-1 bytes and JIS escape sequences under a UTF-8
     label, which Orthanc showed as "Rntgen Thorax ERSICHT"."""

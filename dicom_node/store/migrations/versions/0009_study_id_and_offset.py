@@ -25,7 +25,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.add_column(sa.Column('study_id', sa.String(length=16), nullable=False, server_default=''))
-        batch_op.add_column(sa.Column('timezone_offset', sa.String(length=16), nullable=False, server_default=''))
+        batch_op.add_column(
+            sa.Column('timezone_offset', sa.String(length=16), nullable=False, server_default='')
+        )
 
 
 def downgrade() -> None:
