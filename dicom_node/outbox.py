@@ -32,7 +32,6 @@ from dicom_node.errors import (
     AssociationError,
     ConfigurationError,
     ConflictError,
-    InvalidDatasetError,
     NodeError,
     NotFoundError,
 )
@@ -321,6 +320,8 @@ class Outbox:
         return destination, items
 
     def _send(self, destination: RemoteAe, items: list[_Item], report: BatchReport) -> None:
+        from pydicom import dcmread
+
         from dicom_node import scu
 
         # Each file is read on its own: one missing or unreadable object is that delivery's failure, not
@@ -332,15 +333,14 @@ class Outbox:
             if not item.path.is_file():
                 outcomes[item.delivery_pk] = (None, "result file missing")
                 continue
+            # The reason names the object by its kind: its file name holds its SOP Instance UID.
             try:
-                (dataset,) = scu.load_datasets([item.path])
-                unusable = "" if dataset.get("SOPClassUID") else f"{item.path.name} has no SOP Class UID"
-            except InvalidDatasetError as exc:
-                unusable = str(exc)
+                dataset = dcmread(item.path)
+                unusable = "" if dataset.get("SOPClassUID") else "has no SOP Class UID"
             except Exception as exc:  # a truncated or damaged file: pydicom raises many types
-                unusable = f"{item.path.name} is not a readable DICOM file ({type(exc).__name__})"
+                unusable = f"is not a readable DICOM file ({type(exc).__name__})"
             if unusable:
-                outcomes[item.delivery_pk] = (None, unusable)
+                outcomes[item.delivery_pk] = (None, f"the {item.kind} result file {unusable}")
                 continue
             present.append(item)
             datasets.append(dataset)

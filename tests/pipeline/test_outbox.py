@@ -86,9 +86,9 @@ def _deliveries(db: sessionmaker[Session], results: Path, port: int, count: int)
         study = add_study(session, results.parent / "instances", state=StudyState.ANALYSED)
         session.flush()
         ids = []
-        for index, kind in enumerate([ResultKind.SR, ResultKind.PDF, ResultKind.HEATMAP_SC][:count]):
+        for kind in [ResultKind.SR, ResultKind.PDF, ResultKind.HEATMAP_SC][:count]:
             uid = generate_uid()
-            relative = f"{study.id}/{index}.dcm"
+            relative = f"{study.id}/{kind.value}-{uid}.dcm"  # named as dicom_node.pipeline names them
             _result_file(results, relative, uid, study.study_instance_uid)
             obj = ResultObject(study_pk=study.id, kind=kind, model_name="m", model_version="1",
                                sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=uid,
@@ -159,10 +159,13 @@ def test_due_objects_go_in_one_association_and_are_never_sent_twice(
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_an_unreadable_result_file_fails_its_own_delivery_only(
-    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, damage: str
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The old code read every file of a batch before associating: one damaged object failed all 64,
-    batch after batch, until its batch-mates (other studies' results among them) went DEAD with it."""
+    batch after batch, until its batch-mates (other studies' results among them) went DEAD with it.
+    The reason names the object by its kind, not by its file, whose name holds its SOP Instance UID (an
+    identifier of the patient's study on the PACS, kept out of logs)."""
+    caplog.set_level(logging.INFO)
     results = tmp_path / "results"
     destination_pk, ids = _deliveries(db, results, peer.port, 3)
     with session_scope(db) as session:
@@ -178,6 +181,8 @@ def test_an_unreadable_result_file_fails_its_own_delivery_only(
         damaged = session.get(Delivery, ids[1])
         assert damaged is not None and damaged.state is DeliveryState.RETRYING
         assert "is not a readable DICOM file" in damaged.last_error
+        uid = damaged.result_object.sop_instance_uid
+        assert uid not in damaged.last_error and uid not in caplog.text
 
 
 def test_a_warning_status_counts_as_delivered_and_is_recorded(
