@@ -69,12 +69,34 @@ class ValueRedactor(logging.Filter):
             record.msg = f"{head} (warning text withheld: it may quote dataset values)"
             record.args = None
         elif record.name.split(".")[0] in DATASET_LOGGERS:
-            record.msg = f"{record.levelname.lower()} from {record.name} (text withheld: it may quote dataset values)"
+            # An exception's traceback would end in its text: only its type is kept.
+            error = record.exc_info[1] if record.exc_info else None
+            kind = f", {type(error).__name__}" if error is not None else ""
+            source = f"{record.levelname.lower()} from {record.name}{kind}"
+            record.msg = f"{source} (text withheld: it may quote dataset values)"
             record.args = None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         elif record.name.startswith(ROW_LOGGER) and str(record.msg).startswith("Row"):
             record.msg = "Row (values withheld: they may be patient data)"
             record.args = None
+        elif record.name.split(".")[0] == "apscheduler":
+            _exceptions_described(record)
         return True
+
+
+def _exceptions_described(record: logging.LogRecord) -> None:
+    """A record's exceptions, in its arguments or its traceback, as :func:`describe_uncaught` gives them
+    (type, place, the driver's or the OS's first line): APScheduler logs a failed job's traceback and a
+    job store's error as they are, and a database error's later lines quote the row's values."""
+    if isinstance(record.args, tuple) and any(isinstance(arg, BaseException) for arg in record.args):
+        record.args = tuple(
+            describe_uncaught(arg).partition("\n")[0] if isinstance(arg, BaseException) else arg
+            for arg in record.args
+        )
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None:
+        record.msg, record.args = f"{record.getMessage()}: {describe_uncaught(error)}", None
+        record.exc_info, record.exc_text = None, None
 
 
 def for_command(settings: LoggingSettings) -> LoggingSettings:

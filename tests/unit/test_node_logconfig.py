@@ -83,6 +83,42 @@ def test_pydicom_log_records_lose_their_text() -> None:
     assert "warning from pydicom" in text
 
 
+@pytest.mark.parametrize("json_format", [False, True])
+def test_a_pydicom_record_with_an_exception_keeps_its_type_not_its_text(json_format: bool) -> None:
+    """pydicom's decoders log ``LOGGER.exception(exc)``: the message was withheld, but the traceback that
+    followed it ended in the exception's own text."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=json_format), stream=stream)
+    try:
+        raise RuntimeError("Invalid value for VR PN: 'ZZSECRET^NAME'")
+    except RuntimeError as exc:
+        logging.getLogger("pydicom.pixels.decoders.base").exception(exc)
+    text = stream.getvalue()
+    assert "ZZSECRET" not in text
+    assert "error from pydicom.pixels.decoders.base" in text and "RuntimeError" in text
+
+
+def test_apschedulers_records_of_a_failed_job_give_the_exceptions_type_and_reason_not_its_text() -> None:
+    """APScheduler logs a job's exception with its traceback, and a job store's error as a message
+    argument: a database error's later lines (psycopg's DETAIL) quote the values of the row."""
+    from sqlalchemy.exc import IntegrityError
+
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO"), stream=stream)
+    error = IntegrityError("INSERT ...", {}, Exception("duplicate key value\nDETAIL: Key (name)=(ZZSECRET)"))
+    try:
+        raise error
+    except IntegrityError:
+        logging.getLogger("apscheduler.executors.default").exception('Job "%s" raised an exception', "sweep")
+    logging.getLogger("apscheduler.scheduler").warning("Error getting due jobs from job store %r: %s",
+                                                       "default", error)
+    text = stream.getvalue()
+    assert "ZZSECRET" not in text
+    assert 'Job "sweep" raised an exception: IntegrityError at ' in text
+    assert "Error getting due jobs from job store 'default': IntegrityError at " in text
+    assert text.count(": duplicate key value\n") == 2  # the driver's first line: what went wrong
+
+
 def test_warning_capture_survives_an_earlier_configuration() -> None:
     # An entry point configured logging before, then a catch_warnings() block (as pytest and some
     # libraries use) swapped showwarning: configuring again must route warnings to the log again.
