@@ -47,10 +47,13 @@ OLDEST_PLAUSIBLE_AGE_YEARS = 130
 
 @dataclass(frozen=True)
 class Eligibility:
-    """The verdict for one image; ``reason`` says why it is not analysed (empty when eligible)."""
+    """The verdict for one image; ``reason`` says why it is not analysed (empty when eligible), for the
+    console and the database. ``check`` names the check that refused it without the header's values, for
+    the log: a site may write free text into a coded attribute (a name in Body Part Examined)."""
 
     eligible: bool
     reason: str = ""
+    check: str = ""
 
 
 MODEL_SCOPE = "The model reads frontal chest radiographs (CR/DX, PA/AP) of adults only."
@@ -146,16 +149,17 @@ def assess(
     body_part = (body_part or "").strip().upper()
     view = (view_position or "").strip().upper()
     if modality not in ELIGIBLE_MODALITIES:
-        return Eligibility(False, f"modality {modality or '(none)'} is not CR or DX")
+        return Eligibility(False, f"modality {modality or '(none)'} is not CR or DX", "modality")
     if (sop_class_uid or "").strip() == DigitalXRayImageStorageForProcessing:
-        return Eligibility(False, "a DX image for processing (raw detector data), not for presentation")
+        reason = "a DX image for processing (raw detector data), not for presentation"
+        return Eligibility(False, reason, "for processing")
     if body_part and body_part not in CHEST_BODY_PARTS:
-        return Eligibility(False, f"body part {body_part} is not CHEST")
+        return Eligibility(False, f"body part {body_part} is not CHEST", "body part")
     if view and view not in FRONTAL_VIEWS:
-        return Eligibility(False, f"view position {view} is not frontal (PA/AP)")
+        return Eligibility(False, f"view position {view} is not frontal (PA/AP)", "view position")
     refusal = ages.refusal(age_years)
     if refusal is not None:
-        return Eligibility(False, refusal)
+        return Eligibility(False, refusal, "patient age")
     return Eligibility(True)
 
 
@@ -203,7 +207,7 @@ def assess_dataset(dataset: pydicom.Dataset, *, ages: AgePolicy = DEFAULT_AGE_PO
         ages=ages,
     )
     refusal = frames_refusal(dataset) if verdict.eligible else None
-    return verdict if refusal is None else Eligibility(False, refusal)
+    return verdict if refusal is None else Eligibility(False, refusal, "frames")
 
 
 def frames_refusal(dataset: pydicom.Dataset) -> str | None:

@@ -465,7 +465,7 @@ class Pipeline:
                 if not verdict.eligible:
                     instance.state = InstanceState.SKIPPED
                     instance.state_reason = verdict.reason
-                    LOGGER.info("instance %d skipped: %s", instance.id, verdict.reason)
+                    LOGGER.info("instance %d skipped by the %s check", instance.id, verdict.check)
         return True
 
     @staticmethod

@@ -517,6 +517,22 @@ def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str,
     assert peer.received == [rows[ResultKind.PDF][0]]
 
 
+def test_a_header_value_that_refused_an_image_is_shown_but_not_logged(
+    world: dict[str, Any], peer: StorePeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sites write free text into coded attributes (a patient's name in Body Part Examined): the console
+    shows the reason with the value, the log names the check only."""
+    caplog.set_level(logging.INFO)
+
+    def free_text(ds: pydicom.Dataset) -> None:
+        ds.BodyPartExamined = "ZQSMITHJ"
+
+    assert_skipped_without_results(world, peer, receive(world, "RG1_UNCI.dcm", edit=free_text),
+                                   "body part ZQSMITHJ is not CHEST")
+    assert "ZQSMITHJ" not in caplog.text
+    assert "skipped by the body part check" in caplog.text
+
+
 def test_a_multi_frame_image_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
     """The header rows do not keep the frame count: the pipeline reads it before classifying. The old
     code classified the first frame and reported it as the finding of the image."""
