@@ -26,7 +26,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import (
@@ -231,6 +231,10 @@ class Ingestor:
                     self._parents.pop(parsed.series_uid, None)
                 if attempt == _RETRIES_ON_CONFLICT:
                     raise DatabaseUnavailableError("database kept refusing the instance rows") from exc
+            except DataError as exc:  # a value no retry will make storable: the sender must not retry
+                raise InvalidDatasetError(
+                    f"a header value the database cannot store ({type(exc.orig).__name__})"
+                ) from exc
             except DBAPIError as exc:
                 with self._parents_lock:
                     self._parents.pop(parsed.series_uid, None)

@@ -45,22 +45,28 @@ class ParsedInstance:
     transfer_syntax: UID
 
 
+_INTEGER_COLUMN = range(-(2**31), 2**31)  # SQL INTEGER, as PostgreSQL holds it
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    """A display value, or "" when absent or undecodable (display fields never fail an ingest)."""
+    """A display value, or "" when absent or undecodable (display fields never fail an ingest). NUL
+    characters, which PostgreSQL text cannot hold, are left out."""
     try:
         value = ds.get(keyword, "")
-        return ("" if value is None else str(value)).strip()[:limit]
+        return ("" if value is None else str(value)).replace("\x00", "").strip()[:limit]
     except (ValueError, TypeError, LookupError, UnicodeError):
         LOGGER.warning("element %s could not be decoded; stored empty", keyword)
         return ""
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
+    """An integer value, or None when absent, not a number or past what an INTEGER column holds."""
     try:
         value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError, LookupError):
+        number = None if value in (None, "") else int(value)
+    except (TypeError, ValueError, LookupError, OverflowError):
         return None
+    return number if number is None or number in _INTEGER_COLUMN else None
 
 
 _PATIENT = cast(Table, Patient.__table__)

@@ -415,6 +415,27 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert list(store.root.rglob("*.tmp")) == []
 
 
+def test_header_values_a_database_column_cannot_hold_are_stored_as_far_as_they_go(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """PostgreSQL text cannot hold a NUL character, nor its integer an Instance Number past 2^31: the
+    DataError was answered 0xA700 (out of resources, try again), so the sender retried for ever. The
+    instance is stored as sent; the row keeps what its columns can hold."""
+    ds = make_cr()
+    ds.PatientName = "NUL\x00NAME"
+    ds.PatientID = "ID\x00"
+    ds.InstanceNumber = "99999999999"
+    ds.SeriesNumber = "-99999999999"
+    data = to_bytes(ds)
+    result = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="dimse")
+    with sessions() as session:
+        instance = session.get_one(Instance, result.instance_pk)
+        assert store.path(instance.file_path).read_bytes() == data
+        assert instance.instance_number is None and instance.series.series_number is None
+        patient = instance.series.study.patient
+        assert (patient.name, patient.patient_id) == ("NULNAME", "ID")
+
+
 def test_a_resent_instance_does_not_bring_back_a_file_retention_removed(
     sessions: sessionmaker[Session], store: FileStore
 ) -> None:
