@@ -45,7 +45,7 @@ from dicom_node.part10 import (
     require_uid,
 )
 from dicom_node.store.files import FileStore, StagedFile, instance_path
-from dicom_node.store.received import ParsedInstance, find_existing, insert_rows
+from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class Ingestor:
         self.on_stored = on_stored
         self.accepted_sop_classes = frozenset(accepted_sop_classes)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        # series uid -> (study pk, series pk) of recently stored series
-        self._parents: dict[str, tuple[int, int]] = {}
+        # (series, study, patient ID, issuer) -> (study pk, series pk) of recently stored series
+        self._parents: dict[tuple[str, str, str, str], tuple[int, int]] = {}
         self._parents_lock = threading.Lock()
 
     # Entry points ------------------------------------------------------------------------------
@@ -189,12 +189,12 @@ class Ingestor:
         cached, so an instance of a known series costs one SELECT, one UPDATE and one INSERT.
         """
         stored = staged.stored
-        cached = self._parents.get(parsed.series_uid)
+        cached = self._parents.get(parents_key(parsed))
         renamed = False
         inserted: tuple[int, tuple[int, int]] | None = None
         try:
             with self._engine.begin() as conn:
-                existing = find_existing(conn, parsed.sop_instance_uid)
+                existing = find_existing(conn, parsed)
                 if existing is None:
                     inserted = insert_rows(conn, parsed, stored, calling_ae, source, cached)
                     staged.rename()
@@ -216,7 +216,7 @@ class Ingestor:
         assert inserted is not None
         instance_pk, parents = inserted
         staged.sync_directory()
-        self._remember(parsed.series_uid, parents)
+        self._remember(parents_key(parsed), parents)
         return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
                             size_bytes=stored.size_bytes)
 
@@ -228,7 +228,7 @@ class Ingestor:
             except IntegrityError as exc:
                 # Another association created the same study/series meanwhile: retry sees its rows.
                 with self._parents_lock:
-                    self._parents.pop(parsed.series_uid, None)
+                    self._parents.pop(parents_key(parsed), None)
                 if attempt == _RETRIES_ON_CONFLICT:
                     raise DatabaseUnavailableError("database kept refusing the instance rows") from exc
             except DataError as exc:  # a value no retry will make storable: the sender must not retry
@@ -237,15 +237,15 @@ class Ingestor:
                 ) from exc
             except DBAPIError as exc:
                 with self._parents_lock:
-                    self._parents.pop(parsed.series_uid, None)
+                    self._parents.pop(parents_key(parsed), None)
                 raise DatabaseUnavailableError(f"database unavailable ({type(exc.orig).__name__})") from exc
             except SQLAlchemyError as exc:
                 raise DatabaseUnavailableError(f"database error ({type(exc).__name__})") from exc
         raise AssertionError("unreachable")
 
-    def _remember(self, series_uid: str, parents: tuple[int, int]) -> None:
+    def _remember(self, key: tuple[str, str, str, str], parents: tuple[int, int]) -> None:
         with self._parents_lock:
-            self._parents[series_uid] = parents
+            self._parents[key] = parents
             while len(self._parents) > _PARENT_CACHE_SIZE:
                 self._parents.pop(next(iter(self._parents)), None)
 

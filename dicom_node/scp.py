@@ -19,6 +19,7 @@ import types
 from collections.abc import Callable
 from typing import Any, cast
 
+from pydicom import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -290,7 +291,7 @@ class StorageScp:
     def _on_echo(self, event: Event) -> int:
         return int(Status.SUCCESS)
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             request = cast(C_STORE, event.request)
@@ -306,11 +307,22 @@ class StorageScp:
         except NodeError as exc:
             LOGGER.warning("C-STORE from %s refused with %s (0x%04X): %s", calling, exc.status.name,
                            int(exc.status), exc)
-            return int(exc.status)
+            return failure_response(exc)
         except Exception as exc:
             LOGGER.error("C-STORE from %s failed unexpectedly: %s", calling, describe_exception(exc))
             return int(Status.PROCESSING_FAILURE)
         return int(Status.SUCCESS)  # also for a duplicate: the instance is safely stored
+
+
+def failure_response(exc: NodeError) -> Dataset:
+    """The C-STORE response to a refused instance: its status, and the reason in the Error Comment
+    (0000,0902; LO, 64 characters of the default repertoire), which DCMTK's storescu and PACS logs show.
+    The node's error messages carry no patient data (dicom_node.errors)."""
+    response = Dataset()
+    response.Status = int(exc.status)
+    reason = str(exc).encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    response.ErrorComment = reason if len(reason) <= 64 else reason[:61].rstrip() + "..."
+    return response
 
 
 def build_scp(

@@ -17,6 +17,9 @@ class Status(IntEnum):
     REFUSED_OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC210
+    # The image contradicts what is stored (its series in another study, its study under another patient):
+    # a failure in the "cannot understand" range, with the reason in the Error Comment.
+    IDENTITY_CONFLICT = 0xC211
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     PROCESSING_FAILURE = 0x0110
 

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from pydicom.uid import UID
 from sqlalchemy import Connection, CursorResult, Table, insert, select, update
 
-from dicom_node.errors import DatabaseUnavailableError
+from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.store.files import StoredFile
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
 
@@ -82,16 +82,20 @@ def _new_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
-def find_existing(conn: Connection, sop_instance: str) -> ExistingInstance | None:
-    """The stored instance with this SOP Instance UID, if any."""
+def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance | None:
+    """The stored instance with this SOP Instance UID, if any; one of another study is a conflict."""
     row = conn.execute(
         select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path,
-               _INSTANCE.c.purged_at)
+               _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
-        .where(_INSTANCE.c.sop_instance_uid == sop_instance)
+        .join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id)
+        .where(_INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid)
     ).first()
     if row is None:
         return None
+    if row[5] != parsed.study_uid:
+        LOGGER.warning("refused a copy of instance %d that names another study", row[0])
+        raise IdentityConflictError("SOP Instance UID already stored in another study")
     return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]),
                             purged=row[4] is not None)
 
@@ -134,12 +138,38 @@ def _touch_parents(conn: Connection, parsed: ParsedInstance,
     return cached if updated.rowcount == 1 else None
 
 
+def parents_key(parsed: ParsedInstance) -> tuple[str, str, str, str]:
+    """What an image says its series belongs to: a cache of known series is looked up by all of it, so an
+    image that names a known series under another study or patient takes the path that checks."""
+    ds = parsed.ds
+    patient = (_text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64))
+    return (parsed.series_uid, parsed.study_uid, *patient)
+
+
+def _check_same_patient(conn: Connection, study_pk: int, patient_pk: int, ds: Dataset) -> None:
+    """A study belongs to one patient: an image of it under another Patient ID (in the same issuer's
+    domain, when both name one) is refused. An empty Patient ID, on either side, identifies no one."""
+    patient_id, issuer = _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)
+    row = conn.execute(
+        select(_PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id).where(_PATIENT.c.id == patient_pk)
+    ).first()
+    if row is None or not patient_id or not row.patient_id:
+        return
+    other_issuer = bool(issuer and row.issuer_of_patient_id and issuer != row.issuer_of_patient_id)
+    if patient_id != row.patient_id or other_issuer:
+        LOGGER.warning("refused an image of study %d under another Patient ID", study_pk)
+        raise IdentityConflictError("Study Instance UID already stored under another Patient ID")
+
+
 def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -> tuple[int, int]:
     ds = parsed.ds
     now = utcnow()
-    study_pk = conn.execute(
-        select(_STUDY.c.id).where(_STUDY.c.study_instance_uid == parsed.study_uid)
-    ).scalar()
+    study = conn.execute(
+        select(_STUDY.c.id, _STUDY.c.patient_pk).where(_STUDY.c.study_instance_uid == parsed.study_uid)
+    ).first()
+    study_pk = None if study is None else study.id
+    if study is not None:
+        _check_same_patient(conn, study.id, study.patient_pk, ds)
     if study_pk is None:
         patient_pk = _upsert_patient(conn, ds)
         study_pk = _new_id(conn.execute(insert(_STUDY).values(
@@ -160,9 +190,14 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
         )))
     else:
         conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(last_received_at=now))
-    series_pk = conn.execute(
-        select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == parsed.series_uid)
-    ).scalar()
+    series = conn.execute(
+        select(_SERIES.c.id, _SERIES.c.study_pk).where(_SERIES.c.series_instance_uid == parsed.series_uid)
+    ).first()
+    if series is not None and series.study_pk != study_pk:
+        LOGGER.warning("refused an image of series %d (study %d) that names another study", series.id,
+                       series.study_pk)
+        raise IdentityConflictError("Series Instance UID already stored in another study")
+    series_pk = None if series is None else series.id
     if series_pk is None:
         series_pk = _new_id(conn.execute(insert(_SERIES).values(
             series_instance_uid=parsed.series_uid,

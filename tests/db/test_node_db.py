@@ -9,14 +9,21 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from pydicom import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
-from dicom_node.errors import ConfigurationError, ConflictError, DatabaseUnavailableError
+from dicom_node.errors import (
+    ConfigurationError,
+    ConflictError,
+    DatabaseUnavailableError,
+    IdentityConflictError,
+)
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
+from dicom_node.statuses import Status
 from dicom_node.store import db
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -413,6 +420,55 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert again.duplicate and again.instance_pk == first.instance_pk
     assert path.read_bytes() == data
     assert list(store.root.rglob("*.tmp")) == []
+
+
+def _conflicting(first: Dataset, change: str) -> Dataset:
+    """Another image that claims part of ``first``'s identity and contradicts the rest."""
+    if change == "series in another study":  # a Series Instance UID reused by another study
+        return make_cr(series_uid=first.SeriesInstanceUID)
+    if change == "study of another patient":  # the same study under another Patient ID
+        study, series = first.StudyInstanceUID, first.SeriesInstanceUID
+        return make_cr(study_uid=study, series_uid=series, patient_id="PID-2")
+    other = make_cr()  # the same SOP Instance UID, in another study
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    return other
+
+
+@pytest.mark.parametrize(
+    "change", ["series in another study", "study of another patient", "instance in another study"]
+)
+@pytest.mark.parametrize("cached", [True, False], ids=["same-ingestor", "after-restart"])
+def test_an_image_whose_identity_contradicts_what_is_stored_is_refused_not_filed_under_it(
+    sessions: sessionmaker[Session], store: FileStore, change: str, cached: bool
+) -> None:
+    """A series belongs to one study, a study to one patient, an instance to one study. The old code filed
+    the second image by its Series UID under the first study (another patient's), or answered success for
+    an instance of another study and kept nothing of it. Now the sender is told, with a reason, and
+    nothing is stored."""
+    ingestor = Ingestor(sessions, store)
+    first = make_cr()
+    stored = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    if not cached:
+        ingestor = Ingestor(sessions, store)
+    with pytest.raises(IdentityConflictError) as refused:
+        ingestor.ingest_bytes(to_bytes(_conflicting(first, change)), calling_ae="M", source="dimse")
+    assert refused.value.status == Status.IDENTITY_CONFLICT and not refused.value.retriable
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+        assert session.get_one(Instance, stored.instance_pk).series.study.patient.patient_id == "PID-1"
+    assert len(list(store.root.rglob("*.dcm"))) == 1 and list(store.root.rglob("*.tmp")) == []
+
+
+def test_an_image_of_a_study_whose_first_image_had_no_patient_id_is_filed_with_it(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """An empty Patient ID identifies no one: it contradicts nothing."""
+    ingestor = Ingestor(sessions, store)
+    first = make_cr(patient_id="")
+    ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    second = make_cr(study_uid=first.StudyInstanceUID, patient_id="PID-9")
+    assert not ingestor.ingest_bytes(to_bytes(second), calling_ae="M", source="dimse").duplicate
 
 
 def test_header_values_a_database_column_cannot_hold_are_stored_as_far_as_they_go(

@@ -282,6 +282,23 @@ def test_bad_input_gets_its_status_and_leaves_nothing(case: str, node: NodeProce
     assert storescu(node.port, write(make_cr(), tmp_path / "ok.dcm")).returncode == 0
 
 
+def test_an_image_that_names_another_studys_series_is_refused_with_a_reason_storescu_shows(
+    node: NodeProcess, node_db: Engine, tmp_path: Path
+) -> None:
+    """A Series Instance UID that another study already has: the old node filed the image under that
+    study (another patient's) and answered success. DCMTK's storescu now reports the failure status and
+    the node's reason from the Error Comment; nothing of the image is kept."""
+    first = make_cr()
+    assert storescu(node.port, write(first, tmp_path / "first.dcm")).returncode == 0
+    other = make_cr(series_uid=first.SeriesInstanceUID, patient_id="PID-OTHER")
+    result = storescu(node.port, write(other, tmp_path / "other.dcm"), extra=("-d",))
+    output = result.stdout + result.stderr
+    assert "0xc211" in output.lower(), output
+    assert "Series Instance UID already stored in another study" in output, output
+    assert instance_row(node_db, other.SOPInstanceUID) is None
+    assert files_named(node, other.SOPInstanceUID) == [] and temporaries(node) == []
+
+
 def test_disk_below_reserve_is_out_of_resources(tmp_path: Path) -> None:
     node = start_node(tmp_path / "full", peers.free_port(), callers=(PYSENDER,),
                       extra_env={"CXR_NODE__STORAGE__MIN_FREE_BYTES": str(10**18)})
