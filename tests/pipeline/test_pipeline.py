@@ -130,6 +130,7 @@ def receive(
     """Ingest a fresh copy of a pydicom-data file as if ORTHANC sent it; make its study ready (unless
     not ``settle``: the study is left in whatever state the ingest left it)."""
     ds = pydicom.dcmread(peers.pydicom_data_file(name))
+    ds.PatientID = "SENTINEL-ID"  # one patient, whichever file: a study belongs to one patient
     if edit is not None:
         edit(ds)
     ds.PatientName = SENTINEL
