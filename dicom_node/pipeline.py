@@ -73,7 +73,6 @@ LOGGER = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9001
 PDF_SERIES_NUMBER = 9002
 SC_SERIES_NUMBER = 9003
-NOT_ANALYSED_TITLE = "Chest X-ray AI analysis: study not analysed"
 RETRY_DELAY_SECONDS = 30.0
 MAX_JOB_ATTEMPTS = 5
 
@@ -916,6 +915,7 @@ class Pipeline:
     def _build_skipped(self, study_pk: int, object_pks: list[int], reason: str) -> None:
         """For ``send_skipped``: an Encapsulated PDF telling the reader the study was not analysed."""
         from reporting.encapsulated import build_encapsulated_pdf
+        from reporting.pdf import NOT_ANALYSED_TITLE, build_not_analysed_pdf
 
         with session_scope(self.session_factory) as session:
             rows = [session.get(ResultObject, pk) for pk in object_pks]
@@ -933,7 +933,7 @@ class Pipeline:
             path = self.config.storage_dir / instance.file_path
             source = _read_header(path) if instance.purged_at is None and path.is_file() else _header(instance)
         for row in missing:
-            pdf = not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
+            pdf = build_not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
             self.results.write(pdf_path(row.file_path), [pdf])
             encapsulated = build_encapsulated_pdf(
                 pdf,
@@ -1064,39 +1064,6 @@ class Pipeline:
             timer = threading.Timer(RETRY_DELAY_SECONDS, self.submit, args=(study_pk,))
             timer.daemon = True
             timer.start()
-
-
-def not_analysed_pdf(identity: NodeIdentity, *, reason: str, analysed_at: datetime) -> bytes:
-    """A one-page notice for ``pipeline.send_skipped``: the reader sees the node looked and why it stopped.
-
-    Patient identification travels in the Encapsulated PDF's DICOM header, so the page holds none.
-    """
-    from reportlab.lib.pagesizes import A4
-    from reportlab.lib.units import mm
-    from reportlab.pdfgen.canvas import Canvas
-
-    buffer = BytesIO()
-    canvas = Canvas(buffer, pagesize=A4, invariant=True)
-    canvas.setTitle(NOT_ANALYSED_TITLE)
-    canvas.setAuthor(identity.name)
-    width, height = A4
-    y = height - 30 * mm
-    lines = [
-        ("Helvetica-Bold", 16, NOT_ANALYSED_TITLE),
-        ("Helvetica", 11, f"{identity.name} {identity.institution_name}".strip()),
-        ("Helvetica", 11, f"Checked at {analysed_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"),
-        ("Helvetica-Bold", 12, "No image of this study was analysed:"),
-        ("Helvetica", 11, reason),
-        ("Helvetica", 9, "The AI analyses frontal (PA/AP) chest radiographs (CR/DX) only."),
-        ("Helvetica", 9, "Decision support, not a diagnosis."),
-    ]
-    for font, size, text in lines:
-        canvas.setFont(font, size)
-        canvas.drawString(20 * mm, y, text[:110])
-        y -= size * 1.8
-    canvas.showPage()
-    canvas.save()
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -655,6 +655,38 @@ class _PageDecor:
         )
         canvas.drawRightString(MARGIN + CONTENT_WIDTH, bottom + 2.6 * mm, page)
         canvas.restoreState()
+
+
+NOT_ANALYSED_TITLE = "Chest X-ray AI analysis: study not analysed"
+
+
+def build_not_analysed_pdf(node: NodeIdentity, *, reason: str, analysed_at: datetime) -> bytes:
+    """A one-page notice that the node looked at a study and analysed none of its images, and why.
+
+    Patient identification travels in the Encapsulated PDF's DICOM header, so the page holds none. The
+    institution's name and the reason are free text: drawn in runs, with the fallback font where the main
+    one has no glyph (Helvetica printed a Tokyo hospital's name as black boxes)."""
+    fonts = typeface()
+    buffer = io.BytesIO()
+    canvas = Canvas(buffer, pagesize=A4, invariant=True, initialFontName=fonts.regular)
+    canvas.setTitle(NOT_ANALYSED_TITLE)
+    canvas.setAuthor(node.name)
+    y = PAGE_HEIGHT - 30 * mm
+    lines = [
+        (fonts.bold, 16, NOT_ANALYSED_TITLE),
+        (fonts.regular, 11, f"{node.name} {node.institution_name}".strip()),
+        (fonts.regular, 11, f"Checked at {analysed_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"),
+        (fonts.bold, 12, "No image of this study was analysed:"),
+        (fonts.regular, 11, reason),
+        (fonts.regular, 9, "The AI analyses frontal (PA/AP) chest radiographs (CR/DX) only."),
+        (fonts.regular, 9, "Decision support, not a diagnosis."),
+    ]
+    for font, size, text in lines:
+        _draw_runs(canvas, fonts, _fit(text, fonts, font, size, CONTENT_WIDTH), MARGIN, y, size, font)
+        y -= size * 1.8
+    canvas.showPage()
+    canvas.save()
+    return buffer.getvalue()
 
 
 def _timestamp(moment: datetime) -> TimeStamp:

@@ -11,6 +11,7 @@ import pytest
 from reporting.pdf import (
     AGE_UNKNOWN_HEADLINE,
     INTENDED_USE_HEADLINE,
+    build_not_analysed_pdf,
     build_pdf,
     patient_name,
     percent,
@@ -100,6 +101,21 @@ def test_japanese_institution_name_in_the_page_header_is_in_the_text() -> None:
     node = dataclasses.replace(NODE, institution_name="東京中央病院")
     reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed()], node, analysed_at=ANALYSED_AT)))
     assert "東京中央病院" in reader.pages[0].extract_text()
+
+
+@pytest.mark.parametrize("institution", ["Πανεπιστημιακό Νοσοκομείο", "東京都立病院"])
+def test_the_not_analysed_notice_prints_the_institutions_name_in_its_own_script(institution: str) -> None:
+    """The notice drew in Helvetica, which has neither CJK nor all of Greek: black boxes on the page, and
+    fonts that were not embedded."""
+    if "東" in institution and fallback_font_file() is None:
+        peers.missing("no CJK TrueType font (Debian fonts-droid-fallback)")
+    node = dataclasses.replace(NODE, institution_name=institution)
+    data = build_not_analysed_pdf(node, reason="body part HAND is not CHEST", analysed_at=ANALYSED_AT)
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    text = compact(reader.pages[0].extract_text())
+    assert institution in text and "body part HAND is not CHEST" in text
+    fonts = {str(font["/BaseFont"]) for font in reader.pages[0]["/Resources"]["/Font"].values()}
+    assert not any("Helvetica" in font for font in fonts), fonts
 
 
 def test_missing_accession_and_birth_date_print_as_not_recorded() -> None:
