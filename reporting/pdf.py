@@ -111,10 +111,11 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     fonts = typeface()
     styles = _Styles.make(fonts)
     models = distinct_models(images)
+    identity = _identity_table(images[0].source, len(images), styles, fonts)
     story: list[Flowable] = [
         _intended_use_box(styles),
         Spacer(1, 4 * mm),
-        _identity_table(images[0].source, len(images), styles, fonts),
+        identity,
         Spacer(1, 3 * mm),
     ]
     cautions: list[Flowable] = []
@@ -124,8 +125,11 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
         story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
-    # one image shares its page with the identity and any study caution: they take picture height
-    taken = _height(cautions) if len(images) == 1 else 0.0
+    # One image shares its page with the identity and any study caution: they take picture height, and
+    # so do identity values long enough to wrap (a 64-character study description pushed the pictures
+    # onto a second page, under nothing but the footer).
+    one_line = _identity_table(pydicom.Dataset(), len(images), styles, fonts)
+    taken = _height(cautions) + _height([identity]) - _height([one_line]) if len(images) == 1 else 0.0
     for index, image in enumerate(images):
         story += _image_section(image, index, len(images), styles, fonts, taken=taken)
         if index < len(images) - 1:
@@ -569,7 +573,7 @@ class _PageDecor:
         node: NodeIdentity,
         analysed_at: datetime,
         model_text: str,
-        identity: str,
+        identity: tuple[str, str],
         fonts: Typeface,
     ) -> None:
         self.node = node
@@ -642,10 +646,8 @@ class _PageDecor:
         canvas.setFillColor(INK)
         page = f"Page {number} of {total}"
         identity_width = CONTENT_WIDTH - stringWidth(page, fonts.regular, 7.5) - 4 * mm  # never under the number
-        _draw_runs(
-            canvas, fonts, _fit(self.identity, fonts, fonts.regular, 8, identity_width),
-            MARGIN, bottom + 2.6 * mm, 8,
-        )
+        identity, size = _fit_identity(self.identity, fonts, identity_width)
+        _draw_runs(canvas, fonts, identity, MARGIN, bottom + 2.6 * mm, size)
         canvas.setFillColor(MUTED)
         canvas.setFont(fonts.regular, 7.5)
         canvas.drawRightString(
@@ -697,12 +699,28 @@ def _timestamp(moment: datetime) -> TimeStamp:
     return stamp
 
 
-def _identity_line(source: pydicom.Dataset) -> str:
-    """Who and which study, repeated on every page in case pages are separated."""
-    return (
-        f"{patient_name(source)} · ID {_text(source.get('PatientID'))} · born "
-        f"{dicom_date_text(source.get('PatientBirthDate'))} · accession {_text(source.get('AccessionNumber'))}"
+def _identity_line(source: pydicom.Dataset) -> tuple[str, str]:
+    """Who and which study, repeated on every page in case pages are separated: the name, and the rest."""
+    return patient_name(source), (
+        f" · ID {_text(source.get('PatientID'))} · born {dicom_date_text(source.get('PatientBirthDate'))}"
+        f" · accession {_text(source.get('AccessionNumber'))}"
     )
+
+
+_FOOTER_SIZES = (8.0, 7.0, 6.0)
+
+
+def _fit_identity(identity: tuple[str, str], fonts: Typeface, width: float) -> tuple[str, float]:
+    """The footer's identity line and its size: smaller type for long values, then the name shortened.
+    The patient ID, birth date and accession number are never cut: they tell one patient from another
+    when the name cannot."""
+    name, rest = identity
+    for size in _FOOTER_SIZES:
+        if _width(name + rest, fonts, fonts.regular, size) <= width:
+            return name + rest, size
+    size = _FOOTER_SIZES[-1]
+    room = width - _width(rest, fonts, fonts.regular, size)
+    return _fit(name, fonts, fonts.regular, size, max(room, 0.0)) + rest, size
 
 
 def _draw_runs(

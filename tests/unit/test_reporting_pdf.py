@@ -118,6 +118,19 @@ def test_the_not_analysed_notice_prints_the_institutions_name_in_its_own_script(
     assert not any("Helvetica" in font for font in fonts), fonts
 
 
+def test_one_image_with_the_longest_identity_values_stays_on_one_page() -> None:
+    """Values at their VRs' maximum lengths (LO 64) wrap in the identity table; the pictures went to a
+    second page, leaving half of the first empty."""
+    source = unicode_source("Wolfeschlegelsteinhausenbergerdorff^Hubert Blaine Maximilian^von^Dr.^PhD")
+    source.PatientID = "1.2.840.113619.2.55.3.604688119.969.1268071029.320.1234567890123"
+    source.StudyDescription = "CHEST PA AND LATERAL TWO VIEWS WITH COMPARISON TO PRIOR EXAMINATION"[:64]
+    source.AccessionNumber = "ACC1234567890123"
+    (text,) = pages([analysed(source)])
+    # the footer, for a page separated from the rest, keeps the ID and accession whole (it cut both)
+    footer = compact(text).split("Dr. Wolfeschlegel")[-1]
+    assert f"ID {source.PatientID} · born 1940-03-05 · accession ACC1234567890123" in footer, footer
+
+
 def test_missing_accession_and_birth_date_print_as_not_recorded() -> None:
     (text,) = pages([analysed(sparse_source(), with_heatmap=False)])
     assert "None" not in text
