@@ -10,7 +10,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_RUN := python3-venv python3-pip
-APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils fonts-droid-fallback openjph-tools
+# TrueType fonts for names in scripts the bundled DejaVu subset lacks (CJK; Hangul), in reports and PDFs
+APT_FONTS := fonts-droid-fallback fonts-wqy-microhei
+APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils openjph-tools
 PYTEST_ARGS ?=
 ifeq ($(REQUIRE_PEERS),1)
 PYTEST_ARGS += --require-peers
@@ -28,6 +30,11 @@ test: system-test install-test
 system-run:
 	@$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_RUN); }
+	@missing=""; for p in $(APT_FONTS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 system-test: system-run
 	@missing=""; for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

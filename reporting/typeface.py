@@ -1,7 +1,8 @@
 """Fonts for the PDF and the Secondary Capture text band: every patient name must render.
 
-The bundled DejaVu Sans subset covers Latin, Greek and Cyrillic; characters outside it (CJK, ...) are drawn
-with the first system fallback font found, so a Japanese name is not printed as empty boxes.
+The bundled DejaVu Sans subset covers Latin, Greek and Cyrillic; characters outside it (CJK, Hangul, ...) are
+drawn with the first installed system fallback font that has them, so a Japanese or Korean name is not printed
+as empty boxes.
 """
 
 from __future__ import annotations
@@ -39,21 +40,20 @@ class Typeface:
 
     regular: str
     bold: str
-    fallback: str | None
     covered: frozenset[int]
-    fallback_covered: frozenset[int]
+    fallbacks: tuple[tuple[str, frozenset[int]], ...]  # (font name, code points), in order of preference
+
+    def _font_for(self, char: str, font: str) -> str:
+        if ord(char) in self.covered:
+            return font
+        return next((name for name, points in self.fallbacks if ord(char) in points), font)
 
     def runs(self, text: str, font: str) -> list[tuple[str, str]]:
-        """``text`` cut into (font name, text) runs: ``font`` where it has the glyphs, else the fallback."""
+        """``text`` cut into (font name, text) runs: ``font`` where it has the glyphs, else the first
+        fallback font that has them (Droid Sans Fallback has no Hangul; WenQuanYi Micro Hei has)."""
         result: list[tuple[str, str]] = []
         for char in text:
-            wanted = font
-            if (
-                self.fallback is not None
-                and ord(char) not in self.covered
-                and ord(char) in self.fallback_covered
-            ):
-                wanted = self.fallback
+            wanted = self._font_for(char, font)
             if result and result[-1][0] == wanted:
                 result[-1] = (wanted, result[-1][1] + char)
             else:
@@ -61,9 +61,9 @@ class Typeface:
         return result
 
     def markup(self, text: str) -> str:
-        """``text`` escaped for a reportlab Paragraph, runs the main font lacks switched to the fallback."""
+        """``text`` escaped for a reportlab Paragraph, runs the main font lacks switched to a fallback."""
         return "".join(
-            f'<font name="{name}">{escape(run)}</font>' if name == self.fallback else escape(run)
+            f'<font name="{name}">{escape(run)}</font>' if name != self.regular else escape(run)
             for name, run in self.runs(text, self.regular)
         )
 
@@ -81,19 +81,22 @@ def typeface() -> Typeface:
     pdfmetrics.registerFont(bold)
     for bold_flag, italic_flag, name in ((0, 0, REGULAR), (1, 0, BOLD), (0, 1, REGULAR), (1, 1, BOLD)):
         addMapping(REGULAR, bold_flag, italic_flag, name)
-    fallback_name: str | None = None
-    fallback_covered: frozenset[int] = frozenset()
-    path = fallback_font_file()
-    if path is not None:
-        fallback = TTFont(FALLBACK, str(path), subfontIndex=0)
+    fallbacks: list[tuple[str, frozenset[int]]] = []
+    for index, path in enumerate(fallback_font_files()):
+        name = f"{FALLBACK}{index or ''}"
+        fallback = TTFont(name, str(path), subfontIndex=0)
         pdfmetrics.registerFont(fallback)
-        fallback_name = FALLBACK
-        fallback_covered = _codepoints(fallback)
-    else:
+        fallbacks.append((name, _codepoints(fallback)))
+    if not fallbacks:
         LOGGER.info("no fallback font for scripts beyond Latin/Greek/Cyrillic; such names render as boxes")
-    return Typeface(REGULAR, BOLD, fallback_name, _codepoints(regular), fallback_covered)
+    return Typeface(REGULAR, BOLD, _codepoints(regular), tuple(fallbacks))
+
+
+def fallback_font_files() -> list[Path]:
+    """The installed fallback fonts, in order of preference."""
+    return [path for path in FALLBACK_CANDIDATES if path.is_file()]
 
 
 def fallback_font_file() -> Path | None:
     """The first installed fallback font, or ``None``."""
-    return next((path for path in FALLBACK_CANDIDATES if path.is_file()), None)
+    return next(iter(fallback_font_files()), None)

@@ -16,7 +16,7 @@ from reporting.pdf import (
     patient_name,
     percent,
 )
-from reporting.typeface import fallback_font_file
+from reporting.typeface import fallback_font_file, typeface
 from reporting.types import AnalysedImage
 from tests import peers
 from tests.unit.test_reporting_cases import (
@@ -92,6 +92,15 @@ def test_japanese_patient_name_is_in_the_text() -> None:
         peers.missing("no CJK TrueType font (Debian fonts-droid-fallback)")
     (text,) = pages([analysed(unicode_source("Yamada^Tarou=山田^太郎=やまだ^たろう"))])
     assert "Yamada, Tarou / 山田 太郎 / やまだ たろう" in compact(text)
+
+
+def test_korean_patient_name_is_in_the_text() -> None:
+    """Droid Sans Fallback, the first fallback font, has no Hangul: the name was printed as boxes. Each
+    character now takes the first installed fallback that has it (WenQuanYi Micro Hei)."""
+    if not any(ord("홍") in points for _, points in typeface().fallbacks):
+        peers.missing("no TrueType font with Hangul (Debian fonts-wqy-microhei)")
+    (text,) = pages([analysed(unicode_source("홍^길동"))])
+    assert "홍, 길동" in compact(text)
 
 
 def test_japanese_institution_name_in_the_page_header_is_in_the_text() -> None:
