@@ -73,8 +73,14 @@ LOGGER = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9001
 PDF_SERIES_NUMBER = 9002
 SC_SERIES_NUMBER = 9003
-RETRY_DELAY_SECONDS = 30.0
-MAX_JOB_ATTEMPTS = 5
+RETRY_DELAY_SECONDS = 30.0  # the first wait after a retriable failure; it doubles with each attempt
+MAX_RETRY_DELAY_SECONDS = 600.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before a study whose processing failed for want of a resource (disk, database) is tried
+    again: it waits for as long as that lasts, as deliveries do, but asks less often the longer it lasts."""
+    return float(min(RETRY_DELAY_SECONDS * 2 ** max(attempts - 1, 0), MAX_RETRY_DELAY_SECONDS))
 
 
 class ImageClassifier(Protocol):
@@ -1038,30 +1044,34 @@ class Pipeline:
                     study.state_reason = reason
 
     def _fail(self, study_pk: int, exc: BaseException) -> None:
-        """A retriable error puts the job back (and retries later); others mark job and study FAILED."""
-        retriable = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
+        """A retriable error (a full disk, a database outage: it passes) puts the job back, READY, to be
+        tried again after :func:`retry_delay`, for as long as it lasts: the sender was told the images
+        are stored, and their results must follow. Other errors mark job and study FAILED."""
+        retry = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
         LOGGER.error(
             "study %d: processing failed (%s): %s", study_pk, summary, describe_exception(exc, stack=True)
         )
+        delay = RETRY_DELAY_SECONDS
         try:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
-                retry = retriable and all(job.attempts < MAX_JOB_ATTEMPTS for job in jobs)
+                delay = retry_delay(max((job.attempts for job in jobs), default=1))
                 for job in jobs:
                     job.state = JobState.PENDING if retry else JobState.FAILED
                     job.error = summary
                     if not retry:
                         job.finished_at = utcnow()
                 study = session.get(Study, study_pk)
-                if study is not None and not retry:
-                    study.state = StudyState.FAILED
-                    study.state_reason = summary
+                if study is not None:
+                    study.state = StudyState.READY if retry else StudyState.FAILED
+                    waiting = f"waiting to try again in {delay:.0f} s: {summary}"
+                    study.state_reason = waiting if retry else summary
         except NodeError:
             LOGGER.error("study %d: could not record the failure; it resumes at the next start", study_pk)
             return
         if retry:
-            timer = threading.Timer(RETRY_DELAY_SECONDS, self.submit, args=(study_pk,))
+            timer = threading.Timer(delay, self.submit, args=(study_pk,))
             timer.daemon = True
             timer.start()
 

@@ -28,7 +28,14 @@ from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.ingest import ingest_bytes
 from dicom_node.jobs import open_study_ready_job
 from dicom_node.outbox import Outbox
-from dicom_node.pipeline import ImageClassifier, Pipeline, PipelineConfig, load_classifier, node_identity
+from dicom_node.pipeline import (
+    ImageClassifier,
+    Pipeline,
+    PipelineConfig,
+    load_classifier,
+    node_identity,
+    retry_delay,
+)
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.files import FileStore
@@ -441,6 +448,34 @@ def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_repor
     for kind in (ResultKind.SR, ResultKind.PDF):
         assert evidence(world, latest[kind][1]) == both
     assert sorted(peer.received) == sorted(sent) == sorted(uid for uid, _ in latest.values())
+
+
+def test_a_full_results_disk_holds_the_study_until_there_is_room_again(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Out of space for the results: the old code gave up after five tries (about two minutes) and left
+    the study FAILED for good, its images acknowledged to the PACS and never reported. It now waits,
+    trying again with a growing delay, and says why."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    pipeline = make_pipeline(world)
+    pipeline.results.min_free_bytes = 10**18  # the results' file system is full
+    for _ in range(7):
+        pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.READY, study.state
+        assert study.state_reason.startswith("waiting to try again in ")
+        assert "free-space reserve" in study.state_reason
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.PENDING and job.attempts == 7
+    assert retry_delay(1) == 30 and retry_delay(7) == 600  # doubling, at most ten minutes
+
+    pipeline.results.min_free_bytes = 0  # room again
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED and study.state_reason == ""
+    assert len(peer.received) == 2
 
 
 def test_results_keep_their_uids_through_a_crash_before_building(
