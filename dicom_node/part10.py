@@ -19,7 +19,7 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import parse_fragments
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels.decoders.base import get_decoder
@@ -78,8 +78,10 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         rows = int(ds.Rows)
         columns = int(ds.Columns)
         bits_allocated = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = _count(ds, "SamplesPerPixel")
+        frames = _count(ds, "NumberOfFrames")
+    except BytesLengthException as exc:  # a US value of 3 bytes: read only now, when it is used
+        raise UndecodableDatasetError("image pixel module cannot be parsed (BytesLengthException)") from exc
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidDatasetError("image pixel module incomplete (rows, columns, bits allocated)") from exc
     if min(rows, columns, bits_allocated, samples, frames) < 1:
@@ -100,11 +102,17 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         raise UndecodableDatasetError("pixel data shorter than the image it describes (truncated)")
 
 
+def _count(ds: Dataset, keyword: str) -> int:
+    """An optional count (1 when absent or empty); a stated 0 stays 0, for the zero-dimension check."""
+    value = ds.get(keyword)
+    return 1 if value is None or value == "" else int(value)
+
+
 # pydicom reads sequences as it meets them: a stream cut inside a sequence item ends in OSError ("no tag
 # to read") or struct.error from its item reader, not in one of its own errors.
 _PARSE_ERRORS = (
     InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError, OSError, struct.error,
-    zlib.error,
+    zlib.error, BytesLengthException,
 )
 
 

@@ -187,6 +187,27 @@ def test_missing_or_short_pixel_data() -> None:
         check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
 
 
+@pytest.mark.parametrize("keyword", ["SamplesPerPixel", "NumberOfFrames"])
+def test_a_zero_samples_per_pixel_or_frame_count_is_dataset_does_not_match(keyword: str) -> None:
+    """``value or 1`` read a stated 0 as 1, and the image was accepted, to be refused at analysis."""
+    ds = make_cr()
+    setattr(ds, keyword, 0)
+    with pytest.raises(InvalidDatasetError, match="zero dimensions"):
+        check_pixel_data(parse_instance(to_bytes(ds)), ExplicitVRLittleEndian)
+
+
+def test_a_binary_value_of_the_wrong_length_is_cannot_understand() -> None:
+    """Rows (US) written with 3 bytes: pydicom raises BytesLengthException when it is read, which the
+    sender got as 0x0110 (an unexpected failure) instead of 0xC210."""
+    data = to_bytes(make_cr())
+    rows = bytes.fromhex("2800 1000 5553 0200".replace(" ", ""))  # (0028,0010) US, length 2
+    at = data.index(rows)
+    broken = data[:at] + rows[:6] + b"\x03\x00" + data[at + 8 : at + 10] + b"\x00" + data[at + 10 :]
+    with pytest.raises(UndecodableDatasetError) as caught:
+        check_pixel_data(parse_instance(broken), ExplicitVRLittleEndian)
+    assert caught.value.status is Status.CANNOT_UNDERSTAND
+
+
 def test_sop_identity_must_match_the_request() -> None:
     ds = make_cr()
     with pytest.raises(InvalidDatasetError):
