@@ -70,6 +70,7 @@ class IngestResult:
     study_pk: int
     duplicate: bool
     size_bytes: int
+    differs: bool = False  # a duplicate whose bytes differ from the first copy's (which is kept)
 
 
 class Ingestor:
@@ -160,7 +161,12 @@ class Ingestor:
                 result = self._record_with_retries(parsed, staged, calling_ae, source)
             finally:
                 staged.discard()  # a duplicate's copy, or a failed attempt's; no-op once published
-        if result.duplicate:
+        if result.differs:
+            # A sender that corrected an image (a name, the pixels) and kept its UID: the first copy is
+            # what was analysed and reported. Changed content needs a new SOP Instance UID (PS3.3 C.12.1.1.1).
+            LOGGER.warning("instance %d received again from %s with different content: kept the first copy",
+                           result.instance_pk, calling_ae)
+        elif result.duplicate:
             LOGGER.info("instance %d received again from %s: kept the first copy", result.instance_pk,
                         calling_ae)
         else:
@@ -212,7 +218,7 @@ class Ingestor:
                 staged.rename(existing.file_path)
                 staged.sync_directory()
             return IngestResult(instance_pk=existing.instance_pk, study_pk=existing.study_pk, duplicate=True,
-                                size_bytes=existing.size_bytes)
+                                size_bytes=existing.size_bytes, differs=existing.sha256 != stored.sha256)
         assert inserted is not None
         instance_pk, parents = inserted
         staged.sync_directory()

@@ -31,6 +31,7 @@ class ExistingInstance:
     size_bytes: int
     file_path: str
     purged: bool  # its pixel file was removed by the retention policy
+    sha256: str  # of the file as first received
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance 
     """The stored instance with this SOP Instance UID, if any; one of another study is a conflict."""
     row = conn.execute(
         select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path,
-               _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid)
+               _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid, _INSTANCE.c.sha256)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
         .join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id)
         .where(_INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid)
@@ -97,7 +98,7 @@ def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance 
         LOGGER.warning("refused a copy of instance %d that names another study", row[0])
         raise IdentityConflictError("SOP Instance UID already stored in another study")
     return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]),
-                            purged=row[4] is not None)
+                            purged=row[4] is not None, sha256=str(row[6]))
 
 
 def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -458,6 +459,28 @@ def test_an_image_whose_identity_contradicts_what_is_stored_is_refused_not_filed
         assert session.scalar(select(func.count()).select_from(Study)) == 1
         assert session.get_one(Instance, stored.instance_pk).series.study.patient.patient_id == "PID-1"
     assert len(list(store.root.rglob("*.dcm"))) == 1 and list(store.root.rglob("*.tmp")) == []
+
+
+def test_a_changed_copy_of_a_stored_instance_keeps_the_first_and_says_so(
+    sessions: sessionmaker[Session], store: FileStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same SOP Instance UID with a corrected name: the first copy is what was analysed and stays;
+    the old code logged the same INFO line as for an identical re-send, so nobody could tell."""
+    caplog.set_level(logging.INFO)
+    ingestor = Ingestor(sessions, store)
+    first = make_cr()
+    data = to_bytes(first)
+    stored = ingestor.ingest_bytes(data, calling_ae="M", source="dimse")
+    assert not ingestor.ingest_bytes(data, calling_ae="M", source="dimse").differs
+    first.PatientName = "Doe^Janet"
+    again = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    assert again.duplicate and again.differs and again.instance_pk == stored.instance_pk
+    with sessions() as session:
+        assert store.path(session.get_one(Instance, stored.instance_pk).file_path).read_bytes() == data
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        f"instance {stored.instance_pk} received again from M with different content: kept the first copy"
+    ]
 
 
 def test_an_image_of_a_study_whose_first_image_had_no_patient_id_is_filed_with_it(
