@@ -122,14 +122,18 @@ def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
 
 
 def _groups(items: Sequence[LabelledImage]) -> tuple[dict[str, list[LabelledImage]], dict[str, str]]:
-    """The images of each group, and each group's class (the majority label of its images)."""
+    """The images of each group, and each group's class: the majority label of its images, the first by
+    name on a tie (not the first met, which made the split depend on the order of ``items``)."""
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
         by_group[item.group].append(item)
-    group_class = {
-        group: Counter(i.label for i in members).most_common(1)[0][0] for group, members in by_group.items()
-    }
+    group_class = {group: _majority(members) for group, members in by_group.items()}
     return by_group, group_class
+
+
+def _majority(members: Sequence[LabelledImage]) -> str:
+    counts = Counter(item.label for item in members)
+    return min(counts, key=lambda label: (-counts[label], label))
 
 
 def _partition(
@@ -147,7 +151,11 @@ def split_by_group(
     items: Sequence[LabelledImage], validation_fraction: float, seed: int
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """Stratified group split: per class (a group's majority label), whole groups go to validation until
-    about ``validation_fraction`` of that class's images are there. Deterministic for a seed."""
+    about ``validation_fraction`` of that class's images are there. Deterministic for a seed.
+
+    A group that would take a class past twice its target stays in training (one patient or source with
+    most of a class's images would otherwise be the whole validation set of that class, or most of it);
+    a class whose validation share still ends far from the fraction is named in a warning."""
     if not 0.0 < validation_fraction < 1.0:
         raise DatasetError("the validation fraction must be between 0 and 1")
     by_group, group_class = _groups(items)
@@ -156,13 +164,21 @@ def split_by_group(
     for label in sorted(set(group_class.values())):
         groups = sorted(g for g, c in group_class.items() if c == label)
         rng.shuffle(groups)
-        target = validation_fraction * sum(len(by_group[g]) for g in groups)
+        total = sum(len(by_group[g]) for g in groups)
+        target = validation_fraction * total
         taken = 0
         for group in groups[:-1]:  # keep at least one group of every class for training
             if taken >= target:
                 break
+            if taken + len(by_group[group]) > 2 * target:
+                continue
             validation_groups.add(group)
             taken += len(by_group[group])
+        if not target / 2 <= taken <= 2 * target:
+            LOGGER.warning(
+                "class %s: %d of %d images in validation (target %.0f); its groups are too few or too large "
+                "for a balanced split", label, taken, total, target,
+            )
     return _partition(items, validation_groups, "too few groups for a train/validation split")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -64,6 +65,42 @@ def test_split_keeps_every_group_on_one_side(collection: Path) -> None:
     assert not {i.group for i in train_items} & {i.group for i in val_items}
     assert {i.label for i in val_items} == {"bright", "dark"}
     assert split_by_group(items, 0.25, seed=1) == (train_items, val_items)  # reproducible
+
+
+def _grouped(label: str, sizes: list[int]) -> list[LabelledImage]:
+    return [LabelledImage(Path(f"{label}-{g}-{i}.png"), label, f"{label}-{g}")
+            for g, size in enumerate(sizes) for i in range(size)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_group_much_larger_than_the_validation_share_stays_in_training(
+    seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One patient (or source) with 60 of a class's 100 images: drawn first, the old split put all 60 in
+    validation against a target of 20, and trained on 40, without a word."""
+    items = _grouped("covid", [60] + [1] * 40) + _grouped("normal", [1] * 100)
+    _, validation = split_by_group(items, 0.2, seed=seed)
+    covid = sum(item.label == "covid" for item in validation)
+    assert 18 <= covid <= 22, covid
+
+
+def test_the_split_does_not_depend_on_the_order_of_the_images() -> None:
+    """A group with as many images of one class as of another counted as the class met first."""
+    tied = [LabelledImage(Path(f"t{g}-{label}.png"), label, f"tied-{g}") for g in range(20)
+            for label in ("normal", "pneumonia")]
+    items = tied + _grouped("normal", [1] * 40) + _grouped("pneumonia", [1] * 40)
+    forwards, backwards = split_by_group(items, 0.2, seed=5), split_by_group(items[::-1], 0.2, seed=5)
+    assert {i.path for i in forwards[1]} == {i.path for i in backwards[1]}
+
+
+def test_a_class_left_without_validation_images_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Two groups of 50 and 2: the 50 would be the whole validation set or nothing."""
+    caplog.set_level(logging.WARNING)
+    items = _grouped("covid", [50, 2]) + _grouped("normal", [1] * 100)
+    for seed in range(4):
+        _, validation = split_by_group(items, 0.2, seed=seed)
+        assert sum(item.label == "covid" for item in validation) <= 2
+    assert "class covid: 0 of 52 images in validation (target 10)" in caplog.text
 
 
 def test_group_folds_partition_the_collection(collection: Path) -> None:
