@@ -73,9 +73,7 @@ def _grouped(label: str, sizes: list[int]) -> list[LabelledImage]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_a_group_much_larger_than_the_validation_share_stays_in_training(
-    seed: int, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_group_much_larger_than_the_validation_share_stays_in_training(seed: int) -> None:
     """One patient (or source) with 60 of a class's 100 images: drawn first, the old split put all 60 in
     validation against a target of 20, and trained on 40, without a word."""
     items = _grouped("covid", [60] + [1] * 40) + _grouped("normal", [1] * 100)
@@ -93,7 +91,9 @@ def test_the_split_does_not_depend_on_the_order_of_the_images() -> None:
     assert {i.path for i in forwards[1]} == {i.path for i in backwards[1]}
 
 
-def test_a_class_left_without_validation_images_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_class_left_without_validation_images_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Two groups of 50 and 2: the 50 would be the whole validation set or nothing."""
     caplog.set_level(logging.WARNING)
     items = _grouped("covid", [50, 2]) + _grouped("normal", [1] * 100)
