@@ -132,6 +132,9 @@ class Recipe:
         return sum(stage.epochs for stage in self.stages)
 
 
+DEFAULT_WEIGHTS = "default"  # Architecture.build: ImageNet's for a pretrained architecture, else none
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str
@@ -146,14 +149,19 @@ class Architecture:
         self,
         num_classes: int,
         *,
-        weights: str | Path | None = None,
+        weights: str | Path | None = DEFAULT_WEIGHTS,
         seed: int = 0,
         input_size: tuple[int, int] | None = None,
     ) -> Any:
         """A compiled-ready (uncompiled) ``keras.Model`` for ``num_classes`` outputs.
 
-        ``input_size`` overrides the architecture's (models that end in global pooling take any size).
+        ``weights`` defaults to ImageNet's for a pretrained architecture (an error when they are not on
+        the machine, never a silent random start) and to none for the others; ``None`` asks for an
+        untrained network explicitly. ``input_size`` overrides the architecture's (models that end in
+        global pooling take any size).
         """
+        if isinstance(weights, str) and weights == DEFAULT_WEIGHTS:
+            weights = "imagenet" if self.pretrained else None
         return self.builder(
             num_classes=num_classes,
             input_size=input_size or self.preprocess.input_size,

@@ -21,7 +21,14 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier import plots
-from classifier.architectures import Architecture, Recipe, Stage, get_architecture, set_trainable
+from classifier.architectures import (
+    DEFAULT_WEIGHTS,
+    Architecture,
+    Recipe,
+    Stage,
+    get_architecture,
+    set_trainable,
+)
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
 from classifier.augmentation import (
     REFRAME_SOURCE_SCALE,
@@ -303,9 +310,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     train_data = train_data.prefetch(2)
 
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
-    weights = config.weights
-    if weights is None and architecture.pretrained:
-        weights = "imagenet"
+    weights = DEFAULT_WEIGHTS if config.weights is None else config.weights
     model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
     best_weights_cls, timer_cls = _callbacks(keras)
     best, timer = best_weights_cls(), timer_cls()

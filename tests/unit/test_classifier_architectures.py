@@ -87,6 +87,9 @@ def test_resnet152_without_weights_file_is_an_error_not_random_init(
     monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
     with pytest.raises(WeightsUnavailableError, match="not on this machine"):
         build_resnet152_transfer(num_classes=2, weights="imagenet")
+    # The registry's build defaulted to no weights: a 59-million-parameter network started at random.
+    with pytest.raises(WeightsUnavailableError, match="not on this machine"):
+        get_architecture("resnet152-transfer").build(2, input_size=(64, 64))
     with pytest.raises(WeightsUnavailableError):
         build_resnet152_transfer(num_classes=2, weights=tmp_path / "missing.h5")
 
