@@ -199,7 +199,7 @@ def build_sugandi_cnn(
     outputs = layers.Dense(num_classes, activation="softmax", name="dense_2")(x)
     model = keras.Model(inputs, outputs, name="sugandi_cnn")
     if weights is not None:
-        model.load_weights(_weights_path(weights))
+        _load_weights(model, _weights_path(weights), "sugandi-cnn")
     return model
 
 
@@ -208,6 +208,17 @@ def _weights_path(weights: str | Path) -> Path:
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file not found: {path}")
     return path
+
+
+def _load_weights(model: Any, path: Path, network: str) -> None:
+    """Keras' ``load_weights``, its refusal of a file made for another network (a ValueError after
+    hundreds of warnings) turned into one line that names the file."""
+    try:
+        model.load_weights(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise WeightsUnavailableError(
+            f"{path.name} holds no {network} weights that fit this network ({type(exc).__name__})"
+        ) from exc
 
 
 def _imagenet_weights(
@@ -262,7 +273,7 @@ def build_resnet152_transfer(
     weights_file = resnet152_weights_path(weights) if weights is not None else None
     base = keras.applications.ResNet152(weights=None, include_top=False, input_shape=(*input_size, 3))
     if weights_file is not None:
-        base.load_weights(str(weights_file))
+        _load_weights(base, weights_file, "ResNet-152")
     base.trainable = False
     inputs = keras.Input(shape=(*input_size, 3), name="image")
     features = base(inputs, training=False)
@@ -391,7 +402,7 @@ def build_efficientnet_lite_transfer(
 
             load_lite_state_dict(model, load_state_dict(weights_file), lite)
         else:
-            model.load_weights(weights_file)
+            _load_weights(model, weights_file, lite.network)
     return model
 
 
@@ -436,7 +447,7 @@ def build_cxr_compact(
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, outputs, name="cxr_compact")
     if weights is not None:
-        model.load_weights(_weights_path(weights))
+        _load_weights(model, _weights_path(weights), "cxr-compact")
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -89,13 +90,19 @@ class Classifier:
         metadata = read_metadata(folder, verify=True)
         try:
             model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # cut short, or a member's CRC is wrong
             raise ModelArtifactError(f"{folder / MODEL_FILE} cannot be loaded: {type(exc).__name__}") from exc
         expected = (None, *metadata.preprocess.input_size, 3)
         if tuple(model.input_shape) != expected or model.output_shape[-1] != len(metadata.classes):
             raise ModelArtifactError(
                 f"model shapes {model.input_shape}→{model.output_shape} contradict model.json"
             )
+        try:  # checked now, not at the first heat map
+            model.get_layer(metadata.gradcam_layer)
+        except ValueError as exc:
+            raise ModelArtifactError(
+                f"model.json names Grad-CAM layer {metadata.gradcam_layer!r}, which the model does not have"
+            ) from exc
         lungs = None
         if metadata.preprocess.lung_crop:
             from classifier.lungs import LungCropper

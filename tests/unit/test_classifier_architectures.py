@@ -66,6 +66,15 @@ def test_sugandi_cnn_is_table_iii_exactly() -> None:
     assert np.isfinite(_one_step(model, (150, 150), 3, 1e-3))
 
 
+def test_a_weights_file_of_another_network_is_a_weights_error(tmp_path: Path) -> None:
+    """Keras' own ValueError ("A total of 310 objects could not be loaded") reached the command line as
+    a traceback with exit code 1."""
+    other = tmp_path / "compact.weights.h5"
+    get_architecture("cxr-compact").build(3).save_weights(other)
+    with pytest.raises(WeightsUnavailableError, match="compact.weights.h5 holds no sugandi-cnn weights"):
+        get_architecture("sugandi-cnn").build(3, weights=other)
+
+
 def test_registry_names_and_unknown_name() -> None:
     assert {"sugandi-cnn", "resnet152-transfer", "cxr-compact"} <= set(architecture_names())
     with pytest.raises(ValueError, match="unknown architecture"):

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -419,6 +420,24 @@ def test_a_model_keras_cannot_load_or_that_contradicts_model_json_is_refused(
         (other / "model.json").write_text(json.dumps({**metadata, **changed}))
         with pytest.raises(ModelArtifactError, match="contradict model.json"):
             Classifier.load(other)
+    # A byte flipped inside a stored member (a bad CRC, hashed as it is): zipfile's BadZipFile escaped.
+    flipped = bytearray(whole)
+    names = zipfile.ZipFile(io.BytesIO(whole)).infolist()
+    weights = next(info for info in names if info.filename.endswith(".h5"))
+    flipped[weights.header_offset + 30 + len(weights.filename) + weights.compress_size // 2] ^= 0xFF
+    crc = tmp_path / "crc"
+    crc.mkdir()
+    (crc / "model.keras").write_bytes(bytes(flipped))
+    (crc / "model.json").write_text(json.dumps({**metadata, "sha256": sha256_file(crc / "model.keras")}))
+    with pytest.raises(ModelArtifactError, match=r"model\.keras cannot be loaded: BadZipFile"):
+        Classifier.load(crc)
+    # A Grad-CAM layer the network does not have failed at the first heat map, not at load.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "model.keras").write_bytes(whole)
+    (layer / "model.json").write_text(json.dumps({**metadata, "gradcam_layer": "nope"}))
+    with pytest.raises(ModelArtifactError, match="Grad-CAM layer 'nope'"):
+        Classifier.load(layer)
 
 
 @pytest.mark.parametrize(
