@@ -216,7 +216,8 @@ def evaluate(
         output.mkdir(parents=True, exist_ok=True)
         (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plots.confusion_matrix(
-            report["confusion_matrix"], classes, output / "confusion_matrix.png", title=degrade
+            report["confusion_matrix"], classes, output / "confusion_matrix.png",
+            title="confusion matrix" if degrade == "none" else f"confusion matrix ({degrade})",
         )
         plots.roc_and_reliability(truth, probabilities, classes, output / "roc_reliability.png")
     return report

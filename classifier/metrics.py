@@ -135,6 +135,11 @@ def classification_report(
     n = len(classes)
     if probs.shape != (len(truth), n):
         raise ValueError(f"probabilities have shape {probs.shape}, expected {(len(truth), n)}")
+    if truth.size and (truth.min() < 0 or truth.max() >= n):
+        raise ValueError(f"true labels must be class indices 0..{n - 1}")
+    sums_to_one = np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    if not np.isfinite(probs).all() or (probs < 0).any() or not sums_to_one:
+        raise ValueError("probabilities must be finite, non-negative and sum to 1 per image (not logits)")
     predicted = probs.argmax(axis=1)
     matrix = confusion_matrix(truth, predicted, n)
     total = int(matrix.sum())
@@ -146,13 +151,16 @@ def classification_report(
         tn = total - tp - fn - fp
         precision = _safe_div(tp, tp + fp)
         recall = _safe_div(tp, tp + fn)
+        # Sensitivity without positives and specificity without negatives are undefined (None, as is the
+        # AUC then), not 0: a site scoring the model on its own normal images must not read a
+        # specificity of 0 for the normal class. Precision, recall and F1 keep scikit-learn's 0.
         per_class[name] = {
             "support": tp + fn,
             "precision": precision,
             "recall": recall,
             "f1": _safe_div(2 * precision * recall, precision + recall),
-            "sensitivity": recall,
-            "specificity": _safe_div(tn, tn + fp),
+            "sensitivity": recall if tp + fn else None,
+            "specificity": _safe_div(tn, tn + fp) if tn + fp else None,
             "roc_auc": roc_auc(truth == index, probs[:, index]),
         }
     aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]

@@ -91,3 +91,33 @@ def test_reliability_bins_log_loss_and_brier_score_by_hand() -> None:
     assert report["expected_calibration_error"] == pytest.approx(
         sum(row["images"] / 4 * abs(row["accuracy"] - row["confidence"]) for row in report["reliability"])
     )
+
+
+def test_rates_without_cases_to_measure_are_undefined_not_zero() -> None:
+    """A site scoring the model on its own normal images: there are no COVID cases, so COVID sensitivity
+    is undefined, and so is normal specificity (no other images); the report said 0.0 for both while
+    giving None for the AUC beside them."""
+    truth = np.array([1, 1, 1])
+    probs = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    per_class = classification_report(truth, probs, ["covid", "normal", "pneumonia"])["per_class"]
+    covid, normal = per_class["covid"], per_class["normal"]
+    assert covid["sensitivity"] is None and covid["specificity"] == pytest.approx(2 / 3)
+    assert normal["specificity"] is None and normal["sensitivity"] == pytest.approx(2 / 3)
+    assert per_class["normal"]["roc_auc"] is None
+
+
+@pytest.mark.parametrize(
+    ("truth", "probs", "message"),
+    [
+        ([0, 1], [[2.0, -1.0], [0.5, 0.5]], "sum to 1"),  # logits, not probabilities
+        ([0, 1], [[np.nan, 0.5], [0.5, 0.5]], "finite"),
+        ([0, -1], [[0.9, 0.1], [0.5, 0.5]], "class indices"),  # -1 wrapped round to the last class
+        ([0, 2], [[0.9, 0.1], [0.5, 0.5]], "class indices"),  # an IndexError
+    ],
+)
+def test_inputs_that_are_not_probabilities_and_class_indices_are_refused(
+    truth: list[int], probs: list[list[float]], message: str
+) -> None:
+    """The old code returned an ECE of 1.17 for logits and counted label -1 as right."""
+    with pytest.raises(ValueError, match=message):
+        classification_report(np.array(truth), np.array(probs), ["a", "b"])
