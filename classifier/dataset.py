@@ -55,6 +55,19 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
+def _hidden(relative: Path) -> bool:
+    """A dot file or folder (macOS ``._x.png`` resource forks, ``.DS_Store``, ``.git``): not an image."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or a clear error for a link to a file that is gone (it was skipped without a word, and
+    the evaluation scored fewer images than the folder holds)."""
+    if path.is_symlink() and not path.exists():
+        raise DatasetError(f"{path} is a link to a file that does not exist")
+    return path
+
+
 def load_collection(source: Path) -> list[LabelledImage]:
     """A folder ``source/<class>/<image>`` or a CSV manifest with columns ``file,label[,group]`` (files
     relative to the manifest's folder). Sorted, so the order never depends on the file system.
@@ -70,11 +83,12 @@ def load_collection(source: Path) -> list[LabelledImage]:
     manifest = source / "manifest.csv"
     if manifest.is_file():
         return _load_manifest(manifest)
+    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = [
         LabelledImage(path=path, label=class_dir.name, group=_folder_group(path.relative_to(source)))
-        for class_dir in sorted(p for p in source.iterdir() if p.is_dir())
+        for class_dir in class_dirs
         for path in sorted(class_dir.rglob("*"))
-        if _is_image(path)
+        if not _hidden(path.relative_to(class_dir)) and _is_image(_existing(path))
     ]
     if not items:
         raise DatasetError(f"no images in class sub-folders of {source}")

@@ -104,6 +104,21 @@ def test_a_class_left_without_validation_images_is_named_in_a_warning(
     assert "class covid: 0 of 52 images in validation (target 10)" in caplog.text
 
 
+def test_a_class_folder_skips_hidden_files_and_refuses_a_dangling_link(tmp_path: Path) -> None:
+    """A macOS copy leaves ``._x.png`` beside every picture (not an image: the evaluation stopped on it);
+    a link to a deleted file was dropped without a word, and fewer images were scored than listed."""
+    for label in ("covid", "normal"):
+        (tmp_path / label).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / label / "x.png")
+        (tmp_path / label / "._x.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (tmp_path / ".thumbnails").mkdir()
+    found = [(i.label, i.path.name) for i in load_collection(tmp_path)]
+    assert found == [("covid", "x.png"), ("normal", "x.png")]
+    (tmp_path / "normal" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DatasetError, match="gone.png is a link to a file that does not exist"):
+        load_collection(tmp_path)
+
+
 def test_group_folds_partition_the_collection(collection: Path) -> None:
     items = load_collection(collection)
     folds = [split_by_fold(items, fold, 3, seed=7) for fold in range(3)]
