@@ -252,6 +252,19 @@ def test_skipped_study_shows_its_reason(rad_client: tuple[TestClient, str], corp
     assert "not a chest image (BodyPartExamined SKULL)" in html
 
 
+def test_a_study_waiting_for_a_resource_shows_why(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A study held for a full results disk said only "being received or analysed", for as long as the
+    disk stayed full."""
+    client, _ = rad_client
+    reason = "waiting to try again in 120 s: file store below its free-space reserve"
+    waiting = add_study(factory, StudySpec("A^W", "P-950", "A950", state=StudyState.READY,
+                                           state_reason=reason, label=None))
+    html = client.get(f"/results/{waiting.study}").text
+    assert f"Not analysed yet:</strong> {reason}" in html
+
+
 def test_radiologist_sees_no_resend_and_cannot_resend(
     rad_client: tuple[TestClient, str], factory: sessionmaker[Session], corpus: dict[str, int]
 ) -> None:
