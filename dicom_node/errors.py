@@ -34,14 +34,6 @@ class InvalidDatasetError(NodeError):
     status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
 
 
-class IdentityConflictError(NodeError):
-    """The image's identifiers contradict what is stored: its Series Instance UID is another study's, its
-    study another patient's, or its SOP Instance UID another study's instance. Filing it would put one
-    patient's image into another's results; the sender is told, and nothing is stored."""
-
-    status = Status.IDENTITY_CONFLICT
-
-
 class UnsupportedSopClassError(InvalidDatasetError):
     """The node does not store this SOP class (the SCP refuses its presentation context already)."""
 
@@ -69,6 +61,14 @@ class NotFoundError(NodeError):
 
 class ConflictError(NodeError):
     """The request conflicts with existing state (duplicate AE title, username, ...)."""
+
+
+class IdentityConflictError(ConflictError):
+    """The image's identifiers contradict what is stored: its Series Instance UID is another study's, its
+    study another patient's, or its SOP Instance UID another study's instance. Filing it would put one
+    patient's image into another's results; the sender is told, and nothing is stored."""
+
+    status = Status.IDENTITY_CONFLICT
 
 
 class AssociationError(NodeError):

@@ -307,20 +307,20 @@ class StorageScp:
         except NodeError as exc:
             LOGGER.warning("C-STORE from %s refused with %s (0x%04X): %s", calling, exc.status.name,
                            int(exc.status), exc)
-            return failure_response(exc)
+            return failure_response(exc.status, str(exc))
         except Exception as exc:
             LOGGER.error("C-STORE from %s failed unexpectedly: %s", calling, describe_exception(exc))
-            return int(Status.PROCESSING_FAILURE)
+            return failure_response(Status.PROCESSING_FAILURE, f"unexpected error ({type(exc).__name__})")
         return int(Status.SUCCESS)  # also for a duplicate: the instance is safely stored
 
 
-def failure_response(exc: NodeError) -> Dataset:
+def failure_response(status: Status, reason: str) -> Dataset:
     """The C-STORE response to a refused instance: its status, and the reason in the Error Comment
     (0000,0902; LO, 64 characters of the default repertoire), which DCMTK's storescu and PACS logs show.
     The node's error messages carry no patient data (dicom_node.errors)."""
     response = Dataset()
-    response.Status = int(exc.status)
-    reason = str(exc).encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    response.Status = int(status)
+    reason = reason.encode("ascii", "replace").decode("ascii").replace("\\", "/")
     response.ErrorComment = reason if len(reason) <= 64 else reason[:61].rstrip() + "..."
     return response
 

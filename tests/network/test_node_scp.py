@@ -33,8 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import aes, scu
 from dicom_node.errors import AssociationError
 from dicom_node.ingest import Ingestor, IngestResult
-from dicom_node.scp import StorageScp, build_scp
+from dicom_node.scp import StorageScp, build_scp, failure_response
 from dicom_node.settings import DicomSettings, TlsSettings
+from dicom_node.statuses import Status
 from dicom_node.store import db
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import AeRole, Instance
@@ -153,6 +154,14 @@ def test_unexpected_error_is_a_failure_status_the_listener_survives_and_the_text
         assert "RuntimeError" in caplog.text and SENTINEL not in caplog.text
     finally:
         node.scp.stop()
+
+
+def test_a_failure_response_carries_a_short_default_repertoire_error_comment() -> None:
+    """Error Comment is LO: 64 characters of the default repertoire, no backslash (a value separator)."""
+    response = failure_response(Status.IDENTITY_CONFLICT, "Série \\ " + "x" * 80)
+    assert response.Status == 0xC211
+    assert len(response.ErrorComment) == 64 and response.ErrorComment.endswith("...")
+    assert response.ErrorComment.startswith("S?rie / xxx")
 
 
 def _certificate(tmp_path: Path, name: str = "node") -> tuple[Path, Path]:

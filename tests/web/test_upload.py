@@ -404,6 +404,25 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert api.status_code == 200 and "looks the wrong way up" in (api.json()["warning"] or "")
 
 
+def test_storing_an_upload_that_contradicts_a_stored_study_is_a_conflict_with_its_reason(
+    rad_client: tuple[TestClient, str]
+) -> None:
+    """The same study under another Patient ID: the API answered 500, an unexpected failure."""
+    client, csrf = rad_client
+    original = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    first = _upload(client, csrf, "RG1_UNCI.dcm", original, "application/dicom")
+    assert client.post(f"/upload/{first}/store", data={"csrf_token": csrf}).status_code == 303
+    other = pydicom.dcmread(io.BytesIO(original))
+    other.PatientID = "SOMEONE-ELSE"
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    buffer = io.BytesIO()
+    other.save_as(buffer, enforce_file_format=True)
+    token = _upload(client, csrf, "other.dcm", buffer.getvalue(), "application/dicom")
+    refused = client.post(f"/api/uploads/{token}/store", headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 409, refused.text
+    assert "already stored under another Patient ID" in refused.json()["detail"]
+
+
 def test_storing_a_dicom_upload_makes_it_a_study(
     rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
 ) -> None:
