@@ -149,17 +149,24 @@ def parents_key(parsed: ParsedInstance) -> tuple[str, str, str, str]:
 
 def _check_same_patient(conn: Connection, study_pk: int, patient_pk: int, ds: Dataset) -> None:
     """A study belongs to one patient: an image of it under another Patient ID (in the same issuer's
-    domain, when both name one) is refused. An empty Patient ID, on either side, identifies no one."""
+    domain, when both name one) is refused. An empty Patient ID or issuer identifies no one and
+    contradicts nothing: the study takes the fuller identity a later image gives, and holds to it."""
     patient_id, issuer = _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)
     row = conn.execute(
         select(_PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id).where(_PATIENT.c.id == patient_pk)
     ).first()
-    if row is None or not patient_id or not row.patient_id:
+    if row is None or not patient_id:
         return
-    other_issuer = bool(issuer and row.issuer_of_patient_id and issuer != row.issuer_of_patient_id)
-    if patient_id != row.patient_id or other_issuer:
+    if row.patient_id and (
+        patient_id != row.patient_id
+        or (issuer and row.issuer_of_patient_id and issuer != row.issuer_of_patient_id)
+    ):
         LOGGER.warning("refused an image of study %d under another Patient ID", study_pk)
         raise IdentityConflictError("Study Instance UID already stored under another Patient ID")
+    if not row.patient_id or (issuer and not row.issuer_of_patient_id):
+        identified = _upsert_patient(conn, ds)
+        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(patient_pk=identified))
+        LOGGER.info("study %d: filed under the Patient ID or issuer a later image gives", study_pk)
 
 
 def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -> tuple[int, int]:

@@ -483,15 +483,36 @@ def test_a_changed_copy_of_a_stored_instance_keeps_the_first_and_says_so(
     ]
 
 
-def test_an_image_of_a_study_whose_first_image_had_no_patient_id_is_filed_with_it(
-    sessions: sessionmaker[Session], store: FileStore
+@pytest.mark.parametrize(
+    ("first_id", "then", "other"),
+    [(("", ""), ("PID-9", ""), ("PID-8", "")), (("PID-1", ""), ("PID-1", "HOSP-A"), ("PID-1", "HOSP-B"))],
+    ids=["id-added", "issuer-added"],
+)
+def test_a_study_takes_the_identity_a_later_image_adds_and_then_holds_to_it(
+    sessions: sessionmaker[Session],
+    store: FileStore,
+    first_id: tuple[str, str],
+    then: tuple[str, str],
+    other: tuple[str, str],
 ) -> None:
-    """An empty Patient ID identifies no one: it contradicts nothing."""
+    """An empty Patient ID (or issuer) contradicts nothing, so the study takes the one a later image
+    gives; the review found the study kept its empty one, and accepted PID-8 after PID-9 as well."""
     ingestor = Ingestor(sessions, store)
-    first = make_cr(patient_id="")
-    ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
-    second = make_cr(study_uid=first.StudyInstanceUID, patient_id="PID-9")
-    assert not ingestor.ingest_bytes(to_bytes(second), calling_ae="M", source="dimse").duplicate
+
+    def image(identity: tuple[str, str]) -> Dataset:
+        ds = make_cr(study_uid=study_uid, patient_id=identity[0])
+        if identity[1]:
+            ds.IssuerOfPatientID = identity[1]
+        return ds
+
+    study_uid = generate_uid()
+    stored = ingestor.ingest_bytes(to_bytes(image(first_id)), calling_ae="M", source="dimse")
+    assert not ingestor.ingest_bytes(to_bytes(image(then)), calling_ae="M", source="dimse").duplicate
+    with sessions() as session:
+        patient = session.get_one(Study, stored.study_pk).patient
+        assert (patient.patient_id, patient.issuer_of_patient_id) == then
+    with pytest.raises(IdentityConflictError):
+        ingestor.ingest_bytes(to_bytes(image(other)), calling_ae="M", source="dimse")
 
 
 def test_header_values_a_database_column_cannot_hold_are_stored_as_far_as_they_go(
