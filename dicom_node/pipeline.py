@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,7 +36,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
@@ -75,6 +76,26 @@ PDF_SERIES_NUMBER = 9002
 SC_SERIES_NUMBER = 9003
 RETRY_DELAY_SECONDS = 30.0  # the first wait after a retriable failure; it doubles with each attempt
 MAX_RETRY_DELAY_SECONDS = 600.0
+MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
+# What SQLite says when a resource is short, not when a statement is wrong ("no such column")
+_SQLITE_TRANSIENT = ("locked", "busy", "disk", "full", "unable to open", "i/o error")
+
+
+def waits_for_a_resource(exc: BaseException) -> bool:
+    """Whether a failure will pass by itself: the file store short of space, the database away, locked
+    or full. A database error is judged by what the driver said: SQLite reports a schema or query bug
+    ("no such column") as an OperationalError too, and no wait would mend that."""
+    error: BaseException | None = exc
+    while error is not None:
+        if isinstance(error, DBAPIError):
+            if error.connection_invalidated:
+                return True
+            if isinstance(error.orig, sqlite3.Error):
+                said = str(error.orig).lower()
+                return isinstance(error, OperationalError) and any(word in said for word in _SQLITE_TRANSIENT)
+            return isinstance(error, OperationalError)  # PostgreSQL: the connection, the server
+        error = error.__cause__
+    return isinstance(exc, NodeError) and exc.retriable
 
 
 def retry_delay(attempts: int) -> float:
@@ -1051,7 +1072,7 @@ class Pipeline:
         """A retriable error (a full disk, a database outage: it passes) puts the job back, READY, to be
         tried again after :func:`retry_delay`, for as long as it lasts: the sender was told the images
         are stored, and their results must follow. Other errors mark job and study FAILED."""
-        retry = isinstance(exc, OperationalError) or (isinstance(exc, NodeError) and exc.retriable)
+        retry = waits_for_a_resource(exc)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
         LOGGER.error(
             "study %d: processing failed (%s): %s", study_pk, summary, describe_exception(exc, stack=True)
@@ -1061,6 +1082,9 @@ class Pipeline:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
                 delay = retry_delay(max((job.attempts for job in jobs), default=1))
+                began = min((_aware(job.started_at) for job in jobs if job.started_at), default=None)
+                if retry and began is not None and utcnow() - began > timedelta(hours=MAX_WAIT_HOURS):
+                    retry, summary = False, f"gave up after {MAX_WAIT_HOURS:g} hours: {summary}"
                 for job in jobs:
                     job.state = JobState.PENDING if retry else JobState.FAILED
                     job.error = summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -476,6 +477,40 @@ def test_a_full_results_disk_holds_the_study_until_there_is_room_again(
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED and study.state_reason == ""
     assert len(peer.received) == 2
+
+
+def test_a_database_error_no_wait_mends_fails_the_study_at_once(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """SQLite reports a schema bug as an OperationalError, as it does a locked database: the study waited
+    READY for ever, retried every ten minutes, and no failure count or health check showed it."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    engine = world["db"].kw["bind"]
+    with engine.begin() as conn:  # the schema is not what this version of the node expects
+        conn.exec_driver_sql("ALTER TABLE finding RENAME COLUMN novelty TO novelty_elsewhere")
+    make_pipeline(world).process([study_pk])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE finding RENAME COLUMN novelty_elsewhere TO novelty")
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.FAILED, (study.state, study.state_reason)
+        assert session.scalars(select(Job)).one().state is JobState.FAILED
+
+
+def test_a_study_still_waiting_for_a_resource_after_a_day_fails_for_an_alert(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    pipeline = make_pipeline(world)
+    pipeline.results.min_free_bytes = 10**18  # the results' file system is full, and stays full
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        session.scalars(select(Job)).one().started_at = utcnow() - timedelta(hours=25)
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.FAILED
+        assert study.state_reason.startswith("gave up after 24 hours: file store below its free-space")
 
 
 def test_a_cycle_keeps_no_classified_image_s_pixels_while_it_classifies_the_next(
