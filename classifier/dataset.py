@@ -168,8 +168,9 @@ def split_by_group(
     about ``validation_fraction`` of that class's images are there. Deterministic for a seed.
 
     A group that would take a class past twice its target stays in training (one patient or source with
-    most of a class's images would otherwise be the whole validation set of that class, or most of it);
-    a class whose validation share still ends far from the fraction is named in a warning."""
+    most of a class's images would otherwise be the whole validation set of that class, or most of it),
+    unless every group is: then the smallest goes, so that no class is left unvalidated. A class whose
+    validation share still ends far from the fraction is named in a warning."""
     if not 0.0 < validation_fraction < 1.0:
         raise DatasetError("the validation fraction must be between 0 and 1")
     by_group, group_class = _groups(items)
@@ -188,6 +189,10 @@ def split_by_group(
                 continue
             validation_groups.add(group)
             taken += len(by_group[group])
+        if not taken and len(groups) > 1:  # every group too large: the smallest, rather than no image at all
+            smallest = min(groups, key=lambda g: (len(by_group[g]), g))
+            validation_groups.add(smallest)
+            taken = len(by_group[smallest])
         if not target / 2 <= taken <= 2 * target:
             LOGGER.warning(
                 "class %s: %d of %d images in validation (target %.0f); its groups are too few or too large "

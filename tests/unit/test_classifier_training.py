@@ -95,13 +95,17 @@ def test_the_split_does_not_depend_on_the_order_of_the_images() -> None:
 def test_a_class_left_without_validation_images_is_named_in_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Two groups of 50 and 2: the 50 would be the whole validation set or nothing."""
+    """Two groups of 50 and 2: the 50 would be nearly the whole class. Two of 30 and 25: both are past
+    twice the target, and the class was left with no validation image at all; the smallest goes."""
     caplog.set_level(logging.WARNING)
     items = _grouped("covid", [50, 2]) + _grouped("normal", [1] * 100)
     for seed in range(4):
         _, validation = split_by_group(items, 0.2, seed=seed)
-        assert sum(item.label == "covid" for item in validation) <= 2
-    assert "class covid: 0 of 52 images in validation (target 10)" in caplog.text
+        assert sum(item.label == "covid" for item in validation) == 2
+    assert "class covid: 2 of 52 images in validation (target 10)" in caplog.text
+    items = _grouped("covid", [30, 25]) + _grouped("normal", [5] * 20)
+    _, validation = split_by_group(items, 0.2, seed=0)
+    assert sum(item.label == "covid" for item in validation) == 25
 
 
 def test_a_class_folder_skips_hidden_files_and_refuses_a_dangling_link(tmp_path: Path) -> None:
