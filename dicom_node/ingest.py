@@ -217,8 +217,12 @@ class Ingestor:
                                existing.instance_pk)
                 staged.rename(existing.file_path)
                 staged.sync_directory()
+            # Bytes compare only within one encoding and one kind of file meta: a PACS re-sends an
+            # unchanged image in another transfer syntax as a matter of course.
+            alike = (existing.transfer_syntax_uid, existing.source) == (str(parsed.transfer_syntax), source)
+            differs = alike and existing.sha256 != stored.sha256
             return IngestResult(instance_pk=existing.instance_pk, study_pk=existing.study_pk, duplicate=True,
-                                size_bytes=existing.size_bytes, differs=existing.sha256 != stored.sha256)
+                                size_bytes=existing.size_bytes, differs=differs)
         assert inserted is not None
         instance_pk, parents = inserted
         staged.sync_directory()

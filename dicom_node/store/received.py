@@ -32,6 +32,8 @@ class ExistingInstance:
     file_path: str
     purged: bool  # its pixel file was removed by the retention policy
     sha256: str  # of the file as first received
+    transfer_syntax_uid: str
+    source: str  # dimse | upload: the file meta is the node's own, or the uploaded file's
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance 
     """The stored instance with this SOP Instance UID, if any; one of another study is a conflict."""
     row = conn.execute(
         select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path,
-               _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid, _INSTANCE.c.sha256)
+               _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid, _INSTANCE.c.sha256,
+               _INSTANCE.c.transfer_syntax_uid, _INSTANCE.c.source)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
         .join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id)
         .where(_INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid)
@@ -98,7 +101,8 @@ def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance 
         LOGGER.warning("refused a copy of instance %d that names another study", row[0])
         raise IdentityConflictError("SOP Instance UID already stored in another study")
     return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]),
-                            purged=row[4] is not None, sha256=str(row[6]))
+                            purged=row[4] is not None, sha256=str(row[6]), transfer_syntax_uid=str(row[7]),
+                            source=str(row[8]))
 
 
 def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Iterator
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from pydicom import Dataset
-from pydicom.uid import generate_uid
+from pydicom import Dataset, dcmread
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -472,6 +473,11 @@ def test_a_changed_copy_of_a_stored_instance_keeps_the_first_and_says_so(
     data = to_bytes(first)
     stored = ingestor.ingest_bytes(data, calling_ae="M", source="dimse")
     assert not ingestor.ingest_bytes(data, calling_ae="M", source="dimse").differs
+    implicit = dcmread(io.BytesIO(data))  # the same image in another transfer syntax: not a change
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    implicit.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    assert not ingestor.ingest_bytes(buffer.getvalue(), calling_ae="M", source="dimse").differs
     first.PatientName = "Doe^Janet"
     again = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
     assert again.duplicate and again.differs and again.instance_pk == stored.instance_pk
