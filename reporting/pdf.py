@@ -720,7 +720,9 @@ def _fit_identity(identity: tuple[str, str], fonts: Typeface, width: float) -> t
             return name + rest, size
     size = _FOOTER_SIZES[-1]
     room = width - _width(rest, fonts, fonts.regular, size)
-    return _fit(name, fonts, fonts.regular, size, max(room, 0.0)) + rest, size
+    if room < _width("…", fonts, fonts.regular, size):  # the identifiers alone are too wide: cut the line
+        return _fit(name + rest, fonts, fonts.regular, size, width), size
+    return _fit(name, fonts, fonts.regular, size, room) + rest, size
 
 
 def _draw_runs(

@@ -190,3 +190,18 @@ def test_markup_characters_in_names_are_printed_not_interpreted() -> None:
     text = compact(reader.pages[0].extract_text())
     assert "O'Brien & Sons, <Anna>" in text
     assert "Radiology <North> & South" in text
+
+
+def test_the_footer_identity_never_runs_past_its_width() -> None:
+    """A 64-character Patient ID of wide letters and a full accession number are wider than the footer
+    even at 6 pt: the line ran under "Page 1 of 1" and off the page."""
+    from reporting.pdf import _fit_identity, _width
+    from reporting.typeface import typeface
+
+    fonts = typeface()
+    width = 400.0
+    wide = " · ID " + "W" * 64 + " · born 1940-03-05 · accession ACC1234567890123"
+    for identity in (("Doe, Jane", wide), ("Doe, Jane", " · ID 123 · born 1940-03-05 · accession A1")):
+        text, size = _fit_identity(identity, fonts, width)
+        assert _width(text, fonts, fonts.regular, size) <= width, text
+    assert _fit_identity(("Doe, Jane", " · ID 123"), fonts, width) == ("Doe, Jane · ID 123", 8.0)
