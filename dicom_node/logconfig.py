@@ -79,15 +79,21 @@ class ValueRedactor(logging.Filter):
         elif record.name.startswith(ROW_LOGGER) and str(record.msg).startswith("Row"):
             record.msg = "Row (values withheld: they may be patient data)"
             record.args = None
-        elif record.name.split(".")[0] == "apscheduler":
+        elif record.name.split(".")[0] not in _OWN_PACKAGES:
+            # APScheduler, uvicorn, SQLAlchemy's pool, concurrent.futures, ...: type, place, reason. The
+            # node's own exceptions carry no patient data (dicom_node.errors) and keep their text.
             _exceptions_described(record)
         return True
 
 
+_OWN_PACKAGES = frozenset({"dicom_node", "classifier", "reporting"})
+
+
 def _exceptions_described(record: logging.LogRecord) -> None:
     """A record's exceptions, in its arguments or its traceback, as :func:`describe_uncaught` gives them
-    (type, place, the driver's or the OS's first line): APScheduler logs a failed job's traceback and a
-    job store's error as they are, and a database error's later lines quote the row's values."""
+    (type, place, the driver's or the OS's first line): libraries log an exception's text as it is
+    (APScheduler a failed job's, uvicorn a request's), and a database error's later lines quote the
+    row's values."""
     if isinstance(record.args, tuple) and any(isinstance(arg, BaseException) for arg in record.args):
         record.args = tuple(
             describe_uncaught(arg).partition("\n")[0] if isinstance(arg, BaseException) else arg
