@@ -100,7 +100,7 @@ def waits_for_a_resource(exc: BaseException) -> bool:
 
 def retry_delay(attempts: int) -> float:
     """Seconds before a study whose processing failed for want of a resource (disk, database) is tried
-    again: it waits for as long as that lasts, as deliveries do, but asks less often the longer it lasts."""
+    again: less often the longer the shortage lasts."""
     return float(min(RETRY_DELAY_SECONDS * 2 ** max(attempts - 1, 0), MAX_RETRY_DELAY_SECONDS))
 
 
@@ -1069,9 +1069,9 @@ class Pipeline:
                     study.state_reason = reason
 
     def _fail(self, study_pk: int, exc: BaseException) -> None:
-        """A retriable error (a full disk, a database outage: it passes) puts the job back, READY, to be
-        tried again after :func:`retry_delay`, for as long as it lasts: the sender was told the images
-        are stored, and their results must follow. Other errors mark job and study FAILED."""
+        """A failure that passes by itself (:func:`waits_for_a_resource`) puts the job back, READY, to be
+        tried again after :func:`retry_delay`, for up to ``MAX_WAIT_HOURS``: the sender was told the
+        images are stored, and their results must follow. Other errors mark job and study FAILED."""
         retry = waits_for_a_resource(exc)
         summary = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
         LOGGER.error(
