@@ -449,7 +449,7 @@ def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] 
         with _lookup_table("VOI LUT"):
             table, first = _first_voi_lut(ds)
         # Indices are integers; inputs below the first mapped value take the first entry, above the
-        # last the last (PS3.3 C.11.2.1.1). The largest output is white.
+        # last the last (PS3.3 C.11.2.1.1). White is the top of the table's output range.
         index = np.clip(np.round(values).astype(np.int64) - first, 0, len(table) - 1)
         return _f32(np.clip(table[index] / _lut_output_top(table), 0.0, 1.0))
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
