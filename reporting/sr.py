@@ -17,11 +17,13 @@ source image reference identify the images instead.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import highdicom as hd
+from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from classifier.types import ModelInfo, Prediction
@@ -151,12 +153,41 @@ def build_sr(
         contributing_equipment=[
             algorithm_equipment(model, node, moment) for model in distinct_models(images)
         ],
+        requested_procedures=requested_procedures(evidence[0]) or None,
         coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
     )
     put_back(sr, refused[0])  # highdicom copies the patient and study of the first evidence item
     _stamp(sr, node, moment, offset)
     LOGGER.debug("built SR with %d measurement groups", len(images))
     return sr
+
+
+def requested_procedures(source: Dataset) -> list[Dataset]:
+    """The Referenced Request Sequence (PS3.3 C.17.2) of a study's SR: the order the images answered,
+    as their Request Attributes Sequence (or, without one, their Accession Number) names it, so that a
+    RIS or viewer files the AI result with the order (IHE RAD TF-2x A.2). Empty when the images name no
+    order: the SR then answers none."""
+    accession = str(source.get("AccessionNumber") or "")
+    requests = list(source.get("RequestAttributesSequence") or [])
+    if not accession and not requests:
+        return []
+    items = []
+    for request in requests or [Dataset()]:
+        item = Dataset()
+        item.StudyInstanceUID = source.StudyInstanceUID
+        item.AccessionNumber = accession
+        if "IssuerOfAccessionNumberSequence" in source:
+            item.IssuerOfAccessionNumberSequence = copy.deepcopy(source.IssuerOfAccessionNumberSequence)
+        item.ReferencedStudySequence = []
+        item.PlacerOrderNumberImagingServiceRequest = ""
+        item.FillerOrderNumberImagingServiceRequest = ""
+        item.RequestedProcedureID = str(request.get("RequestedProcedureID") or "")
+        item.RequestedProcedureDescription = str(request.get("RequestedProcedureDescription") or "")
+        item.RequestedProcedureCodeSequence = copy.deepcopy(
+            request.get("RequestedProcedureCodeSequence") or []
+        )
+        items.append(item)
+    return items
 
 
 def algorithm_equipment(

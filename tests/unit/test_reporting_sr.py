@@ -301,3 +301,20 @@ def test_the_modalitys_contributing_equipment_keeps_its_own_time() -> None:
     }
     assert stamps["Acquisition Equipment"] == "20040826185059"
     assert stamps["Processing Algorithm"] == "20261122054107"
+
+
+def test_the_sr_names_the_order_its_images_answered() -> None:
+    """The Referenced Request Sequence (PS3.3 C.17.2) was left out: a RIS could not file the AI result
+    with the order. It names each requested procedure of the images' Request Attributes, with the study's
+    accession number; an image that names no order gives no sequence."""
+    source = radiograph()
+    request = pydicom.Dataset()
+    request.RequestedProcedureID, request.RequestedProcedureDescription = "RP-77", "CHEST 2 VIEWS"
+    source.RequestAttributesSequence = [request]
+    sr = round_trip(build([analysed(source)]))
+    (item,) = sr.ReferencedRequestSequence
+    assert (item.StudyInstanceUID, item.AccessionNumber) == (source.StudyInstanceUID, source.AccessionNumber)
+    assert (item.RequestedProcedureID, item.RequestedProcedureDescription) == ("RP-77", "CHEST 2 VIEWS")
+    orderless = radiograph()
+    del orderless.AccessionNumber
+    assert "ReferencedRequestSequence" not in round_trip(build([analysed(orderless)]))
