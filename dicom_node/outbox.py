@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from dicom_node import audit
 from dicom_node.errors import (
     AssociationError,
-    ConfigurationError,
     ConflictError,
     NodeError,
     NotFoundError,
@@ -160,7 +159,7 @@ class Outbox:
             settings.results_dir,
             calling_aet=settings.dicom.ae_title,
             settings=settings.outbox,
-            tls=settings.dicom.tls if settings.dicom.tls.enabled else None,
+            tls=settings.dicom.tls,  # its certificates, whether or not the node's own listener is on TLS
             scheduler=scheduler,
             metrics=metrics,
         )
@@ -388,11 +387,11 @@ class Outbox:
         report.failed.append(delivery.id)
 
     def _tls_context(self) -> ssl.SSLContext:
+        from dicom_node.settings import TlsSettings
         from dicom_node.tls import client_context
 
-        if self.tls is None:
-            raise ConfigurationError("the destination requires DICOM TLS but dicom.tls is not configured")
-        return client_context(self.tls)
+        # Without TLS settings, the system's public CAs (client_context checks the host name then).
+        return client_context(self.tls or TlsSettings())
 
     def _record(
         self,

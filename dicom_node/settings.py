@@ -35,7 +35,8 @@ class _Group(BaseModel):
 
 
 class TlsSettings(_Group):
-    """DICOM TLS for the listener and for outbound associations that ask for it."""
+    """DICOM TLS. ``enabled`` puts the listener on TLS; outbound associations to a destination marked
+    ``tls`` use the certificate, key and CA bundle here whether or not it is."""
 
     enabled: bool = False
     certificate: Path | None = None

@@ -95,3 +95,12 @@ def pydicom_data_file(name: str) -> Path:
         missing(f"{name} not available: install the PyPI package pydicom-data")
         raise AssertionError("unreachable")
     return Path(str(path))
+
+
+def self_signed_certificate(folder: Path, name: str = "node") -> tuple[Path, Path]:
+    """A one-day self-signed certificate and its key, made with OpenSSL (CN cxr-node-test)."""
+    openssl = executable("openssl")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=cxr-node-test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

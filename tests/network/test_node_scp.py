@@ -165,11 +165,7 @@ def test_a_failure_response_carries_a_short_default_repertoire_error_comment() -
 
 
 def _certificate(tmp_path: Path, name: str = "node") -> tuple[Path, Path]:
-    openssl = peers.executable("openssl")
-    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=cxr-node-test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
+    return peers.self_signed_certificate(tmp_path, name)
 
 
 def test_tls_client_trusts_only_the_configured_ca_bundle(tmp_path: Path) -> None:

@@ -133,6 +133,47 @@ def test_an_association_lost_mid_batch_keeps_what_the_peer_stored(
                       ids[2]: DeliveryState.RETRYING}
 
 
+def test_a_tls_destination_is_reached_while_the_nodes_own_listener_stays_plain(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A destination marked TLS got nothing unless dicom.tls.enabled was on, which also puts the node's own
+    listener on TLS: every delivery failed ("dicom.tls is not configured") until it was DEAD, while the
+    C-ECHO test of the same destination succeeded."""
+    from dicom_node import aes
+    from dicom_node.ingest import Ingestor
+    from dicom_node.scp import build_scp
+    from dicom_node.settings import DicomSettings, Settings, TlsSettings
+    from dicom_node.store.db import make_engine, make_session_factory, upgrade
+    from dicom_node.store.models import AeRole
+    from dicom_node.tls import server_context
+    from tests import peers
+
+    cert, key = peers.self_signed_certificate(tmp_path)
+    pacs_engine = make_engine(f"sqlite:///{tmp_path / 'pacs.sqlite3'}")
+    upgrade(pacs_engine)
+    pacs_db = make_session_factory(pacs_engine)
+    with session_scope(pacs_db) as session:
+        aes.add(session, aes.AeSpec("CXRNODE", AeRole.CALLER, "127.0.0.1"), "test")
+    tls_only = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                          require_client_certificate=False))
+    pacs = build_scp(DicomSettings(ae_title="TLSPACS", port=0, bind_address="127.0.0.1"),
+                     Ingestor(pacs_db, FileStore(tmp_path / "pacs")), pacs_db, ssl_context=tls_only)
+    pacs.start()
+    try:
+        results = tmp_path / "results"
+        destination_pk, ids = _deliveries(db, results, pacs.port, 2)
+        with session_scope(db) as session:
+            destination = session.get_one(RemoteAe, destination_pk)
+            destination.ae_title, destination.tls = "TLSPACS", True
+        settings = Settings(node={"data_dir": tmp_path}, dicom={"tls": {"ca_certificates": cert}})
+        assert not settings.dicom.tls.enabled  # the node's own listener speaks plain DICOM
+        report = Outbox.from_settings(settings, db).deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+        pacs_engine.dispose()
+    assert sorted(report.delivered) == sorted(ids)
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff_seconds(n, 5, 60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
 
