@@ -280,7 +280,9 @@ def open_study_ready_job(session: Session, study_pk: int) -> bool:
         return True
     if job.state in (JobState.PENDING, JobState.RUNNING):
         return False
+    # a new round: its retries start again from the first delay (dicom_node.pipeline.retry_delay)
     job.state, job.error, job.started_at, job.finished_at = JobState.PENDING, "", None, None
+    job.attempts = 0
     session.flush()
     return True
 

@@ -477,6 +477,11 @@ def test_a_full_results_disk_holds_the_study_until_there_is_room_again(
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED and study.state_reason == ""
     assert len(peer.received) == 2
+    # a late image opens a new round: its first retry waits 30 s again, not the ten minutes reached before
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    with session_scope(world["db"]) as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state is JobState.PENDING and job.attempts == 0
 
 
 def test_a_database_error_no_wait_mends_fails_the_study_at_once(
