@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Connection, CursorResult, Table, insert, select, update
+from sqlalchemy import Connection, CursorResult, Table, delete, exists, insert, select, update
 
 from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.store.files import StoredFile
@@ -156,9 +156,7 @@ def _check_same_patient(conn: Connection, study_pk: int, patient_pk: int, ds: Da
     domain, when both name one) is refused. An empty Patient ID or issuer identifies no one and
     contradicts nothing: the study takes the fuller identity a later image gives, and holds to it."""
     patient_id, issuer = _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)
-    row = conn.execute(
-        select(_PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id).where(_PATIENT.c.id == patient_pk)
-    ).first()
+    row = conn.execute(select(_PATIENT).where(_PATIENT.c.id == patient_pk)).first()
     if row is None or not patient_id:
         return
     if row.patient_id and (
@@ -168,9 +166,34 @@ def _check_same_patient(conn: Connection, study_pk: int, patient_pk: int, ds: Da
         LOGGER.warning("refused an image of study %d under another Patient ID", study_pk)
         raise IdentityConflictError("Study Instance UID already stored under another Patient ID")
     if not row.patient_id or (issuer and not row.issuer_of_patient_id):
-        identified = _upsert_patient(conn, ds)
-        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(patient_pk=identified))
-        LOGGER.info("study %d: filed under the Patient ID or issuer a later image gives", study_pk)
+        _refile(conn, study_pk, row, ds)
+
+
+def _refile(conn: Connection, study_pk: int, earlier: Any, ds: Dataset) -> None:
+    """File the study under the identity ``ds`` gives, keeping what the ``earlier`` patient row knew
+    (a name, a birth date the new image leaves out), and drop that row once no study uses it. The study
+    row moves only if it is still under ``earlier``: on PostgreSQL a concurrent image may have re-filed it
+    meanwhile (its UPDATE waits for ours), and this image is then checked against that identity."""
+    identified = _upsert_patient(conn, ds)
+    known = {"name": earlier.name, "birth_date": earlier.birth_date, "sex": earlier.sex}
+    for key, value in known.items():
+        if value:
+            empty = _PATIENT.c[key] == ""
+            conn.execute(update(_PATIENT).where(_PATIENT.c.id == identified, empty).values({key: value}))
+    moved = conn.execute(
+        update(_STUDY).where(_STUDY.c.id == study_pk, _STUDY.c.patient_pk == earlier.id)
+        .values(patient_pk=identified)
+    )
+    if moved.rowcount != 1:  # another image re-filed it first
+        now = conn.execute(select(_STUDY.c.patient_pk).where(_STUDY.c.id == study_pk)).scalar_one()
+        _check_same_patient(conn, study_pk, now, ds)
+        return
+    conn.execute(
+        delete(_PATIENT).where(
+            _PATIENT.c.id == earlier.id, ~exists().where(_STUDY.c.patient_pk == earlier.id)
+        )
+    )
+    LOGGER.info("study %d: filed under the Patient ID or issuer a later image gives", study_pk)
 
 
 def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -> tuple[int, int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -509,6 +511,8 @@ def test_a_study_takes_the_identity_a_later_image_adds_and_then_holds_to_it(
         ds = make_cr(study_uid=study_uid, patient_id=identity[0])
         if identity[1]:
             ds.IssuerOfPatientID = identity[1]
+        if identity == then:  # the later image names the patient and nothing else about them
+            ds.PatientName, ds.PatientBirthDate = "", ""
         return ds
 
     study_uid = generate_uid()
@@ -517,8 +521,54 @@ def test_a_study_takes_the_identity_a_later_image_adds_and_then_holds_to_it(
     with sessions() as session:
         patient = session.get_one(Study, stored.study_pk).patient
         assert (patient.patient_id, patient.issuer_of_patient_id) == then
+        assert (patient.name, patient.birth_date) == ("Doe^Jane", "19700101")  # kept from the first
+        assert session.scalar(select(func.count()).select_from(Patient)) == 1  # no orphan row left
     with pytest.raises(IdentityConflictError):
         ingestor.ingest_bytes(to_bytes(image(other)), calling_ae="M", source="dimse")
+
+
+def test_two_images_naming_two_patients_for_a_study_without_one_do_not_both_get_in(
+    sessions: sessionmaker[Session], store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent at the same time into a study whose first image had no Patient ID: on PostgreSQL both passed
+    the check on the empty row, and the study held images of PID-8 and PID-9 (review). One is refused."""
+    from dicom_node.store import received
+
+    ingestor = Ingestor(sessions, store)
+    first = make_cr(patient_id="")
+    ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    both_checked = threading.Barrier(2, timeout=3)  # SQLite serialises the two: the first waits in vain
+    upsert = received._upsert_patient
+
+    def after_both_checks(conn: Any, ds: Dataset) -> int:
+        if ds.PatientID:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_checked.wait()
+        return upsert(conn, ds)
+
+    monkeypatch.setattr(received, "_upsert_patient", after_both_checks)
+    outcomes: dict[str, str] = {}
+
+    def send(patient_id: str) -> None:
+        try:
+            ds = make_cr(study_uid=first.StudyInstanceUID, patient_id=patient_id)
+            ingestor.ingest_bytes(to_bytes(ds), calling_ae="M", source="dimse")
+            outcomes[patient_id] = "stored"
+        except IdentityConflictError:
+            outcomes[patient_id] = "refused"
+
+    senders = [threading.Thread(target=send, args=(pid,)) for pid in ("PID-8", "PID-9")]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert sorted(outcomes.values()) == ["refused", "stored"], outcomes
+    stored = next(pid for pid, outcome in outcomes.items() if outcome == "stored")
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.patient.patient_id == stored
+        ids = {p.patient_id for p in session.scalars(select(Patient))}
+        assert ids == {stored}, ids  # the empty-ID row went with the re-filing; the refused one rolled back
 
 
 def test_header_values_a_database_column_cannot_hold_are_stored_as_far_as_they_go(
