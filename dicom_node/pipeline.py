@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -79,6 +79,9 @@ MAX_RETRY_DELAY_SECONDS = 600.0
 MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
 # What SQLite says when a resource is short, not when a statement is wrong ("no such column")
 _SQLITE_TRANSIENT = ("locked", "busy", "disk", "full", "unable to open", "i/o error")
+# SQLSTATE classes that pass: connection exception, transaction rollback (deadlock, serialisation),
+# insufficient resources, operator intervention (cancelled, shutting down), system error (I/O)
+_POSTGRESQL_TRANSIENT = frozenset({"08", "40", "53", "57", "58"})
 
 
 def waits_for_a_resource(exc: BaseException) -> bool:
@@ -93,7 +96,10 @@ def waits_for_a_resource(exc: BaseException) -> bool:
             if isinstance(error.orig, sqlite3.Error):
                 said = str(error.orig).lower()
                 return isinstance(error, OperationalError) and any(word in said for word in _SQLITE_TRANSIENT)
-            return isinstance(error, OperationalError)  # PostgreSQL: the connection, the server
+            state = str(getattr(error.orig, "sqlstate", None) or "")
+            if state:  # PostgreSQL, by SQLSTATE class: a deadlock or a full disk passes, a bad query not
+                return state[:2] in _POSTGRESQL_TRANSIENT
+            return isinstance(error, OperationalError)  # no SQLSTATE: the connection itself failed
         error = error.__cause__
     return isinstance(exc, NodeError) and exc.retriable
 
@@ -1081,9 +1087,12 @@ class Pipeline:
         try:
             with session_scope(self.session_factory) as session:
                 jobs = self._open_jobs(session, study_pk)
-                delay = retry_delay(max((job.attempts for job in jobs), default=1))
-                began = min((_aware(job.started_at) for job in jobs if job.started_at), default=None)
-                if retry and began is not None and utcnow() - began > timedelta(hours=MAX_WAIT_HOURS):
+                attempts = max((job.attempts for job in jobs), default=1)
+                delay = retry_delay(attempts)
+                # the time already spent waiting for a resource, from the delays (not from when the job
+                # first started: a study held for a missing model has waited for no resource)
+                waited = sum(retry_delay(attempt) for attempt in range(1, attempts))
+                if retry and waited >= MAX_WAIT_HOURS * 3600:
                     retry, summary = False, f"gave up after {MAX_WAIT_HOURS:g} hours: {summary}"
                 for job in jobs:
                     job.state = JobState.PENDING if retry else JobState.FAILED

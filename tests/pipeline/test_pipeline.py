@@ -6,6 +6,7 @@ sending to a Storage SCP. Crashes are simulated by an exception that nothing in 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -23,6 +24,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, generate_uid
 from pypdf import PdfReader
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
@@ -36,6 +38,7 @@ from dicom_node.pipeline import (
     load_classifier,
     node_identity,
     retry_delay,
+    waits_for_a_resource,
 )
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
@@ -508,14 +511,42 @@ def test_a_study_still_waiting_for_a_resource_after_a_day_fails_for_an_alert(
     study_pk = receive(world, "RG1_UNCI.dcm")
     pipeline = make_pipeline(world)
     pipeline.results.min_free_bytes = 10**18  # the results' file system is full, and stays full
-    pipeline.process([study_pk])
-    with session_scope(world["db"]) as session:
+    with session_scope(world["db"]) as session:  # held a day for a missing model: no resource waited for
         session.scalars(select(Job)).one().started_at = utcnow() - timedelta(hours=25)
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:  # so it waits (the review: it gave up at once)
+        assert session.get_one(Study, study_pk).state is StudyState.READY
+        session.scalars(select(Job)).one().attempts = 150  # 30 s doubling to 10 min: a day's tries
     pipeline.process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.FAILED
         assert study.state_reason.startswith("gave up after 24 hours: file store below its free-space")
+
+
+@pytest.mark.parametrize(
+    ("orig", "waits"),
+    [
+        (sqlite3.OperationalError("database is locked"), True),
+        (sqlite3.OperationalError("database or disk is full"), True),
+        (sqlite3.OperationalError("no such column: study.study_id"), False),
+    ],
+)
+def test_a_sqlite_error_waits_by_what_the_driver_said(orig: Exception, waits: bool) -> None:
+    assert waits_for_a_resource(OperationalError("SELECT 1", {}, orig)) is waits
+
+
+def test_a_postgresql_error_waits_by_its_sqlstate_class() -> None:
+    """Every PostgreSQL OperationalError waited 24 hours, a program limit exceeded (54000) as much as a
+    deadlock (40P01) or a full disk (53100) (review)."""
+    class DriverError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            super().__init__(sqlstate)
+            self.sqlstate = sqlstate
+
+    for state, waits in (("40P01", True), ("53100", True), ("57014", True), ("08006", True), ("54000", False),
+                         ("55000", False)):
+        assert waits_for_a_resource(OperationalError("SELECT 1", {}, DriverError(state))) is waits, state
 
 
 def test_a_cycle_keeps_no_classified_image_s_pixels_while_it_classifies_the_next(
