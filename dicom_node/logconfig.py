@@ -94,6 +94,9 @@ def _exceptions_described(record: logging.LogRecord) -> None:
     (type, place, the driver's or the OS's first line): libraries log an exception's text as it is
     (APScheduler a failed job's, uvicorn a request's), and a database error's later lines quote the
     row's values."""
+    if isinstance(record.msg, BaseException):  # pynetdicom's LOGGER.exception(exc): the text is the message
+        logged, record.args = record.msg, None
+        record.msg = "an exception" if record.exc_info else describe_uncaught(logged).partition("\n")[0]
     if isinstance(record.args, tuple) and any(isinstance(arg, BaseException) for arg in record.args):
         record.args = tuple(
             describe_uncaught(arg).partition("\n")[0] if isinstance(arg, BaseException) else arg

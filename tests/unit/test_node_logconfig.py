@@ -112,13 +112,15 @@ def test_apschedulers_records_of_a_failed_job_give_the_exceptions_type_and_reaso
         logging.getLogger("apscheduler.executors.default").exception('Job "%s" raised an exception', "sweep")
         for name in ("uvicorn.error", "sqlalchemy.pool.impl.QueuePool", "concurrent.futures"):
             logging.getLogger(name).error("%s failed", name, exc_info=True)
+        logging.getLogger("pynetdicom.events").exception(error)  # the exception as the message (review)
+    logging.getLogger("pynetdicom.dul").error(error)
     logging.getLogger("apscheduler.scheduler").warning("Error getting due jobs from job store %r: %s",
                                                        "default", error)
     text = stream.getvalue()
     assert "ZZSECRET" not in text
     assert 'Job "sweep" raised an exception: IntegrityError at ' in text
     assert "Error getting due jobs from job store 'default': IntegrityError at " in text
-    assert text.count(": duplicate key value\n") == 5  # the driver's first line: what went wrong
+    assert text.count(": duplicate key value\n") == 7  # the driver's first line: what went wrong
     assert "uvicorn.error failed: IntegrityError at " in text
 
 
