@@ -173,14 +173,16 @@ def requested_procedures(source: Dataset) -> list[Dataset]:
         return []
     items = []
     for request in requests or [Dataset()]:
+        # each request's own accession and order numbers (one study may answer two orders), else the study's
+        own = request if request.get("AccessionNumber") else source
         item = Dataset()
         item.StudyInstanceUID = source.StudyInstanceUID
-        item.AccessionNumber = accession
-        if "IssuerOfAccessionNumberSequence" in source:
-            item.IssuerOfAccessionNumberSequence = copy.deepcopy(source.IssuerOfAccessionNumberSequence)
+        item.AccessionNumber = str(own.get("AccessionNumber") or "")
+        if "IssuerOfAccessionNumberSequence" in own:
+            item.IssuerOfAccessionNumberSequence = copy.deepcopy(own.IssuerOfAccessionNumberSequence)
         item.ReferencedStudySequence = []
-        item.PlacerOrderNumberImagingServiceRequest = ""
-        item.FillerOrderNumberImagingServiceRequest = ""
+        for keyword in ("PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest"):
+            setattr(item, keyword, str(request.get(keyword) or ""))
         item.RequestedProcedureID = str(request.get("RequestedProcedureID") or "")
         item.RequestedProcedureDescription = str(request.get("RequestedProcedureDescription") or "")
         item.RequestedProcedureCodeSequence = copy.deepcopy(

@@ -311,10 +311,18 @@ def test_the_sr_names_the_order_its_images_answered() -> None:
     request = pydicom.Dataset()
     request.RequestedProcedureID, request.RequestedProcedureDescription = "RP-77", "CHEST 2 VIEWS"
     source.RequestAttributesSequence = [request]
+    other = pydicom.Dataset()  # a second order the same images answered, with its own numbers
+    other.RequestedProcedureID, other.AccessionNumber = "RP-2", "ACC-OTHER"
+    other.PlacerOrderNumberImagingServiceRequest = "PLACER-2"
+    source.RequestAttributesSequence.append(other)
     sr = round_trip(build([analysed(source)]))
-    (item,) = sr.ReferencedRequestSequence
-    assert (item.StudyInstanceUID, item.AccessionNumber) == (source.StudyInstanceUID, source.AccessionNumber)
-    assert (item.RequestedProcedureID, item.RequestedProcedureDescription) == ("RP-77", "CHEST 2 VIEWS")
+    first, second = sr.ReferencedRequestSequence
+    assert first.StudyInstanceUID == source.StudyInstanceUID
+    assert first.AccessionNumber == source.AccessionNumber
+    assert (first.RequestedProcedureID, first.RequestedProcedureDescription) == ("RP-77", "CHEST 2 VIEWS")
+    # the second order under its own accession and placer number, not the study's (review)
+    assert second.AccessionNumber == "ACC-OTHER"
+    assert second.PlacerOrderNumberImagingServiceRequest == "PLACER-2"
     orderless = radiograph()
     del orderless.AccessionNumber
     assert "ReferencedRequestSequence" not in round_trip(build([analysed(orderless)]))
