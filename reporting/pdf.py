@@ -720,8 +720,8 @@ def _fit_identity(identity: tuple[str, str], fonts: Typeface, width: float) -> t
             return name + rest, size
     size = _FOOTER_SIZES[-1]
     room = width - _width(rest, fonts, fonts.regular, size)
-    if room < _width("…", fonts, fonts.regular, size):  # the identifiers alone are too wide: cut the line
-        return _fit(name + rest, fonts, fonts.regular, size, width), size
+    if room < _width("…", fonts, fonts.regular, size):  # the identifiers alone are too wide: no name, and
+        return _fit("…" + rest, fonts, fonts.regular, size, width), size  # they are cut at their end
     return _fit(name, fonts, fonts.regular, size, room) + rest, size
 
 

@@ -205,3 +205,5 @@ def test_the_footer_identity_never_runs_past_its_width() -> None:
         text, size = _fit_identity(identity, fonts, width)
         assert _width(text, fonts, fonts.regular, size) <= width, text
     assert _fit_identity(("Doe, Jane", " · ID 123"), fonts, width) == ("Doe, Jane · ID 123", 8.0)
+    text, _ = _fit_identity(("Doe, Jane", wide), fonts, width)
+    assert text.startswith("… · ID WWW")  # the name goes before any of the ID (review)
