@@ -175,11 +175,8 @@ def _refile(conn: Connection, study_pk: int, earlier: Any, ds: Dataset) -> None:
     row moves only if it is still under ``earlier``: on PostgreSQL a concurrent image may have re-filed it
     meanwhile (its UPDATE waits for ours), and this image is then checked against that identity."""
     identified = _upsert_patient(conn, ds)
-    known = {"name": earlier.name, "birth_date": earlier.birth_date, "sex": earlier.sex}
-    for key, value in known.items():
-        if value:
-            empty = _PATIENT.c[key] == ""
-            conn.execute(update(_PATIENT).where(_PATIENT.c.id == identified, empty).values({key: value}))
+    _fill_missing(conn, conn.execute(select(_PATIENT).where(_PATIENT.c.id == identified)).one(),
+                  {key: getattr(earlier, key) for key in _DEMOGRAPHICS})
     moved = conn.execute(
         update(_STUDY).where(_STUDY.c.id == study_pk, _STUDY.c.patient_pk == earlier.id)
         .values(patient_pk=identified)
@@ -269,6 +266,17 @@ def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFil
     )))
 
 
+_DEMOGRAPHICS = ("name", "birth_date", "sex")
+
+
+def _fill_missing(conn: Connection, row: Any, fields: dict[str, Any]) -> None:
+    """Keep what the patient ``row`` knows; fill its empty demographics from ``fields`` (a later image,
+    or the row a study was filed under before, may know more)."""
+    missing = {key: value for key, value in fields.items() if value and not getattr(row, key)}
+    if missing:
+        conn.execute(update(_PATIENT).where(_PATIENT.c.id == row.id).values(**missing))
+
+
 def _upsert_patient(conn: Connection, ds: Dataset) -> int:
     patient_id = _text(ds, "PatientID", 64)
     issuer = _text(ds, "IssuerOfPatientID", 64)
@@ -285,9 +293,5 @@ def _upsert_patient(conn: Connection, ds: Dataset) -> int:
     if row is None:
         return _new_id(conn.execute(insert(_PATIENT).values(
             patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
-    # Keep what we knew; fill what was missing (a later image may carry more demographics).
-    known = {"name": row.name, "birth_date": row.birth_date, "sex": row.sex}
-    missing = {key: value for key, value in fields.items() if value and not known[key]}
-    if missing:
-        conn.execute(update(_PATIENT).where(_PATIENT.c.id == row.id).values(**missing))
+    _fill_missing(conn, row, fields)
     return int(row.id)
