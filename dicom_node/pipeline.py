@@ -43,6 +43,7 @@ from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
+from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -911,7 +912,7 @@ class Pipeline:
             if finding is None:
                 continue
             path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
-            rows.append((instance.id, path, _header(instance), finding))
+            rows.append((instance.id, path, header_from_rows(instance), finding))
         session.commit()  # release the database before reading pixel files
         images: list[AnalysedImage] = []
         for instance_pk, path, header, finding in rows:
@@ -968,7 +969,8 @@ class Pipeline:
             if instance is None:
                 return
             path = self.config.storage_dir / instance.file_path
-            source = _read_header(path) if instance.purged_at is None and path.is_file() else _header(instance)
+            kept = instance.purged_at is None and path.is_file()
+            source = _read_header(path) if kept else header_from_rows(instance)
         for row in missing:
             pdf = build_not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
             self.results.write(pdf_path(row.file_path), [pdf])
@@ -1131,7 +1133,7 @@ def _read_header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _header(instance: Instance) -> pydicom.Dataset:
+def header_from_rows(instance: Instance) -> pydicom.Dataset:
     """The source's header as the database holds it, for when its pixel file is gone (retention).
 
     A study's results take their patient and study modules from its first image, so a revision built
@@ -1142,35 +1144,17 @@ def _header(instance: Instance) -> pydicom.Dataset:
     patient = study.patient
     ds = pydicom.Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"  # the database holds decoded text
-    values: dict[str, object] = {
-        "SOPClassUID": instance.sop_class_uid,
-        "SOPInstanceUID": instance.sop_instance_uid,
-        "SeriesInstanceUID": series.series_instance_uid,
-        "StudyInstanceUID": study.study_instance_uid,
-        "Modality": series.modality,
-        "PatientName": patient.name,
-        "PatientID": patient.patient_id,
-        "IssuerOfPatientID": patient.issuer_of_patient_id,
-        "PatientBirthDate": patient.birth_date,
-        "PatientSex": patient.sex,
-        "PatientAge": study.patient_age,
-        "StudyDate": study.study_date,
-        "StudyTime": study.study_time,
-        "StudyID": study.study_id,
-        "TimezoneOffsetFromUTC": study.timezone_offset,
-        "AccessionNumber": study.accession_number,
-        "ReferringPhysicianName": study.referring_physician_name,
-        "StudyDescription": study.study_description,
-        "SeriesNumber": series.series_number,
-        "SeriesDescription": series.series_description,
-        "BodyPartExamined": series.body_part_examined,
-        "InstanceNumber": instance.instance_number,
-        "ViewPosition": instance.view_position,
-        "ImageLaterality": instance.image_laterality,
-    }
-    for keyword, value in values.items():
-        if value is not None and value != "":
-            setattr(ds, keyword, value)
+    ds.SOPClassUID = instance.sop_class_uid
+    ds.SOPInstanceUID = instance.sop_instance_uid
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.StudyInstanceUID = study.study_instance_uid
+    for row, columns in (
+        (patient, header_columns.PATIENT_IDENTITY + header_columns.PATIENT_DEMOGRAPHICS),
+        (study, header_columns.STUDY),
+        (series, header_columns.SERIES),
+        (instance, header_columns.INSTANCE),
+    ):
+        header_columns.restore(ds, row, columns)
     return ds
 
 

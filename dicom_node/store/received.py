@@ -16,6 +16,7 @@ from pydicom.uid import UID
 from sqlalchemy import Connection, CursorResult, Table, delete, exists, insert, select, update
 
 from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
+from dicom_node.store import header_columns
 from dicom_node.store.files import StoredFile
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
 
@@ -46,30 +47,6 @@ class ParsedInstance:
     study_uid: str
     series_uid: str
     transfer_syntax: UID
-
-
-_INTEGER_COLUMN = range(-(2**31), 2**31)  # SQL INTEGER, as PostgreSQL holds it
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    """A display value, or "" when absent or undecodable (display fields never fail an ingest). NUL
-    characters, which PostgreSQL text cannot hold, are left out."""
-    try:
-        value = ds.get(keyword, "")
-        return ("" if value is None else str(value)).replace("\x00", "").strip()[:limit]
-    except (ValueError, TypeError, LookupError, UnicodeError):
-        LOGGER.warning("element %s could not be decoded; stored empty", keyword)
-        return ""
-
-
-def _integer(ds: Dataset, keyword: str) -> int | None:
-    """An integer value, or None when absent, not a number or past what an INTEGER column holds."""
-    try:
-        value = ds.get(keyword)
-        number = None if value in (None, "") else int(value)
-    except (TypeError, ValueError, LookupError, OverflowError):
-        return None
-    return number if number is None or number in _INTEGER_COLUMN else None
 
 
 _PATIENT = cast(Table, Patient.__table__)
@@ -146,16 +123,14 @@ def _touch_parents(conn: Connection, parsed: ParsedInstance,
 def parents_key(parsed: ParsedInstance) -> tuple[str, str, str, str]:
     """What an image says its series belongs to: a cache of known series is looked up by all of it, so an
     image that names a known series under another study or patient takes the path that checks."""
-    ds = parsed.ds
-    patient = (_text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64))
-    return (parsed.series_uid, parsed.study_uid, *patient)
+    return (parsed.series_uid, parsed.study_uid, *_identity(parsed.ds))
 
 
 def _check_same_patient(conn: Connection, study_pk: int, patient_pk: int, ds: Dataset) -> None:
     """A study belongs to one patient: an image of it under another Patient ID (in the same issuer's
     domain, when both name one) is refused. An empty Patient ID or issuer identifies no one and
     contradicts nothing: the study takes the fuller identity a later image gives, and holds to it."""
-    patient_id, issuer = _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)
+    patient_id, issuer = _identity(ds)
     row = conn.execute(select(_PATIENT).where(_PATIENT.c.id == patient_pk)).first()
     if row is None or not patient_id:
         return
@@ -207,14 +182,7 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
         study_pk = _new_id(conn.execute(insert(_STUDY).values(
             study_instance_uid=parsed.study_uid,
             patient_pk=patient_pk,
-            accession_number=_text(ds, "AccessionNumber", 16),
-            study_date=_text(ds, "StudyDate", 8),
-            patient_age=_text(ds, "PatientAge", 16),
-            study_time=_text(ds, "StudyTime", 16),
-            study_id=_text(ds, "StudyID", 16),
-            timezone_offset=_text(ds, "TimezoneOffsetFromUTC", 16),
-            study_description=_text(ds, "StudyDescription", 64),
-            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+            **header_columns.values(ds, Study, header_columns.STUDY),
             calling_ae=calling_ae[:16],
             state=StudyState.RECEIVED,
             first_received_at=now,
@@ -234,10 +202,7 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
         series_pk = _new_id(conn.execute(insert(_SERIES).values(
             series_instance_uid=parsed.series_uid,
             study_pk=study_pk,
-            modality=_text(ds, "Modality", 16),
-            series_number=_integer(ds, "SeriesNumber"),
-            body_part_examined=_text(ds, "BodyPartExamined", 16),
-            series_description=_text(ds, "SeriesDescription", 64),
+            **header_columns.values(ds, Series, header_columns.SERIES),
         )))
     return int(study_pk), int(series_pk)
 
@@ -245,17 +210,14 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
 def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFile, series_pk: int,
                      calling_ae: str, source: str) -> int:
     ds = parsed.ds
-    laterality = _text(ds, "ImageLaterality", 16) or _text(ds, "Laterality", 16)
     return _new_id(conn.execute(insert(_INSTANCE).values(
         sop_instance_uid=parsed.sop_instance_uid,
         sop_class_uid=parsed.sop_class_uid,
         series_pk=series_pk,
-        instance_number=_integer(ds, "InstanceNumber"),
         transfer_syntax_uid=str(parsed.transfer_syntax),
-        view_position=_text(ds, "ViewPosition", 16),
-        image_laterality=laterality,
-        rows=_integer(ds, "Rows"),
-        columns=_integer(ds, "Columns"),
+        **header_columns.values(ds, Instance, header_columns.INSTANCE),
+        rows=header_columns.integer(ds, "Rows"),
+        columns=header_columns.integer(ds, "Columns"),
         file_path=stored.relative_path,
         sha256=stored.sha256,
         size_bytes=stored.size_bytes,
@@ -266,7 +228,13 @@ def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFil
     )))
 
 
-_DEMOGRAPHICS = ("name", "birth_date", "sex")
+_DEMOGRAPHICS = tuple(column for column, _ in header_columns.PATIENT_DEMOGRAPHICS)
+
+
+def _identity(ds: Dataset) -> tuple[str, str]:
+    """(Patient ID, Issuer of Patient ID) as the patient table holds them."""
+    row = header_columns.values(ds, Patient, header_columns.PATIENT_IDENTITY)
+    return row["patient_id"], row["issuer_of_patient_id"]
 
 
 def _fill_missing(conn: Connection, row: Any, fields: dict[str, Any]) -> None:
@@ -278,13 +246,8 @@ def _fill_missing(conn: Connection, row: Any, fields: dict[str, Any]) -> None:
 
 
 def _upsert_patient(conn: Connection, ds: Dataset) -> int:
-    patient_id = _text(ds, "PatientID", 64)
-    issuer = _text(ds, "IssuerOfPatientID", 64)
-    fields: dict[str, Any] = {
-        "name": _text(ds, "PatientName", 324),
-        "birth_date": _text(ds, "PatientBirthDate", 8),
-        "sex": _text(ds, "PatientSex", 16),
-    }
+    patient_id, issuer = _identity(ds)
+    fields = header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS)
     # An empty Patient ID identifies no one: never looked up, so the study gets its own row.
     row = conn.execute(
         select(_PATIENT.c.id, _PATIENT.c.name, _PATIENT.c.birth_date, _PATIENT.c.sex)

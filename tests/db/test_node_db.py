@@ -27,8 +27,9 @@ from dicom_node.errors import (
 )
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
+from dicom_node.pipeline import header_from_rows
 from dicom_node.statuses import Status
-from dicom_node.store import db
+from dicom_node.store import db, header_columns
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
@@ -644,3 +645,52 @@ def test_patient_search_folds_case_beyond_ascii(sessions: sessionmaker[Session])
     with sessions() as session:
         for words in ("öztürk", "ÖZTÜRK ayşe", "Öztürk"):
             assert [row.study_id for row in search(session, ResultQuery(patient=words)).rows] == [turkish.study]
+
+
+def test_every_header_column_comes_back_as_the_attribute_it_was_read_from(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """Retention removes pixel files; results made later rebuild the header from the rows. Each header
+    column must be written from its attribute at ingest and restored as that attribute, with values at
+    the limits of the columns (a 64-character description, a 5-part name, an INTEGER's maximum)."""
+    ds = make_cr(patient_name="Ünal^Zeynep^Ayşe^Dr.^PhD", patient_id="P-HDR")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    values = {
+        "IssuerOfPatientID": "HOSP-A", "PatientBirthDate": "19500101", "PatientSex": "O",
+        "PatientAge": "074Y", "StudyTime": "235959.123456", "StudyID": "S-1",
+        "TimezoneOffsetFromUTC": "+0530", "StudyDescription": "X" * 64,
+        "ReferringPhysicianName": "Welby^Marcus", "SeriesNumber": 2**31 - 1,
+        "SeriesDescription": "Thorax PA", "BodyPartExamined": "CHEST", "InstanceNumber": -7,
+        "ViewPosition": "AP", "AccessionNumber": "A" * 16, "StudyDate": "20240229",
+    }
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.Laterality = "L"  # the series' laterality stands in for the image's
+    Ingestor(sessions, store).ingest_bytes(to_bytes(ds), calling_ae="MODALITY", source="dimse")
+    with sessions() as session:
+        instance = session.execute(select(Instance)).scalar_one()
+        restored = header_from_rows(instance)
+    for keyword in (*values, "PatientName", "PatientID", "Modality", "StudyInstanceUID",
+                    "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        assert str(restored[keyword].value) == str(ds[keyword].value), keyword
+    assert restored.ImageLaterality == "L"
+
+
+def test_every_column_of_the_received_tables_is_a_header_column_or_the_nodes_own() -> None:
+    """A column added to the patient, study, series or instance table is either mapped to its DICOM
+    attribute (and so restored with it) or named here as the node's own bookkeeping."""
+    own = {
+        "id", "patient_pk", "study_pk", "series_pk", "study_instance_uid", "series_instance_uid",
+        "sop_instance_uid", "sop_class_uid", "calling_ae", "state", "state_reason", "first_received_at",
+        "last_received_at", "ready_at", "analysed_at", "transfer_syntax_uid", "rows", "columns",
+        "file_path", "sha256", "size_bytes", "source", "received_at", "purged_at",
+    }
+    mapped = {
+        Patient: header_columns.PATIENT_IDENTITY + header_columns.PATIENT_DEMOGRAPHICS,
+        Study: header_columns.STUDY, Series: header_columns.SERIES, Instance: header_columns.INSTANCE,
+    }
+    for model, columns in mapped.items():
+        names = {column.name for column in inspect(model).columns}
+        header = {column for column, _ in columns}
+        assert header <= names, model.__name__
+        assert names - header - own == set(), model.__name__
