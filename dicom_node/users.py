@@ -10,7 +10,9 @@ import argparse
 import functools
 import getpass
 import logging
+import re
 import sys
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -98,10 +100,17 @@ def check_password(password: str, username: str = "") -> None:
         raise InvalidUserError("password has too few different characters; choose a longer phrase")
 
 
+#: A new username: ASCII letters, digits and ". _ - @" (login names as directories issue them). Letters of
+#: other scripts are refused so that no two accounts look alike ("bob" and "bоb" with a Cyrillic o).
+_USERNAME = re.compile(r"[A-Za-z0-9._@-]+")
+
+
 def _check_username(username: str) -> str:
     name = username.strip()
-    if not 1 <= len(name) <= USERNAME_MAX or not name.isprintable() or any(c.isspace() for c in name):
-        raise InvalidUserError(f"username must be 1-{USERNAME_MAX} printable characters without spaces")
+    if not 1 <= len(name) <= USERNAME_MAX or not _USERNAME.fullmatch(name):
+        raise InvalidUserError(
+            f"username must be 1-{USERNAME_MAX} characters: letters A-Z, digits and . _ - @ (no spaces)"
+        )
     return name
 
 
@@ -110,7 +119,22 @@ def list_users(session: Session) -> list[User]:
 
 
 def find(session: Session, username: str) -> User | None:
-    return session.scalar(select(User).where(User.username == username.strip()))
+    """The user with this name, whatever its letter case ("Alice" logs in as alice). Names are unique
+    without regard to case since they are checked so; of accounts made before that and differing only in
+    case, the exact spelling is found, and a spelling that is neither is found by none."""
+    name = username.strip()
+    exact = session.scalar(select(User).where(User.username == name))
+    if exact is not None:
+        return exact
+    folded = list(session.scalars(select(User).where(func.lower(User.username) == name.lower()).limit(2)))
+    return folded[0] if len(folded) == 1 else None
+
+
+def account_name(session: Session, username: str) -> str:
+    """What failed logins for a typed name count against: the account's own name when it exists, else
+    the name in lower case, so that "BOB" and "bob" are one account and one count."""
+    user = find(session, username) if username.strip() else None
+    return user.username if user is not None else unicodedata.normalize("NFKC", username.strip()).casefold()
 
 
 def get_by_name(session: Session, username: str) -> User:
@@ -137,8 +161,10 @@ def admin_exists(session: Session) -> bool:
 
 def create_user(session: Session, username: str, password: str, role: UserRole, actor: str) -> User:
     name = _check_username(username)
-    if find(session, name) is not None:
-        raise ConflictError(f"a user named {name!r} exists already")
+    if find(session, name) is not None or session.scalar(
+        select(User.id).where(func.lower(User.username) == name.lower())
+    ) is not None:
+        raise ConflictError(f"a user named {name!r} exists already (letter case does not make a new name)")
     user = User(username=name, password_hash=hash_password(password, name), role=role, active=True)
     session.add(user)
     session.flush()

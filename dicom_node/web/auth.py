@@ -116,10 +116,10 @@ class SessionTokens:
         nonce = secrets.token_urlsafe(16)
         return f"{nonce}.{self._device_mac(username, nonce)}"
 
-    def throttle_key(self, username: str, device_cookie: str | None) -> str:
+    def throttle_key(self, account: str, device_cookie: str | None) -> str:
         """What failed logins are counted against: the browser when its device cookie is for this
-        account, else every browser without one for it."""
-        name = username.strip().lower()
+        account (`users.account_name`), else every browser without one for it."""
+        name = account
         cookie = device_cookie or ""
         nonce, _, mac = cookie.partition(".")
         expected = self._device_mac(name, nonce).encode()
@@ -128,7 +128,7 @@ class SessionTokens:
         return f"user:{name}"
 
     def _device_mac(self, username: str, nonce: str) -> str:
-        message = f"device|{username.strip().lower()}|{nonce}".encode()
+        message = f"device|{username}|{nonce}".encode()
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
 
     def end(self, session: Session, session_id: int) -> None:

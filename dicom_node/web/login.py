@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from dicom_node import audit
 from dicom_node.errors import AuthenticationError
 from dicom_node.store.models import User
-from dicom_node.users import CREATE_ADMIN_HINT, admin_exists, authenticate
+from dicom_node.users import CREATE_ADMIN_HINT, account_name, admin_exists, authenticate
 from dicom_node.users import find as find_user
 from dicom_node.web.auth import (
     DEVICE_COOKIE,
@@ -70,7 +70,7 @@ def log_in(
     """The login both the form and the JSON API do: throttle (per device cookie, else per account),
     password check, audit, a new session. Returns the user and the session's cookie token, or
     :data:`THROTTLED` / :data:`WRONG_CREDENTIALS`."""
-    key = con.tokens.throttle_key(username, request.cookies.get(DEVICE_COOKIE))
+    key = con.tokens.throttle_key(account_name(db, username), request.cookies.get(DEVICE_COOKIE))
     if _refused_as_blocked(con, db, username, key):
         return THROTTLED
     try:

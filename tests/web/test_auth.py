@@ -12,9 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import users
+from dicom_node.errors import ConflictError
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
-from dicom_node.store.models import AuditEvent, WebSession
+from dicom_node.store.models import AuditEvent, User, UserRole, WebSession
 from dicom_node.web import create_app
 from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
 
@@ -161,8 +163,35 @@ def test_guessing_does_not_lock_out_a_browser_that_logged_in_before(
         forged.cookies.set("cxr_device", "abc.0123456789abcdef0123456789abcdef")
         assert _try_login(forged, *ADMIN) == 429
     tokens = app.state.console.tokens
-    assert tokens.throttle_key(" Alice", tokens.device_cookie("alice")).startswith("device:")
+    assert tokens.throttle_key("alice", tokens.device_cookie("alice")).startswith("device:")
     assert tokens.throttle_key("alice", "abc.d\u00e9f") == "user:alice"  # not ASCII: no TypeError
+
+
+def test_a_name_in_other_letters_is_the_same_account_and_no_way_round_its_lockout(
+    app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """Names were told apart by case and any printable letter, while the lockout folded them to lower
+    case: an admin could add "ALICE" beside "alice" (or "аlice" with a Cyrillic a), and a browser that
+    had logged in as one carried a device cookie that also passed the other's lockout."""
+    with session_scope(factory) as session:
+        with pytest.raises(ConflictError, match="letter case"):
+            users.create_user(session, "ALICE", "another-passphrase-9", UserRole.ADMIN, "test")
+        with pytest.raises(users.InvalidUserError, match="letters A-Z"):
+            users.create_user(session, "\u0430lice", "another-passphrase-9", UserRole.ADMIN, "test")
+        # an account made before names were checked so, differing from alice only in case
+        legacy = User(username="ALICE", password_hash=users._HASHER.hash("legacy-passphrase-7"),
+                      role=UserRole.ADMIN, active=True)
+        session.add(legacy)
+    with TestClient(app, follow_redirects=False) as own, TestClient(app, follow_redirects=False) as other:
+        assert _try_login(own, *ADMIN) == 303  # alice's browser: a device cookie for alice
+        own.post("/logout", data={"csrf_token": form_csrf(own.get("/").text)})
+        for _ in range(8):
+            assert _try_login(other, "ALICE", "guess-guess-guess") == 401
+        assert _try_login(own, "ALICE", "legacy-passphrase-7") == 429  # alice's cookie is not ALICE's
+        assert _try_login(own, *ADMIN) == 303  # alice herself is not locked out
+        assert _try_login(other, "ALICE", "legacy-passphrase-7") == 429
+    with TestClient(app, follow_redirects=False) as fresh:
+        assert _try_login(fresh, "Rob", RADIOLOGIST[1]) == 303  # one account, whatever the case typed
 
 
 def test_login_does_not_redirect_off_site(client: TestClient, accounts: dict[str, int]) -> None:
