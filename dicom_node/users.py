@@ -20,6 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from zxcvbn import zxcvbn
 
 from dicom_node import audit
 from dicom_node.errors import AuthenticationError, ConflictError, NodeError, NotFoundError
@@ -98,6 +99,25 @@ def check_password(password: str, username: str = "") -> None:
         raise InvalidUserError("password must not be the username with a few characters added")
     if len(set(lowered)) < _MIN_DISTINCT_CHARACTERS:
         raise InvalidUserError("password has too few different characters; choose a longer phrase")
+    _check_guessable(password, name)
+
+
+#: zxcvbn's scale: 3 means about 10^8 guesses or more (a season and a year, a word and digits, a keyboard
+#: walk or a common password with a symbol swapped in all score lower); it reads at most 72 characters.
+_MIN_STRENGTH = 3
+_STRENGTH_MAX_LENGTH = 72
+
+
+def _check_guessable(password: str, name: str) -> None:
+    """How many guesses a password cracker needs, by zxcvbn (Wheeler, USENIX Security 2016): common
+    passwords, dictionary words in several languages, names, dates, years, keyboard patterns, repeats and
+    letters swapped for look-alike digits, with this node's own words and the username as context."""
+    context = [*_GUESSED_WORDS, name] if name else list(_GUESSED_WORDS)
+    result = zxcvbn(password[:_STRENGTH_MAX_LENGTH], user_inputs=context)
+    if int(result["score"]) < _MIN_STRENGTH:
+        warning = str(result["feedback"].get("warning") or "").rstrip(".")
+        because = f" ({warning.lower()})" if warning else ""
+        raise InvalidUserError(f"password is too easy to guess{because}; choose a longer phrase")
 
 
 #: A new username: ASCII letters, digits and ". _ - @" (login names as directories issue them). Letters of

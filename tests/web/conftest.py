@@ -21,7 +21,7 @@ from dicom_node.web import create_app
 from tests import peers
 
 ADMIN = ("alice", "admin-password-1")
-RADIOLOGIST = ("rob", "radiologist-pw-1")
+RADIOLOGIST = ("rob", "rob-reads-films-1")
 
 
 @pytest.fixture(autouse=True, scope="session")
