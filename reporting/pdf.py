@@ -244,9 +244,13 @@ def _warning_box(headline: str, text: str, styles: _Styles) -> Table:
 
 
 def patient_name(source: pydicom.Dataset) -> str:
-    """A person name as read on paper: "Family, Given Middle" for the alphabetic form, "Family Given" for
-    the ideographic and phonetic forms, the forms separated by " / "; ``NOT_RECORDED`` when empty."""
-    value = source.get("PatientName")
+    """The patient's name as :func:`person_name_text` reads it; ``NOT_RECORDED`` when empty."""
+    return person_name_text(source.get("PatientName")) or NOT_RECORDED
+
+
+def person_name_text(value: object) -> str:
+    """A DICOM person name as read on paper: "Family, Given Middle" for the alphabetic form, "Family
+    Given" for the ideographic and phonetic forms, the forms separated by " / "; "" when empty."""
     forms = []
     for position, group in enumerate(str(value or "").split("=")):
         parts = [part.strip() for part in group.split("^")] + [""] * 5
@@ -255,7 +259,7 @@ def patient_name(source: pydicom.Dataset) -> str:
         text = " ".join(part for part in (parts[3], name, parts[4]) if part)
         if text:
             forms.append(text)
-    return " / ".join(forms) or NOT_RECORDED
+    return " / ".join(forms)
 
 
 def dicom_date_text(value: object) -> str:

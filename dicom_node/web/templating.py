@@ -17,7 +17,7 @@ from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
 from reporting.codes import finding_for
 from reporting.errors import UnknownLabelError
-from reporting.pdf import AGE_UNKNOWN_TEXT
+from reporting.pdf import AGE_UNKNOWN_TEXT, person_name_text
 
 # Messages a redirect can ask a page to show (``?notice=<key>``): fixed texts, so a link cannot
 # make the console display words of someone else's choosing.
@@ -36,15 +36,6 @@ NOTICES = {
 
 # Labels shown as "no finding" (green); any other class except indeterminate is flagged.
 NORMAL_LABELS = frozenset({"normal", "non-covid", "noncovid", "no finding", "no_finding", "negative"})
-
-
-def person_name(value: str | None) -> str:
-    """DICOM PN ``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX`` as ``FAMILY, GIVEN MIDDLE``."""
-    if not value:
-        return ""
-    parts = [p.strip() for p in value.split("=")[0].split("^")]
-    family, given = parts[0], " ".join(p for p in parts[1:3] if p)
-    return f"{family}, {given}" if family and given else family or given
 
 
 def dicom_date(value: str | None) -> str:
@@ -104,7 +95,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
     env.trim_blocks = True
     env.lstrip_blocks = True
     env.filters.update(
-        pn=person_name,
+        pn=person_name_text,  # every form of the name, as the PDF prints it
         da=dicom_date,
         tm=dicom_time,
         dt=local_time,

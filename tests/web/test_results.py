@@ -514,3 +514,28 @@ def test_a_later_revision_of_the_results_is_what_the_study_page_offers(
     assert f"/objects/{ids.results[ResultKind.PDF]}/report.pdf" not in page
     detail = client.get(f"/api/results/{ids.study}").json()
     assert sorted(r["revision"] for r in detail["results"] if r["kind"] == "pdf") == [1, 2]
+
+
+def test_a_name_given_only_in_ideographs_is_shown_as_the_pdf_prints_it(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Only the alphabetic form was read: a Japanese name sent as "=山田^太郎" showed as "(no name)"
+    in the list, the details and the dashboard, while the PDF printed it."""
+    client, _ = rad_client
+    ideographic = add_study(factory, StudySpec("=山田^太郎", "P-JP1", "A-JP1", received_at=NOW))
+    both = add_study(factory, StudySpec("Yamada^Hanako=山田^花子=やまだ^はなこ", "P-JP2", "A-JP2",
+                                        received_at=NOW - timedelta(minutes=1)))
+    listing = client.get("/results").text
+    assert "山田 太郎" in listing and "(no name)" not in listing
+    assert "Yamada, Hanako / 山田 花子 / やまだ はなこ" in listing
+    assert "山田 太郎" in client.get(f"/results/{ideographic.study}").text
+    assert "Yamada, Hanako" in client.get(f"/results/{both.study}").text
+
+
+def test_the_results_list_says_why_a_study_was_not_analysed(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """The list showed a bare "Skipped" badge; the reason was only on the details page."""
+    client, _ = rad_client
+    listing = client.get("/results").text
+    assert "not a chest image (BodyPartExamined SKULL)" in listing
