@@ -56,6 +56,14 @@ def local_time(value: datetime | None, seconds: bool = False) -> str:
     return aware(value).astimezone().strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
+def time_zone() -> str:
+    """The zone the console's times are in (the node's local time), e.g. "CET, UTC+01:00"; the PDF
+    report gives its times in UTC and the SR in the image's own offset, so the pages say which."""
+    now = datetime.now().astimezone()
+    offset = now.strftime("%z")
+    return f"{now.strftime('%Z')}, UTC{offset[:3]}:{offset[3:]}"
+
+
 def percent(value: float | None) -> str:
     if value is None:
         return ""
@@ -112,6 +120,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         query_string=query_string,
         not_classified=not_classified,
         age_unknown_text=AGE_UNKNOWN_TEXT,
+        time_zone=time_zone,
     )
     return templates
 

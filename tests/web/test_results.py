@@ -539,3 +539,21 @@ def test_the_results_list_says_why_a_study_was_not_analysed(
     client, _ = rad_client
     listing = client.get("/results").text
     assert "not a chest image (BodyPartExamined SKULL)" in listing
+
+
+def test_pages_say_which_time_zone_their_times_are_in(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console showed the node's local time with no zone while the PDF says UTC and the SR the
+    image's own offset: one analysis read 09:37, 08:37 UTC and 04:37 -0400 (review)."""
+    import time
+
+    client, _ = rad_client
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        html = client.get(f"/results/{corpus['covid']}").text
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert "times in IST, UTC+05:30" in html
