@@ -35,7 +35,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -762,7 +762,7 @@ class Pipeline:
                             .order_by(ResultObject.revision.desc())
                             .limit(1)
                         )
-                        if latest is not None and (latest.covers is None or sorted(latest.covers) == covered):
+                        if latest is not None and _covers(session, latest, covered):
                             ids.append(latest.id)
                             continue
                         if latest is not None:
@@ -1127,6 +1127,19 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
     except ImportError:
         return pydicom.dcmread(path)
     return read_dataset(path)
+
+
+def _covers(session: Session, result: ResultObject, covered: list[int]) -> bool:
+    """Whether ``result`` reports on exactly the instances ``covered``. A row made before revisions
+    existed (no ``covers``, migration 0008) reports on what the study had when it was made: it covers
+    the set unless one of them arrived after it."""
+    if result.covers is not None:
+        return sorted(result.covers) == covered
+    later = session.scalar(
+        select(func.count()).select_from(Instance)
+        .where(Instance.id.in_(covered), Instance.received_at > result.created_at)
+    )
+    return not later
 
 
 def _read_header(path: Path) -> pydicom.Dataset:

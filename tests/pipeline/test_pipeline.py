@@ -277,6 +277,33 @@ def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_i
         assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
 
 
+def test_results_made_before_revisions_existed_still_get_a_revision_for_a_late_image(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Rows made before migration 0008 have no ``covers``; they were taken to cover any set of images,
+    so on an upgraded database a late image of such a study was classified and its finding never sent:
+    the first SR and PDF were reused for ever (review). They cover what the study had when they were
+    made, so re-processing without a new image still reuses them."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    with session_scope(world["db"]) as session:  # as migration 0008 leaves an older database
+        for row in session.scalars(select(ResultObject)):
+            row.covers = None
+    with session_scope(world["db"]) as session:
+        session.get_one(Study, study_pk).state = StudyState.READY
+    make_pipeline(world).process([study_pk])
+    assert result_rows(world, study_pk) == first and len(peer.received) == 2
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        assert second[kind][0] != first[kind][0]
+        assert evidence(world, second[kind][1]) == instance_uids(world, study_pk)
+    assert len(peer.received) == 4
+
+
 def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_study_it_belongs_to(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
