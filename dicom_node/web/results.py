@@ -93,8 +93,12 @@ def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
 class ResultQuery(BaseModel):
     """The search form. Dates are the study date (DICOM), inclusive."""
 
-    patient: str = Field(default="", max_length=128, description="patient name words or patient ID")
-    accession: str = Field(default="", max_length=16)
+    patient: str = Field(
+        default="", max_length=128,
+        description="patient name words (anywhere in the name) or patient ID (from its start); * and ? are "
+        "wildcards",
+    )
+    accession: str = Field(default="", max_length=16, description="from its start; * and ? are wildcards")
     date_from: date | None = None
     date_to: date | None = None
     finding: str = Field(default="", max_length=32)
@@ -147,12 +151,31 @@ class ResultPage(BaseModel):
 _WORST_FIRST = (DeliveryState.DEAD, DeliveryState.RETRYING, DeliveryState.PENDING, DeliveryState.DELIVERED)
 
 
-def _like_escape(term: str) -> str:
-    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+def _like_pattern(term: str) -> str:
+    """A search term as a LIKE pattern: the PACS wildcards ``*`` (any run) and ``?`` (one character) become
+    ``%`` and ``_``; LIKE's own ``%`` and ``_`` (and the escape character) stay literal."""
+    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def has_wildcard(term: str) -> bool:
+    return "*" in term or "?" in term
+
+
+def _like(column: ColumnElement[str] | InstrumentedAttribute[str], pattern: str) -> ColumnElement[bool]:
+    return func.lower(column).like(pattern, escape="\\")
 
 
 def _contains(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
-    return func.lower(column).like(f"%{_like_escape(term.lower())}%", escape="\\")
+    """A name word anywhere in the name (wildcards inside the word)."""
+    return _like(column, f"%{_like_pattern(term.lower())}%")
+
+
+def _identifier(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
+    """A patient ID or accession: from the start of the value; with a wildcard, the whole value is the
+    pattern (``*123`` ends in 123), as in a PACS query."""
+    pattern = _like_pattern(term.lower())
+    return _like(column, pattern if has_wildcard(term) else f"{pattern}%")
 
 
 def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
@@ -161,9 +184,9 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     if patient:
         words = [w for w in re.split(r"[\s,^]+", patient) if w]
         by_name = and_(*[_contains(Patient.name, w) for w in words])
-        criteria.append(or_(func.lower(Patient.patient_id) == patient.lower(), by_name))
+        criteria.append(or_(_identifier(Patient.patient_id, patient), by_name))
     if query.accession.strip():
-        criteria.append(func.lower(Study.accession_number) == query.accession.strip().lower())
+        criteria.append(_identifier(Study.accession_number, query.accession.strip()))
     if query.date_from:
         criteria.append(Study.study_date >= query.date_from.strftime("%Y%m%d"))
     if query.date_to:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
-from dicom_node.store.db import session_scope
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import (
     AuditEvent,
     Delivery,
@@ -27,6 +28,7 @@ from dicom_node.store.models import (
     StudyState,
 )
 from dicom_node.web import results
+from tests.postgres_server import PostgresServer, postgres_server
 from tests.web.studies import StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
@@ -109,14 +111,92 @@ def test_results_are_newest_first_and_searchable(
     assert _ids(client, patient="P-200") == [c["pneumonia"], c["skipped"]]
     assert _ids(client, patient="john smith") == [c["pneumonia"], c["skipped"]]  # word order, case
     assert _ids(client, patient="o'brien") == [c["covid"]]
-    assert _ids(client, patient="P-2") == []  # IDs match exactly, not by prefix
+    assert _ids(client, patient="P-2") == [c["pneumonia"], c["skipped"]]  # IDs match from the start
+    assert _ids(client, patient="-200") == []  # ... not anywhere
     assert _ids(client, accession="a201") == [c["pneumonia"]]
+    assert _ids(client, accession="A2") == [c["pneumonia"], c["skipped"]]
     assert _ids(client, date_from="2026-01-06", date_to="2026-01-10") == [c["pneumonia"]]
     assert _ids(client, date_to="2025-12-31") == [c["old_normal"]]
     assert _ids(client, finding="covid") == [c["covid"]]
     assert _ids(client, state="skipped") == [c["skipped"]]
     assert _ids(client, patient="smith", state="analysed") == [c["pneumonia"]]
     assert _ids(client, patient="100%") == []  # LIKE wildcards are literal
+    assert _ids(client, patient="P_100") == []
+
+
+def test_search_takes_pacs_wildcards_in_name_id_and_accession(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """What radiologists type into a PACS query: ``*`` is any run of characters, ``?`` one character."""
+    client, _ = rad_client
+    c = corpus
+    assert _ids(client, patient="SMI*") == [c["pneumonia"], c["skipped"]]
+    assert _ids(client, patient="sm?th j*n") == [c["pneumonia"], c["skipped"]]
+    assert _ids(client, patient="O*BRIEN") == [c["covid"]]
+    assert _ids(client, patient="P-?00") == [c["covid"], c["pneumonia"], c["skipped"], c["old_normal"]]
+    assert _ids(client, patient="*-300") == [c["covid"]]  # a wildcard: the whole ID is the pattern
+    assert _ids(client, patient="P-3?") == []  # P-300 has two characters after "P-3"
+    assert _ids(client, accession="A20?") == [c["pneumonia"], c["skipped"]]
+    assert _ids(client, accession="*1") == [c["pneumonia"]]
+    assert _ids(client, accession="*0*") == [c["covid"], c["pneumonia"], c["skipped"], c["old_normal"]]
+
+
+def test_the_search_form_says_how_it_matches(rad_client: tuple[TestClient, str]) -> None:
+    client, _ = rad_client
+    html = client.get("/results").text
+    assert "* and ? are wildcards" in html and "ID and accession match from the start" in html
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """The search on both databases the node runs on: LIKE, its escapes and lower() differ between them."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'search.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database()
+    engine = make_engine(url)
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def test_wildcards_prefixes_and_literal_like_characters_on_each_database(
+    any_db: sessionmaker[Session],
+) -> None:
+    ids = {
+        spec.patient_id: add_study(any_db, spec).study
+        for spec in (
+            StudySpec("DOE^JOHN", "PID777", "ACC_1", received_at=NOW - timedelta(minutes=3)),
+            StudySpec("DOERING^JANE", "PID7", "ACC%2", received_at=NOW - timedelta(minutes=2)),
+            StudySpec("ROE^JO", "XPID7", "ACCX1", received_at=NOW - timedelta(minutes=1)),
+        )
+    }
+
+    def found(patient: str = "", accession: str = "") -> set[str]:
+        with session_scope(any_db) as session:
+            page = results.search(session, results.ResultQuery(patient=patient, accession=accession))
+        by_study = {v: k for k, v in ids.items()}
+        return {by_study[row.study_id] for row in page.rows}
+
+    assert found(patient="DOE*") == {"PID777", "PID7"}
+    assert found(patient="doe") == {"PID777", "PID7"}
+    assert found(patient="d?e j?hn") == {"PID777"}  # a word may hold wildcards
+    assert found(patient="R?E") == {"XPID7"}
+    assert found(patient="PID7") == {"PID777", "PID7"}  # prefix; a typed full value still finds it
+    assert found(patient="pid777") == {"PID777"}
+    assert found(patient="PID?") == {"PID7"}
+    assert found(patient="*PID7") == {"PID7", "XPID7"}
+    assert found(accession="ACC_1") == {"PID777"}  # "_" is literal, not LIKE's one character
+    assert found(accession="ACC%") == {"PID7"}  # "%" is literal, not LIKE's any run
+    assert found(accession="ACC?1") == {"PID777", "XPID7"}
+    assert found(accession="acc*") == {"PID777", "PID7", "XPID7"}
+    assert found(accession="ACC\\") == set()
 
 
 def test_names_with_letters_beyond_ascii_are_found_in_any_case(
