@@ -26,7 +26,7 @@ from dicom_node.metrics import metrics_router
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
-from dicom_node.web import admin, api, login, pages
+from dicom_node.web import account, admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
@@ -72,6 +72,7 @@ def create_app(
     app.include_router(login.public_router)
     app.include_router(login.router)
     app.include_router(pages.router)
+    app.include_router(account.router)
     app.include_router(admin.router)
     app.include_router(api.public_router)
     app.include_router(api.router)

@@ -20,6 +20,7 @@ from dicom_node.errors import AuthenticationError, NotFoundError
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserRole
 from dicom_node.web import results
+from dicom_node.web.account import change_own_password
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
 from dicom_node.web.auth import SESSION_COOKIE, UtcDatetime
 from dicom_node.web.deps import (
@@ -33,7 +34,7 @@ from dicom_node.web.deps import (
     current_user,
     release,
 )
-from dicom_node.web.login import THROTTLED, log_in, set_session_cookies
+from dicom_node.web.login import THROTTLED, log_in, set_cookie, set_session_cookies
 from dicom_node.web.pages import (
     ResultQueryDep,
     audit_read,
@@ -99,6 +100,34 @@ def api_logout(con: ConsoleDep, db: DbDep, principal: CsrfUserDep) -> Response:
     db.commit()
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+class PasswordChangeRequest(BaseModel):
+    current_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024)
+
+
+@router.post("/account/password", response_model=SessionInfo, tags=["session"])
+def api_change_password(
+    request: Request, body: PasswordChangeRequest, con: ConsoleDep, db: DbDep, principal: CsrfUserDep
+) -> Response:
+    """Change one's own password (any role). Every other session of the user ends; this one goes on with
+    a new cookie and the returned CSRF token. A wrong current password (403) counts as a failed login."""
+    outcome = change_own_password(request, con, db, principal, body.current_password, body.new_password)
+    if outcome == THROTTLED:
+        return JSONResponse({"detail": "too many wrong passwords; wait and retry"}, status_code=429)
+    if not isinstance(outcome, str):
+        return JSONResponse({"detail": "the current password is wrong"}, status_code=outcome)
+    changed = con.tokens.resolve(db, outcome)
+    if changed is None:
+        raise AuthenticationError("the new session could not be read back")
+    response = JSONResponse(
+        SessionInfo(username=changed.username, role=changed.role, csrf_token=changed.csrf_token).model_dump(
+            mode="json"
+        )
+    )
+    set_cookie(response, con, SESSION_COOKIE, outcome)
     return response
 
 

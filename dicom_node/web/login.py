@@ -50,7 +50,7 @@ def set_device_cookie(response: Response, con: Console, username: str) -> None:
     )
 
 
-def _refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
+def refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
     """The throttle refuses this attempt; its first refusal in a lockout window is audited."""
     if not con.throttle.blocked(key):
         return False
@@ -71,7 +71,7 @@ def log_in(
     password check, audit, a new session. Returns the user and the session's cookie token, or
     :data:`THROTTLED` / :data:`WRONG_CREDENTIALS`."""
     key = con.tokens.throttle_key(account_name(db, username), request.cookies.get(DEVICE_COOKIE))
-    if _refused_as_blocked(con, db, username, key):
+    if refused_as_blocked(con, db, username, key):
         return THROTTLED
     try:
         user = authenticate(db, username, password)

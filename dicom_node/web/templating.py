@@ -32,6 +32,7 @@ NOTICES = {
     "user-enabled": "The user can log in again.",
     "user-disabled": "The user is disabled and logged out.",
     "password-set": "The password was changed; the user's sessions were ended.",
+    "password-changed": "Your password was changed; your sessions in other browsers were ended.",
 }
 
 # Labels shown as "no finding" (green); any other class except indeterminate is flagged.
