@@ -12,7 +12,7 @@ from dicom_node import audit, users
 from dicom_node.errors import AuthenticationError, NodeError
 from dicom_node.web.auth import DEVICE_COOKIE, SESSION_COOKIE, Principal
 from dicom_node.web.deps import Console, ConsoleDep, CsrfUserDep, DbDep, UserDep, current_user
-from dicom_node.web.login import THROTTLED, refused_as_blocked, set_cookie
+from dicom_node.web.login import THROTTLED, client_address, refused_as_blocked, set_cookie
 from dicom_node.web.templating import render
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)])
@@ -32,7 +32,7 @@ def change_own_password(
     Returns the new session's cookie token, or :data:`THROTTLED` / :data:`WRONG_CURRENT`; raises
     :class:`users.InvalidUserError` for a new password the checks refuse (the caller rolls back)."""
     key = con.tokens.throttle_key(principal.username, request.cookies.get(DEVICE_COOKIE))
-    if refused_as_blocked(con, db, principal.username, key):
+    if refused_as_blocked(request, con, db, principal.username, key):
         return THROTTLED
     user = users.get_by_id(db, principal.user_id)
     actor = audit.user_actor(user.username)
@@ -41,7 +41,8 @@ def change_own_password(
         users.authenticate(db, user.username, current)
     except AuthenticationError:
         con.throttle.failed(key)
-        audit.record(db, actor, "user.password_change_failed", f"app_user:{user.id}")
+        client = {"client": client_address(request)}
+        audit.record(db, actor, "user.password_change_failed", f"app_user:{user.id}", client)
         db.commit()
         return WRONG_CURRENT
     con.throttle.succeeded(key)

@@ -50,12 +50,19 @@ def set_device_cookie(response: Response, con: Console, username: str) -> None:
     )
 
 
-def refused_as_blocked(con: Console, db: Session, username: str, key: str) -> bool:
+def client_address(request: Request) -> str:
+    """The address the request came from, for the audit trail: the direct peer's. The settings name no
+    trusted proxy, so an X-Forwarded-For header, which any client can write, is not believed (and the web
+    server is told not to rewrite the peer from it)."""
+    return request.client.host if request.client is not None else ""
+
+
+def refused_as_blocked(request: Request, con: Console, db: Session, username: str, key: str) -> bool:
     """The throttle refuses this attempt; its first refusal in a lockout window is audited."""
     if not con.throttle.blocked(key):
         return False
     if con.throttle.first_block(key):
-        record_failed_login(db, username, "user.login_blocked")
+        record_failed_login(db, username, "user.login_blocked", client_address(request))
         db.commit()
     return True
 
@@ -71,19 +78,22 @@ def log_in(
     password check, audit, a new session. Returns the user and the session's cookie token, or
     :data:`THROTTLED` / :data:`WRONG_CREDENTIALS`."""
     key = con.tokens.throttle_key(account_name(db, username), request.cookies.get(DEVICE_COOKIE))
-    if refused_as_blocked(con, db, username, key):
+    if refused_as_blocked(request, con, db, username, key):
         return THROTTLED
     try:
         user = authenticate(db, username, password)
     except AuthenticationError:
         con.throttle.failed(key)
-        record_failed_login(db, username, "user.login_failed")
+        record_failed_login(db, username, "user.login_failed", client_address(request))
         db.commit()
         return WRONG_CREDENTIALS
     con.throttle.succeeded(key)
     con.tokens.purge_expired(db)
     token = con.tokens.create(db, user)
-    audit.record(db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}")
+    audit.record(
+        db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}",
+        {"client": client_address(request)},
+    )
     db.commit()
     return user, token
 
@@ -113,14 +123,15 @@ def _login_page(
     return response
 
 
-def record_failed_login(db: Session, username: str, action: str) -> None:
+def record_failed_login(db: Session, username: str, action: str, client: str) -> None:
     """Audit a refused login under the account's name only if the account exists: people type
-    passwords into the username field, and those must not end up in the audit log."""
+    passwords into the username field, and those must not end up in the audit log. ``client``: where
+    the attempt came from (the audit log's details, which the plain log does not carry)."""
     user = find_user(db, username) if username.strip() else None
     if user is not None:
-        audit.record(db, audit.user_actor(user.username), action, f"app_user:{user.id}")
+        audit.record(db, audit.user_actor(user.username), action, f"app_user:{user.id}", {"client": client})
     else:
-        audit.record(db, "anonymous", action, "", {"known_user": False})
+        audit.record(db, "anonymous", action, "", {"known_user": False, "client": client})
 
 
 @public_router.get("/login")

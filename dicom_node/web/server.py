@@ -61,6 +61,9 @@ class WebServer:
             self.app,
             log_config=None,  # the node configured logging already
             access_log=False,  # URLs can carry search terms (patient names); no access log
+            # The settings name no trusted proxy: the audit trail records the direct peer, and uvicorn must
+            # not replace it with an X-Forwarded-For that anyone on the host could send from 127.0.0.1.
+            proxy_headers=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
         )

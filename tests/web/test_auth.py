@@ -367,3 +367,38 @@ def test_api_login_accepts_json_only(client: TestClient, accounts: dict[str, int
     assert response.status_code == 422
     assert "admin-password-1" not in response.text  # a rejected body is not echoed back
     assert "cxr_session" not in client.cookies
+
+
+def _client_of(factory: sessionmaker[Session], action: str) -> list[object]:
+    with session_scope(factory) as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id))
+        return [e.details.get("client") for e in events]
+
+
+def test_logins_record_the_client_address_in_the_audit_trail_only(
+    app: FastAPI,
+    accounts: dict[str, int],
+    factory: sessionmaker[Session],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Success, failure (of a known and an unknown name) and lockout say where the attempt came from; a
+    client's own X-Forwarded-For is not believed, and the plain log does not get the address."""
+    spoofed = {"X-Forwarded-For": "203.0.113.9"}
+    caplog.set_level(logging.INFO)
+    with TestClient(app, follow_redirects=False, client=("192.0.2.7", 4711), headers=spoofed) as there:
+        assert _try_login(there, "nobody-here", "guess-guess-guess") == 401
+        for _ in range(8):
+            assert _try_login(there, ADMIN[0], "guess-guess-guess") == 401
+        assert _try_login(there, ADMIN[0], "guess-guess-guess") == 429
+        assert _try_login(there, *RADIOLOGIST) == 303
+    with TestClient(app, client=("2001:db8::5", 4711)) as api:
+        blocked = api.post("/api/session", json={"username": ADMIN[0], "password": "nope-nope"})
+        assert blocked.status_code == 429
+        rad = api.post("/api/session", json={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1]})
+        assert rad.status_code == 200
+    assert _client_of(factory, "user.login") == ["192.0.2.7", "2001:db8::5"]
+    assert _client_of(factory, "user.login_failed") == ["192.0.2.7"] * 9
+    assert _client_of(factory, "user.login_blocked") == ["192.0.2.7"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "user.login_blocked" in logged
+    assert "192.0.2.7" not in logged and "2001:db8::5" not in logged and "203.0.113.9" not in logged

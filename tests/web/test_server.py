@@ -7,8 +7,12 @@ import socket
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import ConfigurationError
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import AuditEvent
 from dicom_node.web.server import WebServer
 
 pytestmark = [pytest.mark.network]
@@ -30,6 +34,26 @@ def test_serves_on_a_free_port_and_releases_it(app: FastAPI) -> None:
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_the_audit_trail_gets_the_peer_address_not_a_forwarded_one(
+    app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """No trusted proxy is configured: uvicorn's default would believe X-Forwarded-For from 127.0.0.1,
+    which any local process can send."""
+    server = WebServer(app, "127.0.0.1", 0)
+    server.start()
+    try:
+        response = httpx.post(
+            f"{server.url}/api/session", json={"username": "alice", "password": "wrong-password"},
+            headers={"X-Forwarded-For": "203.0.113.9"},
+        )
+        assert response.status_code == 401
+    finally:
+        server.stop()
+    with session_scope(factory) as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "user.login_failed")).one()
+        assert event.details["client"] == "127.0.0.1"
 
 
 def test_a_busy_port_is_a_configuration_error(app: FastAPI) -> None:
