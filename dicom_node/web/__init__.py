@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node import __version__
 from dicom_node.errors import NodeError, NotFoundError, describe_exception
@@ -136,6 +137,13 @@ def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+#: The error page's title and text for what the router refuses; the address is not repeated on the page.
+_HTTP_ERROR_PAGES = {
+    404: ("Not found", "There is no page at this address; use the menu or go back to the dashboard."),
+    405: ("Not possible here", "This address does not take this kind of request; open it as a page."),
+}
+
+
 def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
     def error_page(
         request: Request, status: int, title: str, message: str, principal: Principal | None = None
@@ -170,6 +178,19 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=status)
         title = "Not found" if isinstance(exc, NotFoundError) else "Could not complete the request"
         return error_page(request, status, title, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """What the router itself refuses (no such path, a method the path does not take): JSON for the API,
+        the console's own page for a browser, which showed a bare ``{"detail":"Not Found"}``."""
+        if _is_api(request):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        title, message = _HTTP_ERROR_PAGES.get(
+            exc.status_code, ("Could not complete the request", f"The console answered {exc.status_code}.")
+        )
+        response = error_page(request, exc.status_code, title, message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
