@@ -31,7 +31,7 @@ from dicom_node.web import account, admin, api, login, pages
 from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
-from dicom_node.web.limits import RequestBodyGuard
+from dicom_node.web.limits import ASGIApp, Message, Receive, RequestBodyGuard, Scope, Send
 from dicom_node.web.services import ConsoleServices, NodeConsoleServices
 from dicom_node.web.templating import configure_templates
 from dicom_node.web.uploads import UploadStore
@@ -79,9 +79,31 @@ def create_app(
     app.include_router(api.router)
     _install_error_handlers(app, templates)
     app.add_middleware(RequestBodyGuard, logged_in=_session_checker(state))  # inside the headers below
+    app.add_middleware(HeadAsGet)
     app.middleware("http")(_security_headers)
     _warn_without_admin(session_factory)
     return app
+
+
+class HeadAsGet:
+    """HEAD wherever GET is, as HTTP asks (monitors and link checkers send it; FastAPI's routes answered
+    405): the route runs as for GET, with its login and audit, and the answer goes out without its body
+    (its headers, Content-Length included, stay the GET's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 CONTENT_SECURITY_POLICY = (
