@@ -59,6 +59,11 @@ class NotFoundError(NodeError):
     """A named object (AE, study, delivery, user) does not exist."""
 
 
+class DamagedFileError(NodeError):
+    """A file the node stored (a result object, a heat map) is there but cannot be read: the disk, a
+    restore or a hand changed it. Not the user's doing and not mended by retrying."""
+
+
 class ConflictError(NodeError):
     """The request conflicts with existing state (duplicate AE title, username, ...)."""
 

@@ -8,6 +8,7 @@ from dicom_node.errors import (
     AuthenticationError,
     ClassificationError,
     ConflictError,
+    DamagedFileError,
     InvalidDatasetError,
     NodeError,
     NotFoundError,
@@ -33,6 +34,7 @@ _STATUS: tuple[tuple[type[NodeError], int], ...] = (
     (FeatureUnavailableError, 503),
     (OutOfResourcesError, 503),
     (AssociationError, 502),
+    (DamagedFileError, 500),  # the node's own file: a server fault, named on the error page
 )
 
 

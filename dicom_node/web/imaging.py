@@ -10,8 +10,13 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dicom_node.errors import NotFoundError
+from dicom_node.errors import DamagedFileError, NotFoundError
 from reporting.heatmap import overlay
+
+DAMAGED_HEATMAP = (
+    "the stored heat map file is damaged and cannot be read; the findings stand. An administrator can "
+    "restore the results directory from the backup"
+)
 
 
 def png_bytes(gray: npt.NDArray[np.uint8]) -> bytes:
@@ -35,7 +40,10 @@ def load_heatmap(path: Path) -> npt.NDArray[np.float32]:
     """Read a stored heat map: ``.npy`` (float HxW in [0, 1], as the pipeline writes) or a grayscale PNG."""
     if not path.is_file():
         raise NotFoundError("the heat map file is missing")
-    if path.suffix == ".npy":
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    try:
+        if path.suffix == ".npy":
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError, EOFError) as exc:  # numpy's and Pillow's errors for damaged bytes
+        raise DamagedFileError(DAMAGED_HEATMAP) from exc

@@ -20,7 +20,13 @@ from sqlalchemy.orm import Session
 
 from dicom_node import audit
 from dicom_node.eligibility import AgePolicy, not_classified
-from dicom_node.errors import IneligibleImageError, NodeError, NotFoundError
+from dicom_node.errors import (
+    DamagedFileError,
+    IneligibleImageError,
+    NodeError,
+    NotFoundError,
+    describe_exception,
+)
 from dicom_node.outbox import requeue, wake
 from dicom_node.store.models import (
     Delivery,
@@ -320,10 +326,10 @@ def audit_read(
 @contextmanager
 def audited_download(db: Session, principal: Principal, action: str, target: str) -> Iterator[None]:
     """Record a download of patient data once the body is ready to be handed out, and a request the node
-    cannot serve (a 404) as such: asked for, with the reason, and not counted as a read."""
+    cannot serve (a 404, a damaged file) as such: asked for, with the reason, and not counted as a read."""
     try:
         yield
-    except NotFoundError as exc:
+    except NodeError as exc:
         audit_read(db, principal, action, target, {"served": False, "reason": str(exc)})
         raise
     audit_read(db, principal, action, target)
@@ -396,19 +402,35 @@ def result_object_file(
     )
 
 
+DAMAGED_REPORT = (
+    "the stored report file is damaged and cannot be read. An administrator can restore the results "
+    "directory from the backup; an image of the study sent to the node again makes a new report"
+)
+
+
 def report_pdf_bytes(con: Console, obj: ResultObject) -> bytes:
-    """The raw PDF kept beside the Encapsulated PDF instance, or the document inside that instance."""
+    """The raw PDF kept beside the Encapsulated PDF instance, or the document inside that instance.
+    Either must be a PDF: damaged bytes are refused with :data:`DAMAGED_REPORT`, not handed out."""
     if obj.kind is not ResultKind.PDF:
         raise NotFoundError("this result object is not a PDF report")
     encapsulated = _under(con.settings.results_dir, obj.file_path)
     beside = encapsulated.with_suffix(".pdf")
     if beside.is_file():
-        return beside.read_bytes()
-    ds = pydicom.dcmread(io.BytesIO(encapsulated.read_bytes()))
-    document = bytes(ds.EncapsulatedDocument)
-    # The attribute is padded to even length with a NUL; the PDF itself ends at %%EOF.
-    end = document.rfind(b"%%EOF")
-    return document[: end + 5] if end >= 0 else document
+        document = beside.read_bytes()
+    else:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(encapsulated.read_bytes()))
+            document = bytes(ds.EncapsulatedDocument)
+        except Exception as exc:  # pydicom raises many types on damaged bytes; the log gets type and place
+            LOGGER.warning("result_object %d: stored file unreadable: %s", obj.id, describe_exception(exc))
+            raise DamagedFileError(DAMAGED_REPORT) from exc
+        # The attribute is padded to even length with a NUL; the PDF itself ends at %%EOF.
+        end = document.rfind(b"%%EOF")
+        document = document[: end + 5] if end >= 0 else document
+    if not document.startswith(b"%PDF-"):
+        LOGGER.warning("result_object %d: stored report is not a PDF", obj.id)
+        raise DamagedFileError(DAMAGED_REPORT)
+    return document
 
 
 @router.get("/results/{study_id}/objects/{object_id}/report.pdf")

@@ -58,3 +58,18 @@ def test_details_image_and_heatmap_of_a_stored_instance(
     assert image.headers["cache-control"] == overlay.headers["cache-control"] == "no-store"
     shown = Image.open(io.BytesIO(image.content))
     assert Image.open(io.BytesIO(overlay.content)).size == shown.size
+
+
+@pytest.mark.parametrize("name", ["heat.npy", "heat.png"])
+def test_a_damaged_heat_map_is_a_clear_error_not_an_internal_one(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings, name: str
+) -> None:
+    client, _ = admin_client
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    np.save(good, np.zeros((150, 150), dtype=np.float32))
+    (settings.results_dir / name).write_bytes(good.getvalue()[:100])  # cut short, as a full disk leaves it
+    ids = add_study(factory, StudySpec(heatmap_path=name))
+    response = client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png")
+    assert response.status_code == 500
+    assert "the stored heat map file is damaged" in response.text

@@ -637,3 +637,33 @@ def test_pages_say_which_time_zone_their_times_are_in(
         monkeypatch.undo()
         time.tzset()
     assert "times in IST, UTC+05:30" in html
+
+
+def test_a_damaged_report_file_is_a_clear_error_and_an_audited_refusal(
+    admin_client: tuple[TestClient, str],
+    factory: sessionmaker[Session],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stored file the disk or a restore garbled gave a bare 500 ("Internal error"), unaudited."""
+    client, _ = admin_client
+    folder = settings.results_dir / "s2"
+    folder.mkdir(parents=True)
+    (folder / "report.dcm").write_bytes(b"DICM" + bytes(range(256)) * 4)  # not a data set
+    ids = add_study(factory, StudySpec(result_files={ResultKind.PDF: "s2/report.dcm"}))
+    url = f"/results/{ids.study}/objects/{ids.results[ResultKind.PDF]}/report.pdf"
+    broken = client.get(url)
+    assert broken.status_code == 500 and broken.headers["content-type"].startswith("text/html")
+    assert "the stored report file is damaged" in broken.text
+    assert "DamagedFileError" in caplog.text and "stored file unreadable" in caplog.text
+    _encapsulated_pdf(b"garbage, not a PDF at all").save_as(folder / "report.dcm", enforce_file_format=True)
+    assert client.get(url).status_code == 500
+    (folder / "report.pdf").write_bytes(b"\0" * 100)  # the raw copy beside it, zeroed
+    assert client.get(url).status_code == 500
+    with session_scope(factory) as session:
+        details = list(
+            session.scalars(select(AuditEvent.details).where(AuditEvent.action == "report.download"))
+        )
+    assert len(details) == 3
+    assert all(d["served"] is False and d["reason"].startswith("the stored report file is damaged")
+               for d in details)
