@@ -128,7 +128,7 @@ def push(
 def storescp_leg(work: Path, orthanc: OrthancServer, count: int, rate: float) -> list[float]:
     """The peer: Orthanc (stopped) forwards ``count`` fresh studies to DCMTK ``storescp`` in the node's place.
     Seconds from Orthanc's acknowledgement to the file's last write at storescp, one per study received."""
-    storescp = shutil.which("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
+    storescp = peers.on_path("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
     out = work / "storescp"
     out.mkdir()
     port = peers.free_port()

@@ -74,7 +74,7 @@ def make_corpus(kind: str, count: int, directory: Path) -> list[Path]:
 
 def send(paths: list[Path], port: int, called_aet: str, kind: str, senders: int) -> tuple[float, int]:
     """Run ``senders`` storescu processes over disjoint parts of the corpus; wall time and failures."""
-    storescu = shutil.which("storescu") or sys.exit("storescu not installed (Debian package dcmtk)")
+    storescu = peers.on_path("storescu") or sys.exit("storescu not installed (Debian package dcmtk)")
     syntax = ["-xv"] if kind == "j2k" else []
     parts = [paths[i::senders] for i in range(senders)]
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def node_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]
 
 @contextmanager
 def storescp_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
-    storescp = shutil.which("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
+    storescp = peers.on_path("storescp") or sys.exit("storescp not installed (Debian package dcmtk)")
     out = workdir / "storescp"
     out.mkdir()
     port = peers.free_port()

@@ -5,10 +5,12 @@ Locally a missing peer skips the test that needs it; in CI (``CI=true`` or ``--r
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +26,21 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def on_path(name: str) -> str | None:
+    """``name`` on PATH, passing over the virtual environment's own ``bin``: pynetdicom installs scripts
+    named ``storescp``, ``storescu`` and ``echoscu`` there, which an activated environment would
+    otherwise put before DCMTK's."""
+    own = Path(sys.prefix, "bin").resolve()
+    path = os.pathsep.join(
+        entry for entry in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if entry and Path(entry).resolve() != own
+    )
+    return shutil.which(name, path=path)
+
+
 def executable(name: str, *candidates: str) -> str:
-    """Path of a peer executable (``name`` on PATH or one of ``candidates``)."""
-    found = shutil.which(name)
+    """Path of a peer executable (``name`` on PATH, see :func:`on_path`, or one of ``candidates``)."""
+    found = on_path(name)
     if found:
         return found
     for candidate in candidates:
