@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes, audit
+from dicom_node.errors import ConfigurationError
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
 from dicom_node.listeners import ListenerWorkers, build_listener_workers
@@ -137,16 +138,26 @@ class Node:
             stop.set()
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        lost = False
         try:
             self.start()
             if on_started is not None:
                 on_started(self)
-            while not stop.wait(1.0):
-                pass
+            interval = self.settings.database.lock_check_seconds
+            while not stop.wait(interval):
+                # Take the lock again after a database restart, before a second node can start; if one
+                # did meanwhile, stop: two nodes on one database fail each other's studies.
+                if self._lock.check() is db.LockState.TAKEN:
+                    LOGGER.critical("another cxr-node took this database's node lock while the database "
+                                    "was away: stopping this node")
+                    lost = True
+                    break
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if lost:
+            raise ConfigurationError(db.ANOTHER_NODE)
 
 
 def build_node(settings: Settings) -> Node:

@@ -102,6 +102,9 @@ class DatabaseSettings(_Group):
     # None: an SQLite file in node.data_dir
     url: SecretStr | None = None
     echo: bool = False
+    # How often the running node checks that it is still the one node on its database and, after a
+    # database restart, takes its lock again (seconds)
+    lock_check_seconds: float = Field(default=10.0, ge=0.1, le=3600.0)
 
 
 class StorageSettings(_Group):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import logging
 import os
@@ -131,7 +132,16 @@ def _private_database_file(database: Path) -> None:
 
 
 #: pg_try_advisory_lock key of a running node ("CXRNODE" in ASCII): one node per database.
-_NODE_LOCK_KEY = 0x4358524E4F4445
+NODE_LOCK_KEY = 0x4358524E4F4445
+
+
+class LockState(enum.Enum):
+    """What :meth:`NodeLock.check` found."""
+
+    HELD = "held"
+    UNREACHABLE = "unreachable"  # the database cannot be reached to tell; checked again later
+    TAKEN = "taken"  # another node took it while this one's session was gone
+    RELEASED = "released"  # this node is not running
 
 
 class NodeLock:
@@ -154,7 +164,7 @@ class NodeLock:
         url = self._engine.url
         if url.get_backend_name() == "postgresql":
             if not self._take_advisory_lock():
-                raise ConfigurationError(_ANOTHER_NODE)
+                raise ConfigurationError(ANOTHER_NODE)
         elif url.database and url.database != ":memory:" and not url.database.startswith("file:"):
             path = Path(url.database).resolve()
             lock_file = path.with_name(path.name + ".node-lock")
@@ -163,7 +173,7 @@ class NodeLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise ConfigurationError(_ANOTHER_NODE) from None
+                raise ConfigurationError(ANOTHER_NODE) from None
             self._fd = fd
         self._wanted = True
 
@@ -173,7 +183,7 @@ class NodeLock:
         except OperationalError as exc:
             raise _unreachable(exc) from exc
         try:
-            query = f"SELECT pg_try_advisory_lock({_NODE_LOCK_KEY})"
+            query = f"SELECT pg_try_advisory_lock({NODE_LOCK_KEY})"
             taken = bool(connection.exec_driver_sql(query).scalar())
             connection.commit()
         except OperationalError as exc:
@@ -186,32 +196,37 @@ class NodeLock:
         return True
 
     def held(self) -> bool:
-        """Whether this node still holds the lock (a /healthz check). The PostgreSQL lock goes with the
-        session that holds it: a database restart, a failover or an idle-connection cut end it without a
-        word, and a second node could then start. A lost session is taken again when no other node has
-        taken the lock meanwhile; else the check fails (503) and the log says why."""
+        """Whether this node still holds the lock (a /healthz check; see :meth:`check`)."""
+        return self.check() is LockState.HELD
+
+    def check(self) -> LockState:
+        """Whether this node still holds the lock. The PostgreSQL lock goes with the session that holds
+        it: a database restart, a failover or an idle-connection cut end it without a word, and a second
+        node could then start. A lost session is taken again when no other node has taken the lock
+        meanwhile. The running node checks every ``database.lock_check_seconds`` (and /healthz on each
+        call)."""
         with self._guard:
             if not self._wanted:
-                return False
+                return LockState.RELEASED
             if self._engine.url.get_backend_name() != "postgresql":
-                return True  # an flock stays with its open file
+                return LockState.HELD  # an flock stays with its open file
             if self._connection is not None:
                 try:
                     self._connection.exec_driver_sql("SELECT 1").scalar()
                     self._connection.commit()
-                    return True
+                    return LockState.HELD
                 except OperationalError:
                     _close_for_good(self._connection)
                     self._connection = None
             try:
                 taken = self._take_advisory_lock()
             except DatabaseUnavailableError:
-                return False
+                return LockState.UNREACHABLE
             if taken:
                 LOGGER.warning("the database session holding the node lock was lost; the lock is taken again")
-            else:
-                LOGGER.error("the node lock was lost, and another cxr-node has taken it: stop one of them")
-            return taken
+                return LockState.HELD
+            LOGGER.error("the node lock was lost, and another cxr-node has taken it: stop one of them")
+            return LockState.TAKEN
 
     def release(self) -> None:
         with self._guard:
@@ -234,7 +249,7 @@ def _close_for_good(connection: Any) -> None:
     connection.close()
 
 
-_ANOTHER_NODE = (
+ANOTHER_NODE = (
     "another cxr-node is running on this database; give each node its own database (database.url) "
     "and data directory (node.data_dir)"
 )

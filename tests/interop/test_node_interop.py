@@ -20,10 +20,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ComputedRadiographyImageStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from dicom_node.store.db import make_engine
+from dicom_node.store.db import NODE_LOCK_KEY, make_engine
 from dicom_node.store.models import Instance, Job, JobKind, Series, Study, StudyState
 from tests import peers
 from tests.node_datasets import make_cr, to_bytes, write
@@ -354,6 +354,44 @@ def test_a_second_node_on_the_same_database_refuses_to_start(tmp_path: Path) -> 
                 first.stop()
             assert second.returncode == 2, second.stderr
             assert "error: another cxr-node is running on this database" in second.stderr
+
+
+def test_a_node_takes_its_lock_again_after_a_database_restart_and_stops_if_another_took_it(
+    tmp_path: Path,
+) -> None:
+    """The PostgreSQL lock ends with its session (a restart, a failover), and only /healthz took it
+    again: where nothing polled it, a second node started beside the first after a database restart,
+    and every study sent to it FAILED in the first node's hands (review)."""
+    with postgres_server() as pg:
+        url = pg.create_database()
+        shared = {"CXR_NODE__DATABASE__URL": url, "CXR_NODE__DATABASE__LOCK_CHECK_SECONDS": "1"}
+        first = start_node(tmp_path / "first", peers.free_port(), extra_env=shared)
+        engine = make_engine(url)
+        cut = text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                   "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+        try:
+            with engine.connect() as admin:
+                assert admin.execute(cut).scalar()  # as a restart would: the lock's session is gone
+            time.sleep(3)  # nothing polls /healthz
+            extra = {**shared, "CXR_NODE__METRICS__PORT": "0"}
+            env = node_env(tmp_path / "second", peers.free_port(), extra=extra)
+            second = run_cli(["serve"], env, check=False, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert "another cxr-node is running on this database" in second.stderr
+            with engine.connect() as other:  # now another node takes it first while the session is gone
+                other.execute(cut)
+                taken = False
+                deadline = time.monotonic() + 5
+                while not taken and time.monotonic() < deadline:
+                    take = f"SELECT pg_try_advisory_lock({NODE_LOCK_KEY})"
+                    taken = bool(other.exec_driver_sql(take).scalar())
+                assert taken
+                assert first.proc is not None
+                assert first.proc.wait(30) == 2  # it stops by itself, saying why
+        finally:
+            first.stop()
+            engine.dispose()
+    assert "another cxr-node took this database's node lock" in first.log_text()
 
 
 # Crash safety --------------------------------------------------------------------------------
