@@ -23,6 +23,7 @@ from dicom_node.settings import LoggingSettings, Settings, load_settings
 from dicom_node.statuses import Status, is_stored
 from dicom_node.store import db
 from dicom_node.store.models import AeRole
+from dicom_node.store.parts import command_sessions
 from dicom_node.terminal import say
 
 LOGGER = logging.getLogger(__name__)
@@ -42,9 +43,7 @@ def _settings(args: argparse.Namespace, *, service: bool = False) -> Settings:
 
 
 def _session_factory(settings: Settings) -> Any:
-    engine = db.make_engine(settings.database_url, echo=settings.database.echo)
-    db.upgrade(engine)
-    return db.make_session_factory(engine)
+    return command_sessions(settings)
 
 
 # serve / db ----------------------------------------------------------------------------------

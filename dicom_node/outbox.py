@@ -557,18 +557,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 def _resend_command(args: argparse.Namespace) -> int:
     from dicom_node.logconfig import configure_logging, for_command
     from dicom_node.settings import load_settings
-    from dicom_node.store.db import make_engine, make_session_factory, upgrade
+    from dicom_node.store.parts import command_sessions
 
     try:
         settings = load_settings(getattr(args, "config", None))
+        configure_logging(for_command(settings.logging))
+        factory = command_sessions(settings)
     except NodeError as exc:
         say(f"error: {exc}", err=True)
         return 2
-    configure_logging(for_command(settings.logging))
-    engine = make_engine(settings.database_url)
     try:
-        upgrade(engine)
-        factory = make_session_factory(engine)
         if not args.all_dead and not args.delivery_ids:
             with session_scope(factory) as session:
                 dead = dead_deliveries(session)
@@ -599,7 +597,7 @@ def _resend_command(args: argparse.Namespace) -> int:
             undelivered = sum(1 for d in states.values() if d.state is not DeliveryState.DELIVERED)
         return 0 if undelivered == 0 else 1
     finally:
-        engine.dispose()
+        factory.kw["bind"].dispose()
 
 
 def _aware(value: datetime) -> datetime:

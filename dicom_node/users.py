@@ -290,13 +290,11 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 def _session_factory(args: argparse.Namespace) -> sessionmaker[Session]:
     from dicom_node.logconfig import configure_logging, for_command
     from dicom_node.settings import load_settings
-    from dicom_node.store.db import make_engine, make_session_factory, upgrade
+    from dicom_node.store.parts import command_sessions
 
     settings = load_settings(getattr(args, "config", None))
     configure_logging(for_command(settings.logging))
-    engine = make_engine(settings.database_url)
-    upgrade(engine)
-    return make_session_factory(engine)
+    return command_sessions(settings)
 
 
 def _read_password(args: argparse.Namespace) -> str:

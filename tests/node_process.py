@@ -220,6 +220,8 @@ def start_node(
     metrics_env = {"CXR_NODE__METRICS__ENABLED": "true", "CXR_NODE__METRICS__HOST": "127.0.0.1",
                    "CXR_NODE__METRICS__PORT": str(metrics_port)}
     env = node_env(data_dir, port, settle_seconds=settle_seconds, web=web, extra={**metrics_env, **(extra_env or {})})
+    if callers:
+        run_cli(["db", "upgrade"], env)  # administration commands add to an existing database only
     for aet in callers:
         run_cli(["ae", "add", "--role", "caller", "--aet", aet], env)
     node = NodeProcess(data_dir=data_dir, port=port, env=env, log_path=data_dir / "node.log",

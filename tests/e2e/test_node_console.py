@@ -53,6 +53,7 @@ def node(
             "pipeline": {"heatmap": True, "fixed_destinations": [title]},
         },
     )
+    assert process.cli("db", "upgrade").returncode == 0  # the install step: users go into this database
     _add_user(process, ADMIN[0], "admin", ADMIN[1])
     _add_user(process, RADIOLOGIST[0], "radiologist", RADIOLOGIST[1])
     process.start()

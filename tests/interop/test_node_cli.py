@@ -54,6 +54,12 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: Path) -> None:
     port, received = storescp
     env = node_env(tmp_path / "node", peers.free_port())
+    # Run where no node database is (another directory, or without the service's environment), an AE
+    # title was added to a new database the node never read; it is refused and says why.
+    refused = run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY"], env, check=False)
+    assert refused.returncode == 2 and "no node database at" in refused.stderr
+    assert not (tmp_path / "node" / "cxr-node.sqlite3").exists()
+    run_cli(["db", "upgrade"], env)
     run_cli(["ae", "add", "--role", "destination", "--aet", "STORESCP", "--host", "127.0.0.1", "--port", str(port)],
             env)
     routed = run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY", "--reply-to", "STORESCP"], env)

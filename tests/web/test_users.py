@@ -35,6 +35,7 @@ def _cli(
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(f"node:\n  data_dir: {tmp_path / 'var'}\n")
+    make_engine(f"sqlite:///{tmp_path / 'var' / 'cxr-node.sqlite3'}").dispose()  # the install step makes it
     return path
 
 
