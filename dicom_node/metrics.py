@@ -2,27 +2,34 @@
 
 Counts come from the database at scrape time (received, analysed, skipped, delivered, failed, queue depth),
 so they survive restarts and agree with the console. The receipt-to-delivery histogram is observed in
-process by the outbox. Served by a small threaded WSGI server on ``metrics.port``; the web console can
-mount :func:`metrics_router` too.
+process by the outbox. While the database cannot be read, a scrape still answers with the in-process
+metrics and ``cxr_node_database_up 0`` in place of the counts. Served by a small threaded WSGI server on
+``metrics.port``; the web console can mount :func:`metrics_router` too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, cast
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import DatabaseUnavailableError, driver_reason
+from dicom_node.logconfig import describe_uncaught
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     Delivery,
@@ -48,13 +55,53 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
+#: While the database stays unreadable, its WARNING is repeated this often (not on every scrape).
+DATABASE_DOWN_LOG_INTERVAL = 600.0
+
+
 class _DatabaseCollector(Collector):
-    """Counters and gauges read from the node's tables on each scrape."""
+    """Counters and gauges read from the node's tables on each scrape, and ``database_up``.
+
+    While the database cannot be read (PostgreSQL down, the SQLite file unreadable) the scrape must still
+    answer: the in-process metrics (the delivery histogram) are what an operator has then. The counts are
+    left out rather than reported as 0, and ``database_up`` is 0."""
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.session_factory = session_factory
+        self._lock = threading.Lock()
+        self._down_since_logged: float | None = None  # monotonic time of the last "cannot be read" WARNING
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            families = list(self._read())
+        except (SQLAlchemyError, DatabaseUnavailableError, OSError) as exc:
+            self._log_down(exc)
+            yield _database_up(False)
+            return
+        self._log_up()
+        yield _database_up(True)
+        yield from families
+
+    def _log_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._down_since_logged
+            if last is not None and now - last < DATABASE_DOWN_LOG_INTERVAL:
+                return
+            self._down_since_logged = now
+        LOGGER.warning(
+            "metrics: the database %scannot be read (%s); /metrics leaves out its counts and reports "
+            "%s_database_up 0 until it can",
+            "" if last is None else "still ", _database_reason(exc), NAMESPACE,
+        )
+
+    def _log_up(self) -> None:
+        with self._lock:
+            was_down, self._down_since_logged = self._down_since_logged is not None, None
+        if was_down:
+            LOGGER.info("metrics: the database can be read again")
+
+    def _read(self) -> Iterator[Metric]:
         with session_scope(self.session_factory) as session:
             instances = _counts(session, Instance.state)
             studies = _counts(session, Study.state)
@@ -91,6 +138,23 @@ class _DatabaseCollector(Collector):
             float(deliveries.get(DeliveryState.PENDING, 0) + deliveries.get(DeliveryState.RETRYING, 0)),
         )
         yield depth
+
+
+def _database_up(up: bool) -> GaugeMetricFamily:
+    documentation = "1 if the database could be read for this scrape, 0 if its counts are missing"
+    return _gauge("database_up", documentation, 1.0 if up else 0.0)
+
+
+def _database_reason(exc: BaseException) -> str:
+    """The exception's type and the database driver's first line (host, port, the refusal), never the rest
+    of its text; session_scope() wraps a lost connection, so the driver's error may be its cause."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, DBAPIError):
+        cause = cause.__cause__
+    if isinstance(cause, DBAPIError):
+        reason = driver_reason(cause.orig)
+        return f"{type(cause).__name__}: {reason}" if reason else type(cause).__name__
+    return describe_uncaught(exc).partition("\n")[0]
 
 
 def _counts(session: Session, column: Any) -> dict[Any, int]:
@@ -130,7 +194,8 @@ class NodeMetrics:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.session_factory = session_factory
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_DatabaseCollector(session_factory))
+        self._database = _DatabaseCollector(session_factory)
+        self.registry.register(self._database)
         self.delivery_latency = Histogram(
             "receipt_to_delivery_seconds",
             "Seconds from a study's last received instance to a result object delivered",
@@ -239,10 +304,50 @@ def metrics_router(session_factory: sessionmaker[Session], metrics: NodeMetrics 
 class _ThreadingWsgiServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver would print a traceback to stderr: a plain multi-line text in the JSON log."""
+        exc = sys.exception()
+        if isinstance(exc, ConnectionError):  # the scraper hung up
+            LOGGER.debug("metrics http: connection from %s ended: %s", client_address[0], type(exc).__name__)
+        elif exc is not None:
+            LOGGER.error(
+                "metrics http: request from %s failed: %s", client_address[0], describe_uncaught(exc)
+            )
+
+
+class _LoggingServerHandler(ServerHandler):
+    """wsgiref's handler, logging an application's exception through the node's logging (type, place and
+    reason as :func:`describe_uncaught` gives them) instead of printing its traceback to stderr."""
+
+    def log_exception(
+        self, exc_info: tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+    ) -> None:
+        exc = exc_info[1]
+        if exc is not None:
+            path = getattr(self, "environ", {}).get("PATH_INFO", "?")  # set by run() before the app
+            LOGGER.error("metrics http: %s failed: %s", path, describe_uncaught(exc))
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         LOGGER.debug("metrics http: " + format, *args)
+
+    def handle(self) -> None:
+        """WSGIRequestHandler.handle() with :class:`_LoggingServerHandler` in place of wsgiref's."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # an error answer was sent
+            return
+        handler = _LoggingServerHandler(
+            cast(IO[bytes], self.rfile), cast(IO[bytes], self.wfile), self.get_stderr(), self.get_environ(),
+            multithread=False,
+        )
+        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer for close()
+        app = self.server.get_app()  # type: ignore[attr-defined]
+        handler.run(app)
 
 
 class MetricsServer:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.jobs import scheduler_alive
+from dicom_node.logconfig import configure_logging
 from dicom_node.metrics import MetricsServer, NodeMetrics
-from dicom_node.store.db import session_scope
+from dicom_node.settings import LoggingSettings
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import InstanceState, Job, JobKind, JobState, StudyState
+from tests import peers
 from tests.pipeline.conftest import add_study
 
 pytestmark = pytest.mark.db
@@ -120,3 +126,95 @@ def test_a_scheduler_whose_thread_died_is_not_alive() -> None:
         scheduler._thread = real
         scheduler.shutdown(wait=True)
     assert not scheduler_alive(scheduler)
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The node's JSON logging into a buffer; the root logger's handlers come back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO", json_format=True), stream=stream)
+    yield stream
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _records(stream: io.StringIO) -> list[dict[str, str]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]  # every line one JSON object
+
+
+def test_metrics_answer_without_the_database_and_say_so_once(
+    json_log: io.StringIO, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """With PostgreSQL down, /metrics answered 500 "A server error occurred", printed the SQLAlchemy/psycopg
+    traceback to stderr on every scrape, and the in-process histogram vanished with the counts."""
+    nobody_listens = peers.free_port()
+    down = make_engine(f"postgresql+psycopg://cxrnode@127.0.0.1:{nobody_listens}/cxrnode")
+    metrics = NodeMetrics(make_session_factory(down))
+    metrics.observe_delivery("sr", 3.5)
+    server = MetricsServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        scrapes = [httpx.get(f"http://127.0.0.1:{server.port}/metrics") for _ in range(3)]
+        assert [response.status_code for response in scrapes] == [200, 200, 200]
+        samples = _samples(scrapes[-1].text)
+        assert samples[("cxr_node_database_up", ())] == 0
+        assert samples[("cxr_node_receipt_to_delivery_seconds_count", (("kind", "sr"),))] == 1
+        assert not any(name.startswith(("cxr_node_instances", "cxr_node_queue")) for name, _ in samples)
+
+        # The database back: its counts return, and the log says so.
+        good = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+        upgrade(good)
+        metrics._database.session_factory = make_session_factory(good)
+        samples = _samples(httpx.get(f"http://127.0.0.1:{server.port}/metrics").text)
+        assert samples[("cxr_node_database_up", ())] == 1
+        assert samples[("cxr_node_instances_received_total", ())] == 0
+        good.dispose()
+    finally:
+        server.stop()
+        down.dispose()
+    warnings = [r for r in _records(json_log) if r["level"] == "WARNING"]
+    assert len(warnings) == 1, warnings  # once, not per scrape
+    assert warnings[0]["message"].startswith("metrics: the database cannot be read (OperationalError: ")
+    assert "exc_info" not in warnings[0]
+    assert any(r["message"] == "metrics: the database can be read again" for r in _records(json_log))
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failing_request_is_logged_not_printed(
+    json_log: io.StringIO, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """wsgiref printed an application's exception as a plain multi-line traceback to stderr."""
+    secret = "ZZ" + "SECRET"  # the source lines of the stack are logged: keep the value out of them
+
+    class Broken:
+        def describe(self) -> list[object]:
+            return []
+
+        def collect(self) -> Iterator[object]:
+            raise ValueError(f"{secret}^NAME")
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    upgrade(engine)
+    metrics = NodeMetrics(make_session_factory(engine))
+    metrics.registry.register(Broken())  # type: ignore[arg-type]
+    server = MetricsServer(metrics, "127.0.0.1", 0)
+    server.start()
+    try:
+        response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
+        try:  # what socketserver is handed when a request handler itself fails
+            raise OSError(5, "Input/output error")
+        except OSError:
+            server._server.handle_error(None, ("192.0.2.7", 40000))
+    finally:
+        server.stop()
+        engine.dispose()
+    assert response.status_code == 500
+    errors = [r for r in _records(json_log) if r["level"] == "ERROR"]
+    assert len(errors) == 2
+    assert errors[0]["message"].startswith("metrics http: /metrics failed: ValueError at ")
+    assert errors[1]["message"].startswith("metrics http: request from 192.0.2.7 failed: OSError at ")
+    assert "ZZSECRET" not in json_log.getvalue()
+    assert capfd.readouterr().err == ""
