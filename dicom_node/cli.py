@@ -67,9 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     engine = db.make_engine(settings.database_url)
-    db.upgrade(engine)
-    engine.dispose()
-    say("database schema is up to date")
+    try:
+        done = db.upgrade(engine)
+    finally:
+        engine.dispose()
+    say(done.summary())
     return 0
 
 

@@ -12,14 +12,17 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import ConfigurationError, DatabaseUnavailableError, driver_reason
@@ -359,18 +362,71 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "heads") -> None:
-    """Apply migrations up to ``revision`` on ``engine`` (idempotent)."""
+@dataclass(frozen=True)
+class SchemaUpgrade:
+    """What :func:`upgrade` did: the schema revision(s) before, the migrations applied (oldest first) and
+    the revision(s) after. An empty ``before`` is a database without the node's schema."""
+
+    before: tuple[str, ...]
+    applied: tuple[str, ...]
+    after: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for the operator: ``already at 0009_…``, or what was applied on top of what."""
+        after = ", ".join(self.after) or "(none)"
+        if not self.applied:
+            return f"database schema already at {after}"
+        before = f"was at {', '.join(self.before)}" if self.before else "was empty"
+        return f"database schema {before}; applied {', '.join(self.applied)}; now at {after}"
+
+
+def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
+    """Apply migrations up to ``revision`` on ``engine`` (idempotent); returns what it did."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     try:
         with engine.begin() as connection:
+            before = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, revision)
+            after = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
     except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
         raise _unreachable(exc) from exc
-    LOGGER.info("database schema at %s", revision)
+    except DBAPIError as exc:
+        if _sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+            raise _not_permitted(engine, exc) from exc
+        raise
+    applied = tuple(reversed([
+        script.revision for script in ScriptDirectory.from_config(cfg).iterate_revisions(after, before)
+    ]))
+    done = SchemaUpgrade(before, applied, after)
+    LOGGER.info("%s", done.summary())
+    return done
+
+
+#: PostgreSQL's SQLSTATE for "permission denied" (a role without CREATE on the schema, not owning a table).
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)  # psycopg 3 or 2
+    return str(code) if code else None
 
 
 def _unreachable(exc: OperationalError) -> DatabaseUnavailableError:
     reason = driver_reason(exc.orig) or "no reason given"
     return DatabaseUnavailableError(f"the database cannot be reached: {reason}")
+
+
+def _not_permitted(engine: Engine, exc: DBAPIError) -> ConfigurationError:
+    """A role that may log in but not create the node's tables: PostgreSQL 15 and later no longer let every
+    role create in schema ``public``, so a role made with ``createuser`` alone meets this at the first
+    migration. The driver's first line names the schema or table; the URL's password is never repeated."""
+    reason = driver_reason(exc.orig) or "permission denied"
+    role = engine.url.username or "the node's role"
+    database = engine.url.database or "the node's database"
+    return ConfigurationError(
+        f"the database refused a schema migration (SQLSTATE {INSUFFICIENT_PRIVILEGE} insufficient_privilege: "
+        f"{reason}): role {role} needs CREATE on the schema; as a superuser, in database {database}: "
+        f"GRANT CREATE ON SCHEMA public TO {role}; or make it the database's owner: "
+        f"ALTER DATABASE {database} OWNER TO {role}"
+    )
