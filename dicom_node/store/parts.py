@@ -3,6 +3,9 @@ listener processes (:mod:`dicom_node.listeners`)."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.errors import ConfigurationError
 from dicom_node.settings import Settings
 from dicom_node.store import db
-from dicom_node.store.files import FileStore
+from dicom_node.store.files import FileStore, private_directory
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class StoreParts:
 
 def open_store(settings: Settings) -> StoreParts:
     """Engine, session factory and file store as the settings describe them (no migration is run)."""
+    prepare_directories(settings)
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
     storage = settings.storage
     file_store = FileStore(
@@ -56,3 +60,47 @@ def command_sessions(settings: Settings) -> sessionmaker[Session]:
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
     db.upgrade(engine)
     return db.make_session_factory(engine)
+
+
+def prepare_directories(settings: Settings) -> None:
+    """Create the node's directories (0700, see :func:`private_directory`) and check that it can write in
+    them: a :class:`ConfigurationError` naming the directory, its setting and the operating system's reason
+    otherwise. An OSError's own text is withheld from the log (it could quote a file of a patient), so
+    without this the node stopped with "uncaught PermissionError … in mkdir" and no path; a configured
+    directory is no patient data."""
+    storage_setting = "storage.directory" if settings.storage.directory is not None else "node.data_dir"
+    for what, directory, setting in (
+        ("data directory", settings.node.data_dir.resolve(), "node.data_dir"),
+        ("storage directory", settings.storage_dir, storage_setting),
+        ("results directory", settings.results_dir, "node.data_dir"),
+    ):
+        _writable_directory(directory, f"the {what} {directory} ({setting})")
+
+
+def _writable_directory(directory: Path, named: str) -> None:
+    try:
+        private_directory(directory)
+    except OSError as exc:
+        where = f" at {exc.filename}" if exc.filename and Path(str(exc.filename)) != directory else ""
+        raise ConfigurationError(f"{named} cannot be created: {_reason(exc)}{where}") from exc
+    if not directory.is_dir():
+        raise ConfigurationError(f"{named} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cxr-node-write-test-", dir=directory)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{named} is not writable by the node's user {_user()}: {_reason(exc)}"
+        ) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a container's numeric user without a passwd entry
+        return str(os.geteuid())
