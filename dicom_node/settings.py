@@ -136,7 +136,10 @@ class PipelineSettings(_Group):
 
 
 class OutboxSettings(_Group):
-    max_attempts: int = Field(default=8, ge=1)
+    # 5 s doubling to every 15 minutes, 300 attempts: about 3 days of retries, through a weekend's PACS
+    # maintenance, before a delivery is DEAD and waits for `cxr-node resend` (8 attempts gave up after
+    # 11 minutes)
+    max_attempts: int = Field(default=300, ge=1)
     backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 
