@@ -84,6 +84,10 @@ class Node:
 
     def _start(self) -> None:
         db.upgrade(self.engine)
+        with self.engine.connect() as connection:
+            missing = db.missing_privileges(connection)
+        if missing:  # every image would be refused, and the PACS told to retry, until someone looks
+            raise ConfigurationError(db.privileges_advice(missing))
         seed_aes(self.session_factory, self.settings)
         self.file_store.remove_stale_temporaries()
         self.pipeline = _attach_pipeline(self)

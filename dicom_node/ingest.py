@@ -44,6 +44,7 @@ from dicom_node.part10 import (
     part10_prefix,
     require_uid,
 )
+from dicom_node.store.db import waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, instance_path
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
@@ -248,6 +249,13 @@ class Ingestor:
             except DBAPIError as exc:
                 with self._parents_lock:
                     self._parents.pop(parents_key(parsed), None)
+                if not waits_for_a_resource(exc):  # a REVOKE, a schema behind the code: no wait mends it
+                    LOGGER.error("the database refused an instance's rows (%s, SQLSTATE %s): a configuration "
+                                 "error; the sender is told to retry later", type(exc.orig).__name__,
+                                 getattr(exc.orig, "sqlstate", None) or "-")
+                    raise DatabaseUnavailableError(
+                        f"node database refused the write ({type(exc.orig).__name__}); retry later"
+                    ) from exc
                 raise DatabaseUnavailableError(f"database unavailable ({type(exc.orig).__name__})") from exc
             except SQLAlchemyError as exc:
                 raise DatabaseUnavailableError(f"database error ({type(exc).__name__})") from exc

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import DatabaseUnavailableError, driver_reason
 from dicom_node.logconfig import describe_uncaught
+from dicom_node.store import db
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     Delivery,
@@ -205,6 +206,7 @@ class NodeMetrics:
             registry=self.registry,
         )
         self._checks: dict[str, Callable[[], bool]] = {"database": self._database_ok}
+        self._missing_privileges: list[str] = []
         self._informational: set[str] = set()
 
     def activate(self) -> None:
@@ -239,9 +241,18 @@ class NodeMetrics:
         return HealthReport(not (failed - self._informational), checks, degraded=bool(failed))
 
     def _database_ok(self) -> bool:
+        """Reachable, and the node's role may read and write its tables: a REVOKE left every image
+        refused with "database unavailable" while /healthz said ok (review)."""
         with session_scope(self.session_factory) as session:
             session.execute(text("SELECT 1"))
-        return True
+            missing = db.missing_privileges(session.connection())
+        if missing != self._missing_privileges:
+            self._missing_privileges = missing
+            if missing:
+                LOGGER.error("%s", db.privileges_advice(missing))
+            else:
+                LOGGER.info("the database role may read and write every table of the node again")
+        return not missing
 
 
 def _health_body(report: HealthReport) -> bytes:

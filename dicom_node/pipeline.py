@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +35,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from classifier.types import ModelInfo, Prediction
@@ -44,7 +43,7 @@ from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.store import header_columns
-from dicom_node.store.db import session_scope
+from dicom_node.store.db import session_scope, waits_for_a_resource
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
     AeRole,
@@ -78,33 +77,6 @@ SC_SERIES_NUMBER = 9003
 RETRY_DELAY_SECONDS = 30.0  # the first wait after a retriable failure; it doubles with each attempt
 MAX_RETRY_DELAY_SECONDS = 600.0
 MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
-# What SQLite says when a resource is short, not when a statement is wrong ("no such column")
-_SQLITE_TRANSIENT = ("locked", "busy", "disk", "full", "unable to open", "i/o error")
-# SQLSTATE classes that pass: connection exception, transaction rollback (deadlock, serialisation),
-# insufficient resources, operator intervention (cancelled, shutting down), system error (I/O)
-_POSTGRESQL_TRANSIENT = frozenset({"08", "40", "53", "57", "58"})
-
-
-def waits_for_a_resource(exc: BaseException) -> bool:
-    """Whether a failure will pass by itself: the file store short of space, the database away, locked
-    or full. A database error is judged by what the driver said: SQLite reports a schema or query bug
-    ("no such column") as an OperationalError too, and no wait would mend that."""
-    error: BaseException | None = exc
-    while error is not None:
-        if isinstance(error, DBAPIError):
-            if error.connection_invalidated:
-                return True
-            if isinstance(error.orig, sqlite3.Error):
-                said = str(error.orig).lower()
-                return isinstance(error, OperationalError) and any(word in said for word in _SQLITE_TRANSIENT)
-            state = str(getattr(error.orig, "sqlstate", None) or "")
-            if state:  # PostgreSQL, by SQLSTATE class: a deadlock or a full disk passes, a bad query not
-                return state[:2] in _POSTGRESQL_TRANSIENT
-            return isinstance(error, OperationalError)  # no SQLSTATE: the connection itself failed
-        error = error.__cause__
-    return isinstance(exc, NodeError) and exc.retriable
-
-
 def retry_delay(attempts: int) -> float:
     """Seconds before a study whose processing failed for want of a resource (disk, database) is tried
     again: less often the longer the shortage lasts."""

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.errors import ConfigurationError, DatabaseUnavailableError, driver_reason
+from dicom_node.errors import ConfigurationError, DatabaseUnavailableError, NodeError, driver_reason
 from dicom_node.store.files import private_directory
 
 LOGGER = logging.getLogger(__name__)
@@ -132,6 +132,58 @@ def _private_database_file(database: Path) -> None:
         if database.stat().st_mode & 0o007:
             LOGGER.warning("the database file %s can be read by other users (mode %o); it holds patient "
                            "data: chmod 600 it", database, database.stat().st_mode & 0o777)
+
+
+# What SQLite says when a resource is short, not when a statement is wrong ("no such column")
+_SQLITE_TRANSIENT = ("locked", "busy", "disk", "full", "unable to open", "i/o error")
+# SQLSTATE classes that pass: connection exception, transaction rollback (deadlock, serialisation),
+# insufficient resources, operator intervention (cancelled, shutting down), system error (I/O)
+_POSTGRESQL_TRANSIENT = frozenset({"08", "40", "53", "57", "58"})
+
+
+def waits_for_a_resource(exc: BaseException) -> bool:
+    """Whether a failure will pass by itself: the file store short of space, the database away, locked
+    or full. A database error is judged by what the driver said: SQLite reports a schema or query bug
+    ("no such column") as an OperationalError too, and no wait would mend that."""
+    error: BaseException | None = exc
+    while error is not None:
+        if isinstance(error, DBAPIError):
+            if error.connection_invalidated:
+                return True
+            if isinstance(error.orig, sqlite3.Error):
+                said = str(error.orig).lower()
+                return isinstance(error, OperationalError) and any(word in said for word in _SQLITE_TRANSIENT)
+            state = str(getattr(error.orig, "sqlstate", None) or "")
+            if state:  # PostgreSQL, by SQLSTATE class: a deadlock or a full disk passes, a bad query not
+                return state[:2] in _POSTGRESQL_TRANSIENT
+            return isinstance(error, OperationalError)  # no SQLSTATE: the connection itself failed
+        error = error.__cause__
+    return isinstance(exc, NodeError) and exc.retriable
+
+
+#: What the node does with each of its tables (the scheduler's too): all of it.
+_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def missing_privileges(connection: Any) -> list[str]:
+    """The node's tables its PostgreSQL role may not read and write (an operator's REVOKE, or tables
+    created by another role without GRANTs); empty on SQLite, where the file mode decides."""
+    if connection.dialect.name != "postgresql":
+        return []
+    from dicom_node.store.models import Base
+
+    names = sorted(Base.metadata.tables)
+    checks = " AND ".join(f"has_table_privilege(t, '{p}')" for p in _TABLE_PRIVILEGES)
+    rows = connection.exec_driver_sql(
+        f"SELECT t FROM unnest(%(names)s::text[]) AS t WHERE to_regclass(t) IS NOT NULL AND NOT ({checks})",
+        {"names": names},
+    )
+    return [str(row[0]) for row in rows]
+
+
+def privileges_advice(tables: list[str]) -> str:
+    return (f"the database role may not read and write table(s) {', '.join(tables)}: "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO <the node's role>")
 
 
 #: pg_try_advisory_lock key of a running node ("CXRNODE" in ASCII): one node per database.

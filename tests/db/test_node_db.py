@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -694,3 +695,49 @@ def test_every_column_of_the_received_tables_is_a_header_column_or_the_nodes_own
         header = {column for column, _ in columns}
         assert header <= names, model.__name__
         assert names - header - own == set(), model.__name__
+
+
+def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_errors(
+    pg_server: PostgresServer, store: FileStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a REVOKE every image got 0xA700 "database unavailable" with a WARNING, and /healthz said
+    ok: an operator saw nothing while every PACS queued its images (review). The PACS is still told to
+    retry later (the images are not lost), but the health check fails and the log says ERROR."""
+    import psycopg
+
+    from dicom_node.metrics import NodeMetrics
+
+    url = pg_server.create_database()
+    database = url.rsplit("/", 1)[1]
+    owner = db.make_engine(url)
+    db.upgrade(owner)
+    owner.dispose()
+    role = f"cxr_dml_{next(_ROLES)}"
+    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-dml-9'")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    engine = db.make_engine(f"postgresql+psycopg://{role}:pw-dml-9@127.0.0.1:{pg_server.port}/{database}")
+    try:
+        factory = db.make_session_factory(engine)
+        metrics = NodeMetrics(factory)
+        assert metrics.health().checks["database"]
+        Ingestor(factory, store).ingest_bytes(to_bytes(make_cr()), calling_ae="X", source="dimse")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"REVOKE INSERT ON instance FROM {role}")
+        with engine.connect() as connection:
+            assert db.missing_privileges(connection) == ["instance"]
+        with caplog.at_level(logging.INFO):
+            assert not metrics.health().checks["database"]
+            with pytest.raises(DatabaseUnavailableError) as caught:
+                Ingestor(factory, store).ingest_bytes(to_bytes(make_cr()), calling_ae="X", source="dimse")
+        assert int(caught.value.status) == 0xA700 and "refused the write" in str(caught.value)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("may not read and write table(s) instance: GRANT" in message for message in errors)
+        assert any("SQLSTATE 42501): a configuration error" in message for message in errors)
+    finally:
+        engine.dispose()
+
+
+_ROLES = itertools.count(1)
