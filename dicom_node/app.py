@@ -101,8 +101,8 @@ class Node:
         if self.settings.web.enabled:
             self.web = _start_web(self)
         self._started = True
-        LOGGER.info("node %r started: AE title %s, DICOM port %d", self.settings.node.name,
-                    self.settings.dicom.ae_title, self.dicom_port)
+        LOGGER.info("node %r started: AE title %s, DICOM port %d, database %s", self.settings.node.name,
+                    self.settings.dicom.ae_title, self.dicom_port, db.describe_url(self.engine.url))
 
     def stop(self) -> None:
         """Stop accepting, finish running timers, release the database."""

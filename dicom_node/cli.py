@@ -58,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def announce(started: Any) -> None:
         web = f", console http://{settings.web.host}:{started.web.port}" if started.web is not None else ""
         say(f"cxr-node {__version__} listening: AE title {settings.dicom.ae_title}, "
-              f"port {started.dicom_port} on {settings.dicom.bind_address}{web}")
+            f"port {started.dicom_port} on {settings.dicom.bind_address}{web}; "
+            f"database {db.describe_url(started.engine.url)}")
 
     node.serve_forever(on_started=announce)
     return 0

@@ -242,6 +242,18 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     )
     if unknown:
         raise ConfigurationError(f"unknown settings group in the environment: {', '.join(unknown)}")
+    # CXR_NODE_DATABASE__URL (one underscore): the setting was silently not read, and a production node
+    # ran on an SQLite file nobody looked at (review)
+    misspelt = sorted(
+        name for name in os.environ
+        if name.upper().startswith(ENV_PREFIX[:-1]) and not name.upper().startswith(ENV_PREFIX)
+        and name.upper() != CONFIG_ENV
+    )
+    if misspelt:
+        raise ConfigurationError(
+            f"unknown variable in the environment: {', '.join(misspelt)} (settings are "
+            f"{ENV_PREFIX}<GROUP>__<KEY>, with two underscores after CXR_NODE; the file is {CONFIG_ENV})"
+        )
     bound = type("FileSettings", (Settings,), {"yaml_path": path, "__module__": __name__})
     try:
         settings: Settings = bound(**overrides)

@@ -310,6 +310,17 @@ ANOTHER_NODE = (
 )
 
 
+def describe_url(url: Any) -> str:
+    """Which database a URL names, for the log, without its password: "SQLite file /var/…" or
+    "PostgreSQL cxrnode on db.example:5432 as cxrnode"."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() == "sqlite":
+        return f"SQLite file {parsed.database}" if parsed.database else "SQLite in memory"
+    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    who = f" as {parsed.username}" if parsed.username else ""
+    return f"{parsed.get_backend_name()} {parsed.database} on {where}{who}"
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build an engine. SQLite gets WAL, a busy timeout, enforced foreign keys and, for a database
     file, a :class:`SqliteWriterLock` in front of its write transactions."""

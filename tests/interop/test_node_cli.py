@@ -137,6 +137,9 @@ def test_a_broken_configuration_file_is_one_line_that_says_what(
         ("CXR_NODE__DICOM__PROT", "104", "dicom.prot"),  # a typo in the environment is an error too
         ("CXR_NODE__DICOMM__PORT", "104",
          "unknown settings group in the environment: CXR_NODE__DICOMM__PORT"),
+        # one underscore: the URL was not read, and the node ran on an SQLite file of its own (review)
+        ("CXR_NODE_DATABASE__URL", "postgresql+psycopg://cxr:s3cr3t@127.0.0.1/cxr",
+         "unknown variable in the environment: CXR_NODE_DATABASE__URL"),
         ("CXR_NODE__DATABASE__URL", "postgresql+psycopg://cxr:s3cr3t@127.0.0.1:{port}/cxr",
          "the database cannot be reached: connection failed"),
         ("CXR_NODE__DATABASE__URL", "postgres://cxr:s3cr3t@127.0.0.1/cxr", "use postgresql+psycopg://"),

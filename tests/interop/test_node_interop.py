@@ -128,6 +128,8 @@ def test_echoscu_succeeds(node: NodeProcess) -> None:
     result = subprocess.run([dcmtk("echoscu"), "-aet", SENDER, "-aec", NODE_AET, "127.0.0.1", str(node.port)],
                             capture_output=True, text=True, env=dcmtk_env(), timeout=60)
     assert result.returncode == 0, result.stderr
+    # the start-up line says which database the node uses (a missing env file fell back to SQLite unseen)
+    assert f"; database SQLite file {node.data_dir.resolve() / 'cxr-node.sqlite3'}" in node.log_text()
 
 
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(node: NodeProcess, node_db: Engine,
