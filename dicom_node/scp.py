@@ -93,6 +93,28 @@ def tune_socket(assoc_socket: AssociationSocket | None) -> None:
     assoc_socket.recv = types.MethodType(_recv_exact, assoc_socket)  # type: ignore[method-assign]
 
 
+#: TCP keep-alive of accepted connections: a peer gone without a FIN (power or network lost) is found
+#: after about 90 s even where no read is waiting on it.
+_KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
+
+
+def limit_silence(assoc_socket: AssociationSocket | None, seconds: float | None) -> None:
+    """A read on this connection waits at most ``seconds`` for the peer's next bytes, then the
+    connection is closed. The listener reads a PDU whole and blocking: a peer that stopped in the middle
+    of one (lost power or network, no FIN) held its thread and its association slot until it closed the
+    connection itself, past every pynetdicom timer, which run only between reads (review)."""
+    sock = None if assoc_socket is None else assoc_socket.socket
+    if sock is None:
+        return
+    try:
+        sock.settimeout(seconds or None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _KEEPALIVE:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError as exc:  # the peer is already gone
+        LOGGER.debug("connection limits not set: %s", exc.strerror)
+
+
 def configure_pynetdicom() -> None:
     """pynetdicom-wide switches: never log identifier datasets (pynetdicom's own recommendation)."""
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -210,6 +232,7 @@ class StorageScp:
             tune_for_large_buffers()  # process-wide: every received instance is a multi-megabyte buffer
             handlers: list[Any] = [
                 (evt.EVT_CONN_OPEN, self._on_connection_open),
+                (evt.EVT_ACCEPTED, self._on_association_accepted),
                 (evt.EVT_REQUESTED, self._on_association_requested),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
@@ -264,6 +287,11 @@ class StorageScp:
 
     def _on_connection_open(self, event: Event) -> None:
         tune_socket(event.assoc.dul.socket)
+        # until the association is accepted, the ARTIM/ACSE time-out bounds a stalled request
+        limit_silence(event.assoc.dul.socket, self.settings.acse_timeout or _HANDSHAKE_TIMEOUT)
+
+    def _on_association_accepted(self, event: Event) -> None:
+        limit_silence(event.assoc.dul.socket, self.settings.network_timeout)
 
     def _on_association_requested(self, event: Event) -> None:
         """Default deny: reject unless the calling AE is an enabled caller from an allowed host."""

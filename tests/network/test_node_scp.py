@@ -7,7 +7,9 @@ import io
 import logging
 import socket
 import ssl
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from pydicom.uid import (
     RLELossless,
     SecondaryCaptureImageStorage,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,15 +61,15 @@ class Listener:
 
 
 def _listener(tmp_path: Path, *, ingestor_class: type[Ingestor] = Ingestor,
-              ssl_context: ssl.SSLContext | None = None) -> Listener:
+              ssl_context: ssl.SSLContext | None = None, settings: DicomSettings | None = None) -> Listener:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
     db.upgrade(engine)
     sessions = db.make_session_factory(engine)
     with sessions() as session, session.begin():
         aes.add(session, aes.AeSpec(CALLER, AeRole.CALLER, "127.0.0.1"), "test")
     store = FileStore(tmp_path / "instances")
-    scp = build_scp(DicomSettings(port=0, bind_address="127.0.0.1"), ingestor_class(sessions, store), sessions,
-                    ssl_context=ssl_context)
+    settings = settings or DicomSettings(port=0, bind_address="127.0.0.1")
+    scp = build_scp(settings, ingestor_class(sessions, store), sessions, ssl_context=ssl_context)
     scp.start()
     return Listener(scp, sessions, store)
 
@@ -197,6 +201,43 @@ def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
         assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, tls=client) == 0
         with pytest.raises(AssociationError):
             scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5)
+    finally:
+        node.scp.stop()
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> float:
+    """Seconds until the node closed ``sock`` (which sends nothing more); fails after ``within``."""
+    sock.settimeout(within)
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(65536):
+            pass
+    return time.monotonic() - started
+
+
+def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_slot(tmp_path: Path) -> None:
+    """The listener reads a PDU whole, blocking, with no time-out on the connection: a sender that lost
+    power or network in the middle of a C-STORE (no FIN) kept its thread and its association slot until
+    it closed the connection itself. A few of them and every sender was rejected (review)."""
+    settings = DicomSettings(port=0, bind_address="127.0.0.1", acse_timeout=1.5, network_timeout=1.5,
+                             max_associations=1)
+    node = _listener(tmp_path, settings=settings)
+    try:
+        with socket.create_connection(("127.0.0.1", node.scp.port)) as raw:  # half an A-ASSOCIATE-RQ
+            raw.sendall(struct.pack(">BBL", 0x01, 0, 1000) + bytes(11))
+            assert _closed_by_peer(raw, within=10) < 6
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
+        assert assoc.is_established
+        sock = assoc.dul.socket.socket
+        assert sock is not None
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 100_000) + bytes(500))  # half a P-DATA-TF, then silence
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not assoc.is_established
+        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0  # slot free
     finally:
         node.scp.stop()
 
