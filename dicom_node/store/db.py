@@ -91,6 +91,12 @@ def _locking_connection_class(writer_lock: SqliteWriterLock) -> type[sqlite3.Con
             self.holds_writer_lock = True
             try:
                 self.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                # Another program holds the file (the sqlite3 shell, a backup): pysqlite's own error
+                # here is not wrapped by SQLAlchemy, and a sender got 0x0110 "unexpected error" (review)
+                self._release_writer_lock()
+                said = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+                raise DatabaseUnavailableError(f"database locked by another program ({said})") from exc
             except BaseException:
                 self._release_writer_lock()
                 raise
@@ -371,7 +377,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # FULL: a commit is on disk before the node answers success (NORMAL may lose it on power loss).
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_LOCK_TIMEOUT * 1000)}")
     cursor.close()
     # SQLite's built-in lower() folds only A-Z, so a search for "müller" never found "MÜLLER"; PostgreSQL's
     # folds every letter of its UTF-8 locale. Python's is the same for both, and replaces the built-in.

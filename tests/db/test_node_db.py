@@ -741,3 +741,29 @@ def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_err
 
 
 _ROLES = itertools.count(1)
+
+
+def test_an_sqlite_file_locked_by_another_program_is_out_of_resources(
+    tmp_path: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sqlite3 shell or a backup holding the file: pysqlite's "database is locked" came out of the
+    node's BEGIN IMMEDIATE unwrapped, and the sender got 0x0110 "unexpected error" instead of 0xA700
+    (retry later) (review)."""
+    import sqlite3
+
+    monkeypatch.setattr(db, "SQLITE_LOCK_TIMEOUT", 0.5)
+    path = tmp_path / "locked.sqlite3"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            Ingestor(db.make_session_factory(engine), store).ingest_bytes(
+                to_bytes(make_cr()), calling_ae="X", source="dimse")
+        assert int(caught.value.status) == 0xA700 and "locked by another program" in str(caught.value)
+        assert [p for p in store.root.rglob("*") if p.is_file()] == []
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        engine.dispose()
