@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
 from dicom_node.allocator import tune_for_large_buffers
-from dicom_node.errors import NodeError, describe_exception
+from dicom_node.errors import InvalidDatasetError, NodeError, describe_exception
 from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.reactor import EventDrivenRequestHandler
@@ -323,6 +323,9 @@ class StorageScp:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             request = cast(C_STORE, event.request)
+            if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
+                # PS3.7 9.1.1: the request's SOP class is its presentation context's abstract syntax
+                raise InvalidDatasetError("Affected SOP Class UID differs from the presentation context")
             stream = request.DataSet
             data = stream.getvalue() if stream is not None else b""
             self.ingestor.ingest_network(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -31,7 +34,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes, scu
@@ -158,6 +161,29 @@ def test_unexpected_error_is_a_failure_status_the_listener_survives_and_the_text
         assert "RuntimeError" in caplog.text and SENTINEL not in caplog.text
     finally:
         node.scp.stop()
+
+
+def test_a_c_store_whose_sop_class_is_not_its_presentation_contexts_is_refused(listener: Listener) -> None:
+    """A CR instance sent on the context accepted for DX For Presentation was stored: the request's SOP
+    class must be its context's abstract syntax (PS3.7 9.1.1), as the statement's 0xA900 row says (review)."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    choose = assoc._get_valid_context
+
+    def on_the_dx_context(ab_syntax: str, *args: Any, **kwargs: Any) -> Any:
+        return choose(DigitalXRayImageStorageForPresentation, *args, **kwargs)
+
+    try:
+        assoc._get_valid_context = on_the_dx_context  # type: ignore[method-assign]
+        status = assoc.send_c_store(make_cr())
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900 and "presentation context" in status.ErrorComment
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
 
 
 def test_a_failure_response_carries_a_short_default_repertoire_error_comment() -> None:
