@@ -15,6 +15,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -28,6 +29,38 @@ LOGGER = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_PDU = 131072
+
+# A-ASSOCIATE-RJ in words (PS3.8 9.3.4, Table 9-21): the result, its source and, per source, the reason.
+_REJECT_RESULTS = {0x01: "permanent", 0x02: "transient"}
+_REJECT_SOURCES = {
+    0x01: "service user", 0x02: "service provider (ACSE)", 0x03: "service provider (presentation)",
+}
+_REJECT_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "no reason given",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded",
+}
+
+
+def rejection(primitive: A_ASSOCIATE | None) -> str:
+    """The peer's A-ASSOCIATE-RJ in words: "permanent; service user: called AE title not recognised".
+
+    pynetdicom says it only in its own log lines; the node puts it in the delivery's reason, the console
+    and the commands' errors. A code outside the standard is given as a number."""
+    if primitive is None:
+        return "no reason received"
+    result, source = primitive.result or 0, primitive.result_source or 0
+    diagnostic = primitive.diagnostic or 0
+    return (
+        f"{_REJECT_RESULTS.get(result, f'result 0x{result:02X}')}; "
+        f"{_REJECT_SOURCES.get(source, f'source 0x{source:02X}')}: "
+        f"{_REJECT_REASONS.get((source, diagnostic), f'reason 0x{diagnostic:02X}')}"
+    )
 
 
 def _on_connection_open(event: Event) -> None:
@@ -74,7 +107,8 @@ def _associate(
     )
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise AssociationError(f"association rejected by {called_aet} at {host}:{port}")
+            raise AssociationError(f"association rejected by {called_aet} at {host}:{port} "
+                                   f"({rejection(assoc.acceptor.primitive)})")
         if not opened:  # pynetdicom logs why only at its own level: ask the network once more
             raise AssociationError(
                 f"cannot connect to {called_aet} at {host}:{port} ({_connect_error(host, port, timeout)})")

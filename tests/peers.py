@@ -5,6 +5,7 @@ Locally a missing peer skips the test that needs it; in CI (``CI=true`` or ``--r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,56 @@ def self_signed_certificate(folder: Path, name: str = "node") -> tuple[Path, Pat
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=cxr-node-test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+@contextlib.contextmanager
+def dcmqrscp(folder: Path, ae_title: str) -> Iterator[int]:
+    """DCMTK dcmqrscp on a free loopback port, answering to ``ae_title`` only: an association calling any
+    other title is rejected (permanent, service user, "called AE title not recognised"), as Orthanc with
+    ``DicomCheckCalledAet`` does. DCMTK's storescp accepts any called AE title. Yields the port."""
+    exe = executable("dcmqrscp")
+    port = free_port()
+    storage = folder / "dcmqrscp"
+    storage.mkdir(parents=True)
+    config = folder / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 4\n"
+        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\n{ae_title} {storage} RW (10, 64mb) ANY\nAETable END\n"
+    )
+    process = subprocess.Popen([exe, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def storescp_accepting(folder: Path, ae_title: str, sop_class: str) -> Iterator[int]:
+    """DCMTK storescp on a free loopback port that accepts one SOP class (a DCMTK keyword such as
+    ``CTImageStorage``), uncompressed, and refuses every other presentation context: the profile of a PACS
+    that does not store what it is sent. Yields the port."""
+    exe = executable("storescp")
+    port = free_port()
+    config = folder / "storescp-profile.cfg"
+    config.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n"
+        f"[[PresentationContexts]]\n[Only]\nPresentationContext1 = {sop_class}\\Uncompressed\n"
+        "[[Profiles]]\n[Only]\nPresentationContexts = Only\n"
+    )
+    out = folder / "storescp"
+    out.mkdir(parents=True)
+    process = subprocess.Popen(
+        [exe, "--aetitle", ae_title, "-xf", str(config), "Only", "--output-directory", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

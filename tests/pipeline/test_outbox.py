@@ -32,6 +32,7 @@ from dicom_node.store.models import (
     StudyState,
     utcnow,
 )
+from tests import peers
 from tests.pipeline.conftest import add_study
 from tests.pipeline.storepeer import StorePeer
 
@@ -239,6 +240,25 @@ def test_a_warning_status_counts_as_delivered_and_is_recorded(
         assert delivery.state is DeliveryState.DELIVERED
         assert delivery.last_status == 0xB000
         assert [(a.outcome, a.status) for a in delivery.attempt_history] == [("warning", 0xB000)]
+
+
+@pytest.mark.interop
+def test_a_rejected_association_is_recorded_with_the_peers_reason(
+    db: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The destination's AE title is wrong (DCMTK dcmqrscp answers to PACS2 only): the delivery's reason and
+    the WARNING said "association rejected by PACS at …" and nothing of why."""
+    results = tmp_path / "results"
+    with peers.dcmqrscp(tmp_path, "PACS2") as port:
+        destination_pk, _ = _deliveries(db, results, port, 1)
+        with caplog.at_level("INFO", logger="dicom_node.outbox"):
+            _outbox(db, results).deliver_due(destination_pk)
+    reason = (f"association rejected by PACS at 127.0.0.1:{port} "
+              "(permanent; service user: called AE title not recognised)")
+    with session_scope(db) as session:
+        assert session.scalars(select(Delivery)).one().last_error == reason
+    [summary] = [r for r in caplog.records if r.name == "dicom_node.outbox"]
+    assert summary.levelname == "WARNING" and reason in summary.getMessage()
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -1,0 +1,26 @@
+"""A PACS that refuses the node's results: the node says why, in the peer's own terms (real DCMTK peers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node import scu
+from dicom_node.errors import AssociationError
+from tests import peers
+
+pytestmark = pytest.mark.interop
+
+
+def test_a_rejected_association_names_the_result_source_and_reason(tmp_path: Path) -> None:
+    """A wrong called AE title: the message said only "association rejected by …", the reason was in
+    pynetdicom's ERROR lines only."""
+    with peers.dcmqrscp(tmp_path, "PACS2") as port:
+        with pytest.raises(AssociationError) as raised:
+            scu.echo("127.0.0.1", port, "PACS2X", calling_aet="CXRNODE", timeout=10)
+        assert str(raised.value) == (
+            f"association rejected by PACS2X at 127.0.0.1:{port} "
+            "(permanent; service user: called AE title not recognised)"
+        )
+        assert scu.echo("127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10) == 0
