@@ -76,6 +76,38 @@ def _connect_error(host: str, port: int, timeout: float) -> str:
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__
 
+# Presentation context results other than acceptance (PS3.8 Table 9-18).
+_CONTEXT_RESULTS = {
+    0x01: "refused by the user",
+    0x02: "refused, no reason given",
+    0x03: "SOP class not supported",
+    0x04: "transfer syntaxes not supported",
+}
+
+
+def _syntax_name(uid: str) -> str:
+    """A UID's name where pydicom knows it ("Encapsulated PDF Storage"), else the UID itself."""
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def refused_contexts(requested: Sequence[PresentationContext], refused: Sequence[PresentationContext]) -> str:
+    """What the peer refused, per SOP class: "Encapsulated PDF Storage in Explicit VR Little Endian or
+    Implicit VR Little Endian: SOP class not supported" (several joined by "; ")."""
+    syntaxes: dict[str, dict[str, None]] = {}
+    for context in requested:
+        syntaxes.setdefault(str(context.abstract_syntax), {}).update(
+            dict.fromkeys(str(uid) for uid in context.transfer_syntax))
+    results: dict[str, dict[str, None]] = {}
+    for context in refused:
+        results.setdefault(str(context.abstract_syntax), {})[
+            _CONTEXT_RESULTS.get(context.result or 0, f"result 0x{context.result or 0:02X}")] = None
+    return "; ".join(
+        f"{_syntax_name(sop_class)} in {' or '.join(_syntax_name(uid) for uid in proposed)}"
+        + (f": {', '.join(results[sop_class])}" if results.get(sop_class) else "")
+        for sop_class, proposed in syntaxes.items()
+    )
+
 
 def _associate(
     contexts: list[PresentationContext],
@@ -109,6 +141,11 @@ def _associate(
         if assoc.is_rejected:
             raise AssociationError(f"association rejected by {called_aet} at {host}:{port} "
                                    f"({rejection(assoc.acceptor.primitive)})")
+        answer = assoc.acceptor.primitive
+        if answer is not None and answer.result == 0x00:  # accepted, but no context: pynetdicom aborted it
+            raise AssociationError(
+                f"{called_aet} at {host}:{port} accepted none of the proposed presentation contexts "
+                f"({refused_contexts(contexts, assoc.rejected_contexts)})")
         if not opened:  # pynetdicom logs why only at its own level: ask the network once more
             raise AssociationError(
                 f"cannot connect to {called_aet} at {host}:{port} ({_connect_error(host, port, timeout)})")

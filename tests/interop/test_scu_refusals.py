@@ -9,6 +9,7 @@ import pytest
 from dicom_node import scu
 from dicom_node.errors import AssociationError
 from tests import peers
+from tests.node_datasets import make_cr
 
 pytestmark = pytest.mark.interop
 
@@ -24,3 +25,17 @@ def test_a_rejected_association_names_the_result_source_and_reason(tmp_path: Pat
             "(permanent; service user: called AE title not recognised)"
         )
         assert scu.echo("127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10) == 0
+
+
+def test_an_association_without_an_accepted_context_says_what_the_peer_refused(tmp_path: Path) -> None:
+    """A PACS that stores no Computed Radiography (storescp with a CT-only profile) accepts the association
+    and refuses every context; pynetdicom aborts it, and the node said "no association … (aborted or timed
+    out)"."""
+    with peers.storescp_accepting(tmp_path, "PACS2", "CTImageStorage") as port:
+        with pytest.raises(AssociationError) as raised:
+            scu.send([make_cr()], "127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10)
+    assert str(raised.value) == (
+        f"PACS2 at 127.0.0.1:{port} accepted none of the proposed presentation contexts (Computed "
+        "Radiography Image Storage in Explicit VR Little Endian or Implicit VR Little Endian: SOP class not "
+        "supported)"
+    )

@@ -261,6 +261,24 @@ def test_a_rejected_association_is_recorded_with_the_peers_reason(
     assert summary.levelname == "WARNING" and reason in summary.getMessage()
 
 
+@pytest.mark.interop
+def test_a_peer_that_accepts_no_context_is_recorded_with_what_it_refused(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """storescp whose profile lacks the result's SOP class: the reason was "no association with PACS …
+    (aborted or timed out)", which sent the operator looking at the network."""
+    results = tmp_path / "results"
+    with peers.storescp_accepting(tmp_path, "PACS", "CTImageStorage") as port:
+        destination_pk, _ = _deliveries(db, results, port, 1)
+        _outbox(db, results).deliver_due(destination_pk)
+    with session_scope(db) as session:
+        assert session.scalars(select(Delivery)).one().last_error == (
+            f"PACS at 127.0.0.1:{port} accepted none of the proposed presentation contexts (Secondary "
+            "Capture Image Storage in Explicit VR Little Endian or Implicit VR Little Endian: SOP class not "
+            "supported)"
+        )
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_failures_back_off_then_die_and_resend_delivers(
     db: sessionmaker[Session],
