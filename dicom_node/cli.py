@@ -165,12 +165,12 @@ def cmd_send(args: argparse.Namespace) -> int:
         audit.record(session, audit.cli_actor(), "send", f"remote_ae:{ae.id}",
                      {"paths": len(args.paths)})
     context = client_context(settings.dicom.tls) if tls else None
-    statuses = scu.send([Path(p) for p in args.paths], host, port, title,
-                        calling_aet=settings.dicom.ae_title, tls=context)
+    datasets = scu.load_datasets([Path(p) for p in args.paths])
+    statuses = scu.send(datasets, host, port, title, calling_aet=settings.dicom.ae_title, tls=context)
     stored = sum(1 for s in statuses if is_stored(s))
-    for index, status in enumerate(statuses):
-        if not is_stored(status):
-            say(f"object {index + 1}: status 0x{status:04X}")
+    for index, (ds, status) in enumerate(zip(datasets, statuses, strict=False)):
+        if not is_stored(status):  # the file as the operator named it (or found in a folder they named)
+            say(f"{getattr(ds, 'filename', None) or f'object {index + 1}'}: {scu.describe(status)}")
     say(f"sent {stored} of {len(statuses)} objects to {title} at {host}:{port}")
     return 0 if statuses and stored == len(statuses) else 1
 

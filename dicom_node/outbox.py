@@ -344,6 +344,7 @@ class Outbox:
             present.append(item)
             datasets.append(dataset)
         if present:
+            statuses: Sequence[int]  # scu.StoreStatus: each with the peer's Error Comment
             try:
                 context = self._tls_context() if destination.tls else None
                 statuses = scu.send(
@@ -368,8 +369,10 @@ class Outbox:
             else:
                 error = "no response"
             for index, item in enumerate(present):
-                status = statuses[index] if index < len(statuses) else None
-                outcomes[item.delivery_pk] = (status, "" if status is not None else error)
+                if index < len(statuses):  # the peer's answer, with its Error Comment if it gave one
+                    outcomes[item.delivery_pk] = (int(statuses[index]), scu.describe(statuses[index]))
+                else:
+                    outcomes[item.delivery_pk] = (None, error)
         self._record(destination, items, outcomes, report)
 
     def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport) -> None:
@@ -418,7 +421,7 @@ class Outbox:
                     delivery.state = DeliveryState.DELIVERED
                     delivery.delivered_at = now
                     delivery.next_attempt_at = None
-                    delivery.last_error = f"warning status 0x{status:04X}" if outcome == "warning" else ""
+                    delivery.last_error = error if outcome == "warning" else ""
                     note = delivery.last_error
                     report.delivered.append(delivery.id)
                     latencies.append((item.kind, (now - item.received_at).total_seconds()))

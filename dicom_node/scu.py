@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node import reactor
 from dicom_node.errors import AssociationError, InvalidDatasetError
 from dicom_node.scp import configure_pynetdicom, tune_socket
-from dicom_node.statuses import Status
+from dicom_node.statuses import Status, is_failure, is_warning
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +61,41 @@ def rejection(primitive: A_ASSOCIATE | None) -> str:
         f"{_REJECT_SOURCES.get(source, f'source 0x{source:02X}')}: "
         f"{_REJECT_REASONS.get((source, diagnostic), f'reason 0x{diagnostic:02X}')}"
     )
+
+
+#: The longest Error Comment kept: its VR (LO) holds 64 characters; a peer that sends more is cut.
+ERROR_COMMENT_LENGTH = 64
+
+
+class StoreStatus(int):
+    """A C-STORE status as the peer answered it, with its Error Comment (0000,0902) if it gave one, or why
+    the node sent nothing (``reason``). It compares and formats as the status code itself."""
+
+    reason: str
+
+    def __new__(cls, status: int, reason: str = "") -> StoreStatus:
+        self = super().__new__(cls, status)
+        self.reason = reason
+        return self
+
+
+def error_comment(response: Dataset) -> str:
+    """The peer's Error Comment, fit to log: one line of printable characters, double quotes made single
+    (it is quoted), at most :data:`ERROR_COMMENT_LENGTH` characters. It is the PACS's text, which does not
+    normally quote patient data; the node puts it only in the delivery's reason and WARNING lines."""
+    text = " ".join(str(response.get("ErrorComment") or "").split())
+    text = "".join(char if char.isprintable() else "?" for char in text).replace('"', "'")
+    return text if len(text) <= ERROR_COMMENT_LENGTH else text[:ERROR_COMMENT_LENGTH].rstrip() + "…"
+
+
+def describe(status: int) -> str:
+    """A C-STORE status in words for a delivery's reason and the commands: 'failure status 0xA700
+    (Error Comment: "Out of disk space")', 'failure status 0x0122 (not sent: …)',
+    'warning status 0xB000'."""
+    kind = "failure " if is_failure(status) else "warning " if is_warning(status) else ""
+    text = f"{kind}status 0x{status:04X}"
+    reason = status.reason if isinstance(status, StoreStatus) else ""
+    return f"{text} ({reason})" if reason else text
 
 
 def _on_connection_open(event: Event) -> None:
@@ -231,8 +266,9 @@ def send(
     calling_aet: str,
     tls: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-) -> list[int]:
-    """C-STORE every object over one association; returns one status per object, in order.
+) -> list[StoreStatus]:
+    """C-STORE every object over one association; returns one status per object, in order, each with the
+    peer's Error Comment (:func:`describe` puts both in words).
 
     An object whose context the peer refused gets ``SOP_CLASS_NOT_SUPPORTED`` without a request.
     """
@@ -241,7 +277,7 @@ def send(
         return []
     assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
                        timeout=timeout)
-    statuses: list[int] = []
+    statuses: list[StoreStatus] = []
     try:
         for message_id, ds in enumerate(datasets, start=1):
             statuses.append(_store_one(assoc, ds, message_id))
@@ -253,15 +289,17 @@ def send(
     return statuses
 
 
-def _store_one(assoc: Association, ds: Dataset, message_id: int) -> int:
+def _store_one(assoc: Association, ds: Dataset, message_id: int) -> StoreStatus:
     """One C-STORE; each request of an association has its own Message ID (PS3.7 9.3.1.1: it tells the
     requests apart; pynetdicom would send 1 every time)."""
     try:
         response: Any = assoc.send_c_store(ds, msg_id=message_id % 65536)
-    except ValueError:
-        LOGGER.warning("peer accepted no presentation context for an object of SOP class %s",
-                       ds.get("SOPClassUID", "?"))
-        return int(Status.SOP_CLASS_NOT_SUPPORTED)
+    except ValueError:  # the delivery's reason and its WARNING say it; no line of its own
+        sop_class = _syntax_name(str(ds.get("SOPClassUID", "?")))
+        LOGGER.info("peer accepted no presentation context for an object of SOP class %s", sop_class)
+        return StoreStatus(Status.SOP_CLASS_NOT_SUPPORTED,
+                           f"not sent: the peer accepted no presentation context for {sop_class}")
     if response is None or "Status" not in response:
         raise AssociationError("no C-STORE response (association aborted or timed out)")
-    return int(response.Status)
+    comment = error_comment(response)
+    return StoreStatus(int(response.Status), f'Error Comment: "{comment}"' if comment else "")

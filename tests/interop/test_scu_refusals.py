@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage
 
 from dicom_node import scu
 from dicom_node.errors import AssociationError
@@ -38,4 +39,17 @@ def test_an_association_without_an_accepted_context_says_what_the_peer_refused(t
         f"PACS2 at 127.0.0.1:{port} accepted none of the proposed presentation contexts (Computed "
         "Radiography Image Storage in Explicit VR Little Endian or Implicit VR Little Endian: SOP class not "
         "supported)"
+    )
+
+
+def test_an_object_whose_context_was_refused_says_so(tmp_path: Path) -> None:
+    """In an association the peer accepted for other objects: the object's status said only 0x0122."""
+    ct = make_cr()
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    with peers.storescp_accepting(tmp_path, "PACS2", "CTImageStorage") as port:
+        statuses = scu.send([ct, make_cr()], "127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10)
+    assert statuses == [0x0000, 0x0122]
+    assert scu.describe(statuses[1]) == (
+        "failure status 0x0122 (not sent: the peer accepted no presentation context for Computed Radiography "
+        "Image Storage)"
     )

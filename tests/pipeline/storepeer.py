@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
@@ -21,23 +22,30 @@ class StorePeer:
         port: int | None = None,
         status: int = 0x0000,
         abort_after: int | None = None,
+        comment: str = "",
     ) -> None:
         self.ae_title = ae_title
         self.port = port or peers.free_port()
         self.status = status
+        self.comment = comment  # the Error Comment (0000,0902) sent with the status, if any
         self.abort_after = abort_after  # abort the association instead of answering the next object
         self.received: list[str] = []
         self.associations = 0
         self._lock = threading.Lock()
         self._server: Any = None
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         with self._lock:
             if self.abort_after is not None and len(self.received) >= self.abort_after:
                 event.assoc.abort()  # a PACS that goes away mid-batch: no response to this object
                 return 0x0000
             self.received.append(str(event.request.AffectedSOPInstanceUID))
-        return self.status
+        if not self.comment:
+            return self.status
+        response = Dataset()
+        response.Status = self.status
+        response.ErrorComment = self.comment
+        return response
 
     def _on_accepted(self, _event: Event) -> None:
         with self._lock:

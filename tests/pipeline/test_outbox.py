@@ -280,6 +280,52 @@ def test_a_peer_that_accepts_no_context_is_recorded_with_what_it_refused(
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_a_refused_object_is_recorded_with_the_peers_error_comment_and_send_names_its_file(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS answering 0xA700 says why in its Error Comment: the node recorded only "failure status
+    0xA700", and `cxr-node send` printed "object 1: status 0xA700" without saying which file."""
+    full = StorePeer(status=0xA700, comment='Storage "archive1"\nfull').start()
+    results = tmp_path / "results"
+    try:
+        destination_pk, _ = _deliveries(db, results, full.port, 1)
+        with caplog.at_level("INFO", logger="dicom_node.outbox"):
+            _outbox(db, results).deliver_due(destination_pk)
+        reason = "failure status 0xA700 (Error Comment: \"Storage 'archive1' full\")"
+        with session_scope(db) as session:
+            delivery = session.scalars(select(Delivery)).one()
+            assert (delivery.last_error, delivery.last_status) == (reason, 0xA700)
+            assert [a.error for a in delivery.attempt_history] == [reason]
+        [summary] = [r for r in caplog.records if r.name == "dicom_node.outbox"]
+        assert summary.levelname == "WARNING" and f"1 failed ({reason})" in summary.getMessage()
+
+        config = tmp_path / "node.yaml"
+        config.write_text(f"node:\n  data_dir: {tmp_path}\ndicom:\n  ae_title: CXRNODE\n")
+        monkeypatch.setenv("CXR_NODE__DATABASE__URL", str(db.kw["bind"].url))
+        [sent] = (results / path for path in _result_paths(db))
+        capsys.readouterr()
+        assert cli_main(["send", "--config", str(config), str(sent), "--to", "PACS"]) == 1
+        assert f"{sent}: {reason}\n" in capsys.readouterr().out
+    finally:
+        full.stop()
+
+
+def _result_paths(db: sessionmaker[Session]) -> list[str]:
+    with session_scope(db) as session:
+        return list(session.scalars(select(ResultObject.file_path)))
+
+
+def test_an_error_comment_is_one_printable_line_of_at_most_64_characters() -> None:
+    from dicom_node.scu import error_comment
+
+    response = pydicom.Dataset()
+    response.ErrorComment = "a\tb\x07c " + "x" * 100
+    assert error_comment(response) == "a b?c " + "x" * 58 + "…"
+    assert error_comment(pydicom.Dataset()) == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_failures_back_off_then_die_and_resend_delivers(
     db: sessionmaker[Session],
     tmp_path: Path,
