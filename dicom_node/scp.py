@@ -43,6 +43,7 @@ _HANDSHAKE_TIMEOUT = 30.0  # seconds, when no ACSE timeout is configured
 
 # A-ASSOCIATE-RJ (result, source, reason) — PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
 
 
@@ -294,11 +295,19 @@ class StorageScp:
         limit_silence(event.assoc.dul.socket, self.settings.network_timeout)
 
     def _on_association_requested(self, event: Event) -> None:
-        """Default deny: reject unless the calling AE is an enabled caller from an allowed host."""
+        """Default deny: reject unless the called AE title is ours and the calling AE is an enabled caller
+        from an allowed host. Each rejection is one WARNING naming the titles and the peer's address (AE
+        titles and addresses are configuration, not patient data)."""
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+        called = str(primitive.called_ae_title).strip() if primitive is not None else ""
         peer = str(assoc.requestor.address)
+        if called != self.settings.ae_title.strip():  # pynetdicom would reject it too, without a word
+            LOGGER.warning("association rejected: called AE %r asked for by calling AE %r from %s is not "
+                           "this node's AE title %r", called, calling, peer, self.settings.ae_title)
+            self._reject(event, REJECT_CALLED_AE)
+            return
         try:
             with self.session_factory() as session:
                 allowed = self.caller_policy(session, calling, peer)

@@ -141,6 +141,24 @@ def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: 
         scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="NOBODY")
 
 
+@pytest.mark.interop
+def test_a_wrong_called_ae_title_is_one_warning_naming_it_the_caller_and_its_address(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DCMTK echoscu calling "WRONG": the sender saw "Called AE Title Not Recognized", the node's log only
+    "Association Released" (pynetdicom rejected it, and its logging is quieted)."""
+    command = [peers.executable("echoscu"), "-to", "10", "-aet", CALLER, "-aec", "WRONG", "127.0.0.1",
+               str(listener.scp.port)]
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Called AE Title Not Recognized" in result.stdout + result.stderr
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.name == "dicom_node.scp" and warning.getMessage() == (
+        f"association rejected: called AE 'WRONG' asked for by calling AE '{CALLER}' from 127.0.0.1 is not "
+        "this node's AE title 'CXRNODE'"
+    )
+
+
 class _ExplodingOnce(Ingestor):
     exploded = False
 
