@@ -47,10 +47,25 @@ DATASET_LOGGERS = ("pydicom", "highdicom")
 ROW_LOGGER = "sqlalchemy.engine"
 
 
-#: pynetdicom's ERROR lines for a peer that cannot be reached. For the node that is a delivery to retry,
-#: which the outbox reports itself (one WARNING with the destination and the reason); at ERROR they
-#: would set off an operator's alerts on every routine retry while a PACS is down.
-_UNREACHABLE_PEER = ("Association request failed: unable to connect", "TCP Initialisation Error")
+#: pynetdicom's ERROR lines, per logger, for what the node's outbound associations (dicom_node.scu) say
+#: themselves: a peer that cannot be reached, rejects the association (result, source, reason), accepts
+#: none of its presentation contexts or not one an object needs, aborts or does not answer the request.
+#: For the node each is a delivery to retry, which the outbox reports itself (one WARNING with the
+#: destination and the reason), a C-ECHO or ``send`` an error naming it; at ERROR they would set off an
+#: operator's alerts on every routine retry. They are kept at INFO (shown at DEBUG). None of these lines
+#: is logged on the node's listener side: pynetdicom logs them only as the association's requestor.
+_SAID_BY_THE_NODE = {
+    "pynetdicom.transport": ("Association request failed: unable to connect", "TCP Initialisation Error"),
+    "pynetdicom.acse": (
+        "Association Rejected",
+        "Result: ",
+        "Reason: ",
+        "No accepted presentation contexts",
+        "Association Aborted",
+        "ACSE timeout reached while waiting for response to association request",
+    ),
+    "pynetdicom.association": ("No presentation context for ",),
+}
 
 
 class ValueRedactor(logging.Filter):
@@ -59,7 +74,8 @@ class ValueRedactor(logging.Filter):
     date; its SQL parameters are hidden already, by ``hide_parameters`` in dicom_node.store.db)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "pynetdicom.transport" and str(record.msg).startswith(_UNREACHABLE_PEER):
+        said = _SAID_BY_THE_NODE.get(record.name, ())
+        if said and record.levelno > logging.INFO and str(record.msg).startswith(said):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # shown at DEBUG only
         if record.name == "py.warnings":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,8 @@ from pydicom.uid import CTImageStorage
 
 from dicom_node import scu
 from dicom_node.errors import AssociationError
+from dicom_node.logconfig import QUIET_LOGGERS, configure_logging
+from dicom_node.settings import LoggingSettings
 from tests import peers
 from tests.node_datasets import make_cr
 
@@ -53,3 +58,38 @@ def test_an_object_whose_context_was_refused_says_so(tmp_path: Path) -> None:
         "failure status 0x0122 (not sent: the peer accepted no presentation context for Computed Radiography "
         "Image Storage)"
     )
+
+
+@pytest.fixture
+def node_logging() -> Iterator[io.StringIO]:
+    """The service's logging (dicom_node.logconfig) into a buffer; the test run's own restored after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO"), stream=stream)
+    yield stream
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, quiet_level in quiet.items():
+        logging.getLogger(name).setLevel(quiet_level)
+
+
+def test_pynetdicom_adds_no_error_line_to_what_the_node_says(
+    tmp_path: Path, node_logging: io.StringIO
+) -> None:
+    """Operator guide section 6: a failed attempt is one WARNING with the reason. pynetdicom added one to
+    three ERROR lines ("Association Rejected", "No accepted presentation contexts", …) that set off ERROR
+    alerts."""
+    ct = make_cr()
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    (tmp_path / "qr").mkdir()
+    with peers.dcmqrscp(tmp_path / "qr", "PACS2") as port, pytest.raises(AssociationError):
+        scu.echo("127.0.0.1", port, "PACS2X", calling_aet="CXRNODE", timeout=10)
+    with peers.storescp_accepting(tmp_path, "PACS2", "CTImageStorage") as port:
+        with pytest.raises(AssociationError):
+            scu.send([make_cr()], "127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10)
+        assert scu.send([ct, make_cr()], "127.0.0.1", port, "PACS2", calling_aet="CXRNODE", timeout=10)[1]
+    assert " ERROR " not in node_logging.getvalue(), node_logging.getvalue()
+    assert "pynetdicom" not in node_logging.getvalue()  # at INFO they are below pynetdicom's WARNING level
