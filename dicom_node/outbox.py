@@ -132,8 +132,10 @@ class Outbox:
         scheduler: BaseScheduler | None = None,
         metrics: NodeMetrics | None = None,
         workers: int = 2,
+        max_pdu: int | None = None,
     ) -> None:
         self.session_factory = session_factory
+        self.max_pdu = max_pdu  # offered to the PACS: dicom.max_pdu, as by the listener (None: scu's default)
         self.results_dir = results_dir
         self.calling_aet = calling_aet
         self.settings = settings
@@ -162,6 +164,7 @@ class Outbox:
             tls=settings.dicom.tls,  # its certificates, whether or not the node's own listener is on TLS
             scheduler=scheduler,
             metrics=metrics,
+            max_pdu=settings.dicom.max_pdu,
         )
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -354,6 +357,7 @@ class Outbox:
                     destination.ae_title,
                     calling_aet=self.calling_aet,
                     tls=context,
+                    max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
                 )
             except NodeError as exc:
                 error = str(exc)

@@ -266,6 +266,7 @@ def send(
     calling_aet: str,
     tls: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    max_pdu: int = DEFAULT_MAX_PDU,
 ) -> list[StoreStatus]:
     """C-STORE every object over one association; returns one status per object, in order, each with the
     peer's Error Comment (:func:`describe` puts both in words).
@@ -276,7 +277,7 @@ def send(
     if not datasets:
         return []
     assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
-                       timeout=timeout)
+                       timeout=timeout, max_pdu=max_pdu)
     statuses: list[StoreStatus] = []
     try:
         for message_id, ds in enumerate(datasets, start=1):

@@ -31,6 +31,7 @@ class StorePeer:
         self.abort_after = abort_after  # abort the association instead of answering the next object
         self.received: list[str] = []
         self.associations = 0
+        self.offered_max_pdus: list[int] = []  # the Maximum Length each requestor offered
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -47,9 +48,10 @@ class StorePeer:
         response.ErrorComment = self.comment
         return response
 
-    def _on_accepted(self, _event: Event) -> None:
+    def _on_accepted(self, event: Event) -> None:
         with self._lock:
             self.associations += 1
+            self.offered_max_pdus.append(int(event.assoc.requestor.maximum_length))
 
     def start(self) -> StorePeer:
         ae = AE(ae_title=self.ae_title)

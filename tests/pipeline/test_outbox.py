@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.cli import main as cli_main
 from dicom_node.outbox import Outbox, backoff_seconds
 from dicom_node.pipeline import dataset_bytes
-from dicom_node.settings import OutboxSettings
+from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -198,6 +198,21 @@ def test_due_objects_go_in_one_association_and_are_never_sent_twice(
         for delivery in session.scalars(select(Delivery)):
             assert delivery.state is DeliveryState.DELIVERED
             assert [a.outcome for a in delivery.attempt_history] == ["delivered"]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384])
+def test_the_outbox_offers_the_configured_maximum_pdu(
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, max_pdu: int
+) -> None:
+    """The SCU offered 131072 bytes whatever dicom.max_pdu said, while the statement says dicom.max_pdu
+    is what the node offers (review)."""
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, peer.port, 1)
+    settings = Settings(node={"data_dir": tmp_path}, dicom={"max_pdu": max_pdu})
+    outbox = Outbox.from_settings(settings, db)
+    outbox.results_dir = results
+    assert outbox.deliver_due(destination_pk).delivered == ids
+    assert peer.offered_max_pdus == [max_pdu]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
