@@ -38,6 +38,7 @@ from dicom_node.errors import (
 )
 from dicom_node.part10 import (
     check_pixel_data,
+    check_value_representations,
     has_preamble,
     parse_instance,
     parse_network_dataset,
@@ -154,6 +155,7 @@ class Ingestor:
         sop_instance = require_uid(ds, "SOPInstanceUID")
         study_uid = require_uid(ds, "StudyInstanceUID")
         series_uid = require_uid(ds, "SeriesInstanceUID")
+        check_value_representations(ds)
         check_pixel_data(ds, transfer_syntax)
         parsed = ParsedInstance(ds, sop_class, sop_instance, study_uid, series_uid, transfer_syntax)
         with self._locks[hash(sop_instance) % _LOCK_STRIPES]:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import parse_fragments
@@ -68,6 +69,33 @@ def require_uid(ds: Dataset, keyword: str) -> str:
     if len(value) > 64 or not _UID.fullmatch(value):
         raise InvalidDatasetError(f"{keyword} is not a valid UID")
     return value
+
+
+#: Attributes the node reads to render the image or copies into its results (the patient, study, series
+#: and instance values of the console, the SR and the PDF).
+_VR_CHECKED = (
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+    "NumberOfFrames", "PhotometricInterpretation", "PatientName", "PatientID", "IssuerOfPatientID",
+    "PatientBirthDate", "PatientSex", "PatientAge", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDescription", "TimezoneOffsetFromUTC", "Modality", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "InstanceNumber", "ViewPosition", "ImageLaterality",
+    "Laterality", "PatientOrientation",
+)
+
+
+def check_value_representations(ds: Dataset) -> None:
+    """The attributes the node uses must have the VR the standard gives them. With an explicit VR a
+    sender can encode Rows as DS or Study Date as US: Rows as DS was stored, answered success and then
+    failed the study with a TypeError; a US Study Date was copied into the SR, which then failed
+    dciodvfy (review). Refused with 0xA900 instead, naming the attribute (no value)."""
+    for keyword in _VR_CHECKED:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in ds:
+            continue
+        vr = ds.get_item(tag).VR
+        expected = dictionary_VR(tag)
+        if vr is not None and vr != expected and vr != "UN":
+            raise InvalidDatasetError(f"{keyword} is encoded as {vr}; the standard gives it {expected}")
 
 
 def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:

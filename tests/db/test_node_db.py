@@ -25,6 +25,7 @@ from dicom_node.errors import (
     ConflictError,
     DatabaseUnavailableError,
     IdentityConflictError,
+    InvalidDatasetError,
 )
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
@@ -767,3 +768,23 @@ def test_an_sqlite_file_locked_by_another_program_is_out_of_resources(
         other.execute("ROLLBACK")
         other.close()
         engine.dispose()
+
+
+@pytest.mark.parametrize(("keyword", "vr", "value"), [("Rows", "DS", "64"), ("StudyDate", "US", 2024)])
+def test_an_attribute_the_node_uses_encoded_with_another_vr_is_refused(
+    sessions: sessionmaker[Session], store: FileStore, keyword: str, vr: str, value: object
+) -> None:
+    """With an explicit VR a sender can write Rows as DS or Study Date as US: the first was answered
+    success and failed its study with a TypeError, the second was copied into the SR, which then failed
+    dciodvfy (review). Both are now refused 0xA900 with the attribute named, and nothing kept."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    ds = make_cr()
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    ds[tag] = DataElement(tag, vr, value)
+    with pytest.raises(InvalidDatasetError, match=f"{keyword} is encoded as {vr}") as caught:
+        Ingestor(sessions, store).ingest_bytes(to_bytes(ds), calling_ae="X", source="dimse")
+    assert int(caught.value.status) == 0xA900
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []
