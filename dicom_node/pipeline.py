@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -885,6 +886,10 @@ class Pipeline:
                 continue
             path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
             rows.append((instance.id, path, header_from_rows(instance), finding))
+        # "Image N" keeps its number in every revision: images an earlier SR reported on come first, in
+        # that SR's order, and a late image follows them even when its series or instance number is lower
+        first = _first_reported(session, study_pk, info)
+        rows.sort(key=lambda row: first.get(row[0], sys.maxsize))  # stable: otherwise by series, instance
         session.commit()  # release the database before reading pixel files
         images: list[AnalysedImage] = []
         for instance_pk, path, header, finding in rows:
@@ -1112,6 +1117,25 @@ def _covers(session: Session, result: ResultObject, covered: list[int]) -> bool:
         .where(Instance.id.in_(covered), Instance.received_at > result.created_at)
     )
     return not later
+
+
+def _first_reported(session: Session, study_pk: int, info: ModelInfo) -> dict[int, int]:
+    """The first revision of the study's SR (this model) that reported on each instance, by instance."""
+    first: dict[int, int] = {}
+    revisions = session.execute(
+        select(ResultObject.revision, ResultObject.covers)
+        .where(
+            ResultObject.study_pk == study_pk,
+            ResultObject.kind == ResultKind.SR,
+            ResultObject.model_name == info.name,
+            ResultObject.model_version == info.version,
+        )
+        .order_by(ResultObject.revision)
+    )
+    for revision, covers in revisions:
+        for instance_pk in covers or ():  # None: made before revisions existed, its order unknown
+            first.setdefault(int(instance_pk), int(revision))
+    return first
 
 
 def _read_header(path: Path) -> pydicom.Dataset:

@@ -43,6 +43,7 @@ from reporting.types import AnalysedImage, NodeIdentity
 LOGGER = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI chest X-ray classification (decision support)"
+TRACKING_NAMESPACE = "cxr-node image classification"  # with the image's SOP Instance UID: its tracking UID
 
 
 def algorithm_parameters(model: ModelInfo, extra: Mapping[str, str] | None = None) -> list[str]:
@@ -55,10 +56,16 @@ def algorithm_parameters(model: ModelInfo, extra: Mapping[str, str] | None = Non
     return params
 
 
+def tracking_uid(source_sop_instance_uid: str) -> str:
+    """The Tracking Unique Identifier of one image's classification: a function of the image's SOP
+    Instance UID alone, so that every revision of a study's SR (a late image makes one) tracks the same
+    image under the same UID and a viewer can follow its finding from one revision to the next."""
+    return derived_uid(TRACKING_NAMESPACE, source_sop_instance_uid)
+
+
 def _measurement_group(
     image: AnalysedImage,
     index: int,
-    sop_instance_uid: str,
     extra_parameters: Mapping[str, str] | None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for one image."""
@@ -86,7 +93,7 @@ def _measurement_group(
         evaluations.append(hd.sr.QualitativeEvaluation(name=codes.QUALITY_FINDING, value=codes.AGE_UNKNOWN))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(sop_instance_uid, source_uid, "tracking"),
+            uid=tracking_uid(source_uid),
             identifier=f"Image {index + 1} classification",
         ),
         algorithm_id=algorithm,
@@ -133,7 +140,7 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.IMAGING_PROCEDURE,
         imaging_measurements=[
-            _measurement_group(image, index, sop_instance_uid, algorithm_parameters_extra)
+            _measurement_group(image, index, algorithm_parameters_extra)
             for index, image in enumerate(images)
         ],
     )

@@ -151,7 +151,8 @@ def derived_uid(*parts: str) -> str:
     """A UID that is a pure function of ``parts``.
 
     Rebuilding a result (after a crash, for a re-send) must give the same object, so nothing inside it is
-    random: its own UIDs are passed in, and the UIDs it mints are derived from them.
+    random: its own UIDs are passed in, and the UIDs it mints are derived from them or from the images
+    it reports on.
     """
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(parts)).int}"  # name-based UUID (PS3.5 B.2)
 

@@ -277,6 +277,45 @@ def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_i
         assert {d.state for d in session.scalars(select(Delivery))} == {DeliveryState.DELIVERED}
 
 
+def tracked(world: dict[str, Any], path: str) -> dict[str, tuple[str, str]]:
+    """(Tracking Identifier, Tracking UID) of each image an SR reports on, by its SOP Instance UID."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(world["config"].results_dir / path))
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return {
+        str(group.source_images[0].referenced_sop_instance_uid): (
+            str(group.tracking_identifier), str(group.tracking_uid)
+        )
+        for group in content.get_image_measurement_groups()
+    }
+
+
+def test_an_image_keeps_its_number_and_tracking_uid_in_the_revision_a_late_image_makes(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A viewer follows one image's finding from revision 1 of the SR to revision 2 by its Tracking UID
+    and reads it as the same "Image N". The old code derived the Tracking UID from the SR's own UID, so
+    it changed with every revision, and numbered the images by series, so a late image of a lower series
+    became "Image 1" and the first image "Image 2" (PACS administrator's review)."""
+    def series(number: int) -> Callable[[pydicom.Dataset], None]:
+        def edit(ds: pydicom.Dataset) -> None:
+            ds.SeriesNumber = number
+        return edit
+
+    study_pk = receive(world, "RG1_UNCI.dcm", edit=series(2))
+    make_pipeline(world).process([study_pk])
+    first = tracked(world, result_rows(world, study_pk)[ResultKind.SR][1])
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=series(1))
+    make_pipeline(world).process([study_pk])
+    second = tracked(world, result_rows(world, study_pk)[ResultKind.SR][1])
+
+    ((early, (identifier, uid)),) = first.items()
+    assert identifier == "Image 1 classification"
+    assert second[early] == (identifier, uid)
+    (late,) = set(second) - {early}
+    assert second[late][0] == "Image 2 classification" and second[late][1] != uid
+
+
 def test_results_made_before_revisions_existed_still_get_a_revision_for_a_late_image(
     world: dict[str, Any], peer: StorePeer
 ) -> None:

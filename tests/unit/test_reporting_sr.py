@@ -326,3 +326,13 @@ def test_the_sr_names_the_order_its_images_answered() -> None:
     orderless = radiograph()
     del orderless.AccessionNumber
     assert "ReferencedRequestSequence" not in round_trip(build([analysed(orderless)]))
+
+
+def test_an_images_tracking_uid_is_the_same_in_every_sr_that_reports_on_it() -> None:
+    """Tracking UIDs follow the image, not the document: revision 2 of a study's SR (new SOP Instance
+    UID) tracks the same image under the same UID. The old code derived it from the SR's own UID."""
+    images = three_image_study()
+    one = report(round_trip(build(images, "1.2.826.0.1.3680043.8.498.1002"))).get_image_measurement_groups()
+    two = report(round_trip(build(images[:2], "1.2.826.0.1.3680043.8.498.1003"))).get_image_measurement_groups()
+    assert [group.tracking_uid for group in two] == [group.tracking_uid for group in one[:2]]
+    assert len({group.tracking_uid for group in one}) == len(images)
