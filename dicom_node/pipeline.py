@@ -68,7 +68,7 @@ from dicom_node.store.models import (
 if TYPE_CHECKING:
     from dicom_node.outbox import Outbox
     from dicom_node.settings import Settings
-    from reporting.types import AnalysedImage, NodeIdentity
+    from reporting.types import AnalysedImage, NodeIdentity, Revision
 
 LOGGER = logging.getLogger(__name__)
 
@@ -754,6 +754,7 @@ class Pipeline:
                             file_path=f"{study_pk}/{kind.value}-{sop_uid}.dcm",
                             revision=1 if latest is None else latest.revision + 1,
                             covers=covered,
+                            created_at=now,  # the analysis time it states: a later revision names it
                         )
                         session.add(row)
                         session.flush()
@@ -784,6 +785,8 @@ class Pipeline:
             missing = [r for r in rows if r is not None and not (self.config.results_dir / r.file_path).is_file()]
             if not missing:
                 return object_pks
+            earlier = {row.id: _earlier_revisions(session, row) for row in missing}
+            study_uid = study.study_instance_uid
             images = self._analysed_images(session, study_pk, info, cycle)
         if not images:
             raise ReportingError(f"study {study_pk}: analysed images could not be reloaded")
@@ -793,6 +796,7 @@ class Pipeline:
         try:
             for row in missing:
                 path = row.file_path
+                revision = _revision(row, earlier[row.id])
                 if row.kind is ResultKind.SR:
                     sr = build_sr(
                         images,
@@ -804,10 +808,12 @@ class Pipeline:
                         algorithm_parameters_extra={
                             "indeterminate_threshold": f"{self.config.indeterminate_threshold:g}"
                         },
+                        revision=revision,
+                        predecessors=[self._predecessor(e, study_uid) for e in earlier[row.id]],
                     )
                     self.results.write(path, [dataset_bytes(sr)])
                 elif row.kind is ResultKind.PDF:
-                    pdf = build_pdf(images, identity, analysed_at=analysed_at)
+                    pdf = build_pdf(images, identity, analysed_at=analysed_at, revision=revision)
                     self.results.write(pdf_path(path), [pdf])
                     encapsulated = build_encapsulated_pdf(
                         pdf,
@@ -818,6 +824,7 @@ class Pipeline:
                         series_number=PDF_SERIES_NUMBER,
                         created_at=analysed_at,
                         referenced=[image.source for image in images],
+                        revision=revision,
                     )
                     self.results.write(path, [dataset_bytes(encapsulated)])
                 elif row.kind is ResultKind.HEATMAP_SC:
@@ -835,6 +842,7 @@ class Pipeline:
                         sop_instance_uid=row.sop_instance_uid,
                         series_number=SC_SERIES_NUMBER,
                         created_at=analysed_at,
+                        revision=revision,
                     )
                     self.results.write(path, [dataset_bytes(sc)])
         except NodeError:
@@ -856,6 +864,19 @@ class Pipeline:
                     if unbuilt is not None and unsent:
                         session.delete(unbuilt)
         return [pk for pk in object_pks if pk not in left_out]
+
+    def _predecessor(self, earlier: ResultObject, study_uid: str) -> pydicom.Dataset:
+        """An earlier revision of an SR as its Predecessor Documents Sequence references it: its file's
+        header, or, once the file is gone, the UIDs its row recorded (the same four the reference needs)."""
+        path = self.config.results_dir / earlier.file_path
+        if path.is_file():
+            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_PREDECESSOR_TAGS)
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = earlier.series_instance_uid
+        ds.SOPClassUID = earlier.sop_class_uid
+        ds.SOPInstanceUID = earlier.sop_instance_uid
+        return ds
 
     def _analysed_images(
         self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle
@@ -948,8 +969,12 @@ class Pipeline:
             path = self.config.storage_dir / instance.file_path
             kept = instance.purged_at is None and path.is_file()
             source = _read_header(path) if kept else header_from_rows(instance)
+            revisions = {row.id: _revision(row, _earlier_revisions(session, row)) for row in missing}
         for row in missing:
-            pdf = build_not_analysed_pdf(self.config.identity, reason=reason, analysed_at=analysed_at)
+            revision = revisions[row.id]
+            pdf = build_not_analysed_pdf(
+                self.config.identity, reason=reason, analysed_at=analysed_at, revision=revision
+            )
             self.results.write(pdf_path(row.file_path), [pdf])
             encapsulated = build_encapsulated_pdf(
                 pdf,
@@ -960,6 +985,7 @@ class Pipeline:
                 series_number=PDF_SERIES_NUMBER,
                 title=NOT_ANALYSED_TITLE,
                 created_at=analysed_at,
+                revision=revision,
             )
             self.results.write(row.file_path, [dataset_bytes(encapsulated)])
 
@@ -1117,6 +1143,31 @@ def _covers(session: Session, result: ResultObject, covered: list[int]) -> bool:
         .where(Instance.id.in_(covered), Instance.received_at > result.created_at)
     )
     return not later
+
+
+_PREDECESSOR_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"]
+
+
+def _earlier_revisions(session: Session, row: ResultObject) -> list[ResultObject]:
+    """The earlier revisions of ``row``'s object (same study, kind and model), the latest first."""
+    return list(session.scalars(
+        select(ResultObject)
+        .where(
+            ResultObject.study_pk == row.study_pk,
+            ResultObject.kind == row.kind,
+            ResultObject.model_name == row.model_name,
+            ResultObject.model_version == row.model_version,
+            ResultObject.revision < row.revision,
+        )
+        .order_by(ResultObject.revision.desc())
+    ))
+
+
+def _revision(row: ResultObject, earlier: Sequence[ResultObject]) -> Revision:
+    """Which revision ``row`` is, and the analysis time of the one it replaces (the latest earlier one)."""
+    from reporting.types import Revision
+
+    return Revision(row.revision, _aware(earlier[0].created_at) if earlier else None)
 
 
 def _first_reported(session: Session, study_pk: int, info: ModelInfo) -> dict[int, int]:

@@ -12,13 +12,25 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from reporting import codes
-from reporting.study import UTF8, date_result, dicom_date, dicom_datetime, dicom_time, header, in_study_time
-from reporting.types import NodeIdentity
+from reporting.study import (
+    FIRST,
+    UTF8,
+    date_result,
+    dicom_date,
+    dicom_datetime,
+    dicom_time,
+    header,
+    in_study_time,
+    revision_description,
+    revision_series_number,
+)
+from reporting.types import NodeIdentity, Revision
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_TITLE = "Chest X-ray AI analysis (decision support, not a diagnosis)"
 SERIES_DESCRIPTION = "AI chest X-ray report (PDF, decision support)"
+SHORT_DESCRIPTION = "AI chest X-ray report (PDF)"  # a later revision's, with its number
 
 
 def build_encapsulated_pdf(
@@ -30,15 +42,17 @@ def build_encapsulated_pdf(
     sop_instance_uid: str,
     series_number: int = 9002,
     title: str = DEFAULT_TITLE,
-    instance_number: int = 1,
     created_at: datetime | None = None,
     referenced: Sequence[pydicom.Dataset] = (),
+    revision: Revision = FIRST,
 ) -> pydicom.Dataset:
     """An Encapsulated PDF Storage instance in ``source``'s study, in a new series.
 
     Patient and study modules are copied from ``source``. ``referenced`` lists the analysed instances
     (Source Instance Sequence); ``source`` alone when empty. ``created_at`` (default: now) sets Content
-    Date/Time; pass the analysis time to make rebuilds byte-identical.
+    Date/Time; pass the analysis time to make rebuilds byte-identical. A later ``revision`` is told apart
+    as the SR's is (:func:`reporting.sr.build_sr`): Instance Number, Series Number, Series Description,
+    and a Document Title that names the report it replaces.
     """
     if not pdf.startswith(b"%PDF-"):
         raise ValueError("not a PDF document")
@@ -47,14 +61,14 @@ def build_encapsulated_pdf(
     ds = hd.SOPClass(
         study_instance_uid=str(study.StudyInstanceUID),
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
+        series_number=revision_series_number(series_number, revision),
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=EncapsulatedPDFStorage,
-        instance_number=instance_number,
+        instance_number=revision.number,
         modality="DOC",
         manufacturer=node.manufacturer,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=SERIES_DESCRIPTION,
+        series_description=revision_description(SERIES_DESCRIPTION, SHORT_DESCRIPTION, revision, source),
         manufacturer_model_name=node.model_name,
         software_versions=node.software_version,
         institution_name=node.institution_name or None,
@@ -74,7 +88,7 @@ def build_encapsulated_pdf(
     # Encapsulated Document module
     ds.AcquisitionDateTime = dicom_datetime(moment)
     ds.BurnedInAnnotation = "YES"  # the pages carry patient identifiers
-    ds.DocumentTitle = title
+    ds.DocumentTitle = title + replacement_note(revision, source)
     ds.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(codes.DIAGNOSTIC_IMAGING_REPORT)]
     ds.VerificationFlag = "UNVERIFIED"
     ds.SourceInstanceSequence = DicomSequence([_reference(item) for item in (referenced or [source])])
@@ -83,6 +97,17 @@ def build_encapsulated_pdf(
     ds.EncapsulatedDocumentLength = len(pdf)
     LOGGER.debug("built Encapsulated PDF of %d bytes", len(pdf))
     return ds
+
+
+def replacement_note(revision: Revision, source: pydicom.Dataset) -> str:
+    """What a later revision's Document Title adds: which revision, and the analysis time (in the study's
+    time) of the report it replaces; "" for the first."""
+    if revision.number <= 1:
+        return ""
+    if revision.replaces is None:
+        return f" (revision {revision.number})"
+    moment, _ = in_study_time(revision.replaces, source)
+    return f" (revision {revision.number}, replaces the report of {moment:%Y-%m-%d %H:%M:%S})"
 
 
 def _reference(instance: pydicom.Dataset) -> pydicom.Dataset:

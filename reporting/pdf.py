@@ -44,9 +44,9 @@ from reportlab.platypus import (
 from classifier.types import ModelInfo, Prediction
 from reporting import codes
 from reporting.heatmap import overlay
-from reporting.study import check_one_study, distinct_models, header
+from reporting.study import FIRST, check_one_study, distinct_models, header
 from reporting.typeface import Typeface, typeface
-from reporting.types import AnalysedImage, NodeIdentity
+from reporting.types import AnalysedImage, NodeIdentity, Revision
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,8 +103,13 @@ def percent(probability: float) -> str:
     return f"{100.0 * probability:.1f} %"
 
 
-def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_at: datetime) -> bytes:
-    """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several)."""
+def build_pdf(
+    images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_at: datetime, revision: Revision = FIRST
+) -> bytes:
+    """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several).
+
+    A later ``revision`` opens with a box saying which report it replaces, so that a printed copy cannot
+    be taken for the earlier one."""
     check_one_study(images)
     # identifiers are read from readable copies: one value no reader takes must not cost the whole report
     images = [replace(image, source=header(image.source)) for image in images]
@@ -112,7 +117,11 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     styles = _Styles.make(fonts)
     models = distinct_models(images)
     identity = _identity_table(images[0].source, len(images), styles, fonts)
+    notice: list[Flowable] = []
+    if revision.number > 1:
+        notice = [_revision_box(revision, len(images), styles), Spacer(1, 3 * mm)]
     story: list[Flowable] = [
+        *notice,
         _intended_use_box(styles),
         Spacer(1, 4 * mm),
         identity,
@@ -129,7 +138,9 @@ def build_pdf(images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_a
     # so do identity values long enough to wrap (a 64-character study description pushed the pictures
     # onto a second page, under nothing but the footer).
     one_line = _identity_table(pydicom.Dataset(), len(images), styles, fonts)
-    taken = _height(cautions) + _height([identity]) - _height([one_line]) if len(images) == 1 else 0.0
+    taken = (
+        _height(notice + cautions) + _height([identity]) - _height([one_line]) if len(images) == 1 else 0.0
+    )
     for index, image in enumerate(images):
         story += _image_section(image, index, len(images), styles, fonts, taken=taken)
         if index < len(images) - 1:
@@ -209,6 +220,23 @@ class _Styles:
 
 def _intended_use_box(styles: _Styles) -> Table:
     return _warning_box(f"⚠ {INTENDED_USE_HEADLINE}", INTENDED_USE, styles)
+
+
+def revision_headline(revision: Revision) -> str:
+    """The headline of a later revision's box: the report it replaces, by that report's analysis time as
+    its own pages print it."""
+    replaced = f" OF {analysis_time(revision.replaces)}" if revision.replaces is not None else ""
+    return f"REVISION {revision.number} — REPLACES THE REPORT{replaced}"
+
+
+def _revision_box(revision: Revision, count: int, styles: _Styles) -> Table:
+    images = "the image" if count == 1 else f"all {count} analysed images"
+    return _warning_box(
+        f"⚠ {revision_headline(revision)}",
+        f"An image arrived after that report was made. This one covers {images} of the study; "
+        "the earlier report is out of date.",
+        styles,
+    )
 
 
 def _doubt_box(doubt: str, styles: _Styles, fonts: Typeface) -> Table:
@@ -666,7 +694,9 @@ class _PageDecor:
 NOT_ANALYSED_TITLE = "Chest X-ray AI analysis: study not analysed"
 
 
-def build_not_analysed_pdf(node: NodeIdentity, *, reason: str, analysed_at: datetime) -> bytes:
+def build_not_analysed_pdf(
+    node: NodeIdentity, *, reason: str, analysed_at: datetime, revision: Revision = FIRST
+) -> bytes:
     """A one-page notice that the node looked at a study and analysed none of its images, and why.
 
     Patient identification travels in the Encapsulated PDF's DICOM header, so the page holds none. The
@@ -682,6 +712,7 @@ def build_not_analysed_pdf(node: NodeIdentity, *, reason: str, analysed_at: date
         (fonts.bold, 16, NOT_ANALYSED_TITLE),
         (fonts.regular, 11, f"{node.name} {node.institution_name}".strip()),
         (fonts.regular, 11, f"Checked at {analysed_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"),
+        *([(fonts.bold, 10, revision_headline(revision))] if revision.number > 1 else []),
         (fonts.bold, 12, "No image of this study was analysed:"),
         (fonts.regular, 11, reason),
         (fonts.regular, 9, "The AI analyses frontal (PA/AP) chest radiographs (CR/DX) only."),

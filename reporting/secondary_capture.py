@@ -22,6 +22,7 @@ from reporting import codes
 from reporting.errors import ReportingError
 from reporting.heatmap import overlay
 from reporting.study import (
+    FIRST,
     UTF8,
     date_result,
     dicom_date,
@@ -29,14 +30,17 @@ from reporting.study import (
     header_for_highdicom,
     in_study_time,
     put_back,
+    revision_description,
+    revision_series_number,
 )
 from reporting.typeface import BOLD_FILE
-from reporting.types import AnalysedImage, NodeIdentity
+from reporting.types import AnalysedImage, NodeIdentity, Revision
 
 LOGGER = logging.getLogger(__name__)
 
 NOT_FOR_DIAGNOSIS = "AI HEAT MAP - NOT FOR DIAGNOSIS"
 SERIES_DESCRIPTION = "AI heat map overlay (not for diagnosis)"
+SHORT_DESCRIPTION = "AI heat map, not for diagnosis"  # a later revision's, with its number
 BAND_COLOUR = (179, 38, 30)
 
 
@@ -52,11 +56,13 @@ def build_heatmap_sc(
     sop_instance_uid: str,
     series_number: int = 9003,
     created_at: datetime | None = None,
+    revision: Revision = FIRST,
 ) -> pydicom.Dataset:
     """A Secondary Capture (RGB) of ``image``'s heat map over its preview, in the source's study.
 
     ``created_at`` (default: now) dates it, in the study's time as the SR and PDF are; pass the analysis
-    time to make rebuilds byte-identical."""
+    time to make rebuilds byte-identical. A later ``revision`` is told apart as the SR's is
+    (:func:`reporting.sr.build_sr`): Instance Number, Series Number and Series Description."""
     heat = image.prediction.heatmap
     if image.preview is None or heat is None:
         raise NoHeatmapError("a heat-map Secondary Capture needs both a preview and a heat map")
@@ -73,13 +79,15 @@ def build_heatmap_sc(
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
+        series_number=revision_series_number(series_number, revision),
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
+        instance_number=revision.number,
         manufacturer=node.manufacturer,
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=SERIES_DESCRIPTION,
+        series_description=revision_description(
+            SERIES_DESCRIPTION, SHORT_DESCRIPTION, revision, image.source
+        ),
         manufacturer_model_name=node.model_name,
         software_versions=node.software_version,
         institution_name=node.institution_name or None,

@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from classifier.types import ModelInfo, Prediction
 from reporting import codes
 from reporting.study import (
+    FIRST,
     UTF8,
     check_one_study,
     date_result,
@@ -37,12 +38,15 @@ from reporting.study import (
     header_for_highdicom,
     in_study_time,
     put_back,
+    revision_description,
+    revision_series_number,
 )
-from reporting.types import AnalysedImage, NodeIdentity
+from reporting.types import AnalysedImage, NodeIdentity, Revision
 
 LOGGER = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI chest X-ray classification (decision support)"
+SHORT_DESCRIPTION = "AI chest X-ray classification"  # a later revision's, with its number
 TRACKING_NAMESPACE = "cxr-node image classification"  # with the image's SOP Instance UID: its tracking UID
 
 
@@ -116,14 +120,21 @@ def build_sr(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 9001,
-    instance_number: int = 1,
     analysed_at: datetime,
     algorithm_parameters_extra: Mapping[str, str] | None = None,
+    revision: Revision = FIRST,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The structured report of one study's classification.
 
     ``algorithm_parameters_extra`` adds run-time parameters (e.g. ``{"indeterminate_threshold": "0.5"}``)
     to those recorded from the model artifact. The same inputs always give the same document.
+
+    A later ``revision`` (a late image) is told apart from the SR it replaces in a viewer's series list:
+    Instance Number is the revision, Series Number ``series_number`` (the first revision's) moved on by
+    :func:`~reporting.study.revision_series_number`, and the Series Description names the revision and
+    the report it replaces. ``predecessors`` are the earlier revisions of the SR (their Study, Series,
+    SOP Class and SOP Instance UIDs suffice): the Predecessor Documents Sequence references them.
     """
     check_one_study(images)
     moment, offset = in_study_time(analysed_at, images[0].source)
@@ -149,9 +160,9 @@ def build_sr(
         evidence=list(evidence),
         content=report,
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
+        series_number=revision_series_number(series_number, revision),
         sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
+        instance_number=revision.number,
         manufacturer=node.manufacturer,
         is_complete=True,
         is_final=False,
@@ -162,9 +173,13 @@ def build_sr(
         ],
         requested_procedures=requested_procedures(evidence[0]) or None,
         coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
+        previous_versions=list(predecessors) or None,
     )
     put_back(sr, refused[0])  # highdicom copies the patient and study of the first evidence item
     _stamp(sr, node, moment, offset)
+    sr.SeriesDescription = revision_description(
+        SERIES_DESCRIPTION, SHORT_DESCRIPTION, revision, images[0].source
+    )
     LOGGER.debug("built SR with %d measurement groups", len(images))
     return sr
 
@@ -229,7 +244,6 @@ def _stamp(
     Timezone Offset From UTC (None: the study states none, so neither does the report)."""
     sr.SpecificCharacterSet = UTF8
     date_result(sr, analysed_at, offset)
-    sr.SeriesDescription = SERIES_DESCRIPTION
     sr.ManufacturerModelName = node.model_name
     sr.SoftwareVersions = node.software_version
     if node.station_name:

@@ -19,7 +19,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from classifier.types import ModelInfo
 from reporting.errors import InconsistentStudyError
-from reporting.types import AnalysedImage
+from reporting.types import AnalysedImage, Revision
 
 UTF8 = "ISO_IR 192"  # Specific Character Set of every object we write: any patient name encodes
 
@@ -168,6 +168,35 @@ def dicom_time(moment: datetime) -> TM:
 def dicom_datetime(moment: datetime) -> DT:
     """Seconds precision, no offset (Timezone Offset From UTC carries it)."""
     return DT(moment.strftime("%Y%m%d%H%M%S"))
+
+
+FIRST = Revision()
+SERIES_NUMBER_STEP = 10  # revision n of an object first in series 9001 is in series 9001 + 10 (n - 1)
+LO_LENGTH = 64  # Series Description (LO): at most 64 characters
+
+
+def revision_series_number(first: int, revision: Revision) -> int:
+    """The Series Number of ``revision`` of an object whose first revision has ``first``.
+
+    Each revision is a series of its own (a Series Description is the whole series'), numbered after the
+    earlier ones: viewers list a study's series by Series Number, so the latest revision comes last
+    wherever the earlier one is shown, and no two series of the study share a number. The last digit
+    still tells the kind of object (1 SR, 2 PDF, 3 heat map)."""
+    return first + SERIES_NUMBER_STEP * (max(revision.number, 1) - 1)
+
+
+def revision_description(first: str, short: str, revision: Revision, source: Dataset) -> str:
+    """The Series Description of ``revision``: ``first`` for the first revision; for a later one ``short``
+    with the revision number and the analysis time of the report it replaces, in the study's time as
+    that report's own Series Date and Time state it, e.g. "AI chest X-ray classification rev 2, replaces
+    2026-11-22 18:41" (at most 64 characters, LO)."""
+    if revision.number <= 1:
+        return first
+    suffix = f" rev {revision.number}"
+    if revision.replaces is not None:
+        moment, _ = in_study_time(revision.replaces, source)
+        suffix += f", replaces {moment:%Y-%m-%d %H:%M}"
+    return short[: max(LO_LENGTH - len(suffix), 0)].rstrip() + suffix
 
 
 ACQUISITION_EQUIPMENT = "109101"  # DCM "Acquisition Equipment" (CID 7005)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
@@ -38,3 +39,17 @@ class AnalysedImage:
     prediction: Prediction
     preview: npt.NDArray[np.uint8] | None = None
     age_unknown: bool = False
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Which version of a study's result an object is.
+
+    The first (``number`` 1) is made when the study is analysed. An image of the study that arrives after
+    its results were sent makes the next revision: a new object (new UIDs) reporting on every analysed
+    image. The earlier one stays in the PACS, so a revision says which report it replaces: the one the
+    node made at ``replaces``, the analysis time that report states.
+    """
+
+    number: int = 1
+    replaces: datetime | None = None

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from dicom_node.store.models import (
     utcnow,
 )
 from reporting import codes
-from reporting.pdf import AGE_UNKNOWN_HEADLINE
+from reporting.pdf import AGE_UNKNOWN_HEADLINE, analysis_time
 from tests import peers
 from tests.node_datasets import with_corrupt_rle_pixels
 from tests.pipeline.model import tiny_model
@@ -314,6 +314,68 @@ def test_an_image_keeps_its_number_and_tracking_uid_in_the_revision_a_late_image
     assert second[early] == (identifier, uid)
     (late,) = set(second) - {early}
     assert second[late][0] == "Image 2 classification" and second[late][1] != uid
+
+
+def test_a_revision_references_and_names_the_results_it_replaces(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Revision 2 of the SR and PDF can be told from revision 1 in a viewer and on paper: the SR's
+    Predecessor Documents Sequence references revision 1's SR, each object's Instance Number is its
+    revision, its series sorts after revision 1's and its Series Description names the report it
+    replaces, and the PDF says so at its top. The old code sent both revisions as Series 9001/9002,
+    Instance 1, with the same description and no reference: only Content Time differed (review)."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    results = world["config"].results_dir
+    old = {kind: pydicom.dcmread(results / first[kind][1]) for kind in (ResultKind.SR, ResultKind.PDF)}
+    new = {kind: pydicom.dcmread(results / second[kind][1]) for kind in (ResultKind.SR, ResultKind.PDF)}
+    with session_scope(world["db"]) as session:
+        replaced = session.scalars(
+            select(ResultObject).where(ResultObject.revision == 1, ResultObject.kind == ResultKind.SR)
+        ).one()
+        replaced_at = analysis_time(replaced.created_at.replace(tzinfo=UTC))
+
+    (study,) = new[ResultKind.SR].PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == study_uid_of(world, study_pk)
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == old[ResultKind.SR].SeriesInstanceUID
+    (item,) = series.ReferencedSOPSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (
+        old[ResultKind.SR].SOPClassUID, old[ResultKind.SR].SOPInstanceUID)
+    assert "PredecessorDocumentsSequence" not in old[ResultKind.SR]
+    for kind, number in ((ResultKind.SR, 9001), (ResultKind.PDF, 9002)):
+        assert (old[kind].InstanceNumber, new[kind].InstanceNumber) == (1, 2)
+        assert (old[kind].SeriesNumber, new[kind].SeriesNumber) == (number, number + 10)
+        description = new[kind].SeriesDescription
+        assert " rev 2, replaces " in description and len(description) <= 64
+        assert description != old[kind].SeriesDescription
+    assert "(revision 2, replaces the report of " in new[ResultKind.PDF].DocumentTitle
+
+    def text(ds: pydicom.Dataset) -> str:
+        reader = PdfReader(BytesIO(bytes(ds.EncapsulatedDocument)))
+        return " ".join(" ".join(page.extract_text().split()) for page in reader.pages)
+
+    assert f"REVISION 2 — REPLACES THE REPORT OF {replaced_at}" in text(new[ResultKind.PDF])
+    assert "REPLACES" not in text(old[ResultKind.PDF])
+    early = next(iter(tracked(world, first[ResultKind.SR][1])))
+    assert tracked(world, second[ResultKind.SR][1])[early] == tracked(world, first[ResultKind.SR][1])[early]
+
+    # once retention removed revision 1's file, its row gives the same reference
+    pipeline = make_pipeline(world)
+    from_file = pipeline._predecessor(replaced, study_uid_of(world, study_pk))
+    (results / replaced.file_path).unlink()
+    from_row = pipeline._predecessor(replaced, study_uid_of(world, study_pk))
+    keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+    assert [from_row[k].value for k in keywords] == [from_file[k].value for k in keywords]
+
+    from tests.interop.test_reporting_dicom_tools import assert_valid  # needs dciodvfy: last
+
+    assert_valid(results / second[ResultKind.SR][1], "Comprehensive3DSR")
+    assert_valid(results / second[ResultKind.PDF][1], "EncapsulatedPDF")
 
 
 def test_results_made_before_revisions_existed_still_get_a_revision_for_a_late_image(

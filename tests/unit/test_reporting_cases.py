@@ -26,6 +26,7 @@ from reporting.types import AnalysedImage, NodeIdentity
 from tests import peers
 
 ANALYSED_AT = datetime(2026, 11, 22, 9, 41, 7, tzinfo=UTC)
+EARLIER = datetime(2026, 11, 22, 8, 12, 45, tzinfo=UTC)  # the analysis time of a report a revision replaces
 NODE = NodeIdentity(
     name="CXR AI node",
     institution_name="St. Elsewhere Hospital",

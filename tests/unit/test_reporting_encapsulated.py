@@ -14,8 +14,10 @@ from reporting.encapsulated import build_encapsulated_pdf
 from reporting.heatmap import colourise, overlay
 from reporting.pdf import build_pdf
 from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc, heatmap_caption
+from reporting.types import Revision
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
+    EARLIER,
     MESSY_VALUES,
     NODE,
     analysed,
@@ -189,3 +191,31 @@ def test_overlay_colours_only_where_the_model_looked() -> None:
     assert hot[0] - hot[2] > 60  # red dominates at the blob's centre
     assert abs(cold[0] - cold[2]) <= 2 and cold[0] == image[int(0.1 * height), int(0.9 * width)]
     assert tuple(colourise(np.array([0.0, 1.0]))[1]) == (128, 0, 0)
+
+
+@pytest.mark.parametrize("number", [2, 13, 140])
+def test_a_later_revision_of_the_pdf_and_heat_map_is_told_apart_in_the_series_list(number: int) -> None:
+    """Revision n: Instance Number n, a Series Number after the earlier revisions' (the kind still in its
+    last digit) and a Series Description (LO, 64 characters at most) naming the report it replaces in the
+    study's time (+0930 here). The old code gave every revision Series 9002/9003, Instance 1 and one
+    description."""
+    source = radiograph()
+    source.TimezoneOffsetFromUTC = "+0930"
+    image = analysed(source)
+    revision = Revision(number, EARLIER)  # 08:12:45 UTC: 17:42 in the study's time
+    pdf = build_encapsulated_pdf(
+        build_pdf([image], NODE, analysed_at=ANALYSED_AT), source, NODE,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.2001",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.2002",
+        created_at=ANALYSED_AT, revision=revision,
+    )
+    sc = build_heatmap_sc(
+        image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3001",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.3002", created_at=ANALYSED_AT, revision=revision,
+    )
+    for ds, first in ((reread(pdf), 9002), (reread(sc), 9003)):
+        assert ds.InstanceNumber == number
+        assert ds.SeriesNumber == first + 10 * (number - 1)
+        assert ds.SeriesDescription.endswith(f" rev {number}, replaces 2026-11-22 17:42")
+        assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.startswith("AI ")
+    assert pdf.DocumentTitle.endswith(f"(revision {number}, replaces the report of 2026-11-22 17:42:45)")

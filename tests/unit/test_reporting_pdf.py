@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 
+import pydicom
 import pypdf
 import pytest
 
@@ -16,12 +17,14 @@ from reporting.pdf import (
     patient_name,
     percent,
 )
+from reporting.study import FIRST
 from reporting.typeface import fallback_font_file, typeface
-from reporting.types import AnalysedImage
+from reporting.types import AnalysedImage, Revision
 from tests import peers
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
     BINARY,
+    EARLIER,
     NODE,
     analysed,
     sparse_source,
@@ -32,8 +35,8 @@ from tests.unit.test_reporting_cases import (
 pytestmark = pytest.mark.unit
 
 
-def pages(images: list[AnalysedImage]) -> list[str]:
-    reader = pypdf.PdfReader(io.BytesIO(build_pdf(images, NODE, analysed_at=ANALYSED_AT)))
+def pages(images: list[AnalysedImage], revision: Revision = FIRST) -> list[str]:
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf(images, NODE, analysed_at=ANALYSED_AT, revision=revision)))
     return [page.extract_text() for page in reader.pages]
 
 
@@ -127,13 +130,18 @@ def test_the_not_analysed_notice_prints_the_institutions_name_in_its_own_script(
     assert not any("Helvetica" in font for font in fonts), fonts
 
 
-def test_one_image_with_the_longest_identity_values_stays_on_one_page() -> None:
-    """Values at their VRs' maximum lengths (LO 64) wrap in the identity table; the pictures went to a
-    second page, leaving half of the first empty."""
+def longest_identity() -> pydicom.Dataset:
     source = unicode_source("Wolfeschlegelsteinhausenbergerdorff^Hubert Blaine Maximilian^von^Dr.^PhD")
     source.PatientID = "1.2.840.113619.2.55.3.604688119.969.1268071029.320.1234567890123"
     source.StudyDescription = "CHEST PA AND LATERAL TWO VIEWS WITH COMPARISON TO PRIOR EXAMINATION"[:64]
     source.AccessionNumber = "ACC1234567890123"
+    return source
+
+
+def test_one_image_with_the_longest_identity_values_stays_on_one_page() -> None:
+    """Values at their VRs' maximum lengths (LO 64) wrap in the identity table; the pictures went to a
+    second page, leaving half of the first empty."""
+    source = longest_identity()
     (text,) = pages([analysed(source)])
     # the footer, for a page separated from the rest, keeps the ID and accession whole (it cut both)
     footer = compact(text).split("Dr. Wolfeschlegel")[-1]
@@ -207,3 +215,21 @@ def test_the_footer_identity_never_runs_past_its_width() -> None:
     assert _fit_identity(("Doe, Jane", " · ID 123"), fonts, width) == ("Doe, Jane · ID 123", 8.0)
     text, _ = _fit_identity(("Doe, Jane", wide), fonts, width)
     assert text.startswith("… · ID WWW")  # the name goes before any of the ID (review)
+
+
+def test_a_revised_report_says_at_its_top_which_report_it_replaces() -> None:
+    """A printed revision 2 must not be taken for the report it replaces; the old code printed the two
+    alike but for the analysis time (PACS administrator's review). Revision 1 says nothing of the kind."""
+    replaced = "REVISION 2 — REPLACES THE REPORT OF 2026-11-22 08:12:45 UTC"
+    (first,) = pages([analysed()])
+    assert "REVISION" not in first and "REPLACES" not in first
+    (text,) = pages([analysed()], Revision(2, EARLIER))  # one image: still one page
+    text = compact(text)
+    assert text.index(replaced) < text.index("DECISION SUPPORT — NOT A DIAGNOSIS")  # above everything else
+    assert "This one covers the image of the study; the earlier report is out of date." in text
+    summary = compact(pages(three_image_study(), Revision(3, EARLIER))[0])
+    assert "REVISION 3 — REPLACES THE REPORT OF 2026-11-22 08:12:45 UTC" in summary
+    assert "This one covers all 3 analysed images of the study" in summary
+    notice = build_not_analysed_pdf(NODE, reason="body part HAND is not CHEST", analysed_at=ANALYSED_AT,
+                                    revision=Revision(2, EARLIER))
+    assert replaced in compact(pypdf.PdfReader(io.BytesIO(notice)).pages[0].extract_text())
