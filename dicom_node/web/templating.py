@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from dicom_node import __version__
 from dicom_node.eligibility import not_classified
@@ -98,9 +99,26 @@ def query_string(params: dict[str, Any], **changes: Any) -> str:
     return "?" + urlencode(merged) if merged else ""
 
 
+#: Characters a DICOM value may carry that a page must not show: C0 controls (NUL, ESC; tab and line
+#: breaks stay) and the Unicode bidirectional overrides and isolates, with which a Study Description
+#: holding U+202E showed the rest of the line reversed ("RTL" read "LTR").
+_UNSHOWN = dict.fromkeys(
+    [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+)
+
+
+def shown(value: Any) -> Any:
+    """Every ``{{ … }}`` of a page passes here before it is escaped (Jinja's ``finalize``)."""
+    if isinstance(value, str):
+        cleaned = value.translate(_UNSHOWN)
+        return Markup(cleaned) if isinstance(value, Markup) else cleaned
+    return value
+
+
 def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja2Templates:
     env = templates.env
     env.autoescape = True
+    env.finalize = shown
     env.trim_blocks = True
     env.lstrip_blocks = True
     env.filters.update(

@@ -667,3 +667,15 @@ def test_a_damaged_report_file_is_a_clear_error_and_an_audited_refusal(
     assert len(details) == 3
     assert all(d["served"] is False and d["reason"].startswith("the stored report file is damaged")
                for d in details)
+
+
+def test_control_and_direction_characters_of_dicom_values_are_not_shown(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A right-to-left override in a name showed the rest of it reversed, and NUL and ESC bytes reached
+    the page as they were (review)."""
+    client, _ = rad_client
+    study = add_study(factory, StudySpec("DOE\u202e^JOHN\x00\x1b", "P-BIDI", "A-BIDI", received_at=NOW))
+    for page in (client.get("/results").text, client.get(f"/results/{study.study}").text):
+        assert "\u202e" not in page and "\x00" not in page and "\x1b" not in page
+        assert "DOE, JOHN" in page
