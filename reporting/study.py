@@ -45,6 +45,15 @@ def _single(value: object) -> object:
     return value
 
 
+def _with_caret(value: object) -> object:
+    """A name of one component ("ward", "ANONYMOUS") is valid DICOM, but highdicom's Secondary Capture
+    warns about it, quoting the name (a WARNING line for every study from such a sender): taken out and
+    put back as it is, like the values highdicom refuses."""
+    if "^" not in str(value):
+        raise ValueError("a name of one component")
+    return value
+
+
 # What highdicom parses when it builds an object from a source header. Real headers carry values it
 # refuses (Patient's Sex "U", a birth "date" of 1970, an hour of 25, a name that reads as two), and one of
 # them would stop the result.
@@ -53,7 +62,8 @@ _PARSED_BY_HIGHDICOM: dict[str, Callable[[object], object]] = {
     "PatientBirthDate": lambda value: DA(str(value)),
     "StudyDate": lambda value: DA(str(value)),
     "StudyTime": lambda value: TM(str(value)),
-    "PatientName": _single,
+    "PatientName": lambda value: _with_caret(_single(value)),
+    "ReferringPhysicianName": lambda value: _with_caret(_single(value)),
 }
 
 LOGGER = logging.getLogger(__name__)

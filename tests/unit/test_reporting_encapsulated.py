@@ -219,3 +219,18 @@ def test_a_later_revision_of_the_pdf_and_heat_map_is_told_apart_in_the_series_li
         assert ds.SeriesDescription.endswith(f" rev {number}, replaces 2026-11-22 17:42")
         assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.startswith("AI ")
     assert pdf.DocumentTitle.endswith(f"(revision {number}, replaces the report of 2026-11-22 17:42:45)")
+
+
+def test_names_of_one_component_build_without_a_warning_and_are_kept() -> None:
+    """highdicom warns of a person name without a caret, quoting it: a sender writing its referring
+    physician as "ward" put a WARNING line in the node's log for every study (review)."""
+    import warnings
+
+    source = radiograph()
+    source.PatientName = "ANONYMOUS"
+    source.ReferringPhysicianName = "ward"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = build_heatmap_sc(analysed(source), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3031",
+                              sop_instance_uid="1.2.826.0.1.3680043.8.498.3032", created_at=ANALYSED_AT)
+    assert (str(ds.PatientName), str(ds.ReferringPhysicianName)) == ("ANONYMOUS", "ward")
