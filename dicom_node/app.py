@@ -142,26 +142,33 @@ class Node:
             stop.set()
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        lost = False
+        lost = threading.Event()
         try:
             self.start()
             if on_started is not None:
                 on_started(self)
-            interval = self.settings.database.lock_check_seconds
-            while not stop.wait(interval):
-                # Take the lock again after a database restart, before a second node can start; if one
-                # did meanwhile, stop: two nodes on one database fail each other's studies.
-                if self._lock.check() is db.LockState.TAKEN:
-                    LOGGER.critical("another cxr-node took this database's node lock while the database "
-                                    "was away: stopping this node")
-                    lost = True
-                    break
+            watch = threading.Thread(target=self._watch_lock, args=(stop, lost), name="node-lock")
+            watch.daemon = True
+            watch.start()
+            while not stop.wait(1.0):
+                pass
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if lost:
+        if lost.is_set():
             raise ConfigurationError(db.ANOTHER_NODE)
+
+    def _watch_lock(self, stop: threading.Event, lost: threading.Event) -> None:
+        """Take the lock again after a database restart, before a second node can start; if one did
+        meanwhile, stop: two nodes on one database fail each other's studies. On a thread of its own: a
+        check waiting on a database that does not answer must not hold up a stop (SIGTERM)."""
+        while not stop.wait(self.settings.database.lock_check_seconds):
+            if self._lock.check() is db.LockState.TAKEN:
+                LOGGER.critical("another cxr-node took this database's node lock while the database was "
+                                "away: stopping this node")
+                lost.set()
+                stop.set()
 
 
 def build_node(settings: Settings) -> Node:

@@ -196,6 +196,10 @@ def privileges_advice(tables: list[str]) -> str:
 NODE_LOCK_KEY = 0x4358524E4F4445
 
 
+#: How long /healthz and a stop wait for a lock check that is itself waiting on the database.
+_GUARD_WAIT_SECONDS = 2.0
+
+
 class LockState(enum.Enum):
     """What :meth:`NodeLock.check` found."""
 
@@ -220,6 +224,7 @@ class NodeLock:
         self._fd: int | None = None
         self._guard = threading.Lock()  # the health check and stop() share the lock's connection
         self._wanted = False  # between acquire() and release()
+        self._last = LockState.RELEASED  # what the last check found
 
     def acquire(self) -> None:
         url = self._engine.url
@@ -237,6 +242,7 @@ class NodeLock:
                 raise ConfigurationError(ANOTHER_NODE) from None
             self._fd = fd
         self._wanted = True
+        self._last = LockState.HELD
 
     def _take_advisory_lock(self) -> bool:
         try:
@@ -265,34 +271,52 @@ class NodeLock:
         it: a database restart, a failover or an idle-connection cut end it without a word, and a second
         node could then start. A lost session is taken again when no other node has taken the lock
         meanwhile. The running node checks every ``database.lock_check_seconds`` (and /healthz on each
-        call)."""
-        with self._guard:
-            if not self._wanted:
-                return LockState.RELEASED
-            if self._engine.url.get_backend_name() != "postgresql":
-                return LockState.HELD  # an flock stays with its open file
-            if self._connection is not None:
-                try:
-                    self._connection.exec_driver_sql("SELECT 1").scalar()
-                    self._connection.commit()
-                    return LockState.HELD
-                except OperationalError:
-                    _close_for_good(self._connection)
-                    self._connection = None
+        call). A check still waiting on a database that does not answer makes another caller (/healthz)
+        get the last state found rather than wait with it."""
+        if not self._guard.acquire(timeout=_GUARD_WAIT_SECONDS):
+            return self._last
+        try:
+            self._last = self._check()
+            return self._last
+        finally:
+            self._guard.release()
+
+    def _check(self) -> LockState:
+        if not self._wanted:
+            return LockState.RELEASED
+        if self._engine.url.get_backend_name() != "postgresql":
+            return LockState.HELD  # an flock stays with its open file
+        if self._connection is not None:
             try:
-                taken = self._take_advisory_lock()
-            except DatabaseUnavailableError:
-                return LockState.UNREACHABLE
-            if taken:
-                LOGGER.warning("the database session holding the node lock was lost; the lock is taken again")
+                self._connection.exec_driver_sql("SELECT 1").scalar()
+                self._connection.commit()
                 return LockState.HELD
-            LOGGER.error("the node lock was lost, and another cxr-node has taken it: stop one of them")
-            return LockState.TAKEN
+            except OperationalError:
+                _close_for_good(self._connection)
+                self._connection = None
+        try:
+            taken = self._take_advisory_lock()
+        except DatabaseUnavailableError:
+            return LockState.UNREACHABLE
+        if taken:
+            LOGGER.warning("the database session holding the node lock was lost; the lock is taken again")
+            return LockState.HELD
+        LOGGER.error("the node lock was lost, and another cxr-node has taken it: stop one of them")
+        return LockState.TAKEN
 
     def release(self) -> None:
-        with self._guard:
+        """Give the lock up. If a check is still waiting on a database that does not answer, the node
+        stops without waiting for it: the PostgreSQL session, and its lock, end with the process."""
+        if not self._guard.acquire(timeout=_GUARD_WAIT_SECONDS):
+            self._wanted = False
+            LOGGER.warning("the database holding the node lock does not answer; the lock ends with the "
+                           "process")
+            return
+        try:
             self._wanted = False
             self._release()
+        finally:
+            self._guard.release()
 
     def _release(self) -> None:
         if self._connection is not None:
@@ -352,8 +376,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         if parsed.get_backend_name() == "postgresql":
             # TCP keepalives (libpq): a connection cut by a firewall or a failover is found within about
             # 1.5 minutes, not hours later; the node lock's idle session among them.
+            # connect_timeout: a server that does not answer a new connection is given up after 10 s.
             kwargs["connect_args"] = {"keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10,
-                                      "keepalives_count": 3}
+                                      "keepalives_count": 3, "connect_timeout": 10}
     try:
         engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ModuleNotFoundError) as exc:  # an unknown dialect, or its driver is missing

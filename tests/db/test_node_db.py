@@ -7,6 +7,7 @@ import io
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -788,3 +789,34 @@ def test_an_attribute_the_node_uses_encoded_with_another_vr_is_refused(
         Ingestor(sessions, store).ingest_bytes(to_bytes(ds), calling_ae="X", source="dimse")
     assert int(caught.value.status) == 0xA900
     assert [p for p in store.root.rglob("*") if p.is_file()] == []
+
+
+def test_a_lock_check_waiting_on_the_database_holds_up_neither_a_stop_nor_the_health_check(
+    tmp_path: Path,
+) -> None:
+    """The node's loop checked its lock itself, and a database that stopped answering held that check,
+    and with it SIGTERM and /healthz, for as long as it lasted (review). A check that waits now holds up
+    only itself: the others get the last state found, and a stop goes on without it."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.sqlite3'}")
+    lock = db.NodeLock(engine)
+    lock.acquire()
+    waiting = threading.Event()
+    done = threading.Event()
+
+    def a_check_that_hangs() -> None:
+        with lock._guard:  # what a check does while its SELECT waits on the database
+            waiting.set()
+            done.wait(30)
+
+    hung = threading.Thread(target=a_check_that_hangs)
+    hung.start()
+    try:
+        assert waiting.wait(5)
+        started = time.monotonic()
+        assert lock.check() is db.LockState.HELD  # the last state found
+        lock.release()
+        assert time.monotonic() - started < 8
+    finally:
+        done.set()
+        hung.join()
+        engine.dispose()
