@@ -21,7 +21,7 @@ from PIL import Image
 
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
-from dicom_node.part10 import has_preamble
+from dicom_node.part10 import check_value_representations, has_preamble
 from dicom_node.web.services import IngestOutcome, Upload
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
             raise UndecodableDatasetError("the DICOM file could not be read") from exc
         if "PixelData" not in dataset:
             raise UndecodableDatasetError("the DICOM file holds no image")
+        check_value_representations(dataset)  # as a C-STORE is checked: Rows as DS failed the preview
         return Upload(filename=filename, data=data, dataset=dataset, ages=ages)
     if _is_bare_dataset(data):
         raise UndecodableDatasetError(

@@ -206,6 +206,27 @@ def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
 
 
+@pytest.mark.parametrize(("keyword", "vr", "value"), [("Rows", "DS", "1841"), ("StudyDate", "US", 2024)])
+def test_a_dicom_upload_with_an_attribute_in_another_vr_is_refused_as_a_c_store_is(
+    rad_client: tuple[TestClient, str], keyword: str, vr: str, value: object
+) -> None:
+    """The VR check of a C-STORE did not cover uploads: Rows as DS made the preview and the
+    classification answer 500, a US Study Date went into a PDF report (review)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    client, csrf = rad_client
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    ds[tag] = DataElement(tag, vr, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    response = client.post("/upload", data={"csrf_token": csrf},
+                           files={"file": ("odd.dcm", buffer.getvalue(), "application/dicom")})
+    assert response.status_code == 422 and f"{keyword} is encoded as {vr}" in response.text
+
+
 def test_a_multi_frame_dicom_upload_is_not_classified(rad_client: tuple[TestClient, str]) -> None:
     """Only the first frame was classified, and neither the page nor the result said so: a reader
     would take the finding for every frame."""
