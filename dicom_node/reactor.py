@@ -169,7 +169,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
+            _log_cut_short(exc)
             self.event_queue.put("Evt17")
             return
         if len(header) != 6:
@@ -183,7 +183,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
-            LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
+            _log_cut_short(exc)
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
@@ -260,6 +260,15 @@ class EventDrivenDUL(DULServiceProvider):
 
             self.state_machine.do_action(event)
             sleep = False
+
+
+def _log_cut_short(exc: BaseException) -> None:
+    """A PDU not received whole. A peer silent past the time-out (gone without closing, or trickling an
+    association request) is routine trouble of the network: a WARNING, not an ERROR to alert on."""
+    if isinstance(exc, TimeoutError):
+        LOGGER.warning("peer silent past the time-out in the middle of a PDU (%s); connection closed", exc)
+    else:
+        LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
 
 
 def decode_p_data_tf(body: bytes | bytearray) -> P_DATA_TF:

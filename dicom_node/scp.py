@@ -74,7 +74,13 @@ def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
     assert sock is not None
     buffer = bytearray(min(nr_bytes, _FIRST_READ))
     received = 0
+    deadline: float | None = getattr(self, _DEADLINE, None)
     while received < nr_bytes:
+        if deadline is not None:  # an association request must be complete by then (limit_silence)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("association request not complete within the ACSE time-out")
+            sock.settimeout(remaining)
         if received == len(buffer):
             buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
         with memoryview(buffer) as view:
@@ -99,14 +105,23 @@ def tune_socket(assoc_socket: AssociationSocket | None) -> None:
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
 
 
-def limit_silence(assoc_socket: AssociationSocket | None, seconds: float | None) -> None:
+#: Attribute of an accepted connection's AssociationSocket: when its association request must be complete.
+_DEADLINE = "_cxr_request_deadline"
+
+
+def limit_silence(
+    assoc_socket: AssociationSocket | None, seconds: float | None, *, request_deadline: float | None = None
+) -> None:
     """A read on this connection waits at most ``seconds`` for the peer's next bytes, then the
     connection is closed. The listener reads a PDU whole and blocking: a peer that stopped in the middle
     of one (lost power or network, no FIN) held its thread and its association slot until it closed the
-    connection itself, past every pynetdicom timer, which run only between reads (review)."""
+    connection itself, past every pynetdicom timer, which run only between reads (review). Until the
+    association is accepted, ``request_deadline`` (monotonic time) also bounds the whole request: a peer
+    trickling a byte a second is cut off then, not only one that stops."""
     sock = None if assoc_socket is None else assoc_socket.socket
-    if sock is None:
+    if sock is None or assoc_socket is None:
         return
+    setattr(assoc_socket, _DEADLINE, request_deadline)
     try:
         sock.settimeout(seconds or None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -288,8 +303,9 @@ class StorageScp:
 
     def _on_connection_open(self, event: Event) -> None:
         tune_socket(event.assoc.dul.socket)
-        # until the association is accepted, the ARTIM/ACSE time-out bounds a stalled request
-        limit_silence(event.assoc.dul.socket, self.settings.acse_timeout or _HANDSHAKE_TIMEOUT)
+        # until the association is accepted, the ARTIM/ACSE time-out bounds the whole request
+        acse = self.settings.acse_timeout or _HANDSHAKE_TIMEOUT
+        limit_silence(event.assoc.dul.socket, acse, request_deadline=time.monotonic() + acse)
 
     def _on_association_accepted(self, event: Event) -> None:
         limit_silence(event.assoc.dul.socket, self.settings.network_timeout)

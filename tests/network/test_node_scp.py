@@ -271,6 +271,15 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
         with socket.create_connection(("127.0.0.1", node.scp.port)) as raw:  # half an A-ASSOCIATE-RQ
             raw.sendall(struct.pack(">BBL", 0x01, 0, 1000) + bytes(11))
             assert _closed_by_peer(raw, within=10) < 6
+        with socket.create_connection(("127.0.0.1", node.scp.port)) as raw:  # one trickled a byte at a time
+            raw.sendall(struct.pack(">BBL", 0x01, 0, 1000))
+            started = time.monotonic()
+            with contextlib.suppress(OSError):  # the node closes it: a send or the read below finds out
+                for _ in range(12):
+                    time.sleep(0.5)
+                    raw.sendall(b"\0")
+            _closed_by_peer(raw, within=10)
+            assert time.monotonic() - started < 5  # the ACSE time-out (1.5 s) bounds the whole request
         ae = AE(ae_title=CALLER)
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
@@ -282,7 +291,17 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
         while assoc.is_established and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not assoc.is_established
-        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0  # slot free
+
+        def slot_free() -> bool:  # the listener's thread lets the slot go a moment after the close
+            try:
+                return scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
+            except AssociationError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while not slot_free():
+            assert time.monotonic() < deadline, "the association slot was not freed"
+            time.sleep(0.2)
     finally:
         node.scp.stop()
 

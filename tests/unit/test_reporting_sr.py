@@ -333,6 +333,7 @@ def test_an_images_tracking_uid_is_the_same_in_every_sr_that_reports_on_it() -> 
     UID) tracks the same image under the same UID. The old code derived it from the SR's own UID."""
     images = three_image_study()
     one = report(round_trip(build(images, "1.2.826.0.1.3680043.8.498.1002"))).get_image_measurement_groups()
-    two = report(round_trip(build(images[:2], "1.2.826.0.1.3680043.8.498.1003"))).get_image_measurement_groups()
+    two_images = round_trip(build(images[:2], "1.2.826.0.1.3680043.8.498.1003"))
+    two = report(two_images).get_image_measurement_groups()
     assert [group.tracking_uid for group in two] == [group.tracking_uid for group in one[:2]]
     assert len({group.tracking_uid for group in one}) == len(images)

@@ -116,10 +116,10 @@ def test_passwords_a_cracker_guesses_early_are_refused(password: str) -> None:
 @pytest.mark.parametrize(
     ("password", "username"),
     [
-        ("seven brave lions at dawn", "eve"),
+        ("seven brave lions at dawn", "eve"),  # a phrase that happens to hold a short name
         ("Lungenfell-Ahorn-42", "anna"),  # words of another language, joined
         ("mein hund heisst bello", "jan"),
-        ("kV7#pQ2m9x", "li"),  # ten random characters  # a phrase that happens to hold a short name
+        ("kV7#pQ2m9x", "li"),  # ten random characters
         ("tomorrow never comes", "tom"),
         ("Alice in Wonderland 1865", "alice"),
         ("830511427719", "rob"),  # random digits: long enough, no composition rules (NIST)
