@@ -31,6 +31,7 @@ from pydicom.uid import DigitalXRayImageStorageForProcessing
 
 from classifier.preprocess import number_of_frames
 from dicom_node.settings import ADULT_AGE_YEARS, PipelineSettings
+from dicom_node.sop_classes import not_an_image
 from dicom_node.store.models import Instance, Study
 
 ELIGIBLE_MODALITIES = frozenset({"CR", "DX"})
@@ -148,6 +149,9 @@ def assess(
     modality = (modality or "").strip().upper()
     body_part = (body_part or "").strip().upper()
     view = (view_position or "").strip().upper()
+    not_image = not_an_image(sop_class_uid)
+    if not_image is not None:  # a dose SR, a report, a PDF: stored for the study, never analysed
+        return Eligibility(False, not_image, "not an image")
     if modality not in ELIGIBLE_MODALITIES:
         return Eligibility(False, f"modality {modality or '(none)'} is not CR or DX", "modality")
     if (sop_class_uid or "").strip() == DigitalXRayImageStorageForProcessing:

@@ -3,8 +3,10 @@
 Shared by the C-STORE handler (:mod:`dicom_node.scp`) and web uploads. The bytes the sender encoded are
 written as received (preamble + file meta + dataset) rather than re-encoded, so the stored file is exactly
 what the modality produced. A repeated SOP Instance UID is a success without a second row; the first
-file is kept. On any failure nothing is left behind: the file only takes its final name inside the
-transaction that records it, and is removed again if that transaction cannot commit.
+file is kept. Non-image objects (SRs, PDFs, presentation states: :mod:`dicom_node.sop_classes`) are
+stored the same way, without the pixel data checks. On any failure nothing is left behind: the file only
+takes its final name inside the transaction that records it, and is removed again if that transaction
+cannot commit.
 """
 
 from __future__ import annotations
@@ -15,16 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import (
-    UID,
-    AllTransferSyntaxes,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-)
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,19 +38,12 @@ from dicom_node.part10 import (
     part10_prefix,
     require_uid,
 )
+from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, is_image
 from dicom_node.store.db import waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, instance_path
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
 LOGGER = logging.getLogger(__name__)
-
-#: Image storage SOP classes the node accepts (chest radiography and its secondary captures).
-ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-)
 
 _RETRIES_ON_CONFLICT = 3
 _LOCK_STRIPES = 64
@@ -156,7 +142,8 @@ class Ingestor:
         study_uid = require_uid(ds, "StudyInstanceUID")
         series_uid = require_uid(ds, "SeriesInstanceUID")
         check_value_representations(ds)
-        check_pixel_data(ds, transfer_syntax)
+        if is_image(sop_class):
+            check_pixel_data(ds, transfer_syntax)
         parsed = ParsedInstance(ds, sop_class, sop_instance, study_uid, series_uid, transfer_syntax)
         with self._locks[hash(sop_instance) % _LOCK_STRIPES]:
             staged = self.file_store.stage(instance_path(study_uid, series_uid, sop_instance), chunks)

@@ -43,6 +43,7 @@ from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
+from dicom_node.sop_classes import is_image
 from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope, waits_for_a_resource
 from dicom_node.store.files import FileStore
@@ -669,8 +670,10 @@ class Pipeline:
             reason = "; ".join(reasons)
             state = StudyState.SKIPPED
             objects = []
-            if self.config.send_skipped:
-                objects = self._ensure_skipped_rows(study_pk, info, [i.id for i in skipped])
+            # the "not analysed" notice is about images; a study of only a dose SR or a report gets none
+            images = [i.id for i in skipped if is_image(i.sop_class_uid)]
+            if self.config.send_skipped and images:
+                objects = self._ensure_skipped_rows(study_pk, info, images)
                 self._build_skipped(study_pk, objects, reason)
         self._finalise(study_pk, state, reason, objects)
 

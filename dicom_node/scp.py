@@ -30,10 +30,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import aes
 from dicom_node.allocator import tune_for_large_buffers
 from dicom_node.errors import InvalidDatasetError, NodeError, describe_exception
-from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings
+from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
 from dicom_node.tls import server_context
 
@@ -234,8 +235,10 @@ class StorageScp:
         ae.network_timeout = self.settings.network_timeout
         ae.require_called_aet = True
         syntaxes = decodable_transfer_syntaxes()
-        for sop_class in ACCEPTED_SOP_CLASSES:
+        for sop_class in IMAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
+        for sop_class in NON_IMAGE_SOP_CLASSES:  # stored, not analysed: no pixel data to compress
+            ae.add_supported_context(sop_class, list(NON_IMAGE_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         return ae
 

@@ -126,3 +126,38 @@ def set_raw(ds: Dataset, keyword: str, value: bytes) -> None:
     assert tag is not None
     value += b" " * (len(value) % 2)
     ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+
+
+def make_non_image(
+    sop_class: str, *, like: Dataset, modality: str = "SR", series_uid: str | None = None
+) -> Dataset:
+    """A non-image object of ``sop_class`` in the study of ``like`` (same patient and study): an SR with
+    a one-item content tree, or, for Encapsulated PDF Storage, a one-page PDF. Fresh series and instance."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        if keyword in like:
+            setattr(ds, keyword, like[keyword].value)
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.SeriesNumber = 99
+    ds.InstanceNumber = 1
+    if sop_class == "1.2.840.10008.5.1.4.1.1.104.1":  # Encapsulated PDF Storage
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.DocumentTitle = "Outside report"
+        ds.BurnedInAnnotation = "YES"
+        ds.EncapsulatedDocument = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+        return ds
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
+    concept.CodeMeaning = "X-Ray Radiation Dose Report"
+    ds.ConceptNameCodeSequence = [concept]
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.ContentSequence = []
+    return ds

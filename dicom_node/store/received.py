@@ -16,6 +16,7 @@ from pydicom.uid import UID
 from sqlalchemy import Connection, CursorResult, Table, delete, exists, insert, select, update
 
 from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
+from dicom_node.sop_classes import not_an_image
 from dicom_node.store import header_columns
 from dicom_node.store.files import StoredFile
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
@@ -84,12 +85,18 @@ def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance 
 
 def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,
                  cached: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
-    """Instance row plus its parents; returns (instance pk, (study pk, series pk))."""
+    """Instance row plus its parents; returns (instance pk, (study pk, series pk)).
+
+    A non-image object (a dose SR, a report, a PDF) is recorded SKIPPED with its reason: it is never
+    analysed, so it neither reopens a finished study nor keeps a study waiting for its analysis."""
     parents = _touch_parents(conn, parsed, cached)
     if parents is None:  # not cached, or the cached row disappeared: full upsert
         parents = _upsert_parents(conn, parsed, calling_ae)
-    _reopen_finished_study(conn, parents[0])
-    return _insert_instance(conn, parsed, stored, parents[1], calling_ae, source), parents
+    skipped = not_an_image(parsed.sop_class_uid)
+    if skipped is None:
+        _reopen_finished_study(conn, parents[0])
+    instance_pk = _insert_instance(conn, parsed, stored, parents[1], calling_ae, source, skipped=skipped)
+    return instance_pk, parents
 
 
 _FINISHED = (StudyState.ANALYSED, StudyState.SKIPPED, StudyState.FAILED)
@@ -208,7 +215,7 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
 
 
 def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFile, series_pk: int,
-                     calling_ae: str, source: str) -> int:
+                     calling_ae: str, source: str, *, skipped: str | None = None) -> int:
     ds = parsed.ds
     return _new_id(conn.execute(insert(_INSTANCE).values(
         sop_instance_uid=parsed.sop_instance_uid,
@@ -224,7 +231,8 @@ def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFil
         calling_ae=calling_ae[:16],
         source=source[:16],
         received_at=utcnow(),
-        state=InstanceState.RECEIVED,
+        state=InstanceState.RECEIVED if skipped is None else InstanceState.SKIPPED,
+        state_reason=skipped or "",
     )))
 
 

@@ -21,16 +21,23 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    EnhancedSRStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
+    KeyObjectSelectionDocumentStorage,
     RLELossless,
     SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -45,10 +52,10 @@ from dicom_node.settings import DicomSettings, TlsSettings
 from dicom_node.statuses import Status
 from dicom_node.store import db
 from dicom_node.store.files import FileStore
-from dicom_node.store.models import AeRole, Instance
+from dicom_node.store.models import AeRole, Instance, InstanceState
 from dicom_node.tls import client_context, server_context
 from tests import peers
-from tests.node_datasets import make_cr
+from tests.node_datasets import make_cr, make_non_image
 
 pytestmark = pytest.mark.network
 
@@ -203,6 +210,42 @@ def test_a_c_store_whose_sop_class_is_not_its_presentation_contexts_is_refused(l
     assert status.Status == 0xA900 and "presentation context" in status.ErrorComment
     with listener.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_sr_and_pdf_contexts_are_accepted_uncompressed_and_a_dose_sr_is_stored_skipped(
+    listener: Listener,
+) -> None:
+    """Orthanc sends a whole study only when every one of its contexts is accepted: the old node refused
+    the SR and Encapsulated PDF classes, and Orthanc answered "Cannot transcode ... to one of [ ]" (review).
+    Non-image classes are accepted uncompressed or deflated, not in an image compression."""
+    ae = AE(ae_title=CALLER)
+    dose, report, pdf = XRayRadiationDoseSRStorage, ComprehensiveSRStorage, EncapsulatedPDFStorage
+    for sop_class in (dose, report, pdf, KeyObjectSelectionDocumentStorage, BasicTextSRStorage,
+                      EnhancedSRStorage, Comprehensive3DSRStorage):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(ComprehensiveSRStorage, JPEG2000Lossless)
+    assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
+        image = make_cr()
+        statuses = [assoc.send_c_store(make_non_image(uid, like=image)).Status for uid in (dose, report)]
+        statuses.append(assoc.send_c_store(make_non_image(pdf, like=image, modality="DOC")).Status)
+    finally:
+        assoc.release()
+    assert len(accepted) == 7 and all(syntax == ExplicitVRLittleEndian for _, syntax in accepted)
+    assert rejected == {(ComprehensiveSRStorage, JPEG2000Lossless)}
+    assert statuses == [0, 0, 0]
+    with listener.sessions() as session:
+        rows = list(session.scalars(select(Instance)))
+        assert sorted(r.state_reason for r in rows) == [
+            "not an image (Comprehensive SR Storage): not analysed",
+            "not an image (Encapsulated PDF Storage): not analysed",
+            "not an image (X-Ray Radiation Dose SR Storage): not analysed",
+        ]
+        assert all(r.state is InstanceState.SKIPPED for r in rows)
+        assert all(listener.store.path(r.file_path).is_file() for r in rows)
 
 
 def test_a_failure_response_carries_a_short_default_repertoire_error_comment() -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
+from dicom_node.errors import IdentityConflictError
 from dicom_node.ingest import ingest_bytes
 from dicom_node.jobs import open_study_ready_job
 from dicom_node.outbox import Outbox
@@ -1135,3 +1136,108 @@ def test_a_heat_map_without_a_preview_leaves_the_sc_out_and_sends_the_sr_and_pdf
     with session_scope(world["db"]) as session:
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED
+
+
+# Non-image objects and the node's own results sent back (a study-level send from the PACS) -----------------
+
+
+def settle(world: dict[str, Any], study_pk: int) -> None:
+    """What the settle timer does once the study is quiet."""
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.RECEIVED
+        assert open_study_ready_job(session, study_pk)
+        study.state = StudyState.READY
+
+
+def send_non_image(
+    world: dict[str, Any], study_pk: int | None, sop_class: str, *, modality: str = "SR"
+) -> Any:
+    """Ingest a non-image object of ``sop_class`` into the study (None: a new study), as ORTHANC sends it."""
+    from tests.node_datasets import make_non_image, to_bytes
+
+    if study_pk is None:
+        like = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+        like.PatientID, like.PatientName, like.StudyInstanceUID = "SENTINEL-ID", SENTINEL, generate_uid()
+    else:
+        with session_scope(world["db"]) as session:
+            instance = session.scalars(
+                select(Instance).join(Series).where(Series.study_pk == study_pk)).first()
+            assert instance is not None
+            like = pydicom.dcmread(world["config"].storage_dir / instance.file_path)
+    ds = make_non_image(sop_class, like=like, modality=modality)
+    return ingest_bytes(world["db"], world["store"], to_bytes(ds), calling_ae="ORTHANC", source="dimse")
+
+
+DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
+PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def test_a_dose_sr_under_another_patient_id_is_an_identity_conflict(world: dict[str, Any]) -> None:
+    """A non-image object is checked as an image is: a study belongs to one patient."""
+    study_pk = receive(world, "RG1_UNCI.dcm", settle=False)
+    from tests.node_datasets import make_non_image, to_bytes
+
+    with session_scope(world["db"]) as session:
+        instance = session.scalars(select(Instance)).one()
+        like = pydicom.dcmread(world["config"].storage_dir / instance.file_path)
+    like.PatientID = "SOMEONE-ELSE"
+    with pytest.raises(IdentityConflictError, match="another Patient ID"):
+        ingest_bytes(world["db"], world["store"], to_bytes(make_non_image(DOSE_SR, like=like)),
+                     calling_ae="ORTHANC", source="dimse")
+    assert instance_uids(world, study_pk) == {instance.sop_instance_uid}
+
+
+def test_a_dose_sr_and_a_foreign_pdf_are_stored_skipped_and_leave_an_analysed_study_as_it_was(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A modality's dose SR and an outside PDF in a study-level send: stored (file and row) before Success,
+    SKIPPED as not images; the analysed study is not reopened and gets no new revision of its results."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    before = result_rows(world, study_pk)
+    sent = sorted(peer.received)
+    dose = send_non_image(world, study_pk, DOSE_SR)
+    pdf = send_non_image(world, study_pk, PDF_STORAGE, modality="DOC")
+    assert not dose.duplicate and not pdf.duplicate and dose.study_pk == pdf.study_pk == study_pk
+    with session_scope(world["db"]) as session:
+        reasons = {}
+        for pk in (dose.instance_pk, pdf.instance_pk):
+            instance = session.get(Instance, pk)
+            assert instance is not None and instance.state is InstanceState.SKIPPED
+            assert (world["config"].storage_dir / instance.file_path).is_file()
+            reasons[pk] = instance.state_reason
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED and study.state_reason == ""
+        assert session.scalars(select(Job)).one().state is JobState.DONE  # no new job
+    assert reasons == {dose.instance_pk: "not an image (X-Ray Radiation Dose SR Storage): not analysed",
+                       pdf.instance_pk: "not an image (Encapsulated PDF Storage): not analysed"}
+    make_pipeline(world).process([study_pk])  # even asked to, the pipeline makes nothing new
+    assert result_rows(world, study_pk) == before
+    assert sorted(peer.received) == sent
+
+
+def test_a_cr_with_a_dose_sr_is_analysed_and_a_study_of_only_a_dose_sr_is_skipped_with_that_reason(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    study_pk = receive(world, "RG1_UNCI.dcm", settle=False)
+    image_uids = instance_uids(world, study_pk)
+    send_non_image(world, study_pk, DOSE_SR)
+    settle(world, study_pk)
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED, study.state_reason if study else ""
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.SR, ResultKind.PDF}
+    assert evidence(world, rows[ResultKind.SR][1]) == image_uids  # the dose SR is not reported on
+
+    # a dose SR on its own (sent before the images, or without them): SKIPPED, and no "not analysed" notice
+    other_pk = send_non_image(world, None, DOSE_SR).study_pk
+    settle(world, other_pk)
+    make_pipeline(world, send_skipped=True).process([other_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, other_pk)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason == "not an image (X-Ray Radiation Dose SR Storage): not analysed"
+    assert result_rows(world, other_pk) == {}

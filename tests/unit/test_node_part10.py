@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
-from dicom_node.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from dicom_node.ingest import Ingestor
 from dicom_node.part10 import (
     check_pixel_data,
     decodable_transfer_syntaxes,
@@ -22,6 +22,7 @@ from dicom_node.part10 import (
     part10_prefix,
     require_uid,
 )
+from dicom_node.sop_classes import IMAGE_SOP_CLASSES
 from dicom_node.statuses import Status
 from dicom_node.store.db import make_engine, make_session_factory, upgrade
 from dicom_node.store.files import FileStore
@@ -220,7 +221,7 @@ def test_offered_syntaxes_cover_the_issue_list() -> None:
                 "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
                 "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"):
         assert uid in offered
-    assert len(ACCEPTED_SOP_CLASSES) == 4
+    assert len(IMAGE_SOP_CLASSES) == 4
 
 
 def test_the_conformance_statement_lists_exactly_the_syntaxes_offered() -> None:
