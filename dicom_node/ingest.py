@@ -15,16 +15,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from pydicom import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
+    IdentityConflictError,
     InvalidDatasetError,
     UndecodableDatasetError,
     UnsupportedSopClassError,
@@ -38,13 +40,17 @@ from dicom_node.part10 import (
     part10_prefix,
     require_uid,
 )
-from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, is_image
+from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, RESULT_SOP_CLASSES, is_image
 from dicom_node.store.db import waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, instance_path
+from dicom_node.store.models import ResultObject, Study
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
 LOGGER = logging.getLogger(__name__)
 
+_RESULT_SOP_CLASSES = frozenset(RESULT_SOP_CLASSES.values())
+_RESULT = cast(Table, ResultObject.__table__)
+_STUDY = cast(Table, Study.__table__)
 _RETRIES_ON_CONFLICT = 3
 _LOCK_STRIPES = 64
 _PARENT_CACHE_SIZE = 256
@@ -52,13 +58,17 @@ _PARENT_CACHE_SIZE = 256
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Outcome of a successful ingest (also for a duplicate, which is a success)."""
+    """Outcome of a successful ingest (also for a duplicate, which is a success).
+
+    ``own_result`` is the id of the node's result object (table result_object) the sender sent back: a
+    duplicate of it, not stored (``instance_pk`` is then 0: no instance row holds it)."""
 
     instance_pk: int
     study_pk: int
     duplicate: bool
     size_bytes: int
     differs: bool = False  # a duplicate whose bytes differ from the first copy's (which is kept)
+    own_result: int | None = None
 
 
 class Ingestor:
@@ -142,6 +152,13 @@ class Ingestor:
         study_uid = require_uid(ds, "StudyInstanceUID")
         series_uid = require_uid(ds, "SeriesInstanceUID")
         check_value_representations(ds)
+        own = self._own_result(sop_class, sop_instance, study_uid)
+        if own is not None:
+            # The node's own SR, PDF or heat map in a study-level send back to it: it holds the original.
+            LOGGER.info("result object %d sent back by %s: the node's own, not stored again", own[0],
+                        calling_ae)
+            return IngestResult(instance_pk=0, study_pk=own[1], duplicate=True, size_bytes=0,
+                                own_result=own[0])
         if is_image(sop_class):
             check_pixel_data(ds, transfer_syntax)
         parsed = ParsedInstance(ds, sop_class, sop_instance, study_uid, series_uid, transfer_syntax)
@@ -169,6 +186,28 @@ class Ingestor:
                     LOGGER.error("post-store hook failed for instance %d: %s", result.instance_pk,
                                  type(exc).__name__)
         return result
+
+    def _own_result(self, sop_class: str, sop_instance: str, study_uid: str) -> tuple[int, int] | None:
+        """(id, study pk) of the node's result object with this SOP Instance UID, if it is one. Looked for
+        only for the SOP classes of its results; one that names another study is an identity conflict,
+        as for any stored instance."""
+        if sop_class not in _RESULT_SOP_CLASSES:
+            return None
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(_RESULT.c.id, _RESULT.c.study_pk, _STUDY.c.study_instance_uid)
+                    .join(_STUDY, _RESULT.c.study_pk == _STUDY.c.id)
+                    .where(_RESULT.c.sop_instance_uid == sop_instance)
+                ).first()
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailableError(f"database unavailable ({type(exc).__name__})") from exc
+        if row is None:
+            return None
+        if row[2] != study_uid:
+            LOGGER.warning("refused a copy of result object %d that names another study", row[0])
+            raise IdentityConflictError("SOP Instance UID is a result of another study")
+        return int(row[0]), int(row[1])
 
     def _record(self, parsed: ParsedInstance, staged: StagedFile, calling_ae: str, source: str) -> IngestResult:
         """One transaction: duplicate check, rows and the rename of the staged file, then COMMIT;

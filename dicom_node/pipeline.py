@@ -43,7 +43,7 @@ from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
-from dicom_node.sop_classes import is_image
+from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image
 from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope, waits_for_a_resource
 from dicom_node.store.files import FileStore
@@ -711,11 +711,7 @@ class Pipeline:
         is a new object, so the PACS gets results that include the late image; the study's analysis time
         becomes that of the new revision."""
         covered = sorted(covers)
-        sop_classes = {
-            ResultKind.SR: "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-            ResultKind.PDF: "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
-            ResultKind.HEATMAP_SC: "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
-        }
+        sop_classes = {kind: RESULT_SOP_CLASSES[kind.value] for kind in ResultKind}
         for _ in range(2):
             try:
                 with session_scope(self.session_factory) as session:

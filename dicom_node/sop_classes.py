@@ -5,7 +5,7 @@ study also holds — a modality's X-Ray Radiation Dose SR, a radiologist's repor
 PDF, a presentation state, and the node's own SR and Encapsulated PDF coming back in a study-level send —
 are accepted too, because a PACS sending a whole study (Orthanc's ``/modalities/.../store``, a viewer's
 C-MOVE) aborts the whole transfer when one presentation context is refused. They are stored, never
-analysed.
+analysed; the node's own results are recognised and not stored again.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ NON_IMAGE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
 )
+
+#: The SOP class of each kind of result object the node makes (keys: :class:`ResultKind` values).
+RESULT_SOP_CLASSES: dict[str, UID] = {
+    "sr": Comprehensive3DSRStorage,
+    "pdf": EncapsulatedPDFStorage,
+    "heatmap_sc": SecondaryCaptureImageStorage,
+}
 
 _NON_IMAGE = frozenset(NON_IMAGE_SOP_CLASSES)
 

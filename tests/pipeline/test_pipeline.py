@@ -36,6 +36,7 @@ from dicom_node.pipeline import (
     ImageClassifier,
     Pipeline,
     PipelineConfig,
+    dataset_bytes,
     load_classifier,
     node_identity,
     retry_delay,
@@ -1171,6 +1172,43 @@ def send_non_image(
 
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
 PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def test_the_nodes_own_results_sent_back_are_success_and_not_stored_again(
+    world: dict[str, Any], peer: StorePeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc sends a whole study back to the node ("send study to AI", a viewer's C-MOVE) once the node's
+    SR, PDF and heat map are in it. The old node refused the SR and PDF (Orthanc then aborts the whole
+    transfer) and stored its own heat-map SC as a new instance, which reopened the analysed study."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
+    with session_scope(world["db"]) as session:
+        own = {row.id: row.file_path for row in session.scalars(select(ResultObject))}
+    assert len(own) == 3
+    sent = len(peer.received)
+    caplog.set_level(logging.INFO, logger="dicom_node.ingest")
+    stored: list[Any] = []
+    for object_pk, path in own.items():
+        result = ingest_bytes(world["db"], world["store"], (world["config"].results_dir / path).read_bytes(),
+                              calling_ae="ORTHANC", source="dimse", on_stored=stored.append)
+        assert result.own_result == object_pk and result.study_pk == study_pk and result.duplicate
+        line = f"result object {object_pk} sent back by ORTHANC: the node's own, not stored again"
+        assert line in caplog.text
+    assert stored == []  # no settle timer armed
+    with session_scope(world["db"]) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.ANALYSED
+        assert session.scalar(select(func.count()).select_from(ResultObject)) == 3
+    assert len([path for path in world["store"].root.rglob("*") if path.is_file()]) == 1
+    assert len(peer.received) == sent
+    assert "SENTINEL" not in caplog.text
+
+    # a copy of its SR filed under another study (a PACS merged studies): refused, as for any instance
+    sr = pydicom.dcmread(world["config"].results_dir / result_rows(world, study_pk)[ResultKind.SR][1])
+    sr.StudyInstanceUID = generate_uid()
+    with pytest.raises(IdentityConflictError, match="a result of another study"):
+        ingest_bytes(world["db"], world["store"], dataset_bytes(sr), calling_ae="ORTHANC", source="dimse")
 
 
 def test_a_dose_sr_under_another_patient_id_is_an_identity_conflict(world: dict[str, Any]) -> None:
