@@ -22,7 +22,7 @@ from dicom_node.part10 import (
     part10_prefix,
     require_uid,
 )
-from dicom_node.sop_classes import IMAGE_SOP_CLASSES
+from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, IMAGE_SOP_CLASSES
 from dicom_node.statuses import Status
 from dicom_node.store.db import make_engine, make_session_factory, upgrade
 from dicom_node.store.files import FileStore
@@ -232,6 +232,16 @@ def test_the_conformance_statement_lists_exactly_the_syntaxes_offered() -> None:
     listed = re.findall(r"^\|[^|]+\| (1\.2\.840\.10008\.1\.2[0-9.]*) \|$", section, flags=re.MULTILINE)
     assert len(listed) == len(set(listed))
     assert set(listed) == {str(uid) for uid in decodable_transfer_syntaxes()}
+
+
+def test_the_conformance_statement_marks_scp_exactly_the_sop_classes_accepted() -> None:
+    """§1 is what a PACS administrator checks a study-level send against: the node refused the SR and PDF
+    classes, which the statement said, and Orthanc then aborted every such send (review)."""
+    text = (Path(__file__).parents[2] / "docs" / "conformance-statement.md").read_text(encoding="utf-8")
+    section = text.split("## 1. Overview", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|[^|]+\| (1\.2\.840\.10008\.[0-9.]+) \|[^|]+\| (Yes|No)[^|]*\|$", section,
+                      flags=re.MULTILINE)
+    assert {uid for uid, scp in rows if scp == "Yes"} == {*ACCEPTED_SOP_CLASSES, "1.2.840.10008.1.1"}
 
 
 @pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
