@@ -200,6 +200,53 @@ def test_a_re_take_after_the_results_gets_a_new_sr_and_pdf_that_report_on_both_i
     assert study is not None and study.state is StudyState.ANALYSED
 
 
+def test_a_study_level_send_of_a_study_holding_the_results_and_a_dose_sr_succeeds(stack: Stack) -> None:
+    """"Send study to AI" once the node has answered: Orthanc sends the CR, the modality's dose SR and the
+    node's own SR and PDF. The old node refused the SR and PDF contexts and Orthanc failed the whole send
+    (HTTP 500 "Cannot transcode from 1.2.840.10008.1.2.1 to one of [ ]", PACS administrator's review).
+    Now it succeeds: the dose SR is stored SKIPPED, the node's own objects are not stored again, and the
+    analysed study is neither reopened nor given new results."""
+    from tests.node_datasets import make_non_image
+
+    path, study_uid = fresh_copy("RG1_UNCI.dcm", stack.root / "whole-study")
+    dose = make_non_image("1.2.840.10008.5.1.4.1.1.88.67", like=pydicom.dcmread(path))
+    dose_path = stack.root / "whole-study" / "dose.dcm"
+    dose.save_as(dose_path, enforce_file_format=True)
+    storescu([path, dose_path], stack.orthanc.dicom_port, "ORTHANC")  # Orthanc forwards the CR only
+
+    def from_node() -> list[int]:  # the node's SRs and PDFs in Orthanc (the dose SR is an SR too)
+        return [len([i for i in found if stack.orthanc.remote_aet(i) == NODE_AET])
+                for found in results_in(stack.orthanc, study_uid)]
+
+    assert wait_until(lambda: from_node() == [1, 1], SETTLE + 90), "no SR and PDF"
+    [orthanc_study] = stack.orthanc.post("/tools/find",
+                                         {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    assert len(stack.orthanc.get(f"/studies/{orthanc_study}/instances")) == 4  # CR, dose SR, SR, PDF
+
+    stack.orthanc.post("/modalities/node/store", {"Resources": [orthanc_study]})  # raises on HTTP 500
+
+    with stack.node.session() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        assert study is not None and study.state is StudyState.ANALYSED
+        instances = {row.sop_class_uid: row for row in session.scalars(
+            select(Instance).join(Series).where(Series.study_pk == study.id))}
+        assert set(instances) == {"1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.88.67"}
+        skipped = instances["1.2.840.10008.5.1.4.1.1.88.67"]
+        assert skipped.state_reason == "not an image (X-Ray Radiation Dose SR Storage): not analysed"
+        assert session.scalar(select(func.count()).select_from(ResultObject).where(
+            ResultObject.study_pk == study.id)) == 2
+
+    def reopened() -> bool:
+        now = node_study(stack, study_uid)
+        return now is None or now.state is not StudyState.ANALYSED
+
+    assert not wait_until(reopened, SETTLE + 3)
+    log = stack.node.log_path.read_text(encoding="utf-8", errors="replace")
+    assert log.count("sent back by ORTHANC: the node's own, not stored again") >= 2
+    assert [len(found) for found in results_in(stack.orthanc, study_uid)] == [2, 1]  # no new result sent
+    assert from_node() == [1, 1]
+
+
 def test_non_chest_cr_is_stored_skipped_with_its_reason_and_nothing_is_sent(stack: Stack) -> None:
     path, study_uid = fresh_copy("RG3_UNCI.dcm", stack.root / "t2")
     storescu([path], stack.orthanc.dicom_port, "ORTHANC")
