@@ -327,6 +327,7 @@ class InstanceDetail(BaseModel):
     state: str
     state_reason: str
     pixels_available: bool
+    is_image: bool = True
     findings: list[FindingDetail]
 
 
@@ -422,7 +423,8 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
             received_at=inst.received_at,
             state=inst.state.value,
             state_reason=inst.state_reason,
-            pixels_available=inst.purged_at is None,
+            pixels_available=inst.purged_at is None and inst.rows is not None,
+            is_image=inst.rows is not None,  # not a dose SR, report or PDF a PACS sent with the study
             findings=[
                 FindingDetail(
                     id=f.id,

@@ -679,3 +679,29 @@ def test_control_and_direction_characters_of_dicom_values_are_not_shown(
     for page in (client.get("/results").text, client.get(f"/results/{study.study}").text):
         assert "\u202e" not in page and "\x00" not in page and "\x1b" not in page
         assert "DOE, JOHN" in page
+
+
+def test_a_dose_sr_stored_with_a_study_is_listed_as_not_an_image(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A modality's dose SR sent with the study got an image viewer whose picture could not be shown."""
+    from dicom_node.store.models import Instance, InstanceState, Series
+
+    client, _ = rad_client
+    ids = add_study(factory, StudySpec("DOSE^SR", "P-DOSE", "A-DOSE", received_at=NOW))
+    with session_scope(factory) as session:
+        series = Series(series_instance_uid=generate_uid(), study_pk=ids.study, modality="SR",
+                        series_number=99)
+        session.add(series)
+        session.flush()
+        reason = "not an image (X-Ray Radiation Dose SR Storage): not analysed"
+        session.add(Instance(
+            sop_instance_uid=generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67",
+            series_pk=series.id, transfer_syntax_uid="1.2.840.10008.1.2.1", file_path="x/dose.dcm",
+            sha256="0" * 64, size_bytes=10, state=InstanceState.SKIPPED, state_reason=reason,
+        ))
+        dose_pk = session.scalar(select(Instance.id).where(Instance.series_pk == series.id))
+    page = client.get(f"/results/{ids.study}").text
+    assert "Not an image (SR): stored with the study, not analysed." in page
+    assert f"/instances/{dose_pk}/image.png" not in page
+    assert f"/instances/{ids.instance}/image.png" in page  # the radiograph is still shown
