@@ -666,14 +666,16 @@ class Pipeline:
             self._finalise(study_pk, StudyState.FAILED, "no image could be analysed", [], job_failed=True)
             return
         else:
-            reasons = sorted({i.state_reason for i in skipped if i.state_reason}) or ["no image in the study"]
-            reason = "; ".join(reasons)
+            # The reason is the images' (a dose SR's "not an image" told the radiologist nothing about
+            # the radiograph, review); a study of only non-images gives theirs.
+            images = [i for i in skipped if is_image(i.sop_class_uid)]
+            reasons = sorted({i.state_reason for i in images or skipped if i.state_reason})
+            reason = "; ".join(reasons or ["no image in the study"])
             state = StudyState.SKIPPED
             objects = []
             # the "not analysed" notice is about images; a study of only a dose SR or a report gets none
-            images = [i.id for i in skipped if is_image(i.sop_class_uid)]
             if self.config.send_skipped and images:
-                objects = self._ensure_skipped_rows(study_pk, info, images)
+                objects = self._ensure_skipped_rows(study_pk, info, [i.id for i in images])
                 self._build_skipped(study_pk, objects, reason)
         self._finalise(study_pk, state, reason, objects)
 

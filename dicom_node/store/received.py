@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from pydicom import Dataset
@@ -89,11 +90,12 @@ def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, ca
 
     A non-image object (a dose SR, a report, a PDF) is recorded SKIPPED with its reason: it is never
     analysed, so it neither reopens a finished study nor keeps a study waiting for its analysis."""
-    parents = _touch_parents(conn, parsed, cached)
-    if parents is None:  # not cached, or the cached row disappeared: full upsert
-        parents = _upsert_parents(conn, parsed, calling_ae)
     skipped = not_an_image(parsed.sop_class_uid)
-    if skipped is None:
+    image = skipped is None
+    parents = _touch_parents(conn, parsed, cached, image=image)
+    if parents is None:  # not cached, or the cached row disappeared: full upsert
+        parents = _upsert_parents(conn, parsed, calling_ae, image=image)
+    if image:
         _reopen_finished_study(conn, parents[0])
     instance_pk = _insert_instance(conn, parsed, stored, parents[1], calling_ae, source, skipped=skipped)
     return instance_pk, parents
@@ -115,15 +117,16 @@ def _reopen_finished_study(conn: Connection, study_pk: int) -> None:
         LOGGER.info("study %d reopened: a new image arrived after it was finished", study_pk)
 
 
-def _touch_parents(conn: Connection, parsed: ParsedInstance,
-                   cached: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Known series: bump the study's last_received_at; None if the cached study row is gone."""
+def _touch_parents(conn: Connection, parsed: ParsedInstance, cached: tuple[int, int] | None, *,
+                   image: bool) -> tuple[int, int] | None:
+    """Known series: bump the study's last_received_at (for an image: retention and the dashboard count
+    from a study's last image); None if the cached study row is gone."""
     if cached is None:
         return None
-    updated = conn.execute(
-        update(_STUDY).where(_STUDY.c.id == cached[0], _STUDY.c.study_instance_uid == parsed.study_uid)
-        .values(last_received_at=utcnow())
-    )
+    where = (_STUDY.c.id == cached[0], _STUDY.c.study_instance_uid == parsed.study_uid)
+    if not image:
+        return cached if conn.execute(select(_STUDY.c.id).where(*where)).first() is not None else None
+    updated = conn.execute(update(_STUDY).where(*where).values(last_received_at=utcnow()))
     return cached if updated.rowcount == 1 else None
 
 
@@ -175,7 +178,8 @@ def _refile(conn: Connection, study_pk: int, earlier: Any, ds: Dataset) -> None:
     LOGGER.info("study %d: filed under the Patient ID or issuer a later image gives", study_pk)
 
 
-def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -> tuple[int, int]:
+def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str, *,
+                    image: bool) -> tuple[int, int]:
     ds = parsed.ds
     now = utcnow()
     study = conn.execute(
@@ -196,7 +200,7 @@ def _upsert_parents(conn: Connection, parsed: ParsedInstance, calling_ae: str) -
             last_received_at=now,
         )))
     else:
-        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(last_received_at=now))
+        _fill_study(conn, study_pk, ds, received_at=now if image else None)
     series = conn.execute(
         select(_SERIES.c.id, _SERIES.c.study_pk).where(_SERIES.c.series_instance_uid == parsed.series_uid)
     ).first()
@@ -234,6 +238,22 @@ def _insert_instance(conn: Connection, parsed: ParsedInstance, stored: StoredFil
         state=InstanceState.RECEIVED if skipped is None else InstanceState.SKIPPED,
         state_reason=skipped or "",
     )))
+
+
+def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: datetime | None) -> None:
+    """A stored study takes the values its first object left empty from a later one: a dose SR or a
+    key-object note, whose Patient Study module is optional, may come first, and the study then had no
+    Patient Age, so a child's radiograph that followed with 008Y was classified (review). The same goes
+    for the patient's birth date, name and sex."""
+    row = conn.execute(select(_STUDY).where(_STUDY.c.id == study_pk)).one()
+    given = header_columns.values(ds, Study, header_columns.STUDY)
+    fields: dict[str, Any] = {key: value for key, value in given.items() if value and not getattr(row, key)}
+    if received_at is not None:
+        fields["last_received_at"] = received_at
+    if fields:
+        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(**fields))
+    patient = conn.execute(select(_PATIENT).where(_PATIENT.c.id == row.patient_pk)).one()
+    _fill_missing(conn, patient, header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS))
 
 
 _DEMOGRAPHICS = tuple(column for column, _ in header_columns.PATIENT_DEMOGRAPHICS)

@@ -1235,6 +1235,8 @@ def test_a_dose_sr_and_a_foreign_pdf_are_stored_skipped_and_leave_an_analysed_st
     make_pipeline(world).process([study_pk])
     before = result_rows(world, study_pk)
     sent = sorted(peer.received)
+    with session_scope(world["db"]) as session:
+        last_image = session.get_one(Study, study_pk).last_received_at
     dose = send_non_image(world, study_pk, DOSE_SR)
     pdf = send_non_image(world, study_pk, PDF_STORAGE, modality="DOC")
     assert not dose.duplicate and not pdf.duplicate and dose.study_pk == pdf.study_pk == study_pk
@@ -1248,6 +1250,8 @@ def test_a_dose_sr_and_a_foreign_pdf_are_stored_skipped_and_leave_an_analysed_st
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.ANALYSED and study.state_reason == ""
         assert session.scalars(select(Job)).one().state is JobState.DONE  # no new job
+        # retention and the dashboard count from a study's last image: a re-sent dose SR moved that on
+        assert study.last_received_at == last_image
     assert reasons == {dose.instance_pk: "not an image (X-Ray Radiation Dose SR Storage): not analysed",
                        pdf.instance_pk: "not an image (Encapsulated PDF Storage): not analysed"}
     make_pipeline(world).process([study_pk])  # even asked to, the pipeline makes nothing new
@@ -1279,3 +1283,57 @@ def test_a_cr_with_a_dose_sr_is_analysed_and_a_study_of_only_a_dose_sr_is_skippe
         assert study is not None and study.state is StudyState.SKIPPED
         assert study.state_reason == "not an image (X-Ray Radiation Dose SR Storage): not analysed"
     assert result_rows(world, other_pk) == {}
+
+
+def test_a_childs_radiograph_after_a_non_image_without_an_age_is_not_classified(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The study and patient rows took their values from the first object only. A key-object note or dose
+    SR, whose Patient Study module is optional, came first without an age, and the radiograph of an
+    eight-year-old that followed was classified with an "age unknown" caution (review). Values the first
+    object left empty are now taken from the next."""
+    from tests.node_datasets import make_non_image, to_bytes
+
+    like = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    like.PatientID, like.PatientName, like.StudyInstanceUID = "SENTINEL-ID", SENTINEL, generate_uid()
+    del like.PatientBirthDate
+    note_bytes = to_bytes(make_non_image(KEY_OBJECT, like=like, modality="KO"))
+    note = ingest_bytes(world["db"], world["store"], note_bytes, calling_ae="ORTHANC", source="dimse")
+
+    def a_child(ds: pydicom.Dataset) -> None:
+        ds.PatientAge = "008Y"
+        del ds.PatientBirthDate
+
+    study_pk = receive(world, "RG1_UNCI.dcm", study_uid=like.StudyInstanceUID, edit=a_child)
+    assert study_pk == note.study_pk
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.patient_age == "008Y"
+        image = session.scalars(select(Instance).where(Instance.sop_class_uid != KEY_OBJECT)).one()
+        assert image.state is InstanceState.SKIPPED
+        assert "younger than 18 years" in image.state_reason
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0
+    assert peer.received == []
+
+
+KEY_OBJECT = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def test_the_not_analysed_notice_gives_the_images_reason_not_a_dose_srs(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A leg radiograph sent with the modality's dose SR: the "not analysed" notice to the PACS said
+    "body part EXTREMITY is not CHEST; not an image (X-Ray Radiation Dose SR Storage)…" (review)."""
+    study_pk = receive(world, "RG3_UNCI.dcm", settle=False)
+    send_non_image(world, study_pk, DOSE_SR)
+    settle(world, study_pk)
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.SKIPPED
+        assert study.state_reason == "body part EXTREMITY is not CHEST"
+    rows = result_rows(world, study_pk)
+    assert set(rows) == {ResultKind.PDF}
+    notice = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
+    assert b"not an image" not in bytes(notice.EncapsulatedDocument)
