@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes
 from dicom_node.allocator import tune_for_large_buffers
-from dicom_node.errors import InvalidDatasetError, NodeError, describe_exception
+from dicom_node.errors import ConfigurationError, InvalidDatasetError, NodeError, describe_exception
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.reactor import EventDrivenRequestHandler
@@ -256,13 +256,19 @@ class StorageScp:
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
             ]
-            server = self.ae.make_server(
-                (self.settings.bind_address, self.settings.port),
-                ssl_context=self.ssl_context,
-                evt_handlers=handlers,
-                server_class=type("_Listener", (_ListenerServer,), {"adopted": self.listen_socket}),
-                request_handler=EventDrivenRequestHandler,
-            )
+            try:
+                server = self.ae.make_server(
+                    (self.settings.bind_address, self.settings.port),
+                    ssl_context=self.ssl_context,
+                    evt_handlers=handlers,
+                    server_class=type("_Listener", (_ListenerServer,), {"adopted": self.listen_socket}),
+                    request_handler=EventDrivenRequestHandler,
+                )
+            except OSError as exc:  # a port in use was a 30-line traceback naming neither port nor setting
+                raise ConfigurationError(
+                    f"DICOM listener cannot bind {self.settings.bind_address}:{self.settings.port} "
+                    f"(dicom.port, dicom.bind_address): {exc.strerror or type(exc).__name__}"
+                ) from exc
             threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
             self._server = server
         LOGGER.info(

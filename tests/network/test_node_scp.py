@@ -45,7 +45,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes, scu
-from dicom_node.errors import AssociationError
+from dicom_node.errors import AssociationError, ConfigurationError
 from dicom_node.ingest import Ingestor, IngestResult
 from dicom_node.scp import StorageScp, build_scp, failure_response
 from dicom_node.settings import DicomSettings, TlsSettings
@@ -399,3 +399,20 @@ def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(tmp_path: 
         node.scp.stop()
     assert echo.returncode == 0, echo.stderr
     assert stranger.returncode != 0  # a certificate the node's CA bundle did not issue
+
+
+def test_a_dicom_port_in_use_is_one_error_naming_the_port_and_setting(tmp_path: Path) -> None:
+    """A port in use (11112 is a common one) stopped `serve` with a 30-line traceback of pynetdicom's
+    server_bind that named neither the port nor the setting (review)."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    db.upgrade(engine)
+    sessions = db.make_session_factory(engine)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        scp = build_scp(DicomSettings(port=port, bind_address="127.0.0.1"),
+                        Ingestor(sessions, FileStore(tmp_path / "instances")), sessions)
+        with pytest.raises(ConfigurationError, match=rf"cannot bind 127\.0\.0\.1:{port} \(dicom\.port"):
+            scp.start()
+    engine.dispose()
