@@ -16,6 +16,7 @@ from dicom_node.errors import ConfigurationError
 from dicom_node.settings import Settings
 from dicom_node.store import db
 from dicom_node.store.files import FileStore, private_directory
+from dicom_node.terminal import say
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ def command_sessions(settings: Settings) -> sessionmaker[Session]:
             "(--config FILE or CXR_NODE_CONFIG, and the service's environment, e.g. its database URL); "
             "`cxr-node db upgrade` or the first `cxr-node serve` creates the database"
         )
+    # Which database the command reads and changes, on stderr: run in another directory that has a
+    # ./var of its own, "added caller FOO" went to that database without a word (review).
+    say(f"database: {db.describe_url(url)}", err=True)
     engine = db.make_engine(settings.database_url, echo=settings.database.echo)
     db.upgrade(engine)
     return db.make_session_factory(engine)

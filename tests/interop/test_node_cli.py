@@ -63,12 +63,14 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     run_cli(["ae", "add", "--role", "destination", "--aet", "STORESCP", "--host", "127.0.0.1", "--port", str(port)],
             env)
     routed = run_cli(["ae", "add", "--role", "caller", "--aet", "MODALITY", "--reply-to", "STORESCP"], env)
+    database = (tmp_path / "node" / "cxr-node.sqlite3").resolve()
+    assert f"database: SQLite file {database}" in routed.stderr  # which database the command changed
     assert "go nowhere" not in routed.stderr
     unrouted = run_cli(["ae", "add", "--role", "caller", "--aet", "VIEWER"], env)  # no reply-to, no fixed one
     assert "warning: results of studies from VIEWER go nowhere" in unrouted.stderr
     listed = run_cli(["ae", "list"], env)
     assert "STORESCP" in listed.stdout and "MODALITY" in listed.stdout
-    assert listed.stderr == ""  # an admin command prints its answer; the service's INFO log stays out
+    assert listed.stderr == f"database: SQLite file {database}\n"  # its answer; the INFO log stays out
     assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout
     assert run_cli(["echo", "127.0.0.1", str(port), "STORESCP"], env).returncode == 0
 
