@@ -120,7 +120,9 @@ class _DatabaseCollector(Collector):
         yield _counter("delivery_attempts_failed", "Delivery attempts that failed", failed_attempts or 0)
         yield _gauge("instances_analysed", "Instances classified", instances.get(InstanceState.ANALYSED, 0))
         yield _gauge(
-            "instances_skipped", "Instances not eligible (not CR/DX frontal chest)", instances.get(InstanceState.SKIPPED, 0)
+            "instances_skipped",
+            "Instances not analysed: not eligible (not a frontal chest CR/DX of an adult) or not an image (SR, PDF)",
+            instances.get(InstanceState.SKIPPED, 0),
         )
         yield _gauge(
             "instances_failed", "Instances that could not be analysed", instances.get(InstanceState.FAILED, 0)

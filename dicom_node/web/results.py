@@ -73,7 +73,8 @@ def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
 
     return Dashboard(
         since=since,
-        instances_received=count(Instance.received_at >= since, entity=Instance),
+        # images: a dose SR or a report stored with a study has no Rows, and is not one (review)
+        instances_received=count(Instance.received_at >= since, Instance.rows.is_not(None), entity=Instance),
         studies_received=count(Study.first_received_at >= since),
         studies_analysed=count(Study.state == StudyState.ANALYSED, Study.analysed_at >= since),
         studies_skipped=count(Study.state == StudyState.SKIPPED, Study.last_received_at >= since),

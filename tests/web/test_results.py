@@ -682,9 +682,10 @@ def test_control_and_direction_characters_of_dicom_values_are_not_shown(
 
 
 def test_a_dose_sr_stored_with_a_study_is_listed_as_not_an_image(
-    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A modality's dose SR sent with the study got an image viewer whose picture could not be shown."""
+    """A modality's dose SR sent with the study got an image viewer whose picture could not be shown,
+    and the dashboard counted it among the day's images."""
     from dicom_node.store.models import Instance, InstanceState, Series
 
     client, _ = rad_client
@@ -705,3 +706,5 @@ def test_a_dose_sr_stored_with_a_study_is_listed_as_not_an_image(
     assert "Not an image (SR): stored with the study, not analysed." in page
     assert f"/instances/{dose_pk}/image.png" not in page
     assert f"/instances/{ids.instance}/image.png" in page  # the radiograph is still shown
+    monkeypatch.setattr(results, "local_midnight", lambda now=None: NOW - timedelta(hours=1))
+    assert client.get("/api/dashboard").json()["instances_received"] == 1
