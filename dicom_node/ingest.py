@@ -41,9 +41,10 @@ from dicom_node.part10 import (
     require_uid,
 )
 from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, RESULT_SOP_CLASSES, is_image
+from dicom_node.store import header_columns
 from dicom_node.store.db import waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, instance_path
-from dicom_node.store.models import ResultObject, Study
+from dicom_node.store.models import Patient, ResultObject, Study
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
 LOGGER = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ LOGGER = logging.getLogger(__name__)
 _RESULT_SOP_CLASSES = frozenset(RESULT_SOP_CLASSES.values())
 _RESULT = cast(Table, ResultObject.__table__)
 _STUDY = cast(Table, Study.__table__)
+_PATIENT = cast(Table, Patient.__table__)
 _RETRIES_ON_CONFLICT = 3
 _LOCK_STRIPES = 64
 _PARENT_CACHE_SIZE = 256
@@ -152,7 +154,7 @@ class Ingestor:
         study_uid = require_uid(ds, "StudyInstanceUID")
         series_uid = require_uid(ds, "SeriesInstanceUID")
         check_value_representations(ds)
-        own = self._own_result(sop_class, sop_instance, study_uid)
+        own = self._own_result(sop_class, sop_instance, study_uid, header_columns.text(ds, "PatientID", 64))
         if own is not None:
             # The node's own SR, PDF or heat map in a study-level send back to it: it holds the original.
             LOGGER.info("result object %d sent back by %s: the node's own, not stored again", own[0],
@@ -187,17 +189,22 @@ class Ingestor:
                                  type(exc).__name__)
         return result
 
-    def _own_result(self, sop_class: str, sop_instance: str, study_uid: str) -> tuple[int, int] | None:
+    def _own_result(
+        self, sop_class: str, sop_instance: str, study_uid: str, patient_id: str
+    ) -> tuple[int, int] | None:
         """(id, study pk) of the node's result object with this SOP Instance UID, if it is one. Looked for
-        only for the SOP classes of its results; one that names another study is an identity conflict,
-        as for any stored instance."""
+        only for the SOP classes of its results; one that names another study, or another Patient ID
+        than its study's (a copy the PACS re-identified, review), is an identity conflict, as for any
+        stored instance."""
         if sop_class not in _RESULT_SOP_CLASSES:
             return None
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
-                    select(_RESULT.c.id, _RESULT.c.study_pk, _STUDY.c.study_instance_uid)
+                    select(_RESULT.c.id, _RESULT.c.study_pk, _STUDY.c.study_instance_uid,
+                           _PATIENT.c.patient_id)
                     .join(_STUDY, _RESULT.c.study_pk == _STUDY.c.id)
+                    .join(_PATIENT, _STUDY.c.patient_pk == _PATIENT.c.id)
                     .where(_RESULT.c.sop_instance_uid == sop_instance)
                 ).first()
         except SQLAlchemyError as exc:
@@ -207,6 +214,9 @@ class Ingestor:
         if row[2] != study_uid:
             LOGGER.warning("refused a copy of result object %d that names another study", row[0])
             raise IdentityConflictError("SOP Instance UID is a result of another study")
+        if row[3] and patient_id and patient_id != row[3]:
+            LOGGER.warning("refused a copy of result object %d under another Patient ID", row[0])
+            raise IdentityConflictError("a result of this node under another Patient ID")
         return int(row[0]), int(row[1])
 
     def _record(self, parsed: ParsedInstance, staged: StagedFile, calling_ae: str, source: str) -> IngestResult:

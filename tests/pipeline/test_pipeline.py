@@ -1210,6 +1210,12 @@ def test_the_nodes_own_results_sent_back_are_success_and_not_stored_again(
     with pytest.raises(IdentityConflictError, match="a result of another study"):
         ingest_bytes(world["db"], world["store"], dataset_bytes(sr), calling_ae="ORTHANC", source="dimse")
 
+    # a copy of its SR in the same study but under another Patient ID (a PACS re-identified it): refused
+    sr = pydicom.dcmread(world["config"].results_dir / result_rows(world, study_pk)[ResultKind.SR][1])
+    sr.PatientID = "SOMEONE-ELSE"
+    with pytest.raises(IdentityConflictError, match="under another Patient ID"):
+        ingest_bytes(world["db"], world["store"], dataset_bytes(sr), calling_ae="ORTHANC", source="dimse")
+
 
 def test_a_dose_sr_under_another_patient_id_is_an_identity_conflict(world: dict[str, Any]) -> None:
     """A non-image object is checked as an image is: a study belongs to one patient."""
