@@ -33,6 +33,7 @@ from dicom_node.eligibility import (
 )
 from dicom_node.errors import (
     ClassificationError,
+    ConflictError,
     IneligibleImageError,
     NodeError,
     NotFoundError,
@@ -223,6 +224,11 @@ class NodeConsoleServices:
                 self._ingestor = Ingestor(self._session_factory, store)
             ingestor = self._ingestor
         result = ingestor.ingest_bytes(upload.data, calling_ae=calling_ae, source="upload")
+        if result.own_result is not None:  # no instance row holds it: the API answered instance_id 0
+            raise ConflictError(
+                f"this file is one of the node's own results (result object {result.own_result}); "
+                "it is not stored again"
+            )
         return IngestOutcome(
             study_pk=int(result.study_pk), instance_pk=int(result.instance_pk), duplicate=result.duplicate
         )

@@ -14,7 +14,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import select
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import MODEL_SCOPE, UNKNOWN_AGE
@@ -485,3 +486,33 @@ def test_a_dicom_upload_whose_pixels_cannot_be_decoded_is_refused_with_the_reaso
     assert image.status_code == 422 and reason in image.text
     classify = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
     assert classify.status_code == 422 and reason in classify.text
+
+
+def test_storing_the_nodes_own_result_as_an_upload_says_so(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """The node's own heat-map capture, uploaded and stored, was answered with instance_id 0, a row that
+    does not exist (review)."""
+    from dicom_node.store.models import ResultKind, ResultObject, Series, Study
+
+    client, csrf = rad_client
+    original = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    stored = client.post(f"/upload/{_upload(client, csrf, 'RG1.dcm', original, 'application/dicom')}/store",
+                         data={"csrf_token": csrf})
+    assert stored.status_code == 303
+    capture = pydicom.dcmread(io.BytesIO(original))
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    capture.SeriesInstanceUID = generate_uid()
+    with session_scope(factory) as s:
+        study = s.scalars(select(Study)).one()
+        s.add(ResultObject(study_pk=study.id, kind=ResultKind.HEATMAP_SC, model_name="m", model_version="1",
+                           sop_class_uid=capture.SOPClassUID, sop_instance_uid=capture.SOPInstanceUID,
+                           series_instance_uid=capture.SeriesInstanceUID, file_path="x.dcm"))
+    buffer = io.BytesIO()
+    capture.save_as(buffer, enforce_file_format=True)
+    token = _upload(client, csrf, "capture.dcm", buffer.getvalue(), "application/dicom")
+    refused = client.post(f"/api/uploads/{token}/store", headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 409 and "one of the node's own results" in refused.text
+    with session_scope(factory) as s:
+        assert s.scalar(select(func.count()).select_from(Series)) == 1
