@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Connection, CursorResult, Table, delete, exists, insert, select, update
+from sqlalchemy import Connection, CursorResult, Table, case, delete, exists, func, insert, select, update
 
 from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.sop_classes import not_an_image
@@ -244,16 +244,35 @@ def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: da
     """A stored study takes the values its first object left empty from a later one: a dose SR or a
     key-object note, whose Patient Study module is optional, may come first, and the study then had no
     Patient Age, so a child's radiograph that followed with 008Y was classified (review). The same goes
-    for the patient's birth date, name and sex."""
-    row = conn.execute(select(_STUDY).where(_STUDY.c.id == study_pk)).one()
-    given = header_columns.values(ds, Study, header_columns.STUDY)
-    fields: dict[str, Any] = {key: value for key, value in given.items() if value and not getattr(row, key)}
+    for the patient's birth date, name and sex.
+
+    Each column is filled in the UPDATE itself, only while it is empty, and the patient is the one the
+    study row names once its lock is held: on PostgreSQL a concurrent image may fill the same column or
+    re-file the study meanwhile, and a read before the UPDATE lost the first value or named a patient row
+    that was gone (review)."""
+    fields: dict[str, Any] = _only_if_empty(_STUDY, header_columns.values(ds, Study, header_columns.STUDY))
     if received_at is not None:
         fields["last_received_at"] = received_at
+    where = _STUDY.c.id == study_pk
+    demographics = header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS)
+    filled = _only_if_empty(_PATIENT, demographics)
     if fields:
-        conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(**fields))
-    patient = conn.execute(select(_PATIENT).where(_PATIENT.c.id == row.patient_pk)).one()
-    _fill_missing(conn, patient, header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS))
+        statement: Any = update(_STUDY).where(where).values(**fields).returning(_STUDY.c.patient_pk)
+    elif filled:
+        statement = select(_STUDY.c.patient_pk).where(where)
+    else:
+        return
+    patient_pk = conn.execute(statement).scalar_one()
+    if filled:
+        conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**filled))
+
+
+def _only_if_empty(table: Table, values: dict[str, Any]) -> dict[str, Any]:
+    """SET clauses that give each column its value only while the column is empty."""
+    return {
+        key: case((func.coalesce(table.c[key], "") == "", value), else_=table.c[key])
+        for key, value in values.items() if value not in (None, "")
+    }
 
 
 _DEMOGRAPHICS = tuple(column for column, _ in header_columns.PATIENT_DEMOGRAPHICS)

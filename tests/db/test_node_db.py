@@ -820,3 +820,53 @@ def test_a_lock_check_waiting_on_the_database_holds_up_neither_a_stop_nor_the_he
         done.set()
         hung.join()
         engine.dispose()
+
+
+@pytest.mark.parametrize("second", ["age", "issuer"])
+def test_two_images_filling_one_study_at_once_keep_the_first_value_and_both_are_stored(
+    sessions: sessionmaker[Session], store: FileStore, monkeypatch: pytest.MonkeyPatch, second: str
+) -> None:
+    """Values a study's first image left empty are filled from later ones. That fill read the row before
+    it updated it: on PostgreSQL a second image's UPDATE, waiting for the first's lock, overwrote the
+    age the first had just committed, and after a concurrent re-filing (the first image gave an issuer)
+    it named a patient row that was gone, and the second image failed (review)."""
+    import dicom_node.ingest as ingest_module
+
+    study_uid = generate_uid()
+    first = make_cr(study_uid=study_uid, patient_id="PID-1")  # no Patient Age, no issuer
+    Ingestor(sessions, store).ingest_bytes(to_bytes(first), calling_ae="X", source="dimse")
+    child = make_cr(study_uid=study_uid, patient_id="PID-1", seed=1)
+    child.PatientAge = "008Y"
+    if second == "issuer":
+        child.IssuerOfPatientID = "HOSP-A"
+    later = make_cr(study_uid=study_uid, patient_id="PID-1", seed=2)
+    later.PatientAge = "045Y"
+    original = ingest_module.insert_rows
+    holding = threading.Event()
+
+    def held_open(conn: Any, parsed: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(conn, parsed, *args, **kwargs)
+        if parsed.sop_instance_uid == child.SOPInstanceUID:
+            holding.set()
+            time.sleep(1.5)  # the child's transaction stays open, its rows locked
+        return result
+
+    monkeypatch.setattr(ingest_module, "insert_rows", held_open)
+    outcomes: dict[str, str] = {}
+
+    def send(name: str, ds: Dataset) -> None:
+        try:
+            Ingestor(sessions, store).ingest_bytes(to_bytes(ds), calling_ae="X", source="dimse")
+            outcomes[name] = "stored"
+        except Exception as exc:  # collected and asserted below
+            outcomes[name] = type(exc).__name__
+
+    child_thread = threading.Thread(target=send, args=("child", child))
+    child_thread.start()
+    assert holding.wait(10)
+    send("later", later)  # waits for the child's lock on PostgreSQL
+    child_thread.join()
+    assert outcomes == {"child": "stored", "later": "stored"}
+    with sessions() as session:
+        assert session.scalars(select(Study.patient_age)).one() == "008Y"  # the first value stays
+        assert session.scalar(select(func.count()).select_from(Instance)) == 3

@@ -1291,8 +1291,9 @@ def test_a_cr_with_a_dose_sr_is_analysed_and_a_study_of_only_a_dose_sr_is_skippe
     assert result_rows(world, other_pk) == {}
 
 
+@pytest.mark.parametrize("by", ["age", "birth date"])
 def test_a_childs_radiograph_after_a_non_image_without_an_age_is_not_classified(
-    world: dict[str, Any], peer: StorePeer
+    world: dict[str, Any], peer: StorePeer, by: str
 ) -> None:
     """The study and patient rows took their values from the first object only. A key-object note or dose
     SR, whose Patient Study module is optional, came first without an age, and the radiograph of an
@@ -1306,16 +1307,21 @@ def test_a_childs_radiograph_after_a_non_image_without_an_age_is_not_classified(
     note_bytes = to_bytes(make_non_image(KEY_OBJECT, like=like, modality="KO"))
     note = ingest_bytes(world["db"], world["store"], note_bytes, calling_ae="ORTHANC", source="dimse")
 
-    def a_child(ds: pydicom.Dataset) -> None:
-        ds.PatientAge = "008Y"
-        del ds.PatientBirthDate
+    def a_child(ds: pydicom.Dataset) -> None:  # eight years old at the study (2004-08-26)
+        if by == "age":
+            ds.PatientAge = "008Y"
+            del ds.PatientBirthDate
+        else:
+            ds.PatientBirthDate = "19960301"
 
     study_pk = receive(world, "RG1_UNCI.dcm", study_uid=like.StudyInstanceUID, edit=a_child)
     assert study_pk == note.study_pk
     make_pipeline(world).process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get(Study, study_pk)
-        assert study is not None and study.patient_age == "008Y"
+        assert study is not None
+        expected = ("008Y", "") if by == "age" else ("", "19960301")
+        assert (study.patient_age, study.patient.birth_date) == expected
         image = session.scalars(select(Instance).where(Instance.sop_class_uid != KEY_OBJECT)).one()
         assert image.state is InstanceState.SKIPPED
         assert "younger than 18 years" in image.state_reason
