@@ -237,7 +237,8 @@ def _start_web(node: Node) -> _WebServer | None:
         classifier_loader=(lambda: pipeline.classifier) if pipeline is not None else None,
     )
     app = create_app(settings, node.session_factory, services)
-    server = WebServer(app, settings.web.host, settings.web.port)
+    server = WebServer(app, settings.web.host, settings.web.port,
+                       trusted_proxies=[str(address) for address in settings.web.trusted_proxies])
     server.start()
     LOGGER.info("web console on http://%s:%d", settings.web.host, server.port)
     return server

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -161,6 +161,9 @@ class WebSettings(_Group):
     # None: a random key per process (sessions end when the node restarts)
     secret_key: SecretStr | None = None
     secure_cookies: bool = False
+    # Addresses of reverse proxies whose X-Forwarded-For the console believes (the audit trail then records
+    # the browser's address, not the proxy's); empty: the direct peer's address, whatever a request claims
+    trusted_proxies: list[IPvAnyAddress] = Field(default_factory=list)
 
 
 class LoggingSettings(_Group):

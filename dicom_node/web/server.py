@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,8 +19,12 @@ LOGGER = logging.getLogger(__name__)
 class WebServer:
     """Runs ``app`` on ``host:port`` (port 0 picks a free port; :attr:`port` tells which)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, *, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, *, start_timeout: float = 15.0,
+        trusted_proxies: Sequence[str] = (),
+    ) -> None:
         self.app = app
+        self.trusted_proxies = list(trusted_proxies)
         self.host = host
         self.requested_port = port
         self.start_timeout = start_timeout
@@ -61,9 +66,10 @@ class WebServer:
             self.app,
             log_config=None,  # the node configured logging already
             access_log=False,  # URLs can carry search terms (patient names); no access log
-            # The settings name no trusted proxy: the audit trail records the direct peer, and uvicorn must
-            # not replace it with an X-Forwarded-For that anyone on the host could send from 127.0.0.1.
-            proxy_headers=False,
+            # Only the proxies named in web.trusted_proxies are believed: by default uvicorn replaced the
+            # peer with an X-Forwarded-For that anyone on the host could send from 127.0.0.1.
+            proxy_headers=bool(self.trusted_proxies),
+            forwarded_allow_ips=self.trusted_proxies or None,
             lifespan="off",
             timeout_graceful_shutdown=5,
         )

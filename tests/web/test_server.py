@@ -56,6 +56,26 @@ def test_the_audit_trail_gets_the_peer_address_not_a_forwarded_one(
         assert event.details["client"] == "127.0.0.1"
 
 
+def test_behind_a_trusted_proxy_the_audit_trail_gets_the_browsers_address(
+    app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """Behind the reverse proxy the guide asks for, every login was audited as 127.0.0.1: the proxy's
+    address. Its X-Forwarded-For is believed when web.trusted_proxies names it."""
+    server = WebServer(app, "127.0.0.1", 0, trusted_proxies=["127.0.0.1"])
+    server.start()
+    try:
+        response = httpx.post(
+            f"{server.url}/api/session", json={"username": "alice", "password": "wrong-password"},
+            headers={"X-Forwarded-For": "10.20.30.40"},
+        )
+        assert response.status_code == 401
+    finally:
+        server.stop()
+    with session_scope(factory) as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "user.login_failed")).one()
+        assert event.details["client"] == "10.20.30.40"
+
+
 def test_a_busy_port_is_a_configuration_error(app: FastAPI) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
