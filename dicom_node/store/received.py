@@ -160,8 +160,8 @@ def _refile(conn: Connection, study_pk: int, earlier: Any, ds: Dataset) -> None:
     row moves only if it is still under ``earlier``: on PostgreSQL a concurrent image may have re-filed it
     meanwhile (its UPDATE waits for ours), and this image is then checked against that identity."""
     identified = _upsert_patient(conn, ds)
-    _fill_missing(conn, conn.execute(select(_PATIENT).where(_PATIENT.c.id == identified)).one(),
-                  {key: getattr(earlier, key) for key in _DEMOGRAPHICS})
+    _fill_missing(conn, identified, {key: getattr(earlier, key) for key in _DEMOGRAPHICS},
+                  conn.execute(select(_PATIENT).where(_PATIENT.c.id == identified)).one())
     moved = conn.execute(
         update(_STUDY).where(_STUDY.c.id == study_pk, _STUDY.c.patient_pk == earlier.id)
         .values(patient_pk=identified)
@@ -255,16 +255,13 @@ def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: da
         fields["last_received_at"] = received_at
     where = _STUDY.c.id == study_pk
     demographics = header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS)
-    filled = _only_if_empty(_PATIENT, demographics)
     if fields:
         statement: Any = update(_STUDY).where(where).values(**fields).returning(_STUDY.c.patient_pk)
-    elif filled:
+    elif any(demographics.values()):
         statement = select(_STUDY.c.patient_pk).where(where)
     else:
         return
-    patient_pk = conn.execute(statement).scalar_one()
-    if filled:
-        conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**filled))
+    _fill_missing(conn, conn.execute(statement).scalar_one(), demographics)
 
 
 def _only_if_empty(table: Table, values: dict[str, Any]) -> dict[str, Any]:
@@ -284,12 +281,14 @@ def _identity(ds: Dataset) -> tuple[str, str]:
     return row["patient_id"], row["issuer_of_patient_id"]
 
 
-def _fill_missing(conn: Connection, row: Any, fields: dict[str, Any]) -> None:
-    """Keep what the patient ``row`` knows; fill its empty demographics from ``fields`` (a later image,
-    or the row a study was filed under before, may know more)."""
-    missing = {key: value for key, value in fields.items() if value and not getattr(row, key)}
-    if missing:
-        conn.execute(update(_PATIENT).where(_PATIENT.c.id == row.id).values(**missing))
+def _fill_missing(conn: Connection, patient_pk: int, fields: dict[str, Any], row: Any = None) -> None:
+    """Keep what the patient knows; fill its empty demographics from ``fields`` (a later image, or the
+    row a study was filed under before, may know more), each only while still empty in the UPDATE itself:
+    a concurrent image may have filled it first. With ``row`` (the patient as read), nothing is written
+    when it lacks none of them."""
+    missing = {key: value for key, value in fields.items() if row is None or not getattr(row, key)}
+    if guarded := _only_if_empty(_PATIENT, missing):
+        conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**guarded))
 
 
 def _upsert_patient(conn: Connection, ds: Dataset) -> int:
@@ -303,5 +302,5 @@ def _upsert_patient(conn: Connection, ds: Dataset) -> int:
     if row is None:
         return _new_id(conn.execute(insert(_PATIENT).values(
             patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
-    _fill_missing(conn, row, fields)
+    _fill_missing(conn, row.id, fields, row)
     return int(row.id)
