@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from dicom_node import aes, audit, users
 from dicom_node.eligibility import AgePolicy
@@ -22,8 +23,9 @@ from dicom_node.store.models import AeRole, DeliveryState, RemoteAe, User, UserR
 from dicom_node.web import results
 from dicom_node.web.account import change_own_password
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
-from dicom_node.web.auth import SESSION_COOKIE, UtcDatetime
+from dicom_node.web.auth import SESSION_COOKIE, Principal, UtcDatetime
 from dicom_node.web.deps import (
+    Console,
     ConsoleDep,
     CsrfAdminDep,
     CsrfUserDep,
@@ -66,6 +68,19 @@ class SessionInfo(BaseModel):
     role: UserRole
     csrf_token: str = Field(description="send as X-CSRF-Token on unsafe requests")
 
+    @classmethod
+    def of(cls, principal: Principal) -> SessionInfo:
+        return cls(username=principal.username, role=principal.role, csrf_token=principal.csrf_token)
+
+
+def _new_session(con: Console, db: Session, token: str) -> JSONResponse:
+    """The answer to a login or a password change: the session the new ``token`` opened (its cookie is
+    the caller's to set)."""
+    principal = con.tokens.resolve(db, token)
+    if principal is None:
+        raise AuthenticationError("the new session could not be read back")
+    return JSONResponse(SessionInfo.of(principal).model_dump(mode="json"))
+
 
 @public_router.post("/session", response_model=SessionInfo)
 def api_login(request: Request, body: LoginRequest, con: ConsoleDep, db: DbDep) -> Response:
@@ -76,21 +91,14 @@ def api_login(request: Request, body: LoginRequest, con: ConsoleDep, db: DbDep) 
     if not isinstance(outcome, tuple):
         return JSONResponse({"detail": "unknown user or wrong password"}, status_code=401)
     user, token = outcome
-    principal = con.tokens.resolve(db, token)
-    if principal is None:
-        raise AuthenticationError("the new session could not be read back")
-    response = JSONResponse(
-        SessionInfo(username=user.username, role=user.role, csrf_token=principal.csrf_token).model_dump(
-            mode="json"
-        )
-    )
+    response = _new_session(con, db, token)
     set_session_cookies(response, con, token, user.username)
     return response
 
 
 @router.get("/session", response_model=SessionInfo, tags=["session"])
 def api_session(principal: UserDep) -> SessionInfo:
-    return SessionInfo(username=principal.username, role=principal.role, csrf_token=principal.csrf_token)
+    return SessionInfo.of(principal)
 
 
 @router.delete("/session", status_code=204, tags=["session"])
@@ -119,14 +127,7 @@ def api_change_password(
         return JSONResponse({"detail": "too many wrong passwords; wait and retry"}, status_code=429)
     if not isinstance(outcome, str):
         return JSONResponse({"detail": "the current password is wrong"}, status_code=outcome)
-    changed = con.tokens.resolve(db, outcome)
-    if changed is None:
-        raise AuthenticationError("the new session could not be read back")
-    response = JSONResponse(
-        SessionInfo(username=changed.username, role=changed.role, csrf_token=changed.csrf_token).model_dump(
-            mode="json"
-        )
-    )
+    response = _new_session(con, db, outcome)
     set_cookie(response, con, SESSION_COOKIE, outcome)
     return response
 
