@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.store.db import make_engine, make_session_factory, upgrade
 from tests import peers
 from tests.pipeline.model import model_for_tests
+from tests.postgres_server import PostgresServer, postgres_server
 
 # One policy for every property test: the same cases on every run, so a CI failure reproduces; no example
 # database written into the checkout; no deadline, since a shared CI machine is slow at random moments.
@@ -41,6 +46,56 @@ def pytest_configure(config: pytest.Config) -> None:
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model for classification tests: the shipped default, else a tiny one trained once per session."""
     return model_for_tests(tmp_path_factory.getbasetemp() / "cxr-test-model")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the run; each test makes its own database on it."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A migrated database on each engine the node runs on: SQLite (the default) and a real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database()
+    migrated = make_engine(url)
+    upgrade(migrated)
+    yield migrated
+    migrated.dispose()
+
+
+@pytest.fixture
+def db(engine: Engine) -> sessionmaker[Session]:
+    """Sessions on :func:`engine`'s database."""
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures logging for its process; run in-process, undo that for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """An environment for a CLI command run in-process: no CXR_NODE setting of the caller's, the data
+    directory in this test's folder, no console and no metrics listener."""
+    for name in list(os.environ):
+        if name.startswith("CXR_NODE"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CXR_NODE__NODE__DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("CXR_NODE__WEB__ENABLED", "false")
+    monkeypatch.setenv("CXR_NODE__METRICS__ENABLED", "false")
+    return monkeypatch
 
 
 @pytest.fixture(autouse=True)

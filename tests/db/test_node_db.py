@@ -8,7 +8,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,27 +49,9 @@ from dicom_node.store.models import (
     utcnow,
 )
 from tests.node_datasets import make_cr, to_bytes
-from tests.postgres_server import PostgresServer, postgres_server
+from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_server").create_database()
-    eng = db.make_engine(url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

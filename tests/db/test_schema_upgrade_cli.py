@@ -3,9 +3,7 @@ tables."""
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -13,37 +11,11 @@ import pytest
 
 from dicom_node.cli import main as cli_main
 from dicom_node.store import db
-from tests.postgres_server import PostgresServer, postgres_server
+from tests.postgres_server import PostgresServer
 
-pytestmark = pytest.mark.db
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("restore_logging")]
 
 HEAD = "0009_study_id_and_offset"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI points the root logger at this test's captured stderr: the next test's must not write there."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture
-def node_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.startswith("CXR_NODE"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CXR_NODE__NODE__DATA_DIR", str(tmp_path / "node"))
-    return monkeypatch
 
 
 def _upgrade(capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -53,11 +25,11 @@ def _upgrade(capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
 
 
 def test_db_upgrade_says_which_migrations_it_applied(
-    node_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """It said "database schema is up to date" whether it had just applied migrations or not."""
     url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
-    node_env.setenv("CXR_NODE__DATABASE__URL", url)
+    cli_env.setenv("CXR_NODE__DATABASE__URL", url)
     engine = db.make_engine(url)
     try:
         db.upgrade(engine, "0007_patient_empty_id")  # a node two versions old
@@ -72,7 +44,7 @@ def test_db_upgrade_says_which_migrations_it_applied(
     )
     assert _upgrade(capsys) == (0, f"database schema already at {HEAD}\n", "")
 
-    node_env.setenv("CXR_NODE__DATABASE__URL", f"sqlite:///{tmp_path / 'fresh.sqlite3'}")
+    cli_env.setenv("CXR_NODE__DATABASE__URL", f"sqlite:///{tmp_path / 'fresh.sqlite3'}")
     code, out, _ = _upgrade(capsys)
     assert code == 0
     assert out.startswith("database schema was empty; applied 0001_initial, 0002_scheduler_jobs, ")
@@ -80,7 +52,7 @@ def test_db_upgrade_says_which_migrations_it_applied(
 
 
 def test_a_role_without_create_on_the_schema_is_one_line_naming_the_grant(
-    pg_server: PostgresServer, node_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pg_server: PostgresServer, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """PostgreSQL 15 and later do not let a new role create in schema public: `db upgrade` ended in a
     60-line CRITICAL traceback of the ProgrammingError (InsufficientPrivilege)."""
@@ -91,7 +63,7 @@ def test_a_role_without_create_on_the_schema_is_one_line_naming_the_grant(
                          autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-s3cr3t'")
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # PostgreSQL 15's default, on any version
-    node_env.setenv("CXR_NODE__DATABASE__URL",
+    cli_env.setenv("CXR_NODE__DATABASE__URL",
                     f"postgresql+psycopg://{role}:pw-s3cr3t@127.0.0.1:{pg_server.port}/{database}")
 
     code, out, err = _upgrade(capsys)

@@ -1,39 +1,14 @@
-"""Fixtures for the pipeline tests: a migrated SQLite database and rows made directly."""
+"""Rows for the pipeline tests, made directly (the migrated databases are tests/conftest.py's ``db``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from dicom_node.store.db import make_engine, make_session_factory, upgrade
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[Any]:
-    from tests.postgres_server import postgres_server
-
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated database, on SQLite (the default) and on a real PostgreSQL server."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_server").create_database()
-    engine = make_engine(url)
-    upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def add_study(

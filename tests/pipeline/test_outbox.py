@@ -40,17 +40,6 @@ pytestmark = pytest.mark.network
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures logging for its process; run in-process, undo that for the tests after it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
 def peer() -> Iterator[StorePeer]:
     server = StorePeer().start()
     yield server

@@ -4,38 +4,13 @@ naming it."""
 from __future__ import annotations
 
 import errno
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicom_node.cli import main as cli_main
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI points the root logger at this test's captured stderr: the next test's must not write there."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
-def node_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    for name in list(os.environ):
-        if name.startswith("CXR_NODE"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CXR_NODE__NODE__DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("CXR_NODE__WEB__ENABLED", "false")
-    monkeypatch.setenv("CXR_NODE__METRICS__ENABLED", "false")
-    return monkeypatch
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("restore_logging")]
 
 
 def _serve(capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -47,7 +22,7 @@ def _serve(capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def test_a_data_directory_that_cannot_be_created_is_named(
-    node_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """It stopped with CRITICAL "uncaught PermissionError … in mkdir: Operation not permitted", no path."""
     blocked = tmp_path / "srv"
@@ -55,8 +30,8 @@ def test_a_data_directory_that_cannot_be_created_is_named(
     def refuse(self: Path, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
 
-    node_env.setenv("CXR_NODE__NODE__DATA_DIR", str(blocked / "cxr"))
-    node_env.setattr(Path, "mkdir", refuse)  # what a confined service (systemd ProtectSystem=) meets
+    cli_env.setenv("CXR_NODE__NODE__DATA_DIR", str(blocked / "cxr"))
+    cli_env.setattr(Path, "mkdir", refuse)  # what a confined service (systemd ProtectSystem=) meets
     assert _serve(capsys) == (
         2, f"the data directory {blocked / 'cxr'} (node.data_dir) cannot be created: Operation not permitted "
            f"at {blocked}",
@@ -64,7 +39,7 @@ def test_a_data_directory_that_cannot_be_created_is_named(
 
 
 def test_a_directory_in_the_way_of_a_file_is_named(
-    node_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "results").write_bytes(b"")  # a file where the results directory goes
@@ -72,17 +47,17 @@ def test_a_directory_in_the_way_of_a_file_is_named(
                                  "is not a directory")
 
     storage = tmp_path / "var" / "results" / "instances"
-    node_env.setenv("CXR_NODE__STORAGE__DIRECTORY", str(storage))
+    cli_env.setenv("CXR_NODE__STORAGE__DIRECTORY", str(storage))
     assert _serve(capsys) == (
         2, f"the storage directory {storage} (storage.directory) cannot be created: Not a directory"
     )
 
 
 def test_a_storage_directory_the_node_cannot_write_is_named(
-    node_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """/sys takes no new files, for root too (read-only in a container, sysfs refuses them anyway)."""
-    node_env.setenv("CXR_NODE__STORAGE__DIRECTORY", "/sys")
+    cli_env.setenv("CXR_NODE__STORAGE__DIRECTORY", "/sys")
     code, message = _serve(capsys)
     assert code == 2
     assert message.startswith(

@@ -14,19 +14,7 @@ import pytest
 from dicom_node.logconfig import configure_logging
 from dicom_node.settings import LoggingSettings
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> object:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    hooks = sys.excepthook, threading.excepthook
-    yield None
-    logging.captureWarnings(False)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    sys.excepthook, threading.excepthook = hooks
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("restore_logging")]
 
 
 def test_an_uncaught_exception_is_one_json_record_without_its_text() -> None:

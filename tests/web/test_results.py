@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
-from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
+from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     AuditEvent,
     Delivery,
@@ -28,7 +27,6 @@ from dicom_node.store.models import (
     StudyState,
 )
 from dicom_node.web import results
-from tests.postgres_server import PostgresServer, postgres_server
 from tests.web.studies import StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
@@ -147,30 +145,11 @@ def test_the_search_form_says_how_it_matches(rad_client: tuple[TestClient, str])
     assert "* and ? are wildcards" in html and "ID and accession match from the start" in html
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """The search on both databases the node runs on: LIKE, its escapes and lower() differ between them."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'search.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_server").create_database()
-    engine = make_engine(url)
-    upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
 def test_wildcards_prefixes_and_literal_like_characters_on_each_database(
-    any_db: sessionmaker[Session],
+    db: sessionmaker[Session],
 ) -> None:
     ids = {
-        spec.patient_id: add_study(any_db, spec).study
+        spec.patient_id: add_study(db, spec).study
         for spec in (
             StudySpec("DOE^JOHN", "PID777", "ACC_1", received_at=NOW - timedelta(minutes=3)),
             StudySpec("DOERING^JANE", "PID7", "ACC%2", received_at=NOW - timedelta(minutes=2)),
@@ -179,7 +158,7 @@ def test_wildcards_prefixes_and_literal_like_characters_on_each_database(
     }
 
     def found(patient: str = "", accession: str = "") -> set[str]:
-        with session_scope(any_db) as session:
+        with session_scope(db) as session:
             page = results.search(session, results.ResultQuery(patient=patient, accession=accession))
         by_study = {v: k for k, v in ids.items()}
         return {by_study[row.study_id] for row in page.rows}
