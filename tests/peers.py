@@ -123,6 +123,18 @@ def self_signed_certificate(folder: Path, name: str = "node") -> tuple[Path, Pat
 
 
 @contextlib.contextmanager
+def serving(command: list[str], port: int) -> Iterator[None]:
+    """Run a peer that listens on loopback ``port``, from when it listens until the block ends."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def dcmqrscp(folder: Path, ae_title: str) -> Iterator[int]:
     """DCMTK dcmqrscp on a free loopback port, answering to ``ae_title`` only: an association calling any
     other title is rejected (permanent, service user, "called AE title not recognised"), as Orthanc with
@@ -137,13 +149,8 @@ def dcmqrscp(folder: Path, ae_title: str) -> Iterator[int]:
         "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
         f"AETable BEGIN\n{ae_title} {storage} RW (10, 64mb) ANY\nAETable END\n"
     )
-    process = subprocess.Popen([exe, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, process)
+    with serving([exe, "-c", str(config)], port):
         yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -162,14 +169,6 @@ def storescp_accepting(folder: Path, ae_title: str, sop_class: str) -> Iterator[
     )
     out = folder / "storescp"
     out.mkdir(parents=True)
-    process = subprocess.Popen(
-        [exe, "--aetitle", ae_title, "-xf", str(config), "Only", "--output-directory", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process)
+    with serving([exe, "--aetitle", ae_title, "-xf", str(config), "Only", "--output-directory", str(out),
+                  str(port)], port):
         yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,14 +107,5 @@ def storescp(tmp_path: Path) -> Iterator[tuple[str, int]]:
     port = peers.free_port()
     out = tmp_path / "storescp"
     out.mkdir()
-    process = subprocess.Popen(
-        [exe, "--aetitle", "TESTPACS", "--output-directory", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        peers.wait_for_port(port, process)
+    with peers.serving([exe, "--aetitle", "TESTPACS", "--output-directory", str(out), str(port)], port):
         yield "TESTPACS", port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
