@@ -173,6 +173,14 @@ def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[
         return {r.kind: (r.sop_instance_uid, r.file_path) for r in rows}
 
 
+def late_image(world: dict[str, Any], study_pk: int, **changes: Any) -> dict[ResultKind, tuple[str, str]]:
+    """A second image of the study arrives after its results and is processed (with ``changes`` to the
+    pipeline's configuration): the study's latest results then."""
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world, **changes).process([study_pk])
+    return result_rows(world, study_pk)
+
+
 def evidence(world: dict[str, Any], path: str) -> set[str]:
     """SOP Instance UIDs an SR (its evidence) or an Encapsulated PDF (its source instances) reports on."""
     ds = pydicom.dcmread(world["config"].results_dir / path)
@@ -261,9 +269,7 @@ def test_an_image_that_arrives_after_the_results_gets_new_results_that_include_i
     first = result_rows(world, study_pk)
     assert len(peer.received) == 2
 
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world).process([study_pk])
-    second = result_rows(world, study_pk)
+    second = late_image(world, study_pk)
     both = instance_uids(world, study_pk)
     assert len(both) == 2
     for kind in (ResultKind.SR, ResultKind.PDF):
@@ -329,9 +335,7 @@ def test_a_revision_references_and_names_the_results_it_replaces(
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world).process([study_pk])
-    second = result_rows(world, study_pk)
+    second = late_image(world, study_pk)
     results = world["config"].results_dir
     old = {kind: pydicom.dcmread(results / first[kind][1]) for kind in (ResultKind.SR, ResultKind.PDF)}
     new = {kind: pydicom.dcmread(results / second[kind][1]) for kind in (ResultKind.SR, ResultKind.PDF)}
@@ -398,9 +402,7 @@ def test_results_made_before_revisions_existed_still_get_a_revision_for_a_late_i
     make_pipeline(world).process([study_pk])
     assert result_rows(world, study_pk) == first and len(peer.received) == 2
 
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world).process([study_pk])
-    second = result_rows(world, study_pk)
+    second = late_image(world, study_pk)
     for kind in (ResultKind.SR, ResultKind.PDF):
         assert second[kind][0] != first[kind][0]
         assert evidence(world, second[kind][1]) == instance_uids(world, study_pk)
@@ -447,9 +449,7 @@ def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
     notice = result_rows(world, study_pk)
     assert set(notice) == {ResultKind.PDF}
 
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world, send_skipped=True).process([study_pk])
-    rows = result_rows(world, study_pk)
+    rows = late_image(world, study_pk, send_skipped=True)
     assert set(rows) == {ResultKind.SR, ResultKind.PDF} and rows[ResultKind.PDF] != notice[ResultKind.PDF]
     pdf = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
     text = PdfReader(BytesIO(bytes(pdf.EncapsulatedDocument))).pages[0].extract_text()
@@ -500,9 +500,7 @@ def test_a_late_image_while_the_pacs_is_down_sends_only_the_latest_results(
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world).process([study_pk])
-    second = result_rows(world, study_pk)
+    second = late_image(world, study_pk)
     with session_scope(world["db"]) as session:
         states = {
             d.result_object.sop_instance_uid: (d.state, d.last_error) for d in session.scalars(select(Delivery))
