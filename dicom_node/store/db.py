@@ -21,7 +21,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -231,8 +231,7 @@ class NodeLock:
         if url.get_backend_name() == "postgresql":
             if not self._take_advisory_lock():
                 raise ConfigurationError(ANOTHER_NODE)
-        elif url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-            path = Path(url.database).resolve()
+        elif (path := sqlite_file(url)) is not None:
             lock_file = path.with_name(path.name + ".node-lock")
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -340,6 +339,15 @@ ANOTHER_NODE = (
 )
 
 
+def sqlite_file(url: URL) -> Path | None:
+    """The file of an SQLite database URL (absolute); None for another engine, an in-memory database or
+    a ``file:`` URI."""
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
 def describe_url(url: Any) -> str:
     """Which database a URL names, for the log, without its password: "SQLite file /var/…" or
     "PostgreSQL cxrnode on db.example:5432 as cxrnode"."""
@@ -365,8 +373,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
         connect_args: dict[str, Any] = {"timeout": SQLITE_LOCK_TIMEOUT, "check_same_thread": False}
-        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            database = Path(parsed.database).resolve()
+        if (database := sqlite_file(parsed)) is not None:
             _private_database_file(database)
             writer_lock = SqliteWriterLock(database)
             connect_args["factory"] = _locking_connection_class(writer_lock)

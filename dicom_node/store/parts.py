@@ -50,9 +50,7 @@ def command_sessions(settings: Settings) -> sessionmaker[Session]:
     service's environment that names the PostgreSQL database), and an AE title or user added there
     would never reach the running node."""
     url = make_url(settings.database_url)
-    database = url.database or ""
-    if url.get_backend_name() == "sqlite" and database and database != ":memory:" \
-            and not database.startswith("file:") and not Path(database).is_file():
+    if (database := db.sqlite_file(url)) is not None and not database.is_file():
         raise ConfigurationError(
             f"no node database at {database}: run this command with the node's configuration "
             "(--config FILE or CXR_NODE_CONFIG, and the service's environment, e.g. its database URL); "
