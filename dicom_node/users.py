@@ -181,9 +181,8 @@ def admin_exists(session: Session) -> bool:
 
 def create_user(session: Session, username: str, password: str, role: UserRole, actor: str) -> User:
     name = _check_username(username)
-    if find(session, name) is not None or session.scalar(
-        select(User.id).where(func.lower(User.username) == name.lower())
-    ) is not None:
+    # in any letter case: the same name exactly is among them
+    if session.scalar(select(User.id).where(func.lower(User.username) == name.lower()).limit(1)) is not None:
         raise ConflictError(f"a user named {name!r} exists already (letter case does not make a new name)")
     user = User(username=name, password_hash=hash_password(password, name), role=role, active=True)
     session.add(user)
