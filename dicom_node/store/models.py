@@ -33,6 +33,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from dicom_node.store import folding
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -44,6 +46,18 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+PERSON_NAME_LENGTH = 324  # five 64-character PN components and the four "^" between them
+
+
+def folded_name(name: str) -> str:
+    """``name`` as ``patient.name_folded`` holds it."""
+    return folding.fold(name)[:PERSON_NAME_LENGTH]
+
+
+def _folded_name(context: Any) -> str:
+    return folded_name(context.get_current_parameters().get("name") or "")
 
 
 class Base(DeclarativeBase):
@@ -127,7 +141,10 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
-    name: Mapped[str] = mapped_column(String(324), default="")
+    name: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default="")
+    # The name as the console's search compares it (dicom_node.store.folding); an insert that gives only
+    # the name gets it folded, an update of the name must set it too.
+    name_folded: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default=_folded_name)
     birth_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA
     sex: Mapped[str] = mapped_column(String(16), default="")
 
@@ -147,7 +164,7 @@ class Study(Base):
     study_id: Mapped[str] = mapped_column(String(16), default="")  # DICOM SH Study ID
     timezone_offset: Mapped[str] = mapped_column(String(16), default="")  # as sent, e.g. "+0100"
     study_description: Mapped[str] = mapped_column(String(64), default="")
-    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVED, index=True)
     state_reason: Mapped[str] = mapped_column(Text, default="")

@@ -20,7 +20,16 @@ from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.sop_classes import not_an_image
 from dicom_node.store import header_columns
 from dicom_node.store.files import StoredFile
-from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
+from dicom_node.store.models import (
+    Instance,
+    InstanceState,
+    Patient,
+    Series,
+    Study,
+    StudyState,
+    folded_name,
+    utcnow,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -287,7 +296,13 @@ def _fill_missing(conn: Connection, patient_pk: int, fields: dict[str, Any], row
     a concurrent image may have filled it first. With ``row`` (the patient as read), nothing is written
     when it lacks none of them."""
     missing = {key: value for key, value in fields.items() if row is None or not getattr(row, key)}
-    if guarded := _only_if_empty(_PATIENT, missing):
+    guarded = _only_if_empty(_PATIENT, missing)
+    if "name" in guarded:  # the folded name follows the name, under the name's guard
+        guarded["name_folded"] = case(
+            (func.coalesce(_PATIENT.c.name, "") == "", folded_name(missing["name"])),
+            else_=_PATIENT.c.name_folded,
+        )
+    if guarded:
         conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**guarded))
 
 

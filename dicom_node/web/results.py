@@ -18,6 +18,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinl
 from classifier.types import doubt_reason
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, study_age
 from dicom_node.errors import NotFoundError
+from dicom_node.store import folding
 from dicom_node.store.models import (
     Delivery,
     DeliveryState,
@@ -96,8 +97,8 @@ class ResultQuery(BaseModel):
 
     patient: str = Field(
         default="", max_length=128,
-        description="patient name words (anywhere in the name) or patient ID (from its start); * and ? are "
-        "wildcards",
+        description="patient name words (anywhere in the name, case and accents optional) or patient ID "
+        "(from its start); * and ? are wildcards",
     )
     accession: str = Field(default="", max_length=16, description="from its start; * and ? are wildcards")
     date_from: date | None = None
@@ -167,9 +168,10 @@ def _like(column: ColumnElement[str] | InstrumentedAttribute[str], pattern: str)
     return func.lower(column).like(pattern, escape="\\")
 
 
-def _contains(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
-    """A name word anywhere in the name (wildcards inside the word)."""
-    return _like(column, f"%{_like_pattern(term.lower())}%")
+def _name_contains(term: str) -> ColumnElement[bool]:
+    """A name word anywhere in the patient's name (wildcards inside the word), case and accents folded on
+    both sides: "muller" finds MÜLLER."""
+    return Patient.name_folded.like(f"%{_like_pattern(folding.fold(term))}%", escape="\\")
 
 
 def _identifier(column: ColumnElement[str] | InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
@@ -184,7 +186,7 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     patient = query.patient.strip()
     if patient:
         words = [w for w in re.split(r"[\s,^]+", patient) if w]
-        by_name = and_(*[_contains(Patient.name, w) for w in words])
+        by_name = and_(*[_name_contains(w) for w in words])
         criteria.append(or_(_identifier(Patient.patient_id, patient), by_name))
     if query.accession.strip():
         criteria.append(_identifier(Study.accession_number, query.accession.strip()))

@@ -70,7 +70,7 @@ def test_migrations_match_models_and_rerun_cleanly(engine: Engine) -> None:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         version = conn.execute(text("select version_num from alembic_version")).scalar_one()
     assert diffs == []
-    assert version == "0009_study_id_and_offset"
+    assert version == "0010_patient_name_folded"
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
 
 
@@ -631,6 +631,51 @@ def test_patient_search_folds_case_beyond_ascii(sessions: sessionmaker[Session])
             assert [row.study_id for row in search(session, ResultQuery(patient=words)).rows] == [turkish.study]
 
 
+def test_patient_search_folds_accents_as_an_english_keyboard_types_them(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """"muller" did not find MÜLLER^JÖRG, nor "soren" Søren, on either database: the search compared
+    accented letters as they were. Images received (ingest) and names filled in later both count."""
+    from dicom_node.web.results import ResultQuery, search
+    from tests.web.studies import StudySpec, add_study
+
+    german = add_study(sessions, StudySpec("MÜLLER^JÖRG", "P-DE", "A-DE"))
+    danish = add_study(sessions, StudySpec("Søren^Kierkegaard", "P-DK", "A-DK"))
+    irish = add_study(sessions, StudySpec("MULLIGAN^JO", "P-IE", "A-IE"))
+    received = make_cr(patient_name="", patient_id="P-FR")  # a name that comes with a later image
+    Ingestor(sessions, store).ingest_bytes(to_bytes(received), calling_ae="MODALITY", source="dimse")
+    later = make_cr(patient_name="Ãlvarez^Renée", patient_id="P-FR", study_uid=received.StudyInstanceUID)
+    later.SpecificCharacterSet = "ISO_IR 192"
+    Ingestor(sessions, store).ingest_bytes(to_bytes(later), calling_ae="MODALITY", source="dimse")
+
+    def found(words: str) -> list[int]:
+        with sessions() as session:
+            return [row.study_id for row in search(session, ResultQuery(patient=words)).rows]
+
+    assert found("muller jorg") == [german.study]
+    assert found("Müller") == [german.study]
+    assert found("mul*") == [irish.study, german.study]  # wildcards still work, newest first
+    assert found("soren") == found("SØREN") == [danish.study]
+    with sessions() as session:
+        french = session.scalar(select(Study.id).where(Study.study_instance_uid == received.StudyInstanceUID))
+    assert found("renee alvarez") == [french]
+
+
+def test_the_upgrade_folds_the_names_of_patients_stored_before(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.sqlite3'}")
+    try:
+        db.upgrade(engine, "0009_study_id_and_offset")
+        with engine.begin() as conn:
+            conn.execute(text("insert into patient (patient_id, issuer_of_patient_id, name, birth_date, sex) "
+                              "values ('P1', '', 'MÜLLER^JÖRG', '', ''), ('P2', '', '', '', '')"))
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("select patient_id, name_folded from patient order by patient_id")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [("P1", "muller^jorg"), ("P2", "")]
+
+
 def test_every_header_column_comes_back_as_the_attribute_it_was_read_from(
     sessions: sessionmaker[Session], store: FileStore
 ) -> None:
@@ -667,7 +712,7 @@ def test_every_column_of_the_received_tables_is_a_header_column_or_the_nodes_own
         "id", "patient_pk", "study_pk", "series_pk", "study_instance_uid", "series_instance_uid",
         "sop_instance_uid", "sop_class_uid", "calling_ae", "state", "state_reason", "first_received_at",
         "last_received_at", "ready_at", "analysed_at", "transfer_syntax_uid", "rows", "columns",
-        "file_path", "sha256", "size_bytes", "source", "received_at", "purged_at",
+        "file_path", "sha256", "size_bytes", "source", "received_at", "purged_at", "name_folded",
     }
     mapped = {
         Patient: header_columns.PATIENT_IDENTITY + header_columns.PATIENT_DEMOGRAPHICS,
