@@ -416,7 +416,12 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     monotonic rescale, so only the window placement can suffer, and that falls back to percentiles."""
     if ds.get("ModalityLUTSequence"):
         with _lookup_table("Modality LUT"):
-            return _f32(apply_modality_lut(np.round(stored).astype(np.int64), ds))
+            values = np.round(stored).astype(np.int64)
+            packed = _packed_8bit_lut(ds.ModalityLUTSequence[0], _header_int(ds, "PixelRepresentation") == 1)
+            if packed is not None:
+                table, first = packed
+                return _f32(table[np.clip(values - first, 0, len(table) - 1)])
+            return _f32(apply_modality_lut(values, ds))
     slope, intercept = _first_number(ds, "RescaleSlope"), _first_number(ds, "RescaleIntercept")
     unusable = (slope is None and _has_value(ds, "RescaleSlope")) or (
         intercept is None and _has_value(ds, "RescaleIntercept")
@@ -469,7 +474,9 @@ def _lookup_table(name: str) -> Iterator[None]:
     except (
         ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error
     ) as exc:
-        raise UnsupportedImageError(f"unusable {name}: {type(exc).__name__}") from exc
+        said = "LUT Data shorter than its LUT Descriptor says" if isinstance(exc, struct.error) else (
+            type(exc).__name__)
+        raise UnsupportedImageError(f"unusable {name}: {said}") from exc
 
 
 def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
@@ -480,6 +487,9 @@ def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
     pydicom indexes a table of 8-bit entries with uint8, so inputs past 255 would wrap round; it reads
     the entries alike for 8 and 16 bits, so a copy that declares 16 bits gives the same table unwrapped."""
     item = ds.VOILUTSequence[0]
+    packed = _packed_8bit_lut(item, _modality_output_signed(ds))
+    if packed is not None:
+        return packed
     descriptor = [int(value) for value in item.LUTDescriptor[:3]]
     # The entry count is unsigned whatever the descriptor's VR (PS3.3 C.11.2.1.1): read as SS, a count
     # past 32767 comes out negative. The first mapped value is SS when the LUT's input, the modality
@@ -492,6 +502,22 @@ def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
         ds = _voi_lut_view(ds, item, [count, first, 16])
     table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
     return np.asarray(table, dtype=np.float64), first
+
+
+def _packed_8bit_lut(item: pydicom.Dataset, signed_input: bool) -> tuple[npt.NDArray[np.float64], int] | None:
+    """(table, first mapped value) of a LUT of 8-bit entries stored two to a word, as PS3.3 C.11.1.1.1
+    and C.11.2.1.1 have it ("a format equivalent to 8 bits allocated"): OW LUT Data of one byte per
+    entry (and a pad byte for an odd count). None for any other LUT, which pydicom reads; it reads this
+    one as 16-bit words and fails on the short data."""
+    descriptor = [int(value) for value in item.LUTDescriptor[:3]]
+    data = item.get("LUTData")
+    entries = (descriptor[0] & 0xFFFF) or 65536
+    if descriptor[2] != 8 or not isinstance(data, bytes) or len(data) not in (entries, entries + 1):
+        return None
+    first = descriptor[1] & 0xFFFF
+    if first >= 0x8000 and signed_input:
+        first -= 0x10000
+    return np.frombuffer(data, dtype=np.uint8, count=entries).astype(np.float64), first
 
 
 def _modality_output_signed(ds: pydicom.Dataset) -> bool:
@@ -511,8 +537,9 @@ def _modality_output_signed(ds: pydicom.Dataset) -> bool:
 
 def _lut_output_top(table: npt.NDArray[np.float64]) -> float:
     """2^n - 1 for the smallest n ≥ 8 that holds the table's largest entry: the white of its output range.
-    LUTs of 12-bit entries are commonly declared 16 bits wide, so n is read off the entries, as DCMTK
-    does, not taken from the descriptor."""
+    LUTs of 12-bit entries are commonly declared 16 bits wide, so n is read off the entries, not taken
+    from the descriptor. DCMTK 3.6.7 takes the descriptor and shows such a LUT as a nearly blank picture
+    (review); the entries give the picture the LUT's writer meant."""
     return float((1 << max(8, int(table.max()).bit_length())) - 1)
 
 
@@ -649,12 +676,58 @@ def dataset_to_gray(
             raise UnsupportedImageError("every pixel is padding (Pixel Padding Value)")
         stored = _f32(_box_reduce(np.where(padding, 0, raw), min_side) / np.maximum(kept, 1e-6))
         stored[padded] = np.median(stored[~padded])  # a value any LUT can look up; blacked out below
-    gray = _voi(_modality(stored, ds), ds, padded)
+    header = first_frame_header(ds)
+    gray = _voi(_modality(stored, header), header, padded)
     if _inverted(ds, photometric):
         gray = 1.0 - gray
     if padded is not None:
         gray[padded] = 0.0
     return gray
+
+
+# Functional group macros that take the place of top-level attributes in an enhanced multi-frame
+# object (PS3.3 C.7.6.16.2.9, C.7.6.16.2.10): the sequence, and the top-level attributes it replaces.
+_FRAME_MACROS = (
+    ("PixelValueTransformationSequence",
+     ("RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence")),
+    ("FrameVOILUTSequence",
+     ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation", "VOILUTSequence")),
+)
+
+
+def first_frame_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The attributes that turn the first frame's stored values into a picture. An enhanced multi-frame
+    object (Enhanced DX, CR, XA…) gives its rescale and window in the Shared and Per-Frame Functional Groups
+    instead of at the top level, the first frame's own group taking precedence over the shared one.
+    A new dataset without the pixel data when a group says any of it (``ds`` stays as it is), else ``ds``."""
+    groups = [
+        sequence[0]
+        for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+        if (sequence := ds.get(keyword))
+    ]
+    macros = [(group[keyword][0], replaced) for group in groups for keyword, replaced in _FRAME_MACROS
+              if group.get(keyword)]
+    if not macros:
+        return ds
+    header = pydicom.Dataset()
+    for element in ds:
+        if element.keyword not in _LEFT_OUT_OF_HEADER:
+            header.add(element)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    header.set_original_encoding(*ds.original_encoding)
+    for item, replaced in macros:  # shared first, then the frame's own
+        for keyword in replaced:
+            if keyword in header:
+                delattr(header, keyword)
+        for element in item:
+            header.add(element)
+    return header
+
+
+# The pixels, and the functional groups once read (a per-frame group per frame: thousands of items).
+_LEFT_OUT_OF_HEADER = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData",
+                                  "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"})
 
 
 def _padding_mask(raw: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[np.bool_] | None:

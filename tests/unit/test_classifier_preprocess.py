@@ -586,6 +586,69 @@ def test_multi_frame_uses_the_first_frame() -> None:
     assert gray[0, 0] < gray[0, -1]  # the first frame's orientation
 
 
+@pytest.mark.parametrize("where", ["shared", "per-frame", "both"])
+def test_an_enhanced_multi_frame_image_takes_its_rescale_and_window_from_the_functional_groups(
+    where: str,
+) -> None:
+    """Enhanced DX and CR give the rescale and window in the functional groups, not at the top level
+    (PS3.3 C.7.6.16.2.9, .10). They were ignored: an inverting rescale (slope -1) gave a negative."""
+    frames = np.stack([ramp(12, 32), ramp(12, 32)]).astype(np.uint16)
+    ds = make_dataset(frames, bits_stored=12, frames=2)
+    ds.WindowCenter, ds.WindowWidth = 3000, 10  # top-level values the groups replace
+    transform, window = Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = -1, 4095, "US"
+    window.WindowCenter, window.WindowWidth = 2048, 4096
+    group = Dataset()
+    group.PixelValueTransformationSequence = [transform]
+    group.FrameVOILUTSequence = [window]
+    wrong = Dataset()  # a shared group the first frame's own one overrides
+    wrong_window = Dataset()
+    wrong_window.WindowCenter, wrong_window.WindowWidth = 100, 10
+    wrong.FrameVOILUTSequence = [wrong_window]
+    if where == "shared":
+        ds.SharedFunctionalGroupsSequence = [group]
+    elif where == "per-frame":
+        ds.PerFrameFunctionalGroupsSequence = [group, Dataset()]
+    else:
+        ds.SharedFunctionalGroupsSequence = [wrong]
+        ds.PerFrameFunctionalGroupsSequence = [group, Dataset()]
+    gray = dataset_to_gray(ds)
+    assert gray[0, 0] > 0.95 and gray[0, -1] < 0.05  # inverted by the rescale, full range by the window
+    assert 0.4 < gray[0, 16] < 0.6
+    assert ds.WindowCenter == 3000 and "RescaleSlope" not in ds  # the dataset stays as it was
+
+
+@pytest.mark.parametrize("entries", [256, 4096, 4095])
+def test_a_lut_of_8_bit_entries_stored_two_to_a_word_is_read(entries: int) -> None:
+    """8-bit LUT entries are stored "in a format equivalent to 8 bits allocated" (PS3.3 C.11.1.1.1,
+    C.11.2.1.1): OW data of one byte each. Both LUTs were refused ("unusable VOI LUT: error")."""
+    table = (np.arange(entries) * 255 // (entries - 1)).astype(np.uint8)
+    data = table.tobytes() + (b"\0" if entries % 2 else b"")
+    for keyword in ("VOILUTSequence", "ModalityLUTSequence"):
+        ds = make_dataset(np.tile(np.arange(entries, dtype=np.uint16)[::-1], (4, 1)), bits_stored=12)
+        item = Dataset()
+        item.LUTDescriptor = [entries, 0, 8]
+        item.add_new(0x00283006, "OW", data)
+        setattr(ds, keyword, [item])
+        if keyword == "ModalityLUTSequence":
+            item.ModalityLUTType = "US"
+            ds.WindowCenter, ds.WindowWidth = 128, 256
+        read_back = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+        gray = dataset_to_gray(read_back, min_side=entries)
+        assert gray[0, 0] == 1.0 and gray[0, -1] == 0.0, keyword
+        np.testing.assert_allclose(gray[0, ::-1], table / 255.0, atol=1 / 255, err_msg=keyword)
+
+
+def test_lut_data_shorter_than_its_descriptor_says_so() -> None:
+    ds = make_dataset(ramp(12, 16), bits_stored=12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "OW", bytes(1000))
+    ds.VOILUTSequence = [item]
+    with pytest.raises(UnsupportedImageError, match="LUT Data shorter than its LUT Descriptor says"):
+        dataset_to_gray(pydicom.dcmread(io.BytesIO(_to_bytes(ds))))
+
+
 def test_missing_pixels_and_unknown_photometry_are_refused() -> None:
     ds = make_dataset(ramp(8, 16), bits_stored=8)
     del ds.PixelData
