@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import ssl
 import sys
 import threading
 from datetime import UTC, datetime
@@ -65,7 +66,21 @@ _SAID_BY_THE_NODE = {
         "ACSE timeout reached while waiting for response to association request",
     ),
     "pynetdicom.association": ("No presentation context for ",),
+    # the acceptor side reads PDUs in dicom_node.reactor, which logs there: these are the node's requests
+    "pynetdicom.dul": ("Connection closed before the entire PDU was received",),
 }
+#: pynetdicom's loggers that log an outbound association's TLS failure as a traceback (LOGGER.exception)
+_TLS_TRACEBACKS = ("pynetdicom.transport", "pynetdicom.dul")
+
+
+def _said_by_the_node(record: logging.LogRecord) -> bool:
+    """One of :data:`_SAID_BY_THE_NODE`'s lines, or the traceback pynetdicom logs when an outbound
+    association fails in TLS (``LOGGER.exception(exc)``: the handshake, or the peer's refusal of the node's
+    certificate right after it), whose reason the node gives (dicom_node.scu)."""
+    said = _SAID_BY_THE_NODE.get(record.name, ())
+    if record.name in _TLS_TRACEBACKS and isinstance(record.msg, ssl.SSLError):
+        return True
+    return bool(said) and str(record.msg).startswith(said)
 
 
 class ValueRedactor(logging.Filter):
@@ -74,8 +89,7 @@ class ValueRedactor(logging.Filter):
     date; its SQL parameters are hidden already, by ``hide_parameters`` in dicom_node.store.db)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        said = _SAID_BY_THE_NODE.get(record.name, ())
-        if said and record.levelno > logging.INFO and str(record.msg).startswith(said):
+        if record.levelno > logging.INFO and _said_by_the_node(record):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # shown at DEBUG only
         if record.name == "py.warnings":

@@ -36,7 +36,7 @@ from dicom_node.reactor import EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
-from dicom_node.tls import server_context
+from dicom_node.tls import handshake_failure, server_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class _ListenerServer(ThreadedAssociationServer):
             except OSError as exc:  # ssl.SSLError is one
                 silent = isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
                 if isinstance(exc, ssl.SSLError) and not silent:  # speaks, but not our TLS (certificates)
-                    LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+                    LOGGER.warning("TLS handshake with %s failed: %s", client_address[0],
+                                   handshake_failure(exc, "the caller"))
                 else:  # closed or silent before a handshake: a load balancer's TCP check, a scanner
                     LOGGER.info("connection from %s ended before a TLS handshake (%s)", client_address[0],
                                 type(exc).__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -23,6 +24,7 @@ from dicom_node import reactor
 from dicom_node.errors import AssociationError, InvalidDatasetError
 from dicom_node.scp import configure_pynetdicom, tune_socket
 from dicom_node.statuses import Status, is_failure, is_warning
+from dicom_node.tls import handshake_failure
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,14 +104,45 @@ def _on_connection_open(event: Event) -> None:
     tune_socket(event.assoc.dul.socket)
 
 
-def _connect_error(host: str, port: int, timeout: float) -> str:
-    """Why a TCP connection to the peer fails ("Connection refused", "No route to host", "Name or service
-    not known", "timed out"), for the delivery's reason and the console."""
+def _connect_error(host: str, port: int, timeout: float, tls: ssl.SSLContext | None) -> str:
+    """Why a connection to the peer fails ("Connection refused", "No route to host", "Name or service
+    not known", "timed out"; over TLS, why the handshake fails), for the delivery's reason and the
+    console. pynetdicom says it only in its own log."""
     try:
-        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
-            return "it accepts connections again"
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as connection:
+            if tls is None:
+                return "it accepts connections again"
+            refusal = _tls_refusal(connection, host, tls)
+            return "it accepts connections again" if refusal is None else f"TLS: {refusal}"
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _tls_refusal(connection: socket.socket, host: str, tls: ssl.SSLContext) -> str | None:
+    """The TLS handshake on ``connection``, and a short wait for the peer's first word: under TLS 1.3 a
+    peer that refuses the node's certificate says so only after the handshake, which pynetdicom then sees
+    as an association aborted. None when the peer took the node's hello and certificate."""
+    try:
+        with tls.wrap_socket(connection, server_hostname=host) as wrapped:
+            wrapped.settimeout(_TLS_REFUSAL_WAIT)
+            with contextlib.suppress(TimeoutError):
+                wrapped.recv(1)  # a DICOM acceptor waits for the A-ASSOCIATE-RQ: nothing comes
+    except ssl.SSLError as exc:
+        return handshake_failure(exc, "the destination")
+    return None
+
+
+_TLS_REFUSAL_WAIT = 2.0
+
+
+def _probe_tls(host: str, port: int, timeout: float, tls: ssl.SSLContext) -> str | None:
+    """:func:`_tls_refusal` on a new connection, None when none can be made (the association's own
+    reason then stands)."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as connection:
+            return _tls_refusal(connection, host, tls)
+    except OSError:
+        return None
 
 # Presentation context results other than acceptance (PS3.8 Table 9-18).
 _CONTEXT_RESULTS = {
@@ -182,8 +215,11 @@ def _associate(
                 f"{called_aet} at {host}:{port} accepted none of the proposed presentation contexts "
                 f"({refused_contexts(contexts, assoc.rejected_contexts)})")
         if not opened:  # pynetdicom logs why only at its own level: ask the network once more
-            raise AssociationError(
-                f"cannot connect to {called_aet} at {host}:{port} ({_connect_error(host, port, timeout)})")
+            reason = _connect_error(host, port, timeout, tls)
+            raise AssociationError(f"cannot connect to {called_aet} at {host}:{port} ({reason})")
+        refusal = None if tls is None else _probe_tls(host, port, timeout, tls)
+        if refusal is not None:
+            raise AssociationError(f"no association with {called_aet} at {host}:{port} (TLS: {refusal})")
         raise AssociationError(f"no association with {called_aet} at {host}:{port} (aborted or timed out)")
     return assoc
 

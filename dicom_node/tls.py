@@ -3,9 +3,43 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 from dicom_node.errors import ConfigurationError
 from dicom_node.settings import TlsSettings
+
+
+def _load(tls: TlsSettings, load: Callable[[], object], *settings: str) -> None:
+    """Run ``load`` (a context's load_cert_chain or load_verify_locations); a failure names the settings
+    and their files: "No such file or directory" alone left an operator guessing which of three."""
+    try:
+        load()
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(f"dicom.tls.{name} {getattr(tls, name)}" for name in settings)
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            getattr(exc, "reason", None) or str(exc))
+        raise ConfigurationError(f"cannot load {files}: {said}") from exc
+
+
+def _load_identity(tls: TlsSettings, context: ssl.SSLContext) -> None:
+    """The node's certificate and private key into ``context``."""
+    _load(tls, lambda: context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key)),
+          "certificate", "private_key")
+
+
+def handshake_failure(exc: OSError, peer: str) -> str:
+    """Why a TLS handshake with ``peer`` ("the caller", "the destination") failed, in words: the
+    verification message for a certificate the node does not trust, the peer's alert when the peer refused
+    (usually the node's certificate), else OpenSSL's reason. pynetdicom and a bare ``exc.reason`` gave
+    only CERTIFICATE_VERIFY_FAILED, whether the certificate had expired or came from another CA."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{peer}'s certificate is not trusted ({exc.verify_message or exc.reason})"
+    reason = str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
+    if "ALERT" in reason:
+        return f"{peer} refused the handshake ({reason})"
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
+        return f"{peer} does not speak TLS ({reason})"
+    return reason
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -14,12 +48,9 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext:
         raise ConfigurationError("dicom.tls needs certificate and private_key")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
-        if tls.ca_certificates:
-            context.load_verify_locations(cafile=str(tls.ca_certificates))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"cannot load TLS certificate/key/CA: {exc}") from exc
+    _load_identity(tls, context)
+    if tls.ca_certificates:
+        _load(tls, lambda: context.load_verify_locations(cafile=str(tls.ca_certificates)), "ca_certificates")
     if tls.require_client_certificate:
         if not tls.ca_certificates:
             raise ConfigurationError("dicom.tls.require_client_certificate needs ca_certificates")
@@ -39,14 +70,11 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext:
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, host name checked
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        if tls.ca_certificates:
-            context.check_hostname = False
-            context.load_verify_locations(cafile=str(tls.ca_certificates))
-        else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if tls.certificate and tls.private_key:
-            context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"cannot load TLS certificate/key/CA: {exc}") from exc
+    if tls.ca_certificates:
+        context.check_hostname = False
+        _load(tls, lambda: context.load_verify_locations(cafile=str(tls.ca_certificates)), "ca_certificates")
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if tls.certificate and tls.private_key:
+        _load_identity(tls, context)
     return context

@@ -47,8 +47,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import aes, scu
 from dicom_node.errors import AssociationError, ConfigurationError
 from dicom_node.ingest import Ingestor, IngestResult
+from dicom_node.logconfig import configure_logging
 from dicom_node.scp import StorageScp, build_scp, failure_response
-from dicom_node.settings import DicomSettings, TlsSettings
+from dicom_node.settings import DicomSettings, LoggingSettings, TlsSettings
 from dicom_node.statuses import Status
 from dicom_node.store import db
 from dicom_node.store.files import FileStore
@@ -279,6 +280,65 @@ def test_tls_client_trusts_only_the_configured_ca_bundle(tmp_path: Path) -> None
     assert client_context(TlsSettings()).check_hostname  # public CAs: only for the name they certify
 
 
+@contextlib.contextmanager
+def _node_log() -> Iterator[io.StringIO]:
+    """The node's own log handler (its filters included), into a string."""
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(level="INFO"), stream=stream)
+    yield stream
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_tls_destination_the_node_does_not_trust_is_named_so_not_unreachable(tmp_path: Path) -> None:
+    """A PACS certificate from another CA was reported as "cannot connect ... (it accepts connections
+    again)", the reason only in pynetdicom's ERROR traceback, on every retry (review)."""
+    storescp = peers.executable("storescp")
+    pacs_cert, pacs_key = _certificate(tmp_path, "pacs")
+    hospital_ca, _ = _certificate(tmp_path, "hospital-ca")
+    port = peers.free_port()
+    node = client_context(TlsSettings(ca_certificates=hospital_ca))
+    with peers.serving([storescp, "+tls", str(pacs_key), str(pacs_cert), "-ic", str(port)], port), \
+            _node_log() as log:
+        with pytest.raises(AssociationError) as refused:
+            scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, tls=node, timeout=5)
+    assert str(refused.value) == (f"cannot connect to PACS at 127.0.0.1:{port} (TLS: the destination's "
+                                  "certificate is not trusted (self-signed certificate))")
+    assert "ERROR" not in log.getvalue() and "Traceback" not in log.getvalue()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_tls_destination_that_refuses_the_nodes_certificate_says_so(tmp_path: Path) -> None:
+    """Under TLS 1.3 the PACS refuses the client's certificate after the handshake: it was "no
+    association (aborted or timed out)" (review)."""
+    storescp = peers.executable("storescp")
+    pacs_cert, pacs_key = _certificate(tmp_path, "pacs")
+    node_cert, node_key = _certificate(tmp_path, "node")
+    hospital_ca, _ = _certificate(tmp_path, "hospital-ca")  # the PACS trusts it; it did not sign the node's
+    port = peers.free_port()
+    node = client_context(TlsSettings(ca_certificates=pacs_cert, certificate=node_cert, private_key=node_key))
+    with peers.serving([storescp, "+tls", str(pacs_key), str(pacs_cert), "+cf", str(hospital_ca), "-rc",
+                        str(port)], port), _node_log() as log:
+        with pytest.raises(AssociationError) as refused:
+            scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, tls=node, timeout=5)
+    said = str(refused.value)
+    assert said.startswith(f"no association with PACS at 127.0.0.1:{port} (TLS: the destination refused "
+                           "the handshake (")
+    assert "ALERT" in said
+    assert "ERROR" not in log.getvalue() and "Traceback" not in log.getvalue()
+
+
+def test_a_tls_file_that_cannot_be_read_is_named_with_its_setting(tmp_path: Path) -> None:
+    """"cannot load TLS certificate/key/CA: [Errno 2] No such file or directory" named neither (review)."""
+    cert, key = _certificate(tmp_path)
+    missing = tmp_path / "hospital-ca.pem"
+    with pytest.raises(ConfigurationError) as error:
+        server_context(TlsSettings(enabled=True, certificate=cert, private_key=key, ca_certificates=missing))
+    assert str(error.value) == f"cannot load dicom.tls.ca_certificates {missing}: No such file or directory"
+    with pytest.raises(ConfigurationError, match=rf"^cannot load dicom.tls.certificate {cert}, "
+                                                 rf"dicom.tls.private_key {cert}: "):
+        client_context(TlsSettings(certificate=cert, private_key=cert))  # a certificate where the key goes
+
+
 def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
     cert, key = _certificate(tmp_path)
     server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
@@ -375,12 +435,18 @@ def test_a_silent_connection_does_not_hold_up_other_tls_associations(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     # the plain A-ASSOCIATE-RQ is a failed handshake worth a warning; the silent connection that closed
     # is what a load balancer's TCP check does every few seconds: INFO
-    assert warnings == ["TLS handshake with 127.0.0.1 failed: WRONG_VERSION_NUMBER"]
+    assert warnings == [
+        "TLS handshake with 127.0.0.1 failed: the caller does not speak TLS (WRONG_VERSION_NUMBER)"
+    ]
     assert "connection from 127.0.0.1 ended before a TLS handshake" in caplog.text
 
 
-def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(tmp_path: Path) -> None:
-    """The hospital's tool against the listener with client certificates required (BCP 195 profile)."""
+def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hospital's tool against the listener with client certificates required (BCP 195 profile). A
+    caller's certificate from another CA is logged with the verification's reason, not only OpenSSL's
+    CERTIFICATE_VERIFY_FAILED, which an expired certificate gives too (review)."""
     echoscu = peers.executable("echoscu")
     cert, key = _certificate(tmp_path)
     client_cert, client_key = _certificate(tmp_path, "modality")
@@ -393,12 +459,15 @@ def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(tmp_path: 
         with socket.create_connection(("127.0.0.1", node.scp.port)):
             echo = subprocess.run(command, capture_output=True, text=True, timeout=30)
         stranger_cert, stranger_key = _certificate(tmp_path, "stranger")
-        stranger = subprocess.run([*command[:7], str(stranger_key), str(stranger_cert), *command[9:]],
-                                  capture_output=True, text=True, timeout=30)
+        with caplog.at_level("WARNING", logger="dicom_node.scp"):
+            stranger = subprocess.run([*command[:8], str(stranger_key), str(stranger_cert), *command[10:]],
+                                      capture_output=True, text=True, timeout=30)
     finally:
         node.scp.stop()
     assert echo.returncode == 0, echo.stderr
     assert stranger.returncode != 0  # a certificate the node's CA bundle did not issue
+    assert "TLS handshake with 127.0.0.1 failed: the caller's certificate is not trusted (self-signed " \
+        "certificate)" in caplog.messages
 
 
 def test_a_dicom_port_in_use_is_one_error_naming_the_port_and_setting(tmp_path: Path) -> None:
