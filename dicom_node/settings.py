@@ -113,7 +113,8 @@ class StorageSettings(_Group):
     fsync: bool = True
     direct_io: bool = True
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
-    retention_days: float | None = None  # None: keep received pixel files forever
+    # None: keep received pixel files forever
+    retention_days: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
 
 class PipelineSettings(_Group):

@@ -6,10 +6,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.retention import Retention
+from dicom_node.settings import StorageSettings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     AeRole,
@@ -87,6 +89,13 @@ def test_purges_only_old_files_whose_results_were_delivered(db: sessionmaker[Ses
         assert len(events[0].details["instance_ids"]) == 3
 
     assert Retention(db, storage, retention_days=30).purge().purged == 0  # nothing twice
+
+
+@pytest.mark.parametrize("days", [-5.0, float("inf"), float("nan")])
+def test_a_retention_period_that_is_not_a_length_of_time_is_refused(days: float) -> None:
+    """-5 was taken (and removed every finished study's images at the next run); inf overflowed."""
+    with pytest.raises(ValidationError, match="retention_days"):
+        StorageSettings(retention_days=days)
 
 
 def test_no_retention_configured_keeps_everything(db: sessionmaker[Session], tmp_path: Path) -> None:
