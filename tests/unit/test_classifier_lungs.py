@@ -83,7 +83,7 @@ def lung_model(masked_collection: tuple[Path, Path], tmp_path_factory: pytest.Te
         "--fold",
         "0/3",
         "--epochs",
-        "60",
+        "100",  # at 60, on one CPU, boxes of some new images left out a lung
         "--batch-size",
         "2",
     ]
@@ -159,16 +159,22 @@ def test_trained_lung_model_finds_the_lungs_of_held_out_images(
     assert meta["training"]["images"] == 16 and meta["validation"]["images"] == 8  # fold 0 of 3 held out
     assert meta["validation"]["dice_mean"] > 0.7
     cropper = LungCropper.load(lung_model)
-    image, mask = _chest(np.random.default_rng(99))
-    gray = image.astype(np.float32) / 255
-    probability = cropper.probabilities([gray])[0]
-    truth = np.asarray(Image.fromarray(mask).resize((128, 128))) > 127
-    assert dice(probability > 0.5, truth) > 0.7
-    box = cropper.box(gray)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    assert box is not None
-    assert abs(box.top - rows[0] / 160) < 0.08 and abs(box.bottom - (rows[-1] + 1) / 160) < 0.08
-    assert abs(box.left - cols[0] / 160) < 0.08 and abs(box.right - (cols[-1] + 1) / 160) < 0.08
+    # Over several new images: one alone passed or failed by the CPU's kernels (Dice 0.68 against 0.70)
+    scores = []
+    for seed in range(90, 98):
+        image, mask = _chest(np.random.default_rng(seed))
+        gray = image.astype(np.float32) / 255
+        probability = cropper.probabilities([gray])[0]
+        truth = np.asarray(Image.fromarray(mask).resize((128, 128))) > 127
+        scores.append(dice(probability > 0.5, truth))
+        box = cropper.box(gray)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        assert box is not None
+        # around both lungs (with the crop's margin), not the whole picture
+        outward = np.array([rows[0] / 160 - box.top, box.bottom - (rows[-1] + 1) / 160,
+                            cols[0] / 160 - box.left, box.right - (cols[-1] + 1) / 160])
+        assert (outward > -0.02).all() and (outward < 0.16).all(), (seed, outward)
+    assert float(np.mean(scores)) > 0.8 and min(scores) > 0.7, scores
 
 
 def test_lung_model_with_a_wrong_hash_is_refused(lung_model: Path, tmp_path: Path) -> None:
