@@ -118,6 +118,9 @@ def _connect_error(host: str, port: int, timeout: float, tls: ssl.SSLContext | N
         return exc.strerror or str(exc) or type(exc).__name__
 
 
+_TLS_REFUSAL_WAIT = 2.0  # seconds for a TLS 1.3 peer's refusal of the node's certificate
+
+
 def _tls_refusal(connection: socket.socket, host: str, tls: ssl.SSLContext) -> str | None:
     """The TLS handshake on ``connection``, and a short wait for the peer's first word: under TLS 1.3 a
     peer that refuses the node's certificate says so only after the handshake, which pynetdicom then sees
@@ -132,9 +135,6 @@ def _tls_refusal(connection: socket.socket, host: str, tls: ssl.SSLContext) -> s
     return None
 
 
-_TLS_REFUSAL_WAIT = 2.0
-
-
 def _probe_tls(host: str, port: int, timeout: float, tls: ssl.SSLContext) -> str | None:
     """:func:`_tls_refusal` on a new connection, None when none can be made (the association's own
     reason then stands)."""
@@ -143,6 +143,7 @@ def _probe_tls(host: str, port: int, timeout: float, tls: ssl.SSLContext) -> str
             return _tls_refusal(connection, host, tls)
     except OSError:
         return None
+
 
 # Presentation context results other than acceptance (PS3.8 Table 9-18).
 _CONTEXT_RESULTS = {
