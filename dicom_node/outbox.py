@@ -5,6 +5,8 @@ association (a batch). A failure is recorded in ``delivery_attempt`` and retried
 the wake-up is an APScheduler job in the node's persistent job store, and a periodic sweep catches anything
 due that lost its wake-up. After ``outbox.max_attempts`` the delivery is DEAD until an operator runs
 ``cxr-node resend``. A warning status (0xB000...) means the peer kept the object: delivered, recorded.
+A result file that is missing has its study's results made again as a new revision, which supersedes the
+delivery; it waits for that instead of going DEAD (:meth:`Outbox._file_missing`).
 
 Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed) so a concurrent sweep
 or ``cxr-node resend`` does not send the same object at the same time. A crash between the peer's answer
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from dicom_node import audit
+from dicom_node import audit, storage
 from dicom_node.errors import (
     AssociationError,
     ConflictError,
@@ -43,6 +45,7 @@ from dicom_node.store.models import (
     DeliveryState,
     RemoteAe,
     Study,
+    StudyState,
     utcnow,
 )
 from dicom_node.terminal import say
@@ -56,6 +59,8 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
+FILE_MISSING = "result file missing"
+REMAKING = "result file missing: the study's results are being made again (a new revision replaces it)"
 LEASE_SECONDS = 120.0
 SWEEP_SECONDS = 30.0
 BATCH_LIMIT = 64
@@ -333,7 +338,7 @@ class Outbox:
         datasets: list[Dataset] = []
         for item in items:
             if not item.path.is_file():
-                outcomes[item.delivery_pk] = (None, "result file missing")
+                outcomes[item.delivery_pk] = (None, FILE_MISSING)  # _record says what becomes of it
                 continue
             # The reason names the object by its kind: its file name holds its SOP Instance UID.
             try:
@@ -379,9 +384,11 @@ class Outbox:
                     outcomes[item.delivery_pk] = (None, error)
         self._record(destination, items, outcomes, report)
 
-    def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport) -> None:
-        """DEAD after ``max_attempts``, else RETRYING with exponential back-off."""
-        if delivery.attempts >= self.settings.max_attempts:
+    def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport, *,
+                       final: bool = True) -> None:
+        """DEAD after ``max_attempts``, else RETRYING with exponential back-off. Not ``final``: the node is
+        making the object again, and the delivery waits for that, retrying, however many attempts."""
+        if final and delivery.attempts >= self.settings.max_attempts:
             delivery.state = DeliveryState.DEAD
             delivery.next_attempt_at = None
             report.dead.append(delivery.id)
@@ -434,9 +441,12 @@ class Outbox:
                     note = error or f"failure status 0x{status or 0:04X}"
                     # One a later revision superseded while this attempt ran is not tried again.
                     if delivery.state is not DeliveryState.SUPERSEDED:
+                        final = True
+                        if error == FILE_MISSING:
+                            note, final = self._file_missing(session, delivery)
                         delivery.last_error = note
                         reasons.add(note)
-                        self._after_failure(delivery, now, report)
+                        self._after_failure(delivery, now, report, final=final)
                 session.add(
                     DeliveryAttempt(
                         delivery_pk=delivery.id,
@@ -464,6 +474,31 @@ class Outbox:
         if self.metrics is not None:
             for kind, seconds in latencies:
                 self.metrics.observe_delivery(kind, seconds)
+
+    def _file_missing(self, session: Session, delivery: Delivery) -> tuple[str, bool]:
+        """Why a delivery whose result file is gone failed, and whether that is final (it may go DEAD).
+
+        The node can make the object again from the database: its study goes round the pipeline once
+        more, and a new revision (new UIDs) of its results supersedes this delivery. Until then the
+        delivery waits, retrying, and does not go DEAD. Only the latest revision is made again, and only
+        once: a delivery still here after that round, or whose study failed, fails with the reason."""
+        obj = delivery.result_object
+        study = session.get(Study, obj.study_pk)
+        state = study.state if study is not None else None
+        if state in (StudyState.RECEIVED, StudyState.READY, StudyState.PROCESSING):
+            return REMAKING, False  # a round is coming or running: it makes the study's lost results again
+        lost = {r.id for r in storage.lost_results(session, self.results_dir, obj.study_pk)}
+        finished = state in (StudyState.ANALYSED, StudyState.SKIPPED)
+        if finished and obj.id in lost and delivery.last_error != REMAKING:
+            storage.reopen_to_remake(session, obj.study_pk)
+            LOGGER.warning("delivery %d: the file of result object %d is missing; study %d's results are "
+                           "made again", delivery.id, obj.id, obj.study_pk)
+            return REMAKING, False
+        if obj.id not in lost:
+            return f"{FILE_MISSING}: a later revision replaced it; restore the file from the backup", True
+        if state is StudyState.FAILED:
+            return f"{FILE_MISSING}, and the study's processing failed: see the study's reason", True
+        return f"{FILE_MISSING}, and making the study's results again did not replace it", True
 
     def _schedule_next(self, destination_pk: int) -> None:
         """Arm the wake-up for the earliest retry of this destination."""

@@ -8,7 +8,8 @@ resume where the work stopped and never repeat a visible effect:
    heat map saved before the row is committed;
 3. result objects: their rows (with freshly generated SOP/Series Instance UIDs) are committed *before* any
    object is built; a rebuild after a crash reuses those UIDs, and a file already written (atomically) is
-   never rebuilt — so one study and model version never yields two different SRs;
+   never rebuilt — so one study and model version never yields two different SRs. A file lost once its
+   object was handed to the outbox (a restore, a lost disk) is made again as the next revision, new UIDs;
 4. deliveries: one per (object, destination), created only once the files exist, then handed to the outbox.
 
 Classification runs in one worker thread, off the DICOM and scheduler threads, batching the images of all
@@ -44,6 +45,7 @@ from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image
+from dicom_node.storage import lost_results, pdf_path
 from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope, waits_for_a_resource
 from dicom_node.store.files import FileStore
@@ -186,11 +188,6 @@ def dataset_bytes(ds: pydicom.Dataset) -> bytes:
     buffer = BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def pdf_path(relative_path: str) -> str:
-    """Where the plain PDF of an Encapsulated PDF result object is kept (beside it, ``.pdf``)."""
-    return str(Path(relative_path).with_suffix(".pdf"))
 
 
 def _safe(text: str) -> str:
@@ -711,7 +708,9 @@ class Pipeline:
         The latest revision of a kind is reused while it covers the same instances (a rebuild after a
         crash repeats its UIDs). An image that arrived after it was made changes the set: the next revision
         is a new object, so the PACS gets results that include the late image; the study's analysis time
-        becomes that of the new revision."""
+        becomes that of the new revision. So it is when a file of a latest revision already handed to the
+        outbox is gone (a restore, a lost disk): that object may be on a PACS under its UIDs, so every kind
+        is made again, from the database, as the next revision (a SR and PDF that state one analysis)."""
         covered = sorted(covers)
         sop_classes = {kind: RESULT_SOP_CLASSES[kind.value] for kind in ResultKind}
         for _ in range(2):
@@ -723,6 +722,11 @@ class Pipeline:
                     now = utcnow()  # the analysis time of every object this call makes
                     if study.analysed_at is None:
                         study.analysed_at = now
+                    model = (info.name, info.version)
+                    lost = [
+                        r.id for r in lost_results(session, self.config.results_dir, study_pk)
+                        if r.sent and r.kind in kinds and (r.model_name, r.model_version) == model
+                    ]
                     ids: list[int] = []
                     for kind in kinds:
                         latest = session.scalar(
@@ -736,12 +740,13 @@ class Pipeline:
                             .order_by(ResultObject.revision.desc())
                             .limit(1)
                         )
-                        if latest is not None and _covers(session, latest, covered):
+                        if latest is not None and not lost and _covers(session, latest, covered):
                             ids.append(latest.id)
                             continue
                         if latest is not None:
-                            LOGGER.info("study %d: %s revision %d for a changed set of images",
-                                        study_pk, kind.value, latest.revision + 1)
+                            why = "files of its results missing" if lost else "a changed set of images"
+                            LOGGER.info("study %d: %s revision %d for %s", study_pk, kind.value,
+                                        latest.revision + 1, why)
                             study.analysed_at = now
                         sop_uid = generate_uid()
                         row = ResultObject(

@@ -16,9 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.cli import main as cli_main
-from dicom_node.outbox import Outbox, backoff_seconds
+from dicom_node.outbox import REMAKING, Outbox, backoff_seconds, requeue
 from dicom_node.pipeline import dataset_bytes
 from dicom_node.settings import OutboxSettings, Settings
+from dicom_node.storage import REMAKE_REASON
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import (
@@ -29,6 +30,7 @@ from dicom_node.store.models import (
     RemoteAe,
     ResultKind,
     ResultObject,
+    Study,
     StudyState,
     utcnow,
 )
@@ -230,6 +232,53 @@ def test_an_unreadable_result_file_fails_its_own_delivery_only(
         assert "is not a readable DICOM file" in damaged.last_error
         uid = damaged.result_object.sop_instance_uid
         assert uid not in damaged.last_error and uid not in caplog.text
+
+
+def test_a_result_file_missing_has_its_study_made_again_and_waits_for_it_instead_of_going_dead(
+    db: sessionmaker[Session], tmp_path: Path, peer: StorePeer
+) -> None:
+    """A restore drill: the database restored from a later time than results/. The delivery failed with
+    "result file missing" and went on to DEAD; nothing made the object again. Now its study is reopened
+    for the pipeline to make its results again (a new revision supersedes the delivery), and the
+    delivery waits for that, retrying, past max_attempts. Once the study is done and the object was not
+    replaced, it fails for good, saying so; a failed study is not reopened by every retry."""
+    results = tmp_path / "results"
+    destination_pk, [delivery_pk] = _deliveries(db, results, peer.port, 1)
+    with session_scope(db) as session:
+        delivery = session.get_one(Delivery, delivery_pk)
+        (results / delivery.result_object.file_path).unlink()
+        study_pk = delivery.result_object.study_pk
+    outbox = _outbox(db, results, max_attempts=1)
+
+    def attempt() -> tuple[DeliveryState, str, StudyState, str]:
+        _make_due(db)
+        outbox.deliver_due(destination_pk)
+        with session_scope(db) as session:
+            delivery = session.get_one(Delivery, delivery_pk)
+            study = session.get_one(Study, study_pk)
+            return delivery.state, delivery.last_error, study.state, study.state_reason
+
+    state, error, study_state, reason = attempt()
+    assert (state, study_state) == (DeliveryState.RETRYING, StudyState.RECEIVED)  # was DEAD, at once
+    assert error == REMAKING and reason == REMAKE_REASON
+    assert attempt()[:3] == (DeliveryState.RETRYING, REMAKING, StudyState.RECEIVED)  # the round is coming
+    with session_scope(db) as session:  # the round ended without replacing this object
+        session.get_one(Study, study_pk).state = StudyState.ANALYSED
+    state, error, study_state, _ = attempt()
+    assert (state, study_state) == (DeliveryState.DEAD, StudyState.ANALYSED)
+    assert error == "result file missing, and making the study's results again did not replace it"
+    with session_scope(db) as session:
+        session.get_one(Study, study_pk).state = StudyState.FAILED
+    assert requeue_all(db) == [delivery_pk]
+    state, error, study_state, _ = attempt()
+    assert (state, study_state) == (DeliveryState.DEAD, StudyState.FAILED)
+    assert error == "result file missing, and the study's processing failed: see the study's reason"
+    assert peer.received == []
+
+
+def requeue_all(db: sessionmaker[Session]) -> list[int]:
+    with session_scope(db) as session:
+        return [d.id for d in requeue(session, None, "test")]
 
 
 def test_a_warning_status_counts_as_delivered_and_is_recorded(

@@ -6,6 +6,7 @@ sending to a Storage SCP. Crashes are simulated by an exception that nothing in 
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -154,14 +155,18 @@ def receive(
     buffer = pydicom.filebase.DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     result = ingest_bytes(world["db"], world["store"], buffer.getvalue(), calling_ae="ORTHANC", source="dimse")
-    if not settle:
-        return result.study_pk
-    with session_scope(world["db"]) as session:  # what the settle timer does once the study is quiet
-        study = session.get(Study, result.study_pk)
-        assert study is not None and study.state is StudyState.RECEIVED  # a finished study is reopened
-        assert open_study_ready_job(session, result.study_pk)
-        study.state = StudyState.READY
+    if settle:
+        settled(world, result.study_pk)
     return result.study_pk
+
+
+def settled(world: dict[str, Any], study_pk: int) -> None:
+    """What the settle timer does once a RECEIVED study is quiet (a finished one is reopened first)."""
+    with session_scope(world["db"]) as session:
+        study = session.get(Study, study_pk)
+        assert study is not None and study.state is StudyState.RECEIVED
+        assert open_study_ready_job(session, study_pk)
+        study.state = StudyState.READY
 
 
 def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[str, str]]:
@@ -545,6 +550,46 @@ def test_a_delivery_superseded_while_it_was_being_tried_stays_superseded(
     with session_scope(world["db"]) as session:
         states = {d.result_object.sop_instance_uid: d.state for d in session.scalars(select(Delivery))}
     assert late and {states[uid] for uid, _ in first.values()} == {DeliveryState.SUPERSEDED}
+
+
+def test_results_whose_files_were_lost_before_delivery_are_made_again_as_a_new_revision(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A restore drill: the database restored from a later time than results/, while the PACS was down.
+    The outbox found the SR and PDF missing, retried them for three days and left them DEAD; the node
+    never made them again. Now the study goes round once more: a new revision (new UIDs, naming the lost
+    one as its predecessor) is made from the database and sent, and it supersedes the lost objects."""
+    with session_scope(world["db"]) as session:
+        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    shutil.rmtree(world["config"].results_dir / str(study_pk))  # results/ restored from an older backup
+    with session_scope(world["db"]) as session:
+        session.get_one(RemoteAe, pacs_pk).port = peer.port  # the PACS is back
+        for delivery in session.scalars(select(Delivery)):
+            delivery.next_attempt_at = utcnow()
+    world["outbox"].deliver_due(pacs_pk)
+    assert peer.received == []
+
+    settled(world, study_pk)  # the outbox reopened the study; its settle timer readies it
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    assert sorted(peer.received) == sorted(uid for uid, _ in second.values())
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        assert second[kind][0] != first[kind][0]
+        assert evidence(world, second[kind][1]) == instance_uids(world, study_pk)
+    sr = pydicom.dcmread(world["config"].results_dir / second[ResultKind.SR][1])
+    [predecessor] = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert predecessor.ReferencedSOPInstanceUID == first[ResultKind.SR][0]
+    with session_scope(world["db"]) as session:
+        states = {d.result_object.sop_instance_uid: (d.state, d.last_error)
+                  for d in session.scalars(select(Delivery))}
+        study = session.get_one(Study, study_pk)
+        assert (study.state, study.state_reason) == (StudyState.ANALYSED, "")
+    superseded = (DeliveryState.SUPERSEDED, "superseded by revision 2")
+    assert {states[uid] for uid, _ in first.values()} == {superseded}
 
 
 def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
