@@ -180,7 +180,8 @@ def build_node(settings: Settings) -> Node:
     settler = StudySettler(
         scheduler, session_factory, settle_seconds=settings.pipeline.settle_seconds, callbacks=callbacks
     )
-    ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored)
+    ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored,
+                        results_dir=settings.results_dir)
     listeners = build_listener_workers(settings, settler.study_stored)
     scp = build_scp(settings.dicom, ingestor, session_factory)
     return Node(

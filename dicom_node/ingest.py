@@ -3,7 +3,8 @@
 Shared by the C-STORE handler (:mod:`dicom_node.scp`) and web uploads. The bytes the sender encoded are
 written as received (preamble + file meta + dataset) rather than re-encoded, so the stored file is exactly
 what the modality produced. A repeated SOP Instance UID is a success without a second row; the first
-file is kept. Non-image objects (SRs, PDFs, presentation states: :mod:`dicom_node.sop_classes`) are
+file is kept (or restored from the copy, when it was lost), and when the files of its study's results are
+gone, the study is reopened to have them made again (:mod:`dicom_node.storage`). Non-image objects (SRs, PDFs, presentation states: :mod:`dicom_node.sop_classes`) are
 stored the same way, without the pixel data checks. On any failure nothing is left behind: the file only
 takes its final name inside the transaction that records it, and is removed again if that transaction
 cannot commit.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import cast
 
 from pydicom import Dataset
@@ -23,6 +25,7 @@ from sqlalchemy import Engine, Table, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import storage
 from dicom_node.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -71,13 +74,18 @@ class IngestResult:
     size_bytes: int
     differs: bool = False  # a duplicate whose bytes differ from the first copy's (which is kept)
     own_result: int | None = None
+    # a duplicate image of a finished study whose results' files are gone: the study was reopened so
+    # that they are made again (its settle timer must be armed, as for a new image)
+    reopened: bool = False
 
 
 class Ingestor:
     """Turns received bytes into a durable file plus committed rows.
 
     ``on_stored`` runs after the commit (the node arms the study's settle timer there); its failure is
-    logged, never reported to the sender, because the instance is already safe.
+    logged, never reported to the sender, because the instance is already safe. ``results_dir`` is where
+    the node's results are: an image sent again for a study whose results' files are gone has them
+    made again (without it, a duplicate is only a duplicate).
     """
 
     def __init__(
@@ -87,8 +95,10 @@ class Ingestor:
         *,
         on_stored: Callable[[IngestResult], None] | None = None,
         accepted_sop_classes: tuple[str, ...] = ACCEPTED_SOP_CLASSES,
+        results_dir: Path | None = None,
     ) -> None:
         self.session_factory = session_factory
+        self.results_dir = results_dir
         engine = session_factory.kw.get("bind")
         if not isinstance(engine, Engine):
             raise ConfigurationError("the session factory must be bound to an engine")
@@ -181,13 +191,31 @@ class Ingestor:
         else:
             LOGGER.info("stored instance %d (study %d, %d bytes) from %s", result.instance_pk,
                         result.study_pk, result.size_bytes, calling_ae)
-            if self.on_stored is not None:
-                try:
-                    self.on_stored(result)
-                except Exception as exc:  # the instance is safe; the periodic sweep re-arms the study
-                    LOGGER.error("post-store hook failed for instance %d: %s", result.instance_pk,
-                                 type(exc).__name__)
+        if result.duplicate and is_image(sop_class):
+            result = self._remake_lost_results(result)
+        if (not result.duplicate or result.reopened) and self.on_stored is not None:
+            try:
+                self.on_stored(result)
+            except Exception as exc:  # the instance is safe; the periodic sweep re-arms the study
+                LOGGER.error("post-store hook failed for instance %d: %s", result.instance_pk,
+                             type(exc).__name__)
         return result
+
+    def _remake_lost_results(self, result: IngestResult) -> IngestResult:
+        """An image sent again is how an operator asks for a study's results once their files are gone
+        (restored from an older backup, a lost disk): the study is reopened, and its results are made
+        again as a new revision and sent. A failure here is logged; the image itself is safe."""
+        if self.results_dir is None:
+            return result
+        try:
+            with self._engine.begin() as conn:
+                lost = storage.lost_results(conn, self.results_dir, result.study_pk)
+                reopened = bool(lost) and storage.reopen_to_remake(conn, result.study_pk, failed=True)
+        except SQLAlchemyError as exc:
+            LOGGER.error("study %d: its results' files could not be checked (%s)", result.study_pk,
+                         type(exc).__name__)
+            return result
+        return replace(result, reopened=True) if reopened else result
 
     def _own_result(
         self, sop_class: str, sop_instance: str, study_uid: str, patient_id: str
@@ -314,8 +342,9 @@ def ingest_bytes(
     calling_ae: str,
     source: str,
     on_stored: Callable[[IngestResult], None] | None = None,
+    results_dir: Path | None = None,
 ) -> IngestResult:
     """Ingest a Part 10 file from an upload (the contract the web console uses)."""
-    return Ingestor(session_factory, file_store, on_stored=on_stored).ingest_bytes(
+    return Ingestor(session_factory, file_store, on_stored=on_stored, results_dir=results_dir).ingest_bytes(
         data, calling_ae=calling_ae, source=source
     )

@@ -146,7 +146,7 @@ class StudySettler:
         C-STORE response does not wait for it. Nothing is lost if the process dies first: the study row
         is already committed as RECEIVED, and start-up (and the periodic sweep) re-arm such studies.
         """
-        if not result.duplicate:
+        if not result.duplicate or result.reopened:  # reopened: to make its lost results again
             self.study_stored(result.study_pk)
 
     def study_stored(self, study_pk: int) -> None:

@@ -211,7 +211,8 @@ def _serve(
         events.put(result.study_pk)
 
     store = open_store(settings)
-    ingestor = Ingestor(store.session_factory, store.file_store, on_stored=study_stored)
+    ingestor = Ingestor(store.session_factory, store.file_store, on_stored=study_stored,
+                        results_dir=settings.results_dir)
     scp = build_scp(settings.dicom, ingestor, store.session_factory, listen_socket=listen_socket)
     scp.start()
     LOGGER.info("listener process %d serving port %d", index + 1, scp.port)

@@ -4,7 +4,8 @@ The database and ``node.data_dir`` are backed up and restored separately. Restor
 or after a disk lost part of ``results/``, they disagree: rows whose files are gone, and files no row
 names. A result object whose file is gone is made again from the database, as a new revision (its
 earlier revision may have reached a PACS, so its UIDs are not used for other content): the outbox asks
-for that when it finds the file missing (:mod:`dicom_node.outbox`).
+for that when it finds the file missing (:mod:`dicom_node.outbox`), and so does an image of the study
+sent again (:mod:`dicom_node.ingest`).
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ class NodeConsoleServices:
                     self._settings.storage_dir, fsync=storage.fsync, min_free_bytes=storage.min_free_bytes,
                     direct_io=storage.direct_io,
                 )
-                self._ingestor = Ingestor(self._session_factory, store)
+                self._ingestor = Ingestor(self._session_factory, store,
+                                          results_dir=self._settings.results_dir)
             ingestor = self._ingestor
         result = ingestor.ingest_bytes(upload.data, calling_ae=calling_ae, source="upload")
         if result.own_result is not None:  # no instance row holds it: the API answered instance_id 0

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.errors import IdentityConflictError
-from dicom_node.ingest import ingest_bytes
+from dicom_node.ingest import IngestResult, ingest_bytes
 from dicom_node.jobs import open_study_ready_job
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import (
@@ -590,6 +590,41 @@ def test_results_whose_files_were_lost_before_delivery_are_made_again_as_a_new_r
         assert (study.state, study.state_reason) == (StudyState.ANALYSED, "")
     superseded = (DeliveryState.SUPERSEDED, "superseded by revision 2")
     assert {states[uid] for uid, _ in first.values()} == {superseded}
+
+
+def test_an_image_sent_again_after_a_restore_brings_back_its_file_and_the_studys_results(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The operator guide's remedy for lost files, "send an image of the study again": the image's file
+    came back ("instance had lost its file; restored"), but the copy was only a duplicate: no new
+    revision was made, the lost results stayed lost. Now the study is reopened and its results are made
+    again and sent; an image sent again while the results are intact changes nothing."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    with session_scope(world["db"]) as session:
+        image = world["config"].storage_dir / session.scalars(select(Instance.file_path)).one()
+    sent = image.read_bytes()  # the file is the bytes the sender sent
+    image.unlink()  # the files restored from a backup older than the database
+    shutil.rmtree(world["config"].results_dir / str(study_pk))
+
+    def send_again() -> IngestResult:
+        return ingest_bytes(world["db"], world["store"], sent, calling_ae="ORTHANC", source="dimse",
+                            results_dir=world["config"].results_dir)
+
+    again = send_again()
+    assert again.duplicate and again.reopened and image.read_bytes() == sent
+    settled(world, study_pk)
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    assert all(second[kind][0] != first[kind][0] for kind in (ResultKind.SR, ResultKind.PDF))
+    assert sorted(peer.received) == sorted(uid for rows in (first, second) for uid, _ in rows.values())
+    pdf = pydicom.dcmread(world["config"].results_dir / second[ResultKind.PDF][1])
+    assert "Image 1 of 1" in PdfReader(BytesIO(bytes(pdf.EncapsulatedDocument))).pages[0].extract_text()
+
+    assert not send_again().reopened  # the results are there: a duplicate is a duplicate
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
 
 
 def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
