@@ -163,7 +163,8 @@ def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
 
 @router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])
 def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> results.StudyDetail:
-    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
+    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
+                                  storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return detail
 

@@ -337,7 +337,8 @@ def audited_download(db: Session, principal: Principal, action: str, target: str
 
 @router.get("/results/{study_id}")
 def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> Response:
-    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline))
+    detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
+                                  storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
     audit_read(db, principal, "study.view", f"study:{study_id}")
     return render(request, "study.html", principal, active="results", study=detail)
 
@@ -363,10 +364,22 @@ def instance_image(con: ConsoleDep, db: DbDep, study_id: RowId, instance_id: Row
     return Response(png_bytes(gray), media_type="image/png")
 
 
-def _under(root: Path, relative: str) -> Path:
+RESULT_FILE_MISSING = (
+    "the result file is missing on the node: an administrator can restore results/ from the backup, "
+    "or an image of the study sent again makes a new revision"
+)
+HEATMAP_FILE_MISSING = (
+    "the heat-map file is missing on the node: an administrator can restore results/heatmaps/ from the "
+    "backup; the finding is kept"
+)
+
+
+def _under(root: Path, relative: str, missing: str = RESULT_FILE_MISSING) -> Path:
     path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
-        raise NotFoundError("the file is no longer on the node")
+    if not path.is_relative_to(root.resolve()):
+        raise NotFoundError("the file is not in the node's results directory")
+    if not path.is_file():
+        raise NotFoundError(missing)
     return path
 
 
@@ -377,7 +390,7 @@ def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: RowId, finding_id: Row
         raise NotFoundError("no heat map for this finding")
     instance = _instance(db, study_id, finding.instance_pk)
     release(db)
-    heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path))
+    heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path, HEATMAP_FILE_MISSING))
     gray = con.services.stored_preview(instance.file_path)
     return Response(overlay_png(gray, heat), media_type="image/png")
 

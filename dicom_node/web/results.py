@@ -10,6 +10,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
@@ -310,7 +311,7 @@ class FindingDetail(BaseModel):
     model_name: str
     model_version: str
     created_at: UtcDatetime
-    has_heatmap: bool
+    has_heatmap: bool  # its heat-map file is on the node
     novelty: float | None = None  # how unlike the training images; 1.0 = the model's limit
     doubt: str | None = None  # why the model's own checks doubted the image it classified anyway
 
@@ -329,8 +330,10 @@ class InstanceDetail(BaseModel):
     received_at: UtcDatetime
     state: str
     state_reason: str
-    pixels_available: bool
+    pixels_available: bool  # its file is on the node: image.png can show it
     is_image: bool = True
+    # gone though the retention policy did not remove it (a restore from an older backup, a lost disk)
+    file_missing: bool = False
     findings: list[FindingDetail]
 
 
@@ -359,10 +362,13 @@ class ResultObjectDetail(BaseModel):
     kind: str
     model_name: str
     model_version: str
-    # 2, 3, …: made again because images of the study arrived after the earlier revision
+    # 2, 3, …: made again because images of the study arrived after the earlier revision, or the files
+    # of the earlier revision were lost
     revision: int
     sop_instance_uid: str
     created_at: UtcDatetime
+    # its file is on the node: object.dcm (and a PDF's report.pdf) can be downloaded
+    file_available: bool = True
     deliveries: list[DeliveryDetail]
 
 
@@ -389,7 +395,13 @@ class StudyDetail(BaseModel):
     results: list[ResultObjectDetail]
 
 
-def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> StudyDetail:
+def study_detail(
+    session: Session, study_id: int, *, storage_dir: Path, results_dir: Path,
+    ages: AgePolicy = DEFAULT_AGE_POLICY,
+) -> StudyDetail:
+    """The study as the console shows it. Whether an image, a heat map or a result can be shown is
+    checked on disk (a stat per file), not taken from the rows: after a restore, or a lost disk, a row
+    may name a file that is gone."""
     study = session.scalar(
         select(Study)
         .where(Study.id == study_id)
@@ -411,6 +423,10 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
             )
         )
     )
+    stored = {
+        inst.id: inst.purged_at is None and (storage_dir / inst.file_path).is_file()
+        for series in study.series for inst in series.instances
+    }
     instances = [
         InstanceDetail(
             id=inst.id,
@@ -426,8 +442,9 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
             received_at=inst.received_at,
             state=inst.state.value,
             state_reason=inst.state_reason,
-            pixels_available=inst.purged_at is None and inst.rows is not None,
+            pixels_available=inst.rows is not None and stored[inst.id],
             is_image=inst.rows is not None,  # not a dose SR, report or PDF a PACS sent with the study
+            file_missing=inst.purged_at is None and not stored[inst.id],
             findings=[
                 FindingDetail(
                     id=f.id,
@@ -440,7 +457,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                     model_name=f.model_name,
                     model_version=f.model_version,
                     created_at=f.created_at,
-                    has_heatmap=bool(f.heatmap_path),
+                    has_heatmap=bool(f.heatmap_path) and (results_dir / str(f.heatmap_path)).is_file(),
                     novelty=f.novelty,
                     doubt=doubt_reason(f.novelty, f.better_turn or 0, bool(f.negative)),
                 )
@@ -478,6 +495,7 @@ def study_detail(session: Session, study_id: int, *, ages: AgePolicy = DEFAULT_A
                 revision=r.revision,
                 sop_instance_uid=r.sop_instance_uid,
                 created_at=r.created_at,
+                file_available=(results_dir / r.file_path).is_file(),
                 deliveries=[
                     DeliveryDetail(
                         id=d.id,

@@ -57,6 +57,11 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
+IMAGE_FILE_MISSING = (
+    "the image file is missing on the node (the retention policy did not remove it): an administrator can "
+    "restore it from the backup, or the PACS can send the image again; the findings are kept"
+)
+
 
 class FeatureUnavailableError(NodeError):
     """A console feature this node cannot offer now (no usable model)."""
@@ -159,7 +164,7 @@ class NodeConsoleServices:
         root = self._settings.storage_dir
         path = (root / relative_path).resolve()
         if not path.is_relative_to(root) or not path.is_file():
-            raise NotFoundError("the image file is no longer in the file store")
+            raise NotFoundError(IMAGE_FILE_MISSING)
         return self.dicom_preview(read_dataset(path))
 
     # -- classification and report ----------------------------------------------------------

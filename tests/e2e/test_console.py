@@ -81,8 +81,8 @@ def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, cons
 
     page.goto(f"{console.url}/results/{console.study_ids['skipped']}")
     assert "not a chest image" in page.inner_text(".msg.warn")
-    # Its pixel file is gone from the store: the viewer says so instead of a broken image icon.
-    assert "cannot be shown" in page.inner_text(".viewer .placeholder")
+    # Its pixel file is gone from the store: the page says so instead of a broken image icon.
+    assert "image file is missing on the node" in page.inner_text(".viewer .placeholder")
     shoot(page, "06-study-skipped")
 
     page.click("header button:has-text('Log out')")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import io
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from dicom_node.store.models import (
     StudyState,
 )
 from dicom_node.web import results
+from dicom_node.web.pages import HEATMAP_FILE_MISSING, RESULT_FILE_MISSING
+from dicom_node.web.services import IMAGE_FILE_MISSING
+from tests import peers
 from tests.web.studies import StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
@@ -469,8 +474,47 @@ def test_sr_and_pdf_downloads(
         ("user:alice", "report.download", sr_target,
          {"served": False, "reason": "this result object is not a PDF report"}),
         ("user:alice", "result.download", sr_target,
-         {"served": False, "reason": "the file is no longer on the node"}),
+         {"served": False, "reason": RESULT_FILE_MISSING}),
     ]  # fmt: skip
+
+
+def test_files_gone_from_the_node_are_not_offered_and_their_404_says_why(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """A restore drill: the database restored from a later time than the files. The API said
+    "pixels_available": true (the retention policy had not removed the image), the page showed an image
+    that did not load and offered a PDF and an SR that answered 404 "the file is no longer on the node".
+    Now the console checks the files: what is gone is not offered, and the 404 says what to do."""
+    client, _ = rad_client
+    image = settings.storage_dir / "rg1" / "rg1.dcm"
+    image.parent.mkdir(parents=True)
+    shutil.copy(peers.pydicom_data_file("RG1_UNCI.dcm"), image)
+    (settings.results_dir / "s3").mkdir(parents=True)
+    _encapsulated_pdf(b"%PDF-1.4\n%%EOF").save_as(settings.results_dir / "s3" / "report.dcm",
+                                                  enforce_file_format=True)
+    ids = add_study(factory, StudySpec(file_path="rg1/rg1.dcm", heatmap_path="heat.npy", result_files={
+        ResultKind.SR: "s3/sr.dcm", ResultKind.PDF: "s3/report.dcm"}))  # no SR file, no heat map
+    detail = client.get(f"/api/results/{ids.study}").json()
+    [instance] = detail["instances"]
+    assert instance["pixels_available"] is True and instance["findings"][0]["has_heatmap"] is False
+    assert {r["kind"]: r.get("file_available") for r in detail["results"]} == {"sr": False, "pdf": True}
+    image.unlink()
+
+    [instance] = client.get(f"/api/results/{ids.study}").json()["instances"]
+    assert instance["pixels_available"] is False and instance["file_missing"] is True
+    html = client.get(f"/results/{ids.study}").text
+    assert "/image.png" not in html and "The image file is missing on the node" in html
+    sr_url = f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm"
+    assert sr_url not in html and "SR: file missing" in html and "(file missing)" in html
+    assert f"/objects/{ids.results[ResultKind.PDF]}/report.pdf" in html  # still there: still offered
+    for url, reason in (
+        (f"/results/{ids.study}/instances/{ids.instance}/image.png", IMAGE_FILE_MISSING),
+        (sr_url, RESULT_FILE_MISSING),
+        (f"/results/{ids.study}/findings/{ids.finding}/heatmap.png", HEATMAP_FILE_MISSING),
+    ):
+        response = client.get(url, headers={"Accept": "application/json"})
+        assert response.status_code == 404, url
+        assert html_lib.escape(reason) in response.text, url
 
 
 def test_files_outside_the_results_directory_are_not_served(
@@ -548,7 +592,7 @@ def test_a_study_in_progress_reloads_itself_until_analysed(
 
 
 def test_a_later_revision_of_the_results_is_what_the_study_page_offers(
-    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
 ) -> None:
     """Results made again for images that arrived late: the table lists both revisions (each as sent),
     and the page's download buttons give the latest, which reports on every image."""
@@ -566,6 +610,8 @@ def test_a_later_revision_of_the_results_is_what_the_study_page_offers(
         session.add(second)
         session.flush()
         second_id = second.id
+    (settings.results_dir / str(ids.study)).mkdir(parents=True)
+    (settings.results_dir / str(ids.study) / "pdf-2.dcm").write_bytes(b"on the node")
     page = client.get(f"/results/{ids.study}").text
     assert "revision 2" in page
     assert page.count("Download PDF report") == 1
@@ -661,14 +707,17 @@ def test_control_and_direction_characters_of_dicom_values_are_not_shown(
 
 
 def test_a_dose_sr_stored_with_a_study_is_listed_as_not_an_image(
-    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
     """A modality's dose SR sent with the study got an image viewer whose picture could not be shown,
     and the dashboard counted it among the day's images."""
     from dicom_node.store.models import Instance, InstanceState, Series
 
     client, _ = rad_client
-    ids = add_study(factory, StudySpec("DOSE^SR", "P-DOSE", "A-DOSE", received_at=NOW))
+    (settings.storage_dir / "cr").mkdir(parents=True)
+    (settings.storage_dir / "cr" / "cr.dcm").write_bytes(b"on the node")
+    ids = add_study(factory, StudySpec("DOSE^SR", "P-DOSE", "A-DOSE", received_at=NOW, file_path="cr/cr.dcm"))
     with session_scope(factory) as session:
         series = Series(series_instance_uid=generate_uid(), study_pk=ids.study, modality="SR",
                         series_number=99)
