@@ -76,6 +76,20 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# storage ------------------------------------------------------------------------------------
+
+
+def cmd_storage_check(args: argparse.Namespace) -> int:
+    from dicom_node import storage
+
+    settings = _settings(args)
+    factory = _session_factory(settings)
+    try:
+        return storage.command(args, settings, factory)
+    finally:
+        factory.kw["bind"].dispose()
+
+
 # ae ------------------------------------------------------------------------------------------
 
 
@@ -194,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = dbp.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     dbsub.add_parser("upgrade", parents=[common], help="apply schema migrations").set_defaults(
         func=cmd_db_upgrade)
+
+    stp = sub.add_parser("storage", parents=[common], help="the node's files against its database")
+    stsub = stp.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    stc = stsub.add_parser(
+        "check", parents=[common], help="list rows whose files are missing and files no row names",
+        description="Compare the database with the files under the storage and results directories (run it "
+        "after a restore). Exit code 0: they agree; 1: files are missing or orphans are left; 2: error.",
+    )
+    stc.add_argument("--remove-orphans", action="store_true",
+                     help="delete the files no row names (audited; stop the node first)")
+    stc.set_defaults(func=cmd_storage_check)
 
     aep = sub.add_parser("ae", parents=[common], help="allowed callers and result destinations (audited)")
     aesub = aep.add_subparsers(dest="ae_command", required=True, metavar="ACTION")

@@ -32,7 +32,7 @@ LOGGER = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TEMP_PREFIX = ".incoming-"
-_INCOMING_DIR = ".incoming"
+INCOMING_DIR = ".incoming"
 _WRITE_SLICE = 64 * 1024
 _DIRECT_ALIGNMENT = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (covers 512 B sectors)
 _DIRECT_SLICE = 1024 * 1024
@@ -119,7 +119,7 @@ class FileStore:
         private_directory(self.root)
         # Temporaries live in one folder on the same file system (rename stays atomic), so start-up
         # clean-up lists one directory instead of walking every study.
-        self.incoming = self.root / _INCOMING_DIR
+        self.incoming = self.root / INCOMING_DIR
         private_directory(self.incoming)
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 

@@ -365,12 +365,12 @@ def instance_image(con: ConsoleDep, db: DbDep, study_id: RowId, instance_id: Row
 
 
 RESULT_FILE_MISSING = (
-    "the result file is missing on the node: an administrator can restore results/ from the backup, "
-    "or an image of the study sent again makes a new revision"
+    "the result file is missing on the node: an administrator can restore results/ from the backup "
+    "(`cxr-node storage check` lists such files), or an image of the study sent again makes a new revision"
 )
 HEATMAP_FILE_MISSING = (
     "the heat-map file is missing on the node: an administrator can restore results/heatmaps/ from the "
-    "backup; the finding is kept"
+    "backup (`cxr-node storage check` lists such files); the finding is kept"
 )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session
 
+from dicom_node.store.files import instance_path
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
 
 
@@ -40,7 +41,7 @@ def add_study(
     session.add_all([patient, study, series])
     for number in range(images):
         uid = generate_uid()
-        relative = f"{study.study_instance_uid}/{uid}.dcm"
+        relative = instance_path(study.study_instance_uid, series.series_instance_uid, uid)  # as ingest does
         (storage_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (storage_dir / relative).write_bytes(content)
         session.add(
