@@ -31,6 +31,7 @@ from classifier.preprocess import (
     pil_to_gray,
     read_image_file,
 )
+from classifier.types import label_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class DatasetError(ClassifierError):
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
-    label: str
+    label: str  # as :func:`load_collection` reads it: folded by ``types.label_key``
     group: str  # patient/source key; the path itself when the collection has none
 
 
@@ -74,7 +75,10 @@ def load_collection(source: Path) -> list[LabelledImage]:
 
     In a folder, an image directly in its class folder is its own group; images under a sub-folder
     (``<class>/<patient>/...``, as a PACS export is laid out) share the group of that sub-folder's name,
-    whatever class it is under, so one patient's images stay on one side of every split."""
+    whatever class it is under, so one patient's images stay on one side of every split.
+
+    Labels are folded as :func:`classifier.types.label_key` compares them (``COVID``, `` covid `` and
+    ``Covid`` are the class ``covid``), as evaluation matches them to a model's classes."""
     source = Path(source)
     if source.is_file():
         return _load_manifest(source)
@@ -85,14 +89,28 @@ def load_collection(source: Path) -> list[LabelledImage]:
         return _load_manifest(manifest)
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = [
-        LabelledImage(path=path, label=class_dir.name, group=_folder_group(path.relative_to(source)))
+        LabelledImage(path, label_key(class_dir.name), _folder_group(path.relative_to(source)))
         for class_dir in class_dirs
         for path in sorted(class_dir.rglob("*"))
         if not _hidden(path.relative_to(class_dir)) and _is_image(_existing(path))
     ]
     if not items:
         raise DatasetError(f"no images in class sub-folders of {source}")
+    _log_folded(source, [class_dir.name for class_dir in class_dirs])
     return items
+
+
+def _log_folded(source: Path, spellings: Sequence[str]) -> None:
+    """One line naming the labels read as one class because they differ only in case or spaces."""
+    by_class: dict[str, set[str]] = defaultdict(set)
+    for spelling in spellings:
+        by_class[label_key(spelling)].add(spelling.strip())
+    merged = {name: sorted(found) for name, found in sorted(by_class.items()) if len(found) > 1}
+    if merged:
+        LOGGER.info(
+            "%s: labels read as one class each: %s", source.name,
+            "; ".join(f"{', '.join(map(repr, found))} as {name}" for name, found in merged.items()),
+        )  # fmt: skip
 
 
 def _folder_group(relative: Path) -> str:
@@ -103,6 +121,7 @@ def _folder_group(relative: Path) -> str:
 
 def _load_manifest(manifest: Path) -> list[LabelledImage]:
     items: list[LabelledImage] = []
+    spellings: list[str] = []
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(handle)
@@ -110,17 +129,20 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
                 raise DatasetError(f"{manifest} needs the columns file,label[,group]")
             for row in reader:
                 items.append(_manifest_row(manifest, reader.line_num, row))
+                spellings.append(str(row["label"]))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{manifest} is not a UTF-8 CSV file: {type(exc).__name__}") from exc
     if not items:
         raise DatasetError(f"{manifest} lists no images")
+    _log_folded(manifest, spellings)
     return sorted(items, key=lambda item: str(item.path))
 
 
 def _manifest_row(
     manifest: Path, line: int, row: Mapping[str | None, str | list[str] | None]
 ) -> LabelledImage:
-    """One manifest row as an image, or a DatasetError naming its line (a short row has no label)."""
+    """One manifest row as an image (its label folded, see :func:`load_collection`), or a DatasetError
+    naming its line (a short row has no label)."""
     file, label, group = row.get("file"), row.get("label"), row.get("group")
     if not isinstance(file, str) or not file.strip() or not isinstance(label, str) or not label.strip():
         raise DatasetError(f"{manifest}, line {line}: every row needs a file and a label")
@@ -128,10 +150,11 @@ def _manifest_row(
     if not path.is_file():
         raise DatasetError(f"{manifest}: missing file {file}")
     named = group if isinstance(group, str) and group.strip() else file
-    return LabelledImage(path=path, label=label.strip(), group=named.strip())
+    return LabelledImage(path=path, label=label_key(label), group=named.strip())
 
 
 def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
+    """The classes of ``items``, sorted: their labels, folded when read (:func:`load_collection`)."""
     return tuple(sorted({item.label for item in items}))
 
 
@@ -242,22 +265,29 @@ def split_from_record(
 
 
 def parse_relabel(specs: Sequence[str]) -> dict[str, str]:
-    """``NEW=OLD[,OLD...]`` specs (e.g. ``non-covid=normal,pneumonia``) → ``{old: new}``.
+    """``NEW=OLD[,OLD...]`` specs (e.g. ``non-covid=normal,pneumonia``) → ``{old: new}``, both folded as
+    labels are (:func:`load_collection`).
 
     How a three-class collection trains or scores a two-class model (Nie et al.'s COVID-19 / non-COVID)."""
     mapping: dict[str, str] = {}
     for spec in specs:
         new, sep, olds = spec.partition("=")
-        sources = [old.strip() for old in olds.split(",") if old.strip()]
+        sources = [label_key(old) for old in olds.split(",") if old.strip()]
         if not sep or not new.strip() or not sources:
             raise DatasetError(
                 f"relabel {spec!r}: expected NEW=OLD[,OLD...], e.g. non-covid=normal,pneumonia"
             )
         for old in sources:
-            if mapping.get(old, new.strip()) != new.strip():
+            if mapping.get(old, label_key(new)) != label_key(new):
                 raise DatasetError(f"relabel: {old!r} is given two new labels")
-            mapping[old] = new.strip()
+            mapping[old] = label_key(new)
     return mapping
+
+
+def fold_relabel(mapping: Mapping[str, str]) -> dict[str, str]:
+    """``{old: new}`` with both sides folded as labels are (a mapping given in code or recorded in an
+    older model.json may spell them otherwise)."""
+    return {label_key(old): label_key(new) for old, new in mapping.items()}
 
 
 def relabel(
@@ -267,13 +297,14 @@ def relabel(
 
     ``strict``: a label to replace that no image has is an error, because a typo would otherwise train on
     the classes unmerged."""
+    mapping = fold_relabel(mapping)
     if strict:
         _require_labels(items, mapping)
     return [replace(item, label=mapping.get(item.label, item.label)) for item in items]
 
 
 def _require_labels(items: Sequence[LabelledImage], mapping: Mapping[str, str]) -> None:
-    missing = sorted(set(mapping) - {item.label for item in items})
+    missing = sorted(set(fold_relabel(mapping)) - {item.label for item in items})
     if missing:
         raise DatasetError(f"relabel: no image is labelled {missing}")
 
@@ -310,6 +341,16 @@ def load_grays(
         with named_failure(item.path):
             out[index] = fit_gray(load_gray(item.path, min_side=max(spec.input_size)), spec, lungs)
     return out
+
+
+def label_indices(items: Sequence[LabelledImage], classes: Sequence[str]) -> list[int]:
+    """Each image's index among a model's ``classes``, matched as labels are folded: a model trained before
+    they were may spell its classes otherwise (``COVID``, ``Normal``)."""
+    keys = {label_key(name): index for index, name in enumerate(classes)}
+    unknown = sorted({item.label for item in items if label_key(item.label) not in keys})
+    if unknown:
+        raise DatasetError(f"labels {unknown} are not classes of the model {list(classes)}")
+    return [keys[label_key(item.label)] for item in items]
 
 
 def summary(items: Sequence[LabelledImage]) -> dict[str, object]:

@@ -34,7 +34,7 @@ import numpy as np
 from classifier import plots
 from classifier.architectures import GRADCAM_LAYER
 from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata, sha256_file, write_metadata
-from classifier.dataset import load_collection, load_grays, split_from_record
+from classifier.dataset import label_indices, load_collection, load_grays, split_from_record
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray, normalisation_change
 from classifier.training import TrainingConfig, train
@@ -173,7 +173,7 @@ def build_ensemble(
         lungs = LungCropper.load(member_folders[0] / "lungs")
         copy_lung_model(member_folders[0] / "lungs", output)
     inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
-    truth = np.array([first.classes.index(item.label) for item in val_items], dtype=np.int64)
+    truth = np.array(label_indices(val_items, first.classes), dtype=np.int64)
     report = classification_report(truth, model.predict(inputs, batch_size=32, verbose=0), first.classes)
 
     output.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept

@@ -20,7 +20,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.dataset import DatasetError, LabelledImage, load_collection, load_gray, named_failure
+from classifier.dataset import (
+    DatasetError,
+    LabelledImage,
+    fold_relabel,
+    load_collection,
+    load_gray,
+    named_failure,
+)
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import gray_to_uint8, image_to_model_input
@@ -194,7 +201,8 @@ def evaluate(
     classifier = Classifier.load(model)
     classes = classifier.info.classes
     collection = list(items) if items is not None else load_collection(data)
-    labels = [(relabel or {}).get(item.label, item.label) for item in collection]
+    merged = fold_relabel(relabel or {})
+    labels = [merged.get(label_key(item.label), item.label) for item in collection]
     index = class_indices(labels, classes)
     truth = np.array([index[label] for label in labels], dtype=np.int64)
     probabilities, novelty = predict_items(classifier, collection, parse_degradation(degrade))

@@ -398,7 +398,7 @@ def fit_novelty(
     from dataclasses import replace
 
     from classifier.artifact import read_metadata, sha256_file, write_metadata
-    from classifier.dataset import load_collection, split_from_record
+    from classifier.dataset import label_indices, load_collection, split_from_record
     from classifier.inference import Classifier
     from classifier.preprocess import gray_to_model_input
 
@@ -424,7 +424,7 @@ def fit_novelty(
         return np.concatenate(rows)
 
     train_paths = [item.path for item in train]
-    train_labels = np.array([classes.index(item.label) for item in train], dtype=np.int64)
+    train_labels = np.array(label_indices(train, classes), dtype=np.int64)
     versions = ["none", *degradations]
     features = []
     for degradation in versions:

@@ -41,6 +41,7 @@ from classifier.augmentation import (
 from classifier.dataset import (
     LabelledImage,
     class_names,
+    fold_relabel,
     load_collection,
     load_grays,
     relabel,
@@ -250,7 +251,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     augmentation = get_augmentation(recipe.augmentation)
 
     items = load_collection(config.data)
-    mapping = dict(config.relabel or {})
+    mapping = fold_relabel(config.relabel or {})
     # The split is drawn on the collection's own labels, so a merged-class model (COVID-19 / non-COVID)
     # holds out the same patients as a model of all the classes.
     classes = class_names(relabel(items, mapping))

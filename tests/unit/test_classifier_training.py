@@ -23,6 +23,7 @@ from classifier.artifact import ArtifactMetadata, read_metadata
 from classifier.dataset import (
     DatasetError,
     LabelledImage,
+    class_names,
     load_collection,
     load_grays,
     parse_relabel,
@@ -166,6 +167,36 @@ def test_a_manifest_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(
     (tmp_path / "manifest.csv").write_bytes("\ufefffile,label,group\ndark/1.png,dark,p1\n".encode())
     [item] = load_collection(tmp_path)
     assert (item.label, item.group) == ("dark", "p1")
+
+
+def test_labels_differing_only_in_case_or_spaces_are_one_class(
+    collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``BRIGHT``, `` Bright `` and ``bright`` in one manifest trained as three classes (six here), though
+    evaluate reads them as one; so do class folders ``Dark`` and ``dark``. One class each, named folded."""
+    spellings = {"bright": ("BRIGHT", " Bright ", "bright"), "dark": ("Dark", "dark ", "DARK")}
+    rows = ["file,label,group"]
+    for label, names in spellings.items():
+        for index, source in enumerate(sorted((collection / label).glob("*.png"))):
+            rows.append(f"{source},{names[index % 3]},{label}-{index // 2}")
+    manifest = tmp_path / "spelt.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    caplog.set_level(logging.INFO, logger="classifier.dataset")
+    assert class_names(load_collection(manifest)) == ("bright", "dark")
+    assert "'BRIGHT', 'Bright', 'bright' as bright" in caplog.text
+    config = TrainingConfig(
+        architecture="cxr-compact", data=manifest, output=tmp_path / "model", epochs=1, steps_per_epoch=1,
+        batch_size=4, input_size=32, progress=False,
+    )  # fmt: skip
+    result = train(config)
+    assert result.metadata.classes == ("bright", "dark")
+    assert result.metadata.data["train"]["per_class"].keys() == {"bright", "dark"}
+    folders = tmp_path / "folders"
+    for name, source in (("Dark", "dark/0.png"), ("dark", "dark/1.png"), ("Bright ", "bright/0.png")):
+        (folders / name).mkdir(parents=True)
+        (folders / name / "x.png").write_bytes((collection / source).read_bytes())
+    assert [item.label for item in load_collection(folders)] == ["bright", "dark", "dark"]
+    assert parse_relabel(["Shadow=Dark, DIM"]) == {"dark": "shadow", "dim": "shadow"}
 
 
 def test_folder_without_manifest_uses_class_subfolders(collection: Path, tmp_path: Path) -> None:
