@@ -120,20 +120,43 @@ def _folder_group(relative: Path) -> str:
 
 
 def _load_manifest(manifest: Path) -> list[LabelledImage]:
+    """The images a manifest lists, each once: a file listed again with the same label and group is read
+    once (one warning says how many), with another label or group it is refused (it was counted twice,
+    and could be on both sides of the split)."""
     items: list[LabelledImage] = []
     spellings: list[str] = []
+    first: dict[Path, tuple[int, str, str | None]] = {}  # path: its first line, label and given group
+    repeated = 0
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or not {"file", "label"} <= set(reader.fieldnames):
                 raise DatasetError(f"{manifest} needs the columns file,label[,group]")
             for row in reader:
-                items.append(_manifest_row(manifest, reader.line_num, row))
+                line, item = reader.line_num, _manifest_row(manifest, reader.line_num, row)
                 spellings.append(str(row["label"]))
+                group = row.get("group")
+                listed = (item.label, group.strip() if isinstance(group, str) and group.strip() else None)
+                earlier = first.setdefault(item.path, (line, *listed))
+                if earlier[0] == line:
+                    items.append(item)
+                elif earlier[1:] == listed:
+                    repeated += 1
+                else:
+                    how = f"as {earlier[1]} and {item.label}" if earlier[1] != item.label else "in two groups"
+                    raise DatasetError(
+                        f"{manifest}: {str(row['file']).strip()} is listed on lines {earlier[0]} and {line} "
+                        f"{how}; list each file once"
+                    )
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{manifest} is not a UTF-8 CSV file: {type(exc).__name__}") from exc
     if not items:
         raise DatasetError(f"{manifest} lists no images")
+    if repeated:
+        LOGGER.warning(
+            "%s: %d rows repeat an earlier row's file, label and group; each file is read once",
+            manifest.name, repeated,
+        )  # fmt: skip
     _log_folded(manifest, spellings)
     return sorted(items, key=lambda item: str(item.path))
 

@@ -169,6 +169,29 @@ def test_a_manifest_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(
     assert (item.label, item.group) == ("dark", "p1")
 
 
+def test_a_file_listed_twice_is_read_once_or_refused(
+    collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repeated row counted its image twice; a file listed in two groups could be on both sides of the
+    split, and one listed with two labels trained as both."""
+    (tmp_path / "dark").mkdir()
+    for name in ("1.png", "2.png"):
+        (tmp_path / "dark" / name).write_bytes((collection / "dark" / name).read_bytes())
+    manifest, rows = tmp_path / "manifest.csv", "file,label,group\ndark/1.png,dark,p1\ndark/2.png,dark,p2\n"
+    manifest.write_text(rows + "dark/1.png,Dark,p1\n./dark/2.png,dark, p2\n")
+    caplog.set_level(logging.WARNING, logger="classifier.dataset")
+    assert [(i.path.name, i.group) for i in load_collection(tmp_path)] == [("1.png", "p1"), ("2.png", "p2")]
+    assert "manifest.csv: 2 rows repeat an earlier row's file, label and group" in caplog.text
+    for row, reason in (
+        ("dark/1.png,bright,p1", "as dark and bright"),
+        ("./dark/1.png,dark,p3", "in two groups"),
+        ("dark/1.png,dark,", "in two groups"),  # its own group, not p1
+    ):
+        manifest.write_text(rows + row + "\n")
+        with pytest.raises(DatasetError, match=f"{row.split(',')[0]} is listed on lines 2 and 4 {reason}"):
+            load_collection(tmp_path)
+
+
 def test_labels_differing_only_in_case_or_spaces_are_one_class(
     collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
