@@ -20,15 +20,19 @@ from classifier.errors import ClassifierError
 
 LOGGER = logging.getLogger(__name__)
 
+DATA_HELP = (
+    "folder of class sub-folders (PNG/JPEG/BMP/TIFF, or DICOM with or without .dcm, e.g. a PACS export), or "
+    "a manifest CSV (file,label[,group]); a folder holding a manifest.csv is read by that manifest alone, "
+    "not by its sub-folders"
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the classifier's subcommands to an argparse CLI."""
     train = subparsers.add_parser(
         "train", help="train a model on labelled images and write an artifact folder"
     )
-    train.add_argument(
-        "data", type=Path, help="folder of class sub-folders, or a manifest CSV (file,label[,group])"
-    )
+    train.add_argument("data", type=Path, help=DATA_HELP)
     train.add_argument(
         "output", type=Path, help="artifact folder to write (its model files are replaced, other files kept)"
     )
@@ -123,7 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     ensemble.add_argument("output", type=Path, help="artifact folder to write")
     ensemble.add_argument("members", type=Path, nargs="+", help="member artifact folders")
-    ensemble.add_argument("--data", type=Path, required=True, help="the members' training data (validation)")
+    ensemble.add_argument(
+        "--data", type=Path, required=True, help=f"the members' training data (their validation): {DATA_HELP}"
+    )
     ensemble.add_argument("--version", help="artifact version string")
     _novelty_switch(ensemble)
     ensemble.set_defaults(func=_ensemble)
@@ -137,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "presentation_probe.npz and model.json.",
     )
     novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
-    novelty.add_argument("data", type=Path, help="the data the model was trained on")
+    novelty.add_argument("data", type=Path, help=f"the data the model was trained on: {DATA_HELP}")
     novelty.add_argument("--rank", type=int, default=64, help="eigenvectors of the covariance kept")
     novelty.add_argument("--shrinkage", type=float, default=0.5, help="weight of the identity in the covariance")
     novelty.add_argument(
@@ -150,14 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "evaluate", help="score a model artifact on labelled images (JSON + PNG)"
     )
     evaluate.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
-    evaluate.add_argument(
-        "data",
-        type=Path,
-        help=(
-            "folder of class sub-folders (PNG/JPEG/TIFF, or DICOM with or without .dcm, e.g. a PACS export), "
-            "or a manifest CSV (file,label)"
-        ),
-    )
+    evaluate.add_argument("data", type=Path, help=DATA_HELP)
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
     evaluate.add_argument(
         "--degrade", type=_degradation, default="none",

@@ -81,22 +81,57 @@ def load_collection(source: Path) -> list[LabelledImage]:
     ``Covid`` are the class ``covid``), as evaluation matches them to a model's classes."""
     source = Path(source)
     if source.is_file():
-        return _load_manifest(source)
+        items = _load_manifest(source)
+        _log_source(source, items, "listed in this manifest")
+        return items
     if not source.is_dir():
         raise DatasetError(f"no such folder or manifest: {source}")
     manifest = source / "manifest.csv"
-    if manifest.is_file():
-        return _load_manifest(manifest)
+    if manifest.is_file():  # it alone says which files are images of which class
+        items = _load_manifest(manifest)
+        _log_source(source, items, "listed in its manifest.csv (its class sub-folders are not read)")
+        return items
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items = [
-        LabelledImage(path, label_key(class_dir.name), _folder_group(path.relative_to(source)))
-        for class_dir in class_dirs
-        for path in sorted(class_dir.rglob("*"))
-        if not _hidden(path.relative_to(class_dir)) and _is_image(_existing(path))
-    ]
-    if not items:
+    if not class_dirs:
         raise DatasetError(f"no images in class sub-folders of {source}")
+    items = [item for class_dir in class_dirs for item in _class_folder(source, class_dir)]
     _log_folded(source, [class_dir.name for class_dir in class_dirs])
+    _log_source(source, items, "in its class sub-folders (it has no manifest.csv)")
+    return items
+
+
+def _log_source(source: Path, items: Sequence[LabelledImage], where: str) -> None:
+    """One line saying what a collection was read from: a folder's manifest.csv takes the place of its
+    class sub-folders, which a reader of the folder may not expect."""
+    LOGGER.info("%s: %d images of %d classes %s", source, len(items), len(class_names(items)), where)
+
+
+def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
+    """The images of one class folder. Other files (a ``.webp``, notes; not dot files or a DICOMDIR) are
+    counted by suffix in one warning, and a folder without images is refused: both vanished without a
+    word, the second with its class."""
+    items: list[LabelledImage] = []
+    skipped: Counter[str] = Counter()
+    label = label_key(class_dir.name)
+    for path in sorted(class_dir.rglob("*")):
+        if _hidden(path.relative_to(class_dir)):
+            continue
+        if _is_image(_existing(path)):
+            items.append(LabelledImage(path, label, _folder_group(path.relative_to(source))))
+        elif path.is_file() and path.name.upper() != "DICOMDIR":
+            skipped[path.suffix.lower() or "without suffix"] += 1
+    kinds = ", ".join(f"{count} {suffix}" for suffix, count in sorted(skipped.items()))
+    if not items:
+        others = f" ({sum(skipped.values())} other files: {kinds})" if skipped else ""
+        raise DatasetError(
+            f"class folder {class_dir.name} of {source} holds no images{others}; add its images or move "
+            "it out of the folder"
+        )
+    if skipped:
+        LOGGER.warning(
+            "class folder %s: %d files skipped, neither pictures (%s) nor DICOM: %s",
+            class_dir.name, sum(skipped.values()), " ".join(IMAGE_SUFFIXES), kinds,
+        )  # fmt: skip
     return items
 
 

@@ -124,6 +124,44 @@ def test_a_class_folder_skips_hidden_files_and_refuses_a_dangling_link(tmp_path:
         load_collection(tmp_path)
 
 
+def test_files_a_class_folder_cannot_read_are_counted_and_an_empty_class_folder_refused(
+    collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of .webp pictures and an empty class folder vanished without a word: the model lost the
+    class, the evaluation scored fewer images than the folder holds."""
+    for label in ("bright", "dark"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "1.png").write_bytes((collection / label / "1.png").read_bytes())
+    Image.open(collection / "dark" / "2.png").save(tmp_path / "dark" / "2.webp")
+    (tmp_path / "dark" / "notes.txt").write_text("exported\n")
+    (tmp_path / "dim").mkdir()
+    (tmp_path / "dim" / "3.webp").write_bytes((tmp_path / "dark" / "2.webp").read_bytes())
+    refused = r"class folder dim of .* holds no images \(1 other files: 1 \.webp\)"
+    with pytest.raises(DatasetError, match=refused):
+        load_collection(tmp_path)
+    shutil.rmtree(tmp_path / "dim")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="classifier.dataset")
+    assert len(load_collection(tmp_path)) == 2
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("class folder dark: 2 files skipped, neither pictures (.png .jpg")
+    assert warning.endswith("nor DICOM: 1 .txt, 1 .webp")
+    assert f"{tmp_path}: 2 images of 2 classes in its class sub-folders (it has no manifest" in caplog.text
+
+
+def test_a_folder_s_manifest_takes_the_place_of_its_class_folders_and_says_so(
+    collection: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="classifier.dataset")
+    load_collection(collection)
+    assert "24 images of 2 classes listed in its manifest.csv (its class sub-folders are not" in caplog.text
+    for command in ("train", "evaluate", "novelty", "ensemble"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "a folder holding a manifest.csv is read by that manifest alone, not by its sub" in text
+
+
 def test_group_folds_partition_the_collection(collection: Path) -> None:
     items = load_collection(collection)
     folds = [split_by_fold(items, fold, 3, seed=7) for fold in range(3)]
