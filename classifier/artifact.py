@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import ModelArtifactError
+from classifier.errors import ModelArtifactError, OutputError
 from classifier.preprocess import PreprocessSpec
 from classifier.types import ModelInfo
 
@@ -100,6 +101,23 @@ class ArtifactMetadata:
                 f"{list(metadata.preprocess.input_size)}"
             )
         return metadata
+
+
+def writable_folder(folder: Path) -> Path:
+    """``folder``, created if need be, once a file could be written in it; else an :class:`OutputError`.
+
+    Train, ensemble and evaluate check their output before they read the data: they found a file of
+    that name, or a folder they may not write, only when saving, after an hour of training."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write to {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or type(exc).__name__}") from exc
+    return folder
 
 
 def write_metadata(folder: Path, metadata: ArtifactMetadata) -> Path:

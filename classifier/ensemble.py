@@ -33,7 +33,14 @@ import numpy as np
 
 from classifier import plots
 from classifier.architectures import GRADCAM_LAYER
-from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata, sha256_file, write_metadata
+from classifier.artifact import (
+    MODEL_FILE,
+    ArtifactMetadata,
+    read_metadata,
+    sha256_file,
+    writable_folder,
+    write_metadata,
+)
 from classifier.dataset import label_indices, load_collection, load_grays, split_from_record
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray, normalisation_change
@@ -145,6 +152,7 @@ def build_ensemble(
     """Merge trained artifacts into ``output`` and score the merged model on their validation split."""
     import keras
 
+    writable_folder(output)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
     for meta in metas[1:]:
@@ -220,6 +228,7 @@ def train_ensemble(
         members = [(config.architecture, seed) for seed in seeds]
     if len(set(members)) != len(members) or len(members) < 2:
         raise ValueError("an ensemble needs at least two different seeds or architectures")
+    writable_folder(config.output)  # before the members train, not after
     split_seed = config.seed if config.split_seed is None else config.split_seed
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))
     try:

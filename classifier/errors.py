@@ -21,6 +21,10 @@ class WeightsUnavailableError(ClassifierError):
     """Pre-trained backbone weights were asked for but are not on this machine."""
 
 
+class OutputError(ClassifierError):
+    """The folder a command is to write (an artifact, evaluation figures) cannot be created or written."""
+
+
 def reason_for(exc: BaseException, path: Path) -> str:
     """What a reader found wrong with ``path``, for the one line a command prints about that file, with the
     file's folders left out (they may name a patient): a classifier error's own message, another

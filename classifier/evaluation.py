@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from classifier import plots
+from classifier.artifact import writable_folder
 from classifier.dataset import (
     DatasetError,
     LabelledImage,
@@ -198,6 +199,8 @@ def evaluate(
     ``relabel`` ({old: new}, :func:`classifier.dataset.parse_relabel`) merges the data's classes first,
     e.g. normal and pneumonia into a two-class model's non-covid. Labels then match the model's classes
     as :func:`class_indices` reads them."""
+    if output is not None:
+        writable_folder(output)  # before the scoring, not after it
     classifier = Classifier.load(model)
     classes = classifier.info.classes
     collection = list(items) if items is not None else load_collection(data)
@@ -221,7 +224,6 @@ def evaluate(
     }
     report["degradation"] = degrade
     if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
         (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plots.confusion_matrix(
             report["confusion_matrix"], classes, output / "confusion_matrix.png",

@@ -397,7 +397,7 @@ def fit_novelty(
     """
     from dataclasses import replace
 
-    from classifier.artifact import read_metadata, sha256_file, write_metadata
+    from classifier.artifact import read_metadata, sha256_file, writable_folder, write_metadata
     from classifier.dataset import label_indices, load_collection, split_from_record
     from classifier.inference import Classifier
     from classifier.preprocess import gray_to_model_input
@@ -406,6 +406,7 @@ def fit_novelty(
         raise ValueError("the quantile must be in [0.5, 1)")
     folder = Path(model)
     metadata = read_metadata(folder)
+    writable_folder(folder)  # it writes there after the fit
     classifier = Classifier.load(folder)
     train, validation = split_from_record(load_collection(data), metadata.data.get("split", {}))
     classes = metadata.classes

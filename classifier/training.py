@@ -29,7 +29,7 @@ from classifier.architectures import (
     get_architecture,
     set_trainable,
 )
-from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, writable_folder, write_metadata
 from classifier.augmentation import (
     REFRAME_SOURCE_SCALE,
     augment_batch,
@@ -249,6 +249,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     if config.input_size is not None:
         spec = replace(spec, input_size=(config.input_size, config.input_size))
     augmentation = get_augmentation(recipe.augmentation)
+    writable_folder(config.output)  # before an hour of training, not after it
 
     items = load_collection(config.data)
     mapping = fold_relabel(config.relabel or {})

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -713,6 +714,52 @@ def test_cli_errors_are_one_line_and_exit_2(
             with pytest.raises(SystemExit) as exited:  # argparse: usage and the reason, exit 2
                 main(argv)
             assert exited.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_data_are_read(
+    artifact: Path, collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``train DATA afile`` trained, then crashed on a FileExistsError (a folder it may not write: a
+    PermissionError in save_model); evaluate -o and ensemble alike. Now one 'error:' line and 2, first."""
+    from classifier import dataset, ensemble, evaluation, training
+    from dicom_node import cli as node_cli
+
+    def unread(source: Path) -> list[LabelledImage]:
+        raise AssertionError("the data were read before the output was checked")
+
+    for module in (dataset, training, ensemble, evaluation):
+        monkeypatch.setattr(module, "load_collection", unread)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    data, model, quick = str(collection), str(artifact), ["--epochs", "1", "--no-progress", "--no-novelty"]
+    for main, argv, reason in (
+        (cli.main, ["train", data, str(afile), *quick], "it is a file, not a folder"),
+        (node_cli.main, ["train", data, str(afile), *quick], "it is a file, not a folder"),
+        (cli.main, ["train", data, str(afile / "model"), *quick], "Not a directory"),
+        (cli.main, ["train", data, str(afile), "--seeds", "1,2", *quick], "it is a file, not a folder"),
+        (cli.main, ["evaluate", model, data, "-o", str(afile)], "it is a file, not a folder"),
+        (cli.main, ["evaluate", model, data, "-o", str(afile), "--split", "validation"], "it is a file"),
+        (cli.main, ["ensemble", str(afile), model, model, "--data", data, "--no-novelty"], "it is a file"),
+    ):
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert f"error: cannot write to {afile}" in error and reason in error and "Traceback" not in error
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any folder")
+def test_a_folder_that_may_not_be_written_is_an_output_error(tmp_path: Path) -> None:
+    from classifier.artifact import writable_folder
+    from classifier.errors import OutputError
+
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="cannot write to .*: Permission denied"):
+            writable_folder(tmp_path / "model")
+        with pytest.raises(OutputError, match="cannot write to .*: Permission denied"):
+            writable_folder(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
 
 
 def test_dicom_files_can_be_classified_from_disk(
