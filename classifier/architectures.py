@@ -537,6 +537,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
 }
 
 DEFAULT_ARCHITECTURE = "cxr-compact"
+MIN_INPUT_SIZE = 32  # the smallest input side that every architecture's downsampling leaves a feature map of
 
 
 def architecture_names() -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from classifier.errors import OptionError
 from classifier.preprocess import (
     EQUALISATION_LEVELS,
     IMAGENET_BGR_MEAN,
@@ -265,7 +266,8 @@ def reframe_mask(classes: Sequence[str], reframe: Reframe) -> list[float]:
     Raises when none of the reframed classes is among ``classes``: a recipe that silently does nothing
     would be measured as if it had done something."""
     if not any(name in classes for name in reframe.classes):
-        raise ValueError(f"reframing names classes {', '.join(reframe.classes)}, none of which is in the data")
+        names = ", ".join(reframe.classes)
+        raise OptionError(f"reframing names classes {names}, none of which is in the data")
     return [1.0 if name in reframe.classes else 0.0 for name in classes]
 
 
@@ -357,4 +359,5 @@ def get_augmentation(name: str) -> Augmentation:
     try:
         return AUGMENTATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}") from None
+        known = ", ".join(AUGMENTATIONS)
+        raise OptionError(f"unknown augmentation {name!r}; choose one of {known}") from None

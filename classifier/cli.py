@@ -10,12 +10,17 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from classifier.architectures import DEFAULT_ARCHITECTURE, architecture_names, get_architecture
+from classifier.architectures import (
+    DEFAULT_ARCHITECTURE,
+    MIN_INPUT_SIZE,
+    architecture_names,
+    get_architecture,
+)
 from classifier.errors import ClassifierError
 
 LOGGER = logging.getLogger(__name__)
@@ -60,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     train.add_argument(
         "--augmentation",
+        type=_augmentation,
         help="override the recipe's augmentation (none, sugandi-table2, robust, robust-fov, robust-strong, "
         "robust-reframe, robust-strong-reframe)",
     )
@@ -70,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--centre-crop", type=float, help="keep this central fraction of every image (train and inference)"
     )
     train.add_argument(
-        "--input-size", type=int, help="square input side in pixels (default: the architecture's)"
+        "--input-size", type=_at_least(MIN_INPUT_SIZE),
+        help=f"square input side in pixels, at least {MIN_INPUT_SIZE} (default: the architecture's)",
     )
     train.add_argument(
         "--mixup", type=float, metavar="ALPHA",
@@ -242,6 +249,31 @@ def _architectures(text: str) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError("name each architecture once")
     return names
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number of at least ``minimum`` (0 epochs wrote an untrained model)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return whole
+
+
+def _augmentation(text: str) -> str:
+    """argparse type: the name of an augmentation of :mod:`classifier.augmentation`."""
+    from classifier.augmentation import AUGMENTATIONS
+
+    if text not in AUGMENTATIONS:
+        known = ", ".join(AUGMENTATIONS)
+        raise argparse.ArgumentTypeError(f"unknown augmentation {text!r}; choose one of {known}")
+    return text
 
 
 def _probability(text: str) -> float:

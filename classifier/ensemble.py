@@ -42,6 +42,7 @@ from classifier.artifact import (
     write_metadata,
 )
 from classifier.dataset import label_indices, load_collection, load_grays, split_from_record
+from classifier.errors import EnsembleError, OptionError
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray, normalisation_change
 from classifier.training import TrainingConfig, train
@@ -64,7 +65,7 @@ def merge_members(
     from keras import layers
 
     if len(members) < 2:
-        raise ValueError("an ensemble needs at least two members")
+        raise EnsembleError("an ensemble needs at least two members")
     for member in members:
         _check_head(member)
     normalisations = list(normalisations or ["unit"] * len(members))
@@ -87,7 +88,7 @@ def merge_members(
         map_height, map_width = (int(v) for v in x.shape[1:3])
         if (map_height, map_width) != (height, width):
             if height % map_height or width % map_width:
-                raise ValueError(
+                raise EnsembleError(
                     f"feature maps {map_height}x{map_width} and {height}x{width} do not tile; cannot merge"
                 )
             x = layers.UpSampling2D(
@@ -132,13 +133,15 @@ def _check_head(model: Any) -> None:
         features = model.get_layer(GRADCAM_LAYER)
         predictions = model.get_layer("predictions")
     except ValueError as exc:
-        raise ValueError(f"model {model.name!r} has no {GRADCAM_LAYER!r}/'predictions' layers to merge") from exc
+        raise EnsembleError(
+            f"model {model.name!r} has no {GRADCAM_LAYER!r}/'predictions' layers to merge"
+        ) from exc
     after = model.layers[model.layers.index(features) + 1 : model.layers.index(predictions)]
     kinds = [type(layer) for layer in after]
     if kinds not in ([layers.GlobalAveragePooling2D], [layers.GlobalAveragePooling2D, layers.Dropout]):
-        raise ValueError(f"model {model.name!r}: the head is not pooling → dense and cannot be merged")
+        raise EnsembleError(f"model {model.name!r}: the head is not pooling → dense and cannot be merged")
     if predictions.get_config().get("activation") != "softmax":
-        raise ValueError(f"model {model.name!r}: 'predictions' is not a softmax layer")
+        raise EnsembleError(f"model {model.name!r}: 'predictions' is not a softmax layer")
 
 
 def build_ensemble(
@@ -162,8 +165,11 @@ def build_ensemble(
             first.preprocess,
             first.data.get("split"),
         ):
-            raise ValueError("ensemble members must share classes, preprocessing and split")
-        normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)  # or raise
+            raise EnsembleError("ensemble members must share classes, preprocessing and split")
+        try:
+            normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)
+        except ValueError as exc:
+            raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
     members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
@@ -227,7 +233,7 @@ def train_ensemble(
     else:
         members = [(config.architecture, seed) for seed in seeds]
     if len(set(members)) != len(members) or len(members) < 2:
-        raise ValueError("an ensemble needs at least two different seeds or architectures")
+        raise OptionError("an ensemble needs at least two different seeds or architectures")
     writable_folder(config.output)  # before the members train, not after
     split_seed = config.seed if config.split_seed is None else config.split_seed
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))

@@ -21,6 +21,15 @@ class WeightsUnavailableError(ClassifierError):
     """Pre-trained backbone weights were asked for but are not on this machine."""
 
 
+class OptionError(ClassifierError):
+    """An option the command cannot use: an unknown augmentation, too small an input, one seed twice, ..."""
+
+
+class EnsembleError(ClassifierError):
+    """Artifacts that cannot be merged into one model: other classes, preprocessing or split, or a head
+    that is not pooling → dense."""
+
+
 class OutputError(ClassifierError):
     """The folder a command is to write (an artifact, evaluation figures) cannot be created or written."""
 

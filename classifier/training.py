@@ -23,6 +23,7 @@ import numpy.typing as npt
 from classifier import plots
 from classifier.architectures import (
     DEFAULT_WEIGHTS,
+    MIN_INPUT_SIZE,
     Architecture,
     Recipe,
     Stage,
@@ -39,6 +40,7 @@ from classifier.augmentation import (
     reframe_mask,
 )
 from classifier.dataset import (
+    DatasetError,
     LabelledImage,
     class_names,
     fold_relabel,
@@ -48,6 +50,7 @@ from classifier.dataset import (
     split_from_record,
     summary,
 )
+from classifier.errors import OptionError
 from classifier.lungs import LungCropper, train_lung_model_on_split
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray
@@ -82,6 +85,12 @@ class TrainingConfig:
     version: str | None = None
     steps_per_epoch: int | None = None  # cap, for smoke tests
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.input_size is not None and self.input_size < MIN_INPUT_SIZE:
+            raise OptionError(f"the input size is at least {MIN_INPUT_SIZE} pixels, not {self.input_size}")
+        if self.centre_crop is not None and not 0.3 <= self.centre_crop <= 1.0:
+            raise OptionError(f"the centre crop keeps a fraction in [0.3, 1], not {self.centre_crop}")
 
 
 @dataclass(frozen=True)
@@ -257,7 +266,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     # holds out the same patients as a model of all the classes.
     classes = class_names(relabel(items, mapping))
     if len(classes) < 2:
-        raise ValueError("training needs at least two classes")
+        raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
     split_seed = config.seed if config.split_seed is None else config.split_seed
     split: dict[str, Any] = {"by": "group", "seed": split_seed}
     if config.fold is None:

@@ -12,6 +12,7 @@ from classifier.augmentation import (
     mixup_batch,
     reframe_mask,
 )
+from classifier.errors import OptionError
 from classifier.preprocess import PreprocessSpec, finish_gray
 
 pytestmark = pytest.mark.unit
@@ -123,7 +124,7 @@ def test_reframing_crops_only_the_named_classes_to_a_tighter_field() -> None:
         assert (image > 0.9).mean() < 0.75 * (gray > 0.9).mean()  # less of the film edge in view
         assert (image < 0.25).mean() > 1.4 * (gray < 0.25).mean()  # the centre square is magnified
 
-    with pytest.raises(ValueError, match="none of which is in the data"):
+    with pytest.raises(OptionError, match="none of which is in the data"):
         reframe_mask(("bright", "dark"), reframe)
     with pytest.raises(ValueError, match="pass the labels"):
         augment_batch(images, only_reframing, labels, reframe_mask(classes, reframe))

@@ -12,6 +12,7 @@ from PIL import Image
 from classifier import cli
 from classifier.architectures import GRADCAM_LAYER, build_cxr_compact, build_sugandi_cnn
 from classifier.ensemble import merge_members
+from classifier.errors import EnsembleError
 from classifier.inference import Classifier
 
 pytestmark = pytest.mark.unit
@@ -61,7 +62,7 @@ def test_an_ensemble_merged_with_one_more_network_is_the_mean_of_all_three(tmp_p
 
 
 def test_a_flattening_head_cannot_be_merged() -> None:
-    with pytest.raises(ValueError, match="cannot be merged|no 'gradcam"):
+    with pytest.raises(EnsembleError, match="cannot be merged|no 'gradcam"):
         merge_members([build_sugandi_cnn(), build_sugandi_cnn()])
 
 

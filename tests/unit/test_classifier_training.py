@@ -33,7 +33,7 @@ from classifier.dataset import (
     split_by_group,
     split_from_record,
 )
-from classifier.errors import ModelArtifactError, UnsupportedImageError
+from classifier.errors import ModelArtifactError, OptionError, UnsupportedImageError
 from classifier.evaluation import class_indices, evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec, pil_to_gray
@@ -762,6 +762,44 @@ def test_a_folder_that_may_not_be_written_is_an_output_error(tmp_path: Path) -> 
         tmp_path.chmod(0o755)
 
 
+def test_data_and_options_the_commands_cannot_use_are_one_error_line(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a CRITICAL uncaught ValueError and exit 1: one class, members that cannot be merged,
+    a seed twice, an unknown augmentation, an input too small for the network."""
+    rows = list(csv.DictReader((collection / "manifest.csv").open(newline="")))
+    single = tmp_path / "dark.csv"
+    darks = [f"{collection / row['file']},dark\n" for row in rows if row["label"] == "dark"]
+    single.write_text("file,label\n" + "".join(darks))
+    other = tmp_path / "other-classes"
+    shutil.copytree(artifact, other)
+    metadata = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**metadata, "classes": ["bright", "dim"]}))
+    quick = ["--epochs", "1", "--steps-per-epoch", "1", "--input-size", "32", "--no-progress", "--no-novelty"]
+    data, out = str(collection), str(tmp_path / "out")
+    for argv, reason in (
+        (["train", str(single), out, *quick], "training needs at least two classes; "),
+        (["train", data, out, "--seeds", "5,5", *quick], "at least two different seeds or architectures"),
+        (["ensemble", out, str(artifact), str(other), "--data", data], "must share classes"),
+        (["ensemble", out, str(artifact), "--data", data], "an ensemble needs at least two members"),
+    ):
+        assert cli.main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and reason in error, error
+    for argv, reason in (
+        (["train", data, out, "--augmentation", "bogus"], "unknown augmentation 'bogus'; choose one of "),
+        (["train", data, out, "--input-size", "8"], "--input-size: 8 is less than 32"),
+    ):
+        with pytest.raises(SystemExit) as exited:  # argparse: usage and the reason, exit 2
+            cli.main(argv)
+        assert exited.value.code == 2 and reason in capsys.readouterr().err
+    config = TrainingConfig(architecture="cxr-compact", data=collection, output=tmp_path / "m", epochs=1)
+    with pytest.raises(OptionError, match="unknown augmentation 'bogus'"):
+        train(replace(config, augmentation="bogus"))
+    with pytest.raises(OptionError, match="the input size is at least 32 pixels, not 8"):
+        replace(config, input_size=8)
+
+
 def test_dicom_files_can_be_classified_from_disk(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -876,7 +914,7 @@ def test_training_with_reframing_runs_on_whole_chest_classes_and_refuses_data_wi
     train(config, argv=[])
     assert read_metadata(tmp_path / "model").training["recipe"]["augmentation"] == "robust-reframe"
 
-    with pytest.raises(ValueError, match="none of which is in the data"):
+    with pytest.raises(OptionError, match="none of which is in the data"):
         train(replace(config, data=collection, output=tmp_path / "other"), argv=[])
 
 
