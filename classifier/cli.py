@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help=f"one of {', '.join(architecture_names())}; several, comma-separated, train one member each "
         "on the same split and merge them into one model",
     )
-    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--validation-fraction", type=_fraction, default=0.2)
     train.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
     train.add_argument(
         "--split-seed", type=int, help="seed of the group-aware train/validation split (default: --seed)"
@@ -58,10 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--fold", type=_fold, metavar="I/K",
         help="validate on fold I (0-based) of a group K-fold split instead of --validation-fraction",
     )
-    train.add_argument("--epochs", type=int, help="override the recipe's epochs (every stage)")
-    train.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    train.add_argument("--epochs", type=_at_least(1), help="override the recipe's epochs (every stage)")
+    train.add_argument("--batch-size", type=_at_least(1), help="override the recipe's batch size")
     train.add_argument(
-        "--learning-rate", type=float, help="override the recipe's learning rate (every stage)"
+        "--learning-rate", type=_non_negative, help="override the recipe's learning rate (every stage)"
     )
     train.add_argument(
         "--augmentation",
@@ -73,14 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--weights", help="backbone weights file (transfer models; default: ImageNet from Keras' cache)"
     )
     train.add_argument(
-        "--centre-crop", type=float, help="keep this central fraction of every image (train and inference)"
+        "--centre-crop", type=_number("[0.3, 1]", lambda value: 0.3 <= value <= 1.0),
+        help="keep this central fraction of every image (train and inference)"
     )
     train.add_argument(
         "--input-size", type=_at_least(MIN_INPUT_SIZE),
         help=f"square input side in pixels, at least {MIN_INPUT_SIZE} (default: the architecture's)",
     )
     train.add_argument(
-        "--mixup", type=float, metavar="ALPHA",
+        "--mixup", type=_non_negative, metavar="ALPHA",
         help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
     )
     lung_source = train.add_mutually_exclusive_group()
@@ -92,9 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--lung-masks", type=Path, metavar="FOLDER",
         help="train that lung U-Net first (as 'train-lungs' on the training split), then crop with it",
     )
-    train.add_argument("--lung-epochs", type=int, default=120, help="epochs of the lung U-Net (--lung-masks)")
     train.add_argument(
-        "--members", type=int,
+        "--lung-epochs", type=_at_least(1), default=120, help="epochs of the lung U-Net (--lung-masks)"
+    )
+    train.add_argument(
+        "--members", type=_at_least(1),
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
     train.add_argument(
@@ -103,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     _relabel_option(train, "train on")
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
-    train.add_argument("--steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
+    train.add_argument("--steps-per-epoch", type=_at_least(1), help="cap the steps per epoch (smoke runs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _novelty_switch(train)
     train.set_defaults(func=_train)
@@ -122,9 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train only on the images outside fold I of the classifier's K-fold split; report Dice on fold I",
     )
     lungs.add_argument("--split-seed", type=int, default=42, help="the classifier split's seed (with --fold)")
-    lungs.add_argument("--validation-fraction", type=float, default=0.2, help="held out for the Dice figure")
-    lungs.add_argument("--epochs", type=int, default=120)
-    lungs.add_argument("--batch-size", type=int, default=8)
+    lungs.add_argument(
+        "--validation-fraction", type=_fraction, default=0.2, help="held out for the Dice figure"
+    )
+    lungs.add_argument("--epochs", type=_at_least(1), default=120)
+    lungs.add_argument("--batch-size", type=_at_least(1), default=8)
     lungs.add_argument("--seed", type=int, default=42)
     lungs.add_argument("--version", help="version string (default: lungs-unet-DATE)")
     lungs.set_defaults(func=_train_lungs)
@@ -151,10 +157,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
     novelty.add_argument("data", type=Path, help=f"the data the model was trained on: {DATA_HELP}")
-    novelty.add_argument("--rank", type=int, default=64, help="eigenvectors of the covariance kept")
-    novelty.add_argument("--shrinkage", type=float, default=0.5, help="weight of the identity in the covariance")
+    novelty.add_argument("--rank", type=_at_least(1), default=64, help="eigenvectors of the covariance kept")
     novelty.add_argument(
-        "--quantile", type=float, default=0.99,
+        "--shrinkage", type=_number("(0, 1]", lambda value: 0.0 < value <= 1.0), default=0.5,
+        help="weight of the identity in the covariance",
+    )
+    novelty.add_argument(
+        "--quantile", type=_number("[0.5, 1)", lambda value: 0.5 <= value < 1.0), default=0.99,
         help="threshold: this quantile of the validation images' scores (1 - q of them are called unfamiliar)",
     )
     novelty.set_defaults(func=_novelty)
@@ -264,6 +273,25 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return whole
+
+
+def _number(span: str, inside: Callable[[float], bool]) -> Callable[[str], float]:
+    """argparse type: a number ``inside`` the range that ``span`` names."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # inside no range
+        if math.isnan(value) or not inside(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number in {span}")
+        return value
+
+    return number
+
+
+_fraction = _number("(0, 1)", lambda value: 0.0 < value < 1.0)
+_non_negative = _number("[0, ∞)", lambda value: 0.0 <= value < math.inf)
 
 
 def _augmentation(text: str) -> str:

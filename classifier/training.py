@@ -87,6 +87,15 @@ class TrainingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        counts = {
+            "epochs": self.epochs,
+            "batch size": self.batch_size,
+            "steps per epoch": self.steps_per_epoch,
+            "lung epochs": self.lung_epochs,
+        }
+        for name, count in counts.items():
+            if count is not None and count < 1:  # 0 epochs wrote an untrained model as if trained
+                raise OptionError(f"the {name} must be at least 1, not {count}")
         if self.input_size is not None and self.input_size < MIN_INPUT_SIZE:
             raise OptionError(f"the input size is at least {MIN_INPUT_SIZE} pixels, not {self.input_size}")
         if self.centre_crop is not None and not 0.3 <= self.centre_crop <= 1.0:

@@ -800,6 +800,38 @@ def test_data_and_options_the_commands_cannot_use_are_one_error_line(
         replace(config, input_size=8)
 
 
+def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--epochs 0`` (or -1) wrote an untrained model as if trained, and exit 0; a batch of 0, a learning
+    rate below 0 or a validation fraction of 1 failed deep inside, or trained on nonsense."""
+    output, data = tmp_path / "model", str(collection)
+    train_argv = ["train", data, str(output), "--input-size", "32", "--no-progress", "--no-novelty"]
+    for argv, reason in (
+        ([*train_argv, "--epochs", "0"], "--epochs: 0 is less than 1"),
+        ([*train_argv, "--epochs", "-1"], "--epochs: -1 is less than 1"),
+        ([*train_argv, "--epochs", "two"], "--epochs: 'two' is not a whole number"),
+        ([*train_argv, "--batch-size", "0"], "--batch-size: 0 is less than 1"),
+        ([*train_argv, "--steps-per-epoch", "0"], "--steps-per-epoch: 0 is less than 1"),
+        ([*train_argv, "--members", "0"], "--members: 0 is less than 1"),
+        ([*train_argv, "--learning-rate", "-0.1"], "--learning-rate: '-0.1' is not a number in [0, ∞)"),
+        ([*train_argv, "--mixup", "nan"], "--mixup: 'nan' is not a number in [0, ∞)"),
+        ([*train_argv, "--validation-fraction", "1"], "--validation-fraction: '1' is not a number in (0, 1)"),
+        ([*train_argv, "--centre-crop", "0.1"], "--centre-crop: '0.1' is not a number in [0.3, 1]"),
+        (["novelty", str(artifact), data, "--rank", "0"], "--rank: 0 is less than 1"),
+        (["novelty", str(artifact), data, "--quantile", "1"], "--quantile: '1' is not a number in [0.5, 1)"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2 and reason in capsys.readouterr().err, argv
+    assert not output.exists()
+    config = TrainingConfig(architecture="cxr-compact", data=collection, output=output)
+    for changed, reason in (({"epochs": 0}, "the epochs must be at least 1, not 0"),
+                            ({"batch_size": -4}, "the batch size must be at least 1, not -4")):  # fmt: skip
+        with pytest.raises(OptionError, match=reason):
+            replace(config, **changed)
+
+
 def test_dicom_files_can_be_classified_from_disk(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
