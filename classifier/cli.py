@@ -445,7 +445,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     items = None
     if args.split != "all":
         split = read_metadata(args.model).data.get("split", {})
-        train_items, val_items = split_from_record(load_collection(args.data), split)
+        model = f"model {args.model}"
+        train_items, val_items = split_from_record(load_collection(args.data), split, model=model)
         items = val_items if args.split == "validation" else train_items
     report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items,
                       relabel=parse_relabel(args.relabel))

@@ -7,6 +7,7 @@ both sides of the split make the validation score a memory test.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import random
 from collections import Counter, defaultdict
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
+from classifier.artifact import sha256_file
 from classifier.errors import ClassifierError, reason_for
 from classifier.preprocess import (
     LungFinder,
@@ -308,10 +310,42 @@ def split_by_fold(
 
 
 def split_from_record(
-    items: Sequence[LabelledImage], record: Mapping[str, Any]
+    items: Sequence[LabelledImage], record: Mapping[str, Any], *, model: str = "the model"
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """The train/validation split a model was trained with, from the ``split`` entry of its model.json,
-    with the labels it was trained on (its ``relabel``, if it merged classes after the split)."""
+    with the labels it was trained on (its ``relabel``, if it merged classes after the split).
+
+    The split is drawn anew from the recorded seed on whatever ``items`` are given: on other data (a
+    subset, an image changed) it would call images the model was trained on validation images. So it is
+    checked against the fingerprint training recorded (:func:`split_fingerprint`), and refused with a
+    DatasetError naming ``model`` if it differs. A model trained before fingerprints were recorded
+    cannot be checked: a warning says so."""
+    train, validation = draw_split(items, record)
+    recorded = record.get("fingerprint")
+    if not isinstance(recorded, Mapping):
+        LOGGER.warning(
+            "%s records no fingerprint of its split (it was trained before they were): the split drawn "
+            "anew by its seed cannot be checked against the data it was trained on", model,
+        )  # fmt: skip
+        return train, validation
+    found = split_fingerprint(train, validation)
+    if found != dict(recorded):
+        sides = ("train_images", "validation_images")
+        counts = [f"{values.get(sides[0])} training and {values.get(sides[1])} validation images"
+                  for values in (recorded, found)]  # fmt: skip
+        what = "" if counts[0] != counts[1] else " (as many, but other images or labels)"
+        raise DatasetError(
+            f"the data differ from those {model} was trained on: its split held {counts[0]}, these data "
+            f"give {counts[1]}{what}; scored as validation, some would be images it was trained on"
+        )
+    return train, validation
+
+
+def draw_split(
+    items: Sequence[LabelledImage], record: Mapping[str, Any]
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """The train/validation split that the ``split`` entry of a model.json describes, drawn on ``items``
+    and relabelled by its ``relabel``, unchecked: what training draws before it records the fingerprint."""
     mapping: Mapping[str, str] = record.get("relabel") or {}
     _require_labels(items, mapping)
     seed = int(record.get("seed", 42))
@@ -320,6 +354,26 @@ def split_from_record(
     else:
         train, validation = split_by_group(items, float(record.get("validation_fraction", 0.2)), seed)
     return relabel(train, mapping, strict=False), relabel(validation, mapping, strict=False)
+
+
+def split_fingerprint(
+    train: Sequence[LabelledImage], validation: Sequence[LabelledImage]
+) -> dict[str, Any]:
+    """What model.json records of a split to know it again: the sha256 over the validation images'
+    labels and file contents, sorted (where the data lie, and in what order, does not count), and the
+    number of images on each side. No file or group name: they may name a patient."""
+    lines = []
+    for item in validation:
+        with named_failure(item.path):
+            lines.append(f"{item.label}\t{sha256_file(item.path)}\n")
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode())
+    return {
+        "validation_sha256": digest.hexdigest(),
+        "validation_images": len(validation),
+        "train_images": len(train),
+    }
 
 
 def parse_relabel(specs: Sequence[str]) -> dict[str, str]:

@@ -144,6 +144,24 @@ def _check_head(model: Any) -> None:
         raise EnsembleError(f"model {model.name!r}: 'predictions' is not a softmax layer")
 
 
+def _unprinted(meta: ArtifactMetadata) -> dict[str, Any]:
+    """The ``split`` entry of a member's model.json without its fingerprint, which one trained before
+    fingerprints were recorded does not have."""
+    return {key: value for key, value in meta.data.get("split", {}).items() if key != "fingerprint"}
+
+
+def _printed_split(folders: Sequence[Path], metas: Sequence[ArtifactMetadata]) -> tuple[Path, dict[str, Any]]:
+    """The split the members share, from the first that recorded its fingerprint (and that member's
+    folder), to check the data against; an EnsembleError if members recorded different fingerprints."""
+    splits = [(folder, dict(meta.data.get("split", {}))) for folder, meta in zip(folders, metas, strict=True)]
+    printed = [(folder, split) for folder, split in splits if "fingerprint" in split]
+    if any(split["fingerprint"] != printed[0][1]["fingerprint"] for _, split in printed):
+        raise EnsembleError(
+            "ensemble members were trained on different data: their split fingerprints differ"
+        )
+    return printed[0] if printed else splits[0]
+
+
 def build_ensemble(
     member_folders: Sequence[Path],
     output: Path,
@@ -158,18 +176,17 @@ def build_ensemble(
     writable_folder(output)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
+    shared = (first.classes, first.preprocess, _unprinted(first))
     for meta in metas[1:]:
         comparable = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
-        if (meta.classes, comparable, meta.data.get("split")) != (
-            first.classes,
-            first.preprocess,
-            first.data.get("split"),
-        ):
+        if (meta.classes, comparable, _unprinted(meta)) != shared:
             raise EnsembleError("ensemble members must share classes, preprocessing and split")
         try:
             normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)
         except ValueError as exc:
             raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
+    printed, split = _printed_split(member_folders, metas)
+    _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
     members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
@@ -177,8 +194,6 @@ def build_ensemble(
     )
     name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
 
-    split = first.data.get("split", {})
-    _, val_items = split_from_record(load_collection(data), split)
     spec = first.preprocess
     lungs = None
     if spec.lung_crop:  # members of one split share the lung model: the first one's ships with the merge
@@ -201,7 +216,7 @@ def build_ensemble(
         gradcam_layer=GRADCAM_LAYER,
         sha256=sha256_file(output / MODEL_FILE),
         created=created.isoformat(),
-        data={**first.data, "command": " ".join(argv) if argv else first.data.get("command")},
+        data={**first.data, "split": split, "command": " ".join(argv) if argv else first.data.get("command")},
         training={
             "ensemble": {
                 "combination": "mean of the members' logits (one softmax)",

@@ -408,7 +408,8 @@ def fit_novelty(
     metadata = read_metadata(folder)
     writable_folder(folder)  # it writes there after the fit
     classifier = Classifier.load(folder)
-    train, validation = split_from_record(load_collection(data), metadata.data.get("split", {}))
+    split = metadata.data.get("split", {})
+    train, validation = split_from_record(load_collection(data), split, model=f"model {folder}")
     classes = metadata.classes
     spec, lungs = classifier.spec, classifier.lungs
 

@@ -43,11 +43,12 @@ from classifier.dataset import (
     DatasetError,
     LabelledImage,
     class_names,
+    draw_split,
     fold_relabel,
     load_collection,
     load_grays,
     relabel,
-    split_from_record,
+    split_fingerprint,
     summary,
 )
 from classifier.errors import OptionError
@@ -284,7 +285,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         split.update(fold=config.fold, folds=config.folds)
     if mapping:
         split["relabel"] = mapping
-    train_items, val_items = split_from_record(items, split)
+    train_items, val_items = draw_split(items, split)
+    split["fingerprint"] = split_fingerprint(train_items, val_items)  # checked where the split is drawn anew
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:
         spec = replace(spec, lung_crop=True)

@@ -25,6 +25,7 @@ from classifier.dataset import (
     DatasetError,
     LabelledImage,
     class_names,
+    draw_split,
     load_collection,
     load_grays,
     parse_relabel,
@@ -161,6 +162,62 @@ def test_a_folder_s_manifest_takes_the_place_of_its_class_folders_and_says_so(
             cli.main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "a folder holding a manifest.csv is read by that manifest alone, not by its sub" in text
+
+
+def test_a_split_drawn_anew_on_other_data_is_refused(
+    artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """evaluate --split, the novelty fit and ensemble draw the model's split anew from its seed on the data
+    given: on a subset, or with an image changed, images it was trained on were scored as validation."""
+    split = read_metadata(artifact).data["split"]
+    fingerprint = split["fingerprint"]  # counts and a hash: no file or group name
+    assert sorted(fingerprint) == ["train_images", "validation_images", "validation_sha256"]
+    assert fingerprint["train_images"] + fingerprint["validation_images"] == 24
+    moved = tmp_path / "moved"  # the same data elsewhere: the same split
+    shutil.copytree(collection, moved)
+    assert cli.main(["evaluate", str(artifact), str(moved), "--split", "validation"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == fingerprint["validation_images"]
+
+    rows = list(csv.DictReader((collection / "manifest.csv").open(newline="")))
+    kept = [f"{collection / row['file']},{row['label']},{row['group']}\n" for row in rows
+            if row["group"] != "dark-patient0"]  # fmt: skip
+    subset = tmp_path / "subset.csv"
+    subset.write_text("file,label,group\n" + "".join(kept))
+    smaller = [len(side) for side in draw_split(load_collection(subset), split)]
+    _, validation = split_from_record(load_collection(collection), split)
+    changed = tmp_path / "changed"
+    shutil.copytree(collection, changed)
+    picture = changed / validation[0].path.relative_to(collection)
+    pixels = np.asarray(Image.open(picture)).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(picture)
+    model = tmp_path / "model"  # the novelty fit writes into its model
+    shutil.copytree(artifact, model)
+    for data, found in (
+        (subset, f"these data give {smaller[0]} training and {smaller[1]} validation images;"),
+        (changed, "validation images (as many, but other images or labels);"),
+    ):
+        for argv, named in (
+            (["evaluate", str(artifact), str(data), "--split", "validation"], artifact),
+            (["evaluate", str(artifact), str(data), "--split", "train"], artifact),
+            (["novelty", str(model), str(data), "--rank", "2"], model),
+            (["ensemble", str(tmp_path / "out"), str(artifact), str(model), "--data", str(data)], artifact),
+        ):
+            assert cli.main(argv) == 2, argv
+            error = capsys.readouterr().err
+            assert error.startswith(f"error: the data differ from those model {named} was trained on: ")
+            assert found in error, error
+
+    old = tmp_path / "old"  # trained before fingerprints were recorded, as the shipped model: a warning
+    shutil.copytree(artifact, old)
+    metadata = json.loads((old / "model.json").read_text())
+    del metadata["data"]["split"]["fingerprint"]
+    (old / "model.json").write_text(json.dumps(metadata))
+    caplog.set_level(logging.WARNING, logger="classifier.dataset")
+    assert cli.main(["evaluate", str(old), str(changed), "--split", "validation"]) == 0
+    capsys.readouterr()
+    assert f"model {old} records no fingerprint of its split" in caplog.text
 
 
 def test_group_folds_partition_the_collection(collection: Path) -> None:
@@ -683,15 +740,19 @@ def test_a_truncated_picture_is_named_in_one_error_line(
     fake.write_text("not DICOM")
     with pytest.raises(DatasetError, match=r"^scan\.dcm cannot be read: not a readable DICOM file \("):
         load_grays([LabelledImage(fake, "dark", "c")], PreprocessSpec(input_size=(32, 32)))
-    # So does the novelty fit, on a copy of the training data with one picture cut short.
+    # So does the novelty fit, on a copy of the training data with one training picture cut short (a
+    # validation picture changed makes other data, which the split's fingerprint refuses first).
     copied, model = tmp_path / "copied", tmp_path / "model"
     shutil.copytree(collection, copied)
     shutil.copytree(artifact, model)
-    whole = (copied / "bright" / "3.png").read_bytes()
-    (copied / "bright" / "3.png").write_bytes(whole[: len(whole) // 2])
+    trained, _ = split_from_record(load_collection(collection), read_metadata(artifact).data["split"])
+    picture = copied / trained[-1].path.relative_to(collection)
+    whole = picture.read_bytes()
+    picture.write_bytes(whole[: len(whole) // 2])
     assert cli.main(["novelty", str(model), str(copied), "--rank", "2"]) == 2
     error = capsys.readouterr().err
-    assert "error: 3.png cannot be read: not a readable image (" in error and error.count("3.png") == 1
+    assert f"error: {picture.name} cannot be read: not a readable image (" in error
+    assert error.count(picture.name) == 1
 
 
 def test_cli_errors_are_one_line_and_exit_2(
