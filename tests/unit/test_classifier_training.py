@@ -755,6 +755,7 @@ def test_a_truncated_picture_is_named_in_one_error_line(
     assert error.count(picture.name) == 1
 
 
+@pytest.mark.usefixtures("restore_logging")  # the node CLI sets up logging for its process
 def test_cli_errors_are_one_line_and_exit_2(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -777,6 +778,7 @@ def test_cli_errors_are_one_line_and_exit_2(
             assert exited.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("restore_logging")  # the node CLI sets up logging for its process
 def test_an_output_that_cannot_be_written_is_refused_before_the_data_are_read(
     artifact: Path, collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -971,6 +973,7 @@ def test_the_seed_003_stages_stop_early_on_a_flat_validation_loss(
     assert "stage 1" in progress and "stage 2" in progress
 
 
+@pytest.mark.usefixtures("restore_logging")  # the node CLI sets up logging for its process
 def test_node_cli_train_logs_one_line_an_epoch(
     collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
