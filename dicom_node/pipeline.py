@@ -81,6 +81,8 @@ SC_SERIES_NUMBER = 9003
 RETRY_DELAY_SECONDS = 30.0  # the first wait after a retriable failure; it doubles with each attempt
 MAX_RETRY_DELAY_SECONDS = 600.0
 MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
+# After this long with nothing queued, the worker looks for open jobs no one works on (_resubmit_forgotten)
+IDLE_SWEEP_SECONDS = 60.0
 def retry_delay(attempts: int) -> float:
     """Seconds before a study whose processing failed for want of a resource (disk, database) is tried
     again: less often the longer the shortage lasts."""
@@ -262,6 +264,8 @@ class Pipeline:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()
         self._busy = 0
+        self._running: set[int] = set()  # the studies of the cycle under way
+        self._waiting: set[int] = set()  # studies with a retry timer armed (_retry_later)
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -354,7 +358,11 @@ class Pipeline:
             self._warm_up(classifier)
             self._warm.set()
         while not self._stopping.is_set():
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_SWEEP_SECONDS)
+            except queue.Empty:
+                self._resubmit_forgotten()
+                continue
             if first is None:
                 break
             batch = [first]
@@ -371,6 +379,7 @@ class Pipeline:
                 for pk in batch:
                     self._pending.discard(pk)
                 self._busy += len(batch)
+                self._running.update(batch)
             try:
                 self.process(batch)
             except (KeyboardInterrupt, SystemExit):
@@ -384,7 +393,44 @@ class Pipeline:
             finally:
                 with self._idle:
                     self._busy -= len(batch)
+                    self._running.difference_update(batch)
                     self._idle.notify_all()
+
+    def _resubmit_forgotten(self) -> int:
+        """Queue the studies whose job is open in the database while this process neither holds, runs nor
+        waits to retry them; returns how many. A database outage could leave such studies: a claim or a
+        failure that could not be written dropped them from the queue, and they waited for a restart
+        while /healthz said "ok" (review: 133 studies after a PostgreSQL restart)."""
+        if not self._warm.is_set():
+            return 0  # no model: they wait for it (the start-up resumes them)
+        try:
+            open_jobs = self.unfinished_studies()
+        except Exception as exc:
+            LOGGER.warning("looking for studies left unprocessed failed (%s); trying again later",
+                           type(exc).__name__)
+            return 0
+        with self._idle:
+            forgotten = [pk for pk in open_jobs
+                         if pk not in self._pending and pk not in self._running and pk not in self._waiting]
+        for study_pk in forgotten:
+            self.submit(study_pk)
+        if forgotten:
+            LOGGER.warning("%d study(ies) had an open job nothing was working on (a database outage); "
+                           "processing them now", len(forgotten))
+        return len(forgotten)
+
+    def _retry_later(self, study_pk: int, delay: float) -> None:
+        """Queue the study again after ``delay`` seconds."""
+        with self._idle:
+            self._waiting.add(study_pk)
+        timer = threading.Timer(delay, self._retry_now, args=(study_pk,))
+        timer.daemon = True
+        timer.start()
+
+    def _retry_now(self, study_pk: int) -> None:
+        with self._idle:
+            self._waiting.discard(study_pk)
+        self.submit(study_pk)
 
     def _warm_up(self, classifier: ImageClassifier) -> None:
         """One throw-away prediction and report before the first study: the first real one would otherwise
@@ -424,7 +470,13 @@ class Pipeline:
     def process(self, study_pks: Sequence[int]) -> None:
         """Run the whole pipeline for these studies; safe to repeat (idempotent)."""
         cycle = _Cycle()
-        claimed = [pk for pk in study_pks if self._claim(pk)]
+        claimed: list[int] = []
+        for pk in study_pks:
+            try:
+                if self._claim(pk):
+                    claimed.append(pk)
+            except Exception as exc:  # the database went away: each study is retried, not dropped
+                self._fail(pk, exc)
         if not claimed:
             return
         try:
@@ -1115,13 +1167,16 @@ class Pipeline:
                     study.state = StudyState.READY if retry else StudyState.FAILED
                     waiting = f"waiting to try again in {delay:.0f} s: {summary}"
                     study.state_reason = waiting if retry else summary
-        except NodeError:
-            LOGGER.error("study %d: could not record the failure; it resumes at the next start", study_pk)
-            return
+        except NodeError as unrecorded:
+            if not waits_for_a_resource(unrecorded):
+                LOGGER.error("study %d: could not record the failure; it resumes at the next start", study_pk)
+                return
+            # the database is away: nothing was written, and the study is tried again all the same
+            LOGGER.error("study %d: could not record the failure (%s); trying again in %.0f s",
+                         study_pk, type(unrecorded).__name__, delay)
+            retry = True
         if retry:
-            timer = threading.Timer(delay, self.submit, args=(study_pk,))
-            timer.daemon = True
-            timer.start()
+            self._retry_later(study_pk, delay)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, timedelta
@@ -28,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import pipeline as pipeline_module
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.errors import IdentityConflictError
 from dicom_node.ingest import IngestResult, ingest_bytes
@@ -711,6 +713,53 @@ def test_a_database_error_no_wait_mends_fails_the_study_at_once(
         study = session.get(Study, study_pk)
         assert study is not None and study.state is StudyState.FAILED, (study.state, study.state_reason)
         assert session.scalars(select(Job)).one().state is JobState.FAILED
+
+
+def _analysed(world: dict[str, Any], study_pk: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(world["db"]) as session:
+            if session.get_one(Study, study_pk).state is StudyState.ANALYSED:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_study_met_while_the_database_is_away_is_tried_again_not_dropped(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL restarted under a backlog (review): claiming the study failed, which dropped it from
+    the queue, and a failure that could not be written "resumed at the next start". 133 acknowledged
+    studies waited for a restart while /healthz said "ok"."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    monkeypatch.setattr(pipeline_module, "RETRY_DELAY_SECONDS", 0.5)
+    pipeline = make_pipeline(world)
+    away = make_engine("postgresql+psycopg://cxr@127.0.0.1:1/gone")  # nothing listens: refused at once
+    pipeline.session_factory = make_session_factory(away)
+    pipeline.process([study_pk])  # neither the claim nor its failure can be written
+    pipeline.session_factory = world["db"]  # the database is back
+    pipeline.start()  # nothing unfinished is queued at start: the study's job was never claimed
+    try:
+        assert _analysed(world, study_pk)
+    finally:
+        pipeline.stop()
+        away.dispose()
+    assert len(peer.received) == 2
+
+
+def test_an_open_job_nothing_works_on_is_found_when_the_worker_is_idle(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever else drops a study from the queue while its job stays open, the worker finds it."""
+    monkeypatch.setattr(pipeline_module, "IDLE_SWEEP_SECONDS", 0.5)
+    pipeline = make_pipeline(world)
+    pipeline.start()
+    try:
+        study_pk = receive(world, "RG1_UNCI.dcm")  # READY with a pending job, and nobody told the worker
+        assert _analysed(world, study_pk)
+    finally:
+        pipeline.stop()
+    assert len(peer.received) == 2
 
 
 def test_a_study_still_waiting_for_a_resource_after_a_day_fails_for_an_alert(
