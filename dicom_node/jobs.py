@@ -51,9 +51,36 @@ SWEEP_SECONDS = 30.0
 _SETTLERS: dict[str, StudySettler] = {}
 
 
+class NodeScheduler(BackgroundScheduler):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """APScheduler's background scheduler, whose thread outlives a database outage.
+
+    APScheduler 3 guards only the job store's ``get_due_jobs``: an error in ``update_job``,
+    ``remove_job`` or ``get_next_run_time`` (the database restarted while a round ran) ended its thread
+    for good, and no settle timer, delivery or purge ran until the node was restarted (review: in 2 of 5
+    PostgreSQL restarts). A failed round is tried again after ``jobstore_retry_interval`` seconds; a job
+    it had started may run once more then, which every job of the node allows (they check the database
+    for what is left to do)."""
+
+    _store_failing = False
+
+    def _process_jobs(self) -> float | None:
+        try:
+            wait: float | None = super()._process_jobs()
+        except Exception as exc:
+            if not self._store_failing:
+                LOGGER.error("scheduler: the job store failed (%s); trying again every %g s",
+                             type(exc).__name__, self.jobstore_retry_interval)
+                self._store_failing = True
+            return float(self.jobstore_retry_interval)
+        if self._store_failing:
+            LOGGER.info("scheduler: the job store answers again")
+            self._store_failing = False
+        return wait
+
+
 def build_scheduler(engine: Engine, *, max_workers: int = 4) -> BackgroundScheduler:
     """A background scheduler whose default job store is a table in the node's database."""
-    return BackgroundScheduler(
+    return NodeScheduler(
         jobstores={
             PERSISTENT_STORE: SQLAlchemyJobStore(engine=engine, tablename=JOB_TABLE),
             MEMORY_STORE: MemoryJobStore(),

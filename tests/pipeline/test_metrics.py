@@ -6,16 +6,20 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.jobs import scheduler_alive
+from dicom_node.jobs import NodeScheduler, scheduler_alive
 from dicom_node.logconfig import configure_logging
 from dicom_node.metrics import MetricsServer, NodeMetrics
 from dicom_node.settings import LoggingSettings
@@ -126,6 +130,34 @@ def test_a_scheduler_whose_thread_died_is_not_alive() -> None:
         scheduler._thread = real
         scheduler.shutdown(wait=True)
     assert not scheduler_alive(scheduler)
+
+
+class _StoreThatFailsOnce(MemoryJobStore):
+    """A job store whose database goes away once, as a round updates a job."""
+
+    failures = 1
+
+    def update_job(self, job: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OperationalError("UPDATE apscheduler_jobs", {}, Exception("terminating connection"))
+        super().update_job(job)
+
+
+def test_the_scheduler_outlives_a_job_store_that_fails_in_a_round() -> None:
+    """A PostgreSQL restart while a round updated a job ended APScheduler's thread: no timer, delivery or
+    purge ran until the node was restarted, and /healthz stayed 503 (review)."""
+    scheduler = NodeScheduler(jobstores={"default": _StoreThatFailsOnce()}, jobstore_retry_interval=0.2)
+    runs: list[float] = []
+    scheduler.add_job(lambda: runs.append(time.monotonic()), "interval", seconds=0.1)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(runs) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler_alive(scheduler) and len(runs) >= 4
+    finally:
+        scheduler.shutdown(wait=True)
 
 
 @pytest.fixture
