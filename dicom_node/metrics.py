@@ -9,13 +9,16 @@ metrics and ``cxr_node_database_up 0`` in place of the counts. Served by a small
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -173,6 +176,26 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, value=float(value))
 
 
+class _StorageCollector(Collector):
+    """Free bytes of the node's directories (``storage_free_bytes{directory=...}``) and the received
+    images' reserve (``storage_reserve_bytes``): below it, every C-STORE is refused with 0xA700."""
+
+    def __init__(self, directories: dict[str, Path], reserve_bytes: int) -> None:
+        self.directories = directories
+        self.reserve_bytes = reserve_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(f"{NAMESPACE}_storage_free_bytes", "Free bytes on the file system of a "
+                                 "node directory", labels=["directory"])
+        for name, path in self.directories.items():
+            with contextlib.suppress(OSError):  # not there yet: no sample rather than a failed scrape
+                free.add_metric([name], float(shutil.disk_usage(path).free))
+        yield free
+        yield GaugeMetricFamily(f"{NAMESPACE}_storage_reserve_bytes",
+                                "Free bytes below which received images are refused (storage.min_free_bytes)",
+                                value=float(self.reserve_bytes))
+
+
 @dataclass
 class HealthReport:
     """``ok`` is False when a critical check fails (HTTP 503); ``degraded`` when only others do (200)."""
@@ -230,6 +253,14 @@ class NodeMetrics:
         self._checks[name] = check
         if not critical:
             self._informational.add(name)
+
+    def watch_storage(self, directories: dict[str, Path], reserve_bytes: int) -> None:
+        """Report the free space of ``directories`` and check the received images' one (the first)
+        against ``reserve_bytes``: below it the node refuses every image, and /healthz says "degraded"
+        with ``"storage": false`` instead of "ok" (review). Not critical: a restart frees no space."""
+        self.registry.register(_StorageCollector(directories, reserve_bytes))
+        received = next(iter(directories.values()))
+        self.add_check("storage", lambda: shutil.disk_usage(received).free >= reserve_bytes, critical=False)
 
     def health(self) -> HealthReport:
         checks: dict[str, bool] = {}

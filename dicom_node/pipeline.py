@@ -1416,6 +1416,8 @@ def attach(
     metrics.add_check("node_lock", node.holds_lock)  # still the only node on its database
     metrics.add_check("pipeline", lambda: pipeline.alive)
     metrics.add_check("model", lambda: pipeline.model_ready, critical=False)
+    metrics.watch_storage({"instances": settings.storage_dir, "results": pipeline.config.results_dir},
+                          settings.storage.min_free_bytes)
     server = None
     if settings.metrics.enabled:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -130,6 +131,24 @@ def test_a_scheduler_whose_thread_died_is_not_alive() -> None:
         scheduler._thread = real
         scheduler.shutdown(wait=True)
     assert not scheduler_alive(scheduler)
+
+
+def test_a_disk_below_the_reserve_is_in_health_and_metrics(db: sessionmaker[Session], tmp_path: Path) -> None:
+    """Every C-STORE was refused 0xA700 for the reserve while /healthz said "ok" and /metrics had no
+    free-space series (review)."""
+    (tmp_path / "instances").mkdir()
+    (tmp_path / "results").mkdir()
+    free = shutil.disk_usage(tmp_path).free
+    for reserve, status in ((0, "ok"), (free * 2, "degraded")):
+        metrics = NodeMetrics(db)
+        metrics.watch_storage({"instances": tmp_path / "instances", "results": tmp_path / "results"}, reserve)
+        report = metrics.health()
+        assert report.ok and report.status == status and report.checks["storage"] is (reserve == 0)
+        samples = {(sample.name, sample.labels.get("directory")): sample.value
+                   for family in metrics.registry.collect() for sample in family.samples}
+        assert samples[("cxr_node_storage_reserve_bytes", None)] == reserve
+        assert samples[("cxr_node_storage_free_bytes", "instances")] > 0
+        assert ("cxr_node_storage_free_bytes", "results") in samples
 
 
 class _StoreThatFailsOnce(MemoryJobStore):
