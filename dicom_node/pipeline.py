@@ -83,6 +83,8 @@ MAX_RETRY_DELAY_SECONDS = 600.0
 MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
 # After this long with nothing queued, the worker looks for open jobs no one works on (_resubmit_forgotten)
 IDLE_SWEEP_SECONDS = 60.0
+
+
 def retry_delay(attempts: int) -> float:
     """Seconds before a study whose processing failed for want of a resource (disk, database) is tried
     again: less often the longer the shortage lasts."""
