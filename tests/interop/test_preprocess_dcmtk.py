@@ -25,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from classifier.preprocess import display_image
+from classifier.preprocess import display_image, first_frame_header
 from tests import peers
 
 pytestmark = pytest.mark.interop
@@ -36,6 +36,11 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 
 def _voi_options(ds: pydicom.Dataset) -> list[str]:
     """DCMTK's counterpart of the VOI step :func:`classifier.preprocess._voi` takes for ``ds``."""
+    header = first_frame_header(ds)
+    if header is not ds and "WindowCenter" in header:
+        # dcm2pnm applies the rescale of an enhanced object's functional groups, not their window: it
+        # is given that window (since 2026-12-05 the node applies it, as PS3.3 C.7.6.16.2.10 has it)
+        return ["--set-window", f"{float(header.WindowCenter):g}", f"{float(header.WindowWidth):g}"]
     if "VOILUTSequence" in ds:
         # We scale a table by its largest entry; DCMTK, told to, by the bits its entries use.
         return ["--use-voi-lut", "1", "--ignore-vlut-depth"]
