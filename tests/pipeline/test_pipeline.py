@@ -1269,15 +1269,6 @@ def test_a_heat_map_without_a_preview_leaves_the_sc_out_and_sends_the_sr_and_pdf
 # Non-image objects and the node's own results sent back (a study-level send from the PACS) -----------------
 
 
-def settle(world: dict[str, Any], study_pk: int) -> None:
-    """What the settle timer does once the study is quiet."""
-    with session_scope(world["db"]) as session:
-        study = session.get(Study, study_pk)
-        assert study is not None and study.state is StudyState.RECEIVED
-        assert open_study_ready_job(session, study_pk)
-        study.state = StudyState.READY
-
-
 def send_non_image(
     world: dict[str, Any], study_pk: int | None, sop_class: str, *, modality: str = "SR"
 ) -> Any:
@@ -1398,7 +1389,7 @@ def test_a_cr_with_a_dose_sr_is_analysed_and_a_study_of_only_a_dose_sr_is_skippe
     study_pk = receive(world, "RG1_UNCI.dcm", settle=False)
     image_uids = instance_uids(world, study_pk)
     send_non_image(world, study_pk, DOSE_SR)
-    settle(world, study_pk)
+    settled(world, study_pk)
     make_pipeline(world, send_skipped=True).process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get(Study, study_pk)
@@ -1409,7 +1400,7 @@ def test_a_cr_with_a_dose_sr_is_analysed_and_a_study_of_only_a_dose_sr_is_skippe
 
     # a dose SR on its own (sent before the images, or without them): SKIPPED, and no "not analysed" notice
     other_pk = send_non_image(world, None, DOSE_SR).study_pk
-    settle(world, other_pk)
+    settled(world, other_pk)
     make_pipeline(world, send_skipped=True).process([other_pk])
     with session_scope(world["db"]) as session:
         study = session.get(Study, other_pk)
@@ -1466,7 +1457,7 @@ def test_the_not_analysed_notice_gives_the_images_reason_not_a_dose_srs(
     "body part EXTREMITY is not CHEST; not an image (X-Ray Radiation Dose SR Storage)…" (review)."""
     study_pk = receive(world, "RG3_UNCI.dcm", settle=False)
     send_non_image(world, study_pk, DOSE_SR)
-    settle(world, study_pk)
+    settled(world, study_pk)
     make_pipeline(world, send_skipped=True).process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get(Study, study_pk)
