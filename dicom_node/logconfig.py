@@ -67,7 +67,12 @@ _SAID_BY_THE_NODE = {
     ),
     "pynetdicom.association": ("No presentation context for ",),
     # the acceptor side reads PDUs in dicom_node.reactor, which logs there: these are the node's requests
-    "pynetdicom.dul": ("Connection closed before the entire PDU was received",),
+    # (a web port's HTTP answer is an "unknown PDU type"; a TLS port closes a plain connection)
+    "pynetdicom.dul": (
+        "Connection closed before the entire PDU was received",
+        "Unknown PDU type received",
+        "The received PDU is shorter than expected",
+    ),
 }
 #: pynetdicom's loggers that log an outbound association's TLS failure as a traceback (LOGGER.exception)
 _TLS_TRACEBACKS = ("pynetdicom.transport", "pynetdicom.dul")
@@ -76,10 +81,13 @@ _TLS_TRACEBACKS = ("pynetdicom.transport", "pynetdicom.dul")
 def _said_by_the_node(record: logging.LogRecord) -> bool:
     """One of :data:`_SAID_BY_THE_NODE`'s lines, or the traceback pynetdicom logs when an outbound
     association fails in TLS (``LOGGER.exception(exc)``: the handshake, or the peer's refusal of the node's
-    certificate right after it), whose reason the node gives (dicom_node.scu)."""
+    certificate right after it) or its connection fails while a PDU is read, whose reason the node gives
+    (dicom_node.scu). An exception in the DUL's own loop stays an ERROR."""
     said = _SAID_BY_THE_NODE.get(record.name, ())
     if record.name in _TLS_TRACEBACKS and isinstance(record.msg, ssl.SSLError):
         return True
+    if record.name == "pynetdicom.dul" and isinstance(record.msg, OSError):
+        return True  # the traceback after "Connection closed before the entire PDU was received"
     return bool(said) and str(record.msg).startswith(said)
 
 

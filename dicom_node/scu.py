@@ -118,6 +118,40 @@ def _connect_error(host: str, port: int, timeout: float, tls: ssl.SSLContext | N
         return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _came_to_nothing(events: Sequence[str], host: str, port: int, timeout: float,
+                     tls: ssl.SSLContext | None) -> str:
+    """Why an association request that got a connection had no answer, from the events of the upper
+    layer state machine (PS3.8 Table 9-10) the request went through. A port typed wrong is the usual
+    cause: the destination's web port answers HTTP, a TLS port closes a plain connection unanswered."""
+    if "Evt19" in events:  # the answer is no PDU
+        return _not_dicom(host, port, timeout)
+    if "Evt16" in events:
+        return "the destination aborted the association request (A-ABORT)"
+    if "Evt15" in events:  # the node aborted it: no answer within the ACSE timeout
+        return f"no answer to the association request within {timeout:g} s"
+    if "Evt17" in events:
+        return ("the destination closed the connection without answering"
+                + ("; does the port expect TLS?" if tls is None else ""))
+    return "aborted or timed out"
+
+
+# An A-ASSOCIATE-RQ PDU's header and as many bytes as its length says: enough for a web or other
+# server to answer what it makes of it.
+_PROBE = bytes([0x01, 0x00, 0x00, 0x00, 0x00, 0x44]) + bytes(0x44)
+
+
+def _not_dicom(host: str, port: int, timeout: float) -> str:
+    """What answers at ``port`` instead of DICOM: an HTTP server is named (Orthanc's web port is 8042,
+    its DICOM port 4242), anything else is "not DICOM"."""
+    answer = b""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), min(timeout, 5.0)) as sock:
+        sock.sendall(_PROBE)
+        answer = sock.recv(5)
+    if answer.startswith(b"HTTP/"):
+        return f"the destination answers HTTP, not DICOM: is {port} its web port?"
+    return f"the destination's answer is not DICOM: is {port} its DICOM port?"
+
+
 _TLS_REFUSAL_WAIT = 2.0  # seconds for a TLS 1.3 peer's refusal of the node's certificate
 
 
@@ -198,31 +232,39 @@ def _associate(
     ae.maximum_pdu_size = max_pdu
     tls_args = (tls, host) if tls is not None else None
     opened: list[bool] = []
+    events: list[str] = []  # the state machine's, for the reason of a request that comes to nothing
 
     def on_open(event: Event) -> None:
         opened.append(True)
         _on_connection_open(event)
 
+    def on_transition(event: Event) -> None:
+        events.append(event.fsm_event)
+
     assoc = reactor.associate(
-        ae, host, port, called_aet, contexts, tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        ae, host, port, called_aet, contexts, tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_FSM_TRANSITION, on_transition)],
     )
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise AssociationError(f"association rejected by {called_aet} at {host}:{port} "
-                                   f"({rejection(assoc.acceptor.primitive)})")
-        answer = assoc.acceptor.primitive
-        if answer is not None and answer.result == 0x00:  # accepted, but no context: pynetdicom aborted it
-            raise AssociationError(
-                f"{called_aet} at {host}:{port} accepted none of the proposed presentation contexts "
-                f"({refused_contexts(contexts, assoc.rejected_contexts)})")
-        if not opened:  # pynetdicom logs why only at its own level: ask the network once more
-            reason = _connect_error(host, port, timeout, tls)
-            raise AssociationError(f"cannot connect to {called_aet} at {host}:{port} ({reason})")
-        refusal = None if tls is None else _probe_tls(host, port, timeout, tls)
-        if refusal is not None:
-            raise AssociationError(f"no association with {called_aet} at {host}:{port} (TLS: {refusal})")
-        raise AssociationError(f"no association with {called_aet} at {host}:{port} (aborted or timed out)")
-    return assoc
+    if assoc.is_established:
+        assoc.unbind(evt.EVT_FSM_TRANSITION, on_transition)
+        return assoc
+    if assoc.is_rejected:
+        raise AssociationError(f"association rejected by {called_aet} at {host}:{port} "
+                               f"({rejection(assoc.acceptor.primitive)})")
+    answer = assoc.acceptor.primitive
+    if answer is not None and answer.result == 0x00:  # accepted, but no context: pynetdicom aborted it
+        raise AssociationError(
+            f"{called_aet} at {host}:{port} accepted none of the proposed presentation contexts "
+            f"({refused_contexts(contexts, assoc.rejected_contexts)})")
+    if not opened:  # pynetdicom logs why only at its own level: ask the network once more
+        reason = _connect_error(host, port, timeout, tls)
+        raise AssociationError(f"cannot connect to {called_aet} at {host}:{port} ({reason})")
+    refusal = None if tls is None else _probe_tls(host, port, timeout, tls)
+    if refusal is not None:
+        raise AssociationError(f"no association with {called_aet} at {host}:{port} (TLS: {refusal})")
+    assoc.dul.join(timeout=1.0)  # it records the transition after the action that ended the request
+    reason = _came_to_nothing(events, host, port, timeout, tls)
+    raise AssociationError(f"no association with {called_aet} at {host}:{port} ({reason})")
 
 
 def echo(

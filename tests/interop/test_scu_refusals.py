@@ -16,6 +16,7 @@ from dicom_node.logconfig import QUIET_LOGGERS, configure_logging
 from dicom_node.settings import LoggingSettings
 from tests import peers
 from tests.node_datasets import make_cr
+from tests.orthanc import OrthancServer
 
 pytestmark = pytest.mark.interop
 
@@ -58,6 +59,40 @@ def test_an_object_whose_context_was_refused_says_so(tmp_path: Path) -> None:
         "failure status 0x0122 (not sent: the peer accepted no presentation context for Computed Radiography "
         "Image Storage)"
     )
+
+
+def test_orthancs_web_port_is_named_as_such(tmp_path: Path, node_logging: io.StringIO) -> None:
+    """A destination entered with Orthanc's HTTP port (8042) instead of its DICOM port (4242): the echo
+    test and the delivery said "no association … (aborted or timed out)", and pynetdicom logged an ERROR
+    "Unknown PDU type received '0x48'" (the H of HTTP)."""
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        with pytest.raises(AssociationError) as raised:
+            scu.echo("127.0.0.1", orthanc.http_port, orthanc.ae_title, calling_aet="CXRNODE", timeout=10)
+        assert str(raised.value) == (
+            f"no association with {orthanc.ae_title} at 127.0.0.1:{orthanc.http_port} (the destination "
+            f"answers HTTP, not DICOM: is {orthanc.http_port} its web port?)"
+        )
+        assert scu.echo("127.0.0.1", orthanc.dicom_port, orthanc.ae_title, calling_aet="CXRNODE") == 0
+    finally:
+        orthanc.stop()
+    assert " ERROR " not in node_logging.getvalue(), node_logging.getvalue()
+
+
+def test_a_tls_port_called_without_tls_is_suspected(tmp_path: Path, node_logging: io.StringIO) -> None:
+    """DCMTK's storescp +tls closes a plain connection without a word: it was "aborted or timed out", with
+    pynetdicom's ERROR and the traceback of the reset connection in the log."""
+    cert, key = peers.self_signed_certificate(tmp_path, "pacs")
+    port = peers.free_port()
+    with peers.serving([peers.executable("storescp"), "+tls", str(key), str(cert), "-ic", str(port)], port):
+        with pytest.raises(AssociationError) as raised:
+            scu.echo("127.0.0.1", port, "PACS", calling_aet="CXRNODE", timeout=10)
+    assert str(raised.value) == (
+        f"no association with PACS at 127.0.0.1:{port} (the destination closed the connection without "
+        "answering; does the port expect TLS?)"
+    )
+    assert " ERROR " not in node_logging.getvalue(), node_logging.getvalue()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -325,6 +326,46 @@ def test_a_tls_destination_that_refuses_the_nodes_certificate_says_so(tmp_path: 
                            "the handshake (")
     assert "ALERT" in said
     assert "ERROR" not in log.getvalue() and "Traceback" not in log.getvalue()
+
+
+@contextlib.contextmanager
+def _stand_in(answer: bytes | None) -> Iterator[int]:
+    """A loopback peer that reads an association request and sends ``answer`` (None: says nothing and
+    keeps the connection open). Yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = server.accept()
+            held.append(connection)
+            connection.recv(4096)
+            if answer is not None:
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        thread.join(timeout=5)
+        for connection in held:
+            connection.close()
+
+
+def test_a_request_the_peer_aborts_or_leaves_unanswered_is_told_apart() -> None:
+    """Both were "no association … (aborted or timed out)": an A-ABORT PDU (PS3.8 9.3.8) is named, and
+    silence names the time waited."""
+    a_abort = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)  # service user, no reason
+    with _stand_in(a_abort) as port, pytest.raises(AssociationError) as aborted:
+        scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, timeout=5)
+    assert str(aborted.value) == (f"no association with PACS at 127.0.0.1:{port} (the destination aborted "
+                                  "the association request (A-ABORT))")
+    with _stand_in(None) as port, pytest.raises(AssociationError) as silent:
+        scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, timeout=1.5)
+    assert str(silent.value) == (f"no association with PACS at 127.0.0.1:{port} (no answer to the "
+                                 "association request within 1.5 s)")
 
 
 def test_a_tls_file_that_cannot_be_read_is_named_with_its_setting(tmp_path: Path) -> None:
