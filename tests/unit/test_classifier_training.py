@@ -810,19 +810,39 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_data_are_read(
         assert f"error: cannot write to {afile}" in error and reason in error and "Traceback" not in error
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any folder")
+_WRITE_CHECK = """
+import sys
+from pathlib import Path
+from classifier.artifact import writable_folder
+from classifier.errors import OutputError
+for target in (Path(sys.argv[1]) / "model", Path(sys.argv[1])):
+    try:
+        writable_folder(target)
+        print("written")
+    except OutputError as exc:
+        print(exc)
+"""
+
+
 def test_a_folder_that_may_not_be_written_is_an_output_error(tmp_path: Path) -> None:
-    from classifier.artifact import writable_folder
-    from classifier.errors import OutputError
+    """Checked in a process of its own. Root may write any folder (and CI runs as root): there that
+    process is root without the capabilities that override file permissions (util-linux setpriv)."""
+    import subprocess
+    import sys
 
     tmp_path.chmod(0o555)
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    unprivileged = unprivileged if os.geteuid() == 0 else []
+    root = Path(__file__).parents[2]
     try:
-        with pytest.raises(OutputError, match="cannot write to .*: Permission denied"):
-            writable_folder(tmp_path / "model")
-        with pytest.raises(OutputError, match="cannot write to .*: Permission denied"):
-            writable_folder(tmp_path)
+        result = subprocess.run([*unprivileged, sys.executable, "-c", _WRITE_CHECK, str(tmp_path)],
+                                capture_output=True, text=True, cwd=root, timeout=120, check=False,
+                                env={**os.environ, "PYTHONPATH": str(root)})
     finally:
         tmp_path.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"cannot write to {tmp_path / 'model'}: Permission denied",
+                                          f"cannot write to {tmp_path}: Permission denied"]
 
 
 def test_data_and_options_the_commands_cannot_use_are_one_error_line(
