@@ -126,7 +126,7 @@ def _came_to_nothing(events: Sequence[str], host: str, port: int, timeout: float
     if "Evt19" in events:  # the answer is no PDU
         return _not_dicom(host, port, timeout)
     if "Evt16" in events:
-        return "the destination aborted the association request (A-ABORT)"
+        return "the destination aborted the association request (A-ABORT): does it know the node's AE title?"
     if "Evt15" in events:  # the node aborted it: no answer within the ACSE timeout
         return f"no answer to the association request within {timeout:g} s"
     if "Evt17" in events:

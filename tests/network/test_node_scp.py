@@ -361,7 +361,7 @@ def test_a_request_the_peer_aborts_or_leaves_unanswered_is_told_apart() -> None:
     with _stand_in(a_abort) as port, pytest.raises(AssociationError) as aborted:
         scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, timeout=5)
     assert str(aborted.value) == (f"no association with PACS at 127.0.0.1:{port} (the destination aborted "
-                                  "the association request (A-ABORT))")
+                                  "the association request (A-ABORT): does it know the node's AE title?)")
     with _stand_in(None) as port, pytest.raises(AssociationError) as silent:
         scu.echo("127.0.0.1", port, "PACS", calling_aet=CALLER, timeout=1.5)
     assert str(silent.value) == (f"no association with PACS at 127.0.0.1:{port} (no answer to the "
