@@ -1,17 +1,186 @@
-"""The console used by keyboard alone (WCAG 2.1.1, 2.4.1, 2.4.7), in headless Chromium with the e2e
-fixtures' seeded studies: every Tab stop on the way must show where the focus is."""
+"""WCAG 2.1 A/AA in headless Chromium, with the e2e fixtures' seeded studies: axe-core on every console
+page, anonymous and for both roles; and what axe cannot judge: the console used by keyboard alone (every
+Tab stop must show where the focus is) and pages that update themselves.
+
+axe-core comes bundled in the PyPI package ``axe-playwright-python`` (its ``axe.min.js``, read from the
+installed package: nothing is fetched at run time); the script is evaluated over the DevTools protocol,
+which the console's Content-Security-Policy does not block.
+"""
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import ADMIN, RADIOLOGIST, RunningConsole
+from tests import peers
+from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
 from tests.e2e.test_console import log_in
 from tests.web.test_upload import radiograph_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+#: The axe rules of WCAG 2.0 and 2.1, levels A and AA (axe's tags); best practices are not asked for.
+WCAG_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+
+
+def axe_source() -> str:
+    try:
+        bundle = resources.files("axe_playwright_python").joinpath("axe.min.js")
+    except ModuleNotFoundError:
+        peers.missing("the Python package axe-playwright-python (bundles axe-core) is not installed")
+        raise
+    return bundle.read_text(encoding="utf-8")
+
+
+def axe_violations(page: Any, source: str) -> list[dict[str, Any]]:
+    """The WCAG 2.1 A/AA violations axe-core finds on the page as it is shown now."""
+    page.evaluate(source)
+    results: dict[str, Any] = page.evaluate(
+        "(tags) => axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})",
+        WCAG_TAGS,
+    )
+    violations: list[dict[str, Any]] = results["violations"]
+    return violations
+
+
+def describe(found: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per rule and page, then each offending element with axe's own explanation."""
+    lines = []
+    for name, violations in found.items():
+        for v in violations:
+            criteria = ", ".join(t for t in v["tags"] if t.startswith("wcag"))
+            lines.append(f"{name}: {v['id']} ({v['impact']}, {criteria}) {v['help']}")
+            for node in v["nodes"][:5]:
+                summary = " ".join(node.get("failureSummary", "").split())
+                lines.append(f"    {' '.join(map(str, node['target']))}: {summary[:300]}")
+    return "\n".join(lines)
+
+
+class Audit:
+    """Runs axe on each page a test opens and keeps what it found, so one run reports every page."""
+
+    def __init__(self, page: Any, who: str) -> None:
+        self.page = page
+        self.who = who
+        self.source = axe_source()
+        self.found: dict[str, list[dict[str, Any]]] = {}
+        self.checked: list[str] = []
+
+    def check(self, name: str) -> None:
+        self.page.wait_for_load_state("load")
+        self.checked.append(name)
+        violations = axe_violations(self.page, self.source)
+        if violations:
+            self.found[name] = violations
+
+    def visit(self, url: str, name: str) -> None:
+        self.page.goto(url)
+        self.check(name)
+
+    def assert_clean(self) -> None:
+        if self.found:
+            SCREENSHOTS.parent.mkdir(parents=True, exist_ok=True)
+            report = SCREENSHOTS.parent / f"axe-violations-{self.who}.json"
+            report.write_text(json.dumps(self.found, indent=1))
+            pytest.fail(f"WCAG 2.1 A/AA violations (axe-core) on {len(self.found)} of {len(self.checked)} "
+                        f"pages ({self.who}):\n{describe(self.found)}", pytrace=False)
+
+
+def upload_picture(page: Any, url: str) -> None:
+    page.goto(f"{url}/upload")
+    page.set_input_files(
+        "#file", files=[{"name": "chest.png", "mimeType": "image/png", "buffer": radiograph_png()}]
+    )
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url("**/upload/*")
+
+
+def test_anonymous_pages_pass_axe(page: Any, console: RunningConsole) -> None:
+    audit = Audit(page, "anonymous")
+    audit.visit(f"{console.url}/login", "login")
+    page.fill("#username", "nobody")
+    page.fill("#password", "wrong-password")
+    page.click("button[type=submit]")
+    audit.check("login, wrong password")
+    audit.visit(f"{console.url}/no-such-page", "404 anonymous")
+    audit.assert_clean()
+
+
+def test_radiologist_pages_pass_axe(page: Any, console: RunningConsole) -> None:
+    audit = Audit(page, "radiologist")
+    log_in(page, console.url, *RADIOLOGIST)
+    url = console.url
+    audit.check("dashboard")
+    audit.visit(f"{url}/results", "results")
+    audit.visit(f"{url}/results?patient=P-200", "results, searched")
+    audit.visit(f"{url}/results?patient=NOBODY", "results, nothing found")
+    audit.visit(f"{url}/results/{console.study_ids['pneumonia']}", "study")
+    page.click("label.hm-label")  # the heat map shown too: its overlay and legend
+    audit.check("study with heat map")
+    audit.visit(f"{url}/results/{console.study_ids['skipped']}", "study, skipped")
+    audit.visit(f"{url}/upload", "upload")
+    upload_picture(page, url)
+    audit.check("upload, picture to confirm")
+    page.check("#adult-chest")
+    page.click("#classify")
+    page.wait_for_selector("#finding-label", timeout=120_000)
+    audit.check("upload, classified")
+    page.goto(f"{url}/upload")
+    page.set_input_files("#file", files=[{"name": "x.dcm", "mimeType": "application/dicom", "buffer": b"no"}])
+    page.click("form[action='/upload'] button[type=submit]")
+    audit.check("upload, refused")
+    rg1 = peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    page.goto(f"{url}/upload")
+    page.set_input_files("#file", files=[{"name": "rg1.dcm", "mimeType": "application/dicom", "buffer": rg1}])
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url("**/upload/*")
+    audit.check("upload, DICOM")
+    audit.visit(f"{url}/account/password", "change password")
+    page.fill("#current-password", "not-my-password")
+    page.fill("#new-password", "a-new-long-passphrase")
+    page.fill("#new-password2", "another-long-passphrase")
+    page.click("main button[type=submit]")
+    audit.check("change password, refused")
+    audit.visit(f"{url}/admin/aes", "403 for a radiologist")
+    audit.visit(f"{url}/results/999999", "404 study")
+    audit.assert_clean()
+
+
+def test_admin_pages_pass_axe(page: Any, console: RunningConsole) -> None:
+    audit = Audit(page, "admin")
+    log_in(page, console.url, *ADMIN)
+    url = console.url
+    audit.check("dashboard (admin)")
+    audit.visit(f"{url}/results/{console.study_ids['pneumonia']}", "study (admin, resend)")
+    audit.visit(f"{url}/admin/aes", "AE titles, none")
+    page.fill("#ae_title", "A11YPACS")
+    page.fill("#host", "127.0.0.1")
+    page.fill("#port", "104")
+    page.click("#add button[type=submit]")
+    page.wait_for_url("**/admin/aes?notice=ae-added")
+    audit.check("AE titles, one added")
+    page.fill("#ae_title", "BAD\\TITLE")
+    page.click("#add button[type=submit]")
+    audit.check("AE titles, refused")
+    page.goto(f"{url}/admin/aes")
+    page.click("a.rowlink:has-text('A11YPACS')")
+    page.wait_for_url("**/admin/aes/*")
+    audit.check("AE edit")
+    audit.visit(f"{url}/admin/users", "users")
+    page.click("details summary")
+    audit.check("users, set password open")
+    page.fill("#new-username", "x")
+    page.fill("#new-password", "short-pass-1")
+    page.fill("#new-password2", "short-pass-2")
+    page.click("form[action='/admin/users'] button[type=submit]")
+    audit.check("users, refused")
+    audit.visit(f"{url}/admin/audit", "audit")
+    audit.visit(f"{url}/admin/audit?action=zzz", "audit, nothing found")
+    audit.visit(f"{url}/admin/settings", "settings")
+    audit.assert_clean()
 
 
 FOCUSED = """() => {
@@ -91,3 +260,34 @@ def test_upload_classify_and_save_the_report_by_keyboard_alone(page: Any, consol
     with page.expect_download() as download:
         page.keyboard.press("Enter")
     assert open(download.value.path(), "rb").read().startswith(b"%PDF")
+
+
+def test_the_dashboard_updates_itself_until_switched_off(page: Any, console: RunningConsole) -> None:
+    """The dashboard reloaded every minute by <meta http-equiv=refresh>, with no way to stop it, and each
+    reload threw a keyboard or screen-reader user back to the top (WCAG 2.2.1, 2.2.2). It still updates
+    itself, but not while the keyboard focus is on something, and its switch turns the updates off."""
+    page.clock.install()
+    log_in(page, console.url, *RADIOLOGIST)
+    reloads: list[str] = []
+    page.on("framenavigated", lambda frame: reloads.append(frame.url) if frame == page.main_frame else None)
+    with page.expect_navigation(url="**/?auto=1"):
+        page.clock.run_for(61_000)
+    assert len(reloads) == 1
+
+    tab_to(page, "a.rowlink")  # a keyboard user at work in the list: the update waits
+    page.clock.run_for(5 * 60_000)
+    assert len(reloads) == 1
+    page.evaluate("document.activeElement.blur()")
+    with page.expect_navigation(url="**/?auto=1"):
+        page.clock.run_for(6_000)
+    assert len(reloads) == 2
+
+    assert page.get_by_label("Update every minute").is_checked()
+    tab_to(page, "input[data-reload-url]")
+    page.keyboard.press("Space")
+    page.evaluate("document.activeElement.blur()")
+    page.clock.run_for(10 * 60_000)
+    assert len(reloads) == 2 and not page.get_by_label("Update every minute").is_checked()
+    page.reload()  # the choice holds for this browser tab
+    page.clock.run_for(10 * 60_000)
+    assert len(reloads) == 3 and not page.get_by_label("Update every minute").is_checked()

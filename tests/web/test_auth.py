@@ -258,7 +258,7 @@ def test_a_page_reloading_itself_does_not_keep_the_session_alive(
     each reload as use, so an unattended workstation never logged off."""
     login(client, *ADMIN)
     dashboard = client.get("/").text
-    assert 'content="60; url=/?auto=1"' in dashboard
+    assert 'data-reload-url="/?auto=1"' in dashboard
     soon = datetime.now(UTC) + timedelta(minutes=5)
     with session_scope(factory) as s:
         s.scalars(select(WebSession)).one().expires_at = soon
