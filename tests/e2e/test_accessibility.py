@@ -291,3 +291,61 @@ def test_the_dashboard_updates_itself_until_switched_off(page: Any, console: Run
     page.reload()  # the choice holds for this browser tab
     page.clock.run_for(10 * 60_000)
     assert len(reloads) == 3 and not page.get_by_label("Update every minute").is_checked()
+
+
+HEADER_FITS = """() => {
+  const bar = document.querySelector("header").getBoundingClientRect();
+  return [...document.querySelectorAll("header a, header button")]
+    .filter((e) => { const r = e.getBoundingClientRect();
+      return r.top < bar.top || r.bottom > bar.bottom || r.left < bar.left || r.right > bar.right; })
+    .map((e) => e.innerText.trim());
+}"""
+
+
+def reflows(page: Any, name: str) -> list[str]:
+    """What a page at this width loses: sideways scrolling of the page, header links outside the bar."""
+    problems = []
+    widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    if widths[0] > widths[1]:
+        problems.append(f"{name}: the page scrolls sideways ({widths[0]} px content in {widths[1]} px)")
+    outside = page.evaluate(HEADER_FITS)
+    if outside:
+        problems.append(f"{name}: header links drawn outside the header bar: {outside}")
+    return problems
+
+
+@pytest.mark.parametrize("width", [320, 683, 1024])
+def test_every_page_reflows_without_loss(page: Any, console: RunningConsole, width: int) -> None:
+    """WCAG 1.4.10 Reflow and 1.4.4 Resize text: 320 CSS px is 1280 px at 400 % zoom, 683 a 1366 px screen
+    at 200 %. The admin's menu needs about 1280 px: below that it ran out of its fixed-height header bar
+    (links drawn over the page, white on light grey, or above the window), and the tables made whole pages
+    scroll sideways. At 320 px axe-core checks the pages too (the contrast of what moved)."""
+    page.set_viewport_size({"width": width, "height": 800})
+    audit = Audit(page, f"admin-{width}px")
+    url = console.url
+    problems = []
+    log_in(page, url, *ADMIN)
+    pages = [
+        ("dashboard", "/"),
+        ("results", "/results"),
+        ("study", f"/results/{console.study_ids['pneumonia']}"),
+        ("study, skipped", f"/results/{console.study_ids['skipped']}"),
+        ("upload", "/upload"),
+        ("change password", "/account/password"),
+        ("AE titles", "/admin/aes"),
+        ("users", "/admin/users"),
+        ("audit", "/admin/audit"),
+        ("settings", "/admin/settings"),
+    ]
+    for name, path in pages:
+        page.goto(f"{url}{path}")
+        problems += reflows(page, name)
+        if width == 320:
+            audit.check(name)
+    upload_picture(page, url)
+    problems += reflows(page, "upload, picture to confirm")
+    page.click("header button:has-text('Log out')")
+    page.wait_for_url(f"{url}/login")
+    problems += reflows(page, "login")
+    assert not problems, "\n".join(problems)
+    audit.assert_clean()

@@ -13,6 +13,17 @@ document.addEventListener("DOMContentLoaded", () => {
     else img.addEventListener("error", explain, { once: true });
   }
 
+  // A table wider than its card (a narrow window, 200 % zoom) scrolls inside it; keyboard users can
+  // scroll it only if it takes the focus, which it does only while it is too wide (WCAG 2.1.1, 1.4.10).
+  const scrollable = () => {
+    for (const wrap of document.querySelectorAll(".table-wrap")) {
+      if (wrap.scrollWidth > wrap.clientWidth) wrap.tabIndex = 0;
+      else wrap.removeAttribute("tabindex");
+    }
+  };
+  scrollable();
+  window.addEventListener("resize", scrollable);
+
   // Pages that update themselves (the dashboard, a study being analysed). A <meta http-equiv=refresh>
   // did it before and could not be stopped: each reload threw keyboard and screen-reader users back to
   // the top of the page (WCAG 2.2.1, 2.2.2). The switch beside it turns the reloads off for this tab,
