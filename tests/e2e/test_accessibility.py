@@ -193,7 +193,8 @@ FOCUSED = """() => {
   return {
     selector: e.tagName.toLowerCase() + (e.id ? "#" + e.id : ""),
     text: (e.innerText || e.getAttribute("aria-label") || "").trim(),
-    ring: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) > 0,
+    // (a date field's calendar button has the focus inside the field, and Chromium's own ring)
+    ring: (style.outlineStyle !== "none" && parseFloat(style.outlineWidth) > 0) || !e.matches(":focus"),
     onscreen: box.width > 0 && box.height > 0 && box.bottom > 0 && box.right > 0
       && box.top < innerHeight && box.left < innerWidth,
   };
@@ -232,6 +233,31 @@ def test_tab_from_page_load_reaches_the_skip_link_then_the_search(page: Any, con
     page.keyboard.press("Enter")
     page.wait_for_url("**/results?patient=P-200*")
     assert page.locator("tbody tr").count() == 2
+
+
+def tab_stops(page: Any, until: str, limit: int = 60) -> list[str]:
+    """The text of every Tab stop from the top of the page up to the one with text ``until``."""
+    stops: list[str] = []
+    while len(stops) < limit:
+        stops.append(press_tab(page)["text"])
+        if stops[-1] == until:
+            return stops
+    pytest.fail(f"Tab never reached {until!r}; stops: {stops}")
+
+
+def test_the_pager_ends_are_no_tab_stops(page: Any, console: RunningConsole) -> None:
+    """'‹ Newer' on the first page and 'Older ›' on the last were greyed out for the mouse only: a
+    keyboard user still landed on them, and Enter led to an "Invalid input" page (page=0) or past the end."""
+    log_in(page, console.url, *RADIOLOGIST)
+    page.goto(f"{console.url}/results?per_page=2")
+    assert "‹ Newer" not in tab_stops(page, "Older ›")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/results?per_page=2&page=2")
+    page.goto(f"{console.url}/results?per_page=2&page=3")
+    assert "Older ›" not in tab_stops(page, "‹ Newer")
+    page.keyboard.press("Tab")
+    after = page.evaluate(FOCUSED)
+    assert after is None or after["text"] != "Older ›"  # the last stop, or the footer's
 
 
 def test_upload_classify_and_save_the_report_by_keyboard_alone(page: Any, console: RunningConsole) -> None:
