@@ -53,10 +53,18 @@ def change_own_password(
     return token
 
 
-def _password_page(request: Request, principal: Principal, *, error: str = "", status: int = 200) -> Response:
+def _password_page(
+    request: Request,
+    principal: Principal,
+    *,
+    error: str = "",
+    fields: tuple[str, ...] = (),
+    status: int = 200,
+) -> Response:
+    """``fields``: the form fields that ``error`` is about (marked invalid, described by it)."""
     return render(
         request, "account_password.html", principal, status=status, active="account", error=error,
-        min_length=users.MIN_PASSWORD_LENGTH,
+        error_fields=fields, min_length=users.MIN_PASSWORD_LENGTH,
     )
 
 
@@ -76,17 +84,25 @@ def password_change(
     password_repeat: Annotated[str, Form(max_length=1024)],
 ) -> Response:
     if password != password_repeat:
-        return _password_page(request, principal, error="The two new passwords differ.", status=422)
+        return _password_page(
+            request, principal, error="The two new passwords differ.", fields=("password", "password_repeat"),
+            status=422,
+        )
     try:
         outcome = change_own_password(request, con, db, principal, current_password, password)
     except NodeError as exc:
         db.rollback()
-        return _password_page(request, principal, error=f"Not changed: {exc}.", status=422)
+        return _password_page(
+            request, principal, error=f"Not changed: {exc}.", fields=("password",), status=422
+        )
     if outcome == THROTTLED:
         error = "Too many wrong passwords; wait a few minutes and try again."
         return _password_page(request, principal, error=error, status=429)
     if not isinstance(outcome, str):
-        return _password_page(request, principal, error="The current password is wrong.", status=403)
+        return _password_page(
+            request, principal, error="The current password is wrong.", fields=("current_password",),
+            status=403,
+        )
     response = RedirectResponse("/account/password?notice=password-changed", status_code=303)
     set_cookie(response, con, SESSION_COOKIE, outcome)
     return response

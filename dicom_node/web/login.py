@@ -105,8 +105,16 @@ def set_session_cookies(response: Response, con: Console, token: str, username: 
 
 
 def _login_page(
-    request: Request, con: Console, db: DbDep, *, error: str = "", next_url: str = "/", status: int = 200
+    request: Request,
+    con: Console,
+    db: DbDep,
+    *,
+    error: str = "",
+    fields: tuple[str, ...] = (),
+    next_url: str = "/",
+    status: int = 200,
 ) -> Response:
+    """``fields``: the form fields that ``error`` is about (marked invalid, described by it)."""
     login_csrf = secrets.token_urlsafe(32)
     response = render(
         request,
@@ -115,6 +123,7 @@ def _login_page(
         status=status,
         login_csrf=login_csrf,
         error=error,
+        error_fields=fields,
         next_url=_safe_next(next_url),
         no_admin=not admin_exists(db),
         admin_hint=CREATE_ADMIN_HINT,
@@ -166,7 +175,8 @@ def login(
         )
     if not isinstance(outcome, tuple):
         return _login_page(
-            request, con, db, error="Unknown user or wrong password.", next_url=next, status=401
+            request, con, db, error="Unknown user or wrong password.", fields=("username", "password"),
+            next_url=next, status=401,
         )
     user, token = outcome
     response = RedirectResponse(_safe_next(next), status_code=303)

@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
@@ -375,3 +376,40 @@ def test_every_page_reflows_without_loss(page: Any, console: RunningConsole, wid
     problems += reflows(page, "login")
     assert not problems, "\n".join(problems)
     audit.assert_clean()
+
+
+def test_a_refused_form_tells_its_fields_and_takes_the_focus(page: Any, console: RunningConsole) -> None:
+    """The message of a refused form sat above it, tied to no field: after the page came back a screen
+    reader started at the top and the fields were not marked invalid (WCAG 3.3.1, 4.1.3, 1.3.1). The
+    message now takes the focus, and the fields it is about are invalid and described by it."""
+    page.goto(f"{console.url}/login")
+    page.fill("#username", "nobody")
+    page.fill("#password", "wrong-password")
+    page.keyboard.press("Enter")
+    expect(page.locator("#form-error")).to_be_focused()
+    for field in ("#username", "#password"):
+        expect(page.locator(field)).to_have_attribute("aria-invalid", "true")
+        expect(page.locator(field)).to_have_accessible_description("Unknown user or wrong password.")
+
+    log_in(page, console.url, *RADIOLOGIST)
+    page.goto(f"{console.url}/account/password")
+    page.fill("#current-password", "not-my-password")
+    page.fill("#new-password", "a-new-long-passphrase")
+    page.fill("#new-password2", "a-new-long-passphrase")
+    page.keyboard.press("Enter")
+    expect(page.locator("#form-error")).to_be_focused()
+    expect(page.locator("#current-password")).to_have_accessible_description("The current password is wrong.")
+    expect(page.locator("#new-password")).not_to_have_attribute("aria-invalid", "true")
+    page.fill("#current-password", RADIOLOGIST[1])
+    page.fill("#new-password", "a-new-long-passphrase")
+    page.fill("#new-password2", "another-long-passphrase")
+    page.keyboard.press("Enter")
+    for field in ("#new-password", "#new-password2"):
+        expect(page.locator(field)).to_have_accessible_description("The two new passwords differ.")
+    expect(page.locator("#current-password")).not_to_have_attribute("aria-invalid", "true")
+
+    page.goto(f"{console.url}/upload")
+    page.set_input_files("#file", files=[{"name": "x.dcm", "mimeType": "application/dicom", "buffer": b"no"}])
+    page.click("form[action='/upload'] button[type=submit]")
+    expect(page.locator("#form-error")).to_be_focused()
+    expect(page.locator("#file")).to_have_attribute("aria-invalid", "true")

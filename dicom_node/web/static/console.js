@@ -13,6 +13,9 @@ document.addEventListener("DOMContentLoaded", () => {
     else img.addEventListener("error", explain, { once: true });
   }
 
+  // A refused form: its message takes the focus, so that it is read out and Tab goes on from it.
+  document.getElementById("form-error")?.focus();
+
   // A table wider than its card (a narrow window, 200 % zoom) scrolls inside it; keyboard users can
   // scroll it only if it takes the focus, which it does only while it is too wide (WCAG 2.1.1, 1.4.10).
   const scrollable = () => {
