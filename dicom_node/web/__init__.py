@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -28,7 +29,7 @@ from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import account, admin, api, login, pages
-from dicom_node.web.auth import LoginThrottle, Principal, SessionTokens
+from dicom_node.web.auth import SESSION_COOKIE, LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
 from dicom_node.web.limits import ASGIApp, Message, Receive, RequestBodyGuard, Scope, Send
@@ -182,8 +183,13 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
     async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
         if _is_api(request):
             return JSONResponse({"detail": "not logged in"}, status_code=401)
+        # Back to the same page after logging in, search terms and all; a session that has just ended
+        # (its cookie is still sent) is said so, instead of a login page out of nowhere.
         target = request.url.path if request.method == "GET" else "/"
-        return RedirectResponse(f"/login?next={target}", status_code=303)
+        if request.method == "GET" and request.url.query:
+            target += f"?{request.url.query}"
+        ended = "&notice=session-ended" if request.cookies.get(SESSION_COOKIE) else ""
+        return RedirectResponse(f"/login?next={quote(target, safe='/')}{ended}", status_code=303)
 
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, exc: Forbidden) -> Response:

@@ -34,7 +34,12 @@ NOTICES = {
     "user-disabled": "The user is disabled and logged out.",
     "password-set": "The password was changed; the user's sessions were ended.",
     "password-changed": "Your password was changed; your sessions in other browsers were ended.",
+    "session-ended": "Your session has ended (unused for too long, or logged out elsewhere). Log in again to "
+    "go on where you were.",
 }
+
+#: Notices that are news rather than a success: shown as information, not in green.
+INFO_NOTICES = frozenset({"session-ended"})
 
 # Labels shown as "no finding" (green); any other class except indeterminate is flagged.
 NORMAL_LABELS = frozenset({"normal", "non-covid", "noncovid", "no finding", "no_finding", "negative"})
@@ -148,7 +153,8 @@ def render(
     request: Request, name: str, principal: Principal | None, status: int = 200, **context: Any
 ) -> Response:
     """Render a page; every page gets the user, the CSRF token and a possible notice."""
-    notice = NOTICES.get(request.query_params.get("notice", ""))
+    key = request.query_params.get("notice", "")
+    notice = NOTICES.get(key)
     return console(request).templates.TemplateResponse(
         request,
         name,
@@ -156,6 +162,7 @@ def render(
             "principal": principal,
             "csrf": principal.csrf_token if principal else "",
             "notice": notice,
+            "notice_kind": "info" if key in INFO_NOTICES else "ok",
             **context,
         },
         status_code=status,

@@ -226,6 +226,32 @@ def test_unauthenticated_page_redirects_to_login_and_back(
     assert response.headers["location"] == "/results"
 
 
+def test_an_ended_session_says_so_and_leads_back_to_the_same_search(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """A session that ended sent its user to a bare login page, and after logging in to the page without
+    its search terms (a radiologist's search lost, nothing said why: WCAG 2.2.1, 3.3)."""
+    login(client, *RADIOLOGIST)
+    with session_scope(factory) as s:
+        s.scalars(select(WebSession)).one().expires_at = datetime.now(UTC) - timedelta(seconds=1)
+    response = client.get("/results?patient=SMITH&state=analysed")
+    target = "/login?next=/results%3Fpatient%3DSMITH%26state%3Danalysed&notice=session-ended"
+    assert response.status_code == 303 and response.headers["location"] == target
+    page = client.get(target)
+    assert "Your session has ended" in page.text
+    response = client.post(
+        "/login",
+        data={
+            "username": RADIOLOGIST[0],
+            "password": RADIOLOGIST[1],
+            "csrf_token": form_csrf(page.text),
+            "next": "/results?patient=SMITH&state=analysed",
+        },
+    )
+    assert response.headers["location"] == "/results?patient=SMITH&state=analysed"
+    assert 'name="next" value="/results?patient=SMITH&amp;state=analysed"' in page.text
+
+
 def test_expired_session_is_refused_and_removed(
     client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:
