@@ -413,3 +413,26 @@ def test_a_refused_form_tells_its_fields_and_takes_the_focus(page: Any, console:
     page.click("form[action='/upload'] button[type=submit]")
     expect(page.locator("#form-error")).to_be_focused()
     expect(page.locator("#file")).to_have_attribute("aria-invalid", "true")
+
+
+def test_the_study_page_says_in_words_what_its_pictures_and_tables_show(
+    page: Any, console: RunningConsole
+) -> None:
+    """What axe passes but a screen-reader user missed: the probabilities had no header to say whose
+    they were, the column of Resend buttons had an empty header, the radiograph's text alternative was
+    "Radiograph, image 1" and the heat map's said nothing of what it shows (WCAG 1.1.1, 1.3.1, 1.4.1)."""
+    log_in(page, console.url, *ADMIN)
+    page.goto(f"{console.url}/results/{console.study_ids['pneumonia']}")
+    probabilities = page.locator("table.probs")
+    for finding in ("Pneumonia", "Normal", "COVID-19"):
+        expect(probabilities.get_by_role("rowheader", name=finding)).to_be_visible()
+    deliveries = page.get_by_role("region", name="Results sent to PACS")
+    expect(deliveries.get_by_role("columnheader", name="Actions")).to_have_count(1)
+    expect(page.get_by_role("img", name="Radiograph 1 of 1: CR, PA, CHEST")).to_be_visible()
+    page.click("label.hm-label")
+    heat_map = page.locator("img.overlay")
+    expect(heat_map).to_be_visible()
+    expect(heat_map).to_have_accessible_name(
+        "Heat map over the radiograph: where the image weighed most in the finding Pneumonia "
+        "(red most, then yellow, blue least)"
+    )

@@ -244,7 +244,7 @@ def test_details_show_probabilities_model_and_delivery_history(
     # the console names classes as the PDF and SR do
     assert 'id="finding-label">Pneumonia<' in html
     for cls, pct in (("Pneumonia", "84.0 %"), ("Normal", "11.0 %"), ("COVID-19", "5.0 %")):
-        assert f'<td class="cls">{cls}</td>' in html and pct in html
+        assert f'<th scope="row" class="cls">{cls}</th>' in html and pct in html
     assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
     assert '<td id="novelty">0.42 ' in html  # how close to the model's limit of familiar images
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
