@@ -265,6 +265,9 @@ def test_upload_classify_and_save_the_report_by_keyboard_alone(page: Any, consol
     """The whole upload path with Tab, Space and Enter: file chooser, adult-chest confirmation, Classify,
     the heat-map switch and the PDF report."""
     log_in(page, console.url, *RADIOLOGIST)
+    # Playwright catches file choosers only while a listener is on: one from the start, so that the
+    # catching is surely on before Space (with expect_file_chooser() alone, 1 run in 5 timed out here).
+    page.on("filechooser", lambda _: None)
     page.goto(f"{console.url}/upload")
     tab_to(page, "#file")
     with page.expect_file_chooser() as chooser:
