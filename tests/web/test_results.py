@@ -506,6 +506,9 @@ def test_files_gone_from_the_node_are_not_offered_and_their_404_says_why(
     assert "/image.png" not in html and "The image file is missing on the node" in html
     sr_url = f"/results/{ids.study}/objects/{ids.results[ResultKind.SR]}/object.dcm"
     assert sr_url not in html and "SR: file missing" in html and "(file missing)" in html
+    # what to do is said in the page, not only in hover text that a keyboard or touch user cannot reach
+    assert 'id="result-files-missing"' in html and "restore it from the backup" in html
+    assert html.count('aria-describedby="result-files-missing"') == 2  # the button and the list's entry
     assert f"/objects/{ids.results[ResultKind.PDF]}/report.pdf" in html  # still there: still offered
     for url, reason in (
         (f"/results/{ids.study}/instances/{ids.instance}/image.png", IMAGE_FILE_MISSING),
