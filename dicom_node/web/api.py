@@ -67,10 +67,13 @@ class SessionInfo(BaseModel):
     username: str
     role: UserRole
     csrf_token: str = Field(description="send as X-CSRF-Token on unsafe requests")
+    expires_at: UtcDatetime = Field(description="when the session ends unless a request uses it again")
+    ends_at: UtcDatetime = Field(description="when the session ends whatever the use (a new login then)")
 
     @classmethod
     def of(cls, principal: Principal) -> SessionInfo:
-        return cls(username=principal.username, role=principal.role, csrf_token=principal.csrf_token)
+        return cls(username=principal.username, role=principal.role, csrf_token=principal.csrf_token,
+                   expires_at=principal.expires_at, ends_at=principal.ends_at)
 
 
 def _new_session(con: Console, db: Session, token: str) -> JSONResponse:

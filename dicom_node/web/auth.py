@@ -48,6 +48,10 @@ class Principal:
     role: UserRole
     session_id: int
     csrf_token: str
+    #: when the session ends unless it is used again (``web.session_minutes`` idle), and when it ends
+    #: whatever the use (``web.session_max_hours`` after its login): the console warns before either
+    expires_at: datetime
+    ends_at: datetime
 
     @property
     def is_admin(self) -> bool:
@@ -109,7 +113,9 @@ class SessionTokens:
         if used and extended - aware(row.expires_at) > _REFRESH_AFTER:  # not a write on every click
             row.expires_at = extended
             session.commit()
-        return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token)
+        expires_at = min(aware(row.expires_at), ends)
+        return Principal(row.user.id, row.user.username, row.user.role, row.id, row.csrf_token,
+                         expires_at, ends)
 
     def device_cookie(self, username: str) -> str:
         """A cookie saying this browser logged in as ``username`` (set at each successful login)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -163,6 +163,7 @@ def render(
             "csrf": principal.csrf_token if principal else "",
             "notice": notice,
             "notice_kind": "info" if key in INFO_NOTICES else "ok",
+            "server_now": datetime.now(UTC).isoformat(),  # the session warning's clock (console.js)
             **context,
         },
         status_code=status,

@@ -10,12 +10,18 @@ which the console's Content-Security-Policy does not block.
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
 import pytest
 from playwright.sync_api import expect
+from sqlalchemy import select
 
+from dicom_node.store.db import make_engine, make_session_factory, session_scope
+from dicom_node.store.models import WebSession
+from dicom_node.web.auth import aware
 from tests import peers
 from tests.e2e.conftest import ADMIN, RADIOLOGIST, SCREENSHOTS, RunningConsole
 from tests.e2e.test_console import log_in
@@ -321,6 +327,41 @@ def test_the_dashboard_updates_itself_until_switched_off(page: Any, console: Run
     page.reload()  # the choice holds for this browser tab
     page.clock.run_for(10 * 60_000)
     assert len(reloads) == 3 and not page.get_by_label("Update every minute").is_checked()
+
+
+def test_the_session_warns_before_it_ends_and_goes_on_when_asked(page: Any, console: RunningConsole) -> None:
+    """A session ended without a word after 8 idle hours, or 12 after its login, and took the search or
+    form at hand with it (WCAG 2.2.1). Two minutes before, the page now says so; where idleness ends it,
+    "Stay logged in" (keyboard focus on it) uses the session again; the login's time limit only warns."""
+    log_in(page, console.url, *RADIOLOGIST)
+    factory = make_session_factory(make_engine(console.settings.database_url))
+
+    def latest_session(**values: datetime) -> int:
+        with session_scope(factory) as s:
+            row = s.scalars(select(WebSession).order_by(WebSession.id.desc())).first()
+            assert row is not None
+            for name, value in values.items():
+                setattr(row, name, value)
+            return row.id
+
+    pk = latest_session(expires_at=datetime.now(UTC) + timedelta(seconds=124))
+    page.goto(f"{console.url}/results?auto=1")  # ?auto=1: not a use, the session stays close to its end
+    warning = page.locator("#session-warning")
+    expect(warning).to_be_visible(timeout=15_000)
+    expect(warning).to_have_text(re.compile(r"Your session ends in [12] minutes? without activity\."))
+    expect(warning.get_by_role("button", name="Stay logged in")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(warning).to_be_hidden()
+    with session_scope(factory) as s:
+        row = s.get(WebSession, pk)
+        assert row is not None and aware(row.expires_at) > datetime.now(UTC) + timedelta(hours=7)
+
+    limit = timedelta(hours=console.settings.web.session_max_hours)
+    latest_session(created_at=datetime.now(UTC) - limit + timedelta(seconds=90))
+    page.goto(f"{console.url}/results?auto=1")
+    expect(warning).to_be_visible(timeout=15_000)
+    expect(warning).to_contain_text("reaches its time limit in")
+    expect(warning.get_by_role("button", name="Stay logged in")).to_be_hidden()
 
 
 HEADER_FITS = """() => {

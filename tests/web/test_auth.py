@@ -295,6 +295,29 @@ def test_a_page_reloading_itself_does_not_keep_the_session_alive(
         assert s.scalars(select(WebSession)).one().expires_at.replace(tzinfo=UTC) == soon
 
 
+def test_the_session_says_when_it_ends_and_asking_with_auto_does_not_use_it(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """The console warns two minutes before a session ends (console.js, WCAG 2.2.1): pages carry both
+    ends, and GET /api/session?auto=1 tells them without moving the idle one; a plain GET, the warning's
+    "Stay logged in", moves it."""
+    login(client, *ADMIN)
+    soon = datetime.now(UTC) + timedelta(minutes=3)
+    with session_scope(factory) as s:
+        row = s.scalars(select(WebSession)).one()
+        row.expires_at = soon
+        limit = row.created_at.replace(tzinfo=UTC) + timedelta(hours=12)  # session_max_hours
+    asked = client.get("/api/session?auto=1").json()
+    assert datetime.fromisoformat(asked["expires_at"]) == soon
+    assert datetime.fromisoformat(asked["ends_at"]) == limit
+    page = client.get("/results?auto=1").text
+    assert f'data-expires-at="{soon.isoformat()}"' in page and f'data-ends-at="{limit.isoformat()}"' in page
+    assert 'id="session-warning"' in page and "data-session-extend" in page
+    used = client.get("/api/session").json()
+    assert datetime.fromisoformat(used["expires_at"]) > soon + timedelta(minutes=400)
+    assert 'id="session-warning"' not in client.get("/login").text  # no session, no warning
+
+
 def test_every_session_ends_after_its_maximum_age_however_it_is_used(
     client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:

@@ -56,4 +56,71 @@ document.addEventListener("DOMContentLoaded", () => {
     });
     arm();
   }
+
+  // Two minutes before the session ends, say so, and offer to go on where only idleness ends it. The
+  // page's clock is the server's (the page's render time, then each answer's Date header). Another tab
+  // may have used the session meanwhile: its times are asked first, with ?auto=1, which does not use it.
+  const warning = document.getElementById("session-warning");
+  if (warning) {
+    const WARN_MS = 120000;
+    const text = warning.querySelector("p");
+    const extend = warning.querySelector("[data-session-extend]");
+    let skew = Date.parse(warning.dataset.serverNow) - Date.now();
+    let expires = Date.parse(warning.dataset.expiresAt);
+    let ends = Date.parse(warning.dataset.endsAt);
+    let timer = 0;
+    const serverNow = () => Date.now() + skew;
+    // at most an hour ahead: a longer timer fires at once past 2^31 ms, and a sleeping computer delays it
+    const schedule = (ms) => {
+      clearTimeout(timer);
+      timer = setTimeout(check, Math.min(Math.max(0, ms), 3600000));
+    };
+    const ended = () => {
+      text.textContent = "Your session has ended. Reload the page to log in again.";
+      extend.hidden = true;
+      warning.hidden = false;
+    };
+    const session = async (url) => {
+      const response = await fetch(url, {
+        credentials: "same-origin", headers: { Accept: "application/json" },
+      });
+      if (!response.ok) return false;
+      const info = await response.json();
+      const date = Date.parse(response.headers.get("Date") || "");
+      if (!Number.isNaN(date)) skew = date - Date.now();
+      expires = Date.parse(info.expires_at);
+      ends = Date.parse(info.ends_at);
+      return true;
+    };
+    async function check() {
+      try {
+        if (!(await session("/api/session?auto=1"))) return ended();
+      } catch (error) {
+        return schedule(30000);  // the node did not answer: ask again
+      }
+      const end = Math.min(expires, ends);
+      if (end - serverNow() > WARN_MS) {
+        warning.hidden = true;
+        return schedule(end - serverNow() - WARN_MS);
+      }
+      const limit = ends <= expires;
+      const minutes = Math.max(1, Math.round((end - serverNow()) / 60000));
+      const inWords = minutes === 1 ? "1 minute" : `${minutes} minutes`;
+      text.textContent = limit
+        ? `Your session reaches its time limit in ${inWords}; you will then need to log in again.`
+        : `Your session ends in ${inWords} without activity.`;
+      extend.hidden = limit;
+      if (warning.hidden) {
+        warning.hidden = false;
+        (limit ? warning : extend).focus();
+      }
+      schedule(Math.min(60000, end - serverNow() + 1000));
+    }
+    warning.tabIndex = -1;
+    extend.addEventListener("click", async () => {
+      if (await session("/api/session").catch(() => false)) check();
+      else ended();
+    });
+    schedule(Math.min(expires, ends) - serverNow() - WARN_MS);
+  }
 });
