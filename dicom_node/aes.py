@@ -41,17 +41,20 @@ class AeSpec:
     def validated(self) -> AeSpec:
         title = self.ae_title.strip()
         if not 1 <= len(title) <= 16 or "\\" in title or not (title.isascii() and title.isprintable()):
-            raise InvalidAeError("AE title must be 1-16 printable ASCII characters without backslash")
+            raise InvalidAeError("AE title must be 1-16 printable ASCII characters without backslash",
+                                 field="ae_title")
         host = (self.host or "").strip() or None
         if host is not None and not valid_host(host):
-            raise InvalidAeError("host must be an IP address or a host name (letters, digits, '-', '_', dots)")
+            raise InvalidAeError(
+                "host must be an IP address or a host name (letters, digits, '-', '_', dots)", field="host")
         if self.role is AeRole.DESTINATION:
             if host is None or self.port is None:
-                raise InvalidAeError("a destination needs host and port")
+                raise InvalidAeError("a destination needs host and port",
+                                     field="host" if host is None else "port")
             if not 1 <= self.port <= 65535:
-                raise InvalidAeError("port must be 1-65535")
+                raise InvalidAeError("port must be 1-65535", field="port")
             if self.reply_to:
-                raise InvalidAeError("reply_to applies to callers only")
+                raise InvalidAeError("reply_to applies to callers only", field="reply_to")
         return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None, self.enabled)
 
 
@@ -118,7 +121,8 @@ def _apply(session: Session, ae: RemoteAe, spec: AeSpec) -> None:
 def add(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
     spec = spec.validated()
     if find(session, spec.ae_title, spec.role) is not None:
-        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already")
+        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already",
+                            field="ae_title")
     ae = RemoteAe(ae_title=spec.ae_title, role=spec.role)
     _apply(session, ae, spec)
     session.add(ae)
@@ -132,7 +136,8 @@ def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
     ae = get_by_id(session, ae_id)
     clash = find(session, spec.ae_title, spec.role)
     if clash is not None and clash.id != ae.id:
-        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already")
+        raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already",
+                            field="ae_title")
     before = _describe(ae)
     _apply(session, ae, spec)
     session.flush()

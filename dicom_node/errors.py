@@ -12,10 +12,15 @@ from dicom_node.statuses import Status
 
 
 class NodeError(Exception):
-    """Base of every error the node raises on purpose."""
+    """Base of every error the node raises on purpose. ``field``: the form field or setting that an
+    error about what someone entered concerns (the console marks that field), else None."""
 
     status: Status = Status.PROCESSING_FAILURE
     retriable: bool = False
+
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
 
 
 class ConfigurationError(NodeError):

@@ -79,26 +79,30 @@ def hash_password(password: str, username: str = "") -> str:
     return _HASHER.hash(password)
 
 
+def _bad_password(message: str) -> InvalidUserError:
+    return InvalidUserError(message, field="password")
+
+
 def check_password(password: str, username: str = "") -> None:
     """Length, then what a guesser tries first: a common password, a common word with digits or symbols
     around it, the account's own name, a run of few different characters. No composition rules (NIST
     SP 800-63B): a long phrase is the better password."""
     if len(password.strip()) < MIN_PASSWORD_LENGTH:
-        raise InvalidUserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+        raise _bad_password(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
-        raise InvalidUserError(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
+        raise _bad_password(f"password must have at most {MAX_PASSWORD_LENGTH} characters")
     lowered = password.lower()
     core = lowered.strip(_AROUND)
     if lowered in _COMMON_PASSWORDS or core in _GUESSED_WORDS or _is_digit_run(lowered.strip(_SYMBOLS)):
-        raise InvalidUserError("password is one of the first that guessers try; choose a longer phrase")
+        raise _bad_password("password is one of the first that guessers try; choose a longer phrase")
     name = username.strip().lower()
     # The name with digits or symbols added is guessed early; a phrase or a random string that happens to
     # hold a short name ("tomorrow never comes" for tom, "xq7!zr9#ted" for ed) is not.
     others = sum(1 for c in lowered.replace(name, "") if c.isalpha()) if name else 0
     if name and (core == name or (name in lowered and others < _MIN_OTHER_LETTERS)):
-        raise InvalidUserError("password must not be the username with a few characters added")
+        raise _bad_password("password must not be the username with a few characters added")
     if len(set(lowered)) < _MIN_DISTINCT_CHARACTERS:
-        raise InvalidUserError("password has too few different characters; choose a longer phrase")
+        raise _bad_password("password has too few different characters; choose a longer phrase")
     _check_guessable(password, name)
 
 
@@ -117,7 +121,7 @@ def _check_guessable(password: str, name: str) -> None:
     if int(result["score"]) < _MIN_STRENGTH:
         warning = str(result["feedback"].get("warning") or "").rstrip(".")
         because = f" ({warning.lower()})" if warning else ""
-        raise InvalidUserError(f"password is too easy to guess{because}; choose a longer phrase")
+        raise _bad_password(f"password is too easy to guess{because}; choose a longer phrase")
 
 
 #: A new username: ASCII letters, digits and ". _ - @" (login names as directories issue them). Letters of
@@ -129,7 +133,8 @@ def _check_username(username: str) -> str:
     name = username.strip()
     if not 1 <= len(name) <= USERNAME_MAX or not _USERNAME.fullmatch(name):
         raise InvalidUserError(
-            f"username must be 1-{USERNAME_MAX} characters: letters A-Z, digits and . _ - @ (no spaces)"
+            f"username must be 1-{USERNAME_MAX} characters: letters A-Z, digits and . _ - @ (no spaces)",
+            field="username",
         )
     return name
 
@@ -183,7 +188,8 @@ def create_user(session: Session, username: str, password: str, role: UserRole, 
     name = _check_username(username)
     # in any letter case: the same name exactly is among them
     if session.scalar(select(User.id).where(func.lower(User.username) == name.lower()).limit(1)) is not None:
-        raise ConflictError(f"a user named {name!r} exists already (letter case does not make a new name)")
+        raise ConflictError(f"a user named {name!r} exists already (letter case does not make a new name)",
+                            field="username")
     user = User(username=name, password_hash=hash_password(password, name), role=role, active=True)
     session.add(user)
     session.flush()

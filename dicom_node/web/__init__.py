@@ -203,7 +203,8 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
         if status >= 500:
             LOGGER.warning("console request failed: %s", type(exc).__name__)
         if _is_api(request):
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+            body = {"detail": str(exc)} if exc.field is None else {"detail": str(exc), "field": exc.field}
+            return JSONResponse(body, status_code=status)
         title = "Not found" if isinstance(exc, NotFoundError) else "Could not complete the request"
         return error_page(request, status, title, str(exc))
 

@@ -193,9 +193,11 @@ def _aes_page(
     *,
     form: AeForm | None = None,
     error: str = "",
+    error_field: str | None = None,
     echo: EchoOutcome | None = None,
     status: int = 200,
 ) -> Response:
+    """``error_field``: the form field ``error`` is about (marked invalid and described by it)."""
     all_aes = aes.list_aes(db)
     return render(
         request,
@@ -208,6 +210,7 @@ def _aes_page(
         destinations=[a for a in all_aes if a.role is AeRole.DESTINATION],
         form=form or AeForm(),
         error=error,
+        error_field=error_field,
         echo=echo,
     )
 
@@ -224,7 +227,8 @@ def ae_add(request: Request, db: DbDep, principal: CsrfAdminDep, form: AeFormDep
         db.commit()
     except NodeError as exc:
         db.rollback()
-        return _aes_page(request, db, principal, form=form, error=str(exc), status=422)
+        return _aes_page(request, db, principal, form=form, error=str(exc), error_field=exc.field,
+                         status=422)
     return RedirectResponse("/admin/aes?notice=ae-added", status_code=303)
 
 
@@ -236,9 +240,11 @@ def _ae_edit_page(
     *,
     form: AeForm | None = None,
     error: str = "",
+    error_field: str | None = None,
     echo: EchoOutcome | None = None,
     status: int = 200,
 ) -> Response:
+    """``error_field``: the form field ``error`` is about (marked invalid and described by it)."""
     return render(
         request,
         "admin_ae_edit.html",
@@ -249,6 +255,7 @@ def _ae_edit_page(
         form=form or AeForm.of(ae),
         destinations=aes.list_aes(db, AeRole.DESTINATION),
         error=error,
+        error_field=error_field,
         echo=echo,
     )
 
@@ -269,7 +276,8 @@ def ae_update(
     except NodeError as exc:
         db.rollback()
         return _ae_edit_page(
-            request, db, principal, aes.get_by_id(db, ae.id), form=form, error=str(exc), status=422
+            request, db, principal, aes.get_by_id(db, ae.id), form=form, error=str(exc),
+            error_field=exc.field, status=422,
         )
     return RedirectResponse("/admin/aes?notice=ae-updated", status_code=303)
 
@@ -301,8 +309,16 @@ def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDe
 
 
 def _users_page(
-    request: Request, db: Session, principal: Principal, *, error: str = "", status: int = 200, **form: str
+    request: Request,
+    db: Session,
+    principal: Principal,
+    *,
+    error: str = "",
+    error_field: str | None = None,
+    status: int = 200,
+    **form: str,
 ) -> Response:
+    """``error_field``: the field of the new-user form that ``error`` is about."""
     return render(
         request,
         "admin_users.html",
@@ -312,6 +328,7 @@ def _users_page(
         users=users.list_users(db),
         roles=[r.value for r in UserRole],
         error=error,
+        error_field=error_field,
         form=form,
     )
 
@@ -333,16 +350,17 @@ def user_add(
 ) -> Response:
     try:
         if password != password_repeat:
-            raise users.InvalidUserError("the two passwords differ")
+            raise users.InvalidUserError("the two passwords differ", field="password_repeat")
         try:
             user_role = UserRole(role)
         except ValueError as exc:
-            raise users.InvalidUserError("choose a role") from exc
+            raise users.InvalidUserError("choose a role", field="role") from exc
         users.create_user(db, username, password, user_role, audit.user_actor(principal.username))
         db.commit()
     except NodeError as exc:
         db.rollback()
-        return _users_page(request, db, principal, error=str(exc), status=422, username=username, role=role)
+        return _users_page(request, db, principal, error=str(exc), error_field=exc.field, status=422,
+                           username=username, role=role)
     return RedirectResponse("/admin/users?notice=user-added", status_code=303)
 
 
@@ -377,7 +395,7 @@ def user_set_password(
 ) -> Response:
     try:
         if password != password_repeat:
-            raise users.InvalidUserError("the two passwords differ")
+            raise users.InvalidUserError("the two passwords differ", field="password_repeat")
         users.set_password(db, user_id, password, audit.user_actor(principal.username))
         db.commit()
     except NodeError as exc:

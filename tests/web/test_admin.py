@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC
 from pathlib import Path
 
@@ -122,15 +123,39 @@ def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
     assert response.status_code == 422
     assert "a destination needs host and port" in response.text
     assert 'value="NOPORT"' in response.text  # the form keeps what was typed
+    # the field the message is about is marked and described by it (WCAG 3.3.1), and only that one
+    assert _invalid_fields(response.text) == ["port"]
     response = client.post(
         "/admin/aes",
         data={"csrf_token": csrf, "role": "destination", "ae_title": "X" * 17, "host": "h", "port": "1"},
     )
-    assert "AE title must be 1-16" in response.text
+    assert "AE title must be 1-16" in response.text and _invalid_fields(response.text) == ["ae_title"]
     client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "DUP"})
     dup = client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "DUP"})
     assert dup.status_code == 422 and "exists already" in dup.text
+    assert _invalid_fields(dup.text) == ["ae_title"]
     assert [a[0] for a in _aes(factory)] == ["DUP"]
+    api = client.post("/api/admin/aes", json={"role": "caller", "ae_title": "P", "host": "no such host!"},
+                      headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 422 and api.json()["field"] == "host"
+
+
+def test_a_refused_new_user_marks_the_field_it_is_about(admin_client: tuple[TestClient, str]) -> None:
+    client, csrf = admin_client
+    form = {"csrf_token": csrf, "username": "dr.new", "role": "radiologist"}
+    weak = client.post("/admin/users", data={**form, "password": "password1", "password_repeat": "password1"})
+    assert weak.status_code == 422 and _invalid_fields(weak.text) == ["password"]
+    differ = client.post("/admin/users", data={**form, "password": "a long phrase one",
+                                              "password_repeat": "a long phrase two"})
+    assert _invalid_fields(differ.text) == ["password_repeat"]
+    bad_name = client.post("/admin/users", data={**form, "username": "dr new", "password": "x",
+                                                "password_repeat": "x"})
+    assert _invalid_fields(bad_name.text) == ["username"]
+
+
+def _invalid_fields(html: str) -> list[str]:
+    """The names of the form fields marked invalid and described by the page's form error."""
+    return re.findall(r'name="([a-z_]+)"[^>]*aria-invalid="true" aria-describedby="form-error"', html)
 
 
 def test_api_ae_crud(admin_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
