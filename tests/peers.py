@@ -86,17 +86,46 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Until ``process`` (a peer just started) accepts connections on loopback ``port``."""
+    """Until ``process`` (a peer just started) accepts connections on loopback ``port``.
+
+    The port must be the process's own: a free port is free only within this test run, and a test run
+    alongside (a developer's, on the same machine) may have bound it meanwhile. The peer then fails to
+    bind and exits, but a connection made before it did reached the other run's server, and the test
+    talked to a stranger (a rejection test once saw another configuration's answer)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the peer for port {port} exited early (exit {process.returncode})")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        if _listens(process.pid, port) is not False:
+            return
+        time.sleep(0.05)  # another process's: unless ours binds it yet, it exits, and that is said above
     raise TimeoutError(f"the peer did not listen on port {port} within {timeout} s")
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux /proc); None if unknown."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") in inodes:
+                return True
+    return False
 
 
 def pydicom_data_file(name: str) -> Path:

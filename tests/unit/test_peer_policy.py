@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -42,3 +46,21 @@ def test_ci_turns_a_missing_peer_into_a_failure(
     expected = pytest.fail.Exception if required else pytest.skip.Exception
     with pytest.raises(expected, match="storescu not installed"):
         peers.missing("storescu not installed")
+
+
+def test_a_peer_is_ready_only_on_a_port_of_its_own() -> None:
+    """A free port is free only within this run: a run alongside may hold it. The peer started for it
+    then fails to bind and exits, and connecting to the port reached the other run's server."""
+    with socket.create_server(("127.0.0.1", 0)) as stranger:
+        port = stranger.getsockname()[1]
+        # a process that holds no socket at all, and lives long enough to be asked
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert peers._listens(process.pid, port) is False
+            with pytest.raises(TimeoutError):
+                peers.wait_for_port(port, process, timeout=0.5)
+        finally:
+            process.kill()
+            process.wait()
+    with socket.create_server(("127.0.0.1", 0)) as own:
+        assert peers._listens(os.getpid(), own.getsockname()[1]) is True
