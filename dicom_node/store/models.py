@@ -153,6 +153,11 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    # The dashboard's counts of today's studies by state (migration 0011)
+    __table_args__ = (
+        Index("ix_study_state_analysed_at", "state", "analysed_at"),
+        Index("ix_study_state_last_received_at", "state", "last_received_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -210,8 +215,11 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | upload
-    received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), default=InstanceState.RECEIVED)
+    # indexed for the dashboard's images today and the metrics' counts by state (migration 0011)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    state: Mapped[InstanceState] = mapped_column(
+        _enum(InstanceState), default=InstanceState.RECEIVED, index=True
+    )
     state_reason: Mapped[str] = mapped_column(Text, default="")
     purged_at: Mapped[datetime | None] = mapped_column()  # pixel file removed by retention
 
@@ -330,11 +338,14 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("result_object_pk", "destination_pk"),
         Index("ix_delivery_state_next", "state", "next_attempt_at"),
+        # the outbox's lease and next-retry lookups of one destination (migration 0011)
+        Index("ix_delivery_destination_state_next", "destination_pk", "state", "next_attempt_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     result_object_pk: Mapped[int] = mapped_column(ForeignKey("result_object.id"), index=True)
-    destination_pk: Mapped[int] = mapped_column(ForeignKey("remote_ae.id"), index=True)
+    # indexed first in ix_delivery_destination_state_next
+    destination_pk: Mapped[int] = mapped_column(ForeignKey("remote_ae.id"))
     state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
@@ -357,7 +368,8 @@ class DeliveryAttempt(Base):
     delivery_pk: Mapped[int] = mapped_column(ForeignKey("delivery.id"), index=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status, None if no response
-    outcome: Mapped[str] = mapped_column(String(16))  # delivered | warning | failed | error
+    # delivered | warning | failed | error; indexed for the metrics' count of failures (migration 0011)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str] = mapped_column(Text, default="")
 
     delivery: Mapped[Delivery] = relationship(back_populates="attempt_history")

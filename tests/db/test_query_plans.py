@@ -1,0 +1,190 @@
+"""The console's and the timers' queries read indexes, not whole tables, at a hospital's volume.
+
+Speeds are measured by benchmarks/console_scale.py (100,000 studies); these tests hold the plans that
+make them: SQLite's EXPLAIN QUERY PLAN of every statement a page or a timer runs, on a database as the
+node keeps it (migrated, never ANALYZEd: without statistics SQLite plans the same for 10 rows as for
+10 million), and the indexes the migration creates on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from sqlalchemy import Engine, event, inspect
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import aes
+from dicom_node.metrics import NodeMetrics
+from dicom_node.outbox import Outbox
+from dicom_node.pipeline import Pipeline
+from dicom_node.settings import Settings
+from dicom_node.store import db
+from dicom_node.store.models import AeRole
+from dicom_node.web import results
+
+pytestmark = pytest.mark.db
+
+SCALE_INDEXES = {
+    ("instance", "ix_instance_received_at"): ["received_at"],
+    ("instance", "ix_instance_state"): ["state"],
+    ("study", "ix_study_state_analysed_at"): ["state", "analysed_at"],
+    ("study", "ix_study_state_last_received_at"): ["state", "last_received_at"],
+    ("delivery_attempt", "ix_delivery_attempt_outcome"): ["outcome"],
+    ("delivery", "ix_delivery_destination_state_next"): ["destination_pk", "state", "next_attempt_at"],
+}
+
+
+def test_the_upgrade_creates_the_indexes_the_console_and_timers_read(engine: Engine) -> None:
+    inspector = inspect(engine)
+    found = {
+        (table, index["name"]): list(index["column_names"])
+        for table in {t for t, _ in SCALE_INDEXES}
+        for index in inspector.get_indexes(table)
+    }
+    assert {key: found.get(key) for key in SCALE_INDEXES} == SCALE_INDEXES
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans on SQLite
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(sqlite_engine: Engine) -> sessionmaker[Session]:
+    return db.make_session_factory(sqlite_engine)
+
+
+@contextmanager
+def plans(engine: Engine) -> Iterator[list[list[str]]]:
+    """The EXPLAIN QUERY PLAN lines of every SELECT run inside the block, one list per statement."""
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and not many:
+            statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    found: list[list[str]] = []
+    try:
+        yield found
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    with engine.connect() as conn:
+        for statement, parameters in statements:
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+            found.append([str(row[-1]) for row in rows])
+
+
+BIG_TABLES = ("study", "patient", "series", "instance", "finding", "result_object", "delivery",
+              "delivery_attempt", "job", "audit_event")
+
+
+def whole_table_reads(found: list[list[str]]) -> list[str]:
+    """Plan lines that read a large table row by row, or look up a correlated subquery for every row."""
+    bad = []
+    for lines in found:
+        for line in lines:
+            scanned = line.split()[1] if line.startswith("SCAN ") else ""
+            if scanned in BIG_TABLES and "COVERING INDEX" not in line:
+                bad.append(line)
+        if any(line.startswith("CORRELATED") for line in lines):
+            bad.append(" / ".join(lines))
+    return bad
+
+
+def test_the_dashboard_counts_today_from_indexes(
+    sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """Every dashboard load read the whole instance table and every analysed study (90 ms at 100,000)."""
+    with plans(sqlite_engine) as found, factory() as session:
+        results.dashboard(session)
+    assert found and whole_table_reads(found) == []
+    assert not [line for lines in found for line in lines if line.startswith("SCAN ")]
+
+
+SEARCHES: dict[str, results.ResultQuery] = {
+    "first page": results.ResultQuery(),
+    "late page": results.ResultQuery(page=3990),
+    "finding": results.ResultQuery(finding="covid"),
+    "finding, late page": results.ResultQuery(finding="covid", page=20),
+    "date range": results.ResultQuery(date_from=date(2026, 11, 1), date_to=date(2026, 11, 30)),
+}
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+def test_a_results_search_reads_no_whole_table(
+    name: str, sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """A finding search looked up every study's findings one by one (SQLite stopped it after 20 s at
+    100,000 studies); a late page built every row it skipped, each with its patient (230 ms)."""
+    with plans(sqlite_engine) as found, factory() as session:
+        results.search(session, SEARCHES[name])
+    assert found and whole_table_reads(found) == []
+    patient_reads = [line for lines in found for line in lines if " patient" in line]
+    assert all("PRIMARY KEY" in line for line in patient_reads), patient_reads
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+
+    def add_job(self, *args: Any, **kwargs: Any) -> None:
+        self.jobs.append(kwargs)
+
+
+class _Holder:
+    """What Pipeline.unfinished_studies reads of its pipeline."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.session_factory = factory
+
+
+TIMERS: dict[str, Callable[[Outbox, sessionmaker[Session]], object]] = {
+    "outbox sweep": lambda outbox, _: outbox._destinations_with_work(due_only=True),
+    "outbox lease": lambda outbox, _: outbox._lease(1),
+    "outbox next retry": lambda outbox, _: outbox._schedule_next(1),
+    "pipeline idle sweep":
+        lambda _, factory: Pipeline.unfinished_studies(_Holder(factory)),  # type: ignore[arg-type]
+    "metrics": lambda _, factory: generate_latest(NodeMetrics(factory).registry),
+}
+
+
+#: The index each lookup of a few rows among many must search by (not a wider one that finds them all)
+TIMER_INDEXES = {
+    "outbox sweep": "ix_delivery_state_next",
+    "outbox lease": "ix_delivery_destination_state_next",
+    "outbox next retry": "ix_delivery_destination_state_next",
+    "pipeline idle sweep": "ix_job_state_kind",
+}
+
+
+@pytest.mark.parametrize("name", list(TIMERS))
+def test_a_timer_query_reads_no_whole_table(
+    name: str, sqlite_engine: Engine, factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The outbox's lease and next-retry lookups read every delivery ever made to the destination (30 ms
+    after each batch at 100,000 studies); each metrics scrape read the whole instance table."""
+    with factory() as session, session.begin():
+        destination = aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104), "test")
+        assert destination.id == 1
+    settings = Settings(node={"data_dir": tmp_path / "var"})
+    outbox = Outbox.from_settings(settings, factory, scheduler=_Scheduler())  # type: ignore[arg-type]
+    with plans(sqlite_engine) as found:
+        TIMERS[name](outbox, factory)
+    assert found and whole_table_reads(found) == []
+    if name in TIMER_INDEXES:
+        assert any(f"INDEX {TIMER_INDEXES[name]} " in line for lines in found for line in lines), found
