@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import unicodedata
 
+# str.lower() may lengthen a value ("İ" becomes "i̇"): a folded identifier column is twice its value's length.
+IDENTIFIER_GROWTH = 2
+
 # Letters that carry their mark in the letter itself (no decomposition): what a keyboard without them types.
 _UNDECOMPOSED = str.maketrans({
     "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ł": "l", "Ł": "L",
@@ -29,3 +32,11 @@ def fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
     plain = "".join(char for char in decomposed if not _is_accent(char))
     return unicodedata.normalize("NFC", plain).translate(_UNDECOMPOSED).casefold()
+
+
+def identifier(text: str) -> str:
+    """A Patient ID or accession number as the search compares it: lower case only, as Python lower-cases
+    (``lower()`` on SQLite is that function, dicom_node.store.db); accents stay, an ID's letters are its
+    identity. Kept in ``patient.patient_id_folded`` and ``study.accession_number_folded`` so that a prefix
+    search reads their index instead of lower-casing every row."""
+    return text.lower()

@@ -7,6 +7,7 @@ Schema changes go through Alembic (``dicom_node/store/migrations``).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +59,19 @@ def folded_name(name: str) -> str:
 
 def _folded_name(context: Any) -> str:
     return folded_name(context.get_current_parameters().get("name") or "")
+
+
+def _folded_identifier(column: str) -> Callable[[Any], str]:
+    def folded(context: Any) -> str:
+        return folding.identifier(context.get_current_parameters().get(column) or "")
+    return folded
+
+
+def _folded_column(length: int) -> String:
+    """A folded identifier's type. On SQLite its index is NOCASE, as SQLite's LIKE needs to search an
+    index (the values are lower case already); on PostgreSQL the index takes varchar_pattern_ops."""
+    size = length * folding.IDENTIFIER_GROWTH
+    return String(size).with_variant(String(size, collation="NOCASE"), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -136,6 +150,12 @@ class Patient(Base):
             sqlite_where=text("patient_id != ''"),
             postgresql_where=text("patient_id != ''"),
         ),
+        # the results search by Patient ID, from its start (migration 0012)
+        Index(
+            "ix_patient_patient_id_folded",
+            "patient_id_folded",
+            postgresql_ops={"patient_id_folded": "varchar_pattern_ops"},
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -145,6 +165,8 @@ class Patient(Base):
     # The name as the console's search compares it (dicom_node.store.folding); an insert that gives only
     # the name gets it folded, an update of the name must set it too.
     name_folded: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default=_folded_name)
+    # The Patient ID as the search compares it (folding.identifier); set with it, as the name's.
+    patient_id_folded: Mapped[str] = mapped_column(_folded_column(64), default=_folded_identifier("patient_id"))
     birth_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA
     sex: Mapped[str] = mapped_column(String(16), default="")
 
@@ -157,12 +179,22 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_state_analysed_at", "state", "analysed_at"),
         Index("ix_study_state_last_received_at", "state", "last_received_at"),
+        # the results search by accession number, from its start (migration 0012)
+        Index(
+            "ix_study_accession_number_folded",
+            "accession_number_folded",
+            postgresql_ops={"accession_number_folded": "varchar_pattern_ops"},
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    # The accession as the search compares it (folding.identifier); set with it.
+    accession_number_folded: Mapped[str] = mapped_column(
+        _folded_column(16), default=_folded_identifier("accession_number")
+    )
     study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # DICOM DA
     patient_age: Mapped[str] = mapped_column(String(16), default="")  # DICOM AS, at this study
     study_time: Mapped[str] = mapped_column(String(16), default="")
@@ -199,6 +231,8 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instance"
+    # the metrics' counts by state, and retention's files not yet removed (migration 0012)
+    __table_args__ = (Index("ix_instance_state_purged_at", "state", "purged_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -215,11 +249,9 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | upload
-    # indexed for the dashboard's images today and the metrics' counts by state (migration 0011)
+    # indexed for the dashboard's images today (migration 0011)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    state: Mapped[InstanceState] = mapped_column(
-        _enum(InstanceState), default=InstanceState.RECEIVED, index=True
-    )
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), default=InstanceState.RECEIVED)
     state_reason: Mapped[str] = mapped_column(Text, default="")
     purged_at: Mapped[datetime | None] = mapped_column()  # pixel file removed by retention
 

@@ -20,6 +20,7 @@ from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.sop_classes import not_an_image
 from dicom_node.store import header_columns
 from dicom_node.store.files import StoredFile
+from dicom_node.store.folding import identifier
 from dicom_node.store.models import (
     Instance,
     InstanceState,
@@ -259,7 +260,13 @@ def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: da
     study row names once its lock is held: on PostgreSQL a concurrent image may fill the same column or
     re-file the study meanwhile, and a read before the UPDATE lost the first value or named a patient row
     that was gone (review)."""
-    fields: dict[str, Any] = _only_if_empty(_STUDY, header_columns.values(ds, Study, header_columns.STUDY))
+    header = header_columns.values(ds, Study, header_columns.STUDY)
+    fields: dict[str, Any] = _only_if_empty(_STUDY, header)
+    if "accession_number" in fields:  # the folded accession follows the accession, under its guard
+        fields["accession_number_folded"] = case(
+            (func.coalesce(_STUDY.c.accession_number, "") == "", identifier(header["accession_number"])),
+            else_=_STUDY.c.accession_number_folded,
+        )
     if received_at is not None:
         fields["last_received_at"] = received_at
     where = _STUDY.c.id == study_pk

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from dicom_node import aes
 from dicom_node.metrics import NodeMetrics
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import Pipeline
+from dicom_node.retention import Retention
 from dicom_node.settings import Settings
 from dicom_node.store import db
 from dicom_node.store.models import AeRole
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.db
 
 SCALE_INDEXES = {
     ("instance", "ix_instance_received_at"): ["received_at"],
-    ("instance", "ix_instance_state"): ["state"],
+    ("instance", "ix_instance_state_purged_at"): ["state", "purged_at"],
+    ("patient", "ix_patient_patient_id_folded"): ["patient_id_folded"],
+    ("study", "ix_study_accession_number_folded"): ["accession_number_folded"],
     ("study", "ix_study_state_analysed_at"): ["state", "analysed_at"],
     ("study", "ix_study_state_last_received_at"): ["state", "last_received_at"],
     ("delivery_attempt", "ix_delivery_attempt_outcome"): ["outcome"],
@@ -122,6 +125,8 @@ SEARCHES: dict[str, results.ResultQuery] = {
     "finding": results.ResultQuery(finding="covid"),
     "finding, late page": results.ResultQuery(finding="covid", page=20),
     "date range": results.ResultQuery(date_from=date(2026, 11, 1), date_to=date(2026, 11, 30)),
+    "accession": results.ResultQuery(accession="ACC0005"),
+    "accession with a wildcard inside": results.ResultQuery(accession="acc00?5"),
 }
 
 
@@ -136,6 +141,40 @@ def test_a_results_search_reads_no_whole_table(
     assert found and whole_table_reads(found) == []
     patient_reads = [line for lines in found for line in lines if " patient" in line]
     assert all("PRIMARY KEY" in line for line in patient_reads), patient_reads
+
+
+def test_a_patient_search_reads_the_patients_once_not_every_study(
+    sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """A search by Patient ID lower-cased every study's patient, joined study by study (310 ms at 100,000
+    studies). The ID now searches its index; the name words, found anywhere in the name, still read the
+    folded names once, and the studies are found from the patients."""
+    with plans(sqlite_engine) as found, factory() as session:
+        results.search(session, results.ResultQuery(patient="PID0000421"))
+    lines = [line for lines in found for line in lines]
+    assert not [line for line in lines if line.startswith("SCAN study")], found
+    assert not [line for line in lines if line.startswith("SEARCH patient USING INTEGER PRIMARY KEY")], found
+
+
+def test_the_patient_id_is_searched_by_its_index(sqlite_engine: Engine) -> None:
+    with sqlite_engine.connect() as conn:
+        lines = [str(row[-1]) for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM patient WHERE patient_id_folded LIKE ? ESCAPE '\\'",
+            ("pid0005%",),
+        )]
+    assert any("ix_patient_patient_id_folded" in line for line in lines), lines
+
+
+def test_retention_looks_up_deliveries_by_study_not_all_of_them(
+    sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """Retention's hourly run read every delivery ever made (NOT IN) and every analysed image for its
+    purged_at (37 ms at 100,000 studies)."""
+    with plans(sqlite_engine) as found, factory() as session:
+        Retention._candidates(session, datetime(2026, 1, 1, tzinfo=UTC))
+    lines = [line for lines in found for line in lines]
+    assert not [line for line in lines if line.startswith("SCAN ")], found
+    assert any("INDEX ix_instance_state_purged_at (state=? AND purged_at=?)" in line for line in lines), found
 
 
 class _Scheduler:

@@ -15,7 +15,7 @@ from tests.postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("restore_logging")]
 
-HEAD = "0011_scale_indexes"
+HEAD = "0012_identifier_folded"
 
 
 def _upgrade(capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
