@@ -166,7 +166,9 @@ class Patient(Base):
     # the name gets it folded, an update of the name must set it too.
     name_folded: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default=_folded_name)
     # The Patient ID as the search compares it (folding.identifier); set with it, as the name's.
-    patient_id_folded: Mapped[str] = mapped_column(_folded_column(64), default=_folded_identifier("patient_id"))
+    patient_id_folded: Mapped[str] = mapped_column(
+        _folded_column(64), default=_folded_identifier("patient_id")
+    )
     birth_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA
     sex: Mapped[str] = mapped_column(String(16), default="")
 
