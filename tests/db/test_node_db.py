@@ -713,6 +713,7 @@ def test_every_column_of_the_received_tables_is_a_header_column_or_the_nodes_own
         "sop_instance_uid", "sop_class_uid", "calling_ae", "state", "state_reason", "first_received_at",
         "last_received_at", "ready_at", "analysed_at", "transfer_syntax_uid", "rows", "columns",
         "file_path", "sha256", "size_bytes", "source", "received_at", "purged_at", "name_folded",
+        "patient_id_folded", "accession_number_folded",
     }
     mapped = {
         Patient: header_columns.PATIENT_IDENTITY + header_columns.PATIENT_DEMOGRAPHICS,

@@ -39,7 +39,7 @@ def test_db_upgrade_says_which_migrations_it_applied(
     assert _upgrade(capsys) == (
         0,
         "database schema was at 0007_patient_empty_id; applied 0008_result_revision, "
-        f"0009_study_id_and_offset, 0010_patient_name_folded, {HEAD}; now at {HEAD}\n",
+        f"0009_study_id_and_offset, 0010_patient_name_folded, 0011_scale_indexes, {HEAD}; now at {HEAD}\n",
         "",
     )
     assert _upgrade(capsys) == (0, f"database schema already at {HEAD}\n", "")
