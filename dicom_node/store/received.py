@@ -8,6 +8,7 @@ ingest, it is stored empty.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -260,13 +261,7 @@ def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: da
     study row names once its lock is held: on PostgreSQL a concurrent image may fill the same column or
     re-file the study meanwhile, and a read before the UPDATE lost the first value or named a patient row
     that was gone (review)."""
-    header = header_columns.values(ds, Study, header_columns.STUDY)
-    fields: dict[str, Any] = _only_if_empty(_STUDY, header)
-    if "accession_number" in fields:  # the folded accession follows the accession, under its guard
-        fields["accession_number_folded"] = case(
-            (func.coalesce(_STUDY.c.accession_number, "") == "", identifier(header["accession_number"])),
-            else_=_STUDY.c.accession_number_folded,
-        )
+    fields: dict[str, Any] = _only_if_empty(_STUDY, header_columns.values(ds, Study, header_columns.STUDY))
     if received_at is not None:
         fields["last_received_at"] = received_at
     where = _STUDY.c.id == study_pk
@@ -280,12 +275,26 @@ def _fill_study(conn: Connection, study_pk: int, ds: Dataset, *, received_at: da
     _fill_missing(conn, conn.execute(statement).scalar_one(), demographics)
 
 
+#: Columns that hold another's value as the console's search compares it (migrations 0010, 0012).
+_FOLDED: dict[str, tuple[str, Callable[[str], str]]] = {
+    "name": ("name_folded", folded_name),
+    "accession_number": ("accession_number_folded", identifier),
+}
+
+
 def _only_if_empty(table: Table, values: dict[str, Any]) -> dict[str, Any]:
-    """SET clauses that give each column its value only while the column is empty."""
-    return {
-        key: case((func.coalesce(table.c[key], "") == "", value), else_=table.c[key])
-        for key, value in values.items() if value not in (None, "")
-    }
+    """SET clauses that give each column its value only while the column is empty; a folded column
+    (:data:`_FOLDED`) follows its column, under its column's guard."""
+    clauses: dict[str, Any] = {}
+    for key, value in values.items():
+        if value in (None, ""):
+            continue
+        empty = func.coalesce(table.c[key], "") == ""
+        clauses[key] = case((empty, value), else_=table.c[key])
+        if key in _FOLDED and _FOLDED[key][0] in table.c:
+            folded, fold = _FOLDED[key]
+            clauses[folded] = case((empty, fold(value)), else_=table.c[folded])
+    return clauses
 
 
 _DEMOGRAPHICS = tuple(column for column, _ in header_columns.PATIENT_DEMOGRAPHICS)
@@ -304,11 +313,6 @@ def _fill_missing(conn: Connection, patient_pk: int, fields: dict[str, Any], row
     when it lacks none of them."""
     missing = {key: value for key, value in fields.items() if row is None or not getattr(row, key)}
     guarded = _only_if_empty(_PATIENT, missing)
-    if "name" in guarded:  # the folded name follows the name, under the name's guard
-        guarded["name_folded"] = case(
-            (func.coalesce(_PATIENT.c.name, "") == "", folded_name(missing["name"])),
-            else_=_PATIENT.c.name_folded,
-        )
     if guarded:
         conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**guarded))
 

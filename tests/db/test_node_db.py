@@ -512,6 +512,26 @@ def test_a_study_takes_the_identity_a_later_image_adds_and_then_holds_to_it(
         ingestor.ingest_bytes(to_bytes(image(other)), calling_ae="M", source="dimse")
 
 
+def test_the_folded_search_columns_follow_the_values_a_later_image_fills(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """The patient's name and the study's accession, filled from a later image while empty, bring their
+    search columns (name_folded, accession_number_folded) with them, and a third image changes neither."""
+    ingestor = Ingestor(sessions, store)
+    study_uid = generate_uid()
+    first = make_cr(study_uid=study_uid, patient_name="")
+    first.AccessionNumber = ""
+    stored = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    for name, accession in (("MÜLLER^Jörg", "ACC-Ab7"), ("Other^Name", "ACC-9")):
+        later = make_cr(study_uid=study_uid, patient_name=name)
+        later.AccessionNumber = accession
+        ingestor.ingest_bytes(to_bytes(later), calling_ae="M", source="dimse")
+    with sessions() as session:
+        study = session.get_one(Study, stored.study_pk)
+        assert (study.accession_number, study.accession_number_folded) == ("ACC-Ab7", "acc-ab7")
+        assert (study.patient.name, study.patient.name_folded) == ("MÜLLER^Jörg", "muller^jorg")
+
+
 def test_two_images_naming_two_patients_for_a_study_without_one_do_not_both_get_in(
     sessions: sessionmaker[Session], store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
