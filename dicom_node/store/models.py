@@ -57,13 +57,11 @@ def folded_name(name: str) -> str:
     return folding.fold(name)[:PERSON_NAME_LENGTH]
 
 
-def _folded_name(context: Any) -> str:
-    return folded_name(context.get_current_parameters().get("name") or "")
-
-
-def _folded_identifier(column: str) -> Callable[[Any], str]:
+def _folded(column: str, fold: Callable[[str], str]) -> Callable[[Any], str]:
+    """The default of a column that holds ``column``'s value folded: an insert that gives only the value
+    gets its folded form too."""
     def folded(context: Any) -> str:
-        return folding.identifier(context.get_current_parameters().get(column) or "")
+        return fold(context.get_current_parameters().get(column) or "")
     return folded
 
 
@@ -164,10 +162,10 @@ class Patient(Base):
     name: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default="")
     # The name as the console's search compares it (dicom_node.store.folding); an insert that gives only
     # the name gets it folded, an update of the name must set it too.
-    name_folded: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default=_folded_name)
+    name_folded: Mapped[str] = mapped_column(String(PERSON_NAME_LENGTH), default=_folded("name", folded_name))
     # The Patient ID as the search compares it (folding.identifier); set with it, as the name's.
     patient_id_folded: Mapped[str] = mapped_column(
-        _folded_column(64), default=_folded_identifier("patient_id")
+        _folded_column(64), default=_folded("patient_id", folding.identifier)
     )
     birth_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA
     sex: Mapped[str] = mapped_column(String(16), default="")
@@ -195,7 +193,7 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     # The accession as the search compares it (folding.identifier); set with it.
     accession_number_folded: Mapped[str] = mapped_column(
-        _folded_column(16), default=_folded_identifier("accession_number")
+        _folded_column(16), default=_folded("accession_number", folding.identifier)
     )
     study_date: Mapped[str] = mapped_column(String(8), default="", index=True)  # DICOM DA
     patient_age: Mapped[str] = mapped_column(String(16), default="")  # DICOM AS, at this study
