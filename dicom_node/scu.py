@@ -104,12 +104,17 @@ def _on_connection_open(event: Event) -> None:
     tune_socket(event.assoc.dul.socket)
 
 
+def _probe(host: str, port: int, timeout: float) -> socket.socket:
+    """A new connection to the peer, to ask it what pynetdicom's association did not say (at most 5 s)."""
+    return socket.create_connection((host, port), timeout=min(timeout, 5.0))
+
+
 def _connect_error(host: str, port: int, timeout: float, tls: ssl.SSLContext | None) -> str:
     """Why a connection to the peer fails ("Connection refused", "No route to host", "Name or service
     not known", "timed out"; over TLS, why the handshake fails), for the delivery's reason and the
     console. pynetdicom says it only in its own log."""
     try:
-        with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as connection:
+        with _probe(host, port, timeout) as connection:
             if tls is None:
                 return "it accepts connections again"
             refusal = _tls_refusal(connection, host, tls)
@@ -144,7 +149,7 @@ def _not_dicom(host: str, port: int, timeout: float) -> str:
     """What answers at ``port`` instead of DICOM: an HTTP server is named (Orthanc's web port is 8042,
     its DICOM port 4242), anything else is "not DICOM"."""
     answer = b""
-    with contextlib.suppress(OSError), socket.create_connection((host, port), min(timeout, 5.0)) as sock:
+    with contextlib.suppress(OSError), _probe(host, port, timeout) as sock:
         sock.sendall(_PROBE)
         answer = sock.recv(5)
     if answer.startswith(b"HTTP/"):
@@ -173,7 +178,7 @@ def _probe_tls(host: str, port: int, timeout: float, tls: ssl.SSLContext) -> str
     """:func:`_tls_refusal` on a new connection, None when none can be made (the association's own
     reason then stands)."""
     try:
-        with socket.create_connection((host, port), timeout=min(timeout, 5.0)) as connection:
+        with _probe(host, port, timeout) as connection:
             return _tls_refusal(connection, host, tls)
     except OSError:
         return None
