@@ -186,6 +186,11 @@ def echo_test(con: Console, ae: RemoteAe) -> EchoOutcome:
     )
 
 
+def _fields(exc: NodeError) -> tuple[str, ...]:
+    """The form fields a refusal is about, as the console's pages take them (login and account too)."""
+    return (exc.field,) if exc.field else ()
+
+
 def _aes_page(
     request: Request,
     db: Session,
@@ -193,11 +198,11 @@ def _aes_page(
     *,
     form: AeForm | None = None,
     error: str = "",
-    error_field: str | None = None,
+    error_fields: tuple[str, ...] = (),
     echo: EchoOutcome | None = None,
     status: int = 200,
 ) -> Response:
-    """``error_field``: the form field ``error`` is about (marked invalid and described by it)."""
+    """``error_fields``: the form fields ``error`` is about (marked invalid and described by it)."""
     all_aes = aes.list_aes(db)
     return render(
         request,
@@ -210,7 +215,7 @@ def _aes_page(
         destinations=[a for a in all_aes if a.role is AeRole.DESTINATION],
         form=form or AeForm(),
         error=error,
-        error_field=error_field,
+        error_fields=error_fields,
         echo=echo,
     )
 
@@ -227,7 +232,7 @@ def ae_add(request: Request, db: DbDep, principal: CsrfAdminDep, form: AeFormDep
         db.commit()
     except NodeError as exc:
         db.rollback()
-        return _aes_page(request, db, principal, form=form, error=str(exc), error_field=exc.field,
+        return _aes_page(request, db, principal, form=form, error=str(exc), error_fields=_fields(exc),
                          status=422)
     return RedirectResponse("/admin/aes?notice=ae-added", status_code=303)
 
@@ -240,11 +245,11 @@ def _ae_edit_page(
     *,
     form: AeForm | None = None,
     error: str = "",
-    error_field: str | None = None,
+    error_fields: tuple[str, ...] = (),
     echo: EchoOutcome | None = None,
     status: int = 200,
 ) -> Response:
-    """``error_field``: the form field ``error`` is about (marked invalid and described by it)."""
+    """``error_fields``: the form fields ``error`` is about (marked invalid and described by it)."""
     return render(
         request,
         "admin_ae_edit.html",
@@ -255,7 +260,7 @@ def _ae_edit_page(
         form=form or AeForm.of(ae),
         destinations=aes.list_aes(db, AeRole.DESTINATION),
         error=error,
-        error_field=error_field,
+        error_fields=error_fields,
         echo=echo,
     )
 
@@ -277,7 +282,7 @@ def ae_update(
         db.rollback()
         return _ae_edit_page(
             request, db, principal, aes.get_by_id(db, ae.id), form=form, error=str(exc),
-            error_field=exc.field, status=422,
+            error_fields=_fields(exc), status=422,
         )
     return RedirectResponse("/admin/aes?notice=ae-updated", status_code=303)
 
@@ -314,11 +319,11 @@ def _users_page(
     principal: Principal,
     *,
     error: str = "",
-    error_field: str | None = None,
+    error_fields: tuple[str, ...] = (),
     status: int = 200,
     **form: str,
 ) -> Response:
-    """``error_field``: the field of the new-user form that ``error`` is about."""
+    """``error_fields``: the fields of the new-user form that ``error`` is about."""
     return render(
         request,
         "admin_users.html",
@@ -328,7 +333,7 @@ def _users_page(
         users=users.list_users(db),
         roles=[r.value for r in UserRole],
         error=error,
-        error_field=error_field,
+        error_fields=error_fields,
         form=form,
     )
 
@@ -359,7 +364,7 @@ def user_add(
         db.commit()
     except NodeError as exc:
         db.rollback()
-        return _users_page(request, db, principal, error=str(exc), error_field=exc.field, status=422,
+        return _users_page(request, db, principal, error=str(exc), error_fields=_fields(exc), status=422,
                            username=username, role=role)
     return RedirectResponse("/admin/users?notice=user-added", status_code=303)
 
