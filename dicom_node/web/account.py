@@ -93,7 +93,8 @@ def password_change(
     except NodeError as exc:
         db.rollback()
         return _password_page(
-            request, principal, error=f"Not changed: {exc}.", fields=("password",), status=422
+            request, principal, error=f"Not changed: {exc}.", fields=(exc.field,) if exc.field else (),
+            status=422,
         )
     if outcome == THROTTLED:
         error = "Too many wrong passwords; wait a few minutes and try again."
