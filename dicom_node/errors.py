@@ -94,6 +94,15 @@ class AssociationError(NodeError):
         self.statuses = list(statuses)
 
 
+class NoContextAcceptedError(AssociationError):
+    """The peer accepted the association but none of the proposed presentation contexts: it does not
+    take objects of these SOP classes in these transfer syntaxes (the message says which it refused).
+    Another attempt gets the same answer until the peer's configuration changes."""
+
+    status = Status.SOP_CLASS_NOT_SUPPORTED
+    retriable = False
+
+
 class ClassificationError(NodeError):
     """The classifier could not produce a finding for an image."""
 

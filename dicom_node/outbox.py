@@ -37,7 +37,7 @@ from dicom_node.errors import (
     NotFoundError,
 )
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
-from dicom_node.statuses import is_stored, is_warning
+from dicom_node.statuses import is_stored, is_warning, refuses_the_object
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     Delivery,
@@ -61,6 +61,9 @@ LOGGER = logging.getLogger(__name__)
 
 FILE_MISSING = "result file missing"
 REMAKING = "result file missing: the study's results are being made again (a new revision replaces it)"
+#: The end of a DEAD delivery's last error when the peer refused the object itself
+#: (:func:`statuses.refuses_the_object`) ``outbox.refused_attempts`` times in a row.
+REFUSED = "refused each time: it will be, until the peer's configuration changes; then resend it"
 LEASE_SECONDS = 120.0
 SWEEP_SECONDS = 30.0
 BATCH_LIMIT = 64
@@ -385,13 +388,16 @@ class Outbox:
         self._record(destination, items, outcomes, report)
 
     def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport, *,
-                       final: bool = True) -> None:
-        """DEAD after ``max_attempts``, else RETRYING with exponential back-off. Not ``final``: the node is
-        making the object again, and the delivery waits for that, retrying, however many attempts."""
-        if final and delivery.attempts >= self.settings.max_attempts:
+                       final: bool = True, refused: bool = False) -> None:
+        """DEAD after ``max_attempts``, or at once when ``refused`` (the peer refused the object itself
+        ``refused_attempts`` times in a row), else RETRYING with exponential back-off. Not ``final``: the
+        node is making the object again, and the delivery waits for that, retrying, however many attempts."""
+        if final and (refused or delivery.attempts >= self.settings.max_attempts):
             delivery.state = DeliveryState.DEAD
             delivery.next_attempt_at = None
             report.dead.append(delivery.id)
+            why = "the peer refused the object itself, each time" if refused else "retried in vain"
+            LOGGER.warning("delivery %d is DEAD after %d attempts (%s)", delivery.id, delivery.attempts, why)
         else:
             delivery.state = DeliveryState.RETRYING
             delay = backoff_seconds(
@@ -399,6 +405,25 @@ class Outbox:
             )
             delivery.next_attempt_at = now + timedelta(seconds=delay)
         report.failed.append(delivery.id)
+
+    def _refused_in_a_row(self, session: Session, delivery_pk: int) -> int:
+        """How many of the delivery's last attempts in a row the peer answered with a status that refuses
+        the object itself (counted up to what ``refused_attempts`` needs; this attempt not included)."""
+        wanted = self.settings.refused_attempts - 1
+        if wanted <= 0:
+            return 0
+        statuses = session.scalars(
+            select(DeliveryAttempt.status)
+            .where(DeliveryAttempt.delivery_pk == delivery_pk)
+            .order_by(DeliveryAttempt.id.desc())
+            .limit(wanted)
+        ).all()
+        count = 0
+        for status in statuses:
+            if status is None or not refuses_the_object(status):
+                break
+            count += 1
+        return count
 
     def _tls_context(self) -> ssl.SSLContext:
         from dicom_node.settings import TlsSettings
@@ -441,12 +466,15 @@ class Outbox:
                     note = error or f"failure status 0x{status or 0:04X}"
                     # One a later revision superseded while this attempt ran is not tried again.
                     if delivery.state is not DeliveryState.SUPERSEDED:
-                        final = True
+                        final, refused = True, False
                         if error == FILE_MISSING:
                             note, final = self._file_missing(session, delivery)
-                        delivery.last_error = note
+                        elif status is not None and refuses_the_object(status):
+                            refused = self._refused_in_a_row(session, delivery.id) + 1 >= \
+                                self.settings.refused_attempts
+                        delivery.last_error = f"{note}; {REFUSED}" if refused else note
                         reasons.add(note)
-                        self._after_failure(delivery, now, report, final=final)
+                        self._after_failure(delivery, now, report, final=final, refused=refused)
                 session.add(
                     DeliveryAttempt(
                         delivery_pk=delivery.id,
@@ -469,8 +497,6 @@ class Outbox:
         elif report.delivered:
             LOGGER.info("destination %d (%s): %d delivered", destination.id, destination.ae_title,
                         len(report.delivered))
-        for delivery_pk in report.dead:
-            LOGGER.warning("delivery %d is DEAD after %d attempts", delivery_pk, self.settings.max_attempts)
         if self.metrics is not None:
             for kind, seconds in latencies:
                 self.metrics.observe_delivery(kind, seconds)

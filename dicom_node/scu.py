@@ -21,7 +21,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import reactor
-from dicom_node.errors import AssociationError, InvalidDatasetError
+from dicom_node.errors import AssociationError, InvalidDatasetError, NoContextAcceptedError
 from dicom_node.scp import configure_pynetdicom, tune_socket
 from dicom_node.statuses import Status, is_failure, is_warning
 from dicom_node.tls import handshake_failure
@@ -258,7 +258,7 @@ def _associate(
                                f"({rejection(assoc.acceptor.primitive)})")
     answer = assoc.acceptor.primitive
     if answer is not None and answer.result == 0x00:  # accepted, but no context: pynetdicom aborted it
-        raise AssociationError(
+        raise NoContextAcceptedError(
             f"{called_aet} at {host}:{port} accepted none of the proposed presentation contexts "
             f"({refused_contexts(contexts, assoc.rejected_contexts)})")
     if not opened:  # pynetdicom logs why only at its own level: ask the network once more
@@ -355,13 +355,17 @@ def send(
     """C-STORE every object over one association; returns one status per object, in order, each with the
     peer's Error Comment (:func:`describe` puts both in words).
 
-    An object whose context the peer refused gets ``SOP_CLASS_NOT_SUPPORTED`` without a request.
+    An object whose context the peer refused gets ``SOP_CLASS_NOT_SUPPORTED`` without a request, also
+    when the peer accepted no context at all (it then says which it refused, and why).
     """
     datasets = load_datasets(paths_or_datasets)
     if not datasets:
         return []
-    assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
-                       timeout=timeout, max_pdu=max_pdu)
+    try:
+        assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
+                           timeout=timeout, max_pdu=max_pdu)
+    except NoContextAcceptedError as exc:
+        return [StoreStatus(exc.status, f"not sent: {exc}") for _ in datasets]
     statuses: list[StoreStatus] = []
     try:
         for message_id, ds in enumerate(datasets, start=1):

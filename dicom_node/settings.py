@@ -141,6 +141,9 @@ class OutboxSettings(_Group):
     # maintenance, before a delivery is DEAD and waits for `cxr-node resend` (8 attempts gave up after
     # 11 minutes)
     max_attempts: int = Field(default=300, ge=1)
+    # A peer that refuses the object itself (SOP Class not supported, Data Set does not match, cannot
+    # understand) answers every retry the same: DEAD after this many such answers in a row, not 3 days on
+    refused_attempts: int = Field(default=3, ge=1)
     backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 

@@ -45,6 +45,15 @@ def is_failure(code: int) -> bool:
     return code != Status.SUCCESS and not is_warning(code) and code not in (0xFE00, 0xFF00, 0xFF01)
 
 
+def refuses_the_object(code: int) -> bool:
+    """Failure statuses that refuse the object itself, which another attempt gets again: 0x0122 SOP Class
+    not supported (also what the node records when the peer accepted no presentation context for it),
+    0x0124 not authorised, 0xA900-0xA9FF Data Set does not match SOP Class, 0xC000-0xCFFF cannot understand
+    (PS3.4 Table B.2-1, PS3.7 C.5). Out of resources (0xA7xx) and a processing failure (0x0110) are
+    retried as passing trouble."""
+    return code in (0x0122, 0x0124) or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF
+
+
 def is_stored(code: int) -> bool:
     """Whether a C-STORE response means the peer kept the instance (success or warning)."""
     return code == Status.SUCCESS or is_warning(code)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.cli import main as cli_main
-from dicom_node.outbox import REMAKING, Outbox, backoff_seconds, requeue
+from dicom_node.outbox import REFUSED, REMAKING, Outbox, backoff_seconds, requeue
 from dicom_node.pipeline import dataset_bytes
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.storage import REMAKE_REASON
@@ -321,15 +321,23 @@ def test_a_peer_that_accepts_no_context_is_recorded_with_what_it_refused(
     """storescp whose profile lacks the result's SOP class: the reason was "no association with PACS …
     (aborted or timed out)", which sent the operator looking at the network."""
     results = tmp_path / "results"
+    outbox = _outbox(db, results, max_attempts=300)
     with peers.storescp_accepting(tmp_path, "PACS", "CTImageStorage") as port:
-        destination_pk, _ = _deliveries(db, results, port, 1)
-        _outbox(db, results).deliver_due(destination_pk)
+        destination_pk, ids = _deliveries(db, results, port, 1)
+        reports = []
+        for _ in range(3):  # outbox.refused_attempts: then DEAD, not retried for three days
+            reports.append(outbox.deliver_due(destination_pk))
+            _make_due(db)
+    reason = (
+        f"failure status 0x0122 (not sent: PACS at 127.0.0.1:{port} accepted none of the proposed "
+        "presentation contexts (Secondary Capture Image Storage in Explicit VR Little Endian or Implicit VR "
+        "Little Endian: SOP class not supported))"
+    )
+    assert [report.dead for report in reports] == [[], [], ids]
     with session_scope(db) as session:
-        assert session.scalars(select(Delivery)).one().last_error == (
-            f"PACS at 127.0.0.1:{port} accepted none of the proposed presentation contexts (Secondary "
-            "Capture Image Storage in Explicit VR Little Endian or Implicit VR Little Endian: SOP class not "
-            "supported)"
-        )
+        delivery = session.scalars(select(Delivery)).one()
+        assert [a.error for a in delivery.attempt_history] == [reason] * 3
+        assert (delivery.state, delivery.last_error) == (DeliveryState.DEAD, f"{reason}; {REFUSED}")
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -362,6 +370,44 @@ def test_a_refused_object_is_recorded_with_the_peers_error_comment_and_send_name
         assert f"{sent}: {reason}\n" in capsys.readouterr().out
     finally:
         full.stop()
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_an_object_the_peer_refuses_as_such_is_dead_after_three_such_answers_in_a_row(
+    db: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """0xA900 (Data Set does not match SOP Class) was retried like 0xA700 (out of resources): 300 times
+    over three days, each answered the same, and the delivery was DEAD only then. A passing refusal in
+    between starts the count again."""
+    peer = StorePeer(status=0xA900, comment="Missing Content Template Sequence").start()
+    results = tmp_path / "results"
+    outbox = _outbox(db, results, max_attempts=300)
+    try:
+        destination_pk, ids = _deliveries(db, results, peer.port, 1)
+        states = []
+        with caplog.at_level("WARNING", logger="dicom_node.outbox"):
+            for status in (0xA900, 0xA700, 0xA900, 0xA900, 0xA900):
+                peer.status = status
+                outbox.deliver_due(destination_pk)
+                _make_due(db)
+                with session_scope(db) as session:
+                    states.append(session.scalars(select(Delivery.state)).one())
+        assert states == [DeliveryState.RETRYING] * 4 + [DeliveryState.DEAD]
+        refusal = "failure status 0xA900 (Error Comment: \"Missing Content Template Sequence\")"
+        with session_scope(db) as session:
+            delivery = session.scalars(select(Delivery)).one()
+            assert (delivery.attempts, delivery.last_status) == (5, 0xA900)
+            assert delivery.last_error == f"{refusal}; {REFUSED}"
+            assert delivery.next_attempt_at is None
+        assert any(r.getMessage() == f"delivery {ids[0]} is DEAD after 5 attempts (the peer refused the "
+                   "object itself, each time)" for r in caplog.records)
+
+        peer.status = 0x0000  # the PACS's configuration was changed: the operator resends
+        with session_scope(db) as session:
+            requeue(session, ids, "user:admin")
+        assert outbox.deliver_due(destination_pk).delivered == ids
+    finally:
+        peer.stop()
 
 
 def _result_paths(db: sessionmaker[Session]) -> list[str]:
