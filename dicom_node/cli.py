@@ -214,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     stc = stsub.add_parser(
         "check", parents=[common], help="list rows whose files are missing and files no row names",
         description="Compare the database with the files under the storage and results directories (run it "
-        "after a restore). Exit code 0: they agree; 1: files are missing or orphans are left; 2: error.",
+        "after a restore). Exit code 0: they agree; 1: files are missing or damaged, or orphans are left; "
+        "2: error.",
     )
     stc.add_argument("--remove-orphans", action="store_true",
                      help="delete the files no row names (audited; stop the node first)")
+    stc.add_argument("--verify", action="store_true",
+                     help="also read every file and compare it with the SHA-256 the node recorded when it "
+                     "wrote it (finds files a disk damaged; reads all the stored data: slow)")
     stc.set_defaults(func=cmd_storage_check)
 
     aep = sub.add_parser("ae", parents=[common], help="allowed callers and result destinations (audited)")

@@ -3,10 +3,10 @@
 Shared by the C-STORE handler (:mod:`dicom_node.scp`) and web uploads. The bytes the sender encoded are
 written as received (preamble + file meta + dataset) rather than re-encoded, so the stored file is exactly
 what the modality produced. A repeated SOP Instance UID is a success without a second row; the first
-file is kept (or restored from the copy, when it was lost), and when the files of its study's results are
-gone, the study is reopened to have them made again (:mod:`dicom_node.storage`). Non-image objects (SRs,
-PDFs, presentation states: :mod:`dicom_node.sop_classes`) are stored the same way, without the pixel data
-checks. On any failure nothing is left behind: the file only takes its final name inside the transaction
+file is kept (or restored from the copy, when it was lost or damaged), and when the files of its study's
+results are gone or damaged, the study is reopened to have them made again (:mod:`dicom_node.storage`).
+Non-image objects (SRs, PDFs, presentation states: :mod:`dicom_node.sop_classes`) are stored the same way,
+without the pixel data checks. On any failure nothing is left behind: the file only takes its final name inside the transaction
 that records it, and is removed again if that transaction cannot commit.
 """
 
@@ -46,7 +46,7 @@ from dicom_node.part10 import (
 from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, RESULT_SOP_CLASSES, is_image
 from dicom_node.store import header_columns
 from dicom_node.store.db import waits_for_a_resource
-from dicom_node.store.files import FileStore, StagedFile, instance_path
+from dicom_node.store.files import FileStore, StagedFile, file_sha256, instance_path
 from dicom_node.store.models import Patient, ResultObject, Study
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
 
@@ -279,8 +279,17 @@ class Ingestor:
         if existing is not None:
             # A file retention removed stays removed (the copy sent again is discarded): putting it back
             # would leave patient data on disk that retention no longer looks at.
-            if not existing.purged and not self.file_store.path(existing.file_path).exists():
+            kept = self.file_store.path(existing.file_path)
+            if not existing.purged and not kept.exists():
                 LOGGER.warning("instance %d had lost its file; restored from the copy sent again",
+                               existing.instance_pk)
+                staged.rename(existing.file_path)
+                staged.sync_directory()
+            elif not existing.purged and stored.sha256 == existing.sha256 and \
+                    file_sha256(kept) != existing.sha256:
+                # A damaged disk (found by `cxr-node storage check --verify`): the same bytes sent again
+                # are how an operator repairs it, and what the row has always described.
+                LOGGER.warning("instance %d's file was damaged; replaced by the same copy sent again",
                                existing.instance_pk)
                 staged.rename(existing.file_path)
                 staged.sync_directory()

@@ -4,9 +4,10 @@ Each ``Delivery`` row is one object for one destination. Due deliveries of a des
 association (a batch). A failure is recorded in ``delivery_attempt`` and retried with exponential back-off;
 the wake-up is an APScheduler job in the node's persistent job store, and a periodic sweep catches anything
 due that lost its wake-up. After ``outbox.max_attempts`` the delivery is DEAD until an operator runs
-``cxr-node resend``. A warning status (0xB000...) means the peer kept the object: delivered, recorded.
-A result file that is missing has its study's results made again as a new revision, which supersedes the
-delivery; it waits for that instead of going DEAD (:meth:`Outbox._file_missing`).
+``cxr-node resend``; so is one the peer refused as such ``outbox.refused_attempts`` times in a row.
+A warning status (0xB000...) means the peer kept the object: delivered, recorded. A result file that is
+missing or damaged (not what the node wrote) has its study's results made again as a new revision, which
+supersedes the delivery; it waits for that instead of going DEAD (:meth:`Outbox._file_lost`).
 
 Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed) so a concurrent sweep
 or ``cxr-node resend`` does not send the same object at the same time. A crash between the peer's answer
@@ -16,6 +17,7 @@ and our commit re-sends the same SOP Instance UID once; a PACS keeps one instanc
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import ssl
 import threading
@@ -59,8 +61,10 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-FILE_MISSING = "result file missing"
-REMAKING = "result file missing: the study's results are being made again (a new revision replaces it)"
+#: How a delivery's reason begins when its result file cannot be sent as it is: "result file missing",
+#: "result file damaged (…)" (:func:`storage.read_result_file`).
+RESULT_FILE = "result file"
+REMAKING = "the study's results are being made again (a new revision replaces it)"
 #: The end of a DEAD delivery's last error when the peer refused the object itself
 #: (:func:`statuses.refuses_the_object`) ``outbox.refused_attempts`` times in a row.
 REFUSED = "refused each time: it will be, until the peer's configuration changes; then resend it"
@@ -124,6 +128,7 @@ class _Item:
     path: Path
     kind: str
     received_at: datetime
+    sha256: str | None  # of the file as the node wrote it (None on rows older than migration 0013)
 
 
 class Outbox:
@@ -324,7 +329,8 @@ class Outbox:
                 delivery.next_attempt_at = lease_until
                 obj = delivery.result_object
                 items.append(
-                    _Item(delivery.id, self.results_dir / obj.file_path, obj.kind.value, _aware(received[obj.study_pk]))
+                    _Item(delivery.id, self.results_dir / obj.file_path, obj.kind.value,
+                          _aware(received[obj.study_pk]), obj.sha256)
                 )
             session.expunge(destination)
         return destination, items
@@ -340,17 +346,16 @@ class Outbox:
         present: list[_Item] = []
         datasets: list[Dataset] = []
         for item in items:
-            if not item.path.is_file():
-                outcomes[item.delivery_pk] = (None, FILE_MISSING)  # _record says what becomes of it
+            # The reason never names the file: its name holds the object's SOP Instance UID.
+            data, problem = storage.read_result_file(item.path, item.sha256)
+            if data is None:  # _record says what becomes of it
+                outcomes[item.delivery_pk] = (None, f"{RESULT_FILE} {problem}")
                 continue
-            # The reason names the object by its kind: its file name holds its SOP Instance UID.
             try:
-                dataset = dcmread(item.path)
-                unusable = "" if dataset.get("SOPClassUID") else "has no SOP Class UID"
-            except Exception as exc:  # a truncated or damaged file: pydicom raises many types
-                unusable = f"is not a readable DICOM file ({type(exc).__name__})"
-            if unusable:
-                outcomes[item.delivery_pk] = (None, f"the {item.kind} result file {unusable}")
+                dataset = dcmread(io.BytesIO(data))
+            except Exception as exc:  # what the node wrote is unreadable: a defect of the node itself
+                outcomes[item.delivery_pk] = (None, f"the {item.kind} result file is not a readable DICOM "
+                                                    f"file ({type(exc).__name__})")
                 continue
             present.append(item)
             datasets.append(dataset)
@@ -467,8 +472,8 @@ class Outbox:
                     # One a later revision superseded while this attempt ran is not tried again.
                     if delivery.state is not DeliveryState.SUPERSEDED:
                         final, refused = True, False
-                        if error == FILE_MISSING:
-                            note, final = self._file_missing(session, delivery)
+                        if error.startswith(RESULT_FILE):
+                            note, final = self._file_lost(session, delivery, error)
                         elif status is not None and refuses_the_object(status):
                             refused = self._refused_in_a_row(session, delivery.id) + 1 >= \
                                 self.settings.refused_attempts
@@ -501,8 +506,9 @@ class Outbox:
             for kind, seconds in latencies:
                 self.metrics.observe_delivery(kind, seconds)
 
-    def _file_missing(self, session: Session, delivery: Delivery) -> tuple[str, bool]:
-        """Why a delivery whose result file is gone failed, and whether that is final (it may go DEAD).
+    def _file_lost(self, session: Session, delivery: Delivery, what: str) -> tuple[str, bool]:
+        """Why a delivery whose result file is gone or damaged (``what``) failed, and whether that is
+        final (it may go DEAD).
 
         The node can make the object again from the database: its study goes round the pipeline once
         more, and a new revision (new UIDs) of its results supersedes this delivery. Until then the
@@ -511,20 +517,23 @@ class Outbox:
         obj = delivery.result_object
         study = session.get(Study, obj.study_pk)
         state = study.state if study is not None else None
+        remaking = f"{what}: {REMAKING}"
         if state in (StudyState.RECEIVED, StudyState.READY, StudyState.PROCESSING):
-            return REMAKING, False  # a round is coming or running: it makes the study's lost results again
+            return remaking, False  # a round is coming or running: it makes the study's lost results again
         lost = {r.id for r in storage.lost_results(session, self.results_dir, obj.study_pk)}
         finished = state in (StudyState.ANALYSED, StudyState.SKIPPED)
-        if finished and obj.id in lost and delivery.last_error != REMAKING:
+        if finished and obj.id in lost and not delivery.last_error.endswith(REMAKING):
             storage.reopen_to_remake(session, obj.study_pk)
-            LOGGER.warning("delivery %d: the file of result object %d is missing; study %d's results are "
-                           "made again", delivery.id, obj.id, obj.study_pk)
-            return REMAKING, False
+            LOGGER.warning("delivery %d: the file of result object %d is %s; study %d's results are made "
+                           "again", delivery.id, obj.id, what.removeprefix(f"{RESULT_FILE} "), obj.study_pk)
+            return remaking, False
         if obj.id not in lost:
-            return f"{FILE_MISSING}: a later revision replaced it; restore the file from the backup", True
+            if storage.later_revision(session, obj):
+                return f"{what}: a later revision replaced it; restore the file from the backup", True
+            return what, False  # it reads whole now (a passing read error): the next attempt sends it
         if state is StudyState.FAILED:
-            return f"{FILE_MISSING}, and the study's processing failed: see the study's reason", True
-        return f"{FILE_MISSING}, and making the study's results again did not replace it", True
+            return f"{what}, and the study's processing failed: see the study's reason", True
+        return f"{what}, and making the study's results again did not replace it", True
 
     def _schedule_next(self, destination_pk: int) -> None:
         """Arm the wake-up for the earliest retry of this destination."""

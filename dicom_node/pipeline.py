@@ -853,6 +853,7 @@ class Pipeline:
         identity = self.config.identity
         started = time.perf_counter()
         left_out: list[int] = []
+        digests: dict[int, str] = {}  # the SHA-256 of each object's DICOM file, as written
         try:
             for row in missing:
                 path = row.file_path
@@ -871,7 +872,7 @@ class Pipeline:
                         revision=revision,
                         predecessors=[self._predecessor(e, study_uid) for e in earlier[row.id]],
                     )
-                    self.results.write(path, [dataset_bytes(sr)])
+                    digests[row.id] = self.results.write(path, [dataset_bytes(sr)]).sha256
                 elif row.kind is ResultKind.PDF:
                     pdf = build_pdf(images, identity, analysed_at=analysed_at, revision=revision)
                     self.results.write(pdf_path(path), [pdf])
@@ -886,7 +887,7 @@ class Pipeline:
                         referenced=[image.source for image in images],
                         revision=revision,
                     )
-                    self.results.write(path, [dataset_bytes(encapsulated)])
+                    digests[row.id] = self.results.write(path, [dataset_bytes(encapsulated)]).sha256
                 elif row.kind is ResultKind.HEATMAP_SC:
                     shown = [i for i in images if i.prediction.heatmap is not None and i.preview is not None]
                     with_map = shown[0] if shown else None
@@ -904,7 +905,7 @@ class Pipeline:
                         created_at=analysed_at,
                         revision=revision,
                     )
-                    self.results.write(path, [dataset_bytes(sc)])
+                    digests[row.id] = self.results.write(path, [dataset_bytes(sc)]).sha256
         except NodeError:
             raise
         except Exception as exc:
@@ -915,6 +916,7 @@ class Pipeline:
             len(missing) - len(left_out),
             (time.perf_counter() - started) * 1000.0,
         )
+        self._record_digests(digests)
         if left_out:
             with session_scope(self.session_factory) as session:
                 for pk in left_out:
@@ -1030,6 +1032,7 @@ class Pipeline:
             kept = instance.purged_at is None and path.is_file()
             source = _read_header(path) if kept else header_from_rows(instance)
             revisions = {row.id: _revision(row, _earlier_revisions(session, row)) for row in missing}
+        digests: dict[int, str] = {}
         for row in missing:
             revision = revisions[row.id]
             pdf = build_not_analysed_pdf(
@@ -1047,7 +1050,18 @@ class Pipeline:
                 created_at=analysed_at,
                 revision=revision,
             )
-            self.results.write(row.file_path, [dataset_bytes(encapsulated)])
+            digests[row.id] = self.results.write(row.file_path, [dataset_bytes(encapsulated)]).sha256
+        self._record_digests(digests)
+
+    def _record_digests(self, digests: dict[int, str]) -> None:
+        """Record the SHA-256 of each result file just written: the outbox and the check for results to
+        make again compare the file with it (a file damaged since is made again, not sent). A crash before
+        this leaves it None, and the file is then checked by reading it as DICOM."""
+        if not digests:
+            return
+        with session_scope(self.session_factory) as session:
+            for pk, sha256 in digests.items():
+                session.execute(update(ResultObject).where(ResultObject.id == pk).values(sha256=sha256))
 
     def _finalise(
         self,

@@ -2,16 +2,19 @@
 
 The database and ``node.data_dir`` are backed up and restored separately. Restored from different times,
 or after a disk lost part of ``results/``, they disagree: rows whose files are gone, and files no row
-names. A result object whose file is gone is made again from the database, as a new revision (its
-earlier revision may have reached a PACS, so its UIDs are not used for other content): the outbox asks
-for that when it finds the file missing (:mod:`dicom_node.outbox`), and so does an image of the study
-sent again (:mod:`dicom_node.ingest`). ``cxr-node storage check`` lists both kinds of disagreement and
-removes the files no row names when asked.
+names. A result object whose file is gone or damaged (not what the node wrote) is made again from the
+database, as a new revision (its earlier revision may have reached a PACS, so its UIDs are not used for
+other content): the outbox asks for that when it finds the file so (:mod:`dicom_node.outbox`), and so does
+an image of the study sent again (:mod:`dicom_node.ingest`). ``cxr-node storage check`` lists both kinds
+of disagreement (with ``--verify``, files whose content is not what the node wrote too) and removes the
+files no row names when asked.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
 import os
 import re
@@ -20,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydicom import dcmread
 from sqlalchemy import Connection, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.store.db import NodeLock, session_scope
-from dicom_node.store.files import INCOMING_DIR
+from dicom_node.store.files import INCOMING_DIR, file_sha256
 from dicom_node.store.models import (
     Delivery,
     Finding,
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-REMAKE_REASON = "result files missing: its results are being made again as a new revision"
+REMAKE_REASON = "result files missing or damaged: its results are being made again as a new revision"
 
 
 def pdf_path(relative_path: str) -> str:
@@ -64,7 +68,7 @@ def result_files(kind: ResultKind, relative_path: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LostResult:
-    """The latest revision of one of a study's result objects, whose DICOM file is gone."""
+    """The latest revision of one of a study's result objects, whose DICOM file is gone or damaged."""
 
     id: int
     kind: ResultKind
@@ -74,13 +78,39 @@ class LostResult:
     sent: bool  # handed to the outbox (it has deliveries): it may be on a PACS under its UIDs
 
 
+def read_result_file(path: Path, sha256: str | None) -> tuple[bytes | None, str]:
+    """The bytes of a result object's DICOM file, or None and why it cannot be sent as it is: "missing",
+    or "damaged (…)" when it is no longer what the node wrote (``sha256``, recorded when it was written).
+    A file written before the node recorded digests (``sha256`` None) is taken as damaged when it does
+    not read as DICOM, or has no SOP Class UID; a cut in its last element goes unseen (pydicom reads it
+    as a shorter value)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:  # a directory in its place, an I/O error of a damaged disk
+        return None, f"damaged ({exc.strerror or type(exc).__name__})"
+    if sha256 is not None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None, "damaged (its content is not what the node wrote)"
+        return data, ""
+    try:
+        dataset = dcmread(io.BytesIO(data))
+    except Exception as exc:  # a truncated or damaged file: pydicom raises many types
+        return None, f"damaged (not a readable DICOM file: {type(exc).__name__})"
+    if not dataset.get("SOPClassUID"):
+        return None, "damaged (no SOP Class UID)"
+    return data, ""
+
+
 def lost_results(conn: Connection | Session, results_dir: Path, study_pk: int) -> list[LostResult]:
-    """The study's latest result objects (one per kind and model) whose files are gone. Earlier
-    revisions are left out: a later one replaced them, and is what a new revision would replace."""
+    """The study's latest result objects (one per kind and model) whose files are gone or damaged
+    (:func:`read_result_file`). Earlier revisions are left out: a later one replaced them, and is what a
+    new revision would replace."""
     rows = conn.execute(
         select(
             ResultObject.id, ResultObject.kind, ResultObject.model_name, ResultObject.model_version,
-            ResultObject.revision, ResultObject.file_path,
+            ResultObject.revision, ResultObject.file_path, ResultObject.sha256,
             exists().where(Delivery.result_object_pk == ResultObject.id).label("sent"),
         )
         .where(ResultObject.study_pk == study_pk)
@@ -92,8 +122,23 @@ def lost_results(conn: Connection | Session, results_dir: Path, study_pk: int) -
     return [
         LostResult(row.id, row.kind, row.model_name, row.model_version, row.revision, bool(row.sent))
         for row in latest.values()
-        if not (results_dir / row.file_path).is_file()
+        if read_result_file(results_dir / row.file_path, row.sha256)[0] is None
     ]
+
+
+def later_revision(session: Session, obj: ResultObject) -> bool:
+    """Whether a later revision of the same kind and model replaced this result object."""
+    return session.scalar(
+        select(
+            exists().where(
+                ResultObject.study_pk == obj.study_pk,
+                ResultObject.kind == obj.kind,
+                ResultObject.model_name == obj.model_name,
+                ResultObject.model_version == obj.model_version,
+                ResultObject.revision > obj.revision,
+            )
+        )
+    ) is True
 
 
 def reopen_to_remake(conn: Connection | Session, study_pk: int, *, failed: bool = False) -> bool:
@@ -108,7 +153,8 @@ def reopen_to_remake(conn: Connection | Session, study_pk: int, *, failed: bool 
         .values(state=StudyState.RECEIVED, state_reason=REMAKE_REASON)
     )
     if reopened.rowcount:  # type: ignore[attr-defined]
-        LOGGER.info("study %d reopened: files of its results are missing; they are made again", study_pk)
+        LOGGER.info("study %d reopened: files of its results are missing or damaged; they are made again",
+                    study_pk)
         return True
     return False
 
@@ -136,6 +182,9 @@ class StorageReport:
     missing_instances: list[int] = field(default_factory=list)
     missing_results: list[tuple[int, str, str]] = field(default_factory=list)  # (id, kind, file)
     missing_heatmaps: list[tuple[int, str]] = field(default_factory=list)  # (finding id, file)
+    # with ``verify``: files whose content is not what the node wrote
+    damaged_instances: list[int] = field(default_factory=list)
+    damaged_results: list[tuple[int, str, str, str]] = field(default_factory=list)  # (id, kind, file, why)
     orphan_results: list[str] = field(default_factory=list)  # relative to results/
     orphan_instances: list[str] = field(default_factory=list)  # relative to the storage directory
     orphan_instance_bytes: int = 0
@@ -146,31 +195,47 @@ class StorageReport:
         return len(self.missing_instances) + len(self.missing_results) + len(self.missing_heatmaps)
 
     @property
+    def damaged(self) -> int:
+        return len(self.damaged_instances) + len(self.damaged_results)
+
+    @property
     def orphans(self) -> int:
         return len(self.orphan_results) + len(self.orphan_instances)
 
 
-def check(session: Session, storage_dir: Path, results_dir: Path) -> StorageReport:
+def check(session: Session, storage_dir: Path, results_dir: Path, *, verify: bool = False) -> StorageReport:
     """Compare the rows with the files under ``storage_dir`` (received instances) and ``results_dir``.
 
     A file counts as an orphan when it is named as the node names its files and no row names it, or its
     row says the retention policy removed it (a file back from a backup that retention no longer looks
-    at). One stat per row and one directory walk per tree; no file is read."""
+    at). One stat per row and one directory walk per tree; no file is read, unless ``verify``: then every
+    received and result file is read and compared with the SHA-256 recorded when the node wrote it."""
     report = StorageReport()
     kept: set[str] = set()
-    rows = session.execute(select(Instance.id, Instance.file_path).where(Instance.purged_at.is_(None)))
-    for instance_pk, relative in rows:
+    rows = session.execute(
+        select(Instance.id, Instance.file_path, Instance.sha256).where(Instance.purged_at.is_(None))
+    )
+    for instance_pk, relative, sha256 in rows:
         report.instances += 1
         kept.add(relative)
-        if not (storage_dir / relative).is_file():
+        path = storage_dir / relative
+        if not path.is_file():
             report.missing_instances.append(instance_pk)
+        elif verify and file_sha256(path) != sha256:
+            report.damaged_instances.append(instance_pk)
     made: set[str] = set()
-    rows = session.execute(select(ResultObject.id, ResultObject.kind, ResultObject.file_path))
-    for object_pk, kind, relative in rows:
+    rows = session.execute(
+        select(ResultObject.id, ResultObject.kind, ResultObject.file_path, ResultObject.sha256)
+    )
+    for object_pk, kind, relative, sha256 in rows:
         report.results += 1
         made.update(result_files(kind, relative))
         if not (results_dir / relative).is_file():
             report.missing_results.append((object_pk, kind.value, relative))
+        elif verify:
+            data, problem = read_result_file(results_dir / relative, sha256)
+            if data is None:
+                report.damaged_results.append((object_pk, kind.value, relative, problem))
     rows = session.execute(
         select(Finding.id, Finding.heatmap_path).where(Finding.heatmap_path.is_not(None))
     )
@@ -195,6 +260,8 @@ def check(session: Session, storage_dir: Path, results_dir: Path) -> StorageRepo
             report.foreign += 1
     report.missing_instances.sort()
     report.missing_results.sort()
+    report.damaged_instances.sort()
+    report.damaged_results.sort()
     report.missing_heatmaps.sort()
     report.orphan_results.sort()
     report.orphan_instances.sort()
@@ -253,7 +320,7 @@ def command(args: argparse.Namespace, settings: Settings, factory: sessionmaker[
         lock.acquire()  # ConfigurationError (exit 2) while the node runs: it writes files before their rows
     try:
         with session_scope(factory) as session:
-            report = check(session, storage_dir, results_dir)
+            report = check(session, storage_dir, results_dir, verify=args.verify)
             _print(report)
             removed = 0
             if args.remove_orphans and report.orphans:
@@ -262,13 +329,16 @@ def command(args: argparse.Namespace, settings: Settings, factory: sessionmaker[
             say(f"removed {removed} orphan file(s) (audited as storage.remove_orphans)")
     finally:
         lock.release()
-    left = report.missing + report.orphans - removed
+    left = report.missing + report.damaged + report.orphans - removed
     if left == 0:
         say("storage: rows and files agree" if not removed else "storage: rows and files agree now")
         return 0
     if report.missing_instances:
         say("what to do: restore instances/ from the backup, or have the PACS send those images again")
-    if report.missing_results:
+    if report.damaged_instances:
+        say("what to do: restore those files from the backup, or have the PACS send those images again "
+            "(an unchanged copy replaces the damaged file)")
+    if report.missing_results or report.damaged_results:
         say("what to do: results still waiting for delivery are made again by the node; for delivered ones, "
             "resend one of their deliveries (cxr-node resend ID) or send an image of the study again")
     if report.missing_heatmaps:
@@ -284,6 +354,10 @@ def _print(report: StorageReport) -> None:
         say(f"missing: instance {instance_pk}: its received file (the retention policy did not remove it)")
     for object_pk, kind, relative in report.missing_results:
         say(f"missing: result object {object_pk} ({kind}): results/{relative}")
+    for instance_pk in report.damaged_instances:
+        say(f"damaged: instance {instance_pk}: its received file is not what the node stored")
+    for object_pk, kind, relative, why in report.damaged_results:
+        say(f"{why}: result object {object_pk} ({kind}): results/{relative}")
     for finding_pk, relative in report.missing_heatmaps:
         say(f"missing: finding {finding_pk}: its heat map results/{relative}")
     for relative in report.orphan_results:
@@ -295,6 +369,7 @@ def _print(report: StorageReport) -> None:
             "senders' UIDs: not shown)")
     if report.foreign:
         say(f"left alone: {report.foreign} file(s) not named as the node names its files")
+    damaged = f"; {report.damaged} file(s) damaged" if report.damaged else ""
     say(f"checked {report.instances} instance file(s) and {report.results} result object(s): "
         f"{len(report.missing_instances)} instance file(s), {len(report.missing_results)} result file(s) "
-        f"and {len(report.missing_heatmaps)} heat map(s) missing; {report.orphans} orphan file(s)")
+        f"and {len(report.missing_heatmaps)} heat map(s) missing{damaged}; {report.orphans} orphan file(s)")

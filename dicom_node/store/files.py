@@ -308,6 +308,19 @@ def _write_all(fd: int, view: memoryview) -> None:
         offset += os.write(fd, view[offset:])
 
 
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of a file, read in pieces (a received image can be hundreds of megabytes); None when
+    it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def _sha256(chunks: list[bytes | memoryview]) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:

@@ -350,6 +350,9 @@ class ResultObject(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     covers: Mapped[list[int] | None] = mapped_column(JSON, default=None)
+    # SHA-256 of the DICOM file as the node wrote it (migration 0013): a file damaged since then is made
+    # again, not sent. None until the file is written, and on rows made before the column existed.
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result_object")
 

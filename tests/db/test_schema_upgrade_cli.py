@@ -15,7 +15,7 @@ from tests.postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("restore_logging")]
 
-HEAD = "0012_identifier_folded"
+HEAD = "0013_result_sha256"
 
 
 def _upgrade(capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -39,7 +39,8 @@ def test_db_upgrade_says_which_migrations_it_applied(
     assert _upgrade(capsys) == (
         0,
         "database schema was at 0007_patient_empty_id; applied 0008_result_revision, "
-        f"0009_study_id_and_offset, 0010_patient_name_folded, 0011_scale_indexes, {HEAD}; now at {HEAD}\n",
+        "0009_study_id_and_offset, 0010_patient_name_folded, 0011_scale_indexes, 0012_identifier_folded, "
+        f"{HEAD}; now at {HEAD}\n",
         "",
     )
     assert _upgrade(capsys) == (0, f"database schema already at {HEAD}\n", "")

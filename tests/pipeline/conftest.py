@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def add_study(
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
                 view_position=view,
                 file_path=relative,
-                sha256="0" * 64,
+                sha256=hashlib.sha256(content).hexdigest(),
                 size_bytes=len(content),
                 calling_ae=calling_ae,
                 received_at=received_at,

@@ -229,7 +229,7 @@ def test_an_unreadable_result_file_fails_its_own_delivery_only(
     with session_scope(db) as session:
         damaged = session.get(Delivery, ids[1])
         assert damaged is not None and damaged.state is DeliveryState.RETRYING
-        assert "is not a readable DICOM file" in damaged.last_error
+        assert damaged.last_error.startswith("result file damaged (not a readable DICOM file: ")
         uid = damaged.result_object.sop_instance_uid
         assert uid not in damaged.last_error and uid not in caplog.text
 
@@ -260,8 +260,9 @@ def test_a_result_file_missing_has_its_study_made_again_and_waits_for_it_instead
 
     state, error, study_state, reason = attempt()
     assert (state, study_state) == (DeliveryState.RETRYING, StudyState.RECEIVED)  # was DEAD, at once
-    assert error == REMAKING and reason == REMAKE_REASON
-    assert attempt()[:3] == (DeliveryState.RETRYING, REMAKING, StudyState.RECEIVED)  # the round is coming
+    remaking = f"result file missing: {REMAKING}"
+    assert error == remaking and reason == REMAKE_REASON
+    assert attempt()[:3] == (DeliveryState.RETRYING, remaking, StudyState.RECEIVED)  # the round is coming
     with session_scope(db) as session:  # the round ended without replacing this object
         session.get_one(Study, study_pk).state = StudyState.ANALYSED
     state, error, study_state, _ = attempt()

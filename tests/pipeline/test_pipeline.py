@@ -5,6 +5,7 @@ sending to a Storage SCP. Crashes are simulated by an exception that nothing in 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sqlite3
@@ -30,11 +31,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import pipeline as pipeline_module
+from dicom_node import storage
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
 from dicom_node.errors import IdentityConflictError
 from dicom_node.ingest import IngestResult, ingest_bytes
 from dicom_node.jobs import open_study_ready_job
-from dicom_node.outbox import Outbox
+from dicom_node.outbox import REMAKING, Outbox
 from dicom_node.pipeline import (
     ImageClassifier,
     Pipeline,
@@ -592,6 +594,86 @@ def test_results_whose_files_were_lost_before_delivery_are_made_again_as_a_new_r
         assert (study.state, study.state_reason) == (StudyState.ANALYSED, "")
     superseded = (DeliveryState.SUPERSEDED, "superseded by revision 2")
     assert {states[uid] for uid, _ in first.values()} == {superseded}
+
+
+def test_result_files_a_disk_damaged_are_made_again_not_sent(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A result file cut short by a damaged disk still parses (pydicom reads a truncated Encapsulated
+    Document as a shorter one), so the outbox sent the broken PDF to the PACS; a byte flipped in the SR
+    went unseen too. The node now records each file's SHA-256 when it writes it: the outbox sends
+    neither, the study's results are made again as a new revision, and `storage check --verify` lists
+    the damaged files."""
+    with session_scope(world["db"]) as session:
+        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    results_dir = world["config"].results_dir
+    with session_scope(world["db"]) as session:
+        for row in session.scalars(select(ResultObject)):  # what the node wrote
+            assert row.sha256 == hashlib.sha256((results_dir / row.file_path).read_bytes()).hexdigest()
+    pdf_file, sr_file = results_dir / first[ResultKind.PDF][1], results_dir / first[ResultKind.SR][1]
+    pdf_file.write_bytes(pdf_file.read_bytes()[:-4096])
+    assert len(pydicom.dcmread(pdf_file).EncapsulatedDocument) > 0  # still reads, as a shorter document
+    damaged = bytearray(sr_file.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x20
+    sr_file.write_bytes(bytes(damaged))
+    with session_scope(world["db"]) as session:
+        verified = storage.check(session, world["config"].storage_dir, results_dir, verify=True)
+        assert storage.check(session, world["config"].storage_dir, results_dir).damaged == 0  # no file read
+    damage = "damaged (its content is not what the node wrote)"
+    found = sorted((kind, why) for _, kind, _, why in verified.damaged_results)
+    assert found == [("pdf", damage), ("sr", damage)]
+
+    with session_scope(world["db"]) as session:
+        session.get_one(RemoteAe, pacs_pk).port = peer.port  # the PACS is back
+        for delivery in session.scalars(select(Delivery)):
+            delivery.next_attempt_at = utcnow()
+    world["outbox"].deliver_due(pacs_pk)
+    assert peer.received == []  # neither damaged file went out
+    with session_scope(world["db"]) as session:
+        errors = {d.last_error for d in session.scalars(select(Delivery))}
+    assert errors == {f"result file {damage}: {REMAKING}"}
+
+    settled(world, study_pk)  # the outbox reopened the study; its settle timer readies it
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    assert sorted(peer.received) == sorted(uid for uid, _ in second.values())
+    assert all(second[kind][0] != first[kind][0] for kind in (ResultKind.SR, ResultKind.PDF))
+    with session_scope(world["db"]) as session:
+        states = {d.result_object.sop_instance_uid: d.state for d in session.scalars(select(Delivery))}
+    assert {states[uid] for uid, _ in first.values()} == {DeliveryState.SUPERSEDED}
+
+
+def test_an_image_file_a_disk_damaged_is_found_and_mended_by_the_same_image_sent_again(
+    world: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`storage check --verify` finds a received file that is no longer the bytes the sender sent, and
+    the operator's remedy, "have the PACS send the image again", mends it. Before, the copy sent again was
+    a duplicate and the damaged file stayed."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    with session_scope(world["db"]) as session:
+        instance_pk, relative = session.execute(select(Instance.id, Instance.file_path)).one()
+    image = world["config"].storage_dir / relative
+    sent = image.read_bytes()
+    damaged = bytearray(sent)
+    damaged[-1000] ^= 0x01  # one bit of the pixel data
+    image.write_bytes(bytes(damaged))
+
+    def verified() -> list[int]:
+        with session_scope(world["db"]) as session:
+            return storage.check(session, world["config"].storage_dir, world["config"].results_dir,
+                                 verify=True).damaged_instances
+
+    assert verified() == [instance_pk]
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
+        again = ingest_bytes(world["db"], world["store"], sent, calling_ae="ORTHANC", source="dimse",
+                             results_dir=world["config"].results_dir)
+    assert (again.duplicate, again.study_pk, image.read_bytes() == sent) == (True, study_pk, True)
+    assert f"instance {instance_pk}'s file was damaged; replaced by the same copy sent again" in caplog.text
+    assert verified() == []
 
 
 def test_an_image_sent_again_after_a_restore_brings_back_its_file_and_the_studys_results(

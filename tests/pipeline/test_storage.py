@@ -116,6 +116,17 @@ def test_storage_check_lists_missing_files_and_orphans_and_removes_the_orphans(
     assert cli_main(check) == 0
     assert "storage: rows and files agree" in capsys.readouterr().out
 
+    # --verify reads the files: the result files restored were not the node's (written before it kept
+    # their SHA-256, they are read as DICOM), and one received file no longer has the bytes it stored
+    kept = sorted((tmp_path / "var" / "instances").rglob("*.dcm"))[0]
+    kept.write_bytes(kept.read_bytes()[:-1] + b"?")
+    assert cli_main([*check, "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "damaged: instance " in out and ": its received file is not what the node stored" in out
+    assert f"damaged (not a readable DICOM file: InvalidDicomError): result object {made['pdf']} (pdf)" in out
+    assert "what to do: restore those files from the backup, or have the PACS send those images again" in out
+    assert "missing; 3 file(s) damaged; 0 orphan file(s)" in out
+
 
 @pytest.mark.usefixtures("restore_logging")
 def test_orphans_are_not_removed_while_the_node_runs(
