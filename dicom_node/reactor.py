@@ -63,6 +63,10 @@ IDLE_WAIT = 0.05
 PYNETDICOM_SERIES = "3.0."
 """The pynetdicom release series whose reactor loops this module mirrors."""
 
+PDU_STARTED = "_cxr_pdu_started"
+"""Attribute of an acceptor's ``AssociationSocket``: when the first byte of the PDU being read arrived
+(monotonic time; None between PDUs). :func:`dicom_node.scp.limit_silence` bounds the whole PDU from it."""
+
 
 class _Wakeup:
     """A Linux ``eventfd`` that ``select()`` can wait on beside a socket; set from any thread.
@@ -161,6 +165,16 @@ class EventDrivenDUL(DULServiceProvider):
         self._wakeup.clear()
 
     def _read_pdu_data(self) -> None:
+        # Called once select() found the socket readable: the PDU's first byte is here. Its time starts
+        # now, and the socket's reads bound the whole PDU by it (PDU_STARTED).
+        sock = cast(AssociationSocket, self.socket)
+        setattr(sock, PDU_STARTED, time.monotonic())
+        try:
+            self._read_pdu()
+        finally:
+            setattr(sock, PDU_STARTED, None)
+
+    def _read_pdu(self) -> None:
         # pynetdicom 3.0 DULServiceProvider._read_pdu_data, except that a P-DATA-TF PDU is decoded in
         # place: its PDV items are views into the one buffer the PDU was received into. pynetdicom
         # copies a received radiograph three more times on this path (header + body, bytes() for
@@ -169,7 +183,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            _log_cut_short(exc)
+            _log_cut_short(exc, self.assoc)
             self.event_queue.put("Evt17")
             return
         if len(header) != 6:
@@ -183,7 +197,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
-            _log_cut_short(exc)
+            _log_cut_short(exc, self.assoc)
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
@@ -262,13 +276,18 @@ class EventDrivenDUL(DULServiceProvider):
             sleep = False
 
 
-def _log_cut_short(exc: BaseException) -> None:
-    """A PDU not received whole. A peer silent past the time-out (gone without closing, or trickling an
-    association request) is routine trouble of the network: a WARNING, not an ERROR to alert on."""
+def _log_cut_short(exc: BaseException, assoc: Association) -> None:
+    """A PDU not received whole. A peer silent past the time-out (gone without closing) or too slow with
+    one (trickling an association request or a P-DATA-TF) is routine trouble of the network: a WARNING,
+    not an ERROR to alert on. It names the peer, whose calling AE title and address are configuration,
+    never patient data, so that the operator finds the modality or link at fault."""
+    title = assoc.requestor.ae_title.strip()
+    peer = f"calling AE {title!r} at {assoc.requestor.address}" if title else str(assoc.requestor.address)
     if isinstance(exc, TimeoutError):
-        LOGGER.warning("peer silent past the time-out in the middle of a PDU (%s); connection closed", exc)
+        LOGGER.warning("%s too slow in the middle of a PDU (%s); connection closed", peer, exc)
     else:
-        LOGGER.error("connection closed before the entire PDU was received: %s", describe_exception(exc))
+        LOGGER.error("connection from %s closed before the entire PDU was received: %s", peer,
+                     describe_exception(exc))
 
 
 def decode_p_data_tf(body: bytes | bytearray) -> P_DATA_TF:
@@ -480,6 +499,7 @@ class EventDrivenRequestHandler(RequestHandler):
 
 __all__ = [
     "IDLE_WAIT",
+    "PDU_STARTED",
     "PYNETDICOM_SERIES",
     "EventDrivenAssociation",
     "EventDrivenDUL",

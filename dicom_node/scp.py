@@ -9,6 +9,7 @@ quote dataset values) and answered with a failure, so the listener keeps serving
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -32,7 +33,7 @@ from dicom_node.allocator import tune_for_large_buffers
 from dicom_node.errors import ConfigurationError, InvalidDatasetError, NodeError, describe_exception
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
-from dicom_node.reactor import EventDrivenRequestHandler
+from dicom_node.reactor import PDU_STARTED, EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
@@ -70,27 +71,53 @@ def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
     Same contract: returns fewer bytes only when the peer closed the connection. The buffer is not
     sized by the announced PDU length up front: the header comes from a peer not yet authenticated,
     and a claimed 4 GiB PDU must not cost 4 GiB of memory before a byte of it has arrived.
+    Raises ``TimeoutError`` past the connection's limits (:func:`limit_silence`).
     """
     sock = self.socket
     assert sock is not None
     buffer = bytearray(min(nr_bytes, _FIRST_READ))
     received = 0
-    deadline: float | None = getattr(self, _DEADLINE, None)
-    while received < nr_bytes:
-        if deadline is not None:  # an association request must be complete by then (limit_silence)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("association request not complete within the ACSE time-out")
-            sock.settimeout(remaining)
-        if received == len(buffer):
-            buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
-        with memoryview(buffer) as view:
-            count = sock.recv_into(view[received:], len(buffer) - received)
-        if not count:
-            del buffer[received:]
-            return buffer
-        received += count
+    deadline, late = _read_deadline(self)
+    silence: float | None = getattr(self, _SILENCE, None)
+    try:
+        while received < nr_bytes:
+            bounded = False  # the deadline, not the silence, limits this wait: say so if it is reached
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(late)
+                bounded = silence is None or remaining < silence
+                sock.settimeout(remaining if silence is None else min(remaining, silence))
+            if received == len(buffer):
+                buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
+            try:
+                with memoryview(buffer) as view:
+                    count = sock.recv_into(view[received:], len(buffer) - received)
+            except TimeoutError:
+                if bounded:
+                    raise TimeoutError(late) from None
+                raise
+            if not count:
+                del buffer[received:]
+                return buffer
+            received += count
+    finally:
+        if deadline is not None:  # the next send (a C-STORE response) waits as long as ever
+            with contextlib.suppress(OSError):  # closed meanwhile
+                sock.settimeout(silence)
     return buffer
+
+
+def _read_deadline(assoc_socket: AssociationSocket) -> tuple[float | None, str]:
+    """When the read in progress must be done (monotonic time, or None), and what was late then."""
+    request: float | None = getattr(assoc_socket, _DEADLINE, None)
+    if request is not None:  # an association request must be complete by then
+        return request, "association request not complete within the ACSE time-out"
+    allowed: float | None = getattr(assoc_socket, _PDU_SECONDS, None)
+    started: float | None = getattr(assoc_socket, PDU_STARTED, None)
+    if allowed and started is not None:
+        return started + allowed, f"PDU not complete {allowed:g} s after its first byte (network time-out)"
+    return None, ""
 
 
 def tune_socket(assoc_socket: AssociationSocket | None) -> None:
@@ -106,23 +133,34 @@ def tune_socket(assoc_socket: AssociationSocket | None) -> None:
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
 
 
-#: Attribute of an accepted connection's AssociationSocket: when its association request must be complete.
+#: Attributes of an accepted connection's AssociationSocket: when its association request must be complete;
+#: how long a read waits for the next bytes; how long one whole PDU may take once its first byte arrived.
 _DEADLINE = "_cxr_request_deadline"
+_SILENCE = "_cxr_silence"
+_PDU_SECONDS = "_cxr_pdu_seconds"
 
 
 def limit_silence(
-    assoc_socket: AssociationSocket | None, seconds: float | None, *, request_deadline: float | None = None
+    assoc_socket: AssociationSocket | None,
+    seconds: float | None,
+    *,
+    request_deadline: float | None = None,
+    pdu_seconds: float | None = None,
 ) -> None:
     """A read on this connection waits at most ``seconds`` for the peer's next bytes, then the
     connection is closed. The listener reads a PDU whole and blocking: a peer that stopped in the middle
     of one (lost power or network, no FIN) held its thread and its association slot until it closed the
     connection itself, past every pynetdicom timer, which run only between reads (review). Until the
     association is accepted, ``request_deadline`` (monotonic time) also bounds the whole request: a peer
-    trickling a byte a second is cut off then, not only one that stops."""
+    trickling a byte a second is cut off then, not only one that stops. After it, ``pdu_seconds`` bounds
+    each whole PDU from its first byte (the reactor marks it, :data:`~dicom_node.reactor.PDU_STARTED`):
+    a peer trickling a P-DATA-TF kept its slot for ever, each byte well within ``seconds``."""
     sock = None if assoc_socket is None else assoc_socket.socket
     if sock is None or assoc_socket is None:
         return
     setattr(assoc_socket, _DEADLINE, request_deadline)
+    setattr(assoc_socket, _SILENCE, seconds or None)
+    setattr(assoc_socket, _PDU_SECONDS, pdu_seconds or None)
     try:
         sock.settimeout(seconds or None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -318,7 +356,12 @@ class StorageScp:
         limit_silence(event.assoc.dul.socket, acse, request_deadline=time.monotonic() + acse)
 
     def _on_association_accepted(self, event: Event) -> None:
-        limit_silence(event.assoc.dul.socket, self.settings.network_timeout)
+        # One PDU may take the network time-out from its first byte to its last. Never shorter than a real
+        # sender needs: pynetdicom's idle timer restarts only when a whole PDU has been read, so a PDU
+        # slower than that was already aborted once it was in (only a trickle never ending was not). With
+        # the offered PDU of dicom.max_pdu (128 KiB by default) and 60 s, a link keeping ~2 KB/s is enough.
+        timeout = self.settings.network_timeout
+        limit_silence(event.assoc.dul.socket, timeout, pdu_seconds=timeout)
 
     def _on_association_requested(self, event: Event) -> None:
         """Default deny: reject unless the called AE title is ours and the calling AE is an enabled caller

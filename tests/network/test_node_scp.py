@@ -450,6 +450,54 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
         node.scp.stop()
 
 
+def test_a_peer_that_trickles_a_pdu_after_the_association_is_accepted_loses_its_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once associated, each read waited the network time-out for the peer's *next* bytes only: a caller
+    sending a P-DATA-TF a byte every half second (a failing NIC, a degrading WAN link, or a peer that
+    learnt an accepted AE title) kept its thread and its association slot for ever, and with
+    ``max_associations`` of them every real sender was rejected. A PDU must now be whole within the
+    network time-out of its first byte."""
+    settings = DicomSettings(port=0, bind_address="127.0.0.1", acse_timeout=1.5, network_timeout=1.5,
+                             max_associations=1)
+    node = _listener(tmp_path, settings=settings)
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
+        assert assoc.is_established
+        sock = assoc.dul.socket.socket
+        assert sock is not None
+        # a P-DATA-TF whose data value would be patient data, never sent whole here
+        pdu = struct.pack(">BBLLBB", 0x04, 0, 1000, 994, 1, 0) + SENTINEL.encode().ljust(992, b" ")
+        started = time.monotonic()
+        with caplog.at_level("WARNING"), contextlib.suppress(OSError):  # a send may find it closed
+            for byte in pdu[:40]:  # 20 s at most: each byte well within the network time-out
+                if not assoc.is_established:
+                    break
+                sock.sendall(bytes([byte]))
+                time.sleep(0.5)
+        assert not assoc.is_established, "the trickling peer kept its association"
+        assert time.monotonic() - started < 8  # the network time-out (1.5 s) bounds the whole PDU
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == [f"calling AE {CALLER!r} at 127.0.0.1 too slow in the middle of a PDU (PDU not "
+                            "complete 1.5 s after its first byte (network time-out)); connection closed"]
+        assert SENTINEL[:4] not in caplog.text
+
+        def slot_free() -> bool:
+            try:
+                return scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
+            except AssociationError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while not slot_free():
+            assert time.monotonic() < deadline, "the association slot was not freed"
+            time.sleep(0.2)
+    finally:
+        node.scp.stop()
+
+
 def test_a_silent_connection_does_not_hold_up_other_tls_associations(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
