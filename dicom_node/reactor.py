@@ -67,6 +67,8 @@ PDU_STARTED = "_cxr_pdu_started"
 """Attribute of an acceptor's ``AssociationSocket``: when the first byte of the PDU being read arrived
 (monotonic time; None between PDUs). :func:`dicom_node.scp.limit_silence` bounds the whole PDU from it."""
 
+_CUT_SHORT = "_cxr_cut_short"  # set on an Association whose connection _log_cut_short reported
+
 
 class _Wakeup:
     """A Linux ``eventfd`` that ``select()`` can wait on beside a socket; set from any thread.
@@ -281,6 +283,7 @@ def _log_cut_short(exc: BaseException, assoc: Association) -> None:
     one (trickling an association request or a P-DATA-TF) is routine trouble of the network: a WARNING,
     not an ERROR to alert on. It names the peer, whose calling AE title and address are configuration,
     never patient data, so that the operator finds the modality or link at fault."""
+    setattr(assoc, _CUT_SHORT, True)
     title = assoc.requestor.ae_title.strip()
     peer = f"calling AE {title!r} at {assoc.requestor.address}" if title else str(assoc.requestor.address)
     if isinstance(exc, TimeoutError):
@@ -392,7 +395,11 @@ def _after_message(assoc: Association) -> bool:
         return True
 
     if assoc.dul.idle_timer_expired():
-        LOGGER.error("Network timeout reached")
+        # A peer idle past the time-out: routine trouble of the network, as in _log_cut_short, not an
+        # ERROR to alert on. One cut off in the middle of a PDU was reported there already.
+        level = logging.INFO if getattr(assoc, _CUT_SHORT, False) else logging.WARNING
+        LOGGER.log(level, "network time-out reached (%s s without a whole PDU); association ended",
+                   assoc.network_timeout)
         if assoc.network_timeout_response == "A-RELEASE":
             assoc._is_paused = True
             assoc._reactor_checkpoint.wait()
