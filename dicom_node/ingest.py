@@ -6,8 +6,8 @@ what the modality produced. A repeated SOP Instance UID is a success without a s
 file is kept (or restored from the copy, when it was lost or damaged), and when the files of its study's
 results are gone or damaged, the study is reopened to have them made again (:mod:`dicom_node.storage`).
 Non-image objects (SRs, PDFs, presentation states: :mod:`dicom_node.sop_classes`) are stored the same way,
-without the pixel data checks. On any failure nothing is left behind: the file only takes its final name inside the transaction
-that records it, and is removed again if that transaction cannot commit.
+without the pixel data checks. On any failure nothing is left behind: the file only takes its final name
+inside the transaction that records it, and is removed again if that transaction cannot commit.
 """
 
 from __future__ import annotations
