@@ -404,6 +404,20 @@ def _closed_by_peer(sock: socket.socket, within: float) -> float:
     return time.monotonic() - started
 
 
+def _wait_for_a_free_slot(port: int) -> None:
+    """Until a C-ECHO succeeds: the listener's thread lets the slot go a moment after the close."""
+    def slot_free() -> bool:
+        try:
+            return scu.echo("127.0.0.1", port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
+        except AssociationError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while not slot_free():
+        assert time.monotonic() < deadline, "the association slot was not freed"
+        time.sleep(0.2)
+
+
 def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_slot(tmp_path: Path) -> None:
     """The listener reads a PDU whole, blocking, with no time-out on the connection: a sender that lost
     power or network in the middle of a C-STORE (no FIN) kept its thread and its association slot until
@@ -435,17 +449,7 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
         while assoc.is_established and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not assoc.is_established
-
-        def slot_free() -> bool:  # the listener's thread lets the slot go a moment after the close
-            try:
-                return scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
-            except AssociationError:
-                return False
-
-        deadline = time.monotonic() + 10
-        while not slot_free():
-            assert time.monotonic() < deadline, "the association slot was not freed"
-            time.sleep(0.2)
+        _wait_for_a_free_slot(node.scp.port)
     finally:
         node.scp.stop()
 
@@ -483,17 +487,7 @@ def test_a_peer_that_trickles_a_pdu_after_the_association_is_accepted_loses_its_
         assert warnings == [f"calling AE {CALLER!r} at 127.0.0.1 too slow in the middle of a PDU (PDU not "
                             "complete 1.5 s after its first byte (network time-out)); connection closed"]
         assert SENTINEL[:4] not in caplog.text
-
-        def slot_free() -> bool:
-            try:
-                return scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
-            except AssociationError:
-                return False
-
-        deadline = time.monotonic() + 10
-        while not slot_free():
-            assert time.monotonic() < deadline, "the association slot was not freed"
-            time.sleep(0.2)
+        _wait_for_a_free_slot(node.scp.port)
     finally:
         node.scp.stop()
 

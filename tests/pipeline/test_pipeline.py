@@ -182,6 +182,23 @@ def result_rows(world: dict[str, Any], study_pk: int) -> dict[ResultKind, tuple[
         return {r.kind: (r.sop_instance_uid, r.file_path) for r in rows}
 
 
+def pacs_down(world: dict[str, Any]) -> int:
+    """The PACS destination moved to a port nobody listens on: the PACS is down. Returns its row id."""
+    with session_scope(world["db"]) as session:
+        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        pacs.port = peers.free_port()
+        return pacs.id
+
+
+def pacs_back(world: dict[str, Any], pacs_pk: int, peer: StorePeer) -> None:
+    """The PACS is back (``peer``): every delivery is due now, and the outbox sends them."""
+    with session_scope(world["db"]) as session:
+        session.get_one(RemoteAe, pacs_pk).port = peer.port
+        for delivery in session.scalars(select(Delivery)):
+            delivery.next_attempt_at = utcnow()
+    world["outbox"].deliver_due(pacs_pk)
+
+
 def late_image(world: dict[str, Any], study_pk: int, **changes: Any) -> dict[ResultKind, tuple[str, str]]:
     """A second image of the study arrives after its results and is processed (with ``changes`` to the
     pipeline's configuration): the study's latest results then."""
@@ -503,9 +520,7 @@ def test_a_late_image_while_the_pacs_is_down_sends_only_the_latest_results(
 ) -> None:
     """Results waiting for a PACS that is down are replaced by the revision a late image brings: the old
     code sent both once the PACS was back, so the viewer listed an SR that leaves the late image out."""
-    with session_scope(world["db"]) as session:
-        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
-        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    pacs_pk = pacs_down(world)
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
@@ -531,9 +546,7 @@ def test_a_delivery_superseded_while_it_was_being_tried_stays_superseded(
     was sending; the failed attempt then set the old deliveries RETRYING again (found by review)."""
     from dicom_node import scu
 
-    with session_scope(world["db"]) as session:
-        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
-        pacs_pk, pacs.port = pacs.id, peers.free_port()  # down
+    pacs_pk = pacs_down(world)
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
@@ -563,18 +576,12 @@ def test_results_whose_files_were_lost_before_delivery_are_made_again_as_a_new_r
     The outbox found the SR and PDF missing, retried them for three days and left them DEAD; the node
     never made them again. Now the study goes round once more: a new revision (new UIDs, naming the lost
     one as its predecessor) is made from the database and sent, and it supersedes the lost objects."""
-    with session_scope(world["db"]) as session:
-        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
-        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    pacs_pk = pacs_down(world)
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
     shutil.rmtree(world["config"].results_dir / str(study_pk))  # results/ restored from an older backup
-    with session_scope(world["db"]) as session:
-        session.get_one(RemoteAe, pacs_pk).port = peer.port  # the PACS is back
-        for delivery in session.scalars(select(Delivery)):
-            delivery.next_attempt_at = utcnow()
-    world["outbox"].deliver_due(pacs_pk)
+    pacs_back(world, pacs_pk, peer)
     assert peer.received == []
 
     settled(world, study_pk)  # the outbox reopened the study; its settle timer readies it
@@ -604,9 +611,7 @@ def test_result_files_a_disk_damaged_are_made_again_not_sent(
     went unseen too. The node now records each file's SHA-256 when it writes it: the outbox sends
     neither, the study's results are made again as a new revision, and `storage check --verify` lists
     the damaged files."""
-    with session_scope(world["db"]) as session:
-        pacs = session.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
-        pacs_pk, pacs.port = pacs.id, peers.free_port()  # nobody listens there: the PACS is down
+    pacs_pk = pacs_down(world)
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
@@ -627,11 +632,7 @@ def test_result_files_a_disk_damaged_are_made_again_not_sent(
     found = sorted((kind, why) for _, kind, _, why in verified.damaged_results)
     assert found == [("pdf", damage), ("sr", damage)]
 
-    with session_scope(world["db"]) as session:
-        session.get_one(RemoteAe, pacs_pk).port = peer.port  # the PACS is back
-        for delivery in session.scalars(select(Delivery)):
-            delivery.next_attempt_at = utcnow()
-    world["outbox"].deliver_due(pacs_pk)
+    pacs_back(world, pacs_pk, peer)
     assert peer.received == []  # neither damaged file went out
     with session_scope(world["db"]) as session:
         errors = {d.last_error for d in session.scalars(select(Delivery))}
