@@ -1,6 +1,6 @@
 # Two entry points for a fresh Debian machine (Python 3.11):
 #   make run    install the node and start it on its embedded defaults
-#   make test   install everything the tests need (DCMTK, dicom3tools, Orthanc, PostgreSQL,
+#   make test   install everything the tests need (DCMTK, dicom3tools, Orthanc, PostgreSQL, systemd,
 #               Chromium, poppler, OpenJPH) and run the whole suite
 # VENV may point at an existing virtual environment; REQUIRE_PEERS=1 turns "peer missing" into a failure.
 
@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_RUN := python3-venv python3-pip
 # TrueType fonts for names in scripts the bundled DejaVu subset lacks (CJK; Hangul), in reports and PDFs
 APT_FONTS := fonts-droid-fallback fonts-wqy-microhei
-APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils openjph-tools
+APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils openjph-tools systemd
 PYTEST_ARGS ?=
 ifeq ($(REQUIRE_PEERS),1)
 PYTEST_ARGS += --require-peers
