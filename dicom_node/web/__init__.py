@@ -30,7 +30,7 @@ from dicom_node.store.db import session_scope
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import account, admin, api, login, pages
 from dicom_node.web.auth import SESSION_COOKIE, LoginThrottle, Principal, SessionTokens
-from dicom_node.web.deps import Console, Forbidden, NotAuthenticated
+from dicom_node.web.deps import HEAD_ONLY, Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
 from dicom_node.web.limits import ASGIApp, Message, Receive, RequestBodyGuard, Scope, Send
 from dicom_node.web.services import ConsoleServices, NodeConsoleServices
@@ -89,7 +89,8 @@ def create_app(
 class HeadAsGet:
     """HEAD wherever GET is, as HTTP asks (monitors and link checkers send it; FastAPI's routes answered
     405): the route runs as for GET, with its login and audit, and the answer goes out without its body
-    (its headers, Content-Length included, stay the GET's)."""
+    (its headers, Content-Length included, stay the GET's). The audit event says so (:data:`HEAD_ONLY`):
+    it was recorded as a read of the patient's data, which never went out."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -104,7 +105,11 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        marked = HEAD_ONLY.set(True)
+        try:
+            await self.app({**scope, "method": "GET"}, receive, headers_only)
+        finally:
+            HEAD_ONLY.reset(marked)
 
 
 CONTENT_SECURITY_POLICY = (

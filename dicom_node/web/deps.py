@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,6 +24,10 @@ from dicom_node.web.auth import (
 )
 from dicom_node.web.services import ConsoleServices
 from dicom_node.web.uploads import UploadStore
+
+#: Set while a HEAD request runs as its GET (dicom_node.web.HeadAsGet): the access log says that nothing of
+#: the page or file went out, only its headers (a monitor's or link checker's request, with a session).
+HEAD_ONLY: ContextVar[bool] = ContextVar("head_only", default=False)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import results
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
+    HEAD_ONLY,
     Console,
     ConsoleDep,
     CsrfAdminDep,
@@ -318,7 +319,10 @@ def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQ
 def audit_read(
     db: Session, principal: Principal, action: str, target: str, details: dict[str, Any] | None = None
 ) -> None:
-    """Record who opened which patient's data (an access log, as hospitals keep), and commit it."""
+    """Record who opened which patient's data (an access log, as hospitals keep), and commit it. A HEAD
+    request is recorded too, marked ``"method": "HEAD"``: asked for, but nothing of it went out."""
+    if HEAD_ONLY.get():
+        details = {**(details or {}), "method": "HEAD"}
     audit.record(db, audit.user_actor(principal.username), action, target, details)
     db.commit()
 

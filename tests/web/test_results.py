@@ -420,6 +420,22 @@ def _encapsulated_pdf(pdf: bytes) -> pydicom.Dataset:
     return ds
 
 
+def test_a_head_request_is_in_the_access_log_as_such(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """HEAD runs the GET's route, audit included: a monitor's HEAD of a study page was in the access log
+    as a read of the patient's data ("study.view") like any GET, though nothing of the page went out."""
+    client, _ = admin_client
+    ids = add_study(factory, StudySpec())
+    head, get = client.head(f"/results/{ids.study}"), client.get(f"/results/{ids.study}")
+    assert (head.status_code, head.content, get.status_code) == (200, b"", 200)
+    with session_scope(factory) as session:
+        views = session.scalars(
+            select(AuditEvent.details).where(AuditEvent.action == "study.view").order_by(AuditEvent.id)
+        ).all()
+    assert views == [{"method": "HEAD"}, {}]
+
+
 def test_sr_and_pdf_downloads(
     admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
 ) -> None:
