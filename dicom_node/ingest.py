@@ -45,7 +45,7 @@ from dicom_node.part10 import (
 )
 from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, RESULT_SOP_CLASSES, is_image
 from dicom_node.store import header_columns
-from dicom_node.store.db import waits_for_a_resource
+from dicom_node.store.db import READ_ONLY, waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, file_sha256, instance_path
 from dicom_node.store.models import Patient, ResultObject, Study
 from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
@@ -103,6 +103,7 @@ class Ingestor:
         if not isinstance(engine, Engine):
             raise ConfigurationError("the session factory must be bound to an engine")
         self._engine = engine
+        self._reader = engine.execution_options(**{READ_ONLY: True})  # takes no SQLite write lock
         self.file_store = file_store
         self.on_stored = on_stored
         self.accepted_sop_classes = frozenset(accepted_sop_classes)
@@ -227,7 +228,7 @@ class Ingestor:
         if sop_class not in _RESULT_SOP_CLASSES:
             return None
         try:
-            with self._engine.connect() as conn:
+            with self._reader.connect() as conn:
                 row = conn.execute(
                     select(_RESULT.c.id, _RESULT.c.study_pk, _STUDY.c.study_instance_uid,
                            _PATIENT.c.patient_id)

@@ -37,6 +37,7 @@ from dicom_node.reactor import PDU_STARTED, EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
+from dicom_node.store.db import make_read_only_session_factory
 from dicom_node.tls import handshake_failure, server_context
 
 LOGGER = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ class StorageScp:
         self.listen_socket = listen_socket  # the node's, when this is one of its listener processes
         self.ingestor = ingestor
         self.session_factory = session_factory
+        self._reads = make_read_only_session_factory(session_factory)  # the caller check waits on no writer
         self.ssl_context = ssl_context
         self.caller_policy = caller_policy
         self._server: ThreadedAssociationServer | None = None
@@ -378,7 +380,7 @@ class StorageScp:
             self._reject(event, REJECT_CALLED_AE)
             return
         try:
-            with self.session_factory() as session:
+            with self._reads() as session:
                 allowed = self.caller_policy(session, calling, peer)
         except Exception as exc:
             LOGGER.error("association from %s at %s rejected (transient): policy check failed: %s",

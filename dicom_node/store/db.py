@@ -420,13 +420,23 @@ def _unicode_lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+#: Execution option of an engine whose transactions only read (:func:`make_read_only_session_factory`).
+READ_ONLY = "cxr_read_only"
+
+
 def _sqlite_begin_immediate(connection: Any) -> None:
-    """Take SQLite's write lock at BEGIN.
+    """Take SQLite's write lock at BEGIN, unless the connection only reads (:data:`READ_ONLY`).
 
     A deferred transaction that reads and then writes fails at once with "database is locked"
     (SQLITE_BUSY_SNAPSHOT, the busy timeout does not apply) when another connection committed in
     between — exactly what concurrent associations do. BEGIN IMMEDIATE waits for the lock instead.
+    A transaction that only reads needs no lock in WAL mode: it reads the last commit, and never waits
+    behind the writers (review: the caller check of an association request queued behind every image
+    being stored, and behind another program holding the file, for up to 30 s).
     """
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+        return
     dbapi_connection = connection.connection.dbapi_connection
     begin = getattr(dbapi_connection, "begin_immediate", None)
     if begin is not None:
@@ -437,6 +447,13 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def make_read_only_session_factory(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions on ``factory``'s engine for work that only reads: on SQLite they take no write lock (a
+    write in one of them would meet SQLITE_BUSY instead of waiting its turn); elsewhere they are the same."""
+    engine: Engine = factory.kw["bind"]
+    return sessionmaker(bind=engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

@@ -404,6 +404,32 @@ def _closed_by_peer(sock: socket.socket, within: float) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("holder", ["the node's own writer", "another program"])
+def test_the_caller_check_does_not_wait_behind_a_writer(listener: Listener, tmp_path: Path, holder: str) -> None:
+    """Every SQLite transaction of the node took the write lock at BEGIN, the association request's check of
+    the calling AE title too: it queued behind each image being stored and, while another program held the
+    file (the sqlite3 shell, a backup), waited up to 30 s, past the sender's ACSE time-out. A read-only
+    transaction reads the last commit and waits for nobody."""
+    import sqlite3
+
+    if holder == "another program":
+        other = sqlite3.connect(tmp_path / "node.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        release = other.rollback
+    else:
+        session = listener.sessions()
+        session.connection()  # BEGIN IMMEDIATE, behind the node's writer lock
+        release = session.close
+    try:
+        started = time.monotonic()
+        assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER, timeout=10) == 0
+        assert time.monotonic() - started < 3  # not the 30 s of SQLite's lock time-out
+        with pytest.raises(AssociationError, match="calling AE title not recognised"):  # still checked
+            scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="STRANGER", timeout=10)
+    finally:
+        release()
+
+
 def _wait_for_a_free_slot(port: int) -> None:
     """Until a C-ECHO succeeds: the listener's thread lets the slot go a moment after the close."""
     def slot_free() -> bool:
