@@ -71,7 +71,8 @@ class _DatabaseCollector(Collector):
     left out rather than reported as 0, and ``database_up`` is 0."""
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
-        self.session_factory = session_factory
+        # a scrape only reads: on SQLite it does not queue behind the images being stored
+        self.session_factory = db.make_read_only_session_factory(session_factory)
         self._lock = threading.Lock()
         self._down_since_logged: float | None = None  # monotonic time of the last "cannot be read" WARNING
 

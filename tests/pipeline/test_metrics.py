@@ -73,6 +73,21 @@ def test_metrics_count_what_the_database_holds(
     assert samples[("cxr_node_receipt_to_delivery_seconds_bucket", (("kind", "sr"), ("le", "2.0")))] == 0
 
 
+def test_a_scrape_does_not_wait_behind_a_writer(served: tuple[NodeMetrics, str], db: sessionmaker[Session]) -> None:
+    """A scrape took SQLite's write lock for its counts, so it queued behind every image being stored and,
+    with a long write (another program holding the file), Prometheus's scrape timed out. It only reads."""
+    _, url = served
+    writer = db()
+    writer.connection()  # a write transaction held open (on SQLite: the write lock)
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{url}/metrics", timeout=20)
+        assert response.status_code == 200 and "cxr_node_database_up 1.0" in response.text
+        assert time.monotonic() - started < 3
+    finally:
+        writer.close()
+
+
 def test_healthz_reports_each_check_and_fails_when_one_fails(served: tuple[NodeMetrics, str]) -> None:
     metrics, url = served
     ok = httpx.get(f"{url}/healthz")
