@@ -52,6 +52,7 @@ from dicom_node.pipeline import Pipeline  # noqa: E402
 from dicom_node.retention import Retention  # noqa: E402
 from dicom_node.settings import Settings  # noqa: E402
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade  # noqa: E402
+from dicom_node.store.folding import name_words  # noqa: E402
 from dicom_node.store.models import (  # noqa: E402
     AeRole,
     AuditEvent,
@@ -65,6 +66,7 @@ from dicom_node.store.models import (  # noqa: E402
     JobKind,
     JobState,
     Patient,
+    PatientNameWord,
     RemoteAe,
     ResultKind,
     ResultObject,
@@ -117,6 +119,9 @@ def fill(engine: Engine, studies: int, audit_events: int, now: datetime, seed: i
                              name_folded=folded_name(name), birth_date=f"19{rng.randint(30, 99)}0101",
                              sex=rng.choice("MF")))
     _insert(engine, Patient, patients)
+    # the words the search by name finds, as the node's ingest writes them with each patient
+    _insert(engine, PatientNameWord, [dict(patient_pk=p["id"], word=word) for p in patients
+                                      for word in sorted(name_words(p["name_folded"]))])
     del patients
     study_rows, series_rows, instance_rows, finding_rows, job_rows = [], [], [], [], []
     object_rows, delivery_rows, attempt_rows = [], [], []

@@ -7,6 +7,7 @@ its name folded here (``patient.name_folded``) and the search folds its words th
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # str.lower() may lengthen a value ("İ" becomes "i̇"): a folded identifier column is twice its value's length.
@@ -40,3 +41,28 @@ def identifier(text: str) -> str:
     identity. Kept in ``patient.patient_id_folded`` and ``study.accession_number_folded`` so that a prefix
     search reads their index instead of lower-casing every row."""
     return text.lower()
+
+
+#: What separates the words of a name, in the search box as in the name: blanks, commas, DICOM's "^"
+#: between a name's components and "=" between its alphabetic, ideographic and phonetic groups.
+WORD_SEPARATORS = re.compile(r"[\s,^=]+")
+
+# A mark inside a word after which a word starts too: "o'brien" is also found by "brien", "smith-jones"
+# by "jones" (the search matches words from their start, from an index).
+_INNER_MARK = re.compile(r"\W")
+
+
+def name_words(folded: str) -> set[str]:
+    """The words of a folded name (:func:`fold`) as the search by name matches them from their start:
+    each word, and each tail of a word after a punctuation mark inside it. "o'brien^sean" gives
+    {"o'brien", "brien", "sean"}."""
+    words: set[str] = set()
+    for word in WORD_SEPARATORS.split(folded):
+        if not word:
+            continue
+        words.add(word)
+        for mark in _INNER_MARK.finditer(word):
+            tail = word[mark.end():]
+            if tail:
+                words.add(tail)
+    return words

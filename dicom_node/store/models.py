@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Enum,
     Float,
@@ -29,7 +30,9 @@ from sqlalchemy import (
     Text,
     Unicode,
     UniqueConstraint,
+    event,
     false,
+    inspect,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -171,6 +174,45 @@ class Patient(Base):
     sex: Mapped[str] = mapped_column(String(16), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class PatientNameWord(Base):
+    """One word of a patient's folded name (:func:`dicom_node.store.folding.name_words`), so that the
+    results search by name finds a word from its start in an index instead of reading every patient's
+    name (migration 0014). Kept with the name: dicom_node.store.name_words."""
+
+    __tablename__ = "patient_name_word"
+    __table_args__ = (
+        # the search: a word's prefix, then its patients, from the index alone
+        Index(
+            "ix_patient_name_word_word",
+            "word",
+            "patient_pk",
+            postgresql_ops={"word": "varchar_pattern_ops"},
+        ),
+    )
+
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), primary_key=True)
+    word: Mapped[str] = mapped_column(
+        String(PERSON_NAME_LENGTH).with_variant(String(PERSON_NAME_LENGTH, collation="NOCASE"), "sqlite"),
+        primary_key=True,
+    )
+
+
+@event.listens_for(Patient, "after_insert")
+def _patient_inserted(_mapper: Any, connection: Connection, target: Patient) -> None:
+    """An ORM insert of a patient gets its name's words for the search, as the ingest's inserts do."""
+    from dicom_node.store import name_words  # imports this module
+
+    name_words.keep(connection, target.id)
+
+
+@event.listens_for(Patient, "after_update")
+def _patient_updated(_mapper: Any, connection: Connection, target: Patient) -> None:
+    if inspect(target).attrs.name_folded.history.has_changes():
+        from dicom_node.store import name_words  # imports this module
+
+        name_words.keep(connection, target.id)
 
 
 class Study(Base):

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, CursorResult, Table, case, delete, exists, fu
 
 from dicom_node.errors import DatabaseUnavailableError, IdentityConflictError
 from dicom_node.sop_classes import not_an_image
-from dicom_node.store import header_columns
+from dicom_node.store import header_columns, name_words
 from dicom_node.store.files import StoredFile
 from dicom_node.store.folding import identifier
 from dicom_node.store.models import (
@@ -315,6 +315,8 @@ def _fill_missing(conn: Connection, patient_pk: int, fields: dict[str, Any], row
     guarded = _only_if_empty(_PATIENT, missing)
     if guarded:
         conn.execute(update(_PATIENT).where(_PATIENT.c.id == patient_pk).values(**guarded))
+        if "name" in guarded:  # the name may have been empty: its words for the search (migration 0014)
+            name_words.keep(conn, patient_pk)
 
 
 def _upsert_patient(conn: Connection, ds: Dataset) -> int:
@@ -326,7 +328,9 @@ def _upsert_patient(conn: Connection, ds: Dataset) -> int:
         .where(_PATIENT.c.patient_id == patient_id, _PATIENT.c.issuer_of_patient_id == issuer)
     ).first() if patient_id else None
     if row is None:
-        return _new_id(conn.execute(insert(_PATIENT).values(
+        patient_pk = _new_id(conn.execute(insert(_PATIENT).values(
             patient_id=patient_id, issuer_of_patient_id=issuer, **fields)))
+        name_words.keep(conn, patient_pk, folded_name(fields.get("name") or ""))
+        return patient_pk
     _fill_missing(conn, row.id, fields, row)
     return int(row.id)

@@ -6,14 +6,13 @@ The same pydantic models serve the HTML pages and the JSON API, so both always s
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, select, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
 from classifier.types import doubt_reason
@@ -28,6 +27,7 @@ from dicom_node.store.models import (
     Job,
     JobState,
     Patient,
+    PatientNameWord,
     ResultObject,
     Series,
     Study,
@@ -98,8 +98,8 @@ class ResultQuery(BaseModel):
 
     patient: str = Field(
         default="", max_length=128,
-        description="patient name words (anywhere in the name, case and accents optional) or patient ID "
-        "(from its start); * and ? are wildcards",
+        description="patient name words (each from the start of a word of the name, case and accents "
+        "optional) or patient ID (from its start); * and ? are wildcards",
     )
     accession: str = Field(default="", max_length=16, description="from its start; * and ? are wildcards")
     date_from: date | None = None
@@ -165,10 +165,22 @@ def has_wildcard(term: str) -> bool:
     return "*" in term or "?" in term
 
 
-def _name_contains(term: str) -> ColumnElement[bool]:
-    """A name word anywhere in the patient's name (wildcards inside the word), case and accents folded on
-    both sides: "muller" finds MÜLLER."""
-    return Patient.name_folded.like(f"%{_like_pattern(folding.fold(term))}%", escape="\\")
+def _patients_named(words: list[str]) -> Select[tuple[int]]:
+    """The patients with, for each of ``words``, a word of their name that starts with it (wildcards
+    inside it), case and accents folded on both sides: "muller" finds MÜLLER, "brien" O'BRIEN. Each word
+    is a prefix search of the name-word index (migration 0014); a word that starts with a wildcard reads
+    that whole index (still no patient or study row). A name's words and their tails after a mark inside
+    a word are its starts (folding.name_words): "ller" no longer finds MÜLLER, "*ller" does."""
+    def starting(word: str) -> Select[tuple[int]]:
+        pattern = f"{_like_pattern(folding.fold(word))}%"
+        return select(PatientNameWord.patient_pk).where(PatientNameWord.word.like(pattern, escape="\\"))
+
+    found = starting(words[0])
+    for word in words[1:]:
+        # each further word narrows the patients the previous ones found (an IN, not an INTERSECT: SQLite
+        # cannot put a compound SELECT inside the UNION the caller makes)
+        found = starting(word).where(PatientNameWord.patient_pk.in_(found))
+    return found
 
 
 def _identifier(column: InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:
@@ -183,15 +195,11 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     criteria: list[ColumnElement[bool]] = []
     patient = query.patient.strip()
     if patient:
-        words = [w for w in re.split(r"[\s,^]+", patient) if w]
-        by_name = and_(*[_name_contains(w) for w in words])
-        # The patients found first (their IDs by index, their names in one pass over the folded names), then
-        # their studies: joined, SQLite walked every study and looked up its patient, 200 ms a search.
-        criteria.append(
-            Study.patient_pk.in_(
-                select(Patient.id).where(or_(_identifier(Patient.patient_id_folded, patient), by_name))
-            )
-        )
+        words = [w for w in folding.WORD_SEPARATORS.split(patient) if w]
+        # The patients found first (by the index of their IDs and of their names' words), then their
+        # studies: joined, SQLite walked every study and looked up its patient, 200 ms a search.
+        by_id = select(Patient.id).where(_identifier(Patient.patient_id_folded, patient))
+        criteria.append(Study.patient_pk.in_(union(by_id, _patients_named(words)) if words else by_id))
     if query.accession.strip():
         criteria.append(_identifier(Study.accession_number_folded, query.accession.strip()))
     if query.date_from:

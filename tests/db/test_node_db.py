@@ -43,6 +43,7 @@ from dicom_node.store.models import (
     JobKind,
     JobState,
     Patient,
+    PatientNameWord,
     Series,
     Study,
     StudyState,
@@ -70,7 +71,7 @@ def test_migrations_match_models_and_rerun_cleanly(engine: Engine) -> None:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         version = conn.execute(text("select version_num from alembic_version")).scalar_one()
     assert diffs == []
-    assert version == "0013_result_sha256"
+    assert version == "0014_patient_name_words"
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
 
 
@@ -508,6 +509,9 @@ def test_a_study_takes_the_identity_a_later_image_adds_and_then_holds_to_it(
         assert (patient.patient_id, patient.issuer_of_patient_id) == then
         assert (patient.name, patient.birth_date) == ("Doe^Jane", "19700101")  # kept from the first
         assert session.scalar(select(func.count()).select_from(Patient)) == 1  # no orphan row left
+        # the name's words for the search moved with the name; the earlier row's went with it
+        words = session.execute(select(PatientNameWord.patient_pk, PatientNameWord.word)).all()
+        assert sorted(tuple(row) for row in words) == [(patient.id, "doe"), (patient.id, "jane")]
     with pytest.raises(IdentityConflictError):
         ingestor.ingest_bytes(to_bytes(image(other)), calling_ae="M", source="dimse")
 
@@ -530,6 +534,11 @@ def test_the_folded_search_columns_follow_the_values_a_later_image_fills(
         study = session.get_one(Study, stored.study_pk)
         assert (study.accession_number, study.accession_number_folded) == ("ACC-Ab7", "acc-ab7")
         assert (study.patient.name, study.patient.name_folded) == ("MÜLLER^Jörg", "muller^jorg")
+        # the words the search by name finds (migration 0014), there since the name came
+        words = session.scalars(
+            select(PatientNameWord.word).where(PatientNameWord.patient_pk == study.patient_pk)
+        )
+        assert sorted(words) == ["jorg", "muller"]
 
 
 def test_two_images_naming_two_patients_for_a_study_without_one_do_not_both_get_in(
@@ -691,9 +700,12 @@ def test_the_upgrade_folds_the_names_of_patients_stored_before(tmp_path: Path) -
         db.upgrade(engine)
         with engine.connect() as conn:
             rows = conn.execute(text("select patient_id, name_folded from patient order by patient_id")).all()
+            words = conn.execute(text("select p.patient_id, w.word from patient_name_word w "
+                                      "join patient p on p.id = w.patient_pk order by w.word")).all()
     finally:
         engine.dispose()
     assert [tuple(row) for row in rows] == [("P1", "muller^jorg"), ("P2", "")]
+    assert [tuple(row) for row in words] == [("P1", "jorg"), ("P1", "muller")]  # 0014 made them
 
 
 def test_every_header_column_comes_back_as_the_attribute_it_was_read_from(

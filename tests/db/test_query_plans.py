@@ -35,6 +35,7 @@ SCALE_INDEXES = {
     ("instance", "ix_instance_received_at"): ["received_at"],
     ("instance", "ix_instance_state_purged_at"): ["state", "purged_at"],
     ("patient", "ix_patient_patient_id_folded"): ["patient_id_folded"],
+    ("patient_name_word", "ix_patient_name_word_word"): ["word", "patient_pk"],
     ("study", "ix_study_accession_number_folded"): ["accession_number_folded"],
     ("study", "ix_study_state_analysed_at"): ["state", "analysed_at"],
     ("study", "ix_study_state_last_received_at"): ["state", "last_received_at"],
@@ -92,8 +93,8 @@ def plans(engine: Engine) -> Iterator[list[list[str]]]:
             found.append([str(row[-1]) for row in rows])
 
 
-BIG_TABLES = ("study", "patient", "series", "instance", "finding", "result_object", "delivery",
-              "delivery_attempt", "job", "audit_event")
+BIG_TABLES = ("study", "patient", "patient_name_word", "series", "instance", "finding", "result_object",
+              "delivery", "delivery_attempt", "job", "audit_event")
 
 
 def whole_table_reads(found: list[list[str]]) -> list[str]:
@@ -147,13 +148,32 @@ def test_a_patient_search_reads_the_patients_once_not_every_study(
     sqlite_engine: Engine, factory: sessionmaker[Session]
 ) -> None:
     """A search by Patient ID lower-cased every study's patient, joined study by study (310 ms at 100,000
-    studies). The ID now searches its index; the name words, found anywhere in the name, still read the
-    folded names once, and the studies are found from the patients."""
+    studies). The ID now searches its index, the name words theirs (migration 0014), and the studies are
+    found from the patients."""
     with plans(sqlite_engine) as found, factory() as session:
         results.search(session, results.ResultQuery(patient="PID0000421"))
     lines = [line for lines in found for line in lines]
     assert not [line for line in lines if line.startswith("SCAN study")], found
     assert not [line for line in lines if line.startswith("SEARCH patient USING INTEGER PRIMARY KEY")], found
+
+
+@pytest.mark.parametrize("typed", ["muller", "Müller Jörg", "o*brien", "sm?th j*n"])
+def test_a_name_search_finds_the_words_from_their_index(
+    typed: str, sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """A search by a word of the patient's name read every patient's folded name (LIKE '%word%': 80 ms a
+    search at 100,000 studies on SQLite, 35 ms on PostgreSQL); each word is now a prefix of the index of
+    the names' words, and only the patients found are looked up."""
+    with plans(sqlite_engine) as found, factory() as session:
+        results.search(session, results.ResultQuery(patient=typed))
+    assert found and whole_table_reads(found) == []
+    lines = [line for lines in found for line in lines]
+    words = len(typed.split())
+    searched = [line for line in lines
+                if line.startswith("SEARCH patient_name_word USING COVERING INDEX")
+                and "word>? AND word<?)" in line]
+    assert len(searched) == 2 * words, found  # each word by its prefix, in the count and in the page
+    assert not [line for line in lines if line.startswith("SCAN ") and "patient" in line], found
 
 
 def test_the_patient_id_is_searched_by_its_index(sqlite_engine: Engine) -> None:

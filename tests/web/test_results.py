@@ -144,6 +144,20 @@ def test_search_takes_pacs_wildcards_in_name_id_and_accession(
     assert _ids(client, accession="*0*") == [c["covid"], c["pneumonia"], c["skipped"], c["old_normal"]]
 
 
+def test_a_name_word_matches_from_the_start_of_a_word_of_the_name(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """The words of a name are searched by prefix in an index (migration 0014): a word typed matches the
+    start of a word of the name, or of its part after a mark ("brien" in O'BRIEN); a leading wildcard
+    still finds it anywhere."""
+    client, _ = rad_client
+    c = corpus
+    assert _ids(client, patient="brien") == [c["covid"]]
+    assert _ids(client, patient="mith") == []
+    assert _ids(client, patient="*mith") == [c["pneumonia"], c["skipped"]]
+    assert _ids(client, patient="smith^john") == [c["pneumonia"], c["skipped"]]  # as DICOM writes it
+
+
 def test_the_search_form_says_how_it_matches(rad_client: tuple[TestClient, str]) -> None:
     client, _ = rad_client
     html = client.get("/results").text
