@@ -363,6 +363,9 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
             return Retention._candidates(session, cutoff)
 
     late = max(1, studies // 25 - 10)
+    with session_scope(factory) as session:  # the last event of page 1999: page 2000's "Older" link
+        before = session.scalar(select(AuditEvent.id).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+                                .offset(1999 * 50 - 1).limit(1))
     return {
         "GET / (dashboard)": get("/"),
         "GET /api/dashboard": get("/api/dashboard"),
@@ -378,6 +381,7 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
         "study page": get(f"/results/{studies // 2}"),
         "audit page 1": get("/admin/audit"),
         "audit page 2000": get("/admin/audit?page=2000"),
+        "audit page 2000, by its link": get(f"/admin/audit?page=2000&before={before}"),
         "audit search action": get("/admin/audit?action=user.login"),
         "audit search actor": get("/admin/audit?actor=rad07"),
         "admin AE page": get("/admin/aes"),

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from dicom_node import aes, audit, users
@@ -19,6 +18,7 @@ from dicom_node.errors import ConflictError, NodeError
 from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
+from dicom_node.web import paging
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
     AdminDep,
@@ -420,32 +420,74 @@ def user_set_password(
 class AuditPage:
     events: list[AuditEvent]
     page: int
-    pages: int
-    total: int
+    pages: int  # when ``capped``, the pages the counted events fill (there are more)
+    total: int  # when ``capped``, paging.COUNT_CAP: there are more
     action: str
     actor: str
+    capped: bool = False
+    more: bool = False  # a page of older events follows this one
+    # The query parameters that seek the page after this one (older) and the one before (newer) from
+    # this page's last and first event, instead of counting past every event before them.
+    older: dict[str, int] = field(default_factory=dict)
+    newer: dict[str, int] = field(default_factory=dict)
+
+
+#: Where the actor the audit log's filter names is written after a prefix: "user:alice", "cli:root".
+_ACTOR_PREFIXES = ("", "user:", "cli:")
+
+
+def _audit_criteria(action: str, actor: str) -> list[ColumnElement[bool]]:
+    """The filter: the action from its start, the actor from its start or its name's start after
+    "user:" or "cli:" ("ali" finds user:alice). Both are prefixes of an index (migration 0015): a LIKE
+    '%actor%' read all 500,000 events of a hospital's year for every filtered page."""
+    criteria: list[ColumnElement[bool]] = []
+    if action:
+        criteria.append(AuditEvent.action.like(_prefix_pattern(action), escape="\\"))
+    if actor:
+        criteria.append(or_(*[AuditEvent.actor.like(_prefix_pattern(prefix + actor), escape="\\")
+                              for prefix in _ACTOR_PREFIXES]))
+    return criteria
+
+
+def _prefix_pattern(value: str) -> str:
+    """``value`` as a LIKE pattern of the values that start with it. Made here, not in SQL (startswith()
+    sends ``? || '%'``): SQLite searches an index only for a LIKE pattern it is given whole."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def audit_page_data(
-    db: Session, *, page: int, action: str, actor: str, per_page: int = AUDIT_PAGE
+    db: Session, *, page: int, action: str, actor: str, per_page: int = AUDIT_PAGE,
+    before: int | None = None, after: int | None = None,
 ) -> AuditPage:
-    criteria = []
-    if action:
-        criteria.append(AuditEvent.action.startswith(action, autoescape=True))
-    if actor:
-        criteria.append(AuditEvent.actor.contains(actor, autoescape=True))
-    total = int(db.scalar(select(func.count()).select_from(AuditEvent).where(*criteria)) or 0)
-    pages = max(1, math.ceil(total / per_page))
-    events = list(
-        db.scalars(
-            select(AuditEvent)
-            .where(*criteria)
-            .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
-            .offset((page - 1) * per_page)
-            .limit(per_page)
-        )
+    """One page of the audit log, newest first. ``before``/``after``: the id of the event the page
+    follows (the previous page's last) or precedes (the next page's first), as the pager's links give
+    them: the page is sought from that event's (at, id) in the index, where an OFFSET walked past every
+    event of the pages before it. Without them (a typed page number, an event gone) the page is counted
+    from the start."""
+    criteria = _audit_criteria(action, actor)
+    count = paging.capped_count(db, select(AuditEvent.id).where(*criteria))
+    key = tuple_(AuditEvent.at, AuditEvent.id)
+    newest_first = select(AuditEvent).where(*criteria).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+    anchor_id = before if before is not None else after
+    anchor = db.get(AuditEvent, anchor_id) if anchor_id is not None else None
+    if anchor is not None and before is not None:
+        # one event more than the page tells whether an older page follows
+        events = list(db.scalars(newest_first.where(key < (anchor.at, anchor.id)).limit(per_page + 1)))
+        more = len(events) > per_page
+    elif anchor is not None:  # the page before the one ``anchor`` starts: that one follows
+        oldest_first = (select(AuditEvent).where(*criteria, key > (anchor.at, anchor.id))
+                        .order_by(AuditEvent.at, AuditEvent.id).limit(per_page))
+        events = list(reversed(list(db.scalars(oldest_first))))
+        more = True
+    else:
+        events = list(db.scalars(newest_first.offset((page - 1) * per_page).limit(per_page + 1)))
+        more = len(events) > per_page
+    events = events[:per_page]
+    return AuditPage(
+        events, page, count.pages(per_page), count.total, action, actor, capped=count.capped, more=more,
+        older={"before": events[-1].id} if events and more else {},
+        newer={"after": events[0].id} if events and page > 1 else {},
     )
-    return AuditPage(events, page, pages, total, action, actor)
 
 
 @router.get("/audit")
@@ -456,8 +498,10 @@ def audit_log(
     page: Annotated[int, Query(ge=1, le=100000)] = 1,
     action: Annotated[str, Query(max_length=64)] = "",
     actor: Annotated[str, Query(max_length=128)] = "",
+    before: Annotated[int | None, Query(ge=1)] = None,
+    after: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
-    data = audit_page_data(db, page=page, action=action, actor=actor)
+    data = audit_page_data(db, page=page, action=action, actor=actor, before=before, after=after)
     return render(
         request,
         "admin_audit.html",

@@ -368,9 +368,12 @@ class AuditEventOut(BaseModel):
 
 
 class AuditOut(BaseModel):
-    total: int
+    total: int = Field(description="the events that match; with total_capped, the cap: there are more")
+    total_capped: bool = False
     page: int
     pages: int
+    more: bool = Field(default=False, description="an older page follows; ?before=<the last event's id> "
+                       "seeks it")
     events: list[AuditEventOut]
 
 
@@ -445,12 +448,16 @@ def api_audit(
     page: Annotated[int, Query(ge=1, le=100000)] = 1,
     action: Annotated[str, Query(max_length=64)] = "",
     actor: Annotated[str, Query(max_length=128)] = "",
+    before: Annotated[int | None, Query(ge=1, description="the id of the event the page follows")] = None,
+    after: Annotated[int | None, Query(ge=1, description="the id of the event the page precedes")] = None,
 ) -> AuditOut:
-    data = audit_page_data(db, page=page, action=action, actor=actor)
+    data = audit_page_data(db, page=page, action=action, actor=actor, before=before, after=after)
     return AuditOut(
         total=data.total,
+        total_capped=data.capped,
         page=data.page,
         pages=data.pages,
+        more=data.more,
         events=[
             AuditEventOut(
                 id=e.id, at=e.at, actor=e.actor, action=e.action, target=e.target, details=e.details

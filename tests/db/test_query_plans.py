@@ -26,8 +26,8 @@ from dicom_node.pipeline import Pipeline
 from dicom_node.retention import Retention
 from dicom_node.settings import Settings
 from dicom_node.store import db
-from dicom_node.store.models import AeRole
-from dicom_node.web import results
+from dicom_node.store.models import AeRole, AuditEvent
+from dicom_node.web import admin, results
 
 pytestmark = pytest.mark.db
 
@@ -41,6 +41,8 @@ SCALE_INDEXES = {
     ("study", "ix_study_state_last_received_at"): ["state", "last_received_at"],
     ("delivery_attempt", "ix_delivery_attempt_outcome"): ["outcome"],
     ("delivery", "ix_delivery_destination_state_next"): ["destination_pk", "state", "next_attempt_at"],
+    ("audit_event", "ix_audit_event_actor"): ["actor", "at", "id"],
+    ("audit_event", "ix_audit_event_action"): ["action", "at", "id"],
 }
 
 
@@ -174,6 +176,37 @@ def test_a_name_search_finds_the_words_from_their_index(
                 and "word>? AND word<?)" in line]
     assert len(searched) == 2 * words, found  # each word by its prefix, in the count and in the page
     assert not [line for line in lines if line.startswith("SCAN ") and "patient" in line], found
+
+
+AUDIT_PAGES: dict[str, dict[str, Any]] = {
+    "actor": {"actor": "rad07"},
+    "action": {"action": "user.login"},
+    "actor and action": {"actor": "user:rad07", "action": "study."},
+    "a late page, by its link": {"page": 2000, "before": 1},
+    "a late page of an actor's, by its link": {"actor": "rad07", "page": 80, "before": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(AUDIT_PAGES))
+def test_an_audit_log_page_reads_no_whole_table(
+    name: str, sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """The filter by actor (LIKE '%actor%') read all 500,000 events of a hospital's year, 77 ms a page on
+    SQLite and 117 ms on PostgreSQL; a late page counted past every event before it (OFFSET). The filters
+    search their index from the value's start; the pager's link seeks the page from its (at, id)."""
+    with factory() as session, session.begin():
+        session.add(AuditEvent(id=1, actor="user:rad07", action="user.login", target="", details={}))
+    arguments = {"page": 1, "action": "", "actor": "", **AUDIT_PAGES[name]}
+    with plans(sqlite_engine) as found, factory() as session:
+        admin.audit_page_data(session, **arguments)
+    assert found and whole_table_reads(found) == []
+    lines = [line for lines in found for line in lines]
+    filters = [f"INDEX ix_audit_event_{column} ({column}>? AND {column}<?)"
+               for column in ("actor", "action") if arguments[column]]
+    if filters:  # by the index of one filter, the other checked on the rows it finds
+        assert any(index in line for line in lines for index in filters), found
+    if "before" in arguments and not arguments["actor"]:
+        assert any("INDEX ix_audit_event_at (at<?)" in line for line in lines), found
 
 
 def test_the_patient_id_is_searched_by_its_index(sqlite_engine: Engine) -> None:

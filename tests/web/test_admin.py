@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import AeRole, AuditEvent, DeliveryState, RemoteAe, User, WebSession
-from dicom_node.web import create_app
+from dicom_node.web import admin, create_app, paging
 from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
 from tests.web.studies import StudySpec, add_study
 
@@ -356,6 +356,74 @@ def test_audit_log_lists_and_filters_events(admin_client: tuple[TestClient, str]
     api = client.get("/api/admin/audit", params={"action": "ae."}).json()
     assert api["total"] == 1 and api["events"][0]["details"]["ae_title"] == "CT01"
     assert api["events"][0]["at"].endswith("Z")
+
+
+def _events(factory: sessionmaker[Session], count: int) -> None:
+    """``count`` events, three actors in turn, two by two at the same instant (the order's ties)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    actors = ("user:alice", "cli:root", "system")
+    with session_scope(factory) as s:
+        s.add_all(AuditEvent(at=start + timedelta(minutes=n // 2), actor=actors[n % 3], action="study.view",
+                             target=f"study:{n}", details={}) for n in range(count))
+
+
+def test_the_audit_log_pages_by_key_as_its_links_go(db: sessionmaker[Session]) -> None:
+    """A late page of the audit log counted past every event before it (OFFSET); the pager's links now
+    seek the next page from this page's last event (and the previous from its first), on each database,
+    and give the same pages as counting did, ties of time included."""
+    _events(db, 125)
+
+    def page(number: int, **seek: int) -> admin.AuditPage:
+        with session_scope(db) as s:
+            return admin.audit_page_data(s, page=number, action="", actor="", per_page=20, **seek)
+
+    counted = [[e.id for e in page(n).events] for n in range(1, 8)]
+    assert sum(map(len, counted)) == 125 and len(counted[-1]) == 5
+    sought, current = [counted[0]], page(1)
+    for number in range(2, 8):
+        assert current.more and current.older == {"before": current.events[-1].id}
+        current = page(number, **current.older)
+        sought.append([e.id for e in current.events])
+    assert sought == counted and not current.more and current.older == {}
+    for number in range(6, 1, -1):  # and back by the "Newer" links
+        assert current.newer == {"after": current.events[0].id}
+        current = page(number, **current.newer)
+        assert [e.id for e in current.events] == counted[number - 1] and current.more
+    assert page(1).newer == {}
+    assert [e.id for e in page(3, before=999_999).events] == counted[2]  # no such event: counted
+
+
+def test_the_audit_log_filters_the_actor_from_its_start_or_its_name(db: sessionmaker[Session]) -> None:
+    _events(db, 30)
+
+    def actors(actor: str) -> set[str]:
+        with session_scope(db) as s:
+            return {e.actor for e in admin.audit_page_data(s, page=1, action="", actor=actor).events}
+
+    assert actors("ali") == {"user:alice"}
+    assert actors("user:al") == {"user:alice"}
+    assert actors("root") == actors("cli:") == {"cli:root"}
+    assert actors("sys") == {"system"}
+    assert actors("lice") == set() and actors("%") == set()  # from the start; LIKE's % is literal
+
+
+def test_the_audit_log_says_more_than_the_cap_and_its_links_seek(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = admin_client
+    _events(factory, 140)
+    monkeypatch.setattr(paging, "COUNT_CAP", 100)
+    html = client.get("/admin/audit").text
+    assert "More than 100 events, newest first." in html and "Page 1</span>" in html
+    older = re.search(r'href="/admin/audit\?(page=2&amp;before=\d+)">Older', html)
+    assert older, html
+    html = client.get(f"/admin/audit?{older.group(1).replace('&amp;', '&')}").text
+    assert "Page 2</span>" in html and re.search(r'href="/admin/audit\?page=1">‹ Newer', html)
+    api = client.get("/api/admin/audit").json()
+    assert (api["total"], api["total_capped"], api["more"]) == (100, True, True)
+    monkeypatch.setattr(paging, "COUNT_CAP", 1000)
+    html = client.get("/admin/audit", params={"actor": "root"}).text
+    assert "47 events, newest first." in html and "Page 1 of 1" not in html  # one page: no pager
 
 
 def test_sessions_table_does_not_keep_expired_rows(
