@@ -5,7 +5,6 @@ The same pydantic models serve the HTML pages and the JSON API, so both always s
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
@@ -33,6 +32,7 @@ from dicom_node.store.models import (
     Study,
     StudyState,
 )
+from dicom_node.web import paging
 from dicom_node.web.auth import UtcDatetime
 
 PAGE_SIZES = (25, 50, 100)
@@ -145,8 +145,10 @@ class ResultRow(BaseModel):
 
 class ResultPage(BaseModel):
     query: ResultQuery
-    total: int
-    pages: int
+    total: int = Field(description="the studies that match; with total_capped, the cap: there are more")
+    total_capped: bool = False
+    pages: int = Field(description="with total_capped, the pages the counted studies fill: there are more")
+    more: bool = Field(default=False, description="a page of older studies follows this one")
     rows: list[ResultRow]
     finding_labels: list[str]
 
@@ -227,18 +229,22 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
 
     The count and the page are taken on study ids alone (a patient searched for is looked up by the
     studies' ``patient_pk``), and only the page's studies are loaded: a late page then skips
-    its offset along the index on ``first_received_at`` instead of building every skipped row."""
+    its offset along the index on ``first_received_at`` instead of building every skipped row. The count
+    stops at paging.COUNT_CAP studies: counting every study with a finding took 165 ms a page on
+    PostgreSQL at 100,000 studies; past the cap the page says "more than 1,000" and one study more than
+    the page is read to tell whether another follows."""
     criteria = _criteria(query)
     ids_query = select(Study.id).where(*criteria)
-    total = int(session.scalar(select(func.count()).select_from(ids_query.subquery())) or 0)
-    pages = max(1, math.ceil(total / query.per_page))
+    count = paging.capped_count(session, ids_query)
     ids = list(
         session.scalars(
             ids_query.order_by(Study.first_received_at.desc(), Study.id.desc())
             .offset((query.page - 1) * query.per_page)
-            .limit(query.per_page)
+            .limit(query.per_page + 1)
         )
     )
+    more = len(ids) > query.per_page
+    ids = ids[:query.per_page]
     by_id = {
         s.id: s
         for s in session.scalars(select(Study).where(Study.id.in_(ids)).options(joinedload(Study.patient)))
@@ -263,7 +269,8 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
         for s in studies
     ]
     return ResultPage(
-        query=query, total=total, pages=pages, rows=rows, finding_labels=finding_labels(session)
+        query=query, total=count.total, total_capped=count.capped, pages=count.pages(query.per_page),
+        more=more, rows=rows, finding_labels=finding_labels(session),
     )
 
 

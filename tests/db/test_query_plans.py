@@ -209,6 +209,42 @@ def test_an_audit_log_page_reads_no_whole_table(
         assert any("INDEX ix_audit_event_at (at<?)" in line for line in lines), found
 
 
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """The SQL of every statement run inside the block."""
+    found: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        found.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield found
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+COUNTED_PAGES: dict[str, Callable[[Session], object]] = {
+    "results": lambda session: results.search(session, results.ResultQuery()),
+    "results by finding": lambda session: results.search(session, results.ResultQuery(finding="covid")),
+    "audit log": lambda session: admin.audit_page_data(session, page=1, action="", actor=""),
+    "audit log by action": lambda session: admin.audit_page_data(session, page=1, action="user.", actor=""),
+}
+
+
+@pytest.mark.parametrize("name", list(COUNTED_PAGES))
+def test_a_paged_list_counts_at_most_the_cap(
+    name: str, sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """Every page of the results and of the audit log counted every matching row for "page N of M": all
+    500,000 events (50-85 ms a page on PostgreSQL), every study with a finding (165 ms). A count reads at
+    most COUNT_CAP + 1 rows; no plan shows that, the statement does."""
+    with statements(sqlite_engine) as found, factory() as session:
+        COUNTED_PAGES[name](session)
+    counts = [statement for statement in found if "count(*)" in statement]
+    assert counts and all(" LIMIT ?" in statement for statement in counts), counts
+
+
 def test_the_patient_id_is_searched_by_its_index(sqlite_engine: Engine) -> None:
     with sqlite_engine.connect() as conn:
         lines = [str(row[-1]) for row in conn.exec_driver_sql(

@@ -243,6 +243,31 @@ def test_results_are_paginated(rad_client: tuple[TestClient, str], factory: sess
     assert "Page 2 of 2" in html and 'href="/results?page=1"' in html
 
 
+def test_past_the_cap_the_results_say_more_and_the_pager_goes_on_while_pages_are_full(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count stops at paging.COUNT_CAP studies (counting them all took 165 ms a page on PostgreSQL at
+    100,000 studies): the page says "more than", and "Older" leads on until a page is not full."""
+    from dicom_node.web import paging
+
+    client, _ = rad_client
+    for i in range(30):
+        add_study(
+            factory,
+            StudySpec(f"PATIENT^{i:02d}", f"P{i:02d}", f"A{i:02d}", received_at=NOW - timedelta(minutes=i)),
+        )
+    monkeypatch.setattr(paging, "COUNT_CAP", 20)
+    first = client.get("/api/results").json()
+    assert (first["total"], first["total_capped"], first["more"], len(first["rows"])) == (20, True, True, 25)
+    html = client.get("/results").text
+    assert "More than 20 studies, newest first." in html and "Page 1</span>" in html
+    assert 'href="/results?page=2">Older' in html
+    html = client.get("/results", params={"page": "2"}).text
+    assert "Page 2</span>" in html and 'href="/results?page=1">‹ Newer' in html
+    assert 'role="link" aria-disabled="true">Older' in html  # the last page: its end is no link
+    assert client.get("/api/results", params={"page": "2"}).json()["more"] is False
+
+
 def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient, str]) -> None:
     client, _ = rad_client
     assert client.get("/api/results", params={"state": "bogus"}).status_code == 422
