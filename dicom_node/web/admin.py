@@ -21,6 +21,7 @@ from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web import paging
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
+    ROW_ID_MAX,
     AdminDep,
     Console,
     ConsoleDep,
@@ -503,8 +504,8 @@ def audit_log(
     page: Annotated[int, Query(ge=1, le=100000)] = 1,
     action: Annotated[str, Query(max_length=64)] = "",
     actor: Annotated[str, Query(max_length=128)] = "",
-    before: Annotated[int | None, Query(ge=1)] = None,
-    after: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=ROW_ID_MAX)] = None,
+    after: Annotated[int | None, Query(ge=1, le=ROW_ID_MAX)] = None,
 ) -> Response:
     data = audit_page_data(db, page=page, action=action, actor=actor, before=before, after=after)
     return render(

@@ -25,6 +25,7 @@ from dicom_node.web.account import change_own_password
 from dicom_node.web.admin import audit_page_data, echo_test, settings_view
 from dicom_node.web.auth import SESSION_COOKIE, Principal, UtcDatetime
 from dicom_node.web.deps import (
+    ROW_ID_MAX,
     Console,
     ConsoleDep,
     CsrfAdminDep,
@@ -448,8 +449,12 @@ def api_audit(
     page: Annotated[int, Query(ge=1, le=100000)] = 1,
     action: Annotated[str, Query(max_length=64)] = "",
     actor: Annotated[str, Query(max_length=128)] = "",
-    before: Annotated[int | None, Query(ge=1, description="the id of the event the page follows")] = None,
-    after: Annotated[int | None, Query(ge=1, description="the id of the event the page precedes")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=ROW_ID_MAX, description="the id of the event the page follows")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=1, le=ROW_ID_MAX, description="the id of the event the page precedes")
+    ] = None,
 ) -> AuditOut:
     data = audit_page_data(db, page=page, action=action, actor=actor, before=before, after=after)
     return AuditOut(
