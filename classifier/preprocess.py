@@ -354,18 +354,20 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
     Pillow's ``reduce`` does). The rows and then the columns of each box are added as whole strided
     slices, straight from the stored integers: no full-size float copy is made (≈ 2.5 ms on a 2000² CR,
     against ≈ 7 ms for a float32 copy and Pillow's ``reduce``). Any trailing axes (colour) are kept.
+    The sums start from a copy of each box's first row and column rather than from zeros, which is the same
+    to the bit (0 + x is x) and saves a pass over the row sums and their page faults (≈ 12 %).
     """
     factor = max(1, min(arr.shape[:2]) // (2 * min_side))
     if factor == 1:
         return _f32(arr)
     height, width = arr.shape[:2]
     out_height, out_width = -(-height // factor), -(-width // factor)
-    rows = np.zeros((out_height, *arr.shape[1:]), dtype=np.float32)
-    for offset in range(factor):
+    rows = arr[0::factor].astype(np.float32)  # every box has its first row and column
+    for offset in range(1, factor):
         part = arr[offset::factor]
         rows[: part.shape[0]] += part
-    boxes = np.zeros((out_height, out_width, *arr.shape[2:]), dtype=np.float32)
-    for offset in range(factor):
+    boxes = np.ascontiguousarray(rows[:, 0::factor])
+    for offset in range(1, factor):
         part = rows[:, offset::factor]
         boxes[:, : part.shape[1]] += part
     row_counts = np.full(out_height, factor, dtype=np.float32)
@@ -373,7 +375,8 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
     column_counts = np.full(out_width, factor, dtype=np.float32)
     column_counts[-1] = width - factor * (out_width - 1)
     counts = np.outer(row_counts, column_counts).reshape(out_height, out_width, *([1] * (arr.ndim - 2)))
-    return _f32(boxes / counts)
+    boxes /= counts
+    return boxes
 
 
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
