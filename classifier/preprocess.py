@@ -313,8 +313,17 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
             reduced = None
         if reduced is not None:
             return reduced
+    index = 0 if frames > 1 else None
     try:
-        return pixel_array(ds, index=0 if frames > 1 else None, photometric_interpretation=photometric)
+        if photometric.startswith("MONOCHROME") and _is_native(transfer_syntax):
+            # A view of the Pixel Data, then the unused bits cleared in one pass: pydicom copies the frame
+            # and shifts it left and right in place (1.5 against 0.6 ms for RG1_UNCI), to the same values.
+            view = pixel_array(
+                ds, index=index, photometric_interpretation=photometric, correct_unused_bits=False,
+                view_only=True,
+            )
+            return _without_unused_bits(view, ds)
+        return pixel_array(ds, index=index, photometric_interpretation=photometric)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError, struct.error) as exc:
         # struct.error: encapsulated Pixel Data cut off inside an item's tag or length
         raise UnsupportedImageError(f"pixel data cannot be decoded ({_decoder_says(exc)})") from exc
@@ -324,6 +333,31 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
         raise UnsupportedImageError(
             f"pixel data cannot be decoded (the decoder failed: {_decoder_says(exc)})"
         ) from exc
+
+
+def _is_native(transfer_syntax: Any) -> bool:
+    """An uncompressed transfer syntax (pydicom reads its frames straight from the Pixel Data bytes)."""
+    if transfer_syntax is None:
+        return False
+    uid = UID(transfer_syntax)
+    return uid.is_transfer_syntax and not uid.is_encapsulated
+
+
+def _without_unused_bits(arr: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[Any]:
+    """``arr`` (a possibly read-only view of uncompressed stored values) with the bits above Bits Stored
+    cleared, or sign-extended when signed, as pydicom's ``correct_unused_bits`` does (PS3.5 8.1.1: their
+    content cannot be assumed): the same shift left and right by Bits Allocated − Bits Stored, into a new
+    array, or for unsigned samples the equivalent mask in one pass. ``arr`` itself when no bit is unused."""
+    allocated, stored = _header_int(ds, "BitsAllocated"), _header_int(ds, "BitsStored")
+    if allocated is None or stored is None or not 0 < stored < allocated:
+        return arr
+    if arr.dtype.kind == "u" and arr.dtype.itemsize * 8 == allocated:
+        masked: npt.NDArray[Any] = np.bitwise_and(arr, arr.dtype.type((1 << stored) - 1))
+        return masked
+    shift = allocated - stored
+    shifted: npt.NDArray[Any] = np.left_shift(arr, shift)
+    np.right_shift(shifted, shift, out=shifted)
+    return shifted
 
 
 def is_decoder_panic(exc: BaseException) -> bool:

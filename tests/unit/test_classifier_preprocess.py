@@ -17,7 +17,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.processing import apply_modality_lut, apply_windowing
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -37,6 +39,7 @@ from classifier.preprocess import (
     display_image,
     equalise,
     frame_box,
+    frame_pixels,
     image_to_model_input,
     pil_to_gray,
     read_dataset,
@@ -981,3 +984,43 @@ def test_large_frames_are_box_averaged_as_pillow_reduces_them(
     assert reduced.dtype == np.float32
     np.testing.assert_array_equal(reduced, expected if values.ndim == 3 else expected[..., 0])
     assert reduced.shape[:2] == (-(-shape[0] // factor), -(-shape[1] // factor))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits_stored", "signed"),
+    [
+        (np.uint16, 15, False),  # RG1's depth
+        (np.uint16, 12, False),
+        (np.uint16, 10, False),
+        (np.uint16, 16, False),  # no unused bits: nothing to clear
+        (np.int16, 12, True),  # sign-extended from bit 11
+        (np.int16, 15, True),
+        (np.uint8, 6, False),
+        (np.int8, 7, True),
+        (np.uint32, 20, False),
+        (np.int32, 24, True),
+    ],
+)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_uncompressed_grey_values_are_pydicoms_with_the_unused_bits_corrected(
+    dtype: type, bits_stored: int, signed: bool, syntax: str, frames: int
+) -> None:
+    """Uncompressed grey frames are read as a view of the Pixel Data and their unused high bits cleared (or
+    the sign extended) here, in one pass instead of pydicom's copy and two shifts: the values must be
+    pydicom's own, to the bit, whatever the high bits hold (random here, as PS3.5 8.1.1 allows)."""
+    info = np.iinfo(dtype)
+    shape = (frames, 37, 41) if frames > 1 else (37, 41)
+    values = np.random.default_rng(bits_stored).integers(info.min, info.max, size=shape, endpoint=True)
+    ds = make_dataset(values.astype(dtype), bits_stored=bits_stored, signed=signed, frames=frames)
+    ds.file_meta.TransferSyntaxUID = syntax
+    if syntax == ExplicitVRBigEndian:
+        ds.PixelData = values.astype(np.dtype(dtype).newbyteorder(">")).tobytes()
+    expected = pixel_array(ds, index=0 if frames > 1 else None)
+    got = frame_pixels(ds, min_side=16)
+    # the same type of integer (pydicom's big-endian copy stays big-endian, a new array is native)
+    kind = (got.dtype.kind, got.dtype.itemsize, got.shape)
+    assert kind == (expected.dtype.kind, expected.dtype.itemsize, shape[-2:])
+    np.testing.assert_array_equal(got, expected)
+    if bits_stored < np.dtype(dtype).itemsize * 8:  # the random high bits were set somewhere
+        assert not np.array_equal(got, values[0] if frames > 1 else values)
