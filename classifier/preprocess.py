@@ -466,6 +466,10 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     if unusable or slope == 0.0:
         LOGGER.warning("unusable Rescale Slope/Intercept; using the stored values as they are")
         return stored
+    if slope in (None, 1.0) and intercept in (None, 0.0):
+        # Identity, as most CR and DX objects say: x · 1 + 0 is x for the finite box means (never -0.0),
+        # so the same values without two passes and a finiteness check over the image.
+        return stored
     with np.errstate(over="ignore"):
         rescaled = _f32(stored * (1.0 if slope is None else slope)
                         + (0.0 if intercept is None else intercept))
@@ -950,7 +954,7 @@ def finish_gray(gray: FloatImage, spec: PreprocessSpec) -> FloatImage:
     """
     if spec.equalisation == "histeq":
         gray = equalise(gray)
-    rgb = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32)
+    rgb = np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32, copy=False)
     if spec.normalisation == "resnet":
         return (rgb[:, :, ::-1] * 255.0 - IMAGENET_BGR_MEAN).astype(np.float32)
     if spec.normalisation != "unit":

@@ -40,6 +40,7 @@ from classifier.preprocess import (
     equalise,
     frame_box,
     frame_pixels,
+    gray_to_model_input,
     image_to_model_input,
     pil_to_gray,
     read_dataset,
@@ -1024,3 +1025,64 @@ def test_uncompressed_grey_values_are_pydicoms_with_the_unused_bits_corrected(
     np.testing.assert_array_equal(got, expected)
     if bits_stored < np.dtype(dtype).itemsize * 8:  # the random high bits were set somewhere
         assert not np.array_equal(got, values[0] if frames > 1 else values)
+
+
+def _reference_model_input(ds: Dataset, spec: PreprocessSpec) -> npt.NDArray[np.float32]:
+    """The grey pipeline written out plainly, as it was before it was made faster: pydicom's own decode,
+    Pillow's float box reduce, the rescale and the window in float32 as written, then the shared geometric and
+    intensity steps."""
+    raw = pixel_array(ds)
+    min_side = max(spec.input_size)
+    factor = max(1, min(raw.shape) // (2 * min_side))
+    stored = np.asarray(Image.fromarray(raw.astype(np.float32), mode="F").reduce(factor), dtype=np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+    values = (stored * slope + intercept).astype(np.float32)
+    if "WindowCenter" in ds:
+        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        low, span = center - 0.5 - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
+    else:
+        low, high = np.percentile(values, (0.5, 99.5))
+        span = high - low
+    gray = np.clip((values - low) / span, 0.0, 1.0).astype(np.float32)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        gray = 1.0 - gray
+    return gray_to_model_input(gray, spec)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits_stored", "signed", "shape"),
+    [
+        (np.uint16, 15, False, (1955, 1841)),  # RG1's depth and size: factor 4 with remainders
+        (np.uint16, 12, False, (1203, 997)),  # factor 2 with remainders
+        (np.uint16, 16, False, (700, 650)),
+        (np.int16, 12, True, (1001, 1503)),  # factor 2
+        (np.uint8, 8, False, (300, 420)),  # no reduction
+    ],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("rescale", [None, (1, 0), (2, -100)])
+@pytest.mark.parametrize("window", [True, False])
+def test_the_model_input_of_a_grey_dicom_is_the_plain_pipelines_to_the_bit(
+    dtype: type, bits_stored: int, signed: bool, shape: tuple[int, int], photometric: str,
+    rescale: tuple[int, int] | None, window: bool,
+) -> None:
+    """The decode (a view, unused bits masked), the box reduce (sums from each box's first row) and the
+    identity rescale (skipped) were made faster; the model input must be that of the plain pipeline, bit for
+    bit, at several bit depths, with random values in the unused high bits."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(bits_stored + shape[0])
+    smooth = np.linspace(0, 1, shape[1])[None, :] * np.linspace(0.2, 1, shape[0])[:, None]
+    top = (1 << (bits_stored - 1 if signed else bits_stored)) - 1
+    values = (smooth * top * 0.9 + rng.integers(0, max(top // 20, 2), size=shape)).astype(np.int64)
+    high_bits = rng.integers(0, 2, size=shape) << (bits_stored if bits_stored < info.bits else 0)
+    stored = (values | high_bits) if bits_stored < info.bits else values
+    ds = make_dataset(stored.astype(dtype), photometric=photometric, bits_stored=bits_stored, signed=signed)
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window:
+        slope, intercept = rescale or (1, 0)
+        ds.WindowCenter, ds.WindowWidth = top * 0.5 * slope + intercept, top * 0.6 * slope
+    spec = PreprocessSpec(input_size=(224, 224), equalisation="histeq", crop_borders=True)
+    expected = _reference_model_input(ds, spec)
+    got = dataset_to_model_input(ds, spec)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
