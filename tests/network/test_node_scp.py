@@ -405,7 +405,9 @@ def _closed_by_peer(sock: socket.socket, within: float) -> float:
 
 
 @pytest.mark.parametrize("holder", ["the node's own writer", "another program"])
-def test_the_caller_check_does_not_wait_behind_a_writer(listener: Listener, tmp_path: Path, holder: str) -> None:
+def test_the_caller_check_does_not_wait_behind_a_writer(
+    listener: Listener, tmp_path: Path, holder: str
+) -> None:
     """Every SQLite transaction of the node took the write lock at BEGIN, the association request's check of
     the calling AE title too: it queued behind each image being stored and, while another program held the
     file (the sqlite3 shell, a backup), waited up to 30 s, past the sender's ACSE time-out. A read-only

@@ -73,7 +73,9 @@ def test_metrics_count_what_the_database_holds(
     assert samples[("cxr_node_receipt_to_delivery_seconds_bucket", (("kind", "sr"), ("le", "2.0")))] == 0
 
 
-def test_a_scrape_does_not_wait_behind_a_writer(served: tuple[NodeMetrics, str], db: sessionmaker[Session]) -> None:
+def test_a_scrape_does_not_wait_behind_a_writer(
+    served: tuple[NodeMetrics, str], db: sessionmaker[Session]
+) -> None:
     """A scrape took SQLite's write lock for its counts, so it queued behind every image being stored and,
     with a long write (another program holding the file), Prometheus's scrape timed out. It only reads."""
     _, url = served
