@@ -47,3 +47,33 @@ def load_heatmap(path: Path) -> npt.NDArray[np.float32]:
             return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     except (OSError, ValueError, EOFError) as exc:  # numpy's and Pillow's errors for damaged bytes
         raise DamagedFileError(DAMAGED_HEATMAP) from exc
+
+
+_ROWS = ("upper", "middle", "lower")
+_COLUMNS = ("left", "centre", "right")
+#: How far (standard deviation, as a share of the image's side) a heat map's strongest part may scatter
+#: and still be named by one place: one compact region is about 0.1, two lungs' worth or a noisy map 0.3.
+_SPREAD = 0.2
+
+
+def hot_region(heat: npt.NDArray[np.floating[Any]]) -> str:
+    """Where a heat map is strongest, in words for a reader who cannot see its colours (WCAG 1.1.1):
+    "the upper left of the image", "the centre of the image", or "spread over the image". The sides are
+    the image's as shown, not the patient's (a PA film shows the patient's right on the left). The map's
+    strongest part, its values of 80 % of the peak or more, is placed by its centre in a 3×3 grid, unless
+    it scatters over more than one region (both lungs, a noisy map). "" for an empty or flat map."""
+    values = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
+    if values.ndim != 2 or values.size == 0:
+        return ""
+    peak = float(values.max())
+    if peak <= 0.0 or float(values.min()) >= peak:
+        return ""
+    height, width = values.shape
+    rows, columns = np.nonzero(values >= 0.8 * peak)
+    if rows.std() > _SPREAD * height or columns.std() > _SPREAD * width:
+        return "spread over the image"
+    row = min(int(rows.mean() + 0.5) * 3 // height, 2)
+    column = min(int(columns.mean() + 0.5) * 3 // width, 2)
+    if (row, column) == (1, 1):
+        return "the centre of the image"
+    return f"the {_ROWS[row]} {_COLUMNS[column]} of the image"

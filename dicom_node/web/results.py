@@ -16,7 +16,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinl
 
 from classifier.types import doubt_reason
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, study_age
-from dicom_node.errors import NotFoundError
+from dicom_node.errors import NodeError, NotFoundError
 from dicom_node.store import folding
 from dicom_node.store.models import (
     Delivery,
@@ -34,6 +34,7 @@ from dicom_node.store.models import (
 )
 from dicom_node.web import paging
 from dicom_node.web.auth import UtcDatetime
+from dicom_node.web.imaging import hot_region, load_heatmap
 
 PAGE_SIZES = (25, 50, 100)
 
@@ -339,6 +340,8 @@ class FindingDetail(BaseModel):
     model_version: str
     created_at: UtcDatetime
     has_heatmap: bool  # its heat-map file is on the node
+    # where the heat map is strongest, in words (web.imaging.hot_region), for its alt text; "" unknown
+    heatmap_region: str = ""
     novelty: float | None = None  # how unlike the training images; 1.0 = the model's limit
     doubt: str | None = None  # why the model's own checks doubted the image it classified anyway
 
@@ -485,6 +488,7 @@ def study_detail(
                     model_version=f.model_version,
                     created_at=f.created_at,
                     has_heatmap=bool(f.heatmap_path) and (results_dir / str(f.heatmap_path)).is_file(),
+                    heatmap_region=_heatmap_region(results_dir, f.heatmap_path),
                     novelty=f.novelty,
                     doubt=doubt_reason(f.novelty, f.better_turn or 0, bool(f.negative)),
                 )
@@ -545,3 +549,13 @@ def study_detail(
             for r in results
         ],
     )
+
+
+def _heatmap_region(results_dir: Path, relative: str | None) -> str:
+    """Where a finding's stored heat map is strongest (imaging.hot_region); "" without a readable map."""
+    if not relative:
+        return ""
+    try:
+        return hot_region(load_heatmap(results_dir / relative))
+    except NodeError:  # missing or damaged: the page says so where the map would be
+        return ""

@@ -16,6 +16,7 @@ from dicom_node.eligibility import not_classified
 from dicom_node.settings import Settings
 from dicom_node.web.auth import Principal, aware
 from dicom_node.web.deps import console
+from dicom_node.web.imaging import hot_region
 from reporting.codes import finding_for
 from reporting.errors import UnknownLabelError
 from reporting.pdf import AGE_UNKNOWN_TEXT, person_name_text
@@ -135,6 +136,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
         finding_class=finding_class,
         finding_name=finding_name,
         dimse=dimse_status,
+        hot_region=hot_region,  # where a heat map is strongest, for its alt text
     )
     env.globals.update(
         node_name=settings.node.name,

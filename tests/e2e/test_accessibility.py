@@ -478,5 +478,5 @@ def test_the_study_page_says_in_words_what_its_pictures_and_tables_show(
     expect(heat_map).to_be_visible()
     expect(heat_map).to_have_accessible_name(
         "Heat map over the radiograph: where the image weighed most in the finding Pneumonia "
-        "(red most, then yellow, blue least)"
+        "(red most, then yellow, blue least); strongest in the centre of the image"
     )

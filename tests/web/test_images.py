@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import NotFoundError
 from dicom_node.settings import Settings
-from dicom_node.web.imaging import overlay_png
+from dicom_node.web.imaging import hot_region, overlay_png
 from tests import peers
 from tests.web.studies import StudySpec, add_study
 from tests.web.test_upload import _mediastinum_brighter_than_lungs
@@ -49,6 +49,8 @@ def test_details_image_and_heatmap_of_a_stored_instance(
     ids = add_study(factory, StudySpec(file_path="rg1/rg1.dcm", heatmap_path="heat.npy"))
     html = client.get(f"/results/{ids.study}").text
     assert "Heat map</label>" in html
+    # its text alternative says where it is strongest, which only its colours told (WCAG 1.1.1)
+    assert "(red most, then yellow, blue least); strongest in the middle left of the image\"" in html
     image = client.get(f"/results/{ids.study}/instances/{ids.instance}/image.png")
     assert image.status_code == 200 and _mediastinum_brighter_than_lungs(image.content)
     overlay = client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png")
@@ -73,3 +75,28 @@ def test_a_damaged_heat_map_is_a_clear_error_not_an_internal_one(
     response = client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png")
     assert response.status_code == 500
     assert "the stored heat map file is damaged" in response.text
+
+
+@pytest.mark.parametrize(
+    ("boxes", "said"),
+    [
+        ([(10, 50, 10, 45)], "the upper left of the image"),
+        ([(110, 140, 100, 140)], "the lower right of the image"),
+        ([(60, 90, 60, 90)], "the centre of the image"),
+        ([(60, 100, 115, 145)], "the middle right of the image"),
+        ([(40, 100, 10, 40), (40, 100, 110, 140)], "spread over the image"),  # both lungs
+    ],
+)
+def test_the_heat_maps_strongest_part_is_named_by_where_it_is(
+    boxes: list[tuple[int, int, int, int]], said: str
+) -> None:
+    """The words of the heat map's text alternative: the place of its strongest part, in the image's
+    thirds (the image's sides, not the patient's), or "spread" when it is in more than one place."""
+    heat = np.full((150, 150), 0.1, dtype=np.float32)
+    for top, bottom, left, right in boxes:
+        heat[top:bottom, left:right] = 1.0
+    heat[0, 149] = 0.5  # weaker parts elsewhere do not move it
+    assert hot_region(heat) == said
+    assert hot_region(np.ones((20, 20), dtype=np.float32)) == ""  # flat: nothing stands out
+    assert hot_region(np.zeros((0, 0), dtype=np.float32)) == ""
+
