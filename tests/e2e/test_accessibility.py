@@ -480,3 +480,24 @@ def test_the_study_page_says_in_words_what_its_pictures_and_tables_show(
         "Heat map over the radiograph: where the image weighed most in the finding Pneumonia "
         "(red most, then yellow, blue least); strongest in the centre of the image"
     )
+
+
+SMALL_TARGETS = """() => [...document.querySelectorAll(
+    'details > summary, button, .btn, input[type=checkbox], label.hm-label')]
+  .filter(el => el.offsetParent !== null && getComputedStyle(el).pointerEvents !== 'none')
+  .map(el => ({what: (el.textContent || el.name || el.id).trim().slice(0, 30), box: el.getBoundingClientRect()}))
+  .filter(t => t.box.width < 24 || t.box.height < 24)
+  .map(t => `${t.what}: ${Math.round(t.box.width)}x${Math.round(t.box.height)}`)"""
+
+
+def test_controls_are_targets_of_at_least_24_px(page: Any, console: RunningConsole) -> None:
+    """WCAG 2.2 2.5.8 Target Size (Minimum): the delivery history's "N attempts" toggles were 78×18 px,
+    hard to hit with a mouse in a reading room or a finger on a tablet, and the admin pages' check boxes
+    13×13. Buttons, toggles (the heat map's is its label) and check boxes of the study page, the results
+    list and the admin pages are at least 24×24 CSS px."""
+    log_in(page, console.url, *ADMIN)
+    small = []
+    for path in (f"/results/{console.study_ids['pneumonia']}", "/results", "/admin/aes", "/admin/users"):
+        page.goto(f"{console.url}{path}")
+        small += [f"{path}: {target}" for target in page.evaluate(SMALL_TARGETS)]
+    assert small == [], "\n".join(small)
