@@ -205,13 +205,21 @@ class Ingestor:
     def _remake_lost_results(self, result: IngestResult) -> IngestResult:
         """An image sent again is how an operator asks for a study's results once their files are gone
         (restored from an older backup, a lost disk): the study is reopened, and its results are made
-        again as a new revision and sent. A failure here is logged; the image itself is safe."""
+        again as a new revision and sent. A failure here is logged; the image itself is safe.
+
+        The files are read and hashed in a read-only transaction: under SQLite's write lock every image of
+        a study a PACS sends again waited for them, and every other association's images with it.
+        reopen_to_remake changes only a study still finished (or failed), so a round begun meanwhile is left
+        alone."""
         if self.results_dir is None:
             return result
         try:
-            with self._engine.begin() as conn:
+            with self._reader.connect() as conn:
                 lost = storage.lost_results(conn, self.results_dir, result.study_pk)
-                reopened = bool(lost) and storage.reopen_to_remake(conn, result.study_pk, failed=True)
+            if not lost:
+                return result
+            with self._engine.begin() as conn:
+                reopened = storage.reopen_to_remake(conn, result.study_pk, failed=True)
         except SQLAlchemyError as exc:
             LOGGER.error("study %d: its results' files could not be checked (%s)", result.study_pk,
                          type(exc).__name__)
