@@ -41,6 +41,7 @@ from pydicom.uid import (
     XRayRadiationDoseSRStorage,
 )
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -432,6 +433,17 @@ def test_the_caller_check_does_not_wait_behind_a_writer(
         release()
 
 
+def _associated(port: int) -> tuple[Association, socket.socket]:
+    """A pynetdicom association of the allowed caller with the node, and its socket to write raw PDUs to."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    assert sock is not None
+    return assoc, sock
+
+
 def _wait_for_a_free_slot(port: int) -> None:
     """Until a C-ECHO succeeds: the listener's thread lets the slot go a moment after the close."""
     def slot_free() -> bool:
@@ -466,12 +478,7 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
                     raw.sendall(b"\0")
             _closed_by_peer(raw, within=10)
             assert time.monotonic() - started < 5  # the ACSE time-out (1.5 s) bounds the whole request
-        ae = AE(ae_title=CALLER)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
-        assert assoc.is_established
-        sock = assoc.dul.socket.socket
-        assert sock is not None
+        assoc, sock = _associated(node.scp.port)
         sock.sendall(struct.pack(">BBL", 0x04, 0, 100_000) + bytes(500))  # half a P-DATA-TF, then silence
         deadline = time.monotonic() + 10
         while assoc.is_established and time.monotonic() < deadline:
@@ -494,12 +501,7 @@ def test_a_peer_that_trickles_a_pdu_after_the_association_is_accepted_loses_its_
                              max_associations=1)
     node = _listener(tmp_path, settings=settings)
     try:
-        ae = AE(ae_title=CALLER)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
-        assert assoc.is_established
-        sock = assoc.dul.socket.socket
-        assert sock is not None
+        assoc, sock = _associated(node.scp.port)
         # a P-DATA-TF whose data value would be patient data, never sent whole here
         pdu = struct.pack(">BBLLBB", 0x04, 0, 1000, 994, 1, 0) + SENTINEL.encode().ljust(992, b" ")
         started = time.monotonic()
