@@ -37,6 +37,7 @@ class AeSpec:
     description: str = ""
     reply_to: str | None = None  # callers: destination AE title for results
     enabled: bool = True
+    storage_commitment: bool = False  # destinations: ask them to commit to keeping what they received
 
     def validated(self) -> AeSpec:
         title = self.ae_title.strip()
@@ -55,7 +56,10 @@ class AeSpec:
                 raise InvalidAeError("port must be 1-65535", field="port")
             if self.reply_to:
                 raise InvalidAeError("reply_to applies to callers only", field="reply_to")
-        return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None, self.enabled)
+        elif self.storage_commitment:
+            raise InvalidAeError("storage commitment applies to destinations only", field="storage_commitment")
+        return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None,
+                      self.enabled, self.storage_commitment)
 
 
 def valid_host(host: str) -> bool:
@@ -77,6 +81,7 @@ def _describe(ae: RemoteAe) -> dict[str, object]:
         "host": ae.host,
         "port": ae.port,
         "tls": ae.tls,
+        "storage_commitment": ae.storage_commitment,
         "enabled": ae.enabled,
         "reply_to": ae.reply_to.ae_title if ae.reply_to else None,
     }
@@ -115,6 +120,7 @@ def _apply(session: Session, ae: RemoteAe, spec: AeSpec) -> None:
     ae.tls = spec.tls
     ae.description = spec.description
     ae.enabled = spec.enabled
+    ae.storage_commitment = spec.storage_commitment
     ae.reply_to = get(session, spec.reply_to, AeRole.DESTINATION) if spec.reply_to else None
 
 
@@ -180,7 +186,8 @@ def upsert(session: Session, spec: AeSpec, actor: str) -> RemoteAe:
 
 def _spec_of(ae: RemoteAe) -> AeSpec:
     reply_to = ae.reply_to.ae_title if ae.reply_to else None
-    return AeSpec(ae.ae_title, ae.role, ae.host, ae.port, ae.tls, ae.description, reply_to, ae.enabled)
+    return AeSpec(ae.ae_title, ae.role, ae.host, ae.port, ae.tls, ae.description, reply_to, ae.enabled,
+                  ae.storage_commitment)
 
 
 def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:
@@ -192,6 +199,17 @@ def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:
     if ae is None or not ae.enabled:
         return False
     return ae.host is None or host_matches(ae.host, peer_host)
+
+
+def commitment_reporter(session: Session, calling_ae: str) -> RemoteAe | None:
+    """The enabled destination set to storage commitment whose AE title is ``calling_ae``, if any.
+
+    Such a PACS calls the node to report which objects it keeps (N-EVENT-REPORT), whether or not it
+    is also an allowed caller. Its address is not checked: a PACS may report from another host of its
+    cluster than the one the node sends to. Such an association may report commitments and echo; it may
+    not store (:class:`dicom_node.scp.StorageScp`)."""
+    ae = find(session, calling_ae, AeRole.DESTINATION)
+    return ae if ae is not None and ae.enabled and ae.storage_commitment else None
 
 
 def host_matches(configured: str, peer_address: str) -> bool:

@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes, audit
+from dicom_node import aes, audit, outbox
 from dicom_node.errors import ConfigurationError
 from dicom_node.ingest import Ingestor
 from dicom_node.jobs import StudySettler, build_scheduler
@@ -182,8 +182,10 @@ def build_node(settings: Settings) -> Node:
     )
     ingestor = Ingestor(session_factory, file_store, on_stored=settler.on_stored,
                         results_dir=settings.results_dir)
-    listeners = build_listener_workers(settings, settler.study_stored)
-    scp = build_scp(settings.dicom, ingestor, session_factory)
+    # results a PACS reported it does not keep: this process's outbox sends them again
+    listeners = build_listener_workers(settings, settler.study_stored,
+                                       on_resend=lambda destination_pk: outbox.wake([destination_pk]))
+    scp = build_scp(settings.dicom, ingestor, session_factory, outbox_settings=settings.outbox)
     return Node(
         settings=settings,
         engine=engine,
@@ -202,8 +204,8 @@ def seed_aes(session_factory: sessionmaker[Session], settings: Settings) -> None
     """Create/update the callers and destinations listed in settings (audited as the system)."""
     with session_factory() as session, session.begin():
         for dest in settings.dicom.destinations:
-            aes.upsert(session, aes.AeSpec(dest.ae_title, AeRole.DESTINATION, dest.host, dest.port, dest.tls),
-                       audit.SYSTEM)
+            aes.upsert(session, aes.AeSpec(dest.ae_title, AeRole.DESTINATION, dest.host, dest.port, dest.tls,
+                                           storage_commitment=dest.storage_commitment), audit.SYSTEM)
         for caller in settings.dicom.callers:
             aes.upsert(session, aes.AeSpec(caller.ae_title, AeRole.CALLER, caller.host,
                                            reply_to=caller.reply_to), audit.SYSTEM)

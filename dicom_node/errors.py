@@ -45,6 +45,18 @@ class UnsupportedSopClassError(InvalidDatasetError):
     status = Status.SOP_CLASS_NOT_SUPPORTED
 
 
+class InvalidReportError(NodeError):
+    """An N-EVENT-REPORT the node cannot take as a storage commitment result (dicom_node.commitment)."""
+
+    status = Status.INVALID_ARGUMENT_VALUE
+
+
+class UnknownEventTypeError(InvalidReportError):
+    """An N-EVENT-REPORT whose Event Type ID is not a storage commitment result (1 or 2)."""
+
+    status = Status.NO_SUCH_EVENT_TYPE
+
+
 class OutOfResourcesError(NodeError):
     """Disk full, database down or similar: the sender may try again later."""
 

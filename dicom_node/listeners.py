@@ -11,10 +11,12 @@ port still fails instead of silently sharing it.
 A worker is a complete storage SCP — same association policy, same :class:`~dicom_node.ingest.Ingestor`,
 its own database connections and file store — without TensorFlow, scheduler or console. It sends the key
 of each newly stored study to the node over a queue and the node arms the settle timer exactly as for its
-own associations. Nothing depends on that message arriving: the instance is committed before success, and
+own associations; and, after a PACS reported by storage commitment that it does not keep some results,
+the destination whose outbox should send them again. Nothing depends on those messages arriving: the instance is committed before success, and
 a study whose message is lost (a worker killed between commit and send) is RECEIVED in the database, which
 the settler's sweep and every start-up re-arm. Workers leave when the node process is gone (even after
-``kill -9``) and are restarted by the node if they die alone.
+``kill -9``) and are restarted by the node if they die alone. (The outbox's sweep finds results due
+again within half a minute.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from typing import Any
 
 from dicom_node.settings import Settings
 
+#: A worker's message: ("study", pk) a study stored; ("resend", pk) a destination with results due again
+Message = tuple[str, int]
+
 LOGGER = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -48,12 +53,14 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 class ListenerWorkers:
     """Supervises the extra listener processes of one node. Built by :func:`build_listener_workers`."""
 
-    def __init__(self, settings: Settings, count: int, on_study_stored: Callable[[int], None]) -> None:
+    def __init__(self, settings: Settings, count: int, on_study_stored: Callable[[int], None],
+                 on_resend: Callable[[int], object] | None = None) -> None:
         self.settings = settings
         self.count = count
         self.on_study_stored = on_study_stored
+        self.on_resend = on_resend
         self._context = multiprocessing.get_context("spawn")  # never fork a process that holds TensorFlow
-        self._events: Queue[int]  # made by start(): stop() closes it
+        self._events: Queue[Message]  # made by start(): stop() closes it
         self._workers: list[SpawnProcess | None] = [None] * count
         self._failures = [0] * count
         self._socket: socket.socket | None = None
@@ -118,15 +125,15 @@ class ListenerWorkers:
         self._workers[index] = worker
 
     def _relay(self) -> None:
-        """Workers' "study stored" messages → the node's settler."""
+        """Workers' messages: "study stored" → the node's settler; "resend" → the node's outbox."""
         while not self._stop.is_set():
             try:
-                study_pk = self._events.get(timeout=0.5)
+                message = self._events.get(timeout=0.5)
             except queue.Empty:
                 continue
             except (EOFError, OSError):
                 return
-            self._deliver(study_pk)
+            self._deliver(message)
 
     def _drain(self) -> None:
         while True:
@@ -135,11 +142,16 @@ class ListenerWorkers:
             except (queue.Empty, EOFError, OSError):
                 return
 
-    def _deliver(self, study_pk: int) -> None:
+    def _deliver(self, message: Message) -> None:
+        kind, pk = message
+        if kind == "resend":
+            if self.on_resend is not None:
+                self.on_resend(pk)  # outbox.wake: it only queues the work
+            return
         try:
-            self.on_study_stored(study_pk)
+            self.on_study_stored(pk)
         except Exception as exc:  # the sweep re-arms RECEIVED studies; say why this one waits for it
-            LOGGER.error("settle timer for study %d not armed from a listener process: %s", study_pk,
+            LOGGER.error("settle timer for study %d not armed from a listener process: %s", pk,
                          type(exc).__name__)
 
     def _supervise(self) -> None:
@@ -164,14 +176,15 @@ class ListenerWorkers:
                             self._spawn(index)
 
 
-def build_listener_workers(settings: Settings, on_study_stored: Callable[[int], None]) -> ListenerWorkers | None:
+def build_listener_workers(settings: Settings, on_study_stored: Callable[[int], None],
+                           on_resend: Callable[[int], object] | None = None) -> ListenerWorkers | None:
     """The extra listener processes the settings ask for (None: the node's own listener only)."""
     extra = settings.dicom.listener_count() - 1
-    return ListenerWorkers(settings, extra, on_study_stored) if extra > 0 else None
+    return ListenerWorkers(settings, extra, on_study_stored, on_resend) if extra > 0 else None
 
 
 def run_worker(
-    settings_data: dict[str, Any], listen_socket: socket.socket, events: Queue[int], index: int
+    settings_data: dict[str, Any], listen_socket: socket.socket, events: Queue[Message], index: int
 ) -> None:
     """Entry point of a listener process (spawned: imports only what a storage SCP needs)."""
     from dicom_node.logconfig import configure_logging
@@ -192,7 +205,7 @@ def run_worker(
 
 
 def _serve(
-    settings: Settings, listen_socket: socket.socket, events: Queue[int], index: int,
+    settings: Settings, listen_socket: socket.socket, events: Queue[Message], index: int,
     parent: multiprocessing.process.BaseProcess | None,
 ) -> None:
     from dicom_node.ingest import Ingestor, IngestResult
@@ -208,12 +221,16 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
 
     def study_stored(result: IngestResult) -> None:
-        events.put(result.study_pk)
+        events.put(("study", result.study_pk))
+
+    def resend(destination_pk: int) -> None:
+        events.put(("resend", destination_pk))
 
     store = open_store(settings)
     ingestor = Ingestor(store.session_factory, store.file_store, on_stored=study_stored,
                         results_dir=settings.results_dir)
-    scp = build_scp(settings.dicom, ingestor, store.session_factory, listen_socket=listen_socket)
+    scp = build_scp(settings.dicom, ingestor, store.session_factory, listen_socket=listen_socket,
+                    outbox_settings=settings.outbox, on_resend=resend)
     scp.start()
     LOGGER.info("listener process %d serving port %d", index + 1, scp.port)
     try:

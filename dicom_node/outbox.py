@@ -9,6 +9,9 @@ A warning status (0xB000...) means the peer kept the object: delivered, recorded
 missing or damaged (not what the node wrote) has its study's results made again as a new revision, which
 supersedes the delivery; it waits for that instead of going DEAD (:meth:`Outbox._file_lost`).
 
+A destination set to storage commitment is then asked whether it keeps what it was sent
+(:mod:`dicom_node.commitment`); an object its PACS reports it does not keep is sent again.
+
 Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed) so a concurrent sweep
 or ``cxr-node resend`` does not send the same object at the same time. A crash between the peer's answer
 and our commit re-sends the same SOP Instance UID once; a PACS keeps one instance for one UID.
@@ -28,13 +31,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from dicom_node import audit, storage
+from dicom_node import audit, commitment, storage
 from dicom_node.errors import (
     AssociationError,
     ConflictError,
+    InvalidReportError,
     NodeError,
     NotFoundError,
 )
@@ -42,6 +46,7 @@ from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import is_stored, is_warning, refuses_the_object
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
+    CommitmentState,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -263,13 +268,21 @@ class Outbox:
         self.kick(self._destinations_with_work(due_only=True))
 
     def _destinations_with_work(self, *, due_only: bool = False) -> list[int]:
+        now = utcnow()
         with session_scope(self.session_factory) as session:
             query = select(Delivery.destination_pk).where(
                 Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING))
             )
             if due_only:
-                query = query.where(Delivery.next_attempt_at <= utcnow())
-            return sorted(set(session.scalars(query.distinct())))
+                query = query.where(Delivery.next_attempt_at <= now)
+            # storage commitment to ask for, or asked for without a report in time
+            overdue = now - timedelta(seconds=self.settings.commitment_timeout_seconds)
+            asking = select(Delivery.destination_pk).where(
+                Delivery.state == DeliveryState.DELIVERED,
+                or_(Delivery.commitment == CommitmentState.DUE,
+                    (Delivery.commitment == CommitmentState.REQUESTED) & (Delivery.commitment_at <= overdue)),
+            )
+            return sorted(set(session.scalars(query.distinct())) | set(session.scalars(asking.distinct())))
 
     def _lock(self, destination_pk: int) -> threading.Lock:
         with self._locks_guard:
@@ -292,6 +305,7 @@ class Outbox:
                 self._send(destination, items, report)
                 if report.failed and not report.delivered:
                     break  # the peer is down: wait for the back-off instead of hammering it
+            self.request_commitments(destination_pk)
         finally:
             lock.release()
         self._schedule_next(destination_pk)
@@ -394,21 +408,8 @@ class Outbox:
 
     def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport, *,
                        final: bool = True, refused: bool = False) -> None:
-        """DEAD after ``max_attempts``, or at once when ``refused`` (the peer refused the object itself
-        ``refused_attempts`` times in a row), else RETRYING with exponential back-off. Not ``final``: the
-        node is making the object again, and the delivery waits for that, retrying, however many attempts."""
-        if final and (refused or delivery.attempts >= self.settings.max_attempts):
-            delivery.state = DeliveryState.DEAD
-            delivery.next_attempt_at = None
+        if retry_or_dead(delivery, now, self.settings, final=final, refused=refused):
             report.dead.append(delivery.id)
-            why = "the peer refused the object itself, each time" if refused else "retried in vain"
-            LOGGER.warning("delivery %d is DEAD after %d attempts (%s)", delivery.id, delivery.attempts, why)
-        else:
-            delivery.state = DeliveryState.RETRYING
-            delay = backoff_seconds(
-                delivery.attempts, self.settings.backoff_initial_seconds, self.settings.backoff_max_seconds
-            )
-            delivery.next_attempt_at = now + timedelta(seconds=delay)
         report.failed.append(delivery.id)
 
     def _refused_in_a_row(self, session: Session, delivery_pk: int) -> int:
@@ -460,6 +461,7 @@ class Outbox:
                 if status is not None and is_stored(status):
                     outcome = "warning" if is_warning(status) else "delivered"
                     delivery.state = DeliveryState.DELIVERED
+                    commitment.delivered(delivery, asks_commitment=destination.storage_commitment)
                     delivery.delivered_at = now
                     delivery.next_attempt_at = None
                     delivery.last_error = error if outcome == "warning" else ""
@@ -554,6 +556,152 @@ class Outbox:
             self.kick([destination_pk], at=max(_aware(earliest), utcnow()))
 
 
+    # Storage commitment ------------------------------------------------------------------------
+
+    def request_commitments(self, destination_pk: int) -> None:
+        """Ask the destination to commit to the objects it was delivered and not yet asked about, one
+        N-ACTION per :data:`commitment.REQUEST_LIMIT` objects; requests unanswered for
+        ``outbox.commitment_timeout_seconds`` are asked again (:mod:`dicom_node.commitment`)."""
+        from dicom_node import scu
+
+        while True:
+            now = utcnow()
+            with session_scope(self.session_factory) as session:
+                destination = session.get(RemoteAe, destination_pk)
+                if destination is None or not destination.enabled:
+                    return
+                given_up = commitment.expire(session, destination_pk, now,
+                                             timeout_seconds=self.settings.commitment_timeout_seconds,
+                                             max_requests=self.settings.commitment_requests)
+                # committed before the N-ACTION goes: the PACS may report before it answers
+                request = commitment.take_due(session, destination_pk, now)
+                session.expunge(destination)
+            if given_up:
+                LOGGER.warning("destination %d (%s): %d delivered objects not confirmed: no storage commitment "
+                               "report", destination.id, destination.ae_title, given_up)
+            if request is None:
+                return
+            final, why = False, ""
+            try:
+                context = self._tls_context() if destination.tls else None
+                status = scu.request_commitment(
+                    request.transaction_uid, request.objects, destination.host or "", int(destination.port or 0),
+                    destination.ae_title, calling_aet=self.calling_aet, tls=context,
+                    max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
+                )
+            except NodeError as exc:
+                why = str(exc)
+            except OSError as exc:
+                why = f"{type(exc).__name__}: {exc.strerror or exc}"
+            else:
+                if status == 0:
+                    LOGGER.info("destination %d (%s): storage commitment requested (%d objects)",
+                                destination.id, destination.ae_title, len(request.objects))
+                    continue
+                # a PACS that refuses the request as such (0x0122: it does not offer the service) would again
+                why, final = scu.describe(status), refuses_the_object(status)
+            LOGGER.warning("destination %d (%s): storage commitment request for %d objects not taken (%s)",
+                           destination.id, destination.ae_title, len(request.objects), why)
+            with session_scope(self.session_factory) as session:
+                commitment.request_not_taken(session, request, utcnow(), why, final=final,
+                                             max_requests=self.settings.commitment_requests)
+            if not final:
+                return  # no association or no answer: the next batch or sweep asks again
+
+
+def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *, final: bool = True,
+                  refused: bool = False, why: str = "the peer refused the object itself, each time") -> bool:
+    """After a failed attempt: DEAD after ``max_attempts``, or at once when ``refused`` (the peer refused
+    the object itself ``refused_attempts`` times in a row), else RETRYING with exponential back-off. Not
+    ``final``: the node is making the object again, and the delivery waits for that, retrying, however many
+    attempts. Returns whether it went DEAD."""
+    if final and (refused or delivery.attempts >= settings.max_attempts):
+        delivery.state = DeliveryState.DEAD
+        delivery.next_attempt_at = None
+        LOGGER.warning("delivery %d is DEAD after %d attempts (%s)", delivery.id, delivery.attempts,
+                       why if refused else "retried in vain")
+        return True
+    delivery.state = DeliveryState.RETRYING
+    delay = backoff_seconds(delivery.attempts, settings.backoff_initial_seconds, settings.backoff_max_seconds)
+    delivery.next_attempt_at = now + timedelta(seconds=delay)
+    return False
+
+
+#: The outcome of a delivery attempt (delivery_attempt.outcome) that the PACS answered with success and
+#: then reported, by storage commitment, that it does not keep.
+NOT_KEPT = "not kept"
+
+
+def not_kept_in_a_row(session: Session, delivery_pk: int, wanted: int) -> int:
+    """How many of the delivery's last copies in a row the PACS took and then reported not kept (up to
+    ``wanted``; the copies it took in between do not break the run, a failed attempt does)."""
+    count = 0
+    outcomes = session.scalars(
+        select(DeliveryAttempt.outcome).where(DeliveryAttempt.delivery_pk == delivery_pk)
+        .order_by(DeliveryAttempt.id.desc()).limit(2 * wanted + 2)
+    )
+    for outcome in outcomes:
+        if outcome in ("delivered", "warning"):
+            continue
+        if outcome != NOT_KEPT or count >= wanted:
+            break
+        count += 1
+    return count
+
+
+def record_commitment_report(
+    session_factory: sessionmaker[Session],
+    calling_ae: str,
+    event_type_id: int | None,
+    info: Dataset | None,
+    settings: OutboxSettings,
+) -> tuple[int, int | None]:
+    """Record a PACS's storage commitment result (an N-EVENT-REPORT the listener received); returns the
+    status to answer, and the destination whose outbox should be woken to send objects again. An object
+    reported not kept is due again now, and is DEAD with why after ``outbox.refused_attempts`` such
+    reports in a row: a PACS that drops it will drop it again."""
+    try:
+        report = commitment.parse_report(event_type_id, info)
+    except InvalidReportError as exc:
+        LOGGER.warning("storage commitment report from %s refused with 0x%04X: %s", calling_ae,
+                       int(exc.status), exc)
+        return int(exc.status), None
+    now = utcnow()
+    dead = 0
+    try:
+        with session_scope(session_factory) as session:
+            applied = commitment.apply_report(session, calling_ae, report, now)
+            for delivery, reason in applied.not_kept:
+                note = (f"the PACS answered success, then reported that it does not keep it (storage "
+                        f"commitment: {commitment.failure_words(reason)})")
+                refused = not_kept_in_a_row(session, delivery.id, settings.refused_attempts) + 1 \
+                    >= settings.refused_attempts
+                session.add(DeliveryAttempt(delivery_pk=delivery.id, at=now, status=reason, outcome=NOT_KEPT,
+                                            error=note))
+                delivery.last_status = reason
+                delivery.last_error = f"{note}; {REFUSED}" if refused else note
+                delivery.delivered_at = None
+                if retry_or_dead(delivery, now, settings, refused=refused,
+                                 why="the PACS took it and then did not keep it, each time"):
+                    dead += 1
+                else:
+                    delivery.next_attempt_at = now  # the PACS is up: it just reported
+    except InvalidReportError as exc:
+        LOGGER.warning("storage commitment report from %s refused with 0x%04X: %s", calling_ae,
+                       int(exc.status), exc)
+        return int(exc.status), None
+    if applied.destination_pk is None:
+        LOGGER.warning("storage commitment report from %s for a transaction the node is not waiting for "
+                       "(%d objects; asked again since, or sent again): nothing recorded", calling_ae,
+                       applied.unmatched)
+        return 0, None
+    level = logging.WARNING if applied.not_kept else logging.INFO
+    LOGGER.log(level, "storage commitment report from %s: %d kept, %d not kept (%d sent again, %d dead)%s",
+               calling_ae, len(applied.committed), len(applied.not_kept), len(applied.not_kept) - dead, dead,
+               f", {applied.unmatched} not asked about" if applied.unmatched else "")
+    return 0, applied.destination_pk if len(applied.not_kept) > dead else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Dead letters: resend (CLI and web console)
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +758,8 @@ def requeue(session: Session, delivery_pks: Sequence[int] | None, actor: str) ->
         delivery.attempts = 0
         delivery.next_attempt_at = now
         delivery.delivered_at = None
+        commitment.forget(delivery)
+        delivery.commitment_note = ""
     session.flush()
     return chosen
 

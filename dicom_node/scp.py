@@ -1,8 +1,10 @@
-"""Storage SCP + Verification SCP (pynetdicom).
+"""Storage SCP + Verification SCP (pynetdicom), and the storage commitment reports of result destinations.
 
 Association policy: the called AE title must be ours and the calling AE title must be an enabled caller in
 the database (bound to the peer's address when a host is configured) — otherwise the association is
-rejected before any data flows. Each C-STORE handler has one ``try`` mapping :class:`NodeError` to its
+rejected before any data flows. A result destination set to storage commitment may also associate, to
+report which results it keeps (N-EVENT-REPORT, :mod:`dicom_node.commitment`); unless it is an allowed
+caller too, it may not store. Each C-STORE handler has one ``try`` mapping :class:`NodeError` to its
 named status; anything unexpected is logged by type and location only (exception texts from pydicom may
 quote dataset values) and answered with a failure, so the listener keeps serving.
 """
@@ -17,24 +19,29 @@ import ssl
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes
+from dicom_node import aes, outbox
 from dicom_node.allocator import tune_for_large_buffers
 from dicom_node.errors import ConfigurationError, InvalidDatasetError, NodeError, describe_exception
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
 from dicom_node.reactor import PDU_STARTED, EventDrivenRequestHandler
-from dicom_node.settings import DicomSettings
+from dicom_node.settings import DicomSettings, OutboxSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
 from dicom_node.store.db import make_read_only_session_factory
@@ -255,8 +262,13 @@ class StorageScp:
         ssl_context: ssl.SSLContext | None = None,
         caller_policy: Callable[[Session, str, str], bool] = aes.caller_allowed,
         listen_socket: socket.socket | None = None,
+        outbox_settings: OutboxSettings | None = None,
+        on_resend: Callable[[int], object] | None = None,
     ) -> None:
         self.settings = settings
+        # a destination with objects to send again after its report: this process's outbox, if it has one
+        self.on_resend = on_resend or (lambda destination_pk: outbox.wake([destination_pk]))
+        self.outbox_settings = outbox_settings or OutboxSettings()  # how a report of objects not kept acts
         self.listen_socket = listen_socket  # the node's, when this is one of its listener processes
         self.ingestor = ingestor
         self.session_factory = session_factory
@@ -265,6 +277,8 @@ class StorageScp:
         self.caller_policy = caller_policy
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
+        # associations of a result destination that may report storage commitment, and not store
+        self._reporters: weakref.WeakSet[Association] = weakref.WeakSet()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -281,6 +295,9 @@ class StorageScp:
         for sop_class in NON_IMAGE_SOP_CLASSES:  # stored, not analysed: no pixel data to compress
             ae.add_supported_context(sop_class, list(NON_IMAGE_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
+        # A PACS reporting storage commitment on an association it opens is the SCP of the SOP class: it
+        # may propose that role (PS3.7 D.3.3.4), which the node accepts, never taking the SCP role itself.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         return ae
 
     # Life cycle ------------------------------------------------------------------------------
@@ -296,6 +313,7 @@ class StorageScp:
                 (evt.EVT_REQUESTED, self._on_association_requested),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_N_EVENT_REPORT, self._on_event_report),
             ]
             try:
                 server = self.ae.make_server(
@@ -382,12 +400,15 @@ class StorageScp:
         try:
             with self._reads() as session:
                 allowed = self.caller_policy(session, calling, peer)
+                reporter = not allowed and aes.commitment_reporter(session, calling) is not None
         except Exception as exc:
             LOGGER.error("association from %s at %s rejected (transient): policy check failed: %s",
                          calling, peer, describe_exception(exc))
             self._reject(event, REJECT_TRANSIENT)
             return
-        if not allowed:
+        if reporter:  # a result destination, to report storage commitment
+            self._reporters.add(assoc)
+        elif not allowed:
             LOGGER.warning("association rejected: calling AE %r from %s is not an allowed caller", calling, peer)
             self._reject(event, REJECT_CALLING_AE)
 
@@ -399,8 +420,34 @@ class StorageScp:
     def _on_echo(self, event: Event) -> int:
         return int(Status.SUCCESS)
 
+    def _on_event_report(self, event: Event) -> tuple[int, None]:
+        """A storage commitment result from a result destination (PS3.4 J.3.3); anything else is refused
+        as an event type the node does not know."""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        request = event.request
+        if str(getattr(request, "AffectedSOPClassUID", "")) != str(StorageCommitmentPushModel):
+            return int(Status.NO_SUCH_EVENT_TYPE), None
+        try:
+            info = event.event_information
+        except Exception as exc:  # the Event Information would not decode
+            LOGGER.warning("storage commitment report from %s unreadable: %s", calling, describe_exception(exc))
+            return int(Status.INVALID_ARGUMENT_VALUE), None
+        try:
+            status, resend = outbox.record_commitment_report(
+                self.session_factory, calling, getattr(request, "EventTypeID", None), info, self.outbox_settings)
+        except Exception as exc:  # the PACS reports again when it gets a failure
+            LOGGER.error("storage commitment report from %s not recorded: %s", calling, describe_exception(exc))
+            return int(Status.PROCESSING_FAILURE), None
+        if resend is not None:
+            self.on_resend(resend)
+        return status, None
+
     def _on_store(self, event: Event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
+        if event.assoc in self._reporters:
+            LOGGER.warning("C-STORE from %s refused: it may report storage commitment, it is not an allowed "
+                           "caller", calling)
+            return failure_response(Status.NOT_AUTHORISED, f"{calling} is not an allowed caller of this node")
         try:
             request = cast(C_STORE, event.request)
             if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
@@ -443,6 +490,8 @@ def build_scp(
     *,
     ssl_context: ssl.SSLContext | None = None,
     listen_socket: socket.socket | None = None,
+    outbox_settings: OutboxSettings | None = None,
+    on_resend: Callable[[int], object] | None = None,
 ) -> StorageScp:
     """Factory: configure pynetdicom, then the listener (not yet started). Without ``ssl_context`` the
     listener speaks TLS when ``settings.tls`` is enabled."""
@@ -450,4 +499,4 @@ def build_scp(
     if ssl_context is None and settings.tls.enabled:
         ssl_context = server_context(settings.tls)
     return StorageScp(settings, ingestor, session_factory, ssl_context=ssl_context,
-                      listen_socket=listen_socket)
+                      listen_socket=listen_socket, outbox_settings=outbox_settings, on_resend=on_resend)

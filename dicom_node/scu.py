@@ -18,7 +18,10 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from dicom_node import reactor
 from dicom_node.errors import AssociationError, InvalidDatasetError, NoContextAcceptedError
@@ -291,6 +294,57 @@ def echo(
     if "Status" not in response:
         raise AssociationError(f"no C-ECHO response from {called_aet} at {host}:{port}")
     return int(response.Status)
+
+
+#: The well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.2)
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+#: N-ACTION Action Type ID: Request Storage Commitment (PS3.4 J.3.2.1)
+REQUEST_COMMITMENT = 1
+
+
+def request_commitment(
+    transaction_uid: str,
+    objects: Sequence[tuple[str, str]],
+    host: str,
+    port: int,
+    called_aet: str,
+    *,
+    calling_aet: str,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_pdu: int = DEFAULT_MAX_PDU,
+) -> StoreStatus:
+    """Ask the peer to commit to keeping ``objects`` ((SOP Class UID, SOP Instance UID) each): one N-ACTION
+    Request Storage Commitment (PS3.4 J.3.2) under ``transaction_uid``, on an association of its own.
+
+    Returns the peer's N-ACTION status with its Error Comment. The peer's answer as to which objects it
+    keeps comes later, by N-EVENT-REPORT, usually on an association it opens to the node's listener
+    (:mod:`dicom_node.commitment`). A peer that does not offer the service gives 0x0122 without a request.
+    """
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    references = []
+    for sop_class, sop_instance in objects:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        references.append(item)
+    request.ReferencedSOPSequence = references
+    try:
+        assoc = _associate([build_context(StorageCommitmentPushModel)], host, port, called_aet,
+                           calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu)
+    except NoContextAcceptedError as exc:
+        return StoreStatus(exc.status, f"not sent: {exc}")
+    try:
+        status, _reply = assoc.send_n_action(request, REQUEST_COMMITMENT, StorageCommitmentPushModel,
+                                             COMMITMENT_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status is None or "Status" not in status:
+        raise AssociationError(f"no N-ACTION response from {called_aet} at {host}:{port}")
+    comment = error_comment(status)
+    return StoreStatus(int(status.Status), f'Error Comment: "{comment}"' if comment else "")
 
 
 def load_datasets(items: Iterable[Path | Dataset]) -> list[Dataset]:

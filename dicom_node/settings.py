@@ -66,6 +66,8 @@ class DestinationEntry(_Group):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    # after delivering, ask it to commit to keeping the results (Storage Commitment Push Model)
+    storage_commitment: bool = False
 
 
 class DicomSettings(_Group):
@@ -144,6 +146,10 @@ class OutboxSettings(_Group):
     # A peer that refuses the object itself (SOP Class not supported, Data Set does not match, cannot
     # understand) answers every retry the same: DEAD after this many such answers in a row, not 3 days on
     refused_attempts: int = Field(default=3, ge=1)
+    # Destinations set to storage commitment: how long the node waits for the PACS's report on a request
+    # before asking again, and how many requests it makes before the objects are "not confirmed"
+    commitment_timeout_seconds: float = Field(default=3600.0, gt=0.0)
+    commitment_requests: int = Field(default=3, ge=1)
     backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 

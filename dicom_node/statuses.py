@@ -21,7 +21,11 @@ class Status(IntEnum):
     # a failure in the "cannot understand" range, with the reason in the Error Comment.
     IDENTITY_CONFLICT = 0xC211
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORISED = 0x0124
     PROCESSING_FAILURE = 0x0110
+    # N-EVENT-REPORT (PS3.7 10.1.1.1.8): a storage commitment report the node cannot read
+    NO_SUCH_EVENT_TYPE = 0x0113
+    INVALID_ARGUMENT_VALUE = 0x0115
 
     @property
     def is_success(self) -> bool:

@@ -107,6 +107,8 @@ class RemoteAe(Base):
     host: Mapped[str | None] = mapped_column(String(255))  # callers: optional bound host/IP
     port: Mapped[int | None] = mapped_column(Integer)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    # destinations only: after delivering, ask the PACS to commit to keeping the objects (PS3.4 Annex J)
+    storage_commitment: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     description: Mapped[str] = mapped_column(String(255), default="")
     # callers only: the destination that results for studies from this caller go back to
@@ -411,6 +413,17 @@ class DeliveryState(enum.StrEnum):
     SUPERSEDED = "superseded"
 
 
+class CommitmentState(enum.StrEnum):
+    """Whether a delivered object's destination has taken responsibility for keeping it (Storage
+    Commitment Push Model, PS3.4 Annex J). NULL: the destination was not asked (it is not set to)."""
+
+    DUE = "due"  # delivered; the N-ACTION asking for commitment is still to be sent
+    REQUESTED = "requested"  # the PACS answered the N-ACTION; its N-EVENT-REPORT is awaited
+    COMMITTED = "committed"  # the PACS reported that it keeps the object
+    # no report after outbox.commitment_requests requests, or the PACS would not take the request
+    UNCONFIRMED = "unconfirmed"
+
+
 class Delivery(Base):
     """One result object to one destination; retried with back-off until delivered or dead."""
 
@@ -420,6 +433,8 @@ class Delivery(Base):
         Index("ix_delivery_state_next", "state", "next_attempt_at"),
         # the outbox's lease and next-retry lookups of one destination (migration 0011)
         Index("ix_delivery_destination_state_next", "destination_pk", "state", "next_attempt_at"),
+        # the outbox's sweep for storage commitment to ask for or overdue (migration 0017)
+        Index("ix_delivery_commitment_at", "commitment", "commitment_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -433,6 +448,13 @@ class Delivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+    # Storage commitment of a delivered object (migration 0017; see CommitmentState). The transaction UID
+    # of the last request, indexed for the PACS's report; when it was asked or answered; how often asked.
+    commitment: Mapped[CommitmentState | None] = mapped_column(_enum(CommitmentState))
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commitment_at: Mapped[datetime | None] = mapped_column()
+    commitment_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    commitment_note: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     result_object: Mapped[ResultObject] = relationship(back_populates="deliveries")
     destination: Mapped[RemoteAe] = relationship()

@@ -15,10 +15,12 @@ from sqlalchemy import ColumnElement, Select, and_, func, select, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
 from classifier.types import doubt_reason
+from dicom_node import commitment
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, study_age
 from dicom_node.errors import NodeError, NotFoundError
 from dicom_node.store import folding
 from dicom_node.store.models import (
+    CommitmentState,
     Delivery,
     DeliveryState,
     Finding,
@@ -385,6 +387,9 @@ class DeliveryDetail(BaseModel):
     last_error: str
     delivered_at: UtcDatetime | None
     history: list[AttemptDetail]
+    # storage commitment of the delivered object: None when its destination is not asked (commitment)
+    commitment: CommitmentState | None = None
+    commitment_text: str = Field(default="", description="the storage commitment in words, with why")
 
 
 class ResultObjectDetail(BaseModel):
@@ -538,6 +543,8 @@ def study_detail(
                         last_status=d.last_status,
                         last_error=d.last_error,
                         delivered_at=d.delivered_at,
+                        commitment=d.commitment,
+                        commitment_text=commitment.describe(d),
                         history=[
                             AttemptDetail(at=a.at, status=a.status, outcome=a.outcome, error=a.error)
                             for a in d.attempt_history

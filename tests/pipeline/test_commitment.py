@@ -1,0 +1,331 @@
+"""Storage commitment: the outbox asks (N-ACTION), the node's listener records the PACS's report
+(N-EVENT-REPORT), time-outs ask again, and reports the node cannot take are refused with a status.
+
+The PACS is a pynetdicom AE that stores, answers N-ACTION and reports on an association it opens to the
+node's own listener (:func:`dicom_node.scp.build_scp`), as Orthanc does; the interop tier does the same
+with a real Orthanc (tests/interop/test_storage_commitment.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import aes, commitment
+from dicom_node.ingest import Ingestor
+from dicom_node.outbox import NOT_KEPT, Outbox, requeue
+from dicom_node.scp import StorageScp, build_scp
+from dicom_node.settings import DicomSettings, OutboxSettings
+from dicom_node.store.db import session_scope
+from dicom_node.store.files import FileStore
+from dicom_node.store.models import AeRole, CommitmentState, Delivery, DeliveryState, Instance, RemoteAe
+from tests.pipeline.storepeer import StorePeer
+from tests.pipeline.test_outbox import _deliveries
+
+pytestmark = pytest.mark.network
+
+INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+class CommitPeer(StorePeer):
+    """A PACS that stores, answers N-ACTION with ``action_status`` and keeps the requests it got."""
+
+    def __init__(self, action_status: int = 0x0000) -> None:
+        super().__init__()
+        self.action_status = action_status
+        self.requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
+
+    def _on_action(self, event: Event) -> tuple[int, None]:
+        info = event.action_information
+        self.requests.append((str(info.TransactionUID),
+                              [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]))
+        return self.action_status, None
+
+    def start(self) -> CommitPeer:
+        from pynetdicom import AllStoragePresentationContexts
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(StorageCommitmentPushModel)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_N_ACTION, self._on_action)])
+        return self
+
+
+def report(node_port: int, transaction_uid: str | None, kept: list[str], failed: dict[str, int], *,
+           calling: str = "PACS", event_type: int | None = None, scp_role: bool = True) -> int:
+    """Send the node a storage commitment result as a PACS does, on an association of its own; returns
+    the node's status. ``scp_role``: propose the SCP role (SCP/SCU Role Selection), as the standard has
+    it; Orthanc proposes none."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    roles = [build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)] if scp_role else []
+    assoc = ae.associate("127.0.0.1", node_port, ae_title="CXRNODE", ext_neg=roles)
+    assert assoc.is_established, "the node refused the reporting PACS's association"
+    info = Dataset()
+    if transaction_uid is not None:
+        info.TransactionUID = transaction_uid
+
+    def items(uids: list[str]) -> list[Dataset]:
+        out = []
+        for uid in uids:
+            item = Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            item.ReferencedSOPInstanceUID = uid
+            if uid in failed:
+                item.FailureReason = failed[uid]
+            out.append(item)
+        return out
+
+    if kept:
+        info.ReferencedSOPSequence = items(kept)
+    if failed:
+        info.FailedSOPSequence = items(list(failed))
+    kind = event_type if event_type is not None else (2 if failed else 1)
+    try:
+        status, _ = assoc.send_n_event_report(info, kind, StorageCommitmentPushModel, INSTANCE)
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+@pytest.fixture
+def pacs() -> Iterator[CommitPeer]:
+    peer = CommitPeer().start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def listener(db: sessionmaker[Session], tmp_path: Path) -> Iterator[tuple[StorageScp, list[int]]]:
+    """The node's listener on a free port; PACS is a destination (not a caller); OTHER is a caller."""
+    with session_scope(db) as session:
+        aes.add(session, aes.AeSpec("OTHER", AeRole.CALLER, "127.0.0.1"), "test")
+    woken: list[int] = []
+    scp = build_scp(DicomSettings(ae_title="CXRNODE", port=0, bind_address="127.0.0.1"),
+                    Ingestor(db, FileStore(tmp_path / "in", fsync=False)), db,
+                    outbox_settings=OutboxSettings(refused_attempts=2), on_resend=woken.append)
+    scp.start()
+    yield scp, woken
+    scp.stop()
+
+
+def _commit_to(db: sessionmaker[Session], destination_pk: int) -> None:
+    with session_scope(db) as session:
+        session.get_one(RemoteAe, destination_pk).storage_commitment = True
+
+
+def _rows(db: sessionmaker[Session]) -> dict[int, Delivery]:
+    with session_scope(db) as session:
+        rows = {d.id: d for d in session.scalars(select(Delivery))}
+        session.expunge_all()
+        return rows
+
+
+def _outbox(db: sessionmaker[Session], results: Path, **settings: Any) -> Outbox:
+    return Outbox(db, results, calling_aet="CXRNODE",
+                  settings=OutboxSettings(backoff_initial_seconds=60, **settings))
+
+
+def test_delivered_objects_are_asked_about_and_the_pacs_report_is_recorded_on_each(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+) -> None:
+    scp, woken = listener
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, pacs.port, 2)
+    _commit_to(db, destination_pk)
+    outbox = _outbox(db, results)
+    outbox.deliver_due(destination_pk)
+
+    # one N-ACTION for the batch, after the objects, naming both
+    assert len(pacs.requests) == 1
+    transaction, asked = pacs.requests[0]
+    with session_scope(db) as session:
+        uids = {d.id: d.result_object.sop_instance_uid for d in session.scalars(select(Delivery))}
+    assert sorted(asked) == sorted(uids.values()) and sorted(pacs.received) == sorted(asked)
+    rows = _rows(db)
+    assert {(r.commitment, r.commitment_uid, r.commitment_requests) for r in rows.values()} == {
+        (CommitmentState.REQUESTED, transaction, 1)}
+
+    kept, dropped = ids
+    assert report(scp.port, transaction, [uids[kept]], {uids[dropped]: 0x0112}) == 0x0000
+    rows = _rows(db)
+    assert (rows[kept].state, rows[kept].commitment) == (DeliveryState.DELIVERED, CommitmentState.COMMITTED)
+    assert rows[dropped].state is DeliveryState.RETRYING and rows[dropped].commitment is None
+    assert rows[dropped].last_status == 0x0112
+    assert rows[dropped].last_error == ("the PACS answered success, then reported that it does not keep it "
+                                        "(storage commitment: no such object instance (0x0112))")
+    assert woken == [destination_pk]  # the outbox sends it again now, not at its back-off
+
+    # sent again and asked about again, under a new transaction; only that object
+    outbox.deliver_due(destination_pk)
+    assert pacs.received.count(uids[dropped]) == 2 and pacs.received.count(uids[kept]) == 1
+    assert len(pacs.requests) == 2 and pacs.requests[1][1] == [uids[dropped]]
+    assert pacs.requests[1][0] != transaction
+    with session_scope(db) as session:
+        history = [a.outcome for a in session.get_one(Delivery, dropped).attempt_history]
+    assert history == ["delivered", NOT_KEPT, "delivered"]
+
+    # a late repeat of the first report changes nothing: that transaction is over for this object
+    assert report(scp.port, transaction, [], {uids[dropped]: 0x0112}) == 0x0000
+    assert _rows(db)[dropped].commitment is CommitmentState.REQUESTED
+
+
+def test_a_pacs_that_drops_the_object_each_time_makes_it_dead_after_refused_attempts(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+) -> None:
+    scp, _ = listener  # refused_attempts=2
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    outbox = _outbox(db, results)
+    for _ in range(2):
+        outbox.deliver_due(destination_pk)
+        transaction, (uid,) = pacs.requests[-1]
+        assert report(scp.port, transaction, [], {uid: 0x0110}) == 0x0000
+    row = _rows(db)[pk]
+    assert row.state is DeliveryState.DEAD and row.next_attempt_at is None
+    assert row.last_error.endswith("processing failure (0x0110)); refused each time: it will be, until the "
+                                   "peer's configuration changes; then resend it")
+    # the operator's resend starts again, with nothing left of the commitment asked before
+    with session_scope(db) as session:
+        requeue(session, [pk], "admin")
+    row = _rows(db)[pk]
+    assert (row.state, row.commitment, row.commitment_uid, row.commitment_note) == (
+        DeliveryState.PENDING, None, None, "")
+
+
+def test_a_report_without_the_scp_role_proposed_is_taken_as_orthanc_sends_it(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+) -> None:
+    scp, _ = listener
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    _outbox(db, results).deliver_due(destination_pk)
+    transaction, uids = pacs.requests[0]
+    assert report(scp.port, transaction, uids, {}, scp_role=False) == 0x0000
+    assert _rows(db)[pk].commitment is CommitmentState.COMMITTED
+
+
+def test_no_report_in_time_is_asked_again_then_unconfirmed_with_why(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    outbox = _outbox(db, results, commitment_timeout_seconds=0.3, commitment_requests=2)
+    outbox.deliver_due(destination_pk)
+    outbox.request_commitments(destination_pk)  # not overdue yet: not asked again
+    assert len(pacs.requests) == 1
+    time.sleep(0.4)
+    outbox.request_commitments(destination_pk)
+    assert len(pacs.requests) == 2 and pacs.requests[1][0] != pacs.requests[0][0]
+    assert _rows(db)[pk].commitment is CommitmentState.REQUESTED
+    time.sleep(0.4)
+    outbox.request_commitments(destination_pk)
+    assert len(pacs.requests) == 2  # not a third time
+    row = _rows(db)[pk]
+    assert (row.state, row.commitment) == (DeliveryState.DELIVERED, CommitmentState.UNCONFIRMED)
+    assert row.commitment_note == "the PACS did not report on it after 2 storage commitment requests, 0.3 s apart"
+    with session_scope(db) as session:
+        assert commitment.describe(session.get_one(Delivery, pk)) == f"not confirmed by the PACS: {row.commitment_note}"
+
+
+@pytest.mark.parametrize("status, final", [(0x0122, True), (0x0110, False)])
+def test_a_refused_request_is_unconfirmed_at_once_and_a_failed_one_asked_again(
+    db: sessionmaker[Session], tmp_path: Path, status: int, final: bool,
+) -> None:
+    """0x0122: the PACS does not offer the service, and would refuse again; 0x0110 may pass."""
+    pacs = CommitPeer(action_status=status).start()
+    try:
+        results = tmp_path / "results"
+        destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+        _commit_to(db, destination_pk)
+        _outbox(db, results, commitment_requests=3).deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    row = _rows(db)[pk]
+    assert row.state is DeliveryState.DELIVERED
+    expected = CommitmentState.UNCONFIRMED if final else CommitmentState.DUE
+    assert row.commitment is expected, row.commitment_note
+    assert f"failure status 0x{status:04X}" in row.commitment_note
+
+
+def test_a_destination_not_set_to_commitment_is_not_asked(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _outbox(db, results).deliver_due(destination_pk)
+    assert pacs.requests == [] and _rows(db)[pk].commitment is None
+
+
+def test_reports_the_node_cannot_take_are_refused_and_change_nothing(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scp, woken = listener
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    _outbox(db, results).deliver_due(destination_pk)
+    transaction, (uid,) = pacs.requests[0]
+
+    assert report(scp.port, transaction, [uid], {}, event_type=3) == 0x0113  # no such event type
+    assert report(scp.port, None, [uid], {}) == 0x0115  # no Transaction UID
+    # a caller of the node that is not the PACS asked: it may not answer for it
+    assert report(scp.port, transaction, [uid], {}, calling="OTHER") == 0x0115
+    assert "the transaction was asked of PACS, not of OTHER" in caplog.text
+    # a transaction the node does not know: success, nothing to record
+    assert report(scp.port, generate_uid(), [uid], {}) == 0x0000
+    assert "for a transaction the node is not waiting for" in caplog.text
+    row = _rows(db)[pk]
+    assert (row.commitment, row.commitment_uid) == (CommitmentState.REQUESTED, transaction)
+    assert woken == []
+
+
+def test_a_destination_may_report_and_echo_but_not_store(
+    db: sessionmaker[Session], tmp_path: Path, listener: tuple[StorageScp, list[int]],
+) -> None:
+    from pydicom import dcmread
+
+    from tests import peers
+
+    scp, _ = listener
+    with session_scope(db) as session:
+        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "127.0.0.1", 104, storage_commitment=True),
+                "test")
+        aes.add(session, aes.AeSpec("PLAIN", AeRole.DESTINATION, "127.0.0.1", 105), "test")
+    ds = dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))  # a chest CR the node would store from a caller
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        response = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert response.Status == 0x0124
+    assert response.ErrorComment == "PACS is not an allowed caller of this node"
+    with session_scope(db) as session:
+        assert session.scalar(select(Instance.id)) is None  # nothing stored
+    # a destination not set to storage commitment is refused as any stranger is
+    stranger = AE(ae_title="PLAIN")
+    stranger.add_requested_context("1.2.840.10008.1.1")
+    refused = stranger.associate("127.0.0.1", scp.port, ae_title="CXRNODE")
+    assert refused.is_rejected
