@@ -96,7 +96,8 @@ def cmd_storage_check(args: argparse.Namespace) -> int:
 def cmd_ae_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
     role = AeRole(args.role)
-    spec = aes.AeSpec(args.aet, role, args.host, args.port, args.tls, args.description or "", args.reply_to)
+    spec = aes.AeSpec(args.aet, role, args.host, args.port, args.tls, args.description or "", args.reply_to,
+                      storage_commitment=args.storage_commitment)
     with _session_factory(settings)() as session, session.begin():
         ae = aes.add(session, spec, audit.cli_actor())
         say(f"added {role.value} {ae.ae_title} (id {ae.id})")
@@ -112,11 +113,12 @@ def cmd_ae_list(args: argparse.Namespace) -> int:
     role = AeRole(args.role) if args.role else None
     with _session_factory(settings)() as session:
         rows = aes.list_aes(session, role)
-        say(f"{'ROLE':<12}{'AE TITLE':<18}{'HOST':<24}{'PORT':<7}{'TLS':<5}{'ENABLED':<9}REPLY TO")
+        say(f"{'ROLE':<12}{'AE TITLE':<18}{'HOST':<24}{'PORT':<7}{'TLS':<5}{'COMMIT':<8}{'ENABLED':<9}"
+            "REPLY TO")
         for ae in rows:
             say(f"{ae.role.value:<12}{ae.ae_title:<18}{ae.host or '-':<24}{ae.port or '-'!s:<7}"
-                  f"{'yes' if ae.tls else 'no':<5}{'yes' if ae.enabled else 'no':<9}"
-                  f"{ae.reply_to.ae_title if ae.reply_to else '-'}")
+                  f"{'yes' if ae.tls else 'no':<5}{'yes' if ae.storage_commitment else 'no':<8}"
+                  f"{'yes' if ae.enabled else 'no':<9}{ae.reply_to.ae_title if ae.reply_to else '-'}")
     return 0
 
 
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--host", help="callers: only accept from this host/IP; destinations: address")
     add.add_argument("--port", type=int, help="destinations: port")
     add.add_argument("--tls", action="store_true", help="destinations: use DICOM TLS")
+    add.add_argument("--storage-commitment", action="store_true",
+                     help="destinations: ask it to commit to keeping the results it was sent (N-ACTION), and "
+                          "accept its reports (N-EVENT-REPORT) on associations it opens to the node")
     add.add_argument("--reply-to", help="callers: destination AE title that gets this caller's results")
     add.add_argument("--description", help="free text shown in listings")
     add.set_defaults(func=cmd_ae_add)

@@ -107,6 +107,7 @@ class AeForm:
     description: str = ""
     reply_to: str = ""
     enabled: bool = True
+    storage_commitment: bool = False
 
     @classmethod
     def of(cls, ae: RemoteAe) -> AeForm:
@@ -119,6 +120,7 @@ class AeForm:
             description=ae.description,
             reply_to=ae.reply_to.ae_title if ae.reply_to else "",
             enabled=ae.enabled,
+            storage_commitment=ae.storage_commitment,
         )
 
     def spec(self) -> aes.AeSpec:
@@ -140,6 +142,7 @@ class AeForm:
             description=self.description,
             reply_to=self.reply_to or None,
             enabled=self.enabled,
+            storage_commitment=self.storage_commitment,
         )
 
 
@@ -152,8 +155,10 @@ def ae_form(
     description: Annotated[str, Form(max_length=255)] = "",
     reply_to: Annotated[str, Form(max_length=16)] = "",
     enabled: Annotated[str, Form(max_length=8)] = "",
+    storage_commitment: Annotated[str, Form(max_length=8)] = "",
 ) -> AeForm:
-    return AeForm(role, ae_title, host, port, bool(tls), description, reply_to, bool(enabled))
+    return AeForm(role, ae_title, host, port, bool(tls), description, reply_to, bool(enabled),
+                  bool(storage_commitment))
 
 
 AeFormDep = Annotated[AeForm, Depends(ae_form)]

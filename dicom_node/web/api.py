@@ -291,6 +291,9 @@ class AeIn(BaseModel):
     description: str = Field(default="", max_length=255)
     reply_to: str | None = Field(default=None, max_length=16)
     enabled: bool = True
+    storage_commitment: bool = Field(
+        default=False, description="destinations: after delivering, ask the PACS to commit to keeping the "
+        "results (Storage Commitment Push Model); its reports are accepted on associations it opens")
 
     def spec(self) -> aes.AeSpec:
         return aes.AeSpec(
@@ -302,6 +305,7 @@ class AeIn(BaseModel):
             description=self.description,
             reply_to=self.reply_to,
             enabled=self.enabled,
+            storage_commitment=self.storage_commitment,
         )
 
 
@@ -320,6 +324,7 @@ class AeOut(AeIn):
             description=ae.description,
             reply_to=ae.reply_to.ae_title if ae.reply_to else None,
             enabled=ae.enabled,
+            storage_commitment=ae.storage_commitment,
         )
 
 

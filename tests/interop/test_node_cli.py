@@ -68,8 +68,15 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     assert "go nowhere" not in routed.stderr
     unrouted = run_cli(["ae", "add", "--role", "caller", "--aet", "VIEWER"], env)  # no reply-to, no fixed one
     assert "warning: results of studies from VIEWER go nowhere" in unrouted.stderr
+    run_cli(["ae", "add", "--role", "destination", "--aet", "ARCHIVE", "--host", "127.0.0.1", "--port", "104",
+             "--storage-commitment"], env)
     listed = run_cli(["ae", "list"], env)
     assert "STORESCP" in listed.stdout and "MODALITY" in listed.stdout
+    commit = listed.stdout.splitlines()[0].index("COMMIT")  # the column says which destination is asked
+    assert {line.split()[1]: line[commit:commit + 3] for line in listed.stdout.splitlines()[1:]
+            if line.startswith("destination")} == {"ARCHIVE": "yes", "STORESCP": "no "}
+    refused = run_cli(["ae", "add", "--role", "caller", "--aet", "X", "--storage-commitment"], env, check=False)
+    assert refused.returncode != 0 and "storage commitment applies to destinations only" in refused.stderr
     assert listed.stderr == f"database: SQLite file {database}\n"  # its answer; the INFO log stays out
     assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout
     assert run_cli(["echo", "127.0.0.1", str(port), "STORESCP"], env).returncode == 0
@@ -96,7 +103,7 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     with Session(engine) as session:
         actions = session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
     engine.dispose()
-    assert actions == ["ae.add", "ae.add", "ae.add", "ae.echo", "send", "ae.remove"]
+    assert actions == ["ae.add", "ae.add", "ae.add", "ae.add", "ae.echo", "send", "ae.remove"]
 
 
 def test_echo_to_nothing_fails_cleanly(tmp_path: Path) -> None:

@@ -140,6 +140,35 @@ def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
     assert api.status_code == 422 and api.json()["field"] == "host"
 
 
+def test_a_destination_is_set_to_storage_commitment_and_a_caller_cannot_be(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, csrf = admin_client
+    form = {"csrf_token": csrf, "role": "destination", "ae_title": "PACS", "host": "10.0.0.5", "port": "104",
+            "enabled": "1", "storage_commitment": "1"}
+    assert client.post("/admin/aes", data=form).status_code == 303
+    with session_scope(factory) as s:
+        pacs = s.scalars(select(RemoteAe).where(RemoteAe.ae_title == "PACS")).one()
+        assert pacs.storage_commitment is True
+        pacs_id = pacs.id
+    page = client.get(f"/admin/aes/{pacs_id}").text
+    assert re.search(r'name="storage_commitment" value="1" checked', page)
+    listing = client.get("/admin/aes").text
+    assert "<th>Storage commitment</th>" in listing
+    added = [e for e in _audit_details(factory) if e[0] == "ae.add"]
+    assert added[-1][1]["storage_commitment"] is True
+    refused = client.post("/admin/aes", data={**form, "role": "caller", "ae_title": "MOD", "port": ""})
+    assert refused.status_code == 422 and "storage commitment applies to destinations only" in refused.text
+    assert _invalid_fields(refused.text) == ["storage_commitment"]
+    api = client.get("/api/admin/aes", params={"role": "destination"}).json()
+    assert [a["storage_commitment"] for a in api] == [True]
+
+
+def _audit_details(factory: sessionmaker[Session]) -> list[tuple[str, dict[str, object]]]:
+    with session_scope(factory) as s:
+        return [(e.action, dict(e.details or {})) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+
+
 def test_a_refused_new_user_marks_the_field_it_is_about(admin_client: tuple[TestClient, str]) -> None:
     client, csrf = admin_client
     form = {"csrf_token": csrf, "username": "dr.new", "role": "radiologist"}

@@ -296,6 +296,32 @@ def test_details_show_probabilities_model_and_delivery_history(
     assert detail["instances"][0]["findings"][0]["doubt"] is None
 
 
+def test_details_say_whether_the_pacs_committed_to_keeping_each_delivered_object(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A C-STORE success says the PACS received the object; storage commitment says it keeps it. The
+    study page shows what the PACS answered under each delivered object, and an object it did not
+    confirm with why."""
+    from dicom_node.store.models import CommitmentState, Delivery, ResultKind
+
+    client, _ = rad_client
+    ids = add_study(factory, StudySpec(deliveries={"PACS": DeliveryState.DELIVERED}))
+    note = "the PACS did not report on it after 3 storage commitment requests, 3600 s apart"
+    with session_scope(factory) as s:
+        sr = s.get_one(Delivery, ids.deliveries[(ResultKind.SR, "PACS")])
+        pdf = s.get_one(Delivery, ids.deliveries[(ResultKind.PDF, "PACS")])
+        sr.delivered_at = pdf.delivered_at = datetime.now(UTC)
+        sr.commitment = CommitmentState.COMMITTED
+        pdf.commitment, pdf.commitment_note = CommitmentState.UNCONFIRMED, note
+    html = client.get(f"/results/{ids.study}").text
+    assert 'data-commitment="committed">kept by the PACS (storage commitment)</span>' in html
+    assert f'data-commitment="unconfirmed">not confirmed by the PACS: {note}</span>' in html
+    detail = client.get(f"/api/results/{ids.study}").json()
+    found = {(d["commitment"], d["commitment_text"]) for r in detail["results"] for d in r["deliveries"]}
+    assert found == {("committed", "kept by the PACS (storage commitment)"),
+                     ("unconfirmed", f"not confirmed by the PACS: {note}")}
+
+
 def test_details_warn_of_a_finding_the_models_own_checks_doubted(
     rad_client: tuple[TestClient, str], corpus: dict[str, int]
 ) -> None:
