@@ -75,6 +75,7 @@ class OrthancServer:
         stable_age: int = 1,
         ae_title: str = ORTHANC_AET,
         dicom_port: int | None = None,
+        lua: str = "",
     ) -> None:
         self.executable = peers.executable("Orthanc", "/usr/sbin/Orthanc")
         self.workdir = workdir
@@ -84,6 +85,7 @@ class OrthancServer:
         self.node = node
         self.forward = forward if node is not None else None
         self.stable_age = stable_age
+        self.lua = lua  # a Lua script of the test's own (e.g. a ReceivedInstanceFilter), besides forwarding
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "orthanc.log"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,10 @@ class OrthancServer:
             script = self.workdir / "forward.lua"
             script.write_text(template.replace("{node_aet}", self.node.ae_title))
             scripts.append(str(script))
+        if self.lua:
+            own = self.workdir / "own.lua"
+            own.write_text(self.lua)
+            scripts.append(str(own))
         modalities: dict[str, list[Any]] = {}
         if self.node is not None:
             modalities["node"] = [self.node.ae_title, self.node.host, self.node.port]
@@ -129,10 +135,11 @@ class OrthancServer:
         }
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
 
-    def set_node(self, node: NodeAddress) -> None:
-        """Point the ``node`` modality (and forwarding) at ``node``; takes effect at the next start()."""
+    def set_node(self, node: NodeAddress, *, forward: bool = True) -> None:
+        """Point the ``node`` modality (and, with ``forward``, forwarding) at ``node``; takes effect at the
+        next start()."""
         self.node = node
-        if self.forward is None:
+        if forward and self.forward is None:
             self.forward = "instance"
         self._write_config()
 
