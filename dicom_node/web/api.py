@@ -159,7 +159,10 @@ def api_dashboard(db: DbDep) -> results.Dashboard:
 
 @router.get("/results", response_model=results.ResultPage, tags=["results"])
 def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
-    """Studies newest first. Images and files of a study are at
+    """Studies newest first (by time of receipt), a page at a time. The next page is sought from this one's
+    last study: send ``page`` + 1 and the parameters in ``older`` (``before=<its id>``) with the search's
+    fields; ``newer`` (``after=<the first study's id>``) gives the page before. A page given by its number
+    alone is counted from the start. Images and files of a study are at
     ``/results/{study}/instances/{instance}/image.png``, ``/results/{study}/findings/{finding}/heatmap.png``,
     ``/results/{study}/objects/{object}/object.dcm`` and ``/results/{study}/objects/{object}/report.pdf``."""
     return results.search(db, query)

@@ -43,6 +43,7 @@ from dicom_node.web import results
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
     HEAD_ONLY,
+    ROW_ID_MAX,
     Console,
     ConsoleDep,
     CsrfAdminDep,
@@ -273,6 +274,12 @@ def result_query(
     state: Annotated[str, Query(max_length=16)] = "",
     page: Annotated[int, Query(ge=1, le=100000)] = 1,
     per_page: Annotated[int, Query(ge=1, le=100)] = 25,
+    before: Annotated[
+        int | None, Query(ge=1, le=ROW_ID_MAX, description="the id of the study the page follows")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=1, le=ROW_ID_MAX, description="the id of the study the page precedes")
+    ] = None,
 ) -> results.ResultQuery:
     """The search form's fields; empty fields (as browsers send them) mean "any"."""
 
@@ -295,6 +302,8 @@ def result_query(
         state=parsed("state", state, StudyState),
         page=page,
         per_page=per_page,
+        before=before,
+        after=after,
     )
 
 
@@ -304,7 +313,8 @@ ResultQueryDep = Annotated[results.ResultQuery, Depends(result_query)]
 @router.get("/results")
 def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQueryDep) -> Response:
     page = results.search(db, query)
-    params = query.model_dump(mode="json", exclude={"page"}, exclude_defaults=True)
+    # the search's fields: the pager's links add the page and the study they seek from
+    params = query.model_dump(mode="json", exclude={"page", "before", "after"}, exclude_defaults=True)
     return render(
         request,
         "results.html",

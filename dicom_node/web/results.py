@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
-from sqlalchemy import ColumnElement, Select, and_, func, select, union
+from sqlalchemy import ColumnElement, Select, and_, func, select, tuple_, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 
 from classifier.types import doubt_reason
@@ -36,6 +36,7 @@ from dicom_node.store.models import (
 )
 from dicom_node.web import paging
 from dicom_node.web.auth import UtcDatetime
+from dicom_node.web.deps import ROW_ID_MAX
 from dicom_node.web.imaging import hot_region, load_heatmap
 
 PAGE_SIZES = (25, 50, 100)
@@ -111,6 +112,13 @@ class ResultQuery(BaseModel):
     state: StudyState | None = None
     page: int = Field(default=1, ge=1)
     per_page: int = Field(default=25, ge=1, le=100)
+    # The pager's links seek the page from a study shown, as the audit log's do: ``before`` the previous
+    # page's last study, ``after`` the next page's first. Sent with the page number, which they then
+    # only label; without them, or when that study is gone, the page is counted from the start.
+    before: int | None = Field(default=None, ge=1, le=ROW_ID_MAX,
+                               description="the id of the study the page follows (the previous page's last)")
+    after: int | None = Field(default=None, ge=1, le=ROW_ID_MAX,
+                              description="the id of the study the page precedes (the next page's first)")
 
     def is_filtered(self) -> bool:
         return bool(
@@ -151,8 +159,19 @@ class ResultPage(BaseModel):
     total: int = Field(description="the studies that match; with total_capped, the cap: there are more")
     total_capped: bool = False
     pages: int = Field(description="with total_capped, the pages the counted studies fill: there are more")
-    more: bool = Field(default=False, description="a page of older studies follows this one")
+    more: bool = Field(default=False, description="a page of older studies follows this one; ?page=<page + 1>"
+                       "&before=<the last study's id> (``older``) seeks it")
     rows: list[ResultRow]
+    older: dict[str, int] = Field(
+        default_factory=dict,
+        description="the query parameters, with page + 1 and the search's, that seek the next (older) page "
+        "from this one's last study: {\"before\": id}; empty on the last page",
+    )
+    newer: dict[str, int] = Field(
+        default_factory=dict,
+        description="the query parameters, with page - 1 and the search's, that seek the previous (newer) "
+        "page from this one's first study: {\"after\": id}; empty on page 1",
+    )
     finding_labels: list[str]
 
 
@@ -231,22 +250,38 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
     """Studies matching ``query``, newest first, one page of them.
 
     The count and the page are taken on study ids alone (a patient searched for is looked up by the
-    studies' ``patient_pk``), and only the page's studies are loaded: a late page then skips
-    its offset along the index on ``first_received_at`` instead of building every skipped row. The count
-    stops at paging.COUNT_CAP studies: counting every study with a finding took 165 ms a page on
-    PostgreSQL at 100,000 studies; past the cap the page says "more than 1,000" and one study more than
-    the page is read to tell whether another follows."""
+    studies' ``patient_pk``), and only the page's studies are loaded. ``query.before``/``query.after``:
+    the study the page follows (the previous page's last) or precedes (the next page's first), as the
+    pager's links give them: the page is sought from that study's (first_received_at, id) in the index on
+    ``first_received_at``, where an OFFSET walked past every study of the pages before it (and a study
+    received meanwhile moved every later page by one). Without them (a typed page number, an old
+    bookmark, a study gone) the page is counted from the start. The count stops at paging.COUNT_CAP
+    studies: counting every study with a finding took 165 ms a page on PostgreSQL at 100,000 studies;
+    past the cap the page says "more than 1,000" and one study more than the page is read to tell
+    whether another follows."""
     criteria = _criteria(query)
     ids_query = select(Study.id).where(*criteria)
     count = paging.capped_count(session, ids_query)
-    ids = list(
-        session.scalars(
-            ids_query.order_by(Study.first_received_at.desc(), Study.id.desc())
-            .offset((query.page - 1) * query.per_page)
-            .limit(query.per_page + 1)
-        )
-    )
-    more = len(ids) > query.per_page
+    key = tuple_(Study.first_received_at, Study.id)
+    newest_first = ids_query.order_by(Study.first_received_at.desc(), Study.id.desc())
+    anchor_id = query.before if query.before is not None else query.after
+    # the anchor need not match the search: its (first_received_at, id) is only where the page starts
+    anchored = session.scalar(select(Study.first_received_at).where(Study.id == anchor_id)) \
+        if anchor_id is not None else None
+    if anchored is not None and query.before is not None:
+        # one study more than the page tells whether an older page follows
+        ids = list(session.scalars(newest_first.where(key < (anchored, anchor_id)).limit(query.per_page + 1)))
+        more = len(ids) > query.per_page
+    elif anchored is not None:  # the page before the one the anchor starts: that one follows
+        oldest_first = (ids_query.where(key > (anchored, anchor_id))
+                        .order_by(Study.first_received_at, Study.id).limit(query.per_page))
+        ids = list(reversed(list(session.scalars(oldest_first))))
+        more = True
+    else:
+        ids = list(session.scalars(
+            newest_first.offset((query.page - 1) * query.per_page).limit(query.per_page + 1)
+        ))
+        more = len(ids) > query.per_page
     ids = ids[:query.per_page]
     by_id = {
         s.id: s
@@ -274,6 +309,8 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
     return ResultPage(
         query=query, total=count.total, total_capped=count.capped, pages=count.pages(query.per_page),
         more=more, rows=rows, finding_labels=finding_labels(session),
+        older={"before": ids[-1]} if ids and more else {},
+        newer={"after": ids[0]} if ids and query.page > 1 else {},
     )
 
 

@@ -28,6 +28,7 @@ from dicom_node.settings import Settings
 from dicom_node.store import db
 from dicom_node.store.models import AeRole, AuditEvent
 from dicom_node.web import admin, results
+from tests.web.studies import StudySpec, add_study
 
 pytestmark = pytest.mark.db
 
@@ -145,6 +146,33 @@ def test_a_results_search_reads_no_whole_table(
     assert found and whole_table_reads(found) == []
     patient_reads = [line for lines in found for line in lines if " patient" in line]
     assert all("PRIMARY KEY" in line for line in patient_reads), patient_reads
+
+
+RESULT_PAGES_BY_LINK: dict[str, dict[str, Any]] = {
+    "a late page": {"page": 3990, "before": 1},
+    "the page before a late page": {"page": 3989, "after": 1},
+    "a late page of a finding's": {"finding": "covid", "page": 20, "before": 1},
+    "a late page of a date range": {"date_from": date(2026, 1, 1), "page": 50, "before": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(RESULT_PAGES_BY_LINK))
+def test_a_results_page_by_its_link_is_sought_from_the_index(
+    name: str, sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """A late page walked past every study of the pages before it (OFFSET 99,725 at page 3990); the
+    pager's link seeks it from its (first_received_at, id) in the index on first_received_at (which on
+    SQLite holds the id too, as every index holds the rowid)."""
+    add_study(factory, StudySpec())
+    with plans(sqlite_engine) as found, factory() as session:
+        results.search(session, results.ResultQuery(**RESULT_PAGES_BY_LINK[name]))
+    assert found and whole_table_reads(found) == []
+    if "finding" in RESULT_PAGES_BY_LINK[name]:
+        return  # the finding's studies come from its index (a few thousand), sorted: no key to seek
+    lines = [line for lines in found for line in lines]
+    bound = ">" if "after" in RESULT_PAGES_BY_LINK[name] else "<"
+    sought = f"INDEX ix_study_first_received_at (first_received_at{bound}?)"
+    assert any(sought in line for line in lines), found
 
 
 def test_a_patient_search_reads_the_patients_once_not_every_study(

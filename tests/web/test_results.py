@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html as html_lib
 import io
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -261,11 +262,113 @@ def test_past_the_cap_the_results_say_more_and_the_pager_goes_on_while_pages_are
     assert (first["total"], first["total_capped"], first["more"], len(first["rows"])) == (20, True, True, 25)
     html = client.get("/results").text
     assert "More than 20 studies, newest first." in html and "Page 1</span>" in html
-    assert 'href="/results?page=2">Older' in html
-    html = client.get("/results", params={"page": "2"}).text
+    older = re.search(r'href="/results\?(page=2&amp;before=\d+)">Older', html)
+    assert older, html
+    html = client.get(f"/results?{older.group(1).replace('&amp;', '&')}").text
     assert "Page 2</span>" in html and 'href="/results?page=1">‹ Newer' in html
     assert 'role="link" aria-disabled="true">Older' in html  # the last page: its end is no link
     assert client.get("/api/results", params={"page": "2"}).json()["more"] is False
+
+
+def _received(factory: sessionmaker[Session], count: int, start: datetime) -> list[int]:
+    """``count`` studies, newest first, received two by two at the same instant (the order's ties), a
+    third of them COVID findings; their ids, in the list's order (newest first, the larger id first)."""
+    ids = [
+        add_study(factory, StudySpec(f"PAGED^{n:03d}", f"PG{n:03d}", f"AP{n:03d}",
+                                     received_at=start - timedelta(minutes=n // 2),
+                                     label="covid" if n % 3 == 0 else "normal")).study
+        for n in range(count)
+    ]
+    by_key = sorted(range(count), key=lambda n: (-(n // 2), ids[n]), reverse=True)
+    return [ids[n] for n in by_key]
+
+
+def test_the_results_list_pages_by_key_as_its_links_go(db: sessionmaker[Session]) -> None:
+    """A late page of the results counted past every study before it (OFFSET); the pager's links now seek
+    the next page from this page's last study (and the previous from its first), as the audit log's do, on
+    each database, and give the same pages as counting did, ties of receipt time included."""
+    order = _received(db, 57, NOW)
+
+    def page(number: int, **seek: int) -> results.ResultPage:
+        with session_scope(db) as s:
+            return results.search(s, results.ResultQuery(page=number, per_page=10, **seek))
+
+    counted = [[r.study_id for r in page(n).rows] for n in range(1, 7)]
+    assert [pk for rows in counted for pk in rows] == order
+    sought, current = [counted[0]], page(1)
+    for number in range(2, 7):
+        assert current.more and current.older == {"before": current.rows[-1].study_id}
+        current = page(number, **current.older)
+        sought.append([r.study_id for r in current.rows])
+    assert sought == counted and not current.more and current.older == {}
+    for number in range(5, 1, -1):  # and back by the "Newer" links
+        assert current.newer == {"after": current.rows[0].study_id}
+        current = page(number, **current.newer)
+        assert [r.study_id for r in current.rows] == counted[number - 1] and current.more
+    assert page(1).newer == {}
+    assert [r.study_id for r in page(3, before=999_999).rows] == counted[2]  # no such study: counted
+
+
+def test_following_older_visits_every_study_once_though_studies_arrive_meanwhile(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """With OFFSET, a study received while someone paged moved every later page by one: the last study of
+    a page came again at the top of the next. The "Older" link seeks from the last study shown."""
+    client, _ = rad_client
+    order = _received(factory, 23, NOW - timedelta(hours=1))
+    seen: list[int] = []
+    url = "/results?per_page=5"
+    for number in range(1, 6):
+        html = client.get(url).text
+        assert f"Page {number} of" in html
+        seen += [int(pk) for pk in re.findall(r'href="/results/(\d+)"', html)]
+        add_study(factory, StudySpec(f"LATE^{number}", f"LATE{number}", f"AL{number}", received_at=NOW))
+        older = re.search(r'href="(/results\?[^"]*)">Older', html)
+        if number == 5:
+            assert older is None and 'role="link" aria-disabled="true">Older' in html
+            break
+        assert older, html
+        url = html_lib.unescape(older.group(1))
+        assert f"page={number + 1}" in url and f"before={seen[-1]}" in url
+    assert seen == order
+
+
+def test_the_pager_keeps_the_search_in_its_links(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    client, _ = rad_client
+    order = _received(factory, 40, NOW)
+    with session_scope(factory) as s:
+        covid = [pk for pk in order if pk in {
+            r.study_id for r in results.search(s, results.ResultQuery(finding="covid", per_page=100)).rows}]
+    assert len(covid) == 14
+    params = {"finding": "covid", "state": "analysed", "patient": "paged", "date_from": "2026-01-01",
+              "per_page": "4"}
+    html = client.get("/results", params=params).text
+    link = re.search(r'href="/results\?([^"]*)">Older', html)
+    assert link, html
+    query = dict(pair.split("=", 1) for pair in html_lib.unescape(link.group(1)).split("&"))
+    assert query == {**params, "page": "2", "before": str(covid[3])}
+    api = client.get("/api/results", params=query).json()
+    assert [r["study_id"] for r in api["rows"]] == covid[4:8]
+    assert (api["older"], api["newer"]) == ({"before": covid[7]}, {"after": covid[4]})
+    assert api["query"]["before"] == covid[3] and api["query"]["finding"] == "covid"
+    newer = client.get("/api/results", params={**params, "page": "2", "after": str(covid[8])}).json()
+    assert [r["study_id"] for r in newer["rows"]] == covid[4:8]
+    html = client.get("/results", params=query).text
+    assert re.search(r'href="/results\?[^"]*&amp;page=1">‹ Newer', html)  # page 1: from the start
+
+
+@pytest.mark.parametrize("cursor", ["before", "after"])
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1.5", str(2**63), "1;drop"])
+def test_a_malformed_cursor_is_invalid_input_not_a_crash(
+    rad_client: tuple[TestClient, str], cursor: str, value: str
+) -> None:
+    client, _ = rad_client
+    for path in ("/results", "/api/results"):
+        response = client.get(path, params={cursor: value})
+        assert response.status_code == 422, (path, response.status_code, response.text[:300])
+    assert cursor in client.get("/api/results", params={cursor: value}).text
 
 
 def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient, str]) -> None:
