@@ -77,6 +77,7 @@ from dicom_node.store.models import (  # noqa: E402
     folded_name,
 )
 from dicom_node.web import create_app  # noqa: E402
+from dicom_node.web.results import ResultQuery, search  # noqa: E402
 
 DAYS = 400  # the studies' first_received_at spread over this many days up to now
 RETENTION_DAYS = 90
@@ -366,11 +367,18 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
     with session_scope(factory) as session:  # the last event of page 1999: page 2000's "Older" link
         before = session.scalar(select(AuditEvent.id).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
                                 .offset(1999 * 50 - 1).limit(1))
+        # the last study of the page before: the late page's "Older" link (and its first: "Newer")
+        newest_first = select(Study.id).order_by(Study.first_received_at.desc(), Study.id.desc())
+        study_before = session.scalar(newest_first.offset((late - 1) * 25 - 1).limit(1))
+        study_after = session.scalar(newest_first.offset(late * 25).limit(1))
+        covid_before = search(session, ResultQuery(finding="covid", page=19)).rows[-1].study_id
     return {
         "GET / (dashboard)": get("/"),
         "GET /api/dashboard": get("/api/dashboard"),
         "results page 1": get("/results"),
         f"results page {late}": get(f"/results?page={late}"),
+        f"results page {late}, by its Older link": get(f"/results?page={late}&before={study_before}"),
+        f"results page {late}, by its Newer link": get(f"/results?page={late}&after={study_after}"),
         "search name 'muller'": get("/results?patient=muller"),
         "search name 'Müller Jörg'": get("/results?patient=M%C3%BCller+J%C3%B6rg"),
         "search patient ID": get("/results?patient=PID0000421"),
@@ -378,6 +386,8 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
         "search date range (30 d)": get(f"/results?date_from={month_ago}&date_to={today}"),
         "search finding covid": get("/results?finding=covid"),
         "search finding covid, page 20": get("/results?finding=covid&page=20"),
+        "search finding covid, page 20, by its link":
+            get(f"/results?finding=covid&page=20&before={covid_before}"),
         "study page": get(f"/results/{studies // 2}"),
         "audit page 1": get("/admin/audit"),
         "audit page 2000": get("/admin/audit?page=2000"),
