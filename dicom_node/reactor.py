@@ -67,6 +67,10 @@ PDU_STARTED = "_cxr_pdu_started"
 """Attribute of an acceptor's ``AssociationSocket``: when the first byte of the PDU being read arrived
 (monotonic time; None between PDUs). :func:`dicom_node.scp.limit_silence` bounds the whole PDU from it."""
 
+PDU_SECONDS = "_cxr_pdu_seconds"
+"""Attribute of an acceptor's ``AssociationSocket``: how long one whole PDU may take from its first byte
+(seconds, or None: no such bound), set by :func:`dicom_node.scp.limit_silence`."""
+
 _CUT_SHORT = "_cxr_cut_short"  # set on an Association whose connection _log_cut_short reported
 
 
@@ -395,6 +399,13 @@ def _after_message(assoc: Association) -> bool:
         return True
 
     if assoc.dul.idle_timer_expired():
+        sock = assoc.dul.socket
+        reading = sock is not None and getattr(sock, PDU_STARTED, None) is not None
+        if reading and getattr(sock, PDU_SECONDS, None):
+            # A PDU is arriving, whose read is bounded from its first byte (which came after the last whole
+            # PDU, where the idle timer started): that bound ends it soon, and says so once. Ending it here
+            # too raced that read, and a trickling peer got two WARNING lines.
+            return False
         # A peer idle past the time-out: routine trouble of the network, as in _log_cut_short, not an
         # ERROR to alert on. One cut off in the middle of a PDU was reported there already.
         level = logging.INFO if getattr(assoc, _CUT_SHORT, False) else logging.WARNING
@@ -506,6 +517,7 @@ class EventDrivenRequestHandler(RequestHandler):
 
 __all__ = [
     "IDLE_WAIT",
+    "PDU_SECONDS",
     "PDU_STARTED",
     "PYNETDICOM_SERIES",
     "EventDrivenAssociation",

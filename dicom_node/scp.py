@@ -40,7 +40,7 @@ from dicom_node.allocator import tune_for_large_buffers
 from dicom_node.errors import ConfigurationError, InvalidDatasetError, NodeError, describe_exception
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
-from dicom_node.reactor import PDU_STARTED, EventDrivenRequestHandler
+from dicom_node.reactor import PDU_SECONDS, PDU_STARTED, EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings, OutboxSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
@@ -121,7 +121,7 @@ def _read_deadline(assoc_socket: AssociationSocket) -> tuple[float | None, str]:
     request: float | None = getattr(assoc_socket, _DEADLINE, None)
     if request is not None:  # an association request must be complete by then
         return request, "association request not complete within the ACSE time-out"
-    allowed: float | None = getattr(assoc_socket, _PDU_SECONDS, None)
+    allowed: float | None = getattr(assoc_socket, PDU_SECONDS, None)
     started: float | None = getattr(assoc_socket, PDU_STARTED, None)
     if allowed and started is not None:
         return started + allowed, f"PDU not complete {allowed:g} s after its first byte (network time-out)"
@@ -142,10 +142,9 @@ _KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP
 
 
 #: Attributes of an accepted connection's AssociationSocket: when its association request must be complete;
-#: how long a read waits for the next bytes; how long one whole PDU may take once its first byte arrived.
+#: how long a read waits for the next bytes (how long one whole PDU may take: reactor.PDU_SECONDS).
 _DEADLINE = "_cxr_request_deadline"
 _SILENCE = "_cxr_silence"
-_PDU_SECONDS = "_cxr_pdu_seconds"
 
 
 def limit_silence(
@@ -168,7 +167,7 @@ def limit_silence(
         return
     setattr(assoc_socket, _DEADLINE, request_deadline)
     setattr(assoc_socket, _SILENCE, seconds or None)
-    setattr(assoc_socket, _PDU_SECONDS, pdu_seconds or None)
+    setattr(assoc_socket, PDU_SECONDS, pdu_seconds or None)
     try:
         sock.settimeout(seconds or None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

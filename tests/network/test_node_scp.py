@@ -511,6 +511,10 @@ def test_a_peer_that_trickles_a_pdu_after_the_association_is_accepted_loses_its_
                     break
                 sock.sendall(bytes([byte]))
                 time.sleep(0.5)
+        # the node closes the connection: the requestor's own thread sees that a moment after a send failed
+        deadline = time.monotonic() + 3
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not assoc.is_established, "the trickling peer kept its association"
         assert time.monotonic() - started < 8  # the network time-out (1.5 s) bounds the whole PDU
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
