@@ -35,6 +35,9 @@ from dicom_node.store.models import CommitmentState, Delivery, DeliveryState
 
 LOGGER = logging.getLogger(__name__)
 
+#: The outcome of a delivery attempt (delivery_attempt.outcome) that the PACS answered with success and
+#: then reported, by storage commitment, that it does not keep.
+NOT_KEPT = "not kept"
 #: At most this many objects in one request (an N-ACTION of a batch; the outbox's batches are as large)
 REQUEST_LIMIT = 64
 #: N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3): all objects kept; some not

@@ -31,11 +31,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.commitment import NOT_KEPT
 from dicom_node.errors import DatabaseUnavailableError, driver_reason
 from dicom_node.logconfig import describe_uncaught
 from dicom_node.store import db
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
+    CommitmentState,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -111,8 +113,10 @@ class _DatabaseCollector(Collector):
             instances = _counts(session, Instance.state)
             studies = _counts(session, Study.state)
             deliveries = _counts(session, Delivery.state)
-            failed_attempts = session.scalar(
-                select(func.count()).select_from(DeliveryAttempt).where(DeliveryAttempt.outcome.in_(("failed", "error")))
+            commitments = _counts(session, Delivery.commitment)
+            failed_attempts = session.scalar(  # a copy the PACS took and then reported not kept failed too
+                select(func.count()).select_from(DeliveryAttempt)
+                .where(DeliveryAttempt.outcome.in_(("failed", "error", NOT_KEPT)))
             )
             open_jobs = session.scalar(
                 select(func.count()).select_from(Job).where(Job.state.in_((JobState.PENDING, JobState.RUNNING)))
@@ -138,6 +142,14 @@ class _DatabaseCollector(Collector):
         yield _gauge(
             "deliveries_dead", "Deliveries given up (dead letters)", deliveries.get(DeliveryState.DEAD, 0)
         )
+        kept = GaugeMetricFamily(
+            f"{NAMESPACE}_deliveries_commitment",
+            "Delivered objects by what their PACS answered to storage commitment (destinations set to it)",
+            labels=["commitment"],
+        )
+        for state in CommitmentState:
+            kept.add_metric([state.value], float(commitments.get(state, 0)))
+        yield kept
         depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Work waiting", labels=["queue"])
         depth.add_metric(["studies"], float(open_jobs or 0))
         depth.add_metric(

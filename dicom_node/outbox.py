@@ -35,6 +35,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit, commitment, storage
+from dicom_node.commitment import NOT_KEPT
 from dicom_node.errors import (
     AssociationError,
     ConflictError,
@@ -625,11 +626,6 @@ def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *
     delay = backoff_seconds(delivery.attempts, settings.backoff_initial_seconds, settings.backoff_max_seconds)
     delivery.next_attempt_at = now + timedelta(seconds=delay)
     return False
-
-
-#: The outcome of a delivery attempt (delivery_attempt.outcome) that the PACS answered with success and
-#: then reported, by storage commitment, that it does not keep.
-NOT_KEPT = "not kept"
 
 
 def not_kept_in_a_row(session: Session, delivery_pk: int, wanted: int) -> int:

@@ -56,6 +56,8 @@ class Dashboard(BaseModel):
     studies_skipped: int
     studies_failed: int
     deliveries_failed: int = Field(description="deliveries given up (dead), all time")
+    deliveries_unconfirmed: int = Field(
+        default=0, description="delivered objects whose PACS did not confirm it keeps them (storage commitment)")
     deliveries_retrying: int
     deliveries_pending: int
     jobs_waiting: int = Field(description="pipeline jobs pending or running")
@@ -86,6 +88,7 @@ def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
         studies_skipped=count(Study.state == StudyState.SKIPPED, Study.last_received_at >= since),
         studies_failed=count(Study.state == StudyState.FAILED, Study.last_received_at >= since),
         deliveries_failed=count(Delivery.state == DeliveryState.DEAD, entity=Delivery),
+        deliveries_unconfirmed=count(Delivery.commitment == CommitmentState.UNCONFIRMED, entity=Delivery),
         deliveries_retrying=count(Delivery.state == DeliveryState.RETRYING, entity=Delivery),
         deliveries_pending=count(Delivery.state == DeliveryState.PENDING, entity=Delivery),
         jobs_waiting=count(Job.state.in_([JobState.PENDING, JobState.RUNNING]), entity=Job),

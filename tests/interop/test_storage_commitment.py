@@ -136,6 +136,25 @@ def test_a_pacs_that_keeps_the_results_commits_to_them_by_its_own_report(site: S
     assert "storage commitment report from PACS: 2 kept, 0 not kept" in site.node.log_text()
 
 
+def test_metrics_count_the_deliveries_by_what_their_pacs_answered(site: Site, study_uid: str) -> None:
+    """Once the study's results settle everywhere: PACS 2 committed; DROPSR 1 (the PDF), its SR DEAD; ARCHIVE 2
+    unconfirmed. Three copies of that SR were not kept: failed attempts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(site.node.metrics()) for s in family.samples}
+
+    def settled() -> bool:
+        got = samples()
+        return got[("cxr_node_deliveries_commitment", (("commitment", "unconfirmed"),))] == 2 and \
+            got[("cxr_node_deliveries_commitment", (("commitment", "committed"),))] == 3
+    assert wait_until(settled, 180), samples()
+    got = samples()
+    assert got[("cxr_node_deliveries_commitment", (("commitment", "requested"),))] == 0
+    assert got[("cxr_node_delivery_attempts_failed_total", ())] >= 3
+
+
 def test_an_sr_the_pacs_drops_after_answering_success_is_sent_again_then_dead_with_why(
     site: Site, study_uid: str,
 ) -> None:

@@ -423,6 +423,9 @@ def test_details_say_whether_the_pacs_committed_to_keeping_each_delivered_object
     found = {(d["commitment"], d["commitment_text"]) for r in detail["results"] for d in r["deliveries"]}
     assert found == {("committed", "kept by the PACS (storage commitment)"),
                      ("unconfirmed", f"not confirmed by the PACS: {note}")}
+    # the dashboard counts what a PACS did not confirm beside the failed deliveries
+    assert client.get("/api/dashboard").json()["deliveries_unconfirmed"] == 1
+    assert '<span id="stat-unconfirmed">1 delivered, not confirmed by the PACS</span>' in client.get("/").text
 
 
 def test_details_warn_of_a_finding_the_models_own_checks_doubted(
