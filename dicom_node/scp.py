@@ -313,6 +313,7 @@ class StorageScp:
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_N_EVENT_REPORT, self._on_event_report),
+                (evt.EVT_N_ACTION, self._on_action),
             ]
             try:
                 server = self.ae.make_server(
@@ -440,6 +441,17 @@ class StorageScp:
         if resend is not None:
             self.on_resend(resend)
         return status, None
+
+    def _on_action(self, event: Event) -> tuple[Dataset, None]:
+        """A sender asking the node to commit to keeping what it sent (N-ACTION): refused with 0x0124 and
+        why. The node keeps images for its analysis (and removes them after ``storage.retention_days`` when
+        set); it is not the archive. (pynetdicom answered 0x0110, a processing failure, which a modality
+        retries and alarms on.)"""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        LOGGER.warning("N-ACTION from %s refused with 0x0124: the node does not commit to keeping images "
+                       "(storage commitment is for the archive)", calling)
+        return failure_response(Status.NOT_AUTHORISED, "this node is not an archive: ask the PACS for "
+                                                       "storage commitment"), None
 
     def _on_store(self, event: Event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()

@@ -329,3 +329,28 @@ def test_a_destination_may_report_and_echo_but_not_store(
     stranger.add_requested_context("1.2.840.10008.1.1")
     refused = stranger.associate("127.0.0.1", scp.port, ae_title="CXRNODE")
     assert refused.is_rejected
+
+
+def test_a_sender_asking_the_node_to_commit_is_refused_as_not_authorised_with_why(
+    db: sessionmaker[Session], listener: tuple[StorageScp, list[int]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A modality set to ask every destination for storage commitment got 0x0110 (processing failure)
+    from pynetdicom, which it retries and alarms on; the node is not the archive."""
+    scp, _ = listener
+    ae = AE(ae_title="OTHER")  # an allowed caller
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    item.ReferencedSOPInstanceUID = generate_uid()
+    request.ReferencedSOPSequence = [item]
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, INSTANCE)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0124
+    assert status.ErrorComment == "this node is not an archive: ask the PACS for storage commitment"
+    assert "N-ACTION from OTHER refused with 0x0124" in caplog.text
