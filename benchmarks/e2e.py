@@ -8,7 +8,9 @@ Orthanc (Debian package) at a steady rate over one association; Orthanc forwards
   observed through Orthanc's /changes feed (polled every 50 ms);
 - studies per minute (first receipt to last SR);
 - the node's peak RSS (VmHWM of the node process);
-- lost studies (no SR within the deadline) and duplicated ones (more than one SR).
+- lost studies (no SR within the deadline) and duplicated ones (more than one SR);
+- with ``--storage-commitment`` (Orthanc set to it), seconds from each SR delivered to Orthanc's report that
+  it keeps it, and how many SR and PDF deliveries were committed.
 
 The peer, in the same run: the same Orthanc forwards as many fresh studies, at the same rate, to DCMTK
 ``storescp`` (which stores files and classifies nothing) in the node's place. Its seconds from Orthanc's
@@ -16,6 +18,7 @@ acknowledgement to the file written are the floor for the node's Orthanc → nod
 medians is printed. ``--no-peer`` skips it.
 
 Usage: PYTHONPATH=. python benchmarks/e2e.py [--studies 100] [--rate 1.0] [--settle 2] [--model PATH]
+       [--storage-commitment]
 Prints a table, then the figures as one JSON object on the last line.
 """
 
@@ -158,24 +161,37 @@ def stages(node: NodeProcess, wall: dict[str, float]) -> dict[str, list[float]]:
     """Where the time went, from the node's own rows: Orthanc → node, settle, ready → SR delivered."""
     from sqlalchemy import select
 
-    from dicom_node.store.models import Delivery, ResultKind, ResultObject, Study
+    from dicom_node.store.models import CommitmentState, Delivery, ResultKind, ResultObject, Study
 
-    out: dict[str, list[float]] = {"forward": [], "settle": [], "process": []}
+    out: dict[str, list[float]] = {"forward": [], "settle": [], "process": [], "commit": []}
     with node.session() as session:
         rows = session.execute(
             select(Study.study_instance_uid, Study.first_received_at, Study.last_received_at, Study.ready_at,
-                   Delivery.delivered_at)
+                   Delivery.delivered_at, Delivery.commitment, Delivery.commitment_at)
             .join(ResultObject, ResultObject.study_pk == Study.id)
             .join(Delivery, Delivery.result_object_pk == ResultObject.id)
             .where(ResultObject.kind == ResultKind.SR, Delivery.delivered_at.is_not(None))
         ).all()
-    for uid, first, last, ready, delivered in rows:
+    for uid, first, last, ready, delivered, commitment, committed in rows:
         if uid in wall:
             out["forward"].append(_utc(first).timestamp() - wall[uid])
         if ready is not None:
             out["settle"].append((_utc(ready) - _utc(last)).total_seconds())
             out["process"].append((_utc(delivered) - _utc(ready)).total_seconds())
+        if commitment is CommitmentState.COMMITTED and committed is not None:
+            out["commit"].append((_utc(committed) - _utc(delivered)).total_seconds())
     return out
+
+
+def commitments(node: NodeProcess) -> dict[str, int]:
+    """The node's deliveries by storage commitment state ("none": not asked)."""
+    from sqlalchemy import func, select
+
+    from dicom_node.store.models import Delivery
+
+    with node.session() as session:
+        return {(state.value if state is not None else "none"): int(count) for state, count in
+                session.execute(select(Delivery.commitment, func.count()).group_by(Delivery.commitment))}
 
 
 def _utc(value: datetime) -> datetime:
@@ -218,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip Grad-CAM heat maps (the product default computes them for the PDF)")
     parser.add_argument("--no-peer", dest="peer", action="store_false",
                         help="skip the storescp peer leg (Orthanc → DCMTK storescp, same rate and count)")
+    parser.add_argument("--storage-commitment", action="store_true",
+                        help="set Orthanc to storage commitment: the node asks it to commit to the results")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
 
@@ -231,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         work / "node",
         model_path=model,
         callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "reply_to": "ORTHANC"}],
-        destinations=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        destinations=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                       "storage_commitment": args.storage_commitment}],
         settle_seconds=args.settle,
         extra={"pipeline": {"heatmap": args.heatmap}},
     )
@@ -249,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         pushed_at = time.monotonic()
         wait_until(lambda: len(watcher.seen) >= len(items), args.settle + 120 + args.studies * 0.5, interval=0.5)
         time.sleep(1.0)  # a late duplicate would show here
+        if args.storage_commitment:  # every SR and PDF reported on
+            wait_until(lambda: commitments(node).get("committed", 0) >= 2 * len(items), 60, interval=0.5)
         watcher.stop.set()
         watcher.join(10)
         rss = peak_rss_mb(pid)
         breakdown = stages(node, wall)
+        committed = commitments(node)
     finally:
         node.stop()
         orthanc.stop()
@@ -284,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         "storescp_received": len(peer) if args.peer else None,
         "ready_to_sr_delivered_p50_s": _p(breakdown["process"], 50),
         "ready_to_sr_delivered_p95_s": _p(breakdown["process"], 95),
+        "storage_commitment": args.storage_commitment,
+        "sr_delivered_to_committed_p50_s": _p(breakdown["commit"], 50),
+        "sr_delivered_to_committed_p95_s": _p(breakdown["commit"], 95),
+        "deliveries_committed": committed.get("committed", 0),
+        "deliveries_not_committed": sum(v for k, v in committed.items() if k != "committed")
+        if args.storage_commitment else None,
         "heatmap": args.heatmap,
         "model": str(model),
     }
