@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -501,12 +501,22 @@ class SchemaUpgrade:
 def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
     """Apply migrations up to ``revision`` on ``engine`` (idempotent); returns what it did."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    sqlite = engine.dialect.name == "sqlite"
     try:
-        with engine.begin() as connection:
-            before = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
-            after = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+        with engine.connect() as connection:
+            if sqlite:
+                _sqlite_foreign_keys(connection, on=False)
+            try:
+                with connection.begin():
+                    before = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+                    cfg.attributes["connection"] = connection
+                    command.upgrade(cfg, revision)
+                    if sqlite:
+                        _check_references(connection)
+                    after = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+            finally:
+                if sqlite:
+                    _sqlite_foreign_keys(connection, on=True)
     except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
         raise _unreachable(exc) from exc
     except DBAPIError as exc:
@@ -519,6 +529,26 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
     done = SchemaUpgrade(before, applied, after)
     LOGGER.info("%s", done.summary())
     return done
+
+
+def _sqlite_foreign_keys(connection: Connection, *, on: bool) -> None:
+    """Turn SQLite's foreign key enforcement on or off for this connection, outside a transaction (where
+    the PRAGMA is a no-op). Off while migrating: Alembic's batch mode rebuilds a table by copying it,
+    dropping it and renaming the copy, and dropping a table that other rows reference (a patient's
+    studies, a result object's deliveries) failed with "FOREIGN KEY constraint failed" on every node
+    that held data (migrations 0007 and 0008); an empty test database never showed it."""
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    dbapi_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+
+def _check_references(connection: Connection) -> None:
+    """Refuse (roll back) an upgrade that left a row referencing one that is not there."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        tables = ", ".join(sorted({str(row[0]) for row in broken}))
+        raise ConfigurationError(f"the schema upgrade would leave {len(broken)} row(s) referencing rows that "
+                                 f"are not there (tables {tables}); nothing was changed")
 
 
 #: PostgreSQL's SQLSTATE for "permission denied" (a role without CREATE on the schema, not owning a table).

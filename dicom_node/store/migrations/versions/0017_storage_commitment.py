@@ -23,9 +23,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('remote_ae', schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column('storage_commitment', sa.Boolean(), nullable=False, server_default=sa.false()))
+    # A plain ADD COLUMN with a literal default: with sa.false() (an SQL expression) Alembic's batch mode
+    # rebuilds the table on SQLite, and dropping remote_ae, which every delivery references, fails.
+    op.add_column('remote_ae',
+                  sa.Column('storage_commitment', sa.Boolean(), nullable=False, server_default='0'))
     with op.batch_alter_table('delivery', schema=None) as batch_op:
         batch_op.add_column(sa.Column(
             'commitment',
