@@ -56,6 +56,7 @@ from dicom_node.store.folding import name_words  # noqa: E402
 from dicom_node.store.models import (  # noqa: E402
     AeRole,
     AuditEvent,
+    CommitmentState,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -101,13 +102,22 @@ def _insert(engine: Engine, model: Any, rows: list[dict[str, Any]]) -> None:
             conn.execute(insert(model.__table__), rows[start:start + CHUNK])
 
 
+def _commitment(asked: bool, awaited: bool, at: datetime) -> dict[str, Any]:
+    """A delivery's storage commitment columns: committed, awaiting the PACS's report, or not asked."""
+    if not asked:
+        return {"commitment": None, "commitment_uid": None, "commitment_at": None, "commitment_requests": 0}
+    state = CommitmentState.REQUESTED if awaited else CommitmentState.COMMITTED
+    return {"commitment": state, "commitment_uid": f"1.2.826.0.1.3680043.9.7.9.{int(at.timestamp())}",
+            "commitment_at": at, "commitment_requests": 1}
+
+
 def fill(engine: Engine, studies: int, audit_events: int, now: datetime, seed: int = 7) -> dict[str, int]:
     """Insert the rows; returns how many of each."""
     rng = random.Random(seed)
     patients_n = max(1, int(studies * 0.7))  # some patients come back
     _insert(engine, RemoteAe, [
         dict(id=1, ae_title="PACS", role=AeRole.DESTINATION, host="10.0.0.5", port=104, tls=False,
-             enabled=True, description="", created_at=now, updated_at=now),
+             storage_commitment=True, enabled=True, description="", created_at=now, updated_at=now),
         dict(id=2, ae_title="ARCHIVE", role=AeRole.DESTINATION, host="10.0.0.6", port=104, tls=False,
              enabled=True, description="", created_at=now, updated_at=now),
         dict(id=3, ae_title="MODALITY", role=AeRole.CALLER, host="10.0.1.1", port=None, tls=False,
@@ -217,6 +227,9 @@ def fill(engine: Engine, studies: int, audit_events: int, now: datetime, seed: i
                     last_error="" if dstate is DeliveryState.DELIVERED else "association rejected",
                     created_at=made, delivered_at=made + timedelta(seconds=2)
                     if dstate is DeliveryState.DELIVERED else None,
+                    # the PACS is set to storage commitment: it reported on all but the last few
+                    **_commitment(destination == 1 and dstate is DeliveryState.DELIVERED, studies - s < 20,
+                                  made + timedelta(seconds=3)),
                 ))
                 for t in range(tries):
                     attempt_id += 1
@@ -401,6 +414,8 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
         "outbox start (destinations w/ work)": lambda: outbox._destinations_with_work(),
         "outbox lease select": lease_query,
         "outbox next retry": lambda: outbox._schedule_next(1),
+        # what a batch's end and each sweep check of a destination set to storage commitment (none due)
+        "outbox storage commitment check": lambda: outbox.request_commitments(1),
         "pipeline idle sweep (open jobs)":
             lambda: Pipeline.unfinished_studies(idle),  # type: ignore[arg-type]
         "retention candidates": retention,

@@ -83,9 +83,14 @@ def _fill(engine: Engine) -> dict[str, int]:
                 for t in metadata.sorted_tables if t.name != "alembic_version"}
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("revision", REVISIONS[:-1])
-def test_each_revision_upgrades_to_the_head_with_its_rows(tmp_path: Path, revision: str) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+def test_each_revision_upgrades_to_the_head_with_its_rows(
+    request: pytest.FixtureRequest, tmp_path: Path, revision: str, backend: str,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.sqlite3'}" if backend == "sqlite" else \
+        request.getfixturevalue("pg_server").create_database()
+    engine = db.make_engine(url)
     try:
         db.upgrade(engine, revision)
         counts = _fill(engine)
