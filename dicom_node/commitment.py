@@ -15,6 +15,11 @@ may drop it, a disk may fail before the archive has it. For a destination set to
   ``outbox.commitment_requests`` requests, then UNCONFIRMED, with why. So is a delivery whose PACS would
   not take the request (it does not offer the service, or refused the N-ACTION).
 
+DUE and REQUESTED are set on DELIVERED deliveries only, and every way out of DELIVERED (sent again after
+a report, an operator's resend) forgets them (:func:`forget`): the queries below look them up by the
+commitment index alone. With the state in them too, SQLite walked every delivered row (30 ms a sweep at
+100,000 studies, against 0.3 ms).
+
 This module holds the rules on the rows; it sends and listens for nothing itself.
 """
 
@@ -128,7 +133,6 @@ def expire(session: Session, destination_pk: int, now: datetime, *, timeout_seco
         select(Delivery)
         .where(
             Delivery.destination_pk == destination_pk,
-            Delivery.state == DeliveryState.DELIVERED,
             Delivery.commitment == CommitmentState.REQUESTED,
             Delivery.commitment_at <= now - timedelta(seconds=timeout_seconds),
         )
@@ -136,6 +140,8 @@ def expire(session: Session, destination_pk: int, now: datetime, *, timeout_seco
     ).all()
     given_up = 0
     for delivery in overdue:
+        if delivery.state is not DeliveryState.DELIVERED:  # never so (see the module); left alone if it were
+            continue
         if delivery.commitment_requests >= max_requests:
             _unconfirmed(delivery, now, f"the PACS did not report on it after {delivery.commitment_requests} "
                                         f"storage commitment requests, {timeout_seconds:g} s apart")
@@ -152,7 +158,6 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
         select(Delivery)
         .where(
             Delivery.destination_pk == destination_pk,
-            Delivery.state == DeliveryState.DELIVERED,
             Delivery.commitment == CommitmentState.DUE,
         )
         .options(selectinload(Delivery.result_object))
@@ -160,6 +165,7 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
         .limit(REQUEST_LIMIT)
         .with_for_update(skip_locked=True)
     ).all()
+    deliveries = [d for d in deliveries if d.state is DeliveryState.DELIVERED]  # all of them (the module)
     if not deliveries:
         return None
     uid = str(generate_uid())

@@ -113,7 +113,8 @@ class _DatabaseCollector(Collector):
             instances = _counts(session, Instance.state)
             studies = _counts(session, Study.state)
             deliveries = _counts(session, Delivery.state)
-            commitments = _counts(session, Delivery.commitment)
+            # not "committed": most deliveries, a walk of the index at each scrape; deliveries_delivered is there
+            commitments = _counts(session, Delivery.commitment, Delivery.commitment.in_(_OPEN_COMMITMENTS))
             failed_attempts = session.scalar(  # a copy the PACS took and then reported not kept failed too
                 select(func.count()).select_from(DeliveryAttempt)
                 .where(DeliveryAttempt.outcome.in_(("failed", "error", NOT_KEPT)))
@@ -144,10 +145,11 @@ class _DatabaseCollector(Collector):
         )
         kept = GaugeMetricFamily(
             f"{NAMESPACE}_deliveries_commitment",
-            "Delivered objects by what their PACS answered to storage commitment (destinations set to it)",
+            "Delivered objects of destinations set to storage commitment still to be asked about, awaiting "
+            "their PACS's report, or not confirmed by it",
             labels=["commitment"],
         )
-        for state in CommitmentState:
+        for state in _OPEN_COMMITMENTS:
             kept.add_metric([state.value], float(commitments.get(state, 0)))
         yield kept
         depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Work waiting", labels=["queue"])
@@ -176,9 +178,14 @@ def _database_reason(exc: BaseException) -> str:
     return describe_uncaught(exc).partition("\n")[0]
 
 
-def _counts(session: Session, column: Any) -> dict[Any, int]:
-    """Rows per value of ``column`` (an enum state)."""
-    return {value: int(count) for value, count in session.execute(select(column, func.count()).group_by(column))}
+def _counts(session: Session, column: Any, *where: Any) -> dict[Any, int]:
+    """Rows per value of ``column`` (an enum state), of the rows ``where`` says."""
+    query = select(column, func.count()).where(*where).group_by(column)
+    return {value: int(count) for value, count in session.execute(query)}
+
+
+#: The storage commitment states the metrics count: those an operator watches (see _read)
+_OPEN_COMMITMENTS = (CommitmentState.DUE, CommitmentState.REQUESTED, CommitmentState.UNCONFIRMED)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

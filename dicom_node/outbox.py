@@ -276,10 +276,10 @@ class Outbox:
             )
             if due_only:
                 query = query.where(Delivery.next_attempt_at <= now)
-            # storage commitment to ask for, or asked for without a report in time
+            # storage commitment to ask for, or asked for without a report in time (by the commitment index
+            # alone: see dicom_node.commitment)
             overdue = now - timedelta(seconds=self.settings.commitment_timeout_seconds)
             asking = select(Delivery.destination_pk).where(
-                Delivery.state == DeliveryState.DELIVERED,
                 or_(Delivery.commitment == CommitmentState.DUE,
                     (Delivery.commitment == CommitmentState.REQUESTED) & (Delivery.commitment_at <= overdue)),
             )
