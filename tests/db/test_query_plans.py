@@ -353,3 +353,34 @@ def test_a_timer_query_reads_no_whole_table(
     assert found and whole_table_reads(found) == []
     if name in TIMER_INDEXES:
         assert any(f"INDEX {TIMER_INDEXES[name]} " in line for lines in found for line in lines), found
+
+
+def test_the_storage_commitment_lookups_search_the_commitment_index(
+    sqlite_engine: Engine, factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """With the delivery state in them, SQLite searched ix_delivery_state_next (state = delivered: every
+    delivered row) for the few objects awaiting a report: 30 ms each sweep at 100,000 studies."""
+    with factory() as session, session.begin():
+        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104, storage_commitment=True), "test")
+    settings = Settings(node={"data_dir": tmp_path / "var"})
+    outbox = Outbox.from_settings(settings, factory, scheduler=_Scheduler())  # type: ignore[arg-type]
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "commitment" in statement.partition("WHERE")[2]:
+            statements.append((statement, parameters))
+
+    event.listen(sqlite_engine, "before_cursor_execute", record)
+    try:
+        outbox._destinations_with_work(due_only=True)
+        outbox.request_commitments(1)
+        generate_latest(NodeMetrics(factory).registry)
+    finally:
+        event.remove(sqlite_engine, "before_cursor_execute", record)
+    with sqlite_engine.connect() as conn:
+        found = [[str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+                 for sql, params in statements]
+    assert len(found) >= 4, found  # the sweep's, expire, take_due, the scrape's count
+    for lines in found:
+        searched = [line for line in lines if " delivery " in f"{line} "]
+        assert searched and all("ix_delivery_commitment_at" in line for line in searched), lines
