@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node import audit
+from dicom_node import audit, commitment
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.store.models import AeRole, Delivery, RemoteAe
 
@@ -113,6 +113,8 @@ def get_by_id(session: Session, ae_id: int) -> RemoteAe:
 
 
 def _apply(session: Session, ae: RemoteAe, spec: AeSpec) -> None:
+    if ae.storage_commitment and not spec.storage_commitment and ae.id is not None:
+        commitment.stop_asking(session, ae.id)  # nor would the listener take the PACS's report now
     ae.ae_title = spec.ae_title
     ae.role = spec.role
     ae.host = spec.host

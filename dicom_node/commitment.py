@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from dicom_node.errors import InvalidReportError, UnknownEventTypeError
@@ -117,6 +117,24 @@ def forget(delivery: Delivery) -> None:
     delivery.commitment_uid = None
     delivery.commitment_at = None
     delivery.commitment_requests = 0
+
+
+#: The note on a delivery whose destination was set not to be asked any more while it awaited the PACS
+SWITCHED_OFF = "storage commitment was switched off for this destination before the PACS confirmed it"
+
+
+def stop_asking(session: Session, destination_pk: int) -> int:
+    """The destination is no longer set to storage commitment: its deliveries still to be asked about or
+    awaiting a report are not asked (again), and say why. (The PACS may not report any more: the listener
+    takes reports only from destinations set to it.) Returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.destination_pk == destination_pk,
+               Delivery.commitment.in_((CommitmentState.DUE, CommitmentState.REQUESTED)))
+        .values(commitment=None, commitment_uid=None, commitment_at=None, commitment_note=SWITCHED_OFF)
+        .execution_options(synchronize_session="fetch")
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _unconfirmed(delivery: Delivery, now: datetime, note: str) -> None:

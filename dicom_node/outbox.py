@@ -571,6 +571,9 @@ class Outbox:
                 destination = session.get(RemoteAe, destination_pk)
                 if destination is None or not destination.enabled:
                     return
+                if not destination.storage_commitment:  # switched off since these were delivered
+                    commitment.stop_asking(session, destination_pk)
+                    return
                 given_up = commitment.expire(session, destination_pk, now,
                                              timeout_seconds=self.settings.commitment_timeout_seconds,
                                              max_requests=self.settings.commitment_requests)

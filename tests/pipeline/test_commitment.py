@@ -354,3 +354,46 @@ def test_a_sender_asking_the_node_to_commit_is_refused_as_not_authorised_with_wh
     assert status.Status == 0x0124
     assert status.ErrorComment == "this node is not an archive: ask the PACS for storage commitment"
     assert "N-ACTION from OTHER refused with 0x0124" in caplog.text
+
+
+def test_a_destination_switched_off_storage_commitment_is_not_asked_again_and_says_why(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    """Switched off with requests outstanding: the node asked the PACS again after the time-out (which it no
+    longer lets report: its association is refused), then showed the objects as not confirmed."""
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, pacs.port, 2)
+    _commit_to(db, destination_pk)
+    outbox = _outbox(db, results, commitment_timeout_seconds=0.3)
+    outbox.deliver_due(destination_pk)
+    assert len(pacs.requests) == 1
+    with session_scope(db) as session:  # as the console and the CLI change it
+        aes.update(session, destination_pk, aes.AeSpec("PACS", AeRole.DESTINATION, "127.0.0.1", pacs.port),
+                   "admin")
+    assert {r.commitment for r in _rows(db).values()} == {None}  # at once: no report is taken now
+    time.sleep(0.4)
+    outbox.request_commitments(destination_pk)
+    assert len(pacs.requests) == 1  # not asked again
+    rows = _rows(db)
+    assert {(r.state, r.commitment, r.commitment_uid) for r in rows.values()} == {
+        (DeliveryState.DELIVERED, None, None)}
+    with session_scope(db) as session:
+        assert {commitment.describe(session.get_one(Delivery, pk)) for pk in ids} == {
+            "storage commitment was switched off for this destination before the PACS confirmed it"}
+    assert outbox._destinations_with_work() == []  # nothing left to sweep for
+
+
+def test_objects_delivered_as_storage_commitment_is_switched_off_are_not_asked_about(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    """The outbox read the destination's setting when it leased the batch; switched off before it
+    recorded the answers, the objects were due to be asked about all the same."""
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    with session_scope(db) as session:
+        delivery = session.get_one(Delivery, pk)
+        delivery.state, delivery.commitment = DeliveryState.DELIVERED, CommitmentState.DUE
+    _outbox(db, results).request_commitments(destination_pk)
+    assert pacs.requests == []
+    row = _rows(db)[pk]
+    assert (row.commitment, row.commitment_note) == (None, commitment.SWITCHED_OFF)
