@@ -90,7 +90,9 @@ def parse_report(event_type_id: int | None, info: Dataset | None) -> Report:
     for item in uids("FailedSOPSequence"):
         reason = item.get("FailureReason")
         failed[str(item.get("ReferencedSOPInstanceUID", ""))] = int(reason) if reason is not None else None
-    return Report(str(info.TransactionUID).strip(), kept - {""}, {k: v for k, v in failed.items() if k})
+    failed = {k: v for k, v in failed.items() if k}
+    # An object in both sequences contradicts itself: the PACS did not commit to it, so it is not kept
+    return Report(str(info.TransactionUID).strip(), kept - {""} - failed.keys(), failed)
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def apply_report(session: Session, calling_ae: str, report: Report, now: datetim
         applied.committed.append(delivery.id)
     for uid, reason in report.failed.items():
         delivery = by_uid.get(uid)
-        if delivery is None or delivery.state is not DeliveryState.DELIVERED or uid in report.kept:
+        if delivery is None or delivery.state is not DeliveryState.DELIVERED:
             applied.unmatched += 1
             continue
         forget(delivery)

@@ -397,3 +397,21 @@ def test_objects_delivered_as_storage_commitment_is_switched_off_are_not_asked_a
     assert pacs.requests == []
     row = _rows(db)[pk]
     assert (row.commitment, row.commitment_note) == (None, commitment.SWITCHED_OFF)
+
+
+def test_an_object_reported_both_kept_and_failed_is_not_taken_as_kept(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+) -> None:
+    """A report that contradicts itself for an object (in the Referenced and the Failed SOP Sequence)
+    does not commit the PACS to it: it was shown as kept, and counted among objects not asked about."""
+    scp, woken = listener
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    _outbox(db, results).deliver_due(destination_pk)
+    transaction, (uid,) = pacs.requests[0]
+    assert report(scp.port, transaction, [uid], {uid: 0x0110}) == 0x0000
+    row = _rows(db)[pk]
+    assert (row.state, row.commitment) == (DeliveryState.RETRYING, None)
+    assert row.commitment_note == "not kept by the PACS: processing failure (0x0110)"
+    assert woken == [destination_pk]
