@@ -10,10 +10,12 @@ may drop it, a disk may fail before the archive has it. For a destination set to
   to the node's listener, and is recorded here (:func:`apply_report`):
   - COMMITTED: the PACS keeps the object;
   - not kept (a Failed SOP Sequence item): the delivery is sent again, and is DEAD after
-    ``outbox.refused_attempts`` such answers in a row (:func:`dicom_node.outbox.resend_not_kept`);
+    ``outbox.refused_attempts`` such answers in a row (:func:`dicom_node.outbox.record_commitment_report`);
 - no report within ``outbox.commitment_timeout_seconds``: asked again under a new Transaction UID, up to
-  ``outbox.commitment_requests`` requests, then UNCONFIRMED, with why. So is a delivery whose PACS would
-  not take the request (it does not offer the service, or refused the N-ACTION).
+  ``outbox.commitment_requests`` requests, then UNCONFIRMED, with why. A request that failed (no
+  association, no answer, a failure status) stays REQUESTED, with why, and is asked again so too. A
+  delivery whose PACS would not take the request (it does not offer the service, or refused the N-ACTION)
+  is UNCONFIRMED at once.
 
 DUE and REQUESTED are set on DELIVERED deliveries only, and every way out of DELIVERED (sent again after
 a report, an operator's resend) forgets them (:func:`forget`): the queries below look them up by the
@@ -194,6 +196,7 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
         delivery.commitment_uid = uid
         delivery.commitment_at = now
         delivery.commitment_requests += 1
+        delivery.commitment_note = ""  # why an earlier request failed, if one did
     objects = tuple((d.result_object.sop_class_uid, d.result_object.sop_instance_uid) for d in deliveries)
     return Request(uid, tuple(d.id for d in deliveries), objects)
 
@@ -201,15 +204,17 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
 def request_not_taken(session: Session, request: Request, now: datetime, why: str, *, final: bool,
                       max_requests: int) -> None:
     """The PACS did not take ``request``. ``final`` (it refused the request, or does not offer the service):
-    UNCONFIRMED with ``why``. Otherwise (no association, no answer) asked again with the next batch or
-    sweep, until ``max_requests`` requests; then UNCONFIRMED."""
+    UNCONFIRMED with ``why``. Otherwise (no association, no answer, a failure status) asked again as an
+    unanswered request is, after the time-out (:func:`expire`), until ``max_requests`` requests; then
+    UNCONFIRMED. (Asked again at once, the sweep's every 30 s used the requests up in a minute of a PACS's
+    restart, and the objects were never confirmed.)"""
     for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(request.delivery_pks),
                                                            Delivery.commitment_uid == request.transaction_uid,
                                                            Delivery.commitment == CommitmentState.REQUESTED)):
         if final or delivery.commitment_requests >= max_requests:
             _unconfirmed(delivery, now, f"the PACS did not take the storage commitment request: {why}")
         else:
-            delivery.commitment = CommitmentState.DUE
+            delivery.commitment_at = now  # REQUESTED: the time-out counts from now
             delivery.commitment_note = f"the storage commitment request failed ({why}); it is asked again"
 
 

@@ -610,7 +610,7 @@ class Outbox:
                 commitment.request_not_taken(session, request, utcnow(), why, final=final,
                                              max_requests=self.settings.commitment_requests)
             if not final:
-                return  # no association or no answer: the next batch or sweep asks again
+                return  # no association or no answer: asked again after the time-out
 
 
 def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *, final: bool = True,

@@ -418,7 +418,9 @@ class CommitmentState(enum.StrEnum):
     Commitment Push Model, PS3.4 Annex J). NULL: the destination was not asked (it is not set to)."""
 
     DUE = "due"  # delivered; the N-ACTION asking for commitment is still to be sent
-    REQUESTED = "requested"  # the PACS answered the N-ACTION; its N-EVENT-REPORT is awaited
+    # the PACS answered the N-ACTION, its N-EVENT-REPORT is awaited; or the N-ACTION failed, and it is asked
+    # again after the time-out as when no report came
+    REQUESTED = "requested"
     COMMITTED = "committed"  # the PACS reported that it keeps the object
     # no report after outbox.commitment_requests requests, or the PACS would not take the request
     UNCONFIRMED = "unconfirmed"

@@ -259,7 +259,7 @@ def test_a_refused_request_is_unconfirmed_at_once_and_a_failed_one_asked_again(
         pacs.stop()
     row = _rows(db)[pk]
     assert row.state is DeliveryState.DELIVERED
-    expected = CommitmentState.UNCONFIRMED if final else CommitmentState.DUE
+    expected = CommitmentState.UNCONFIRMED if final else CommitmentState.REQUESTED  # asked after the time-out
     assert row.commitment is expected, row.commitment_note
     assert f"failure status 0x{status:04X}" in row.commitment_note
 
@@ -415,3 +415,34 @@ def test_an_object_reported_both_kept_and_failed_is_not_taken_as_kept(
     assert (row.state, row.commitment) == (DeliveryState.RETRYING, None)
     assert row.commitment_note == "not kept by the PACS: processing failure (0x0110)"
     assert woken == [destination_pk]
+
+
+def test_a_failed_request_is_asked_again_after_the_time_out_not_at_each_sweep(
+    db: sessionmaker[Session], tmp_path: Path,
+) -> None:
+    """A PACS that fails the N-ACTION (or is unreachable) for a minute: the sweep (every 30 s) asked again
+    at once each time, and the objects were "not confirmed" for good after commitment_requests sweeps."""
+    pacs = CommitPeer(action_status=0x0110).start()
+    try:
+        results = tmp_path / "results"
+        destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+        _commit_to(db, destination_pk)
+        outbox = _outbox(db, results, commitment_timeout_seconds=0.5, commitment_requests=3)
+        outbox.deliver_due(destination_pk)
+        for _ in range(3):  # sweeps within the time-out
+            outbox.request_commitments(destination_pk)
+        assert len(pacs.requests) == 1
+        row = _rows(db)[pk]
+        assert (row.commitment, row.commitment_requests) == (CommitmentState.REQUESTED, 1)
+        assert row.commitment_note == ("the storage commitment request failed (failure status 0x0110); it is "
+                                       "asked again")
+        assert outbox._destinations_with_work(due_only=True) == []
+        pacs.action_status = 0x0000
+        time.sleep(0.6)
+        outbox.request_commitments(destination_pk)  # after the time-out: asked again, and taken
+        assert len(pacs.requests) == 2
+        row = _rows(db)[pk]
+        assert (row.commitment, row.commitment_requests, row.commitment_note) == (
+            CommitmentState.REQUESTED, 2, "")
+    finally:
+        pacs.stop()
