@@ -47,6 +47,11 @@ LOGGER = logging.getLogger(__name__)
 NOT_KEPT = "not kept"
 #: At most this many objects in one request (an N-ACTION of a batch; the outbox's batches are as large)
 REQUEST_LIMIT = 64
+#: The states in which the outbox is to ask, or awaits a report. Only a DELIVERED delivery is in one: one
+#: that leaves DELIVERED (sent again) has its commitment forgotten (:func:`forget`). So the outbox's
+#: lookups go by these from the index on (commitment, commitment_at), not by state=delivered, which finds
+#: every object ever delivered.
+ACTIVE = (CommitmentState.DUE, CommitmentState.REQUESTED)
 #: N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3): all objects kept; some not
 ALL_KEPT, SOME_FAILED = 1, 2
 
@@ -134,7 +139,7 @@ def stop_asking(session: Session, destination_pk: int) -> int:
     result = session.execute(
         update(Delivery)
         .where(Delivery.destination_pk == destination_pk,
-               Delivery.commitment.in_((CommitmentState.DUE, CommitmentState.REQUESTED)))
+               Delivery.commitment.in_(ACTIVE))
         .values(commitment=None, commitment_uid=None, commitment_at=None, commitment_note=SWITCHED_OFF)
         .execution_options(synchronize_session="fetch")
     )

@@ -318,10 +318,22 @@ class _Holder:
         self.session_factory = factory
 
 
+def _commitment_requests(factory: sessionmaker[Session]) -> None:
+    """What the outbox reads to ask a destination for storage commitment, after each batch and sweep."""
+    from dicom_node import commitment
+    from dicom_node.store.models import utcnow
+
+    with factory() as session:
+        commitment.expire(session, 1, utcnow(), timeout_seconds=3600, max_requests=3)
+        commitment.take_due(session, 1, utcnow())
+        session.rollback()
+
+
 TIMERS: dict[str, Callable[[Outbox, sessionmaker[Session]], object]] = {
     "outbox sweep": lambda outbox, _: outbox._destinations_with_work(due_only=True),
     "outbox lease": lambda outbox, _: outbox._lease(1),
     "outbox next retry": lambda outbox, _: outbox._schedule_next(1),
+    "storage commitment requests": lambda _, factory: _commitment_requests(factory),
     "pipeline idle sweep":
         lambda _, factory: Pipeline.unfinished_studies(_Holder(factory)),  # type: ignore[arg-type]
     "metrics": lambda _, factory: generate_latest(NodeMetrics(factory).registry),
@@ -333,6 +345,7 @@ TIMER_INDEXES = {
     "outbox sweep": "ix_delivery_state_next",
     "outbox lease": "ix_delivery_destination_state_next",
     "outbox next retry": "ix_delivery_destination_state_next",
+    "storage commitment requests": "ix_delivery_commitment_at",
     "pipeline idle sweep": "ix_job_state_kind",
 }
 
@@ -342,7 +355,9 @@ def test_a_timer_query_reads_no_whole_table(
     name: str, sqlite_engine: Engine, factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """The outbox's lease and next-retry lookups read every delivery ever made to the destination (30 ms
-    after each batch at 100,000 studies); each metrics scrape read the whole instance table."""
+    after each batch at 100,000 studies); each metrics scrape read the whole instance table. The sweep
+    read every delivered object ever for storage commitment to ask for (searching by state=delivered),
+    and the request after each batch every one delivered to the destination."""
     with factory() as session, session.begin():
         destination = aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104), "test")
         assert destination.id == 1
@@ -351,6 +366,9 @@ def test_a_timer_query_reads_no_whole_table(
     with plans(sqlite_engine) as found:
         TIMERS[name](outbox, factory)
     assert found and whole_table_reads(found) == []
+    lines = [line for lines in found for line in lines]
+    assert not [line for line in lines if line.startswith("SEARCH delivery ") and "(destination_pk=? AND "
+                "state=?)" in line or line.endswith("ix_delivery_state_next (state=?)")], found
     if name in TIMER_INDEXES:
         assert any(f"INDEX {TIMER_INDEXES[name]} " in line for lines in found for line in lines), found
 
