@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
 from dicom_node.errors import InvalidReportError, UnknownEventTypeError
@@ -231,6 +231,7 @@ class Applied:
     committed: list[int] = field(default_factory=list)
     not_kept: list[tuple[Delivery, int | None]] = field(default_factory=list)  # with the Failure Reason
     unmatched: int = 0  # objects the report names that the transaction did not ask about
+    repeated: int = 0  # objects a report of the transaction said were kept already (the PACS sent it again)
 
 
 def apply_report(session: Session, calling_ae: str, report: Report, now: datetime) -> Applied:
@@ -240,13 +241,16 @@ def apply_report(session: Session, calling_ae: str, report: Report, now: datetim
     (:class:`InvalidReportError`). A transaction the node does not know (its deliveries were sent again,
     or it was asked again under a new UID) changes nothing either; the caller logs it and answers success,
     since the PACS can do nothing better. Objects the report leaves out stay REQUESTED until the time-out.
-    Not-kept deliveries come back with their commitment forgotten; the caller sends them again."""
+    A report sent again (the PACS did not get the node's answer) changes nothing it recorded already, but an
+    object it now says is not kept is not. Not-kept deliveries come back with their commitment forgotten;
+    the caller sends them again."""
     deliveries: Sequence[Delivery] = session.scalars(
         select(Delivery)
         .where(Delivery.commitment_uid == report.transaction_uid,
-               or_(Delivery.commitment == CommitmentState.REQUESTED,
-                   Delivery.commitment == CommitmentState.UNCONFIRMED))
+               Delivery.commitment.in_((CommitmentState.REQUESTED, CommitmentState.UNCONFIRMED,
+                                        CommitmentState.COMMITTED)))
         .options(selectinload(Delivery.result_object), selectinload(Delivery.destination))
+        .order_by(Delivery.id)  # locked in the order a flush updates them (requeue): no deadlock with it
         .with_for_update()
     ).all()
     applied = Applied()
@@ -262,6 +266,9 @@ def apply_report(session: Session, calling_ae: str, report: Report, now: datetim
         delivery = by_uid.get(uid)
         if delivery is None or delivery.state is not DeliveryState.DELIVERED:
             applied.unmatched += 1
+            continue
+        if delivery.commitment is CommitmentState.COMMITTED:
+            applied.repeated += 1
             continue
         delivery.commitment = CommitmentState.COMMITTED
         delivery.commitment_at = now

@@ -694,6 +694,10 @@ def record_commitment_report(
                        "(%d objects; asked again since, or sent again): nothing recorded", calling_ae,
                        applied.unmatched)
         return 0, None
+    if applied.repeated and not applied.committed and not applied.not_kept:
+        LOGGER.info("storage commitment report from %s repeats one recorded already (%d objects): nothing "
+                    "changed", calling_ae, applied.repeated)
+        return 0, None
     level = logging.WARNING if applied.not_kept else logging.INFO
     LOGGER.log(level, "storage commitment report from %s: %d kept, %d not kept (%d sent again, %d dead)%s",
                calling_ae, len(applied.committed), len(applied.not_kept), len(applied.not_kept) - dead, dead,

@@ -446,3 +446,32 @@ def test_a_failed_request_is_asked_again_after_the_time_out_not_at_each_sweep(
             CommitmentState.REQUESTED, 2, "")
     finally:
         pacs.stop()
+
+
+def test_a_report_sent_twice_is_recorded_once_and_its_repeat_is_no_warning(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PACS that did not get the node's answer to its report sends it again. The repeat was taken for a
+    transaction the node does not know (a WARNING that it was asked again since, or sent again)."""
+    scp, woken = listener
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    _outbox(db, results).deliver_due(destination_pk)
+    transaction, (uid,) = pacs.requests[0]
+    assert report(scp.port, transaction, [uid], {}) == 0x0000
+    first = _rows(db)[pk]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dicom_node"):
+        assert report(scp.port, transaction, [uid], {}) == 0x0000
+    row = _rows(db)[pk]
+    assert (row.commitment, row.commitment_at) == (CommitmentState.COMMITTED, first.commitment_at)
+    assert [r.levelname for r in caplog.records if "storage commitment report" in r.getMessage()] == ["INFO"]
+    assert "repeats one recorded already (1 objects): nothing changed" in caplog.text
+    # from another AE title, it is refused as the first would have been
+    assert report(scp.port, transaction, [uid], {}, calling="OTHER") == 0x0115
+    assert woken == []
+    # the PACS's word that it no longer keeps it is taken, though: the object is sent again
+    assert report(scp.port, transaction, [], {uid: 0x0110}) == 0x0000
+    assert (_rows(db)[pk].state, woken) == (DeliveryState.RETRYING, [destination_pk])
