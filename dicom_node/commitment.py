@@ -136,14 +136,22 @@ def stop_asking(session: Session, destination_pk: int) -> int:
     """The destination is no longer set to storage commitment: its deliveries still to be asked about or
     awaiting a report are not asked (again), and say why. (The PACS may not report any more: the listener
     takes reports only from destinations set to it.) Returns how many."""
-    result = session.execute(
-        update(Delivery)
-        .where(Delivery.destination_pk == destination_pk,
-               Delivery.commitment.in_(ACTIVE))
-        .values(commitment=None, commitment_uid=None, commitment_at=None, commitment_note=SWITCHED_OFF)
-        .execution_options(synchronize_session="fetch")
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    # locked in id order first, as a report's rows are (apply_report): an UPDATE alone locks them in the
+    # order it finds them, and could deadlock with a report arriving meanwhile on PostgreSQL
+    pks = session.scalars(
+        select(Delivery.id)
+        .where(Delivery.destination_pk == destination_pk, Delivery.commitment.in_(ACTIVE))
+        .order_by(Delivery.id)
+        .with_for_update()
+    ).all()
+    if pks:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(pks), Delivery.commitment.in_(ACTIVE))
+            .values(commitment=None, commitment_uid=None, commitment_at=None, commitment_note=SWITCHED_OFF)
+            .execution_options(synchronize_session="fetch")
+        )
+    return len(pks)
 
 
 def _unconfirmed(delivery: Delivery, now: datetime, note: str) -> None:
