@@ -597,6 +597,9 @@ class Outbox:
                 why = str(exc)
             except OSError as exc:
                 why = f"{type(exc).__name__}: {exc.strerror or exc}"
+            except Exception as exc:  # a failed request, as in _send: the objects were delivered all the same
+                why = f"unexpected {type(exc).__name__}"
+                LOGGER.error("destination %d: storage commitment request failed (%s)", destination.id, why)
             else:
                 if status == 0:
                     LOGGER.info("destination %d (%s): storage commitment requested (%d objects)",

@@ -475,3 +475,27 @@ def test_a_report_sent_twice_is_recorded_once_and_its_repeat_is_no_warning(
     # the PACS's word that it no longer keeps it is taken, though: the object is sent again
     assert report(scp.port, transaction, [], {uid: 0x0110}) == 0x0000
     assert (_rows(db)[pk].state, woken) == (DeliveryState.RETRYING, [destination_pk])
+
+
+def test_an_unexpected_failure_of_the_request_is_a_failed_request_not_a_failed_delivery(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It escaped deliver_due: the outbox logged the delivery as failed (it was delivered), and the
+    destination's next retry was not armed."""
+    from dicom_node import scu
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a pynetdicom surprise")
+
+    monkeypatch.setattr(scu, "request_commitment", broken)
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    report_ = _outbox(db, results).deliver_due(destination_pk)
+    assert report_.delivered == [pk]
+    row = _rows(db)[pk]
+    assert (row.state, row.commitment) == (DeliveryState.DELIVERED, CommitmentState.REQUESTED)
+    assert row.commitment_note == ("the storage commitment request failed (unexpected RuntimeError); it is "
+                                   "asked again")
+    assert "a pynetdicom surprise" not in caplog.text  # its words may quote a dataset
