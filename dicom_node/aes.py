@@ -57,7 +57,8 @@ class AeSpec:
             if self.reply_to:
                 raise InvalidAeError("reply_to applies to callers only", field="reply_to")
         elif self.storage_commitment:
-            raise InvalidAeError("storage commitment applies to destinations only", field="storage_commitment")
+            raise InvalidAeError("storage commitment applies to destinations only",
+                                 field="storage_commitment")
         return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None,
                       self.enabled, self.storage_commitment)
 

@@ -12,11 +12,11 @@ A worker is a complete storage SCP — same association policy, same :class:`~di
 its own database connections and file store — without TensorFlow, scheduler or console. It sends the key
 of each newly stored study to the node over a queue and the node arms the settle timer exactly as for its
 own associations; and, after a PACS reported by storage commitment that it does not keep some results,
-the destination whose outbox should send them again. Nothing depends on those messages arriving: the instance is committed before success, and
-a study whose message is lost (a worker killed between commit and send) is RECEIVED in the database, which
-the settler's sweep and every start-up re-arm. Workers leave when the node process is gone (even after
-``kill -9``) and are restarted by the node if they die alone. (The outbox's sweep finds results due
-again within half a minute.)
+the destination whose outbox should send them again. Nothing depends on those messages arriving: the
+instance is committed before success, and a study whose message is lost (a worker killed between commit
+and send) is RECEIVED in the database, which the settler's sweep and every start-up re-arm; the outbox's
+sweep finds results due again within half a minute. Workers leave when the node process is gone (even
+after ``kill -9``) and are restarted by the node if they die alone.
 """
 
 from __future__ import annotations

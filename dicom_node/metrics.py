@@ -113,7 +113,8 @@ class _DatabaseCollector(Collector):
             instances = _counts(session, Instance.state)
             studies = _counts(session, Study.state)
             deliveries = _counts(session, Delivery.state)
-            # not "committed": most deliveries, a walk of the index at each scrape; deliveries_delivered is there
+            # not "committed": most deliveries, a walk of the index at each scrape (deliveries_delivered is
+            # there)
             commitments = _counts(session, Delivery.commitment, Delivery.commitment.in_(_OPEN_COMMITMENTS))
             failed_attempts = session.scalar(  # a copy the PACS took and then reported not kept failed too
                 select(func.count()).select_from(DeliveryAttempt)

@@ -581,15 +581,16 @@ class Outbox:
                 request = commitment.take_due(session, destination_pk, now)
                 session.expunge(destination)
             if given_up:
-                LOGGER.warning("destination %d (%s): %d delivered objects not confirmed: no storage commitment "
-                               "report", destination.id, destination.ae_title, given_up)
+                LOGGER.warning("destination %d (%s): %d delivered objects not confirmed: no storage "
+                               "commitment report", destination.id, destination.ae_title, given_up)
             if request is None:
                 return
             final, why = False, ""
             try:
                 context = self._tls_context() if destination.tls else None
                 status = scu.request_commitment(
-                    request.transaction_uid, request.objects, destination.host or "", int(destination.port or 0),
+                    request.transaction_uid, request.objects, destination.host or "",
+                    int(destination.port or 0),
                     destination.ae_title, calling_aet=self.calling_aet, tls=context,
                     max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
                 )

@@ -430,13 +430,16 @@ class StorageScp:
         try:
             info = event.event_information
         except Exception as exc:  # the Event Information would not decode
-            LOGGER.warning("storage commitment report from %s unreadable: %s", calling, describe_exception(exc))
+            LOGGER.warning("storage commitment report from %s unreadable: %s", calling,
+                           describe_exception(exc))
             return int(Status.INVALID_ARGUMENT_VALUE), None
         try:
             status, resend = outbox.record_commitment_report(
-                self.session_factory, calling, getattr(request, "EventTypeID", None), info, self.outbox_settings)
+                self.session_factory, calling, getattr(request, "EventTypeID", None), info,
+                self.outbox_settings)
         except Exception as exc:  # the PACS reports again when it gets a failure
-            LOGGER.error("storage commitment report from %s not recorded: %s", calling, describe_exception(exc))
+            LOGGER.error("storage commitment report from %s not recorded: %s", calling,
+                         describe_exception(exc))
             return int(Status.PROCESSING_FAILURE), None
         if resend is not None:
             self.on_resend(resend)

@@ -472,7 +472,8 @@ class DeliveryAttempt(Base):
     delivery_pk: Mapped[int] = mapped_column(ForeignKey("delivery.id"), index=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status, None if no response
-    # delivered | warning | failed | error | not kept (commitment.NOT_KEPT); indexed for the metrics' count of failures (migration 0011)
+    # delivered | warning | failed | error | not kept (commitment.NOT_KEPT); indexed for the metrics' count
+    # of failures (migration 0011)
     outcome: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str] = mapped_column(Text, default="")
 

@@ -57,7 +57,8 @@ class Dashboard(BaseModel):
     studies_failed: int
     deliveries_failed: int = Field(description="deliveries given up (dead), all time")
     deliveries_unconfirmed: int = Field(
-        default=0, description="delivered objects whose PACS did not confirm it keeps them (storage commitment)")
+        default=0,
+        description="delivered objects whose PACS did not confirm it keeps them (storage commitment)")
     deliveries_retrying: int
     deliveries_pending: int
     jobs_waiting: int = Field(description="pipeline jobs pending or running")

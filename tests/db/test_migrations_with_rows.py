@@ -99,13 +99,16 @@ def test_each_revision_upgrades_to_the_head_with_its_rows(
         metadata.reflect(engine)
         with engine.connect() as connection:
             for name, count in counts.items():
-                assert connection.execute(select(func.count()).select_from(metadata.tables[name])).scalar_one() \
-                    == count, f"rows of {name} lost"
+                table = metadata.tables[name]
+                rows = connection.execute(select(func.count()).select_from(table)).scalar_one()
+                assert rows == count, f"rows of {name} lost"
     finally:
         engine.dispose()
 
 
-def test_an_upgrade_that_would_leave_a_broken_reference_changes_nothing_and_says_where(tmp_path: Path) -> None:
+def test_an_upgrade_that_would_leave_a_broken_reference_changes_nothing_and_says_where(
+    tmp_path: Path,
+) -> None:
     """Foreign keys are not enforced while migrating (the rebuilds above need that): the upgrade checks
     the references itself before it commits. A reference broken already (by a tool outside the node) is
     named too."""

@@ -379,13 +379,15 @@ def test_the_storage_commitment_lookups_search_the_commitment_index(
     """With the delivery state in them, SQLite searched ix_delivery_state_next (state = delivered: every
     delivered row) for the few objects awaiting a report: 30 ms each sweep at 100,000 studies."""
     with factory() as session, session.begin():
-        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104, storage_commitment=True), "test")
+        aes.add(session, aes.AeSpec("PACS", AeRole.DESTINATION, "10.0.0.5", 104, storage_commitment=True),
+                "test")
     settings = Settings(node={"data_dir": tmp_path / "var"})
     outbox = Outbox.from_settings(settings, factory, scheduler=_Scheduler())  # type: ignore[arg-type]
     statements: list[tuple[str, Any]] = []
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "commitment" in statement.partition("WHERE")[2]:
+        where = statement.partition("WHERE")[2]
+        if statement.lstrip().upper().startswith("SELECT") and "commitment" in where:
             statements.append((statement, parameters))
 
     event.listen(sqlite_engine, "before_cursor_execute", record)

@@ -75,7 +75,8 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     commit = listed.stdout.splitlines()[0].index("COMMIT")  # the column says which destination is asked
     assert {line.split()[1]: line[commit:commit + 3] for line in listed.stdout.splitlines()[1:]
             if line.startswith("destination")} == {"ARCHIVE": "yes", "STORESCP": "no "}
-    refused = run_cli(["ae", "add", "--role", "caller", "--aet", "X", "--storage-commitment"], env, check=False)
+    refused = run_cli(["ae", "add", "--role", "caller", "--aet", "X", "--storage-commitment"], env,
+                      check=False)
     assert refused.returncode != 0 and "storage commitment applies to destinations only" in refused.stderr
     assert listed.stderr == f"database: SQLite file {database}\n"  # its answer; the INFO log stays out
     assert "C-ECHO STORESCP" in run_cli(["ae", "echo", "STORESCP"], env).stdout

@@ -59,7 +59,8 @@ def _storescp(folder: Path) -> Iterator[int]:
     """DCMTK storescp: stores anything, and does not offer the Storage Commitment Push Model."""
     port = peers.free_port()
     folder.mkdir(parents=True)
-    with peers.serving([peers.executable("storescp"), "-od", str(folder), "-aet", "ARCHIVE", str(port)], port):
+    command = [peers.executable("storescp"), "-od", str(folder), "-aet", "ARCHIVE", str(port)]
+    with peers.serving(command, port):
         yield port
 
 
@@ -76,10 +77,12 @@ def site(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
             # neither Orthanc is an allowed caller: each may only report its commitments
             callers=[{"ae_title": MODALITY_AET, "host": "127.0.0.1"}],
             destinations=[
-                {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port, "storage_commitment": True},
+                {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port,
+                 "storage_commitment": True},
                 {"ae_title": "DROPSR", "host": "127.0.0.1", "port": dropping.dicom_port,
                  "storage_commitment": True},
-                {"ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive_port, "storage_commitment": True},
+                {"ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive_port,
+                 "storage_commitment": True},
             ],
             extra={"pipeline": {"fixed_destinations": ["PACS", "DROPSR", "ARCHIVE"]},
                    "dicom": {"listener_processes": 2},
@@ -106,7 +109,7 @@ def _deliveries(site: Site, study_uid: str, destination: str) -> dict[ResultKind
             .join(RemoteAe, RemoteAe.id == Delivery.destination_pk)
             .where(Study.study_instance_uid == study_uid, RemoteAe.ae_title == destination)
         ).all()
-        return {session.get(ResultObject, d.result_object_pk).kind: d for d in rows}  # type: ignore[union-attr]
+        return {session.get_one(ResultObject, d.result_object_pk).kind: d for d in rows}
 
 
 def _outcomes(site: Site, delivery_pk: int) -> list[str]:
@@ -137,8 +140,8 @@ def test_a_pacs_that_keeps_the_results_commits_to_them_by_its_own_report(site: S
 
 
 def test_metrics_count_the_deliveries_by_what_their_pacs_answered(site: Site, study_uid: str) -> None:
-    """Once the study's results settle everywhere: PACS 2 committed; DROPSR 1 (the PDF), its SR DEAD; ARCHIVE 2
-    unconfirmed; none awaited. Three copies of that SR were not kept: failed attempts."""
+    """Once the study's results settle everywhere: PACS 2 committed; DROPSR 1 (the PDF), its SR DEAD;
+    ARCHIVE 2 unconfirmed; none awaited. Three copies of that SR were not kept: failed attempts."""
     from prometheus_client.parser import text_string_to_metric_families
 
     def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -188,7 +191,8 @@ def test_an_archive_without_storage_commitment_gets_the_results_unconfirmed_with
     for delivery in _deliveries(site, study_uid, "ARCHIVE").values():
         assert delivery.state is DeliveryState.DELIVERED
         assert delivery.commitment_note.startswith(
-            "the PACS did not take the storage commitment request: failure status 0x0122 (not sent: ARCHIVE at "
+            "the PACS did not take the storage commitment request: failure status 0x0122 (not sent: "
+            "ARCHIVE at "
         ), delivery.commitment_note
         assert "accepted none of the proposed presentation contexts" in delivery.commitment_note
 
@@ -204,7 +208,8 @@ def test_a_pacs_that_may_only_report_cannot_store_to_the_node(site: Site, study_
 
 def test_echoscu_from_a_reporting_pacs_is_answered(site: Site) -> None:
     result = subprocess.run(
-        [peers.executable("echoscu"), "-aet", "PACS", "-aec", NODE_AET, "127.0.0.1", str(site.node.dicom_port)],
+        [peers.executable("echoscu"), "-aet", "PACS", "-aec", NODE_AET, "127.0.0.1",
+         str(site.node.dicom_port)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

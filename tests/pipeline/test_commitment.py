@@ -239,9 +239,11 @@ def test_no_report_in_time_is_asked_again_then_unconfirmed_with_why(
     assert len(pacs.requests) == 2  # not a third time
     row = _rows(db)[pk]
     assert (row.state, row.commitment) == (DeliveryState.DELIVERED, CommitmentState.UNCONFIRMED)
-    assert row.commitment_note == "the PACS did not report on it after 2 storage commitment requests, 0.3 s apart"
+    assert row.commitment_note == ("the PACS did not report on it after 2 storage commitment requests, "
+                                   "0.3 s apart")
     with session_scope(db) as session:
-        assert commitment.describe(session.get_one(Delivery, pk)) == f"not confirmed by the PACS: {row.commitment_note}"
+        described = commitment.describe(session.get_one(Delivery, pk))
+        assert described == f"not confirmed by the PACS: {row.commitment_note}"
 
 
 @pytest.mark.parametrize("status, final", [(0x0122, True), (0x0110, False)])

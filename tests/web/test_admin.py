@@ -166,7 +166,8 @@ def test_a_destination_is_set_to_storage_commitment_and_a_caller_cannot_be(
 
 def _audit_details(factory: sessionmaker[Session]) -> list[tuple[str, dict[str, object]]]:
     with session_scope(factory) as s:
-        return [(e.action, dict(e.details or {})) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+        events = s.scalars(select(AuditEvent).order_by(AuditEvent.id))
+        return [(e.action, dict(e.details or {})) for e in events]
 
 
 def test_a_refused_new_user_marks_the_field_it_is_about(admin_client: tuple[TestClient, str]) -> None:

@@ -35,7 +35,8 @@ def upgrade() -> None:
             nullable=True))
         batch_op.add_column(sa.Column('commitment_uid', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('commitment_at', sa.DateTime(timezone=True), nullable=True))
-        batch_op.add_column(sa.Column('commitment_requests', sa.Integer(), nullable=False, server_default='0'))
+        batch_op.add_column(
+            sa.Column('commitment_requests', sa.Integer(), nullable=False, server_default='0'))
         batch_op.add_column(sa.Column('commitment_note', sa.Text(), nullable=False, server_default=''))
         batch_op.create_index(batch_op.f('ix_delivery_commitment_uid'), ['commitment_uid'], unique=False)
         batch_op.create_index('ix_delivery_commitment_at', ['commitment', 'commitment_at'], unique=False)
