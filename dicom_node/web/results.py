@@ -280,7 +280,9 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
         oldest_first = (ids_query.where(key > (anchored, anchor_id))
                         .order_by(Study.first_received_at, Study.id).limit(query.per_page))
         ids = list(reversed(list(session.scalars(oldest_first))))
-        more = True
+        # The page the anchor starts follows only if a study of the search is there: the anchor may have
+        # left the search since its page was shown (a failed study sent again), or been its only study.
+        more = session.scalar(ids_query.where(key <= (anchored, anchor_id)).limit(1)) is not None
     else:
         ids = list(session.scalars(
             newest_first.offset((query.page - 1) * query.per_page).limit(query.per_page + 1)

@@ -27,6 +27,7 @@ from dicom_node.store.models import (
     JobState,
     ResultKind,
     ResultObject,
+    Study,
     StudyState,
 )
 from dicom_node.web import results
@@ -369,6 +370,43 @@ def test_a_malformed_cursor_is_invalid_input_not_a_crash(
         response = client.get(path, params={cursor: value})
         assert response.status_code == 422, (path, response.status_code, response.text[:300])
     assert cursor in client.get("/api/results", params={cursor: value}).text
+
+
+def _failed(factory: sessionmaker[Session], count: int) -> list[int]:
+    """``count`` FAILED studies, a minute apart; their ids newest first."""
+    return [add_study(factory, StudySpec(f"FAILED^{n}", f"PF{n}", f"AF{n}", state=StudyState.FAILED,
+                                         received_at=NOW - timedelta(minutes=n))).study
+            for n in range(count)]
+
+
+def _set_state(factory: sessionmaker[Session], study: int, state: StudyState) -> None:
+    with session_scope(factory) as s:
+        found = s.get(Study, study)
+        assert found is not None
+        found.state = state
+
+
+def test_a_newer_page_offers_older_only_when_a_matching_study_follows(db: sessionmaker[Session]) -> None:
+    """The "Newer" link seeks from the first study of the page shown, which need not match the search by
+    the time it is followed (a failed study sent again leaves a search for failed ones): the page it gives
+    said "more" whatever followed, and its "Older" link led to an empty page."""
+    a, b, c, d, e = _failed(db, 5)
+
+    def page(number: int, **seek: int) -> results.ResultPage:
+        with session_scope(db) as s:
+            return results.search(s, results.ResultQuery(state=StudyState.FAILED, page=number, per_page=2,
+                                                         **seek))
+
+    last = page(3, before=d)
+    assert [r.study_id for r in last.rows] == [e] and last.newer == {"after": e}
+    _set_state(db, e, StudyState.READY)
+    newer = page(2, **last.newer)
+    assert [r.study_id for r in newer.rows] == [c, d]
+    assert (newer.more, newer.older) == (False, {})
+    assert page(3, before=d).rows == []  # what its "Older" link gave
+    _set_state(db, e, StudyState.FAILED)
+    again = page(2, after=e)
+    assert (again.more, again.older) == (True, {"before": d})
 
 
 def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient, str]) -> None:
