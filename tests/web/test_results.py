@@ -409,6 +409,22 @@ def test_a_newer_page_offers_older_only_when_a_matching_study_follows(db: sessio
     assert (again.more, again.older) == (True, {"before": d})
 
 
+def test_a_page_past_the_first_keeps_its_newer_link_when_the_count_fits_one_page(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A page reached by its "Older" link is numbered by the links: when studies left the search meanwhile
+    the count may fit one page, and the pager, shown only for several pages, left page 2 without a way
+    back."""
+    client, _ = rad_client
+    a, b, c = _failed(factory, 3)
+    _set_state(factory, a, StudyState.READY)
+    params = {"state": "failed", "per_page": "2", "page": "2", "before": str(b)}
+    html = client.get("/results", params=params).text
+    assert f'href="/results/{c}"' in html
+    assert re.search(r'href="/results\?[^"]*page=1">‹ Newer', html), html
+    assert 'role="link" aria-disabled="true">Older' in html
+
+
 def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient, str]) -> None:
     client, _ = rad_client
     assert client.get("/api/results", params={"state": "bogus"}).status_code == 422
