@@ -134,3 +134,26 @@ def test_an_upgrade_that_would_leave_a_broken_reference_changes_nothing_and_says
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_a_database_at_the_head_is_not_checked_at_every_start(tmp_path: Path) -> None:
+    """``upgrade`` runs at every start of the node and of each CLI command (store.parts): with nothing to
+    migrate, foreign keys were enforced all along and there is nothing the upgrade could have broken. The
+    check read every referencing table under the writer lock each time (C-STOREs waited behind a
+    ``cxr-node user add``), and one row broken by an outside tool stopped ``serve`` and every command."""
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    try:
+        db.upgrade(engine)
+        _fill(engine)
+        with engine.connect() as connection:
+            dbapi = connection.connection.dbapi_connection
+            assert dbapi is not None
+            dbapi.execute("PRAGMA foreign_keys=OFF")
+            dbapi.execute("UPDATE delivery SET destination_pk = 99")
+            dbapi.execute("PRAGMA foreign_keys=ON")
+        done = db.upgrade(engine)
+        assert (done.applied, done.after) == ((), (REVISIONS[-1],))
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        engine.dispose()
