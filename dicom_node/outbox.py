@@ -663,12 +663,15 @@ def record_commitment_report(
     status to answer, and the destination whose outbox should be woken to send objects again. An object
     reported not kept is due again now, and is DEAD with why after ``outbox.refused_attempts`` such
     reports in a row: a PACS that drops it will drop it again."""
-    try:
-        report = commitment.parse_report(event_type_id, info)
-    except InvalidReportError as exc:
+    def refused(exc: InvalidReportError) -> tuple[int, None]:
         LOGGER.warning("storage commitment report from %s refused with 0x%04X: %s", calling_ae,
                        int(exc.status), exc)
         return int(exc.status), None
+
+    try:
+        report = commitment.parse_report(event_type_id, info)
+    except InvalidReportError as exc:
+        return refused(exc)
     now = utcnow()
     dead = 0
     try:
@@ -677,22 +680,20 @@ def record_commitment_report(
             for delivery, reason in applied.not_kept:
                 note = (f"the PACS answered success, then reported that it does not keep it (storage "
                         f"commitment: {commitment.failure_words(reason)})")
-                refused = not_kept_in_a_row(session, delivery.id, settings.refused_attempts) + 1 \
+                every_time = not_kept_in_a_row(session, delivery.id, settings.refused_attempts) + 1 \
                     >= settings.refused_attempts
                 session.add(DeliveryAttempt(delivery_pk=delivery.id, at=now, status=reason, outcome=NOT_KEPT,
                                             error=note))
                 delivery.last_status = reason
-                delivery.last_error = f"{note}; {REFUSED}" if refused else note
+                delivery.last_error = f"{note}; {REFUSED}" if every_time else note
                 delivery.delivered_at = None
-                if retry_or_dead(delivery, now, settings, refused=refused,
+                if retry_or_dead(delivery, now, settings, refused=every_time,
                                  why="the PACS took it and then did not keep it, each time"):
                     dead += 1
                 else:
                     delivery.next_attempt_at = now  # the PACS is up: it just reported
     except InvalidReportError as exc:
-        LOGGER.warning("storage commitment report from %s refused with 0x%04X: %s", calling_ae,
-                       int(exc.status), exc)
-        return int(exc.status), None
+        return refused(exc)
     if applied.destination_pk is None:
         LOGGER.warning("storage commitment report from %s for a transaction the node is not waiting for "
                        "(%d objects; asked again since, or sent again): nothing recorded", calling_ae,
