@@ -503,7 +503,11 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     sqlite = engine.dialect.name == "sqlite"
     try:
-        with engine.connect() as connection:
+        connection = engine.connect()
+    except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
+        raise _unreachable(exc) from exc
+    try:
+        with connection:
             if sqlite:
                 _sqlite_foreign_keys(connection, on=False)
             try:
@@ -519,9 +523,12 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
             finally:
                 if sqlite:
                     _sqlite_foreign_keys(connection, on=True)
-    except OperationalError as exc:  # the server is down or refuses the login: one line, not a traceback
-        raise _unreachable(exc) from exc
     except DBAPIError as exc:
+        if isinstance(exc, OperationalError) and _sqlstate(exc) != INSUFFICIENT_PRIVILEGE:
+            # connected, then a migration failed (a lock held too long, a connection lost, a statement the
+            # database refused): said as such, not as a database that cannot be reached
+            reason = driver_reason(exc.orig) or type(exc.orig).__name__
+            raise ConfigurationError(f"the schema migration failed and was rolled back: {reason}") from exc
         if _sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
             raise _not_permitted(engine, exc) from exc
         raise

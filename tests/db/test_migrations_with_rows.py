@@ -157,3 +157,26 @@ def test_a_database_at_the_head_is_not_checked_at_every_start(tmp_path: Path) ->
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_a_migration_the_database_refuses_is_said_as_such_not_as_a_database_out_of_reach(
+    tmp_path: Path,
+) -> None:
+    """Any OperationalError of an upgrade read "the database cannot be reached", also a statement of a
+    migration the database refused after the node had connected (here: an index of that name exists)."""
+    from dicom_node.errors import ConfigurationError
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    before = "0016_study_patient_received"  # 0017 creates that index
+    try:
+        db.upgrade(engine, before)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE INDEX ix_delivery_commitment_at ON study (id)")
+        with pytest.raises(ConfigurationError, match="^the schema migration failed and was rolled back: "
+                                                     "index ix_delivery_commitment_at already exists"):
+            db.upgrade(engine)
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("select version_num from alembic_version").scalar_one()
+        assert version == before
+    finally:
+        engine.dispose()
