@@ -139,6 +139,18 @@ def _outbox(db: sessionmaker[Session], results: Path, **settings: Any) -> Outbox
                   settings=OutboxSettings(backoff_initial_seconds=60, **settings))
 
 
+def _asked(db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, count: int, **settings: Any
+           ) -> tuple[int, list[int], Outbox]:
+    """``count`` result objects for ``pacs``, set to storage commitment, delivered (and so asked about)
+    by an outbox with ``settings``; returns the destination, the deliveries and that outbox."""
+    results = tmp_path / "results"
+    destination_pk, ids = _deliveries(db, results, pacs.port, count)
+    _commit_to(db, destination_pk)
+    outbox = _outbox(db, results, **settings)
+    outbox.deliver_due(destination_pk)
+    return destination_pk, ids, outbox
+
+
 def test_delivered_objects_are_asked_about_and_the_pacs_report_is_recorded_on_each(
     db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
 ) -> None:
@@ -211,10 +223,7 @@ def test_a_report_without_the_scp_role_proposed_is_taken_as_orthanc_sends_it(
     db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, listener: tuple[StorageScp, list[int]],
 ) -> None:
     scp, _ = listener
-    results = tmp_path / "results"
-    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
-    _commit_to(db, destination_pk)
-    _outbox(db, results).deliver_due(destination_pk)
+    destination_pk, (pk,), _ = _asked(db, tmp_path, pacs, 1)
     transaction, uids = pacs.requests[0]
     assert report(scp.port, transaction, uids, {}, scp_role=False) == 0x0000
     assert _rows(db)[pk].commitment is CommitmentState.COMMITTED
@@ -280,10 +289,7 @@ def test_reports_the_node_cannot_take_are_refused_and_change_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     scp, woken = listener
-    results = tmp_path / "results"
-    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
-    _commit_to(db, destination_pk)
-    _outbox(db, results).deliver_due(destination_pk)
+    destination_pk, (pk,), _ = _asked(db, tmp_path, pacs, 1)
     transaction, (uid,) = pacs.requests[0]
 
     assert report(scp.port, transaction, [uid], {}, event_type=3) == 0x0113  # no such event type
@@ -407,10 +413,7 @@ def test_an_object_reported_both_kept_and_failed_is_not_taken_as_kept(
     """A report that contradicts itself for an object (in the Referenced and the Failed SOP Sequence)
     does not commit the PACS to it: it was shown as kept, and counted among objects not asked about."""
     scp, woken = listener
-    results = tmp_path / "results"
-    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
-    _commit_to(db, destination_pk)
-    _outbox(db, results).deliver_due(destination_pk)
+    destination_pk, (pk,), _ = _asked(db, tmp_path, pacs, 1)
     transaction, (uid,) = pacs.requests[0]
     assert report(scp.port, transaction, [uid], {uid: 0x0110}) == 0x0000
     row = _rows(db)[pk]
@@ -457,10 +460,7 @@ def test_a_report_sent_twice_is_recorded_once_and_its_repeat_is_no_warning(
     """A PACS that did not get the node's answer to its report sends it again. The repeat was taken for a
     transaction the node does not know (a WARNING that it was asked again since, or sent again)."""
     scp, woken = listener
-    results = tmp_path / "results"
-    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
-    _commit_to(db, destination_pk)
-    _outbox(db, results).deliver_due(destination_pk)
+    destination_pk, (pk,), _ = _asked(db, tmp_path, pacs, 1)
     transaction, (uid,) = pacs.requests[0]
     assert report(scp.port, transaction, [uid], {}) == 0x0000
     first = _rows(db)[pk]
