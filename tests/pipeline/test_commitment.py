@@ -41,12 +41,14 @@ INSTANCE = "1.2.840.10008.1.20.1.1"
 class CommitPeer(StorePeer):
     """A PACS that stores, answers N-ACTION with ``action_status`` and keeps the requests it got."""
 
-    def __init__(self, action_status: int = 0x0000) -> None:
+    def __init__(self, action_status: int = 0x0000, action_seconds: float = 0.0) -> None:
         super().__init__()
         self.action_status = action_status
+        self.action_seconds = action_seconds  # how long it takes to answer an N-ACTION
         self.requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
 
     def _on_action(self, event: Event) -> tuple[int, None]:
+        time.sleep(self.action_seconds)
         info = event.action_information
         self.requests.append((str(info.TransactionUID),
                               [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]))
@@ -501,3 +503,16 @@ def test_an_unexpected_failure_of_the_request_is_a_failed_request_not_a_failed_d
     assert row.commitment_note == ("the storage commitment request failed (unexpected RuntimeError); it is "
                                    "asked again")
     assert "a pynetdicom surprise" not in caplog.text  # its words may quote a dataset
+
+
+def test_a_request_slower_than_the_time_out_is_not_asked_again_in_the_same_round(
+    db: sessionmaker[Session], tmp_path: Path,
+) -> None:
+    """The outbox looked for overdue requests before each N-ACTION of a round: one answered after the
+    time-out (a slow PACS, a loaded machine; CI run 41 on PostgreSQL) was asked again at once."""
+    pacs = CommitPeer(action_seconds=0.5).start()
+    try:
+        _asked(db, tmp_path, pacs, 1, commitment_timeout_seconds=0.3)
+    finally:
+        pacs.stop()
+    assert len(pacs.requests) == 1
