@@ -83,6 +83,16 @@ def _fill(engine: Engine) -> dict[str, int]:
                 for t in metadata.sorted_tables if t.name != "alembic_version"}
 
 
+def _break_a_reference(engine: Engine) -> None:
+    """Point every delivery at a destination that is not there, as a tool outside the node could."""
+    with engine.connect() as connection:
+        dbapi = connection.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.execute("PRAGMA foreign_keys=OFF")
+        dbapi.execute("UPDATE delivery SET destination_pk = 99")
+        dbapi.execute("PRAGMA foreign_keys=ON")
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("revision", REVISIONS[:-1])
 def test_each_revision_upgrades_to_the_head_with_its_rows(
@@ -118,12 +128,7 @@ def test_an_upgrade_that_would_leave_a_broken_reference_changes_nothing_and_says
     try:
         db.upgrade(engine, REVISIONS[-2])
         _fill(engine)
-        with engine.connect() as connection:
-            dbapi = connection.connection.dbapi_connection
-            assert dbapi is not None
-            dbapi.execute("PRAGMA foreign_keys=OFF")
-            dbapi.execute("UPDATE delivery SET destination_pk = 99")
-            dbapi.execute("PRAGMA foreign_keys=ON")
+        _break_a_reference(engine)
         with pytest.raises(ConfigurationError, match=r"1 row\(s\) referencing rows that are not there "
                                                      r"\(tables delivery\); nothing was changed"):
             db.upgrade(engine)
@@ -145,12 +150,7 @@ def test_a_database_at_the_head_is_not_checked_at_every_start(tmp_path: Path) ->
     try:
         db.upgrade(engine)
         _fill(engine)
-        with engine.connect() as connection:
-            dbapi = connection.connection.dbapi_connection
-            assert dbapi is not None
-            dbapi.execute("PRAGMA foreign_keys=OFF")
-            dbapi.execute("UPDATE delivery SET destination_pk = 99")
-            dbapi.execute("PRAGMA foreign_keys=ON")
+        _break_a_reference(engine)
         done = db.upgrade(engine)
         assert (done.applied, done.after) == ((), (REVISIONS[-1],))
         with engine.connect() as connection:
