@@ -565,7 +565,9 @@ class Outbox:
         ``outbox.commitment_timeout_seconds`` are asked again (:mod:`dicom_node.commitment`)."""
         from dicom_node import scu
 
-        first = True
+        # Overdue requests are looked for once a round: a request of this round is not overdue in it (on a
+        # slow machine with a short time-out it was asked again at once).
+        expired = False
         while True:
             now = utcnow()
             with session_scope(self.session_factory) as session:
@@ -575,12 +577,12 @@ class Outbox:
                 if not destination.storage_commitment:  # switched off since these were delivered
                     commitment.stop_asking(session, destination_pk)
                     return
-                # once a call: a request of this call must not count as overdue in the same call (on a slow
-                # machine with a short time-out it was asked again at once)
-                given_up = 0 if not first else commitment.expire(
-                    session, destination_pk, now, timeout_seconds=self.settings.commitment_timeout_seconds,
-                    max_requests=self.settings.commitment_requests)
-                first = False
+                given_up = 0
+                if not expired:
+                    given_up = commitment.expire(session, destination_pk, now,
+                                                 timeout_seconds=self.settings.commitment_timeout_seconds,
+                                                 max_requests=self.settings.commitment_requests)
+                    expired = True
                 # committed before the N-ACTION goes: the PACS may report before it answers
                 request = commitment.take_due(session, destination_pk, now)
                 session.expunge(destination)
