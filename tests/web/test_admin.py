@@ -16,6 +16,7 @@ from dicom_node.store.db import session_scope
 from dicom_node.store.models import AeRole, AuditEvent, DeliveryState, RemoteAe, User, WebSession
 from dicom_node.web import admin, create_app, paging
 from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
+from tests.web.keyset import walk_by_links
 from tests.web.studies import StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
@@ -407,20 +408,8 @@ def test_the_audit_log_pages_by_key_as_its_links_go(db: sessionmaker[Session]) -
         with session_scope(db) as s:
             return admin.audit_page_data(s, page=number, action="", actor="", per_page=20, **seek)
 
-    counted = [[e.id for e in page(n).events] for n in range(1, 8)]
+    counted = walk_by_links(page, lambda p: [e.id for e in p.events], 7)
     assert sum(map(len, counted)) == 125 and len(counted[-1]) == 5
-    sought, current = [counted[0]], page(1)
-    for number in range(2, 8):
-        assert current.more and current.older == {"before": current.events[-1].id}
-        current = page(number, **current.older)
-        sought.append([e.id for e in current.events])
-    assert sought == counted and not current.more and current.older == {}
-    for number in range(6, 1, -1):  # and back by the "Newer" links
-        assert current.newer == {"after": current.events[0].id}
-        current = page(number, **current.newer)
-        assert [e.id for e in current.events] == counted[number - 1] and current.more
-    assert page(1).newer == {}
-    assert [e.id for e in page(3, before=999_999).events] == counted[2]  # no such event: counted
 
 
 def test_the_audit_log_filters_the_actor_from_its_start_or_its_name(db: sessionmaker[Session]) -> None:
