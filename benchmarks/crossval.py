@@ -38,7 +38,7 @@ def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, ex
 
 def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
     cpus = sorted(os.sched_getaffinity(0))
-    pending = list(range(args.folds))
+    pending = list(args.only)
     running: dict[int, tuple[subprocess.Popen[bytes], float, int]] = {}
     seconds: dict[int, float] = {}
     while pending or running:
@@ -71,8 +71,18 @@ def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
     return seconds
 
 
+def _epoch_accuracies(history: dict[str, list[float]]) -> tuple[float | None, float | None]:
+    """Validation accuracy of the last epoch and of the best validation-loss epoch, from a run's history."""
+    losses, accuracies = history.get("val_loss") or [], history.get("val_accuracy") or []
+    if not losses or len(losses) != len(accuracies):
+        return None, None
+    return float(accuracies[-1]), float(accuracies[losses.index(min(losses))])
+
+
 def _row(fold: int, folder: Path) -> dict[str, Any]:
-    validation = json.loads((folder / "model.json").read_text())["validation"]
+    metadata = json.loads((folder / "model.json").read_text())
+    validation = metadata["validation"]
+    last, best = _epoch_accuracies(metadata.get("training", {}).get("history", {}))
     covid = validation["per_class"].get("covid", {})
     matrix = validation["confusion_matrix"]
     return {
@@ -82,6 +92,8 @@ def _row(fold: int, folder: Path) -> dict[str, Any]:
         "accuracy": float(validation["accuracy"]),
         "macro_f1": float(validation["macro_f1"]),
         "covid_auc": float(covid["roc_auc"]) if "roc_auc" in covid else None,
+        "last_epoch_accuracy": last,
+        "best_epoch_accuracy": best,
     }
 
 
@@ -98,30 +110,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once (each on one CPU)")
     parser.add_argument("--report-only", action="store_true", help="tabulate folds already trained in OUTPUT")
+    parser.add_argument(
+        "--only", type=lambda text: sorted({int(part) for part in text.split(",")}), metavar="I,J",
+        help="train and tabulate only these folds (0-based), e.g. a first look at a recipe",
+    )
     args = parser.parse_args(argv)
+    if args.only is None:
+        args.only = list(range(args.folds))
+    elif not all(0 <= fold < args.folds for fold in args.only):
+        parser.error(f"--only: folds are 0 to {args.folds - 1}")
     args.output.mkdir(parents=True, exist_ok=True)
 
     seconds = {} if args.report_only else _run_folds(args, extra)
-    rows = [_row(fold, args.output / f"fold{fold}") for fold in range(args.folds)]
+    rows = [_row(fold, args.output / f"fold{fold}") for fold in args.only]
 
     columns = [("fold", ""), ("images", ""), ("accuracy", ".3f"), ("macro-F1", ".3f"), ("COVID AUC", ".3f"),
-               ("minutes", ".1f")]
+               ("last epoch", ".3f"), ("best epoch", ".3f"), ("minutes", ".1f")]
     print(table.render(columns, [
         [row["fold"], row["images"], row["accuracy"], row["macro_f1"], row["covid_auc"],
+         row["last_epoch_accuracy"], row["best_epoch_accuracy"],
          seconds[row["fold"]] / 60 if row["fold"] in seconds else None]
         for row in rows
     ]))
     summary: dict[str, Any] = {"folds": args.folds, "seed": args.seed, "train_args": extra, "per_fold": rows}
-    for key in ("accuracy", "macro_f1", "covid_auc"):
+    for key in ("accuracy", "macro_f1", "covid_auc", "last_epoch_accuracy", "best_epoch_accuracy"):
         values = [row[key] for row in rows if row[key] is not None]
-        summary[key] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
+        if len(values) >= 2:
+            summary[key] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
     summary["pooled_accuracy"] = round(sum(r["correct"] for r in rows) / sum(r["images"] for r in rows), 4)
-    print(
-        f"mean ± sd: accuracy {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['sd']:.3f}, "
-        f"macro-F1 {summary['macro_f1']['mean']:.3f} ± {summary['macro_f1']['sd']:.3f}, "
-        f"COVID AUC {summary['covid_auc']['mean']:.3f} ± {summary['covid_auc']['sd']:.3f}; "
-        f"pooled accuracy {summary['pooled_accuracy']:.3f} over {sum(r['images'] for r in rows)} images"
-    )
+    if len(rows) >= 2:
+        print(
+            f"mean ± sd: accuracy {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['sd']:.3f}, "
+            f"macro-F1 {summary['macro_f1']['mean']:.3f} ± {summary['macro_f1']['sd']:.3f}, "
+            f"COVID AUC {summary['covid_auc']['mean']:.3f} ± {summary['covid_auc']['sd']:.3f}; "
+            f"pooled accuracy {summary['pooled_accuracy']:.3f} over {sum(r['images'] for r in rows)} images"
+        )
     print(json.dumps(summary))
     return 0
 

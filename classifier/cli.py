@@ -85,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--mixup", type=_non_negative, metavar="ALPHA",
         help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
     )
+    train.add_argument(
+        "--average-last", type=_at_least(1), metavar="N",
+        help="the model is the mean of the weights of the last N epochs (stochastic weight averaging), "
+        "not the best validation epoch's",
+    )
     lung_source = train.add_mutually_exclusive_group()
     lung_source.add_argument(
         "--lung-model", type=Path, metavar="FOLDER",
@@ -352,6 +357,7 @@ def _train(args: argparse.Namespace) -> int:
         centre_crop=args.centre_crop,
         input_size=args.input_size,
         mixup=args.mixup,
+        average_last=args.average_last,
         lung_model=args.lung_model,
         lung_masks=args.lung_masks,
         lung_epochs=args.lung_epochs,

@@ -78,6 +78,7 @@ class TrainingConfig:
     centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
     input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
     mixup: float | None = None  # overrides the recipe's mixup α (0 = off)
+    average_last: int | None = None  # the model is the mean of the last N epochs' weights (SWA), not one epoch's
     lung_model: Path | None = None  # a lung U-Net folder (classifier.lungs): crop every image to its lungs
     lung_masks: Path | None = None  # or train that U-Net first, on the training split's images with masks here
     lung_epochs: int = 120
@@ -93,6 +94,7 @@ class TrainingConfig:
             "batch size": self.batch_size,
             "steps per epoch": self.steps_per_epoch,
             "lung epochs": self.lung_epochs,
+            "averaged epochs": self.average_last,
         }
         for name, count in counts.items():
             if count is not None and count < 1:  # 0 epochs wrote an untrained model as if trained
@@ -187,9 +189,24 @@ def _batch_norm_layers(keras: Any, model: Any) -> list[Any]:
     return found
 
 
+def _recompute_batch_norm(keras: Any, model: Any, clean_batches: Any) -> None:
+    """Set every BatchNorm's moving statistics to the exact average of its batch statistics over
+    ``clean_batches`` (un-augmented training images)."""
+    layers = _batch_norm_layers(keras, model)
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for count, batch in enumerate(clean_batches, start=1):
+            for layer in layers:
+                layer.momentum = (count - 1) / count  # running mean of the batch statistics
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
 def _precise_batch_norm(keras: Any, clean_batches: Any, val_inputs: Any, val_onehot: Any, loss: Any) -> Any:
-    """Callback: at each epoch end, set every BatchNorm's moving statistics to the exact average over the
-    *un-augmented* training images, then validate (and report val_loss/val_accuracy itself).
+    """Callback: at each epoch end, recompute the BatchNorm statistics on the *un-augmented* training
+    images, then validate (and report val_loss/val_accuracy itself).
 
     Moving averages collected on augmented batches do not describe clean images; with them the network
     flipped to one class on the (clean) validation images at random epochs. Training itself uses batch
@@ -198,22 +215,42 @@ def _precise_batch_norm(keras: Any, clean_batches: Any, val_inputs: Any, val_one
 
     class PreciseBatchNorm(keras.callbacks.Callback):  # type: ignore[misc]
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            layers = _batch_norm_layers(keras, self.model)
-            momenta = [layer.momentum for layer in layers]
-            try:
-                for count, batch in enumerate(clean_batches, start=1):
-                    for layer in layers:
-                        layer.momentum = (count - 1) / count  # running mean of the batch statistics
-                    self.model(batch, training=True)
-            finally:
-                for layer, momentum in zip(layers, momenta, strict=True):
-                    layer.momentum = momentum
+            _recompute_batch_norm(keras, self.model, clean_batches)
             probabilities = self.model.predict(val_inputs, batch_size=32, verbose=0)
             if logs is not None:
                 logs["val_loss"] = float(loss(val_onehot, probabilities))
                 logs["val_accuracy"] = float(np.mean(probabilities.argmax(1) == val_onehot.argmax(1)))
 
     return PreciseBatchNorm()
+
+
+def _weight_average(keras: Any, first_epoch: int) -> Any:
+    """Callback: the running mean of the weights at the end of epoch ``first_epoch`` (1-based, counted
+    across stages) and every later one: stochastic weight averaging (Izmailov et al., UAI 2018). The
+    BatchNorm statistics of the mean are not the mean of the statistics; recompute them before use."""
+
+    class WeightAverage(keras.callbacks.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = 0
+            self.count = 0
+            self.weights: list[Any] | None = None
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.epoch += 1
+            if self.epoch < first_epoch:
+                return
+            current = self.model.get_weights()
+            self.count += 1
+            if self.weights is None:
+                self.weights = [np.array(w, dtype=np.float64 if w.dtype.kind == "f" else w.dtype) for w in current]
+                return
+            self.weights = [
+                mean + (w - mean) / self.count if w.dtype.kind == "f" else w  # a counter is not averaged
+                for mean, w in zip(self.weights, current, strict=True)
+            ]
+
+    return WeightAverage()
 
 
 def _learning_rate(keras: Any, stage: Stage, steps_per_epoch: int) -> Any:
@@ -262,6 +299,11 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
 
     architecture = get_architecture(config.architecture)
     recipe = _recipe(architecture, config)
+    if config.average_last is not None:
+        if any(stage.early_stopping_patience is not None for stage in recipe.stages):
+            raise OptionError(f"{architecture.name} stops early: averaging the last epochs needs a fixed count")
+        if config.average_last > recipe.epochs:
+            raise OptionError(f"cannot average the last {config.average_last} of {recipe.epochs} epochs")
     spec = architecture.preprocess
     if config.centre_crop is not None:
         spec = replace(spec, centre_crop=config.centre_crop)
@@ -336,6 +378,15 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
     best_weights_cls, timer_cls = _callbacks(keras)
     best, timer = best_weights_cls(), timer_cls()
+    average = None if config.average_last is None else _weight_average(keras, recipe.epochs - config.average_last + 1)
+    clean = None
+    if recipe.precise_batch_norm or average is not None:
+        sample = np.random.default_rng(config.seed).permutation(len(train_gray))[:PRECISE_BN_IMAGES]
+        clean = (
+            tf.data.Dataset.from_tensor_slices(train_gray[np.sort(sample)])
+            .batch(32)
+            .map(lambda x: finish_batch(x, spec))
+        )
     weights_by_class = class_weights(y_train, len(classes)) if recipe.class_weights else None
     history: dict[str, list[float]] = {}
     for number, stage in enumerate(recipe.stages, start=1):
@@ -352,15 +403,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             metrics=["accuracy"],
         )
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
-        callbacks: list[Any] = [best, timer]
+        callbacks: list[Any] = [best, timer] if average is None else [best, average, timer]
         validation: tuple[Any, Any] | None = (val_inputs, onehot_val)
         if recipe.precise_batch_norm:
-            sample = np.random.default_rng(config.seed).permutation(len(train_gray))[:PRECISE_BN_IMAGES]
-            clean = (
-                tf.data.Dataset.from_tensor_slices(train_gray[np.sort(sample)])
-                .batch(32)
-                .map(lambda x: finish_batch(x, spec))
-            )
             callbacks.insert(0, _precise_batch_norm(keras, clean, val_inputs, onehot_val, loss))
             validation = None  # the callback validates after recalibrating
         if stage.early_stopping_patience is not None:
@@ -389,7 +434,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         )
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
-    if recipe.keep_best and best.weights is not None:
+    averaged: list[int] | None = None
+    if average is not None and average.weights is not None:
+        model.set_weights([w.astype(t.dtype) for w, t in zip(average.weights, model.get_weights(), strict=True)])
+        _recompute_batch_norm(keras, model, clean)
+        averaged = [average.epoch - average.count + 1, average.epoch]
+        LOGGER.info("the model is the mean of the weights of epochs %d to %d", *averaged)
+    elif recipe.keep_best and best.weights is not None:
         model.set_weights(best.weights)
         LOGGER.info("restored the best validation-loss weights (epoch %d)", best.best_epoch)
 
@@ -421,7 +472,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             "recipe": {
                 "batch_size": recipe.batch_size,
                 "augmentation": recipe.augmentation,
-                "keep_best": recipe.keep_best,
+                "keep_best": recipe.keep_best and averaged is None,
+                "average_last": config.average_last,
                 "class_weights": weights_by_class,
                 "label_smoothing": recipe.label_smoothing,
                 "mixup": recipe.mixup,
@@ -441,7 +493,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             },
             "seed": config.seed,
             "epochs_run": len(timer.durations),
-            "best_epoch": best.best_epoch if recipe.keep_best else len(timer.durations),
+            "best_epoch": best.best_epoch if recipe.keep_best and averaged is None else len(timer.durations),
+            "averaged_epochs": averaged,
             "seconds_per_epoch": round(seconds_per_epoch, 2),
             "parameters": int(model.count_params()),
             "history": {key: [round(v, 5) for v in values] for key, values in history.items()},

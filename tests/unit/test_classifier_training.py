@@ -899,6 +899,7 @@ def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
         ([*train_argv, "--members", "0"], "--members: 0 is less than 1"),
         ([*train_argv, "--learning-rate", "-0.1"], "--learning-rate: '-0.1' is not a number in [0, ∞)"),
         ([*train_argv, "--mixup", "nan"], "--mixup: 'nan' is not a number in [0, ∞)"),
+        ([*train_argv, "--average-last", "0"], "--average-last: 0 is less than 1"),
         ([*train_argv, "--validation-fraction", "1"], "--validation-fraction: '1' is not a number in (0, 1)"),
         ([*train_argv, "--centre-crop", "0.1"], "--centre-crop: '0.1' is not a number in [0.3, 1]"),
         (["novelty", str(artifact), data, "--rank", "0"], "--rank: 0 is less than 1"),
@@ -1115,3 +1116,59 @@ def test_a_merged_class_model_trains_on_the_split_of_the_original_labels(
     assert "labels ['dark', 'dim'] are not classes of the model" in capsys.readouterr().err
     assert cli.main(["train", str(manifest), str(output), "--relabel", "shadow"]) == 2
     assert "expected NEW=OLD" in capsys.readouterr().err
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs_weights(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--average-last N`` (stochastic weight averaging): the saved network's trainable weights are the
+    mean of those at the end of the last N epochs, not the last or best epoch's, and its BatchNorm
+    statistics are recomputed on clean images for those weights (not averaged, not left from training)."""
+    from classifier import training
+
+    seen: list[list[np.ndarray]] = []
+    real = training._weight_average
+
+    def recording(keras: Any, first_epoch: int) -> Any:
+        average = real(keras, first_epoch)
+
+        class Recording(type(average)):  # type: ignore[misc]
+            def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+                seen.append([w.numpy() for w in self.model.trainable_weights])
+                super().on_epoch_end(epoch, logs)
+
+        return Recording()
+
+    monkeypatch.setattr(training, "_weight_average", recording)
+    config = TrainingConfig(
+        architecture="cxr-compact", data=collection, output=tmp_path / "swa", epochs=4, steps_per_epoch=2,
+        batch_size=4, input_size=64, average_last=2, version="swa", progress=False,
+    )  # fmt: skip
+    result = train(config, argv=[])
+    training_record = result.metadata.training
+    assert training_record["averaged_epochs"] == [3, 4] and training_record["recipe"]["average_last"] == 2
+    assert training_record["recipe"]["keep_best"] is False and training_record["best_epoch"] == 4
+
+    import keras
+
+    model = keras.models.load_model(tmp_path / "swa" / "model.keras", compile=False)
+    assert len(seen) == 4
+    final = [w.numpy() for w in model.trainable_weights]
+    for weight, third, fourth in zip(final, seen[2], seen[3], strict=True):
+        np.testing.assert_allclose(weight, (third + fourth) / 2, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(weight, fourth) for weight, fourth in zip(final, seen[3], strict=True))
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and any(not np.allclose(layer.moving_variance.numpy(), 1.0) for layer in norms)
+
+
+def test_weight_averaging_is_refused_where_it_cannot_hold(collection: Path, tmp_path: Path) -> None:
+    """More epochs than the run has, or a recipe that stops early (Nie et al.'s), is refused before any
+    data are read, with the reason."""
+    base = TrainingConfig(architecture="cxr-compact", data=collection, output=tmp_path / "m", epochs=3)
+    with pytest.raises(OptionError, match="cannot average the last 4 of 3 epochs"):
+        train(replace(base, average_last=4), argv=[])
+    with pytest.raises(OptionError, match="stops early"):
+        train(replace(base, architecture="resnet152-transfer", epochs=None, average_last=2), argv=[])
+    with pytest.raises(OptionError, match="averaged epochs must be at least 1"):
+        replace(base, average_last=0)
+    assert not (tmp_path / "m").exists()
