@@ -214,6 +214,14 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
     return Request(uid, tuple(d.id for d in deliveries), objects)
 
 
+def awaiting(session: Session, transaction_uid: str) -> bool:
+    """Whether any object of the transaction still awaits the PACS's report."""
+    return session.scalar(
+        select(Delivery.id).where(Delivery.commitment_uid == transaction_uid,
+                                  Delivery.commitment == CommitmentState.REQUESTED).limit(1)
+    ) is not None
+
+
 def request_not_taken(session: Session, request: Request, now: datetime, why: str, *, final: bool,
                       max_requests: int) -> None:
     """The PACS did not take ``request``. ``final`` (it refused the request, or does not offer the service):

@@ -42,9 +42,10 @@ from dicom_node.errors import (
     InvalidReportError,
     NodeError,
     NotFoundError,
+    describe_exception,
 )
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
-from dicom_node.statuses import is_stored, is_warning, refuses_the_object
+from dicom_node.statuses import Status, is_stored, is_warning, refuses_the_object
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import (
     CommitmentState,
@@ -61,6 +62,7 @@ from dicom_node.terminal import say
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
     from pydicom import Dataset
+    from pynetdicom.events import Event
 
     from dicom_node.metrics import NodeMetrics
     from dicom_node.settings import OutboxSettings, Settings, TlsSettings
@@ -592,6 +594,15 @@ class Outbox:
             if request is None:
                 return
             final, why = False, ""
+
+            def answered(uid: str = request.transaction_uid) -> bool:  # on the node's listener
+                try:
+                    with session_scope(self.session_factory) as session:
+                        return not commitment.awaiting(session, uid)
+                except Exception as exc:  # the request was taken: wait the time out, fail nothing
+                    LOGGER.debug("storage commitment: report not looked up (%s)", type(exc).__name__)
+                    return False
+
             try:
                 context = self._tls_context() if destination.tls else None
                 status = scu.request_commitment(
@@ -599,6 +610,8 @@ class Outbox:
                     int(destination.port or 0),
                     destination.ae_title, calling_aet=self.calling_aet, tls=context,
                     max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
+                    on_report=self._take_report, report_wait=self.settings.commitment_report_wait_seconds,
+                    answered=answered,
                 )
             except NodeError as exc:
                 why = str(exc)
@@ -621,6 +634,13 @@ class Outbox:
                                              max_requests=self.settings.commitment_requests)
             if not final:
                 return  # no association or no answer: asked again after the time-out
+
+
+    def _take_report(self, event: Event) -> int:
+        """A storage commitment report on the association of the request (the PACS did not open its own).
+        Objects it says are not kept are due again, and the batch that follows sends them."""
+        status, _resend = take_commitment_report(event, self.session_factory, self.settings)
+        return status
 
 
 def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *, final: bool = True,
@@ -714,6 +734,31 @@ def record_commitment_report(
                calling_ae, len(applied.committed), len(applied.not_kept), len(applied.not_kept) - dead, dead,
                f", {applied.unmatched} not asked about" if applied.unmatched else "")
     return 0, applied.destination_pk if len(applied.not_kept) > dead else None
+
+
+def take_commitment_report(event: Event, session_factory: sessionmaker[Session], settings: OutboxSettings
+                           ) -> tuple[int, int | None]:
+    """An N-EVENT-REPORT from a PACS (PS3.4 J.3.3) on any association, the node's listener's or the one
+    the outbox asked on: recorded when it is a storage commitment result, refused with a status when not.
+    Returns the status to answer and the destination whose outbox should send objects again."""
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    assoc = event.assoc
+    peer = str((assoc.acceptor if assoc.is_requestor else assoc.requestor).ae_title).strip()
+    request = event.request
+    if str(getattr(request, "AffectedSOPClassUID", "")) != str(StorageCommitmentPushModel):
+        return int(Status.NO_SUCH_EVENT_TYPE), None
+    try:
+        info = event.event_information
+    except Exception as exc:  # the Event Information would not decode
+        LOGGER.warning("storage commitment report from %s unreadable: %s", peer, describe_exception(exc))
+        return int(Status.INVALID_ARGUMENT_VALUE), None
+    try:
+        return record_commitment_report(session_factory, peer, getattr(request, "EventTypeID", None), info,
+                                        settings)
+    except Exception as exc:  # the PACS reports again when it gets a failure
+        LOGGER.error("storage commitment report from %s not recorded: %s", peer, describe_exception(exc))
+        return int(Status.PROCESSING_FAILURE), None
 
 
 # ---------------------------------------------------------------------------------------------

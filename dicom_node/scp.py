@@ -423,24 +423,7 @@ class StorageScp:
     def _on_event_report(self, event: Event) -> tuple[int, None]:
         """A storage commitment result from a result destination (PS3.4 J.3.3); anything else is refused
         as an event type the node does not know."""
-        calling = str(event.assoc.requestor.ae_title).strip()
-        request = event.request
-        if str(getattr(request, "AffectedSOPClassUID", "")) != str(StorageCommitmentPushModel):
-            return int(Status.NO_SUCH_EVENT_TYPE), None
-        try:
-            info = event.event_information
-        except Exception as exc:  # the Event Information would not decode
-            LOGGER.warning("storage commitment report from %s unreadable: %s", calling,
-                           describe_exception(exc))
-            return int(Status.INVALID_ARGUMENT_VALUE), None
-        try:
-            status, resend = outbox.record_commitment_report(
-                self.session_factory, calling, getattr(request, "EventTypeID", None), info,
-                self.outbox_settings)
-        except Exception as exc:  # the PACS reports again when it gets a failure
-            LOGGER.error("storage commitment report from %s not recorded: %s", calling,
-                         describe_exception(exc))
-            return int(Status.PROCESSING_FAILURE), None
+        status, resend = outbox.take_commitment_report(event, self.session_factory, self.outbox_settings)
         if resend is not None:
             self.on_resend(resend)
         return status, None

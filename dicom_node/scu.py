@@ -6,7 +6,9 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +302,9 @@ def echo(
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 #: N-ACTION Action Type ID: Request Storage Commitment (PS3.4 J.3.2.1)
 REQUEST_COMMITMENT = 1
+#: While an association waits for a storage commitment report, how often it looks whether one came
+#: elsewhere (on the node's listener)
+REPORT_POLL_SECONDS = 0.1
 
 
 def request_commitment(
@@ -313,13 +318,19 @@ def request_commitment(
     tls: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_pdu: int = DEFAULT_MAX_PDU,
+    on_report: Callable[[Event], int] | None = None,
+    report_wait: float = 0.0,
+    answered: Callable[[], bool] | None = None,
 ) -> StoreStatus:
     """Ask the peer to commit to keeping ``objects`` ((SOP Class UID, SOP Instance UID) each): one N-ACTION
     Request Storage Commitment (PS3.4 J.3.2) under ``transaction_uid``, on an association of its own.
 
     Returns the peer's N-ACTION status with its Error Comment. The peer's answer as to which objects it
-    keeps comes later, by N-EVENT-REPORT, usually on an association it opens to the node's listener
-    (:mod:`dicom_node.commitment`). A peer that does not offer the service gives 0x0122 without a request.
+    keeps comes later, by N-EVENT-REPORT, on an association it opens to the node's listener (Orthanc) or on
+    this one while it is open (PS3.4 J.3.3 allows both). After a successful request the association stays
+    open up to ``report_wait`` seconds, ended early once a report came on it or ``answered()`` says one
+    came elsewhere; a report on it goes to ``on_report``, whose status is the answer. A peer that does not
+    offer the service gives 0x0122 without a request.
     """
     request = Dataset()
     request.TransactionUID = transaction_uid
@@ -335,9 +346,24 @@ def request_commitment(
                            calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu)
     except NoContextAcceptedError as exc:
         return StoreStatus(exc.status, f"not sent: {exc}")
+    reported = threading.Event()
+
+    def on_event_report(event: Event) -> tuple[int, None]:
+        try:
+            return (int(Status.PROCESSING_FAILURE) if on_report is None else on_report(event)), None
+        finally:
+            reported.set()
+
+    assoc.bind(evt.EVT_N_EVENT_REPORT, on_event_report)  # before the request: the report may follow at once
     try:
         status, _reply = assoc.send_n_action(request, REQUEST_COMMITMENT, StorageCommitmentPushModel,
                                              COMMITMENT_INSTANCE)
+        if status is not None and status.get("Status") == 0 and on_report is not None:
+            deadline = time.monotonic() + report_wait
+            while assoc.is_established and not reported.is_set() and time.monotonic() < deadline:
+                if answered is not None and answered():
+                    break
+                reported.wait(min(REPORT_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
     finally:
         if assoc.is_established:
             assoc.release()

@@ -329,11 +329,20 @@ def _commitment_requests(factory: sessionmaker[Session]) -> None:
         session.rollback()
 
 
+def _report_awaited(factory: sessionmaker[Session]) -> bool:
+    from dicom_node import commitment
+
+    with factory() as session:
+        return commitment.awaiting(session, "2.25.1")
+
+
 TIMERS: dict[str, Callable[[Outbox, sessionmaker[Session]], object]] = {
     "outbox sweep": lambda outbox, _: outbox._destinations_with_work(due_only=True),
     "outbox lease": lambda outbox, _: outbox._lease(1),
     "outbox next retry": lambda outbox, _: outbox._schedule_next(1),
     "storage commitment requests": lambda _, factory: _commitment_requests(factory),
+    "storage commitment report awaited (every 0.1 s of a request's wait)":
+        lambda _, factory: _report_awaited(factory),
     "pipeline idle sweep":
         lambda _, factory: Pipeline.unfinished_studies(_Holder(factory)),  # type: ignore[arg-type]
     "metrics": lambda _, factory: generate_latest(NodeMetrics(factory).registry),

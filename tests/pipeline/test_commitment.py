@@ -8,8 +8,9 @@ with a real Orthanc (tests/interop/test_storage_commitment.py).
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy import select
@@ -41,21 +43,47 @@ INSTANCE = "1.2.840.10008.1.20.1.1"
 WINDOW = 1.5
 
 
-class CommitPeer(StorePeer):
-    """A PACS that stores, answers N-ACTION with ``action_status`` and keeps the requests it got."""
+#: How a PACS that reports on the request's own association answers: (kept, {not kept: Failure Reason})
+Verdict = tuple[list[str], dict[str, int]]
 
-    def __init__(self, action_status: int = 0x0000, action_seconds: float = 0.0) -> None:
+
+class CommitPeer(StorePeer):
+    """A PACS that stores, answers N-ACTION with ``action_status`` and keeps the requests it got. With
+    ``verdict`` it then reports on the request's own association, as PS3.4 J.3.3 allows and some PACSs do
+    (Orthanc opens an association of its own: :func:`report`)."""
+
+    def __init__(self, action_status: int = 0x0000, action_seconds: float = 0.0,
+                 verdict: Callable[[list[str]], Verdict] | None = None) -> None:
         super().__init__()
         self.action_status = action_status
         self.action_seconds = action_seconds  # how long it takes to answer an N-ACTION
+        self.verdict = verdict
         self.requests: list[tuple[str, list[str]]] = []  # (Transaction UID, SOP Instance UIDs)
+        self.report_statuses: list[int] = []  # the node's answers to reports on the request's association
+        self.answered_at: list[float] = []  # when it answered each N-ACTION (time.monotonic)
+        self.released_at: list[float] = []  # when each association was released (time.monotonic)
 
     def _on_action(self, event: Event) -> tuple[int, None]:
         time.sleep(self.action_seconds)
         info = event.action_information
-        self.requests.append((str(info.TransactionUID),
-                              [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]))
+        uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
+        self.requests.append((str(info.TransactionUID), uids))
+        if self.verdict is not None:
+            kept, failed = self.verdict(uids)
+            transaction = str(info.TransactionUID)
+            threading.Thread(target=self._report_here, args=(event.assoc, transaction, kept, failed)).start()
+        self.answered_at.append(time.monotonic())
         return self.action_status, None
+
+    def _report_here(self, assoc: Association, transaction: str, kept: list[str], failed: dict[str, int]
+                     ) -> None:
+        time.sleep(0.1)  # after the N-ACTION response has gone
+        info, kind = report_information(transaction, kept, failed)
+        status, _ = assoc.send_n_event_report(info, kind, StorageCommitmentPushModel, INSTANCE)
+        self.report_statuses.append(int(status.Status) if "Status" in status else -1)
+
+    def _on_released(self, event: Event) -> None:
+        self.released_at.append(time.monotonic())
 
     def start(self) -> CommitPeer:
         from pynetdicom import AllStoragePresentationContexts
@@ -65,20 +93,13 @@ class CommitPeer(StorePeer):
         ae.add_supported_context(StorageCommitmentPushModel)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_N_ACTION, self._on_action)])
+            (evt.EVT_N_ACTION, self._on_action), (evt.EVT_RELEASED, self._on_released)])
         return self
 
 
-def report(node_port: int, transaction_uid: str | None, kept: list[str], failed: dict[str, int], *,
-           calling: str = "PACS", event_type: int | None = None, scp_role: bool = True) -> int:
-    """Send the node a storage commitment result as a PACS does, on an association of its own; returns
-    the node's status. ``scp_role``: propose the SCP role (SCP/SCU Role Selection), as the standard has
-    it; Orthanc proposes none."""
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    roles = [build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)] if scp_role else []
-    assoc = ae.associate("127.0.0.1", node_port, ae_title="CXRNODE", ext_neg=roles)
-    assert assoc.is_established, "the node refused the reporting PACS's association"
+def report_information(transaction_uid: str | None, kept: list[str], failed: dict[str, int],
+                       event_type: int | None = None) -> tuple[Dataset, int]:
+    """The Event Information and Event Type ID of a storage commitment result (PS3.4 J.3.3)."""
     info = Dataset()
     if transaction_uid is not None:
         info.TransactionUID = transaction_uid
@@ -98,7 +119,20 @@ def report(node_port: int, transaction_uid: str | None, kept: list[str], failed:
         info.ReferencedSOPSequence = items(kept)
     if failed:
         info.FailedSOPSequence = items(list(failed))
-    kind = event_type if event_type is not None else (2 if failed else 1)
+    return info, event_type if event_type is not None else (2 if failed else 1)
+
+
+def report(node_port: int, transaction_uid: str | None, kept: list[str], failed: dict[str, int], *,
+           calling: str = "PACS", event_type: int | None = None, scp_role: bool = True) -> int:
+    """Send the node a storage commitment result as a PACS does, on an association of its own; returns
+    the node's status. ``scp_role``: propose the SCP role (SCP/SCU Role Selection), as the standard has
+    it; Orthanc proposes none."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    roles = [build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)] if scp_role else []
+    assoc = ae.associate("127.0.0.1", node_port, ae_title="CXRNODE", ext_neg=roles)
+    assert assoc.is_established, "the node refused the reporting PACS's association"
+    info, kind = report_information(transaction_uid, kept, failed, event_type)
     try:
         status, _ = assoc.send_n_event_report(info, kind, StorageCommitmentPushModel, INSTANCE)
     finally:
@@ -140,6 +174,9 @@ def _rows(db: sessionmaker[Session]) -> dict[int, Delivery]:
 
 
 def _outbox(db: sessionmaker[Session], results: Path, **settings: Any) -> Outbox:
+    """An outbox that releases a request's association at once unless told otherwise (these PACSs report
+    after the test's next step, on an association of their own)."""
+    settings.setdefault("commitment_report_wait_seconds", 0.0)
     return Outbox(db, results, calling_aet="CXRNODE",
                   settings=OutboxSettings(backoff_initial_seconds=60, **settings))
 
@@ -519,3 +556,59 @@ def test_a_request_slower_than_the_time_out_is_not_asked_again_in_the_same_round
     finally:
         pacs.stop()
     assert len(pacs.requests) == 1
+
+
+def test_a_report_on_the_request_s_own_association_is_recorded_there(
+    db: sessionmaker[Session], tmp_path: Path,
+) -> None:
+    """PS3.4 J.3.3 lets the PACS report on the association of the N-ACTION while it is open. The node
+    released it at once, so such a report met a released association; now it waits for it (here with
+    no listener at all), records it and answers 0x0000, then releases."""
+    pacs = CommitPeer(verdict=lambda uids: (uids[:1], {uid: 0x0112 for uid in uids[1:]})).start()
+    try:
+        destination_pk, ids, _ = _asked(db, tmp_path, pacs, 2, commitment_report_wait_seconds=30.0)
+    finally:
+        pacs.stop()
+    assert pacs.report_statuses == [0x0000] and len(pacs.requests) == 1
+    (transaction, (kept_uid, dropped_uid)), = pacs.requests
+    rows = _rows(db)
+    with session_scope(db) as session:
+        by_uid = {d.result_object.sop_instance_uid: d.id for d in session.scalars(select(Delivery))}
+    kept, dropped = rows[by_uid[kept_uid]], rows[by_uid[dropped_uid]]
+    assert (kept.state, kept.commitment, kept.commitment_uid) == (
+        DeliveryState.DELIVERED, CommitmentState.COMMITTED, transaction)
+    assert (dropped.state, dropped.commitment, dropped.last_status) == (DeliveryState.RETRYING, None, 0x0112)
+    assert dropped.next_attempt_at is not None  # due now: the PACS is up, it just reported
+    # released once the report came, not after the 30 s
+    assert len(pacs.released_at) == 2 and pacs.released_at[-1] - pacs.answered_at[0] < 15
+
+
+def test_the_request_s_association_waits_for_a_report_on_the_listener_no_longer_than_it_takes(
+    db: sessionmaker[Session], tmp_path: Path, listener: tuple[StorageScp, list[int]],
+) -> None:
+    """A PACS that reports on an association of its own (Orthanc) has the request's association released
+    as soon as the listener recorded the report, not after the whole wait."""
+    scp, _ = listener
+
+    class ReportsElsewhere(CommitPeer):
+        def _on_action(self, event: Event) -> tuple[int, None]:
+            status, _ = super()._on_action(event)
+            transaction, uids = self.requests[-1]
+            threading.Thread(target=report, args=(scp.port, transaction, uids, {})).start()
+            return status, None
+
+    pacs = ReportsElsewhere().start()
+    try:
+        _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
+    finally:
+        pacs.stop()
+    assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
+    assert pacs.released_at[-1] - pacs.answered_at[0] < 15
+
+
+def test_the_request_s_association_stays_open_for_the_wait_when_no_report_comes(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=0.5)
+    assert pacs.released_at[-1] - pacs.answered_at[0] >= 0.5
+    assert {row.commitment for row in _rows(db).values()} == {CommitmentState.REQUESTED}
