@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("accuracy", "macro_f1", "covid_auc", "last_epoch_accuracy", "best_epoch_accuracy"):
         values = [row[key] for row in rows if row[key] is not None]
         if len(values) >= 2:
-            summary[key] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4)}
+            mean, sd = statistics.mean(values), statistics.stdev(values)
+            summary[key] = {"mean": round(mean, 4), "sd": round(sd, 4)}
     summary["pooled_accuracy"] = round(sum(r["correct"] for r in rows) / sum(r["images"] for r in rows), 4)
     if len(rows) >= 2:
         print(

@@ -78,7 +78,7 @@ class TrainingConfig:
     centre_crop: float | None = None  # overrides the architecture's PreprocessSpec.centre_crop
     input_size: int | None = None  # square input side, overrides the architecture's PreprocessSpec.input_size
     mixup: float | None = None  # overrides the recipe's mixup α (0 = off)
-    average_last: int | None = None  # the model is the mean of the last N epochs' weights (SWA), not one epoch's
+    average_last: int | None = None  # the model is the mean of the last N epochs' weights (SWA)
     lung_model: Path | None = None  # a lung U-Net folder (classifier.lungs): crop every image to its lungs
     lung_masks: Path | None = None  # or train that U-Net first, on the training split's images with masks here
     lung_epochs: int = 120
@@ -243,7 +243,7 @@ def _weight_average(keras: Any, first_epoch: int) -> Any:
             current = self.model.get_weights()
             self.count += 1
             if self.weights is None:
-                self.weights = [np.array(w, dtype=np.float64 if w.dtype.kind == "f" else w.dtype) for w in current]
+                self.weights = [np.array(w, np.float64 if w.dtype.kind == "f" else w.dtype) for w in current]
                 return
             self.weights = [
                 mean + (w - mean) / self.count if w.dtype.kind == "f" else w  # a counter is not averaged
@@ -301,7 +301,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     recipe = _recipe(architecture, config)
     if config.average_last is not None:
         if any(stage.early_stopping_patience is not None for stage in recipe.stages):
-            raise OptionError(f"{architecture.name} stops early: averaging the last epochs needs a fixed count")
+            raise OptionError(f"{architecture.name} stops early: weight averaging needs fixed epochs")
         if config.average_last > recipe.epochs:
             raise OptionError(f"cannot average the last {config.average_last} of {recipe.epochs} epochs")
     spec = architecture.preprocess
@@ -378,7 +378,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
     best_weights_cls, timer_cls = _callbacks(keras)
     best, timer = best_weights_cls(), timer_cls()
-    average = None if config.average_last is None else _weight_average(keras, recipe.epochs - config.average_last + 1)
+    average = None
+    if config.average_last is not None:
+        average = _weight_average(keras, first_epoch=recipe.epochs - config.average_last + 1)
     clean = None
     if recipe.precise_batch_norm or average is not None:
         sample = np.random.default_rng(config.seed).permutation(len(train_gray))[:PRECISE_BN_IMAGES]
@@ -436,7 +438,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             history.setdefault(key, []).extend(float(v) for v in values)
     averaged: list[int] | None = None
     if average is not None and average.weights is not None:
-        model.set_weights([w.astype(t.dtype) for w, t in zip(average.weights, model.get_weights(), strict=True)])
+        dtypes = [w.dtype for w in model.get_weights()]
+        model.set_weights([w.astype(dtype) for w, dtype in zip(average.weights, dtypes, strict=True)])
         _recompute_batch_norm(keras, model, clean)
         averaged = [average.epoch - average.count + 1, average.epoch]
         LOGGER.info("the model is the mean of the weights of epochs %d to %d", *averaged)

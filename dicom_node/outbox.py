@@ -635,7 +635,6 @@ class Outbox:
             if not final:
                 return  # no association or no answer: asked again after the time-out
 
-
     def _take_report(self, event: Event) -> int:
         """A storage commitment report on the association of the request (the PACS did not open its own).
         Objects it says are not kept are due again, and the batch that follows sends them."""
