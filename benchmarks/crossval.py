@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -76,7 +77,9 @@ def _epoch_accuracies(history: dict[str, list[float]]) -> tuple[float | None, fl
     losses, accuracies = history.get("val_loss") or [], history.get("val_accuracy") or []
     if not losses or len(losses) != len(accuracies):
         return None, None
-    return float(accuracies[-1]), float(accuracies[losses.index(min(losses))])
+    finite = [index for index, loss in enumerate(losses) if math.isfinite(loss)]  # as BestWeights skips NaN
+    best = min(finite, key=losses.__getitem__) if finite else len(losses) - 1
+    return float(accuracies[-1]), float(accuracies[best])
 
 
 def _row(fold: int, folder: Path) -> dict[str, Any]:

@@ -637,7 +637,8 @@ class Outbox:
 
     def _take_report(self, event: Event) -> int:
         """A storage commitment report on the association of the request (the PACS did not open its own).
-        Objects it says are not kept are due again, and the batch that follows sends them."""
+        Objects it says are not kept are due now: the round that ends with this request schedules the next
+        at once (:meth:`_schedule_next`), which sends them."""
         status, _resend = take_commitment_report(event, self.session_factory, self.settings)
         return status
 

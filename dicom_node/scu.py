@@ -18,6 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -305,6 +306,8 @@ REQUEST_COMMITMENT = 1
 #: While an association waits for a storage commitment report, how often it looks whether one came
 #: elsewhere (on the node's listener)
 REPORT_POLL_SECONDS = 0.1
+#: How long the release waits for the node's answer to a report being taken on the association
+ANSWER_SECONDS = 10.0
 
 
 def request_commitment(
@@ -346,24 +349,34 @@ def request_commitment(
                            calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu)
     except NoContextAcceptedError as exc:
         return StoreStatus(exc.status, f"not sent: {exc}")
-    reported = threading.Event()
+    taking = threading.Event()  # a report came on this association and is being taken
+    answered_here = threading.Event()  # ... and the node's answer to it has gone
 
     def on_event_report(event: Event) -> tuple[int, None]:
-        try:
-            return (int(Status.PROCESSING_FAILURE) if on_report is None else on_report(event)), None
-        finally:
-            reported.set()
+        taking.set()
+        return (int(Status.PROCESSING_FAILURE) if on_report is None else on_report(event)), None
 
-    assoc.bind(evt.EVT_N_EVENT_REPORT, on_event_report)  # before the request: the report may follow at once
+    def on_pdu_sent(event: Event) -> None:
+        if taking.is_set() and isinstance(event.pdu, P_DATA_TF):  # the answer, written after the handler
+            answered_here.set()
+
+    # bound before the request: pynetdicom serves a report at once, even one ahead of the N-ACTION response
+    assoc.bind(evt.EVT_N_EVENT_REPORT, on_event_report)
+    assoc.bind(evt.EVT_PDU_SENT, on_pdu_sent)
     try:
         status, _reply = assoc.send_n_action(request, REQUEST_COMMITMENT, StorageCommitmentPushModel,
                                              COMMITMENT_INSTANCE)
         if status is not None and status.get("Status") == 0 and on_report is not None:
             deadline = time.monotonic() + report_wait
-            while assoc.is_established and not reported.is_set() and time.monotonic() < deadline:
+            while assoc.is_established and not answered_here.is_set() and time.monotonic() < deadline:
                 if answered is not None and answered():
                     break
-                reported.wait(min(REPORT_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
+                answered_here.wait(min(REPORT_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
+            # A report being taken (recorded already, so answered() may say so) is answered before the
+            # release: released first, the answer met a released association and pynetdicom's state machine
+            # failed on it, leaving the PACS without a status.
+            if taking.is_set():
+                answered_here.wait(ANSWER_SECONDS)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -151,8 +151,9 @@ class OutboxSettings(_Group):
     commitment_timeout_seconds: float = Field(default=3600.0, gt=0.0)
     commitment_requests: int = Field(default=3, ge=1)
     # ... and how long it keeps the request's association open for a report on it (PS3.4 J.3.3 lets the PACS
-    # report there or on an association of its own; it ends once the report came either way); 0: not at all
-    commitment_report_wait_seconds: float = Field(default=2.0, ge=0.0)
+    # report there or on an association of its own; it ends once the report came either way); 0: not at all.
+    # The destination's outbox waits meanwhile, so at most 30 s (and the peer's idle limit may be shorter).
+    commitment_report_wait_seconds: float = Field(default=2.0, ge=0.0, le=30.0)
     backoff_initial_seconds: float = Field(default=5.0, gt=0.0)
     backoff_max_seconds: float = Field(default=900.0, gt=0.0)
 

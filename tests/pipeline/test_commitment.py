@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,22 +63,25 @@ class CommitPeer(StorePeer):
         self.report_statuses: list[int] = []  # the node's answers to reports on the request's association
         self.answered_at: list[float] = []  # when it answered each N-ACTION (time.monotonic)
         self.released_at: list[float] = []  # when each association was released (time.monotonic)
+        self._to_report: dict[Association, tuple[str, list[str], dict[str, int]]] = {}
 
     def _on_action(self, event: Event) -> tuple[int, None]:
         time.sleep(self.action_seconds)
         info = event.action_information
         uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
         self.requests.append((str(info.TransactionUID), uids))
-        if self.verdict is not None:
-            kept, failed = self.verdict(uids)
-            transaction = str(info.TransactionUID)
-            threading.Thread(target=self._report_here, args=(event.assoc, transaction, kept, failed)).start()
+        if self.verdict is not None:  # reported once the N-ACTION response has gone (_on_pdu_sent)
+            self._to_report[event.assoc] = (str(info.TransactionUID), *self.verdict(uids))
         self.answered_at.append(time.monotonic())
         return self.action_status, None
 
+    def _on_pdu_sent(self, event: Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF) and event.assoc in self._to_report:
+            report = self._to_report.pop(event.assoc)
+            threading.Thread(target=self._report_here, args=(event.assoc, *report)).start()
+
     def _report_here(self, assoc: Association, transaction: str, kept: list[str], failed: dict[str, int]
                      ) -> None:
-        time.sleep(0.1)  # after the N-ACTION response has gone
         info, kind = report_information(transaction, kept, failed)
         status, _ = assoc.send_n_event_report(info, kind, StorageCommitmentPushModel, INSTANCE)
         self.report_statuses.append(int(status.Status) if "Status" in status else -1)
@@ -93,7 +97,8 @@ class CommitPeer(StorePeer):
         ae.add_supported_context(StorageCommitmentPushModel)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_N_ACTION, self._on_action), (evt.EVT_RELEASED, self._on_released)])
+            (evt.EVT_N_ACTION, self._on_action), (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_PDU_SENT, self._on_pdu_sent)])
         return self
 
 
@@ -581,6 +586,56 @@ def test_a_report_on_the_request_s_own_association_is_recorded_there(
     assert dropped.next_attempt_at is not None  # due now: the PACS is up, it just reported
     # released once the report came, not after the 30 s
     assert len(pacs.released_at) == 2 and pacs.released_at[-1] - pacs.answered_at[0] < 15
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_report_on_the_request_s_own_association_is_answered_before_the_release(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node recorded the report, then released the association while pynetdicom had still to send
+    its answer (a busy CPU between the two, made here by a delay): the answer met a released association,
+    pynetdicom's state machine failed on it (Evt9 in Sta7), the PACS got no status and the outbox hung for
+    the ACSE time-out. The release now waits for the answer to have gone."""
+    from pynetdicom.service_class import ServiceClass
+
+    validate = ServiceClass.validate_status
+
+    def slow_answer(self: ServiceClass, status: Any, rsp: Any) -> Any:
+        if type(rsp).__name__ == "N_EVENT_REPORT":
+            time.sleep(0.5)
+        return validate(self, status, rsp)
+
+    monkeypatch.setattr(ServiceClass, "validate_status", slow_answer)
+    pacs = CommitPeer(verdict=lambda uids: (uids, {})).start()
+    try:
+        _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
+    finally:
+        pacs.stop()
+    assert pacs.report_statuses == [0x0000]
+    assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
+
+
+def test_a_report_ahead_of_the_n_action_response_is_taken_too(db: sessionmaker[Session], tmp_path: Path) -> None:
+    """A PACS may send its report while it still answers the request (here 0.5 s later): the N-ACTION
+    response must not be mistaken for it, nor it for the response."""
+
+    class Early(CommitPeer):
+        def _on_action(self, event: Event) -> tuple[int, None]:
+            info = event.action_information
+            uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
+            self.requests.append((str(info.TransactionUID), uids))
+            threading.Thread(target=self._report_here, args=(event.assoc, str(info.TransactionUID), uids, {})
+                             ).start()
+            time.sleep(0.5)
+            return 0x0000, None
+
+    pacs = Early().start()
+    try:
+        _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
+    finally:
+        pacs.stop()
+    assert pacs.report_statuses == [0x0000] and len(pacs.requests) == 1
+    assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
 
 
 def test_the_request_s_association_waits_for_a_report_on_the_listener_no_longer_than_it_takes(
