@@ -615,7 +615,9 @@ def test_a_report_on_the_request_s_own_association_is_answered_before_the_releas
     assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
 
 
-def test_a_report_ahead_of_the_n_action_response_is_taken_too(db: sessionmaker[Session], tmp_path: Path) -> None:
+def test_a_report_ahead_of_the_n_action_response_is_taken_too(
+    db: sessionmaker[Session], tmp_path: Path,
+) -> None:
     """A PACS may send its report while it still answers the request (here 0.5 s later): the N-ACTION
     response must not be mistaken for it, nor it for the response."""
 
