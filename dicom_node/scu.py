@@ -18,7 +18,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -306,8 +305,29 @@ REQUEST_COMMITMENT = 1
 #: While an association waits for a storage commitment report, how often it looks whether one came
 #: elsewhere (on the node's listener)
 REPORT_POLL_SECONDS = 0.1
-#: How long the release waits for the node's answer to a report being taken on the association
-ANSWER_SECONDS = 10.0
+#: How long the release waits for the node's answers to reports being taken on the association: longer
+#: than a database write may wait for its lock (30 s)
+ANSWER_SECONDS = 45.0
+
+
+def _end_after_reports(assoc: Association, taking: list[threading.Thread], guard: threading.Lock) -> None:
+    """Release ``assoc`` once every report being taken on it has its answer queued: the answer queued after
+    the A-RELEASE-RQ met a released association, pynetdicom's state machine failed on it (Evt9 in Sta7)
+    and the PACS got no status. A report still being taken after :data:`ANSWER_SECONDS` (a database
+    lock that long) gets an abort instead; the PACS reports again."""
+    end = time.monotonic() + ANSWER_SECONDS
+    with guard:
+        threads = list(taking)
+    for thread in threads:
+        thread.join(max(end - time.monotonic(), 0.0))
+    if not assoc.is_established:
+        return
+    if any(thread.is_alive() for thread in threads):
+        LOGGER.warning("storage commitment report still being taken after %.0f s: association aborted",
+                       ANSWER_SECONDS)
+        assoc.abort()
+    else:
+        assoc.release()
 
 
 def request_commitment(
@@ -349,37 +369,29 @@ def request_commitment(
                            calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu)
     except NoContextAcceptedError as exc:
         return StoreStatus(exc.status, f"not sent: {exc}")
-    taking = threading.Event()  # a report came on this association and is being taken
-    answered_here = threading.Event()  # ... and the node's answer to it has gone
+    # pynetdicom takes each report in a thread of its own, which queues the answer before it ends
+    taking: list[threading.Thread] = []
+    taking_guard = threading.Lock()
 
     def on_event_report(event: Event) -> tuple[int, None]:
-        taking.set()
+        with taking_guard:
+            taking.append(threading.current_thread())
         return (int(Status.PROCESSING_FAILURE) if on_report is None else on_report(event)), None
-
-    def on_pdu_sent(event: Event) -> None:
-        if taking.is_set() and isinstance(event.pdu, P_DATA_TF):  # the answer, written after the handler
-            answered_here.set()
 
     # bound before the request: pynetdicom serves a report at once, even one ahead of the N-ACTION response
     assoc.bind(evt.EVT_N_EVENT_REPORT, on_event_report)
-    assoc.bind(evt.EVT_PDU_SENT, on_pdu_sent)
+    status: Dataset | None = None
     try:
         status, _reply = assoc.send_n_action(request, REQUEST_COMMITMENT, StorageCommitmentPushModel,
                                              COMMITMENT_INSTANCE)
         if status is not None and status.get("Status") == 0 and on_report is not None:
             deadline = time.monotonic() + report_wait
-            while assoc.is_established and not answered_here.is_set() and time.monotonic() < deadline:
-                if answered is not None and answered():
+            while assoc.is_established and time.monotonic() < deadline:
+                if answered() if answered is not None else bool(taking):
                     break
-                answered_here.wait(min(REPORT_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
-            # A report being taken (recorded already, so answered() may say so) is answered before the
-            # release: released first, the answer met a released association and pynetdicom's state machine
-            # failed on it, leaving the PACS without a status.
-            if taking.is_set():
-                answered_here.wait(ANSWER_SECONDS)
+                time.sleep(min(REPORT_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
     finally:
-        if assoc.is_established:
-            assoc.release()
+        _end_after_reports(assoc, taking, taking_guard)
     if status is None or "Status" not in status:
         raise AssociationError(f"no N-ACTION response from {called_aet} at {host}:{port}")
     comment = error_comment(status)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -588,30 +588,66 @@ def test_a_report_on_the_request_s_own_association_is_recorded_there(
     assert len(pacs.released_at) == 2 and pacs.released_at[-1] - pacs.answered_at[0] < 15
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_report_on_the_request_s_own_association_is_answered_before_the_release(
-    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The node recorded the report, then released the association while pynetdicom had still to send
-    its answer (a busy CPU between the two, made here by a delay): the answer met a released association,
-    pynetdicom's state machine failed on it (Evt9 in Sta7), the PACS got no status and the outbox hung for
-    the ACSE time-out. The release now waits for the answer to have gone."""
+def _slow_answers(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.5) -> None:
+    """A delay between the node's taking a report and pynetdicom's sending its answer (a busy CPU)."""
     from pynetdicom.service_class import ServiceClass
 
     validate = ServiceClass.validate_status
 
     def slow_answer(self: ServiceClass, status: Any, rsp: Any) -> Any:
         if type(rsp).__name__ == "N_EVENT_REPORT":
-            time.sleep(0.5)
+            time.sleep(seconds)
         return validate(self, status, rsp)
 
     monkeypatch.setattr(ServiceClass, "validate_status", slow_answer)
-    pacs = CommitPeer(verdict=lambda uids: (uids, {})).start()
+
+
+class ReportsFirst(CommitPeer):
+    """A PACS that sends ``reports`` ((Transaction UID or None for the request's, kept UIDs or None for
+    all asked) each) on the request's association while it still answers the request, with
+    ``action_status``."""
+
+    def __init__(self, action_status: int = 0x0000, reports: Sequence[tuple[str | None, list[str] | None]]
+                 = ((None, None),)) -> None:
+        super().__init__(action_status=action_status)
+        self.reports = reports
+
+    def _on_action(self, event: Event) -> tuple[int, None]:
+        info = event.action_information
+        transaction = str(info.TransactionUID)
+        uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
+        self.requests.append((transaction, uids))
+
+        def send() -> None:
+            for uid, kept in self.reports:
+                self._report_here(event.assoc, uid or transaction, uids if kept is None else kept, {})
+
+        threading.Thread(target=send).start()
+        time.sleep(0.3)
+        return self.action_status, None
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("peer", ["reports after the response", "reports before a refusal", "reports twice"])
+def test_reports_on_the_request_s_own_association_are_answered_before_the_release(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peer: str,
+) -> None:
+    """The node recorded a report, then released the association while pynetdicom had still to send its
+    answer (a busy CPU between the two, made here by a delay): the answer met a released association,
+    pynetdicom's state machine failed on it (Evt9 in Sta7), the PACS got no status and the outbox hung for
+    the ACSE time-out. So too for a report ahead of a refused request, or a second report (a stale one
+    first) (review helpers). The release now waits until every report's answer has gone."""
+    _slow_answers(monkeypatch)
+    pacs = {
+        "reports after the response": CommitPeer(verdict=lambda uids: (uids, {})),
+        "reports before a refusal": ReportsFirst(action_status=0x0110),
+        "reports twice": ReportsFirst(reports=(("2.25.1", ["2.25.2"]), (None, None))),
+    }[peer].start()
     try:
         _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
     finally:
         pacs.stop()
-    assert pacs.report_statuses == [0x0000]
+    assert pacs.report_statuses == ([0x0000, 0x0000] if peer == "reports twice" else [0x0000])
     assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
 
 
