@@ -316,10 +316,15 @@ def _end_after_reports(assoc: Association, taking: list[threading.Thread], guard
     and the PACS got no status. A report still being taken after :data:`ANSWER_SECONDS` (a database
     lock that long) gets an abort instead; the PACS reports again."""
     end = time.monotonic() + ANSWER_SECONDS
-    with guard:
-        threads = list(taking)
-    for thread in threads:
-        thread.join(max(end - time.monotonic(), 0.0))
+    threads: list[threading.Thread] = []
+    while True:  # until no report came while the last were joined
+        with guard:
+            came = taking[len(threads):]
+        if not came or time.monotonic() >= end:
+            break
+        for thread in came:
+            thread.join(max(end - time.monotonic(), 0.0))
+        threads += came
     if not assoc.is_established:
         return
     if any(thread.is_alive() for thread in threads):
