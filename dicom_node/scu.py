@@ -320,11 +320,13 @@ def _end_after_reports(assoc: Association, taking: list[threading.Thread], guard
     while True:  # until no report came while the last were joined
         with guard:
             came = taking[len(threads):]
-        if not came or time.monotonic() >= end:
+        if not came:
+            break
+        threads += came
+        if time.monotonic() >= end:
             break
         for thread in came:
             thread.join(max(end - time.monotonic(), 0.0))
-        threads += came
     if not assoc.is_established:
         return
     if any(thread.is_alive() for thread in threads):
