@@ -64,6 +64,7 @@ class CommitPeer(StorePeer):
         self.answered_at: list[float] = []  # when it answered each N-ACTION (time.monotonic)
         self.released_at: list[float] = []  # when each association was released (time.monotonic)
         self._to_report: dict[Association, tuple[str, list[str], dict[str, int]]] = {}
+        self.aborted = 0  # associations the node aborted
 
     def _on_action(self, event: Event) -> tuple[int, None]:
         time.sleep(self.action_seconds)
@@ -89,6 +90,9 @@ class CommitPeer(StorePeer):
     def _on_released(self, event: Event) -> None:
         self.released_at.append(time.monotonic())
 
+    def _on_aborted(self, event: Event) -> None:
+        self.aborted += 1
+
     def start(self) -> CommitPeer:
         from pynetdicom import AllStoragePresentationContexts
 
@@ -98,7 +102,7 @@ class CommitPeer(StorePeer):
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_N_ACTION, self._on_action), (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_PDU_SENT, self._on_pdu_sent)])
+            (evt.EVT_PDU_SENT, self._on_pdu_sent), (evt.EVT_ABORTED, self._on_aborted)])
         return self
 
 
@@ -649,6 +653,26 @@ def test_reports_on_the_request_s_own_association_are_answered_before_the_releas
         pacs.stop()
     assert pacs.report_statuses == ([0x0000, 0x0000] if peer == "reports twice" else [0x0000])
     assert {row.commitment for row in _rows(db).values()} == {CommitmentState.COMMITTED}
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_report_taken_too_long_on_the_request_s_association_gets_an_abort_not_a_release(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Released while the answer is still to come, the association fails as above; aborted, the PACS
+    knows its report was not answered and sends it again."""
+    from dicom_node import scu
+
+    _slow_answers(monkeypatch, 1.5)
+    monkeypatch.setattr(scu, "ANSWER_SECONDS", 0.2)
+    pacs = CommitPeer(verdict=lambda uids: (uids, {})).start()
+    try:
+        _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
+        time.sleep(2.0)  # the report's thread ends
+    finally:
+        pacs.stop()
+    assert pacs.aborted == 1 and pacs.report_statuses == [-1]
+    assert len(pacs.released_at) == 1  # the association of the objects; the request's was aborted
 
 
 def test_a_report_ahead_of_the_n_action_response_is_taken_too(
