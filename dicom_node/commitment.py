@@ -186,9 +186,16 @@ def expire(session: Session, destination_pk: int, now: datetime, *, timeout_seco
     return given_up
 
 
-def take_due(session: Session, destination_pk: int, now: datetime) -> Request | None:
+def take_due(session: Session, destination_pk: int, now: datetime, *, timeout_seconds: float
+             ) -> Request | None:
     """The destination's DUE deliveries (up to :data:`REQUEST_LIMIT`) as one request, marked REQUESTED
-    under a new Transaction UID. The caller commits before it sends: the PACS may report at once."""
+    under a new Transaction UID. The caller commits before it sends: the PACS may report at once.
+
+    They are marked as asked ``timeout_seconds`` ago, overdue, until :func:`request_sent` says the request
+    went: a node stopped in between (a crash, a kill) asks again when it starts, instead of waiting out
+    the time-out for a report on a request the PACS never got. The outbox asks for a destination in one
+    thread at a time and only looks for overdue requests before it marks new ones, so a request on its
+    way is not taken for overdue."""
     deliveries = session.scalars(
         select(Delivery)
         .where(
@@ -207,11 +214,21 @@ def take_due(session: Session, destination_pk: int, now: datetime) -> Request | 
     for delivery in deliveries:
         delivery.commitment = CommitmentState.REQUESTED
         delivery.commitment_uid = uid
-        delivery.commitment_at = now
+        delivery.commitment_at = now - timedelta(seconds=timeout_seconds)
         delivery.commitment_requests += 1
         delivery.commitment_note = ""  # why an earlier request failed, if one did
     objects = tuple((d.result_object.sop_class_uid, d.result_object.sop_instance_uid) for d in deliveries)
     return Request(uid, tuple(d.id for d in deliveries), objects)
+
+
+def request_sent(session: Session, request: Request, now: datetime) -> None:
+    """The PACS took ``request``: its objects still awaiting the report wait for it from ``now``."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(request.delivery_pks), Delivery.commitment_uid == request.transaction_uid,
+               Delivery.commitment == CommitmentState.REQUESTED)
+        .values(commitment_at=now)
+    )
 
 
 def awaiting(session: Session, transaction_uid: str) -> bool:

@@ -586,7 +586,8 @@ class Outbox:
                                                  max_requests=self.settings.commitment_requests)
                     expired = True
                 # committed before the N-ACTION goes: the PACS may report before it answers
-                request = commitment.take_due(session, destination_pk, now)
+                request = commitment.take_due(session, destination_pk, now,
+                                              timeout_seconds=self.settings.commitment_timeout_seconds)
                 session.expunge(destination)
             if given_up:
                 LOGGER.warning("destination %d (%s): %d delivered objects not confirmed: no storage "
@@ -624,6 +625,8 @@ class Outbox:
                 if status == 0:
                     LOGGER.info("destination %d (%s): storage commitment requested (%d objects)",
                                 destination.id, destination.ae_title, len(request.objects))
+                    with session_scope(self.session_factory) as session:
+                        commitment.request_sent(session, request, utcnow())
                     continue
                 # a PACS that refuses the request as such (0x0122: it does not offer the service) would again
                 why, final = scu.describe(status), refuses_the_object(status)

@@ -325,7 +325,7 @@ def _commitment_requests(factory: sessionmaker[Session]) -> None:
 
     with factory() as session:
         commitment.expire(session, 1, utcnow(), timeout_seconds=3600, max_requests=3)
-        commitment.take_due(session, 1, utcnow())
+        commitment.take_due(session, 1, utcnow(), timeout_seconds=3600)
         session.rollback()
 
 

@@ -729,3 +729,33 @@ def test_the_request_s_association_stays_open_for_the_wait_when_no_report_comes(
     _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=0.5)
     assert pacs.released_at[-1] - pacs.answered_at[0] >= 0.5
     assert {row.commitment for row in _rows(db).values()} == {CommitmentState.REQUESTED}
+
+
+def test_a_request_marked_but_never_sent_is_asked_again_at_the_next_start_not_after_the_time_out(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer,
+) -> None:
+    """The node marks the objects REQUESTED and commits before the N-ACTION goes (the PACS may report at
+    once). Stopped in between (a crash, a kill), it waited out the time-out (an hour) for a report on a
+    request the PACS never got. Now a request is overdue until it has gone."""
+    from dicom_node.store.models import utcnow
+
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    with session_scope(db) as session:
+        for delivery in session.scalars(select(Delivery)):  # delivered, as the outbox records it
+            delivery.state, delivery.next_attempt_at = DeliveryState.DELIVERED, None
+            commitment.delivered(delivery, asks_commitment=True)
+        lost = commitment.take_due(session, destination_pk, utcnow(), timeout_seconds=3600)
+    assert lost is not None and pacs.requests == []  # the node stopped here
+
+    restarted = _outbox(db, results)  # the default time-out: an hour
+    assert destination_pk in restarted._destinations_with_work(due_only=True)
+    restarted.request_commitments(destination_pk)
+    assert len(pacs.requests) == 1 and pacs.requests[0][0] != lost.transaction_uid
+    row = _rows(db)[pk]
+    assert (row.commitment, row.commitment_uid, row.commitment_requests) == (
+        CommitmentState.REQUESTED, pacs.requests[0][0], 2)
+    # a request that went is not overdue: the next round does not ask again
+    restarted.request_commitments(destination_pk)
+    assert len(pacs.requests) == 1
