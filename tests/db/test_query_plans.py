@@ -124,6 +124,18 @@ def test_the_dashboard_counts_today_from_indexes(
     assert not [line for lines in found for line in lines if line.startswith("SCAN ")]
 
 
+def test_the_finding_labels_are_sought_in_their_index_not_read_through_it(
+    sqlite_engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    """Every results page read every finding's label (SELECT DISTINCT over the whole label index: 3 ms at
+    110,000 findings); each label is now one seek from the one before."""
+    with plans(sqlite_engine) as found, factory() as session:
+        results.finding_labels(session)
+    lines = [line for lines in found for line in lines]
+    assert lines and not [line for line in lines if line.startswith("SCAN ")], lines
+    assert all("INDEX ix_finding_label" in line for line in lines), lines
+
+
 SEARCHES: dict[str, results.ResultQuery] = {
     "first page": results.ResultQuery(),
     "late page": results.ResultQuery(page=3990),

@@ -971,3 +971,12 @@ def test_a_dose_sr_stored_with_a_study_is_listed_as_not_an_image(
     assert f"/instances/{ids.instance}/image.png" in page  # the radiograph is still shown
     monkeypatch.setattr(results, "local_midnight", lambda now=None: NOW - timedelta(hours=1))
     assert client.get("/api/dashboard").json()["instances_received"] == 1
+
+
+def test_the_finding_choices_are_every_label_found_once_in_order(db: sessionmaker[Session]) -> None:
+    with session_scope(db) as s:
+        assert results.finding_labels(s) == []
+    for n, label in enumerate(["pneumonia", "covid", "normal", "covid", None, "indeterminate", "pneumonia"]):
+        add_study(db, StudySpec(f"LABEL^{n}", f"PL{n}", f"AL{n}", label=label))
+    with session_scope(db) as s:
+        assert results.finding_labels(s) == ["covid", "indeterminate", "normal", "pneumonia"]
