@@ -323,7 +323,8 @@ def search(session: Session, query: ResultQuery) -> ResultPage:
 def finding_labels(session: Session) -> list[str]:
     """The labels findings have (the results form's choices), each found by one seek in the label index
     from the one before: a handful of labels among every finding ever made. SELECT DISTINCT read the whole
-    index on every results page (3 ms at 110,000 findings on SQLite; these seeks 0.02 ms)."""
+    index on every results page: at 110,000 findings 3 ms on SQLite and 12.6 ms on PostgreSQL, where these
+    seeks take 0.02 and 0.17 ms."""
     labels: list[str] = []
     label = session.scalar(select(func.min(Finding.label)))
     while label is not None:
