@@ -6,8 +6,9 @@ may drop it, a disk may fail before the archive has it. For a destination set to
 
 - DUE: delivered; the outbox asks the PACS, one N-ACTION per batch under a new Transaction UID
   (:meth:`dicom_node.outbox.Outbox.request_commitments`, :func:`dicom_node.scu.request_commitment`);
-- REQUESTED: the PACS took the request. Its N-EVENT-REPORT comes later, usually on an association it opens
-  to the node's listener, and is recorded here (:func:`apply_report`):
+- REQUESTED: asked (marked just before the request goes, overdue until it has gone: :func:`take_due`).
+  The PACS's N-EVENT-REPORT comes on an association it opens to the node's listener or on the request's,
+  and is recorded here (:func:`apply_report`):
   - COMMITTED: the PACS keeps the object;
   - not kept (a Failed SOP Sequence item): the delivery is sent again, and is DEAD after
     ``outbox.refused_attempts`` such answers in a row (:func:`dicom_node.outbox.record_commitment_report`);
