@@ -293,8 +293,9 @@ class Outbox:
 
     # Delivery ---------------------------------------------------------------------------------
 
-    def deliver_due(self, destination_pk: int) -> BatchReport:
-        """Send every due delivery of one destination, a batch per association, until none is due."""
+    def deliver_due(self, destination_pk: int, *, ask_commitment: bool = True) -> BatchReport:
+        """Send every due delivery of one destination, a batch per association, until none is due; then,
+        unless told not to, ask for storage commitment (:meth:`request_commitments`)."""
         report = BatchReport(destination_pk)
         lock = self._lock(destination_pk)
         if not lock.acquire(blocking=False):
@@ -308,7 +309,8 @@ class Outbox:
                 self._send(destination, items, report)
                 if report.failed and not report.delivered:
                     break  # the peer is down: wait for the back-off instead of hammering it
-            self.request_commitments(destination_pk)
+            if ask_commitment:
+                self.request_commitments(destination_pk)
         finally:
             lock.release()
         self._schedule_next(destination_pk)
@@ -625,8 +627,12 @@ class Outbox:
                 if status == 0:
                     LOGGER.info("destination %d (%s): storage commitment requested (%d objects)",
                                 destination.id, destination.ae_title, len(request.objects))
-                    with session_scope(self.session_factory) as session:
-                        commitment.request_sent(session, request, utcnow())
+                    try:
+                        with session_scope(self.session_factory) as session:
+                            commitment.request_sent(session, request, utcnow())
+                    except Exception as exc:  # still overdue: asked again at the next round, not lost
+                        LOGGER.warning("destination %d: storage commitment request not recorded as sent (%s)",
+                                       destination.id, type(exc).__name__)
                     continue
                 # a PACS that refuses the request as such (0x0122: it does not offer the service) would again
                 why, final = scu.describe(status), refuses_the_object(status)
@@ -876,7 +882,10 @@ def _resend_command(args: argparse.Namespace) -> int:
             return 2
         outbox = Outbox.from_settings(settings, factory)
         for destination_pk in destinations:
-            outbox.deliver_due(destination_pk)
+            # Storage commitment is left to the node's outbox (its sweep asks within 30 s): its requests
+            # count as overdue while on their way (commitment.take_due), which only the process sending
+            # them knows they are not.
+            outbox.deliver_due(destination_pk, ask_commitment=False)
         with session_scope(factory) as session:
             states = {d.id: d for d in session.scalars(select(Delivery).where(Delivery.id.in_(ids)))}
             for pk in ids:

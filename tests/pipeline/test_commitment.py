@@ -759,3 +759,29 @@ def test_a_request_marked_but_never_sent_is_asked_again_at_the_next_start_not_af
     # a request that went is not overdue: the next round does not ask again
     restarted.request_commitments(destination_pk)
     assert len(pacs.requests) == 1
+
+
+@pytest.mark.usefixtures("restore_logging")  # the node CLI sets up logging for its process
+def test_the_resend_command_leaves_storage_commitment_to_the_node(
+    db: sessionmaker[Session], tmp_path: Path, pacs: CommitPeer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cxr-node resend` runs beside the node. Had it asked for storage commitment too, it would have
+    taken the node's requests on their way (overdue until sent) for unanswered ones, and asked again or
+    given up on them (review helper). It sends; the node's outbox asks."""
+    from dicom_node.cli import main as cli_main
+
+    results = tmp_path / "results"
+    destination_pk, (pk,) = _deliveries(db, results, pacs.port, 1)
+    _commit_to(db, destination_pk)
+    with session_scope(db) as session:
+        session.get_one(Delivery, pk).state = DeliveryState.DEAD
+    config = tmp_path / "node.yaml"
+    config.write_text(f"node:\n  data_dir: {tmp_path}\ndicom:\n  ae_title: CXRNODE\n")
+    monkeypatch.setenv("CXR_NODE__DATABASE__URL", str(db.kw["bind"].url))
+    assert cli_main(["resend", "--config", str(config), str(pk)]) == 0
+    assert len(pacs.received) == 1 and pacs.requests == []
+    assert _rows(db)[pk].commitment is CommitmentState.DUE
+    node = _outbox(db, results)
+    assert destination_pk in node._destinations_with_work(due_only=True)  # its sweep asks
+    node.request_commitments(destination_pk)
+    assert len(pacs.requests) == 1 and _rows(db)[pk].commitment is CommitmentState.REQUESTED
