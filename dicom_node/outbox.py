@@ -602,7 +602,7 @@ class Outbox:
                 try:
                     with session_scope(self.session_factory) as session:
                         return not commitment.awaiting(session, uid)
-                except Exception as exc:  # the request was taken: wait the time out, fail nothing
+                except Exception as exc:  # the request was taken: wait on to the end, fail nothing
                     LOGGER.debug("storage commitment: report not looked up (%s)", type(exc).__name__)
                     return False
 
