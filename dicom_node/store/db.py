@@ -524,13 +524,13 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
                 if sqlite:
                     _sqlite_foreign_keys(connection, on=True)
     except DBAPIError as exc:
-        if isinstance(exc, OperationalError) and _sqlstate(exc) != INSUFFICIENT_PRIVILEGE:
+        if _sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+            raise _not_permitted(engine, exc) from exc
+        if isinstance(exc, OperationalError):
             # connected, then a migration failed (a lock held too long, a connection lost, a statement the
             # database refused): said as such, not as a database that cannot be reached
             reason = driver_reason(exc.orig) or type(exc.orig).__name__
             raise ConfigurationError(f"the schema migration failed and was rolled back: {reason}") from exc
-        if _sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
-            raise _not_permitted(engine, exc) from exc
         raise
     applied = tuple(reversed([
         script.revision for script in ScriptDirectory.from_config(cfg).iterate_revisions(after, before)
