@@ -66,13 +66,19 @@ class CommitPeer(StorePeer):
         self._to_report: dict[Association, tuple[str, list[str], dict[str, int]]] = {}
         self.aborted = 0  # associations the node aborted
 
+    def _record_request(self, event: Event) -> tuple[str, list[str]]:
+        """The request's Transaction UID and SOP Instance UIDs, kept in ``requests``."""
+        info = event.action_information
+        request = (str(info.TransactionUID),
+                   [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence])
+        self.requests.append(request)
+        return request
+
     def _on_action(self, event: Event) -> tuple[int, None]:
         time.sleep(self.action_seconds)
-        info = event.action_information
-        uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
-        self.requests.append((str(info.TransactionUID), uids))
+        transaction, uids = self._record_request(event)
         if self.verdict is not None:  # reported once the N-ACTION response has gone (_on_pdu_sent)
-            self._to_report[event.assoc] = (str(info.TransactionUID), *self.verdict(uids))
+            self._to_report[event.assoc] = (transaction, *self.verdict(uids))
         self.answered_at.append(time.monotonic())
         return self.action_status, None
 
@@ -617,10 +623,7 @@ class ReportsFirst(CommitPeer):
         self.reports = reports
 
     def _on_action(self, event: Event) -> tuple[int, None]:
-        info = event.action_information
-        transaction = str(info.TransactionUID)
-        uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
-        self.requests.append((transaction, uids))
+        transaction, uids = self._record_request(event)
 
         def send() -> None:
             for uid, kept in self.reports:
