@@ -44,7 +44,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.encaps import generate_frames
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels.processing import apply_color_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 
@@ -452,13 +452,11 @@ def _modality(stored: FloatImage, ds: pydicom.Dataset) -> FloatImage:
     treated as identity too: histogram equalisation later makes the model input independent of any
     monotonic rescale, so only the window placement can suffer, and that falls back to percentiles."""
     if ds.get("ModalityLUTSequence"):
-        with _lookup_table("Modality LUT"):
-            values = np.round(stored).astype(np.int64)
-            packed = _packed_8bit_lut(ds.ModalityLUTSequence[0], _header_int(ds, "PixelRepresentation") == 1)
-            if packed is not None:
-                table, first = packed
-                return _f32(table[np.clip(values - first, 0, len(table) - 1)])
-            return _f32(apply_modality_lut(values, ds))
+        table, first = _lut_table(
+            "Modality LUT", ds, ds.ModalityLUTSequence[0], _header_int(ds, "PixelRepresentation") == 1
+        )
+        # Stored values below the first mapped one take the first entry, above the last the last.
+        return _f32(table[np.clip(np.round(stored).astype(np.int64) - first, 0, len(table) - 1)])
     slope, intercept = _first_number(ds, "RescaleSlope"), _first_number(ds, "RescaleIntercept")
     unusable = (slope is None and _has_value(ds, "RescaleSlope")) or (
         intercept is None and _has_value(ds, "RescaleIntercept")
@@ -492,8 +490,7 @@ def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] 
     ``padded``). A LUT's output range is 0 to 2^n - 1 (PS3.3 C.11.2.1.1), n read off its entries."""
     sequence = ds.get("VOILUTSequence")
     if sequence:
-        with _lookup_table("VOI LUT"):
-            table, first = _first_voi_lut(ds)
+        table, first = _lut_table("VOI LUT", ds, sequence[0], _modality_output_signed(ds))
         # Indices are integers; inputs below the first mapped value take the first entry, above the
         # last the last (PS3.3 C.11.2.1.1). White is the top of the table's output range.
         index = np.clip(np.round(values).astype(np.int64) - first, 0, len(table) - 1)
@@ -520,45 +517,49 @@ def _lookup_table(name: str) -> Iterator[None]:
         raise UnsupportedImageError(f"unusable {name}: {said}") from exc
 
 
-def _first_voi_lut(ds: pydicom.Dataset) -> tuple[npt.NDArray[np.float64], int]:
-    """The first VOI LUT as its whole table and the first stored value it maps.
+def _lut_table(
+    name: str, ds: pydicom.Dataset, item: pydicom.Dataset, signed_input: bool
+) -> tuple[npt.NDArray[np.float64], int]:
+    """A Modality or VOI LUT ``item`` of ``ds`` (``name``) as its whole table and the first input value it
+    maps; a malformed one is an :class:`UnsupportedImageError` that names it.
 
-    The table is read through pydicom (one lookup of every input value), not from LUT Data itself: LUT
-    Data encoded as OW (always so in implicit VR files) comes back as raw bytes, which pydicom unpacks.
-    pydicom indexes a table of 8-bit entries with uint8, so inputs past 255 would wrap round; it reads
-    the entries alike for 8 and 16 bits, so a copy that declares 16 bits gives the same table unwrapped."""
-    item = ds.VOILUTSequence[0]
-    packed = _packed_8bit_lut(item, _modality_output_signed(ds))
-    if packed is not None:
-        return packed
-    descriptor = [int(value) for value in item.LUTDescriptor[:3]]
-    # The entry count is unsigned whatever the descriptor's VR (PS3.3 C.11.2.1.1): read as SS, a count
-    # past 32767 comes out negative. The first mapped value is SS when the LUT's input, the modality
-    # output, can be negative, else US; writers get the VR wrong both ways.
-    count, first = descriptor[0] & 0xFFFF, descriptor[1] & 0xFFFF
-    if first >= 0x8000 and _modality_output_signed(ds):
-        first -= 0x10000
-    entries = count or 65536
-    if descriptor[2] == 8 or [count, first] != descriptor[:2]:
-        ds = _voi_lut_view(ds, item, [count, first, 16])
-    table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, index=0)
-    return np.asarray(table, dtype=np.float64), first
+    The descriptor is read as PS3.3 C.11.1.1.1 and C.11.2.1.1 define it, whatever VR the writer (or
+    pydicom, reading an implicit VR file) gave it: the entry count is unsigned (0 means 65536; read as SS,
+    a count past 32767 comes out negative), the first mapped value is signed when the LUT's input can be
+    negative (``signed_input``) and unsigned otherwise. The table is read through pydicom (one lookup of
+    every input value), not from LUT Data itself: LUT Data encoded as OW (always so in implicit VR files)
+    comes back as raw bytes, which pydicom unpacks in the object's byte order. pydicom indexes a table of
+    8-bit entries with uint8, so inputs past 255 would wrap round; it reads the entries alike for 8 and 16
+    bits, so a copy that declares 16 bits gives the same table unwrapped."""
+    with _lookup_table(name):
+        count, first, bits = (int(value) for value in item.LUTDescriptor[:3])
+        if bits != 8 and not 10 <= bits <= 16:  # PS3.3 C.8.11.3.1.5; 16-bit words hold 10 to 16
+            raise UnsupportedImageError(f"unusable {name}: entries of {bits} bits (8 or 10 to 16 allowed)")
+        count, first = count & 0xFFFF, first & 0xFFFF
+        if first >= 0x8000 and signed_input:
+            first -= 0x10000
+        entries = count or 65536
+        packed = _packed_8bit_lut(item, entries, _little_endian(ds))
+        if packed is not None:
+            return packed, first
+        view = _voi_lut_view(ds, item, [count, first, 16])
+        table = apply_voi(np.arange(first, first + entries, dtype=np.int64), view, index=0)
+        return np.asarray(table, dtype=np.float64), first
 
 
-def _packed_8bit_lut(item: pydicom.Dataset, signed_input: bool) -> tuple[npt.NDArray[np.float64], int] | None:
-    """(table, first mapped value) of a LUT of 8-bit entries stored two to a word, as PS3.3 C.11.1.1.1
-    and C.11.2.1.1 have it ("a format equivalent to 8 bits allocated"): OW LUT Data of one byte per
-    entry (and a pad byte for an odd count). None for any other LUT, which pydicom reads; it reads this
-    one as 16-bit words and fails on the short data."""
-    descriptor = [int(value) for value in item.LUTDescriptor[:3]]
+def _packed_8bit_lut(item: pydicom.Dataset, entries: int, little_endian: bool) -> npt.NDArray[np.float64] | None:
+    """The table of a LUT of 8-bit entries stored two to a word, as PS3.3 C.11.1.1.1 and C.11.2.1.1 have
+    it ("a format equivalent to 8 bits allocated"): OW LUT Data of one byte per entry (and a pad byte for
+    an odd count). A big-endian object stores OW as byte-swapped words, so each pair of entries is swapped
+    back (DCMTK's dcm2pnm shows both byte orders alike). None for any other LUT, which pydicom reads; it
+    reads this one as 16-bit words and fails on the short data."""
     data = item.get("LUTData")
-    entries = (descriptor[0] & 0xFFFF) or 65536
-    if descriptor[2] != 8 or not isinstance(data, bytes) or len(data) not in (entries, entries + 1):
+    if int(item.LUTDescriptor[2]) != 8 or not isinstance(data, bytes) or len(data) not in (entries, entries + 1):
         return None
-    first = descriptor[1] & 0xFFFF
-    if first >= 0x8000 and signed_input:
-        first -= 0x10000
-    return np.frombuffer(data, dtype=np.uint8, count=entries).astype(np.float64), first
+    if not little_endian:
+        even = len(data) // 2 * 2  # an odd count without its pad byte leaves its last entry unpaired
+        data = np.frombuffer(data, dtype=np.uint8, count=even).reshape(-1, 2)[:, ::-1].tobytes() + data[even:]
+    return np.frombuffer(data, dtype=np.uint8, count=entries).astype(np.float64)
 
 
 def _modality_output_signed(ds: pydicom.Dataset) -> bool:

@@ -189,17 +189,33 @@ def _eight_bit_palette(folder: Path) -> Path:
     return path
 
 
+def _packed_voi_lut(folder: Path) -> Path:
+    """A curved VOI LUT of 8-bit entries in OW data, two to a word (and a pad byte for an odd count)."""
+    ds = _voi_lut(8, 255)
+    item = ds.VOILUTSequence[0]
+    entries = np.asarray(item.LUTData, dtype=np.uint8).tobytes()
+    del item.LUTData
+    item.add_new(0x00283006, "OW", entries + b"\0" * (len(entries) % 2))  # LUT Data
+    path = folder / "voi-lut-8-packed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+_MADE = {"palette-8-bit": _eight_bit_palette, "voi-lut-8-packed": _packed_voi_lut}
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "RG1_UNCR.dcm", "693_UNCR.dcm", "CT_small.dcm", "mlut_18.dcm", "vlut_04.dcm", "MR_small_padded.dcm",
         "SC_rgb_16bit.dcm", "US1_UNCR.dcm", "OBXXXX1A.dcm", "examples_palette.dcm", "palette-8-bit",
+        "voi-lut-8-packed",
     ],  # fmt: skip
 )
 def test_big_endian_copy_reads_as_the_original(name: str, tmp_path: Path) -> None:
     """Explicit VR Big Endian is retired but still accepted: DCMTK's ``dcmconv`` writes the copy (pixels,
     LUT and palette data swapped as the standard says) and the node must read it as the original."""
-    source = _eight_bit_palette(tmp_path) if name == "palette-8-bit" else peers.pydicom_data_file(name)
+    source = _MADE[name](tmp_path) if name in _MADE else peers.pydicom_data_file(name)
     copy = tmp_path / "big-endian.dcm"
     subprocess.run(
         [peers.executable("dcmconv"), "--write-xfer-big", str(source), str(copy)],
@@ -210,7 +226,7 @@ def test_big_endian_copy_reads_as_the_original(name: str, tmp_path: Path) -> Non
     assert big.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
     original = display_image(pydicom.dcmread(source), max_size=PREVIEW)
     np.testing.assert_array_equal(display_image(big, max_size=PREVIEW), original)
-    if name == "palette-8-bit":  # and as DCMTK shows it
+    if name in _MADE:  # and as DCMTK shows it
         assert _mean_difference(original, _dcmtk_file(source, tmp_path)) < 0.5
 
 

@@ -334,6 +334,41 @@ def test_a_voi_lut_of_signed_pixels_written_as_us_reads_its_first_value_as_signe
     np.testing.assert_allclose(gray[0], ramp(12)[0] / 4095, atol=1 / 4095)
 
 
+def _modality_lut(descriptor: list[int], entries: npt.NDArray[Any]) -> Dataset:
+    """A Modality LUT item with its descriptor written as US (a negative first value as two's complement)."""
+    item = Dataset()
+    item.add_new(0x00283002, "US", [value & 0xFFFF for value in descriptor])  # LUT Descriptor
+    item.add_new(0x00283006, "OW", entries.astype("<u2").tobytes())  # LUT Data
+    item.ModalityLUTType = "US"
+    return item
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value:UserWarning")
+def test_a_modality_lut_of_signed_pixels_with_more_than_32767_entries_read_from_implicit_vr() -> None:
+    """Signed pixels through a 40,000-entry Modality LUT from -20,000, in an implicit VR file: pydicom reads
+    the descriptor as SS (Pixel Representation 1), so the count comes back as -25,536. The count is
+    unsigned (PS3.3 C.11.1.1.1); the old code refused the image ("LUT Data shorter than ... says")."""
+    pixels = (np.arange(200 * 200).reshape(200, 200) - 20000).astype(np.int16)
+    table = np.arange(40000) // 10  # 0..3999
+    ds = make_dataset(pixels, signed=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.ModalityLUTSequence = [_modality_lut([40000, -20000, 16], table)]
+    ds.WindowCenter, ds.WindowWidth = 2000, 4000
+    read_back = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+    assert list(read_back.ModalityLUTSequence[0].LUTDescriptor) == [-25536, -20000, 16]  # as pydicom reads it
+    expected = np.clip(table / 3999.0, 0.0, 1.0).reshape(200, 200)  # LINEAR, centre 2000, width 4000
+    np.testing.assert_allclose(dataset_to_gray(read_back, min_side=200), expected, atol=1e-6)
+
+
+def test_a_modality_lut_of_signed_pixels_written_as_us_reads_its_first_value_as_signed() -> None:
+    """As for a VOI LUT: -2048 written as US 63488 must not leave every signed pixel below the table (the
+    old code showed the whole image black)."""
+    ds = make_dataset(ramp(12).astype(np.int16) - 2048, bits_stored=12, signed=True)
+    ds.ModalityLUTSequence = [_modality_lut([4096, -2048, 16], np.arange(4096))]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    np.testing.assert_allclose(dataset_to_gray(ds, min_side=64)[0], ramp(12)[0] / 4095.0, atol=1 / 4095)
+
+
 def test_a_voi_lut_output_is_scaled_by_its_entries_range_not_its_largest_entry() -> None:
     """An 8-bit table whose entries stop at 200 shows 200 as 200/255 (PS3.3 C.11.2.1.1: the output range
     is 0 to 2^n - 1), as DCMTK does; the old code stretched 200 to white."""
@@ -641,6 +676,29 @@ def test_a_lut_of_8_bit_entries_stored_two_to_a_word_is_read(entries: int) -> No
         gray = dataset_to_gray(read_back, min_side=entries)
         assert gray[0, 0] == 1.0 and gray[0, -1] == 0.0, keyword
         np.testing.assert_allclose(gray[0, ::-1], table / 255.0, atol=1 / 255, err_msg=keyword)
+
+
+@pytest.mark.parametrize("keyword", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_a_lut_of_8_bit_entries_in_a_big_endian_object_is_read_in_its_byte_order(keyword: str) -> None:
+    """A big-endian object stores OW LUT Data as byte-swapped words (``dcmconv +tb`` writes these bytes and
+    ``dcm2pnm`` shows both copies alike); the old code read the bytes in file order, every pair swapped."""
+    table = np.arange(256, dtype=np.uint8)
+    table[1::2] = 255 - table[1::2]  # neighbours differ, so a swapped pair shows
+    grays = []
+    for syntax, data in ((ExplicitVRLittleEndian, table.tobytes()),
+                         (ExplicitVRBigEndian, table.reshape(-1, 2)[:, ::-1].tobytes())):
+        ds = make_dataset(np.tile(np.arange(256, dtype=np.uint8), (4, 1)), bits_stored=8)
+        item = Dataset()
+        item.LUTDescriptor = [256, 0, 8]
+        item.add_new(0x00283006, "OW", data)
+        if keyword == "ModalityLUTSequence":
+            item.ModalityLUTType = "US"
+            ds.WindowCenter, ds.WindowWidth = 127.5, 256
+        setattr(ds, keyword, [item])
+        ds.file_meta.TransferSyntaxUID = syntax
+        grays.append(dataset_to_gray(pydicom.dcmread(io.BytesIO(_to_bytes(ds))), min_side=4))
+    np.testing.assert_allclose(grays[0][0], table / 255.0, atol=1 / 255)
+    np.testing.assert_allclose(grays[1], grays[0], atol=1e-6)
 
 
 def test_lut_data_shorter_than_its_descriptor_says_so() -> None:
