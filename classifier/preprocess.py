@@ -271,11 +271,13 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
         image.reduce = level  # type: ignore[assignment,method-assign]  # the J2K plugin's resolution level
         image.load()
         decoded = np.asarray(image)
-    # Pillow scales 9–15 bit samples up to 16 bits by the codestream's precision, which need not be Bits
-    # Stored (pydicom warns about such files and trusts the codestream on its full-resolution path).
+    # Pillow scales 1–7 bit samples up to 8 bits ("L") and 9–15 bit ones up to 16 ("I;16") by the
+    # codestream's precision, which need not be Bits Stored (pydicom warns about such files and trusts the
+    # codestream on its full-resolution path); the stored values are the codestream's (PS3.5 8.2.4).
     precision = _j2k_precision(frame) or _header_int(ds, "BitsStored") or 16
-    if image.mode == "I;16" and precision < 16:
-        decoded = decoded >> (16 - precision)
+    scaled_to = 8 if image.mode == "L" else 16
+    if precision < scaled_to:
+        decoded = decoded >> (scaled_to - precision)
     return decoded
 
 

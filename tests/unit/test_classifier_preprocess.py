@@ -807,6 +807,19 @@ def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_store
     assert np.abs(small - reduced).mean() < 0.01
 
 
+@pytest.mark.parametrize("bits", [6, 7])
+def test_reduced_jpeg2000_decode_of_fewer_than_8_bits_stored(bits: int) -> None:
+    """Pillow scales 1-7 bit samples up to 8 bits; the old code undid that for 9-15 bits only, so a
+    reduced decode read 2^(8 - bits) times too bright (PS3.5 8.2.4: the codestream's values are stored)."""
+    pixels = np.tile((np.arange(1024) * ((1 << bits) - 1) // 1023).astype(np.uint8), (1024, 1))
+    plain = make_dataset(pixels, bits_stored=bits)
+    plain.WindowCenter, plain.WindowWidth = (1 << bits) / 2, 1 << bits
+    reduced = dataset_to_gray(_compressed(plain, JPEG2000Lossless), min_side=64)
+    full = dataset_to_gray(plain, min_side=64)
+    assert reduced.shape == full.shape  # a reduced level was decoded and box-averaged alike
+    assert np.abs(reduced - full).mean() < 0.02
+
+
 def test_a_jpeg2000_codestream_claiming_a_huge_image_is_refused() -> None:
     buffer = io.BytesIO()
     blank = Image.fromarray(np.zeros((64, 64), dtype=np.uint8))
