@@ -76,23 +76,32 @@ def _new_id(result: CursorResult[Any]) -> int:
 
 
 def find_existing(conn: Connection, parsed: ParsedInstance) -> ExistingInstance | None:
-    """The stored instance with this SOP Instance UID, if any; one of another study is a conflict."""
+    """The stored instance with this SOP Instance UID, if any. A copy is held to what the first one was:
+    one that names another study, series or SOP class, or its study under another Patient ID (a PACS that
+    corrected a patient's identity and kept the UIDs), is a conflict, as a new image of the study would be;
+    the first copy is what was analysed and reported."""
     row = conn.execute(
         select(_INSTANCE.c.id, _INSTANCE.c.size_bytes, _SERIES.c.study_pk, _INSTANCE.c.file_path,
                _INSTANCE.c.purged_at, _STUDY.c.study_instance_uid, _INSTANCE.c.sha256,
-               _INSTANCE.c.transfer_syntax_uid, _INSTANCE.c.source)
+               _INSTANCE.c.transfer_syntax_uid, _INSTANCE.c.source, _SERIES.c.series_instance_uid,
+               _INSTANCE.c.sop_class_uid, _STUDY.c.patient_pk)
         .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
         .join(_STUDY, _SERIES.c.study_pk == _STUDY.c.id)
         .where(_INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid)
     ).first()
     if row is None:
         return None
-    if row[5] != parsed.study_uid:
-        LOGGER.warning("refused a copy of instance %d that names another study", row[0])
-        raise IdentityConflictError("SOP Instance UID already stored in another study")
-    return ExistingInstance(instance_pk=row[0], study_pk=row[2], size_bytes=row[1], file_path=str(row[3]),
-                            purged=row[4] is not None, sha256=str(row[6]), transfer_syntax_uid=str(row[7]),
-                            source=str(row[8]))
+    for stored, sent, what in ((row.study_instance_uid, parsed.study_uid, "study"),
+                               (row.series_instance_uid, parsed.series_uid, "series"),
+                               (row.sop_class_uid, parsed.sop_class_uid, "SOP class")):
+        if stored != sent:
+            LOGGER.warning("refused a copy of instance %d that names another %s", row.id, what)
+            raise IdentityConflictError(f"SOP Instance UID already stored in another {what}")
+    _check_same_patient(conn, row.study_pk, row.patient_pk, parsed.ds)
+    return ExistingInstance(instance_pk=row.id, study_pk=row.study_pk, size_bytes=row.size_bytes,
+                            file_path=str(row.file_path), purged=row.purged_at is not None,
+                            sha256=str(row.sha256), transfer_syntax_uid=str(row.transfer_syntax_uid),
+                            source=str(row.source))
 
 
 def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, calling_ae: str, source: str,

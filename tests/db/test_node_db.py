@@ -15,7 +15,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom import Dataset, dcmread
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -419,22 +419,36 @@ def _conflicting(first: Dataset, change: str) -> Dataset:
     if change == "study of another patient":  # the same study under another Patient ID
         study, series = first.StudyInstanceUID, first.SeriesInstanceUID
         return make_cr(study_uid=study, series_uid=series, patient_id="PID-2")
-    other = make_cr()  # the same SOP Instance UID, in another study
-    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
-    return other
+    if change == "instance in another study":
+        other = make_cr()  # the same SOP Instance UID, in another study
+        other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+        return other
+    copy = dcmread(io.BytesIO(to_bytes(first)))  # the same instance, all its UIDs kept
+    if change == "copy under another patient":  # a PACS corrected the patient's identity
+        copy.PatientID, copy.PatientName = "PID-2", "Roe^Richard"
+    elif change == "copy in another series":
+        copy.SeriesInstanceUID = generate_uid()
+    else:  # a copy as another SOP class
+        copy.SOPClassUID = copy.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    return copy
 
 
-@pytest.mark.parametrize(
-    "change", ["series in another study", "study of another patient", "instance in another study"]
-)
+_CONFLICTS = [
+    "series in another study", "study of another patient", "instance in another study",
+    "copy under another patient", "copy in another series", "copy as another SOP class",
+]
+
+
+@pytest.mark.parametrize("change", _CONFLICTS)
 @pytest.mark.parametrize("cached", [True, False], ids=["same-ingestor", "after-restart"])
 def test_an_image_whose_identity_contradicts_what_is_stored_is_refused_not_filed_under_it(
     sessions: sessionmaker[Session], store: FileStore, change: str, cached: bool
 ) -> None:
-    """A series belongs to one study, a study to one patient, an instance to one study. The old code filed
-    the second image by its Series UID under the first study (another patient's), or answered success for
-    an instance of another study and kept nothing of it. Now the sender is told, with a reason, and
-    nothing is stored."""
+    """A series belongs to one study, a study to one patient, an instance to one study, series and SOP
+    class. The old code filed the second image by its Series UID under the first study (another
+    patient's), or answered success for an instance of another study, and for a copy a PACS re-identified
+    keeping its UIDs (the conformance statement said it was refused), and kept nothing of it. Now the
+    sender is told, with a reason, and nothing is stored."""
     ingestor = Ingestor(sessions, store)
     first = make_cr()
     stored = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
