@@ -175,6 +175,21 @@ def _f32(values: Any) -> FloatImage:
 # --------------------------------------------------------------------------------------------- reading
 
 
+#: The largest frame the node decodes, rows × columns. Chest detectors are up to about 4,300 px square
+#: (18 Mpx); a header or codestream that declares more (65,535 × 65,535 fits in a kilobyte of RLE) would
+#: have the decoder allocate gigabytes for one image.
+MAX_FRAME_PIXELS = 64_000_000
+
+
+def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
+    """Refuse a ``what`` of more than :data:`MAX_FRAME_PIXELS`, before anything of it is decoded."""
+    if columns * rows > MAX_FRAME_PIXELS:
+        raise UnsupportedImageError(
+            f"the {what} is too large to decode ({columns} × {rows} pixels; at most "
+            f"{MAX_FRAME_PIXELS // 1_000_000} megapixels)"
+        )
+
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -209,6 +224,7 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
             raise UnsupportedImageError(f"not a readable DICOM file ({reason_for(exc, path)})") from exc
     try:
         with Image.open(path) as image:
+            check_frame_size(*image.size, what="picture")
             image.load()
             return image
     except UnidentifiedImageError as exc:
@@ -281,6 +297,49 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
     return decoded
 
 
+def _declared_size(frame: bytes) -> tuple[int, int] | None:
+    """(columns, rows) that a JPEG 2000 codestream's SIZ marker or a JPEG / JPEG-LS frame header (SOFn)
+    declares, which the decoder allocates whatever the DICOM header says; None when there is none."""
+    if frame.startswith(b"\xff\x4f\xff\x51") and len(frame) >= 24:  # SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", frame[8:24])
+        return max(0, xsiz - xosiz), max(0, ysiz - yosiz)
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    index = 2
+    while index + 9 <= len(frame) and frame[index] == 0xFF:
+        marker = frame[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker in _SOF_MARKERS:  # Lf(2) P(1) Y(2) X(2)
+            rows, columns = struct.unpack(">HH", frame[index + 5:index + 9])
+            return columns, rows
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        index += 2 + int.from_bytes(frame[index + 2:index + 4], "big")
+    return None
+
+
+# SOF0-3, 5-7, 9-11, 13-15 (ITU T.81 B.1.1.3) and SOF55 of JPEG-LS (ITU T.87)
+_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> None:
+    """The frame the header declares, and for compressed pixel data the one its first frame's codestream
+    declares, within :data:`MAX_FRAME_PIXELS`."""
+    check_frame_size(_header_int(ds, "Columns") or 0, _header_int(ds, "Rows") or 0)
+    uid = UID(transfer_syntax or "")
+    if not uid.is_transfer_syntax or not uid.is_encapsulated:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=number_of_frames(ds)))
+    except (ValueError, TypeError, StopIteration, struct.error):
+        return  # the decoder says what is wrong with it
+    declared = _declared_size(frame)
+    if declared is not None:
+        check_frame_size(*declared)
+
+
 def _j2k_precision(codestream: bytes) -> int | None:
     """Bit depth of the first component from the SIZ marker (None when it cannot be found)."""
     index = codestream.find(b"\xff\x51")
@@ -303,6 +362,7 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
     if frames > 1:
         LOGGER.info("multi-frame object (%d frames): classifying the first frame", frames)
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    _check_declared_size(ds, transfer_syntax)
     if transfer_syntax in (JPEG2000, JPEG2000Lossless):
         try:
             reduced = _decode_j2k_reduced(ds, min_side, photometric)

@@ -64,6 +64,13 @@ class OutOfResourcesError(NodeError):
     retriable = True
 
 
+class DatasetTooLargeError(NodeError):
+    """A data set larger than the node reads: a deflated one that inflates past its limit (a few hundred
+    kilobytes of zeros inflate to gigabytes). Out of resources, for good: a retry does not help."""
+
+    status = Status.REFUSED_OUT_OF_RESOURCES
+
+
 class StorageError(OutOfResourcesError):
     """The file store could not write durably."""
 

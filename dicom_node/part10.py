@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import parse_fragments
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
@@ -35,9 +35,14 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from dicom_node import __version__
-from dicom_node.errors import InvalidDatasetError, UndecodableDatasetError
+from dicom_node.errors import DatasetTooLargeError, InvalidDatasetError, UndecodableDatasetError
 
 IMPLEMENTATION_VERSION_NAME = f"CXRNODE_{__version__}"[:16]
+
+#: The most a deflated data set may inflate to. pydicom inflates one whole, in memory: 280 kB of deflated
+#: zeros made 288 MB, so one C-STORE or console upload of a few megabytes could ask for tens of
+#: gigabytes. A chest radiograph is 5-40 MB uncompressed.
+MAX_INFLATED_BYTES = 256 << 20
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -155,15 +160,46 @@ def _parse_errors_as_undecodable() -> Iterator[None]:
         raise UndecodableDatasetError("dataset uses an encoding that cannot be read") from exc
 
 
+def inflate(deflated: bytes, limit: int | None = None) -> bytes:
+    """A deflated data set's bytes (PS3.5 A.5: raw deflate, no zlib header), refused once they would pass
+    ``limit`` (:data:`MAX_INFLATED_BYTES`); a stream cut short is a zlib.error, as pydicom's own inflation
+    would raise."""
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(deflated, limit)
+    if inflater.unconsumed_tail:
+        raise DatasetTooLargeError(f"the deflated data set inflates past {limit >> 20} MB")
+    if not inflater.eof:
+        raise zlib.error("deflated data set cut short")
+    return inflated
+
+
+def read_part10(
+    file_bytes: bytes, *, force: bool = True, stop_before_pixels: bool = False
+) -> tuple[Dataset, bytes]:
+    """``dcmread`` of a Part 10 stream (or, with ``force``, a bare data set), and the bytes its data set
+    was read from (for the completeness checks): a deflated one inflated by :func:`inflate`, never past
+    its limit. The file meta is read by pydicom's own reader, the one ``dcmread`` uses, so a deflated
+    stream is recognised exactly when ``dcmread`` would inflate it."""
+    stream = BytesIO(file_bytes)
+    read_preamble(stream, force)
+    meta = _read_file_meta_info(stream)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return dcmread(BytesIO(file_bytes), force=force, stop_before_pixels=stop_before_pixels), file_bytes
+    inflated = inflate(file_bytes[stream.tell():])
+    ds = read_dataset(BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = meta
+    return ds, inflated
+
+
 def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
                    expect_sop_instance: str | None = None) -> Dataset:
     """Parse a Part 10 byte stream; map every parse failure to a named error (no PHI in messages)."""
     with _parse_errors_as_undecodable():
-        ds = dcmread(BytesIO(file_bytes), force=True)
+        ds, body = read_part10(file_bytes)
         meta = getattr(ds, "file_meta", None)
         syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-        deflated = syntax == DeflatedExplicitVRLittleEndian
-        _check_complete(ds, len(file_bytes), file_bytes[-8:], check_end=not deflated)
+        _check_complete(ds, len(body), body[-8:])
         if syntax.is_transfer_syntax:
             _check_encoding(ds, syntax)
     _check_identity(ds, expect_sop_class, expect_sop_instance)
@@ -174,13 +210,15 @@ def parse_network_dataset(dataset_bytes: bytes, *, transfer_syntax: str, sop_cla
                           sop_instance_uid: str) -> Dataset:
     """Parse a C-STORE data set in its negotiated transfer syntax, without building a file first."""
     syntax = UID(transfer_syntax)
-    if syntax == DeflatedExplicitVRLittleEndian or not syntax.is_transfer_syntax:
+    if not syntax.is_transfer_syntax:
         prefix = part10_prefix(sop_class_uid, sop_instance_uid, syntax)
         return parse_instance(prefix + dataset_bytes, expect_sop_class=sop_class_uid,
                               expect_sop_instance=sop_instance_uid)
     with _parse_errors_as_undecodable():
+        if syntax == DeflatedExplicitVRLittleEndian:
+            dataset_bytes, syntax = inflate(dataset_bytes), ExplicitVRLittleEndian
         ds = read_dataset(BytesIO(dataset_bytes), syntax.is_implicit_VR, syntax.is_little_endian)
-        _check_complete(ds, len(dataset_bytes), dataset_bytes[-8:], check_end=True)
+        _check_complete(ds, len(dataset_bytes), dataset_bytes[-8:])
         _check_encoding(ds, syntax)
     _check_identity(ds, sop_class_uid, sop_instance_uid)
     return ds
@@ -200,7 +238,7 @@ _KNOWN_VRS = frozenset(str(vr.value) for vr in VR)
 _DELIMITER = {True: b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", False: b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
 
 
-def _check_complete(ds: Dataset, total_length: int, tail: bytes, *, check_end: bool) -> None:
+def _check_complete(ds: Dataset, total_length: int, tail: bytes) -> None:
     """Detect truncation, which pydicom tolerates silently (short values, a missing delimiter).
 
     Every top-level value must have its declared length, and the stream must end exactly where the
@@ -221,8 +259,6 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes, *, check_end: b
         last = element
     if last is None:
         raise UndecodableDatasetError("no data elements could be read")
-    if not check_end:
-        return  # deflated: offsets refer to the inflated stream; zlib reports truncation itself
     if last.length == _UNDEFINED_LENGTH:
         if tail != _DELIMITER[last.is_little_endian]:
             raise UndecodableDatasetError("dataset truncated before its final sequence delimiter")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-import pydicom
 from PIL import Image
 
+from classifier.preprocess import MAX_FRAME_PIXELS
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
-from dicom_node.part10 import check_value_representations, has_preamble
+from dicom_node.part10 import check_value_representations, has_preamble, read_part10
 from dicom_node.web.services import IngestOutcome, Upload
 
 if TYPE_CHECKING:
@@ -39,7 +39,9 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
     policy (``pipeline.minimum_patient_age_years``, ``pipeline.skip_unknown_age``)."""
     if has_preamble(data):
         try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
+            dataset, _ = read_part10(data, force=False)  # a deflated one inflated within the node's limit
+        except NodeError:
+            raise
         except Exception as exc:  # pydicom raises many types for broken files; the text may hold PHI
             raise UndecodableDatasetError("the DICOM file could not be read") from exc
         if "PixelData" not in dataset:
@@ -51,14 +53,18 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
             "a DICOM data set without the DICOM file header (no 128-byte preamble and 'DICM'); "
             "export it from the viewer or PACS as a DICOM file (Part 10)"
         )
+    too_large = f"the picture is too large to decode (more than {MAX_FRAME_PIXELS // 1_000_000} megapixels)"
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except Image.DecompressionBombError as exc:
-        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000
-        reason = f"the picture is too large to decode (more than {limit} megapixels)"
-        raise UndecodableDatasetError(reason) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, above the node's
+        raise UndecodableDatasetError(too_large) from exc
     except Exception as exc:  # PIL raises several types for non-images
+        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
+    if image.width * image.height > MAX_FRAME_PIXELS:  # Pillow only warns up to twice its limit
+        raise UndecodableDatasetError(too_large)
+    try:
+        image.load()
+    except Exception as exc:
         raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
     if image.format not in ("PNG", "JPEG"):
         raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
@@ -76,8 +82,10 @@ def _is_bare_dataset(data: bytes) -> bool:
     if data[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        dataset, _ = read_part10(data, stop_before_pixels=True)
         return "SOPClassUID" in dataset or "Rows" in dataset
+    except NodeError:  # a deflated one inflating past the limit: said as such
+        raise
     except Exception:  # not DICOM after all
         return False
 

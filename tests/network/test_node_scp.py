@@ -46,7 +46,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes, scu
+from dicom_node import aes, part10, scu
 from dicom_node.errors import AssociationError, ConfigurationError
 from dicom_node.ingest import Ingestor, IngestResult
 from dicom_node.logconfig import configure_logging
@@ -142,6 +142,27 @@ def test_every_transfer_syntax_is_stored_as_sent_and_decodes(listener: Listener)
         assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
         stored = dcmread(listener.store.path(row.file_path))
         assert np.array_equal(stored.pixel_array, ds.pixel_array), name
+
+
+def test_a_deflated_data_set_past_the_inflation_limit_is_refused_and_the_listener_goes_on(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few kilobytes of deflated zeros that would inflate past the limit (2 MB here; 256 MB in service):
+    0xA700 with the reason, nothing kept, and the next instance on the same association is stored. The
+    review's 780 kB C-STORE took 1 GB of the listener's memory before."""
+    monkeypatch.setattr(part10, "MAX_INFLATED_BYTES", 2 << 20)
+    bomb = make_cr(rows=1100, columns=1024)
+    bomb.PixelData = bytes(len(bomb.PixelData))
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    after = make_cr()
+    after.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    statuses = scu.send([_roundtrip(bomb), _roundtrip(after)], "127.0.0.1", listener.scp.port, "CXRNODE",
+                        calling_aet=CALLER)
+    assert [int(status) for status in statuses] == [0xA700, 0x0000]
+    assert statuses[0].reason == 'Error Comment: "the deflated data set inflates past 2 MB"'
+    with listener.sessions() as session:
+        assert list(session.scalars(select(Instance.sop_instance_uid))) == [after.SOPInstanceUID]
+    assert len(list(listener.store.root.rglob("*.dcm"))) == 1
 
 
 def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: Listener) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -44,6 +47,7 @@ from classifier.preprocess import (
     image_to_model_input,
     pil_to_gray,
     read_dataset,
+    read_image_file,
     upright,
     upright_turns,
 )
@@ -833,6 +837,55 @@ def test_a_jpeg2000_codestream_claiming_a_huge_image_is_refused() -> None:
     ds.PixelData = encapsulate([bytes(codestream)])
     with pytest.raises(UnsupportedImageError, match="too large"):
         dataset_to_gray(ds)
+
+
+def _declaring(syntax: str, columns: int, rows: int) -> Dataset:
+    """A 64 × 64 image compressed in ``syntax`` whose frame header (JPEG SOF, JPEG-LS SOF55, JPEG 2000
+    SIZ) is made to declare ``columns`` × ``rows``; for RLE, which has none, the DICOM header does."""
+    plain = make_dataset(ramp(8, 64), bits_stored=8)
+    if syntax == JPEGBaseline8Bit:
+        buffer = io.BytesIO()
+        Image.fromarray(ramp(8, 64)).save(buffer, format="JPEG")
+        ds = make_dataset(ramp(8, 64), bits_stored=8)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([buffer.getvalue()])
+    else:
+        ds = _compressed(plain, syntax)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    if syntax == RLELossless:
+        ds.Columns, ds.Rows = columns, rows
+        return ds
+    if syntax == JPEG2000Lossless:
+        frame[8:16] = struct.pack(">II", columns, rows)  # SIZ: Xsiz, Ysiz
+    else:
+        sof = max(frame.find(bytes([0xFF, marker])) for marker in (0xC0, 0xF7))  # the one there is
+        frame[sof + 5:sof + 9] = struct.pack(">HH", rows, columns)  # SOFn: Lf P Y X
+    ds.PixelData = encapsulate([bytes(frame)])
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
+def test_a_frame_declared_larger_than_the_node_decodes_is_refused_before_it_is_decoded(syntax: str) -> None:
+    """A kilobyte of RLE declaring 30,000 × 30,000 pixels made the decoder allocate 1.7 GB for the
+    console's preview of an upload before it failed (review); the codestreams' own frame headers, which
+    their decoders allocate by whatever the DICOM header says, are held to the same limit."""
+    assert dataset_to_gray(_declaring(syntax, 64, 64)).shape == (64, 64)
+    with pytest.raises(UnsupportedImageError,
+                       match=r"the image is too large to decode \(30000 × 30000 pixels; at most 64 megapixels\)"):
+        dataset_to_gray(_declaring(syntax, 30000, 30000))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_picture_larger_than_the_node_decodes_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """Pillow only warns between 89 and 179 megapixels: a 0.7 MB PNG of 13,000 × 13,000 took 645 MB."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path = tmp_path / "huge.png"  # its header; Pillow reads the size from it, the node reads no further
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(UnsupportedImageError, match=r"the picture is too large to decode \(13000 × 13000"):
+        read_image_file(path)
 
 
 def test_jpeg_baseline_is_decoded() -> None:

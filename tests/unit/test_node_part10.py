@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.errors import InvalidDatasetError, NodeError, UndecodableDatasetError
+from dicom_node import part10
+from dicom_node.errors import DatasetTooLargeError, InvalidDatasetError, NodeError, UndecodableDatasetError
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import (
     check_pixel_data,
@@ -52,6 +56,58 @@ def test_the_stored_prefix_plus_received_bytes_is_a_valid_part10_file() -> None:
     rebuilt = parse_instance(part10_prefix(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + body)
     assert rebuilt.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert rebuilt.PixelData == ds.PixelData
+
+
+def _parse_deflated(data: bytes, how: str, *, cut: int = 0) -> Dataset:
+    """``data``, a deflated Part 10 file less its last ``cut`` bytes, parsed as an upload gives it or as a
+    C-STORE carries it."""
+    if how == "file":
+        return parse_instance(data[: len(data) - cut])
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    body = _dataset_part(data)
+    return parse_network_dataset(body[: len(body) - cut], transfer_syntax=DeflatedExplicitVRLittleEndian,
+                                 sop_class_uid=meta.MediaStorageSOPClassUID,
+                                 sop_instance_uid=meta.MediaStorageSOPInstanceUID)
+
+
+@pytest.mark.parametrize("how", ["file", "network"])
+def test_a_deflated_instance_reads_as_pydicom_reads_it(how: str) -> None:
+    path = get_testdata_file("image_dfl.dcm")
+    assert path is not None
+    data = Path(path).read_bytes()
+    parsed = _parse_deflated(data, how)
+    assert parsed == dcmread(io.BytesIO(data))  # every element of the data set alike
+    if how == "file":
+        assert parsed.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+
+
+def _deflated_cr(rows: int) -> bytes:
+    ds = make_cr(rows=rows, columns=1024)
+    ds.PixelData = bytes(len(ds.PixelData))  # zeros: a few kilobytes once deflated
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return to_bytes(ds)
+
+
+@pytest.mark.parametrize("how", ["file", "network"])
+def test_a_deflated_data_set_inflating_past_the_limit_is_refused_out_of_resources_for_good(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydicom inflates a deflated data set whole: 280 kB of deflated zeros became 288 MB in the listener
+    and a console upload alike (review). Inflation now stops at the limit (2 MB here)."""
+    monkeypatch.setattr(part10, "MAX_INFLATED_BYTES", 2 << 20)
+    under, over = _deflated_cr(rows=1000), _deflated_cr(rows=1030)  # 2,048,000 and 2,109,440 pixel bytes
+    assert len(over) < 20_000
+    assert _parse_deflated(under, how).Rows == 1000
+    with pytest.raises(DatasetTooLargeError, match="the deflated data set inflates past 2 MB") as refused:
+        _parse_deflated(over, how)
+    assert refused.value.status is Status.REFUSED_OUT_OF_RESOURCES and not refused.value.retriable
+
+
+@pytest.mark.parametrize("how", ["file", "network"])
+def test_a_deflated_stream_cut_short_is_cannot_understand(how: str) -> None:
+    data = _deflated_cr(rows=64)
+    with pytest.raises(UndecodableDatasetError):
+        _parse_deflated(data, how, cut=40)
 
 
 @pytest.mark.parametrize("cut", [1, 9, 700, 8000])

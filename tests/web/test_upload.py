@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -139,7 +139,11 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
         ("bare.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes()[132:],
          "without the DICOM file header (no 128-byte preamble and &#39;DICM&#39;)"),
         ("huge.png", _png_header_only(20_000, 20_000),
-         "the picture is too large to decode (more than 178 megapixels)"),
+         "the picture is too large to decode (more than 64 megapixels)"),
+        # Past the node's limit, not Pillow's: Pillow only warns up to 179 megapixels, and such a picture
+        # of 0.7 MB took 645 MB (review).
+        ("large.png", _png_header_only(13_000, 13_000),
+         "the picture is too large to decode (more than 64 megapixels)"),
         # An animated PNG was classified by its first frame without a word; a multi-frame DICOM is refused.
         ("two.png", _animated_png(), "an animated picture (2 frames); the model reads single radiographs"),
     ):
@@ -154,6 +158,37 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
         "/upload", data={"csrf_token": csrf}, files={"file": ("x.gif", gif.getvalue(), "image/gif")}
     )
     assert "only DICOM, PNG and JPEG" in response.text
+
+
+def test_a_dicom_upload_too_large_to_decode_is_refused_with_the_reason(
+    rad_client: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads of a few kilobytes that made the node allocate gigabytes (review): a deflated data set
+    of zeros (inflated whole by pydicom; the limit is 2 MB here, 256 MB in service), and RLE declaring
+    30,000 × 30,000 pixels (the decoder allocated 1.7 GB for the upload page's preview)."""
+    from dicom_node import part10
+    from tests.node_datasets import make_cr, to_bytes
+
+    client, csrf = rad_client
+    monkeypatch.setattr(part10, "MAX_INFLATED_BYTES", 2 << 20)
+    bomb = make_cr(rows=1100, columns=1024)
+    bomb.PixelData = bytes(len(bomb.PixelData))
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = to_bytes(bomb)
+    assert len(data) < 20_000
+    response = client.post(
+        "/upload", data={"csrf_token": csrf}, files={"file": ("bomb.dcm", data, "application/dicom")}
+    )
+    assert response.status_code == 422 and "the deflated data set inflates past 2 MB" in response.text
+    declaring = make_cr()
+    declaring.compress(RLELossless)
+    declaring.Rows = declaring.Columns = 30000
+    token = _upload(client, csrf, "declaring.dcm", to_bytes(declaring), "application/dicom")
+    image = client.get(f"/upload/{token}/image.png")
+    reason = "the image is too large to decode (30000 × 30000 pixels; at most 64 megapixels)"
+    assert image.status_code == 422 and reason in image.text
+    classify = client.post(f"/upload/{token}/classify", data={"csrf_token": csrf})
+    assert classify.status_code == 422 and reason in classify.text
 
 
 def test_an_upload_is_read_beside_another_sites_cookie(rad_client: tuple[TestClient, str]) -> None:
