@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -357,6 +358,18 @@ def describe_url(url: Any) -> str:
     where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
     who = f" as {parsed.username}" if parsed.username else ""
     return f"{parsed.get_backend_name()} {parsed.database} on {where}{who}"
+
+
+def masked_url(url: str) -> str:
+    """The URL to show an admin: its password, and any password in its query (psycopg takes
+    ``?password=`` and ``sslpassword=``), as ``***``."""
+    parsed = make_url(url)
+    secret = {key: _MASK for key in parsed.query if "password" in key.lower()}
+    rendered = parsed.update_query_dict(secret).render_as_string(hide_password=True)
+    return rendered.replace(quote(_MASK, safe=""), _MASK)
+
+
+_MASK = "***"
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

@@ -17,6 +17,7 @@ from dicom_node import aes, audit, users
 from dicom_node.errors import ConflictError, NodeError
 from dicom_node.settings import Settings
 from dicom_node.statuses import Status
+from dicom_node.store.db import masked_url
 from dicom_node.store.models import AeRole, AuditEvent, RemoteAe, UserRole
 from dicom_node.web import paging
 from dicom_node.web.auth import Principal
@@ -70,7 +71,7 @@ def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
 @router.get("/settings")
 def settings_page(request: Request, con: ConsoleDep, principal: AdminDep) -> Response:
     derived = {
-        "database": _mask_url(con.settings.database_url),
+        "database": masked_url(con.settings.database_url),
         "storage directory": str(con.settings.storage_dir),
         "results directory": str(con.settings.results_dir),
     }
@@ -82,12 +83,6 @@ def settings_page(request: Request, con: ConsoleDep, principal: AdminDep) -> Res
         groups=settings_view(con.settings),
         derived=derived,
     )
-
-
-def _mask_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 # ---------------------------------------------------------------------------------------------
