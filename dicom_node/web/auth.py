@@ -154,7 +154,9 @@ class LoginThrottle:
     within ``window`` seconds, further attempts with that key are refused until the window has passed.
 
     Anyone can try any username, so the memory is bounded: keys whose failures have expired are
-    dropped, and beyond ``max_names`` the keys with the oldest first failure go first."""
+    dropped, and beyond ``max_names`` the keys with the fewest failures go first (the oldest first among
+    equals), a blocked key last: evicting by age alone forgot the blocked key first, so failing for made-up
+    names bought a locked-out account new guesses."""
 
     def __init__(self, limit: int = 8, window: float = 900.0, max_names: int = 10_000) -> None:
         self.limit = limit
@@ -198,9 +200,10 @@ class LoginThrottle:
                 for name in list(self._failures):
                     self._recent(name, now)
                 while len(self._failures) >= self.max_names:
-                    oldest = min(self._failures, key=lambda name: self._failures[name][0])
-                    del self._failures[oldest]
-                    self._reported.discard(oldest)
+                    least = min(self._failures, key=lambda name: (len(self._failures[name]),
+                                                                   self._failures[name][0]))
+                    del self._failures[least]
+                    self._reported.discard(least)
             self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:

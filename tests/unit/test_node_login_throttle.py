@@ -50,3 +50,20 @@ def test_checking_names_costs_no_memory_and_failures_are_bounded(clock: _Clock) 
     clock.now += 61  # the window passes: the next failure finds every old name expired
     throttle.failed("bob")
     assert list(throttle._failures) == ["bob"]
+
+
+def test_failing_for_other_names_does_not_lift_a_block(clock: _Clock) -> None:
+    """The fullest table forgot the key with the oldest first failure: the blocked one an attacker is
+    after, which then had ``limit`` new guesses after ``max_names`` failures for made-up names (review).
+    The keys with the fewest failures go first now."""
+    throttle = LoginThrottle(limit=3, window=900.0, max_names=50)
+    for _ in range(3):
+        throttle.failed("alice")
+    for _ in range(2):
+        throttle.failed("bob")  # a user who mistyped twice
+    for number in range(10_000):
+        clock.now += 0.01
+        throttle.failed(f"made-up-{number}")
+    assert throttle.blocked("alice") and len(throttle._failures) == 50
+    throttle.failed("bob")
+    assert throttle.blocked("bob")  # his two failures were kept as well
