@@ -55,6 +55,7 @@ _HANDSHAKE_TIMEOUT = 30.0  # seconds, when no ACSE timeout is configured
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
 
 
 def set_nodelay(sock: socket.socket | ssl.SSLSocket | None) -> None:
@@ -406,11 +407,21 @@ class StorageScp:
                          calling, peer, describe_exception(exc))
             self._reject(event, REJECT_TRANSIENT)
             return
-        if reporter:  # a result destination, to report storage commitment
-            self._reporters.add(assoc)
-        elif not allowed:
+        if not (allowed or reporter):
             LOGGER.warning("association rejected: calling AE %r from %s is not an allowed caller", calling, peer)
             self._reject(event, REJECT_CALLING_AE)
+            return
+        # pynetdicom refuses past the limit itself, after this handler, with one INFO line the node's
+        # logging leaves out: the PACS saw "local limit exceeded" and the node's log nothing (review).
+        open_here = sum(1 for other in self.ae.active_associations if other.is_acceptor)
+        if open_here > self.settings.max_associations:  # this one counts, as in pynetdicom
+            LOGGER.warning("association from %r at %s rejected (transient, local limit exceeded): %d associations "
+                           "already open in this listener process (dicom.max_associations)", calling, peer,
+                           open_here - 1)
+            self._reject(event, REJECT_LOCAL_LIMIT)
+            return
+        if reporter:  # a result destination, to report storage commitment
+            self._reporters.add(assoc)
 
     @staticmethod
     def _reject(event: Event, reason: tuple[int, int, int]) -> None:

@@ -479,6 +479,28 @@ def _wait_for_a_free_slot(port: int) -> None:
         time.sleep(0.2)
 
 
+def test_an_association_past_the_limit_is_rejected_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom rejected it with one INFO line the node's logging leaves out: during a burst the PACS
+    logged "local limit exceeded" and the node's log showed nothing (review)."""
+    node = _listener(tmp_path, settings=DicomSettings(port=0, bind_address="127.0.0.1", max_associations=2))
+    held = [_associated(node.scp.port)[0] for _ in range(2)]
+    try:
+        with caplog.at_level(logging.INFO, logger="dicom_node"), pytest.raises(
+            AssociationError, match=r"transient; service provider \(presentation\): local limit exceeded"
+        ):
+            scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER)
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning == (f"association from {CALLER!r} at 127.0.0.1 rejected (transient, local limit "
+                           "exceeded): 2 associations already open in this listener process "
+                           "(dicom.max_associations)")
+    finally:
+        for assoc in held:
+            assoc.release()
+        node.scp.stop()
+
+
 def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_slot(tmp_path: Path) -> None:
     """The listener reads a PDU whole, blocking, with no time-out on the connection: a sender that lost
     power or network in the middle of a C-STORE (no FIN) kept its thread and its association slot until
