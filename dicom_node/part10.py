@@ -60,7 +60,9 @@ def decodable_transfer_syntaxes() -> list[UID]:
     return preferred + [uid for uid in found if uid not in preferred]
 
 
-# PS3.5 9.1: components of ASCII digits ("²" or "٣" pass str.isdigit and would reach file paths).
+# PS3.5 9.1: components of ASCII digits ("²" or "٣" pass str.isdigit and would reach file paths). A
+# component with a leading zero, which 9.1 forbids, is accepted: some modalities write them, and the node's
+# results must name the image by the UID it has.
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
