@@ -452,12 +452,20 @@ class StorageScp:
 
     def _on_store(self, event: Event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
+        if not isinstance(event.request, C_STORE):
+            # pynetdicom hands any DIMSE-N request on a storage context to this handler and would answer
+            # it with a C-STORE response; the peer is told by an abort instead (a C-FIND or C-MOVE there
+            # pynetdicom aborts itself)
+            LOGGER.warning("%s request from %s on a storage presentation context refused: association aborted",
+                           type(event.request).__name__.replace("_", "-"), calling)
+            event.assoc.abort()
+            return int(Status.PROCESSING_FAILURE)
         if event.assoc in self._reporters:
             LOGGER.warning("C-STORE from %s refused: it may report storage commitment, it is not an allowed "
                            "caller", calling)
             return failure_response(Status.NOT_AUTHORISED, f"{calling} is not an allowed caller of this node")
         try:
-            request = cast(C_STORE, event.request)
+            request = event.request
             if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
                 # PS3.7 9.1.1: the request's SOP class is its presentation context's abstract syntax
                 raise InvalidDatasetError("Affected SOP Class UID differs from the presentation context")

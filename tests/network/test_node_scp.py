@@ -165,6 +165,30 @@ def test_a_deflated_data_set_past_the_inflation_limit_is_refused_and_the_listene
     assert len(list(listener.store.root.rglob("*.dcm"))) == 1
 
 
+def test_a_dimse_n_request_on_a_storage_context_is_aborted_with_a_warning(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom handed an N-CREATE on the CR context to the C-STORE handler, which answered it with a
+    C-STORE response, 0x0110, and logged "C-STORE ... failed unexpectedly: AttributeError" (review)."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        attributes = Dataset()
+        attributes.PatientID = "PID-1"
+        status, _ = assoc.send_n_create(attributes, ComputedRadiographyImageStorage, "1.2.3.4")
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not assoc.is_established and assoc.is_aborted
+    assert status == Dataset()  # no response: the association was aborted
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"N-CREATE request from {CALLER} on a storage presentation context refused: association aborted"
+    ]
+    assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0  # the node goes on
+
+
 def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: Listener) -> None:
     assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0
     reason = r"rejected by CXRNODE at .* \(permanent; service user: calling AE title not recognised\)"
