@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node import __version__
+from dicom_node.audit import RecentReads
 from dicom_node.errors import NodeError, NotFoundError, describe_exception
 from dicom_node.metrics import metrics_router
 from dicom_node.settings import Settings
@@ -60,6 +61,7 @@ def create_app(
         throttle=LoginThrottle(),
         uploads=UploadStore(),
         templates=templates,
+        reads=RecentReads(),
     )
     app = FastAPI(
         title=f"{settings.node.name} console API",

@@ -40,7 +40,7 @@ from dicom_node.web.deps import (
 from dicom_node.web.login import THROTTLED, log_in, set_cookie, set_session_cookies
 from dicom_node.web.pages import (
     ResultQueryDep,
-    audit_read,
+    audit_study_view,
     classify_held,
     held_upload,
     hold_upload,
@@ -172,7 +172,7 @@ def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
 def api_study(db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> results.StudyDetail:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
                                   storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
-    audit_read(db, principal, "study.view", f"study:{study_id}")
+    audit_study_view(db, con, principal, study_id)
     return detail
 
 

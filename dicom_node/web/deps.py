@@ -11,6 +11,7 @@ from fastapi import Depends, Path, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import RecentReads
 from dicom_node.errors import AuthenticationError, PermissionDeniedError
 from dicom_node.settings import Settings
 from dicom_node.web.auth import (
@@ -41,6 +42,7 @@ class Console:
     throttle: LoginThrottle
     uploads: UploadStore
     templates: Jinja2Templates
+    reads: RecentReads  # whose reads of a study's images were recorded lately
 
 
 class NotAuthenticated(AuthenticationError):

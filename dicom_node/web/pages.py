@@ -349,11 +349,28 @@ def audited_download(db: Session, principal: Principal, action: str, target: str
     audit_read(db, principal, action, target)
 
 
+def audit_study_view(db: Session, con: Console, principal: Principal, study_id: int) -> None:
+    """Record that ``principal`` opened the study (page or API); the images its page then loads are part
+    of that read (:func:`audit_image_read`)."""
+    target = f"study:{study_id}"
+    audit_read(db, principal, "study.view", target)
+    con.reads.first(audit.user_actor(principal.username), target)
+
+
+def audit_image_read(db: Session, con: Console, principal: Principal, study_id: int) -> None:
+    """Record a read of the study's images (``study.images``) unless the user opened the study, or read
+    its images, within the last hour: a study page loads every image and heat map, one request each, and
+    a script that fetched images without opening the study was in no log (review)."""
+    target = f"study:{study_id}"
+    if con.reads.first(audit.user_actor(principal.username), target):
+        audit_read(db, principal, "study.images", target)
+
+
 @router.get("/results/{study_id}")
 def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> Response:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
                                   storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
-    audit_read(db, principal, "study.view", f"study:{study_id}")
+    audit_study_view(db, con, principal, study_id)
     return render(request, "study.html", principal, active="results", study=detail)
 
 
@@ -371,8 +388,11 @@ def _instance(db: DbDep, study_id: int, instance_id: int) -> Instance:
 
 
 @router.get("/results/{study_id}/instances/{instance_id}/image.png")
-def instance_image(con: ConsoleDep, db: DbDep, study_id: RowId, instance_id: RowId) -> Response:
+def instance_image(
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: RowId, instance_id: RowId
+) -> Response:
     instance = _instance(db, study_id, instance_id)
+    audit_image_read(db, con, principal, study_id)
     release(db)
     gray = con.services.stored_preview(instance.file_path)
     return Response(png_bytes(gray), media_type="image/png")
@@ -398,11 +418,14 @@ def _under(root: Path, relative: str, missing: str = RESULT_FILE_MISSING) -> Pat
 
 
 @router.get("/results/{study_id}/findings/{finding_id}/heatmap.png")
-def finding_heatmap(con: ConsoleDep, db: DbDep, study_id: RowId, finding_id: RowId) -> Response:
+def finding_heatmap(
+    con: ConsoleDep, db: DbDep, principal: UserDep, study_id: RowId, finding_id: RowId
+) -> Response:
     finding = db.get(Finding, finding_id)
     if finding is None or not finding.heatmap_path:
         raise NotFoundError("no heat map for this finding")
     instance = _instance(db, study_id, finding.instance_pk)
+    audit_image_read(db, con, principal, study_id)
     release(db)
     heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path, HEATMAP_FILE_MISSING))
     gray = con.services.stored_preview(instance.file_path)

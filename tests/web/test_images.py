@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import NotFoundError
 from dicom_node.settings import Settings
+from dicom_node.store.db import session_scope
+from dicom_node.store.models import AuditEvent
 from dicom_node.web.imaging import hot_region, overlay_png
 from tests import peers
+from tests.web.conftest import ADMIN
 from tests.web.studies import StudySpec, add_study
 from tests.web.test_upload import _mediastinum_brighter_than_lungs
 
@@ -60,6 +64,36 @@ def test_details_image_and_heatmap_of_a_stored_instance(
     assert image.headers["cache-control"] == overlay.headers["cache-control"] == "no-store"
     shown = Image.open(io.BytesIO(image.content))
     assert Image.open(io.BytesIO(overlay.content)).size == shown.size
+
+
+def test_reading_a_studys_images_without_opening_it_is_in_the_audit_log_once(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """The images and heat maps were served with no audit record: a script could fetch every patient's
+    radiographs and leave no ``study.view`` (review). A read of a study's images is recorded once an hour
+    per user and study, and not at all after the study page, whose own read covers the images it loads."""
+    client, _ = admin_client
+    target = settings.storage_dir / "rg1" / "rg1.dcm"
+    target.parent.mkdir(parents=True)
+    shutil.copy(peers.pydicom_data_file("RG1_UNCI.dcm"), target)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    np.save(settings.results_dir / "heat.npy", np.ones((150, 150), dtype=np.float32))
+    spec = StudySpec(file_path="rg1/rg1.dcm", heatmap_path="heat.npy")
+    fetched, opened = add_study(factory, spec), add_study(factory, spec)
+    for ids in (fetched, fetched):  # straight to the images, twice
+        assert client.get(f"/results/{ids.study}/instances/{ids.instance}/image.png").status_code == 200
+        assert client.get(f"/results/{ids.study}/findings/{ids.finding}/heatmap.png").status_code == 200
+    assert client.get(f"/results/{opened.study}").status_code == 200  # the page, then its images
+    assert client.get(f"/results/{opened.study}/instances/{opened.instance}/image.png").status_code == 200
+    with session_scope(factory) as session:
+        reads = session.execute(
+            select(AuditEvent.actor, AuditEvent.action, AuditEvent.target)
+            .where(AuditEvent.action.like("study.%")).order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(row) for row in reads] == [
+        (f"user:{ADMIN[0]}", "study.images", f"study:{fetched.study}"),
+        (f"user:{ADMIN[0]}", "study.view", f"study:{opened.study}"),
+    ]
 
 
 @pytest.mark.parametrize("name", ["heat.npy", "heat.png"])
