@@ -140,6 +140,11 @@ class SessionTokens:
     def end(self, session: Session, session_id: int) -> None:
         session.execute(delete(WebSession).where(WebSession.id == session_id))
 
+    def end_token(self, session: Session, token: str | None) -> None:
+        """End the session of a cookie token, if it names one."""
+        if token and len(token) <= 128:
+            session.execute(delete(WebSession).where(WebSession.token_hash == self.digest(token)))
+
     def purge_expired(self, session: Session) -> None:
         """Delete expired rows (called at login so the table does not grow without bound)."""
         session.execute(delete(WebSession).where(WebSession.expires_at <= datetime.now(UTC)))

@@ -89,6 +89,9 @@ def log_in(
         return WRONG_CREDENTIALS
     con.throttle.succeeded(key)
     con.tokens.purge_expired(db)
+    # A login in a browser that holds a session (another user's, or an earlier one of the same user) ends
+    # it: its cookie is replaced, and the session must not live on behind the browser's back (review).
+    con.tokens.end_token(db, request.cookies.get(SESSION_COOKIE))
     token = con.tokens.create(db, user)
     audit.record(
         db, audit.user_actor(user.username), "user.login", f"app_user:{user.id}",

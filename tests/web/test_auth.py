@@ -345,6 +345,23 @@ def test_logout_deletes_the_session(
     assert "user.logout" in _actions(factory)
 
 
+def test_a_login_in_a_browser_that_holds_a_session_ends_that_session(
+    client: TestClient, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """Logging in as another user in the same browser replaced the cookie but left the first session valid
+    on the server until it idled out, for whoever had a copy of its cookie (review)."""
+    login(client, *ADMIN)
+    first = client.cookies["cxr_session"]
+    response = client.post("/api/session", json={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1]})
+    assert response.status_code == 200
+    assert _sessions(factory) == 1 and client.get("/api/session").json()["username"] == RADIOLOGIST[0]
+    client.cookies.set("cxr_session", first)
+    assert client.get("/api/session").status_code == 401
+    client.cookies.delete("cxr_session")
+    response = client.post("/api/session", json={"username": ADMIN[0], "password": ADMIN[1]})
+    assert response.status_code == 200 and _sessions(factory) == 2  # a browser without one: no other ends
+
+
 def test_forms_without_the_csrf_token_are_refused(
     admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
 ) -> None:
