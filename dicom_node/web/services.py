@@ -84,6 +84,18 @@ class Upload:
         return self.dataset is not None
 
     @property
+    def held_bytes(self) -> int:
+        """About what the upload holds in memory: its bytes, and its pixels as read (a deflated data set's
+        inflated, a picture's decoded)."""
+        size = len(self.data)
+        if self.dataset is not None:
+            pixels = self.dataset.get("PixelData")
+            size += len(pixels) if isinstance(pixels, bytes | bytearray) else 0
+        if self.image is not None:
+            size += self.image.width * self.image.height * len(self.image.getbands())
+        return size
+
+    @property
     def eligibility(self) -> Eligibility | None:
         """What the node would decide from the DICOM header; None for a picture, which has none."""
         if self.dataset is None:

@@ -106,9 +106,14 @@ class HeldUpload:
 
 
 class UploadStore:
-    def __init__(self, per_user: int = 4, ttl: float = 2 * 3600.0) -> None:
+    """Uploads held for their users: the latest ``per_user`` of each, none older than ``ttl`` seconds, and
+    together about ``max_bytes`` at most (the oldest of anyone's go first, never the newest), so that many
+    users' uploads do not add up past the node's memory (review)."""
+
+    def __init__(self, per_user: int = 4, ttl: float = 2 * 3600.0, max_bytes: int = 1 << 30) -> None:
         self.per_user = per_user
         self.ttl = ttl
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, HeldUpload] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -125,6 +130,10 @@ class UploadStore:
                 del self._items[token]
             held = HeldUpload(token=secrets.token_urlsafe(16), owner_id=owner_id, upload=upload, created=now)
             self._items[held.token] = held
+            total = sum(item.upload.held_bytes for item in self._items.values())
+            while total > self.max_bytes and len(self._items) > 1:
+                _, oldest = self._items.popitem(last=False)
+                total -= oldest.upload.held_bytes
             return held
 
     def get(self, owner_id: int, token: str) -> HeldUpload:

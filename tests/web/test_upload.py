@@ -19,10 +19,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import MODEL_SCOPE, UNKNOWN_AGE
+from dicom_node.errors import NotFoundError
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import AuditEvent, Instance
 from dicom_node.web import create_app
+from dicom_node.web.services import Upload
+from dicom_node.web.uploads import UploadStore
 from tests import peers
 from tests.web.conftest import RADIOLOGIST, login
 
@@ -212,6 +215,25 @@ def test_an_upload_is_private_to_its_user(
         login(other, *ADMIN)
         assert other.get(f"/upload/{token}").status_code == 404
         assert other.get(f"/upload/{token}/image.png").status_code == 404
+
+
+def test_the_uploads_held_together_stay_within_their_memory_limit() -> None:
+    """Each user's latest four were held whatever their size, so many users' uploads added up without a
+    bound (review). The oldest of anyone's go first; the newest is always held."""
+    store = UploadStore(per_user=4, max_bytes=3_000_000)
+
+    def picture(side: int) -> Upload:
+        return Upload(filename="chest.png", data=b"\0" * 1000, image=Image.new("L", (side, side)))
+
+    first, second, third = (store.add(user, picture(1000)) for user in (1, 2, 3))  # 1,001,000 bytes each
+    with pytest.raises(NotFoundError):
+        store.get(1, first.token)
+    assert store.get(2, second.token) is second and store.get(3, third.token) is third
+    huge = store.add(4, picture(2000))  # more than the limit alone
+    assert store.get(4, huge.token) is huge
+    for user, held in ((2, second), (3, third)):
+        with pytest.raises(NotFoundError):
+            store.get(user, held.token)
 
 
 def test_dicom_upload_shows_its_patient(rad_client: tuple[TestClient, str]) -> None:
