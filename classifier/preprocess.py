@@ -300,7 +300,8 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
 def _declared_size(frame: bytes) -> tuple[int, int] | None:
     """(columns, rows) that a JPEG 2000 codestream's SIZ marker or a JPEG / JPEG-LS frame header (SOFn)
     declares, which the decoder allocates whatever the DICOM header says; None when there is none."""
-    if frame.startswith(b"\xff\x4f\xff\x51") and len(frame) >= 24:  # SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+    # SOC, then SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+    if frame.startswith(b"\xff\x4f\xff\x51") and len(frame) >= 24:
         xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", frame[8:24])
         return max(0, xsiz - xosiz), max(0, ysiz - yosiz)
     if not frame.startswith(b"\xff\xd8"):
@@ -321,7 +322,9 @@ def _declared_size(frame: bytes) -> tuple[int, int] | None:
 
 
 # SOF0-3, 5-7, 9-11, 13-15 (ITU T.81 B.1.1.3) and SOF55 of JPEG-LS (ITU T.87)
-_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+_SOF_MARKERS = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+)
 
 
 def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> None:
@@ -609,14 +612,17 @@ def _lut_table(
         return np.asarray(table, dtype=np.float64), first
 
 
-def _packed_8bit_lut(item: pydicom.Dataset, entries: int, little_endian: bool) -> npt.NDArray[np.float64] | None:
+def _packed_8bit_lut(
+    item: pydicom.Dataset, entries: int, little_endian: bool
+) -> npt.NDArray[np.float64] | None:
     """The table of a LUT of 8-bit entries stored two to a word, as PS3.3 C.11.1.1.1 and C.11.2.1.1 have
     it ("a format equivalent to 8 bits allocated"): OW LUT Data of one byte per entry (and a pad byte for
     an odd count). A big-endian object stores OW as byte-swapped words, so each pair of entries is swapped
     back (DCMTK's dcm2pnm shows both byte orders alike). None for any other LUT, which pydicom reads; it
     reads this one as 16-bit words and fails on the short data."""
     data = item.get("LUTData")
-    if int(item.LUTDescriptor[2]) != 8 or not isinstance(data, bytes) or len(data) not in (entries, entries + 1):
+    if (int(item.LUTDescriptor[2]) != 8 or not isinstance(data, bytes)
+            or len(data) not in (entries, entries + 1)):
         return None
     if not little_endian:
         even = len(data) // 2 * 2  # an odd count without its pad byte leaves its last entry unpaired

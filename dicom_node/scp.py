@@ -415,9 +415,9 @@ class StorageScp:
         # logging leaves out: the PACS saw "local limit exceeded" and the node's log nothing (review).
         open_here = sum(1 for other in self.ae.active_associations if other.is_acceptor)
         if open_here > self.settings.max_associations:  # this one counts, as in pynetdicom
-            LOGGER.warning("association from %r at %s rejected (transient, local limit exceeded): %d associations "
-                           "already open in this listener process (dicom.max_associations)", calling, peer,
-                           open_here - 1)
+            LOGGER.warning("association from %r at %s rejected (transient, local limit exceeded): %d "
+                           "associations already open in this listener process (dicom.max_associations)",
+                           calling, peer, open_here - 1)
             self._reject(event, REJECT_LOCAL_LIMIT)
             return
         if reporter:  # a result destination, to report storage commitment
@@ -456,8 +456,8 @@ class StorageScp:
             # pynetdicom hands any DIMSE-N request on a storage context to this handler and would answer
             # it with a C-STORE response; the peer is told by an abort instead (a C-FIND or C-MOVE there
             # pynetdicom aborts itself)
-            LOGGER.warning("%s request from %s on a storage presentation context refused: association aborted",
-                           type(event.request).__name__.replace("_", "-"), calling)
+            LOGGER.warning("%s request from %s on a storage presentation context refused: association "
+                           "aborted", type(event.request).__name__.replace("_", "-"), calling)
             event.assoc.abort()
             return int(Status.PROCESSING_FAILURE)
         if event.assoc in self._reporters:
