@@ -19,6 +19,7 @@ studies that are ready at the same time.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import sys
@@ -43,7 +44,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
-from dicom_node.errors import NodeError, ReportingError, describe_exception
+from dicom_node.errors import ConfigurationError, NodeError, ReportingError, describe_exception
 from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image
 from dicom_node.storage import lost_results, pdf_path
 from dicom_node.store import header_columns
@@ -125,7 +126,8 @@ class PipelineConfig:
 
 
 def node_identity(settings: Settings) -> NodeIdentity:
-    """The node as the device that authored the results; its UID is stable across restarts."""
+    """The node as the device that authored the results; its UID is the installation's
+    (:func:`device_uid`)."""
     from reporting.types import NodeIdentity
 
     return NodeIdentity(
@@ -134,9 +136,40 @@ def node_identity(settings: Settings) -> NodeIdentity:
         manufacturer="cxr-node",
         model_name="CXR AI node",
         software_version=__version__,
-        device_uid=generate_uid(entropy_srcs=["cxr-node", settings.dicom.ae_title, settings.node.name]),
+        device_uid=device_uid(settings.node.data_dir),
         station_name=settings.dicom.ae_title,
     )
+
+
+DEVICE_UID_FILE = "device-uid"
+_DEVICE_UID = re.compile(r"2\.25\.[1-9][0-9]{0,38}")
+
+
+def device_uid(data_dir: Path) -> str:
+    """The node's Device Observer UID (TID 1004): made at random the first time it is needed (a 2.25 UUID
+    UID) and kept in ``data_dir``, which is backed up with the database. It was derived from the AE title
+    and the node's name, so every installation that kept the defaults was one device, and renaming the AE
+    title made another (review). Concurrent first calls agree: the file is linked into place once."""
+    path = data_dir / DEVICE_UID_FILE
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        kept = ""
+    if _DEVICE_UID.fullmatch(kept):
+        return kept
+    if kept:
+        raise ConfigurationError(f"{path} does not hold a UID of the form 2.25.<number>; restore it from the "
+                                 "backup, or remove it to make the node a new device")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    made = data_dir / f".{DEVICE_UID_FILE}.{os.getpid()}.{threading.get_ident()}"
+    made.write_text(generate_uid(prefix=None) + "\n", encoding="ascii")
+    try:
+        os.link(made, path)  # fails if another process or thread made it first: theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        made.unlink()
+    return path.read_text(encoding="ascii").strip()
 
 
 def config_from_settings(settings: Settings) -> PipelineConfig:

@@ -21,7 +21,7 @@ class NodeIdentity:
     manufacturer: str
     model_name: str
     software_version: str
-    device_uid: str  # stable per installation: identifies the node as an SR observer device
+    device_uid: str  # one per installation (dicom_node.pipeline.device_uid): the node as SR observer device
     station_name: str
 
 
