@@ -6,6 +6,7 @@ derivation description; it is a DERIVED/SECONDARY image in its own series.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from datetime import datetime
@@ -27,6 +28,7 @@ from reporting.study import (
     date_result,
     dicom_date,
     dicom_time,
+    header,
     header_for_highdicom,
     in_study_time,
     put_back,
@@ -93,6 +95,11 @@ def build_heatmap_sc(
         institution_name=node.institution_name or None,
     )
     put_back(sc, refused)
+    # highdicom copies nine patient and study values; the study's other ones (Issuer of Patient ID, Other
+    # Patient IDs, the Patient Study module, Study Description, ...) are the SR's and the PDF's too, or a PACS
+    # that checks the issuer files the heat map apart from them (review)
+    sc.copy_patient_and_study_information(header(image.source))
+    _copy_lossy_compression(image.source, sc)
     _date(sc, moment, offset)
     if orientation is None:
         sc["PatientOrientation"].value = None  # unknown in the source: left empty (Type 2), not invented
@@ -116,6 +123,19 @@ def build_heatmap_sc(
         sc.StationName = node.station_name
     LOGGER.debug("built heat-map Secondary Capture %dx%d", pixels.shape[1], pixels.shape[0])
     return sc
+
+
+_LOSSY = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+
+
+def _copy_lossy_compression(source: pydicom.Dataset, sc: pydicom.Dataset) -> None:
+    """The overlay shows the source's pixels: once they were lossy compressed, the copy says so as well,
+    with the source's ratio and method (PS3.3 C.7.6.1.1.5: once 01, never reset)."""
+    if str(source.get("LossyImageCompression", "")).strip() != "01":
+        return
+    for keyword in _LOSSY:
+        if keyword in source:
+            sc[keyword] = copy.deepcopy(source[keyword])
 
 
 def _date(sc: pydicom.Dataset, moment: datetime, offset: str | None) -> None:

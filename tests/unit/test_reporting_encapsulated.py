@@ -174,6 +174,41 @@ def test_pdf_and_secondary_capture_carry_header_values_highdicom_refuses() -> No
         assert {keyword: str(ds.get(keyword)) for keyword in MESSY_VALUES} == MESSY_VALUES
 
 
+def test_the_heat_map_carries_the_studys_patient_and_study_attributes_as_the_pdf_does() -> None:
+    """highdicom's SCImage.from_ref_dataset copies nine patient and study values: the heat map lost the
+    Issuer of Patient ID, the Other Patient IDs, the Patient Study module and the Study Description that
+    the SR and the PDF carry, and the source's lossy compression (review)."""
+    source = unicode_source()
+    source.IssuerOfPatientID = "HOSP-A"
+    other = pydicom.Dataset()
+    other.PatientID, other.IssuerOfPatientID = "OTHER-1", "HOSP-B"
+    source.OtherPatientIDsSequence = [other]
+    source.PatientAge, source.PatientWeight, source.PatientSize = "054Y", "70", "1.72"
+    source.StudyDescription = "THORAX PA"
+    source.AdmissionID = "ADM-7"
+    source.LossyImageCompression = "01"
+    source.LossyImageCompressionRatio = [10, 2.5]
+    source.LossyImageCompressionMethod = ["ISO_15444_1", "ISO_10918_1"]
+    image = analysed(source)
+    pdf = build_encapsulated_pdf(
+        build_pdf([image], NODE, analysed_at=ANALYSED_AT), source, NODE,
+        series_instance_uid="1.2.826.0.1.3680043.8.498.3301", sop_instance_uid="1.2.826.0.1.3680043.8.498.3302",
+    )
+    sc = reread(build_heatmap_sc(image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3401",
+                                 sop_instance_uid="1.2.826.0.1.3680043.8.498.3402"))
+    for keyword in ("IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientWeight", "PatientSize",
+                    "StudyDescription", "AdmissionID", "PatientName", "PatientID", "AccessionNumber"):
+        assert sc[keyword].value == pdf[keyword].value == source[keyword].value, keyword
+    assert sc.LossyImageCompression == "01"
+    assert list(sc.LossyImageCompressionRatio) == [10, 2.5]
+    assert list(sc.LossyImageCompressionMethod) == ["ISO_15444_1", "ISO_10918_1"]
+    lossless = unicode_source()
+    lossless.LossyImageCompression = "00"
+    plain = build_heatmap_sc(analysed(lossless), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3501",
+                             sop_instance_uid="1.2.826.0.1.3680043.8.498.3502")
+    assert "LossyImageCompressionRatio" not in plain
+
+
 def test_no_secondary_capture_without_heatmap() -> None:
     with pytest.raises(NoHeatmapError):
         build_heatmap_sc(
