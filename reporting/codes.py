@@ -100,13 +100,22 @@ def finding_for(label: str) -> FindingConcept:
         raise UnknownLabelError(f"no coded concept for class label {label!r}") from None
 
 
-def local_scheme_identification(responsible_organization: str) -> CodingSchemeIdentificationItem:
-    """Coding Scheme Identification Sequence item declaring :data:`LOCAL_SCHEME` (PS3.3 C.12.1.1.3)."""
-    return CodingSchemeIdentificationItem(
-        designator=LOCAL_SCHEME,
-        name="CXR node local codes (reporting/codes.py)",
-        responsible_organization=responsible_organization,
-    )
+def private_scheme_identification(responsible_organization: str) -> list[CodingSchemeIdentificationItem]:
+    """Coding Scheme Identification Sequence items declaring the private schemes an SR uses (PS3.3
+    C.12.1.1.3): :data:`LOCAL_SCHEME`, and IHE's temporary one of :data:`PROCESSING_ALGORITHM` (left
+    undeclared before: review)."""
+    return [
+        CodingSchemeIdentificationItem(
+            designator=LOCAL_SCHEME,
+            name="CXR node local codes (reporting/codes.py)",
+            responsible_organization=responsible_organization,
+        ),
+        CodingSchemeIdentificationItem(
+            designator=PROCESSING_ALGORITHM.scheme_designator,
+            name="IHE temporary codes (IHE RAD AI Results)",
+            responsible_organization="IHE",
+        ),
+    ]
 
 
 _DOUBT_CODES = {Doubt.NEGATIVE: NEGATIVE, Doubt.WRONG_WAY_UP: WRONG_WAY_UP, Doubt.UNFAMILIAR: UNFAMILIAR}

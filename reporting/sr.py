@@ -172,7 +172,7 @@ def build_sr(
             algorithm_equipment(model, node, moment) for model in distinct_models(images)
         ],
         requested_procedures=requested_procedures(evidence[0]) or None,
-        coding_schemes=[codes.local_scheme_identification(node.manufacturer)],
+        coding_schemes=codes.private_scheme_identification(node.manufacturer),
         previous_versions=list(predecessors) or None,
     )
     put_back(sr, refused[0])  # highdicom copies the patient and study of the first evidence item

@@ -3,6 +3,7 @@ write/read cycle under strict validation, and the same document when rebuilt."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 from collections.abc import Iterator, Sequence
@@ -212,7 +213,14 @@ def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equi
     assert algorithm[0].PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
     assert algorithm[0].ManufacturerModelName == "sugandi-cnn"
     assert algorithm[0].SoftwareVersions == "2026.11.21-ab12cd3"
-    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LOCAL_SCHEME
+    # every private ("99") scheme the SR uses is declared (PS3.3 C.12.1.1.3); 99IHE was not (review)
+    declared = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
+    used: set[str] = set()
+    content = copy.deepcopy(sr)
+    del content.CodingSchemeIdentificationSequence
+    content.walk(lambda _, element: used.add(str(element.value))
+                 if element.keyword == "CodingSchemeDesignator" and str(element.value).startswith("99") else None)
+    assert declared == [codes.LOCAL_SCHEME, "99IHE"] and used == set(declared)
 
 
 def test_binary_model_labels_are_coded() -> None:
