@@ -328,6 +328,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     if mapping:
         split["relabel"] = mapping
     train_items, val_items = draw_split(items, split)
+    trained = np.bincount(_labels(train_items, classes), minlength=len(classes))
+    if absent := [name for name, count in zip(classes, trained, strict=True) if not count]:
+        # a fold can hold every group of a rare class; its class weight was then 0 and nothing said so
+        raise DatasetError(
+            f"no training image of class {', '.join(absent)} in this split: all its groups are on the "
+            "validation side (fewer folds, or more groups of it)"
+        )
     split["fingerprint"] = split_fingerprint(train_items, val_items)  # checked where the split is drawn anew
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:

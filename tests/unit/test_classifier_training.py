@@ -234,6 +234,24 @@ def test_group_folds_partition_the_collection(collection: Path) -> None:
         split_by_fold(items, 3, 3, seed=7)
 
 
+def test_a_fold_that_leaves_a_class_out_of_training_is_refused(collection: Path, tmp_path: Path) -> None:
+    """A class of one group lands whole in one fold's validation: that fold trained without it, with a
+    class weight of 0, and its figures went into the cross-validation mean without a word (review)."""
+    rows = ["file,label,group"] + [f"{collection}/{label}/{index}.png,{label},{label}-{index // 2}"
+                                   for label in ("bright", "dark") for index in range(10)]
+    rows += [f"{collection}/dark/{index}.png,rare,rare-1" for index in (10, 11)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    config = TrainingConfig(architecture="cxr-compact", data=manifest, output=tmp_path / "model", folds=2,
+                            epochs=1, steps_per_epoch=1, batch_size=4, input_size=32, progress=False)
+    [fold] = [fold for fold in (0, 1) if any(
+        item.label == "rare" for item in split_by_fold(load_collection(manifest), fold, 2, config.seed)[1]
+    )]
+    with pytest.raises(DatasetError, match="no training image of class rare in this split"):
+        train(replace(config, fold=fold), argv=[])
+    assert not (tmp_path / "model" / "model.keras").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
