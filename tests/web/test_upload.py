@@ -130,6 +130,7 @@ def _animated_png() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, for large.png
 def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str]) -> None:
     client, csrf = rad_client
     preamble = b"\0" * 128 + b"DICM"
