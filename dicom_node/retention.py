@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,9 @@ LOGGER = logging.getLogger(__name__)
 
 JOB_ID = "retention:purge"
 INTERVAL_SECONDS = 3600.0
+#: The first run after start: soon, so that a run a crash cut short (files removed, the transaction that
+#: records it lost) is recorded and audited then, not an hour later.
+FIRST_RUN_SECONDS = 60.0
 BATCH = 500
 
 _active: Retention | None = None
@@ -77,7 +80,8 @@ class Retention:
         self.interval_seconds = interval_seconds
 
     def start(self) -> None:
-        """Become this process's retention and run hourly (the first run one interval after start)."""
+        """Become this process's retention and run hourly, the first run :data:`FIRST_RUN_SECONDS` after
+        start (it was one interval after)."""
         global _active
         _active = self
         if self.scheduler is None:
@@ -88,6 +92,7 @@ class Retention:
             run_scheduled,
             "interval",
             seconds=self.interval_seconds,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=min(FIRST_RUN_SECONDS, self.interval_seconds)),
             id=JOB_ID,
             jobstore=MEMORY_STORE,
             replace_existing=True,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from apscheduler.jobstores.memory import MemoryJobStore
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -144,3 +145,50 @@ def test_the_period_counts_from_when_the_study_was_done_with_and_spares_images_n
         assert _files(session, ids["after_outage"], storage) == [(True, False)]
         assert _files(session, ids["analysed_lately"], storage) == [(True, False)]
         assert sorted(_files(session, ids["mixed"], storage)) == [(False, True), (True, False), (True, False)]
+
+
+def test_a_run_cut_short_after_removing_files_is_recorded_by_the_first_run_after_start(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between removing the files and committing their rows left rows of removed files, unaudited,
+    which `storage check` called missing until the next hourly run, an hour after start (review). That
+    run records them as already gone; it now comes a minute after start."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from dicom_node import audit
+    from dicom_node.jobs import MEMORY_STORE
+    from dicom_node.retention import FIRST_RUN_SECONDS, JOB_ID
+
+    storage = tmp_path / "instances"
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104)
+        session.add(pacs)
+        session.flush()
+        study = add_study(session, storage, received_at=utcnow() - timedelta(days=40), images=2,
+                          state=StudyState.ANALYSED, instance_state=InstanceState.ANALYSED)
+        _with_delivery(session, study, pacs, DeliveryState.DELIVERED)
+        study_pk = study.id
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(audit, "record", killed)
+        with pytest.raises(SystemExit):
+            Retention(db, storage, retention_days=30).purge()
+    with session_scope(db) as session:
+        assert _files(session, study_pk, storage) == [(False, False), (False, False)]  # removed, not recorded
+    scheduler = BackgroundScheduler(jobstores={MEMORY_STORE: MemoryJobStore()})
+    scheduler.start(paused=True)
+    try:
+        started = datetime.now(UTC)
+        Retention(db, storage, retention_days=30, scheduler=scheduler).start()
+        first = scheduler.get_job(JOB_ID, jobstore=MEMORY_STORE).next_run_time
+        assert timedelta(0) < first - started <= timedelta(seconds=FIRST_RUN_SECONDS + 1)
+    finally:
+        scheduler.shutdown(wait=False)
+    report = Retention(db, storage, retention_days=30).purge()  # what that first run does
+    assert (report.purged, report.missing) == (0, 2)
+    with session_scope(db) as session:
+        assert _files(session, study_pk, storage) == [(False, True), (False, True)]
+        assert session.scalar(select(AuditEvent).where(AuditEvent.action == "retention.purge")) is not None
