@@ -321,9 +321,12 @@ class Pipeline:
             return self._classifier
 
     def start(self) -> None:
-        """Start the worker and resume every study whose job is still PENDING or RUNNING."""
+        """Start the worker and resume every study whose job is still PENDING or RUNNING. A result file a
+        crash left half-written (an SR or PDF naming the patient) is removed first, as received ones are:
+        the study's round makes it again."""
         if self._thread is not None:
             return
+        self.results.remove_stale_temporaries()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="cxr-pipeline", daemon=True)
         self._thread.start()

@@ -132,6 +132,19 @@ def world(db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, classifier
             "store": FileStore(config.storage_dir, fsync=False)}
 
 
+def test_a_result_file_a_crash_left_half_written_is_removed_at_start(world: dict[str, Any]) -> None:
+    """A kill -9 between writing a result's temporary and renaming it left the temporary (an SR or PDF
+    that names the patient) in results/.incoming for good; only the received images' were removed (review)."""
+    pipeline = make_pipeline(world)
+    stale = world["config"].results_dir / ".incoming" / ".incoming-killed.tmp"
+    stale.write_bytes(SENTINEL.encode())
+    pipeline.start()
+    try:
+        assert not stale.exists()
+    finally:
+        pipeline.stop()
+
+
 def make_pipeline(world: dict[str, Any], **changes: Any) -> Pipeline:
     config = replace(world["config"], **changes)
     return Pipeline(world["db"], config, lambda: world["classifier"], outbox=world["outbox"])
