@@ -942,9 +942,12 @@ class Pipeline:
                         revision=revision,
                     )
                     digests[row.id] = self.results.write(path, [dataset_bytes(sc)]).sha256
-        except NodeError:
-            raise
         except Exception as exc:
+            # The files written before the failure (a full disk at the PDF, say) stay and are not made
+            # again: their checksums are recorded now, or a later damage to them would go out unnoticed.
+            self._record_digests_written_before(study_pk, digests)
+            if isinstance(exc, NodeError):
+                raise
             raise ReportingError(f"building results for study {study_pk} failed ({type(exc).__name__})") from exc
         LOGGER.info(
             "study %d: %d result object(s) built in %.0f ms",
@@ -1098,6 +1101,15 @@ class Pipeline:
         with session_scope(self.session_factory) as session:
             for pk, sha256 in digests.items():
                 session.execute(update(ResultObject).where(ResultObject.id == pk).values(sha256=sha256))
+
+    def _record_digests_written_before(self, study_pk: int, digests: dict[int, str]) -> None:
+        """:meth:`_record_digests` on the way out of a failed round; a failure to record them is logged
+        (the round's own error is the one that counts, and a file without one is read as DICOM)."""
+        try:
+            self._record_digests(digests)
+        except Exception as exc:
+            LOGGER.warning("study %d: the checksums of %d result file(s) written before the failure were not "
+                           "recorded (%s)", study_pk, len(digests), describe_exception(exc))
 
     def _finalise(
         self,

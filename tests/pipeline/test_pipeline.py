@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import pipeline as pipeline_module
 from dicom_node import storage
 from dicom_node.eligibility import UNKNOWN_AGE, AgePolicy
-from dicom_node.errors import IdentityConflictError
+from dicom_node.errors import IdentityConflictError, StorageError
 from dicom_node.ingest import IngestResult, ingest_bytes
 from dicom_node.jobs import open_study_ready_job
 from dicom_node.outbox import REMAKING, Outbox
@@ -49,7 +49,7 @@ from dicom_node.pipeline import (
 )
 from dicom_node.settings import OutboxSettings, Settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
-from dicom_node.store.files import FileStore
+from dicom_node.store.files import FileStore, file_sha256
 from dicom_node.store.models import (
     AeRole,
     Delivery,
@@ -143,6 +143,38 @@ def test_a_result_file_a_crash_left_half_written_is_removed_at_start(world: dict
         assert not stale.exists()
     finally:
         pipeline.stop()
+
+
+def test_the_checksum_of_a_result_written_before_the_disk_filled_is_recorded(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The SR written, then the disk full at the PDF: the study waits for room and is finished later, but
+    the SR's checksum was thrown away with the failed round and never recorded, so a later damage to the
+    SR went out to the PACS unnoticed (review)."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    pipeline = make_pipeline(world)
+    write = pipeline.results.write
+    calls = 0
+
+    def disk_full_at_the_second(relative: str, chunks: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StorageError("cannot write to the file store (No space left on device)")
+        return write(relative, chunks)
+
+    pipeline.results.write = disk_full_at_the_second  # type: ignore[method-assign]
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.READY  # waits for room
+    pipeline.results.write = write  # type: ignore[method-assign]
+    pipeline.process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
+        rows = list(session.scalars(select(ResultObject).where(ResultObject.study_pk == study_pk)))
+    assert {row.kind for row in rows} >= {ResultKind.SR, ResultKind.PDF}
+    for row in rows:
+        assert row.sha256 == file_sha256(world["config"].results_dir / row.file_path), row.kind
 
 
 def make_pipeline(world: dict[str, Any], **changes: Any) -> Pipeline:
