@@ -19,7 +19,6 @@ studies that are ready at the same time.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import sys
@@ -44,12 +43,12 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from classifier.types import ModelInfo, Prediction
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
-from dicom_node.errors import ConfigurationError, NodeError, ReportingError, describe_exception
+from dicom_node.errors import NodeError, ReportingError, describe_exception
 from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image
 from dicom_node.storage import lost_results, pdf_path
 from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope, waits_for_a_resource
-from dicom_node.store.files import FileStore
+from dicom_node.store.files import FileStore, kept_value
 from dicom_node.store.models import (
     AeRole,
     Delivery,
@@ -149,27 +148,9 @@ def device_uid(data_dir: Path) -> str:
     """The node's Device Observer UID (TID 1004): made at random the first time it is needed (a 2.25 UUID
     UID) and kept in ``data_dir``, which is backed up with the database. It was derived from the AE title
     and the node's name, so every installation that kept the defaults was one device, and renaming the AE
-    title made another (review). Concurrent first calls agree: the file is linked into place once."""
-    path = data_dir / DEVICE_UID_FILE
-    try:
-        kept = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        kept = ""
-    if _DEVICE_UID.fullmatch(kept):
-        return kept
-    if kept:
-        raise ConfigurationError(f"{path} does not hold a UID of the form 2.25.<number>; restore it from the "
-                                 "backup, or remove it to make the node a new device")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    made = data_dir / f".{DEVICE_UID_FILE}.{os.getpid()}.{threading.get_ident()}"
-    made.write_text(generate_uid(prefix=None) + "\n", encoding="ascii")
-    try:
-        os.link(made, path)  # fails if another process or thread made it first: theirs stands
-    except FileExistsError:
-        pass
-    finally:
-        made.unlink()
-    return path.read_text(encoding="ascii").strip()
+    title made another (review)."""
+    return kept_value(data_dir / DEVICE_UID_FILE, lambda: generate_uid(prefix=None),
+                      lambda value: _DEVICE_UID.fullmatch(value) is not None, "a UID of the form 2.25.<number>")
 
 
 def config_from_settings(settings: Settings) -> PipelineConfig:

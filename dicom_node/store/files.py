@@ -21,12 +21,12 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.errors import StorageError
+from dicom_node.errors import ConfigurationError, StorageError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -343,3 +343,35 @@ def _unlink_quietly(path: Path) -> None:
         LOGGER.debug("nothing to remove at a file-store path")
     except OSError as exc:
         LOGGER.warning("could not remove a file-store file: %s", exc.strerror)
+
+
+def kept_value(path: Path, make: Callable[[], str], valid: Callable[[str], bool], what: str) -> str:
+    """The one-line value kept in ``path``, made by ``make`` the first time and kept readable by the node's
+    user only (0600): an installation's identity or key, backed up with ``node.data_dir``. Concurrent
+    first calls agree: the value is linked into place once, and the loser reads the winner's. A file that
+    does not hold a ``valid`` value stops the node with what to do (``what`` says what it should hold)."""
+    try:
+        kept = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        kept = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{path} cannot be read ({type(exc).__name__})") from exc
+    if valid(kept):
+        return kept
+    if kept:
+        raise ConfigurationError(f"{path} does not hold {what}; restore it from the backup, or remove it to "
+                                 "make a new one")
+    private_directory(path.parent)
+    made = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    descriptor = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        handle.write(make() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(made, path)  # fails if another process or thread made it first: theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        made.unlink()
+    return path.read_text(encoding="ascii").strip()
