@@ -172,7 +172,7 @@ class WebSettings(_Group):
     port: int = Field(default=8080, ge=0, le=65535)
     session_minutes: int = Field(default=480, ge=1)
     session_max_hours: float = Field(default=12, gt=0)
-    # None: a random key per process (sessions end when the node restarts)
+    # None: a random key made once and kept in node.data_dir/web-secret-key (0600)
     secret_key: SecretStr | None = None
     secure_cookies: bool = False
     # Addresses of reverse proxies whose X-Forwarded-For the console believes (the audit trail then records

@@ -7,6 +7,7 @@ is built at import time. ``dicom_node.web.server.WebServer`` serves it from the 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -28,6 +29,7 @@ from dicom_node.errors import NodeError, NotFoundError, describe_exception
 from dicom_node.metrics import metrics_router
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
+from dicom_node.store.files import kept_value
 from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import account, admin, api, login, pages
 from dicom_node.web.auth import SESSION_COOKIE, LoginThrottle, Principal, SessionTokens
@@ -43,6 +45,18 @@ LOGGER = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).parent
 
 
+WEB_KEY_FILE = "web-secret-key"
+_WEB_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def web_key(data_dir: Path) -> str:
+    """The console's key when ``web.secret_key`` is not set: made at random once and kept in ``data_dir``
+    (0600). A key made anew in each process ended every session at a restart and voided the browsers'
+    device cookies, so that guessing at an administrator's password locked them out after one (review)."""
+    return kept_value(data_dir / WEB_KEY_FILE, lambda: secrets.token_hex(32),
+                      lambda value: _WEB_KEY.fullmatch(value) is not None, "64 hexadecimal digits")
+
+
 def create_app(
     settings: Settings,
     session_factory: sessionmaker[Session],
@@ -50,7 +64,7 @@ def create_app(
 ) -> FastAPI:
     """Build the console for one node. ``services`` defaults to the node's real ones."""
     key_secret = settings.web.secret_key
-    key = key_secret.get_secret_value().encode() if key_secret is not None else secrets.token_bytes(32)
+    key = (key_secret.get_secret_value() if key_secret is not None else web_key(settings.node.data_dir)).encode()
     templates = configure_templates(Jinja2Templates(directory=PACKAGE_DIR / "templates"), settings)
     state = Console(
         settings=settings,

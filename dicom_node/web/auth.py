@@ -7,8 +7,9 @@ for ``admin`` locks out only the browsers that never logged in as ``admin``, not
 A session expires after ``web.session_minutes`` without use (a page's own automatic reload, marked
 ``?auto=1``, is not use) and ``web.session_max_hours`` after its login whatever the use, so an
 unattended workstation does not keep patient data on screen for ever.
-The HMAC key is ``web.secret_key`` or a random key per process, in which case a restart ends all
-sessions (nothing else depends on it).
+The HMAC key (of session tokens and of the device cookies that exempt a browser from another's login
+lockout) is ``web.secret_key``, or one made once and kept in ``node.data_dir``
+(:func:`dicom_node.web.web_key`), so that sessions and device cookies outlive a restart.
 """
 
 from __future__ import annotations

@@ -167,6 +167,30 @@ def test_guessing_does_not_lock_out_a_browser_that_logged_in_before(
     assert tokens.throttle_key("alice", "abc.d\u00e9f") == "user:alice"  # not ASCII: no TypeError
 
 
+def test_sessions_and_device_cookies_outlive_a_restart_without_a_configured_key(
+    settings: Settings, accounts: dict[str, int], factory: sessionmaker[Session]
+) -> None:
+    """Without ``web.secret_key`` (the quick start) each process made its own key: a restart logged every
+    user out and voided the device cookies, so that after it eight wrong guesses locked the administrator
+    out of their own browser (review). The key is made once and kept in node.data_dir, readable by the
+    node's user only."""
+    assert settings.web.secret_key is None
+    with TestClient(create_app(settings, factory), follow_redirects=False) as before:
+        assert _try_login(before, *ADMIN) == 303
+        cookies = dict(before.cookies)
+    app = create_app(settings, factory)  # the node restarted
+    with TestClient(app, follow_redirects=False) as own, TestClient(app, follow_redirects=False) as other:
+        own.cookies.update(cookies)
+        assert own.get("/api/session").json()["username"] == ADMIN[0]  # still logged in
+        own.post("/logout", data={"csrf_token": form_csrf(own.get("/").text)})
+        for _ in range(8):
+            assert _try_login(other, ADMIN[0], "guess-guess-guess") == 401
+        assert _try_login(other, *ADMIN) == 429
+        assert _try_login(own, *ADMIN) == 303  # the device cookie from before the restart still counts
+    key = settings.node.data_dir / "web-secret-key"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_name_in_other_letters_is_the_same_account_and_no_way_round_its_lockout(
     app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session]
 ) -> None:
