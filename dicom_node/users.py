@@ -311,71 +311,58 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
-def _run(body: Callable[[], int]) -> int:
-    try:
-        return body()
-    except NodeError as exc:
-        say(f"error: {exc}", err=True)
-        return 1
+# The commands open the node's database before asking for a password (a command run without the node's
+# configuration stops at once, not after the prompts), and leave errors to the node CLI's main: one line
+# `error: ...`, exit code 2, as every other command (they exited 1: review).
 
 
 def _cli_add(args: argparse.Namespace) -> int:
-    def body() -> int:
-        password = _read_password(args)
-        check_password(password, args.username)
-        from dicom_node.store.db import session_scope
+    from dicom_node.store.db import session_scope
 
-        with session_scope(_session_factory(args)) as session:
-            user = create_user(session, args.username, password, UserRole(args.role), audit.cli_actor())
-            say(f"created {user.role.value} {user.username!r}")
-        return 0
-
-    return _run(body)
+    sessions = _session_factory(args)
+    password = _read_password(args)
+    check_password(password, args.username)
+    with session_scope(sessions) as session:
+        user = create_user(session, args.username, password, UserRole(args.role), audit.cli_actor())
+        say(f"created {user.role.value} {user.username!r}")
+    return 0
 
 
 def _cli_list(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from dicom_node.store.db import session_scope
+    from dicom_node.store.db import session_scope
 
-        with session_scope(_session_factory(args)) as session:
-            users = list_users(session)
-            if not users:
-                say(f"no users; create the first admin with: {CREATE_ADMIN_HINT}")
-            for user in users:
-                last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
-                state = "active" if user.active else "disabled"
-                say(f"{user.username:<24} {user.role.value:<12} {state:<9} last login {last}")
-        return 0
-
-    return _run(body)
+    with session_scope(_session_factory(args)) as session:
+        users = list_users(session)
+        if not users:
+            say(f"no users; create the first admin with: {CREATE_ADMIN_HINT}")
+        for user in users:
+            last = user.last_login_at.strftime("%Y-%m-%d %H:%M") if user.last_login_at else "never"
+            state = "active" if user.active else "disabled"
+            say(f"{user.username:<24} {user.role.value:<12} {state:<9} last login {last}")
+    return 0
 
 
 def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        def body() -> int:
-            from dicom_node.store.db import session_scope
+        from dicom_node.store.db import session_scope
 
-            with session_scope(_session_factory(args)) as session:
-                user = get_by_name(session, args.username)
-                set_active(session, user.id, active, audit.cli_actor())
-                say(f"{'enabled' if active else 'disabled'} {user.username!r}")
-            return 0
-
-        return _run(body)
+        with session_scope(_session_factory(args)) as session:
+            user = get_by_name(session, args.username)
+            set_active(session, user.id, active, audit.cli_actor())
+            say(f"{'enabled' if active else 'disabled'} {user.username!r}")
+        return 0
 
     return command
 
 
 def _cli_passwd(args: argparse.Namespace) -> int:
-    def body() -> int:
-        password = _read_password(args)
-        check_password(password, args.username)
-        from dicom_node.store.db import session_scope
+    from dicom_node.store.db import session_scope
 
-        with session_scope(_session_factory(args)) as session:
-            user = get_by_name(session, args.username)
-            set_password(session, user.id, password, audit.cli_actor())
-            say(f"password set for {user.username!r}")
-        return 0
-
-    return _run(body)
+    sessions = _session_factory(args)
+    password = _read_password(args)
+    check_password(password, args.username)
+    with session_scope(sessions) as session:
+        user = get_by_name(session, args.username)
+        set_password(session, user.id, password, audit.cli_actor())
+        say(f"password set for {user.username!r}")
+    return 0

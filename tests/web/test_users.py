@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import io
+import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from dicom_node import users
+from dicom_node import cli, users
 from dicom_node.errors import AuthenticationError, ConflictError
 from dicom_node.settings import load_settings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope
@@ -21,14 +21,9 @@ pytestmark = [pytest.mark.db]
 def _cli(
     config: Path, argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch, *, after: bool = False
 ) -> int:
-    """Run the subcommands as the node's CLI would (it has --config and calls register_cli)."""
-    parser = argparse.ArgumentParser(prog="cxr-node")
-    parser.add_argument("--config", default=argparse.SUPPRESS)
-    users.register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([*argv, "--config", str(config)] if after else ["--config", str(config), *argv])
+    """Run the subcommands through the node's CLI (its errors: one line, exit code 2)."""
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    result: int = args.func(args)
-    return result
+    return cli.main([*argv, "--config", str(config)] if after else ["--config", str(config), *argv])
 
 
 @pytest.fixture
@@ -66,14 +61,29 @@ def test_user_add_and_list_from_the_cli(
         assert event.actor.startswith("cli:") and "s3cret" not in str(event.details)
 
 
+def test_a_user_command_without_the_nodes_database_stops_before_asking_for_a_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run without the node's configuration, `user add` asked for the password twice and then said there
+    was no database, with exit code 1 where every other command stops with 2 (review)."""
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(f"node:\n  data_dir: {tmp_path / 'no-node-here'}\n")
+    for argv in (["user", "add", "--username", "rad", "--role", "radiologist", "--password-stdin"],
+                 ["user", "passwd", "--username", "rad", "--password-stdin"], ["user", "list"]):
+        assert _cli(elsewhere, argv, "long-enough-pw\n", monkeypatch) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: no node database at ") and error.count("\n") == 1
+        assert sys.stdin.read() == "long-enough-pw\n"  # the password was not read
+
+
 def test_cli_refuses_short_passwords_and_duplicates(
     config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     add = ["user", "add", "--username", "rad", "--role", "radiologist", "--password-stdin"]
-    assert _cli(config, add, "short\n", monkeypatch) == 1
+    assert _cli(config, add, "short\n", monkeypatch) == 2
     assert "at least 10 characters" in capsys.readouterr().err
     assert _cli(config, add, "long-enough-pw\n", monkeypatch) == 0
-    assert _cli(config, add, "long-enough-pw\n", monkeypatch) == 1
+    assert _cli(config, add, "long-enough-pw\n", monkeypatch) == 2
     assert "exists already" in capsys.readouterr().err
 
 
@@ -146,7 +156,7 @@ def test_cli_disable_and_passwd(config: Path, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch,
     )
     assert _cli(config, ["user", "disable", "--username", "r1"], "", monkeypatch) == 0
-    assert _cli(config, ["user", "disable", "--username", "a1"], "", monkeypatch) == 1  # last admin
+    assert _cli(config, ["user", "disable", "--username", "a1"], "", monkeypatch) == 2  # last admin
     assert (
         _cli(
             config,
@@ -156,7 +166,7 @@ def test_cli_disable_and_passwd(config: Path, monkeypatch: pytest.MonkeyPatch) -
         )
         == 0
     )
-    assert _cli(config, ["user", "disable", "--username", "nobody"], "", monkeypatch) == 1
+    assert _cli(config, ["user", "disable", "--username", "nobody"], "", monkeypatch) == 2
     factory = make_session_factory(make_engine(load_settings(config).database_url))
     with session_scope(factory) as s:
         users.authenticate(s, "a1", "second-password")
