@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -244,6 +253,22 @@ class Settings(BaseSettings):
         return (self.node.data_dir / "results").resolve()
 
 
+def _said(exc: ValidationError, path: Path | None) -> str:
+    """pydantic's errors in one line: each setting by its dotted name, what is wrong with it and where it
+    came from (the variable in the environment, else the file). pydantic's own text took four lines an
+    error, named a class ("FileSettings") for a variable from the environment, and quoted the value, which
+    may be a password (review)."""
+    said = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        variable = ENV_PREFIX + "__".join(str(part).upper() for part in error["loc"])
+        where = f"from {variable}" if variable in {key.upper() for key in os.environ} else (
+            f"in {path}" if path is not None else "")
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+        said.append(f"{name}: {what}" + (f" ({where})" if where else ""))
+    return "; ".join(said)
+
+
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Read settings from ``config_file`` (or ``$CXR_NODE_CONFIG``) and the environment."""
     from dicom_node.errors import ConfigurationError
@@ -274,10 +299,12 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     bound = type("FileSettings", (Settings,), {"yaml_path": path, "__module__": __name__})
     try:
         settings: Settings = bound(**overrides)
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid settings: {_said(exc, path)}") from exc
+    except ValueError as exc:  # the file's bytes are not text
         raise ConfigurationError(f"invalid settings: {exc}") from exc
-    except yaml.YAMLError as exc:  # a typo in the file: the message gives its line and column
-        raise ConfigurationError(f"{path} is not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # a typo in the file: the message gives its line and column, in one line
+        raise ConfigurationError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     except OSError as exc:
         raise ConfigurationError(f"{path} cannot be read: {exc.strerror or type(exc).__name__}") from exc
     return settings

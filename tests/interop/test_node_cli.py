@@ -126,8 +126,8 @@ def test_python_dash_m_is_the_cli() -> None:
         (b"pipeline:\n  batch_size: twelve\n", "invalid settings"),
         (b"\xff\xfe not text", "invalid settings"),
         # a misspelt key inside a group left the default in force without a word
-        (b"storage:\n  retention_day: 30\n", "storage.retention_day"),
-        (b"dicom:\n  tls: {enable: true}\n", "dicom.tls.enable"),
+        (b"storage:\n  retention_day: 30\n", "storage.retention_day: unknown setting (in "),
+        (b"dicom:\n  tls: {enable: true}\n", "dicom.tls.enable: unknown setting (in "),
     ],
 )
 def test_a_broken_configuration_file_is_one_line_that_says_what(
@@ -139,12 +139,15 @@ def test_a_broken_configuration_file_is_one_line_that_says_what(
     result = run_cli(["serve", "--config", str(config)], env, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line: pydantic's own text took four an error (review)
 
 
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("CXR_NODE__DICOM__PROT", "104", "dicom.prot"),  # a typo in the environment is an error too
+        # a typo in the environment is an error too, named by its variable (pydantic's text said "for
+        # FileSettings" in four lines: review)
+        ("CXR_NODE__DICOM__PROT", "104", "invalid settings: dicom.prot: unknown setting (from CXR_NODE__DICOM__PROT)"),
         ("CXR_NODE__DICOMM__PORT", "104",
          "unknown settings group in the environment: CXR_NODE__DICOMM__PORT"),
         # one underscore: the URL was not read, and the node ran on an SQLite file of its own (review)
@@ -168,6 +171,6 @@ def test_a_wrong_setting_or_unreachable_database_is_one_line_that_says_what(
     for command in (["db", "upgrade"], ["serve"]):  # serve takes the node lock first: the same answer
         result = run_cli(command, env, check=False)
         assert result.returncode == 2 and result.stderr.startswith("error: "), (command, result.stderr)
-        assert message in result.stderr
+        assert message in result.stderr and result.stderr.count("\n") == 1
         assert "uncaught" not in result.stderr and "Traceback" not in result.stderr
         assert "s3cr3t" not in result.stderr + result.stdout
