@@ -48,11 +48,18 @@ $(PY): | system-run
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-install: $(PY)
-	$(PIP) install -q -e .
+# Installed once per pyproject.toml (the install is editable: code changes need none): a restart with
+# `make run` then needs no package index, as at a site without one.
+install: $(VENV)/.installed-run
+install-test: $(VENV)/.installed-test
 
-install-test: $(PY)
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[test]'
+	touch $@
 
 lint: install-test
 	$(VENV)/bin/ruff check dicom_node classifier reporting tests benchmarks
