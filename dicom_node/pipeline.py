@@ -1469,6 +1469,7 @@ def attach(
             server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port)
         except OSError as exc:
             # Monitoring must not keep the node from receiving studies: run on, say so loudly.
-            LOGGER.error("health/metrics listener not started on %s:%d (%s)", settings.metrics.host,
-                         settings.metrics.port, exc.strerror or type(exc).__name__)
+            logging.getLogger("dicom_node.metrics").error(  # the component it is about, not the pipeline
+                "health/metrics listener not started on %s:%d (metrics.port, metrics.host): %s",
+                settings.metrics.host, settings.metrics.port, exc.strerror or type(exc).__name__)
     return PipelineService(pipeline, outbox, retention, metrics, server)

@@ -55,8 +55,9 @@ class WebServer:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
             sock.close()
-            raise ConfigurationError(
-                f"web console cannot bind {self.host}:{self.requested_port}: {exc}"
+            raise ConfigurationError(  # its settings named, as the DICOM listener's are
+                f"web console cannot bind {self.host}:{self.requested_port} (web.port, web.host): "
+                f"{exc.strerror or type(exc).__name__}"
             ) from exc
         sock.listen(128)
         sock.set_inheritable(True)
