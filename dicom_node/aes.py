@@ -204,6 +204,17 @@ def caller_allowed(session: Session, calling_ae: str, peer_host: str) -> bool:
     return ae.host is None or host_matches(ae.host, peer_host)
 
 
+def caller_refusal(session: Session, calling_ae: str, peer_host: str) -> str:
+    """Why :func:`caller_allowed` refuses ``calling_ae`` from ``peer_host``, for the log: an AE title that
+    is allowed from another address was said to be "not an allowed caller" like an unknown one (review)."""
+    ae = find(session, calling_ae, AeRole.CALLER)
+    if ae is not None and not ae.enabled:
+        return "is a disabled caller"
+    if ae is not None and ae.host is not None and not host_matches(ae.host, peer_host):
+        return f"is an allowed caller from {ae.host} only"
+    return "is not an allowed caller"
+
+
 def commitment_reporter(session: Session, calling_ae: str) -> RemoteAe | None:
     """The enabled destination set to storage commitment whose AE title is ``calling_ae``, if any.
 

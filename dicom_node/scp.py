@@ -402,13 +402,14 @@ class StorageScp:
             with self._reads() as session:
                 allowed = self.caller_policy(session, calling, peer)
                 reporter = not allowed and aes.commitment_reporter(session, calling) is not None
+                refusal = "" if allowed or reporter else aes.caller_refusal(session, calling, peer)
         except Exception as exc:
             LOGGER.error("association from %s at %s rejected (transient): policy check failed: %s",
                          calling, peer, describe_exception(exc))
             self._reject(event, REJECT_TRANSIENT)
             return
         if not (allowed or reporter):
-            LOGGER.warning("association rejected: calling AE %r from %s is not an allowed caller", calling, peer)
+            LOGGER.warning("association rejected: calling AE %r from %s %s", calling, peer, refusal)
             self._reject(event, REJECT_CALLING_AE)
             return
         # pynetdicom refuses past the limit itself, after this handler, with one INFO line the node's

@@ -196,6 +196,23 @@ def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: 
         scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="NOBODY")
 
 
+def test_a_refused_caller_is_told_apart_in_the_log(listener: Listener, caplog: pytest.LogCaptureFixture) -> None:
+    """An AE title allowed from another address, or disabled, was logged "is not an allowed caller" like
+    an unknown one, and an operator looked for a typo in the AE title (review)."""
+    with listener.sessions() as session, session.begin():
+        aes.add(session, aes.AeSpec("ELSEWHERE", AeRole.CALLER, "192.0.2.7"), "test")
+        aes.add(session, aes.AeSpec("RETIRED", AeRole.CALLER, enabled=False), "test")
+    with caplog.at_level(logging.WARNING, logger="dicom_node"):
+        for calling in ("ELSEWHERE", "RETIRED", "NOBODY"):
+            with pytest.raises(AssociationError):
+                scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=calling)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "association rejected: calling AE 'ELSEWHERE' from 127.0.0.1 is an allowed caller from 192.0.2.7 only",
+        "association rejected: calling AE 'RETIRED' from 127.0.0.1 is a disabled caller",
+        "association rejected: calling AE 'NOBODY' from 127.0.0.1 is not an allowed caller",
+    ]
+
+
 @pytest.mark.interop
 def test_a_wrong_called_ae_title_is_one_warning_naming_it_the_caller_and_its_address(
     listener: Listener, caplog: pytest.LogCaptureFixture
