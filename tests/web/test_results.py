@@ -435,6 +435,9 @@ def test_details_show_probabilities_model_and_delivery_history(
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
     assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
     detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
+    # each delivery's id, which `cxr-node resend ID` takes, is on the page (it was in the form's URL only)
+    for delivery in (d for r in detail["results"] for d in r["deliveries"]):
+        assert f'<span class="small muted">delivery {delivery["id"]}</span>' in html
     assert detail["instances"][0]["findings"][0]["model_version"] == "1.2.0"
     assert detail["instances"][0]["findings"][0]["novelty"] == 0.42
     assert {d["state"] for r in detail["results"] for d in r["deliveries"]} == {"delivered", "dead"}
