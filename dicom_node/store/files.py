@@ -361,17 +361,23 @@ def kept_value(path: Path, make: Callable[[], str], valid: Callable[[str], bool]
     if kept:
         raise ConfigurationError(f"{path} does not hold {what}; restore it from the backup, or remove it to "
                                  "make a new one")
-    private_directory(path.parent)
     made = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    descriptor = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        handle.write(make() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
     try:
-        os.link(made, path)  # fails if another process or thread made it first: theirs stands
-    except FileExistsError:
-        pass
-    finally:
-        made.unlink()
-    return path.read_text(encoding="ascii").strip()
+        private_directory(path.parent)
+        descriptor = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(make() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(made, path)  # fails if another process or thread made it first: theirs stands
+        except FileExistsError:
+            pass
+        finally:
+            made.unlink()
+        return path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{path} cannot be made ({exc.strerror or type(exc).__name__}): node.data_dir must be writable "
+            "by the node's user"
+        ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -47,4 +48,17 @@ def test_threads_asking_at_once_for_the_first_time_agree(tmp_path: Path) -> None
 def test_a_damaged_uid_file_stops_the_node_with_what_to_do(tmp_path: Path) -> None:
     (tmp_path / DEVICE_UID_FILE).write_text("not a uid\n")
     with pytest.raises(ConfigurationError, match="restore it from the backup, or remove it"):
+        device_uid(tmp_path)
+
+
+def test_a_data_directory_the_node_cannot_write_in_stops_it_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only data directory was an OSError traceback at start (the tests run as root, which writes
+    anywhere: the refusal is the operating system's, as it would answer the node's user)."""
+    def refused(*args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(ConfigurationError, match=r"cannot be made \(Permission denied\): node.data_dir must be"):
         device_uid(tmp_path)
