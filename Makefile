@@ -10,8 +10,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 APT_RUN := python3-venv python3-pip
-# TrueType fonts for names in scripts the bundled DejaVu subset lacks (CJK; Hangul), in reports and PDFs
-APT_FONTS := fonts-droid-fallback fonts-wqy-microhei
+# TrueType fonts for names in scripts the bundled DejaVu subset lacks (CJK; Hangul; Arabic, Hebrew, Thai,
+# Devanagari and other Noto scripts), in reports and PDFs
+APT_FONTS := fonts-droid-fallback fonts-wqy-microhei fonts-noto-core fonts-dejavu-core
 APT_TEST := dcmtk dicom3tools orthanc postgresql chromium poppler-utils openjph-tools systemd
 PYTEST_ARGS ?=
 ifeq ($(REQUIRE_PEERS),1)

@@ -18,7 +18,7 @@ from reporting.pdf import (
     percent,
 )
 from reporting.study import FIRST
-from reporting.typeface import fallback_font_file, typeface
+from reporting.typeface import fallback_font_file, typeface, visual
 from reporting.types import AnalysedImage, Revision
 from tests import peers
 from tests.unit.test_reporting_cases import (
@@ -104,6 +104,33 @@ def test_korean_patient_name_is_in_the_text() -> None:
         peers.missing("no TrueType font with Hangul (Debian fonts-wqy-microhei)")
     (text,) = pages([analysed(unicode_source("홍^길동"))])
     assert "홍, 길동" in compact(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "font"),
+    [
+        ("כהן^שרה", "הרש ,ןהכ", "NotoSansHebrew"),  # right to left: drawn in the order it is seen
+        ("كوهين^سارة", "ﺓﺭﺎﺳ ,ﻦﻴﻫﻮﻛ", "NotoSansArabic"),  # and Arabic letters in their joined forms
+        ("สมชาย^ใจดี", "สมชาย, ใจดี", "NotoSansThai"),
+        ("शर्मा^प्रिया", "शर्मा, प्रिया", "NotoSansDevanagari"),
+    ],
+    ids=["hebrew", "arabic", "thai", "devanagari"],
+)
+def test_a_name_in_a_script_of_its_own_is_drawn_with_a_font_that_has_it(
+    name: str, shown: str, font: str
+) -> None:
+    """Arabic, Hebrew, Thai and Devanagari names printed as empty boxes (no fallback font had them), and
+    with a font Arabic and Hebrew came out reversed, the Arabic letters unjoined (review)."""
+    if not any(ord(name[0]) in points for _, points in typeface().fallbacks):
+        peers.missing(f"no TrueType font for {name[0]!r} (Debian fonts-noto-core)")
+    assert visual(name.replace("^", ", ")) == shown
+    faces = typeface()
+    assert all(ord(char) in faces.covered or any(ord(char) in points for _, points in faces.fallbacks)
+               for char in shown), "a character no font has: drawn as a box"
+    data = build_pdf([analysed(unicode_source(name))], NODE, analysed_at=ANALYSED_AT)
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    fonts = {str(f["/BaseFont"]) for f in reader.pages[0]["/Resources"]["/Font"].values()}
+    assert any(font in embedded for embedded in fonts), fonts
 
 
 def test_japanese_institution_name_in_the_page_header_is_in_the_text() -> None:
