@@ -182,6 +182,11 @@ class _Styles:
     warning_head: ParagraphStyle
     warning: ParagraphStyle
 
+    def table(self, commands: list[tuple[Any, ...]]) -> TableStyle:
+        """A table style whose cells' own font is the body's: reportlab's default is Helvetica, which it
+        names on every page (unembedded) though each cell's text is a Paragraph in the embedded font."""
+        return TableStyle([("FONTNAME", (0, 0), (-1, -1), self.body.fontName), *commands])
+
     @classmethod
     def make(cls, fonts: Typeface) -> _Styles:
         def style(
@@ -257,7 +262,7 @@ def _warning_box(headline: str, text: str, styles: _Styles) -> Table:
         colWidths=[CONTENT_WIDTH],
     )
     table.setStyle(
-        TableStyle(
+        styles.table(
             [
                 ("BACKGROUND", (0, 0), (-1, -1), WARNING_FILL),
                 ("BOX", (0, 0), (-1, -1), 1.2, WARNING_EDGE),
@@ -322,7 +327,7 @@ def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts:
     widths = [0.34 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH]
     table = Table(data, colWidths=widths)
     table.setStyle(
-        TableStyle(
+        styles.table(
             [
                 ("VALIGN", (0, 0), (-1, -1), "TOP"),
                 ("LINEBELOW", (0, 0), (-1, 0), 0.5, RULE),
@@ -370,11 +375,12 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
                 Paragraph(_summary_confidence(image.prediction), styles.body),
             ]
         )
-    table = Table(
-        rows, colWidths=[0.1 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.2 * CONTENT_WIDTH]
+    table = Table(  # its headings again on each page a long study's summary runs onto
+        rows, colWidths=[0.1 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.2 * CONTENT_WIDTH],
+        repeatRows=1,
     )
     table.setStyle(
-        TableStyle(
+        styles.table(
             [
                 ("LINEBELOW", (0, 0), (-1, -1), 0.5, RULE),
                 ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
@@ -434,7 +440,7 @@ def _image_section(
         colWidths=[0.45 * CONTENT_WIDTH, 0.55 * CONTENT_WIDTH],
     )
     result.setStyle(
-        TableStyle(
+        styles.table(
             [
                 ("VALIGN", (0, 0), (-1, -1), "TOP"),
                 ("LINEBEFORE", (0, 0), (0, -1), 4, colour),
@@ -483,7 +489,8 @@ class ConfidenceBars(Flowable):  # type: ignore[misc]  # reportlab ships no type
         return self.bar_width, self.bar_height
 
     def draw(self) -> None:
-        drawing = Drawing(self.bar_width, self.bar_height)
+        # the renderer's first state names a font, Helvetica (unembedded) unless told
+        drawing = Drawing(self.bar_width, self.bar_height, initialFontName=self.fonts.regular)
         names = [codes.finding_for(label).display for label in self.prediction.probabilities]
         longest = max(stringWidth(name, self.fonts.bold, 9) for name in names)
         label_width = min(max(longest + 3 * mm, 22 * mm), 0.45 * self.bar_width)
@@ -559,7 +566,7 @@ def _pictures(image: AnalysedImage, styles: _Styles, box_height: float) -> Flowa
         right = [Paragraph("No heat map was computed for this image.", styles.caption)]
     table = Table([[left, right]], colWidths=[box_width + 3 * mm, box_width + 3 * mm])
     table.setStyle(
-        TableStyle(
+        styles.table(
             [
                 ("VALIGN", (0, 0), (-1, -1), "TOP"),
                 ("ALIGN", (0, 0), (-1, -1), "CENTER"),
@@ -619,7 +626,8 @@ class _PageDecor:
 
         class NumberedCanvas(Canvas):  # type: ignore[misc]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
-                kwargs.setdefault("initialFontName", decor.fonts.regular)  # no unembedded Helvetica
+                # no unembedded Helvetica: SimpleDocTemplate passes None, so a default would never apply
+                kwargs["initialFontName"] = decor.fonts.regular
                 super().__init__(*args, **kwargs)
                 self._pages: list[dict[str, Any]] = []
                 # invariant output stamps 2000-01-01; the analysis time is the truthful, equally stable date

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Any
 
 import pydicom
 import pypdf
@@ -131,6 +132,31 @@ def test_a_name_in_a_script_of_its_own_is_drawn_with_a_font_that_has_it(
     reader = pypdf.PdfReader(io.BytesIO(data))
     fonts = {str(f["/BaseFont"]) for f in reader.pages[0]["/Resources"]["/Font"].values()}
     assert any(font in embedded for embedded in fonts), fonts
+
+
+def test_no_report_names_a_font_it_does_not_embed() -> None:
+    """Every page named Helvetica, unembedded, which archives and PDF/A validators flag: reportlab's
+    default for table cells and drawings, and SimpleDocTemplate's initial font (review)."""
+    def embedded(font: Any) -> bool:
+        font = font.get_object()
+        if "/DescendantFonts" in font:
+            font = font["/DescendantFonts"][0].get_object()
+        descriptor = font.get("/FontDescriptor")
+        return descriptor is not None and any(
+            key in descriptor.get_object() for key in ("/FontFile", "/FontFile2", "/FontFile3")
+        )
+
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed(), analysed()], NODE, analysed_at=ANALYSED_AT)))
+    for page in reader.pages:
+        fonts = list(page["/Resources"]["/Font"].values())
+        assert all(embedded(font) for font in fonts), [str(font["/BaseFont"]) for font in fonts]
+
+
+def test_a_long_studys_summary_repeats_its_headings_on_the_next_page() -> None:
+    """Rows 11 to 16 of a 16-image study's summary stood on page 2 without the headings (review)."""
+    texts = [compact(text) for text in pages([analysed() for _ in range(30)])]
+    summary = [text for text in texts if "Series / instance" in text]
+    assert len(summary) == 2 and summary == texts[:2], "the summary's second page has no headings"
 
 
 def test_japanese_institution_name_in_the_page_header_is_in_the_text() -> None:
