@@ -258,6 +258,8 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes) -> None:
         if element.length != _UNDEFINED_LENGTH and element.value is not None:
             if len(element.value) != element.length:
                 raise UndecodableDatasetError("dataset truncated inside a data element")
+            if _is_sequence(element):
+                _check_items(element.value, little_endian=bool(element.is_little_endian))
         last = element
     if last is None:
         raise UndecodableDatasetError("no data elements could be read")
@@ -266,6 +268,34 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes) -> None:
             raise UndecodableDatasetError("dataset truncated before its final sequence delimiter")
     elif last.value_tell + last.length != total_length:
         raise UndecodableDatasetError("dataset truncated between data elements")
+
+
+def _is_sequence(element: RawDataElement) -> bool:
+    if element.VR is not None:
+        return bool(element.VR == "SQ")
+    try:
+        return bool(dictionary_VR(element.tag) == "SQ")  # implicit VR: by the dictionary
+    except KeyError:
+        return False  # a private element: pydicom keeps its bytes as they are
+
+
+_ITEM = (0xFFFE, 0xE000)
+
+
+def _check_items(value: bytes, *, little_endian: bool) -> None:
+    """A sequence of defined length must hold its items whole: an item that claims more bytes than the
+    sequence has left was read by pydicom as far as it went and stored, though dcmdump and other tools
+    refuse the file (review). An item of undefined length, or what follows a delimiter, is pydicom's to
+    read."""
+    order = "<" if little_endian else ">"
+    position = 0
+    while position + 8 <= len(value):
+        group, number, length = struct.unpack(f"{order}HHL", value[position:position + 8])
+        if (group, number) != _ITEM or length == _UNDEFINED_LENGTH:
+            return
+        position += 8 + length
+        if position > len(value):
+            raise UndecodableDatasetError("a sequence item is longer than its sequence (cut or corrupt)")
 
 
 def _check_encoding(ds: Dataset, syntax: UID) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,29 @@ def test_a_cut_inside_a_sequence_is_cannot_understand(syntax: str, tmp_path: Pat
             assert caught.value.status in (Status.CANNOT_UNDERSTAND, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_sequence_item_longer_than_its_sequence_is_cannot_understand(syntax: str) -> None:
+    """An item of a defined-length sequence that claims 64 bytes where 24 are: pydicom read what was there
+    and the node stored it, though dcmdump reports "Length of element larger than explicit length of
+    surrounding item" (review). The same object whole is stored."""
+    ds = make_cr()
+    request = Dataset()
+    request.RequestedProcedureID, request.ScheduledProcedureStepID = "RP-1", "SPS-1"
+    ds.RequestAttributesSequence = [request]
+    ds["RequestAttributesSequence"].value.is_undefined_length = False
+    if syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    body = _dataset_part(to_bytes(ds))
+    parse = functools.partial(parse_network_dataset, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
+                              sop_instance_uid=ds.SOPInstanceUID)
+    assert parse(body).RequestAttributesSequence[0].RequestedProcedureID == "RP-1"
+    item = body.index(b"\xfe\xff\x00\xe0")  # the item's tag, then its length
+    (length,) = struct.unpack("<L", body[item + 4:item + 8])
+    corrupt = body[:item + 4] + struct.pack("<L", length + 40) + body[item + 8:]
+    with pytest.raises(UndecodableDatasetError, match="a sequence item is longer than its sequence"):
+        parse(corrupt)
 
 
 def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
