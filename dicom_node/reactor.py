@@ -47,10 +47,13 @@ from typing import Any, cast
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
 from dicom_node.errors import describe_exception
@@ -351,11 +354,26 @@ class EventDrivenAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             served = msg is not None
-            if msg:
+            if msg and not _unexpected_on_storage(self, msg, cast(int, context_id)):
                 self._serve_request(msg, cast(int, context_id))
 
             if _after_message(self):
                 return
+
+
+def _unexpected_on_storage(assoc: Association, msg: Any, context_id: int) -> bool:
+    """A request other than a C-STORE on a storage presentation context: aborted with a WARNING, and True.
+    pynetdicom hands it to the Storage service class, which fails on it: a C-FIND or C-MOVE there was an
+    ERROR with a traceback in the node's log and an abort without a word (review)."""
+    context = assoc._accepted_cx.get(context_id)
+    if isinstance(msg, C_STORE) or context is None or not msg.is_valid_request:
+        return False  # pynetdicom's own answers: an unknown context or a response it did not expect
+    if not issubclass(uid_to_service_class(str(context.abstract_syntax)), StorageServiceClass):
+        return False
+    LOGGER.warning("%s request from %s on a storage presentation context refused: association aborted",
+                   type(msg).__name__.replace("_", "-"), str(assoc.requestor.ae_title).strip())
+    assoc.abort()
+    return True
 
 
 def reactor_may_run(assoc: Association) -> bool:

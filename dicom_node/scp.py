@@ -454,9 +454,9 @@ class StorageScp:
     def _on_store(self, event: Event) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
         if not isinstance(event.request, C_STORE):
-            # pynetdicom hands any DIMSE-N request on a storage context to this handler and would answer
-            # it with a C-STORE response; the peer is told by an abort instead (a C-FIND or C-MOVE there
-            # pynetdicom aborts itself)
+            # an N-EVENT-REPORT on a storage context (pynetdicom serves those outside the association's
+            # reactor, which refuses every other request there: dicom_node.reactor) would get a C-STORE
+            # response; the peer is told by an abort instead
             LOGGER.warning("%s request from %s on a storage presentation context refused: association "
                            "aborted", type(event.request).__name__.replace("_", "-"), calling)
             event.assoc.abort()

@@ -42,7 +42,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -187,6 +190,37 @@ def test_a_dimse_n_request_on_a_storage_context_is_aborted_with_a_warning(
         f"N-CREATE request from {CALLER} on a storage presentation context refused: association aborted"
     ]
     assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0  # the node goes on
+
+
+def test_a_c_find_on_a_storage_context_is_aborted_with_a_warning_not_a_traceback(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom handed a C-FIND on the CR context to the Storage service class, which failed on it: an
+    ERROR with a traceback in the node's log and an abort without a word (review)."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    choose = assoc._get_valid_context
+
+    def on_the_cr_context(ab_syntax: str, *args: Any, **kwargs: Any) -> Any:
+        return choose(ComputedRadiographyImageStorage, *args, **kwargs)
+
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientID = "STUDY", "PID-1"
+    with caplog.at_level(logging.INFO):
+        assoc._get_valid_context = on_the_cr_context  # type: ignore[method-assign]
+        answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert assoc.is_aborted and all(status == Dataset() for status, _ in answers)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dicom_node")]
+    assert [r.getMessage() for r in warned] == [
+        f"C-FIND request from {CALLER} on a storage presentation context refused: association aborted"
+    ]
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0
 
 
 def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: Listener) -> None:
