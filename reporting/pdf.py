@@ -79,7 +79,7 @@ HEADER_HEIGHT = 16 * mm
 FOOTER_HEIGHT = 13 * mm
 CONTENT_WIDTH = PAGE_WIDTH - 2 * MARGIN
 PICTURE_HEIGHT = 107 * mm  # the radiograph and its heat map, when nothing else asks for room
-MIN_PICTURE_HEIGHT = 60 * mm
+MIN_PICTURE_HEIGHT = 30 * mm
 
 INK = colors.HexColor("#1a1a1a")
 MUTED = colors.HexColor("#5f6368")
@@ -134,19 +134,17 @@ def build_pdf(
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
         story += [_analysis_line(models, node, analysed_at, styles, fonts), PageBreak()]
-    # One image shares its page with the identity and any study caution: they take picture height, and
-    # so do identity values long enough to wrap (a 64-character study description pushed the pictures
-    # onto a second page, under nothing but the footer).
-    one_line = _identity_table(pydicom.Dataset(), len(images), styles, fonts)
-    taken = (
-        _height(notice + cautions) + _height([identity]) - _height([one_line]) if len(images) == 1 else 0.0
-    )
+    # One image shares its page with the identity, the cautions and the model's line: the pictures take
+    # the height those leave (a 64-character study description, or a revision box with an age caution and
+    # a doubted image, pushed them onto a second page, under empty space).
+    after: list[Flowable] = []
+    if len(images) == 1:
+        after = [Spacer(1, 3 * mm), _analysis_line(models, node, analysed_at, styles, fonts)]
     for index, image in enumerate(images):
-        story += _image_section(image, index, len(images), styles, fonts, taken=taken)
+        story += _image_section(image, index, len(images), styles, fonts, after=after)
         if index < len(images) - 1:
             story.append(PageBreak())
-    if len(images) == 1:
-        story += [Spacer(1, 3 * mm), _analysis_line(models, node, analysed_at, styles, fonts)]
+    story += after
 
     buffer = io.BytesIO()
     document = SimpleDocTemplate(
@@ -416,10 +414,11 @@ def _height(flowables: Sequence[Flowable]) -> float:
 
 
 def _image_section(
-    image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface, *, taken: float = 0.0
+    image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface,
+    *, after: Sequence[Flowable] = (),
 ) -> list[Flowable]:
-    """The image's result, cautions and pictures. ``taken`` is the height of boxes above it on its page
-    beyond the usual: the pictures shrink by it, and by its own doubt box, so that one image with its
+    """The image's result, cautions and pictures. The pictures take the height left on the page by what
+    is above them and by their SOP Instance UID line and ``after`` below them, so that one image with its
     cautions still fits on a single page."""
     prediction = image.prediction
     finding, subline = _finding_words(prediction)
@@ -455,18 +454,18 @@ def _image_section(
     if prediction.doubt:
         doubt = [Spacer(1, 2 * mm), _doubt_box(prediction.doubt, styles, fonts)]
         head += doubt
-        taken += _height(doubt) if count == 1 else 0.0
-    flow: list[Flowable] = [
-        KeepTogether(head),
-        Spacer(1, 3 * mm),
-        _pictures(image, styles, max(PICTURE_HEIGHT - taken, MIN_PICTURE_HEIGHT)),
+    below: list[Flowable] = [
         Spacer(1, 1 * mm),
         Paragraph(
-            fonts.markup(f"SOP Instance UID {_text(image.source.get('SOPInstanceUID'))}"),
-            styles.small,
+            fonts.markup(f"SOP Instance UID {_text(image.source.get('SOPInstanceUID'))}"), styles.small
         ),
     ]
-    return flow
+    return [
+        KeepTogether(head),
+        Spacer(1, 3 * mm),
+        _FittingPictures(image, styles, reserve=_height([*below, *after])),
+        *below,
+    ]
 
 
 def _coloured(style: ParagraphStyle, colour: colors.Color) -> ParagraphStyle:
@@ -545,6 +544,44 @@ def _fitted(pixels: npt.NDArray[np.uint8], box_width: float, box_height: float) 
     buffer, width, height = _jpeg(pixels)
     scale = min(box_width / width, box_height / height)
     return Image(buffer, width=width * scale, height=height * scale)
+
+
+class _FittingPictures(Flowable):  # type: ignore[misc]  # reportlab ships no type hints
+    """:func:`_pictures` as high as the page has room for, less ``reserve`` (what must follow them on the
+    page): :data:`PICTURE_HEIGHT` at most, :data:`MIN_PICTURE_HEIGHT` at least (less room than that, and
+    they go to the next page whole)."""
+
+    def __init__(self, image: AnalysedImage, styles: _Styles, *, reserve: float) -> None:
+        super().__init__()
+        self.image = image
+        self.styles = styles
+        self.reserve = reserve
+        self._table: Flowable | None = None
+
+    def _laid_out(self, available_width: float, box_height: float) -> tuple[float, float]:
+        self._table = _pictures(self.image, self.styles, box_height)
+        width, height = self._table.wrap(available_width, PAGE_HEIGHT)
+        return float(width), float(height)
+
+    def wrap(self, available_width: float, available_height: float) -> tuple[float, float]:
+        # The pictures shrink by what overflows until it fits (a picture narrower than its box shrinks by
+        # less than the box, so once more); their captions keep their height.
+        box = PICTURE_HEIGHT
+        width, height = self._laid_out(available_width, box)
+        for _ in range(6):
+            overflow = height + self.reserve - available_height
+            if overflow <= 0.5 or box <= MIN_PICTURE_HEIGHT:
+                break
+            box = max(MIN_PICTURE_HEIGHT, box - overflow)
+            width, height = self._laid_out(available_width, box)
+        return width, height
+
+    def draw(self) -> None:
+        table = self._table
+        if table is None:  # platypus wraps a flowable before it draws it; drawn alone, at full size
+            table = _pictures(self.image, self.styles, PICTURE_HEIGHT)
+            table.wrapOn(self.canv, CONTENT_WIDTH, PAGE_HEIGHT)
+        table.drawOn(self.canv, 0, 0)
 
 
 def _pictures(image: AnalysedImage, styles: _Styles, box_height: float) -> Flowable:

@@ -201,6 +201,16 @@ def test_one_image_with_the_longest_identity_values_stays_on_one_page() -> None:
     assert f"ID {source.PatientID} · born 1940-03-05 · accession ACC1234567890123" in footer, footer
 
 
+def test_one_image_with_every_caution_stays_on_one_page() -> None:
+    """A revision 2 of a doubted image without a patient age split over two pages: the pictures, the SOP
+    Instance UID and the model's line on the second, under seven empty centimetres on the first (review).
+    The pictures take the height the page has left, down to 30 mm."""
+    image = analysed(negative=True)
+    assert image.prediction.doubt is not None
+    (text,) = pages([dataclasses.replace(image, age_unknown=True)], Revision(2, EARLIER))
+    assert "Radiograph" in text and "SOP Instance UID" in text and "Analysed" in text
+
+
 def test_missing_accession_and_birth_date_print_as_not_recorded() -> None:
     (text,) = pages([analysed(sparse_source(), with_heatmap=False)])
     assert "None" not in text
