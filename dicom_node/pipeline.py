@@ -149,8 +149,10 @@ def device_uid(data_dir: Path) -> str:
     UID) and kept in ``data_dir``, which is backed up with the database. It was derived from the AE title
     and the node's name, so every installation that kept the defaults was one device, and renaming the AE
     title made another (review)."""
-    return kept_value(data_dir / DEVICE_UID_FILE, lambda: generate_uid(prefix=None),
-                      lambda value: _DEVICE_UID.fullmatch(value) is not None, "a UID of the form 2.25.<number>")
+    return kept_value(
+        data_dir / DEVICE_UID_FILE, lambda: generate_uid(prefix=None),
+        lambda value: _DEVICE_UID.fullmatch(value) is not None, "a UID of the form 2.25.<number>",
+    )
 
 
 def config_from_settings(settings: Settings) -> PipelineConfig:

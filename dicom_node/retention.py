@@ -92,7 +92,8 @@ class Retention:
             run_scheduled,
             "interval",
             seconds=self.interval_seconds,
-            next_run_time=datetime.now(UTC) + timedelta(seconds=min(FIRST_RUN_SECONDS, self.interval_seconds)),
+            next_run_time=datetime.now(UTC)
+            + timedelta(seconds=min(FIRST_RUN_SECONDS, self.interval_seconds)),
             id=JOB_ID,
             jobstore=MEMORY_STORE,
             replace_existing=True,

@@ -374,7 +374,8 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
             ]
         )
     table = Table(  # its headings again on each page a long study's summary runs onto
-        rows, colWidths=[0.1 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.2 * CONTENT_WIDTH],
+        rows,
+        colWidths=[0.1 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.35 * CONTENT_WIDTH, 0.2 * CONTENT_WIDTH],
         repeatRows=1,
     )
     table.setStyle(

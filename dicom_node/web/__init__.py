@@ -64,7 +64,8 @@ def create_app(
 ) -> FastAPI:
     """Build the console for one node. ``services`` defaults to the node's real ones."""
     key_secret = settings.web.secret_key
-    key = (key_secret.get_secret_value() if key_secret is not None else web_key(settings.node.data_dir)).encode()
+    secret = key_secret.get_secret_value() if key_secret is not None else web_key(settings.node.data_dir)
+    key = secret.encode()
     templates = configure_templates(Jinja2Templates(directory=PACKAGE_DIR / "templates"), settings)
     state = Console(
         settings=settings,

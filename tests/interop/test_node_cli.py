@@ -147,7 +147,8 @@ def test_a_broken_configuration_file_is_one_line_that_says_what(
     [
         # a typo in the environment is an error too, named by its variable (pydantic's text said "for
         # FileSettings" in four lines: review)
-        ("CXR_NODE__DICOM__PROT", "104", "invalid settings: dicom.prot: unknown setting (from CXR_NODE__DICOM__PROT)"),
+        ("CXR_NODE__DICOM__PROT", "104",
+         "invalid settings: dicom.prot: unknown setting (from CXR_NODE__DICOM__PROT)"),
         ("CXR_NODE__DICOMM__PORT", "104",
          "unknown settings group in the environment: CXR_NODE__DICOMM__PORT"),
         # one underscore: the URL was not read, and the node ran on an SQLite file of its own (review)

@@ -230,7 +230,9 @@ def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: 
         scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="NOBODY")
 
 
-def test_a_refused_caller_is_told_apart_in_the_log(listener: Listener, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_refused_caller_is_told_apart_in_the_log(
+    listener: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
     """An AE title allowed from another address, or disabled, was logged "is not an allowed caller" like
     an unknown one, and an operator looked for a typo in the AE title (review)."""
     with listener.sessions() as session, session.begin():
@@ -241,7 +243,8 @@ def test_a_refused_caller_is_told_apart_in_the_log(listener: Listener, caplog: p
             with pytest.raises(AssociationError):
                 scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=calling)
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "association rejected: calling AE 'ELSEWHERE' from 127.0.0.1 is an allowed caller from 192.0.2.7 only",
+        "association rejected: calling AE 'ELSEWHERE' from 127.0.0.1 is an allowed caller from 192.0.2.7"
+        " only",
         "association rejected: calling AE 'RETIRED' from 127.0.0.1 is a disabled caller",
         "association rejected: calling AE 'NOBODY' from 127.0.0.1 is not an allowed caller",
     ]

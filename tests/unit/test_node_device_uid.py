@@ -60,5 +60,6 @@ def test_a_data_directory_the_node_cannot_write_in_stops_it_with_what_to_do(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "open", refused)
-    with pytest.raises(ConfigurationError, match=r"cannot be made \(Permission denied\): node.data_dir must be"):
+    said = r"cannot be made \(Permission denied\): node.data_dir must be"
+    with pytest.raises(ConfigurationError, match=said):
         device_uid(tmp_path)

@@ -192,11 +192,13 @@ def test_the_heat_map_carries_the_studys_patient_and_study_attributes_as_the_pdf
     image = analysed(source)
     pdf = build_encapsulated_pdf(
         build_pdf([image], NODE, analysed_at=ANALYSED_AT), source, NODE,
-        series_instance_uid="1.2.826.0.1.3680043.8.498.3301", sop_instance_uid="1.2.826.0.1.3680043.8.498.3302",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.3301",
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.3302",
     )
     sc = reread(build_heatmap_sc(image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3401",
                                  sop_instance_uid="1.2.826.0.1.3680043.8.498.3402"))
-    for keyword in ("IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientWeight", "PatientSize",
+    for keyword in ("IssuerOfPatientID", "OtherPatientIDsSequence", "PatientAge", "PatientWeight",
+                    "PatientSize",
                     "StudyDescription", "AdmissionID", "PatientName", "PatientID", "AccessionNumber"):
         assert sc[keyword].value == pdf[keyword].value == source[keyword].value, keyword
     assert sc.LossyImageCompression == "01"

@@ -218,8 +218,11 @@ def test_observer_is_the_node_as_a_device_and_the_algorithm_is_contributing_equi
     used: set[str] = set()
     content = copy.deepcopy(sr)
     del content.CodingSchemeIdentificationSequence
-    content.walk(lambda _, element: used.add(str(element.value))
-                 if element.keyword == "CodingSchemeDesignator" and str(element.value).startswith("99") else None)
+    def collect(_: object, element: pydicom.DataElement) -> None:
+        if element.keyword == "CodingSchemeDesignator" and str(element.value).startswith("99"):
+            used.add(str(element.value))
+
+    content.walk(collect)
     assert declared == [codes.LOCAL_SCHEME, "99IHE"] and used == set(declared)
 
 

@@ -66,7 +66,8 @@ def test_a_busy_port_is_a_configuration_error(app: FastAPI) -> None:
         sock.listen(1)
         busy = sock.getsockname()[1]
         # its settings named, and the operating system's words without "[Errno 98]" (review)
-        said = rf"^web console cannot bind 127\.0\.0\.1:{busy} \(web\.port, web\.host\): Address already in use$"
+        said = (rf"^web console cannot bind 127\.0\.0\.1:{busy} \(web\.port, web\.host\): "
+                r"Address already in use$")
         with pytest.raises(ConfigurationError, match=said):
             WebServer(app, "127.0.0.1", busy).start()
 
