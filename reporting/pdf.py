@@ -697,10 +697,10 @@ class _PageDecor:
         heading = institution or self.node.name
         # Institution and station names are free text (a Japanese hospital's name, say): drawn in runs,
         # with the fallback font where the main one has no glyph, like the patient's name.
-        _draw_runs(
-            canvas, fonts, _fit(heading, fonts, fonts.bold, 12, CONTENT_WIDTH * 0.55),
-            MARGIN + 3 * mm, top - 7.5 * mm, 12, fonts.bold,
-        )
+        # a name at LO's 64 characters is set smaller before it is cut: the hospital's name is read whole
+        room = CONTENT_WIDTH - _width(TITLE, fonts, fonts.bold, 12) - 12 * mm  # left of the title
+        heading, heading_size = _fit_sized(heading, fonts, fonts.bold, (12, 10, 8.5), room)
+        _draw_runs(canvas, fonts, heading, MARGIN + 3 * mm, top - 7.5 * mm, heading_size, fonts.bold)
         subheading = self.node.name if institution else f"{self.node.station_name}"
         _draw_runs(
             canvas, fonts, _fit(subheading, fonts, fonts.regular, 8, CONTENT_WIDTH * 0.55),
@@ -819,6 +819,16 @@ def _draw_runs(
 def _width(text: str, fonts: Typeface, font: str, size: float) -> float:
     """Width of ``text`` as :func:`_draw_runs` draws it (fallback glyphs are wider than the main font's)."""
     return float(sum(stringWidth(run, run_font, size) for run_font, run in fonts.runs(text, font)))
+
+
+def _fit_sized(
+    text: str, fonts: Typeface, font: str, sizes: tuple[float, ...], width: float
+) -> tuple[str, float]:
+    """``text`` at the first of ``sizes`` it fits ``width`` points in, else shortened at the smallest."""
+    for size in sizes:
+        if _width(text, fonts, font, size) <= width:
+            return text, size
+    return _fit(text, fonts, font, sizes[-1], width), sizes[-1]
 
 
 def _fit(text: str, fonts: Typeface, font: str, size: float, width: float) -> str:

@@ -296,3 +296,13 @@ def test_a_revised_report_says_at_its_top_which_report_it_replaces() -> None:
     notice = build_not_analysed_pdf(NODE, reason="body part HAND is not CHEST", analysed_at=ANALYSED_AT,
                                     revision=Revision(2, EARLIER))
     assert replaced in compact(pypdf.PdfReader(io.BytesIO(notice)).pages[0].extract_text())
+
+
+def test_an_institution_name_of_64_characters_is_printed_whole_in_the_header() -> None:
+    """The header cut a name past about 40 characters at 12 pt; LO allows 64, and a university hospital's
+    full name uses them. Smaller type first, the ellipsis only past what 8.5 pt holds."""
+    name = "Universitätsklinikum Hamburg-Eppendorf, Klinik für Radiologie AB"
+    assert len(name) == 64
+    node = dataclasses.replace(NODE, institution_name=name)
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed()], node, analysed_at=ANALYSED_AT)))
+    assert name in compact(reader.pages[0].extract_text())
