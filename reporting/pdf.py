@@ -322,7 +322,7 @@ def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts:
         for label, value in fields
     ]
     data = [cells[:4], cells[4:]]  # each cell: a small label above its value
-    widths = [0.34 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH, 0.22 * CONTENT_WIDTH]
+    widths = [0.31 * CONTENT_WIDTH, 0.27 * CONTENT_WIDTH, 0.27 * CONTENT_WIDTH, 0.15 * CONTENT_WIDTH]
     table = Table(data, colWidths=widths)
     table.setStyle(
         styles.table(

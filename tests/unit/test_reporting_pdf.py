@@ -306,3 +306,20 @@ def test_an_institution_name_of_64_characters_is_printed_whole_in_the_header() -
     node = dataclasses.replace(NODE, institution_name=name)
     reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed()], node, analysed_at=ANALYSED_AT)))
     assert name in compact(reader.pages[0].extract_text())
+
+
+def test_the_longest_identity_values_take_at_most_four_lines_a_row() -> None:
+    """The Patient ID and Study description columns were as narrow as Sex's: a 64-character ID took five
+    lines and the description six, pushing an image with every caution onto a second page (review)."""
+    from reporting.pdf import CONTENT_WIDTH, _identity_table, _Styles
+    from reporting.typeface import typeface
+
+    fonts = typeface()
+    styles = _Styles.make(fonts)
+    table = _identity_table(longest_identity(), 1, styles, fonts)
+    table.wrap(CONTENT_WIDTH, 1000)
+    line = styles.value.leading
+    label = styles.label.leading
+    padding = 3.5 * 72 / 25.4  # top and bottom padding, 1.5 + 2 mm
+    for height in table._rowHeights:
+        assert height <= label + 4 * line + padding + 0.5, (height, line)
