@@ -259,7 +259,10 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes) -> None:
             if len(element.value) != element.length:
                 raise UndecodableDatasetError("dataset truncated inside a data element")
             if _is_sequence(element):
-                _check_items(element.value, little_endian=bool(element.is_little_endian))
+                _check_items(
+                    element.value, little_endian=bool(element.is_little_endian),
+                    implicit=bool(element.is_implicit_VR),
+                )
         last = element
     if last is None:
         raise UndecodableDatasetError("no data elements could be read")
@@ -273,29 +276,67 @@ def _check_complete(ds: Dataset, total_length: int, tail: bytes) -> None:
 def _is_sequence(element: RawDataElement) -> bool:
     if element.VR is not None:
         return bool(element.VR == "SQ")
-    try:
-        return bool(dictionary_VR(element.tag) == "SQ")  # implicit VR: by the dictionary
-    except KeyError:
-        return False  # a private element: pydicom keeps its bytes as they are
+    return _in_dictionary_as_sequence(element.tag)  # implicit VR: by the dictionary
 
 
 _ITEM = (0xFFFE, 0xE000)
+# explicit VRs whose length takes four bytes after two reserved ones (PS3.5 7.1.2)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_NESTING_CHECKED = 32  # deeper levels are pydicom's to read; no real object nests that far
 
 
-def _check_items(value: bytes, *, little_endian: bool) -> None:
-    """A sequence of defined length must hold its items whole: an item that claims more bytes than the
-    sequence has left was read by pydicom as far as it went and stored, though dcmdump and other tools
-    refuse the file (review). An item of undefined length, or what follows a delimiter, is pydicom's to
-    read."""
+def _check_items(value: bytes, *, little_endian: bool, implicit: bool = False, depth: int = 0) -> None:
+    """A sequence of defined length must hold its items whole, and each item its elements, nested
+    sequences included: an item or element that claims more bytes than its container has left was read
+    by pydicom as far as it went and stored, though dcmdump and other tools refuse the file ("Length of
+    element larger than explicit length of surrounding item", review). An item or element of undefined
+    length, or what follows a delimiter, is pydicom's to read."""
     order = "<" if little_endian else ">"
     position = 0
     while position + 8 <= len(value):
         group, number, length = struct.unpack(f"{order}HHL", value[position:position + 8])
         if (group, number) != _ITEM or length == _UNDEFINED_LENGTH:
             return
-        position += 8 + length
+        start, position = position + 8, position + 8 + length
         if position > len(value):
             raise UndecodableDatasetError("a sequence item is longer than its sequence (cut or corrupt)")
+        if depth < _NESTING_CHECKED:
+            _check_item(value[start:position], order=order, implicit=implicit, depth=depth)
+
+
+def _check_item(item: bytes, *, order: str, implicit: bool, depth: int) -> None:
+    position = 0
+    while position + 8 <= len(item):
+        group, number = struct.unpack(f"{order}HH", item[position:position + 4])
+        if group == 0xFFFE:
+            return  # a delimiter inside a defined-length item: not this check's to judge
+        vr = b"" if implicit else item[position + 4:position + 6]
+        if not implicit and vr.decode("latin-1") not in _KNOWN_VRS:
+            return  # not an element header this check can follow
+        if vr in _LONG_VRS:
+            if position + 12 > len(item):
+                return
+            (length,), header = struct.unpack(f"{order}L", item[position + 8:position + 12]), 12
+        elif implicit:
+            (length,), header = struct.unpack(f"{order}L", item[position + 4:position + 8]), 8
+        else:
+            (length,), header = struct.unpack(f"{order}H", item[position + 6:position + 8]), 8
+        if length == _UNDEFINED_LENGTH:
+            return
+        start, position = position + header, position + header + length
+        if position > len(item):
+            raise UndecodableDatasetError("a data element is longer than its sequence item (cut or corrupt)")
+        if vr == b"SQ" or (implicit and _in_dictionary_as_sequence((group << 16) | number)):
+            _check_items(
+                item[start:position], little_endian=order == "<", implicit=implicit, depth=depth + 1
+            )
+
+
+def _in_dictionary_as_sequence(tag: int) -> bool:
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False  # a private element: pydicom keeps its bytes as they are
 
 
 def _check_encoding(ds: Dataset, syntax: UID) -> None:

@@ -180,6 +180,38 @@ def test_a_sequence_item_longer_than_its_sequence_is_cannot_understand(syntax: s
         parse(corrupt)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_element_longer_than_its_nested_item_is_cannot_understand(syntax: str) -> None:
+    """One level down: a Code Meaning in an item of a sequence inside a sequence's item claims 40 bytes
+    more than its item has. The check followed only the top-level sequence's items, so the node stored
+    what dcmdump calls "Length of element larger than explicit length of surrounding item" (review)."""
+    ds = make_cr()
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID1", "99LOCAL", "Chest PA"
+    request = Dataset()
+    request.RequestedProcedureID = "RP-1"
+    request.ScheduledProtocolCodeSequence = [code]
+    request["ScheduledProtocolCodeSequence"].value.is_undefined_length = False
+    ds.RequestAttributesSequence = [request]
+    ds["RequestAttributesSequence"].value.is_undefined_length = False
+    if syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    body = _dataset_part(to_bytes(ds))
+    parse = functools.partial(parse_network_dataset, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
+                              sop_instance_uid=ds.SOPInstanceUID)
+    parsed = parse(body).RequestAttributesSequence[0].ScheduledProtocolCodeSequence[0]
+    assert parsed.CodeMeaning == "Chest PA"
+    meaning = body.index(b"\x08\x00\x04\x01")  # (0008,0104) Code Meaning
+    if syntax == ImplicitVRLittleEndian:
+        (length,) = struct.unpack("<L", body[meaning + 4:meaning + 8])
+        corrupt = body[:meaning + 4] + struct.pack("<L", length + 40) + body[meaning + 8:]
+    else:
+        (length,) = struct.unpack("<H", body[meaning + 6:meaning + 8])
+        corrupt = body[:meaning + 6] + struct.pack("<H", length + 40) + body[meaning + 8:]
+    with pytest.raises(UndecodableDatasetError, match="a data element is longer than its sequence item"):
+        parse(corrupt)
+
+
 def test_wrong_transfer_syntax_bytes_are_cannot_understand() -> None:
     ds = make_cr()
     body = _dataset_part(to_bytes(ds))  # explicit VR bytes announced as implicit
