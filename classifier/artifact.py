@@ -13,7 +13,7 @@ from typing import Any
 
 from classifier.errors import ModelArtifactError, OutputError
 from classifier.preprocess import PreprocessSpec
-from classifier.types import ModelInfo
+from classifier.types import ModelInfo, label_key
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "model.json"
@@ -94,6 +94,11 @@ class ArtifactMetadata:
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc
+        classes = data["classes"]
+        named = isinstance(classes, list) and all(isinstance(c, str) and c.strip() for c in classes)
+        if not named or len({label_key(c) for c in classes}) != len(classes):
+            # a repeated name collapsed two probabilities into one ("covid" 0.17 where the model said 0.73)
+            raise ModelArtifactError(f"model.json classes {classes!r} are not a list of distinct names")
         recorded = data.get("input_size", metadata.preprocess.input_size)
         if not isinstance(recorded, list | tuple) or list(recorded) != list(metadata.preprocess.input_size):
             raise ModelArtifactError(

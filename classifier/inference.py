@@ -103,12 +103,19 @@ class Classifier:
             raise ModelArtifactError(
                 f"model.json names Grad-CAM layer {metadata.gradcam_layer!r}, which the model does not have"
             ) from exc
+        head = _dense_softmax(model)  # the probabilities, the heat map and the novelty check read it
+        features = int(head.kernel.shape[0])
         lungs = None
         if metadata.preprocess.lung_crop:
             from classifier.lungs import LungCropper
 
             lungs = LungCropper.load(folder / "lungs")
         novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
+        if novelty is not None and novelty.density.means.shape[1] != features:
+            raise ModelArtifactError(
+                f"the novelty check reads {novelty.density.means.shape[1]} features, the model gives {features}:"
+                " it was fitted for another model (run 'cxr-node novelty' again)"
+            )
         LOGGER.info(
             "loaded model %s version %s (novelty check %s; turn and negative checks %s)",
             metadata.name,
@@ -158,7 +165,7 @@ class Classifier:
 
     def embed(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
         """N×d features the softmax layer reads (what :mod:`classifier.novelty` models)."""
-        if not images:
+        if len(images) == 0:  # a list, or an N×H×W×3 array
             return np.zeros((0, int(self._softmax_head().kernel.shape[0])), dtype=np.float32)
         batch = self._batch(images)
         with self._lock:
@@ -206,13 +213,15 @@ class Classifier:
         for array in arrays:
             if array.shape != expected:
                 raise UnsupportedImageError(f"model input must be {expected}, got {array.shape}")
+            if not np.isfinite(array).all():  # every probability would be NaN, and no check would doubt it
+                raise UnsupportedImageError("model input holds values that are not finite numbers")
         return np.stack(arrays)
 
     def _predict(
         self, images: Sequence[FloatImage], *, heatmap: bool, frames: Sequence[Box] | None
     ) -> tuple[list[Prediction], npt.NDArray[np.float32]]:
         """:meth:`predict`, and the features the softmax layer read (N×d)."""
-        if not images:
+        if len(images) == 0:  # a list, or an N×H×W×3 array
             return [], np.zeros((0, 0), dtype=np.float32)
         batch = self._batch(images)
         start = time.perf_counter()
@@ -237,6 +246,7 @@ class Classifier:
         grays, inputs, frames = [], [], []
         for source in sources:
             gray = to_gray(source)
+            _check_picture(gray)
             model_input, frame = framed_model_input(gray, self.spec, self._lungs)
             grays.append(gray)
             inputs.append(model_input)
@@ -336,11 +346,7 @@ class Classifier:
         return np.asarray(features, dtype=np.float32), np.asarray(probabilities, dtype=np.float32), maps
 
     def _softmax_head(self) -> Any:
-        """The model's last layer, a dense softmax classifier (every architecture and merge here ends so)."""
-        head = self._model.layers[-1]
-        if not hasattr(head, "kernel") or head.get_config().get("activation") != "softmax":
-            raise ModelArtifactError(f"the last layer {head.name!r} is not a dense softmax; no Grad-CAM")
-        return head
+        return _dense_softmax(self._model)
 
     def _class_activation(self, inputs: Any) -> tuple[Any, Any, Any]:
         """The softmax layer's input, the probabilities, and the ReLU of the feature maps weighted by the
@@ -376,6 +382,28 @@ class Classifier:
             timings_ms={"predict": elapsed_ms},
             novelty=novelty,
         )
+
+
+MIN_SIDE = 32  # pixels; a radiograph has hundreds
+
+
+def _check_picture(gray: FloatImage) -> None:
+    """A blank or thumbnail-sized image has no lungs to read, yet the model gave it a class (COVID-19 at
+    0.73 for a black square) that only the novelty check, when fitted, doubted: refused instead."""
+    height, width = gray.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise UnsupportedImageError(f"the image is {width}×{height} pixels, too small to be a radiograph")
+    if float(np.max(gray) - np.min(gray)) < 1e-3:
+        raise UnsupportedImageError("the image is blank (one grey level throughout)")
+
+
+def _dense_softmax(model: Any) -> Any:
+    """The model's last layer, a dense softmax classifier (every architecture and merge here ends so):
+    checked at load, since every prediction reads its input and weights."""
+    head = model.layers[-1]
+    if not hasattr(head, "kernel") or head.get_config().get("activation") != "softmax":
+        raise ModelArtifactError(f"the last layer {head.name!r} is not a dense softmax")
+    return head
 
 
 def heatmap_in_whole_frame(heatmap: FloatImage, frame: Box) -> FloatImage:

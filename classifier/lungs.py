@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -235,11 +236,13 @@ class LungCropper:
             raise ModelArtifactError(f"{meta_path} is not valid JSON: {exc}") from exc
         if not isinstance(metadata, dict):
             raise ModelArtifactError(f"{meta_path} does not hold a JSON object")
-        if metadata.get("sha256") and sha256_file(model_path) != metadata["sha256"]:
+        if not metadata.get("sha256"):  # the trainer records it; without it a swapped file would go unnoticed
+            raise ModelArtifactError(f"{LUNG_META_FILE} records no sha256 for {LUNG_MODEL_FILE}")
+        if sha256_file(model_path) != metadata["sha256"]:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
         try:
             model = keras.models.load_model(model_path, compile=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # cut short, or a member's CRC is wrong
             raise ModelArtifactError(f"{model_path} cannot be loaded: {type(exc).__name__}") from exc
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
             raise ModelArtifactError(f"{model_path} is not a lung U-Net (input {model.input_shape})")

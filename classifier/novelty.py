@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,13 @@ class FeatureDensity:
                     weights=data["weights"].astype(np.float64),
                     isotropic=float(data["isotropic"]),
                 )
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise ModelArtifactError(f"{path.name} is not a feature density: {type(exc).__name__}") from exc
         if density.basis.shape != (density.means.shape[1], len(density.weights)) or density.isotropic <= 0:
             raise ModelArtifactError(f"{path.name} has inconsistent shapes")
+        arrays = (density.means, density.basis, density.weights, np.float64(density.isotropic))
+        if not all(np.isfinite(array).all() for array in arrays):  # NaN scores: no image ever unfamiliar
+            raise ModelArtifactError(f"{path.name} holds values that are not finite numbers")
         return density
 
 
@@ -197,13 +201,15 @@ class LinearProbe:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key].astype(np.float64) for key in ("mean", "scale", "weights", "bias")}
             probe = cls(**arrays)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise ModelArtifactError(f"{path.name} is not a feature probe: {type(exc).__name__}") from exc
         d = len(probe.mean)
         if probe.scale.shape != (d,) or probe.weights.shape != (d, classes) or probe.bias.shape != (classes,):
             raise ModelArtifactError(f"{path.name} has inconsistent shapes (expected {classes} classes)")
         if not np.all(probe.scale > 0):
             raise ModelArtifactError(f"{path.name} has a non-positive feature scale")
+        if not all(np.isfinite(array).all() for array in (probe.mean, probe.scale, probe.weights, probe.bias)):
+            raise ModelArtifactError(f"{path.name} holds values that are not finite numbers")
         return probe
 
 
@@ -349,7 +355,9 @@ def _recorded_file(folder: Path, record: Mapping[str, Any], default: str) -> Pat
     path = Path(folder) / str(record.get("file", default))
     if not path.is_file():
         raise ModelArtifactError(f"model.json names {path.name}, which is not in {folder}")
-    if record.get("sha256") and sha256_file(path) != record["sha256"]:
+    if not record.get("sha256"):  # fit_novelty records it; without it a swapped file would go unnoticed
+        raise ModelArtifactError(f"model.json records no sha256 for {path.name}")
+    if sha256_file(path) != record["sha256"]:
         raise ModelArtifactError(f"{path.name} does not match the sha256 recorded in model.json")
     return path
 

@@ -198,7 +198,8 @@ def test_the_presentation_probe_names_turn_and_polarity_of_images_it_never_saw(t
     other = fit_probe(np.hstack([features, features]), classes, PRESENTATIONS, steps=5)
     other.save(tmp_path / PRESENTATION_PROBE_FILE)
     with pytest.raises(ModelArtifactError, match="different features"):
-        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {"file": PRESENTATION_PROBE_FILE}})
+        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": {**entry, "sha256": sha256_file(
+            tmp_path / PRESENTATION_PROBE_FILE)}})
 
 
 @pytest.mark.parametrize("l2", [0.01, 1.0, 30.0])

@@ -1,0 +1,137 @@
+"""What a model artifact and its inputs are checked for before a prediction is believed (review findings):
+a novelty check fitted for another network, a head that is not a softmax, repeated class names, damaged
+check files, and inputs with nothing to read (blank, thumbnail-sized, not finite)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from classifier.artifact import read_metadata, sha256_file
+from classifier.errors import ModelArtifactError, UnsupportedImageError
+from classifier.inference import Classifier, default_model_path
+from classifier.novelty import NOVELTY_FILE, FeatureDensity, NoveltyCheck
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Classifier:
+    return Classifier.load(default_model_path())
+
+
+def _copy_of_the_shipped_model(target: Path) -> tuple[Path, dict[str, Any]]:
+    shutil.copytree(default_model_path(), target)
+    return target, json.loads((target / "model.json").read_text())
+
+
+def _density(features: int) -> FeatureDensity:
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(features, 2)))[0]
+    return FeatureDensity(means=rng.normal(size=(3, features)), basis=basis, weights=np.array([0.5, 0.2]),
+                          isotropic=1.0)
+
+
+def test_a_novelty_check_fitted_for_another_network_is_refused_at_load(tmp_path: Path) -> None:
+    """A 10-feature density beside a 1,472-feature network loaded, then every prediction failed with a
+    ValueError and the pipeline marked every image FAILED."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    _density(10).save(folder / NOVELTY_FILE)
+    del metadata["novelty"]["presentation_probe"]
+    metadata["novelty"]["sha256"] = sha256_file(folder / NOVELTY_FILE)
+    (folder / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelArtifactError, match="reads 10 features, the model gives 1472"):
+        Classifier.load(folder)
+
+
+def test_a_head_that_is_not_a_dense_softmax_is_refused_at_load(tmp_path: Path) -> None:
+    """A sigmoid head loaded and then failed every prediction (and its outputs would not sum to 1)."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.Conv2D(4, 3, name="features")(inputs)
+    outputs = keras.layers.Dense(3, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(features))
+    keras.Model(inputs, outputs).save(tmp_path / "model.keras")
+    metadata = json.loads((default_model_path() / "model.json").read_text())
+    preprocessing = {**metadata["preprocessing"], "input_size": [32, 32]}
+    metadata.update(input_size=[32, 32], preprocessing=preprocessing, gradcam_layer="features",
+                    sha256=sha256_file(tmp_path / "model.keras"))
+    del metadata["novelty"]
+    (tmp_path / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelArtifactError, match="not a dense softmax"):
+        Classifier.load(tmp_path)
+
+
+@pytest.mark.parametrize("classes", [["covid", "covid", "pneumonia"], ["covid", "Normal", "normal"],
+                                     "cnp", ["covid", "", "pneumonia"]])
+def test_model_json_classes_must_be_distinct_names(tmp_path: Path, classes: object) -> None:
+    """Two classes of one name collapsed their probabilities into one dictionary entry: "covid" 0.17
+    where the model said 0.73; a string was read letter by letter as three classes."""
+    metadata = json.loads((default_model_path() / "model.json").read_text())
+    (tmp_path / "model.keras").symlink_to(default_model_path() / "model.keras")
+    (tmp_path / "model.json").write_text(json.dumps({**metadata, "classes": classes}))
+    with pytest.raises(ModelArtifactError, match="not a list of distinct names"):
+        read_metadata(tmp_path)
+
+
+def test_damaged_novelty_files_are_refused_as_model_errors(tmp_path: Path) -> None:
+    """A truncated file escaped as zipfile.BadZipFile, a density of NaN loaded and never called an image
+    unfamiliar, and a record without a sha256 was not checked at all."""
+    _density(6).save(tmp_path / NOVELTY_FILE)
+    whole = (tmp_path / NOVELTY_FILE).read_bytes()
+    record = {"file": NOVELTY_FILE, "threshold": 2.0}
+    with pytest.raises(ModelArtifactError, match="records no sha256"):
+        NoveltyCheck.load(tmp_path, record)
+    (tmp_path / NOVELTY_FILE).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelArtifactError, match="not a feature density"):
+        NoveltyCheck.load(tmp_path, {**record, "sha256": sha256_file(tmp_path / NOVELTY_FILE)})
+    nan = _density(6)
+    FeatureDensity(nan.means, nan.basis, nan.weights, float("nan")).save(tmp_path / NOVELTY_FILE)
+    with pytest.raises(ModelArtifactError, match="not finite"):
+        NoveltyCheck.load(tmp_path, {**record, "sha256": sha256_file(tmp_path / NOVELTY_FILE)})
+
+
+@pytest.mark.parametrize(
+    ("picture", "reason"),
+    [
+        (Image.new("L", (300, 300), 0), "blank"),
+        (Image.new("L", (300, 300), 200), "blank"),
+        (Image.new("L", (1, 1), 0), "too small"),
+        (Image.fromarray(np.tile(np.arange(20, dtype=np.uint8) * 12, (400, 1))), "too small"),
+    ],
+)
+def test_a_blank_or_thumbnail_picture_is_refused(shipped: Classifier, picture: Image.Image, reason: str) -> None:
+    """A black square was called COVID-19 at 0.73; only the novelty check, 4 % over its limit, doubted it."""
+    with pytest.raises(UnsupportedImageError, match=reason):
+        shipped.predict_images([picture], heatmap=False)
+
+
+def test_a_blank_dicom_image_is_refused(shipped: Classifier) -> None:
+    path = get_testdata_file("RG1_UNCI.dcm", download=False)
+    if path is None:
+        pytest.fail("pydicom-data's RG1_UNCI.dcm is not installed (a dependency of the test extra)")
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
+    with pytest.raises(UnsupportedImageError, match="blank"):
+        shipped.predict_datasets([ds], heatmap=False)
+
+
+def test_model_inputs_must_be_finite_and_may_come_stacked(shipped: Classifier) -> None:
+    """NaN in gave NaN probabilities labelled "indeterminate" with no doubt; an N×H×W×3 array raised
+    "truth value of an array is ambiguous"."""
+    height, width = shipped.spec.input_size
+    stacked = np.full((2, height, width, 3), 0.5, dtype=np.float32)
+    assert len(shipped.predict(stacked, heatmap=False)) == 2  # type: ignore[arg-type]
+    assert shipped.embed(stacked).shape == (2, 1472)  # type: ignore[arg-type]
+    broken = stacked[0].copy()
+    broken[0, 0, 0] = np.nan
+    with pytest.raises(UnsupportedImageError, match="not finite"):
+        shipped.predict([broken], heatmap=False)
