@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import PureWindowsPath
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -92,7 +92,9 @@ class Upload:
             pixels = self.dataset.get("PixelData")
             size += len(pixels) if isinstance(pixels, bytes | bytearray) else 0
         if self.image is not None:
-            size += self.image.width * self.image.height * len(self.image.getbands())
+            # bytes per pixel as decoded: 16-bit and 32-bit modes (I;16, I, F) hold more than one per band
+            bits = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(self.image.mode, 8)
+            size += self.image.width * self.image.height * max(len(self.image.getbands()) * 8, bits) // 8
         return size
 
     @property
@@ -280,7 +282,10 @@ def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
     ds.PatientName = ""
     ds.PatientID = ""
     ds.AccessionNumber = ""
-    ds.StudyDescription = f"Uploaded picture {Path(filename).name}"[:64]
+    # the name without any folder, Windows' too: a backslash is LO's value separator, which split the
+    # description into a list the PDF printed as one (review)
+    name = PureWindowsPath(filename).name
+    ds.StudyDescription = f"Uploaded picture {name}"[:64]
     local = when.astimezone()
     ds.StudyDate = local.strftime("%Y%m%d")
     ds.StudyTime = local.strftime("%H%M%S")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from classifier.preprocess import MAX_FRAME_PIXELS
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
@@ -53,27 +53,54 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
             "a DICOM data set without the DICOM file header (no 128-byte preamble and 'DICM'); "
             "export it from the viewer or PACS as a DICOM file (Part 10)"
         )
-    too_large = f"the picture is too large to decode (more than {MAX_FRAME_PIXELS // 1_000_000} megapixels)"
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, above the node's
-        raise UndecodableDatasetError(too_large) from exc
-    except Exception as exc:  # PIL raises several types for non-images
-        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
-    if image.width * image.height > MAX_FRAME_PIXELS:  # Pillow only warns up to twice its limit
-        raise UndecodableDatasetError(too_large)
-    try:
-        image.load()
-    except Exception as exc:
-        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file") from exc
-    if image.format not in ("PNG", "JPEG"):
-        raise UndecodableDatasetError("only DICOM, PNG and JPEG files are accepted")
+    if not data:
+        raise UndecodableDatasetError("the file is empty")
+    image = _open_picture(data)
     frames = int(getattr(image, "n_frames", 1))
     if frames > 1:  # an animated PNG (APNG): as a multi-frame DICOM, not classified by its first frame
         raise UndecodableDatasetError(
             f"an animated picture ({frames} frames); the model reads single radiographs"
         )
     return Upload(filename=filename, data=data, image=image)
+
+
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def _open_picture(data: bytes) -> Image.Image:
+    """A PNG or JPEG, told by its first bytes before any decoder runs: Pillow opened whatever it knew and
+    decoded it before the format was checked, an EPS file by starting Ghostscript on it (review)."""
+    kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
+    if kind is None:
+        raise UndecodableDatasetError("not a DICOM, PNG or JPEG file: only these are accepted")
+    if kind == "PNG" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6):
+        # Pillow keeps the high byte of 16-bit colour samples: a 12-bit radiograph came out nearly black
+        raise UndecodableDatasetError(
+            "a 16-bit colour or grey-with-alpha PNG, which is read as 8 bits; export it as greyscale PNG"
+        )
+    too_large = f"the picture is too large to decode (more than {MAX_FRAME_PIXELS // 1_000_000} megapixels)"
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+        if image.format == "MPO":  # a camera's JPEG with a second, smaller picture (MPF): the first is it
+            image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+        if image.width * image.height > MAX_FRAME_PIXELS:  # Pillow only warns up to twice its limit
+            raise UndecodableDatasetError(too_large)
+        image.load()
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, above the node's
+        raise UndecodableDatasetError(too_large) from exc
+    except NodeError:
+        raise
+    except Exception as exc:  # Pillow raises several types for a damaged file
+        unsupported = ": damaged, or a 12-bit or lossless JPEG, which is not supported (export it as PNG)"
+        raise UndecodableDatasetError(
+            f"the {kind} file cannot be decoded{unsupported if kind == 'JPEG' else ''} ({_reason(exc)})"
+        ) from exc
+    return image
+
+
+def _reason(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())[:120]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _is_bare_dataset(data: bytes) -> bool:

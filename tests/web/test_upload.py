@@ -161,7 +161,7 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
     response = client.post(
         "/upload", data={"csrf_token": csrf}, files={"file": ("x.gif", gif.getvalue(), "image/gif")}
     )
-    assert "only DICOM, PNG and JPEG" in response.text
+    assert "not a DICOM, PNG or JPEG file: only these are accepted" in response.text
 
 
 def test_a_dicom_upload_too_large_to_decode_is_refused_with_the_reason(
@@ -574,3 +574,92 @@ def test_storing_the_nodes_own_result_as_an_upload_says_so(
     assert refused.status_code == 409 and "one of the node's own results" in refused.text
     with session_scope(factory) as s:
         assert s.scalar(select(func.count()).select_from(Series)) == 1
+
+
+def test_only_png_and_jpeg_bytes_reach_a_picture_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow opened and decoded any format it knew before the format was checked: an EPS upload started
+    Ghostscript on the user's PostScript where the host had it (review). Now the first bytes decide."""
+    from dicom_node.errors import UndecodableDatasetError
+    from dicom_node.web.uploads import read_upload
+
+    opened: list[object] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    webp, gif = io.BytesIO(), io.BytesIO()
+    Image.new("L", (64, 64)).save(webp, format="WEBP")
+    Image.new("L", (64, 64)).save(gif, format="GIF")
+    for data in (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", webp.getvalue(),
+                 gif.getvalue(), b"hello"):
+        with pytest.raises(UndecodableDatasetError, match="not a DICOM, PNG or JPEG file"):
+            read_upload("chest.png", data)
+    assert opened == []
+    read_upload("chest.png", chest_like_png())
+    assert len(opened) == 1
+
+
+def _jpeg_frame_of(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def test_pictures_that_cannot_be_read_say_why() -> None:
+    """All of these were "not a DICOM, PNG or JPEG file", though each is one, or is nothing at all."""
+    from dicom_node.errors import UndecodableDatasetError
+    from dicom_node.web.uploads import read_upload
+
+    png = chest_like_png()
+    # a 12-bit radiograph in 16-bit RGB samples: Pillow keeps the high byte, and it came out nearly black
+    rgb16 = _png16_rgb(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint16) * 16)
+    for data, message in (
+        (b"", "the file is empty"),
+        (png[: len(png) // 2], "the PNG file cannot be decoded ("),
+        (_jpeg_frame_of("JPEG-lossy.dcm"), "12-bit or lossless JPEG, which is not supported"),
+        (_jpeg_frame_of("JPEG-LL.dcm"), "12-bit or lossless JPEG, which is not supported"),
+        (rgb16, "a 16-bit colour or grey-with-alpha PNG"),
+    ):
+        with pytest.raises(UndecodableDatasetError, match=message.replace("(", r"\(")):
+            read_upload("chest.png", data)
+
+
+def _png16_rgb(gray: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (colour type 2), written by hand: Pillow writes no 16-bit colour PNG."""
+    height, width = gray.shape
+    rows = np.dstack([gray] * 3).astype(">u2").reshape(height, width * 6 // 2)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_a_camera_jpeg_with_a_second_picture_is_read_as_its_first() -> None:
+    """A JPEG carrying an MPF large thumbnail is "MPO" to Pillow: refused as not JPEG (review)."""
+    from dicom_node.web.uploads import read_upload
+
+    first = Image.open(io.BytesIO(chest_like_png())).convert("L")
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[first.resize((64, 56))])
+    upload = read_upload("phone.jpg", buffer.getvalue())
+    assert upload.image is not None and upload.image.size == first.size
+
+
+def test_a_backslash_in_an_uploaded_name_stays_one_study_description() -> None:
+    from datetime import UTC, datetime
+
+    from dicom_node.web.services import picture_dataset
+
+    ds = picture_dataset("C:\\exports\\chest.png", datetime(2026, 12, 6, tzinfo=UTC))
+    assert ds.StudyDescription == "Uploaded picture chest.png"
+
+
+def test_a_16_bit_picture_counts_two_bytes_a_pixel_against_the_upload_budget() -> None:
+    """The budget counted a band as one byte: a 16-bit greyscale picture held twice what it counted."""
+    image = Image.fromarray(np.zeros((100, 200), dtype=np.uint16))
+    assert image.mode == "I;16"
+    assert Upload(filename="x.png", data=b"", image=image).held_bytes == 100 * 200 * 2
+    assert Upload(filename="x.png", data=b"", image=Image.new("RGB", (200, 100))).held_bytes == 100 * 200 * 3
