@@ -98,12 +98,27 @@ DEGRADATIONS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
 }
 
 
+# What each value means, and so may be: gamma:-1 divided by zero and crop:1.5 framed the image in black.
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "jpeg": (1, 100, "a JPEG quality from 1 to 100"),
+    "downscale": (0.01, 1, "a scale from 0.01 to 1"),
+    "gamma": (0.05, 20, "a gamma from 0.05 to 20"),
+    "crop": (0.05, 1, "the fraction kept, from 0.05 to 1"),
+    "pad": (0, 1, "a frame's fraction of the shorter side, from 0 to 1"),
+    "noise": (0, 1, "a noise level from 0 to 1"),
+    "bits": (1, 16, "a bit depth from 1 to 16"),
+}
+
+
 def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
-    """``"jpeg:30+downscale:0.5"`` → a function applying both in order; ``"none"`` → None."""
+    """``"jpeg:30+downscale:0.5"`` → a function applying both in order; ``"none"`` → None. Each value must be
+    in its kind's range, and ``bits`` comes last: every other step works on 8 bits and clipped its 16-bit
+    values to white."""
     if text in ("", "none"):
         return None
     steps: list[tuple[Callable[[Image.Image, float], Image.Image], float]] = []
-    for part in text.split("+"):
+    parts = text.split("+")
+    for number, part in enumerate(parts, start=1):
         kind, _, value = part.partition(":")
         try:
             steps.append((DEGRADATIONS[kind], float(value)))
@@ -111,6 +126,11 @@ def parse_degradation(text: str) -> Callable[[Image.Image], Image.Image] | None:
             raise ValueError(
                 f"unknown degradation {part!r}; use kind:value with kind in {', '.join(DEGRADATIONS)}"
             ) from None
+        low, high, meaning = _RANGES[kind]
+        if not low <= steps[-1][1] <= high:  # NaN too
+            raise ValueError(f"degradation {part!r}: the value must be {meaning}")
+        if kind == "bits" and number != len(parts):
+            raise ValueError(f"degradation {part!r} must come last (the steps after it work on 8 bits)")
 
     def apply(image: Image.Image) -> Image.Image:
         for function, value in steps:

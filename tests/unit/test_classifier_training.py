@@ -673,6 +673,27 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
         parse_degradation("sepia:1")
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("gamma:-1", "a gamma from 0.05 to 20"),  # ZeroDivisionError after the model had loaded
+        ("jpeg:nan", "a JPEG quality from 1 to 100"),
+        ("jpeg:150", "a JPEG quality from 1 to 100"),  # handed to Pillow as it was
+        ("jpeg:inf", "a JPEG quality from 1 to 100"),  # OverflowError
+        ("crop:1.5", "the fraction kept"),  # a black frame, not a crop
+        ("pad:-0.5", "a frame's fraction"),  # a 1-pixel frame
+        ("noise:-0.1", "a noise level"),
+        ("downscale:0", "a scale from 0.01 to 1"),
+        ("bits:nan", "a bit depth from 1 to 16"),  # 1 bit
+        ("bits:12+jpeg:90", "must come last"),  # 89 % of the pixels white
+    ],
+)
+def test_a_degradation_value_out_of_its_range_is_refused(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_degradation(text)
+    assert parse_degradation("jpeg:90+gamma:0.7+crop:1+pad:0+bits:12") is not None
+
+
 def test_cli_classify_prints_one_line_per_file(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
