@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image, ImageOps
 
 from classifier import plots
@@ -29,10 +30,11 @@ from classifier.dataset import (
     load_gray,
     named_failure,
 )
+from classifier.errors import ClassifierError
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
-from classifier.preprocess import gray_to_uint8, image_to_model_input
-from classifier.types import label_key
+from classifier.preprocess import gray_to_uint8, image_to_model_input, read_image_file
+from classifier.types import INDETERMINATE, Doubt, Prediction, doubt_of, label_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -152,8 +154,9 @@ def predict_items(
     items: Sequence[LabelledImage],
     degrade: Callable[[Image.Image], Image.Image] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """N×C probabilities for labelled files (DICOM or PIL-readable), and N novelty ratios (NaN when the
-    model has no novelty check)."""
+    """N×C probabilities for labelled files (DICOM or PIL-readable), and N novelty ratios of the model inputs
+    as they are (NaN when the model has no novelty check): the novelty score alone, without the turn and
+    negative checks :func:`score_items` applies as the node does."""
     rows: list[np.ndarray] = []
     novelty: list[float] = []
     for start in range(0, len(items), BATCH):
@@ -169,6 +172,67 @@ def predict_items(
             rows.append(np.array(list(prediction.probabilities.values())))
             novelty.append(np.nan if prediction.novelty is None else prediction.novelty)
     return np.asarray(rows, dtype=np.float64), np.asarray(novelty, dtype=np.float64)
+
+
+def score_items(
+    classifier: Classifier,
+    items: Sequence[LabelledImage],
+    degrade: Callable[[Image.Image], Image.Image] | None = None,
+) -> tuple[np.ndarray, list[Prediction]]:
+    """N×C probabilities for labelled files, and their predictions as the node makes them: a DICOM image
+    head up by its header and a picture as the console reads it, each through the model's own checks
+    (negative, wrong way up, unfamiliar), so that :attr:`Prediction.doubt` is what the node would skip.
+    :func:`predict_items` gave the novelty score alone, which for inverted images refused 46 of 176 where
+    the node's checks refuse all 176 (review)."""
+    min_side = max(classifier.spec.input_size)
+    predictions: list[Prediction] = []
+    for start in range(0, len(items), BATCH):
+        batch = items[start : start + BATCH]
+        sources: list[pydicom.Dataset | Image.Image] = []
+        for item in batch:
+            with named_failure(item.path, "cannot be evaluated"):
+                sources.append(
+                    read_image_file(item.path) if degrade is None
+                    else degrade(_as_picture(item.path, min_side))
+                )
+        try:
+            predictions.extend(_predict_sources(classifier, sources))
+        except ClassifierError:  # one image the model cannot read: find it, and name it
+            for item, source in zip(batch, sources, strict=True):
+                with named_failure(item.path, "cannot be evaluated"):
+                    predictions.extend(_predict_sources(classifier, [source]))
+    rows = [list(prediction.probabilities.values()) for prediction in predictions]
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(classifier.info.classes)), predictions
+
+
+def _predict_sources(
+    classifier: Classifier, sources: Sequence[pydicom.Dataset | Image.Image]
+) -> list[Prediction]:
+    """Predictions in the order of ``sources``, DICOM images and pictures each the way the node reads them."""
+    datasets = [(i, s) for i, s in enumerate(sources) if isinstance(s, pydicom.Dataset)]
+    pictures = [(i, s) for i, s in enumerate(sources) if not isinstance(s, pydicom.Dataset)]
+    found: dict[int, Prediction] = {}
+    if datasets:
+        made = classifier.predict_datasets([s for _, s in datasets], heatmap=False)
+        found.update(zip((i for i, _ in datasets), made, strict=True))
+    if pictures:
+        made = classifier.predict_images([s for _, s in pictures], heatmap=False)
+        found.update(zip((i for i, _ in pictures), made, strict=True))
+    return [found[i] for i in range(len(sources))]
+
+
+def doubt_summary(predictions: Sequence[Prediction]) -> dict[str, Any]:
+    """How many images the node's own checks would skip (``pipeline.skip_unfamiliar``), by the first reason
+    of :func:`classifier.types.doubt_of`, and the median novelty as the node reports it."""
+    doubts = [doubt_of(p.novelty, p.better_turn, p.negative) for p in predictions]
+    novelty = [p.novelty for p in predictions if p.novelty is not None]
+    skipped = sum(doubt is not None for doubt in doubts)
+    return {
+        "images": skipped,
+        "fraction": skipped / len(predictions) if predictions else 0.0,
+        **{doubt.value: sum(d is doubt for d in doubts) for doubt in Doubt},
+        "novelty_median": float(np.median(novelty)) if novelty else None,
+    }
 
 
 LABEL_ALIASES = {
@@ -224,19 +288,27 @@ def evaluate(
     classifier = Classifier.load(model)
     classes = classifier.info.classes
     collection = list(items) if items is not None else load_collection(data)
+    if not collection:
+        raise DatasetError("no images to evaluate")
     merged = fold_relabel(relabel or {})
     labels = [merged.get(label_key(item.label), item.label) for item in collection]
     index = class_indices(labels, classes)
     truth = np.array([index[label] for label in labels], dtype=np.int64)
-    probabilities, novelty = predict_items(classifier, collection, parse_degradation(degrade))
+    probabilities, predictions = score_items(classifier, collection, parse_degradation(degrade))
     report = classification_report(truth, probabilities, classes)
     if classifier.novelty is not None:
         # The node skips these (pipeline.skip_unfamiliar); the metrics above still count them.
-        report["unfamiliar"] = {
-            "images": int(np.sum(novelty > 1.0)),
-            "fraction": float(np.mean(novelty > 1.0)) if len(novelty) else 0.0,
-            "novelty_median": float(np.median(novelty)) if len(novelty) else None,
-        }
+        report["doubted"] = doubt_summary(predictions)
+    # Below the threshold the node answers "indeterminate"; the metrics above use the top class.
+    undecided = [p.label == INDETERMINATE for p in predictions]
+    decided = [i for i, flag in enumerate(undecided) if not flag]
+    report["indeterminate"] = {
+        "threshold": classifier.indeterminate_threshold,
+        "images": sum(undecided),
+        "accuracy_of_the_rest": (
+            float(np.mean(probabilities[decided].argmax(axis=1) == truth[decided])) if decided else None
+        ),
+    }
     report["model"] = {
         "name": classifier.info.name,
         "version": classifier.info.version,

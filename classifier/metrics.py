@@ -102,7 +102,7 @@ def log_loss(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int6
     if len(y_true) == 0:
         return 0.0
     chosen = probabilities[np.arange(len(y_true)), y_true]
-    return float(-np.mean(np.log(np.clip(chosen, 1e-12, 1.0))))
+    return float(-np.mean(np.log(np.clip(chosen, 1e-12, 1.0)))) + 0.0  # + 0.0: no "-0.0" in the JSON
 
 
 def brier_score(probabilities: npt.NDArray[np.float64], y_true: npt.NDArray[np.int64]) -> float:
@@ -130,16 +130,24 @@ def classification_report(
     """Confusion matrix, accuracy, per-class and macro precision/recall/F1, sensitivity/specificity,
     one-vs-rest ROC AUC, and how honest the probabilities are (ECE, log loss, Brier score, reliability
     bins) — a JSON-ready dict."""
-    truth = np.asarray(y_true, dtype=np.int64)
+    given = np.asarray(y_true)
+    if given.size == 0:  # accuracy 0.0 and an ECE of 0.0 of nothing read as figures
+        raise ValueError("no images to score")
+    if given.dtype.kind not in "iu" and not np.array_equal(given, np.round(given)):  # 0.7 was read as 0
+        raise ValueError("true labels must be whole class indices")
+    truth = given.astype(np.int64)
     probs = np.asarray(probabilities, dtype=np.float64)
     n = len(classes)
     if probs.shape != (len(truth), n):
         raise ValueError(f"probabilities have shape {probs.shape}, expected {(len(truth), n)}")
-    if truth.size and (truth.min() < 0 or truth.max() >= n):
+    if truth.min() < 0 or truth.max() >= n:
         raise ValueError(f"true labels must be class indices 0..{n - 1}")
-    sums_to_one = np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
-    if not np.isfinite(probs).all() or (probs < 0).any() or not sums_to_one:
-        raise ValueError("probabilities must be finite, non-negative and sum to 1 per image (not logits)")
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities must be finite numbers")
+    if (probs < 0).any():
+        raise ValueError("probabilities must not be negative (logits?)")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("probabilities must sum to 1 per image (logits, or scores of separate classes?)")
     predicted = probs.argmax(axis=1)
     matrix = confusion_matrix(truth, predicted, n)
     total = int(matrix.sum())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from classifier.metrics import (
     brier_score,
@@ -109,15 +112,47 @@ def test_rates_without_cases_to_measure_are_undefined_not_zero() -> None:
 @pytest.mark.parametrize(
     ("truth", "probs", "message"),
     [
-        ([0, 1], [[2.0, -1.0], [0.5, 0.5]], "sum to 1"),  # logits, not probabilities
+        ([0, 1], [[2.0, -1.0], [0.5, 0.5]], "not be negative"),  # logits, not probabilities
+        ([0, 1], [[2.0, 1.0], [0.5, 0.5]], "sum to 1"),  # logits of one sign
+        ([0, 1], [[0.6, 0.6], [0.5, 0.5]], "sum to 1"),  # separate scores: an ECE of 0.4 was given
         ([0, 1], [[np.nan, 0.5], [0.5, 0.5]], "finite"),
+        ([0, 1], [[np.inf, 0.5], [0.5, 0.5]], "finite"),
+        ([0.7, 1.2], [[0.9, 0.1], [0.5, 0.5]], "whole class indices"),  # read as 0 and 1
+        ([], np.zeros((0, 2)), "no images"),  # accuracy 0.0 and ECE 0.0 of nothing
         ([0, -1], [[0.9, 0.1], [0.5, 0.5]], "class indices"),  # -1 wrapped round to the last class
         ([0, 2], [[0.9, 0.1], [0.5, 0.5]], "class indices"),  # an IndexError
     ],
 )
 def test_inputs_that_are_not_probabilities_and_class_indices_are_refused(
-    truth: list[int], probs: list[list[float]], message: str
+    truth: list[float], probs: list[list[float]], message: str
 ) -> None:
-    """The old code returned an ECE of 1.17 for logits and counted label -1 as right."""
+    """The old code returned an ECE of 1.17 for logits and counted label -1 as right; each check says its
+    own reason (one message for all let a removed check pass every test)."""
     with pytest.raises(ValueError, match=message):
         classification_report(np.array(truth), np.array(probs), ["a", "b"])
+
+
+def test_the_roc_figure_of_one_class_says_so_without_a_warning(tmp_path: Path) -> None:
+    """A site's own normal images: matplotlib warned "No artists with labels found" and drew an empty panel."""
+    import warnings
+
+    from classifier import plots
+
+    probs = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.roc_and_reliability(np.array([1, 1, 1]), probs, ["a", "b", "c"], tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_images_beside_the_class_folders_are_said_to_be_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from classifier.dataset import load_collection
+
+    for name in ("covid/a.png", "normal/b.png", "stray.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("L", (40, 40)).save(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        assert len(load_collection(tmp_path)) == 2
+    assert "1 image(s) beside the class sub-folders are of no class and not read" in caplog.text

@@ -141,9 +141,23 @@ def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
 
     from classifier.evaluation import evaluate
 
-    report = evaluate(output, collection)  # a hospital's check on its own export says how many it would refuse
-    assert report["images"] == 24 and 0 <= report["unfamiliar"]["images"] <= 24
-    assert report["unfamiliar"]["fraction"] == pytest.approx(report["unfamiliar"]["images"] / 24)
+    # A hospital's check on its own export says how many the node would skip: the images the node's own
+    # checks doubt, by reason. Counted from the novelty score alone, it said 26 % where the node skipped all
+    # of a set of inverted images (review).
+    everything = sorted(collection.rglob("*.png"))
+    inverted = collection.parent / f"{collection.name}-inverted"
+    for path in everything:
+        target = inverted / path.relative_to(collection)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(path).convert("L")).save(target)
+    for folder in (collection, inverted):
+        report = evaluate(output, folder)
+        expected = [classifier.predict_file(path).doubt is not None for path in sorted(folder.rglob("*.png"))]
+        assert report["images"] == 24 and report["doubted"]["images"] == sum(expected)
+        assert report["doubted"]["fraction"] == pytest.approx(sum(expected) / 24)
+        reasons = ("negative", "wrong-way-up", "unfamiliar")
+        assert sum(report["doubted"][reason] for reason in reasons) == sum(expected)
+    assert report["doubted"]["negative"] > 0  # the probe, fitted on 24 pictures, finds some of them inverted
 
 
 def _presented_features(images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
