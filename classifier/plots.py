@@ -75,7 +75,10 @@ def roc_and_reliability(
     roc_axis.set_xlabel("1 - specificity")
     roc_axis.set_ylabel("sensitivity")
     roc_axis.set_title("one-vs-rest ROC")
-    roc_axis.legend()
+    if roc_axis.get_legend_handles_labels()[0]:
+        roc_axis.legend()
+    else:  # images of one class only (a site's own normal images): no curve is defined
+        roc_axis.text(0.5, 0.5, "ROC undefined: images of one class only", ha="center", va="center")
     bins = reliability_bins(probabilities, y_true)
     centres = [row["confidence"] for row in bins]
     accuracies = [row["accuracy"] for row in bins]
