@@ -543,6 +543,58 @@ def test_grad_cam_follows_the_class_score_even_when_the_softmax_is_saturated() -
     assert prediction.heatmap[:3, :3].min() > 0.9 and prediction.heatmap[5:, 5:].max() < 0.1
 
 
+def _toy_patch_model(height: int, width: int) -> tuple[Any, ArtifactMetadata]:
+    """The saturated-softmax toy above, of a non-square input: covid's logit is 200 × channel 0's mean."""
+    import keras
+
+    inputs = keras.Input((height, width, 3))
+    features = keras.layers.Conv2D(2, 1, use_bias=False, name="features")(inputs)
+    head = keras.layers.Dense(3, activation="softmax", name="predictions")
+    model = keras.Model(inputs, head(keras.layers.GlobalAveragePooling2D()(features)))
+    model.get_layer("features").set_weights([np.array([[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]]])])
+    head.set_weights([np.array([[200.0, 0.0, -200.0], [0.0, 1.0, 0.0]]), np.zeros(3)])
+    metadata = ArtifactMetadata(
+        name="toy", version="1", classes=("covid", "normal", "pneumonia"),
+        preprocess=PreprocessSpec(input_size=(height, width)), gradcam_layer="features", sha256="",
+        created="2026-12-02T00:00:00Z",
+    )  # fmt: skip
+    return model, metadata
+
+
+def test_a_heat_map_of_a_non_square_input_is_neither_transposed_nor_flipped() -> None:
+    """Every heat-map test was square with a patch in the top-left corner, which a transposition leaves
+    where it was: a swapped (width, height) passed them all (review)."""
+    model, metadata = _toy_patch_model(8, 12)
+    image = np.zeros((8, 12, 3), dtype=np.float32)
+    image[:4, 8:, 0] = 1.0  # top right
+    image[:, :, 1] = 0.5
+    (prediction,) = Classifier(model, metadata).predict([image], heatmap=True)
+    heat = prediction.heatmap
+    assert heat is not None and heat.shape == (8, 12)
+    assert heat[:3, 9:].min() > 0.9 and heat[5:, :7].max() < 0.1 and heat[:3, :6].max() < 0.1
+    from classifier.inference import heatmap_in_whole_frame
+    from classifier.preprocess import Box
+
+    placed = heatmap_in_whole_frame(heat, Box(top=0.5, bottom=1.0, left=0.0, right=0.5))  # bottom left
+    assert placed.shape == (8, 12) and placed[:4].max() == 0.0 and placed[:, 6:].max() == 0.0
+    assert placed[4, 5] > 0.9 and placed[7, 0] < 0.1  # the patch in the frame's top right, not elsewhere
+
+
+def test_a_probability_equal_to_the_threshold_is_the_class_and_one_below_is_indeterminate() -> None:
+    model, metadata = _toy_patch_model(8, 8)
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    image[:, :, 0] = 0.0035  # covid's logit 0.7, normal's 0: a covid probability of about 0.5
+    image[:, :, 1] = 0.0
+    first = Classifier(model, metadata).predict([image], heatmap=False)[0]
+    p = first.probabilities[first.top_class]
+    assert 0.3 < p < 0.7
+    assert Classifier(model, metadata, indeterminate_threshold=p).predict([image], heatmap=False)[0].label \
+        == first.top_class
+    above = float(np.nextafter(np.float32(p), np.float32(1.0)))
+    assert Classifier(model, metadata, indeterminate_threshold=above).predict([image], heatmap=False)[0].label \
+        == INDETERMINATE
+
+
 def test_dicom_input_gives_the_same_answer_as_png(artifact: Path, collection: Path) -> None:
     from tests.unit.test_classifier_preprocess import make_dataset
 
