@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,7 +46,9 @@ from classifier.dataset import label_indices, load_collection, load_grays, split
 from classifier.errors import EnsembleError, OptionError
 from classifier.metrics import classification_report
 from classifier.preprocess import finish_gray, normalisation_change
-from classifier.training import TrainingConfig, train
+
+if TYPE_CHECKING:
+    from classifier.training import TrainingConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -187,7 +190,12 @@ def build_ensemble(
             raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
     printed, split = _printed_split(member_folders, metas)
     _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
-    members = [keras.saving.load_model(folder / MODEL_FILE, compile=False) for folder in member_folders]
+    members = []
+    for folder in member_folders:
+        try:
+            members.append(keras.saving.load_model(folder / MODEL_FILE, compile=False))
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # as Classifier.load says it
+            raise EnsembleError(f"{folder / MODEL_FILE} cannot be loaded: {type(exc).__name__}") from exc
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
@@ -243,6 +251,8 @@ def train_ensemble(
     """Train one member per seed — or, with ``architectures``, one member per architecture, each with its
     own recipe and ``config.seed`` — on one split (that of ``config.split_seed``, default
     ``config.seed``) and merge them into ``config.output``; the members' own folders are not kept."""
+    from classifier.training import train  # TensorFlow and the augmentation: not for merging alone
+
     if architectures:
         members = [(architecture, config.seed) for architecture in architectures]
     else:

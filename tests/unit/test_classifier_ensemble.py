@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,18 @@ def test_cli_trains_members_merges_them_and_the_result_classifies(
     members = json.loads((trio / "model.json").read_text())["training"]["ensemble"]["members"]
     assert [member["seed"] for member in members] == [5, 6, 7]
     assert json.loads((trio / "model.json").read_text())["name"] == "cxr-compact"
+
+    # a member cut short after it was hashed: Keras' ValueError escaped as a traceback
+    from classifier.artifact import sha256_file
+
+    cut = tmp_path / "cut"
+    shutil.copytree(third, cut)
+    whole = (cut / "model.keras").read_bytes()
+    (cut / "model.keras").write_bytes(whole[: len(whole) // 2])
+    record = json.loads((cut / "model.json").read_text())
+    (cut / "model.json").write_text(json.dumps({**record, "sha256": sha256_file(cut / "model.keras")}))
+    assert cli.main(["ensemble", str(tmp_path / "four"), str(output), str(cut), "--data", str(collection)]) == 2
+    assert "model.keras cannot be loaded: ValueError" in capsys.readouterr().err
 
 
 def test_members_of_different_architectures_merge_exactly() -> None:
