@@ -6,6 +6,7 @@ import functools
 import io
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,21 +158,29 @@ def test_a_cut_inside_a_sequence_is_cannot_understand(syntax: str, tmp_path: Pat
         engine.dispose()
 
 
+def _with_request_attributes(
+    request: Dataset, syntax: str
+) -> tuple[bytes, Callable[[bytes], Dataset]]:
+    """A CR's C-STORE data set in ``syntax`` whose Request Attributes Sequence, of defined length, holds
+    ``request``, and the node's parse of such bytes."""
+    ds = make_cr()
+    ds.RequestAttributesSequence = [request]
+    ds["RequestAttributesSequence"].value.is_undefined_length = False
+    if syntax == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    parse = functools.partial(parse_network_dataset, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
+                              sop_instance_uid=ds.SOPInstanceUID)
+    return _dataset_part(to_bytes(ds)), parse
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_a_sequence_item_longer_than_its_sequence_is_cannot_understand(syntax: str) -> None:
     """An item of a defined-length sequence that claims 64 bytes where 24 are: pydicom read what was there
     and the node stored it, though dcmdump reports "Length of element larger than explicit length of
     surrounding item" (review). The same object whole is stored."""
-    ds = make_cr()
     request = Dataset()
     request.RequestedProcedureID, request.ScheduledProcedureStepID = "RP-1", "SPS-1"
-    ds.RequestAttributesSequence = [request]
-    ds["RequestAttributesSequence"].value.is_undefined_length = False
-    if syntax == ImplicitVRLittleEndian:
-        ds.file_meta.TransferSyntaxUID = syntax
-    body = _dataset_part(to_bytes(ds))
-    parse = functools.partial(parse_network_dataset, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
-                              sop_instance_uid=ds.SOPInstanceUID)
+    body, parse = _with_request_attributes(request, syntax)
     assert parse(body).RequestAttributesSequence[0].RequestedProcedureID == "RP-1"
     item = body.index(b"\xfe\xff\x00\xe0")  # the item's tag, then its length
     (length,) = struct.unpack("<L", body[item + 4:item + 8])
@@ -185,20 +194,13 @@ def test_an_element_longer_than_its_nested_item_is_cannot_understand(syntax: str
     """One level down: a Code Meaning in an item of a sequence inside a sequence's item claims 40 bytes
     more than its item has. The check followed only the top-level sequence's items, so the node stored
     what dcmdump calls "Length of element larger than explicit length of surrounding item" (review)."""
-    ds = make_cr()
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID1", "99LOCAL", "Chest PA"
     request = Dataset()
     request.RequestedProcedureID = "RP-1"
     request.ScheduledProtocolCodeSequence = [code]
     request["ScheduledProtocolCodeSequence"].value.is_undefined_length = False
-    ds.RequestAttributesSequence = [request]
-    ds["RequestAttributesSequence"].value.is_undefined_length = False
-    if syntax == ImplicitVRLittleEndian:
-        ds.file_meta.TransferSyntaxUID = syntax
-    body = _dataset_part(to_bytes(ds))
-    parse = functools.partial(parse_network_dataset, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
-                              sop_instance_uid=ds.SOPInstanceUID)
+    body, parse = _with_request_attributes(request, syntax)
     parsed = parse(body).RequestAttributesSequence[0].ScheduledProtocolCodeSequence[0]
     assert parsed.CodeMeaning == "Chest PA"
     meaning = body.index(b"\x08\x00\x04\x01")  # (0008,0104) Code Meaning
