@@ -99,7 +99,9 @@ def load_collection(source: Path) -> list[LabelledImage]:
     items = [item for class_dir in class_dirs for item in _class_folder(source, class_dir)]
     loose = sum(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in source.iterdir())
     if loose:  # beside the class folders, so of no class: said, as the class folders' other files are
-        LOGGER.warning("%s: %d image(s) beside the class sub-folders are of no class and not read", source, loose)
+        LOGGER.warning(
+            "%s: %d image(s) beside the class sub-folders are of no class and not read", source, loose
+        )
     _log_folded(source, [class_dir.name for class_dir in class_dirs])
     _log_source(source, items, "in its class sub-folders (it has no manifest.csv)")
     return items

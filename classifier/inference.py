@@ -111,10 +111,11 @@ class Classifier:
 
             lungs = LungCropper.load(folder / "lungs")
         novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
-        if novelty is not None and novelty.density.means.shape[1] != features:
+        read = None if novelty is None else int(novelty.density.means.shape[1])
+        if read is not None and read != features:
             raise ModelArtifactError(
-                f"the novelty check reads {novelty.density.means.shape[1]} features, the model gives {features}:"
-                " it was fitted for another model (run 'cxr-node novelty' again)"
+                f"the novelty check reads {read} features, the model gives {features}: it was fitted for"
+                " another model (run 'cxr-node novelty' again)"
             )
         LOGGER.info(
             "loaded model %s version %s (novelty check %s; turn and negative checks %s)",

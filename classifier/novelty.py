@@ -208,7 +208,8 @@ class LinearProbe:
             raise ModelArtifactError(f"{path.name} has inconsistent shapes (expected {classes} classes)")
         if not np.all(probe.scale > 0):
             raise ModelArtifactError(f"{path.name} has a non-positive feature scale")
-        if not all(np.isfinite(array).all() for array in (probe.mean, probe.scale, probe.weights, probe.bias)):
+        fitted = (probe.mean, probe.scale, probe.weights, probe.bias)
+        if not all(np.isfinite(array).all() for array in fitted):
             raise ModelArtifactError(f"{path.name} holds values that are not finite numbers")
         return probe
 

@@ -281,7 +281,9 @@ def _is_sequence(element: RawDataElement) -> bool:
 
 _ITEM = (0xFFFE, 0xE000)
 # explicit VRs whose length takes four bytes after two reserved ones (PS3.5 7.1.2)
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _NESTING_CHECKED = 32  # deeper levels are pydicom's to read; no real object nests that far
 
 

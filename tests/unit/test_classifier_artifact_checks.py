@@ -108,7 +108,9 @@ def test_damaged_novelty_files_are_refused_as_model_errors(tmp_path: Path) -> No
         (Image.fromarray(np.tile(np.arange(20, dtype=np.uint8) * 12, (400, 1))), "too small"),
     ],
 )
-def test_a_blank_or_thumbnail_picture_is_refused(shipped: Classifier, picture: Image.Image, reason: str) -> None:
+def test_a_blank_or_thumbnail_picture_is_refused(
+    shipped: Classifier, picture: Image.Image, reason: str
+) -> None:
     """A black square was called COVID-19 at 0.73; only the novelty check, 4 % over its limit, doubted it."""
     with pytest.raises(UnsupportedImageError, match=reason):
         shipped.predict_images([picture], heatmap=False)

@@ -105,7 +105,8 @@ def test_cli_trains_members_merges_them_and_the_result_classifies(
     (cut / "model.keras").write_bytes(whole[: len(whole) // 2])
     record = json.loads((cut / "model.json").read_text())
     (cut / "model.json").write_text(json.dumps({**record, "sha256": sha256_file(cut / "model.keras")}))
-    assert cli.main(["ensemble", str(tmp_path / "four"), str(output), str(cut), "--data", str(collection)]) == 2
+    four = tmp_path / "four"
+    assert cli.main(["ensemble", str(four), str(output), str(cut), "--data", str(collection)]) == 2
     assert "model.keras cannot be loaded: ValueError" in capsys.readouterr().err
 
 

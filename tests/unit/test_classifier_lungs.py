@@ -209,7 +209,8 @@ def test_a_broken_lung_model_is_an_artifact_error_not_a_traceback(lung_model: Pa
         LungCropper.load(copy)
 
     def hashed() -> None:  # the file as it is now, hashed: what the hash cannot catch
-        (copy / LUNG_META_FILE).write_text(json.dumps({**meta, "sha256": sha256_file(copy / LUNG_MODEL_FILE)}))
+        hashed_meta = {**meta, "sha256": sha256_file(copy / LUNG_MODEL_FILE)}
+        (copy / LUNG_META_FILE).write_text(json.dumps(hashed_meta))
 
     weights = (copy / LUNG_MODEL_FILE).read_bytes()
     (copy / LUNG_MODEL_FILE).write_bytes(weights[: len(weights) // 2])

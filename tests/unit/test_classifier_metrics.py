@@ -133,7 +133,8 @@ def test_inputs_that_are_not_probabilities_and_class_indices_are_refused(
 
 
 def test_the_roc_figure_of_one_class_says_so_without_a_warning(tmp_path: Path) -> None:
-    """A site's own normal images: matplotlib warned "No artists with labels found" and drew an empty panel."""
+    """A site's own normal images: matplotlib warned "No artists with labels found" and drew an empty
+    panel."""
     import warnings
 
     from classifier import plots

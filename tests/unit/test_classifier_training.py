@@ -585,14 +585,15 @@ def test_a_probability_equal_to_the_threshold_is_the_class_and_one_below_is_inde
     image = np.zeros((8, 8, 3), dtype=np.float32)
     image[:, :, 0] = 0.0035  # covid's logit 0.7, normal's 0: a covid probability of about 0.5
     image[:, :, 1] = 0.0
+    def label(threshold: float) -> str:
+        classifier = Classifier(model, metadata, indeterminate_threshold=threshold)
+        return classifier.predict([image], heatmap=False)[0].label
+
     first = Classifier(model, metadata).predict([image], heatmap=False)[0]
     p = first.probabilities[first.top_class]
     assert 0.3 < p < 0.7
-    assert Classifier(model, metadata, indeterminate_threshold=p).predict([image], heatmap=False)[0].label \
-        == first.top_class
-    above = float(np.nextafter(np.float32(p), np.float32(1.0)))
-    assert Classifier(model, metadata, indeterminate_threshold=above).predict([image], heatmap=False)[0].label \
-        == INDETERMINATE
+    assert label(p) == first.top_class
+    assert label(float(np.nextafter(np.float32(p), np.float32(1.0)))) == INDETERMINATE
 
 
 def test_dicom_input_gives_the_same_answer_as_png(artifact: Path, collection: Path) -> None:
