@@ -555,7 +555,11 @@ def get_architecture(name: str) -> Architecture:
 
 
 def set_trainable(model: Any, unfreeze_last: int | None) -> None:
-    """Stage-wise freezing for transfer models (the backbone is the nested ``keras.Model``)."""
+    """Stage-wise freezing for transfer models (the backbone is the nested ``keras.Model``). Batch
+    normalisation among the unfrozen layers stays frozen: Keras 3 runs a frozen one in inference mode,
+    whereas the ``training=False`` the backbone was called with is overridden by ``fit``'s
+    ``training=True`` once its layers are trainable; three of ResNet-152's last ten are batch norms, and they
+    normalised with batch statistics and moved their ImageNet averages (review)."""
     import keras
 
     backbones = [layer for layer in model.layers if isinstance(layer, keras.Model)]
@@ -568,3 +572,6 @@ def set_trainable(model: Any, unfreeze_last: int | None) -> None:
     if unfreeze_last > 0:
         for layer in base.layers[:-unfreeze_last]:
             layer.trainable = False
+        for layer in base.layers[-unfreeze_last:]:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
