@@ -155,10 +155,16 @@ def _log_folded(source: Path, spellings: Sequence[str]) -> None:
         )  # fmt: skip
 
 
+def group_key(text: str) -> str:
+    """A patient's group as compared: case and runs of white space set aside, so that ``P001``, ``p001``
+    and ``P001 `` are one patient, never on both sides of a split (they were, review)."""
+    return " ".join(text.split()).casefold()
+
+
 def _folder_group(relative: Path) -> str:
     """The group of the image at ``relative`` (``<class>/...``) to the collection: ``<class>/<image>``
     for one directly in its class folder, else its sub-folder's name (see :func:`load_collection`)."""
-    return relative.as_posix() if len(relative.parts) == 2 else f"folder:{relative.parts[1]}"
+    return relative.as_posix() if len(relative.parts) == 2 else f"folder:{group_key(relative.parts[1])}"
 
 
 def _load_manifest(manifest: Path) -> list[LabelledImage]:
@@ -178,7 +184,7 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
                 line, item = reader.line_num, _manifest_row(manifest, reader.line_num, row)
                 spellings.append(str(row["label"]))
                 group = row.get("group")
-                listed = (item.label, group.strip() if isinstance(group, str) and group.strip() else None)
+                listed = (item.label, group_key(group) if isinstance(group, str) and group.strip() else None)
                 earlier = first.setdefault(item.path, (line, *listed))
                 if earlier[0] == line:
                     items.append(item)
@@ -214,8 +220,8 @@ def _manifest_row(
     path = (manifest.parent / file.strip()).resolve()
     if not path.is_file():
         raise DatasetError(f"{manifest}: missing file {file}")
-    named = group if isinstance(group, str) and group.strip() else file
-    return LabelledImage(path=path, label=label_key(label), group=named.strip())
+    named = group_key(group) if isinstance(group, str) and group.strip() else file.strip()
+    return LabelledImage(path=path, label=label_key(label), group=named)
 
 
 def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:

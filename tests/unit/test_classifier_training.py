@@ -393,6 +393,28 @@ def test_a_patient_sub_folder_is_one_group(collection: Path, tmp_path: Path) -> 
         assert not {i.group for i in train_items} & {i.group for i in val_items}
 
 
+def test_a_patient_spelled_two_ways_is_one_group(collection: Path, tmp_path: Path) -> None:
+    """``P003`` and ``p003 `` in a manifest, ``Patient7`` and ``patient7`` as folders, were different
+    patients: 6 of 20 were on both sides of a split (review)."""
+    sources = sorted((collection / "dark").glob("*.png"))
+    rows = ["file,label,group"]
+    for patient in range(20):
+        for spelling, label in ((f"P{patient:03d}", "bright"), (f" p{patient:03d}\t", "dark")):
+            name = f"{label}-{patient}.png"
+            (tmp_path / name).write_bytes(sources[patient % len(sources)].read_bytes())
+            rows.append(f"{name},{label},{spelling}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    items = load_collection(tmp_path / "manifest.csv")
+    assert len({item.group for item in items}) == 20
+    train_items, val_items = split_by_group(items, 0.2, seed=42)
+    assert not {i.group for i in train_items} & {i.group for i in val_items}
+    folders = tmp_path / "folders"
+    for label, patient in (("bright", "Patient7"), ("dark", "patient7")):
+        (folders / label / patient).mkdir(parents=True)
+        (folders / label / patient / "a.png").write_bytes(sources[0].read_bytes())
+    assert {item.group for item in load_collection(folders)} == {"folder:patient7"}
+
+
 def test_a_pacs_export_without_file_suffixes_is_evaluated_like_its_pictures(
     artifact: Path, collection: Path, tmp_path: Path
 ) -> None:
