@@ -473,6 +473,27 @@ def test_an_empty_or_unreadable_window_falls_back_to_the_percentile_window(cente
     np.testing.assert_array_equal(dataset_to_gray(broken), reference)
 
 
+@pytest.mark.parametrize(("function", "windowed"), [("LINEAR", False), (None, False), ("LINEAR_EXACT", True),
+                                                    ("SIGMOID", True)])
+def test_a_linear_window_narrower_than_one_is_not_applied(function: str | None, windowed: bool) -> None:
+    """PS3.3 C.11.2.1.2.1: a LINEAR window is at least 1 wide. A width of 0.8 on values scaled to 0-4 made a
+    picture of two grey levels, where DCMTK refuses the window; LINEAR_EXACT and SIGMOID take any width
+    above 0 (review)."""
+    pixels = ramp(12, 100)
+    reference = dataset_to_gray(make_dataset(pixels, bits_stored=12))  # no window: the percentile one
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.RescaleSlope, ds.RescaleIntercept = 0.001, 0
+    ds.WindowCenter, ds.WindowWidth = 2.0, 0.8
+    if function is not None:
+        ds.VOILUTFunction = function
+    gray = dataset_to_gray(ds)
+    if windowed:
+        assert not np.array_equal(gray, reference)
+    else:
+        np.testing.assert_allclose(gray, reference, atol=1e-6)
+        assert len(np.unique(np.round(gray * 255))) > 50
+
+
 @pytest.mark.parametrize("written", [b"monochrome1 ", b" MONOCHROME1"])
 def test_a_lower_case_or_padded_photometric_interpretation_is_read_as_meant(written: bytes) -> None:
     pixels = ramp(12, 64)
