@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +128,28 @@ def _recipe(architecture: Architecture, config: TrainingConfig) -> Recipe:
         batch_size=config.batch_size or recipe.batch_size,
         augmentation=config.augmentation or recipe.augmentation,
         mixup=config.mixup if config.mixup is not None else recipe.mixup,
+    )
+
+
+def training_stream(
+    tensors: Any, batch_size: int, prepare: Callable[[Any, Any], tuple[Any, Any]], *, seed: int, stage: int
+) -> Any:
+    """A stage's augmented batches as one stream over all its epochs (``fit`` takes ``steps_per_epoch``
+    of it), so that each epoch draws its transforms afresh as ImageDataGenerator does: a new iterator each
+    epoch restarted the unseeded random ops, and batch k of every epoch got the same rotations, shifts and
+    flips (review). A later stage's ops are traced under a graph seed of their own, reproducibly, so it
+    does not repeat the first stage's draws."""
+    import tensorflow as tf
+
+    if stage > 1:
+        tf.random.set_seed(seed + stage)
+    data = tf.data.Dataset.from_tensor_slices(tensors)
+    return (
+        data.shuffle(int(data.cardinality()), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .repeat()
+        .map(prepare, num_parallel_calls=1)
+        .prefetch(2)
     )
 
 
@@ -370,16 +392,6 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             return mixup_batch(inputs, labels, recipe.mixup)
         return inputs, labels
 
-    train_data = (
-        tf.data.Dataset.from_tensor_slices(tensors)
-        .shuffle(len(train_gray), seed=config.seed, reshuffle_each_iteration=True)
-        .batch(recipe.batch_size)
-        .map(prepare, num_parallel_calls=1)
-    )
-    if config.steps_per_epoch:
-        train_data = train_data.take(config.steps_per_epoch)
-    train_data = train_data.prefetch(2)
-
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
     weights = DEFAULT_WEIGHTS if config.weights is None else config.weights
     model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
@@ -433,8 +445,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
 
             callbacks.append(TqdmCallback(verbose=0, file=sys.stderr, desc=f"stage {number}"))
         fitted = model.fit(
-            train_data,
+            training_stream(tensors, recipe.batch_size, prepare, seed=config.seed, stage=number),
             epochs=stage.epochs,
+            steps_per_epoch=steps_per_epoch,
             validation_data=validation,
             validation_batch_size=32,
             class_weight=weights_by_class,

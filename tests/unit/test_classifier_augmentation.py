@@ -179,3 +179,33 @@ def test_the_train_help_names_every_augmentation() -> None:
     (option,) = [action for action in train._actions if "--augmentation" in action.option_strings]
     named = option.help.split("(")[1].rstrip(")").split(", ")
     assert sorted(named) == sorted(AUGMENTATIONS)
+
+
+def test_each_epoch_draws_its_augmentation_afresh_and_reproducibly() -> None:
+    """A new iterator each epoch restarted the unseeded random ops: batch k of every epoch got the same
+    transforms, only the shuffle changing which image took them (review). One stream over the epochs
+    draws anew; a second stage draws other values; the same seed gives the same stream."""
+    import tensorflow as tf
+
+    from classifier.training import training_stream
+
+    images = np.zeros((8, 4), dtype=np.float32)  # eight identical images: only the draws differ
+
+    def prepare(batch: object, labels: object) -> tuple[object, object]:
+        return tf.random.uniform([4]), labels
+
+    def draws(stage: int) -> list[np.ndarray]:
+        keras_seed(3)
+        stream = training_stream((images, np.zeros(8)), 4, prepare, seed=3, stage=stage)
+        return [batch.numpy() for batch, _ in stream.take(4)]  # two epochs of two batches
+
+    first = draws(1)
+    assert not np.array_equal(first[0], first[2]) and not np.array_equal(first[1], first[3])
+    assert all(np.array_equal(a, b) for a, b in zip(first, draws(1), strict=True))
+    assert not np.array_equal(first[0], draws(2)[0])
+
+
+def keras_seed(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
