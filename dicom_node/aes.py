@@ -48,12 +48,15 @@ class AeSpec:
         if host is not None and not valid_host(host):
             raise InvalidAeError(
                 "host must be an IP address or a host name (letters, digits, '-', '_', dots)", field="host")
+        if self.port is not None and not 1 <= self.port <= 65535:  # a caller's too: the AE API refused it
+            raise InvalidAeError("port must be 1-65535", field="port")
+        if not (self.description.isprintable() and len(self.description) <= 255):
+            raise InvalidAeError("description must be printable text of at most 255 characters",
+                                 field="description")
         if self.role is AeRole.DESTINATION:
             if host is None or self.port is None:
                 raise InvalidAeError("a destination needs host and port",
                                      field="host" if host is None else "port")
-            if not 1 <= self.port <= 65535:
-                raise InvalidAeError("port must be 1-65535", field="port")
             if self.reply_to:
                 raise InvalidAeError("reply_to applies to callers only", field="reply_to")
         elif self.storage_commitment:
@@ -71,7 +74,10 @@ def valid_host(host: str) -> bool:
     except ValueError:
         pass
     name = host[:-1] if host.endswith(".") else host
-    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
+    labels = name.split(".")
+    # an all-digit last label is an address or a typo of one (999.999.999.999), never a name (RFC 3696 2)
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels) \
+        and not labels[-1].isdigit()
 
 
 def _describe(ae: RemoteAe) -> dict[str, object]:
@@ -147,6 +153,15 @@ def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
     if clash is not None and clash.id != ae.id:
         raise ConflictError(f"a {spec.role.value} AE titled {spec.ae_title!r} exists already",
                             field="ae_title")
+    if ae.role is AeRole.DESTINATION and spec.role is not AeRole.DESTINATION:
+        # a caller has no host or port: the deliveries' record of where each report went would lose its
+        # address (a study page showed "PACS1 ?:?"), and a resend went to port 0 (review)
+        _refuse_if_delivered_to(session, ae, "making it a caller")
+        callers = session.scalar(
+            select(func.count()).select_from(RemoteAe).where(RemoteAe.reply_to_id == ae.id)
+        )
+        if callers:  # they would reply to a caller
+            raise ConflictError(f"{callers} caller(s) send their results to {ae.ae_title}; change them first")
     before = _describe(ae)
     _apply(session, ae, spec)
     session.flush()
@@ -154,17 +169,23 @@ def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
     return ae
 
 
-def remove(session: Session, ae_id: int, actor: str) -> None:
-    """Delete an entry. A destination that results were sent (or queued) to is kept: its deliveries are
-    the record of where each report went, so it can only be disabled."""
-    ae = get_by_id(session, ae_id)
+def _refuse_if_delivered_to(session: Session, ae: RemoteAe, doing: str) -> None:
+    """A destination that results were sent (or queued) to stays one: its deliveries are the record of
+    where each report went."""
     deliveries = session.scalar(
         select(func.count()).select_from(Delivery).where(Delivery.destination_pk == ae.id)
     )
     if deliveries:
         raise ConflictError(
-            f"{ae.ae_title} has {deliveries} result deliveries on record; disable it instead of removing it"
+            f"{ae.ae_title} has {deliveries} result deliveries on record; disable it instead of {doing}"
         )
+
+
+def remove(session: Session, ae_id: int, actor: str) -> None:
+    """Delete an entry. A destination that results were sent (or queued) to is kept: its deliveries are
+    the record of where each report went, so it can only be disabled."""
+    ae = get_by_id(session, ae_id)
+    _refuse_if_delivered_to(session, ae, "removing it")
     details = _describe(ae)
     session.delete(ae)
     session.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -125,8 +126,8 @@ class AeForm:
             raise aes.InvalidAeError("choose caller or destination") from exc
         port: int | None = None
         if self.port.strip():
-            if not self.port.strip().isdigit():
-                raise aes.InvalidAeError("port must be a number 1-65535")
+            if not re.fullmatch(r"[0-9]{1,5}", self.port.strip()):  # "²".isdigit() is true: int() raised
+                raise aes.InvalidAeError("port must be a number 1-65535", field="port")
             port = int(self.port)
         return aes.AeSpec(
             ae_title=self.ae_title,

@@ -114,6 +114,49 @@ def test_a_destination_that_received_results_cannot_be_removed_only_disabled(
     assert [action for _, action, _ in _audit(factory) if action.startswith("ae.")] == []
 
 
+def test_a_destination_with_deliveries_or_repliers_cannot_become_a_caller(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Removing it was refused, but an edit to the caller role wiped its host and port: the study page
+    showed "PACS ?:?" and a resend went to port 0 (review)."""
+    client, csrf = admin_client
+    add_study(factory, StudySpec(deliveries={"PACS": DeliveryState.DEAD}))
+    client.post("/admin/aes", data={"csrf_token": csrf, "role": "destination", "ae_title": "OTHER",
+                                    "host": "pacs2", "port": "104", "enabled": "1"})  # fmt: skip
+    client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "CR1",
+                                    "reply_to": "OTHER", "enabled": "1"})  # fmt: skip
+    with session_scope(factory) as s:
+        ids = dict(s.execute(select(RemoteAe.ae_title, RemoteAe.id)).tuples().all())
+    for title, reason in (("PACS", "PACS has 2 result deliveries on record; disable it instead of making"),
+                          ("OTHER", "1 caller(s) send their results to OTHER; change them first")):
+        response = client.post(f"/admin/aes/{ids[title]}", data={
+            "csrf_token": csrf, "role": "caller", "ae_title": title, "enabled": "1"})  # fmt: skip
+        assert response.status_code == 422 and reason in response.text, title  # the edit form, as a clash
+    assert ("PACS", "destination", "127.0.0.1", 104, None) in _aes(factory)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "field"),
+    [
+        ({"role": "destination", "host": "pacs", "port": "\u00b2"}, "port must be a number 1-65535", "port"),
+        ({"role": "caller", "port": "0"}, "port must be 1-65535", "port"),  # the AE API then failed: 500
+        ({"role": "caller", "port": "70000"}, "port must be 1-65535", "port"),
+        ({"role": "caller", "description": "Main\x00PACS"}, "description must be printable", "description"),
+        ({"role": "destination", "host": "999.999.999.999", "port": "104"}, "host must be", "host"),
+    ],
+)
+def test_an_ae_field_a_caller_or_the_api_cannot_use_is_refused(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session], fields: dict[str, str], reason: str,
+    field: str,
+) -> None:
+    """Each was a 500 or a stored value that broke /api/admin/aes for every entry (review)."""
+    client, csrf = admin_client
+    response = client.post("/admin/aes", data={"csrf_token": csrf, "ae_title": "NEW1", "enabled": "1", **fields})
+    assert response.status_code == 422 and reason in response.text
+    assert _invalid_fields(response.text) == [field]
+    assert _aes(factory) == []
+
+
 def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
     admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
 ) -> None:
