@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -229,6 +230,16 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
             return JSONResponse(body, status_code=status)
         title = "Not found" if isinstance(exc, NotFoundError) else "Could not complete the request"
         return error_page(request, status, title, str(exc))
+
+    @app.exception_handler(DataError)
+    async def value_the_database_refuses(request: Request, exc: DataError) -> Response:
+        """A value PostgreSQL will not compare or store, a NUL character in a login name, a search or an
+        audit filter: the request's fault, answered 422, where it was a 500 (review). SQLite takes it."""
+        LOGGER.info("console request with a value the database refuses (%s)", type(exc.orig).__name__)
+        message = "a value in the request cannot be searched or stored (a NUL or other control character?)"
+        if _is_api(request):
+            return JSONResponse({"detail": message}, status_code=422)
+        return error_page(request, 422, "Could not complete the request", message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
