@@ -11,8 +11,9 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
-from sqlalchemy import ColumnElement, Select, and_, func, select, tuple_, union
-from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
+from sqlalchemy import ColumnElement, Select, and_, exists, func, select, tuple_, union
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, joinedload, selectinload
+from sqlalchemy.orm.util import AliasedClass
 
 from classifier.types import doubt_reason
 from dicom_node import commitment
@@ -199,16 +200,22 @@ def _patients_named(words: list[str]) -> Select[tuple[int]]:
     is a prefix search of the name-word index (migration 0014); a word that starts with a wildcard reads
     that whole index (still no patient or study row). A name's words and their tails after a mark inside
     a word are its starts (folding.name_words): "ller" no longer finds MÜLLER, "*ller" does."""
-    def starting(word: str) -> Select[tuple[int]]:
-        pattern = f"{_like_pattern(folding.fold(word))}%"
-        return select(PatientNameWord.patient_pk).where(PatientNameWord.word.like(pattern, escape="\\"))
+    def starting(
+        word: str, index: type[PatientNameWord] | AliasedClass[PatientNameWord] = PatientNameWord
+    ) -> ColumnElement[bool]:
+        return index.word.like(f"{_like_pattern(folding.fold(word))}%", escape="\\")
 
-    found = starting(words[0])
+    # The first word's index entries, each further word an EXISTS beside it, all at one level: an IN per
+    # word nested the query one level deeper each, and SQLite's parser overflowed at nine words (a 500 on a
+    # full Spanish name, review). Not an INTERSECT: SQLite cannot put a compound SELECT inside the UNION
+    # the caller makes.
+    further = []
     for word in words[1:]:
-        # each further word narrows the patients the previous ones found (an IN, not an INTERSECT: SQLite
-        # cannot put a compound SELECT inside the UNION the caller makes)
-        found = starting(word).where(PatientNameWord.patient_pk.in_(found))
-    return found
+        other = aliased(PatientNameWord)
+        further.append(
+            exists().where(other.patient_pk == PatientNameWord.patient_pk, starting(word, other))
+        )
+    return select(PatientNameWord.patient_pk).where(starting(words[0]), *further)
 
 
 def _identifier(column: InstrumentedAttribute[str], term: str) -> ColumnElement[bool]:

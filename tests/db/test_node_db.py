@@ -704,6 +704,25 @@ def test_patient_search_folds_accents_as_an_english_keyboard_types_them(
     assert found("renee alvarez") == [french]
 
 
+def test_a_patient_name_of_many_words_is_found_on_either_database(sessions: sessionmaker[Session]) -> None:
+    """Each word nested the query one level deeper: at nine words SQLite's parser overflowed its stack
+    and the search answered 500 (review). A full Spanish name, and the same words in another order."""
+    from dicom_node.web.results import ResultQuery, search
+    from tests.web.studies import StudySpec, add_study
+
+    name = "GARCIA LOPEZ DE LA CRUZ^MARIA DE LOS ANGELES DEL CARMEN"
+    spanish = add_study(sessions, StudySpec(name, "P-ES", "A-ES"))
+    add_study(sessions, StudySpec("GARCIA^MARIA", "P-ES2", "A-ES2"))
+
+    def found(words: str) -> list[int]:
+        with sessions() as session:
+            return [row.study_id for row in search(session, ResultQuery(patient=words)).rows]
+
+    assert found("maria de los angeles del carmen garcia lopez de la cruz") == [spanish.study]  # 11 words
+    assert found("cruz la de lopez garcia carmen del angeles los de maria") == [spanish.study]
+    assert found("maria de los angeles del carmen garcia lopez de la cruz perez") == []
+
+
 def test_the_upgrade_folds_the_names_of_patients_stored_before(tmp_path: Path) -> None:
     engine = db.make_engine(f"sqlite:///{tmp_path / 'old.sqlite3'}")
     try:
