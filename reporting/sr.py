@@ -171,7 +171,7 @@ def build_sr(
         contributing_equipment=[
             algorithm_equipment(model, node, moment) for model in distinct_models(images)
         ],
-        requested_procedures=requested_procedures(evidence[0]) or None,
+        requested_procedures=requested_procedures(evidence) or None,
         coding_schemes=codes.private_scheme_identification(node.manufacturer),
         previous_versions=list(predecessors) or None,
     )
@@ -184,11 +184,31 @@ def build_sr(
     return sr
 
 
-def requested_procedures(source: Dataset) -> list[Dataset]:
-    """The Referenced Request Sequence (PS3.3 C.17.2) of a study's SR: the order the images answered,
-    as their Request Attributes Sequence (or, without one, their Accession Number) names it, so that a
-    RIS or viewer files the AI result with the order (IHE RAD TF-2x A.2). Empty when the images name no
-    order: the SR then answers none."""
+def requested_procedures(sources: Sequence[Dataset]) -> list[Dataset]:
+    """The Referenced Request Sequence (PS3.3 C.17.2) of a study's SR: the orders the images answered,
+    as their Request Attributes Sequence (or, without one, their Accession Number) names them, so that a
+    RIS or viewer files the AI result with each order (IHE RAD TF-2x A.2); every image's, each order once
+    (the first image's alone left out a second order the study's other images answered, review). Empty
+    when the images name no order: the SR then answers none."""
+    items: list[Dataset] = []
+    seen: set[tuple[str, ...]] = set()
+    for source in sources:
+        for item in _requests_of(source):
+            key = tuple(str(item.get(keyword) or "") for keyword in _REQUEST_KEY)
+            if key not in seen:
+                seen.add(key)
+                items.append(item)
+    return items
+
+
+_REQUEST_KEY = (
+    "AccessionNumber", "RequestedProcedureID", "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+)
+
+
+def _requests_of(source: Dataset) -> list[Dataset]:
+    """One image's orders, as :func:`requested_procedures` reads them."""
     accession = str(source.get("AccessionNumber") or "")
     requests = list(source.get("RequestAttributesSequence") or [])
     if not accession and not requests:

@@ -248,7 +248,7 @@ def test_rebuilding_gives_the_same_document() -> None:
 
 def test_source_dataset_is_not_modified() -> None:
     source = sparse_source()
-    before = pydicom.Dataset(source)
+    before = copy.deepcopy(source)  # pydicom.Dataset(source) shares its elements: equal whatever happened
     build([analysed(source)])
     assert "AccessionNumber" not in source
     assert source == before
@@ -286,6 +286,20 @@ def test_each_image_names_the_model_that_classified_it() -> None:
     assert algorithms == {old.prediction.model.version, BINARY.version}
 
 
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The node's local zone set to one that is not UTC: on a UTC machine (CI) local time is UTC, and a
+    report stamped in UTC passed (review)."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("new_york")
 def test_a_study_without_an_offset_gets_a_report_in_local_time_without_one() -> None:
     """PS3.3 C.12.1.1.8: one Timezone Offset From UTC covers every date and time of the instance, the copied
     Study Date and Time included. A source without one has local times, so the SR states none either and
@@ -295,6 +309,7 @@ def test_a_study_without_an_offset_gets_a_report_in_local_time_without_one() -> 
     del source.TimezoneOffsetFromUTC
     sr = build([analysed(source)])
     local = ANALYSED_AT.astimezone()
+    assert local.utcoffset() != ANALYSED_AT.utcoffset()
     assert "TimezoneOffsetFromUTC" not in sr
     assert (sr.StudyDate, sr.StudyTime) == (source.StudyDate, source.StudyTime)
     assert (str(sr.ContentDate), str(sr.ContentTime)) == (local.strftime("%Y%m%d"), local.strftime("%H%M%S"))
@@ -337,6 +352,21 @@ def test_the_sr_names_the_order_its_images_answered() -> None:
     orderless = radiograph()
     del orderless.AccessionNumber
     assert "ReferencedRequestSequence" not in round_trip(build([analysed(orderless)]))
+
+
+def test_the_sr_names_every_order_its_images_answered_once() -> None:
+    """Only the first image's orders were named: a study whose second image answered another order was
+    filed under the first alone (review)."""
+    first_image, second_image = radiograph(), radiograph()
+    second_image.SOPInstanceUID = str(generate_uid())
+    for image, procedure in ((first_image, "RP-1"), (second_image, "RP-2")):
+        request = pydicom.Dataset()
+        request.RequestedProcedureID = procedure
+        image.RequestAttributesSequence = [request]
+    third_image = copy.deepcopy(second_image)  # the same order again: named once
+    third_image.SOPInstanceUID = str(generate_uid())
+    sr = round_trip(build([analysed(first_image), analysed(second_image), analysed(third_image)]))
+    assert [item.RequestedProcedureID for item in sr.ReferencedRequestSequence] == ["RP-1", "RP-2"]
 
 
 def test_an_images_tracking_uid_is_the_same_in_every_sr_that_reports_on_it() -> None:
