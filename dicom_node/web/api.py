@@ -40,6 +40,7 @@ from dicom_node.web.deps import (
 from dicom_node.web.login import THROTTLED, log_in, set_cookie, set_session_cookies
 from dicom_node.web.pages import (
     ResultQueryDep,
+    audit_search,
     audit_study_view,
     classify_held,
     held_upload,
@@ -158,14 +159,17 @@ def api_dashboard(db: DbDep) -> results.Dashboard:
 
 
 @router.get("/results", response_model=results.ResultPage, tags=["results"])
-def api_results(db: DbDep, query: ResultQueryDep) -> results.ResultPage:
+def api_results(db: DbDep, principal: UserDep, query: ResultQueryDep) -> results.ResultPage:
     """Studies newest first (by time of receipt), a page at a time. The next page is sought from this one's
     last study: send ``page`` + 1 and the parameters in ``older`` (``before=<its id>``) with the search's
     fields; ``newer`` (``after=<the first study's id>``) gives the page before. A page given by its number
     alone is counted from the start. Images and files of a study are at
     ``/results/{study}/instances/{instance}/image.png``, ``/results/{study}/findings/{finding}/heatmap.png``,
-    ``/results/{study}/objects/{object}/object.dcm`` and ``/results/{study}/objects/{object}/report.pdf``."""
-    return results.search(db, query)
+    ``/results/{study}/objects/{object}/object.dcm`` and ``/results/{study}/objects/{object}/report.pdf``.
+    Each call is recorded in the audit log (``results.search``)."""
+    page = results.search(db, query)
+    audit_search(db, principal, query, page)
+    return page
 
 
 @router.get("/results/{study_id}", response_model=results.StudyDetail, tags=["results"])

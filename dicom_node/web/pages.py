@@ -73,7 +73,9 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)]
 
 @router.get("/")
 def dashboard_page(request: Request, db: DbDep, principal: UserDep) -> Response:
-    recent = results.search(db, results.ResultQuery(per_page=10))
+    latest = results.ResultQuery(per_page=10)
+    recent = results.search(db, latest)
+    audit_search(db, principal, latest, recent)  # the ten latest studies, with their patients
     return render(
         request,
         "dashboard.html",
@@ -313,6 +315,7 @@ ResultQueryDep = Annotated[results.ResultQuery, Depends(result_query)]
 @router.get("/results")
 def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQueryDep) -> Response:
     page = results.search(db, query)
+    audit_search(db, principal, query, page)
     # the search's fields: the pager's links add the page and the study they seek from
     params = query.model_dump(mode="json", exclude={"page", "before", "after"}, exclude_defaults=True)
     return render(
@@ -347,6 +350,18 @@ def audited_download(db: Session, principal: Principal, action: str, target: str
         audit_read(db, principal, action, target, {"served": False, "reason": str(exc)})
         raise
     audit_read(db, principal, action, target)
+
+
+def audit_search(
+    db: Session, principal: Principal, query: results.ResultQuery, page: results.ResultPage
+) -> None:
+    """Record a results list read (``results.search``, page or API): its filters and the studies it showed.
+    A list names each study's patient, ID and accession; paging through it read every patient's data and
+    left no trace, where opening one study was recorded (review)."""
+    filters = query.model_dump(mode="json", exclude_defaults=True)
+    audit_read(db, principal, "results.search", "study", {
+        "filters": filters, "studies": [row.study_id for row in page.rows],
+    })  # fmt: skip
 
 
 def audit_study_view(db: Session, con: Console, principal: Principal, study_id: int) -> None:

@@ -983,3 +983,23 @@ def test_the_finding_choices_are_every_label_found_once_in_order(db: sessionmake
         add_study(db, StudySpec(f"LABEL^{n}", f"PL{n}", f"AL{n}", label=label))
     with session_scope(db) as s:
         assert results.finding_labels(s) == ["covid", "indeterminate", "normal", "pneumonia"]
+
+
+def test_every_list_of_studies_shown_is_audited_with_its_filters_and_studies(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Opening one study was recorded, but the results list, its API and the dashboard name each study's
+    patient, ID and accession, and paging through them read every patient's data without a trace (review)."""
+    client, _ = rad_client
+    first = add_study(factory, StudySpec(patient_name="DOE^JANE"))
+    second = add_study(factory, StudySpec(patient_name="ROE^RICHARD", patient_id="PID-0002", accession="ACC2"))
+    assert client.get("/results?patient=doe").status_code == 200
+    assert client.get("/api/results?per_page=5").status_code == 200
+    assert client.get("/").status_code == 200
+    with session_scope(factory) as s:
+        events = [(e.actor, e.target, e.details) for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "results.search").order_by(AuditEvent.id))]
+    assert [actor for actor, _, _ in events] == ["user:rob"] * 3
+    assert events[0][2] == {"filters": {"patient": "doe"}, "studies": [first.study]}
+    assert events[1][2] == {"filters": {"per_page": 5}, "studies": [second.study, first.study]}
+    assert events[2][2] == {"filters": {"per_page": 10}, "studies": [second.study, first.study]}
