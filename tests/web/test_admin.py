@@ -151,7 +151,8 @@ def test_an_ae_field_a_caller_or_the_api_cannot_use_is_refused(
 ) -> None:
     """Each was a 500 or a stored value that broke /api/admin/aes for every entry (review)."""
     client, csrf = admin_client
-    response = client.post("/admin/aes", data={"csrf_token": csrf, "ae_title": "NEW1", "enabled": "1", **fields})
+    form = {"csrf_token": csrf, "ae_title": "NEW1", "enabled": "1", **fields}
+    response = client.post("/admin/aes", data=form)
     assert response.status_code == 422 and reason in response.text
     assert _invalid_fields(response.text) == [field]
     assert _aes(factory) == []

@@ -992,7 +992,9 @@ def test_every_list_of_studies_shown_is_audited_with_its_filters_and_studies(
     patient, ID and accession, and paging through them read every patient's data without a trace (review)."""
     client, _ = rad_client
     first = add_study(factory, StudySpec(patient_name="DOE^JANE"))
-    second = add_study(factory, StudySpec(patient_name="ROE^RICHARD", patient_id="PID-0002", accession="ACC2"))
+    second = add_study(
+        factory, StudySpec(patient_name="ROE^RICHARD", patient_id="PID-0002", accession="ACC2")
+    )
     assert client.get("/results?patient=doe").status_code == 200
     assert client.get("/api/results?per_page=5").status_code == 200
     assert client.get("/").status_code == 200
