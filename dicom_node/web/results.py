@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
-from sqlalchemy import ColumnElement, Select, and_, exists, func, select, tuple_, union
+from sqlalchemy import ColumnElement, Select, and_, func, select, tuple_, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, joinedload, selectinload
 from sqlalchemy.orm.util import AliasedClass
 
@@ -205,16 +205,14 @@ def _patients_named(words: list[str]) -> Select[tuple[int]]:
     ) -> ColumnElement[bool]:
         return index.word.like(f"{_like_pattern(folding.fold(word))}%", escape="\\")
 
-    # The first word's index entries, each further word an EXISTS beside it, all at one level: an IN per
-    # word nested the query one level deeper each, and SQLite's parser overflowed at nine words (a 500 on a
-    # full Spanish name, review). Not an INTERSECT: SQLite cannot put a compound SELECT inside the UNION
-    # the caller makes.
+    # The first word's index entries, narrowed by an IN for each further word, all at one level: the INs
+    # nested one inside the other (one level a word), and SQLite's parser overflowed at nine words (a 500
+    # on a full Spanish name, review). Each IN is a list of its word's patients from the word index. Not
+    # an INTERSECT: SQLite cannot put a compound SELECT inside the UNION the caller makes.
     further = []
     for word in words[1:]:
         other = aliased(PatientNameWord)
-        further.append(
-            exists().where(other.patient_pk == PatientNameWord.patient_pk, starting(word, other))
-        )
+        further.append(PatientNameWord.patient_pk.in_(select(other.patient_pk).where(starting(word, other))))
     return select(PatientNameWord.patient_pk).where(starting(words[0]), *further)
 
 
