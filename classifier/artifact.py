@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import ModelArtifactError, OutputError
+from classifier.errors import ClassifierError, ModelArtifactError, OutputError
 from classifier.preprocess import PreprocessSpec
 from classifier.types import ModelInfo, label_key
 
@@ -148,3 +149,14 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
     if verify and sha256_file(model_path) != metadata.sha256:
         raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {METADATA_FILE}")
     return metadata
+
+
+def load_keras_file(path: Path, error: type[ClassifierError] = ModelArtifactError) -> Any:
+    """A saved Keras model, uncompiled; a file Keras cannot read (cut short after it was hashed, a member's
+    CRC wrong) is an ``error`` naming it, not Keras' or zipfile's own exception."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise error(f"{path} cannot be loaded: {type(exc).__name__}") from exc

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from classifier.architectures import GRADCAM_LAYER
 from classifier.artifact import (
     MODEL_FILE,
     ArtifactMetadata,
+    load_keras_file,
     read_metadata,
     sha256_file,
     writable_folder,
@@ -174,8 +174,6 @@ def build_ensemble(
     argv: Sequence[str] | None = None,
 ) -> ArtifactMetadata:
     """Merge trained artifacts into ``output`` and score the merged model on their validation split."""
-    import keras
-
     writable_folder(output)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
@@ -190,12 +188,7 @@ def build_ensemble(
             raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
     printed, split = _printed_split(member_folders, metas)
     _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
-    members = []
-    for folder in member_folders:
-        try:
-            members.append(keras.saving.load_model(folder / MODEL_FILE, compile=False))
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # as Classifier.load says it
-            raise EnsembleError(f"{folder / MODEL_FILE} cannot be loaded: {type(exc).__name__}") from exc
+    members = [load_keras_file(folder / MODEL_FILE, EnsembleError) for folder in member_folders]
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -21,7 +20,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image
 
-from classifier.artifact import MODEL_FILE, ArtifactMetadata, read_metadata
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, load_keras_file, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.novelty import LinearProbe, NoveltyCheck, Presentation, confirmed, presentations
 from classifier.preprocess import (
@@ -84,14 +83,9 @@ class Classifier:
     @classmethod
     def load(cls, path: Path, *, indeterminate_threshold: float = 0.5) -> Classifier:
         """Load ``path/model.keras`` after checking it against ``path/model.json`` (sha256)."""
-        import keras
-
         folder = Path(path)
         metadata = read_metadata(folder, verify=True)
-        try:
-            model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # cut short, or a member's CRC is wrong
-            raise ModelArtifactError(f"{folder / MODEL_FILE} cannot be loaded: {type(exc).__name__}") from exc
+        model = load_keras_file(folder / MODEL_FILE)
         expected = (None, *metadata.preprocess.input_size, 3)
         if tuple(model.input_shape) != expected or model.output_shape[-1] != len(metadata.classes):
             raise ModelArtifactError(

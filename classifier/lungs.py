@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from classifier.artifact import sha256_file
+from classifier.artifact import load_keras_file, sha256_file
 from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray, named_failure
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
@@ -223,8 +222,6 @@ class LungCropper:
 
     @classmethod
     def load(cls, folder: Path) -> LungCropper:
-        from tensorflow import keras
-
         meta_path, model_path = folder / LUNG_META_FILE, folder / LUNG_MODEL_FILE
         if not meta_path.is_file() or not model_path.is_file():
             raise ModelArtifactError(
@@ -240,10 +237,7 @@ class LungCropper:
             raise ModelArtifactError(f"{LUNG_META_FILE} records no sha256 for {LUNG_MODEL_FILE}")
         if sha256_file(model_path) != metadata["sha256"]:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
-        try:
-            model = keras.models.load_model(model_path, compile=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # cut short, or a member's CRC is wrong
-            raise ModelArtifactError(f"{model_path} cannot be loaded: {type(exc).__name__}") from exc
+        model = load_keras_file(model_path)
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
             raise ModelArtifactError(f"{model_path} is not a lung U-Net (input {model.input_shape})")
         return cls(model, metadata)
