@@ -316,12 +316,18 @@ def _read_password(args: argparse.Namespace) -> str:
 # `error: ...`, exit code 2, as every other command (they exited 1: review).
 
 
-def _cli_add(args: argparse.Namespace) -> int:
-    from dicom_node.store.db import session_scope
-
+def _sessions_and_new_password(args: argparse.Namespace) -> tuple[sessionmaker[Session], str]:
+    """The node's database, opened first, then a password for ``args.username`` read and checked."""
     sessions = _session_factory(args)
     password = _read_password(args)
     check_password(password, args.username)
+    return sessions, password
+
+
+def _cli_add(args: argparse.Namespace) -> int:
+    from dicom_node.store.db import session_scope
+
+    sessions, password = _sessions_and_new_password(args)
     with session_scope(sessions) as session:
         user = create_user(session, args.username, password, UserRole(args.role), audit.cli_actor())
         say(f"created {user.role.value} {user.username!r}")
@@ -358,9 +364,7 @@ def _cli_set_active(active: bool) -> Callable[[argparse.Namespace], int]:
 def _cli_passwd(args: argparse.Namespace) -> int:
     from dicom_node.store.db import session_scope
 
-    sessions = _session_factory(args)
-    password = _read_password(args)
-    check_password(password, args.username)
+    sessions, password = _sessions_and_new_password(args)
     with session_scope(sessions) as session:
         user = get_by_name(session, args.username)
         set_password(session, user.id, password, audit.cli_actor())
