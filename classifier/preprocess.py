@@ -564,8 +564,8 @@ def _voi(values: FloatImage, ds: pydicom.Dataset, padded: npt.NDArray[np.bool_] 
     function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
     # LINEAR's width is at least 1 (PS3.3 C.11.2.1.2.1); LINEAR_EXACT's and SIGMOID's only above 0. A
     # LINEAR width of 0.8 gave a picture of two grey levels, where DCMTK refuses the window (review).
-    least = 1.0 if function not in ("LINEAR_EXACT", "SIGMOID") else 0.0
-    if center is not None and width is not None and (width >= least if least else width > 0):
+    exact = function in ("LINEAR_EXACT", "SIGMOID")
+    if center is not None and width is not None and (width > 0 if exact else width >= 1):
         return _window(values, center, width, function)
     if "WindowCenter" in ds or "WindowWidth" in ds:
         LOGGER.info("window center/width empty or unusable; using the percentile window")
