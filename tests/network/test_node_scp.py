@@ -192,6 +192,17 @@ def test_a_dimse_n_request_on_a_storage_context_is_aborted_with_a_warning(
     assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0  # the node goes on
 
 
+def _send_on_context(assoc: Any, abstract_syntax: str) -> None:
+    """Every later request of ``assoc`` goes on the presentation context of ``abstract_syntax``, whatever
+    its own SOP class: what a non-conformant SCU does, and pynetdicom's own never would."""
+    choose = assoc._get_valid_context
+
+    def on_that_context(ab_syntax: str, *args: Any, **kwargs: Any) -> Any:
+        return choose(abstract_syntax, *args, **kwargs)
+
+    assoc._get_valid_context = on_that_context
+
+
 def test_a_c_find_on_a_storage_context_is_aborted_with_a_warning_not_a_traceback(
     listener: Listener, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -201,15 +212,10 @@ def test_a_c_find_on_a_storage_context_is_aborted_with_a_warning_not_a_traceback
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
     assert assoc.is_established
-    choose = assoc._get_valid_context
-
-    def on_the_cr_context(ab_syntax: str, *args: Any, **kwargs: Any) -> Any:
-        return choose(ComputedRadiographyImageStorage, *args, **kwargs)
-
     query = Dataset()
     query.QueryRetrieveLevel, query.PatientID = "STUDY", "PID-1"
     with caplog.at_level(logging.INFO):
-        assoc._get_valid_context = on_the_cr_context  # type: ignore[method-assign]
+        _send_on_context(assoc, ComputedRadiographyImageStorage)
         answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
         deadline = time.monotonic() + 5
         while assoc.is_established and time.monotonic() < deadline:
@@ -299,13 +305,8 @@ def test_a_c_store_whose_sop_class_is_not_its_presentation_contexts_is_refused(l
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
     assert assoc.is_established
-    choose = assoc._get_valid_context
-
-    def on_the_dx_context(ab_syntax: str, *args: Any, **kwargs: Any) -> Any:
-        return choose(DigitalXRayImageStorageForPresentation, *args, **kwargs)
-
     try:
-        assoc._get_valid_context = on_the_dx_context  # type: ignore[method-assign]
+        _send_on_context(assoc, DigitalXRayImageStorageForPresentation)
         status = assoc.send_c_store(make_cr())
     finally:
         assoc.release()
