@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, JpegImagePlugin
 
-from classifier.preprocess import MAX_FRAME_PIXELS
+from classifier.errors import UnsupportedImageError
+from classifier.preprocess import MAX_FRAME_PIXELS, check_frame_size
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
 from dicom_node.part10 import check_value_representations, has_preamble, read_part10
@@ -83,11 +84,12 @@ def _open_picture(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
         if image.format == "MPO":  # a camera's JPEG with a second, smaller picture (MPF): the first is it
             image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-        if image.width * image.height > MAX_FRAME_PIXELS:  # Pillow only warns up to twice its limit
-            raise UndecodableDatasetError(too_large)
+        check_frame_size(image.width, image.height, what="picture")  # Pillow only warns up to twice its limit
         image.load()
     except Image.DecompressionBombError as exc:  # Pillow's own limit, above the node's
         raise UndecodableDatasetError(too_large) from exc
+    except UnsupportedImageError as exc:  # the node's limit, said as the classifier says it of a file
+        raise UndecodableDatasetError(str(exc)) from exc
     except NodeError:
         raise
     except Exception as exc:  # Pillow raises several types for a damaged file

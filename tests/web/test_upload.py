@@ -147,7 +147,7 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
         # Past the node's limit, not Pillow's: Pillow only warns up to 179 megapixels, and such a picture
         # of 0.7 MB took 645 MB (review).
         ("large.png", _png_header_only(13_000, 13_000),
-         "the picture is too large to decode (more than 64 megapixels)"),
+         "the picture is too large to decode (13000 × 13000 pixels; at most 64 megapixels)"),
         # An animated PNG was classified by its first frame without a word; a multi-frame DICOM is refused.
         ("two.png", _animated_png(), "an animated picture (2 frames); the model reads single radiographs"),
     ):
