@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -257,8 +257,11 @@ def _j2k_decomposition_levels(codestream: bytes) -> int:
     return int(codestream[index + 9])  # Lcod(2) Scod(1) progression(1) layers(2) MCT(1) → levels
 
 
-def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) -> npt.NDArray[Any] | None:
-    """First frame of a grey unsigned JPEG 2000 image at a reduced resolution, or None to decode normally.
+def _decode_j2k_reduced(
+    ds: pydicom.Dataset, frame: bytes | None, min_side: int, photometric: str
+) -> npt.NDArray[Any] | None:
+    """``frame``, the first frame of a grey unsigned JPEG 2000 image, at a reduced resolution, or None to
+    decode normally (also when the frame could not be extracted: the full decode says why).
 
     Pillow rounds the reduced size half-up while OpenJPEG rounds up, which breaks levels ≥ 2 on odd
     sizes (e.g. 1841 px); presetting the size so both roundings agree works around that.
@@ -268,10 +271,9 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
         return None  # the full decode says what is wrong with the header, or decodes the colour image
     if _header_int(ds, "PixelRepresentation") != 0:
         return None
-    if not photometric.startswith("MONOCHROME"):
+    if not photometric.startswith("MONOCHROME") or frame is None:
         return None  # palette indices are labels: a wavelet low-pass would average them
     rows, columns = stored
-    frame = next(generate_frames(ds.PixelData, number_of_frames=number_of_frames(ds)))
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
     if level == 0:
         return None
@@ -290,7 +292,8 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
     # Pillow scales 1–7 bit samples up to 8 bits ("L") and 9–15 bit ones up to 16 ("I;16") by the
     # codestream's precision, which need not be Bits Stored (pydicom warns about such files and trusts the
     # codestream on its full-resolution path); the stored values are the codestream's (PS3.5 8.2.4).
-    precision = _j2k_precision(frame) or _header_int(ds, "BitsStored") or 16
+    siz = _j2k_siz(frame)
+    precision = (siz.precision if siz else None) or _header_int(ds, "BitsStored") or 16
     scaled_to = 8 if image.mode == "L" else 16
     if precision < scaled_to:
         decoded = decoded >> (scaled_to - precision)
@@ -300,12 +303,9 @@ def _decode_j2k_reduced(ds: pydicom.Dataset, min_side: int, photometric: str) ->
 def _declared_size(frame: bytes) -> tuple[int, int] | None:
     """(columns, rows) that a JPEG 2000 codestream's SIZ marker or a JPEG / JPEG-LS frame header (SOFn)
     declares, which the decoder allocates whatever the DICOM header says; None when there is none."""
-    # SOC, then SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
-    if frame.startswith(b"\xff\x4f\xff\x51") and len(frame) >= 24:
-        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", frame[8:24])
-        return max(0, xsiz - xosiz), max(0, ysiz - yosiz)
     if not frame.startswith(b"\xff\xd8"):
-        return None
+        siz = _j2k_siz(frame)
+        return None if siz is None else (siz.columns, siz.rows)
     index = 2
     while index + 9 <= len(frame) and frame[index] == 0xFF:
         marker = frame[index + 1]
@@ -327,28 +327,41 @@ _SOF_MARKERS = frozenset(
 )
 
 
-def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> None:
+def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | None:
     """The frame the header declares, and for compressed pixel data the one its first frame's codestream
-    declares, within :data:`MAX_FRAME_PIXELS`."""
+    declares, within :data:`MAX_FRAME_PIXELS`. Returns that first frame, extracted once for the check and
+    the reduced JPEG 2000 decode; None for native pixel data or a frame that cannot be extracted."""
     check_frame_size(_header_int(ds, "Columns") or 0, _header_int(ds, "Rows") or 0)
     uid = UID(transfer_syntax or "")
     if not uid.is_transfer_syntax or not uid.is_encapsulated:
-        return
+        return None
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=number_of_frames(ds)))
     except (ValueError, TypeError, StopIteration, struct.error):
-        return  # the decoder says what is wrong with it
+        return None  # the decoder says what is wrong with it
     declared = _declared_size(frame)
     if declared is not None:
         check_frame_size(*declared)
+    return frame
 
 
-def _j2k_precision(codestream: bytes) -> int | None:
-    """Bit depth of the first component from the SIZ marker (None when it cannot be found)."""
-    index = codestream.find(b"\xff\x51")
-    if index < 0 or index + 41 > len(codestream):
+class _Siz(NamedTuple):
+    """What a JPEG 2000 codestream's SIZ marker declares."""
+
+    columns: int
+    rows: int
+    precision: int  # bits of the first component
+
+
+def _j2k_siz(codestream: bytes) -> _Siz | None:
+    """The SIZ marker, which follows SOC (ITU T.800 A.5.1), of a bare codestream or one in JP2 boxes; None
+    when there is none or it is cut short."""
+    index = codestream.find(b"\xff\x4f\xff\x51")
+    if index < 0 or index + 43 > len(codestream):
         return None
-    return (codestream[index + 40] & 0x7F) + 1  # FF51 Lsiz Rsiz, 8 × 4-byte sizes, Csiz, then Ssiz
+    # SOC, SIZ, Lsiz, Rsiz, then Xsiz Ysiz XOsiz YOsiz (and 4 tile sizes, Csiz), then Ssiz of component 0
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">4I", codestream, index + 8)
+    return _Siz(max(0, xsiz - xosiz), max(0, ysiz - yosiz), (codestream[index + 42] & 0x7F) + 1)
 
 
 def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = None) -> npt.NDArray[Any]:
@@ -365,13 +378,13 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
     if frames > 1:
         LOGGER.info("multi-frame object (%d frames): classifying the first frame", frames)
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    _check_declared_size(ds, transfer_syntax)
+    first_frame = _check_declared_size(ds, transfer_syntax)
     if transfer_syntax in (JPEG2000, JPEG2000Lossless):
         try:
-            reduced = _decode_j2k_reduced(ds, min_side, photometric)
+            reduced = _decode_j2k_reduced(ds, first_frame, min_side, photometric)
         except Image.DecompressionBombError as exc:  # the codestream claims > 179 Mpx (Pillow's limit)
             raise UnsupportedImageError(f"JPEG 2000 image too large: {exc}") from exc
-        except (OSError, ValueError, StopIteration, struct.error) as exc:
+        except (OSError, ValueError, struct.error) as exc:
             LOGGER.warning(
                 "reduced JPEG 2000 decode failed (%s); decoding at full resolution", type(exc).__name__
             )

@@ -896,6 +896,23 @@ def test_a_frame_declared_larger_than_the_node_decodes_is_refused_before_it_is_d
         dataset_to_gray(_declaring(syntax, 30000, 30000))
 
 
+def test_a_jpeg2000_codestream_in_jp2_boxes_is_held_to_the_same_size_limit() -> None:
+    """Some encoders put the codestream in a JP2 file's boxes, which the decoders read as well; its SIZ
+    marker, after the boxes, went unchecked, and only the size check on a bare codestream held."""
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(8, 64)).save(buffer, "JPEG2000", irreversible=False)  # JP2 boxes, then SOC SIZ
+    jp2 = bytearray(buffer.getvalue())
+    assert not jp2.startswith(b"\xff\x4f")
+    siz = jp2.find(b"\xff\x4f\xff\x51")
+    jp2[siz + 8:siz + 16] = struct.pack(">II", 9000, 9000)  # 81 Mpx: under Pillow's limit, over the node's
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([bytes(jp2)])
+    with pytest.raises(UnsupportedImageError,
+                       match=r"too large to decode \(9000 × 9000 pixels; at most 64 megapixels\)"):
+        dataset_to_gray(ds)
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_picture_larger_than_the_node_decodes_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
     """Pillow only warns between 89 and 179 megapixels: a 0.7 MB PNG of 13,000 × 13,000 took 645 MB."""
