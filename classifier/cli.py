@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument("--epochs", type=_at_least(1), help="override the recipe's epochs (every stage)")
     train.add_argument("--batch-size", type=_at_least(1), help="override the recipe's batch size")
     train.add_argument(
-        "--learning-rate", type=_non_negative, help="override the recipe's learning rate (every stage)"
+        "--learning-rate", type=_positive, help="override the recipe's learning rate (every stage)"
     )
     train.add_argument(
         "--augmentation",
@@ -297,6 +297,7 @@ def _number(span: str, inside: Callable[[float], bool]) -> Callable[[str], float
 
 _fraction = _number("(0, 1)", lambda value: 0.0 < value < 1.0)
 _non_negative = _number("[0, ∞)", lambda value: 0.0 <= value < math.inf)
+_positive = _number("(0, ∞)", lambda value: 0.0 < value < math.inf)  # a learning rate of 0 trains nothing
 
 
 def _augmentation(text: str) -> str:

@@ -1001,7 +1001,7 @@ def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
     artifact: Path, collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--epochs 0`` (or -1) wrote an untrained model as if trained, and exit 0; a batch of 0, a learning
-    rate below 0 or a validation fraction of 1 failed deep inside, or trained on nonsense."""
+    rate of 0 or below or a validation fraction of 1 failed deep inside, or trained on nonsense."""
     output, data = tmp_path / "model", str(collection)
     train_argv = ["train", data, str(output), "--input-size", "32", "--no-progress", "--no-novelty"]
     for argv, reason in (
@@ -1011,7 +1011,8 @@ def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
         ([*train_argv, "--batch-size", "0"], "--batch-size: 0 is less than 1"),
         ([*train_argv, "--steps-per-epoch", "0"], "--steps-per-epoch: 0 is less than 1"),
         ([*train_argv, "--members", "0"], "--members: 0 is less than 1"),
-        ([*train_argv, "--learning-rate", "-0.1"], "--learning-rate: '-0.1' is not a number in [0, ∞)"),
+        ([*train_argv, "--learning-rate", "-0.1"], "--learning-rate: '-0.1' is not a number in (0, ∞)"),
+        ([*train_argv, "--learning-rate", "0"], "--learning-rate: '0' is not a number in (0, ∞)"),
         ([*train_argv, "--mixup", "nan"], "--mixup: 'nan' is not a number in [0, ∞)"),
         ([*train_argv, "--average-last", "0"], "--average-last: 0 is less than 1"),
         ([*train_argv, "--validation-fraction", "1"], "--validation-fraction: '1' is not a number in (0, 1)"),
