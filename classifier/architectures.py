@@ -127,6 +127,7 @@ class Recipe:
     precise_batch_norm: bool = False  # recompute BatchNorm statistics on clean images before validating
     mixup: float = 0.0  # Beta(α, α) of mixup on the network's input batches; 0 = off
     members: int = 1  # >1: that many seeds on one split, merged into one model (classifier.ensemble)
+    validation_fraction: float = 0.2  # of the images held out, by patient group
 
     @property
     def epochs(self) -> int:
@@ -478,6 +479,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
             augmentation="sugandi-table2",
             keep_best=False,
             class_weights=False,
+            validation_fraction=0.10,  # seed 000: 90 % training, 10 % test/validation
         ),
         builder=build_sugandi_cnn,
         gradcam_layer="conv2d_2",
@@ -507,6 +509,9 @@ _ARCHITECTURES: dict[str, Architecture] = {
             augmentation="none",
             keep_best=True,
             class_weights=True,
+            # seed 003: 70 % training, 15 % validation, 15 % test; the test images are not held out here
+            # (the project's hidden test set is that), so 85 % train
+            validation_fraction=0.15,
         ),
         builder=build_resnet152_transfer,
         pretrained=True,

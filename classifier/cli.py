@@ -50,7 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help=f"one of {', '.join(architecture_names())}; several, comma-separated, train one member each "
         "on the same split and merge them into one model",
     )
-    train.add_argument("--validation-fraction", type=_fraction, default=0.2)
+    train.add_argument(
+        "--validation-fraction", type=_fraction,
+        help="held out by patient group (default: the recipe's: 0.1 for sugandi-cnn and 0.15 for "
+        "resnet152-transfer, as their papers; 0.2 for the others)",
+    )
     train.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
     train.add_argument(
         "--split-seed", type=int, help="seed of the group-aware train/validation split (default: --seed)"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from classifier import plots
-from classifier.architectures import GRADCAM_LAYER
+from classifier.architectures import GRADCAM_LAYER, get_architecture
 from classifier.artifact import (
     MODEL_FILE,
     ArtifactMetadata,
@@ -254,6 +254,10 @@ def train_ensemble(
         raise OptionError("an ensemble needs at least two different seeds or architectures")
     writable_folder(config.output)  # before the members train, not after
     split_seed = config.seed if config.split_seed is None else config.split_seed
+    # One split for every member: the first architecture's held-out fraction unless the caller gave one
+    fraction = config.validation_fraction
+    if fraction is None:
+        fraction = get_architecture(members[0][0]).recipe.validation_fraction
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))
     try:
         folders = []
@@ -261,7 +265,8 @@ def train_ensemble(
             LOGGER.info("ensemble member %d of %d (%s, seed %d)", number, len(members), architecture, seed)
             member = replace(
                 config, architecture=architecture, output=scratch / f"{number}-{architecture}-seed{seed}",
-                seed=seed, split_seed=split_seed, version=f"{config.version or 'member'}-{architecture}-seed{seed}",
+                seed=seed, split_seed=split_seed, validation_fraction=fraction,
+                version=f"{config.version or 'member'}-{architecture}-seed{seed}",
             )  # fmt: skip
             folders.append(train(member, argv=argv).folder)
         return build_ensemble(folders, Path(config.output), Path(config.data), version=config.version, argv=argv)

@@ -66,7 +66,7 @@ class TrainingConfig:
     architecture: str
     data: Path
     output: Path
-    validation_fraction: float = 0.2
+    validation_fraction: float | None = None  # held out by patient group (default: the recipe's)
     seed: int = 42  # weights, shuffling and augmentation
     split_seed: int | None = None  # the train/validation split (default: ``seed``)
     fold: int | None = None  # validate on this fold of a group k-fold split instead of a fraction
@@ -128,6 +128,9 @@ def _recipe(architecture: Architecture, config: TrainingConfig) -> Recipe:
         batch_size=config.batch_size or recipe.batch_size,
         augmentation=config.augmentation or recipe.augmentation,
         mixup=config.mixup if config.mixup is not None else recipe.mixup,
+        validation_fraction=(
+            config.validation_fraction if config.validation_fraction is not None else recipe.validation_fraction
+        ),
     )
 
 
@@ -344,7 +347,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     split_seed = config.seed if config.split_seed is None else config.split_seed
     split: dict[str, Any] = {"by": "group", "seed": split_seed}
     if config.fold is None:
-        split["validation_fraction"] = config.validation_fraction
+        split["validation_fraction"] = recipe.validation_fraction
     else:
         split.update(fold=config.fold, folds=config.folds)
     if mapping:
