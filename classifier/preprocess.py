@@ -353,10 +353,19 @@ class _Siz(NamedTuple):
     precision: int  # bits of the first component
 
 
+_SOC_SIZ = b"\xff\x4f\xff\x51"
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # the JP2 file's first box (ITU T.800 I.5.1)
+
+
 def _j2k_siz(codestream: bytes) -> _Siz | None:
     """The SIZ marker, which follows SOC (ITU T.800 A.5.1), of a bare codestream or one in JP2 boxes; None
-    when there is none or it is cut short."""
-    index = codestream.find(b"\xff\x4f\xff\x51")
+    for any other data (an RLE frame's bytes may hold the marker's) or a marker cut short."""
+    if codestream.startswith(_SOC_SIZ):
+        index = 0
+    elif codestream.startswith(_JP2_SIGNATURE):
+        index = codestream.find(_SOC_SIZ)
+    else:
+        return None
     if index < 0 or index + 43 > len(codestream):
         return None
     # SOC, SIZ, Lsiz, Rsiz, then Xsiz Ysiz XOsiz YOsiz (and 4 tile sizes, Csiz), then Ssiz of component 0

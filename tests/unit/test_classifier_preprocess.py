@@ -913,6 +913,18 @@ def test_a_jpeg2000_codestream_in_jp2_boxes_is_held_to_the_same_size_limit() -> 
         dataset_to_gray(ds)
 
 
+def test_pixels_that_spell_a_jpeg2000_size_marker_are_not_read_as_one() -> None:
+    """An RLE frame copies runs of distinct pixel values verbatim: a row that spells SOC SIZ and a huge
+    size must not be taken for a JPEG 2000 codestream's declaration and refused."""
+    pixels = ramp(8, 64)
+    # SOC SIZ Lsiz Rsiz, Xsiz Ysiz (about 1.1 × 10⁹ each), XOsiz YOsiz (small): no two bytes alike in a row
+    marker = b"\xff\x4f\xff\x51\x00\x29\x00\x01" + bytes([*range(0x40, 0x48), *range(0x01, 0x09)])
+    pixels[10, :len(marker)] = np.frombuffer(marker, dtype=np.uint8)
+    rle = _compressed(make_dataset(pixels, bits_stored=8), RLELossless)
+    assert marker in next(generate_frames(rle.PixelData, number_of_frames=1))
+    assert dataset_to_gray(rle).shape == (64, 64)
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_picture_larger_than_the_node_decodes_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
     """Pillow only warns between 89 and 179 megapixels: a 0.7 MB PNG of 13,000 × 13,000 took 645 MB."""
