@@ -183,8 +183,7 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
             for row in reader:
                 line, item = reader.line_num, _manifest_row(manifest, reader.line_num, row)
                 spellings.append(str(row["label"]))
-                group = row.get("group")
-                listed = (item.label, group_key(group) if isinstance(group, str) and group.strip() else None)
+                listed = (item.label, _given_group(row))
                 earlier = first.setdefault(item.path, (line, *listed))
                 if earlier[0] == line:
                     items.append(item)
@@ -214,14 +213,19 @@ def _manifest_row(
 ) -> LabelledImage:
     """One manifest row as an image (its label folded, see :func:`load_collection`), or a DatasetError
     naming its line (a short row has no label)."""
-    file, label, group = row.get("file"), row.get("label"), row.get("group")
+    file, label = row.get("file"), row.get("label")
     if not isinstance(file, str) or not file.strip() or not isinstance(label, str) or not label.strip():
         raise DatasetError(f"{manifest}, line {line}: every row needs a file and a label")
     path = (manifest.parent / file.strip()).resolve()
     if not path.is_file():
         raise DatasetError(f"{manifest}: missing file {file}")
-    named = group_key(group) if isinstance(group, str) and group.strip() else file.strip()
-    return LabelledImage(path=path, label=label_key(label), group=named)
+    return LabelledImage(path=path, label=label_key(label), group=_given_group(row) or file.strip())
+
+
+def _given_group(row: Mapping[str | None, str | list[str] | None]) -> str | None:
+    """A manifest row's group as compared (:func:`group_key`); None when the row names none."""
+    group = row.get("group")
+    return (group_key(group) or None) if isinstance(group, str) else None
 
 
 def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
