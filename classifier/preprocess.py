@@ -271,8 +271,10 @@ def _decode_j2k_reduced(
         return None  # the full decode says what is wrong with the header, or decodes the colour image
     if _header_int(ds, "PixelRepresentation") != 0:
         return None
-    if not photometric.startswith("MONOCHROME") or frame is None:
+    if not photometric.startswith("MONOCHROME"):
         return None  # palette indices are labels: a wavelet low-pass would average them
+    if frame is None:
+        return None  # not extracted: the full decode says why
     rows, columns = stored
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
     if level == 0:
