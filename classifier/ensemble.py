@@ -253,11 +253,8 @@ def train_ensemble(
     if len(set(members)) != len(members) or len(members) < 2:
         raise OptionError("an ensemble needs at least two different seeds or architectures")
     writable_folder(config.output)  # before the members train, not after
-    split_seed = config.seed if config.split_seed is None else config.split_seed
     # One split for every member: the first architecture's held-out fraction unless the caller gave one
-    fraction = config.validation_fraction
-    if fraction is None:
-        fraction = get_architecture(members[0][0]).recipe.validation_fraction
+    fraction = config.held_out_fraction(get_architecture(members[0][0]).recipe)
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))
     try:
         folders = []
@@ -265,7 +262,7 @@ def train_ensemble(
             LOGGER.info("ensemble member %d of %d (%s, seed %d)", number, len(members), architecture, seed)
             member = replace(
                 config, architecture=architecture, output=scratch / f"{number}-{architecture}-seed{seed}",
-                seed=seed, split_seed=split_seed, validation_fraction=fraction,
+                seed=seed, split_seed=config.drawn_split_seed, validation_fraction=fraction,
                 version=f"{config.version or 'member'}-{architecture}-seed{seed}",
             )  # fmt: skip
             folders.append(train(member, argv=argv).folder)

@@ -104,6 +104,15 @@ class TrainingConfig:
         if self.centre_crop is not None and not 0.3 <= self.centre_crop <= 1.0:
             raise OptionError(f"the centre crop keeps a fraction in [0.3, 1], not {self.centre_crop}")
 
+    @property
+    def drawn_split_seed(self) -> int:
+        """The seed of the train/validation split: ``split_seed`` when given, else the training seed."""
+        return self.seed if self.split_seed is None else self.split_seed
+
+    def held_out_fraction(self, recipe: Recipe) -> float:
+        """The fraction held out by patient group: the one given, else the recipe's (its paper's)."""
+        return recipe.validation_fraction if self.validation_fraction is None else self.validation_fraction
+
 
 @dataclass(frozen=True)
 class TrainingResult:
@@ -128,9 +137,7 @@ def _recipe(architecture: Architecture, config: TrainingConfig) -> Recipe:
         batch_size=config.batch_size or recipe.batch_size,
         augmentation=config.augmentation or recipe.augmentation,
         mixup=config.mixup if config.mixup is not None else recipe.mixup,
-        validation_fraction=(
-            config.validation_fraction if config.validation_fraction is not None else recipe.validation_fraction
-        ),
+        validation_fraction=config.held_out_fraction(recipe),
     )
 
 
@@ -344,8 +351,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     classes = class_names(relabel(items, mapping))
     if len(classes) < 2:
         raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    split: dict[str, Any] = {"by": "group", "seed": split_seed}
+    split: dict[str, Any] = {"by": "group", "seed": config.drawn_split_seed}
     if config.fold is None:
         split["validation_fraction"] = recipe.validation_fraction
     else:
