@@ -178,8 +178,7 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"file", "label"} <= set(reader.fieldnames):
-                raise DatasetError(f"{manifest} needs the columns file,label[,group]")
+            reader.fieldnames = _manifest_columns(manifest, reader.fieldnames)
             for row in reader:
                 line, item = reader.line_num, _manifest_row(manifest, reader.line_num, row)
                 spellings.append(str(row["label"]))
@@ -206,6 +205,18 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
         )  # fmt: skip
     _log_folded(manifest, spellings)
     return sorted(items, key=lambda item: str(item.path))
+
+
+def _manifest_columns(manifest: Path, header: Sequence[str] | None) -> list[str]:
+    """The header's column names folded as labels are (``Group`` and `` group`` are ``group``): a column
+    matched only when spelt exactly made every image its own group, and one patient could then be on both
+    sides of the split. Refused without ``file`` and ``label`` or with a name twice."""
+    columns = [name.strip().casefold() for name in header or ()]
+    if not {"file", "label"} <= set(columns):
+        raise DatasetError(f"{manifest} needs the columns file,label[,group]")
+    if twice := sorted({name for name in columns if name and columns.count(name) > 1}):
+        raise DatasetError(f"{manifest} has the column {', '.join(twice)} twice; keep one")
+    return columns
 
 
 def _manifest_row(

@@ -261,6 +261,7 @@ def test_a_fold_that_leaves_a_class_out_of_training_is_refused(collection: Path,
         (b"file,label\n,dark\n", "line 2: every row needs a file and a label"),
         (b"file,label\ndark/1.png,dark\n\xff\xfe,dark\n", "not a UTF-8 CSV file"),
         (b"name,class\ndark/1.png,dark\n", "needs the columns file,label"),
+        (b"file,label,group,Group\ndark/1.png,dark,p1,p2\n", "has the column group twice"),
         (b"file,label\n", "lists no images"),
     ],
 )
@@ -282,6 +283,18 @@ def test_a_manifest_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(
     (tmp_path / "manifest.csv").write_bytes("\ufefffile,label,group\ndark/1.png,dark,p1\n".encode())
     [item] = load_collection(tmp_path)
     assert (item.label, item.group) == ("dark", "p1")
+
+
+def test_a_manifest_header_is_read_as_labels_are_so_a_group_column_is_not_lost(
+    collection: Path, tmp_path: Path
+) -> None:
+    """A ``Group`` column was ignored: every image became its own group, and one patient's images could be
+    on both sides of the split."""
+    (tmp_path / "dark").mkdir()
+    for name in ("1.png", "2.png"):
+        (tmp_path / "dark" / name).write_bytes((collection / "dark" / name).read_bytes())
+    (tmp_path / "manifest.csv").write_text("File, Label ,Group\ndark/1.png,dark,p1\ndark/2.png,dark,p1\n")
+    assert {item.group for item in load_collection(tmp_path)} == {"p1"}
 
 
 def test_a_file_listed_twice_is_read_once_or_refused(
