@@ -153,10 +153,11 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
 
 def load_keras_file(path: Path, error: type[ClassifierError] = ModelArtifactError) -> Any:
     """A saved Keras model, uncompiled; a file Keras cannot read (cut short after it was hashed, a member's
-    CRC wrong) is an ``error`` naming it, not Keras' or zipfile's own exception."""
+    CRC wrong, a layer configuration this Keras cannot rebuild: TypeError) is an ``error`` naming it, not
+    Keras' or zipfile's own exception."""
     import keras
 
     try:
         return keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
         raise error(f"{path} cannot be loaded: {type(exc).__name__}") from exc

@@ -92,11 +92,16 @@ class Classifier:
                 f"model shapes {model.input_shape}→{model.output_shape} contradict model.json"
             )
         try:  # checked now, not at the first heat map
-            model.get_layer(metadata.gradcam_layer)
+            layer = model.get_layer(metadata.gradcam_layer)
         except ValueError as exc:
             raise ModelArtifactError(
                 f"model.json names Grad-CAM layer {metadata.gradcam_layer!r}, which the model does not have"
             ) from exc
+        if len(layer.output.shape) != 4:  # a pooled or flat layer: TensorFlow's error at the first heat map
+            raise ModelArtifactError(
+                f"model.json names Grad-CAM layer {metadata.gradcam_layer!r}, whose output "
+                f"{tuple(layer.output.shape)} is not a feature map (batch, rows, columns, channels)"
+            )
         head = _dense_softmax(model)  # the probabilities, the heat map and the novelty check read it
         features = int(head.kernel.shape[0])
         lungs = None

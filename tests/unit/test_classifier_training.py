@@ -725,12 +725,31 @@ def test_a_model_keras_cannot_load_or_that_contradicts_model_json_is_refused(
     (crc / "model.json").write_text(json.dumps({**metadata, "sha256": sha256_file(crc / "model.keras")}))
     with pytest.raises(ModelArtifactError, match=r"model\.keras cannot be loaded: BadZipFile"):
         Classifier.load(crc)
+    # A layer configuration this Keras cannot rebuild (saved by a newer one): Keras' TypeError escaped.
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    with zipfile.ZipFile(io.BytesIO(whole)) as source, zipfile.ZipFile(newer / "model.keras", "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["layers"][1]["config"]["an_argument_of_a_newer_keras"] = 3
+                data = json.dumps(config).encode()
+            target.writestr(info, data)
+    (newer / "model.json").write_text(json.dumps({**metadata, "sha256": sha256_file(newer / "model.keras")}))
+    with pytest.raises(ModelArtifactError, match=r"model\.keras cannot be loaded: TypeError"):
+        Classifier.load(newer)
     # A Grad-CAM layer the network does not have failed at the first heat map, not at load.
     layer = tmp_path / "layer"
     layer.mkdir()
     (layer / "model.keras").write_bytes(whole)
     (layer / "model.json").write_text(json.dumps({**metadata, "gradcam_layer": "nope"}))
     with pytest.raises(ModelArtifactError, match="Grad-CAM layer 'nope'"):
+        Classifier.load(layer)
+    # Nor one without a feature map (the pooled features): TensorFlow's own error at the first heat map.
+    pooled = Classifier.load(artifact)._model.layers[-2].name
+    (layer / "model.json").write_text(json.dumps({**metadata, "gradcam_layer": pooled}))
+    with pytest.raises(ModelArtifactError, match=f"Grad-CAM layer '{pooled}', whose output .* is not a feature"):
         Classifier.load(layer)
 
 
