@@ -275,6 +275,11 @@ def _decode_j2k_reduced(
         return None  # palette indices are labels: a wavelet low-pass would average them
     if frame is None:
         return None  # not extracted: the full decode says why
+    siz = _j2k_siz(frame)
+    if siz is not None and siz.signed:
+        # Signed samples in an unsigned object (Pixel Representation 0): Pillow shifts them by 2^(p-1),
+        # which swapped the two halves of the grey scale; pydicom's full decode corrects the sign.
+        return None
     rows, columns = stored
     level = _reduce_level(rows, columns, min_side, _j2k_decomposition_levels(frame))
     if level == 0:
@@ -294,7 +299,6 @@ def _decode_j2k_reduced(
     # Pillow scales 1–7 bit samples up to 8 bits ("L") and 9–15 bit ones up to 16 ("I;16") by the
     # codestream's precision, which need not be Bits Stored (pydicom warns about such files and trusts the
     # codestream on its full-resolution path); the stored values are the codestream's (PS3.5 8.2.4).
-    siz = _j2k_siz(frame)
     precision = (siz.precision if siz else None) or _header_int(ds, "BitsStored") or 16
     scaled_to = 8 if image.mode == "L" else 16
     if precision < scaled_to:
@@ -353,6 +357,7 @@ class _Siz(NamedTuple):
     columns: int
     rows: int
     precision: int  # bits of the first component
+    signed: bool  # the first component's samples are signed
 
 
 _SOC_SIZ = b"\xff\x4f\xff\x51"
@@ -372,7 +377,8 @@ def _j2k_siz(codestream: bytes) -> _Siz | None:
         return None
     # SOC, SIZ, Lsiz, Rsiz, then Xsiz Ysiz XOsiz YOsiz (and 4 tile sizes, Csiz), then Ssiz of component 0
     xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">4I", codestream, index + 8)
-    return _Siz(max(0, xsiz - xosiz), max(0, ysiz - yosiz), (codestream[index + 42] & 0x7F) + 1)
+    ssiz = codestream[index + 42]
+    return _Siz(max(0, xsiz - xosiz), max(0, ysiz - yosiz), (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
 
 
 def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = None) -> npt.NDArray[Any]:

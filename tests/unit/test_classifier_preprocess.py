@@ -832,6 +832,25 @@ def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_store
     assert np.abs(small - reduced).mean() < 0.01
 
 
+def test_a_signed_jpeg2000_codestream_in_an_unsigned_object_keeps_its_grey_scale() -> None:
+    """Pixel Representation 0 with a codestream whose samples are signed (written by encoders that sign
+    12-bit data): Pillow's reduced decode shifted them by 2048, swapping the two halves of the grey scale;
+    pydicom's full decode corrects the sign, so such a frame takes that path."""
+    import openjpeg
+
+    unsigned = np.tile(np.linspace(0, 4095, 1024).astype(np.uint16), (1024, 1))
+    plain = make_dataset(unsigned, bits_stored=12)
+    plain.WindowCenter, plain.WindowWidth = 2048, 4096
+    as_signed = ((unsigned.astype(np.int32) ^ 0x800) - 0x800).astype(np.int16)  # the same 12 bits
+    mismatched = _compressed(plain, JPEG2000Lossless)
+    mismatched.PixelData = encapsulate(
+        [openjpeg.encode(as_signed, bits_stored=12, photometric_interpretation=2, use_mct=False)]
+    )
+    reduced = dataset_to_gray(mismatched, min_side=64)
+    expected = dataset_to_gray(plain, min_side=64)
+    assert np.abs(reduced - expected).max() < 0.01  # a rising ramp, not two halves swapped
+
+
 @pytest.mark.parametrize("bits", [6, 7])
 def test_reduced_jpeg2000_decode_of_fewer_than_8_bits_stored(bits: int) -> None:
     """Pillow scales 1-7 bit samples up to 8 bits; the old code undid that for 9-15 bits only, so a
