@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -206,6 +207,12 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+# What pydicom raises, besides ValueError and TypeError, when it parses a damaged element on first access
+# or reads a damaged file: a value of the wrong length, an unknown VR, a file cut inside an element's length
+# field (struct.error) or inside its deflated data set (zlib.error).
+_DAMAGED_ELEMENT = (struct.error, zlib.error, NotImplementedError, pydicom.errors.BytesLengthException)
+
+
 def read_dataset(path: Path) -> pydicom.Dataset:
     """Read a DICOM file; pixel data stays encoded so JPEG 2000 can be decoded at a reduced level later."""
     return pydicom.dcmread(path)
@@ -220,7 +227,7 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
     if is_dicom_file(path):
         try:
             return read_dataset(path)
-        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError, *_DAMAGED_ELEMENT) as exc:
             raise UnsupportedImageError(f"not a readable DICOM file ({reason_for(exc, path)})") from exc
     try:
         with Image.open(path) as image:
@@ -793,7 +800,17 @@ def dataset_to_gray(
 
     Large images are box-averaged down to between 2 and 4 × ``min_side``, and JPEG 2000 is decoded at
     the resolution level that keeps ``j2k_min_side`` (default: the same 2 × ``min_side``), so a study
-    gives the same model input whether it was sent compressed or not."""
+    gives the same model input whether it was sent compressed or not.
+
+    A header element pydicom cannot parse (a damaged value read on first access) is an
+    :class:`UnsupportedImageError`, as a malformed one is."""
+    try:
+        return _dataset_to_gray(ds, min_side, j2k_min_side)
+    except _DAMAGED_ELEMENT as exc:
+        raise UnsupportedImageError(f"a header element cannot be read ({type(exc).__name__})") from exc
+
+
+def _dataset_to_gray(ds: pydicom.Dataset, min_side: int, j2k_min_side: int | None) -> FloatImage:
     photometric = photometric_interpretation(ds)
     raw = frame_pixels(ds, 2 * min_side if j2k_min_side is None else j2k_min_side, photometric)
     if photometric == "PALETTE COLOR":
@@ -909,7 +926,10 @@ def orientation_turns(ds: pydicom.Dataset) -> int | None:
     right are left as they are (the models are trained with mirrored images). ``None`` when the header
     does not say: no value, a malformed one, or one without head or foot direction (an axial image).
     """
-    value = ds.get("PatientOrientation")
+    try:
+        value = ds.get("PatientOrientation")
+    except (ValueError, TypeError, *_DAMAGED_ELEMENT):
+        return None  # damaged: read as not said; the image itself is refused if it cannot be read
     if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
         return None
     row_letter, column_letter = (str(part).strip().upper()[:1] for part in value)
@@ -1123,7 +1143,7 @@ def _header_int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
     try:
         return int(ds[keyword].value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, *_DAMAGED_ELEMENT):
         return None
 
 

@@ -958,6 +958,55 @@ def test_a_picture_larger_than_the_node_decodes_is_refused_before_it_is_decoded(
         read_image_file(path)
 
 
+def _with_raw_element(ds: Dataset, element: bytes) -> Dataset:
+    """``ds`` written and read back with ``element`` (explicit VR little endian bytes) before Pixel Data:
+    pydicom parses such an element only when it is first read, as it does a received one."""
+    data = _to_bytes(ds)
+    at = data.find(b"\xe0\x7f\x10\x00")  # Pixel Data, the last element; tags ascend
+    return pydicom.dcmread(io.BytesIO(data[:at] + element + data[at:]))
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        b"\x28\x00\x20\x01US\x03\x00\x00\x00\x00",  # Pixel Padding Value of 3 bytes: BytesLengthException
+        b"\x28\x00\x20\x01\x55\xd3\x02\x00\x00\x00",  # ... with a VR that is none: NotImplementedError
+    ],
+    ids=["odd-length", "unknown-vr"],
+)
+def test_a_damaged_header_element_is_an_unsupported_image_not_a_crash(element: bytes) -> None:
+    """pydicom raised its own exceptions from such an element, which escaped as an unexpected failure (the
+    node then recorded "classification failed" and retried the batch image by image)."""
+    ds = _with_raw_element(make_dataset(ramp(12), bits_stored=12), element)
+    for read in (lambda: dataset_to_model_input(ds, SPEC), lambda: display_image(ds)):
+        with pytest.raises(UnsupportedImageError, match="a header element cannot be read"):
+            read()
+
+
+def test_a_damaged_patient_orientation_reads_as_not_said() -> None:
+    """Read for a whole batch before any image: its exception failed every image of the batch."""
+    element = b"\x20\x00\x20\x00\x55\xd3\x04\x00L\\F "  # Patient Orientation with a VR that is none
+    ds = _with_raw_element(make_dataset(ramp(12), bits_stored=12), element)
+    assert upright_turns(ds) == 0
+
+
+def test_a_dicom_file_cut_in_a_length_field_or_inside_its_deflated_data_is_an_unsupported_image(
+    tmp_path: Path,
+) -> None:
+    """struct.error and zlib.error escaped read_image_file: one bad file ended a whole evaluation run."""
+    data = _to_bytes(make_dataset(ramp(12), bits_stored=12))
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.find(b"\xe0\x7f\x10\x00") + 9])  # inside Pixel Data's 4-byte length
+    deflated = make_dataset(ramp(12), bits_stored=12)
+    deflated.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    whole = _to_bytes(deflated)
+    short = tmp_path / "short.dcm"
+    short.write_bytes(whole[: len(whole) - 200])
+    for path in (cut, short):
+        with pytest.raises(UnsupportedImageError, match="not a readable DICOM file"):
+            read_image_file(path)
+
+
 def test_jpeg_baseline_is_decoded() -> None:
     pixels = ramp(8, 64)
     buffer = io.BytesIO()
