@@ -44,6 +44,7 @@ class ArtifactMetadata:
     training: Mapping[str, Any] = field(default_factory=dict)  # recipe and history
     validation: Mapping[str, Any] = field(default_factory=dict)  # metrics on the validation split
     novelty: Mapping[str, Any] = field(default_factory=dict)  # density check + turn probe, if fitted
+    lungs: Mapping[str, Any] = field(default_factory=dict)  # the lung model's sha256, if cropped to lungs
 
     @property
     def info(self) -> ModelInfo:
@@ -70,6 +71,7 @@ class ArtifactMetadata:
             "training": dict(self.training),
             "validation": dict(self.validation),
             **({"novelty": dict(self.novelty)} if self.novelty else {}),
+            **({"lungs": dict(self.lungs)} if self.lungs else {}),
         }
 
     @classmethod
@@ -92,6 +94,7 @@ class ArtifactMetadata:
                 training=dict(data.get("training", {})),
                 validation=dict(data.get("validation", {})),
                 novelty=dict(data.get("novelty", {})),
+                lungs=dict(data.get("lungs", {})),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc

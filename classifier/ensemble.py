@@ -177,11 +177,11 @@ def build_ensemble(
     writable_folder(output)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
-    shared = (first.classes, first.preprocess, _unprinted(first))
+    shared = (first.classes, first.preprocess, first.lungs, _unprinted(first))
     for meta in metas[1:]:
         comparable = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
-        if (meta.classes, comparable, _unprinted(meta)) != shared:
-            raise EnsembleError("ensemble members must share classes, preprocessing and split")
+        if (meta.classes, comparable, meta.lungs, _unprinted(meta)) != shared:
+            raise EnsembleError("ensemble members must share classes, preprocessing, lung model and split")
         try:
             normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)
         except ValueError as exc:
@@ -196,11 +196,10 @@ def build_ensemble(
     name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
 
     spec = first.preprocess
-    lungs = None
-    if spec.lung_crop:  # members of one split share the lung model: the first one's ships with the merge
-        from classifier.lungs import LungCropper, copy_lung_model
+    from classifier.lungs import artifact_lungs, copy_lung_model
 
-        lungs = LungCropper.load(member_folders[0] / "lungs")
+    lungs = artifact_lungs(member_folders[0], first)  # the members share it (checked above); it ships
+    if lungs is not None:
         copy_lung_model(member_folders[0] / "lungs", output)
     inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
     truth = np.array(label_indices(val_items, first.classes), dtype=np.int64)
@@ -226,6 +225,7 @@ def build_ensemble(
             },
         },
         validation=report,
+        lungs=first.lungs,
     )
     write_metadata(output, metadata)
     plots.confusion_matrix(

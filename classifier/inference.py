@@ -104,11 +104,9 @@ class Classifier:
             )
         head = _dense_softmax(model)  # the probabilities, the heat map and the novelty check read it
         features = int(head.kernel.shape[0])
-        lungs = None
-        if metadata.preprocess.lung_crop:
-            from classifier.lungs import LungCropper
+        from classifier.lungs import artifact_lungs
 
-            lungs = LungCropper.load(folder / "lungs")
+        lungs = artifact_lungs(folder, metadata)
         novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
         read = None if novelty is None else int(novelty.density.means.shape[1])
         if read is not None and read != features:

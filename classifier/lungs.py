@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from classifier.artifact import load_keras_file, sha256_file
+from classifier.artifact import ArtifactMetadata, load_keras_file, sha256_file
 from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray, named_failure
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
@@ -221,7 +221,9 @@ class LungCropper:
         self._forward: Any | None = None
 
     @classmethod
-    def load(cls, folder: Path) -> LungCropper:
+    def load(cls, folder: Path, *, recorded: str | None = None) -> LungCropper:
+        """The lung model in ``folder``, checked against its lungs.json and, when given, the sha256 that
+        the classifier's model.json ``recorded`` for it."""
         meta_path, model_path = folder / LUNG_META_FILE, folder / LUNG_MODEL_FILE
         if not meta_path.is_file() or not model_path.is_file():
             raise ModelArtifactError(
@@ -237,6 +239,8 @@ class LungCropper:
             raise ModelArtifactError(f"{LUNG_META_FILE} records no sha256 for {LUNG_MODEL_FILE}")
         if sha256_file(model_path) != metadata["sha256"]:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
+        if recorded is not None and metadata["sha256"] != recorded:
+            raise ModelArtifactError(f"{folder} is not the lung model that model.json records (sha256)")
         model = load_keras_file(model_path)
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
             raise ModelArtifactError(f"{model_path} is not a lung U-Net (input {model.input_shape})")
@@ -394,6 +398,18 @@ def evaluate_lung_model(cropper: LungCropper, pairs: Sequence[MaskedImage]) -> d
         "dice_min": float(np.min(scores)),
         "whole_image_fallbacks": fallbacks,
     }
+
+
+def artifact_lungs(artifact: Path, metadata: ArtifactMetadata) -> LungCropper | None:
+    """The lung model that crops a classifier artifact's input (``ARTIFACT/lungs/``), held to the sha256
+    its model.json records, or None when the input is not cropped: checked against its own lungs.json only,
+    another U-Net swapped in cropped every image differently under the same model identity."""
+    if not metadata.preprocess.lung_crop:
+        return None
+    recorded = metadata.lungs.get("sha256")
+    if not recorded:
+        raise ModelArtifactError("model.json records no sha256 for its lung model")
+    return LungCropper.load(artifact / "lungs", recorded=str(recorded))
 
 
 def copy_lung_model(source: Path, artifact: Path) -> Path:

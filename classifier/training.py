@@ -533,6 +533,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             "history": {key: [round(v, 5) for v in values] for key, values in history.items()},
         },
         validation=report,
+        lungs={"sha256": lungs.metadata["sha256"]} if lungs is not None else {},
     )
     if lung_folder is not None and lung_folder != folder / "lungs":
         from classifier.lungs import copy_lung_model

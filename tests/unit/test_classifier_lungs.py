@@ -23,6 +23,7 @@ from classifier.lungs import (
     LungCropper,
     build_lung_unet,
     components,
+    copy_lung_model,
     dice,
     find_masks,
     lung_mask,
@@ -250,6 +251,18 @@ def test_classifier_ships_its_lung_model_and_crops_at_inference(
         prediction = classifier.predict_images([image])[0]
     assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
     assert float(prediction.heatmap[:3].max()) == 0.0  # above the lungs: outside the frame the model saw
+    # Another U-Net in its place (valid by its own lungs.json) cropped every image differently under the
+    # same model identity: it is held to the sha256 model.json records.
+    other = copy_lung_model(lung_model, tmp_path / "other")
+    recorded = json.loads((other / LUNG_META_FILE).read_text())
+    weights = other / LUNG_MODEL_FILE
+    with weights.open("ab") as handle:
+        handle.write(b"\0")  # as another training would differ
+    (other / LUNG_META_FILE).write_text(json.dumps({**recorded, "sha256": sha256_file(weights)}))
+    shutil.rmtree(output / "lungs")
+    shutil.copytree(other, output / "lungs")
+    with pytest.raises(ModelArtifactError, match="is not the lung model that model.json records"):
+        Classifier.load(output)
     shutil.rmtree(output / "lungs")
     with pytest.raises(ModelArtifactError):
         Classifier.load(output)
