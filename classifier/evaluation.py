@@ -30,7 +30,7 @@ from classifier.dataset import (
     load_gray,
     named_failure,
 )
-from classifier.errors import ClassifierError
+from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.inference import Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import gray_to_uint8, image_to_model_input, read_image_file
@@ -197,6 +197,8 @@ def score_items(
                 )
         try:
             predictions.extend(_predict_sources(classifier, sources))
+        except ModelArtifactError:
+            raise  # the model is broken, not one of the images
         except ClassifierError:  # one image the model cannot read: find it, and name it
             for item, source in zip(batch, sources, strict=True):
                 with named_failure(item.path, "cannot be evaluated"):

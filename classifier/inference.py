@@ -229,6 +229,11 @@ class Classifier:
             else:
                 features, probabilities = self._forward_pass(batch)
                 maps = [None] * len(batch)
+        if not np.isfinite(probabilities).all():  # the inputs are finite (_batch): the weights are not
+            raise ModelArtifactError(
+                f"model {self.info.name} {self.info.version} gives probabilities that are not finite numbers "
+                "(weights of a diverged training?): no finding"
+            )
         novelty: list[float | None] = [None] * len(batch)
         if self._novelty is not None:
             novelty = [float(ratio) for ratio in self._novelty.ratios(features)]

@@ -687,6 +687,32 @@ def test_a_tampered_model_file_is_refused(artifact: Path, tmp_path: Path) -> Non
         Classifier.load(tmp_path / "nothing-here")
 
 
+def test_a_model_that_gives_nan_is_a_model_error_not_an_indeterminate_finding(
+    artifact: Path, collection: Path, tmp_path: Path
+) -> None:
+    """Weights of a diverged training (a NaN bias) gave every image "indeterminate" with NaN probabilities,
+    which the node stored as a finding, and a bare ValueError from the metrics in an evaluation."""
+    import keras
+
+    from classifier.artifact import sha256_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    model = keras.saving.load_model(broken / "model.keras", compile=False)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, np.full_like(bias, np.nan)])
+    model.save(broken / "model.keras")
+    metadata = json.loads((broken / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**metadata, "sha256": sha256_file(broken / "model.keras")}))
+    classifier = Classifier.load(broken)
+    picture = Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    for heatmap in (False, True):
+        with pytest.raises(ModelArtifactError, match="gives probabilities that are not finite numbers"):
+            classifier.predict_images([picture], heatmap=heatmap)
+    with pytest.raises(ModelArtifactError, match="not finite"):  # not the first image named as unreadable
+        evaluate(broken, collection)
+
+
 def test_a_model_keras_cannot_load_or_that_contradicts_model_json_is_refused(
     artifact: Path, tmp_path: Path
 ) -> None:
