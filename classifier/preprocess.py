@@ -896,14 +896,21 @@ def _padding_mask(raw: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[np.
     Padding Value or, with Pixel Padding Range Limit, between the two. ``None`` when there are none.
 
     They stay out of the percentile window and are shown black, as viewers leave them out of their
-    automatic window and do not show them as anatomy."""
+    automatic window and do not show them as anatomy. For signed pixels a value written as US (the VR of
+    unsigned ones) is read as the 16-bit pattern it is: 63536 is -2000."""
     value = _first_number(ds, "PixelPaddingValue")
     if value is None:
         return None
     limit = _first_number(ds, "PixelPaddingRangeLimit")
+    if _header_int(ds, "PixelRepresentation") == 1:
+        value, limit = _as_signed_16(value), None if limit is None else _as_signed_16(limit)
     low, high = (value, value) if limit is None else sorted((value, limit))
     mask = (raw >= low) & (raw <= high)
     return mask if bool(mask.any()) else None
+
+
+def _as_signed_16(number: float) -> float:
+    return number - 65536 if 32768 <= number <= 65535 else number
 
 
 # Where the patient's feet point on screen, by the first (dominant) letter of a Patient Orientation

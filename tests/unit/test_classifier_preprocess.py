@@ -430,6 +430,22 @@ def test_padding_stays_out_of_the_window_and_is_shown_black() -> None:
         dataset_to_gray(everything)
 
 
+def test_a_signed_image_s_padding_value_written_as_us_is_read_as_its_bit_pattern() -> None:
+    """PS3.3 gives Pixel Padding Value the VR of the pixels; writers that keep US for signed ones store -2000
+    as 63536, which missed the padding: it entered the percentile window and shifted the whole image."""
+    pixels = (ramp(12, 64).astype(np.int32) - 1024).astype(np.int16)
+    pixels[:, :16] = -2000
+    expected = None
+    for vr, value in (("SS", -2000), ("US", 63536)):
+        ds = make_dataset(pixels, signed=True)
+        ds.add_new(0x00280120, vr, value)  # Pixel Padding Value
+        ds = pydicom.dcmread(io.BytesIO(_to_bytes(ds)))
+        gray = dataset_to_gray(ds)
+        assert gray[:, :16].max() == 0.0
+        expected = gray if expected is None else expected
+        np.testing.assert_array_equal(gray, expected)
+
+
 def test_padding_is_left_out_of_each_reduced_box() -> None:
     anatomy = np.full((512, 512), 2000, dtype=np.uint16)
     anatomy[::2, ::2] = 0  # a quarter of every 2×2 box is padding
