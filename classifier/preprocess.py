@@ -618,9 +618,18 @@ def _lookup_table(name: str) -> Iterator[None]:
     except (
         ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error
     ) as exc:
-        said = "LUT Data shorter than its LUT Descriptor says" if isinstance(exc, struct.error) else (
-            type(exc).__name__)
-        raise UnsupportedImageError(f"unusable {name}: {said}") from exc
+        raise UnsupportedImageError(f"unusable {name}: {_lut_fault(exc)}") from exc
+
+
+def _lut_fault(exc: BaseException) -> str:
+    """What was wrong with a lookup table, from pydicom's exception: the attribute or the value at fault
+    (the table's content, never the patient's)."""
+    if isinstance(exc, struct.error):
+        return "LUT Data shorter than its LUT Descriptor says"
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], int):  # pydicom's missing tag
+        tag = pydicom.tag.Tag(exc.args[0])
+        return f"{pydicom.datadict.keyword_for_tag(tag) or 'an attribute'} {tag} is missing"
+    return f"{type(exc).__name__}: {str(exc)[:120]}" if str(exc) else type(exc).__name__
 
 
 def _lut_table(
@@ -659,11 +668,15 @@ def _packed_8bit_lut(
     """The table of a LUT of 8-bit entries stored two to a word, as PS3.3 C.11.1.1.1 and C.11.2.1.1 have
     it ("a format equivalent to 8 bits allocated"): OW LUT Data of one byte per entry (and a pad byte for
     an odd count). A big-endian object stores OW as byte-swapped words, so each pair of entries is swapped
-    back (DCMTK's dcm2pnm shows both byte orders alike). None for any other LUT, which pydicom reads; it
-    reads this one as 16-bit words and fails on the short data."""
+    back (DCMTK's dcm2pnm shows both byte orders alike). LUT Data of VR US holds the same words as numbers,
+    the first entry of each pair in the low byte. None for any other LUT, which pydicom reads; it reads
+    this one as 16-bit words and fails on the short data."""
     data = item.get("LUTData")
-    if (int(item.LUTDescriptor[2]) != 8 or not isinstance(data, bytes)
-            or len(data) not in (entries, entries + 1)):
+    if int(item.LUTDescriptor[2]) != 8:
+        return None
+    if isinstance(data, pydicom.multival.MultiValue | list) and len(data) == (entries + 1) // 2 > 1:
+        data, little_endian = np.asarray(data, dtype="<u2").tobytes(), True  # words as numbers: no swap
+    if not isinstance(data, bytes) or len(data) not in (entries, entries + 1):
         return None
     if not little_endian:
         even = len(data) // 2 * 2  # an odd count without its pad byte leaves its last entry unpaired

@@ -719,6 +719,35 @@ def test_a_lut_of_8_bit_entries_stored_two_to_a_word_is_read(entries: int) -> No
         np.testing.assert_allclose(gray[0, ::-1], table / 255.0, atol=1 / 255, err_msg=keyword)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("keyword", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_a_lut_of_8_bit_entries_packed_in_us_words_is_read(keyword: str, syntax: str) -> None:
+    """LUT Data may be US (PS3.3 C.11.2.1.1): two 8-bit entries to a word held as numbers, the first in the
+    low byte, in either byte order of the file. It was refused ("unusable VOI LUT: IndexError")."""
+    table = np.arange(256, dtype=np.uint8)[::-1].copy()
+    table[1::2] = 255 - table[1::2]  # neighbours differ, so a swapped pair shows
+    ds = make_dataset(np.tile(np.arange(256, dtype=np.uint8), (4, 1)), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.add_new(0x00283006, "US", [int(word) for word in table.view("<u2")])
+    if keyword == "ModalityLUTSequence":
+        item.ModalityLUTType = "US"
+        ds.WindowCenter, ds.WindowWidth = 127.5, 256
+    setattr(ds, keyword, [item])
+    ds.file_meta.TransferSyntaxUID = syntax
+    gray = dataset_to_gray(pydicom.dcmread(io.BytesIO(_to_bytes(ds))), min_side=4)
+    np.testing.assert_allclose(gray[0], table / 255.0, atol=1 / 255)
+
+
+def test_a_lookup_table_without_its_data_is_refused_with_the_attribute_named() -> None:
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    ds.VOILUTSequence = [item]
+    with pytest.raises(UnsupportedImageError, match="unusable VOI LUT: .*LUTData"):  # was ": KeyError"
+        dataset_to_gray(ds)
+
+
 @pytest.mark.parametrize("keyword", ["VOILUTSequence", "ModalityLUTSequence"])
 def test_a_lut_of_8_bit_entries_in_a_big_endian_object_is_read_in_its_byte_order(keyword: str) -> None:
     """A big-endian object stores OW LUT Data as byte-swapped words (``dcmconv +tb`` writes these bytes and
