@@ -15,6 +15,7 @@ only the handful of names a state dict needs, so reading a checkpoint never runs
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -28,6 +29,10 @@ import numpy.typing as npt
 from classifier.errors import WeightsUnavailableError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ZIP_START = b"PK\x03\x04"  # a zip file's first local header: how torch.load tells the formats apart
+# Elements of one tensor: a ResNet-152 has 60 M parameters in all. A view with stride 0 over one element
+# could otherwise ask the copy below for terabytes (a 300-byte file asked for 364 TiB).
+MAX_TENSOR_ELEMENTS = 1 << 28
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
@@ -79,6 +84,11 @@ class _Tensor:
             raise WeightsUnavailableError(f"tensor on storage {self.storage.key} has a negative extent")
         if len(self.stride) != len(self.size):
             raise WeightsUnavailableError(f"tensor on storage {self.storage.key}: size and stride disagree")
+        if math.prod(self.size) > MAX_TENSOR_ELEMENTS:
+            raise WeightsUnavailableError(
+                f"tensor on storage {self.storage.key} claims {math.prod(self.size)} elements, more than any "
+                f"backbone layer ({MAX_TENSOR_ELEMENTS})"
+            )
         if 0 in self.size:
             return
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
@@ -88,8 +98,12 @@ class _Tensor:
             )
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> _Tensor:
-    return _Tensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
+    """A tensor as the pickle describes it; arguments of other types than torch writes are refused."""
+    shaped = isinstance(storage, _Storage) and isinstance(size, tuple) and isinstance(stride, tuple)
+    if not shaped or not all(isinstance(n, int) for n in (offset, *size, *stride)):
+        raise WeightsUnavailableError("not a plain state dict: a tensor is not storage, offset, size, stride")
+    return _Tensor(storage, offset, size, stride)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -143,14 +157,20 @@ def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
     if magic != _LEGACY_MAGIC:
         raise WeightsUnavailableError("not a PyTorch checkpoint (bad magic number)")
     _plain_load(stream)  # protocol version
-    _plain_load(stream)  # system info (byte order, type sizes)
+    system = _plain_load(stream)  # byte order, type sizes
+    if isinstance(system, dict) and system.get("little_endian") is False:
+        raise WeightsUnavailableError("a big-endian legacy checkpoint: save it again with torch.save")
     storages: dict[str, _Storage] = {}
     state = _StateDictUnpickler(stream, storages).load()
     keys = _plain_load(stream)
+    if not isinstance(keys, list):
+        raise WeightsUnavailableError("not a PyTorch checkpoint: no list of storage keys")
     for key in keys:
         storage = storages[str(key)]
         count = int(np.frombuffer(stream.read(8), dtype="<i8")[0])
         itemsize = np.dtype(storage.dtype).itemsize
+        if not 0 <= count * itemsize <= len(raw) - stream.tell():
+            raise WeightsUnavailableError(f"storage {storage.key}: {count} elements past the file's end")
         storage.data = np.frombuffer(stream.read(count * itemsize), dtype=storage.dtype, count=count)
     return _to_arrays(state)
 
@@ -164,8 +184,15 @@ def _read_zip(path: Path) -> OrderedDict[str, npt.NDArray[Any]]:
         storages: dict[str, _Storage] = {}
         with archive.open(pickles[0]) as handle:
             state = _StateDictUnpickler(io.BytesIO(handle.read()), storages).load()
+        # torch.save records the byte order of the machine that wrote it (absent in files before 2.1: little)
+        recorded = f"{root}byteorder" in archive.namelist()
+        order = archive.read(f"{root}byteorder").strip() if recorded else b"little"
+        if order not in (b"little", b"big"):
+            raise WeightsUnavailableError(f"{path.name}: unknown byte order {order[:16]!r}")
         for key, storage in storages.items():
-            storage.data = np.frombuffer(archive.read(f"{root}data/{key}"), dtype=storage.dtype)
+            dtype = np.dtype(storage.dtype).newbyteorder("<" if order == b"little" else ">")
+            stored = np.frombuffer(archive.read(f"{root}data/{key}"), dtype=dtype)
+            storage.data = stored.astype(np.dtype(storage.dtype).newbyteorder("="), copy=False)
     return _to_arrays(state)
 
 
@@ -175,8 +202,15 @@ def load_state_dict(path: str | Path) -> OrderedDict[str, npt.NDArray[Any]]:
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file not found: {path}")
     try:
-        if zipfile.is_zipfile(path):
-            return _read_zip(path)
-        return _read_legacy(path.read_bytes())
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, IndexError) as error:
-        raise WeightsUnavailableError(f"{path.name}: unreadable PyTorch checkpoint ({error})") from error
+        with path.open("rb") as handle:
+            zipped = handle.read(4) == _ZIP_START  # not is_zipfile: it finds a zip's end inside any weights
+        return _read_zip(path) if zipped else _read_legacy(path.read_bytes())
+    except (
+        pickle.UnpicklingError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+        OverflowError, NotImplementedError, zipfile.BadZipFile,
+    ) as error:  # fmt: skip
+        # A pickle of the allowed names with the wrong arguments (OrderedDict(5), a storage type called)
+        # or a damaged zip member: the file is not a checkpoint this reader can trust.
+        raise WeightsUnavailableError(
+            f"{path.name}: unreadable PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error

@@ -8,8 +8,13 @@ The fixtures were written by ``torch.save`` of PyTorch 2.13.0 (CPU), once in eac
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
+import sys
+import types
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +90,139 @@ class _OpensAFile:
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         return (open, (self.path, "w"))
+
+
+class _Storage:
+    """What a checkpoint's pickle names as a storage: ("storage", type, key, device, elements)."""
+
+    def __init__(self, kind: type, key: str, elements: int) -> None:
+        self.kind, self.key, self.elements = kind, key, elements
+
+
+class _Tensor:
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (sys.modules["torch._utils"]._rebuild_tensor_v2, self.args)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _Storage):
+            return ("storage", obj.kind, obj.key, "cpu", obj.elements)
+        return None
+
+
+@pytest.fixture
+def torch_names(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Stand-ins for the names torch.save pickles (torch.FloatStorage, torch._utils._rebuild_tensor_v2), so
+    these tests can write checkpoints of any content without PyTorch; removed after each test."""
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    for name in ("FloatStorage", "DoubleStorage"):
+        kind = type(name, (), {})
+        kind.__module__ = "torch"
+        setattr(torch, name, kind)
+
+    def _rebuild_tensor_v2(*args: Any) -> None: ...
+
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+    utils._rebuild_tensor_v2 = _rebuild_tensor_v2  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils)
+    return torch
+
+
+def _zip_checkpoint(path: Path, state: Any, storages: dict[str, bytes], order: bytes = b"little") -> Path:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(state)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", order)
+        for key, data in storages.items():
+            archive.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def _legacy_checkpoint(path: Path, state: Any, storages: dict[str, tuple[int, bytes]]) -> Path:
+    buffer = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(header, buffer, protocol=2)
+    _Pickler(buffer, protocol=2).dump(state)
+    pickle.dump(list(storages), buffer, protocol=2)
+    for count, data in storages.values():
+        buffer.write(struct.pack("<q", count) + data)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_a_checkpoint_written_big_endian_is_read_in_its_byte_order(
+    torch_names: types.ModuleType, tmp_path: Path
+) -> None:
+    """torch.save records the writer's byte order and torch.load swaps; the reader took the bytes as
+    little-endian and loaded 0, 4.6e-41, 9.0e-44, ... for arange(6) without a word."""
+    values = np.arange(6, dtype=np.float32)
+    state = OrderedDict(w=_Tensor(_Storage(torch_names.FloatStorage, "0", 6), 0, (2, 3), (3, 1), False, {}))
+    path = _zip_checkpoint(tmp_path / "big.pt", state, {"0": values.astype(">f4").tobytes()}, order=b"big")
+    loaded = load_state_dict(path)["w"]
+    np.testing.assert_array_equal(loaded, values.reshape(2, 3))
+    assert loaded.dtype == np.float32 and loaded.dtype.isnative
+
+
+def test_a_legacy_checkpoint_holding_a_zip_signature_in_its_weights_is_read(
+    torch_names: types.ModuleType, tmp_path: Path
+) -> None:
+    """zipfile.is_zipfile looks for a zip's end anywhere in the last 64 KiB: weights holding those four
+    bytes made a legacy file a zip, refused. torch.load, like the reader now, goes by the first bytes."""
+    data = bytearray(np.zeros(64, dtype="<f4").tobytes())
+    data[100:104] = b"PK\x05\x06"
+    state = OrderedDict(w=_Tensor(_Storage(torch_names.FloatStorage, "0", 64), 0, (64,), (1,), False, {}))
+    path = _legacy_checkpoint(tmp_path / "legacy.pt", state, {"0": (64, bytes(data))})
+    np.testing.assert_array_equal(load_state_dict(path)["w"], np.frombuffer(bytes(data), dtype="<f4"))
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("storage-is-a-number", "a tensor is not storage, offset, size, stride"),
+        ("size-is-a-number", "a tensor is not storage, offset, size, stride"),
+        ("stride-0-view-of-10^14", "claims 100000000000000 elements"),  # a 364 TiB copy
+        ("ordered-dict-of-a-number", "unreadable PyTorch checkpoint .TypeError"),
+        ("legacy-count-past-the-end", "elements past the file's end"),
+        ("bad-crc", "unreadable PyTorch checkpoint .BadZipFile"),
+    ],
+)
+def test_a_malformed_checkpoint_is_a_weights_error_not_a_crash(
+    torch_names: types.ModuleType, tmp_path: Path, case: str, reason: str
+) -> None:
+    """Each of these escaped as AttributeError, TypeError, MemoryError, OverflowError or BadZipFile."""
+    kind, one = torch_names.FloatStorage, np.ones(6, dtype="<f4").tobytes()
+    good = _Tensor(_Storage(kind, "0", 6), 0, (6,), (1,), False, {})
+    tensor = {
+        "storage-is-a-number": _Tensor(5, 0, (6,), (1,), False, {}),
+        "size-is-a-number": _Tensor(_Storage(kind, "0", 6), 0, 6, (1,), False, {}),
+        "stride-0-view-of-10^14": _Tensor(_Storage(kind, "0", 6), 0, (10**7, 10**7), (0, 0), False, {}),
+    }
+    path = tmp_path / "bad.pt"
+    if case in tensor:
+        _zip_checkpoint(path, OrderedDict(w=tensor[case]), {"0": one})
+    elif case == "ordered-dict-of-a-number":
+        _zip_checkpoint(path, _OrderedDictOf(5), {})
+    elif case == "legacy-count-past-the-end":
+        _legacy_checkpoint(path, OrderedDict(w=good), {"0": (2**62, one)})
+    else:
+        whole = _zip_checkpoint(tmp_path / "good.pt", OrderedDict(w=good), {"0": one})
+        np.testing.assert_array_equal(load_state_dict(whole)["w"], np.ones(6, dtype=np.float32))
+        flipped = bytearray(whole.read_bytes())
+        flipped[flipped.index(one) + 2] ^= 0xFF  # inside the stored (uncompressed) storage member
+        path.write_bytes(bytes(flipped))
+    with pytest.raises(WeightsUnavailableError, match=reason):
+        load_state_dict(path)
+
+
+class _OrderedDictOf:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (OrderedDict, (self.value,))
