@@ -125,15 +125,20 @@ class FeatureDensity:
                     means=data["means"].astype(np.float64),
                     basis=data["basis"].astype(np.float64),
                     weights=data["weights"].astype(np.float64),
-                    isotropic=float(data["isotropic"]),
+                    isotropic=float(data["isotropic"].item()),  # one number, not an array of one
                 )
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+            # TypeError, AttributeError: a .npy array saved under the name, not an archive of arrays
             raise ModelArtifactError(f"{path.name} is not a feature density: {type(exc).__name__}") from exc
-        if density.basis.shape != (density.means.shape[1], len(density.weights)) or density.isotropic <= 0:
+        means, basis, weights = density.means, density.basis, density.weights
+        if means.ndim != 2 or weights.ndim != 1 or basis.shape != (means.shape[1], len(weights)):
             raise ModelArtifactError(f"{path.name} has inconsistent shapes")
-        arrays = (density.means, density.basis, density.weights, np.float64(density.isotropic))
+        arrays = (means, basis, weights, np.float64(density.isotropic))
         if not all(np.isfinite(array).all() for array in arrays):  # NaN scores: no image ever unfamiliar
             raise ModelArtifactError(f"{path.name} holds values that are not finite numbers")
+        if density.isotropic <= 0 or not np.all((weights >= 0) & (weights < 1)):
+            # a weight of 1 or more made distances negative: no image was ever unfamiliar
+            raise ModelArtifactError(f"{path.name}: the variance kept is not positive in every direction")
         return density
 
 
@@ -201,10 +206,10 @@ class LinearProbe:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key].astype(np.float64) for key in ("mean", "scale", "weights", "bias")}
             probe = cls(**arrays)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
             raise ModelArtifactError(f"{path.name} is not a feature probe: {type(exc).__name__}") from exc
-        d = len(probe.mean)
-        if probe.scale.shape != (d,) or probe.weights.shape != (d, classes) or probe.bias.shape != (classes,):
+        d = len(probe.mean) if probe.mean.ndim == 1 else -1
+        if d < 0 or probe.scale.shape != (d,) or probe.weights.shape != (d, classes) or probe.bias.shape != (classes,):
             raise ModelArtifactError(f"{path.name} has inconsistent shapes (expected {classes} classes)")
         if not np.all(probe.scale > 0):
             raise ModelArtifactError(f"{path.name} has a non-positive feature scale")
@@ -353,7 +358,10 @@ def _recorded_file(folder: Path, record: Mapping[str, Any], default: str) -> Pat
     """A file model.json names, checked against the sha256 recorded with it."""
     from classifier.artifact import sha256_file
 
-    path = Path(folder) / str(record.get("file", default))
+    name = str(record.get("file", default))
+    if Path(name).name != name or name in ("", ".", ".."):  # the artifact is one self-contained folder
+        raise ModelArtifactError(f"model.json names {name!r} for its checks: not a file name in {folder}")
+    path = Path(folder) / name
     if not path.is_file():
         raise ModelArtifactError(f"model.json names {path.name}, which is not in {folder}")
     if not record.get("sha256"):  # fit_novelty records it; without it a swapped file would go unnoticed

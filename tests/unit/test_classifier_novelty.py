@@ -93,6 +93,43 @@ def test_the_density_round_trips_and_a_changed_file_is_refused(tmp_path: Path) -
         NoveltyCheck.load(tmp_path, {**record, "file": "elsewhere.npz"})
 
 
+def test_a_check_file_that_does_not_hold_a_fitted_check_is_refused(tmp_path: Path) -> None:
+    """Files whose sha256 was recorded anew (as a re-fit does) but whose content no fit writes: weights of 1
+    or more made every distance negative, so no image was ever unfamiliar; a column of weights gave N×N
+    ratios; a .npy array or a 1-D mean raised TypeError or IndexError instead of a model error; and a file
+    outside the artifact folder was read."""
+    features, labels = _features()
+    density = fit_density(features, labels, rank=6)
+    broken = {
+        "weights-of-one-or-more": replace(density, weights=density.weights + 1.0),
+        "a-column-of-weights": replace(density, weights=density.weights[:, None]),
+        "one-dimensional-means": replace(density, means=density.means[0]),
+    }
+    for name, changed in broken.items():
+        changed.save(tmp_path / f"{name}.npz")
+        with pytest.raises(ModelArtifactError, match="inconsistent shapes|not positive in every direction"):
+            FeatureDensity.load(tmp_path / f"{name}.npz")
+    with (tmp_path / "array.npz").open("wb") as handle:
+        np.save(handle, density.means)  # an array, not an archive of arrays, under the archive's name
+    with pytest.raises(ModelArtifactError, match="is not a feature density"):
+        FeatureDensity.load(tmp_path / "array.npz")
+    probe = fit_probe(features, labels, 2)
+    replace(probe, mean=probe.mean[:, None]).save(tmp_path / "probe.npz")
+    with pytest.raises(ModelArtifactError, match="inconsistent shapes"):
+        LinearProbe.load(tmp_path / "probe.npz", 2)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    density.save(outside / NOVELTY_FILE)
+    from classifier.artifact import sha256_file
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    for name in (str(outside / NOVELTY_FILE), f"../elsewhere/{NOVELTY_FILE}"):
+        record = {"file": name, "sha256": sha256_file(outside / NOVELTY_FILE), "threshold": 2.0}
+        with pytest.raises(ModelArtifactError, match="not a file name in"):
+            NoveltyCheck.load(artifact, record)
+
+
 def test_fitting_an_artifact_records_the_check_and_predictions_carry_it(
     collection: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
