@@ -146,6 +146,18 @@ class Architecture:
     gradcam_layer: str = GRADCAM_LAYER  # last spatial feature map, recorded in model.json for Grad-CAM
     description: str = ""
     pretrained: bool = False  # starts from ImageNet weights unless the caller gives a weights file
+    # where ``weights`` ("imagenet" or a file) are on this machine; raises WeightsUnavailableError
+    weights_locator: Callable[[str | Path], Path] = field(
+        default=lambda weights: _weights_path(weights), repr=False
+    )
+
+    def check_weights(self, weights: str | Path | None = DEFAULT_WEIGHTS) -> None:
+        """The :class:`WeightsUnavailableError` that :meth:`build` would raise, raised now: before the
+        images are read and other networks trained, not after."""
+        if isinstance(weights, str) and weights == DEFAULT_WEIGHTS:
+            weights = "imagenet" if self.pretrained else None
+        if weights is not None:
+            self.weights_locator(weights)
 
     def build(
         self,
@@ -288,6 +300,11 @@ def build_resnet152_transfer(
         num_classes, activation="softmax", kernel_regularizer=regularizers.l2(1e-3), name="predictions"
     )(x)
     return keras.Model(inputs, outputs, name="resnet152_transfer")
+
+
+def _lite_weights(number: int, weights: str | Path) -> Path:
+    """:func:`lite_weights_path` of the variant as the builder reads it: at the call."""
+    return lite_weights_path(LITE_VARIANTS[number], weights)
 
 
 def lite_weights_path(variant: LiteVariant, weights: str | Path) -> Path:
@@ -515,6 +532,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
         ),
         builder=build_resnet152_transfer,
         pretrained=True,
+        weights_locator=resnet152_weights_path,
         description="Nie et al. (seed 003) ImageNet ResNet-152 transfer model, two-stage fine-tuning",
     ),
     "cxr-compact": Architecture(
@@ -535,6 +553,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
             ),
             builder=partial(build_efficientnet_lite_transfer, number),
             pretrained=True,
+            weights_locator=partial(_lite_weights, number),
             description=f"ImageNet EfficientNet-Lite{number} fine-tuned on equalised, border-cropped 224 px "
             "grey images",
         )
@@ -543,6 +562,7 @@ _ARCHITECTURES: dict[str, Architecture] = {
 }
 
 DEFAULT_ARCHITECTURE = "cxr-compact"
+MAX_SEED = 2**32 - 1  # seeds are 0 to this, as Keras and NumPy take them
 MIN_INPUT_SIZE = 32  # the smallest input side that every architecture's downsampling leaves a feature map of
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from classifier.architectures import (
     DEFAULT_ARCHITECTURE,
+    MAX_SEED,
     MIN_INPUT_SIZE,
     architecture_names,
     get_architecture,
@@ -55,9 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="held out by patient group (default: the recipe's: 0.1 for sugandi-cnn and 0.15 for "
         "resnet152-transfer, as their papers; 0.2 for the others)",
     )
-    train.add_argument("--seed", type=int, default=42, help="weights, shuffling and augmentation")
+    train.add_argument("--seed", type=_seed, default=42, help="weights, shuffling and augmentation")
     train.add_argument(
-        "--split-seed", type=int, help="seed of the group-aware train/validation split (default: --seed)"
+        "--split-seed", type=_seed, help="seed of the group-aware train/validation split (default: --seed)"
     )
     train.add_argument(
         "--fold", type=_fold, metavar="I/K",
@@ -111,12 +112,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
     train.add_argument(
-        "--seeds", type=lambda text: [int(part) for part in text.split(",")],
+        "--seeds", type=_seed_list,
         help="comma-separated member seeds (instead of --members); the split is --split-seed or the first",
     )
     _relabel_option(train, "train on")
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
-    train.add_argument("--steps-per-epoch", type=_at_least(1), help="cap the steps per epoch (smoke runs)")
+    train.add_argument(
+        "--steps-per-epoch", type=_at_least(1),
+        help="batches per epoch instead of one pass over the training images (smoke runs)",
+    )  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _novelty_switch(train)
     train.set_defaults(func=_train)
@@ -134,13 +138,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--fold", type=_fold, metavar="I/K",
         help="train only on the images outside fold I of the classifier's K-fold split; report Dice on fold I",
     )
-    lungs.add_argument("--split-seed", type=int, default=42, help="the classifier split's seed (with --fold)")
+    lungs.add_argument(
+        "--split-seed", type=_seed, default=42, help="the classifier split's seed (with --fold)"
+    )
     lungs.add_argument(
         "--validation-fraction", type=_fraction, default=0.2, help="held out for the Dice figure"
     )
     lungs.add_argument("--epochs", type=_at_least(1), default=120)
     lungs.add_argument("--batch-size", type=_at_least(1), default=8)
-    lungs.add_argument("--seed", type=int, default=42)
+    lungs.add_argument("--seed", type=_seed, default=42)
     lungs.add_argument("--version", help="version string (default: lungs-unet-DATE)")
     lungs.set_defaults(func=_train_lungs)
 
@@ -267,6 +273,19 @@ def _architectures(text: str) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError("name each architecture once")
     return names
+
+
+def _seed(text: str) -> int:
+    """argparse type: a random seed, 0 to 2^32 - 1 as Keras and NumPy take it (a negative one was a raw
+    ValueError from Keras after the output folder was made)."""
+    value = _at_least(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_SEED}")
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    return [_seed(part.strip()) for part in text.split(",")]
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from classifier import plots
-from classifier.architectures import GRADCAM_LAYER, get_architecture
+from classifier.architectures import DEFAULT_WEIGHTS, GRADCAM_LAYER, get_architecture
 from classifier.artifact import (
     MODEL_FILE,
     ArtifactMetadata,
@@ -45,7 +45,7 @@ from classifier.artifact import (
 from classifier.dataset import label_indices, load_collection, load_grays, split_from_record
 from classifier.errors import EnsembleError, OptionError
 from classifier.metrics import classification_report
-from classifier.preprocess import finish_gray, normalisation_change
+from classifier.preprocess import PreprocessSpec, finish_gray, normalisation_change
 
 if TYPE_CHECKING:
     from classifier.training import TrainingConfig
@@ -177,15 +177,12 @@ def build_ensemble(
     writable_folder(output)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
-    shared = (first.classes, first.preprocess, first.lungs, _unprinted(first))
     for meta in metas[1:]:
-        comparable = replace(meta.preprocess, normalisation=first.preprocess.normalisation)
-        if (meta.classes, comparable, meta.lungs, _unprinted(meta)) != shared:
-            raise EnsembleError("ensemble members must share classes, preprocessing, lung model and split")
-        try:
-            normalisation_change(first.preprocess.normalisation, meta.preprocess.normalisation)
-        except ValueError as exc:
-            raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
+        if (meta.classes, meta.lungs, _unprinted(meta)) != (first.classes, first.lungs, _unprinted(first)):
+            raise EnsembleError("ensemble members must share classes, lung model and split")
+    _check_preprocessing([meta.preprocess for meta in metas])
+    if len({meta.sha256 for meta in metas}) != len(metas):  # "2 members" that are one network
+        raise EnsembleError("ensemble members must be different networks: one is given twice")
     printed, split = _printed_split(member_folders, metas)
     _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
     members = [load_keras_file(folder / MODEL_FILE, EnsembleError) for folder in member_folders]
@@ -235,6 +232,38 @@ def build_ensemble(
     return metadata
 
 
+def check_mergeable(configs: Sequence[TrainingConfig]) -> None:
+    """What would stop the merge once every member had trained (and their folders were gone), checked
+    before the first one trains: each member's weights are on the machine, the members share their
+    preprocessing, and their untrained networks merge (a head that ends in pooling, feature maps that tile
+    at this input size, input normalisations that convert)."""
+    architectures = [get_architecture(member.architecture) for member in configs]
+    for architecture, member in zip(architectures, configs, strict=True):
+        architecture.check_weights(DEFAULT_WEIGHTS if member.weights is None else member.weights)
+    specs = [member.preprocess_for(get_architecture(member.architecture)) for member in configs]
+    _check_preprocessing(specs)
+    untrained = [
+        architecture.build(2, weights=None, input_size=spec.input_size)
+        for architecture, spec in zip(architectures, specs, strict=True)
+    ]
+    try:
+        merge_members(untrained, [spec.normalisation for spec in specs])
+    except ValueError as exc:
+        raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
+
+
+def _check_preprocessing(specs: Sequence[PreprocessSpec]) -> None:
+    """Members read their images alike: the same preprocessing but for an input scale one converts."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if replace(spec, normalisation=first.normalisation) != first:
+            raise EnsembleError("ensemble members must share their preprocessing (input size, crops, lungs)")
+        try:
+            normalisation_change(first.normalisation, spec.normalisation)
+        except ValueError as exc:
+            raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
+
+
 def train_ensemble(
     config: TrainingConfig,
     seeds: Sequence[int],
@@ -244,7 +273,7 @@ def train_ensemble(
     """Train one member per seed — or, with ``architectures``, one member per architecture, each with its
     own recipe and ``config.seed`` — on one split (that of ``config.split_seed``, default
     ``config.seed``) and merge them into ``config.output``; the members' own folders are not kept."""
-    from classifier.training import train  # TensorFlow and the augmentation: not for merging alone
+    from classifier.training import shared_lung_model, train  # TensorFlow, augmentation: not for merging
 
     if architectures:
         members = [(architecture, config.seed) for architecture in architectures]
@@ -257,13 +286,23 @@ def train_ensemble(
     fraction = config.held_out_fraction(get_architecture(members[0][0]).recipe)
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))
     try:
-        folders = []
-        for number, (architecture, seed) in enumerate(members, start=1):
-            LOGGER.info("ensemble member %d of %d (%s, seed %d)", number, len(members), architecture, seed)
-            member = replace(
+        configs = [
+            replace(
                 config, architecture=architecture, output=scratch / f"{number}-{architecture}-seed{seed}",
                 seed=seed, split_seed=config.drawn_split_seed, validation_fraction=fraction,
                 version=f"{config.version or 'member'}-{architecture}-seed{seed}",
+            )  # fmt: skip
+            for number, (architecture, seed) in enumerate(members, start=1)
+        ]
+        check_mergeable(configs)
+        if config.lung_masks is not None:  # one U-Net for all: the merge needs the members to share it
+            lungs = shared_lung_model(configs[0], scratch / "lungs")
+            configs = [replace(member, lung_masks=None, lung_model=lungs) for member in configs]
+        folders = []
+        for number, member in enumerate(configs, start=1):
+            LOGGER.info(
+                "ensemble member %d of %d (%s, seed %d)",
+                number, len(configs), member.architecture, member.seed,
             )  # fmt: skip
             folders.append(train(member, argv=argv).folder)
         return build_ensemble(folders, Path(config.output), Path(config.data), version=config.version, argv=argv)

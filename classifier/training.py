@@ -23,6 +23,7 @@ import numpy.typing as npt
 from classifier import plots
 from classifier.architectures import (
     DEFAULT_WEIGHTS,
+    MAX_SEED,
     MIN_INPUT_SIZE,
     Architecture,
     Recipe,
@@ -54,7 +55,7 @@ from classifier.dataset import (
 from classifier.errors import OptionError
 from classifier.lungs import LungCropper, train_lung_model_on_split
 from classifier.metrics import classification_report
-from classifier.preprocess import finish_gray
+from classifier.preprocess import PreprocessSpec, finish_gray
 
 LOGGER = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class TrainingConfig:
         for name, count in counts.items():
             if count is not None and count < 1:  # 0 epochs wrote an untrained model as if trained
                 raise OptionError(f"the {name} must be at least 1, not {count}")
+        for name, seed in (("seed", self.seed), ("split seed", self.split_seed)):
+            if seed is not None and not 0 <= seed <= MAX_SEED:  # Keras' and NumPy's range
+                raise OptionError(f"the {name} must be 0 to {MAX_SEED}, not {seed}")
         if self.input_size is not None and self.input_size < MIN_INPUT_SIZE:
             raise OptionError(f"the input size is at least {MIN_INPUT_SIZE} pixels, not {self.input_size}")
         if self.centre_crop is not None and not 0.3 <= self.centre_crop <= 1.0:
@@ -112,6 +116,26 @@ class TrainingConfig:
     def held_out_fraction(self, recipe: Recipe) -> float:
         """The fraction held out by patient group: the one given, else the recipe's (its paper's)."""
         return recipe.validation_fraction if self.validation_fraction is None else self.validation_fraction
+
+    def preprocess_for(self, architecture: Architecture) -> PreprocessSpec:
+        """The architecture's preprocessing with this run's centre crop and input size."""
+        spec = architecture.preprocess
+        if self.centre_crop is not None:
+            spec = replace(spec, centre_crop=self.centre_crop)
+        if self.input_size is not None:
+            spec = replace(spec, input_size=(self.input_size, self.input_size))
+        return spec
+
+    def split_record(self, recipe: Recipe) -> dict[str, Any]:
+        """The ``split`` entry of model.json this run draws its train/validation split by."""
+        split: dict[str, Any] = {"by": "group", "seed": self.drawn_split_seed}
+        if self.fold is None:
+            split["validation_fraction"] = self.held_out_fraction(recipe)
+        else:
+            split.update(fold=self.fold, folds=self.folds)
+        if mapping := fold_relabel(self.relabel or {}):
+            split["relabel"] = mapping
+        return split
 
 
 @dataclass(frozen=True)
@@ -305,16 +329,33 @@ def _labels(items: Sequence[LabelledImage], classes: Sequence[str]) -> npt.NDArr
     return np.array([index[item.label] for item in items], dtype=np.int64)
 
 
+def shared_lung_model(config: TrainingConfig, folder: Path) -> Path:
+    """The lung U-Net of ``config.lung_masks``, trained into ``folder`` on the training side of the split
+    that ``config`` draws: one for every member of an ensemble (each member trained its own, whose sha256
+    differed, and the merge then refused them all after they had trained)."""
+    recipe = _recipe(get_architecture(config.architecture), config)
+    train_items, val_items = draw_split(load_collection(config.data), config.split_record(recipe))
+    _lung_model(config, train_items, val_items, into=folder)
+    return folder
+
+
 def _lung_model(
-    config: TrainingConfig, train_items: Sequence[LabelledImage], val_items: Sequence[LabelledImage]
+    config: TrainingConfig,
+    train_items: Sequence[LabelledImage],
+    val_items: Sequence[LabelledImage],
+    into: Path | None = None,
 ) -> tuple[LungCropper | None, Path | None]:
     """The lung U-Net to crop with, and its folder: given (``lung_model``), trained here on the training
-    split's masked images into OUTPUT/lungs (``lung_masks``; Dice on the validation split's), or none."""
+    split's masked images into ``into`` or OUTPUT/lungs (``lung_masks``; Dice on the validation split's), or
+    none."""
     if config.lung_model is None and config.lung_masks is None:
         return None, None
     if config.lung_model is not None and config.lung_masks is not None:
         raise ValueError("give a lung model or lung masks to train one, not both")
-    folder = Path(config.lung_model) if config.lung_model is not None else Path(config.output) / "lungs"
+    if config.lung_model is not None:
+        folder = Path(config.lung_model)
+    else:
+        folder = into or Path(config.output) / "lungs"
     if config.lung_masks is not None:
         metadata, trained, _ = train_lung_model_on_split(
             config.data, Path(config.lung_masks), train_items, val_items, folder,
@@ -336,13 +377,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             raise OptionError(f"{architecture.name} stops early: weight averaging needs fixed epochs")
         if config.average_last > recipe.epochs:
             raise OptionError(f"cannot average the last {config.average_last} of {recipe.epochs} epochs")
-    spec = architecture.preprocess
-    if config.centre_crop is not None:
-        spec = replace(spec, centre_crop=config.centre_crop)
-    if config.input_size is not None:
-        spec = replace(spec, input_size=(config.input_size, config.input_size))
+    spec = config.preprocess_for(architecture)
     augmentation = get_augmentation(recipe.augmentation)
     writable_folder(config.output)  # before an hour of training, not after it
+    architecture.check_weights(DEFAULT_WEIGHTS if config.weights is None else config.weights)  # likewise
 
     items = load_collection(config.data)
     mapping = fold_relabel(config.relabel or {})
@@ -351,13 +389,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     classes = class_names(relabel(items, mapping))
     if len(classes) < 2:
         raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
-    split: dict[str, Any] = {"by": "group", "seed": config.drawn_split_seed}
-    if config.fold is None:
-        split["validation_fraction"] = recipe.validation_fraction
-    else:
-        split.update(fold=config.fold, folds=config.folds)
-    if mapping:
-        split["relabel"] = mapping
+    split = config.split_record(recipe)
     train_items, val_items = draw_split(items, split)
     trained = np.bincount(_labels(train_items, classes), minlength=len(classes))
     if absent := [name for name, count in zip(classes, trained, strict=True) if not count]:
@@ -526,6 +558,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             },
             "seed": config.seed,
             "epochs_run": len(timer.durations),
+            "steps_per_epoch": steps_per_epoch,  # batches an epoch: one pass, or what --steps-per-epoch set
             "best_epoch": best.best_epoch if recipe.keep_best and averaged is None else len(timer.durations),
             "averaged_epochs": averaged,
             "seconds_per_epoch": round(seconds_per_epoch, 2),

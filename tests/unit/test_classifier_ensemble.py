@@ -160,3 +160,55 @@ def test_cli_trains_one_member_per_architecture_on_one_split(
         cli.main([*argv, "--seeds", "1,2"])
     with pytest.raises(SystemExit):
         cli.main(["train", str(collection), str(output), "-a", "cxr-compact,cxr-compact"])
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["-a", "sugandi-cnn", "--seeds", "1,2"], "has no 'gradcam_features'/'predictions' layers"),
+        (["-a", "cxr-compact,sugandi-cnn"], "must share their preprocessing"),
+        (["-a", "cxr-compact,efficientnet-lite0-transfer", "--input-size", "48"], "do not tile"),
+        (["-a", "cxr-compact,resnet152-transfer"], "ImageNet ResNet-152 weights are not on this machine"),
+    ],
+    ids=["seed-cnn-head", "preprocessing", "feature-maps", "weights"],
+)
+def test_an_ensemble_that_cannot_merge_is_refused_before_any_member_trains(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    options: list[str], reason: str,
+) -> None:
+    """Each was refused only after every member had trained (hours with ResNet-152), and the trained
+    members were then deleted with the scratch folder."""
+    from classifier import training
+    from classifier.architectures import build_efficientnet_lite_transfer
+
+    def trained(*_: object, **__: object) -> None:
+        raise AssertionError("a member trained before the ensemble was checked")
+
+    monkeypatch.setattr(training, "train", trained)
+    backbone = tmp_path / "backbone.weights.h5"  # Lite0's ImageNet weights file, as far as the check goes
+    build_efficientnet_lite_transfer(0, num_classes=2, input_size=(64, 64), weights=None).save_weights(backbone)
+    monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no ResNet-152 weights there
+    monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
+    argv = ["train", str(collection), str(tmp_path / "out"), *options, "--epochs", "1", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_one_network_given_twice_is_not_an_ensemble(
+    collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cxr-node ensemble OUT A A`` (or A and a copy of it) wrote "2 members merged", two member records
+    and twice the parameters of what is one network."""
+    single = tmp_path / "single"
+    assert cli.main(["train", str(collection), str(single), "--epochs", "1", "--steps-per-epoch", "1",
+                     "--batch-size", "4", "--no-progress", "--no-novelty"]) == 0  # fmt: skip
+    training = json.loads((single / "model.json").read_text())["training"]
+    assert training["steps_per_epoch"] == 1  # what --steps-per-epoch set is in model.json, not only argv
+    copy = tmp_path / "copy"
+    shutil.copytree(single, copy)
+    capsys.readouterr()
+    for members in ([single, single], [single, copy]):
+        argv = ["ensemble", str(tmp_path / "pair"), *map(str, members), "--data", str(collection)]
+        assert cli.main(argv) == 2
+        assert "one is given twice" in capsys.readouterr().err

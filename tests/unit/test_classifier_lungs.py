@@ -308,3 +308,21 @@ def test_a_merged_ensemble_ships_the_members_lung_model(
     assert (output / "lungs" / LUNG_META_FILE).read_bytes() == (lung_model / LUNG_META_FILE).read_bytes()
     classifier = Classifier.load(output)
     assert classifier.spec.lung_crop and classifier.lungs is not None
+
+
+def test_an_ensemble_trained_with_lung_masks_trains_one_lung_model_for_all_its_members(
+    masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Each member trained its own U-Net, whose sha256 differed (Keras records the time it saved), so the
+    merge refused the members once they had all trained."""
+    data, masks = masked_collection
+    output = tmp_path / "ensemble"
+    command = ["train", str(data), str(output), "--input-size", "64", "--epochs", "1", "--batch-size", "4",
+               "--steps-per-epoch", "1", "--seeds", "1,2", "--no-progress", "--no-novelty",
+               "--lung-masks", str(masks), "--lung-epochs", "2"]  # fmt: skip
+    assert cli.main(command) == 0
+    lungs = json.loads((output / "lungs" / LUNG_META_FILE).read_text())
+    model = json.loads((output / "model.json").read_text())
+    assert model["lungs"]["sha256"] == lungs["sha256"]
+    assert lungs["validation"]["images"] == model["data"]["validation"]["images"]  # the members' split
+    assert Classifier.load(output).lungs is not None

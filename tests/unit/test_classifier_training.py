@@ -1094,6 +1094,9 @@ def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
         ([*train_argv, "--average-last", "0"], "--average-last: 0 is less than 1"),
         ([*train_argv, "--validation-fraction", "1"], "--validation-fraction: '1' is not a number in (0, 1)"),
         ([*train_argv, "--centre-crop", "0.1"], "--centre-crop: '0.1' is not a number in [0.3, 1]"),
+        ([*train_argv, "--seed", "-1"], "--seed: -1 is less than 0"),  # Keras' raw ValueError, exit 1
+        ([*train_argv, "--split-seed", str(2**32)], f"--split-seed: {2**32} is more than {2**32 - 1}"),
+        ([*train_argv, "--seeds", "1,-2"], "--seeds: -2 is less than 0"),
         (["novelty", str(artifact), data, "--rank", "0"], "--rank: 0 is less than 1"),
         (["novelty", str(artifact), data, "--quantile", "1"], "--quantile: '1' is not a number in [0.5, 1)"),
     ):
@@ -1103,7 +1106,8 @@ def test_counts_and_fractions_out_of_range_are_refused_before_anything_runs(
     assert not output.exists()
     config = TrainingConfig(architecture="cxr-compact", data=collection, output=output)
     for changed, reason in (({"epochs": 0}, "the epochs must be at least 1, not 0"),
-                            ({"batch_size": -4}, "the batch size must be at least 1, not -4")):  # fmt: skip
+                            ({"batch_size": -4}, "the batch size must be at least 1, not -4"),
+                            ({"seed": -1}, "the seed must be 0 to 4294967295, not -1")):  # fmt: skip
         with pytest.raises(OptionError, match=reason):
             replace(config, **changed)
 
@@ -1155,6 +1159,25 @@ def test_transfer_architecture_trains_from_a_weights_file_and_never_from_random(
     prediction = classifier.predict_images([Image.open(collection / "dark" / "0.png")])[0]
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
+
+
+def test_absent_imagenet_weights_stop_training_before_the_images_are_read(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights were looked up when the network was built, after every image had been read (and a lung
+    U-Net trained, with --lung-masks)."""
+    from classifier import training
+    from classifier.errors import WeightsUnavailableError
+
+    def read(*_: object, **__: object) -> None:
+        raise AssertionError("images read before the weights were looked up")
+
+    monkeypatch.setattr(training, "load_grays", read)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
+    config = TrainingConfig(architecture="resnet152-transfer", data=collection, output=tmp_path / "m", epochs=1)
+    with pytest.raises(WeightsUnavailableError, match="ResNet-152 weights are not on this machine"):
+        train(config)
 
 
 def test_the_seed_003_stages_stop_early_on_a_flat_validation_loss(
