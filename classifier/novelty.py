@@ -209,7 +209,8 @@ class LinearProbe:
         except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
             raise ModelArtifactError(f"{path.name} is not a feature probe: {type(exc).__name__}") from exc
         d = len(probe.mean) if probe.mean.ndim == 1 else -1
-        if d < 0 or probe.scale.shape != (d,) or probe.weights.shape != (d, classes) or probe.bias.shape != (classes,):
+        shapes = (probe.scale.shape, probe.weights.shape, probe.bias.shape)
+        if d < 0 or shapes != ((d,), (d, classes), (classes,)):
             raise ModelArtifactError(f"{path.name} has inconsistent shapes (expected {classes} classes)")
         if not np.all(probe.scale > 0):
             raise ModelArtifactError(f"{path.name} has a non-positive feature scale")

@@ -186,7 +186,8 @@ def test_an_ensemble_that_cannot_merge_is_refused_before_any_member_trains(
 
     monkeypatch.setattr(training, "train", trained)
     backbone = tmp_path / "backbone.weights.h5"  # Lite0's ImageNet weights file, as far as the check goes
-    build_efficientnet_lite_transfer(0, num_classes=2, input_size=(64, 64), weights=None).save_weights(backbone)
+    untrained = build_efficientnet_lite_transfer(0, num_classes=2, input_size=(64, 64), weights=None)
+    untrained.save_weights(backbone)
     monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(backbone))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no ResNet-152 weights there
     monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
