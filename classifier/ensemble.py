@@ -181,10 +181,10 @@ def build_ensemble(
         if (meta.classes, meta.lungs, _unprinted(meta)) != (first.classes, first.lungs, _unprinted(first)):
             raise EnsembleError("ensemble members must share classes, lung model and split")
     _check_preprocessing([meta.preprocess for meta in metas])
-    if len({meta.sha256 for meta in metas}) != len(metas):  # "2 members" that are one network
-        raise EnsembleError("ensemble members must be different networks: one is given twice")
     printed, split = _printed_split(member_folders, metas)
     _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
+    if len({meta.sha256 for meta in metas}) != len(metas):  # "2 members" that are one network
+        raise EnsembleError("ensemble members must be different networks: one is given twice")
     members = [load_keras_file(folder / MODEL_FILE, EnsembleError) for folder in member_folders]
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
     model = merge_members(
