@@ -237,17 +237,21 @@ def check_mergeable(configs: Sequence[TrainingConfig]) -> None:
     before the first one trains: each member's weights are on the machine, the members share their
     preprocessing, and their untrained networks merge (a head that ends in pooling, feature maps that tile
     at this input size, input normalisations that convert)."""
-    architectures = [get_architecture(member.architecture) for member in configs]
-    for architecture, member in zip(architectures, configs, strict=True):
-        architecture.check_weights(DEFAULT_WEIGHTS if member.weights is None else member.weights)
-    specs = [member.preprocess_for(get_architecture(member.architecture)) for member in configs]
-    _check_preprocessing(specs)
-    untrained = [
-        architecture.build(2, weights=None, input_size=spec.input_size)
-        for architecture, spec in zip(architectures, specs, strict=True)
-    ]
+    architectures = {member.architecture: get_architecture(member.architecture) for member in configs}
+    for member in configs:
+        architectures[member.architecture].check_weights(
+            DEFAULT_WEIGHTS if member.weights is None else member.weights
+        )
+    specs = [member.preprocess_for(architectures[member.architecture]) for member in configs]
+    _check_preprocessing(specs)  # so one input size for all
+    # one untrained network per architecture: members of one architecture (seeds) merge as one does twice
+    untrained = {
+        name: architecture.build(2, weights=None, input_size=specs[0].input_size)
+        for name, architecture in architectures.items()
+    }
     try:
-        merge_members(untrained, [spec.normalisation for spec in specs])
+        networks = [untrained[member.architecture] for member in configs]
+        merge_members(networks, [spec.normalisation for spec in specs])
     except ValueError as exc:
         raise EnsembleError(f"ensemble members cannot be merged: {exc}") from exc
 
