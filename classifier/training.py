@@ -383,13 +383,12 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     architecture.check_weights(DEFAULT_WEIGHTS if config.weights is None else config.weights)  # likewise
 
     items = load_collection(config.data)
-    mapping = fold_relabel(config.relabel or {})
+    split = config.split_record(recipe)
     # The split is drawn on the collection's own labels, so a merged-class model (COVID-19 / non-COVID)
     # holds out the same patients as a model of all the classes.
-    classes = class_names(relabel(items, mapping))
+    classes = class_names(relabel(items, split.get("relabel", {})))
     if len(classes) < 2:
         raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
-    split = config.split_record(recipe)
     train_items, val_items = draw_split(items, split)
     trained = np.bincount(_labels(train_items, classes), minlength=len(classes))
     if absent := [name for name, count in zip(classes, trained, strict=True) if not count]:
