@@ -32,25 +32,22 @@ from classifier.preprocess import dataset_to_model_input, display_image, frame_p
 
 
 def _median_ms(function: Callable[[], Any], repeats: int, per: int = 1) -> float:
-    function()  # warm-up (graph tracing, caches)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - start) * 1000.0 / per)
-    return statistics.median(samples)
+    """Median ms of ``repeats`` calls (each divided by ``per`` images), after one warm-up call."""
+    return _median_ms_after(lambda: None, lambda _: function(), repeats, per)
 
 
-def _median_ms_after(setup: Callable[[], Any], function: Callable[[Any], Any], repeats: int) -> float:
+def _median_ms_after(
+    setup: Callable[[], Any], function: Callable[[Any], Any], repeats: int, per: int = 1
+) -> float:
     """:func:`_median_ms` of ``function(setup())`` with ``setup`` left out of the time: the decode of a
     dataset already read (a fresh one each time: pydicom keeps the array it decoded)."""
-    function(setup())
+    function(setup())  # warm-up (graph tracing, caches)
     samples = []
     for _ in range(repeats):
         given = setup()
         start = time.perf_counter()
         function(given)
-        samples.append((time.perf_counter() - start) * 1000.0)
+        samples.append((time.perf_counter() - start) * 1000.0 / per)
     return statistics.median(samples)
 
 
