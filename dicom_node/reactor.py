@@ -26,7 +26,8 @@ reactor says ``_is_paused``; pynetdicom's reactor clears that flag only *after* 
 so a reactor thread descheduled in between still looks paused, then wakes and takes the C-STORE response
 off the queue itself ("Received unexpected C-STORE service message"): the send waits the whole DIMSE
 time-out and aborts. Here the reactor says it runs *before* it looks at the checkpoint
-(:func:`reactor_may_run`), so it never looks paused while it can still read the queue.
+(:func:`reactor_may_run`), so it never looks paused while it can still read the queue. Nor do they lose
+a rejection to pynetdicom's connection check (:func:`_take_unread_rejection`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -496,7 +498,25 @@ def associate(
     assoc.request()
     if assoc.is_established:
         assoc.start()
+    elif not assoc.is_rejected:
+        _take_unread_rejection(assoc)
     return assoc
+
+
+def _take_unread_rejection(assoc: Association) -> None:
+    """Make ``assoc`` rejected if its peer's A-ASSOCIATE-RJ is still unread on the DUL's queue.
+
+    pynetdicom 3.0's requestor sends its request, then checks that the socket is still connected before
+    it reads the answer. A peer that rejects at once closes the connection after its A-ASSOCIATE-RJ,
+    and the DUL thread closes the socket as soon as it has queued the rejection (PS3.8 action AE-4). A
+    requestor thread descheduled that long finds the socket closed, aborts, and never reads the answer:
+    a wrong called AE title read "aborted or timed out" (one echo in seven to DCMTK's dcmqrscp on a
+    loaded machine), in the console's echo test and in a delivery's reason, where the peer had said why."""
+    answer = assoc.dul.receive_pdu(wait=False)
+    if isinstance(answer, A_ASSOCIATE) and answer.result in (0x01, 0x02):
+        assoc.acceptor.primitive = answer
+        assoc.is_aborted = False
+        assoc.is_rejected = True
 
 
 class EventDrivenRequestHandler(RequestHandler):

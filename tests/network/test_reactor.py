@@ -247,3 +247,35 @@ def test_the_node_s_requestor_never_takes_its_own_response(scp: StorageScp) -> N
     assert _echo_with_a_late_reactor(scp, ours) == [0x0000] * 5
     # Why reactor.associate exists; when pynetdicom's own requestor passes too, it can go.
     assert None in _echo_with_a_late_reactor(scp, pynetdicoms)  # from the second echo on, every time
+
+
+def _echo_request_late_after_sending(scp: StorageScp, associate: Any) -> Association:
+    """An association request from a calling AE title the node does not know, its requestor thread
+    descheduled for 0.5 s after sending the request: the node's A-ASSOCIATE-RJ and the closed
+    connection have both arrived before the requestor looks."""
+    from pynetdicom import evt
+
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(Verification)
+    return associate(ae, scp, [(evt.EVT_REQUESTED, lambda event: time.sleep(0.5))])
+
+
+def test_a_rejection_that_arrives_before_the_requestor_looks_is_still_a_rejection(scp: StorageScp) -> None:
+    """pynetdicom's requestor finds the socket already closed, aborts and leaves the rejection unread: the
+    node said "aborted or timed out" for a peer that said why it refused."""
+    from pynetdicom.presentation import build_context
+
+    def ours(ae: AE, node: StorageScp, handlers: list[Any]) -> Association:
+        return reactor.associate(ae, "127.0.0.1", node.port, node.settings.ae_title,
+                                 [build_context(Verification)], evt_handlers=handlers)
+
+    def pynetdicoms(ae: AE, node: StorageScp, handlers: list[Any]) -> Association:
+        return ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title, evt_handlers=handlers)
+
+    assoc = _echo_request_late_after_sending(scp, ours)
+    assert assoc.is_rejected and not assoc.is_aborted and not assoc.is_established
+    answer = assoc.acceptor.primitive
+    assert answer is not None
+    assert (answer.result, answer.result_source, answer.diagnostic) == (0x01, 0x01, 0x03)
+    # Why _take_unread_rejection exists; when pynetdicom's own requestor passes too, it can go.
+    assert not _echo_request_late_after_sending(scp, pynetdicoms).is_rejected
