@@ -25,7 +25,8 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes, commitment
+from dicom_node import aes, commitment, scu
+from dicom_node.errors import AssociationError
 from dicom_node.ingest import Ingestor
 from dicom_node.outbox import NOT_KEPT, Outbox, requeue
 from dicom_node.scp import StorageScp, build_scp
@@ -390,10 +391,8 @@ def test_a_destination_may_report_and_echo_but_not_store(
     with session_scope(db) as session:
         assert session.scalar(select(Instance.id)) is None  # nothing stored
     # a destination not set to storage commitment is refused as any stranger is
-    stranger = AE(ae_title="PLAIN")
-    stranger.add_requested_context("1.2.840.10008.1.1")
-    refused = stranger.associate("127.0.0.1", scp.port, ae_title="CXRNODE")
-    assert refused.is_rejected
+    with pytest.raises(AssociationError, match="rejected by CXRNODE .* calling AE title not recognised"):
+        scu.echo("127.0.0.1", scp.port, "CXRNODE", calling_aet="PLAIN", timeout=10)
 
 
 def test_a_sender_asking_the_node_to_commit_is_refused_as_not_authorised_with_why(
