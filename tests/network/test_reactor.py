@@ -251,13 +251,20 @@ def test_the_node_s_requestor_never_takes_its_own_response(scp: StorageScp) -> N
 
 def _echo_request_late_after_sending(scp: StorageScp, associate: Any) -> Association:
     """An association request from a calling AE title the node does not know, its requestor thread
-    descheduled for 0.5 s after sending the request: the node's A-ASSOCIATE-RJ and the closed
-    connection have both arrived before the requestor looks."""
+    descheduled after sending the request until the node's A-ASSOCIATE-RJ has arrived and the DUL thread
+    has closed the connection."""
     from pynetdicom import evt
+
+    def late(event: Any) -> None:
+        connection = event.assoc.dul.socket
+        connection._ready.wait(10)  # the DUL thread has connected
+        deadline = time.monotonic() + 10
+        while connection._is_connected and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(Verification)
-    return associate(ae, scp, [(evt.EVT_REQUESTED, lambda event: time.sleep(0.5))])
+    return associate(ae, scp, [(evt.EVT_REQUESTED, late)])
 
 
 def test_a_rejection_that_arrives_before_the_requestor_looks_is_still_a_rejection(scp: StorageScp) -> None:
