@@ -154,10 +154,16 @@ class Architecture:
     def check_weights(self, weights: str | Path | None = DEFAULT_WEIGHTS) -> None:
         """The :class:`WeightsUnavailableError` that :meth:`build` would raise, raised now: before the
         images are read and other networks trained, not after."""
-        if isinstance(weights, str) and weights == DEFAULT_WEIGHTS:
-            weights = "imagenet" if self.pretrained else None
+        weights = self._meant(weights)
         if weights is not None:
             self.weights_locator(weights)
+
+    def _meant(self, weights: str | Path | None) -> str | Path | None:
+        """The weights that ``weights`` stands for: :data:`DEFAULT_WEIGHTS` is ImageNet's for a pretrained
+        architecture and none for the others."""
+        if isinstance(weights, str) and weights == DEFAULT_WEIGHTS:
+            return "imagenet" if self.pretrained else None
+        return weights
 
     def build(
         self,
@@ -174,12 +180,10 @@ class Architecture:
         untrained network explicitly. ``input_size`` overrides the architecture's (models that end in
         global pooling take any size).
         """
-        if isinstance(weights, str) and weights == DEFAULT_WEIGHTS:
-            weights = "imagenet" if self.pretrained else None
         return self.builder(
             num_classes=num_classes,
             input_size=input_size or self.preprocess.input_size,
-            weights=weights,
+            weights=self._meant(weights),
             seed=seed,
         )
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from classifier import plots
-from classifier.architectures import DEFAULT_WEIGHTS, GRADCAM_LAYER, get_architecture
+from classifier.architectures import GRADCAM_LAYER, get_architecture
 from classifier.artifact import (
     MODEL_FILE,
     ArtifactMetadata,
@@ -239,9 +239,7 @@ def check_mergeable(configs: Sequence[TrainingConfig]) -> None:
     at this input size, input normalisations that convert)."""
     architectures = {member.architecture: get_architecture(member.architecture) for member in configs}
     for member in configs:
-        architectures[member.architecture].check_weights(
-            DEFAULT_WEIGHTS if member.weights is None else member.weights
-        )
+        architectures[member.architecture].check_weights(member.backbone_weights)
     specs = [member.preprocess_for(architectures[member.architecture]) for member in configs]
     _check_preprocessing(specs)  # so one input size for all
     # one untrained network per architecture: members of one architecture (seeds) merge as one does twice

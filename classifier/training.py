@@ -117,6 +117,11 @@ class TrainingConfig:
         """The fraction held out by patient group: the one given, else the recipe's (its paper's)."""
         return recipe.validation_fraction if self.validation_fraction is None else self.validation_fraction
 
+    @property
+    def backbone_weights(self) -> str:
+        """The ``weights`` to build the network with: the ones given, else the architecture's default."""
+        return DEFAULT_WEIGHTS if self.weights is None else self.weights
+
     def preprocess_for(self, architecture: Architecture) -> PreprocessSpec:
         """The architecture's preprocessing with this run's centre crop and input size."""
         spec = architecture.preprocess
@@ -380,7 +385,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     spec = config.preprocess_for(architecture)
     augmentation = get_augmentation(recipe.augmentation)
     writable_folder(config.output)  # before an hour of training, not after it
-    architecture.check_weights(DEFAULT_WEIGHTS if config.weights is None else config.weights)  # likewise
+    architecture.check_weights(config.backbone_weights)  # likewise
 
     items = load_collection(config.data)
     split = config.split_record(recipe)
@@ -433,8 +438,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         return inputs, labels
 
     steps_per_epoch = config.steps_per_epoch or math.ceil(len(train_gray) / recipe.batch_size)
-    weights = DEFAULT_WEIGHTS if config.weights is None else config.weights
-    model = architecture.build(len(classes), weights=weights, seed=config.seed, input_size=spec.input_size)
+    model = architecture.build(
+        len(classes), weights=config.backbone_weights, seed=config.seed, input_size=spec.input_size
+    )
     best_weights_cls, timer_cls = _callbacks(keras)
     best, timer = best_weights_cls(), timer_cls()
     average = None
