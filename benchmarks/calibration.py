@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from benchmarks import table
 from benchmarks.posthoc import Probabilities, called, parser, score
+from classifier.cli import at_least, random_seed
 from classifier.metrics import brier_score, expected_calibration_error, log_loss, reliability_bins
 from classifier.types import INDETERMINATE
 
@@ -125,9 +126,9 @@ def _reliability_table(probabilities: Probabilities, truth: npt.NDArray[np.int64
 def main(argv: list[str] | None = None) -> int:
     arguments = parser(__doc__ or "")
     arguments.add_argument(
-        "--repeats", type=int, default=200, help="random group halves (each fitted both ways)"
+        "--repeats", type=at_least(1), default=200, help="random group halves (each fitted both ways)"
     )
-    arguments.add_argument("--seed", type=int, default=0)
+    arguments.add_argument("--seed", type=random_seed, default=0)
     args = arguments.parse_args(argv)
 
     scored = score(args.model, args.data, args.wheels)

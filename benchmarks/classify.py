@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks import table
 from benchmarks.testdata import pydicom_data_file
+from classifier.cli import at_least
 from classifier.inference import Classifier, default_model_path
 from classifier.preprocess import dataset_to_model_input, display_image, frame_pixels, read_dataset
 
@@ -120,19 +121,12 @@ def _epoch_seconds(architecture: str, images: int) -> float:
         return train(config).seconds_per_epoch
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=default_model_path())
-    parser.add_argument("--repeats", type=_positive_int, default=15, help="timed calls per figure (≥ 1)")
+    parser.add_argument("--repeats", type=at_least(1), default=15, help="timed calls per figure (≥ 1)")
     parser.add_argument("--no-training", action="store_true", help="skip the training-epoch measurement")
     args = parser.parse_args(argv)
 

@@ -48,6 +48,7 @@ from sqlalchemy import Engine, event, func, insert, select, text  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from benchmarks import table  # noqa: E402
+from classifier.cli import at_least  # noqa: E402
 from dicom_node import users  # noqa: E402
 from dicom_node.outbox import Outbox  # noqa: E402
 from dicom_node.pipeline import Pipeline  # noqa: E402
@@ -434,7 +435,7 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True,
@@ -442,13 +443,13 @@ def main() -> int:
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL (default: SQLite in --work)")
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--audit", type=int, default=500_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--explain", action="store_true",
                         help="print each operation's slowest statement's plan")
     parser.add_argument("--only", default="", help="time only operations whose name contains this")
     parser.add_argument("--cap", type=float, default=30.0,
                         help="seconds after which an operation is stopped and shown as '> cap'")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.studies < MIN_STUDIES or args.audit < MIN_AUDIT:
         # page 19 of the COVID-19 results (5 % of the studies) and page 2000 of the audit log are timed
         parser.error(f"--studies at least {MIN_STUDIES} and --audit at least {MIN_AUDIT}: the deep pages "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import table
+from classifier.cli import at_least, random_seed
 
 
 def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, extra: list[str]) -> list[str]:
@@ -109,15 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="folder of class sub-folders or manifest CSV (with groups)")
     parser.add_argument("output", type=Path, help="folder for the fold artifacts and logs")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
-    parser.add_argument("--jobs", type=int, default=1, help="folds trained at once (each on one CPU)")
+    parser.add_argument("--folds", type=at_least(2), default=5)
+    parser.add_argument("--seed", type=random_seed, default=42, help="seed of the fold assignment")
+    parser.add_argument("--jobs", type=at_least(1), default=1, help="folds trained at once (each on one CPU)")
     parser.add_argument("--report-only", action="store_true", help="tabulate folds already trained in OUTPUT")
     parser.add_argument(
         "--only", type=lambda text: sorted({int(part) for part in text.split(",")}), metavar="I,J",
         help="train and tabulate only these folds (0-based), e.g. a first look at a recipe",
     )
     args = parser.parse_args(argv)
+    cpus = len(os.sched_getaffinity(0))
+    if args.jobs > cpus:  # each fold is pinned to a CPU of its own
+        parser.error(f"--jobs: at most {cpus}, the CPUs this process may use")
     if args.only is None:
         args.only = list(range(args.folds))
     elif not all(0 <= fold < args.folds for fold in args.only):

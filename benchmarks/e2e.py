@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import table  # noqa: E402
 from benchmarks.testdata import pydicom_data_file  # noqa: E402
+from classifier.cli import at_least  # noqa: E402
 from tests import peers  # noqa: E402
 from tests.node_process import NODE_AET, NodeProcess, configured_node, wait_until  # noqa: E402
 from tests.orthanc import NodeAddress, OrthancServer  # noqa: E402
@@ -226,7 +227,7 @@ def _ratio(values: list[float], peer: list[float]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--studies", type=int, default=100)
+    parser.add_argument("--studies", type=at_least(1), default=100)
     parser.add_argument("--rate", type=float, default=1.0, help="studies per second pushed (0: as fast as possible)")
     parser.add_argument("--settle", type=float, default=2.0, help="the node's settle time, seconds")
     parser.add_argument("--model", type=Path, help="model artifact (default: the shipped default model)")

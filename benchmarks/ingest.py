@@ -42,6 +42,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from benchmarks import table  # noqa: E402
 from benchmarks.testdata import pydicom_data_file  # noqa: E402
+from classifier.cli import at_least  # noqa: E402
 from tests import peers  # noqa: E402
 from tests.node_process import NODE_AET, start_node  # noqa: E402
 
@@ -187,17 +188,17 @@ class Measurement:
         return self.count / self.seconds
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=40, help="instances per corpus (default 40)")
-    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--count", type=at_least(1), default=40, help="instances per corpus (default 40)")
+    parser.add_argument("--senders", type=at_least(1), nargs="+", default=[1, 4])
     parser.add_argument("--kinds", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=list(RECEIVERS))
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=at_least(1), default=3,
                         help="repeat each measurement, receivers in rotating order; the median is reported "
                              "(the machine is shared: interleaving keeps load drift from favouring one receiver)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ingest-bench-", dir=args.workdir))
     results: list[Measurement] = []

@@ -56,16 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="held out by patient group (default: the recipe's: 0.1 for sugandi-cnn and 0.15 for "
         "resnet152-transfer, as their papers; 0.2 for the others)",
     )
-    train.add_argument("--seed", type=_seed, default=42, help="weights, shuffling and augmentation")
+    train.add_argument("--seed", type=random_seed, default=42, help="weights, shuffling and augmentation")
     train.add_argument(
-        "--split-seed", type=_seed, help="seed of the group-aware train/validation split (default: --seed)"
+        "--split-seed", type=random_seed,
+        help="seed of the group-aware train/validation split (default: --seed)",
     )
     train.add_argument(
         "--fold", type=_fold, metavar="I/K",
         help="validate on fold I (0-based) of a group K-fold split instead of --validation-fraction",
     )
-    train.add_argument("--epochs", type=_at_least(1), help="override the recipe's epochs (every stage)")
-    train.add_argument("--batch-size", type=_at_least(1), help="override the recipe's batch size")
+    train.add_argument("--epochs", type=at_least(1), help="override the recipe's epochs (every stage)")
+    train.add_argument("--batch-size", type=at_least(1), help="override the recipe's batch size")
     train.add_argument(
         "--learning-rate", type=_positive, help="override the recipe's learning rate (every stage)"
     )
@@ -83,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="keep this central fraction of every image (train and inference)"
     )
     train.add_argument(
-        "--input-size", type=_at_least(MIN_INPUT_SIZE),
+        "--input-size", type=at_least(MIN_INPUT_SIZE),
         help=f"square input side in pixels, at least {MIN_INPUT_SIZE} (default: the architecture's)",
     )
     train.add_argument(
@@ -91,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="mix training images and labels with weights drawn from Beta(ALPHA, ALPHA); 0 = off (the recipe's)",
     )
     train.add_argument(
-        "--average-last", type=_at_least(1), metavar="N",
+        "--average-last", type=at_least(1), metavar="N",
         help="the model is the mean of the weights of the last N epochs (stochastic weight averaging), "
         "not the best validation epoch's",
     )
@@ -105,10 +106,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train that lung U-Net first (as 'train-lungs' on the training split), then crop with it",
     )
     train.add_argument(
-        "--lung-epochs", type=_at_least(1), default=120, help="epochs of the lung U-Net (--lung-masks)"
+        "--lung-epochs", type=at_least(1), default=120, help="epochs of the lung U-Net (--lung-masks)"
     )
     train.add_argument(
-        "--members", type=_at_least(1),
+        "--members", type=at_least(1),
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
     train.add_argument(
@@ -118,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _relabel_option(train, "train on")
     train.add_argument("--version", help="artifact version string (default: architecture and date)")
     train.add_argument(
-        "--steps-per-epoch", type=_at_least(1),
+        "--steps-per-epoch", type=at_least(1),
         help="batches per epoch instead of one pass over the training images (smoke runs)",
     )  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -139,14 +140,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train only on the images outside fold I of the classifier's K-fold split; report Dice on fold I",
     )
     lungs.add_argument(
-        "--split-seed", type=_seed, default=42, help="the classifier split's seed (with --fold)"
+        "--split-seed", type=random_seed, default=42, help="the classifier split's seed (with --fold)"
     )
     lungs.add_argument(
         "--validation-fraction", type=_fraction, default=0.2, help="held out for the Dice figure"
     )
-    lungs.add_argument("--epochs", type=_at_least(1), default=120)
-    lungs.add_argument("--batch-size", type=_at_least(1), default=8)
-    lungs.add_argument("--seed", type=_seed, default=42)
+    lungs.add_argument("--epochs", type=at_least(1), default=120)
+    lungs.add_argument("--batch-size", type=at_least(1), default=8)
+    lungs.add_argument("--seed", type=random_seed, default=42)
     lungs.add_argument("--version", help="version string (default: lungs-unet-DATE)")
     lungs.set_defaults(func=_train_lungs)
 
@@ -172,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     novelty.add_argument("model", type=Path, help="artifact folder (model.keras + model.json)")
     novelty.add_argument("data", type=Path, help=f"the data the model was trained on: {DATA_HELP}")
-    novelty.add_argument("--rank", type=_at_least(1), default=64, help="eigenvectors of the covariance kept")
+    novelty.add_argument("--rank", type=at_least(1), default=64, help="eigenvectors of the covariance kept")
     novelty.add_argument(
         "--shrinkage", type=_number("(0, 1]", lambda value: 0.0 < value <= 1.0), default=0.5,
         help="weight of the identity in the covariance",
@@ -275,20 +276,20 @@ def _architectures(text: str) -> list[str]:
     return names
 
 
-def _seed(text: str) -> int:
+def random_seed(text: str) -> int:
     """argparse type: a random seed, 0 to 2^32 - 1 as Keras and NumPy take it (a negative one was a raw
     ValueError from Keras after the output folder was made)."""
-    value = _at_least(0)(text)
+    value = at_least(0)(text)
     if value > MAX_SEED:
         raise argparse.ArgumentTypeError(f"{value} is more than {MAX_SEED}")
     return value
 
 
 def _seed_list(text: str) -> list[int]:
-    return [_seed(part.strip()) for part in text.split(",")]
+    return [random_seed(part.strip()) for part in text.split(",")]
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: a whole number of at least ``minimum`` (0 epochs wrote an untrained model)."""
 
     def whole(text: str) -> int:

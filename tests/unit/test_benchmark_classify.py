@@ -1,4 +1,4 @@
-"""benchmarks/classify.py: what its decode column times, and the options it refuses."""
+"""benchmarks/classify.py: what its decode column times (its options: test_benchmark_arguments)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,3 @@ def test_a_stage_timed_after_its_input_is_read_leaves_the_read_out() -> None:
 
     assert classify._median_ms_after(slow_read, lambda value: value + 1, repeats=3) < 5.0
     assert classify._median_ms(lambda: slow_read() + 1, repeats=3) >= 20.0
-
-
-@pytest.mark.parametrize("repeats", ["0", "-2"])
-def test_repeats_below_one_are_refused_before_the_model_loads(
-    repeats: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """--repeats 0 loaded the model, then failed with statistics' own error on an empty median."""
-    with pytest.raises(SystemExit) as exit_status:
-        classify.main(["--repeats", repeats, "--no-training", "--model", "/nonexistent"])
-    assert exit_status.value.code == 2
-    assert "must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+"""The benchmarks' counts and seeds are checked by the classifier CLI's own argparse types before any
+work starts. Before, ``--rounds 0`` or ``--repeats 0`` ended in statistics' error on an empty median
+after the set-up (100,000 studies written, a model loaded), ``crossval --jobs 0`` waited for a fold
+before starting any (ChildProcessError), more jobs than CPUs ran out of CPUs to pin them to
+(StopIteration), and a negative seed failed in a fold's log instead of on the command line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from importlib import import_module
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+CASES = [
+    ("classify", ["--no-training", "--model", "/nonexistent"], "--repeats", "0"),
+    ("classify", ["--no-training", "--model", "/nonexistent"], "--repeats", "-2"),
+    ("calibration", ["/nonexistent-model", "/nonexistent-data"], "--repeats", "0"),
+    ("calibration", ["/nonexistent-model", "/nonexistent-data"], "--seed", "-1"),
+    ("console_scale", ["--work", "/nonexistent"], "--rounds", "0"),
+    ("crossval", ["/nonexistent-data", "/nonexistent-output"], "--folds", "1"),
+    ("crossval", ["/nonexistent-data", "/nonexistent-output"], "--jobs", "0"),
+    ("crossval", ["/nonexistent-data", "/nonexistent-output"], "--seed", "-1"),
+    ("e2e", [], "--studies", "0"),
+    ("ingest", [], "--count", "0"),
+    ("ingest", [], "--senders", "0"),
+    ("ingest", [], "--rounds", "-3"),
+]
+
+
+def _main(name: str) -> Callable[[list[str]], int]:
+    main: Callable[[list[str]], int] = import_module(f"benchmarks.{name}").main
+    return main
+
+
+@pytest.mark.parametrize(("name", "required", "option", "value"), CASES)
+def test_a_count_or_seed_out_of_range_is_refused_before_any_work(
+    name: str, required: list[str], option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        _main(name)([*required, option, value])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error
+    assert "less than" in error
+
+
+@pytest.mark.parametrize("name", ["classify", "ingest"])
+def test_a_count_that_is_not_a_whole_number_says_so(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    option = "--repeats" if name == "classify" else "--count"
+    with pytest.raises(SystemExit):
+        _main(name)([option, "2.5"])
+    assert "'2.5' is not a whole number" in capsys.readouterr().err
+
+
+def test_crossval_refuses_more_jobs_than_it_has_cpus_to_pin_them_to(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    jobs = len(os.sched_getaffinity(0)) + 1
+    with pytest.raises(SystemExit) as exit_status:
+        _main("crossval")(["/nonexistent-data", "/nonexistent-output", "--jobs", str(jobs)])
+    assert exit_status.value.code == 2
+    assert f"--jobs: at most {jobs - 1}" in capsys.readouterr().err
