@@ -18,7 +18,8 @@ what reports and the console show (:func:`display_image`) keeps the stored orien
 radiologist's viewer does, and heat maps are turned back onto it.
 Large images are box-averaged down to about twice the model input *before* the LUTs, which keeps a
 2000×2000 CR under a few tens of milliseconds; JPEG 2000 pixel data is decoded at a reduced resolution
-level for the same reason (the codestream is multi-resolution, the model needs 150–256 px).
+level for the same reason (the codestream is multi-resolution, the model needs 150–256 px), unless it
+holds padding pixels, which only the full resolution can leave out.
 
 Every function here is pure: the dataset it is given is read, never changed, because the node may store
 or send on the same object. What it cannot read it refuses with :class:`UnsupportedImageError` and a
@@ -389,7 +390,8 @@ def _j2k_siz(codestream: bytes) -> _Siz | None:
 
 
 def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = None) -> npt.NDArray[Any]:
-    """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``.
+    """Stored values of the first frame; JPEG 2000 at the smallest resolution level ≥ ``min_side``, unless
+    it holds padding pixels (Pixel Padding Value), which need the full resolution to be left out.
 
     ``photometric`` is :func:`photometric_interpretation` of ``ds`` (read here when not given)."""
     if photometric is None:
@@ -414,7 +416,11 @@ def frame_pixels(ds: pydicom.Dataset, min_side: int, photometric: str | None = N
             )
             reduced = None
         if reduced is not None:
-            return reduced
+            if _padding_mask(reduced, ds) is None:
+                return reduced
+            # The wavelet low-pass blends padding into the image's edge, where no mask can find it; the
+            # box average of the full resolution leaves it out, as for the study sent uncompressed.
+            LOGGER.debug("padding pixels: JPEG 2000 decoded at full resolution")
     index = 0 if frames > 1 else None
     try:
         if photometric.startswith("MONOCHROME") and _is_native(transfer_syntax):

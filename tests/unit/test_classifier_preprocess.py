@@ -862,6 +862,27 @@ def test_reduced_jpeg2000_decode_matches_full_resolution() -> None:
     assert np.abs(small - reduced).mean() < 0.01  # same grey levels: Pillow's 16-bit scaling undone
 
 
+def test_jpeg2000_with_padding_pixels_gives_the_grey_image_of_the_same_study_sent_uncompressed() -> None:
+    """A reduced resolution level is a wavelet low-pass: it blended the padding into the image's edge,
+    where no mask finds it (the hospital CR with a padded border: 1,666 model-input pixels off by more
+    than 0.1 from the study sent uncompressed, 15 without padding). With padding pixels the full
+    resolution is decoded."""
+    yy, xx = np.mgrid[0:1001, 0:901]
+    pixels = ((np.sin(xx / 90.0) + np.cos(yy / 70.0) + 2) / 4 * 3000 + 500).astype(np.uint16)
+    pixels[:, :150] = 0
+    pixels[:120, :] = 0
+    plain = make_dataset(pixels, bits_stored=12)
+    plain.add_new(0x00280120, "US", 0)  # Pixel Padding Value
+    plain = pydicom.dcmread(io.BytesIO(_to_bytes(plain)))
+    compressed = _compressed(plain, JPEG2000Lossless)
+    expected = dataset_to_gray(plain, min_side=100)
+    np.testing.assert_array_equal(dataset_to_gray(compressed, min_side=100), expected)
+    unpadded = make_dataset(pixels + 1, bits_stored=12)  # the header declares padding, no pixel is
+    unpadded.add_new(0x00280120, "US", 0)
+    unpadded = pydicom.dcmread(io.BytesIO(_to_bytes(unpadded)))
+    assert min(dataset_to_gray(_compressed(unpadded, JPEG2000Lossless), min_side=100).shape) < 300  # reduced
+
+
 def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_stored() -> None:
     """A 12-bit codestream in an object that says 16 bits stored (pydicom warns, then trusts the
     codestream)."""
