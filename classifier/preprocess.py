@@ -231,7 +231,9 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
         except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError, *_DAMAGED_ELEMENT) as exc:
             raise UnsupportedImageError(f"not a readable DICOM file ({reason_for(exc, path)})") from exc
     try:
-        with Image.open(path) as image:
+        # From an open file, not its path: given a path, Pillow maps an uncompressed TIFF into memory at
+        # its turned size (Orientation 5–8), which scrambled the picture into stripes (Pillow 13).
+        with path.open("rb") as handle, Image.open(handle) as image:
             check_frame_size(*image.size, what="picture")
             image.load()
             return image

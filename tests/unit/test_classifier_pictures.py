@@ -1,0 +1,67 @@
+"""Picture files (TIFF, PNG, GIF…) as `cxr-node classify`, evaluation and training read them: the TIFF
+and PNG layouts a radiograph exported from a workstation can have, each read as the picture it shows or
+refused with a reason."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image, TiffImagePlugin
+
+from classifier.preprocess import pil_to_gray, read_image_file
+
+pytestmark = pytest.mark.unit
+
+_TIFF_TYPES = {np.dtype("<u1"): 1, np.dtype("<u2"): 1, np.dtype("<i2"): 2, np.dtype("<f4"): 3}
+
+
+def write_tiff(path: Path, pixels: npt.NDArray[np.generic], *, photometric: int = 1) -> Path:
+    """An uncompressed one-strip grey TIFF of ``pixels`` (uint8, uint16, int16 or float32, little endian)
+    with the given PhotometricInterpretation (0 WhiteIsZero, 1 BlackIsZero), written field by field:
+    Pillow writes no WhiteIsZero or signed 16-bit TIFF."""
+    pixels = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
+    height, width = pixels.shape
+    data = pixels.tobytes()
+    tags = [
+        (256, width), (257, height), (258, pixels.dtype.itemsize * 8), (259, 1), (262, photometric),
+        (273, 0), (277, 1), (278, height), (279, len(data)), (339, _TIFF_TYPES[pixels.dtype]),
+    ]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHII", tag, 4, 1, data_offset if tag == 273 else value) for tag, value in tags
+    )
+    path.write_bytes(
+        b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0) + data
+    )
+    return path
+
+
+def chest_like(height: int = 96, width: int = 80) -> npt.NDArray[np.float64]:
+    """A picture in [0, 1] with no symmetry, so any turn, flip or scramble shows."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return (np.sin(xx / 9.0) * np.cos(yy / 13.0) + xx / width + 2 * yy / height + 1.0) / 5.0
+
+
+_TURN = {
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(_TURN))
+def test_an_uncompressed_tiff_stored_on_its_side_is_read_turned_not_scrambled(
+    orientation: int, tmp_path: Path
+) -> None:
+    """Given a path, Pillow mapped the strip into memory at the turned size: a chest exported on its side
+    became vertical stripes, which the model classified (normal at 0.66)."""
+    stored = np.round(chest_like() * 255).astype(np.uint8)
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[274] = orientation
+    path = tmp_path / "side.tif"
+    Image.fromarray(stored).save(path, tiffinfo=tags)  # uncompressed
+    expected = np.asarray(Image.fromarray(stored).transpose(_TURN[orientation]), dtype=np.float32) / 255
+    np.testing.assert_array_equal(pil_to_gray(read_image_file(path)), expected)
