@@ -994,26 +994,59 @@ def _inverted(ds: pydicom.Dataset, photometric: str) -> bool:
 
 
 def pil_to_gray(image: Image.Image) -> FloatImage:
-    """Grey image in [0, 1] from any PIL mode (8/16-bit grey, RGB, palette, with alpha)."""
+    """Grey image in [0, 1] from any PIL mode (8/16-bit grey, RGB, palette, with alpha).
+
+    Unsigned integers are scaled by the bits they use (:func:`_significant_top`). Signed integers and
+    floating-point values (TIFF) have no black or white of their own: they take the percentile window a
+    DICOM image without a window takes, so one hot pixel cannot turn the rest black. A TIFF whose
+    PhotometricInterpretation is WhiteIsZero (as MONOCHROME1) is inverted; Pillow inverts it only at
+    8 bits or fewer."""
+    inverted = _white_is_zero(image)  # read first: a turned copy has no TIFF tags
     image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # the integers as they are until the one float32 copy, scaled in place: float64 copies of an
-        # 8000² picture and of its percentile took 1.5 GB for a 1.4 MB upload (review)
-        arr = np.asarray(image)
-        gray = arr.astype(np.float32)
-        gray /= np.float32(_significant_top(arr))
-        return np.clip(gray, 0.0, 1.0, out=gray)
-    if image.mode == "F":  # a floating-point picture (TIFF): scaled between its finite extremes
-        arr = np.asarray(image, dtype=np.float64)
-        finite = np.isfinite(arr)
-        if not finite.any():
-            raise UnsupportedImageError("a floating-point picture without one finite value")
-        low, high = float(arr[finite].min()), float(arr[finite].max())
-        arr = np.nan_to_num(arr, nan=low, posinf=high, neginf=low)  # NaN shown black, ±inf at the ends
-        return _f32((arr - low) / (high - low) if high > low else np.zeros_like(arr))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = _high_bit_gray(image)
+        if inverted:
+            np.subtract(np.float32(1.0), gray, out=gray)
+        return gray
     if image.mode != "L":
         image = image.convert("RGB").convert("L")
     return (np.asarray(image, dtype=np.float32) / 255.0).astype(np.float32)
+
+
+def _high_bit_gray(image: Image.Image) -> FloatImage:
+    arr = np.asarray(image)
+    if image.mode == "F":
+        finite = np.isfinite(arr)
+        if not finite.any():
+            raise UnsupportedImageError("a floating-point picture without one finite value")
+        gray = arr.astype(np.float32)
+        low, high = np.percentile(gray[finite], PERCENTILE_WINDOW)
+        gray[np.isnan(gray)] = low  # NaN shown black, ±inf at the ends
+        return _scaled_into_unit(gray, float(low), float(high))
+    if arr.size and int(arr.min()) < 0:  # signed samples (TIFF SampleFormat 2)
+        gray = arr.astype(np.float32)
+        low, high = np.percentile(gray, PERCENTILE_WINDOW)
+        return _scaled_into_unit(gray, float(low), float(high))
+    # the integers as they are until the one float32 copy, scaled in place: float64 copies of an 8000²
+    # picture and of its percentile took 1.5 GB for a 1.4 MB upload (review)
+    gray = arr.astype(np.float32)
+    gray /= np.float32(_significant_top(arr))
+    return np.clip(gray, 0.0, 1.0, out=gray)
+
+
+def _scaled_into_unit(gray: FloatImage, low: float, high: float) -> FloatImage:
+    """``gray`` (a float32 copy) windowed from ``low`` to ``high`` in place; all black when they meet."""
+    if not high > low:
+        return np.zeros_like(gray)
+    gray -= np.float32(low)
+    gray /= np.float32(high - low)
+    return np.clip(gray, 0.0, 1.0, out=gray)
+
+
+def _white_is_zero(image: Image.Image) -> bool:
+    """A TIFF whose PhotometricInterpretation (tag 262) is 0, WhiteIsZero: the lowest value is white."""
+    tags = getattr(image, "tag_v2", None)
+    return tags is not None and tags.get(262) == 0
 
 
 def _significant_top(values: npt.NDArray[Any]) -> float:

@@ -65,3 +65,44 @@ def test_an_uncompressed_tiff_stored_on_its_side_is_read_turned_not_scrambled(
     Image.fromarray(stored).save(path, tiffinfo=tags)  # uncompressed
     expected = np.asarray(Image.fromarray(stored).transpose(_TURN[orientation]), dtype=np.float32) / 255
     np.testing.assert_array_equal(pil_to_gray(read_image_file(path)), expected)
+
+
+@pytest.mark.parametrize(("dtype", "top"), [("<u1", 255), ("<u2", 4095), ("<u2", 65535)])
+def test_a_white_is_zero_tiff_reads_as_the_positive_at_every_bit_depth(
+    dtype: str, top: int, tmp_path: Path
+) -> None:
+    """WhiteIsZero is TIFF's MONOCHROME1. Pillow inverts it at 8 bits only: a 16-bit CR export was read
+    as a negative (covid at 0.63, with the advice to export it again with bone white)."""
+    picture = chest_like()
+    levels = np.round(picture * top).astype(dtype)
+    negative = write_tiff(tmp_path / "negative.tif", (top - levels).astype(dtype), photometric=0)
+    positive = write_tiff(tmp_path / "positive.tif", levels, photometric=1)
+    expected = pil_to_gray(read_image_file(positive))
+    np.testing.assert_allclose(pil_to_gray(read_image_file(negative)), expected, atol=1e-6)
+    np.testing.assert_allclose(expected, picture, atol=0.5 / top + 1e-6)
+
+
+def test_a_signed_tiff_is_windowed_not_clipped_at_zero(tmp_path: Path) -> None:
+    """Signed samples below 0 were all read as black: half the picture was one grey level."""
+    picture = chest_like()
+    signed = np.round((picture - np.median(picture)) * 4000).astype("<i2")
+    gray = pil_to_gray(read_image_file(write_tiff(tmp_path / "signed.tif", signed)))
+    assert (gray == 0).mean() < 0.01  # the percentile window's 0.5 %, not half the picture
+    below = gray[signed < 0]
+    assert len(np.unique(below)) > 100
+    assert np.corrcoef(gray.ravel(), picture.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("outlier", [1e6, -1e6, float("inf"), float("nan")])
+def test_one_extreme_pixel_does_not_set_the_window_of_a_floating_point_tiff(
+    outlier: float, tmp_path: Path
+) -> None:
+    """Scaled between its extremes, one hot pixel made the whole model input black and one cold pixel
+    made it white, and both were still classified."""
+    picture = chest_like().astype(np.float32)
+    clean = pil_to_gray(read_image_file(write_tiff(tmp_path / "clean.tif", picture)))
+    spoiled = picture.copy()
+    spoiled[0, 0] = outlier
+    gray = pil_to_gray(read_image_file(write_tiff(tmp_path / "spoiled.tif", spoiled)))
+    assert np.abs(gray - clean)[1:, 1:].max() < 0.02
+    assert np.corrcoef(clean.ravel(), picture.ravel())[0, 1] > 0.999
