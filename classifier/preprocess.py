@@ -192,6 +192,29 @@ def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
         )
 
 
+def check_picture(image: Image.Image) -> None:
+    """Refuse, before it is decoded, a picture the model would read as something else: one of several
+    frames or pages (a multi-frame DICOM object is refused alike; a camera JPEG's second, smaller picture,
+    MPO, is not a frame), and 16-bit colour or grey-with-alpha samples, of which Pillow keeps the high
+    byte (a 12-bit radiograph came out with 14 grey levels, nearly black)."""
+    frames = int(getattr(image, "n_frames", 1))
+    if frames > 1 and image.format != "MPO":
+        raise UnsupportedImageError(
+            f"an animated or multi-page picture ({frames} frames); the model reads single radiographs"
+        )
+    for tile in getattr(image, "tile", ()):  # the raw mode Pillow decodes from, e.g. "RGB;16B"
+        rawmode = tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0]
+        if isinstance(rawmode, str) and rawmode in _SIXTEEN_BIT_COLOUR:
+            raise UnsupportedImageError(
+                "a 16-bit colour or grey-with-alpha picture, which is read as 8 bits; export it as a "
+                "greyscale PNG"
+            )
+
+
+_SIXTEEN_BIT_COLOUR = frozenset(
+    f"{mode};16{order}" for mode in ("RGB", "RGBA", "RGBX", "LA", "CMYK") for order in ("", "B", "L", "N")
+)
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -235,6 +258,7 @@ def read_image_file(path: Path) -> pydicom.Dataset | Image.Image:
         # its turned size (Orientation 5–8), which scrambled the picture into stripes (Pillow 13).
         with path.open("rb") as handle, Image.open(handle) as image:
             check_frame_size(*image.size, what="picture")
+            check_picture(image)
             image.load()
             return image
     except UnidentifiedImageError as exc:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, JpegImagePlugin
 
 from classifier.errors import UnsupportedImageError
-from classifier.preprocess import MAX_FRAME_PIXELS, check_frame_size
+from classifier.preprocess import MAX_FRAME_PIXELS, check_frame_size, check_picture
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
 from dicom_node.part10 import check_value_representations, has_preamble, read_part10
@@ -56,13 +56,7 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
         )
     if not data:
         raise UndecodableDatasetError("the file is empty")
-    image = _open_picture(data)
-    frames = int(getattr(image, "n_frames", 1))
-    if frames > 1:  # an animated PNG (APNG): as a multi-frame DICOM, not classified by its first frame
-        raise UndecodableDatasetError(
-            f"an animated picture ({frames} frames); the model reads single radiographs"
-        )
-    return Upload(filename=filename, data=data, image=image)
+    return Upload(filename=filename, data=data, image=_open_picture(data))
 
 
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -74,17 +68,13 @@ def _open_picture(data: bytes) -> Image.Image:
     kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
     if kind is None:
         raise UndecodableDatasetError("not a DICOM, PNG or JPEG file: only these are accepted")
-    if kind == "PNG" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6):
-        # Pillow keeps the high byte of 16-bit colour samples: a 12-bit radiograph came out nearly black
-        raise UndecodableDatasetError(
-            "a 16-bit colour or grey-with-alpha PNG, which is read as 8 bits; export it as greyscale PNG"
-        )
     too_large = f"the picture is too large to decode (more than {MAX_FRAME_PIXELS // 1_000_000} megapixels)"
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
         if image.format == "MPO":  # a camera's JPEG with a second, smaller picture (MPF): the first is it
             image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
         check_frame_size(image.width, image.height, what="picture")  # Pillow only warns up to twice its limit
+        check_picture(image)  # an animated PNG (APNG), 16-bit colour samples
         image.load()
     except Image.DecompressionBombError as exc:  # Pillow's own limit, above the node's
         raise UndecodableDatasetError(too_large) from exc

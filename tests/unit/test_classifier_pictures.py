@@ -12,6 +12,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, TiffImagePlugin
 
+from classifier.errors import UnsupportedImageError
 from classifier.preprocess import pil_to_gray, read_image_file
 
 pytestmark = pytest.mark.unit
@@ -106,3 +107,50 @@ def test_one_extreme_pixel_does_not_set_the_window_of_a_floating_point_tiff(
     gray = pil_to_gray(read_image_file(write_tiff(tmp_path / "spoiled.tif", spoiled)))
     assert np.abs(gray - clean)[1:, 1:].max() < 0.02
     assert np.corrcoef(clean.ravel(), picture.ravel())[0, 1] > 0.999
+
+
+def _pages(path: Path, kind: str) -> Path:
+    first = Image.fromarray(np.round(chest_like() * 255).astype(np.uint8))
+    first.save(path, format=kind, save_all=True, append_images=[first.transpose(Image.Transpose.ROTATE_90)])
+    return path
+
+
+@pytest.mark.parametrize(("name", "kind"), [("two.tif", "TIFF"), ("two.gif", "GIF"), ("two.png", "PNG")])
+def test_a_picture_of_several_pages_or_frames_is_refused_as_the_console_refuses_it(
+    name: str, kind: str, tmp_path: Path
+) -> None:
+    """`cxr-node classify`, evaluation and training read page 1 of a multi-page TIFF or animated GIF
+    without a word, where the console refused an animated PNG and the node a multi-frame object."""
+    with pytest.raises(UnsupportedImageError, match=r"an animated or multi-page picture \(2 frames\)"):
+        read_image_file(_pages(tmp_path / name, kind))
+
+
+def test_a_camera_jpeg_with_a_second_smaller_picture_is_read_as_its_first(tmp_path: Path) -> None:
+    """MPO (a JPEG with a Multi-Picture Format preview) is one photograph, not two frames."""
+    path = _pages(tmp_path / "camera.jpg", "MPO")
+    with Image.open(path) as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+    assert pil_to_gray(read_image_file(path)).shape == chest_like().shape
+
+
+def test_16_bit_colour_samples_are_refused_not_read_through_their_high_byte(tmp_path: Path) -> None:
+    """Pillow keeps the high byte of 16-bit RGB and grey-with-alpha samples: a 12-bit radiograph came out
+    with 14 grey levels and was classified (covid at 0.999). 16-bit grey is read (the tests above)."""
+    levels = np.round(chest_like() * 4095).astype("<u2")
+    height, width = levels.shape
+    data = np.dstack([levels] * 3).tobytes()
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, 0), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 0), (277, 3, 1, 3), (278, 4, 1, height), (279, 4, 1, len(data))]
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, count, {258: bits_at, 273: bits_at + 6}.get(tag, value))
+        if kind == 4 or tag == 258 else struct.pack("<HHIHH", tag, kind, count, value, 0)
+        for tag, kind, count, value in tags
+    )
+    path = tmp_path / "rgb16.tif"
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0)
+                     + struct.pack("<3H", 16, 16, 16) + data)
+    with Image.open(path) as opened:
+        assert opened.mode == "RGB"  # what Pillow makes of it
+    with pytest.raises(UnsupportedImageError, match="a 16-bit colour or grey-with-alpha picture"):
+        read_image_file(path)

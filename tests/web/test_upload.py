@@ -149,7 +149,8 @@ def test_non_images_are_refused_with_a_message(rad_client: tuple[TestClient, str
         ("large.png", _png_header_only(13_000, 13_000),
          "the picture is too large to decode (13000 × 13000 pixels; at most 64 megapixels)"),
         # An animated PNG was classified by its first frame without a word; a multi-frame DICOM is refused.
-        ("two.png", _animated_png(), "an animated picture (2 frames); the model reads single radiographs"),
+        ("two.png", _animated_png(),
+         "an animated or multi-page picture (2 frames); the model reads single radiographs"),
     ):
         response = client.post(
             "/upload", data={"csrf_token": csrf}, files={"file": (name, data, "application/octet-stream")}
@@ -618,7 +619,7 @@ def test_pictures_that_cannot_be_read_say_why() -> None:
         (png[: len(png) // 2], "the PNG file cannot be decoded ("),
         (_jpeg_frame_of("JPEG-lossy.dcm"), "12-bit or lossless JPEG, which is not supported"),
         (_jpeg_frame_of("JPEG-LL.dcm"), "12-bit or lossless JPEG, which is not supported"),
-        (rgb16, "a 16-bit colour or grey-with-alpha PNG"),
+        (rgb16, "a 16-bit colour or grey-with-alpha picture, which is read as 8 bits"),
     ):
         with pytest.raises(UndecodableDatasetError, match=message.replace("(", r"\(")):
             read_upload("chest.png", data)
