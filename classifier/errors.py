@@ -35,9 +35,12 @@ class OutputError(ClassifierError):
 
 
 def reason_for(exc: BaseException, path: Path) -> str:
-    """What a reader found wrong with ``path``, for the one line a command prints about that file, with the
-    file's folders left out (they may name a patient): a classifier error's own message, another
-    exception's type and message."""
+    """What a reader found wrong with ``path``, for the one line a command prints about that file, without
+    the file's folders (they may name a patient): a classifier error's own message, another exception's
+    type and message. The caller names the file; an operating-system error about it (not found, a folder)
+    is said without the name, which for a folder is the folder's own."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{type(exc).__name__}: {exc.strerror}"
     message = str(exc).replace(str(path), path.name)
     if isinstance(exc, ClassifierError) and message:
         return message

@@ -154,3 +154,19 @@ def test_16_bit_colour_samples_are_refused_not_read_through_their_high_byte(tmp_
         assert opened.mode == "RGB"  # what Pillow makes of it
     with pytest.raises(UnsupportedImageError, match="a 16-bit colour or grey-with-alpha picture"):
         read_image_file(path)
+
+
+@pytest.mark.parametrize("given", ["DOE^JANE_4711", "DOE^JANE_4711/chest.png", "DOE^JANE_4711/chest.dcm"])
+def test_a_file_that_cannot_be_opened_is_refused_without_its_folder_or_name(
+    given: str, tmp_path: Path
+) -> None:
+    """A folder given for a file was refused as "Is a directory: 'DOE^JANE_4711'": the folder's name, which
+    may name a patient, in a reason the caller prints beside the path it already names."""
+    (tmp_path / "DOE^JANE_4711").mkdir()
+    with pytest.raises(UnsupportedImageError) as refused:
+        read_image_file(tmp_path / given)
+    reason = str(refused.value)
+    assert "DOE" not in reason and "chest" not in reason
+    assert reason.endswith(
+        ("(IsADirectoryError: Is a directory)", "(FileNotFoundError: No such file or directory)")
+    )
