@@ -429,11 +429,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_lungs(args: argparse.Namespace) -> int:
-    from classifier.artifact import writable_folder
-    from classifier.dataset import load_collection, split_by_fold, split_by_group
+    from classifier.dataset import load_collection, split_by_fold, split_by_group, writable_output
     from classifier.lungs import train_lung_model_on_split
 
-    writable_folder(args.output)
+    writable_output(args.output, args.data)
     items = load_collection(args.data)
     if args.fold:
         train_items, held_out = split_by_fold(items, args.fold[0], args.fold[1], args.split_seed)
@@ -467,12 +466,12 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from classifier.artifact import read_metadata, writable_folder
-    from classifier.dataset import load_collection, parse_relabel, split_from_record
+    from classifier.artifact import read_metadata
+    from classifier.dataset import load_collection, parse_relabel, split_from_record, writable_output
     from classifier.evaluation import evaluate
 
     if args.output is not None:
-        writable_folder(args.output)  # before the data are read and scored
+        writable_output(args.output, args.data)  # before the data are read and scored
     items = None
     if args.split != "all":
         split = read_metadata(args.model).data.get("split", {})

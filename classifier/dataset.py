@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from classifier.artifact import sha256_file
+from classifier.artifact import sha256_file, writable_folder
 from classifier.errors import ClassifierError, reason_for
 from classifier.preprocess import (
     LungFinder,
@@ -56,6 +57,56 @@ def _is_image(path: Path) -> bool:
     if not path.is_file() or path.name.upper() == "DICOMDIR":
         return False
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
+
+
+NOT_AN_IMAGE = "DICOM without an image"  # how the skipped-files warning counts them
+
+
+def _dicom_without_image(path: Path) -> bool:
+    """A DICOM object with no image, as a PACS export holds beside its images: a structured report, key
+    object selection, presentation state or encapsulated PDF. Told by the absent Rows, which every image
+    object has; a file whose header cannot be read is taken as an image, so its reading says why."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Rows"])
+    except Exception:  # noqa: BLE001 — pydicom raises many types for a damaged file; reading it says which
+        return False
+    return "SOPClassUID" in header and "Rows" not in header  # a file cut short has neither
+
+
+def _files_under(class_dir: Path) -> list[Path]:
+    """Every file under ``class_dir``, sorted, through linked folders too (a PACS export may link a
+    patient's folder in), each real folder once. A folder that cannot be read is an error: its images
+    were left out without a word."""
+    seen: set[Path] = set()
+
+    def refuse(exc: OSError) -> None:
+        where = Path(exc.filename).relative_to(class_dir.parent) if exc.filename else class_dir.name
+        raise DatasetError(f"cannot read the folder {where}: {exc.strerror or type(exc).__name__}")
+
+    found: list[Path] = []
+    for folder, folders, files in os.walk(class_dir, followlinks=True, onerror=refuse):
+        real = Path(folder).resolve()
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found.extend(Path(folder) / name for name in files)
+    return sorted(found)
+
+
+def writable_output(output: Path, data: Path) -> Path:
+    """:func:`classifier.artifact.writable_folder`, refused first when ``output`` lies in a folder that is
+    read by its class sub-folders: the output made a class of its own (an empty one, refused on every
+    later run; or, once written, its plots trained as images of a class named after it)."""
+    data, output = Path(data), Path(output)
+    if data.is_dir() and not (data / "manifest.csv").is_file():
+        if output.resolve().is_relative_to(data.resolve()):
+            raise DatasetError(
+                f"the output folder {output} is inside the data folder {data}, whose sub-folders are its "
+                "classes; write it elsewhere"
+            )
+    return writable_folder(output)
 
 
 def _hidden(relative: Path) -> bool:
@@ -96,7 +147,8 @@ def load_collection(source: Path) -> list[LabelledImage]:
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DatasetError(f"no images in class sub-folders of {source}")
-    items = [item for class_dir in class_dirs for item in _class_folder(source, class_dir)]
+    items = _each_file_once(source, [item for folder in class_dirs for item in _class_folder(source, folder)])
+    _check_folder_groups(source, items)
     loose = sum(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in source.iterdir())
     if loose:  # beside the class folders, so of no class: said, as the class folders' other files are
         LOGGER.warning(
@@ -117,13 +169,22 @@ def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
     """The images of one class folder. Other files (a ``.webp``, notes; not dot files or a DICOMDIR) are
     counted by suffix in one warning, and a folder without images is refused: both vanished without a
     word, the second with its class."""
+    outputs = sorted(name for name in OUTPUT_FILES if (class_dir / name).is_file())
+    if outputs:
+        raise DatasetError(
+            f"class folder {class_dir.name} of {source} holds {', '.join(outputs)}: it is a model or "
+            "evaluation output, not a class of images; move it out of the data folder"
+        )
     items: list[LabelledImage] = []
     skipped: Counter[str] = Counter()
     label = label_key(class_dir.name)
-    for path in sorted(class_dir.rglob("*")):
+    for path in _files_under(class_dir):
         if _hidden(path.relative_to(class_dir)):
             continue
         if _is_image(_existing(path)):
+            if path.suffix.lower() not in IMAGE_SUFFIXES and _dicom_without_image(path):
+                skipped[NOT_AN_IMAGE] += 1
+                continue
             items.append(LabelledImage(path, label, _folder_group(path.relative_to(source))))
         elif path.is_file() and path.name.upper() != "DICOMDIR":
             skipped[path.suffix.lower() or "without suffix"] += 1
@@ -136,10 +197,56 @@ def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
         )
     if skipped:
         LOGGER.warning(
-            "class folder %s: %d files skipped, neither pictures (%s) nor DICOM: %s",
+            "class folder %s: %d files skipped, not pictures (%s) or DICOM images: %s",
             class_dir.name, sum(skipped.values()), " ".join(IMAGE_SUFFIXES), kinds,
         )  # fmt: skip
     return items
+
+
+# What a model artifact or an evaluation writes at its top level (classifier.artifact, .evaluation)
+OUTPUT_FILES = ("model.json", "metrics.json")
+
+
+def _each_file_once(source: Path, items: Sequence[LabelledImage]) -> list[LabelledImage]:
+    """``items`` with a file reached twice through links read once; under two classes it is refused, as a
+    manifest listing a file with two labels is (it was counted in both, and could sit on both sides of
+    the split)."""
+    first: dict[Path, LabelledImage] = {}
+    kept: list[LabelledImage] = []
+    for item in items:
+        earlier = first.setdefault(item.path.resolve(), item)
+        if earlier is item:
+            kept.append(item)
+        elif earlier.label != item.label:
+            raise DatasetError(
+                f"{source}: {earlier.path.relative_to(source)} and {item.path.relative_to(source)} are one "
+                f"file (linked) under the classes {earlier.label} and {item.label}; keep it in one"
+            )
+    if len(kept) < len(items):
+        LOGGER.warning(
+            "%s: %d images reached twice through links are read once", source, len(items) - len(kept)
+        )
+    return kept
+
+
+def _check_folder_groups(source: Path, items: Sequence[LabelledImage]) -> None:
+    """Refuse a sub-folder name that holds half the collection or more across classes: a sub-folder of a class
+    folder is read as a patient, so a layout folder (``<class>/images/``) made all images one patient, and
+    the split trained on one folder and validated on another."""
+    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
+    for item in items:
+        if item.group.startswith("folder:"):
+            by_group[item.group].append(item)
+    for members in by_group.values():
+        labels = {item.label for item in members}
+        if len(labels) > 1 and 2 * len(members) >= len(items):
+            name = members[0].path.relative_to(source).parts[1]
+            raise DatasetError(
+                f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, under "
+                f"the classes {', '.join(sorted(labels))}. A sub-folder of a class folder is read as one "
+                "patient, whose images stay on one side of the split; put the images directly in their "
+                "class folders, or list them in a manifest.csv with a group column"
+            )
 
 
 def _log_folded(source: Path, spellings: Sequence[str]) -> None:
@@ -180,6 +287,8 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
             reader = csv.DictReader(handle)
             reader.fieldnames = _manifest_columns(manifest, reader.fieldnames)
             for row in reader:
+                if not any(isinstance(value, str) and value.strip() for value in row.values()):
+                    continue  # a row of empty fields (",,"), as spreadsheets save formatted empty rows
                 line, item = reader.line_num, _manifest_row(manifest, reader.line_num, row)
                 spellings.append(str(row["label"]))
                 listed = (item.label, _given_group(row))
@@ -227,8 +336,17 @@ def _manifest_row(
     file, label = row.get("file"), row.get("label")
     if not isinstance(file, str) or not file.strip() or not isinstance(label, str) or not label.strip():
         raise DatasetError(f"{manifest}, line {line}: every row needs a file and a label")
-    path = (manifest.parent / file.strip()).resolve()
-    if not path.is_file():
+    try:
+        path = (manifest.parent / file.strip()).resolve()
+        present = path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long a name, a NUL byte, a link loop
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            "a loop of links" if isinstance(exc, RuntimeError) else str(exc)
+        )
+        raise DatasetError(
+            f"{manifest}, line {line}: the file {file.strip()!r} cannot be found ({why})"
+        ) from exc
+    if not present:
         raise DatasetError(f"{manifest}: missing file {file}")
     return LabelledImage(path=path, label=label_key(label), group=_given_group(row) or file.strip())
 

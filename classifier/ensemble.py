@@ -39,10 +39,9 @@ from classifier.artifact import (
     load_keras_file,
     read_metadata,
     sha256_file,
-    writable_folder,
     write_metadata,
 )
-from classifier.dataset import label_indices, load_collection, load_grays, split_from_record
+from classifier.dataset import label_indices, load_collection, load_grays, split_from_record, writable_output
 from classifier.errors import EnsembleError, OptionError
 from classifier.metrics import classification_report
 from classifier.preprocess import PreprocessSpec, finish_gray, normalisation_change
@@ -174,7 +173,7 @@ def build_ensemble(
     argv: Sequence[str] | None = None,
 ) -> ArtifactMetadata:
     """Merge trained artifacts into ``output`` and score the merged model on their validation split."""
-    writable_folder(output)
+    writable_output(output, data)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
     for meta in metas[1:]:
@@ -283,7 +282,7 @@ def train_ensemble(
         members = [(config.architecture, seed) for seed in seeds]
     if len(set(members)) != len(members) or len(members) < 2:
         raise OptionError("an ensemble needs at least two different seeds or architectures")
-    writable_folder(config.output)  # before the members train, not after
+    writable_output(config.output, config.data)  # before the members train, not after
     # One split for every member: the first architecture's held-out fraction unless the caller gave one
     fraction = config.held_out_fraction(get_architecture(members[0][0]).recipe)
     scratch = Path(tempfile.mkdtemp(prefix="cxr-ensemble-"))

@@ -21,7 +21,6 @@ import pydicom
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.artifact import writable_folder
 from classifier.dataset import (
     DatasetError,
     LabelledImage,
@@ -29,6 +28,7 @@ from classifier.dataset import (
     load_collection,
     load_gray,
     named_failure,
+    writable_output,
 )
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.inference import Classifier, load_input
@@ -286,7 +286,7 @@ def evaluate(
     e.g. normal and pneumonia into a two-class model's non-covid. Labels then match the model's classes
     as :func:`class_indices` reads them."""
     if output is not None:
-        writable_folder(output)  # before the scoring, not after it
+        writable_output(output, data)  # before the scoring, not after it
     classifier = Classifier.load(model)
     classes = classifier.info.classes
     collection = list(items) if items is not None else load_collection(data)

@@ -31,7 +31,7 @@ from classifier.architectures import (
     get_architecture,
     set_trainable,
 )
-from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, writable_folder, write_metadata
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
 from classifier.augmentation import (
     REFRAME_SOURCE_SCALE,
     augment_batch,
@@ -51,6 +51,7 @@ from classifier.dataset import (
     relabel,
     split_fingerprint,
     summary,
+    writable_output,
 )
 from classifier.errors import OptionError
 from classifier.lungs import LungCropper, train_lung_model_on_split
@@ -384,7 +385,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             raise OptionError(f"cannot average the last {config.average_last} of {recipe.epochs} epochs")
     spec = config.preprocess_for(architecture)
     augmentation = get_augmentation(recipe.augmentation)
-    writable_folder(config.output)  # before an hour of training, not after it
+    writable_output(config.output, config.data)  # before an hour of training, not after it
     architecture.check_weights(config.backbone_weights)  # likewise
 
     items = load_collection(config.data)

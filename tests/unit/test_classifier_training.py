@@ -147,8 +147,8 @@ def test_files_a_class_folder_cannot_read_are_counted_and_an_empty_class_folder_
     caplog.set_level(logging.INFO, logger="classifier.dataset")
     assert len(load_collection(tmp_path)) == 2
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.startswith("class folder dark: 2 files skipped, neither pictures (.png .jpg")
-    assert warning.endswith("nor DICOM: 1 .txt, 1 .webp")
+    assert warning.startswith("class folder dark: 2 files skipped, not pictures (.png .jpg")
+    assert warning.endswith("or DICOM images: 1 .txt, 1 .webp")
     assert f"{tmp_path}: 2 images of 2 classes in its class sub-folders (it has no manifest" in caplog.text
 
 
