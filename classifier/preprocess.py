@@ -369,8 +369,9 @@ _SOF_MARKERS = frozenset(
 
 def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | None:
     """The frame the header declares, and for compressed pixel data the one its first frame's codestream
-    declares, within :data:`MAX_FRAME_PIXELS`. Returns that first frame, extracted once for the check and
-    the reduced JPEG 2000 decode; None for native pixel data or a frame that cannot be extracted."""
+    declares, within :data:`MAX_FRAME_PIXELS` and the same size. Returns that first frame, extracted once
+    for the check and the reduced JPEG 2000 decode; None for native pixel data or a frame that cannot be
+    extracted."""
     check_frame_size(_header_int(ds, "Columns") or 0, _header_int(ds, "Rows") or 0)
     uid = UID(transfer_syntax or "")
     if not uid.is_transfer_syntax or not uid.is_encapsulated:
@@ -382,6 +383,14 @@ def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | N
     declared = _declared_size(frame)
     if declared is not None:
         check_frame_size(*declared)
+        given = (_header_int(ds, "Columns"), _header_int(ds, "Rows"))
+        # pydicom pours the codestream's pixels into the header's shape: sheared when the counts agree.
+        # (A missing or zero size is left to the decoder, which says what it found.)
+        if all(given) and declared != given:
+            raise UnsupportedImageError(
+                f"the compressed frame is {declared[0]} × {declared[1]} pixels, but Columns × Rows say "
+                f"{given[0]} × {given[1]}"
+            )
     return frame
 
 

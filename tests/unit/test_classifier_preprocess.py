@@ -883,6 +883,18 @@ def test_jpeg2000_with_padding_pixels_gives_the_grey_image_of_the_same_study_sen
     assert min(dataset_to_gray(_compressed(unpadded, JPEG2000Lossless), min_side=100).shape) < 300  # reduced
 
 
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless])
+def test_a_compressed_frame_of_another_size_than_rows_and_columns_is_refused(syntax: str) -> None:
+    """Rows and Columns swapped on the hospital CR's JPEG 2000 gave a sheared picture that was classified:
+    pydicom pours the codestream's pixels into the header's shape when their counts agree."""
+    yy, xx = np.mgrid[0:120, 0:90]
+    compressed = _compressed(make_dataset((xx * 40 + yy).astype(np.uint16), bits_stored=12), syntax)
+    compressed.Rows, compressed.Columns = compressed.Columns, compressed.Rows
+    with pytest.raises(UnsupportedImageError, match="the compressed frame is 90 × 120 pixels, but Columns × "
+                                                    "Rows say 120 × 90"):
+        dataset_to_gray(compressed)
+
+
 def test_reduced_jpeg2000_decode_trusts_the_codestream_precision_over_bits_stored() -> None:
     """A 12-bit codestream in an object that says 16 bits stored (pydicom warns, then trusts the
     codestream)."""
