@@ -18,6 +18,7 @@ from classifier.types import ModelInfo, label_key
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "model.json"
+METRICS_FILE = "metrics.json"  # what an evaluation writes (classifier.evaluation)
 FORMAT_VERSION = 1
 
 

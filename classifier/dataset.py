@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from classifier.artifact import sha256_file, writable_folder
+from classifier.artifact import METADATA_FILE, METRICS_FILE, sha256_file, writable_folder
 from classifier.errors import ClassifierError, reason_for
 from classifier.preprocess import (
     LungFinder,
@@ -59,7 +59,7 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
-NOT_AN_IMAGE = "DICOM without an image"  # how the skipped-files warning counts them
+_NOT_AN_IMAGE = "DICOM without an image"  # how the skipped-files warning counts them
 
 
 def _dicom_without_image(path: Path) -> bool:
@@ -183,7 +183,7 @@ def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
             continue
         if _is_image(_existing(path)):
             if path.suffix.lower() not in IMAGE_SUFFIXES and _dicom_without_image(path):
-                skipped[NOT_AN_IMAGE] += 1
+                skipped[_NOT_AN_IMAGE] += 1
                 continue
             items.append(LabelledImage(path, label, _folder_group(path.relative_to(source))))
         elif path.is_file() and path.name.upper() != "DICOMDIR":
@@ -203,8 +203,8 @@ def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
     return items
 
 
-# What a model artifact or an evaluation writes at its top level (classifier.artifact, .evaluation)
-OUTPUT_FILES = ("model.json", "metrics.json")
+# What a model artifact and an evaluation write at their top level
+OUTPUT_FILES = (METADATA_FILE, METRICS_FILE)
 
 
 def _each_file_once(source: Path, items: Sequence[LabelledImage]) -> list[LabelledImage]:

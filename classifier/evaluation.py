@@ -21,6 +21,7 @@ import pydicom
 from PIL import Image, ImageOps
 
 from classifier import plots
+from classifier.artifact import METRICS_FILE
 from classifier.dataset import (
     DatasetError,
     LabelledImage,
@@ -318,7 +319,7 @@ def evaluate(
     }
     report["degradation"] = degrade
     if output is not None:
-        (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (output / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plots.confusion_matrix(
             report["confusion_matrix"], classes, output / "confusion_matrix.png",
             title="confusion matrix" if degrade == "none" else f"confusion matrix ({degrade})",
