@@ -79,23 +79,23 @@ class ArtifactMetadata:
     def from_dict(cls, data: Mapping[str, Any]) -> ArtifactMetadata:
         """Refuses another format version (its fields may mean something else) and a top-level input size
         that is not the preprocessing's (the one the model is fed)."""
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT_VERSION:
-            found = data.get("format") if isinstance(data, Mapping) else None
+        found = data.get("format") if isinstance(data, Mapping) else None
+        if type(found) is not int or found != FORMAT_VERSION:  # not ``true``, which equals 1
             raise ModelArtifactError(f"model.json format {found!r}: this node reads format {FORMAT_VERSION}")
         try:
             metadata = cls(
-                name=str(data["name"]),
-                version=str(data["version"]),
+                name=_text(data, "name"),
+                version=_text(data, "version"),
                 classes=tuple(str(c) for c in data["classes"]),
                 preprocess=PreprocessSpec.from_dict(data["preprocessing"]),
-                gradcam_layer=str(data["gradcam_layer"]),
-                sha256=str(data["sha256"]),
-                created=str(data.get("created", "")),
-                data=dict(data.get("data", {})),
-                training=dict(data.get("training", {})),
-                validation=dict(data.get("validation", {})),
-                novelty=dict(data.get("novelty", {})),
-                lungs=dict(data.get("lungs", {})),
+                gradcam_layer=_text(data, "gradcam_layer"),
+                sha256=_digest(data["sha256"]),
+                created=_text(data, "created", ""),
+                data=_record(data, "data"),
+                training=_record(data, "training"),
+                validation=_record(data, "validation"),
+                novelty=_record(data, "novelty"),
+                lungs=_record(data, "lungs"),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelArtifactError(f"model.json is incomplete or invalid: {exc}") from exc
@@ -111,6 +111,40 @@ class ArtifactMetadata:
                 f"{list(metadata.preprocess.input_size)}"
             )
         return metadata
+
+
+def _text(data: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    """A text field of model.json: ``"version": null`` became the text "None" in every report."""
+    value = data[key] if default is None else data.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} {value!r} is not text")
+    return value
+
+
+def _record(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """An object field of model.json, empty when absent: ``"novelty": []`` turned the novelty, turn and
+    negative checks off without a word."""
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} is not an object")
+    return dict(value)
+
+
+def _digest(value: object) -> str:
+    """A recorded sha256 as :func:`sha256_file` writes it (lower case): tools print it in upper case too
+    (PowerShell's Get-FileHash), which was then refused as not matching."""
+    if not isinstance(value, str) or len(value) != 64 or value.lower().strip("0123456789abcdef"):
+        raise ValueError(f"sha256 {value!r} is not a hex digest")
+    return value.lower()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file that an artifact holds, or a :class:`ModelArtifactError` naming it: not UTF-8, not JSON,
+    or nested past what Python's parser reaches (a RecursionError escaped)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def writable_folder(folder: Path) -> Path:
@@ -142,11 +176,7 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
     path = folder / METADATA_FILE
     if not path.is_file():
         raise ModelArtifactError(f"no {METADATA_FILE} in {folder}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    metadata = ArtifactMetadata.from_dict(raw)
+    metadata = ArtifactMetadata.from_dict(read_json(path))
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise ModelArtifactError(f"no {MODEL_FILE} in {folder}")

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from classifier.artifact import ArtifactMetadata, load_keras_file, sha256_file
+from classifier.artifact import ArtifactMetadata, load_keras_file, read_json, sha256_file
 from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray, named_failure
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
@@ -229,17 +229,15 @@ class LungCropper:
             raise ModelArtifactError(
                 f"{folder} is not a lung model (needs {LUNG_MODEL_FILE} and {LUNG_META_FILE})"
             )
-        try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelArtifactError(f"{meta_path} is not valid JSON: {exc}") from exc
+        metadata = read_json(meta_path)
         if not isinstance(metadata, dict):
             raise ModelArtifactError(f"{meta_path} does not hold a JSON object")
         if not metadata.get("sha256"):  # the trainer records it; without it a swapped file would go unnoticed
             raise ModelArtifactError(f"{LUNG_META_FILE} records no sha256 for {LUNG_MODEL_FILE}")
-        if sha256_file(model_path) != metadata["sha256"]:
+        digest = str(metadata["sha256"]).lower()  # as sha256_file writes it; tools also print upper case
+        if sha256_file(model_path) != digest:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
-        if recorded is not None and metadata["sha256"] != recorded:
+        if recorded is not None and digest != recorded.lower():
             raise ModelArtifactError(f"{folder} is not the lung model that model.json records (sha256)")
         model = load_keras_file(model_path)
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):

@@ -367,7 +367,7 @@ def _recorded_file(folder: Path, record: Mapping[str, Any], default: str) -> Pat
         raise ModelArtifactError(f"model.json names {path.name}, which is not in {folder}")
     if not record.get("sha256"):  # fit_novelty records it; without it a swapped file would go unnoticed
         raise ModelArtifactError(f"model.json records no sha256 for {path.name}")
-    if sha256_file(path) != record["sha256"]:
+    if sha256_file(path) != str(record["sha256"]).lower():  # tools also print a digest in upper case
         raise ModelArtifactError(f"{path.name} does not match the sha256 recorded in model.json")
     return path
 

@@ -110,15 +110,39 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
-        height, width = data["input_size"]
+        """The spec :meth:`to_dict` wrote, every key of its type. A missing, misspelt or mistyped key is a
+        ValueError: it was read as its default (``"equalization"`` as no equalisation, ``"false"`` as
+        true), and the model then read other inputs than it was trained on under the same identity. Only
+        the keys added later may be absent: a model.json written before them had them off."""
+        if not isinstance(data, Mapping):
+            raise ValueError("preprocessing is not an object")
+        if unknown := sorted(set(data) - _SPEC_TYPES.keys()):
+            raise ValueError(f"unknown preprocessing keys {unknown}")
+        if missing := sorted(_SPEC_TYPES.keys() - set(data) - _SPEC_ADDED_LATER.keys()):
+            raise ValueError(f"preprocessing lacks {missing}")
+        values = {**_SPEC_ADDED_LATER, **data}
+        for key, kinds in _SPEC_TYPES.items():
+            value = values[key]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise ValueError(f"preprocessing {key} {value!r} is not {kinds[0].__name__}")
+        size = values["input_size"]
+        if len(size) != 2 or not all(type(side) is int for side in size):
+            raise ValueError(f"preprocessing input_size {size!r} is not [height, width]")
         return cls(
-            input_size=(int(height), int(width)),
-            normalisation=str(data.get("normalisation", "unit")),
-            equalisation=str(data.get("equalisation", "none")),
-            crop_borders=bool(data.get("crop_borders", False)),
-            centre_crop=float(data.get("centre_crop", 1.0)),
-            lung_crop=bool(data.get("lung_crop", False)),
+            input_size=(size[0], size[1]),
+            normalisation=values["normalisation"],
+            equalisation=values["equalisation"],
+            crop_borders=values["crop_borders"],
+            centre_crop=float(values["centre_crop"]),
+            lung_crop=values["lung_crop"],
         )
+
+
+_SPEC_TYPES: dict[str, tuple[type, ...]] = {
+    "input_size": (list, tuple), "normalisation": (str,), "equalisation": (str,), "crop_borders": (bool,),
+    "centre_crop": (float, int), "lung_crop": (bool,),
+}
+_SPEC_ADDED_LATER: dict[str, Any] = {"centre_crop": 1.0, "lung_crop": False}
 
 
 _NORMALISATION_FROM_UNIT = {"unit": (1.0, 0.0), "signed": (255.0 / 128.0, -127.0 / 128.0)}

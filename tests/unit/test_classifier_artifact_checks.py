@@ -137,3 +137,45 @@ def test_model_inputs_must_be_finite_and_may_come_stacked(shipped: Classifier) -
     broken[0, 0, 0] = np.nan
     with pytest.raises(UnsupportedImageError, match="not finite"):
         shipped.predict([broken], heatmap=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"version": None}, "version None is not text"),
+        ({"name": 7}, "name 7 is not text"),
+        ({"format": True}, "model.json format True: this node reads format"),
+        ({"novelty": []}, "novelty is not an object"),
+        ({"sha256": "not-a-digest"}, "sha256 'not-a-digest' is not a hex digest"),
+        ({"preprocessing": {"equalization": "histeq"}}, "unknown preprocessing keys"),
+    ],
+)
+def test_a_mistyped_model_json_field_is_refused_not_converted(
+    tmp_path: Path, change: dict[str, Any], refusal: str
+) -> None:
+    """``"version": null`` became the text "None" in every report, ``"format": true`` read as format 1,
+    and ``"novelty": []`` turned the novelty, turn and negative checks off without a word."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    for key, value in change.items():
+        if key == "preprocessing":
+            metadata[key] = {**metadata[key], **value}
+        else:
+            metadata[key] = value
+    (folder / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelArtifactError, match=refusal):
+        read_metadata(folder, verify=False)
+
+
+def test_a_sha256_recorded_in_upper_case_matches(tmp_path: Path) -> None:
+    """As PowerShell's Get-FileHash prints it: the right digest was refused as "does not match"."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    metadata["sha256"] = sha256_file(folder / "model.keras").upper()
+    (folder / "model.json").write_text(json.dumps(metadata))
+    assert read_metadata(folder).sha256 == sha256_file(folder / "model.keras")
+
+
+def test_a_model_json_nested_past_the_parser_s_reach_is_a_model_error(tmp_path: Path) -> None:
+    folder, _ = _copy_of_the_shipped_model(tmp_path / "model")
+    (folder / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelArtifactError, match="model.json is not valid JSON: maximum recursion depth"):
+        read_metadata(folder)

@@ -1175,6 +1175,35 @@ def test_spec_round_trips_through_json_dict() -> None:
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     older = {key: value for key, value in spec.to_dict().items() if key != "centre_crop"}
     assert PreprocessSpec.from_dict(older).centre_crop == 1.0  # model.json written before the field
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"equalisation": None}, r"preprocessing lacks \['equalisation'\]"),
+        ({"crop_borders": None}, r"preprocessing lacks \['crop_borders'\]"),
+        ({"equalisation": None, "equalization": "histeq"}, r"unknown preprocessing keys \['equalization'\]"),
+        ({"crop_borders": "false"}, "preprocessing crop_borders 'false' is not bool"),
+        ({"centre_crop": True}, "preprocessing centre_crop True is not float"),
+        ({"input_size": [224.0, 224]}, r"preprocessing input_size \[224.0, 224\] is not \[height, width\]"),
+        ({"input_size": [224, 224, 3]}, "is not \\[height, width\\]"),
+        ({"normalisation": 1}, "preprocessing normalisation 1 is not str"),
+    ],
+)
+def test_a_damaged_or_edited_spec_is_refused_not_read_with_defaults(
+    change: dict[str, object], refusal: str
+) -> None:
+    """A missing or misspelt key was read as its default and a wrong type converted (``"false"`` as
+    true): the shipped model then called the hospital CR covid at 0.93 instead of 0.96 without equalisation,
+    under the same name and version in its reports."""
+    written = PreprocessSpec(input_size=(224, 224), equalisation="histeq", crop_borders=True).to_dict()
+    for key, value in change.items():
+        if value is None:
+            del written[key]
+        else:
+            written[key] = value
+    with pytest.raises(ValueError, match=refusal):
+        PreprocessSpec.from_dict(written)
     with pytest.raises(ValueError):
         PreprocessSpec(input_size=(224, 224), normalisation="imagenet-ish")
     with pytest.raises(ValueError):
