@@ -23,7 +23,7 @@ from classifier.architectures import (
     architecture_names,
     get_architecture,
 )
-from classifier.errors import ClassifierError
+from classifier.errors import ClassifierError, OptionError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a lung U-Net from 'train-lungs': crop every image to its lung fields (shipped inside the model)",
     )
     lung_source.add_argument(
-        "--lung-masks", type=Path, metavar="FOLDER",
+        "--lung-masks", type=existing_folder, metavar="FOLDER",
         help="train that lung U-Net first (as 'train-lungs' on the training split), then crop with it",
     )
     train.add_argument(
@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "torchxrayvision/data/semantic_masks_v7labs_lungs.zip.",
     )
     lungs.add_argument("data", type=Path, help="collection folder with manifest.csv")
-    lungs.add_argument("masks", type=Path, help="folder of lung mask images (white lungs)")
+    lungs.add_argument("masks", type=existing_folder, help="folder of lung mask images (white lungs)")
     lungs.add_argument("output", type=Path, help="folder to write lungs.keras + lungs.json")
     lungs.add_argument(
         "--fold", type=_fold, metavar="I/K",
@@ -289,6 +289,15 @@ def _seed_list(text: str) -> list[int]:
     return [random_seed(part.strip()) for part in text.split(",")]
 
 
+def existing_folder(text: str) -> Path:
+    """argparse type: a folder that is there (a missing mask folder was a FileNotFoundError traceback
+    after the output folder had been made)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {text}")
+    return path
+
+
 def at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: a whole number of at least ``minimum`` (0 epochs wrote an untrained model)."""
 
@@ -394,9 +403,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     argv = ["cxr-node", *sys.argv[1:]] if sys.argv else None
     if len(architectures) > 1 and (args.members or args.seeds or args.weights):
-        raise SystemExit(
-            "cxr-node train: several architectures train one member each, from their own weights; "
-            "drop --members/--seeds/--weights"
+        raise OptionError(
+            "several architectures train one member each, from their own weights; drop "
+            "--members/--seeds/--weights"
         )
     members = args.members or get_architecture(architectures[0]).recipe.members
     seeds = args.seeds or [args.seed + offset for offset in range(members)]
@@ -542,6 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClassifierError as exc:  # a model, data set or image the command cannot use: say which
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in a training: a line, not a traceback (an artifact is written last)
+        sys.stderr.write(f"{INTERRUPTED}\n")
+        return 130
+
+
+INTERRUPTED = "interrupted: nothing more was written (a model or report is written only once it is complete)"
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def find_masks(data: Path, masks: Path, items: Sequence[LabelledImage] | None = 
         raise LungMaskError(
             f"{manifest} not found: lung masks are matched through the manifest's source column"
         )
+    if not masks.is_dir():
+        raise LungMaskError(f"no folder of lung masks at {masks}")
     by_stem = {p.stem.lower(): p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     allowed = None if items is None else {item.path.resolve() for item in items}
     pairs: list[MaskedImage] = []

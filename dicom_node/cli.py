@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from classifier.cli import INTERRUPTED
 from classifier.errors import ClassifierError
 from dicom_node import __version__, aes, audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
@@ -296,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NodeError, ClassifierError) as exc:  # train/evaluate/classify raise the classifier's own
         say(f"error: {exc}", err=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in train or evaluate (serve stops on SIGINT by itself)
+        say(INTERRUPTED, err=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from classifier import cli
-from classifier.dataset import DatasetError, load_collection, split_by_group, writable_output
+from classifier.dataset import (
+    DatasetError,
+    load_collection,
+    split_by_group,
+    split_from_record,
+    writable_output,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -196,3 +202,13 @@ def test_a_listed_path_that_cannot_be_looked_up_is_a_dataset_error(
     manifest.write_text(f"file,label\n{listed},covid\n")
     with pytest.raises(DatasetError, match=f"line 2: the file .* cannot be found \\({reason}\\)"):
         load_collection(manifest)
+
+
+def test_a_model_that_records_no_split_seed_is_refused_not_given_the_default(tmp_path: Path) -> None:
+    """The default seed drew another split: novelty and ``evaluate --split validation`` scored 7 of 9
+    images the model had trained on as validation images."""
+    for label in ("covid", "normal"):
+        for index in range(4):
+            picture(tmp_path / label / f"{index}.png", seed=index)
+    with pytest.raises(DatasetError, match="model m records no split"):
+        split_from_record(load_collection(tmp_path), {"validation_fraction": 0.2}, model="model m")

@@ -1,0 +1,56 @@
+"""How the classifier's commands end when they cannot go on: an error line and exit status 2 for what the
+user can correct, 130 and one line for Ctrl-C; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from classifier import cli
+from dicom_node import cli as node_cli
+
+pytestmark = pytest.mark.unit
+
+
+def test_several_architectures_with_members_is_an_option_error_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was ``raise SystemExit(text)``: the right words, but exit status 1."""
+    code = cli.main(["train", str(tmp_path), str(tmp_path / "out"), "-a", "cxr-compact,sugandi-cnn",
+                     "--members", "2"])
+    assert code == 2
+    assert "error: several architectures train one member each" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "DATA", "OUT", "--lung-masks", "MASKS"],
+                                     ["train-lungs", "DATA", "MASKS", "OUT"]])
+def test_a_missing_mask_folder_is_refused_before_anything_is_made(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was a FileNotFoundError traceback, after train had made its output folder."""
+    given = {"DATA": str(tmp_path), "OUT": str(tmp_path / "out"), "MASKS": str(tmp_path / "no-masks")}
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main([given.get(part, part) for part in command])
+    assert exit_status.value.code == 2
+    assert f"no folder {tmp_path / 'no-masks'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("main", [cli.main, node_cli.main])
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(
+    main: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_evaluate", interrupted)
+    assert callable(main)
+    try:
+        code = main(["evaluate", str(tmp_path / "model"), str(tmp_path)])
+    except KeyboardInterrupt:  # let through, it would stop the test session itself
+        pytest.fail("Ctrl-C ended the command with a traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
