@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -345,6 +346,9 @@ def shared_lung_model(config: TrainingConfig, folder: Path) -> Path:
     return folder
 
 
+LUNGS_IN_TRAINING = ".lungs-new"  # inside the output folder until the new model.json is written
+
+
 def _lung_model(
     config: TrainingConfig,
     train_items: Sequence[LabelledImage],
@@ -352,8 +356,10 @@ def _lung_model(
     into: Path | None = None,
 ) -> tuple[LungCropper | None, Path | None]:
     """The lung U-Net to crop with, and its folder: given (``lung_model``), trained here on the training
-    split's masked images into ``into`` or OUTPUT/lungs (``lung_masks``; Dice on the validation split's), or
-    none."""
+    split's masked images into ``into`` or OUTPUT/.lungs-new (``lung_masks``; Dice on the validation
+    split's), or none. Not straight into OUTPUT/lungs: a run that failed or was stopped after it had
+    replaced the U-Net there left the artifact already in OUTPUT unloadable (its model.json records the
+    old U-Net's sha256). :func:`train` copies it in with the new model.json."""
     if config.lung_model is None and config.lung_masks is None:
         return None, None
     if config.lung_model is not None and config.lung_masks is not None:
@@ -361,7 +367,7 @@ def _lung_model(
     if config.lung_model is not None:
         folder = Path(config.lung_model)
     else:
-        folder = into or Path(config.output) / "lungs"
+        folder = into or Path(config.output) / LUNGS_IN_TRAINING
     if config.lung_masks is not None:
         metadata, trained, _ = train_lung_model_on_split(
             config.data, Path(config.lung_masks), train_items, val_items, folder,
@@ -578,6 +584,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         from classifier.lungs import copy_lung_model
 
         copy_lung_model(lung_folder, folder)
+        if lung_folder == folder / LUNGS_IN_TRAINING:
+            shutil.rmtree(lung_folder)
     write_metadata(folder, metadata)
     plots.training_curves(history, folder / "training_curves.png")
     plots.confusion_matrix(

@@ -284,6 +284,10 @@ def test_one_training_command_trains_the_lung_model_on_the_training_split_first(
     assert lungs["training"]["images"] == model["data"]["train"]["images"] == 16  # never the validation fold
     assert lungs["validation"]["images"] == model["data"]["validation"]["images"] == 8
     assert Classifier.load(output).lungs is not None
+    # A re-run into the same folder that fails after its U-Net has trained (weights that do not fit) left
+    # a new U-Net beside the old model.json, which refused it: the good model no longer loaded.
+    assert cli.main([*command, "--weights", str(data / "manifest.csv")]) == 2
+    assert Classifier.load(output).lungs is not None
     with pytest.raises(SystemExit):  # a given lung model and masks to train another: which one?
         cli.main(
             [
