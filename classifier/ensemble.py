@@ -20,10 +20,11 @@ the first members' own folders.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +129,14 @@ def member_records(meta: ArtifactMetadata) -> list[dict[str, Any]]:
     ]
 
 
+def _network_identity(record: Mapping[str, Any]) -> str:
+    """What makes a member network the one it is (:func:`member_records`), without what differs between
+    two runs of it (its version's date, its speed): the same seed trained twice gives the same weights in
+    another file, and merged with itself, as two members or inside an ensemble, it weighed double."""
+    return json.dumps({k: v for k, v in record.items() if k not in ("version", "seconds_per_epoch")},
+                      sort_keys=True, default=str)
+
+
 def _check_head(model: Any) -> None:
     from keras import layers
 
@@ -182,10 +191,14 @@ def build_ensemble(
     _check_preprocessing([meta.preprocess for meta in metas])
     printed, split = _printed_split(member_folders, metas)
     _, val_items = split_from_record(load_collection(data), split, model=f"model {printed}")
-    if len({meta.sha256 for meta in metas}) != len(metas):  # "2 members" that are one network
-        raise EnsembleError("ensemble members must be different networks: one is given twice")
-    members = [load_keras_file(folder / MODEL_FILE, EnsembleError) for folder in member_folders]
     records = [member_records(meta) for meta in metas]  # an ensemble member stands for all of its own
+    networks = [_network_identity(member) for record in records for member in record]
+    if len({meta.sha256 for meta in metas}) != len(metas) or len(set(networks)) != len(networks):
+        raise EnsembleError(
+            "ensemble members must be different networks: one is given twice (the same file, or the same "
+            "architecture, seed and recipe trained again on this split, or a member of an ensemble given)"
+        )
+    members = [load_keras_file(folder / MODEL_FILE, EnsembleError) for folder in member_folders]
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
     )
