@@ -246,11 +246,14 @@ def build_ensemble(
 
 def check_mergeable(configs: Sequence[TrainingConfig]) -> None:
     """What would stop the merge once every member had trained (and their folders were gone), checked
-    before the first one trains: each member's weights are on the machine, the members share their
-    preprocessing, and their untrained networks merge (a head that ends in pooling, feature maps that tile
-    at this input size, input normalisations that convert)."""
+    before the first one trains: each member's options fit its recipe (``--average-last``), its weights
+    are on the machine, the members share their preprocessing, and their untrained networks merge (a head
+    that ends in pooling, feature maps that tile at this input size, input normalisations that convert)."""
+    from classifier.training import check_recipe_options
+
     architectures = {member.architecture: get_architecture(member.architecture) for member in configs}
     for member in configs:
+        check_recipe_options(member)
         architectures[member.architecture].check_weights(member.backbone_weights)
     specs = [member.preprocess_for(architectures[member.architecture]) for member in configs]
     _check_preprocessing(specs)  # so one input size for all

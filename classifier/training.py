@@ -341,9 +341,45 @@ def shared_lung_model(config: TrainingConfig, folder: Path) -> Path:
     that ``config`` draws: one for every member of an ensemble (each member trained its own, whose sha256
     differed, and the merge then refused them all after they had trained)."""
     recipe = _recipe(get_architecture(config.architecture), config)
-    train_items, val_items = draw_split(load_collection(config.data), config.split_record(recipe))
+    _, _, train_items, val_items = training_split(config, recipe)  # refused before the U-Net, not after
     _lung_model(config, train_items, val_items, into=folder)
     return folder
+
+
+def check_recipe_options(config: TrainingConfig) -> None:
+    """The options that must fit the architecture's recipe, checked before anything trains (an ensemble
+    checks every member's before the first trains: a mixed pair refused the second after the first)."""
+    architecture = get_architecture(config.architecture)
+    recipe = _recipe(architecture, config)
+    if config.average_last is not None:
+        if any(stage.early_stopping_patience is not None for stage in recipe.stages):
+            raise OptionError(f"{architecture.name} stops early: weight averaging needs fixed epochs")
+        if config.average_last > recipe.epochs:
+            raise OptionError(f"cannot average the last {config.average_last} of {architecture.name}'s "
+                              f"{recipe.epochs} epochs")
+
+
+def training_split(
+    config: TrainingConfig, recipe: Recipe
+) -> tuple[tuple[str, ...], dict[str, Any], list[LabelledImage], list[LabelledImage]]:
+    """The classes, the split record and the two sides ``config`` trains on, refused when there are fewer
+    than two classes or a class has no training image."""
+    items = load_collection(config.data)
+    split = config.split_record(recipe)
+    # The split is drawn on the collection's own labels, so a merged-class model (COVID-19 / non-COVID)
+    # holds out the same patients as a model of all the classes.
+    classes = class_names(relabel(items, split.get("relabel", {})))
+    if len(classes) < 2:
+        raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
+    train_items, val_items = draw_split(items, split)
+    trained = np.bincount(_labels(train_items, classes), minlength=len(classes))
+    if absent := [name for name, count in zip(classes, trained, strict=True) if not count]:
+        # a fold can hold every group of a rare class; its class weight was then 0 and nothing said so
+        raise DatasetError(
+            f"no training image of class {', '.join(absent)} in this split: all its groups are on the "
+            "validation side (fewer folds, or more groups of it)"
+        )
+    return classes, split, train_items, val_items
 
 
 LUNGS_IN_TRAINING = ".lungs-new"  # inside the output folder until the new model.json is written
@@ -384,31 +420,13 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
 
     architecture = get_architecture(config.architecture)
     recipe = _recipe(architecture, config)
-    if config.average_last is not None:
-        if any(stage.early_stopping_patience is not None for stage in recipe.stages):
-            raise OptionError(f"{architecture.name} stops early: weight averaging needs fixed epochs")
-        if config.average_last > recipe.epochs:
-            raise OptionError(f"cannot average the last {config.average_last} of {recipe.epochs} epochs")
+    check_recipe_options(config)
     spec = config.preprocess_for(architecture)
     augmentation = get_augmentation(recipe.augmentation)
     writable_output(config.output, config.data)  # before an hour of training, not after it
     architecture.check_weights(config.backbone_weights)  # likewise
 
-    items = load_collection(config.data)
-    split = config.split_record(recipe)
-    # The split is drawn on the collection's own labels, so a merged-class model (COVID-19 / non-COVID)
-    # holds out the same patients as a model of all the classes.
-    classes = class_names(relabel(items, split.get("relabel", {})))
-    if len(classes) < 2:
-        raise DatasetError(f"training needs at least two classes; {config.data} has only {list(classes)}")
-    train_items, val_items = draw_split(items, split)
-    trained = np.bincount(_labels(train_items, classes), minlength=len(classes))
-    if absent := [name for name, count in zip(classes, trained, strict=True) if not count]:
-        # a fold can hold every group of a rare class; its class weight was then 0 and nothing said so
-        raise DatasetError(
-            f"no training image of class {', '.join(absent)} in this split: all its groups are on the "
-            "validation side (fewer folds, or more groups of it)"
-        )
+    classes, split, train_items, val_items = training_split(config, recipe)
     split["fingerprint"] = split_fingerprint(train_items, val_items)  # checked where the split is drawn anew
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:

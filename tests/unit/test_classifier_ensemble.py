@@ -168,8 +168,10 @@ def test_cli_trains_one_member_per_architecture_on_one_split(
         (["-a", "cxr-compact,sugandi-cnn"], "must share their preprocessing"),
         (["-a", "cxr-compact,efficientnet-lite0-transfer", "--input-size", "48"], "do not tile"),
         (["-a", "cxr-compact,resnet152-transfer"], "ImageNet ResNet-152 weights are not on this machine"),
+        (["-a", "cxr-compact,efficientnet-lite0-transfer", "--average-last", "2"],
+         "cannot average the last 2 of cxr-compact's 1 epochs"),
     ],
-    ids=["seed-cnn-head", "preprocessing", "feature-maps", "weights"],
+    ids=["seed-cnn-head", "preprocessing", "feature-maps", "weights", "average-last"],
 )
 def test_an_ensemble_that_cannot_merge_is_refused_before_any_member_trains(
     collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from classifier import cli
+from classifier import cli, training
 from classifier.architectures import get_architecture
 from classifier.artifact import ArtifactMetadata, read_metadata
 from classifier.dataset import (
@@ -39,7 +39,7 @@ from classifier.errors import ModelArtifactError, OptionError, UnsupportedImageE
 from classifier.evaluation import class_indices, evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec, pil_to_gray
-from classifier.training import TrainingConfig, class_weights, train
+from classifier.training import TrainingConfig, class_weights, shared_lung_model, train
 from classifier.types import INDETERMINATE
 
 pytestmark = pytest.mark.unit
@@ -235,7 +235,9 @@ def test_group_folds_partition_the_collection(collection: Path) -> None:
         split_by_fold(items, 3, 3, seed=7)
 
 
-def test_a_fold_that_leaves_a_class_out_of_training_is_refused(collection: Path, tmp_path: Path) -> None:
+def test_a_fold_that_leaves_a_class_out_of_training_is_refused(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A class of one group lands whole in one fold's validation: that fold trained without it, with a
     class weight of 0, and its figures went into the cross-validation mean without a word (review)."""
     rows = ["file,label,group"] + [f"{collection}/{label}/{index}.png,{label},{label}-{index // 2}"
@@ -251,6 +253,13 @@ def test_a_fold_that_leaves_a_class_out_of_training_is_refused(collection: Path,
     with pytest.raises(DatasetError, match="no training image of class rare in this split"):
         train(replace(config, fold=fold), argv=[])
     assert not (tmp_path / "model" / "model.keras").exists()
+    # An ensemble's shared lung U-Net trained first (120 epochs by default) and the split was refused after
+    def trained(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lung U-Net trained before the split was checked")
+
+    monkeypatch.setattr(training, "_lung_model", trained)
+    with pytest.raises(DatasetError, match="no training image of class rare in this split"):
+        shared_lung_model(replace(config, fold=fold, lung_masks=tmp_path), tmp_path / "lungs")
 
 
 @pytest.mark.parametrize(
@@ -1393,7 +1402,7 @@ def test_weight_averaging_is_refused_where_it_cannot_hold(collection: Path, tmp_
     """More epochs than the run has, or a recipe that stops early (Nie et al.'s), is refused before any
     data are read, with the reason."""
     base = TrainingConfig(architecture="cxr-compact", data=collection, output=tmp_path / "m", epochs=3)
-    with pytest.raises(OptionError, match="cannot average the last 4 of 3 epochs"):
+    with pytest.raises(OptionError, match="cannot average the last 4 of cxr-compact's 3 epochs"):
         train(replace(base, average_last=4), argv=[])
     with pytest.raises(OptionError, match="stops early"):
         train(replace(base, architecture="resnet152-transfer", epochs=None, average_last=2), argv=[])
