@@ -556,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-INTERRUPTED = "interrupted: nothing more was written (a model or report is written only once it is complete)"
+INTERRUPTED = "interrupted: a model or report is written only at the end of its command"
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ class LungCropper:
         digest = str(metadata["sha256"]).lower()  # as sha256_file writes it; tools also print upper case
         if sha256_file(model_path) != digest:
             raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
-        if recorded is not None and digest != recorded.lower():
+        if recorded is not None and digest != str(recorded).lower():
             raise ModelArtifactError(f"{folder} is not the lung model that model.json records (sha256)")
         model = load_keras_file(model_path)
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
