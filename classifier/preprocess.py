@@ -584,6 +584,13 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
     return boxes
 
 
+def reduced_gray(gray: FloatImage, min_side: int) -> FloatImage:
+    """A grey image reduced as a DICOM image is before its LUTs (:func:`_box_reduce`): by a power of two
+    while the shorter side stays ≥ 2 × ``min_side``. The same size for a picture as for the same study in
+    DICOM, where a size matters (a degradation's strength)."""
+    return _box_reduce(gray, min_side)
+
+
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
     """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
     if function == "SIGMOID":
