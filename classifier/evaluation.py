@@ -108,7 +108,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "jpeg": (1, 100, "a JPEG quality from 1 to 100"),
     "downscale": (0.01, 1, "a scale from 0.01 to 1"),
     "gamma": (0.05, 20, "a gamma from 0.05 to 20"),
-    "crop": (0.05, 1, "the fraction kept, from 0.05 to 1 (at least 32 px a side)"),
+    "crop": (0.05, 1, f"the fraction kept, from 0.05 to 1 (at least {MIN_SIDE} px a side)"),
     "pad": (0, 1, "a frame's fraction of the shorter side, from 0 to 1"),
     "noise": (0, 1, "a noise level from 0 to 1"),
     "bits": (1, 16, "a bit depth from 1 to 16"),
