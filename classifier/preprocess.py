@@ -549,11 +549,7 @@ def _decoder_says(exc: BaseException) -> str:
 
 
 def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
-    """Box-average by a power of two while the shorter side stays ≥ 2 × ``min_side``, as float32.
-
-    A power of two, as a JPEG 2000 resolution level halves the image: the same study gives a grey image of
-    the same size whether it was sent uncompressed or as JPEG 2000 (with factor 3 a 1760-px CR became
-    587 px, its JPEG 2000 880 px, and the novelty verdict changed with the transfer syntax).
+    """Box-average by an integer factor while the shorter side stays ≥ 2 × ``min_side``, as float32.
 
     A box at the bottom or right edge that the factor does not fill is the mean of the pixels it has (as
     Pillow's ``reduce`` does). The rows and then the columns of each box are added as whole strided
@@ -562,7 +558,7 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
     The sums start from a copy of each box's first row and column rather than from zeros, which is the same
     to the bit (0 + x is x) and saves a pass over the row sums and their page faults (≈ 12 %).
     """
-    factor = 1 << max(0, (min(arr.shape[:2]) // (2 * min_side)).bit_length() - 1)
+    factor = max(1, min(arr.shape[:2]) // (2 * min_side))
     if factor == 1:
         return _f32(arr)
     height, width = arr.shape[:2]
