@@ -581,9 +581,9 @@ def _box_reduce(arr: npt.NDArray[Any], min_side: int) -> FloatImage:
 
 
 def reduced_gray(gray: FloatImage, min_side: int) -> FloatImage:
-    """A grey image reduced as a DICOM image is before its LUTs (:func:`_box_reduce`): by a power of two
-    while the shorter side stays ≥ 2 × ``min_side``. The same size for a picture as for the same study in
-    DICOM, where a size matters (a degradation's strength)."""
+    """A grey image reduced as an uncompressed DICOM image is before its LUTs (:func:`_box_reduce`): by a
+    whole factor while the shorter side stays ≥ 2 × ``min_side``. The same size for a picture as for the
+    same study in DICOM, where a size matters (a degradation's strength)."""
     return _box_reduce(gray, min_side)
 
 
