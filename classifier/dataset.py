@@ -229,17 +229,22 @@ def _each_file_once(source: Path, items: Sequence[LabelledImage]) -> list[Labell
     return kept
 
 
+# A patient's images across classes that are half a collection: a few in a tiny one, not this many
+_LAYOUT_MIN_IMAGES = 10
+
+
 def _check_folder_groups(source: Path, items: Sequence[LabelledImage]) -> None:
-    """Refuse a sub-folder name that holds half the collection or more across classes: a sub-folder of a class
-    folder is read as a patient, so a layout folder (``<class>/images/``) made all images one patient, and
-    the split trained on one folder and validated on another."""
+    """Refuse a sub-folder name that holds half the collection or more, across classes and at least
+    :data:`_LAYOUT_MIN_IMAGES` images: a sub-folder of a class folder is read as a patient, so a layout
+    folder (``<class>/images/``) made all images one patient, and the split trained on one folder and
+    validated on another."""
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
         if item.group.startswith("folder:"):
             by_group[item.group].append(item)
     for members in by_group.values():
         labels = {item.label for item in members}
-        if len(labels) > 1 and 2 * len(members) >= len(items):
+        if len(labels) > 1 and 2 * len(members) >= len(items) and len(members) >= _LAYOUT_MIN_IMAGES:
             name = members[0].path.relative_to(source).parts[1]
             raise DatasetError(
                 f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, under "

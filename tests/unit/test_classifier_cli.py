@@ -11,7 +11,7 @@ import pytest
 from classifier import cli
 from dicom_node import cli as node_cli
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("restore_logging")]  # node_cli.main sets it
 
 
 def test_several_architectures_with_members_is_an_option_error_with_exit_2(
