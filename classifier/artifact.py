@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "model.json"
 METRICS_FILE = "metrics.json"  # what an evaluation writes (classifier.evaluation)
 FORMAT_VERSION = 1
+STAGING_PREFIX = ".new-"  # a file written, not yet in place (write_metadata)
 
 
 def sha256_file(path: Path) -> str:
@@ -164,9 +166,38 @@ def writable_folder(folder: Path) -> Path:
     return folder
 
 
-def write_metadata(folder: Path, metadata: ArtifactMetadata) -> Path:
+def staged(path: Path) -> Path:
+    """Where a file of an artifact is written before it takes ``path``'s place: beside it (one file
+    system, so the move is a rename), hidden, and with the same suffix (Keras saves only to ``.keras``)."""
+    return path.with_name(STAGING_PREFIX + path.name)
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_metadata(folder: Path, metadata: ArtifactMetadata, files: Sequence[Path] = ()) -> Path:
+    """Write model.json and put ``files``, written at their :func:`staged` names, in their places with it.
+
+    A model is often retrained, merged or given a novelty check in the folder a node loads it from. Until
+    every new file is complete and on disk, the old ones stay: an interruption (Ctrl-C, a full disk, a
+    power cut) leaves the old model whole, never a new ``model.keras`` cut short beside the old model.json.
+    Then the files are renamed into place, model.json last; an interruption in those microseconds leaves
+    files whose sha256 differ from model.json's record, which loading refuses."""
     path = folder / METADATA_FILE
-    path.write_text(json.dumps(metadata.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    staged(path).write_text(
+        json.dumps(metadata.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8"
+    )
+    for done in (*files, path):
+        _flush_to_disk(staged(done))
+    for done in (*files, path):
+        os.replace(staged(done), done)
+    for parent in dict.fromkeys(done.parent for done in (*files, path)):
+        _flush_to_disk(parent)  # the renames themselves
     return path
 
 

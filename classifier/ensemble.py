@@ -40,6 +40,7 @@ from classifier.artifact import (
     load_keras_file,
     read_metadata,
     sha256_file,
+    staged,
     write_metadata,
 )
 from classifier.dataset import label_indices, load_collection, load_grays, split_from_record, writable_output
@@ -205,17 +206,20 @@ def build_ensemble(
     name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
 
     spec = first.preprocess
-    from classifier.lungs import artifact_lungs, copy_lung_model
+    from classifier.lungs import LUNG_FILES, artifact_lungs, copy_lung_model
 
     lungs = artifact_lungs(member_folders[0], first)  # the members share it (checked above); it ships
-    if lungs is not None:
-        copy_lung_model(member_folders[0] / "lungs", output)
     inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
     truth = np.array(label_indices(val_items, first.classes), dtype=np.int64)
     report = classification_report(truth, model.predict(inputs, batch_size=32, verbose=0), first.classes)
 
     output.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept
-    model.save(output / MODEL_FILE)
+    model_path = output / MODEL_FILE
+    model.save(staged(model_path))
+    files = [model_path]
+    if lungs is not None:
+        copied = copy_lung_model(member_folders[0] / "lungs", output, stage=True)
+        files += [copied / name for name in LUNG_FILES]
     created = datetime.now(UTC).replace(microsecond=0)
     metadata = ArtifactMetadata(
         name=name,
@@ -223,7 +227,7 @@ def build_ensemble(
         classes=first.classes,
         preprocess=spec,
         gradcam_layer=GRADCAM_LAYER,
-        sha256=sha256_file(output / MODEL_FILE),
+        sha256=sha256_file(staged(model_path)),
         created=created.isoformat(),
         data={**first.data, "split": split, "command": " ".join(argv) if argv else first.data.get("command")},
         training={
@@ -236,7 +240,7 @@ def build_ensemble(
         validation=report,
         lungs=first.lungs,
     )
-    write_metadata(output, metadata)
+    write_metadata(output, metadata, files)
     plots.confusion_matrix(
         report["confusion_matrix"], first.classes, output / "confusion_matrix.png", title="validation"
     )

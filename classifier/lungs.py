@@ -40,6 +40,7 @@ LOGGER = logging.getLogger(__name__)
 
 LUNG_MODEL_FILE = "lungs.keras"
 LUNG_META_FILE = "lungs.json"
+LUNG_FILES = (LUNG_MODEL_FILE, LUNG_META_FILE)
 LUNG_INPUT = 128
 THRESHOLD = 0.5
 MARGIN = 0.06  # of the box's own height/width, on every side
@@ -412,10 +413,14 @@ def artifact_lungs(artifact: Path, metadata: ArtifactMetadata) -> LungCropper | 
     return LungCropper.load(artifact / "lungs", recorded=str(recorded))
 
 
-def copy_lung_model(source: Path, artifact: Path) -> Path:
-    """Put the lung model inside a classifier artifact (``ARTIFACT/lungs/``), so it ships with it."""
+def copy_lung_model(source: Path, artifact: Path, *, stage: bool = False) -> Path:
+    """Put the lung model inside a classifier artifact (``ARTIFACT/lungs/``), so it ships with it. With
+    ``stage`` its :data:`LUNG_FILES` are written at their staged names, for
+    :func:`classifier.artifact.write_metadata` to put in place with the model.json that records them."""
+    from classifier.artifact import staged
+
     target = artifact / "lungs"
     target.mkdir(parents=True, exist_ok=True)
-    for name in (LUNG_MODEL_FILE, LUNG_META_FILE):
-        (target / name).write_bytes((source / name).read_bytes())
+    for name in LUNG_FILES:
+        (staged(target / name) if stage else target / name).write_bytes((source / name).read_bytes())
     return target

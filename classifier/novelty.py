@@ -415,7 +415,7 @@ def fit_novelty(
     """
     from dataclasses import replace
 
-    from classifier.artifact import read_metadata, sha256_file, writable_folder, write_metadata
+    from classifier.artifact import read_metadata, sha256_file, staged, writable_folder, write_metadata
     from classifier.dataset import label_indices, load_collection, split_from_record
     from classifier.inference import Classifier
     from classifier.preprocess import gray_to_model_input
@@ -461,13 +461,13 @@ def fit_novelty(
     named = np.array(probe.most_probable(held_out.reshape(-1, d))).reshape(-1, PRESENTATIONS)
     right = named == np.arange(PRESENTATIONS)  # N × 8: each presentation of each validation image
     path, probe_path = folder / NOVELTY_FILE, folder / PRESENTATION_PROBE_FILE
-    density.save(path)
-    probe.save(probe_path)
+    density.save(staged(path))  # in place with the model.json that records them (write_metadata)
+    probe.save(staged(probe_path))
     record: dict[str, Any] = {
         "method": "class-conditional Gaussian, shared shrunk covariance, of the softmax layer's input "
         "(Lee et al. 2018); novelty = min squared Mahalanobis distance / threshold",
         "file": NOVELTY_FILE,
-        "sha256": sha256_file(path),
+        "sha256": sha256_file(staged(path)),
         "features": int(density.means.shape[1]),
         "rank": int(density.basis.shape[1]),
         "shrinkage": shrinkage,
@@ -485,7 +485,7 @@ def fit_novelty(
             "standardised features of the training images above, each at its four turns, as it is and "
             "inverted",
             "file": PRESENTATION_PROBE_FILE,
-            "sha256": sha256_file(probe_path),
+            "sha256": sha256_file(staged(probe_path)),
             "l2": PROBE_L2,
             "tolerance": PROBE_TOLERANCE,
             "validation": {
@@ -496,7 +496,7 @@ def fit_novelty(
             },
         },
     }
-    write_metadata(folder, replace(metadata, novelty=record))
+    write_metadata(folder, replace(metadata, novelty=record), [path, probe_path])
     return record
 
 

@@ -32,7 +32,7 @@ from classifier.architectures import (
     get_architecture,
     set_trainable,
 )
-from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, write_metadata
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, sha256_file, staged, write_metadata
 from classifier.augmentation import (
     REFRAME_SOURCE_SCALE,
     augment_batch,
@@ -545,7 +545,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     folder = Path(config.output)
     folder.mkdir(parents=True, exist_ok=True)  # other files there (MODEL_CARD.md) are kept
     # An uncompiled functional twin (same layers) saves without the optimizer state: a third of the size.
-    keras.Model(model.input, model.output, name=model.name).save(folder / MODEL_FILE)
+    model_path = folder / MODEL_FILE
+    keras.Model(model.input, model.output, name=model.name).save(staged(model_path))
     created = datetime.now(UTC).replace(microsecond=0)
     seconds_per_epoch = float(np.median(timer.durations)) if timer.durations else 0.0
     metadata = ArtifactMetadata(
@@ -554,7 +555,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         classes=classes,
         preprocess=spec,
         gradcam_layer=architecture.gradcam_layer,
-        sha256=sha256_file(folder / MODEL_FILE),
+        sha256=sha256_file(staged(model_path)),
         created=created.isoformat(),
         data={
             "source": Path(config.data).name,
@@ -598,13 +599,15 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         validation=report,
         lungs={"sha256": lungs.metadata["sha256"]} if lungs is not None else {},
     )
+    files = [model_path]
     if lung_folder is not None and lung_folder != folder / "lungs":
-        from classifier.lungs import copy_lung_model
+        from classifier.lungs import LUNG_FILES, copy_lung_model
 
-        copy_lung_model(lung_folder, folder)
-        if lung_folder == folder / LUNGS_IN_TRAINING:
-            shutil.rmtree(lung_folder)
-    write_metadata(folder, metadata)
+        copied = copy_lung_model(lung_folder, folder, stage=True)
+        files += [copied / name for name in LUNG_FILES]
+    write_metadata(folder, metadata, files)
+    if lung_folder == folder / LUNGS_IN_TRAINING:
+        shutil.rmtree(lung_folder)
     plots.training_curves(history, folder / "training_curves.png")
     plots.confusion_matrix(
         report["confusion_matrix"], classes, folder / "confusion_matrix.png", title="validation"
