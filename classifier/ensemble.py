@@ -44,7 +44,7 @@ from classifier.artifact import (
     write_metadata,
 )
 from classifier.dataset import label_indices, load_collection, load_grays, split_from_record, writable_output
-from classifier.errors import EnsembleError, OptionError
+from classifier.errors import EnsembleError, OptionError, OutputError
 from classifier.metrics import classification_report
 from classifier.preprocess import PreprocessSpec, finish_gray, normalisation_change
 
@@ -183,6 +183,10 @@ def build_ensemble(
     argv: Sequence[str] | None = None,
 ) -> ArtifactMetadata:
     """Merge trained artifacts into ``output`` and score the merged model on their validation split."""
+    if any(Path(output).resolve() == Path(folder).resolve() for folder in member_folders):
+        raise OutputError(
+            f"cannot write the ensemble into {output}: it is a member's folder, whose model it would replace"
+        )
     writable_output(output, data)
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]

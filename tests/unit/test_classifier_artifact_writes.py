@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from classifier.artifact import METADATA_FILE, STAGING_PREFIX, read_metadata
+from classifier.errors import OutputError
 from classifier.inference import Classifier
 from classifier.novelty import LinearProbe, fit_novelty
 from classifier.training import TrainingConfig, train
@@ -109,6 +110,10 @@ def test_an_ensemble_interrupted_while_it_saves_leaves_the_model_in_its_output_l
                 batch_size=4, input_size=64, seed=seed, split_seed=42, progress=False,
             )
         )  # fmt: skip
+    weights = (members[0] / "model.keras").read_bytes()
+    with pytest.raises(OutputError, match="it is a member's folder"):  # its single model was replaced
+        build_ensemble([members[0], members[1]], members[0] / ".", collection)
+    assert (members[0] / "model.keras").read_bytes() == weights
     current = Path(shutil.copytree(trained, tmp_path / "current"))
     recorded = (current / METADATA_FILE).read_bytes()
     save = keras.Model.save
