@@ -189,9 +189,11 @@ def write_metadata(folder: Path, metadata: ArtifactMetadata, files: Sequence[Pat
     Then the files are renamed into place, model.json last; an interruption in those microseconds leaves
     files whose sha256 differ from model.json's record, which loading refuses."""
     path = folder / METADATA_FILE
-    staged(path).write_text(
-        json.dumps(metadata.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
+    try:  # NaN or Infinity is not JSON: a strict reader of model.json refuses the whole file
+        text = json.dumps(metadata.to_dict(), indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as exc:
+        raise ModelArtifactError(f"{METADATA_FILE} would record a value that is not a finite number") from exc
+    staged(path).write_text(text + "\n", encoding="utf-8")
     for done in (*files, path):
         _flush_to_disk(staged(done))
     for done in (*files, path):

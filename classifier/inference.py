@@ -81,8 +81,10 @@ class Classifier:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path, *, indeterminate_threshold: float = 0.5) -> Classifier:
-        """Load ``path/model.keras`` after checking it against ``path/model.json`` (sha256)."""
+    def load(cls, path: Path, *, indeterminate_threshold: float = 0.5, novelty: bool = True) -> Classifier:
+        """Load ``path/model.keras`` after checking it against ``path/model.json`` (sha256); without
+        ``novelty``, the check model.json records is left unread (to fit it again: lost, damaged or fitted
+        for another model, it was what stopped the command that mends it)."""
         folder = Path(path)
         metadata = read_metadata(folder, verify=True)
         model = load_keras_file(folder / MODEL_FILE)
@@ -107,8 +109,8 @@ class Classifier:
         from classifier.lungs import artifact_lungs
 
         lungs = artifact_lungs(folder, metadata)
-        novelty = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty else None
-        read = None if novelty is None else int(novelty.density.means.shape[1])
+        check = NoveltyCheck.load(folder, metadata.novelty) if metadata.novelty and novelty else None
+        read = None if check is None else int(check.density.means.shape[1])
         if read is not None and read != features:
             raise ModelArtifactError(
                 f"the novelty check reads {read} features, the model gives {features}: it was fitted for"
@@ -118,11 +120,11 @@ class Classifier:
             "loaded model %s version %s (novelty check %s; turn and negative checks %s)",
             metadata.name,
             metadata.version,
-            "on" if novelty else "absent",
-            "on" if novelty and novelty.probe else "off (run 'cxr-node novelty')",
+            "on" if check else "absent" if novelty else "not read",
+            "on" if check and check.probe else "off (run 'cxr-node novelty')",
         )
         return cls(
-            model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs, novelty=novelty
+            model, metadata, indeterminate_threshold=indeterminate_threshold, lungs=lungs, novelty=check
         )
 
     @property

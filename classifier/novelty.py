@@ -425,7 +425,7 @@ def fit_novelty(
     folder = Path(model)
     metadata = read_metadata(folder)
     writable_folder(folder)  # it writes there after the fit
-    classifier = Classifier.load(folder)
+    classifier = Classifier.load(folder, novelty=False)  # the check it replaces may be lost or damaged
     split = metadata.data.get("split", {})
     train, validation = split_from_record(load_collection(data), split, model=f"model {folder}")
     classes = metadata.classes
@@ -452,12 +452,28 @@ def fit_novelty(
         features.append(embed_presentations(train_paths, degradation))
     every = np.concatenate(features)  # (versions · N) × 8 × d
     images, d = every.shape[0], every.shape[2]
-    density = fit_density(every[:, 0], np.tile(train_labels, len(versions)), rank=rank, shrinkage=shrinkage)
-    LOGGER.info("novelty: presentation probe on %d images", images * PRESENTATIONS)
-    probe = fit_probe(every.reshape(-1, d), np.tile(np.arange(PRESENTATIONS), images), PRESENTATIONS)
     held_out = embed_presentations([item.path for item in validation], "none")
+    if not (np.isfinite(every).all() and np.isfinite(held_out).all()):
+        raise ModelArtifactError(  # else a NaN threshold in model.json: no image ever unfamiliar
+            f"model {metadata.version} gives features that are not finite numbers (weights of a diverged "
+            "training?): no novelty check can be fitted to it"
+        )
+    try:
+        labels = np.tile(train_labels, len(versions))
+        density = fit_density(every[:, 0], labels, rank=rank, shrinkage=shrinkage)
+        LOGGER.info("novelty: presentation probe on %d images", images * PRESENTATIONS)
+        probe = fit_probe(every.reshape(-1, d), np.tile(np.arange(PRESENTATIONS), images), PRESENTATIONS)
+    except (ValueError, np.linalg.LinAlgError) as exc:  # features that do not vary: a dead network
+        raise ModelArtifactError(
+            f"no novelty check can be fitted to model {metadata.version}: {exc}"
+        ) from exc
     validation_scores = density.score(held_out[:, 0])
     threshold = float(np.quantile(validation_scores, quantile))
+    if not (math.isfinite(threshold) and threshold > 0):  # every validation image at a class mean
+        raise ModelArtifactError(
+            f"no novelty check can be fitted to model {metadata.version}: its validation images all score "
+            f"{threshold}, and an image is unfamiliar only above a positive threshold"
+        )
     named = np.array(probe.most_probable(held_out.reshape(-1, d))).reshape(-1, PRESENTATIONS)
     right = named == np.arange(PRESENTATIONS)  # N × 8: each presentation of each validation image
     path, probe_path = folder / NOVELTY_FILE, folder / PRESENTATION_PROBE_FILE

@@ -1,9 +1,11 @@
 """Writing into the folder a node loads its model from: an interrupted training, merge or novelty fit
-leaves the old model whole, and a completed one leaves nothing staged behind."""
+leaves the old model whole, a completed one leaves nothing staged behind, and a novelty check is fitted
+again when it is lost, but never to a model whose features are unusable."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,54 @@ def test_an_ensemble_interrupted_while_it_saves_leaves_the_model_in_its_output_l
         build_ensemble(members, current, collection)
     monkeypatch.undo()
     _still_whole(current, recorded, collection)
+
+
+def _with_last_convolution(output: Path, value: float) -> None:
+    """The model's last convolution set to ``value`` (NaN: a diverged training; 0: a dead network), recorded
+    in model.json with its own sha256 and no novelty check."""
+    import keras
+    import numpy as np
+
+    from classifier.artifact import MODEL_FILE, sha256_file, write_metadata
+
+    metadata = read_metadata(output)
+    model = keras.saving.load_model(output / MODEL_FILE, compile=False)
+    last = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    last.set_weights([np.full_like(w, value) for w in last.get_weights()])
+    model.save(output / MODEL_FILE)
+    write_metadata(output, replace(metadata, sha256=sha256_file(output / MODEL_FILE), novelty={}))
+
+
+def test_a_lost_or_damaged_novelty_check_is_fitted_again_by_the_command_that_fits_it(
+    trained: Path, collection: Path, tmp_path: Path
+) -> None:
+    from classifier.errors import ModelArtifactError
+    from classifier.novelty import NOVELTY_FILE, PRESENTATION_PROBE_FILE
+
+    model = Path(shutil.copytree(trained, tmp_path / "model"))
+    for damage in ("lost", "damaged"):
+        if damage == "lost":
+            (model / NOVELTY_FILE).unlink()
+        else:
+            (model / PRESENTATION_PROBE_FILE).write_bytes(b"x")
+        with pytest.raises(ModelArtifactError):  # the node does not load it, and says to run 'novelty'
+            Classifier.load(model)
+        fit_novelty(model, collection, rank=8, quantile=0.9, degradations=())
+        novelty = Classifier.load(model).novelty
+        assert novelty is not None and novelty.probe is not None
+
+
+@pytest.mark.parametrize(("value", "reason"), [(float("nan"), "not finite numbers"), (0.0, "do not vary")])
+def test_no_novelty_check_is_fitted_to_a_model_without_usable_features(
+    trained: Path, collection: Path, tmp_path: Path, value: float, reason: str
+) -> None:
+    """A NaN threshold was written to model.json with exit 0 (not JSON, and no image ever unfamiliar), and
+    features that do not vary ended the command in a ValueError's traceback."""
+    from classifier.errors import ModelArtifactError
+
+    model = Path(shutil.copytree(trained, tmp_path / "model"))
+    _with_last_convolution(model, value)
+    recorded = (model / METADATA_FILE).read_bytes()
+    with pytest.raises(ModelArtifactError, match=reason):
+        fit_novelty(model, collection, rank=8, quantile=0.9, degradations=())
+    assert (model / METADATA_FILE).read_bytes() == recorded
