@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,20 +47,28 @@ _STORAGE_DTYPES = {
 }
 
 
+class _Unbuildable:
+    """The reader's own objects: a pickle's BUILD opcode would overwrite their fields (a tensor's ``array``
+    became an OrderedDict), which torch never writes for them."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise WeightsUnavailableError("not a plain state dict: the checkpoint sets the fields of a tensor")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Unbuildable):
     dtype: type[Any]
 
 
 @dataclass
-class _Storage:
+class _Storage(_Unbuildable):
     key: str
     dtype: type[Any]
     data: npt.NDArray[Any] | None = None
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_Unbuildable):
     storage: _Storage
     offset: int
     size: tuple[int, ...]
@@ -96,6 +105,11 @@ class _Tensor:
             raise WeightsUnavailableError(
                 f"tensor on storage {self.storage.key} reaches element {last} of {length}"
             )
+        if math.prod(self.size) > length:  # stride 0: a 1 KB file of such views asked for tens of GiB
+            raise WeightsUnavailableError(
+                f"tensor on storage {self.storage.key} repeats its {length} elements as "
+                f"{math.prod(self.size)}: not a saved state dict"
+            )
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
@@ -116,7 +130,8 @@ class _PlainUnpickler(pickle.Unpickler):
         raise WeightsUnavailableError("not a PyTorch checkpoint: a header refers to a stored object")
 
 
-def _plain_load(stream: BinaryIO) -> Any:
+def _plain_load(stream: io.BytesIO) -> Any:
+    _checked_pickle(stream, len(stream.getbuffer()))
     return _PlainUnpickler(stream).load()
 
 
@@ -146,9 +161,29 @@ class _StateDictUnpickler(pickle.Unpickler):
 def _to_arrays(state: Any) -> OrderedDict[str, npt.NDArray[Any]]:
     if not isinstance(state, dict):
         raise WeightsUnavailableError("the checkpoint does not hold a state dict")
-    return OrderedDict(
+    arrays = OrderedDict(
         (str(name), tensor.array()) for name, tensor in state.items() if isinstance(tensor, _Tensor)
     )
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise WeightsUnavailableError(f"not a plain state dict: {name} is not a tensor")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # a damaged file without a checksum
+            raise WeightsUnavailableError(f"tensor {name} holds values that are not finite numbers")
+    return arrays
+
+
+def _checked_pickle(stream: io.BytesIO, size: int) -> None:
+    """Refuse a pickle that declares more bytes than follow it, or a memo slot past its own length: the
+    C unpickler allocates what they declare before it reads (a 12-byte file asked for 2**50 bytes, and
+    a memo slot of 2**31 for gigabytes of zeroed memory). Reads no further than the pickle's end."""
+    start = stream.tell()
+    memo = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+    try:  # a length past the end or an unknown opcode is a ValueError: an unreadable checkpoint
+        for opcode, argument, _ in pickletools.genops(stream):
+            if opcode.name in memo and not (isinstance(argument, int) and 0 <= argument <= size):
+                raise WeightsUnavailableError("not a PyTorch checkpoint: a pickle memo slot is out of range")
+    finally:
+        stream.seek(start)
 
 
 def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
@@ -161,6 +196,7 @@ def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
     if isinstance(system, dict) and system.get("little_endian") is False:
         raise WeightsUnavailableError("a big-endian legacy checkpoint: save it again with torch.save")
     storages: dict[str, _Storage] = {}
+    _checked_pickle(stream, len(raw))
     state = _StateDictUnpickler(stream, storages).load()
     keys = _plain_load(stream)
     if not isinstance(keys, list):
@@ -177,13 +213,20 @@ def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
 
 def _read_zip(path: Path) -> OrderedDict[str, npt.NDArray[Any]]:
     with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():  # a deflated member can unpack to gigabytes (a 2 MB file to 2 GiB)
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                raise WeightsUnavailableError(
+                    f"{path.name}: a member is compressed or encrypted; torch.save stores them as they are"
+                )
         pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise WeightsUnavailableError(f"{path.name}: expected one data.pkl in the checkpoint")
         root = pickles[0][: -len("data.pkl")]
         storages: dict[str, _Storage] = {}
         with archive.open(pickles[0]) as handle:
-            state = _StateDictUnpickler(io.BytesIO(handle.read()), storages).load()
+            pickled = io.BytesIO(handle.read())
+        _checked_pickle(pickled, len(pickled.getbuffer()))
+        state = _StateDictUnpickler(pickled, storages).load()
         # torch.save records the byte order of the machine that wrote it (absent in files before 2.1: little)
         recorded = f"{root}byteorder" in archive.namelist()
         order = archive.read(f"{root}byteorder").strip() if recorded else b"little"
@@ -207,7 +250,7 @@ def load_state_dict(path: str | Path) -> OrderedDict[str, npt.NDArray[Any]]:
         return _read_zip(path) if zipped else _read_legacy(path.read_bytes())
     except (
         pickle.UnpicklingError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
-        OverflowError, NotImplementedError, zipfile.BadZipFile,
+        OverflowError, NotImplementedError, zipfile.BadZipFile, MemoryError,
     ) as error:  # fmt: skip
         # A pickle of the allowed names with the wrong arguments (OrderedDict(5), a storage type called)
         # or a damaged zip member: the file is not a checkpoint this reader can trust.

@@ -133,10 +133,16 @@ def torch_names(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     return torch
 
 
-def _zip_checkpoint(path: Path, state: Any, storages: dict[str, bytes], order: bytes = b"little") -> Path:
+def _zip_checkpoint(
+    path: Path,
+    state: Any,
+    storages: dict[str, bytes],
+    order: bytes = b"little",
+    packing: int = zipfile.ZIP_STORED,
+) -> Path:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=2).dump(state)
-    with zipfile.ZipFile(path, "w") as archive:
+    with zipfile.ZipFile(path, "w", compression=packing) as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
         archive.writestr("archive/byteorder", order)
         for key, data in storages.items():
@@ -190,22 +196,41 @@ def test_a_legacy_checkpoint_holding_a_zip_signature_in_its_weights_is_read(
         ("ordered-dict-of-a-number", "unreadable PyTorch checkpoint .TypeError"),
         ("legacy-count-past-the-end", "elements past the file's end"),
         ("bad-crc", "unreadable PyTorch checkpoint .BadZipFile"),
+        ("stride-0-view-repeating-6-elements", "repeats its 6 elements as 268435456"),  # 1 GiB a tensor
+        ("header-declaring-2^50-bytes", "unreadable PyTorch checkpoint .ValueError: expected 1125899906842624"),
+        ("memo-slot-2^32", "memo slot is out of range"),
+        ("deflated-member", "compressed or encrypted"),  # a 2 MB file unpacked to 2 GiB
+        ("build-over-a-tensor", "sets the fields of a tensor"),
+        ("nan-in-a-tensor", "w holds values that are not finite numbers"),
     ],
 )
 def test_a_malformed_checkpoint_is_a_weights_error_not_a_crash(
     torch_names: types.ModuleType, tmp_path: Path, case: str, reason: str
 ) -> None:
-    """Each of these escaped as AttributeError, TypeError, MemoryError, OverflowError or BadZipFile."""
+    """Each of these escaped as AttributeError, TypeError, MemoryError, OverflowError or BadZipFile, or
+    was read: gigabytes for a few bytes, a tensor that was not an array, NaN weights from a damaged file."""
     kind, one = torch_names.FloatStorage, np.ones(6, dtype="<f4").tobytes()
     good = _Tensor(_Storage(kind, "0", 6), 0, (6,), (1,), False, {})
     tensor = {
         "storage-is-a-number": _Tensor(5, 0, (6,), (1,), False, {}),
         "size-is-a-number": _Tensor(_Storage(kind, "0", 6), 0, 6, (1,), False, {}),
         "stride-0-view-of-10^14": _Tensor(_Storage(kind, "0", 6), 0, (10**7, 10**7), (0, 0), False, {}),
+        "stride-0-view-repeating-6-elements": _Tensor(
+            _Storage(kind, "0", 6), 0, (2**14, 2**14), (0, 0), False, {}
+        ),
+        "build-over-a-tensor": _TensorWithFields(_Storage(kind, "0", 6), 0, (6,), (1,), False, {}),
     }
     path = tmp_path / "bad.pt"
     if case in tensor:
         _zip_checkpoint(path, OrderedDict(w=tensor[case]), {"0": one})
+    elif case == "header-declaring-2^50-bytes":  # BINBYTES8 of 2**50 bytes: a 12-byte file
+        path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**50) + b".")
+    elif case == "memo-slot-2^32":  # None put in memo slot 2**32 - 16
+        path.write_bytes(b"\x80\x02Nr\xf0\xff\xff\xff.")
+    elif case == "deflated-member":
+        _zip_checkpoint(path, OrderedDict(w=good), {"0": one}, packing=zipfile.ZIP_DEFLATED)
+    elif case == "nan-in-a-tensor":
+        _zip_checkpoint(path, OrderedDict(w=good), {"0": np.full(6, np.nan, dtype="<f4").tobytes()})
     elif case == "ordered-dict-of-a-number":
         _zip_checkpoint(path, _OrderedDictOf(5), {})
     elif case == "legacy-count-past-the-end":
@@ -218,6 +243,13 @@ def test_a_malformed_checkpoint_is_a_weights_error_not_a_crash(
         path.write_bytes(bytes(flipped))
     with pytest.raises(WeightsUnavailableError, match=reason):
         load_state_dict(path)
+
+
+class _TensorWithFields(_Tensor):
+    """A tensor whose pickle goes on to BUILD it with fields: its ``array`` method became a class."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        return (sys.modules["torch._utils"]._rebuild_tensor_v2, self.args, {"array": OrderedDict})
 
 
 class _OrderedDictOf:
