@@ -23,7 +23,6 @@ pydicom-data) at that threshold. Prints a table and, as the last line, a JSON ob
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,13 +63,13 @@ def threshold_refusing(scores: npt.ArrayLike, fraction: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - fraction))
 
 
-def auc(positives: npt.ArrayLike, negatives: npt.ArrayLike) -> float:
+def auc(positives: npt.ArrayLike, negatives: npt.ArrayLike) -> float | None:
     """Probability that a positive scores above a negative (ties count half): the ROC AUC, as the model
     card's metrics compute it (:func:`classifier.metrics.roc_auc`)."""
     pos = np.asarray(positives, dtype=np.float64).ravel()
     neg = np.asarray(negatives, dtype=np.float64).ravel()
     value = roc_auc(np.arange(len(pos) + len(neg)) < len(pos), np.concatenate([pos, neg]))
-    return float("nan") if value is None else value  # no positives or no negatives: undefined
+    return value  # None without positives or negatives: undefined, "—" in the table, null in the JSON
 
 
 def _embed_files(classifier: Classifier, items: Sequence[LabelledImage]) -> Features:
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                ("adults elsewhere refused", "d"), ("COVID-19 figures refused", "d"),
                ("RG1 p(child)", ".2f")]  # fmt: skip
     print(table.render(columns, [list(row.values()) for row in rows]))
-    print(json.dumps({"model": classifier.info.version, "rows": rows}))
+    print(table.json_line({"model": classifier.info.version, "rows": rows}))
     return 0
 
 

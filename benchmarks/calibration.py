@@ -20,7 +20,6 @@ Prints tables and, as the last line, a JSON object.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         [("temperature", ""), *[(key, "d" if isinstance(shifted[0][key], int) else ".3f") for key in keys]],
         [[row["temperature"], *[row[key] for key in keys]] for row in shifted],
     ))  # fmt: skip
-    print(json.dumps({
+    print(table.json_line({
         "model": classifier.info.version,
         "images": len(validation),
         "reliability": reliability_bins(clean, truth, bins=10),

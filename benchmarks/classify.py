@@ -14,7 +14,6 @@ size of the cxr3 training split). Prints a table and, as the last line, a JSON o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for architecture in ("sugandi-cnn", *classifier.info.name.split("+")):
             epochs[architecture] = _epoch_seconds(architecture, 870)
             print(f"training epoch {architecture:<20} {epochs[architecture]:8.1f} s (696 images)")
-    print(json.dumps({"model": classifier.info.version, "images": rows, "seconds_per_epoch": epochs}))
+    print(table.json_line({"model": classifier.info.version, "images": rows, "seconds_per_epoch": epochs}))
     return 0
 
 

@@ -26,7 +26,6 @@ Prints a table and, as the last line, a JSON object with the figures (millisecon
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -511,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(explain(engine, slowest[1], slowest[2]))
     print(table.render([("operation", ""), ("median ms", ".1f"), ("min ms", ".1f"), ("statements", ""),
                         ("slowest stmt ms", ".1f")], rows))
-    print(json.dumps({"database": engine.dialect.name, "studies": args.studies, "rounds": args.rounds,
+    print(table.json_line({"database": engine.dialect.name, "studies": args.studies, "rounds": args.rounds,
                       "cap_ms": args.cap * 1000,
                       "ms": {k: (None if v == float("inf") else v) for k, v in results.items()}}))
     engine.dispose()

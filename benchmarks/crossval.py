@@ -95,7 +95,7 @@ def _row(fold: int, folder: Path) -> dict[str, Any]:
         "correct": int(sum(matrix[i][i] for i in range(len(matrix)))),
         "accuracy": float(validation["accuracy"]),
         "macro_f1": float(validation["macro_f1"]),
-        "covid_auc": float(covid["roc_auc"]) if "roc_auc" in covid else None,
+        "covid_auc": None if covid.get("roc_auc") is None else float(covid["roc_auc"]),  # null: no COVID
         "last_epoch_accuracy": last,
         "best_epoch_accuracy": best,
     }
@@ -146,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             mean, sd = statistics.mean(values), statistics.stdev(values)
             summary[key] = {"mean": round(mean, 4), "sd": round(sd, 4)}
     summary["pooled_accuracy"] = round(sum(r["correct"] for r in rows) / sum(r["images"] for r in rows), 4)
-    if len(rows) >= 2:
+    spread = [
+        f"{name} {summary[key]['mean']:.3f} ± {summary[key]['sd']:.3f}"
+        for key, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("covid_auc", "COVID AUC"))
+        if key in summary  # a COVID AUC in fewer than two folds (or no COVID class) has no spread
+    ]
+    if spread:
         print(
-            f"mean ± sd: accuracy {summary['accuracy']['mean']:.3f} ± {summary['accuracy']['sd']:.3f}, "
-            f"macro-F1 {summary['macro_f1']['mean']:.3f} ± {summary['macro_f1']['sd']:.3f}, "
-            f"COVID AUC {summary['covid_auc']['mean']:.3f} ± {summary['covid_auc']['sd']:.3f}; "
+            f"mean ± sd: {', '.join(spread)}; "
             f"pooled accuracy {summary['pooled_accuracy']:.3f} over {sum(r['images'] for r in rows)} images"
         )
-    print(json.dumps(summary))
+    print(table.json_line(summary))
     return 0
 
 

@@ -25,7 +25,6 @@ Prints a table, then the figures as one JSON object on the last line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(figures))
+    print(table.json_line(figures))
     return 0 if lost == 0 and duplicated == 0 else 1
 
 

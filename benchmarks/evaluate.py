@@ -10,7 +10,6 @@ Prints a table and, as the last line, a JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         real[name] = dict(prediction.probabilities)
         probabilities = " ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
         print(f"{name:<14} {prediction.label:<14} {probabilities}")
-    print(json.dumps({"model": classifier.info.version, "validation": rows, "real_cr": real}))
+    print(table.json_line({"model": classifier.info.version, "validation": rows, "real_cr": real}))
     return 0
 
 

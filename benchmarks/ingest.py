@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(results_table(results))
-    print(json.dumps(figures(results)))
+    print(table.json_line(figures(results)))
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -68,15 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         [[mined, counts[(mined, "normal")], counts[(mined, "pneumonia")]] for mined in NIH_CLASSES],
     ))
     disagree = sum(count for (mined, adj), count in counts.items() if mined != adj)
-    low, high = wilson_interval(disagree, len(matched))
-    print(f"mined label != radiologists: {disagree} of {len(matched)} ({disagree / max(len(matched), 1):.0%}, "
-          f"95 % CI {low:.0%}-{high:.0%})")  # fmt: skip
+    # Nothing adjudicated (other labels, another collection): no rate, rather than 0 % and a NaN interval.
+    rate = disagree / len(matched) if matched else None
+    interval = list(wilson_interval(disagree, len(matched))) if matched else None
+    said = "—"
+    if rate is not None and interval is not None:
+        said = f"{rate:.0%}, 95 % CI {interval[0]:.0%}-{interval[1]:.0%}"
+    print(f"mined label != radiologists: {disagree} of {len(matched)} ({said})")
     result: dict[str, Any] = {
         "nih_images": len(manifest),
         "adjudicated": len(matched),
         "table": {f"{mined}->{adj}": counts[(mined, adj)] for mined in NIH_CLASSES for adj in NIH_CLASSES},
-        "disagreement": disagree / max(len(matched), 1),
-        "disagreement_ci95": [low, high],
+        "disagreement": rate,
+        "disagreement_ci95": interval,
     }
 
     if args.model is not None:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {side:<11} {count:>3} images: with the mined label {agreement[(side, 'mined')]}, "
                   f"with the radiologists {agreement[(side, 'radiologists')]}")  # fmt: skip
         result["model"] = {"version": classifier.info.version, **{f"{a}_{b}": n for (a, b), n in agreement.items()}}
-    print(json.dumps(result))
+    print(table.json_line(result))
     return 0
 
 

@@ -13,7 +13,6 @@ Prints a table and, as the last line, a JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                ("median", ".2f"), ("min", ".2f"), ("max", ".2f")]
     keys = [key for key, _ in columns]
     print(table.render(columns, [[row[key] for key in keys] for row in rows]))
-    print(json.dumps({"model": classifier.info.version, "rows": rows}))
+    print(table.json_line({"model": classifier.info.version, "rows": rows}))
     return 0
 
 

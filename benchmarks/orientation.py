@@ -20,7 +20,6 @@ Prints a table and, as the last line, a JSON object.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "unlike_both_ways", "refused_any", "accuracy_passed_novelty_alone", "accuracy_passed_all",
             "checks_ms_median"]
     print(table.render(columns, [[row[key] for key in keys] for row in rows]))
-    print(json.dumps({"model": classifier.info.version, "rows": rows}))
+    print(table.json_line({"model": classifier.info.version, "rows": rows}))
     return 0
 
 

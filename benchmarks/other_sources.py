@@ -28,8 +28,8 @@ import argparse
 import csv
 import gzip
 import io
-import json
 import re
+import statistics
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -96,7 +96,8 @@ def score(classifier: Classifier, name: str, items: Sequence[tuple[str, str, Ima
     refused = indeterminate = agree = 0
     p_covid: list[float] = []
     for (_, label, _), prediction in zip(items, predictions, strict=True):
-        p_covid.append(float(prediction.probabilities.get("covid", float("nan"))))
+        if "covid" in prediction.probabilities:  # a model without the class: no median
+            p_covid.append(float(prediction.probabilities["covid"]))
         if prediction.unfamiliar:
             refused += 1
         elif prediction.indeterminate:
@@ -104,7 +105,6 @@ def score(classifier: Classifier, name: str, items: Sequence[tuple[str, str, Ima
         else:
             called[prediction.label] += 1
             agree += prediction.label == label
-    p_covid.sort()
     return {
         "source": name,
         "images": len(items),
@@ -113,7 +113,7 @@ def score(classifier: Classifier, name: str, items: Sequence[tuple[str, str, Ima
         "indeterminate": indeterminate,
         "called": dict(called),
         "agree_with_label": agree,
-        "median_p_covid": p_covid[len(p_covid) // 2] if p_covid else None,
+        "median_p_covid": statistics.median(p_covid) if p_covid else None,
     }
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table.render([("class", ""), *((band, "d") for band in bands)],
                            [[label, *(counts.get(band, 0) for band in bands)] for label, counts in ages.items()]))
         result["nih_ages"] = ages
-    print(json.dumps(result))
+    print(table.json_line(result))
     return 0
 
 

@@ -17,7 +17,6 @@ object.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys
     ]  # fmt: skip
     print(table.render(columns, [[row[key] for key in keys] for row in rows]))
-    print(json.dumps({"model": classifier.info.version, "weights": weights.tolist(), "rows": rows}))
+    print(table.json_line({"model": classifier.info.version, "weights": weights.tolist(), "rows": rows}))
     return 0
 
 

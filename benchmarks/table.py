@@ -7,6 +7,8 @@ prints as "—" (not measured, not applicable); anything else prints as ``str`` 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 
 MISSING = "—"
@@ -36,3 +38,19 @@ def render(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]])
         ).rstrip()
         for line in texts
     )
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def json_line(figures: object) -> str:
+    """The last line of a benchmark: JSON that a strict parser reads, an undefined figure (NaN: an AUC
+    without positives, a median of nothing) as ``null``, as the table shows it as "—"."""
+    return json.dumps(_finite(figures), allow_nan=False)
