@@ -21,7 +21,7 @@ import pydicom
 from PIL import Image, ImageOps
 
 from classifier import plots
-from classifier.artifact import METRICS_FILE
+from classifier.artifact import METADATA_FILE, METRICS_FILE
 from classifier.dataset import (
     DatasetError,
     LabelledImage,
@@ -31,7 +31,7 @@ from classifier.dataset import (
     named_failure,
     writable_output,
 )
-from classifier.errors import ClassifierError, ModelArtifactError
+from classifier.errors import ClassifierError, ModelArtifactError, OutputError
 from classifier.inference import MIN_SIDE, Classifier, load_input
 from classifier.metrics import classification_report
 from classifier.preprocess import gray_to_uint8, image_to_model_input, read_image_file, reduced_gray
@@ -292,6 +292,11 @@ def evaluate(
     e.g. normal and pneumonia into a two-class model's non-covid. Labels then match the model's classes
     as :func:`class_indices` reads them."""
     if output is not None:
+        if (Path(output) / METADATA_FILE).is_file():  # its confusion_matrix.png is the model's own figure
+            raise OutputError(
+                f"cannot write the evaluation into {output}: it holds a model, whose validation figures "
+                "it would replace; write it elsewhere"
+            )
         writable_output(output, data)  # before the scoring, not after it
     classifier = Classifier.load(model)
     classes = classifier.info.classes

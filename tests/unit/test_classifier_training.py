@@ -35,7 +35,7 @@ from classifier.dataset import (
     split_by_group,
     split_from_record,
 )
-from classifier.errors import ModelArtifactError, OptionError, UnsupportedImageError
+from classifier.errors import ModelArtifactError, OptionError, OutputError, UnsupportedImageError
 from classifier.evaluation import class_indices, evaluate, parse_degradation, predict_items
 from classifier.inference import Classifier
 from classifier.preprocess import PreprocessSpec, pil_to_gray
@@ -833,6 +833,15 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
     ).stat().st_size > 0
     with pytest.raises(ValueError):
         parse_degradation("sepia:1")
+
+
+def test_an_evaluation_is_not_written_into_a_models_folder(artifact: Path, collection: Path) -> None:
+    """``evaluate MODEL DATA -o MODEL`` replaced the model's own validation confusion matrix without a word."""
+    figure = (artifact / "confusion_matrix.png").read_bytes()
+    with pytest.raises(OutputError, match="it holds a model"):
+        evaluate(artifact, collection / "manifest.csv", output=artifact)
+    assert (artifact / "confusion_matrix.png").read_bytes() == figure
+    assert not (artifact / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
