@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -233,7 +235,7 @@ def _load_weights(model: Any, path: Path, network: str) -> None:
     hundreds of warnings) turned into one line that names the file."""
     try:
         model.load_weights(str(path))
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:  # as load_keras_file
         raise WeightsUnavailableError(
             f"{path.name} holds no {network} weights that fit this network ({type(exc).__name__})"
         ) from exc
@@ -247,14 +249,20 @@ def _imagenet_weights(
     weights raise."""
     if str(weights) != "imagenet":
         return _weights_path(weights)
-    candidates = []
-    if os.environ.get(env):
-        candidates.append(Path(os.environ[env]).expanduser())
+    if os.environ.get(env):  # the operator's choice: never replaced by other weights found elsewhere
+        chosen = Path(os.environ[env]).expanduser()
+        if not chosen.is_file():
+            raise WeightsUnavailableError(f"${env} points at {chosen}, which is not a file")
+        return chosen
+    candidates: list[Path] = []
     spec = importlib.util.find_spec(package) if package else None
     if spec is not None and spec.submodule_search_locations:
         candidates.extend(Path(folder) / "models" / filename for folder in spec.submodule_search_locations)
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     candidates.append(keras_home / "models" / filename)
+    if not os.access(keras_home, os.W_OK):  # Keras' rule (get_file): its cache is then /tmp/.keras, as for
+        temporary = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())  # a service user
+        candidates.append(temporary / ".keras" / "models" / filename)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

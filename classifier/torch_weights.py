@@ -14,10 +14,12 @@ only the handful of names a state dict needs, so reading a checkpoint never runs
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import pickle
 import pickletools
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import numpy.typing as npt
 from classifier.errors import WeightsUnavailableError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")  # torch.hub's file names: name-<sha256 prefix>.pth
 _ZIP_START = b"PK\x03\x04"  # a zip file's first local header: how torch.load tells the formats apart
 # Elements of one tensor: a ResNet-152 has 60 M parameters in all. A view with stride 0 over one element
 # could otherwise ask the copy below for terabytes (a 300-byte file asked for 364 TiB).
@@ -239,11 +242,30 @@ def _read_zip(path: Path) -> OrderedDict[str, npt.NDArray[Any]]:
     return _to_arrays(state)
 
 
+def _check_hub_name(path: Path) -> None:
+    """A file named by PyTorch Hub's convention, ``name-<the start of its sha256>.pth``, must have that
+    hash, as ``torch.hub`` checks: the legacy format has no checksum, and a damaged copy of the
+    packaged EfficientNet-Lite0 weights loaded without a word."""
+    named = _HUB_NAME.search(path.name)
+    if named is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(named.group(1)):
+        raise WeightsUnavailableError(
+            f"{path.name}: its sha256 begins {digest.hexdigest()[:8]}, not {named.group(1)} as its name says "
+            "(PyTorch Hub's convention): the file is damaged, or another file under that name"
+        )
+
+
 def load_state_dict(path: str | Path) -> OrderedDict[str, npt.NDArray[Any]]:
     """The tensors of a ``torch.save``'d state dict, by name, as NumPy arrays."""
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file not found: {path}")
+    _check_hub_name(path)
     try:
         with path.open("rb") as handle:
             zipped = handle.read(4) == _ZIP_START  # not is_zipfile: it finds a zip's end inside any weights

@@ -277,3 +277,43 @@ def test_efficientnet_lite_port_reproduces_the_published_imagenet_classifier(var
     assert int(np.argmax(cat)) in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert cat[281:286].sum() > 0.8
     assert int(np.argmax(coffee)) == 967 and coffee[967] > 0.8  # espresso
+
+
+def test_weights_the_operator_points_at_are_used_or_missed_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$CXR_LITE0_WEIGHTS naming a file that is not there fell through to the packaged weights."""
+    chosen = tmp_path / "efficientnet-lite0-inhouse.pth"
+    monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(chosen))
+    with pytest.raises(WeightsUnavailableError, match=r"\$CXR_LITE0_WEIGHTS points at .*, which is not a"):
+        lite_weights_path(LITE_VARIANTS[0], "imagenet")
+    chosen.write_bytes(b"")
+    assert lite_weights_path(LITE_VARIANTS[0], "imagenet") == chosen
+
+
+def test_keras_cache_of_a_user_without_a_writable_home_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keras keeps its cache in /tmp/.keras when its home cannot be written (a service user's home is
+    /nonexistent): weights Keras fetched there were not found."""
+    from classifier.architectures import RESNET152_WEIGHTS_FILE, resnet152_weights_path
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "nonexistent" / ".keras"))
+    monkeypatch.delenv("CXR_RESNET152_WEIGHTS", raising=False)
+    cached = Path("/tmp/.keras/models") / RESNET152_WEIGHTS_FILE
+    if cached.exists():
+        pytest.fail(f"{cached} exists on this machine: the test would not tell where it was found")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cached.write_bytes(b"")
+        assert resnet152_weights_path("imagenet") == cached
+    finally:
+        cached.unlink()
+
+
+def test_a_damaged_keras_weights_file_is_a_weights_error(tmp_path: Path) -> None:
+    """A .keras file that is not a zip (or cut short) escaped as zipfile.BadZipFile."""
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(WeightsUnavailableError, match="garbage.keras holds no EfficientNet-Lite0 weights"):
+        build_efficientnet_lite_transfer(0, num_classes=3, weights=garbage, input_size=(32, 32))

@@ -258,3 +258,19 @@ class _OrderedDictOf:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (OrderedDict, (self.value,))
+
+
+def test_a_file_named_by_pytorch_hubs_convention_must_have_that_hash(tmp_path: Path) -> None:
+    """The legacy format has no checksum: a damaged copy of efficientnet-lite0-57934424.pth loaded NaN
+    weights. The start of the sha256 in the name is checked, as torch.hub does."""
+    import hashlib
+
+    data = (FIXTURES / "state_dict_legacy.pt").read_bytes()
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    right = tmp_path / f"weights-{prefix}.pth"
+    right.write_bytes(data)
+    assert set(load_state_dict(right)) >= {"conv.weight"}
+    wrong = tmp_path / f"weights-{'0' if prefix[0] != '0' else '1'}{prefix[1:]}.pth"
+    wrong.write_bytes(data)
+    with pytest.raises(WeightsUnavailableError, match=f"its sha256 begins {prefix}, not "):
+        load_state_dict(wrong)
