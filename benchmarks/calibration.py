@@ -90,6 +90,8 @@ def cross_fit(
 ) -> dict[str, Any]:
     """T fitted on one half of the groups, scored on the other, both ways, ``repeats`` times: the mean
     and spread of T, each score before and after, and how often the held-out log loss fell."""
+    if len(set(groups)) < 2:  # one half is empty: its scores of no images (0.0) halved the averages
+        raise ValueError(f"cross-fitting needs images of two groups at least, not {len(set(groups))}")
     rng = np.random.default_rng(seed)
     temperatures: list[float] = []
     before: list[dict[str, float]] = []
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = [item.group for item in validation]
 
     fitted = fit_temperature(clean, truth)
-    crossed = cross_fit(clean, truth, groups, args.repeats, args.seed)
+    try:
+        crossed = cross_fit(clean, truth, groups, args.repeats, args.seed)
+    except ValueError as exc:
+        sys.exit(f"calibration: {exc}")
     temperatures = {"as trained": 1.0, "cross-fitted mean": crossed["temperature_mean"]}
     shifted: list[dict[str, Any]] = []
     for name, temperature in temperatures.items():

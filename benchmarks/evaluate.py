@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks import table
 from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
+from classifier.cli import degradation
 from classifier.dataset import load_collection, split_from_record
 from classifier.evaluation import evaluate
 from classifier.inference import Classifier
@@ -41,18 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model", type=Path)
     parser.add_argument("data", type=Path)
-    parser.add_argument("--degradations", nargs="*", default=list(DEGRADATIONS))
+    parser.add_argument(  # the spellings 'cxr-node evaluate --degrade' reads, checked before the model loads
+        "--degradations", nargs="+", type=degradation, default=list(DEGRADATIONS), metavar="DEGRADATION"
+    )
     args = parser.parse_args(argv)
 
     split = read_metadata(args.model).data.get("split", {})
     _, validation = split_from_record(load_collection(args.data), split)
     rows = []
-    for degradation in args.degradations:
-        report = evaluate(args.model, args.data, degrade=degradation, items=validation)
+    for spelling in args.degradations:
+        report = evaluate(args.model, args.data, degrade=spelling, items=validation)
         per_class = report["per_class"]
         rows.append(
             {
-                "degradation": degradation,
+                "degradation": spelling,
                 "accuracy": report["accuracy"],
                 "macro_f1": report["macro_f1"],
                 "ece": report["expected_calibration_error"],

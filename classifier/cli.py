@@ -191,7 +191,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     evaluate.add_argument("data", type=Path, help=DATA_HELP)
     evaluate.add_argument("--output", "-o", type=Path, help="folder for metrics.json and the PNG figures")
     evaluate.add_argument(
-        "--degrade", type=_degradation, default="none",
+        "--degrade", type=degradation, default="none",
         help="re-encode/degrade images first (see classifier.evaluation)"
     )
     evaluate.add_argument(
@@ -354,7 +354,7 @@ def _probability(text: str) -> float:
     return value
 
 
-def _degradation(text: str) -> str:
+def degradation(text: str) -> str:
     """argparse type: a degradation spelling that :func:`classifier.evaluation.parse_degradation` reads."""
     from classifier.evaluation import parse_degradation
 

@@ -70,6 +70,8 @@ def _crop(image: Image.Image, keep: float) -> Image.Image:
 
 
 def _pad(image: Image.Image, fraction: float) -> Image.Image:
+    if fraction == 0:  # no frame: pad:0 added one pixel round the image
+        return image
     border = max(1, round(min(image.size) * fraction))
     return ImageOps.expand(image.convert("L"), border=border, fill=0)
 

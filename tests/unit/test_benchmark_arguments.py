@@ -63,3 +63,26 @@ def test_crossval_refuses_more_jobs_than_it_has_cpus_to_pin_them_to(
         _main("crossval")(["/nonexistent-data", "/nonexistent-output", "--jobs", str(jobs)])
     assert exit_status.value.code == 2
     assert f"--jobs: at most {jobs - 1}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("values", "says"), [([], "expected at least one argument"), (["JPEG:30"], "JPEG:30")])
+def test_evaluate_refuses_degradations_it_cannot_apply_before_the_model_loads(
+    values: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No value ended in an IndexError after every degradation had run, an unknown one in a traceback
+    after the model had loaded."""
+    with pytest.raises(SystemExit) as exit_status:
+        _main("evaluate")(["/nonexistent-model", "/nonexistent-data", "--degradations", *values])
+    assert exit_status.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_calibration_refuses_to_cross_fit_a_single_group() -> None:
+    """Its empty half was scored as 0.0 and averaged in: the 'before' figures came out halved."""
+    import numpy as np
+
+    from benchmarks.calibration import cross_fit
+
+    probabilities = np.full((20, 3), 1 / 3)
+    with pytest.raises(ValueError, match="two groups at least, not 1"):
+        cross_fit(probabilities, np.zeros(20, dtype=np.int64), ["one"] * 20, repeats=2, seed=0)

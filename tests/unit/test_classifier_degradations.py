@@ -52,3 +52,10 @@ def test_the_strongest_crop_in_range_keeps_what_the_model_reads_and_the_evaluati
     cropped = parse_degradation("crop:0.05")(Image.new("L", (240, 256)))
     assert cropped.size == (32, 32)
     assert parse_degradation("crop:0.85")(Image.new("L", (200, 100))).size == (170, 84)  # as before
+
+
+def test_a_frame_of_nothing_is_no_frame() -> None:
+    """pad:0, in the range the degradation allows, added a pixel round the picture."""
+    picture = Image.new("L", (100, 80), 128)
+    assert parse_degradation("pad:0")(picture).size == (100, 80)
+    assert parse_degradation("pad:0.01")(picture).size == (102, 82)  # the smallest frame is a pixel
