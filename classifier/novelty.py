@@ -337,15 +337,15 @@ class NoveltyCheck:
     @classmethod
     def load(cls, folder: Path, record: Mapping[str, Any]) -> NoveltyCheck:
         """The check an artifact records in the ``novelty`` entry of its model.json."""
-        try:
-            threshold = float(record.get("threshold", 0.0))
-        except (TypeError, ValueError) as exc:
-            raise ModelArtifactError("the novelty threshold in model.json is not a number") from exc
+        value = record.get("threshold")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # "2.5" and true were read
+            raise ModelArtifactError("the novelty threshold in model.json is not a number")
+        threshold = float(value)
         if not (math.isfinite(threshold) and threshold > 0):
             raise ModelArtifactError("the novelty threshold in model.json must be positive and finite")
         density = FeatureDensity.load(_recorded_file(folder, record, NOVELTY_FILE))
-        entry = record.get("presentation_probe")
-        if entry and not isinstance(entry, Mapping):
+        entry = record.get("presentation_probe")  # absent, null or {}: fitted before the probe existed
+        if entry is not None and not isinstance(entry, Mapping):  # [], false, 0 or "" turned the checks off
             raise ModelArtifactError("the presentation_probe entry in model.json is not an object")
         probe = None
         if entry:

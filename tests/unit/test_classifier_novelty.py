@@ -84,11 +84,13 @@ def test_the_density_round_trips_and_a_changed_file_is_refused(tmp_path: Path) -
     np.testing.assert_allclose(check.ratios(features[:3]), loaded.score(features[:3]) / 2.0)
     with pytest.raises(ModelArtifactError, match="sha256"):
         NoveltyCheck.load(tmp_path, {**record, "sha256": "0" * 64})
-    for threshold in (0, "high", [2.0], float("inf"), float("nan")):  # a hand-edited model.json
+    # a hand-edited model.json; true, "2.5" and " 7 " were read as 1.0, 2.5 and 7.0
+    for threshold in (0, "high", [2.0], float("inf"), float("nan"), True, "2.5", " 7 ", None):
         with pytest.raises(ModelArtifactError, match="threshold"):
             NoveltyCheck.load(tmp_path, {**record, "threshold": threshold})
-    with pytest.raises(ModelArtifactError, match="presentation_probe"):
-        NoveltyCheck.load(tmp_path, {**record, "presentation_probe": "probe.npz"})
+    for probe in ("probe.npz", [], False, 0, ""):  # the falsy ones turned the turn and negative checks off
+        with pytest.raises(ModelArtifactError, match="presentation_probe"):
+            NoveltyCheck.load(tmp_path, {**record, "presentation_probe": probe})
     with pytest.raises(ModelArtifactError, match="not in"):
         NoveltyCheck.load(tmp_path, {**record, "file": "elsewhere.npz"})
 
