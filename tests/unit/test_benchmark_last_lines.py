@@ -102,3 +102,19 @@ def test_the_median_p_covid_of_an_even_count_is_the_mean_of_the_middle_two() -> 
     items = [("a", "normal", None), ("b", "normal", None)]
     result = score(_Answers([0.011985, 0.007524]), "kermany", items)  # type: ignore[arg-type]
     assert result["median_p_covid"] == pytest.approx((0.011985 + 0.007524) / 2)
+
+
+def test_a_receiver_that_did_not_store_everything_gets_no_rate() -> None:
+    """Instances a second counted what was sent: a receiver that refused all 40 answered faster than one
+    that stored them, and the ratio called it the quicker one."""
+    from benchmarks.ingest import Measurement, figures, results_table
+
+    results = [
+        Measurement("uncompressed", 1, "node", 40, 2.0, 0, 40, complete=False),
+        Measurement("uncompressed", 1, "storescp", 40, 4.0, 40, 0),
+    ]
+    summary = _strict(table.json_line(figures(results)))
+    assert [run["instances_per_s"] for run in summary["runs"]] == [None, 10.0]
+    assert summary["ratios"] == {}
+    row = results_table(results).splitlines()[1].split()
+    assert row[2] == table.MISSING and row[3] == "10.0"
