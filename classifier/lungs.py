@@ -47,6 +47,8 @@ MARGIN = 0.06  # of the box's own height/width, on every side
 MIN_AREA, MAX_AREA = 0.04, 0.85  # plausible lung fraction of the image
 MIN_SIDE = 0.3  # a box narrower or lower than this fraction of the image is not two lungs
 MIN_COMPONENT = 0.15  # a second component smaller than this fraction of the largest is not a lung
+LABEL_VALUES = 8  # a mask of at most this many values is a label image (drawn flat), not a grey one
+UNUSABLE_MASK = "is not a usable lung mask"  # what a mask that cannot be read or used is said to be
 PROFILE_MIN = 0.02  # a row/column counts when this fraction of its pixels is lung (ignores specks)
 
 
@@ -73,18 +75,49 @@ def find_masks(data: Path, masks: Path, items: Sequence[LabelledImage] | None = 
         )
     if not masks.is_dir():
         raise LungMaskError(f"no folder of lung masks at {masks}")
-    by_stem = {p.stem.lower(): p for p in masks.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    by_stem: dict[str, Path] = {}
+    for path in sorted(masks.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem.lower() in by_stem:  # which one is the image's was up to the folder's order
+                raise LungMaskError(
+                    f"two lung masks are named {path.stem}: {by_stem[path.stem.lower()].name}, {path.name}"
+                )
+            by_stem[path.stem.lower()] = path
     allowed = None if items is None else {item.path.resolve() for item in items}
     pairs: list[MaskedImage] = []
+    owner: dict[str, Path] = {}
     with manifest.open(newline="") as handle:
         for row in csv.DictReader(handle):
             stem = Path(row.get("source") or row["file"]).stem.lower()
             image = (manifest.parent / row["file"]).resolve()
-            if stem in by_stem and (allowed is None or image in allowed):
+            if stem not in by_stem:
+                continue
+            if owner.setdefault(stem, image) != image:  # left/0.png and right/0.png, without a source column
+                raise LungMaskError(
+                    f"lung mask {by_stem[stem].name} matches two images of {manifest.name} "
+                    f"({owner[stem].name}, {image.name}): give the manifest a source column of unique names"
+                )
+            if allowed is None or image in allowed:
                 pairs.append(MaskedImage(image=image, mask=by_stem[stem]))
     if not pairs:
         raise LungMaskError(f"no image of {manifest} has a mask in {masks}")
-    return pairs
+    usable = []
+    for pair in pairs:
+        with named_failure(pair.mask, UNUSABLE_MASK):  # a damaged file is named
+            try:
+                load_mask(pair)
+            except LungMaskError:  # drawn without lungs (82 of the 517 v7labs masks): it teaches "no lung"
+                continue
+        usable.append(pair)
+    if len(usable) < len(pairs):
+        LOGGER.warning(
+            "%d of %d lung masks left out: no plausible lungs (empty, all lung, or drawn inverted)",
+            len(pairs) - len(usable),
+            len(pairs),
+        )
+    if not usable:
+        raise LungMaskError(f"no mask in {masks} for an image of {manifest} shows plausible lungs")
+    return usable
 
 
 def segmenter_input(gray: FloatImage) -> FloatImage:
@@ -93,17 +126,45 @@ def segmenter_input(gray: FloatImage) -> FloatImage:
 
 
 def load_mask(pair: MaskedImage) -> FloatImage:
-    """The binary mask at the U-Net's size, stretched as the image is (whatever size it was drawn at)."""
-    with Image.open(pair.mask) as mask_image:
-        mask = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
-    return (resize_gray(mask, (LUNG_INPUT, LUNG_INPUT)) > 0.5).astype(np.float32)
+    """The binary mask at the U-Net's size, stretched as the image is (whatever size it was drawn at).
+
+    Masks come as 0/255 grey, as label images (0/1, or 1 and 2 for the two lungs; 8 or 16 bits) and as
+    lungs painted in a colour; the first reading (grey above 127) took the last two for masks without
+    lungs, on which a U-Net trained to a Dice of 0. A mask of a few values (at most
+    :data:`LABEL_VALUES`, in its brightest colour channel) is a label image: every value but 0 is lung.
+    One of many values (drawn smooth, or saved as JPEG) is lung where brighter than half its maximum.
+    A mask whose lungs cover too little or too much of the image, or that reaches round its border
+    (drawn inverted: lungs black), is refused."""
+    with Image.open(pair.mask) as opened:
+        shown: Image.Image = opened
+        if opened.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "LAB"):
+            shown = opened.convert("RGB")  # a palette's colours; transparency is not a lung
+        values = np.asarray(shown, dtype=np.float32)
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    peak = float(values.max()) if values.size else 0.0
+    labelled = len(np.unique(values)) <= LABEL_VALUES  # at half the maximum, label 1 of 0/1/2 was lost
+    mask = values > (0 if labelled else peak / 2)
+    fraction = float(mask.mean()) if mask.size else 0.0
+    if not MIN_AREA <= fraction <= MAX_AREA:
+        raise LungMaskError(
+            f"lungs cover {fraction:.0%} of it, not {MIN_AREA:.0%} to {MAX_AREA:.0%} (empty, all lung, or "
+            "not a mask)"
+        )
+    border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    if float(border.mean()) > 0.5:
+        raise LungMaskError(
+            "lung along most of its edge: is it drawn inverted (lungs black)?"
+        )
+    stretched = resize_gray(mask.astype(np.float32), (LUNG_INPUT, LUNG_INPUT))
+    return (stretched > 0.5).astype(np.float32)
 
 
 def load_pair(pair: MaskedImage) -> tuple[FloatImage, FloatImage]:
     """(input, mask) at the U-Net's size."""
     with named_failure(pair.image):
         image = segmenter_input(load_gray(pair.image, upright=False))
-    with named_failure(pair.mask):
+    with named_failure(pair.mask, UNUSABLE_MASK):
         mask = load_mask(pair)
     return image, mask
 
@@ -310,6 +371,7 @@ def train_lung_model(
 
     if not train:
         raise LungMaskError("no training images with lung masks")
+    held_out = _read_held_out(validation)  # now: a damaged one was found only after every epoch
     keras.utils.set_random_seed(seed)
     pairs = [load_pair(pair) for pair in train]
     images = np.stack([p[0] for p in pairs])[..., None]
@@ -357,7 +419,7 @@ def train_lung_model(
         "threshold": THRESHOLD,
         "margin": MARGIN,
         "training": {"images": len(train), "epochs": epochs, "batch_size": batch_size, "seed": seed},
-        "validation": evaluate_lung_model(cropper, validation) if validation else None,
+        "validation": _dice(cropper, held_out) if held_out else None,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "sha256": sha256_file(model_path),
     }
@@ -384,21 +446,35 @@ def train_lung_model_on_split(
     return metadata, len(train_pairs), len(held_pairs)
 
 
-def evaluate_lung_model(cropper: LungCropper, pairs: Sequence[MaskedImage]) -> dict[str, float]:
-    """Mean Dice of the network's thresholded masks (before the two-component clean-up), and how often
-    the crop box falls back to the whole image."""
-    scores, fallbacks = [], 0
+def _read_held_out(pairs: Sequence[MaskedImage]) -> list[tuple[FloatImage, FloatImage]]:
+    """(grey image as stored, mask) of each pair; a file that cannot be read is named."""
+    held_out = []
     for pair in pairs:
-        gray = load_gray(pair.image, upright=False)  # the mask is drawn on the stored pixels
+        with named_failure(pair.image):
+            gray = load_gray(pair.image, upright=False)  # the mask is drawn on the stored pixels
+        with named_failure(pair.mask, UNUSABLE_MASK):
+            held_out.append((gray, load_mask(pair)))
+    return held_out
+
+
+def _dice(cropper: LungCropper, held_out: Sequence[tuple[FloatImage, FloatImage]]) -> dict[str, float]:
+    scores, fallbacks = [], 0
+    for gray, mask in held_out:
         probability = cropper.probabilities([gray])[0]
-        scores.append(dice(probability > THRESHOLD, load_mask(pair)))
+        scores.append(dice(probability > THRESHOLD, mask))
         fallbacks += mask_box(probability) is None
     return {
-        "images": len(pairs),
+        "images": len(held_out),
         "dice_mean": float(np.mean(scores)),
         "dice_min": float(np.min(scores)),
         "whole_image_fallbacks": fallbacks,
     }
+
+
+def evaluate_lung_model(cropper: LungCropper, pairs: Sequence[MaskedImage]) -> dict[str, float]:
+    """Mean Dice of the network's thresholded masks (before the two-component clean-up), and how often
+    the crop box falls back to the whole image."""
+    return _dice(cropper, _read_held_out(pairs))
 
 
 def artifact_lungs(artifact: Path, metadata: ArtifactMetadata) -> LungCropper | None:

@@ -15,19 +15,24 @@ from PIL import Image
 
 from classifier import cli
 from classifier.artifact import sha256_file
+from classifier.dataset import DatasetError
 from classifier.errors import ModelArtifactError
 from classifier.inference import Classifier, heatmap_in_whole_frame
 from classifier.lungs import (
     LUNG_META_FILE,
     LUNG_MODEL_FILE,
     LungCropper,
+    LungMaskError,
+    MaskedImage,
     build_lung_unet,
     components,
     copy_lung_model,
     dice,
     find_masks,
+    load_mask,
     lung_mask,
     mask_box,
+    train_lung_model,
 )
 from classifier.preprocess import Box, FloatImage, PreprocessSpec, fit_gray, frame_box
 from classifier.training import TrainingConfig, train
@@ -331,3 +336,105 @@ def test_an_ensemble_trained_with_lung_masks_trains_one_lung_model_for_all_its_m
     assert model["lungs"]["sha256"] == lungs["sha256"]
     assert lungs["validation"]["images"] == model["data"]["validation"]["images"]  # the members' split
     assert Classifier.load(output).lungs is not None
+
+
+def _save_mask(folder: Path, name: str, image: Image.Image) -> MaskedImage:
+    image.save(folder / name)
+    return MaskedImage(image=folder / "unused.png", mask=folder / name)
+
+
+def test_masks_are_read_as_lungs_in_every_usual_coding(tmp_path: Path) -> None:
+    """0/1 label masks (8 and 16 bits), lungs painted red, and a palette were read as masks without lungs
+    (grey above 127), and a U-Net trained on them to a Dice of 0 with exit 0."""
+    _, lungs = _chest(np.random.default_rng(5))
+    drawn = lungs > 0
+    expected = load_mask(_save_mask(tmp_path, "grey.png", Image.fromarray(lungs)))
+    assert 0.1 < expected.mean() < 0.5
+    red = np.zeros((*lungs.shape, 3), dtype=np.uint8)
+    red[..., 0] = lungs
+    palette = Image.fromarray(drawn.astype(np.uint8), mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 0, 200, 0])
+    two_labels = drawn.astype(np.uint8)
+    two_labels[:, lungs.shape[1] // 2 :] *= 2  # the left lung 1, the right 2: the left was lost
+    codings = {
+        "labels8.png": Image.fromarray(drawn.astype(np.uint8)),
+        "two-labels.png": Image.fromarray(two_labels),
+        "smooth.png": Image.fromarray(lungs).resize((80, 80), Image.Resampling.BILINEAR).resize((160, 160)),
+        "labels16.png": Image.fromarray(drawn.astype(np.uint16)),
+        "red.png": Image.fromarray(red),
+        "palette.png": palette,
+        "bilevel.png": Image.fromarray(lungs).convert("1"),
+    }
+    for name, image in codings.items():
+        np.testing.assert_array_equal(load_mask(_save_mask(tmp_path, name, image)), expected, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("empty", "lungs cover 0% of it"),
+        ("all-lung", "lungs cover 100% of it"),
+        ("inverted", "drawn inverted"),
+    ],
+)
+def test_a_mask_without_plausible_lungs_is_left_out(
+    masked_collection: tuple[Path, Path],
+    tmp_path: Path,
+    case: str,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It taught the U-Net that a chest has no lungs (or only lungs); a mask set may hold such masks (82 of
+    the 517 v7labs masks are empty), so they are left out with a count, and refused when read alone."""
+    _, lungs = _chest(np.random.default_rng(5))
+    drawn = {"empty": np.zeros_like(lungs), "all-lung": np.full_like(lungs, 255), "inverted": 255 - lungs}
+    pair = _save_mask(tmp_path, f"{case}.png", Image.fromarray(drawn[case]))
+    with pytest.raises(LungMaskError, match=reason):
+        load_mask(pair)
+    data, masks = masked_collection
+    copied = Path(shutil.copytree(masks, tmp_path / "masks"))
+    Image.fromarray(drawn[case]).save(copied / "Orig-left-0.PNG")
+    with caplog.at_level("WARNING", logger="classifier.lungs"):
+        pairs = find_masks(data, copied)
+    assert len(pairs) == 23 and "Orig-left-0.PNG" not in {pair.mask.name for pair in pairs}
+    assert "1 of 24 lung masks left out: no plausible lungs" in caplog.text
+
+
+def test_a_mask_that_two_images_could_own_is_refused(
+    masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Without a source column, left/0.png and right/0.png both took mask 0.png; of 0.png and 0.jpg, the
+    folder's order chose."""
+    data, _ = masked_collection
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _, lungs = _chest(np.random.default_rng(5))
+    Image.fromarray(lungs).save(masks / "0.png")
+    manifest = tmp_path / "manifest.csv"
+    rows = "".join(f"{data}/{side}/0.png,{side}\n" for side in ("left", "right"))
+    manifest.write_text("file,label\n" + rows)
+    with pytest.raises(LungMaskError, match=r"lung mask 0.png matches two images of manifest.csv"):
+        find_masks(manifest, masks)
+    Image.fromarray(lungs).save(masks / "0.jpg")
+    with pytest.raises(LungMaskError, match="two lung masks are named 0: 0.jpg, 0.png"):
+        find_masks(manifest, masks)
+
+
+def test_a_damaged_held_out_mask_is_named_before_the_u_net_trains(
+    masked_collection: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was read after the last epoch (120 by default), and escaped as PIL's OSError with no lungs.json."""
+    data, masks = masked_collection
+    pairs = find_masks(data, masks)
+    cut = tmp_path / "Orig-cut.png"
+    cut.write_bytes(pairs[1].mask.read_bytes()[:60])
+    held_out = [MaskedImage(image=pairs[1].image, mask=cut)]
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the U-Net was built before the held-out masks were read")
+
+    monkeypatch.setattr("classifier.lungs.build_lung_unet", no_training)
+    with pytest.raises(DatasetError, match="Orig-cut.png is not a usable lung mask"):
+        train_lung_model(pairs[:2], held_out, tmp_path / "lungs", epochs=2)
+    assert not (tmp_path / "lungs").exists()
+
