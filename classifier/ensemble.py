@@ -174,6 +174,12 @@ def _printed_split(folders: Sequence[Path], metas: Sequence[ArtifactMetadata]) -
     return printed[0] if printed else splits[0]
 
 
+def _lung_digest(metadata: ArtifactMetadata) -> str:
+    """The lung model a member crops with, by sha256, in either case (a digest copied by hand is often
+    upper case, and loading accepts it)."""
+    return str(metadata.lungs.get("sha256") or "").lower()
+
+
 def build_ensemble(
     member_folders: Sequence[Path],
     output: Path,
@@ -191,7 +197,11 @@ def build_ensemble(
     metas = [read_metadata(folder) for folder in member_folders]
     first = metas[0]
     for meta in metas[1:]:
-        if (meta.classes, meta.lungs, _unprinted(meta)) != (first.classes, first.lungs, _unprinted(first)):
+        if (meta.classes, _lung_digest(meta), _unprinted(meta)) != (
+            first.classes,
+            _lung_digest(first),
+            _unprinted(first),
+        ):
             raise EnsembleError("ensemble members must share classes, lung model and split")
     _check_preprocessing([meta.preprocess for meta in metas])
     printed, split = _printed_split(member_folders, metas)

@@ -597,7 +597,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             "history": {key: [round(v, 5) for v in values] for key, values in history.items()},
         },
         validation=report,
-        lungs={"sha256": lungs.metadata["sha256"]} if lungs is not None else {},
+        lungs={"sha256": str(lungs.metadata["sha256"]).lower()} if lungs is not None else {},
     )
     files = [model_path]
     if lung_folder is not None and lung_folder != folder / "lungs":

@@ -438,3 +438,28 @@ def test_a_damaged_held_out_mask_is_named_before_the_u_net_trains(
         train_lung_model(pairs[:2], held_out, tmp_path / "lungs", epochs=2)
     assert not (tmp_path / "lungs").exists()
 
+
+def test_members_that_record_their_lung_model_in_either_case_merge(
+    lung_model: Path, masked_collection: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A member whose model.json gave the lung model's sha256 in upper case loaded, but the merge called
+    the members' lung models different."""
+    from dataclasses import replace
+
+    from classifier.artifact import read_metadata, write_metadata
+    from classifier.ensemble import build_ensemble
+
+    data, _ = masked_collection
+    members = [tmp_path / "member1", tmp_path / "member2"]
+    for seed, folder in enumerate(members, start=1):
+        train(
+            TrainingConfig(
+                architecture="cxr-compact", data=data, output=folder, epochs=1, steps_per_epoch=1,
+                batch_size=4, input_size=64, seed=seed, split_seed=42, lung_model=lung_model, progress=False,
+            )
+        )  # fmt: skip
+    metadata = read_metadata(members[1])
+    write_metadata(members[1], replace(metadata, lungs={"sha256": str(metadata.lungs["sha256"]).upper()}))
+    assert Classifier.load(members[1]).lungs is not None
+    build_ensemble(members, tmp_path / "ensemble", data)
+    assert Classifier.load(tmp_path / "ensemble").lungs is not None
