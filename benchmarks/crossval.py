@@ -78,9 +78,11 @@ def _epoch_accuracies(history: dict[str, list[float]]) -> tuple[float | None, fl
     losses, accuracies = history.get("val_loss") or [], history.get("val_accuracy") or []
     if not losses or len(losses) != len(accuracies):
         return None, None
-    finite = [index for index, loss in enumerate(losses) if math.isfinite(loss)]  # as BestWeights skips NaN
+    # as BestWeights skips NaN; model.json records a NaN epoch as null
+    finite = [index for index, loss in enumerate(losses) if loss is not None and math.isfinite(loss)]
     best = min(finite, key=losses.__getitem__) if finite else len(losses) - 1
-    return float(accuracies[-1]), float(accuracies[best])
+    last, kept = accuracies[-1], accuracies[best]
+    return (None if last is None else float(last)), (None if kept is None else float(kept))
 
 
 def _row(fold: int, folder: Path) -> dict[str, Any]:

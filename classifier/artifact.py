@@ -192,6 +192,8 @@ def write_metadata(folder: Path, metadata: ArtifactMetadata, files: Sequence[Pat
     try:  # NaN or Infinity is not JSON: a strict reader of model.json refuses the whole file
         text = json.dumps(metadata.to_dict(), indent=2, sort_keys=False, allow_nan=False)
     except ValueError as exc:
+        for done in files:
+            staged(done).unlink(missing_ok=True)  # the old files stay, with nothing half-written beside them
         raise ModelArtifactError(f"{METADATA_FILE} would record a value that is not a finite number") from exc
     staged(path).write_text(text + "\n", encoding="utf-8")
     for done in (*files, path):

@@ -594,7 +594,10 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
             "averaged_epochs": averaged,
             "seconds_per_epoch": round(seconds_per_epoch, 2),
             "parameters": int(model.count_params()),
-            "history": {key: [round(v, 5) for v in values] for key, values in history.items()},
+            "history": {  # an epoch whose loss went NaN (the best weights kept) is null: JSON has no NaN
+                key: [round(v, 5) if math.isfinite(v) else None for v in values]
+                for key, values in history.items()
+            },
         },
         validation=report,
         lungs={"sha256": str(lungs.metadata["sha256"]).lower()} if lungs is not None else {},

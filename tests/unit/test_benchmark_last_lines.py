@@ -118,3 +118,10 @@ def test_a_receiver_that_did_not_store_everything_gets_no_rate() -> None:
     assert summary["ratios"] == {}
     row = results_table(results).splitlines()[1].split()
     assert row[2] == table.MISSING and row[3] == "10.0"
+
+
+def test_crossval_reads_an_epoch_whose_loss_went_nan_as_model_json_records_it() -> None:
+    """model.json records such an epoch as null (JSON has no NaN); math.isfinite(None) was a TypeError."""
+    history = {"val_loss": [None, 0.5, 0.7], "val_accuracy": [None, 0.6, 0.4]}
+    assert crossval._epoch_accuracies(history) == (0.4, 0.6)
+    assert crossval._epoch_accuracies({"val_loss": [0.5, None], "val_accuracy": [0.6, None]}) == (None, 0.6)

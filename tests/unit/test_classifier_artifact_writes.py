@@ -182,3 +182,42 @@ def test_no_novelty_check_is_fitted_to_a_model_without_usable_features(
     with pytest.raises(ModelArtifactError, match=reason):
         fit_novelty(model, collection, rank=8, quantile=0.9, degradations=())
     assert (model / METADATA_FILE).read_bytes() == recorded
+
+
+def test_a_training_whose_loss_went_nan_in_an_epoch_still_writes_its_model(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.json is never written with NaN; the history of an epoch that diverged (its best weights kept)
+    made the whole training fail at its end, with the new model left under its staged name."""
+    import json
+    import math
+
+    import keras
+
+    fit = keras.Model.fit
+
+    def diverged(self: Any, *args: Any, **kwargs: Any) -> Any:
+        history = fit(self, *args, **kwargs)
+        history.history["loss"] = [math.nan for _ in history.history["loss"]]
+        return history
+
+    monkeypatch.setattr(keras.Model, "fit", diverged)
+    _train(collection, tmp_path / "model", "nan-1")
+    def refuse(constant: str) -> None:
+        raise ValueError(f"model.json holds {constant}")
+
+    recorded = json.loads((tmp_path / "model" / METADATA_FILE).read_text(), parse_constant=refuse)
+    assert recorded["training"]["history"]["loss"] == [None]
+    read_metadata(tmp_path / "model")
+
+
+def test_metadata_that_cannot_be_written_leaves_nothing_staged(trained: Path, tmp_path: Path) -> None:
+    from classifier.artifact import MODEL_FILE, staged, write_metadata
+    from classifier.errors import ModelArtifactError
+
+    model = Path(shutil.copytree(trained, tmp_path / "model"))
+    staged(model / MODEL_FILE).write_bytes(b"a new model")
+    metadata = read_metadata(model)
+    with pytest.raises(ModelArtifactError, match="not a finite number"):
+        write_metadata(model, replace(metadata, validation={"accuracy": float("nan")}), [model / MODEL_FILE])
+    assert not staged(model / MODEL_FILE).exists() and read_metadata(model) == metadata
