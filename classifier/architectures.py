@@ -336,12 +336,16 @@ def load_lite_state_dict(model: Any, state: dict[str, Any], variant: LiteVariant
     ported from the TensorFlow release) into the layers of :func:`build_efficientnet_lite_transfer`.
 
     Every backbone tensor must be used and fit, or the file is refused as not this variant's."""
+    import numpy as np
 
     used: set[str] = set()
 
     def take(key: str) -> Any:
         used.add(key)
-        return state[key]
+        value = state[key]
+        if not np.isfinite(value).all():  # a damaged file: the legacy format has no checksum
+            raise WeightsUnavailableError(f"{variant.network} weights {key} hold values that are not finite")
+        return value
 
     def conv(layer: str, key: str, depthwise: bool = False) -> None:
         kernel = take(key)  # out, in, kh, kw
@@ -429,8 +433,10 @@ def build_efficientnet_lite_transfer(
     model = keras.Model(inputs, outputs, name=f"efficientnet_lite{variant}_transfer")
     if weights_file is not None:
         if weights_file.suffix in (".pth", ".pt"):
-            from classifier.torch_weights import load_state_dict
+            from classifier.torch_weights import check_hub_hash, load_state_dict
 
+            if weights_file.name == lite.weights_file:  # the published file, its hash's start in its name
+                check_hub_hash(weights_file)
             load_lite_state_dict(model, load_state_dict(weights_file), lite)
         else:
             _load_weights(model, weights_file, lite.network)

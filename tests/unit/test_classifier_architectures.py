@@ -317,3 +317,28 @@ def test_a_damaged_keras_weights_file_is_a_weights_error(tmp_path: Path) -> None
     garbage.write_bytes(b"not a zip")
     with pytest.raises(WeightsUnavailableError, match="garbage.keras holds no EfficientNet-Lite0 weights"):
         build_efficientnet_lite_transfer(0, num_classes=3, weights=garbage, input_size=(32, 32))
+
+
+def test_a_damaged_copy_of_the_published_lite0_weights_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight bytes of the stem kernel overwritten: the legacy file has no checksum, and the network was
+    built with NaN and 1e30 in its first convolution, predicting NaN without a word."""
+    published = lite_weights_path(LITE_VARIANTS[0], "imagenet")
+    damaged = bytearray(published.read_bytes())
+    damaged[-4096:-4088] = b"\xff" * 8
+    copy = tmp_path / published.name
+    copy.write_bytes(bytes(damaged))
+    monkeypatch.setenv("CXR_LITE0_WEIGHTS", str(copy))
+    with pytest.raises(WeightsUnavailableError, match=f"{published.name}: its sha256 begins"):
+        build_efficientnet_lite_transfer(0, num_classes=3, weights="imagenet", input_size=(32, 32))
+
+
+def test_lite_weights_that_are_not_finite_are_refused() -> None:
+    """A damaged file without a checksum loaded NaN into the network, whose every prediction was NaN."""
+    source = build_efficientnet_lite_transfer(0, num_classes=3, weights=None, input_size=(32, 32))
+    state = _lite_state_dict(source, 0)
+    state["_bn0.running_var"] = np.full_like(state["_bn0.running_var"], np.nan)
+    target = build_efficientnet_lite_transfer(0, num_classes=3, weights=None, input_size=(32, 32))
+    with pytest.raises(WeightsUnavailableError, match="_bn0.running_var hold values that are not finite"):
+        load_lite_state_dict(target, state, LITE_VARIANTS[0])
