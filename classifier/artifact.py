@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -16,6 +17,8 @@ from typing import Any
 from classifier.errors import ClassifierError, ModelArtifactError, OutputError
 from classifier.preprocess import PreprocessSpec
 from classifier.types import ModelInfo, label_key
+
+LOGGER = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "model.json"
@@ -201,7 +204,10 @@ def write_metadata(folder: Path, metadata: ArtifactMetadata, files: Sequence[Pat
     for done in (*files, path):
         os.replace(staged(done), done)
     for parent in dict.fromkeys(done.parent for done in (*files, path)):
-        _flush_to_disk(parent)  # the renames themselves
+        try:
+            _flush_to_disk(parent)  # the renames themselves
+        except OSError:  # a file system that cannot sync a folder (some network ones): the files are in place
+            LOGGER.debug("the renames in %s could not be flushed to disk", parent.name)
     return path
 
 

@@ -153,9 +153,7 @@ def load_mask(pair: MaskedImage) -> FloatImage:
         )
     border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
     if float(border.mean()) > 0.5:
-        raise LungMaskError(
-            "lung along most of its edge: is it drawn inverted (lungs black)?"
-        )
+        raise LungMaskError("lung along most of its edge: is it drawn inverted (lungs black)?")
     stretched = resize_gray(mask.astype(np.float32), (LUNG_INPUT, LUNG_INPUT))
     return (stretched > 0.5).astype(np.float32)
 

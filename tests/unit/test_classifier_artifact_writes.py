@@ -221,3 +221,24 @@ def test_metadata_that_cannot_be_written_leaves_nothing_staged(trained: Path, tm
     with pytest.raises(ModelArtifactError, match="not a finite number"):
         write_metadata(model, replace(metadata, validation={"accuracy": float("nan")}), [model / MODEL_FILE])
     assert not staged(model / MODEL_FILE).exists() and read_metadata(model) == metadata
+
+
+def test_a_folder_that_cannot_be_synced_still_gets_its_files(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network file systems refuse fsync on a folder (EINVAL): the files are in place by then."""
+    import errno
+
+    from classifier import artifact
+
+    model = Path(shutil.copytree(trained, tmp_path / "model"))
+    flush = artifact._flush_to_disk
+
+    def files_only(path: Path) -> None:
+        if path.is_dir():
+            raise OSError(errno.EINVAL, "Invalid argument")
+        flush(path)
+
+    monkeypatch.setattr(artifact, "_flush_to_disk", files_only)
+    artifact.write_metadata(model, replace(read_metadata(model), version="synced-2"))
+    assert read_metadata(model).version == "synced-2"
