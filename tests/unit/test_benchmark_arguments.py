@@ -65,7 +65,9 @@ def test_crossval_refuses_more_jobs_than_it_has_cpus_to_pin_them_to(
     assert f"--jobs: at most {jobs - 1}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("values", "says"), [([], "expected at least one argument"), (["JPEG:30"], "JPEG:30")])
+@pytest.mark.parametrize(
+    ("values", "says"), [([], "expected at least one argument"), (["JPEG:30"], "JPEG:30")]
+)
 def test_evaluate_refuses_degradations_it_cannot_apply_before_the_model_loads(
     values: list[str], says: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

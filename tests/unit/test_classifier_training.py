@@ -836,7 +836,7 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
 
 
 def test_an_evaluation_is_not_written_into_a_models_folder(artifact: Path, collection: Path) -> None:
-    """``evaluate MODEL DATA -o MODEL`` replaced the model's own validation confusion matrix without a word."""
+    """``evaluate MODEL DATA -o MODEL`` replaced the model's own validation confusion matrix silently."""
     figure = (artifact / "confusion_matrix.png").read_bytes()
     with pytest.raises(OutputError, match="it holds a model"):
         evaluate(artifact, collection / "manifest.csv", output=artifact)
