@@ -220,7 +220,7 @@ def build_ensemble(
     name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
 
     spec = first.preprocess
-    from classifier.lungs import LUNG_FILES, artifact_lungs, copy_lung_model
+    from classifier.lungs import artifact_lungs, stage_lung_model
 
     lungs = artifact_lungs(member_folders[0], first)  # the members share it (checked above); it ships
     inputs = np.stack([finish_gray(gray, spec) for gray in load_grays(val_items, spec, lungs)])
@@ -232,8 +232,7 @@ def build_ensemble(
     model.save(staged(model_path))
     files = [model_path]
     if lungs is not None:
-        copied = copy_lung_model(member_folders[0] / "lungs", output, stage=True)
-        files += [copied / name for name in LUNG_FILES]
+        files += stage_lung_model(member_folders[0] / "lungs", output)
     created = datetime.now(UTC).replace(microsecond=0)
     metadata = ArtifactMetadata(
         name=name,

@@ -487,14 +487,24 @@ def artifact_lungs(artifact: Path, metadata: ArtifactMetadata) -> LungCropper | 
     return LungCropper.load(artifact / "lungs", recorded=str(recorded))
 
 
-def copy_lung_model(source: Path, artifact: Path, *, stage: bool = False) -> Path:
-    """Put the lung model inside a classifier artifact (``ARTIFACT/lungs/``), so it ships with it. With
-    ``stage`` its :data:`LUNG_FILES` are written at their staged names, for
-    :func:`classifier.artifact.write_metadata` to put in place with the model.json that records them."""
+def stage_lung_model(source: Path, artifact: Path) -> list[Path]:
+    """Write the lung model into a classifier artifact (``ARTIFACT/lungs/``), so it ships with it, at its
+    files' staged names; their places, for :func:`classifier.artifact.write_metadata` to put them there
+    with the model.json that records them."""
     from classifier.artifact import staged
 
     target = artifact / "lungs"
     target.mkdir(parents=True, exist_ok=True)
-    for name in LUNG_FILES:
-        (staged(target / name) if stage else target / name).write_bytes((source / name).read_bytes())
-    return target
+    places = [target / name for name in LUNG_FILES]
+    for place in places:
+        staged(place).write_bytes((source / place.name).read_bytes())
+    return places
+
+
+def copy_lung_model(source: Path, artifact: Path) -> Path:
+    """The lung model copied into ``ARTIFACT/lungs/`` at once (:func:`stage_lung_model`, then in place)."""
+    from classifier.artifact import staged
+
+    for place in stage_lung_model(source, artifact):
+        staged(place).replace(place)
+    return artifact / "lungs"

@@ -604,10 +604,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     )
     files = [model_path]
     if lung_folder is not None and lung_folder != folder / "lungs":
-        from classifier.lungs import LUNG_FILES, copy_lung_model
+        from classifier.lungs import stage_lung_model
 
-        copied = copy_lung_model(lung_folder, folder, stage=True)
-        files += [copied / name for name in LUNG_FILES]
+        files += stage_lung_model(lung_folder, folder)
     write_metadata(folder, metadata, files)
     if lung_folder == folder / LUNGS_IN_TRAINING:
         shutil.rmtree(lung_folder)
