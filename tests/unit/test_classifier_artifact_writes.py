@@ -39,6 +39,21 @@ def _still_whole(output: Path, recorded: bytes, collection: Path) -> None:
         assert classifier.predict_images([image], heatmap=False)[0].label
 
 
+def _save_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """keras.Model.save interrupted (Ctrl-C, or the disk full) half-way through the file it writes."""
+    import keras
+
+    save = keras.Model.save
+
+    def cut_short(self: Any, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        save(self, filepath, *args, **kwargs)
+        with open(filepath, "r+b") as handle:
+            handle.truncate(Path(filepath).stat().st_size // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save", cut_short)
+
+
 @pytest.fixture(scope="module")
 def trained(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("writes") / "model"
@@ -50,19 +65,9 @@ def trained(collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_training_interrupted_while_it_saves_leaves_the_old_model_loadable(
     trained: Path, collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import keras
-
     trained = Path(shutil.copytree(trained, tmp_path / "model"))
     recorded = (trained / METADATA_FILE).read_bytes()
-    save = keras.Model.save
-
-    def cut_short(self: Any, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        save(self, filepath, *args, **kwargs)
-        with open(filepath, "r+b") as handle:  # Ctrl-C, or the disk full, half-way through the file
-            handle.truncate(Path(filepath).stat().st_size // 2)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(keras.Model, "save", cut_short)
+    _save_cut_short(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _train(collection, trained, "writes-2")
     monkeypatch.undo()
@@ -99,8 +104,6 @@ def test_a_completed_training_leaves_no_staged_file(collection: Path, tmp_path: 
 def test_an_ensemble_interrupted_while_it_saves_leaves_the_model_in_its_output_loadable(
     trained: Path, collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import keras
-
     from classifier.ensemble import build_ensemble
 
     members = []
@@ -118,15 +121,7 @@ def test_an_ensemble_interrupted_while_it_saves_leaves_the_model_in_its_output_l
     assert (members[0] / "model.keras").read_bytes() == weights
     current = Path(shutil.copytree(trained, tmp_path / "current"))
     recorded = (current / METADATA_FILE).read_bytes()
-    save = keras.Model.save
-
-    def cut_short(self: Any, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        save(self, filepath, *args, **kwargs)
-        with open(filepath, "r+b") as handle:
-            handle.truncate(Path(filepath).stat().st_size // 2)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(keras.Model, "save", cut_short)
+    _save_cut_short(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_ensemble(members, current, collection)
     monkeypatch.undo()
