@@ -240,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="cxr-e2e-"))
+    try:
+        return _run(args, work)
+    finally:
+        if not args.keep:  # also when a peer fails to start or the run is interrupted
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     model = args.model or default_model()
     if model is None:
         print("no default model shipped: training a tiny stand-in model (latency only, meaningless findings)")
@@ -317,8 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table.render([("figure", ""), ("value", "")], [[k, v] for k, v in figures.items() if k != "model"]))
     print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
     print(table.json_line(figures))
     return 0 if lost == 0 and duplicated == 0 else 1
 
