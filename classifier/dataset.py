@@ -62,15 +62,28 @@ def _is_image(path: Path) -> bool:
 _NOT_AN_IMAGE = "DICOM without an image"  # how the skipped-files warning counts them
 
 
-def _dicom_without_image(path: Path) -> bool:
-    """A DICOM object with no image, as a PACS export holds beside its images: a structured report, key
-    object selection, presentation state or encapsulated PDF. Told by the absent Rows, which every image
-    object has; a file whose header cannot be read is taken as an image, so its reading says why."""
+@dataclass(frozen=True)
+class _DicomHeader:
+    image: bool  # False for an object with no image: a report, key object, presentation state or PDF
+    patient: str | None  # the Patient ID as a group (:func:`group_key`), None when empty or unreadable
+
+
+def _dicom_header(path: Path) -> _DicomHeader:
+    """What the split needs from a DICOM file's header. An object with no image, as a PACS export holds
+    beside its images, is told by the absent Rows, which every image object has. A file whose header
+    cannot be read is taken as an image of no known patient, so that its reading says why."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Rows"])
+        header = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Rows", "PatientID"]
+        )
+        patient = group_key(str(header.get("PatientID", "") or ""))
     except Exception:  # noqa: BLE001 — pydicom raises many types for a damaged file; reading it says which
-        return False
-    return "SOPClassUID" in header and "Rows" not in header  # a file cut short has neither
+        return _DicomHeader(image=True, patient=None)
+    image = not ("SOPClassUID" in header and "Rows" not in header)  # a file cut short has neither
+    return _DicomHeader(image=image, patient=f"{_PATIENT}{patient}" if patient else None)
+
+
+_PATIENT = "patient:"  # the group of a DICOM image's Patient ID, apart from sub-folder and file groups
 
 
 def _files_under(class_dir: Path) -> list[Path]:
@@ -128,7 +141,9 @@ def load_collection(source: Path) -> list[LabelledImage]:
 
     In a folder, an image directly in its class folder is its own group; images under a sub-folder
     (``<class>/<patient>/...``, as a PACS export is laid out) share the group of that sub-folder's name,
-    whatever class it is under, so one patient's images stay on one side of every split.
+    whatever class it is under, so one patient's images stay on one side of every split. DICOM images
+    of one Patient ID are one group too, with the sub-folders they are in. A manifest row without a
+    group takes its DICOM image's Patient ID, else its file.
 
     Labels are folded as :func:`classifier.types.label_key` compares them (``COVID``, `` covid `` and
     ``Covid`` are the class ``covid``), as evaluation matches them to a model's classes."""
@@ -147,7 +162,11 @@ def load_collection(source: Path) -> list[LabelledImage]:
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DatasetError(f"no images in class sub-folders of {source}")
-    items = _each_file_once(source, [item for folder in class_dirs for item in _class_folder(source, folder)])
+    patients: dict[Path, str] = {}
+    items = _each_file_once(
+        source, [item for folder in class_dirs for item in _class_folder(source, folder, patients)]
+    )
+    items = _joined_by_patient(items, patients)
     _check_folder_groups(source, items)
     loose = sum(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in source.iterdir())
     if loose:  # beside the class folders, so of no class: said, as the class folders' other files are
@@ -165,10 +184,10 @@ def _log_source(source: Path, items: Sequence[LabelledImage], where: str) -> Non
     LOGGER.info("%s: %d images of %d classes %s", source, len(items), len(class_names(items)), where)
 
 
-def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
-    """The images of one class folder. Other files (a ``.webp``, notes; not dot files or a DICOMDIR) are
-    counted by suffix in one warning, and a folder without images is refused: both vanished without a
-    word, the second with its class."""
+def _class_folder(source: Path, class_dir: Path, patients: dict[Path, str]) -> list[LabelledImage]:
+    """The images of one class folder, each DICOM image's Patient ID put in ``patients``. Other files (a
+    ``.webp``, notes; not dot files or a DICOMDIR) are counted by suffix in one warning, and a folder
+    without images is refused: both vanished without a word, the second with its class."""
     outputs = sorted(name for name in OUTPUT_FILES if (class_dir / name).is_file())
     if outputs:
         raise DatasetError(
@@ -182,9 +201,13 @@ def _class_folder(source: Path, class_dir: Path) -> list[LabelledImage]:
         if _hidden(path.relative_to(class_dir)):
             continue
         if _is_image(_existing(path)):
-            if path.suffix.lower() not in IMAGE_SUFFIXES and _dicom_without_image(path):
-                skipped[_NOT_AN_IMAGE] += 1
-                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                header = _dicom_header(path)
+                if not header.image:
+                    skipped[_NOT_AN_IMAGE] += 1
+                    continue
+                if header.patient:
+                    patients[path] = header.patient
             items.append(LabelledImage(path, label, _folder_group(path.relative_to(source))))
         elif path.is_file() and path.name.upper() != "DICOMDIR":
             skipped[path.suffix.lower() or "without suffix"] += 1
@@ -229,28 +252,58 @@ def _each_file_once(source: Path, items: Sequence[LabelledImage]) -> list[Labell
     return kept
 
 
+def _joined_by_patient(items: Sequence[LabelledImage], patients: Mapping[Path, str]) -> list[LabelledImage]:
+    """``items`` with the groups of one Patient ID joined into one: a DICOM file directly in its class
+    folder was its own group, so two images of one patient, as ``storescp`` or a PACS export writes them
+    side by side, could be on both sides of the split; a patient whose studies an export put in two
+    sub-folders was two patients. Groups no Patient ID joins keep their names, so the split of a
+    collection of pictures, or of DICOM files without a Patient ID, is the one drawn before."""
+    parent: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while (up := parent.get(group, group)) != group:
+            group = up
+        return group
+
+    for item in items:
+        if patient := patients.get(item.path):
+            first, second = sorted((root(item.group), root(patient)))
+            if first != second:
+                parent[second] = first
+    return [replace(item, group=root(item.group)) for item in items]
+
+
 # A patient's images across classes that are half a collection: a few in a tiny one, not this many
 _LAYOUT_MIN_IMAGES = 10
 
 
 def _check_folder_groups(source: Path, items: Sequence[LabelledImage]) -> None:
-    """Refuse a sub-folder name that holds half the collection or more, across classes and at least
+    """Refuse one group that holds half the collection or more, across classes and at least
     :data:`_LAYOUT_MIN_IMAGES` images: a sub-folder of a class folder is read as a patient, so a layout
     folder (``<class>/images/``) made all images one patient, and the split trained on one folder and
-    validated on another."""
+    validated on another. An export whose Patient IDs were all replaced by one (``ANONYMOUS``) joins
+    its images so; the message does not repeat the ID, which may name a patient."""
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
-        if item.group.startswith("folder:"):
-            by_group[item.group].append(item)
+        by_group[item.group].append(item)
     for members in by_group.values():
         labels = {item.label for item in members}
         if len(labels) > 1 and 2 * len(members) >= len(items) and len(members) >= _LAYOUT_MIN_IMAGES:
-            name = members[0].path.relative_to(source).parts[1]
+            classes = ", ".join(sorted(labels))
+            folders = {_folder_group(item.path.relative_to(source)) for item in members}
+            if len(folders) == 1 and next(iter(folders)).startswith("folder:"):
+                name = members[0].path.relative_to(source).parts[1]
+                raise DatasetError(
+                    f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, "
+                    f"under the classes {classes}. A sub-folder of a class folder is read as one patient, "
+                    "whose images stay on one side of the split; put the images directly in their class "
+                    "folders, or list them in a manifest.csv with a group column"
+                )
             raise DatasetError(
-                f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, under "
-                f"the classes {', '.join(sorted(labels))}. A sub-folder of a class folder is read as one "
-                "patient, whose images stay on one side of the split; put the images directly in their "
-                "class folders, or list them in a manifest.csv with a group column"
+                f"{source}: {len(members)} of {len(items)} images, under the classes {classes}, share a "
+                "Patient ID (an export that replaced them all by one?). A DICOM image's Patient ID is read "
+                "as its patient, whose images stay on one side of the split; list the images in a "
+                "manifest.csv with a group column"
             )
 
 
@@ -353,7 +406,9 @@ def _manifest_row(
         ) from exc
     if not present:
         raise DatasetError(f"{manifest}: missing file {file}")
-    return LabelledImage(path=path, label=label_key(label), group=_given_group(row) or file.strip())
+    patient = _dicom_header(path).patient if path.suffix.lower() not in IMAGE_SUFFIXES else None
+    group = _given_group(row) or patient or file.strip()
+    return LabelledImage(path=path, label=label_key(label), group=group)
 
 
 def _given_group(row: Mapping[str | None, str | list[str] | None]) -> str | None:

@@ -35,9 +35,11 @@ def picture(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def dicom(path: Path, *, image: bool) -> Path:
+def dicom(path: Path, *, image: bool, patient: str | None = None) -> Path:
     """A CR image, or a Basic Text SR (no Rows, no Pixel Data), saved without a suffix as storescp does."""
     ds = pydicom.Dataset()
+    if patient is not None:
+        ds.PatientID = patient
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1" if image else "1.2.840.10008.5.1.4.1.1.88.11"
@@ -148,6 +150,69 @@ def test_a_layout_folder_under_every_class_is_refused_not_read_as_one_patient(tm
             (tmp_path / label / folder).rmdir()
     training, validation = split_by_group(load_collection(tmp_path), 0.34, seed=0)
     assert {item.group for item in training}.isdisjoint(item.group for item in validation)
+
+
+def test_dicom_images_of_one_patient_side_by_side_in_a_class_folder_are_one_group(tmp_path: Path) -> None:
+    """storescp writes every image it receives into one folder (``CR.<uid>``): each was its own group, and
+    6 of 20 two-image patients had one image in training and the other in validation (review)."""
+    for label in ("covid", "normal"):
+        for patient in range(10):
+            for study in range(2):
+                dicom(tmp_path / label / f"CR.{patient}.{study}", image=True, patient=f"{label}-{patient}")
+    dicom(tmp_path / "normal" / "CR.anonymous", image=True, patient="")  # no Patient ID: its own group
+    items = load_collection(tmp_path)
+    assert len(items) == 41 and len({item.group for item in items}) == 21
+    for seed in range(5):
+        training, validation = split_by_group(items, 0.2, seed=seed)
+        assert {item.group for item in training}.isdisjoint(item.group for item in validation)
+        assert sum("anonymous" not in item.path.name for item in validation) % 2 == 0  # both or neither
+
+
+def test_a_patient_s_studies_in_two_sub_folders_are_one_group_with_their_folders(tmp_path: Path) -> None:
+    """An export by study (``<class>/<study>/...``) made each study a patient: one patient's two studies
+    could be on both sides of the split. A picture in a study folder joins the group of that folder."""
+    dicom(tmp_path / "normal" / "STUDY1" / "CR1", image=True, patient="P1")
+    dicom(tmp_path / "normal" / "STUDY2" / "CR1", image=True, patient=" p1 ")  # one patient, spelt apart
+    picture(tmp_path / "normal" / "STUDY2" / "key-image.png")
+    dicom(tmp_path / "normal" / "STUDY3" / "CR1", image=True, patient="P2")
+    picture(tmp_path / "covid" / "c1.png")
+    groups = {item.path.relative_to(tmp_path).as_posix(): item.group for item in load_collection(tmp_path)}
+    assert groups["normal/STUDY1/CR1"] == groups["normal/STUDY2/CR1"] == groups["normal/STUDY2/key-image.png"]
+    assert len(set(groups.values())) == 3
+
+
+def test_a_collection_of_pictures_keeps_the_groups_it_had(tmp_path: Path) -> None:
+    """Only a Patient ID joins groups: a model's split, drawn anew from its seed by ``ensemble``,
+    ``novelty`` and ``evaluate --split``, is the same for pictures as when it was trained."""
+    picture(tmp_path / "covid" / "c1.png")
+    picture(tmp_path / "normal" / "P1" / "n1.png")
+    dicom(tmp_path / "normal" / "P2" / "CR1", image=True)
+    assert [item.group for item in load_collection(tmp_path)] == ["covid/c1.png", "folder:p1", "folder:p2"]
+
+
+def test_one_patient_id_for_half_a_collection_across_classes_is_refused_without_naming_it(
+    tmp_path: Path,
+) -> None:
+    """An export that replaced every Patient ID by one made the whole collection one patient."""
+    for label in ("covid", "normal"):
+        for index in range(6):
+            dicom(tmp_path / label / f"CR.{index}", image=True, patient="DOE^JANE")
+    with pytest.raises(DatasetError, match=r"12 of 12 images, under the classes covid, normal, share a "
+                                           r"Patient ID") as refused:
+        load_collection(tmp_path)
+    assert "DOE" not in str(refused.value) and "manifest.csv with a group column" in str(refused.value)
+
+
+def test_a_manifest_row_without_a_group_takes_its_dicom_image_s_patient(tmp_path: Path) -> None:
+    dicom(tmp_path / "a" / "CR1", image=True, patient="P1")
+    dicom(tmp_path / "b" / "CR2", image=True, patient="P1")
+    dicom(tmp_path / "c" / "CR3", image=True, patient="P1")
+    picture(tmp_path / "d.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("file,label,group\na/CR1,normal,\nb/CR2,normal,\nc/CR3,normal,given\nd.png,covid,\n")
+    groups = [item.group for item in load_collection(manifest)]
+    assert groups[0] == groups[1] != groups[2] == "given"
+    assert groups[3] == "d.png" and "P1" not in groups[0] and "p1" in groups[0]
 
 
 def test_an_output_folder_inside_the_data_folder_is_refused_before_it_is_made(tmp_path: Path) -> None:
