@@ -370,14 +370,25 @@ class Pipeline:
                 self._idle.wait(remaining)
             return True
 
-    def _run(self) -> None:
+    def _load_model(self, *, report: bool) -> bool:
+        """Load and warm up the model unless it is ready; True when it is. The idle sweep calls this again
+        (``report`` off: the start-up logged why): a model folder still being copied when the node started,
+        or mended later, is taken up without a restart, and the studies held for it are resumed. Before,
+        model_ready stayed False and the held studies waited for a restart (review)."""
+        if self._warm.is_set():
+            return True
         try:
             classifier = self.classifier
         except Exception:
-            LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
-        else:
-            self._warm_up(classifier)
-            self._warm.set()
+            if report:
+                LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
+            return False
+        self._warm_up(classifier)
+        self._warm.set()
+        return True
+
+    def _run(self) -> None:
+        self._load_model(report=True)
         while not self._stopping.is_set():
             try:
                 first = self._queue.get(timeout=IDLE_SWEEP_SECONDS)
@@ -422,8 +433,8 @@ class Pipeline:
         waits to retry them; returns how many. A database outage could leave such studies: a claim or a
         failure that could not be written dropped them from the queue, and they waited for a restart
         while /healthz said "ok" (review: 133 studies after a PostgreSQL restart)."""
-        if not self._warm.is_set():
-            return 0  # no model: they wait for it (the start-up resumes them)
+        if not self._load_model(report=False):
+            return 0  # no model yet: they wait for it
         try:
             open_jobs = self.unfinished_studies()
         except Exception as exc:
@@ -507,6 +518,7 @@ class Pipeline:
             LOGGER.error("no classifier (%s); %d study(ies) stay queued", type(exc).__name__, len(claimed))
             self._release(claimed, f"model unavailable ({type(exc).__name__})")
             return
+        self._warm.set()  # loaded here after a failed start: ready (a warm-up would only save latency now)
         try:
             self._classify(claimed, info, cycle)
         except Exception as exc:

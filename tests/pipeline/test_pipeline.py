@@ -9,6 +9,7 @@ import hashlib
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -888,6 +889,39 @@ def test_an_open_job_nothing_works_on_is_found_when_the_worker_is_idle(
     finally:
         pipeline.stop()
     assert len(peer.received) == 2
+
+
+def test_a_model_that_loads_after_a_failed_start_is_taken_up_with_the_studies_held_for_it(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model folder was still being copied when the node started: model_ready stayed False for good,
+    and the study held at start-up waited for a restart (review)."""
+    from classifier.errors import ModelArtifactError
+
+    monkeypatch.setattr(pipeline_module, "IDLE_SWEEP_SECONDS", 0.2)
+    copied = threading.Event()
+
+    def loader() -> ImageClassifier:
+        if not copied.is_set():
+            raise ModelArtifactError("model.keras does not match the sha256 recorded in model.json")
+        loaded: ImageClassifier = world["classifier"]
+        return loaded
+
+    held = receive(world, "RG1_UNCI.dcm")
+    pipeline = Pipeline(world["db"], world["config"], loader, outbox=world["outbox"])
+    pipeline.start()
+    try:
+        pipeline.submit(held)
+        assert pipeline.wait_idle(30) and not pipeline.model_ready
+        with session_scope(world["db"]) as session:
+            assert "model unavailable" in session.get_one(Study, held).state_reason
+        copied.set()
+        assert _analysed(world, held)
+        assert pipeline.model_ready
+    finally:
+        pipeline.stop()
+    assert len(peer.received) == 2
+    assert caplog.text.count("the classifier could not be loaded") == 1  # the sweep's tries are quiet
 
 
 def test_a_study_still_waiting_for_a_resource_after_a_day_fails_for_an_alert(
