@@ -16,7 +16,7 @@ from typing import Any
 
 from classifier.errors import ClassifierError, ModelArtifactError, OutputError
 from classifier.preprocess import PreprocessSpec
-from classifier.types import ModelInfo, label_key
+from classifier.types import ModelInfo, identity_problem, label_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class ArtifactMetadata:
     validation: Mapping[str, Any] = field(default_factory=dict)  # metrics on the validation split
     novelty: Mapping[str, Any] = field(default_factory=dict)  # density check + turn probe, if fitted
     lungs: Mapping[str, Any] = field(default_factory=dict)  # the lung model's sha256, if cropped to lungs
+
+    def __post_init__(self) -> None:
+        for key, text in (("name", self.name), ("version", self.version)):
+            if problem := identity_problem(text):
+                raise ValueError(f"the model {key} {text[:80]!r} {problem}")
 
     @property
     def info(self) -> ModelInfo:

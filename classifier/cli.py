@@ -24,6 +24,7 @@ from classifier.architectures import (
     get_architecture,
 )
 from classifier.errors import ClassifierError, OptionError
+from classifier.types import identity_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="comma-separated member seeds (instead of --members); the split is --split-seed or the first",
     )
     _relabel_option(train, "train on")
-    train.add_argument("--version", help="artifact version string (default: architecture and date)")
+    train.add_argument("--version", type=model_identity,
+                       help="artifact version string (default: architecture and date)")
     train.add_argument(
         "--steps-per-epoch", type=at_least(1),
         help="batches per epoch instead of one pass over the training images (smoke runs)",
@@ -159,7 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ensemble.add_argument(
         "--data", type=Path, required=True, help=f"the members' training data (their validation): {DATA_HELP}"
     )
-    ensemble.add_argument("--version", help="artifact version string")
+    ensemble.add_argument("--version", type=model_identity,
+                          help="artifact version string (default: the members' names and the date)")
     _novelty_switch(ensemble)
     ensemble.set_defaults(func=_ensemble)
 
@@ -296,6 +299,14 @@ def existing_folder(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no folder {text}")
     return path
+
+
+def model_identity(text: str) -> str:
+    """argparse type: a model version the reports can carry (:func:`classifier.types.identity_problem`),
+    checked before the training rather than when its artifact is written."""
+    if problem := identity_problem(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} {problem}")
+    return text
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -47,6 +47,7 @@ from classifier.dataset import label_indices, load_collection, load_grays, split
 from classifier.errors import EnsembleError, OptionError, OutputError
 from classifier.metrics import classification_report
 from classifier.preprocess import PreprocessSpec, finish_gray, normalisation_change
+from classifier.types import IDENTITY_MAX_CHARS, identity_problem
 
 if TYPE_CHECKING:
     from classifier.training import TrainingConfig
@@ -180,6 +181,29 @@ def _lung_digest(metadata: ArtifactMetadata) -> str:
     return str(metadata.lungs.get("sha256") or "").lower()
 
 
+def _ensemble_name(parts: Sequence[str]) -> str:
+    """The members' names joined by "+", or as many as fit in a report's 64 characters and how many more
+    there are (the members are named in model.json): Lite1 and Lite2 beside the shipped pair made a name
+    of 67 characters, which no report can carry."""
+    for shown in range(len(parts), 0, -1):
+        name = "+".join(parts[:shown]) + (f"+{len(parts) - shown} more" if shown < len(parts) else "")
+        if len(name) <= IDENTITY_MAX_CHARS:
+            return name
+    return f"ensemble of {len(parts)}"
+
+
+def _default_version(name: str, members: int, created: datetime) -> str:
+    """The name, the number of networks and the date; without the name when that is too long."""
+    stamp = f"ensemble{members}-{created:%Y%m%d%H%M}"
+    return f"{name}-{stamp}" if len(name) + 1 + len(stamp) <= IDENTITY_MAX_CHARS else stamp
+
+
+def _member_version(version: str | None, architecture: str, seed: int) -> str:
+    """A member's version: the ensemble's, its architecture and seed; without the ensemble's when too long."""
+    made = f"{version or 'member'}-{architecture}-seed{seed}"
+    return made if identity_problem(made) is None else f"member-{architecture}-seed{seed}"
+
+
 def build_ensemble(
     member_folders: Sequence[Path],
     output: Path,
@@ -217,7 +241,7 @@ def build_ensemble(
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
     )
-    name = "+".join(dict.fromkeys(part for meta in metas for part in meta.name.split("+")))
+    name = _ensemble_name(list(dict.fromkeys(part for meta in metas for part in meta.name.split("+"))))
 
     spec = first.preprocess
     from classifier.lungs import artifact_lungs, stage_lung_model
@@ -236,7 +260,7 @@ def build_ensemble(
     created = datetime.now(UTC).replace(microsecond=0)
     metadata = ArtifactMetadata(
         name=name,
-        version=version or f"{name}-ensemble{len(members)}-{created:%Y%m%d%H%M}",
+        version=version or _default_version(name, len(members), created),
         classes=first.classes,
         preprocess=spec,
         gradcam_layer=GRADCAM_LAYER,
@@ -324,7 +348,7 @@ def train_ensemble(
             replace(
                 config, architecture=architecture, output=scratch / f"{number}-{architecture}-seed{seed}",
                 seed=seed, split_seed=config.drawn_split_seed, validation_fraction=fraction,
-                version=f"{config.version or 'member'}-{architecture}-seed{seed}",
+                version=_member_version(config.version, architecture, seed),
             )  # fmt: skip
             for number, (architecture, seed) in enumerate(members, start=1)
         ]

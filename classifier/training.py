@@ -58,6 +58,7 @@ from classifier.errors import OptionError
 from classifier.lungs import LungCropper, train_lung_model_on_split
 from classifier.metrics import classification_report
 from classifier.preprocess import PreprocessSpec, finish_gray
+from classifier.types import identity_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -349,6 +350,8 @@ def shared_lung_model(config: TrainingConfig, folder: Path) -> Path:
 def check_recipe_options(config: TrainingConfig) -> None:
     """The options that must fit the architecture's recipe, checked before anything trains (an ensemble
     checks every member's before the first trains: a mixed pair refused the second after the first)."""
+    if config.version is not None and (problem := identity_problem(config.version)):
+        raise OptionError(f"the version {config.version[:80]!r} {problem}")  # not after the training
     architecture = get_architecture(config.architecture)
     recipe = _recipe(architecture, config)
     if config.average_last is not None:

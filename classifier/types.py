@@ -86,6 +86,24 @@ def doubt_reason(
     return None
 
 
+# A model's name and version go into every report as DICOM Long Strings (Manufacturer's Model Name and
+# Software Versions of the algorithm's Contributing Equipment, PS3.5 6.2), and into the node's database
+IDENTITY_MAX_CHARS = 64
+
+
+def identity_problem(text: str) -> str | None:
+    """Why ``text`` cannot name or version a model, None when it can: 1 to 64 characters, no backslash
+    (it separates a Long String's values) and no control character. A 67-character ensemble name loaded
+    without complaint, and then every study failed to build its report (review)."""
+    if not text.strip():
+        return "is empty"
+    if len(text) > IDENTITY_MAX_CHARS:
+        return f"is {len(text)} characters long, more than the {IDENTITY_MAX_CHARS} a DICOM report can carry"
+    if "\\" in text or any(ord(char) < 32 or 127 <= ord(char) < 160 for char in text):
+        return "holds a backslash or a control character, which a DICOM report cannot carry"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Identity of a trained model artifact, as recorded in its model.json."""
