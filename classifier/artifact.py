@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +149,11 @@ def _digest(value: object) -> str:
 
 def read_json(path: Path) -> Any:
     """A JSON file that an artifact holds, or a :class:`ModelArtifactError` naming it: not UTF-8, not JSON,
-    or nested past what Python's parser reaches (a RecursionError escaped)."""
+    nested past what Python's parser reaches (a RecursionError escaped) or with a number of more digits
+    than Python converts (a ValueError escaped, and the CLI printed a traceback)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
 
 
@@ -233,11 +233,13 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
 
 def load_keras_file(path: Path, error: type[ClassifierError] = ModelArtifactError) -> Any:
     """A saved Keras model, uncompiled; a file Keras cannot read (cut short after it was hashed, a member's
-    CRC wrong, a layer configuration this Keras cannot rebuild: TypeError) is an ``error`` naming it, not
-    Keras' or zipfile's own exception."""
+    CRC wrong, a layer configuration this Keras cannot rebuild) is an ``error`` naming it, not Keras' or
+    zipfile's own exception. Keras raises what its parsing meets: besides OSError, ValueError, TypeError
+    and BadZipFile, a KeyError for an archive without config.json and a RecursionError for a nested one
+    escaped as tracebacks (review), so every exception of the load is the artifact's."""
     import keras
 
     try:
         return keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 — see above; the type is named, the file's content is not
         raise error(f"{path} cannot be loaded: {type(exc).__name__}") from exc

@@ -340,7 +340,10 @@ class NoveltyCheck:
         value = record.get("threshold")
         if isinstance(value, bool) or not isinstance(value, (int, float)):  # "2.5" and true were read
             raise ModelArtifactError("the novelty threshold in model.json is not a number")
-        threshold = float(value)
+        try:
+            threshold = float(value)
+        except OverflowError:  # an integer past float's range (10**400) escaped as itself
+            threshold = math.inf
         if not (math.isfinite(threshold) and threshold > 0):
             raise ModelArtifactError("the novelty threshold in model.json must be positive and finite")
         density = FeatureDensity.load(_recorded_file(folder, record, NOVELTY_FILE))

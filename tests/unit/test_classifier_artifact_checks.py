@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from classifier import cli
 from classifier.artifact import read_metadata, sha256_file
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.inference import Classifier, default_model_path
@@ -179,3 +181,50 @@ def test_a_model_json_nested_past_the_parser_s_reach_is_a_model_error(tmp_path: 
     (folder / "model.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ModelArtifactError, match="model.json is not valid JSON: maximum recursion depth"):
         read_metadata(folder)
+
+
+def _rehash(folder: Path, metadata: dict[str, Any]) -> None:
+    metadata["sha256"] = sha256_file(folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("damage", ["no config.json", "config.json nested too deep"])
+def test_a_model_file_keras_cannot_parse_is_an_artifact_error_and_one_line_from_the_cli(
+    damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A KeyError (no config.json) and a RecursionError escaped: the CLI printed a 34-line traceback and
+    the console answered 500 (review)."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    with zipfile.ZipFile(default_model_path() / "model.keras") as shipped_file:
+        weights = shipped_file.read("model.weights.h5")
+    with zipfile.ZipFile(folder / "model.keras", "w") as damaged:
+        damaged.writestr("model.weights.h5", weights)
+        if damage != "no config.json":
+            damaged.writestr("config.json", "[" * 100_000 + "]" * 100_000)
+    _rehash(folder, metadata)
+    with pytest.raises(ModelArtifactError, match=r"model\.keras cannot be loaded: (KeyError|RecursionError)"):
+        Classifier.load(folder)
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(image)
+    assert cli.main(["classify", "--model", str(folder), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be loaded" in err and "Traceback" not in err
+
+
+def test_a_number_python_will_not_convert_in_model_json_is_an_artifact_error(tmp_path: Path) -> None:
+    """An integer of 5,000 digits raised a plain ValueError (Python's limit on converting digits)."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    text = json.dumps(metadata).replace('"format": 1', '"format": ' + "1" * 5000, 1)
+    (folder / "model.json").write_text(text)
+    with pytest.raises(ModelArtifactError, match="is not valid JSON"):
+        read_metadata(folder)
+
+
+def test_a_novelty_threshold_past_float_range_is_an_artifact_error(tmp_path: Path) -> None:
+    """``"threshold": 1e400`` was refused, the integer 10**400 escaped as an OverflowError."""
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    metadata["novelty"]["threshold"] = 10**400
+    (folder / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelArtifactError, match="novelty threshold in model.json must be positive and finite"):
+        Classifier.load(folder)
+
