@@ -231,15 +231,36 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
     return metadata
 
 
-def load_keras_file(path: Path, error: type[ClassifierError] = ModelArtifactError) -> Any:
+def load_verified_keras(folder: Path, metadata: ArtifactMetadata) -> Any:
+    """``folder/model.keras`` as ``metadata`` pins it: read once, hashed, and loaded from a private copy of
+    those bytes. Hashed first and loaded by name later, a retraining that renamed its new model.keras into
+    place in between (:func:`write_metadata`) was loaded as the old model: new weights in every report
+    under the old version (review)."""
+    path = Path(folder) / MODEL_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelArtifactError(f"{path} cannot be read: {exc.strerror or type(exc).__name__}") from exc
+    if hashlib.sha256(data).hexdigest() != metadata.sha256:
+        raise ModelArtifactError(f"{path} does not match the sha256 recorded in {METADATA_FILE}")
+    with tempfile.TemporaryDirectory(prefix="cxr-model-") as scratch:
+        copy = Path(scratch) / MODEL_FILE
+        copy.write_bytes(data)
+        return load_keras_file(copy, shown=path)
+
+
+def load_keras_file(
+    path: Path, error: type[ClassifierError] = ModelArtifactError, *, shown: Path | None = None
+) -> Any:
     """A saved Keras model, uncompiled; a file Keras cannot read (cut short after it was hashed, a member's
     CRC wrong, a layer configuration this Keras cannot rebuild) is an ``error`` naming it, not Keras' or
     zipfile's own exception. Keras raises what its parsing meets: besides OSError, ValueError, TypeError
     and BadZipFile, a KeyError for an archive without config.json and a RecursionError for a nested one
-    escaped as tracebacks (review), so every exception of the load is the artifact's."""
+    escaped as tracebacks (review), so every exception of the load is the artifact's. ``shown`` is the
+    path the message names (the file ``path`` was copied from)."""
     import keras
 
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 — see above; the type is named, the file's content is not
-        raise error(f"{path} cannot be loaded: {type(exc).__name__}") from exc
+        raise error(f"{shown or path} cannot be loaded: {type(exc).__name__}") from exc

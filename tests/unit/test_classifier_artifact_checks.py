@@ -228,3 +228,28 @@ def test_a_novelty_threshold_past_float_range_is_an_artifact_error(tmp_path: Pat
     with pytest.raises(ModelArtifactError, match="novelty threshold in model.json must be positive and finite"):
         Classifier.load(folder)
 
+
+def test_a_model_file_renamed_in_between_the_hash_and_the_load_is_not_loaded_as_the_old_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retraining renames its new model.keras into place, then model.json. Renamed after the hash was
+    checked and before Keras opened the file, the new weights were loaded under the old version (review).
+    The bytes hashed are now the bytes loaded: the load is refused, or gets the old model."""
+    import keras
+
+    from classifier import inference
+
+    folder, metadata = _copy_of_the_shipped_model(tmp_path / "model")
+    retrained = tmp_path / "retrained.keras"
+    keras.saving.load_model(folder / "model.keras", compile=False).save(retrained)  # same shapes, new bytes
+    assert sha256_file(retrained) != metadata["sha256"]
+    read = inference.read_metadata
+
+    def read_then_renamed(path: Path, **options: bool) -> Any:
+        found = read(path, **options)
+        retrained.replace(folder / "model.keras")
+        return found
+
+    monkeypatch.setattr(inference, "read_metadata", read_then_renamed)
+    with pytest.raises(ModelArtifactError, match="does not match the sha256 recorded in model.json"):
+        Classifier.load(folder)
