@@ -804,6 +804,78 @@ def _check_palette(ds: pydicom.Dataset) -> None:
         raise UnsupportedImageError("unusable Palette Color LUT: more than 256 entries of 8 bits")
 
 
+# Bounds on a segmented palette's expansion (PS3.3 C.7.9.2): a table holds at most 65536 entries, and a
+# real one has a few segments, rarely an indirect one
+_MAX_PALETTE_ENTRIES = 65536
+_MAX_INDIRECT_DEPTH = 8
+_MAX_SEGMENTS_READ = 65536
+
+
+def _check_segmented_palette(ds: pydicom.Dataset) -> None:
+    """Refuse a segmented palette whose expansion pydicom would not finish. It expands indirect segments
+    by recursion, without bound: one that refers to itself recursed to Python's limit (a RecursionError
+    escaped), and a table of 240 bytes whose indirect segments each copy all those before them doubled
+    with each one, to gigabytes over minutes (review). The expansion is counted here, not made, as
+    pydicom reads the segments: at most 65536 entries, indirect segments nested 8 deep and 65536
+    segments read."""
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        data = ds.get(f"Segmented{colour}PaletteColorLookupTableData")
+        if not isinstance(data, bytes) or not data:
+            continue
+        little = _little_endian(ds)
+        if bits == 8:
+            words = np.frombuffer(data, dtype=np.uint8).tolist()
+        else:
+            words = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2" if little else ">u2").tolist()
+        # pydicom reads an 8-bit indirect segment's four offset bytes in the object's byte order
+        order = None if bits != 8 else ((3, 2, 1, 0) if little else (2, 3, 0, 1))
+        _count_segments(words, 0, None, 0, [_MAX_SEGMENTS_READ], order)
+
+
+def _count_segments(
+    data: list[int], start: int, segments: int | None, depth: int, budget: list[int],
+    eight_bit: tuple[int, int, int, int] | None,
+) -> int:
+    """The entries ``segments`` segments from word ``start`` expand to (all when None), following
+    indirect segments as pydicom's ``_expand_segmented_lut`` does. What pydicom refuses itself (an
+    unknown opcode, data cut short) ends the count: its expansion then says what is wrong."""
+    if depth > _MAX_INDIRECT_DEPTH:
+        raise UnsupportedImageError(
+            f"unusable Palette Color LUT: indirect segments nested more than {_MAX_INDIRECT_DEPTH} deep"
+        )
+    entries, offset, read = 0, start, 0
+    while offset + 1 < len(data):
+        opcode, length = data[offset], data[offset + 1]
+        offset += 2
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise UnsupportedImageError(
+                f"unusable Palette Color LUT: more than {_MAX_SEGMENTS_READ} segments to read"
+            )
+        if opcode == 0:
+            entries, offset = entries + length, offset + length
+        elif opcode == 1:
+            entries, offset = entries + length, offset + 1
+        elif opcode == 2 and offset + (3 if eight_bit else 1) < len(data):
+            if eight_bit:  # the offset in four 8-bit words
+                b = [data[offset + index] for index in eight_bit]
+                target, offset = (b[0] << 8 | b[1]) << 16 | (b[2] << 8 | b[3]), offset + 4
+            else:
+                target, offset = data[offset + 1] << 16 | data[offset], offset + 2
+            entries += _count_segments(data, target, length, depth + 1, budget, eight_bit)
+        else:
+            return entries
+        if entries > _MAX_PALETTE_ENTRIES:
+            raise UnsupportedImageError(
+                f"unusable Palette Color LUT: its segments expand past {_MAX_PALETTE_ENTRIES} entries"
+            )
+        read += 1
+        if read == segments:
+            break
+    return entries
+
+
 def _within_palette(raw: npt.NDArray[Any], ds: pydicom.Dataset) -> npt.NDArray[np.int64]:
     """Stored values clipped to the palette's range: below the first mapped value is the first entry, past
     the last entry is the last entry (PS3.3 C.7.6.3.1.5). pydicom clips too, but only after subtracting the
@@ -901,6 +973,7 @@ def _dataset_to_gray(ds: pydicom.Dataset, min_side: int, j2k_min_side: int | Non
     if photometric == "PALETTE COLOR":
         with _lookup_table("Palette Color LUT"):
             _check_palette(ds)
+            _check_segmented_palette(ds)
             rgb = apply_color_lut(_within_palette(raw, ds), _palette_view(ds))[..., :3]  # alpha is not grey
         gray = (_box_reduce(rgb, min_side) @ _LUMA) / _palette_top(ds, rgb)
         return _f32(np.clip(gray, 0.0, 1.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels.processing import apply_modality_lut, apply_windowing
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_windowing
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -642,6 +643,44 @@ def test_the_alpha_table_of_a_palette_does_not_enter_the_grey_image() -> None:
     ds = _palette(indices, np.arange(256, dtype=np.uint8), 8)
     ds.AlphaPaletteColorLookupTableData = np.full(256, 255, np.uint8).tobytes()
     np.testing.assert_allclose(dataset_to_gray(ds, min_side=4)[0], np.arange(16) / 255, atol=1e-6)
+
+
+def _segmented_palette(words: list[int]) -> pydicom.Dataset:
+    """A palette-colour image of indices 0..255 whose three tables are the segmented table ``words``."""
+    indices = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ds = make_dataset(indices, photometric="PALETTE COLOR", bits_stored=8)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", np.asarray(words, "<u2").tobytes())
+    return ds
+
+
+def test_a_segmented_palette_with_an_indirect_segment_reads_as_pydicom_expands_it() -> None:
+    """PS3.3 C.7.9.2: a discrete segment, a linear one, and an indirect one that repeats both."""
+    ds = _segmented_palette([0, 1, 0, 1, 127, 65535, 2, 2, 0, 0])  # 0, a ramp to white, then both again
+    gray = dataset_to_gray(ds, min_side=8)
+    expected = apply_color_lut(np.arange(256, dtype=np.uint8).reshape(16, 16), ds)[..., 0] / 65535.0
+    np.testing.assert_allclose(gray, expected, atol=1e-6)
+    assert gray.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        [0, 1, 5, 2, 2, 0, 0],  # an indirect segment that copies itself: pydicom recursed to Python's limit
+        [0, 1, 1000, *(w for j in range(1, 30) for w in (2, j, 0, 0))],  # each copies all before it: 2**29
+        [0, 1, 1000, *(w for _ in range(3) for w in (1, 65535, 7))],  # linear runs past 65536 entries
+    ],
+    ids=["itself", "doubling", "long"],
+)
+def test_a_segmented_palette_that_expands_without_bound_is_refused_at_once(words: list[int]) -> None:
+    """A RecursionError escaped the taxonomy, and a table of 240 bytes took gigabytes and four minutes
+    before a MemoryError (review)."""
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedImageError, match="unusable Palette Color LUT: (indirect segments nested "
+                                                    "more than 8 deep|its segments expand past 65536)"):
+        dataset_to_gray(_segmented_palette(words))
+    assert time.perf_counter() - started < 5
 
 
 def test_a_jpeg2000_palette_image_is_decoded_whole_not_at_a_reduced_level() -> None:
