@@ -588,7 +588,9 @@ def reduced_gray(gray: FloatImage, min_side: int) -> FloatImage:
 
 
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
-    """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
+    """PS3.3 C.11.2.1.2 windowing to [0, 1], in float64: a width or center past float32's range (a legal
+    decimal string, "1e39") overflowed to inf / inf, and the whole image became NaN (review)."""
+    values = np.asarray(values, dtype=np.float64)
     if function == "SIGMOID":
         exponent = np.clip(-4.0 * (values - center) / max(width, 1e-6), -80.0, 80.0)  # no float overflow
         return _f32(1.0 / (1.0 + np.exp(exponent)))

@@ -490,6 +490,23 @@ def test_an_empty_or_unreadable_window_falls_back_to_the_percentile_window(cente
     np.testing.assert_array_equal(dataset_to_gray(broken), reference)
 
 
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize(("center", "width", "grey"), [("2048", "1E39", 0.5), ("2048", "4E38", 0.5),
+                                                       ("1E39", "4096", 0.0), ("-1E39", "4096", 1.0)])
+def test_a_window_past_float32_range_gives_the_grey_the_standard_says(
+    function: str, center: str, width: str, grey: float
+) -> None:
+    """Legal decimal strings of 16 characters: float32 arithmetic made the width inf, inf / inf made the
+    whole image NaN, and histogram equalisation then raised a ValueError (review). PS3.3 C.11.2.1.2: a
+    window far wider than the values shows them all mid-grey; one far above them, black."""
+    ds = make_dataset(ramp(12), bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = center, width, function
+    gray = dataset_to_gray(ds)
+    np.testing.assert_allclose(gray, grey, atol=1e-3)
+    model_input = dataset_to_model_input(ds, PreprocessSpec((32, 32), equalisation="histeq"))
+    assert np.isfinite(model_input).all()
+
+
 @pytest.mark.parametrize(("function", "windowed"), [("LINEAR", False), (None, False), ("LINEAR_EXACT", True),
                                                     ("SIGMOID", True)])
 def test_a_linear_window_narrower_than_one_is_not_applied(function: str | None, windowed: bool) -> None:
