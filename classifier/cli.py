@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help=f"one of {', '.join(architecture_names())}; several, comma-separated, train one member each "
         "on the same split and merge them into one model",
     )
-    train.add_argument(
+    held_out = train.add_mutually_exclusive_group()  # a fold holds out 1/K: a fraction beside it was ignored
+    held_out.add_argument(
         "--validation-fraction", type=_fraction,
         help="held out by patient group (default: the recipe's: 0.1 for sugandi-cnn and 0.15 for "
         "resnet152-transfer, as their papers; 0.2 for the others)",
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--split-seed", type=random_seed,
         help="seed of the group-aware train/validation split (default: --seed)",
     )
-    train.add_argument(
+    held_out.add_argument(
         "--fold", type=_fold, metavar="I/K",
         help="validate on fold I (0-based) of a group K-fold split instead of --validation-fraction",
     )
@@ -107,13 +108,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train that lung U-Net first (as 'train-lungs' on the training split), then crop with it",
     )
     train.add_argument(
-        "--lung-epochs", type=at_least(1), default=120, help="epochs of the lung U-Net (--lung-masks)"
+        "--lung-epochs", type=at_least(1), help="epochs of the lung U-Net (--lung-masks; default 120)"
     )
-    train.add_argument(
+    members = train.add_mutually_exclusive_group()  # with both, --members was ignored
+    members.add_argument(
         "--members", type=at_least(1),
         help="train this many seeds (--seed, --seed+1, ...) on one split and merge them (default: the recipe's)",
     )
-    train.add_argument(
+    members.add_argument(
         "--seeds", type=_seed_list,
         help="comma-separated member seeds (instead of --members); the split is --split-seed or the first",
     )
@@ -137,17 +139,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     lungs.add_argument("data", type=Path, help="collection folder with manifest.csv")
     lungs.add_argument("masks", type=existing_folder, help="folder of lung mask images (white lungs)")
     lungs.add_argument("output", type=Path, help="folder to write lungs.keras + lungs.json")
-    lungs.add_argument(
+    lungs_held_out = lungs.add_mutually_exclusive_group()
+    lungs_held_out.add_argument(
         "--fold", type=_fold, metavar="I/K",
         help="train only on the images outside fold I of the classifier's K-fold split; report Dice on fold I",
     )
     lungs.add_argument(
         "--split-seed", type=random_seed, default=42, help="the classifier split's seed (with --fold)"
     )
-    lungs.add_argument(
+    lungs_held_out.add_argument(
         "--validation-fraction", type=_fraction, default=0.2, help="held out for the Dice figure"
     )
-    lungs.add_argument("--epochs", type=at_least(1), default=120)
+    lungs.add_argument("--epochs", type=at_least(1), default=120, help="epochs of the U-Net (default 120)")
     lungs.add_argument("--batch-size", type=at_least(1), default=8)
     lungs.add_argument("--seed", type=random_seed, default=42)
     lungs.add_argument("--version", help="version string (default: lungs-unet-DATE)")
@@ -383,9 +386,14 @@ def _say(text: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from classifier.dataset import parse_relabel
+    from classifier.lungs import LUNG_EPOCHS
     from classifier.training import TrainingConfig, train
 
     architectures = args.architecture
+    if args.lung_epochs is not None and args.lung_masks is None:
+        raise OptionError(
+            "--lung-epochs sets the epochs of the lung U-Net that --lung-masks trains; give both"
+        )
     config = TrainingConfig(
         architecture=architectures[0],
         data=args.data,
@@ -405,7 +413,7 @@ def _train(args: argparse.Namespace) -> int:
         average_last=args.average_last,
         lung_model=args.lung_model,
         lung_masks=args.lung_masks,
-        lung_epochs=args.lung_epochs,
+        lung_epochs=args.lung_epochs or LUNG_EPOCHS,
         weights=args.weights,
         relabel=parse_relabel(args.relabel),
         version=args.version,

@@ -42,6 +42,7 @@ LUNG_MODEL_FILE = "lungs.keras"
 LUNG_META_FILE = "lungs.json"
 LUNG_FILES = (LUNG_MODEL_FILE, LUNG_META_FILE)
 LUNG_INPUT = 128
+LUNG_EPOCHS = 120  # the U-Net's training, as train-lungs and train --lung-masks run it
 THRESHOLD = 0.5
 MARGIN = 0.06  # of the box's own height/width, on every side
 MIN_AREA, MAX_AREA = 0.04, 0.85  # plausible lung fraction of the image

@@ -55,7 +55,7 @@ from classifier.dataset import (
     writable_output,
 )
 from classifier.errors import OptionError
-from classifier.lungs import LungCropper, train_lung_model_on_split
+from classifier.lungs import LUNG_EPOCHS, LungCropper, train_lung_model_on_split
 from classifier.metrics import classification_report
 from classifier.preprocess import PreprocessSpec, finish_gray
 from classifier.types import identity_problem
@@ -85,7 +85,7 @@ class TrainingConfig:
     average_last: int | None = None  # the model is the mean of the last N epochs' weights (SWA)
     lung_model: Path | None = None  # a lung U-Net folder (classifier.lungs): crop every image to its lungs
     lung_masks: Path | None = None  # or train that U-Net first, on the training split's images with masks here
-    lung_epochs: int = 120
+    lung_epochs: int = LUNG_EPOCHS
     weights: str | None = None  # backbone weights ("imagenet" default for transfer models)
     relabel: Mapping[str, str] | None = None  # {old: new} labels, applied after the split (dataset.relabel)
     version: str | None = None

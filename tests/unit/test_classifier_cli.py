@@ -24,6 +24,43 @@ def test_several_architectures_with_members_is_an_option_error_with_exit_2(
     assert "error: several architectures train one member each" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["train", "DATA", "OUT", "--fold", "0/5", "--validation-fraction", "0.3"],
+         "argument --validation-fraction: not allowed with argument --fold"),
+        (["train-lungs", "DATA", "MASKS", "OUT", "--fold", "0/5", "--validation-fraction", "0.3"],
+         "argument --validation-fraction: not allowed with argument --fold"),
+        (["train", "DATA", "OUT", "--members", "5", "--seeds", "1,2"],
+         "argument --seeds: not allowed with argument --members"),
+    ],
+)
+def test_options_of_which_one_would_be_ignored_are_refused_together(
+    command: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fold holds out 1/K, so --validation-fraction beside it was dropped; with --seeds, --members was.
+    Both ran with exit 0 (review)."""
+    (tmp_path / "masks").mkdir()
+    given = {"DATA": str(tmp_path), "OUT": str(tmp_path / "out"), "MASKS": str(tmp_path / "masks")}
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main([given.get(part, part) for part in command])
+    assert exit_status.value.code == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lung_epochs_without_the_masks_to_train_on_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It trained the classifier and used the number for nothing (review)."""
+    code = cli.main(["train", str(tmp_path), str(tmp_path / "out"), "--lung-epochs", "5"])
+    assert code == 2
+    assert "error: --lung-epochs sets the epochs of the lung U-Net that --lung-masks trains" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["train", "DATA", "OUT", "--lung-masks", "MASKS"],
                                      ["train-lungs", "DATA", "MASKS", "OUT"]])
 def test_a_missing_mask_folder_is_refused_before_anything_is_made(
