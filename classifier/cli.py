@@ -126,7 +126,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--steps-per-epoch", type=at_least(1),
         help="batches per epoch instead of one pass over the training images (smoke runs)",
     )  # fmt: skip
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress bar (none either when standard error is not a terminal: a log has a line an epoch)",
+    )
     _novelty_switch(train)
     train.set_defaults(func=_train)
 
@@ -418,7 +421,8 @@ def _train(args: argparse.Namespace) -> int:
         relabel=parse_relabel(args.relabel),
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,
-        progress=not args.no_progress,
+        # a bar's carriage returns broke the epoch lines of a log file, where no one watches it (review)
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     argv = ["cxr-node", *sys.argv[1:]] if sys.argv else None
     if len(architectures) > 1 and (args.members or args.seeds or args.weights):

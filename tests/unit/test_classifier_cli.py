@@ -91,3 +91,32 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(
     assert code == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("terminal", "options", "bar"), [(True, [], True), (True, ["--no-progress"], False),
+                                                          (False, [], False)])
+def test_the_progress_bar_is_drawn_only_on_a_terminal(
+    terminal: bool, options: list[str], bar: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its carriage returns went into a log file too, where every per-epoch line then began inside a bar
+    (review): an unattended run had to remember --no-progress."""
+    import io
+
+    from classifier import training
+
+    class Stopped(Exception):
+        pass
+
+    asked: list[bool] = []
+
+    def train(config: training.TrainingConfig, argv: list[str] | None = None) -> None:
+        asked.append(config.progress)
+        raise Stopped
+
+    stderr = io.StringIO()
+    monkeypatch.setattr(stderr, "isatty", lambda: terminal)
+    monkeypatch.setattr("sys.stderr", stderr)
+    monkeypatch.setattr(training, "train", train)
+    with pytest.raises(Stopped):
+        cli.main(["train", str(tmp_path), str(tmp_path / "out"), "--no-novelty", *options])
+    assert asked == [bar]
