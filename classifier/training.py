@@ -430,6 +430,9 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     architecture.check_weights(config.backbone_weights)  # likewise
 
     classes, split, train_items, val_items = training_split(config, recipe)
+    # Before the lung U-Net trains and the images are read (it was after both): a reframing recipe must
+    # name one of these classes.
+    reframed = None if augmentation.reframe is None else reframe_mask(classes, augmentation.reframe)
     split["fingerprint"] = split_fingerprint(train_items, val_items)  # checked where the split is drawn anew
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:
@@ -449,10 +452,8 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     onehot_train = np.eye(len(classes), dtype=np.float32)[y_train]
     onehot_val = np.eye(len(classes), dtype=np.float32)[y_val]
 
-    reframed: list[float] | None = None
     grays: tuple[npt.NDArray[np.float32], ...] = (train_gray,)
-    if augmentation.reframe is not None:  # reframed boxes are cut from sharper copies (classifier.augmentation)
-        reframed = reframe_mask(classes, augmentation.reframe)
+    if reframed is not None:  # reframed boxes are cut from sharper copies (classifier.augmentation)
         height, width = spec.input_size
         source_spec = replace(spec, input_size=(REFRAME_SOURCE_SCALE * height, REFRAME_SOURCE_SCALE * width))
         grays = (train_gray, load_grays(train_items, source_spec, lungs)[..., None])

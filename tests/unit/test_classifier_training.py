@@ -1271,6 +1271,26 @@ def test_training_with_reframing_runs_on_whole_chest_classes_and_refuses_data_wi
         train(replace(config, data=collection, output=tmp_path / "other"), argv=[])
 
 
+def test_a_reframing_recipe_without_its_classes_is_refused_before_the_lung_model_and_the_images(
+    collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal came after the lung U-Net had trained (120 epochs by default) and every image had been
+    read (review)."""
+    from classifier import training
+
+    def too_late(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("reached before the reframing was checked")
+
+    monkeypatch.setattr(training, "_lung_model", too_late)
+    monkeypatch.setattr(training, "load_grays", too_late)
+    config = TrainingConfig(
+        architecture="cxr-compact", data=collection, output=tmp_path / "model", epochs=1,
+        augmentation="robust-reframe", lung_masks=tmp_path, progress=False,
+    )  # fmt: skip
+    with pytest.raises(OptionError, match="none of which is in the data"):
+        train(config, argv=[])
+
+
 def _three_classes(collection: Path, folder: Path) -> Path:
     """A manifest in ``folder`` of the tiny collection's images (absolute paths), its dark images split into
     two classes by patient: dark, dim."""
