@@ -510,7 +510,14 @@ def split_by_fold(
             target = min(range(folds), key=lambda index: (sizes[index], index))
             fold_groups[target].add(group)
             sizes[target] += len(by_group[group])
-    return _partition(items, fold_groups[fold], "too few groups for this many folds")
+    train, validation = _partition(items, fold_groups[fold], "too few groups for this many folds")
+    if absent := sorted(set(group_class.values()) - {group_class[item.group] for item in validation}):
+        # a class with fewer groups than folds; its figures in this fold (and the epoch kept) leave it out
+        LOGGER.warning(
+            "fold %d of %d validates no group of class %s: it has fewer groups than folds",
+            fold, folds, ", ".join(absent),
+        )  # fmt: skip
+    return train, validation
 
 
 def split_from_record(

@@ -235,6 +235,30 @@ def test_group_folds_partition_the_collection(collection: Path) -> None:
         split_by_fold(items, 3, 3, seed=7)
 
 
+def test_a_fold_that_validates_no_image_of_a_class_says_so(
+    collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A class of three groups in five folds: two folds validated no image of it, and their figures and
+    the epoch they kept left it out without a word (review)."""
+    rows = ["file,label,group"] + [f"{collection}/{label}/{index}.png,{label},{label}-{index}"
+                                   for label in ("bright", "dark") for index in range(9)]
+    rows += [f"{collection}/dark/{index}.png,rare,rare-{index}" for index in (9, 10, 11)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    items = load_collection(manifest)
+    caplog.set_level(logging.WARNING, logger="classifier.dataset")
+    without = []
+    for fold in range(5):
+        caplog.clear()
+        _, validation = split_by_fold(items, fold, 5, seed=7)
+        if "rare" not in {item.label for item in validation}:
+            without.append(fold)
+            assert f"fold {fold} of 5 validates no group of class rare" in caplog.text
+        else:
+            assert "validates no group" not in caplog.text
+    assert len(without) == 2
+
+
 def test_a_fold_that_leaves_a_class_out_of_training_is_refused(
     collection: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
