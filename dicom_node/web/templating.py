@@ -42,8 +42,9 @@ NOTICES = {
 #: Notices that are news rather than a success: shown as information, not in green.
 INFO_NOTICES = frozenset({"session-ended"})
 
-# Labels shown as "no finding" (green); any other class except indeterminate is flagged.
-NORMAL_LABELS = frozenset({"normal", "non-covid", "noncovid", "no finding", "no_finding", "negative"})
+# Findings shown as "no finding" (green), by their coded concept (reporting.codes.FindingConcept.key); any
+# other class except indeterminate is flagged.
+NO_FINDING_KEYS = frozenset({"NORMAL", "NONCOVID"})
 
 
 def dicom_date(value: str | None) -> str:
@@ -87,13 +88,16 @@ def finding_name(label: str) -> str:
 
 
 def finding_class(label: str) -> str:
-    """CSS class of a finding chip: normal, indeterminate or flagged."""
-    low = label.lower()
-    if low in NORMAL_LABELS:
+    """CSS class of a finding chip: normal, indeterminate or flagged, by the label's coded concept as the
+    SR and the PDF read it. By its lower-cased spelling, "Non_COVID", "Non COVID" and "normal " were
+    flagged while the chip said "No COVID-19 pattern" or "Normal" (review)."""
+    try:
+        key = finding_for(label).key
+    except UnknownLabelError:
+        return "finding-flagged"
+    if key in NO_FINDING_KEYS:
         return "finding-normal"
-    if low == "indeterminate":
-        return "finding-indeterminate"
-    return "finding-flagged"
+    return "finding-indeterminate" if key == "INDETERMINATE" else "finding-flagged"
 
 
 def dimse_status(value: int | None) -> str:
