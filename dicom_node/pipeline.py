@@ -905,7 +905,8 @@ class Pipeline:
                     )
                     digests[row.id] = self.results.write(path, [dataset_bytes(sr)]).sha256
                 elif row.kind is ResultKind.PDF:
-                    pdf = build_pdf(images, identity, analysed_at=analysed_at, revision=revision)
+                    pdf = build_pdf(images, identity, analysed_at=analysed_at, revision=revision,
+                                    threshold=self.config.indeterminate_threshold)
                     self.results.write(pdf_path(path), [pdf])
                     encapsulated = build_encapsulated_pdf(
                         pdf,

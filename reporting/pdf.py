@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -57,8 +58,10 @@ INTENDED_USE = (
     "physician: a qualified radiologist must interpret it with the images and the clinical context, and it "
     "must not be the sole basis for a clinical decision. The model is meant for frontal (PA/AP) chest "
     "radiographs of adults (for children, lateral views or other images its probabilities mean little) and "
-    "knows three answers only: any other finding, such as a mass or an effusion, is forced into one of them."
+    "knows {answers} answers only ({names}): any other finding, such as a mass or an effusion, is forced into "
+    "one of them."
 )
+_COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
 DOUBT_HEADLINE = "THE MODEL'S OWN CHECKS DOUBT THIS IMAGE"
 DOUBT_TEXT = (
     "The node is set to classify such images anyway; the probabilities above may say little about this "
@@ -103,13 +106,25 @@ def percent(probability: float) -> str:
     return f"{100.0 * probability:.1f} %"
 
 
+def percent_below(probability: float) -> str:
+    """A probability below a threshold, printed one decimal down (49.996 % as 49.9 %, not 50.0 %): rounded,
+    it read as the threshold it fell short of (review)."""
+    return f"{math.floor(1000.0 * probability) / 10.0:.1f} %"
+
+
 def build_pdf(
-    images: Sequence[AnalysedImage], node: NodeIdentity, *, analysed_at: datetime, revision: Revision = FIRST
+    images: Sequence[AnalysedImage],
+    node: NodeIdentity,
+    *,
+    analysed_at: datetime,
+    revision: Revision = FIRST,
+    threshold: float | None = None,
 ) -> bytes:
     """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several).
 
     A later ``revision`` opens with a box saying which report it replaces, so that a printed copy cannot
-    be taken for the earlier one."""
+    be taken for the earlier one. ``threshold``, the confidence below which a result is indeterminate, is
+    printed beside an indeterminate one (the SR records it too)."""
     check_one_study(images)
     # identifiers are read from readable copies: one value no reader takes must not cost the whole report
     images = [replace(image, source=header(image.source)) for image in images]
@@ -122,7 +137,7 @@ def build_pdf(
         notice = [_revision_box(revision, len(images), styles), Spacer(1, 3 * mm)]
     story: list[Flowable] = [
         *notice,
-        _intended_use_box(styles),
+        _intended_use_box(models, styles),
         Spacer(1, 4 * mm),
         identity,
         Spacer(1, 3 * mm),
@@ -141,7 +156,7 @@ def build_pdf(
     if len(images) == 1:
         after = [Spacer(1, 3 * mm), _analysis_line(models, node, analysed_at, styles, fonts)]
     for index, image in enumerate(images):
-        story += _image_section(image, index, len(images), styles, fonts, after=after)
+        story += _image_section(image, index, len(images), styles, fonts, after=after, threshold=threshold)
         if index < len(images) - 1:
             story.append(PageBreak())
     story += after
@@ -221,8 +236,15 @@ class _Styles:
         )
 
 
-def _intended_use_box(styles: _Styles) -> Table:
-    return _warning_box(f"⚠ {INTENDED_USE_HEADLINE}", INTENDED_USE, styles)
+def intended_use_text(models: Sequence[ModelInfo]) -> str:
+    """:data:`INTENDED_USE` with the answers the models know: it said "three" for a two-class model too."""
+    classes = list(dict.fromkeys(name for model in models for name in model.classes))
+    names = ", ".join(codes.finding_for(name).display for name in classes)
+    return INTENDED_USE.format(answers=_COUNTS.get(len(classes), str(len(classes))), names=names)
+
+
+def _intended_use_box(models: Sequence[ModelInfo], styles: _Styles) -> Table:
+    return _warning_box(f"⚠ {INTENDED_USE_HEADLINE}", intended_use_text(models), styles)
 
 
 def revision_headline(revision: Revision) -> str:
@@ -339,16 +361,22 @@ def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts:
     return table
 
 
-def _finding_words(prediction: Prediction) -> tuple[codes.FindingConcept, str]:
+def confidence_text(prediction: Prediction) -> str:
+    """The top class's probability as printed: one decimal down when it fell short of the threshold."""
+    return (percent_below if prediction.indeterminate else percent)(prediction.confidence)
+
+
+def _finding_words(prediction: Prediction, threshold: float | None) -> tuple[codes.FindingConcept, str]:
     """The finding and the line under it (confidence, or why it is indeterminate)."""
     finding = codes.finding_for(prediction.label)
     top = codes.finding_for(prediction.top_class)
     if prediction.indeterminate:
+        limit = "" if threshold is None else f" of {100.0 * threshold:g} %"
         return finding, (
-            f"Most likely {top.display} at {percent(prediction.confidence)}, "
-            "below the confidence threshold: no class is reported"
+            f"Most likely {top.display} at {confidence_text(prediction)}, "
+            f"below the confidence threshold{limit}: no class is reported"
         )
-    return finding, f"Confidence {percent(prediction.confidence)}"
+    return finding, f"Confidence {confidence_text(prediction)}"
 
 
 def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Typeface) -> Table:
@@ -358,7 +386,7 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
     ]
     rows: list[list[Flowable]] = [header]
     for index, image in enumerate(images):
-        finding, _ = _finding_words(image.prediction)
+        finding = codes.finding_for(image.prediction.label)
         colour = FINDING_COLOURS[finding.key].hexval()
         rows.append(
             [
@@ -393,7 +421,7 @@ def _summary_table(images: Sequence[AnalysedImage], styles: _Styles, fonts: Type
 
 def _summary_confidence(prediction: Prediction) -> str:
     """The top class's probability; named when the result is indeterminate, so it is not read as certainty."""
-    text = percent(prediction.confidence)
+    text = confidence_text(prediction)
     if prediction.indeterminate:
         return f"{text} ({codes.finding_for(prediction.top_class).display})"
     return text
@@ -416,13 +444,13 @@ def _height(flowables: Sequence[Flowable]) -> float:
 
 def _image_section(
     image: AnalysedImage, index: int, count: int, styles: _Styles, fonts: Typeface,
-    *, after: Sequence[Flowable] = (),
+    *, after: Sequence[Flowable] = (), threshold: float | None = None,
 ) -> list[Flowable]:
     """The image's result, cautions and pictures. The pictures take the height left on the page by what
     is above them and by their SOP Instance UID line and ``after`` below them, so that one image with its
     cautions still fits on a single page."""
     prediction = image.prediction
-    finding, subline = _finding_words(prediction)
+    finding, subline = _finding_words(prediction, threshold)
     colour = FINDING_COLOURS[finding.key]
     heading = f"Image {index + 1} of {count}: {_series_instance(image.source)}"
     result = Table(

@@ -226,7 +226,10 @@ class NodeConsoleServices:
             source=source, prediction=prediction, preview=preview, age_unknown=upload.age_unknown
         )
         try:
-            return bytes(build_pdf([analysed], node_identity(self._settings), analysed_at=analysed_at))
+            return bytes(build_pdf(
+                [analysed], node_identity(self._settings), analysed_at=analysed_at,
+                threshold=self._settings.pipeline.indeterminate_threshold,
+            ))
         except ReportBuildError as exc:
             raise ReportingError(f"the PDF report could not be built: {exc}") from exc
 

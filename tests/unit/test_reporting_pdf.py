@@ -323,3 +323,23 @@ def test_the_longest_identity_values_take_at_most_four_lines_a_row() -> None:
     padding = 3.5 * 72 / 25.4  # top and bottom padding, 1.5 + 2 mm
     for height in table._rowHeights:
         assert height <= label + 4 * line + padding + 0.5, (height, line)
+
+
+def test_an_indeterminate_result_is_printed_below_its_threshold_and_names_it() -> None:
+    """0.49996 was printed "50.0 %, below the confidence threshold", and a positive result of 0.50004
+    "Confidence 50.0 %": the same figure on either side of a threshold no page named (review)."""
+    below = analysed(probabilities={"covid": 0.49996, "normal": 0.3, "pneumonia": 0.20004})
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([below], NODE, analysed_at=ANALYSED_AT, threshold=0.5)))
+    text = compact(reader.pages[0].extract_text())
+    assert "Most likely COVID-19 at 49.9 %, below the confidence threshold of 50 %" in text
+    assert "50.0 %" not in text.split("AI RESULT")[1].split("CONFIDENCE PER CLASS")[0]
+    (unnamed,) = pages([below])  # a caller that does not give the threshold: the sentence without it
+    assert "below the confidence threshold: no class is reported" in compact(unnamed)
+
+
+def test_the_intended_use_names_the_answers_of_the_model_that_gave_them() -> None:
+    """It said "knows three answers only" under a COVID-19 / non-COVID model's result (review)."""
+    (text,) = pages([analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)])
+    assert "knows two answers only (COVID-19, No COVID-19 pattern)" in compact(text)
+    (text,) = pages([analysed()])
+    assert "knows three answers only (COVID-19, Normal, Pneumonia)" in compact(text)
