@@ -196,6 +196,14 @@ def load_classifier(settings: Settings) -> ImageClassifier:
             f"the model's classes {unknown} have no coded concept for the SR (reporting/codes.py knows "
             "covid, normal, pneumonia and non-covid): its results could not be reported"
         )
+    threshold, classes = settings.pipeline.indeterminate_threshold, len(model.info.classes)
+    if 0.0 < threshold <= 1.0 / classes:
+        # a two-class model's top probability is at least 0.5: at the default threshold a coin toss was
+        # reported as a finding, and nothing said that no image could ever be indeterminate (review)
+        LOGGER.warning(
+            "pipeline.indeterminate_threshold %g marks no image indeterminate with this model of %d classes, "
+            "whose top probability is at least %.2f; set it above that", threshold, classes, 1.0 / classes,
+        )  # fmt: skip
     return model
 
 

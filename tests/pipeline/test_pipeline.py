@@ -1362,6 +1362,21 @@ def test_the_worker_outlives_a_cycle_ended_by_something_that_is_not_an_exception
     assert "Panic" in caplog.text and "SENTINEL" not in caplog.text
 
 
+@pytest.mark.parametrize(("threshold", "warned"), [(0.5, True), (0.0, False), (0.6, False)])
+def test_a_threshold_no_image_of_the_model_can_fall_below_is_named_at_load(
+    threshold: float, warned: bool, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A two-class model's top probability is at least 0.5: at the default threshold no image was ever
+    indeterminate, and a coin toss was reported as a COVID-19 finding without a word (review)."""
+    merge = {"normal": "non-covid", "pneumonia": "non-covid"}
+    folder = tiny_model(tmp_path_factory.getbasetemp(), relabel=merge)
+    settings = Settings(node={"data_dir": tmp_path_factory.mktemp("node")},
+                        pipeline={"model_path": folder, "indeterminate_threshold": threshold})
+    caplog.set_level(logging.WARNING, logger="dicom_node.pipeline")
+    load_classifier(settings)
+    assert ("marks no image indeterminate with this model of 2 classes" in caplog.text) is warned
+
+
 def test_a_model_with_a_class_the_reports_cannot_code_is_refused_when_it_is_loaded(tmp_path: Path) -> None:
     """A site may train its own classes; the node must say at start-up that it cannot report them, not
     classify every study and then fail to build each SR and PDF."""
