@@ -592,14 +592,18 @@ class Pipeline:
     # Classification ---------------------------------------------------------------------------
 
     def _classify(self, study_pks: Sequence[int], info: ModelInfo, cycle: _Cycle) -> None:
-        """Classify eligible instances without a finding for this model, ``batch_size`` at a time."""
+        """Classify eligible instances without a finding for this model, ``batch_size`` at a time: those
+        received, and those an earlier model analysed whose files are kept. A report covers the images of
+        its model only, so after a model change a late image's report left the study's earlier images out
+        without a word (review); they are classified again with the late one."""
         with session_scope(self.session_factory) as session:
             candidates = session.scalars(
                 select(Instance)
                 .join(Series)
                 .where(
                     Series.study_pk.in_(study_pks),
-                    Instance.state == InstanceState.RECEIVED,
+                    (Instance.state == InstanceState.RECEIVED)
+                    | ((Instance.state == InstanceState.ANALYSED) & Instance.purged_at.is_(None)),
                     ~Instance.findings.any(
                         (Finding.model_name == info.name) & (Finding.model_version == info.version)
                     ),

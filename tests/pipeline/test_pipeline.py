@@ -1408,6 +1408,32 @@ def test_without_a_model_studies_stay_queued_for_the_next_start(world: dict[str,
     assert len(peer.received) == 2
 
 
+def test_after_a_model_change_a_late_image_s_report_covers_the_study_s_earlier_images(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The first image was classified by version 1, the late one by version 2: version 2's report held
+    the late image alone, "Images analysed 1", while its covers said both (review)."""
+    import copy
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first = world["classifier"]
+    upgraded = copy.copy(first)
+    upgraded._metadata = replace(first._metadata, version=first._metadata.version + "-upgraded")
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    Pipeline(world["db"], world["config"], lambda: upgraded, outbox=world["outbox"]).process([study_pk])
+    with session_scope(world["db"]) as session:
+        versions = [finding.model_version for finding in session.scalars(select(Finding))]
+        assert sorted(versions) == sorted([first.info.version, upgraded.info.version, upgraded.info.version])
+        [path] = session.scalars(
+            select(ResultObject.file_path).where(
+                ResultObject.kind == ResultKind.SR, ResultObject.model_version == upgraded.info.version
+            )
+        )
+    assert len(tracked(world, path)) == 2
+    assert len(peer.received) == 4
+
+
 def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, Any], peer: StorePeer) -> None:
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
