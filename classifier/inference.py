@@ -37,7 +37,7 @@ from classifier.preprocess import (
     read_image_file,
     upright,
 )
-from classifier.types import INDETERMINATE, ModelInfo, Prediction
+from classifier.types import ModelInfo, Prediction, decided_label
 
 LOGGER = logging.getLogger(__name__)
 
@@ -377,9 +377,8 @@ class Classifier:
         classes = self._metadata.classes
         top_index = int(np.argmax(row))
         top_class = classes[top_index]
-        label = top_class if float(row[top_index]) >= self._threshold else INDETERMINATE
         return Prediction(
-            label=label,
+            label=decided_label(top_class, float(row[top_index]), self._threshold),
             top_class=top_class,
             probabilities={name: float(value) for name, value in zip(classes, row, strict=True)},
             model=self.info,

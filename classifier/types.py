@@ -86,6 +86,12 @@ def doubt_reason(
     return None
 
 
+def decided_label(top_class: str, confidence: float, threshold: float) -> str:
+    """The label a prediction is reported under: its top class, or :data:`INDETERMINATE` when the top
+    probability is below ``threshold``."""
+    return top_class if confidence >= threshold else INDETERMINATE
+
+
 # A model's name and version go into every report as DICOM Long Strings (Manufacturer's Model Name and
 # Software Versions of the algorithm's Contributing Equipment, PS3.5 6.2), and into the node's database
 IDENTITY_MAX_CHARS = 64

@@ -40,7 +40,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from classifier.types import ModelInfo, Prediction
+from classifier.types import ModelInfo, Prediction, decided_label
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
@@ -1014,6 +1014,14 @@ class Pipeline:
             )
             if finding is None:
                 continue
+            # One report, one rule: its SR records the current threshold for every image, so an image an
+            # earlier revision labelled under another threshold is labelled anew, here and in the console
+            # (review: the same probabilities were "COVID-19" and "Indeterminate" in one report).
+            label = decided_label(finding.top_class, finding.confidence, self.config.indeterminate_threshold)
+            if finding.label != label:
+                LOGGER.info("instance %d: labelled anew under the threshold %g", instance.id,
+                            self.config.indeterminate_threshold)
+                finding.label = label
             path = self.config.storage_dir / instance.file_path if instance.purged_at is None else None
             rows.append((instance.id, path, header_from_rows(instance), finding))
         # "Image N" keeps its number in every revision: images an earlier SR reported on come first, in

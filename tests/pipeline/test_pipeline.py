@@ -1434,6 +1434,31 @@ def test_after_a_model_change_a_late_image_s_report_covers_the_study_s_earlier_i
     assert len(peer.received) == 4
 
 
+def test_a_revision_made_under_another_threshold_labels_every_image_by_the_threshold_it_records(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The first image was labelled COVID-19 at threshold 0.5; a late one came after the threshold was set
+    to 0.99. The revision recorded 0.99 for both images, yet coded the first COVID-19 and the second, with
+    the same probabilities, Indeterminate (review)."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.scalars(select(Finding.label)).one() == "covid"
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world, indeterminate_threshold=0.99).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert sorted(session.scalars(select(Finding.label))) == ["indeterminate", "indeterminate"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(
+        pydicom.dcmread(world["config"].results_dir / result_rows(world, study_pk)[ResultKind.SR][1])
+    )
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 2
+    for group in groups:
+        [evaluation] = group.get_qualitative_evaluations(name=codes.IMAGING_FINDING)
+        assert evaluation.value == codes.INDETERMINATE_CODE
+
+
 def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, Any], peer: StorePeer) -> None:
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])
