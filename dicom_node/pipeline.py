@@ -71,7 +71,7 @@ from dicom_node.store.models import (
 if TYPE_CHECKING:
     from dicom_node.outbox import Outbox
     from dicom_node.settings import Settings
-    from reporting.types import AnalysedImage, NodeIdentity, Revision
+    from reporting.types import AnalysedImage, NodeIdentity, NotAnalysedImage, Revision
 
 LOGGER = logging.getLogger(__name__)
 
@@ -891,6 +891,7 @@ class Pipeline:
             earlier = {row.id: _earlier_revisions(session, row) for row in missing}
             study_uid = study.study_instance_uid
             images = self._analysed_images(session, study_pk, info, cycle)
+            not_analysed = self._not_analysed(session, study_pk)
         if not images:
             raise ReportingError(f"study {study_pk}: analysed images could not be reloaded")
         identity = self.config.identity
@@ -918,7 +919,7 @@ class Pipeline:
                     digests[row.id] = self.results.write(path, [dataset_bytes(sr)]).sha256
                 elif row.kind is ResultKind.PDF:
                     pdf = build_pdf(images, identity, analysed_at=analysed_at, revision=revision,
-                                    threshold=self.config.indeterminate_threshold)
+                                    threshold=self.config.indeterminate_threshold, not_analysed=not_analysed)
                     self.results.write(pdf_path(path), [pdf])
                     encapsulated = build_encapsulated_pdf(
                         pdf,
@@ -986,6 +987,17 @@ class Pipeline:
         ds.SOPClassUID = earlier.sop_class_uid
         ds.SOPInstanceUID = earlier.sop_instance_uid
         return ds
+
+    def _not_analysed(self, session: Session, study_pk: int) -> list[NotAnalysedImage]:
+        """The study's images stored and not classified (skipped or failed), with the node's reasons: the
+        PDF names them. A lateral view beside a classified PA one vanished from the report (review)."""
+        from reporting.types import NotAnalysedImage
+
+        return [
+            NotAnalysedImage(header_from_rows(instance), instance.state_reason or "not analysed")
+            for instance in self._instances(session, study_pk)
+            if instance.state in (InstanceState.SKIPPED, InstanceState.FAILED)
+        ]
 
     def _analysed_images(
         self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle

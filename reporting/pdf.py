@@ -47,7 +47,7 @@ from reporting import codes
 from reporting.heatmap import overlay
 from reporting.study import FIRST, check_one_study, distinct_models, header
 from reporting.typeface import Typeface, typeface
-from reporting.types import AnalysedImage, NodeIdentity, Revision
+from reporting.types import AnalysedImage, NodeIdentity, NotAnalysedImage, Revision
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ DOUBT_TEXT = (
     "image. Read it with particular care."
 )
 DOUBT_SUMMARY = "the model's checks doubt this image"
+NOT_ANALYSED_SEE = "The model says nothing about these images: read them as usual."
 AGE_UNKNOWN_HEADLINE = "PATIENT AGE UNKNOWN"
 AGE_UNKNOWN_TEXT = (
     "The image header gives no Patient Age, and no Patient's Birth Date with a Study Date, so the node could "
@@ -119,19 +120,22 @@ def build_pdf(
     analysed_at: datetime,
     revision: Revision = FIRST,
     threshold: float | None = None,
+    not_analysed: Sequence[NotAnalysedImage] = (),
 ) -> bytes:
     """The study's summary as PDF bytes (A4; a summary page, then one page per analysed image when several).
 
     A later ``revision`` opens with a box saying which report it replaces, so that a printed copy cannot
     be taken for the earlier one. ``threshold``, the confidence below which a result is indeterminate, is
-    printed beside an indeterminate one (the SR records it too)."""
+    printed beside an indeterminate one (the SR records it too). ``not_analysed`` are the study's other
+    images, stored and not classified: a box names each with the reason."""
     check_one_study(images)
     # identifiers are read from readable copies: one value no reader takes must not cost the whole report
     images = [replace(image, source=header(image.source)) for image in images]
     fonts = typeface()
     styles = _Styles.make(fonts)
     models = distinct_models(images)
-    identity = _identity_table(images[0].source, len(images), styles, fonts)
+    count = f"{len(images)} of {len(images) + len(not_analysed)}" if not_analysed else str(len(images))
+    identity = _identity_table(images[0].source, count, styles, fonts)
     notice: list[Flowable] = []
     if revision.number > 1:
         notice = [_revision_box(revision, len(images), styles), Spacer(1, 3 * mm)]
@@ -145,6 +149,8 @@ def build_pdf(
     cautions: list[Flowable] = []
     if any(image.age_unknown for image in images):
         cautions = [_warning_box(f"⚠ {AGE_UNKNOWN_HEADLINE}", AGE_UNKNOWN_TEXT, styles), Spacer(1, 3 * mm)]
+    if not_analysed:
+        cautions += [_not_analysed_box(not_analysed, styles, fonts), Spacer(1, 3 * mm)]
     story += cautions
     if len(images) > 1:
         story += [_summary_table(images, styles, fonts), Spacer(1, 3 * mm)]
@@ -328,7 +334,15 @@ def _text(value: object) -> str:
     return text or NOT_RECORDED
 
 
-def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts: Typeface) -> Table:
+def _not_analysed_box(items: Sequence[NotAnalysedImage], styles: _Styles, fonts: Typeface) -> Table:
+    headline = f"⚠ {len(items)} OTHER IMAGE{'S' if len(items) > 1 else ''} OF THIS STUDY NOT ANALYSED"
+    lines = "<br/>".join(
+        fonts.markup(f"{_series_instance(item.source)}: {item.reason}") for item in items
+    )
+    return _warning_box(headline, f"{lines}<br/>{NOT_ANALYSED_SEE}", styles)
+
+
+def _identity_table(source: pydicom.Dataset, count: str, styles: _Styles, fonts: Typeface) -> Table:
     fields = [
         ("Patient name", patient_name(source)),
         ("Patient ID", _text(source.get("PatientID"))),
@@ -337,7 +351,7 @@ def _identity_table(source: pydicom.Dataset, count: int, styles: _Styles, fonts:
         ("Accession number", _text(source.get("AccessionNumber"))),
         ("Study date", dicom_date_text(source.get("StudyDate"))),
         ("Study description", _text(source.get("StudyDescription"))),
-        ("Images analysed", str(count)),
+        ("Images analysed", count),
     ]
     cells = [
         [Paragraph(label, styles.label), Paragraph(fonts.markup(value), styles.value)]

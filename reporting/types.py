@@ -26,6 +26,16 @@ class NodeIdentity:
 
 
 @dataclass(frozen=True)
+class NotAnalysedImage:
+    """An image of the study that the node stored but did not classify, and the node's reason (its header
+    or the model's checks; never a patient's data): the report names it, so that its silence about the
+    image is not read as a finding (review)."""
+
+    source: pydicom.Dataset  # the header is enough
+    reason: str
+
+
+@dataclass(frozen=True)
 class AnalysedImage:
     """One classified image of a study.
 

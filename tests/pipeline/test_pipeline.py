@@ -1459,6 +1459,24 @@ def test_a_revision_made_under_another_threshold_labels_every_image_by_the_thres
         assert evaluation.value == codes.INDETERMINATE_CODE
 
 
+def test_an_image_skipped_beside_a_classified_one_is_named_in_the_pdf_with_its_reason(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """A lateral view beside a PA one: the report covered the PA image, said "Images analysed 1", and
+    the lateral view and the reason it was skipped were in the console only (review)."""
+    study_pk = receive(world, "RG1_UNCI.dcm", settle=False)
+
+    def lateral(ds: pydicom.Dataset) -> None:
+        ds.ViewPosition = "LL"
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=lateral)
+    make_pipeline(world).process([study_pk])
+    _, text = doubt_in_results(world, study_pk)
+    assert "Images analysed 1 of 2" in text
+    assert "1 OTHER IMAGE OF THIS STUDY NOT ANALYSED" in text
+    assert "view position LL is not frontal (PA/AP)" in text
+
+
 def test_optional_heat_map_secondary_capture_is_built_and_sent(world: dict[str, Any], peer: StorePeer) -> None:
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world, heatmap=True, secondary_capture=True).process([study_pk])

@@ -20,7 +20,7 @@ from reporting.pdf import (
 )
 from reporting.study import FIRST
 from reporting.typeface import fallback_font_file, typeface, visual
-from reporting.types import AnalysedImage, Revision
+from reporting.types import AnalysedImage, NotAnalysedImage, Revision
 from tests import peers
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
@@ -28,6 +28,7 @@ from tests.unit.test_reporting_cases import (
     EARLIER,
     NODE,
     analysed,
+    radiograph,
     sparse_source,
     three_image_study,
     unicode_source,
@@ -343,3 +344,19 @@ def test_the_intended_use_names_the_answers_of_the_model_that_gave_them() -> Non
     assert "knows two answers only (COVID-19, No COVID-19 pattern)" in compact(text)
     (text,) = pages([analysed()])
     assert "knows three answers only (COVID-19, Normal, Pneumonia)" in compact(text)
+
+
+def test_the_study_s_images_not_analysed_are_named_with_their_reasons() -> None:
+    """A lateral view skipped beside a classified PA one was in no report: "Images analysed 1", and the
+    reader could take the report's silence about it for a finding (review)."""
+    lateral = radiograph()
+    lateral.ViewPosition, lateral.SeriesNumber, lateral.InstanceNumber = "LL", 3, 1
+    skipped = NotAnalysedImage(lateral, "view position LL is not frontal (PA/AP)")
+    reader = pypdf.PdfReader(io.BytesIO(build_pdf([analysed()], NODE, analysed_at=ANALYSED_AT,
+                                                  not_analysed=[skipped])))
+    text = compact(" ".join(page.extract_text() for page in reader.pages))
+    assert "Images analysed 1 of 2" in text
+    assert "1 OTHER IMAGE OF THIS STUDY NOT ANALYSED" in text
+    assert "CR, LL, series 3, instance 1: view position LL is not frontal (PA/AP)" in text
+    assert "The model says nothing about these images" in text
+    assert len(reader.pages) == 1
