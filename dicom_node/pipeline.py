@@ -44,7 +44,7 @@ from classifier.types import ModelInfo, Prediction, decided_label
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
 from dicom_node.errors import NodeError, ReportingError, describe_exception
-from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image
+from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image, not_an_image
 from dicom_node.storage import lost_results, pdf_path
 from dicom_node.store import header_columns
 from dicom_node.store.db import session_scope, waits_for_a_resource
@@ -990,13 +990,15 @@ class Pipeline:
 
     def _not_analysed(self, session: Session, study_pk: int) -> list[NotAnalysedImage]:
         """The study's images stored and not classified (skipped or failed), with the node's reasons: the
-        PDF names them. A lateral view beside a classified PA one vanished from the report (review)."""
+        PDF names them. A lateral view beside a classified PA one vanished from the report (review). A
+        report, key object or PDF of the study is no image, and is not named."""
         from reporting.types import NotAnalysedImage
 
         return [
             NotAnalysedImage(header_from_rows(instance), instance.state_reason or "not analysed")
             for instance in self._instances(session, study_pk)
             if instance.state in (InstanceState.SKIPPED, InstanceState.FAILED)
+            and not_an_image(instance.sop_class_uid) is None
         ]
 
     def _analysed_images(

@@ -1469,8 +1469,16 @@ def test_an_image_skipped_beside_a_classified_one_is_named_in_the_pdf_with_its_r
     def lateral(ds: pydicom.Dataset) -> None:
         ds.ViewPosition = "LL"
 
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=lateral)
+    def key_object(ds: pydicom.Dataset) -> None:  # no image: stored for the study, and not named
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.59"
+
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=lateral, settle=False)
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=key_object)
     make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert sorted(i.state for i in session.scalars(select(Instance))) == [
+            InstanceState.ANALYSED, InstanceState.SKIPPED, InstanceState.SKIPPED
+        ]
     _, text = doubt_in_results(world, study_pk)
     assert "Images analysed 1 of 2" in text
     assert "1 OTHER IMAGE OF THIS STUDY NOT ANALYSED" in text
