@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ def doubt_reason(
     doubt = doubt_of(novelty, better_turn, negative)
     unlike = (  # the novelty check's words, on their own or beside a turn or a negative
         "does not look like the chest radiographs the model was trained on "
-        f"(novelty {novelty:.2f}, limit {NOVELTY_LIMIT:.2f})"
+        # rounded up: 1.004 read "novelty 1.00, limit 1.00", as if it were within the limit (review)
+        f"(novelty {math.ceil(round(novelty * 100.0, 6)) / 100.0:.2f}, limit {NOVELTY_LIMIT:.2f})"
         if novelty is not None and novelty > NOVELTY_LIMIT
         else ""
     )

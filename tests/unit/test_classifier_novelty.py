@@ -385,6 +385,8 @@ def test_a_leg_that_looks_familiar_turned_or_inverted_is_not_called_a_chest() ->
         "(novelty 1.22, limit 1.00)"
     )
     assert doubt_reason(0.5, 0, False) is None and doubt_reason(None, 0, False) is None
+    # just over the limit is printed over it: 1.004 read "novelty 1.00, limit 1.00" (review)
+    assert (doubt_reason(1.004, 0, False) or "").endswith("(novelty 1.01, limit 1.00)")
 
 
 def test_a_photograph_is_unlike_a_chest_whichever_way_it_is_turned(shipped: Classifier) -> None:
