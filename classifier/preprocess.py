@@ -216,6 +216,50 @@ def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
         )
 
 
+# Scans of a JPEG stream: libjpeg's progressive script has 10, a lossless or JPEG-LS frame one per component
+MAX_JPEG_SCANS = 64
+
+
+def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
+    """The start-of-scan markers of a JPEG or JPEG-LS stream, counted to ``limit`` + 1 at most (0 for other
+    data). Each scan of a progressive JPEG is decoded over the whole frame, so 470 KB that repeat one scan
+    1000 times took 97 s to decode, holding the interpreter lock: the node's console and C-ECHO waited
+    with it (review). The markers are walked as ITU T.81 B.1 lays them out, entropy-coded data skipped
+    to its next marker (a 0xFF there is followed by 0x00 or a restart marker)."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    scans, index = 0, 2
+    while index + 4 <= len(data):
+        if data[index] != 0xFF:  # entropy-coded data after a scan's header
+            index = data.find(b"\xff", index + 1)
+            if index < 0:
+                break
+            continue
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # a stuffed 0xFF, TEM, a restart marker
+            index += 2
+        elif marker == 0xD9:  # end of image
+            break
+        else:
+            if marker == 0xDA:
+                scans += 1
+                if scans > limit:
+                    break
+            index += 2 + int.from_bytes(data[index + 2:index + 4], "big")
+    return scans
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG stream of more than :data:`MAX_JPEG_SCANS` scans, before it is decoded."""
+    if jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise UnsupportedImageError(
+            f"a JPEG of more than {MAX_JPEG_SCANS} scans, each decoded over the whole image; a radiograph "
+            "has at most a few"
+        )
+
+
 def check_picture(image: Image.Image) -> None:
     """Refuse, before it is decoded, a picture the model would read as something else: one of several
     frames or pages (a multi-frame DICOM object is refused alike; a camera JPEG's second, smaller picture,
@@ -226,6 +270,11 @@ def check_picture(image: Image.Image) -> None:
         raise UnsupportedImageError(
             f"an animated or multi-page picture ({frames} frames); the model reads single radiographs"
         )
+    if image.format in ("JPEG", "MPO") and (stream := getattr(image, "fp", None)) is not None:
+        position = stream.tell()
+        stream.seek(0)
+        check_jpeg_scans(stream.read())
+        stream.seek(position)
     for tile in getattr(image, "tile", ()):  # the raw mode Pillow decodes from, e.g. "RGB;16B"
         rawmode = tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0]
         if isinstance(rawmode, str) and rawmode in _SIXTEEN_BIT_COLOUR:
@@ -407,6 +456,7 @@ def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | N
     declared = _declared_size(frame)
     if declared is not None:
         check_frame_size(*declared)
+        check_jpeg_scans(frame)
         given = (_header_int(ds, "Columns"), _header_int(ds, "Rows"))
         # pydicom pours the codestream's pixels into the header's shape: sheared when the counts agree.
         # (A missing or zero size is left to the decoder, which says what it found.)

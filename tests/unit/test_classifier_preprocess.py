@@ -35,6 +35,7 @@ from pydicom.uid import (
 from classifier.errors import UnsupportedImageError
 from classifier.inference import heatmap_in_whole_frame
 from classifier.preprocess import (
+    MAX_JPEG_SCANS,
     PreprocessSpec,
     _box_reduce,
     dataset_to_gray,
@@ -46,6 +47,7 @@ from classifier.preprocess import (
     frame_pixels,
     gray_to_model_input,
     image_to_model_input,
+    jpeg_scans,
     pil_to_gray,
     read_dataset,
     read_image_file,
@@ -1011,6 +1013,42 @@ def test_a_jpeg2000_codestream_claiming_a_huge_image_is_refused() -> None:
     ds.PixelData = encapsulate([bytes(codestream)])
     with pytest.raises(UnsupportedImageError, match="too large"):
         dataset_to_gray(ds)
+
+
+def _repeated_scans(copies: int, side: int = 256) -> bytes:
+    """A progressive JPEG of ``side``² whose last scan is repeated ``copies`` times: legal, each a pass of
+    refinement over the whole image (review: 470 KB with 1000 copies took 97 s at 8000²)."""
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(8, side)).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rfind(b"\xff\xda")
+    assert data.endswith(b"\xff\xd9") and last > 0
+    return data[:last] + data[last:-2] * (copies + 1) + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_of_a_radiograph_s_few_scans_reads_as_its_pixels() -> None:
+    data = _repeated_scans(0)
+    assert 1 < jpeg_scans(data) <= 12
+    ds = make_dataset(ramp(8, 256), bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit  # pydicom reads a progressive frame under it too
+    ds.PixelData = encapsulate([data])
+    plain = make_dataset(ramp(8, 256), bits_stored=8)
+    np.testing.assert_allclose(dataset_to_gray(ds), dataset_to_gray(plain), atol=0.02)
+
+
+def test_a_jpeg_of_repeated_scans_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """In DICOM, and as a picture: the decoder would refine the whole image once a scan."""
+    data = _repeated_scans(100)
+    assert jpeg_scans(data) == MAX_JPEG_SCANS + 1  # counted no further than the limit needs
+    ds = make_dataset(ramp(8, 256), bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([data])
+    with pytest.raises(UnsupportedImageError, match=f"a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        dataset_to_gray(ds)
+    picture = tmp_path / "chest.jpg"
+    picture.write_bytes(data)
+    with pytest.raises(UnsupportedImageError, match=f"a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        read_image_file(picture)
 
 
 def _declaring(syntax: str, columns: int, rows: int) -> Dataset:
