@@ -1087,16 +1087,42 @@ def test_a_header_value_that_refused_an_image_is_shown_but_not_logged(
     assert "skipped by the body part check" in caplog.text
 
 
-def test_a_multi_frame_image_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
+def test_a_multi_frame_image_is_stored_but_not_classified(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The header rows do not keep the frame count: the pipeline reads it before classifying. The old
-    code classified the first frame and reported it as the finding of the image."""
+    code classified the first frame and reported it as the finding of the image. It is refused from the
+    file's header: read whole first, 5000 frames of 655 MB took 1.3 GB before the refusal (review)."""
     def two_frames(ds: pydicom.Dataset) -> None:
         ds.NumberOfFrames = 2
         ds.PixelData = ds.PixelData * 2
 
+    def read_whole(path: Path) -> pydicom.Dataset:
+        raise AssertionError(f"{path.name} read whole")
+
+    monkeypatch.setattr(pipeline_module, "_read_dataset", read_whole)
     study_pk = receive(world, "RG1_UNCI.dcm", edit=two_frames)
     reason = "a multi-frame image (2 frames); the model reads single radiographs"
     assert_skipped_without_results(world, peer, study_pk, reason)
+
+
+@pytest.mark.filterwarnings("ignore:A value of type 'str' cannot be assigned")  # a damaged header, as meant
+@pytest.mark.parametrize(("rows", "columns", "refused"), [(8000, 8001, True), (8000, 8000, False),
+                                                          ("", 9, False), ("x", 9, False)])
+def test_an_image_too_large_to_decode_is_refused_from_its_header(
+    rows: object, columns: int, refused: bool
+) -> None:
+    """Read whole before the classifier refused it: 16 images of 12000² in one batch took 4.3 GB, and
+    those the memory did not hold were recorded as "stored file unreadable (MemoryError)" (review)."""
+    header = pydicom.Dataset()
+    header.Rows, header.Columns = rows, columns
+    refusal = pipeline_module._size_refusal(header)
+    if refused:
+        assert refusal == (
+            "image not supported: the image is too large to decode (8001 × 8000 pixels; at most 64 megapixels)"
+        )
+    else:
+        assert refusal is None
 
 
 def test_a_dx_image_for_processing_is_stored_but_not_classified(world: dict[str, Any], peer: StorePeer) -> None:
