@@ -638,9 +638,11 @@ def reduced_gray(gray: FloatImage, min_side: int) -> FloatImage:
 
 
 def _window(values: FloatImage, center: float, width: float, function: str) -> FloatImage:
-    """PS3.3 C.11.2.1.2 windowing to [0, 1], in float64: a width or center past float32's range (a legal
-    decimal string, "1e39") overflowed to inf / inf, and the whole image became NaN (review)."""
-    values = np.asarray(values, dtype=np.float64)
+    """PS3.3 C.11.2.1.2 windowing to [0, 1]; in float64 for a width or center past float32's range (a legal
+    decimal string, "1e39"), which overflowed to inf / inf and made the whole image NaN (review). Others
+    stay in float32, the arithmetic every earlier model input was made with."""
+    if max(abs(center), abs(width)) > _FLOAT32_SAFE:
+        values = np.asarray(values, dtype=np.float64)
     if function == "SIGMOID":
         exponent = np.clip(-4.0 * (values - center) / max(width, 1e-6), -80.0, 80.0)  # no float overflow
         return _f32(1.0 / (1.0 + np.exp(exponent)))
@@ -649,6 +651,9 @@ def _window(values: FloatImage, center: float, width: float, function: str) -> F
     else:  # LINEAR (the default)
         low, span = center - 0.5 - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
     return _f32(np.clip((values - low) / span, 0.0, 1.0))
+
+
+_FLOAT32_SAFE = 1e30  # a window term beyond this may overflow float32 (3.4e38) once combined
 
 
 def _first_number(ds: pydicom.Dataset, keyword: str) -> float | None:
@@ -915,7 +920,8 @@ def _count_segments(
                 target, offset = (b[0] << 8 | b[1]) << 16 | (b[2] << 8 | b[3]), offset + 4
             else:
                 target, offset = data[offset + 1] << 16 | data[offset], offset + 2
-            entries += _count_segments(data, target, length, depth + 1, budget, eight_bit)
+            # pydicom expands from data[offset:] of the table it is expanding, itself a slice at `start`
+            entries += _count_segments(data, start + target, length, depth + 1, budget, eight_bit)
         else:
             return entries
         if entries > _MAX_PALETTE_ENTRIES:

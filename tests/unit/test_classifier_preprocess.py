@@ -687,10 +687,12 @@ def test_a_segmented_palette_with_an_indirect_segment_reads_as_pydicom_expands_i
     "words",
     [
         [0, 1, 5, 2, 2, 0, 0],  # an indirect segment that copies itself: pydicom recursed to Python's limit
+        # the same, one level down: a nested indirect segment's offset counts from its own table's start
+        [0, 1, 7, 0, 1, 8, 2, 2, 10, 0, 0, 1, 9, 2, 2, 0, 0],
         [0, 1, 1000, *(w for j in range(1, 30) for w in (2, j, 0, 0))],  # each copies all before it: 2**29
         [0, 1, 1000, *(w for _ in range(3) for w in (1, 65535, 7))],  # linear runs past 65536 entries
     ],
-    ids=["itself", "doubling", "long"],
+    ids=["itself", "itself-nested", "doubling", "long"],
 )
 def test_a_segmented_palette_that_expands_without_bound_is_refused_at_once(words: list[int]) -> None:
     """A RecursionError escaped the taxonomy, and a table of 240 bytes took gigabytes and four minutes
