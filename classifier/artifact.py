@@ -231,21 +231,34 @@ def read_metadata(folder: Path, *, verify: bool = True) -> ArtifactMetadata:
     return metadata
 
 
-def load_verified_keras(folder: Path, metadata: ArtifactMetadata) -> Any:
-    """``folder/model.keras`` as ``metadata`` pins it: read once, hashed, and loaded from a private copy of
-    those bytes. Hashed first and loaded by name later, a retraining that renamed its new model.keras into
-    place in between (:func:`write_metadata`) was loaded as the old model: new weights in every report
-    under the old version (review)."""
-    path = Path(folder) / MODEL_FILE
+def load_verified_keras(path: Path, sha256: str, recorded_in: str = METADATA_FILE) -> Any:
+    """The Keras file at ``path`` as ``recorded_in`` pins it by ``sha256``: read once, hashed, and loaded
+    from a private copy of those bytes. Hashed first and loaded by name later, a retraining that renamed
+    its new model.keras into place in between (:func:`write_metadata`) was loaded as the old model: new
+    weights in every report under the old version (review). A copy that cannot be written (a full or
+    read-only temporary folder) is an error naming the folder, not an OSError traceback."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelArtifactError(f"{path} cannot be read: {exc.strerror or type(exc).__name__}") from exc
-    if hashlib.sha256(data).hexdigest() != metadata.sha256:
-        raise ModelArtifactError(f"{path} does not match the sha256 recorded in {METADATA_FILE}")
-    with tempfile.TemporaryDirectory(prefix="cxr-model-") as scratch:
-        copy = Path(scratch) / MODEL_FILE
-        copy.write_bytes(data)
+    if hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise ModelArtifactError(f"{path} does not match the sha256 recorded in {recorded_in}")
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix="cxr-model-")
+    except OSError as exc:
+        raise ModelArtifactError(
+            f"{path} cannot be loaded: no working copy in {tempfile.gettempdir()} ({exc.strerror})"
+        ) from exc
+    with scratch as folder:
+        copy = Path(folder) / path.name
+        try:
+            copy.write_bytes(data)
+        except OSError as exc:
+            raise ModelArtifactError(
+                f"{path} cannot be loaded: no room for a working copy in {tempfile.gettempdir()} "
+                f"({exc.strerror or type(exc).__name__})"
+            ) from exc
         return load_keras_file(copy, shown=path)
 
 

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image
 
-from classifier.artifact import ArtifactMetadata, load_verified_keras, read_metadata
+from classifier.artifact import MODEL_FILE, ArtifactMetadata, load_verified_keras, read_metadata
 from classifier.errors import ModelArtifactError, UnsupportedImageError
 from classifier.novelty import LinearProbe, NoveltyCheck, Presentation, confirmed, presentations
 from classifier.preprocess import (
@@ -87,7 +87,7 @@ class Classifier:
         for another model, it was what stopped the command that mends it)."""
         folder = Path(path)
         metadata = read_metadata(folder, verify=False)
-        model = load_verified_keras(folder, metadata)  # the bytes hashed are the bytes loaded
+        model = load_verified_keras(folder / MODEL_FILE, metadata.sha256)  # the bytes hashed are those loaded
         expected = (None, *metadata.preprocess.input_size, 3)
         if tuple(model.input_shape) != expected or model.output_shape[-1] != len(metadata.classes):
             raise ModelArtifactError(

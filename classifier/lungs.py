@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from classifier.artifact import ArtifactMetadata, load_keras_file, read_json, sha256_file
+from classifier.artifact import ArtifactMetadata, load_verified_keras, read_json, sha256_file
 from classifier.dataset import IMAGE_SUFFIXES, LabelledImage, load_gray, named_failure
 from classifier.errors import ClassifierError, ModelArtifactError
 from classifier.preprocess import Box, FloatImage, equalise, resize_gray
@@ -298,11 +298,9 @@ class LungCropper:
         if not metadata.get("sha256"):  # the trainer records it; without it a swapped file would go unnoticed
             raise ModelArtifactError(f"{LUNG_META_FILE} records no sha256 for {LUNG_MODEL_FILE}")
         digest = str(metadata["sha256"]).lower()  # as sha256_file writes it; tools also print upper case
-        if sha256_file(model_path) != digest:
-            raise ModelArtifactError(f"{model_path} does not match the sha256 recorded in {LUNG_META_FILE}")
         if recorded is not None and digest != str(recorded).lower():
             raise ModelArtifactError(f"{folder} is not the lung model that model.json records (sha256)")
-        model = load_keras_file(model_path)
+        model = load_verified_keras(model_path, digest, LUNG_META_FILE)  # the bytes hashed are those loaded
         if tuple(model.input_shape) != (None, LUNG_INPUT, LUNG_INPUT, 1):
             raise ModelArtifactError(f"{model_path} is not a lung U-Net (input {model.input_shape})")
         return cls(model, metadata)

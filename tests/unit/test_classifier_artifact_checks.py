@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,14 @@ def test_a_model_file_renamed_in_between_the_hash_and_the_load_is_not_loaded_as_
     monkeypatch.setattr(inference, "read_metadata", read_then_renamed)
     with pytest.raises(ModelArtifactError, match="does not match the sha256 recorded in model.json"):
         Classifier.load(folder)
+
+
+def test_a_temporary_folder_that_takes_no_working_copy_is_named_in_an_artifact_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model is loaded from a private copy of the bytes hashed; a temporary folder that could not take
+    it (full, read-only, gone) was an OSError traceback naming neither it nor the model (review)."""
+    gone = tmp_path / "no-tmp"
+    monkeypatch.setattr(tempfile, "tempdir", str(gone))
+    with pytest.raises(ModelArtifactError, match=f"model.keras cannot be loaded: no working copy in {gone}"):
+        Classifier.load(default_model_path())
