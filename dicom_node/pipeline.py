@@ -83,6 +83,7 @@ MAX_RETRY_DELAY_SECONDS = 600.0
 MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is FAILED, for an alert
 # After this long with nothing queued, the worker looks for open jobs no one works on (_resubmit_forgotten)
 IDLE_SWEEP_SECONDS = 60.0
+MAX_LOAD_RETRY_SECONDS = 1800.0  # a model that fails to load is tried again at most this far apart
 
 
 def retry_delay(attempts: int) -> float:
@@ -296,6 +297,8 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._warm = threading.Event()
+        self._next_load_try = 0.0  # monotonic time of the idle sweep's next try at a model that failed
+        self._load_retry_seconds = IDLE_SWEEP_SECONDS
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -382,14 +385,22 @@ class Pipeline:
         """Load and warm up the model unless it is ready; True when it is. The idle sweep calls this again
         (``report`` off: the start-up logged why): a model folder still being copied when the node started,
         or mended later, is taken up without a restart, and the studies held for it are resumed. Before,
-        model_ready stayed False and the held studies waited for a restart (review)."""
+        model_ready stayed False and the held studies waited for a restart (review). The sweep's tries
+        at a model that keeps failing space out, from a minute to half an hour."""
         if self._warm.is_set():
             return True
+        now = time.monotonic()
+        if not report and now < self._next_load_try:
+            return False
         try:
             classifier = self.classifier
         except Exception:
             if report:
                 LOGGER.exception("the classifier could not be loaded; studies stay PENDING")
+            # A model refused after a full load (classes the reports cannot code) costs seconds of CPU a
+            # try: the tries space out, doubling to MAX_LOAD_RETRY_SECONDS (review)
+            self._next_load_try = now + self._load_retry_seconds
+            self._load_retry_seconds = min(2 * self._load_retry_seconds, MAX_LOAD_RETRY_SECONDS)
             return False
         self._warm_up(classifier)
         self._warm.set()

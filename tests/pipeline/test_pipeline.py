@@ -924,6 +924,31 @@ def test_a_model_that_loads_after_a_failed_start_is_taken_up_with_the_studies_he
     assert caplog.text.count("the classifier could not be loaded") == 1  # the sweep's tries are quiet
 
 
+def test_the_sweep_s_tries_at_a_model_that_keeps_failing_space_out(world: dict[str, Any]) -> None:
+    """A model refused after a full load cost 2 to 7 s of CPU, and a log line, every minute (review)."""
+    from classifier.errors import ModelArtifactError
+
+    tries: list[float] = []
+
+    def refused() -> ImageClassifier:
+        tries.append(time.monotonic())
+        raise ModelArtifactError("the model's classes ['tuberculosis'] have no coded concept for the SR")
+
+    pipeline = Pipeline(world["db"], world["config"], refused, outbox=world["outbox"])
+    assert not pipeline._load_model(report=True)
+    for _ in range(5):  # the sweep comes by again before the next try is due
+        assert not pipeline._load_model(report=False)
+    assert len(tries) == 1
+    waits = []
+    for _ in range(12):
+        waits.append(pipeline._next_load_try - tries[-1])
+        pipeline._next_load_try = 0.0  # as if that long had passed
+        assert not pipeline._load_model(report=False)
+    assert len(tries) == 13
+    assert waits[:3] == pytest.approx([60.0, 120.0, 240.0], abs=1.0)
+    assert max(waits) == pytest.approx(pipeline_module.MAX_LOAD_RETRY_SECONDS, abs=1.0)
+
+
 def test_a_study_still_waiting_for_a_resource_after_a_day_fails_for_an_alert(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
