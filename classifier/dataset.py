@@ -12,7 +12,7 @@ import logging
 import os
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -167,7 +167,7 @@ def load_collection(source: Path) -> list[LabelledImage]:
         source, [item for folder in class_dirs for item in _class_folder(source, folder, patients)]
     )
     items = _joined_by_patient(items, patients)
-    _check_folder_groups(source, items)
+    _check_folder_groups(source, items, patients)
     loose = sum(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in source.iterdir())
     if loose:  # beside the class folders, so of no class: said, as the class folders' other files are
         LOGGER.warning(
@@ -277,34 +277,56 @@ def _joined_by_patient(items: Sequence[LabelledImage], patients: Mapping[Path, s
 _LAYOUT_MIN_IMAGES = 10
 
 
-def _check_folder_groups(source: Path, items: Sequence[LabelledImage]) -> None:
+def _check_folder_groups(
+    source: Path, items: Sequence[LabelledImage], patients: Mapping[Path, str]
+) -> None:
     """Refuse one group that holds half the collection or more, across classes and at least
     :data:`_LAYOUT_MIN_IMAGES` images: a sub-folder of a class folder is read as a patient, so a layout
     folder (``<class>/images/``) made all images one patient, and the split trained on one folder and
-    validated on another. An export whose Patient IDs were all replaced by one (``ANONYMOUS``) joins
-    its images so; the message does not repeat the ID, which may name a patient."""
+    validated on another. Groups a Patient ID joined are checked by :func:`_check_patient_groups`."""
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
         by_group[item.group].append(item)
     for members in by_group.values():
+        if any(item.path in patients for item in members):
+            continue
         labels = {item.label for item in members}
         if len(labels) > 1 and 2 * len(members) >= len(items) and len(members) >= _LAYOUT_MIN_IMAGES:
-            classes = ", ".join(sorted(labels))
-            folders = {_folder_group(item.path.relative_to(source)) for item in members}
-            if len(folders) == 1 and next(iter(folders)).startswith("folder:"):
-                name = members[0].path.relative_to(source).parts[1]
-                raise DatasetError(
-                    f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, "
-                    f"under the classes {classes}. A sub-folder of a class folder is read as one patient, "
-                    "whose images stay on one side of the split; put the images directly in their class "
-                    "folders, or list them in a manifest.csv with a group column"
-                )
+            name = members[0].path.relative_to(source).parts[1]
             raise DatasetError(
-                f"{source}: {len(members)} of {len(items)} images, under the classes {classes}, share a "
-                "Patient ID (an export that replaced them all by one?). A DICOM image's Patient ID is read "
-                "as its patient, whose images stay on one side of the split; list the images in a "
-                "manifest.csv with a group column"
+                f"{source}: the sub-folder name {name!r} holds {len(members)} of {len(items)} images, "
+                f"under the classes {', '.join(sorted(labels))}. A sub-folder of a class folder is read as "
+                "one patient, whose images stay on one side of the split; put the images directly in their "
+                "class folders, or list them in a manifest.csv with a group column"
             )
+    _check_patient_groups(source, items, patients)
+
+
+def _check_patient_groups(source: Path, items: Sequence[LabelledImage], patients: Container[Path]) -> None:
+    """Refuse a group joined by one Patient ID that holds, with at least :data:`_LAYOUT_MIN_IMAGES`
+    images, half the collection across classes or every image of its class: an export that replaced
+    every Patient ID by one (``ANONYMOUS``) made one patient of them, and the split then validated no
+    image of that class, with a warning only (review). The message does not repeat the ID, which may
+    name a patient. ``patients``: the images whose group their Patient ID gave."""
+    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
+    for item in items:
+        by_group[item.group].append(item)
+    per_class = Counter(item.label for item in items)
+    for members in by_group.values():
+        if len(members) < _LAYOUT_MIN_IMAGES or not any(item.path in patients for item in members):
+            continue
+        labels = sorted({item.label for item in members})
+        if len(labels) > 1 and 2 * len(members) >= len(items):
+            held = f"{len(members)} of {len(items)} images, under the classes {', '.join(labels)},"
+        elif len(labels) == 1 and len(members) == per_class[labels[0]] and len(per_class) > 1:
+            held = f"all {len(members)} images of the class {labels[0]}"
+        else:
+            continue
+        raise DatasetError(
+            f"{source}: {held} share a Patient ID (an export that replaced them all by one?). A DICOM "
+            "image's Patient ID is read as its patient, whose images stay on one side of the split; list "
+            "the images in a manifest.csv with a group column"
+        )
 
 
 def _log_folded(source: Path, spellings: Sequence[str]) -> None:
@@ -339,6 +361,7 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
     items: list[LabelledImage] = []
     spellings: list[str] = []
     first: dict[Path, tuple[int, str, str | None]] = {}  # path: its first line, label and given group
+    by_patient: set[Path] = set()  # the rows without a group whose image's Patient ID gave one
     repeated = 0
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
@@ -353,6 +376,8 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
                 earlier = first.setdefault(item.path, (line, *listed))
                 if earlier[0] == line:
                     items.append(item)
+                    if listed[1] is None and item.group.startswith(_PATIENT):
+                        by_patient.add(item.path)
                 elif earlier[1:] == listed:
                     repeated += 1
                 else:
@@ -371,6 +396,7 @@ def _load_manifest(manifest: Path) -> list[LabelledImage]:
             manifest.name, repeated,
         )  # fmt: skip
     _log_folded(manifest, spellings)
+    _check_patient_groups(manifest, items, by_patient)
     return sorted(items, key=lambda item: str(item.path))
 
 

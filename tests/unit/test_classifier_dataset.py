@@ -203,6 +203,25 @@ def test_one_patient_id_for_half_a_collection_across_classes_is_refused_without_
     assert "DOE" not in str(refused.value) and "manifest.csv with a group column" in str(refused.value)
 
 
+def test_one_patient_id_for_a_whole_class_is_refused(tmp_path: Path) -> None:
+    """30 COVID-19 images exported as ANONYMOUS became one patient: the split validated none of them, with a
+    warning, and trained on (review)."""
+    for index in range(12):
+        dicom(tmp_path / "covid" / f"CR.{index}", image=True, patient="ANONYMOUS")
+        dicom(tmp_path / "normal" / f"CR.{index}", image=True, patient=f"P{index}")
+    with pytest.raises(DatasetError, match="all 12 images of the class covid share a Patient ID") as refused:
+        load_collection(tmp_path)
+    assert "ANONYMOUS" not in str(refused.value)
+    listed = tmp_path / "list.csv"  # a manifest without groups takes the same Patient IDs: refused alike
+    listed.write_text("file,label\n" + "".join(f"{label}/CR.{index},{label}\n"
+                                               for label in ("covid", "normal") for index in range(12)))
+    with pytest.raises(DatasetError, match="all 12 images of the class covid share a Patient ID"):
+        load_collection(listed)
+    listed.write_text("file,label,group\n" + "".join(f"{label}/CR.{index},{label},{label}{index}\n"
+                                                     for label in ("covid", "normal") for index in range(12)))
+    assert len({item.group for item in load_collection(listed)}) == 24  # groups given: they are used
+
+
 def test_a_manifest_row_without_a_group_takes_its_dicom_image_s_patient(tmp_path: Path) -> None:
     dicom(tmp_path / "a" / "CR1", image=True, patient="P1")
     dicom(tmp_path / "b" / "CR2", image=True, patient="P1")
