@@ -192,6 +192,12 @@ def _ensemble_name(parts: Sequence[str]) -> str:
     return f"ensemble of {len(parts)}"
 
 
+def _architectures(records: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The architectures of the networks the members hold (:func:`member_records`), each once in order: not
+    the members' names split at "+", which read a shortened name's "+2 more" as a member (review)."""
+    return list(dict.fromkeys(str(member["architecture"]) for record in records for member in record))
+
+
 def _default_version(name: str, members: int, created: datetime) -> str:
     """The name, the number of networks and the date; without the name when that is too long."""
     stamp = f"ensemble{members}-{created:%Y%m%d%H%M}"
@@ -241,7 +247,7 @@ def build_ensemble(
     model = merge_members(
         members, [meta.preprocess.normalisation for meta in metas], [len(record) for record in records]
     )
-    name = _ensemble_name(list(dict.fromkeys(part for meta in metas for part in meta.name.split("+"))))
+    name = _ensemble_name(_architectures(records))
 
     spec = first.preprocess
     from classifier.lungs import artifact_lungs, stage_lung_model

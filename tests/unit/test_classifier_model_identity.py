@@ -15,7 +15,7 @@ import pytest
 
 from classifier import cli
 from classifier.artifact import ArtifactMetadata, read_metadata
-from classifier.ensemble import _default_version, _ensemble_name, _member_version
+from classifier.ensemble import _architectures, _default_version, _ensemble_name, _member_version
 from classifier.errors import ModelArtifactError, OptionError
 from classifier.inference import default_model_path
 from classifier.training import TrainingConfig, check_recipe_options
@@ -91,3 +91,13 @@ def test_a_training_config_s_version_is_checked_before_the_training(tmp_path: Pa
     )
     with pytest.raises(OptionError, match=re.escape("the version 'a\\\\b' holds a backslash")):
         check_recipe_options(config)
+
+
+def test_an_ensemble_of_shortened_ensembles_is_named_by_its_networks() -> None:
+    """Two ensembles named "...+2 more" merged into "...+2 more+1 more": the shortened names were split at
+    "+" and "2 more" counted as a member (review)."""
+    first = [{"architecture": name} for name in LITES]
+    second = [{"architecture": "resnet152-transfer"}, {"architecture": "cxr-compact"}]
+    names = _architectures([first, second])
+    assert names == [*LITES, "resnet152-transfer"]
+    assert _ensemble_name(names) == "cxr-compact+efficientnet-lite0-transfer+3 more"
