@@ -317,7 +317,7 @@ def test_the_longest_identity_values_take_at_most_four_lines_a_row() -> None:
 
     fonts = typeface()
     styles = _Styles.make(fonts)
-    table = _identity_table(longest_identity(), 1, styles, fonts)
+    table = _identity_table(longest_identity(), "1", styles, fonts)
     table.wrap(CONTENT_WIDTH, 1000)
     line = styles.value.leading
     label = styles.label.leading
