@@ -284,10 +284,7 @@ def _check_folder_groups(
     :data:`_LAYOUT_MIN_IMAGES` images: a sub-folder of a class folder is read as a patient, so a layout
     folder (``<class>/images/``) made all images one patient, and the split trained on one folder and
     validated on another. Groups a Patient ID joined are checked by :func:`_check_patient_groups`."""
-    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
-    for item in items:
-        by_group[item.group].append(item)
-    for members in by_group.values():
+    for members in _group_members(items).values():
         if any(item.path in patients for item in members):
             continue
         labels = {item.label for item in members}
@@ -308,11 +305,8 @@ def _check_patient_groups(source: Path, items: Sequence[LabelledImage], patients
     every Patient ID by one (``ANONYMOUS``) made one patient of them, and the split then validated no
     image of that class, with a warning only (review). The message does not repeat the ID, which may
     name a patient. ``patients``: the images whose group their Patient ID gave."""
-    by_group: dict[str, list[LabelledImage]] = defaultdict(list)
-    for item in items:
-        by_group[item.group].append(item)
     per_class = Counter(item.label for item in items)
-    for members in by_group.values():
+    for members in _group_members(items).values():
         if len(members) < _LAYOUT_MIN_IMAGES or not any(item.path in patients for item in members):
             continue
         labels = sorted({item.label for item in members})
@@ -448,12 +442,18 @@ def class_names(items: Sequence[LabelledImage]) -> tuple[str, ...]:
     return tuple(sorted({item.label for item in items}))
 
 
-def _groups(items: Sequence[LabelledImage]) -> tuple[dict[str, list[LabelledImage]], dict[str, str]]:
-    """The images of each group, and each group's class: the majority label of its images, the first by
-    name on a tie (not the first met, which made the split depend on the order of ``items``)."""
+def _group_members(items: Sequence[LabelledImage]) -> dict[str, list[LabelledImage]]:
+    """The images of each group, in the order of ``items``."""
     by_group: dict[str, list[LabelledImage]] = defaultdict(list)
     for item in items:
         by_group[item.group].append(item)
+    return by_group
+
+
+def _groups(items: Sequence[LabelledImage]) -> tuple[dict[str, list[LabelledImage]], dict[str, str]]:
+    """The images of each group, and each group's class: the majority label of its images, the first by
+    name on a tie (not the first met, which made the split depend on the order of ``items``)."""
+    by_group = _group_members(items)
     group_class = {group: _majority(members) for group, members in by_group.items()}
     return by_group, group_class
 
