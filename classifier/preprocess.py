@@ -260,6 +260,12 @@ def check_jpeg_scans(data: bytes) -> None:
         )
 
 
+def check_header_size(ds: pydicom.Dataset) -> None:
+    """:func:`check_frame_size` of the frame a DICOM header's Columns and Rows declare (a header without
+    them, or with values that cannot be read, is left to the decoder, which says what is wrong)."""
+    check_frame_size(_header_int(ds, "Columns") or 0, _header_int(ds, "Rows") or 0)
+
+
 def check_picture(image: Image.Image) -> None:
     """Refuse, before it is decoded, a picture the model would read as something else: one of several
     frames or pages (a multi-frame DICOM object is refused alike; a camera JPEG's second, smaller picture,
@@ -445,7 +451,7 @@ def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | N
     declares, within :data:`MAX_FRAME_PIXELS` and the same size. Returns that first frame, extracted once
     for the check and the reduced JPEG 2000 decode; None for native pixel data or a frame that cannot be
     extracted."""
-    check_frame_size(_header_int(ds, "Columns") or 0, _header_int(ds, "Rows") or 0)
+    check_header_size(ds)
     uid = UID(transfer_syntax or "")
     if not uid.is_transfer_syntax or not uid.is_encapsulated:
         return None

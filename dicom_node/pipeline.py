@@ -1298,12 +1298,10 @@ def _size_refusal(header: pydicom.Dataset) -> str | None:
     """Why an image is too large to classify, by its header's Rows and Columns (None: it is not, or they
     cannot be read, which the decoder then says), in the words the classifier refuses it with."""
     from classifier.errors import UnsupportedImageError
-    from classifier.preprocess import check_frame_size
+    from classifier.preprocess import check_header_size
 
     try:
-        check_frame_size(int(header.get("Columns") or 0), int(header.get("Rows") or 0))
-    except (TypeError, ValueError):
-        return None
+        check_header_size(header)
     except UnsupportedImageError as exc:
         return f"image not supported: {exc}"
     return None
