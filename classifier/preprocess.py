@@ -219,44 +219,68 @@ def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
 # Scans of a JPEG stream: libjpeg's progressive script has 10, a lossless or JPEG-LS frame one per component
 MAX_JPEG_SCANS = 64
 
+_EOI, _SOS = 0xD9, 0xDA
+
+
+def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of each marker of a JPEG or JPEG-LS stream after its SOI, through EOI (none for
+    other data). The markers are walked as ITU T.81 B.1 lays them out, entropy-coded data skipped to its
+    next marker: a 0xFF there is followed by 0x00 or a restart marker in JPEG, by a byte below 0x80 in
+    JPEG-LS (T.87 A.1), and no marker segment begins with those."""
+    if not data.startswith(b"\xff\xd8"):
+        return
+    index = 2
+    while index + 2 <= len(data):
+        if data[index] != 0xFF:  # entropy-coded data after a scan's header
+            index = data.find(b"\xff", index + 1)
+            if index < 0:
+                return
+            continue
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+        elif marker < 0x80 or 0xD0 <= marker <= 0xD7:  # a stuffed 0xFF or bit, TEM, a restart marker
+            index += 2
+        else:
+            yield marker, index
+            if marker == _EOI:
+                return
+            index += 2 + int.from_bytes(data[index + 2:index + 4], "big")
+
 
 def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     """The start-of-scan markers of a JPEG or JPEG-LS stream, counted to ``limit`` + 1 at most (0 for other
     data). Each scan of a progressive JPEG is decoded over the whole frame, so 470 KB that repeat one scan
     1000 times took 97 s to decode, holding the interpreter lock: the node's console and C-ECHO waited
-    with it (review). The markers are walked as ITU T.81 B.1 lays them out, entropy-coded data skipped
-    to its next marker (a 0xFF there is followed by 0x00 or a restart marker)."""
-    if not data.startswith(b"\xff\xd8"):
-        return 0
-    scans, index = 0, 2
-    while index + 4 <= len(data):
-        if data[index] != 0xFF:  # entropy-coded data after a scan's header
-            index = data.find(b"\xff", index + 1)
-            if index < 0:
+    with it (review)."""
+    scans = 0
+    for marker, _ in _jpeg_markers(data):
+        if marker == _SOS:
+            scans += 1
+            if scans > limit:
                 break
-            continue
-        marker = data[index + 1]
-        if marker == 0xFF:  # fill byte
-            index += 1
-        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # a stuffed 0xFF, TEM, a restart marker
-            index += 2
-        elif marker == 0xD9:  # end of image
-            break
-        else:
-            if marker == 0xDA:
-                scans += 1
-                if scans > limit:
-                    break
-            index += 2 + int.from_bytes(data[index + 2:index + 4], "big")
     return scans
 
 
-def check_jpeg_scans(data: bytes) -> None:
-    """Refuse a JPEG stream of more than :data:`MAX_JPEG_SCANS` scans, before it is decoded."""
-    if jpeg_scans(data) > MAX_JPEG_SCANS:
+def check_jpeg_stream(data: bytes) -> None:
+    """Refuse, before it is decoded, a JPEG or JPEG-LS stream of more than :data:`MAX_JPEG_SCANS` scans,
+    or one cut short: without its end-of-image marker. libjpeg and CharLS fill what
+    is missing with grey and say nothing; half of a radiograph was classified as a whole one (review),
+    where a truncated picture, or a JPEG 2000, RLE or uncompressed frame cut short, is refused."""
+    scans, ended = 0, False
+    for marker, _ in _jpeg_markers(data):
+        if marker == _SOS:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise UnsupportedImageError(
+                    f"a JPEG of more than {MAX_JPEG_SCANS} scans, each decoded over the whole image; a "
+                    "radiograph has at most a few"
+                )
+        ended = marker == _EOI
+    if not ended and data.startswith(b"\xff\xd8"):
         raise UnsupportedImageError(
-            f"a JPEG of more than {MAX_JPEG_SCANS} scans, each decoded over the whole image; a radiograph "
-            "has at most a few"
+            "the JPEG stream is cut short (it has no end-of-image marker): the image was truncated in "
+            "transfer or storage"
         )
 
 
@@ -279,7 +303,7 @@ def check_picture(image: Image.Image) -> None:
     if image.format in ("JPEG", "MPO") and (stream := getattr(image, "fp", None)) is not None:
         position = stream.tell()
         stream.seek(0)
-        check_jpeg_scans(stream.read())
+        check_jpeg_stream(stream.read())
         stream.seek(position)
     for tile in getattr(image, "tile", ()):  # the raw mode Pillow decodes from, e.g. "RGB;16B"
         rawmode = tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0]
@@ -425,18 +449,12 @@ def _declared_size(frame: bytes) -> tuple[int, int] | None:
     if not frame.startswith(b"\xff\xd8"):
         siz = _j2k_siz(frame)
         return None if siz is None else (siz.columns, siz.rows)
-    index = 2
-    while index + 9 <= len(frame) and frame[index] == 0xFF:
-        marker = frame[index + 1]
-        if marker == 0xFF:  # fill byte
-            index += 1
-            continue
-        if marker in _SOF_MARKERS:  # Lf(2) P(1) Y(2) X(2)
+    for marker, index in _jpeg_markers(frame):
+        if marker == _SOS:  # no frame header before the first scan
+            return None
+        if marker in _SOF_MARKERS and index + 9 <= len(frame):  # Lf(2) P(1) Y(2) X(2)
             rows, columns = struct.unpack(">HH", frame[index + 5:index + 9])
             return columns, rows
-        if marker == 0xDA:  # start of scan: no frame header before it
-            return None
-        index += 2 + int.from_bytes(frame[index + 2:index + 4], "big")
     return None
 
 
@@ -462,7 +480,7 @@ def _check_declared_size(ds: pydicom.Dataset, transfer_syntax: Any) -> bytes | N
     declared = _declared_size(frame)
     if declared is not None:
         check_frame_size(*declared)
-        check_jpeg_scans(frame)
+        check_jpeg_stream(frame)
         given = (_header_int(ds, "Columns"), _header_int(ds, "Rows"))
         # pydicom pours the codestream's pixels into the header's shape: sheared when the counts agree.
         # (A missing or zero size is left to the decoder, which says what it found.)

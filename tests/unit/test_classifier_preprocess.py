@@ -27,6 +27,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -38,6 +39,7 @@ from classifier.preprocess import (
     MAX_JPEG_SCANS,
     PreprocessSpec,
     _box_reduce,
+    check_jpeg_stream,
     dataset_to_gray,
     dataset_to_model_input,
     dataset_to_upright_gray,
@@ -1050,6 +1052,65 @@ def test_a_jpeg_of_repeated_scans_is_refused_before_it_is_decoded(tmp_path: Path
     picture = tmp_path / "chest.jpg"
     picture.write_bytes(data)
     with pytest.raises(UnsupportedImageError, match=f"a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        read_image_file(picture)
+
+
+def _jpeg_family(syntax: str) -> Dataset:
+    """A 64² ramp in a JPEG-family syntax: Pillow's baseline JPEG, the JPEG-LS encoder, or pydicom-data's
+    real JPEG Lossless (process 14) MR."""
+    if syntax == JPEGBaseline8Bit:
+        buffer = io.BytesIO()
+        Image.fromarray(ramp(8, 64)).save(buffer, format="JPEG")
+        ds = make_dataset(ramp(8, 64), bits_stored=8)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        return ds
+    if syntax == JPEGLSLossless:
+        return _compressed(make_dataset(ramp(12), bits_stored=12), JPEGLSLossless)
+    return read_dataset(peers.pydicom_data_file("JPEG-LL.dcm"))
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEGLosslessSV1])
+@pytest.mark.parametrize("kept", [0.3, 0.5, 0.95])
+def test_a_jpeg_frame_cut_short_is_refused_not_read_with_grey_filled_in(syntax: str, kept: float) -> None:
+    """libjpeg and CharLS decode what is there and fill the rest with grey, without a word: half a
+    radiograph was classified as a whole one (review), where a JPEG 2000, RLE or uncompressed frame cut
+    short is refused."""
+    ds = _jpeg_family(syntax)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    dataset_to_gray(ds)  # the whole frame reads
+    ds.PixelData = encapsulate([frame[: int(len(frame) * kept)]])
+    with pytest.raises(UnsupportedImageError, match="cut short"):
+        dataset_to_gray(ds)
+
+
+def test_every_jpeg_family_frame_of_pydicom_data_ends_as_the_standard_says() -> None:
+    """The end-of-image check on real streams of many encoders, JPEG-LS among them, whose scan data hold
+    0xFF followed by a byte below 0x80 (a stuffed bit, not a marker): none is read as cut short."""
+    from pydicom.data import get_testdata_files
+
+    checked = 0
+    for name in get_testdata_files("*.dcm"):
+        try:
+            ds = pydicom.dcmread(name)
+        except pydicom.errors.InvalidDicomError:  # a few test files have no file meta
+            continue
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        jpeg = syntax is not None and syntax.is_encapsulated and "JPEG" in syntax.name
+        if not jpeg or "2000" in syntax.name or "PixelData" not in ds:
+            continue
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+        check_jpeg_stream(frame)
+        checked += 1
+    assert checked >= 20
+
+
+def test_a_picture_cut_short_is_refused_with_the_reason(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(8, 256)).save(buffer, format="JPEG")
+    picture = tmp_path / "chest.jpg"
+    picture.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(UnsupportedImageError, match="cut short"):
         read_image_file(picture)
 
 
