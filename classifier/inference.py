@@ -179,23 +179,43 @@ class Classifier:
         map is turned back onto the stored pixels, where the radiologist's viewer shows it. Every image gets
         the turn check (:attr:`Prediction.better_turn`): one without a Patient Orientation that says which way
         is up may be stored turned, and one whose Patient Orientation is wrong is read turned."""
+        outcomes = self._datasets(datasets, heatmap=heatmap, each=False)
+        return [outcome for outcome in outcomes if isinstance(outcome, Prediction)]
+
+    def predict_datasets_each(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
+    ) -> list[Prediction | UnsupportedImageError]:
+        """:meth:`predict_datasets`, an image that cannot be read answered in its place by the reason: the
+        others are predicted in one batch, each decoded once (the node used to decode a whole batch again,
+        one by one, to find the image that stopped it)."""
+        return self._datasets(datasets, heatmap=heatmap, each=True)
+
+    def _datasets(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool, each: bool
+    ) -> list[Prediction | UnsupportedImageError]:
         min_side = max(self.spec.input_size)
         known = [orientation_turns(ds) for ds in datasets]
         turns = [k or 0 for k in known]  # Patient Orientation read once: the same turn there and back
-        predictions = self._timed(
+        outcomes = self._timed(
             lambda pair: upright(dataset_to_gray(pair[0], min_side), pair[1]),
             list(zip(datasets, turns, strict=True)),
             heatmap,
+            each=each,
         )
         return [
-            p if p.heatmap is None or not k else replace(p, heatmap=upright(p.heatmap, -k))
-            for p, k in zip(predictions, turns, strict=True)
+            p if not isinstance(p, Prediction) or p.heatmap is None or not k
+            else replace(p, heatmap=upright(p.heatmap, -k))
+            for p, k in zip(outcomes, turns, strict=True)
         ]
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]:
         """Predictions for pictures, which have no header to say which way is up (the turn check says whether
         they look head up)."""
-        return [replace(p, picture=True) for p in self._timed(pil_to_gray, images, heatmap)]
+        return [
+            replace(p, picture=True)
+            for p in self._timed(pil_to_gray, images, heatmap, each=False)
+            if isinstance(p, Prediction)
+        ]
 
     def predict_file(self, path: Path, *, heatmap: bool = False) -> Prediction:
         """One DICOM or PNG/JPEG file, the way the node and the console read it (orientation, turn check)."""
@@ -208,14 +228,17 @@ class Classifier:
 
     def _batch(self, images: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
         """The inputs as one N×H×W×3 float32 batch; each must have the model's input shape."""
+        return np.stack([self._checked_input(image) for image in images])
+
+    def _checked_input(self, image: FloatImage) -> npt.NDArray[np.float32]:
+        """One input as float32, refused unless it has the model's input shape and finite values."""
         expected = (*self.spec.input_size, 3)
-        arrays = [np.asarray(image, dtype=np.float32) for image in images]
-        for array in arrays:
-            if array.shape != expected:
-                raise UnsupportedImageError(f"model input must be {expected}, got {array.shape}")
-            if not np.isfinite(array).all():  # every probability would be NaN, and no check would doubt it
-                raise UnsupportedImageError("model input holds values that are not finite numbers")
-        return np.stack(arrays)
+        array = np.asarray(image, dtype=np.float32)
+        if array.shape != expected:
+            raise UnsupportedImageError(f"model input must be {expected}, got {array.shape}")
+        if not np.isfinite(array).all():  # every probability would be NaN, and no check would doubt it
+            raise UnsupportedImageError("model input holds values that are not finite numbers")
+        return array
 
     def _predict(
         self, images: Sequence[FloatImage], *, heatmap: bool, frames: Sequence[Box] | None
@@ -246,17 +269,40 @@ class Classifier:
         ]
         return predictions, features
 
-    def _timed(self, to_gray: Any, sources: Sequence[Any], heatmap: bool) -> list[Prediction]:
+    def _timed(
+        self, to_gray: Any, sources: Sequence[Any], heatmap: bool, *, each: bool
+    ) -> list[Prediction | UnsupportedImageError]:
+        """Predictions for ``sources``; with ``each``, an image that cannot be read has its
+        :class:`UnsupportedImageError` in its place, else the first such error is raised."""
         start = time.perf_counter()
         grays, inputs, frames = [], [], []
-        for source in sources:
-            gray = to_gray(source)
-            _check_picture(gray)
-            model_input, frame = framed_model_input(gray, self.spec, self._lungs)
+        refused: dict[int, UnsupportedImageError] = {}
+        for index, source in enumerate(sources):
+            try:
+                gray = to_gray(source)
+                _check_picture(gray)
+                model_input, frame = framed_model_input(gray, self.spec, self._lungs)
+                self._checked_input(model_input)
+            except UnsupportedImageError as exc:
+                if not each:
+                    raise
+                refused[index] = exc
+                continue
             grays.append(gray)
             inputs.append(model_input)
             frames.append(frame)
         preprocess_ms = (time.perf_counter() - start) * 1000.0 / max(len(sources), 1)
+        done = iter(self._timed_predictions(grays, inputs, frames, heatmap, preprocess_ms))
+        return [refused[index] if index in refused else next(done) for index in range(len(sources))]
+
+    def _timed_predictions(
+        self,
+        grays: Sequence[FloatImage],
+        inputs: Sequence[FloatImage],
+        frames: Sequence[Box],
+        heatmap: bool,
+        preprocess_ms: float,
+    ) -> list[Prediction]:
         predictions, features = self._predict(inputs, heatmap=heatmap, frames=frames)
         predictions = [
             replace(p, timings_ms={"preprocess": preprocess_ms, **p.timings_ms}) for p in predictions

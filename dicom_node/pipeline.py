@@ -40,6 +40,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from classifier.errors import UnsupportedImageError
 from classifier.types import ModelInfo, Prediction, decided_label
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
@@ -103,6 +104,10 @@ class ImageClassifier(Protocol):
     def predict_datasets(
         self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
     ) -> list[Prediction]: ...
+
+    def predict_datasets_each(
+        self, datasets: Sequence[pydicom.Dataset], *, heatmap: bool = True
+    ) -> list[Prediction | UnsupportedImageError]: ...
 
     def predict_images(self, images: Sequence[Image.Image], *, heatmap: bool = True) -> list[Prediction]: ...
 
@@ -669,16 +674,16 @@ class Pipeline:
         return _Loaded(instance_pk, study_pk, ds, (time.perf_counter() - started) * 1000.0)
 
     def _predict_and_store(self, loaded: list[_Loaded], info: ModelInfo, cycle: _Cycle) -> None:
-        from classifier.errors import UnsupportedImageError
         from classifier.preprocess import display_image
 
         classifier = self.classifier
         started = time.perf_counter()
         try:
-            predictions = classifier.predict_datasets([item.dataset for item in loaded], heatmap=self.config.heatmap)
-            results: list[tuple[_Loaded, Prediction | BaseException]] = list(zip(loaded, predictions, strict=True))
+            # An image that cannot be read has its reason in its place; the others are one batch.
+            outcomes = classifier.predict_datasets_each([item.dataset for item in loaded], heatmap=self.config.heatmap)
+            results: list[tuple[_Loaded, Prediction | BaseException]] = list(zip(loaded, outcomes, strict=True))
         except Exception:
-            # One bad image must not sink the batch: retry one by one to find it.
+            # Anything else (the model, memory) must not sink the batch: one by one, to find what fails.
             LOGGER.warning("batch of %d failed; classifying one by one", len(loaded))
             results = []
             for item in loaded:
@@ -1297,7 +1302,6 @@ class Pipeline:
 def _size_refusal(header: pydicom.Dataset) -> str | None:
     """Why an image is too large to classify, by its header's Rows and Columns (None: it is not, or they
     cannot be read, which the decoder then says), in the words the classifier refuses it with."""
-    from classifier.errors import UnsupportedImageError
     from classifier.preprocess import check_header_size
 
     try:

@@ -1377,6 +1377,42 @@ def test_a_corrupt_image_whose_decoder_panics_is_skipped_and_the_worker_goes_on(
         assert session.scalar(select(func.count()).select_from(Finding)) == 2
 
 
+
+def test_an_image_that_cannot_be_read_leaves_its_batch_decoded_once(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch went to the model as a whole, and one refused image made the node decode every image
+    again, one by one, to find it: 2× the decoding (a JPEG 2000 CR costs 80 ms) for each image of the
+    batch. The refused image now has its reason in its place and the others are one batch."""
+    import classifier.inference
+
+    decoded: list[int] = []
+    real = classifier.inference.dataset_to_gray
+
+    def counting(ds: pydicom.Dataset, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(id(ds))
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(classifier.inference, "dataset_to_gray", counting)
+    first = receive(world, "RG1_UNCI.dcm")
+    corrupt = receive(world, "RG1_UNCI.dcm", edit=with_corrupt_rle_pixels)
+    last = receive(world, "RG1_UNCI.dcm")
+    pipeline = make_pipeline(world)
+    for study in (first, corrupt, last):
+        pipeline.submit(study)
+    pipeline.start()
+    try:
+        assert pipeline.wait_idle(60)
+    finally:
+        pipeline.stop()
+    assert len(decoded) == len(set(decoded)) == 3
+    assert "classifying one by one" not in caplog.text
+    with session_scope(world["db"]) as session:
+        assert [f.timings_ms["batch_size"] for f in session.scalars(select(Finding))] == [3, 3]
+        skipped = session.get(Study, corrupt)
+        assert skipped is not None and skipped.state is StudyState.SKIPPED
+        assert skipped.state_reason.startswith("image not supported: pixel data cannot be decoded")
+
 def test_the_worker_outlives_a_cycle_ended_by_something_that_is_not_an_exception(
     world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
