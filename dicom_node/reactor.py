@@ -16,8 +16,9 @@ Here both threads block until something happens instead:
 Both still wake every :data:`IDLE_WAIT` seconds, so pynetdicom's timers (ARTIM, network idle time-out)
 fire as before, at worst that much later. The loops below are pynetdicom 3.0's
 ``DULServiceProvider.run_reactor`` and ``Association._run_reactor`` (MIT licence) with the sleeps
-replaced; ``_read_pdu_data`` also decodes P-DATA in place (see there), and the log lines follow the node's
-rule of naming an exception's type and place, never its text. ``tests/network/test_reactor.py`` pins the
+replaced; ``_read_pdu_data`` also decodes P-DATA in place (see there), a C-STORE data set is kept only up
+to the node's limit (:class:`BoundedDataSet`), and the log lines follow the node's rule of naming an
+exception's type and place, never its text. ``tests/network/test_reactor.py`` pins the
 pynetdicom series they were copied from.
 
 Requestor associations (the node's own C-ECHO and C-STORE, :func:`associate`) keep pynetdicom's polling
@@ -41,24 +42,31 @@ import ssl
 import struct
 import threading
 import time
+import weakref
 from copy import deepcopy
 from datetime import datetime
-from typing import Any, cast
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
 from dicom_node.errors import describe_exception
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -324,11 +332,60 @@ def decode_p_data_tf(body: bytes | bytearray) -> P_DATA_TF:
     return pdu
 
 
-class EventDrivenAssociation(Association):
-    """An acceptor association whose reactor waits for events instead of polling every millisecond."""
+class BoundedDataSet(BytesIO):
+    """The data set of a DIMSE message as its P-DATA fragments arrive; a C-STORE request's is kept up to
+    ``limit`` bytes only.
 
-    def __init__(self, ae: Any, mode: str) -> None:
+    pynetdicom writes every fragment of a message's data set into one ``BytesIO`` until the last has come,
+    however many there are: a 1.8 GB C-STORE held 1.8 GB before the node saw a byte of it, twice that while
+    it was stored, and ended in a MemoryError. Past ``limit`` this one lets go of what it holds and only
+    counts the rest (``received``), so that the C-STORE handler refuses the request with a status once it
+    is complete (:attr:`over_limit`); the association goes on. The data set of any other request (a storage
+    commitment report) is kept whole, as before: a truncated one could read as a shorter valid one.
+    """
+
+    def __init__(self, message: DIMSEMessage, limit: int) -> None:
+        super().__init__()
+        self._message = weakref.ref(message)  # its class is known (C_STORE_RQ) once its command set is in
+        self.limit = limit
+        self.received = 0
+        self.over_limit = False
+
+    def write(self, buffer: ReadableBuffer, /) -> int:
+        size = memoryview(buffer).nbytes
+        self.received += size
+        if self.over_limit:
+            return size
+        if self.received > self.limit and isinstance(self._message(), C_STORE_RQ):
+            self.over_limit = True
+            self.seek(0)
+            self.truncate()  # gives the memory back (BytesIO shrinks its buffer)
+            return size
+        return super().write(buffer)
+
+
+class BoundedDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, each incoming message's data set a :class:`BoundedDataSet`."""
+
+    def __init__(self, assoc: Association, max_data_set_bytes: int) -> None:
+        super().__init__(assoc)
+        self.max_data_set_bytes = max_data_set_bytes
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        if self.message is None:  # pynetdicom's own would make the same, with an unbounded BytesIO
+            self.message = DIMSEMessage()
+            self.message.data_set = BoundedDataSet(self.message, self.max_data_set_bytes)
+        super().receive_primitive(primitive)
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor association whose reactor waits for events instead of polling every millisecond.
+    ``max_data_set_bytes``: the largest C-STORE data set it keeps (:class:`BoundedDataSet`); None: any."""
+
+    def __init__(self, ae: Any, mode: str, max_data_set_bytes: int | None = None) -> None:
         super().__init__(ae, mode)
+        if max_data_set_bytes is not None:
+            self.dimse = BoundedDIMSE(self, max_data_set_bytes)
         self._activity = threading.Event()
         self.dul = EventDrivenDUL(self, self._activity)
         # Association.__init__ put the AE's time-outs on the DUL it made: give them to this one.
@@ -520,11 +577,14 @@ def _take_unread_rejection(assoc: Association) -> None:
 
 
 class EventDrivenRequestHandler(RequestHandler):
-    """pynetdicom's connection handler, creating :class:`EventDrivenAssociation` acceptors."""
+    """pynetdicom's connection handler, creating :class:`EventDrivenAssociation` acceptors, which keep at
+    most ``max_data_set_bytes`` of a C-STORE data set (a subclass sets it; None: no bound)."""
+
+    max_data_set_bytes: int | None = None
 
     def _create_association(self) -> Association:
         # pynetdicom 3.0 RequestHandler._create_association with the association class swapped
-        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
+        assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR, self.max_data_set_bytes)
         assoc._server = self.server
 
         timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
@@ -558,6 +618,8 @@ __all__ = [
     "PDU_SECONDS",
     "PDU_STARTED",
     "PYNETDICOM_SERIES",
+    "BoundedDIMSE",
+    "BoundedDataSet",
     "EventDrivenAssociation",
     "EventDrivenDUL",
     "EventDrivenRequestHandler",

@@ -13,6 +13,7 @@ import pynetdicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ, N_EVENT_REPORT_RQ, DIMSEMessage
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -157,6 +158,21 @@ def test_p_data_is_decoded_like_pynetdicom_without_copies() -> None:
     assert all(
         isinstance(item.presentation_data_value, memoryview) for item in ours.presentation_data_value_items
     )
+
+
+@pytest.mark.parametrize("message_class", [C_STORE_RQ, N_EVENT_REPORT_RQ])
+def test_only_a_c_store_data_set_is_cut_off_at_the_limit(message_class: type[DIMSEMessage]) -> None:
+    """Past its limit a C-STORE's data set is counted, not kept (the handler refuses it whole); any other
+    request's is kept as before: a storage commitment report cut short could read as a shorter one."""
+    message = message_class()
+    data_set = reactor.BoundedDataSet(message, 1000)
+    fragment = memoryview(bytearray(b"\x02" + bytes(600)))[1:]  # as pynetdicom writes a PDV item's value
+    for _ in range(3):
+        data_set.write(fragment)
+    assert data_set.received == 1800
+    cut = message_class is C_STORE_RQ
+    assert data_set.over_limit is cut
+    assert len(data_set.getbuffer()) == (0 if cut else 1800)
 
 
 @pytest.mark.parametrize(
