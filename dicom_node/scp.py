@@ -37,10 +37,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import aes, outbox
 from dicom_node.allocator import tune_for_large_buffers
-from dicom_node.errors import ConfigurationError, InvalidDatasetError, NodeError, describe_exception
+from dicom_node.errors import (
+    ConfigurationError,
+    DatasetTooLargeError,
+    InvalidDatasetError,
+    NodeError,
+    describe_exception,
+)
 from dicom_node.ingest import Ingestor
 from dicom_node.part10 import decodable_transfer_syntaxes
-from dicom_node.reactor import PDU_SECONDS, PDU_STARTED, EventDrivenRequestHandler
+from dicom_node.reactor import PDU_SECONDS, PDU_STARTED, BoundedDataSet, EventDrivenRequestHandler
 from dicom_node.settings import DicomSettings, OutboxSettings
 from dicom_node.sop_classes import IMAGE_SOP_CLASSES, NON_IMAGE_SOP_CLASSES, NON_IMAGE_TRANSFER_SYNTAXES
 from dicom_node.statuses import Status
@@ -322,7 +328,8 @@ class StorageScp:
                     ssl_context=self.ssl_context,
                     evt_handlers=handlers,
                     server_class=type("_Listener", (_ListenerServer,), {"adopted": self.listen_socket}),
-                    request_handler=EventDrivenRequestHandler,
+                    request_handler=type("_Handler", (EventDrivenRequestHandler,),
+                                         {"max_data_set_bytes": self.settings.max_object_bytes}),
                 )
             except OSError as exc:  # a port in use was a 30-line traceback naming neither port nor setting
                 raise ConfigurationError(
@@ -471,6 +478,9 @@ class StorageScp:
                 # PS3.7 9.1.1: the request's SOP class is its presentation context's abstract syntax
                 raise InvalidDatasetError("Affected SOP Class UID differs from the presentation context")
             stream = request.DataSet
+            if isinstance(stream, BoundedDataSet) and stream.over_limit:
+                raise DatasetTooLargeError(f"data set of {_megabytes(stream.received)} is over "
+                                           f"dicom.max_object_bytes ({_megabytes(stream.limit)})")
             data = stream.getvalue() if stream is not None else b""
             self.ingestor.ingest_network(
                 data,
@@ -487,6 +497,11 @@ class StorageScp:
             LOGGER.error("C-STORE from %s failed unexpectedly: %s", calling, describe_exception(exc))
             return failure_response(Status.PROCESSING_FAILURE, f"unexpected error ({type(exc).__name__})")
         return int(Status.SUCCESS)  # also for a duplicate: the instance is safely stored
+
+
+def _megabytes(size: int) -> str:
+    """A size in megabytes (MiB, as the settings' defaults): whole when it is, else to a tenth."""
+    return f"{size >> 20} MB" if size % (1 << 20) == 0 else f"{size / (1 << 20):.1f} MB"
 
 
 def failure_response(status: Status, reason: str) -> Dataset:

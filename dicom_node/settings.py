@@ -85,6 +85,11 @@ class DicomSettings(_Group):
     bind_address: str = "0.0.0.0"
     max_pdu: int = Field(default=131072, ge=0)
     max_associations: int = Field(default=16, ge=1)  # per listener process
+    # The largest data set one C-STORE may carry (bytes): a larger one is refused with 0xA700 once it is in,
+    # its bytes past the limit not kept (dicom_node.reactor.BoundedDataSet). A chest radiograph is 5-40 MB
+    # uncompressed; 256 MiB is also the most a deflated data set may inflate to (dicom_node.part10). Storing
+    # an object below it holds about twice its size in memory meanwhile.
+    max_object_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     # Processes accepting associations on the node's port; 0: one per CPU, at most 4.
     listener_processes: int = Field(default=0, ge=0, le=32)
     acse_timeout: float = 30.0

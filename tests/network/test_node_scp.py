@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ from dicom_node.store.files import FileStore
 from dicom_node.store.models import AeRole, Instance, InstanceState
 from dicom_node.tls import client_context, server_context
 from tests import peers
-from tests.node_datasets import make_cr, make_non_image
+from tests.node_datasets import make_cr, make_non_image, write
 
 pytestmark = pytest.mark.network
 
@@ -166,6 +167,67 @@ def test_a_deflated_data_set_past_the_inflation_limit_is_refused_and_the_listene
     with listener.sessions() as session:
         assert list(session.scalars(select(Instance.sop_instance_uid))) == [after.SOPInstanceUID]
     assert len(list(listener.store.root.rglob("*.dcm"))) == 1
+
+
+def _bounded_listener(tmp_path: Path) -> Listener:
+    """A listener that takes data sets up to 1 MiB (256 MiB in service)."""
+    return _listener(tmp_path, settings=DicomSettings(port=0, bind_address="127.0.0.1",
+                                                      max_object_bytes=1 << 20))
+
+
+def test_a_c_store_past_the_object_limit_is_refused_unkept_and_the_association_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom gathered every fragment of a C-STORE, however many: a 1.8 GB object filled the listener's
+    memory and was answered 0x0110 after a MemoryError (review). Past dicom.max_object_bytes it is 0xA700
+    with the reason, nothing of it kept, one WARNING without patient data, and the next instance on the
+    same association is stored."""
+    node = _bounded_listener(tmp_path)
+    big = make_cr(rows=1024, columns=1024, patient_name=SENTINEL)  # a 2 MiB data set
+    after = make_cr()
+    try:
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            statuses = scu.send([big, after], "127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER)
+    finally:
+        node.scp.stop()
+    assert [int(status) for status in statuses] == [0xA700, 0x0000]
+    assert statuses[0].reason == 'Error Comment: "data set of 2.0 MB is over dicom.max_object_bytes (1 MB)"'
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"C-STORE from {CALLER} refused with REFUSED_OUT_OF_RESOURCES (0xA700): data set of 2.0 MB is over "
+        "dicom.max_object_bytes (1 MB)"
+    ]
+    assert SENTINEL not in caplog.text
+    with node.sessions() as session:
+        assert list(session.scalars(select(Instance.sop_instance_uid))) == [after.SOPInstanceUID]
+    assert len(list(node.store.root.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.interop
+def test_storescu_past_the_object_limit_is_told_0xa700_and_the_listener_never_holds_the_object(
+    tmp_path: Path,
+) -> None:
+    """DCMTK's storescu sends a 32 MiB radiograph to a listener that takes 1 MiB: it shows 0xA700 and the
+    node's reason, and the listener's Python memory (tracemalloc: every buffer the object passes through)
+    peaks far below the object, which it held whole, and then a copy, before (review: 1.8 GB object,
+    MemoryError). An instance sent after it is stored."""
+    big, small = make_cr(rows=4096, columns=4096), make_cr()
+    paths = [write(big, tmp_path / "big.dcm"), write(small, tmp_path / "small.dcm")]
+    node = _bounded_listener(tmp_path)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = subprocess.run(
+            [peers.executable("storescu"), "-d", "-nh", "-aet", CALLER, "-aec", "CXRNODE", "127.0.0.1",
+             str(node.scp.port), *map(str, paths)], capture_output=True, text=True, timeout=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        node.scp.stop()
+    output = result.stdout + result.stderr
+    assert "0xa700" in output.lower() and "is over dicom.max_object_bytes (1 MB)" in output, output
+    assert peak < 8 << 20, f"the listener held {peak >> 20} MiB of a 32 MiB object"
+    with node.sessions() as session:
+        assert list(session.scalars(select(Instance.sop_instance_uid))) == [small.SOPInstanceUID]
 
 
 def test_a_dimse_n_request_on_a_storage_context_is_aborted_with_a_warning(
