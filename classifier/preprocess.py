@@ -44,7 +44,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydicom.encaps import generate_frames
 from pydicom.pixels.processing import apply_color_lut, apply_voi
 from pydicom.pixels.utils import pixel_array
@@ -1221,15 +1221,38 @@ def pil_to_gray(image: Image.Image) -> FloatImage:
     PhotometricInterpretation is WhiteIsZero (as MONOCHROME1) is inverted; Pillow inverts it only at
     8 bits or fewer."""
     inverted = _white_is_zero(image)  # read first: a turned copy has no TIFF tags
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    image = _exif_upright(image)
+    if image.mode in _HIGH_BIT_MODES:
         gray = _high_bit_gray(image)
         if inverted:
             np.subtract(np.float32(1.0), gray, out=gray)
         return gray
-    if image.mode != "L":
-        image = image.convert("RGB").convert("L")
-    return (np.asarray(image, dtype=np.float32) / 255.0).astype(np.float32)
+    # one float32 copy, scaled in place: a quotient and its float32 copy more took 0.5 GB for an 8000² picture
+    gray = np.asarray(_eight_bit_gray(image), dtype=np.float32)
+    gray /= np.float32(255.0)
+    return gray
+
+
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
+_TURNING_ORIENTATIONS = frozenset(range(2, 9))  # EXIF Orientation values that turn or mirror the picture
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The picture turned by its EXIF Orientation, as ``ImageOps.exif_transpose``; the picture itself, not
+    the copy that makes of it, when there is nothing to turn (the picture is only read)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
+        return ImageOps.exif_transpose(image) or image
+    return image
+
+
+def _eight_bit_gray(image: Image.Image) -> Image.Image:
+    """An upright picture of 8 bits or fewer a sample (grey, colour, palette, with alpha) as Pillow's grey
+    ("L", ITU-R BT.601), straight from RGB without the copy that converting it to RGB first makes."""
+    if image.mode == "L":
+        return image
+    if image.mode == "RGB":
+        return image.convert("L")
+    return image.convert("RGB").convert("L")
 
 
 def _high_bit_gray(image: Image.Image) -> FloatImage:
@@ -1413,7 +1436,36 @@ def display_image(ds: pydicom.Dataset, max_size: int = 1024) -> npt.NDArray[np.u
 
 def gray_to_uint8(gray: FloatImage) -> npt.NDArray[np.uint8]:
     """A grey image in [0, 1] as the 8-bit picture shown or handed on (rounded, out-of-range clipped)."""
-    return np.asarray(np.clip(gray * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+    return _uint8_in_place(np.multiply(gray, 255.0))
+
+
+def _uint8_in_place(scaled: FloatImage) -> npt.NDArray[np.uint8]:
+    """:func:`gray_to_uint8` of a grey image already multiplied by 255, in a copy of its own that this may
+    change: one float copy of the image, where the sum and the clip made one each (an 8000² picture's
+    preview went through three of 256 MB)."""
+    scaled += 0.5
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+def picture_display(image: Image.Image, max_size: int = 1024) -> npt.NDArray[np.uint8]:
+    """uint8 H×W of a PNG/JPEG picture, longer side at most ``max_size``: the grey picture the model reads
+    (:func:`pil_to_gray`, turned by its EXIF orientation), as the console and reports show it.
+
+    A picture of 8 bits or fewer is made grey and reduced as Pillow's 8-bit image, whose values are those
+    :func:`pil_to_gray` scales into [0, 1] and :func:`gray_to_uint8` rounds back to the same: no float copy
+    of the whole picture is made (an 8000² upload's preview took 0.9 GB of them). A 16-bit or floating-point
+    picture is scaled by its own values, which needs them all."""
+    if image.mode in _HIGH_BIT_MODES:
+        gray = pil_to_gray(image)  # a float32 copy of its own
+        gray *= np.float32(255.0)
+        shown = Image.fromarray(_uint8_in_place(gray))
+    else:
+        shown = _eight_bit_gray(_exif_upright(image))
+        if shown is image:
+            shown = image.copy()  # thumbnail() changes the image it is called on
+    shown.thumbnail((max_size, max_size))
+    return np.asarray(shown, dtype=np.uint8)
 
 
 def _header_int(ds: pydicom.Dataset, keyword: str) -> int | None:

@@ -22,7 +22,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from classifier.errors import ClassifierError
-from classifier.preprocess import display_image, gray_to_uint8, pil_to_gray, read_dataset
+from classifier.preprocess import display_image, picture_display, read_dataset
 from dicom_node.eligibility import (
     DEFAULT_AGE_POLICY,
     AgePolicy,
@@ -302,15 +302,12 @@ def picture_dataset(filename: str, when: datetime) -> pydicom.Dataset:
 
 def picture_preview(upload: Upload, max_size: int = 1024) -> npt.NDArray[np.uint8]:
     """A grayscale display image of a PNG/JPEG upload (pictures are already windowed): the grey picture
-    the model reads (:func:`classifier.preprocess.pil_to_gray`), so that the heat map lies where the model
+    the model reads (:func:`classifier.preprocess.picture_display`), so that the heat map lies where the model
     looked. Pillow's own grey conversion neither turns a photograph by its EXIF orientation, as the model
     does, nor scales a 16-bit picture (one holding a 12-bit radiograph came out white)."""
     if upload.image is None:
         raise NodeError("the upload holds no picture")
     try:
-        gray = pil_to_gray(upload.image)
+        return picture_display(upload.image, max_size)
     except ClassifierError as exc:
         raise UndecodableDatasetError(f"the image cannot be displayed: {exc}") from exc
-    image = Image.fromarray(gray_to_uint8(gray))
-    image.thumbnail((max_size, max_size))
-    return np.asarray(image, dtype=np.uint8)
