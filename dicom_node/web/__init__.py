@@ -36,6 +36,7 @@ from dicom_node.web import account, admin, api, login, pages
 from dicom_node.web.auth import SESSION_COOKIE, LoginThrottle, Principal, SessionTokens
 from dicom_node.web.deps import HEAD_ONLY, Console, Forbidden, NotAuthenticated
 from dicom_node.web.errors import http_status
+from dicom_node.web.imagegate import ImageGate, busy_headers
 from dicom_node.web.limits import ASGIApp, Message, Receive, RequestBodyGuard, Scope, Send
 from dicom_node.web.services import ConsoleServices, NodeConsoleServices
 from dicom_node.web.templating import configure_templates
@@ -78,6 +79,7 @@ def create_app(
         uploads=UploadStore(),
         templates=templates,
         reads=RecentReads(),
+        images=ImageGate(settings.web.image_workers, settings.web.image_wait_seconds),
     )
     app = FastAPI(
         title=f"{settings.node.name} console API",
@@ -227,9 +229,11 @@ def _install_error_handlers(app: FastAPI, templates: Jinja2Templates) -> None:
             LOGGER.warning("console request failed: %s", type(exc).__name__)
         if _is_api(request):
             body = {"detail": str(exc)} if exc.field is None else {"detail": str(exc), "field": exc.field}
-            return JSONResponse(body, status_code=status)
+            return JSONResponse(body, status_code=status, headers=busy_headers(exc))
         title = "Not found" if isinstance(exc, NotFoundError) else "Could not complete the request"
-        return error_page(request, status, title, str(exc))
+        response = error_page(request, status, title, str(exc))
+        response.headers.update(busy_headers(exc))
+        return response
 
     @app.exception_handler(DataError)
     async def value_the_database_refuses(request: Request, exc: DataError) -> Response:

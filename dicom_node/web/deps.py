@@ -23,6 +23,7 @@ from dicom_node.web.auth import (
     SessionTokens,
     tokens_match,
 )
+from dicom_node.web.imagegate import ImageGate
 from dicom_node.web.services import ConsoleServices
 from dicom_node.web.uploads import UploadStore
 
@@ -43,6 +44,7 @@ class Console:
     uploads: UploadStore
     templates: Jinja2Templates
     reads: RecentReads  # whose reads of a study's images were recorded lately
+    images: ImageGate  # how many uploaded images are read, shown or classified at once
 
 
 class NotAuthenticated(AuthenticationError):

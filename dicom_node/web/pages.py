@@ -55,6 +55,7 @@ from dicom_node.web.deps import (
     release,
 )
 from dicom_node.web.errors import http_status
+from dicom_node.web.imagegate import ConsoleBusyError, busy_headers
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
 from dicom_node.web.services import IngestOutcome, picture_preview
 from dicom_node.web.templating import render
@@ -111,9 +112,7 @@ async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file
         data = await read_limited(file)
         held = await run_in_threadpool(hold_upload, con, principal, file.filename or "upload", data)
     except NodeError as exc:
-        return render(
-            request, "upload.html", principal, status=422, active="upload", held=None, error=str(exc)
-        )
+        return upload_refused(request, principal, None, exc, status=422)
     LOGGER.info(
         "upload %s by user %d (%s)",
         held.token[:6],
@@ -121,6 +120,20 @@ async def upload(request: Request, con: ConsoleDep, principal: CsrfUserDep, file
         "dicom" if held.upload.is_dicom else "picture",
     )
     return RedirectResponse(f"/upload/{held.token}", status_code=303)
+
+
+def upload_refused(
+    request: Request, principal: Principal, held: HeldUpload | None, exc: NodeError, *, status: int
+) -> Response:
+    """The upload page saying why ``exc`` stopped it, answered ``status``; or 503 with Retry-After when
+    the console was busy with other images (nothing is wrong with this one: it can be tried again)."""
+    if isinstance(exc, ConsoleBusyError):
+        status = http_status(exc)
+    response = render(
+        request, "upload.html", principal, status=status, active="upload", held=held, error=str(exc)
+    )
+    response.headers.update(busy_headers(exc))
+    return response
 
 
 def held_upload(con: Console, principal: Principal, token: str) -> HeldUpload:
@@ -131,9 +144,12 @@ def hold_upload(con: Console, principal: Principal, filename: str, data: bytes) 
     """Read an uploaded file and hold it for its user, judged by the node's own age limit.
 
     Decodes up to MAX_UPLOAD_BYTES: async routes call it in the thread pool, never on the event loop,
-    which serves every other console request (and the health check) meanwhile."""
+    which serves every other console request (and the health check) meanwhile, and only in its turn
+    (``web.image_workers`` images at once)."""
     ages = AgePolicy.of(con.settings.pipeline)
-    return con.uploads.add(principal.user_id, read_upload(filename, data, ages=ages))
+    with con.images.turn():
+        upload = read_upload(filename, data, ages=ages)
+    return con.uploads.add(principal.user_id, upload)
 
 
 @router.get("/upload/{token}")
@@ -144,11 +160,12 @@ def upload_view(request: Request, con: ConsoleDep, principal: UserDep, token: st
 
 def upload_preview_png(con: Console, held: HeldUpload) -> bytes:
     if held.preview_png is None:
-        if held.upload.dataset is not None:
-            gray = con.services.dicom_preview(held.upload.dataset)
-        else:
-            gray = picture_preview(held.upload)
-        held.preview_png = png_bytes(gray)
+        with con.images.turn():
+            if held.upload.dataset is not None:
+                gray = con.services.dicom_preview(held.upload.dataset)
+            else:
+                gray = picture_preview(held.upload)
+            held.preview_png = png_bytes(gray)
     return held.preview_png
 
 
@@ -163,12 +180,14 @@ def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
     held = held_upload(con, principal, token)
     if held.prediction is None or held.prediction.heatmap is None:
         raise NotFoundError("no heat map for this upload")
-    gray = (
-        con.services.dicom_preview(held.upload.dataset)
-        if held.upload.dataset is not None
-        else picture_preview(held.upload)
-    )
-    return Response(overlay_png(gray, held.prediction.heatmap), media_type="image/png")
+    with con.images.turn():
+        gray = (
+            con.services.dicom_preview(held.upload.dataset)
+            if held.upload.dataset is not None
+            else picture_preview(held.upload)
+        )
+        png = overlay_png(gray, held.prediction.heatmap)
+    return Response(png, media_type="image/png")
 
 
 PICTURE_UNCONFIRMED = (
@@ -188,7 +207,10 @@ def classify_held(con: Console, held: HeldUpload, *, adult_chest: bool = False) 
             raise IneligibleImageError(not_classified(verdict.reason))
         if not held.upload.is_dicom and not adult_chest:
             raise IneligibleImageError(not_classified(PICTURE_UNCONFIRMED))
-        held.prediction = con.services.classify(held.upload)
+        with con.images.turn():
+            held.prediction = con.services.classify(held.upload)
+    except ConsoleBusyError:
+        raise  # nothing the upload's page need keep saying: another try may do
     except NodeError as exc:
         held.refusal = str(exc)  # the upload's page keeps saying why, after a reload too
         raise
@@ -208,15 +230,15 @@ def upload_classify(
     try:
         classify_held(con, held, adult_chest=adult_chest == "yes")
     except NodeError as exc:
-        status = http_status(exc)
-        return render(request, "upload.html", principal, status=status, active="upload", held=held, error=str(exc))
+        return upload_refused(request, principal, held, exc, status=http_status(exc))
     return RedirectResponse(f"/upload/{held.token}", status_code=303)
 
 
 def upload_report_response(con: Console, held: HeldUpload) -> Response:
     if held.prediction is None or held.analysed_at is None:
         raise NotFoundError("classify the image before saving the report")
-    pdf = con.services.report_pdf(held.upload, held.prediction, analysed_at=held.analysed_at)
+    with con.images.turn():
+        pdf = con.services.report_pdf(held.upload, held.prediction, analysed_at=held.analysed_at)
     stamp = held.analysed_at.astimezone().strftime("%Y%m%d-%H%M%S")
     return Response(
         pdf,
