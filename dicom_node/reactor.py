@@ -86,6 +86,13 @@ PDU_SECONDS = "_cxr_pdu_seconds"
 
 _CUT_SHORT = "_cxr_cut_short"  # set on an Association whose connection _log_cut_short reported
 
+MAX_CONTROL_PDU_BYTES = 1 << 20
+"""Longest PDU other than P-DATA-TF the listener reads (bytes). An association request of 128 presentation
+contexts, each with 30 transfer syntaxes, is about 300 KB; the others are a few bytes."""
+
+MAX_COMMAND_SET_BYTES = 1 << 20
+"""Longest DIMSE command set the listener keeps (bytes); real ones are well under a kilobyte."""
+
 
 class _Wakeup:
     """A Linux ``eventfd`` that ``select()`` can wait on beside a socket; set from any thread.
@@ -153,6 +160,7 @@ class EventDrivenDUL(DULServiceProvider):
     def __init__(self, assoc: Association, activity: threading.Event) -> None:
         self._wakeup = _Wakeup()
         self._stopping = False
+        self._input_refused = False  # a PDU header was refused: nothing more is read (_refuse_input)
         super().__init__(assoc)
         self._activity = activity
         self.to_provider_queue = _SignallingQueue(self._wakeup.set)
@@ -183,9 +191,20 @@ class EventDrivenDUL(DULServiceProvider):
             pass
         self._wakeup.clear()
 
+    def _refuse_input(self) -> None:
+        """Abort the association (Evt19) over a PDU whose header is refused, and read nothing more: what
+        follows is that PDU's body, which read as PDU headers gave thousands of errors and as many
+        A-ABORTs (an 8 MiB body: 15,257 lines)."""
+        self._input_refused = True
+        self.event_queue.put("Evt19")
+
     def _read_pdu_data(self) -> None:
         # Called once select() found the socket readable: the PDU's first byte is here. Its time starts
         # now, and the socket's reads bound the whole PDU by it (PDU_STARTED).
+        if self._input_refused:
+            if self.state_machine.current_state == "Sta13":  # the A-ABORT is sent: close (Evt17)
+                cast(AssociationSocket, self.socket).close()
+            return
         sock = cast(AssociationSocket, self.socket)
         setattr(sock, PDU_STARTED, time.monotonic())
         try:
@@ -211,7 +230,15 @@ class EventDrivenDUL(DULServiceProvider):
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             LOGGER.error("unknown PDU type 0x%02X received", pdu_type)
-            self.event_queue.put("Evt19")
+            self._refuse_input()
+            return
+        longest = self._longest_pdu(pdu_type)
+        if pdu_length > longest:
+            # read before the association is even accepted: an A-ASSOCIATE-RQ announcing 4 GB had the
+            # node hold what arrived of it, up to the ACSE time-out (review)
+            LOGGER.error("PDU of type 0x%02X announcing %d bytes, over the %d this listener reads: aborted",
+                         pdu_type, pdu_length, longest)
+            self._refuse_input()
             return
         try:
             body = sock.recv(pdu_length)
@@ -238,6 +265,19 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _longest_pdu(self, pdu_type: int) -> int:
+        """The longest PDU of ``pdu_type`` this listener reads: a P-DATA-TF within the Maximum Length it
+        offered (PS3.8 D.1; its variable field is the PDU length), or when it offered none (0) within
+        the largest C-STORE data set it keeps and a command; any other PDU within
+        :data:`MAX_CONTROL_PDU_BYTES`."""
+        if pdu_type != 0x04:
+            return MAX_CONTROL_PDU_BYTES
+        offered = int(self.assoc.acceptor.maximum_length or 0)
+        if offered:
+            return offered
+        data_set: int | None = getattr(self.assoc, "max_data_set_bytes", None)
+        return 0xFFFFFFFF if data_set is None else data_set + MAX_COMMAND_SET_BYTES
 
     def run_reactor(self) -> None:
         try:
@@ -340,8 +380,9 @@ class BoundedDataSet(BytesIO):
     however many there are: a 1.8 GB C-STORE held 1.8 GB before the node saw a byte of it, twice that while
     it was stored, and ended in a MemoryError. Past ``limit`` this one lets go of what it holds and only
     counts the rest (``received``), so that the C-STORE handler refuses the request with a status once it
-    is complete (:attr:`over_limit`); the association goes on. The data set of any other request (a storage
-    commitment report) is kept whole, as before: a truncated one could read as a shorter valid one.
+    is complete (:attr:`over_limit`); the association goes on. The data set of any other message (a storage
+    commitment report) is not cut short, which could make it read as a shorter valid one: past the limit
+    its association is aborted (:class:`BoundedDIMSE`, :attr:`aborted`).
     """
 
     def __init__(self, message: DIMSEMessage, limit: int) -> None:
@@ -349,7 +390,8 @@ class BoundedDataSet(BytesIO):
         self._message = weakref.ref(message)  # its class is known (C_STORE_RQ) once its command set is in
         self.limit = limit
         self.received = 0
-        self.over_limit = False
+        self.over_limit = False  # a C-STORE request's: refused with a status once complete
+        self.aborted = False  # any other message's: its association is aborted (BoundedDIMSE)
 
     def write(self, buffer: ReadableBuffer, /) -> int:
         size = memoryview(buffer).nbytes
@@ -375,7 +417,41 @@ class BoundedDIMSE(DIMSEServiceProvider):
         if self.message is None:  # pynetdicom's own would make the same, with an unbounded BytesIO
             self.message = DIMSEMessage()
             self.message.data_set = BoundedDataSet(self.message, self.max_data_set_bytes)
+        if self._past_limit(self.message, primitive):
+            return  # the association is being aborted: nothing more of this message is kept
         super().receive_primitive(primitive)
+
+    def _past_limit(self, message: DIMSEMessage, primitive: P_DATA) -> bool:
+        """Whether ``primitive`` takes a command set past :data:`MAX_COMMAND_SET_BYTES`, or the data set of
+        a message that is not a C-STORE request past the limit; the association is then aborted (Evt19).
+        Such a data set (a storage commitment report, or one sent before its command) cannot be refused
+        with a status as a C-STORE's is, nor cut short: the shorter one could read as a valid report."""
+        data_set = message.data_set
+        if not isinstance(data_set, BoundedDataSet):
+            return False
+        if data_set.aborted:
+            return True
+        commands = data = 0
+        for _, fragment in primitive.presentation_data_value_list:
+            if fragment[0] & 1:
+                commands += len(fragment) - 1
+            else:
+                data += len(fragment) - 1
+        with message.encoded_command_set.getbuffer() as kept:  # a view, released at once
+            command_set = kept.nbytes + commands
+        if command_set > MAX_COMMAND_SET_BYTES:
+            what, size, limit = "command set", command_set, MAX_COMMAND_SET_BYTES
+        elif not isinstance(message, C_STORE_RQ) and data_set.received + data > data_set.limit:
+            what, size, limit = f"{type(message).__name__} data set", data_set.received + data, data_set.limit
+        else:
+            return False
+        data_set.aborted = True
+        data_set.seek(0)
+        data_set.truncate()
+        LOGGER.error("a %s of %d bytes or more, over the %d this listener keeps: association aborted", what,
+                     size, limit)
+        self.dul.event_queue.put("Evt19")
+        return True
 
 
 class EventDrivenAssociation(Association):
@@ -384,6 +460,7 @@ class EventDrivenAssociation(Association):
 
     def __init__(self, ae: Any, mode: str, max_data_set_bytes: int | None = None) -> None:
         super().__init__(ae, mode)
+        self.max_data_set_bytes = max_data_set_bytes
         if max_data_set_bytes is not None:
             self.dimse = BoundedDIMSE(self, max_data_set_bytes)
         self._activity = threading.Event()

@@ -202,6 +202,104 @@ def test_a_c_store_past_the_object_limit_is_refused_unkept_and_the_association_g
     assert len(list(node.store.root.rglob("*.dcm"))) == 1
 
 
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("dicom_node")]
+
+
+def test_a_pdu_announcing_more_than_the_listener_reads_is_aborted_unread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An association request is read before anyone is known: one announcing 100 MB had the listener keep
+    whatever came of it for the ACSE time-out (30 s: gigabytes on a LAN), from any address. Its header is
+    now refused, nothing after it read (its body read as PDU headers gave thousands of errors and
+    A-ABORTs), and the connection closed."""
+    node = _bounded_listener(tmp_path)
+    try:
+        with caplog.at_level(logging.INFO, logger="dicom_node"), socket.create_connection(
+            ("127.0.0.1", node.scp.port), timeout=5
+        ) as conn:
+            conn.sendall(struct.pack(">BBL", 0x01, 0, 100_000_000) + bytes(1 << 20))
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(4096):  # until the node closes: a time-out fails the test
+                    answer += chunk
+        assert answer == b"" or (len(answer) == 10 and answer.startswith(b"\x07\x00\x00\x00\x00\x04"))  # A-ABORT
+        assert _errors(caplog) == [
+            "PDU of type 0x01 announcing 100000000 bytes, over the 1048576 this listener reads: aborted"
+        ]
+        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER) == 0  # it goes on
+    finally:
+        node.scp.stop()
+
+
+def test_a_p_data_pdu_past_the_offered_maximum_length_aborts_the_association(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender ignoring the Maximum Length the node offered (PS3.8 D.1) put a whole 2 MiB object in one
+    PDU, which the node read whole before dicom.max_object_bytes could bound it (review: 8 MiB read
+    against a 1 MiB limit)."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    offered = DIMSEServiceProvider.maximum_pdu_size
+    monkeypatch.setattr(DIMSEServiceProvider, "maximum_pdu_size",
+                        property(lambda dimse: 0 if dimse.assoc.is_requestor else offered.fget(dimse)))
+    node = _bounded_listener(tmp_path)
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
+            assert assoc.is_established and assoc.acceptor.maximum_length == 131072
+            big = make_cr(rows=1024, columns=1024)
+            big.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            assoc.send_c_store(big)
+            assoc.abort()
+    finally:
+        node.scp.stop()
+    assert assoc.is_aborted
+    assert len(_errors(caplog)) == 1
+    assert _errors(caplog)[0].startswith("PDU of type 0x04 announcing ")
+    assert _errors(caplog)[0].endswith(" bytes, over the 131072 this listener reads: aborted")
+    with node.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_a_data_set_past_the_limit_on_a_message_other_than_c_store_aborts_the_association(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a C-STORE's data set was bounded: a C-ECHO (or a commitment report) carrying 2 MiB was kept
+    whole, past a 1 MiB dicom.max_object_bytes (review). Cut short it could read as a shorter valid
+    message, and it has no status to be refused with: its association is aborted."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+
+    node = _bounded_listener(tmp_path)
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(Verification)
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
+            assert assoc.is_established
+            message = C_ECHO_RQ()
+            message.command_set.CommandField = 0x0030
+            message.command_set.MessageID = 7
+            message.command_set.AffectedSOPClassUID = Verification
+            message.command_set.CommandDataSetType = 0x0001  # a data set follows
+            message.data_set = BytesIO(bytes(2 << 20))
+            for pdu in message.encode_msg(assoc.accepted_contexts[0].context_id, 16382):
+                assoc.dul.send_pdu(pdu)
+            deadline = time.monotonic() + 10
+            while assoc.is_established and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        node.scp.stop()
+    assert assoc.is_aborted
+    assert len(_errors(caplog)) == 1
+    assert _errors(caplog)[0].startswith("a C_ECHO_RQ data set of ")
+    assert _errors(caplog)[0].endswith(" bytes or more, over the 1048576 this listener keeps: association aborted")
+
 @pytest.mark.interop
 def test_storescu_past_the_object_limit_is_told_0xa700_and_the_listener_never_holds_the_object(
     tmp_path: Path,
