@@ -266,7 +266,9 @@ def check_jpeg_stream(data: bytes) -> None:
     """Refuse, before it is decoded, a JPEG or JPEG-LS stream of more than :data:`MAX_JPEG_SCANS` scans,
     or one cut short: without its end-of-image marker. libjpeg and CharLS fill what
     is missing with grey and say nothing; half of a radiograph was classified as a whole one (review),
-    where a truncated picture, or a JPEG 2000, RLE or uncompressed frame cut short, is refused."""
+    where a JPEG 2000, RLE or uncompressed frame cut short is refused. A stream whose encoder left out
+    only the marker (the standard requires it; CharLS 2.3 refuses JPEG-LS without it) cannot be told
+    from one cut short, and is refused alike."""
     scans, ended = 0, False
     for marker, _ in _jpeg_markers(data):
         if marker == _SOS:
@@ -279,8 +281,8 @@ def check_jpeg_stream(data: bytes) -> None:
         ended = marker == _EOI
     if not ended and data.startswith(b"\xff\xd8"):
         raise UnsupportedImageError(
-            "the JPEG stream is cut short (it has no end-of-image marker): the image was truncated in "
-            "transfer or storage"
+            "the JPEG stream has no end-of-image marker: cut short in transfer or storage, or written by "
+            "an encoder that leaves the marker out; a missing part would be read as grey"
         )
 
 
