@@ -90,7 +90,8 @@ def _nih(
     classifier: Classifier, items: Sequence[LabelledImage], data: Path, ages: dict[str, tuple[str, int]]
 ) -> tuple[Features, npt.NDArray[np.int64]]:
     """Features and ages of the items that are NIH images with a known age."""
-    entries = [(item, ages.get(item.path.relative_to(data).as_posix())) for item in items]
+    root = data.resolve()  # a collection's paths may be resolved, DATA as typed not: ValueError (review)
+    entries = [(item, ages.get(item.path.resolve().relative_to(root).as_posix())) for item in items]
     known = [(item, entry[1]) for item, entry in entries if entry is not None]
     return _embed_files(classifier, [item for item, _ in known]), np.asarray([a for _, a in known], np.int64)
 

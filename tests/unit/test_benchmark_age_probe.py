@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks.age_probe import auc, balanced, threshold_refusing
 
@@ -31,3 +34,21 @@ def test_auc_counts_pairs_and_ties_half() -> None:
     assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0
     assert auc([0.1], [0.9]) == 0.0
     assert auc([0.5, 0.9], [0.5, 0.1]) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+
+
+def test_the_nih_ages_are_found_for_data_given_as_a_relative_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest's paths are resolved, DATA as typed was not: ``relative_to`` raised ValueError."""
+    from benchmarks import age_probe
+    from classifier.dataset import load_collection
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / "data" / "normal").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40), 100 + len(name), np.uint8)).save(tmp_path / "data" / "normal" / name)
+    (tmp_path / "data" / "manifest.csv").write_text("file,label\nnormal/a.png,normal\nnormal/b.png,normal\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(age_probe, "_embed_files", lambda _classifier, items: np.zeros((len(items), 2)))
+    data = Path("data")
+    _, ages = age_probe._nih(None, load_collection(data), data, {"normal/a.png": ("M", 42)})  # type: ignore[arg-type]
+    assert ages.tolist() == [42]

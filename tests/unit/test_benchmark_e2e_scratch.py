@@ -32,3 +32,13 @@ def test_a_run_that_fails_removes_its_scratch_folder_unless_asked_to_keep_it(
     with pytest.raises(_PeerDidNotStart):
         e2e.main(["--studies", "1", *keep])
     assert len(list(tmp_path.glob("cxr-e2e-*"))) == left
+
+
+@pytest.mark.parametrize("n", [20, 60, 100, 7, 1])
+def test_the_latency_percentile_is_numpy_s_nearest_rank(n: int) -> None:
+    """p95 of 1..100 was 96, of 1..20 the maximum: the rank was rounded half to even."""
+    import numpy as np
+
+    values = [float(v) for v in range(1, n + 1)]
+    for q in (50.0, 95.0, 99.0):
+        assert e2e.percentile(values, q) == float(np.percentile(values, q, method="inverted_cdf"))
