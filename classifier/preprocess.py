@@ -1229,7 +1229,7 @@ def pil_to_gray(image: Image.Image) -> FloatImage:
         if inverted:
             np.subtract(np.float32(1.0), gray, out=gray)
         return gray
-    # one float32 copy, scaled in place: a quotient and its float32 copy more took 0.5 GB for an 8000² picture
+    # one float32 copy, scaled in place (a quotient and its float32 copy took 0.5 GB more at 8000²)
     gray = np.asarray(_eight_bit_gray(image), dtype=np.float32)
     gray /= np.float32(255.0)
     return gray

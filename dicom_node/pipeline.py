@@ -680,8 +680,10 @@ class Pipeline:
         started = time.perf_counter()
         try:
             # An image that cannot be read has its reason in its place; the others are one batch.
-            outcomes = classifier.predict_datasets_each([item.dataset for item in loaded], heatmap=self.config.heatmap)
-            results: list[tuple[_Loaded, Prediction | BaseException]] = list(zip(loaded, outcomes, strict=True))
+            datasets = [item.dataset for item in loaded]
+            outcomes = classifier.predict_datasets_each(datasets, heatmap=self.config.heatmap)
+            results: list[tuple[_Loaded, Prediction | BaseException]]
+            results = list(zip(loaded, outcomes, strict=True))
         except Exception:
             # Anything else (the model, memory) must not sink the batch: one by one, to find what fails.
             LOGGER.warning("batch of %d failed; classifying one by one", len(loaded))

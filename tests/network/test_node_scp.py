@@ -204,7 +204,8 @@ def test_a_c_store_past_the_object_limit_is_refused_unkept_and_the_association_g
 
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("dicom_node")]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and r.name.startswith("dicom_node")]
 
 
 def test_a_pdu_announcing_more_than_the_listener_reads_is_aborted_unread(
@@ -224,7 +225,8 @@ def test_a_pdu_announcing_more_than_the_listener_reads_is_aborted_unread(
             with contextlib.suppress(ConnectionResetError):
                 while chunk := conn.recv(4096):  # until the node closes: a time-out fails the test
                     answer += chunk
-        assert answer == b"" or (len(answer) == 10 and answer.startswith(b"\x07\x00\x00\x00\x00\x04"))  # A-ABORT
+        a_abort = len(answer) == 10 and answer.startswith(b"\x07\x00\x00\x00\x00\x04")
+        assert answer == b"" or a_abort
         assert _errors(caplog) == [
             "PDU of type 0x01 announcing 100000000 bytes, over the 1048576 this listener reads: aborted"
         ]
@@ -298,7 +300,9 @@ def test_a_data_set_past_the_limit_on_a_message_other_than_c_store_aborts_the_as
     assert assoc.is_aborted
     assert len(_errors(caplog)) == 1
     assert _errors(caplog)[0].startswith("a C_ECHO_RQ data set of ")
-    assert _errors(caplog)[0].endswith(" bytes or more, over the 1048576 this listener keeps: association aborted")
+    assert _errors(caplog)[0].endswith(
+        " bytes or more, over the 1048576 this listener keeps: association aborted"
+    )
 
 @pytest.mark.interop
 def test_storescu_past_the_object_limit_is_told_0xa700_and_the_listener_never_holds_the_object(

@@ -45,10 +45,12 @@ def test_the_nih_ages_are_found_for_data_given_as_a_relative_path(
 
     for name in ("a.png", "b.png"):
         (tmp_path / "data" / "normal").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((40, 40), 100 + len(name), np.uint8)).save(tmp_path / "data" / "normal" / name)
+        picture = Image.fromarray(np.full((40, 40), 100 + len(name), np.uint8))
+        picture.save(tmp_path / "data" / "normal" / name)
     (tmp_path / "data" / "manifest.csv").write_text("file,label\nnormal/a.png,normal\nnormal/b.png,normal\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(age_probe, "_embed_files", lambda _classifier, items: np.zeros((len(items), 2)))
     data = Path("data")
-    _, ages = age_probe._nih(None, load_collection(data), data, {"normal/a.png": ("M", 42)})  # type: ignore[arg-type]
+    ages_of = {"normal/a.png": ("M", 42)}
+    _, ages = age_probe._nih(None, load_collection(data), data, ages_of)  # type: ignore[arg-type]
     assert ages.tolist() == [42]
