@@ -511,8 +511,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         train_items, val_items = split_from_record(load_collection(args.data), split, model=model)
         items = val_items if args.split == "validation" else train_items
     report = evaluate(args.model, args.data, output=args.output, degrade=args.degrade, items=items,
-                      relabel=parse_relabel(args.relabel))
-    _say(json.dumps({k: v for k, v in report.items() if k not in ("per_class", "reliability")}, indent=2))
+                      relabel=parse_relabel(args.relabel), split=args.split)
+    # all but the reliability diagram's bins (in metrics.json with --output)
+    _say(json.dumps({k: v for k, v in report.items() if k != "reliability"}, indent=2))
     return 0
 
 

@@ -599,6 +599,29 @@ def draw_split(
     return relabel(train, mapping, strict=False), relabel(validation, mapping, strict=False)
 
 
+
+def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> int | None:
+    """How many of ``items`` a model was trained on, by the split the ``data`` entry of its model.json
+    records, drawn again on them: when the draw gives that split (its fingerprint, or for a model
+    trained before fingerprints the images of each class on each side). None when it cannot be told:
+    no split recorded, or other data (a subset, a superset, other labels)."""
+    record = data_record.get("split") if isinstance(data_record, Mapping) else None
+    if not isinstance(record, Mapping) or "seed" not in record:
+        return None
+    try:
+        train, validation = draw_split(items, record)
+    except DatasetError:
+        return None
+    recorded = record.get("fingerprint")
+    if isinstance(recorded, Mapping):
+        same = split_fingerprint(train, validation) == dict(recorded)
+    else:
+        same = all(
+            dict(Counter(item.label for item in side)) == (data_record.get(name) or {}).get("per_class")
+            for name, side in (("train", train), ("validation", validation))
+        )
+    return len(train) if same else None
+
 def split_fingerprint(
     train: Sequence[LabelledImage], validation: Sequence[LabelledImage]
 ) -> dict[str, Any]:

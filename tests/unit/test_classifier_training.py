@@ -859,6 +859,43 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
         parse_degradation("sepia:1")
 
 
+
+def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
+    artifact: Path, collection: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``evaluate MODEL DATA`` scored a model's training images with the others without a word, and its
+    metrics.json did not say what was scored: the shipped model scored 0.917 on all of cxr3, 0.841 on its
+    validation images (review)."""
+    data = read_metadata(artifact).data
+    trained = data["train"]["images"]
+    with caplog.at_level(logging.WARNING, logger="classifier"):
+        everything = evaluate(artifact, collection)
+    assert everything["data"] == {"split": "all", "images": 24, "training_images": trained, "relabel": {}}
+    assert f"{trained} of these 24 images are images the model was trained on" in caplog.text
+    _, validation = split_from_record(load_collection(collection), data["split"])
+    held_out = evaluate(artifact, collection, items=validation, split="validation")
+    assert held_out["data"]["training_images"] == 0 and held_out["data"]["images"] == len(validation)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="classifier"):
+        other = evaluate(artifact, collection, items=load_collection(collection)[:10])
+    assert other["data"]["training_images"] is None  # other data: which were trained on cannot be told
+    assert "trained on" not in caplog.text
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_evaluate_command_prints_the_per_class_figures(
+    artifact: Path, collection: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --output, per-class precision, recall, sensitivity, specificity and AUC were computed and
+    thrown away (review)."""
+    from classifier import cli
+
+    assert cli.main(["evaluate", str(artifact), str(collection), "--split", "validation"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["per_class"]) == {"bright", "dark"}
+    assert printed["data"]["split"] == "validation" and printed["data"]["training_images"] == 0
+    assert "reliability" not in printed
+
 def test_an_evaluation_is_not_written_into_a_models_folder(artifact: Path, collection: Path) -> None:
     """``evaluate MODEL DATA -o MODEL`` replaced the model's own validation confusion matrix silently."""
     figure = (artifact / "confusion_matrix.png").read_bytes()
