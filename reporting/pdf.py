@@ -638,7 +638,9 @@ def _pictures(image: AnalysedImage, styles: _Styles, box_height: float) -> Flowa
         right: list[Flowable] = [
             _fitted(overlay(image.preview, heat), box_width, box_height),
             Paragraph(
-                "Heat map: regions that most influenced the model (red = most). It is not a lesion outline.",
+                "Heat map: regions that most influenced the model towards "
+                f"{codes.finding_for(image.prediction.top_class).display} (red = most). It is not a lesion "
+                "outline.",
                 styles.caption,
             ),
         ]

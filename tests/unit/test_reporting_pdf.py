@@ -338,6 +338,14 @@ def test_an_indeterminate_result_is_printed_below_its_threshold_and_names_it() -
     assert "below the confidence threshold: no class is reported" in compact(unnamed)
 
 
+
+def test_the_heat_map_caption_names_the_class_it_shows() -> None:
+    """The map is the top class's, also under an indeterminate finding; the caption said only "regions
+    that most influenced the model", where the heat-map Secondary Capture names the class (review)."""
+    below = analysed(probabilities={"covid": 0.2, "normal": 0.35, "pneumonia": 0.45})
+    (text,) = pages([below])
+    assert "regions that most influenced the model towards Pneumonia (red = most)" in compact(text)
+
 def test_the_intended_use_names_the_answers_of_the_model_that_gave_them() -> None:
     """It said "knows three answers only" under a COVID-19 / non-COVID model's result (review)."""
     (text,) = pages([analysed(probabilities={"covid": 0.2, "non-covid": 0.8}, model=BINARY)])
