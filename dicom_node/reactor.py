@@ -161,6 +161,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._wakeup = _Wakeup()
         self._stopping = False
         self._input_refused = False  # a PDU header was refused: nothing more is read (_refuse_input)
+        self._user_woken = False  # _wake_a_user_waiting_for_nothing has woken the association thread
         super().__init__(assoc)
         self._activity = activity
         self.to_provider_queue = _SignallingQueue(self._wakeup.set)
@@ -333,6 +334,21 @@ class EventDrivenDUL(DULServiceProvider):
 
             self.state_machine.do_action(event)
             sleep = False
+            self._wake_a_user_waiting_for_nothing()
+
+    def _wake_a_user_waiting_for_nothing(self) -> None:
+        """Once the connection has ended (Sta1) before an association request was handed up, wake the
+        association thread with None, pynetdicom's 'no request in time'. It waited out the ACSE time-out
+        (30 s), counted among the listener's associations: a connection opened and closed, or aborted
+        for a refused PDU, every 2 s kept all 16 slots taken, and every modality was rejected (review)."""
+        if (
+            not self._user_woken
+            and self.state_machine.current_state == "Sta1"
+            and self.assoc.requestor.primitive is None
+        ):
+            self._user_woken = True
+            cast("queue.Queue[Any]", self.to_user_queue).put(None)  # receive_pdu answers None on time-out
+
 
 
 def _log_cut_short(exc: BaseException, assoc: Association) -> None:

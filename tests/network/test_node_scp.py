@@ -235,6 +235,32 @@ def test_a_pdu_announcing_more_than_the_listener_reads_is_aborted_unread(
         node.scp.stop()
 
 
+
+@pytest.mark.parametrize("sent", [b"", struct.pack(">BBL", 0x01, 0, 100_000_000)])
+def test_a_connection_ended_before_its_association_request_frees_its_slot_at_once(
+    tmp_path: Path, sent: bytes
+) -> None:
+    """The association thread of a connection that closed (a load balancer's probe, a port scan) or was
+    aborted for a refused PDU before any association request waited out the ACSE time-out, 30 s, counted
+    among the listener's associations: one such connection every 2 s kept all 16 slots taken and every
+    modality rejected (review)."""
+    node = _listener(tmp_path, settings=DicomSettings(port=0, bind_address="127.0.0.1", max_associations=2,
+                                                      max_object_bytes=1 << 20))
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as conn:
+                if sent:  # then read until the node closes, after its A-ABORT; else close at once
+                    conn.sendall(sent)
+                    with contextlib.suppress(ConnectionResetError):
+                        while conn.recv(4096):
+                            pass
+        deadline = time.monotonic() + 5
+        while len(node.scp.ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER, timeout=5) == 0
+    finally:
+        node.scp.stop()
+
 def test_a_p_data_pdu_past_the_offered_maximum_length_aborts_the_association(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,6 +291,7 @@ def test_a_p_data_pdu_past_the_offered_maximum_length_aborts_the_association(
     assert _errors(caplog)[0].endswith(" bytes, over the 131072 this listener reads: aborted")
     with node.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
+
 
 
 def test_a_data_set_past_the_limit_on_a_message_other_than_c_store_aborts_the_association(
