@@ -350,7 +350,6 @@ class EventDrivenDUL(DULServiceProvider):
             cast("queue.Queue[Any]", self.to_user_queue).put(None)  # receive_pdu answers None on time-out
 
 
-
 def _log_cut_short(exc: BaseException, assoc: Association) -> None:
     """A PDU not received whole. A peer silent past the time-out (gone without closing) or too slow with
     one (trickling an association request or a P-DATA-TF) is routine trouble of the network: a WARNING,
@@ -433,41 +432,55 @@ class BoundedDIMSE(DIMSEServiceProvider):
         if self.message is None:  # pynetdicom's own would make the same, with an unbounded BytesIO
             self.message = DIMSEMessage()
             self.message.data_set = BoundedDataSet(self.message, self.max_data_set_bytes)
-        if self._past_limit(self.message, primitive):
-            return  # the association is being aborted: nothing more of this message is kept
-        super().receive_primitive(primitive)
-
-    def _past_limit(self, message: DIMSEMessage, primitive: P_DATA) -> bool:
-        """Whether ``primitive`` takes a command set past :data:`MAX_COMMAND_SET_BYTES`, or the data set of
-        a message that is not a C-STORE request past the limit; the association is then aborted (Evt19).
-        Such a data set (a storage commitment report, or one sent before its command) cannot be refused
-        with a status as a C-STORE's is, nor cut short: the shorter one could read as a valid report."""
+        message = self.message
         data_set = message.data_set
         if not isinstance(data_set, BoundedDataSet):
-            return False
+            super().receive_primitive(primitive)
+            return
         if data_set.aborted:
-            return True
+            return  # the association is being aborted: nothing more of this message is kept
+        refused = self._refusal(message, data_set, primitive)
+        if refused is not None:
+            self._abort(data_set, *refused)
+            return
+        super().receive_primitive(primitive)
+        if self.message is message and not isinstance(message, C_STORE_RQ) and data_set.received > data_set.limit:
+            # its command set ended in this primitive, beside data past the limit (review: a C-STORE
+            # packed so was aborted as if its class were unknown); a complete message went on, whole
+            self._abort(data_set, f"{type(message).__name__} data set", data_set.received, data_set.limit)
+
+    def _refusal(
+        self, message: DIMSEMessage, data_set: BoundedDataSet, primitive: P_DATA
+    ) -> tuple[str, int, int] | None:
+        """Why ``primitive`` is not taken in: it takes the command set past :data:`MAX_COMMAND_SET_BYTES`,
+        or the data set of a message that is not a C-STORE request past the limit; None when it is taken.
+        Such a data set (a storage commitment report, or one sent before its command) cannot be refused
+        with a status as a C-STORE's is, nor cut short: the shorter one could read as a valid report. A
+        primitive that ends the command set decides the message's class: its data are checked after it."""
         commands = data = 0
+        ends_command = False
         for _, fragment in primitive.presentation_data_value_list:
             if fragment[0] & 1:
                 commands += len(fragment) - 1
+                ends_command = ends_command or bool(fragment[0] & 2)
             else:
                 data += len(fragment) - 1
         with message.encoded_command_set.getbuffer() as kept:  # a view, released at once
             command_set = kept.nbytes + commands
         if command_set > MAX_COMMAND_SET_BYTES:
-            what, size, limit = "command set", command_set, MAX_COMMAND_SET_BYTES
-        elif not isinstance(message, C_STORE_RQ) and data_set.received + data > data_set.limit:
-            what, size, limit = f"{type(message).__name__} data set", data_set.received + data, data_set.limit
-        else:
-            return False
+            return "command set", command_set, MAX_COMMAND_SET_BYTES
+        if isinstance(message, C_STORE_RQ) or ends_command or data_set.received + data <= data_set.limit:
+            return None
+        return f"{type(message).__name__} data set", data_set.received + data, data_set.limit
+
+    def _abort(self, data_set: BoundedDataSet, what: str, size: int, limit: int) -> None:
+        """Let go of the message's data set and abort the association (Evt19), with one ERROR."""
         data_set.aborted = True
         data_set.seek(0)
         data_set.truncate()
         LOGGER.error("a %s of %d bytes or more, over the %d this listener keeps: association aborted", what,
                      size, limit)
         self.dul.event_queue.put("Evt19")
-        return True
 
 
 class EventDrivenAssociation(Association):

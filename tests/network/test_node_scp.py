@@ -294,6 +294,45 @@ def test_a_p_data_pdu_past_the_offered_maximum_length_aborts_the_association(
 
 
 
+def test_a_c_store_whose_command_ends_beside_its_data_in_one_pdu_is_refused_with_a_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender may put the command set's last fragment and the data set in one P-DATA-TF (PS3.8 E.2
+    allows it). Its class is known only once that fragment is decoded: the C-STORE was taken for a
+    message of unknown class and its association aborted, instead of 0xA700 (review)."""
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu_primitives import P_DATA
+
+    node = _listener(tmp_path, settings=DicomSettings(port=0, bind_address="127.0.0.1",
+                                                      max_object_bytes=1 << 20, max_pdu=8 << 20))
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="CXRNODE")
+            assert assoc.is_established
+            big = make_cr(rows=1024, columns=1024)
+            command = Dataset()
+            command.CommandField, command.MessageID, command.Priority = 0x0001, 1, 0
+            command.AffectedSOPClassUID, command.AffectedSOPInstanceUID = big.SOPClassUID, big.SOPInstanceUID
+            command.CommandDataSetType = 0x0000
+            context = assoc.accepted_contexts[0].context_id
+            pdu = P_DATA()
+            pdu.presentation_data_value_list = [
+                [context, b"\x03" + encode(command, True, True)], [context, b"\x02" + encode(big, False, True)]
+            ]
+            assoc.dul.send_pdu(pdu)
+            refusal = "C-STORE from TESTSCU refused with REFUSED_OUT_OF_RESOURCES (0xA700): data set of 2.0 MB"
+            deadline = time.monotonic() + 10
+            while refusal not in caplog.text and assoc.is_established and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert refusal in caplog.text
+            assert assoc.is_established and not assoc.is_aborted  # the association goes on
+            assoc.release()
+    finally:
+        node.scp.stop()
+    assert _errors(caplog) == []
+
 def test_a_data_set_past_the_limit_on_a_message_other_than_c_store_aborts_the_association(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
