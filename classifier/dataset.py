@@ -16,7 +16,7 @@ from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -600,11 +600,19 @@ def draw_split(
 
 
 
-def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> int | None:
+class TrainingOverlap(NamedTuple):
+    """How many images of some data a model was trained on (:func:`trained_among`)."""
+
+    images: int
+    by_fingerprint: bool  # the split's fingerprint matched; else only its counts (a model without one)
+
+
+def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> TrainingOverlap | None:
     """How many of ``items`` a model was trained on, by the split the ``data`` entry of its model.json
-    records, drawn again on them: when the draw gives that split (its fingerprint, or for a model
-    trained before fingerprints the images of each class on each side). None when it cannot be told:
-    no split recorded, or other data (a subset, a superset, other labels)."""
+    records, drawn again on them: when the draw gives that split. It is known by its fingerprint; for a
+    model trained before fingerprints, only by the images and groups of each class on each side, which
+    other data of the same make-up match too (review). None when it cannot be told: no split recorded,
+    or data that do not match (a subset, a superset, other labels)."""
     record = data_record.get("split") if isinstance(data_record, Mapping) else None
     if not isinstance(record, Mapping) or "seed" not in record:
         return None
@@ -618,9 +626,12 @@ def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]
     else:
         same = all(
             dict(Counter(item.label for item in side)) == (data_record.get(name) or {}).get("per_class")
+            and len({item.group for item in side}) == (data_record.get(name) or {}).get("groups")
             for name, side in (("train", train), ("validation", validation))
         )
-    return len(train) if same else None
+    return TrainingOverlap(len(train), isinstance(recorded, Mapping)) if same else None
+
+
 
 def split_fingerprint(
     train: Sequence[LabelledImage], validation: Sequence[LabelledImage]

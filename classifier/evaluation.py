@@ -284,22 +284,35 @@ def _scored_data(
     classifier: Classifier, collection: Sequence[LabelledImage], split: str, relabel: Mapping[str, str] | None
 ) -> dict[str, Any]:
     """The report's ``data`` entry: which images were scored, and how many of them the model was
-    trained on (a WARNING when some were)."""
+    trained on (a WARNING when some were; ``training_images_by``: how that was told)."""
+    by: str | None = "split"
     if split == "validation":
         trained: int | None = 0
     elif split == "train":
         trained = len(collection)
     else:
-        trained = trained_among(collection, classifier.metadata.data)
-        if trained:
+        overlap = trained_among(collection, classifier.metadata.data)
+        trained = None if overlap is None else overlap.images
+        by = None if overlap is None else "fingerprint" if overlap.by_fingerprint else "counts"
+        if overlap is not None and overlap.images and overlap.by_fingerprint:
             LOGGER.warning(
                 "%d of these %d images are images the model was trained on (its recorded split, drawn "
                 "again): the figures are not a held-out score; --split validation scores the others",
-                trained, len(collection),
+                overlap.images, len(collection),
+            )  # fmt: skip
+        elif overlap is not None and overlap.images:
+            LOGGER.warning(
+                "these data have as many images and groups of each class on each side of the model's "
+                "recorded split as the data it was trained on (it records no fingerprint to check them "
+                "by): if they are those data, %d of these %d images are its training images and the "
+                "figures are not a held-out score; --split validation scores the others",
+                overlap.images, len(collection),
             )  # fmt: skip
     return {
-        "split": split, "images": len(collection), "training_images": trained, "relabel": dict(relabel or {})
+        "split": split, "images": len(collection), "training_images": trained, "training_images_by": by,
+        "relabel": dict(relabel or {}),
     }
+
 
 def evaluate(
     model: Path,

@@ -870,7 +870,10 @@ def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
     trained = data["train"]["images"]
     with caplog.at_level(logging.WARNING, logger="classifier"):
         everything = evaluate(artifact, collection)
-    assert everything["data"] == {"split": "all", "images": 24, "training_images": trained, "relabel": {}}
+    assert everything["data"] == {
+        "split": "all", "images": 24, "training_images": trained, "training_images_by": "fingerprint",
+        "relabel": {},
+    }
     assert f"{trained} of these 24 images are images the model was trained on" in caplog.text
     _, validation = split_from_record(load_collection(collection), data["split"])
     held_out = evaluate(artifact, collection, items=validation, split="validation")
@@ -880,6 +883,23 @@ def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
         other = evaluate(artifact, collection, items=load_collection(collection)[:10])
     assert other["data"]["training_images"] is None  # other data: which were trained on cannot be told
     assert "trained on" not in caplog.text
+
+
+def test_without_a_fingerprint_the_training_images_of_an_evaluation_are_told_by_counts_and_said_so(
+    artifact: Path, collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model trained before fingerprints (the shipped one) records only each side's counts, which other
+    data of the same make-up match too: the warning said they were its training images (review)."""
+    model = tmp_path / "model"
+    shutil.copytree(artifact, model)
+    metadata = json.loads((model / "model.json").read_text())
+    del metadata["data"]["split"]["fingerprint"]
+    (model / "model.json").write_text(json.dumps(metadata))
+    with caplog.at_level(logging.WARNING, logger="classifier"):
+        report = evaluate(model, collection)
+    assert report["data"]["training_images_by"] == "counts"
+    assert report["data"]["training_images"] == metadata["data"]["train"]["images"]
+    assert "if they are those data, " in caplog.text and "no fingerprint to check them by" in caplog.text
 
 
 @pytest.mark.usefixtures("restore_logging")
