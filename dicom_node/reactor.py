@@ -444,7 +444,8 @@ class BoundedDIMSE(DIMSEServiceProvider):
             self._abort(data_set, *refused)
             return
         super().receive_primitive(primitive)
-        if self.message is message and not isinstance(message, C_STORE_RQ) and data_set.received > data_set.limit:
+        unfinished = self.message is message
+        if unfinished and not isinstance(message, C_STORE_RQ) and data_set.received > data_set.limit:
             # its command set ended in this primitive, beside data past the limit (review: a C-STORE
             # packed so was aborted as if its class were unknown); a complete message went on, whole
             self._abort(data_set, f"{type(message).__name__} data set", data_set.received, data_set.limit)

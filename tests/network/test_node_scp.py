@@ -319,10 +319,11 @@ def test_a_c_store_whose_command_ends_beside_its_data_in_one_pdu_is_refused_with
             context = assoc.accepted_contexts[0].context_id
             pdu = P_DATA()
             pdu.presentation_data_value_list = [
-                [context, b"\x03" + encode(command, True, True)], [context, b"\x02" + encode(big, False, True)]
+                [context, b"\x03" + encode(command, True, True)],
+                [context, b"\x02" + encode(big, False, True)],
             ]
             assoc.dul.send_pdu(pdu)
-            refusal = "C-STORE from TESTSCU refused with REFUSED_OUT_OF_RESOURCES (0xA700): data set of 2.0 MB"
+            refusal = "refused with REFUSED_OUT_OF_RESOURCES (0xA700): data set of 2.0 MB"
             deadline = time.monotonic() + 10
             while refusal not in caplog.text and assoc.is_established and time.monotonic() < deadline:
                 time.sleep(0.05)
