@@ -599,7 +599,6 @@ def draw_split(
     return relabel(train, mapping, strict=False), relabel(validation, mapping, strict=False)
 
 
-
 class TrainingOverlap(NamedTuple):
     """How many images of some data a model was trained on (:func:`trained_among`)."""
 
@@ -630,7 +629,6 @@ def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]
             for name, side in (("train", train), ("validation", validation))
         )
     return TrainingOverlap(len(train), isinstance(recorded, Mapping)) if same else None
-
 
 
 def split_fingerprint(

@@ -279,7 +279,6 @@ def class_indices(labels: Iterable[str], classes: Sequence[str]) -> dict[str, in
     return found
 
 
-
 def _scored_data(
     classifier: Classifier, collection: Sequence[LabelledImage], split: str, relabel: Mapping[str, str] | None
 ) -> dict[str, Any]:

@@ -202,7 +202,6 @@ def test_a_c_store_past_the_object_limit_is_refused_unkept_and_the_association_g
     assert len(list(node.store.root.rglob("*.dcm"))) == 1
 
 
-
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.levelno >= logging.ERROR and r.name.startswith("dicom_node")]
@@ -233,7 +232,6 @@ def test_a_pdu_announcing_more_than_the_listener_reads_is_aborted_unread(
         assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER) == 0  # it goes on
     finally:
         node.scp.stop()
-
 
 
 @pytest.mark.parametrize("sent", [b"", struct.pack(">BBL", 0x01, 0, 100_000_000)])
@@ -291,7 +289,6 @@ def test_a_p_data_pdu_past_the_offered_maximum_length_aborts_the_association(
     assert _errors(caplog)[0].endswith(" bytes, over the 131072 this listener reads: aborted")
     with node.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
-
 
 
 def test_a_c_store_whose_command_ends_beside_its_data_in_one_pdu_is_refused_with_a_status(

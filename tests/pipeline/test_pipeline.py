@@ -1377,7 +1377,6 @@ def test_a_corrupt_image_whose_decoder_panics_is_skipped_and_the_worker_goes_on(
         assert session.scalar(select(func.count()).select_from(Finding)) == 2
 
 
-
 def test_an_image_that_cannot_be_read_leaves_its_batch_decoded_once(
     world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

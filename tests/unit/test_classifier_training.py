@@ -859,7 +859,6 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
         parse_degradation("sepia:1")
 
 
-
 def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
     artifact: Path, collection: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

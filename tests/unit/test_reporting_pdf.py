@@ -338,7 +338,6 @@ def test_an_indeterminate_result_is_printed_below_its_threshold_and_names_it() -
     assert "below the confidence threshold: no class is reported" in compact(unnamed)
 
 
-
 def test_the_heat_map_caption_names_the_class_it_shows() -> None:
     """The map is the top class's, also under an indeterminate finding; the caption said only "regions
     that most influenced the model", where the heat-map Secondary Capture names the class (review)."""
