@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +78,7 @@ class Classifier:
         self._gradcam_model: Any | None = None
         self._forward: Any | None = None
         self._explain: Any | None = None
+        self._cells: CellGrid | None = None  # where the Grad-CAM layer's cells lie (feature_cells)
         self._lock = threading.Lock()
 
     @classmethod
@@ -384,6 +385,7 @@ class Classifier:
             height, width = self.spec.input_size
             signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
             self._explain = tf.function(self._class_activation, input_signature=signature)
+            self._cells = feature_cells(self._model, self._metadata.gradcam_layer)
         features, probabilities, cams_tensor = self._explain(tf.convert_to_tensor(batch))
         cams = cams_tensor.numpy()
         height, width = self.spec.input_size
@@ -391,8 +393,11 @@ class Classifier:
         for cam, frame in zip(cams, frames, strict=True):
             peak = float(cam.max())
             scaled = (cam / peak if peak > 0 else np.zeros_like(cam)).astype(np.float32)
-            resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-            heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+            if self._cells is None:
+                resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+                heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+            else:
+                heat = cells_over_input(scaled, self._cells, (height, width))
             maps.append(heatmap_in_whole_frame(heat, frame))
         return np.asarray(features, dtype=np.float32), np.asarray(probabilities, dtype=np.float32), maps
 
@@ -455,6 +460,66 @@ def _dense_softmax(model: Any) -> Any:
         raise ModelArtifactError(f"the last layer {head.name!r} is not a dense softmax")
     return head
 
+
+class CellGrid(NamedTuple):
+    """Where the cells of a feature map lie over the model input, per axis (rows, then columns): cell i
+    is centred on input pixel ``offset + i * stride`` (pixel p's centre being p)."""
+
+    offset: tuple[float, float]
+    stride: tuple[float, float]
+
+
+_SPATIAL_LAYERS = ("Conv2D", "MaxPooling2D", "AveragePooling2D", "DepthwiseConv2D")
+_POINTWISE_LAYERS = ("InputLayer", "Activation", "BatchNormalization", "Dropout", "ReLU", "Rescaling")
+
+
+def feature_cells(model: Any, layer_name: str) -> CellGrid | None:
+    """Where the cells of ``layer_name``'s feature map lie, for a plain chain of "valid" convolutions and
+    poolings from the input (the seed CNN of Sugandi et al.): its 34 cells span input pixels 8.5 to 140.5
+    of 150, and a map stretched over all 150 drew evidence up to 7 px further out (review). None for any
+    other network ("same" padding, branches), whose cells lie within a pixel or two of where an even
+    stretch puts them (measured on the shipped networks)."""
+    offset, stride = [0.0, 0.0], [1.0, 1.0]
+    previous = None
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if previous is not None:
+            try:
+                chained = layer.input is previous.output
+            except (AttributeError, ValueError):  # more than one input, or none
+                return None
+            if not chained:
+                return None
+        if kind in _SPATIAL_LAYERS:
+            if getattr(layer, "padding", "") != "valid":
+                return None
+            kernel = getattr(layer, "kernel_size", None) or layer.pool_size
+            for axis in (0, 1):
+                offset[axis] += (kernel[axis] - 1) / 2 * stride[axis]
+                stride[axis] *= layer.strides[axis]
+        elif kind not in _POINTWISE_LAYERS:
+            return None
+        if layer.name == layer_name:
+            return CellGrid((offset[0], offset[1]), (stride[0], stride[1]))
+        previous = layer
+    return None
+
+
+def cells_over_input(cam: FloatImage, cells: CellGrid, size: tuple[int, int]) -> FloatImage:
+    """A feature map of values in [0, 1] laid over an input of ``size`` (rows, columns): linear between the
+    centres of its cells (:class:`CellGrid`), the edge cells' values out to the input's edges."""
+    axes = []
+    for axis, length in enumerate(size):
+        cell = (np.arange(length) - cells.offset[axis]) / cells.stride[axis]
+        position = np.clip(cell, 0, cam.shape[axis] - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, cam.shape[axis] - 1)
+        axes.append((low, high, (position - low).astype(np.float32)))
+    (r0, r1, fr), (c0, c1, fc) = axes
+    top = cam[r0][:, c0] * (1 - fc) + cam[r0][:, c1] * fc
+    bottom = cam[r1][:, c0] * (1 - fc) + cam[r1][:, c1] * fc
+    placed: FloatImage = np.clip(top * (1 - fr)[:, None] + bottom * fr[:, None], 0.0, 1.0).astype(np.float32)
+    return placed
 
 def heatmap_in_whole_frame(heatmap: FloatImage, frame: Box) -> FloatImage:
     """A heat map over the model input, which shows ``frame`` of the whole image, placed back into the

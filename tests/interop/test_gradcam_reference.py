@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
+from scipy.ndimage import map_coordinates
 from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import CategoricalScore
@@ -27,12 +28,23 @@ pytestmark = pytest.mark.interop
 CLASSES = ("covid", "normal", "pneumonia")
 
 
+#: Where the seed CNN's 34 cells are centred over its 150 px input, from Table III by hand: three valid 3×3
+#: convolutions, the first two each followed by a 2×2 pooling, put cell i on pixel 8.5 + 4i.
+SEED_CNN_CELLS = (8.5, 4.0)
+
+
 def _reference_maps(
-    model: Any, layer: str, batch: npt.NDArray[np.float32], predictions: list[Prediction]
+    model: Any,
+    layer: str,
+    batch: npt.NDArray[np.float32],
+    predictions: list[Prediction],
+    cells: tuple[float, float] | None = None,
 ) -> list[npt.NDArray[np.float32]]:
     """tf-keras-vis's Grad-CAM of each image's top class, at the input's size. The softmax is made linear,
     as the reference's documentation says to (the gradient of a saturated probability vanishes).
-    ``ReplaceToLinear`` changes the model it is given, so the caller hands over a copy."""
+    ``ReplaceToLinear`` changes the model it is given, so the caller hands over a copy. ``cells``: where
+    the feature map's cells are centred (offset, stride), laid over the input by SciPy's linear
+    interpolation; None: stretched evenly by Pillow, as for networks of "same" padding."""
     tops = [CLASSES.index(p.top_class) for p in predictions]
     cams = Gradcam(model, model_modifier=ReplaceToLinear(), clone=False)(
         CategoricalScore(tops),
@@ -47,7 +59,12 @@ def _reference_maps(
     for cam in cams:
         positive = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
         scaled = positive / positive.max() if positive.max() > 0 else positive
-        resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        if cells is None:
+            resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        else:
+            rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+            where = [(rows - cells[0]) / cells[1], (columns - cells[0]) / cells[1]]
+            resized = map_coordinates(scaled, where, order=1, mode="nearest")
         maps.append(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
     return maps
 
@@ -121,4 +138,6 @@ def test_every_architecture_explains_itself_as_the_reference_does(name: str) -> 
     assert len({p.top_class for p in predictions}) > 1
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    _assert_same_maps(predictions, _reference_maps(copy, architecture.gradcam_layer, batch, predictions))
+    cells = SEED_CNN_CELLS if name == "sugandi-cnn" else None
+    reference = _reference_maps(copy, architecture.gradcam_layer, batch, predictions, cells)
+    _assert_same_maps(predictions, reference)

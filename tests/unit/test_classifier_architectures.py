@@ -353,3 +353,33 @@ def test_lite_weights_that_are_not_finite_are_refused() -> None:
     target = build_efficientnet_lite_transfer(0, num_classes=3, weights=None, input_size=(32, 32))
     with pytest.raises(WeightsUnavailableError, match="_bn0.running_var hold values that are not finite"):
         load_lite_state_dict(target, state, LITE_VARIANTS[0])
+
+
+def test_the_seed_cnn_s_heat_map_lies_where_its_cells_look() -> None:
+    """Its valid 3×3 convolutions and 2×2 poolings leave 34 cells whose receptive fields are centred on
+    input pixels 8.5 to 140.5 of 150; the map was stretched over all 150, evidence drawn up to 7 px further
+    out than it lay (review). Each cell's field is found here from the network's own gradients."""
+    import keras
+    import tensorflow as tf
+
+    from classifier.inference import cells_over_input, feature_cells
+
+    architecture = get_architecture("sugandi-cnn")
+    model = architecture.build(3, input_size=(150, 150), seed=0, weights=None)
+    features = keras.Model(model.inputs, model.get_layer(architecture.gradcam_layer).output)
+    image = tf.Variable(np.random.default_rng(0).uniform(0, 1, (1, 150, 150, 3)).astype(np.float32))
+    for cell in (0, 20, 33):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(features(image)[0, cell, cell, :])
+        reach = np.flatnonzero(np.abs(tape.gradient(value, image).numpy()[0]).sum(axis=(1, 2)) > 0)
+        centre = (reach[0] + reach[-1]) / 2  # the field of view along the rows
+        cells = feature_cells(model, architecture.gradcam_layer)
+        assert cells is not None and cells.offset[0] + cells.stride[0] * cell == centre
+    cam = np.zeros((34, 34), np.float32)
+    cam[0, 0] = cam[33, 33] = 1.0
+    placed = cells_over_input(cam, cells, (150, 150))
+    assert placed[8, 8] == placed[141, 141] == 1.0 and placed[13, 13] == placed[136, 136] == 0.0
+    for name in ("cxr-compact", "resnet152-transfer"):  # "same" padding: the even stretch, as before
+        other = get_architecture(name)
+        network = other.build(3, input_size=(96, 96), seed=0, weights=None)
+        assert feature_cells(network, other.gradcam_layer) is None
