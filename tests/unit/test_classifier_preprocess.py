@@ -1055,16 +1055,21 @@ def test_a_jpeg_of_repeated_scans_is_refused_before_it_is_decoded(tmp_path: Path
         read_image_file(picture)
 
 
+def _baseline_jpeg_ramp() -> Dataset:
+    """An 8-bit 64² ramp whose Pixel Data is Pillow's baseline JPEG of it (pydicom has no JPEG encoder)."""
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(8, 64)).save(buffer, format="JPEG")
+    ds = make_dataset(ramp(8, 64), bits_stored=8)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    return ds
+
+
 def _jpeg_family(syntax: str) -> Dataset:
-    """A 64² ramp in a JPEG-family syntax: Pillow's baseline JPEG, the JPEG-LS encoder, or pydicom-data's
+    """A ramp in a JPEG-family syntax: Pillow's baseline JPEG, the JPEG-LS encoder, or pydicom-data's
     real JPEG Lossless (process 14) MR."""
     if syntax == JPEGBaseline8Bit:
-        buffer = io.BytesIO()
-        Image.fromarray(ramp(8, 64)).save(buffer, format="JPEG")
-        ds = make_dataset(ramp(8, 64), bits_stored=8)
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        ds.PixelData = encapsulate([buffer.getvalue()])
-        return ds
+        return _baseline_jpeg_ramp()
     if syntax == JPEGLSLossless:
         return _compressed(make_dataset(ramp(12), bits_stored=12), JPEGLSLossless)
     return read_dataset(peers.pydicom_data_file("JPEG-LL.dcm"))
@@ -1118,14 +1123,7 @@ def _declaring(syntax: str, columns: int, rows: int) -> Dataset:
     """A 64 × 64 image compressed in ``syntax`` whose frame header (JPEG SOF, JPEG-LS SOF55, JPEG 2000
     SIZ) is made to declare ``columns`` × ``rows``; for RLE, which has none, the DICOM header does."""
     plain = make_dataset(ramp(8, 64), bits_stored=8)
-    if syntax == JPEGBaseline8Bit:
-        buffer = io.BytesIO()
-        Image.fromarray(ramp(8, 64)).save(buffer, format="JPEG")
-        ds = make_dataset(ramp(8, 64), bits_stored=8)
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        ds.PixelData = encapsulate([buffer.getvalue()])
-    else:
-        ds = _compressed(plain, syntax)
+    ds = _baseline_jpeg_ramp() if syntax == JPEGBaseline8Bit else _compressed(plain, syntax)
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
     if syntax == RLELossless:
         ds.Columns, ds.Rows = columns, rows
