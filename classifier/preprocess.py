@@ -248,18 +248,26 @@ def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
             index += 2 + int.from_bytes(data[index + 2:index + 4], "big")
 
 
+def _jpeg_layout(data: bytes, limit: int) -> tuple[int, bool]:
+    """The start-of-scan markers of a JPEG or JPEG-LS stream, counted to ``limit`` + 1 at most, and whether
+    its end-of-image marker was reached (0 and False for other data)."""
+    scans = 0
+    for marker, _ in _jpeg_markers(data):
+        if marker == _EOI:
+            return scans, True
+        if marker == _SOS:
+            scans += 1
+            if scans > limit:
+                break
+    return scans, False
+
+
 def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     """The start-of-scan markers of a JPEG or JPEG-LS stream, counted to ``limit`` + 1 at most (0 for other
     data). Each scan of a progressive JPEG is decoded over the whole frame, so 470 KB that repeat one scan
     1000 times took 97 s to decode, holding the interpreter lock: the node's console and C-ECHO waited
     with it (review)."""
-    scans = 0
-    for marker, _ in _jpeg_markers(data):
-        if marker == _SOS:
-            scans += 1
-            if scans > limit:
-                break
-    return scans
+    return _jpeg_layout(data, limit)[0]
 
 
 def check_jpeg_stream(data: bytes) -> None:
@@ -269,16 +277,12 @@ def check_jpeg_stream(data: bytes) -> None:
     where a JPEG 2000, RLE or uncompressed frame cut short is refused. A stream whose encoder left out
     only the marker (the standard requires it; CharLS 2.3 refuses JPEG-LS without it) cannot be told
     from one cut short, and is refused alike."""
-    scans, ended = 0, False
-    for marker, _ in _jpeg_markers(data):
-        if marker == _SOS:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                raise UnsupportedImageError(
-                    f"a JPEG of more than {MAX_JPEG_SCANS} scans, each decoded over the whole image; a "
-                    "radiograph has at most a few"
-                )
-        ended = marker == _EOI
+    scans, ended = _jpeg_layout(data, MAX_JPEG_SCANS)
+    if scans > MAX_JPEG_SCANS:
+        raise UnsupportedImageError(
+            f"a JPEG of more than {MAX_JPEG_SCANS} scans, each decoded over the whole image; a "
+            "radiograph has at most a few"
+        )
     if not ended and data.startswith(b"\xff\xd8"):
         raise UnsupportedImageError(
             "the JPEG stream has no end-of-image marker: cut short in transfer or storage, or written by "
