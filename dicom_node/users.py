@@ -233,17 +233,27 @@ def authenticate(session: Session, username: str, password: str) -> User:
     """Return the active user with these credentials or raise :class:`AuthenticationError`.
 
     The message never says whether the name or the password was wrong.
+
+    The session's transaction ends (commits) before the hash is checked, which is slow on purpose: on
+    SQLite every transaction holds the node's one write lock, and each login attempt, anyone's, held it
+    for a hash check, so that images being received waited behind password guessing (review). The user is
+    read again after the check: an admin may have disabled them or set a new password meanwhile.
     """
     user = find(session, username) if username.strip() else None
-    candidate_hash = user.password_hash if user is not None else _dummy_hash(_HASHER)
+    stored_hash = user.password_hash if user is not None else None
+    session.commit()
     try:
-        _HASHER.verify(candidate_hash, password)
+        _HASHER.verify(stored_hash or _dummy_hash(_HASHER), password)
     except (VerifyMismatchError, VerificationError, InvalidHashError) as exc:
         raise AuthenticationError("invalid username or password") from exc
-    if user is None or not user.active:
+    if user is None or stored_hash is None:
         raise AuthenticationError("invalid username or password")
-    if _HASHER.check_needs_rehash(user.password_hash):
-        user.password_hash = _HASHER.hash(password)
+    rehashed = _HASHER.hash(password) if _HASHER.check_needs_rehash(stored_hash) else None
+    session.refresh(user)
+    if not user.active or user.password_hash != stored_hash:
+        raise AuthenticationError("invalid username or password")
+    if rehashed is not None:
+        user.password_hash = rehashed
     user.last_login_at = datetime.now(UTC)
     return user
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import users
+from dicom_node import audit, users
 from dicom_node.errors import ConflictError
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
@@ -492,3 +495,59 @@ def test_logins_record_the_client_address_in_the_audit_trail_only(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "user.login_blocked" in logged
     assert "192.0.2.7" not in logged and "2001:db8::5" not in logged and "203.0.113.9" not in logged
+
+
+class _WritesWhileChecking(PasswordHasher):
+    """A password hasher that, while it checks a password, has another thread write to the database and
+    notes whether that write got through (the check of a real password takes a good part of a second)."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.factory = factory
+        self.written: list[bool] = []
+        self.writers: list[threading.Thread] = []
+
+    def _write(self, done: threading.Event) -> None:
+        with session_scope(self.factory) as s:
+            audit.record(s, "test", "test.write_during_password_check")
+        done.set()
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        done = threading.Event()
+        writer = threading.Thread(target=self._write, args=(done,))
+        writer.start()
+        self.writers.append(writer)
+        self.written.append(done.wait(5.0))
+        return super().verify(hash, password)
+
+
+def test_a_login_attempt_holds_no_database_write_lock_while_the_password_is_checked(
+    app: FastAPI, accounts: dict[str, int], factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite every transaction holds the node's one write lock, and a login attempt's held it during
+    the hash check: anyone sending logins, with made-up names too, kept images being received waiting
+    (review). An unknown name, a wrong password, a right one, and a user's check of their current
+    password when they change it: none holds the lock while it checks."""
+    hasher = _WritesWhileChecking(factory)
+    monkeypatch.setattr(users, "_HASHER", hasher)
+    try:
+        with TestClient(app, follow_redirects=False) as client:
+            unknown = {"username": "nobody", "password": "guess"}
+            assert client.post("/api/session", json=unknown).status_code == 401
+            wrong = {"username": RADIOLOGIST[0], "password": "guess-guess"}
+            assert client.post("/api/session", json=wrong).status_code == 401
+            right = {"username": RADIOLOGIST[0], "password": RADIOLOGIST[1]}
+            session = client.post("/api/session", json=right)
+            assert session.status_code == 200
+            change = client.post(
+                "/api/account/password", headers={"X-CSRF-Token": session.json()["csrf_token"]},
+                json={"current_password": "not-it-at-all", "new_password": "a-new-film-reader-phrase"},
+            )
+            assert change.status_code == 403
+    finally:
+        for writer in hasher.writers:
+            writer.join()
+    assert hasher.written == [True, True, True, True]
+    with session_scope(factory) as s:
+        assert len(list(s.scalars(select(AuditEvent).where(
+            AuditEvent.action == "test.write_during_password_check")))) == 4
