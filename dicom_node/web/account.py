@@ -39,8 +39,7 @@ def change_own_password(
     last_login = user.last_login_at
     try:
         users.authenticate(db, user.username, current)
-    except AuthenticationError:
-        con.throttle.failed(key)
+    except AuthenticationError:  # counted as failed already: refused_as_blocked
         client = {"client": client_address(request)}
         audit.record(db, actor, "user.password_change_failed", f"app_user:{user.id}", client)
         db.commit()

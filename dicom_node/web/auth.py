@@ -197,20 +197,34 @@ class LoginThrottle:
             self._reported.add(key)
             return True
 
-    def failed(self, username: str) -> None:
+    def admit(self, username: str) -> bool:
+        """Whether an attempt with this key may go on; if so, it is counted as a failure at once, until
+        :meth:`succeeded` says otherwise. Asking :meth:`blocked` first and calling :meth:`failed` after
+        the password check let guesses sent at once all pass before the first one was counted (review)."""
         key = username.strip().lower()
         with self._lock:
-            now = time.monotonic()
-            self._recent(key, now)
-            if key not in self._failures and len(self._failures) >= self.max_names:
-                for name in list(self._failures):
-                    self._recent(name, now)
-                while len(self._failures) >= self.max_names:
-                    least = min(self._failures, key=lambda name: (len(self._failures[name]),
-                                                                   self._failures[name][0]))
-                    del self._failures[least]
-                    self._reported.discard(least)
-            self._failures.setdefault(key, deque()).append(now)
+            if self._recent(key, time.monotonic()) >= self.limit:
+                return False
+            self._count(key)
+            return True
+
+    def failed(self, username: str) -> None:
+        with self._lock:
+            self._count(username.strip().lower())
+
+    def _count(self, key: str) -> None:
+        """One failure of ``key`` now (the caller holds the lock)."""
+        now = time.monotonic()
+        self._recent(key, now)
+        if key not in self._failures and len(self._failures) >= self.max_names:
+            for name in list(self._failures):
+                self._recent(name, now)
+            while len(self._failures) >= self.max_names:
+                least = min(self._failures, key=lambda name: (len(self._failures[name]),
+                                                               self._failures[name][0]))
+                del self._failures[least]
+                self._reported.discard(least)
+        self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:
         with self._lock:

@@ -58,8 +58,10 @@ def client_address(request: Request) -> str:
 
 
 def refused_as_blocked(request: Request, con: Console, db: Session, username: str, key: str) -> bool:
-    """The throttle refuses this attempt; its first refusal in a lockout window is audited."""
-    if not con.throttle.blocked(key):
+    """The throttle refuses this attempt; its first refusal in a lockout window is audited. An attempt it
+    lets through is counted as a failure from then on, until its password is found right
+    (:meth:`LoginThrottle.admit`): attempts sent at once are counted as they come, not once checked."""
+    if con.throttle.admit(key):
         return False
     if con.throttle.first_block(key):
         record_failed_login(db, username, "user.login_blocked", client_address(request))
@@ -82,8 +84,7 @@ def log_in(
         return THROTTLED
     try:
         user = authenticate(db, username, password)
-    except AuthenticationError:
-        con.throttle.failed(key)
+    except AuthenticationError:  # counted as failed already: refused_as_blocked
         record_failed_login(db, username, "user.login_failed", client_address(request))
         db.commit()
         return WRONG_CREDENTIALS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -18,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit, users
 from dicom_node.errors import ConflictError
 from dicom_node.settings import Settings
-from dicom_node.store.db import session_scope
+from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import AuditEvent, User, UserRole, WebSession
 from dicom_node.web import create_app
 from tests.web.conftest import ADMIN, RADIOLOGIST, form_csrf, login
@@ -551,3 +553,44 @@ def test_a_login_attempt_holds_no_database_write_lock_while_the_password_is_chec
     with session_scope(factory) as s:
         assert len(list(s.scalars(select(AuditEvent).where(
             AuditEvent.action == "test.write_during_password_check")))) == 4
+
+
+class _SlowHasher(PasswordHasher):
+    """Checks a password as slowly as the node's real parameters do on a loaded machine."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        time.sleep(0.3)
+        return super().verify(hash, password)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_guesses_sent_at_once_get_no_more_tries_than_the_lockout_allows(
+    database: str, settings: Settings, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The throttle was asked whether an account was blocked, and told of a failure only after the password
+    check: guesses sent at once all passed the question before the first failure was counted, so 16 of them
+    were 16 tries against a limit of 8 (review)."""
+    if database == "sqlite":
+        factory: sessionmaker[Session] = request.getfixturevalue("factory")
+    else:
+        engine = make_engine(request.getfixturevalue("pg_server").create_database())
+        request.addfinalizer(engine.dispose)
+        upgrade(engine)
+        factory = make_session_factory(engine)
+    with session_scope(factory) as s:
+        users.create_user(s, RADIOLOGIST[0], RADIOLOGIST[1], UserRole.RADIOLOGIST, "test")
+    monkeypatch.setattr(users, "_HASHER", _SlowHasher())
+    with TestClient(create_app(settings, factory)) as client:
+
+        def guess(number: int) -> int:
+            body = {"username": RADIOLOGIST[0], "password": f"guess-number-{number}"}
+            return client.post("/api/session", json=body).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(guess, range(16)))
+        assert sorted(answers) == [401] * 8 + [429] * 8
+        assert client.post("/api/session", json={"username": RADIOLOGIST[0], "password": RADIOLOGIST[1]}
+                           ).status_code == 429
