@@ -380,6 +380,7 @@ def user_set_active(
     active: Annotated[str, Form(max_length=8)],
 ) -> Response:
     enable = active == "1"
+    users.get_by_id(db, user_id)  # no such user: 404, as for an AE (it answered 409, a conflict)
     try:
         users.set_active(db, user_id, enable, audit.user_actor(principal.username))
         db.commit()
@@ -400,6 +401,7 @@ def user_set_password(
     password: Annotated[str, Form(max_length=1024)],
     password_repeat: Annotated[str, Form(max_length=1024)],
 ) -> Response:
+    users.get_by_id(db, user_id)  # no such user: 404, as for an AE (it answered 422, invalid input)
     try:
         if password != password_repeat:
             raise users.InvalidUserError("the two passwords differ", field="password_repeat")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
@@ -524,3 +524,22 @@ def test_remote_ae_rows_are_the_shared_registry(
         assert aes.caller_allowed(s, "XR01", "10.1.1.1")
         assert not aes.caller_allowed(s, "XR01", "10.1.1.2")
         assert aes.find(s, "XR01", AeRole.CALLER) is not None
+
+
+def test_a_user_that_does_not_exist_is_not_found_on_the_user_forms(
+    admin_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Disabling or setting the password of a user id that names no one (a stale page, a typed URL) was
+    answered 409 "conflict" and 422 "invalid input"; it is 404, as for an AE and in the API."""
+    client, csrf = admin_client
+    with session_scope(factory) as s:
+        missing = (s.scalar(select(func.max(User.id))) or 0) + 1
+    disable = client.post(f"/admin/users/{missing}/active", data={"csrf_token": csrf, "active": "0"})
+    reset = client.post(
+        f"/admin/users/{missing}/password",
+        data={"csrf_token": csrf, "password": "tulip-river-lamp", "password_repeat": "tulip-river-lamp"},
+    )
+    for response in (disable, reset):
+        assert response.status_code == 404 and f"no user with id {missing}" in response.text
+    api = client.patch(f"/api/admin/users/{missing}", json={"active": False}, headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 404
