@@ -25,6 +25,12 @@ def png_bytes(gray: npt.NDArray[np.uint8]) -> bytes:
     return buffer.getvalue()
 
 
+def png_gray(png: bytes) -> npt.NDArray[np.uint8]:
+    """The grey image of :func:`png_bytes`' PNG, back as it went in (PNG is lossless)."""
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
 def overlay_png(gray: npt.NDArray[np.uint8], heat: npt.NDArray[np.floating[Any]]) -> bytes:
     """The display image with the heat map blended on top, as a PNG — drawn exactly as in the PDF."""
     heat_f = np.asarray(heat, dtype=np.float32)

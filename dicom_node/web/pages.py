@@ -56,7 +56,7 @@ from dicom_node.web.deps import (
 )
 from dicom_node.web.errors import http_status
 from dicom_node.web.imagegate import ConsoleBusyError, busy_headers
-from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes
+from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes, png_gray
 from dicom_node.web.services import IngestOutcome, picture_preview
 from dicom_node.web.templating import render
 from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
@@ -180,13 +180,9 @@ def upload_heatmap(con: ConsoleDep, principal: UserDep, token: str) -> Response:
     held = held_upload(con, principal, token)
     if held.prediction is None or held.prediction.heatmap is None:
         raise NotFoundError("no heat map for this upload")
+    preview = upload_preview_png(con, held)  # the preview the page shows, made once: not decoded again
     with con.images.turn():
-        gray = (
-            con.services.dicom_preview(held.upload.dataset)
-            if held.upload.dataset is not None
-            else picture_preview(held.upload)
-        )
-        png = overlay_png(gray, held.prediction.heatmap)
+        png = overlay_png(png_gray(preview), held.prediction.heatmap)
     return Response(png, media_type="image/png")
 
 

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import pytest
 from fastapi import FastAPI
@@ -26,6 +27,7 @@ from dicom_node.store.models import AuditEvent, Instance
 from dicom_node.web import create_app
 from dicom_node.web.services import Upload
 from dicom_node.web.uploads import UploadStore
+from reporting.heatmap import overlay
 from tests import peers
 from tests.web.conftest import RADIOLOGIST, login
 
@@ -665,3 +667,34 @@ def test_a_16_bit_picture_counts_two_bytes_a_pixel_against_the_upload_budget() -
     assert image.mode == "I;16"
     assert Upload(filename="x.png", data=b"", image=image).held_bytes == 100 * 200 * 2
     assert Upload(filename="x.png", data=b"", image=Image.new("RGB", (200, 100))).held_bytes == 100 * 200 * 3
+
+
+@pytest.mark.slow
+def test_an_uploads_heat_map_is_drawn_on_the_preview_it_already_shows(
+    classifying_app: FastAPI, accounts: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heat-map overlay of an upload lies on the very preview the page shows, and the DICOM is not
+    decoded a second time for it (a JPEG 2000 one took about half a second)."""
+    from dicom_node.web import services
+
+    client, csrf = _radiologist(classifying_app)
+    token = _upload(client, csrf, "rg1.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+                    "application/dicom")
+    assert client.post(f"/upload/{token}/classify", data={"csrf_token": csrf}).status_code == 303
+    preview = np.asarray(Image.open(io.BytesIO(client.get(f"/upload/{token}/image.png").content)))
+    decoded: list[object] = []
+    original = services.NodeConsoleServices.dicom_preview
+
+    def counted(self: services.NodeConsoleServices, dataset: pydicom.Dataset) -> npt.NDArray[np.uint8]:
+        decoded.append(dataset)
+        return original(self, dataset)
+
+    monkeypatch.setattr(services.NodeConsoleServices, "dicom_preview", counted)
+    response = client.get(f"/upload/{token}/heatmap.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert decoded == []
+    held = classifying_app.state.console.uploads.get(accounts["radiologist"], token)
+    assert held.prediction is not None and held.prediction.heatmap is not None
+    drawn = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert drawn.shape == (*preview.shape, 3)
+    assert np.array_equal(drawn, overlay(preview, held.prediction.heatmap))
