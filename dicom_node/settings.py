@@ -192,7 +192,8 @@ class WebSettings(_Group):
     # Addresses of reverse proxies whose X-Forwarded-For the console believes (the audit trail then records
     # the browser's address, not the proxy's); empty: the direct peer's address, whatever a request claims
     trusted_proxies: list[IPvAnyAddress] = Field(default_factory=list)
-    # Uploaded images the console reads, previews, classifies or reports on at once (web.imagegate): each
+    # Uploaded images the console reads, previews, classifies or reports on at once, and stored images and
+    # heat maps it draws for the study pages (web.imagegate): each
     # holds its pixels several times over meanwhile, in the process that runs the DICOM listener
     image_workers: int = Field(default=2, ge=1, le=16)
     # How long a request waits for its turn before it is answered 503, "busy, try again" (seconds)

@@ -44,7 +44,7 @@ class Console:
     uploads: UploadStore
     templates: Jinja2Templates
     reads: RecentReads  # whose reads of a study's images were recorded lately
-    images: ImageGate  # how many uploaded images are read, shown or classified at once
+    images: ImageGate  # how many images (uploads, a study's radiographs and heat maps) are decoded at once
 
 
 class NotAuthenticated(AuthenticationError):

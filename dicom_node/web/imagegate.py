@@ -4,7 +4,9 @@ Reading an upload, drawing its preview or heat map, classifying it and drawing i
 image's pixels several times over while they run (an 8000² picture: from a hundred MB for its preview to
 about a GB for its classification). The console serves requests from a pool of threads, so without a limit
 a handful of users uploading such pictures, or large DICOM files, at the same moment took that much
-each, all at once, from the process that also runs the DICOM listener (review). :class:`ImageGate` lets
+each, all at once, from the process that also runs the DICOM listener (review). A study page's radiographs
+and heat-map overlays are decoded from the stored DICOM files just as fully (a study page asks for all of
+them at once), and take their turns with the uploads. :class:`ImageGate` lets
 ``web.image_workers`` of them run at once; the others wait their turn, up to ``web.image_wait_seconds``,
 and are then answered 503 with a Retry-After header: the console is busy, try again in a moment.
 """

@@ -426,9 +426,10 @@ def instance_image(
 ) -> Response:
     instance = _instance(db, study_id, instance_id)
     audit_image_read(db, con, principal, study_id)
-    release(db)
-    gray = con.services.stored_preview(instance.file_path)
-    return Response(png_bytes(gray), media_type="image/png")
+    release(db)  # no transaction held while the request waits for its turn
+    with con.images.turn():
+        png = png_bytes(con.services.stored_preview(instance.file_path))
+    return Response(png, media_type="image/png")
 
 
 RESULT_FILE_MISSING = (
@@ -459,10 +460,12 @@ def finding_heatmap(
         raise NotFoundError("no heat map for this finding")
     instance = _instance(db, study_id, finding.instance_pk)
     audit_image_read(db, con, principal, study_id)
-    release(db)
-    heat = load_heatmap(_under(con.settings.results_dir, finding.heatmap_path, HEATMAP_FILE_MISSING))
-    gray = con.services.stored_preview(instance.file_path)
-    return Response(overlay_png(gray, heat), media_type="image/png")
+    release(db)  # no transaction held while the request waits for its turn
+    heat_path = _under(con.settings.results_dir, finding.heatmap_path, HEATMAP_FILE_MISSING)
+    with con.images.turn():
+        heat = load_heatmap(heat_path)
+        png = overlay_png(con.services.stored_preview(instance.file_path), heat)
+    return Response(png, media_type="image/png")
 
 
 def _result_object(db: DbDep, study_id: int, object_id: int) -> ResultObject:

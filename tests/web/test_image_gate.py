@@ -1,24 +1,31 @@
-"""The console works on at most ``web.image_workers`` uploaded images at once; others wait their turn, up to
-``web.image_wait_seconds``, then are answered 503 "busy, try again" (dicom_node.web.imagegate)."""
+"""The console works on at most ``web.image_workers`` uploaded images at once, a study page's radiographs and
+heat maps with them; others wait their turn, up to ``web.image_wait_seconds``, then are answered 503 "busy,
+try again" (dicom_node.web.imagegate)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import UndecodableDatasetError
 from dicom_node.settings import Settings
 from dicom_node.web import create_app, pages
 from dicom_node.web.imagegate import ConsoleBusyError, ImageGate
 from dicom_node.web.services import Upload
+from tests import peers
 from tests.web.conftest import RADIOLOGIST, login
+from tests.web.studies import StudyIds, StudySpec, add_study
 from tests.web.test_upload import chest_like_png
 
 pytestmark = [pytest.mark.unit]
@@ -129,3 +136,89 @@ def _try_turn(gate: ImageGate) -> bool:
             return False
     except ConsoleBusyError:
         return True
+
+
+def _stored_study(settings: Settings, factory: sessionmaker[Session]) -> StudyIds:
+    """A study with a stored radiograph and a finding's heat map, as the node keeps them."""
+    target = settings.storage_dir / "rg1" / "rg1.dcm"
+    target.parent.mkdir(parents=True)
+    shutil.copy(peers.pydicom_data_file("RG1_UNCI.dcm"), target)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    np.save(settings.results_dir / "heat.npy", np.ones((150, 150), dtype=np.float32))
+    return add_study(factory, StudySpec(file_path="rg1/rg1.dcm", heatmap_path="heat.npy"))
+
+
+def _study_images(ids: StudyIds) -> list[str]:
+    """The addresses of a study page's images: its radiograph and its finding's heat-map overlay."""
+    return [f"/results/{ids.study}/instances/{ids.instance}/image.png",
+            f"/results/{ids.study}/findings/{ids.finding}/heatmap.png"]
+
+
+@contextmanager
+def _held(gate: ImageGate) -> Iterator[None]:
+    """Every turn of ``gate`` (one worker) taken by another request until the block ends."""
+    taken, finish = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with gate.turn():
+            taken.set()
+            finish.wait(10.0)
+
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(hold)
+        try:
+            assert taken.wait(10.0)
+            yield
+        finally:
+            finish.set()
+        holder.result()
+
+
+def test_a_study_pages_images_wait_for_their_turn_and_give_it_back(
+    one_at_a_time: tuple[TestClient, str], settings: Settings, factory: sessionmaker[Session]
+) -> None:
+    """A study page's radiograph and heat-map overlay are decoded from the stored DICOM file as fully as
+    an upload's preview, and a study page asks for all of them at once: they took the memory the gate
+    keeps for uploads without a turn (review)."""
+    client, _ = one_at_a_time
+    ids = _stored_study(settings, factory)
+    gate: ImageGate = client.app.state.console.images  # type: ignore[attr-defined]
+    with _held(gate):
+        refused = [client.get(path) for path in _study_images(ids)]
+        page = client.get(f"/results/{ids.study}")  # the page itself decodes no image: it is shown
+    busy = "the console is busy with other images (it works on 1 at a time); try again in a moment"
+    for answer in refused:
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "10"
+        assert busy in answer.text
+    assert page.status_code == 200
+    # the turns were given back: the images are shown, one after the other
+    for path in _study_images(ids):
+        shown = client.get(path)
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("failure", [UndecodableDatasetError("the image cannot be displayed"),
+                                     RuntimeError("a decoder's own error")])
+def test_a_study_image_that_fails_gives_its_turn_back(
+    one_at_a_time: tuple[TestClient, str], settings: Settings, factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch, failure: Exception,
+) -> None:
+    """The stored file is decoded within the request's turn, and a decoding that fails (a file the
+    console cannot show, or an error of the decoder itself) ends the turn as well as one that succeeds."""
+    client, _ = one_at_a_time
+    ids = _stored_study(settings, factory)
+    con = client.app.state.console  # type: ignore[attr-defined]
+    refused_meanwhile: list[bool] = []
+
+    def failing_preview(relative_path: str) -> Any:
+        with ThreadPoolExecutor(1) as pool:  # another request, asking for a turn meanwhile
+            refused_meanwhile.append(pool.submit(_try_turn, con.images).result())
+        raise failure
+
+    stored_preview = con.services.stored_preview
+    monkeypatch.setattr(con.services, "stored_preview", failing_preview)
+    failed = [client.get(path).status_code for path in _study_images(ids)]
+    assert failed == ([422, 422] if isinstance(failure, UndecodableDatasetError) else [500, 500])
+    assert refused_meanwhile == [True, True]  # the decoding had the one turn
+    monkeypatch.setattr(con.services, "stored_preview", stored_preview)
+    assert [client.get(path).status_code for path in _study_images(ids)] == [200, 200]  # and gave it back
