@@ -16,7 +16,7 @@ from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -599,19 +599,44 @@ def draw_split(
     return relabel(train, mapping, strict=False), relabel(validation, mapping, strict=False)
 
 
+#: The key of the digests of its training images in the ``train`` entry of a model.json's ``data``.
+TRAIN_DIGESTS = "sha256"
+#: The hexadecimal digits of an image file's sha256 that model.json keeps (:func:`image_digests`): 64
+#: bits, which two different files share by chance once in about 10^19 pairs.
+DIGEST_DIGITS = 16
+
+
+#: How the training images among some data were told (:class:`TrainingOverlap`): by the model's split drawn
+#: again on them, known by its fingerprint or, for a model trained before fingerprints, only by its counts;
+#: or by their files, among the digests model.json keeps of its training images (:func:`image_digests`).
+OverlapBy = Literal["fingerprint", "counts", "sha256"]
+
+
 class TrainingOverlap(NamedTuple):
     """How many images of some data a model was trained on (:func:`trained_among`)."""
 
     images: int
-    by_fingerprint: bool  # the split's fingerprint matched; else only its counts (a model without one)
+    by: OverlapBy
 
 
 def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> TrainingOverlap | None:
-    """How many of ``items`` a model was trained on, by the split the ``data`` entry of its model.json
-    records, drawn again on them: when the draw gives that split. It is known by its fingerprint; for a
+    """How many of ``items`` a model was trained on, by the ``data`` entry of its model.json: by the split
+    it records, drawn again on them, when the draw gives that split. It is known by its fingerprint; for a
     model trained before fingerprints, only by the images and groups of each class on each side, which
-    other data of the same make-up match too (review). None when it cannot be told: no split recorded,
-    or data that do not match (a subset, a superset, other labels)."""
+    other data of the same make-up match too (review). On other data (the training data with images added,
+    some of them among others) the draw gives another split: a superset of the training data was null
+    (unknown), its figures, which count the training images, without a warning (review). The training
+    images are then known by their files, by the digests model.json keeps of them (:func:`image_digests`).
+
+    None when it cannot be told: data that do not match the split, and a model.json that keeps no digests
+    (trained before it kept them) or data none of whose files is a training image."""
+    drawn = _drawn_again(items, data_record)
+    return drawn if drawn is not None else _known_files(items, data_record)
+
+
+def _drawn_again(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> TrainingOverlap | None:
+    """The training images of ``items`` when the split recorded in ``data_record`` drawn on them is that
+    split (:func:`trained_among`); else None."""
     record = data_record.get("split") if isinstance(data_record, Mapping) else None
     if not isinstance(record, Mapping) or "seed" not in record:
         return None
@@ -628,7 +653,36 @@ def trained_among(items: Sequence[LabelledImage], data_record: Mapping[str, Any]
             and len({item.group for item in side}) == (data_record.get(name) or {}).get("groups")
             for name, side in (("train", train), ("validation", validation))
         )
-    return TrainingOverlap(len(train), isinstance(recorded, Mapping)) if same else None
+    if not same:
+        return None
+    return TrainingOverlap(len(train), "fingerprint" if isinstance(recorded, Mapping) else "counts")
+
+
+def _known_files(items: Sequence[LabelledImage], data_record: Mapping[str, Any]) -> TrainingOverlap | None:
+    """How many of ``items`` are, byte for byte, files the model was trained on, by the digests of its
+    training images that ``data_record`` keeps (``train.sha256``, :func:`image_digests`); None when it
+    keeps none, or none of ``items`` is one: a training image converted or exported again is not known
+    by its file, so no match does not show that none was trained on (None, not 0)."""
+    train = data_record.get("train") if isinstance(data_record, Mapping) else None
+    recorded = train.get(TRAIN_DIGESTS) if isinstance(train, Mapping) else None
+    if not isinstance(recorded, str):
+        return None
+    known = set(recorded.split())
+    found = sum(_digest(item.path) in known for item in items)
+    return TrainingOverlap(found, "sha256") if found else None
+
+
+def image_digests(items: Sequence[LabelledImage]) -> str:
+    """What model.json keeps of its training images to know them again among other data
+    (:func:`trained_among`): the start (:data:`DIGEST_DIGITS` hexadecimal digits) of each image file's
+    sha256, sorted, each once, separated by spaces. 17 bytes an image, on one line of model.json. No file
+    or group name: they may name a patient."""
+    return " ".join(sorted({_digest(item.path) for item in items}))
+
+
+def _digest(path: Path) -> str:
+    with named_failure(path):
+        return sha256_file(path)[:DIGEST_DIGITS]
 
 
 def split_fingerprint(

@@ -292,11 +292,18 @@ def _scored_data(
     else:
         overlap = trained_among(collection, classifier.metadata.data)
         trained = None if overlap is None else overlap.images
-        by = None if overlap is None else "fingerprint" if overlap.by_fingerprint else "counts"
-        if overlap is not None and overlap.images and overlap.by_fingerprint:
+        by = None if overlap is None else overlap.by
+        if overlap is not None and overlap.images and overlap.by == "fingerprint":
             LOGGER.warning(
                 "%d of these %d images are images the model was trained on (its recorded split, drawn "
                 "again): the figures are not a held-out score; --split validation scores the others",
+                overlap.images, len(collection),
+            )  # fmt: skip
+        elif overlap is not None and overlap.by == "sha256":
+            LOGGER.warning(
+                "%d of these %d images are images the model was trained on (their files, by the digests "
+                "its model.json keeps of its training images): the figures are not a held-out score; "
+                "score data without them, or the model's own data with --split validation",
                 overlap.images, len(collection),
             )  # fmt: skip
         elif overlap is not None and overlap.images:

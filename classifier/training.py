@@ -42,11 +42,13 @@ from classifier.augmentation import (
     reframe_mask,
 )
 from classifier.dataset import (
+    TRAIN_DIGESTS,
     DatasetError,
     LabelledImage,
     class_names,
     draw_split,
     fold_relabel,
+    image_digests,
     load_collection,
     load_grays,
     relabel,
@@ -434,6 +436,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
     # name one of these classes.
     reframed = None if augmentation.reframe is None else reframe_mask(classes, augmentation.reframe)
     split["fingerprint"] = split_fingerprint(train_items, val_items)  # checked where the split is drawn anew
+    trained_files = image_digests(train_items)  # to know them among other data (dataset.trained_among)
     lungs, lung_folder = _lung_model(config, train_items, val_items)
     if lungs is not None:
         spec = replace(spec, lung_crop=True)
@@ -564,7 +567,7 @@ def train(config: TrainingConfig, argv: Sequence[str] | None = None) -> Training
         data={
             "source": Path(config.data).name,
             "split": split,
-            "train": summary(train_items),
+            "train": {**summary(train_items), TRAIN_DIGESTS: trained_files},
             "validation": summary(val_items),
             "command": " ".join(argv) if argv else None,
         },

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -859,8 +860,23 @@ def test_evaluate_writes_metrics_and_figures(artifact: Path, collection: Path, t
         parse_degradation("sepia:1")
 
 
+def _with_new_patients(collection: Path, folder: Path, patients: int) -> Path:
+    """A copy of ``collection`` in ``folder`` with one new image of each of ``patients`` new patients in
+    each class, listed in its manifest: the model's data with images added since."""
+    shutil.copytree(collection, folder)
+    rng = np.random.default_rng(7)
+    with (folder / "manifest.csv").open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        for label in ("bright", "dark"):
+            for index in range(patients):
+                name = f"{label}/new-{index}.png"
+                Image.fromarray(rng.integers(0, 256, (96, 96), dtype=np.uint8)).save(folder / name)
+                writer.writerow([name, label, f"{label}-new-patient{index}"])
+    return folder
+
+
 def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
-    artifact: Path, collection: Path, caplog: pytest.LogCaptureFixture
+    artifact: Path, collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``evaluate MODEL DATA`` scored a model's training images with the others without a word, and its
     metrics.json did not say what was scored: the shipped model scored 0.917 on all of cxr3, 0.841 on its
@@ -877,11 +893,45 @@ def test_an_evaluation_says_how_many_of_its_images_the_model_was_trained_on(
     _, validation = split_from_record(load_collection(collection), data["split"])
     held_out = evaluate(artifact, collection, items=validation, split="validation")
     assert held_out["data"]["training_images"] == 0 and held_out["data"]["images"] == len(validation)
+    # some of its images: another split, but its training images are known by their files
+    some = load_collection(collection)[:10]
+    among = sum(item.path not in {image.path for image in validation} for item in some)
+    assert evaluate(artifact, collection, items=some)["data"]["training_images"] == among > 0
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="classifier"):
-        other = evaluate(artifact, collection, items=load_collection(collection)[:10])
+        other = evaluate(artifact, _with_new_patients(collection, tmp_path / "more", 3),
+                         items=[item for item in load_collection(tmp_path / "more") if "new" in item.group])
     assert other["data"]["training_images"] is None  # other data: which were trained on cannot be told
     assert "trained on" not in caplog.text
+
+
+def test_an_evaluation_of_the_training_data_with_more_images_finds_the_training_images(
+    artifact: Path, collection: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model's data with images added (more patients exported since, another site's beside them) gave
+    another split when drawn again: ``training_images`` was null and no warning said that the figures
+    count the model's training images (review). The training images are known by their files' sha256."""
+    data = read_metadata(artifact).data
+    trained = data["train"]["images"]
+    copied = tmp_path / "elsewhere" / "copy"  # the same data in another folder: the split drawn again
+    shutil.copytree(collection, copied)
+    assert evaluate(artifact, copied)["data"]["training_images_by"] == "fingerprint"
+    more = _with_new_patients(collection, tmp_path / "more", 3)
+    with caplog.at_level(logging.WARNING, logger="classifier"):
+        report = evaluate(artifact, more)
+    assert report["data"] == {
+        "split": "all", "images": 30, "training_images": trained, "training_images_by": "sha256",
+        "relabel": {},
+    }
+    assert f"{trained} of these 30 images are images the model was trained on" in caplog.text
+    digests = data["train"]["sha256"].split()  # the start of each file's sha256: no file or group name
+    assert len(digests) == trained and all(re.fullmatch("[0-9a-f]{16}", digest) for digest in digests)
+    old = tmp_path / "old"  # trained before model.json kept the digests: it cannot tell
+    shutil.copytree(artifact, old)
+    metadata = json.loads((old / "model.json").read_text())
+    del metadata["data"]["train"]["sha256"]
+    (old / "model.json").write_text(json.dumps(metadata))
+    assert evaluate(old, more)["data"]["training_images"] is None
 
 
 def test_without_a_fingerprint_the_training_images_of_an_evaluation_are_told_by_counts_and_said_so(
