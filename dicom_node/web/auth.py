@@ -184,10 +184,6 @@ class LoginThrottle:
             self._reported.discard(key)
         return len(entries)
 
-    def blocked(self, username: str) -> bool:
-        with self._lock:
-            return self._recent(username.strip().lower(), time.monotonic()) >= self.limit
-
     def first_block(self, key: str) -> bool:
         """True once per blocked window: one audit event per lockout, not one per refused attempt."""
         key = key.strip().lower()
@@ -199,32 +195,23 @@ class LoginThrottle:
 
     def admit(self, username: str) -> bool:
         """Whether an attempt with this key may go on; if so, it is counted as a failure at once, until
-        :meth:`succeeded` says otherwise. Asking :meth:`blocked` first and calling :meth:`failed` after
-        the password check let guesses sent at once all pass before the first one was counted (review)."""
+        :meth:`succeeded` says otherwise. Asking whether the key was blocked first and counting a failure
+        after the password check let guesses sent at once all pass before the first was counted (review)."""
         key = username.strip().lower()
         with self._lock:
-            if self._recent(key, time.monotonic()) >= self.limit:
+            now = time.monotonic()
+            if self._recent(key, now) >= self.limit:
                 return False
-            self._count(key)
+            if key not in self._failures and len(self._failures) >= self.max_names:
+                for name in list(self._failures):
+                    self._recent(name, now)
+                while len(self._failures) >= self.max_names:
+                    least = min(self._failures, key=lambda name: (len(self._failures[name]),
+                                                                   self._failures[name][0]))
+                    del self._failures[least]
+                    self._reported.discard(least)
+            self._failures.setdefault(key, deque()).append(now)
             return True
-
-    def failed(self, username: str) -> None:
-        with self._lock:
-            self._count(username.strip().lower())
-
-    def _count(self, key: str) -> None:
-        """One failure of ``key`` now (the caller holds the lock)."""
-        now = time.monotonic()
-        self._recent(key, now)
-        if key not in self._failures and len(self._failures) >= self.max_names:
-            for name in list(self._failures):
-                self._recent(name, now)
-            while len(self._failures) >= self.max_names:
-                least = min(self._failures, key=lambda name: (len(self._failures[name]),
-                                                               self._failures[name][0]))
-                del self._failures[least]
-                self._reported.discard(least)
-        self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:
         with self._lock:

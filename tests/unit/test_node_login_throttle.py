@@ -28,27 +28,25 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
 def test_a_username_is_blocked_after_the_limit_until_the_window_passes(clock: _Clock) -> None:
     throttle = LoginThrottle(limit=3, window=60.0)
     for _ in range(3):
-        assert not throttle.blocked("Alice ")
-        throttle.failed("alice")
-    assert throttle.blocked("ALICE") and not throttle.blocked("bob")
+        assert throttle.admit("Alice ")  # each attempt let through counts until it succeeds
+    assert not throttle.admit("ALICE") and throttle.admit("bob")
     clock.now += 61
-    assert not throttle.blocked("alice")
+    assert throttle.admit("alice")
+    throttle.succeeded("alice")
+    assert all(throttle.admit("alice") for _ in range(3))
 
 
-def test_checking_names_costs_no_memory_and_failures_are_bounded(clock: _Clock) -> None:
+def test_the_names_tried_are_bounded_in_memory(clock: _Clock) -> None:
     throttle = LoginThrottle(limit=3, window=60.0, max_names=100)
-    for number in range(1000):
-        assert not throttle.blocked(f"guess-{number}")
-    assert throttle._failures == {}
     for number in range(1000):  # a spray of names within one window
         clock.now += 0.01
-        throttle.failed(f"guess-{number}")
+        assert throttle.admit(f"guess-{number}")
     assert len(throttle._failures) == 100
     for _ in range(3):
-        throttle.failed("alice")
-    assert throttle.blocked("alice") and len(throttle._failures) == 100
-    clock.now += 61  # the window passes: the next failure finds every old name expired
-    throttle.failed("bob")
+        assert throttle.admit("alice")
+    assert not throttle.admit("alice") and len(throttle._failures) == 100
+    clock.now += 61  # the window passes: the next attempt finds every old name expired
+    assert throttle.admit("bob")
     assert list(throttle._failures) == ["bob"]
 
 
@@ -58,12 +56,12 @@ def test_failing_for_other_names_does_not_lift_a_block(clock: _Clock) -> None:
     The keys with the fewest failures go first now."""
     throttle = LoginThrottle(limit=3, window=900.0, max_names=50)
     for _ in range(3):
-        throttle.failed("alice")
+        throttle.admit("alice")
     for _ in range(2):
-        throttle.failed("bob")  # a user who mistyped twice
+        throttle.admit("bob")  # a user who mistyped twice
     for number in range(10_000):
         clock.now += 0.01
-        throttle.failed(f"made-up-{number}")
-    assert throttle.blocked("alice") and len(throttle._failures) == 50
-    throttle.failed("bob")
-    assert throttle.blocked("bob")  # his two failures were kept as well
+        throttle.admit(f"made-up-{number}")
+    assert not throttle.admit("alice") and len(throttle._failures) == 50
+    assert throttle.admit("bob")  # his two failures were kept as well: this is his last try
+    assert not throttle.admit("bob")
