@@ -48,7 +48,13 @@ from dicom_node.store import header_columns
 from dicom_node.store.db import READ_ONLY, waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, file_sha256, instance_path
 from dicom_node.store.models import Patient, ResultObject, Study
-from dicom_node.store.received import ParsedInstance, find_existing, insert_rows, parents_key
+from dicom_node.store.received import (
+    ParsedInstance,
+    describe_file,
+    find_existing,
+    insert_rows,
+    parents_key,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class IngestResult:
     duplicate: bool
     size_bytes: int
     differs: bool = False  # a duplicate whose bytes differ from the first copy's (which is kept)
+    restored: bool = False  # a duplicate whose copy restored the instance's lost file (and is kept)
     own_result: int | None = None
     # a duplicate image of a finished study whose results' files are gone: the study was reopened so
     # that they are made again (its settle timer must be armed, as for a new image)
@@ -186,7 +193,7 @@ class Ingestor:
             # what was analysed and reported. Changed content needs a new SOP Instance UID (PS3.3 C.12.1.1.1).
             LOGGER.warning("instance %d received again from %s with different content: kept the first copy",
                            result.instance_pk, calling_ae)
-        elif result.duplicate:
+        elif result.duplicate and not result.restored:  # a restore was logged when it was made
             LOGGER.info("instance %d received again from %s: kept the first copy", result.instance_pk,
                         calling_ae)
         else:
@@ -289,9 +296,16 @@ class Ingestor:
             # A file retention removed stays removed (the copy sent again is discarded): putting it back
             # would leave patient data on disk that retention no longer looks at.
             kept = self.file_store.path(existing.file_path)
-            if not existing.purged and not kept.exists():
-                LOGGER.warning("instance %d had lost its file; restored from the copy sent again",
-                               existing.instance_pk)
+            restored = not existing.purged and not kept.exists()
+            if restored:
+                changed = stored.sha256 != existing.sha256
+                if changed:
+                    # The copy sent again (another transfer syntax, a correction) is what the file will
+                    # hold: its row says so first, or `storage check --verify` calls the file damaged.
+                    with self._engine.begin() as conn:
+                        describe_file(conn, existing.instance_pk, existing.sha256, parsed, stored, source)
+                LOGGER.warning("instance %d had lost its file; restored from the copy sent again%s",
+                               existing.instance_pk, " (not the bytes of the first copy)" if changed else "")
                 staged.rename(existing.file_path)
                 staged.sync_directory()
             elif not existing.purged and stored.sha256 == existing.sha256 and \
@@ -305,9 +319,10 @@ class Ingestor:
             # Bytes compare only within one encoding and one kind of file meta: a PACS re-sends an
             # unchanged image in another transfer syntax as a matter of course.
             alike = (existing.transfer_syntax_uid, existing.source) == (str(parsed.transfer_syntax), source)
-            differs = alike and existing.sha256 != stored.sha256
+            differs = not restored and alike and existing.sha256 != stored.sha256
             return IngestResult(instance_pk=existing.instance_pk, study_pk=existing.study_pk, duplicate=True,
-                                size_bytes=existing.size_bytes, differs=differs)
+                                size_bytes=stored.size_bytes if restored else existing.size_bytes,
+                                differs=differs, restored=restored)
         assert inserted is not None
         instance_pk, parents = inserted
         staged.sync_directory()

@@ -121,6 +121,19 @@ def insert_rows(conn: Connection, parsed: ParsedInstance, stored: StoredFile, ca
     return instance_pk, parents
 
 
+def describe_file(conn: Connection, instance_pk: int, described: str, parsed: ParsedInstance,
+                  stored: StoredFile, source: str) -> None:
+    """Make an instance row describe ``stored``, the copy sent again that restores its lost file: its
+    digest, size, transfer syntax and kind of file meta (``source``). Only while the row still describes
+    the file it described (``described``: its SHA-256 then)."""
+    conn.execute(
+        update(_INSTANCE)
+        .where(_INSTANCE.c.id == instance_pk, _INSTANCE.c.sha256 == described)
+        .values(sha256=stored.sha256, size_bytes=stored.size_bytes,
+                transfer_syntax_uid=str(parsed.transfer_syntax), source=source[:16])
+    )
+
+
 _FINISHED = (StudyState.ANALYSED, StudyState.SKIPPED, StudyState.FAILED)
 
 

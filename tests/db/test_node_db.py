@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
 import logging
@@ -19,7 +20,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ImplicitVRLittle
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes
+from dicom_node import aes, storage
 from dicom_node.errors import (
     ConfigurationError,
     ConflictError,
@@ -410,6 +411,41 @@ def test_a_resent_instance_restores_a_file_lost_after_commit(
     assert again.duplicate and again.instance_pk == first.instance_pk
     assert path.read_bytes() == data
     assert list(store.root.rglob("*.tmp")) == []
+
+
+@pytest.mark.parametrize("copy", ["another transfer syntax", "a corrected name"])
+def test_a_lost_file_restored_from_another_copy_is_what_its_row_describes(
+    sessions: sessionmaker[Session], store: FileStore, caplog: pytest.LogCaptureFixture, copy: str
+) -> None:
+    """A lost file is restored from whatever copy is sent again: a PACS re-sends an image in the transfer
+    syntax it keeps it in, or as it corrected it. The old code renamed that copy into place and left the
+    row describing the first one (its SHA-256, size and transfer syntax): `storage check --verify` then
+    called the file it had just restored damaged, and the log said the first copy was kept."""
+    caplog.set_level(logging.INFO)
+    ingestor = Ingestor(sessions, store)
+    first = make_cr()
+    stored = ingestor.ingest_bytes(to_bytes(first), calling_ae="M", source="dimse")
+    with sessions() as session:
+        path = store.path(session.get_one(Instance, stored.instance_pk).file_path)
+    path.unlink()
+    again = dcmread(io.BytesIO(to_bytes(first)))
+    if copy == "a corrected name":
+        again.PatientName = "Doe^Janet"
+    else:
+        again.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = io.BytesIO()
+    again.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    restored = ingestor.ingest_bytes(data, calling_ae="M", source="dimse")
+    assert restored.duplicate and restored.instance_pk == stored.instance_pk and not restored.differs
+    assert path.read_bytes() == data and restored.size_bytes == len(data)
+    with sessions() as session:
+        row = session.get_one(Instance, stored.instance_pk)
+        assert (row.sha256, row.size_bytes, row.transfer_syntax_uid) == (
+            hashlib.sha256(data).hexdigest(), len(data), again.file_meta.TransferSyntaxUID)
+        assert storage.check(session, store.root, store.root.parent / "results", verify=True).damaged == 0
+    assert "kept the first copy" not in caplog.text
+    assert not ingestor.ingest_bytes(data, calling_ae="M", source="dimse").differs  # the same copy again
 
 
 def _conflicting(first: Dataset, change: str) -> Dataset:
