@@ -37,6 +37,7 @@ from dicom_node.errors import (
 from dicom_node.part10 import (
     check_pixel_data,
     check_value_representations,
+    data_set_offset,
     has_preamble,
     parse_instance,
     parse_network_dataset,
@@ -147,11 +148,13 @@ class Ingestor:
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
         if not transfer_syntax:
-            # A bare dataset: pydicom guessed its encoding; keep it, add the file meta in front.
+            # A bare dataset, or a file whose meta leaves out the Transfer Syntax UID: pydicom found the
+            # data set's encoding; its bytes are kept, behind the node's file meta instead of any of its own.
             implicit = ds.original_encoding[0]
             transfer_syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
             sop_class = require_uid(ds, "SOPClassUID")
-            chunks = [part10_prefix(sop_class, require_uid(ds, "SOPInstanceUID"), transfer_syntax), data]
+            prefix = part10_prefix(sop_class, require_uid(ds, "SOPInstanceUID"), transfer_syntax)
+            chunks = [prefix, data[data_set_offset(data):]]
         elif has_preamble(data):
             chunks = [data]
         else:

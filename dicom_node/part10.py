@@ -194,6 +194,16 @@ def read_part10(
     return ds, inflated
 
 
+def data_set_offset(file_bytes: bytes) -> int:
+    """Where the data set of a Part 10 stream begins: after its preamble, "DICM" and file meta, as
+    pydicom reads them (0 for a bare data set)."""
+    stream = BytesIO(file_bytes)
+    with _parse_errors_as_undecodable():
+        read_preamble(stream, True)
+        _read_file_meta_info(stream)
+    return stream.tell()
+
+
 def parse_instance(file_bytes: bytes, *, expect_sop_class: str | None = None,
                    expect_sop_instance: str | None = None) -> Dataset:
     """Parse a Part 10 byte stream; map every parse failure to a named error (no PHI in messages)."""

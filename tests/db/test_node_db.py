@@ -7,20 +7,29 @@ import hashlib
 import io
 import itertools
 import logging
+import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom import Dataset, dcmread
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ImplicitVRLittleEndian, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import aes, storage
+from dicom_node import aes, part10, storage
 from dicom_node.errors import (
     ConfigurationError,
     ConflictError,
@@ -50,6 +59,7 @@ from dicom_node.store.models import (
     StudyState,
     utcnow,
 )
+from dicom_node.web.uploads import read_upload
 from tests.node_datasets import make_cr, to_bytes
 from tests.postgres_server import PostgresServer
 
@@ -446,6 +456,37 @@ def test_a_lost_file_restored_from_another_copy_is_what_its_row_describes(
         assert storage.check(session, store.root, store.root.parent / "results", verify=True).damaged == 0
     assert "kept the first copy" not in caplog.text
     assert not ingestor.ingest_bytes(data, calling_ae="M", source="dimse").differs  # the same copy again
+
+
+def _without_transfer_syntax(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file (preamble, "DICM", file meta) whose file meta leaves out the Transfer
+    Syntax UID, as some writers do; its data set explicit VR little endian."""
+    prefix = part10.part10_prefix(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    start = prefix.index(b"\x02\x00\x10\x00UI")
+    end = start + 8 + struct.unpack("<H", prefix[start + 6:start + 8])[0]
+    meta = prefix[132 + 12:start] + prefix[end:]  # after the group length element
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    return prefix[:132] + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(meta)) + meta + body.getvalue()
+
+
+def test_an_upload_whose_file_meta_has_no_transfer_syntax_is_stored_as_a_readable_file(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """The console takes such a file (pydicom reads it, finding the encoding). The old code took a file
+    meta without a Transfer Syntax UID for no file meta at all and wrote its own preamble and file meta in
+    front of the whole upload, the upload's own preamble, "DICM" and file meta included: the stored file
+    read as a data set with neither Rows nor Pixel Data, after success was answered."""
+    ds = make_cr()
+    upload = read_upload("chest.dcm", _without_transfer_syntax(ds))
+    stored = Ingestor(sessions, store).ingest_bytes(upload.data, calling_ae="M", source="upload")
+    with sessions() as session:
+        path = store.path(session.get_one(Instance, stored.instance_pk).file_path)
+    written = dcmread(path)
+    assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert written.SOPInstanceUID == ds.SOPInstanceUID and written.Rows == 64
+    assert np.array_equal(written.pixel_array, ds.pixel_array)
 
 
 def _conflicting(first: Dataset, change: str) -> Dataset:
