@@ -143,24 +143,28 @@ class Ingestor:
         return self._ingest(ds, [prefix, dataset_bytes], UID(transfer_syntax), calling_ae, "dimse")
 
     def ingest_bytes(self, data: bytes, *, calling_ae: str, source: str) -> IngestResult:
-        """A Part 10 file (or a bare dataset) from an upload; written as given when it has file meta."""
+        """A Part 10 file (or a bare dataset) from an upload; written as given when it has a file meta
+        that names its data set (and the transfer syntax it is in)."""
         ds = parse_instance(data)
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+        sop_class, sop_instance = require_uid(ds, "SOPClassUID"), require_uid(ds, "SOPInstanceUID")
+        if sop_class not in self.accepted_sop_classes:
+            raise UnsupportedSopClassError("SOP class not accepted by this node")
         if not transfer_syntax:
             # A bare dataset, or a file whose meta leaves out the Transfer Syntax UID: pydicom found the
             # data set's encoding; its bytes are kept, behind the node's file meta instead of any of its own.
             implicit = ds.original_encoding[0]
             transfer_syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-            sop_class = require_uid(ds, "SOPClassUID")
-            prefix = part10_prefix(sop_class, require_uid(ds, "SOPInstanceUID"), transfer_syntax)
-            chunks = [prefix, data[data_set_offset(data):]]
+            chunks = [part10_prefix(sop_class, sop_instance, transfer_syntax), data[data_set_offset(data):]]
+        elif not _names(meta, sop_class, sop_instance):
+            # A file meta naming another instance or SOP class than its data set (PS3.10 7.1: its own),
+            # as an anonymiser that changed only the data set's UIDs leaves it: the node's, for the data set.
+            chunks = [part10_prefix(sop_class, sop_instance, transfer_syntax), data[data_set_offset(data):]]
         elif has_preamble(data):
             chunks = [data]
         else:
             chunks = [b"\x00" * 128, data]  # "DICM" + meta without preamble
-        if require_uid(ds, "SOPClassUID") not in self.accepted_sop_classes:
-            raise UnsupportedSopClassError("SOP class not accepted by this node")
         return self._ingest(ds, chunks, transfer_syntax, calling_ae, source)
 
     # The common path ---------------------------------------------------------------------------
@@ -368,6 +372,16 @@ class Ingestor:
             self._parents[key] = parents
             while len(self._parents) > _PARENT_CACHE_SIZE:
                 self._parents.pop(next(iter(self._parents)), None)
+
+
+def _names(meta: Dataset | None, sop_class: str, sop_instance: str) -> bool:
+    """Whether a file meta names this SOP class and instance (as its Media Storage SOP Class and Instance
+    UIDs)."""
+    if meta is None:
+        return False
+    named = (str(meta.get(keyword, "") or "").strip() for keyword in
+             ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"))
+    return tuple(named) == (sop_class, sop_instance)
 
 
 def ingest_bytes(

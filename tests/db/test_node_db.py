@@ -489,6 +489,33 @@ def test_an_upload_whose_file_meta_has_no_transfer_syntax_is_stored_as_a_readabl
     assert np.array_equal(written.pixel_array, ds.pixel_array)
 
 
+@pytest.mark.parametrize("named", ["MediaStorageSOPInstanceUID", "MediaStorageSOPClassUID"])
+def test_an_upload_whose_file_meta_names_another_instance_is_stored_under_its_own_identity(
+    sessions: sessionmaker[Session], store: FileStore, named: str
+) -> None:
+    """An anonymiser that gave the data set new UIDs and left the file meta as it was: the file meta
+    names the instance it was made from (PS3.10 7.1: it names the data set's own). The old code stored
+    such an upload as given, a file that contradicts itself and keeps the original UID; now the node's
+    file meta, for the data set's identity and in the transfer syntax the upload gives, precedes the
+    data set's bytes."""
+    ds = make_cr()
+    data = to_bytes(ds)  # pydicom writes the data set's own UIDs into the file meta: changed after
+    start = part10.data_set_offset(data)
+    named_uid = str(ds.file_meta[named].value).encode()
+    other = named_uid[:-1] + (b"8" if named_uid.endswith(b"7") else b"7")  # as long: the lengths hold
+    assert data[:start].count(named_uid) == 1
+    data = data[:start].replace(named_uid, other) + data[start:]
+    upload = read_upload("chest.dcm", data)
+    stored = Ingestor(sessions, store).ingest_bytes(upload.data, calling_ae="M", source="upload")
+    with sessions() as session:
+        path = store.path(session.get_one(Instance, stored.instance_pk).file_path)
+    written = dcmread(path)
+    assert written.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert written.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert path.read_bytes().endswith(data[part10.data_set_offset(data):])  # the data set as uploaded
+
+
 def _conflicting(first: Dataset, change: str) -> Dataset:
     """Another image that claims part of ``first``'s identity and contradicts the rest."""
     if change == "series in another study":  # a Series Instance UID reused by another study
