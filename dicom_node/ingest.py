@@ -164,7 +164,7 @@ class Ingestor:
         elif has_preamble(data):
             chunks = [data]
         else:
-            chunks = [b"\x00" * 128, data]  # "DICM" + meta without preamble
+            chunks = [b"\x00" * 128 + b"DICM", data]  # a file meta at the first byte: no preamble
         return self._ingest(ds, chunks, transfer_syntax, calling_ae, source)
 
     # The common path ---------------------------------------------------------------------------

@@ -516,6 +516,21 @@ def test_an_upload_whose_file_meta_names_another_instance_is_stored_under_its_ow
     assert path.read_bytes().endswith(data[part10.data_set_offset(data):])  # the data set as uploaded
 
 
+def test_a_part10_stream_without_its_preamble_is_stored_with_preamble_and_prefix(
+    sessions: sessionmaker[Session], store: FileStore
+) -> None:
+    """A file meta at the first byte (no preamble, no "DICM"), as pydicom reads it: ingest_bytes takes it
+    (the console refuses it before, so only the API meets it). The old code put 128 zero bytes in front
+    and no "DICM", a file that dcmread, and so the node's pipeline, refuses."""
+    ds = make_cr()
+    data = to_bytes(ds)[132:]
+    stored = Ingestor(sessions, store).ingest_bytes(data, calling_ae="M", source="upload")
+    with sessions() as session:
+        path = store.path(session.get_one(Instance, stored.instance_pk).file_path)
+    assert path.read_bytes() == b"\x00" * 128 + b"DICM" + data
+    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
 def _conflicting(first: Dataset, change: str) -> Dataset:
     """Another image that claims part of ``first``'s identity and contradicts the rest."""
     if change == "series in another study":  # a Series Instance UID reused by another study
