@@ -543,10 +543,17 @@ class Outbox:
         return f"{what}, and making the study's results again did not replace it", True
 
     def _schedule_next(self, destination_pk: int) -> None:
-        """Arm the wake-up for the earliest retry of this destination."""
+        """Arm the wake-up for the earliest retry of this destination.
+
+        None for a destination that is disabled (or gone): its deliveries were not leased, so the
+        earliest is due already, and a wake-up for it fired at once, and again, for as long as it stayed
+        disabled. The sweep finds them once it is enabled again."""
         if self.scheduler is None:
             return
         with session_scope(self.session_factory) as session:
+            destination = session.get(RemoteAe, destination_pk)
+            if destination is None or not destination.enabled:
+                return
             earliest = session.scalar(
                 select(Delivery.next_attempt_at)
                 .where(

@@ -502,3 +502,54 @@ def test_results_are_retried_through_a_weekend_outage_of_the_pacs(source: str) -
         for attempt in range(1, settings.max_attempts)
     )
     assert 60 * 3600 <= window <= 5 * 24 * 3600
+
+
+def test_a_disabled_destination_with_due_deliveries_is_not_woken_again_and_again(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """An admin disables a destination (a PACS being replaced) while results are due for it. Each round
+    found nothing to lease and armed the wake-up for the earliest due row, which was due already: the
+    wake-up fired at once, and again, about 70 rounds a second for as long as it stayed disabled, each a
+    write to the scheduler's job store. Once enabled again, the sweep sends the deliveries."""
+    import time
+
+    from dicom_node.jobs import build_scheduler
+
+    results = tmp_path / "results"
+    with session_scope(db) as session:
+        destination = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104,
+                               enabled=False)
+        session.add(destination)
+        session.flush()
+        destination_pk = destination.id
+    scheduler = build_scheduler(db.kw["bind"])
+    scheduler.start()
+    outbox = Outbox(db, results, calling_aet="CXRNODE", settings=OutboxSettings(), scheduler=scheduler)
+    rounds: list[int] = []
+    deliver_due = outbox.deliver_due
+
+    def counted(pk: int, *, ask_commitment: bool = True) -> object:
+        rounds.append(pk)
+        return deliver_due(pk, ask_commitment=ask_commitment)
+
+    outbox.deliver_due = counted  # type: ignore[assignment,method-assign]
+    try:
+        with session_scope(db) as session:
+            study = add_study(session, tmp_path / "instances", state=StudyState.ANALYSED)
+            session.flush()
+            obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
+                               sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=generate_uid(),
+                               series_instance_uid=generate_uid(), file_path="sr.dcm")
+            session.add(obj)
+            session.flush()
+            session.add(Delivery(result_object_pk=obj.id, destination_pk=destination_pk,
+                                 state=DeliveryState.RETRYING, attempts=1,
+                                 next_attempt_at=utcnow() - timedelta(seconds=5)))
+        outbox.start()
+        time.sleep(2.0)
+        assert len(rounds) <= 2, f"{len(rounds)} rounds in 2 s"
+        assert scheduler.get_job(f"outbox:destination:{destination_pk}") is None
+        assert outbox._destinations_with_work(due_only=True) == [destination_pk]  # the sweep's, once enabled
+    finally:
+        outbox.stop()
+        scheduler.shutdown(wait=True)
