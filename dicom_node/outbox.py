@@ -116,8 +116,16 @@ def run_sweep() -> None:
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Delay before retry number ``attempts`` + 1: initial, 2x, 4x, ... capped at ``maximum``."""
-    return float(min(maximum, initial * (2 ** max(0, attempts - 1))))
+    """Delay before retry number ``attempts`` + 1: initial, 2x, 4x, ... capped at ``maximum``.
+
+    The doubling stops once it passes the cap: 2.0 ** 1024 and more overflow a float, and a delivery may
+    be tried that often (a large ``max_attempts``, or one waiting for its results to be made again)."""
+    delay = float(initial)
+    for _ in range(max(0, attempts - 1)):
+        if delay >= maximum:
+            break
+        delay *= 2
+    return float(min(maximum, delay))
 
 
 @dataclass

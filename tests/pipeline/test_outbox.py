@@ -553,3 +553,33 @@ def test_a_disabled_destination_with_due_deliveries_is_not_woken_again_and_again
     finally:
         outbox.stop()
         scheduler.shutdown(wait=True)
+
+
+def test_the_backoff_stays_at_its_cap_however_many_attempts_were_made() -> None:
+    """5 s doubled 1,024 times is more than a float (the settings' type) holds: OverflowError."""
+    assert [backoff_seconds(n, 5.0, 900.0) for n in (1, 9, 1025, 1100, 10**6)] == [5, 900, 900, 900, 900]
+
+
+def test_a_delivery_retried_more_than_a_thousand_times_is_recorded_with_its_batch_mates(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A delivery waiting for its study's results to be made again retries however many attempts, and
+    outbox.max_attempts has no upper bound. Past 1,024 attempts its back-off overflowed while the batch
+    was recorded: the whole record was rolled back, so the object its batch-mate had just delivered stayed
+    leased, and was sent again every two minutes, never recorded."""
+    results = tmp_path / "results"
+    peer = StorePeer(abort_after=1).start()  # the first object is stored, then the association is lost
+    try:
+        destination_pk, ids = _deliveries(db, results, peer.port, 2)
+        with session_scope(db) as session:
+            session.get_one(Delivery, ids[1]).attempts = 1100
+        report = _outbox(db, results, max_attempts=5000).deliver_due(destination_pk)
+    finally:
+        peer.stop()
+    assert (report.delivered, report.failed) == ([ids[0]], [ids[1]])
+    with session_scope(db) as session:
+        first, second = (session.get_one(Delivery, pk) for pk in ids)
+        assert first.state is DeliveryState.DELIVERED
+        assert (second.state, second.attempts) == (DeliveryState.RETRYING, 1101)
+        assert second.next_attempt_at is not None
+        assert second.next_attempt_at - second.attempt_history[-1].at == timedelta(seconds=600)
