@@ -112,11 +112,13 @@ class Retention:
             return PurgeReport(0, 0)
         cutoff = (now or utcnow()) - timedelta(days=self.retention_days)
         purged = missing = 0
+        after = 0  # the last instance looked at: one whose file stays is not looked at again in this run
         while True:
             with session_scope(self.session_factory) as session:
-                candidates = self._candidates(session, cutoff)
+                candidates = self._candidates(session, cutoff, after)
                 if not candidates:
                     break
+                after = candidates[-1].id
                 ids: list[int] = []
                 for instance in candidates:
                     path = self.storage_dir / instance.file_path
@@ -125,15 +127,22 @@ class Retention:
                         purged += 1
                     except FileNotFoundError:
                         missing += 1
+                    except OSError as exc:
+                        # Left for the next run; the others go. Not the path: it holds the image's UIDs.
+                        LOGGER.warning("retention could not remove the file of instance %d (%s: %s); it is "
+                                       "tried again at the next run", instance.id, type(exc).__name__,
+                                       exc.strerror or "no reason given")
+                        continue
                     instance.purged_at = utcnow()
                     ids.append(instance.id)
-                audit.record(
-                    session,
-                    actor,
-                    "retention.purge",
-                    "instance",
-                    {"instance_ids": ids, "retention_days": self.retention_days},
-                )
+                if ids:
+                    audit.record(
+                        session,
+                        actor,
+                        "retention.purge",
+                        "instance",
+                        {"instance_ids": ids, "retention_days": self.retention_days},
+                    )
             if len(candidates) < BATCH:
                 break
         if purged or missing:
@@ -141,7 +150,7 @@ class Retention:
         return PurgeReport(purged, missing)
 
     @staticmethod
-    def _candidates(session: Session, cutoff: datetime) -> list[Instance]:
+    def _candidates(session: Session, cutoff: datetime, after: int = 0) -> list[Instance]:
         # Looked up for each study that is otherwise due (few: most are purged or too young) through the
         # result objects' index; as NOT IN, every delivery ever made was read on each hourly run.
         not_yet = (  # a result still to deliver, or delivered within the period
@@ -168,6 +177,7 @@ class Retention:
                     Study.last_received_at < cutoff,
                     or_(Study.analysed_at.is_(None), Study.analysed_at < cutoff),
                     ~not_yet,
+                    *([Instance.id > after] if after else []),
                 )
                 .order_by(Instance.id)
                 .limit(BATCH)

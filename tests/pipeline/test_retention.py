@@ -192,3 +192,57 @@ def test_a_run_cut_short_after_removing_files_is_recorded_by_the_first_run_after
     with session_scope(db) as session:
         assert _files(session, study_pk, storage) == [(False, True), (False, True)]
         assert session.scalar(select(AuditEvent).where(AuditEvent.action == "retention.purge")) is not None
+
+
+@pytest.mark.parametrize("batch", [1, 500])
+def test_a_file_that_cannot_be_removed_is_left_and_said_and_the_others_go(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, batch: int
+) -> None:
+    """One file the node may not remove (restored from a backup as another user, an immutable flag, a
+    read-only or failing disk) ended every run in an exception: the files removed before it in its batch
+    were never recorded nor audited, and no file after the first batch was ever removed again, while
+    the storage filled up. The scheduler's log of the exception named the file, whose path holds the
+    study's, series' and image's UIDs."""
+    import errno
+
+    from dicom_node import retention
+
+    monkeypatch.setattr(retention, "BATCH", batch)
+    storage = tmp_path / "instances"
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104)
+        session.add(pacs)
+        session.flush()
+        studies = []
+        for _ in range(3):
+            study = add_study(session, storage, received_at=utcnow() - timedelta(days=40),
+                              state=StudyState.ANALYSED, instance_state=InstanceState.ANALYSED)
+            _with_delivery(session, study, pacs, DeliveryState.DELIVERED)
+            studies.append(study.id)
+        session.flush()
+        stuck = session.scalars(select(Instance).join(Series).where(Series.study_pk == studies[0])).one()
+        stuck_path, stuck_id = storage / stuck.file_path, stuck.id
+    unlink = Path.unlink
+
+    def refusing(path: Path, missing_ok: bool = False) -> None:
+        if path == stuck_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refusing)
+    with caplog.at_level("INFO"):
+        report = Retention(db, storage, retention_days=30).purge()
+
+    assert (report.purged, report.missing) == (2, 0)
+    with session_scope(db) as session:
+        assert _files(session, studies[0], storage) == [(True, False)]  # tried again at the next run
+        assert _files(session, studies[1], storage) == [(False, True)]
+        assert _files(session, studies[2], storage) == [(False, True)]
+        purged = [e.details["instance_ids"]
+                  for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "retention.purge"))]
+        assert stuck_id not in [pk for ids in purged for pk in ids] and len(sum(purged, [])) == 2
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage() == (f"retention could not remove the file of instance {stuck_id} "
+                                    "(PermissionError: Permission denied); it is tried again at the next run")
+    assert stuck_path.parent.name not in caplog.text and stuck_path.name not in caplog.text
