@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_node import reactor
 from dicom_node.errors import AssociationError, InvalidDatasetError, NoContextAcceptedError
-from dicom_node.scp import configure_pynetdicom, tune_socket
+from dicom_node.scp import configure_pynetdicom, limit_silence, tune_socket
 from dicom_node.statuses import Status, is_failure, is_warning
 from dicom_node.tls import handshake_failure
 
@@ -105,8 +105,13 @@ def describe(status: int) -> str:
     return f"{text} ({reason})" if reason else text
 
 
-def _on_connection_open(event: Event) -> None:
+def _on_connection_open(event: Event, timeout: float) -> None:
+    """Tune the new connection, and bound each read and write on it by ``timeout`` (with TCP keep-alive).
+    pynetdicom takes its connect time-out off the socket once connected: a peer that stopped in the
+    middle of a PDU (hung, or its link lost without a FIN) held the read for ever, the DIMSE time-out's
+    abort waited for that read, and the outbox's batch for the destination never ended."""
     tune_socket(event.assoc.dul.socket)
+    limit_silence(event.assoc.dul.socket, timeout)
 
 
 def _probe(host: str, port: int, timeout: float) -> socket.socket:
@@ -246,7 +251,7 @@ def _associate(
 
     def on_open(event: Event) -> None:
         opened.append(True)
-        _on_connection_open(event)
+        _on_connection_open(event, timeout)
 
     def on_transition(event: Event) -> None:
         events.append(event.fsm_event)

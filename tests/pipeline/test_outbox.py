@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -583,3 +587,77 @@ def test_a_delivery_retried_more_than_a_thousand_times_is_recorded_with_its_batc
         assert (second.state, second.attempts) == (DeliveryState.RETRYING, 1101)
         assert second.next_attempt_at is not None
         assert second.next_attempt_at - second.attempt_history[-1].at == timedelta(seconds=600)
+
+
+@contextlib.contextmanager
+def _stalling_in_front_of(port: int) -> Iterator[int]:
+    """A PACS that hangs in the middle of an answer: relays to ``port``, passes the peer's answer to the
+    association request whole, then the first 3 bytes of its next PDU (the C-STORE response), and then
+    nothing, the connection held open. Yields its own port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = [server]
+
+    def exactly(sock: socket.socket, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def upward(client: socket.socket, upstream: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                upstream.sendall(chunk)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = server.accept()
+            upstream = socket.create_connection(("127.0.0.1", port))
+            held.extend([client, upstream])
+            threading.Thread(target=upward, args=(client, upstream), daemon=True).start()
+            header = exactly(upstream, 6)
+            client.sendall(header + exactly(upstream, struct.unpack(">L", header[2:])[0]))
+            client.sendall(exactly(upstream, 6)[:3])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        for sock in held:
+            sock.close()
+        thread.join(timeout=5)
+
+
+def test_a_pacs_hanging_in_the_middle_of_an_answer_fails_the_batch_within_the_time_out(
+    tmp_path: Path, peer: StorePeer
+) -> None:
+    """pynetdicom takes the connect time-out off the socket once connected: a PACS that stopped in the
+    middle of a PDU (hung, or its link lost without a FIN) left the read waiting for ever. The DIMSE
+    time-out's abort then waited for that read, the batch never ended, and the destination's outbox
+    held its lock: nothing more went to that PACS until the node was restarted."""
+    from dicom_node import scu
+    from dicom_node.errors import AssociationError
+
+    results = tmp_path / "results"
+    relative = "1/sr.dcm"
+    _result_file(results, relative, generate_uid(), generate_uid())
+    outcome: list[object] = []
+
+    def send(port: int) -> None:
+        try:
+            outcome.append(scu.send([results / relative], "127.0.0.1", port, "PACS", calling_aet="CXRNODE",
+                                    timeout=2.0))
+        except AssociationError as exc:
+            outcome.append(exc)
+
+    with _stalling_in_front_of(peer.port) as port:
+        sending = threading.Thread(target=send, args=(port,), daemon=True)
+        sending.start()
+        sending.join(timeout=30)
+        assert not sending.is_alive(), "still waiting for the PACS after 30 s"
+    [error] = outcome
+    assert isinstance(error, AssociationError) and error.statuses == []
+    assert peer.received  # the PACS had the object; its answer did not come
