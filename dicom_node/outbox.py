@@ -12,19 +12,21 @@ supersedes the delivery; it waits for that instead of going DEAD (:meth:`Outbox.
 A destination set to storage commitment is then asked whether it keeps what it was sent
 (:mod:`dicom_node.commitment`); an object its PACS reports it does not keep is sent again.
 
-Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed) so a concurrent sweep
-or ``cxr-node resend`` does not send the same object at the same time. A crash between the peer's answer
-and our commit re-sends the same SOP Instance UID once; a PACS keeps one instance for one UID.
+Before sending, the batch is leased (``next_attempt_at`` pushed forward and committed, and renewed while it
+is sent) so a concurrent sweep or ``cxr-node resend`` does not send the same object at the same time. A
+crash between the peer's answer and our commit re-sends the same SOP Instance UID once; a PACS keeps one
+instance for one UID.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import ssl
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -314,7 +316,9 @@ class Outbox:
                 if batch is None:
                     break
                 destination, items = batch
-                self._send(destination, items, report)
+                with self._renewing(destination.id, [item.delivery_pk for item in items]):
+                    outcomes = self._send(destination, items)
+                self._record(destination, items, outcomes, report)
                 if report.failed and not report.delivered:
                     break  # the peer is down: wait for the back-off instead of hammering it
             if ask_commitment:
@@ -362,7 +366,39 @@ class Outbox:
             session.expunge(destination)
         return destination, items
 
-    def _send(self, destination: RemoteAe, items: list[_Item], report: BatchReport) -> None:
+    @contextlib.contextmanager
+    def _renewing(self, destination_pk: int, delivery_pks: list[int]) -> Iterator[None]:
+        """Keep the batch's lease while it is sent. A batch may take longer than :data:`LEASE_SECONDS`
+        (64 objects to a slow archive, each up to a DIMSE time-out): once its lease ran out, another
+        process (`cxr-node resend`) leased the objects still being sent and sent them a second time. A
+        process that dies stops renewing, and its batch is due again a lease later."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(LEASE_SECONDS / 3):
+                try:
+                    with session_scope(self.session_factory) as session:
+                        session.execute(
+                            update(Delivery)
+                            .where(Delivery.id.in_(delivery_pks),
+                                   Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)))
+                            .values(next_attempt_at=utcnow() + timedelta(seconds=LEASE_SECONDS))
+                        )
+                except Exception as exc:  # tried again a third of a lease later
+                    LOGGER.warning("destination %d: the lease of a batch being sent was not renewed (%s)",
+                                   destination_pk, type(exc).__name__)
+
+        thread = threading.Thread(target=renew, name="cxr-outbox-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def _send(self, destination: RemoteAe, items: list[_Item]) -> dict[int, tuple[int | None, str]]:
+        """Send the batch in one association; returns each delivery's status (None: no answer) and
+        reason, for :meth:`_record`."""
         from pydicom import dcmread
 
         from dicom_node import scu
@@ -417,7 +453,7 @@ class Outbox:
                     outcomes[item.delivery_pk] = (int(statuses[index]), scu.describe(statuses[index]))
                 else:
                     outcomes[item.delivery_pk] = (None, error)
-        self._record(destination, items, outcomes, report)
+        return outcomes
 
     def _after_failure(self, delivery: Delivery, now: datetime, report: BatchReport, *,
                        final: bool = True, refused: bool = False) -> None:

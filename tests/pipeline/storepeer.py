@@ -6,6 +6,7 @@ It records every SOP Instance UID it receives and each association, and answers 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from pydicom import Dataset
@@ -23,12 +24,14 @@ class StorePeer:
         status: int = 0x0000,
         abort_after: int | None = None,
         comment: str = "",
+        delay: float = 0.0,
     ) -> None:
         self.ae_title = ae_title
         self.port = port or peers.free_port()
         self.status = status
         self.comment = comment  # the Error Comment (0000,0902) sent with the status, if any
         self.abort_after = abort_after  # abort the association instead of answering the next object
+        self.delay = delay  # seconds taken to store each object (a slow archive)
         self.received: list[str] = []
         self.associations = 0
         self.offered_max_pdus: list[int] = []  # the Maximum Length each requestor offered
@@ -36,6 +39,8 @@ class StorePeer:
         self._server: Any = None
 
     def _on_store(self, event: Event) -> int | Dataset:
+        if self.delay:
+            time.sleep(self.delay)
         with self._lock:
             if self.abort_after is not None and len(self.received) >= self.abort_after:
                 event.assoc.abort()  # a PACS that goes away mid-batch: no response to this object

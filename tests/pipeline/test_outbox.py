@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -515,8 +516,6 @@ def test_a_disabled_destination_with_due_deliveries_is_not_woken_again_and_again
     found nothing to lease and armed the wake-up for the earliest due row, which was due already: the
     wake-up fired at once, and again, about 70 rounds a second for as long as it stayed disabled, each a
     write to the scheduler's job store. Once enabled again, the sweep sends the deliveries."""
-    import time
-
     from dicom_node.jobs import build_scheduler
 
     results = tmp_path / "results"
@@ -661,3 +660,30 @@ def test_a_pacs_hanging_in_the_middle_of_an_answer_fails_the_batch_within_the_ti
     [error] = outcome
     assert isinstance(error, AssociationError) and error.statuses == []
     assert peer.received  # the PACS had the object; its answer did not come
+
+
+def test_a_batch_slower_than_its_lease_is_not_taken_and_sent_again_by_another_process(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is leased for 120 s, but 64 objects to a slow archive (2 s each) take longer, up to 64
+    DIMSE time-outs. Once the lease ran out, `cxr-node resend` (another process: its own outbox) leased
+    the objects still being sent and sent them a second time, and both processes recorded an attempt.
+    The lease is now renewed while the batch is being sent."""
+    from dicom_node import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "LEASE_SECONDS", 2.0)
+    slow = StorePeer(delay=1.5).start()
+    results = tmp_path / "results"
+    try:
+        destination_pk, ids = _deliveries(db, results, slow.port, 3)
+        first = threading.Thread(target=_outbox(db, results).deliver_due, args=(destination_pk,))
+        first.start()
+        time.sleep(3.0)  # the node's batch is on its second object, its lease over
+        second = _outbox(db, results).deliver_due(destination_pk)  # the resend command's outbox
+        first.join(timeout=30)
+    finally:
+        slow.stop()
+    assert second.delivered == [] and second.failed == []
+    assert sorted(slow.received) == sorted(set(slow.received)) and len(slow.received) == 3
+    with session_scope(db) as session:
+        assert [d.attempts for d in session.scalars(select(Delivery).order_by(Delivery.id))] == [1, 1, 1]
