@@ -151,15 +151,14 @@ class Ingestor:
         sop_class, sop_instance = require_uid(ds, "SOPClassUID"), require_uid(ds, "SOPInstanceUID")
         if sop_class not in self.accepted_sop_classes:
             raise UnsupportedSopClassError("SOP class not accepted by this node")
-        if not transfer_syntax:
-            # A bare dataset, or a file whose meta leaves out the Transfer Syntax UID: pydicom found the
-            # data set's encoding; its bytes are kept, behind the node's file meta instead of any of its own.
+        own_meta = bool(transfer_syntax) and _names(meta, sop_class, sop_instance)
+        if not transfer_syntax:  # none given: pydicom found the data set's encoding
             implicit = ds.original_encoding[0]
             transfer_syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-            chunks = [part10_prefix(sop_class, sop_instance, transfer_syntax), data[data_set_offset(data):]]
-        elif not _names(meta, sop_class, sop_instance):
-            # A file meta naming another instance or SOP class than its data set (PS3.10 7.1: its own),
-            # as an anonymiser that changed only the data set's UIDs leaves it: the node's, for the data set.
+        if not own_meta:
+            # A bare data set, a file meta without a Transfer Syntax UID, or one naming another instance or
+            # SOP class than its data set (PS3.10 7.1: its own; an anonymiser that changed only the data
+            # set's UIDs leaves it so): the data set's bytes are kept, behind the node's file meta.
             chunks = [part10_prefix(sop_class, sop_instance, transfer_syntax), data[data_set_offset(data):]]
         elif has_preamble(data):
             chunks = [data]
