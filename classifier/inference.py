@@ -521,6 +521,7 @@ def cells_over_input(cam: FloatImage, cells: CellGrid, size: tuple[int, int]) ->
     placed: FloatImage = np.clip(top * (1 - fr)[:, None] + bottom * fr[:, None], 0.0, 1.0).astype(np.float32)
     return placed
 
+
 def heatmap_in_whole_frame(heatmap: FloatImage, frame: Box) -> FloatImage:
     """A heat map over the model input, which shows ``frame`` of the whole image, placed back into the
     whole image (zero outside the frame) at the input's size, so overlays line up with the radiograph."""

@@ -965,6 +965,7 @@ def test_the_evaluate_command_prints_the_per_class_figures(
     assert printed["data"]["split"] == "validation" and printed["data"]["training_images"] == 0
     assert "reliability" not in printed
 
+
 def test_an_evaluation_is_not_written_into_a_models_folder(artifact: Path, collection: Path) -> None:
     """``evaluate MODEL DATA -o MODEL`` replaced the model's own validation confusion matrix silently."""
     figure = (artifact / "confusion_matrix.png").read_bytes()
