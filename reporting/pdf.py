@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from PIL import Image as PILImage
+from pydicom.multival import MultiValue
 from reportlab.graphics.shapes import Drawing, Rect, String
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER, TA_LEFT
@@ -309,7 +310,11 @@ def patient_name(source: pydicom.Dataset) -> str:
 
 def person_name_text(value: object) -> str:
     """A DICOM person name as read on paper: "Family, Given Middle" for the alphabetic form, "Family
-    Given" for the ideographic and phonetic forms, the forms separated by " / "; "" when empty."""
+    Given" for the ideographic and phonetic forms, the forms separated by " / "; "" when empty. A name
+    that reads as several values (a backslash in it) gives each, separated by "; ": read as one, it was
+    printed as a Python list, "[Doe, John, Roe Jane]"."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "; ".join(text for text in (person_name_text(item) for item in value) if text)
     forms = []
     for position, group in enumerate(str(value or "").split("=")):
         parts = [part.strip() for part in group.split("^")] + [""] * 5
@@ -323,15 +328,22 @@ def person_name_text(value: object) -> str:
 
 def dicom_date_text(value: object) -> str:
     """``YYYYMMDD`` as ``YYYY-MM-DD``; anything else as given; ``NOT_RECORDED`` when empty."""
-    text = str(value or "").strip()
+    text = _value_text(value)
     if len(text) == 8 and text.isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
     return text or NOT_RECORDED
 
 
 def _text(value: object) -> str:
-    text = str(value or "").strip()
-    return text or NOT_RECORDED
+    return _value_text(value) or NOT_RECORDED
+
+
+def _value_text(value: object) -> str:
+    """A header value as its DICOM text: several values joined by a backslash, as a PACS shows them, not
+    as a Python list ("['A', 'B']")."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(item).strip() for item in value).strip("\\")
+    return str(value or "").strip()
 
 
 def _not_analysed_box(items: Sequence[NotAnalysedImage], styles: _Styles, fonts: Typeface) -> Table:

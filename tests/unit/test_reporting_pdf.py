@@ -264,6 +264,17 @@ def test_markup_characters_in_names_are_printed_not_interpreted() -> None:
     assert "Radiology <North> & South" in text
 
 
+def test_a_name_and_an_id_of_several_values_are_printed_as_dicom_values_not_python_lists() -> None:
+    """A backslash in a header value makes it several (pydicom reads a MultiValue): the page printed the
+    list's repr, "[Doe, John, Roe Jane]" and "ID ['A', 'B']", in the identity table and every footer."""
+    source = radiograph()
+    source.PatientName = "Doe^John\\Roe^Jane"
+    source.PatientID = "9RG1\\OTHER-7"
+    text = compact(pages([analysed(source)])[0])
+    assert "[" not in text and "'" not in text
+    assert "Doe, John; Roe, Jane · ID 9RG1\\OTHER-7 · born 1940-03-05" in text
+
+
 def test_the_footer_identity_never_runs_past_its_width() -> None:
     """A 64-character Patient ID of wide letters and a full accession number are wider than the footer
     even at 6 pt: the line ran under "Page 1 of 1" and off the page."""
