@@ -816,7 +816,8 @@ def build_not_analysed_pdf(
         (fonts.regular, 11, f"Checked at {analysed_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"),
         *([(fonts.bold, 10, revision_headline(revision))] if revision.number > 1 else []),
         (fonts.bold, 12, "No image of this study was analysed:"),
-        (fonts.regular, 11, reason),
+        # the reasons of all the study's images, joined: wrapped, not cut (a third reason was lost to "…")
+        *((fonts.regular, 11, line) for line in _wrapped(reason, fonts, fonts.regular, 11, CONTENT_WIDTH)),
         (fonts.regular, 9, "The AI analyses frontal (PA/AP) chest radiographs (CR/DX) only."),
         (fonts.regular, 9, "Decision support, not a diagnosis."),
     ]
@@ -885,6 +886,19 @@ def _fit_sized(
         if _width(text, fonts, font, size) <= width:
             return text, size
     return _fit(text, fonts, font, sizes[-1], width), sizes[-1]
+
+
+def _wrapped(text: str, fonts: Typeface, font: str, size: float, width: float) -> list[str]:
+    """``text`` broken at spaces into lines that fit ``width`` points; a word wider than a line alone is
+    shortened (:func:`_fit`)."""
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and _width(joined, fonts, font, size) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(_fit(word, fonts, font, size, width))
+    return lines or [""]
 
 
 def _fit(text: str, fonts: Typeface, font: str, size: float, width: float) -> str:

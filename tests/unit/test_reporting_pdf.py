@@ -184,6 +184,20 @@ def test_the_not_analysed_notice_prints_the_institutions_name_in_its_own_script(
     assert not any("Helvetica" in font for font in fonts), fonts
 
 
+def test_the_not_analysed_notice_prints_every_reason_of_the_study_whole() -> None:
+    """The pipeline joins the distinct reasons of a study's images; the notice cut the line at the page's
+    width, so that a third reason (the patient's age, here) ended in "…" and was lost to the reader."""
+    reasons = [
+        "a DX image for processing (raw detector data), not for presentation",
+        "the patient is younger than 18 years by Patient Age or Birth Date",
+        "view position LL is not frontal (PA/AP)",
+    ]
+    data = build_not_analysed_pdf(NODE, reason="; ".join(reasons), analysed_at=ANALYSED_AT)
+    text = compact(pypdf.PdfReader(io.BytesIO(data)).pages[0].extract_text())
+    assert "…" not in text
+    assert "; ".join(reasons) in text
+
+
 def longest_identity() -> pydicom.Dataset:
     source = unicode_source("Wolfeschlegelsteinhausenbergerdorff^Hubert Blaine Maximilian^von^Dr.^PhD")
     source.PatientID = "1.2.840.113619.2.55.3.604688119.969.1268071029.320.1234567890123"
