@@ -210,6 +210,17 @@ class NodeSettings(_Group):
     institution_name: str = ""
     data_dir: Path = Path("var")
 
+    @field_validator("institution_name")
+    @classmethod
+    def _valid_institution(cls, value: str) -> str:
+        """Every result carries it as Institution Name (LO): a longer name or a backslash made highdicom
+        refuse each SR, so every study failed long after the node had started."""
+        value = value.strip()
+        if len(value) > 64 or "\\" in value or any(ord(char) < 32 for char in value):
+            raise ValueError("institution_name must be at most 64 characters, without backslash or control "
+                             "characters (DICOM Institution Name, LO)")
+        return value
+
 
 class Settings(BaseSettings):
     """All settings of one node, grouped as in config/default.yaml."""
