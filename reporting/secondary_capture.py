@@ -180,5 +180,22 @@ def with_band(pixels: npt.NDArray[np.uint8], headline: str, caption: str) -> npt
     canvas.paste(Image.fromarray(pixels, mode="RGB"), (0, band))
     draw = ImageDraw.Draw(canvas)
     draw.text((size // 2, size // 3), headline, font=_font(size), fill=(255, 255, 255))
-    draw.text((size // 2, int(size * 1.7)), caption, font=_font(int(size * 0.8)), fill=(255, 235, 230))
+    caption, caption_size = _fitted_caption(caption, int(size * 0.8), width - size)
+    draw.text((size // 2, int(size * 1.7)), caption, font=_font(caption_size), fill=(255, 235, 230))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+MIN_CAPTION_SIZE = 10
+
+
+def _fitted_caption(caption: str, size: int, width: int) -> tuple[str, int]:
+    """``caption`` and a type size at which it fits ``width`` pixels: smaller type first, then cut with
+    "…". An indeterminate result of the binary model ("Indeterminate: most likely No COVID-19 pattern
+    55.0 % · resnet152-transfer 2026.11.20-ef56789") ran off the image's right edge, its version lost."""
+    while size > MIN_CAPTION_SIZE and _font(size).getlength(caption) > width:
+        size -= 1
+    if _font(size).getlength(caption) <= width:
+        return caption, size
+    while caption and _font(size).getlength(caption + "…") > width:
+        caption = caption[:-1]
+    return caption.rstrip() + "…", size

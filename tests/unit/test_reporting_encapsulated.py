@@ -13,10 +13,17 @@ from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 from reporting.encapsulated import build_encapsulated_pdf
 from reporting.heatmap import colourise, overlay
 from reporting.pdf import build_pdf
-from reporting.secondary_capture import NOT_FOR_DIAGNOSIS, NoHeatmapError, build_heatmap_sc, heatmap_caption
-from reporting.types import Revision
+from reporting.secondary_capture import (
+    BAND_COLOUR,
+    NOT_FOR_DIAGNOSIS,
+    NoHeatmapError,
+    build_heatmap_sc,
+    heatmap_caption,
+)
+from reporting.types import AnalysedImage, Revision
 from tests.unit.test_reporting_cases import (
     ANALYSED_AT,
+    BINARY,
     EARLIER,
     MESSY_VALUES,
     NODE,
@@ -24,6 +31,7 @@ from tests.unit.test_reporting_cases import (
     heatmap,
     japanese_source,
     messy_source,
+    prediction,
     preview,
     radiograph,
     sparse_source,
@@ -146,6 +154,22 @@ def test_heatmap_caption_names_the_class_an_indeterminate_result_leans_to() -> N
     unsure = analysed(probabilities={"covid": 0.20, "normal": 0.32, "pneumonia": 0.48}).prediction
     assert heatmap_caption(sure) == "COVID-19 87.4 %"
     assert heatmap_caption(unsure) == "Indeterminate: most likely Pneumonia 48.0 %"
+
+
+def test_the_heat_maps_burned_in_caption_stays_inside_the_image() -> None:
+    """An indeterminate result of the binary model makes the longest caption ("Indeterminate: most likely
+    No COVID-19 pattern 55.0 % · resnet152-transfer 2026.11.20-ef56789"): on a 1024-pixel-wide preview it
+    ran off the right edge, the model's version cut off in the PACS viewer. Smaller type keeps it in, with
+    the band's margin on the right as on the left."""
+    unsure = prediction({"covid": 0.45, "non-covid": 0.55}, BINARY, threshold=0.6)
+    image = AnalysedImage(source=radiograph(), prediction=unsure, preview=np.full((700, 1024), 90, np.uint8))
+    ds = build_heatmap_sc(image, NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3021",
+                          sop_instance_uid="1.2.826.0.1.3680043.8.498.3022", created_at=ANALYSED_AT)
+    pixels = ds.pixel_array
+    size = 1024 // 40
+    band = pixels[: int(size * 3.2)]
+    assert (band[:, -(size // 2):] == BAND_COLOUR).all()  # nothing drawn in the right margin
+    assert (band[int(size * 1.7):, : size * 2] != BAND_COLOUR).any()  # the caption is there
 
 
 def test_secondary_capture_keeps_the_sources_burned_in_annotation() -> None:
