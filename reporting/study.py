@@ -249,8 +249,9 @@ def in_study_time(moment: datetime, source: Dataset) -> tuple[datetime, str | No
     source that does not has local times; the result then gives the analysis time in the node's local
     zone and states no offset either, rather than label the study's local time "+0000"."""
     match = _OFFSET.match(str(source.get("TimezoneOffsetFromUTC") or "").strip())
-    if match is not None and int(match[2]) <= 14 and int(match[3]) < 60:
-        minutes = int(match[2]) * 60 + int(match[3])
+    minutes = int(match[2]) * 60 + int(match[3]) if match is not None else 0
+    # PS3.5 6.2 (DA/DT offsets): -1200 to +1400; an offset outside them is not copied into a result
+    if match is not None and int(match[3]) < 60 and minutes <= (14 if match[1] == "+" else 12) * 60:
         zone = timezone(timedelta(minutes=minutes if match[1] == "+" else -minutes))
         return moment.astimezone(zone), match[0]
     return moment.astimezone(), None

@@ -378,3 +378,16 @@ def test_an_images_tracking_uid_is_the_same_in_every_sr_that_reports_on_it() -> 
     two = report(two_images).get_image_measurement_groups()
     assert [group.tracking_uid for group in two] == [group.tracking_uid for group in one[:2]]
     assert len({group.tracking_uid for group in one}) == len(images)
+
+
+@pytest.mark.usefixtures("new_york")
+@pytest.mark.parametrize("offset", ["-1400", "-1201", "+1401", "+0960"])
+def test_a_source_offset_outside_the_dicom_range_is_not_copied_into_the_report(offset: str) -> None:
+    """PS3.5 allows offsets from -1200 to +1400. A source stating another (a modality's clock set wrong) is
+    read as stating none: the report no longer repeats the invalid value, and its times are local."""
+    source = radiograph()
+    source.TimezoneOffsetFromUTC = offset
+    sr = build([analysed(source)])
+    local = ANALYSED_AT.astimezone()
+    assert "TimezoneOffsetFromUTC" not in sr
+    assert (str(sr.ContentDate), str(sr.ContentTime)) == (local.strftime("%Y%m%d"), local.strftime("%H%M%S"))
