@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import audit, commitment
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
+from dicom_node.settings import checked_ae_title
 from dicom_node.store.models import AeRole, Delivery, RemoteAe
 
 LOGGER = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ class AeSpec:
     storage_commitment: bool = False  # destinations: ask them to commit to keeping what they received
 
     def validated(self) -> AeSpec:
-        title = self.ae_title.strip()
-        if not 1 <= len(title) <= 16 or "\\" in title or not (title.isascii() and title.isprintable()):
-            raise InvalidAeError("AE title must be 1-16 printable ASCII characters without backslash",
-                                 field="ae_title")
+        try:
+            title = checked_ae_title(self.ae_title)
+        except ValueError as exc:
+            raise InvalidAeError(str(exc), field="ae_title") from exc
         host = (self.host or "").strip() or None
         if host is not None and not valid_host(host):
             raise InvalidAeError(

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     IPvAnyAddress,
     SecretStr,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -34,6 +34,29 @@ CONFIG_ENV = "CXR_NODE_CONFIG"
 # The model card's intended use: adults. Younger patients are not classified (dicom_node.eligibility).
 ADULT_AGE_YEARS = 18.0
 ENV_PREFIX = "CXR_NODE__"
+
+
+AE_TITLE_RULE = "AE title must be 1-16 printable ASCII characters without backslash"
+
+
+def checked_ae_title(value: str) -> str:
+    """An AE title as PS3.5 (VR AE) allows it, its leading and trailing spaces (not significant) removed.
+
+    One rule for the node's own title, the settings' callers and destinations and the ones an admin enters
+    (dicom_node.aes): a control character or a non-ASCII letter passed the settings and stopped ``serve``
+    (or a C-ECHO) with pynetdicom's traceback (review)."""
+    title = value.strip(" ")
+    if not 1 <= len(title) <= 16 or "\\" in title or not (title.isascii() and title.isprintable()):
+        raise ValueError(AE_TITLE_RULE)
+    return title
+
+
+def _ae_title_or_none(value: str | None) -> str | None:
+    """An optional AE title: empty is none (a caller's ``reply_to: ""``)."""
+    return checked_ae_title(value) if value and value.strip(" ") else None
+
+
+AeTitle = Annotated[str, AfterValidator(checked_ae_title)]
 
 
 class _Group(BaseModel):
@@ -63,15 +86,16 @@ class TlsSettings(_Group):
 class CallerEntry(_Group):
     """A calling AE allowed to associate; seeded into the database at start-up."""
 
-    ae_title: str
+    ae_title: AeTitle
     host: str | None = None
-    reply_to: str | None = None  # destination AE title to send results back to
+    # destination AE title to send results back to
+    reply_to: Annotated[str | None, AfterValidator(_ae_title_or_none)] = None
 
 
 class DestinationEntry(_Group):
     """A C-STORE destination for results; seeded into the database at start-up."""
 
-    ae_title: str
+    ae_title: AeTitle
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
@@ -80,7 +104,7 @@ class DestinationEntry(_Group):
 
 
 class DicomSettings(_Group):
-    ae_title: str = "CXRNODE"
+    ae_title: AeTitle = "CXRNODE"
     port: int = Field(default=11112, ge=0, le=65535)
     bind_address: str = "0.0.0.0"
     max_pdu: int = Field(default=131072, ge=0)
@@ -104,14 +128,6 @@ class DicomSettings(_Group):
         if self.listener_processes:
             return self.listener_processes
         return max(1, min(len(os.sched_getaffinity(0)), 4))
-
-    @field_validator("ae_title")
-    @classmethod
-    def _valid_ae(cls, value: str) -> str:
-        value = value.strip()
-        if not 1 <= len(value) <= 16 or "\\" in value:
-            raise ValueError("AE title must be 1-16 characters without backslash")
-        return value
 
 
 class DatabaseSettings(_Group):
@@ -149,7 +165,7 @@ class PipelineSettings(_Group):
     heatmap: bool = True
     secondary_capture: bool = False
     send_skipped: bool = False
-    fixed_destinations: list[str] = []
+    fixed_destinations: list[AeTitle] = []
 
 
 class OutboxSettings(_Group):

@@ -1,0 +1,46 @@
+"""Settings read from the environment and a file: what an admin writes is checked before the node starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import ConfigurationError
+from dicom_node.settings import load_settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting"),
+    [
+        ("CXR_NODE__DICOM__AE_TITLE", "CXR\tNODE", "dicom.ae_title"),  # pynetdicom's traceback at serve
+        ("CXR_NODE__DICOM__AE_TITLE", "CXRN\u00d6DE", "dicom.ae_title"),
+        ("CXR_NODE__DICOM__CALLERS", '[{"ae_title": "PACS\\u0001"}]', "dicom.callers.0.ae_title"),
+        ("CXR_NODE__DICOM__CALLERS", '[{"ae_title": "PACS", "reply_to": "A_TITLE_OF_17_CHR"}]',
+         "dicom.callers.0.reply_to"),
+        ("CXR_NODE__DICOM__DESTINATIONS", '[{"ae_title": "PA\\\\CS", "host": "pacs", "port": 104}]',
+         "dicom.destinations.0.ae_title"),
+        ("CXR_NODE__PIPELINE__FIXED_DESTINATIONS", '["ARCHIVE\\n"]', "pipeline.fixed_destinations.0"),
+    ],
+)
+def test_an_ae_title_dicom_does_not_allow_is_a_setting_error(
+    cli_env: pytest.MonkeyPatch, variable: str, value: str, setting: str
+) -> None:
+    cli_env.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    assert f"{setting}: Value error, AE title must be 1-16 printable ASCII characters" in str(raised.value)
+
+
+def test_ae_titles_in_settings_lose_their_insignificant_spaces(
+    cli_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text("dicom:\n  ae_title: ' CXRNODE '\n  callers: [{ae_title: 'PACS ', reply_to: ' PACS'}]\n"
+                      "  destinations: [{ae_title: ' PACS', host: pacs, port: 104}]\n"
+                      "pipeline:\n  fixed_destinations: [' ARCHIVE ']\n")
+    settings = load_settings(config)
+    assert settings.dicom.ae_title == "CXRNODE"
+    assert (settings.dicom.callers[0].ae_title, settings.dicom.callers[0].reply_to) == ("PACS", "PACS")
+    assert settings.dicom.destinations[0].ae_title == "PACS"
+    assert settings.pipeline.fixed_destinations == ["ARCHIVE"]
