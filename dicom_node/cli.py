@@ -20,7 +20,7 @@ from classifier.errors import ClassifierError
 from dicom_node import __version__, aes, audit
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.logconfig import configure_logging, for_command
-from dicom_node.settings import LoggingSettings, Settings, load_settings
+from dicom_node.settings import LoggingSettings, Settings, checked_ae_title, load_settings
 from dicom_node.statuses import Status, is_stored
 from dicom_node.store import db
 from dicom_node.store.models import AeRole
@@ -195,6 +195,32 @@ def cmd_send(args: argparse.Namespace) -> int:
 # parser --------------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """A TCP port argument: out of range, the association thread died of an OverflowError (review)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, not {port}")
+    return port
+
+
+def _ae_title(text: str) -> str:
+    """An AE title argument: one DICOM does not allow stopped the command with pynetdicom's traceback."""
+    try:
+        return checked_ae_title(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _host(text: str) -> str:
+    """A host argument: a malformed name (``pacs..local``) ended in a UnicodeError's traceback."""
+    if not aes.valid_host(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or a host name")
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -253,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     aecho.set_defaults(func=cmd_ae_echo)
 
     echo = sub.add_parser("echo", parents=[common], help="C-ECHO any DICOM peer")
-    echo.add_argument("host")
-    echo.add_argument("port", type=int)
-    echo.add_argument("aet", help="the peer's (called) AE title")
-    echo.add_argument("--calling-aet", help="our AE title (default: dicom.ae_title)")
+    echo.add_argument("host", type=_host)
+    echo.add_argument("port", type=_port)
+    echo.add_argument("aet", type=_ae_title, help="the peer's (called) AE title")
+    echo.add_argument("--calling-aet", type=_ae_title, help="our AE title (default: dicom.ae_title)")
     echo.set_defaults(func=cmd_echo)
 
     send = sub.add_parser("send", parents=[common], help="C-STORE files or folders to a destination")
