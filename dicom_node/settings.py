@@ -196,14 +196,23 @@ class MetricsSettings(_Group):
     port: int = Field(default=9111, ge=0, le=65535)
 
 
+def _long_enough_key(key: SecretStr | None) -> SecretStr | None:
+    """A console key an attacker cannot guess from a cookie (the length is said, never the key)."""
+    if key is not None and len(key.get_secret_value()) < 32:
+        raise ValueError("must be at least 32 characters (openssl rand -hex 32 makes one)")
+    return key
+
+
 class WebSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     session_minutes: int = Field(default=480, ge=1)
     session_max_hours: float = Field(default=12, gt=0)
-    # None: a random key made once and kept in node.data_dir/web-secret-key (0600)
-    secret_key: SecretStr | None = None
+    # None: a random key made once and kept in node.data_dir/web-secret-key (0600). At least 32 characters:
+    # it signs the device cookies that exempt a browser from another's login lockout, and a short one
+    # ("changeme") is found from one such cookie offline, after which every lockout can be passed (review)
+    secret_key: Annotated[SecretStr | None, AfterValidator(_long_enough_key)] = None
     secure_cookies: bool = False
     # Addresses of reverse proxies whose X-Forwarded-For the console believes (the audit trail then records
     # the browser's address, not the proxy's); empty: the direct peer's address, whatever a request claims

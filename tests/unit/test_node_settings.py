@@ -44,3 +44,22 @@ def test_ae_titles_in_settings_lose_their_insignificant_spaces(
     assert (settings.dicom.callers[0].ae_title, settings.dicom.callers[0].reply_to) == ("PACS", "PACS")
     assert settings.dicom.destinations[0].ae_title == "PACS"
     assert settings.pipeline.fixed_destinations == ["ARCHIVE"]
+
+
+@pytest.mark.parametrize("key", ["changeme", "0123456789abcdef0123456789abcde"])
+def test_a_short_console_secret_key_is_refused_without_quoting_it(
+    cli_env: pytest.MonkeyPatch, key: str
+) -> None:
+    """It signs the device cookies that exempt a browser from login lockouts: guessed, they can be forged."""
+    cli_env.setenv("CXR_NODE__WEB__SECRET_KEY", key)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    said = str(raised.value)
+    assert "web.secret_key: Value error, must be at least 32 characters" in said
+    assert "(from CXR_NODE__WEB__SECRET_KEY)" in said and key not in said
+
+
+def test_a_console_secret_key_of_32_characters_is_taken(cli_env: pytest.MonkeyPatch) -> None:
+    cli_env.setenv("CXR_NODE__WEB__SECRET_KEY", "0123456789abcdef" * 2)
+    key = load_settings().web.secret_key
+    assert key is not None and key.get_secret_value() == "0123456789abcdef" * 2

@@ -401,7 +401,7 @@ def test_settings_page_is_read_only_and_masks_secrets(
     settings = Settings(
         node={"data_dir": tmp_path / "var", "name": "Ward CXR node"},
         database={"url": db_url},
-        web={"secret_key": "very-secret-session-key"},
+        web={"secret_key": "very-secret-session-key-of-32-chars"},
         dicom={"ae_title": "WARDNODE", "port": 11112},
     )
     with TestClient(create_app(settings, factory), follow_redirects=False) as client:
@@ -409,7 +409,7 @@ def test_settings_page_is_read_only_and_masks_secrets(
         html = client.get("/admin/settings").text
         api = client.get("/api/admin/settings").json()
     assert "WARDNODE" in html and "11112" in html and "Ward CXR node" in html
-    assert "very-secret-session-key" not in html and "very-secret-session-key" not in str(api)
+    assert "very-secret-session-key-of-32-chars" not in html and "very-secret-session-key-of-32-chars" not in str(api)
     assert api["web"]["secret_key"] == "**********"
     assert "<form" not in html.split("<main ")[1].split("</main>")[0]  # nothing to submit
     # psycopg also takes the password (and a client key's) in the query, which needs no percent-encoding
