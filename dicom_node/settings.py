@@ -230,21 +230,20 @@ class LoggingSettings(_Group):
     json_format: bool = False
 
 
+def _institution_name(value: str) -> str:
+    """Every result carries it as Institution Name (LO): a longer name or a backslash made highdicom
+    refuse each SR, so every study failed long after the node had started."""
+    value = value.strip()
+    if len(value) > 64 or "\\" in value or any(ord(char) < 32 for char in value):
+        raise ValueError("institution_name must be at most 64 characters, without backslash or control "
+                         "characters (DICOM Institution Name, LO)")
+    return value
+
+
 class NodeSettings(_Group):
     name: str = "CXR AI node"
-    institution_name: str = ""
+    institution_name: Annotated[str, AfterValidator(_institution_name)] = ""
     data_dir: Path = Path("var")
-
-    @field_validator("institution_name")
-    @classmethod
-    def _valid_institution(cls, value: str) -> str:
-        """Every result carries it as Institution Name (LO): a longer name or a backslash made highdicom
-        refuse each SR, so every study failed long after the node had started."""
-        value = value.strip()
-        if len(value) > 64 or "\\" in value or any(ord(char) < 32 for char in value):
-            raise ValueError("institution_name must be at most 64 characters, without backslash or control "
-                             "characters (DICOM Institution Name, LO)")
-        return value
 
 
 class Settings(BaseSettings):
