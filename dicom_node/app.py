@@ -76,13 +76,22 @@ class Node:
         if self._started:
             return
         self._lock.acquire()  # before anything runs: a second node on this database stops here
+        started: list[Callable[[], None]] = []  # how to stop each part that has started, in order
         try:
-            self._start()
+            self._start(started)
         except BaseException:
+            # a part that fails to start (the console's port in use) stops those before it: the listener
+            # went on accepting images for a node that was exiting, cut off mid-association (review)
+            for stop in reversed(started):
+                try:
+                    stop()
+                except Exception:
+                    LOGGER.exception("stopping a part of a node that did not start failed")
+            self.pipeline = None
             self._lock.release()
             raise
 
-    def _start(self) -> None:
+    def _start(self, started: list[Callable[[], None]]) -> None:
         db.upgrade(self.engine)
         with self.engine.connect() as connection:
             missing = db.missing_privileges(connection)
@@ -92,12 +101,17 @@ class Node:
         self.file_store.remove_stale_temporaries()
         self.pipeline = _attach_pipeline(self)
         self.scheduler.start()
+        started.append(lambda: self.scheduler.shutdown(wait=True))
         self.settler.start()
+        started.append(self.settler.stop)
         self.scp.start()
+        started.append(self.scp.stop)
         if self.listeners is not None:
             self.listeners.start(self.scp.socket)
+            started.append(self.listeners.stop)
         if self.pipeline is not None:
             self.pipeline.start()
+            started.append(self.pipeline.stop)
         if self.settings.web.enabled:
             self.web = _start_web(self)
         self._started = True
