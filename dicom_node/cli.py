@@ -18,7 +18,7 @@ from typing import Any
 from classifier.cli import INTERRUPTED
 from classifier.errors import ClassifierError
 from dicom_node import __version__, aes, audit
-from dicom_node.errors import ConflictError, NodeError, NotFoundError
+from dicom_node.errors import ConflictError, InvalidDatasetError, NodeError, NotFoundError
 from dicom_node.logconfig import configure_logging, for_command
 from dicom_node.settings import LoggingSettings, Settings, checked_ae_title, load_settings
 from dicom_node.statuses import Status, is_stored
@@ -176,13 +176,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node.tls import client_context
 
     settings = _settings(args)
+    datasets = scu.load_datasets([Path(p) for p in args.paths])
+    if not datasets:  # "sent 0 of 0 objects" after an empty association said nothing of why
+        raise InvalidDatasetError("no DICOM file in the paths given: nothing sent")
     with _session_factory(settings)() as session, session.begin():
         ae = aes.get(session, args.to, AeRole.DESTINATION)
         host, port, tls, title = ae.host or "", int(ae.port or 0), ae.tls, ae.ae_title
         audit.record(session, audit.cli_actor(), "send", f"remote_ae:{ae.id}",
                      {"paths": len(args.paths)})
     context = client_context(settings.dicom.tls) if tls else None
-    datasets = scu.load_datasets([Path(p) for p in args.paths])
     statuses = scu.send(datasets, host, port, title, calling_aet=settings.dicom.ae_title, tls=context)
     stored = sum(1 for s in statuses if is_stored(s))
     for index, (ds, status) in enumerate(zip(datasets, statuses, strict=False)):

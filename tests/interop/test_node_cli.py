@@ -95,6 +95,14 @@ def test_destination_admin_echo_and_send(storescp: tuple[int, Path], tmp_path: P
     j2k_copy = dcmread(names[dcmread(jpeg2000).SOPInstanceUID], stop_before_pixels=True)
     assert j2k_copy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # sent as is, not re-encoded
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not DICOM")
+    nothing = run_cli(["send", str(empty), "--to", "STORESCP"], env, check=False)
+    assert nothing.returncode == 2 and "no DICOM file in the paths given: nothing sent" in nothing.stderr
+    log = (tmp_path / "storescp.log").read_text()
+    assert len(re.findall(r"Received Store Request", log)) == 3  # no association for nothing
+
     run_cli(["ae", "remove", "STORESCP"], env)
     assert "STORESCP" not in run_cli(["ae", "list", "--role", "destination"], env).stdout
     failed = run_cli(["send", str(small[0]), "--to", "STORESCP"], env, check=False)
