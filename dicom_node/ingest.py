@@ -50,11 +50,13 @@ from dicom_node.store.db import READ_ONLY, waits_for_a_resource
 from dicom_node.store.files import FileStore, StagedFile, file_sha256, instance_path
 from dicom_node.store.models import Patient, ResultObject, Study
 from dicom_node.store.received import (
+    ExistingInstance,
     ParsedInstance,
     describe_file,
     find_existing,
     insert_rows,
     parents_key,
+    retry_failed_instance,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -82,8 +84,9 @@ class IngestResult:
     differs: bool = False  # a duplicate whose bytes differ from the first copy's (which is kept)
     restored: bool = False  # a duplicate whose copy restored the instance's lost file (and is kept)
     own_result: int | None = None
-    # a duplicate image of a finished study whose results' files are gone: the study was reopened so
-    # that they are made again (its settle timer must be armed, as for a new image)
+    # a duplicate image of a finished study whose results' files are gone, or whose copy brought back the
+    # file of an image that failed for want of it: the study was reopened so that they are made again or
+    # the image is classified (its settle timer must be armed, as for a new image)
     reopened: bool = False
 
 
@@ -303,6 +306,7 @@ class Ingestor:
             # would leave patient data on disk that retention no longer looks at.
             kept = self.file_store.path(existing.file_path)
             restored = not existing.purged and not kept.exists()
+            replaced = restored
             if restored:
                 changed = stored.sha256 != existing.sha256
                 if changed:
@@ -322,19 +326,33 @@ class Ingestor:
                                existing.instance_pk)
                 staged.rename(existing.file_path)
                 staged.sync_directory()
+                replaced = True
+            reopened = replaced and self._retry_failed(existing)
             # Bytes compare only within one encoding and one kind of file meta: a PACS re-sends an
             # unchanged image in another transfer syntax as a matter of course.
             alike = (existing.transfer_syntax_uid, existing.source) == (str(parsed.transfer_syntax), source)
             differs = not restored and alike and existing.sha256 != stored.sha256
             return IngestResult(instance_pk=existing.instance_pk, study_pk=existing.study_pk, duplicate=True,
                                 size_bytes=stored.size_bytes if restored else existing.size_bytes,
-                                differs=differs, restored=restored)
+                                differs=differs, restored=restored, reopened=reopened)
         assert inserted is not None
         instance_pk, parents = inserted
         staged.sync_directory()
         self._remember(parents_key(parsed), parents)
         return IngestResult(instance_pk=instance_pk, study_pk=parents[0], duplicate=False,
                             size_bytes=stored.size_bytes)
+
+    def _retry_failed(self, existing: ExistingInstance) -> bool:
+        """An image that failed for want of the file this copy brought back is tried again
+        (:func:`retry_failed_instance`); whether its study was opened for it. A failure is logged: the
+        copy is stored, and a sender told otherwise would send it again to no effect (the file is back)."""
+        try:
+            with self._engine.begin() as conn:
+                return retry_failed_instance(conn, existing.instance_pk, existing.study_pk)
+        except (SQLAlchemyError, DatabaseUnavailableError) as exc:
+            LOGGER.error("instance %d: its file is back but it could not be opened for processing (%s)",
+                         existing.instance_pk, type(exc).__name__)
+            return False
 
     def _record_with_retries(self, parsed: ParsedInstance, staged: StagedFile, calling_ae: str,
                              source: str) -> IngestResult:

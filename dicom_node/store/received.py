@@ -137,6 +137,23 @@ def describe_file(conn: Connection, instance_pk: int, described: str, parsed: Pa
 _FINISHED = (StudyState.ANALYSED, StudyState.SKIPPED, StudyState.FAILED)
 
 
+def retry_failed_instance(conn: Connection, instance_pk: int, study_pk: int) -> bool:
+    """An image whose processing failed (its file missing or unreadable) got its file back from a copy
+    sent again: it is RECEIVED again, and its study, if finished, with it, so that it is classified. The
+    file was what failed it; a copy that only restored a file was a duplicate, and the image stayed FAILED
+    and its study without results for good. Returns whether the image was FAILED."""
+    retried = conn.execute(
+        update(_INSTANCE)
+        .where(_INSTANCE.c.id == instance_pk, _INSTANCE.c.state == InstanceState.FAILED)
+        .values(state=InstanceState.RECEIVED, state_reason="")
+    )
+    if not retried.rowcount:
+        return False
+    LOGGER.info("instance %d: its file was brought back; it is processed again", instance_pk)
+    _reopen_finished_study(conn, study_pk)
+    return True
+
+
 def _reopen_finished_study(conn: Connection, study_pk: int) -> None:
     """A new image of a study that was already finished (a re-take, a second association minutes later)
     makes it RECEIVED again: its settle timer then readies it, the pipeline classifies the new image and

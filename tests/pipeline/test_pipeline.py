@@ -758,6 +758,36 @@ def test_an_image_sent_again_after_a_restore_brings_back_its_file_and_the_studys
         assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
 
 
+def test_an_image_that_failed_for_want_of_its_file_is_analysed_once_it_is_sent_again(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The files restored from a backup older than the database, before a backlog was processed: the
+    image failed ("stored file unreadable") and its study with it. The operator guide's remedy, "have the
+    PACS send the image again", brought the file back, but the image stayed FAILED and the study with no
+    result for good. Now the copy that restores the file opens the image and its study again."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    with session_scope(world["db"]) as session:
+        image = world["config"].storage_dir / session.scalars(select(Instance.file_path)).one()
+    sent = image.read_bytes()
+    image.unlink()
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.FAILED
+        assert session.scalars(select(Instance.state)).one() is InstanceState.FAILED
+
+    again = ingest_bytes(world["db"], world["store"], sent, calling_ae="ORTHANC", source="dimse",
+                         results_dir=world["config"].results_dir)
+    assert (again.duplicate, again.restored, again.reopened) == (True, True, True)
+    settled(world, study_pk)
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
+        assert session.scalars(select(Instance.state)).one() is InstanceState.ANALYSED
+    assert len(peer.received) == 2
+    assert not ingest_bytes(world["db"], world["store"], sent, calling_ae="ORTHANC", source="dimse",
+                            results_dir=world["config"].results_dir).reopened  # now only a duplicate
+
+
 def test_an_image_that_arrives_while_the_results_are_built_is_analysed_and_reported(
     world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
