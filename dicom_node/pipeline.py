@@ -85,6 +85,9 @@ MAX_WAIT_HOURS = 24.0  # a study still failing for a resource after this long is
 # After this long with nothing queued, the worker looks for open jobs no one works on (_resubmit_forgotten)
 IDLE_SWEEP_SECONDS = 60.0
 MAX_LOAD_RETRY_SECONDS = 1800.0  # a model that fails to load is tried again at most this far apart
+#: Why a report names as not analysed an image an earlier model classified (its findings are in the console)
+EARLIER_MODEL_ONLY = "analysed by an earlier model only"
+FILE_REMOVED = "its file was removed before this model could read it"
 
 
 def retry_delay(attempts: int) -> float:
@@ -914,7 +917,7 @@ class Pipeline:
             earlier = {row.id: _earlier_revisions(session, row) for row in missing}
             study_uid = study.study_instance_uid
             images = self._analysed_images(session, study_pk, info, cycle)
-            not_analysed = self._not_analysed(session, study_pk)
+            not_analysed = self._not_analysed(session, study_pk, info)
         if not images:
             raise ReportingError(f"study {study_pk}: analysed images could not be reloaded")
         identity = self.config.identity
@@ -1011,18 +1014,34 @@ class Pipeline:
         ds.SOPInstanceUID = earlier.sop_instance_uid
         return ds
 
-    def _not_analysed(self, session: Session, study_pk: int) -> list[NotAnalysedImage]:
+    def _not_analysed(self, session: Session, study_pk: int, info: ModelInfo) -> list[NotAnalysedImage]:
         """The study's images stored and not classified (skipped or failed), with the node's reasons: the
         PDF names them. A lateral view beside a classified PA one vanished from the report (review). A
-        report, key object or PDF of the study is no image, and is not named."""
+        report, key object or PDF of the study is no image, and is not named. So is named an image an
+        earlier model analysed whose file was removed before this model could read it: the report of this
+        model holds only its own findings, and left that image out without a word."""
         from reporting.types import NotAnalysedImage
 
-        return [
-            NotAnalysedImage(header_from_rows(instance), instance.state_reason or "not analysed")
-            for instance in self._instances(session, study_pk)
-            if instance.state in (InstanceState.SKIPPED, InstanceState.FAILED)
-            and not_an_image(instance.sop_class_uid) is None
-        ]
+        instances = self._instances(session, study_pk)
+        current = set(session.scalars(
+            select(Finding.instance_pk).where(
+                Finding.instance_pk.in_([i.id for i in instances]),
+                Finding.model_name == info.name,
+                Finding.model_version == info.version,
+            )
+        ))
+        named: list[NotAnalysedImage] = []
+        for instance in instances:
+            if not_an_image(instance.sop_class_uid) is not None:
+                continue
+            if instance.state in (InstanceState.SKIPPED, InstanceState.FAILED):
+                reason = instance.state_reason or "not analysed"
+                named.append(NotAnalysedImage(header_from_rows(instance), reason))
+            elif instance.state is InstanceState.ANALYSED and instance.id not in current:
+                removed = instance.purged_at is not None
+                reason = f"{EARLIER_MODEL_ONLY}; {FILE_REMOVED}" if removed else EARLIER_MODEL_ONLY
+                named.append(NotAnalysedImage(header_from_rows(instance), reason))
+        return named
 
     def _analysed_images(
         self, session: Session, study_pk: int, info: ModelInfo, cycle: _Cycle

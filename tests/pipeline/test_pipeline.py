@@ -1550,6 +1550,40 @@ def test_after_a_model_change_a_late_image_s_report_covers_the_study_s_earlier_i
     assert len(peer.received) == 4
 
 
+def test_after_a_model_change_an_earlier_image_whose_file_was_removed_is_named_in_the_late_report(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Version 1 classified the first image, then retention removed its file, then a late image came to
+    a node running version 2. Version 2 cannot read the first image again, and its report held the late
+    image alone, "Images analysed 1 of 1": the first image was in neither the analysed nor the not
+    analysed list, without a word. Now the PDF names it as not analysed by this model, with why."""
+    import copy
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:  # what dicom_node.retention does
+        first = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / first.file_path).unlink()
+        first.purged_at = utcnow()
+    upgraded = copy.copy(world["classifier"])
+    upgraded._metadata = replace(upgraded._metadata, version=upgraded._metadata.version + "-upgraded")
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    Pipeline(world["db"], world["config"], lambda: upgraded, outbox=world["outbox"]).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
+        [path] = session.scalars(
+            select(ResultObject.file_path).where(
+                ResultObject.kind == ResultKind.PDF, ResultObject.model_version == upgraded.info.version
+            )
+        )
+    pdf = pydicom.dcmread(world["config"].results_dir / path)
+    reader = PdfReader(BytesIO(bytes(pdf.EncapsulatedDocument)))
+    text = " ".join(" ".join(page.extract_text().split()) for page in reader.pages)
+    assert "Images analysed 1 of 2" in text
+    assert "1 OTHER IMAGE OF THIS STUDY NOT ANALYSED" in text
+    assert "its file was removed before this model could read it" in text
+
+
 def test_a_revision_made_under_another_threshold_labels_every_image_by_the_threshold_it_records(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
