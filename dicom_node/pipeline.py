@@ -18,6 +18,7 @@ studies that are ready at the same time.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import re
@@ -44,7 +45,7 @@ from classifier.errors import UnsupportedImageError
 from classifier.types import ModelInfo, Prediction, decided_label
 from dicom_node import __version__, aes
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy, assess_instance, frames_refusal, study_age
-from dicom_node.errors import NodeError, ReportingError, describe_exception
+from dicom_node.errors import NodeError, ReportingError, StorageError, describe_exception
 from dicom_node.sop_classes import RESULT_SOP_CLASSES, is_image, not_an_image
 from dicom_node.storage import lost_results, pdf_path
 from dicom_node.store import header_columns
@@ -275,6 +276,8 @@ class _Cycle:
 
     datasets: dict[int, pydicom.Dataset] = field(default_factory=dict)
     previews: dict[int, npt.NDArray[np.uint8] | None] = field(default_factory=dict)
+    # studies with an image whose file could not be read for a reason that passes: tried again later
+    waiting: dict[int, StorageError] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -555,6 +558,9 @@ class Pipeline:
         for pk in claimed:
             if self._stopping.is_set():
                 break  # shutting down: the rest stay RUNNING and resume at the next start
+            if pk in cycle.waiting:
+                self._fail(pk, cycle.waiting[pk])
+                continue
             try:
                 self._finish_study(pk, info, cycle)
             except Exception as exc:
@@ -652,11 +658,15 @@ class Pipeline:
         size = max(1, self.config.batch_size)
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
-            loaded = [item for item in (self._read(pk, path, study) for pk, path, study in chunk) if item]
+            loaded = [
+                item for item in (self._read(pk, path, study, cycle) for pk, path, study in chunk
+                                  if study not in cycle.waiting)
+                if item
+            ]
             if loaded:
                 self._predict_and_store(loaded, info, cycle)
 
-    def _read(self, instance_pk: int, file_path: str, study_pk: int) -> _Loaded | None:
+    def _read(self, instance_pk: int, file_path: str, study_pk: int, cycle: _Cycle) -> _Loaded | None:
         """The stored image, its header checked first: an object of many frames or too many pixels was read
         whole before it was refused, a batch of them at once (12 images of 288 MB: 4.3 GB, and MemoryError
         recorded as "stored file unreadable"; review). Such an image is now skipped from its header."""
@@ -667,6 +677,13 @@ class Pipeline:
             refusal = frames_refusal(header) or _size_refusal(header)  # what the database rows do not keep
             ds = None if refusal is not None else _read_dataset(path)
         except Exception as exc:
+            if _passes(exc):  # its study is tried again later (Pipeline._fail), the image left RECEIVED
+                LOGGER.warning("instance %d: stored file could not be read now (%s); its study is tried "
+                               "again later", instance_pk, type(exc).__name__)
+                cycle.waiting[study_pk] = StorageError(
+                    f"instance {instance_pk}: stored file could not be read now ({type(exc).__name__})"
+                )
+                return None
             self._mark_instance(instance_pk, InstanceState.FAILED, f"stored file unreadable ({type(exc).__name__})")
             LOGGER.warning("instance %d: stored file unreadable (%s)", instance_pk, type(exc).__name__)
             return None
@@ -1318,6 +1335,17 @@ class Pipeline:
 # ---------------------------------------------------------------------------------------------
 # Reading stored instances
 # ---------------------------------------------------------------------------------------------
+
+#: Read errors of a file that is there and sound, which pass: a network file system's I/O error or stale
+#: handle, a time-out, too many open files, memory short for a moment.
+_PASSING_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR,
+                             errno.ENOMEM, errno.ENFILE, errno.EMFILE, errno.ENOBUFS})
+
+
+def _passes(exc: BaseException) -> bool:
+    """Whether reading a stored file failed for a reason that passes. Such an image failed for good as
+    "stored file unreadable", and its study with it, until an image of it was sent again (review)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS)
 
 
 def _size_refusal(header: pydicom.Dataset) -> str | None:

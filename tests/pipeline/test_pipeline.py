@@ -1871,3 +1871,43 @@ def test_the_not_analysed_notice_gives_the_images_reason_not_a_dose_srs(
     assert set(rows) == {ResultKind.PDF}
     notice = pydicom.dcmread(world["config"].results_dir / rows[ResultKind.PDF][1])
     assert b"not an image" not in bytes(notice.EncapsulatedDocument)
+
+
+def test_a_read_error_that_passes_holds_back_its_study_only_and_it_is_tried_again(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error of a network file system, or memory short for a moment, while an image was read:
+    the image failed for good ("stored file unreadable") and its study with it, with no result, until an
+    image of it was sent again (review). Now that study waits to be tried again, its image RECEIVED; the
+    other study of the same cycle is analysed and reported."""
+    import errno
+
+    held = receive(world, "RG1_UNCI.dcm")
+    other = receive(world, "RG1_UNCI.dcm")
+    with session_scope(world["db"]) as session:
+        held_file = session.scalars(
+            select(Instance.file_path).join(Series).where(Series.study_pk == held)
+        ).one()
+    read_whole = pipeline_module._read_dataset
+
+    def flaky(path: Path) -> pydicom.Dataset:
+        if path.name == Path(held_file).name:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_whole(path)
+
+    monkeypatch.setattr(pipeline_module, "_read_dataset", flaky)
+    make_pipeline(world).process([held, other])
+    with session_scope(world["db"]) as session:
+        study = session.get_one(Study, held)
+        assert study.state is StudyState.READY and "could not be read now (OSError)" in study.state_reason
+        assert session.scalars(
+            select(Instance.state).join(Series).where(Series.study_pk == held)
+        ).one() is InstanceState.RECEIVED
+        assert session.get_one(Study, other).state is StudyState.ANALYSED
+    assert len(peer.received) == 2  # the other study's SR and PDF
+
+    monkeypatch.setattr(pipeline_module, "_read_dataset", read_whole)  # the file system is back
+    make_pipeline(world).process([held])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, held).state is StudyState.ANALYSED
+    assert len(peer.received) == 4
