@@ -28,7 +28,7 @@ from sqlalchemy import Connection, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.store.db import NodeLock, session_scope
+from dicom_node.store.db import NodeLock, make_read_only_session_factory, session_scope
 from dicom_node.store.files import INCOMING_DIR, file_sha256
 from dicom_node.store.models import (
     Delivery,
@@ -319,11 +319,15 @@ def command(args: argparse.Namespace, settings: Settings, factory: sessionmaker[
     if args.remove_orphans:
         lock.acquire()  # ConfigurationError (exit 2) while the node runs: it writes files before their rows
     try:
-        with session_scope(factory) as session:
+        # The check only reads: in a write transaction it held SQLite's write lock for its whole walk (with
+        # --verify, the read of every file), and each image the running node received meanwhile was
+        # refused with 0xA700 after waiting 30 s for it.
+        with session_scope(make_read_only_session_factory(factory)) as session:
             report = check(session, storage_dir, results_dir, verify=args.verify)
-            _print(report)
-            removed = 0
-            if args.remove_orphans and report.orphans:
+        _print(report)
+        removed = 0
+        if args.remove_orphans and report.orphans:
+            with session_scope(factory) as session:
                 removed = remove_orphans(session, report, storage_dir, results_dir, audit.cli_actor())
         if removed:
             say(f"removed {removed} orphan file(s) (audited as storage.remove_orphans)")

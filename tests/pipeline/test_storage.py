@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import storage
 from dicom_node.cli import main as cli_main
-from dicom_node.store.db import NodeLock, session_scope
+from dicom_node.settings import load_settings
+from dicom_node.store.db import NodeLock, make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import (
     AuditEvent,
     Finding,
@@ -144,3 +148,30 @@ def test_orphans_are_not_removed_while_the_node_runs(
         node.release()
     assert "another cxr-node is running" in capsys.readouterr().err
     assert all(path.exists() for path in made["orphans"])  # type: ignore[attr-defined]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_storage_check_takes_no_write_lock_from_the_running_node(
+    tmp_path: Path, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check ran in a write transaction: on SQLite it held the write lock while it looked at every file
+    (with --verify, read them all), and the running node, which the guide says it may run beside, refused
+    every image meanwhile with 0xA700 after 30 s. It only reads, so it neither waits for the node's writes
+    nor holds them up."""
+    url = f"sqlite:///{tmp_path / 'node.sqlite3'}"  # PostgreSQL's readers never wait for its writers
+    engine = make_engine(url)
+    upgrade(engine)
+    factory = make_session_factory(engine)
+    cli_env.setenv("CXR_NODE__DATABASE__URL", url)
+    made = _node_files(factory, tmp_path / "var")
+    args = argparse.Namespace(verify=True, remove_orphans=False)
+    storing = factory()
+    storing.connection()  # the node storing an image: its write transaction is open
+    try:
+        started = time.monotonic()
+        assert storage.command(args, load_settings(), factory) == 1
+        assert time.monotonic() - started < 10
+    finally:
+        storing.close()
+        engine.dispose()
+    assert f"missing: instance {made['lost']}: its received file" in capsys.readouterr().out
