@@ -296,8 +296,10 @@ class NodeMetrics:
 
     def _database_ok(self) -> bool:
         """Reachable, and the node's role may read and write its tables: a REVOKE left every image
-        refused with "database unavailable" while /healthz said ok (review)."""
-        with session_scope(self.session_factory) as session:
+        refused with "database unavailable" while /healthz said ok (review). It only reads: in a write
+        transaction it queued behind every image being stored and, while another program held the SQLite
+        file, answered after 30 s, past a probe's time-out."""
+        with session_scope(self._database.session_factory) as session:  # read-only, as the scrape
             session.execute(text("SELECT 1"))
             missing = db.missing_privileges(session.connection())
         if missing != self._missing_privileges:

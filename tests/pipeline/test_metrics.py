@@ -286,3 +286,19 @@ def test_a_failing_request_is_logged_not_printed(
     assert errors[1]["message"].startswith("metrics http: request from 192.0.2.7 failed: OSError at ")
     assert "ZZSECRET" not in json_log.getvalue()
     assert capfd.readouterr().err == ""
+
+
+def test_healthz_does_not_wait_behind_a_writer(served: tuple[NodeMetrics, str], db: sessionmaker[Session]) -> None:
+    """/healthz's database check took SQLite's write lock to read: behind a long write (another program
+    holding the file, the node's own busy moments) it answered only after 30 s, and a probe with a
+    shorter time-out took the node for dead and restarted it mid-association."""
+    _, url = served
+    writer = db()
+    writer.connection()  # a write transaction held open (on SQLite: the write lock)
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{url}/healthz", timeout=40)
+        assert response.status_code == 200 and response.json()["checks"] == {"database": True}
+        assert time.monotonic() - started < 3
+    finally:
+        writer.close()
