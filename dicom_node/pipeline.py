@@ -788,9 +788,19 @@ class Pipeline:
             skipped = [i for i in instances if i.state is InstanceState.SKIPPED]
             failed = [i for i in instances if i.state is InstanceState.FAILED]
             waiting = [i for i in instances if i.state is InstanceState.RECEIVED]
+            current = _with_finding(session, [i.id for i in analysed], info)
         if waiting:
             # Instances that arrived while this cycle ran: go round again.
             self.submit(study_pk)
+            return
+        if analysed and not current:
+            # Every analysed image has an earlier model's findings only, and this model could not read
+            # it again (its file removed by retention): this model has nothing to report, and the study
+            # was FAILED, "analysed images could not be reloaded", though the earlier results stand (review)
+            removed = all(i.purged_at is not None for i in analysed)
+            reason = (f"{EARLIER_MODEL_ONLY} ({FILE_REMOVED}): its results stand, this model made none"
+                      if removed else f"{EARLIER_MODEL_ONLY}: its results stand, this model made none")
+            self._finalise(study_pk, StudyState.ANALYSED, reason, [])
             return
         if analysed:
             objects = self._ensure_result_rows(study_pk, info, [i.id for i in analysed])
@@ -1040,13 +1050,7 @@ class Pipeline:
         from reporting.types import NotAnalysedImage
 
         instances = self._instances(session, study_pk)
-        current = set(session.scalars(
-            select(Finding.instance_pk).where(
-                Finding.instance_pk.in_([i.id for i in instances]),
-                Finding.model_name == info.name,
-                Finding.model_version == info.version,
-            )
-        ))
+        current = _with_finding(session, [i.id for i in instances], info)
         named: list[NotAnalysedImage] = []
         for instance in instances:
             if not_an_image(instance.sop_class_uid) is not None:
@@ -1405,6 +1409,17 @@ def _revision(row: ResultObject, earlier: Sequence[ResultObject]) -> Revision:
     from reporting.types import Revision
 
     return Revision(row.revision, _aware(earlier[0].created_at) if earlier else None)
+
+
+def _with_finding(session: Session, instance_pks: list[int], info: ModelInfo) -> set[int]:
+    """Which of these instances have a finding of this model."""
+    return set(session.scalars(
+        select(Finding.instance_pk).where(
+            Finding.instance_pk.in_(instance_pks),
+            Finding.model_name == info.name,
+            Finding.model_version == info.version,
+        )
+    ))
 
 
 def _first_reported(session: Session, study_pk: int, info: ModelInfo) -> dict[int, int]:

@@ -1911,3 +1911,35 @@ def test_a_read_error_that_passes_holds_back_its_study_only_and_it_is_tried_agai
     with session_scope(world["db"]) as session:
         assert session.get_one(Study, held).state is StudyState.ANALYSED
     assert len(peer.received) == 4
+
+
+def test_after_a_model_change_a_study_whose_every_analysed_image_was_removed_is_not_failed(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Version 1 classified the study's only chest image, retention removed its file, and a leg image of
+    the study came to a node running version 2. Version 2 had no image to report on, and the study was
+    FAILED, "analysed images could not be reloaded", an alert for a study whose results stand. It stays
+    ANALYSED, with the earlier model's results, and says why this model made none."""
+    import copy
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    assert len(peer.received) == 2
+    with session_scope(world["db"]) as session:  # what dicom_node.retention does
+        first = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / first.file_path).unlink()
+        first.purged_at = utcnow()
+    upgraded = copy.copy(world["classifier"])
+    upgraded._metadata = replace(upgraded._metadata, version=upgraded._metadata.version + "-upgraded")
+    receive(world, "RG3_UNCI.dcm", study_uid=study_uid_of(world, study_pk))  # a leg: skipped
+    Pipeline(world["db"], world["config"], lambda: upgraded, outbox=world["outbox"]).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get_one(Study, study_pk)
+        assert study.state is StudyState.ANALYSED, study.state_reason
+        assert pipeline_module.EARLIER_MODEL_ONLY in study.state_reason
+        assert pipeline_module.FILE_REMOVED in study.state_reason, study.state_reason
+        assert session.scalars(select(Job.state).order_by(Job.id.desc()).limit(1)).one() is JobState.DONE
+        assert session.scalars(
+            select(ResultObject).where(ResultObject.model_version == upgraded.info.version)
+        ).all() == []
+    assert len(peer.received) == 2  # the earlier model's SR and PDF stand; nothing new is sent
