@@ -1110,7 +1110,7 @@ class Pipeline:
         for instance_pk, path, header, finding in rows:
             ds = cycle.datasets.get(instance_pk)
             if ds is None:
-                ds = _read_dataset(path) if path is not None and path.is_file() else header
+                ds = header if path is None else _read_again(path, instance_pk, header)
                 cycle.datasets[instance_pk] = ds
             if instance_pk not in cycle.previews:
                 cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
@@ -1350,6 +1350,23 @@ def _passes(exc: BaseException) -> bool:
     """Whether reading a stored file failed for a reason that passes. Such an image failed for good as
     "stored file unreadable", and its study with it, until an image of it was sent again (review)."""
     return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS)
+
+
+def _read_again(path: Path, instance_pk: int, header: pydicom.Dataset) -> pydicom.Dataset:
+    """An analysed image read again for a report's picture. A read error that passes holds its study
+    back (a retriable StorageError), as it does while classifying; a file gone or damaged leaves the
+    header its rows keep, as for an image retention removed: its findings stand. Either failed the study
+    for good, its late image unreported (review)."""
+    try:
+        return _read_dataset(path) if path.is_file() else header
+    except Exception as exc:
+        if _passes(exc):
+            raise StorageError(
+                f"instance {instance_pk}: stored file could not be read now ({type(exc).__name__})"
+            ) from exc
+        LOGGER.warning("instance %d: stored file unreadable (%s); reported without its picture",
+                       instance_pk, type(exc).__name__)
+        return header
 
 
 def _size_refusal(header: pydicom.Dataset) -> str | None:

@@ -1943,3 +1943,62 @@ def test_after_a_model_change_a_study_whose_every_analysed_image_was_removed_is_
             select(ResultObject).where(ResultObject.model_version == upgraded.info.version)
         ).all() == []
     assert len(peer.received) == 2  # the earlier model's SR and PDF stand; nothing new is sent
+
+
+def first_file(world: dict[str, Any], study_pk: int) -> Path:
+    """The stored file of the study's first image."""
+    with session_scope(world["db"]) as session:
+        path = session.scalars(
+            select(Instance.file_path).join(Series).where(Series.study_pk == study_pk).order_by(Instance.id)
+        ).first()
+    assert path is not None
+    return world["config"].storage_dir / path
+
+
+def test_a_read_error_that_passes_while_a_report_rereads_an_image_holds_the_study_back(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A late image's revision reads the study's earlier image again for its picture; an I/O error of a
+    network file system there failed the study for good, though the same error while classifying holds
+    the study back to be tried again (review). Now it does here too."""
+    import errno
+
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    held = first_file(world, study_pk)
+    read_whole = pipeline_module._read_dataset
+
+    def flaky(path: Path) -> pydicom.Dataset:
+        if path.name == held.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return read_whole(path)
+
+    monkeypatch.setattr(pipeline_module, "_read_dataset", flaky)
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get_one(Study, study_pk)
+        assert study.state is StudyState.READY, study.state_reason
+        assert "could not be read now (OSError)" in study.state_reason
+    monkeypatch.setattr(pipeline_module, "_read_dataset", read_whole)  # the file system is back
+    make_pipeline(world).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
+    assert len(peer.received) == 4
+
+
+def test_an_analysed_image_whose_file_was_damaged_is_reported_from_its_rows_in_a_revision(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The earlier image's file damaged on disk after it was classified: a late image's revision could not
+    read it again and the study FAILED, the late image unreported. Its findings stand: the revision
+    reports on it from the database, as on an image retention removed (without its picture)."""
+    study_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world).process([study_pk])
+    first_file(world, study_pk).write_bytes(b"not DICOM any more")
+    late = late_image(world, study_pk)
+    with session_scope(world["db"]) as session:
+        study = session.get_one(Study, study_pk)
+        assert study.state is StudyState.ANALYSED, study.state_reason
+    assert evidence(world, late[ResultKind.SR][1]) == instance_uids(world, study_pk)
+    assert len(peer.received) == 4
