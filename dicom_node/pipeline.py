@@ -1110,7 +1110,7 @@ class Pipeline:
         for instance_pk, path, header, finding in rows:
             ds = cycle.datasets.get(instance_pk)
             if ds is None:
-                ds = header if path is None else _read_again(path, instance_pk, header)
+                ds = header if path is None else _read_again(_read_dataset, path, instance_pk, header)
                 cycle.datasets[instance_pk] = ds
             if instance_pk not in cycle.previews:
                 cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
@@ -1161,8 +1161,9 @@ class Pipeline:
             if instance is None:
                 return
             path = self.config.storage_dir / instance.file_path
-            kept = instance.purged_at is None and path.is_file()
-            source = _read_header(path) if kept else header_from_rows(instance)
+            source = header_from_rows(instance)
+            if instance.purged_at is None:
+                source = _read_again(_read_header, path, instance.id, source)
             revisions = {row.id: _revision(row, _earlier_revisions(session, row)) for row in missing}
         digests: dict[int, str] = {}
         for row in missing:
@@ -1352,13 +1353,15 @@ def _passes(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS)
 
 
-def _read_again(path: Path, instance_pk: int, header: pydicom.Dataset) -> pydicom.Dataset:
-    """An analysed image read again for a report's picture. A read error that passes holds its study
-    back (a retriable StorageError), as it does while classifying; a file gone or damaged leaves the
-    header its rows keep, as for an image retention removed: its findings stand. Either failed the study
-    for good, its late image unreported (review)."""
+def _read_again(
+    read: Callable[[Path], pydicom.Dataset], path: Path, instance_pk: int, header: pydicom.Dataset
+) -> pydicom.Dataset:
+    """A stored image read again for a report (its picture, or its header for a "not analysed" notice).
+    A read error that passes holds its study back (a retriable StorageError), as it does while
+    classifying; a file gone or damaged leaves the header its rows keep, as for an image retention
+    removed: its findings stand. Either failed the study for good, its late image unreported (review)."""
     try:
-        return _read_dataset(path) if path.is_file() else header
+        return read(path) if path.is_file() else header
     except Exception as exc:
         if _passes(exc):
             raise StorageError(

@@ -2002,3 +2002,31 @@ def test_an_analysed_image_whose_file_was_damaged_is_reported_from_its_rows_in_a
         assert study.state is StudyState.ANALYSED, study.state_reason
     assert evidence(world, late[ResultKind.SR][1]) == instance_uids(world, study_pk)
     assert len(peer.received) == 4
+
+
+def test_a_read_error_that_passes_while_a_not_analysed_notice_reads_its_image_holds_the_study_back(
+    world: dict[str, Any], peer: StorePeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With send_skipped, the "not analysed" notice takes its patient and study from the image's header,
+    read again; an I/O error of a network file system there failed the study for good, and no notice was
+    ever sent (review). The study now waits to be tried again, and the notice follows."""
+    import errno
+
+    study_pk = receive(world, "RG3_UNCI.dcm")  # a leg: skipped
+    read_header = pipeline_module._read_header
+
+    def flaky(path: Path) -> pydicom.Dataset:
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(pipeline_module, "_read_header", flaky)
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    with session_scope(world["db"]) as session:
+        study = session.get_one(Study, study_pk)
+        assert study.state is StudyState.READY, study.state_reason
+        assert "could not be read now (OSError)" in study.state_reason
+    assert peer.received == []
+    monkeypatch.setattr(pipeline_module, "_read_header", read_header)  # the file system is back
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    with session_scope(world["db"]) as session:
+        assert session.get_one(Study, study_pk).state is StudyState.SKIPPED
+    assert peer.received == [result_rows(world, study_pk)[ResultKind.PDF][0]]
