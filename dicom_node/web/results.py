@@ -224,6 +224,18 @@ def _identifier(column: InstrumentedAttribute[str], term: str) -> ColumnElement[
     return column.like(pattern if has_wildcard(term) else f"{pattern}%", escape="\\")
 
 
+def _later_finding() -> tuple[type[Finding], ColumnElement[bool]]:
+    """A finding of the same image made after ``Finding`` (a later model's, after a model change), to
+    outer-join: where there is none, ``Finding`` is its image's latest. The list shows and filters that
+    one, as the study page shows it, not the earlier model's. A join, not a correlated NOT EXISTS: one
+    seek of the instance index per finding either way, and the plan tests forbid correlated subqueries."""
+    later = aliased(Finding)
+    return later, and_(
+        later.instance_pk == Finding.instance_pk,
+        tuple_(later.created_at, later.id) > tuple_(Finding.created_at, Finding.id),
+    )
+
+
 def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     criteria: list[ColumnElement[bool]] = []
     patient = query.patient.strip()
@@ -242,12 +254,14 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     if query.finding.strip():
         # The studies with the label, found once from the finding's index: as a correlated EXISTS, SQLite
         # looked up each study's findings, 0.6 s a search at 100,000 studies (benchmarks/console_scale.py).
+        later, is_later = _later_finding()
         criteria.append(
             Study.id.in_(
                 select(Series.study_pk)
                 .join(Instance, Instance.series_pk == Series.id)
                 .join(Finding, Finding.instance_pk == Instance.id)
-                .where(Finding.label == query.finding.strip())
+                .outerjoin(later, is_later)
+                .where(Finding.label == query.finding.strip(), later.id.is_(None))
             )
         )
     if query.state is not None:
@@ -341,11 +355,13 @@ def finding_labels(session: Session) -> list[str]:
 def _findings_by_study(session: Session, study_ids: Sequence[int]) -> dict[int, list[FindingSummary]]:
     if not study_ids:
         return {}
+    later, is_later = _later_finding()
     rows = session.execute(
         select(Series.study_pk, Finding.label, func.max(Finding.confidence))
         .join(Instance, Finding.instance_pk == Instance.id)
         .join(Series, Instance.series_pk == Series.id)
-        .where(Series.study_pk.in_(study_ids))
+        .outerjoin(later, is_later)
+        .where(Series.study_pk.in_(study_ids), later.id.is_(None))
         .group_by(Series.study_pk, Finding.label)
     )
     result: dict[int, list[FindingSummary]] = defaultdict(list)
@@ -554,7 +570,7 @@ def study_detail(
                     novelty=f.novelty,
                     doubt=doubt_reason(f.novelty, f.better_turn or 0, bool(f.negative)),
                 )
-                for f in sorted(inst.findings, key=lambda f: f.created_at, reverse=True)
+                for f in sorted(inst.findings, key=lambda f: (f.created_at, f.id), reverse=True)
             ],
         )
         for series in sorted(study.series, key=lambda s: (s.series_number or 0, s.id))

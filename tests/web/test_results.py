@@ -22,6 +22,7 @@ from dicom_node.store.models import (
     AuditEvent,
     Delivery,
     DeliveryState,
+    Finding,
     Job,
     JobKind,
     JobState,
@@ -35,7 +36,7 @@ from dicom_node.web.pages import HEATMAP_FILE_MISSING, RESULT_FILE_MISSING
 from dicom_node.web.services import IMAGE_FILE_MISSING
 from tests import peers
 from tests.web.keyset import walk_by_links
-from tests.web.studies import StudySpec, add_study
+from tests.web.studies import StudyIds, StudySpec, add_study
 
 pytestmark = [pytest.mark.db]
 
@@ -1005,3 +1006,53 @@ def test_every_list_of_studies_shown_is_audited_with_its_filters_and_studies(
     assert events[0][2] == {"filters": {"patient": "doe"}, "studies": [first.study]}
     assert events[1][2] == {"filters": {"per_page": 5}, "studies": [second.study, first.study]}
     assert events[2][2] == {"filters": {"per_page": 10}, "studies": [second.study, first.study]}
+
+
+def _reanalyse(factory: sessionmaker[Session], ids: StudyIds, label: str, confidence: float) -> None:
+    """A finding of a later model for the study's image, as the pipeline adds after a model change."""
+    with session_scope(factory) as session:
+        earlier = session.get(Finding, ids.finding)
+        assert earlier is not None
+        others = (1.0 - confidence) / 2
+        session.add(Finding(
+            instance_pk=ids.instance, model_name=earlier.model_name, model_version="2.0.0", label=label,
+            top_class=label, confidence=confidence,
+            probabilities={c: confidence if c == label else others for c in ("covid", "normal", "pneumonia")},
+            created_at=earlier.created_at + timedelta(days=1),
+        ))  # fmt: skip
+
+
+def test_the_results_list_shows_and_filters_the_finding_the_study_page_shows(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """After a model change an image has a finding of each model; the study page shows the latest. The
+    list showed the most confident label of any model ("Normal 95 %" first, from the earlier model, where
+    the page said COVID-19), and the finding filter found the study by the earlier model's label."""
+    client, _ = rad_client
+    ids = add_study(factory, StudySpec(label="normal",
+                                       probabilities={"covid": 0.02, "normal": 0.95, "pneumonia": 0.03}))
+    _reanalyse(factory, ids, "covid", 0.81)
+    detail = client.get(f"/api/results/{ids.study}").json()
+    assert detail["instances"][0]["findings"][0]["label"] == "covid"
+    (row,) = client.get("/api/results").json()["rows"]
+    assert row["findings"] == [{"label": "covid", "confidence": 0.81}]
+    assert _ids(client, finding="covid") == [ids.study]
+    assert _ids(client, finding="normal") == []
+
+
+def test_the_latest_finding_of_an_image_is_the_one_searched_on_each_database(
+    db: sessionmaker[Session],
+) -> None:
+    """The same rule in SQL on SQLite and PostgreSQL: each image's latest finding, of two studies."""
+    changed = add_study(db, StudySpec(patient_id="P-1", label="normal", received_at=NOW - timedelta(hours=1),
+                                      probabilities={"covid": 0.02, "normal": 0.95, "pneumonia": 0.03}))
+    _reanalyse(db, changed, "covid", 0.81)
+    kept = add_study(db, StudySpec(patient_id="P-2", label="normal", received_at=NOW,
+                                   probabilities={"covid": 0.02, "normal": 0.90, "pneumonia": 0.08}))
+    with session_scope(db) as s:
+        page = results.search(s, results.ResultQuery())
+        assert [(r.study_id, [f.label for f in r.findings]) for r in page.rows] == [
+            (kept.study, ["normal"]), (changed.study, ["covid"])]
+        assert [r.study_id for r in results.search(s, results.ResultQuery(finding="normal")).rows] == [
+            kept.study]
+        assert results.search(s, results.ResultQuery(finding="normal")).total == 1
