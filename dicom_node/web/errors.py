@@ -18,11 +18,12 @@ from dicom_node.errors import (
 )
 from dicom_node.users import InvalidUserError
 from dicom_node.web.services import FeatureUnavailableError
-from dicom_node.web.uploads import UploadTooLargeError
+from dicom_node.web.uploads import NotStorableUploadError, UploadTooLargeError
 
 _STATUS: tuple[tuple[type[NodeError], int], ...] = (
     (NotFoundError, 404),
     (UploadTooLargeError, 413),
+    (NotStorableUploadError, 422),
     (ConflictError, 409),
     (InvalidAeError, 422),
     (InvalidUserError, 422),

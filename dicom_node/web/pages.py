@@ -59,7 +59,13 @@ from dicom_node.web.imagegate import ConsoleBusyError, busy_headers
 from dicom_node.web.imaging import load_heatmap, overlay_png, png_bytes, png_gray
 from dicom_node.web.services import IngestOutcome, picture_preview
 from dicom_node.web.templating import render
-from dicom_node.web.uploads import MAX_UPLOAD_BYTES, HeldUpload, UploadTooLargeError, read_upload
+from dicom_node.web.uploads import (
+    MAX_UPLOAD_BYTES,
+    HeldUpload,
+    NotStorableUploadError,
+    UploadTooLargeError,
+    read_upload,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -255,7 +261,7 @@ def store_held(con: Console, db: Session, principal: Principal, held: HeldUpload
     """Store an uploaded DICOM file in the node, so it is analysed and sent on like a C-STORE, and audit
     who did (the sender column holds ``WEB:`` and at most 12 characters of the name: an AE title)."""
     if not held.upload.is_dicom:
-        raise NotFoundError("only DICOM uploads can be stored in the node")
+        raise NotStorableUploadError("only DICOM uploads can be stored in the node")
     release(db)  # no transaction held while the ingest writes
     outcome = con.services.ingest(held.upload, calling_ae=f"WEB:{principal.username}"[:16])
     held.ingest = outcome

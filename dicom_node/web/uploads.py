@@ -35,6 +35,11 @@ class UploadTooLargeError(NodeError):
     """An upload over the console's size limit."""
 
 
+class NotStorableUploadError(NodeError):
+    """A picture (PNG/JPEG) asked to be stored in the node: only a DICOM file has the header a study is
+    filed under. The upload is still held (not a 404)."""
+
+
 def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POLICY) -> Upload:
     """Recognise an upload as DICOM (Part 10) or as a PNG/JPEG picture; ``ages`` is the node's age
     policy (``pipeline.minimum_patient_age_years``, ``pipeline.skip_unknown_age``)."""

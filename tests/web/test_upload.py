@@ -698,3 +698,18 @@ def test_an_uploads_heat_map_is_drawn_on_the_preview_it_already_shows(
     drawn = np.asarray(Image.open(io.BytesIO(response.content)))
     assert drawn.shape == (*preview.shape, 3)
     assert np.array_equal(drawn, overlay(preview, held.prediction.heatmap))
+
+
+def test_storing_a_picture_upload_is_refused_as_unstorable_not_as_gone(
+    rad_client: tuple[TestClient, str]
+) -> None:
+    """A PNG has no DICOM header to file it under. Asked to store one, the API answered 404 "only DICOM
+    uploads can be stored", as for an upload no longer held, though it still was (its image was there)."""
+    client, csrf = rad_client
+    token = _upload(client, csrf, "c.png", chest_like_png(), "image/png")
+    refused = client.post(f"/api/uploads/{token}/store", headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 422, refused.text
+    assert "only DICOM uploads can be stored" in refused.json()["detail"]
+    page = client.post(f"/upload/{token}/store", data={"csrf_token": csrf})
+    assert page.status_code == 422 and "only DICOM uploads can be stored" in page.text
+    assert client.get(f"/upload/{token}/image.png").status_code == 200  # still held
