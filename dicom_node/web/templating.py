@@ -129,6 +129,9 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
     env = templates.env
     env.autoescape = True
     env.finalize = shown
+    # tojson (the audit log's details) as letters, not \u escapes: a searched name in Greek or Japanese,
+    # even MÜLLER, was unreadable. <, >, & and ' are still escaped by tojson.
+    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False}
     env.trim_blocks = True
     env.lstrip_blocks = True
     env.filters.update(

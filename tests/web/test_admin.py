@@ -543,3 +543,15 @@ def test_a_user_that_does_not_exist_is_not_found_on_the_user_forms(
         assert response.status_code == 404 and f"no user with id {missing}" in response.text
     api = client.patch(f"/api/admin/users/{missing}", json={"active": False}, headers={"X-CSRF-Token": csrf})
     assert api.status_code == 404
+
+
+def test_the_audit_log_shows_the_letters_of_its_details_not_json_escapes(
+    admin_client: tuple[TestClient, str]
+) -> None:
+    """A search for MÜLLER was listed as {"patient": "M\\u00fcller"}: the details were JSON with every letter
+    beyond ASCII escaped, unreadable for a name in Greek or Japanese. Markup stays escaped."""
+    client, _ = admin_client
+    assert client.get("/results", params={"patient": "Müller 山田 <b>"}).status_code == 200
+    html = client.get("/admin/audit", params={"action": "results.search"}).text
+    assert "Müller 山田" in html and "\\u00fc" not in html
+    assert "<b>" not in html
