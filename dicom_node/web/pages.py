@@ -319,11 +319,19 @@ def result_query(
                 [{"loc": ("query", name), "msg": f"invalid {name}", "type": "value_error", "input": raw}]
             ) from exc
 
+    first = parsed("date_from", date_from, date.fromisoformat)
+    last = parsed("date_to", date_to, date.fromisoformat)
+    if first is not None and last is not None and last < first:
+        # the two dates swapped matched no study, and the page said none matches: refused, it says which
+        raise RequestValidationError([{
+            "loc": ("query", "date_to"), "msg": "the end date is before the start date",
+            "type": "value_error", "input": date_to,
+        }])
     return results.ResultQuery(
         patient=patient,
         accession=accession,
-        date_from=parsed("date_from", date_from, date.fromisoformat),
-        date_to=parsed("date_to", date_to, date.fromisoformat),
+        date_from=first,
+        date_to=last,
         finding=finding,
         state=parsed("state", state, StudyState),
         page=page,

@@ -421,6 +421,20 @@ def test_bad_search_input_is_rejected_not_crashing(rad_client: tuple[TestClient,
     assert client.get("/results", params={"date_from": "yesterday"}).status_code == 422
 
 
+def test_a_date_range_that_ends_before_it_starts_is_refused_not_an_empty_list(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """The dates swapped (from 11 January to 1 January) matched no study, and the page said "No study
+    matches this search" though studies of those days were there. One day (from = to) is still a range."""
+    client, _ = rad_client
+    reversed_range = {"date_from": "2026-01-11", "date_to": "2026-01-01"}
+    swapped = client.get("/api/results", params=reversed_range)
+    assert swapped.status_code == 422
+    assert swapped.json()["detail"][0]["msg"] == "the end date is before the start date"
+    assert client.get("/results", params=reversed_range).status_code == 422
+    assert _ids(client, date_from="2026-01-10", date_to="2026-01-10") == [corpus["pneumonia"]]
+
+
 def test_details_show_probabilities_model_and_delivery_history(
     admin_client: tuple[TestClient, str], corpus: dict[str, int]
 ) -> None:
