@@ -168,6 +168,18 @@ def test_the_search_form_says_how_it_matches(rad_client: tuple[TestClient, str])
     assert "* and ? are wildcards" in html and "ID and accession match from the start" in html
 
 
+def test_each_search_field_has_a_label_that_names_it_alone(rad_client: tuple[TestClient, str]) -> None:
+    """The end date's label was "to": a screen reader, moving field by field, announced "to, date" with
+    no word of what it is the end of (WCAG 2.4.6, 1.3.1)."""
+    client, _ = rad_client
+    html = client.get("/results").text
+    labels = {
+        field: re.sub(r"<[^>]+>", "", text).strip()
+        for field, text in re.findall(r'<label for="([a-z_]+)">(.*?)</label>', html)
+    }
+    assert labels["date_from"] == "Study date from" and labels["date_to"] == "Study date to"
+
+
 def test_wildcards_prefixes_and_literal_like_characters_on_each_database(
     db: sessionmaker[Session],
 ) -> None:
