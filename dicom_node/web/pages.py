@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dicom_node import audit
 from dicom_node.eligibility import AgePolicy, not_classified
 from dicom_node.errors import (
+    ConflictError,
     DamagedFileError,
     IneligibleImageError,
     NodeError,
@@ -238,7 +239,8 @@ def upload_classify(
 
 def upload_report_response(con: Console, held: HeldUpload) -> Response:
     if held.prediction is None or held.analysed_at is None:
-        raise NotFoundError("classify the image before saving the report")
+        # the upload is held, only not classified yet: 404 read as "the upload is gone" (review)
+        raise ConflictError("classify the image before saving the report")
     with con.images.turn():
         pdf = con.services.report_pdf(held.upload, held.prediction, analysed_at=held.analysed_at)
     stamp = held.analysed_at.astimezone().strftime("%Y%m%d-%H%M%S")

@@ -82,7 +82,10 @@ def test_png_upload_is_shown_before_classification(rad_client: tuple[TestClient,
     shown = Image.open(io.BytesIO(preview.content))
     assert shown.size == (640, 560) and shown.mode == "L"
     assert np.array_equal(np.asarray(shown), np.asarray(Image.open(io.BytesIO(png)).convert("L")))
-    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # not classified yet
+    unclassified = client.get(f"/upload/{token}/report.pdf")  # held, not classified yet: not "gone" (404)
+    assert unclassified.status_code == 409
+    assert "classify the image before saving the report" in unclassified.text
+    assert client.get(f"/api/uploads/{token}/report.pdf").status_code == 409
 
 
 def test_large_pictures_are_shown_downscaled(rad_client: tuple[TestClient, str]) -> None:
@@ -265,7 +268,7 @@ def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     assert MODEL_SCOPE in page and MODEL_SCOPE in refused.text  # one wording, whichever check refuses
     api = client.post(f"/api/uploads/{token}/classify", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "body part EXTREMITY is not CHEST" in api.text
-    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
+    assert client.get(f"/upload/{token}/report.pdf").status_code == 409  # nothing was classified
 
 
 @pytest.mark.parametrize(("keyword", "vr", "value"), [("Rows", "DS", "1841"), ("StudyDate", "US", 2024)])
@@ -459,7 +462,7 @@ def test_a_picture_that_is_not_a_radiograph_is_not_classified(
     assert 'id="finding-label"' not in refused.text
     api = client.post(f"/api/uploads/{token}/classify?adult_chest=true", headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and "does not look like the chest radiographs" in api.text
-    assert client.get(f"/upload/{token}/report.pdf").status_code == 404  # nothing was classified
+    assert client.get(f"/upload/{token}/report.pdf").status_code == 409  # nothing was classified
 
     # A chest radiograph uploaded upside down passes the novelty check but looks the wrong way up.
     token = _upload(client, csrf, "chest.png", radiograph_png(transpose=Image.Transpose.ROTATE_180), "image/png")
