@@ -34,6 +34,7 @@ from dicom_node.settings import DicomSettings, OutboxSettings
 from dicom_node.store.db import session_scope
 from dicom_node.store.files import FileStore
 from dicom_node.store.models import AeRole, CommitmentState, Delivery, DeliveryState, Instance, RemoteAe
+from tests.node_process import wait_until
 from tests.pipeline.storepeer import StorePeer
 from tests.pipeline.test_outbox import _deliveries
 
@@ -597,18 +598,25 @@ def test_a_report_on_the_request_s_own_association_is_recorded_there(
     assert len(pacs.released_at) == 2 and pacs.released_at[-1] - pacs.answered_at[0] < 15
 
 
-def _slow_answers(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.5) -> None:
-    """A delay between the node's taking a report and pynetdicom's sending its answer (a busy CPU)."""
+def _slow_answers(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.5) -> threading.Event:
+    """A delay between the node's taking a report and pynetdicom's sending its answer (a busy CPU).
+    Returns an event set once a delayed answer has been made (the node's thread is past the delay)."""
     from pynetdicom.service_class import ServiceClass
 
     validate = ServiceClass.validate_status
+    answered = threading.Event()
 
     def slow_answer(self: ServiceClass, status: Any, rsp: Any) -> Any:
-        if type(rsp).__name__ == "N_EVENT_REPORT":
-            time.sleep(seconds)
-        return validate(self, status, rsp)
+        if type(rsp).__name__ != "N_EVENT_REPORT":
+            return validate(self, status, rsp)
+        time.sleep(seconds)  # the busy CPU itself, not a wait for an event
+        try:
+            return validate(self, status, rsp)
+        finally:
+            answered.set()
 
     monkeypatch.setattr(ServiceClass, "validate_status", slow_answer)
+    return answered
 
 
 class ReportsFirst(CommitPeer):
@@ -665,12 +673,18 @@ def test_a_report_taken_too_long_on_the_request_s_association_gets_an_abort_not_
     knows its report was not answered and sends it again."""
     from dicom_node import scu
 
-    _slow_answers(monkeypatch, 1.5)
+    answered = _slow_answers(monkeypatch, 1.5)
     monkeypatch.setattr(scu, "ANSWER_SECONDS", 0.2)
     pacs = CommitPeer(verdict=lambda uids: (uids, {})).start()
     try:
         _asked(db, tmp_path, pacs, 1, commitment_report_wait_seconds=30.0)
-        time.sleep(2.0)  # the report's thread ends
+        # the node's late answer is made, its association's thread ends, the PACS's report has its end
+        assert answered.wait(30), "the node never answered the report"
+        for thread in threading.enumerate():
+            if isinstance(thread, Association) and thread.is_requestor:
+                thread.join(30)
+                assert not thread.is_alive(), "the node's association did not end"
+        assert wait_until(lambda: pacs.report_statuses, 30, interval=0.05), "the report got no status"
     finally:
         pacs.stop()
     assert pacs.aborted == 1 and pacs.report_statuses == [-1]
