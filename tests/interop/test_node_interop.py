@@ -374,7 +374,12 @@ def test_a_node_takes_its_lock_again_after_a_database_restart_and_stops_if_anoth
         try:
             with engine.connect() as admin:
                 assert admin.execute(cut).scalar()  # as a restart would: the lock's session is gone
-            time.sleep(3)  # nothing polls /healthz
+            # nothing polls /healthz: the node's own check takes the lock again, on a new session
+            held = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                        "AND ((classid::bigint << 32) | objid::bigint) = :key AND objsubid = 1")
+            with engine.connect() as watcher:
+                wait_for(lambda: watcher.execute(held, {"key": NODE_LOCK_KEY}).scalar(), timeout=30)
             extra = {**shared, "CXR_NODE__METRICS__PORT": "0"}
             env = node_env(tmp_path / "second", peers.free_port(), extra=extra)
             second = run_cli(["serve"], env, check=False, timeout=120)
