@@ -157,8 +157,10 @@ def test_cli_trains_one_member_per_architecture_on_one_split(
     (prediction,) = classifier.predict_images([Image.open(collection / "dark" / "0.png")])
     assert prediction.heatmap is not None and prediction.heatmap.shape == (64, 64)
     assert cli.main([*argv, "--seeds", "1,2"]) == 2  # an option error, said in one line
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:  # argparse: usage and the reason, exit 2, before any training
         cli.main(["train", str(collection), str(output), "-a", "cxr-compact,cxr-compact"])
+    assert refused.value.code == 2
+    assert "name each architecture once" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
