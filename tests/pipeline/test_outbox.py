@@ -40,6 +40,7 @@ from dicom_node.store.models import (
     utcnow,
 )
 from tests import peers
+from tests.node_process import wait_until
 from tests.pipeline.conftest import add_study
 from tests.pipeline.storepeer import StorePeer
 
@@ -678,7 +679,10 @@ def test_a_batch_slower_than_its_lease_is_not_taken_and_sent_again_by_another_pr
         destination_pk, ids = _deliveries(db, results, slow.port, 3)
         first = threading.Thread(target=_outbox(db, results).deliver_due, args=(destination_pk,))
         first.start()
-        time.sleep(3.0)  # the node's batch is on its second object, its lease over
+        # the node's batch is sending (its rows leased), and a whole lease has passed since: unrenewed, it
+        # would be over; a fixed 3 s from the thread's start failed when the batch began late (slow CI)
+        assert wait_until(lambda: slow.received, 30), "the batch never reached the PACS"
+        time.sleep(outbox_module.LEASE_SECONDS)  # the lease's own length is what must pass
         second = _outbox(db, results).deliver_due(destination_pk)  # the resend command's outbox
         first.join(timeout=30)
     finally:
