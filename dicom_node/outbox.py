@@ -164,9 +164,11 @@ class Outbox:
         metrics: NodeMetrics | None = None,
         workers: int = 2,
         max_pdu: int | None = None,
+        dimse_timeout: float | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.max_pdu = max_pdu  # offered to the PACS: dicom.max_pdu, as by the listener (None: scu's default)
+        self.dimse_timeout = dimse_timeout  # the wait for each response: dicom.dimse_timeout (None: scu's)
         self.results_dir = results_dir
         self.calling_aet = calling_aet
         self.settings = settings
@@ -196,6 +198,7 @@ class Outbox:
             scheduler=scheduler,
             metrics=metrics,
             max_pdu=settings.dicom.max_pdu,
+            dimse_timeout=settings.dicom.dimse_timeout,
         )
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -434,6 +437,7 @@ class Outbox:
                     calling_aet=self.calling_aet,
                     tls=context,
                     max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
+                    dimse_timeout=self.dimse_timeout,
                 )
             except NodeError as exc:
                 error = str(exc)
@@ -664,7 +668,7 @@ class Outbox:
                     int(destination.port or 0),
                     destination.ae_title, calling_aet=self.calling_aet, tls=context,
                     max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
-                    on_report=self._take_report, report_wait=self.settings.commitment_report_wait_seconds,
+                    dimse_timeout=self.dimse_timeout, on_report=self._take_report, report_wait=self.settings.commitment_report_wait_seconds,
                     answered=answered,
                 )
             except NodeError as exc:

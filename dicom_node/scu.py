@@ -237,12 +237,19 @@ def _associate(
     tls: ssl.SSLContext | None,
     timeout: float,
     max_pdu: int = DEFAULT_MAX_PDU,
+    dimse_timeout: float | None = None,
 ) -> Association:
+    """An association with the peer; ``timeout`` bounds connecting, the association request and the
+    network's silence, ``dimse_timeout`` (default: ``timeout``) the wait for each DIMSE response
+    (``dicom.dimse_timeout`` for the outbox). A longer DIMSE wait lengthens the silence allowed with it:
+    the peer says nothing while it works on a request."""
     configure_pynetdicom()
+    response_wait = timeout if dimse_timeout is None else dimse_timeout
+    silence = max(timeout, response_wait)
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
+    ae.dimse_timeout = response_wait
+    ae.network_timeout = silence
     ae.connection_timeout = timeout
     ae.maximum_pdu_size = max_pdu
     tls_args = (tls, host) if tls is not None else None
@@ -251,7 +258,7 @@ def _associate(
 
     def on_open(event: Event) -> None:
         opened.append(True)
-        _on_connection_open(event, timeout)
+        _on_connection_open(event, silence)
 
     def on_transition(event: Event) -> None:
         events.append(event.fsm_event)
@@ -353,6 +360,7 @@ def request_commitment(
     tls: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_pdu: int = DEFAULT_MAX_PDU,
+    dimse_timeout: float | None = None,
     on_report: Callable[[Event], int] | None = None,
     report_wait: float = 0.0,
     answered: Callable[[], bool] | None = None,
@@ -378,7 +386,8 @@ def request_commitment(
     request.ReferencedSOPSequence = references
     try:
         assoc = _associate([build_context(StorageCommitmentPushModel)], host, port, called_aet,
-                           calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu)
+                           calling_aet=calling_aet, tls=tls, timeout=timeout, max_pdu=max_pdu,
+                           dimse_timeout=dimse_timeout)
     except NoContextAcceptedError as exc:
         return StoreStatus(exc.status, f"not sent: {exc}")
     # pynetdicom takes each report in a thread of its own, which queues the answer before it ends
@@ -468,6 +477,7 @@ def send(
     tls: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_pdu: int = DEFAULT_MAX_PDU,
+    dimse_timeout: float | None = None,
 ) -> list[StoreStatus]:
     """C-STORE every object over one association; returns one status per object, in order, each with the
     peer's Error Comment (:func:`describe` puts both in words).
@@ -480,7 +490,7 @@ def send(
         return []
     try:
         assoc = _associate(contexts_for(datasets), host, port, called_aet, calling_aet=calling_aet, tls=tls,
-                           timeout=timeout, max_pdu=max_pdu)
+                           timeout=timeout, max_pdu=max_pdu, dimse_timeout=dimse_timeout)
     except NoContextAcceptedError as exc:
         return [StoreStatus(exc.status, f"not sent: {exc}") for _ in datasets]
     statuses: list[StoreStatus] = []

@@ -212,6 +212,31 @@ def test_the_outbox_offers_the_configured_maximum_pdu(
     assert peer.offered_max_pdus == [max_pdu]
 
 
+def test_the_outbox_waits_for_a_response_as_long_as_dicom_dimse_timeout_says(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """dicom.dimse_timeout ("DIMSE messages are awaited for ...", conformance statement §2.1) was read by
+    nothing that waits for a DIMSE message: the listener never does, and the outbox waited a fixed 60 s for
+    each C-STORE response whatever the setting said (review)."""
+    results = tmp_path / "results"
+    slow = StorePeer(delay=4.0).start()
+    try:
+        destination_pk, ids = _deliveries(db, results, slow.port, 1)
+        settings = Settings(node={"data_dir": tmp_path}, dicom={"dimse_timeout": 1.0})
+        outbox = Outbox.from_settings(settings, db)
+        outbox.results_dir = results
+        started = time.monotonic()
+        report = outbox.deliver_due(destination_pk)
+        waited = time.monotonic() - started
+    finally:
+        slow.stop()
+    assert report.delivered == [] and report.failed == ids
+    assert waited < 3.5, f"waited {waited:.1f} s for a response dicom.dimse_timeout gives 1 s"
+    with session_scope(db) as session:
+        [delivery] = session.scalars(select(Delivery))
+        assert delivery.state is DeliveryState.RETRYING and "no C-STORE response" in delivery.last_error
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_an_unreadable_result_file_fails_its_own_delivery_only(
     db: sessionmaker[Session], tmp_path: Path, peer: StorePeer, damage: str, caplog: pytest.LogCaptureFixture
