@@ -668,8 +668,8 @@ class Outbox:
                     int(destination.port or 0),
                     destination.ae_title, calling_aet=self.calling_aet, tls=context,
                     max_pdu=scu.DEFAULT_MAX_PDU if self.max_pdu is None else self.max_pdu,
-                    dimse_timeout=self.dimse_timeout, on_report=self._take_report, report_wait=self.settings.commitment_report_wait_seconds,
-                    answered=answered,
+                    dimse_timeout=self.dimse_timeout, on_report=self._take_report,
+                    report_wait=self.settings.commitment_report_wait_seconds, answered=answered,
                 )
             except NodeError as exc:
                 why = str(exc)
