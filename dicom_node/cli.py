@@ -185,7 +185,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         audit.record(session, audit.cli_actor(), "send", f"remote_ae:{ae.id}",
                      {"paths": len(args.paths)})
     context = client_context(settings.dicom.tls) if tls else None
-    statuses = scu.send(datasets, host, port, title, calling_aet=settings.dicom.ae_title, tls=context)
+    # the node's own limits, as its outbox sends with them: a slow archive's answer was awaited a fixed 60 s
+    statuses = scu.send(datasets, host, port, title, calling_aet=settings.dicom.ae_title, tls=context,
+                        max_pdu=settings.dicom.max_pdu, dimse_timeout=settings.dicom.dimse_timeout)
     stored = sum(1 for s in statuses if is_stored(s))
     for index, (ds, status) in enumerate(zip(datasets, statuses, strict=False)):
         if not is_stored(status):  # the file as the operator named it (or found in a folder they named)
