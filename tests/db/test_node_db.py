@@ -945,7 +945,8 @@ def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_err
             assert not metrics.health().checks["database"]
             with pytest.raises(DatabaseUnavailableError) as caught:
                 Ingestor(factory, store).ingest_bytes(to_bytes(make_cr()), calling_ae="X", source="dimse")
-        assert int(caught.value.status) == 0xA700 and "refused the write" in str(caught.value)
+        assert int(caught.value.status) == 0xA700  # the Error Comment, as the operator guide quotes it
+        assert str(caught.value) == "node database refused the write (InsufficientPrivilege); retry later"
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert any("may not read and write table(s) instance: GRANT" in message for message in errors)
         assert any("SQLSTATE 42501): a configuration error" in message for message in errors)
