@@ -19,6 +19,7 @@ studies that are ready at the same time.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import queue
 import re
@@ -229,7 +230,13 @@ def dataset_bytes(ds: pydicom.Dataset) -> bytes:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:48] or "_"
+    """``text`` as part of a file name. Where characters were replaced or it was cut, a digest of the whole
+    keeps apart names that would meet ("m+1" and "m 1"; two versions alike in their first 48 characters):
+    one model's heat maps overwrote another's, and its findings showed the other's maps."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:48] or "_"
+    if safe != text:
+        safe = f"{safe}.{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return safe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2030,3 +2030,20 @@ def test_a_read_error_that_passes_while_a_not_analysed_notice_reads_its_image_ho
     with session_scope(world["db"]) as session:
         assert session.get_one(Study, study_pk).state is StudyState.SKIPPED
     assert peer.received == [result_rows(world, study_pk)[ResultKind.PDF][0]]
+
+
+def test_heat_maps_of_models_whose_names_meet_in_a_file_name_are_kept_apart() -> None:
+    """A model's heat maps are files named by the model's name and version, made safe for a file name: two
+    versions alike in their first 48 characters, or told apart only by characters a file name does not
+    keep, named the same file, and the later model's maps replaced the earlier's under its findings. Each
+    name is still one ``cxr-node storage check`` takes for the node's own."""
+    from dicom_node.storage import _RESULT_NAME
+
+    long = "2026.12.07-" + "x" * 40
+    pairs = [(long + "-a", long + "-b"), ("m+1", "m 1"), ("cxr-duo-1", "cxr-duo-1 ")]
+    for first, second in pairs:
+        assert pipeline_module._safe(first) != pipeline_module._safe(second)
+        for version in (first, second):
+            name = f"heatmaps/7-{pipeline_module._safe('cxr-compact+efficientnet-lite0-transfer')}-"
+            assert _RESULT_NAME.fullmatch(f"{name}{pipeline_module._safe(version)}.npy")
+    assert pipeline_module._safe("cxr-duo-1") == "cxr-duo-1"  # a plain name keeps its name
