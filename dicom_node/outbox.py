@@ -48,7 +48,7 @@ from dicom_node.errors import (
 )
 from dicom_node.jobs import MEMORY_STORE, PERSISTENT_STORE
 from dicom_node.statuses import Status, is_stored, is_warning, refuses_the_object
-from dicom_node.store.db import session_scope
+from dicom_node.store.db import make_read_only_session_factory, session_scope
 from dicom_node.store.models import (
     CommitmentState,
     Delivery,
@@ -284,8 +284,11 @@ class Outbox:
         self.kick(self._destinations_with_work(due_only=True))
 
     def _destinations_with_work(self, *, due_only: bool = False) -> list[int]:
+        """Destinations with deliveries to send or commitments to ask for. It only reads: in a write
+        transaction the sweep every 30 s queued for SQLite's write lock behind each image being stored, and
+        while another program held the file it failed after 30 s, that round's work left undone."""
         now = utcnow()
-        with session_scope(self.session_factory) as session:
+        with session_scope(make_read_only_session_factory(self.session_factory)) as session:
             query = select(Delivery.destination_pk).where(
                 Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING))
             )

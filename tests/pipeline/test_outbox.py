@@ -716,3 +716,20 @@ def test_a_batch_slower_than_its_lease_is_not_taken_and_sent_again_by_another_pr
     assert sorted(slow.received) == sorted(set(slow.received)) and len(slow.received) == 3
     with session_scope(db) as session:
         assert [d.attempts for d in session.scalars(select(Delivery).order_by(Delivery.id))] == [1, 1, 1]
+
+
+def test_the_sweep_for_work_does_not_wait_behind_a_writer(db: sessionmaker[Session], tmp_path: Path) -> None:
+    """The outbox looks for due work every 30 s. The look only reads, but it took SQLite's write lock: it
+    queued behind every image being stored, and while another program held the file (a backup, the sqlite3
+    shell) it failed after 30 s, that round's deliveries and commitment requests left for the next."""
+    results = tmp_path / "results"
+    destination_pk, _ = _deliveries(db, results, 104, 1)
+    outbox = _outbox(db, results)
+    storing = db()
+    storing.connection()  # a write transaction stays open: the node storing an image, or a backup
+    try:
+        started = time.monotonic()
+        assert outbox._destinations_with_work() == [destination_pk]
+        assert time.monotonic() - started < 10
+    finally:
+        storing.close()
