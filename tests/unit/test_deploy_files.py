@@ -34,3 +34,24 @@ def test_compose_gives_the_node_as_long_to_stop_as_the_systemd_unit() -> None:
     node = yaml.safe_load(COMPOSE.read_text())["services"]["cxr-node"]
     assert "stop_grace_period" in node, "compose's default of 10 s is shorter than the node's stop"
     assert _seconds(str(node["stop_grace_period"])) >= _seconds(unit.group(1))
+
+
+def _packages(line: str) -> set[str]:
+    return {word for word in line.split() if re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", word)}
+
+
+def test_every_install_path_installs_the_fonts_the_pdf_reports_use() -> None:
+    """reporting.typeface draws names in scripts its bundled DejaVu subset lacks (CJK, Arabic, Hebrew, Thai
+    …) with Debian's fonts; `make run` and the container install them, and the operator guide's production
+    install did not: there, such names printed as boxes in every PDF."""
+    make = re.search(r"^APT_FONTS := (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert make is not None
+    fonts = _packages(make.group(1))
+    container = (ROOT / "deploy" / "container" / "Containerfile").read_text()
+    assert fonts <= _packages(container.split("apt-get install", 1)[1].split("&&", 1)[0].replace("\\", " "))
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    install = guide.split("## 2. Install", 1)[1].split("\n## ", 1)[0]
+    joined = re.sub(r"\\\n", " ", re.sub(r"#[^\n]*", "", install))  # continued lines, comments gone
+    apt = re.search(r"^sudo apt-get install (.*)$", joined, re.MULTILINE)
+    assert apt is not None
+    assert fonts <= _packages(apt.group(1)), fonts - _packages(apt.group(1))
