@@ -511,7 +511,22 @@ def split_by_group(
                 "class %s: %d of %d images in validation (target %.0f); its groups are too few or too large "
                 "for a balanced split", label, taken, total, target,
             )
-    return _partition(items, validation_groups, "too few groups for a train/validation split")
+    train, validation = _partition(items, validation_groups, "too few groups for a train/validation split")
+    if absent := _unvalidated(items, validation, set(group_class.values())):
+        # a class that is the majority of no group was not split for, and its groups all in training
+        LOGGER.warning(
+            "class %s: no image in validation; its images are in groups of other classes' patients",
+            ", ".join(absent),
+        )  # fmt: skip
+    return train, validation
+
+
+def _unvalidated(
+    items: Sequence[LabelledImage], validation: Sequence[LabelledImage], said: Container[str]
+) -> list[str]:
+    """The labels of ``items`` no image of ``validation`` has, but those in ``said`` (warned of already)."""
+    validated = {item.label for item in validation}
+    return sorted(label for label in {item.label for item in items} - validated if label not in said)
 
 
 def split_by_fold(
@@ -537,7 +552,7 @@ def split_by_fold(
             fold_groups[target].add(group)
             sizes[target] += len(by_group[group])
     train, validation = _partition(items, fold_groups[fold], "too few groups for this many folds")
-    if absent := sorted(set(group_class.values()) - {group_class[item.group] for item in validation}):
+    if absent := _unvalidated(items, validation, ()):
         # a class with fewer groups than folds; its figures in this fold (and the epoch kept) leave it out
         LOGGER.warning(
             "fold %d of %d validates no group of class %s: it has fewer groups than folds",

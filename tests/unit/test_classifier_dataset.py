@@ -19,7 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from classifier import cli
 from classifier.dataset import (
     DatasetError,
+    LabelledImage,
     load_collection,
+    split_by_fold,
     split_by_group,
     split_from_record,
     writable_output,
@@ -296,3 +298,24 @@ def test_a_model_that_records_no_split_seed_is_refused_not_given_the_default(tmp
             picture(tmp_path / label / f"{index}.png", seed=index)
     with pytest.raises(DatasetError, match="model m records no split"):
         split_from_record(load_collection(tmp_path), {"validation_fraction": 0.2}, model="model m")
+
+
+def test_a_class_that_is_no_group_s_majority_and_left_out_of_validation_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A class whose images are each the minority of a patient's group (one ``rare`` image beside three of
+    ``a``) was split for by no group: with its groups all in training, validation held none of it and no
+    warning said so (review), as it did for a class that is some group's majority."""
+    items = [
+        LabelledImage(Path(f"/data/{label}{group}_{k}.png"), label, f"{label}{group}")
+        for label in ("a", "b") for group in range(10) for k in range(3)
+    ]  # fmt: skip
+    items += [LabelledImage(Path(f"/data/rare{group}.png"), "rare", f"a{group}") for group in (0, 1)]
+    caplog.set_level(logging.WARNING, logger="classifier.dataset")
+    _, validation = split_by_group(items, 0.2, seed=1)
+    assert "rare" not in {item.label for item in validation}
+    assert "class rare: no image in validation" in caplog.text
+    caplog.clear()
+    _, validation = split_by_fold(items, 0, 5, seed=1)
+    assert "rare" not in {item.label for item in validation}
+    assert "fold 0 of 5 validates no group of class rare" in caplog.text
