@@ -387,6 +387,16 @@ def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def _command_line(args: argparse.Namespace) -> list[str] | None:
+    """The command model.json records: the arguments :func:`main` was given (a script or notebook calling
+    ``main([...])`` recorded its own interpreter's ``sys.argv``, not the training it ran), else the
+    process's own (the node's CLI, which calls the subcommand itself)."""
+    given = getattr(args, "command_line", None)
+    if given is not None:
+        return ["cxr-node", *given]
+    return ["cxr-node", *sys.argv[1:]] if sys.argv else None
+
+
 def _train(args: argparse.Namespace) -> int:
     from classifier.dataset import parse_relabel
     from classifier.lungs import LUNG_EPOCHS
@@ -424,7 +434,7 @@ def _train(args: argparse.Namespace) -> int:
         # a bar's carriage returns broke the epoch lines of a log file, where no one watches it (review)
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    argv = ["cxr-node", *sys.argv[1:]] if sys.argv else None
+    argv = _command_line(args)
     if len(architectures) > 1 and (args.members or args.seeds or args.weights):
         raise OptionError(
             "several architectures train one member each, from their own weights; drop "
@@ -487,7 +497,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     from classifier.ensemble import build_ensemble
 
     metadata = build_ensemble(args.members, args.output, args.data, version=args.version,
-                              argv=["cxr-node", *sys.argv[1:]] if sys.argv else None)
+                              argv=_command_line(args))
     _say(
         f"wrote {args.output}: {len(metadata.training['ensemble']['members'])} members merged, validation accuracy "
         f"{metadata.validation['accuracy']:.3f}, macro-F1 {metadata.validation['macro_f1']:.3f}"
@@ -569,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     register(subparsers)
     args = parser.parse_args(argv)
+    args.command_line = list(argv) if argv is not None else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

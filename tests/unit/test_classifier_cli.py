@@ -120,3 +120,27 @@ def test_the_progress_bar_is_drawn_only_on_a_terminal(
     with pytest.raises(Stopped):
         cli.main(["train", str(tmp_path), str(tmp_path / "out"), "--no-novelty", *options])
     assert asked == [bar]
+
+
+def test_the_command_recorded_is_the_one_main_was_given_not_the_process_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cli.main([...])`` from a script or notebook recorded in model.json the interpreter's own
+    ``sys.argv`` (``cxr-node -m ipykernel_launcher -f ...``), not the training it ran (review)."""
+    from classifier import training
+
+    class Stopped(Exception):
+        pass
+
+    recorded: list[list[str] | None] = []
+
+    def train(config: training.TrainingConfig, argv: list[str] | None = None) -> None:
+        recorded.append(argv)
+        raise Stopped
+
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr("sys.argv", ["notebook.py", "-f", "kernel.json"])
+    words = ["train", str(tmp_path), str(tmp_path / "out"), "--no-novelty", "--seed", "7"]
+    with pytest.raises(Stopped):
+        cli.main(words)
+    assert recorded == [["cxr-node", *words]]
