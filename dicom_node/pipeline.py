@@ -687,9 +687,7 @@ class Pipeline:
             if _passes(exc):  # its study is tried again later (Pipeline._fail), the image left RECEIVED
                 LOGGER.warning("instance %d: stored file could not be read now (%s); its study is tried "
                                "again later", instance_pk, type(exc).__name__)
-                cycle.waiting[study_pk] = StorageError(
-                    f"instance {instance_pk}: stored file could not be read now ({type(exc).__name__})"
-                )
+                cycle.waiting[study_pk] = _read_later(instance_pk, exc)
                 return None
             self._mark_instance(instance_pk, InstanceState.FAILED, f"stored file unreadable ({type(exc).__name__})")
             LOGGER.warning("instance %d: stored file unreadable (%s)", instance_pk, type(exc).__name__)
@@ -1360,6 +1358,11 @@ def _passes(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _PASSING_ERRNOS)
 
 
+def _read_later(instance_pk: int, exc: BaseException) -> StorageError:
+    """The retriable error of a read that failed for a reason that passes (:func:`_passes`)."""
+    return StorageError(f"instance {instance_pk}: stored file could not be read now ({type(exc).__name__})")
+
+
 def _read_again(
     read: Callable[[Path], pydicom.Dataset], path: Path, instance_pk: int, header: pydicom.Dataset
 ) -> pydicom.Dataset:
@@ -1371,9 +1374,7 @@ def _read_again(
         return read(path) if path.is_file() else header
     except Exception as exc:
         if _passes(exc):
-            raise StorageError(
-                f"instance {instance_pk}: stored file could not be read now ({type(exc).__name__})"
-            ) from exc
+            raise _read_later(instance_pk, exc) from exc
         LOGGER.warning("instance %d: stored file unreadable (%s); reported without its picture",
                        instance_pk, type(exc).__name__)
         return header
