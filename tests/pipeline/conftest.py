@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.store.files import instance_path
 from dicom_node.store.models import Instance, InstanceState, Patient, Series, Study, StudyState, utcnow
@@ -63,3 +65,15 @@ def add_study(
         )
     session.flush()
     return study
+
+
+@contextmanager
+def write_transaction_open(factory: sessionmaker[Session]) -> Iterator[None]:
+    """A write transaction held open for the block, as by the node storing an image or by another program
+    holding the database (a backup, the sqlite3 shell): on SQLite it holds the write lock."""
+    writer = factory()
+    writer.connection()
+    try:
+        yield
+    finally:
+        writer.close()

@@ -27,7 +27,7 @@ from dicom_node.settings import LoggingSettings
 from dicom_node.store.db import make_engine, make_session_factory, session_scope, upgrade
 from dicom_node.store.models import InstanceState, Job, JobKind, JobState, StudyState
 from tests import peers
-from tests.pipeline.conftest import add_study
+from tests.pipeline.conftest import add_study, write_transaction_open
 
 pytestmark = pytest.mark.db
 
@@ -79,15 +79,11 @@ def test_a_scrape_does_not_wait_behind_a_writer(
     """A scrape took SQLite's write lock for its counts, so it queued behind every image being stored and,
     with a long write (another program holding the file), Prometheus's scrape timed out. It only reads."""
     _, url = served
-    writer = db()
-    writer.connection()  # a write transaction held open (on SQLite: the write lock)
-    try:
+    with write_transaction_open(db):
         started = time.monotonic()
         response = httpx.get(f"{url}/metrics", timeout=20)
         assert response.status_code == 200 and "cxr_node_database_up 1.0" in response.text
         assert time.monotonic() - started < 3
-    finally:
-        writer.close()
 
 
 def test_healthz_reports_each_check_and_fails_when_one_fails(served: tuple[NodeMetrics, str]) -> None:
@@ -293,12 +289,8 @@ def test_healthz_does_not_wait_behind_a_writer(served: tuple[NodeMetrics, str], 
     holding the file, the node's own busy moments) it answered only after 30 s, and a probe with a
     shorter time-out took the node for dead and restarted it mid-association."""
     _, url = served
-    writer = db()
-    writer.connection()  # a write transaction held open (on SQLite: the write lock)
-    try:
+    with write_transaction_open(db):
         started = time.monotonic()
         response = httpx.get(f"{url}/healthz", timeout=40)
         assert response.status_code == 200 and response.json()["checks"] == {"database": True}
         assert time.monotonic() - started < 3
-    finally:
-        writer.close()

@@ -41,7 +41,7 @@ from dicom_node.store.models import (
 )
 from tests import peers
 from tests.node_process import wait_until
-from tests.pipeline.conftest import add_study
+from tests.pipeline.conftest import add_study, write_transaction_open
 from tests.pipeline.storepeer import StorePeer
 
 pytestmark = pytest.mark.network
@@ -725,11 +725,7 @@ def test_the_sweep_for_work_does_not_wait_behind_a_writer(db: sessionmaker[Sessi
     results = tmp_path / "results"
     destination_pk, _ = _deliveries(db, results, 104, 1)
     outbox = _outbox(db, results)
-    storing = db()
-    storing.connection()  # a write transaction stays open: the node storing an image, or a backup
-    try:
+    with write_transaction_open(db):
         started = time.monotonic()
         assert outbox._destinations_with_work() == [destination_pk]
         assert time.monotonic() - started < 10
-    finally:
-        storing.close()

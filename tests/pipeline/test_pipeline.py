@@ -5,8 +5,11 @@ sending to a Storage SCP. Crashes are simulated by an exception that nothing in 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -16,7 +19,7 @@ from dataclasses import replace
 from datetime import UTC, timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -1880,23 +1883,10 @@ def test_a_read_error_that_passes_holds_back_its_study_only_and_it_is_tried_agai
     the image failed for good ("stored file unreadable") and its study with it, with no result, until an
     image of it was sent again (review). Now that study waits to be tried again, its image RECEIVED; the
     other study of the same cycle is analysed and reported."""
-    import errno
-
     held = receive(world, "RG1_UNCI.dcm")
     other = receive(world, "RG1_UNCI.dcm")
-    with session_scope(world["db"]) as session:
-        held_file = session.scalars(
-            select(Instance.file_path).join(Series).where(Series.study_pk == held)
-        ).one()
-    read_whole = pipeline_module._read_dataset
-
-    def flaky(path: Path) -> pydicom.Dataset:
-        if path.name == Path(held_file).name:
-            raise OSError(errno.EIO, "Input/output error")
-        return read_whole(path)
-
-    monkeypatch.setattr(pipeline_module, "_read_dataset", flaky)
-    make_pipeline(world).process([held, other])
+    with failing_reads(monkeypatch, "_read_dataset", errno.EIO, only=first_file(world, held)):
+        make_pipeline(world).process([held, other])
     with session_scope(world["db"]) as session:
         study = session.get_one(Study, held)
         assert study.state is StudyState.READY and "could not be read now (OSError)" in study.state_reason
@@ -1906,8 +1896,7 @@ def test_a_read_error_that_passes_holds_back_its_study_only_and_it_is_tried_agai
         assert session.get_one(Study, other).state is StudyState.ANALYSED
     assert len(peer.received) == 2  # the other study's SR and PDF
 
-    monkeypatch.setattr(pipeline_module, "_read_dataset", read_whole)  # the file system is back
-    make_pipeline(world).process([held])
+    make_pipeline(world).process([held])  # the file system is back
     with session_scope(world["db"]) as session:
         assert session.get_one(Study, held).state is StudyState.ANALYSED
     assert len(peer.received) == 4
@@ -1945,6 +1934,27 @@ def test_after_a_model_change_a_study_whose_every_analysed_image_was_removed_is_
     assert len(peer.received) == 2  # the earlier model's SR and PDF stand; nothing new is sent
 
 
+@contextlib.contextmanager
+def failing_reads(
+    monkeypatch: pytest.MonkeyPatch, reader: str, code: int, *, only: Path | None = None
+) -> Iterator[None]:
+    """Inside the block the pipeline's ``reader`` (``_read_dataset``, ``_read_header``) fails with the
+    error ``code`` of a network file system that passes (of ``only``, else of every file); after it, the
+    file system is back."""
+    read = getattr(pipeline_module, reader)
+
+    def flaky(path: Path) -> pydicom.Dataset:
+        if only is None or path.name == only.name:
+            raise OSError(code, os.strerror(code))
+        return cast(pydicom.Dataset, read(path))
+
+    monkeypatch.setattr(pipeline_module, reader, flaky)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(pipeline_module, reader, read)
+
+
 def first_file(world: dict[str, Any], study_pk: int) -> Path:
     """The stored file of the study's first image."""
     with session_scope(world["db"]) as session:
@@ -1961,27 +1971,17 @@ def test_a_read_error_that_passes_while_a_report_rereads_an_image_holds_the_stud
     """A late image's revision reads the study's earlier image again for its picture; an I/O error of a
     network file system there failed the study for good, though the same error while classifying holds
     the study back to be tried again (review). Now it does here too."""
-    import errno
-
     study_pk = receive(world, "RG1_UNCI.dcm")
     make_pipeline(world).process([study_pk])
     held = first_file(world, study_pk)
-    read_whole = pipeline_module._read_dataset
-
-    def flaky(path: Path) -> pydicom.Dataset:
-        if path.name == held.name:
-            raise OSError(errno.EIO, "Input/output error")
-        return read_whole(path)
-
-    monkeypatch.setattr(pipeline_module, "_read_dataset", flaky)
-    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
-    make_pipeline(world).process([study_pk])
+    with failing_reads(monkeypatch, "_read_dataset", errno.EIO, only=held):
+        receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+        make_pipeline(world).process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get_one(Study, study_pk)
         assert study.state is StudyState.READY, study.state_reason
         assert "could not be read now (OSError)" in study.state_reason
-    monkeypatch.setattr(pipeline_module, "_read_dataset", read_whole)  # the file system is back
-    make_pipeline(world).process([study_pk])
+    make_pipeline(world).process([study_pk])  # the file system is back
     with session_scope(world["db"]) as session:
         assert session.get_one(Study, study_pk).state is StudyState.ANALYSED
     assert len(peer.received) == 4
@@ -2010,23 +2010,15 @@ def test_a_read_error_that_passes_while_a_not_analysed_notice_reads_its_image_ho
     """With send_skipped, the "not analysed" notice takes its patient and study from the image's header,
     read again; an I/O error of a network file system there failed the study for good, and no notice was
     ever sent (review). The study now waits to be tried again, and the notice follows."""
-    import errno
-
     study_pk = receive(world, "RG3_UNCI.dcm")  # a leg: skipped
-    read_header = pipeline_module._read_header
-
-    def flaky(path: Path) -> pydicom.Dataset:
-        raise OSError(errno.ESTALE, "Stale file handle")
-
-    monkeypatch.setattr(pipeline_module, "_read_header", flaky)
-    make_pipeline(world, send_skipped=True).process([study_pk])
+    with failing_reads(monkeypatch, "_read_header", errno.ESTALE):
+        make_pipeline(world, send_skipped=True).process([study_pk])
     with session_scope(world["db"]) as session:
         study = session.get_one(Study, study_pk)
         assert study.state is StudyState.READY, study.state_reason
         assert "could not be read now (OSError)" in study.state_reason
     assert peer.received == []
-    monkeypatch.setattr(pipeline_module, "_read_header", read_header)  # the file system is back
-    make_pipeline(world, send_skipped=True).process([study_pk])
+    make_pipeline(world, send_skipped=True).process([study_pk])  # the file system is back
     with session_scope(world["db"]) as session:
         assert session.get_one(Study, study_pk).state is StudyState.SKIPPED
     assert peer.received == [result_rows(world, study_pk)[ResultKind.PDF][0]]

@@ -25,7 +25,7 @@ from dicom_node.store.models import (
     StudyState,
     utcnow,
 )
-from tests.pipeline.conftest import add_study
+from tests.pipeline.conftest import add_study, write_transaction_open
 
 pytestmark = pytest.mark.db
 
@@ -165,13 +165,11 @@ def test_a_storage_check_takes_no_write_lock_from_the_running_node(
     cli_env.setenv("CXR_NODE__DATABASE__URL", url)
     made = _node_files(factory, tmp_path / "var")
     args = argparse.Namespace(verify=True, remove_orphans=False)
-    storing = factory()
-    storing.connection()  # the node storing an image: its write transaction is open
     try:
-        started = time.monotonic()
-        assert storage.command(args, load_settings(), factory) == 1
-        assert time.monotonic() - started < 10
+        with write_transaction_open(factory):  # the node storing an image
+            started = time.monotonic()
+            assert storage.command(args, load_settings(), factory) == 1
+            assert time.monotonic() - started < 10
     finally:
-        storing.close()
         engine.dispose()
     assert f"missing: instance {made['lost']}: its received file" in capsys.readouterr().out
