@@ -67,6 +67,10 @@ class Node:
         """The port the listener is bound to (differs from settings when configured as 0)."""
         return self.scp.port
 
+    def listening(self) -> bool:
+        """This process's DICOM listener accepts associations (the listener processes share its socket)."""
+        return self.scp.listening
+
     def holds_lock(self) -> bool:
         """This node is still the one node on its database (see :class:`dicom_node.store.db.NodeLock`)."""
         return self._lock.held()

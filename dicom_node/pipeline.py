@@ -1539,8 +1539,7 @@ class NodeLike(Protocol):
     @property
     def scheduler(self) -> Any: ...
 
-    @property
-    def dicom_port(self) -> int: ...
+    def listening(self) -> bool: ...
 
     def holds_lock(self) -> bool: ...
 
@@ -1630,7 +1629,7 @@ def attach(
     retention = Retention(
         node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler
     )
-    metrics.add_check("dicom_listener", lambda: node.dicom_port > 0)
+    metrics.add_check("dicom_listener", node.listening)  # accepting, not merely given a port
     metrics.add_check("scheduler", lambda: scheduler_alive(node.scheduler))
     metrics.add_check("node_lock", node.holds_lock)  # still the only node on its database
     metrics.add_check("pipeline", lambda: pipeline.alive)

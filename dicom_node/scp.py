@@ -282,6 +282,7 @@ class StorageScp:
         self.ssl_context = ssl_context
         self.caller_policy = caller_policy
         self._server: ThreadedAssociationServer | None = None
+        self._acceptor: threading.Thread | None = None
         self._lock = threading.Lock()
         # associations of a result destination that may report storage commitment, and not store
         self._reporters: weakref.WeakSet[Association] = weakref.WeakSet()
@@ -336,12 +337,28 @@ class StorageScp:
                     f"DICOM listener cannot bind {self.settings.bind_address}:{self.settings.port} "
                     f"(dicom.port, dicom.bind_address): {exc.strerror or type(exc).__name__}"
                 ) from exc
-            threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
-            self._server = server
+            acceptor = threading.Thread(target=self._accept, args=(server,), name="dicom-acceptor", daemon=True)
+            acceptor.start()
+            self._server, self._acceptor = server, acceptor
         LOGGER.info(
             "DICOM listener %s on %s:%d%s", self.settings.ae_title, self.settings.bind_address, self.port,
             " (TLS)" if self.ssl_context else "",
         )
+
+    @staticmethod
+    def _accept(server: ThreadedAssociationServer) -> None:
+        try:
+            server.serve_forever()
+        except BaseException:  # no new association from here on: say so, and /healthz says so (listening)
+            LOGGER.critical("DICOM listener stopped accepting associations", exc_info=True)
+
+    @property
+    def listening(self) -> bool:
+        """Started, its acceptor thread runs and its socket is open: the node's DICOM health check."""
+        server, acceptor = self._server, self._acceptor
+        if server is None or acceptor is None or not acceptor.is_alive():
+            return False
+        return cast(socket.socket, server.socket).fileno() >= 0
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting; give running associations ``grace_seconds`` to finish, then abort them.
@@ -349,7 +366,7 @@ class StorageScp:
         An instance whose success was not yet sent is simply not acknowledged: the sender retries.
         """
         with self._lock:
-            server, self._server = self._server, None
+            server, self._server, self._acceptor = self._server, None, None
         if server is None:
             return
         server.shutdown()

@@ -48,3 +48,32 @@ def test_a_node_whose_console_cannot_start_stops_its_listeners_and_timers(tmp_pa
         assert again.dicom_port == dicom_port
     finally:
         again.stop()
+
+
+def test_health_says_the_dicom_listener_is_down_once_it_stops_accepting(tmp_path: Path) -> None:
+    """/healthz checked only that the listener had a port, which it keeps after its accepting thread has
+    ended: the node answered "ok" to its supervisor while every PACS's association went unanswered."""
+    settings = load_settings(node={"data_dir": str(tmp_path)},
+                             dicom={"port": 0, "bind_address": "127.0.0.1"}, web={"enabled": False})
+    node = build_node(settings)
+    before = set(threading.enumerate())
+    node.start()
+    try:
+        started = set(threading.enumerate()) - before
+        (acceptor,) = [thread for thread in started if thread.name == "dicom-acceptor"]
+        assert node.pipeline.metrics.health().checks["dicom_listener"]
+        server = node.scp._server
+        assert server is not None
+
+        def broken() -> None:
+            raise RuntimeError("the accepting loop broke")
+
+        # service_actions runs once per accepting loop, outside the loop's own error handling
+        server.service_actions = broken  # type: ignore[method-assign]
+        acceptor.join(timeout=10)
+        assert not acceptor.is_alive(), "the accepting thread did not end"
+        report = node.pipeline.metrics.health()
+        assert not report.checks["dicom_listener"]
+        assert not report.ok
+    finally:
+        node.stop()
