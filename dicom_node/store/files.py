@@ -375,6 +375,7 @@ def kept_value(path: Path, make: Callable[[], str], valid: Callable[[str], bool]
             pass
         finally:
             made.unlink()
+        _fsync_dir(path.parent)  # the name too survives a power cut: a second value would be a new identity
         return path.read_text(encoding="ascii").strip()
     except OSError as exc:
         raise ConfigurationError(

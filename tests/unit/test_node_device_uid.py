@@ -63,3 +63,17 @@ def test_a_data_directory_the_node_cannot_write_in_stops_it_with_what_to_do(
     said = r"cannot be made \(Permission denied\): node.data_dir must be"
     with pytest.raises(ConfigurationError, match=said):
         device_uid(tmp_path)
+
+
+def test_a_new_uid_is_on_disk_with_its_name_before_it_is_used(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file was fsync'ed but not the directory its name was linked into: after a power cut the node
+    could come back without the name and make a second UID for a device that had already sent SRs."""
+    from dicom_node.store import files
+
+    synced: list[Path] = []
+    real = files._fsync_dir
+    monkeypatch.setattr(files, "_fsync_dir", lambda directory: (synced.append(directory), real(directory)))
+    uid = device_uid(tmp_path / "data")
+    assert synced == [tmp_path / "data"]
+    assert device_uid(tmp_path / "data") == uid and synced == [tmp_path / "data"]  # read, not written again
