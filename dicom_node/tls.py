@@ -21,10 +21,29 @@ def _load(tls: TlsSettings, load: Callable[[], object], *settings: str) -> None:
         raise ConfigurationError(f"cannot load {files}: {said}") from exc
 
 
+class _EncryptedKey(Exception):  # noqa: N818 - a signal from OpenSSL's passphrase callback, not an error
+    """The private key asks for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    """OpenSSL's passphrase callback: there is none to give. Without one OpenSSL prompted "Enter PEM pass
+    phrase:" on the terminal, where an interactive node (its outbox thread at a TLS delivery) waited, or,
+    without a terminal, failed with "Invalid argument" (review)."""
+    raise _EncryptedKey
+
+
 def _load_identity(tls: TlsSettings, context: ssl.SSLContext) -> None:
     """The node's certificate and private key into ``context``."""
-    _load(tls, lambda: context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key)),
-          "certificate", "private_key")
+    try:
+        _load(tls, lambda: context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key),
+                                                   password=_no_passphrase),
+              "certificate", "private_key")
+    except _EncryptedKey:
+        raise ConfigurationError(
+            f"cannot load dicom.tls.certificate {tls.certificate}, dicom.tls.private_key {tls.private_key}: "
+            "the private key is encrypted with a passphrase, which the node cannot be given; store it "
+            "decrypted (openssl pkey -in KEY -out NEW_KEY), readable by the node's user only"
+        ) from None
 
 
 def handshake_failure(exc: OSError, peer: str) -> str:

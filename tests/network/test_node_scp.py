@@ -709,6 +709,29 @@ def test_a_tls_file_that_cannot_be_read_is_named_with_its_setting(tmp_path: Path
         client_context(TlsSettings(certificate=cert, private_key=cert))  # a certificate where the key goes
 
 
+def test_a_private_key_with_a_passphrase_is_refused_in_words_without_a_prompt(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A key encrypted with a passphrase made OpenSSL prompt "Enter PEM pass phrase:" on the terminal: an
+    interactive ``serve`` waited there, the outbox thread at its first TLS delivery; under systemd the
+    node stopped with "cannot load ...: Invalid argument" (review)."""
+    cert, plain_key = _certificate(tmp_path)
+    key = tmp_path / "encrypted.key"
+    subprocess.run([peers.executable("openssl"), "pkey", "-in", str(plain_key), "-aes256", "-passout",
+                    "pass:hospital", "-out", str(key)], check=True, capture_output=True)
+    said = (f"cannot load dicom.tls.certificate {cert}, dicom.tls.private_key {key}: the private key is "
+            "encrypted with a passphrase, which the node cannot be given; store it decrypted (openssl pkey "
+            "-in KEY -out NEW_KEY), readable by the node's user only")
+    with pytest.raises(ConfigurationError) as error:
+        server_context(TlsSettings(enabled=True, certificate=cert, private_key=key, ca_certificates=cert))
+    assert str(error.value) == said
+    with pytest.raises(ConfigurationError) as error:
+        client_context(TlsSettings(certificate=cert, private_key=key))
+    assert str(error.value) == said
+    assert "pass phrase" not in capfd.readouterr().err
+    assert client_context(TlsSettings(certificate=cert, private_key=plain_key))  # a plain key as before
+
+
 def test_tls_listener_accepts_tls_and_refuses_plain(tmp_path: Path) -> None:
     cert, key = _certificate(tmp_path)
     server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
