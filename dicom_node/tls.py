@@ -46,6 +46,17 @@ def _load_identity(tls: TlsSettings, context: ssl.SSLContext) -> None:
         ) from None
 
 
+#: What OpenSSL's reason for a failed handshake says of the peer, for those an operator cannot read: a
+#: modality without a client certificate, or set to a DICOM TLS profile older than BCP 195 (the AES
+#: profile's TLS_RSA_WITH_AES_128_CBC_SHA, TLS 1.0/1.1), was logged as a bare NO_SHARED_CIPHER (review).
+_IN_WORDS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "presented no certificate (dicom.tls.require_client_certificate)",
+    "NO_SHARED_CIPHER": "offers no cipher suite of the BCP 195 TLS profiles (ECDHE or DHE key exchange); "
+                        "the older AES and Basic DICOM TLS profiles are not supported",
+    "UNSUPPORTED_PROTOCOL": "offers only TLS versions older than 1.2",
+}
+
+
 def handshake_failure(exc: OSError, peer: str) -> str:
     """Why a TLS handshake with ``peer`` ("the caller", "the destination") failed, in words: the
     verification message for a certificate the node does not trust, the peer's alert when the peer refused
@@ -56,6 +67,8 @@ def handshake_failure(exc: OSError, peer: str) -> str:
     reason = str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
     if "ALERT" in reason:
         return f"{peer} refused the handshake ({reason})"
+    if reason in _IN_WORDS:
+        return f"{peer} {_IN_WORDS[reason]} ({reason})"
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"):
         return f"{peer} does not speak TLS ({reason})"
     return reason

@@ -960,6 +960,39 @@ def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(
         "certificate)" in caplog.messages
 
 
+def test_a_caller_without_a_certificate_or_with_an_older_tls_profile_is_refused_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A modality set to DICOM's older AES TLS profile (RSA key exchange), or without a certificate of its
+    own, was logged as a bare NO_SHARED_CIPHER or PEER_DID_NOT_RETURN_A_CERTIFICATE (review)."""
+    echoscu = peers.executable("echoscu")
+    cert, key = _certificate(tmp_path)
+    client_cert, client_key = _certificate(tmp_path, "modality")
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        ca_certificates=client_cert, require_client_certificate=True))
+    node = _listener(tmp_path, ssl_context=server)
+    command = [echoscu, "-to", "10", "-aet", CALLER, "-aec", "CXRNODE", "+cf", str(cert), "127.0.0.1",
+               str(node.scp.port)]
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.scp"):
+            aes_profile = subprocess.run([*command, "+tls", str(client_key), str(client_cert), "+pa"],
+                                         capture_output=True, text=True, timeout=30)
+            anonymous = subprocess.run([*command, "+tla"], capture_output=True, text=True, timeout=30)
+            bcp195 = subprocess.run([*command, "+tls", str(client_key), str(client_cert)],
+                                    capture_output=True, text=True, timeout=30)
+    finally:
+        node.scp.stop()
+    assert aes_profile.returncode != 0 and anonymous.returncode != 0
+    assert bcp195.returncode == 0, bcp195.stderr
+    assert caplog.messages == [
+        "TLS handshake with 127.0.0.1 failed: the caller offers no cipher suite of the BCP 195 TLS profiles "
+        "(ECDHE or DHE key exchange); the older AES and Basic DICOM TLS profiles are not supported "
+        "(NO_SHARED_CIPHER)",
+        "TLS handshake with 127.0.0.1 failed: the caller presented no certificate "
+        "(dicom.tls.require_client_certificate) (PEER_DID_NOT_RETURN_A_CERTIFICATE)",
+    ]
+
+
 def test_a_dicom_port_in_use_is_one_error_naming_the_port_and_setting(tmp_path: Path) -> None:
     """A port in use (11112 is a common one) stopped `serve` with a 30-line traceback of pynetdicom's
     server_bind that named neither the port nor the setting (review)."""
