@@ -80,6 +80,10 @@ class TlsSettings(_Group):
     def _complete_when_enabled(self) -> TlsSettings:
         if self.enabled and not (self.certificate and self.private_key):
             raise ValueError("dicom.tls.enabled needs certificate and private_key")
+        # The node's identity for TLS destinations too: one without the other was ignored without a word,
+        # and a destination asking for the node's certificate refused every delivery (review).
+        if bool(self.certificate) != bool(self.private_key):
+            raise ValueError("dicom.tls needs both certificate and private_key, or neither")
         return self
 
 

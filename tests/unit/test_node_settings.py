@@ -63,3 +63,18 @@ def test_a_console_secret_key_of_32_characters_is_taken(cli_env: pytest.MonkeyPa
     cli_env.setenv("CXR_NODE__WEB__SECRET_KEY", "0123456789abcdef" * 2)
     key = load_settings().web.secret_key
     assert key is not None and key.get_secret_value() == "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize("given", ["certificate: /etc/cxr-node/tls/node.crt",
+                                   "private_key: /etc/cxr-node/tls/node.key"])
+def test_a_tls_certificate_without_its_key_or_a_key_without_its_certificate_is_a_setting_error(
+    cli_env: pytest.MonkeyPatch, tmp_path: Path, given: str
+) -> None:
+    """With the listener plain, one of the two was ignored without a word: every TLS destination was called
+    without the node's certificate, and one that asks for it refused each delivery (review)."""
+    config = tmp_path / "node.yaml"
+    config.write_text(f"dicom:\n  tls:\n    {given}\n    ca_certificates: /etc/cxr-node/tls/ca.pem\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(config)
+    assert "dicom.tls: Value error, dicom.tls needs both certificate and private_key, or neither" in str(
+        raised.value)
