@@ -63,6 +63,9 @@ class AeSpec:
         elif self.storage_commitment:
             raise InvalidAeError("storage commitment applies to destinations only",
                                  field="storage_commitment")
+        elif self.tls:  # the node's listener is on TLS for every caller or for none: dicom.tls.enabled
+            raise InvalidAeError("DICOM TLS applies to destinations only; callers use TLS when the node's "
+                                 "listener does (dicom.tls.enabled)", field="tls")
         return AeSpec(title, self.role, host, self.port, self.tls, self.description, self.reply_to or None,
                       self.enabled, self.storage_commitment)
 

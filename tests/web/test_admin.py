@@ -143,6 +143,9 @@ def test_a_destination_with_deliveries_or_repliers_cannot_become_a_caller(
         ({"role": "caller", "port": "70000"}, "port must be 1-65535", "port"),
         ({"role": "caller", "description": "Main\x00PACS"}, "description must be printable", "description"),
         ({"role": "destination", "host": "999.999.999.999", "port": "104"}, "host must be", "host"),
+        # the listener takes any caller plain unless dicom.tls.enabled: the caller's flag was shown as
+        # "TLS yes" while that caller's images came in unencrypted
+        ({"role": "caller", "tls": "1"}, "DICOM TLS applies to destinations only", "tls"),
     ],
 )
 def test_an_ae_field_a_caller_or_the_api_cannot_use_is_refused(
