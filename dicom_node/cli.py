@@ -163,11 +163,15 @@ def cmd_ae_echo(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node import scu
+    from dicom_node.tls import client_context
 
     settings = _settings(args)
     calling = args.calling_aet or settings.dicom.ae_title
-    status = scu.echo(args.host, args.port, args.aet, calling_aet=calling)
-    say(f"C-ECHO {args.aet} at {args.host}:{args.port}: status 0x{status:04X}")
+    # as to a destination marked tls: a TLS peer (the node's own listener on TLS, a new PACS before it is
+    # added) could not be called from here at all
+    context = client_context(settings.dicom.tls) if args.tls else None
+    status = scu.echo(args.host, args.port, args.aet, calling_aet=calling, tls=context)
+    say(f"C-ECHO {args.aet} at {args.host}:{args.port}{' (TLS)' if args.tls else ''}: status 0x{status:04X}")
     return 0 if status == Status.SUCCESS else 1
 
 
@@ -287,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("port", type=_port)
     echo.add_argument("aet", type=_ae_title, help="the peer's (called) AE title")
     echo.add_argument("--calling-aet", type=_ae_title, help="our AE title (default: dicom.ae_title)")
+    echo.add_argument("--tls", action="store_true",
+                      help="use DICOM TLS with dicom.tls's certificate, key and CA bundle")
     echo.set_defaults(func=cmd_echo)
 
     send = sub.add_parser("send", parents=[common], help="C-STORE files or folders to a destination")

@@ -637,6 +637,27 @@ def test_a_tls_destination_the_node_does_not_trust_is_named_so_not_unreachable(t
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_cxr_node_echo_calls_a_tls_peer_with_the_nodes_tls_settings(
+    cli_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr-node echo HOST PORT AET` had no way to speak TLS: a node on TLS, or a new TLS PACS before it is
+    added as a destination, could not be checked with it ("does the port expect TLS?")."""
+    from dicom_node import cli
+
+    storescp = peers.executable("storescp")
+    pacs_cert, pacs_key = _certificate(tmp_path, "pacs")
+    node_cert, node_key = _certificate(tmp_path, "node")
+    port = peers.free_port()
+    cli_env.setenv("CXR_NODE__DICOM__TLS__CERTIFICATE", str(node_cert))
+    cli_env.setenv("CXR_NODE__DICOM__TLS__PRIVATE_KEY", str(node_key))
+    cli_env.setenv("CXR_NODE__DICOM__TLS__CA_CERTIFICATES", str(pacs_cert))
+    with peers.serving([storescp, "+tls", str(pacs_key), str(pacs_cert), "+cf", str(node_cert), "-rc",
+                        str(port)], port):
+        assert cli.main(["echo", "127.0.0.1", str(port), "PACS", "--tls"]) == 0
+    assert f"C-ECHO PACS at 127.0.0.1:{port} (TLS): status 0x0000" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_a_tls_destination_that_refuses_the_nodes_certificate_says_so(tmp_path: Path) -> None:
     """Under TLS 1.3 the PACS refuses the client's certificate after the handshake: it was "no
     association (aborted or timed out)" (review)."""
