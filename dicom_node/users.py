@@ -213,12 +213,13 @@ def set_active(session: Session, user_id: int, active: bool, actor: str) -> User
     if user.active == active:
         return user
     if not active and user.role is UserRole.ADMIN:
-        others = session.scalar(
-            select(func.count())
-            .select_from(User)
-            .where(User.role == UserRole.ADMIN, User.active.is_(True), User.id != user.id)
-        )
-        if not others:
+        # The active admins' rows locked, this one's too, until the commit: two admins disabling each other
+        # at once each counted the other as the one who remains, and on PostgreSQL both went through
+        # (review). The second now waits for the first and finds itself the last.
+        admins = session.scalars(
+            select(User.id).where(User.role == UserRole.ADMIN, User.active.is_(True)).with_for_update()
+        ).all()
+        if not any(pk != user.id for pk in admins):
             raise ConflictError("the last active admin cannot be disabled")
     user.active = active
     if not active:

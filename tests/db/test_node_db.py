@@ -1082,3 +1082,39 @@ def test_two_images_filling_one_study_at_once_keep_the_first_value_and_both_are_
     with sessions() as session:
         assert session.scalars(select(Study.patient_age)).one() == "008Y"  # the first value stays
         assert session.scalar(select(func.count()).select_from(Instance)) == 3
+
+
+def test_two_admins_disabling_each_other_at_once_leave_one_admin(sessions: sessionmaker[Session]) -> None:
+    """Each counted the other as the active admin that would remain, before either had committed: on
+    PostgreSQL both went through and no active admin was left to administer the node (review)."""
+    from dicom_node import users
+    from dicom_node.store.models import User, UserRole
+
+    with sessions() as session, session.begin():
+        first, second = (User(username=name, password_hash="-", role=UserRole.ADMIN, active=True)
+                         for name in ("first", "second"))
+        session.add_all([first, second])
+        session.flush()
+        ids = first.id, second.id
+    outcomes: list[str] = []
+
+    def disable(user_id: int) -> None:
+        with sessions() as session:
+            try:
+                users.set_active(session, user_id, False, "test")
+                session.commit()
+                outcomes.append("disabled")
+            except ConflictError:
+                outcomes.append("refused")
+
+    holder = sessions()
+    users.set_active(holder, ids[1], False, "test")  # the first admin disables the second, not yet committed
+    other = threading.Thread(target=disable, args=(ids[0],))  # the second disables the first meanwhile
+    other.start()
+    other.join(1.0)
+    holder.commit()
+    holder.close()
+    other.join(30)
+    assert outcomes == ["refused"]
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(User).where(User.active.is_(True))) == 1
