@@ -167,8 +167,12 @@ class EchoOutcome:
     message: str
 
 
-def echo_test(con: Console, ae: RemoteAe) -> EchoOutcome:
-    """C-ECHO an AE and describe the outcome in words an admin can act on."""
+def echo_test(con: Console, db: Session, ae_id: int, username: str) -> EchoOutcome:
+    """C-ECHO an AE and describe the outcome in words an admin can act on. Recorded in the audit log, as
+    ``cxr-node ae echo`` records it, then the transaction is ended before the network wait."""
+    ae = aes.get_by_id(db, ae_id)
+    audit.record(db, audit.user_actor(username), "ae.echo", f"remote_ae:{ae.id}", {})
+    release(db)  # the echo may take seconds
     started = time.monotonic()
     address = f"{ae.host}:{ae.port}"
     try:
@@ -302,9 +306,8 @@ def ae_delete(request: Request, db: DbDep, principal: CsrfAdminDep, ae_id: RowId
 
 @router.post("/aes/{ae_id}/echo")
 def ae_echo(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> Response:
+    outcome = echo_test(con, db, ae_id, principal.username)
     ae = aes.get_by_id(db, ae_id)
-    release(db)  # the echo may take seconds
-    outcome = echo_test(con, ae)
     if request.query_params.get("from") == "edit":
         return _ae_edit_page(request, db, principal, ae, echo=outcome)
     return _aes_page(request, db, principal, echo=outcome)

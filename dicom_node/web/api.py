@@ -35,7 +35,6 @@ from dicom_node.web.deps import (
     UserDep,
     admin_user,
     current_user,
-    release,
 )
 from dicom_node.web.login import THROTTLED, log_in, set_cookie, set_session_cookies
 from dicom_node.web.pages import (
@@ -424,9 +423,7 @@ def api_ae_delete(db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> Response:
 
 @admin_router.post("/aes/{ae_id}/echo", response_model=EchoOut)
 def api_ae_echo(con: ConsoleDep, db: DbDep, principal: CsrfAdminDep, ae_id: RowId) -> EchoOut:
-    ae = aes.get_by_id(db, ae_id)
-    release(db)  # the echo may take seconds
-    outcome = echo_test(con, ae)
+    outcome = echo_test(con, db, ae_id, principal.username)
     return EchoOut(ok=outcome.ok, message=outcome.message)
 
 

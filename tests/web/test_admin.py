@@ -295,6 +295,10 @@ def test_echo_to_an_unreachable_destination_reports_failure(
     page = client.post(f"/admin/aes/{ae_id}/echo", data={"csrf_token": csrf})
     assert page.status_code == 200
     assert 'class="msg bad"' in page.text and "C-ECHO to GONE at 127.0.0.1:1 failed" in page.text
+    assert client.post(f"/api/admin/aes/{ae_id}/echo", headers={"X-CSRF-Token": csrf}).json()["ok"] is False
+    # a C-ECHO is the admin's doing on the network, recorded as `cxr-node ae echo` records it
+    echoes = [event for event in _audit(factory) if event[1] == "ae.echo"]
+    assert echoes == [("user:alice", "ae.echo", f"remote_ae:{ae_id}")] * 2
 
 
 def test_users_add_disable_enable_and_reset_password(
