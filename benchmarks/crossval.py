@@ -39,9 +39,31 @@ def _fold_command(data: Path, output: Path, fold: int, folds: int, seed: int, ex
 
 
 def _run_folds(args: argparse.Namespace, extra: list[str]) -> dict[int, float]:
+    running: dict[int, tuple[subprocess.Popen[bytes], float, int]] = {}
+    try:
+        return _train_folds(args, extra, running)
+    except BaseException:  # a fold failed, or Ctrl-C: the others would train on, pinned, for nobody
+        _stop([process for process, _, _ in running.values()])
+        raise
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate the folds still training and reap them (killed if they do not end within 30 s)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _train_folds(
+    args: argparse.Namespace, extra: list[str], running: dict[int, tuple[subprocess.Popen[bytes], float, int]]
+) -> dict[int, float]:
     cpus = sorted(os.sched_getaffinity(0))
     pending = list(args.only)
-    running: dict[int, tuple[subprocess.Popen[bytes], float, int]] = {}
     seconds: dict[int, float] = {}
     while pending or running:
         while pending and len(running) < args.jobs:
