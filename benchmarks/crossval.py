@@ -108,6 +108,9 @@ def _epoch_accuracies(history: dict[str, list[float]]) -> tuple[float | None, fl
 
 
 def _row(fold: int, folder: Path) -> dict[str, Any]:
+    if not (folder / "model.json").is_file():  # --report-only before a fold has ended, or after it failed
+        sys.exit(f"fold {fold} has no model.json in {folder}: train it (without --report-only) or leave it "
+                 "out with --only")
     metadata = json.loads((folder / "model.json").read_text())
     validation = metadata["validation"]
     last, best = _epoch_accuracies(metadata.get("training", {}).get("history", {}))

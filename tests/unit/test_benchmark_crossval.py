@@ -43,3 +43,11 @@ def test_a_fold_that_fails_stops_the_folds_still_training(
     os.kill(pid, 9)  # what the benchmark left running (a child of this process: reaped here)
     os.waitpid(pid, 0)
     pytest.fail(f"fold 1 (pid {pid}) still running after the benchmark exited")
+
+
+def test_report_only_names_a_fold_not_trained_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fold not trained (still training, or failed) ended the report in a FileNotFoundError traceback."""
+    with pytest.raises(SystemExit) as exit_status:
+        crossval.main([str(tmp_path / "data"), str(tmp_path / "out"), "--folds", "2", "--report-only"])
+    message = str(exit_status.value.code)
+    assert "fold 0" in message and "model.json" in message and "--only" in message
