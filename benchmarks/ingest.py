@@ -13,7 +13,8 @@ DCMTK and Orthanc run with ``TCP_NODELAY=1`` (DCMTK 3.6.7 otherwise keeps Nagle'
 
     python benchmarks/ingest.py [--count 40] [--rounds 3] [--senders 1 4] [--kinds uncompressed j2k]
 
-Each figure is the median of ``--rounds`` runs with the receivers in rotating order.
+Each figure is the median of ``--rounds`` runs with the receivers in rotating order. A receiver that did not
+store every instance in every round gets no rate, and the benchmark exits 1 saying which.
 """
 
 from __future__ import annotations
@@ -238,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(results_table(results))
     print(table.json_line(figures(results)))
-    return 0
+    incomplete = [m for m in results if not m.complete]
+    for m in incomplete:  # its rate is "—": say why, and fail the run as e2e.py does for a lost study
+        print(f"{m.receiver} stored {m.stored} of {m.count * args.rounds} ({m.kind}, {m.senders} sender(s), "
+              f"{args.rounds} round(s)), {m.failures} failed: no rate", file=sys.stderr)
+    return 1 if incomplete else 0
 
 
 def _median(measurements: list[Measurement]) -> Measurement:

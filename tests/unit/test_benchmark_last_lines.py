@@ -125,3 +125,30 @@ def test_crossval_reads_an_epoch_whose_loss_went_nan_as_model_json_records_it() 
     history = {"val_loss": [None, 0.5, 0.7], "val_accuracy": [None, 0.6, 0.4]}
     assert crossval._epoch_accuracies(history) == (0.4, 0.6)
     assert crossval._epoch_accuracies({"val_loss": [0.5, None], "val_accuracy": [0.6, None]}) == (None, 0.6)
+
+
+def test_ingest_exits_non_zero_when_a_receiver_did_not_store_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node that refused every instance got "—" for a rate, yet the benchmark exited 0 as after a
+    good run: a script or CI job timing ingest took the run as measured."""
+    from contextlib import contextmanager
+
+    from benchmarks import ingest
+
+    def receiver(port: int, stores: bool) -> Any:
+        @contextmanager
+        def start(_workdir: Path) -> Any:
+            yield port, "ANY", lambda: 3 if stores else 0
+        return start
+
+    monkeypatch.setattr(ingest, "make_corpus", lambda _, n, folder: [folder / f"{i}.dcm" for i in range(n)])
+    monkeypatch.setattr(ingest, "send", lambda paths, port, *_: (0.5, 1 if port == 1 else 0))
+    monkeypatch.setitem(ingest.RECEIVERS, "node", receiver(1, stores=False))
+    monkeypatch.setitem(ingest.RECEIVERS, "storescp", receiver(2, stores=True))
+    argv = ["--count", "3", "--rounds", "1", "--senders", "1", "--kinds", "uncompressed",
+            "--receivers", "node", "storescp", "--workdir", str(tmp_path)]  # fmt: skip
+    assert ingest.main(argv) == 1
+    captured = capsys.readouterr()
+    assert _strict(captured.out.splitlines()[-1])["runs"][0]["instances_per_s"] is None
+    assert "node stored 0 of 3" in captured.err
