@@ -36,6 +36,7 @@ from benchmarks import table
 from benchmarks.other_sources import SOURCES, manifest_ages, read_wheel
 from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
+from classifier.cli import saying_errors
 from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.inference import Classifier, default_model_path, load_input
 from classifier.metrics import roc_auc
@@ -96,6 +97,7 @@ def _nih(
     return _embed_files(classifier, [item for item, _ in known]), np.asarray([a for _, a in known], np.int64)
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

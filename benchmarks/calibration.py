@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from benchmarks import table
 from benchmarks.posthoc import Probabilities, called, parser, score
-from classifier.cli import at_least, random_seed
+from classifier.cli import at_least, random_seed, saying_errors
 from classifier.metrics import brier_score, expected_calibration_error, log_loss, reliability_bins
 from classifier.types import INDETERMINATE
 
@@ -124,6 +124,7 @@ def _reliability_table(probabilities: Probabilities, truth: npt.NDArray[np.int64
     return table.render([("top probability", ""), ("images", "d"), ("mean", ".3f"), ("right", ".3f")], rows)
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     arguments = parser(__doc__ or "")
     arguments.add_argument(

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import table
 from benchmarks.testdata import pydicom_data_file
-from classifier.cli import at_least
+from classifier.cli import at_least, saying_errors
 from classifier.inference import Classifier, default_model_path
 from classifier.preprocess import dataset_to_model_input, display_image, frame_pixels, read_dataset
 
@@ -120,6 +120,7 @@ def _epoch_seconds(architecture: str, images: int) -> float:
         return train(config).seconds_per_epoch
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

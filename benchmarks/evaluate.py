@@ -17,7 +17,7 @@ from typing import Any
 from benchmarks import table
 from benchmarks.testdata import pydicom_data_file
 from classifier.artifact import read_metadata
-from classifier.cli import degradation
+from classifier.cli import degradation, saying_errors
 from classifier.dataset import load_collection, split_from_record
 from classifier.evaluation import evaluate
 from classifier.inference import Classifier
@@ -37,6 +37,7 @@ DEGRADATIONS = (
 )
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import table
+from classifier.cli import saying_errors
 
 NIH_CLASSES = ("normal", "pneumonia")
 
@@ -47,6 +48,7 @@ def adjudicated_label(row: dict[str, str]) -> str:
     return "pneumonia" if row["Airspace opacity"] == "YES" else "normal"
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="cxr3 (manifest.csv with a 'source' column)")

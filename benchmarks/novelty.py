@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks import table
 from benchmarks.evaluate import DEGRADATIONS as ROBUSTNESS_DEGRADATIONS
 from classifier.artifact import read_metadata
+from classifier.cli import saying_errors
 from classifier.dataset import LabelledImage, load_collection, split_from_record
 from classifier.errors import ClassifierError
 from classifier.evaluation import parse_degradation, predict_items
@@ -85,6 +86,7 @@ def model_with_check(
     return classifier, check, validation
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     classifier, check, validation = model_with_check(__doc__ or "", argv)
     spec, lungs = classifier.spec, classifier.lungs

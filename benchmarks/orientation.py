@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from benchmarks import table
 from benchmarks.novelty import model_with_check
+from classifier.cli import saying_errors
 from classifier.dataset import LabelledImage
 from classifier.evaluation import parse_degradation
 from classifier.preprocess import framed_model_input, pil_to_gray, read_image_file
@@ -89,6 +90,7 @@ def read_pictures(items: list[LabelledImage]) -> list[Image.Image]:
     return pictures
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     classifier, _, validation = model_with_check(__doc__ or "", argv)
     originals = read_pictures(validation)  # read once; every degradation is deterministic

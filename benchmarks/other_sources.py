@@ -40,6 +40,7 @@ from typing import Any
 from PIL import Image
 
 from benchmarks import table
+from classifier.cli import saying_errors
 from classifier.inference import Classifier, default_model_path
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
@@ -139,6 +140,7 @@ def age_table(data: Path, entries: Path) -> dict[str, dict[str, int]]:
     return {label: dict(bands) for label, bands in counts.items()}
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wheels", type=Path, nargs="+", help="pneumonia_model_package wheels")

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from benchmarks import table
 from benchmarks.posthoc import Probabilities, called, parser, score
+from classifier.cli import saying_errors
 from classifier.ensemble import member_records
 from classifier.metrics import classification_report
 
@@ -49,6 +50,7 @@ def reweigh(probabilities: Probabilities, weights: npt.NDArray[np.float64], stre
     return np.asarray(adjusted / adjusted.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
+@saying_errors
 def main(argv: list[str] | None = None) -> int:
     arguments = parser(__doc__ or "")
     arguments.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))

@@ -7,6 +7,7 @@ Never imports ``dicom_node``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from classifier.architectures import (
     DEFAULT_ARCHITECTURE,
@@ -27,6 +28,7 @@ from classifier.errors import ClassifierError, OptionError
 from classifier.types import identity_problem
 
 LOGGER = logging.getLogger(__name__)
+_P = ParamSpec("_P")  # the arguments of a main that saying_errors wraps
 
 DATA_HELP = (
     "folder of class sub-folders (PNG/JPEG/BMP/TIFF, or DICOM with or without .dcm, e.g. a PACS export), or "
@@ -572,6 +574,21 @@ def _classify(args: argparse.Namespace) -> int:
         else:
             _say(_format_prediction(path, prediction))
     return status
+
+
+def saying_errors(main: Callable[_P, int]) -> Callable[_P, int]:
+    """A benchmark's ``main`` that answers a model, data set or image it cannot use as this CLI does: one
+    line (``error: ...``) and exit status 2, not a traceback ending in the same words."""
+
+    @functools.wraps(main)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ClassifierError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,3 +88,22 @@ def test_calibration_refuses_to_cross_fit_a_single_group() -> None:
     probabilities = np.full((20, 3), 1 / 3)
     with pytest.raises(ValueError, match="two groups at least, not 1"):
         cross_fit(probabilities, np.zeros(20, dtype=np.int64), ["one"] * 20, repeats=2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("classify", ["--no-training", "--repeats", "1", "--model", "/nonexistent-model"]),
+        ("evaluate", ["/nonexistent-model", "/nonexistent-data", "--degradations", "none"]),
+        ("calibration", ["/nonexistent-model", "/nonexistent-data"]),
+        ("novelty", ["/nonexistent-model", "/nonexistent-data"]),
+        ("orientation", ["/nonexistent-model", "/nonexistent-data"]),
+        ("prior", ["/nonexistent-model", "/nonexistent-data"]),
+    ],
+)
+def test_a_model_it_cannot_use_is_one_line_not_a_traceback(
+    name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped model folder ended in a ModelArtifactError traceback; cxr-classifier says it in a line."""
+    assert _main(name)(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: no model.json in /nonexistent-model"
