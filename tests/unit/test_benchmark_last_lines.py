@@ -152,3 +152,12 @@ def test_ingest_exits_non_zero_when_a_receiver_did_not_store_everything(
     captured = capsys.readouterr()
     assert _strict(captured.out.splitlines()[-1])["runs"][0]["instances_per_s"] is None
     assert "node stored 0 of 3" in captured.err
+
+
+def test_ingest_s_median_of_an_even_number_of_rounds_is_the_mean_of_the_middle_two() -> None:
+    """It was the faster of the middle two (``--rounds 2``: the best run), while the JSON said "median"."""
+    from benchmarks.ingest import Measurement, _median
+
+    runs = [Measurement("j2k", 1, "node", 40, seconds, 40, 0) for seconds in (4.0, 2.0, 1.0, 8.0)]
+    assert _median(runs).per_second == pytest.approx((10.0 + 20.0) / 2)
+    assert _median(runs[:3]).per_second == pytest.approx(20.0)
