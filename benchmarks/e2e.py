@@ -7,7 +7,7 @@ Orthanc (Debian package) at a steady rate over one association; Orthanc forwards
 - seconds from Orthanc acknowledging the image to the node's SR being stored in Orthanc (p50, p95, max),
   observed through Orthanc's /changes feed (polled every 50 ms);
 - studies per minute (first receipt to last SR);
-- the node's peak RSS (VmHWM of the node process);
+- the node's peak RSS (VmHWM of the node process and its listener processes, summed);
 - lost studies (no SR within the deadline) and duplicated ones (more than one SR);
 - with ``--storage-commitment`` (Orthanc set to it), seconds from each SR delivered to Orthanc's report that
   it keeps it, and how many SR and PDF deliveries were committed.
@@ -200,10 +200,23 @@ def _utc(value: datetime) -> datetime:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """The peak resident memory of the node: of its process and of every process under it (the listener
+    processes, one per CPU by default, receive too), each process's VmHWM summed (an upper bound when
+    they peak at different times, which is what memory must be sized for)."""
+    total, found, pending = 0.0, False, [pid]
+    while pending:
+        process = pending.pop()
+        try:
+            status = Path(f"/proc/{process}/status").read_text()
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+            pending += [int(child) for task in tasks for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024.0
+                found = True
+    return total if found else float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:

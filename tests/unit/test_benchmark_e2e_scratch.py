@@ -42,3 +42,29 @@ def test_the_latency_percentile_is_numpy_s_nearest_rank(n: int) -> None:
     values = [float(v) for v in range(1, n + 1)]
     for q in (50.0, 95.0, 99.0):
         assert e2e.percentile(values, q) == float(np.percentile(values, q, method="inverted_cdf"))
+
+
+def test_the_node_s_peak_rss_counts_its_listener_processes(tmp_path: Path) -> None:
+    """The node receives in spawned listener processes too (one per CPU by default): the figure was the
+    first process's alone, short by the memory of every one of them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready"
+    child = (f"import os, time; b = bytearray(100 * 1024 * 1024)\n"
+             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    try:
+        deadline = time.monotonic() + 30
+        while not (ready.exists() and ready.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert e2e.peak_rss_mb(parent.pid) >= 100
+    finally:
+        if ready.exists() and ready.read_text():
+            os.kill(int(ready.read_text()), signal.SIGKILL)
+        parent.kill()
+        parent.wait()
