@@ -20,7 +20,9 @@ PostgreSQL: EXPLAIN ANALYZE).
 
 (at least 10,000 studies and 100,000 audit events: the deep pages it times need them)
 
-Prints a table and, as the last line, a JSON object with the figures (milliseconds).
+Prints a table and, as the last line, a JSON object with the figures (milliseconds); an operation that
+failed (an error, not the ``--cap`` deadline) is shown as "failed", listed under "failed", and makes the
+exit status 1.
 """
 
 from __future__ import annotations
@@ -478,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     log = StatementLog()
     log.attach(engine)
     results: dict[str, float] = {}
+    failed: list[str] = []
     rows = []
     with TestClient(create_app(settings, factory), follow_redirects=False) as client:
         response = client.post("/api/session", json={"username": ADMIN[0], "password": ADMIN[1]})
@@ -487,13 +490,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, call in ops.items():
             if args.only and args.only not in name:
                 continue
+            started = time.perf_counter()
             try:
                 with deadline.armed():
                     call()  # warm-up
-            except Exception as exc:  # stopped by the deadline (or failed): no figure
-                print(f"--- {name}: stopped ({type(exc).__name__})", file=sys.stderr)
+            except Exception as exc:  # stopped by the deadline, or failed: no figure
                 results[name] = float("inf")
-                rows.append([name, f"> {args.cap * 1000:.0f}", None, None, None])
+                if time.perf_counter() - started < args.cap:  # an error, not the deadline: not "slow"
+                    print(f"--- {name}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+                    failed.append(name)
+                    rows.append([name, "failed", None, None, None])
+                else:
+                    print(f"--- {name}: stopped ({type(exc).__name__})", file=sys.stderr)
+                    rows.append([name, f"> {args.cap * 1000:.0f}", None, None, None])
                 continue
             times = []
             for _ in range(args.rounds):
@@ -512,9 +521,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("slowest stmt ms", ".1f")], rows))
     print(table.json_line({"database": engine.dialect.name, "studies": args.studies, "rounds": args.rounds,
                       "cap_ms": args.cap * 1000,
-                      "ms": {k: (None if v == float("inf") else v) for k, v in results.items()}}))
+                      "ms": {k: (None if v == float("inf") else v) for k, v in results.items()},
+                      "failed": failed}))
     engine.dispose()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
