@@ -231,7 +231,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _p(values: list[float], q: float) -> float | None:
-    return round(percentile(values, q), 2) if values else None
+    """The ``q``-th percentile, the 50th as the median (as p50_s and the ratio take it: of an even count
+    the mean of the middle two, where the nearest rank is the lower of them)."""
+    if not values:
+        return None
+    return round(statistics.median(values) if q == 50 else percentile(values, q), 2)
 
 
 def _ratio(values: list[float], peer: list[float]) -> float | None:

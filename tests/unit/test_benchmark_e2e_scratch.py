@@ -68,3 +68,12 @@ def test_the_node_s_peak_rss_counts_its_listener_processes(tmp_path: Path) -> No
             os.kill(int(ready.read_text()), signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+def test_every_p50_is_the_median_the_ratio_divides() -> None:
+    """orthanc_to_node_p50_s was the nearest-rank 50th percentile (the lower middle of the default 100
+    studies), the ratio beside it and p50_s the median (the mean of the middle two): the ratio was not
+    the quotient of the two p50s the table showed."""
+    node, peer = [0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]
+    assert e2e._p(node, 50) == 0.25
+    assert e2e._ratio(node, peer) == round(e2e._p(node, 50) / e2e._p(peer, 50), 2)  # type: ignore[operator]
