@@ -78,6 +78,7 @@ from dicom_node.store.models import (  # noqa: E402
     Series,
     Study,
     StudyState,
+    User,
     UserRole,
     folded_name,
 )
@@ -146,7 +147,7 @@ def fill(engine: Engine, studies: int, audit_events: int, now: datetime, seed: i
     _insert(engine, Patient, patients)
     # the words the search by name finds, as the node's ingest writes them with each patient
     _insert(engine, PatientNameWord, [dict(patient_pk=p["id"], word=word) for p in patients
-                                      for word in sorted(name_words(p["name_folded"]))])
+                                      for word in sorted(name_words(str(p["name_folded"])))])
     del patients
     study_rows, series_rows, instance_rows, finding_rows, job_rows = [], [], [], [], []
     object_rows, delivery_rows, attempt_rows = [], [], []
@@ -372,7 +373,7 @@ def operations(client: TestClient, factory: sessionmaker[Session], settings: Set
 
     month_ago = (now - timedelta(days=30)).strftime("%Y-%m-%d")
     today = now.strftime("%Y-%m-%d")
-    outbox = Outbox.from_settings(settings, factory, scheduler=_NoScheduler())  # type: ignore[arg-type]
+    outbox = Outbox.from_settings(settings, factory, scheduler=_NoScheduler())
     idle = SimpleNamespace(session_factory=factory)
     cutoff = now - timedelta(days=RETENTION_DAYS)
 
@@ -456,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--studies at least {MIN_STUDIES} and --audit at least {MIN_AUDIT}: the deep pages "
                      "timed need that many rows")
     args.work.mkdir(parents=True, exist_ok=True)
-    settings = Settings(node={"data_dir": args.work / "var", "name": "Scale"}, web={"port": 0},
-                        database={"url": args.database_url} if args.database_url else {})
+    groups: dict[str, Any] = {  # as data: the groups' types are their models
+        "node": {"data_dir": args.work / "var", "name": "Scale"}, "web": {"port": 0},
+        "database": {"url": args.database_url} if args.database_url else {},
+    }
+    settings = Settings(**groups)
     engine = make_engine(settings.database_url)
     upgrade(engine)
     factory = make_session_factory(engine)
@@ -470,9 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filled in {time.perf_counter() - started:.0f} s: {counts}", file=sys.stderr)
     else:
         args.studies = existing
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)  # type: ignore[attr-defined]
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     with session_scope(factory) as session:
-        admins = select(func.count()).select_from(users.User).where(users.User.username == ADMIN[0])
+        admins = select(func.count()).select_from(User).where(User.username == ADMIN[0])
         if session.scalar(admins) == 0:
             users.create_user(session, ADMIN[0], ADMIN[1], UserRole.ADMIN, "benchmark")
     engine.dispose()  # the connections made from now on get the deadline
@@ -481,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     log.attach(engine)
     results: dict[str, float] = {}
     failed: list[str] = []
-    rows = []
+    rows: list[list[object]] = []
     with TestClient(create_app(settings, factory), follow_redirects=False) as client:
         response = client.post("/api/session", json={"username": ADMIN[0], "password": ADMIN[1]})
         if response.status_code not in (200, 201):
