@@ -9,12 +9,13 @@ import socket
 from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select
+from sqlalchemy import update as sql_update
 from sqlalchemy.orm import Session
 
 from dicom_node import audit, commitment
 from dicom_node.errors import ConflictError, NodeError, NotFoundError
 from dicom_node.settings import checked_ae_title
-from dicom_node.store.models import AeRole, Delivery, RemoteAe
+from dicom_node.store.models import AeRole, Delivery, DeliveryState, RemoteAe, utcnow
 
 LOGGER = logging.getLogger(__name__)
 
@@ -167,10 +168,35 @@ def update(session: Session, ae_id: int, spec: AeSpec, actor: str) -> RemoteAe:
         if callers:  # they would reply to a caller
             raise ConflictError(f"{callers} caller(s) send their results to {ae.ae_title}; change them first")
     before = _describe(ae)
+    reached_before = _reached_as(ae)
     _apply(session, ae, spec)
     session.flush()
     audit.record(session, actor, "ae.update", f"remote_ae:{ae.id}", {"before": before, "after": _describe(ae)})
+    if ae.role is AeRole.DESTINATION and ae.enabled and _reached_as(ae) != reached_before:
+        _retry_now(session, ae)
     return ae
+
+
+def _reached_as(ae: RemoteAe) -> tuple[object, ...]:
+    """What decides whether the node's associations reach a destination."""
+    return ae.ae_title, ae.host, ae.port, ae.tls, ae.enabled
+
+
+def _retry_now(session: Session, ae: RemoteAe) -> None:
+    """Make the destination's retrying deliveries due now: the admin has just mended its address (or
+    enabled it), and they waited out their back-off (up to ``outbox.backoff_max_seconds``) while a resend
+    was refused as "already being tried". DEAD ones stay so: they are resent by the operator."""
+    now = utcnow()
+    result = session.execute(
+        sql_update(Delivery)
+        .where(Delivery.destination_pk == ae.id, Delivery.state == DeliveryState.RETRYING,
+               Delivery.next_attempt_at > now)
+        .values(next_attempt_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        LOGGER.info("destination %d changed: %d retrying deliveries are due now", ae.id, count)
 
 
 def _refuse_if_delivered_to(session: Session, ae: RemoteAe, doing: str) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import aes, audit, users
 from dicom_node.errors import ConflictError, NodeError
+from dicom_node.outbox import wake
 from dicom_node.settings import Settings
 from dicom_node.statuses import Status
 from dicom_node.store.db import masked_url
@@ -282,7 +283,7 @@ def ae_update(
 ) -> Response:
     ae = aes.get_by_id(db, ae_id)
     try:
-        aes.update(db, ae_id, form.spec(), audit.user_actor(principal.username))
+        updated = aes.update(db, ae_id, form.spec(), audit.user_actor(principal.username))
         db.commit()
     except NodeError as exc:
         db.rollback()
@@ -290,6 +291,8 @@ def ae_update(
             request, db, principal, aes.get_by_id(db, ae.id), form=form, error=str(exc),
             error_fields=_fields(exc), status=422,
         )
+    if updated.role is AeRole.DESTINATION:
+        wake([ae_id])  # deliveries made due by a mended address go now, not at the outbox's next sweep
     return RedirectResponse("/admin/aes?notice=ae-updated", status_code=303)
 
 

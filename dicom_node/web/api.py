@@ -411,6 +411,8 @@ def api_ae_add(db: DbDep, principal: CsrfAdminDep, body: AeIn) -> AeOut:
 def api_ae_update(db: DbDep, principal: CsrfAdminDep, ae_id: RowId, body: AeIn) -> AeOut:
     ae = aes.update(db, ae_id, body.spec(), audit.user_actor(principal.username))
     db.commit()
+    if ae.role is AeRole.DESTINATION:
+        wake([ae.id])  # deliveries made due by a mended address go now, not at the outbox's next sweep
     return AeOut.of(ae)
 
 

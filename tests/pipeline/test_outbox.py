@@ -729,3 +729,28 @@ def test_the_sweep_for_work_does_not_wait_behind_a_writer(db: sessionmaker[Sessi
         started = time.monotonic()
         assert outbox._destinations_with_work() == [destination_pk]
         assert time.monotonic() - started < 10
+
+
+def test_deliveries_waiting_for_a_mistyped_destination_go_as_soon_as_the_admin_corrects_it(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The admin typed the PACS's port wrong; its results back off (up to 15 minutes by default, 30 in the
+    production example). Correcting the port in the console (or dicom.destinations, then a restart) left
+    them waiting for that back-off, and a resend was refused: "it is already being tried"."""
+    from dicom_node import aes
+
+    results = tmp_path / "results"
+    pacs = StorePeer().start()
+    try:
+        destination_pk, ids = _deliveries(db, results, peers.free_port(), 2)  # nobody listens there
+        outbox = _outbox(db, results)
+        assert sorted(outbox.deliver_due(destination_pk).failed) == sorted(ids)
+        with session_scope(db) as session:
+            spec = aes._spec_of(session.get_one(RemoteAe, destination_pk))
+            aes.update(session, destination_pk, aes.AeSpec(spec.ae_title, spec.role, spec.host, pacs.port),
+                       "admin")
+        report = outbox.deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    assert sorted(report.delivered) == sorted(ids)
+    assert len(pacs.received) == 2
