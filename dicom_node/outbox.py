@@ -179,6 +179,7 @@ class Outbox:
         self._executor: ThreadPoolExecutor | None = None
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._stopping = threading.Event()  # set by stop(): the batch being sent is the last
 
     @classmethod
     def from_settings(
@@ -207,6 +208,7 @@ class Outbox:
         """Become this process's outbox, schedule the sweep and resume everything that is due."""
         global _active
         _active = self
+        self._stopping.clear()
         with session_scope(self.session_factory) as session:
             # PENDING deliveries were never answered: due now, even if a dead process leased them.
             session.execute(
@@ -227,10 +229,14 @@ class Outbox:
         self.kick(self._destinations_with_work())
 
     def stop(self) -> None:
-        """Stop taking work; batches being sent finish (their rows are leased, so nothing is lost)."""
+        """Stop taking work; batches being sent finish (their rows are leased, so nothing is lost), and
+        no further batch is leased: the rest waits for the next start. A stop that sent every due batch
+        first took minutes after an outage, past systemd's time-out, whose SIGKILL cut a batch short,
+        its answers unrecorded, and the restarted node sent it a second time."""
         global _active
         if _active is self:
             _active = None
+        self._stopping.set()
         with self._locks_guard:
             executor, self._executor = self._executor, None
         if executor is not None:
@@ -317,7 +323,7 @@ class Outbox:
         if not lock.acquire(blocking=False):
             return report  # the running batch re-checks for due work before it returns
         try:
-            while True:
+            while not self._stopping.is_set():
                 batch = self._lease(destination_pk)
                 if batch is None:
                     break
@@ -327,7 +333,7 @@ class Outbox:
                 self._record(destination, items, outcomes, report)
                 if report.failed and not report.delivered:
                     break  # the peer is down: wait for the back-off instead of hammering it
-            if ask_commitment:
+            if ask_commitment and not self._stopping.is_set():  # else asked at the next start
                 self.request_commitments(destination_pk)
         finally:
             lock.release()

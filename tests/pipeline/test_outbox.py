@@ -754,3 +754,48 @@ def test_deliveries_waiting_for_a_mistyped_destination_go_as_soon_as_the_admin_c
         pacs.stop()
     assert sorted(report.delivered) == sorted(ids)
     assert len(pacs.received) == 2
+
+
+def test_a_stop_waits_for_the_batch_being_sent_not_for_every_due_delivery(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """After a PACS outage hundreds of deliveries are due. A stop waited until the outbox had sent them
+    all, batch after batch (minutes to a slow PACS), past systemd's 60 s: SIGKILL then cut a batch short,
+    its answers never recorded, and the restarted node sent those objects a second time."""
+    from dicom_node.jobs import build_scheduler
+    from dicom_node.outbox import BATCH_LIMIT
+
+    results = tmp_path / "results"
+    slow = StorePeer(delay=0.05).start()
+    with session_scope(db) as session:
+        destination = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=slow.port)
+        session.add(destination)
+        study = add_study(session, tmp_path / "instances", state=StudyState.ANALYSED)
+        session.flush()
+        for revision in range(1, 3 * BATCH_LIMIT + 1):
+            uid = generate_uid()
+            relative = f"{study.id}/sr-{uid}.dcm"
+            _result_file(results, relative, uid, study.study_instance_uid)
+            obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
+                               sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=uid,
+                               series_instance_uid=generate_uid(), file_path=relative, revision=revision)
+            session.add(obj)
+            session.flush()
+            session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id,
+                                 next_attempt_at=utcnow()))
+    scheduler = build_scheduler(db.kw["bind"])
+    scheduler.start()
+    outbox = Outbox(db, results, calling_aet="CXRNODE", settings=OutboxSettings(), scheduler=scheduler)
+    try:
+        outbox.start()
+        wait_until(lambda: len(slow.received) > 0, timeout=30)
+        outbox.stop()
+        sent = len(slow.received)
+    finally:
+        outbox.stop()
+        scheduler.shutdown(wait=True)
+        slow.stop()
+    assert sent <= BATCH_LIMIT, f"{sent} objects sent after the stop began"
+    with session_scope(db) as session:
+        delivered = session.scalars(select(Delivery).where(Delivery.state == DeliveryState.DELIVERED)).all()
+    assert len(delivered) == sent  # what went is recorded: a restart does not send it again
