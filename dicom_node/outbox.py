@@ -510,6 +510,8 @@ class Outbox:
         now = utcnow()
         latencies: list[tuple[str, float]] = []
         reasons: set[str] = set()  # why deliveries failed (peer, address, status: no patient data)
+        # ``report`` is the whole round's; the log line says what this batch did
+        before = len(report.delivered), len(report.failed), len(report.dead)
         with session_scope(self.session_factory) as session:
             for item in items:
                 # Locked: a new revision superseding this delivery meanwhile waits for this record, or
@@ -553,19 +555,20 @@ class Outbox:
                         error=note if outcome != "delivered" else "",
                     )
                 )
-        if report.failed:  # one line that names the destination and says why (the console shows it too)
+        delivered, failed, dead = (len(report.delivered) - before[0], len(report.failed) - before[1],
+                                   len(report.dead) - before[2])
+        if failed:  # one line that names the destination and says why (the console shows it too)
             LOGGER.warning(
                 "destination %d (%s): %d delivered, %d failed (%s), %d dead",
                 destination.id,
                 destination.ae_title,
-                len(report.delivered),
-                len(report.failed),
+                delivered,
+                failed,
                 "; ".join(sorted(reasons)),
-                len(report.dead),
+                dead,
             )
-        elif report.delivered:
-            LOGGER.info("destination %d (%s): %d delivered", destination.id, destination.ae_title,
-                        len(report.delivered))
+        elif delivered:
+            LOGGER.info("destination %d (%s): %d delivered", destination.id, destination.ae_title, delivered)
         if self.metrics is not None:
             for kind, seconds in latencies:
                 self.metrics.observe_delivery(kind, seconds)

@@ -101,6 +101,28 @@ def _deliveries(db: sessionmaker[Session], results: Path, port: int, count: int)
         return destination.id, ids
 
 
+def _many_deliveries(db: sessionmaker[Session], results: Path, port: int, count: int) -> int:
+    """A destination at ``port`` and ``count`` SR revisions of one study, each due for it; returns the
+    destination's id."""
+    with session_scope(db) as session:
+        destination = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=port)
+        session.add(destination)
+        study = add_study(session, results.parent / "instances", state=StudyState.ANALYSED)
+        session.flush()
+        for revision in range(1, count + 1):
+            uid = generate_uid()
+            relative = f"{study.id}/sr-{uid}.dcm"
+            _result_file(results, relative, uid, study.study_instance_uid)
+            obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
+                               sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=uid,
+                               series_instance_uid=generate_uid(), file_path=relative, revision=revision)
+            session.add(obj)
+            session.flush()
+            session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id,
+                                 next_attempt_at=utcnow()))
+        return destination.id
+
+
 def _outbox(db: sessionmaker[Session], results: Path, max_attempts: int = 3) -> Outbox:
     # A minute's back-off: "not due yet" must hold however slowly the test runs between two attempts.
     settings = OutboxSettings(max_attempts=max_attempts, backoff_initial_seconds=60, backoff_max_seconds=600)
@@ -767,22 +789,7 @@ def test_a_stop_waits_for_the_batch_being_sent_not_for_every_due_delivery(
 
     results = tmp_path / "results"
     slow = StorePeer(delay=0.05).start()
-    with session_scope(db) as session:
-        destination = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=slow.port)
-        session.add(destination)
-        study = add_study(session, tmp_path / "instances", state=StudyState.ANALYSED)
-        session.flush()
-        for revision in range(1, 3 * BATCH_LIMIT + 1):
-            uid = generate_uid()
-            relative = f"{study.id}/sr-{uid}.dcm"
-            _result_file(results, relative, uid, study.study_instance_uid)
-            obj = ResultObject(study_pk=study.id, kind=ResultKind.SR, model_name="m", model_version="1",
-                               sop_class_uid=SecondaryCaptureImageStorage, sop_instance_uid=uid,
-                               series_instance_uid=generate_uid(), file_path=relative, revision=revision)
-            session.add(obj)
-            session.flush()
-            session.add(Delivery(result_object_pk=obj.id, destination_pk=destination.id,
-                                 next_attempt_at=utcnow()))
+    _many_deliveries(db, results, slow.port, 3 * BATCH_LIMIT)
     scheduler = build_scheduler(db.kw["bind"])
     scheduler.start()
     outbox = Outbox(db, results, calling_aet="CXRNODE", settings=OutboxSettings(), scheduler=scheduler)
@@ -799,3 +806,26 @@ def test_a_stop_waits_for_the_batch_being_sent_not_for_every_due_delivery(
     with session_scope(db) as session:
         delivered = session.scalars(select(Delivery).where(Delivery.state == DeliveryState.DELIVERED)).all()
     assert len(delivered) == sent  # what went is recorded: a restart does not send it again
+
+
+def test_each_batchs_log_line_counts_that_batch_only(
+    db: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round sends batch after batch; each batch's line counted everything the round had done so far:
+    "64 delivered, 128 failed" for a batch of 64 of which none went, and an admin adding the lines up
+    found twice the deliveries there were."""
+    from dicom_node.outbox import BATCH_LIMIT
+
+    results = tmp_path / "results"
+    pacs = StorePeer(abort_after=BATCH_LIMIT).start()  # takes one batch, then aborts every association
+    destination_pk = _many_deliveries(db, results, pacs.port, 3 * BATCH_LIMIT)
+    try:
+        with caplog.at_level("INFO", logger="dicom_node.outbox"):
+            report = _outbox(db, results).deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    assert (len(report.delivered), len(report.failed)) == (BATCH_LIMIT, 2 * BATCH_LIMIT)  # the round's
+    lines = [r.getMessage().split(": ", 1)[1].split(" (")[0] for r in caplog.records
+             if r.getMessage().startswith(f"destination {destination_pk} (PACS): ")]
+    assert lines == [f"{BATCH_LIMIT} delivered", f"0 delivered, {BATCH_LIMIT} failed",
+                     f"0 delivered, {BATCH_LIMIT} failed"], lines
