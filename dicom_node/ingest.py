@@ -43,6 +43,7 @@ from dicom_node.part10 import (
     parse_network_dataset,
     part10_prefix,
     require_uid,
+    without_file_meta,
 )
 from dicom_node.sop_classes import ACCEPTED_SOP_CLASSES, RESULT_SOP_CLASSES, is_image
 from dicom_node.store import header_columns
@@ -143,6 +144,10 @@ class Ingestor:
             raise InvalidDatasetError("C-STORE request carries invalid UIDs") from exc
         ds = parse_network_dataset(dataset_bytes, transfer_syntax=transfer_syntax,
                                    sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+        dataset_bytes, stray = without_file_meta(ds, dataset_bytes, transfer_syntax)
+        if stray:
+            LOGGER.warning("C-STORE data set from %s carried %d File Meta Information elements (group 0002), "
+                           "which belong in a file's meta only: left out of the stored file", calling_ae, stray)
         return self._ingest(ds, [prefix, dataset_bytes], UID(transfer_syntax), calling_ae, "dimse")
 
     def ingest_bytes(self, data: bytes, *, calling_ae: str, source: str) -> IngestResult:

@@ -236,6 +236,32 @@ def parse_network_dataset(dataset_bytes: bytes, *, transfer_syntax: str, sop_cla
     return ds
 
 
+def without_file_meta(ds: Dataset, dataset_bytes: bytes, transfer_syntax: str) -> tuple[bytes, int]:
+    """A C-STORE data set's bytes to store, less File Meta Information elements (group 0002) a sender left
+    in it, and how many there were (0: ``dataset_bytes`` as they came). PS3.5 7.1 keeps group 0002 out of
+    a data set; stored behind the node's own file meta, such elements are read as part of it (pydicom,
+    and a PACS the file goes to, took a Transfer Syntax UID left there for the file's). They lead the
+    data set, whose elements ascend by tag, and are removed from ``ds`` too; a deflated data set is
+    deflated again without them."""
+    stray = [tag for tag in ds.keys() if tag.group == 0x0002]
+    if not stray:
+        return dataset_bytes, 0
+    if list(ds.keys())[: len(stray)] != stray:
+        raise UndecodableDatasetError("File Meta Information elements (group 0002) amid the data set")
+    last = ds.get_item(stray[-1])
+    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
+        raise UndecodableDatasetError("File Meta Information element (group 0002) of undefined length")
+    with _parse_errors_as_undecodable():
+        deflated = UID(transfer_syntax) == DeflatedExplicitVRLittleEndian
+        rest = (inflate(dataset_bytes) if deflated else dataset_bytes)[last.value_tell + last.length:]
+    for tag in stray:
+        del ds[tag]
+    if deflated:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        rest = packer.compress(rest) + packer.flush()
+    return rest, len(stray)
+
+
 def _check_identity(ds: Dataset, expect_sop_class: str | None, expect_sop_instance: str | None) -> None:
     sop_class = require_uid(ds, "SOPClassUID")
     sop_instance = require_uid(ds, "SOPInstanceUID")

@@ -6,6 +6,7 @@ import functools
 import io
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -377,3 +378,49 @@ def test_a_uid_that_is_not_ascii_digits_and_dots_is_an_invalid_dataset(uid: str)
     ds.SOPInstanceUID = uid
     with pytest.raises(InvalidDatasetError, match="not a valid UID"):
         require_uid(ds, "SOPInstanceUID")
+
+
+def _file_meta_element(tag: int, value: bytes, *, implicit: bool) -> bytes:
+    """One element of group 0002 as a sender that copied a file's meta into its data set writes it."""
+    value += b"\x00" * (len(value) % 2)
+    if implicit:
+        return struct.pack("<HHI", 0x0002, tag, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, tag, b"UI", len(value)) + value
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian])
+def test_file_meta_elements_inside_a_c_store_data_set_do_not_override_the_stored_files_meta(
+    syntax: str, tmp_path: Path
+) -> None:
+    """PS3.5 7.1: group 0002 belongs to a file's meta, never to a data set. A sender that copied a file's
+    meta into its C-STORE data set (here one naming JPEG Baseline, the file it once sent) had those
+    elements stored right after the node's own file meta, where every reader takes them for the meta:
+    pydicom read the stored CR as JPEG Baseline and its pixels could not be decoded (DCMTK: "Invalid Element
+    (0002,0010) found in data set"). They are left out of the stored file and the parsed data set."""
+    ds = make_cr()
+    ds.file_meta.TransferSyntaxUID = syntax
+    body = _dataset_part(to_bytes(ds))
+    implicit = syntax == ImplicitVRLittleEndian
+    stray = _file_meta_element(0x0002, b"1.2.840.10008.5.1.4.1.1.7", implicit=implicit) + _file_meta_element(
+        0x0010, b"1.2.840.10008.1.2.4.50", implicit=implicit)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        sent = packer.compress(stray + part10.inflate(body)) + packer.flush()
+    else:
+        sent = stray + body
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    upgrade(engine)
+    store = FileStore(tmp_path / "files", fsync=False)
+    try:
+        Ingestor(make_session_factory(engine), store).ingest_network(
+            sent, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=syntax,
+            calling_ae="MODALITY")
+    finally:
+        engine.dispose()
+    [stored] = (tmp_path / "files").glob("*/*/*.dcm")
+    read = dcmread(stored)
+    assert read.file_meta.TransferSyntaxUID == syntax
+    assert read.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert not [tag for tag in read.keys() if tag.group == 0x0002]
+    assert read.pixel_array.tobytes() == ds.PixelData
