@@ -121,6 +121,10 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         raise InvalidDatasetError("image pixel module incomplete (rows, columns, bits allocated)") from exc
     if min(rows, columns, bits_allocated, samples, frames) < 1:
         raise InvalidDatasetError("image pixel module has zero dimensions")
+    if not transfer_syntax.is_encapsulated and _undefined_length(ds, _PIXEL_DATA):
+        # PS3.5 A.4: only an encapsulated syntax has Pixel Data of undefined length. A compressed image
+        # relabelled native had its fragments (item tags and all) read as pixel values.
+        raise UndecodableDatasetError("encapsulated (undefined length) Pixel Data in a native transfer syntax")
     data = ds.PixelData
     if not isinstance(data, bytes | bytearray):
         raise UndecodableDatasetError("pixel data cannot be read")
@@ -135,6 +139,17 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
     expected = (rows * columns * samples * frames * bits_allocated + 7) // 8
     if len(data) < expected:
         raise UndecodableDatasetError("pixel data shorter than the image it describes (truncated)")
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def _undefined_length(ds: Dataset, tag: int) -> bool:
+    """Whether the element ``tag`` was encoded with undefined length (read or not yet read)."""
+    element = ds.get_item(tag)
+    if isinstance(element, RawDataElement):
+        return bool(element.length == _UNDEFINED_LENGTH)
+    return bool(getattr(element, "is_undefined_length", False))
 
 
 def _count(ds: Dataset, keyword: str) -> int:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node import part10
 from dicom_node.errors import DatasetTooLargeError, InvalidDatasetError, NodeError, UndecodableDatasetError
@@ -302,6 +303,26 @@ def test_missing_or_short_pixel_data() -> None:
     short.Rows = 128  # says more pixels than it carries
     with pytest.raises(UndecodableDatasetError):
         check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_encapsulated_pixel_data_in_a_native_transfer_syntax_is_cannot_understand(syntax: str) -> None:
+    """A compressed image whose transfer syntax was relabelled native (a router that changed the UID and
+    not the pixels): Pixel Data of undefined length, its fragments long enough to pass the length check.
+    It was stored and acknowledged, and pydicom then read the fragments' bytes, item tags and JPEG stream,
+    as pixel values: noise handed to the model."""
+    ds = make_cr()
+    ds.file_meta.TransferSyntaxUID = syntax
+    fragments = encapsulate([b"\xff\xd8" + bytes(2 * len(ds.PixelData)) + b"\xff\xd9"])
+    del ds.PixelData
+    header = b"\xe0\x7f\x10\x00" + (b"" if syntax == ImplicitVRLittleEndian else b"OB\x00\x00")
+    pixel_data = header + b"\xff\xff\xff\xff" + fragments + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    body = _dataset_part(to_bytes(ds)) + pixel_data
+    parsed = parse_network_dataset(body, transfer_syntax=syntax, sop_class_uid=ds.SOPClassUID,
+                                   sop_instance_uid=ds.SOPInstanceUID)
+    with pytest.raises(UndecodableDatasetError, match="encapsulated") as caught:
+        check_pixel_data(parsed, UID(syntax))
+    assert caught.value.status is Status.CANNOT_UNDERSTAND
 
 
 @pytest.mark.parametrize("keyword", ["SamplesPerPixel", "NumberOfFrames"])
