@@ -136,12 +136,16 @@ def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
         if count < 1:
             raise UndecodableDatasetError("encapsulated pixel data has no fragments")
         return
+    if samples == 3 and str(ds.get("PhotometricInterpretation", "") or "").strip() in _SUBSAMPLED_422:
+        samples = 2  # PS3.3 C.7.6.3.1.2: each pair of pixels shares its two chroma samples
     expected = (rows * columns * samples * frames * bits_allocated + 7) // 8
     if len(data) < expected:
         raise UndecodableDatasetError("pixel data shorter than the image it describes (truncated)")
 
 
 _PIXEL_DATA = 0x7FE00010
+#: Photometric interpretations whose uncompressed pixel data is subsampled horizontally (4:2:2)
+_SUBSAMPLED_422 = frozenset({"YBR_FULL_422", "YBR_PARTIAL_422"})
 
 
 def _undefined_length(ds: Dataset, tag: int) -> bool:

@@ -305,6 +305,23 @@ def test_missing_or_short_pixel_data() -> None:
         check_pixel_data(parse_instance(to_bytes(short)), ExplicitVRLittleEndian)
 
 
+def test_native_ybr_full_422_pixel_data_of_its_subsampled_length_is_accepted() -> None:
+    """PS3.3 C.7.6.3.1.2: uncompressed YBR_FULL_422 holds two chroma samples per pair of pixels, two
+    thirds of three samples a pixel. Such a Secondary Capture, which pydicom and the classifier read, was
+    refused 0xC210 as truncated; one a third shorter still is."""
+    ds = make_cr()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 2)
+    parsed = parse_instance(to_bytes(ds))
+    check_pixel_data(parsed, UID(ExplicitVRLittleEndian))
+    assert parsed.pixel_array.shape == (ds.Rows, ds.Columns, 3)
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 4 // 3)
+    with pytest.raises(UndecodableDatasetError, match="shorter"):
+        check_pixel_data(parse_instance(to_bytes(ds)), UID(ExplicitVRLittleEndian))
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_encapsulated_pixel_data_in_a_native_transfer_syntax_is_cannot_understand(syntax: str) -> None:
     """A compressed image whose transfer syntax was relabelled native (a router that changed the UID and
