@@ -12,6 +12,7 @@ quote dataset values) and answered with a failure, so the listener keeps serving
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -72,6 +73,18 @@ def set_nodelay(sock: socket.socket | ssl.SSLSocket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
         LOGGER.debug("TCP_NODELAY not set: %s", exc.strerror)
+
+
+def peer_address(address: str) -> str:
+    """A peer's IP address as a caller entry names it. A listener bound to "::" (IPv4 and IPv6 on one
+    socket) sees an IPv4 peer as an IPv4-mapped IPv6 address (::ffff:10.0.0.5), which no configured IPv4
+    host ever equalled: every caller bound to one was rejected."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped if mapped is not None else ip)
 
 
 # First buffer of a PDU read; it grows (doubling) only as the peer's bytes actually arrive.
@@ -416,7 +429,7 @@ class StorageScp:
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         called = str(primitive.called_ae_title).strip() if primitive is not None else ""
-        peer = str(assoc.requestor.address)
+        peer = peer_address(str(assoc.requestor.address))
         if called != self.settings.ae_title.strip():  # pynetdicom would reject it too, without a word
             LOGGER.warning("association rejected: called AE %r asked for by calling AE %r from %s is not "
                            "this node's AE title %r", called, calling, peer, self.settings.ae_title)

@@ -464,6 +464,21 @@ def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: 
         scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet="NOBODY")
 
 
+def test_a_caller_bound_to_its_ipv4_address_may_call_a_dual_stack_listener(tmp_path: Path) -> None:
+    """Bound to "::" (IPv4 and IPv6 on one socket, as in many containers) the listener sees an IPv4 peer
+    as ::ffff:127.0.0.1, which never equalled the caller's configured 127.0.0.1: every caller bound to a
+    host was rejected "calling AE title not recognised"."""
+    node = _listener(tmp_path, settings=DicomSettings(port=0, bind_address="::"))
+    try:
+        assert scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet=CALLER) == 0
+        with node.sessions() as session, session.begin():
+            aes.add(session, aes.AeSpec("ELSEWHERE", AeRole.CALLER, "127.0.0.2"), "test")
+        with pytest.raises(AssociationError, match="calling AE title not recognised"):
+            scu.echo("127.0.0.1", node.scp.port, "CXRNODE", calling_aet="ELSEWHERE")
+    finally:
+        node.scp.stop()
+
+
 def test_a_refused_caller_is_told_apart_in_the_log(
     listener: Listener, caplog: pytest.LogCaptureFixture
 ) -> None:
