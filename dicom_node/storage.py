@@ -28,6 +28,7 @@ from sqlalchemy import Connection, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.errors import ConfigurationError
 from dicom_node.store.db import NodeLock, make_read_only_session_factory, session_scope
 from dicom_node.store.files import INCOMING_DIR, file_sha256
 from dicom_node.store.models import (
@@ -47,6 +48,12 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 REMAKE_REASON = "result files missing or damaged: its results are being made again as a new revision"
+
+NODE_RUNNING = (
+    "the node is running on this database: stop it before --remove-orphans (it names a received file before "
+    "it commits the row that names it, so its images in flight would be taken for orphans); "
+    "`cxr-node storage check` without it may run beside the node"
+)
 
 
 def pdf_path(relative_path: str) -> str:
@@ -317,7 +324,10 @@ def command(args: argparse.Namespace, settings: Settings, factory: sessionmaker[
     engine = factory.kw["bind"]
     lock = NodeLock(engine)
     if args.remove_orphans:
-        lock.acquire()  # ConfigurationError (exit 2) while the node runs: it writes files before their rows
+        try:
+            lock.acquire()  # the node names a received file before it commits the row that names it
+        except ConfigurationError as exc:  # said as "another cxr-node ... give each its own database"
+            raise ConfigurationError(NODE_RUNNING) from exc
     try:
         # The check only reads: in a write transaction it held SQLite's write lock for its whole walk (with
         # --verify, the read of every file), and each image the running node received meanwhile was

@@ -137,7 +137,8 @@ def test_orphans_are_not_removed_while_the_node_runs(
     db: sessionmaker[Session], tmp_path: Path, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A running node names a received file before it commits the row that names it: removing orphans
-    then could take an image it is storing."""
+    then could take an image it is storing. The refusal said "another cxr-node is running on this
+    database; give each node its own database", advice for two nodes to an operator running one."""
     cli_env.setenv("CXR_NODE__DATABASE__URL", db.kw["bind"].url.render_as_string(hide_password=False))
     made = _node_files(db, tmp_path / "var")
     node = NodeLock(db.kw["bind"])
@@ -146,7 +147,9 @@ def test_orphans_are_not_removed_while_the_node_runs(
         assert cli_main(["storage", "check", "--remove-orphans"]) == 2
     finally:
         node.release()
-    assert "another cxr-node is running" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the node is running on this database: stop it before --remove-orphans" in err
+    assert "another cxr-node" not in err  # the operator runs one node: that advice was for two
     assert all(path.exists() for path in made["orphans"])  # type: ignore[attr-defined]
 
 
