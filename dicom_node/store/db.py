@@ -526,6 +526,7 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
             try:
                 with connection.begin():
                     before = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
+                    _refuse_unknown_revisions(before, ScriptDirectory.from_config(cfg))
                     cfg.attributes["connection"] = connection
                     command.upgrade(cfg, revision)
                     after = tuple(sorted(MigrationContext.configure(connection).get_current_heads()))
@@ -551,6 +552,20 @@ def upgrade(engine: Engine, revision: str = "heads") -> SchemaUpgrade:
     done = SchemaUpgrade(before, applied, after)
     LOGGER.info("%s", done.summary())
     return done
+
+
+def _refuse_unknown_revisions(current: tuple[str, ...], scripts: ScriptDirectory) -> None:
+    """Refuse a database whose schema revision this version has no migration for: a newer version
+    migrated it, and this one was installed back (an upgrade rolled back). Alembic's own error ended the
+    command or the node in an uncaught traceback whose reason the log withholds."""
+    known = {script.revision for script in scripts.walk_revisions()}
+    unknown = [revision for revision in current if revision not in known]
+    if unknown:
+        raise ConfigurationError(
+            f"the database's schema is at {', '.join(unknown)}, which this cxr-node (schema up to "
+            f"{scripts.get_current_head()}) does not know: a newer version of cxr-node upgraded it; run that "
+            "version again, or restore the database from the backup taken before the upgrade"
+        )
 
 
 def _sqlite_foreign_keys(connection: Connection, *, on: bool) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from dicom_node.cli import main as cli_main
+from dicom_node.errors import ConfigurationError
 from dicom_node.store import db
 from tests.postgres_server import PostgresServer
 
@@ -87,3 +89,29 @@ def test_a_role_without_create_on_the_schema_is_one_line_naming_the_grant(
 def _all_revisions() -> str:
     versions = sorted(path.stem for path in (db.MIGRATIONS_DIR / "versions").glob("0*.py"))
     return ", ".join(versions)
+
+
+def test_a_database_a_newer_node_upgraded_is_one_line_saying_so(
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An upgrade rolled back (the package of the version before reinstalled) met a database the newer
+    version had migrated: `db upgrade`, and `serve` with it, ended in a CRITICAL "uncaught CommandError"
+    traceback with Alembic's reason withheld, and nothing said what had happened or what to do."""
+    url = f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    cli_env.setenv("CXR_NODE__DATABASE__URL", url)
+    engine = db.make_engine(url)
+    try:
+        db.upgrade(engine)
+        with engine.begin() as connection:  # what the next version's migration leaves
+            connection.execute(text("UPDATE alembic_version SET version_num = '0099_of_a_newer_node'"))
+        with pytest.raises(ConfigurationError, match="0099_of_a_newer_node"):
+            db.upgrade(engine)
+    finally:
+        engine.dispose()
+
+    code, out, err = _upgrade(capsys)
+
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: the database's schema is at 0099_of_a_newer_node, which this cxr-node"), err
+    assert "a newer version of cxr-node" in err and "Traceback" not in err
