@@ -20,6 +20,14 @@ _UNDECOMPOSED = str.maketrans({
 })
 
 
+#: The other ways an apostrophe and a hyphen are written (a name pasted from a letter, typed on a phone, or
+#: sent by a RIS in UTF-8), folded to the ASCII mark a keyboard types. The acute accent too: alone, NFKD
+#: makes it a blank and a combining accent, and "O´BRIEN" fell apart into "o" and "brien".
+APOSTROPHES = "\u2019\u2018\u201b\u02bc\u02bb\u02b9\u0060\u00b4\u2032"
+HYPHENS = "\u2010\u2011\u2012\u2013\u2014\u2212"
+_MARKS = str.maketrans({**dict.fromkeys(APOSTROPHES, "'"), **dict.fromkeys(HYPHENS, "-")})
+
+
 def _is_accent(char: str) -> bool:
     """A combining diacritic of the Latin, Greek and Cyrillic scripts (U+0300-U+036F). The voicing marks
     of kana (U+3099, U+309A) and the like stay: が and か are different names."""
@@ -28,9 +36,9 @@ def _is_accent(char: str) -> bool:
 
 def fold(text: str) -> str:
     """``text`` without case and Latin accents: "MÜLLER^Jörg" → "muller^jorg", "Søren" → "soren",
-    "Straße" → "strasse". Compatibility forms become their plain letters (full-width "ＭＵＬ" → "mul");
-    Hangul syllables and kana keep their form."""
-    decomposed = unicodedata.normalize("NFKD", text)
+    "Straße" → "strasse", "O’Brien" → "o'brien". Compatibility forms become their plain letters
+    (full-width "ＭＵＬ" → "mul"); Hangul syllables and kana keep their form."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_MARKS))
     plain = "".join(char for char in decomposed if not _is_accent(char))
     return unicodedata.normalize("NFC", plain).translate(_UNDECOMPOSED).casefold()
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy import Enum as SaEnum
 
 from dicom_node.store import db
+from dicom_node.store.folding import name_words
 from dicom_node.store.models import Base
 
 pytestmark = [pytest.mark.db]
@@ -180,3 +181,36 @@ def test_a_migration_the_database_refuses_is_said_as_such_not_as_a_database_out_
         assert version == before
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_names_with_a_typographic_apostrophe_are_folded_again_with_their_words(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str,
+) -> None:
+    """A node's patients named with ’ or – before the fold made them ASCII marks: their folded names and
+    name words are made again, so that "o'neill" typed finds O’NEILL stored before the upgrade."""
+    url = f"sqlite:///{tmp_path / 'node.sqlite3'}" if backend == "sqlite" else \
+        request.getfixturevalue("pg_server").create_database()
+    engine = db.make_engine(url)
+    try:
+        db.upgrade(engine, "0017_storage_commitment")
+        metadata = MetaData()
+        metadata.reflect(engine)
+        patient, word = metadata.tables["patient"], metadata.tables["patient_name_word"]
+        with engine.begin() as connection:
+            for pk, name, folded in ((1, "O\u2019NEILL^SE\u00c1N", "o\u2019neill^sean"),
+                                     (2, "SMITH\u2013JONES", "smith\u2013jones"), (3, "DOE^JO", "doe^jo")):
+                connection.execute(insert(patient).values(id=pk, patient_id=f"P{pk}", issuer_of_patient_id="",
+                                                          patient_id_folded=f"p{pk}", name=name,
+                                                          name_folded=folded, birth_date="", sex=""))
+                connection.execute(insert(word), [{"patient_pk": pk, "word": w}
+                                                  for w in sorted(name_words(folded))])
+        db.upgrade(engine)
+        with engine.connect() as connection:
+            folded_names = dict(connection.execute(select(patient.c.id, patient.c.name_folded)).all())
+            words = set(connection.execute(select(word.c.patient_pk, word.c.word)).all())
+    finally:
+        engine.dispose()
+    assert folded_names == {1: "o'neill^sean", 2: "smith-jones", 3: "doe^jo"}
+    assert words == {(1, "o'neill"), (1, "neill"), (1, "sean"), (2, "smith-jones"), (2, "jones"),
+                     (3, "doe"), (3, "jo")}

@@ -82,7 +82,7 @@ def test_migrations_match_models_and_rerun_cleanly(engine: Engine) -> None:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         version = conn.execute(text("select version_num from alembic_version")).scalar_one()
     assert diffs == []
-    assert version == "0017_storage_commitment"
+    assert version == "0018_name_marks_folded"
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
 
 

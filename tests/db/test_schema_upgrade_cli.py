@@ -17,7 +17,7 @@ from tests.postgres_server import PostgresServer
 
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("restore_logging")]
 
-HEAD = "0017_storage_commitment"
+HEAD = "0018_name_marks_folded"
 
 
 def _upgrade(capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -43,7 +43,7 @@ def test_db_upgrade_says_which_migrations_it_applied(
         "database schema was at 0007_patient_empty_id; applied 0008_result_revision, "
         "0009_study_id_and_offset, 0010_patient_name_folded, 0011_scale_indexes, 0012_identifier_folded, "
         "0013_result_sha256, 0014_patient_name_words, 0015_audit_filter_indexes, "
-        "0016_study_patient_received, "
+        "0016_study_patient_received, 0017_storage_commitment, "
         f"{HEAD}; now at {HEAD}\n",
         "",
     )

@@ -226,6 +226,28 @@ def test_names_with_letters_beyond_ascii_are_found_in_any_case(
     assert _ids(client, patient="zoë") == [german.study]
 
 
+def test_an_apostrophe_or_hyphen_is_the_same_mark_however_it_was_typed(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A name pasted from a referral letter or typed on a phone has the typographic apostrophe (’) or an en
+    dash, a RIS in UTF-8 may store them so, and Hawaiian and Ukrainian names write U+02BC: "o'neill" found
+    no O’NEILL and "D’Arcy" no D'ARCY, and the part after a U+02BC was no word of its own."""
+    client, _ = rad_client
+    curly = add_study(factory, StudySpec("O\u2019NEILL^SE\u00c1N", "P-IE", "A-IE", received_at=NOW))
+    plain = add_study(factory, StudySpec("D'ARCY^ANNE", "P-UK", "A-UK", received_at=NOW - timedelta(minutes=1)))
+    modifier = add_study(factory, StudySpec("KO\u02bcOLAU^KAI", "P-HI", "A-HI",
+                                            received_at=NOW - timedelta(minutes=2)))
+    dashed = add_study(factory, StudySpec("SMITH\u2013JONES^AMY", "P-SJ", "A-SJ",
+                                          received_at=NOW - timedelta(minutes=3)))
+    assert _ids(client, patient="o'neill sean") == [curly.study]
+    assert _ids(client, patient="O\u2019Neill") == [curly.study]
+    assert _ids(client, patient="D\u2019Arcy") == [plain.study]
+    assert _ids(client, patient="d\u00b4arcy") == [plain.study]  # the acute accent as an apostrophe
+    assert _ids(client, patient="ko'olau") == [modifier.study]
+    assert _ids(client, patient="olau") == [modifier.study]
+    assert _ids(client, patient="smith-jones") == [dashed.study]
+
+
 def test_results_page_shows_finding_state_and_delivery_per_destination(
     rad_client: tuple[TestClient, str], corpus: dict[str, int]
 ) -> None:
