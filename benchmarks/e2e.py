@@ -10,7 +10,7 @@ Orthanc (Debian package) at a steady rate over one association; Orthanc forwards
 - the node's peak RSS (VmHWM of the node process and its listener processes, summed);
 - lost studies (no SR within the deadline) and duplicated ones (more than one SR);
 - with ``--storage-commitment`` (Orthanc set to it), seconds from each SR delivered to Orthanc's report that
-  it keeps it, and how many SR and PDF deliveries were committed.
+  it keeps it, and how many SR and PDF deliveries were committed (any not committed fails the run, exit 1).
 
 The peer, in the same run: the same Orthanc forwards as many fresh studies, at the same rate, to DCMTK
 ``storescp`` (which stores files and classifies nothing) in the node's place. Its seconds from Orthanc's
@@ -347,7 +347,15 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     print(table.render([("figure", ""), ("value", "")], [[k, v] for k, v in figures.items() if k != "model"]))
     print(f"model: {model}  (work dir {work}{'' if args.keep else ', removed'})")
     print(table.json_line(figures))
-    return 0 if lost == 0 and duplicated == 0 else 1
+    return exit_status(figures)
+
+
+def exit_status(figures: dict[str, Any]) -> int:
+    """1 when a study was lost or duplicated, or a delivery asked about was not committed (said why)."""
+    uncommitted = figures["deliveries_not_committed"] or 0  # None without --storage-commitment
+    if uncommitted:
+        print(f"{uncommitted} SR/PDF deliveries were not committed by Orthanc", file=sys.stderr)
+    return 0 if figures["lost"] == 0 and figures["duplicated"] == 0 and uncommitted == 0 else 1
 
 
 if __name__ == "__main__":

@@ -77,3 +77,14 @@ def test_every_p50_is_the_median_the_ratio_divides() -> None:
     node, peer = [0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]
     assert e2e._p(node, 50) == 0.25
     assert e2e._ratio(node, peer) == round(e2e._p(node, 50) / e2e._p(peer, 50), 2)  # type: ignore[operator]
+
+
+def test_a_run_with_deliveries_orthanc_did_not_commit_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    """With --storage-commitment, SRs and PDFs that Orthanc never confirmed were a figure in the table and
+    the run still exited 0, as if the node had done what it was measured for."""
+    clean = {"lost": 0, "duplicated": 0, "deliveries_not_committed": None}
+    assert e2e.exit_status(clean) == 0
+    assert e2e.exit_status({**clean, "deliveries_not_committed": 0}) == 0
+    assert e2e.exit_status({**clean, "deliveries_not_committed": 3}) == 1
+    assert "3 SR/PDF deliveries were not committed" in capsys.readouterr().err
+    assert e2e.exit_status({**clean, "lost": 1}) == 1
