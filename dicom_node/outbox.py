@@ -474,21 +474,23 @@ class Outbox:
             report.dead.append(delivery.id)
         report.failed.append(delivery.id)
 
-    def _refused_in_a_row(self, session: Session, delivery_pk: int) -> int:
+    def _refused_in_a_row(self, session: Session, delivery: Delivery) -> int:
         """How many of the delivery's last attempts in a row the peer answered with a status that refuses
-        the object itself (counted up to what ``refused_attempts`` needs; this attempt not included)."""
-        wanted = self.settings.refused_attempts - 1
+        the object itself (counted up to what ``refused_attempts`` needs; this attempt, already counted in
+        ``delivery.attempts``, not included). Only attempts since the last resend count, as the attempt
+        budget does: after a resend, one more refusal made the delivery DEAD again at once (review)."""
+        wanted = min(self.settings.refused_attempts - 1, delivery.attempts - 1)
         if wanted <= 0:
             return 0
-        statuses = session.scalars(
-            select(DeliveryAttempt.status)
-            .where(DeliveryAttempt.delivery_pk == delivery_pk)
+        answers = session.execute(
+            select(DeliveryAttempt.status, DeliveryAttempt.outcome)
+            .where(DeliveryAttempt.delivery_pk == delivery.id)
             .order_by(DeliveryAttempt.id.desc())
             .limit(wanted)
         ).all()
         count = 0
-        for status in statuses:
-            if status is None or not refuses_the_object(status):
+        for status, outcome in answers:  # a copy the PACS took, then reported not kept, is no refusal
+            if status is None or outcome != "failed" or not refuses_the_object(status):
                 break
             count += 1
         return count
@@ -541,7 +543,7 @@ class Outbox:
                         if error.startswith(RESULT_FILE):
                             note, final = self._file_lost(session, delivery, error)
                         elif status is not None and refuses_the_object(status):
-                            refused = self._refused_in_a_row(session, delivery.id) + 1 >= \
+                            refused = self._refused_in_a_row(session, delivery) + 1 >= \
                                 self.settings.refused_attempts
                         delivery.last_error = f"{note}; {REFUSED}" if refused else note
                         reasons.add(note)
@@ -737,12 +739,14 @@ def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *
     return False
 
 
-def not_kept_in_a_row(session: Session, delivery_pk: int, wanted: int) -> int:
+def not_kept_in_a_row(session: Session, delivery: Delivery, wanted: int) -> int:
     """How many of the delivery's last copies in a row the PACS took and then reported not kept (up to
-    ``wanted``; the copies it took in between do not break the run, a failed attempt does)."""
+    ``wanted``; the copies it took in between do not break the run, a failed attempt does). Only copies
+    sent since the last resend count: each has its attempt, and the one reported on now has no report yet."""
     count = 0
+    wanted = min(wanted, delivery.attempts - 1)
     outcomes = session.scalars(
-        select(DeliveryAttempt.outcome).where(DeliveryAttempt.delivery_pk == delivery_pk)
+        select(DeliveryAttempt.outcome).where(DeliveryAttempt.delivery_pk == delivery.id)
         .order_by(DeliveryAttempt.id.desc()).limit(2 * wanted + 2)
     )
     for outcome in outcomes:
@@ -782,7 +786,7 @@ def record_commitment_report(
             for delivery, reason in applied.not_kept:
                 note = (f"the PACS answered success, then reported that it does not keep it (storage "
                         f"commitment: {commitment.failure_words(reason)})")
-                every_time = not_kept_in_a_row(session, delivery.id, settings.refused_attempts) + 1 \
+                every_time = not_kept_in_a_row(session, delivery, settings.refused_attempts) + 1 \
                     >= settings.refused_attempts
                 session.add(DeliveryAttempt(delivery_pk=delivery.id, at=now, status=reason, outcome=NOT_KEPT,
                                             error=note))

@@ -276,6 +276,11 @@ def test_a_pacs_that_drops_the_object_each_time_makes_it_dead_after_refused_atte
     row = _rows(db)[pk]
     assert (row.state, row.commitment, row.commitment_uid, row.commitment_note) == (
         DeliveryState.PENDING, None, None, "")
+    # and its count: the first copy after the resend that the PACS drops is one, not a third in a row
+    outbox.deliver_due(destination_pk)
+    transaction, (uid,) = pacs.requests[-1]
+    assert report(scp.port, transaction, [], {uid: 0x0110}) == 0x0000
+    assert _rows(db)[pk].state is DeliveryState.RETRYING
 
 
 def test_a_report_without_the_scp_role_proposed_is_taken_as_orthanc_sends_it(

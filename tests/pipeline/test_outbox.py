@@ -456,9 +456,15 @@ def test_an_object_the_peer_refuses_as_such_is_dead_after_three_such_answers_in_
         assert any(r.getMessage() == f"delivery {ids[0]} is DEAD after 5 attempts (the peer refused the "
                    "object itself, each time)" for r in caplog.records)
 
-        peer.status = 0x0000  # the PACS's configuration was changed: the operator resends
+        # The operator resends once the PACS is being mended; the first answer still refuses. That is one
+        # refusal since the resend, not a fourth in a row: the count began again with the attempts.
         with session_scope(db) as session:
             requeue(session, ids, "user:admin")
+        assert outbox.deliver_due(destination_pk).dead == []
+        with session_scope(db) as session:
+            assert session.scalars(select(Delivery.state)).one() is DeliveryState.RETRYING
+        peer.status = 0x0000  # the PACS's configuration was changed
+        _make_due(db)
         assert outbox.deliver_due(destination_pk).delivered == ids
     finally:
         peer.stop()
