@@ -265,6 +265,14 @@ def test_results_page_shows_finding_state_and_delivery_per_destination(
     assert row["findings"] == [{"label": "covid", "confidence": 0.71}]
 
 
+def test_one_study_found_is_said_in_the_singular(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    client, _ = rad_client
+    html = client.get("/results", params={"patient": "O'BRIEN"}).text
+    assert "1 study matches the search" in html
+
+
 def test_results_are_paginated(rad_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
     client, _ = rad_client
     for i in range(30):
