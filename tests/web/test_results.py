@@ -273,6 +273,21 @@ def test_one_study_found_is_said_in_the_singular(
     assert "1 study matches the search" in html
 
 
+def test_a_page_past_the_last_says_so_and_leads_back_to_the_first(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """An old bookmark or a typed page number past the end: the list said "No studies yet." under
+    "4 studies", as if the node had received none."""
+    client, _ = rad_client
+    html = client.get("/results", params={"page": "3"}).text
+    assert "No studies yet." not in html
+    assert "4 studies" in html and "This page is past the last page of the list" in html
+    assert 'href="/results?page=1"' in html
+    searched = client.get("/results", params={"patient": "smith", "page": "2"}).text
+    assert "No study matches this search." not in searched
+    assert 'href="/results?patient=smith&amp;page=1"' in searched
+
+
 def test_results_are_paginated(rad_client: tuple[TestClient, str], factory: sessionmaker[Session]) -> None:
     client, _ = rad_client
     for i in range(30):
