@@ -141,7 +141,8 @@ CONTENT_SECURITY_POLICY = (
 async def _security_headers(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names).
+    """Pages carry patient data: no caching, no framing, no referrer (search URLs hold names); the static
+    files are revalidated on each use.
 
     Also the last line of defence for unexpected errors: logged by type and code location only, since
     exception texts (pydicom, SQL) can embed patient data; the user gets a plain 500 page.
@@ -157,8 +158,10 @@ async def _security_headers(
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
     headers.setdefault("Referrer-Policy", "no-referrer")
-    if not request.url.path.startswith("/static/"):
-        headers.setdefault("Cache-Control", "no-store")
+    # The console's script and style hold no patient data, but they change with an upgrade: without a
+    # Cache-Control a browser kept them by its own guess (a tenth of their age), and new pages ran with the
+    # old script for days. "no-cache" keeps them and asks each time; unchanged, the answer is a 304.
+    headers.setdefault("Cache-Control", "no-cache" if request.url.path.startswith("/static/") else "no-store")
     return response
 
 

@@ -455,6 +455,20 @@ def test_pages_are_not_cached_or_framed(admin_client: tuple[TestClient, str]) ->
     assert headers["referrer-policy"] == "no-referrer"
 
 
+def test_the_console_script_and_style_are_checked_for_a_newer_version_on_each_use(
+    admin_client: tuple[TestClient, str],
+) -> None:
+    """Without Cache-Control a browser keeps console.js and console.css by its own guess, a tenth of their
+    age since modified: days after an upgrade, the new pages ran with the old script and style."""
+    client, _ = admin_client
+    for path in ("/static/console.js", "/static/console.css"):
+        response = client.get(path)
+        assert response.headers["cache-control"] == "no-cache", path
+        assert response.headers["etag"]  # revalidated by it: a 304, not the whole file, when unchanged
+        again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
+        assert again.status_code == 304
+
+
 def test_api_login_accepts_json_only(client: TestClient, accounts: dict[str, int]) -> None:
     """A cross-site form can post text/plain but not application/json: no login CSRF through the API."""
     body = b'{"username": "alice", "password": "admin-password-1"}'
