@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
+from pydicom.multival import MultiValue
 
 from dicom_node import __version__
 from dicom_node.eligibility import not_classified
@@ -45,6 +46,14 @@ INFO_NOTICES = frozenset({"session-ended"})
 # Findings shown as "no finding" (green), by their coded concept (reporting.codes.FindingConcept.key); any
 # other class except indeterminate is flagged.
 NO_FINDING_KEYS = frozenset({"NORMAL", "NONCOVID"})
+
+
+def dicom_value(value: Any) -> str:
+    """A header value of an uploaded file as its DICOM text: several values (a backslash in the value)
+    joined by a backslash, as a PACS and the PDF show them; the page showed the Python list, "['A', 'B']"."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(item).strip() for item in value).strip("\\")
+    return "" if value is None else str(value).strip()
 
 
 def dicom_date(value: str | None) -> str:
@@ -137,6 +146,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
     env.filters.update(
         pn=person_name_text,  # every form of the name, as the PDF prints it
         da=dicom_date,
+        dv=dicom_value,
         tm=dicom_time,
         dt=local_time,
         pct=percent,

@@ -253,6 +253,26 @@ def test_dicom_upload_shows_its_patient(rad_client: tuple[TestClient, str]) -> N
     assert 'id="classify"' in page and 'id="ineligible"' not in page  # CR CHEST PA: the model's input
 
 
+def test_a_dicom_upload_shows_values_of_several_as_dicom_values_not_python_lists(
+    rad_client: tuple[TestClient, str],
+) -> None:
+    """A backslash in a header value makes it several (pydicom reads a MultiValue): the upload page showed
+    "['9RG1', 'OTHER-7']", a name as "[Doe, John, Roe Jane]", where the PDF prints them as DICOM does."""
+    client, csrf = rad_client
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.PatientName = "Doe^John\\Roe^Jane"
+    ds.PatientID = "9RG1\\OTHER-7"
+    ds.AccessionNumber = "A1\\A2"
+    ds.StudyDate = "20040826\\20040827"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    token = _upload(client, csrf, "several.dcm", buffer.getvalue(), "application/dicom")
+    page = client.get(f"/upload/{token}").text
+    assert "[" not in page.split('id="result"', 1)[1] and "&#39;" not in page
+    assert "Doe, John; Roe, Jane" in page
+    assert "9RG1\\OTHER-7" in page and "A1\\A2" in page and "20040826\\20040827" in page
+
+
 def test_a_dicom_upload_that_is_not_a_chest_radiograph_is_not_classified(
     rad_client: tuple[TestClient, str],
 ) -> None:
