@@ -12,6 +12,7 @@ import logging
 from typing import Any, cast
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import Integer, String, Table
 
 from dicom_node.store.models import Base
@@ -54,9 +55,13 @@ _INTEGER_COLUMN = range(-(2**31), 2**31)  # SQL INTEGER, as PostgreSQL holds it
 
 def text(ds: Dataset, keyword: str, limit: int) -> str:
     """A display value, or "" when absent or undecodable (display fields never fail an ingest). NUL
-    characters, which PostgreSQL text cannot hold, are left out."""
+    characters, which PostgreSQL text cannot hold, are left out. Several values (a backslash in the
+    value) are kept as DICOM writes them, joined by a backslash: the Python list's repr was stored,
+    "['ID1', 'ID2']", a study date as "['202401"."""
     try:
         value = ds.get(keyword, "")
+        if isinstance(value, MultiValue):
+            value = "\\".join("" if item is None else str(item) for item in value)
         return ("" if value is None else str(value)).replace("\x00", "").strip()[:limit]
     except (ValueError, TypeError, LookupError, UnicodeError):
         LOGGER.warning("element %s could not be decoded; stored empty", keyword)

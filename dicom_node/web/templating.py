@@ -56,6 +56,15 @@ def dicom_value(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def person_name(value: Any) -> str:
+    """A person name as the PDF prints it (reporting.pdf.person_name_text). A stored name of several values
+    keeps DICOM's backslash between them (store.header_columns.text): each is read as a name, "Doe, John;
+    Roe, Jane", as the PDF reads the header's, not "Doe, John\\Roe Jane"."""
+    if isinstance(value, str) and "\\" in value:
+        return person_name_text(value.split("\\"))
+    return person_name_text(value)
+
+
 def dicom_date(value: str | None) -> str:
     if not value or len(value) != 8 or not value.isdigit():
         return value or ""
@@ -144,7 +153,7 @@ def configure_templates(templates: Jinja2Templates, settings: Settings) -> Jinja
     env.trim_blocks = True
     env.lstrip_blocks = True
     env.filters.update(
-        pn=person_name_text,  # every form of the name, as the PDF prints it
+        pn=person_name,  # every form of the name, as the PDF prints it
         da=dicom_date,
         dv=dicom_value,
         tm=dicom_time,

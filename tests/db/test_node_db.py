@@ -910,6 +910,29 @@ def test_every_column_of_the_received_tables_is_a_header_column_or_the_nodes_own
         assert names - header - own == set(), model.__name__
 
 
+def test_a_header_value_of_several_is_kept_as_its_dicom_text_not_a_python_list() -> None:
+    """A backslash in a Patient ID, accession or study date makes pydicom read a MultiValue, and its repr
+    was stored: the console listed "['ID1', 'ID2']" and the study date "['202401", a search for the
+    patient ID ID1 found nothing, and a result rebuilt from the rows wrote the repr into the SR."""
+    from dicom_node.web.templating import person_name
+
+    ds = Dataset()
+    ds.PatientID = "ID1\\ID2"
+    ds.AccessionNumber = "ACC1\\ACC2"
+    ds.StudyDate = "20240101\\20240102"
+    ds.StudyDescription = "CHEST\\PA"
+    study = header_columns.values(ds, Study, header_columns.STUDY)
+    assert study["accession_number"] == "ACC1\\ACC2"
+    assert study["study_date"] == "20240101"  # the first date, within the column's 8 characters
+    assert study["study_description"] == "CHEST\\PA"
+    assert header_columns.values(ds, Patient, header_columns.PATIENT_IDENTITY)["patient_id"] == "ID1\\ID2"
+    assert header_columns.text(ds, "PatientID", 64) == "ID1\\ID2"
+    ds.PatientName = "Doe^John\\Roe^Jane"
+    stored = header_columns.values(ds, Patient, header_columns.PATIENT_DEMOGRAPHICS)["name"]
+    assert stored == "Doe^John\\Roe^Jane"
+    assert person_name(stored) == "Doe, John; Roe, Jane"  # as the console shows it, and the PDF prints it
+
+
 def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_errors(
     pg_server: PostgresServer, store: FileStore, caplog: pytest.LogCaptureFixture
 ) -> None:
