@@ -9,12 +9,14 @@ which the console's Content-Security-Policy does not block.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
+import pydicom
 import pytest
 from playwright.sync_api import expect
 from sqlalchemy import select
@@ -501,3 +503,37 @@ def test_controls_are_targets_of_at_least_24_px(page: Any, console: RunningConso
         page.goto(f"{console.url}{path}")
         small += [f"{path}: {target}" for target in page.evaluate(SMALL_TARGETS)]
     assert small == [], "\n".join(small)
+
+
+def test_a_study_of_long_unbroken_values_reflows_at_320_px(page: Any, console: RunningConsole) -> None:
+    """WCAG 1.4.10: a Patient ID of 64 characters (LO), or a family name written without a space, has no
+    place to break; the study page's heading and identity line ran 750 px wide, and the whole page
+    scrolled sideways at 320 px (400 % zoom). Last in the module: the study it adds is in no other test's
+    counts."""
+    from tests.web.studies import StudySpec, add_study
+
+    engine = make_engine(console.settings.database_url)
+    try:
+        study = add_study(make_session_factory(engine), StudySpec(
+            "VERYLONGFAMILYNAMEWITHOUTANYSPACEINITATALLFROMTHEREGISTRATION^G", "P" * 64, "ACC4567890123456",
+            received_at=datetime.now(UTC) - timedelta(days=400),
+        )).study
+    finally:
+        engine.dispose()
+    page.set_viewport_size({"width": 320, "height": 800})
+    log_in(page, console.url, *ADMIN)
+    problems = []
+    for name, path in (("study", f"/results/{study}"), ("results", "/results?patient=" + "P" * 64)):
+        page.goto(f"{console.url}{path}")
+        problems += reflows(page, name)
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.PatientID = "P" * 64
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    page.goto(f"{console.url}/upload")
+    long_id = {"name": "long.dcm", "mimeType": "application/dicom", "buffer": buffer.getvalue()}
+    page.set_input_files("#file", files=[long_id])
+    page.click("form.file-drop button[type=submit]")
+    page.wait_for_url(re.compile(r".*/upload/[\w-]+$"))
+    problems += reflows(page, "upload, DICOM")
+    assert not problems, "\n".join(problems)
