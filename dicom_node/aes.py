@@ -135,7 +135,16 @@ def _apply(session: Session, ae: RemoteAe, spec: AeSpec) -> None:
     ae.description = spec.description
     ae.enabled = spec.enabled
     ae.storage_commitment = spec.storage_commitment
-    ae.reply_to = get(session, spec.reply_to, AeRole.DESTINATION) if spec.reply_to else None
+    ae.reply_to = _reply_to(session, spec.reply_to) if spec.reply_to else None
+
+
+def _reply_to(session: Session, ae_title: str) -> RemoteAe:
+    """The destination a caller's ``reply_to`` names: one that does not exist is a field to mend (422),
+    not an AE that was not found (the API answered 404, as for an unknown AE id)."""
+    destination = find(session, ae_title, AeRole.DESTINATION)
+    if destination is None:
+        raise InvalidAeError(f"no destination AE titled {ae_title!r} (reply_to)", field="reply_to")
+    return destination
 
 
 def add(session: Session, spec: AeSpec, actor: str) -> RemoteAe:

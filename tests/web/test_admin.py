@@ -186,6 +186,15 @@ def test_invalid_ae_is_shown_with_its_error_and_nothing_is_stored(
     api = client.post("/api/admin/aes", json={"role": "caller", "ae_title": "P", "host": "no such host!"},
                       headers={"X-CSRF-Token": csrf})
     assert api.status_code == 422 and api.json()["field"] == "host"
+    # a reply_to that names no destination is a field to mend, as on the form, not a 404 for the AE itself
+    api = client.post("/api/admin/aes", json={"role": "caller", "ae_title": "P", "reply_to": "NOPACS"},
+                      headers={"X-CSRF-Token": csrf})
+    assert api.status_code == 422 and api.json()["field"] == "reply_to"
+    assert "no destination AE titled 'NOPACS'" in api.json()["detail"]
+    form = client.post("/admin/aes", data={"csrf_token": csrf, "role": "caller", "ae_title": "P2",
+                                           "reply_to": "NOPACS"})
+    assert form.status_code == 422 and _invalid_fields(form.text) == ["reply_to"]
+    assert [a[0] for a in _aes(factory)] == ["DUP"]
 
 
 def test_a_destination_is_set_to_storage_commitment_and_a_caller_cannot_be(
