@@ -53,17 +53,19 @@ from pynetdicom._globals import MODE_ACCEPTOR, MODE_REQUESTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.service_class import ServiceClass, StorageServiceClass, VerificationServiceClass
+from pynetdicom.service_class_n import StorageCommitmentServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
 from dicom_node.errors import describe_exception
+from dicom_node.statuses import Status
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -520,26 +522,66 @@ class EventDrivenAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             served = msg is not None
-            if msg and not _unexpected_on_storage(self, msg, cast(int, context_id)):
+            if msg and not _refused_on_its_context(self, msg, cast(int, context_id)):
                 self._serve_request(msg, cast(int, context_id))
 
             if _after_message(self):
                 return
 
 
-def _unexpected_on_storage(assoc: Association, msg: Any, context_id: int) -> bool:
-    """A request other than a C-STORE on a storage presentation context: aborted with a WARNING, and True.
-    pynetdicom hands it to the Storage service class, which fails on it: a C-FIND or C-MOVE there was an
-    ERROR with a traceback in the node's log and an abort without a word (review)."""
+#: The requests served on each kind of presentation context the listener accepts, and how a log line names
+#: it; any other request there is refused (:func:`_refused_on_its_context`).
+_SERVED: tuple[tuple[type[ServiceClass], tuple[type[Any], ...], str], ...] = (
+    (StorageServiceClass, (C_STORE,), "storage"),
+    (VerificationServiceClass, (C_ECHO,), "Verification"),
+    (StorageCommitmentServiceClass, (N_EVENT_REPORT, N_ACTION), "Storage Commitment"),
+)
+
+
+def _refused_on_its_context(assoc: Association, msg: Any, context_id: int) -> bool:
+    """A request its presentation context is not for: refused with a WARNING, and True. pynetdicom hands a
+    request to the service class its own SOP class names, whatever the context: a C-STORE naming
+    Verification was answered with a C-ECHO success, which its sender read as "stored" (nothing was); one
+    naming Storage Commitment, a query or an unknown class, or a C-FIND on a storage context, was an ERROR
+    with a traceback in the node's log and an abort without a word (review). A C-STORE is answered with a
+    failure status and the association goes on (:func:`_refuse_c_store`); any other request is aborted."""
     context = assoc._accepted_cx.get(context_id)
-    if isinstance(msg, C_STORE) or context is None or not msg.is_valid_request:
+    if context is None or not msg.is_valid_request:
         return False  # pynetdicom's own answers: an unknown context or a response it did not expect
-    if not issubclass(uid_to_service_class(str(context.abstract_syntax)), StorageServiceClass):
-        return False
-    LOGGER.warning("%s request from %s on a storage presentation context refused: association aborted",
-                   type(msg).__name__.replace("_", "-"), str(assoc.requestor.ae_title).strip())
-    assoc.abort()
-    return True
+    if isinstance(msg, C_STORE):
+        if issubclass(uid_to_service_class(str(msg.AffectedSOPClassUID)), StorageServiceClass):
+            return False  # the C-STORE handler checks the class against the context's (0xA900)
+        _refuse_c_store(assoc, msg, context_id, str(context.abstract_syntax))
+        return True
+    service = uid_to_service_class(str(context.abstract_syntax))
+    for service_class, requests, kind in _SERVED:
+        if issubclass(service, service_class):
+            if isinstance(msg, requests):
+                return False
+            LOGGER.warning("%s request from %s on a %s presentation context refused: association aborted",
+                           type(msg).__name__.replace("_", "-"), str(assoc.requestor.ae_title).strip(), kind)
+            assoc.abort()
+            return True
+    return False
+
+
+def _refuse_c_store(assoc: Association, msg: C_STORE, context_id: int, abstract_syntax: str) -> None:
+    """Answer a C-STORE naming a class that is not a storage SOP class: 0xA900 when it is not its context's
+    either (as the C-STORE handler answers such a request), else 0x0122; nothing is stored."""
+    named = str(msg.AffectedSOPClassUID)
+    status = Status.SOP_CLASS_NOT_SUPPORTED
+    if named != abstract_syntax:
+        status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    comment = "Affected SOP Class UID is not a storage SOP class"
+    LOGGER.warning("C-STORE from %s refused with %s (0x%04X): %s (%s)", str(assoc.requestor.ae_title).strip(),
+                   status.name, int(status), comment, named[:64])
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg.MessageID
+    rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+    rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+    rsp.Status = int(status)
+    rsp.ErrorComment = comment  # type: ignore[assignment]  # typed None in pynetdicom
+    assoc.dimse.send_msg(rsp, context_id)
 
 
 def reactor_may_run(assoc: Association) -> bool:

@@ -44,6 +44,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
@@ -455,6 +456,46 @@ def test_a_c_find_on_a_storage_context_is_aborted_with_a_warning_not_a_traceback
     ]
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
     assert scu.echo("127.0.0.1", listener.scp.port, "CXRNODE", calling_aet=CALLER) == 0
+
+
+@pytest.mark.parametrize(
+    ("context", "sop_class", "status"),
+    [
+        (StorageCommitmentPushModel, StorageCommitmentPushModel, Status.SOP_CLASS_NOT_SUPPORTED),
+        (Verification, Verification, Status.SOP_CLASS_NOT_SUPPORTED),
+        (ComputedRadiographyImageStorage, "1.2.3.4", Status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+        (ComputedRadiographyImageStorage, StudyRootQueryRetrieveInformationModelFind,
+         Status.DATASET_DOES_NOT_MATCH_SOP_CLASS),
+    ],
+    ids=["storage-commitment", "verification", "unknown-class", "query-class"],
+)
+def test_a_c_store_naming_a_class_that_is_not_a_storage_class_is_refused_with_a_status(
+    listener: Listener, caplog: pytest.LogCaptureFixture, context: str, sop_class: str, status: Status
+) -> None:
+    """pynetdicom hands a C-STORE to the service class its SOP class names: on the Verification context the
+    sender was answered a C-ECHO success, which it read as stored (nothing was); on the Storage Commitment
+    context, or naming a Query/Retrieve or unknown class, an ERROR with a traceback and an abort (review)."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(context, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.scp.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    ds = make_cr()
+    ds.SOPClassUID = sop_class
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    try:
+        with caplog.at_level(logging.INFO):
+            _send_on_context(assoc, context)
+            answer = assoc.send_c_store(ds)
+            assert assoc.is_established  # the association goes on
+    finally:
+        assoc.release()
+    assert answer.Status == status and "storage SOP class" in answer.ErrorComment
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warned] == ["dicom_node.reactor"]
+    assert warned[0].getMessage().startswith(f"C-STORE from {CALLER} refused with ")
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    with listener.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
 
 
 def test_unknown_caller_is_rejected_and_echo_succeeds_for_a_known_one(listener: Listener) -> None:
