@@ -37,6 +37,7 @@ _WRITE_SLICE = 64 * 1024
 _DIRECT_ALIGNMENT = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (covers 512 B sectors)
 _DIRECT_SLICE = 1024 * 1024
 PRIVATE_DIRECTORY_MODE = 0o700
+_DURABLE_KEPT = 16384  # directories known durable, remembered per file store (about 2 MB)
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,10 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
 class StagedFile:
     """A complete, fsync'ed temporary file waiting to be renamed to its final name."""
 
-    def __init__(self, store: FileStore, temp: Path, target: Path, created: list[Path],
-                 stored: StoredFile) -> None:
+    def __init__(self, store: FileStore, temp: Path, target: Path, stored: StoredFile) -> None:
         self._store = store
         self._temp: Path | None = temp
         self._target = target
-        self._created = created
         self.stored = stored
 
     def publish(self) -> None:
@@ -90,13 +89,13 @@ class StagedFile:
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
 
     def sync_directory(self) -> None:
-        """fsync the directory holding the new name (and any directories created for it)."""
+        """fsync the directory holding the new name, and the names of its directories up to the root
+        (:meth:`FileStore.sync_parents`)."""
         if not self._store.fsync:
             return
         try:
             _fsync_dir(self._target.parent)
-            for directory in self._created:
-                _fsync_dir(directory.parent)
+            self._store.sync_parents(self._target.parent)
         except OSError as exc:
             raise StorageError(f"cannot sync the file store ({exc.strerror or type(exc).__name__})") from exc
 
@@ -122,6 +121,10 @@ class FileStore:
         self.incoming = self.root / INCOMING_DIR
         private_directory(self.incoming)
         self._hashers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+        # Directories below the root whose own names are known durable (their parents fsync'ed since they
+        # were made), with every directory above them: see sync_parents.
+        self._durable: set[Path] = set()
+        self._durable_lock = threading.Lock()
 
     def path(self, relative_path: str) -> Path:
         """Absolute path of a stored file (rejects paths that would leave the root)."""
@@ -164,7 +167,7 @@ class FileStore:
         digest = self._hashers.submit(_sha256, chunk_list)
         temp: Path | None = None
         try:
-            created = private_directory(target.parent)
+            self._forget(private_directory(target.parent))
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.incoming)
             temp = Path(temp_name)
             try:
@@ -181,7 +184,34 @@ class FileStore:
             if temp is not None:
                 _unlink_quietly(temp)
             raise StorageError(f"cannot write to the file store ({exc.strerror or type(exc).__name__})") from exc
-        return StagedFile(self, temp, target, created, StoredFile(relative_path, sha256, size))
+        return StagedFile(self, temp, target, StoredFile(relative_path, sha256, size))
+
+    def sync_parents(self, directory: Path) -> None:
+        """Make the name of ``directory`` and of each directory above it (below the root) durable: fsync
+        the parent of each one not yet known so. Whoever made a directory is not the only one to fsync its
+        parent: two associations storing into one new series at once, the one that found the directories
+        made fsync'ed only its file's name and was acknowledged before the other had fsync'ed the
+        directories' (review); nor was a directory a failed write made ever fsync'ed by the retry."""
+        chain: list[Path] = []
+        current = directory
+        with self._durable_lock:
+            while current != self.root and current.is_relative_to(self.root) and current not in self._durable:
+                chain.append(current)
+                current = current.parent
+        for path in reversed(chain):  # from the top: a directory known durable has a durable chain above
+            _fsync_dir(path.parent)
+            with self._durable_lock:
+                if len(self._durable) >= _DURABLE_KEPT:
+                    self._durable.clear()  # only costs fsyncs again
+                self._durable.add(path)
+
+    def _forget(self, created: list[Path]) -> None:
+        """Directories just made (again: one removed by hand meanwhile) are not durable, nor below them."""
+        if not created:
+            return
+        with self._durable_lock:
+            self._durable = {path for path in self._durable
+                             if not any(path.is_relative_to(made) for made in created)}
 
     def _write_direct(self, fd: int, chunks: list[bytes | memoryview], size: int) -> bool:
         """Write ``chunks`` past the page cache (``O_DIRECT``); ``False`` if the file system refuses it.

@@ -158,3 +158,49 @@ def test_an_existing_directory_keeps_the_mode_its_administrator_gave_it(tmp_path
     FileStore(root).write("a/b.dcm", [b"x"])
     assert oct(root.stat().st_mode & 0o777) == "0o750"
     assert oct((root / "a").stat().st_mode & 0o777) == "0o700"
+
+
+def _recorded_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    synced: list[Path] = []
+    real = files._fsync_dir
+
+    def record(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(files, "_fsync_dir", record)
+    return synced
+
+
+def test_a_file_stored_beside_another_writers_new_directories_is_durable_before_it_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two associations storing into the same new series at once: the first made its study and series
+    directories, the second found them there and fsync'ed only the series directory. Acknowledged before
+    the first had fsync'ed the parents, the second's file was lost with them in a power cut (review)."""
+    store = FileStore(tmp_path / "root")
+    synced = _recorded_fsyncs(monkeypatch)
+    first = store.stage(instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), [b"first"])
+    second = store.stage(instance_path("1.2.3", "1.2.3.4", "1.2.3.4.6"), [b"second"])
+    second.publish()  # the second is acknowledged while the first has not yet published
+    series = store.path("1.2.3/1.2.3.4")
+    assert set(synced) == {series, series.parent, store.root}  # its name, the series' and the study's
+    synced.clear()
+    first.publish()
+    assert series in synced
+
+
+def test_a_directory_left_by_a_failed_write_is_made_durable_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first attempt that made the series' directories and then failed (its rows refused) left them
+    never fsync'ed, and the sender's retry, finding them, made only its own name durable (review)."""
+    store = FileStore(tmp_path / "root")
+    synced = _recorded_fsyncs(monkeypatch)
+    store.stage(instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), [b"refused"]).discard()
+    store.write(instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5"), [b"retried"])
+    series = store.path("1.2.3/1.2.3.4")
+    assert set(synced) == {series, series.parent, store.root}
+    synced.clear()
+    store.write(instance_path("1.2.3", "1.2.3.4", "1.2.3.4.6"), [b"next"])
+    assert synced == [series]  # once durable, a directory's parents are not fsync'ed again
