@@ -1627,7 +1627,8 @@ def attach(
     )
     node.on_study_ready.append(pipeline.submit)
     retention = Retention(
-        node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler
+        node.session_factory, settings.storage_dir, settings.storage.retention_days, scheduler=node.scheduler,
+        fsync=settings.storage.fsync,
     )
     metrics.add_check("dicom_listener", node.listening)  # accepting, not merely given a port
     metrics.add_check("scheduler", lambda: scheduler_alive(node.scheduler))

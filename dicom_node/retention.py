@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.jobs import MEMORY_STORE
 from dicom_node.store.db import session_scope
+from dicom_node.store.files import fsync_directory
 from dicom_node.store.models import (
     Delivery,
     DeliveryState,
@@ -72,12 +73,14 @@ class Retention:
         *,
         scheduler: BaseScheduler | None = None,
         interval_seconds: float = INTERVAL_SECONDS,
+        fsync: bool = True,
     ) -> None:
         self.session_factory = session_factory
         self.storage_dir = storage_dir
         self.retention_days = retention_days
         self.scheduler = scheduler
         self.interval_seconds = interval_seconds
+        self.fsync = fsync  # storage.fsync: removals made durable before they are recorded
 
     def start(self) -> None:
         """Become this process's retention and run hourly, the first run :data:`FIRST_RUN_SECONDS` after
@@ -119,22 +122,29 @@ class Retention:
                 if not candidates:
                     break
                 after = candidates[-1].id
-                ids: list[int] = []
+                removed: dict[Path, list[tuple[Instance, bool]]] = {}  # by directory; and if it was there
                 for instance in candidates:
                     path = self.storage_dir / instance.file_path
                     try:
                         path.unlink()
-                        purged += 1
+                        there = True
                     except FileNotFoundError:
-                        missing += 1
+                        there = False
                     except OSError as exc:
                         # Left for the next run; the others go. Not the path: it holds the image's UIDs.
                         LOGGER.warning("retention could not remove the file of instance %d (%s: %s); it is "
                                        "tried again at the next run", instance.id, type(exc).__name__,
                                        exc.strerror or "no reason given")
                         continue
-                    instance.purged_at = utcnow()
-                    ids.append(instance.id)
+                    removed.setdefault(path.parent, []).append((instance, there))
+                ids: list[int] = []
+                for directory, instances in removed.items():
+                    if not self._sync(directory, [instance.id for instance, _ in instances]):
+                        continue
+                    for instance, there in instances:
+                        instance.purged_at = utcnow()
+                        ids.append(instance.id)
+                        purged, missing = (purged + 1, missing) if there else (purged, missing + 1)
                 if ids:
                     audit.record(
                         session,
@@ -148,6 +158,21 @@ class Retention:
         if purged or missing:
             LOGGER.info("retention removed %d pixel file(s) (%d already gone)", purged, missing)
         return PurgeReport(purged, missing)
+
+    def _sync(self, directory: Path, instance_ids: list[int]) -> bool:
+        """Make the removals in ``directory`` durable before their rows say so: unsynced, a power cut could
+        bring a purged image back, patient data that retention no longer looks at. False when it failed:
+        the rows stay unmarked, and the next run finds the files gone (or removes them again)."""
+        if not self.fsync:
+            return True
+        try:
+            fsync_directory(directory)
+        except OSError as exc:
+            LOGGER.warning("retention could not make the removal of the file(s) of instance(s) %s durable "
+                           "(%s: %s); tried again at the next run", ", ".join(map(str, instance_ids)),
+                           type(exc).__name__, exc.strerror or "no reason given")
+            return False
+        return True
 
     @staticmethod
     def _candidates(session: Session, cutoff: datetime, after: int = 0) -> list[Instance]:

@@ -358,6 +358,11 @@ def _sha256(chunks: list[bytes | memoryview]) -> str:
     return digest.hexdigest()
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the names in ``directory`` durable: a file created, renamed or removed in it."""
+    _fsync_dir(directory)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

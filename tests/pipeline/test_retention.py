@@ -246,3 +246,79 @@ def test_a_file_that_cannot_be_removed_is_left_and_said_and_the_others_go(
     assert warning.getMessage() == (f"retention could not remove the file of instance {stuck_id} "
                                     "(PermissionError: Permission denied); it is tried again at the next run")
     assert stuck_path.parent.name not in caplog.text and stuck_path.name not in caplog.text
+
+
+def _purgeable(db: sessionmaker[Session], storage: Path, studies: int = 2) -> list[Path]:
+    """``studies`` studies due for retention, one image each; the directories of their files."""
+    with session_scope(db) as session:
+        pacs = RemoteAe(ae_title="PACS", role=AeRole.DESTINATION, host="127.0.0.1", port=104)
+        session.add(pacs)
+        session.flush()
+        for _ in range(studies):
+            study = add_study(session, storage, received_at=utcnow() - timedelta(days=40),
+                              state=StudyState.ANALYSED, instance_state=InstanceState.ANALYSED)
+            _with_delivery(session, study, pacs, DeliveryState.DELIVERED)
+        session.flush()
+        return sorted((storage / path).parent for path in session.scalars(select(Instance.file_path)))
+
+
+def _marked(db: sessionmaker[Session]) -> int:
+    with session_scope(db) as session:
+        return len(list(session.scalars(select(Instance.id).where(Instance.purged_at.is_not(None)))))
+
+
+def test_a_removal_is_made_durable_before_it_is_recorded(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files were unlinked and their rows marked purged without an fsync of their directories: after a
+    power cut a purged image could be back on disk, patient data retention no longer looks at (review)."""
+    from dicom_node import retention
+    from dicom_node.store import files
+
+    storage = tmp_path / "instances"
+    directories = _purgeable(db, storage)
+    steps: list[Path | str] = []  # each directory fsync'ed, and each row marked purged, in order
+    real_fsync, real_now = files._fsync_dir, retention.utcnow
+
+    def fsync(directory: Path) -> None:
+        steps.append(directory)
+        real_fsync(directory)
+
+    def now() -> datetime:
+        steps.append("marked")
+        return real_now()
+
+    monkeypatch.setattr(files, "_fsync_dir", fsync)
+    monkeypatch.setattr(retention, "utcnow", now)
+    report = Retention(db, storage, retention_days=30).purge(now=real_now())
+    assert report.purged == 2
+    assert steps[1::2] == ["marked", "marked"]  # each row after its file's directory (one file in each)
+    assert sorted(str(step) for step in steps[::2]) == [str(directory) for directory in directories]
+    assert _marked(db) == 2
+
+
+def test_a_removal_that_cannot_be_made_durable_is_not_recorded(
+    db: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory whose fsync fails (a failing disk) may bring its removed file back: its row is not
+    marked, and the next run finds the file gone (or removes it again)."""
+    import errno
+
+    from dicom_node.store import files
+
+    storage = tmp_path / "instances"
+    failing, _ = _purgeable(db, storage)
+
+    def fsync(directory: Path) -> None:
+        if directory == failing:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "_fsync_dir", fsync)
+    with caplog.at_level("WARNING"):
+        report = Retention(db, storage, retention_days=30).purge()
+    assert (report.purged, _marked(db)) == (1, 1)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "OSError: Input/output error" in warning and failing.name not in warning
+    monkeypatch.undo()
+    assert (Retention(db, storage, retention_days=30).purge().missing, _marked(db)) == (1, 2)
