@@ -249,10 +249,9 @@ class EventDrivenDUL(DULServiceProvider):
             _log_cut_short(exc, self.assoc)
             self.event_queue.put("Evt17")
             return
-        if len(body) != pdu_length:
-            LOGGER.error(
-                "received PDU shorter than announced (%d of %d bytes)", 6 + len(body), 6 + pdu_length
-            )
+        if len(body) != pdu_length:  # the peer closed the connection: killed, powered off, unplugged
+            _log_cut_short(EOFError(f"connection closed after {6 + len(body)} of {6 + pdu_length} bytes"),
+                           self.assoc)
             self.event_queue.put("Evt17")
             return
         try:
@@ -353,15 +352,21 @@ class EventDrivenDUL(DULServiceProvider):
 
 
 def _log_cut_short(exc: BaseException, assoc: Association) -> None:
-    """A PDU not received whole. A peer silent past the time-out (gone without closing) or too slow with
-    one (trickling an association request or a P-DATA-TF) is routine trouble of the network: a WARNING,
-    not an ERROR to alert on. It names the peer, whose calling AE title and address are configuration,
-    never patient data, so that the operator finds the modality or link at fault."""
+    """A PDU not received whole. A peer silent past the time-out (gone without closing), too slow with one
+    (trickling an association request or a P-DATA-TF) or gone in its middle (the connection closed or reset:
+    ``EOFError`` stands for a close) is routine trouble of the network: a WARNING, not an ERROR to alert
+    on. It names the peer, whose calling AE title and address are configuration, never patient data, so
+    that the operator finds the modality or link at fault."""
     setattr(assoc, _CUT_SHORT, True)
     title = assoc.requestor.ae_title.strip()
     peer = f"calling AE {title!r} at {assoc.requestor.address}" if title else str(assoc.requestor.address)
     if isinstance(exc, TimeoutError):
         LOGGER.warning("%s too slow in the middle of a PDU (%s); connection closed", peer, exc)
+    elif isinstance(exc, EOFError | ConnectionError | ssl.SSLEOFError):
+        # closed or reset by the peer mid-PDU (a sender killed or powered off, a link lost): as routine as
+        # the above; it was an ERROR, and one closed did not even say which peer it was (review)
+        LOGGER.warning("%s cut off in the middle of a PDU (%s); association ended", peer,
+                       exc if isinstance(exc, EOFError) else type(exc).__name__)
     else:
         LOGGER.error("connection from %s closed before the entire PDU was received: %s", peer,
                      describe_exception(exc))

@@ -939,6 +939,36 @@ def test_a_peer_that_stops_in_the_middle_of_a_pdu_loses_its_connection_and_its_s
         node.scp.stop()
 
 
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_peer_cut_off_in_the_middle_of_a_pdu_is_one_warning_naming_it_not_an_error(
+    listener: Listener, caplog: pytest.LogCaptureFixture, reset: bool
+) -> None:
+    """A sender killed or powered off in the middle of a C-STORE (its connection closed, or reset) is
+    routine trouble of the network, as a peer too slow with a PDU is (a WARNING): it was an ERROR,
+    "received PDU shorter than announced" or "... closed before the entire PDU was received", which
+    operators alert on, and the first did not say which peer it was (review)."""
+    with caplog.at_level(logging.INFO):
+        assoc, sock = _associated(listener.scp.port)
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 100_000) + bytes(500))  # half a P-DATA-TF
+        time.sleep(0.2)  # the listener is reading it
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        deadline = time.monotonic() + 10
+
+        def said() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dicom_node")]
+
+        while not said() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything said after it
+        assoc.abort()
+    [warning] = said()
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(f"calling AE {CALLER!r} at 127.0.0.1 cut off in the middle of a PDU")
+    _wait_for_a_free_slot(listener.scp.port)
+
+
 def test_a_peer_that_trickles_a_pdu_after_the_association_is_accepted_loses_its_slot(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
