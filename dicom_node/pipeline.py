@@ -1187,6 +1187,7 @@ class Pipeline:
                 title=NOT_ANALYSED_TITLE,
                 created_at=analysed_at,
                 revision=revision,
+                identifies_patient=False,  # the notice's page names no patient (build_not_analysed_pdf)
             )
             digests[row.id] = self.results.write(row.file_path, [dataset_bytes(encapsulated)]).sha256
         self._record_digests(digests)

@@ -45,6 +45,7 @@ def build_encapsulated_pdf(
     created_at: datetime | None = None,
     referenced: Sequence[pydicom.Dataset] = (),
     revision: Revision = FIRST,
+    identifies_patient: bool = True,
 ) -> pydicom.Dataset:
     """An Encapsulated PDF Storage instance in ``source``'s study, in a new series.
 
@@ -53,6 +54,9 @@ def build_encapsulated_pdf(
     Date/Time; pass the analysis time to make rebuilds byte-identical. A later ``revision`` is told apart
     as the SR's is (:func:`reporting.sr.build_sr`): Instance Number, Series Number, Series Description,
     and a Document Title that names the report it replaces.
+
+    ``identifies_patient`` says whether the pages name the patient (Burned In Annotation, PS3.3 C.24.2:
+    YES for the report; NO for a "not analysed" notice, whose page holds no patient identification).
     """
     if not pdf.startswith(b"%PDF-"):
         raise ValueError("not a PDF document")
@@ -87,7 +91,8 @@ def build_encapsulated_pdf(
     ds.ConversionType = "SYN"
     # Encapsulated Document module
     ds.AcquisitionDateTime = dicom_datetime(moment)
-    ds.BurnedInAnnotation = "YES"  # the pages carry patient identifiers
+    # whether the pages carry patient identifiers: de-identification (PS3.15 E.1) drops or redacts a YES
+    ds.BurnedInAnnotation = "YES" if identifies_patient else "NO"
     ds.DocumentTitle = title + replacement_note(revision, source)
     ds.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(codes.DIAGNOSTIC_IMAGING_REPORT)]
     ds.VerificationFlag = "UNVERIFIED"

@@ -514,6 +514,25 @@ def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_s
         assert (ds.PatientBirthDate, ds.TimezoneOffsetFromUTC) == ("19400305", "+0930"), kind
 
 
+def test_the_not_analysed_notice_says_its_page_names_no_patient(world: dict[str, Any], peer: StorePeer) -> None:
+    """The "not analysed" notice's page holds no patient identification (build_not_analysed_pdf), but its
+    Encapsulated PDF said Burned In Annotation YES, as the report does: a de-identifying export drops or
+    redacts such a document for nothing (DICOM engineer's review). The report, which names the patient,
+    still says YES."""
+    study_pk = receive(world, "RG3_UNCI.dcm")  # a leg: skipped
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    notice = pydicom.dcmread(world["config"].results_dir / result_rows(world, study_pk)[ResultKind.PDF][1])
+    text = " ".join(page.extract_text() for page in PdfReader(BytesIO(bytes(notice.EncapsulatedDocument))).pages)
+    assert "SENTINEL" not in text and "not analysed" in text
+    assert notice.BurnedInAnnotation == "NO"
+
+    analysed_pk = receive(world, "RG1_UNCI.dcm")
+    make_pipeline(world, send_skipped=True).process([analysed_pk])
+    report = pydicom.dcmread(world["config"].results_dir / result_rows(world, analysed_pk)[ResultKind.PDF][1])
+    assert "SENTINEL-ID" in PdfReader(BytesIO(bytes(report.EncapsulatedDocument))).pages[0].extract_text()
+    assert report.BurnedInAnnotation == "YES"
+
+
 def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
