@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
 from classifier.types import Prediction
 from reporting import codes
@@ -126,16 +126,26 @@ def build_heatmap_sc(
 
 
 _LOSSY = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+# Transfer syntaxes whose every encoding is lossy (the JPEG DCT processes), with their method (PS3.3
+# C.7.6.1.1.5.1). JPEG 2000, HTJ2K and JPEG-LS near-lossless may be lossless: their header has to say.
+_LOSSY_SYNTAXES: dict[str, str] = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 
 
 def _copy_lossy_compression(source: pydicom.Dataset, sc: pydicom.Dataset) -> None:
     """The overlay shows the source's pixels: once they were lossy compressed, the copy says so as well,
-    with the source's ratio and method (PS3.3 C.7.6.1.1.5: once 01, never reset)."""
-    if str(source.get("LossyImageCompression", "")).strip() != "01":
+    with the source's ratio and method (PS3.3 C.7.6.1.1.5: once 01, never reset). A source received in a
+    lossy transfer syntax is lossy compressed also when its header leaves that out, as senders that
+    compress on the way often do; its ratio is then unknown."""
+    if str(source.get("LossyImageCompression", "")).strip() == "01":
+        for keyword in _LOSSY:
+            if keyword in source:
+                sc[keyword] = copy.deepcopy(source[keyword])
         return
-    for keyword in _LOSSY:
-        if keyword in source:
-            sc[keyword] = copy.deepcopy(source[keyword])
+    file_meta = getattr(source, "file_meta", None)
+    method = _LOSSY_SYNTAXES.get(str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else "")
+    if method is not None:
+        sc.LossyImageCompression = "01"
+        sc.LossyImageCompressionMethod = method
 
 
 def _date(sc: pydicom.Dataset, moment: datetime, offset: str | None) -> None:

@@ -8,7 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import config
-from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    EncapsulatedPDFStorage,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    SecondaryCaptureImageStorage,
+)
 
 from reporting.encapsulated import build_encapsulated_pdf
 from reporting.heatmap import colourise, overlay
@@ -233,6 +239,28 @@ def test_the_heat_map_carries_the_studys_patient_and_study_attributes_as_the_pdf
     plain = build_heatmap_sc(analysed(lossless), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3501",
                              sop_instance_uid="1.2.826.0.1.3680043.8.498.3502")
     assert "LossyImageCompressionRatio" not in plain
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGExtended12Bit])
+def test_the_heat_map_of_an_image_received_lossy_compressed_says_so(syntax: str) -> None:
+    """A modality or PACS that sends JPEG Baseline or Extended (lossy by their process) often leaves Lossy
+    Image Compression out of the header; the heat map showed those pixels, decompressed, and said nothing
+    either, so a viewer took it for a copy of lossless pixels (PS3.3 C.7.6.1.1.5: once lossy, always 01).
+    The transfer syntax the image came in tells it; a lossless one leaves the attributes out."""
+    source = radiograph()
+    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        delattr(source, keyword)
+    source.file_meta.TransferSyntaxUID = syntax
+    sc = reread(build_heatmap_sc(analysed(source), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3601",
+                                 sop_instance_uid="1.2.826.0.1.3680043.8.498.3602"))
+    assert sc.LossyImageCompression == "01"
+    assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    assert "LossyImageCompressionRatio" not in sc  # not known
+
+    source.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    plain = build_heatmap_sc(analysed(source), NODE, series_instance_uid="1.2.826.0.1.3680043.8.498.3701",
+                             sop_instance_uid="1.2.826.0.1.3680043.8.498.3702")
+    assert "LossyImageCompression" not in plain
 
 
 def test_no_secondary_capture_without_heatmap() -> None:
