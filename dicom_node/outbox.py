@@ -205,15 +205,14 @@ class Outbox:
     # Lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Become this process's outbox, schedule the sweep and resume everything that is due."""
+        """Become this process's outbox, schedule the sweep and resume everything that is due.
+
+        A delivery under lease is left to its lease: the process sending it may be alive (`cxr-node resend`
+        is another process), and made due here it went a second time. One leased by a process that died
+        is due a lease later (:data:`LEASE_SECONDS`, no longer renewed), when the sweep sends it."""
         global _active
         _active = self
         self._stopping.clear()
-        with session_scope(self.session_factory) as session:
-            # PENDING deliveries were never answered: due now, even if a dead process leased them.
-            session.execute(
-                update(Delivery).where(Delivery.state == DeliveryState.PENDING).values(next_attempt_at=utcnow())
-            )
         if self.scheduler is not None:
             self.scheduler.add_job(
                 run_sweep,

@@ -746,6 +746,30 @@ def test_a_batch_slower_than_its_lease_is_not_taken_and_sent_again_by_another_pr
         assert [d.attempts for d in session.scalars(select(Delivery).order_by(Delivery.id))] == [1, 1, 1]
 
 
+def test_a_node_starting_while_cxr_node_resend_sends_does_not_send_the_same_objects(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """`cxr-node resend` (another process) leases the deliveries it sends. A node (re)started meanwhile
+    made every PENDING delivery due at once, the ones leased by the running command too, and sent them a
+    second time: each object twice, two attempts recorded."""
+    slow = StorePeer(delay=1.0).start()
+    results = tmp_path / "results"
+    node = _outbox(db, results)
+    try:
+        destination_pk, ids = _deliveries(db, results, slow.port, 3)
+        resend = threading.Thread(target=_outbox(db, results).deliver_due, args=(destination_pk,))
+        resend.start()
+        assert wait_until(lambda: slow.received, 30), "the batch never reached the PACS"
+        node.start()  # without a scheduler it delivers what is due itself
+        resend.join(timeout=30)
+    finally:
+        node.stop()
+        slow.stop()
+    assert sorted(slow.received) == sorted(set(slow.received)) and len(slow.received) == 3
+    with session_scope(db) as session:
+        assert [d.attempts for d in session.scalars(select(Delivery).order_by(Delivery.id))] == [1, 1, 1]
+
+
 def test_the_sweep_for_work_does_not_wait_behind_a_writer(db: sessionmaker[Session], tmp_path: Path) -> None:
     """The outbox looks for due work every 30 s. The look only reads, but it took SQLite's write lock: it
     queued behind every image being stored, and while another program held the file (a backup, the sqlite3
