@@ -194,18 +194,20 @@ def _reached_as(ae: RemoteAe) -> tuple[object, ...]:
 def _retry_now(session: Session, ae: RemoteAe) -> None:
     """Make the destination's retrying deliveries due now: the admin has just mended its address (or
     enabled it), and they waited out their back-off (up to ``outbox.backoff_max_seconds``) while a resend
-    was refused as "already being tried". DEAD ones stay so: they are resent by the operator."""
+    was refused as "already being tried". So are the pending ones the outbox held back behind a batch that
+    failed (dicom_node.outbox). DEAD ones stay so: they are resent by the operator."""
     now = utcnow()
     result = session.execute(
         sql_update(Delivery)
-        .where(Delivery.destination_pk == ae.id, Delivery.state == DeliveryState.RETRYING,
+        .where(Delivery.destination_pk == ae.id,
+               Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
                Delivery.next_attempt_at > now)
         .values(next_attempt_at=now)
         .execution_options(synchronize_session=False)
     )
     count = int(getattr(result, "rowcount", 0) or 0)
     if count:
-        LOGGER.info("destination %d changed: %d retrying deliveries are due now", ae.id, count)
+        LOGGER.info("destination %d changed: %d waiting deliveries are due now", ae.id, count)
 
 
 def _refuse_if_delivered_to(session: Session, ae: RemoteAe, doing: str) -> None:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node import audit, commitment, storage
@@ -78,6 +78,8 @@ REMAKING = "the study's results are being made again (a new revision replaces it
 #: The end of a DEAD delivery's last error when the peer refused the object itself
 #: (:func:`statuses.refuses_the_object`) ``outbox.refused_attempts`` times in a row.
 REFUSED = "refused each time: it will be, until the peer's configuration changes; then resend it"
+#: How a delivery's reason goes on when the node cannot read what it wrote (the reason begins with the kind).
+UNREADABLE = "result file is not a readable DICOM file"
 LEASE_SECONDS = 120.0
 SWEEP_SECONDS = 30.0
 BATCH_LIMIT = 64
@@ -329,8 +331,13 @@ class Outbox:
                 destination, items = batch
                 with self._renewing(destination.id, [item.delivery_pk for item in items]):
                     outcomes = self._send(destination, items)
+                delivered, failed = len(report.delivered), len(report.failed)
                 self._record(destination, items, outcomes, report)
-                if report.failed and not report.delivered:
+                # This batch's counts, not the round's: once one batch had gone, a round went on trying
+                # every remaining batch after the peer went down.
+                if (len(report.delivered) == delivered and len(report.failed) > failed
+                        and any(_went_out(outcome) for outcome in outcomes.values())
+                        and self._hold_back(destination_pk, [item.delivery_pk for item in items])):
                     break  # the peer is down: wait for the back-off instead of hammering it
             if ask_commitment and not self._stopping.is_set():  # else asked at the next start
                 self.request_commitments(destination_pk)
@@ -338,6 +345,29 @@ class Outbox:
             lock.release()
         self._schedule_next(destination_pk)
         return report
+
+    def _hold_back(self, destination_pk: int, batch: list[int]) -> bool:
+        """After a batch of which nothing went: the destination's other due deliveries wait for the
+        earliest retry of the batch (no attempt counted). Left due, they made the wake-up armed after the
+        round (:meth:`_schedule_next`) fire at once, and the next batch went to the peer that is down.
+        False when none of the batch is retrying (each DEAD: the peer refused those objects as such)."""
+        now = utcnow()
+        with session_scope(self.session_factory) as session:
+            retry_at = session.scalar(
+                select(func.min(Delivery.next_attempt_at))
+                .where(Delivery.id.in_(batch), Delivery.state == DeliveryState.RETRYING)
+            )
+            if retry_at is None:
+                return False
+            session.execute(
+                update(Delivery)
+                .where(Delivery.destination_pk == destination_pk,
+                       Delivery.state.in_((DeliveryState.PENDING, DeliveryState.RETRYING)),
+                       Delivery.next_attempt_at <= now)
+                .values(next_attempt_at=retry_at)
+                .execution_options(synchronize_session=False)
+            )
+        return True
 
     def _lease(self, destination_pk: int) -> tuple[RemoteAe, list[_Item]] | None:
         now = utcnow()
@@ -428,8 +458,7 @@ class Outbox:
             try:
                 dataset = dcmread(io.BytesIO(data))
             except Exception as exc:  # what the node wrote is unreadable: a defect of the node itself
-                outcomes[item.delivery_pk] = (None, f"the {item.kind} result file is not a readable DICOM "
-                                                    f"file ({type(exc).__name__})")
+                outcomes[item.delivery_pk] = (None, f"the {item.kind} {UNREADABLE} ({type(exc).__name__})")
                 continue
             present.append(item)
             datasets.append(dataset)
@@ -718,6 +747,12 @@ class Outbox:
         at once (:meth:`_schedule_next`), which sends them."""
         status, _resend = take_commitment_report(event, self.session_factory, self.settings)
         return status
+
+
+def _went_out(outcome: tuple[int | None, str]) -> bool:
+    """Whether a delivery of a batch was sent (or tried): not one whose result file could not be read."""
+    status, error = outcome
+    return status is not None or not (error.startswith(RESULT_FILE) or UNREADABLE in error)
 
 
 def retry_or_dead(delivery: Delivery, now: datetime, settings: OutboxSettings, *, final: bool = True,

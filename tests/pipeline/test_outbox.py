@@ -808,6 +808,31 @@ def test_deliveries_waiting_for_a_mistyped_destination_go_as_soon_as_the_admin_c
     assert len(pacs.received) == 2
 
 
+def test_deliveries_held_back_behind_a_failed_batch_go_as_soon_as_the_admin_corrects_the_destination(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A round stops at a batch of which nothing went, and the destination's other deliveries, never
+    tried, wait for that batch's back-off. Correcting the destination must make them due as well as the
+    retrying ones."""
+    from dicom_node import aes
+    from dicom_node.outbox import BATCH_LIMIT
+
+    results = tmp_path / "results"
+    pacs = StorePeer().start()
+    try:
+        destination_pk = _many_deliveries(db, results, peers.free_port(), BATCH_LIMIT + 2)
+        outbox = _outbox(db, results)
+        assert len(outbox.deliver_due(destination_pk).failed) == BATCH_LIMIT
+        with session_scope(db) as session:
+            spec = aes._spec_of(session.get_one(RemoteAe, destination_pk))
+            aes.update(session, destination_pk, aes.AeSpec(spec.ae_title, spec.role, spec.host, pacs.port),
+                       "admin")
+        report = outbox.deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    assert len(report.delivered) == BATCH_LIMIT + 2
+
+
 def test_a_stop_waits_for_the_batch_being_sent_not_for_every_due_delivery(
     db: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -854,8 +879,32 @@ def test_each_batchs_log_line_counts_that_batch_only(
             report = _outbox(db, results).deliver_due(destination_pk)
     finally:
         pacs.stop()
-    assert (len(report.delivered), len(report.failed)) == (BATCH_LIMIT, 2 * BATCH_LIMIT)  # the round's
+    assert (len(report.delivered), len(report.failed)) == (BATCH_LIMIT, BATCH_LIMIT)  # the round's
     lines = [r.getMessage().split(": ", 1)[1].split(" (")[0] for r in caplog.records
              if r.getMessage().startswith(f"destination {destination_pk} (PACS): ")]
-    assert lines == [f"{BATCH_LIMIT} delivered", f"0 delivered, {BATCH_LIMIT} failed",
-                     f"0 delivered, {BATCH_LIMIT} failed"], lines
+    assert lines == [f"{BATCH_LIMIT} delivered", f"0 delivered, {BATCH_LIMIT} failed"], lines
+
+
+def test_a_round_stops_at_the_first_batch_that_finds_the_pacs_gone(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The PACS went away after the round's first batch. The round went on trying every remaining batch,
+    one association each, as the check for "the peer is down" counted what the whole round had delivered;
+    and a round that did stop left the rest due, so the wake-up armed after it ran the next batch at
+    once. The rest now waits for the failed batch's back-off."""
+    from dicom_node.outbox import BATCH_LIMIT
+
+    results = tmp_path / "results"
+    pacs = StorePeer(abort_after=BATCH_LIMIT).start()  # takes one batch, then aborts every association
+    destination_pk = _many_deliveries(db, results, pacs.port, 4 * BATCH_LIMIT)
+    outbox = _outbox(db, results)
+    try:
+        report = outbox.deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    assert pacs.associations == 2
+    assert (len(report.delivered), len(report.failed)) == (BATCH_LIMIT, BATCH_LIMIT)
+    assert outbox._destinations_with_work(due_only=True) == []  # nothing due before the back-off
+    with session_scope(db) as session:
+        attempts = [d.attempts for d in session.scalars(select(Delivery).order_by(Delivery.id))]
+    assert attempts == [1] * (2 * BATCH_LIMIT) + [0] * (2 * BATCH_LIMIT)
