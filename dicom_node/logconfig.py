@@ -65,7 +65,9 @@ _SAID_BY_THE_NODE = {
         "Association Aborted",
         "ACSE timeout reached while waiting for response to association request",
     ),
-    "pynetdicom.association": ("No presentation context for ",),
+    "pynetdicom.association": ("No presentation context for ", "Failed to encode the supplied dataset"),
+    # an object the peer accepts only in a transfer syntax pydicom cannot convert it to (dicom_node.scu)
+    "pynetdicom.dsutils": ("pydicom.write_dataset() failed:",),
     # the acceptor side reads PDUs in dicom_node.reactor, which logs there: these are the node's requests
     # (a web port's HTTP answer is an "unknown PDU type"; a TLS port closes a plain connection)
     "pynetdicom.dul": (
@@ -88,6 +90,8 @@ def _said_by_the_node(record: logging.LogRecord) -> bool:
         return True
     if record.name == "pynetdicom.dul" and isinstance(record.msg, OSError):
         return True  # the traceback after "Connection closed before the entire PDU was received"
+    if record.name == "pynetdicom.dsutils" and isinstance(record.msg, Exception):
+        return True  # the traceback after "pydicom.write_dataset() failed:"
     return bool(said) and str(record.msg).startswith(said)
 
 

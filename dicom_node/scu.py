@@ -511,11 +511,31 @@ def _store_one(assoc: Association, ds: Dataset, message_id: int) -> StoreStatus:
     try:
         response: Any = assoc.send_c_store(ds, msg_id=message_id % 65536)
     except ValueError:  # the delivery's reason and its WARNING say it; no line of its own
-        sop_class = _syntax_name(str(ds.get("SOPClassUID", "?")))
-        LOGGER.info("peer accepted no presentation context for an object of SOP class %s", sop_class)
-        return StoreStatus(Status.SOP_CLASS_NOT_SUPPORTED,
-                           f"not sent: the peer accepted no presentation context for {sop_class}")
+        return _not_sendable(assoc, ds)
     if response is None or "Status" not in response:
         raise AssociationError("no C-STORE response (association aborted or timed out)")
     comment = error_comment(response)
     return StoreStatus(int(response.Status), f'Error Comment: "{comment}"' if comment else "")
+
+
+def _not_sendable(assoc: Association, ds: Dataset) -> StoreStatus:
+    """Why pynetdicom would not send ``ds`` (its ValueError): the peer accepted no presentation context for
+    its SOP class, or accepted it only in transfer syntaxes the object cannot be encoded in (pydicom failed
+    to convert it, or it is compressed and the node does not decode). Both said "the peer accepted no
+    presentation context", and for the second the operator looked for a refusal in the PACS's settings.
+    Either way another attempt gets the same: 0x0122 for each (a refusal of the object)."""
+    sop_class = str(ds.get("SOPClassUID", "?"))
+    name = _syntax_name(sop_class)
+    accepted = dict.fromkeys(_syntax_name(str(context.transfer_syntax[0]))
+                             for context in assoc.accepted_contexts
+                             if str(context.abstract_syntax) == sop_class and context.transfer_syntax)
+    if not accepted:
+        LOGGER.info("peer accepted no presentation context for an object of SOP class %s", name)
+        return StoreStatus(Status.SOP_CLASS_NOT_SUPPORTED,
+                           f"not sent: the peer accepted no presentation context for {name}")
+    syntaxes, own = " or ".join(accepted), _syntax_name(_transfer_syntax(ds))
+    LOGGER.info("an object of SOP class %s in %s cannot be encoded in %s, which the peer accepted", name, own,
+                syntaxes)
+    return StoreStatus(Status.SOP_CLASS_NOT_SUPPORTED,
+                       f"not sent: the peer accepted {name} only in {syntaxes}, and the object, in {own}, "
+                       "cannot be encoded in it")

@@ -183,16 +183,19 @@ def dcmqrscp(folder: Path, ae_title: str) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def storescp_accepting(folder: Path, ae_title: str, sop_class: str) -> Iterator[int]:
+def storescp_accepting(
+    folder: Path, ae_title: str, sop_class: str,
+    syntaxes: tuple[str, ...] = ("LocalEndianExplicit", "LittleEndianImplicit"),
+) -> Iterator[int]:
     """DCMTK storescp on a free loopback port that accepts one SOP class (a DCMTK keyword such as
-    ``CTImageStorage``), uncompressed, and refuses every other presentation context: the profile of a PACS
-    that does not store what it is sent. Yields the port."""
+    ``CTImageStorage``), uncompressed (in ``syntaxes``, DCMTK's names), and refuses every other presentation
+    context: the profile of a PACS that does not store what it is sent. Yields the port."""
     exe = executable("storescp")
     port = free_port()
     config = folder / "storescp-profile.cfg"
+    listed = "".join(f"TransferSyntax{number} = {name}\n" for number, name in enumerate(syntaxes, start=1))
     config.write_text(
-        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
-        "TransferSyntax2 = LittleEndianImplicit\n"
+        f"[[TransferSyntaxes]]\n[Uncompressed]\n{listed}"
         f"[[PresentationContexts]]\n[Only]\nPresentationContext1 = {sop_class}\\Uncompressed\n"
         "[[Profiles]]\n[Only]\nPresentationContexts = Only\n"
     )

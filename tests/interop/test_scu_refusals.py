@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import CTImageStorage
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node import scu
 from dicom_node.errors import AssociationError
@@ -65,6 +68,39 @@ def test_an_object_whose_context_was_refused_says_so(tmp_path: Path) -> None:
         "failure status 0x0122 (not sent: the peer accepted no presentation context for Computed Radiography "
         "Image Storage)"
     )
+
+
+def _implicit_with_a_value_of_the_wrong_length() -> Dataset:
+    """A Secondary Capture object as read from an Implicit VR file whose Rows (US) has 3 bytes: sent as it
+    is, its bytes go unread; converted to Explicit VR, pydicom must decode the value, and cannot."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=True, little_endian=True)
+    rows = struct.pack("<HHI", 0x0028, 0x0010, 3) + b"\x01\x02\x03"
+    return dcmread(io.BytesIO(buffer.getvalue() + rows))
+
+
+def test_an_object_that_cannot_be_encoded_as_the_peer_accepts_it_says_so(
+    tmp_path: Path, node_logging: io.StringIO
+) -> None:
+    """A PACS that takes the object's SOP class in Explicit VR only, and an Implicit VR object that pydicom
+    cannot convert: the reason was "the peer accepted no presentation context for …", which it had, and
+    the operator went looking at the PACS's configuration. pynetdicom's three ERROR lines (one a
+    traceback) for it are kept at INFO, as its others for what the node says itself."""
+    with peers.storescp_accepting(tmp_path, "PACS2", "SecondaryCaptureImageStorage",
+                                  ("LocalEndianExplicit",)) as port:
+        statuses = scu.send([_implicit_with_a_value_of_the_wrong_length()], "127.0.0.1", port, "PACS2",
+                            calling_aet="CXRNODE", timeout=10)
+    assert statuses == [0x0122]
+    assert scu.describe(statuses[0]) == (
+        "failure status 0x0122 (not sent: the peer accepted Secondary Capture Image Storage only in Explicit "
+        "VR Little Endian, and the object, in Implicit VR Little Endian, cannot be encoded in it)"
+    )
+    assert " ERROR " not in node_logging.getvalue(), node_logging.getvalue()
 
 
 def test_orthancs_web_port_is_named_as_such(tmp_path: Path, node_logging: io.StringIO) -> None:
