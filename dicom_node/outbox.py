@@ -537,6 +537,8 @@ class Outbox:
         outcomes: dict[int, tuple[int | None, str]],
         report: BatchReport,
     ) -> None:
+        from dicom_node import scu
+
         now = utcnow()
         latencies: list[tuple[str, float]] = []
         reasons: set[str] = set()  # why deliveries failed (peer, address, status: no patient data)
@@ -574,7 +576,7 @@ class Outbox:
                             refused = self._refused_in_a_row(session, delivery) + 1 >= \
                                 self.settings.refused_attempts
                         delivery.last_error = f"{note}; {REFUSED}" if refused else note
-                        reasons.add(note)
+                        reasons.add(scu.for_log(note))
                         self._after_failure(delivery, now, report, final=final, refused=refused)
                 session.add(
                     DeliveryAttempt(
@@ -734,7 +736,7 @@ class Outbox:
                 # a PACS that refuses the request as such (0x0122: it does not offer the service) would again
                 why, final = scu.describe(status), refuses_the_object(status)
             LOGGER.warning("destination %d (%s): storage commitment request for %d objects not taken (%s)",
-                           destination.id, destination.ae_title, len(request.objects), why)
+                           destination.id, destination.ae_title, len(request.objects), scu.for_log(why))
             with session_scope(self.session_factory) as session:
                 commitment.request_not_taken(session, request, utcnow(), why, final=final,
                                              max_requests=self.settings.commitment_requests)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -87,12 +88,24 @@ class StoreStatus(int):
 
 
 def error_comment(response: Dataset) -> str:
-    """The peer's Error Comment, fit to log: one line of printable characters, double quotes made single
-    (it is quoted), at most :data:`ERROR_COMMENT_LENGTH` characters. It is the PACS's text, which does not
-    normally quote patient data; the node puts it only in the delivery's reason and WARNING lines."""
+    """The peer's Error Comment, fit to show: one line of printable characters, double quotes made single
+    (it is quoted), at most :data:`ERROR_COMMENT_LENGTH` characters. It is the PACS's free text, which may
+    quote the patient ("Patient ID 4711 exists as DOE^JOHN"): the node keeps it in the delivery's reason
+    (database, console, the commands' output), and never logs it (:func:`for_log`)."""
     text = " ".join(str(response.get("ErrorComment") or "").split())
     text = "".join(char if char.isprintable() else "?" for char in text).replace('"', "'")
     return text if len(text) <= ERROR_COMMENT_LENGTH else text[:ERROR_COMMENT_LENGTH].rstrip() + "…"
+
+
+#: What a log line says in place of the peer's Error Comment.
+COMMENT_WITHHELD = "Error Comment withheld from the log: see the delivery's reason"
+_QUOTED_COMMENT = re.compile(r'Error Comment: "[^"]*"')  # error_comment() leaves no double quote in it
+
+
+def for_log(reason: str) -> str:
+    """A reason made by :func:`describe` fit for a log line: the peer's Error Comment is withheld. The rule
+    is no patient data in logs, and the PACS's text is not the node's to vouch for."""
+    return _QUOTED_COMMENT.sub(COMMENT_WITHHELD, reason)
 
 
 def describe(status: int) -> str:

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import scu
 from dicom_node.cli import main as cli_main
 from dicom_node.outbox import REFUSED, REMAKING, Outbox, backoff_seconds, requeue
 from dicom_node.pipeline import dataset_bytes
@@ -413,7 +414,8 @@ def test_a_refused_object_is_recorded_with_the_peers_error_comment_and_send_name
             assert (delivery.last_error, delivery.last_status) == (reason, 0xA700)
             assert [a.error for a in delivery.attempt_history] == [reason]
         [summary] = [r for r in caplog.records if r.name == "dicom_node.outbox"]
-        assert summary.levelname == "WARNING" and f"1 failed ({reason})" in summary.getMessage()
+        assert summary.levelname == "WARNING"
+        assert f"1 failed (failure status 0xA700 ({scu.COMMENT_WITHHELD}))" in summary.getMessage()
 
         config = tmp_path / "node.yaml"
         config.write_text(f"node:\n  data_dir: {tmp_path}\ndicom:\n  ae_title: CXRNODE\n")
@@ -473,6 +475,28 @@ def test_an_object_the_peer_refuses_as_such_is_dead_after_three_such_answers_in_
 def _result_paths(db: sessionmaker[Session]) -> list[str]:
     with session_scope(db) as session:
         return list(session.scalars(select(ResultObject.file_path)))
+
+
+def test_a_pacs_error_comment_quoting_the_patient_stays_out_of_the_log(
+    db: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Error Comment is the PACS's own text, and a PACS may quote the patient in it ("Patient ID 4711
+    exists as DOE^JOHN"). The delivery's WARNING line carried it verbatim into the log, which must hold no
+    patient data; the delivery's reason (database, console) keeps it for the operator."""
+    comment = "Patient ID 4711 exists as DOE^JOHN"
+    pacs = StorePeer(status=0xA700, comment=comment).start()
+    results = tmp_path / "results"
+    try:
+        destination_pk, _ = _deliveries(db, results, pacs.port, 1)
+        with caplog.at_level("DEBUG"):
+            _outbox(db, results).deliver_due(destination_pk)
+    finally:
+        pacs.stop()
+    with session_scope(db) as session:
+        assert session.scalars(select(Delivery.last_error)).one() == (
+            f'failure status 0xA700 (Error Comment: "{comment}")')
+    assert any("failure status 0xA700" in r.getMessage() for r in caplog.records)
+    assert not [r.getMessage() for r in caplog.records if "4711" in r.getMessage() or "DOE" in r.getMessage()]
 
 
 def test_an_error_comment_is_one_printable_line_of_at_most_64_characters() -> None:
@@ -691,7 +715,6 @@ def test_a_pacs_hanging_in_the_middle_of_an_answer_fails_the_batch_within_the_ti
     middle of a PDU (hung, or its link lost without a FIN) left the read waiting for ever. The DIMSE
     time-out's abort then waited for that read, the batch never ended, and the destination's outbox
     held its lock: nothing more went to that PACS until the node was restarted."""
-    from dicom_node import scu
     from dicom_node.errors import AssociationError
 
     results = tmp_path / "results"
