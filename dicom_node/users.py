@@ -314,10 +314,23 @@ def _session_factory(args: argparse.Namespace) -> sessionmaker[Session]:
 
 
 def _read_password(args: argparse.Namespace) -> str:
+    """The password from standard input (``--password-stdin``) or typed twice at the terminal. Standard
+    input that ends first (a script's ``< /dev/null``, no terminal) is one line saying how to give it: it
+    was an uncaught EOFError, or "at least 10 characters" for a password never given (review)."""
     if args.password_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass("Password: ")
-    if getpass.getpass("Repeat password: ") != first:
+        line = sys.stdin.readline()
+        if not line:
+            raise InvalidUserError("no password given: standard input ended before a line was read "
+                                   "(--password-stdin reads the password's line from it)")
+        return line.rstrip("\r\n")
+    try:
+        first = getpass.getpass("Password: ")
+        repeat = getpass.getpass("Repeat password: ")
+    except EOFError:
+        raise InvalidUserError("no password given: standard input ended at the prompt; run the command in "
+                               "a terminal, or give the password on standard input with --password-stdin"
+                               ) from None
+    if repeat != first:
         raise InvalidUserError("the passwords do not match")
     return first
 

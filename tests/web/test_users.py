@@ -195,3 +195,25 @@ def test_authentication_does_not_reveal_which_part_was_wrong(
         assert messages == {"invalid username or password"}
         with pytest.raises(ConflictError):
             users.create_user(s, " u1 ", "another-password", UserRole.ADMIN, "test")
+
+
+def test_user_add_without_a_terminal_or_a_password_says_how_to_give_one(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cxr-node user add` run by a script, with no terminal and standard input closed (`< /dev/null`, an
+    installer without --password-stdin), died of an uncaught EOFError: a CRITICAL log record with a stack
+    trace instead of one line saying how to give the password. An empty --password-stdin was refused as
+    "at least 10 characters", as though a password had been typed."""
+
+    def closed_stdin(prompt: str = "Password: ") -> str:
+        raise EOFError  # what getpass raises without a terminal once standard input has ended
+
+    monkeypatch.setattr(users.getpass, "getpass", closed_stdin)
+    add = ["user", "add", "--username", "rad", "--role", "radiologist"]
+    assert _cli(config, add, "", monkeypatch) == 2
+    database, error = capsys.readouterr().err.splitlines()  # the database it uses, then the error
+    assert database.startswith("database: ")
+    assert error.startswith("error: no password given") and "--password-stdin" in error
+    assert _cli(config, [*add, "--password-stdin"], "", monkeypatch) == 2
+    database, error = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: no password given")
