@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -85,12 +85,15 @@ class Node:
             self._start(started)
         except BaseException:
             # a part that fails to start (the console's port in use) stops those before it: the listener
-            # went on accepting images for a node that was exiting, cut off mid-association (review)
+            # went on accepting images for a node that was exiting, cut off mid-association (review).
+            # The intake first: the pipeline's stop waits (up to 30 s) for a model still loading, and the
+            # listener accepted associations meanwhile (review): it stops first, this process's
+            # listener at once, side by side with the listener processes (one still starting takes seconds)
+            intake = [self.scp.stop, *([self.listeners.stop] if self.listeners is not None else [])]
+            _side_by_side([_failed_start_stop(stop) for stop in started if stop in intake])
             for stop in reversed(started):
-                try:
-                    stop()
-                except Exception:
-                    LOGGER.exception("stopping a part of a node that did not start failed")
+                if stop not in intake:
+                    _failed_start_stop(stop)()
             self.pipeline = None
             self._lock.release()
             raise
@@ -138,11 +141,7 @@ class Node:
             stops.append(self.listeners.stop)
         if self.pipeline is not None:
             stops.append(self.pipeline.stop)
-        threads = [threading.Thread(target=stop, name=f"stop-{index}") for index, stop in enumerate(stops)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _side_by_side(stops)
         self.pipeline = None
         self.settler.stop()
         self.scheduler.shutdown(wait=True)
@@ -187,6 +186,27 @@ class Node:
                                 "away: stopping this node")
                 lost.set()
                 stop.set()
+
+
+def _side_by_side(stops: Sequence[Callable[[], None]]) -> None:
+    """Run ``stops`` on threads of their own and wait for all: each waits for its own work."""
+    threads = [threading.Thread(target=stop, name=f"stop-{index}") for index, stop in enumerate(stops)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _failed_start_stop(stop: Callable[[], None]) -> Callable[[], None]:
+    """``stop`` for a part of a node that did not start: a failure is logged, the other parts still stop."""
+
+    def run() -> None:
+        try:
+            stop()
+        except Exception:
+            LOGGER.exception("stopping a part of a node that did not start failed")
+
+    return run
 
 
 def build_node(settings: Settings) -> Node:

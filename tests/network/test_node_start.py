@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,60 @@ def test_a_node_whose_console_cannot_start_stops_its_listeners_and_timers(tmp_pa
         assert again.dicom_port == dicom_port
     finally:
         again.stop()
+
+
+def test_a_failed_start_stops_the_dicom_listener_before_waiting_for_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parts of a failed start were stopped in reverse order, the pipeline before the listener: its
+    stop waits (up to 30 s) for the model still loading, and meanwhile the DICOM listener of a node that was
+    exiting accepted associations (10-20 s with the bundled model on a busy host, `make run` with the
+    console's port taken). The listener stops first now."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_model(_settings: object) -> object:
+        loading.set()
+        release.wait(60)
+        raise RuntimeError("no model in this test")
+
+    monkeypatch.setattr("dicom_node.pipeline.load_classifier", slow_model)
+    dicom_port = _free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        settings = load_settings(
+            node={"data_dir": str(tmp_path)},
+            dicom={"port": dicom_port, "bind_address": "127.0.0.1", "listener_processes": 1},
+            web={"port": busy.getsockname()[1]},
+            metrics={"port": 0},
+        )
+        node = build_node(settings)
+        failures: list[Exception] = []
+
+        def start() -> None:
+            try:
+                node.start()
+            except ConfigurationError as exc:
+                failures.append(exc)
+
+        starter = threading.Thread(target=start, name="test-start")
+        starter.start()
+        try:
+            assert loading.wait(30)
+            refused = False
+            deadline = time.monotonic() + 10
+            while not refused and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", dicom_port), timeout=1).close()
+                except ConnectionRefusedError:
+                    refused = True
+                else:
+                    time.sleep(0.1)
+            assert refused, "the DICOM listener still accepted while the node waited for its model"
+        finally:
+            release.set()
+            starter.join(60)
+    assert len(failures) == 1 and "web console cannot bind" in str(failures[0])
 
 
 def test_health_says_the_dicom_listener_is_down_once_it_stops_accepting(tmp_path: Path) -> None:
