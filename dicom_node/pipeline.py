@@ -420,6 +420,8 @@ class Pipeline:
             self._next_load_try = now + self._load_retry_seconds
             self._load_retry_seconds = min(2 * self._load_retry_seconds, MAX_LOAD_RETRY_SECONDS)
             return False
+        if self._stopping.is_set():  # stopped while the model loaded: the node exits without a warm-up
+            return False             # of seconds first (review)
         self._warm_up(classifier)
         self._warm.set()
         return True

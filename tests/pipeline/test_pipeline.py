@@ -2058,3 +2058,33 @@ def test_heat_maps_of_models_whose_names_meet_in_a_file_name_are_kept_apart() ->
             name = f"heatmaps/7-{pipeline_module._safe('cxr-compact+efficientnet-lite0-transfer')}-"
             assert _RESULT_NAME.fullmatch(f"{name}{pipeline_module._safe(version)}.npy")
     assert pipeline_module._safe("cxr-duo-1") == "cxr-duo-1"  # a plain name keeps its name
+
+
+def test_a_stop_while_the_model_loads_does_not_wait_for_a_warm_up(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (Ctrl-C of `make run`, systemctl stop) while the model loaded at start-up: the pipeline then
+    warmed the model up (a throw-away prediction, SR and PDF: 3-8 s on a busy host) before it looked at the
+    stop, and the node took that much longer to exit."""
+    loading, release = threading.Event(), threading.Event()
+
+    def loader() -> ImageClassifier:
+        loading.set()
+        release.wait(30)
+        loaded: ImageClassifier = world["classifier"]
+        return loaded
+
+    warmed: list[object] = []
+    monkeypatch.setattr(Pipeline, "_warm_up", lambda self, classifier: warmed.append(classifier))
+    pipeline = Pipeline(world["db"], world["config"], loader, outbox=world["outbox"])
+    pipeline.start()
+    assert loading.wait(30)
+    stopper = threading.Thread(target=pipeline.stop, name="test-stop")
+    stopper.start()
+    try:
+        assert pipeline._stopping.wait(10)
+    finally:
+        release.set()
+        stopper.join(30)
+    assert not stopper.is_alive()
+    assert warmed == []
