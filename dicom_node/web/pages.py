@@ -281,9 +281,9 @@ def upload_store(request: Request, con: ConsoleDep, db: DbDep, principal: CsrfUs
     except NotFoundError:
         raise
     except NodeError as exc:
-        return render(
-            request, "upload.html", principal, status=422, active="upload", held=held, error=str(exc)
-        )
+        # the status the API and "Classify" give it: a full disk or a database that is down is the node's
+        # (503, to be retried), the node's own result a conflict (409), not the request's fault (422)
+        return upload_refused(request, principal, held, exc, status=http_status(exc))
     notice = "duplicate" if outcome.duplicate else "stored"
     return RedirectResponse(f"/results/{outcome.study_pk}?notice={notice}", status_code=303)
 

@@ -6,6 +6,7 @@ import io
 import struct
 import subprocess
 import zlib
+from html import unescape as html_unescape
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.eligibility import MODEL_SCOPE, UNKNOWN_AGE
-from dicom_node.errors import NotFoundError
+from dicom_node.errors import (
+    ConflictError,
+    DatabaseUnavailableError,
+    NodeError,
+    NotFoundError,
+    StorageError,
+)
 from dicom_node.settings import Settings
 from dicom_node.store.db import session_scope
 from dicom_node.store.models import AuditEvent, Instance
@@ -736,3 +743,31 @@ def test_storing_a_picture_upload_is_refused_as_unstorable_not_as_gone(
     page = client.post(f"/upload/{token}/store", data={"csrf_token": csrf})
     assert page.status_code == 422 and "only DICOM uploads can be stored" in page.text
     assert client.get(f"/upload/{token}/image.png").status_code == 200  # still held
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        (StorageError("the node's storage is full"), 503),
+        (DatabaseUnavailableError("the database is unavailable"), 503),
+        (ConflictError("this file is one of the node's own results (result object 7); it is not stored again"),
+         409),
+    ],
+)
+def test_storing_an_upload_the_node_cannot_take_answers_the_status_the_api_and_classify_do(
+    rad_client: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch, failure: NodeError, status: int
+) -> None:
+    """The upload page's "Store in node" answered 422 (the request's fault) for every refusal: a full disk
+    or a database that is down (the node's, retried later: 503) and the node's own result (409) too."""
+    client, csrf = rad_client
+    token = _upload(client, csrf, "RG1.dcm", peers.pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+                    "application/dicom")
+
+    def refuse(upload: Upload, *, calling_ae: str) -> None:
+        raise failure
+
+    monkeypatch.setattr(client.app.state.console.services, "ingest", refuse)  # type: ignore[attr-defined]
+    page = client.post(f"/upload/{token}/store", data={"csrf_token": csrf})
+    api = client.post(f"/api/uploads/{token}/store", headers={"X-CSRF-Token": csrf})
+    assert (page.status_code, api.status_code) == (status, status)
+    assert str(failure) in html_unescape(page.text)  # the page says why
