@@ -1127,3 +1127,23 @@ def test_the_latest_finding_of_an_image_is_the_one_searched_on_each_database(
         assert [r.study_id for r in results.search(s, results.ResultQuery(finding="normal")).rows] == [
             kept.study]
         assert results.search(s, results.ResultQuery(finding="normal")).total == 1
+
+
+@pytest.mark.parametrize(
+    ("study_date", "study_time", "shown"),
+    [("20260110", "101500", "study 2026-01-10 10:15"), ("", "101500", "study —"), ("", "", "study —")],
+)
+def test_the_study_line_gives_its_date_and_time_or_a_dash(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session], study_date: str, study_time: str,
+    shown: str,
+) -> None:
+    """Without a Study Date the line read "study  10:15": a time of no day, after a double blank."""
+    client, _ = rad_client
+    ids = add_study(factory, StudySpec("NO^DATE", "P-ND", "A-ND", study_date=study_date))
+    with session_scope(factory) as session:
+        study = session.get(Study, ids.study)
+        assert study is not None
+        study.study_time = study_time
+    page = client.get(f"/results/{ids.study}").text
+    line = " ".join(page.split('<h1>', 1)[1].split("</p>", 1)[0].split())  # as a browser shows it
+    assert f"· {shown} ·" in line or line.endswith(f"· {shown}"), line
