@@ -123,7 +123,7 @@ def test_console_of_a_running_node(node: Any, browser: Any, storescp: tuple[str,
             return page.locator(".badge.state-analysed").count() > 0
 
         assert wait_until(analysed, timeout=120, interval=1.0), "the stored upload was not analysed"
-        assert page.inner_text("#finding-label").lower() == label.lower()
+        assert page.inner_text("[id^='finding-label-']").lower() == label.lower()
 
         def delivered() -> bool:
             page.goto(study_url)

@@ -499,11 +499,11 @@ def test_details_show_probabilities_model_and_delivery_history(
     html = client.get(f"/results/{corpus['pneumonia']}").text
     assert "SMITH, JOHN" in html and "P-200" in html and "A201" in html
     # the console names classes as the PDF and SR do
-    assert 'id="finding-label">Pneumonia<' in html
+    assert re.search(r'id="finding-label-\d+">Pneumonia<', html)
     for cls, pct in (("Pneumonia", "84.0 %"), ("Normal", "11.0 %"), ("COVID-19", "5.0 %")):
         assert f'<th scope="row" class="cls">{cls}</th>' in html and pct in html
     assert 'sugandi-cnn <span class="mono">1.2.0</span>' in html
-    assert '<td id="novelty">0.42 ' in html  # how close to the model's limit of familiar images
+    assert re.search(r'<td id="novelty-\d+">0.42 ', html)  # how close to the model's limit of familiar images
     assert "PACS_B" in html and "0xA700" in html and "peer refused: out of resources" in html
     assert html.count(">Resend</button>") == 4  # SR + PDF to two destinations, admin view
     detail = client.get(f"/api/results/{corpus['pneumonia']}").json()
@@ -1127,6 +1127,38 @@ def test_the_latest_finding_of_an_image_is_the_one_searched_on_each_database(
         assert [r.study_id for r in results.search(s, results.ResultQuery(finding="normal")).rows] == [
             kept.study]
         assert results.search(s, results.ResultQuery(finding="normal")).total == 1
+
+
+def test_a_study_of_several_images_names_each_image_and_repeats_no_element_id(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """Each image's finding repeated id="finding-label" and id="novelty" (an id names one element: a
+    label or aria reference to it found the first image's), and every image's section was named "Image"."""
+    from dicom_node.store.models import Instance, InstanceState
+
+    client, _ = rad_client
+    ids = add_study(factory, StudySpec("TWO^VIEWS", "P-TWO", "A-TWO", novelty=0.3))
+    with session_scope(factory) as session:
+        first = session.get(Instance, ids.instance)
+        assert first is not None
+        lateral = Instance(
+            sop_instance_uid=generate_uid(), sop_class_uid=first.sop_class_uid, series_pk=first.series_pk,
+            instance_number=2, transfer_syntax_uid=first.transfer_syntax_uid, view_position="LL",
+            file_path="missing/lateral.dcm", sha256="1" * 64, size_bytes=1000, state=InstanceState.ANALYSED,
+        )
+        session.add(lateral)
+        session.flush()
+        session.add(Finding(
+            instance_pk=lateral.id, model_name="sugandi-cnn", model_version="1.2.0", label="normal",
+            top_class="normal", confidence=0.9, probabilities={"covid": 0.02, "normal": 0.9, "pneumonia": 0.08},
+            novelty=0.5,
+        ))
+    page = client.get(f"/results/{ids.study}").text
+    element_ids = re.findall(r'\bid="([^"]+)"', page)
+    assert sorted(i for i in set(element_ids) if element_ids.count(i) > 1) == []
+    assert page.count("Pneumonia</span>") == 1 and ">0.30 " in page and ">0.50 " in page  # both findings
+    labels = re.findall(r'<section class="card viewer-card" aria-label="([^"]+)"', page)
+    assert labels == ["Image 1 of 2", "Image 2 of 2"]
 
 
 @pytest.mark.parametrize(
