@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sqlalchemy import ColumnElement, Select, and_, func, select, tuple_, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, joinedload, selectinload
 from sqlalchemy.orm.util import AliasedClass
@@ -104,6 +104,10 @@ def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
 
 class ResultQuery(BaseModel):
     """The search form. Dates are the study date (DICOM), inclusive."""
+
+    # A field of blanks is an empty one: "   " in the patient field counted as a search ("2 studies match
+    # the search", a Clear button, an audited filter) that matched every study.
+    model_config = ConfigDict(str_strip_whitespace=True)
 
     patient: str = Field(
         default="", max_length=128,

@@ -1179,3 +1179,22 @@ def test_the_study_line_gives_its_date_and_time_or_a_dash(
     page = client.get(f"/results/{ids.study}").text
     line = " ".join(page.split('<h1>', 1)[1].split("</p>", 1)[0].split())  # as a browser shows it
     assert f"· {shown} ·" in line or line.endswith(f"· {shown}"), line
+
+
+def test_search_fields_of_only_blanks_are_no_search(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """A patient field of spaces (a slip of the thumb) said "2 studies match the search" and offered to
+    clear a search the form showed as empty; the audit log kept it among the search's filters."""
+    client, _ = rad_client
+    for n in (1, 2):
+        add_study(factory, StudySpec(f"BLANK^{n}", f"P-BL{n}", f"A-BL{n}"))
+    page = client.get("/results", params={"patient": "   ", "accession": " ", "finding": "  "}).text
+    assert "2 studies, newest first." in page and "match the search" not in page
+    assert '<a class="btn" href="/results">Clear</a>' not in page
+    api = client.get("/api/results", params={"patient": "   "}).json()
+    assert api["total"] == 2 and api["query"]["patient"] == ""
+    with session_scope(factory) as s:
+        filters = [e.details["filters"] for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "results.search").order_by(AuditEvent.id))]
+    assert filters == [{}, {}]
