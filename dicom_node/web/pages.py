@@ -43,6 +43,7 @@ from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import results
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
+    AUTO_RELOAD,
     HEAD_ONLY,
     ROW_ID_MAX,
     Console,
@@ -80,10 +81,14 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(current_user)]
 
 
 @router.get("/")
-def dashboard_page(request: Request, db: DbDep, principal: UserDep) -> Response:
+def dashboard_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep) -> Response:
     latest = results.ResultQuery(per_page=10)
     recent = results.search(db, latest)
-    audit_search(db, principal, latest, recent)  # the ten latest studies, with their patients
+    # the ten latest studies, with their patients; the page's reload every minute only when it shows
+    # other studies than those the user was last recorded reading here within the hour
+    shown = f"dashboard:{','.join(str(row.study_id) for row in recent.rows)}"
+    if con.reads.first(audit.user_actor(principal.username), shown) or not auto_reload(request):
+        audit_search(db, principal, latest, recent)
     return render(
         request,
         "dashboard.html",
@@ -398,12 +403,20 @@ def audit_search(
     })  # fmt: skip
 
 
-def audit_study_view(db: Session, con: Console, principal: Principal, study_id: int) -> None:
+def auto_reload(request: Request) -> bool:
+    """The request is a page's own reload (:data:`AUTO_RELOAD`), not the user's doing."""
+    return request.query_params.get(AUTO_RELOAD) == "1"
+
+
+def audit_study_view(
+    db: Session, con: Console, principal: Principal, study_id: int, *, reloaded: bool = False
+) -> None:
     """Record that ``principal`` opened the study (page or API); the images its page then loads are part
-    of that read (:func:`audit_image_read`)."""
+    of that read (:func:`audit_image_read`), and so are the page's own reloads (``reloaded``) every 10 s
+    while the study is analysed, unless the user's last recorded read of it is over an hour old."""
     target = f"study:{study_id}"
-    audit_read(db, principal, "study.view", target)
-    con.reads.first(audit.user_actor(principal.username), target)
+    if con.reads.first(audit.user_actor(principal.username), target) or not reloaded:
+        audit_read(db, principal, "study.view", target)
 
 
 def audit_image_read(db: Session, con: Console, principal: Principal, study_id: int) -> None:
@@ -419,7 +432,7 @@ def audit_image_read(db: Session, con: Console, principal: Principal, study_id: 
 def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> Response:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
                                   storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
-    audit_study_view(db, con, principal, study_id)
+    audit_study_view(db, con, principal, study_id, reloaded=auto_reload(request))
     return render(request, "study.html", principal, active="results", study=detail)
 
 

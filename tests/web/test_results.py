@@ -1198,3 +1198,35 @@ def test_search_fields_of_only_blanks_are_no_search(
         filters = [e.details["filters"] for e in s.scalars(
             select(AuditEvent).where(AuditEvent.action == "results.search").order_by(AuditEvent.id))]
     assert filters == [{}, {}]
+
+
+def test_a_page_reloading_itself_is_audited_only_when_it_shows_something_new(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """The dashboard reloads itself every minute and a study being analysed every 10 s: each reload wrote
+    a read to the audit log (480 a shift for a dashboard left open), burying the reads users made."""
+    client, _ = rad_client
+    busy = add_study(factory, StudySpec("BUSY^B", "P-500", "A500", state=StudyState.PROCESSING, label=None))
+
+    def events(action: str) -> list[object]:
+        with session_scope(factory) as s:
+            return [e.details for e in s.scalars(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id))]
+
+    assert client.get(f"/results/{busy.study}").status_code == 200
+    for _ in range(3):
+        assert client.get(f"/results/{busy.study}?auto=1").status_code == 200
+    assert len(events("study.view")) == 1  # the reloads are part of the user's read
+    assert client.get("/").status_code == 200
+    for _ in range(3):
+        assert client.get("/?auto=1").status_code == 200
+    assert [d["studies"] for d in events("results.search")] == [[busy.study]]  # type: ignore[index]
+    arrived = add_study(factory, StudySpec("NEW^N", "P-501", "A501"))
+    assert client.get("/?auto=1").status_code == 200  # a new study shown: recorded
+    assert client.get("/?auto=1").status_code == 200
+    assert [d["studies"] for d in events("results.search")] == [  # type: ignore[index]
+        [busy.study], [arrived.study, busy.study]
+    ]
+    other = add_study(factory, StudySpec("OTHER^O", "P-502", "A502", state=StudyState.PROCESSING, label=None))
+    assert client.get(f"/results/{other.study}?auto=1").status_code == 200  # not opened before: recorded
+    assert len(events("study.view")) == 2
