@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 import pydicom
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
@@ -364,8 +365,17 @@ def results_page(request: Request, db: DbDep, principal: UserDep, query: ResultQ
         active="results",
         page=page,
         params=params,
+        back=urlencode(query.model_dump(mode="json", exclude_defaults=True)),
         states=[s.value for s in StudyState],
     )
+
+
+def results_back(back: str) -> str:
+    """The query of the results list a study was opened from (its rows' ``back``), for the study page's
+    "Back to results": that search and page, not the plain list, which made the user search and page
+    again for the next patient. Only the search's own parameters are kept, encoded again."""
+    fields = results.ResultQuery.model_fields
+    return urlencode([(name, value) for name, value in parse_qsl(back) if name in fields])
 
 
 def audit_read(
@@ -429,11 +439,18 @@ def audit_image_read(db: Session, con: Console, principal: Principal, study_id: 
 
 
 @router.get("/results/{study_id}")
-def study_page(request: Request, db: DbDep, con: ConsoleDep, principal: UserDep, study_id: RowId) -> Response:
+def study_page(
+    request: Request,
+    db: DbDep,
+    con: ConsoleDep,
+    principal: UserDep,
+    study_id: RowId,
+    back: Annotated[str, Query(max_length=1024, description="the results list's query")] = "",
+) -> Response:
     detail = results.study_detail(db, study_id, ages=AgePolicy.of(con.settings.pipeline),
                                   storage_dir=con.settings.storage_dir, results_dir=con.settings.results_dir)
     audit_study_view(db, con, principal, study_id, reloaded=auto_reload(request))
-    return render(request, "study.html", principal, active="results", study=detail)
+    return render(request, "study.html", principal, active="results", study=detail, back=results_back(back))
 
 
 def _instance(db: DbDep, study_id: int, instance_id: int) -> Instance:
@@ -563,11 +580,19 @@ def result_report_pdf(
 
 
 @router.post("/results/{study_id}/deliveries/{delivery_id}/resend")
-def resend(db: DbDep, principal: CsrfAdminDep, study_id: RowId, delivery_id: RowId) -> Response:
+def resend(
+    db: DbDep,
+    principal: CsrfAdminDep,
+    study_id: RowId,
+    delivery_id: RowId,
+    back: Annotated[str, Query(max_length=1024, description="the results list's query")] = "",
+) -> Response:
     delivery = db.get(Delivery, delivery_id)
     if delivery is None or delivery.result_object.study_pk != study_id:
         raise NotFoundError("no such delivery in this study")
     requeue(db, [delivery_id], audit.user_actor(principal.username))
     db.commit()
     wake([delivery.destination_pk])  # try now, not at the outbox's next sweep
-    return RedirectResponse(f"/results/{study_id}?notice=resent#deliveries", status_code=303)
+    back = results_back(back)  # the study page's "Back to results" still leads to the user's search
+    kept = f"&{urlencode({'back': back})}" if back else ""
+    return RedirectResponse(f"/results/{study_id}?notice=resent{kept}#deliveries", status_code=303)

@@ -73,7 +73,7 @@ def test_radiologist_logs_in_searches_reads_a_study_and_logs_out(page: Any, cons
     shoot(page, "04-results-search")
 
     rows.first.locator("a.rowlink").click()
-    page.wait_for_url(f"{console.url}/results/{console.study_ids['pneumonia']}")
+    page.wait_for_url(f"{console.url}/results/{console.study_ids['pneumonia']}?back=*")
     assert page.inner_text("[id^='finding-label-']").lower() == "pneumonia"
     assert "84.0 %" in page.inner_text(".verdict")
     assert page.locator("button:has-text('Resend')").count() == 0

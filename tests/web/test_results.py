@@ -369,7 +369,7 @@ def test_following_older_visits_every_study_once_though_studies_arrive_meanwhile
     for number in range(1, 6):
         html = client.get(url).text
         assert f"Page {number} of" in html
-        seen += [int(pk) for pk in re.findall(r'href="/results/(\d+)"', html)]
+        seen += [int(pk) for pk in re.findall(r'href="/results/(\d+)[?"]', html)]
         add_study(factory, StudySpec(f"LATE^{number}", f"LATE{number}", f"AL{number}", received_at=NOW))
         older = re.search(r'href="(/results\?[^"]*)">Older', html)
         if number == 5:
@@ -467,7 +467,7 @@ def test_a_page_past_the_first_keeps_its_newer_link_when_the_count_fits_one_page
     _set_state(factory, a, StudyState.READY)
     params = {"state": "failed", "per_page": "2", "page": "2", "before": str(b)}
     html = client.get("/results", params=params).text
-    assert f'href="/results/{c}"' in html
+    assert f'href="/results/{c}?' in html
     assert re.search(r'href="/results\?[^"]*page=1">‹ Newer', html), html
     assert 'role="link" aria-disabled="true">Older' in html
 
@@ -1230,3 +1230,47 @@ def test_a_page_reloading_itself_is_audited_only_when_it_shows_something_new(
     other = add_study(factory, StudySpec("OTHER^O", "P-502", "A502", state=StudyState.PROCESSING, label=None))
     assert client.get(f"/results/{other.study}?auto=1").status_code == 200  # not opened before: recorded
     assert len(events("study.view")) == 2
+
+
+def test_back_to_results_returns_to_the_search_and_page_the_study_was_opened_from(
+    rad_client: tuple[TestClient, str], factory: sessionmaker[Session]
+) -> None:
+    """"Back to results" on a study page led to the plain, first page of the list: the user's search and
+    the page they had reached were lost, and had to be typed and paged again for the next patient."""
+    client, _ = rad_client
+    order = _received(factory, 6, NOW)  # newest first
+    search = {"patient": "paged", "state": "analysed", "per_page": "2"}
+    listing = client.get("/results", params={**search, "page": "2", "before": str(order[1])}).text
+    rows = re.findall(r'<a class="rowlink" href="([^"]+)"', listing)
+    assert len(rows) == 2 and rows[0].startswith(f"/results/{order[2]}?"), rows
+    study = client.get(html_lib.unescape(rows[0]))
+    assert study.status_code == 200
+    back = re.search(r'<a class="btn" href="([^"]*)">Back to results</a>', study.text)
+    assert back, study.text
+    url = html_lib.unescape(back.group(1))
+    assert url.startswith("/results?")
+    assert dict(pair.split("=", 1) for pair in url.split("?", 1)[1].split("&")) == {
+        **search, "page": "2", "before": str(order[1])}
+    assert client.get(url).text.count('class="rowlink"') == 2
+    # its reloads keep it; a value that is no part of a search, or none, leads to the plain list
+    busy = add_study(factory, StudySpec("BUSY^B", "P-500", "A500", state=StudyState.PROCESSING, label=None))
+    page = client.get(f"/results/{busy.study}", params={"back": "patient=busy"}).text
+    assert f'data-reload-url="/results/{busy.study}?auto=1&amp;back=patient%3Dbusy"' in page
+    for given in ("//evil.example/x", "next=https://evil.example&page=2", ""):
+        page = client.get(f"/results/{busy.study}", params={"back": given}).text
+        expected = "/results?page=2" if "page" in given else "/results"
+        assert f'<a class="btn" href="{expected}">Back to results</a>' in page, given
+
+
+def test_a_resend_returns_to_the_study_page_with_its_way_back_to_the_search(
+    admin_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    client, csrf = admin_client
+    study = client.get(f"/results/{corpus['pneumonia']}", params={"back": "patient=smith&page=1"}).text
+    action = re.search(r'<form class="inline" method="post" action="([^"]+)"', study)
+    assert action and re.fullmatch(r"/results/\d+/deliveries/\d+/resend\?back=[^&]+", action.group(1))
+    response = client.post(html_lib.unescape(action.group(1)), data={"csrf_token": csrf})
+    assert response.status_code == 303
+    page = client.get(response.headers["location"]).text
+    assert "notice=resent" in response.headers["location"]
+    assert '<a class="btn" href="/results?patient=smith&amp;page=1">Back to results</a>' in page
