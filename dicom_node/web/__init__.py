@@ -132,8 +132,10 @@ class HeadAsGet:
             HEAD_ONLY.reset(marked)
 
 
+#: ``blob:`` images are made only by the console's own script (script-src 'self'): an image refused while the
+#: console was busy, which console.js asked for again and got, is shown from the bytes it got.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    "default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 

@@ -184,3 +184,52 @@ def test_admin_adds_a_destination_and_the_echo_test_succeeds(
     log_in(page, console.url, *ADMIN)
     add_destination_and_echo(page, console.url, title, port)
     shoot(page, "18-admin-echo")
+
+
+def test_a_study_image_refused_for_a_busy_console_or_an_ended_session_says_so(
+    page: Any, console: RunningConsole
+) -> None:
+    """An image answered 503 (the console busy with other images) or sent to the login page (the session
+    ended) said "file missing or not displayable": a fault of the node's files, which it was not."""
+    log_in(page, console.url, *RADIOLOGIST)
+    study = f"{console.url}/results/{console.study_ids['pneumonia']}"
+    busy = {"Retry-After": "10", "Content-Type": "text/html"}
+    page.route("**/instances/*/image.png", lambda route: route.fulfill(status=503, headers=busy, body="busy"))
+    page.goto(study)
+    note = page.locator(".viewer .placeholder")
+    note.wait_for()
+    assert "busy" in note.inner_text() and "missing" not in note.inner_text()
+
+    # busy once, then served: the image is shown after all
+    answered: list[int] = []
+
+    def once_busy(route: Any) -> None:
+        answered.append(503 if not answered else 200)
+        if answered[-1] == 503:
+            route.fulfill(status=503, headers=busy, body="busy")
+        else:
+            route.continue_()
+
+    page.unroute("**/instances/*/image.png")
+    page.route("**/instances/*/image.png", once_busy)
+    page.goto(study)
+    page.wait_for_function("() => document.querySelector('.viewer img:not(.overlay)')?.naturalWidth > 0")
+    assert page.locator(".viewer .placeholder").count() == 0
+
+    # a file that is really gone still says so
+    page.unroute("**/instances/*/image.png")
+    page.route("**/instances/*/image.png", lambda route: route.fulfill(status=404, body="gone"))
+    page.goto(study)
+    note.wait_for()
+    assert "file missing or not displayable" in note.inner_text()
+
+    # the session ends between the page and its image: the image request is sent to the login page
+    def session_ended(route: Any) -> None:
+        page.context.clear_cookies()
+        route.continue_()
+
+    page.unroute("**/instances/*/image.png")
+    page.route("**/instances/*/image.png", session_ended)
+    page.goto(study)
+    note.wait_for()
+    assert "session has ended" in note.inner_text() and "missing" not in note.inner_text()

@@ -1,13 +1,32 @@
 // The only script of the console. Every page works without it; it explains missing images and runs
 // the automatic reloads, which therefore never come without the switch that stops them.
 document.addEventListener("DOMContentLoaded", () => {
-  // Say why an image is missing instead of showing a broken icon.
+  // Say why an image is missing instead of showing a broken icon. An <img> is not told the answer's
+  // status, so the image is asked for once more: a console busy with other images (503) or a session
+  // that ended (sent to the login page) was said to be a file missing or not displayable.
+  const IMAGE_BUSY = "The console is busy with other images: reload the page in a moment to see this one.";
+  const IMAGE_SESSION_ENDED = "Your session has ended. Reload the page to log in again.";
+  const IMAGE_NO_ANSWER = "The node did not answer: reload the page in a moment to see this image.";
   for (const img of document.querySelectorAll("img[data-fallback]")) {
-    const explain = () => {
+    const say = (text) => {
       const note = document.createElement("div");
       note.className = "placeholder";
-      note.textContent = img.dataset.fallback;
+      note.textContent = text;
       img.replaceWith(note);
+    };
+    const explain = async () => {
+      if (img.src.startsWith("blob:")) return say(img.dataset.fallback);  // answered, and not an image
+      let response;
+      try {
+        response = await fetch(img.src, { credentials: "same-origin", redirect: "manual", cache: "no-store" });
+      } catch (error) {
+        return say(IMAGE_NO_ANSWER);
+      }
+      if (response.type === "opaqueredirect" || response.status === 401) return say(IMAGE_SESSION_ENDED);
+      if (response.status === 503) return say(IMAGE_BUSY);
+      if (!response.ok) return say(img.dataset.fallback);
+      img.addEventListener("error", explain, { once: true });
+      img.src = URL.createObjectURL(await response.blob());  // its turn came this time: shown after all
     };
     if (img.complete && img.naturalWidth === 0) explain();
     else img.addEventListener("error", explain, { once: true });
