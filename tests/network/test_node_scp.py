@@ -1038,6 +1038,16 @@ def test_a_silent_connection_does_not_hold_up_other_tls_associations(
     assert "connection from 127.0.0.1 ended before a TLS handshake" in caplog.text
 
 
+def _mutual_tls_listener(tmp_path: Path) -> tuple[Listener, Path, tuple[Path, Path]]:
+    """A listener on TLS that requires a client certificate: it, its certificate, and the one modality
+    certificate (and key) its CA bundle trusts."""
+    cert, key = _certificate(tmp_path)
+    client_cert, client_key = _certificate(tmp_path, "modality")
+    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
+                                        ca_certificates=client_cert, require_client_certificate=True))
+    return _listener(tmp_path, ssl_context=server), cert, (client_cert, client_key)
+
+
 def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1045,11 +1055,7 @@ def test_dcmtk_echoes_over_mutual_tls_while_a_connection_stays_silent(
     caller's certificate from another CA is logged with the verification's reason, not only OpenSSL's
     CERTIFICATE_VERIFY_FAILED, which an expired certificate gives too (review)."""
     echoscu = peers.executable("echoscu")
-    cert, key = _certificate(tmp_path)
-    client_cert, client_key = _certificate(tmp_path, "modality")
-    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
-                                        ca_certificates=client_cert, require_client_certificate=True))
-    node = _listener(tmp_path, ssl_context=server)
+    node, cert, (client_cert, client_key) = _mutual_tls_listener(tmp_path)
     command = [echoscu, "-to", "10", "-aet", CALLER, "-aec", "CXRNODE", "+tls", str(client_key),
                str(client_cert), "+cf", str(cert), "127.0.0.1", str(node.scp.port)]
     try:
@@ -1073,11 +1079,7 @@ def test_a_caller_without_a_certificate_or_with_an_older_tls_profile_is_refused_
     """A modality set to DICOM's older AES TLS profile (RSA key exchange), or without a certificate of its
     own, was logged as a bare NO_SHARED_CIPHER or PEER_DID_NOT_RETURN_A_CERTIFICATE (review)."""
     echoscu = peers.executable("echoscu")
-    cert, key = _certificate(tmp_path)
-    client_cert, client_key = _certificate(tmp_path, "modality")
-    server = server_context(TlsSettings(enabled=True, certificate=cert, private_key=key,
-                                        ca_certificates=client_cert, require_client_certificate=True))
-    node = _listener(tmp_path, ssl_context=server)
+    node, cert, (client_cert, client_key) = _mutual_tls_listener(tmp_path)
     command = [echoscu, "-to", "10", "-aet", CALLER, "-aec", "CXRNODE", "+cf", str(cert), "127.0.0.1",
                str(node.scp.port)]
     try:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicom_node.app import build_node
 from dicom_node.errors import ConfigurationError
-from dicom_node.settings import load_settings
+from dicom_node.settings import Settings, load_settings
 
 
 def _free_port() -> int:
@@ -21,19 +23,26 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _console_port_taken(tmp_path: Path, dicom_port: int, *, listener_processes: int) -> Iterator[Settings]:
+    """A node's settings whose console port another program holds (while the block runs)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        yield load_settings(
+            node={"data_dir": str(tmp_path)},
+            dicom={"port": dicom_port, "bind_address": "127.0.0.1", "listener_processes": listener_processes},
+            web={"port": busy.getsockname()[1]},
+            metrics={"port": 0},
+        )
+
+
 def test_a_node_whose_console_cannot_start_stops_its_listeners_and_timers(tmp_path: Path) -> None:
     """The console starts last. When its port was taken, the DICOM listener, the listener processes, the
     pipeline and the timers kept running in a node that was exiting: a PACS's association was accepted and
     then cut off. Now the failed start stops them, and a node can start on the same database at once."""
     dicom_port = _free_port()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        settings = load_settings(
-            node={"data_dir": str(tmp_path)},
-            dicom={"port": dicom_port, "bind_address": "127.0.0.1", "listener_processes": 2},
-            web={"port": busy.getsockname()[1]},
-        )
+    with _console_port_taken(tmp_path, dicom_port, listener_processes=2) as settings:
         before = set(threading.enumerate())
         node = build_node(settings)
         with pytest.raises(ConfigurationError, match="web console cannot bind"):
@@ -67,15 +76,7 @@ def test_a_failed_start_stops_the_dicom_listener_before_waiting_for_the_model(
 
     monkeypatch.setattr("dicom_node.pipeline.load_classifier", slow_model)
     dicom_port = _free_port()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        settings = load_settings(
-            node={"data_dir": str(tmp_path)},
-            dicom={"port": dicom_port, "bind_address": "127.0.0.1", "listener_processes": 1},
-            web={"port": busy.getsockname()[1]},
-            metrics={"port": 0},
-        )
+    with _console_port_taken(tmp_path, dicom_port, listener_processes=1) as settings:
         node = build_node(settings)
         failures: list[Exception] = []
 

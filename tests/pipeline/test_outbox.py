@@ -806,24 +806,28 @@ def test_the_sweep_for_work_does_not_wait_behind_a_writer(db: sessionmaker[Sessi
         assert time.monotonic() - started < 10
 
 
+def _move_to(db: sessionmaker[Session], destination_pk: int, port: int) -> None:
+    """The admin corrects the destination's port (aes.update, as the console and the API do)."""
+    from dicom_node import aes
+
+    with session_scope(db) as session:
+        spec = aes._spec_of(session.get_one(RemoteAe, destination_pk))
+        aes.update(session, destination_pk, aes.AeSpec(spec.ae_title, spec.role, spec.host, port), "admin")
+
+
 def test_deliveries_waiting_for_a_mistyped_destination_go_as_soon_as_the_admin_corrects_it(
     db: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """The admin typed the PACS's port wrong; its results back off (up to 15 minutes by default, 30 in the
     production example). Correcting the port in the console (or dicom.destinations, then a restart) left
     them waiting for that back-off, and a resend was refused: "it is already being tried"."""
-    from dicom_node import aes
-
     results = tmp_path / "results"
     pacs = StorePeer().start()
     try:
         destination_pk, ids = _deliveries(db, results, peers.free_port(), 2)  # nobody listens there
         outbox = _outbox(db, results)
         assert sorted(outbox.deliver_due(destination_pk).failed) == sorted(ids)
-        with session_scope(db) as session:
-            spec = aes._spec_of(session.get_one(RemoteAe, destination_pk))
-            aes.update(session, destination_pk, aes.AeSpec(spec.ae_title, spec.role, spec.host, pacs.port),
-                       "admin")
+        _move_to(db, destination_pk, pacs.port)
         report = outbox.deliver_due(destination_pk)
     finally:
         pacs.stop()
@@ -837,7 +841,6 @@ def test_deliveries_held_back_behind_a_failed_batch_go_as_soon_as_the_admin_corr
     """A round stops at a batch of which nothing went, and the destination's other deliveries, never
     tried, wait for that batch's back-off. Correcting the destination must make them due as well as the
     retrying ones."""
-    from dicom_node import aes
     from dicom_node.outbox import BATCH_LIMIT
 
     results = tmp_path / "results"
@@ -846,10 +849,7 @@ def test_deliveries_held_back_behind_a_failed_batch_go_as_soon_as_the_admin_corr
         destination_pk = _many_deliveries(db, results, peers.free_port(), BATCH_LIMIT + 2)
         outbox = _outbox(db, results)
         assert len(outbox.deliver_due(destination_pk).failed) == BATCH_LIMIT
-        with session_scope(db) as session:
-            spec = aes._spec_of(session.get_one(RemoteAe, destination_pk))
-            aes.update(session, destination_pk, aes.AeSpec(spec.ae_title, spec.role, spec.host, pacs.port),
-                       "admin")
+        _move_to(db, destination_pk, pacs.port)
         report = outbox.deliver_due(destination_pk)
     finally:
         pacs.stop()
