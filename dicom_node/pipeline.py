@@ -1164,9 +1164,12 @@ class Pipeline:
             if study.analysed_at is None:
                 study.analysed_at = utcnow()
             analysed_at = _aware(study.analysed_at)
-            instance = next(iter(self._instances(session, study_pk)), None)
-            if instance is None:
+            instances = self._instances(session, study_pk)
+            if not instances:
                 return
+            # the notice is about each of them (its page gives each one's reason): its sources
+            referenced = [header_from_rows(each) for each in instances]
+            instance = instances[0]
             path = self.config.storage_dir / instance.file_path
             source = header_from_rows(instance)
             if instance.purged_at is None:
@@ -1188,6 +1191,7 @@ class Pipeline:
                 series_number=PDF_SERIES_NUMBER,
                 title=NOT_ANALYSED_TITLE,
                 created_at=analysed_at,
+                referenced=referenced,
                 revision=revision,
                 identifies_patient=False,  # the notice's page names no patient (build_not_analysed_pdf)
             )

@@ -49,8 +49,9 @@ def build_encapsulated_pdf(
 ) -> pydicom.Dataset:
     """An Encapsulated PDF Storage instance in ``source``'s study, in a new series.
 
-    Patient and study modules are copied from ``source``. ``referenced`` lists the analysed instances
-    (Source Instance Sequence); ``source`` alone when empty. ``created_at`` (default: now) sets Content
+    Patient and study modules are copied from ``source``. ``referenced`` lists the instances the document
+    is about (Source Instance Sequence: those analysed, or for a notice each one not analysed); ``source``
+    alone when empty. ``created_at`` (default: now) sets Content
     Date/Time; pass the analysis time to make rebuilds byte-identical. A later ``revision`` is told apart
     as the SR's is (:func:`reporting.sr.build_sr`): Instance Number, Series Number, Series Description,
     and a Document Title that names the report it replaces.

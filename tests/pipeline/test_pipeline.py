@@ -1135,6 +1135,19 @@ def assert_skipped_without_results(world: dict[str, Any], peer: StorePeer, study
     assert peer.received == []
 
 
+def test_the_not_analysed_notice_names_every_image_it_is_about_as_its_source(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """The notice gives the reasons for each of the study's images, but its Source Instance Sequence named
+    the first only: a PACS or viewer following it found one of the two images the document is about."""
+    study_pk = receive(world, "RG3_UNCI.dcm", settle=False)
+    receive(world, "RG3_UNCI.dcm", study_uid=study_uid_of(world, study_pk))
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    notice = pydicom.dcmread(world["config"].results_dir / result_rows(world, study_pk)[ResultKind.PDF][1])
+    named = {item.ReferencedSOPInstanceUID for item in notice.SourceInstanceSequence}
+    assert named == instance_uids(world, study_pk) and len(named) == 2
+
+
 def test_non_chest_is_skipped_and_answered_only_when_configured(world: dict[str, Any], peer: StorePeer) -> None:
     assert_skipped_without_results(world, peer, receive(world, "RG3_UNCI.dcm"), "body part EXTREMITY is not CHEST")
 
