@@ -171,10 +171,15 @@ def waits_for_a_resource(exc: BaseException) -> bool:
 #: What the node does with each of its tables (the scheduler's too): all of it.
 _TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
+#: How :func:`missing_privileges` names a sequence (a table's row ids) the role may not use.
+SEQUENCE = "sequence "
+
 
 def missing_privileges(connection: Any) -> list[str]:
     """The node's tables its PostgreSQL role may not read and write (an operator's REVOKE, or tables
-    created by another role without GRANTs); empty on SQLite, where the file mode decides."""
+    created by another role without GRANTs), then, as ``sequence <name>``, the sequences of those tables'
+    row ids it may not use (without USAGE every INSERT fails); empty on SQLite, where the file mode
+    decides."""
     if connection.dialect.name != "postgresql":
         return []
     from dicom_node.store.models import Base
@@ -185,12 +190,32 @@ def missing_privileges(connection: Any) -> list[str]:
         f"SELECT t FROM unnest(%(names)s::text[]) AS t WHERE to_regclass(t) IS NOT NULL AND NOT ({checks})",
         {"names": names},
     )
-    return [str(row[0]) for row in rows]
+    tables = [str(row[0]) for row in rows]
+    sequences = connection.exec_driver_sql(
+        "SELECT DISTINCT s.relname FROM pg_depend d"
+        " JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
+        " WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass"
+        " AND d.refobjid IN (SELECT to_regclass(t) FROM unnest(%(names)s::text[]) AS t)"
+        # CASE: the planner may test the privilege before the join's relkind, and an index is no sequence
+        " AND CASE WHEN s.relkind = 'S' THEN NOT has_sequence_privilege(s.oid, 'USAGE') END"
+        " ORDER BY s.relname",
+        {"names": names},
+    )
+    return tables + [SEQUENCE + str(row[0]) for row in sequences]
 
 
-def privileges_advice(tables: list[str]) -> str:
-    return (f"the database role may not read and write table(s) {', '.join(tables)}: "
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO <the node's role>")
+def privileges_advice(missing: list[str]) -> str:
+    """One line naming what :func:`missing_privileges` found and the GRANTs that mend it."""
+    tables = [name for name in missing if not name.startswith(SEQUENCE)]
+    sequences = [name.removeprefix(SEQUENCE) for name in missing if name.startswith(SEQUENCE)]
+    wants, grants = [], []
+    if tables:
+        wants.append(f"read and write table(s) {', '.join(tables)}")
+        grants.append("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO <the node's role>")
+    if sequences:
+        wants.append(f"use sequence(s) {', '.join(sequences)}")
+        grants.append("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO <the node's role>")
+    return f"the database role may not {' nor '.join(wants)}: {'; '.join(grants)}"
 
 
 #: pg_try_advisory_lock key of a running node ("CXRNODE" in ASCII): one node per database.

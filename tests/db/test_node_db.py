@@ -977,6 +977,40 @@ def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_err
         engine.dispose()
 
 
+def test_a_role_granted_the_tables_but_not_their_sequences_is_refused_with_the_grant(
+    pg_server: PostgresServer,
+) -> None:
+    """The operator guide's least-privilege set-up (SELECT, INSERT, UPDATE, DELETE on every table) passed
+    the start-up check, and `serve` then died in an uncaught ProgrammingError "permission denied for
+    sequence remote_ae_id_seq" at its first INSERT: every row id comes from a sequence (review)."""
+    import psycopg
+
+    url = pg_server.create_database()
+    database = url.rsplit("/", 1)[1]
+    owner = db.make_engine(url)
+    db.upgrade(owner)
+    owner.dispose()
+    role = f"cxr_noseq_{next(_ROLES)}"
+    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-noseq-9'")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    engine = db.make_engine(f"postgresql+psycopg://{role}:pw-noseq-9@127.0.0.1:{pg_server.port}/{database}")
+    try:
+        with engine.connect() as connection:
+            missing = db.missing_privileges(connection)
+        assert "sequence remote_ae_id_seq" in missing and "sequence instance_id_seq" in missing
+        advice = db.privileges_advice(missing)
+        assert advice.startswith("the database role may not use sequence(s) ")
+        assert "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO <the node's role>" in advice
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")  # what it says to do
+        with engine.connect() as connection:
+            assert db.missing_privileges(connection) == []
+    finally:
+        engine.dispose()
+
+
 _ROLES = itertools.count(1)
 
 
