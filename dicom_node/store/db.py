@@ -627,6 +627,20 @@ def _unreachable(exc: OperationalError) -> DatabaseUnavailableError:
     return DatabaseUnavailableError(f"the database cannot be reached: {reason}")
 
 
+def _schema_owner(engine: Engine) -> str | None:
+    """The role that owns the node's schema (its alembic_version table) when it is not the one connected;
+    None when it is, when there is no schema yet, or when that cannot be read."""
+    try:
+        with engine.connect() as connection:
+            owner = connection.exec_driver_sql(
+                "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass('alembic_version')"
+                " AND relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)"
+            ).scalar()
+    except DBAPIError:
+        return None
+    return str(owner) if owner is not None else None
+
+
 def _not_permitted(engine: Engine, exc: DBAPIError) -> ConfigurationError:
     """A role that may log in but not create the node's tables: PostgreSQL 15 and later no longer let every
     role create in schema ``public``, so a role made with ``createuser`` alone meets this at the first
@@ -634,9 +648,19 @@ def _not_permitted(engine: Engine, exc: DBAPIError) -> ConfigurationError:
     reason = driver_reason(exc.orig) or "permission denied"
     role = engine.url.username or "the node's role"
     database = engine.url.database or "the node's database"
+    refused = f"the database refused a schema migration (SQLSTATE {INSUFFICIENT_PRIVILEGE} insufficient_privilege: "
+    owner = _schema_owner(engine)
+    if owner is not None:
+        # Another role made the node's tables: CREATE on the schema would not let this one alter them, nor
+        # read alembic_version; the owner migrates, this role reads and writes.
+        return ConfigurationError(
+            f"{refused}{reason}): the node's tables belong to role {owner}, not {role}: run `cxr-node db "
+            f"upgrade` as role {owner} (CXR_NODE__DATABASE__URL naming it), and as a superuser or {owner}, in "
+            f"database {database}: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "
+            f"{role}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        )
     return ConfigurationError(
-        f"the database refused a schema migration (SQLSTATE {INSUFFICIENT_PRIVILEGE} insufficient_privilege: "
-        f"{reason}): role {role} needs CREATE on the schema; as a superuser, in database {database}: "
+        f"{refused}{reason}): role {role} needs CREATE on the schema; as a superuser, in database {database}: "
         f"GRANT CREATE ON SCHEMA public TO {role}; or make it the database's owner: "
         f"ALTER DATABASE {database} OWNER TO {role}"
     )

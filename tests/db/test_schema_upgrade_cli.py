@@ -86,6 +86,40 @@ def test_a_role_without_create_on_the_schema_is_one_line_naming_the_grant(
     assert _upgrade(capsys)[:2] == (0, applied)
 
 
+@pytest.mark.parametrize("schema_at", ["0013_result_sha256", HEAD])
+def test_a_role_that_does_not_own_the_schema_is_told_to_upgrade_as_its_owner_and_the_grants(
+    pg_server: PostgresServer, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], schema_at: str
+) -> None:
+    """The node's tables made by another role (the operator guide's least-privilege set-up): `db upgrade`
+    and `serve` as the node's role said "role … needs CREATE on the schema; GRANT CREATE ON SCHEMA public",
+    also when the schema was up to date and the role only lacked SELECT on alembic_version; that GRANT
+    mends neither, as only the tables' owner may alter them (review)."""
+    url = pg_server.create_database()
+    database = url.rsplit("/", 1)[1]
+    owner = db.make_engine(url)
+    try:
+        db.upgrade(owner, schema_at)
+    finally:
+        owner.dispose()
+    role = f"cxr_notowner_{os.getpid()}_{len(schema_at)}"
+    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-n0towner'")
+    cli_env.setenv("CXR_NODE__DATABASE__URL",
+                   f"postgresql+psycopg://{role}:pw-n0towner@127.0.0.1:{pg_server.port}/{database}")
+
+    code, out, err = _upgrade(capsys)
+
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: the database refused a schema migration "), err
+    assert "GRANT CREATE ON SCHEMA" not in err
+    assert "the node's tables belong to role postgres" in err
+    assert "run `cxr-node db upgrade` as role postgres" in err
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}" in err
+    assert f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}" in err
+    assert "n0towner" not in err and "Traceback" not in err
+
+
 def _all_revisions() -> str:
     versions = sorted(path.stem for path in (db.MIGRATIONS_DIR / "versions").glob("0*.py"))
     return ", ".join(versions)
