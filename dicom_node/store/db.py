@@ -211,7 +211,8 @@ def privileges_advice(missing: list[str]) -> str:
     wants, grants = [], []
     if tables:
         wants.append(f"read and write table(s) {', '.join(tables)}")
-        grants.append("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO <the node's role>")
+        grants.append("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+                      "TO <the node's role>")
     if sequences:
         wants.append(f"use sequence(s) {', '.join(sequences)}")
         grants.append("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO <the node's role>")
@@ -648,19 +649,20 @@ def _not_permitted(engine: Engine, exc: DBAPIError) -> ConfigurationError:
     reason = driver_reason(exc.orig) or "permission denied"
     role = engine.url.username or "the node's role"
     database = engine.url.database or "the node's database"
-    refused = f"the database refused a schema migration (SQLSTATE {INSUFFICIENT_PRIVILEGE} insufficient_privilege: "
+    refused = (f"the database refused a schema migration (SQLSTATE {INSUFFICIENT_PRIVILEGE} "
+               "insufficient_privilege: ")
     owner = _schema_owner(engine)
     if owner is not None:
         # Another role made the node's tables: CREATE on the schema would not let this one alter them, nor
         # read alembic_version; the owner migrates, this role reads and writes.
         return ConfigurationError(
             f"{refused}{reason}): the node's tables belong to role {owner}, not {role}: run `cxr-node db "
-            f"upgrade` as role {owner} (CXR_NODE__DATABASE__URL naming it), and as a superuser or {owner}, in "
-            f"database {database}: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "
-            f"{role}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+            f"upgrade` as role {owner} (CXR_NODE__DATABASE__URL naming it), and as a superuser or {owner}, "
+            f"in database {database}: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
+            f"TO {role}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
         )
     return ConfigurationError(
-        f"{refused}{reason}): role {role} needs CREATE on the schema; as a superuser, in database {database}: "
-        f"GRANT CREATE ON SCHEMA public TO {role}; or make it the database's owner: "
+        f"{refused}{reason}): role {role} needs CREATE on the schema; as a superuser, in database "
+        f"{database}: GRANT CREATE ON SCHEMA public TO {role}; or make it the database's owner: "
         f"ALTER DATABASE {database} OWNER TO {role}"
     )
