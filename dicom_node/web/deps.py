@@ -80,9 +80,10 @@ def db_session(request: Request) -> Iterator[Session]:
 
 DbDep = Annotated[Session, Depends(db_session)]
 
-#: A row id in a URL: the database's integers are 64-bit, and a larger number in a path (a typed or
-#: crafted URL) must be refused as invalid input (422), not overflow the database driver (500).
-ROW_ID_MAX = 2**63 - 1
+#: A row id in a URL or a page's cursor: the ids are SQL INTEGER columns, 32-bit on PostgreSQL, and a larger
+#: number (a typed or crafted URL) must be refused as invalid input naming it (422) before the database
+#: refuses it (review: 2**63 - 1 let 2**31 through, which PostgreSQL refused as "out of range").
+ROW_ID_MAX = 2**31 - 1
 RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX)]
 
 
