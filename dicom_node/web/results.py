@@ -252,9 +252,9 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     if query.accession.strip():
         criteria.append(_identifier(Study.accession_number_folded, query.accession.strip()))
     if query.date_from:
-        criteria.append(Study.study_date >= query.date_from.strftime("%Y%m%d"))
+        criteria.append(Study.study_date >= _dicom_date(query.date_from))
     if query.date_to:
-        criteria.append(and_(Study.study_date != "", Study.study_date <= query.date_to.strftime("%Y%m%d")))
+        criteria.append(and_(Study.study_date != "", Study.study_date <= _dicom_date(query.date_to)))
     if query.finding.strip():
         # The studies with the label, found once from the finding's index: as a correlated EXISTS, SQLite
         # looked up each study's findings, 0.6 s a search at 100,000 studies (benchmarks/console_scale.py).
@@ -271,6 +271,12 @@ def _criteria(query: ResultQuery) -> list[ColumnElement[bool]]:
     if query.state is not None:
         criteria.append(Study.state == query.state)
     return criteria
+
+
+def _dicom_date(day: date) -> str:
+    """A DICOM DA value (YYYYMMDD), compared as text with the studies' dates: the year has its four digits
+    ("%Y" leaves a year before 1000 unpadded, "0999" was "999")."""
+    return day.isoformat().replace("-", "")
 
 
 def search(session: Session, query: ResultQuery) -> ResultPage:

@@ -492,6 +492,17 @@ def test_a_date_range_that_ends_before_it_starts_is_refused_not_an_empty_list(
     assert _ids(client, date_from="2026-01-10", date_to="2026-01-10") == [corpus["pneumonia"]]
 
 
+def test_a_date_before_the_year_1000_is_compared_as_a_dicom_date(
+    rad_client: tuple[TestClient, str], corpus: dict[str, int]
+) -> None:
+    """A year of fewer than four digits (a typing slip, 0202 for 2020) made a date of seven characters
+    or fewer ("%Y" does not pad it), compared as text with the studies' eight: "to 0999-12-31" listed
+    every study and "from 0999-01-01" none."""
+    client, _ = rad_client
+    assert _ids(client, date_to="0999-12-31") == []
+    assert len(_ids(client, date_from="0999-01-01")) == len(corpus)
+
+
 def test_details_show_probabilities_model_and_delivery_history(
     admin_client: tuple[TestClient, str], corpus: dict[str, int]
 ) -> None:
