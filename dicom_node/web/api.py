@@ -49,8 +49,30 @@ from dicom_node.web.pages import (
     upload_report_response,
 )
 
-public_router = APIRouter(prefix="/api", tags=["session"])
-router = APIRouter(prefix="/api", dependencies=[Depends(current_user)])
+
+class InvalidFieldOut(BaseModel):
+    type: str
+    loc: list[str | int] = Field(description="where: path, query or body, then the parameter or field")
+    msg: str
+
+
+class ErrorOut(BaseModel):
+    """Every refusal (4xx) and failure (5xx), the request's invalid input (422) included."""
+
+    detail: str | list[InvalidFieldOut] = Field(
+        description="what went wrong; for a request the router refuses as invalid, one entry per field")
+    field: str | None = Field(default=None, description="the field an invalid value entered was in")
+
+
+#: Documented for every route: the answers were described as only their success and a 422 whose
+#: "detail" is a list, while 401, 403, 404, 409, 429 and 503 have a text "detail", and so have the
+#: 422s of a value the node itself refuses (an AE title, a user name, an empty upload) (review).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorOut, "description": "refused or failed; the status says which"}
+}
+
+public_router = APIRouter(prefix="/api", tags=["session"], responses=_ERRORS)
+router = APIRouter(prefix="/api", dependencies=[Depends(current_user)], responses=_ERRORS)
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_user)])
 
 
