@@ -18,6 +18,7 @@ studies that are ready at the same time.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import logging
@@ -1080,6 +1081,7 @@ class Pipeline:
         after the rows are collected.
         """
         from classifier.preprocess import display_image
+        from reporting.study import patient_and_study
         from reporting.types import AnalysedImage
 
         instances = self._instances(session, study_pk)
@@ -1113,12 +1115,26 @@ class Pipeline:
         first = _first_reported(session, study_pk, info)
         rows.sort(key=lambda row: first.get(row[0], sys.maxsize))  # stable: otherwise by series, instance
         session.commit()  # release the database before reading pixel files
-        images: list[AnalysedImage] = []
-        for instance_pk, path, header, finding in rows:
+        datasets: list[pydicom.Dataset] = []
+        for instance_pk, path, header, _finding in rows:
             ds = cycle.datasets.get(instance_pk)
             if ds is None:
                 ds = header if path is None else _read_again(_read_dataset, path, instance_pk, header)
                 cycle.datasets[instance_pk] = ds
+            datasets.append(ds)
+        # The results copy their patient and study modules from the first image. Once retention removed its
+        # file, the database gives only the columns it keeps: the Other Patient IDs, the Issuer of Accession
+        # Number and the like went missing from a later revision, though an image of the study on disk
+        # holds them (review). Such an image lends them; numbering and references stay the removed one's.
+        on_disk = [ds for (_pk, path, _header, _finding), ds in zip(rows, datasets, strict=True)
+                   if path is not None]
+        if on_disk:
+            study_modules = patient_and_study(on_disk[0])
+            for (_pk, path, _header, _finding), ds in zip(rows, datasets, strict=True):
+                if path is None:
+                    _lend(ds, study_modules)
+        images: list[AnalysedImage] = []
+        for (instance_pk, _path, _header, finding), ds in zip(rows, datasets, strict=True):
             if instance_pk not in cycle.previews:
                 cycle.previews[instance_pk] = _preview(display_image, ds, instance_pk)
             images.append(
@@ -1506,6 +1522,14 @@ def header_from_rows(instance: Instance) -> pydicom.Dataset:
 
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _lend(header: pydicom.Dataset, modules: pydicom.Dataset) -> None:
+    """Put the patient and study ``modules`` of an image on disk into the ``header`` of a removed image of
+    the same study, rebuilt from its rows: a value the image on disk leaves empty keeps the row's."""
+    for element in modules:
+        if element.value not in (None, "") or element.tag not in header:
+            header[element.tag] = copy.deepcopy(element)
 
 
 def _without_pixels(ds: pydicom.Dataset) -> pydicom.Dataset:

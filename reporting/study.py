@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 
 from highdicom import PatientSexValues
+from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -100,6 +101,29 @@ def header(source: Dataset) -> Dataset:
             setattr(result, keyword, None)
     # values are already decoded text; whatever the source's encoding (e.g. ISO 2022 IR 87), ours is UTF-8
     result.SpecificCharacterSet = UTF8
+    return result
+
+
+_PATIENT_AND_STUDY_IES = ("Patient", "Study")
+
+
+def patient_and_study(source: Dataset) -> Dataset:
+    """The root attributes of ``source``'s Patient and Study modules (Patient, General Study, Patient
+    Study, Clinical Trial ...), those a result copies from its first source, as :func:`header` gives them:
+    decoded, to be written as UTF-8. Empty for a SOP Class highdicom does not know."""
+    iod = get_sop_class_iod_map().get(str(source.get("SOPClassUID", "")))
+    result = Dataset()
+    if iod is None:
+        return result
+    decoded = header(source)
+    attributes = get_module_attribute_map()
+    for module in get_iod_module_map()[iod]:
+        if module["ie"] not in _PATIENT_AND_STUDY_IES:
+            continue
+        for attribute in attributes[module["key"]]:
+            keyword = str(attribute["keyword"])
+            if not attribute["path"] and keyword in source and keyword in decoded:
+                result[keyword] = decoded[keyword]
     return result
 
 

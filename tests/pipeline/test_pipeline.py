@@ -514,6 +514,48 @@ def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_s
         assert (ds.PatientBirthDate, ds.TimezoneOffsetFromUTC) == ("19400305", "+0930"), kind
 
 
+def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_database_does_not_hold(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """Once retention removed the study's first image, revision 2 took its patient and study modules from
+    that image's rows: the Other Patient IDs, the Patient's Birth Time and the Issuer of Accession Number
+    that revision 1 carried were gone, though the late image's file on disk holds them (review). They
+    come from the image on disk now; "Image 1" and the references stay the removed image's."""
+    def rich(ds: pydicom.Dataset) -> None:
+        ds.AccessionNumber, ds.PatientID, ds.PatientBirthTime = "ACC-7", "PID-7", "093000"
+        issuer = pydicom.Dataset()
+        issuer.LocalNamespaceEntityID = "HOSP-A"
+        ds.IssuerOfAccessionNumberSequence = [issuer]
+        other = pydicom.Dataset()
+        other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
+        ds.OtherPatientIDsSequence = [other]
+
+    study_pk = receive(world, "RG1_UNCI.dcm", edit=rich)
+    make_pipeline(world).process([study_pk])
+    first = result_rows(world, study_pk)
+    with session_scope(world["db"]) as session:  # what dicom_node.retention does
+        removed = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / removed.file_path).unlink()
+        removed.purged_at = utcnow()
+        removed_uid = removed.sop_instance_uid
+    receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=rich)
+    make_pipeline(world).process([study_pk])
+    second = result_rows(world, study_pk)
+    results = world["config"].results_dir
+    keywords = ("OtherPatientIDsSequence", "PatientBirthTime", "IssuerOfAccessionNumberSequence",
+                "PatientName", "PatientID", "AccessionNumber", "StudyID", "StudyDate")
+    for kind in (ResultKind.SR, ResultKind.PDF):
+        old, new = (pydicom.dcmread(results / rows[kind][1]) for rows in (first, second))
+        assert [new.get(k) for k in keywords] == [old.get(k) for k in keywords], kind
+        assert new.OtherPatientIDsSequence[0].PatientID == "OTHER-1", kind
+    assert tracked(world, second[ResultKind.SR][1])[removed_uid][0] == "Image 1 classification"
+
+    from tests.interop.test_reporting_dicom_tools import assert_valid  # needs dciodvfy: last
+
+    assert_valid(results / second[ResultKind.SR][1], "Comprehensive3DSR")
+    assert_valid(results / second[ResultKind.PDF][1], "EncapsulatedPDF")
+
+
 def test_the_not_analysed_notice_says_its_page_names_no_patient(world: dict[str, Any], peer: StorePeer) -> None:
     """The "not analysed" notice's page holds no patient identification (build_not_analysed_pdf), but its
     Encapsulated PDF said Burned In Annotation YES, as the report does: a de-identifying export drops or
