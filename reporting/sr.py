@@ -220,8 +220,13 @@ def _requests_of(source: Dataset) -> list[Dataset]:
         item = Dataset()
         item.StudyInstanceUID = source.StudyInstanceUID
         item.AccessionNumber = str(own.get("AccessionNumber") or "")
-        if "IssuerOfAccessionNumberSequence" in own:
-            item.IssuerOfAccessionNumberSequence = copy.deepcopy(own.IssuerOfAccessionNumberSequence)
+        # the study's issuer also qualifies a request's own Accession Number when it is the study's: a
+        # modality copies the worklist's number into the request, seldom its issuer (review)
+        issuer = own.get("IssuerOfAccessionNumberSequence")
+        if issuer is None and item.AccessionNumber == accession:
+            issuer = source.get("IssuerOfAccessionNumberSequence")
+        if issuer is not None:
+            item.IssuerOfAccessionNumberSequence = copy.deepcopy(issuer)
         item.ReferencedStudySequence = []
         for keyword in ("PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest"):
             setattr(item, keyword, str(request.get(keyword) or ""))

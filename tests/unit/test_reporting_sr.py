@@ -354,6 +354,27 @@ def test_the_sr_names_the_order_its_images_answered() -> None:
     assert "ReferencedRequestSequence" not in round_trip(build([analysed(orderless)]))
 
 
+def test_an_order_under_the_study_s_accession_number_keeps_the_study_s_issuer() -> None:
+    """A modality copies the worklist's Accession Number into the Request Attributes item, seldom its
+    Issuer of Accession Number: the study-level issuer was then left out of the SR's Referenced Request
+    item, though it names the same accession, and a RIS that needs the issuer to match an accession
+    number across its namespaces could not file the result (review). An order under another accession
+    number does not take the study's issuer."""
+    source = radiograph()
+    source.AccessionNumber = "ACC-1"
+    issuer = pydicom.Dataset()
+    issuer.LocalNamespaceEntityID = "HOSP-A"
+    source.IssuerOfAccessionNumberSequence = [issuer]
+    same, other = pydicom.Dataset(), pydicom.Dataset()
+    same.AccessionNumber, same.RequestedProcedureID = "ACC-1", "RP-1"
+    other.AccessionNumber, other.RequestedProcedureID = "ACC-2", "RP-2"
+    source.RequestAttributesSequence = [same, other]
+    first, second = round_trip(build([analysed(source)])).ReferencedRequestSequence
+    assert first.AccessionNumber == "ACC-1"
+    assert [item.LocalNamespaceEntityID for item in first.IssuerOfAccessionNumberSequence] == ["HOSP-A"]
+    assert second.AccessionNumber == "ACC-2" and "IssuerOfAccessionNumberSequence" not in second
+
+
 def test_the_sr_names_every_order_its_images_answered_once() -> None:
     """Only the first image's orders were named: a study whose second image answered another order was
     filed under the first alone (review)."""
