@@ -198,7 +198,16 @@ def requested_procedures(sources: Sequence[Dataset]) -> list[Dataset]:
             if key not in seen:
                 seen.add(key)
                 items.append(item)
-    return items
+    # An image without Request Attributes names its order by the Accession Number alone (one whose file
+    # retention removed, rebuilt from the database, among them): beside an image detailing that order it
+    # is the same order, not a second one with no Requested Procedure ID (review).
+    detailed = {key[0] for key in seen if any(key[1:])}
+    return [item for item in items if any(_order_numbers(item)) or item.AccessionNumber not in detailed]
+
+
+def _order_numbers(item: Dataset) -> list[str]:
+    """What, besides the Accession Number, tells one order of a Referenced Request item from another."""
+    return [str(item.get(keyword) or "") for keyword in _REQUEST_KEY[1:]]
 
 
 _REQUEST_KEY = (

@@ -520,7 +520,8 @@ def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_d
     """Once retention removed the study's first image, revision 2 took its patient and study modules from
     that image's rows: the Other Patient IDs, the Patient's Birth Time and the Issuer of Accession Number
     that revision 1 carried were gone, though the late image's file on disk holds them (review). They
-    come from the image on disk now; "Image 1" and the references stay the removed image's."""
+    come from the image on disk now; "Image 1" and the references stay the removed image's. The removed
+    image, without its Request Attributes, no longer adds a second order under the same accession."""
     def rich(ds: pydicom.Dataset) -> None:
         ds.AccessionNumber, ds.PatientID, ds.PatientBirthTime = "ACC-7", "PID-7", "093000"
         issuer = pydicom.Dataset()
@@ -529,6 +530,9 @@ def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_d
         other = pydicom.Dataset()
         other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
         ds.OtherPatientIDsSequence = [other]
+        request = pydicom.Dataset()
+        request.AccessionNumber, request.RequestedProcedureID = "ACC-7", "RP-7"
+        ds.RequestAttributesSequence = [request]
 
     study_pk = receive(world, "RG1_UNCI.dcm", edit=rich)
     make_pipeline(world).process([study_pk])
@@ -543,7 +547,8 @@ def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_d
     second = result_rows(world, study_pk)
     results = world["config"].results_dir
     keywords = ("OtherPatientIDsSequence", "PatientBirthTime", "IssuerOfAccessionNumberSequence",
-                "PatientName", "PatientID", "AccessionNumber", "StudyID", "StudyDate")
+                "PatientName", "PatientID", "AccessionNumber", "StudyID", "StudyDate",
+                "ReferencedRequestSequence")
     for kind in (ResultKind.SR, ResultKind.PDF):
         old, new = (pydicom.dcmread(results / rows[kind][1]) for rows in (first, second))
         assert [new.get(k) for k in keywords] == [old.get(k) for k in keywords], kind

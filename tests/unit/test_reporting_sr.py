@@ -390,6 +390,26 @@ def test_the_sr_names_every_order_its_images_answered_once() -> None:
     assert [item.RequestedProcedureID for item in sr.ReferencedRequestSequence] == ["RP-1", "RP-2"]
 
 
+def test_an_image_naming_its_order_by_accession_alone_adds_no_second_item_for_that_order() -> None:
+    """An image without Request Attributes names its order by the study's Accession Number alone (an image
+    whose file retention removed, rebuilt from the database, is one). Beside an image that details the same
+    order it added a second Referenced Request item, the same accession with no Requested Procedure ID:
+    revision 2 of a study's SR named two orders where revision 1 named one (review)."""
+    bare, detailed = radiograph(), radiograph()
+    detailed.SOPInstanceUID = str(generate_uid())
+    request = pydicom.Dataset()
+    request.AccessionNumber, request.RequestedProcedureID = bare.AccessionNumber, "RP-1"
+    detailed.RequestAttributesSequence = [request]
+    sr = round_trip(build([analysed(bare), analysed(detailed)]))
+    assert [(i.AccessionNumber, i.RequestedProcedureID) for i in sr.ReferencedRequestSequence] == [
+        (bare.AccessionNumber, "RP-1")
+    ]
+    other = radiograph()  # an accession no other image details: still named
+    other.SOPInstanceUID, other.AccessionNumber = str(generate_uid()), "ACC-OTHER"
+    sr = round_trip(build([analysed(bare), analysed(detailed), analysed(other)]))
+    assert [i.AccessionNumber for i in sr.ReferencedRequestSequence] == [bare.AccessionNumber, "ACC-OTHER"]
+
+
 def test_an_images_tracking_uid_is_the_same_in_every_sr_that_reports_on_it() -> None:
     """Tracking UIDs follow the image, not the document: revision 2 of a study's SR (new SOP Instance
     UID) tracks the same image under the same UID. The old code derived it from the SR's own UID."""
