@@ -1185,7 +1185,10 @@ class Pipeline:
                 return
             # the notice is about each of them (its page gives each one's reason): its sources
             referenced = [header_from_rows(each) for each in instances]
-            instance = instances[0]
+            # its patient and study modules from an image on disk: the rows of one retention removed keep
+            # a few of them only (the Other Patient IDs, the Issuer of Accession Number went, review)
+            on_disk = [each for each in instances if each.purged_at is None]
+            instance = (on_disk or instances)[0]
             path = self.config.storage_dir / instance.file_path
             source = header_from_rows(instance)
             if instance.purged_at is None:

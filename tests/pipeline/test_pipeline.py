@@ -580,6 +580,37 @@ def test_the_not_analysed_notice_says_its_page_names_no_patient(world: dict[str,
     assert report.BurnedInAnnotation == "YES"
 
 
+def test_a_notice_revision_after_retention_keeps_the_patient_and_study_attributes_of_an_image_on_disk(
+    world: dict[str, Any], peer: StorePeer
+) -> None:
+    """As the report's: a second leg image after retention removed the first; the notice's revision took
+    its patient and study modules from the removed image's rows and lost the Other Patient IDs and the
+    Issuer of Accession Number, though the second image's file holds them (review)."""
+    def rich(ds: pydicom.Dataset) -> None:
+        issuer = pydicom.Dataset()
+        issuer.LocalNamespaceEntityID = "HOSP-A"
+        ds.IssuerOfAccessionNumberSequence = [issuer]
+        other = pydicom.Dataset()
+        other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
+        ds.OtherPatientIDsSequence = [other]
+
+    study_pk = receive(world, "RG3_UNCI.dcm", edit=rich)  # a leg: skipped
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    first = result_rows(world, study_pk)[ResultKind.PDF]
+    with session_scope(world["db"]) as session:  # what dicom_node.retention does
+        removed = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / removed.file_path).unlink()
+        removed.purged_at = utcnow()
+    receive(world, "RG3_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=rich)
+    make_pipeline(world, send_skipped=True).process([study_pk])
+    second = result_rows(world, study_pk)[ResultKind.PDF]
+    assert second != first
+    old, new = (pydicom.dcmread(world["config"].results_dir / path) for _, path in (first, second))
+    for keyword in ("OtherPatientIDsSequence", "IssuerOfAccessionNumberSequence", "PatientID"):
+        assert new.get(keyword) == old.get(keyword), keyword
+    assert new.OtherPatientIDsSequence[0].PatientID == "OTHER-1"
+
+
 def test_a_chest_image_after_a_skipped_one_replaces_the_not_analysed_notice(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
