@@ -205,10 +205,20 @@ def _f32(values: Any) -> FloatImage:
 #: (18 Mpx); a header or codestream that declares more (65,535 × 65,535 fits in a kilobyte of RLE) would
 #: have the decoder allocate gigabytes for one image.
 MAX_FRAME_PIXELS = 64_000_000
+#: The longest side of a frame: DICOM's Rows and Columns (US) and a JPEG's size hold no more. A PNG may
+#: declare up to 2³¹ − 1, and Pillow keeps a pointer of 8 bytes for each row: a PNG of 1 × 64,000,000
+#: pixels (124 KB, within the pixel limit) held 549 MB once read, and its preview took 1.1 GB (review).
+MAX_FRAME_SIDE = 65_535
 
 
 def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
-    """Refuse a ``what`` of more than :data:`MAX_FRAME_PIXELS`, before anything of it is decoded."""
+    """Refuse a ``what`` of more than :data:`MAX_FRAME_PIXELS`, or with a side longer than
+    :data:`MAX_FRAME_SIDE`, before anything of it is decoded."""
+    if max(columns, rows) > MAX_FRAME_SIDE:
+        raise UnsupportedImageError(
+            f"the {what} is {columns} × {rows} pixels: a side of more than {MAX_FRAME_SIDE} pixels, which "
+            "no radiograph has"
+        )
     if columns * rows > MAX_FRAME_PIXELS:
         raise UnsupportedImageError(
             f"the {what} is too large to decode ({columns} × {rows} pixels; at most "

@@ -657,6 +657,27 @@ def test_pictures_that_cannot_be_read_say_why() -> None:
             read_upload("chest.png", data)
 
 
+def test_a_picture_taller_or_wider_than_any_radiograph_is_refused_before_it_is_decoded() -> None:
+    """A PNG of 1 × 64,000,000 pixels is 124 KB and within the pixel limit, but Pillow keeps a pointer of
+    8 bytes for each of its rows: read, it held 549 MB where the upload budget counted 61 MB, its preview
+    took 1.1 GB and 8 s of a console image worker, and it could never be classified (review). No
+    radiograph has a side of more than 65,535 pixels (DICOM's Rows and Columns), nor can a JPEG."""
+    from dicom_node.errors import UndecodableDatasetError
+    from dicom_node.web.uploads import read_upload
+
+    def png(size: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", size, 100).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for size in ((1, 70_000), (70_000, 1)):
+        reason = rf"the picture is {size[0]} × {size[1]} pixels: a side of more than 65535 pixels"
+        with pytest.raises(UndecodableDatasetError, match=reason):
+            read_upload("strip.png", png(size))
+    upload = read_upload("wide.png", png((65_535, 1)))  # at the limit: read (and refused as too small later)
+    assert upload.image is not None and upload.image.size == (65_535, 1)
+
+
 def _png16_rgb(gray: np.ndarray) -> bytes:
     """A 16-bit RGB PNG (colour type 2), written by hand: Pillow writes no 16-bit colour PNG."""
     height, width = gray.shape
