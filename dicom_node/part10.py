@@ -94,12 +94,17 @@ def check_value_representations(ds: Dataset) -> None:
     """The attributes the node uses must have the VR the standard gives them. With an explicit VR a
     sender can encode Rows as DS or Study Date as US: Rows as DS was stored, answered success and then
     failed the study with a TypeError; a US Study Date was copied into the SR, which then failed
-    dciodvfy (review). Refused with 0xA900 instead, naming the attribute (no value)."""
+    dciodvfy (review). Refused with 0xA900 instead, naming the attribute (no value). One that pydicom
+    cannot read at all (an empty value of a VR that is no VR raised NotImplementedError, a 500 for a
+    console upload: review) is refused as undecodable."""
     for keyword in _VR_CHECKED:
         tag = tag_for_keyword(keyword)
         if tag is None or tag not in ds:
             continue
-        vr = ds.get_item(tag).VR
+        try:
+            vr = ds.get_item(tag).VR
+        except (NotImplementedError, ValueError, TypeError, struct.error, BytesLengthException) as exc:
+            raise UndecodableDatasetError(f"{keyword} cannot be read ({type(exc).__name__})") from exc
         expected = dictionary_VR(tag)
         if vr is not None and vr != expected and vr != "UN":
             raise InvalidDatasetError(f"{keyword} is encoded as {vr}; the standard gives it {expected}")

@@ -319,6 +319,26 @@ def test_a_dicom_upload_with_an_attribute_in_another_vr_is_refused_as_a_c_store_
     assert response.status_code == 422 and f"{keyword} is encoded as {vr}" in response.text
 
 
+def test_a_dicom_upload_with_an_element_of_unknown_vr_is_refused_with_a_message(
+    rad_client: tuple[TestClient, str],
+) -> None:
+    """A VR that is no VR (two damaged bytes, or a writer's own) in an attribute the node reads: pydicom
+    raises NotImplementedError when the attribute is read, which escaped the upload as a 500 (review)."""
+    client, csrf = rad_client
+    ds = pydicom.dcmread(peers.pydicom_data_file("RG1_UNCI.dcm"))
+    ds.AccessionNumber = ""  # pydicom reads a non-empty value of an unknown VR as it is
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    accession = data.index(b"\x08\x00\x50\x00SH")  # Accession Number, explicit VR little endian
+    damaged = data[:accession + 4] + b"S\xb7" + data[accession + 6:]
+    response = client.post(
+        "/upload", data={"csrf_token": csrf}, files={"file": ("damaged.dcm", damaged, "application/dicom")}
+    )
+    assert response.status_code == 422
+    assert "AccessionNumber cannot be read" in response.text
+
+
 def test_a_multi_frame_dicom_upload_is_not_classified(rad_client: tuple[TestClient, str]) -> None:
     """Only the first frame was classified, and neither the page nor the result said so: a reader
     would take the finding for every frame."""
