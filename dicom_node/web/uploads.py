@@ -66,6 +66,27 @@ def read_upload(filename: str, data: bytes, *, ages: AgePolicy = DEFAULT_AGE_POL
 
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
+#: The most chunks a PNG upload may have. Pillow reads them one by one in Python, about 5 µs each: 128 MB
+#: of empty chunks held an image worker near a minute (review). Writers' chunks are kilobytes each
+#: (libpng's IDAT 8 KB): a 128 MB picture has some tens of thousands.
+MAX_PNG_CHUNKS = 1 << 18
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG of more than :data:`MAX_PNG_CHUNKS` chunks, counted from their length fields before
+    Pillow reads any (the count stops at IEND, at the end of the data or past the limit)."""
+    index, chunks = 8, 0
+    while index + 8 <= len(data) and chunks <= MAX_PNG_CHUNKS:
+        chunks += 1
+        if data[index + 4:index + 8] == b"IEND":
+            return
+        index += 12 + int.from_bytes(data[index:index + 4], "big")
+    if chunks > MAX_PNG_CHUNKS:
+        raise UndecodableDatasetError(
+            f"a PNG of more than {MAX_PNG_CHUNKS} chunks, which take minutes to read; a picture's file has "
+            "some thousands at most"
+        )
+
 
 def _open_picture(data: bytes) -> Image.Image:
     """A PNG or JPEG, told by its first bytes before any decoder runs: Pillow opened whatever it knew and
@@ -74,6 +95,8 @@ def _open_picture(data: bytes) -> Image.Image:
     if kind is None:
         raise UndecodableDatasetError("not a DICOM, PNG or JPEG file: only these are accepted")
     too_large = f"the picture is too large to decode (more than {MAX_FRAME_PIXELS // 1_000_000} megapixels)"
+    if kind == "PNG":
+        _check_png_chunks(data)
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
         if image.format == "MPO":  # a camera's JPEG with a second, smaller picture (MPF): the first is it
