@@ -228,6 +228,10 @@ def check_frame_size(columns: int, rows: int, what: str = "image") -> None:
 
 # Scans of a JPEG stream: libjpeg's progressive script has 10, a lossless or JPEG-LS frame one per component
 MAX_JPEG_SCANS = 64
+#: Marker segments of a JPEG stream. A camera's or a PACS export's has some tens (an ICC profile or an
+#: extended XMP packet a few more); each is read in Python, by Pillow up to the first scan and by
+#: :func:`_jpeg_layout` throughout, about 1.6 µs each: 128 MB of empty comments held a worker near a minute.
+MAX_JPEG_SEGMENTS = 4096
 
 _EOI, _SOS = 0xD9, 0xDA
 
@@ -260,9 +264,15 @@ def _jpeg_markers(data: bytes) -> Iterator[tuple[int, int]]:
 
 def _jpeg_layout(data: bytes, limit: int) -> tuple[int, bool]:
     """The start-of-scan markers of a JPEG or JPEG-LS stream, counted to ``limit`` + 1 at most, and whether
-    its end-of-image marker was reached (0 and False for other data)."""
+    its end-of-image marker was reached (0 and False for other data). Refuses a stream of more than
+    :data:`MAX_JPEG_SEGMENTS` marker segments, before it walks them all."""
     scans = 0
-    for marker, _ in _jpeg_markers(data):
+    for segments, (marker, _) in enumerate(_jpeg_markers(data), start=1):
+        if segments > MAX_JPEG_SEGMENTS:
+            raise UnsupportedImageError(
+                f"a JPEG of more than {MAX_JPEG_SEGMENTS} marker segments, which take minutes to read; a "
+                "radiograph's has some tens"
+            )
         if marker == _EOI:
             return scans, True
         if marker == _SOS:

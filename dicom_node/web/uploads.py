@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, JpegImagePlugin
 
 from classifier.errors import UnsupportedImageError
-from classifier.preprocess import MAX_FRAME_PIXELS, check_frame_size, check_picture
+from classifier.preprocess import MAX_FRAME_PIXELS, check_frame_size, check_jpeg_stream, check_picture
 from dicom_node.eligibility import DEFAULT_AGE_POLICY, AgePolicy
 from dicom_node.errors import NodeError, NotFoundError, UndecodableDatasetError
 from dicom_node.part10 import check_value_representations, has_preamble, read_part10
@@ -98,6 +98,8 @@ def _open_picture(data: bytes) -> Image.Image:
     if kind == "PNG":
         _check_png_chunks(data)
     try:
+        if kind == "JPEG":
+            check_jpeg_stream(data)  # before Pillow walks its marker segments, which may be millions
         image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
         if image.format == "MPO":  # a camera's JPEG with a second, smaller picture (MPF): the first is it
             image = JpegImagePlugin.JpegImageFile(io.BytesIO(data))

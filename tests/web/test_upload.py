@@ -718,6 +718,33 @@ def test_a_png_of_a_flood_of_chunks_is_refused_before_pillow_walks_them() -> Non
     assert upload.image is not None and upload.image.size == (100, 100)
 
 
+def test_a_jpeg_of_a_flood_of_marker_segments_is_refused_before_pillow_walks_them() -> None:
+    """Pillow reads a JPEG's marker segments up to its first scan in Python, and the node's own scan count
+    walked them all again: a million empty comments (4 MB) held an image worker 1.6 s, an upload of
+    128 MB of them near a minute (review). A camera's or a PACS export's JPEG has some tens of segments;
+    a JPEG of thousands is refused before anything reads it, in an upload and in a DICOM frame alike."""
+    from classifier.errors import UnsupportedImageError
+    from classifier.preprocess import MAX_JPEG_SEGMENTS, check_jpeg_stream
+    from dicom_node.errors import UndecodableDatasetError
+    from dicom_node.web.uploads import read_upload
+
+    opened: list[object] = []
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(chest_like_png((100, 100)))).save(buffer, format="JPEG", progressive=True)
+    jpeg = buffer.getvalue()
+    comment = b"\xff\xfe\x00\x02"  # COM of no text
+    reason = f"a JPEG of more than {MAX_JPEG_SEGMENTS} marker segments"
+    for flood in (jpeg[:2] + comment * MAX_JPEG_SEGMENTS + jpeg[2:],  # before the frame: Pillow's walk
+                  jpeg[:-2] + comment * MAX_JPEG_SEGMENTS + jpeg[-2:]):  # between the scans and EOI
+        with pytest.raises(UndecodableDatasetError, match=reason):
+            opened.append(read_upload("flood.jpg", flood))
+        with pytest.raises(UnsupportedImageError, match=reason):
+            check_jpeg_stream(flood)
+    assert opened == []
+    upload = read_upload("comments.jpg", jpeg[:2] + comment * 100 + jpeg[2:])
+    assert upload.image is not None and upload.image.size == (100, 100)
+
+
 def _png16_rgb(gray: np.ndarray) -> bytes:
     """A 16-bit RGB PNG (colour type 2), written by hand: Pillow writes no 16-bit colour PNG."""
     height, width = gray.shape
