@@ -67,6 +67,9 @@ class FeatureUnavailableError(NodeError):
     """A console feature this node cannot offer now (no usable model)."""
 
 
+_GREY_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}  # bytes a pixel of these modes takes
+
+
 @dataclass(frozen=True)
 class Upload:
     """An image a user uploaded: a DICOM dataset or a PNG/JPEG picture (exactly one is set).
@@ -92,9 +95,10 @@ class Upload:
             pixels = self.dataset.get("PixelData")
             size += len(pixels) if isinstance(pixels, bytes | bytearray) else 0
         if self.image is not None:
-            # bytes per pixel as decoded: 16-bit and 32-bit modes (I;16, I, F) hold more than one per band
-            bits = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(self.image.mode, 8)
-            size += self.image.width * self.image.height * max(len(self.image.getbands()) * 8, bits) // 8
+            # bytes per pixel as Pillow holds them: four for any mode of more than one band (RGB and LA
+            # too, which counted three and two), two or four for 16- and 32-bit grey (I;16, I, F), else one
+            width = 4 if len(self.image.getbands()) > 1 else _GREY_BYTES.get(self.image.mode, 1)
+            size += self.image.width * self.image.height * width
         return size
 
     @property
