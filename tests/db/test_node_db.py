@@ -943,18 +943,7 @@ def test_a_role_that_may_not_write_a_table_is_unhealthy_and_its_refusals_are_err
 
     from dicom_node.metrics import NodeMetrics
 
-    url = pg_server.create_database()
-    database = url.rsplit("/", 1)[1]
-    owner = db.make_engine(url)
-    db.upgrade(owner)
-    owner.dispose()
-    role = f"cxr_dml_{next(_ROLES)}"
-    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-dml-9'")
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
-        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
-    engine = db.make_engine(f"postgresql+psycopg://{role}:pw-dml-9@127.0.0.1:{pg_server.port}/{database}")
+    engine, admin, role = _migrated_for_a_role(pg_server, "dml", sequences=True)
     try:
         factory = db.make_session_factory(engine)
         metrics = NodeMetrics(factory)
@@ -985,17 +974,7 @@ def test_a_role_granted_the_tables_but_not_their_sequences_is_refused_with_the_g
     sequence remote_ae_id_seq" at its first INSERT: every row id comes from a sequence (review)."""
     import psycopg
 
-    url = pg_server.create_database()
-    database = url.rsplit("/", 1)[1]
-    owner = db.make_engine(url)
-    db.upgrade(owner)
-    owner.dispose()
-    role = f"cxr_noseq_{next(_ROLES)}"
-    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-noseq-9'")
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
-    engine = db.make_engine(f"postgresql+psycopg://{role}:pw-noseq-9@127.0.0.1:{pg_server.port}/{database}")
+    engine, admin, role = _migrated_for_a_role(pg_server, "noseq", sequences=False)
     try:
         with engine.connect() as connection:
             missing = db.missing_privileges(connection)
@@ -1012,6 +991,27 @@ def test_a_role_granted_the_tables_but_not_their_sequences_is_refused_with_the_g
 
 
 _ROLES = itertools.count(1)
+
+
+def _migrated_for_a_role(pg_server: PostgresServer, name: str, *, sequences: bool) -> tuple[Engine, str, str]:
+    """A new database migrated by its owner, and an engine for a new login role granted its tables (and,
+    with ``sequences``, their sequences): that engine, a superuser's connection string, the role's name."""
+    import psycopg
+
+    url = pg_server.create_database()
+    database = url.rsplit("/", 1)[1]
+    owner = db.make_engine(url)
+    db.upgrade(owner)
+    owner.dispose()
+    role = f"cxr_{name}_{next(_ROLES)}"
+    admin = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={database}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{name}-9'")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        if sequences:
+            conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    engine = db.make_engine(f"postgresql+psycopg://{role}:pw-{name}-9@127.0.0.1:{pg_server.port}/{database}")
+    return engine, admin, role
 
 
 def test_an_sqlite_file_locked_by_another_program_is_out_of_resources(

@@ -514,6 +514,25 @@ def test_results_rebuilt_after_retention_removed_an_image_keep_the_patient_and_s
         assert (ds.PatientBirthDate, ds.TimezoneOffsetFromUTC) == ("19400305", "+0930"), kind
 
 
+def _other_ids_and_issuer(ds: pydicom.Dataset) -> None:
+    """Attributes the database does not keep: an Other Patient ID and an Issuer of Accession Number."""
+    issuer = pydicom.Dataset()
+    issuer.LocalNamespaceEntityID = "HOSP-A"
+    ds.IssuerOfAccessionNumberSequence = [issuer]
+    other = pydicom.Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
+    ds.OtherPatientIDsSequence = [other]
+
+
+def _retention_removes_the_only_image(world: dict[str, Any]) -> str:
+    """What dicom_node.retention does to the one image received so far; returns its SOP Instance UID."""
+    with session_scope(world["db"]) as session:
+        removed = session.scalars(select(Instance)).one()
+        (world["config"].storage_dir / removed.file_path).unlink()
+        removed.purged_at = utcnow()
+        return removed.sop_instance_uid
+
+
 def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_database_does_not_hold(
     world: dict[str, Any], peer: StorePeer
 ) -> None:
@@ -524,12 +543,7 @@ def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_d
     image, without its Request Attributes, no longer adds a second order under the same accession."""
     def rich(ds: pydicom.Dataset) -> None:
         ds.AccessionNumber, ds.PatientID, ds.PatientBirthTime = "ACC-7", "PID-7", "093000"
-        issuer = pydicom.Dataset()
-        issuer.LocalNamespaceEntityID = "HOSP-A"
-        ds.IssuerOfAccessionNumberSequence = [issuer]
-        other = pydicom.Dataset()
-        other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
-        ds.OtherPatientIDsSequence = [other]
+        _other_ids_and_issuer(ds)
         request = pydicom.Dataset()
         request.AccessionNumber, request.RequestedProcedureID = "ACC-7", "RP-7"
         ds.RequestAttributesSequence = [request]
@@ -537,11 +551,7 @@ def test_a_revision_after_retention_keeps_the_patient_and_study_attributes_the_d
     study_pk = receive(world, "RG1_UNCI.dcm", edit=rich)
     make_pipeline(world).process([study_pk])
     first = result_rows(world, study_pk)
-    with session_scope(world["db"]) as session:  # what dicom_node.retention does
-        removed = session.scalars(select(Instance)).one()
-        (world["config"].storage_dir / removed.file_path).unlink()
-        removed.purged_at = utcnow()
-        removed_uid = removed.sop_instance_uid
+    removed_uid = _retention_removes_the_only_image(world)
     receive(world, "RG1_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=rich)
     make_pipeline(world).process([study_pk])
     second = result_rows(world, study_pk)
@@ -586,22 +596,11 @@ def test_a_notice_revision_after_retention_keeps_the_patient_and_study_attribute
     """As the report's: a second leg image after retention removed the first; the notice's revision took
     its patient and study modules from the removed image's rows and lost the Other Patient IDs and the
     Issuer of Accession Number, though the second image's file holds them (review)."""
-    def rich(ds: pydicom.Dataset) -> None:
-        issuer = pydicom.Dataset()
-        issuer.LocalNamespaceEntityID = "HOSP-A"
-        ds.IssuerOfAccessionNumberSequence = [issuer]
-        other = pydicom.Dataset()
-        other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "OTHER-1", "HOSP-B", "TEXT"
-        ds.OtherPatientIDsSequence = [other]
-
-    study_pk = receive(world, "RG3_UNCI.dcm", edit=rich)  # a leg: skipped
+    study_pk = receive(world, "RG3_UNCI.dcm", edit=_other_ids_and_issuer)  # a leg: skipped
     make_pipeline(world, send_skipped=True).process([study_pk])
     first = result_rows(world, study_pk)[ResultKind.PDF]
-    with session_scope(world["db"]) as session:  # what dicom_node.retention does
-        removed = session.scalars(select(Instance)).one()
-        (world["config"].storage_dir / removed.file_path).unlink()
-        removed.purged_at = utcnow()
-    receive(world, "RG3_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=rich)
+    _retention_removes_the_only_image(world)
+    receive(world, "RG3_UNCI.dcm", study_uid=study_uid_of(world, study_pk), edit=_other_ids_and_issuer)
     make_pipeline(world, send_skipped=True).process([study_pk])
     second = result_rows(world, study_pk)[ResultKind.PDF]
     assert second != first
