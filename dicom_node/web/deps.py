@@ -103,9 +103,13 @@ AUTO_RELOAD = "auto"
 _SUBRESOURCES = frozenset({"image", "style", "script", "font"})
 
 
+def auto_reload(request: Request) -> bool:
+    """The request is a page's own reload (:data:`AUTO_RELOAD`), not the user's doing."""
+    return request.query_params.get(AUTO_RELOAD) == "1"
+
+
 def optional_user(request: Request, db: DbDep) -> Principal | None:
-    used = (request.query_params.get(AUTO_RELOAD) != "1"
-            and request.headers.get("sec-fetch-dest", "") not in _SUBRESOURCES)
+    used = not auto_reload(request) and request.headers.get("sec-fetch-dest", "") not in _SUBRESOURCES
     principal = console(request).tokens.resolve(db, request.cookies.get(SESSION_COOKIE), used=used)
     release(db)
     return principal

@@ -44,7 +44,6 @@ from dicom_node.users import CREATE_ADMIN_HINT, admin_exists
 from dicom_node.web import results
 from dicom_node.web.auth import Principal
 from dicom_node.web.deps import (
-    AUTO_RELOAD,
     HEAD_ONLY,
     ROW_ID_MAX,
     Console,
@@ -54,6 +53,7 @@ from dicom_node.web.deps import (
     DbDep,
     RowId,
     UserDep,
+    auto_reload,
     current_user,
     release,
 )
@@ -411,11 +411,6 @@ def audit_search(
     audit_read(db, principal, "results.search", "study", {
         "filters": filters, "studies": [row.study_id for row in page.rows],
     })  # fmt: skip
-
-
-def auto_reload(request: Request) -> bool:
-    """The request is a page's own reload (:data:`AUTO_RELOAD`), not the user's doing."""
-    return request.query_params.get(AUTO_RELOAD) == "1"
 
 
 def audit_study_view(
